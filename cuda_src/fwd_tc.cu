@@ -1,0 +1,239 @@
+// Forward attention for float16 / bfloat16 on tensor cores: FlashAttention-2 with mma.sync.
+//
+//   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
+//
+// One block computes kBlockM query rows of one (batch..., head). Q's tile is read once; K and V
+// stream through shared memory in tiles of kBlockN keys, kStages tiles deep (cp.async), and the
+// scores S, probabilities P and output accumulator acc live in registers:
+//
+//   for each key tile j:   S = Q K_j^T                    (mma.sync, fp32)
+//                          online softmax: m_i, l_i, P     (fp32, exp2)
+//                          acc = alpha * acc + P V_j       (P reused from registers)
+//   O = acc / l_i,  lse = m_i + log l_i                    (once, at the end)
+//
+// Warps split the rows: warp w owns kBlockM / kWarps consecutive rows (kMTiles m16 tiles) and
+// reads every K/V tile; no data crosses warps except through the K/V shared tiles.
+// D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "mask.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "softmax_tc.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+__global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kRowsPerWarp = kBlockM / kWarps;
+    constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+    constexpr int kNTilesS = kBlockN / 8;       // n8 tiles of S (keys)
+    constexpr int kNTilesO = kHeadDim / 8;      // n8 tiles of acc (value columns)
+    constexpr int kKStepsQK = kHeadDim / 16;    // k16 steps of Q K^T
+    constexpr int kKStepsPV = kBlockN / 16;     // k16 steps of P V
+    static_assert(kRowsPerWarp % 16 == 0 && kMTiles >= 1, "each warp owns whole m16 tiles");
+    static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
+    static_assert(kStages >= 2, "the K/V pipeline needs at least two stages");
+
+    // Q fragments stay in registers when they fit beside S and acc; else they are re-read from
+    // shared memory (ldmatrix) at every k-step: more shared-memory traffic, fewer registers.
+    constexpr int kAccRegs = kMTiles * (kNTilesO + kNTilesS) * 4;
+    constexpr bool kQInRegisters = kAccRegs + kMTiles * kKStepsQK * 4 <= 128;
+
+    using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // also stages O at the end
+    using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
+    constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
+    constexpr unsigned kSmemBytes = QTile::kBytes + kStages * kStageBytes;  // == tiles.shared_memory_bytes
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+    const unsigned q_smem = ptx::smem_addr(smem);
+    const unsigned kv_smem = q_smem + QTile::kBytes;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int bh = blockIdx.x;
+    // With a window the blocks differ in work; the last query tiles (most keys under causal
+    // masking) start first so the short ones fill the tail.
+    const int m_block = kHasWindow ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const int m0 = m_block * kBlockM;
+    const int warp_row0 = warp * kRowsPerWarp;
+
+    const BatchIndex at(p, bh);
+    const Mask<kHasWindow> mask(p);
+    const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
+
+    // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step
+    // (empty groups too), so "wait until kStages-2 groups are pending" means "tile j has landed".
+    const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(p.q) + at.q,
+                                                                p.q_row_stride, p.head_dim);
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(p.k) + at.k,
+                                                                p.k_row_stride, p.head_dim);
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
+                                                                p.v_row_stride, p.head_dim_v);
+    // 16-byte copies need 16-byte aligned rows; the host guarantees it (plan.py copies otherwise).
+    if (!(q_loader.aligned(p.seqlen_q) && k_loader.aligned(p.seqlen_k) && v_loader.aligned(p.seqlen_k))) __trap();
+    auto load_kv = [&](int j) {
+        const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
+        k_loader.load(slot, j * kBlockN, p.seqlen_k, tid);
+        v_loader.load(slot + KVTile::kBytes, j * kBlockN, p.seqlen_k, tid);
+    };
+    q_loader.load(q_smem, m0, p.seqlen_q, tid);
+    ptx::cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (range.first + s < range.last) load_kv(range.first + s);
+        ptx::cp_async_commit();
+    }
+
+    // Per-lane ldmatrix addresses (see ptx.cuh for the fragment layouts). Q (A operand): matrices
+    // (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of an m16k16 tile. K (B operand, K rows are the n
+    // index): (keys 0-7, dims 0-7), (keys 0-7, dims 8-15), (keys 8-15, dims 0-7), (keys 8-15, dims 8-15).
+    // V (B operand through .trans, V rows are the k index): (keys 0-7 | 8-15) x (dims 0-7 | 8-15).
+    const unsigned q_lane = q_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
+    const unsigned k_lane = KVTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const unsigned v_lane = KVTile::kBytes + KVTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+    auto q_fragment = [&](int mt, int kk, unsigned (&a)[4]) {
+        ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a);
+    };
+
+    unsigned q_regs[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKStepsQK : 1][4];
+    if (kQInRegisters) {
+        ptx::cp_async_wait<kStages - 1>();  // Q's group, not yet the K/V tiles
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < kKStepsQK; ++kk) q_fragment(mt, kk, q_regs[kQInRegisters ? mt : 0][kQInRegisters ? kk : 0]);
+    }
+
+    float acc[kMTiles][kNTilesO][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTilesO; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    tc::OnlineSoftmax<kMTiles> softmax;
+    const float scale_log2 = p.scale_log2;
+
+    // Key tiles j in [range.first, range.last). Tiles in [full_first, full_last) are seen whole by
+    // every row and skip the per-element test; the others cross the window's left edge, the
+    // diagonal / right edge or the end of the keys, and are masked. One loop with a per-tile
+    // (warp-uniform) branch rather than three loops: one copy of the MMA code keeps ptxas's
+    // register allocation spill-free.
+    for (int j = range.first; j < range.last; ++j) {
+        const bool masked = j < range.full_first || j >= range.full_last;
+        ptx::cp_async_wait<kStages - 2>();
+        __syncthreads();  // tile j visible to all; everyone is done with the slot reloaded below
+        if (j + kStages - 1 < range.last) load_kv(j + kStages - 1);
+        ptx::cp_async_commit();
+        const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
+
+        // S = Q K_j^T
+        float s[kMTiles][kNTilesS][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kKStepsQK; ++kk) {
+            unsigned a_smem[kQInRegisters ? 1 : kMTiles][4];
+            if (!kQInRegisters) {
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) q_fragment(mt, kk, a_smem[kQInRegisters ? 0 : mt]);
+            }
+#pragma unroll
+            for (int np = 0; np < kNTilesS / 2; ++np) {
+                unsigned b[4];
+                ptx::ldmatrix_x4(slot + k_lane + KVTile::offset(np * 16, kk * 2), b);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    const unsigned(&a)[4] = kQInRegisters ? q_regs[kQInRegisters ? mt : 0][kQInRegisters ? kk : 0]
+                                                          : a_smem[kQInRegisters ? 0 : mt];
+                    ptx::mma_16816<Element>(s[mt][2 * np], a, b[0], b[1]);
+                    ptx::mma_16816<Element>(s[mt][2 * np + 1], a, b[2], b[3]);
+                }
+            }
+        }
+
+        // s = S * scale * log2(e) (any sign of scale), then -inf where the key is hidden.
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        if (masked) {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
+                        const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
+                        if (!mask.visible(row, key)) s[mt][nt][e] = tc::neg_inf();
+                    }
+        }
+
+        softmax.update(s, acc);
+
+        // acc += P V_j, P packed to 16 bits: the S layout of n-tiles 2kk, 2kk+1 is P's A fragment.
+#pragma unroll
+        for (int kk = 0; kk < kKStepsPV; ++kk) {
+            unsigned a[kMTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                a[mt][0] = ptx::pack2<Element>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = ptx::pack2<Element>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = ptx::pack2<Element>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = ptx::pack2<Element>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+                unsigned b[4];
+                ptx::ldmatrix_x4_trans(slot + v_lane + KVTile::offset(kk * 16, dp * 2), b);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    ptx::mma_16816<Element>(acc[mt][2 * dp], a[mt], b[0], b[1]);
+                    ptx::mma_16816<Element>(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // ---- Epilogue: O = acc / l_i in the output type, staged through this warp's own Q rows
+    // (no other warp reads them) so that global stores are whole 16-byte chunks where aligned.
+    float inv_l[kMTiles][2], lse[kMTiles][2];
+    softmax.finish(inv_l, lse);
+    const BatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop
+    // A block that saw no key tile never passed the loop's barrier: Q's copies (issued by all
+    // threads, into every warp's rows) may still be landing. One barrier settles both cases.
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = warp_row0 + mt * 16 + lane / 4 + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < kNTilesO; ++nt) {
+                const unsigned packed = ptx::pack2<Element>(acc[mt][nt][2 * h] * inv_l[mt][h],
+                                                            acc[mt][nt][2 * h + 1] * inv_l[mt][h]);
+                ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), packed);
+            }
+            if (lane % 4 == 0 && m0 + row < p.seqlen_q)
+                static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[mt][h];
+        }
+    __syncwarp();
+    tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
+                                           static_cast<unsigned short*>(p.o) + out_at.o + (m0 + warp_row0) * p.o_row_stride,
+                                           p.o_row_stride, p.seqlen_q - m0 - warp_row0, p.head_dim_v, lane);
+}
+
+}  // namespace cuflash

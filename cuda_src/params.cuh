@@ -1,0 +1,80 @@
+// The one argument every cuflash attention kernel takes: a plain struct passed by value.
+//
+// Python mirrors this layout field for field as a NumPy structured dtype with natural
+// alignment (cuflash/_gpu/params.py); tests/test_pipeline.py compiles static_asserts on
+// every offset, so the two can never drift apart.
+//
+// Indexing. The output has leading axes (batch..., heads); the kernel grid's x axis runs
+// over batch_size * num_heads "rows of attention" and y over query tiles. Each input's
+// leading axes are described by strides in ELEMENTS over the output's leading shape:
+// a broadcast axis has stride 0, so NumPy broadcasting and MQA cost no copies. GQA reads
+// key/value head h / kv_group. Only the last axis of q, k, v, o must have stride 1.
+// Every offset is 64-bit: B*H*L*D may pass 2^31.
+#pragma once
+
+#define CUFLASH_MAX_BATCH_DIMS 4
+
+namespace cuflash {
+
+struct FwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    void* lse;  // float for 16/32-bit inputs, double for float64; always contiguous (..., Lq)
+
+    // Leading batch axes (outermost first) of the output, padded with size 1 / stride 0.
+    long long q_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long k_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long v_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long o_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long lse_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long q_head_stride, k_head_stride, v_head_stride, o_head_stride, lse_head_stride;
+    long long q_row_stride, k_row_stride, v_row_stride, o_row_stride;
+
+    int batch_shape[CUFLASH_MAX_BATCH_DIMS];
+    int num_heads;   // query heads: the output's axis -3, or 1
+    int kv_group;    // query heads per key/value head (GQA); 1 otherwise
+    int seqlen_q, seqlen_k;
+    int head_dim, head_dim_v;  // D of q/k and Dv of v/o; the kernel's tile may be wider
+
+    // Masking: key j is visible to query i iff 0 <= j < seqlen_k and
+    //   (window_left  < 0 || j >= i + diag_offset - window_left) &&
+    //   (window_right < 0 || j <= i + diag_offset + window_right).
+    // diag_offset is seqlen_k - seqlen_q for bottom-right alignment, 0 for top-left;
+    // causal is window_right = 0.
+    int window_left, window_right, diag_offset;
+    int _pad0;
+
+    double scale;        // softmax scale, exact for the float64 kernel
+    float scale_log2;    // scale * log2(e): exp(s*scale - m) == exp2(s*scale_log2 - m')
+    int _pad1;
+};
+
+// Offset of attention row (batch..., head) `bh` inside one tensor, from its strides.
+struct BatchIndex {
+    long long q, k, v, o, lse;
+
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) {
+        int head = bh % p.num_heads;
+        int rest = bh / p.num_heads;
+        int kv_head = head / p.kv_group;
+        q = head * p.q_head_stride;
+        k = kv_head * p.k_head_stride;
+        v = kv_head * p.v_head_stride;
+        o = head * p.o_head_stride;
+        lse = head * p.lse_head_stride;
+#pragma unroll
+        for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
+            int idx = rest % p.batch_shape[d];
+            rest /= p.batch_shape[d];
+            q += idx * p.q_batch_stride[d];
+            k += idx * p.k_batch_stride[d];
+            v += idx * p.v_batch_stride[d];
+            o += idx * p.o_batch_stride[d];
+            lse += idx * p.lse_batch_stride[d];
+        }
+    }
+};
+
+}  // namespace cuflash

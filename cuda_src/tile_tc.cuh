@@ -1,0 +1,120 @@
+// Tiles of 16-bit elements for the tensor-core kernels: their shared-memory layout and the
+// copies between global and shared memory, with zero padding and bounds checks.
+//
+// Global tensors are row-major with a unit column stride and a row stride in elements. Copies
+// move 16-byte chunks (8 elements); nothing outside [0, rows) x [0, cols) is read or written.
+#pragma once
+#include "ptx.cuh"
+
+namespace cuflash {
+namespace tc {
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// kRows x kCols 16-bit elements, row-major in 16-byte chunks.
+// The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
+// into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and
+// row-wise 16-byte copies run without bank conflicts, for every head-dim bucket, at the price
+// of one chunk per row.
+template <int kRows, int kCols>
+struct SmemTile {
+    static_assert(kCols % 16 == 0, "tile width must be a multiple of 16 elements");
+    static constexpr int kChunks = kCols / 8;
+    static constexpr int kPitch = kChunks + 1;  // kChunks is even: the pitch is odd
+    static constexpr int kBytes = kRows * kPitch * 16;
+
+    __device__ __forceinline__ static constexpr unsigned offset(int row, int chunk) {
+        return static_cast<unsigned>((row * kPitch + chunk) * 16);
+    }
+};
+
+// Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles,
+// by all kThreads threads of the block: one 16-byte cp.async per chunk of 8 elements. Rows
+// >= num_rows and columns >= num_cols read as zeros: cp.async's src-size reads only the
+// chunk's valid bytes and zero-fills the rest (0 for chunks wholly outside), so a head dim
+// that is not a multiple of 8 needs no separate path. cp.async needs 16-byte aligned sources:
+// the base and the row stride must be multiples of 16 bytes (`aligned`); the host copies
+// tensors that are not (plan.py), and the kernel traps rather than read misaligned.
+// Asynchronous: the caller commits the group, waits for it and synchronises before reading.
+template <int kRows, int kCols, int kThreads>
+struct TileLoader {
+    using Tile = SmemTile<kRows, kCols>;
+    static constexpr int kTotal = kRows * Tile::kChunks;
+    static constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+
+    const unsigned short* base;
+    long long row_stride;
+    int num_cols;
+
+    __device__ __forceinline__ TileLoader(const unsigned short* base_, long long row_stride_, int num_cols_)
+        : base(base_), row_stride(row_stride_), num_cols(num_cols_) {}
+
+    // A single row never uses its stride (the host may pass any stride for a length-1 axis).
+    __device__ __forceinline__ bool aligned(int num_rows) const {
+        return aligned16(base) && (num_rows <= 1 || row_stride % 8 == 0);
+    }
+
+    // Rows [row0, row0 + kRows) of the tensor into the tile at `smem`; num_rows = rows that exist.
+    __device__ __forceinline__ void load(unsigned smem, int row0, int num_rows, int tid) const {
+        const unsigned short* tile = base + row0 * row_stride;
+        const int rows_left = num_rows - row0;
+        if (kThreads % Tile::kChunks == 0) {
+            // Each thread keeps one chunk column and walks rows kRowStep apart with one pointer.
+            constexpr int kRowStep = kThreads / Tile::kChunks;
+            const int chunk = tid % Tile::kChunks, row_first = tid / Tile::kChunks;
+            const int valid_cols = min(max(num_cols - chunk * 8, 0), 8);
+            const unsigned short* src = tile + row_first * row_stride + chunk * 8;
+            const long long step = kRowStep * row_stride;
+#pragma unroll
+            for (int i = 0; i < kRows / kRowStep; ++i) {
+                const int row = row_first + i * kRowStep;
+                const int valid = row < rows_left ? valid_cols : 0;
+                // A chunk with nothing to read points at the tile's first row: any valid address.
+                ptx::cp_async_16(smem + Tile::offset(row, chunk), valid > 0 ? src : tile, 2 * valid);
+                src += step;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < kIters; ++i) {
+                const int idx = tid + i * kThreads;
+                if (kTotal % kThreads == 0 || idx < kTotal) {
+                    const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks;
+                    const int valid = row < rows_left ? min(max(num_cols - chunk * 8, 0), 8) : 0;
+                    const unsigned short* src = tile + (valid > 0 ? row * row_stride + chunk * 8 : 0);
+                    ptx::cp_async_16(smem + Tile::offset(row, chunk), src, 2 * valid);
+                }
+            }
+        }
+    }
+};
+
+// Rows [0, kRows) of a shared tile of width kCols to `gmem`, by the 32 lanes of one warp;
+// only rows < num_rows and columns < num_cols are written.
+template <int kRows, int kCols>
+__device__ __forceinline__ void store_rows(unsigned smem, unsigned short* gmem, long long row_stride,
+                                           int num_rows, int num_cols, int lane) {
+    using Tile = SmemTile<kRows, kCols>;
+    constexpr int kTotal = kRows * Tile::kChunks;
+#pragma unroll
+    for (int i = 0; i < (kTotal + 31) / 32; ++i) {
+        const int idx = lane + i * 32;
+        const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks, col = chunk * 8;
+        if ((kTotal % 32 == 0 || idx < kTotal) && row < num_rows && col < num_cols) {
+            const uint4 v = ptx::ld_shared_v4(smem + Tile::offset(row, chunk));
+            unsigned short* dst = gmem + row * row_stride + col;
+            if (col + 8 <= num_cols && aligned16(dst)) {
+                *reinterpret_cast<uint4*>(dst) = v;
+            } else {
+                const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    if (col + e < num_cols) dst[e] = static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)));
+            }
+        }
+    }
+}
+
+}  // namespace tc
+}  // namespace cuflash

@@ -1,0 +1,161 @@
+"""The NumPy backend: the same blocked online-softmax algorithm as the CUDA kernels.
+
+Queries go in blocks of BLOCK_M rows, keys in tiles of BLOCK_N; a block never touches a key tile
+that the mask hides from all of its rows (``Problem.key_range``), so causal and local attention
+do a fraction of the dense work, exactly like the kernels. Each block keeps FlashAttention-2's
+running statistics per query row: the max m_i, the sum l_i, and the unnormalised output acc,
+and normalises once at the end. Everything is vectorised over the leading axes: plain matmul
+broadcasting pairs q with k/v (GQA by splitting q's head axis into (Hkv, group), see
+``_grouped``), so broadcast inputs are never copied.
+
+Arithmetic is float64 for float64 inputs and float32 otherwise (float16/bfloat16 are widened,
+as the kernels accumulate in float32). A row that sees no key gets out 0 and lse -inf, without
+NaN or floating-point warnings: every exponent is taken against a finite reference max.
+"""
+from __future__ import annotations
+
+import numpy
+
+from ._spec import BackwardProblem, Problem
+
+BLOCK_M = 128  # query rows per block
+BLOCK_N = 128  # keys per tile
+
+
+def forward(p: Problem):
+    """(out, lse) for a validated problem: out in ``p.out_shape``/``p.dtype``, lse in ``p.lse_shape``/``p.lse_dtype``."""
+    compute = _compute_dtype(p)
+    q, k, v = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v))
+    q, k, v, lead = _grouped(p, q, k, v)
+    out = numpy.empty(lead + (p.seqlen_q, p.head_dim_v), compute)
+    lse = numpy.empty(lead + (p.seqlen_q,), compute)
+    for row_start in range(0, p.seqlen_q, BLOCK_M):
+        rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
+        out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead)
+    return out.reshape(p.out_shape).astype(p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
+
+
+def _forward_block(p: Problem, q_block, k, v, rows: slice, lead):
+    """One block of query rows against every key tile it can see (FlashAttention-2, forward)."""
+    compute = q_block.dtype
+    num_rows = rows.stop - rows.start
+    m_i = numpy.full(lead + (num_rows,), -numpy.inf, compute)
+    l_i = numpy.zeros(lead + (num_rows,), compute)
+    acc = numpy.zeros(lead + (num_rows, p.head_dim_v), compute)
+    row_index = numpy.arange(rows.start, rows.stop)[:, None]
+
+    for keys in _key_tiles(p, rows):
+        # S = Q_i K_j^T * scale, with hidden keys at -inf
+        s = (q_block @ numpy.swapaxes(k[..., keys, :], -1, -2)) * compute.type(p.scale)
+        s = _apply_mask(p, s, row_index, keys)
+        # m_new = max(m_i, rowmax(S)); a row that has seen nothing yet keeps m_new = -inf, so
+        # exponents are taken against m_ref = 0 there (its entries of S are -inf: exp gives 0).
+        m_new = numpy.maximum(m_i, s.max(axis=-1))
+        m_ref = numpy.where(m_new == -numpy.inf, 0, m_new)
+        # P~ = exp(S - m_new);  alpha = exp(m_i - m_new) rescales what was summed so far
+        p_tile = numpy.exp(s - m_ref[..., None])
+        alpha = numpy.exp(m_i - m_ref)
+        # l_i = alpha l_i + rowsum(P~);  acc = alpha acc + P~ V_j
+        l_i = alpha * l_i + p_tile.sum(axis=-1)
+        acc = alpha[..., None] * acc + p_tile @ v[..., keys, :]
+        m_i = m_new
+
+    # O_i = acc / l_i;  lse_i = m_i + log(l_i).  l_i == 0 exactly when the row saw no key.
+    seen = l_i > 0
+    l_safe = numpy.where(seen, l_i, 1)
+    out = acc / l_safe[..., None]
+    lse = numpy.where(seen, m_i + numpy.log(l_safe), -numpy.inf)
+    return out, lse
+
+
+def backward(p: BackwardProblem):
+    """(dq, dk, dv) in the shapes and dtype of q, k, v: FlashAttention-2's backward with recomputation.
+
+    P is recomputed tile by tile from S and the forward's lse (never stored whole). Gradients are
+    accumulated over the full broadcast leading shape and then summed back onto each input's own
+    shape, as autograd does for broadcasting; GQA sums a kv head's query group.
+    """
+    compute = _compute_dtype(p)
+    q, k, v, o, dout, lse = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v, p.o, p.dout, p.lse))
+    q_g, k_g, v_g, lead = _grouped(p, q, k, v)
+    o = o.reshape(lead + o.shape[-2:])
+    dout = dout.reshape(lead + dout.shape[-2:])
+    lse = lse.reshape(lead + lse.shape[-1:])
+    # delta_i = rowsum(dO_i * O_i)  (= rowsum(P_i * dP_i), the softmax Jacobian's correction term)
+    delta = (dout * o).sum(axis=-1)
+    # A row that saw no key has lse = -inf and all of its S at -inf: exp(S - 0) = 0 there.
+    lse_ref = numpy.where(lse == -numpy.inf, 0, lse)
+    scale = compute.type(p.scale)
+
+    dq = numpy.zeros(lead + (p.seqlen_q, p.head_dim), compute)
+    dk = numpy.zeros(lead + (p.seqlen_k, p.head_dim), compute)
+    dv = numpy.zeros(lead + (p.seqlen_k, p.head_dim_v), compute)
+    # The kernels loop key tiles outermost (each owns its dK_j, dV_j); summation order does not
+    # matter here, so this loops query blocks outermost to reuse the forward's tile skipping.
+    for row_start in range(0, p.seqlen_q, BLOCK_M):
+        rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
+        row_index = numpy.arange(rows.start, rows.stop)[:, None]
+        q_i, dout_i = q_g[..., rows, :], dout[..., rows, :]
+        for keys in _key_tiles(p, rows):
+            k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
+            # P = exp(S * scale - lse), recomputed; hidden keys give exactly 0
+            s = _apply_mask(p, (q_i @ numpy.swapaxes(k_j, -1, -2)) * scale, row_index, keys)
+            p_tile = numpy.exp(s - lse_ref[..., rows, None])
+            # dV_j += P^T dO_i
+            dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
+            # dP = dO_i V_j^T;  dS = P * (dP - delta_i)
+            dp = dout_i @ numpy.swapaxes(v_j, -1, -2)
+            ds = p_tile * (dp - delta[..., rows, None])
+            # dQ_i += dS K_j * scale;  dK_j += dS^T Q_i * scale
+            dq[..., rows, :] += (ds @ k_j) * scale
+            dk[..., keys, :] += (numpy.swapaxes(ds, -1, -2) @ q_i) * scale
+
+    grads = []
+    for grad, grouped_input, original in ((dq, q_g, p.q), (dk, k_g, p.k), (dv, v_g, p.v)):
+        grad = _sum_to_shape(grad, grouped_input.shape).reshape(original.shape)
+        grads.append(grad.astype(p.dtype))
+    return tuple(grads)
+
+
+def _compute_dtype(p: Problem) -> numpy.dtype:
+    return numpy.dtype(numpy.float64 if p.dtype == numpy.float64 else numpy.float32)
+
+
+def _grouped(p: Problem, q, k, v):
+    """(q, k, v, lead): views in which matmul broadcasting pairs every query head with its kv head.
+
+    Without GQA these are the inputs themselves and ``lead`` is ``p.lead_shape``. With GQA (Hq =
+    group * Hkv) q's head axis splits into (Hkv, group) and k/v get a unit group axis, so query
+    head h = hkv * group + r meets kv head hkv = h // group; ``lead`` is then
+    ``p.lead_shape[:-1] + (Hkv, group)``, which reshapes to and from ``p.lead_shape``.
+    """
+    if p.kv_group == 1:
+        return q, k, v, p.lead_shape
+    heads_kv = p.kv_lead_shape[-1]
+    q = q.reshape(q.shape[:-3] + (heads_kv, p.kv_group) + q.shape[-2:])
+    k = k[..., None, :, :]
+    v = v[..., None, :, :]
+    return q, k, v, p.lead_shape[:-1] + (heads_kv, p.kv_group)
+
+
+def _key_tiles(p: Problem, rows: slice):
+    """Slices of BLOCK_N keys (aligned to BLOCK_N, as in the kernels) that rows may see."""
+    lo, hi = p.key_range(rows.start, rows.stop)
+    first = max(lo, 0) // BLOCK_N * BLOCK_N
+    for key_start in range(first, min(hi, p.seqlen_k), BLOCK_N):
+        yield slice(key_start, min(key_start + BLOCK_N, p.seqlen_k))
+
+
+def _apply_mask(p: Problem, s, row_index, keys: slice):
+    """S with the keys hidden from each row set to -inf; tiles seen whole pass through untouched."""
+    visible = p.visible(row_index, numpy.arange(keys.start, keys.stop)[None, :])
+    if visible.all():
+        return s
+    return numpy.where(visible, s, -numpy.inf)
+
+
+def _sum_to_shape(grad, shape):
+    """Sum a gradient over the axes broadcasting added or stretched, leaving ``shape``."""
+    grad = grad.sum(axis=tuple(range(grad.ndim - len(shape))))
+    stretched = tuple(axis for axis, size in enumerate(shape) if size == 1 and grad.shape[axis] != 1)
+    return grad.sum(axis=stretched, keepdims=True) if stretched else grad

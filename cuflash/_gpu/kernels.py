@@ -1,0 +1,262 @@
+"""Kernel Variants and their lazily compiled, memoized kernels.
+
+A :class:`Variant` is a frozen description of one kernel instantiation: which source in
+``cuda_src/``, which element type, which head-dim tile, which tile shape, which mask kind and
+for which architecture. Everything else (lengths, strides, scale, window) is a run-time field
+of the params struct, so one Variant serves every shape in its bucket.
+
+``get_kernel(variant)`` compiles the Variant with NVRTC through ``cupy.RawModule`` on first use
+(logged), memoized per device in this process and cached on disk by CuPy across processes.
+``compile_offline(variant, arch)`` runs the same source and options through NVRTC directly,
+with no GPU, and returns the cubin and ptxas's resource report: CI uses it to prove that every
+Variant the dispatcher can select compiles for sm_80 and sm_90a without spilling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger("cuflash")
+
+# Element type names as the kernels spell them.
+CUDA_TYPES = {
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "float32": "float",
+    "float64": "double",
+}
+
+
+def source_dir() -> Path:
+    """``cuda_src/``: beside the package in a checkout, inside it once installed."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "cuda_src", here.parent / "cuda_src"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"cuflash: cuda_src/ not found next to {here}")
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """A digest of every file under cuda_src/.
+
+    CuPy's disk cache keys on the compiled source text and the options, not on headers reached
+    through ``-I``. The digest goes into the options, so editing any header changes the key and
+    a stale kernel can never be loaded.
+    """
+    h = hashlib.sha256()
+    root = source_dir()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".cu", ".cuh"):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel instantiation: exactly the template parameters of a ``cuda_src`` kernel."""
+
+    kernel: str      # file stem in cuda_src/ and the kernel's name in namespace cuflash
+    dtype: str       # key of CUDA_TYPES
+    head_dim: int    # tile width covering D and Dv (a bucket; inputs are zero-padded to it)
+    block_m: int     # query rows per block
+    block_n: int     # keys per tile
+    warps: int       # warps per block
+    stages: int      # K/V shared-memory pipeline depth
+    has_window: bool  # causal or local window: per-element masking and skipped tiles
+    arch: str        # "80", "86", "89", "90a", ...
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def name_expression(self) -> str:
+        args = (
+            CUDA_TYPES[self.dtype],
+            self.head_dim,
+            self.block_m,
+            self.block_n,
+            self.warps,
+            self.stages,
+            "true" if self.has_window else "false",
+        )
+        return f"cuflash::{self.kernel}<{', '.join(map(str, args))}>"
+
+    def __str__(self) -> str:
+        mask = "window" if self.has_window else "dense"
+        return (
+            f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
+            f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"
+        )
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The NVRTC target for a device. Hopper gets sm_90a: wgmma and setmaxnreg need it."""
+    cc = f"{major}{minor}"
+    return "90a" if cc == "90" else cc
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding cuda_fp16.h / cuda_bf16.h for NVRTC (pip wheels or a toolkit)."""
+    dirs = []
+    try:
+        import nvidia  # the nvidia-cuda-runtime wheel
+
+        for base in getattr(nvidia, "__path__", []):
+            for sub in ("cu13/include", "cu12/include", "cuda_runtime/include"):
+                p = Path(base) / sub
+                if (p / "cuda_fp16.h").is_file():
+                    dirs.append(str(p))
+    except ImportError:
+        pass
+    for env in ("CUDA_PATH", "CUDA_HOME"):
+        root = os.environ.get(env)
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            dirs.append(str(Path(root) / "include"))
+    if (Path("/usr/local/cuda/include") / "cuda_fp16.h").is_file():
+        dirs.append("/usr/local/cuda/include")
+    return list(dict.fromkeys(dirs))
+
+
+def compile_options(variant: Variant) -> tuple[str, ...]:
+    """NVRTC options shared by the run-time and the offline path (minus -arch, added by each)."""
+    opts = [
+        "-std=c++17",
+        f"-I{source_dir()}",
+        f"-DCUFLASH_SRC_DIGEST=0x{source_digest()}ull",
+    ]
+    opts += [f"-I{d}" for d in cuda_include_dirs()]
+    return tuple(opts)
+
+
+def kernel_source(variant: Variant) -> str:
+    return (source_dir() / f"{variant.kernel}.cu").read_text()
+
+
+# --------------------------------------------------------------------------- run time
+
+_kernels: dict[tuple[Variant, int], object] = {}
+_lock = threading.Lock()
+
+
+def get_kernel(variant: Variant):
+    """The compiled ``cupy.RawKernel`` for ``variant`` on the current device (memoized)."""
+    import cupy
+
+    device = cupy.cuda.Device().id
+    key = (variant, device)
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            kernel = _build(variant)
+            _kernels[key] = kernel
+    return kernel
+
+
+def _build(variant: Variant):
+    import cupy
+
+    options = compile_options(variant)
+    if variant.arch.endswith("a"):
+        # CuPy adds -arch=sm_90 of its own; NVRTC honours the arch-specific target beside it.
+        options += (f"-arch=sm_{variant.arch}",)
+    logger.info("cuflash: compiling %s (first use in this process; CuPy caches it on disk)", variant)
+    start = time.perf_counter()
+    module = cupy.RawModule(
+        code=kernel_source(variant),
+        options=options,
+        name_expressions=(variant.name_expression,),
+    )
+    kernel = module.get_function(variant.name_expression)
+    smem = shared_memory_bytes(variant)
+    if smem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = smem
+    logger.info("cuflash: %s ready in %.2f s (cached)", variant, time.perf_counter() - start)
+    return kernel
+
+
+def warm(job: tuple[Variant, int | None]) -> str:
+    """Compile one Variant: into CuPy's disk cache on ``device`` (a GPU of its arch), or, with
+    no such GPU (``device`` None), an offline NVRTC check. A module-level function so that
+    ``python -m cuflash warmup`` can hand it to worker processes."""
+    variant, device = job
+    if device is not None:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            get_kernel(variant)
+        return f"{variant}: cached"
+    build = compile_offline(variant)
+    return (f"{variant}: compiles ({build.registers} registers, {build.spill_bytes} bytes spilled; "
+            "no GPU of this arch here to cache it on)")
+
+
+def shared_memory_bytes(variant: Variant) -> int:
+    """Dynamic shared memory a Variant's kernel expects; each kernel checks it at entry."""
+    from . import tiles
+
+    return tiles.shared_memory_bytes(variant)
+
+
+# --------------------------------------------------------------------------- offline
+
+@dataclasses.dataclass
+class OfflineBuild:
+    variant: Variant
+    cubin: bytes
+    log: str
+
+    @property
+    def registers(self) -> int:
+        m = re.search(r"Used (\d+) registers", self.log)
+        return int(m.group(1)) if m else -1
+
+    @property
+    def spill_bytes(self) -> int:
+        return sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", self.log))
+
+    @property
+    def stack_bytes(self) -> int:
+        m = re.search(r"(\d+) bytes stack frame", self.log)
+        return int(m.group(1)) if m else 0
+
+
+def compile_offline(variant: Variant, extra_source: str = "") -> OfflineBuild:
+    """Compile ``variant`` for ``variant.arch`` with NVRTC and no GPU; ptxas's report in ``log``."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    source = kernel_source(variant) + extra_source
+    options = compile_options(variant) + (
+        f"-arch=sm_{variant.arch}",
+        "-Xptxas=-v",
+        "--device-as-default-execution-space",
+        "-ftz=true",  # as CuPy compiles at run time
+    )
+    prog = nvrtc.createProgram(source, f"{variant.kernel}.cu", (), ())
+    try:
+        nvrtc.addNameExpression(prog, variant.name_expression)
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(
+                f"NVRTC failed on {variant}:\n{nvrtc.getProgramLog(prog)}"
+            ) from e
+        log = nvrtc.getProgramLog(prog)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return OfflineBuild(variant, cubin, log)

@@ -1,0 +1,70 @@
+"""The NumPy mirror of ``struct FwdParams`` in ``cuda_src/params.cuh``.
+
+A structured scalar of this dtype is passed to the kernel by value. ``align=True`` gives C's
+natural alignment; tests/test_pipeline.py compiles ``static_assert``s on every offset and on
+the size, so the two layouts cannot drift apart silently.
+"""
+from __future__ import annotations
+
+import numpy
+
+MAX_BATCH_DIMS = 4
+
+_B = (MAX_BATCH_DIMS,)
+
+FWD_PARAMS_DTYPE = numpy.dtype(
+    [
+        ("q", numpy.uint64),
+        ("k", numpy.uint64),
+        ("v", numpy.uint64),
+        ("o", numpy.uint64),
+        ("lse", numpy.uint64),
+        ("q_batch_stride", numpy.int64, _B),
+        ("k_batch_stride", numpy.int64, _B),
+        ("v_batch_stride", numpy.int64, _B),
+        ("o_batch_stride", numpy.int64, _B),
+        ("lse_batch_stride", numpy.int64, _B),
+        ("q_head_stride", numpy.int64),
+        ("k_head_stride", numpy.int64),
+        ("v_head_stride", numpy.int64),
+        ("o_head_stride", numpy.int64),
+        ("lse_head_stride", numpy.int64),
+        ("q_row_stride", numpy.int64),
+        ("k_row_stride", numpy.int64),
+        ("v_row_stride", numpy.int64),
+        ("o_row_stride", numpy.int64),
+        ("batch_shape", numpy.int32, _B),
+        ("num_heads", numpy.int32),
+        ("kv_group", numpy.int32),
+        ("seqlen_q", numpy.int32),
+        ("seqlen_k", numpy.int32),
+        ("head_dim", numpy.int32),
+        ("head_dim_v", numpy.int32),
+        ("window_left", numpy.int32),
+        ("window_right", numpy.int32),
+        ("diag_offset", numpy.int32),
+        ("_pad0", numpy.int32),
+        ("scale", numpy.float64),
+        ("scale_log2", numpy.float32),
+        ("_pad1", numpy.int32),
+    ],
+    align=True,
+)
+
+
+def layout_probe_source(struct: str = "cuflash::FwdParams", dtype: numpy.dtype = FWD_PARAMS_DTYPE) -> str:
+    """A kernel that stores sizeof(struct) and each field's offset, in ``dtype.names`` order.
+
+    NVRTC has no offsetof, so the offsets are taken as pointer differences inside an instance;
+    the compiler folds them into constants, and tests read those constants out of the PTX.
+    """
+    lines = [
+        '#include "params.cuh"',
+        'extern "C" __global__ void cuflash_layout_probe(long long* out) {',
+        f"    {struct} s;",
+        f"    out[0] = (long long)sizeof({struct});",
+    ]
+    for index, name in enumerate(dtype.names, start=1):
+        lines.append(f"    out[{index}] = (long long)((const char*)&s.{name} - (const char*)&s);")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""Tile shapes: the one place that chooses a kernel Variant for a problem.
+
+``select`` maps (dtype, head dims, mask kind, arch) to a Variant; ``all_variants`` lists every
+Variant ``select`` can return for an arch (CI compiles each for sm_80 and sm_90a and checks
+ptxas reports no spills); ``shared_memory_bytes`` is the dynamic shared memory each kernel
+expects, which the kernel also checks at entry.
+
+Two kernels: ``fwd_tc`` (float16 / bfloat16, tensor cores) and ``fwd_simt`` (float32 /
+float64, exact). Each has its own ``_select_*`` / ``_variants_*`` / ``_smem_*`` below; the
+public functions only dispatch on dtype.
+"""
+from __future__ import annotations
+
+from .kernels import Variant
+
+# Head-dim tiles of the tensor-core kernel: D and Dv are zero-padded up to the next one.
+TC_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+# Head-dim tiles of the exact fp32/fp64 kernel.
+SIMT_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+MAX_HEAD_DIM = 256
+
+def bucket(width: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if width <= b:
+            return b
+    raise ValueError(f"head dim {width} exceeds the supported maximum {buckets[-1]}")
+
+
+# --------------------------------------------------------------------------- dispatch
+# Exact float32/float64 inputs go to the SIMT kernel (fwd_simt); 16-bit inputs to the
+# tensor-core kernel. The tensor-core functions (_select_tc, _tc_variants, _smem_tc) belong to
+# the tensor-core work; the SIMT ones (_select_simt, _simt_variants, _smem_simt) below.
+
+SIMT_DTYPES = ("float32", "float64")
+
+
+def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+    if dtype in SIMT_DTYPES:
+        return _select_simt(dtype, head_dim, head_dim_v, has_window, arch)
+    return _select_tc(dtype, head_dim, head_dim_v, has_window, arch)
+
+
+def all_variants(arch: str) -> list[Variant]:
+    return list(dict.fromkeys(_tc_variants(arch) + _simt_variants(arch)))
+
+
+def shared_memory_bytes(variant: Variant) -> int:
+    if variant.kernel == "fwd_simt":
+        return _smem_simt(variant)
+    return _smem_tc(variant)
+
+
+# --------------------------------------------------------------------------- tensor cores
+
+# Per head-dim bucket, candidate (block_m, block_n, warps, stages), best first; the first whose
+# shared memory fits the arch is taken. A warp owns block_m / warps query rows (16 or 32): 32
+# rows per warp halves the shared-memory reads per MMA (each K/V fragment feeds two m-tiles;
+# +10% at d=128 on H100) but doubles the accumulator registers, so d <= 128 uses 32 rows per
+# warp with a key tile small enough for ptxas to allocate without spilling (255 registers),
+# and wider heads 16 rows per warp. The last candidates keep every bucket runnable on 99 KB
+# parts (sm_86, sm_89, sm_120). Every choice compiles spill-free for sm_80 and sm_90a.
+# Measured on H100: benchmarks/NOTES.md.
+TC_DTYPES = ("float16", "bfloat16")
+
+_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((128, 64, 4, 2),),
+    64: ((128, 64, 4, 2),),
+    96: ((128, 32, 4, 2), (64, 64, 4, 2)),
+    128: ((128, 32, 4, 2), (64, 64, 4, 2)),
+    160: ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
+    192: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    224: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    256: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+}
+
+
+def _smem_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of fwd_tc.cu's kSmemBytes: a Q tile and `stages` (K tile, V tile) pairs of 16-bit
+    elements, each row padded by one 16-byte chunk (tile_tc.cuh's SmemTile)."""
+    pitch = (head_dim // 8 + 1) * 16
+    return (block_m + stages * 2 * block_n) * pitch
+
+
+def _tc_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+    for block_m, block_n, warps, stages in _TC_TABLE[head_dim]:
+        if _smem_tc_bytes(head_dim, block_m, block_n, stages) <= limit:
+            return Variant("fwd_tc", dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
+    raise ValueError(f"no fwd_tc tile for {dtype} d{head_dim} fits sm_{arch}")
+
+
+def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+    if dtype not in TC_DTYPES:
+        raise TypeError(f"cuflash: unsupported dtype {dtype}")
+    return _tc_variant(dtype, bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS), has_window, arch)
+
+
+def _tc_variants(arch: str) -> list[Variant]:
+    return [
+        _tc_variant(dtype, d, w, arch)
+        for dtype in TC_DTYPES
+        for d in TC_HEAD_DIMS
+        for w in (False, True)
+    ]
+
+
+def _smem_tc(variant: Variant) -> int:
+    return _smem_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
+
+# --------------------------------------------------------------------------- SIMT (fp32/fp64)
+# fwd_simt: a block of `warps` warps owns block_m query rows, two row groups of 16 lanes per
+# warp, so a lane holds TM = block_m / (2 warps) rows, TN = block_n / 16 keys of S and
+# TD = head_dim / 16 output columns. Registers grow with TM * TD (the accumulator) and
+# TM * TN (the S tile); shared memory holds Q^T, K^T, V and P^T tiles, each row padded by
+# 16 bytes. Candidates are in order of preference; the first that fits the arch's shared
+# memory is taken (the large tiles are for sm_80 / sm_90, the small ones keep every head dim
+# runnable on 99 KB parts).
+
+_SIMT_ITEMSIZE = {"float32": 4, "float64": 8}
+
+# Largest dynamic shared memory one block may opt into, by arch.
+_SMEM_LIMIT = {"80": 166912, "87": 166912, "90": 232448, "90a": 232448, "100": 232448, "100a": 232448}
+_SMEM_LIMIT_DEFAULT = 101376  # sm_86, sm_89, sm_120: 99 KB
+
+_SIMT_FALLBACK = ((64, 32, 8), (32, 32, 8), (16, 32, 8), (16, 16, 8), (8, 16, 4))
+
+
+def _simt_candidates(dtype: str, head_dim: int) -> tuple[tuple[int, int, int], ...]:
+    """(block_m, block_n, warps) in order of preference for one head-dim bucket."""
+    if dtype == "float32":
+        # 8 x 4 micro-tiles for d <= 64 (32 + 32 accumulators); 4 x 4 with up to 4 x 16 above.
+        first = ((128, 64, 8), (64, 64, 8)) if head_dim <= 64 else ((64, 64, 8),)
+    else:
+        # Doubles take two registers: 4 x 4 micro-tiles, fewer keys per tile as d grows.
+        if head_dim <= 64:
+            first = ((64, 32, 8), (64, 64, 8))
+        elif head_dim <= 128:
+            first = ((64, 32, 8),)
+        else:
+            first = ((32, 32, 8),)
+    return tuple(dict.fromkeys(first + _SIMT_FALLBACK))
+
+
+def _smem_simt_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
+    item = _SIMT_ITEMSIZE[dtype]
+    pad = 16 // item
+    ld_q, ld_k, ld_v = block_m + pad, block_n + pad, head_dim + pad
+    # Qt [d][m]  Kt [d][n]  V [n][d]  Pt [n][m]
+    return item * (head_dim * ld_q + head_dim * ld_k + block_n * ld_v + block_n * ld_q)
+
+
+def _simt_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+    for block_m, block_n, warps in _simt_candidates(dtype, head_dim):
+        if _smem_simt_bytes(dtype, head_dim, block_m, block_n) <= limit:
+            return Variant("fwd_simt", dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
+    raise ValueError(f"no fwd_simt tile for {dtype} d{head_dim} fits sm_{arch}")
+
+
+def _select_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+    return _simt_variant(dtype, bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS), has_window, arch)
+
+
+def _simt_variants(arch: str) -> list[Variant]:
+    return [
+        _simt_variant(dtype, d, w, arch)
+        for dtype in SIMT_DTYPES
+        for d in SIMT_HEAD_DIMS
+        for w in (False, True)
+    ]
+
+
+def _smem_simt(variant: Variant) -> int:
+    return _smem_simt_bytes(variant.dtype, variant.head_dim, variant.block_m, variant.block_n)

@@ -1,0 +1,401 @@
+"""What the caller asked for: argument validation and problem resolution, shared by both backends.
+
+``resolve_forward`` and ``resolve_backward`` turn the public arguments into a frozen ``Problem``:
+arrays of one kind (NumPy or CuPy) and one floating dtype, the broadcast leading shape, the
+sequence lengths and head dims, the GQA group, a finite ``scale``, and the mask normalised into
+three ints. Everything a caller can get wrong is checked here, and all of it is checked before
+anything the caller owns (``out=``) is touched, so the backends only ever see valid problems.
+
+The mask. Every mask (none, causal in either alignment, a local window, causal + window) is
+``window_left``, ``window_right`` (-1 = unbounded on that side) and ``diag_offset``:
+
+    key j is visible to query i  iff  0 <= j < Lk
+                                      and (left  < 0 or j >= i + diag_offset - left)
+                                      and (right < 0 or j <= i + diag_offset + right)
+
+``diag_offset`` is Lk - Lq for the bottom-right diagonal (FlashAttention-2's causal, the default)
+and 0 for the top-left one (torch's ``is_causal``). ``causal`` means ``right = 0``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from types import ModuleType
+from typing import Any
+
+import numpy
+
+# The widest head dim (D or Dv) the kernels are built for; the CPU backend enforces it too so
+# the two backends accept exactly the same problems.
+MAX_HEAD_DIM = 256
+
+# DLPack device types (dlpack.h, DLDeviceType).
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+
+_CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+_TooHardError = getattr(numpy, "exceptions", numpy).TooHardError  # numpy.exceptions is NumPy >= 1.25
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: identity, not ==
+class Problem:
+    """One attention problem, validated. Arrays are the caller's (converted, never copied)."""
+
+    xp: ModuleType  # numpy or cupy: the backend
+    dtype: numpy.dtype  # of q, k, v and out
+    q: Any
+    k: Any
+    v: Any
+    lead_shape: tuple[int, ...]  # the output's leading axes: q's and k/v's, broadcast (GQA applied)
+    kv_lead_shape: tuple[int, ...]  # k/v broadcast to lead_shape, except a head axis of Hq / kv_group
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int  # D, of q and k
+    head_dim_v: int  # Dv, of v and out
+    kv_group: int  # query heads per kv head: query head h reads kv head h // kv_group
+    scale: float
+    window_left: int  # -1 = unbounded
+    window_right: int  # -1 = unbounded
+    diag_offset: int
+    has_window: bool  # window_left >= 0 or window_right >= 0
+    out: Any  # the caller's out= array, or None
+    return_lse: bool
+    out_shape: tuple[int, ...]  # lead_shape + (Lq, Dv)
+    lse_shape: tuple[int, ...]  # lead_shape + (Lq,)
+    lse_dtype: numpy.dtype  # float64 for float64 inputs, else float32
+
+    def visible(self, i, j):
+        """Whether key j is visible to query i; i and j broadcast like any NumPy index arrays."""
+        seen = (i >= 0) & (i < self.seqlen_q) & (j >= 0) & (j < self.seqlen_k)
+        if self.window_left >= 0:
+            seen = seen & (j >= i + self.diag_offset - self.window_left)
+        if self.window_right >= 0:
+            seen = seen & (j <= i + self.diag_offset + self.window_right)
+        return seen
+
+    def key_range(self, row_start: int, row_stop: int) -> tuple[int, int]:
+        """Keys [lo, hi) that any query row in [row_start, row_stop) may see; lo >= hi if none.
+
+        Tiles outside this range hold no visible key for the block, so a blocked loop skips them.
+        """
+        lo, hi = 0, self.seqlen_k
+        if row_start < row_stop:
+            if self.window_left >= 0:
+                lo = max(lo, row_start + self.diag_offset - self.window_left)
+            if self.window_right >= 0:
+                hi = min(hi, row_stop - 1 + self.diag_offset + self.window_right + 1)
+        return lo, hi
+
+    def result(self, o, lse):
+        """What ``attention`` returns, given the backend's output ``o`` and ``lse``.
+
+        With ``out=`` the output lands in the caller's array (the GPU backend writes there
+        directly and passes ``out`` back as ``o``; the CPU backend's result is copied in).
+        """
+        if self.out is not None:
+            if o is not self.out:
+                self.out[...] = o
+            o = self.out
+        return (o, lse) if self.return_lse else o
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: identity, not ==
+class BackwardProblem(Problem):
+    """A ``Problem`` plus what the backward reads: dO, the forward's O and lse.
+
+    ``out`` (the forward's out= buffer) is always None here; gradients come back in the shapes
+    and dtype of q, k and v.
+    """
+
+    dout: Any = None
+    o: Any = None  # the forward output, ``out_shape``
+    lse: Any = None  # the forward's log-sum-exp, ``lse_shape``
+    deterministic: bool = False
+
+
+def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, out=None, return_lse=False) -> Problem:
+    """Validate ``attention``'s arguments; raise TypeError/ValueError naming the bad one."""
+    (q, k, v), xp = _as_arrays(("q", q), ("k", k), ("v", v))
+    if not isinstance(return_lse, (bool, numpy.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window)
+    if out is not None:
+        _check_out(out, q, k, v, xp, fields)
+    return Problem(**fields, out=out, return_lse=bool(return_lse))
+
+
+def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, deterministic=False) -> BackwardProblem:
+    """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
+    (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+    if not isinstance(deterministic, (bool, numpy.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window)
+    for name, array in (("out", out), ("dout", dout)):
+        if array.dtype != fields["dtype"]:
+            raise TypeError(f"{name} must have q's dtype {fields['dtype']}, got {array.dtype}")
+        if tuple(array.shape) != fields["out_shape"]:
+            raise ValueError(f"{name} must have the forward output's shape {fields['out_shape']}, got {tuple(array.shape)}")
+    if lse.dtype != fields["lse_dtype"]:
+        raise TypeError(f"lse must have dtype {fields['lse_dtype']} (as the forward returns it), got {lse.dtype}")
+    if tuple(lse.shape) != fields["lse_shape"]:
+        raise ValueError(f"lse must have shape {fields['lse_shape']} (leading axes + (Lq,)), got {tuple(lse.shape)}")
+    return BackwardProblem(**fields, out=None, return_lse=False, dout=dout, o=out, lse=lse, deterministic=bool(deterministic))
+
+
+# --- arrays: kind, device, dtype -------------------------------------------------------------
+
+
+def _as_arrays(*named):
+    """Each (name, object) as a NumPy or CuPy array, all of one kind and (CuPy) one device."""
+    arrays = [_as_array(name, obj) for name, obj in named]
+    kinds = {name: _kind(a) for (name, _), a in zip(named, arrays)}
+    if len(set(kinds.values())) > 1:
+        described = ", ".join(f"{name} is a {kind}.ndarray" for name, kind in kinds.items())
+        raise TypeError(f"arrays must all be NumPy (CPU) or all CuPy (GPU): {described}")
+    xp = numpy
+    if next(iter(kinds.values())) == "cupy":
+        import cupy
+
+        xp = cupy
+        devices = {name: a.device.id for (name, _), a in zip(named, arrays)}
+        if len(set(devices.values())) > 1:
+            described = ", ".join(f"{name} on device {d}" for name, d in devices.items())
+            raise ValueError(f"arrays must all be on one CUDA device: {described}")
+    return arrays, xp
+
+
+def _kind(array) -> str:
+    return "numpy" if isinstance(array, numpy.ndarray) else "cupy"
+
+
+def _as_array(name: str, obj):
+    """A numpy.ndarray or cupy.ndarray for ``obj``, sharing its memory.
+
+    CuPy is imported only when an input is not NumPy, so the CPU backend works without it.
+    Foreign arrays come in through DLPack only (never ``__cuda_array_interface__``).
+    """
+    if isinstance(obj, numpy.ndarray):
+        # Subclasses (matrix, masked arrays) redefine operators; compute on the plain array.
+        return obj if type(obj) is numpy.ndarray else obj.view(numpy.ndarray)
+    if type(obj).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        if isinstance(obj, cupy.ndarray):
+            return obj
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__") and not isinstance(obj, numpy.generic):
+        device_type = int(obj.__dlpack_device__()[0])
+        if device_type == _DLPACK_CPU:
+            return numpy.from_dlpack(obj)
+        if device_type == _DLPACK_CUDA:
+            try:
+                import cupy
+            except ImportError as error:
+                raise TypeError(f"{name} is a CUDA DLPack array, which needs CuPy; install cupy") from error
+            return cupy.from_dlpack(obj)
+        raise TypeError(f"{name} lives on DLPack device type {device_type}; only CPU (1) and CUDA (2) are supported")
+    raise TypeError(
+        f"{name} must be a numpy.ndarray, a cupy.ndarray or a DLPack array (CPU or CUDA), got {type(obj).__name__}"
+    )
+
+
+def _float_dtypes() -> tuple[numpy.dtype, ...]:
+    dtypes = [numpy.dtype(numpy.float16), numpy.dtype(numpy.float32), numpy.dtype(numpy.float64)]
+    try:
+        import ml_dtypes
+    except ImportError:  # then no bfloat16 array can exist either
+        pass
+    else:
+        dtypes.append(numpy.dtype(ml_dtypes.bfloat16))
+    return tuple(dtypes)
+
+
+def _check_dtypes(q, k, v) -> numpy.dtype:
+    supported = _float_dtypes()
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        if array.dtype not in supported:
+            raise TypeError(
+                f"{name} must have dtype float16, bfloat16, float32 or float64, got {array.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    return numpy.dtype(q.dtype)
+
+
+# --- shapes, scale, mask ---------------------------------------------------------------------
+
+
+def _resolve_shared(q, k, v, xp, *, scale, causal, window) -> dict:
+    """The Problem fields that forward and backward share (everything but out/return_lse)."""
+    dtype = _check_dtypes(q, k, v)
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        if array.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, D), got shape {tuple(array.shape)}")
+    seqlen_q, head_dim = q.shape[-2:]
+    seqlen_k, head_dim_v = v.shape[-2:]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's last axis (head dim D) must equal q's: q has D={head_dim}, k has D={k.shape[-1]}")
+    if k.shape[-2] != seqlen_k:
+        raise ValueError(f"k and v must have the same number of keys (axis -2): k has {k.shape[-2]}, v has {seqlen_k}")
+    for name, width in (("q/k head dim D", head_dim), ("v head dim Dv", v.shape[-1])):
+        if width > MAX_HEAD_DIM:
+            raise ValueError(f"{name} is {width}; at most {MAX_HEAD_DIM} is supported")
+    lead_shape, kv_lead_shape, kv_group = _broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    window_left, window_right, diag_offset = _normalise_mask(causal, window, seqlen_q, seqlen_k)
+    return dict(
+        xp=xp,
+        dtype=dtype,
+        q=q,
+        k=k,
+        v=v,
+        lead_shape=lead_shape,
+        kv_lead_shape=kv_lead_shape,
+        seqlen_q=int(seqlen_q),
+        seqlen_k=int(seqlen_k),
+        head_dim=int(head_dim),
+        head_dim_v=int(head_dim_v),
+        kv_group=kv_group,
+        scale=_resolve_scale(scale, head_dim),
+        window_left=window_left,
+        window_right=window_right,
+        diag_offset=diag_offset,
+        has_window=window_left >= 0 or window_right >= 0,
+        out_shape=lead_shape + (int(seqlen_q), int(head_dim_v)),
+        lse_shape=lead_shape + (int(seqlen_q),),
+        lse_dtype=numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32),
+    )
+
+
+def _broadcast_leading(q_lead, k_lead, v_lead):
+    """(lead_shape, kv_lead_shape, kv_group) for the leading axes of q, k and v.
+
+    k and v broadcast with each other; the result broadcasts with q as in matmul, except on the
+    head axis (-3 of the arrays) where Hq may be a multiple of Hkv (GQA, as torch's enable_gqa).
+    """
+    q_lead, k_lead, v_lead = tuple(map(int, q_lead)), tuple(map(int, k_lead)), tuple(map(int, v_lead))
+    try:
+        kv_lead = numpy.broadcast_shapes(k_lead, v_lead)
+    except ValueError:
+        raise ValueError(f"leading axes of k {k_lead} and v {v_lead} do not broadcast") from None
+    kv_group = 1
+    if q_lead and kv_lead:
+        heads_q, heads_kv = q_lead[-1], kv_lead[-1]
+        if heads_q != heads_kv and heads_q != 1 and heads_kv != 1:
+            if heads_q == 0 or heads_kv == 0 or heads_q % heads_kv:
+                raise ValueError(
+                    f"leading axes of q {q_lead} and k/v {kv_lead} do not broadcast: on the head axis (-3), "
+                    f"q's {heads_q} heads are not a multiple of k/v's {heads_kv} (GQA needs Hq % Hkv == 0)"
+                )
+            kv_group = heads_q // heads_kv
+    try:
+        if kv_group > 1:
+            batch = numpy.broadcast_shapes(q_lead[:-1], kv_lead[:-1])
+            return batch + (q_lead[-1],), batch + (kv_lead[-1],), kv_group
+        lead = numpy.broadcast_shapes(q_lead, kv_lead)
+    except ValueError:
+        raise ValueError(f"leading axes of q {q_lead} and k/v {kv_lead} do not broadcast") from None
+    return lead, lead, 1
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        # With D == 0 every score is 0 whatever the scale; 1/sqrt(0) would turn them into NaN.
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number (int or float) or None, got {type(scale).__name__}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return value
+
+
+def _normalise_mask(causal, window, seqlen_q: int, seqlen_k: int) -> tuple[int, int, int]:
+    """(window_left, window_right, diag_offset) for the public ``causal`` and ``window``."""
+    if isinstance(causal, (bool, numpy.bool_)):
+        is_causal, alignment = bool(causal), "bottom_right"
+    elif isinstance(causal, str):
+        if causal not in _CAUSAL_ALIGNMENTS:
+            raise ValueError(f"causal must be False, True, 'bottom_right' or 'top_left', got {causal!r}")
+        is_causal, alignment = True, causal
+    else:
+        raise TypeError(f"causal must be a bool or 'bottom_right' / 'top_left', got {type(causal).__name__}")
+
+    left, right = -1, -1
+    if window is not None:
+        if not isinstance(window, (tuple, list)):
+            raise TypeError(f"window must be None or a (left, right) tuple of ints, got {type(window).__name__}")
+        if len(window) != 2:
+            raise ValueError(f"window must have exactly two entries (left, right), got {len(window)}")
+        for side, size in zip(("left", "right"), window):
+            if isinstance(size, (bool, numpy.bool_)) or not isinstance(size, numbers.Integral):
+                raise TypeError(f"window {side} must be an int (-1 = unbounded), got {type(size).__name__}")
+            if size < -1:
+                raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {size}")
+        # A side wider than Lq + Lk never excludes a key; clamping it keeps it in the kernels' int32.
+        left, right = (min(int(size), seqlen_q + seqlen_k) for size in window)
+    if is_causal:
+        right = 0
+    diag_offset = seqlen_k - seqlen_q if alignment == "bottom_right" else 0
+    return left, right, diag_offset
+
+
+# --- out= ------------------------------------------------------------------------------------
+
+
+def _check_out(out, q, k, v, xp, fields) -> None:
+    """out must be writeable, q's kind, dtype and device, the output's exact shape, and disjoint from inputs."""
+    if not isinstance(out, xp.ndarray):  # never converted: the result must land in this very array
+        raise TypeError(f"out must be a {xp.__name__}.ndarray like q, got {type(out).__module__}.{type(out).__name__}")
+    if out.dtype != fields["dtype"]:
+        raise TypeError(f"out must have q's dtype {fields['dtype']}, got {out.dtype}")
+    if tuple(out.shape) != fields["out_shape"]:
+        raise ValueError(f"out must have shape {fields['out_shape']} (leading axes + (Lq, Dv)), got {tuple(out.shape)}")
+    if xp is numpy and not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    if xp is not numpy and out.device.id != q.device.id:
+        raise ValueError(f"out must be on q's device {q.device.id}, got device {out.device.id}")
+    if _has_internal_overlap(out):
+        raise ValueError("out must not have overlapping elements (a broadcast or self-overlapping view)")
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        if _overlaps(out, array, xp):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+def _overlaps(a, b, xp) -> bool:
+    if a.size == 0 or b.size == 0:
+        return False
+    if xp is numpy:
+        try:
+            return bool(numpy.shares_memory(a, b, max_work=1 << 16))
+        except _TooHardError:  # undecided within the work bound: assume the worst
+            return bool(numpy.may_share_memory(a, b))
+    # CuPy's exact shares_memory runs kernels over every element; a byte-range test is enough.
+    a_lo, a_hi = _byte_bounds(a.data.ptr, a.shape, a.strides, a.itemsize)
+    b_lo, b_hi = _byte_bounds(b.data.ptr, b.shape, b.strides, b.itemsize)
+    return a_lo < b_hi and b_lo < a_hi
+
+
+def _byte_bounds(ptr: int, shape, strides, itemsize: int) -> tuple[int, int]:
+    """[lo, hi) of the bytes a non-empty strided array touches."""
+    lo = hi = ptr
+    for extent, stride in zip(shape, strides):
+        reach = (extent - 1) * stride
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + itemsize
+
+
+def _has_internal_overlap(array) -> bool:
+    """Conservative: True unless each axis's stride clears everything the smaller axes span."""
+    if array.size == 0:
+        return False
+    axes = sorted((abs(s), n) for n, s in zip(array.shape, array.strides) if n > 1)
+    span = array.itemsize
+    for stride, extent in axes:
+        if stride < span:
+            return True
+        span = stride * (extent - 1) + span
+    return False

@@ -1,0 +1,135 @@
+"""The run-time kernel pipeline, checked without a GPU.
+
+Every Variant the dispatcher can select compiles with NVRTC for sm_80 and sm_90a, and ptxas
+reports no spills; the params struct matches its NumPy mirror byte for byte; editing any file
+under cuda_src/ changes the compile options (so CuPy's disk cache can never serve a stale
+kernel); Hopper gets the arch-specific target.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+
+from cuflash._gpu import kernels, params, tiles  # noqa: E402
+
+ARCHS = ("80", "90a")
+
+
+def _nvrtc_available() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return bool(kernels.cuda_include_dirs())
+    except Exception:
+        return False
+
+
+needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC or the CUDA headers are not installed")
+
+
+def _compile(variant):
+    build = kernels.compile_offline(variant)
+    return variant, build.registers, build.spill_bytes, build.stack_bytes, len(build.cubin)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_selectable_variant_compiles_without_spills(arch):
+    variants = tiles.all_variants(arch)
+    assert variants, "the dispatcher must offer kernels for every arch"
+    assert {v.dtype for v in variants} == set(kernels.CUDA_TYPES)
+    workers = max(1, min(len(variants), os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(_compile, variants))
+    report = "\n".join(f"{v}: {r} regs, {s} B spilled, {st} B stack" for v, r, s, st, _ in results)
+    print(report)
+    for variant, registers, spilled, stack, cubin_size in results:
+        assert cubin_size > 0
+        assert 0 < registers <= 255, f"{variant}: {registers} registers"
+        assert spilled == 0, f"{variant} spills {spilled} bytes:\n{report}"
+
+
+@needs_nvrtc
+def test_selected_variants_cover_every_dtype_and_head_dim():
+    for arch in ARCHS:
+        offered = set(tiles.all_variants(arch))
+        for dtype in kernels.CUDA_TYPES:
+            for d in (1, 3, 32, 59, 64, 80, 96, 111, 128, 160, 192, 256):
+                for dv in (d, 1, 256):
+                    for has_window in (False, True):
+                        v = tiles.select(dtype, d, dv, has_window, arch)
+                        assert v in offered
+                        assert v.head_dim >= max(d, dv)
+                        assert v.arch == arch
+
+
+def test_head_dim_above_maximum_is_rejected():
+    with pytest.raises(ValueError, match="head dim"):
+        tiles.select("float16", tiles.MAX_HEAD_DIM + 1, 64, False, "80")
+
+
+@needs_nvrtc
+def test_params_struct_matches_numpy_mirror():
+    """Compile a probe that stores sizeof and every field offset; read the constants from PTX."""
+    import re
+
+    from cupy_backends.cuda.libs import nvrtc
+
+    variant = tiles.select("float32", 32, 32, False, "80")
+    prog = nvrtc.createProgram(params.layout_probe_source(), "probe.cu", (), ())
+    try:
+        nvrtc.compileProgram(prog, kernels.compile_options(variant) + ("-arch=compute_80",))
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    constants = dict(re.findall(r"mov\.u64\s+(%rd\d+),\s*(\d+);", ptx))
+    stored = {}
+    for offset, value in re.findall(r"st\.global\.u64\s+\[%rd\d+(?:\+(\d+))?\],\s*(%rd\d+|\d+);", ptx):
+        stored[int(offset or 0) // 8] = int(constants.get(value, value))
+    dtype = params.FWD_PARAMS_DTYPE
+    expected = {0: dtype.itemsize}
+    expected.update({i: dtype.fields[name][1] for i, name in enumerate(dtype.names, start=1)})
+    assert stored == expected
+
+
+def test_source_digest_follows_every_header(tmp_path, monkeypatch):
+    copy = tmp_path / "cuda_src"
+    shutil.copytree(kernels.source_dir(), copy)
+    monkeypatch.setattr(kernels, "source_dir", lambda: copy)
+    kernels.source_digest.cache_clear()
+    try:
+        variant = tiles.select("float16", 64, 64, False, "80")
+        before_digest, before_opts = kernels.source_digest(), kernels.compile_options(variant)
+        header = copy / "mask.cuh"
+        header.write_text(header.read_text() + "\n// an edit\n")
+        kernels.source_digest.cache_clear()
+        after_digest, after_opts = kernels.source_digest(), kernels.compile_options(variant)
+        assert before_digest != after_digest
+        assert before_opts != after_opts
+        assert any(after_digest in o for o in after_opts)
+        # The kernel's own source text is unchanged: only the options carry the edit.
+        assert kernels.kernel_source(variant) == (copy / f"{variant.kernel}.cu").read_text()
+    finally:
+        kernels.source_digest.cache_clear()
+
+
+def test_hopper_gets_the_arch_specific_target():
+    assert kernels.arch_for_capability(9, 0) == "90a"
+    assert kernels.arch_for_capability(8, 0) == "80"
+    assert kernels.arch_for_capability(8, 9) == "89"
+    assert kernels.arch_for_capability(10, 0) == "100"
+
+
+def test_kernel_sources_ship_with_the_package():
+    src = kernels.source_dir()
+    assert (src / "params.cuh").is_file()
+    names = {v.kernel for arch in ARCHS for v in tiles.all_variants(arch)}
+    for name in names:
+        assert (src / f"{name}.cu").is_file()
