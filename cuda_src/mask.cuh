@@ -62,6 +62,37 @@ struct Mask {
         r.full_last = clampi(div_floor(full_hi, block_n), r.full_first, r.last);
         return r;
     }
+
+    // The transpose, for the backward: keys [n0, n0 + block_n) against query tiles of height
+    // block_m over seqlen_q rows. [first, last) holds every query tile with a row that sees a
+    // key of the block; [full_first, full_last) those whose every (row, key) pair is visible.
+    // Rows i >= seqlen_q never count as visible, so a tile crossing seqlen_q is masked.
+    __device__ __forceinline__ TileRange query_tiles(int n0, int block_n, int block_m, int seqlen_q) const {
+        const int num_tiles = div_ceil(seqlen_q, block_m);
+        const int n_last = min(n0 + block_n, seqlen_k) - 1;  // last real key of the block
+        // Rows that may see some key of the block, [lo, hi); rows that see all of them, [full_lo, full_hi).
+        int lo = 0, hi = seqlen_q, full_lo = 0, full_hi = seqlen_q;
+        if (kHasWindow) {
+            if (right >= 0) {  // j <= i + diag + right  <=>  i >= j - diag - right
+                lo = n0 - diag - right;
+                full_lo = n_last - diag - right;
+            }
+            if (left >= 0) {   // j >= i + diag - left   <=>  i <= j - diag + left
+                hi = n_last - diag + left + 1;
+                full_hi = min(n0 - diag + left + 1, seqlen_q);
+            }
+        }
+        TileRange r;
+        r.first = clampi(div_floor(lo, block_m), 0, num_tiles);
+        r.last = clampi(div_ceil(hi, block_m), r.first, num_tiles);
+        if (n0 + block_n > seqlen_k) {  // the key block crosses the end of the keys: all masked
+            r.full_first = r.full_last = r.last;
+        } else {
+            r.full_first = clampi(div_ceil(full_lo, block_m), r.first, r.last);
+            r.full_last = clampi(div_floor(full_hi, block_m), r.full_first, r.last);
+        }
+        return r;
+    }
 };
 
 }  // namespace cuflash

@@ -51,6 +51,29 @@ struct FwdParams {
     int _pad1;
 };
 
+// The backward's argument: the forward's tensors and options, plus the gradients.
+//   dout: dO, strided like o.                      delta: rowsum(dO * O), laid out like lse.
+//   dq:   dQ in the input dtype (the deterministic dq kernel writes it), strided.
+//   dq_accum: dQ / scale accumulated in fp32 (fp64 for float64) with atomics by the dk/dv
+//         kernel when non-null: contiguous (bh, Lq, head_dim), zeroed by the host.
+//   dk, dv: dK, dV of query head bh (GQA and broadcasting are summed by the host afterwards),
+//         strided over the output's leading axes like o.
+struct BwdParams {
+    FwdParams fwd;
+    const void* dout;
+    void* dq;
+    void* dk;
+    void* dv;
+    void* dq_accum;
+    void* delta;
+    long long dout_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long dq_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long dk_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long dv_batch_stride[CUFLASH_MAX_BATCH_DIMS];
+    long long dout_head_stride, dq_head_stride, dk_head_stride, dv_head_stride;
+    long long dout_row_stride, dq_row_stride, dk_row_stride, dv_row_stride;
+};
+
 // Offset of attention row (batch..., head) `bh` inside one tensor, from its strides.
 struct BatchIndex {
     long long q, k, v, o, lse;
@@ -74,6 +97,31 @@ struct BatchIndex {
             o += idx * p.o_batch_stride[d];
             lse += idx * p.lse_batch_stride[d];
         }
+    }
+};
+
+// BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
+struct BwdBatchIndex : BatchIndex {
+    long long dout, dq, dk, dv, dq_accum;
+
+    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BatchIndex(p.fwd, bh) {
+        const FwdParams& f = p.fwd;
+        int head = bh % f.num_heads;
+        int rest = bh / f.num_heads;
+        dout = head * p.dout_head_stride;
+        dq = head * p.dq_head_stride;
+        dk = head * p.dk_head_stride;
+        dv = head * p.dv_head_stride;
+#pragma unroll
+        for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
+            int idx = rest % f.batch_shape[d];
+            rest /= f.batch_shape[d];
+            dout += idx * p.dout_batch_stride[d];
+            dq += idx * p.dq_batch_stride[d];
+            dk += idx * p.dk_batch_stride[d];
+            dv += idx * p.dv_batch_stride[d];
+        }
+        dq_accum = (long long)bh * f.seqlen_q * f.head_dim;
     }
 };
 

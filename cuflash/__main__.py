@@ -101,17 +101,16 @@ def _visible(lq, lk, causal=False, window=None):
 
 def self_check(on_gpu: bool) -> bool:
     rng = numpy.random.default_rng()
-    dtypes = ["float16", "bfloat16", "float32", "float64"] if on_gpu else ["float32", "float64"]
+    dtypes = ["float16", "bfloat16", "float32", "float64"]
     worst = {}
     ok = True
     for dtype_name in dtypes:
         dtype = _dtype(dtype_name)
         for lead, lq, lk, d, dv, options in CHECKS:
-            q = rng.standard_normal(lead + (lq, d))
-            k = rng.standard_normal(lead + (lk, d))
-            v = rng.standard_normal(lead + (lk, dv))
+            # The reference sees exactly the rounded inputs the backend sees.
+            args = [rng.standard_normal(lead + shape).astype(dtype) for shape in ((lq, d), (lk, d), (lk, dv))]
+            q, k, v = (x.astype(numpy.float64) for x in args)
             ref = _dense(q, k, v, 1 / numpy.sqrt(d), _visible(lq, lk, **options))
-            args = [x.astype(dtype) for x in (q, k, v)]
             if on_gpu:
                 import cupy
 
@@ -120,7 +119,7 @@ def self_check(on_gpu: bool) -> bool:
             out = out.get() if hasattr(out, "get") else out
             err = float(numpy.max(numpy.abs(out.astype(numpy.float64) - ref)))
             worst[dtype_name] = max(worst.get(dtype_name, 0.0), err)
-        bound = {"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-5, "float64": 1e-12}[dtype_name]
+        bound = {"float16": 5e-3, "bfloat16": 3e-2, "float32": 1e-5, "float64": 1e-12}[dtype_name]
         status = "ok" if worst[dtype_name] <= bound else "FAILED"
         ok &= status == "ok"
         print(f"  self-check {dtype_name:9s} max |error| vs float64 = {worst[dtype_name]:.2e}  (bound {bound:.0e})  {status}")

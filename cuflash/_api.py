@@ -87,4 +87,6 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     )
     if problem.xp is numpy:
         return _cpu.backward(problem)
-    raise NotImplementedError("cuflash: the GPU backward is not implemented yet")
+    from ._gpu import plan
+
+    return plan.backward(problem)

@@ -52,6 +52,32 @@ FWD_PARAMS_DTYPE = numpy.dtype(
 )
 
 
+BWD_PARAMS_DTYPE = numpy.dtype(
+    [
+        ("fwd", FWD_PARAMS_DTYPE),
+        ("dout", numpy.uint64),
+        ("dq", numpy.uint64),
+        ("dk", numpy.uint64),
+        ("dv", numpy.uint64),
+        ("dq_accum", numpy.uint64),
+        ("delta", numpy.uint64),
+        ("dout_batch_stride", numpy.int64, _B),
+        ("dq_batch_stride", numpy.int64, _B),
+        ("dk_batch_stride", numpy.int64, _B),
+        ("dv_batch_stride", numpy.int64, _B),
+        ("dout_head_stride", numpy.int64),
+        ("dq_head_stride", numpy.int64),
+        ("dk_head_stride", numpy.int64),
+        ("dv_head_stride", numpy.int64),
+        ("dout_row_stride", numpy.int64),
+        ("dq_row_stride", numpy.int64),
+        ("dk_row_stride", numpy.int64),
+        ("dv_row_stride", numpy.int64),
+    ],
+    align=True,
+)
+
+
 def layout_probe_source(struct: str = "cuflash::FwdParams", dtype: numpy.dtype = FWD_PARAMS_DTYPE) -> str:
     """A kernel that stores sizeof(struct) and each field's offset, in ``dtype.names`` order.
 

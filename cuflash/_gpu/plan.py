@@ -12,7 +12,7 @@ import math
 import numpy
 
 from . import kernels, tiles
-from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
+from .params import BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
 
 LOG2E = 1.4426950408889634
 MAX_GRID_Y = 65535
@@ -133,15 +133,8 @@ def forward(problem):
     if not _vector_ok(o, vec):  # only a fresh allocation of an odd width gets here
         o = _readable(cupy.empty(out_shape, dtype=p.dtype), vec)
 
-    params = _fwd_params(p, variant, q, k, v, o, lse)
-    grid_y = -(-p.seqlen_q // variant.block_m)
-    kernel = kernels.get_kernel(variant)
-    kernel(
-        (params["_grid_x"], grid_y, 1),
-        (variant.threads, 1, 1),
-        (params["struct"],),
-        shared_mem=tiles.shared_memory_bytes(variant),
-    )
+    layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
+    _launch(variant, layout.grid_x, p.seqlen_q, _fwd_struct(p, layout, q, v))
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
@@ -152,40 +145,58 @@ def forward(problem):
     return o, lse
 
 
-def _fwd_params(p, variant, q, k, v, o, lse) -> dict:
-    lead = tuple(p.lead_shape)
-    if lead:
-        num_heads, batch_axes = lead[-1], list(lead[:-1])
-    else:
-        num_heads, batch_axes = 1, []
+_PER_ROW = ("lse", "delta")  # one value per query row, C-contiguous (lead..., Lq)
 
-    tensors = {"q": q, "k": k, "v": v, "o": o}
-    strides = {name: _element_strides(x, lead) for name, x in tensors.items()}
-    strides["lse"] = _element_strides_contiguous(lse.shape)
-    heads = {name: (s[-1] if lead else 0) for name, s in strides.items()}
-    batch_strides = {name: s[:-1] if lead else [] for name, s in strides.items()}
-    batch_shape, batch_strides = _merge_batch_axes(batch_axes, batch_strides)
-    if len(batch_shape) > MAX_BATCH_DIMS:
-        raise ValueError(
-            f"cuflash: the leading axes {lead} need {len(batch_shape)} independent batch strides; "
-            f"at most {MAX_BATCH_DIMS} are supported (make the inputs contiguous)"
-        )
-    grid_x = math.prod(batch_shape) * num_heads
-    if grid_x > MAX_GRID_X:
-        raise ValueError(f"cuflash: {grid_x} attention heads in one call exceed {MAX_GRID_X}")
-    if -(-p.seqlen_q // variant.block_m) > MAX_GRID_Y:
-        raise ValueError(f"cuflash: seqlen_q={p.seqlen_q} exceeds {MAX_GRID_Y * variant.block_m}")
 
-    pad = MAX_BATCH_DIMS - len(batch_shape)
+class _Layout:
+    """Every tensor of one launch described over the output's leading axes (batch..., heads).
+
+    The batch axes are merged where every tensor walks them contiguously, so the kernel sees at
+    most MAX_BATCH_DIMS of them; ``fill`` writes a tensor's pointer and strides into a struct.
+    """
+
+    def __init__(self, p, tensors: dict, block_m: int):
+        lead = tuple(p.lead_shape)
+        num_heads, batch_axes = (lead[-1], list(lead[:-1])) if lead else (1, [])
+        strides = {}
+        for name, x in tensors.items():
+            # lse and delta are ours and C-contiguous (lead..., Lq); everything else is strided.
+            strides[name] = (_element_strides_contiguous(x.shape) if name in _PER_ROW
+                             else _element_strides(x, lead))
+        self.heads = {name: (s[-1] if lead else 0) for name, s in strides.items()}
+        batch = {name: (s[:-1] if lead else []) for name, s in strides.items()}
+        self.batch_shape, self.batch_strides = _merge_batch_axes(batch_axes, batch)
+        if len(self.batch_shape) > MAX_BATCH_DIMS:
+            raise ValueError(
+                f"cuflash: the leading axes {lead} need {len(self.batch_shape)} independent batch "
+                f"strides; at most {MAX_BATCH_DIMS} are supported (make the inputs contiguous)"
+            )
+        self.num_heads = num_heads
+        self.grid_x = math.prod(self.batch_shape) * num_heads
+        if self.grid_x > MAX_GRID_X:
+            raise ValueError(f"cuflash: {self.grid_x} attention heads in one call exceed {MAX_GRID_X}")
+        longest = max(p.seqlen_q, p.seqlen_k)
+        if -(-longest // block_m) > MAX_GRID_Y:
+            raise ValueError(f"cuflash: sequence length {longest} exceeds {MAX_GRID_Y * block_m}")
+        self.tensors = tensors
+
+    def fill(self, struct, name: str, *, rows: bool = True) -> None:
+        x = self.tensors[name]
+        pad = MAX_BATCH_DIMS - len(self.batch_shape)
+        struct[name] = x.data.ptr
+        struct[f"{name}_batch_stride"] = [0] * pad + self.batch_strides[name]
+        struct[f"{name}_head_stride"] = self.heads[name]
+        if rows:
+            struct[f"{name}_row_stride"] = x.strides[-2] // x.dtype.itemsize
+
+
+def _fwd_struct(p, layout: _Layout, q, v):
     s = numpy.zeros((), dtype=FWD_PARAMS_DTYPE)
-    for name, x in (*tensors.items(), ("lse", lse)):
-        s[name] = x.data.ptr
-        s[f"{name}_batch_stride"] = [0] * pad + batch_strides[name]
-        s[f"{name}_head_stride"] = heads[name]
-    for name, x in tensors.items():
-        s[f"{name}_row_stride"] = x.strides[-2] // x.dtype.itemsize
-    s["batch_shape"] = [1] * pad + batch_shape
-    s["num_heads"] = num_heads
+    for name in ("q", "k", "v", "o"):
+        layout.fill(s, name)
+    layout.fill(s, "lse", rows=False)
+    s["batch_shape"] = [1] * (MAX_BATCH_DIMS - len(layout.batch_shape)) + layout.batch_shape
+    s["num_heads"] = layout.num_heads
     s["kv_group"] = p.kv_group
     s["seqlen_q"] = p.seqlen_q
     s["seqlen_k"] = p.seqlen_k
@@ -196,7 +207,18 @@ def _fwd_params(p, variant, q, k, v, o, lse) -> dict:
     s["diag_offset"] = p.diag_offset
     s["scale"] = p.scale
     s["scale_log2"] = p.scale * LOG2E
-    return {"struct": s, "_grid_x": grid_x}
+    return s
+
+
+def _launch(variant, grid_x: int, length: int, struct) -> None:
+    """One launch on CuPy's current stream: grid (attention rows, tiles of ``length``)."""
+    block = variant.block_m if variant.kernel.startswith(("fwd", "bwd_dq")) else variant.block_n
+    kernels.get_kernel(variant)(
+        (grid_x, -(-length // block), 1),
+        (variant.threads, 1, 1),
+        (struct,),
+        shared_mem=tiles.shared_memory_bytes(variant),
+    )
 
 
 def _element_strides_contiguous(shape) -> list[int]:
@@ -206,3 +228,142 @@ def _element_strides_contiguous(shape) -> list[int]:
         strides.append(acc)
         acc *= n
     return list(reversed(strides))
+
+
+# --------------------------------------------------------------------------- backward
+
+def backward(problem):
+    """Gradients (dq, dk, dv) on the GPU, each in its input's own shape and dtype.
+
+    delta = rowsum(dO * O) first (CuPy, fp32); then one kernel over key tiles computes dK, dV
+    per query head and, unless ``deterministic``, accumulates dQ with fp32 atomics into a
+    workspace; with ``deterministic`` a second kernel over query tiles computes dQ without
+    atomics. Per-query-head dK/dV (GQA) and gradients of broadcast inputs are summed here.
+    """
+    cupy = _cupy()
+    p = problem
+    q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
+    grads_shape = (q.shape, k.shape, v.shape)
+    rows = math.prod(p.lead_shape) * p.seqlen_q
+    if rows == 0 or p.seqlen_k == 0 or p.head_dim_v == 0:
+        # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero.
+        return tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape)
+    if p.head_dim == 0:  # all scores are 0: the same as one zero column, whose gradient is dropped
+        q = cupy.zeros(q.shape[:-1] + (1,), dtype=q.dtype)
+        k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
+
+    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
+    dkdv_variant, dq_variant = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+    vec = 16 // p.dtype.itemsize
+    q, k, v, o, dout = (_readable(x, vec) for x in (q, k, v, o, dout))
+    accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
+    lse = cupy.ascontiguousarray(p.lse)
+
+    # delta_i = sum_d dO_id O_id: the row term of dS = P * (dP - delta).
+    delta = cupy.sum(_widen(dout, accum) * _widen(o, accum), axis=-1)
+
+    # dK, dV per query head over the output's leading axes ("expanded"); dQ likewise.
+    lead = tuple(p.lead_shape)
+    dk = _gradient_buffer(lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
+    dv = _gradient_buffer(lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
+    dq = _gradient_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
+    dq_accum = None if p.deterministic else cupy.zeros(
+        (math.prod(lead), p.seqlen_q, q.shape[-1]), dtype=accum)
+
+    tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
+               "dq": dq, "dk": dk, "dv": dv}
+    layout = _Layout(p, tensors, min(dkdv_variant.block_n, dq_variant.block_m))
+    struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
+    struct["fwd"] = _fwd_struct(p, layout, q, v)
+    for name in ("dout", "dq", "dk", "dv"):
+        layout.fill(struct, name)
+    struct["delta"] = delta.data.ptr
+    struct["dq_accum"] = 0 if dq_accum is None else dq_accum.data.ptr
+
+    _launch(dkdv_variant, layout.grid_x, p.seqlen_k, struct)
+    if p.deterministic:
+        _launch(dq_variant, layout.grid_x, p.seqlen_q, struct)
+    else:
+        # dQ = scale * (dS K), accumulated unscaled by the atomics.
+        _narrow(dq_accum.reshape(dq.shape) * accum(p.scale), out=dq)
+
+    dv = _sum_to(dv, grads_shape[2], p.kv_group, accum, p.dtype)
+    if p.head_dim == 0:
+        return cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv
+    return (
+        _sum_to(dq, grads_shape[0], 1, accum, p.dtype),
+        _sum_to(dk, grads_shape[1], p.kv_group, accum, p.dtype),
+        dv,
+    )
+
+
+def _gradient_buffer(shape, width: int, dtype, vec: int):
+    """A (possibly row-padded) buffer the kernels can store to with 16-byte vectors."""
+    cupy = _cupy()
+    if width % vec == 0:
+        return cupy.empty(shape, dtype=dtype)
+    padded = cupy.empty(shape[:-1] + (-(-width // vec) * vec,), dtype=dtype)
+    return padded[..., :width]
+
+
+def _sum_to(grad, shape, kv_group: int, accum, dtype):
+    """Sum a gradient over the output's leading axes down to its input's ``shape``.
+
+    NumPy broadcasting's adjoint: axes the input lacks or has as 1 are summed; under GQA the
+    head axis splits into (kv heads, group) and the group is summed. Sums run in ``accum``.
+    """
+    cupy = _cupy()
+    out_ndim = len(shape)
+    if grad.shape == tuple(shape):
+        return grad if grad.flags.c_contiguous else cupy.ascontiguousarray(grad)
+    g = _widen(grad, accum)
+    if kv_group > 1:  # (..., Hq, L, D) -> (..., Hkv, group, L, D), summed over the group
+        g = g.reshape(g.shape[:-3] + (g.shape[-3] // kv_group, kv_group) + g.shape[-2:]).sum(axis=-3)
+    extra = g.ndim - out_ndim
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape[:-2]) if n == 1 and g.shape[extra + i] != 1
+    )
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    g = g.reshape(shape)
+    result = cupy.empty(shape, dtype=dtype)
+    _narrow(g, out=result)
+    return result
+
+
+# bfloat16 has no CuPy arithmetic of its own: widen and narrow through its bits (the top half
+# of a float32), rounding to nearest even, NaN kept quiet.
+_BF16_NARROW = None
+
+
+def _is_bf16(dtype) -> bool:
+    return numpy.dtype(dtype).name == "bfloat16"
+
+
+def _widen(x, accum):
+    cupy = _cupy()
+    if _is_bf16(x.dtype):
+        bits = x.view(cupy.uint16).astype(cupy.uint32) << 16
+        return bits.view(cupy.float32).astype(accum, copy=False)
+    return x.astype(accum, copy=False)
+
+
+def _narrow(x, *, out):
+    """out[...] = x rounded to out's dtype."""
+    cupy = _cupy()
+    global _BF16_NARROW
+    if not _is_bf16(out.dtype):
+        out[...] = x
+        return out
+    if _BF16_NARROW is None:
+        _BF16_NARROW = cupy.ElementwiseKernel(
+            "float32 x", "uint16 y",
+            """
+            unsigned int bits = __float_as_uint(x);
+            if ((bits & 0x7fffffffu) > 0x7f800000u) { y = 0x7fc0; }
+            else { y = (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16); }
+            """,
+            "cuflash_float32_to_bfloat16",
+        )
+    _BF16_NARROW(x.astype(cupy.float32, copy=False), out.view(cupy.uint16))
+    return out
