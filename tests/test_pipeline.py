@@ -75,14 +75,18 @@ def test_head_dim_above_maximum_is_rejected():
 
 
 @needs_nvrtc
-def test_params_struct_matches_numpy_mirror():
+@pytest.mark.parametrize("struct,dtype", [
+    ("cuflash::FwdParams", params.FWD_PARAMS_DTYPE),
+    ("cuflash::BwdParams", params.BWD_PARAMS_DTYPE),
+], ids=["fwd", "bwd"])
+def test_params_struct_matches_numpy_mirror(struct, dtype):
     """Compile a probe that stores sizeof and every field offset; read the constants from PTX."""
     import re
 
     from cupy_backends.cuda.libs import nvrtc
 
     variant = tiles.select("float32", 32, 32, False, "80")
-    prog = nvrtc.createProgram(params.layout_probe_source(), "probe.cu", (), ())
+    prog = nvrtc.createProgram(params.layout_probe_source(struct, dtype), "probe.cu", (), ())
     try:
         nvrtc.compileProgram(prog, kernels.compile_options(variant) + ("-arch=compute_80",))
         ptx = nvrtc.getPTX(prog)
@@ -93,7 +97,6 @@ def test_params_struct_matches_numpy_mirror():
     stored = {}
     for offset, value in re.findall(r"st\.global\.u64\s+\[%rd\d+(?:\+(\d+))?\],\s*(%rd\d+|\d+);", ptx):
         stored[int(offset or 0) // 8] = int(constants.get(value, value))
-    dtype = params.FWD_PARAMS_DTYPE
     expected = {0: dtype.itemsize}
     expected.update({i: dtype.fields[name][1] for i, name in enumerate(dtype.names, start=1)})
     assert stored == expected
