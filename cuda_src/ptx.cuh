@@ -38,6 +38,13 @@ __device__ __forceinline__ int block_index_x() {
     return x;
 }
 
+// blockIdx.y, read the same way.
+__device__ __forceinline__ int block_index_y() {
+    int y;
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(y));
+    return y;
+}
+
 __device__ __forceinline__ void st_shared_v4(unsigned addr, unsigned a, unsigned b, unsigned c, unsigned d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d)
                  : "memory");
@@ -179,6 +186,25 @@ __device__ __forceinline__ void cp_async_elem(void* dst, const void* src, bool v
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_addr(dst)), "l"(src), "n"(kBytes),
                  "r"(valid ? kBytes : 0)
                  : "memory");
+}
+
+}  // namespace ptx
+}  // namespace cuflash
+
+// ===================================================================== 7. bwd_tc (fp16 / bf16 backward)
+// Added by the backward tensor-core work; used by cuda_src/bwd_dkdv_tc.cu.
+namespace cuflash {
+namespace ptx {
+
+// *addr += (a, b) as one vector reduction in L2 (sm_90+: red.global.add.v2.f32); addr must be
+// 8-byte aligned. No return value: a fire-and-forget RED, like atomicAdd whose result is unused.
+__device__ __forceinline__ void red_add_v2_f32(float* addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(addr, a);
+    atomicAdd(addr + 1, b);
+#endif
 }
 
 }  // namespace ptx

@@ -4,8 +4,9 @@
 // g = lane/4 and g + 8 (elements {0,1} and {2,3}), so each thread tracks 2 rows per m-tile, and
 // the 4 lanes of a quad (lane/4 equal) share each row: row reductions are two xor-shuffles.
 //
-// Scores arrive in log2 units, s = S * scale * log2(e), so exp(S*scale - m) == exp2(s - m'):
-// one ex2 per element, no multiply by log2(e) at the exponent.
+// Scores arrive raw, S = Q K^T (masked: -inf), with c = scale * log2(e) > 0 (the kernel
+// negates Q when scale < 0). Then exp(S*scale - m) == exp2(S*c - m'), m' = m*c: the row max is
+// taken on raw scores and each element costs one FFMA and one ex2 (FlashAttention-2's fold).
 #pragma once
 #include "ptx.cuh"
 
@@ -25,10 +26,18 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Lazy rescaling (as in FlashAttention-4): the reference max m_i of a warp's rows moves only when
+// some row's tile max exceeds it by more than kRescaleLog2 (log2 units). Until then P = exp2(s - m_i)
+// may reach 2^kRescaleLog2 = 256, harmless in fp32 (l_i, acc) and in f16/bf16 (P): the result
+// (acc / l_i, and lse = m_i + log2 l_i) is the same function for any reference m_i >= the
+// values seen so far minus kRescaleLog2. On random-like scores the max settles in the first
+// tiles, so the acc *= alpha pass (kNTilesO * 4 FMULs per row pair per tile) is mostly skipped.
+constexpr float kRescaleLog2 = 8.f;
+
 template <int kMTiles>
 struct OnlineSoftmax {
-    float m_i[kMTiles][2];  // running row max of s (log2 units); -inf until the row sees a key
-    float l_i[kMTiles][2];  // this lane's part of the running row sum of exp2(s - m_i)
+    float m_i[kMTiles][2];  // reference row max in log2 units (times c); -inf until the row sees a key
+    float l_i[kMTiles][2];  // this lane's part of the running row sum of exp2(s*c - m_i)
 
     __device__ __forceinline__ OnlineSoftmax() {
 #pragma unroll
@@ -40,42 +49,60 @@ struct OnlineSoftmax {
             }
     }
 
-    // One key tile. In: s, scores in log2 units (masked: -inf). Out: s holds P = exp2(s - m_new),
-    // and acc, l_i are rescaled to the new max:
-    //   m_new = max(m_i, rowmax(s))
-    //   P     = exp2(s - m_new)
-    //   l_i   = exp2(m_i - m_new) * l_i + rowsum(P)
-    //   acc   = exp2(m_i - m_new) * acc          (the caller then adds P V)
-    // A row that has seen no key yet has m_new = -inf: exponents are taken against 0 instead, so
-    // that exp2(-inf - (-inf)) = NaN never occurs; its P, l_i and acc stay exactly 0.
+    // One key tile. In: s = raw scores (masked: -inf), c > 0. Out: s holds P, acc and l_i are
+    // rescaled when the reference max moves (warp-uniform decision, see kRescaleLog2):
+    //   m_new = max(m_i, rowmax(s) * c)         only if some row has rowmax(s)*c > m_i + kRescaleLog2
+    //   acc   = exp2(m_i - m_new) * acc,  l_i = exp2(m_i - m_new) * l_i,  m_i = m_new
+    //   P     = exp2(s * c - m_i)               one FFMA + ex2
+    //   l_i  += rowsum(P)                       (the caller then adds P V to acc)
+    // A row that has seen no key has m_i = -inf: exponents are taken against 0 instead, so that
+    // exp2(-inf - (-inf)) = NaN never occurs; its P, l_i and acc stay exactly 0.
     template <int kNTiles, int kNTilesO>
-    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc)[kMTiles][kNTilesO][4]) {
+    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc)[kMTiles][kNTilesO][4],
+                                           float c) {
+        float m_tile[kMTiles][2];
+        bool grow = false;
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                float row_max = m_i[mt][h];
+                float row_max = neg_inf();
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt)
                     row_max = fmaxf(row_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-                const float m_new = quad_max(row_max);
-                const float m_ref = m_new == neg_inf() ? 0.f : m_new;
-                const float alpha = ptx::ex2(m_i[mt][h] - m_ref);
-                m_i[mt][h] = m_new;
+                m_tile[mt][h] = quad_max(row_max) * c;
+                grow |= m_tile[mt][h] > m_i[mt][h] + kRescaleLog2;
+            }
+        if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float m_new = fmaxf(m_i[mt][h], m_tile[mt][h]);
+                    const float alpha = ptx::ex2(m_i[mt][h] - (m_new == neg_inf() ? 0.f : m_new));
+                    m_i[mt][h] = m_new;
+                    l_i[mt][h] *= alpha;
+#pragma unroll
+                    for (int nt = 0; nt < kNTilesO; ++nt) {
+                        acc[mt][nt][2 * h] *= alpha;
+                        acc[mt][nt][2 * h + 1] *= alpha;
+                    }
+                }
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float m_ref = m_i[mt][h] == neg_inf() ? 0.f : m_i[mt][h];
                 float row_sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = ptx::ex2(s[mt][nt][e] - m_ref);
+                        s[mt][nt][e] = ptx::ex2(fmaf(s[mt][nt][e], c, -m_ref));
                         row_sum += s[mt][nt][e];
                     }
-                l_i[mt][h] = alpha * l_i[mt][h] + row_sum;
-#pragma unroll
-                for (int nt = 0; nt < kNTilesO; ++nt) {
-                    acc[mt][nt][2 * h] *= alpha;
-                    acc[mt][nt][2 * h + 1] *= alpha;
-                }
+                l_i[mt][h] += row_sum;
             }
     }
 

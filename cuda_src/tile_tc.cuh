@@ -13,6 +13,18 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
+struct BlockCoord {
+    int bh, m_index;  // (batch..., head) index and query-tile index
+};
+
+// Block (x, y) of a (B*H, query tiles) grid as the launch-order index x + y * gridDim.x, split
+// query-tile-fastest: consecutive blocks walk one head's query tiles, then the next head's.
+// A bijection of the grid; 64-bit because gridDim.x * gridDim.y may exceed 2^32.
+__device__ __forceinline__ BlockCoord head_major_block(int x, int y) {
+    const unsigned long long linear = static_cast<unsigned long long>(y) * gridDim.x + x;
+    return {static_cast<int>(linear / gridDim.y), static_cast<int>(linear % gridDim.y)};
+}
+
 // kRows x kCols 16-bit elements, row-major in 16-byte chunks.
 // The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
 // into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and
@@ -85,6 +97,23 @@ struct TileLoader {
                     const unsigned short* src = tile + (valid > 0 ? row * row_stride + chunk * 8 : 0);
                     ptx::cp_async_16(smem + Tile::offset(row, chunk), src, 2 * valid);
                 }
+            }
+        }
+    }
+
+    // Flip the sign of every element this thread copied with `load` (same chunk mapping), after
+    // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
+    __device__ __forceinline__ void negate(unsigned smem, int tid) const {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+            const int idx = kThreads % Tile::kChunks == 0
+                                ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
+                                : tid + i * kThreads;
+            if (kTotal % kThreads == 0 || idx < kTotal) {
+                const unsigned addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
+                const uint4 v = ptx::ld_shared_v4(addr);
+                constexpr unsigned kSign = 0x80008000u;  // the sign bits of both 16-bit halves
+                ptx::st_shared_v4(addr, v.x ^ kSign, v.y ^ kSign, v.z ^ kSign, v.w ^ kSign);
             }
         }
     }
