@@ -40,14 +40,21 @@ def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: s
     return _select_tc(dtype, head_dim, head_dim_v, has_window, arch)
 
 
+def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
+    """The backward's two kernels: (dK/dV kernel over key tiles, deterministic dQ kernel)."""
+    if dtype in SIMT_DTYPES:
+        return _select_bwd_simt(dtype, head_dim, head_dim_v, has_window, arch)
+    return _select_bwd_tc(dtype, head_dim, head_dim_v, has_window, arch)
+
+
 def all_variants(arch: str) -> list[Variant]:
-    return list(dict.fromkeys(_tc_variants(arch) + _simt_variants(arch)))
+    return list(dict.fromkeys(
+        _tc_variants(arch) + _simt_variants(arch) + _bwd_tc_variants(arch) + _bwd_simt_variants(arch)
+    ))
 
 
 def shared_memory_bytes(variant: Variant) -> int:
-    if variant.kernel == "fwd_simt":
-        return _smem_simt(variant)
-    return _smem_tc(variant)
+    return _SMEM_BY_KERNEL[variant.kernel](variant)
 
 
 # --------------------------------------------------------------------------- tensor cores
@@ -173,3 +180,176 @@ def _simt_variants(arch: str) -> list[Variant]:
 
 def _smem_simt(variant: Variant) -> int:
     return _smem_simt_bytes(variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
+
+
+# --------------------------------------------------------------------------- backward, tensor cores
+# bwd_dkdv_tc: a block owns block_n keys; each 16-key slice belongs to 16 * warps / block_n
+# warps (1 for d <= 128; 2 above, splitting dK/dV's columns so the fp32 accumulators fit the
+# register file), and block_m queries stream through `stages` (Q, dO) slots. Shared memory:
+# K, V, dS^T, and per stage Q, dO and 2 * block_m floats (lse, delta).
+# bwd_dq_tc (deterministic dQ): as fwd_tc, a block owns block_m queries (16 rows per warp),
+# Q and dO resident, K and V streamed in `stages` slots.
+# Candidates (block_m, block_n, warps, stages), best first; the first that fits the arch's
+# shared memory is taken; the last ones keep every bucket runnable on 99 KB parts.
+_BWD_DKDV_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+    64: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+    96: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+    128: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+    160: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    192: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    224: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    256: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+}
+_BWD_DQ_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((64, 64, 4, 2),),
+    64: ((64, 64, 4, 2),),
+    96: ((64, 64, 4, 2),),
+    128: ((64, 64, 4, 2), (64, 32, 4, 2)),
+    160: ((64, 32, 4, 2), (32, 32, 2, 2)),
+    192: ((64, 32, 4, 2), (32, 32, 2, 2)),
+    224: ((64, 32, 4, 2), (32, 16, 2, 2)),
+    256: ((64, 32, 4, 2), (32, 32, 2, 2)),
+}
+
+
+def _tc_pitch(width: int) -> int:
+    """Bytes per row of a 16-bit SmemTile of `width` columns (one padding chunk)."""
+    return (width // 8 + 1) * 16
+
+
+def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_tc.cu's kSmemBytes."""
+    kv = 2 * block_n * _tc_pitch(head_dim)
+    ds = block_n * _tc_pitch(block_m)
+    stage = 2 * block_m * _tc_pitch(head_dim) + 2 * block_m * 4
+    return kv + ds + stages * stage
+
+
+def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dq_tc.cu's kSmemBytes: Q, dO and `stages` (K, V) pairs."""
+    return (2 * block_m + stages * 2 * block_n) * _tc_pitch(head_dim)
+
+
+def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    table, smem = {
+        "bwd_dkdv_tc": (_BWD_DKDV_TC_TABLE, _smem_bwd_dkdv_tc_bytes),
+        "bwd_dq_tc": (_BWD_DQ_TC_TABLE, _smem_bwd_dq_tc_bytes),
+    }[kernel]
+    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+    for block_m, block_n, warps, stages in table[head_dim]:
+        if smem(head_dim, block_m, block_n, stages) <= limit:
+            return Variant(kernel, dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
+    raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits sm_{arch}")
+
+
+def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
+    if dtype not in TC_DTYPES:
+        raise TypeError(f"cuflash: unsupported dtype {dtype}")
+    d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
+    return (_bwd_tc_variant("bwd_dkdv_tc", dtype, d, has_window, arch),
+            _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch))
+
+
+def _bwd_tc_variants(arch: str) -> list[Variant]:
+    return [
+        v
+        for dtype in TC_DTYPES
+        for d in TC_HEAD_DIMS
+        for w in (False, True)
+        for v in _select_bwd_tc(dtype, d, d, w, arch)
+    ]
+
+
+def _smem_bwd_dkdv_tc(variant: Variant) -> int:
+    return _smem_bwd_dkdv_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
+
+def _smem_bwd_dq_tc(variant: Variant) -> int:
+    return _smem_bwd_dq_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
+
+# --------------------------------------------------------------------------- backward, exact
+# bwd_dkdv_simt (dK, dV and atomic dQ over key tiles) and bwd_dq_simt (deterministic dQ over
+# query tiles), cuda_src/bwd_simt.cuh. A block of `warps` warps is 2 * warps row groups of 16
+# lanes. dkdv: a lane holds block_n / (2 warps) keys of dK and dV (x head_dim / 16 columns
+# each) and a keys x (block_m / 16) tile of S^T and dP^T; dq: block_m / (2 warps) rows of dQ
+# (x head_dim / 16) and a rows x (block_n / 16) tile of S and dP. Shared memory holds Q, dO,
+# K, V once each as rows of head_dim (+16 bytes), plus P / dS tiles. Candidates in order of
+# preference; the first whose shared memory fits the arch is taken.
+
+_BWD_SIMT_FIRST = {
+    # (kernel, dtype): ((max head dim, ((block_m, block_n, warps), ...)), ...)
+    # fp32 d <= 64: 128 keys per block (8 keys x 4 columns of dK and dV per lane, 250 registers)
+    # halve the dQ atomics per FLOP: 31.5 TF/s against 25.3 for 64 x 64 (H100, d64 L4k).
+    ("bwd_dkdv_simt", "float32"): ((64, ((64, 128, 8), (64, 64, 8))), (128, ((64, 64, 8),)), (256, ((32, 32, 8),))),
+    ("bwd_dkdv_simt", "float64"): ((64, ((32, 64, 8),)), (128, ((32, 32, 8),)), (256, ((16, 16, 8),))),
+    ("bwd_dq_simt", "float32"): ((64, ((128, 64, 8),)), (128, ((64, 64, 8),)), (256, ((64, 32, 8),))),
+    ("bwd_dq_simt", "float64"): ((64, ((64, 64, 8), (64, 32, 8))), (128, ((32, 32, 8),)), (256, ((16, 32, 8),))),
+}
+_BWD_SIMT_FALLBACK = ((32, 64, 8), (32, 32, 8), (16, 32, 8), (16, 16, 8), (16, 16, 4), (16, 8, 4), (8, 16, 4))
+
+
+def _bwd_simt_tile_ok(kernel: str, block_m: int, block_n: int, warps: int) -> bool:
+    """The kernels' static_asserts: rows split over 2 * warps row groups, columns over 16 lanes."""
+    groups = 2 * warps
+    if kernel == "bwd_dkdv_simt":
+        return block_n % groups == 0 and block_m % groups == 0 and block_m % 16 == 0
+    return block_m % groups == 0 and block_n % 16 == 0
+
+
+def _smem_bwd_simt_bytes(kernel: str, dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
+    """Mirror of the kernels' kSmemBytes."""
+    item = _SIMT_ITEMSIZE[dtype]
+    pad = 16 // item
+    ld_d = head_dim + pad
+    if kernel == "bwd_dkdv_simt":
+        # Ks, Vs [n][d]  Qs, dOs [m][d]  Ps, dSs [m][n]  dSt [n][m]  lse, delta [m]
+        words = 2 * block_n * ld_d + 2 * block_m * ld_d + 2 * block_m * (block_n + pad) + block_n * (block_m + pad)
+    else:
+        # Qs, dOs [m][d]  Ks, Vs [n][d]  dSt [n][m]  lse, delta [m]
+        words = 2 * block_m * ld_d + 2 * block_n * ld_d + block_n * (block_m + pad)
+    return item * (words + 2 * block_m)
+
+
+def _bwd_simt_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+    first = next(tiles for d, tiles in _BWD_SIMT_FIRST[(kernel, dtype)] if head_dim <= d)
+    for block_m, block_n, warps in dict.fromkeys(first + _BWD_SIMT_FALLBACK):
+        if (_bwd_simt_tile_ok(kernel, block_m, block_n, warps)
+                and _smem_bwd_simt_bytes(kernel, dtype, head_dim, block_m, block_n) <= limit):
+            return Variant(kernel, dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
+    raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
+
+
+def _select_bwd_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
+    d = bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS)
+    return (_bwd_simt_variant("bwd_dkdv_simt", dtype, d, has_window, arch),
+            _bwd_simt_variant("bwd_dq_simt", dtype, d, has_window, arch))
+
+
+def _bwd_simt_variants(arch: str) -> list[Variant]:
+    out = []
+    for dtype in SIMT_DTYPES:
+        for d in SIMT_HEAD_DIMS:
+            for w in (False, True):
+                try:
+                    out += _select_bwd_simt(dtype, d, d, w, arch)
+                except ValueError:  # float64 d256 on 99 KB parts: no backward tile fits
+                    pass
+    return out
+
+
+def _smem_bwd_simt(variant: Variant) -> int:
+    return _smem_bwd_simt_bytes(variant.kernel, variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
+
+
+# --------------------------------------------------------------------------- per kernel
+_SMEM_BY_KERNEL = {
+    "fwd_tc": _smem_tc,
+    "fwd_simt": _smem_simt,
+    "bwd_dkdv_tc": _smem_bwd_dkdv_tc,
+    "bwd_dq_tc": _smem_bwd_dq_tc,
+    "bwd_dkdv_simt": _smem_bwd_simt,
+    "bwd_dq_simt": _smem_bwd_simt,
+}

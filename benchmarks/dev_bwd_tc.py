@@ -1,0 +1,80 @@
+"""Dev timing of the tensor-core backward (bwd_dkdv_tc, bwd_dq_tc): the whole
+cuflash.attention_backward call and each kernel launch (CUDA events around plan._launch),
+optionally with extra -D options for tuning knobs (CUFLASH_BWD_*).
+
+    python benchmarks/dev_bwd_tc.py [--defines "-DX=1;-DY=2"] [--d 128] [--L 16384]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+
+import cupy
+import numpy
+
+import cuflash
+from cuflash._gpu import kernels, plan
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--defines", default="", help="';'-separated NVRTC -D options per config, '|' between configs")
+parser.add_argument("--d", type=int, default=128)
+parser.add_argument("--L", default="16384")
+parser.add_argument("--dtype", default="bfloat16")
+parser.add_argument("--causal", default="0,1")
+parser.add_argument("--tile", default="", help="block_m,block_n,warps of bwd_dkdv_tc for --d (default: tiles.py)")
+args = parser.parse_args()
+if args.tile:
+    from cuflash._gpu import tiles
+
+    bm, bn, w = map(int, args.tile.split(","))
+    tiles._BWD_DKDV_TC_TABLE[args.d] = ((bm, bn, w, 2),)
+
+base_options = kernels.compile_options
+times = collections.defaultdict(list)
+orig_launch = plan._launch
+
+
+def timed_launch(variant, grid_x, length, struct):
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    orig_launch(variant, grid_x, length, struct)
+    stop.record()
+    times[variant.kernel].append((start, stop))
+
+
+plan._launch = timed_launch
+import ml_dtypes  # noqa: E402
+
+np_dtype = numpy.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else numpy.dtype(args.dtype)
+
+for config in args.defines.split("|"):
+    defines = tuple(x for x in config.split(";") if x)
+    kernels.compile_options = lambda v, d=defines: base_options(v) + d
+    kernels._kernels.clear()
+    for L in map(int, args.L.split(",")):
+        for causal in (bool(int(c)) for c in args.causal.split(",")):
+            H = 2048 // args.d
+            B = max(1, 16384 // L)
+            rng = numpy.random.default_rng(0)
+            q, k, v, dout = (cupy.asarray(rng.standard_normal((B, H, L, args.d)).astype(np_dtype)) for _ in range(4))
+            out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+            flops = 2.5 * 4 * B * H * L * L * args.d * (0.5 if causal else 1.0)
+            for det in (False, True):
+                for _ in range(2):
+                    cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, deterministic=det)
+                times.clear()
+                total = []
+                for _ in range(10):
+                    s, e = cupy.cuda.Event(), cupy.cuda.Event()
+                    s.record()
+                    cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, deterministic=det)
+                    e.record()
+                    e.synchronize()
+                    total.append(cupy.cuda.get_elapsed_time(s, e))
+                per = {name: statistics.median(cupy.cuda.get_elapsed_time(a, b) for a, b in ev) for name, ev in times.items()}
+                t = statistics.median(total)
+                print(f"{' '.join(defines) or 'default':40s} d{args.d} L{L} causal={int(causal)} det={int(det)}: "
+                      f"total {t:.3f} ms = {flops / t / 1e9:.0f} TF/s; "
+                      + ", ".join(f"{n} {ms:.3f} ms ({flops / ms / 1e9:.0f} TF/s-equiv)" for n, ms in per.items()),
+                      flush=True)

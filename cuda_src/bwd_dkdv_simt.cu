@@ -1,0 +1,229 @@
+// Exact FlashAttention-2 backward for float32 and float64: dK, dV (and dQ by atomics) over
+// key tiles, on the FFMA / DFMA pipes (never TF32).
+//
+// A block owns kBlockN keys of one (batch..., head): K_j and V_j stay in shared memory, the
+// accumulators dK_j and dV_j in registers, and the block walks every query tile i that can see
+// a key of the block (Mask::query_tiles), recomputing the attention probabilities from the
+// forward's lse instead of storing them:
+//
+//   S   = Q_i K_j^T                 P  = exp(S * scale - lse_i)      (P = 0 where masked)
+//   dV_j += P^T dO_i                dP = dO_i V_j^T
+//   dS  = P o (dP - delta_i)        delta_i = rowsum(dO_i o O_i), precomputed by the host
+//   dK_j += dS^T Q_i                dQ_i += dS K_j   (atomics, unscaled; the host scales)
+//   dK_j *= scale at the end.
+//
+// Work split (bwd_simt.cuh): S and dP are computed transposed, as keys x queries micro-tiles
+// (a lane's TM keys are the same as its rows of dK_j and dV_j); P and dS go to shared memory,
+// then dV, dK (keys x head-dim micro-tiles) and the dQ contribution (queries x head-dim) are
+// outer products over shared memory. Shared memory holds every tile once, as it lies in global
+// memory (rows padded by 16 bytes):
+//   Ks, Vs [kBlockN][kHeadDim + pad]   K_j, V_j: B of dQ += dS K, A of S^T / dP^T
+//   Qs, dOs [kBlockM][kHeadDim + pad]  Q_i, dO_i: B of S^T / dP^T and of dK / dV
+//   Ps, dSs [kBlockM][kBlockN + pad]   P, dS by query row: A of dV += P^T dO, dK += dS^T Q
+//   dSt [kBlockN][kBlockM + pad]       dS by key: A of dQ += dS K
+//   lse_s, delta_s [kBlockM]
+//
+// Per query tile: three barriers. Q_{i+1}, dO_{i+1} stream in (cp.async) while the dQ
+// contribution of tile i is computed and added.
+#include "bwd_simt.cuh"
+
+namespace cuflash {
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+__global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dkdv_simt(const BwdParams p) {
+    using T = Element;
+    using M = simt_bwd::Math<T>;
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kGroups = 2 * kWarps;      // row groups of 16 lanes
+    constexpr int TK = kBlockN / kGroups;    // keys per lane (rows of S^T, dK, dV)
+    constexpr int TQ = kBlockM / 16;         // queries per lane in S^T (columns cg + 16 c)
+    constexpr int TQr = kBlockM / kGroups;   // queries per lane in the dQ contribution (rows)
+    constexpr int TD = kHeadDim / 16;        // head-dim columns per lane of dK, dV, dQ
+    static_assert(TK * kGroups == kBlockN && TK >= 1, "kBlockN = 2 * kWarps * TK");
+    static_assert(TQr * kGroups == kBlockM && TQr >= 1, "kBlockM = 2 * kWarps * TQr");
+    static_assert(TQ * 16 == kBlockM && TD * 16 == kHeadDim, "kBlockM and kHeadDim are multiples of 16");
+    static_assert(kStages == 1, "single-buffered: Q_{i+1} overlaps the dQ phase of tile i");
+    constexpr int kUnroll = simt_bwd::Tuning<T>::kUnroll;
+
+    constexpr int kPad = 16 / sizeof(T);
+    constexpr int kLdD = kHeadDim + kPad;  // Ks, Vs, Qs, dOs row length
+    constexpr int kLdN = kBlockN + kPad;   // Ps, dSs row length
+    constexpr int kLdM = kBlockM + kPad;   // dSt row length
+    constexpr unsigned kSmemBytes =
+        sizeof(T) * (2 * kBlockN * kLdD + 2 * kBlockM * kLdD + 2 * kBlockM * kLdN + kBlockN * kLdM + 2 * kBlockM);
+
+    // The host sizes dynamic shared memory from tiles.shared_memory_bytes; a mismatch would
+    // silently overrun, so stop here instead.
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = reinterpret_cast<T*>(smem_raw);
+    T* Vs = Ks + kBlockN * kLdD;
+    T* Qs = Vs + kBlockN * kLdD;
+    T* dOs = Qs + kBlockM * kLdD;
+    T* Ps = dOs + kBlockM * kLdD;
+    T* dSs = Ps + kBlockM * kLdN;
+    T* dSt = dSs + kBlockM * kLdN;
+    T* lse_s = dSt + kBlockN * kLdM;
+    T* delta_s = lse_s + kBlockM;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int cg = lane & 15;                     // column lane inside the row group
+    const int rg = (tid >> 5) * 2 + (lane >> 4);  // row group
+    const int key0 = rg * TK;                     // first of this lane's keys in the tile
+    const int qrow0 = rg * TQr;                   // first of this lane's query rows in the dQ phase
+
+    const FwdParams& f = p.fwd;
+    const int n0 = blockIdx.y * kBlockN;
+    const BwdBatchIndex at(p, blockIdx.x);
+    const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
+    const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
+    const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
+    const T* __restrict__ dout = static_cast<const T*>(p.dout) + at.dout;
+    const T* __restrict__ lse = static_cast<const T*>(f.lse) + at.lse;
+    const T* __restrict__ delta = static_cast<const T*>(p.delta) + at.lse;
+    T* __restrict__ dq_accum = p.dq_accum ? static_cast<T*>(p.dq_accum) + at.dq_accum : nullptr;
+    const int Lq = f.seqlen_q, Lk = f.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
+
+    const Mask<kHasWindow> mask(f);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, Lq);
+
+    auto load_query_tile = [&](int i) {
+        const int m0 = i * kBlockM;
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, q, f.q_row_stride, m0, kBlockM, Lq, D, tid);
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(dOs, kLdD, dout, p.dout_row_stride, m0, kBlockM, Lq, Dv, tid);
+        simt_bwd::load_row_stats<T, kThreads>(lse_s, delta_s, lse, delta, m0, kBlockM, Lq, tid);
+        ptx::cp_async_commit();
+    };
+
+    // dK_j, dV_j: this lane's TK keys x TD columns (Cols<TD> layout).
+    T dK[TK][TD], dV[TK][TD];
+#pragma unroll
+    for (int r = 0; r < TK; ++r)
+#pragma unroll
+        for (int c = 0; c < TD; ++c) dK[r][c] = dV[r][c] = T(0);
+    const T scale = M::scale(f);  // log2 units for float (see Math)
+
+    if (range.first < range.last) {
+        // K_j, V_j: zero past Lk and past D / Dv, so padded keys and columns add exact zeros.
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(Ks, kLdD, k, f.k_row_stride, n0, kBlockN, Lk, D, tid);
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(Vs, kLdD, v, f.v_row_stride, n0, kBlockN, Lk, Dv, tid);
+        load_query_tile(range.first);
+    }
+
+    for (int i = range.first; i < range.last; ++i) {
+        const int m0 = i * kBlockM;
+        ptx::cp_async_wait<0>();  // Q_i, dO_i, lse_i, delta_i (and K_j, V_j the first time)
+        __syncthreads();          // ... from every thread; the last tile's readers of P, dS are done
+
+        // S^T = K_j Q_i^T on this lane's TK keys x TQ queries (queries cg + 16 c).
+        T s[TK][TQ];
+#pragma unroll
+        for (int r = 0; r < TK; ++r)
+#pragma unroll
+            for (int c = 0; c < TQ; ++c) s[r][c] = T(0);
+        simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(s, Ks + key0 * kLdD, kLdD, Qs + cg * kLdD, kLdD);
+
+        // P = exp(S * scale - lse_i), recomputed exactly as the forward normalised it. Rows past
+        // Lq or that saw no key give 0 (lse_for_row); on tiles crossing an edge of the visible
+        // region, masked pairs give 0. Interior tiles skip the per-element test.
+        T lse_c[TQ], delta_c[TQ];
+#pragma unroll
+        for (int c = 0; c < TQ; ++c) {
+            const int row = cg + 16 * c;
+            lse_c[c] = simt_bwd::lse_for_row(lse_s[row], m0 + row < Lq);
+            delta_c[c] = delta_s[row];
+        }
+        const bool masked = i < range.full_first || i >= range.full_last;
+#pragma unroll
+        for (int r = 0; r < TK; ++r)
+#pragma unroll
+            for (int c = 0; c < TQ; ++c) {
+                T pv = M::exp(fma(s[r][c], scale, -lse_c[c]));
+                if (masked && !mask.visible(m0 + cg + 16 * c, n0 + key0 + r)) pv = T(0);
+                s[r][c] = pv;
+            }
+
+        // dP^T = V_j dO_i^T on the same micro-tile; dS = P o (dP - delta_i).
+        T ds[TK][TQ];
+#pragma unroll
+        for (int r = 0; r < TK; ++r)
+#pragma unroll
+            for (int c = 0; c < TQ; ++c) ds[r][c] = T(0);
+        simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(ds, Vs + key0 * kLdD, kLdD, dOs + cg * kLdD, kLdD);
+#pragma unroll
+        for (int r = 0; r < TK; ++r)
+#pragma unroll
+            for (int c = 0; c < TQ; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_c[c]);
+
+        // P and dS by query row (a lane's TK keys are contiguous: one vector store per query),
+        // and dS by key for the dQ product.
+#pragma unroll
+        for (int c = 0; c < TQ; ++c) {
+            T pcol[TK], dcol[TK];
+#pragma unroll
+            for (int r = 0; r < TK; ++r) {
+                pcol[r] = s[r][c];
+                dcol[r] = ds[r][c];
+            }
+            simt_bwd::sts(Ps + (cg + 16 * c) * kLdN + key0, pcol);
+            simt_bwd::sts(dSs + (cg + 16 * c) * kLdN + key0, dcol);
+        }
+#pragma unroll
+        for (int r = 0; r < TK; ++r)
+#pragma unroll
+            for (int c = 0; c < TQ; ++c) dSt[(key0 + r) * kLdM + cg + 16 * c] = ds[r][c];
+        __syncthreads();  // P, dS visible
+
+        // dV_j += P^T dO_i and dK_j += dS^T Q_i: sums over the tile's query rows.
+        simt_bwd::gemm_tn2<T, TK, TD, kBlockM, kUnroll>(dV, Ps + key0, dOs, dK, dSs + key0, Qs, kLdN, kLdD, cg);
+        __syncthreads();  // Qs, dOs free
+
+        if (i + 1 < range.last) load_query_tile(i + 1);  // lands during the dQ product
+
+        // dQ_i += dS K_j (unscaled), added to the fp32 / fp64 workspace with atomics.
+        if (dq_accum != nullptr) {
+            T dq[TQr][TD];
+#pragma unroll
+            for (int r = 0; r < TQr; ++r)
+#pragma unroll
+                for (int c = 0; c < TD; ++c) dq[r][c] = T(0);
+            simt_bwd::gemm_tn<T, TQr, TD, kBlockN, kUnroll>(dq, dSt + qrow0, kLdM, Ks, kLdD, cg);
+#pragma unroll
+            for (int r = 0; r < TQr; ++r) {
+                const int row = m0 + qrow0 + r;
+                if (row < Lq) {
+                    T* dst = dq_accum + (long long)row * D;
+#pragma unroll
+                    for (int c = 0; c < TD; ++c) {
+                        const int col = simt_bwd::Cols<T, TD>::col(cg, c);
+                        if (col < D) atomicAdd(dst + col, dq[r][c]);
+                    }
+                }
+            }
+        }
+    }
+
+    // dK_j = scale * sum_i dS^T Q_i (the softmax's scale, in the input's units); dV_j as is.
+    // Key tiles that no query sees write zeros.
+    const T sm_scale = T(f.scale);
+    T* __restrict__ dk = static_cast<T*>(p.dk) + at.dk;
+    T* __restrict__ dv = static_cast<T*>(p.dv) + at.dv;
+#pragma unroll
+    for (int r = 0; r < TK; ++r) {
+        const int key = n0 + key0 + r;
+        if (key < Lk) {
+            T* dk_row = dk + (long long)key * p.dk_row_stride;
+            T* dv_row = dv + (long long)key * p.dv_row_stride;
+#pragma unroll
+            for (int c = 0; c < TD; ++c) {
+                const int col = simt_bwd::Cols<T, TD>::col(cg, c);
+                if (col < D) dk_row[col] = dK[r][c] * sm_scale;
+                if (col < Dv) dv_row[col] = dV[r][c];
+            }
+        }
+    }
+}
+
+}  // namespace cuflash

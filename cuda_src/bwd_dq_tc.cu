@@ -1,0 +1,224 @@
+// Backward attention for float16 / bfloat16 on tensor cores, over query tiles: dQ, without
+// atomics (the deterministic path; bwd_dkdv_tc.cu then runs with dq_accum = null).
+//
+// One block owns kBlockM query rows of one (batch..., head): Q_i and dO_i stay in shared memory,
+// lse_i and delta_i in registers, dQ_i accumulates in fp32 registers, and the key tiles j that
+// the rows see stream through shared memory (K_j, V_j; kStages deep, cp.async):
+//
+//   S   = Q_i K_j^T                              recompute the scores
+//   P   = exp2(S * scale_log2 - lse_i log2 e)    (0 where masked, past Lq, or lse = -inf)
+//   dP  = dO_i V_j^T
+//   dS  = P o (dP - delta_i)                     delta_i = rowsum(dO_i o O_i), from the host
+//   dQ_i += dS K_j                               (dS from registers, K_j through ldmatrix.trans)
+//   dQ_i *= scale                                (once, at the end)
+//
+// The sum over j runs in a fixed order in one thread: bitwise reproducible.
+// Warp w owns kBlockM / kWarps consecutive rows, as in fwd_tc.cu; S, P, dP, dS are mma
+// accumulators, and the accumulator layout of dS is the A operand of dS K_j.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "bwd_tc.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+__global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kRowsPerWarp = kBlockM / kWarps;
+    constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+    constexpr int kNTilesS = kBlockN / 8;       // n8 tiles of S (keys)
+    constexpr int kNTilesD = kHeadDim / 8;      // n8 tiles of dQ (columns)
+    constexpr int kKStepsD = kHeadDim / 16;     // k16 steps of Q K^T and dO V^T
+    constexpr int kKStepsN = kBlockN / 16;      // k16 steps of dS K
+    static_assert(kRowsPerWarp % 16 == 0 && kMTiles >= 1, "each warp owns whole m16 tiles");
+    static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
+    static_assert(kStages >= 2, "the K/V pipeline needs at least two stages");
+
+    using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // Q_i, dO_i; Q_i stages dQ at the end
+    using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
+    constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
+    constexpr unsigned kSmemBytes = 2 * QTile::kBytes + kStages * kStageBytes;  // == tiles.py
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+    const unsigned q_smem = ptx::smem_addr(smem);
+    const unsigned do_smem = q_smem + QTile::kBytes;
+    const unsigned kv_smem = do_smem + QTile::kBytes;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int bh = blockIdx.x;
+    // With a window the blocks differ in work: the heaviest query tiles (last, under causal
+    // masking) start first so the short ones fill the tail.
+    const int m_block = kHasWindow ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const int m0 = m_block * kBlockM;
+    const int warp_row0 = warp * kRowsPerWarp;
+    const FwdParams& f = p.fwd;
+
+    const BwdBatchIndex at(p, bh);
+    const Mask<kHasWindow> mask(f);
+    const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
+
+    const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(f.q) + at.q,
+                                                                f.q_row_stride, f.head_dim);
+    const tc::TileLoader<kBlockM, kHeadDim, kThreads> do_loader(
+        static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, f.head_dim_v);
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(f.k) + at.k,
+                                                                f.k_row_stride, f.head_dim);
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
+                                                                f.v_row_stride, f.head_dim_v);
+    if (!(q_loader.aligned(f.seqlen_q) && do_loader.aligned(f.seqlen_q) && k_loader.aligned(f.seqlen_k) &&
+          v_loader.aligned(f.seqlen_k)))
+        __trap();
+    auto load_kv = [&](int j) {
+        const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
+        k_loader.load(slot, j * kBlockN, f.seqlen_k, tid);
+        v_loader.load(slot + KVTile::kBytes, j * kBlockN, f.seqlen_k, tid);
+    };
+
+    // ---- Pipeline: groups (Q_i, dO_i), K/V tile first, ..., one per loop step (as fwd_tc.cu).
+    q_loader.load(q_smem, m0, f.seqlen_q, tid);
+    do_loader.load(do_smem, m0, f.seqlen_q, tid);
+    ptx::cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (range.first + s < range.last) load_kv(range.first + s);
+        ptx::cp_async_commit();
+    }
+
+    // Row statistics of this lane's rows (g and g+8 of each m-tile), while the tiles land.
+    float lse2[kMTiles][2], delta[kMTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * h;
+            lse2[mt][h] = tc::lse_log2(static_cast<const float*>(f.lse) + at.lse, row, f.seqlen_q);
+            delta[mt][h] = tc::row_delta(static_cast<const float*>(p.delta) + at.lse, row, f.seqlen_q);
+        }
+
+    // Per-lane ldmatrix addresses (as fwd_tc.cu). Q_i, dO_i (A): rows lane%16, chunk lane/16.
+    // K_j, V_j as B with n = keys: rows (lane/16)*8 + lane%8, chunk (lane/8)%2. K_j as B with
+    // k = keys (ldmatrix.trans): rows ((lane/8)%2)*8 + lane%8, chunk lane/16.
+    const unsigned q_lane = q_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
+    const unsigned do_lane = do_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
+    const unsigned bn_lane = KVTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
+    const unsigned bt_lane = KVTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+
+    float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTilesD; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    const float scale_log2 = f.scale_log2;
+
+    for (int j = range.first; j < range.last; ++j) {
+        const bool masked = j < range.full_first || j >= range.full_last;
+        ptx::cp_async_wait<kStages - 2>();
+        __syncthreads();  // tile j visible to all; everyone is done with the slot reloaded below
+        if (j + kStages - 1 < range.last) load_kv(j + kStages - 1);
+        ptx::cp_async_commit();
+        const unsigned k_slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
+        const unsigned v_slot = k_slot + KVTile::kBytes;
+
+        // S = Q_i K_j^T and dP = dO_i V_j^T, side by side over the same k-steps (dims).
+        float s[kMTiles][kNTilesS][4], dp[kMTiles][kNTilesS][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kKStepsD; ++kk) {
+            unsigned a[kMTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
+#pragma unroll
+            for (int np = 0; np < kNTilesS / 2; ++np) {
+                unsigned b[4];
+                ptx::ldmatrix_x4(k_slot + bn_lane + KVTile::offset(np * 16, kk * 2), b);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    ptx::mma_16816<Element>(s[mt][2 * np], a[mt], b[0], b[1]);
+                    ptx::mma_16816<Element>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(do_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
+#pragma unroll
+            for (int np = 0; np < kNTilesS / 2; ++np) {
+                unsigned b[4];
+                ptx::ldmatrix_x4(v_slot + bn_lane + KVTile::offset(np * 16, kk * 2), b);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    ptx::mma_16816<Element>(dp[mt][2 * np], a[mt], b[0], b[1]);
+                    ptx::mma_16816<Element>(dp[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+
+        // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i).
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float prob = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][e / 2]));
+                    if (masked) {
+                        const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
+                        const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
+                        if (!mask.visible(row, key)) prob = 0.f;
+                    }
+                    dp[mt][nt][e] = prob * (dp[mt][nt][e] - delta[mt][e / 2]);
+                }
+
+        // dQ_i += dS K_j
+#pragma unroll
+        for (int kk = 0; kk < kKStepsN; ++kk) {
+            unsigned a[kMTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(dp[mt][2 * kk], dp[mt][2 * kk + 1], a[mt]);
+#pragma unroll
+            for (int dq = 0; dq < kNTilesD / 2; ++dq) {
+                unsigned b[4];
+                ptx::ldmatrix_x4_trans(k_slot + bt_lane + KVTile::offset(kk * 16, dq * 2), b);
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    ptx::mma_16816<Element>(acc[mt][2 * dq], a[mt], b[0], b[1]);
+                    ptx::mma_16816<Element>(acc[mt][2 * dq + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // ---- Epilogue: dQ_i = scale * acc in the input type, staged through this warp's own Q_i
+    // rows (no other warp reads them) and stored as 16-byte chunks where aligned.
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    const float scale = static_cast<float>(f.scale);
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = warp_row0 + mt * 16 + lane / 4 + 8 * h;
+#pragma unroll
+            for (int nt = 0; nt < kNTilesD; ++nt)
+                ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4),
+                                   ptx::pack2<Element>(acc[mt][nt][2 * h] * scale, acc[mt][nt][2 * h + 1] * scale));
+        }
+    __syncwarp();
+    const BwdBatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop
+    tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
+                                           static_cast<unsigned short*>(p.dq) + out_at.dq + (m0 + warp_row0) * p.dq_row_stride,
+                                           p.dq_row_stride, f.seqlen_q - m0 - warp_row0, f.head_dim, lane);
+}
+
+}  // namespace cuflash

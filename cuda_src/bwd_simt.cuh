@@ -1,0 +1,264 @@
+// Shared pieces of the exact FlashAttention-2 backward for float32 and float64 (FFMA / DFMA):
+// bwd_dkdv_simt.cu (dK, dV and atomic dQ over key tiles) and bwd_dq_simt.cu (deterministic dQ
+// over query tiles). Only those two kernels include this header.
+//
+// Thread layout (both kernels, every product). A block of kWarps warps is 2 * kWarps "row
+// groups" of 16 lanes; lane `cg` (0..15) of row group `rg` owns a TM x TN micro-tile of each
+// product's output: TM consecutive rows rg * TM + r and TN columns. Two register-tiled
+// product shapes cover the whole backward with every tile stored in shared memory AS IT LIES
+// in global memory (rows of head_dim elements), so no tile is kept twice:
+//
+//   gemm_nt  C[m][n] += sum_k A[m][k] B[n][k]   the contraction runs along rows of both
+//            operands (S = Q K^T, dP = dO V^T). Per step of 16 bytes of k a lane loads TM
+//            vectors of A (its own rows: one address per row group, a broadcast) and TN
+//            vectors of B. Columns are n = cg + 16 c, interleaved, so the 16 lanes of a row
+//            group read 16 different rows of B; with rows padded by 16 bytes those land in
+//            distinct banks (two wavefronts for 256 bytes, the minimum).
+//   gemm_tn  C[m][n] += sum_k A[k][m] B[k][n]   the outer-product (SGEMM) form, for the
+//            products that contract over rows (dV = P^T dO, dK = dS^T Q, dQ = dS K). Per k a
+//            lane loads TM contiguous values of A (a broadcast) and its TN columns of B in
+//            16-byte chunks (Cols below), TM * TN FMAs.
+//
+// Every padded row is 16 bytes longer than its data (kPad elements), which keeps each row
+// 16-byte aligned and staggers consecutive rows by four banks.
+#pragma once
+#include "params.cuh"
+#include "mask.cuh"
+#include "ptx.cuh"
+
+namespace cuflash {
+namespace simt_bwd {
+
+// The exponential of the recomputed P. float32 works in base 2 as the forward does:
+// P = exp2(s * scale_log2 - lse * log2(e)), exp2f being the full-accuracy library function;
+// float64 works in base e with the exact double scale: P = exp(s * scale - lse).
+template <typename T> struct Math;
+template <> struct Math<float> {
+    static __device__ __forceinline__ float scale(const FwdParams& p) { return p.scale_log2; }
+    static __device__ __forceinline__ float lse_unit(float lse) { return lse * 1.4426950408889634f; }
+    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
+    static __device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
+};
+template <> struct Math<double> {
+    static __device__ __forceinline__ double scale(const FwdParams& p) { return p.scale; }
+    static __device__ __forceinline__ double lse_unit(double lse) { return lse; }
+    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
+};
+
+// 16-byte vectors of T (the element type's own vector, so the compiler keeps the registers).
+template <typename T> struct Vec;
+template <> struct Vec<float> { using V16 = float4; };
+template <> struct Vec<double> { using V16 = double2; };
+
+template <typename T>
+constexpr int kVec16 = int(16 / sizeof(T));  // elements per 16 bytes: 4 floats, 2 doubles
+
+// N contiguous elements of 16-byte-aligned shared memory into registers, widest vectors first.
+template <typename T, int N>
+__device__ __forceinline__ void lds(T (&dst)[N], const T* src) {
+    if constexpr ((N * sizeof(T)) % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / kVec16<T>; ++i) {
+            const typename Vec<T>::V16 v = reinterpret_cast<const typename Vec<T>::V16*>(src)[i];
+            if constexpr (kVec16<T> == 4) {
+                dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+            } else {
+                dst[2 * i] = v.x; dst[2 * i + 1] = v.y;
+            }
+        }
+    } else if constexpr (sizeof(T) == 4 && N % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+            const float2 v = reinterpret_cast<const float2*>(src)[i];
+            dst[2 * i] = v.x; dst[2 * i + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) dst[i] = src[i];
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void sts(T* dst, const T (&src)[N]) {
+    if constexpr ((N * sizeof(T)) % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / kVec16<T>; ++i) {
+            typename Vec<T>::V16 v;
+            if constexpr (kVec16<T> == 4) {
+                v.x = src[4 * i]; v.y = src[4 * i + 1]; v.z = src[4 * i + 2]; v.w = src[4 * i + 3];
+            } else {
+                v.x = src[2 * i]; v.y = src[2 * i + 1];
+            }
+            reinterpret_cast<typename Vec<T>::V16*>(dst)[i] = v;
+        }
+    } else if constexpr (sizeof(T) == 4 && N % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) reinterpret_cast<float2*>(dst)[i] = make_float2(src[2 * i], src[2 * i + 1]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) dst[i] = src[i];
+    }
+}
+
+// Columns of a gemm_tn micro-tile: TW columns as TW / kVec chunks of kVec adjacent ones; chunk
+// ch of lane cg starts at ch * 16 * kVec + cg * kVec, so for one chunk the 16 lanes of a row
+// group read one contiguous run of 16 * kVec elements.
+template <typename T, int TW>
+struct Cols {
+    static constexpr int kVec = (TW * sizeof(T)) % 16 == 0 && (16 / sizeof(T)) <= TW
+                                    ? int(16 / sizeof(T))
+                                    : ((TW * sizeof(T)) % 8 == 0 && (8 / sizeof(T)) <= TW ? int(8 / sizeof(T)) : 1);
+    static constexpr int kChunks = TW / kVec;
+    static_assert(TW % kVec == 0, "micro-tile width");
+    static __device__ __forceinline__ int col(int cg, int i) {  // column of the lane's i-th value
+        return (i / kVec) * 16 * kVec + cg * kVec + i % kVec;
+    }
+};
+
+// C[r][c] += sum_{k < K} A[r * lda + k] * B[c * 16 * ldb + k]: A is offset to the lane's first
+// row, B to row cg (the lane's first column). K is a multiple of 16 bytes of elements.
+template <typename T, int TM, int TN, int K, int kUnroll>
+__device__ __forceinline__ void gemm_nt(T (&acc)[TM][TN], const T* A, int lda, const T* B, int ldb) {
+    constexpr int V = kVec16<T>;
+    static_assert(K % V == 0, "contraction length in 16-byte steps");
+#pragma unroll kUnroll
+    for (int k = 0; k < K; k += V) {
+        T a[TM][V], b[TN][V];
+#pragma unroll
+        for (int r = 0; r < TM; ++r) lds(a[r], A + r * lda + k);
+#pragma unroll
+        for (int c = 0; c < TN; ++c) lds(b[c], B + c * 16 * ldb + k);
+#pragma unroll
+        for (int u = 0; u < V; ++u)
+#pragma unroll
+            for (int r = 0; r < TM; ++r)
+#pragma unroll
+                for (int c = 0; c < TN; ++c) acc[r][c] = fma(a[r][u], b[c][u], acc[r][c]);
+    }
+}
+
+// The B operand of gemm_tn at step k: the lane's TN columns of row k, in 16- or 8-byte chunks.
+template <typename T, int TN>
+__device__ __forceinline__ void load_cols(T (&b)[TN], const T* row, int cg) {
+    using C = Cols<T, TN>;
+#pragma unroll
+    for (int ch = 0; ch < C::kChunks; ++ch) {
+        T v[C::kVec];
+        lds(v, row + ch * 16 * C::kVec + cg * C::kVec);
+#pragma unroll
+        for (int u = 0; u < C::kVec; ++u) b[ch * C::kVec + u] = v[u];
+    }
+}
+
+// C[r][c] += sum_{k < K} A[k * lda + r] * B[k * ldb + col(c)]: A offset to the lane's first row.
+template <typename T, int TM, int TN, int K, int kUnroll>
+__device__ __forceinline__ void gemm_tn(T (&acc)[TM][TN], const T* A, int lda, const T* B, int ldb, int cg) {
+#pragma unroll kUnroll
+    for (int k = 0; k < K; ++k) {
+        T a[TM], b[TN];
+        lds(a, A + k * lda);
+        load_cols(b, B + k * ldb, cg);
+#pragma unroll
+        for (int r = 0; r < TM; ++r)
+#pragma unroll
+            for (int c = 0; c < TN; ++c) acc[r][c] = fma(a[r], b[c], acc[r][c]);
+    }
+}
+
+// Two gemm_tn products over the same k in one loop (dV += P^T dO and dK += dS^T Q): one pass
+// over k, so the loop overhead and the A/B address arithmetic are shared.
+template <typename T, int TM, int TN, int K, int kUnroll>
+__device__ __forceinline__ void gemm_tn2(T (&acc0)[TM][TN], const T* A0, const T* B0, T (&acc1)[TM][TN], const T* A1,
+                                         const T* B1, int lda, int ldb, int cg) {
+#pragma unroll kUnroll
+    for (int k = 0; k < K; ++k) {
+        T a0[TM], b0[TN], a1[TM], b1[TN];
+        lds(a0, A0 + k * lda);
+        load_cols(b0, B0 + k * ldb, cg);
+        lds(a1, A1 + k * lda);
+        load_cols(b1, B1 + k * ldb, cg);
+#pragma unroll
+        for (int r = 0; r < TM; ++r)
+#pragma unroll
+            for (int c = 0; c < TN; ++c) {
+                acc0[r][c] = fma(a0[r], b0[c], acc0[r][c]);
+                acc1[r][c] = fma(a1[r], b1[c], acc1[r][c]);
+            }
+    }
+}
+
+// Global -> shared copy of `rows` rows of kWidth elements (row r of the tile is global row
+// row_base + r): dst[r * ld + d] = src[(row_base + r) * row_stride + d], zero for d >= width or
+// row_base + r >= row_limit. Element-sized cp.async: any row stride, no registers held;
+// consecutive lanes copy consecutive d, so each warp instruction reads whole sectors.
+template <typename T, int kWidth, int kThreads>
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, long long row_stride, int row_base, int rows,
+                                          int row_limit, int width, int tid) {
+    if constexpr (kThreads % kWidth == 0) {
+        // Each thread keeps one column and walks rows: the index math is a few adds.
+        constexpr int kRowStep = kThreads / kWidth;
+        const int d = tid % kWidth;
+        int r = tid / kWidth;
+        const T* g = src + (long long)(row_base + r) * row_stride + d;
+        const long long g_step = kRowStep * row_stride;
+#pragma unroll 1
+        for (; r < rows; r += kRowStep, g += g_step) {
+            const bool ok = row_base + r < row_limit && d < width;
+            ptx::cp_async_elem<sizeof(T)>(dst + r * ld + d, ok ? g : src, ok);
+        }
+    } else {
+        const int total = rows * kWidth;
+#pragma unroll 1
+        for (int e = tid; e < total; e += kThreads) {
+            const int r = e / kWidth, d = e % kWidth;
+            const bool ok = row_base + r < row_limit && d < width;
+            ptx::cp_async_elem<sizeof(T)>(dst + r * ld + d, ok ? src + (long long)(row_base + r) * row_stride + d : src,
+                                          ok);
+        }
+    }
+}
+
+// lse and delta of rows [m0, m0 + rows) into shared memory (zero past Lq; the reader treats
+// those rows as seeing nothing).
+template <typename T, int kThreads>
+__device__ __forceinline__ void load_row_stats(T* lse_s, T* delta_s, const T* lse, const T* delta, int m0, int rows,
+                                               int Lq, int tid) {
+#pragma unroll 1
+    for (int e = tid; e < 2 * rows; e += kThreads) {
+        const int r = e < rows ? e : e - rows;
+        const bool ok = m0 + r < Lq;
+        const T* src = e < rows ? lse : delta;
+        ptx::cp_async_elem<sizeof(T)>((e < rows ? lse_s : delta_s) + r, ok ? src + m0 + r : src, ok);
+    }
+}
+
+// lse of row i in the exponent's units, +inf where the row has no probability mass: rows past
+// Lq and rows that saw no key (lse = -inf). exp(s - (+inf)) = 0, so such rows give P = 0
+// (and dS = 0) without a NaN from -inf - (-inf).
+template <typename T>
+__device__ __forceinline__ T lse_for_row(T lse, bool row_ok) {
+    using M = Math<T>;
+    return row_ok && lse != -M::inf() ? M::lse_unit(lse) : M::inf();
+}
+
+// Register and unroll budget: one block per SM lets ptxas use up to 255 registers per thread
+// (the shared memory of the preferred tiles allows one or two blocks anyway); the inner
+// products unroll by kUnroll. CUFLASH_BWD_MIN_BLOCKS / CUFLASH_BWD_UNROLL override both
+// (experiments only).
+template <typename T>
+struct Tuning {
+#ifdef CUFLASH_BWD_MIN_BLOCKS
+    static constexpr int kMinBlocks = CUFLASH_BWD_MIN_BLOCKS;
+#else
+    static constexpr int kMinBlocks = 1;
+#endif
+#ifdef CUFLASH_BWD_UNROLL
+    static constexpr int kUnroll = CUFLASH_BWD_UNROLL;
+#else
+    static constexpr int kUnroll = sizeof(T) == 4 ? 2 : 1;
+#endif
+};
+
+}  // namespace simt_bwd
+}  // namespace cuflash

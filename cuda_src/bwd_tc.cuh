@@ -1,0 +1,83 @@
+// Helpers of the fp16/bf16 backward kernels (bwd_dkdv_tc.cu, bwd_dq_tc.cu).
+//
+// The backward recomputes the probabilities from the forward's lse instead of storing them:
+//   P_ij = exp(S_ij * scale - lse_i) = exp2(S_ij * scale_log2 - lse_i * log2(e))
+// so a row's statistics are two floats: lse in log2 units and delta_i = rowsum(dO_i * O_i).
+#pragma once
+#include "ptx.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+namespace tc {
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000u); }
+
+// lse of query `row` in log2 units, ready for P = exp2(s - lse2). A row that sees no key has
+// lse = -inf and a row past Lq does not exist: both get +inf, so P = exp2(-inf) = 0 exactly
+// (never exp2(+inf) or NaN), whatever their scores are.
+__device__ __forceinline__ float lse_log2(const float* lse, int row, int seqlen_q) {
+    if (row >= seqlen_q) return pos_inf();
+    const float v = lse[row];
+    return v == -pos_inf() ? pos_inf() : v * 1.4426950408889634f;
+}
+
+// delta of query `row` (0 past Lq: its P is 0 anyway).
+__device__ __forceinline__ float row_delta(const float* delta, int row, int seqlen_q) {
+    return row < seqlen_q ? delta[row] : 0.f;
+}
+
+// Rows [0, kRows) of a shared tile of width kCols to `gmem`, by all kThreads threads of the
+// block (tile_tc.cuh's store_rows, block-wide): 16-byte stores where the chunk is whole and
+// aligned, element stores otherwise (odd widths, unaligned rows). Rows >= num_rows and
+// columns >= num_cols are not written.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, long long row_stride, int num_rows,
+                                           int num_cols, int tid) {
+    using Tile = SmemTile<kRows, kCols>;
+    constexpr int kTotal = kRows * Tile::kChunks;
+#pragma unroll 4
+    for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads;
+        const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks, col = chunk * 8;
+        if ((kTotal % kThreads == 0 || idx < kTotal) && row < num_rows && col < num_cols) {
+            const uint4 v = ptx::ld_shared_v4(smem + Tile::offset(row, chunk));
+            unsigned short* dst = gmem + row * row_stride + col;
+            if (col + 8 <= num_cols && aligned16(dst)) {
+                *reinterpret_cast<uint4*>(dst) = v;
+            } else {
+                const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    if (col + e < num_cols) dst[e] = static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)));
+            }
+        }
+    }
+}
+
+// The A fragment of an m16k16 MMA from two adjacent n8 accumulator tiles (k = 2kk, 2kk+1),
+// rounded to 16 bits: the accumulator layout of S / dS is the operand layout of the next MMA.
+template <typename Element>
+__device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4], unsigned (&a)[4]) {
+    a[0] = ptx::pack2<Element>(lo[0], lo[1]);
+    a[1] = ptx::pack2<Element>(lo[2], lo[3]);
+    a[2] = ptx::pack2<Element>(hi[0], hi[1]);
+    a[3] = ptx::pack2<Element>(hi[2], hi[3]);
+}
+
+// The inverse of ptx::pack2: a packed pair of 16-bit values widened to floats (exact).
+template <typename Element>
+__device__ __forceinline__ float2 unpack2(unsigned packed);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(unsigned packed) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned packed) {
+    // bf16 is the high half of a float: shifting the bits into place is the conversion.
+    return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+}
+
+}  // namespace tc
+}  // namespace cuflash

@@ -1,0 +1,121 @@
+"""JAX adapter: cuflash on JAX arrays, through DLPack, eagerly.
+
+``attention(q, k, v, **options)`` takes JAX arrays, hands them to :func:`cuflash.attention`
+without a copy (GPU: ``cupy.from_dlpack``; CPU: ``numpy.asarray``, which keeps bfloat16) and
+returns JAX arrays on the same device (GPU: ``jax.dlpack.from_dlpack``). It is differentiable
+with ``jax.grad`` / ``jax.vjp`` through a ``jax.custom_vjp`` whose backward is
+:func:`cuflash.attention_backward` on the saved q, k, v, out and lse.
+
+The limitation: cuflash runs on concrete arrays, so these functions work outside ``jax.jit``
+(and ``vmap``/``scan``) only: under a trace there is no memory to hand over, and they raise a
+TypeError saying so.
+"""
+from __future__ import annotations
+
+import contextlib
+
+try:
+    import jax
+    import jax.dlpack
+except ImportError as error:  # pragma: no cover - exercised only where jax is missing
+    raise ImportError("cuflash.jax needs JAX: pip install jax (jax[cuda12] or jax[cuda13] for GPUs)") from error
+
+import numpy
+
+from . import _api
+
+__all__ = ["attention"]
+
+def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=False, return_lse=False):
+    """:func:`cuflash.attention` on JAX arrays; returns JAX arrays on the inputs' device.
+
+    Differentiable in q, k and v (``jax.grad``, ``jax.vjp``), outside ``jax.jit`` only.
+    ``deterministic`` applies to the backward. With ``return_lse=True`` it returns
+    ``(out, lse)`` and is not differentiable (use it for inference).
+    """
+    options = dict(scale=scale, causal=causal, window=window)
+    if return_lse:
+        return _forward(q, k, v, options)
+    return _differentiable(options, deterministic)(q, k, v)
+
+
+def _differentiable(options, deterministic):
+    """A custom_vjp function of (q, k, v) for one set of options (cheap: built per call)."""
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return _forward(q, k, v, options)[0]
+
+    def attend_forward(q, k, v):
+        out, lse = _forward(q, k, v, options)
+        return out, (q, k, v, out, lse)
+
+    def attend_backward(saved, dout):
+        q, k, v, out, lse = saved
+        device = _device_of(q)
+        arrays = [_to_cuflash(x, f"saved {name}") for name, x in zip("qkv", (q, k, v))]
+        # JAX may hand the cotangent over on its default device (a GPU) for CPU inputs.
+        dout = jax.device_put(dout, device)
+        arrays += [_to_cuflash(dout, "dout"), _to_cuflash(out, "out"), _to_cuflash(lse, "lse")]
+        q_, k_, v_, dout_, out_, lse_ = arrays
+        with _cupy_device(device):
+            grads = _api.attention_backward(dout_, q_, k_, v_, out_, lse_, deterministic=deterministic, **options)
+        return tuple(_to_jax(g, device) for g in grads)
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
+
+
+def _forward(q, k, v, options):
+    device = _device_of(q)
+    arrays = [_to_cuflash(x, name) for name, x in zip("qkv", (q, k, v))]
+    with _cupy_device(device):
+        out, lse = _api.attention(*arrays, return_lse=True, **options)
+    return _to_jax(out, device), _to_jax(lse, device)
+
+
+def _device_of(x):
+    _check_concrete(x, "q")
+    devices = x.devices()
+    if len(devices) != 1:
+        raise ValueError(f"q lives on {len(devices)} devices; cuflash.jax takes single-device arrays")
+    return next(iter(devices))
+
+
+def _check_concrete(x, name):
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is a JAX tracer: cuflash.jax runs eagerly on concrete arrays, outside jax.jit, vmap and "
+            "scan (call it outside the jitted function)"
+        )
+    if not isinstance(x, jax.Array):
+        raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
+
+
+def _to_cuflash(x, name):
+    """A CuPy (GPU) or NumPy (CPU) array sharing the memory of the JAX array ``x``."""
+    _check_concrete(x, name)
+    platform = next(iter(x.devices())).platform
+    if platform == "cpu":
+        return numpy.asarray(x)  # zero-copy on CPU, and bfloat16 stays ml_dtypes.bfloat16
+    if platform in ("gpu", "cuda"):
+        import cupy
+
+        return cupy.from_dlpack(x)
+    raise TypeError(f"{name} lives on a {platform} device; cuflash runs on CPU and CUDA GPUs")
+
+
+def _to_jax(array, device):
+    """A JAX array on ``device`` for a cuflash result: DLPack from CuPy, device_put from NumPy."""
+    if isinstance(array, numpy.ndarray):
+        return jax.device_put(array, device)
+    return jax.dlpack.from_dlpack(array)
+
+
+def _cupy_device(device):
+    """CuPy's current device set to the JAX device's, for GPU arrays; nothing for CPU ones."""
+    if device.platform == "cpu":
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(getattr(device, "local_hardware_id", device.id))

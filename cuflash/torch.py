@@ -1,0 +1,281 @@
+"""PyTorch adapter: cuflash as a differentiable torch operator, plus drop-ins for SDPA and flash-attn.
+
+- ``attention(q, k, v, ...)``: cuflash's own semantics ((..., L, D) layout, broadcasting, GQA,
+  bottom-right ``causal``, ``window``) on torch tensors, with autograd.
+- ``scaled_dot_product_attention``: ``torch.nn.functional.scaled_dot_product_attention``'s
+  signature and semantics ((B, H, L, D), top-left ``is_causal``, ``enable_gqa``).
+- ``flash_attn_func``: flash-attn 2's signature and semantics ((B, L, H, D), bottom-right
+  ``causal``, ``window_size``).
+
+How it is wired. The forward and the backward are two ``torch.library.custom_op``s,
+``cuflash::attention_fwd`` (returns out and lse) and ``cuflash::attention_bwd``, each with a
+``register_fake`` shape function, joined by ``register_autograd``: the forward saves q, k, v, out
+and lse, and the backward calls cuflash's backward on them (the forward never runs twice). Being
+custom ops, they are opaque to ``torch.compile``, which traces them with ``fullgraph=True`` and
+no graph break.
+
+Crossing. CUDA tensors reach CuPy through DLPack (``cupy.from_dlpack``, zero-copy, bfloat16
+included) and the results come back through ``torch.from_dlpack``; the work runs on torch's
+current stream of the tensor's device, and nothing synchronizes. CPU tensors run cuflash's NumPy
+backend through ``numpy.from_dlpack`` / ``torch.from_numpy`` (NumPy has no bfloat16 in DLPack,
+so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``).
+"""
+# No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
+import contextlib
+import warnings
+from typing import Optional, Tuple
+
+try:
+    import torch
+except ImportError as error:  # pragma: no cover - exercised only where torch is missing
+    raise ImportError(
+        "cuflash.torch needs PyTorch (torch >= 2.4): pip install torch, or pip install 'cuflash[torch]'"
+    ) from error
+
+import numpy
+
+from . import _api, _spec
+
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func"]
+
+# The op schemas carry ``causal`` as one of these names (a schema has no bool-or-str type).
+_CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "top_left"}
+
+
+# --- the public functions ----------------------------------------------------------------------
+
+
+def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=False, return_lse=False):
+    """:func:`cuflash.attention` on torch tensors, differentiable in q, k and v.
+
+    Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
+    GQA by head count, ``causal`` True/"bottom_right"/"top_left", ``window=(left, right)``).
+    CUDA tensors run cuflash's kernels on torch's current stream; CPU tensors run the NumPy
+    backend. ``deterministic=True`` makes the backward bitwise reproducible.
+
+    Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
+    (float32, float64 for float64 inputs) carries no gradient.
+    """
+    causal_name, window_left, window_right = _mask_arguments(causal, window)
+    if scale is not None:
+        scale = _spec._resolve_scale(scale, 1)  # the same TypeError/ValueError as cuflash.attention
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+    out, lse = torch.ops.cuflash.attention_fwd(
+        q, k, v, scale, causal_name, window_left, window_right, deterministic
+    )
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature).
+
+    ``(..., H, L, E)`` layout; ``is_causal`` is top-left aligned (query i sees keys j <= i);
+    leading axes broadcast; different query and key/value head counts need ``enable_gqa=True``
+    (query head h reads key/value head ``h // (Hq // Hkv)``), exactly as torch. ``attn_mask``
+    and dropout are not supported (NotImplementedError).
+    """
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "cuflash does not support attn_mask (arbitrary masks); it supports is_causal, and "
+            "sliding windows through cuflash.torch.attention(window=...)"
+        )
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
+    if not (query.dtype == key.dtype == value.dtype):  # torch's own check, word for word
+        raise RuntimeError(
+            "Expected query, key, and value to have the same dtype, but got query.dtype: "
+            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
+        )
+    _check_sdpa_heads(query, key, value, enable_gqa)
+    return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_func`` (same signature).
+
+    ``q (B, Lq, H, D)``, ``k (B, Lk, Hk, D)``, ``v (B, Lk, Hk, Dv)`` with ``H % Hk == 0``
+    (MQA/GQA); ``causal`` is bottom-right aligned; ``window_size=(left, right)``, -1 unbounded.
+    Returns ``out (B, Lq, H, Dv)``, or ``(out, softmax_lse, None)`` with ``return_attn_probs``
+    (lse ``(B, H, Lq)`` float32, as flash-attn; it carries no gradient). Dropout, softcap and
+    ALiBi are not supported (NotImplementedError).
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
+    if softcap != 0.0:
+        raise NotImplementedError(f"cuflash does not support softcap (softcap={softcap}); pass softcap=0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("cuflash does not support ALiBi (alibi_slopes); pass alibi_slopes=None")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-dimensional (batch, seqlen, heads, head_dim), got shape {tuple(tensor.shape)}")
+    # (B, L, H, D) -> (B, H, L, D) views: cuflash reads the strides, nothing is copied.
+    out, lse = attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale,
+        causal=bool(causal), window=tuple(window_size), deterministic=bool(deterministic),
+        return_lse=True,
+    )
+    out = out.transpose(1, 2)
+    return (out, lse, None) if return_attn_probs else out
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+
+def _check_tensor(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type not in ("cpu", "cuda", "meta"):  # meta: shape propagation only
+        raise TypeError(f"{name} is on device {tensor.device}; cuflash runs on CPU and CUDA tensors")
+
+
+def _mask_arguments(causal, window):
+    """(causal name, window_left, window_right) for the op schema; cuflash's checks and messages."""
+    _spec._normalise_mask(causal, window, 0, 0)  # raises for a bad causal/window, says which
+    if isinstance(causal, str):
+        causal_name = causal
+    else:
+        causal_name = "bottom_right" if causal else "none"
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    return causal_name, left, right
+
+
+def _check_sdpa_heads(query, key, value, enable_gqa):
+    """torch SDPA's rule: head counts broadcast (equal, or 1) unless enable_gqa allows Hq % Hkv == 0.
+
+    cuflash itself would run GQA whenever the counts divide; torch refuses without enable_gqa,
+    and so must its drop-in. The messages are torch's.
+    """
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+        return
+    heads_q = query.size(-3)
+    for heads_kv in (key.size(-3), value.size(-3)):
+        if enable_gqa:
+            if heads_kv == 0 or heads_q % heads_kv:
+                raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
+        elif heads_q != heads_kv and 1 not in (heads_q, heads_kv):
+            dimension = max(query.dim(), key.dim(), value.dim()) - 3
+            raise RuntimeError(
+                f"The size of tensor a ({heads_q}) must match the size of tensor b ({heads_kv}) at "
+                f"non-singleton dimension {dimension} (different head counts need enable_gqa=True)"
+            )
+
+
+# --- crossing between torch and cuflash ---------------------------------------------------------
+
+
+def _to_cuflash(tensor):
+    """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory."""
+    tensor = tensor.detach()  # DLPack refuses tensors that require grad; the memory is the same
+    if tensor.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(tensor)
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return numpy.from_dlpack(tensor.view(torch.int16)).view(ml_dtypes.bfloat16)
+    return numpy.from_dlpack(tensor)
+
+
+def _to_torch(array):
+    """A torch tensor sharing the memory of a cuflash result (CuPy or NumPy array)."""
+    if not isinstance(array, numpy.ndarray):
+        return torch.from_dlpack(array)
+    if not (array.flags.writeable and array.flags.c_contiguous):  # torch.from_numpy warns on read-only
+        array = numpy.array(array, order="C")
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+@contextlib.contextmanager
+def _running_on(tensor):
+    """For a CUDA tensor: CuPy's current device is the tensor's and its stream is torch's current one."""
+    if tensor.device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(index), index):
+        yield
+
+
+def _cupy_stream(cupy, torch_stream, device_index):
+    """torch's stream as a CuPy stream: the CUDA stream protocol where both sides have it."""
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(torch_stream)
+    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream in favour of from_external
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- the custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
+                   window_left: int, window_right: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
+    with _running_on(q):
+        out, lse = _api.attention(
+            _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
+            window=(window_left, window_right), return_lse=True,
+        )
+        # The fake below promises contiguous results; make sure the real ones are too.
+        return _to_torch(out).contiguous(), _to_torch(lse).contiguous()
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic):
+    lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    out = q.new_empty(lead_shape + (q.shape[-2], v.shape[-1]))
+    lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
+                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _running_on(q):
+        grads = _api.attention_backward(
+            *(_to_cuflash(t) for t in (dout, q, k, v, out, lse)), scale=scale,
+            causal=_CAUSAL_BY_NAME[causal], window=(window_left, window_right), deterministic=deterministic,
+        )
+        return tuple(_to_torch(g).contiguous() for g in grads)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.options = options  # scale, causal, window_left, window_right, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
+    dq, dk, dv = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    return (dq, dk, dv) + (None,) * len(ctx.options)
+
+
+torch.library.register_autograd(
+    "cuflash::attention_fwd", _attention_backward, setup_context=_save_for_backward
+)

@@ -1,0 +1,309 @@
+"""cuflash.torch on CPU tensors (the NumPy backend): autograd, the drop-ins' semantics, torch.compile.
+
+Gradients are checked by ``torch.autograd.gradcheck`` in float64 (finite differences, no
+reference needed); the drop-ins are compared with torch's own SDPA (math, float64) and with the
+project's dense reference. Skipped without torch.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cuflash  # noqa: E402
+import cuflash.torch as ct  # noqa: E402
+from reference import attention_backward_ref, attention_ref  # noqa: E402
+from tolerance import assert_close  # noqa: E402
+
+F = torch.nn.functional
+
+
+@pytest.fixture
+def randt(rng):
+    """Standard-normal torch tensors from the test's seeded generator (float64 unless told)."""
+
+    def draw(*shape, dtype=torch.float64, requires_grad=False):
+        tensor = torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+        return tensor.requires_grad_(requires_grad)
+
+    return draw
+
+
+def _numpy(tensor):
+    return tensor.detach().to(torch.float64).numpy()
+
+
+# --- autograd: gradcheck in float64 ---------------------------------------------------------------
+
+GRADCHECK_CASES = {
+    # name: (q shape, k shape, v shape, options)
+    "plain": ((2, 2, 5, 4), (2, 2, 6, 4), (2, 2, 6, 3), {}),
+    "causal_bottom_right_lq_gt_lk": ((1, 2, 6, 4), (1, 2, 4, 4), (1, 2, 4, 4), {"causal": True}),
+    "causal_top_left": ((1, 2, 6, 4), (1, 2, 4, 4), (1, 2, 4, 4), {"causal": "top_left"}),
+    "window": ((1, 2, 7, 4), (1, 2, 7, 4), (1, 2, 7, 4), {"window": (2, 1)}),
+    "causal_window": ((1, 1, 6, 3), (1, 1, 8, 3), (1, 1, 8, 3), {"causal": True, "window": (2, -1)}),
+    "gqa": ((2, 4, 5, 4), (2, 2, 5, 4), (2, 2, 5, 4), {"causal": True}),
+    "mqa_and_batch_broadcast": ((3, 2, 5, 4), (1, 1, 5, 4), (1, 1, 5, 2), {"scale": 0.7}),
+    "unbatched": ((5, 4), (6, 4), (6, 4), {"causal": True}),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES)
+def test_gradcheck_float64(case, randt):
+    q_shape, k_shape, v_shape, options = GRADCHECK_CASES[case]
+    inputs = tuple(randt(*shape, requires_grad=True) for shape in (q_shape, k_shape, v_shape))
+    assert torch.autograd.gradcheck(lambda q, k, v: ct.attention(q, k, v, **options), inputs)
+
+
+def test_gradients_match_the_dense_reference(randt):
+    q, k, v = (randt(2, 4, 9, 8, requires_grad=True), randt(2, 2, 11, 8, requires_grad=True),
+               randt(2, 2, 11, 6, requires_grad=True))
+    options = dict(causal=True, window=(3, -1))
+    out = ct.attention(q, k, v, **options)
+    dout = randt(*out.shape)
+    out.backward(dout)
+    expected = attention_backward_ref(*(_numpy(x) for x in (dout, q, k, v)), **options)
+    for name, tensor, reference in zip("qkv", (q, k, v), expected):
+        assert tensor.grad.shape == tensor.shape
+        assert_close(tensor.grad.numpy(), reference, dtype=numpy.float64, kind="grad", name=f"d{name}")
+
+
+def test_lse_is_returned_without_gradient(randt):
+    q = randt(1, 2, 5, 4, requires_grad=True)
+    out, lse = ct.attention(q, q, q, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    assert lse.shape == (1, 2, 5) and lse.dtype == torch.float64
+    assert_close(lse.numpy(), attention_ref(*(_numpy(q),) * 3)[1], dtype=numpy.float64, kind="lse")
+
+
+# --- scaled_dot_product_attention: torch's semantics -------------------------------------------
+
+SDPA_CASES = {
+    # name: (q shape, k shape, v shape, keyword arguments)
+    "plain": ((2, 3, 7, 8), (2, 3, 7, 8), (2, 3, 7, 8), {}),
+    "causal_lq_lt_lk": ((2, 3, 5, 8), (2, 3, 9, 8), (2, 3, 9, 4), {"is_causal": True}),
+    "causal_lq_gt_lk": ((2, 3, 9, 8), (2, 3, 5, 8), (2, 3, 5, 8), {"is_causal": True}),
+    "gqa": ((2, 8, 6, 8), (2, 2, 6, 8), (2, 2, 6, 8), {"enable_gqa": True, "is_causal": True}),
+    "mqa_without_enable_gqa": ((2, 4, 6, 8), (2, 1, 6, 8), (2, 1, 6, 8), {}),
+    "batch_broadcast": ((3, 2, 6, 8), (1, 2, 6, 8), (1, 2, 6, 8), {"scale": 0.3}),
+    "three_dimensional": ((4, 6, 8), (4, 7, 8), (4, 7, 8), {"is_causal": True}),
+}
+
+
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_sdpa_matches_torch_forward_and_backward(case, randt):
+    q_shape, k_shape, v_shape, kwargs = SDPA_CASES[case]
+    inputs = [randt(*shape, requires_grad=True) for shape in (q_shape, k_shape, v_shape)]
+    ours = ct.scaled_dot_product_attention(*inputs, **kwargs)
+    theirs = F.scaled_dot_product_attention(*inputs, **kwargs)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert_close(ours.detach().numpy(), theirs.detach().numpy(), dtype=numpy.float64)
+    dout = randt(*ours.shape)
+    for name, mine, reference in zip("qkv", torch.autograd.grad(ours, inputs, dout),
+                                     torch.autograd.grad(theirs, inputs, dout)):
+        assert_close(mine.numpy(), reference.numpy(), dtype=numpy.float64, kind="grad", name=f"d{name}")
+
+
+@pytest.mark.parametrize("heads_kv, enable_gqa", [(2, False), (3, True), (3, False)])
+def test_sdpa_refuses_head_counts_as_torch_does(heads_kv, enable_gqa, randt):
+    q, kv = randt(2, 8, 5, 4), randt(2, heads_kv, 5, 4)
+    with pytest.raises(RuntimeError) as torch_error:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=enable_gqa)
+    with pytest.raises(RuntimeError) as our_error:
+        ct.scaled_dot_product_attention(q, kv, kv, enable_gqa=enable_gqa)
+    assert str(our_error.value).startswith(str(torch_error.value).split(" (")[0].rstrip())
+
+
+def test_sdpa_refuses_mixed_dtypes_as_torch_does(randt):
+    q, k = randt(1, 2, 4, 4), randt(1, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        F.scaled_dot_product_attention(q, k, q)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ct.scaled_dot_product_attention(q, k, q)
+
+
+def test_sdpa_says_what_it_does_not_support(randt):
+    q = randt(1, 2, 4, 4)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ct.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
+# --- flash_attn_func: flash-attn 2's semantics -------------------------------------------------
+
+FLASH_CASES = {
+    # name: (Lq, Lk, heads_q, heads_kv, keyword arguments)
+    "plain": (7, 7, 4, 4, {}),
+    "causal_bottom_right": (5, 9, 4, 4, {"causal": True}),
+    "causal_lq_gt_lk": (9, 5, 4, 2, {"causal": True}),
+    "window": (8, 8, 4, 1, {"window_size": (2, 1)}),
+    "causal_window_scale": (6, 10, 4, 2, {"causal": True, "window_size": (3, -1), "softmax_scale": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", FLASH_CASES)
+def test_flash_attn_func_matches_the_dense_reference(case, randt):
+    seqlen_q, seqlen_k, heads_q, heads_kv, kwargs = FLASH_CASES[case]
+    q = randt(2, seqlen_q, heads_q, 8, requires_grad=True)  # (B, L, H, D)
+    k = randt(2, seqlen_k, heads_kv, 8, requires_grad=True)
+    v = randt(2, seqlen_k, heads_kv, 6, requires_grad=True)
+    out, lse, probabilities = ct.flash_attn_func(q, k, v, return_attn_probs=True, **kwargs)
+    assert out.shape == (2, seqlen_q, heads_q, 6) and lse.shape == (2, heads_q, seqlen_q)
+    assert probabilities is None
+
+    window = kwargs.get("window_size")
+    options = dict(causal=kwargs.get("causal", False), window=None if window == (-1, -1) else window,
+                   scale=kwargs.get("softmax_scale"))
+    heads_first = [_numpy(x.transpose(1, 2)) for x in (q, k, v)]
+    expected_out, expected_lse = attention_ref(*heads_first, **options)
+    assert_close(_numpy(out.transpose(1, 2)), expected_out, dtype=numpy.float64, name="out")
+    assert_close(lse.numpy(), expected_lse, dtype=numpy.float64, kind="lse", name="lse")
+
+    dout = randt(*out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected = attention_backward_ref(_numpy(dout.transpose(1, 2)), *heads_first, **options)
+    for name, grad, reference in zip("qkv", grads, expected):
+        assert_close(_numpy(grad.transpose(1, 2)), reference, dtype=numpy.float64, kind="grad", name=f"d{name}")
+
+
+def test_flash_attn_func_reads_strided_views_of_packed_qkv(randt):
+    qkv = randt(2, 6, 3, 4, 8, requires_grad=True)  # (B, L, 3, H, D), as flash_attn_qkvpacked_func
+    q, k, v = qkv.unbind(dim=2)
+    out = ct.flash_attn_func(q, k, v, causal=True)
+    expected, _ = attention_ref(*(_numpy(x.transpose(1, 2)) for x in (q, k, v)), causal=True)
+    assert_close(_numpy(out.transpose(1, 2)), expected, dtype=numpy.float64)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+def test_flash_attn_func_says_what_it_does_not_support(randt):
+    q = randt(1, 4, 2, 8)
+    for kwargs, words in (({"dropout_p": 0.1}, "dropout"), ({"softcap": 30.0}, "softcap"),
+                          ({"alibi_slopes": torch.ones(2)}, "ALiBi")):
+        with pytest.raises(NotImplementedError, match=words):
+            ct.flash_attn_func(q, q, q, **kwargs)
+    with pytest.raises(ValueError, match="4-dimensional"):
+        ct.flash_attn_func(q[0], q[0], q[0])
+
+
+# --- argument errors ----------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument(randt):
+    q = randt(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="causal"):
+        ct.attention(q, q, q, causal="sideways")
+    with pytest.raises(TypeError, match="window"):
+        ct.attention(q, q, q, window=3)
+    with pytest.raises(ValueError, match="scale"):
+        ct.attention(q, q, q, scale=float("inf"))
+    with pytest.raises(TypeError, match="deterministic"):
+        ct.attention(q, q, q, deterministic="yes")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ct.attention(q.numpy(), q, q)
+    with pytest.raises(TypeError, match="dtype"):
+        ct.attention(q.to(torch.int32), q.to(torch.int32), q.to(torch.int32))
+    with pytest.raises(ValueError, match="head dim"):
+        ct.attention(q, randt(1, 2, 4, 5), q)
+
+
+# --- the custom ops and torch.compile -----------------------------------------------------------
+
+
+def test_custom_ops_pass_torch_opcheck(randt):
+    q, k, v = randt(2, 4, 5, 8, requires_grad=True), randt(2, 2, 7, 8), randt(2, 2, 7, 6)
+    torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False))
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False)
+    torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
+                          (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False))
+
+
+def test_torch_compile_fullgraph_forward_and_backward(randt):
+    # aot_eager exercises what matters here (dynamo without graph breaks, the fake shapes, the
+    # autograd registration) without inductor's C++ compile of the surrounding ops.
+    torch._dynamo.reset()
+
+    def loss(q, k, v):
+        return (ct.attention(q * 2, k, v, causal=True, window=(3, -1)) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = [randt(2, 4, 6, 8, requires_grad=True), randt(2, 2, 6, 8, requires_grad=True),
+              randt(2, 2, 6, 8, requires_grad=True)]
+    eager_loss = loss(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, inputs)
+    compiled_loss = compiled(*inputs)
+    compiled_grads = torch.autograd.grad(compiled_loss, inputs)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for ours, theirs in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_torch_compile_fullgraph_drop_ins(randt):
+    torch._dynamo.reset()
+    q = randt(2, 4, 6, 8)
+    sdpa = torch.compile(lambda q: ct.scaled_dot_product_attention(q, q, q, is_causal=True), fullgraph=True,
+                         backend="aot_eager")
+    flash = torch.compile(lambda q: ct.flash_attn_func(q, q, q, causal=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(sdpa(q), F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    torch.testing.assert_close(flash(q), ct.flash_attn_func(q, q, q, causal=True))
+
+
+# --- crossing: DLPack on the CPU ----------------------------------------------------------------
+
+
+def test_cpu_tensors_cross_without_a_copy(randt):
+    q = randt(2, 3, 5, 4)
+    assert numpy.shares_memory(ct._to_cuflash(q), q.numpy())
+    view = randt(2, 5, 3, 4).transpose(1, 2)  # a strided view crosses as one
+    array = ct._to_cuflash(view)
+    assert array.strides == tuple(s * view.element_size() for s in view.stride())
+
+
+def test_the_core_api_takes_torch_cpu_tensors_and_returns_numpy(randt):
+    q, k, v = randt(2, 3, 5, 4), randt(2, 3, 6, 4), randt(2, 3, 6, 4)
+    out = cuflash.attention(q, k, v, causal=True)
+    assert isinstance(out, numpy.ndarray)
+    numpy.testing.assert_array_equal(out, cuflash.attention(q.numpy(), k.numpy(), v.numpy(), causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_dtypes_survive_the_crossing(dtype, randt):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = (randt(2, 3, 5, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = ct.attention(q, k, v, causal=True)
+    assert out.dtype == dtype and out.device == q.device
+    numpy_dtype = ml_dtypes.bfloat16 if dtype == torch.bfloat16 else numpy.dtype(str(dtype).split(".")[1])
+    as_numpy = [x.detach().to(torch.float64).numpy().astype(numpy_dtype) for x in (q, k, v)]
+    expected = cuflash.attention(*as_numpy, causal=True)
+    numpy.testing.assert_array_equal(out.detach().to(torch.float64).numpy(), expected.astype(numpy.float64))
+    out.sum().backward()
+    assert all(x.grad.dtype == dtype and x.grad.shape == x.shape for x in (q, k, v))
+
+
+def test_empty_sequences(randt):
+    q, kv = randt(1, 2, 3, 4, requires_grad=True), randt(1, 2, 0, 4, requires_grad=True)
+    out, lse = ct.attention(q, kv, kv, return_lse=True)
+    assert out.shape == (1, 2, 3, 4) and not out.any() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert not q.grad.any() and kv.grad.shape == kv.shape
+
+
+def test_inputs_are_never_modified(randt):
+    q, k, v = (randt(2, 4, 6, 8, requires_grad=True) for _ in range(3))
+    dout = randt(2, 4, 6, 8)
+    before = [x.detach().clone() for x in (q, k, v, dout)]
+    out = ct.attention(q, k, v, causal=True, window=(2, 2))
+    out.backward(dout)
+    for original, tensor in zip(before, (q, k, v, dout)):
+        assert torch.equal(original, tensor)
+
+
+def test_importing_without_torch_says_what_is_missing():
+    code = "import sys; sys.modules['torch'] = None\ntry:\n import cuflash.torch\nexcept ImportError as e: print(e)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "cuflash.torch needs PyTorch" in result.stdout

@@ -1,0 +1,208 @@
+"""cuflash.torch on CUDA tensors: precision against SDPA, streams, torch.compile, training, crossing.
+
+fp16/bf16 results are held to tests/tolerance.py's rule: the reference is torch's SDPA (math
+backend) in float64, the baseline the plain unfused implementation in the dtype
+(reference.attention_ref_dtype). Marked gpu; skipped without torch or without its CUDA.
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cuflash  # noqa: E402
+from reference import (  # noqa: E402
+    attention_backward_magnitudes,
+    attention_backward_ref_dtype,
+    attention_ref_dtype,
+    visible_mask,
+)
+from tolerance import assert_close  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device"),
+]
+
+F = torch.nn.functional
+
+
+@pytest.fixture
+def ct():
+    import cuflash.torch
+
+    return cuflash.torch
+
+
+@pytest.fixture
+def randc(rng):
+    """Standard-normal CUDA tensors from the test's seeded generator."""
+
+    def draw(*shape, dtype=torch.float16, requires_grad=False):
+        tensor = torch.from_numpy(rng.standard_normal(shape)).to(device="cuda", dtype=dtype)
+        return tensor.requires_grad_(requires_grad)
+
+    return draw
+
+
+def _sdpa_math_float64(q, k, v, dout, **kwargs):
+    """(out, dq, dk, dv) of torch's math SDPA in float64: the reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    inputs = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(*inputs, **kwargs)
+    grads = torch.autograd.grad(out, inputs, dout.to(torch.float64))
+    return [x.detach().cpu().numpy() for x in (out, *grads)]
+
+
+def _numpy(tensor):
+    return tensor.detach().to(torch.float64).cpu().numpy()
+
+
+def _check_against_sdpa(dtype, out, grads, q, k, v, dout, sdpa_kwargs, ref_options):
+    """Hold out and (dq, dk, dv) (heads-first layout) to the tolerance rule."""
+    numpy_dtype = numpy.float16 if dtype == torch.float16 else pytest.importorskip("ml_dtypes").bfloat16
+    reference = _sdpa_math_float64(q, k, v, dout, **sdpa_kwargs)
+    arrays = [_numpy(x) for x in (q, k, v)]
+    baseline_out, _ = attention_ref_dtype(*arrays, numpy_dtype, **ref_options)
+    assert_close(_numpy(out), reference[0], dtype=numpy_dtype, baseline=baseline_out, name="out")
+    baseline_grads = attention_backward_ref_dtype(_numpy(dout), *arrays, numpy_dtype, **ref_options)
+    magnitudes = attention_backward_magnitudes(_numpy(dout), *arrays, **ref_options)
+    for name, grad, expected, baseline, magnitude in zip("qkv", grads, reference[1:], baseline_grads, magnitudes):
+        assert grad.dtype == dtype
+        assert_close(_numpy(grad), expected, dtype=numpy_dtype, baseline=baseline, magnitude=magnitude,
+                     kind="grad", name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_drop_in_forward_and_backward(dtype, ct, randc):
+    q = randc(2, 8, 160, 64, dtype=dtype, requires_grad=True)
+    k = randc(2, 2, 200, 64, dtype=dtype, requires_grad=True)
+    v = randc(2, 2, 200, 64, dtype=dtype, requires_grad=True)
+    kwargs = dict(is_causal=True, enable_gqa=True)
+    out = ct.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert out.dtype == dtype and out.device == q.device
+    dout = randc(*out.shape, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _check_against_sdpa(dtype, out, grads, q, k, v, dout, kwargs, dict(causal="top_left"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_attn_func_forward_and_backward(dtype, ct, randc):
+    q = randc(2, 128, 4, 64, dtype=dtype, requires_grad=True)  # (B, L, H, D)
+    k = randc(2, 192, 2, 64, dtype=dtype, requires_grad=True)
+    v = randc(2, 192, 2, 64, dtype=dtype, requires_grad=True)
+    out = ct.flash_attn_func(q, k, v, causal=True, window_size=(48, -1))
+    dout = randc(*out.shape, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    heads_first = [x.transpose(1, 2) for x in (q, k, v, out, dout, *grads)]
+    mask = torch.from_numpy(visible_mask(128, 192, causal=True, window=(48, -1))).cuda()
+    kwargs = dict(attn_mask=mask, enable_gqa=True)
+    _check_against_sdpa(dtype, heads_first[3], heads_first[5:], *heads_first[:3], heads_first[4], kwargs,
+                        dict(causal=True, window=(48, -1)))
+
+
+def test_runs_on_torch_current_stream_without_synchronizing(ct, randc, monkeypatch):
+    import cupy
+
+    seen = []
+    real_attention = ct._api.attention
+
+    def recording_attention(*args, **kwargs):
+        seen.append((cupy.cuda.get_current_stream().ptr, cupy.cuda.Device().id))
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(ct._api, "attention", recording_attention)
+    q_old, q_new = randc(1, 4, 256, 64), randc(1, 4, 256, 64)
+    expected = ct.attention(q_new, q_new, q_new)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        q = q_old.clone()
+        torch.cuda._sleep(50_000_000)  # keep the stream busy: a kernel on another stream would overtake
+        q.copy_(q_new)
+        out = ct.attention(q, q, q)
+    assert seen[-1] == (side.cuda_stream, torch.cuda.current_device())
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph(ct, randc):
+    torch._dynamo.reset()
+
+    def loss(q, k, v):
+        return ct.attention(q, k, v, causal=True).float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    inputs = [randc(2, 4, 128, 64, requires_grad=True), randc(2, 2, 128, 64, requires_grad=True),
+              randc(2, 2, 128, 64, requires_grad=True)]
+    eager = loss(*inputs), *torch.autograd.grad(loss(*inputs), inputs)
+    compiled_loss = compiled(*inputs)
+    compiled_grads = torch.autograd.grad(compiled_loss, inputs)
+    for ours, theirs in zip((compiled_loss, *compiled_grads), eager):
+        torch.testing.assert_close(ours, theirs)
+
+
+class _TinyAttentionLayer(torch.nn.Module):
+    def __init__(self, attend, width=64, heads=4):
+        super().__init__()
+        self.attend, self.heads = attend, heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.attend(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+def test_training_steps_follow_sdpa(ct, randc, monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # both sides in true float32
+    torch.manual_seed(0)
+    ours = _TinyAttentionLayer(ct.scaled_dot_product_attention).cuda()
+    theirs = _TinyAttentionLayer(F.scaled_dot_product_attention).cuda()
+    theirs.load_state_dict(ours.state_dict())
+    x, target = randc(4, 96, 64, dtype=torch.float32), randc(4, 96, 64, dtype=torch.float32)
+    losses = {}
+    for name, model in (("cuflash", ours), ("sdpa", theirs)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[name] = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            with sdpa_kernel(SDPBackend.MATH):
+                loss = F.mse_loss(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    assert losses["cuflash"][-1] < losses["cuflash"][0]
+    numpy.testing.assert_allclose(losses["cuflash"], losses["sdpa"], rtol=1e-4)
+
+
+def test_bfloat16_crosses_both_ways_without_a_copy(ct, randc):
+    import cupy
+
+    q = randc(2, 4, 64, 64, dtype=torch.bfloat16)
+    array = ct._to_cuflash(q)
+    assert array.dtype.name == "bfloat16" and array.data.ptr == q.data_ptr()
+    back = ct._to_torch(array)
+    assert back.dtype == torch.bfloat16 and back.data_ptr() == q.data_ptr()
+    out = ct.attention(q, q, q)
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+    torch.testing.assert_close(out, torch.from_dlpack(cuflash.attention(array, array, array)), rtol=0, atol=0)
+    assert isinstance(array, cupy.ndarray)
+
+
+def test_the_core_api_takes_torch_cuda_tensors_and_returns_cupy(randc):
+    import cupy
+
+    q, k, v = randc(2, 4, 100, 64), randc(2, 4, 120, 64), randc(2, 4, 120, 64)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+    expected, expected_lse = cuflash.attention(*(cupy.from_dlpack(x) for x in (q, k, v)), causal=True, return_lse=True)
+    cupy.testing.assert_array_equal(out, expected)
+    cupy.testing.assert_array_equal(lse, expected_lse)
