@@ -74,29 +74,45 @@ struct BwdParams {
     long long dout_row_stride, dq_row_stride, dk_row_stride, dv_row_stride;
 };
 
-// Offset of attention row (batch..., head) `bh` inside one tensor, from its strides.
+// Where attention row `bh` (batch..., head) sits: its head and batch coordinates, decoded once
+// (integer division is slow on the GPU), then turned into an element offset per tensor.
+struct BatchCoords {
+    int head;
+    int batch[CUFLASH_MAX_BATCH_DIMS];
+
+    __device__ __forceinline__ BatchCoords(const FwdParams& p, int bh) {
+        head = bh % p.num_heads;
+        int rest = bh / p.num_heads;
+#pragma unroll
+        for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
+            batch[d] = rest % p.batch_shape[d];
+            rest /= p.batch_shape[d];
+        }
+    }
+
+    __device__ __forceinline__ long long offset(const long long (&batch_stride)[CUFLASH_MAX_BATCH_DIMS],
+                                                long long head_stride, int head_index) const {
+        long long off = head_index * head_stride;
+#pragma unroll
+        for (int d = 0; d < CUFLASH_MAX_BATCH_DIMS; ++d) off += batch[d] * batch_stride[d];
+        return off;
+    }
+};
+
+// Offsets of attention row `bh` inside the forward's tensors. Key/value rows of GQA belong to
+// kv head = head / kv_group.
 struct BatchIndex {
     long long q, k, v, o, lse;
 
-    __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) {
-        int head = bh % p.num_heads;
-        int rest = bh / p.num_heads;
-        int kv_head = head / p.kv_group;
-        q = head * p.q_head_stride;
-        k = kv_head * p.k_head_stride;
-        v = kv_head * p.v_head_stride;
-        o = head * p.o_head_stride;
-        lse = head * p.lse_head_stride;
-#pragma unroll
-        for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
-            int idx = rest % p.batch_shape[d];
-            rest /= p.batch_shape[d];
-            q += idx * p.q_batch_stride[d];
-            k += idx * p.k_batch_stride[d];
-            v += idx * p.v_batch_stride[d];
-            o += idx * p.o_batch_stride[d];
-            lse += idx * p.lse_batch_stride[d];
-        }
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh)) {}
+
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c) {
+        const int kv_head = c.head / p.kv_group;
+        q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
+        k = c.offset(p.k_batch_stride, p.k_head_stride, kv_head);
+        v = c.offset(p.v_batch_stride, p.v_head_stride, kv_head);
+        o = c.offset(p.o_batch_stride, p.o_head_stride, c.head);
+        lse = c.offset(p.lse_batch_stride, p.lse_head_stride, c.head);
     }
 };
 
@@ -104,24 +120,14 @@ struct BatchIndex {
 struct BwdBatchIndex : BatchIndex {
     long long dout, dq, dk, dv, dq_accum;
 
-    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BatchIndex(p.fwd, bh) {
-        const FwdParams& f = p.fwd;
-        int head = bh % f.num_heads;
-        int rest = bh / f.num_heads;
-        dout = head * p.dout_head_stride;
-        dq = head * p.dq_head_stride;
-        dk = head * p.dk_head_stride;
-        dv = head * p.dv_head_stride;
-#pragma unroll
-        for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
-            int idx = rest % f.batch_shape[d];
-            rest /= f.batch_shape[d];
-            dout += idx * p.dout_batch_stride[d];
-            dq += idx * p.dq_batch_stride[d];
-            dk += idx * p.dk_batch_stride[d];
-            dv += idx * p.dv_batch_stride[d];
-        }
-        dq_accum = (long long)bh * f.seqlen_q * f.head_dim;
+    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
+
+    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c) {
+        dout = c.offset(p.dout_batch_stride, p.dout_head_stride, c.head);
+        dq = c.offset(p.dq_batch_stride, p.dq_head_stride, c.head);
+        dk = c.offset(p.dk_batch_stride, p.dk_head_stride, c.head);
+        dv = c.offset(p.dv_batch_stride, p.dv_head_stride, c.head);
+        dq_accum = (long long)bh * p.fwd.seqlen_q * p.fwd.head_dim;
     }
 };
 
