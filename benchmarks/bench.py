@@ -1,4 +1,5 @@
-"""Throughput benchmark: cuflash attention against torch SDPA backends and standard attention.
+"""Throughput benchmark: cuflash attention against torch SDPA backends, FlexAttention and
+standard attention; entry point of the decode, memory and first-call latency sweeps.
 
 For every point of the sweep mode x dtype x head dim x causal x sequence length, each
 implementation runs on the same inputs (one allocation, seen by torch as tensors and by CuPy as
@@ -9,6 +10,8 @@ zero-copy views), on the same CUDA stream, timed with CUDA events:
 * ``sdpa_cudnn``     ... ``SDPBackend.CUDNN_ATTENTION``
 * ``sdpa_efficient`` ... ``SDPBackend.EFFICIENT_ATTENTION``
 * ``sdpa_math``      ... ``SDPBackend.MATH`` (materializes the score matrix: small L only)
+* ``flex``           ``torch.nn.attention.flex_attention`` under ``torch.compile``, compiled once
+                     per shape outside the timing; causal through a block mask
 * ``naive_cupy``     standard attention in CuPy: matmul, softmax (fp32 for fp16/bf16), matmul
 
 Shapes follow the FlashAttention-2 paper's benchmark: batch x L = 16384 tokens, hidden 2048,
@@ -16,14 +19,22 @@ heads = 2048 // D, layout (B, H, L, D). FLOPs = 4 B H Lq Lk D, x0.5 causal, x2.5
 x3.5 forward+backward. Each output is checked against an fp64 reference on two heads, so a fast
 wrong kernel is flagged instead of looking good.
 
+``--decode`` runs the same measurement on decode-like shapes (a few query rows against a long
+KV cache) and adds the achieved K+V read bandwidth. ``--memory`` (bench_memory.py) and
+``--latency`` (bench_latency.py) are separate sweeps; ``--report`` (bench_report.py) turns
+recorded JSON into ``results/latest.md``, plots and the README's Benchmarks section.
+
 Usage (see benchmarks/README.md)::
 
     python benchmarks/bench.py --quick
     python benchmarks/bench.py --dtype bf16,fp16 --headdim 128 --seqlen 1k,4k,16k
-    python benchmarks/bench.py --plot benchmarks/results/<file>.json
+    python benchmarks/bench.py --decode --quick
+    python benchmarks/bench.py --memory
+    python benchmarks/bench.py --latency
+    python benchmarks/bench.py --report benchmarks/results/<file>.json [more.json ...]
 
-Importing this module needs neither torch nor CuPy: ``--help`` and ``--plot`` work on a machine
-without a GPU.
+Importing this module needs neither torch nor CuPy: ``--help``, ``--plot`` and ``--report`` work
+on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -33,11 +44,13 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -59,12 +72,34 @@ DEFAULT_TOKENS = 16384  # batch * seqlen
 DEFAULT_HIDDEN = 2048  # heads * headdim
 DEFAULT_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_HEADDIMS = (64, 128)
-QUICK_SWEEP = {
-    "mode": ["fwd"],
-    "dtype": ["bf16"],
-    "headdim": [128, 64],
-    "causal": [False, True],
-    "seqlen": [1024, 4096, 16384],
+
+# Decode-like shapes: a few query rows (one generated token, or a short speculative draft)
+# against a long KV cache. The batch shrinks as the cache grows so that K+V stay a few GB.
+DEFAULT_DECODE_SEQLENS_Q = (1, 4, 16)
+DEFAULT_DECODE_SEQLENS_K = (4096, 16384, 65536, 131072)
+DEFAULT_DECODE_KV_TOKENS = 262144  # batch * Lk: K+V = 2 GiB in bf16 at hidden 2048
+
+# Defaults of the sweep-shaping options, per sweep; --quick overrides only what the command
+# line leaves unset. Peers: None means every peer except FlexAttention under --quick, whose
+# torch.compile per shape alone would take longer than the quick run's minute.
+SWEEP_DEFAULTS = {
+    "training": {"mode": ["fwd"], "dtype": list(DTYPES), "headdim": list(DEFAULT_HEADDIMS),
+                 "causal": [False, True], "seqlen": list(DEFAULT_SEQLENS)},
+    "decode": {"mode": ["fwd"], "dtype": ["bf16", "fp16"], "headdim": list(DEFAULT_HEADDIMS),
+               "causal": [False], "decode_lq": list(DEFAULT_DECODE_SEQLENS_Q),
+               "decode_lk": list(DEFAULT_DECODE_SEQLENS_K)},
+    "memory": {"mode": ["fwd", "bwd"], "dtype": ["bf16"], "headdim": [128], "causal": [False]},
+    "latency": {"dtype": ["bf16", "fp16", "fp32"], "headdim": list(DEFAULT_HEADDIMS),
+                "causal": [False]},
+}
+QUICK_DEFAULTS = {
+    "training": {"mode": ["fwd"], "dtype": ["bf16"], "headdim": [128, 64],
+                 "causal": [False, True], "seqlen": [1024, 4096, 16384]},
+    "decode": {"mode": ["fwd"], "dtype": ["bf16"], "headdim": [128], "causal": [False],
+               "decode_lq": [1, 16], "decode_lk": [4096, 65536]},
+    "memory": {"mode": ["fwd"], "dtype": ["bf16"], "headdim": [128], "causal": [False],
+               "memory_cap": 32768},
+    "latency": {"dtype": ["bf16"], "headdim": [128], "causal": [False]},
 }
 
 CUFLASH = "cuflash"
@@ -74,8 +109,9 @@ SDPA_BACKENDS = {  # implementation name -> torch.nn.attention.SDPBackend member
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "sdpa_math": "MATH",
 }
+FLEX = "flex"
 NAIVE = "naive_cupy"
-PEERS = (*SDPA_BACKENDS, NAIVE)
+PEERS = (*SDPA_BACKENDS, FLEX, NAIVE)
 FLASH_PEER = "sdpa_flash"
 
 # Loose bounds on max|x - ref| / max|ref| against the fp64 reference. They catch wrong kernels
@@ -153,20 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
         "attention (TFLOP/s, CUDA events, fp64-checked outputs).",
         epilog="Lists are comma separated, e.g. --dtype bf16,fp16 --seqlen 1k,4k,16k.",
     )
-    parser.add_argument("--mode", type=_comma_list(_parse_mode), default=["fwd"],
-                        help="fwd, bwd, fwd+bwd (default: fwd)")
-    parser.add_argument("--dtype", type=_comma_list(_parse_dtype), default=list(DTYPES),
-                        help="bf16, fp16, fp32, fp64 (default: all)")
-    parser.add_argument("--headdim", type=_comma_list(int), default=list(DEFAULT_HEADDIMS),
-                        help="head dimensions D (default: 64,128; 256 optional)")
-    parser.add_argument("--causal", type=_comma_list(_parse_causal), default=[False, True],
-                        help="false, true (default: both)")
-    parser.add_argument("--seqlen", type=_comma_list(_parse_seqlen),
-                        default=list(DEFAULT_SEQLENS), help="default: 512,1k,2k,4k,8k,16k")
-    parser.add_argument("--peers", type=_parse_peers, default=list(PEERS),
-                        help=f"all, none or a list of {', '.join(PEERS)} (default: all)")
+    # Sweep-shaping options default to None: the sweep (and --quick) decides, see SWEEP_DEFAULTS.
+    parser.add_argument("--mode", type=_comma_list(_parse_mode), default=None,
+                        help="fwd, bwd, fwd+bwd (default: fwd; --memory: fwd,bwd)")
+    parser.add_argument("--dtype", type=_comma_list(_parse_dtype), default=None,
+                        help="bf16, fp16, fp32, fp64 (default: all; --decode: bf16,fp16; "
+                        "--memory: bf16; --latency: bf16,fp16,fp32)")
+    parser.add_argument("--headdim", type=_comma_list(int), default=None,
+                        help="head dimensions D (default: 64,128; --memory: 128; 256 works too)")
+    parser.add_argument("--causal", type=_comma_list(_parse_causal), default=None,
+                        help="false, true (default: both; --decode, --memory, --latency: false)")
+    parser.add_argument("--seqlen", type=_comma_list(_parse_seqlen), default=None,
+                        help="default: 512,1k,2k,4k,8k,16k")
+    parser.add_argument("--peers", type=_parse_peers, default=None,
+                        help=f"all, none or a list of {', '.join(PEERS)} (default: all; "
+                        f"--quick: all but {FLEX})")
     parser.add_argument("--quick", action="store_true",
-                        help="about a minute: fwd, bf16, D 128 and 64, L 1k/4k/16k, both causal")
+                        help="about a minute: fwd, bf16, D 128 and 64, L 1k/4k/16k, both causal; "
+                        "with --decode/--memory/--latency a small version of that sweep")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                         help=f"batch * seqlen (default: {DEFAULT_TOKENS})")
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
@@ -180,18 +220,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-scores-gb", type=float, default=DEFAULT_MAX_SCORES_GB,
                         help="skip sdpa_math / naive_cupy when their L x L score matrices would "
                         f"need more than this (default: {DEFAULT_MAX_SCORES_GB:g})")
+
+    sweeps = parser.add_mutually_exclusive_group()
+    sweeps.add_argument("--decode", action="store_true",
+                        help="decode-like shapes: Lq rows against an Lk KV cache; adds K+V GB/s")
+    sweeps.add_argument("--memory", action="store_true",
+                        help="memory sweep: L doubles from 1k (B=1) until OOM or --memory-cap; "
+                        "peak bytes per implementation (bench_memory.py)")
+    sweeps.add_argument("--latency", action="store_true",
+                        help="first-call latency of cuflash in new processes, with an empty and "
+                        "with a filled kernel cache (bench_latency.py)")
+    parser.add_argument("--decode-lq", type=_comma_list(_parse_seqlen), default=None,
+                        help="--decode query rows (default: 1,4,16)")
+    parser.add_argument("--decode-lk", type=_comma_list(_parse_seqlen), default=None,
+                        help="--decode KV lengths (default: 4k,16k,64k,128k)")
+    parser.add_argument("--decode-kv-tokens", type=_parse_seqlen,
+                        default=DEFAULT_DECODE_KV_TOKENS,
+                        help="--decode batch * Lk (default: 256k; at least batch 1)")
+    parser.add_argument("--memory-cap", type=_parse_seqlen, default=None,
+                        help="--memory: longest L tried (default: 256k; --quick: 32k)")
+    parser.add_argument("--memory-heads", type=int, default=16,
+                        help="--memory: heads (default: 16)")
+    parser.add_argument("--latency-seqlen", type=_parse_seqlen, default=4096,
+                        help="--latency: L of the first call, B=1, H=hidden/D (default: 4k)")
+
     parser.add_argument("--out-dir", type=Path, default=None,
                         help=f"where JSON and PNG go (default: {DEFAULT_OUT_DIR})")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument("--no-plot", action="store_true", help="do not write PNG plots")
     parser.add_argument("--plot", type=Path, default=None, metavar="JSON",
                         help="only regenerate the plots of a recorded JSON, then exit")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="no GPU: from recorded JSON files write results/latest.md and the "
+                        "plots, and update README.md's Benchmarks section, then exit")
     return parser
 
 
-def apply_quick(args: argparse.Namespace) -> None:
-    for key, value in QUICK_SWEEP.items():
-        setattr(args, key, list(value))
+def sweep_name(args: argparse.Namespace) -> str:
+    return ("decode" if args.decode else "memory" if args.memory
+            else "latency" if args.latency else "training")
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the options the command line left unset from the sweep's (or --quick's) defaults."""
+    sweep = sweep_name(args)
+    defaults = {**SWEEP_DEFAULTS[sweep], **(QUICK_DEFAULTS[sweep] if args.quick else {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.memory_cap is None:
+        args.memory_cap = 262144
+    if args.peers is None:
+        args.peers = [p for p in PEERS if p != FLEX] if args.quick else list(PEERS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,13 +306,23 @@ class Config:
         return self.mode != "fwd"
 
     @property
+    def itemsize(self) -> int:
+        return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[self.dtype]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V: what one forward must read at least (decode is bound by it)."""
+        return 2 * self.batch * self.heads * self.seqlen_k * self.headdim * self.itemsize
+
+    @property
     def label(self) -> str:
         causal = "causal" if self.causal else "full"
-        return (f"{self.mode} {self.dtype} d={self.headdim} {causal} "
-                f"L={self.seqlen_q} B={self.batch} H={self.heads}")
+        lengths = (f"L={self.seqlen_q}" if self.seqlen_q == self.seqlen_k
+                   else f"Lq={self.seqlen_q} Lk={self.seqlen_k}")
+        return f"{self.mode} {self.dtype} d={self.headdim} {causal} {lengths} B={self.batch} H={self.heads}"
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"flops": self.flops}
+        return dataclasses.asdict(self) | {"flops": self.flops, "kv_bytes": self.kv_bytes}
 
 
 def training_configs(args: argparse.Namespace) -> list[Config]:
@@ -251,6 +341,25 @@ def training_configs(args: argparse.Namespace) -> list[Config]:
                         configs.append(Config(mode, dtype, headdim, causal, seqlen, seqlen,
                                               batch=args.tokens // seqlen,
                                               heads=args.hidden // headdim))
+    return configs
+
+
+def decode_configs(args: argparse.Namespace) -> list[Config]:
+    """Decode-like shapes: Lq query rows against an Lk-long KV cache, heads * D = hidden,
+    batch = kv_tokens // Lk (at least 1) so that K+V stay a few GB whatever Lk is."""
+    configs = []
+    for mode in args.mode:
+        for dtype in args.dtype:
+            for headdim in args.headdim:
+                if args.hidden % headdim:
+                    raise SystemExit(f"--hidden {args.hidden} is not a multiple of D={headdim}")
+                for causal in args.causal:
+                    for seqlen_q in args.decode_lq:
+                        for seqlen_k in args.decode_lk:
+                            configs.append(Config(
+                                mode, dtype, headdim, causal, seqlen_q, seqlen_k,
+                                batch=max(1, args.decode_kv_tokens // seqlen_k),
+                                heads=args.hidden // headdim))
     return configs
 
 
@@ -286,6 +395,11 @@ def load_libraries() -> Libraries:
     except ImportError:
         pass
 
+    # FlexAttention's torch.compile would otherwise start inductor's pool of compile worker
+    # processes: they idle beside the timed kernels, and their teardown can hold the process
+    # at exit (pytorch/pytorch#162199; seen here after a flex run). One flex shape compiles a
+    # handful of kernels, so compiling them in-process costs little.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch, torch_note = None, ""
     try:
         import torch as _torch
@@ -330,6 +444,10 @@ def collect_environment(libs: Libraries) -> dict:
     torch = libs.torch
     commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
     status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if commit else None
+    # The device machine gets the working tree without .git: the caller passes the commit.
+    commit_source = "git" if commit else ("CUFLASH_COMMIT" if os.environ.get("CUFLASH_COMMIT")
+                                          else None)
+    commit = commit or os.environ.get("CUFLASH_COMMIT", "").strip() or None
     driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
                              f"--id={device_id}")
     return {
@@ -353,7 +471,8 @@ def collect_environment(libs: Libraries) -> dict:
         "cuflash_path": getattr(libs.cuflash, "__file__", None) if libs.cuflash else None,
         "cuflash_note": libs.cuflash_note or None,
         "git_commit": commit or "unknown",
-        "git_dirty": bool(status) if commit else None,
+        "git_commit_source": commit_source,
+        "git_dirty": bool(status) if commit_source == "git" else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -412,7 +531,7 @@ class Case:
 
 def input_copy_count(config: Config, l2_bytes: int) -> int:
     """Enough copies that one pass over all of them streams at least twice the L2 size."""
-    itemsize = 2 if config.dtype in ("bf16", "fp16") else (4 if config.dtype == "fp32" else 8)
+    itemsize = config.itemsize
     q_elems = config.batch * config.heads * config.seqlen_q * config.headdim
     kv_elems = config.batch * config.heads * config.seqlen_k * config.headdim
     tensors_q = 4 if config.has_backward else 2  # q, out (+ dout, dq)
@@ -596,28 +715,10 @@ def check_scores_memory(case: Case) -> None:
                                 f"(> --max-scores-gb {case.max_scores_bytes / 2**30:g})")
 
 
-def prepare_sdpa(backend_name: str, case: Case) -> Runner:
+def torch_runner(case: Case, forward: Callable) -> Runner:
+    """run(i) for a torch attention forward(q, k, v) -> out: the forward under no_grad, the
+    backward alone through torch.autograd.grad on graphs saved once per input copy, or both."""
     torch, config, copies = case.libs.torch, case.config, case.copies
-    if torch is None:
-        raise NotRun("skipped", case.libs.torch_note or "torch not installed")
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        raise NotRun("skipped", "torch too old: no torch.nn.attention.sdpa_kernel") from None
-    backend = getattr(SDPBackend, backend_name, None)
-    if backend is None:
-        raise NotRun("skipped", f"this torch has no SDPBackend.{backend_name}")
-    if backend_name == "MATH":
-        check_scores_memory(case)
-    if config.causal and config.seqlen_q != config.seqlen_k:
-        raise NotRun("unsupported", "torch is_causal is top-left aligned; this benchmark's "
-                                    "causal is bottom-right (needs an attn_mask)")
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def forward(q, k, v):
-        with sdpa_kernel([backend]):
-            return sdpa(q, k, v, is_causal=config.causal, scale=config.scale)
-
     if config.mode == "fwd":
         def run_forward(i: int) -> dict:
             with torch.no_grad():
@@ -641,6 +742,88 @@ def prepare_sdpa(backend_name: str, case: Case) -> Runner:
         return {"out": out.detach(), **gradients(out, i, retain_graph=False)}
 
     return run_forward_backward
+
+
+def prepare_sdpa(backend_name: str, case: Case) -> Runner:
+    torch, config = case.libs.torch, case.config
+    if torch is None:
+        raise NotRun("skipped", case.libs.torch_note or "torch not installed")
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        raise NotRun("skipped", "torch too old: no torch.nn.attention.sdpa_kernel") from None
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        raise NotRun("skipped", f"this torch has no SDPBackend.{backend_name}")
+    if backend_name == "MATH":
+        check_scores_memory(case)
+    if config.causal and config.seqlen_q != config.seqlen_k:
+        raise NotRun("unsupported", "torch is_causal is top-left aligned; this benchmark's "
+                                    "causal is bottom-right (needs an attn_mask)")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def forward(q, k, v):
+        with sdpa_kernel([backend]):
+            return sdpa(q, k, v, is_causal=config.causal, scale=config.scale)
+
+    return torch_runner(case, forward)
+
+
+# FlexAttention's block mask is built by evaluating the mask on every (query, key) pair; past
+# this many pairs the mask is built under torch.compile instead, which never materializes it.
+FLEX_EAGER_MASK_PAIRS = 2**28
+
+
+def prepare_flex(case: Case) -> Runner:
+    """FlexAttention under torch.compile, compiled for this shape here (forward and, when the
+    mode has one, backward), so that the timing sees only compiled kernels. The compile time is
+    returned as run.compile_s. Causal is a block mask, bottom-right aligned like cuflash's."""
+    torch, config = case.libs.torch, case.config
+    if torch is None:
+        raise NotRun("skipped", case.libs.torch_note or "torch not installed")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        raise NotRun("skipped", f"torch {torch.__version__} has no FlexAttention") from None
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        has_triton = None
+    if has_triton is not None and not has_triton():
+        raise NotRun("skipped", "FlexAttention needs triton, which is not installed")
+
+    block_mask = None
+    if config.causal:
+        offset = config.seqlen_k - config.seqlen_q
+
+        def bottom_right_causal(batch, head, q_index, kv_index):
+            return kv_index <= q_index + offset
+
+        block_mask = create_block_mask(
+            bottom_right_causal, B=None, H=None, Q_LEN=config.seqlen_q,
+            KV_LEN=config.seqlen_k, device="cuda",
+            _compile=config.seqlen_q * config.seqlen_k > FLEX_EAGER_MASK_PAIRS)
+    # One compiled function per shape: a fresh dynamo state, so that neither the recompile
+    # limit nor guards from the previous shape change what gets compiled.
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def forward(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask, scale=config.scale)
+
+    begin = time.perf_counter()
+    try:  # bwd mode runs the forwards it saves here already
+        run = torch_runner(case, forward)
+        run(0)  # compiles the forward (and the backward in the backward modes)
+        torch.cuda.synchronize()
+    except Exception as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise NotRun("unsupported", f"FlexAttention does not compile for this point: "
+                                    f"{type(exc).__name__}: {message}"[:300]) from None
+    run.compile_s = time.perf_counter() - begin
+    return run
 
 
 def prepare_naive(case: Case) -> Runner:
@@ -709,6 +892,7 @@ PREPARERS: dict[str, Callable[[Case], Runner]] = {
     CUFLASH: prepare_cuflash,
     **{name: (lambda case, b=backend: prepare_sdpa(b, case))
        for name, backend in SDPA_BACKENDS.items()},
+    FLEX: prepare_flex,
     NAIVE: prepare_naive,
 }
 
@@ -798,6 +982,7 @@ def bench_implementation(name: str, case: Case, reference: dict, policy: TimingP
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             run = PREPARERS[name](case)  # may already call the kernels (backward saves a forward)
+            compile_s = getattr(run, "compile_s", None)  # FlexAttention's torch.compile
             outputs = run(0)
         check = compare_to_reference(case, outputs, reference)
         outputs = None
@@ -810,8 +995,12 @@ def bench_implementation(name: str, case: Case, reference: dict, policy: TimingP
     finally:
         run = outputs = None  # drop saved tensors before the next implementation
         release_memory(case.libs)
-    tflops = case.config.flops / (timing["ms"] * 1e-3) / 1e12
-    return {"status": "ok", "tflops": tflops, **timing, **check}
+    seconds = timing["ms"] * 1e-3
+    result = {"status": "ok", "tflops": case.config.flops / seconds / 1e12,
+              "kv_gbps": case.config.kv_bytes / seconds / 1e9, **timing, **check}
+    if compile_s is not None:
+        result["compile_s"] = compile_s
+    return result
 
 
 def summarize(results: dict) -> dict:
@@ -890,22 +1079,45 @@ def run_sweep(configs: list[Config], implementations: list[str], libs: Libraries
 STATUS_CELL = {"unsupported": "unsup", "skipped": "skip", "oom": "oom", "error": "ERROR"}
 
 
-def _result_cell(result: dict | None) -> str:
+def _result_cell(result: dict | None, metric: str = "tflops") -> str:
     if result is None:
         return ""
     if result["status"] != "ok":
         return STATUS_CELL.get(result["status"], result["status"])
-    return f"{result['tflops']:.1f}" + ("" if result["correct"] else "!")
+    precision = 0 if metric == "kv_gbps" else 1
+    return f"{result[metric]:.{precision}f}" + ("" if result["correct"] else "!")
 
 
 def _ratio_cell(ratio: float | None) -> str:
     return f"{ratio:.2f}x" if ratio is not None else "-"
 
 
-def format_table(rows: list[dict], implementations: list[str]) -> str:
-    """Aligned plain-text table: one line per config, TFLOP/s per implementation, ratios,
-    cuflash's max abs error; then a legend and the reasons for cells that are not numbers."""
-    headers = ["mode", "dtype", "D", "causal", "L", "B", "H", *implementations,
+def failure_reasons(rows: list[dict]) -> dict[tuple[str, str, str], int]:
+    """(implementation, status, note) -> how many points failed that way."""
+    reasons: dict[tuple[str, str, str], int] = {}
+    for row in rows:
+        for name, result in row["results"].items():
+            if result["status"] != "ok":
+                key = (name, result["status"], result.get("note", ""))
+                reasons[key] = reasons.get(key, 0) + 1
+    return reasons
+
+
+def compile_time_range(rows: list[dict], name: str = FLEX) -> tuple[float, float] | None:
+    """Shortest and longest compile time of an implementation over the rows (FlexAttention)."""
+    times = [row["results"][name]["compile_s"] for row in rows
+             if "compile_s" in row["results"].get(name, {})]
+    return (min(times), max(times)) if times else None
+
+
+def format_table(rows: list[dict], implementations: list[str], decode: bool = False) -> str:
+    """Aligned plain-text table: one line per config, TFLOP/s per implementation (decode: K+V
+    read GB/s, and cuflash's TFLOP/s), ratios, cuflash's max abs error; then a legend and the
+    reasons for cells that are not numbers."""
+    metric = "kv_gbps" if decode else "tflops"
+    lengths = ["Lq", "Lk"] if decode else ["L"]
+    headers = ["mode", "dtype", "D", "causal", *lengths, "B", "H", *implementations,
+               *(["cuflash TFLOP/s"] if decode else []),
                "vs best", "best peer", "vs flash", "cuflash err"]
     lines = []
     for row in rows:
@@ -913,8 +1125,10 @@ def format_table(rows: list[dict], implementations: list[str]) -> str:
         error = ours.get("max_abs_err")
         lines.append([
             row["mode"], row["dtype"], str(row["headdim"]), "yes" if row["causal"] else "no",
-            str(row["seqlen_q"]), str(row["batch"]), str(row["heads"]),
-            *(_result_cell(row["results"].get(name)) for name in implementations),
+            *([str(row["seqlen_q"]), str(row["seqlen_k"])] if decode else [str(row["seqlen_q"])]),
+            str(row["batch"]), str(row["heads"]),
+            *(_result_cell(row["results"].get(name), metric) for name in implementations),
+            *([_result_cell(ours or None)] if decode else []),
             _ratio_cell(row["cuflash_vs_best_peer"]), row["best_peer"] or "-",
             _ratio_cell(row["cuflash_vs_flash"]),
             f"{error:.1e}" + ("" if ours.get("correct") else "!") if error is not None else "-",
@@ -928,21 +1142,20 @@ def format_table(rows: list[dict], implementations: list[str]) -> str:
 
     out = [render(headers), render(["-" * w for w in widths])]
     out += [render(line) for line in lines]
+    unit = ("GB/s of K+V read (2*B*H*Lk*D*itemsize / time)" if decode else "TFLOP/s")
     out += [
         "",
-        "TFLOP/s, median of CUDA-event timings; FLOPs = 4*B*H*Lq*Lk*D, x0.5 causal, x2.5 bwd, "
+        f"{unit}, median of CUDA-event timings; FLOPs = 4*B*H*Lq*Lk*D, x0.5 causal, x2.5 bwd, "
         "x3.5 fwd+bwd.",
-        "vs best / vs flash: cuflash TFLOP/s over the fastest correct peer / over sdpa_flash.",
+        "vs best / vs flash: cuflash's speed over the fastest correct peer's / over sdpa_flash's.",
         "'!' = differs from the fp64 reference by more than the loose bound (see JSON rel_err); "
         "unsup / skip / oom / ERROR: reasons below.",
     ]
-    reasons: dict[tuple[str, str, str], int] = {}
-    for row in rows:
-        for name, result in row["results"].items():
-            if result["status"] != "ok":
-                key = (name, result["status"], result.get("note", ""))
-                reasons[key] = reasons.get(key, 0) + 1
-    for (name, status, note), count in reasons.items():
+    compile_range = compile_time_range(rows)
+    if compile_range:
+        out.append(f"{FLEX}: torch.compile took {compile_range[0]:.1f}-{compile_range[1]:.1f} s "
+                   "per shape, outside the timings.")
+    for (name, status, note), count in failure_reasons(rows).items():
         out.append(f"  {name} {status} x{count}: {note}")
     return "\n".join(out)
 
@@ -968,7 +1181,8 @@ def save_results(record: dict, out_dir: Path) -> Path:
     """Write record as benchmarks/results/<UTC date>_<device>.json; returns the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.datetime.fromisoformat(record["date_utc"])
-    path = out_dir / f"{date:%Y%m%dT%H%M%SZ}_{_slug(record['device'])}.json"
+    sweep = "" if record.get("sweep", "training") == "training" else f"_{record['sweep']}"
+    path = out_dir / f"{date:%Y%m%dT%H%M%SZ}_{_slug(record['device'])}{sweep}.json"
     path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
     return path
 
@@ -1044,21 +1258,7 @@ def plot(json_path: str | Path, out_dir: str | Path | None = None) -> list[Path]
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.plot is not None:
-        for path in plot(args.plot, args.out_dir):
-            print(path)
-        return 0
-    if args.quick:
-        apply_quick(args)
-    configs = training_configs(args)
-    implementations = [CUFLASH, *args.peers]
-    policy = TimingPolicy(args.repeats, args.min_time_ms, args.max_repeats)
-
-    libs = load_libraries()
-    stream = shared_stream(libs)
-    environment = collect_environment(libs)
+def print_environment(environment: dict, libs: Libraries) -> None:
     print(f"{environment['device']} (sm {environment['compute_capability']}), "
           f"CUDA runtime {environment['cuda_runtime']}, torch {environment['torch']}, "
           f"cupy {environment['cupy']}, cuflash {environment['cuflash']}, "
@@ -1066,26 +1266,75 @@ def main(argv: list[str] | None = None) -> int:
     for note in (libs.torch_note, libs.cuflash_note):
         if note:
             print(f"note: {note}", file=sys.stderr)
+
+
+def run_throughput(args: argparse.Namespace, libs: Libraries, environment: dict,
+                   decode: bool) -> tuple[list, bool, str, dict]:
+    """The training or decode sweep: rows, interrupted, the table, extra record fields."""
+    configs = decode_configs(args) if decode else training_configs(args)
+    implementations = [CUFLASH, *args.peers]
+    policy = TimingPolicy(args.repeats, args.min_time_ms, args.max_repeats)
     l2_bytes = environment["l2_cache_bytes"] or FALLBACK_L2_BYTES
+    rows, interrupted = run_sweep(configs, implementations, libs, policy,
+                                  args.max_scores_gb * 2**30, l2_bytes)
+    table = format_table(rows, implementations, decode=decode)
+    return rows, interrupted, table, {"implementations": implementations,
+                                      "timing_policy": dataclasses.asdict(policy)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.report is not None:
+        from benchmarks import bench_report
+
+        return bench_report.write_report(args.report, args.out_dir)
+    if args.plot is not None:
+        from benchmarks import bench_report
+
+        for path in bench_report.plot_record(args.plot, args.out_dir):
+            print(path)
+        return 0
+    resolve_defaults(args)
+    sweep = sweep_name(args)
+
+    libs = load_libraries()
+    stream = shared_stream(libs)
+    environment = collect_environment(libs)
+    print_environment(environment, libs)
 
     with stream:
-        rows, interrupted = run_sweep(configs, implementations, libs, policy,
-                                      args.max_scores_gb * 2**30, l2_bytes)
-    print(format_table(rows, implementations))
+        if sweep == "memory":
+            from benchmarks import bench_memory
+
+            rows, interrupted, table, extra = bench_memory.run_memory_sweep(args, libs)
+        elif sweep == "latency":
+            from benchmarks import bench_latency
+
+            rows, interrupted, table, extra = bench_latency.run_latency_sweep(args)
+        else:
+            rows, interrupted, table, extra = run_throughput(args, libs, environment,
+                                                             decode=sweep == "decode")
+    print(table)
 
     if args.no_save or not rows:
         return 130 if interrupted else 0
-    record = {**environment, "args": vars(args), "timing_policy": dataclasses.asdict(policy),
-              "implementations": implementations, "interrupted": interrupted, "rows": rows}
+    record = {**environment, "sweep": sweep, "args": vars(args), **extra,
+              "interrupted": interrupted, "rows": rows}
     out_dir = args.out_dir or DEFAULT_OUT_DIR
     json_path = save_results(record, out_dir)
     print(f"results: {json_path}", file=sys.stderr)
     if not args.no_plot:
-        for path in plot(json_path, out_dir):
+        from benchmarks import bench_report
+
+        for path in bench_report.plot_record(json_path, out_dir):
             print(f"plot: {path}", file=sys.stderr)
     return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))  # benchmark the checkout's cuflash
-    sys.exit(main())
+    # Run as benchmarks.bench, the module that the bench_* modules import: one copy of its
+    # classes (Config, NotRun), not one in __main__ and another in benchmarks.bench.
+    from benchmarks.bench import main as package_main
+
+    sys.exit(package_main())

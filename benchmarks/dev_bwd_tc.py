@@ -1,8 +1,9 @@
-"""Dev timing of the tensor-core backward (bwd_dkdv_tc, bwd_dq_tc): the whole
-cuflash.attention_backward call and each kernel launch (CUDA events around plan._launch),
-optionally with extra -D options for tuning knobs (CUFLASH_BWD_*).
+"""Dev timing of the tensor-core backward (bwd_delta, bwd_dkdv_tc, bwd_dq_tc / bwd_dq_convert):
+the whole cuflash.attention_backward call and each kernel launch (CUDA events around
+plan._launch), optionally with extra -D options per config, or with other bwd_dkdv_tc sources
+(an earlier version kept outside cuda_src/, compiled against today's headers) for A/B timing.
 
-    python benchmarks/dev_bwd_tc.py [--defines "-DX=1;-DY=2"] [--d 128] [--L 16384]
+    python benchmarks/dev_bwd_tc.py [--defines "-DX=1;-DY=2|-DX=2"] [--dkdv-source "|old.cu"] [--d 128] [--L 16384]
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ parser.add_argument("--d", type=int, default=128)
 parser.add_argument("--L", default="16384")
 parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--causal", default="0,1")
+parser.add_argument("--dkdv-source", default="", help="'|'-separated bwd_dkdv_tc sources; empty = cuda_src's")
 parser.add_argument("--tile", default="", help="block_m,block_n,warps of bwd_dkdv_tc for --d (default: tiles.py)")
 args = parser.parse_args()
 if args.tile:
@@ -31,6 +33,7 @@ if args.tile:
     tiles._BWD_DKDV_TC_TABLE[args.d] = ((bm, bn, w, 2),)
 
 base_options = kernels.compile_options
+base_source = kernels.kernel_source
 times = collections.defaultdict(list)
 orig_launch = plan._launch
 
@@ -48,9 +51,18 @@ import ml_dtypes  # noqa: E402
 
 np_dtype = numpy.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else numpy.dtype(args.dtype)
 
-for config in args.defines.split("|"):
+def source_for(path):
+    def kernel_source(variant):
+        if path and variant.kernel == "bwd_dkdv_tc":
+            return open(path).read()
+        return base_source(variant)
+    return kernel_source
+
+
+for source, config in ((s, c) for s in args.dkdv_source.split("|") for c in args.defines.split("|")):
     defines = tuple(x for x in config.split(";") if x)
     kernels.compile_options = lambda v, d=defines: base_options(v) + d
+    kernels.kernel_source = source_for(source)
     kernels._kernels.clear()
     for L in map(int, args.L.split(",")):
         for causal in (bool(int(c)) for c in args.causal.split(",")):
@@ -74,7 +86,7 @@ for config in args.defines.split("|"):
                     total.append(cupy.cuda.get_elapsed_time(s, e))
                 per = {name: statistics.median(cupy.cuda.get_elapsed_time(a, b) for a, b in ev) for name, ev in times.items()}
                 t = statistics.median(total)
-                print(f"{' '.join(defines) or 'default':40s} d{args.d} L{L} causal={int(causal)} det={int(det)}: "
+                print(f"{(source + ' ' + ' '.join(defines)).strip() or 'default':40s} d{args.d} L{L} causal={int(causal)} det={int(det)}: "
                       f"total {t:.3f} ms = {flops / t / 1e9:.0f} TF/s; "
                       + ", ".join(f"{n} {ms:.3f} ms ({flops / ms / 1e9:.0f} TF/s-equiv)" for n, ms in per.items()),
                       flush=True)
