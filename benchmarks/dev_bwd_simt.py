@@ -75,7 +75,7 @@ def main():
             bm, bn, w = map(int, tile.split("x"))
             tiles._BWD_SIMT_FIRST[key] = ((256, ((bm, bn, w),)),)
             try:
-                dkdv, _ = tiles.select_backward(dtype, d, d, args.causal, "90a")
+                dkdv = tiles.select_backward(dtype, d, d, args.causal, "90a").dkdv
                 b = kernels.compile_offline(dataclass_replace(dkdv, arch="90a"), extra_source="")
                 regs = f"{b.registers} regs {b.spill_bytes} B spill"
                 g = run(False)
@@ -92,7 +92,7 @@ def main():
             bm, bn, w = map(int, tile.split("x"))
             tiles._BWD_SIMT_FIRST[qkey] = ((256, ((bm, bn, w),)),)
             try:
-                _, dqv = tiles.select_backward(dtype, d, d, args.causal, "90a")
+                dqv = tiles.select_backward(dtype, d, d, args.causal, "90a").dq
                 b = kernels.compile_offline(dataclass_replace(dqv, arch="90a"))
                 regs = f"{b.registers} regs {b.spill_bytes} B spill"
                 g = run(True)

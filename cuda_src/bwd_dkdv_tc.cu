@@ -9,10 +9,10 @@
 //   P^T  = exp2(S^T * scale_log2 - lse_i log2 e)  (0 where masked, for rows past Lq or lse = -inf)
 //   dV_j += P^T dO_i
 //   dP^T = V_j dO_i^T
-//   dS^T = P^T o (dP^T - delta_i)               delta_i = rowsum(dO_i o O_i), from the host
+//   dS^T = P^T o (dP^T - delta_i)               delta_i = rowsum(dO_i o O_i), from bwd_delta
 //   dK_j += dS^T Q_i
 //   dQ_i += dS K_j                              fp32 atomics into dq_accum (when non-null)
-//   dK_j *= scale                               (once, at the end; dQ's scale is the host's)
+//   dK_j *= scale                               (once, at the end; dQ's scale is bwd_dq_convert's)
 //
 // Warp layout. Computing the transposed products makes every key-side product register-local:
 // warp w owns 16 keys (an m16 tile); its S^T, P^T, dP^T, dS^T tiles (16 keys x kBlockM queries)
@@ -43,18 +43,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kKStepsD = kHeadDim / 16;         // k16 steps of K Q^T and V dO^T
     constexpr int kKStepsQ = kBlockM / 16;          // k16 steps of P^T dO and dS^T Q
     constexpr int kKStepsN = kBlockN / 16;          // k16 steps of dS K
-#ifndef CUFLASH_BWD_DQ_COLS
-#define CUFLASH_BWD_DQ_COLS 32
-#endif
-#ifndef CUFLASH_BWD_UNROLL_D
-#define CUFLASH_BWD_UNROLL_D 2
-#endif
-#ifndef CUFLASH_BWD_RED_V2
-#define CUFLASH_BWD_RED_V2 1
-#endif
-    constexpr int kDqCols = CUFLASH_BWD_DQ_COLS;    // columns of one dQ work unit
+    constexpr int kDqCols = 32;                     // columns of one dQ work unit
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr bool kRedV2 = CUFLASH_BWD_RED_V2;      // vector fp32 reductions exist from sm_90
+    constexpr bool kRedV2 = true;                   // vector fp32 reductions exist from sm_90
 #else
     constexpr bool kRedV2 = false;
 #endif
@@ -72,7 +63,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     // The k-loops of K Q^T and V dO^T unroll fully only when K/V come from registers (their index
     // must be static); else by 2: fully unrolled, ptxas hoists every ldmatrix of Q_i / dO_i and
     // runs out of registers (255 + spills at d=128), by 2 it does not and the loads still overlap.
-    constexpr int kUnrollD = kKVInRegisters ? kKStepsD : CUFLASH_BWD_UNROLL_D;
+    constexpr int kUnrollD = kKVInRegisters ? kKStepsD : 2;
 
     using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // K_j, V_j; they stage dK, dV at the end
     using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // one Q_i or dO_i
@@ -298,7 +289,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 
             // dQ_i += dS K_j: dS (queries x keys) is dS^T read through ldmatrix.trans; K_j as B
             // through ldmatrix.trans (k = keys). Units of (16 queries x kDqCols columns) over warps,
-            // added to dq_accum with fp32 atomics (unscaled: the host multiplies by scale).
+            // added to dq_accum with fp32 atomics (unscaled: bwd_dq_convert multiplies by scale).
             float* dq_g = static_cast<float*>(p.dq_accum) + (long long)ptx::block_index_x() * f.seqlen_q * f.head_dim;
 #pragma unroll 1
             for (int u = warp; u < kDqUnits; u += kWarps) {

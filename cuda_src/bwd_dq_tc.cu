@@ -8,7 +8,7 @@
 //   S   = Q_i K_j^T                              recompute the scores
 //   P   = exp2(S * scale_log2 - lse_i log2 e)    (0 where masked, past Lq, or lse = -inf)
 //   dP  = dO_i V_j^T
-//   dS  = P o (dP - delta_i)                     delta_i = rowsum(dO_i o O_i), from the host
+//   dS  = P o (dP - delta_i)                     delta_i = rowsum(dO_i o O_i), from bwd_delta
 //   dQ_i += dS K_j                               (dS from registers, K_j through ldmatrix.trans)
 //   dQ_i *= scale                                (once, at the end)
 //

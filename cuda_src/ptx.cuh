@@ -209,3 +209,44 @@ __device__ __forceinline__ void red_add_v2_f32(float* addr, float a, float b) {
 
 }  // namespace ptx
 }  // namespace cuflash
+
+// ===================================================================== 8. fwd_dmma (fp64 tensor cores)
+// Added by the float64 DMMA forward; used by cuda_src/fwd_dmma.cu.
+namespace cuflash {
+namespace ptx {
+
+// D = A B + D on the fp64 tensor cores (DMMA, sm_80+), A 8x4 row-major, B 4x8 column-major,
+// D 8x8; every product and sum is an IEEE fp64 fused multiply-add (no reduced precision).
+// Fragments, with g = lane / 4 and t = lane % 4:
+//   A: a (row g, k = t)     B: b (k = t, col g)     D: d0, d1 (row g, cols 2t and 2t + 1)
+// Not volatile: it has no side effects, so the compiler may schedule it freely.
+__device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
+    asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
+        : "+d"(d[0]), "+d"(d[1])
+        : "d"(a), "d"(b));
+}
+
+// Two row tiles (top: rows 0..7, bottom: rows 8..15) times two k-steps of dmma_884 at once:
+//   top += a_top0 b0 + a_top1 b1,   bottom += a_bot0 b0 + a_bot1 b1
+// with each operand in dmma_884's layout (a_*0 / b0 the first k-step, a_*1 / b1 the second).
+// That is exactly mma.m16n8k8 .f64 (A: a0 (g, t) a1 (g+8, t) a2 (g, t+4) a3 (g+8, t+4);
+// B: b0 (t, g) b1 (t+4, g); D: (g, 2t..) then (g+8, 2t..)), which sm_90 adds: one instruction
+// for four, and Hopper's DMMA rate is reached only with the larger shapes. Elsewhere: four
+// m8n8k4, the same products in the same layout.
+__device__ __forceinline__ void dmma_1688(double (&top)[2], double (&bottom)[2], double a_top0, double a_bot0,
+                                          double a_top1, double a_bot1, double b0, double b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm("mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+d"(top[0]), "+d"(top[1]), "+d"(bottom[0]), "+d"(bottom[1])
+        : "d"(a_top0), "d"(a_bot0), "d"(a_top1), "d"(a_bot1), "d"(b0), "d"(b1));
+#else
+    dmma_884(top, a_top0, b0);
+    dmma_884(bottom, a_bot0, b0);
+    dmma_884(top, a_top1, b1);
+    dmma_884(bottom, a_bot1, b1);
+#endif
+}
+
+}  // namespace ptx
+}  // namespace cuflash

@@ -235,10 +235,12 @@ def _element_strides_contiguous(shape) -> list[int]:
 def backward(problem):
     """Gradients (dq, dk, dv) on the GPU, each in its input's own shape and dtype.
 
-    delta = rowsum(dO * O) first (CuPy, fp32); then one kernel over key tiles computes dK, dV
-    per query head and, unless ``deterministic``, accumulates dQ with fp32 atomics into a
-    workspace; with ``deterministic`` a second kernel over query tiles computes dQ without
-    atomics. Per-query-head dK/dV (GQA) and gradients of broadcast inputs are summed here.
+    Three launches on CuPy's stream: bwd_delta (delta = rowsum(dO * O) in fp32 / fp64, and the
+    dq_accum workspace zeroed), then one kernel over key tiles that computes dK, dV per query
+    head and, unless ``deterministic``, accumulates dQ / scale with atomics into dq_accum, then
+    bwd_dq_convert (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel
+    over query tiles computes dQ without atomics instead. Per-query-head dK/dV (GQA) and
+    gradients of broadcast inputs are summed here.
     """
     cupy = _cupy()
     p = problem
@@ -253,26 +255,25 @@ def backward(problem):
         k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
 
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
-    dkdv_variant, dq_variant = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
     vec = 16 // p.dtype.itemsize
     q, k, v, o, dout = (_readable(x, vec) for x in (q, k, v, o, dout))
     accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
     lse = cupy.ascontiguousarray(p.lse)
 
-    # delta_i = sum_d dO_id O_id: the row term of dS = P * (dP - delta).
-    delta = cupy.sum(_widen(dout, accum) * _widen(o, accum), axis=-1)
-
-    # dK, dV per query head over the output's leading axes ("expanded"); dQ likewise.
+    # dK, dV per query head over the output's leading axes ("expanded"); dQ likewise. delta is
+    # laid out like lse; dq_accum is (bh, Lq, D), zeroed by bwd_delta.
     lead = tuple(p.lead_shape)
+    delta = cupy.empty(lead + (p.seqlen_q,), dtype=accum)
     dk = _gradient_buffer(lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
     dv = _gradient_buffer(lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
     dq = _gradient_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
-    dq_accum = None if p.deterministic else cupy.zeros(
+    dq_accum = None if p.deterministic else cupy.empty(
         (math.prod(lead), p.seqlen_q, q.shape[-1]), dtype=accum)
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
-    layout = _Layout(p, tensors, min(dkdv_variant.block_n, dq_variant.block_m))
+    layout = _Layout(p, tensors, min(variants.dkdv.block_n, variants.dq.block_m, variants.delta.block_m))
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
     struct["fwd"] = _fwd_struct(p, layout, q, v)
     for name in ("dout", "dq", "dk", "dv"):
@@ -280,12 +281,9 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = 0 if dq_accum is None else dq_accum.data.ptr
 
-    _launch(dkdv_variant, layout.grid_x, p.seqlen_k, struct)
-    if p.deterministic:
-        _launch(dq_variant, layout.grid_x, p.seqlen_q, struct)
-    else:
-        # dQ = scale * (dS K), accumulated unscaled by the atomics.
-        _narrow(dq_accum.reshape(dq.shape) * accum(p.scale), out=dq)
+    _launch(variants.delta, layout.grid_x, p.seqlen_q, struct)
+    _launch(variants.dkdv, layout.grid_x, p.seqlen_k, struct)
+    _launch(variants.dq if p.deterministic else variants.dq_convert, layout.grid_x, p.seqlen_q, struct)
 
     dv = _sum_to(dv, grads_shape[2], p.kv_group, accum, p.dtype)
     if p.head_dim == 0:

@@ -11,6 +11,8 @@ public functions only dispatch on dtype.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .kernels import Variant
 
 # Head-dim tiles of the tensor-core kernel: D and Dv are zero-padded up to the next one.
@@ -35,13 +37,26 @@ SIMT_DTYPES = ("float32", "float64")
 
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+    if dtype in DMMA_DTYPES:  # float64 on the fp64 tensor cores where a tile fits, else fwd_simt
+        variant = _select_dmma(dtype, head_dim, head_dim_v, has_window, arch)
+        if variant is not None:
+            return variant
     if dtype in SIMT_DTYPES:
         return _select_simt(dtype, head_dim, head_dim_v, has_window, arch)
     return _select_tc(dtype, head_dim, head_dim_v, has_window, arch)
 
 
-def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
-    """The backward's two kernels: (dK/dV kernel over key tiles, deterministic dQ kernel)."""
+class BackwardVariants(NamedTuple):
+    """The backward's kernels, in launch order: delta, then dkdv, then dq or dq_convert."""
+
+    delta: Variant       # delta = rowsum(dO o O); zeroes dq_accum on the atomic path
+    dkdv: Variant        # dK, dV over key tiles (and dQ by atomics into dq_accum)
+    dq: Variant          # deterministic dQ over query tiles
+    dq_convert: Variant  # dQ = scale * dq_accum in the input type (atomic path)
+
+
+def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
+    """The backward's kernels for one problem (one path for every dtype)."""
     if dtype in SIMT_DTYPES:
         return _select_bwd_simt(dtype, head_dim, head_dim_v, has_window, arch)
     return _select_bwd_tc(dtype, head_dim, head_dim_v, has_window, arch)
@@ -49,7 +64,7 @@ def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool
 
 def all_variants(arch: str) -> list[Variant]:
     return list(dict.fromkeys(
-        _tc_variants(arch) + _simt_variants(arch) + _bwd_tc_variants(arch) + _bwd_simt_variants(arch)
+        _tc_variants(arch) + _simt_variants(arch) + _dmma_variants(arch) + _bwd_tc_variants(arch) + _bwd_simt_variants(arch)
     ))
 
 
@@ -182,6 +197,55 @@ def _smem_simt(variant: Variant) -> int:
     return _smem_simt_bytes(variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
 
 
+# --------------------------------------------------------------------------- DMMA (fp64 tensor cores)
+# fwd_dmma: float64 on mma.sync m8n8k4 .f64 (sm_80+). A block of `warps` warps owns block_m
+# query rows, block_m / warps per warp (8 or 16: one or two 8-row MMA tiles), each warp every
+# key of the tile and every output column. Per lane: 2 * (rows / 8) * (block_n / 8) doubles of
+# S and 2 * (rows / 8) * (head_dim / 8) of acc, so d <= 128 takes 16 rows per warp (fewer keys
+# as d grows) and wider heads 8. Shared memory: Q, K, V tiles row-major, rows of head_dim + 2
+# doubles. Candidates (block_m, block_n, warps) best first; the first that fits the arch's
+# shared memory is taken; where none fits (float64 d >= 224 on 99 KB parts) fwd_simt runs.
+# Every candidate compiles spill-free for sm_80 and sm_90a (162-254 registers, 1 block min).
+DMMA_DTYPES = ("float64",)
+
+_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
+    32: ((64, 64, 4),),
+    64: ((64, 64, 4),),   # 99 KB: two blocks (8 warps) per H100 SM
+    96: ((64, 32, 4),),
+    128: ((64, 16, 4),),  # 128x32 w8 spills on sm_90a with m16n8k8 (255 regs + 92 B)
+    160: ((32, 32, 4), (32, 16, 4)),
+    192: ((32, 32, 4), (32, 16, 4)),
+    224: ((32, 32, 4), (32, 16, 4)),
+    256: ((32, 32, 4), (32, 16, 4)),
+}
+
+
+def _smem_dmma_bytes(head_dim: int, block_m: int, block_n: int) -> int:
+    """Mirror of fwd_dmma.cu's kSmemBytes: Qs [m][d + 2], Ks and Vs [n][d + 2] doubles."""
+    return 8 * (block_m + 2 * block_n) * (head_dim + 2)
+
+
+def _dmma_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant | None:
+    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+    for block_m, block_n, warps in _DMMA_TABLE[head_dim]:
+        if _smem_dmma_bytes(head_dim, block_m, block_n) <= limit:
+            return Variant("fwd_dmma", dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
+    return None
+
+
+def _select_dmma(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant | None:
+    return _dmma_variant(dtype, bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS), has_window, arch)
+
+
+def _dmma_variants(arch: str) -> list[Variant]:
+    out = [_dmma_variant(dtype, d, w, arch) for dtype in DMMA_DTYPES for d in SIMT_HEAD_DIMS for w in (False, True)]
+    return [v for v in out if v is not None]
+
+
+def _smem_dmma(variant: Variant) -> int:
+    return _smem_dmma_bytes(variant.head_dim, variant.block_m, variant.block_n)
+
+
 # --------------------------------------------------------------------------- backward, tensor cores
 # bwd_dkdv_tc: a block owns block_n keys; each 16-key slice belongs to 16 * warps / block_n
 # warps (1 for d <= 128; 2 above, splitting dK/dV's columns so the fp32 accumulators fit the
@@ -243,12 +307,16 @@ def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, ar
     raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits sm_{arch}")
 
 
-def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
+def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
     if dtype not in TC_DTYPES:
         raise TypeError(f"cuflash: unsupported dtype {dtype}")
     d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
-    return (_bwd_tc_variant("bwd_dkdv_tc", dtype, d, has_window, arch),
-            _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch))
+    return BackwardVariants(
+        _bwd_prep_variant("bwd_delta", dtype, d, arch),
+        _bwd_tc_variant("bwd_dkdv_tc", dtype, d, has_window, arch),
+        _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch),
+        _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
+    )
 
 
 def _bwd_tc_variants(arch: str) -> list[Variant]:
@@ -322,10 +390,14 @@ def _bwd_simt_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, 
     raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
 
 
-def _select_bwd_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> tuple[Variant, Variant]:
+def _select_bwd_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
     d = bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS)
-    return (_bwd_simt_variant("bwd_dkdv_simt", dtype, d, has_window, arch),
-            _bwd_simt_variant("bwd_dq_simt", dtype, d, has_window, arch))
+    return BackwardVariants(
+        _bwd_prep_variant("bwd_delta", dtype, d, arch),
+        _bwd_simt_variant("bwd_dkdv_simt", dtype, d, has_window, arch),
+        _bwd_simt_variant("bwd_dq_simt", dtype, d, has_window, arch),
+        _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
+    )
 
 
 def _bwd_simt_variants(arch: str) -> list[Variant]:
@@ -344,10 +416,26 @@ def _smem_bwd_simt(variant: Variant) -> int:
     return _smem_bwd_simt_bytes(variant.kernel, variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
 
 
+# --------------------------------------------------------------------------- backward, delta and dQ conversion
+# bwd_delta (delta = rowsum(dO o O), dq_accum zeroed) and bwd_dq_convert (dQ = scale * dq_accum
+# in the input type), cuda_src/bwd_prep.cuh: memory-bound, every dtype, no shared memory, no
+# mask. A block of 4 warps owns 64 query rows (block_n = block_m: plan._launch tiles Lq either
+# way); the head-dim bucket only bounds the unrolled chunk loop.
+_BWD_PREP_TILE = (64, 64, 4, 1)  # block_m, block_n, warps, stages
+
+
+def _bwd_prep_variant(kernel: str, dtype: str, head_dim: int, arch: str) -> Variant:
+    block_m, block_n, warps, stages = _BWD_PREP_TILE
+    return Variant(kernel, dtype, head_dim, block_m, block_n, warps, stages, False, arch)
+
+
 # --------------------------------------------------------------------------- per kernel
 _SMEM_BY_KERNEL = {
+    "bwd_delta": lambda variant: 0,
+    "bwd_dq_convert": lambda variant: 0,
     "fwd_tc": _smem_tc,
     "fwd_simt": _smem_simt,
+    "fwd_dmma": _smem_dmma,
     "bwd_dkdv_tc": _smem_bwd_dkdv_tc,
     "bwd_dq_tc": _smem_bwd_dq_tc,
     "bwd_dkdv_simt": _smem_bwd_simt,
