@@ -9,7 +9,6 @@ the first case's, and times torch SDPA EFFICIENT_ATTENTION's backward on the sam
 from __future__ import annotations
 
 import argparse
-import math
 
 import cupy
 import numpy

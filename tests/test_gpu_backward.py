@@ -6,6 +6,7 @@ Run on a GPU machine with ``python -m pytest tests -q -m gpu``; skipped cleanly 
 """
 from __future__ import annotations
 
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
 import numpy
 import pytest
 
@@ -23,17 +24,9 @@ HEAD_DIMS = [1, 3, 32, 59, 64, 80, 96, 111, 128, 160, 192, 256]
 LENGTHS = [(1, 239), (97, 97), (113, 203), (203, 113), (128, 217), (1025, 1024), (2048, 2048)]
 
 
-def _dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return numpy.dtype(ml_dtypes.bfloat16)
-    return numpy.dtype(name)
-
-
 def _draw(rng, dtype, *shapes, magnitude=1.0):
     """Fresh random CuPy arrays (never zeros)."""
-    return [cupy.asarray((rng.standard_normal(s) * magnitude).astype(_dtype(dtype))) for s in shapes]
+    return [cupy.asarray((rng.standard_normal(s) * magnitude).astype(numpy.dtype(dtype))) for s in shapes]
 
 
 def _host(x):
@@ -44,7 +37,7 @@ def check_backward(rng, dtype, q, k, v, *, deterministic=False, dout=None, **opt
     """Forward on the GPU, backward from a random dout; hold (dq, dk, dv) to the reference."""
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     if dout is None:
-        dout = cupy.asarray(rng.standard_normal(out.shape).astype(_dtype(dtype)))
+        dout = cupy.asarray(rng.standard_normal(out.shape).astype(numpy.dtype(dtype)))
     inputs = [q, k, v, out, lse, dout]
     before = [cupy.asnumpy(x).tobytes() for x in inputs]
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
@@ -55,11 +48,11 @@ def check_backward(rng, dtype, q, k, v, *, deterministic=False, dout=None, **opt
     magnitudes = attention_backward_magnitudes(*exact, **options)
     baselines = (None,) * 3
     if dtype in ("float16", "bfloat16"):
-        baselines = attention_backward_ref_dtype(*exact, _dtype(dtype), **options)
+        baselines = attention_backward_ref_dtype(*exact, numpy.dtype(dtype), **options)
     for name, grad, x, reference, magnitude, baseline in zip("qkv", grads, (q, k, v), references, magnitudes, baselines):
         assert isinstance(grad, cupy.ndarray), f"d{name} is not a CuPy array"
         assert grad.shape == x.shape and grad.dtype == x.dtype, f"d{name}: {grad.shape} {grad.dtype}"
-        assert_close(_host(grad), reference, dtype=_dtype(dtype), baseline=baseline, magnitude=magnitude,
+        assert_close(_host(grad), reference, dtype=numpy.dtype(dtype), baseline=baseline, magnitude=magnitude,
                      kind="grad", name=f"d{name}")
     return grads
 

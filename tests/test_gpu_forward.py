@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
 import numpy
 import pytest
 
@@ -25,18 +26,10 @@ LENGTHS = [(1, 239), (97, 97), (113, 203), (203, 113), (128, 217), (1025, 1024),
 CAUSAL = [False, True, "top_left"]
 
 
-def _dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return numpy.dtype(ml_dtypes.bfloat16)
-    return numpy.dtype(name)
-
-
 def _inputs(rng, dtype, q_shape, k_shape, v_shape, magnitude=1.0):
     """Fresh random inputs (never zeros) on the GPU, and their float64 host copies."""
     host = [rng.standard_normal(s) * magnitude for s in (q_shape, k_shape, v_shape)]
-    dev = [cupy.asarray(x.astype(_dtype(dtype))) for x in host]
+    dev = [cupy.asarray(x.astype(numpy.dtype(dtype))) for x in host]
     exact = [cupy.asnumpy(x).astype(numpy.float64) for x in dev]  # what the kernel really sees
     return dev, exact
 
@@ -48,7 +41,7 @@ def _check(dtype, dev, exact, **options):
     # A poisoned buffer with a guard region before and after the output.
     guard = 257
     size = ref_out.size
-    buf = cupy.full(size + 2 * guard, numpy.nan, dtype=_dtype(dtype))
+    buf = cupy.full(size + 2 * guard, numpy.nan, dtype=numpy.dtype(dtype))
     out = buf[guard : guard + size].reshape(ref_out.shape)
     result, lse = cuflash.attention(q, k, v, out=out, return_lse=True, **options)
     assert result is out
@@ -58,10 +51,10 @@ def _check(dtype, dev, exact, **options):
     actual = cupy.asnumpy(out).astype(numpy.float64)
     baseline = None
     if dtype in ("float16", "bfloat16"):
-        baseline = attention_ref_dtype(*exact, dtype=_dtype(dtype), **options)[0]
+        baseline = attention_ref_dtype(*exact, dtype=numpy.dtype(dtype), **options)[0]
     # Softmax turns a relative score error into an absolute one of that size times |score|.
     magnitude = attention_magnitudes(*exact, **options)
-    assert_close(actual, ref_out, dtype=_dtype(dtype), baseline=baseline, magnitude=magnitude, kind="out", name="out")
+    assert_close(actual, ref_out, dtype=numpy.dtype(dtype), baseline=baseline, magnitude=magnitude, kind="out", name="out")
     lse_host = cupy.asnumpy(lse)
     assert lse.dtype == (numpy.float64 if dtype == "float64" else numpy.float32)
     assert_close(lse_host.astype(numpy.float64), ref_lse, dtype=lse_host.dtype, kind="lse", name="lse")
@@ -140,7 +133,7 @@ def test_bshd_views_run_without_copies(rng, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_odd_strides_and_offsets(rng, dtype):
     """Row strides that are not a whole number of vectors, a misaligned base, negative strides."""
-    big = cupy.asarray(rng.standard_normal((3, 211, 131)).astype(_dtype(dtype)))
+    big = cupy.asarray(rng.standard_normal((3, 211, 131)).astype(numpy.dtype(dtype)))
     q = big[:, :97, 1:60]            # odd row stride, base offset by one element
     k = big[:, 100:211, 3:62]
     v = big[::-1, 50:161, 5:20]      # negative batch stride
@@ -182,8 +175,8 @@ def test_non_default_stream(rng, dtype):
         snapshot = out.copy()  # ordered after the kernel on the same stream
     stream.synchronize()
     ref, _ = attention_ref(*exact, causal=True)
-    baseline = attention_ref_dtype(*exact, dtype=_dtype(dtype), causal=True)[0] if dtype == "bfloat16" else None
-    assert_close(cupy.asnumpy(snapshot).astype(numpy.float64), ref, dtype=_dtype(dtype), baseline=baseline, kind="out")
+    baseline = attention_ref_dtype(*exact, dtype=numpy.dtype(dtype), causal=True)[0] if dtype == "bfloat16" else None
+    assert_close(cupy.asnumpy(snapshot).astype(numpy.float64), ref, dtype=numpy.dtype(dtype), baseline=baseline, kind="out")
 
 
 def test_zero_size_axes():
