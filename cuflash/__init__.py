@@ -3,7 +3,7 @@
 CUDA C kernels in ``cuda_src/`` compiled at run time with NVRTC (no build step), called on
 CuPy arrays through a NumPy-like API; NumPy arrays run the same blocked algorithm on the CPU.
 """
-from ._api import attention, attention_backward
+from ._api import attention, attention_backward, attention_vjp
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_backward", "__version__"]
+__all__ = ["attention", "attention_backward", "attention_vjp", "__version__"]

@@ -90,3 +90,18 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     from ._gpu import plan
 
     return plan.backward(problem)
+
+
+def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, deterministic=False):
+    """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``.
+
+    The forward's ``out`` and ``lse`` are kept for the backward, which never re-runs the
+    forward. ``vjp`` may be called several times (with different ``dout``).
+    """
+    out, lse = attention(q, k, v, scale=scale, causal=causal, window=window, return_lse=True)
+
+    def vjp(dout):
+        return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
+                                  deterministic=deterministic)
+
+    return out, vjp

@@ -154,3 +154,14 @@ def test_backward_non_default_stream(rng, dtype):
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         check_backward(rng, dtype, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_attention_vjp_matches_the_explicit_backward(rng, dtype):
+    q, k, v, dout = _draw(rng, dtype, (2, 4, 150, 64), (2, 2, 190, 64), (2, 2, 190, 64), (2, 4, 150, 64))
+    out, vjp = cuflash.attention_vjp(q, k, v, causal=True, deterministic=True)
+    expected_out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert cupy.array_equal(out.view(cupy.uint8), expected_out.view(cupy.uint8))
+    expected = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    for got, want in zip(vjp(dout), expected):
+        assert cupy.array_equal(got.view(cupy.uint8), want.view(cupy.uint8))
