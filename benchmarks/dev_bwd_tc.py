@@ -38,10 +38,10 @@ times = collections.defaultdict(list)
 orig_launch = plan._launch
 
 
-def timed_launch(variant, grid_x, length, struct):
+def timed_launch(variant, grid_x, length, tile, struct):
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     start.record()
-    orig_launch(variant, grid_x, length, struct)
+    orig_launch(variant, grid_x, length, tile, struct)
     stop.record()
     times[variant.kernel].append((start, stop))
 

@@ -134,7 +134,7 @@ def forward(problem):
         o = _readable(cupy.empty(out_shape, dtype=p.dtype), vec)
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
-    _launch(variant, layout.grid_x, p.seqlen_q, _fwd_struct(p, layout, q, v))
+    _launch(variant, layout.grid_x, p.seqlen_q, variant.block_m, _fwd_struct(p, layout, q, v))
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
@@ -210,11 +210,10 @@ def _fwd_struct(p, layout: _Layout, q, v):
     return s
 
 
-def _launch(variant, grid_x: int, length: int, struct) -> None:
-    """One launch on CuPy's current stream: grid (attention rows, tiles of ``length``)."""
-    block = variant.block_m if variant.kernel.startswith(("fwd", "bwd_dq")) else variant.block_n
+def _launch(variant, grid_x: int, length: int, tile: int, struct) -> None:
+    """One launch on CuPy's current stream: grid (attention rows, tiles of ``tile`` over ``length``)."""
     kernels.get_kernel(variant)(
-        (grid_x, -(-length // block), 1),
+        (grid_x, -(-length // tile), 1),
         (variant.threads, 1, 1),
         (struct,),
         shared_mem=tiles.shared_memory_bytes(variant),
@@ -281,9 +280,12 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = 0 if dq_accum is None else dq_accum.data.ptr
 
-    _launch(variants.delta, layout.grid_x, p.seqlen_q, struct)
-    _launch(variants.dkdv, layout.grid_x, p.seqlen_k, struct)
-    _launch(variants.dq if p.deterministic else variants.dq_convert, layout.grid_x, p.seqlen_q, struct)
+    # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
+    # dQ kernel; (attention rows, key tiles) for the dK/dV kernel.
+    _launch(variants.delta, layout.grid_x, p.seqlen_q, variants.delta.block_m, struct)
+    _launch(variants.dkdv, layout.grid_x, p.seqlen_k, variants.dkdv.block_n, struct)
+    last = variants.dq if p.deterministic else variants.dq_convert
+    _launch(last, layout.grid_x, p.seqlen_q, last.block_m, struct)
 
     dv = _sum_to(dv, grads_shape[2], p.kv_group, accum, p.dtype)
     if p.head_dim == 0:

@@ -419,8 +419,8 @@ def _smem_bwd_simt(variant: Variant) -> int:
 # --------------------------------------------------------------------------- backward, delta and dQ conversion
 # bwd_delta (delta = rowsum(dO o O), dq_accum zeroed) and bwd_dq_convert (dQ = scale * dq_accum
 # in the input type), cuda_src/bwd_prep.cuh: memory-bound, every dtype, no shared memory, no
-# mask. A block of 4 warps owns 64 query rows (block_n = block_m: plan._launch tiles Lq either
-# way); the head-dim bucket only bounds the unrolled chunk loop.
+# mask. A block of 4 warps owns block_m = 64 query rows (block_n is unused and set equal);
+# the head-dim bucket only bounds the unrolled chunk loop.
 _BWD_PREP_TILE = (64, 64, 4, 1)  # block_m, block_n, warps, stages
 
 
