@@ -119,10 +119,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // S^T = K_j Q_i^T on this lane's TK keys x TQ queries (queries cg + 16 c).
         T s[TK][TQ];
-#pragma unroll
-        for (int r = 0; r < TK; ++r)
-#pragma unroll
-            for (int c = 0; c < TQ; ++c) s[r][c] = T(0);
+        simt::zero(s);
         simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(s, Ks + key0 * kLdD, kLdD, Qs + cg * kLdD, kLdD);
 
         // P = exp(S * scale - lse_i), recomputed exactly as the forward normalised it. Rows past
@@ -147,10 +144,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // dP^T = V_j dO_i^T on the same micro-tile; dS = P o (dP - delta_i).
         T ds[TK][TQ];
-#pragma unroll
-        for (int r = 0; r < TK; ++r)
-#pragma unroll
-            for (int c = 0; c < TQ; ++c) ds[r][c] = T(0);
+        simt::zero(ds);
         simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(ds, Vs + key0 * kLdD, kLdD, dOs + cg * kLdD, kLdD);
 #pragma unroll
         for (int r = 0; r < TK; ++r)
@@ -185,10 +179,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         // dQ_i += dS K_j (unscaled), added to the fp32 / fp64 workspace with atomics.
         if (dq_accum != nullptr) {
             T dq[TQr][TD];
-#pragma unroll
-            for (int r = 0; r < TQr; ++r)
-#pragma unroll
-                for (int c = 0; c < TD; ++c) dq[r][c] = T(0);
+            simt::zero(dq);
             simt_bwd::gemm_tn<T, TQr, TD, kBlockN, kUnroll>(dq, dSt + qrow0, kLdM, Ks, kLdD, cg);
 #pragma unroll
             for (int r = 0; r < TQr; ++r) {

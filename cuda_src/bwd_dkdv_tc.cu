@@ -137,11 +137,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     //   B from rows, non-transposed (Q_i, dO_i as n = queries, k = dims): rows (lane/16)*8 + lane%8,
     //     chunk (lane/8)%2 -- also dS^T read transposed as A (k = keys, m = queries)
     //   B transposed (Q_i, dO_i, K_j as k = rows, n = dims): rows ((lane/8)%2)*8 + lane%8, chunk lane/16
-    const unsigned a_lane = KVTile::offset(key_w + lane % 16, lane / 16);
-    const unsigned bn_lane = QTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-    const unsigned bt_lane = QTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
-    const unsigned ds_a_lane = DSTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-    const unsigned k_bt_lane = KVTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+    const unsigned a_lane = tc::a_lane<KVTile>(key_w, lane);
+    const unsigned bn_lane = tc::bn_lane<QTile>(lane);
+    const unsigned bt_lane = tc::bt_lane<QTile>(lane);
+    const unsigned ds_a_lane = tc::bn_lane<DSTile>(lane);
+    const unsigned k_bt_lane = tc::bt_lane<KVTile>(lane);
 
     unsigned k_regs[kKVInRegisters ? kKStepsD : 1][4], v_regs[kKVInRegisters ? kKStepsD : 1][4];
     if (kKVInRegisters) {
@@ -159,6 +159,19 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     for (int nt = 0; nt < kNTilesD; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[nt][e] = dv[nt][e] = 0.f;
+    // C = X_j Y_i^T (16 keys x kBlockM queries per warp) for X_j = K_j or V_j (from registers or
+    // from x_smem) and Y_i = Q_i or dO_i (the stage slot at y_slot).
+    auto kv_times_t = [&](float(&c)[kNTilesQ][4], unsigned x_smem, unsigned(&x_regs)[kKVInRegisters ? kKStepsD : 1][4],
+                          unsigned y_slot) {
+        tc::zero(c);
+#pragma unroll kUnrollD
+        for (int kk = 0; kk < kKStepsD; ++kk) {
+            unsigned a_smem[4];
+            if (!kKVInRegisters) ptx::ldmatrix_x4(x_smem + a_lane + KVTile::offset(0, kk * 2), a_smem);
+            const unsigned(&a)[4] = kKVInRegisters ? x_regs[kKVInRegisters ? kk : 0] : a_smem;
+            tc::mma_k16<Element, QTile, false>(c, a, y_slot + bn_lane, 0, kk * 2);
+        }
+    };
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
 
@@ -179,23 +192,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 
         // S^T = K_j Q_i^T  (16 keys x kBlockM queries per warp)
         float s[kNTilesQ][4];
-#pragma unroll
-        for (int nt = 0; nt < kNTilesQ; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-#pragma unroll kUnrollD
-        for (int kk = 0; kk < kKStepsD; ++kk) {
-            unsigned a_smem[4];
-            if (!kKVInRegisters) ptx::ldmatrix_x4(k_smem + a_lane + KVTile::offset(0, kk * 2), a_smem);
-            const unsigned(&a)[4] = kKVInRegisters ? k_regs[kKVInRegisters ? kk : 0] : a_smem;
-#pragma unroll
-            for (int np = 0; np < kNTilesQ / 2; ++np) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(q_slot + bn_lane + QTile::offset(np * 16, kk * 2), b);
-                ptx::mma_16816<Element>(s[2 * np], a, b[0], b[1]);
-                ptx::mma_16816<Element>(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        kv_times_t(s, k_smem, k_regs, q_slot);
 
         // P^T = exp2(S^T * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element. A row
         // that sees no key has lse = -inf: taken as +inf, so that P = exp2(-inf) = 0 exactly.
@@ -224,34 +221,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         for (int kk = 0; kk < kKStepsQ; ++kk) {
             unsigned a[4];
             tc::pack_a<Element>(s[2 * kk], s[2 * kk + 1], a);
-#pragma unroll
-            for (int dp = 0; dp < kNTilesD / 2; ++dp) {
-                unsigned b[4];
-                ptx::ldmatrix_x4_trans(do_slot + bt_lane + QTile::offset(kk * 16, col_w / 8 + dp * 2), b);
-                ptx::mma_16816<Element>(dv[2 * dp], a, b[0], b[1]);
-                ptx::mma_16816<Element>(dv[2 * dp + 1], a, b[2], b[3]);
-            }
+            tc::mma_k16<Element, QTile, true>(dv, a, do_slot + bt_lane, kk * 16, col_w / 8);
         }
 
         // dP^T = V_j dO_i^T
         float dp[kNTilesQ][4];
-#pragma unroll
-        for (int nt = 0; nt < kNTilesQ; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[nt][e] = 0.f;
-#pragma unroll kUnrollD
-        for (int kk = 0; kk < kKStepsD; ++kk) {
-            unsigned a_smem[4];
-            if (!kKVInRegisters) ptx::ldmatrix_x4(v_smem + a_lane + KVTile::offset(0, kk * 2), a_smem);
-            const unsigned(&a)[4] = kKVInRegisters ? v_regs[kKVInRegisters ? kk : 0] : a_smem;
-#pragma unroll
-            for (int np = 0; np < kNTilesQ / 2; ++np) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(do_slot + bn_lane + QTile::offset(np * 16, kk * 2), b);
-                ptx::mma_16816<Element>(dp[2 * np], a, b[0], b[1]);
-                ptx::mma_16816<Element>(dp[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        kv_times_t(dp, v_smem, v_regs, do_slot);
 
         // dS^T = P^T o (dP^T - delta_i), in place of dP^T
 #pragma unroll
@@ -266,13 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         for (int kk = 0; kk < kKStepsQ; ++kk) {
             unsigned a[4];
             tc::pack_a<Element>(dp[2 * kk], dp[2 * kk + 1], a);
-#pragma unroll
-            for (int dq = 0; dq < kNTilesD / 2; ++dq) {
-                unsigned b[4];
-                ptx::ldmatrix_x4_trans(q_slot + bt_lane + QTile::offset(kk * 16, col_w / 8 + dq * 2), b);
-                ptx::mma_16816<Element>(dk[2 * dq], a, b[0], b[1]);
-                ptx::mma_16816<Element>(dk[2 * dq + 1], a, b[2], b[3]);
-            }
+            tc::mma_k16<Element, QTile, true>(dk, a, q_slot + bt_lane, kk * 16, col_w / 8);
         }
 
         if (with_dq) {
@@ -295,22 +264,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             for (int u = warp; u < kDqUnits; u += kWarps) {
                 const int mt = u % (kBlockM / 16), chunk = u / (kBlockM / 16);
                 float acc[kDqCols / 8][4];
-#pragma unroll
-                for (int nt = 0; nt < kDqCols / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+                tc::zero(acc);
 #pragma unroll
                 for (int kk = 0; kk < kKStepsN; ++kk) {
                     unsigned a[4];
                     ptx::ldmatrix_x4_trans(ds_smem + ds_a_lane + DSTile::offset(kk * 16, mt * 2), a);
-#pragma unroll
-                    for (int dq = 0; dq < kDqCols / 16; ++dq) {
-                        unsigned b[4];
-                        ptx::ldmatrix_x4_trans(
-                            k_smem + k_bt_lane + KVTile::offset(kk * 16, chunk * (kDqCols / 8) + dq * 2), b);
-                        ptx::mma_16816<Element>(acc[2 * dq], a, b[0], b[1]);
-                        ptx::mma_16816<Element>(acc[2 * dq + 1], a, b[2], b[3]);
-                    }
+                    tc::mma_k16<Element, KVTile, true>(acc, a, k_smem + k_bt_lane, kk * 16, chunk * (kDqCols / 8));
                 }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {

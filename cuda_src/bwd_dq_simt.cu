@@ -75,10 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     T dQ[TM][TD];
-#pragma unroll
-    for (int r = 0; r < TM; ++r)
-#pragma unroll
-        for (int c = 0; c < TD; ++c) dQ[r][c] = T(0);
+    simt::zero(dQ);
     const T scale = M::scale(f);
 
     if (range.first < range.last) {
@@ -98,10 +95,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // S = Q_i K_j^T on this lane's TM rows x TN keys (keys cg + 16 c).
         T s[TM][TN];
-#pragma unroll
-        for (int r = 0; r < TM; ++r)
-#pragma unroll
-            for (int c = 0; c < TN; ++c) s[r][c] = T(0);
+        simt::zero(s);
         simt_bwd::gemm_nt<T, TM, TN, kHeadDim, kUnroll>(s, Qs + row0 * kLdD, kLdD, Ks + cg * kLdD, kLdD);
 
         // P = exp(S * scale - lse_i): 0 for rows past Lq or that saw no key, and for masked
@@ -120,10 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // dP = dO_i V_j^T; dS = P o (dP - delta_i).
         T ds[TM][TN];
-#pragma unroll
-        for (int r = 0; r < TM; ++r)
-#pragma unroll
-            for (int c = 0; c < TN; ++c) ds[r][c] = T(0);
+        simt::zero(ds);
         simt_bwd::gemm_nt<T, TM, TN, kHeadDim, kUnroll>(ds, dOs + row0 * kLdD, kLdD, Vs + cg * kLdD, kLdD);
 #pragma unroll
         for (int r = 0; r < TM; ++r) {

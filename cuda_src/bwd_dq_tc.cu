@@ -104,18 +104,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     // Per-lane ldmatrix addresses (as fwd_tc.cu). Q_i, dO_i (A): rows lane%16, chunk lane/16.
     // K_j, V_j as B with n = keys: rows (lane/16)*8 + lane%8, chunk (lane/8)%2. K_j as B with
     // k = keys (ldmatrix.trans): rows ((lane/8)%2)*8 + lane%8, chunk lane/16.
-    const unsigned q_lane = q_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
-    const unsigned do_lane = do_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
-    const unsigned bn_lane = KVTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-    const unsigned bt_lane = KVTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+    const unsigned q_lane = q_smem + tc::a_lane<QTile>(warp_row0, lane);
+    const unsigned do_lane = do_smem + tc::a_lane<QTile>(warp_row0, lane);
+    const unsigned bn_lane = tc::bn_lane<KVTile>(lane);
+    const unsigned bt_lane = tc::bt_lane<KVTile>(lane);
 
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesD; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    tc::zero(acc);
     const float scale_log2 = f.scale_log2;
 
     for (int j = range.first; j < range.last; ++j) {
@@ -140,28 +135,10 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
             unsigned a[kMTiles][4];
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
-#pragma unroll
-            for (int np = 0; np < kNTilesS / 2; ++np) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(k_slot + bn_lane + KVTile::offset(np * 16, kk * 2), b);
-#pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) {
-                    ptx::mma_16816<Element>(s[mt][2 * np], a[mt], b[0], b[1]);
-                    ptx::mma_16816<Element>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-                }
-            }
+            tc::mma_k16<Element, KVTile, false>(s, a, k_slot + bn_lane, 0, kk * 2);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(do_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
-#pragma unroll
-            for (int np = 0; np < kNTilesS / 2; ++np) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(v_slot + bn_lane + KVTile::offset(np * 16, kk * 2), b);
-#pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) {
-                    ptx::mma_16816<Element>(dp[mt][2 * np], a[mt], b[0], b[1]);
-                    ptx::mma_16816<Element>(dp[mt][2 * np + 1], a[mt], b[2], b[3]);
-                }
-            }
+            tc::mma_k16<Element, KVTile, false>(dp, a, v_slot + bn_lane, 0, kk * 2);
         }
 
         // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i).
@@ -186,16 +163,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
             unsigned a[kMTiles][4];
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(dp[mt][2 * kk], dp[mt][2 * kk + 1], a[mt]);
-#pragma unroll
-            for (int dq = 0; dq < kNTilesD / 2; ++dq) {
-                unsigned b[4];
-                ptx::ldmatrix_x4_trans(k_slot + bt_lane + KVTile::offset(kk * 16, dq * 2), b);
-#pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) {
-                    ptx::mma_16816<Element>(acc[mt][2 * dq], a[mt], b[0], b[1]);
-                    ptx::mma_16816<Element>(acc[mt][2 * dq + 1], a[mt], b[2], b[3]);
-                }
-            }
+            tc::mma_k16<Element, KVTile, true>(acc, a, k_slot + bt_lane, kk * 16, 0);
         }
     }
 

@@ -25,6 +25,7 @@
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
+#include "simt_tile.cuh"
 
 namespace cuflash {
 namespace simt_bwd {
@@ -46,64 +47,15 @@ template <> struct Math<double> {
     static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
 };
 
-// 16-byte vectors of T (the element type's own vector, so the compiler keeps the registers).
-template <typename T> struct Vec;
-template <> struct Vec<float> { using V16 = float4; };
-template <> struct Vec<double> { using V16 = double2; };
-
+using simt::lds;
+using simt::sts;
 template <typename T>
 constexpr int kVec16 = int(16 / sizeof(T));  // elements per 16 bytes: 4 floats, 2 doubles
 
-// N contiguous elements of 16-byte-aligned shared memory into registers, widest vectors first.
-template <typename T, int N>
-__device__ __forceinline__ void lds(T (&dst)[N], const T* src) {
-    if constexpr ((N * sizeof(T)) % 16 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / kVec16<T>; ++i) {
-            const typename Vec<T>::V16 v = reinterpret_cast<const typename Vec<T>::V16*>(src)[i];
-            if constexpr (kVec16<T> == 4) {
-                dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
-            } else {
-                dst[2 * i] = v.x; dst[2 * i + 1] = v.y;
-            }
-        }
-    } else if constexpr (sizeof(T) == 4 && N % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / 2; ++i) {
-            const float2 v = reinterpret_cast<const float2*>(src)[i];
-            dst[2 * i] = v.x; dst[2 * i + 1] = v.y;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) dst[i] = src[i];
-    }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void sts(T* dst, const T (&src)[N]) {
-    if constexpr ((N * sizeof(T)) % 16 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / kVec16<T>; ++i) {
-            typename Vec<T>::V16 v;
-            if constexpr (kVec16<T> == 4) {
-                v.x = src[4 * i]; v.y = src[4 * i + 1]; v.z = src[4 * i + 2]; v.w = src[4 * i + 3];
-            } else {
-                v.x = src[2 * i]; v.y = src[2 * i + 1];
-            }
-            reinterpret_cast<typename Vec<T>::V16*>(dst)[i] = v;
-        }
-    } else if constexpr (sizeof(T) == 4 && N % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / 2; ++i) reinterpret_cast<float2*>(dst)[i] = make_float2(src[2 * i], src[2 * i + 1]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) dst[i] = src[i];
-    }
-}
-
 // Columns of a gemm_tn micro-tile: TW columns as TW / kVec chunks of kVec adjacent ones; chunk
 // ch of lane cg starts at ch * 16 * kVec + cg * kVec, so for one chunk the 16 lanes of a row
-// group read one contiguous run of 16 * kVec elements.
+// group read one contiguous run of 16 * kVec elements. (simt::Cols numbers the chunks; this one
+// the values. Kept apart from it: its static members are symbols of the bwd cubins.)
 template <typename T, int TW>
 struct Cols {
     static constexpr int kVec = (TW * sizeof(T)) % 16 == 0 && (16 / sizeof(T)) <= TW

@@ -54,16 +54,6 @@ __device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, 
     }
 }
 
-// The A fragment of an m16k16 MMA from two adjacent n8 accumulator tiles (k = 2kk, 2kk+1),
-// rounded to 16 bits: the accumulator layout of S / dS is the operand layout of the next MMA.
-template <typename Element>
-__device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4], unsigned (&a)[4]) {
-    a[0] = ptx::pack2<Element>(lo[0], lo[1]);
-    a[1] = ptx::pack2<Element>(lo[2], lo[3]);
-    a[2] = ptx::pack2<Element>(hi[0], hi[1]);
-    a[3] = ptx::pack2<Element>(hi[2], hi[3]);
-}
-
 // The inverse of ptx::pack2: a packed pair of 16-bit values widened to floats (exact).
 template <typename Element>
 __device__ __forceinline__ float2 unpack2(unsigned packed);

@@ -104,9 +104,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of an m16k16 tile. K (B operand, K rows are the n
     // index): (keys 0-7, dims 0-7), (keys 0-7, dims 8-15), (keys 8-15, dims 0-7), (keys 8-15, dims 8-15).
     // V (B operand through .trans, V rows are the k index): (keys 0-7 | 8-15) x (dims 0-7 | 8-15).
-    const unsigned q_lane = q_smem + QTile::offset(warp_row0 + lane % 16, lane / 16);
-    const unsigned k_lane = KVTile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2);
-    const unsigned v_lane = KVTile::kBytes + KVTile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16);
+    const unsigned q_lane = q_smem + tc::a_lane<QTile>(warp_row0, lane);
+    const unsigned k_lane = tc::bn_lane<KVTile>(lane);
+    const unsigned v_lane = KVTile::kBytes + tc::bt_lane<KVTile>(lane);
     auto q_fragment = [&](int mt, int kk, unsigned (&a)[4]) {
         ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a);
     };
@@ -121,23 +121,18 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         q_loader.negate(q_smem, tid);        // published by the first barrier below
     }
 
-    unsigned q_regs[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKStepsQK : 1][4];
+    unsigned q_regs[kQInRegisters ? kKStepsQK : 1][kQInRegisters ? kMTiles : 1][4];
     if (kQInRegisters) {
         ptx::cp_async_wait<kStages - 1>();  // Q's group, not yet the K/V tiles
         __syncthreads();
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-            for (int kk = 0; kk < kKStepsQK; ++kk) q_fragment(mt, kk, q_regs[kQInRegisters ? mt : 0][kQInRegisters ? kk : 0]);
+            for (int kk = 0; kk < kKStepsQK; ++kk) q_fragment(mt, kk, q_regs[kQInRegisters ? kk : 0][kQInRegisters ? mt : 0]);
     }
 
     float acc[kMTiles][kNTilesO][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesO; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    tc::zero(acc);
     tc::OnlineSoftmax<kMTiles> softmax;
 
     // Key tiles j in [range.first, range.last). Tiles in [full_first, full_last) are seen whole by
@@ -155,30 +150,16 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
         // S = Q K_j^T
         float s[kMTiles][kNTilesS][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+        tc::zero(s);
 #pragma unroll
         for (int kk = 0; kk < kKStepsQK; ++kk) {
-            unsigned a_smem[kQInRegisters ? 1 : kMTiles][4];
-            if (!kQInRegisters) {
+            if constexpr (kQInRegisters) {
+                tc::mma_k16<Element, KVTile, false>(s, q_regs[kk], slot + k_lane, 0, kk * 2);
+            } else {
+                unsigned a[kMTiles][4];
 #pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) q_fragment(mt, kk, a_smem[kQInRegisters ? 0 : mt]);
-            }
-#pragma unroll
-            for (int np = 0; np < kNTilesS / 2; ++np) {
-                unsigned b[4];
-                ptx::ldmatrix_x4(slot + k_lane + KVTile::offset(np * 16, kk * 2), b);
-#pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) {
-                    const unsigned(&a)[4] = kQInRegisters ? q_regs[kQInRegisters ? mt : 0][kQInRegisters ? kk : 0]
-                                                          : a_smem[kQInRegisters ? 0 : mt];
-                    ptx::mma_16816<Element>(s[mt][2 * np], a, b[0], b[1]);
-                    ptx::mma_16816<Element>(s[mt][2 * np + 1], a, b[2], b[3]);
-                }
+                for (int mt = 0; mt < kMTiles; ++mt) q_fragment(mt, kk, a[mt]);
+                tc::mma_k16<Element, KVTile, false>(s, a, slot + k_lane, 0, kk * 2);
             }
         }
 
@@ -203,12 +184,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         for (int kk = 0; kk < kKStepsPV; ++kk) {
             unsigned a[kMTiles][4];
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-                a[mt][0] = ptx::pack2<Element>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = ptx::pack2<Element>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = ptx::pack2<Element>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = ptx::pack2<Element>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(s[mt][2 * kk], s[mt][2 * kk + 1], a[mt]);
+            // Spelled out rather than tc::mma_k16<..., true>: through the helper, NVRTC emits
+            // different code for d96 128x32 (this form is the one verified on the GPU).
 #pragma unroll
             for (int dp = 0; dp < kNTilesO / 2; ++dp) {
                 unsigned b[4];

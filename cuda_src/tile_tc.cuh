@@ -145,5 +145,86 @@ __device__ __forceinline__ void store_rows(unsigned smem, unsigned short* gmem, 
     }
 }
 
+// ---- mma.sync m16n8k16 fragments (layouts: ptx.cuh). A warp's accumulator tile C is
+// float[kMTiles][kNTiles][4]: m16 tiles x n8 tiles x this lane's 4 elements.
+
+// C = 0.
+template <int M, int N>
+__device__ __forceinline__ void zero(float (&c)[M][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
+}
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[nt][e] = 0.f;
+}
+
+// Per-lane ldmatrix_x4 offsets into a Tile, to which the fragment's (row, chunk) offset is added:
+//   a_lane:  A operand, m16k16 from rows row0.. (m = rows, k = columns): rows lane%16, chunk lane/16
+//   bn_lane: B operand, two n8k16 from rows (n = rows, k = columns; K for Q K^T):
+//            (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15)
+//   bt_lane: B operand through .trans, k16n16 (k = rows, n = columns; V for P V):
+//            (rows 0-7 | 8-15) x (columns 0-7 | 8-15)
+template <typename Tile>
+__device__ __forceinline__ unsigned a_lane(int row0, int lane) { return Tile::offset(row0 + lane % 16, lane / 16); }
+template <typename Tile>
+__device__ __forceinline__ unsigned bn_lane(int lane) { return Tile::offset((lane / 16) * 8 + lane % 8, (lane / 8) % 2); }
+template <typename Tile>
+__device__ __forceinline__ unsigned bt_lane(int lane) { return Tile::offset(((lane / 8) % 2) * 8 + lane % 8, lane / 16); }
+
+// One k16 step of C += A B over every n8 tile of C: C[mt][n] += A[mt] B_n. B's fragments for
+// n8 tiles (2 np, 2 np + 1) are one ldmatrix_x4 at b_lane + Tile::offset(...), b_lane from
+// bn_lane (kTrans = false: B's rows are the n index, rows row0 + 16 np, chunk chunk0) or
+// bt_lane (kTrans = true: B's rows are the k index, rows row0, chunk chunk0 + 2 np).
+template <typename Element, typename Tile, bool kTrans, int M, int N>
+__device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const unsigned (&a)[M][4], unsigned b_lane, int row0,
+                                        int chunk0) {
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+        unsigned b[4];
+        if (kTrans)
+            ptx::ldmatrix_x4_trans(b_lane + Tile::offset(row0, chunk0 + np * 2), b);
+        else
+            ptx::ldmatrix_x4(b_lane + Tile::offset(row0 + np * 16, chunk0), b);
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) {
+            ptx::mma_16816<Element>(c[mt][2 * np], a[mt], b[0], b[1]);
+            ptx::mma_16816<Element>(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+    }
+}
+// The same for one m16 tile (C = float[N][4], A = one fragment).
+template <typename Element, typename Tile, bool kTrans, int N>
+__device__ __forceinline__ void mma_k16(float (&c)[N][4], const unsigned (&a)[4], unsigned b_lane, int row0,
+                                        int chunk0) {
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+        unsigned b[4];
+        if (kTrans)
+            ptx::ldmatrix_x4_trans(b_lane + Tile::offset(row0, chunk0 + np * 2), b);
+        else
+            ptx::ldmatrix_x4(b_lane + Tile::offset(row0 + np * 16, chunk0), b);
+        ptx::mma_16816<Element>(c[2 * np], a, b[0], b[1]);
+        ptx::mma_16816<Element>(c[2 * np + 1], a, b[2], b[3]);
+    }
+}
+
+// The A fragment of an m16k16 MMA from two adjacent n8 accumulator tiles (k = 2kk, 2kk+1),
+// rounded to 16 bits: the accumulator layout of S / dS is the operand layout of the next MMA.
+template <typename Element>
+__device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4], unsigned (&a)[4]) {
+    a[0] = ptx::pack2<Element>(lo[0], lo[1]);
+    a[1] = ptx::pack2<Element>(lo[2], lo[3]);
+    a[2] = ptx::pack2<Element>(hi[0], hi[1]);
+    a[3] = ptx::pack2<Element>(hi[2], hi[3]);
+}
+
 }  // namespace tc
 }  // namespace cuflash
