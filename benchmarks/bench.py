@@ -39,6 +39,7 @@ on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import datetime
 import gc
@@ -325,22 +326,23 @@ class Config:
         return dataclasses.asdict(self) | {"flops": self.flops, "kv_bytes": self.kv_bytes}
 
 
+def _head_layouts(args: argparse.Namespace):
+    """(mode, dtype, D, causal, heads) of a sweep, in order: heads * D = hidden."""
+    for mode, dtype, headdim, causal in itertools.product(args.mode, args.dtype, args.headdim, args.causal):
+        if args.hidden % headdim:
+            raise SystemExit(f"--hidden {args.hidden} is not a multiple of D={headdim}")
+        yield mode, dtype, headdim, causal, args.hidden // headdim
+
+
 def training_configs(args: argparse.Namespace) -> list[Config]:
     """The FlashAttention-2 training sweep: batch * L = tokens, heads * D = hidden."""
     configs = []
-    for mode in args.mode:
-        for dtype in args.dtype:
-            for headdim in args.headdim:
-                if args.hidden % headdim:
-                    raise SystemExit(f"--hidden {args.hidden} is not a multiple of D={headdim}")
-                for causal in args.causal:
-                    for seqlen in args.seqlen:
-                        if seqlen > args.tokens or args.tokens % seqlen:
-                            raise SystemExit(
-                                f"--seqlen {seqlen} does not divide --tokens {args.tokens}")
-                        configs.append(Config(mode, dtype, headdim, causal, seqlen, seqlen,
-                                              batch=args.tokens // seqlen,
-                                              heads=args.hidden // headdim))
+    for mode, dtype, headdim, causal, heads in _head_layouts(args):
+        for seqlen in args.seqlen:
+            if seqlen > args.tokens or args.tokens % seqlen:
+                raise SystemExit(f"--seqlen {seqlen} does not divide --tokens {args.tokens}")
+            configs.append(Config(mode, dtype, headdim, causal, seqlen, seqlen,
+                                  batch=args.tokens // seqlen, heads=heads))
     return configs
 
 
@@ -348,18 +350,11 @@ def decode_configs(args: argparse.Namespace) -> list[Config]:
     """Decode-like shapes: Lq query rows against an Lk-long KV cache, heads * D = hidden,
     batch = kv_tokens // Lk (at least 1) so that K+V stay a few GB whatever Lk is."""
     configs = []
-    for mode in args.mode:
-        for dtype in args.dtype:
-            for headdim in args.headdim:
-                if args.hidden % headdim:
-                    raise SystemExit(f"--hidden {args.hidden} is not a multiple of D={headdim}")
-                for causal in args.causal:
-                    for seqlen_q in args.decode_lq:
-                        for seqlen_k in args.decode_lk:
-                            configs.append(Config(
-                                mode, dtype, headdim, causal, seqlen_q, seqlen_k,
-                                batch=max(1, args.decode_kv_tokens // seqlen_k),
-                                heads=args.hidden // headdim))
+    for mode, dtype, headdim, causal, heads in _head_layouts(args):
+        for seqlen_q in args.decode_lq:
+            for seqlen_k in args.decode_lk:
+                configs.append(Config(mode, dtype, headdim, causal, seqlen_q, seqlen_k,
+                                      batch=max(1, args.decode_kv_tokens // seqlen_k), heads=heads))
     return configs
 
 
