@@ -247,23 +247,24 @@ def _smem_dmma(variant: Variant) -> int:
 
 
 # --------------------------------------------------------------------------- backward, tensor cores
-# bwd_dkdv_tc: a block owns block_n keys; each 16-key slice belongs to 16 * warps / block_n
-# warps (1 for d <= 128; 2 above, splitting dK/dV's columns so the fp32 accumulators fit the
-# register file), and block_m queries stream through `stages` (Q, dO) slots. Shared memory:
-# K, V, dS^T, and per stage Q, dO and 2 * block_m floats (lse, delta).
+# bwd_dkdv_tc: a block owns block_n keys and streams block_m queries through `stages` (Q, dO)
+# slots; its warps (an even count) tile S / dP as 2 x warps/2 (queries x keys), dK / dV as
+# warps/2 x 2 (keys x dims), so block_m / 2 and 2 * block_n / warps are multiples of 16; dK and
+# dV hold 2 * block_n * head_dim / threads fp32 registers per thread (<= 128 keeps them beside
+# S and dP). Shared memory: K, V, P, dS, and per stage Q, dO and 2 * block_m floats (lse, delta).
 # bwd_dq_tc (deterministic dQ): as fwd_tc, a block owns block_m queries (16 rows per warp),
 # Q and dO resident, K and V streamed in `stages` slots.
 # Candidates (block_m, block_n, warps, stages), best first; the first that fits the arch's
 # shared memory is taken; the last ones keep every bucket runnable on 99 KB parts.
 _BWD_DKDV_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    32: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
-    64: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
-    96: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
-    128: ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
-    160: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    192: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    224: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    256: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    32: ((128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2)),
+    64: ((128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2)),
+    96: ((64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)),
+    128: ((64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)),
+    160: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
+    192: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
+    224: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
+    256: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
 }
 _BWD_DQ_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     32: ((64, 64, 4, 2),),
@@ -285,9 +286,9 @@ def _tc_pitch(width: int) -> int:
 def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of bwd_dkdv_tc.cu's kSmemBytes."""
     kv = 2 * block_n * _tc_pitch(head_dim)
-    ds = block_n * _tc_pitch(block_m)
+    p_ds = 2 * block_m * _tc_pitch(block_n)
     stage = 2 * block_m * _tc_pitch(head_dim) + 2 * block_m * 4
-    return kv + ds + stages * stage
+    return kv + p_ds + stages * stage
 
 
 def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
