@@ -437,12 +437,14 @@ def collect_environment(libs: Libraries) -> dict:
     name = props["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     torch = libs.torch
-    commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
-    status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if commit else None
-    # The device machine gets the working tree without .git: the caller passes the commit.
-    commit_source = "git" if commit else ("CUFLASH_COMMIT" if os.environ.get("CUFLASH_COMMIT")
-                                          else None)
-    commit = commit or os.environ.get("CUFLASH_COMMIT", "").strip() or None
+    # A copy of the tree (a lent GPU machine's) may carry no .git, or a stale one: a commit the
+    # caller names in CUFLASH_COMMIT wins over what git says.
+    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
+    commit_source = "CUFLASH_COMMIT" if commit else None
+    if commit is None:
+        commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
+        commit_source = "git" if commit else None
+    status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if commit_source == "git" else None
     driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
                              f"--id={device_id}")
     return {
