@@ -363,7 +363,14 @@ def record_markdown(record: dict, json_path: Path, pngs: list[Path], relative_to
             f"[{p.stem.split('_', 2)[-1]}]({Path(_relative(p, relative_to)).as_posix()})"
             for p in others))] if others else [])
     body = SECTIONS[sweep](record, images, condensed)
-    return "\n".join([f"{heading} {HEADINGS[sweep]}", "", environment_line(record)
+    title = HEADINGS[sweep]
+    if sweep == "training":  # several training records side by side: say which sweep each is
+        rows = record["rows"]
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+        dims = list(dict.fromkeys(str(r["headdim"]) for r in rows))
+        title += f": {', '.join(modes)} · {', '.join(dtypes)} · D {', '.join(dims)}"
+    return "\n".join([f"{heading} {title}", "", environment_line(record)
                       + f" Data: [{json_path.name}]({link}).", "", *body]).rstrip() + "\n"
 
 
