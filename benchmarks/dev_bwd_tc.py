@@ -24,13 +24,13 @@ parser.add_argument("--L", default="16384")
 parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--causal", default="0,1")
 parser.add_argument("--dkdv-source", default="", help="'|'-separated bwd_dkdv_tc sources; empty = cuda_src's")
-parser.add_argument("--tile", default="", help="block_m,block_n,warps of bwd_dkdv_tc for --d (default: tiles.py)")
+parser.add_argument("--tile", default="", help="block_m,block_n,warps[,stages] of bwd_dkdv_tc for --d (default: tiles.py)")
 args = parser.parse_args()
 if args.tile:
     from cuflash._gpu import tiles
 
-    bm, bn, w = map(int, args.tile.split(","))
-    tiles._BWD_DKDV_TC_TABLE[args.d] = ((bm, bn, w, 2),)
+    bm, bn, w, *stages = map(int, args.tile.split(","))
+    tiles._BWD_DKDV_TC_TABLE[args.d] = ((bm, bn, w, stages[0] if stages else 2),)
 
 base_options = kernels.compile_options
 base_source = kernels.kernel_source

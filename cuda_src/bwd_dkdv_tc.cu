@@ -50,8 +50,10 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kKStepsD = kHeadDim / 16;                   // k16 steps of Q K^T and dO V^T
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr bool kRedV2 = true;                             // vector fp32 reductions exist from sm_90
+    constexpr bool kHasStMatrix = true;                       // ... and stmatrix
 #else
     constexpr bool kRedV2 = false;
+    constexpr bool kHasStMatrix = false;
 #endif
     static_assert(kWarps % 2 == 0 && kSRows % 16 == 0 && kSCols % 16 == 0 && kKVRows % 16 == 0 &&
                       kKVCols % 16 == 0 && kHeadDim % kDqCols == 0,
@@ -155,17 +157,29 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             tc::mma_k16<Element, QTile, true>(c, a, b_slot + q_bt_lane, kk * 16, kv_col / 8);
         }
     };
-    // The warp's S-grid accumulator as 16-bit pairs into a queries x keys tile.
+    // The warp's S-grid accumulator as 16-bit pairs into a queries x keys tile: on sm_90 one
+    // stmatrix per two n8 tiles of an m16 tile (matrices: rows 0-7 | 8-15 of tile nt, then of
+    // nt + 1; lane l addresses row l % 8 of matrix l / 8), else one 4-byte store per pair.
+    const unsigned st_lane = PTile::offset(s_row + ((lane / 8) % 2) * 8 + lane % 8, s_col / 8 + lane / 16);
     auto store_s_tile = [&](const float(&c)[kSM][kSN][4], unsigned dst) {
 #pragma unroll
         for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < kSN; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    ptx::st_shared_b32(dst + PTile::offset(s_row + mt * 16 + lane / 4 + 8 * h, (s_col + nt * 8) / 8) +
-                                           4 * (lane % 4),
-                                       ptx::pack2<Element>(c[mt][nt][2 * h], c[mt][nt][2 * h + 1]));
+            for (int np = 0; np < kSN / 2; ++np) {
+                const float(&lo)[4] = c[mt][2 * np];
+                const float(&hi)[4] = c[mt][2 * np + 1];
+                if constexpr (kHasStMatrix) {
+                    ptx::stmatrix_x4(dst + st_lane + PTile::offset(mt * 16, 2 * np), ptx::pack2<Element>(lo[0], lo[1]),
+                                     ptx::pack2<Element>(lo[2], lo[3]), ptx::pack2<Element>(hi[0], hi[1]),
+                                     ptx::pack2<Element>(hi[2], hi[3]));
+                } else {
+                    const unsigned base = dst + PTile::offset(s_row + mt * 16 + lane / 4, s_col / 8 + 2 * np) + 4 * (lane % 4);
+                    ptx::st_shared_b32(base, ptx::pack2<Element>(lo[0], lo[1]));
+                    ptx::st_shared_b32(base + PTile::offset(8, 0), ptx::pack2<Element>(lo[2], lo[3]));
+                    ptx::st_shared_b32(base + PTile::offset(0, 1), ptx::pack2<Element>(hi[0], hi[1]));
+                    ptx::st_shared_b32(base + PTile::offset(8, 1), ptx::pack2<Element>(hi[2], hi[3]));
+                }
+            }
     };
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;

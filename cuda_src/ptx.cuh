@@ -207,6 +207,20 @@ __device__ __forceinline__ void red_add_v2_f32(float* addr, float a, float b) {
 #endif
 }
 
+// stmatrix .x4 (sm_90+): the inverse of ldmatrix_x4. Lanes 8i..8i+7 give the row addresses
+// (16 bytes each) of matrix i; every lane's register i holds the two elements of matrix i at
+// row lane/4, columns 2*(lane%4), 2*(lane%4)+1: an mma accumulator pair, once packed, so four
+// 8x8 accumulator tiles leave in one instruction instead of four 4-byte stores per lane.
+__device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3)
+                 : "memory");
+#else
+    __trap();  // callers test kHasStMatrix first
+#endif
+}
+
 }  // namespace ptx
 }  // namespace cuflash
 
