@@ -187,7 +187,13 @@ def _as_array(name: str, obj):
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__") and not isinstance(obj, numpy.generic):
         device_type = int(obj.__dlpack_device__()[0])
         if device_type == _DLPACK_CPU:
-            return numpy.from_dlpack(obj)
+            try:
+                return numpy.from_dlpack(obj)
+            except (BufferError, RuntimeError, TypeError, ValueError) as error:
+                array = _cpu_bfloat16(obj)
+                if array is None:
+                    raise TypeError(f"{name}: NumPy cannot import this CPU DLPack array: {error}") from error
+                return array
         if device_type == _DLPACK_CUDA:
             try:
                 import cupy
@@ -198,6 +204,26 @@ def _as_array(name: str, obj):
     raise TypeError(
         f"{name} must be a numpy.ndarray, a cupy.ndarray or a DLPack array (CPU or CUDA), got {type(obj).__name__}"
     )
+
+
+def _cpu_bfloat16(obj):
+    """A CPU bfloat16 array that numpy.from_dlpack refuses (NumPy has no bfloat16 in DLPack),
+    as an ml_dtypes.bfloat16 view of the same memory; None if ``obj`` is not one."""
+    if "bfloat16" not in str(getattr(obj, "dtype", "")):
+        return None
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise TypeError("bfloat16 arrays on the CPU need ml_dtypes; install ml_dtypes") from error
+    if type(obj).__module__.split(".")[0] == "torch":
+        import torch
+
+        if obj.requires_grad:  # as torch's own DLPack export: no silent escape from autograd
+            raise TypeError("a torch tensor that requires grad: pass tensor.detach(), or use cuflash.torch for autograd")
+        # The same bytes as int16, which DLPack and NumPy both know: zero-copy either way.
+        return numpy.from_dlpack(obj.view(torch.int16)).view(ml_dtypes.bfloat16)
+    array = numpy.asarray(obj)  # JAX and others hand out ml_dtypes.bfloat16 through __array__
+    return array if array.dtype == numpy.dtype(ml_dtypes.bfloat16) else None
 
 
 def _float_dtypes() -> tuple[numpy.dtype, ...]:

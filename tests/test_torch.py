@@ -271,6 +271,27 @@ def test_the_core_api_takes_torch_cpu_tensors_and_returns_numpy(randt):
     numpy.testing.assert_array_equal(out, cuflash.attention(q.numpy(), k.numpy(), v.numpy(), causal=True))
 
 
+def test_the_core_api_takes_torch_cpu_bfloat16_without_a_copy(randt):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = (randt(2, 3, 5, 8, dtype=torch.bfloat16) for _ in range(3))
+    q_view = cuflash._spec._as_array("q", q)  # NumPy's DLPack has no bfloat16: an int16 view
+    assert q_view.dtype == ml_dtypes.bfloat16 and q_view.ctypes.data == q.data_ptr()
+    assert q_view.strides == tuple(s * q.element_size() for s in q.stride())
+    out = cuflash.attention(q, k, v, causal=True)
+    as_numpy = [x.view(torch.int16).numpy().view(ml_dtypes.bfloat16) for x in (q, k, v)]
+    assert out.dtype == ml_dtypes.bfloat16
+    numpy.testing.assert_array_equal(out.view(numpy.int16), cuflash.attention(*as_numpy, causal=True).view(numpy.int16))
+    strided = randt(2, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2)  # a view crosses as one
+    assert cuflash._spec._as_array("q", strided).ctypes.data == strided.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_core_api_refuses_tensors_that_require_grad(dtype, randt):
+    q = randt(2, 3, 5, 8, dtype=dtype, requires_grad=True)
+    with pytest.raises(TypeError, match="detach"):
+        cuflash.attention(q, q.detach(), q.detach())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_dtypes_survive_the_crossing(dtype, randt):
     ml_dtypes = pytest.importorskip("ml_dtypes")
