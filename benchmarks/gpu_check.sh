@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call: warm the kernel cache in parallel, run the GPU tests, the main job and the
 # quick benchmark. Logs land in $OUT (the device tool brings them back).
-#   bash benchmarks/gpu_check.sh [pytest -k expression] [bench args...]
+#   CUFLASH_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh [pytest -k expression] [bench args...]
+# (the device copy's .git, if any, is stale: bench.py records CUFLASH_COMMIT when it is set).
+# BENCH_TIMEOUT (seconds, default 240) stops the benchmark with SIGINT, which still saves the
+# points measured so far (the JSON says "interrupted").
 set -uo pipefail
 OUT=${OUT:-/tmp/cuflash-out}
 mkdir -p "$OUT"
@@ -18,6 +21,7 @@ grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -40
 tail -2 "$OUT/gpu_tests.log"
 python -m cuflash > "$OUT/main.log" 2>&1; echo "main rc=$?"; cat "$OUT/main.log"
 if [ "$#" -gt 0 ]; then
-  python benchmarks/bench.py --out-dir "$OUT" --no-plot "$@" > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+  timeout -s INT "${BENCH_TIMEOUT:-240}" python benchmarks/bench.py --out-dir "$OUT" --no-plot "$@" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"
   tail -60 "$OUT/bench.log"
 fi
