@@ -15,8 +15,9 @@
 //   dK_j *= scale                             (once, at the end; dQ's scale is bwd_dq_convert's)
 //
 // Three warp grids, one per kind of product, each as square as the registers allow so that a
-// fragment read from shared memory feeds several MMAs (shared-memory bandwidth is what bounds
-// this kernel: every operand but K_j / V_j is read once per query tile and per warp that needs it):
+// fragment read from shared memory feeds several independent MMAs (every operand but K_j / V_j
+// is read once per query tile and per warp that needs it; at 8 warps per SM the kernel waits on
+// instruction latency more than on bandwidth, so fewer loads and more MMAs in flight both pay):
 //   S, dP    (queries x keys): 2 x kWarps/2 warps, each kSRows x kSCols
 //   dK, dV   (keys x dims):    kWarps/2 x 2 warps, each kKVRows x kKVCols, accumulated all along
 //   dQ       (queries x dims): units of kDqRows x 32, round robin over the warps
