@@ -54,20 +54,5 @@ __device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, 
     }
 }
 
-// The inverse of ptx::pack2: a packed pair of 16-bit values widened to floats (exact).
-template <typename Element>
-__device__ __forceinline__ float2 unpack2(unsigned packed);
-
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(unsigned packed) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&packed));
-}
-
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned packed) {
-    // bf16 is the high half of a float: shifting the bits into place is the conversion.
-    return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
-}
-
 }  // namespace tc
 }  // namespace cuflash
