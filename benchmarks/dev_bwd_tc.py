@@ -25,12 +25,19 @@ parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--causal", default="0,1")
 parser.add_argument("--dkdv-source", default="", help="'|'-separated bwd_dkdv_tc sources; empty = cuda_src's")
 parser.add_argument("--tile", default="", help="block_m,block_n,warps[,stages] of bwd_dkdv_tc for --d (default: tiles.py)")
+parser.add_argument("--kernel", default="", help="'tc': bwd_dkdv_tc even where bwd_dkdv_wgmma would run")
 args = parser.parse_args()
 if args.tile:
     from cuflash._gpu import tiles
 
     bm, bn, w, *stages = map(int, args.tile.split(","))
     tiles._BWD_DKDV_TC_TABLE[args.d] = ((bm, bn, w, stages[0] if stages else 2),)
+    if args.d in tiles._BWD_DKDV_WGMMA_TABLE:
+        tiles._BWD_DKDV_WGMMA_TABLE[args.d] = (bm, bn, w, stages[0] if stages else 2)
+if args.kernel == "tc":  # the mma.sync kernel on sm_90a too (A/B against wgmma)
+    from cuflash._gpu import tiles
+
+    tiles._BWD_DKDV_WGMMA_TABLE.clear()
 
 base_options = kernels.compile_options
 base_source = kernels.kernel_source
@@ -53,7 +60,7 @@ np_dtype = numpy.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else nump
 
 def source_for(path):
     def kernel_source(variant):
-        if path and variant.kernel == "bwd_dkdv_tc":
+        if path and variant.kernel.startswith("bwd_dkdv_"):
             return open(path).read()
         return base_source(variant)
     return kernel_source

@@ -95,30 +95,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                                                                 f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
                                                                 f.v_row_stride, f.head_dim_v);
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(f.q) + at.q,
-                                                                f.q_row_stride, f.head_dim);
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads> do_loader(
-        static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, f.head_dim_v);
-    if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && q_loader.aligned(f.seqlen_q) &&
-          do_loader.aligned(f.seqlen_q)))
-        __trap();
-    const float* lse_g = static_cast<const float*>(f.lse) + at.lse;
-    const float* delta_g = static_cast<const float*>(p.delta) + at.lse;
-
-    // One stage: Q_i, dO_i, and the rows' lse and delta (thread t < kBlockM copies lse of row t,
-    // the next kBlockM threads delta; 4-byte copies: a head's lse row need not be 16-byte aligned).
-    // Rows past Lq read as 0; the per-element mask zeroes their P (their tiles are masked).
+    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);
+    if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
     auto load_qdo = [&](int i) {
         const int slot_index = (i - range.first) % kStages;
         const unsigned slot = stage_smem + slot_index * kStageBytes;
-        q_loader.load(slot, i * kBlockM, f.seqlen_q, tid);
-        do_loader.load(slot + QTile::kBytes, i * kBlockM, f.seqlen_q, tid);
-        if (tid < 2 * kBlockM) {
-            const int row = i * kBlockM + tid % kBlockM;
-            const float* src = (tid < kBlockM ? lse_g : delta_g) + (row < f.seqlen_q ? row : 0);
-            ptx::cp_async_elem<4>(stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes + 4 * tid, src,
-                                  row < f.seqlen_q);
-        }
+        qdo_loader.load(slot, slot + QTile::kBytes, stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes, i, tid);
     };
 
     // ---- Pipeline: cp.async groups in order (K, V), Q/dO tile first, ..., one per loop step

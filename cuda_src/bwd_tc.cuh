@@ -4,6 +4,7 @@
 //   P_ij = exp(S_ij * scale - lse_i) = exp2(S_ij * scale_log2 - lse_i * log2(e))
 // so a row's statistics are two floats: lse in log2 units and delta_i = rowsum(dO_i * O_i).
 #pragma once
+#include "params.cuh"
 #include "ptx.cuh"
 #include "tile_tc.cuh"
 
@@ -25,6 +26,39 @@ __device__ __forceinline__ float lse_log2(const float* lse, int row, int seqlen_
 __device__ __forceinline__ float row_delta(const float* delta, int row, int seqlen_q) {
     return row < seqlen_q ? delta[row] : 0.f;
 }
+
+// The query side of one step of the key-tile kernels (bwd_dkdv_tc, bwd_dkdv_wgmma): Q_i and dO_i
+// as kBlockM-row tiles (layout Tile), and the rows' lse and delta as 2 * kBlockM floats (thread
+// t < kBlockM copies lse of row t, the next kBlockM threads delta; 4-byte copies: a head's lse
+// row need not be 16-byte aligned). Rows past Lq read as 0; the kernels' per-element mask
+// zeroes their P (tiles crossing Lq are masked). Asynchronous, like TileLoader.
+template <int kBlockM, int kHeadDim, int kThreads, typename Tile>
+struct QueryTileLoader {
+    TileLoader<kBlockM, kHeadDim, kThreads, Tile> q, dout;
+    const float* lse;
+    const float* delta;
+    int seqlen_q;
+
+    __device__ __forceinline__ QueryTileLoader(const BwdParams& p, const BwdBatchIndex& at)
+        : q(static_cast<const unsigned short*>(p.fwd.q) + at.q, p.fwd.q_row_stride, p.fwd.head_dim),
+          dout(static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, p.fwd.head_dim_v),
+          lse(static_cast<const float*>(p.fwd.lse) + at.lse),
+          delta(static_cast<const float*>(p.delta) + at.lse),
+          seqlen_q(p.fwd.seqlen_q) {}
+
+    __device__ __forceinline__ bool aligned() const { return q.aligned(seqlen_q) && dout.aligned(seqlen_q); }
+
+    // Query tile i into q_smem, do_smem (shared addresses) and stats (lse then delta).
+    __device__ __forceinline__ void load(unsigned q_smem, unsigned do_smem, void* stats, int i, int tid) const {
+        q.load(q_smem, i * kBlockM, seqlen_q, tid);
+        dout.load(do_smem, i * kBlockM, seqlen_q, tid);
+        if (tid < 2 * kBlockM) {
+            const int row = i * kBlockM + tid % kBlockM;
+            const float* src = (tid < kBlockM ? lse : delta) + (row < seqlen_q ? row : 0);
+            ptx::cp_async_elem<4>(static_cast<unsigned char*>(stats) + 4 * tid, src, row < seqlen_q);
+        }
+    }
+};
 
 // Rows [0, kRows) of a shared tile of width kCols to `gmem`, by all kThreads threads of the
 // block (tile_tc.cuh's store_rows, block-wide): 16-byte stores where the chunk is whole and

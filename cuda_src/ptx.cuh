@@ -264,3 +264,274 @@ __device__ __forceinline__ void dmma_1688(double (&top)[2], double (&bottom)[2],
 
 }  // namespace ptx
 }  // namespace cuflash
+
+// ===================================================================== 9. wgmma (sm_90a: Hopper's warpgroup MMA)
+// Added by the Hopper backward; used by cuda_src/bwd_dkdv_wgmma.cu. Every instruction here is
+// issued by the 128 threads of a warpgroup together (4 consecutive warps, the first a multiple
+// of 4). Outside sm_90a (the arch-specific target the dispatcher asks for on compute
+// capability 9.0) they compile to a trap: no Variant reaches them there.
+//
+// D (64 x N, fp32) += A (64 x 16) B (16 x N), A and B 16-bit. Warp w of the warpgroup holds rows
+// 16w..16w+15 of D exactly as an mma.sync m16n8 accumulator holds its tile, once per n8 tile:
+// d[nt][0..1] = (row g, columns 8nt + 2t, +1), d[nt][2..3] = (row g + 8, same), g = lane/4,
+// t = lane%4. A from registers has the m16n8k16 A-fragment layout per warp (tc::pack_a turns two
+// n8 accumulator tiles into one). Operands in shared memory are described by a 64-bit matrix
+// descriptor (below); "transposed" (kTrans = 1) means the operand is stored MN-major (its M or N
+// index contiguous), otherwise K-major (its k index contiguous).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CUFLASH_HAS_WGMMA 1
+#else
+#define CUFLASH_HAS_WGMMA 0
+#endif
+
+namespace cuflash {
+namespace ptx {
+
+template <typename Element>
+constexpr bool kIsBf16 = false;
+template <>
+constexpr bool kIsBf16<__nv_bfloat16> = true;
+
+// A shared-memory operand stored in 128-byte swizzled panels (tc::Sw128Tile): rows of 64
+// 16-bit elements (128 bytes), 8-row atoms of 1024 bytes in which the 16-byte chunk c of row r
+// sits at chunk c ^ (r % 8); `addr` (the operand's first element) lies in an atom that starts
+// on a 1024-byte boundary, at most 112 bytes into its first row.
+//   K-major: rows are the M/N index; a k16 step is +32 bytes along the row (4 per panel).
+//            stride_bytes = 1024 (8 rows to the next 8); leading_bytes is unused (16).
+//   MN-major: rows are the k index; 64 M/N columns per panel. stride_bytes = 1024 (8 k-rows to
+//            the next 8), leading_bytes = the panel size (64 columns to the next 64).
+// Fields: start address >> 4 in bits 0-13, leading byte offset >> 4 in 16-29, stride byte
+// offset >> 4 in 32-45, base offset 0 (atoms 1024-aligned), swizzle mode 1 (128 B) in 62-63.
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr, unsigned leading_bytes, unsigned stride_bytes) {
+    return static_cast<unsigned long long>((addr & 0x3FFFF) >> 4) |
+           (static_cast<unsigned long long>((leading_bytes & 0x3FFFF) >> 4) << 16) |
+           (static_cast<unsigned long long>((stride_bytes & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+// Before the first wgmma that reads registers (A fragments, accumulators) written by other
+// instructions since the last wgmma.
+__device__ __forceinline__ void wgmma_fence() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// Close the group of wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// Wait until at most kPending committed groups are in flight; their registers are then final.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Shared memory written by ordinary stores (st.shared, stmatrix, cp.async) that a wgmma reads
+// next: each writing thread fences the generic proxy against the async proxy before the barrier.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// Pin an accumulator element after wgmma_wait: the compiler may not move reads of it above the
+// wait (it cannot see that the wgmma writes it asynchronously).
+template <int M, int N>
+__device__ __forceinline__ void wgmma_pin(float (&d)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = 0; j < N; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+}
+
+// One k16 step, D (+)= A B, N = 32, 64 or 128 (accumulators float[N/8][4]).
+//   ss: A and B from shared memory (descriptors); kTransA / kTransB = 1 for MN-major;
+//       kAccumulate = false: D = A B, and D is an output only (its old value is not live).
+//   rs: D += A B, A from registers (one m16k16 fragment per warp), B from shared memory.
+template <int N>
+struct Wgmma;
+
+#if CUFLASH_HAS_WGMMA
+#define CUFLASH_WGMMA_ACC32(C) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3])
+#define CUFLASH_WGMMA_SS32(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+    "%16, %17, p, 1, 1, %19, %20;\n}\n"
+#define CUFLASH_WGMMA_RS32(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+    "{%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+
+template <>
+struct Wgmma<32> {
+    template <typename Element, int kTransA, int kTransB, bool kAccumulate = true>
+    __device__ __forceinline__ static void ss(float (&d)[4][4], unsigned long long desc_a, unsigned long long desc_b) {
+        if constexpr (kAccumulate && kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS32(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC32("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kAccumulate)
+            asm volatile(CUFLASH_WGMMA_SS32(".f16.f16")
+                         : CUFLASH_WGMMA_ACC32("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS32(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC32("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_SS32(".f16.f16")
+                         : CUFLASH_WGMMA_ACC32("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+    }
+    template <typename Element, int kTransB>
+    __device__ __forceinline__ static void rs(float (&d)[4][4], const unsigned (&a)[4], unsigned long long desc_b) {
+        if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_RS32(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC32("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_RS32(".f16.f16")
+                         : CUFLASH_WGMMA_ACC32("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+    }
+};
+
+#define CUFLASH_WGMMA_ACC64(C) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+    C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+    C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3])
+#define CUFLASH_WGMMA_SS64(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+    "%32, %33, p, 1, 1, %35, %36;\n}\n"
+#define CUFLASH_WGMMA_RS64(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+    "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+
+template <>
+struct Wgmma<64> {
+    template <typename Element, int kTransA, int kTransB, bool kAccumulate = true>
+    __device__ __forceinline__ static void ss(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b) {
+        if constexpr (kAccumulate && kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS64(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC64("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kAccumulate)
+            asm volatile(CUFLASH_WGMMA_SS64(".f16.f16")
+                         : CUFLASH_WGMMA_ACC64("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS64(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC64("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_SS64(".f16.f16")
+                         : CUFLASH_WGMMA_ACC64("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+    }
+    template <typename Element, int kTransB>
+    __device__ __forceinline__ static void rs(float (&d)[8][4], const unsigned (&a)[4], unsigned long long desc_b) {
+        if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_RS64(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC64("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_RS64(".f16.f16")
+                         : CUFLASH_WGMMA_ACC64("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+    }
+};
+
+#define CUFLASH_WGMMA_ACC128(C) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+    C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+    C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3]), \
+    C(d[8][0]), C(d[8][1]), C(d[8][2]), C(d[8][3]), C(d[9][0]), C(d[9][1]), C(d[9][2]), C(d[9][3]), \
+    C(d[10][0]), C(d[10][1]), C(d[10][2]), C(d[10][3]), C(d[11][0]), C(d[11][1]), C(d[11][2]), C(d[11][3]), \
+    C(d[12][0]), C(d[12][1]), C(d[12][2]), C(d[12][3]), C(d[13][0]), C(d[13][1]), C(d[13][2]), C(d[13][3]), \
+    C(d[14][0]), C(d[14][1]), C(d[14][2]), C(d[14][3]), C(d[15][0]), C(d[15][1]), C(d[15][2]), C(d[15][3])
+#define CUFLASH_WGMMA_SS128(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+    "%64, %65, p, 1, 1, %67, %68;\n}\n"
+#define CUFLASH_WGMMA_RS128(TYPES) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+    "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+
+template <>
+struct Wgmma<128> {
+    template <typename Element, int kTransA, int kTransB, bool kAccumulate = true>
+    __device__ __forceinline__ static void ss(float (&d)[16][4], unsigned long long desc_a, unsigned long long desc_b) {
+        if constexpr (kAccumulate && kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS128(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC128("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kAccumulate)
+            asm volatile(CUFLASH_WGMMA_SS128(".f16.f16")
+                         : CUFLASH_WGMMA_ACC128("+f")
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));
+        else if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_SS128(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC128("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_SS128(".f16.f16")
+                         : CUFLASH_WGMMA_ACC128("=f")
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+    }
+    template <typename Element, int kTransB>
+    __device__ __forceinline__ static void rs(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b) {
+        if constexpr (kIsBf16<Element>)
+            asm volatile(CUFLASH_WGMMA_RS128(".bf16.bf16")
+                         : CUFLASH_WGMMA_ACC128("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+        else
+            asm volatile(CUFLASH_WGMMA_RS128(".f16.f16")
+                         : CUFLASH_WGMMA_ACC128("+f")
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));
+    }
+};
+
+#else
+template <int N>
+struct Wgmma {
+    template <typename Element, int kTransA, int kTransB, bool kAccumulate = true>
+    __device__ __forceinline__ static void ss(float (&)[N / 8][4], unsigned long long, unsigned long long) {
+        __trap();
+    }
+    template <typename Element, int kTransB>
+    __device__ __forceinline__ static void rs(float (&)[N / 8][4], const unsigned (&)[4], unsigned long long) {
+        __trap();
+    }
+};
+#endif
+
+}  // namespace ptx
+}  // namespace cuflash

@@ -42,7 +42,25 @@ struct SmemTile {
     }
 };
 
-// Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles,
+// kRows x kCols 16-bit elements in the layout wgmma reads without padding (ptx.cuh section 9):
+// panels of 64 columns, each kRows rows of 128 bytes; inside every 8-row, 1024-byte atom the
+// 16-byte chunk c of row r is stored at chunk c ^ (r % 8). The XOR spreads the same chunk of 8
+// consecutive rows over all 32 banks, as the padding of SmemTile does, so 16-byte copies and
+// stmatrix run without bank conflicts. The tile must start on a 1024-byte boundary.
+template <int kRows, int kCols>
+struct Sw128Tile {
+    static_assert(kCols % 64 == 0 && kRows % 8 == 0, "whole 64-column panels of whole 8-row atoms");
+    static constexpr int kChunks = kCols / 8;
+    static constexpr int kPanelBytes = kRows * 128;
+    static constexpr int kBytes = kPanelBytes * (kCols / 64);
+
+    __device__ __forceinline__ static constexpr unsigned offset(int row, int chunk) {
+        return static_cast<unsigned>((chunk / 8) * kPanelBytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
+    }
+};
+
+// Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles
+// (SmemTile, or any layout with the same kChunks / offset interface such as Sw128Tile),
 // by all kThreads threads of the block: one 16-byte cp.async per chunk of 8 elements. Rows
 // >= num_rows and columns >= num_cols read as zeros: cp.async's src-size reads only the
 // chunk's valid bytes and zero-fills the rest (0 for chunks wholly outside), so a head dim
@@ -50,9 +68,9 @@ struct SmemTile {
 // the base and the row stride must be multiples of 16 bytes (`aligned`); the host copies
 // tensors that are not (plan.py), and the kernel traps rather than read misaligned.
 // Asynchronous: the caller commits the group, waits for it and synchronises before reading.
-template <int kRows, int kCols, int kThreads>
+template <int kRows, int kCols, int kThreads, typename TileLayout = SmemTile<kRows, kCols>>
 struct TileLoader {
-    using Tile = SmemTile<kRows, kCols>;
+    using Tile = TileLayout;
     static constexpr int kTotal = kRows * Tile::kChunks;
     static constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
 

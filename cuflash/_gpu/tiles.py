@@ -308,13 +308,39 @@ def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, ar
     raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits sm_{arch}")
 
 
+# bwd_dkdv_wgmma (Hopper, sm_90a only): the same work on warpgroup MMAs. Two warpgroups of 64
+# keys (block_n = 128, 8 warps); block_m queries per tile. Per thread dK, dV (2 * head_dim / 2)
+# and S^T, dP^T (2 * block_m / 2) fp32 accumulators: 64 x 128 at d128 (255 registers, no spill);
+# d64 128-query tiles spill, so 64 there too. Shared memory: K, V, dS^T and per stage Q, dO in
+# 128-byte swizzled tiles (no padding), 2 * block_m floats per stage, 1 KB for alignment.
+_BWD_DKDV_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
+    64: (64, 128, 8, 2),
+    128: (64, 128, 8, 2),
+}
+
+
+def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_wgmma.cu's kSmemBytes."""
+    tiles = 2 * block_n * head_dim * 2 + block_n * block_m * 2 + stages * 2 * block_m * head_dim * 2
+    return 1024 + tiles + stages * 2 * block_m * 4
+
+
+def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket, else bwd_dkdv_tc."""
+    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" else None
+    if tile is None:
+        return _bwd_tc_variant("bwd_dkdv_tc", dtype, head_dim, has_window, arch)
+    block_m, block_n, warps, stages = tile
+    return Variant("bwd_dkdv_wgmma", dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
+
+
 def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
     if dtype not in TC_DTYPES:
         raise TypeError(f"cuflash: unsupported dtype {dtype}")
     d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
     return BackwardVariants(
         _bwd_prep_variant("bwd_delta", dtype, d, arch),
-        _bwd_tc_variant("bwd_dkdv_tc", dtype, d, has_window, arch),
+        _bwd_dkdv_variant(dtype, d, has_window, arch),
         _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch),
         _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
     )
@@ -332,6 +358,10 @@ def _bwd_tc_variants(arch: str) -> list[Variant]:
 
 def _smem_bwd_dkdv_tc(variant: Variant) -> int:
     return _smem_bwd_dkdv_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
+
+def _smem_bwd_dkdv_wgmma(variant: Variant) -> int:
+    return _smem_bwd_dkdv_wgmma_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
 
 
 def _smem_bwd_dq_tc(variant: Variant) -> int:
@@ -438,6 +468,7 @@ _SMEM_BY_KERNEL = {
     "fwd_simt": _smem_simt,
     "fwd_dmma": _smem_dmma,
     "bwd_dkdv_tc": _smem_bwd_dkdv_tc,
+    "bwd_dkdv_wgmma": _smem_bwd_dkdv_wgmma,
     "bwd_dq_tc": _smem_bwd_dq_tc,
     "bwd_dkdv_simt": _smem_bwd_simt,
     "bwd_dq_simt": _smem_bwd_simt,

@@ -1,0 +1,299 @@
+// Backward attention for float16 / bfloat16 on Hopper (sm_90a), over key tiles: dK, dV (and dQ
+// by fp32 atomics) with warpgroup MMAs. The algorithm and the contract are bwd_dkdv_tc.cu's
+// (FlashAttention-2's backward with recomputation); what changes is who multiplies: wgmma reads
+// its shared-memory operands itself (no ldmatrix), runs asynchronously beside the elementwise
+// work, and a 64-row product is one instruction per k16 step for four warps.
+//
+// A block owns kBlockN = 128 keys of one (batch..., head); warpgroup g (warps 4g..4g+3) owns keys
+// [64g, 64g + 64): K_g, V_g stay in shared memory, dK_g, dV_g in fp32 registers. The query tiles
+// i that see a key of the block stream through shared memory (Q_i, dO_i, lse_i, delta_i;
+// kStages deep, cp.async). Per query tile and warpgroup, with the scores transposed (keys are
+// the M index of every product that keeps keys, so P^T and dS^T are accumulators laid out
+// exactly as the next product's A operand):
+//
+//   S^T   = K_g Q_i^T                    wgmma, A = K_g, B = Q_i (shared, K-major)    64 x kBlockM
+//   dP^T  = V_g dO_i^T                   wgmma, A = V_g, B = dO_i
+//   P^T   = exp2(S^T * scale_log2 - lse_i log2 e)   per column (query); 0 where masked
+//   dS^T  = P^T o (dP^T - delta_i)
+//   dV_g += P^T dO_i                     wgmma, A = P^T (registers), B = dO_i (shared, MN-major)
+//   dK_g += dS^T Q_i                     wgmma, A = dS^T (registers), B = Q_i (shared, MN-major)
+//   dQ_i += dS K                         dS^T to shared memory, then the kBlockM x D tile of dQ
+//                                        split over the two warpgroups (by columns for kBlockM =
+//                                        64, by rows for 128): A = dS, B = K (shared, MN-major);
+//                                        vector fp32 REDs into dq_accum (when non-null)
+//   dK_g *= scale                        (once, at the end; dQ's scale is bwd_dq_convert's)
+//
+// Shared tiles use the 128-byte swizzled layout (tc::Sw128Tile) that wgmma reads conflict-free;
+// one tile serves as K-major operand in one product and MN-major in another (Q_i, dO_i, K).
+// Two barriers per query tile: one before the tile is read (it landed; every warpgroup is done
+// with the previous dS^T), one between writing dS^T and the dQ product.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "bwd_tc.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+__global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams p) {
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kGroupKeys = 64;                            // keys per warpgroup: one wgmma M
+    constexpr bool kDqByRows = kBlockM == 128;                // how the two warpgroups split dQ_i
+    constexpr int kDqN = kDqByRows ? kHeadDim : kHeadDim / 2;  // dQ columns per warpgroup
+    constexpr int kKStepsD = kHeadDim / 16;                   // k16 steps of K Q^T and V dO^T
+    static_assert(kWarps == 8 && kBlockN == 2 * kGroupKeys, "two warpgroups of 64 keys");
+    static_assert(kBlockM == 64 || kBlockM == 128, "a query tile is one or two 64-column wgmma tiles");
+    static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && kDqN % 32 == 0,
+                  "whole 64-column panels; dQ per warpgroup one wgmma of N = 32, 64 or 128");
+    static_assert(kThreads >= 2 * kBlockM, "one thread per lse / delta value of a query tile");
+    static_assert(kStages >= 2, "the Q/dO pipeline needs at least two stages");
+
+    using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;  // K, V
+    using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;   // one Q_i or dO_i
+    using DsTile = tc::Sw128Tile<kBlockN, kBlockM>;   // dS^T: keys x queries
+    using StageTile = tc::SmemTile<kBlockN, kHeadDim>;  // dK, dV on their way out (padded rows)
+    constexpr unsigned kStageBytes = 2 * QTile::kBytes;
+    constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
+    constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
+    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes;  // == tiles.py; 1024: alignment
+    static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+    // Swizzle atoms start on 1024-byte boundaries (the descriptors' base offset is 0).
+    const unsigned align = (1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u;
+    const unsigned k_smem = ptx::smem_addr(smem) + align;
+    const unsigned v_smem = k_smem + KVTile::kBytes;
+    const unsigned ds_smem = v_smem + KVTile::kBytes;
+    const unsigned stage_smem = ds_smem + DsTile::kBytes;
+    unsigned char* const stat_ptr = smem + align + kTileBytes;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int group = warp / 4;                                     // warpgroup
+    // The grid is (B*H, key tiles), renumbered so that the key tiles of one (batch..., head) run
+    // next to each other: they read the same Q, dO and add into the same rows of dq_accum, which
+    // then stay in L2 instead of making a round trip to memory per key tile.
+    auto block_coord = [] { return tc::head_major_block(ptx::block_index_x(), ptx::block_index_y()); };
+    const auto [bh, n_index] = block_coord();
+    const int n0 = n_index * kBlockN;
+    // This lane's keys in dK, dV, S^T: key_row and key_row + 8 of the block (n0 + those globally).
+    auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
+    const int key_global = n0 + lane_key_row();  // held through the loop instead of n0 (registers)
+    const FwdParams& f = p.fwd;
+
+    const BwdBatchIndex at(p, bh);
+    const Mask<kHasWindow> mask(f);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, f.seqlen_q);
+
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(
+        static_cast<const unsigned short*>(f.k) + at.k, f.k_row_stride, f.head_dim);
+    const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(
+        static_cast<const unsigned short*>(f.v) + at.v, f.v_row_stride, f.head_dim_v);
+    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);
+    if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
+    auto load_qdo = [&](int i) {
+        const int slot_index = (i - range.first) % kStages;
+        const unsigned slot = stage_smem + slot_index * kStageBytes;
+        qdo_loader.load(slot, slot + QTile::kBytes, stat_ptr + slot_index * kStatBytes, i, tid);
+    };
+
+    // ---- Pipeline: cp.async groups in order (K, V), Q/dO tile first, ..., one per loop step
+    // (empty ones too): "at most kStages-2 pending" at step i means K, V and tile i have landed.
+    k_loader.load(k_smem, n0, f.seqlen_k, tid);
+    v_loader.load(v_smem, n0, f.seqlen_k, tid);
+    ptx::cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (range.first + s < range.last) load_qdo(range.first + s);
+        ptx::cp_async_commit();
+    }
+
+    // Matrix descriptors; a k16 step or another operand inside a tile adds (byte offset >> 4).
+    //   K-major (rows = M/N index, a k16 step = 32 bytes along the row): K_g, V_g as A; Q_i, dO_i as B.
+    //   MN-major (rows = k index, a k16 step = 16 rows = 2048 bytes): Q_i, dO_i, K as B; dS^T as A.
+    const unsigned long long k_desc = ptx::sw128_desc(k_smem, 16, 1024);
+    const unsigned long long v_desc = ptx::sw128_desc(v_smem, 16, 1024);
+    const unsigned long long k_desc_mn = ptx::sw128_desc(k_smem, KVTile::kPanelBytes, 1024);
+    const unsigned long long ds_desc_mn = ptx::sw128_desc(ds_smem, DsTile::kPanelBytes, 1024);
+    auto step = [](unsigned bytes) { return static_cast<unsigned long long>(bytes >> 4); };
+
+    float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];  // dK_g, dV_g: 64 keys x kHeadDim per warpgroup
+    tc::zero(dk);
+    tc::zero(dv);
+    const float scale_log2 = f.scale_log2;
+    const bool with_dq = p.dq_accum != nullptr;
+    // dq_accum's rows of this head, kept in shared memory rather than registers (the first
+    // barrier of the loop publishes it).
+    __shared__ float* dq_head_s;
+    if (tid == 0 && with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * f.seqlen_q * f.head_dim;
+
+    // Query tiles i in [range.first, range.last); those outside [full_first, full_last) cross
+    // the window, the keys' end or Lq and take the per-element test (one block-uniform branch).
+    for (int i = range.first; i < range.last; ++i) {
+        const bool masked = i < range.full_first || i >= range.full_last;
+        const int slot_index = (i - range.first) % kStages;
+        ptx::cp_async_wait<kStages - 2>();
+        ptx::fence_proxy_async_shared();  // this thread's copies, visible to the tensor cores
+        __syncthreads();  // tile i visible to all; everyone is done with the slot reloaded below and with dS^T
+        if (i + kStages - 1 < range.last) load_qdo(i + kStages - 1);
+        ptx::cp_async_commit();
+        const unsigned q_slot = stage_smem + slot_index * kStageBytes;
+        const unsigned do_slot = q_slot + QTile::kBytes;
+        const float* lse_s = reinterpret_cast<const float*>(stat_ptr + slot_index * kStatBytes);
+        const float* delta_s = lse_s + kBlockM;
+        const int m0 = i * kBlockM;
+
+        // S^T = K_g Q_i^T, dP^T = V_g dO_i^T (64 keys x kBlockM queries; the first k-step
+        // overwrites: nothing of the previous tile stays live).
+        const unsigned long long q_desc = ptx::sw128_desc(q_slot, 16, 1024);
+        const unsigned long long do_desc = ptx::sw128_desc(do_slot, 16, 1024);
+        float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
+        ptx::wgmma_fence();
+        auto scores = [&](float(&c)[kBlockM / 8][4], unsigned long long a_desc, unsigned long long b_desc) {
+            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, a_desc + step(group * kGroupKeys * 128), b_desc);
+#pragma unroll
+            for (int kk = 1; kk < kKStepsD; ++kk) {
+                const unsigned a = (kk / 4) * KVTile::kPanelBytes + group * kGroupKeys * 128 + (kk % 4) * 32;
+                const unsigned b = (kk / 4) * QTile::kPanelBytes + (kk % 4) * 32;
+                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, a_desc + step(a), b_desc + step(b));
+            }
+        };
+        scores(st, k_desc, q_desc);
+        scores(dpt, v_desc, do_desc);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_pin(st);
+        ptx::wgmma_pin(dpt);
+
+        // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
+        // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8. A row that
+        // sees no key has lse = -inf: taken as +inf, so that P = exp2(-inf) = 0 exactly.
+#pragma unroll
+        for (int nt = 0; nt < kBlockM / 8; ++nt) {
+            const int col = nt * 8 + 2 * (lane % 4);
+            float lse2[2], delta[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const float lse = lse_s[col + c];
+                lse2[c] = lse == -tc::pos_inf() ? tc::pos_inf() : lse * 1.4426950408889634f;
+                delta[c] = delta_s[col + c];
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
+            // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
+            if (masked) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int query = m0 + col + e % 2;
+                    const int key = key_global + 8 * (e / 2);
+                    if (query >= f.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+        }
+        // 16-bit A fragments: n8 tiles 2kk, 2kk + 1 (queries 16kk..16kk+15) are k-step kk's.
+        unsigned pa[kBlockM / 16][4], dsa[kBlockM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+            tc::pack_a<Element>(st[2 * kk], st[2 * kk + 1], pa[kk]);
+            tc::pack_a<Element>(dpt[2 * kk], dpt[2 * kk + 1], dsa[kk]);
+        }
+
+        // dV_g += P^T dO_i, dK_g += dS^T Q_i: B MN-major, k-step kk = query rows 16kk..16kk+15.
+        const unsigned long long q_desc_mn = ptx::sw128_desc(q_slot, QTile::kPanelBytes, 1024);
+        const unsigned long long do_desc_mn = ptx::sw128_desc(do_slot, QTile::kPanelBytes, 1024);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], do_desc_mn + step(kk * 2048));
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], q_desc_mn + step(kk * 2048));
+        ptx::wgmma_commit();
+
+        if (with_dq) {
+            // dS^T to shared memory while the tensor cores work: one stmatrix per k-step fragment
+            // (matrices: keys 0-7 | 8-15 of query chunk 2kk, then of 2kk + 1; lane l addresses
+            // row l % 8 of matrix l / 8).
+            const int st_row = group * kGroupKeys + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+            for (int kk = 0; kk < kBlockM / 16; ++kk)
+                ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
+                                 dsa[kk][2], dsa[kk][3]);
+            ptx::fence_proxy_async_shared();
+            __syncthreads();  // dS^T of both warpgroups visible
+
+            // dQ_i += dS K over the block's 128 keys (k-step kk = keys 16kk..16kk+15): this
+            // warpgroup's rows [q0, q0 + 64) x columns [c0, c0 + kDqN).
+            const int q0 = kDqByRows ? group * 64 : 0, c0 = kDqByRows ? 0 : group * kDqN;
+            float dq[kDqN / 8][4];
+            const unsigned long long a_desc = ds_desc_mn + step((q0 / 64) * DsTile::kPanelBytes);
+            const unsigned long long b_desc = k_desc_mn + step((c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
+            ptx::wgmma_fence();
+            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, a_desc, b_desc);
+#pragma unroll
+            for (int kk = 1; kk < kBlockN / 16; ++kk)
+                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, a_desc + step(kk * 2048), b_desc + step(kk * 2048));
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_pin(dq);
+            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale). An even D makes every
+            // (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
+            float* dq_g = dq_head_s;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
+                if (row < f.seqlen_q) {
+                    float* dst = dq_g + (long long)row * f.head_dim;
+#pragma unroll
+                    for (int nt = 0; nt < kDqN / 8; ++nt) {
+                        const int col = c0 + nt * 8 + 2 * (lane % 4);
+                        if (f.head_dim % 2 == 0) {
+                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                        }
+                    }
+                }
+            }
+        } else {
+            ptx::wgmma_wait<0>();
+        }
+        ptx::wgmma_pin(dv);
+        ptx::wgmma_pin(dk);
+    }
+
+    // ---- Epilogue: dK_g * scale and dV_g in the input type, staged through shared memory as
+    // padded row tiles (after a barrier: other warps may still read K, V, dS^T), then stored
+    // by the whole block as 16-byte chunks where aligned. Key tiles no query sees store zeros.
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
+    const int key_row = lane_key_row();
+    const float scale = static_cast<float>(f.scale);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+            const unsigned off = StageTile::offset(key_row + 8 * h, nt) + 4 * (lane % 4);
+            ptx::st_shared_b32(dk_stage + off, ptx::pack2<Element>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale));
+            ptx::st_shared_b32(dv_stage + off, ptx::pack2<Element>(dv[nt][2 * h], dv[nt][2 * h + 1]));
+        }
+    __syncthreads();
+    const auto [out_bh, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const BwdBatchIndex out_at(p, out_bh);
+    const int out_n0 = out_n_index * kBlockN;
+    tc::store_tile<kBlockN, kHeadDim, kThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + out_at.dk + out_n0 * p.dk_row_stride,
+                                                p.dk_row_stride, f.seqlen_k - out_n0, f.head_dim, tid);
+    tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + out_at.dv + out_n0 * p.dv_row_stride,
+                                                p.dv_row_stride, f.seqlen_k - out_n0, f.head_dim_v, tid);
+}
+
+}  // namespace cuflash
