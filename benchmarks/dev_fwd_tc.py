@@ -1,11 +1,12 @@
-"""Tile candidates of the fp16/bf16 forward (fwd_tc) against torch SDPA FLASH_ATTENTION, one process.
+"""Tile candidates of the fp16/bf16 forward (fwd_tc, or fwd_wgmma for candidates written "wg<tile>")
+against torch SDPA FLASH_ATTENTION, one process.
 
 For each case (FA2 paper shapes: B*L = 16384 tokens, H*D = 2048), times SDPA-FA2 and cuflash with
 each (block_m, block_n, warps, stages) candidate forced into tiles._TC_TABLE, on the same inputs
 (torch tensors seen by CuPy zero-copy), CUDA events, median of --reps after warm-up. Each cuflash
 output is compared with SDPA's (a fast wrong kernel shows up as a large error).
 
-    python benchmarks/dev_fwd_tc.py --cands "128:128,32,4,2;128,32,4,3" --seqlen 1k,4k,16k
+    python benchmarks/dev_fwd_tc.py --cands "128:128,32,4,2;wg128,128,8,2" --seqlen 1k,4k,16k
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def main() -> None:
     cands = {}
     for part in args.cands.split("|"):
         d, rest = part.split(":")
-        cands[int(d)] = [tuple(int(x) for x in c.split(",")) for c in rest.split(";")]
+        cands[int(d)] = [(c.startswith("wg"),) + tuple(int(x) for x in c.removeprefix("wg").split(",")) for c in rest.split(";")]
     seqlens = [int(s[:-1]) * 1024 if s.endswith("k") else int(s) for s in args.seqlen.split(",")]
 
     def timed(fn) -> float:
@@ -85,11 +86,16 @@ def main() -> None:
                     for tag, cand in [(o, clist[0]) for o in olds] + [("", c) for c in clist]:
                         use_source(tag or new_src)
                         tag = Path(tag).name + ":" if tag else ""
-                        tiles._TC_TABLE[d] = (cand,)
+                        wgmma, cand = cand[0], cand[1:]
+                        tiles._FWD_WGMMA_TABLE.pop(d, None)
+                        if wgmma:
+                            tiles._FWD_WGMMA_TABLE[d] = cand
+                        else:
+                            tiles._TC_TABLE[d] = (cand,)
                         out = cuflash.attention(cq, ck, cv, causal=causal)
                         err = float((torch.as_tensor(out.view(cupy.int16), device="cuda").view(dt).float() - ref.float()).abs().max())
                         t = timed(lambda: cuflash.attention(cq, ck, cv, causal=causal))
-                        line.append(f"{tag}{cand[0]}x{cand[1]}w{cand[2]}s{cand[3]} {flops / t / 1e9:6.1f} ({t_ref / t:4.2f}x, err {err:.1e})")
+                        line.append(f"{tag}{'wg' if wgmma else ''}{cand[0]}x{cand[1]}w{cand[2]}s{cand[3]} {flops / t / 1e9:6.1f} ({t_ref / t:4.2f}x, err {err:.1e})")
                     print(" | ".join(line), flush=True)
                     rows.append(line)
                     del q, k, v, cq, ck, cv, ref

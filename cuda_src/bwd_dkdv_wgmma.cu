@@ -58,8 +58,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     using StageTile = tc::SmemTile<kBlockN, kHeadDim>;  // dK, dV on their way out (padded rows)
     constexpr unsigned kStageBytes = 2 * QTile::kBytes;
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
+    // dQ staging for the bulk reductions: per warpgroup 64 rows of kDqN floats, each row padded
+    // by 32 bytes so that the 8 rows of one warp-wide store fall into different banks.
+    constexpr unsigned kDqPitch = (kDqN + 8) * 4;
+    constexpr unsigned kDqBytes = 2 * 64 * kDqPitch;
     constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
-    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes;  // == tiles.py; 1024: alignment
+    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes + kDqBytes;  // == tiles.py; 1024: alignment
     static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -71,6 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const unsigned ds_smem = v_smem + KVTile::kBytes;
     const unsigned stage_smem = ds_smem + DsTile::kBytes;
     unsigned char* const stat_ptr = smem + align + kTileBytes;
+    const unsigned dq_smem = stage_smem + kStages * kStageBytes + kStages * kStatBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = warp / 4;                                     // warpgroup
@@ -82,7 +87,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const int n0 = n_index * kBlockN;
     // This lane's keys in dK, dV, S^T: key_row and key_row + 8 of the block (n0 + those globally).
     auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
-    const int key_global = n0 + lane_key_row();  // held through the loop instead of n0 (registers)
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, bh);
@@ -112,24 +116,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::cp_async_commit();
     }
 
-    // Matrix descriptors; a k16 step or another operand inside a tile adds (byte offset >> 4).
-    //   K-major (rows = M/N index, a k16 step = 32 bytes along the row): K_g, V_g as A; Q_i, dO_i as B.
-    //   MN-major (rows = k index, a k16 step = 16 rows = 2048 bytes): Q_i, dO_i, K as B; dS^T as A.
-    const unsigned long long k_desc = ptx::sw128_desc(k_smem, 16, 1024);
-    const unsigned long long v_desc = ptx::sw128_desc(v_smem, 16, 1024);
-    const unsigned long long k_desc_mn = ptx::sw128_desc(k_smem, KVTile::kPanelBytes, 1024);
-    const unsigned long long ds_desc_mn = ptx::sw128_desc(ds_smem, DsTile::kPanelBytes, 1024);
-    auto step = [](unsigned bytes) { return static_cast<unsigned long long>(bytes >> 4); };
+    // Operand forms (descriptors: tc::Sw128Tile): K-major K_g, V_g as A and Q_i, dO_i as B (S^T,
+    // dP^T); MN-major Q_i, dO_i, K as B and dS^T as A (dV, dK, dQ).
 
     float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];  // dK_g, dV_g: 64 keys x kHeadDim per warpgroup
     tc::zero(dk);
     tc::zero(dv);
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
+    // dQ leaves by bulk reductions of whole rows: 16-byte runs need D % 4 == 0 (tiles.py sends
+    // other D to bwd_dkdv_tc).
+    if (with_dq && f.head_dim % 4 != 0) __trap();
     // dq_accum's rows of this head, kept in shared memory rather than registers (the first
     // barrier of the loop publishes it).
     __shared__ float* dq_head_s;
-    if (tid == 0 && with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * f.seqlen_q * f.head_dim;
+    __shared__ int n0_s;
+    if (tid == 0) {
+        n0_s = n0;
+        if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * f.seqlen_q * f.head_dim;
+    }
 
     // Query tiles i in [range.first, range.last); those outside [full_first, full_last) cross
     // the window, the keys' end or Lq and take the per-element test (one block-uniform branch).
@@ -149,21 +154,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
         // S^T = K_g Q_i^T, dP^T = V_g dO_i^T (64 keys x kBlockM queries; the first k-step
         // overwrites: nothing of the previous tile stays live).
-        const unsigned long long q_desc = ptx::sw128_desc(q_slot, 16, 1024);
-        const unsigned long long do_desc = ptx::sw128_desc(do_slot, 16, 1024);
         float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
         ptx::wgmma_fence();
-        auto scores = [&](float(&c)[kBlockM / 8][4], unsigned long long a_desc, unsigned long long b_desc) {
-            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, a_desc + step(group * kGroupKeys * 128), b_desc);
+        auto scores = [&](float(&c)[kBlockM / 8][4], unsigned a_tile, unsigned b_tile) {
+            const unsigned a = a_tile + group * kGroupKeys * 128;  // this warpgroup's 64 rows
+            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, KVTile::k_major(a), QTile::k_major(b_tile));
 #pragma unroll
-            for (int kk = 1; kk < kKStepsD; ++kk) {
-                const unsigned a = (kk / 4) * KVTile::kPanelBytes + group * kGroupKeys * 128 + (kk % 4) * 32;
-                const unsigned b = (kk / 4) * QTile::kPanelBytes + (kk % 4) * 32;
-                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, a_desc + step(a), b_desc + step(b));
-            }
+            for (int kk = 1; kk < kKStepsD; ++kk)
+                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, KVTile::k_major(a + KVTile::k_step(kk)),
+                                                                QTile::k_major(b_tile + QTile::k_step(kk)));
         };
-        scores(st, k_desc, q_desc);
-        scores(dpt, v_desc, do_desc);
+        scores(st, k_smem, q_slot);
+        scores(dpt, v_smem, do_slot);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(st);
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int query = m0 + col + e % 2;
-                    const int key = key_global + 8 * (e / 2);
+                    const int key = n0_s + lane_key_row() + 8 * (e / 2);
                     if (query >= f.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
                 }
             }
@@ -205,15 +207,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         }
 
         // dV_g += P^T dO_i, dK_g += dS^T Q_i: B MN-major, k-step kk = query rows 16kk..16kk+15.
-        const unsigned long long q_desc_mn = ptx::sw128_desc(q_slot, QTile::kPanelBytes, 1024);
-        const unsigned long long do_desc_mn = ptx::sw128_desc(do_slot, QTile::kPanelBytes, 1024);
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], do_desc_mn + step(kk * 2048));
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_slot + kk * 2048));
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], q_desc_mn + step(kk * 2048));
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_slot + kk * 2048));
         ptx::wgmma_commit();
 
         if (with_dq) {
@@ -225,6 +225,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             for (int kk = 0; kk < kBlockM / 16; ++kk)
                 ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
                                  dsa[kk][2], dsa[kk][3]);
+            // The copy engine has read out the previous tile's dQ staging (the issuing threads
+            // wait; the barrier tells everyone before the staging is rewritten below).
+            ptx::bulk_wait<0, true>();
             ptx::fence_proxy_async_shared();
             __syncthreads();  // dS^T of both warpgroups visible
 
@@ -232,36 +235,34 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             // warpgroup's rows [q0, q0 + 64) x columns [c0, c0 + kDqN).
             const int q0 = kDqByRows ? group * 64 : 0, c0 = kDqByRows ? 0 : group * kDqN;
             float dq[kDqN / 8][4];
-            const unsigned long long a_desc = ds_desc_mn + step((q0 / 64) * DsTile::kPanelBytes);
-            const unsigned long long b_desc = k_desc_mn + step((c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
+            const unsigned a = ds_smem + (q0 / 64) * DsTile::kPanelBytes;
+            const unsigned b = k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2;
             ptx::wgmma_fence();
-            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, a_desc, b_desc);
+            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(a), KVTile::mn_major(b));
 #pragma unroll
             for (int kk = 1; kk < kBlockN / 16; ++kk)
-                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, a_desc + step(kk * 2048), b_desc + step(kk * 2048));
+                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(a + kk * 2048), KVTile::mn_major(b + kk * 2048));
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(dq);
-            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale). An even D makes every
-            // (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
-            float* dq_g = dq_head_s;
+            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale), through shared memory:
+            // one bulk reduction per row (64 per warpgroup, each up to kDqN floats).
+            const unsigned buf = dq_smem + group * 64 * kDqPitch;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
-                if (row < f.seqlen_q) {
-                    float* dst = dq_g + (long long)row * f.head_dim;
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
-                    for (int nt = 0; nt < kDqN / 8; ++nt) {
-                        const int col = c0 + nt * 8 + 2 * (lane % 4);
-                        if (f.head_dim % 2 == 0) {
-                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
-                        } else {
-#pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
-                        }
-                    }
-                }
+                for (int nt = 0; nt < kDqN / 8; ++nt)
+                    ptx::st_shared_v2_f32(buf + ((warp % 4) * 16 + lane / 4 + 8 * h) * kDqPitch + (nt * 8 + 2 * (lane % 4)) * 4,
+                                          dq[nt][2 * h], dq[nt][2 * h + 1]);
+            ptx::fence_proxy_async_shared();
+            ptx::named_barrier_sync<128>(1 + group);  // this warpgroup's staging is complete
+            const int row_in_group = tid % 128;
+            if (row_in_group < 64) {
+                const int row = m0 + q0 + row_in_group, cols = min(kDqN, f.head_dim - c0);
+                if (row < f.seqlen_q && cols > 0)
+                    ptx::bulk_reduce_add_f32(dq_head_s + (long long)row * f.head_dim + c0, buf + row_in_group * kDqPitch,
+                                             4 * cols);
+                ptx::bulk_commit();
             }
         } else {
             ptx::wgmma_wait<0>();
@@ -269,6 +270,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(dv);
         ptx::wgmma_pin(dk);
     }
+
+    ptx::bulk_wait<0, false>();  // the last dQ reductions are done before the block exits
 
     // ---- Epilogue: dK_g * scale and dV_g in the input type, staged through shared memory as
     // padded row tiles (after a barrier: other warps may still read K, V, dS^T), then stored

@@ -57,6 +57,18 @@ struct Sw128Tile {
     __device__ __forceinline__ static constexpr unsigned offset(int row, int chunk) {
         return static_cast<unsigned>((chunk / 8) * kPanelBytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
     }
+
+    // wgmma descriptors of an operand that starts at shared address `addr` inside this tile
+    // (ptx::sw128_desc): K-major, the tile's rows are the operand's M/N index (a k16 step is
+    // +32 bytes, a panel every 4 steps); MN-major, its rows are the k index (a k16 step is +16
+    // rows, 2048 bytes; N or M beyond 64 columns continue in the next panel). Built where used
+    // from a 32-bit address: only the address is live, the other fields are constants.
+    __device__ __forceinline__ static unsigned long long k_major(unsigned addr) { return ptx::sw128_desc(addr, 16, 1024); }
+    __device__ __forceinline__ static unsigned long long mn_major(unsigned addr) {
+        return ptx::sw128_desc(addr, kPanelBytes, 1024);
+    }
+    // Byte offset of k16 step kk of a K-major operand.
+    __device__ __forceinline__ static constexpr unsigned k_step(int kk) { return (kk / 4) * kPanelBytes + (kk % 4) * 32; }
 };
 
 // Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles

@@ -111,15 +111,40 @@ def _tc_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Varia
     raise ValueError(f"no fwd_tc tile for {dtype} d{head_dim} fits sm_{arch}")
 
 
+# fwd_wgmma (Hopper, sm_90a only): the same forward on warpgroup MMAs, one warpgroup per 64 query
+# rows. (block_m, block_n, warps, stages) per head-dim bucket; other buckets and archs run fwd_tc.
+# Shared memory: Q and `stages` (K, V) tiles in the 128-byte swizzled layout (no padding), 1 KB
+# for alignment. Measured on H100 (benchmarks/NOTES.md, bf16 B*L = 16k): d128 128 x 128 keys
+# 1.04-1.34x sdpa_flash (64 keys -3..-14%, 3 stages within noise); d64 128 x 64 keys 1.03-1.23x
+# (128 keys 0.85-1.09x).
+_FWD_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
+    64: (128, 64, 8, 2),
+    128: (128, 128, 8, 2),
+}
+
+
+def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of fwd_wgmma.cu's kSmemBytes."""
+    return 1024 + 2 * head_dim * (block_m + stages * 2 * block_n)
+
+
+def _smem_fwd_wgmma(variant: Variant) -> int:
+    return _smem_fwd_wgmma_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
+
 def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
     if dtype not in TC_DTYPES:
         raise TypeError(f"cuflash: unsupported dtype {dtype}")
-    return _tc_variant(dtype, bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS), has_window, arch)
+    d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
+    tile = _FWD_WGMMA_TABLE.get(d) if arch == "90a" else None
+    if tile is not None:
+        return Variant("fwd_wgmma", dtype, d, *tile, has_window, arch)
+    return _tc_variant(dtype, d, has_window, arch)
 
 
 def _tc_variants(arch: str) -> list[Variant]:
     return [
-        _tc_variant(dtype, d, w, arch)
+        _select_tc(dtype, d, d, w, arch)
         for dtype in TC_DTYPES
         for d in TC_HEAD_DIMS
         for w in (False, True)
@@ -312,7 +337,8 @@ def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, ar
 # keys (block_n = 128, 8 warps); block_m queries per tile. Per thread dK, dV (2 * head_dim / 2)
 # and S^T, dP^T (2 * block_m / 2) fp32 accumulators: 64 x 128 at d128 (255 registers, no spill);
 # d64 128-query tiles spill, so 64 there too. Shared memory: K, V, dS^T and per stage Q, dO in
-# 128-byte swizzled tiles (no padding), 2 * block_m floats per stage, 1 KB for alignment.
+# 128-byte swizzled tiles (no padding), 2 * block_m floats per stage, the dQ staging of the bulk
+# reductions (per warpgroup 64 rows of its dQ columns + 8 floats), 1 KB for alignment.
 _BWD_DKDV_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
     64: (64, 128, 8, 2),
     128: (64, 128, 8, 2),
@@ -322,12 +348,15 @@ _BWD_DKDV_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
 def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of bwd_dkdv_wgmma.cu's kSmemBytes."""
     tiles = 2 * block_n * head_dim * 2 + block_n * block_m * 2 + stages * 2 * block_m * head_dim * 2
-    return 1024 + tiles + stages * 2 * block_m * 4
+    dq_n = head_dim if block_m == 128 else head_dim // 2  # dQ columns per warpgroup
+    dq_staging = 2 * 64 * (dq_n + 8) * 4
+    return 1024 + tiles + stages * 2 * block_m * 4 + dq_staging
 
 
-def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket, else bwd_dkdv_tc."""
-    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" else None
+def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str, d_qk: int = 0) -> Variant:
+    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket and the rows of dQ (D of q and
+    k, ``d_qk``) are whole 16-byte runs for its bulk reductions, else bwd_dkdv_tc."""
+    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" and d_qk % 4 == 0 else None
     if tile is None:
         return _bwd_tc_variant("bwd_dkdv_tc", dtype, head_dim, has_window, arch)
     block_m, block_n, warps, stages = tile
@@ -340,7 +369,7 @@ def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool,
     d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
     return BackwardVariants(
         _bwd_prep_variant("bwd_delta", dtype, d, arch),
-        _bwd_dkdv_variant(dtype, d, has_window, arch),
+        _bwd_dkdv_variant(dtype, d, has_window, arch, head_dim),
         _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch),
         _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
     )
@@ -465,6 +494,7 @@ _SMEM_BY_KERNEL = {
     "bwd_delta": lambda variant: 0,
     "bwd_dq_convert": lambda variant: 0,
     "fwd_tc": _smem_tc,
+    "fwd_wgmma": _smem_fwd_wgmma,
     "fwd_simt": _smem_simt,
     "fwd_dmma": _smem_dmma,
     "bwd_dkdv_tc": _smem_bwd_dkdv_tc,
