@@ -58,12 +58,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     using StageTile = tc::SmemTile<kBlockN, kHeadDim>;  // dK, dV on their way out (padded rows)
     constexpr unsigned kStageBytes = 2 * QTile::kBytes;
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
-    // dQ staging for the bulk reductions: per warpgroup 64 rows of kDqN floats, each row padded
-    // by 32 bytes so that the 8 rows of one warp-wide store fall into different banks.
-    constexpr unsigned kDqPitch = (kDqN + 8) * 4;
-    constexpr unsigned kDqBytes = 2 * 64 * kDqPitch;
     constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
-    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes + kDqBytes;  // == tiles.py; 1024: alignment
+    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes;  // == tiles.py; 1024: alignment
     static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -75,7 +71,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const unsigned ds_smem = v_smem + KVTile::kBytes;
     const unsigned stage_smem = ds_smem + DsTile::kBytes;
     unsigned char* const stat_ptr = smem + align + kTileBytes;
-    const unsigned dq_smem = stage_smem + kStages * kStageBytes + kStages * kStatBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = warp / 4;                                     // warpgroup
@@ -124,9 +119,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     tc::zero(dv);
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
-    // dQ leaves by bulk reductions of whole rows: 16-byte runs need D % 4 == 0 (tiles.py sends
-    // other D to bwd_dkdv_tc).
-    if (with_dq && f.head_dim % 4 != 0) __trap();
     // dq_accum's rows of this head, kept in shared memory rather than registers (the first
     // barrier of the loop publishes it).
     __shared__ float* dq_head_s;
@@ -225,9 +217,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             for (int kk = 0; kk < kBlockM / 16; ++kk)
                 ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
                                  dsa[kk][2], dsa[kk][3]);
-            // The copy engine has read out the previous tile's dQ staging (the issuing threads
-            // wait; the barrier tells everyone before the staging is rewritten below).
-            ptx::bulk_wait<0, true>();
             ptx::fence_proxy_async_shared();
             __syncthreads();  // dS^T of both warpgroups visible
 
@@ -245,24 +234,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(dq);
-            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale), through shared memory:
-            // one bulk reduction per row (64 per warpgroup, each up to kDqN floats).
-            const unsigned buf = dq_smem + group * 64 * kDqPitch;
+            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale). An even D makes every
+            // (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
+                if (row < f.seqlen_q) {
+                    float* dst = dq_head_s + (long long)row * f.head_dim;
 #pragma unroll
-                for (int nt = 0; nt < kDqN / 8; ++nt)
-                    ptx::st_shared_v2_f32(buf + ((warp % 4) * 16 + lane / 4 + 8 * h) * kDqPitch + (nt * 8 + 2 * (lane % 4)) * 4,
-                                          dq[nt][2 * h], dq[nt][2 * h + 1]);
-            ptx::fence_proxy_async_shared();
-            ptx::named_barrier_sync<128>(1 + group);  // this warpgroup's staging is complete
-            const int row_in_group = tid % 128;
-            if (row_in_group < 64) {
-                const int row = m0 + q0 + row_in_group, cols = min(kDqN, f.head_dim - c0);
-                if (row < f.seqlen_q && cols > 0)
-                    ptx::bulk_reduce_add_f32(dq_head_s + (long long)row * f.head_dim + c0, buf + row_in_group * kDqPitch,
-                                             4 * cols);
-                ptx::bulk_commit();
+                    for (int nt = 0; nt < kDqN / 8; ++nt) {
+                        const int col = c0 + nt * 8 + 2 * (lane % 4);
+                        if (f.head_dim % 2 == 0) {
+                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                        }
+                    }
+                }
             }
         } else {
             ptx::wgmma_wait<0>();
@@ -270,8 +260,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(dv);
         ptx::wgmma_pin(dk);
     }
-
-    ptx::bulk_wait<0, false>();  // the last dQ reductions are done before the block exits
 
     // ---- Epilogue: dK_g * scale and dV_g in the input type, staged through shared memory as
     // padded row tiles (after a barrier: other warps may still read K, V, dS^T), then stored

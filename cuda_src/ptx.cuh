@@ -50,10 +50,6 @@ __device__ __forceinline__ void st_shared_v4(unsigned addr, unsigned a, unsigned
                  : "memory");
 }
 
-__device__ __forceinline__ void st_shared_v2_f32(unsigned addr, float a, float b) {
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a), "f"(b) : "memory");
-}
-
 __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned value) {
     asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
 }
@@ -349,52 +345,6 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 #else
     __trap();
 #endif
-}
-
-// gmem[0, bytes) += smem[0, bytes) elementwise in fp32, performed in L2 by the copy engine
-// (cp.reduce.async.bulk, sm_90): one instruction per contiguous run instead of one RED per
-// element pair, and the SM's load/store pipe stays free. Both addresses 16-byte aligned, bytes a
-// multiple of 16. The shared source is read asynchronously: commit the bulk group, and wait
-// (bulk_wait_read) before overwriting it; it is read through the async proxy, so the threads that
-// wrote it fence (fence_proxy_async_shared) before the barrier that precedes the issue.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, unsigned smem, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(gmem), "r"(smem),
-                 "r"(bytes)
-                 : "memory");
-#else
-    __trap();
-#endif
-}
-
-// Close this thread's group of bulk copies issued since the last commit.
-__device__ __forceinline__ void bulk_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-#else
-    __trap();
-#endif
-}
-
-// Wait until at most kPending of this thread's bulk groups still read their shared source
-// (kReadOnly), or are still incomplete altogether (!kReadOnly: their global writes are done).
-template <int kPending, bool kReadOnly>
-__device__ __forceinline__ void bulk_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (kReadOnly)
-        asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
-    else
-        asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
-#else
-    __trap();
-#endif
-}
-
-// A barrier among kThreads threads (whole warps) only, on hardware barrier `id` (0 is
-// __syncthreads'): one warpgroup synchronises without waiting for the other.
-template <int kThreads>
-__device__ __forceinline__ void named_barrier_sync(int id) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kThreads) : "memory");
 }
 
 // Pin an accumulator element after wgmma_wait: the compiler may not move reads of it above the

@@ -337,8 +337,7 @@ def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, ar
 # keys (block_n = 128, 8 warps); block_m queries per tile. Per thread dK, dV (2 * head_dim / 2)
 # and S^T, dP^T (2 * block_m / 2) fp32 accumulators: 64 x 128 at d128 (255 registers, no spill);
 # d64 128-query tiles spill, so 64 there too. Shared memory: K, V, dS^T and per stage Q, dO in
-# 128-byte swizzled tiles (no padding), 2 * block_m floats per stage, the dQ staging of the bulk
-# reductions (per warpgroup 64 rows of its dQ columns + 8 floats), 1 KB for alignment.
+# 128-byte swizzled tiles (no padding), 2 * block_m floats per stage, 1 KB for alignment.
 _BWD_DKDV_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
     64: (64, 128, 8, 2),
     128: (64, 128, 8, 2),
@@ -348,15 +347,12 @@ _BWD_DKDV_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
 def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of bwd_dkdv_wgmma.cu's kSmemBytes."""
     tiles = 2 * block_n * head_dim * 2 + block_n * block_m * 2 + stages * 2 * block_m * head_dim * 2
-    dq_n = head_dim if block_m == 128 else head_dim // 2  # dQ columns per warpgroup
-    dq_staging = 2 * 64 * (dq_n + 8) * 4
-    return 1024 + tiles + stages * 2 * block_m * 4 + dq_staging
+    return 1024 + tiles + stages * 2 * block_m * 4
 
 
-def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str, d_qk: int = 0) -> Variant:
-    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket and the rows of dQ (D of q and
-    k, ``d_qk``) are whole 16-byte runs for its bulk reductions, else bwd_dkdv_tc."""
-    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" and d_qk % 4 == 0 else None
+def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
+    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket, else bwd_dkdv_tc."""
+    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" else None
     if tile is None:
         return _bwd_tc_variant("bwd_dkdv_tc", dtype, head_dim, has_window, arch)
     block_m, block_n, warps, stages = tile
@@ -369,7 +365,7 @@ def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool,
     d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
     return BackwardVariants(
         _bwd_prep_variant("bwd_delta", dtype, d, arch),
-        _bwd_dkdv_variant(dtype, d, has_window, arch, head_dim),
+        _bwd_dkdv_variant(dtype, d, has_window, arch),
         _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch),
         _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
     )
