@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--inner", type=int, default=10, help="calls per timed region")
     ap.add_argument("--old-src", default="", help="cuda_src copies, comma-separated: time the first candidate with each too")
+    ap.add_argument("--old-cand", default="", help="the candidate for the --old-src copies (default: the first), e.g. wg128,128,8,2")
     args = ap.parse_args()
 
     import cupy
@@ -83,7 +84,10 @@ def main() -> None:
                     cq, ck, cv = (cupy.asarray(x.view(torch.int16)).view(cdt) for x in (q, k, v))
                     line = [f"{dname} d{d} {'causal' if causal else 'dense '} L{L:>5}", f"sdpa {flops / t_ref / 1e9:6.1f}"]
                     olds = [x for x in args.old_src.split(",") if x]
-                    for tag, cand in [(o, clist[0]) for o in olds] + [("", c) for c in clist]:
+                    old_cand = clist[0]
+                    if args.old_cand:
+                        old_cand = (args.old_cand.startswith("wg"),) + tuple(int(x) for x in args.old_cand.removeprefix("wg").split(","))
+                    for tag, cand in [(o, old_cand) for o in olds] + [("", c) for c in clist]:
                         use_source(tag or new_src)
                         tag = Path(tag).name + ":" if tag else ""
                         wgmma, cand = cand[0], cand[1:]

@@ -8,26 +8,28 @@
 //
 // Work split. A block of kWarps warps owns kBlockM query rows. Each warp owns 2 * TM rows,
 // as two "row groups" of 16 lanes; within a row group the 16 lanes split the columns. A lane
-// therefore holds a TM x TN micro-tile of S (TN = kBlockN / 16) and a TM x TD micro-tile of
-// the output (TD = kHeadDim / 16) for the SAME rows, so the online-softmax rescale of acc is
-// purely thread-local and row reductions are four shuffles inside a half-warp.
+// therefore holds a TM x TN micro-tile of S (TN = kBlockN / 16: keys cg, cg + 16, ... of the
+// tile, cg = the lane's column group) and a TM x TD micro-tile of the output (TD = kHeadDim / 16)
+// for the SAME rows, so the online-softmax rescale of acc is purely thread-local and row
+// reductions are four shuffles inside a half-warp.
 //
-// Register tiling, as in an SGEMM: per step k of the inner product a lane loads TM values of
-// Q^T and TN values of K^T from shared memory (16-byte vectors) and issues TM * TN FMAs.
-// The same holds for O += P V with P^T and V in shared memory.
+// Register tiling, as in an SGEMM. S = Q K^T: per 16-byte run of d (kDVec values) a lane loads
+// its TN keys' runs (one vector each) and, per d, its TM values of Q^T, then issues
+// TM * TN * kDVec FMAs. O += P V: per key a lane loads TM values of P^T and TD of V (vectors).
 //
 // Shared memory (all tiles zero-padded, so no arithmetic ever touches uninitialised memory):
 //   Qt [kHeadDim][kBlockM + pad]   Q transposed: a lane's TM rows are contiguous
-//   Kt [kHeadDim][kBlockN + pad]   K transposed: a lane's TN keys are contiguous
+//   Ks [kBlockN][kHeadDim + pad]   K as is:      a key's d-runs are contiguous
 //   Vs [kBlockN][kHeadDim + pad]   V as is:      a lane's TD columns are contiguous
-//   Pt [kBlockN][kBlockM + pad]   P transposed: a lane's TM rows are contiguous
-// pad = 16 bytes keeps every row 16-byte aligned and staggers rows by four banks, which makes
-// the transposing copies below conflict-free.
+//   Pt [kBlockN][kBlockM + pad]    P transposed: a lane's TM rows are contiguous
+// pad = 16 bytes keeps every row 16-byte aligned and staggers rows by four banks: the 16 lanes
+// of a row group read 16 different key rows of Ks (and write 16 of Pt) in distinct banks, and
+// the transposing copy of Q is conflict-free.
 //
 // Pipelining (kStages == 1: one buffer each for K and V). Global -> shared copies are
-// cp.async (no registers held, any alignment, zero-fill past the ends): V_t is fetched while
-// S_t = Q K_t^T is computed, and K_{t+1} while O += P_t V_t is, so every copy hides behind
-// half a tile of arithmetic with two barriers per tile.
+// cp.async (no registers held, zero-fill past the ends; 16-byte vectors where rows allow,
+// else elements): V_t is fetched while S_t = Q K_t^T is computed, and K_{t+1} while
+// O += P_t V_t is, so every copy hides behind half a tile of arithmetic with two barriers per tile.
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
@@ -36,19 +38,21 @@
 namespace cuflash {
 namespace simt {
 
-// The softmax's exponential. float32 works in base 2: s is multiplied by scale * log2(e)
-// (p.scale_log2, rounded once) and exponentiated with exp2f, the full-accuracy library function
-// (2 ulp; not __expf, not fast-math); m_i is then in log2 units and lse = m_i ln 2 + log l_i.
-// float64 works in base e with the exact double scale: p_ij = exp(s_ij * scale - m_i).
+// The softmax's exponential. float32 works in base 2 with c = scale * log2(e) (p.scale_log2,
+// rounded once) and exp2f, the full-accuracy library function (2 ulp; not __expf, not
+// fast-math): p_ij = exp2(s_ij c - m_i) as one FMA and exp2f, m_i in log2 units, and
+// lse = m_i ln 2 + log l_i. float64 works in base e with the exact double scale:
+// p_ij = exp(s_ij c - m_i), c = scale. The kernel uses c = |scale| (Q negated when scale < 0),
+// at least the smallest normal number, so that -inf * c stays -inf.
 template <typename T> struct Math;
 template <> struct Math<float> {
-    static __device__ __forceinline__ float scale(const FwdParams& p) { return p.scale_log2; }
+    static __device__ __forceinline__ float scale(const FwdParams& p) { return fmaxf(fabsf(p.scale_log2), 1.17549435e-38f); }
     static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
     static __device__ __forceinline__ float lse(float m, float l) { return fmaf(m, 0.693147180559945309f, logf(l)); }
     static __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 };
 template <> struct Math<double> {
-    static __device__ __forceinline__ double scale(const FwdParams& p) { return p.scale; }
+    static __device__ __forceinline__ double scale(const FwdParams& p) { return fmax(fabs(p.scale), 2.2250738585072014e-308); }
     static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
     static __device__ __forceinline__ double lse(double m, double l) { return m + ::log(l); }
     static __device__ __forceinline__ double neg_inf() { return -__longlong_as_double(0x7ff0000000000000ll); }
@@ -72,7 +76,10 @@ namespace simt {
 template <typename T, int TM, int TN, int TD, bool kHasWindow>
 struct Occupancy {
     static constexpr int kWords = sizeof(T) / 4;
-    static constexpr bool kTwo = kWords * TM * TD <= 32 && kWords * TM * TN <= 32;
+    // The window's per-element test needs a few registers more: with both micro-tiles at the
+    // limit (fp32 d64 128x64) the window variant takes one block per SM.
+    static constexpr bool kTwo = kWords * TM * TD <= 32 && kWords * TM * TN <= 32 &&
+                                 !(kHasWindow && kWords * TM * TD == 32 && kWords * TM * TN == 32);
 #ifdef CUFLASH_SIMT_MIN_BLOCKS
     static constexpr int kMinBlocks = CUFLASH_SIMT_MIN_BLOCKS;
 #else
@@ -102,14 +109,18 @@ __global__ void __launch_bounds__(kWarps * 32,
     static_assert(kHeadDim % 8 == 0 && kBlockN % 4 == 0 && kBlockM % 4 == 0, "copy mapping");
     static_assert(kStages == 1, "K and V are single-buffered and overlapped by phase");
     constexpr int kUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kUnroll;
-    using ColsN = simt::Cols<T, TN>;
     using ColsD = simt::Cols<T, TD>;
+    constexpr int kDVec = 16 / sizeof(T);  // d values per 16-byte run of a K row (the copies' unit)
+    static_assert(kHeadDim % kDVec == 0, "whole 16-byte runs of d");
+    // d values per read of a K row in S = Q K^T: a 16-byte run, or 8 bytes where two blocks per SM
+    // leave no room for TN 16-byte runs in registers (TD < 4, d32: ptxas spills otherwise).
+    constexpr bool kTight = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kMinBlocks >= 2 && TD < 4;
+    constexpr int kKRead = kTight ? 8 / int(sizeof(T)) : kDVec;
 
     constexpr int kPad = 16 / sizeof(T);
     constexpr int kLdQ = kBlockM + kPad;   // Qt and Pt row length
-    constexpr int kLdK = kBlockN + kPad;   // Kt row length
-    constexpr int kLdV = kHeadDim + kPad;  // Vs row length
-    constexpr unsigned kSmemBytes = sizeof(T) * (kHeadDim * kLdQ + kHeadDim * kLdK + kBlockN * kLdV + kBlockN * kLdQ);
+    constexpr int kLdKV = kHeadDim + kPad; // Ks and Vs row length
+    constexpr unsigned kSmemBytes = sizeof(T) * (kHeadDim * kLdQ + 2 * kBlockN * kLdKV + kBlockN * kLdQ);
 
     // The host sizes dynamic shared memory from tiles.shared_memory_bytes; a mismatch would
     // silently overrun, so stop here instead.
@@ -117,9 +128,9 @@ __global__ void __launch_bounds__(kWarps * 32,
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qt = reinterpret_cast<T*>(smem_raw);
-    T* Kt = Qt + kHeadDim * kLdQ;
-    T* Vs = Kt + kHeadDim * kLdK;
-    T* Pt = Vs + kBlockN * kLdV;
+    T* Ks = Qt + kHeadDim * kLdQ;
+    T* Vs = Ks + kBlockN * kLdKV;
+    T* Pt = Vs + kBlockN * kLdKV;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -138,7 +149,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     const Mask<kHasWindow> mask(p);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
-    // Transposing copy of a (rows x kHeadDim) slab of q or k into dst[d][row]. Each warp
+    // Transposing copy of a (rows x kHeadDim) slab of q into dst[d][row]. Each warp
     // instruction covers 8 consecutive d (one 32-byte sector of global memory) for 4 rows;
     // with rows padded by 16 bytes these 32 lanes land in 32 distinct banks.
     auto load_transposed = [&](T* dst, int ld, const T* src, long long row_stride, int row_base, int rows,
@@ -169,32 +180,56 @@ __global__ void __launch_bounds__(kWarps * 32,
             }
         }
     };
-    // Straight copy of a V tile into Vs[j][d]: consecutive lanes, consecutive d. (A 16-byte
-    // cp.async path for aligned rows measured no faster and cost the registers of the
-    // two-blocks-per-SM fit, so V is copied by elements like Q and K.)
-    auto load_v = [&](int n0) {
-        if constexpr (kThreads % kHeadDim == 0) {
-            // Each lane keeps one column d and walks keys.
+    // Straight copy of kBlockN rows (keys n0..) of k or v into dst[j][d], zero past `width` and
+    // past Lk. Rows whose every 16-byte run is aligned (vec: width, row stride and base in whole
+    // runs) go as 16-byte cp.async, four to eight times fewer copies; otherwise element by
+    // element. Each lane keeps one run (or column) and walks rows: the index math is a few adds.
+    auto load_rows = [&](T* dst, const T* src, long long row_stride, int n0, int width, bool vec) {
+        constexpr int kRuns = kHeadDim / kDVec;
+        if (vec && kThreads % kRuns != 0) {
+#pragma unroll 1
+            for (int e = tid; e < kBlockN * kRuns; e += kThreads) {
+                const int j = e / kRuns, d = (e % kRuns) * kDVec;
+                const bool ok = n0 + j < Lk && d < width;
+                ptx::cp_async_16(ptx::smem_addr(dst + j * kLdKV + d), ok ? src + (long long)(n0 + j) * row_stride + d : src,
+                                 ok ? 16 : 0);
+            }
+        } else if (vec) {
+            constexpr int kRowStep = kThreads / kRuns;
+            const int d = (tid % kRuns) * kDVec;
+            int j = tid / kRuns;
+            const T* g = src + (long long)(n0 + j) * row_stride + d;
+            const long long g_step = kRowStep * row_stride;
+#pragma unroll 1
+            for (; j < kBlockN; j += kRowStep, g += g_step) {
+                const bool ok = n0 + j < Lk && d < width;
+                ptx::cp_async_16(ptx::smem_addr(dst + j * kLdKV + d), ok ? g : src, ok ? 16 : 0);
+            }
+        } else if constexpr (kThreads % kHeadDim == 0) {
             constexpr int kRowStep = kThreads / kHeadDim;
             const int d = tid % kHeadDim;
             int j = tid / kHeadDim;
-            const T* g = v + (long long)(n0 + j) * p.v_row_stride + d;
-            const long long g_step = kRowStep * p.v_row_stride;
+            const T* g = src + (long long)(n0 + j) * row_stride + d;
+            const long long g_step = kRowStep * row_stride;
 #pragma unroll 1
             for (; j < kBlockN; j += kRowStep, g += g_step) {
-                const bool ok = n0 + j < Lk && d < Dv;
-                simt::copy_elem(Vs + j * kLdV + d, ok ? g : v, ok);
+                const bool ok = n0 + j < Lk && d < width;
+                simt::copy_elem(dst + j * kLdKV + d, ok ? g : src, ok);
             }
         } else {
             constexpr int total = kBlockN * kHeadDim;
 #pragma unroll 1
             for (int e = tid; e < total; e += kThreads) {
                 const int j = e / kHeadDim, d = e % kHeadDim;
-                const bool ok = n0 + j < Lk && d < Dv;
-                simt::copy_elem(Vs + j * kLdV + d, ok ? v + (long long)(n0 + j) * p.v_row_stride + d : v, ok);
+                const bool ok = n0 + j < Lk && d < width;
+                simt::copy_elem(dst + j * kLdKV + d, ok ? src + (long long)(n0 + j) * row_stride + d : src, ok);
             }
         }
     };
+    auto whole_runs = [](const T* base, long long row_stride, int width) {
+        return width % kDVec == 0 && row_stride % kDVec == 0 && (reinterpret_cast<unsigned long long>(base) & 15) == 0;
+    };
+    const bool k_vec = whole_runs(k, p.k_row_stride, D), v_vec = whole_runs(v, p.v_row_stride, Dv);
 
     // Running statistics of the paper, per owned row: m_i = max_j s_ij (scaled), l_i = sum_j
     // exp(s_ij - m_i) (this lane's partial sum; reduced over the row group once at the end),
@@ -207,66 +242,63 @@ __global__ void __launch_bounds__(kWarps * 32,
 #pragma unroll
         for (int c = 0; c < TD; ++c) acc[r][c] = T(0);
     }
-    const T scale = M::scale(p);  // see Math: log2 units for float
+    const T scale = M::scale(p);  // c of Math: |scale|, log2 units for float
 
     if (range.first < range.last) {
         load_transposed(Qt, kLdQ, q, p.q_row_stride, m0, kBlockM, Lq);
-        load_transposed(Kt, kLdK, k, p.k_row_stride, range.first * kBlockN, kBlockN, Lk);
+        load_rows(Ks, k, p.k_row_stride, range.first * kBlockN, D, k_vec);
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
         __syncthreads();
+        // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated (exactly),
+        // so that the row max can be taken on the raw scores (the scale folds into the FMA of p).
+        if (p.scale < 0) {
+            for (int e = tid; e < kHeadDim * kLdQ; e += kThreads) Qt[e] = -Qt[e];
+            __syncthreads();
+        }
     }
 
     for (int t = range.first; t < range.last; ++t) {
         const int n0 = t * kBlockN;
         // V_t streams in while S_t is computed.
-        load_v(n0);
+        load_rows(Vs, v, p.v_row_stride, n0, Dv, v_vec);
         ptx::cp_async_commit();
 
-        // S = Q K^T on this lane's TM x TN micro-tile: s[r][c] = sum_d Q[row r, d] K[key c, d].
+        // S = Q K^T on this lane's TM x TN micro-tile: s[r][c] = sum_d Q[row r, d] K[key cg + 16c, d],
+        // d ascending.
         T s[TM][TN];
+        simt::zero(s);
+#pragma unroll 1
+        for (int d0 = 0; d0 < kHeadDim; d0 += kKRead) {
+            T b[TN][kKRead];
 #pragma unroll
-        for (int r = 0; r < TM; ++r)
+            for (int c = 0; c < TN; ++c) simt::lds(b[c], Ks + (cg + 16 * c) * kLdKV + d0);
 #pragma unroll
-            for (int c = 0; c < TN; ++c) s[r][c] = T(0);
-#pragma unroll kUnroll
-        for (int d = 0; d < kHeadDim; ++d) {
-            T a[TM], b[TN];
-            simt::lds(a, Qt + d * kLdQ + row0);
+            for (int dd = 0; dd < kKRead; ++dd) {
+                T a[TM];
+                simt::lds(a, Qt + (d0 + dd) * kLdQ + row0);
 #pragma unroll
-            for (int ch = 0; ch < ColsN::kChunks; ++ch) {
-                T bv[ColsN::kVec];
-                simt::lds(bv, Kt + d * kLdK + ColsN::col(cg, ch));
+                for (int r = 0; r < TM; ++r)
 #pragma unroll
-                for (int u = 0; u < ColsN::kVec; ++u) b[ch * ColsN::kVec + u] = bv[u];
+                    for (int c = 0; c < TN; ++c) s[r][c] = fma(a[r], b[c][dd], s[r][c]);
             }
-#pragma unroll
-            for (int r = 0; r < TM; ++r)
-#pragma unroll
-                for (int c = 0; c < TN; ++c) s[r][c] = fma(a[r], b[c], s[r][c]);
         }
 
-        // Scale, and on tiles that cross an edge of the visible region, mask: s_ij = -inf for
-        // keys j the query i may not see (also keys past Lk). Interior tiles skip the test.
+        // On tiles that cross an edge of the visible region, mask: s_ij = -inf for keys j the
+        // query i may not see (also keys past Lk). Interior tiles skip the test. Scores stay
+        // raw: the scale is applied in the exponent.
         const bool masked = t < range.full_first || t >= range.full_last;
-#pragma unroll
-        for (int r = 0; r < TM; ++r)
-#pragma unroll
-            for (int c = 0; c < TN; ++c) s[r][c] *= scale;
         if (masked) {
 #pragma unroll
             for (int r = 0; r < TM; ++r)
 #pragma unroll
-                for (int ch = 0; ch < ColsN::kChunks; ++ch)
-#pragma unroll
-                    for (int u = 0; u < ColsN::kVec; ++u) {
-                        const int j = n0 + ColsN::col(cg, ch) + u;
-                        if (!mask.visible(m0 + row0 + r, j)) s[r][ch * ColsN::kVec + u] = M::neg_inf();
-                    }
+                for (int c = 0; c < TN; ++c)
+                    if (!mask.visible(m0 + row0 + r, n0 + cg + 16 * c)) s[r][c] = M::neg_inf();
         }
 
-        // Online softmax:  m_new = max(m_i, max_j s_ij);  alpha = exp(m_i - m_new);
-        //   p_ij = exp(s_ij - m_new);  l_i = alpha l_i + sum_j p_ij;  acc = alpha acc.
+        // Online softmax (c = |scale|, see Math):  m_new = max(m_i, c max_j s_ij);
+        //   alpha = exp(m_i - m_new);  p_ij = exp(s_ij c - m_new);  l_i = alpha l_i + sum_j p_ij;
+        //   acc = alpha acc.
         // A row that has seen no visible key keeps m = -inf; it subtracts 0 instead, so every
         // p stays exp(-inf) = 0 and alpha = 0, never NaN.
 #pragma unroll
@@ -276,14 +308,14 @@ __global__ void __launch_bounds__(kWarps * 32,
             for (int c = 1; c < TN; ++c) mx = max(mx, s[r][c]);
 #pragma unroll
             for (int off = 8; off >= 1; off >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-            const T m_new = max(m_i[r], mx);
+            const T m_new = max(m_i[r], mx * scale);
             const T m_use = m_new == M::neg_inf() ? T(0) : m_new;
             const T alpha = M::exp(m_i[r] - m_use);
             m_i[r] = m_new;
             T sum = T(0);
 #pragma unroll
             for (int c = 0; c < TN; ++c) {
-                s[r][c] = M::exp(s[r][c] - m_use);
+                s[r][c] = M::exp(fma(s[r][c], scale, -m_use));
                 sum += s[r][c];
             }
             l_i[r] = fma(l_i[r], alpha, sum);
@@ -294,20 +326,18 @@ __global__ void __launch_bounds__(kWarps * 32,
         // P to shared memory, transposed (Pt[key][row]) so the P V loop reads a lane's TM rows
         // as one vector. The previous tile's readers of Pt finished at the last barrier.
 #pragma unroll
-        for (int ch = 0; ch < ColsN::kChunks; ++ch)
+        for (int c = 0; c < TN; ++c) {
+            T col[TM];
 #pragma unroll
-            for (int u = 0; u < ColsN::kVec; ++u) {
-                T col[TM];
-#pragma unroll
-                for (int r = 0; r < TM; ++r) col[r] = s[r][ch * ColsN::kVec + u];
-                simt::sts(Pt + (ColsN::col(cg, ch) + u) * kLdQ + row0, col);
-            }
+            for (int r = 0; r < TM; ++r) col[r] = s[r][c];
+            simt::sts(Pt + (cg + 16 * c) * kLdQ + row0, col);
+        }
 
         ptx::cp_async_wait<0>();  // V_t (this thread's part)
         __syncthreads();      // all of V_t and P visible; nobody reads K_t any more
         if (t + 1 < range.last) {
             // K_{t+1} streams in while O += P V_t is computed.
-            load_transposed(Kt, kLdK, k, p.k_row_stride, n0 + kBlockN, kBlockN, Lk);
+            load_rows(Ks, k, p.k_row_stride, n0 + kBlockN, D, k_vec);
             ptx::cp_async_commit();
         }
 
@@ -319,7 +349,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 #pragma unroll
             for (int ch = 0; ch < ColsD::kChunks; ++ch) {
                 T bv[ColsD::kVec];
-                simt::lds(bv, Vs + j * kLdV + ColsD::col(cg, ch));
+                simt::lds(bv, Vs + j * kLdKV + ColsD::col(cg, ch));
 #pragma unroll
                 for (int u = 0; u < ColsD::kVec; ++u) b[ch * ColsD::kVec + u] = bv[u];
             }

@@ -13,6 +13,8 @@
 //   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major)
 //   O = acc / l_i,  lse = m_i + log l_i    (once, at the end)
 //
+// The steps are software-pipelined one tile deep (the loop's comment): the softmax of tile j+1
+// runs while the tensor cores compute P_j V_j.
 // The accumulator layout of wgmma is, warp by warp, that of mma.sync m16n8: the softmax, the
 // masking and the P packing are fwd_tc's, with one m16 tile per warp.
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
@@ -28,21 +30,35 @@
 
 namespace cuflash {
 
+// Dynamic shared memory (== tiles.py): Q and kStages (K, V) tiles, 16-bit, swizzled rows without
+// padding, plus 1024 bytes to align the swizzle atoms.
+template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlockM + 2 * kStages * kBlockN); }
+
+// Two blocks per SM where their shared memory fits (d64: one block's softmax and barriers hide
+// behind the other's MMAs); ptxas then keeps the kernel within 128 registers.
+template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr int fwd_wgmma_min_blocks() {
+    return 2 * fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>() <= 232448 ? 2 : 1;
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
-__global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma(const FwdParams p) {
+__global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
+    fwd_wgmma(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kKStepsQK = kHeadDim / 16;  // k16 steps of Q K^T
     constexpr int kKStepsPV = kBlockN / 16;   // k16 steps of P V
     static_assert(kBlockM == 64 * (kWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
     static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && (kBlockN == 64 || kBlockN == 128),
                   "whole 64-column panels; wgmma N of 64 or 128");
-    static_assert(kStages >= 2, "the K/V pipeline needs at least two stages");
+    static_assert(kStages >= 3, "tiles t-1 (being refilled), t (P V) and t+1 (S) are resident at once");
 
     using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
     using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;     // one K or V tile
     using OTile = tc::SmemTile<kBlockM, kHeadDim>;       // O on its way out (padded rows)
     constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
-    constexpr unsigned kSmemBytes = 1024 + QTile::kBytes + kStages * kStageBytes;  // == tiles.py; 1024: alignment
+    constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 1024 + QTile::kBytes + kStages * kStageBytes, "1024: alignment");
     static_assert(OTile::kBytes <= kStages * kStageBytes, "O leaves through the K/V stages");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -68,8 +84,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma(const FwdParams p) {
     const Mask<kHasWindow> mask(p);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
-    // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step
-    // (empty groups too), so "wait until kStages-2 groups are pending" means "tile j has landed".
+    // ---- K/V pipeline: cp.async groups are committed in order Q, tiles first .. first+kStages-2,
+    // then one per loop step that has a next tile (empty groups too), so at step t "at most
+    // kStages-3 groups pending" means "tile t+1 has landed" (see the loop).
     const tc::TileLoader<kBlockM, kHeadDim, kThreads, QTile> q_loader(static_cast<const unsigned short*>(p.q) + at.q,
                                                                        p.q_row_stride, p.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(static_cast<const unsigned short*>(p.k) + at.k,
@@ -77,10 +94,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma(const FwdParams p) {
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
                                                                         p.v_row_stride, p.head_dim_v);
     if (!(q_loader.aligned(p.seqlen_q) && k_loader.aligned(p.seqlen_k) && v_loader.aligned(p.seqlen_k))) __trap();
-    auto load_kv = [&](int j) {
-        const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
-        k_loader.load(slot, j * kBlockN, p.seqlen_k, tid);
-        v_loader.load(slot + KVTile::kBytes, j * kBlockN, p.seqlen_k, tid);
+    auto slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kStageBytes; };
+    auto load_kv = [&](int t) {
+        k_loader.load(slot(t), t * kBlockN, p.seqlen_k, tid);
+        v_loader.load(slot(t) + KVTile::kBytes, t * kBlockN, p.seqlen_k, tid);
     };
     q_loader.load(q_smem, m0, p.seqlen_q, tid);
     ptx::cp_async_commit();
@@ -98,60 +115,103 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma(const FwdParams p) {
         q_loader.negate(q_smem, tid);        // published by the first barrier below
     }
 
-    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_j K-major, V_j MN-major.
+    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major.
     const unsigned q_group = q_smem + group * 64 * 128;  // this warpgroup's 64 rows of Q
+
+    // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
+    auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
+        const unsigned k_tile = slot(t);
+        ptx::Wgmma<kBlockN>::template ss<Element, 0, 0, false>(s, QTile::k_major(q_group), KVTile::k_major(k_tile));
+#pragma unroll
+        for (int kk = 1; kk < kKStepsQK; ++kk)
+            ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s, QTile::k_major(q_group + QTile::k_step(kk)),
+                                                            KVTile::k_major(k_tile + KVTile::k_step(kk)));
+    };
+    // -inf where the key is hidden, on tiles that cross an edge of the visible region (raw
+    // scores: the scale is folded into the softmax's FFMA).
+    auto mask_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
+        if (t >= range.full_first && t < range.full_last) return;
+#pragma unroll
+        for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + warp_row0 + lane / 4 + 8 * (e / 2);
+                const int key = t * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
+                if (!mask.visible(row, key)) s[nt][e] = tc::neg_inf();
+            }
+    };
 
     float acc[1][kHeadDim / 8][4];
     tc::zero(acc);
     tc::OnlineSoftmax<1> softmax;
-
-    // Key tiles j in [range.first, range.last); those outside [full_first, full_last) are masked.
-    for (int j = range.first; j < range.last; ++j) {
-        const bool masked = j < range.full_first || j >= range.full_last;
-        ptx::cp_async_wait<kStages - 2>();
-        ptx::fence_proxy_async_shared();  // this thread's copies, visible to the tensor cores
-        __syncthreads();  // tile j visible to all; everyone is done with the slot reloaded below
-        if (j + kStages - 1 < range.last) load_kv(j + kStages - 1);
-        ptx::cp_async_commit();
-        const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
-
-        // S = Q_g K_j^T (the first k-step overwrites S).
-        float s[1][kBlockN / 8][4];
-        ptx::wgmma_fence();
-        ptx::Wgmma<kBlockN>::template ss<Element, 0, 0, false>(s[0], QTile::k_major(q_group), KVTile::k_major(slot));
+    float s[1][kBlockN / 8][4];    // scores, then P, of the tile ahead
+    unsigned p_frag[kKStepsPV][4];  // P of the current tile packed to 16 bits: the A operand of P V
+    // n8 tiles 2kk, 2kk+1 of S are P's k-step kk.
+    auto pack_p = [&] {
 #pragma unroll
-        for (int kk = 1; kk < kKStepsQK; ++kk)
-            ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s[0], QTile::k_major(q_group + QTile::k_step(kk)),
-                                                            KVTile::k_major(slot + KVTile::k_step(kk)));
+        for (int kk = 0; kk < kKStepsPV; ++kk) tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
+    };
+    // acc += P_t V_t, issued (the caller commits and waits).
+    auto issue_pv = [&](int t) {
+#pragma unroll
+        for (int kk = 0; kk < kKStepsPV; ++kk)
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(slot(t) + KVTile::kBytes + kk * 2048));
+    };
+
+    // Software pipeline over key tiles t in [range.first, range.last) (FlashAttention-3's
+    // intra-warpgroup overlap): while the tensor cores run acc += P_t V_t, the warpgroup computes
+    // the softmax of S_{t+1}, whose wgmma was issued just before. acc is rescaled for tile t+1
+    // only once P_t V_t has landed:
+    //   S_{t+1} = Q K_{t+1}^T          issued first
+    //   acc    += P_t V_t              issued second
+    //   wait for S_{t+1}; m_i, l_i, P_{t+1} (softmax.update_stats)
+    //   wait for P_t V_t; acc *= alpha_{t+1} when the max moved
+    // K/V slots: tile t+1 must be resident while P_t V_t still reads tile t, so the copy in
+    // flight goes to the slot of tile t-1: kStages >= 3, and each tile has one step to land.
+    if (range.first < range.last) {
+        ptx::cp_async_wait<kStages - 2>();  // Q and the first tile
+        ptx::fence_proxy_async_shared();      // this thread's copies (and negated Q), visible to the tensor cores
+        __syncthreads();
+        ptx::wgmma_fence();
+        issue_scores(range.first, s[0]);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(s[0]);
-        ptx::wgmma_pin(acc[0]);
+        mask_scores(range.first, s[0]);
+        float alpha[1][2];
+        softmax.update_stats(s, scale_log2, alpha);  // acc is still 0: nothing to rescale
+        pack_p();
+    }
+    // Every step but the last has a next tile (one straight-line body: ptxas serializes the
+    // wgmma when the steps branch around them).
+    for (int t = range.first; t + 1 < range.last; ++t) {
+        ptx::cp_async_wait<kStages - 3>();  // tile t+1 has landed (this thread's copies)
+        ptx::fence_proxy_async_shared();
+        __syncthreads();  // tile t+1 visible to all; everyone is done with tile t-1's slot
+        if (t + kStages - 1 < range.last) load_kv(t + kStages - 1);
+        ptx::cp_async_commit();
 
-        // -inf where the key is hidden (raw scores: the scale is folded into the softmax's FFMA).
-        if (masked) {
-#pragma unroll
-            for (int nt = 0; nt < kBlockN / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = m0 + warp_row0 + lane / 4 + 8 * (e / 2);
-                    const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
-                    if (!mask.visible(row, key)) s[0][nt][e] = tc::neg_inf();
-                }
-        }
-
-        softmax.update(s, acc, scale_log2);
-
-        // acc += P V_j, P packed to 16 bits: n8 tiles 2kk, 2kk+1 of S are P's k-step kk.
-        unsigned a[kKStepsPV][4];
-#pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk) tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], a[kk]);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], a[kk], KVTile::mn_major(slot + KVTile::kBytes + kk * 2048));
+        ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
+        issue_scores(t + 1, s[0]);
         ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();  // before the slot is reloaded (next step's barrier) and acc rescaled
+        issue_pv(t);
+        ptx::wgmma_commit();
+
+        ptx::wgmma_wait<1>();  // S_{t+1}
+        ptx::wgmma_pin(s[0]);
+        mask_scores(t + 1, s[0]);
+        float alpha[1][2];
+        const bool moved = softmax.update_stats(s, scale_log2, alpha);
+        ptx::wgmma_wait<0>();  // P_t V_t
+        ptx::wgmma_pin(acc[0]);
+        if (moved) softmax.rescale(acc, alpha);
+        pack_p();
+    }
+    if (range.first < range.last) {
+        ptx::wgmma_fence();
+        issue_pv(range.last - 1);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
         ptx::wgmma_pin(acc[0]);
     }
 

@@ -49,17 +49,26 @@ struct OnlineSoftmax {
             }
     }
 
-    // One key tile. In: s = raw scores (masked: -inf), c > 0. Out: s holds P, acc and l_i are
+    // One key tile. In: s = raw scores (masked: -inf), c > 0. Out: s holds P; acc and l_i are
     // rescaled when the reference max moves (warp-uniform decision, see kRescaleLog2):
     //   m_new = max(m_i, rowmax(s) * c)         only if some row has rowmax(s)*c > m_i + kRescaleLog2
     //   acc   = exp2(m_i - m_new) * acc,  l_i = exp2(m_i - m_new) * l_i,  m_i = m_new
     //   P     = exp2(s * c - m_i)               one FFMA + ex2
     //   l_i  += rowsum(P)                       (the caller then adds P V to acc)
-    // A row that has seen no key has m_i = -inf: exponents are taken against 0 instead, so that
-    // exp2(-inf - (-inf)) = NaN never occurs; its P, l_i and acc stay exactly 0.
     template <int kNTiles, int kNTilesO>
     __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc)[kMTiles][kNTilesO][4],
                                            float c) {
+        float alpha[kMTiles][2];
+        if (update_stats(s, c, alpha)) rescale(acc, alpha);
+    }
+
+    // update() without touching acc, for kernels whose acc is still being written by an
+    // asynchronous MMA (fwd_wgmma): returns whether acc must be multiplied by alpha afterwards
+    // (rescale), warp-uniform. m_i, l_i and P are final on return.
+    // A row that has seen no key has m_i = -inf: exponents are taken against 0 instead, so that
+    // exp2(-inf - (-inf)) = NaN never occurs; its P, l_i and acc stay exactly 0.
+    template <int kNTiles>
+    __device__ __forceinline__ bool update_stats(float (&s)[kMTiles][kNTiles][4], float c, float (&alpha)[kMTiles][2]) {
         float m_tile[kMTiles][2];
         bool grow = false;
 #pragma unroll
@@ -73,22 +82,19 @@ struct OnlineSoftmax {
                 m_tile[mt][h] = quad_max(row_max) * c;
                 grow |= m_tile[mt][h] > m_i[mt][h] + kRescaleLog2;
             }
-        if (__any_sync(0xffffffffu, grow)) {
+        const bool moved = __any_sync(0xffffffffu, grow);
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt)
+        for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
+            for (int h = 0; h < 2; ++h) {
+                alpha[mt][h] = 1.f;
+                if (moved) {
                     const float m_new = fmaxf(m_i[mt][h], m_tile[mt][h]);
-                    const float alpha = ptx::ex2(m_i[mt][h] - (m_new == neg_inf() ? 0.f : m_new));
+                    alpha[mt][h] = ptx::ex2(m_i[mt][h] - (m_new == neg_inf() ? 0.f : m_new));
                     m_i[mt][h] = m_new;
-                    l_i[mt][h] *= alpha;
-#pragma unroll
-                    for (int nt = 0; nt < kNTilesO; ++nt) {
-                        acc[mt][nt][2 * h] *= alpha;
-                        acc[mt][nt][2 * h + 1] *= alpha;
-                    }
+                    l_i[mt][h] *= alpha[mt][h];
                 }
-        }
+            }
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -104,6 +110,21 @@ struct OnlineSoftmax {
                     }
                 l_i[mt][h] += row_sum;
             }
+        return moved;
+    }
+
+    // acc *= alpha, row by row (the second half of update()).
+    template <int kNTilesO>
+    static __device__ __forceinline__ void rescale(float (&acc)[kMTiles][kNTilesO][4], const float (&alpha)[kMTiles][2]) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int nt = 0; nt < kNTilesO; ++nt) {
+                    acc[mt][nt][2 * h] *= alpha[mt][h];
+                    acc[mt][nt][2 * h + 1] *= alpha[mt][h];
+                }
     }
 
     // After the last tile: out = acc / l, lse = ln(sum_j exp(S_j * scale)) = (m + log2 l) * ln 2.

@@ -114,12 +114,13 @@ def _tc_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Varia
 # fwd_wgmma (Hopper, sm_90a only): the same forward on warpgroup MMAs, one warpgroup per 64 query
 # rows. (block_m, block_n, warps, stages) per head-dim bucket; other buckets and archs run fwd_tc.
 # Shared memory: Q and `stages` (K, V) tiles in the 128-byte swizzled layout (no padding), 1 KB
-# for alignment. Measured on H100 (benchmarks/NOTES.md, bf16 B*L = 16k): d128 128 x 128 keys
-# 1.04-1.34x sdpa_flash (64 keys -3..-14%, 3 stages within noise); d64 128 x 64 keys 1.03-1.23x
-# (128 keys 0.85-1.09x).
+# for alignment; 3 stages, as the kernel's pipeline keeps tiles t-1 (refilling), t and t+1.
+# Measured on H100 (benchmarks/NOTES.md, bf16 B*L = 16k): d128 128 x 128 keys 1.04-1.34x
+# sdpa_flash (64 keys -3..-14%); d64 128 x 64 keys 1.03-1.23x (128 keys 0.85-1.09x); two blocks
+# per SM at d64 (66 KB each, <= 128 registers).
 _FWD_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
-    64: (128, 64, 8, 2),
-    128: (128, 128, 8, 2),
+    64: (128, 64, 8, 3),
+    128: (128, 128, 8, 3),
 }
 
 
@@ -130,6 +131,7 @@ def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int
 
 def _smem_fwd_wgmma(variant: Variant) -> int:
     return _smem_fwd_wgmma_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+
 
 
 def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
@@ -159,7 +161,7 @@ def _smem_tc(variant: Variant) -> int:
 # fwd_simt: a block of `warps` warps owns block_m query rows, two row groups of 16 lanes per
 # warp, so a lane holds TM = block_m / (2 warps) rows, TN = block_n / 16 keys of S and
 # TD = head_dim / 16 output columns. Registers grow with TM * TD (the accumulator) and
-# TM * TN (the S tile); shared memory holds Q^T, K^T, V and P^T tiles, each row padded by
+# TM * TN (the S tile); shared memory holds Q^T, K, V and P^T tiles, each row padded by
 # 16 bytes. Candidates are in order of preference; the first that fits the arch's shared
 # memory is taken (the large tiles are for sm_80 / sm_90, the small ones keep every head dim
 # runnable on 99 KB parts).
@@ -192,9 +194,9 @@ def _simt_candidates(dtype: str, head_dim: int) -> tuple[tuple[int, int, int], .
 def _smem_simt_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
     item = _SIMT_ITEMSIZE[dtype]
     pad = 16 // item
-    ld_q, ld_k, ld_v = block_m + pad, block_n + pad, head_dim + pad
-    # Qt [d][m]  Kt [d][n]  V [n][d]  Pt [n][m]
-    return item * (head_dim * ld_q + head_dim * ld_k + block_n * ld_v + block_n * ld_q)
+    ld_q, ld_kv = block_m + pad, head_dim + pad
+    # Qt [d][m]  K [n][d]  V [n][d]  Pt [n][m]
+    return item * (head_dim * ld_q + 2 * block_n * ld_kv + block_n * ld_q)
 
 
 def _simt_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
