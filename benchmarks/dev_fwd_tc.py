@@ -11,6 +11,7 @@ output is compared with SDPA's (a fast wrong kernel shows up as a large error).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def main() -> None:
                         wgmma, cand = cand[0], cand[1:]
                         tiles._FWD_WGMMA_TABLE.pop(d, None)
                         if wgmma:
-                            tiles._FWD_WGMMA_TABLE[d] = cand
+                            tiles._FWD_WGMMA_TABLE[d] = ((math.inf, cand),)
                         else:
                             tiles._TC_TABLE[d] = (cand,)
                         out = cuflash.attention(cq, ck, cv, causal=causal)

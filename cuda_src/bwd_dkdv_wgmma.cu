@@ -34,6 +34,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 #include "tile_tc.cuh"
 
 namespace cuflash {
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     // The grid is (B*H, key tiles), renumbered so that the key tiles of one (batch..., head) run
     // next to each other: they read the same Q, dO and add into the same rows of dq_accum, which
     // then stay in L2 instead of making a round trip to memory per key tile.
-    auto block_coord = [] { return tc::head_major_block(ptx::block_index_x(), ptx::block_index_y()); };
+    auto block_coord = [] { return scheduled_block<false>(1); };  // one head's key tiles back to back
     const auto [bh, n_index] = block_coord();
     const int n0 = n_index * kBlockN;
     // This lane's keys in dK, dV, S^T: key_row and key_row + 8 of the block (n0 + those globally).

@@ -41,6 +41,7 @@
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 
 namespace cuflash {
 
@@ -82,9 +83,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const int g = lane >> 2;  // fragment row (accumulator) / column (B operand)
     const int tq = lane & 3;  // position in the quad
 
-    const int tile_m = kHasWindow ? int(gridDim.y) - 1 - int(blockIdx.y) : int(blockIdx.y);
+    const BlockCoord block = scheduled_block<kHasWindow>(p);  // schedule.cuh
+    const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
-    const BatchIndex bi(p, blockIdx.x);
+    const BatchIndex bi(p, block.bh);
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;

@@ -33,6 +33,7 @@
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 #include "simt_tile.cuh"
 
 namespace cuflash {
@@ -138,9 +139,10 @@ __global__ void __launch_bounds__(kWarps * 32,
     const int cg = lane & 15;                                  // column group inside the row group
     const int row0 = warp * 2 * TM + (lane >> 4) * TM;         // first of this lane's TM rows
 
-    const int tile_m = kHasWindow ? int(gridDim.y) - 1 - int(blockIdx.y) : int(blockIdx.y);
+    const BlockCoord block = scheduled_block<kHasWindow>(p);  // schedule.cuh
+    const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
-    const BatchIndex bi(p, blockIdx.x);
+    const BatchIndex bi(p, block.bh);
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;

@@ -20,6 +20,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 #include "softmax_tc.cuh"
 #include "tile_tc.cuh"
 
@@ -54,22 +55,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const unsigned kv_smem = q_smem + QTile::kBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    // (batch..., head) and query-tile index of this block, from opaque blockIdx reads (see the
-    // epilogue: recomputed there rather than held through the loop).
-    auto block_coord = [] {
-        return kHasWindow ? tc::BlockCoord{ptx::block_index_x(), ptx::block_index_y()}
-                          : tc::head_major_block(ptx::block_index_x(), ptx::block_index_y());
-    };
-    // The grid is (B*H, query tiles) and blocks start in x-fastest order.
-    // Dense: renumbered so that the query tiles of one (batch..., head) run next to each other;
-    // they read the same K/V, which then comes from L2 instead of once per query tile from
-    // memory (at L = 1k, B*H = 256 heads' K/V do not fit in L2 while the x-fastest order sweeps
-    // them once per query tile): +8% at d128 L=1k, +9% at d64 L=4k on H100.
-    // Window: blocks differ in work; the x-fastest order starts every head's last query tile
-    // (most keys under causal masking) first, so the short ones fill the tail (head-major order
-    // measured 5-8% slower there: one head's heavy tiles start late).
-    const auto [bh, m_index] = block_coord();
-    const int m_block = kHasWindow ? gridDim.y - 1 - m_index : m_index;
+    // (batch..., head) and query tile of this block (schedule.cuh); recomputed in the epilogue
+    // rather than held through the loop.
+    const auto [bh, m_block] = scheduled_block<kHasWindow>(p);
     const int m0 = m_block * kBlockM;
     const int warp_row0 = warp * kRowsPerWarp;
 
@@ -204,7 +192,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // (no other warp reads them) so that global stores are whole 16-byte chunks where aligned.
     float inv_l[kMTiles][2], lse[kMTiles][2];
     softmax.finish(inv_l, lse);
-    const BatchIndex out_at(p, block_coord().bh);  // recomputed: not held through the loop
+    const BatchIndex out_at(p, scheduled_block<kHasWindow>(p).bh);  // recomputed: not held through the loop
     // A block that saw no key tile never passed the loop's barrier: Q's copies (issued by all
     // threads, into every warp's rows) may still be landing. One barrier settles both cases.
     ptx::cp_async_wait<0>();

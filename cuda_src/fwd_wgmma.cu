@@ -5,8 +5,8 @@
 //
 // A block of kBlockM / 64 warpgroups owns kBlockM query rows of one (batch..., head); warpgroup g
 // owns rows [64g, 64g + 64), one wgmma M. Q's tile is read once; K and V stream through shared
-// memory in tiles of kBlockN keys, kStages deep (cp.async), in the 128-byte swizzled layout
-// wgmma reads directly (tc::Sw128Tile). Per key tile j and warpgroup:
+// memory in tiles of kBlockN keys, each through its own ring of kStages slots (cp.async), in the
+// 128-byte swizzled layout wgmma reads directly (tc::Sw128Tile). Per key tile j and warpgroup:
 //
 //   S    = Q_g K_j^T                       wgmma, A = Q_g, B = K_j (shared, K-major), fp32
 //   online softmax: m_i, l_i, P            (softmax_tc.cuh: a warp's 16 rows are its m16 tile)
@@ -25,21 +25,23 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 #include "softmax_tc.cuh"
 #include "tile_tc.cuh"
 
 namespace cuflash {
 
-// Dynamic shared memory (== tiles.py): Q and kStages (K, V) tiles, 16-bit, swizzled rows without
-// padding, plus 1024 bytes to align the swizzle atoms.
+// Dynamic shared memory (== tiles.py): Q, kStages K tiles and kStages V tiles, 16-bit, swizzled
+// rows without padding, plus 1024 bytes to align the swizzle atoms.
 template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlockM + 2 * kStages * kBlockN); }
 
-// Two blocks per SM where their shared memory fits (d64: one block's softmax and barriers hide
-// behind the other's MMAs); ptxas then keeps the kernel within 128 registers.
+// Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
+// epilogue hide behind the other's MMAs); with 8 warps ptxas then keeps the kernel within 128
+// registers. sm_90: 228 KB of shared memory per SM, 1 KB of it reserved per block.
 template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr int fwd_wgmma_min_blocks() {
-    return 2 * fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>() <= 232448 ? 2 : 1;
+    return 2 * (fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
@@ -51,32 +53,24 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     static_assert(kBlockM == 64 * (kWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
     static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && (kBlockN == 64 || kBlockN == 128),
                   "whole 64-column panels; wgmma N of 64 or 128");
-    static_assert(kStages >= 3, "tiles t-1 (being refilled), t (P V) and t+1 (S) are resident at once");
+    static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
 
     using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
     using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;     // one K or V tile
     using OTile = tc::SmemTile<kBlockM, kHeadDim>;       // O on its way out (padded rows)
-    constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + QTile::kBytes + kStages * kStageBytes, "1024: alignment");
-    static_assert(OTile::kBytes <= kStages * kStageBytes, "O leaves through the K/V stages");
+    static_assert(kSmemBytes == 1024 + QTile::kBytes + 2 * kStages * KVTile::kBytes, "1024: alignment");
+    static_assert(OTile::kBytes <= 2 * kStages * KVTile::kBytes, "O leaves through the K/V rings");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
     // Swizzle atoms start on 1024-byte boundaries (the descriptors' base offset is 0).
     const unsigned q_smem = ptx::smem_addr(smem) + ((1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u);
-    const unsigned kv_smem = q_smem + QTile::kBytes;
+    const unsigned kv_smem = q_smem + QTile::kBytes;  // the K ring, then the V ring
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = warp / 4;
-    // As fwd_tc: dense blocks in head-major order (one head's query tiles share K/V through L2),
-    // window blocks x-fastest and the most-masked query tiles last.
-    auto block_coord = [] {
-        return kHasWindow ? tc::BlockCoord{ptx::block_index_x(), ptx::block_index_y()}
-                          : tc::head_major_block(ptx::block_index_x(), ptx::block_index_y());
-    };
-    const auto [bh, m_index] = block_coord();
-    const int m_block = kHasWindow ? gridDim.y - 1 - m_index : m_index;
+    const auto [bh, m_block] = scheduled_block<kHasWindow>(p);  // schedule.cuh
     const int m0 = m_block * kBlockM;
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
 
@@ -84,9 +78,16 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     const Mask<kHasWindow> mask(p);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
-    // ---- K/V pipeline: cp.async groups are committed in order Q, tiles first .. first+kStages-2,
-    // then one per loop step that has a next tile (empty groups too), so at step t "at most
-    // kStages-3 groups pending" means "tile t+1 has landed" (see the loop).
+    // ---- K/V pipeline. K and V have separate rings of kStages slots, tile t in slot
+    // (t - first) % kStages of each: step t of the loop below reads K_{t+1} (S) and V_t (P V), so
+    // once every warp has passed step t-1 the slots of K_t and V_{t-1} are free, and step t refills
+    // them with K_{t+kStages} and V_{t+kStages-1}. That keeps 2 * kStages tiles resident where one
+    // ring of (K, V) pairs would need three pairs (t-1 refilling, t, t+1), so kStages = 2 leaves
+    // room for two d128 blocks of 64 query rows per SM.
+    // cp.async groups, committed in order: {Q, K_first}, then {V_{first+s-1}, K_{first+s}} for
+    // s = 1 .. kStages-1, then one per loop step, {V_{t+kStages-1}, K_{t+kStages}} (empty groups
+    // too). K_{t+1} and V_t are both in group t+1-first: at step t, "at most kStages-2 groups
+    // pending" means both have landed.
     const tc::TileLoader<kBlockM, kHeadDim, kThreads, QTile> q_loader(static_cast<const unsigned short*>(p.q) + at.q,
                                                                        p.q_row_stride, p.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(static_cast<const unsigned short*>(p.k) + at.k,
@@ -94,16 +95,21 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
                                                                         p.v_row_stride, p.head_dim_v);
     if (!(q_loader.aligned(p.seqlen_q) && k_loader.aligned(p.seqlen_k) && v_loader.aligned(p.seqlen_k))) __trap();
-    auto slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kStageBytes; };
-    auto load_kv = [&](int t) {
-        k_loader.load(slot(t), t * kBlockN, p.seqlen_k, tid);
-        v_loader.load(slot(t) + KVTile::kBytes, t * kBlockN, p.seqlen_k, tid);
+    auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * KVTile::kBytes; };
+    auto v_slot = [&](int t) { return k_slot(t) + kStages * KVTile::kBytes; };
+    auto load_k = [&](int t) {
+        if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, p.seqlen_k, tid);
+    };
+    auto load_v = [&](int t) {
+        if (t < range.last) v_loader.load(v_slot(t), t * kBlockN, p.seqlen_k, tid);
     };
     q_loader.load(q_smem, m0, p.seqlen_q, tid);
+    load_k(range.first);
     ptx::cp_async_commit();
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (range.first + s < range.last) load_kv(range.first + s);
+    for (int s = 1; s < kStages; ++s) {
+        load_v(range.first + s - 1);
+        load_k(range.first + s);
         ptx::cp_async_commit();
     }
 
@@ -111,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 (fwd_tc.cu).
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
     if (p.scale_log2 < 0.f) {
-        ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies have landed
+        ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
         q_loader.negate(q_smem, tid);        // published by the first barrier below
     }
 
@@ -120,7 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
 
     // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        const unsigned k_tile = slot(t);
+        const unsigned k_tile = k_slot(t);
         ptx::Wgmma<kBlockN>::template ss<Element, 0, 0, false>(s, QTile::k_major(q_group), KVTile::k_major(k_tile));
 #pragma unroll
         for (int kk = 1; kk < kKStepsQK; ++kk)
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     auto issue_pv = [&](int t) {
 #pragma unroll
         for (int kk = 0; kk < kKStepsPV; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(slot(t) + KVTile::kBytes + kk * 2048));
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(v_slot(t) + kk * 2048));
     };
 
     // Software pipeline over key tiles t in [range.first, range.last) (FlashAttention-3's
@@ -166,10 +172,10 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     //   acc    += P_t V_t              issued second
     //   wait for S_{t+1}; m_i, l_i, P_{t+1} (softmax.update_stats)
     //   wait for P_t V_t; acc *= alpha_{t+1} when the max moved
-    // K/V slots: tile t+1 must be resident while P_t V_t still reads tile t, so the copy in
-    // flight goes to the slot of tile t-1: kStages >= 3, and each tile has one step to land.
+    // K_{t+1} and V_t must be resident during step t (the rings above); with kStages = 2 the
+    // copies issued at step t have one step to land.
     if (range.first < range.last) {
-        ptx::cp_async_wait<kStages - 2>();  // Q and the first tile
+        ptx::cp_async_wait<kStages - 1>();  // group 0: Q and K_first
         ptx::fence_proxy_async_shared();      // this thread's copies (and negated Q), visible to the tensor cores
         __syncthreads();
         ptx::wgmma_fence();
@@ -185,10 +191,11 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     // Every step but the last has a next tile (one straight-line body: ptxas serializes the
     // wgmma when the steps branch around them).
     for (int t = range.first; t + 1 < range.last; ++t) {
-        ptx::cp_async_wait<kStages - 3>();  // tile t+1 has landed (this thread's copies)
+        ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
         ptx::fence_proxy_async_shared();
-        __syncthreads();  // tile t+1 visible to all; everyone is done with tile t-1's slot
-        if (t + kStages - 1 < range.last) load_kv(t + kStages - 1);
+        __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
+        load_v(t + kStages - 1);
+        load_k(t + kStages);
         ptx::cp_async_commit();
 
         ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
@@ -208,6 +215,9 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
         pack_p();
     }
     if (range.first < range.last) {
+        ptx::cp_async_wait<kStages - 2>();  // V_last, one group behind K_last
+        ptx::fence_proxy_async_shared();
+        __syncthreads();
         ptx::wgmma_fence();
         issue_pv(range.last - 1);
         ptx::wgmma_commit();
@@ -220,7 +230,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     // 16-byte chunks where aligned.
     float inv_l[1][2], lse[1][2];
     softmax.finish(inv_l, lse);
-    const BatchIndex out_at(p, block_coord().bh);  // recomputed: not held through the loop
+    const BatchIndex out_at(p, scheduled_block<kHasWindow>(p).bh);  // recomputed: not held through the loop
     ptx::cp_async_wait<0>();
     __syncthreads();
 #pragma unroll

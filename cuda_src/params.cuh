@@ -44,7 +44,7 @@ struct FwdParams {
     // diag_offset is seqlen_k - seqlen_q for bottom-right alignment, 0 for top-left;
     // causal is window_right = 0.
     int window_left, window_right, diag_offset;
-    int _pad0;
+    int heads_per_section;  // launch order of the forward's blocks (schedule.cuh); >= 1
 
     double scale;        // softmax scale, exact for the float64 kernel
     float scale_log2;    // scale * log2(e): exp(s*scale - m) == exp2(s*scale_log2 - m')

@@ -13,18 +13,6 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
-struct BlockCoord {
-    int bh, m_index;  // (batch..., head) index and query-tile index
-};
-
-// Block (x, y) of a (B*H, query tiles) grid as the launch-order index x + y * gridDim.x, split
-// query-tile-fastest: consecutive blocks walk one head's query tiles, then the next head's.
-// A bijection of the grid; 64-bit because gridDim.x * gridDim.y may exceed 2^32.
-__device__ __forceinline__ BlockCoord head_major_block(int x, int y) {
-    const unsigned long long linear = static_cast<unsigned long long>(y) * gridDim.x + x;
-    return {static_cast<int>(linear / gridDim.y), static_cast<int>(linear % gridDim.y)};
-}
-
 // kRows x kCols 16-bit elements, row-major in 16-byte chunks.
 // The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
 // into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and

@@ -153,13 +153,16 @@ def _reduce_to_shape(grad, shape):
     return grad
 
 
-def _backward(dout, q, k, v, dtype, scale, causal, window, magnitudes=False):
+def _backward(dout, q, k, v, dtype, scale, causal, window, magnitudes=False, large_scores=False):
     """Gradients of sum(out * dout), dense: dv = P^T dO; dP = dO v^T;
     dS = P * (dP - rowsum(P * dP)) (softmax's Jacobian); dq = dS k scale; dk = dS^T q scale.
 
     magnitudes=True runs the same formulas on absolute values (|dS| <= P (|dP| + rowsum(P |dP|)),
     and so on): the size of the terms each gradient sums, which bounds its rounding error even
     where cancellation makes the gradient itself tiny (a row with one key has dq = 0 exactly).
+    With large_scores, P enters there as P * (1 + max visible (|q_i| . |k_j|) * |scale|): a
+    relative rounding error eps in the recomputed scores is a relative error eps * |score| in P
+    (as attention_magnitudes for out), which dominates once scores are far from unit scale.
     """
     shapes = [x.shape for x in (q, k, v)]
     (dout, q, k, v), rounded = _inputs((dout, q, k, v), dtype)
@@ -169,6 +172,9 @@ def _backward(dout, q, k, v, dtype, scale, causal, window, magnitudes=False):
     p, _ = _dense_probabilities(q, k_full, scale, mask, rounded)
     if magnitudes:
         dout, q, k_full, v_full, scale = numpy.abs(dout), numpy.abs(q), numpy.abs(k_full), numpy.abs(v_full), abs(scale)
+        if large_scores:
+            score_size = numpy.where(mask, numpy.matmul(q, numpy.swapaxes(k_full, -1, -2)) * scale, 0)
+            p = p * (1 + score_size.max(axis=-1, keepdims=True, initial=0))
     dp = rounded(numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2)))
     row_term = (p * dp).sum(axis=-1, keepdims=True)
     ds = rounded(p * (dp + row_term if magnitudes else dp - row_term))
@@ -195,9 +201,10 @@ def attention_backward_ref(dout, q, k, v, *, scale=None, causal=False, window=No
     return _backward(dout, q, k, v, numpy.float64, scale, causal, window)
 
 
-def attention_backward_magnitudes(dout, q, k, v, *, scale=None, causal=False, window=None):
-    """Per-entry size of the terms summed into (dq, dk, dv), for the tolerance's scale."""
-    return _backward(dout, q, k, v, numpy.float64, scale, causal, window, magnitudes=True)
+def attention_backward_magnitudes(dout, q, k, v, *, scale=None, causal=False, window=None, large_scores=False):
+    """Per-entry size of the terms summed into (dq, dk, dv), for the tolerance's scale;
+    large_scores: scores far from unit scale (see _backward)."""
+    return _backward(dout, q, k, v, numpy.float64, scale, causal, window, magnitudes=True, large_scores=large_scores)
 
 
 def attention_backward_ref_dtype(dout, q, k, v, dtype, *, scale=None, causal=False, window=None):

@@ -43,7 +43,7 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("window_left", numpy.int32),
         ("window_right", numpy.int32),
         ("diag_offset", numpy.int32),
-        ("_pad0", numpy.int32),
+        ("heads_per_section", numpy.int32),
         ("scale", numpy.float64),
         ("scale_log2", numpy.float32),
         ("_pad1", numpy.int32),

@@ -123,7 +123,7 @@ def forward(problem):
 
     device = cupy.cuda.Device()
     arch = kernels.arch_for_capability(*map(int, device.compute_capability))
-    variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+    variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p))
     vec = 16 // p.dtype.itemsize
     q, k, v = (_readable(x, vec) for x in (q, k, v))
 
@@ -205,9 +205,43 @@ def _fwd_struct(p, layout: _Layout, q, v):
     s["window_left"] = p.window_left
     s["window_right"] = p.window_right
     s["diag_offset"] = p.diag_offset
+    s["heads_per_section"] = _heads_per_section(p, layout.grid_x, (q.shape[-1] + v.shape[-1]) * q.dtype.itemsize)
     s["scale"] = p.scale
     s["scale_log2"] = p.scale * LOG2E
     return s
+
+
+def _mean_visible_keys(p) -> float:
+    """Mean number of keys a query row sees under the mask, over 64 sampled rows (tiles.select
+    gives short rows smaller tiles)."""
+    if not p.has_window:
+        return float(p.seqlen_k)
+    rows = numpy.linspace(0, p.seqlen_q - 1, 64).round()
+    first = numpy.maximum(rows + p.diag_offset - p.window_left, 0) if p.window_left >= 0 else 0
+    last = numpy.minimum(rows + p.diag_offset + p.window_right, p.seqlen_k - 1) if p.window_right >= 0 else p.seqlen_k - 1
+    return float(numpy.maximum(last - first + 1, 0).mean())
+
+
+def _heads_per_section(p, grid_x: int, kv_row_bytes: int) -> int:
+    """Attention rows per section of the forward's launch order (cuda_src/schedule.cuh): with a
+    window or causal mask, as many rows as keep their K and V within half of L2 (a GQA group's
+    rows share theirs); dense, 1 (one row's query tiles back to back)."""
+    if not p.has_window:
+        return 1
+    kv_bytes = p.seqlen_k * kv_row_bytes / p.kv_group
+    # <= 65536 rows: a section's blocks (rows x at most MAX_GRID_Y tiles) stay below 2^32.
+    return int(max(1, min(grid_x, 65536, _l2_bytes() // 2 // kv_bytes)))
+
+
+_L2_BYTES: dict[int, int] = {}
+
+
+def _l2_bytes() -> int:
+    """L2 cache size of CuPy's current device (queried once per device)."""
+    device = _cupy().cuda.Device()
+    if device.id not in _L2_BYTES:
+        _L2_BYTES[device.id] = int(device.attributes["L2CacheSize"])
+    return _L2_BYTES[device.id]
 
 
 def _launch(variant, grid_x: int, length: int, tile: int, struct) -> None:

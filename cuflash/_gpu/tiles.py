@@ -1,6 +1,7 @@
 """Tile shapes: the one place that chooses a kernel Variant for a problem.
 
-``select`` maps (dtype, head dims, mask kind, arch) to a Variant; ``all_variants`` lists every
+``select`` maps (dtype, head dims, mask kind, arch, and the mean number of keys a query row
+sees) to a Variant; ``all_variants`` lists every
 Variant ``select`` can return for an arch (CI compiles each for sm_80 and sm_90a and checks
 ptxas reports no spills); ``shared_memory_bytes`` is the dynamic shared memory each kernel
 expects, which the kernel also checks at entry.
@@ -11,6 +12,7 @@ public functions only dispatch on dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from .kernels import Variant
@@ -36,14 +38,17 @@ def bucket(width: int, buckets: tuple[int, ...]) -> int:
 SIMT_DTYPES = ("float32", "float64")
 
 
-def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
+           visible_keys: float = math.inf) -> Variant:
+    """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
+    short rows (short causal sequences, narrow windows) may take smaller tiles."""
     if dtype in DMMA_DTYPES:  # float64 on the fp64 tensor cores where a tile fits, else fwd_simt
         variant = _select_dmma(dtype, head_dim, head_dim_v, has_window, arch)
         if variant is not None:
             return variant
     if dtype in SIMT_DTYPES:
         return _select_simt(dtype, head_dim, head_dim_v, has_window, arch)
-    return _select_tc(dtype, head_dim, head_dim_v, has_window, arch)
+    return _select_tc(dtype, head_dim, head_dim_v, has_window, arch, visible_keys)
 
 
 class BackwardVariants(NamedTuple):
@@ -113,14 +118,18 @@ def _tc_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Varia
 
 # fwd_wgmma (Hopper, sm_90a only): the same forward on warpgroup MMAs, one warpgroup per 64 query
 # rows. (block_m, block_n, warps, stages) per head-dim bucket; other buckets and archs run fwd_tc.
-# Shared memory: Q and `stages` (K, V) tiles in the 128-byte swizzled layout (no padding), 1 KB
-# for alignment; 3 stages, as the kernel's pipeline keeps tiles t-1 (refilling), t and t+1.
+# Shared memory: Q, then `stages` K tiles and `stages` V tiles (separate rings) in the 128-byte
+# swizzled layout (no padding), 1 KB for alignment; 2 stages give each copy one loop step to land.
+# Per bucket: (most mean visible keys per query row, tile) rows, the first that covers the call.
 # Measured on H100 (benchmarks/NOTES.md, bf16 B*L = 16k): d128 128 x 128 keys 1.04-1.34x
 # sdpa_flash (64 keys -3..-14%); d64 128 x 64 keys 1.03-1.23x (128 keys 0.85-1.09x); two blocks
-# per SM at d64 (66 KB each, <= 128 registers).
-_FWD_WGMMA_TABLE: dict[int, tuple[int, int, int, int]] = {
-    64: (128, 64, 8, 3),
-    128: (128, 128, 8, 3),
+# per SM at d64 (50 KB each, <= 128 registers). Short rows at d128 (causal L <= 1.5k: 768 keys
+# on average): 64 x 64 tiles, two blocks per SM (82 KB, 188 registers), so one block's prologue
+# and epilogue hide behind the other's MMAs: causal 1k 0.99 -> 1.04x, 512 0.91 -> 0.97x, but
+# 0.90x of 128 x 128 from causal 4k on.
+_FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]] = {
+    64: ((math.inf, (128, 64, 8, 2)),),
+    128: ((768, (64, 64, 4, 2)), (math.inf, (128, 128, 8, 2))),
 }
 
 
@@ -134,23 +143,26 @@ def _smem_fwd_wgmma(variant: Variant) -> int:
 
 
 
-def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
+def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
+               visible_keys: float = math.inf) -> Variant:
     if dtype not in TC_DTYPES:
         raise TypeError(f"cuflash: unsupported dtype {dtype}")
     d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
-    tile = _FWD_WGMMA_TABLE.get(d) if arch == "90a" else None
+    rows = _FWD_WGMMA_TABLE.get(d, ()) if arch == "90a" else ()
+    tile = next((tile for most_keys, tile in rows if visible_keys <= most_keys), None)
     if tile is not None:
         return Variant("fwd_wgmma", dtype, d, *tile, has_window, arch)
     return _tc_variant(dtype, d, has_window, arch)
 
 
 def _tc_variants(arch: str) -> list[Variant]:
-    return [
-        _select_tc(dtype, d, d, w, arch)
+    return list(dict.fromkeys(
+        _select_tc(dtype, d, d, w, arch, keys)
         for dtype in TC_DTYPES
         for d in TC_HEAD_DIMS
         for w in (False, True)
-    ]
+        for keys in (0, math.inf)
+    ))
 
 
 def _smem_tc(variant: Variant) -> int:

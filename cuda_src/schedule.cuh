@@ -1,0 +1,53 @@
+// Which (attention row, query tile) a forward block works on: the order in which the grid's
+// blocks start.
+//
+// The grid is (B*H attention rows, query tiles) and the hardware starts blocks in x-fastest
+// order, linear = x + y * gridDim.x. That index is renumbered in sections of
+// p.heads_per_section rows: section after section; inside one, query tile after query tile,
+// row fastest. The blocks running at any moment then span a few query tiles of one section:
+// - the host sizes a section so that its K and V fit in half of L2, so each section's K/V
+//   comes from memory about once. (With the raw x-fastest order at causal L = 1k, d128, the
+//   256 heads' K/V, 128 MB, were swept from memory once per query tile: 60% of FA2's speed
+//   with 64-row tiles.)
+// - kHeaviestFirst (causal, windows): query tiles in reverse, so the tiles with the most keys
+//   start first and the short ones fill the tail (longest processing time first).
+// - Dense: one row per section, one row's query tiles back to back, reading the same K/V from
+//   L2 (+8% at d128 L = 1k over the x-fastest order).
+// The block index is read through ptx::block_index_*: callers recompute the coordinate in the
+// epilogue rather than keep it in registers through the key loop.
+#pragma once
+#include "params.cuh"
+#include "ptx.cuh"
+
+namespace cuflash {
+
+struct BlockCoord {
+    int bh;     // attention row: (batch..., head)
+    int block;  // tile along the grid's y axis (query tile; key tile in the backward's dK/dV)
+};
+
+// Sections of `section_rows` rows, 1 <= section_rows <= gridDim.x, section_rows * gridDim.y < 2^32
+// (the host caps it); 1 is plain row-major order (one row's tiles back to back).
+template <bool kHeaviestFirst>
+__device__ __forceinline__ BlockCoord scheduled_block(int section_rows_) {
+    // 64-bit: gridDim.x * gridDim.y may pass 2^32; the rest fits 32 bits.
+    const unsigned long long linear =
+        static_cast<unsigned long long>(ptx::block_index_y()) * gridDim.x + ptx::block_index_x();
+    const unsigned section_rows = static_cast<unsigned>(section_rows_);
+    const unsigned section_blocks = section_rows * gridDim.y;
+    const unsigned section = static_cast<unsigned>(linear / section_blocks);
+    const unsigned rest = static_cast<unsigned>(linear - static_cast<unsigned long long>(section) * section_blocks);
+    const unsigned rows = min(section_rows, gridDim.x - section * section_rows);  // the last section may be short
+    const unsigned m_index = rest / rows;
+    return {static_cast<int>(section * section_rows + (rest - m_index * rows)),
+            static_cast<int>(kHeaviestFirst ? gridDim.y - 1 - m_index : m_index)};
+}
+
+// A forward block: masked (causal, windows) in sections, heaviest query tiles first; dense in
+// row-major order (a compile-time 1, whatever the host passes: ptxas then folds the divisions).
+template <bool kMasked>
+__device__ __forceinline__ BlockCoord scheduled_block(const FwdParams& p) {
+    return scheduled_block<kMasked>(kMasked ? p.heads_per_section : 1);
+}
+
+}  // namespace cuflash
