@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import platform
 import sys
@@ -223,7 +224,8 @@ def warmup(argv) -> int:
         for dtype in args.dtype.split(","):
             for d in args.head_dim.split(","):
                 for mask in args.mask.split(","):
-                    variants.append(tiles.select(dtype.strip(), int(d), int(d), mask.strip() == "window", arch))
+                    for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
+                        variants.append(tiles.select(dtype.strip(), int(d), int(d), mask.strip() == "window", arch, keys))
     variants = list(dict.fromkeys(variants))
     bar = _progress(len(variants))
     jobs = [(variant, device_archs.get(variant.arch)) for variant in variants]
