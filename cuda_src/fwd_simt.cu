@@ -73,7 +73,7 @@ namespace simt {
 // FMAs (measured +3% for fp32 d64 128x64, +7% for fp64 d64 64x32 on H100): asked for where
 // the micro-tiles are small enough (<= 128 registers without spilling). Without
 // any minimum ptxas caps these kernels at 128 registers and spills, so the rest ask for 1.
-// CUFLASH_SIMT_MIN_BLOCKS / CUFLASH_SIMT_UNROLL override both (experiments only).
+// CUFLASH_SIMT_MIN_BLOCKS / CUFLASH_SIMT_UNROLL / CUFLASH_SIMT_S_UNROLL override them (experiments only).
 template <typename T, int TM, int TN, int TD, bool kHasWindow>
 struct Occupancy {
     static constexpr int kWords = sizeof(T) / 4;
@@ -89,8 +89,16 @@ struct Occupancy {
 #ifdef CUFLASH_SIMT_UNROLL
     static constexpr int kUnroll = CUFLASH_SIMT_UNROLL;
 #else
-    // At 128 registers the window's per-element test leaves no room to unroll (ptxas spills).
-    static constexpr int kUnroll = kMinBlocks >= 2 ? (kHasWindow ? 1 : 2) : 4;
+    // Keys of P V per unrolled step: deeper unrolling lets the next keys' loads issue under the
+    // current FFMAs. At 128 registers the window's per-element test leaves no room (ptxas
+    // spills); fp32 d64 measured 2 -> 4 (two blocks) +3%, 4 -> 8 (one block) +2..5%.
+    static constexpr int kUnroll = kMinBlocks >= 2 ? (kHasWindow ? 1 : 4) : 8;
+#endif
+#ifdef CUFLASH_SIMT_S_UNROLL
+    static constexpr int kSUnroll = CUFLASH_SIMT_S_UNROLL;
+#else
+    // d-runs of S = Q K^T per unrolled step, likewise (fp32 d64: +1..3%).
+    static constexpr int kSUnroll = kMinBlocks >= 2 && kHasWindow ? 1 : 2;
 #endif
 };
 }  // namespace simt
@@ -110,6 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     static_assert(kHeadDim % 8 == 0 && kBlockN % 4 == 0 && kBlockM % 4 == 0, "copy mapping");
     static_assert(kStages == 1, "K and V are single-buffered and overlapped by phase");
     constexpr int kUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kUnroll;
+    constexpr int kSUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kSUnroll;
     using ColsD = simt::Cols<T, TD>;
     constexpr int kDVec = 16 / sizeof(T);  // d values per 16-byte run of a K row (the copies' unit)
     static_assert(kHeadDim % kDVec == 0, "whole 16-byte runs of d");
@@ -270,7 +279,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         // d ascending.
         T s[TM][TN];
         simt::zero(s);
-#pragma unroll 1
+#pragma unroll kSUnroll
         for (int d0 = 0; d0 < kHeadDim; d0 += kKRead) {
             T b[TN][kKRead];
 #pragma unroll
