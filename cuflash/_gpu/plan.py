@@ -213,16 +213,14 @@ def _fwd_struct(p, layout: _Layout, q, v):
 
 def _mean_visible_keys(p) -> float:
     """Mean number of keys a query row sees under the mask, over 17 evenly spaced rows (tiles.select
-    gives short rows smaller tiles). Plain Python: NumPy's per-call overhead is larger here."""
+    gives short rows smaller tiles)."""
     if not p.has_window:
         return float(p.seqlen_k)
-    rows, keys, diag, left, right = p.seqlen_q, p.seqlen_k, p.diag_offset, p.window_left, p.window_right
     total = 0
     for n in range(17):
-        row = (rows - 1) * n // 16 + diag
-        first = max(row - left, 0) if left >= 0 else 0
-        last = min(row + right, keys - 1) if right >= 0 else keys - 1
-        total += max(last - first + 1, 0)
+        row = (p.seqlen_q - 1) * n // 16
+        lo, hi = p.key_range(row, row + 1)
+        total += max(hi - lo, 0)
     return total / 17
 
 
