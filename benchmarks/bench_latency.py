@@ -34,7 +34,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 CHILD_TIMEOUT_S = 300  # a cold process compiles a forward and a backward kernel family
 NUMPY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
-TIMED_CALLS = ("import_s", "first_fwd_s", "warm_fwd_s", "first_bwd_s", "warm_bwd_s")
+TIMED_CALLS = ("import_s", "first_fwd_s", "warm_fwd_s", "first_bwd_s", "warm_bwd_s", "first_step_s", "warm_step_s")
 
 # The child runs this with the repository root first on sys.path; it must not import
 # benchmarks.bench (nor torch): only what a user's process would load.
@@ -76,6 +76,17 @@ def first_calls(spec: dict) -> dict:
         return time.perf_counter() - start, result
 
     causal = spec["causal"]
+    if spec.get("step"):
+        # The first training step: forward and backward together, as attention_vjp (and a torch
+        # forward on inputs that require grad) runs them: the backward's kernels compile in the
+        # background while the forward's compile and run.
+        def step():
+            _, vjp = cuflash.attention_vjp(q, k, v, causal=causal)
+            return vjp(dout)
+
+        timings["first_step_s"], _ = timed(step)
+        timings["warm_step_s"], _ = timed(step)
+        return {"status": "ok", **timings}
     timings["first_fwd_s"], _ = timed(lambda: cuflash.attention(q, k, v, causal=causal))
     timings["warm_fwd_s"], _ = timed(lambda: cuflash.attention(q, k, v, causal=causal))
     out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
@@ -124,13 +135,15 @@ def run_latency_sweep(args: argparse.Namespace) -> tuple[list, bool, str, dict]:
     try:
         for spec in latency_specs(args):
             print(f"[latency] {spec}", file=sys.stderr, flush=True)
-            cache_dir = Path(tempfile.mkdtemp(prefix="cuflash-latency-"))
-            try:
-                cold = run_child(spec, cache_dir)
-                cached = run_child(spec, cache_dir)
-            finally:
-                shutil.rmtree(cache_dir, ignore_errors=True)
-            rows.append({**spec, "cold": cold, "cached": cached})
+            results = {}
+            for step in (False, True):  # separate first calls, then a first fwd+bwd step
+                cache_dir = Path(tempfile.mkdtemp(prefix="cuflash-latency-"))
+                try:
+                    for process in ("cold", "cached"):
+                        results.setdefault(process, {}).update(run_child({**spec, "step": step}, cache_dir))
+                finally:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+            rows.append({**spec, **results})
     except KeyboardInterrupt:
         print("\ninterrupted: keeping the rows measured so far", file=sys.stderr)
         return rows, True, format_latency_table(rows), {"implementations": ["cuflash"]}
@@ -140,7 +153,9 @@ def run_latency_sweep(args: argparse.Namespace) -> tuple[list, bool, str, dict]:
 def _seconds(result: dict, key: str) -> str:
     if result.get("status") != "ok":
         return {"unsupported": "unsup", "error": "ERROR"}.get(result.get("status"), "?")
-    value = result[key]
+    value = result.get(key)
+    if value is None:
+        return "-"
     return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
@@ -150,7 +165,8 @@ def latency_columns() -> list[tuple[str, str, str]]:
             ("cold 1st bwd", "cold", "first_bwd_s"), ("cached import", "cached", "import_s"),
             ("cached 1st fwd", "cached", "first_fwd_s"),
             ("cached 1st bwd", "cached", "first_bwd_s"), ("warm fwd", "cached", "warm_fwd_s"),
-            ("warm bwd", "cached", "warm_bwd_s")]
+            ("warm bwd", "cached", "warm_bwd_s"), ("cold 1st step", "cold", "first_step_s"),
+            ("cached 1st step", "cached", "first_step_s")]
 
 
 def format_latency_table(rows: list[dict]) -> str:

@@ -14,7 +14,7 @@ import cupy
 import numpy
 
 import cuflash
-from cuflash._gpu import kernels, tiles
+from cuflash._gpu import kernels, plan, tiles
 
 
 def timeit(fn, reps=10):
@@ -38,7 +38,7 @@ def with_options(extra: tuple[str, ...]):
         return base(variant) + extra
     opts.__wrapped__ = base
     kernels.compile_options = opts
-    kernels._kernels.clear()
+    plan.forget()
 
 
 def main():

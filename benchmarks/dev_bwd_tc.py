@@ -1,6 +1,6 @@
 """Dev timing of the tensor-core backward (bwd_delta, bwd_dkdv_tc, bwd_dq_tc / bwd_dq_convert):
 the whole cuflash.attention_backward call and each kernel launch (CUDA events around
-plan._launch), optionally with extra -D options per config, or with other bwd_dkdv_tc sources
+plan._Plan._run), optionally with extra -D options per config, or with other bwd_dkdv_tc sources
 (an earlier version kept outside cuda_src/, compiled against today's headers) for A/B timing.
 
     python benchmarks/dev_bwd_tc.py [--defines "-DX=1;-DY=2|-DX=2"] [--dkdv-source "|old.cu"] [--d 128] [--L 16384]
@@ -42,18 +42,19 @@ if args.kernel == "tc":  # the mma.sync kernel on sm_90a too (A/B against wgmma)
 base_options = kernels.compile_options
 base_source = kernels.kernel_source
 times = collections.defaultdict(list)
-orig_launch = plan._launch
+orig_run = plan._Plan._run
 
 
-def timed_launch(variant, grid_x, length, tile, struct):
+def timed_run(self, memory, pointers):
+    # One timing per plan: the backward's three launches together (delta, dK/dV, dQ).
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     start.record()
-    orig_launch(variant, grid_x, length, tile, struct)
+    orig_run(self, memory, pointers)
     stop.record()
-    times[variant.kernel].append((start, stop))
+    times[type(self).__name__].append((start, stop))
 
 
-plan._launch = timed_launch
+plan._Plan._run = timed_run
 import ml_dtypes  # noqa: E402
 
 np_dtype = numpy.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else numpy.dtype(args.dtype)
@@ -70,7 +71,7 @@ for source, config in ((s, c) for s in args.dkdv_source.split("|") for c in args
     defines = tuple(x for x in config.split(";") if x)
     kernels.compile_options = lambda v, d=defines: base_options(v) + d
     kernels.kernel_source = source_for(source)
-    kernels._kernels.clear()
+    plan.forget()
     for L in map(int, args.L.split(",")):
         for causal in (bool(int(c)) for c in args.causal.split(",")):
             H = 2048 // args.d

@@ -44,7 +44,7 @@ def main() -> None:
     def use_source(path) -> None:
         kernels.source_dir = lambda: Path(path)
         kernels.source_digest.cache_clear()
-        kernels._kernels.clear()
+        plan.forget()
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     cands = {}

@@ -3,12 +3,37 @@
 NumPy inputs run the embedded NumPy backend (``_cpu``); CuPy arrays, and any CUDA array that
 exports ``__dlpack__``, run the CUDA kernels (``_gpu.plan``). Both backends receive the same
 resolved ``Problem``, so every semantic rule lives in one place.
+
+A repeated GPU call is cheap: the first call of a signature (dtypes, shapes, strides, alignment,
+options, device) is validated and planned, and its plan is kept; a call with the same signature
+then only allocates and launches (``_gpu.plan.signature``). Arguments of unusual types (a list as
+window, a NumPy integer as scale, ...) always take the full path.
 """
 from __future__ import annotations
 
 import numpy
 
 from . import _cpu, _spec
+
+_gpu_plan = None
+
+
+def _plans():
+    """cuflash._gpu.plan, imported on first GPU use (CPU-only programs never load it)."""
+    global _gpu_plan
+    if _gpu_plan is None:
+        from ._gpu import plan
+
+        _gpu_plan = plan
+    return _gpu_plan
+
+
+def _plain_options(scale, causal, window) -> bool:
+    """Options of exactly the types a plan key can hold without ambiguity (True == 1 as a key:
+    a cached causal=True must not answer causal=1, which is an error)."""
+    return (type(scale) in (float, int, type(None)) and type(causal) in (bool, str)
+            and (window is None or (type(window) is tuple and len(window) == 2
+                                    and type(window[0]) is int and type(window[1]) is int)))
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=False, out=None):
@@ -61,16 +86,29 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=Fals
     -------
     out, or ``(out, lse)`` when ``return_lse``.
     """
+    key = None
+    if out is None and type(return_lse) is bool and _plain_options(scale, causal, window):
+        plans = _plans()
+        key = plans.signature("attention", (q, k, v), (scale, causal, window))
+        cached = plans.PLANS.get(key) if key is not None else None
+        if cached is not None:
+            o, lse = cached.run(plans.CUPY_MEMORY, q, k, v)
+            return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, out=out, return_lse=return_lse
     )
-    if problem.xp is numpy:
-        o, lse = _cpu.forward(problem)
-    else:
-        from ._gpu import plan
+    return problem.result(*forward(problem, key))
 
-        o, lse = plan.forward(problem)
-    return problem.result(o, lse)
+
+def forward(problem, key=None, *, prefetch_backward: bool = False):
+    """``(out, lse)`` of a resolved problem on its backend; the GPU plan is kept under ``key``
+    (None: not kept). The full path of ``attention``, and of the torch adapter."""
+    if problem.xp is numpy:
+        return _cpu.forward(problem)
+    plans = _plans()
+    o, lse, plan = plans.forward(problem, prefetch_backward=prefetch_backward)
+    plans.remember(key, plan)
+    return o, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None,
@@ -81,15 +119,29 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     shape and dtype, summed over every broadcast axis and GQA group. ``deterministic=True``
     makes the GPU result bitwise reproducible run after run.
     """
+    key = None
+    if type(deterministic) is bool and _plain_options(scale, causal, window):
+        plans = _plans()
+        arrays = (dout, q, k, v, out, lse)
+        key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic))
+        cached = plans.PLANS.get(key) if key is not None else None
+        if cached is not None:
+            return cached.run(plans.CUPY_MEMORY, *arrays)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
         deterministic=deterministic,
     )
+    return backward(problem, key)
+
+
+def backward(problem, key=None):
+    """``(dq, dk, dv)`` of a resolved backward problem; the GPU plan is kept under ``key``."""
     if problem.xp is numpy:
         return _cpu.backward(problem)
-    from ._gpu import plan
-
-    return plan.backward(problem)
+    plans = _plans()
+    dq, dk, dv, plan = plans.backward(problem)
+    plans.remember(key, plan)
+    return dq, dk, dv
 
 
 def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, deterministic=False):
@@ -98,7 +150,9 @@ def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, determinist
     The forward's ``out`` and ``lse`` are kept for the backward, which never re-runs the
     forward. ``vjp`` may be called several times (with different ``dout``).
     """
-    out, lse = attention(q, k, v, scale=scale, causal=causal, window=window, return_lse=True)
+    problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True)
+    # A backward will follow: its kernels compile in the background beside the forward's.
+    out, lse = forward(problem, prefetch_backward=True)
 
     def vjp(dout):
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,

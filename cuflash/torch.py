@@ -7,12 +7,21 @@
 - ``flash_attn_func``: flash-attn 2's signature and semantics ((B, L, H, D), bottom-right
   ``causal``, ``window_size``).
 
-How it is wired. The forward and the backward are two ``torch.library.custom_op``s,
-``cuflash::attention_fwd`` (returns out and lse) and ``cuflash::attention_bwd``, each with a
-``register_fake`` shape function, joined by ``register_autograd``: the forward saves q, k, v, out
-and lse, and the backward calls cuflash's backward on them (the forward never runs twice). Being
-custom ops, they are opaque to ``torch.compile``, which traces them with ``fullgraph=True`` and
-no graph break.
+How it is wired. Eager calls run a ``torch.autograd.Function``; under ``torch.compile`` the same
+work runs as two ``torch.library.custom_op``s, ``cuflash::attention_fwd`` (returns out and lse)
+and ``cuflash::attention_bwd``, each with a ``register_fake`` shape function, joined by
+``register_autograd``, which compile traces with ``fullgraph=True`` and no graph break (the custom
+op machinery costs tens of microseconds per call, which eager calls need not pay). Either way the
+forward saves q, k, v, out and lse, and the backward calls cuflash's backward on them (the forward
+never runs twice).
+
+The fast path. On CUDA tensors a call looks its plan up by the tensors' dtypes, shapes, strides,
+alignment, device and the options (``cuflash._gpu.plan``): a repeated call allocates its outputs
+with torch (``torch.empty``) and launches on torch's current stream, with no CuPy array and no
+DLPack crossing. The first call of a signature takes the full path below. Everything the torch
+path allocates — outputs and workspaces, on either path — comes from torch's caching allocator,
+so ``torch.cuda.max_memory_allocated`` sees it, CUDA graph capture puts it in the graph's pool,
+and no second pool holds memory beside torch's.
 
 Crossing. CUDA tensors reach CuPy through DLPack (``cupy.from_dlpack``, zero-copy, bfloat16
 included) and the results come back through ``torch.from_dlpack``; the work runs on torch's
@@ -63,9 +72,13 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=F
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
-    out, lse = torch.ops.cuflash.attention_fwd(
-        q, k, v, scale, causal_name, window_left, window_right, deterministic
-    )
+    options = (scale, causal_name, window_left, window_right, deterministic)
+    if torch.compiler.is_compiling() or q.device.type == "meta":
+        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _AttentionFunction.apply(q, k, v, *options)
+    else:
+        out, lse = _forward(q, k, v, *options)
     return (out, lse) if return_lse else out
 
 
@@ -188,15 +201,131 @@ def _to_torch(array):
 
 @contextlib.contextmanager
 def _running_on(tensor):
-    """For a CUDA tensor: CuPy's current device is the tensor's and its stream is torch's current one."""
+    """For a CUDA tensor: CuPy's current device is the tensor's, its stream is torch's current
+    one, and whatever CuPy allocates comes from torch's caching allocator."""
     if tensor.device.type != "cuda":
         yield
         return
     import cupy
 
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(index), index):
+    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(index), index), \
+            cupy.cuda.using_allocator(_torch_allocator()):
         yield
+
+
+_TORCH_ALLOCATOR = None
+
+
+def _torch_allocator():
+    """A CuPy allocator that takes its memory from torch's caching allocator, on torch's current
+    stream of the device (so torch reuses a block only after that stream is done with it)."""
+    global _TORCH_ALLOCATOR
+    if _TORCH_ALLOCATOR is None:
+        import cupy
+
+        def malloc(size, device_id):
+            return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
+
+        def free(pointer, device_id):
+            torch.cuda.caching_allocator_delete(pointer)
+
+        _TORCH_ALLOCATOR = cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc
+    return _TORCH_ALLOCATOR
+
+
+class _TorchMemory:
+    """A plan's outputs and workspaces as torch tensors on ``device``, launched on torch's
+    current stream there (``cuflash._gpu.plan`` runs plans on any such memory)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.dtypes = {}
+
+    def empty(self, shape, dtype):
+        torch_dtype = self.dtypes.get(dtype)
+        if torch_dtype is None:
+            torch_dtype = self.dtypes[dtype] = getattr(torch, dtype.name)
+        return torch.empty(shape, dtype=torch_dtype, device=self.device)
+
+    @staticmethod
+    def pointer(tensor):
+        return tensor.data_ptr()
+
+    def stream(self):
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+
+_MEMORY: dict = {}
+_gpu_plan = None
+
+
+def _cached_plan(kind, tensors, options):
+    """``(key, plan, memory)`` for a call on CUDA tensors: the plan planned before for this
+    signature (None if none was) and the torch memory to run it on. The key: the tensors' dtypes,
+    shapes, strides and device, whether every base address is 16-byte aligned, the options."""
+    global _gpu_plan
+    if _gpu_plan is None:
+        from ._gpu import plan
+
+        _gpu_plan = plan
+    parts = [kind, options]
+    addresses = 0
+    for t in tensors:
+        parts.append((t.dtype, t.shape, t.stride(), t.device))
+        addresses |= t.data_ptr()
+    parts.append(addresses % 16 == 0)
+    key = tuple(parts)
+    plan = _gpu_plan.PLANS.get(key)
+    if plan is None:
+        return key, None, None
+    device = tensors[0].device
+    memory = _MEMORY.get(device)
+    if memory is None:
+        memory = _MEMORY[device] = _TorchMemory(device)
+    return key, plan, memory
+
+
+def _on_device(device):
+    """The launch needs the tensor's device current (its kernels live in that device's context)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, prefetch_backward=False):
+    """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
+    key = None
+    if q.is_cuda and k.is_cuda and v.is_cuda:
+        key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right))
+        if plan is not None:
+            with _on_device(q.device):
+                return plan.run(memory, q, k, v)
+    with _running_on(q):
+        problem = _spec.resolve_forward(
+            _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
+            window=(window_left, window_right), return_lse=True,
+        )
+        out, lse = _api.forward(problem, key, prefetch_backward=prefetch_backward)
+        return _to_torch(out), _to_torch(lse)
+
+
+def _backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic):
+    """(dq, dk, dv) as torch tensors in q's, k's and v's shapes; cached plans as ``_forward``."""
+    tensors = (dout, q, k, v, out, lse)
+    key = None
+    if all(t.is_cuda for t in tensors):
+        options = (scale, causal, window_left, window_right, deterministic)
+        key, plan, memory = _cached_plan("attention_backward", tensors, options)
+        if plan is not None:
+            with _on_device(q.device):
+                return plan.run(memory, *tensors)
+    with _running_on(q):
+        problem = _spec.resolve_backward(
+            *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
+            window=(window_left, window_right), deterministic=deterministic,
+        )
+        return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
 
 def _cupy_stream(cupy, torch_stream, device_index):
@@ -215,17 +344,32 @@ def _lse_dtype(dtype):
 # --- the custom ops -----------------------------------------------------------------------------
 
 
+class _AttentionFunction(torch.autograd.Function):
+    """The eager path: forward and backward as plain calls (see the module's docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, window_left, window_right, deterministic):
+        out, lse = _forward(q, k, v, scale, causal, window_left, window_right, deterministic,
+                            prefetch_backward=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (scale, causal, window_left, window_right, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
+        grads = _backward(dout.contiguous(), *ctx.saved_tensors, *ctx.options)
+        return grads + (None,) * len(ctx.options)
+
+
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
                    window_left: int, window_right: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
-    with _running_on(q):
-        out, lse = _api.attention(
-            _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-            window=(window_left, window_right), return_lse=True,
-        )
-        # The fake below promises contiguous results; make sure the real ones are too.
-        return _to_torch(out).contiguous(), _to_torch(lse).contiguous()
+    out, lse = _forward(q, k, v, scale, causal, window_left, window_right, deterministic)
+    # The fake below promises contiguous results; make sure the real ones are too.
+    return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
@@ -240,12 +384,8 @@ def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, det
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
                    deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _running_on(q):
-        grads = _api.attention_backward(
-            *(_to_cuflash(t) for t in (dout, q, k, v, out, lse)), scale=scale,
-            causal=_CAUSAL_BY_NAME[causal], window=(window_left, window_right), deterministic=deterministic,
-        )
-        return tuple(_to_torch(g).contiguous() for g in grads)
+    grads = _backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic)
+    return tuple(g.contiguous() for g in grads)
 
 
 @_attention_bwd.register_fake

@@ -190,9 +190,9 @@ def test_zero_size_axes():
 
 
 def test_first_use_logs_compilation(caplog, rng):
-    from cuflash._gpu import kernels
+    from cuflash._gpu import plan
 
-    kernels._kernels.clear()
+    plan.forget()
     q = cupy.asarray(rng.standard_normal((1, 33, 32)).astype(numpy.float32))
     with caplog.at_level(logging.INFO, logger="cuflash"):
         cuflash.attention(q, q, q)

@@ -105,16 +105,16 @@ def test_flash_attn_func_forward_and_backward(dtype, ct, randc):
 
 
 def test_runs_on_torch_current_stream_without_synchronizing(ct, randc, monkeypatch):
-    import cupy
+    from cuflash._gpu import plan
 
     seen = []
-    real_attention = ct._api.attention
+    real_run = plan._Plan._run
 
-    def recording_attention(*args, **kwargs):
-        seen.append((cupy.cuda.get_current_stream().ptr, cupy.cuda.Device().id))
-        return real_attention(*args, **kwargs)
+    def recording_run(self, memory, pointers):
+        seen.append((memory.stream(), torch.cuda.current_device()))
+        return real_run(self, memory, pointers)
 
-    monkeypatch.setattr(ct._api, "attention", recording_attention)
+    monkeypatch.setattr(plan._Plan, "_run", recording_run)
     q_old, q_new = randc(1, 4, 256, 64), randc(1, 4, 256, 64)
     expected = ct.attention(q_new, q_new, q_new)
     side = torch.cuda.Stream()

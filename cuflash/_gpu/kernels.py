@@ -13,6 +13,7 @@ Variant the dispatcher can select compiles for sm_80 and sm_90a without spilling
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -145,26 +146,76 @@ def kernel_source(variant: Variant) -> str:
 
 
 # --------------------------------------------------------------------------- run time
+#
+# Compilation runs in a thread pool: NVRTC releases the GIL, so the kernels one call needs (the
+# backward's three, or a forward's backward compiled ahead while the forward runs) compile side
+# by side instead of one after another. Each (Variant, device) is built once: the first caller
+# submits it, every later caller waits on the same future.
 
 _kernels: dict[tuple[Variant, int], object] = {}
+_builds: dict[tuple[Variant, int], concurrent.futures.Future] = {}
 _lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def get_kernel(variant: Variant):
-    """The compiled ``cupy.RawKernel`` for ``variant`` on the current device (memoized)."""
+def _current_device() -> int:
     import cupy
 
-    device = cupy.cuda.Device().id
+    return cupy.cuda.Device().id
+
+
+def _submit(variant: Variant, device: int) -> concurrent.futures.Future:
+    global _pool
+    key = (variant, device)
+    with _lock:
+        future = _builds.get(key)
+        if future is None:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="cuflash-nvrtc")
+            future = _pool.submit(_build_on, variant, device)
+            _builds[key] = future
+    return future
+
+
+def prefetch(variants, device: int | None = None) -> None:
+    """Start compiling ``variants`` in the background (no-op for those built or building)."""
+    device = _current_device() if device is None else device
+    for variant in variants:
+        if (variant, device) not in _kernels:
+            _submit(variant, device)
+
+
+def get_kernel(variant: Variant, device: int | None = None):
+    """The compiled ``cupy.RawKernel`` for ``variant`` on ``device`` (default: CuPy's current
+    one), memoized; a build in flight is waited for, not repeated."""
+    device = _current_device() if device is None else device
     key = (variant, device)
     kernel = _kernels.get(key)
-    if kernel is not None:
-        return kernel
-    with _lock:
-        kernel = _kernels.get(key)
-        if kernel is None:
-            kernel = _build(variant)
-            _kernels[key] = kernel
+    if kernel is None:
+        kernel = _submit(variant, device).result()
+        _kernels[key] = kernel
     return kernel
+
+
+def function_pointer(variant: Variant, device: int) -> int:
+    """The kernel's ``CUfunction`` handle on ``device`` (the module stays loaded for the process)."""
+    return get_kernel(variant, device).kernel.ptr
+
+
+def forget() -> None:
+    """Drop the memoized kernels (tests and tuning scripts: the next use compiles, or loads from
+    CuPy's disk cache, again). Plans hold their kernels: ``plan.forget`` drops both."""
+    with _lock:
+        _kernels.clear()
+        _builds.clear()
+
+
+def _build_on(variant: Variant, device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return _build(variant)
 
 
 def _build(variant: Variant):

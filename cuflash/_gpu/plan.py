@@ -7,7 +7,10 @@ CuPy's current stream. No host synchronization happens anywhere on this path.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import threading
 
 import numpy
 
@@ -92,23 +95,215 @@ def _merge_batch_axes(shape: list[int], strides: dict[str, list[int]]):
     return shape, strides
 
 
+# --------------------------------------------------------------------------- plans
+#
+# A plan is a call with every decision taken: the Variants and their compiled kernels, the
+# grids, and the params struct's bytes but for the data pointers. The first call of a signature
+# (dtypes, shapes, strides, alignment, options, device) validates, selects and builds; the API
+# keeps the plan when that call needed no copies, and a repeated call then only allocates its
+# outputs, writes their pointers into a copy of the bytes and launches.
+
+class CupyMemory:
+    """Where a plan's outputs and workspaces come from and which stream runs it: CuPy's memory
+    pool and current stream. (The torch adapter passes torch's caching allocator and stream.)"""
+
+    @staticmethod
+    def empty(shape, dtype):
+        return _cupy().empty(shape, dtype=dtype)
+
+    @staticmethod
+    def pointer(array) -> int:
+        return array.data.ptr
+
+    @staticmethod
+    def stream() -> int:
+        return _cupy().cuda.get_current_stream().ptr
+
+
+CUPY_MEMORY = CupyMemory()
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: object   # the cupy.RawKernel: keeps its module, and so `function`, loaded
+    function: int    # its CUfunction handle
+    grid_x: int
+    grid_y: int
+    threads: int
+    shared_mem: int
+
+
+def _launch_of(variant, device: int, grid_x: int, length: int, tile: int) -> Launch:
+    """Grid (attention rows, tiles of ``tile`` over ``length``) of ``variant`` on ``device``."""
+    kernel = kernels.get_kernel(variant, device)
+    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads,
+                  tiles.shared_memory_bytes(variant))
+
+
+class _Scratch(threading.local):
+    """This thread's params bytes and the one-entry argument array that points at them. The
+    driver copies the arguments when a launch is issued (or captured into a graph), so one
+    buffer serves every launch of the thread."""
+
+    def __init__(self):
+        self.bytes = numpy.zeros(BWD_PARAMS_DTYPE.itemsize, dtype=numpy.uint8)
+        self.words = self.bytes.view(numpy.uint64)
+        self.argv = numpy.array([self.bytes.ctypes.data], dtype=numpy.uint64)
+        self.argv_ptr = int(self.argv.ctypes.data)
+
+
+_SCRATCH = _Scratch()
+
+
+def _pointer_words(dtype, names) -> numpy.ndarray:
+    """Word (8-byte) indices of the pointer fields ``names`` ("fwd.q" reaches into a nested struct)."""
+    words = []
+    for name in names:
+        offset, fields = 0, dtype
+        for part in name.split("."):
+            sub, at = fields.fields[part][:2]
+            offset, fields = offset + at, sub
+        assert offset % 8 == 0
+        words.append(offset // 8)
+    return numpy.array(words, dtype=numpy.intp)
+
+
+_FWD_POINTERS = ("q", "k", "v", "o", "lse")
+_BWD_POINTERS = tuple(f"fwd.{n}" for n in _FWD_POINTERS) + ("dout", "dq", "dk", "dv", "dq_accum", "delta")
+_FWD_WORDS = _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS)
+_BWD_WORDS = _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS)
+
+
+class _Plan:
+    """Launches sharing one params struct, replayable with other data pointers."""
+
+    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...]):
+        self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
+        self.words = words
+        self.launches = launches
+
+    def _run(self, memory, pointers) -> None:
+        scratch = _SCRATCH
+        scratch.bytes[: self.template.size] = self.template
+        scratch.words[self.words] = pointers
+        stream = memory.stream()
+        for launch in self.launches:
+            _driver().launchKernel(launch.function, launch.grid_x, launch.grid_y, 1, launch.threads, 1, 1,
+                                   launch.shared_mem, stream, scratch.argv_ptr, 0)
+
+
+class ForwardPlan(_Plan):
+    """One forward launch: ``run(memory, q, k, v)`` allocates out and lse and returns them."""
+
+    def __init__(self, p, struct, launch: Launch):
+        super().__init__(struct, _FWD_WORDS, (launch,))
+        self.out_shape, self.lse_shape = p.out_shape, p.lse_shape
+        self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
+
+    def run(self, memory, q, k, v):
+        o = memory.empty(self.out_shape, self.dtype)
+        lse = memory.empty(self.lse_shape, self.lse_dtype)
+        ptr = memory.pointer
+        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)))
+        return o, lse
+
+
+class BackwardPlan(_Plan):
+    """The backward's three launches: ``run(memory, dout, q, k, v, out, lse)`` allocates the
+    gradients (in q's, k's and v's shapes: no sum is left to do) and the workspaces."""
+
+    def __init__(self, struct, launches, shapes: dict, dtype, accum):
+        super().__init__(struct, _BWD_WORDS, launches)
+        self.shapes, self.dtype, self.accum = shapes, dtype, accum
+
+    def run(self, memory, dout, q, k, v, o, lse):
+        empty, ptr, shapes = memory.empty, memory.pointer, self.shapes
+        dq, dk, dv = (empty(shapes[name], self.dtype) for name in ("dq", "dk", "dv"))
+        delta = empty(shapes["delta"], self.accum)
+        dq_accum = None if shapes["dq_accum"] is None else empty(shapes["dq_accum"], self.accum)
+        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
+                           0 if dq_accum is None else ptr(dq_accum), ptr(delta)))
+        return dq, dk, dv
+
+
+# Plans by call signature (``signature``, or the torch adapter's own keys). Bounded: a program
+# that calls with ever new shapes (varying sequence lengths) must not grow it without end.
+PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def remember(key, plan) -> None:
+    if key is None or plan is None:
+        return
+    if len(PLANS) >= _MAX_PLANS:
+        PLANS.pop(next(iter(PLANS)))  # the oldest entry
+    PLANS[key] = plan
+
+
+def forget() -> None:
+    """Drop every plan and compiled kernel of this process (the next calls rebuild them)."""
+    PLANS.clear()
+    kernels.forget()
+
+
+def signature(kind: str, arrays, options) -> tuple | None:
+    """The plan-cache key of a call on CuPy arrays: what decides its launches (the arrays' dtypes,
+    shapes, strides and devices, whether every base address is 16-byte aligned, the options, the
+    current device), or None when an input is not a plain cupy.ndarray."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return None
+    ndarray = cupy.ndarray
+    parts = [kind, options]
+    addresses = 0
+    for x in arrays:
+        if type(x) is not ndarray:
+            return None
+        memory = x.data
+        parts.append((x.dtype, x.shape, x.strides, memory.device_id))
+        addresses |= memory.ptr
+    parts.append(addresses % 16 == 0)
+    parts.append(cupy.cuda.runtime.getDevice())
+    return tuple(parts)
+
+
+_DRIVER = None
+
+
+def _driver():
+    global _DRIVER
+    if _DRIVER is None:
+        from cupy_backends.cuda.api import driver
+
+        _DRIVER = driver
+    return _DRIVER
+
+
 # --------------------------------------------------------------------------- forward
 
-def forward(problem):
-    """Run the forward on the GPU. Returns (out, lse) as CuPy arrays in the output shapes."""
+def forward(problem, *, prefetch_backward: bool = False):
+    """Run the forward on the GPU: ``(out, lse, plan)`` with CuPy arrays in the output shapes.
+
+    ``prefetch_backward``: a backward will follow (inputs that require grad), so its kernels start
+    compiling in the background beside the forward's own, where they are not built yet.
+
+    ``plan`` replays this call for any inputs of the same signature (``ForwardPlan.run``), or is
+    None when this call needed something a replay would not redo (copies of unaligned inputs, a
+    padded output, out=, an empty problem).
+    """
     cupy = _cupy()
     p = problem
     out_shape, lse_shape = p.out_shape, p.lse_shape
-    lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
     out = p.out
 
     rows = math.prod(p.lead_shape) * p.seqlen_q
     if rows == 0 or p.seqlen_k == 0:
         # Nothing to compute, or no key at all: every row sees nothing (0 and -inf).
+        lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
         o = out if out is not None else cupy.empty(out_shape, dtype=p.dtype)
         o[...] = 0
         lse[...] = -numpy.inf
-        return o, lse
+        return o, lse, None
 
     q, k, v = p.q, p.k, p.v
     # A zero-width head dim is the formula's edge, not an error: one zero column gives the
@@ -121,20 +316,29 @@ def forward(problem):
         out_shape = out_shape[:-1] + (1,)
         out = None
 
-    device = cupy.cuda.Device()
-    arch = kernels.arch_for_capability(*map(int, device.compute_capability))
+    device = cupy.cuda.Device().id
+    arch = _arch(device)
     variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p))
+    kernels.prefetch([variant], device)
+    if prefetch_backward:
+        kernels.prefetch(_backward_kernels(p, q.shape[-1], v.shape[-1], arch), device)
     vec = 16 // p.dtype.itemsize
-    q, k, v = (_readable(x, vec) for x in (q, k, v))
+    inputs = (q, k, v)
+    q, k, v = (_readable(x, vec) for x in inputs)
+    plain = all(a is b for a, b in zip(inputs, (q, k, v))) and p.head_dim * p.head_dim_v > 0
 
     # The kernel writes o in place when the caller's out= (or our own allocation) allows it.
     target = out if out is not None and _vector_ok(out, vec) else None
     o = target if target is not None else cupy.empty(out_shape, dtype=p.dtype)
     if not _vector_ok(o, vec):  # only a fresh allocation of an odd width gets here
         o = _readable(cupy.empty(out_shape, dtype=p.dtype), vec)
+        plain = False
+    lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
-    _launch(variant, layout.grid_x, p.seqlen_q, variant.block_m, _fwd_struct(p, layout, q, v))
+    launch = _launch_of(variant, device, layout.grid_x, p.seqlen_q, variant.block_m)
+    plan = ForwardPlan(p, _fwd_struct(p, layout, q, v), launch)
+    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)))
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
@@ -142,7 +346,11 @@ def forward(problem):
         o = out
     elif not o.flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
         o = cupy.ascontiguousarray(o)
-    return o, lse
+    return o, lse, (plan if plain and out is None else None)
+
+
+def _arch(device: int) -> str:
+    return kernels.arch_for_capability(*map(int, _cupy().cuda.Device(device).compute_capability))
 
 
 _PER_ROW = ("lse", "delta")  # one value per query row, C-contiguous (lead..., Lq)
@@ -190,14 +398,14 @@ class _Layout:
             struct[f"{name}_row_stride"] = x.strides[-2] // x.dtype.itemsize
 
 
-def _fwd_struct(p, layout: _Layout, q, v):
+def _fwd_struct(p, layout: _Layout, q, v, kv_group: int | None = None):
     s = numpy.zeros((), dtype=FWD_PARAMS_DTYPE)
     for name in ("q", "k", "v", "o"):
         layout.fill(s, name)
     layout.fill(s, "lse", rows=False)
     s["batch_shape"] = [1] * (MAX_BATCH_DIMS - len(layout.batch_shape)) + layout.batch_shape
     s["num_heads"] = layout.num_heads
-    s["kv_group"] = p.kv_group
+    s["kv_group"] = p.kv_group if kv_group is None else kv_group
     s["seqlen_q"] = p.seqlen_q
     s["seqlen_k"] = p.seqlen_k
     s["head_dim"] = q.shape[-1]
@@ -232,41 +440,19 @@ def _heads_per_section(p, grid_x: int, kv_row_bytes: int) -> int:
         return 1
     kv_bytes = p.seqlen_k * kv_row_bytes / p.kv_group
     # <= 65536 rows: a section's blocks (rows x at most MAX_GRID_Y tiles) stay below 2^32.
-    return int(max(1, min(grid_x, 65536, _l2_bytes() // 2 // kv_bytes)))
+    return int(max(1, min(grid_x, 65536, _device_attribute("L2CacheSize") // 2 // kv_bytes)))
 
 
-_L2_BYTES: dict[int, int] = {}
+_DEVICE_ATTRIBUTES: dict[tuple[int, str], int] = {}
 
 
-def _l2_bytes() -> int:
-    """L2 cache size of CuPy's current device (queried once per device)."""
+def _device_attribute(name: str) -> int:
+    """A CUDA device attribute of CuPy's current device (queried once per device)."""
     device = _cupy().cuda.Device()
-    if device.id not in _L2_BYTES:
-        _L2_BYTES[device.id] = int(device.attributes["L2CacheSize"])
-    return _L2_BYTES[device.id]
-
-
-def _launch(variant, grid_x: int, length: int, tile: int, struct) -> None:
-    """One launch on CuPy's current stream: grid (attention rows, tiles of ``tile`` over ``length``).
-
-    The params struct goes to the driver as a pointer to its bytes (CPointer): handed over as a
-    NumPy structured scalar, CuPy would rebuild the dtype's description on every launch (30 us,
-    a sixth of a small call). The driver copies the bytes at launch; ``struct`` outlives it.
-    """
-    kernels.get_kernel(variant)(
-        (grid_x, -(-length // tile), 1),
-        (variant.threads, 1, 1),
-        (_struct_arg(struct),),
-        shared_mem=tiles.shared_memory_bytes(variant),
-    )
-
-
-def _struct_arg(struct):
-    try:
-        from cupy.cuda.function import CPointer
-    except ImportError:  # a CuPy without it: the (slower) structured scalar
-        return struct
-    return CPointer(struct.ctypes.data)
+    key = (device.id, name)
+    if key not in _DEVICE_ATTRIBUTES:
+        _DEVICE_ATTRIBUTES[key] = int(device.attributes[name])
+    return _DEVICE_ATTRIBUTES[key]
 
 
 def _element_strides_contiguous(shape) -> list[int]:
@@ -280,15 +466,23 @@ def _element_strides_contiguous(shape) -> list[int]:
 
 # --------------------------------------------------------------------------- backward
 
+# Whether the dK/dV kernels accumulate a GQA group's query heads on chip (BwdParams.heads_per_block).
+_GROUPS_IN_KERNEL = "heads_per_block" in BWD_PARAMS_DTYPE.names
+
+
 def backward(problem):
-    """Gradients (dq, dk, dv) on the GPU, each in its input's own shape and dtype.
+    """Gradients ``(dq, dk, dv, plan)`` on the GPU, each in its input's own shape and dtype.
 
     Three launches on CuPy's stream: bwd_delta (delta = rowsum(dO * O) in fp32 / fp64, and the
-    dq_accum workspace zeroed), then one kernel over key tiles that computes dK, dV per query
-    head and, unless ``deterministic``, accumulates dQ / scale with atomics into dq_accum, then
-    bwd_dq_convert (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel
-    over query tiles computes dQ without atomics instead. Per-query-head dK/dV (GQA) and
-    gradients of broadcast inputs are summed here.
+    dq_accum workspace zeroed), then one kernel over key tiles that computes dK, dV and, unless
+    ``deterministic``, accumulates dQ / scale with atomics into dq_accum, then bwd_dq_convert
+    (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel over query tiles
+    computes dQ without atomics instead.
+
+    GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip
+    (the whole group, unless that leaves too few blocks to fill the GPU: then slices of it, summed
+    here). Gradients of broadcast inputs (an axis of 1 or missing) are summed here too. ``plan``
+    replays the call (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
     cupy = _cupy()
     p = problem
@@ -297,53 +491,100 @@ def backward(problem):
     rows = math.prod(p.lead_shape) * p.seqlen_q
     if rows == 0 or p.seqlen_k == 0 or p.head_dim_v == 0:
         # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero.
-        return tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape)
+        return tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape) + (None,)
     if p.head_dim == 0:  # all scores are 0: the same as one zero column, whose gradient is dropped
         q = cupy.zeros(q.shape[:-1] + (1,), dtype=q.dtype)
         k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
 
-    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
-    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+    device = cupy.cuda.Device().id
+    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device))
+    kernels.prefetch(_backward_kernels(p, q.shape[-1], v.shape[-1], _arch(device)), device)
     vec = 16 // p.dtype.itemsize
-    q, k, v, o, dout = (_readable(x, vec) for x in (q, k, v, o, dout))
-    accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
+    inputs = (q, k, v, o, dout)
+    q, k, v, o, dout = (_readable(x, vec) for x in inputs)
+    plain = all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0
+    accum = numpy.dtype(numpy.float64 if p.dtype == numpy.float64 else numpy.float32)
     lse = cupy.ascontiguousarray(p.lse)
+    plain = plain and lse is p.lse
 
-    # dK, dV per query head over the output's leading axes ("expanded"); dQ likewise. delta is
-    # laid out like lse; dq_accum is (bh, Lq, D), zeroed by bwd_delta.
+    # The query heads that share a key/value head: GQA's group, or all heads when k and v are
+    # broadcast along the head axis (MQA); a dK/dV block accumulates heads_per_block of them.
     lead = tuple(p.lead_shape)
-    delta = cupy.empty(lead + (p.seqlen_q,), dtype=accum)
-    dk = _gradient_buffer(lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
-    dv = _gradient_buffer(lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
+    group = _shared_kv_heads(p, k, v)
+    key_tiles = -(-p.seqlen_k // variants.dkdv.block_n)
+    per_block = _heads_per_block(group, math.prod(lead), key_tiles) if _GROUPS_IN_KERNEL else 1
+    kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
+    dk = _gradient_buffer(kv_lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
+    dv = _gradient_buffer(kv_lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
     dq = _gradient_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
+    delta = cupy.empty(lead + (p.seqlen_q,), dtype=accum)
     dq_accum = None if p.deterministic else cupy.empty(
         (math.prod(lead), p.seqlen_q, q.shape[-1]), dtype=accum)
+    shapes = {"dq": dq.shape, "dk": dk.shape, "dv": dv.shape, "delta": delta.shape,
+              "dq_accum": None if dq_accum is None else dq_accum.shape}
+    plain = plain and all(g.flags.c_contiguous and g.shape == s for g, s in zip((dq, dk, dv), grads_shape))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
     layout = _Layout(p, tensors, min(variants.dkdv.block_n, variants.dq.block_m, variants.delta.block_m))
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
-    struct["fwd"] = _fwd_struct(p, layout, q, v)
+    struct["fwd"] = _fwd_struct(p, layout, q, v, kv_group=group)
     for name in ("dout", "dq", "dk", "dv"):
         layout.fill(struct, name)
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = 0 if dq_accum is None else dq_accum.data.ptr
+    if _GROUPS_IN_KERNEL:
+        struct["heads_per_block"] = per_block
 
     # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
-    # dQ kernel; (attention rows, key tiles) for the dK/dV kernel.
-    _launch(variants.delta, layout.grid_x, p.seqlen_q, variants.delta.block_m, struct)
-    _launch(variants.dkdv, layout.grid_x, p.seqlen_k, variants.dkdv.block_n, struct)
+    # dQ kernel; (attention rows / heads_per_block, key tiles) for the dK/dV kernel.
     last = variants.dq if p.deterministic else variants.dq_convert
-    _launch(last, layout.grid_x, p.seqlen_q, last.block_m, struct)
+    launches = (
+        _launch_of(variants.delta, device, layout.grid_x, p.seqlen_q, variants.delta.block_m),
+        _launch_of(variants.dkdv, device, layout.grid_x // per_block, p.seqlen_k, variants.dkdv.block_n),
+        _launch_of(last, device, layout.grid_x, p.seqlen_q, last.block_m),
+    )
+    plan = BackwardPlan(struct, launches, shapes, p.dtype, accum)
+    plan._run(CUPY_MEMORY, tuple(0 if x is None else x.data.ptr
+                                 for x in (q, k, v, o, lse, dout, dq, dk, dv, dq_accum, delta)))
 
-    dv = _sum_to(dv, grads_shape[2], p.kv_group, accum, p.dtype)
+    dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
     if p.head_dim == 0:
-        return cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv
+        return cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv, None
     return (
         _sum_to(dq, grads_shape[0], 1, accum, p.dtype),
-        _sum_to(dk, grads_shape[1], p.kv_group, accum, p.dtype),
+        _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype),
         dv,
+        plan if plain else None,
     )
+
+
+def _backward_kernels(p, head_dim: int, head_dim_v: int, arch: str) -> list:
+    """The Variants a backward of ``p`` launches (delta, dK/dV, and dQ or the dQ conversion)."""
+    variants = tiles.select_backward(p.dtype.name, head_dim, head_dim_v, p.has_window, arch)
+    deterministic = getattr(p, "deterministic", False)
+    return [variants.delta, variants.dkdv, variants.dq if deterministic else variants.dq_convert]
+
+
+def _shared_kv_heads(p, k, v) -> int:
+    """Query heads per key/value head: GQA's group; every query head when k and v both have a
+    head axis of 1 (MQA); else 1."""
+    if p.kv_group > 1 or not p.lead_shape:
+        return p.kv_group
+    heads = p.lead_shape[-1]
+    mqa = heads > 1 and all(x.ndim >= 3 and x.shape[-3] == 1 for x in (k, v))
+    return heads if mqa else 1
+
+
+def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
+    """Query heads per dK/dV block: the largest divisor of ``group`` that still gives the grid
+    two blocks per SM (a group's heads run one after another inside a block, so a whole group
+    per block can leave SMs idle when there are few key/value heads, e.g. MQA on one sequence)."""
+    enough = 2 * _device_attribute("MultiProcessorCount")
+    for heads in range(group, 1, -1):
+        if group % heads == 0 and (rows // heads) * key_tiles >= enough:
+            return heads
+    return 1
 
 
 def _gradient_buffer(shape, width: int, dtype, vec: int):

@@ -1,0 +1,167 @@
+"""Host time per call: what one attention call costs the CPU, cuflash beside torch's SDPA.
+
+A call's host time is the wall time of the Python call itself: argument handling, planning,
+allocation and the kernel launches, not the kernels. To measure that and nothing else, the GPU is
+kept busy first (``torch.cuda._sleep`` on the stream every call then queues behind), so the timed
+loop only enqueues work; the loop's wall time over N calls is the host time per call. The
+problem is small (B=1, H=2, L=128) so queued kernels never fill the launch queue.
+
+Measured, on CUDA tensors / CuPy arrays of the same shapes:
+- cuflash (CuPy API): ``cuflash.attention`` and ``cuflash.attention_backward``;
+- cuflash.torch: ``attention`` forward without grad, and forward + ``backward()`` with grad;
+- torch SDPA (default backend choice, FLASH, CUDNN, EFFICIENT): the same two.
+With ``--gqa`` the key/value heads are half the query heads (SDPA with ``enable_gqa``).
+
+    python benchmarks/bench_host.py [--dtype bf16] [--calls 200] [--gqa]
+
+Writes benchmarks/results/<UTC>_<gpu>_host.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+def host_us_per_call(call, calls: int, repeats: int, busy_cycles: int) -> float:
+    """Median over ``repeats`` of the wall time of ``calls`` calls queued behind a busy GPU, in us."""
+    import torch
+
+    call()  # plan and compile outside the clock
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        torch.cuda._sleep(busy_cycles)  # the GPU stays busy for the whole loop below
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def cases(args):
+    sys.path.insert(0, str(REPO_ROOT))  # cuflash from this checkout when it is not installed
+    import cupy
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash
+    import cuflash.torch as ct
+
+    dtype = getattr(torch, TORCH_DTYPES[args.dtype])
+    hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
+    shape_q, shape_kv = (1, hq, args.seqlen, args.headdim), (1, hkv, args.seqlen, args.headdim)
+    q, k, v = (torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in (shape_q, shape_kv, shape_kv))
+    dout = torch.randn(shape_q, device="cuda", dtype=dtype)
+    cq, ck, cv, cdout = (cupy.from_dlpack(x.detach()) for x in (q, k, v, dout))
+    cout, clse = cuflash.attention(cq, ck, cv, causal=True, return_lse=True)
+
+    yield "cuflash (CuPy) fwd", lambda: cuflash.attention(cq, ck, cv, causal=True)
+    yield "cuflash (CuPy) bwd", lambda: cuflash.attention_backward(cdout, cq, ck, cv, cout, clse, causal=True)
+
+    def torch_fwd(attend):
+        def call():
+            with torch.no_grad():
+                attend(q, k, v)
+        return call
+
+    def torch_fwd_bwd(attend):
+        def call():
+            attend(q, k, v).backward(dout)
+        return call
+
+    ours = lambda q, k, v: ct.attention(q, k, v, causal="top_left")  # noqa: E731
+    yield "cuflash.torch fwd", torch_fwd(ours)
+    yield "cuflash.torch fwd+bwd", torch_fwd_bwd(ours)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa)
+
+    for backend in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        def within(call, backend=backend):
+            if backend == "default":
+                return call
+
+            def run():
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    call()
+            return run
+        name = "sdpa" if backend == "default" else f"sdpa {backend.split('_')[0].lower()}"
+        yield f"{name} fwd", within(torch_fwd(sdpa))
+        yield f"{name} fwd+bwd", within(torch_fwd_bwd(sdpa))
+
+
+def environment() -> dict:
+    sys.path.insert(0, str(REPO_ROOT))
+    import cupy
+    import torch
+
+    import cuflash
+
+    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
+            "cuflash": cuflash.__version__, "commit": commit, "python": sys.version.split()[0]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--headdim", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gqa", action="store_true", help="key/value heads = query heads / 2")
+    parser.add_argument("--busy-cycles", type=int, default=300_000_000,
+                        help="GPU clock cycles of torch.cuda._sleep ahead of each timed loop")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+    if args.gqa and args.heads % 2:
+        parser.error("--gqa needs an even --heads")
+
+    rows = []
+    for name, call in cases(args):
+        try:
+            value = host_us_per_call(call, args.calls, args.repeats, args.busy_cycles)
+            rows.append({"call": name, "host_us": value})
+        except Exception as error:  # a backend torch does not offer here: say so, keep going
+            rows.append({"call": name, "host_us": None, "note": f"{type(error).__name__}: {error}"[:200]})
+        print(f"{name:28s} {rows[-1]['host_us'] if rows[-1]['host_us'] is None else round(rows[-1]['host_us'], 1)}",
+              file=sys.stderr, flush=True)
+
+    env = environment()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    gpu = env["gpu"].lower().replace(" ", "-")
+    record = {"sweep": "host", "timestamp": stamp, "environment": env, "config": vars(args) | {"out": str(args.out)},
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stamp}_{gpu}_host{'_gqa' if args.gqa else ''}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"| call ({args.dtype}, B=1 H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
+          "| host us/call |\n| --- | --- |")
+    for row in rows:
+        value = "n/a" if row["host_us"] is None else f"{row['host_us']:.1f}"
+        print(f"| {row['call']} | {value} |")
+    print(f"\nrecorded {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

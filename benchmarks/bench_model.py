@@ -1,0 +1,641 @@
+"""A real model: a Llama-like transformers model, cuflash (via cuflash.hf) against torch SDPA's backends.
+
+One model is built from a config with random weights (no download) and every attention backend
+runs on it in the same process, with the same weights and the same token ids; only the attention
+implementation changes (``model.set_attn_implementation``; the SDPA backends are pinned with
+``torch.nn.attention.sdpa_kernel``, ``sdpa`` is torch's own choice):
+
+* ``cuflash``      ``attn_implementation=cuflash.hf.register()``;
+* ``sdpa``         ``attn_implementation="sdpa"``, torch's default backend choice;
+* ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``: ``"sdpa"`` under ``sdpa_kernel([SDPBackend.X])``.
+
+Default model: 8 layers, hidden 2048, 16 query heads and 8 key/value heads of dim 128 (GQA;
+``--mha``: 16/16), intermediate 5632, vocab 32000, bfloat16; shapes ``2x4096`` and ``1x32768``
+(batch x tokens). For each shape and backend:
+
+* ``step_ms``: one training step = forward with the LM loss (labels = inputs) + backward, with
+  ``zero_grad(set_to_none=True)`` first and **no optimizer step**; median of ``--steps`` after
+  ``--warmup``, timed with CUDA events (``perf_counter`` on the CPU); ``tokens_per_s`` from it;
+* ``prefill_ms``: forward under ``torch.inference_mode`` in eval mode, ``use_cache=False`` and
+  ``logits_to_keep=1`` (what generation's prefill computes), median likewise;
+* ``first_step_s``: wall time of the backend's very first training step at that shape (kernel
+  compilation or cache loading, cuDNN plan building, ...). One SDPA step at the shape runs
+  before any backend, so CUDA/cuBLAS start-up is not charged to whichever backend goes first;
+* ``attention_ms_per_step``: GPU time inside the attention calls of a training step, forward and
+  backward (``attention_fwd_ms``/``attention_bwd_ms``), from CUDA events recorded by a wrapper
+  around the attention function: forward around the call, backward by identity autograd
+  functions on its inputs and output, whose backward records an event just before and just after
+  the attention's backward. Median over a few separate instrumented steps (the timed steps run
+  without the wrapper). Includes the ``(B,H,L,D) -> (B,L,H,D)`` copy both backends make;
+* ``host_us_fwd`` / ``host_us_fwd_bwd``: wall time of the Python call of the attention function
+  alone (layer 0's module, the shape's q/k/v), forward, and forward + ``backward()``; the device
+  is synchronized *between* calls, never inside the timed region, so this is the launch/host
+  overhead (a hidden synchronization would show up as GPU time here). Median of ``--host-calls``;
+* ``peak_gib``: ``torch.cuda.max_memory_allocated`` over a training step (reset before), plus,
+  for cuflash, the growth of CuPy's memory pool over that step (cuflash's outputs and workspaces
+  live there, emptied before): ``peak_torch_gib`` + ``peak_cupy_gib``, an upper bound as the two
+  peaks need not coincide;
+* correctness, on the first step: ``max_abs_diff_logits``, ``loss_diff`` and
+  ``grad_rel_diff`` (layer 0's q_proj weight gradient, max abs difference over max abs) against
+  the ``sdpa`` backend; and ``attn_max_abs_diff`` / ``attn_grad_max_abs_diff``: the attention
+  function alone on standard-normal q, k, v of the shape (peaky scores, unlike the model's
+  near-uniform attention at init) against ``sdpa``'s. ``correct`` is False (``!`` in the table)
+  when a difference exceeds a loose bf16 bound.
+
+Results go to ``benchmarks/results/<UTC>_<device>_model.json`` (rewritten after every backend,
+so an interrupted run keeps what it measured) and a Markdown table per shape is printed.
+``--device cpu --tiny`` runs the whole thing on the CPU (tiny model, float32) as a smoke test.
+
+    python benchmarks/bench_model.py                       # H100/H200: default model and shapes
+    python benchmarks/bench_model.py --mha --shapes 2x4096
+    python benchmarks/bench_model.py --device cpu --tiny --steps 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+BACKENDS = ("cuflash", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+               "sdpa_efficient": "EFFICIENT_ATTENTION"}
+REFERENCE = "sdpa"
+TIMED_NAMES = {"cuflash": "bench_timed_cuattn", "sdpa": "bench_timed_sdpa"}
+GIB = 1024 ** 3
+# Loose bounds for "correct" (bf16 on GPU, float32 on the CPU): max abs differences against sdpa.
+# Relative ones (max abs difference over max abs of the reference) except the loss's.
+BOUNDS = {"bf16": dict(logits=0.05, loss=0.05, grad=0.1, attn=0.03, attn_grad=0.05),
+          "fp32": dict(logits=1e-4, loss=1e-4, grad=1e-3, attn=1e-4, attn_grad=1e-4)}
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+def _command_output(*command: str, cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class Clock:
+    """CUDA events on the GPU, perf_counter on the CPU; ``elapsed_ms(start, end)`` after ``sync()``."""
+
+    def __init__(self, torch, cuda: bool):
+        self.torch, self.cuda = torch, cuda
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+
+# --- environment -----------------------------------------------------------------------------------
+
+
+def collect_environment(torch, device: str) -> dict:
+    import numpy
+    import transformers
+
+    import cuflash
+
+    env = {"python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__,
+           "cuflash": getattr(cuflash, "__version__", "unknown"), "cuflash_path": cuflash.__file__}
+    try:
+        import cupy
+
+        env["cupy"] = cupy.__version__
+    except Exception as error:  # noqa: BLE001 - CPU runs need no CuPy
+        env["cupy"] = None
+        env["cupy_note"] = f"{type(error).__name__}: {error}"[:200]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), compute_capability=f"{props.major}.{props.minor}",
+                   sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
+                   torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   driver_version=_command_output("nvidia-smi", "--query-gpu=driver_version",
+                                                  "--format=csv,noheader", "--id=0") or "unknown")
+    else:
+        env.update(device="cpu", cpu=platform.processor() or platform.machine())
+    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
+    source = "CUFLASH_COMMIT" if commit else None
+    if commit is None:
+        commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
+        source = "git" if commit else None
+    status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if source == "git" else None
+    env.update(git_commit=commit or "unknown", git_commit_source=source,
+               git_dirty=bool(status) if source == "git" else None,
+               date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return env
+
+
+# --- model and backends ----------------------------------------------------------------------------
+
+
+def model_config(args) -> dict:
+    if args.tiny:
+        config = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=4 if args.mha else 2, head_dim=16, intermediate_size=128,
+                      vocab_size=128)
+    else:
+        config = dict(num_hidden_layers=8, hidden_size=2048, num_attention_heads=16,
+                      num_key_value_heads=16 if args.mha else 8, head_dim=128, intermediate_size=5632,
+                      vocab_size=32000)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    config["max_position_embeddings"] = max(4096, max(length for _, length in args.shapes))
+    return config
+
+
+def build_model(torch, transformers, config: dict, dtype, device: str):
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(**config, attention_dropout=0.0)
+    model = transformers.AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa", dtype=dtype)
+    return model.to(device)
+
+
+def register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings: list, clock: Clock, torch):
+    """Register instrumented copies of the cuflash and SDPA attention functions (see the docstring)."""
+
+    class _Enter(torch.autograd.Function):  # backward: after the attention's backward
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return q.view_as(q), k.view_as(k), v.view_as(v)
+
+        @staticmethod
+        def backward(ctx, dq, dk, dv):
+            timings[-1]["bwd_end"].append(clock.mark())
+            return dq, dk, dv
+
+    class _Exit(torch.autograd.Function):  # backward: before the attention's backward
+        @staticmethod
+        def forward(ctx, out):
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx, dout):
+            timings[-1]["bwd_start"].append(clock.mark())
+            return dout
+
+    def timed(function):
+        def wrapper(module, query, key, value, *args, **kwargs):
+            record = timings[-1]
+            if torch.is_grad_enabled():
+                query, key, value = _Enter.apply(query, key, value)
+            record["fwd_start"].append(clock.mark())
+            out, weights = function(module, query, key, value, *args, **kwargs)
+            record["fwd_end"].append(clock.mark())
+            if torch.is_grad_enabled():
+                out = _Exit.apply(out)
+            return out, weights
+        return wrapper
+
+    transformers.AttentionInterface.register(TIMED_NAMES["cuflash"], timed(hf.attention_forward))
+    transformers.masking_utils.AttentionMaskInterface.register(TIMED_NAMES["cuflash"], hf.mask_function)
+    transformers.AttentionInterface.register(TIMED_NAMES["sdpa"], timed(sdpa_attention_forward))
+    transformers.masking_utils.AttentionMaskInterface.register(TIMED_NAMES["sdpa"], sdpa_mask)
+
+
+# --- one backend at one shape ----------------------------------------------------------------------
+
+
+def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict) -> dict:
+    torch, model, clock, args = ctx["torch"], ctx["model"], ctx["clock"], ctx["args"]
+    hf = ctx["hf"]
+    implementation = ctx["cuflash_name"] if backend == "cuflash" else "sdpa"
+    function = hf.attention_forward if backend == "cuflash" else ctx["sdpa_attention_forward"]
+    context = ctx["kernel_context"](backend)
+    result: dict = {"status": "ok"}
+    hf.reset_counts()
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        output = model(ids, labels=ids)
+        output.loss.backward()
+        return output
+
+    def prefill():
+        with torch.inference_mode():
+            return model(ids, use_cache=False, logits_to_keep=1)
+
+    def timed_median(step, count):
+        times = []
+        for _ in range(count):
+            start = clock.mark()
+            step()
+            end = clock.mark()
+            clock.sync()
+            times.append(clock.elapsed_ms(start, end))
+        return statistics.median(times), times
+
+    with context:
+        model.set_attn_implementation(implementation)
+        model.train()
+        clock.sync()
+        # First step: cold, and the correctness check.
+        begin = time.perf_counter()
+        output = train_step()
+        clock.sync()
+        result["first_step_s"] = time.perf_counter() - begin
+        logits = output.logits.detach()
+        loss = output.loss.detach().float().item()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad.detach().float()
+        del output
+        if backend == REFERENCE:  # the logits wait on the host: they would count in the others' peaks
+            reference.update(logits=logits.cpu(), loss=loss, grad=grad,
+                             logits_max=logits.abs().max().float().item())
+        if reference:
+            result["max_abs_diff_logits"] = max_abs_diff(logits, reference["logits"])
+            result["rel_diff_logits"] = result["max_abs_diff_logits"] / max(reference["logits_max"], 1e-30)
+            result["loss"] = loss
+            result["loss_diff"] = abs(loss - reference["loss"])
+            result["grad_rel_diff"] = ((grad - reference["grad"]).abs().max()
+                                       / reference["grad"].abs().max().clamp_min(1e-30)).item()
+        del logits, grad
+
+        for _ in range(args.warmup):
+            train_step()
+        clock.sync()
+        # Peak memory of one step (torch's allocator, plus CuPy's pool for cuflash).
+        if ctx["cuda"]:
+            pool = ctx["cupy_pool"]
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            if pool is not None:
+                pool.free_all_blocks()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cupy_before = pool.total_bytes() if pool is not None else 0
+            train_step()
+            torch.cuda.synchronize()
+            result["peak_torch_gib"] = torch.cuda.max_memory_allocated() / GIB
+            result["peak_cupy_gib"] = ((pool.total_bytes() - cupy_before) / GIB) if pool is not None else 0.0
+            result["peak_gib"] = result["peak_torch_gib"] + result["peak_cupy_gib"]
+
+        result["step_ms"], result["step_ms_all"] = timed_median(train_step, args.steps)
+        result["tokens_per_s"] = batch * length / (result["step_ms"] / 1e3)
+        calls_per_step = ctx["hf"].COUNTS["cuflash"]
+
+        # Attention time inside a training step: instrumented steps.
+        model.set_attn_implementation(TIMED_NAMES["cuflash" if backend == "cuflash" else "sdpa"])
+        fwd, bwd = [], []
+        for _ in range(args.attn_steps):
+            ctx["timings"].append({"fwd_start": [], "fwd_end": [], "bwd_start": [], "bwd_end": []})
+            train_step()
+            clock.sync()
+            record = ctx["timings"][-1]
+            fwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["fwd_start"], record["fwd_end"])))
+            # Backward runs the layers in reverse: pair the i-th start with the i-th end.
+            if len(record["bwd_start"]) == len(record["bwd_end"]) == len(record["fwd_start"]):
+                bwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["bwd_start"], record["bwd_end"])))
+        ctx["timings"].clear()
+        result["attention_fwd_ms"] = statistics.median(fwd)
+        result["attention_bwd_ms"] = statistics.median(bwd) if bwd else None
+        result["attention_ms_per_step"] = result["attention_fwd_ms"] + (result["attention_bwd_ms"] or 0.0)
+        result["attention_share"] = result["attention_ms_per_step"] / result["step_ms"]
+        model.set_attn_implementation(implementation)
+
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        for _ in range(max(1, args.warmup)):
+            prefill()
+        result["prefill_ms"], result["prefill_ms_all"] = timed_median(prefill, args.steps)
+        result["prefill_tokens_per_s"] = batch * length / (result["prefill_ms"] / 1e3)
+        model.train()
+
+        host_attention(ctx, function, batch, length, result, reference, backend)
+    counts = ctx["hf"].COUNTS
+    result["attention_calls_cuflash"] = counts["cuflash"]
+    result["attention_calls_fallback"] = counts["fallback"]
+    result["fallback_reasons"] = dict(counts["fallback_reasons"])
+    if backend == "cuflash" and (calls_per_step == 0 or counts["fallback"]):
+        result["status"] = "error"
+        result["note"] = (f"cuflash was not called ({calls_per_step} cuflash calls in the timed steps, "
+                          f"{counts['fallback']} fallbacks: {counts['fallback_reasons']})")
+    result["correct"] = is_correct(result, ctx["bounds"])
+    return result
+
+
+def host_attention(ctx, function, batch, length, result, reference, backend):
+    """Host wall time of the attention function alone, and its output/grads against sdpa's."""
+    torch, model, args, config = ctx["torch"], ctx["model"], ctx["args"], ctx["config"]
+    module = model.model.layers[0].self_attn
+    heads, heads_kv, dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    generator = torch.Generator(device=ctx["device"]).manual_seed(1234)
+
+    def draw(h):
+        return torch.randn(batch, h, length, dim, generator=generator, device=ctx["device"], dtype=ctx["dtype"])
+
+    q, k, v = draw(heads), draw(heads_kv), draw(heads_kv)
+    dout = torch.randn(batch, length, heads, dim, generator=generator, device=ctx["device"], dtype=ctx["dtype"])
+    scaling = module.scaling
+    module.train()
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = function(module, qg, kg, vg, None, scaling=scaling, dropout=0.0)
+    out.backward(dout)
+    grads = [t.grad.detach() for t in (qg, kg, vg)]
+    out = out.detach()
+    if backend == REFERENCE:
+        reference["attn_out"], reference["attn_grads"] = out, grads
+    if "attn_out" in reference:
+        result["attn_max_abs_diff"] = (out.float() - reference["attn_out"].float()).abs().max().item()
+        result["attn_grad_max_abs_diff"] = max((g.float() - r.float()).abs().max().item()
+                                               for g, r in zip(grads, reference["attn_grads"]))
+        result["attn_rel_diff"] = result["attn_max_abs_diff"] / max(
+            reference["attn_out"].abs().max().float().item(), 1e-30)
+        result["attn_grad_rel_diff"] = max(
+            (g.float() - r.float()).abs().max().item() / max(r.abs().max().float().item(), 1e-30)
+            for g, r in zip(grads, reference["attn_grads"]))
+    del out, grads
+
+    def host_times(call):
+        times = []
+        for _ in range(args.host_calls):
+            ctx["clock"].sync()
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e6)
+        ctx["clock"].sync()
+        return statistics.median(times)
+
+    with torch.no_grad():
+        result["host_us_fwd"] = host_times(lambda: function(module, q, k, v, None, scaling=scaling, dropout=0.0))
+
+    def forward_backward():
+        a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
+        out, _ = function(module, a, b, c, None, scaling=scaling, dropout=0.0)
+        out.backward(dout)
+
+    result["host_us_fwd_bwd"] = host_times(forward_backward)
+
+
+def max_abs_diff(a, b) -> float:
+    """max |a - b| in float32, a slice of the sequence at a time (b may live on the host)."""
+    worst = 0.0
+    for begin in range(0, a.shape[1], 4096):
+        part_a = a[:, begin:begin + 4096].float()
+        part_b = b[:, begin:begin + 4096].to(a.device).float()
+        worst = max(worst, (part_a - part_b).abs().max().item())
+    return worst
+
+
+def is_correct(result: dict, bounds: dict) -> bool:
+    checks = [("rel_diff_logits", "logits"), ("loss_diff", "loss"), ("grad_rel_diff", "grad"),
+              ("attn_rel_diff", "attn"), ("attn_grad_rel_diff", "attn_grad")]
+    return all(result.get(key) is None or result[key] <= bounds[bound] for key, bound in checks)
+
+
+def failure(torch, error: BaseException) -> dict:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
+    note = " ".join(text)[:400]
+    if isinstance(error, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in note.lower():
+        status = "oom"
+    elif isinstance(error, NotImplementedError) or "No available kernel" in note or "No viable backend" in note:
+        status = "unsupported"
+    else:
+        status = "error"
+    return {"status": status, "note": note}
+
+
+# --- table -----------------------------------------------------------------------------------------
+
+
+def _cell(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def format_tables(rows: list[dict], dtype_name: str, cuda: bool = True) -> str:
+    out = []
+    for row in rows:
+        results = row["results"]
+        flash = results.get("sdpa_flash", {})
+        default = results.get("sdpa", {})
+        out += [f"### {row['shape']} (batch {row['batch']} x {row['seqlen']} tokens)", "",
+                "| backend | step ms | prefill ms | tokens/s | attn ms/step (fwd+bwd) | host us/call fwd | "
+                "host us/call fwd+bwd | peak GiB | first step s | logits diff | x vs sdpa_flash | x vs sdpa |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        notes = []
+        for name, result in results.items():
+            if result.get("status") != "ok":
+                out.append(f"| {name} | {result.get('status')} | | | | | | | | | | |")
+                notes.append(f"- {name}: {result.get('status')}: {result.get('note', '')}")
+                continue
+            step = result["step_ms"]
+
+            def ratio(other):
+                ok = other.get("status") == "ok" and other.get("step_ms")
+                return f"{other['step_ms'] / step:.2f}" if ok else "-"
+
+            attn = result.get("attention_ms_per_step")
+            attn_cell = "-" if attn is None else (
+                f"{attn:.1f} ({result['attention_fwd_ms']:.1f}+{_cell(result.get('attention_bwd_ms'), '.1f')})")
+            diff = _cell(result.get("max_abs_diff_logits"), ".1e") + ("" if result.get("correct", True) else " !")
+            out.append(
+                f"| {name} | {step:.1f} | {result['prefill_ms']:.1f} | {result['tokens_per_s']:,.0f} | {attn_cell} | "
+                f"{result['host_us_fwd']:.0f} | {result['host_us_fwd_bwd']:.0f} | {_cell(result.get('peak_gib'), '.2f')} | "
+                f"{result['first_step_s']:.2f} | {diff} | {ratio(flash)} | {ratio(default)} |")
+            if not result.get("correct", True):
+                notes.append(f"- {name}: differs from sdpa beyond the {dtype_name} bounds {BOUNDS[dtype_name]}: "
+                             f"logits (rel) {result.get('rel_diff_logits')}, loss {result.get('loss_diff')}, "
+                             f"q_proj grad (rel) {result.get('grad_rel_diff')}, attention (rel) "
+                             f"{result.get('attn_rel_diff')} / its grads (rel) {result.get('attn_grad_rel_diff')}")
+        out += ["", *notes, ""] if notes else [""]
+    out += ["Training step = forward + LM loss + backward, no optimizer; median of "
+            + ("CUDA-event timings. " if cuda else "perf_counter timings (CPU). ") +
+            "Attn ms/step = GPU time in the attention calls of a step (forward+backward). "
+            "Prefill = inference-mode forward, logits of the last token only. "
+            "x vs ... = that backend's step time / this one's (> 1: this one is faster). "
+            "Logits diff = max |logits - sdpa's| on the first step ('!' = a difference beyond a loose bound, see "
+            "the notes and the JSON). "
+            "Peak GiB includes CuPy's pool for cuflash."]
+    return "\n".join(out)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not BATCHxTOKENS, e.g. 2x4096")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (2 layers, hidden 64), float32; "
+                        "default shapes 2x64 and 1x128: a smoke test")
+    parser.add_argument("--mha", action="store_true", help="16 key/value heads (no GQA)")
+    parser.add_argument("--shapes", type=lambda s: [parse_shape(p) for p in s.split(",")], default=None,
+                        help="comma-separated BATCHxTOKENS (default 2x4096,1x32768)")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS),
+                        help=f"comma-separated subset of {','.join(BACKENDS)}")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--attn-steps", type=int, default=3, help="instrumented steps for attention time")
+    parser.add_argument("--host-calls", type=int, default=30, help="calls for the host-time medians")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = [(2, 64), (1, 128)] if args.tiny else [(2, 4096), (1, 32768)]
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown or REFERENCE not in args.backends:
+        parser.error(f"--backends: unknown {sorted(unknown)}" if unknown else
+                     f"--backends must include {REFERENCE} (the correctness reference)")
+    # sdpa first: it is the reference of the correctness checks.
+    args.backends = [REFERENCE] + [b for b in args.backends if b != REFERENCE]
+    args.steps, args.attn_steps, args.host_calls = max(1, args.steps), max(1, args.attn_steps), max(1, args.host_calls)
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import torch
+    import transformers
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    import cuflash.hf as hf
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_model: --device cuda but torch sees no CUDA device (use --device cpu --tiny)")
+    dtype = torch.float32 if args.tiny or not cuda else torch.bfloat16
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
+    cupy_pool = None
+    if cuda:
+        try:
+            import cupy
+
+            cupy_pool = cupy.get_default_memory_pool()
+        except Exception:  # noqa: BLE001 - then cuflash itself will fail and say why
+            cupy_pool = None
+
+    config = model_config(args)
+    model = build_model(torch, transformers, config, dtype, args.device)
+    clock = Clock(torch, cuda)
+    timings: list = []
+    register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings, clock, torch)
+
+    def kernel_context(backend):
+        if backend in SDPA_PINNED:
+            return sdpa_kernel([getattr(SDPBackend, SDPA_PINNED[backend])])
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, cuflash_name=hf.register(),
+               sdpa_attention_forward=sdpa_attention_forward, kernel_context=kernel_context, timings=timings,
+               cuda=cuda, cupy_pool=cupy_pool, config=config, device=args.device, dtype=dtype,
+               bounds=BOUNDS[dtype_name])
+    env = collect_environment(torch, args.device)
+    record = {"sweep": "model", **env, "dtype": dtype_name, "model_config": config,
+              "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
+              "attn_steps": args.attn_steps, "host_calls": args.host_calls,
+              "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
+              "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
+              "rows": []}
+    date = datetime.datetime.fromisoformat(record["date_utc"])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{date:%Y%m%dT%H%M%SZ}_{_slug(record['device'])}_model.json"
+    print(f"[model] {record['device']} torch {env['torch']} transformers {env['transformers']} "
+          f"cuflash {env['cuflash']} {dtype_name} {config}", file=sys.stderr, flush=True)
+
+    def save():
+        record["table"] = format_tables(record["rows"], dtype_name, cuda)
+        path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+
+    try:
+        for batch, length in args.shapes:
+            generator = torch.Generator().manual_seed(batch * 1_000_003 + length)
+            ids = torch.randint(0, config["vocab_size"], (batch, length), generator=generator).to(args.device)
+            row = {"shape": f"{batch}x{length}", "batch": batch, "seqlen": length, "results": {}}
+            record["rows"].append(row)
+            # Start-up (CUDA context, cuBLAS, allocator) on no backend's account.
+            model.set_attn_implementation("sdpa")
+            model.train()
+            try:
+                model.zero_grad(set_to_none=True)
+                model(ids, labels=ids).loss.backward()
+                clock.sync()
+            except Exception as error:  # noqa: BLE001 - the backends will report it too
+                print(f"[model] warm-up failed: {error}", file=sys.stderr)
+            reference: dict = {}
+            for backend in args.backends:
+                print(f"[model] {row['shape']} {backend}", file=sys.stderr, flush=True)
+                try:
+                    result = run_backend(ctx, backend, batch, length, ids, reference)
+                except Exception as error:  # noqa: BLE001 - record and go on with the next backend
+                    result = failure(torch, error)
+                    if result["status"] == "error":
+                        traceback.print_exc()
+                finally:
+                    timings.clear()
+                    model.zero_grad(set_to_none=True)
+                    gc.collect()
+                    if cuda:
+                        if cupy_pool is not None:
+                            cupy_pool.free_all_blocks()
+                        torch.cuda.empty_cache()
+                row["results"][backend] = result
+                print(f"[model] {row['shape']} {backend}: "
+                      + json.dumps(_json_safe({k: v for k, v in result.items() if not k.endswith("_all")})),
+                      file=sys.stderr, flush=True)
+                save()
+            reference.clear()
+    except KeyboardInterrupt:
+        print("\ninterrupted: keeping the rows measured so far", file=sys.stderr)
+        record["interrupted"] = True
+    save()
+    print(record["table"])
+    print(f"\nwrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Hugging Face ``transformers`` (5.x) integration: cuflash as a registered attention implementation.
+
+::
+
+    import cuflash.hf
+    name = cuflash.hf.register()                     # "cuattn"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
+    # or: model.set_attn_implementation(name)
+
+``register`` adds two entries under the same name:
+
+* ``transformers.AttentionInterface``: :func:`attention_forward`, which runs
+  :func:`cuflash.torch.attention` on the ``(B, H, L, D)`` query/key/value the model passes,
+  GQA straight through (no ``repeat_kv``), and returns ``(B, L, H, D)`` as SDPA's integration does;
+* ``transformers.masking_utils.AttentionMaskInterface``: :func:`mask_function`, SDPA's mask
+  (``sdpa_mask``), so that a causal batch without padding yields ``attention_mask=None`` (the
+  ``is_causal`` skip) and a padded batch yields a real boolean mask. Without a registered mask
+  function transformers hands a custom attention no mask at all, padding included. One
+  addition: a causal *sliding-window* mask without padding and without a cache (training,
+  prefill) is skipped too (``None``), and the window comes from the ``sliding_window`` argument
+  the model passes to the attention function; SDPA would materialise that mask.
+
+Semantics mirror ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` exactly:
+``is_causal`` is the ``is_causal`` keyword when given, else ``module.is_causal`` (default True),
+and only applies when ``Lq > 1`` and there is no mask (a single decode query attends to every
+key); a causal call with ``Lk > Lq`` (prefill into an empty static cache) keeps the first ``Lq``
+keys; causal is top-left aligned (``causal="top_left"``); ``sliding_window=w`` is transformers'
+``kv_idx > q_idx - w``, i.e. cuflash's ``window=(w - 1, 0)``.
+
+What cuflash does not support yet falls back to SDPA's integration (same arguments), with a
+one-time warning per reason: a mask tensor (padding, packed sequences, custom patterns),
+dropout > 0, ``softcap``, ``position_bias``, ``s_aux`` (attention sinks), tensors on a device
+other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
+"""
+import warnings
+
+try:
+    import torch
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as error:  # pragma: no cover - exercised only where transformers is missing
+    raise ImportError(
+        "cuflash.hf needs PyTorch and Hugging Face transformers 5.x: pip install torch 'transformers>=5'"
+    ) from error
+
+from . import torch as _cuflash_torch
+
+__all__ = ["register", "attention_forward", "mask_function", "COUNTS", "reset_counts", "DEFAULT_NAME"]
+
+DEFAULT_NAME = "cuattn"
+
+# Names transformers already gives a meaning: overriding them would change every model using them.
+_RESERVED_NAMES = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                   "flash_attention_4"}
+
+#: ``{"cuflash": n, "fallback": n, "fallback_reasons": {reason: n}}``, since import or reset_counts().
+COUNTS = {"cuflash": 0, "fallback": 0, "fallback_reasons": {}}
+_warned = set()
+
+
+def reset_counts():
+    """Zero :data:`COUNTS` and re-arm the one-time fallback warnings."""
+    COUNTS["cuflash"] = 0
+    COUNTS["fallback"] = 0
+    COUNTS["fallback_reasons"] = {}
+    _warned.clear()
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if "flash" in name:
+        raise ValueError(
+            f"name {name!r} contains 'flash': transformers treats any attention implementation whose "
+            "name contains 'flash' as a flash-attention variant and tries to load flash_attn or a hub "
+            "kernel for it; pick another name (the default is 'cuattn')"
+        )
+    if name.startswith("paged|"):
+        raise ValueError(f"name {name!r}: the 'paged|' prefix selects transformers' paged attention "
+                         "(continuous batching), which cuflash does not implement")
+    if "/" in name or ":" in name or "@" in name:
+        raise ValueError(f"name {name!r} looks like a hub kernel reference ('org/repo[@rev][:fn]'); "
+                         "transformers would try to download it; use a plain name such as 'cuattn'")
+    if name in _RESERVED_NAMES:
+        raise ValueError(f"name {name!r} is one of transformers' own implementations; registering "
+                         "cuflash under it would replace it for every model; use e.g. 'cuattn'")
+
+
+def register(name=DEFAULT_NAME):
+    """Register cuflash's attention and SDPA's mask function under ``name``; returns ``name``.
+
+    Afterwards ``attn_implementation=name`` (``from_config``, ``from_pretrained``,
+    ``set_attn_implementation``) routes every attention call of a model that uses
+    ``AttentionInterface`` through :func:`attention_forward`. Registering twice is harmless.
+    Raises ValueError for a name transformers would not route to a custom function (any name
+    containing "flash", a hub-kernel reference, a "paged|" name, a built-in name).
+    """
+    _check_name(name)
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, mask_function)
+    return name
+
+
+# --- the mask function ---------------------------------------------------------------------------
+
+
+def _is_tracing(tensor=None):
+    try:
+        from transformers.utils.import_utils import is_tracing
+    except ImportError:  # pragma: no cover - older layout
+        return torch.compiler.is_compiling()
+    return is_tracing(tensor)
+
+
+def _is_sliding_causal(mask_fn, window, n, device):
+    """Whether mask_fn is transformers' causal sliding window of this size (not a chunked mask, which
+    also arrives with ``local_size``): evaluated on the first ``n`` positions, batch and head 0."""
+    index = torch.arange(n, device=device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    got = mask_fn(zero, zero, index[:, None], index[None, :])
+    want = (index[None, :] <= index[:, None]) & (index[None, :] > index[:, None] - window)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool((got == want).all())
+
+
+def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """transformers' ``sdpa_mask``, plus the skip of a padding-free causal sliding-window mask.
+
+    ``None`` where SDPA's integration would run ``is_causal`` (or no mask at all); a boolean
+    ``(B, 1, Lq, Lk)`` mask otherwise, which :func:`attention_forward` hands to SDPA. The extra skip
+    (no cache, ``Lq == Lk``, no padding, the pattern verified to be the causal sliding window)
+    is safe because such models pass ``sliding_window`` to the attention function, as their
+    flash-attention path needs it too.
+    """
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function as mask_function
+    arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if (local_size is not None and allow_is_causal_skip and not kwargs.get("use_vmap", False)
+            and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0
+            and kv_offset == 0 and q_length == kv_length and kv_length >= local_size
+            and not _is_tracing(attention_mask)):
+        padding = attention_mask
+        if padding is not None:
+            padding = padding[:, -kv_length:] if padding.shape[-1] >= kv_length else None
+        no_padding = attention_mask is None or (padding is not None and bool(padding.all()))
+        device = kwargs.get("device", "cpu")
+        if no_padding and _is_sliding_causal(mask_function, local_size, min(kv_length, local_size + 1), device):
+            return None
+    return sdpa_mask(**arguments)
+
+
+# --- the attention function ----------------------------------------------------------------------
+
+
+def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    COUNTS["fallback"] += 1
+    COUNTS["fallback_reasons"][reason] = COUNTS["fallback_reasons"].get(reason, 0) + 1
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"cuflash.hf: {reason}, which cuflash does not support yet; this call and those "
+                      "like it run transformers' SDPA attention instead (warned once)", stacklevel=3)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
+    """Why cuflash cannot run this call (a reason for the warning), or None."""
+    if attention_mask is not None:
+        return "an attention mask tensor was passed (padding, packed sequences or a custom pattern)"
+    if dropout:
+        return f"attention dropout ({dropout}) is active"
+    if softcap:
+        return f"logit softcapping (softcap={softcap}) was requested"
+    if kwargs.get("position_bias") is not None:
+        return "an additive position bias (position_bias) was passed"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux) were passed"
+    if any(t.device.type not in ("cpu", "cuda") for t in (query, key, value)):
+        return f"the tensors are on {query.device.type}, not CPU or CUDA"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "query/key/value are not 4-dimensional (batch, heads, seq, dim)"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
+        return f"the head counts ({query.shape[1]} query, {key.shape[1]} key/value) are not GQA-compatible"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature, run by cuflash.
+
+    ``query (B, Hq, Lq, D)``, ``key``/``value (B, Hkv, Lk, D)`` with ``Hq % Hkv == 0``; returns
+    ``(attn_output (B, Lq, Hq, Dv) contiguous, None)``. See the module docstring for the rules and
+    the fallbacks.
+    """
+    reason = _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs)
+    if reason is not None:
+        return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+    q_length, kv_length = query.shape[2], key.shape[2]
+    # SDPA integration's rule, word for word: the keyword wins over the module's attribute, and
+    # causal masking only applies to more than one query without a mask.
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_length > 1 and attention_mask is None and causal)
+    if causal and kv_length > q_length:  # prefill into an empty static cache: the rest is masked anyway
+        key = key[:, :, :q_length, :]
+        value = value[:, :, :q_length, :]
+    window = None
+    if causal and sliding_window is not None and 0 < sliding_window < key.shape[2]:
+        window = (int(sliding_window) - 1, 0)  # transformers: kv_idx > q_idx - sliding_window
+
+    COUNTS["cuflash"] += 1
+    out = _cuflash_torch.attention(query, key, value, scale=scaling,
+                                   causal="top_left" if causal else False, window=window)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,233 @@
+"""Plans (the cached launch path of a repeated call), CUDA graphs, torch's allocator, and the
+GQA/MQA dK/dV reduction inside the dK/dV kernels.
+
+A repeated call skips validation and planning (cuflash._gpu.plan), so these tests hold the replay
+to the full path bit for bit, show that the cache never answers a call the full path would refuse
+or treat differently (misaligned inputs, argument types), and capture calls into CUDA graphs
+(a host synchronisation or an allocation outside the graph's pool would break the capture).
+Marked gpu; skipped without one.
+"""
+from __future__ import annotations
+
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
+import numpy
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+import cuflash  # noqa: E402
+from cuflash import _spec  # noqa: E402
+from cuflash._gpu import plan  # noqa: E402
+from test_gpu_backward import check_backward  # noqa: E402
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _draw(rng, dtype, *shapes):
+    return [cupy.asarray(rng.standard_normal(s).astype(numpy.dtype(dtype))) for s in shapes]
+
+
+def _bits(x):
+    return cupy.asnumpy(cupy.ascontiguousarray(x)).tobytes()
+
+
+@pytest.fixture
+def resolutions(monkeypatch):
+    """Counts the full path's validations (a replay makes none)."""
+    counts = {"forward": 0, "backward": 0}
+    real_forward, real_backward = _spec.resolve_forward, _spec.resolve_backward
+
+    def forward(*args, **kwargs):
+        counts["forward"] += 1
+        return real_forward(*args, **kwargs)
+
+    def backward(*args, **kwargs):
+        counts["backward"] += 1
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(_spec, "resolve_forward", forward)
+    monkeypatch.setattr(_spec, "resolve_backward", backward)
+    return counts
+
+
+CASES = [
+    dict(q=(2, 4, 200, 64), k=(2, 4, 333, 64), options=dict(causal=True)),
+    dict(q=(2, 8, 97, 128), k=(2, 2, 97, 128), options=dict(causal="top_left")),      # GQA
+    dict(q=(1, 6, 150, 64), k=(1, 1, 150, 64), options=dict(window=(16, 3))),         # MQA
+    dict(q=(3, 129, 32), k=(3, 1025, 32), options=dict(scale=0.3)),
+    dict(q=(2, 2, 1, 256), k=(2, 2, 97, 256), options=dict(causal=True)),             # decode row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['q']}x{c['k']}")
+def test_a_replayed_call_equals_the_full_path_bit_for_bit(rng, dtype, case, resolutions):
+    plan.forget()
+    shapes = (case["q"], case["k"], case["k"], case["q"][:-1] + (case["k"][-1],))
+    options = case["options"]
+    first = _draw(rng, dtype, *shapes)
+    cuflash.attention(*first[:3], **options)  # plans the signature
+    out, lse = cuflash.attention(*first[:3], return_lse=True, **options)
+    cuflash.attention_backward(first[3], *first[:3], out, lse, deterministic=True, **options)
+    counts = dict(resolutions)
+
+    second = _draw(rng, dtype, *shapes)  # fresh data, the same signature: replayed
+    out, lse = cuflash.attention(*second[:3], return_lse=True, **options)
+    grads = cuflash.attention_backward(second[3], *second[:3], out, lse, deterministic=True, **options)
+    assert resolutions == counts, "a repeated signature was validated and planned again"
+
+    plan.forget()  # the full path on the same data
+    full_out, full_lse = cuflash.attention(*second[:3], return_lse=True, **options)
+    full_grads = cuflash.attention_backward(second[3], *second[:3], full_out, full_lse, deterministic=True,
+                                            **options)
+    assert resolutions["forward"] == counts["forward"] + 1
+    for ours, full in zip((out, lse, *grads), (full_out, full_lse, *full_grads)):
+        assert ours.shape == full.shape and ours.dtype == full.dtype and _bits(ours) == _bits(full)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_replays_stay_correct_on_the_atomic_path(rng, dtype):
+    q, k, v = _draw(rng, dtype, (2, 4, 300, 64), (2, 2, 300, 64), (2, 2, 300, 64))
+    for _ in range(3):  # the first call plans; the next two replay, each on fresh data
+        check_backward(rng, dtype, q, k, v, causal=True)
+        q, k, v = _draw(rng, dtype, q.shape, k.shape, v.shape)
+
+
+def test_a_misaligned_view_never_reuses_an_aligned_plan(rng):
+    plan.forget()
+    shape = (2, 2, 128, 64)
+    flat = _draw(rng, "float16", (2 * 2 * 128 * 64 + 1,))[0]
+    aligned = flat[:-1].reshape(shape)
+    odd = flat[1:].reshape(shape)  # the same shape and strides, 2 bytes off: needs the copying path
+    cuflash.attention(aligned, aligned, aligned)
+    cuflash.attention(aligned, aligned, aligned)
+    got = cuflash.attention(odd, odd, odd)
+    copy = cupy.ascontiguousarray(odd)
+    assert _bits(got) == _bits(cuflash.attention(copy, copy, copy))
+
+
+def test_the_cache_never_answers_a_call_the_full_path_refuses(rng):
+    q = _draw(rng, "float16", (1, 2, 64, 64))[0]
+    cuflash.attention(q, q, q, causal=True, scale=1)
+    cuflash.attention(q, q, q, causal=True, scale=1)
+    with pytest.raises(TypeError, match="causal"):
+        cuflash.attention(q, q, q, causal=1, scale=1)
+    with pytest.raises(TypeError, match="scale"):
+        cuflash.attention(q, q, q, causal=True, scale=True)
+    cuflash.attention(q, q, q, window=(3, 0))
+    with pytest.raises(TypeError, match="window"):
+        cuflash.attention(q, q, q, window=(3, False))
+    k = _draw(rng, "float32", (1, 2, 64, 64))[0]
+    with pytest.raises(TypeError, match="dtype"):
+        cuflash.attention(q, k, k, causal=True, scale=1)
+    out, lse = cuflash.attention(q, q, q, return_lse=True)
+    cuflash.attention_backward(out, q, q, q, out, lse)
+    with pytest.raises(TypeError, match="deterministic"):
+        cuflash.attention_backward(out, q, q, q, out, lse, deterministic=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(8, 2), (6, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, monkeypatch):
+    """dK/dV blocks accumulate 1, some, or all query heads of a key/value head (the host picks
+    by occupancy; here forced): each must match the reference."""
+    if not plan._GROUPS_IN_KERNEL:
+        pytest.skip("the dK/dV kernels do not accumulate query-head groups")
+    hq, hkv = heads
+    group = hq // hkv
+    q, k, v = _draw(rng, dtype, (2, hq, 133, 64), (2, hkv, 201, 64), (2, hkv, 201, 64))
+    for per_block in sorted({1, max(1, group // 2), group}):
+        plan.forget()
+        monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
+        for deterministic in (False, True):
+            check_backward(rng, dtype, q, k, v, causal=True, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cupy_graph_capture_and_replay(rng, dtype):
+    q, k, v, dout = _draw(rng, dtype, (2, 4, 256, 64), (2, 2, 256, 64), (2, 2, 256, 64), (2, 4, 256, 64))
+    # Warm up: plans and kernels exist before the capture (compiling inside one is not possible).
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        g_out, g_lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        g_grads = cuflash.attention_backward(dout, q, k, v, g_out, g_lse, causal=True, deterministic=True)
+        graph = stream.end_capture()
+    for _ in range(2):
+        for x in (q, k, v, dout):
+            x[...] = cupy.asarray(rng.standard_normal(x.shape).astype(numpy.dtype(dtype)))
+        with stream:
+            graph.launch()
+        stream.synchronize()
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+        for ours, eager in zip((g_out, g_lse, *g_grads), (out, lse, *grads)):
+            assert _bits(ours) == _bits(eager)
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def test_torch_calls_allocate_from_torch_only(rng):
+    torch = _torch()
+    import cuflash.torch as ct
+
+    pool = cupy.get_default_memory_pool()
+    for length in (300, 300, 301):  # a new signature (the full path), a replay, a new one
+        q, k, v = (torch.randn(2, 4, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        torch.cuda.synchronize()
+        used = pool.used_bytes()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = ct.attention(q, k, v, causal=True)
+        assert torch.cuda.memory_allocated() - before >= out.numel() * 2 + 2 * 4 * length * 4  # out + lse
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        assert pool.used_bytes() == used, "CuPy's pool grew: memory beside torch's allocator"
+        assert torch.cuda.max_memory_allocated() - before >= 3 * q.numel() * 2  # the gradients
+        del q, k, v, out
+
+
+def test_torch_cuda_graph_capture_and_replay(rng):
+    torch = _torch()
+    import cuflash.torch as ct
+
+    shapes = [(2, 8, 256, 128), (2, 2, 256, 128), (2, 2, 256, 128)]
+    static = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+    dout = torch.randn(shapes[0], device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for x in static:
+            x.grad = None
+        out = ct.attention(*static, causal=True, deterministic=True)
+        out.backward(dout)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up: plans and kernels
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = step()
+    g_grads = [x.grad for x in static]
+    for _ in range(2):
+        with torch.no_grad():
+            for x in (*static, dout):
+                x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_in = [x.detach().clone().requires_grad_() for x in static]
+        eager_out = ct.attention(*eager_in, causal=True, deterministic=True)
+        eager_out.backward(dout)
+        torch.testing.assert_close(g_out, eager_out, rtol=0, atol=0)
+        for ours, x in zip(g_grads, eager_in):
+            torch.testing.assert_close(ours, x.grad, rtol=0, atol=0)

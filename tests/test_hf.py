@@ -1,0 +1,287 @@
+"""cuflash.hf: cuflash as a Hugging Face transformers attention implementation, on CPU tensors.
+
+Tiny random models built from configs (no download) run once with ``attn_implementation="sdpa"``
+and once with cuflash's registered name, same weights and inputs; logits, loss and parameter
+gradients must agree to fp32/fp64 rounding. ``cuflash.hf.COUNTS`` proves each call really went
+through cuflash (or through the SDPA fallback where the test expects one). Also smoke-tests
+benchmarks/bench_model.py on the CPU. Skipped without torch or transformers.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cuflash.hf as hf  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NAME = hf.register()
+LAYERS = 2
+VOCAB = 128
+# Larger than the default 0.02 so that attention is far from uniform and a wrong mask shows.
+INIT = 0.3
+TOLERANCE = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
+
+
+@pytest.fixture(autouse=True)
+def _counts():
+    hf.reset_counts()
+    yield
+    hf.reset_counts()
+
+
+def llama_config(heads_kv=2, **extra):
+    return transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=heads_kv,
+                                    intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                    initializer_range=INIT, **extra)
+
+
+def model_pair(config, dtype, seed=0):
+    """(sdpa model, cuflash model) with the same weights; each gets its own config copy
+    (from_config writes the implementation into the config it is given)."""
+    torch.manual_seed(seed)
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa",
+                                                              dtype=dtype)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=NAME,
+                                                         dtype=dtype)
+    ours.load_state_dict(reference.state_dict())
+    assert reference.config._attn_implementation == "sdpa"
+    assert ours.config._attn_implementation == NAME
+    return reference, ours
+
+
+def step(model, ids, **kwargs):
+    """Forward with the LM loss, backward; (logits, loss, {parameter name: grad})."""
+    model.zero_grad(set_to_none=True)
+    output = model(ids, labels=ids, **kwargs)
+    output.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.logits.detach(), output.loss.detach(), grads
+
+
+def assert_steps_match(reference, ours, ids, dtype, **kwargs):
+    logits_ref, loss_ref, grads_ref = step(reference, ids, **kwargs)
+    logits, loss, grads = step(ours, ids, **kwargs)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(logits, logits_ref, **tolerance)
+    torch.testing.assert_close(loss, loss_ref, **tolerance)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item() or 1.0  # grads of tiny magnitude: relative to the tensor
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **tolerance, msg=name)
+
+
+def random_ids(batch, length, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cuflash", "my_flash_attention", "flash"])
+def test_name_with_flash_is_refused(name):
+    with pytest.raises(ValueError, match="flash"):
+        hf.register(name)
+
+
+@pytest.mark.parametrize("name", ["org/repo", "paged|cuattn", "sdpa", "eager"])
+def test_names_transformers_would_not_route_are_refused(name):
+    with pytest.raises(ValueError):
+        hf.register(name)
+
+
+def test_register_returns_the_name_and_set_attn_implementation_routes():
+    assert hf.register("cuattn_other") == "cuattn_other"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa")
+    model.set_attn_implementation("cuattn_other")
+    model(random_ids(1, 8))
+    assert hf.COUNTS["cuflash"] == LAYERS and hf.COUNTS["fallback"] == 0
+
+
+# --- whole models against SDPA ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("heads_kv", [4, 2], ids=["mha", "gqa"])
+def test_llama_training_step_matches_sdpa(dtype, heads_kv):
+    reference, ours = model_pair(llama_config(heads_kv), dtype)
+    assert_steps_match(reference, ours, random_ids(2, 19), dtype)
+    # One forward and its backward: every layer's attention went through cuflash, nothing fell back.
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+def test_prefill_then_decode_matches_sdpa():
+    """Prefill (causal, Lq == Lk) and single-token decode steps (Lq == 1: no causal mask) with a cache."""
+    dtype = torch.float64
+    reference, ours = model_pair(llama_config(), dtype)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        results = []
+        for model in (reference, ours):
+            out = model(ids[:, :9], use_cache=True)
+            logits = [out.logits]
+            cache = out.past_key_values
+            for position in range(9, 12):
+                out = model(ids[:, position:position + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits)
+            results.append(torch.cat(logits, dim=1))
+    torch.testing.assert_close(results[1], results[0], **TOLERANCE[dtype])
+    assert hf.COUNTS["cuflash"] == 4 * LAYERS and hf.COUNTS["fallback"] == 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_model_matches_sdpa(family):
+    """Sequences longer than the window: SDPA gets a materialised mask, cuflash gets window=(w-1, 0)."""
+    dtype = torch.float64
+    window = 5
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  num_hidden_layers=LAYERS, vocab_size=VOCAB, initializer_range=INIT, sliding_window=window)
+    if family == "mistral":
+        config = transformers.MistralConfig(**common)
+    else:  # layer 0 full attention, layer 1 sliding: both masks in one model
+        config = transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+        assert config.layer_types == ["full_attention", "sliding_attention"]
+    reference, ours = model_pair(config, dtype)
+    ids = random_ids(2, 23)
+    assert_steps_match(reference, ours, ids, dtype)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+    # The window matters at this length: with a window wider than the sequence, other logits.
+    wide_config = copy.deepcopy(config)
+    wide_config.sliding_window = 10_000
+    wide = transformers.AutoModelForCausalLM.from_config(wide_config, attn_implementation=NAME, dtype=dtype)
+    wide.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(wide(ids).logits, ours(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_mask_function_skips_only_the_sliding_causal_pattern():
+    from transformers.masking_utils import (chunked_causal_mask_function, sdpa_mask,
+                                            sliding_window_causal_mask_function)
+
+    window, length = 4, 10
+    assert hf.mask_function(1, length, length, mask_function=sliding_window_causal_mask_function(window),
+                            local_size=window) is None
+    chunked = chunked_causal_mask_function(window, torch.zeros(1, dtype=torch.long))
+    got = hf.mask_function(1, length, length, mask_function=chunked, local_size=window)
+    want = sdpa_mask(1, length, length, mask_function=chunked, local_size=window)
+    assert got is not None and torch.equal(got, want)
+    padded = torch.ones(1, length, dtype=torch.bool)
+    padded[0, 0] = False
+    got = hf.mask_function(1, length, length, mask_function=sliding_window_causal_mask_function(window),
+                           local_size=window, attention_mask=padded)
+    assert got is not None and got.shape == (1, 1, length, length)
+
+
+# --- fallbacks -------------------------------------------------------------------------------------
+
+
+def test_padded_batch_falls_back_to_sdpa_with_a_warning():
+    dtype = torch.float64
+    reference, ours = model_pair(llama_config(), dtype)
+    ids = random_ids(2, 11)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first sequence
+    logits_ref = reference(ids, attention_mask=mask).logits
+    with pytest.warns(UserWarning, match="attention mask"):
+        logits = ours(ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback"] == LAYERS
+    # Warned once: the second call is quiet and still counted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(ids, attention_mask=mask)
+    assert hf.COUNTS["fallback"] == 2 * LAYERS
+    # An all-ones mask is no padding: the mask function skips it and cuflash runs.
+    ours(ids, attention_mask=torch.ones_like(ids))
+    assert hf.COUNTS["cuflash"] == LAYERS
+
+
+def test_training_dropout_falls_back_with_a_warning():
+    reference, ours = model_pair(llama_config(attention_dropout=0.5), torch.float64)
+    ours.train()
+    with pytest.warns(UserWarning, match="dropout"):
+        ours(random_ids(1, 8))
+    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback_reasons"]
+    ours.eval()  # dropout is 0 outside training: cuflash again
+    ours(random_ids(1, 8))
+    assert hf.COUNTS["cuflash"] == LAYERS
+
+
+@pytest.mark.parametrize("is_causal", [None, True, False])
+@pytest.mark.parametrize("lengths", [(7, 7), (1, 6), (4, 9)], ids=["square", "decode", "static-prefill"])
+def test_attention_function_mirrors_sdpa_integration(is_causal, lengths):
+    """The function alone: is_causal keyword vs module attribute, Lq == 1, Lk > Lq, GQA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 2
+
+    q_length, kv_length = lengths
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, q_length, 8, dtype=torch.float64, generator=generator)
+    k = torch.randn(2, 2, kv_length, 8, dtype=torch.float64, generator=generator)
+    v = torch.randn(2, 2, kv_length, 8, dtype=torch.float64, generator=generator)
+    want, _ = sdpa_attention_forward(Module(), q, k, v, None, scaling=0.3, is_causal=is_causal)
+    got, weights = hf.attention_forward(Module(), q, k, v, None, scaling=0.3, is_causal=is_causal)
+    assert weights is None and got.shape == want.shape == (2, q_length, 4, 8) and got.is_contiguous()
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert hf.COUNTS["cuflash"] == 1
+
+
+# --- the model benchmark, on the CPU ----------------------------------------------------------------
+
+
+def _bench_model():
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from benchmarks import bench_model
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    return bench_model
+
+
+def test_bench_model_runs_on_cpu(tmp_path, capsys):
+    bench_model = _bench_model()
+    path = bench_model.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
+                             "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert record["sweep"] == "model" and record["rows"]
+    for row in record["rows"]:
+        results = row["results"]
+        assert results["cuflash"]["status"] == "ok", results["cuflash"]
+        assert results["cuflash"]["attention_calls_cuflash"] > 0
+        assert results["cuflash"]["max_abs_diff_logits"] < 1e-3
+        assert results["cuflash"]["correct"] is True
+    assert "| backend" in capsys.readouterr().out
+
+
+def test_bench_model_flags_a_wrong_attention(tmp_path, monkeypatch):
+    """A fast wrong result must be visible: a non-causal 'cuflash' is marked incorrect."""
+    bench_model = _bench_model()
+    right = hf.attention_forward
+
+    def wrong(module, query, key, value, attention_mask, **kwargs):
+        kwargs["is_causal"] = False
+        return right(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(hf, "attention_forward", wrong)
+    try:
+        path = bench_model.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--shapes", "1x32",
+                                 "--backends", "sdpa,cuflash", "--out-dir", str(tmp_path)])
+    finally:
+        monkeypatch.undo()
+        hf.register()  # the bench registered the wrong function under the name: put the right one back
+    result = json.loads(Path(path).read_text())["rows"][0]["results"]["cuflash"]
+    assert result["correct"] is False and result["rel_diff_logits"] > 1e-2
