@@ -1,10 +1,14 @@
 // Exact FlashAttention-2 backward for float32 and float64: dK, dV (and dQ by atomics) over
 // key tiles, on the FFMA / DFMA pipes (never TF32).
 //
-// A block owns kBlockN keys of one (batch..., head): K_j and V_j stay in shared memory, the
-// accumulators dK_j and dV_j in registers, and the block walks every query tile i that can see
-// a key of the block (Mask::query_tiles), recomputing the attention probabilities from the
-// forward's lse instead of storing them:
+// A block owns kBlockN keys of one key/value head and a group of heads_per_block query heads
+// that read it (attention rows bh0 + g, bh0 = blockIdx.x * heads_per_block; GQA): K_j and V_j
+// stay in shared memory, the accumulators dK_j and dV_j in registers, summed over every head of
+// the group and written once, as the group's (params.cuh). The block walks the steps (g, i):
+// head g, query tile i that can see a key of the block (Mask::query_tiles); heads outer, one
+// sequence of steps, so the next step's tiles load during the dQ product even across a head
+// boundary. It recomputes the attention probabilities from the forward's lse instead of
+// storing them:
 //
 //   S   = Q_i K_j^T                 P  = exp(S * scale - lse_i)      (P = 0 where masked)
 //   dV_j += P^T dO_i                dP = dO_i V_j^T
@@ -23,8 +27,8 @@
 //   dSt [kBlockN][kBlockM + pad]       dS by key: A of dQ += dS K
 //   lse_s, delta_s [kBlockM]
 //
-// Per query tile: three barriers. Q_{i+1}, dO_{i+1} stream in (cp.async) while the dQ
-// contribution of tile i is computed and added.
+// Per step: three barriers. The next step's Q, dO, lse, delta stream in (cp.async) while the
+// dQ contribution of this one is computed and added.
 #include "bwd_simt.cuh"
 
 namespace cuflash {
@@ -76,24 +80,26 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
     const FwdParams& f = p.fwd;
     const int n0 = blockIdx.y * kBlockN;
-    const BwdBatchIndex at(p, blockIdx.x);
-    const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
+    const int heads = p.heads_per_block;
+    const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
-    const T* __restrict__ dout = static_cast<const T*>(p.dout) + at.dout;
-    const T* __restrict__ lse = static_cast<const T*>(f.lse) + at.lse;
-    const T* __restrict__ delta = static_cast<const T*>(p.delta) + at.lse;
-    T* __restrict__ dq_accum = p.dq_accum ? static_cast<T*>(p.dq_accum) + at.dq_accum : nullptr;
+    const bool with_dq = p.dq_accum != nullptr;
     const int Lq = f.seqlen_q, Lk = f.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
     const Mask<kHasWindow> mask(f);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, Lq);
 
-    auto load_query_tile = [&](int i) {
-        const int m0 = i * kBlockM;
-        simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, q, f.q_row_stride, m0, kBlockM, Lq, D, tid);
-        simt_bwd::load_rows<T, kHeadDim, kThreads>(dOs, kLdD, dout, p.dout_row_stride, m0, kBlockM, Lq, Dv, tid);
-        simt_bwd::load_row_stats<T, kThreads>(lse_s, delta_s, lse, delta, m0, kBlockM, Lq, tid);
+    // Q_i, dO_i, lse_i, delta_i of step (g, i): head g's rows (BwdBatchIndex::head).
+    auto load_query_tile = [&](const HeadTileStep& s) {
+        const BwdBatchIndex h = at.head(p, s.g);
+        const int m0 = s.i * kBlockM;
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, static_cast<const T*>(f.q) + h.q, f.q_row_stride, m0,
+                                                   kBlockM, Lq, D, tid);
+        simt_bwd::load_rows<T, kHeadDim, kThreads>(dOs, kLdD, static_cast<const T*>(p.dout) + h.dout,
+                                                   p.dout_row_stride, m0, kBlockM, Lq, Dv, tid);
+        simt_bwd::load_row_stats<T, kThreads>(lse_s, delta_s, static_cast<const T*>(f.lse) + h.lse,
+                                              static_cast<const T*>(p.delta) + h.lse, m0, kBlockM, Lq, tid);
         ptx::cp_async_commit();
     };
 
@@ -105,14 +111,17 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         for (int c = 0; c < TD; ++c) dK[r][c] = dV[r][c] = T(0);
     const T scale = M::scale(f);  // log2 units for float (see Math)
 
-    if (range.first < range.last) {
+    const HeadTileStep first_step(range.first, range.last, heads);
+    if (first_step.g < heads) {
         // K_j, V_j: zero past Lk and past D / Dv, so padded keys and columns add exact zeros.
         simt_bwd::load_rows<T, kHeadDim, kThreads>(Ks, kLdD, k, f.k_row_stride, n0, kBlockN, Lk, D, tid);
         simt_bwd::load_rows<T, kHeadDim, kThreads>(Vs, kLdD, v, f.v_row_stride, n0, kBlockN, Lk, Dv, tid);
-        load_query_tile(range.first);
+        load_query_tile(first_step);
     }
 
-    for (int i = range.first; i < range.last; ++i) {
+    // Steps (g, i): every head g of the group over query tiles i in [range.first, range.last).
+    for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last)) {
+        const int i = step.i;
         const int m0 = i * kBlockM;
         ptx::cp_async_wait<0>();  // Q_i, dO_i, lse_i, delta_i (and K_j, V_j the first time)
         __syncthreads();          // ... from every thread; the last tile's readers of P, dS are done
@@ -174,10 +183,13 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         simt_bwd::gemm_tn2<T, TK, TD, kBlockM, kUnroll>(dV, Ps + key0, dOs, dK, dSs + key0, Qs, kLdN, kLdD, cg);
         __syncthreads();  // Qs, dOs free
 
-        if (i + 1 < range.last) load_query_tile(i + 1);  // lands during the dQ product
+        // The next step's tiles (the next head's first when i is the last) land during the dQ product.
+        const HeadTileStep next = step.after(1, range.first, range.last);
+        if (next.g < heads) load_query_tile(next);
 
-        // dQ_i += dS K_j (unscaled), added to the fp32 / fp64 workspace with atomics.
-        if (dq_accum != nullptr) {
+        // dQ_i += dS K_j (unscaled), added to head g's rows of the fp32 / fp64 workspace with atomics.
+        if (with_dq) {
+            T* __restrict__ dq_accum = static_cast<T*>(p.dq_accum) + at.head(p, step.g).dq_accum;
             T dq[TQr][TD];
             simt::zero(dq);
             simt_bwd::gemm_tn<T, TQr, TD, kBlockN, kUnroll>(dq, dSt + qrow0, kLdM, Ks, kLdD, cg);

@@ -1,9 +1,12 @@
 // Backward attention for float16 / bfloat16 on tensor cores, over key tiles: dK, dV (and dQ by
 // fp32 atomics). FlashAttention-2's backward with recomputation, on mma.sync.
 //
-// One block owns kBlockN keys of one (batch..., head): K_j, V_j stay in shared memory, dK_j and
-// dV_j accumulate in fp32 registers, and the query tiles i that see a key of the block stream
-// through shared memory (Q_i, dO_i, lse_i, delta_i; kStages deep, cp.async):
+// One block owns kBlockN keys of one key/value head and a group of heads_per_block query heads
+// that read it (attention rows bh0 + g, bh0 = blockIdx.x * heads_per_block; GQA): K_j, V_j stay in
+// shared memory, dK_j and dV_j accumulate in fp32 registers over every head of the group, and
+// the steps (g, i) -- head g, query tile i that sees a key of the block; heads outer -- stream
+// Q_i, dO_i, lse_i, delta_i of head g through shared memory (kStages deep, cp.async, straight
+// across head boundaries). dK_j, dV_j are written once, as the group's (params.cuh):
 //
 //   S    = Q_i K_j^T                          recompute the scores
 //   P    = exp2(S * scale_log2 - lse_i log2 e)  (0 where masked, for rows past Lq or lse = -inf)
@@ -79,7 +82,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     unsigned char* const stage_ptr = smem + 2 * KVTile::kBytes + 2 * PTile::kBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int bh = blockIdx.x;
+    const int heads = p.heads_per_block;
     const int n0 = blockIdx.y * kBlockN;
     const int s_row = (warp / (kWarps / 2)) * kSRows;    // the warp's queries in S, dP
     const int s_col = (warp % (kWarps / 2)) * kSCols;    // ... and keys
@@ -87,7 +90,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const int kv_col = (warp % 2) * kKVCols;             // ... and dims
     const FwdParams& f = p.fwd;
 
-    const BwdBatchIndex at(p, bh);
+    const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
     const Mask<kHasWindow> mask(f);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, f.seqlen_q);
 
@@ -95,22 +98,26 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                                                                 f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
                                                                 f.v_row_stride, f.head_dim_v);
-    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);
+    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
     if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
-    auto load_qdo = [&](int i) {
-        const int slot_index = (i - range.first) % kStages;
+    // Step number t = (g, i) into slot t % kStages.
+    auto load_qdo = [&](int t, const HeadTileStep& s) {
+        const int slot_index = t % kStages;
         const unsigned slot = stage_smem + slot_index * kStageBytes;
-        qdo_loader.load(slot, slot + QTile::kBytes, stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes, i, tid);
+        qdo_loader.head(p, s.g).load(slot, slot + QTile::kBytes, stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes,
+                                     s.i, tid);
     };
 
-    // ---- Pipeline: cp.async groups in order (K, V), Q/dO tile first, ..., one per loop step
-    // (empty ones too): "at most kStages-2 pending" at step i means K, V and tile i have landed.
+    // ---- Pipeline: cp.async groups in order (K, V), Q/dO of step 0, ..., one per loop step
+    // (empty ones too): "at most kStages-2 pending" at step t means K, V and step t have landed.
     k_loader.load(k_smem, n0, f.seqlen_k, tid);
     v_loader.load(v_smem, n0, f.seqlen_k, tid);
     ptx::cp_async_commit();
+    const HeadTileStep first_step(range.first, range.last, heads);
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (range.first + s < range.last) load_qdo(range.first + s);
+    for (int t = 0; t < kStages - 1; ++t) {
+        const HeadTileStep s = first_step.after(t, range.first, range.last);
+        if (s.g < heads) load_qdo(t, s);
         ptx::cp_async_commit();
     }
 
@@ -167,18 +174,28 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
 
-    // Query tiles i in [range.first, range.last); those outside [full_first, full_last) cross
-    // the window, the keys' end or Lq and take the per-element test (one block-uniform branch).
-    for (int i = range.first; i < range.last; ++i) {
-        const bool masked = i < range.full_first || i >= range.full_last;
+    // Query tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take
+    // the per-element test (one block-uniform branch). Their bounds wait in shared memory rather
+    // than registers (the loop's first barrier publishes them): the head index took their place.
+    __shared__ int full_first_s, full_last_s;
+    if (tid == 0) {
+        full_first_s = range.full_first;
+        full_last_s = range.full_last;
+    }
+
+    // Steps t = (g, i): every head g of the group over query tiles i in [range.first, range.last).
+    for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last)) {
+        const int i = step.i;
+        const int t = step.g * (range.last - range.first) + (i - range.first);  // the step's number
         ptx::cp_async_wait<kStages - 2>();
-        __syncthreads();  // tile i visible to all; everyone is done with the slot reloaded below and with P, dS
-        if (i + kStages - 1 < range.last) load_qdo(i + kStages - 1);
+        __syncthreads();  // step t visible to all; everyone is done with the slot reloaded below and with P, dS
+        const HeadTileStep ahead = step.after(kStages - 1, range.first, range.last);
+        if (ahead.g < heads) load_qdo(t + kStages - 1, ahead);
         ptx::cp_async_commit();
-        const unsigned q_slot = stage_smem + ((i - range.first) % kStages) * kStageBytes;
+        const bool masked = i < full_first_s || i >= full_last_s;
+        const unsigned q_slot = stage_smem + (t % kStages) * kStageBytes;
         const unsigned do_slot = q_slot + QTile::kBytes;
-        const float* lse_s =
-            reinterpret_cast<const float*>(stage_ptr + ((i - range.first) % kStages) * kStageBytes + 2 * QTile::kBytes);
+        const float* lse_s = reinterpret_cast<const float*>(stage_ptr + (t % kStages) * kStageBytes + 2 * QTile::kBytes);
         const float* delta_s = lse_s + kBlockM;
         const int m0 = i * kBlockM;
 
@@ -249,8 +266,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         if (with_dq) {
             // dQ_i += dS K_j: dS as A (plain ldmatrix), K_j as B through ldmatrix.trans (k = keys).
             // Units of (kDqRows queries x kDqCols columns) over the warps, added to dq_accum with
-            // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale).
-            float* dq_g = static_cast<float*>(p.dq_accum) + (long long)ptx::block_index_x() * f.seqlen_q * f.head_dim;
+            // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale), into head g's rows.
+            float* dq_g = static_cast<float*>(p.dq_accum) +
+                          (long long)ptx::block_index_x() * heads * f.seqlen_q * f.head_dim + HeadStep(p, step.g).dq_accum;
 #pragma unroll 1
             for (int u = warp; u < kDqUnits; u += kWarps) {
                 const int row0 = (u % (kBlockM / kDqRows)) * kDqRows, chunk = u / (kBlockM / kDqRows);
@@ -291,9 +309,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         }
     }
 
-    // ---- Epilogue: dK_j * scale and dV_j in the input type, staged through the K_j / V_j tiles
-    // (after a barrier: other warps may still read them), then stored by the whole block as
-    // 16-byte chunks where aligned. Key tiles that no query sees store zeros.
+    // ---- Epilogue: the group's dK_j * scale and dV_j in the input type, staged through the K_j /
+    // V_j tiles (after a barrier: other warps may still read them), then stored by the whole
+    // block as 16-byte chunks where aligned. Key tiles that no query sees store zeros.
     ptx::cp_async_wait<0>();
     __syncthreads();
     const float scale = static_cast<float>(f.scale);
@@ -311,7 +329,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             }
         }
     __syncthreads();
-    const BwdBatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop
+    const BwdBatchIndex out_at(p, ptx::block_index_x() * p.heads_per_block);  // recomputed: not held through the loop
     tc::store_tile<kBlockN, kHeadDim, kThreads>(k_smem, static_cast<unsigned short*>(p.dk) + out_at.dk + n0 * p.dk_row_stride,
                                                 p.dk_row_stride, f.seqlen_k - n0, f.head_dim, tid);
     tc::store_tile<kBlockN, kHeadDim, kThreads>(v_smem, static_cast<unsigned short*>(p.dv) + out_at.dv + n0 * p.dv_row_stride,

@@ -4,12 +4,16 @@
 // its shared-memory operands itself (no ldmatrix), runs asynchronously beside the elementwise
 // work, and a 64-row product is one instruction per k16 step for four warps.
 //
-// A block owns kBlockN = 128 keys of one (batch..., head); warpgroup g (warps 4g..4g+3) owns keys
-// [64g, 64g + 64): K_g, V_g stay in shared memory, dK_g, dV_g in fp32 registers. The query tiles
-// i that see a key of the block stream through shared memory (Q_i, dO_i, lse_i, delta_i;
-// kStages deep, cp.async). Per query tile and warpgroup, with the scores transposed (keys are
-// the M index of every product that keeps keys, so P^T and dS^T are accumulators laid out
-// exactly as the next product's A operand):
+// A block owns kBlockN = 128 keys of one key/value head and a group of heads_per_block query
+// heads that read it (attention rows bh0 + h, h < heads_per_block; GQA); warpgroup g (warps
+// 4g..4g+3) owns keys [64g, 64g + 64): K_g, V_g stay in shared memory, dK_g, dV_g in fp32
+// registers, accumulated over every head of the group and written once, as the group's
+// (params.cuh). The steps (h, i) -- head h (HeadTileStep::g; g names the warpgroup here),
+// query tile i that sees a key of the block; heads outer -- stream Q_i, dO_i, lse_i, delta_i
+// of head h through shared memory (kStages deep, cp.async, straight across head boundaries).
+// Per step and warpgroup, with the scores transposed (keys are the M index of every product
+// that keeps keys, so P^T and dS^T are accumulators laid out exactly as the next product's A
+// operand):
 //
 //   S^T   = K_g Q_i^T                    wgmma, A = K_g, B = Q_i (shared, K-major)    64 x kBlockM
 //   dP^T  = V_g dO_i^T                   wgmma, A = V_g, B = dO_i
@@ -25,7 +29,7 @@
 //
 // Shared tiles use the 128-byte swizzled layout (tc::Sw128Tile) that wgmma reads conflict-free;
 // one tile serves as K-major operand in one product and MN-major in another (Q_i, dO_i, K).
-// Two barriers per query tile: one before the tile is read (it landed; every warpgroup is done
+// Two barriers per step: one before the tile is read (it landed; every warpgroup is done
 // with the previous dS^T), one between writing dS^T and the dQ product.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -75,11 +79,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = warp / 4;                                     // warpgroup
-    // The grid is (B*H, key tiles), renumbered so that the key tiles of one (batch..., head) run
-    // next to each other: they read the same Q, dO and add into the same rows of dq_accum, which
-    // then stay in L2 instead of making a round trip to memory per key tile.
-    auto block_coord = [] { return scheduled_block<false>(1); };  // one head's key tiles back to back
-    const auto [bh, n_index] = block_coord();
+    // The grid is (B*H / heads_per_block, key tiles), renumbered so that the key tiles of one
+    // head group run next to each other: they read the same Q, dO and add into the same rows of
+    // dq_accum, which then stay in L2 instead of making a round trip to memory per key tile.
+    auto block_coord = [] { return scheduled_block<false>(1); };  // one group's key tiles back to back
+    const auto [group_index, n_index] = block_coord();
+    const int heads = p.heads_per_block;
+    const int bh = group_index * heads;  // the group's first row
     const int n0 = n_index * kBlockN;
     // This lane's keys in dK, dV, S^T: key_row and key_row + 8 of the block (n0 + those globally).
     auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
@@ -93,22 +99,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         static_cast<const unsigned short*>(f.k) + at.k, f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(
         static_cast<const unsigned short*>(f.v) + at.v, f.v_row_stride, f.head_dim_v);
-    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);
+    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
     if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
-    auto load_qdo = [&](int i) {
-        const int slot_index = (i - range.first) % kStages;
+    // Step number t = (h, i) into slot t % kStages.
+    auto load_qdo = [&](int t, const HeadTileStep& s) {
+        const int slot_index = t % kStages;
         const unsigned slot = stage_smem + slot_index * kStageBytes;
-        qdo_loader.load(slot, slot + QTile::kBytes, stat_ptr + slot_index * kStatBytes, i, tid);
+        qdo_loader.head(p, s.g).load(slot, slot + QTile::kBytes, stat_ptr + slot_index * kStatBytes, s.i, tid);
     };
 
-    // ---- Pipeline: cp.async groups in order (K, V), Q/dO tile first, ..., one per loop step
-    // (empty ones too): "at most kStages-2 pending" at step i means K, V and tile i have landed.
+    // ---- Pipeline: cp.async groups in order (K, V), Q/dO of step 0, ..., one per loop step
+    // (empty ones too): "at most kStages-2 pending" at step t means K, V and step t have landed.
     k_loader.load(k_smem, n0, f.seqlen_k, tid);
     v_loader.load(v_smem, n0, f.seqlen_k, tid);
     ptx::cp_async_commit();
+    const HeadTileStep first_step(range.first, range.last, heads);
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (range.first + s < range.last) load_qdo(range.first + s);
+    for (int t = 0; t < kStages - 1; ++t) {
+        const HeadTileStep s = first_step.after(t, range.first, range.last);
+        if (s.g < heads) load_qdo(t, s);
         ptx::cp_async_commit();
     }
 
@@ -120,25 +129,32 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     tc::zero(dv);
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
-    // dq_accum's rows of this head, kept in shared memory rather than registers (the first
-    // barrier of the loop publishes it).
+    // dq_accum's rows of the group's first head (head h's: HeadStep), the key tile's start and
+    // the query tiles that cross the mask's edges, kept in shared memory rather than registers
+    // (the first barrier of the loop publishes them).
     __shared__ float* dq_head_s;
-    __shared__ int n0_s;
+    __shared__ int n0_s, full_first_s, full_last_s;
     if (tid == 0) {
         n0_s = n0;
+        full_first_s = range.full_first;
+        full_last_s = range.full_last;
         if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * f.seqlen_q * f.head_dim;
     }
 
-    // Query tiles i in [range.first, range.last); those outside [full_first, full_last) cross
-    // the window, the keys' end or Lq and take the per-element test (one block-uniform branch).
-    for (int i = range.first; i < range.last; ++i) {
-        const bool masked = i < range.full_first || i >= range.full_last;
-        const int slot_index = (i - range.first) % kStages;
+    // Steps t = (h, i): every head h of the group over query tiles i in [range.first, range.last);
+    // tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take the
+    // per-element test (one block-uniform branch).
+    for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last)) {
+        const int i = step.i;
+        const int t = step.g * (range.last - range.first) + (i - range.first);  // the step's number
+        const int slot_index = t % kStages;
         ptx::cp_async_wait<kStages - 2>();
         ptx::fence_proxy_async_shared();  // this thread's copies, visible to the tensor cores
-        __syncthreads();  // tile i visible to all; everyone is done with the slot reloaded below and with dS^T
-        if (i + kStages - 1 < range.last) load_qdo(i + kStages - 1);
+        __syncthreads();  // step t visible to all; everyone is done with the slot reloaded below and with dS^T
+        const HeadTileStep ahead = step.after(kStages - 1, range.first, range.last);
+        if (ahead.g < heads) load_qdo(t + kStages - 1, ahead);
         ptx::cp_async_commit();
+        const bool masked = i < full_first_s || i >= full_last_s;
         const unsigned q_slot = stage_smem + slot_index * kStageBytes;
         const unsigned do_slot = q_slot + QTile::kBytes;
         const float* lse_s = reinterpret_cast<const float*>(stat_ptr + slot_index * kStatBytes);
@@ -241,7 +257,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
                 if (row < f.seqlen_q) {
-                    float* dst = dq_head_s + (long long)row * f.head_dim;
+                    float* dst = dq_head_s + HeadStep(p, step.g).dq_accum + (long long)row * f.head_dim;
 #pragma unroll
                     for (int nt = 0; nt < kDqN / 8; ++nt) {
                         const int col = c0 + nt * 8 + 2 * (lane % 4);
@@ -262,9 +278,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(dk);
     }
 
-    // ---- Epilogue: dK_g * scale and dV_g in the input type, staged through shared memory as
-    // padded row tiles (after a barrier: other warps may still read K, V, dS^T), then stored
-    // by the whole block as 16-byte chunks where aligned. Key tiles no query sees store zeros.
+    // ---- Epilogue: the group's dK_g * scale and dV_g in the input type, staged through shared
+    // memory as padded row tiles (after a barrier: other warps may still read K, V, dS^T), then
+    // stored by the whole block as 16-byte chunks where aligned. Key tiles no query sees store
+    // zeros.
     ptx::cp_async_wait<0>();
     __syncthreads();
     const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
@@ -279,8 +296,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             ptx::st_shared_b32(dv_stage + off, ptx::pack2<Element>(dv[nt][2 * h], dv[nt][2 * h + 1]));
         }
     __syncthreads();
-    const auto [out_bh, out_n_index] = block_coord();  // recomputed: not held through the loop
-    const BwdBatchIndex out_at(p, out_bh);
+    const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const BwdBatchIndex out_at(p, out_group * p.heads_per_block);
     const int out_n0 = out_n_index * kBlockN;
     tc::store_tile<kBlockN, kHeadDim, kThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + out_at.dk + out_n0 * p.dk_row_stride,
                                                 p.dk_row_stride, f.seqlen_k - out_n0, f.head_dim, tid);

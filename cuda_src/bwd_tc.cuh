@@ -48,6 +48,19 @@ struct QueryTileLoader {
 
     __device__ __forceinline__ bool aligned() const { return q.aligned(seqlen_q) && dout.aligned(seqlen_q); }
 
+    // The loader of row bh + g, built from row bh's (params.cuh's HeadStep; as aligned).
+    // Stepping the pointers held since the start costs fewer registers than rebuilding them
+    // from BwdBatchIndex::head.
+    __device__ __forceinline__ QueryTileLoader head(const BwdParams& p, int g) const {
+        const HeadStep d(p, g);
+        QueryTileLoader r = *this;
+        r.q.base += d.q;
+        r.dout.base += d.dout;
+        r.lse += d.lse;
+        r.delta += d.lse;  // delta is laid out like lse
+        return r;
+    }
+
     // Query tile i into q_smem, do_smem (shared addresses) and stats (lse then delta).
     __device__ __forceinline__ void load(unsigned q_smem, unsigned do_smem, void* stats, int i, int tid) const {
         q.load(q_smem, i * kBlockM, seqlen_q, tid);

@@ -56,8 +56,13 @@ struct FwdParams {
 //   dq:   dQ in the input dtype (the deterministic dq kernel writes it), strided.
 //   dq_accum: dQ / scale accumulated in fp32 (fp64 for float64) with atomics by the dk/dv
 //         kernel when non-null: contiguous (bh, Lq, head_dim), zeroed by the host.
-//   dk, dv: dK, dV of query head bh (GQA and broadcasting are summed by the host afterwards),
-//         strided over the output's leading axes like o.
+//   dk, dv: dK, dV of a group of heads_per_block consecutive query heads (heads_per_block
+//         divides kv_group, or is 1: the group shares one key/value head), summed over the
+//         group on chip by one dK/dV block; strided over the output's leading axes like o, but
+//         with a head axis of num_heads / heads_per_block. What is left of GQA and
+//         broadcasting is summed by the host afterwards.
+//   heads_per_block: the query heads one dK/dV block accumulates; its grid is
+//         (num_rows / heads_per_block, key tiles). The other backward kernels run per row.
 struct BwdParams {
     FwdParams fwd;
     const void* dout;
@@ -72,6 +77,8 @@ struct BwdParams {
     long long dv_batch_stride[CUFLASH_MAX_BATCH_DIMS];
     long long dout_head_stride, dq_head_stride, dk_head_stride, dv_head_stride;
     long long dout_row_stride, dq_row_stride, dk_row_stride, dv_row_stride;
+    int heads_per_block;  // >= 1, divides kv_group (or 1)
+    int _pad;
 };
 
 // Where attention row `bh` (batch..., head) sits: its head and batch coordinates, decoded once
@@ -117,17 +124,82 @@ struct BatchIndex {
 };
 
 // BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
+// dk, dv are those of the head group of `bh` (head / heads_per_block): only the dK/dV kernels
+// read them, with bh the group's first row.
 struct BwdBatchIndex : BatchIndex {
     long long dout, dq, dk, dv, dq_accum;
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c) {
+        const int group = c.head / p.heads_per_block;
         dout = c.offset(p.dout_batch_stride, p.dout_head_stride, c.head);
         dq = c.offset(p.dq_batch_stride, p.dq_head_stride, c.head);
-        dk = c.offset(p.dk_batch_stride, p.dk_head_stride, c.head);
-        dv = c.offset(p.dv_batch_stride, p.dv_head_stride, c.head);
+        dk = c.offset(p.dk_batch_stride, p.dk_head_stride, group);
+        dv = c.offset(p.dv_batch_stride, p.dv_head_stride, group);
         dq_accum = (long long)bh * p.fwd.seqlen_q * p.fwd.head_dim;
+    }
+
+    // Row bh + g, for a dK/dV block whose group starts at row bh (HeadStep): the query side
+    // moves, k, v, dk, dv stay.
+    __device__ __forceinline__ BwdBatchIndex head(const BwdParams& p, int g) const;
+};
+
+// How far row bh + g lies from row bh, in elements, for a dK/dV block whose group of
+// heads_per_block rows starts at bh: the host keeps a group inside one batch element and one
+// kv_group, so the rows share k, v (and dk, dv) and the query side (q, o, lse and delta, dout,
+// dq, dq_accum) steps g heads. The one place where the kernels move from head to head. Head
+// strides are whole 16-byte chunks (plan.py), so every head is as aligned as the first.
+struct HeadStep {
+    long long q, o, lse, dout, dq, dq_accum;
+
+    __device__ __forceinline__ HeadStep(const BwdParams& p, int g)
+        : q(g * p.fwd.q_head_stride),
+          o(g * p.fwd.o_head_stride),
+          lse(g * p.fwd.lse_head_stride),
+          dout(g * p.dout_head_stride),
+          dq(g * p.dq_head_stride),
+          dq_accum((long long)g * p.fwd.seqlen_q * p.fwd.head_dim) {}
+};
+
+__device__ __forceinline__ BwdBatchIndex BwdBatchIndex::head(const BwdParams& p, int g) const {
+    const HeadStep d(p, g);
+    BwdBatchIndex r = *this;
+    r.q += d.q;
+    r.o += d.o;
+    r.lse += d.lse;
+    r.dout += d.dout;
+    r.dq += d.dq;
+    r.dq_accum += d.dq_accum;
+    return r;
+}
+
+// The walk of a dK/dV block (bwd_dkdv_*.cu) over its steps (g, i): query heads g in
+// [0, heads_per_block) outer, query tiles i in [first, last) inner, the same tiles for every
+// head (the mask does not depend on the head). One sequence of steps rather than two nested
+// loops, so that the Q/dO pipeline prefetches the next head's first tiles while the current
+// head's last ones are computed, instead of draining and refilling at every head boundary.
+// The order is fixed: dK and dV add their terms in the same order on every run.
+struct HeadTileStep {
+    int g, i;
+
+    // The first step; past the end (g = heads) when no query tile sees the block's keys.
+    __device__ __forceinline__ HeadTileStep(int first, int last, int heads) : g(first < last ? 0 : heads), i(first) {}
+
+    __device__ __forceinline__ void advance(int first, int last) {
+        if (++i == last) {
+            i = first;
+            ++g;
+        }
+    }
+
+    // The step n >= 0 steps later (a pipeline's prefetch distance: n small, known at compile
+    // time). Derived rather than kept in registers: a second live cursor costs spills.
+    __device__ __forceinline__ HeadTileStep after(int n, int first, int last) const {
+        HeadTileStep s = *this;
+#pragma unroll
+        for (int k = 0; k < n; ++k) s.advance(first, last);
+        return s;
     }
 };
 

@@ -128,21 +128,29 @@ def test_the_cache_never_answers_a_call_the_full_path_refuses(rng):
         cuflash.attention_backward(out, q, q, q, out, lse, deterministic=1)
 
 
+SPLIT_SHAPES = [  # (Lq, Lk, D, Dv, options): tile edges, one tile per head, odd widths, masks
+    (133, 201, 64, 64, dict(causal=True)),
+    (17, 300, 59, 59, dict(window=(16, 3))),
+    (1025, 97, 128, 128, dict(causal=True)),
+    (70, 70, 96, 32, dict(causal="top_left")),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(8, 2), (6, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
-def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, monkeypatch):
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}d{s[2]}-{s[3]}")
+def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shape, monkeypatch):
     """dK/dV blocks accumulate 1, some, or all query heads of a key/value head (the host picks
-    by occupancy; here forced): each must match the reference."""
-    if not plan._GROUPS_IN_KERNEL:
-        pytest.skip("the dK/dV kernels do not accumulate query-head groups")
+    by occupancy; here forced): each must match the reference, on both dQ paths."""
     hq, hkv = heads
+    lq, lk, d, dv, options = shape
     group = hq // hkv
-    q, k, v = _draw(rng, dtype, (2, hq, 133, 64), (2, hkv, 201, 64), (2, hkv, 201, 64))
+    q, k, v = _draw(rng, dtype, (2, hq, lq, d), (2, hkv, lk, d), (2, hkv, lk, dv))
     for per_block in sorted({1, max(1, group // 2), group}):
         plan.forget()
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
         for deterministic in (False, True):
-            check_backward(rng, dtype, q, k, v, causal=True, deterministic=deterministic)
+            check_backward(rng, dtype, q, k, v, deterministic=deterministic, **options)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -73,6 +73,8 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dq_row_stride", numpy.int64),
         ("dk_row_stride", numpy.int64),
         ("dv_row_stride", numpy.int64),
+        ("heads_per_block", numpy.int32),
+        ("_pad", numpy.int32),
     ],
     align=True,
 )

@@ -466,10 +466,6 @@ def _element_strides_contiguous(shape) -> list[int]:
 
 # --------------------------------------------------------------------------- backward
 
-# Whether the dK/dV kernels accumulate a GQA group's query heads on chip (BwdParams.heads_per_block).
-_GROUPS_IN_KERNEL = "heads_per_block" in BWD_PARAMS_DTYPE.names
-
-
 def backward(problem):
     """Gradients ``(dq, dk, dv, plan)`` on the GPU, each in its input's own shape and dtype.
 
@@ -512,7 +508,7 @@ def backward(problem):
     lead = tuple(p.lead_shape)
     group = _shared_kv_heads(p, k, v)
     key_tiles = -(-p.seqlen_k // variants.dkdv.block_n)
-    per_block = _heads_per_block(group, math.prod(lead), key_tiles) if _GROUPS_IN_KERNEL else 1
+    per_block = _heads_per_block(group, math.prod(lead), key_tiles)
     kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
     dk = _gradient_buffer(kv_lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
     dv = _gradient_buffer(kv_lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
@@ -533,8 +529,7 @@ def backward(problem):
         layout.fill(struct, name)
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = 0 if dq_accum is None else dq_accum.data.ptr
-    if _GROUPS_IN_KERNEL:
-        struct["heads_per_block"] = per_block
+    struct["heads_per_block"] = per_block
 
     # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
     # dQ kernel; (attention rows / heads_per_block, key tiles) for the dK/dV kernel.
@@ -577,12 +572,16 @@ def _shared_kv_heads(p, k, v) -> int:
 
 
 def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
-    """Query heads per dK/dV block: the largest divisor of ``group`` that still gives the grid
-    two blocks per SM (a group's heads run one after another inside a block, so a whole group
-    per block can leave SMs idle when there are few key/value heads, e.g. MQA on one sequence)."""
-    enough = 2 * _device_attribute("MultiProcessorCount")
-    for heads in range(group, 1, -1):
-        if group % heads == 0 and (rows // heads) * key_tiles >= enough:
+    """Query heads per dK/dV block: the whole group, unless that leaves fewer blocks than SMs on a
+    problem big enough to fill the GPU (a group's heads run one after another inside a block, so
+    few key/value heads, e.g. MQA on one sequence, would leave SMs idle): then the largest divisor
+    of the group that gives a block per SM, the partial sums added here. Small problems keep the
+    whole group: their time is the host's, and partial sums would cost host work and a launch."""
+    sms = _device_attribute("MultiProcessorCount")
+    if (rows // group) * key_tiles >= sms or rows * key_tiles < 2 * sms:
+        return group
+    for heads in range(group - 1, 1, -1):
+        if group % heads == 0 and (rows // heads) * key_tiles >= sms:
             return heads
     return 1
 
