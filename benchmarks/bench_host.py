@@ -1,10 +1,8 @@
 """Host time per call: what one attention call costs the CPU, cuflash beside torch's SDPA.
 
 A call's host time is the wall time of the Python call itself: argument handling, planning,
-allocation and the kernel launches, not the kernels. To measure that and nothing else, the GPU is
-kept busy first (``torch.cuda._sleep`` on the stream every call then queues behind), so the timed
-loop only enqueues work; the loop's wall time over N calls is the host time per call. The
-problem is small (B=1, H=2, L=128) so queued kernels never fill the launch queue.
+allocation and the kernel launches, not the kernels (which run asynchronously). Each call is
+timed alone, the device synchronized before it; the median over --calls calls is reported.
 
 Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - cuflash (CuPy API): ``cuflash.attention`` and ``cuflash.attention_backward``;
@@ -33,20 +31,20 @@ REPO_ROOT = BENCH_DIR.parent
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
-def host_us_per_call(call, calls: int, repeats: int, busy_cycles: int) -> float:
-    """Median over ``repeats`` of the wall time of ``calls`` calls queued behind a busy GPU, in us."""
+def host_us_per_call(call, calls: int) -> float:
+    """Median over ``calls`` of one call's wall time, in us, the device synchronized between calls
+    (never inside the timed region): the host's own cost, launches included. (Queuing many calls
+    behind a busy GPU instead fills the driver's launch queue, and then measures the GPU.)"""
     import torch
 
     call()  # plan and compile outside the clock
-    torch.cuda.synchronize()
     samples = []
-    for _ in range(repeats):
-        torch.cuda._sleep(busy_cycles)  # the GPU stays busy for the whole loop below
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
+    for _ in range(calls):
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
     return statistics.median(samples)
 
 
@@ -61,7 +59,7 @@ def cases(args):
 
     dtype = getattr(torch, TORCH_DTYPES[args.dtype])
     hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
-    shape_q, shape_kv = (1, hq, args.seqlen, args.headdim), (1, hkv, args.seqlen, args.headdim)
+    shape_q, shape_kv = (args.batch, hq, args.seqlen, args.headdim), (args.batch, hkv, args.seqlen, args.headdim)
     q, k, v = (torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in (shape_q, shape_kv, shape_kv))
     dout = torch.randn(shape_q, device="cuda", dtype=dtype)
     cq, ck, cv, cdout = (cupy.from_dlpack(x.detach()) for x in (q, k, v, dout))
@@ -123,14 +121,12 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bf16", choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gqa", action="store_true", help="key/value heads = query heads / 2")
-    parser.add_argument("--busy-cycles", type=int, default=300_000_000,
-                        help="GPU clock cycles of torch.cuda._sleep ahead of each timed loop")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.gqa and args.heads % 2:
@@ -139,7 +135,7 @@ def main(argv=None) -> int:
     rows = []
     for name, call in cases(args):
         try:
-            value = host_us_per_call(call, args.calls, args.repeats, args.busy_cycles)
+            value = host_us_per_call(call, args.calls)
             rows.append({"call": name, "host_us": value})
         except Exception as error:  # a backend torch does not offer here: say so, keep going
             rows.append({"call": name, "host_us": None, "note": f"{type(error).__name__}: {error}"[:200]})
@@ -154,7 +150,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stamp}_{gpu}_host{'_gqa' if args.gqa else ''}.json"
     path.write_text(json.dumps(record, indent=1))
-    print(f"| call ({args.dtype}, B=1 H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
+    print(f"| call ({args.dtype}, B={args.batch} H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
           "| host us/call |\n| --- | --- |")
     for row in rows:
         value = "n/a" if row["host_us"] is None else f"{row['host_us']:.1f}"
