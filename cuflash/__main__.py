@@ -3,16 +3,18 @@
     python -m cuflash                      # what is here, is it right, how fast
     python -m cuflash warmup --dtype bfloat16,float16 --head-dim 64,128
     python -m cuflash bench --quick        # benchmarks/bench.py, from a checkout
+    python -m cuflash --version | --help
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy
 
@@ -106,7 +108,11 @@ def self_check(on_gpu: bool) -> bool:
     worst = {}
     ok = True
     for dtype_name in dtypes:
-        dtype = _dtype(dtype_name)
+        try:
+            dtype = _dtype(dtype_name)
+        except ImportError as error:  # a NumPy-only install: bfloat16 needs ml_dtypes
+            print(f"  self-check {dtype_name:9s} skipped: {error.name} is not installed")
+            continue
         for lead, lq, lk, d, dv, options in CHECKS:
             # The reference sees exactly the rounded inputs the backend sees.
             args = [rng.standard_normal(lead + shape).astype(dtype) for shape in ((lq, d), (lk, d), (lk, dv))]
@@ -152,7 +158,10 @@ def small_timing(on_gpu: bool) -> None:
 
     b, h, l, d = 4, 16, 2048, 64
     for dtype_name in ("float16", "bfloat16", "float32"):
-        dtype = _dtype(dtype_name)
+        try:
+            dtype = _dtype(dtype_name)
+        except ImportError:
+            continue
         q, k, v = (cupy.random.standard_normal((b, h, l, d), dtype=numpy.float32).astype(dtype) for _ in range(3))
         flops = 4 * b * h * l * l * d
         t_flash = _time_gpu(lambda: cuflash.attention(q, k, v))
@@ -196,20 +205,49 @@ def _time_gpu(fn, repeats: int = 10) -> float:
 
 # --------------------------------------------------------------------------- warmup
 
+_MASKS = {"dense": False, "causal": True, "window": True, "local": True}
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise SystemExit(f"python -m cuflash warmup: unknown {what} {', '.join(unknown) or repr(text)}; "
+                         f"expected a comma-separated list of {', '.join(allowed)}")
+    return names
+
+
+def _head_dims(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(not 1 <= d <= 256 for d in dims):
+        raise SystemExit(f"python -m cuflash warmup: --head-dim {text!r}: expected comma-separated "
+                         "integers from 1 to 256")
+    return dims
+
+
 def warmup(argv) -> int:
-    """Precompile the named Variants into CuPy's disk cache (or check them offline)."""
+    """Precompile the named Variants (forward and backward) into CuPy's disk cache (or check them
+    offline where no GPU of the arch is here)."""
     from ._gpu import kernels, tiles
 
     parser = argparse.ArgumentParser(prog="python -m cuflash warmup", description=warmup.__doc__)
     parser.add_argument("--dtype", default="float16,bfloat16,float32,float64")
     parser.add_argument("--head-dim", default="64,128", help="head dims D (= Dv) to prepare, comma-separated")
-    parser.add_argument("--mask", default="dense,window", help="dense (no mask), window (causal/local), or both")
+    parser.add_argument("--mask", default="dense,causal",
+                        help="dense (no mask), causal (or window/local: any causal or local mask), or both")
+    parser.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
     parser.add_argument("--all", action="store_true", help="every Variant the dispatcher can select")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--arch", default=None,
                         help="e.g. 80, 90a: defaults to the visible GPUs'; without a matching GPU the "
                              "kernels are compile-checked with NVRTC but cannot enter CuPy's cache")
     args = parser.parse_args(argv)
+    dtypes = _names(args.dtype, tuple(kernels.CUDA_TYPES), "--dtype")
+    masks = _names(args.mask, tuple(_MASKS), "--mask")
+    head_dims = _head_dims(args.head_dim)
 
     devices = gpu_devices()
     device_archs = {}
@@ -221,11 +259,13 @@ def warmup(argv) -> int:
         if args.all:
             variants += tiles.all_variants(arch)
             continue
-        for dtype in args.dtype.split(","):
-            for d in args.head_dim.split(","):
-                for mask in args.mask.split(","):
+        for dtype in dtypes:
+            for d in head_dims:
+                for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
-                        variants.append(tiles.select(dtype.strip(), int(d), int(d), mask.strip() == "window", arch, keys))
+                        variants.append(tiles.select(dtype, d, d, masked, arch, keys))
+                    if not args.forward_only:
+                        variants += tiles.select_backward(dtype, d, d, masked, arch)
     variants = list(dict.fromkeys(variants))
     bar = _progress(len(variants))
     jobs = [(variant, device_archs.get(variant.arch)) for variant in variants]
@@ -241,6 +281,18 @@ def warmup(argv) -> int:
         for job in jobs:
             bar(kernels.warm(job))
     return 0
+
+
+def bench(argv) -> int:
+    """``benchmarks/bench.py`` of the checkout this cuflash runs from, in its own process (the
+    benchmarks are not part of the installed package)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+    if not script.is_file():
+        print("python -m cuflash bench: the benchmarks ship with the repository, not the package: "
+              "run this from a checkout of cuflash (pip install -e .), or run benchmarks/bench.py",
+              file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
 
 
 def _progress(total: int):
@@ -265,20 +317,23 @@ def _progress(total: int):
 
 # --------------------------------------------------------------------------- main
 
+COMMANDS = {"warmup": warmup, "bench": bench}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "warmup":
-        return warmup(argv[1:])
-    if argv and argv[0] == "bench":
-        try:
-            bench = importlib.import_module("benchmarks.bench")
-        except ImportError:
-            print("the benchmarks ship with the repository: run this from a checkout of cuflash")
-            return 2
-        return bench.main(argv[1:]) or 0
-    if argv and argv[0] in ("-h", "--help"):
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0
+    if argv and argv[0] == "--version":
+        print(f"cuflash {cuflash.__version__}")
+        return 0
+    if argv:
+        print(f"python -m cuflash: unknown argument {argv[0]!r}; expected no argument (report, "
+              f"self-check, timing), {', '.join(COMMANDS)}, --help or --version", file=sys.stderr)
+        return 2
     devices = report()
     on_gpu = bool(devices)
     print("self-check against a float64 dense reference:")

@@ -29,9 +29,9 @@ def gpu_unavailable_reason() -> str | None:
         return f"CuPy is not importable: {error}"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:
-        return f"no usable CUDA device: {error}"
-    return None if count > 0 else "no CUDA device"
+    except Exception as error:  # no driver, or one too old for CuPy's runtime
+        return f"no CUDA GPU (CUDA says: {error})"
+    return None if count > 0 else "no CUDA GPU"
 
 
 def pytest_collection_modifyitems(config, items):
