@@ -245,7 +245,7 @@ def warmup(argv) -> int:
                         help="e.g. 80, 90a: defaults to the visible GPUs'; without a matching GPU the "
                              "kernels are compile-checked with NVRTC but cannot enter CuPy's cache")
     args = parser.parse_args(argv)
-    dtypes = _names(args.dtype, tuple(kernels.CUDA_TYPES), "--dtype")
+    dtypes = _names(args.dtype, tiles.DTYPES, "--dtype")
     masks = _names(args.mask, tuple(_MASKS), "--mask")
     head_dims = _head_dims(args.head_dim)
 

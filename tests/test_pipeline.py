@@ -43,7 +43,7 @@ def _compile(variant):
 def test_every_selectable_variant_compiles_without_spills(arch):
     variants = tiles.all_variants(arch)
     assert variants, "the dispatcher must offer kernels for every arch"
-    assert {v.dtype for v in variants} == set(kernels.CUDA_TYPES)
+    assert {v.dtype for v in variants} == set(tiles.DTYPES)
     workers = max(1, min(len(variants), os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_compile, variants))
@@ -59,7 +59,7 @@ def test_every_selectable_variant_compiles_without_spills(arch):
 def test_selected_variants_cover_every_dtype_and_head_dim():
     for arch in ARCHS:
         offered = set(tiles.all_variants(arch))
-        for dtype in kernels.CUDA_TYPES:
+        for dtype in tiles.DTYPES:
             for d in (1, 3, 32, 59, 64, 80, 96, 111, 128, 160, 192, 256):
                 for dv in (d, 1, 256):
                     for has_window in (False, True):
@@ -67,6 +67,18 @@ def test_selected_variants_cover_every_dtype_and_head_dim():
                         assert v in offered
                         assert v.head_dim >= max(d, dv)
                         assert v.arch == arch
+
+
+@needs_nvrtc
+def test_fallback_variants_of_small_shared_memory_parts_compile_without_spills():
+    """Where a 99 KB part has no tile of the preferred family (float64 d >= 224: no fwd_dmma
+    tile fits), select falls back to fwd_simt; compile those too (all_variants("80"/"90a") never
+    reach them)."""
+    variants = {tiles.select("float64", d, d, w, "86") for d in (224, 256) for w in (False, True)}
+    assert {v.kernel for v in variants} == {"fwd_simt"}
+    for variant in variants:
+        build = kernels.compile_offline(variant)
+        assert 0 < build.registers <= 255 and build.spill_bytes == 0, f"{variant}: {build.log}"
 
 
 def test_head_dim_above_maximum_is_rejected():

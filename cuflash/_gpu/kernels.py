@@ -1,9 +1,4 @@
-"""Kernel Variants and their lazily compiled, memoized kernels.
-
-A :class:`Variant` is a frozen description of one kernel instantiation: which source in
-``cuda_src/``, which element type, which head-dim tile, which tile shape, which mask kind and
-for which architecture. Everything else (lengths, strides, scale, window) is a run-time field
-of the params struct, so one Variant serves every shape in its bucket.
+"""Compiling kernel Variants (``variant.py``): at run time, memoized, or offline.
 
 ``get_kernel(variant)`` compiles the Variant with NVRTC through ``cupy.RawModule`` on first use
 (logged), memoized per device in this process and cached on disk by CuPy across processes.
@@ -24,16 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+from .variant import Variant
+
 logger = logging.getLogger("cuflash")
-
-# Element type names as the kernels spell them.
-CUDA_TYPES = {
-    "float16": "__half",
-    "bfloat16": "__nv_bfloat16",
-    "float32": "float",
-    "float64": "double",
-}
-
 
 def source_dir() -> Path:
     """``cuda_src/``: beside the package in a checkout, inside it once installed."""
@@ -61,45 +49,6 @@ def source_digest() -> str:
             h.update(path.read_bytes())
             h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One kernel instantiation: exactly the template parameters of a ``cuda_src`` kernel."""
-
-    kernel: str      # file stem in cuda_src/ and the kernel's name in namespace cuflash
-    dtype: str       # key of CUDA_TYPES
-    head_dim: int    # tile width covering D and Dv (a bucket; inputs are zero-padded to it)
-    block_m: int     # query rows per block
-    block_n: int     # keys per tile
-    warps: int       # warps per block
-    stages: int      # K/V shared-memory pipeline depth
-    has_window: bool  # causal or local window: per-element masking and skipped tiles
-    arch: str        # "80", "86", "89", "90a", ...
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
-
-    @property
-    def name_expression(self) -> str:
-        args = (
-            CUDA_TYPES[self.dtype],
-            self.head_dim,
-            self.block_m,
-            self.block_n,
-            self.warps,
-            self.stages,
-            "true" if self.has_window else "false",
-        )
-        return f"cuflash::{self.kernel}<{', '.join(map(str, args))}>"
-
-    def __str__(self) -> str:
-        mask = "window" if self.has_window else "dense"
-        return (
-            f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
-            f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"
-        )
 
 
 def arch_for_capability(major: int, minor: int) -> str:
@@ -233,9 +182,8 @@ def _build(variant: Variant):
         name_expressions=(variant.name_expression,),
     )
     kernel = module.get_function(variant.name_expression)
-    smem = shared_memory_bytes(variant)
-    if smem > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = smem
+    if variant.shared_mem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = variant.shared_mem
     logger.info("cuflash: %s ready in %.2f s (cached)", variant, time.perf_counter() - start)
     return kernel
 
@@ -254,13 +202,6 @@ def warm(job: tuple[Variant, int | None]) -> str:
     build = compile_offline(variant)
     return (f"{variant}: compiles ({build.registers} registers, {build.spill_bytes} bytes spilled; "
             "no GPU of this arch here to cache it on)")
-
-
-def shared_memory_bytes(variant: Variant) -> int:
-    """Dynamic shared memory a Variant's kernel expects; each kernel checks it at entry."""
-    from . import tiles
-
-    return tiles.shared_memory_bytes(variant)
 
 
 # --------------------------------------------------------------------------- offline

@@ -136,8 +136,7 @@ class Launch:
 def _launch_of(variant, device: int, grid_x: int, length: int, tile: int) -> Launch:
     """Grid (attention rows, tiles of ``tile`` over ``length``) of ``variant`` on ``device``."""
     kernel = kernels.get_kernel(variant, device)
-    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads,
-                  tiles.shared_memory_bytes(variant))
+    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads, variant.shared_mem)
 
 
 class _Scratch(threading.local):

@@ -1,83 +1,90 @@
-"""Tile shapes: the one place that chooses a kernel Variant for a problem.
+"""Tile shapes: the one place that chooses the kernel Variants for a problem.
 
-``select`` maps (dtype, head dims, mask kind, arch, and the mean number of keys a query row
-sees) to a Variant; ``all_variants`` lists every
-Variant ``select`` can return for an arch (CI compiles each for sm_80 and sm_90a and checks
-ptxas reports no spills); ``shared_memory_bytes`` is the dynamic shared memory each kernel
-expects, which the kernel also checks at entry.
+Each kernel family (one ``cuda_src/<kernel>.cu``) has one ``KernelSpec``: the dtypes and archs
+it serves, its candidate tiles in order of preference, the dynamic shared memory a tile needs
+(the mirror of the kernel's ``kSmemBytes``, which the kernel checks at entry) and any further
+constraint of its static_asserts. ``KernelSpec.variant`` is the one select: the first candidate
+that fits the arch's shared memory. On top of the specs:
 
-Two kernels: ``fwd_tc`` (float16 / bfloat16, tensor cores) and ``fwd_simt`` (float32 /
-float64, exact). Each has its own ``_select_*`` / ``_variants_*`` / ``_smem_*`` below; the
-public functions only dispatch on dtype.
+- ``select``: the forward's Variant, from the families that serve a dtype, in order of
+  preference (``FORWARD``: wgmma before mma.sync on Hopper, DMMA before SIMT for float64);
+- ``select_backward``: the backward's four (``BACKWARD``);
+- ``all_variants``: every Variant either can return for an arch (CI compiles each for sm_80 and
+  sm_90a and checks that ptxas reports no spills);
+- ``shared_memory_bytes``: a Variant's dynamic shared memory, from its family's spec.
+
+The tables and comments below are the per-family data: measured choices (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from .kernels import Variant
+from .variant import Variant
 
-# Head-dim tiles of the tensor-core kernel: D and Dv are zero-padded up to the next one.
-TC_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
-# Head-dim tiles of the exact fp32/fp64 kernel.
-SIMT_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
-MAX_HEAD_DIM = 256
+# Head-dim buckets of every family: D and Dv are zero-padded up to the next one.
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+TC_HEAD_DIMS = SIMT_HEAD_DIMS = HEAD_DIMS  # (the names earlier code and scripts use)
+MAX_HEAD_DIM = HEAD_DIMS[-1]
 
-def bucket(width: int, buckets: tuple[int, ...]) -> int:
+TC_DTYPES = ("float16", "bfloat16")
+SIMT_DTYPES = ("float32", "float64")
+DMMA_DTYPES = ("float64",)
+DTYPES = TC_DTYPES + SIMT_DTYPES
+
+Tile = tuple[int, int, int, int]  # block_m, block_n, warps, stages
+
+
+def bucket(width: int, buckets: tuple[int, ...] = HEAD_DIMS) -> int:
     for b in buckets:
         if width <= b:
             return b
     raise ValueError(f"head dim {width} exceeds the supported maximum {buckets[-1]}")
 
 
-# --------------------------------------------------------------------------- dispatch
-# Exact float32/float64 inputs go to the SIMT kernel (fwd_simt); 16-bit inputs to the
-# tensor-core kernel. The tensor-core functions (_select_tc, _tc_variants, _smem_tc) belong to
-# the tensor-core work; the SIMT ones (_select_simt, _simt_variants, _smem_simt) below.
-
-SIMT_DTYPES = ("float32", "float64")
+# Largest dynamic shared memory one block may opt into, by arch.
+_SMEM_LIMIT = {"80": 166912, "87": 166912, "90": 232448, "90a": 232448, "100": 232448, "100a": 232448}
+_SMEM_LIMIT_DEFAULT = 101376  # sm_86, sm_89, sm_120: 99 KB
 
 
-def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-           visible_keys: float = math.inf) -> Variant:
-    """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
-    short rows (short causal sequences, narrow windows) may take smaller tiles."""
-    if dtype in DMMA_DTYPES:  # float64 on the fp64 tensor cores where a tile fits, else fwd_simt
-        variant = _select_dmma(dtype, head_dim, head_dim_v, has_window, arch)
-        if variant is not None:
-            return variant
-    if dtype in SIMT_DTYPES:
-        return _select_simt(dtype, head_dim, head_dim_v, has_window, arch)
-    return _select_tc(dtype, head_dim, head_dim_v, has_window, arch, visible_keys)
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One kernel family: what it serves and how its tile is chosen.
+
+    ``candidates(dtype, head_dim, arch, visible_keys)`` lists tiles best first (empty: the family
+    does not serve that bucket or arch); ``shared_memory(dtype, head_dim, block_m, block_n,
+    stages)`` is the kernel's dynamic shared memory; ``tile_ok(block_m, block_n, warps)`` the
+    kernel's static_asserts on the tile; ``masked`` whether the family has a masked form
+    (the memory-bound prep kernels never mask).
+    """
+
+    kernel: str
+    dtypes: tuple[str, ...]
+    candidates: Callable[[str, int, str, float], tuple[Tile, ...]]
+    shared_memory: Callable[[str, int, int, int, int], int]
+    tile_ok: Callable[[int, int, int], bool] = lambda block_m, block_n, warps: True
+    masked: bool = True
+
+    def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
+                visible_keys: float = math.inf) -> Variant | None:
+        """The first candidate that fits ``arch``, as a Variant; None if none does."""
+        if dtype not in self.dtypes:
+            return None
+        limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+        for block_m, block_n, warps, stages in self.candidates(dtype, head_dim, arch, visible_keys):
+            shared_mem = self.shared_memory(dtype, head_dim, block_m, block_n, stages)
+            if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
+                return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
+                               has_window and self.masked, arch, shared_mem)
+        return None
+
+    def shared_memory_bytes(self, variant: Variant) -> int:
+        return self.shared_memory(variant.dtype, variant.head_dim, variant.block_m, variant.block_n, variant.stages)
 
 
-class BackwardVariants(NamedTuple):
-    """The backward's kernels, in launch order: delta, then dkdv, then dq or dq_convert."""
-
-    delta: Variant       # delta = rowsum(dO o O); zeroes dq_accum on the atomic path
-    dkdv: Variant        # dK, dV over key tiles (and dQ by atomics into dq_accum)
-    dq: Variant          # deterministic dQ over query tiles
-    dq_convert: Variant  # dQ = scale * dq_accum in the input type (atomic path)
-
-
-def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
-    """The backward's kernels for one problem (one path for every dtype)."""
-    if dtype in SIMT_DTYPES:
-        return _select_bwd_simt(dtype, head_dim, head_dim_v, has_window, arch)
-    return _select_bwd_tc(dtype, head_dim, head_dim_v, has_window, arch)
-
-
-def all_variants(arch: str) -> list[Variant]:
-    return list(dict.fromkeys(
-        _tc_variants(arch) + _simt_variants(arch) + _dmma_variants(arch) + _bwd_tc_variants(arch) + _bwd_simt_variants(arch)
-    ))
-
-
-def shared_memory_bytes(variant: Variant) -> int:
-    return _SMEM_BY_KERNEL[variant.kernel](variant)
-
-
-# --------------------------------------------------------------------------- tensor cores
+# --------------------------------------------------------------------------- fwd_tc (mma.sync)
+# float16 / bfloat16 on m16n8k16 tensor cores, every arch.
 
 # Per head-dim bucket, candidate (block_m, block_n, warps, stages), best first; the first whose
 # shared memory fits the arch is taken. A warp owns block_m / warps query rows (16 or 32): 32
@@ -87,7 +94,6 @@ def shared_memory_bytes(variant: Variant) -> int:
 # and wider heads 16 rows per warp. The last candidates keep every bucket runnable on 99 KB
 # parts (sm_86, sm_89, sm_120). Every choice compiles spill-free for sm_80 and sm_90a.
 # Measured on H100: benchmarks/NOTES.md.
-TC_DTYPES = ("float16", "bfloat16")
 
 _TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     32: ((128, 64, 4, 2),),
@@ -108,13 +114,7 @@ def _smem_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> in
     return (block_m + stages * 2 * block_n) * pitch
 
 
-def _tc_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-    for block_m, block_n, warps, stages in _TC_TABLE[head_dim]:
-        if _smem_tc_bytes(head_dim, block_m, block_n, stages) <= limit:
-            return Variant("fwd_tc", dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
-    raise ValueError(f"no fwd_tc tile for {dtype} d{head_dim} fits sm_{arch}")
-
+# --------------------------------------------------------------------------- fwd_wgmma (Hopper)
 
 # fwd_wgmma (Hopper, sm_90a only): the same forward on warpgroup MMAs, one warpgroup per 64 query
 # rows. (block_m, block_n, warps, stages) per head-dim bucket; other buckets and archs run fwd_tc.
@@ -138,38 +138,12 @@ def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int
     return 1024 + 2 * head_dim * (block_m + stages * 2 * block_n)
 
 
-def _smem_fwd_wgmma(variant: Variant) -> int:
-    return _smem_fwd_wgmma_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
+    rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
+    return tuple(tile for most_keys, tile in rows if visible_keys <= most_keys)[:1]
 
 
-
-def _select_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-               visible_keys: float = math.inf) -> Variant:
-    if dtype not in TC_DTYPES:
-        raise TypeError(f"cuflash: unsupported dtype {dtype}")
-    d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
-    rows = _FWD_WGMMA_TABLE.get(d, ()) if arch == "90a" else ()
-    tile = next((tile for most_keys, tile in rows if visible_keys <= most_keys), None)
-    if tile is not None:
-        return Variant("fwd_wgmma", dtype, d, *tile, has_window, arch)
-    return _tc_variant(dtype, d, has_window, arch)
-
-
-def _tc_variants(arch: str) -> list[Variant]:
-    return list(dict.fromkeys(
-        _select_tc(dtype, d, d, w, arch, keys)
-        for dtype in TC_DTYPES
-        for d in TC_HEAD_DIMS
-        for w in (False, True)
-        for keys in (0, math.inf)
-    ))
-
-
-def _smem_tc(variant: Variant) -> int:
-    return _smem_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
-
-
-# --------------------------------------------------------------------------- SIMT (fp32/fp64)
+# --------------------------------------------------------------------------- fwd_simt (fp32/fp64)
 # fwd_simt: a block of `warps` warps owns block_m query rows, two row groups of 16 lanes per
 # warp, so a lane holds TM = block_m / (2 warps) rows, TN = block_n / 16 keys of S and
 # TD = head_dim / 16 output columns. Registers grow with TM * TD (the accumulator) and
@@ -179,10 +153,6 @@ def _smem_tc(variant: Variant) -> int:
 # runnable on 99 KB parts).
 
 _SIMT_ITEMSIZE = {"float32": 4, "float64": 8}
-
-# Largest dynamic shared memory one block may opt into, by arch.
-_SMEM_LIMIT = {"80": 166912, "87": 166912, "90": 232448, "90a": 232448, "100": 232448, "100a": 232448}
-_SMEM_LIMIT_DEFAULT = 101376  # sm_86, sm_89, sm_120: 99 KB
 
 _SIMT_FALLBACK = ((64, 32, 8), (32, 32, 8), (16, 32, 8), (16, 16, 8), (8, 16, 4))
 
@@ -211,32 +181,7 @@ def _smem_simt_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> i
     return item * (head_dim * ld_q + 2 * block_n * ld_kv + block_n * ld_q)
 
 
-def _simt_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-    for block_m, block_n, warps in _simt_candidates(dtype, head_dim):
-        if _smem_simt_bytes(dtype, head_dim, block_m, block_n) <= limit:
-            return Variant("fwd_simt", dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
-    raise ValueError(f"no fwd_simt tile for {dtype} d{head_dim} fits sm_{arch}")
-
-
-def _select_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant:
-    return _simt_variant(dtype, bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS), has_window, arch)
-
-
-def _simt_variants(arch: str) -> list[Variant]:
-    return [
-        _simt_variant(dtype, d, w, arch)
-        for dtype in SIMT_DTYPES
-        for d in SIMT_HEAD_DIMS
-        for w in (False, True)
-    ]
-
-
-def _smem_simt(variant: Variant) -> int:
-    return _smem_simt_bytes(variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
-
-
-# --------------------------------------------------------------------------- DMMA (fp64 tensor cores)
+# --------------------------------------------------------------------------- fwd_dmma (fp64 tensor cores)
 # fwd_dmma: float64 on mma.sync m8n8k4 .f64 (sm_80+). A block of `warps` warps owns block_m
 # query rows, block_m / warps per warp (8 or 16: one or two 8-row MMA tiles), each warp every
 # key of the tile and every output column. Per lane: 2 * (rows / 8) * (block_n / 8) doubles of
@@ -245,8 +190,6 @@ def _smem_simt(variant: Variant) -> int:
 # doubles. Candidates (block_m, block_n, warps) best first; the first that fits the arch's
 # shared memory is taken; where none fits (float64 d >= 224 on 99 KB parts) fwd_simt runs.
 # Every candidate compiles spill-free for sm_80 and sm_90a (162-254 registers, 1 block min).
-DMMA_DTYPES = ("float64",)
-
 _DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
     32: ((64, 64, 4),),
     64: ((64, 64, 4),),   # 99 KB: two blocks (8 warps) per H100 SM
@@ -262,27 +205,6 @@ _DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
 def _smem_dmma_bytes(head_dim: int, block_m: int, block_n: int) -> int:
     """Mirror of fwd_dmma.cu's kSmemBytes: Qs [m][d + 2], Ks and Vs [n][d + 2] doubles."""
     return 8 * (block_m + 2 * block_n) * (head_dim + 2)
-
-
-def _dmma_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant | None:
-    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-    for block_m, block_n, warps in _DMMA_TABLE[head_dim]:
-        if _smem_dmma_bytes(head_dim, block_m, block_n) <= limit:
-            return Variant("fwd_dmma", dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
-    return None
-
-
-def _select_dmma(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> Variant | None:
-    return _dmma_variant(dtype, bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS), has_window, arch)
-
-
-def _dmma_variants(arch: str) -> list[Variant]:
-    out = [_dmma_variant(dtype, d, w, arch) for dtype in DMMA_DTYPES for d in SIMT_HEAD_DIMS for w in (False, True)]
-    return [v for v in out if v is not None]
-
-
-def _smem_dmma(variant: Variant) -> int:
-    return _smem_dmma_bytes(variant.head_dim, variant.block_m, variant.block_n)
 
 
 # --------------------------------------------------------------------------- backward, tensor cores
@@ -335,18 +257,6 @@ def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int
     return (2 * block_m + stages * 2 * block_n) * _tc_pitch(head_dim)
 
 
-def _bwd_tc_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    table, smem = {
-        "bwd_dkdv_tc": (_BWD_DKDV_TC_TABLE, _smem_bwd_dkdv_tc_bytes),
-        "bwd_dq_tc": (_BWD_DQ_TC_TABLE, _smem_bwd_dq_tc_bytes),
-    }[kernel]
-    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-    for block_m, block_n, warps, stages in table[head_dim]:
-        if smem(head_dim, block_m, block_n, stages) <= limit:
-            return Variant(kernel, dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
-    raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits sm_{arch}")
-
-
 # bwd_dkdv_wgmma (Hopper, sm_90a only): the same work on warpgroup MMAs. Two warpgroups of 64
 # keys (block_n = 128, 8 warps); block_m queries per tile. Per thread dK, dV (2 * head_dim / 2)
 # and S^T, dP^T (2 * block_m / 2) fp32 accumulators: 64 x 128 at d128 (255 registers, no spill);
@@ -362,49 +272,6 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
     """Mirror of bwd_dkdv_wgmma.cu's kSmemBytes."""
     tiles = 2 * block_n * head_dim * 2 + block_n * block_m * 2 + stages * 2 * block_m * head_dim * 2
     return 1024 + tiles + stages * 2 * block_m * 4
-
-
-def _bwd_dkdv_variant(dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    """bwd_dkdv_wgmma on sm_90a where a tile exists for the bucket, else bwd_dkdv_tc."""
-    tile = _BWD_DKDV_WGMMA_TABLE.get(head_dim) if arch == "90a" else None
-    if tile is None:
-        return _bwd_tc_variant("bwd_dkdv_tc", dtype, head_dim, has_window, arch)
-    block_m, block_n, warps, stages = tile
-    return Variant("bwd_dkdv_wgmma", dtype, head_dim, block_m, block_n, warps, stages, has_window, arch)
-
-
-def _select_bwd_tc(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
-    if dtype not in TC_DTYPES:
-        raise TypeError(f"cuflash: unsupported dtype {dtype}")
-    d = bucket(max(head_dim, head_dim_v), TC_HEAD_DIMS)
-    return BackwardVariants(
-        _bwd_prep_variant("bwd_delta", dtype, d, arch),
-        _bwd_dkdv_variant(dtype, d, has_window, arch),
-        _bwd_tc_variant("bwd_dq_tc", dtype, d, has_window, arch),
-        _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
-    )
-
-
-def _bwd_tc_variants(arch: str) -> list[Variant]:
-    return [
-        v
-        for dtype in TC_DTYPES
-        for d in TC_HEAD_DIMS
-        for w in (False, True)
-        for v in _select_bwd_tc(dtype, d, d, w, arch)
-    ]
-
-
-def _smem_bwd_dkdv_tc(variant: Variant) -> int:
-    return _smem_bwd_dkdv_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
-
-
-def _smem_bwd_dkdv_wgmma(variant: Variant) -> int:
-    return _smem_bwd_dkdv_wgmma_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
-
-
-def _smem_bwd_dq_tc(variant: Variant) -> int:
-    return _smem_bwd_dq_tc_bytes(variant.head_dim, variant.block_m, variant.block_n, variant.stages)
 
 
 # --------------------------------------------------------------------------- backward, exact
@@ -450,40 +317,11 @@ def _smem_bwd_simt_bytes(kernel: str, dtype: str, head_dim: int, block_m: int, b
     return item * (words + 2 * block_m)
 
 
-def _bwd_simt_variant(kernel: str, dtype: str, head_dim: int, has_window: bool, arch: str) -> Variant:
-    limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-    first = next(tiles for d, tiles in _BWD_SIMT_FIRST[(kernel, dtype)] if head_dim <= d)
-    for block_m, block_n, warps in dict.fromkeys(first + _BWD_SIMT_FALLBACK):
-        if (_bwd_simt_tile_ok(kernel, block_m, block_n, warps)
-                and _smem_bwd_simt_bytes(kernel, dtype, head_dim, block_m, block_n) <= limit):
-            return Variant(kernel, dtype, head_dim, block_m, block_n, warps, 1, has_window, arch)
-    raise ValueError(f"no {kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
-
-
-def _select_bwd_simt(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
-    d = bucket(max(head_dim, head_dim_v), SIMT_HEAD_DIMS)
-    return BackwardVariants(
-        _bwd_prep_variant("bwd_delta", dtype, d, arch),
-        _bwd_simt_variant("bwd_dkdv_simt", dtype, d, has_window, arch),
-        _bwd_simt_variant("bwd_dq_simt", dtype, d, has_window, arch),
-        _bwd_prep_variant("bwd_dq_convert", dtype, d, arch),
-    )
-
-
-def _bwd_simt_variants(arch: str) -> list[Variant]:
-    out = []
-    for dtype in SIMT_DTYPES:
-        for d in SIMT_HEAD_DIMS:
-            for w in (False, True):
-                try:
-                    out += _select_bwd_simt(dtype, d, d, w, arch)
-                except ValueError:  # float64 d256 on 99 KB parts: no backward tile fits
-                    pass
-    return out
-
-
-def _smem_bwd_simt(variant: Variant) -> int:
-    return _smem_bwd_simt_bytes(variant.kernel, variant.dtype, variant.head_dim, variant.block_m, variant.block_n)
+def _bwd_simt_candidates(kernel: str):
+    def candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
+        first = next(tiles for d, tiles in _BWD_SIMT_FIRST[(kernel, dtype)] if head_dim <= d)
+        return tuple((m, n, w, 1) for m, n, w in dict.fromkeys(first + _BWD_SIMT_FALLBACK))
+    return candidates
 
 
 # --------------------------------------------------------------------------- backward, delta and dQ conversion
@@ -494,22 +332,119 @@ def _smem_bwd_simt(variant: Variant) -> int:
 _BWD_PREP_TILE = (64, 64, 4, 1)  # block_m, block_n, warps, stages
 
 
-def _bwd_prep_variant(kernel: str, dtype: str, head_dim: int, arch: str) -> Variant:
-    block_m, block_n, warps, stages = _BWD_PREP_TILE
-    return Variant(kernel, dtype, head_dim, block_m, block_n, warps, stages, False, arch)
+# --------------------------------------------------------------------------- the specs
+
+def _table(table):
+    """Candidates from a {head_dim: (tile, ...)} table."""
+    return lambda dtype, head_dim, arch, visible_keys: tuple(table.get(head_dim, ()))
 
 
-# --------------------------------------------------------------------------- per kernel
-_SMEM_BY_KERNEL = {
-    "bwd_delta": lambda variant: 0,
-    "bwd_dq_convert": lambda variant: 0,
-    "fwd_tc": _smem_tc,
-    "fwd_wgmma": _smem_fwd_wgmma,
-    "fwd_simt": _smem_simt,
-    "fwd_dmma": _smem_dmma,
-    "bwd_dkdv_tc": _smem_bwd_dkdv_tc,
-    "bwd_dkdv_wgmma": _smem_bwd_dkdv_wgmma,
-    "bwd_dq_tc": _smem_bwd_dq_tc,
-    "bwd_dkdv_simt": _smem_bwd_simt,
-    "bwd_dq_simt": _smem_bwd_simt,
+def _by_tile(smem: Callable[..., int]):
+    """A shared-memory mirror of (head_dim, block_m, block_n, stages) as a spec's function."""
+    return lambda dtype, head_dim, block_m, block_n, stages: smem(head_dim, block_m, block_n, stages)
+
+
+FWD_TC = KernelSpec("fwd_tc", TC_DTYPES, _table(_TC_TABLE), _by_tile(_smem_tc_bytes))
+FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
+FWD_SIMT = KernelSpec(
+    "fwd_simt", SIMT_DTYPES,
+    lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
+    lambda dtype, d, block_m, block_n, stages: _smem_simt_bytes(dtype, d, block_m, block_n))
+FWD_DMMA = KernelSpec(
+    "fwd_dmma", DMMA_DTYPES,
+    lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
+    lambda dtype, d, block_m, block_n, stages: _smem_dmma_bytes(d, block_m, block_n))
+BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes))
+BWD_DKDV_WGMMA = KernelSpec(
+    "bwd_dkdv_wgmma", TC_DTYPES,
+    lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
+    _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
+BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES, _table(_BWD_DQ_TC_TABLE), _by_tile(_smem_bwd_dq_tc_bytes))
+BWD_DKDV_SIMT = KernelSpec(
+    "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
+    lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
+    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dkdv_simt", block_m, block_n, warps))
+BWD_DQ_SIMT = KernelSpec(
+    "bwd_dq_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dq_simt"),
+    lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dq_simt", dtype, d, block_m, block_n),
+    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps))
+BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
+BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
+
+SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC, BWD_DKDV_WGMMA,
+                                        BWD_DQ_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA, BWD_DQ_CONVERT)}
+
+# The families that serve each dtype, in order of preference: the first with a tile for the
+# problem's bucket and arch runs it.
+FORWARD = {
+    "float16": (FWD_WGMMA, FWD_TC),
+    "bfloat16": (FWD_WGMMA, FWD_TC),
+    "float32": (FWD_SIMT,),
+    "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
+BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV_WGMMA, BWD_DKDV_TC),
+                 "float32": (BWD_DKDV_SIMT,), "float64": (BWD_DKDV_SIMT,)}
+BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_SIMT,), "float64": (BWD_DQ_SIMT,)}
+
+
+def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf) -> Variant:
+    for spec in families:
+        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys)
+        if variant is not None:
+            return variant
+    raise ValueError(f"no {families[-1].kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
+
+
+def _families(table: dict, dtype: str):
+    if dtype not in table:
+        raise TypeError(f"cuflash: unsupported dtype {dtype}")
+    return table[dtype]
+
+
+def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
+           visible_keys: float = math.inf) -> Variant:
+    """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
+    short rows (short causal sequences, narrow windows) may take smaller tiles."""
+    families = _families(FORWARD, dtype)
+    return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys)
+
+
+class BackwardVariants(NamedTuple):
+    """The backward's kernels, in launch order: delta, then dkdv, then dq or dq_convert."""
+
+    delta: Variant       # delta = rowsum(dO o O); zeroes dq_accum on the atomic path
+    dkdv: Variant        # dK, dV over key tiles (and dQ by atomics into dq_accum)
+    dq: Variant          # deterministic dQ over query tiles
+    dq_convert: Variant  # dQ = scale * dq_accum in the input type (atomic path)
+
+
+def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
+    """The backward's kernels for one problem (one path for every dtype)."""
+    dkdv_families = _families(BACKWARD_DKDV, dtype)
+    d = bucket(max(head_dim, head_dim_v))
+    return BackwardVariants(
+        _first((BWD_DELTA,), dtype, d, False, arch),
+        _first(dkdv_families, dtype, d, has_window, arch),
+        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch),
+        _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
+    )
+
+
+def all_variants(arch: str) -> list[Variant]:
+    """Every Variant ``select`` and ``select_backward`` can return for ``arch`` (a bucket with no
+    tile that fits the arch, e.g. the float64 d256 backward on 99 KB parts, has none)."""
+    out = []
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            for masked in (False, True):
+                for keys in (0, math.inf):
+                    out.append(select(dtype, d, d, masked, arch, keys))
+                try:
+                    out += select_backward(dtype, d, d, masked, arch)
+                except ValueError:
+                    pass
+    return list(dict.fromkeys(out))
+
+
+def shared_memory_bytes(variant: Variant) -> int:
+    return SPECS[variant.kernel].shared_memory_bytes(variant)

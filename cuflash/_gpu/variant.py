@@ -1,0 +1,60 @@
+"""A kernel Variant: one instantiation of a ``cuda_src`` kernel template.
+
+A :class:`Variant` is a frozen description of one kernel instantiation: which source in
+``cuda_src/``, which element type, which head-dim tile, which tile shape, which mask kind and
+for which architecture, and the dynamic shared memory that tile needs. Everything else
+(lengths, strides, scale, window) is a run-time field of the params struct, so one Variant
+serves every shape in its bucket. ``tiles.py`` makes them; ``kernels.py`` compiles them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+# Element type names as the kernels spell them.
+CUDA_TYPES = {
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "float32": "float",
+    "float64": "double",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel instantiation: the template parameters of a ``cuda_src`` kernel, and the dynamic
+    shared memory its tile needs (derived from them; ``tiles.KernelSpec`` computes it)."""
+
+    kernel: str      # file stem in cuda_src/ and the kernel's name in namespace cuflash
+    dtype: str       # key of CUDA_TYPES
+    head_dim: int    # tile width covering D and Dv (a bucket; inputs are zero-padded to it)
+    block_m: int     # query rows per block
+    block_n: int     # keys per tile
+    warps: int       # warps per block
+    stages: int      # K/V shared-memory pipeline depth
+    has_window: bool  # causal or local window: per-element masking and skipped tiles
+    arch: str        # "80", "86", "89", "90a", ...
+    shared_mem: int  # dynamic shared memory bytes the kernel expects (tiles.py; checked at entry)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def name_expression(self) -> str:
+        args = (
+            CUDA_TYPES[self.dtype],
+            self.head_dim,
+            self.block_m,
+            self.block_n,
+            self.warps,
+            self.stages,
+            "true" if self.has_window else "false",
+        )
+        return f"cuflash::{self.kernel}<{', '.join(map(str, args))}>"
+
+    def __str__(self) -> str:
+        mask = "window" if self.has_window else "dense"
+        return (
+            f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
+            f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"
+        )
