@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -356,17 +357,31 @@ def _normalise_mask(causal, window, seqlen_q: int, seqlen_k: int) -> tuple[int, 
             raise TypeError(f"window must be None or a (left, right) tuple of ints, got {type(window).__name__}")
         if len(window) != 2:
             raise ValueError(f"window must have exactly two entries (left, right), got {len(window)}")
-        for side, size in zip(("left", "right"), window):
-            if isinstance(size, (bool, numpy.bool_)) or not isinstance(size, numbers.Integral):
-                raise TypeError(f"window {side} must be an int (-1 = unbounded), got {type(size).__name__}")
+        sizes = [_integer(f"window {side}", size, "(-1 = unbounded)") for side, size in zip(("left", "right"), window)]
+        for side, size in zip(("left", "right"), sizes):
             if size < -1:
                 raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {size}")
         # A side wider than Lq + Lk never excludes a key; clamping it keeps it in the kernels' int32.
-        left, right = (min(int(size), seqlen_q + seqlen_k) for size in window)
+        left, right = (min(size, seqlen_q + seqlen_k) for size in sizes)
     if is_causal:
         right = 0
     diag_offset = seqlen_k - seqlen_q if alignment == "bottom_right" else 0
     return left, right, diag_offset
+
+
+def _integer(name: str, value, note: str = "") -> int:
+    """``value`` as a Python int: an int, a NumPy integer, or a 0-d integer array or tensor
+    (flash-attn's callers pass ``window_size`` entries as 0-d tensors); never a bool."""
+    if not isinstance(value, (bool, numpy.bool_)) and "bool" not in str(getattr(value, "dtype", "")):
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if getattr(value, "shape", None) == () or getattr(value, "ndim", None) == 0:
+            try:
+                return operator.index(value)
+            except TypeError:  # a 0-d float array or tensor
+                pass
+    described = type(value).__name__ + (f" of dtype {value.dtype}" if hasattr(value, "dtype") else "")
+    raise TypeError(f"{name} must be an int{' ' + note if note else ''}, got {described}")
 
 
 # --- out= ------------------------------------------------------------------------------------

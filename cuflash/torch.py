@@ -154,7 +154,9 @@ def _mask_arguments(causal, window):
         causal_name = causal
     else:
         causal_name = "bottom_right" if causal else "none"
-    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if window is None:
+        return causal_name, -1, -1
+    left, right = (_spec._integer(f"window {side}", size) for side, size in zip(("left", "right"), window))
     return causal_name, left, right
 
 

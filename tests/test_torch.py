@@ -171,6 +171,18 @@ def test_flash_attn_func_matches_the_dense_reference(case, randt):
         assert_close(_numpy(grad.transpose(1, 2)), reference, dtype=numpy.float64, kind="grad", name=f"d{name}")
 
 
+def test_flash_attn_func_takes_int_like_window_sizes(randt):
+    """flash-attn's callers (and its own tests) pass window_size entries as 0-d tensors."""
+    q = randt(1, 9, 2, 8)
+    expected = ct.flash_attn_func(q, q, q, causal=True, window_size=(3, 0))
+    for window in ((torch.tensor(3), torch.tensor(0)), (numpy.int64(3), numpy.int32(0)), [3, torch.tensor(0)]):
+        torch.testing.assert_close(ct.flash_attn_func(q, q, q, causal=torch.tensor(True), window_size=window),
+                                   expected, rtol=0, atol=0)
+    for bad in ((torch.tensor(3.0), 0), (3, torch.tensor(False)), (torch.tensor([3]), 0)):
+        with pytest.raises(TypeError, match="window"):
+            ct.flash_attn_func(q, q, q, window_size=bad)
+
+
 def test_flash_attn_func_reads_strided_views_of_packed_qkv(randt):
     qkv = randt(2, 6, 3, 4, 8, requires_grad=True)  # (B, L, 3, H, D), as flash_attn_qkvpacked_func
     q, k, v = qkv.unbind(dim=2)

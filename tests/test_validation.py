@@ -117,6 +117,9 @@ OPTION_CASES = [
     ("window-float", dict(window=(1.5, 2)), TypeError, r"window left must be an int"),
     ("window-str-entry", dict(window=(1, "2")), TypeError, r"window right must be an int"),
     ("window-bool-entry", dict(window=(True, 1)), TypeError, r"window left must be an int"),
+    ("window-0d-float", dict(window=(numpy.array(1.0), 1)), TypeError, r"window left must be an int.*, got ndarray of dtype float64"),
+    ("window-0d-bool", dict(window=(1, numpy.array(True))), TypeError, r"window right must be an int"),
+    ("window-1d-entry", dict(window=(numpy.array([1]), 1)), TypeError, r"window left must be an int"),
     ("window-int", dict(window=5), TypeError, r"window must be None or a \(left, right\) tuple"),
     ("window-str", dict(window="ab"), TypeError, r"window must be None or a \(left, right\) tuple"),
     ("window-array", dict(window=numpy.array([1, 2])), TypeError, r"window must be None or a \(left, right\) tuple"),
@@ -252,6 +255,7 @@ def test_bad_backward_options(rng, options, error, match):
         ("top_left", (3, -1), 5, 7, (3, 0, 0, True)),
         (False, (-1, -1), 5, 7, (-1, -1, 2, False)),
         (False, (numpy.int64(3), numpy.int32(-1)), 5, 7, (3, -1, 2, True)),
+        (False, (numpy.array(3), numpy.array(-1, numpy.int8)), 5, 7, (3, -1, 2, True)),  # 0-d arrays
         (False, (10**12, 5), 5, 7, (12, 5, 2, True)),  # wider than Lq + Lk: clamped, same mask
     ],
 )
