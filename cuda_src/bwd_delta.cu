@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_delta(const BwdParams p) {
     for (int r = 0; r < kBlockM; r += kRowsPerPass) {
         const int row = m0 + r + tid / kLanes;
         Accum acc = 0;
-        if (row < f.seqlen_q) {
+        if (row < at.seqlen_q) {
             const Element* o_row = o + row * f.o_row_stride;
             const Element* do_row = dout + row * p.dout_row_stride;
 #pragma unroll
@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_delta(const BwdParams p) {
         }
 #pragma unroll
         for (int offset = kLanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (lane_in_row == 0 && row < f.seqlen_q) delta[row] = acc;
+        if (lane_in_row == 0 && row < at.seqlen_q) delta[row] = acc;
     }
 
     // dq_accum rows [m0, m0 + kBlockM) of this head: one contiguous span (bh, Lq, D).
     if (p.dq_accum != nullptr) {
-        const int rows = min(kBlockM, f.seqlen_q - m0);
+        const int rows = min(kBlockM, at.seqlen_q - m0);
         prep::zero_span<kThreads>(static_cast<Accum*>(p.dq_accum) + at.dq_accum + (long long)m0 * f.head_dim,
                                   rows * f.head_dim, tid);
     }

@@ -85,9 +85,9 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
     const bool with_dq = p.dq_accum != nullptr;
-    const int Lq = f.seqlen_q, Lk = f.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
+    const int Lq = at.seqlen_q, Lk = at.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
-    const Mask<kHasWindow> mask(f);
+    const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, Lq);
 
     // Q_i, dO_i, lse_i, delta_i of step (g, i): head g's rows (BwdBatchIndex::head).

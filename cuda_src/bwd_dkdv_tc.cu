@@ -91,15 +91,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
-    const Mask<kHasWindow> mask(f);
-    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, f.seqlen_q);
+    const Mask<kHasWindow> mask(f, at);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(f.k) + at.k,
                                                                 f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
                                                                 f.v_row_stride, f.head_dim_v);
     const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
-    if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
+    if (!(k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && qdo_loader.aligned())) __trap();
     // Step number t = (g, i) into slot t % kStages.
     auto load_qdo = [&](int t, const HeadTileStep& s) {
         const int slot_index = t % kStages;
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 
     // ---- Pipeline: cp.async groups in order (K, V), Q/dO of step 0, ..., one per loop step
     // (empty ones too): "at most kStages-2 pending" at step t means K, V and step t have landed.
-    k_loader.load(k_smem, n0, f.seqlen_k, tid);
-    v_loader.load(v_smem, n0, f.seqlen_k, tid);
+    k_loader.load(k_smem, n0, at.seqlen_k, tid);
+    v_loader.load(v_smem, n0, at.seqlen_k, tid);
     ptx::cp_async_commit();
     const HeadTileStep first_step(range.first, range.last, heads);
 #pragma unroll
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                     for (int e = 0; e < 4; ++e) {
                         const int row = m0 + s_row + mt * 16 + lane / 4 + 8 * (e / 2);
                         const int key = n0 + s_col + nt * 8 + 2 * (lane % 4) + e % 2;
-                        if (row >= f.seqlen_q || !mask.visible(row, key)) s[mt][nt][e] = 0.f;
+                        if (row >= at.seqlen_q || !mask.visible(row, key)) s[mt][nt][e] = 0.f;
                     }
         }
         // dS = P o (dP - delta_i), in place of dP.
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             // Units of (kDqRows queries x kDqCols columns) over the warps, added to dq_accum with
             // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale), into head g's rows.
             float* dq_g = static_cast<float*>(p.dq_accum) +
-                          (long long)ptx::block_index_x() * heads * f.seqlen_q * f.head_dim + HeadStep(p, step.g).dq_accum;
+                          (long long)ptx::block_index_x() * heads * at.seqlen_q * f.head_dim + HeadStep(p, step.g).dq_accum;
 #pragma unroll 1
             for (int u = warp; u < kDqUnits; u += kWarps) {
                 const int row0 = (u % (kBlockM / kDqRows)) * kDqRows, chunk = u / (kBlockM / kDqRows);
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int row = m0 + row0 + mt * 16 + lane / 4 + 8 * h;
-                        if (row < f.seqlen_q) {
+                        if (row < at.seqlen_q) {
                             float* dst = dq_g + (long long)row * f.head_dim;
 #pragma unroll
                             for (int nt = 0; nt < kDqN; ++nt) {
@@ -331,9 +331,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     __syncthreads();
     const BwdBatchIndex out_at(p, ptx::block_index_x() * p.heads_per_block);  // recomputed: not held through the loop
     tc::store_tile<kBlockN, kHeadDim, kThreads>(k_smem, static_cast<unsigned short*>(p.dk) + out_at.dk + n0 * p.dk_row_stride,
-                                                p.dk_row_stride, f.seqlen_k - n0, f.head_dim, tid);
+                                                p.dk_row_stride, out_at.seqlen_k - n0, f.head_dim, tid);
     tc::store_tile<kBlockN, kHeadDim, kThreads>(v_smem, static_cast<unsigned short*>(p.dv) + out_at.dv + n0 * p.dv_row_stride,
-                                                p.dv_row_stride, f.seqlen_k - n0, f.head_dim_v, tid);
+                                                p.dv_row_stride, out_at.seqlen_k - n0, f.head_dim_v, tid);
 }
 
 }  // namespace cuflash

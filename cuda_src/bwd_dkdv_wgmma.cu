@@ -98,15 +98,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, bh);
-    const Mask<kHasWindow> mask(f);
-    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, f.seqlen_q);
+    const Mask<kHasWindow> mask(f, at);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(
         static_cast<const unsigned short*>(f.k) + at.k, f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(
         static_cast<const unsigned short*>(f.v) + at.v, f.v_row_stride, f.head_dim_v);
     const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
-    if (!(k_loader.aligned(f.seqlen_k) && v_loader.aligned(f.seqlen_k) && qdo_loader.aligned())) __trap();
+    if (!(k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && qdo_loader.aligned())) __trap();
     // Step number t = (h, i) into slot t % kStages.
     auto load_qdo = [&](int t, const HeadTileStep& s) {
         const int slot_index = t % kStages;
@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
     // ---- Pipeline: cp.async groups in order (K, V), Q/dO of step 0, ..., one per loop step
     // (empty ones too): "at most kStages-2 pending" at step t means K, V and step t have landed.
-    k_loader.load(k_smem, n0, f.seqlen_k, tid);
-    v_loader.load(v_smem, n0, f.seqlen_k, tid);
+    k_loader.load(k_smem, n0, at.seqlen_k, tid);
+    v_loader.load(v_smem, n0, at.seqlen_k, tid);
     ptx::cp_async_commit();
     const HeadTileStep first_step(range.first, range.last, heads);
 #pragma unroll
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         n0_s = n0;
         full_first_s = range.full_first;
         full_last_s = range.full_last;
-        if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * f.seqlen_q * f.head_dim;
+        if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * at.seqlen_q * f.head_dim;
     }
 
     // Steps t = (h, i): every head h of the group over query tiles i in [range.first, range.last);
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
                 for (int e = 0; e < 4; ++e) {
                     const int query = m0 + col + e % 2;
                     const int key = n0_s + lane_key_row() + 8 * (e / 2);
-                    if (query >= f.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+                    if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
                 }
             }
 #pragma unroll
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
-                if (row < f.seqlen_q) {
+                if (row < at.seqlen_q) {
                     float* dst = dq_head_s + HeadStep(p, step.g).dq_accum + (long long)row * f.head_dim;
 #pragma unroll
                     for (int nt = 0; nt < kDqN / 8; ++nt) {
@@ -306,9 +306,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const BwdBatchIndex out_at(p, out_group * p.heads_per_block);
     const int out_n0 = out_n_index * kBlockN;
     tc::store_tile<kBlockN, kHeadDim, kThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + out_at.dk + out_n0 * p.dk_row_stride,
-                                                p.dk_row_stride, f.seqlen_k - out_n0, f.head_dim, tid);
+                                                p.dk_row_stride, out_at.seqlen_k - out_n0, f.head_dim, tid);
     tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + out_at.dv + out_n0 * p.dv_row_stride,
-                                                p.dv_row_stride, f.seqlen_k - out_n0, f.head_dim_v, tid);
+                                                p.dv_row_stride, out_at.seqlen_k - out_n0, f.head_dim_v, tid);
 }
 
 }  // namespace cuflash

@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_convert(const BwdParams p)
 #pragma unroll 4
     for (int idx = threadIdx.x; idx < kTotal; idx += kThreads) {
         const int row = m0 + idx / kChunks, col = (idx % kChunks) * kVec;
-        if (row >= f.seqlen_q || col >= f.head_dim) continue;
+        if (row >= at.seqlen_q || col >= f.head_dim) continue;
         const Accum* src = accum + (long long)row * f.head_dim + col;
         const int n = f.head_dim - col;
         Accum x[kVec];

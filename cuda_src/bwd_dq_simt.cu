@@ -69,9 +69,9 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const T* __restrict__ dout = static_cast<const T*>(p.dout) + at.dout;
     const T* __restrict__ lse = static_cast<const T*>(f.lse) + at.lse;
     const T* __restrict__ delta = static_cast<const T*>(p.delta) + at.lse;
-    const int Lq = f.seqlen_q, Lk = f.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
+    const int Lq = at.seqlen_q, Lk = at.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
-    const Mask<kHasWindow> mask(f);
+    const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     T dQ[TM][TD];

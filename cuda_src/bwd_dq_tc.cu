@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, bh);
-    const Mask<kHasWindow> mask(f);
+    const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(f.q) + at.q,
@@ -71,18 +71,18 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
                                                                 f.k_row_stride, f.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
                                                                 f.v_row_stride, f.head_dim_v);
-    if (!(q_loader.aligned(f.seqlen_q) && do_loader.aligned(f.seqlen_q) && k_loader.aligned(f.seqlen_k) &&
-          v_loader.aligned(f.seqlen_k)))
+    if (!(q_loader.aligned(at.seqlen_q) && do_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) &&
+          v_loader.aligned(at.seqlen_k)))
         __trap();
     auto load_kv = [&](int j) {
         const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
-        k_loader.load(slot, j * kBlockN, f.seqlen_k, tid);
-        v_loader.load(slot + KVTile::kBytes, j * kBlockN, f.seqlen_k, tid);
+        k_loader.load(slot, j * kBlockN, at.seqlen_k, tid);
+        v_loader.load(slot + KVTile::kBytes, j * kBlockN, at.seqlen_k, tid);
     };
 
     // ---- Pipeline: groups (Q_i, dO_i), K/V tile first, ..., one per loop step (as fwd_tc.cu).
-    q_loader.load(q_smem, m0, f.seqlen_q, tid);
-    do_loader.load(do_smem, m0, f.seqlen_q, tid);
+    q_loader.load(q_smem, m0, at.seqlen_q, tid);
+    do_loader.load(do_smem, m0, at.seqlen_q, tid);
     ptx::cp_async_commit();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * h;
-            lse2[mt][h] = tc::lse_log2(static_cast<const float*>(f.lse) + at.lse, row, f.seqlen_q);
-            delta[mt][h] = tc::row_delta(static_cast<const float*>(p.delta) + at.lse, row, f.seqlen_q);
+            lse2[mt][h] = tc::lse_log2(static_cast<const float*>(f.lse) + at.lse, row, at.seqlen_q);
+            delta[mt][h] = tc::row_delta(static_cast<const float*>(p.delta) + at.lse, row, at.seqlen_q);
         }
 
     // Per-lane ldmatrix addresses (as fwd_tc.cu). Q_i, dO_i (A): rows lane%16, chunk lane/16.
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const BwdBatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop
     tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
                                            static_cast<unsigned short*>(p.dq) + out_at.dq + (m0 + warp_row0) * p.dq_row_stride,
-                                           p.dq_row_stride, f.seqlen_q - m0 - warp_row0, f.head_dim, lane);
+                                           p.dq_row_stride, out_at.seqlen_q - m0 - warp_row0, f.head_dim, lane);
 }
 
 }  // namespace cuflash

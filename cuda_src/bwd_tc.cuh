@@ -44,7 +44,7 @@ struct QueryTileLoader {
           dout(static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, p.fwd.head_dim_v),
           lse(static_cast<const float*>(p.fwd.lse) + at.lse),
           delta(static_cast<const float*>(p.delta) + at.lse),
-          seqlen_q(p.fwd.seqlen_q) {}
+          seqlen_q(at.seqlen_q) {}
 
     __device__ __forceinline__ bool aligned() const { return q.aligned(seqlen_q) && dout.aligned(seqlen_q); }
 

@@ -90,9 +90,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;
-    const int Lq = p.seqlen_q, Lk = p.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
+    const int Lq = bi.seqlen_q, Lk = bi.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
 
-    const Mask<kHasWindow> mask(p);
+    const Mask<kHasWindow> mask(p, bi);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // Copy `rows` rows of width `width` (zero-filled to kHeadDim and past row_limit) from global

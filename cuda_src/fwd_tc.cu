@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const int warp_row0 = warp * kRowsPerWarp;
 
     const BatchIndex at(p, bh);
-    const Mask<kHasWindow> mask(p);
+    const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
                                                                 p.v_row_stride, p.head_dim_v);
     // 16-byte copies need 16-byte aligned rows; the host guarantees it (plan.py copies otherwise).
-    if (!(q_loader.aligned(p.seqlen_q) && k_loader.aligned(p.seqlen_k) && v_loader.aligned(p.seqlen_k))) __trap();
+    if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto load_kv = [&](int j) {
         const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
-        k_loader.load(slot, j * kBlockN, p.seqlen_k, tid);
-        v_loader.load(slot + KVTile::kBytes, j * kBlockN, p.seqlen_k, tid);
+        k_loader.load(slot, j * kBlockN, at.seqlen_k, tid);
+        v_loader.load(slot + KVTile::kBytes, j * kBlockN, at.seqlen_k, tid);
     };
-    q_loader.load(q_smem, m0, p.seqlen_q, tid);
+    q_loader.load(q_smem, m0, at.seqlen_q, tid);
     ptx::cp_async_commit();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -208,13 +208,13 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
                                                             acc[mt][nt][2 * h + 1] * inv_l[mt][h]);
                 ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), packed);
             }
-            if (lane % 4 == 0 && m0 + row < p.seqlen_q)
+            if (lane % 4 == 0 && m0 + row < out_at.seqlen_q)
                 static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[mt][h];
         }
     __syncwarp();
     tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
                                            static_cast<unsigned short*>(p.o) + out_at.o + (m0 + warp_row0) * p.o_row_stride,
-                                           p.o_row_stride, p.seqlen_q - m0 - warp_row0, p.head_dim_v, lane);
+                                           p.o_row_stride, out_at.seqlen_q - m0 - warp_row0, p.head_dim_v, lane);
 }
 
 }  // namespace cuflash

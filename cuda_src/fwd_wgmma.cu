@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
 
     const BatchIndex at(p, bh);
-    const Mask<kHasWindow> mask(p);
+    const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // ---- K/V pipeline. K and V have separate rings of kStages slots, tile t in slot
@@ -94,16 +94,16 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
                                                                         p.k_row_stride, p.head_dim);
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
                                                                         p.v_row_stride, p.head_dim_v);
-    if (!(q_loader.aligned(p.seqlen_q) && k_loader.aligned(p.seqlen_k) && v_loader.aligned(p.seqlen_k))) __trap();
+    if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * KVTile::kBytes; };
     auto v_slot = [&](int t) { return k_slot(t) + kStages * KVTile::kBytes; };
     auto load_k = [&](int t) {
-        if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, p.seqlen_k, tid);
+        if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
     auto load_v = [&](int t) {
-        if (t < range.last) v_loader.load(v_slot(t), t * kBlockN, p.seqlen_k, tid);
+        if (t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
-    q_loader.load(q_smem, m0, p.seqlen_q, tid);
+    q_loader.load(q_smem, m0, at.seqlen_q, tid);
     load_k(range.first);
     ptx::cp_async_commit();
 #pragma unroll
@@ -241,11 +241,11 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
             const unsigned packed = ptx::pack2<Element>(acc[0][nt][2 * h] * inv_l[0][h], acc[0][nt][2 * h + 1] * inv_l[0][h]);
             ptx::st_shared_b32(kv_smem + OTile::offset(row, nt) + 4 * (lane % 4), packed);
         }
-        if (lane % 4 == 0 && m0 + row < p.seqlen_q) static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
+        if (lane % 4 == 0 && m0 + row < out_at.seqlen_q) static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
     }
     __syncthreads();
     tc::store_tile<kBlockM, kHeadDim, kThreads>(kv_smem, static_cast<unsigned short*>(p.o) + out_at.o + m0 * p.o_row_stride,
-                                                p.o_row_stride, p.seqlen_q - m0, p.head_dim_v, tid);
+                                                p.o_row_stride, out_at.seqlen_q - m0, p.head_dim_v, tid);
 }
 
 }  // namespace cuflash

@@ -27,8 +27,9 @@ template <bool kHasWindow>
 struct Mask {
     int seqlen_k, left, right, diag;
 
-    __device__ __forceinline__ explicit Mask(const FwdParams& p)
-        : seqlen_k(p.seqlen_k), left(p.window_left), right(p.window_right), diag(p.diag_offset) {}
+    // The mask of one sequence (``seq``: its lengths, params.cuh's BatchIndex).
+    __device__ __forceinline__ Mask(const FwdParams& p, const BatchIndex& seq)
+        : seqlen_k(seq.seqlen_k), left(p.window_left), right(p.window_right), diag(p.diag_offset) {}
 
     __device__ __forceinline__ bool visible(int i, int j) const {
         bool ok = j < seqlen_k;

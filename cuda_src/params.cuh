@@ -106,14 +106,18 @@ struct BatchCoords {
     }
 };
 
-// Offsets of attention row `bh` inside the forward's tensors. Key/value rows of GQA belong to
-// kv head = head / kv_group.
+// Attention row `bh`'s sequence: its offsets inside the forward's tensors (key/value rows of GQA
+// belong to kv head = head / kv_group) and its lengths. The kernels read a sequence's Lq and Lk
+// here and nowhere else: today every row has the call's, and per-sequence lengths (packed
+// batches, a KV cache's used length) change only this constructor.
 struct BatchIndex {
     long long q, k, v, o, lse;
+    int seqlen_q, seqlen_k;
 
     __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh)) {}
 
-    __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c) {
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c)
+        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
         const int kv_head = c.head / p.kv_group;
         q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
         k = c.offset(p.k_batch_stride, p.k_head_stride, kv_head);
