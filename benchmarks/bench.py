@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import dataclasses
-import datetime
 import gc
 import json
 import math
@@ -49,7 +48,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -58,7 +56,12 @@ from typing import Any, Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT_DIR = BENCH_DIR / "results"
+if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import record as records  # noqa: E402
+
+DEFAULT_OUT_DIR = records.RESULTS_DIR
 
 # ----------------------------------------------------------------------------------------------
 # What is swept
@@ -420,14 +423,6 @@ def _cuda_version_text(version: int) -> str:
     return f"{version // 1000}.{version % 1000 // 10}"
 
 
-def _command_output(*command: str, cwd: Path | None = None) -> str | None:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def collect_environment(libs: Libraries) -> dict:
     import numpy
 
@@ -437,16 +432,9 @@ def collect_environment(libs: Libraries) -> dict:
     name = props["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     torch = libs.torch
-    # A copy of the tree (a lent GPU machine's) may carry no .git, or a stale one: a commit the
-    # caller names in CUFLASH_COMMIT wins over what git says.
-    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
-    commit_source = "CUFLASH_COMMIT" if commit else None
-    if commit is None:
-        commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
-        commit_source = "git" if commit else None
-    status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if commit_source == "git" else None
-    driver = _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
-                             f"--id={device_id}")
+    source = records.source_commit()
+    driver = records.command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                                   f"--id={device_id}")
     return {
         "device": name,
         "compute_capability": f"{props['major']}.{props['minor']}",
@@ -467,10 +455,8 @@ def collect_environment(libs: Libraries) -> dict:
         "cuflash": getattr(libs.cuflash, "__version__", "unknown") if libs.cuflash else None,
         "cuflash_path": getattr(libs.cuflash, "__file__", None) if libs.cuflash else None,
         "cuflash_note": libs.cuflash_note or None,
-        "git_commit": commit or "unknown",
-        "git_commit_source": commit_source,
-        "git_dirty": bool(status) if commit_source == "git" else None,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **source,
+        "date_utc": records.now_utc(),
     }
 
 
@@ -1157,31 +1143,10 @@ def format_table(rows: list[dict], implementations: list[str], decode: bool = Fa
     return "\n".join(out)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
-
-
-def _json_safe(value: Any) -> Any:
-    """Strict JSON: non-finite floats become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def save_results(record: dict, out_dir: Path) -> Path:
-    """Write record as benchmarks/results/<UTC date>_<device>.json; returns the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    date = datetime.datetime.fromisoformat(record["date_utc"])
-    sweep = "" if record.get("sweep", "training") == "training" else f"_{record['sweep']}"
-    path = out_dir / f"{date:%Y%m%dT%H%M%SZ}_{_slug(record['device'])}{sweep}.json"
-    path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
-    return path
+def save_results(result: dict, out_dir: Path) -> Path:
+    """Write result as benchmarks/results/<UTC date>_<device>[_<sweep>].json; returns the path."""
+    sweep = "" if result.get("sweep", "training") == "training" else result["sweep"]
+    return records.write(result, records.record_path(out_dir, result["date_utc"], result["device"], sweep))
 
 
 def plot(json_path: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -15,7 +15,6 @@ and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -23,6 +22,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import record as records  # noqa: E402
 NUMPY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
@@ -51,7 +54,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO_ROOT))
 
     import cupy
     import ml_dtypes  # noqa: F401
@@ -107,13 +109,11 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-    gpu = (gpu.decode() if isinstance(gpu, bytes) else gpu).lower().replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stamp}_{gpu}_gqa.json"
-    path.write_text(json.dumps({"sweep": "gqa", "timestamp": stamp, "gpu": gpu, "cuflash": cuflash.__version__,
-                                "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    gpu = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+    record = {"sweep": "gqa", "device": gpu, "cuflash": cuflash.__version__, "cupy": cupy.__version__,
+              **records.source_commit(), "date_utc": records.now_utc(), "config": vars(args), "rows": rows}
+    path = records.write(record, records.record_path(args.out, record["date_utc"], gpu, "gqa"))
     print("| dtype | D | causal | L | Hq/Hkv | cuflash fwd+bwd TF/s | vs MHA | sdpa (default) TF/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -17,17 +17,17 @@ Writes benchmarks/results/<UTC>_<gpu>_host.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import record as records  # noqa: E402
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
@@ -49,7 +49,6 @@ def host_us_per_call(call, calls: int) -> float:
 
 
 def cases(args):
-    sys.path.insert(0, str(REPO_ROOT))  # cuflash from this checkout when it is not installed
     import cupy
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -101,21 +100,14 @@ def cases(args):
 
 
 def environment() -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
     import cupy
     import torch
 
     import cuflash
 
-    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
-            "cuflash": cuflash.__version__, "commit": commit, "python": sys.version.split()[0]}
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
+            "cuflash": cuflash.__version__, "python": sys.version.split()[0], **records.source_commit(),
+            "date_utc": records.now_utc()}
 
 
 def main(argv=None) -> int:
@@ -143,13 +135,9 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
 
     env = environment()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    gpu = env["gpu"].lower().replace(" ", "-")
-    record = {"sweep": "host", "timestamp": stamp, "environment": env, "config": vars(args) | {"out": str(args.out)},
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stamp}_{gpu}_host{'_gqa' if args.gqa else ''}.json"
-    path.write_text(json.dumps(record, indent=1))
+    record = {"sweep": "host", **env, "config": vars(args), "rows": rows}
+    path = records.write(record, records.record_path(args.out, env["date_utc"], env["device"],
+                                                     "host_gqa" if args.gqa else "host"))
     print(f"| call ({args.dtype}, B={args.batch} H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
           "| host us/call |\n| --- | --- |")
     for row in rows:

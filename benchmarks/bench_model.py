@@ -53,16 +53,11 @@ so an interrupted run keeps what it measured) and a Markdown table per shape is 
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
 import gc
 import json
-import math
-import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -70,6 +65,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import record as records  # noqa: E402
 BACKENDS = ("cuflash", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                "sdpa_efficient": "EFFICIENT_ATTENTION"}
@@ -83,28 +82,6 @@ BOUNDS = {"bf16": dict(logits=0.05, loss=0.05, grad=0.1, attn=0.03, attn_grad=0.
 
 
 # --- small helpers ---------------------------------------------------------------------------------
-
-
-def _command_output(*command: str, cwd: Path | None = None) -> str | None:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class Clock:
@@ -152,19 +129,11 @@ def collect_environment(torch, device: str) -> dict:
         env.update(device=torch.cuda.get_device_name(0), compute_capability=f"{props.major}.{props.minor}",
                    sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
                    torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   driver_version=_command_output("nvidia-smi", "--query-gpu=driver_version",
-                                                  "--format=csv,noheader", "--id=0") or "unknown")
+                   driver_version=records.command_output("nvidia-smi", "--query-gpu=driver_version",
+                                                         "--format=csv,noheader", "--id=0") or "unknown")
     else:
         env.update(device="cpu", cpu=platform.processor() or platform.machine())
-    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
-    source = "CUFLASH_COMMIT" if commit else None
-    if commit is None:
-        commit = _command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
-        source = "git" if commit else None
-    status = _command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if source == "git" else None
-    env.update(git_commit=commit or "unknown", git_commit_source=source,
-               git_dirty=bool(status) if source == "git" else None,
-               date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    env.update(**records.source_commit(), date_utc=records.now_utc())
     return env
 
 
@@ -580,15 +549,13 @@ def main(argv=None) -> Path:
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
               "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
               "rows": []}
-    date = datetime.datetime.fromisoformat(record["date_utc"])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"{date:%Y%m%dT%H%M%SZ}_{_slug(record['device'])}_model.json"
+    path = records.record_path(args.out_dir, record["date_utc"], record["device"], "model")
     print(f"[model] {record['device']} torch {env['torch']} transformers {env['transformers']} "
           f"cuflash {env['cuflash']} {dtype_name} {config}", file=sys.stderr, flush=True)
 
     def save():
         record["table"] = format_tables(record["rows"], dtype_name, cuda)
-        path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+        records.write(record, path)
 
     try:
         for batch, length in args.shapes:
@@ -624,7 +591,7 @@ def main(argv=None) -> Path:
                         torch.cuda.empty_cache()
                 row["results"][backend] = result
                 print(f"[model] {row['shape']} {backend}: "
-                      + json.dumps(_json_safe({k: v for k, v in result.items() if not k.endswith("_all")})),
+                      + json.dumps(records.json_safe({k: v for k, v in result.items() if not k.endswith("_all")})),
                       file=sys.stderr, flush=True)
                 save()
             reference.clear()

@@ -327,12 +327,15 @@ def section_memory(record: dict, images: list[str], condensed: bool) -> list[str
 
 
 def section_latency(record: dict, images: list[str], condensed: bool) -> list[str]:
-    columns = latency_columns()
+    # The columns some row measured (records older than a column lack it).
+    columns = [c for c in latency_columns() if any(c[2] in r[c[1]] for r in record["rows"])]
 
     def cell(result: dict, key: str) -> str:
         if result.get("status") != "ok":
             return STATUS_CELL.get(result.get("status"), "?")
-        value = result[key]
+        value = result.get(key)
+        if value is None:
+            return "-"
         return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
 
     lines = [[r["dtype"], str(r["headdim"]), "yes" if r["causal"] else "no",

@@ -37,7 +37,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import cuflash
-    from cuflash._gpu import kernels, tiles
+    from cuflash._gpu import kernels, plan, tiles
 
     new_src = kernels.source_dir()
 

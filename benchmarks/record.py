@@ -1,0 +1,81 @@
+"""What every benchmark's JSON record shares: the commit it measured, strict JSON, its file name.
+
+Every sweep (``bench.py`` and the standalone ``bench_*.py``) imports this module; it imports none
+of them. A copy of the tree (a lent GPU machine's) may carry no ``.git``, or a stale one: a commit
+the caller names in ``CUFLASH_COMMIT`` wins over what git says.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def use_checkout() -> None:
+    """Import cuflash (and ``benchmarks``) from this checkout, installed or not."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def command_output(*command: str, cwd: Path | None = None) -> str | None:
+    """A command's stripped stdout, or None if it is missing, fails or takes over 10 s."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_commit() -> dict:
+    """``git_commit``, ``git_commit_source`` ("CUFLASH_COMMIT", "git" or None) and ``git_dirty``
+    (uncommitted changes, when git answered)."""
+    commit = os.environ.get("CUFLASH_COMMIT", "").strip() or None
+    source = "CUFLASH_COMMIT" if commit else None
+    if commit is None:
+        commit = command_output("git", "rev-parse", "HEAD", cwd=REPO_ROOT)
+        source = "git" if commit else None
+    status = command_output("git", "status", "--porcelain", cwd=REPO_ROOT) if source == "git" else None
+    return {"git_commit": commit or "unknown", "git_commit_source": source,
+            "git_dirty": bool(status) if source == "git" else None}
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
+
+
+def json_safe(value):
+    """Strict JSON: non-finite floats become null, paths strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def record_path(out_dir: Path, date_utc: str, device: str, sweep: str = "") -> Path:
+    """``<out_dir>/<UTC date>_<device>[_<sweep>].json`` (the directory is created)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.fromisoformat(date_utc)
+    return out_dir / f"{date:%Y%m%dT%H%M%SZ}_{slug(device)}{'_' + sweep if sweep else ''}.json"
+
+
+def write(record: dict, path: Path) -> Path:
+    path.write_text(json.dumps(json_safe(record), indent=1) + "\n")
+    return path
