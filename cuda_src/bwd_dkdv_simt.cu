@@ -36,7 +36,7 @@ namespace cuflash {
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dkdv_simt(const BwdParams p) {
     using T = Element;
-    using M = simt_bwd::Math<T>;
+    using M = simt::Math<T>;
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroups = 2 * kWarps;      // row groups of 16 lanes
     constexpr int TK = kBlockN / kGroups;    // keys per lane (rows of S^T, dK, dV)
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     for (int r = 0; r < TK; ++r)
 #pragma unroll
         for (int c = 0; c < TD; ++c) dK[r][c] = dV[r][c] = T(0);
-    const T scale = M::scale(f);  // log2 units for float (see Math)
+    const T scale = M::score_scale(f);  // log2 units for float (simt::Math)
 
     const HeadTileStep first_step(range.first, range.last, heads);
     if (first_step.g < heads) {
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
                     T* dst = dq_accum + (long long)row * D;
 #pragma unroll
                     for (int c = 0; c < TD; ++c) {
-                        const int col = simt_bwd::Cols<T, TD>::col(cg, c);
+                        const int col = simt::Cols<T, TD>::col(cg, c);
                         if (col < D) atomicAdd(dst + col, dq[r][c]);
                     }
                 }
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
             T* dv_row = dv + (long long)key * p.dv_row_stride;
 #pragma unroll
             for (int c = 0; c < TD; ++c) {
-                const int col = simt_bwd::Cols<T, TD>::col(cg, c);
+                const int col = simt::Cols<T, TD>::col(cg, c);
                 if (col < D) dk_row[col] = dK[r][c] * sm_scale;
                 if (col < Dv) dv_row[col] = dV[r][c];
             }

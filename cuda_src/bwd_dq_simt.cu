@@ -25,7 +25,7 @@ namespace cuflash {
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dq_simt(const BwdParams p) {
     using T = Element;
-    using M = simt_bwd::Math<T>;
+    using M = simt::Math<T>;
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroups = 2 * kWarps;    // row groups of 16 lanes
     constexpr int TM = kBlockM / kGroups;  // query rows per lane
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
     T dQ[TM][TD];
     simt::zero(dQ);
-    const T scale = M::scale(f);
+    const T scale = M::score_scale(f);
 
     if (range.first < range.last) {
         simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, q, f.q_row_stride, m0, kBlockM, Lq, D, tid);
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
             T* dq_row = dq + (long long)row * p.dq_row_stride;
 #pragma unroll
             for (int c = 0; c < TD; ++c) {
-                const int col = simt_bwd::Cols<T, TD>::col(cg, c);
+                const int col = simt::Cols<T, TD>::col(cg, c);
                 if (col < D) dq_row[col] = dQ[r][c] * sm_scale;
             }
         }

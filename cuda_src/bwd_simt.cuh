@@ -30,43 +30,12 @@
 namespace cuflash {
 namespace simt_bwd {
 
-// The exponential of the recomputed P. float32 works in base 2 as the forward does:
-// P = exp2(s * scale_log2 - lse * log2(e)), exp2f being the full-accuracy library function;
-// float64 works in base e with the exact double scale: P = exp(s * scale - lse).
-template <typename T> struct Math;
-template <> struct Math<float> {
-    static __device__ __forceinline__ float scale(const FwdParams& p) { return p.scale_log2; }
-    static __device__ __forceinline__ float lse_unit(float lse) { return lse * 1.4426950408889634f; }
-    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
-    static __device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
-};
-template <> struct Math<double> {
-    static __device__ __forceinline__ double scale(const FwdParams& p) { return p.scale; }
-    static __device__ __forceinline__ double lse_unit(double lse) { return lse; }
-    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
-    static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
-};
-
+using simt::Cols;  // (simt_tile.cuh, like Math)
+using simt::Math;
 using simt::lds;
 using simt::sts;
 template <typename T>
 constexpr int kVec16 = int(16 / sizeof(T));  // elements per 16 bytes: 4 floats, 2 doubles
-
-// Columns of a gemm_tn micro-tile: TW columns as TW / kVec chunks of kVec adjacent ones; chunk
-// ch of lane cg starts at ch * 16 * kVec + cg * kVec, so for one chunk the 16 lanes of a row
-// group read one contiguous run of 16 * kVec elements. (simt::Cols numbers the chunks; this one
-// the values. Kept apart from it: its static members are symbols of the bwd cubins.)
-template <typename T, int TW>
-struct Cols {
-    static constexpr int kVec = (TW * sizeof(T)) % 16 == 0 && (16 / sizeof(T)) <= TW
-                                    ? int(16 / sizeof(T))
-                                    : ((TW * sizeof(T)) % 8 == 0 && (8 / sizeof(T)) <= TW ? int(8 / sizeof(T)) : 1);
-    static constexpr int kChunks = TW / kVec;
-    static_assert(TW % kVec == 0, "micro-tile width");
-    static __device__ __forceinline__ int col(int cg, int i) {  // column of the lane's i-th value
-        return (i / kVec) * 16 * kVec + cg * kVec + i % kVec;
-    }
-};
 
 // C[r][c] += sum_{k < K} A[r * lda + k] * B[c * 16 * ldb + k]: A is offset to the lane's first
 // row, B to row cg (the lane's first column). K is a multiple of 16 bytes of elements.
@@ -97,7 +66,7 @@ __device__ __forceinline__ void load_cols(T (&b)[TN], const T* row, int cg) {
 #pragma unroll
     for (int ch = 0; ch < C::kChunks; ++ch) {
         T v[C::kVec];
-        lds(v, row + ch * 16 * C::kVec + cg * C::kVec);
+        lds(v, row + C::chunk(cg, ch));
 #pragma unroll
         for (int u = 0; u < C::kVec; ++u) b[ch * C::kVec + u] = v[u];
     }

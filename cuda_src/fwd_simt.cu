@@ -39,26 +39,6 @@
 namespace cuflash {
 namespace simt {
 
-// The softmax's exponential. float32 works in base 2 with c = scale * log2(e) (p.scale_log2,
-// rounded once) and exp2f, the full-accuracy library function (2 ulp; not __expf, not
-// fast-math): p_ij = exp2(s_ij c - m_i) as one FMA and exp2f, m_i in log2 units, and
-// lse = m_i ln 2 + log l_i. float64 works in base e with the exact double scale:
-// p_ij = exp(s_ij c - m_i), c = scale. The kernel uses c = |scale| (Q negated when scale < 0),
-// at least the smallest normal number, so that -inf * c stays -inf.
-template <typename T> struct Math;
-template <> struct Math<float> {
-    static __device__ __forceinline__ float scale(const FwdParams& p) { return fmaxf(fabsf(p.scale_log2), 1.17549435e-38f); }
-    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
-    static __device__ __forceinline__ float lse(float m, float l) { return fmaf(m, 0.693147180559945309f, logf(l)); }
-    static __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
-};
-template <> struct Math<double> {
-    static __device__ __forceinline__ double scale(const FwdParams& p) { return fmax(fabs(p.scale), 2.2250738585072014e-308); }
-    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
-    static __device__ __forceinline__ double lse(double m, double l) { return m + ::log(l); }
-    static __device__ __forceinline__ double neg_inf() { return -__longlong_as_double(0x7ff0000000000000ll); }
-};
-
 // Global -> shared copy of one element (zero-filled when !valid), through cp.async.
 template <typename T>
 __device__ __forceinline__ void copy_elem(T* dst, const T* src, bool valid) {
@@ -253,7 +233,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 #pragma unroll
         for (int c = 0; c < TD; ++c) acc[r][c] = T(0);
     }
-    const T scale = M::scale(p);  // c of Math: |scale|, log2 units for float
+    const T scale = M::softmax_scale(p);  // c of simt::Math: |scale|, log2 units for float
 
     if (range.first < range.last) {
         load_transposed(Qt, kLdQ, q, p.q_row_stride, m0, kBlockM, Lq);
@@ -360,7 +340,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 #pragma unroll
             for (int ch = 0; ch < ColsD::kChunks; ++ch) {
                 T bv[ColsD::kVec];
-                simt::lds(bv, Vs + j * kLdKV + ColsD::col(cg, ch));
+                simt::lds(bv, Vs + j * kLdKV + ColsD::chunk(cg, ch));
 #pragma unroll
                 for (int u = 0; u < ColsD::kVec; ++u) b[ch * ColsD::kVec + u] = bv[u];
             }
@@ -391,7 +371,7 @@ __global__ void __launch_bounds__(kWarps * 32,
             for (int ch = 0; ch < ColsD::kChunks; ++ch)
 #pragma unroll
                 for (int u = 0; u < ColsD::kVec; ++u) {
-                    const int c = ColsD::col(cg, ch) + u;
+                    const int c = ColsD::chunk(cg, ch) + u;
                     if (c < Dv) orow[c] = acc[r][ch * ColsD::kVec + u] * inv;
                 }
             if (cg == 0) lse[row] = l > T(0) ? M::lse(m_i[r], l) : M::neg_inf();

@@ -1,9 +1,39 @@
 // Register micro-tiles of the float32 / float64 kernels (fwd_simt.cu, bwd_simt.cuh): vectors
-// of the element type and the copies between shared memory and registers.
+// of the element type, the copies between shared memory and registers, the columns of a
+// micro-tile, and the exponential's units (Math).
 #pragma once
+#include "params.cuh"
 
 namespace cuflash {
 namespace simt {
+
+// The exponential and its units, one convention for the forward's softmax and the backward's
+// recomputation of P. float32 works in base 2 with c = scale * log2(e) (p.scale_log2, rounded
+// once) and exp2f, the full-accuracy library function (2 ulp; not __expf, not fast-math), so
+// an exponent is one FMA; float64 works in base e with the exact double scale.
+//   forward:  p_ij = exp(s_ij c - m_i), c = softmax_scale(p) = |scale| (the kernel negates Q when
+//             scale < 0), at least the smallest normal number so that -inf * c stays -inf;
+//             m_i in the exponent's units, lse = lse(m_i, l_i) in natural log.
+//   backward: P_ij = exp(s_ij score_scale(p) - lse_unit(lse_i)), the signed scale.
+template <typename T> struct Math;
+template <> struct Math<float> {
+    static __device__ __forceinline__ float softmax_scale(const FwdParams& p) { return fmaxf(fabsf(p.scale_log2), 1.17549435e-38f); }
+    static __device__ __forceinline__ float score_scale(const FwdParams& p) { return p.scale_log2; }
+    static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
+    static __device__ __forceinline__ float lse(float m, float l) { return fmaf(m, 0.693147180559945309f, logf(l)); }
+    static __device__ __forceinline__ float lse_unit(float lse) { return lse * 1.4426950408889634f; }
+    static __device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
+    static __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+};
+template <> struct Math<double> {
+    static __device__ __forceinline__ double softmax_scale(const FwdParams& p) { return fmax(fabs(p.scale), 2.2250738585072014e-308); }
+    static __device__ __forceinline__ double score_scale(const FwdParams& p) { return p.scale; }
+    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double lse(double m, double l) { return m + ::log(l); }
+    static __device__ __forceinline__ double lse_unit(double lse) { return lse; }
+    static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
+    static __device__ __forceinline__ double neg_inf() { return -__longlong_as_double(0x7ff0000000000000ll); }
+};
 
 // 16- and 8-byte vectors of T: float4 / float2 for float, double2 / double for double (a
 // vector of the element's own type, so the compiler keeps the registers of the array).
@@ -82,7 +112,10 @@ struct Cols {
                                     : ((TW * sizeof(T)) % 8 == 0 && (8 / sizeof(T)) <= TW ? int(8 / sizeof(T)) : 1);
     static constexpr int kChunks = TW / kVec;
     static_assert(TW % kVec == 0, "micro-tile width");
-    static __device__ __forceinline__ int col(int cg, int c) { return c * 16 * kVec + cg * kVec; }
+    // The first column of chunk c.
+    static __device__ __forceinline__ int chunk(int cg, int c) { return c * 16 * kVec + cg * kVec; }
+    // The column of the lane's i-th value.
+    static __device__ __forceinline__ int col(int cg, int i) { return chunk(cg, i / kVec) + i % kVec; }
 };
 
 }  // namespace simt
