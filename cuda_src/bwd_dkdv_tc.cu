@@ -217,14 +217,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             tc::mma_k16<Element, KVTile, false>(dp, ado, v_smem + kv_bn_lane, s_col, kk * 2);
         }
 
-        // P = exp2(S * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element. A row that
-        // sees no key has lse = -inf: taken as +inf, so that P = exp2(-inf) = 0 exactly.
+        // P = exp2(S * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element (tc::lse_log2:
+        // a row that sees no key gets P = 0 exactly).
 #pragma unroll
         for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float lse = lse_s[s_row + mt * 16 + lane / 4 + 8 * h];
-                const float lse2 = lse == -tc::pos_inf() ? tc::pos_inf() : lse * 1.4426950408889634f;
+                const float lse2 = tc::lse_log2(lse_s[s_row + mt * 16 + lane / 4 + 8 * h]);
 #pragma unroll
                 for (int nt = 0; nt < kSN; ++nt)
 #pragma unroll

@@ -187,16 +187,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(dpt);
 
         // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
-        // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8. A row that
-        // sees no key has lse = -inf: taken as +inf, so that P = exp2(-inf) = 0 exactly.
+        // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8 (tc::lse_log2: a
+        // row that sees no key gets P = 0 exactly).
 #pragma unroll
         for (int nt = 0; nt < kBlockM / 8; ++nt) {
             const int col = nt * 8 + 2 * (lane % 4);
             float lse2[2], delta[2];
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                const float lse = lse_s[col + c];
-                lse2[c] = lse == -tc::pos_inf() ? tc::pos_inf() : lse * 1.4426950408889634f;
+                lse2[c] = tc::lse_log2(lse_s[col + c]);
                 delta[c] = delta_s[col + c];
             }
 #pragma unroll

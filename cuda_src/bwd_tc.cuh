@@ -13,9 +13,15 @@ namespace tc {
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000u); }
 
-// lse of query `row` in log2 units, ready for P = exp2(s - lse2). A row that sees no key has
-// lse = -inf and a row past Lq does not exist: both get +inf, so P = exp2(-inf) = 0 exactly
-// (never exp2(+inf) or NaN), whatever their scores are.
+// A row's lse in log2 units, ready for P = exp2(s - lse2). A row that sees no key has lse = -inf:
+// it gets +inf, so P = exp2(-inf) = 0 exactly (never exp2(+inf) or NaN), whatever its scores.
+__device__ __forceinline__ float lse_log2(float lse) {
+    return lse == -pos_inf() ? pos_inf() : lse * 1.4426950408889634f;
+}
+
+// lse_log2 of query `row`, read from global memory; a row past Lq does not exist and gets +inf
+// too. (The rule is restated, not a call of the overload above: ptxas schedules bwd_dq_tc
+// differently through the extra call, and this form is the measured one.)
 __device__ __forceinline__ float lse_log2(const float* lse, int row, int seqlen_q) {
     if (row >= seqlen_q) return pos_inf();
     const float v = lse[row];
