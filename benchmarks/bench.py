@@ -385,7 +385,7 @@ def load_libraries() -> Libraries:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError without driver, or no device
-        raise SystemExit(f"bench: no usable CUDA GPU ({type(exc).__name__}: {exc})") from None
+        raise SystemExit(f"bench: no CUDA GPU here: the benchmarks need one (CUDA says: {exc})") from None
     if count == 0:
         raise SystemExit("bench: no CUDA GPU found")
     try:  # ml_dtypes makes bfloat16 known to NumPy and CuPy
