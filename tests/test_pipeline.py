@@ -148,3 +148,35 @@ def test_kernel_sources_ship_with_the_package():
     names = {v.kernel for arch in ARCHS for v in tiles.all_variants(arch)}
     for name in names:
         assert (src / f"{name}.cu").is_file()
+
+
+def test_the_plan_cache_is_bounded_and_safe_across_threads(monkeypatch):
+    import threading
+
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "PLANS", {})
+    monkeypatch.setattr(plan, "_MAX_PLANS", 3)
+    for key in range(5):
+        plan.remember(key, object())
+    assert list(plan.PLANS) == [2, 3, 4]  # the oldest went first
+    plan.remember(None, object())
+    plan.remember(9, None)
+    assert list(plan.PLANS) == [2, 3, 4]
+
+    errors = []
+
+    def fill(offset):
+        try:
+            for key in range(offset, offset + 2000):
+                plan.remember(key, object())
+                plan.PLANS.get(key - 1)
+        except Exception as error:  # an eviction racing another thread's
+            errors.append(error)
+
+    threads = [threading.Thread(target=fill, args=(i * 10000,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(plan.PLANS) == 3

@@ -240,14 +240,16 @@ def _workspace(delta_size: int, dq_accum_size: int | None, accum) -> tuple[int, 
 # that calls with ever new shapes (varying sequence lengths) must not grow it without end.
 PLANS: dict = {}
 _MAX_PLANS = 4096
+_PLANS_LOCK = threading.Lock()  # for the eviction: lookups need none (a dict read is atomic)
 
 
 def remember(key, plan) -> None:
     if key is None or plan is None:
         return
-    if len(PLANS) >= _MAX_PLANS:
-        PLANS.pop(next(iter(PLANS)))  # the oldest entry
-    PLANS[key] = plan
+    with _PLANS_LOCK:
+        if len(PLANS) >= _MAX_PLANS:
+            PLANS.pop(next(iter(PLANS)))  # the oldest entry
+        PLANS[key] = plan
 
 
 def forget() -> None:
