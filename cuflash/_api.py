@@ -100,9 +100,11 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=Fals
     return problem.result(*forward(problem, key))
 
 
-def forward(problem, key=None, *, prefetch_backward: bool = False):
+def forward(problem, key=None, *, prefetch_backward: bool | None = None):
     """``(out, lse)`` of a resolved problem on its backend; the GPU plan is kept under ``key``
-    (None: not kept). The full path of ``attention``, and of the torch adapter."""
+    (None: not kept). The full path of ``attention``, and of the torch adapter.
+    ``prefetch_backward``: None, or the ``deterministic`` of the backward that will follow (its
+    kernels then start compiling in the background)."""
     if problem.xp is numpy:
         return _cpu.forward(problem)
     plans = _plans()
@@ -152,7 +154,7 @@ def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, determinist
     """
     problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True)
     # A backward will follow: its kernels compile in the background beside the forward's.
-    out, lse = forward(problem, prefetch_backward=True)
+    out, lse = forward(problem, prefetch_backward=deterministic)
 
     def vjp(dout):
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,

@@ -303,7 +303,7 @@ def _on_device(device):
     return torch.cuda.device(device)
 
 
-def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, prefetch_backward=False):
+def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, needs_grad=False):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
     key = None
     if q.is_cuda and k.is_cuda and v.is_cuda:
@@ -316,7 +316,7 @@ def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, p
             _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
             window=(window_left, window_right), return_lse=True,
         )
-        out, lse = _api.forward(problem, key, prefetch_backward=prefetch_backward)
+        out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
 
 
@@ -360,7 +360,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, window_left, window_right, deterministic):
         out, lse = _forward(q, k, v, scale, causal, window_left, window_right, deterministic,
-                            prefetch_backward=any(ctx.needs_input_grad[:3]))
+                            needs_grad=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (scale, causal, window_left, window_right, deterministic)
         ctx.mark_non_differentiable(lse)

@@ -293,11 +293,12 @@ def _driver():
 
 # --------------------------------------------------------------------------- forward
 
-def forward(problem, *, prefetch_backward: bool = False):
+def forward(problem, *, prefetch_backward: bool | None = None):
     """Run the forward on the GPU: ``(out, lse, plan)`` with CuPy arrays in the output shapes.
 
     ``prefetch_backward``: a backward will follow (inputs that require grad), so its kernels start
-    compiling in the background beside the forward's own, where they are not built yet.
+    compiling in the background beside the forward's own, where they are not built yet: False for
+    the atomic backward's, True for the deterministic one's; None: no backward is expected.
 
     ``plan`` replays this call for any inputs of the same signature (``ForwardPlan.run``), or is
     None when this call needed something a replay would not redo (copies of unaligned inputs, a
@@ -332,8 +333,9 @@ def forward(problem, *, prefetch_backward: bool = False):
     arch = _arch(device)
     variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p))
     kernels.prefetch([variant], device)
-    if prefetch_backward:
-        kernels.prefetch(_backward_kernels(p, q.shape[-1], v.shape[-1], arch), device)
+    if prefetch_backward is not None:
+        backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+        kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
     q, k, v = (_readable(x, vec) for x in inputs)
@@ -506,7 +508,7 @@ def backward(problem):
 
     device = cupy.cuda.Device().id
     variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device))
-    kernels.prefetch(_backward_kernels(p, q.shape[-1], v.shape[-1], _arch(device)), device)
+    kernels.prefetch(_backward_kernels(variants, p.deterministic), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -573,10 +575,8 @@ def backward(problem):
     )
 
 
-def _backward_kernels(p, head_dim: int, head_dim_v: int, arch: str) -> list:
-    """The Variants a backward of ``p`` launches (delta, dK/dV, and dQ or the dQ conversion)."""
-    variants = tiles.select_backward(p.dtype.name, head_dim, head_dim_v, p.has_window, arch)
-    deterministic = getattr(p, "deterministic", False)
+def _backward_kernels(variants, deterministic: bool) -> list:
+    """The Variants a backward launches: delta, dK/dV, and dQ or the dQ conversion."""
     return [variants.delta, variants.dkdv, variants.dq if deterministic else variants.dq_convert]
 
 
