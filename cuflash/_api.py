@@ -36,7 +36,8 @@ def _plain_options(scale, causal, window) -> bool:
                                     and type(window[0]) is int and type(window[1]) is int)))
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=False, out=None):
+def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+              return_lse=False, out=None):
     """Exact attention ``softmax(q @ swapaxes(k, -1, -2) * scale, masked) @ v``.
 
     Parameters
@@ -75,6 +76,18 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=Fals
         Local attention around the same diagonal: key ``j`` is visible to query ``i`` iff
         ``i + d - left <= j <= i + d + right`` with ``d = Lk - Lq`` (``0`` under
         ``causal="top_left"``); ``-1`` leaves that side unbounded. ``causal`` sets ``right=0``.
+    softcap : float > 0, optional
+        Caps the scaled scores smoothly: ``s = softcap * tanh(s / softcap)`` (Gemma-2, Grok).
+    alibi_slopes : float array broadcastable to the leading axes ``(..., Hq)``, optional
+        ALiBi: adds ``-slope * |i + d - j|`` to the (capped) score of query i and key j, ``d`` as
+        in the mask rule. No gradient.
+    sinks : float array broadcastable to the leading axes ``(..., Hq)``, optional
+        Learnable attention sinks (gpt-oss): one logit per head that joins every row's softmax
+        denominator and carries no value, ``out_i = sum_j e^{s_ij} v_j / (e^{sink} + sum_j
+        e^{s_ij})`` and ``lse_i = log(e^{sink} + sum_j e^{s_ij})``; a row that sees no key gives
+        out 0 and lse = sink.
+        The three modifiers run on the CPU backend; the GPU kernels do not take them yet
+        (NotImplementedError).
     return_lse : bool
         Also return the log-sum-exp of the scaled scores, shape ``(..., Lq)``, natural log,
         float32 (float64 for float64 inputs); ``-inf`` for rows that see no key.
@@ -87,7 +100,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=Fals
     out, or ``(out, lse)`` when ``return_lse``.
     """
     key = None
-    if out is None and type(return_lse) is bool and _plain_options(scale, causal, window):
+    if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
+            and _plain_options(scale, causal, window)):
         plans = _plans()
         key = plans.signature("attention", (q, k, v), (scale, causal, window))
         cached = plans.PLANS.get(key) if key is not None else None
@@ -95,7 +109,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, return_lse=Fals
             o, lse = cached.run(plans.CUPY_MEMORY, q, k, v)
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
-        q, k, v, scale=scale, causal=causal, window=window, out=out, return_lse=return_lse
+        q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        sinks=sinks, out=out, return_lse=return_lse
     )
     return problem.result(*forward(problem, key))
 
@@ -113,16 +128,18 @@ def forward(problem, key=None, *, prefetch_backward: bool | None = None):
     return o, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None,
-                       deterministic=False):
-    """Gradients ``(dq, dk, dv)`` of :func:`attention` given ``dout``, its ``out`` and ``lse``.
+def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
+                       alibi_slopes=None, sinks=None, deterministic=False):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention` given ``dout``, its ``out`` and ``lse``,
+    followed by ``dsinks`` (in sinks' shape and dtype) when ``sinks`` is given.
 
     The options must be those of the forward call. Gradients come back in each input's own
     shape and dtype, summed over every broadcast axis and GQA group. ``deterministic=True``
     makes the GPU result bitwise reproducible run after run.
     """
     key = None
-    if type(deterministic) is bool and _plain_options(scale, causal, window):
+    if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
+            and _plain_options(scale, causal, window)):
         plans = _plans()
         arrays = (dout, q, k, v, out, lse)
         key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic))
@@ -130,14 +147,15 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
         if cached is not None:
             return cached.run(plans.CUPY_MEMORY, *arrays)
     problem = _spec.resolve_backward(
-        dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
-        deterministic=deterministic,
+        dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic,
     )
     return backward(problem, key)
 
 
 def backward(problem, key=None):
-    """``(dq, dk, dv)`` of a resolved backward problem; the GPU plan is kept under ``key``."""
+    """``(dq, dk, dv)`` of a resolved backward problem, and ``dsinks`` when it has sinks; the GPU
+    plan is kept under ``key``."""
     if problem.xp is numpy:
         return _cpu.backward(problem)
     plans = _plans()
@@ -146,18 +164,21 @@ def backward(problem, key=None):
     return dq, dk, dv
 
 
-def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, deterministic=False):
-    """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``.
+def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+                  deterministic=False):
+    """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``
+    (and ``dsinks`` with ``sinks``).
 
     The forward's ``out`` and ``lse`` are kept for the backward, which never re-runs the
     forward. ``vjp`` may be called several times (with different ``dout``).
     """
-    problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True, **mods)
     # A backward will follow: its kernels compile in the background beside the forward's.
     out, lse = forward(problem, prefetch_backward=deterministic)
 
     def vjp(dout):
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
-                                  deterministic=deterministic)
+                                  deterministic=deterministic, **mods)
 
     return out, vjp

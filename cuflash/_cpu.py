@@ -11,6 +11,10 @@ broadcasting pairs q with k/v (GQA by splitting q's head axis into (Hkv, group),
 Arithmetic is float64 for float64 inputs and float32 otherwise (float16/bfloat16 are widened,
 as the kernels accumulate in float32). A row that sees no key gets out 0 and lse -inf, without
 NaN or floating-point warnings: every exponent is taken against a finite reference max.
+
+Score modifiers (``_scores``): s = scale q.k, then softcap * tanh(s / softcap), then ALiBi's
+-slope * |i + diag - j|, then the mask. A sink is one more logit per row with no value: the
+running statistics start from it (m_i = sink, l_i = e^{sink - m_i} = 1) instead of from nothing.
 """
 from __future__ import annotations
 
@@ -27,26 +31,30 @@ def forward(p: Problem):
     compute = _compute_dtype(p)
     q, k, v = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v))
     q, k, v, lead = _grouped(p, q, k, v)
+    slopes, sinks = (_per_row(p, x, lead, compute) for x in (p.alibi_slopes, p.sinks))
     out = numpy.empty(lead + (p.seqlen_q, p.head_dim_v), compute)
     lse = numpy.empty(lead + (p.seqlen_q,), compute)
     for row_start in range(0, p.seqlen_q, BLOCK_M):
         rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
-        out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead)
+        out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, slopes, sinks)
     return out.reshape(p.out_shape).astype(p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
 
 
-def _forward_block(p: Problem, q_block, k, v, rows: slice, lead):
+def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
     """One block of query rows against every key tile it can see (FlashAttention-2, forward)."""
     compute = q_block.dtype
     num_rows = rows.stop - rows.start
     m_i = numpy.full(lead + (num_rows,), -numpy.inf, compute)
     l_i = numpy.zeros(lead + (num_rows,), compute)
+    if sinks is not None:  # the sink is the first logit every row has seen: m_i = sink, l_i = 1
+        m_i[...] = sinks
+        l_i[...] = numpy.where(sinks == -numpy.inf, 0, 1)
     acc = numpy.zeros(lead + (num_rows, p.head_dim_v), compute)
     row_index = numpy.arange(rows.start, rows.stop)[:, None]
 
     for keys in _key_tiles(p, rows):
-        # S = Q_i K_j^T * scale, with hidden keys at -inf
-        s = (q_block @ numpy.swapaxes(k[..., keys, :], -1, -2)) * compute.type(p.scale)
+        # S = Q_i K_j^T * scale, modified (softcap, ALiBi), with hidden keys at -inf
+        s, _ = _scores(p, q_block, k[..., keys, :], row_index, keys, slopes)
         s = _apply_mask(p, s, row_index, keys)
         # m_new = max(m_i, rowmax(S)); a row that has seen nothing yet keeps m_new = -inf, so
         # exponents are taken against m_ref = 0 there (its entries of S are -inf: exp gives 0).
@@ -78,12 +86,14 @@ def backward(p: BackwardProblem):
     compute = _compute_dtype(p)
     q, k, v, o, dout, lse = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v, p.o, p.dout, p.lse))
     q_g, k_g, v_g, lead = _grouped(p, q, k, v)
+    slopes = _per_row(p, p.alibi_slopes, lead, compute)
     o = o.reshape(lead + o.shape[-2:])
     dout = dout.reshape(lead + dout.shape[-2:])
     lse = lse.reshape(lead + lse.shape[-1:])
     # delta_i = rowsum(dO_i * O_i)  (= rowsum(P_i * dP_i), the softmax Jacobian's correction term)
     delta = (dout * o).sum(axis=-1)
-    # A row that saw no key has lse = -inf and all of its S at -inf: exp(S - 0) = 0 there.
+    # A row that saw no key (and has no sink) has lse = -inf and all of its S at -inf: exp(S - 0)
+    # = 0 there.
     lse_ref = numpy.where(lse == -numpy.inf, 0, lse)
     scale = compute.type(p.scale)
 
@@ -98,14 +108,17 @@ def backward(p: BackwardProblem):
         q_i, dout_i = q_g[..., rows, :], dout[..., rows, :]
         for keys in _key_tiles(p, rows):
             k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
-            # P = exp(S * scale - lse), recomputed; hidden keys give exactly 0
-            s = _apply_mask(p, (q_i @ numpy.swapaxes(k_j, -1, -2)) * scale, row_index, keys)
+            # P = exp(S - lse), S recomputed and modified as in the forward; hidden keys give 0
+            s, d_capped = _scores(p, q_i, k_j, row_index, keys, slopes)
+            s = _apply_mask(p, s, row_index, keys)
             p_tile = numpy.exp(s - lse_ref[..., rows, None])
             # dV_j += P^T dO_i
             dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
             # dP = dO_i V_j^T;  dS = P * (dP - delta_i)
             dp = dout_i @ numpy.swapaxes(v_j, -1, -2)
             ds = p_tile * (dp - delta[..., rows, None])
+            if d_capped is not None:  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
+                ds = ds * d_capped
             # dQ_i += dS K_j * scale;  dK_j += dS^T Q_i * scale
             dq[..., rows, :] += (ds @ k_j) * scale
             dk[..., keys, :] += (numpy.swapaxes(ds, -1, -2) @ q_i) * scale
@@ -114,6 +127,13 @@ def backward(p: BackwardProblem):
     for grad, grouped_input, original in ((dq, q_g, p.q), (dk, k_g, p.k), (dv, v_g, p.v)):
         grad = _sum_to_shape(grad, grouped_input.shape).reshape(original.shape)
         grads.append(grad.astype(p.dtype))
+    if p.sinks is not None:
+        # The sink's probability in row i is e^{sink - lse_i} and its "value" is 0, so its dS is
+        # P_sink (0 - delta_i): dsink = -sum_i e^{sink - lse_i} delta_i (0 for rows with lse = -inf).
+        sinks = _per_row(p, p.sinks, lead, compute)
+        p_sink = numpy.where(lse == -numpy.inf, 0, numpy.exp(sinks - lse_ref))
+        dsinks = -(p_sink * delta).sum(axis=-1).reshape(p.lead_shape)
+        grads.append(_sum_to_shape(dsinks, p.sinks.shape).reshape(p.sinks.shape).astype(p.sinks.dtype))
     return tuple(grads)
 
 
@@ -136,6 +156,31 @@ def _grouped(p: Problem, q, k, v):
     k = k[..., None, :, :]
     v = v[..., None, :, :]
     return q, k, v, p.lead_shape[:-1] + (heads_kv, p.kv_group)
+
+
+def _per_row(p: Problem, values, lead, compute):
+    """A per-(batch..., head) array (ALiBi slopes, sinks) broadcast to ``lead`` (GQA-grouped) with
+    a trailing axis for the rows, or None."""
+    if values is None:
+        return None
+    full = numpy.broadcast_to(values.astype(compute), p.lead_shape)
+    return full.reshape(lead)[..., None]
+
+
+def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
+    """(S, dS_modified/dS_raw or None): S = scale Q K^T, then softcap, then ALiBi (the mask comes
+    after). The second value is softcap's derivative 1 - tanh^2, for the backward's chain rule."""
+    compute = q_block.dtype
+    s = (q_block @ numpy.swapaxes(k_tile, -1, -2)) * compute.type(p.scale)
+    d_capped = None
+    if p.softcap is not None:
+        cap = compute.type(p.softcap)
+        t = numpy.tanh(s / cap)
+        s, d_capped = cap * t, 1 - t * t
+    if slopes is not None:
+        distance = numpy.abs(row_index + p.diag_offset - numpy.arange(keys.start, keys.stop)[None, :])
+        s = s - slopes[..., None] * distance.astype(compute)
+    return s, d_capped
 
 
 def _key_tiles(p: Problem, rows: slice):

@@ -61,11 +61,22 @@ class Problem:
     window_right: int  # -1 = unbounded
     diag_offset: int
     has_window: bool  # window_left >= 0 or window_right >= 0
+    # Score modifiers, in the order they act on s = scale * q.k: s = softcap * tanh(s / softcap);
+    # s -= slope * |i + diag_offset - j| (ALiBi); then the mask. A sink joins each row's softmax
+    # denominator as one more logit that carries no value.
+    softcap: float | None
+    alibi_slopes: Any  # float array broadcastable to lead_shape (..., Hq), or None
+    sinks: Any  # float array broadcastable to lead_shape (..., Hq), or None
     out: Any  # the caller's out= array, or None
     return_lse: bool
     out_shape: tuple[int, ...]  # lead_shape + (Lq, Dv)
     lse_shape: tuple[int, ...]  # lead_shape + (Lq,)
     lse_dtype: numpy.dtype  # float64 for float64 inputs, else float32
+
+    @property
+    def has_score_mods(self) -> bool:
+        """Whether softcap, ALiBi or sinks modify the scores."""
+        return self.softcap is not None or self.alibi_slopes is not None or self.sinks is not None
 
     def visible(self, i, j):
         """Whether key j is visible to query i; i and j broadcast like any NumPy index arrays."""
@@ -116,23 +127,27 @@ class BackwardProblem(Problem):
     deterministic: bool = False
 
 
-def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, out=None, return_lse=False) -> Problem:
+def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+                    out=None, return_lse=False) -> Problem:
     """Validate ``attention``'s arguments; raise TypeError/ValueError naming the bad one."""
     (q, k, v), xp = _as_arrays(("q", q), ("k", k), ("v", v))
     if not isinstance(return_lse, (bool, numpy.bool_)):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window)
+    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
+                             alibi_slopes=alibi_slopes, sinks=sinks)
     if out is not None:
         _check_out(out, q, k, v, xp, fields)
     return Problem(**fields, out=out, return_lse=bool(return_lse))
 
 
-def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, deterministic=False) -> BackwardProblem:
+def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
+                     alibi_slopes=None, sinks=None, deterministic=False) -> BackwardProblem:
     """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
     (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
     if not isinstance(deterministic, (bool, numpy.bool_)):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window)
+    fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
+                             alibi_slopes=alibi_slopes, sinks=sinks)
     for name, array in (("out", out), ("dout", dout)):
         if array.dtype != fields["dtype"]:
             raise TypeError(f"{name} must have q's dtype {fields['dtype']}, got {array.dtype}")
@@ -253,7 +268,7 @@ def _check_dtypes(q, k, v) -> numpy.dtype:
 # --- shapes, scale, mask ---------------------------------------------------------------------
 
 
-def _resolve_shared(q, k, v, xp, *, scale, causal, window) -> dict:
+def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_slopes=None, sinks=None) -> dict:
     """The Problem fields that forward and backward share (everything but out/return_lse)."""
     dtype = _check_dtypes(q, k, v)
     for name, array in (("q", q), ("k", k), ("v", v)):
@@ -270,6 +285,7 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window) -> dict:
             raise ValueError(f"{name} is {width}; at most {MAX_HEAD_DIM} is supported")
     lead_shape, kv_lead_shape, kv_group = _broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     window_left, window_right, diag_offset = _normalise_mask(causal, window, seqlen_q, seqlen_k)
+    device = None if xp is numpy else q.device.id
     return dict(
         xp=xp,
         dtype=dtype,
@@ -288,6 +304,9 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window) -> dict:
         window_right=window_right,
         diag_offset=diag_offset,
         has_window=window_left >= 0 or window_right >= 0,
+        softcap=_resolve_softcap(softcap),
+        alibi_slopes=_per_head("alibi_slopes", alibi_slopes, xp, device, lead_shape),
+        sinks=_per_head("sinks", sinks, xp, device, lead_shape),
         out_shape=lead_shape + (int(seqlen_q), int(head_dim_v)),
         lse_shape=lead_shape + (int(seqlen_q),),
         lse_dtype=numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32),
@@ -338,6 +357,41 @@ def _resolve_scale(scale, head_dim: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {scale!r}")
     return value
+
+
+def _resolve_softcap(softcap) -> float | None:
+    """None, or a finite float > 0 (s = softcap * tanh(s / softcap))."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, numpy.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number or None, got {type(softcap).__name__}")
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (None: no capping), got {softcap!r}")
+    return value
+
+
+def _per_head(name: str, value, xp, device, lead_shape):
+    """A float array of one value per (batch..., head), broadcastable to the output's leading axes
+    ``lead_shape`` (flash-attn's (Hq,) and (B, Hq) both fit), of the inputs' kind and device."""
+    if value is None:
+        return None
+    array = _as_array(name, value)
+    if _kind(array) != ("numpy" if xp is numpy else "cupy"):
+        where = "NumPy (CPU)" if xp is numpy else "CuPy (GPU)"
+        raise TypeError(f"{name} must be a {where} array like q, got a {_kind(array)} array")
+    if device is not None and array.device.id != device:
+        raise ValueError(f"{name} must be on q's device {device}, got device {array.device.id}")
+    if array.dtype not in _float_dtypes():
+        raise TypeError(f"{name} must be a float array (float16, bfloat16, float32 or float64), got {array.dtype}")
+    try:
+        shape = numpy.broadcast_shapes(tuple(array.shape), tuple(lead_shape))
+    except ValueError:
+        shape = None
+    if shape != tuple(lead_shape):
+        raise ValueError(f"{name} must broadcast to the output's leading axes {tuple(lead_shape)} "
+                         f"(..., heads), got shape {tuple(array.shape)}")
+    return array
 
 
 def _normalise_mask(causal, window, seqlen_q: int, seqlen_k: int) -> tuple[int, int, int]:

@@ -26,32 +26,35 @@ from . import _api
 
 __all__ = ["attention"]
 
-def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=False, return_lse=False):
+def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+              deterministic=False, return_lse=False):
     """:func:`cuflash.attention` on JAX arrays; returns JAX arrays on the inputs' device.
 
-    Differentiable in q, k and v (``jax.grad``, ``jax.vjp``), outside ``jax.jit`` only.
-    ``deterministic`` applies to the backward. With ``return_lse=True`` it returns
+    Differentiable in q, k, v and ``sinks`` (``jax.grad``, ``jax.vjp``), outside ``jax.jit`` only.
+    ``softcap``, ``alibi_slopes`` and ``sinks`` as :func:`cuflash.attention` (JAX arrays for the
+    latter two). ``deterministic`` applies to the backward. With ``return_lse=True`` it returns
     ``(out, lse)`` and is not differentiable (use it for inference).
     """
-    options = dict(scale=scale, causal=causal, window=window)
+    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     if return_lse:
-        return _forward(q, k, v, options)
-    return _differentiable(options, deterministic)(q, k, v)
+        return _forward(q, k, v, sinks, options)
+    return _differentiable(options, deterministic)(q, k, v, sinks)
 
 
 def _differentiable(options, deterministic):
-    """A custom_vjp function of (q, k, v) for one set of options (cheap: built per call)."""
+    """A custom_vjp function of (q, k, v, sinks) for one set of options (cheap: built per call);
+    sinks may be None (an empty pytree: no cotangent)."""
 
     @jax.custom_vjp
-    def attend(q, k, v):
-        return _forward(q, k, v, options)[0]
+    def attend(q, k, v, sinks):
+        return _forward(q, k, v, sinks, options)[0]
 
-    def attend_forward(q, k, v):
-        out, lse = _forward(q, k, v, options)
-        return out, (q, k, v, out, lse)
+    def attend_forward(q, k, v, sinks):
+        out, lse = _forward(q, k, v, sinks, options)
+        return out, (q, k, v, sinks, out, lse)
 
     def attend_backward(saved, dout):
-        q, k, v, out, lse = saved
+        q, k, v, sinks, out, lse = saved
         device = _device_of(q)
         arrays = [_to_cuflash(x, f"saved {name}") for name, x in zip("qkv", (q, k, v))]
         # JAX may hand the cotangent over on its default device (a GPU) for CPU inputs.
@@ -59,18 +62,28 @@ def _differentiable(options, deterministic):
         arrays += [_to_cuflash(dout, "dout"), _to_cuflash(out, "out"), _to_cuflash(lse, "lse")]
         q_, k_, v_, dout_, out_, lse_ = arrays
         with _cupy_device(device):
-            grads = _api.attention_backward(dout_, q_, k_, v_, out_, lse_, deterministic=deterministic, **options)
-        return tuple(_to_jax(g, device) for g in grads)
+            grads = _api.attention_backward(dout_, q_, k_, v_, out_, lse_, deterministic=deterministic,
+                                            **_cuflash_options(options, sinks))
+        grads = tuple(_to_jax(g, device) for g in grads)
+        return grads if sinks is not None else grads + (None,)
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
 
 
-def _forward(q, k, v, options):
+def _cuflash_options(options, sinks):
+    """The options with the per-head arrays (ALiBi slopes, sinks) as cuflash arrays."""
+    out = dict(options)
+    for name, value in (("alibi_slopes", options["alibi_slopes"]), ("sinks", sinks)):
+        out[name] = None if value is None else _to_cuflash(value, name)
+    return out
+
+
+def _forward(q, k, v, sinks, options):
     device = _device_of(q)
     arrays = [_to_cuflash(x, name) for name, x in zip("qkv", (q, k, v))]
     with _cupy_device(device):
-        out, lse = _api.attention(*arrays, return_lse=True, **options)
+        out, lse = _api.attention(*arrays, return_lse=True, **_cuflash_options(options, sinks))
     return _to_jax(out, device), _to_jax(lse, device)
 
 

@@ -54,13 +54,16 @@ _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "t
 # --- the public functions ----------------------------------------------------------------------
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=False, return_lse=False):
-    """:func:`cuflash.attention` on torch tensors, differentiable in q, k and v.
+def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+              deterministic=False, return_lse=False):
+    """:func:`cuflash.attention` on torch tensors, differentiable in q, k, v and ``sinks``.
 
     Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
-    GQA by head count, ``causal`` True/"bottom_right"/"top_left", ``window=(left, right)``).
-    CUDA tensors run cuflash's kernels on torch's current stream; CPU tensors run the NumPy
-    backend. ``deterministic=True`` makes the backward bitwise reproducible.
+    GQA by head count, ``causal`` True/"bottom_right"/"top_left", ``window=(left, right)``,
+    ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``; the three
+    modifiers on CPU tensors for now). CUDA tensors run cuflash's kernels on torch's current
+    stream; CPU tensors run the NumPy backend. ``deterministic=True`` makes the backward bitwise
+    reproducible.
 
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
     (float32, float64 for float64 inputs) carries no gradient.
@@ -68,17 +71,21 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, deterministic=F
     causal_name, window_left, window_right = _mask_arguments(causal, window)
     if scale is not None:
         scale = _spec._resolve_scale(scale, 1)  # the same TypeError/ValueError as cuflash.attention
+    softcap = _spec._resolve_softcap(softcap)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
-    options = (scale, causal_name, window_left, window_right, deterministic)
+    for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+        if tensor is not None:
+            _check_tensor(name, tensor)
+    options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes)
     if torch.compiler.is_compiling() or q.device.type == "meta":
-        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options)
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _AttentionFunction.apply(q, k, v, *options)
+        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
+        out, lse = _AttentionFunction.apply(q, k, v, sinks, *options)
     else:
-        out, lse = _forward(q, k, v, *options)
+        out, lse = _forward(q, k, v, sinks, *options)
     return (out, lse) if return_lse else out
 
 
@@ -114,15 +121,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ``q (B, Lq, H, D)``, ``k (B, Lk, Hk, D)``, ``v (B, Lk, Hk, Dv)`` with ``H % Hk == 0``
     (MQA/GQA); ``causal`` is bottom-right aligned; ``window_size=(left, right)``, -1 unbounded.
     Returns ``out (B, Lq, H, Dv)``, or ``(out, softmax_lse, None)`` with ``return_attn_probs``
-    (lse ``(B, H, Lq)`` float32, as flash-attn; it carries no gradient). Dropout, softcap and
-    ALiBi are not supported (NotImplementedError).
+    (lse ``(B, H, Lq)`` float32, as flash-attn; it carries no gradient). ``softcap`` (0: none) and
+    ``alibi_slopes`` (``(H,)`` or ``(B, H)``) as flash-attn, on CPU tensors for now (the GPU
+    kernels raise NotImplementedError); dropout is not supported (NotImplementedError).
     """
     if dropout_p != 0.0:
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
-    if softcap != 0.0:
-        raise NotImplementedError(f"cuflash does not support softcap (softcap={softcap}); pass softcap=0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("cuflash does not support ALiBi (alibi_slopes); pass alibi_slopes=None")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
         if tensor.dim() != 4:
@@ -131,7 +135,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out, lse = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale,
         causal=bool(causal), window=tuple(window_size), deterministic=bool(deterministic),
-        return_lse=True,
+        softcap=None if softcap == 0.0 else softcap, alibi_slopes=alibi_slopes, return_lse=True,
     )
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
@@ -303,10 +307,15 @@ def _on_device(device):
     return torch.cuda.device(device)
 
 
-def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, needs_grad=False):
+def _cuflash_or_none(tensor):
+    return None if tensor is None else _to_cuflash(tensor)
+
+
+def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
+             needs_grad=False):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
     key = None
-    if q.is_cuda and k.is_cuda and v.is_cuda:
+    if q.is_cuda and k.is_cuda and v.is_cuda and sinks is None and softcap is None and alibi is None:
         key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right))
         if plan is not None:
             with _on_device(q.device):
@@ -314,17 +323,20 @@ def _forward(q, k, v, scale, causal, window_left, window_right, deterministic, n
     with _running_on(q):
         problem = _spec.resolve_forward(
             _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-            window=(window_left, window_right), return_lse=True,
+            window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
+            sinks=_cuflash_or_none(sinks), return_lse=True,
         )
         out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
 
 
-def _backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic):
-    """(dq, dk, dv) as torch tensors in q's, k's and v's shapes; cached plans as ``_forward``."""
+def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
+              alibi=None):
+    """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, and dsinks with sinks; cached
+    plans as ``_forward``."""
     tensors = (dout, q, k, v, out, lse)
     key = None
-    if all(t.is_cuda for t in tensors):
+    if all(t.is_cuda for t in tensors) and sinks is None and softcap is None and alibi is None:
         options = (scale, causal, window_left, window_right, deterministic)
         key, plan, memory = _cached_plan("attention_backward", tensors, options)
         if plan is not None:
@@ -333,7 +345,8 @@ def _backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right,
     with _running_on(q):
         problem = _spec.resolve_backward(
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-            window=(window_left, window_right), deterministic=deterministic,
+            window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
+            sinks=_cuflash_or_none(sinks), deterministic=deterministic,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
@@ -355,35 +368,40 @@ def _lse_dtype(dtype):
 
 
 class _AttentionFunction(torch.autograd.Function):
-    """The eager path: forward and backward as plain calls (see the module's docstring)."""
+    """The eager path: forward and backward as plain calls (see the module's docstring).
+    Inputs: q, k, v, sinks (or None), then the options (scale, causal, window_left, window_right,
+    deterministic, softcap, alibi_slopes): differentiable in q, k, v and sinks."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window_left, window_right, deterministic):
-        out, lse = _forward(q, k, v, scale, causal, window_left, window_right, deterministic,
-                            needs_grad=any(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (scale, causal, window_left, window_right, deterministic)
+    def forward(ctx, q, k, v, sinks, *options):
+        out, lse = _forward(q, k, v, sinks, *options, needs_grad=any(ctx.needs_input_grad[:4]))
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.options = options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-        grads = _backward(dout.contiguous(), *ctx.saved_tensors, *ctx.options)
-        return grads + (None,) * len(ctx.options)
+        grads = _backward(dout.contiguous(), q, k, v, out, lse, sinks, *ctx.options)
+        dsinks = grads[3] if sinks is not None else None
+        return grads[:3] + (dsinks,) + (None,) * len(ctx.options)
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
-                   window_left: int, window_right: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   window_left: int, window_right: int, deterministic: bool, softcap: Optional[float],
+                   alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
-    out, lse = _forward(q, k, v, scale, causal, window_left, window_right, deterministic)
+    out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes)
     # The fake below promises contiguous results; make sure the real ones are too.
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic):
+def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
+                          sinks):
     lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = q.new_empty(lead_shape + (q.shape[-2], v.shape[-1]))
     lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
@@ -393,29 +411,35 @@ def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, det
 @torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
-                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic)
-    return tuple(g.contiguous() for g in grads)
+                   deterministic: bool, softcap: Optional[float], alibi_slopes: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic,
+                      softcap, alibi_slopes)
+    # A custom op returns a fixed number of tensors: dsinks is empty when there are no sinks.
+    dsinks = grads[3] if sinks is not None else q.new_empty(0)
+    return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(),)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic, softcap,
+                          alibi_slopes, sinks):
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, *options = inputs
+    q, k, v, *options, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.options = options  # scale, causal, window_left, window_right, deterministic
+    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, sinks = ctx.saved_tensors
     # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-    dq, dk, dv = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options)
-    return (dq, dk, dv) + (None,) * len(ctx.options)
+    dq, dk, dv, dsinks = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options, sinks)
+    return (dq, dk, dv) + (None,) * len(ctx.options) + (dsinks if sinks is not None else None,)
 
 
 torch.library.register_autograd(

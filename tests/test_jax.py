@@ -115,3 +115,22 @@ def test_grad_on_the_gpu(gpu, randn):
         assert grad.devices() == {gpu}
         assert_close(numpy.asarray(grad), reference, dtype=numpy.float32, magnitude=magnitude, kind="grad",
                      name=f"d{name}")
+
+
+def test_score_modifiers_and_the_gradient_into_sinks_on_cpu(cpu, randn):
+    q, k, v, dout = randn(2, 4, 9, 8), randn(2, 2, 11, 8), randn(2, 2, 11, 8), randn(2, 4, 9, 8)
+    sinks, slopes = randn(4), numpy.abs(randn(4))
+    options = dict(causal=True, softcap=2.0)
+    jq, jk, jv, jsinks, jslopes, jdout = _on(cpu, q, k, v, sinks, slopes, dout)
+    out, vjp = jax.vjp(lambda q, k, v, s: cj.attention(q, k, v, sinks=s, alibi_slopes=jslopes, **options),
+                       jq, jk, jv, jsinks)
+    grads = vjp(jdout)
+    expected_out, lse = cuflash.attention(q, k, v, sinks=sinks, alibi_slopes=slopes, return_lse=True, **options)
+    expected = cuflash.attention_backward(dout, q, k, v, expected_out, lse, sinks=sinks, alibi_slopes=slopes, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    assert len(grads) == 4
+    for got, want in zip(grads, expected):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+    # Without sinks the function still has four inputs; the last cotangent is None.
+    _, vjp = jax.vjp(lambda q, k, v: cj.attention(q, k, v, **options), jq, jk, jv)
+    assert len(vjp(jdout)) == 3

@@ -306,6 +306,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     """
     cupy = _cupy()
     p = problem
+    _refuse_score_mods(p)
     out_shape, lse_shape = p.out_shape, p.lse_shape
     out = p.out
 
@@ -361,6 +362,13 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif not o.flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
         o = cupy.ascontiguousarray(o)
     return o, lse, (plan if plain and out is None else None)
+
+
+def _refuse_score_mods(p) -> None:
+    if p.has_score_mods:
+        raise NotImplementedError(
+            "cuflash: softcap, alibi_slopes and sinks run on the CPU backend (NumPy arrays) so far; "
+            "the GPU kernels do not take them yet")
 
 
 def _arch(device: int) -> str:
@@ -496,6 +504,7 @@ def backward(problem):
     """
     cupy = _cupy()
     p = problem
+    _refuse_score_mods(p)
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
     grads_shape = (q.shape, k.shape, v.shape)
     rows = math.prod(p.lead_shape) * p.seqlen_q

@@ -1,0 +1,180 @@
+"""Score modifiers on the CPU backend: softcap, ALiBi and learnable sinks, forward and backward,
+against the dense float64 reference (reference.score_mods_ref), and their argument checks.
+
+The GPU kernels do not take the modifiers yet: a GPU call with one raises NotImplementedError
+before any launch (tested where a GPU is present).
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import cuflash
+from reference import score_mods_ref
+
+TOLERANCE = {"float32": 2e-5, "float64": 1e-12}  # relative to the largest reference entry
+
+
+def _close(actual, expected, dtype, name):
+    actual, expected = numpy.asarray(actual, numpy.float64), numpy.asarray(expected, numpy.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
+    infinite = numpy.isinf(expected)
+    assert (numpy.isinf(actual) == infinite).all() and (actual[infinite] == expected[infinite]).all(), name
+    finite = ~infinite
+    size = max(numpy.abs(expected[finite]).max(initial=0), 1.0)
+    error = numpy.abs(actual[finite] - expected[finite]).max(initial=0)
+    assert error <= TOLERANCE[numpy.dtype(dtype).name] * size, f"{name}: error {error:.3g} at size {size:.3g}"
+
+
+def _draw(rng, dtype, *shapes, magnitude=1.0):
+    return [(rng.standard_normal(s) * magnitude).astype(dtype) for s in shapes]
+
+
+CASES = [  # (q shape, k shape, options)
+    ((2, 4, 37, 16), (2, 4, 53, 16), dict(softcap=5.0)),
+    ((2, 4, 37, 16), (2, 4, 53, 16), dict(softcap=0.7, causal=True)),
+    ((2, 4, 53, 8), (2, 4, 37, 8), dict(alibi="heads", causal=True)),
+    ((2, 4, 29, 8), (2, 4, 29, 8), dict(alibi="batch-heads", causal="top_left")),
+    ((3, 4, 31, 8), (3, 2, 40, 8), dict(sinks="heads")),                       # GQA
+    ((2, 6, 31, 8), (2, 1, 40, 8), dict(sinks="broadcast", window=(4, 2))),    # MQA, broadcast sinks
+    ((2, 4, 30, 8), (2, 2, 12, 8), dict(sinks="heads", causal=True)),          # rows that see no key
+    ((2, 4, 33, 12), (2, 2, 47, 12), dict(softcap=3.0, alibi="heads", sinks="heads", causal=True)),
+    ((4, 21, 8), (4, 25, 8), dict(softcap=2.0, alibi="heads", sinks="heads")),  # 3-D: heads are axis 0
+]
+
+
+def _options(rng, dtype, q_shape, options):
+    """The call's keyword arguments, with ALiBi slopes and sinks drawn for the leading shape."""
+    lead = q_shape[:-2]
+    heads = lead[-1]
+    out = {key: value for key, value in options.items() if key not in ("alibi", "sinks")}
+    shapes = {"heads": (heads,), "batch-heads": lead, "broadcast": (1,) * (len(lead) - 1) + (heads,)}
+    if "alibi" in options:
+        out["alibi_slopes"] = (rng.uniform(0.05, 0.6, shapes[options["alibi"]])).astype(dtype)
+    if "sinks" in options:
+        out["sinks"] = rng.standard_normal(shapes[options["sinks"]]).astype(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}" for k in c[2]) + f"-{c[0]}x{c[1]}")
+def test_forward_and_backward_match_the_reference(rng, dtype, case):
+    q_shape, k_shape, options = case
+    q, k, v, dout = _draw(rng, dtype, q_shape, k_shape, k_shape, q_shape)
+    kwargs = _options(rng, dtype, q_shape, options)
+    inputs = [x.copy() for x in (q, k, v)] + [kwargs.get("sinks"), kwargs.get("alibi_slopes")]
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    for before, after in zip(inputs, (q, k, v, kwargs.get("sinks"), kwargs.get("alibi_slopes"))):
+        assert before is None or numpy.array_equal(before, after), "an input was modified"
+
+    ref_out, ref_lse, ref_grads = score_mods_ref(q, k, v, dout, **kwargs)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    _close(out, ref_out, dtype, "out")
+    _close(lse, ref_lse, dtype, "lse")
+    assert len(grads) == (4 if "sinks" in kwargs else 3)
+    for name, grad, reference, x in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads,
+                                        (q, k, v, kwargs.get("sinks"))):
+        assert grad.shape == x.shape and grad.dtype == x.dtype, name
+        _close(grad, reference, dtype, name)
+
+
+def test_a_row_that_sees_no_key_gives_zero_and_the_sink(rng):
+    q, k, v = _draw(rng, "float64", (1, 2, 6, 4), (1, 2, 3, 4), (1, 2, 3, 4))
+    sinks = numpy.array([0.5, -1.5])
+    out, lse = cuflash.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    assert (out[:, :, :3] == 0).all()  # bottom-right causal, Lq = 6 > Lk = 3: rows 0-2 see nothing
+    assert (lse[0, :, :3] == sinks[:, None]).all()
+    assert numpy.isfinite(lse).all()
+
+
+def test_sinks_of_minus_infinity_are_no_sinks(rng):
+    q, k, v = _draw(rng, "float64", (2, 3, 9, 8), (2, 3, 11, 8), (2, 3, 11, 8))
+    plain = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    sunk = cuflash.attention(q, k, v, causal=True, return_lse=True, sinks=numpy.full(3, -numpy.inf))
+    for a, b in zip(plain, sunk):
+        numpy.testing.assert_array_equal(a, b)
+
+
+def test_sinks_gradient_is_deterministic_and_summed_over_broadcast_axes(rng):
+    q, k, v, dout = _draw(rng, "float32", (3, 4, 17, 8), (3, 4, 17, 8), (3, 4, 17, 8), (3, 4, 17, 8))
+    sinks = rng.standard_normal((1, 4)).astype(numpy.float32)
+    out, lse = cuflash.attention(q, k, v, sinks=sinks, return_lse=True)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, sinks=sinks, deterministic=True)
+    again = cuflash.attention_backward(dout, q, k, v, out, lse, sinks=sinks, deterministic=True)
+    assert first[3].shape == (1, 4) and first[3].dtype == numpy.float32
+    for a, b in zip(first, again):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_attention_vjp_returns_dsinks(rng):
+    q, k, v, dout = _draw(rng, "float64", (2, 2, 10, 8), (2, 2, 10, 8), (2, 2, 10, 8), (2, 2, 10, 8))
+    sinks = numpy.array([0.3, -0.2])
+    out, vjp = cuflash.attention_vjp(q, k, v, softcap=4.0, sinks=sinks)
+    expected_out, expected_lse = cuflash.attention(q, k, v, softcap=4.0, sinks=sinks, return_lse=True)
+    numpy.testing.assert_array_equal(out, expected_out)
+    grads = vjp(dout)
+    for got, want in zip(grads, cuflash.attention_backward(dout, q, k, v, out, expected_lse, softcap=4.0, sinks=sinks)):
+        numpy.testing.assert_array_equal(got, want)
+
+
+BAD = [
+    (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap=True), TypeError, "softcap must be a positive real number"),
+    (dict(softcap="5"), TypeError, "softcap must be a positive real number"),
+    (dict(alibi_slopes=numpy.ones(5)), ValueError, r"alibi_slopes must broadcast to the output's leading axes \(2, 4\)"),
+    (dict(alibi_slopes=numpy.ones((3, 4))), ValueError, "alibi_slopes must broadcast"),
+    (dict(alibi_slopes=numpy.ones(4, numpy.int32)), TypeError, "alibi_slopes must be a float array"),
+    (dict(alibi_slopes=[0.1, 0.2, 0.3, 0.4]), TypeError, "alibi_slopes must be a numpy.ndarray"),
+    (dict(sinks=numpy.ones((4, 1))), ValueError, "sinks must broadcast"),
+    (dict(sinks=numpy.ones(4, bool)), TypeError, "sinks must be a float array"),
+    (dict(sinks=numpy.ones(4, numpy.complex64)), TypeError, "sinks must be a float array"),
+]
+
+
+@pytest.mark.parametrize("options, error, match", BAD, ids=[f"{list(b[0])[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_modifiers_are_refused_naming_the_argument(rng, options, error, match):
+    q, k, v = _draw(rng, "float32", (2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8))
+    out = numpy.full((2, 4, 5, 8), 7.0, numpy.float32)
+    with pytest.raises(error, match=match):
+        cuflash.attention(q, k, v, out=out, **options)
+    assert (out == 7.0).all()
+    lse = numpy.zeros((2, 4, 5), numpy.float32)
+    with pytest.raises(error, match=match):
+        cuflash.attention_backward(out, q, k, v, out, lse, **options)
+
+
+@pytest.mark.gpu
+def test_the_gpu_says_it_does_not_take_modifiers_yet(rng):
+    cupy = pytest.importorskip("cupy")
+    q = cupy.asarray(_draw(rng, "float32", (1, 2, 8, 16))[0])
+    for options in (dict(softcap=3.0), dict(alibi_slopes=cupy.ones(2, cupy.float32)),
+                    dict(sinks=cupy.zeros(2, cupy.float32))):
+        with pytest.raises(NotImplementedError, match="CPU backend"):
+            cuflash.attention(q, q, q, **options)
+
+
+def test_gradients_match_finite_differences(rng):
+    """The analytic backward (and so the reference's formulas) against central differences of the
+    forward, in float64, for every input of a call with all three modifiers."""
+    q, k, v, dout = _draw(rng, "float64", (1, 2, 5, 4), (1, 1, 7, 4), (1, 1, 7, 4), (1, 2, 5, 4))
+    sinks = numpy.array([0.2, -0.4])
+    kwargs = dict(softcap=1.5, alibi_slopes=numpy.array([0.3, 0.1]), sinks=sinks, causal=True)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+
+    def loss(q, k, v, sinks):
+        return float((cuflash.attention(q, k, v, **{**kwargs, "sinks": sinks}) * dout).sum())
+
+    inputs = [q, k, v, sinks]
+    for index, (x, grad) in enumerate(zip(inputs, grads)):
+        numeric = numpy.zeros_like(x)
+        for position in numpy.ndindex(x.shape):
+            bumped = [y.copy() for y in inputs]
+            bumped[index][position] += 1e-6
+            up = loss(*bumped)
+            bumped[index][position] -= 2e-6
+            numeric[position] = (up - loss(*bumped)) / 2e-6
+        numpy.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8, err_msg=f"input {index}")
