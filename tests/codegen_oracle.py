@@ -1,0 +1,77 @@
+"""The machine-code oracle: did a kernel-source change alter what any Variant compiles to?
+
+    python tests/codegen_oracle.py before.json     # on the old tree
+    python tests/codegen_oracle.py after.json      # on the new one
+    python tests/codegen_oracle.py --compare before.json after.json
+
+Compiles every Variant ``tiles.all_variants`` offers for sm_80 and sm_90a with NVRTC (no GPU) and
+records, per Variant, a digest of each executable section of the cubin (``.text.*``), its
+parameter constants (``.nv.constant0.*``) and its attributes (``.nv.info.*``), plus registers and
+spills. Equal records mean equal machine code: a refactor that passes needs no GPU run (a
+symbol-table difference alone, e.g. from moving a struct between namespaces, does not count).
+Not a test (it takes about a minute on two cores): the repository's check for source-only
+changes of cuda_src/.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cuflash._gpu import kernels, tiles  # noqa: E402
+
+SECTIONS = (".text.", ".nv.constant0", ".nv.info.")
+
+
+def code_sections(cubin: bytes) -> dict[str, str]:
+    """{section name: sha256 prefix} of the ELF sections that decide what runs."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx]
+    strtab = cubin[names[4]: names[4] + names[5]]
+    out = {}
+    for name_offset, _type, _flags, _addr, offset, size, *_ in headers:
+        name = strtab[name_offset: strtab.index(b"\0", name_offset)].decode()
+        if name.startswith(SECTIONS):
+            out[name] = hashlib.sha256(cubin[offset: offset + size]).hexdigest()[:16]
+    return out
+
+
+def _record(variant):
+    build = kernels.compile_offline(variant)
+    return str(variant), {"sections": code_sections(build.cubin), "registers": build.registers,
+                          "spills": build.spill_bytes}
+
+
+def record(path: Path) -> None:
+    variants = [v for arch in ("80", "90a") for v in tiles.all_variants(arch)]
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        result = dict(pool.map(_record, variants))
+    path.write_text(json.dumps(result, indent=0, sort_keys=True))
+    print(f"{len(result)} Variants recorded in {path}")
+
+
+def compare(before: Path, after: Path) -> int:
+    old, new = json.loads(before.read_text()), json.loads(after.read_text())
+    changed = sorted(name for name in old.keys() & new.keys() if old[name] != new[name])
+    print(f"{len(changed)} of {len(old)} Variants compile to different code; "
+          f"{len(old.keys() - new.keys())} gone, {len(new.keys() - old.keys())} new")
+    for name in changed[:20]:
+        print(f"  {name}: registers {old[name]['registers']} -> {new[name]['registers']}, "
+              f"spills {old[name]['spills']} -> {new[name]['spills']}")
+    return 1 if changed or old.keys() != new.keys() else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":
+        sys.exit(compare(Path(sys.argv[2]), Path(sys.argv[3])))
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    record(Path(sys.argv[1]))
