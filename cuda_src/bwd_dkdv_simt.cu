@@ -33,6 +33,17 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dkdv_simt_smem_bytes() {
+    // Ks, Vs, Qs, dOs [.][d], Ps and dSs [m][n], dSt [n][m] (rows padded by 16 bytes), lse and
+    // delta [m].
+    constexpr int kPad = 16 / sizeof(Element);
+    constexpr int kLdD = kHeadDim + kPad, kLdN = kBlockN + kPad, kLdM = kBlockM + kPad;
+    return sizeof(Element) * (2 * kBlockN * kLdD + 2 * kBlockM * kLdD + 2 * kBlockM * kLdN + kBlockN * kLdM + 2 * kBlockM);
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dkdv_simt(const BwdParams p) {
     using T = Element;
@@ -53,8 +64,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     constexpr int kLdD = kHeadDim + kPad;  // Ks, Vs, Qs, dOs row length
     constexpr int kLdN = kBlockN + kPad;   // Ps, dSs row length
     constexpr int kLdM = kBlockM + kPad;   // dSt row length
-    constexpr unsigned kSmemBytes =
-        sizeof(T) * (2 * kBlockN * kLdD + 2 * kBlockM * kLdD + 2 * kBlockM * kLdN + kBlockN * kLdM + 2 * kBlockM);
+    constexpr unsigned kSmemBytes = bwd_dkdv_simt_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
 
     // The host sizes dynamic shared memory from tiles.shared_memory_bytes; a mismatch would
     // silently overrun, so stop here instead.

@@ -40,6 +40,15 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dkdv_tc_smem_bytes() {
+    // K, V, P and dS, then per stage Q, dO and 2 * kBlockM floats (lse, delta).
+    return 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN>::kBytes +
+           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4);
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -70,7 +79,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     using PTile = tc::SmemTile<kBlockM, kBlockN>;    // P or dS, 16-bit, queries x keys
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
     constexpr unsigned kStageBytes = 2 * QTile::kBytes + kStatBytes;
-    constexpr unsigned kSmemBytes = 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes;  // == tiles.py
+    constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes, "layout");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();

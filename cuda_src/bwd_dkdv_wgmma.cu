@@ -43,6 +43,16 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dkdv_wgmma_smem_bytes() {
+    // 1024 bytes of alignment, K, V and dS^T, per stage Q and dO (swizzled, unpadded), then per
+    // stage 2 * kBlockM floats (lse, delta).
+    return 1024 + 2 * tc::Sw128Tile<kBlockN, kHeadDim>::kBytes + tc::Sw128Tile<kBlockN, kBlockM>::kBytes +
+           kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4;
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -64,7 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     constexpr unsigned kStageBytes = 2 * QTile::kBytes;
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
     constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
-    constexpr unsigned kSmemBytes = 1024 + kTileBytes + kStages * kStatBytes;  // == tiles.py; 1024: alignment
+    constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 1024 + kTileBytes + kStages * kStatBytes, "1024: alignment");
     static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
 
     extern __shared__ __align__(16) unsigned char smem[];

@@ -22,6 +22,16 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dq_simt_smem_bytes() {
+    // Qs, dOs, Ks, Vs [.][d], dSt [n][m] (rows padded by 16 bytes), lse and delta [m].
+    constexpr int kPad = 16 / sizeof(Element);
+    constexpr int kLdD = kHeadDim + kPad, kLdM = kBlockM + kPad;
+    return sizeof(Element) * (2 * kBlockM * kLdD + 2 * kBlockN * kLdD + kBlockN * kLdM + 2 * kBlockM);
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dq_simt(const BwdParams p) {
     using T = Element;
@@ -39,8 +49,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     constexpr int kPad = 16 / sizeof(T);
     constexpr int kLdD = kHeadDim + kPad;  // Qs, dOs, Ks, Vs row length
     constexpr int kLdM = kBlockM + kPad;   // dSt row length
-    constexpr unsigned kSmemBytes =
-        sizeof(T) * (2 * kBlockM * kLdD + 2 * kBlockN * kLdD + kBlockN * kLdM + 2 * kBlockM);
+    constexpr unsigned kSmemBytes = bwd_dq_simt_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
 
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
 

@@ -26,6 +26,14 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dq_tc_smem_bytes() {
+    // Q and dO (Q stages dQ at the end), then kStages (K, V) tile pairs.
+    return 2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -42,7 +50,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // Q_i, dO_i; Q_i stages dQ at the end
     using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
     constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
-    constexpr unsigned kSmemBytes = 2 * QTile::kBytes + kStages * kStageBytes;  // == tiles.py
+    constexpr unsigned kSmemBytes = bwd_dq_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 2 * QTile::kBytes + kStages * kStageBytes, "layout");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();

@@ -45,6 +45,14 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned fwd_dmma_smem_bytes() {
+    // Qs, Ks, Vs row-major, rows of kHeadDim + 2 doubles.
+    return sizeof(Element) * (kBlockM + 2 * kBlockN) * (kHeadDim + 2);
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     using T = Element;
@@ -66,7 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
 #endif
 
     constexpr int kLd = kHeadDim + 2;  // row pitch of Qs, Ks, Vs (see the bank note above)
-    constexpr unsigned kSmemBytes = sizeof(T) * (kBlockM + 2 * kBlockN) * kLd;
+    constexpr unsigned kSmemBytes = fwd_dmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
 
     // The host sizes dynamic shared memory from tiles.shared_memory_bytes; a mismatch would
     // silently overrun, so stop here instead.

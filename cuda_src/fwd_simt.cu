@@ -83,6 +83,15 @@ struct Occupancy {
 };
 }  // namespace simt
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned fwd_simt_smem_bytes() {
+    // Qt [d][m], Ks and Vs [n][d], Pt [n][m], rows padded by 16 bytes.
+    constexpr int kPad = 16 / sizeof(Element);
+    return sizeof(Element) * (kHeadDim * (kBlockM + kPad) + 2 * kBlockN * (kHeadDim + kPad) + kBlockN * (kBlockM + kPad));
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32,
                                   (simt::Occupancy<Element, kBlockM / (2 * kWarps), kBlockN / 16, kHeadDim / 16, kHasWindow>::kMinBlocks))
@@ -110,7 +119,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     constexpr int kPad = 16 / sizeof(T);
     constexpr int kLdQ = kBlockM + kPad;   // Qt and Pt row length
     constexpr int kLdKV = kHeadDim + kPad; // Ks and Vs row length
-    constexpr unsigned kSmemBytes = sizeof(T) * (kHeadDim * kLdQ + 2 * kBlockN * kLdKV + kBlockN * kLdQ);
+    constexpr unsigned kSmemBytes = fwd_simt_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
 
     // The host sizes dynamic shared memory from tiles.shared_memory_bytes; a mismatch would
     // silently overrun, so stop here instead.

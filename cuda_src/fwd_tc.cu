@@ -26,6 +26,14 @@
 
 namespace cuflash {
 
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned fwd_tc_smem_bytes() {
+    // Q (also O at the end), then kStages (K, V) tile pairs, 16-bit padded rows.
+    return tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
+}
+
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
 __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -47,7 +55,8 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // also stages O at the end
     using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
     constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
-    constexpr unsigned kSmemBytes = QTile::kBytes + kStages * kStageBytes;  // == tiles.shared_memory_bytes
+    constexpr unsigned kSmemBytes = fwd_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == QTile::kBytes + kStages * kStageBytes, "Q, then the K/V stages");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();

@@ -31,9 +31,11 @@
 
 namespace cuflash {
 
-// Dynamic shared memory (== tiles.py): Q, kStages K tiles and kStages V tiles, 16-bit, swizzled
-// rows without padding, plus 1024 bytes to align the swizzle atoms.
-template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+// Q, kStages K tiles and kStages V tiles, 16-bit, swizzled rows without padding, plus 1024
+// bytes to align the swizzle atoms.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlockM + 2 * kStages * kBlockN); }
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
@@ -41,7 +43,7 @@ constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlock
 // registers. sm_90: 228 KB of shared memory per SM, 1 KB of it reserved per block.
 template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr int fwd_wgmma_min_blocks() {
-    return 2 * (fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
+    return 2 * (fwd_wgmma_smem_bytes<void, kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
     using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;     // one K or V tile
     using OTile = tc::SmemTile<kBlockM, kHeadDim>;       // O on its way out (padded rows)
-    constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<kHeadDim, kBlockM, kBlockN, kStages>();
+    constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
     static_assert(kSmemBytes == 1024 + QTile::kBytes + 2 * kStages * KVTile::kBytes, "1024: alignment");
     static_assert(OTile::kBytes <= 2 * kStages * KVTile::kBytes, "O leaves through the K/V rings");
 

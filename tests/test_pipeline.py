@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from cuflash._gpu import kernels, params, tiles  # noqa: E402
+from cuflash._gpu import variant as variant_module  # noqa: E402
 
 ARCHS = ("80", "90a")
 
@@ -86,21 +87,15 @@ def test_head_dim_above_maximum_is_rejected():
         tiles.select("float16", tiles.MAX_HEAD_DIM + 1, 64, False, "80")
 
 
-@needs_nvrtc
-@pytest.mark.parametrize("struct,dtype", [
-    ("cuflash::FwdParams", params.FWD_PARAMS_DTYPE),
-    ("cuflash::BwdParams", params.BWD_PARAMS_DTYPE),
-], ids=["fwd", "bwd"])
-def test_params_struct_matches_numpy_mirror(struct, dtype):
-    """Compile a probe that stores sizeof and every field offset; read the constants from PTX."""
+def _ptx_stored_constants(source: str, options) -> dict[int, int]:
+    """Compile ``source`` to PTX and read the constants it stores into ``out[i]`` (long long)."""
     import re
 
     from cupy_backends.cuda.libs import nvrtc
 
-    variant = tiles.select("float32", 32, 32, False, "80")
-    prog = nvrtc.createProgram(params.layout_probe_source(struct, dtype), "probe.cu", (), ())
+    prog = nvrtc.createProgram(source, "probe.cu", (), ())
     try:
-        nvrtc.compileProgram(prog, kernels.compile_options(variant) + ("-arch=compute_80",))
+        nvrtc.compileProgram(prog, options)
         ptx = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
@@ -109,9 +104,44 @@ def test_params_struct_matches_numpy_mirror(struct, dtype):
     stored = {}
     for offset, value in re.findall(r"st\.global\.u64\s+\[%rd\d+(?:\+(\d+))?\],\s*(%rd\d+|\d+);", ptx):
         stored[int(offset or 0) // 8] = int(constants.get(value, value))
+    return stored
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("struct,dtype", [
+    ("cuflash::FwdParams", params.FWD_PARAMS_DTYPE),
+    ("cuflash::BwdParams", params.BWD_PARAMS_DTYPE),
+], ids=["fwd", "bwd"])
+def test_params_struct_matches_numpy_mirror(struct, dtype):
+    """Compile a probe that stores sizeof and every field offset; read the constants from PTX."""
+    variant = tiles.select("float32", 32, 32, False, "80")
+    stored = _ptx_stored_constants(params.layout_probe_source(struct, dtype),
+                                   kernels.compile_options(variant) + ("-arch=compute_80",))
     expected = {0: dtype.itemsize}
     expected.update({i: dtype.fields[name][1] for i, name in enumerate(dtype.names, start=1)})
     assert stored == expected
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variants_shared_memory_is_the_kernels_own(arch):
+    """tiles.py's shared memory per Variant equals the kernel's own formula
+    (``<kernel>_smem_bytes<Element, D, M, N, stages>()`` in its .cu), read from a probe's PTX."""
+    by_kernel: dict[str, list] = {}
+    for variant in tiles.all_variants(arch):
+        by_kernel.setdefault(variant.kernel, []).append(variant)
+    for kernel, variants in sorted(by_kernel.items()):
+        if kernel in ("bwd_delta", "bwd_dq_convert"):  # memory-bound, no shared memory
+            assert all(v.shared_mem == 0 for v in variants)
+            continue
+        lines = ['extern "C" __global__ void cuflash_smem_probe(long long* out) {']
+        for i, v in enumerate(variants):
+            args = (variant_module.CUDA_TYPES[v.dtype], v.head_dim, v.block_m, v.block_n, v.stages)
+            lines.append(f"    out[{i}] = (long long)cuflash::{kernel}_smem_bytes<{', '.join(map(str, args))}>();")
+        source = kernels.kernel_source(variants[0]) + "\n" + "\n".join(lines) + "\n}\n"
+        options = kernels.compile_options(variants[0]) + (f"-arch=compute_{arch}", "--device-as-default-execution-space")
+        stored = _ptx_stored_constants(source, options)
+        assert stored == {i: v.shared_mem for i, v in enumerate(variants)}, kernel
 
 
 def test_source_digest_follows_every_header(tmp_path, monkeypatch):

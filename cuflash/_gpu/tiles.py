@@ -2,8 +2,9 @@
 
 Each kernel family (one ``cuda_src/<kernel>.cu``) has one ``KernelSpec``: the dtypes and archs
 it serves, its candidate tiles in order of preference, the dynamic shared memory a tile needs
-(the mirror of the kernel's ``kSmemBytes``, which the kernel checks at entry) and any further
-constraint of its static_asserts. ``KernelSpec.variant`` is the one select: the first candidate
+(the mirror of the kernel's own ``<kernel>_smem_bytes``, which the kernel checks at entry and
+tests/test_pipeline.py compares for every Variant) and any further constraint of its
+static_asserts. ``KernelSpec.variant`` is the one select: the first candidate
 that fits the arch's shared memory. On top of the specs:
 
 - ``select``: the forward's Variant, from the families that serve a dtype, in order of
