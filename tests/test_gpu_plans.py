@@ -239,3 +239,41 @@ def test_torch_cuda_graph_capture_and_replay(rng):
         torch.testing.assert_close(g_out, eager_out, rtol=0, atol=0)
         for ours, x in zip(g_grads, eager_in):
             torch.testing.assert_close(ours, x.grad, rtol=0, atol=0)
+
+
+def test_threads_on_their_own_streams_share_plans_safely(rng):
+    """8 threads, each on its own CuPy stream, call the same signatures at once (plans are shared,
+    the params bytes are per thread): every result equals the one computed alone."""
+    import threading
+
+    shapes = [(2, 4, 200, 64), (2, 2, 200, 64)]
+    inputs = [_draw(rng, "bfloat16", shapes[0], shapes[1], shapes[1], shapes[0]) for _ in range(8)]
+    expected = []
+    for q, k, v, dout in inputs:  # alone, on the default stream
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        expected.append([out, *cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)])
+    cupy.cuda.Device().synchronize()
+    results, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream:
+                q, k, v, dout = inputs[i]
+                for _ in range(5):
+                    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+                    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+                stream.synchronize()
+            results[i] = [out, *grads]
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            assert _bits(a) == _bits(b)
