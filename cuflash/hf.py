@@ -27,10 +27,11 @@ key); a causal call with ``Lk > Lq`` (prefill into an empty static cache) keeps 
 keys; causal is top-left aligned (``causal="top_left"``); ``sliding_window=w`` is transformers'
 ``kv_idx > q_idx - w``, i.e. cuflash's ``window=(w - 1, 0)``.
 
-What cuflash does not support yet falls back to SDPA's integration (same arguments), with a
-one-time warning per reason: a mask tensor (padding, packed sequences, custom patterns),
-dropout > 0, ``softcap``, ``position_bias``, ``s_aux`` (attention sinks), tensors on a device
-other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+Attention-logit softcapping (Gemma-2's ``softcap``) and attention sinks (gpt-oss's ``s_aux``, with
+their gradient) run in cuflash on CPU tensors; the GPU kernels do not take them yet. What cuflash
+does not support falls back to SDPA's integration (same arguments), with a one-time warning per
+reason: a mask tensor (padding, packed sequences, custom patterns), dropout > 0, softcap or sinks
+on CUDA tensors, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
 import warnings
@@ -174,12 +175,13 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
         return "an attention mask tensor was passed (padding, packed sequences or a custom pattern)"
     if dropout:
         return f"attention dropout ({dropout}) is active"
-    if softcap:
-        return f"logit softcapping (softcap={softcap}) was requested"
+    on_gpu = query.device.type != "cpu"
+    if softcap and on_gpu:
+        return f"logit softcapping (softcap={softcap}) on CUDA tensors was requested"
     if kwargs.get("position_bias") is not None:
         return "an additive position bias (position_bias) was passed"
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks (s_aux) were passed"
+    if kwargs.get("s_aux") is not None and on_gpu:
+        return "attention sinks (s_aux) on CUDA tensors were passed"
     if any(t.device.type not in ("cpu", "cuda") for t in (query, key, value)):
         return f"the tensors are on {query.device.type}, not CPU or CUDA"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -214,6 +216,6 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         window = (int(sliding_window) - 1, 0)  # transformers: kv_idx > q_idx - sliding_window
 
     COUNTS["cuflash"] += 1
-    out = _cuflash_torch.attention(query, key, value, scale=scaling,
-                                   causal="top_left" if causal else False, window=window)
+    out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left" if causal else False,
+                                   window=window, softcap=softcap or None, sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
