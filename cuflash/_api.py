@@ -75,7 +75,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     window : (left, right), optional
         Local attention around the same diagonal: key ``j`` is visible to query ``i`` iff
         ``i + d - left <= j <= i + d + right`` with ``d = Lk - Lq`` (``0`` under
-        ``causal="top_left"``); ``-1`` leaves that side unbounded. ``causal`` sets ``right=0``.
+        ``causal="top_left"``); ``-1`` leaves that side unbounded. ``causal`` sets ``right=0`` (a
+        positive ``right`` with ``causal`` is an error).
     softcap : float > 0, optional
         Caps the scaled scores smoothly: ``s = softcap * tanh(s / softcap)`` (Gemma-2, Grok).
     alibi_slopes : float array broadcastable to the leading axes ``(..., Hq)``, optional

@@ -14,7 +14,8 @@ The mask. Every mask (none, causal in either alignment, a local window, causal +
                                       and (right < 0 or j <= i + diag_offset + right)
 
 ``diag_offset`` is Lk - Lq for the bottom-right diagonal (FlashAttention-2's causal, the default)
-and 0 for the top-left one (torch's ``is_causal``). ``causal`` means ``right = 0``.
+and 0 for the top-left one (torch's ``is_causal``). ``causal`` means ``right = 0``; a window whose
+right side is positive is refused with causal rather than silently cut to 0.
 """
 from __future__ import annotations
 
@@ -415,6 +416,10 @@ def _normalise_mask(causal, window, seqlen_q: int, seqlen_k: int) -> tuple[int, 
         for side, size in zip(("left", "right"), sizes):
             if size < -1:
                 raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {size}")
+        if is_causal and sizes[1] > 0:
+            raise ValueError(
+                f"window right must be 0 or -1 with causal (causal hides every key after the diagonal), "
+                f"got {sizes[1]}: pass window=({sizes[0]}, 0), or causal=False for a window that looks ahead")
         # A side wider than Lq + Lk never excludes a key; clamping it keeps it in the kernels' int32.
         left, right = (min(size, seqlen_q + seqlen_k) for size in sizes)
     if is_causal:

@@ -132,9 +132,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if tensor.dim() != 4:
             raise ValueError(f"{name} must be 4-dimensional (batch, seqlen, heads, head_dim), got shape {tuple(tensor.shape)}")
     # (B, L, H, D) -> (B, H, L, D) views: cuflash reads the strides, nothing is copied.
+    window = tuple(window_size)
+    if bool(causal) and len(window) == 2:  # flash-attn's rule: causal sets the right side to 0
+        window = (window[0], 0)
     out, lse = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale,
-        causal=bool(causal), window=tuple(window_size), deterministic=bool(deterministic),
+        causal=bool(causal), window=window, deterministic=bool(deterministic),
         softcap=None if softcap == 0.0 else softcap, alibi_slopes=alibi_slopes, return_lse=True,
     )
     out = out.transpose(1, 2)

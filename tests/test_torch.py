@@ -183,6 +183,16 @@ def test_flash_attn_func_takes_int_like_window_sizes(randt):
             ct.flash_attn_func(q, q, q, window_size=bad)
 
 
+def test_flash_attn_func_keeps_flash_attns_causal_window_rule(randt):
+    """flash-attn sets the window's right side to 0 under causal; its drop-in does too (cuflash's
+    own attention refuses the combination instead)."""
+    q = randt(1, 9, 2, 8)
+    torch.testing.assert_close(ct.flash_attn_func(q, q, q, causal=True, window_size=(3, 2)),
+                               ct.flash_attn_func(q, q, q, causal=True, window_size=(3, 0)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window right must be 0 or -1 with causal"):
+        ct.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), causal=True, window=(3, 2))
+
+
 def test_flash_attn_func_reads_strided_views_of_packed_qkv(randt):
     qkv = randt(2, 6, 3, 4, 8, requires_grad=True)  # (B, L, 3, H, D), as flash_attn_qkvpacked_func
     q, k, v = qkv.unbind(dim=2)
@@ -382,7 +392,7 @@ def test_inputs_are_never_modified(randt):
     q, k, v = (randt(2, 4, 6, 8, requires_grad=True) for _ in range(3))
     dout = randt(2, 4, 6, 8)
     before = [x.detach().clone() for x in (q, k, v, dout)]
-    out = ct.attention(q, k, v, causal=True, window=(2, 2))
+    out = ct.attention(q, k, v, causal=True, window=(2, 0))
     out.backward(dout)
     for original, tensor in zip(before, (q, k, v, dout)):
         assert torch.equal(original, tensor)

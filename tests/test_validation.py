@@ -250,7 +250,6 @@ def test_bad_backward_options(rng, options, error, match):
         (numpy.bool_(True), None, 4, 4, (-1, 0, 0, True)),
         (False, (3, 4), 5, 7, (3, 4, 2, True)),
         (False, [2, 0], 5, 7, (2, 0, 2, True)),
-        (True, (3, 4), 5, 7, (3, 0, 2, True)),
         (True, (3, -1), 5, 7, (3, 0, 2, True)),
         ("top_left", (3, -1), 5, 7, (3, 0, 0, True)),
         (False, (-1, -1), 5, 7, (-1, -1, 2, False)),
@@ -266,12 +265,26 @@ def test_mask_normalisation(causal, window, seqlen_q, seqlen_k, expected):
     assert all(type(x) is int for x in (p.window_left, p.window_right, p.diag_offset))
 
 
+@pytest.mark.parametrize("causal", [True, "bottom_right", "top_left", numpy.bool_(True)], ids=str)
+@pytest.mark.parametrize("window", [(3, 4), (-1, 1), [0, 2], (numpy.int64(2), numpy.int32(5))], ids=str)
+def test_causal_refuses_a_window_that_looks_ahead(rng, causal, window):
+    """causal hides every key after the diagonal; a window reaching past it is a contradiction
+    the caller should hear about, not have cut to 0 silently."""
+    q = numpy.ones((5, 4), numpy.float32)
+    with pytest.raises(ValueError, match=r"window right must be 0 or -1 with causal .* pass window="):
+        cuflash.attention(q, q, q, causal=causal, window=window)
+    for right in (0, -1):  # the two sides causal agrees with
+        cuflash.attention(q, q, q, causal=causal, window=(window[0], right))
+
+
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 1), (9, 9), (5, 13), (13, 5), (0, 4), (4, 0)])
 def test_visible_agrees_with_the_reference_mask(seqlen_q, seqlen_k):
     q, k = numpy.ones((seqlen_q, 2), numpy.float32), numpy.ones((seqlen_k, 2), numpy.float32)
     windows = [None, (0, 0), (2, -1), (-1, 3), (1, 6), (20, 20), (0, -1)]
     for causal in (False, True, "bottom_right", "top_left"):
         for window in windows:
+            if causal is not False and window is not None and window[1] > 0:
+                continue  # refused (test_causal_refuses_a_window_that_looks_ahead)
             p = _spec.resolve_forward(q, k, k, causal=causal, window=window)
             got = p.visible(numpy.arange(seqlen_q)[:, None], numpy.arange(seqlen_k)[None, :])
             expected = visible_mask(seqlen_q, seqlen_k, causal=causal, window=window)
