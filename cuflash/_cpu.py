@@ -15,8 +15,17 @@ NaN or floating-point warnings: every exponent is taken against a finite referen
 Score modifiers (``_scores``): s = scale q.k, then softcap * tanh(s / softcap), then ALiBi's
 -slope * |i + diag - j|, then the mask. A sink is one more logit per row with no value: the
 running statistics start from it (m_i = sink, l_i = e^{sink - m_i} = 1) instead of from nothing.
+
+BLAS runs single-threaded inside a call (threadpoolctl, where installed). The tiles' products are
+small, and a multi-threaded BLAS synchronises its threads on every one of them: when other work
+keeps the cores busy, each product waits for a descheduled thread, and a call that takes 0.1 s
+idle took 26 s with two busy processes on a 2-core machine (benchmarks/bench_cpu.py). One thread
+is also faster idle (0.10 vs 0.14 s there).
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import numpy
 
@@ -26,8 +35,29 @@ BLOCK_M = 128  # query rows per block
 BLOCK_N = 128  # keys per tile
 
 
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (built once: a scan of the process's
+    libraries costs ~0.2 ms, a limit on a built controller ~8 us), or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
+
+
 def forward(p: Problem):
     """(out, lse) for a validated problem: out in ``p.out_shape``/``p.dtype``, lse in ``p.lse_shape``/``p.lse_dtype``."""
+    with _one_blas_thread():
+        return _forward(p)
+
+
+def _forward(p: Problem):
     compute = _compute_dtype(p)
     q, k, v = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v))
     q, k, v, lead = _grouped(p, q, k, v)
@@ -81,8 +111,14 @@ def backward(p: BackwardProblem):
 
     P is recomputed tile by tile from S and the forward's lse (never stored whole). Gradients are
     accumulated over the full broadcast leading shape and then summed back onto each input's own
-    shape, as autograd does for broadcasting; GQA sums a kv head's query group.
+    shape, as autograd does for broadcasting; GQA sums a kv head's query group. With sinks,
+    dsinks follows.
     """
+    with _one_blas_thread():
+        return _backward(p)
+
+
+def _backward(p: BackwardProblem):
     compute = _compute_dtype(p)
     q, k, v, o, dout, lse = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v, p.o, p.dout, p.lse))
     q_g, k_g, v_g, lead = _grouped(p, q, k, v)

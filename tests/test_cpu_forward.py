@@ -316,3 +316,25 @@ def test_every_dtype_combination_of_mask_and_layout_sample(randn):
         k = randn(*kv_lead, 47, 20, dtype=dtype)
         v = randn(*kv_lead, 47, 12, dtype=dtype)
         check_attention(q, k, v, **options)
+
+
+def test_blas_runs_single_threaded_inside_a_call(monkeypatch, randn):
+    """The tiles' small products with a multi-threaded BLAS stall when other work holds the cores
+    (benchmarks/bench_cpu.py): the CPU backend limits BLAS to one thread for the call, and only
+    for the call."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cuflash import _cpu
+
+    seen = []
+    real = _cpu._forward
+
+    def recording(p):
+        seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"])
+        return real(p)
+
+    monkeypatch.setattr(_cpu, "_forward", recording)
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    q = randn(2, 40, 16)
+    cuflash.attention(q, q, q)
+    assert seen and all(n == 1 for n in seen[0])
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"] == before
