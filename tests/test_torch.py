@@ -232,6 +232,30 @@ def test_errors_name_the_argument(randt):
         ct.attention(q, randt(1, 2, 4, 5), q)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(softcap="5"), TypeError, "softcap must be a positive real number"),
+    (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(sinks=[0.1, 0.2]), TypeError, "sinks must be a torch.Tensor"),
+    (dict(sinks="torch-ints"), TypeError, "sinks must be a float array"),
+    (dict(sinks="wrong-shape"), ValueError, "sinks must broadcast to the output's leading axes"),
+    (dict(alibi_slopes=numpy.ones(2)), TypeError, "alibi_slopes must be a torch.Tensor"),
+    (dict(alibi_slopes="wrong-shape"), ValueError, "alibi_slopes must broadcast"),
+    (dict(window=(3, 2), causal=True), ValueError, "window right must be 0 or -1 with causal"),
+    (dict(window=(torch.tensor(1.5), 0)), TypeError, "window left must be an int"),
+], ids=["softcap-str", "softcap-0", "sinks-list", "sinks-int", "sinks-shape", "alibi-numpy", "alibi-shape",
+        "causal-window", "window-float-tensor"])
+def test_adapter_refuses_bad_modifiers_and_touches_nothing(randt, kwargs, error, match):
+    q, k, v = (randt(1, 2, 4, 4, requires_grad=True) for _ in range(3))
+    replacements = {"torch-ints": torch.ones(2, dtype=torch.int32), "wrong-shape": randt(3)}
+    kwargs = {key: replacements.get(value, value) if isinstance(value, str) and key != "softcap" else value
+              for key, value in kwargs.items()}
+    before = [x.detach().clone() for x in (q, k, v)]
+    with pytest.raises(error, match=match):
+        ct.attention(q, k, v, **kwargs)
+    for old, new in zip(before, (q, k, v)):
+        assert torch.equal(old, new) and new.grad is None
+
+
 # --- the custom ops and torch.compile -----------------------------------------------------------
 
 
