@@ -134,3 +134,22 @@ def test_score_modifiers_and_the_gradient_into_sinks_on_cpu(cpu, randn):
     # Without sinks the function still has four inputs; the last cotangent is None.
     _, vjp = jax.vjp(lambda q, k, v: cj.attention(q, k, v, **options), jq, jk, jv)
     assert len(vjp(jdout)) == 3
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(causal="sideways"), ValueError, "causal must be False, True"),
+    (dict(window=3), TypeError, "window must be None or a"),
+    (dict(window=(3, 2), causal=True), ValueError, "window right must be 0 or -1 with causal"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(softcap=-2.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(sinks="ints"), TypeError, "sinks must be a float array"),
+    (dict(sinks="shape"), ValueError, "sinks must broadcast"),
+    (dict(alibi_slopes=[0.1, 0.2]), TypeError, "alibi_slopes must be a jax.Array"),
+], ids=["causal", "window-type", "causal-window", "scale-nan", "softcap", "sinks-int", "sinks-shape", "alibi-list"])
+def test_errors_name_the_argument(cpu, randn, kwargs, error, match):
+    q, k, v = _on(cpu, randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8))
+    replacements = {"ints": jnp.ones(4, jnp.int32), "shape": jnp.ones(3, jnp.float32)}
+    kwargs = {key: replacements.get(value, value) if isinstance(value, str) and key == "sinks" else value
+              for key, value in kwargs.items()}
+    with pytest.raises(error, match=match):
+        cj.attention(q, k, v, **kwargs)
