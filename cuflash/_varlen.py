@@ -1,0 +1,132 @@
+"""Packed variable-length batches (flash-attn's varlen layout), on top of the dense calls.
+
+``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)``: q ``(total_q, Hq, D)``, k
+``(total_k, Hk, D)``, v ``(total_k, Hk, Dv)``; sequence b's queries ``q[cu_q[b]:cu_q[b+1]]`` see only
+its keys ``k[cu_k[b]:cu_k[b+1]]`` (the first ``seqused_k[b]`` of them when given), with causal and
+windows per sequence on its own lengths. This first implementation runs one dense call per
+sequence (views, no copies: the head axis of the packed layout is a stride) on either backend;
+the kernels' own per-sequence offsets (BatchIndex) will take the whole batch in one launch.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy
+
+from . import _api
+
+
+def _host_ints(name, array, xp, *, length=None):
+    """A device (or host) int32 1-D array's values on the host, checked."""
+    if not isinstance(array, xp.ndarray):
+        kind = "numpy.ndarray" if xp is numpy else "cupy.ndarray"
+        raise TypeError(f"{name} must be a {kind} like q, got {type(array).__name__}")
+    if array.dtype != numpy.int32 or array.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D int32 array, got {array.ndim}-D {array.dtype}")
+    if length is not None and array.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {array.shape[0]}")
+    return [int(x) for x in (array if xp is numpy else array.get())]
+
+
+def _prefix_sums(name, values, total, total_name):
+    if not values or values[0] != 0 or any(b < a for a, b in zip(values, values[1:])) or values[-1] != total:
+        raise ValueError(f"{name} must be non-decreasing prefix sums from 0 to {total_name} = {total}, "
+                         f"got {values[:4]}{'...' if len(values) > 4 else ''}")
+
+
+def _hint(name, hint, actual):
+    if hint is None:
+        return
+    if isinstance(hint, (bool, numpy.bool_)) or not (isinstance(hint, numbers.Integral) or
+                                                     getattr(hint, "shape", None) == ()):
+        raise TypeError(f"{name} must be an int or None, got {type(hint).__name__}")
+    if int(hint) < actual:
+        raise ValueError(f"{name} = {int(hint)} is smaller than the longest sequence ({actual}): it must be at "
+                         "least every sequence's length")
+
+
+def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
+    """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None)."""
+    xp = numpy if isinstance(q, numpy.ndarray) else __import__("cupy")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, xp.ndarray):
+            raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(x).__name__}")
+        if x.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (total tokens, heads, head dim) in the packed layout, "
+                             f"got shape {tuple(x.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
+    cu_q = _host_ints("cu_seqlens_q", cu_seqlens_q, xp)
+    cu_k = _host_ints("cu_seqlens_k", cu_seqlens_k, xp, length=len(cu_q))
+    _prefix_sums("cu_seqlens_q", cu_q, q.shape[0], "total_q")
+    _prefix_sums("cu_seqlens_k", cu_k, k.shape[0], "total_k")
+    batch = len(cu_q) - 1
+    lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if seqused_k is not None:
+        used = _host_ints("seqused_k", seqused_k, xp, length=batch)
+        if any(u < 0 or u > n for u, n in zip(used, lengths_k)):
+            raise ValueError(f"seqused_k must be between 0 and each sequence's key count, got {used[:4]}...")
+        lengths_k = used
+    _hint("max_seqlen_q", max_seqlen_q, max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0))
+    _hint("max_seqlen_k", max_seqlen_k, max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0))
+    slopes = None
+    if alibi_slopes is not None:  # (Hq,) for every sequence or (B, Hq), flash-attn's two forms
+        shape = tuple(getattr(alibi_slopes, "shape", ()))
+        if len(shape) == 2 and shape[0] == batch:
+            slopes = [alibi_slopes[b] for b in range(batch)]
+        elif len(shape) == 1:
+            slopes = [alibi_slopes] * batch
+        else:
+            raise ValueError(f"alibi_slopes must have shape (Hq,) or (B, Hq) = ({batch}, Hq) in the varlen layout, "
+                             f"got {shape}")
+    spans = [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + lengths_k[b])) for b in range(batch)]
+    return xp, spans, slopes
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
+                     scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+                     return_lse=False, out=None):
+    """Attention over packed sequences; ``(out, lse)`` with ``return_lse`` (lse ``(Hq, total_q)``)."""
+    xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                 alibi_slopes)
+    if out is not None:
+        expected = (q.shape[0], q.shape[1], v.shape[2])
+        if not isinstance(out, xp.ndarray) or tuple(out.shape) != expected or out.dtype != q.dtype:
+            raise ValueError(f"out must be a {xp.__name__}.ndarray of shape {expected} and q's dtype {q.dtype}")
+    result = xp.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype) if out is None else out
+    lse = None
+    for b, (rows, keys) in enumerate(spans):
+        heads_first = (x.transpose(1, 0, 2) for x in (q[rows], k[keys], v[keys]))
+        o, l = _api.attention(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
+                              alibi_slopes=None if slopes is None else slopes[b], sinks=sinks, return_lse=True)
+        if lse is None:
+            lse = xp.empty((q.shape[1], q.shape[0]), dtype=l.dtype)
+        result[rows] = o.transpose(1, 0, 2)
+        lse[:, rows] = l
+    if lse is None:  # no sequence at all
+        lse = xp.empty((q.shape[1], 0), dtype=numpy.float64 if q.dtype == numpy.float64 else numpy.float32)
+    return (result, lse) if return_lse else result
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                              max_seqlen_k=None, seqused_k=None, scale=None, causal=False, window=None, softcap=None,
+                              alibi_slopes=None, sinks=None, deterministic=False):
+    """``(dq, dk, dv)`` of :func:`attention_varlen` (``dsinks`` after them with sinks); keys past
+    ``seqused_k`` get zero gradients."""
+    xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                 alibi_slopes)
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    dsinks = None
+    for b, (rows, keys) in enumerate(spans):
+        heads_first = [x.transpose(1, 0, 2) for x in (dout[rows], q[rows], k[keys], v[keys], out[rows])]
+        grads = _api.attention_backward(*heads_first, lse[:, rows], scale=scale, causal=causal, window=window,
+                                        softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
+                                        sinks=sinks, deterministic=deterministic)
+        dq[rows] = grads[0].transpose(1, 0, 2)
+        dk[keys] = grads[1].transpose(1, 0, 2)
+        dv[keys] = grads[2].transpose(1, 0, 2)
+        if sinks is not None:
+            dsinks = grads[3] if dsinks is None else dsinks + grads[3]
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, dsinks if dsinks is not None else xp.zeros_like(sinks)
