@@ -43,9 +43,9 @@ except ImportError as error:  # pragma: no cover - exercised only where torch is
 
 import numpy
 
-from . import _api, _spec
+from . import _api, _spec, _varlen
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func"]
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func"]
 
 # The op schemas carry ``causal`` as one of these names (a schema has no bool-or-str type).
 _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "top_left"}
@@ -142,6 +142,55 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     )
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_varlen_func`` (same signature), differentiable in q,
+    k and v: packed q ``(total_q, H, D)``, k and v ``(total_k, Hk, D)``, int32 ``cu_seqlens_*``
+    ``(B + 1,)``; causal (bottom-right, per sequence) sets the window's right side to 0 as in
+    flash-attn. Returns out ``(total_q, H, Dv)``, or ``(out, softmax_lse (H, total_q), None)``.
+    cuflash.attention_varlen underneath: one dense call per sequence for now."""
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, tensor)
+    causal = bool(causal)
+    left, right = (_spec._integer(f"window_size {side}", size) for side, size in zip(("left", "right"), window_size))
+    options = dict(max_seqlen_q=_spec._integer("max_seqlen_q", max_seqlen_q),
+                   max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
+                   scale=softmax_scale, causal=causal, window=(left, 0 if causal else right),
+                   softcap=None if softcap == 0.0 else softcap, deterministic=bool(deterministic))
+    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
+    return (out, lse, None) if return_attn_probs else out
+
+
+class _VarlenFunction(torch.autograd.Function):
+    """attention_varlen forward and backward on torch tensors (CPU or CUDA, torch's stream)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, alibi, options):
+        forward_options = {key: value for key, value in options.items() if key != "deterministic"}
+        with _running_on(q):
+            arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
+            out, lse = _varlen.attention_varlen(*arrays, alibi_slopes=_cuflash_or_none(alibi), return_lse=True,
+                                                **forward_options)
+            out, lse = _to_torch(out), _to_torch(lse)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, alibi)
+        ctx.options = options
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, cu_q, cu_k, out, lse, alibi = ctx.saved_tensors
+        with _running_on(q):
+            grads = _varlen.attention_varlen_backward(
+                *(_to_cuflash(t) for t in (dout.contiguous(), q, k, v, out, lse, cu_q, cu_k)),
+                alibi_slopes=_cuflash_or_none(alibi), **ctx.options)
+            dq, dk, dv = (_to_torch(g) for g in grads)
+        return dq, dk, dv, None, None, None, None
 
 
 # --- argument checks ----------------------------------------------------------------------------

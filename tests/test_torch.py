@@ -426,3 +426,32 @@ def test_importing_without_torch_says_what_is_missing():
     code = "import sys; sys.modules['torch'] = None\ntry:\n import cuflash.torch\nexcept ImportError as e: print(e)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "cuflash.torch needs PyTorch" in result.stdout
+
+
+def test_flash_attn_varlen_func_matches_flash_attn_func_per_sequence(randt):
+    lengths = [5, 1, 0, 9]
+    cu = torch.tensor([0, 5, 6, 6, 15], dtype=torch.int32)
+    q, k, v = (randt(15, 4, 8, requires_grad=True) for _ in range(3))
+    out, lse, _ = ct.flash_attn_varlen_func(q, k, v, cu, cu, torch.tensor(9), 9, causal=True,
+                                            window_size=(torch.tensor(3), torch.tensor(2)), return_attn_probs=True)
+    assert out.shape == (15, 4, 8) and lse.shape == (4, 15)
+    dout = randt(15, 4, 8)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    start = 0
+    for length in lengths:
+        rows = slice(start, start + length)
+        start += length
+        if length == 0:
+            continue
+        parts = [x.detach()[rows].unsqueeze(0).requires_grad_() for x in (q, k, v)]
+        expected = ct.flash_attn_func(*parts, causal=True, window_size=(3, 2))
+        torch.testing.assert_close(out[rows], expected[0])
+        expected_grads = torch.autograd.grad(expected, parts, dout[rows].unsqueeze(0))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got[rows], want[0])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ct.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9, causal=True),
+        (q[:, :1, :3].detach().requires_grad_(), k[:, :1, :3].detach().requires_grad_(),
+         v[:, :1, :3].detach().requires_grad_()))
+    with pytest.raises(ValueError, match="max_seqlen_q = 4 is smaller"):
+        ct.flash_attn_varlen_func(q, k, v, cu, cu, 4, 9)
