@@ -85,7 +85,6 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
     for keys in _key_tiles(p, rows):
         # S = Q_i K_j^T * scale, modified (softcap, ALiBi), with hidden keys at -inf
         s, _ = _scores(p, q_block, k[..., keys, :], row_index, keys, slopes)
-        s = _apply_mask(p, s, row_index, keys)
         # m_new = max(m_i, rowmax(S)); a row that has seen nothing yet keeps m_new = -inf, so
         # exponents are taken against m_ref = 0 there (its entries of S are -inf: exp gives 0).
         m_new = numpy.maximum(m_i, s.max(axis=-1))
@@ -146,7 +145,6 @@ def _backward(p: BackwardProblem):
             k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
             # P = exp(S - lse), S recomputed and modified as in the forward; hidden keys give 0
             s, d_capped = _scores(p, q_i, k_j, row_index, keys, slopes)
-            s = _apply_mask(p, s, row_index, keys)
             p_tile = numpy.exp(s - lse_ref[..., rows, None])
             # dV_j += P^T dO_i
             dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
@@ -204,8 +202,9 @@ def _per_row(p: Problem, values, lead, compute):
 
 
 def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
-    """(S, dS_modified/dS_raw or None): S = scale Q K^T, then softcap, then ALiBi (the mask comes
-    after). The second value is softcap's derivative 1 - tanh^2, for the backward's chain rule."""
+    """(S, dS_modified/dS_raw or None): S = scale Q K^T, then softcap, then ALiBi, then the mask
+    (hidden keys at -inf). The second value is softcap's derivative 1 - tanh^2, for the backward's
+    chain rule."""
     compute = q_block.dtype
     s = (q_block @ numpy.swapaxes(k_tile, -1, -2)) * compute.type(p.scale)
     d_capped = None
@@ -216,7 +215,7 @@ def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
     if slopes is not None:
         distance = numpy.abs(row_index + p.diag_offset - numpy.arange(keys.start, keys.stop)[None, :])
         s = s - slopes[..., None] * distance.astype(compute)
-    return s, d_capped
+    return _apply_mask(p, s, row_index, keys), d_capped
 
 
 def _key_tiles(p: Problem, rows: slice):

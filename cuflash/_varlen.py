@@ -9,11 +9,9 @@ the kernels' own per-sequence offsets (BatchIndex) will take the whole batch in 
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy
 
-from . import _api
+from . import _api, _spec
 
 
 def _host_ints(name, array, xp, *, length=None):
@@ -37,11 +35,9 @@ def _prefix_sums(name, values, total, total_name):
 def _hint(name, hint, actual):
     if hint is None:
         return
-    if isinstance(hint, (bool, numpy.bool_)) or not (isinstance(hint, numbers.Integral) or
-                                                     getattr(hint, "shape", None) == ()):
-        raise TypeError(f"{name} must be an int or None, got {type(hint).__name__}")
-    if int(hint) < actual:
-        raise ValueError(f"{name} = {int(hint)} is smaller than the longest sequence ({actual}): it must be at "
+    hint = _spec._integer(name, hint, "or None")
+    if hint < actual:
+        raise ValueError(f"{name} = {hint} is smaller than the longest sequence ({actual}): it must be at "
                          "least every sequence's length")
 
 

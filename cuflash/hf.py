@@ -38,7 +38,6 @@ import warnings
 
 try:
     import torch
-    import transformers
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

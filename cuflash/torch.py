@@ -132,13 +132,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if tensor.dim() != 4:
             raise ValueError(f"{name} must be 4-dimensional (batch, seqlen, heads, head_dim), got shape {tuple(tensor.shape)}")
     # (B, L, H, D) -> (B, H, L, D) views: cuflash reads the strides, nothing is copied.
-    window = tuple(window_size)
-    if bool(causal) and len(window) == 2:  # flash-attn's rule: causal sets the right side to 0
-        window = (window[0], 0)
+    window, softcap = _flash_conventions(causal, window_size, softcap)
     out, lse = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale,
         causal=bool(causal), window=window, deterministic=bool(deterministic),
-        softcap=None if softcap == 0.0 else softcap, alibi_slopes=alibi_slopes, return_lse=True,
+        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
     )
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
@@ -156,14 +154,22 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, tensor)
-    causal = bool(causal)
-    left, right = (_spec._integer(f"window_size {side}", size) for side, size in zip(("left", "right"), window_size))
+    window, softcap = _flash_conventions(causal, window_size, softcap)
     options = dict(max_seqlen_q=_spec._integer("max_seqlen_q", max_seqlen_q),
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
-                   scale=softmax_scale, causal=causal, window=(left, 0 if causal else right),
-                   softcap=None if softcap == 0.0 else softcap, deterministic=bool(deterministic))
+                   scale=softmax_scale, causal=bool(causal), window=window, softcap=softcap,
+                   deterministic=bool(deterministic))
     out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
     return (out, lse, None) if return_attn_probs else out
+
+
+def _flash_conventions(causal, window_size, softcap):
+    """flash-attn's window and softcap in cuflash's terms: causal sets the window's right side to
+    0 (cuflash itself refuses a positive one), and softcap 0 means none."""
+    window = tuple(window_size)
+    if bool(causal) and len(window) == 2:
+        window = (window[0], 0)
+    return window, (None if softcap == 0.0 else softcap)
 
 
 class _VarlenFunction(torch.autograd.Function):
