@@ -43,7 +43,10 @@ def _hint(name, hint, actual):
 
 def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
     """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None)."""
-    xp = numpy if isinstance(q, numpy.ndarray) else __import__("cupy")
+    if isinstance(q, numpy.ndarray):
+        xp = numpy
+    else:  # the GPU backend; CuPy is imported only for it
+        import cupy as xp
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, xp.ndarray):
             raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(x).__name__}")
