@@ -2,6 +2,7 @@
 
 ``get_kernel(variant)`` compiles the Variant with NVRTC through ``cupy.RawModule`` on first use
 (logged), memoized per device in this process and cached on disk by CuPy across processes.
+A bad disk cache entry costs a compile, never a crash or a wrong kernel (``CheckedCache``).
 ``compile_offline(variant, arch)`` runs the same source and options through NVRTC directly,
 with no GPU, and returns the cubin and ptxas's resource report: CI uses it to prove that every
 Variant the dispatcher can select compiles for sm_80 and sm_90a without spilling.
@@ -176,16 +177,161 @@ def _build(variant: Variant):
         options += (f"-arch=sm_{variant.arch}",)
     logger.info("cuflash: compiling %s (first use in this process; CuPy caches it on disk)", variant)
     start = time.perf_counter()
-    module = cupy.RawModule(
-        code=kernel_source(variant),
-        options=options,
-        name_expressions=(variant.name_expression,),
-    )
-    kernel = module.get_function(variant.name_expression)
+    cache = cache_guard()
+    for attempt in range(2):
+        if cache is not None:
+            cache.begin()
+        try:
+            module = cupy.RawModule(
+                code=kernel_source(variant),
+                options=options,
+                name_expressions=(variant.name_expression,),
+            )
+            kernel = module.get_function(variant.name_expression)
+            break
+        except _load_errors() as error:
+            # A cache entry whose checksum holds but which the driver refuses (written by another
+            # CuPy, or damaged before it was checksummed): compile afresh, once, over it.
+            served = cache.served() if cache is not None else []
+            if attempt or not served:
+                raise
+            logger.warning("cuflash: %s: the cached binary %s did not load (%s); compiling it again",
+                           variant, ", ".join(served), error)
+            cache.distrust(served)
     if variant.shared_mem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = variant.shared_mem
     logger.info("cuflash: %s ready in %.2f s (cached)", variant, time.perf_counter() - start)
     return kernel
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a bad module raises: the driver's error (CUDA_ERROR_INVALID_IMAGE, ...)."""
+    from cupy_backends.cuda.api import driver
+
+    return (driver.CUDADriverError,)
+
+
+# --------------------------------------------------------------------------- the disk cache
+#
+# CuPy (>= 14) keeps compiled kernels in CUPY_CACHE_DIR through a backend object
+# (cupy.cuda.compiler._kernel_cache_backend): each file is the SHA-1 of its payload followed by
+# the payload, written to a temporary file and renamed over the entry, so a truncated or
+# corrupted file fails the checksum and is compiled again, and concurrent writers never expose a
+# half-written file. What the checksum cannot catch, CheckedCache does: a file that cannot be
+# read (a directory, no permission, an I/O error) is a miss instead of an exception; a payload
+# whose checksum holds but whose layout does not (CuPy would fail decoding its names, or hand
+# the driver something that is no cubin) is a miss; a payload the driver still refuses is
+# compiled again (``_build``, which distrusts that entry in this process until it is rewritten);
+# and a cache that cannot be written (disk full, read-only) costs the next process a compile,
+# not this call its result. CuPy 13 has no backend object: it checks the SHA-1 itself and
+# always recompiles modules with name expressions, which is all cuflash builds.
+
+_CUBIN_MAGICS = (b"\x7fELF",)  # NVRTC cubins are ELF images
+_PTX_START = (b"//", b".version", b".target")  # or PTX text, when NVRTC cannot target the arch
+_NAMES_MAGIC = b"\x93CUPYNE\x00"  # cupy.cuda.compiler._cache_payload_magic
+
+
+def plausible_payload(payload: bytes) -> bool:
+    """Whether a ``.cubin`` cache payload has the layout CuPy writes: a cubin (ELF) or PTX, with,
+    for modules built from name expressions, CuPy's header of UTF-8 mangled names before it."""
+    import struct
+
+    if payload.startswith(_NAMES_MAGIC):
+        position = len(_NAMES_MAGIC)
+        try:
+            (count,) = struct.unpack_from("<I", payload, position)
+            position += 4
+            for _ in range(count):
+                (size,) = struct.unpack_from("<I", payload, position)
+                position += 4
+                if position + size > len(payload):
+                    return False
+                payload[position:position + size].decode("utf-8")
+                position += size
+        except (struct.error, UnicodeDecodeError):
+            return False
+        payload = payload[position:]
+    return payload.startswith(_CUBIN_MAGICS) or payload.lstrip().startswith(_PTX_START)
+
+
+class CheckedCache:
+    """A CuPy kernel cache backend around another (CuPy's disk cache): see the section's notes.
+
+    ``begin()`` / ``served()``: the entries this thread was served since it began a build (the
+    compile runs in the thread that calls RawModule). ``distrust(names)``: serve them no more in
+    this process, until a fresh compile rewrites them.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._local = threading.local()
+        self._distrusted: set[str] = set()
+        self._warned_save = False
+
+    def begin(self) -> None:
+        self._local.served = []
+
+    def served(self) -> list[str]:
+        return list(getattr(self._local, "served", ()))
+
+    def distrust(self, names) -> None:
+        self._distrusted.update(names)
+
+    def load(self, name: str):
+        if name in self._distrusted:
+            return None
+        try:
+            payload = self.inner.load(name)
+        except OSError as error:
+            logger.warning("cuflash: kernel cache entry %s cannot be read (%s); compiling instead", name, error)
+            return None
+        if payload is None:
+            return None
+        if name.endswith(".cubin") and not plausible_payload(payload):
+            logger.warning("cuflash: kernel cache entry %s is not a kernel CuPy wrote; compiling instead", name)
+            return None
+        served = getattr(self._local, "served", None)
+        if served is not None:
+            served.append(name)
+        return payload
+
+    def save(self, name: str, cubin: bytes, source: str) -> None:
+        try:
+            self.inner.save(name, cubin, source)
+        except OSError as error:
+            if not self._warned_save:
+                self._warned_save = True
+                logger.warning("cuflash: cannot write the kernel cache (%s): kernels work, but each new process "
+                               "compiles them again", error)
+            return
+        self._distrusted.discard(name)
+
+    def __getattr__(self, attribute):  # anything else a backend offers, the inner one answers
+        if attribute == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(attribute)
+        return getattr(self.inner, attribute)
+
+
+_guard_lock = threading.Lock()
+
+
+def cache_guard() -> CheckedCache | None:
+    """CuPy's current kernel cache backend, wrapped in a CheckedCache (installed once, and again
+    if someone replaced it); None where CuPy has no backend object (CuPy 13)."""
+    try:
+        from cupy.cuda import compiler
+    except ImportError:
+        return None
+    backend = getattr(compiler, "_kernel_cache_backend", None)
+    setter = getattr(compiler, "_set_kernel_cache_backend", None)
+    if backend is None or setter is None:
+        return None
+    with _guard_lock:
+        backend = compiler._kernel_cache_backend
+        if not isinstance(backend, CheckedCache):
+            backend = CheckedCache(backend)
+            setter(backend)
+    return backend
 
 
 def warm(job: tuple[Variant, int | None]) -> str:
