@@ -1,0 +1,590 @@
+"""compute-sanitizer over every kernel family: memcheck, racecheck, synccheck and initcheck.
+
+Each case (``CASES`` below: a dict) is one forward and, unless it says otherwise, one backward
+of cuflash on the GPU, with its result checked against the CPU backend. The driver runs every
+case once without a sanitizer (which also compiles every kernel into CuPy's disk cache, so no
+NVRTC runs under a tool), then, for each tool, every case in its own child process::
+
+    compute-sanitizer --tool TOOL --error-exitcode 1 python benchmarks/sanitize.py --child CASE
+
+and writes ``DIR/sanitize.json`` (errors and hazards per tool and case, exit codes, the child's
+own verdict, times, the logs' paths, the first reports of any failure) and
+``DIR/logs/<tool>/<case>.log``, also packed as ``DIR/logs.tar.gz``. Before the cases, each
+tool runs once on a planted bug of its kind (an out-of-bounds write, a shared-memory race, a
+divergent barrier, a read of unwritten memory) and must report it: proof that the tool works on
+this machine, so that "0 errors" means something (a runtime where compute-sanitizer answers
+"Device not supported", such as gVisor, stops the run with that message). The exit status is 0
+when every tool found its planted bug and reports 0 errors on every case, and every child
+computed the right answer.
+
+    python benchmarks/sanitize.py --out DIR [--tools memcheck,racecheck,synccheck,initcheck]
+                                  [--quick] [--cases REGEX] [--jobs N] [--timeout S]
+    python benchmarks/sanitize.py --list [--quick]          # the cases, no GPU needed
+
+The children run with CuPy's memory pool off (``cupy.cuda.set_allocator(None)``): every array
+is its own cudaMalloc, so memcheck sees an access past the end of any of them (inside a pool
+chunk it would land in another array's memory unnoticed) and initcheck sees fresh memory.
+
+Adding a case for a new feature: append a dict to ``CASES`` (or a line to ``_feature_cases``).
+Keys (all but ``name`` optional):
+
+- ``dtype``: float16, bfloat16, float32, float64;
+- ``q``, ``k``, ``v``: shapes ``(..., L, D)`` (``v`` defaults to k's shape);
+- ``layout``: "bhld" (as given) or "blhd": the arrays are made ``(B, L, H, D)`` and passed as
+  transposed views (strided, no copy);
+- ``options``: keyword arguments of ``cuflash.attention`` / ``attention_backward`` (causal,
+  window, scale, softcap; ``alibi_slopes``/``sinks`` given as "heads" draw one value per head);
+- ``backward`` (True), ``deterministic`` (False);
+- ``api``: "dense", "varlen" (``lengths_q``/``lengths_k``: packed sequences) or "merge"
+  (merge_attention of two halves of the keys);
+- ``quick``: part of ``--quick``.
+
+A case whose feature the GPU path does not take yet (NotImplementedError, or an API that is
+missing) reports "unsupported" and counts as no error: it starts being sanitized the day the
+feature lands.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+# Extra command-line options per tool (the defaults are what each tool checks by default).
+TOOL_OPTIONS = {
+    "memcheck": ("--check-device-heap", "yes"),
+    "racecheck": ("--racecheck-report", "all"),
+    "synccheck": (),
+    "initcheck": (),
+}
+CHILD_EXIT_MISMATCH = 3  # the child computed a wrong result (the sanitizer's own error exit is 1)
+CHILD_EXIT_CRASH = 2
+RESULT_TAG = "SANITIZE_RESULT "
+
+# --- the cases ---------------------------------------------------------------------------------------
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+ODD = dict(q=(1, 2, 97, 59), k=(1, 2, 1025, 59))  # Lq = 97, Lk = 1025, D = 59
+MASKS = {
+    "dense": {},
+    "causal": {"causal": True},
+    "window": {"window": (64, 16)},
+    "causal-window": {"causal": True, "window": (200, 0)},
+}
+
+
+def _core_cases() -> list[dict]:
+    cases = []
+    for dtype in DTYPES:
+        for mask, options in MASKS.items():
+            cases.append(dict(name=f"odd-{dtype}-{mask}", dtype=dtype, **ODD, options=options,
+                              quick=mask == "causal"))
+        cases.append(dict(name=f"lq-gt-lk-{dtype}-causal", dtype=dtype, q=(1, 2, 300, 64), k=(1, 2, 97, 64),
+                          options={"causal": True}, quick=dtype == "float32"))
+        cases.append(dict(name=f"gqa-{dtype}-causal", dtype=dtype, q=(2, 8, 130, 64), k=(2, 2, 130, 64),
+                          options={"causal": True}, quick=dtype == "float16"))
+        cases.append(dict(name=f"deterministic-{dtype}-window", dtype=dtype, q=(1, 4, 200, 64), k=(1, 4, 260, 64),
+                          options={"window": (32, 32)}, deterministic=True, quick=dtype == "bfloat16"))
+    # Head dims across the tile buckets, the Hopper wgmma kernels (d64, d128 in 16-bit) and D != Dv.
+    for dtype in ("float16", "bfloat16"):
+        for d in (64, 128):
+            cases.append(dict(name=f"wgmma-{dtype}-d{d}-causal", dtype=dtype, q=(1, 2, 320, d), k=(1, 2, 320, d),
+                              options={"causal": True}, quick=(dtype, d) == ("bfloat16", 128)))
+    cases += [
+        dict(name="d256-float16", dtype="float16", q=(1, 2, 150, 256), k=(1, 2, 150, 256), options={"causal": True}),
+        dict(name="d256-float32", dtype="float32", q=(1, 1, 70, 256), k=(1, 1, 90, 256)),
+        dict(name="d256-float64", dtype="float64", q=(1, 1, 70, 256), k=(1, 1, 90, 256), options={"causal": True}),
+        dict(name="d1-float32", dtype="float32", q=(1, 2, 33, 1), k=(1, 2, 45, 1)),
+        dict(name="d-ne-dv-bfloat16", dtype="bfloat16", q=(1, 2, 100, 64), k=(1, 2, 130, 64), v=(1, 2, 130, 24),
+             options={"causal": True}),
+        dict(name="mqa-float32", dtype="float32", q=(2, 4, 97, 40), k=(2, 1, 110, 40), options={"window": (20, 0)}),
+        dict(name="batch-broadcast-float64", dtype="float64", q=(3, 2, 50, 32), k=(1, 2, 60, 32)),
+        dict(name="blhd-views-float16", dtype="float16", q=(2, 3, 97, 64), k=(2, 3, 131, 64), layout="blhd",
+             options={"causal": True}, quick=True),
+        dict(name="top-left-float32", dtype="float32", q=(1, 2, 97, 32), k=(1, 2, 150, 32),
+             options={"causal": "top_left"}),
+        dict(name="empty-keys-float16", dtype="float16", q=(1, 2, 40, 64), k=(1, 2, 0, 64)),
+        dict(name="forward-only-float32", dtype="float32", q=(1, 2, 1, 64), k=(1, 2, 1025, 64), backward=False),
+    ]
+    return cases
+
+
+def _feature_cases() -> list[dict]:
+    """Features that land one after another: each case reports "unsupported" until it does."""
+    return [
+        dict(name="varlen-float16-causal", dtype="float16", api="varlen", heads=(4, 2), d=64,
+             lengths_q=[97, 1, 0, 300], lengths_k=[97, 5, 3, 1025], options={"causal": True}, quick=True),
+        dict(name="varlen-float32-window", dtype="float32", api="varlen", heads=(2, 2), d=59,
+             lengths_q=[50, 7], lengths_k=[80, 7], options={"window": (16, 4)}),
+        dict(name="softcap-bfloat16", dtype="bfloat16", **ODD, options={"causal": True, "softcap": 30.0}),
+        dict(name="alibi-float16", dtype="float16", q=(1, 4, 97, 64), k=(1, 4, 200, 64),
+             options={"causal": True, "alibi_slopes": "heads"}),
+        dict(name="sinks-float32", dtype="float32", q=(1, 4, 97, 64), k=(1, 4, 200, 64),
+             options={"window": (50, 0), "sinks": "heads"}),
+        dict(name="merge-float16", dtype="float16", api="merge", q=(1, 2, 97, 64), k=(1, 2, 1025, 64),
+             backward=False),
+    ]
+
+
+CASES: list[dict] = _core_cases() + _feature_cases()
+
+
+CASE_KEYS = {"name", "dtype", "q", "k", "v", "layout", "options", "backward", "deterministic", "api", "quick",
+             "heads", "d", "lengths_q", "lengths_k"}
+
+
+def check_case(case: dict) -> None:
+    """A case dict as the module docstring describes it (a typo in a key would silently test less)."""
+    unknown = set(case) - CASE_KEYS
+    if unknown:
+        raise ValueError(f"case {case.get('name')!r}: unknown keys {sorted(unknown)}")
+    if case.get("dtype") not in DTYPES:
+        raise ValueError(f"case {case.get('name')!r}: dtype must be one of {DTYPES}")
+    api = case.get("api", "dense")
+    needed = {"dense": ("q", "k"), "merge": ("q", "k"), "varlen": ("heads", "d", "lengths_q", "lengths_k")}[api]
+    missing = [key for key in needed if key not in case]
+    if missing:
+        raise ValueError(f"case {case['name']!r} ({api}): missing {missing}")
+    if case.get("layout", "bhld") not in ("bhld", "blhd"):
+        raise ValueError(f"case {case['name']!r}: layout must be 'bhld' or 'blhd'")
+
+
+def select_cases(quick: bool, pattern: str | None) -> list[dict]:
+    for case in CASES:
+        check_case(case)
+    cases = [c for c in CASES if c.get("quick")] if quick else list(CASES)
+    if pattern:
+        cases = [c for c in cases if re.search(pattern, c["name"])]
+    names = [c["name"] for c in CASES]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"duplicate case names: {sorted(duplicates)}")
+    return cases
+
+
+def case_by_name(name: str) -> dict:
+    for case in CASES:
+        if case["name"] == name:
+            return case
+    raise SystemExit(f"no case named {name!r}; --list shows them")
+
+
+# --- the child: one case, on the GPU ----------------------------------------------------------------
+
+TOLERANCE = {"float16": 2e-2, "bfloat16": 8e-2, "float32": 1e-4, "float64": 1e-9}
+
+
+def run_case(case: dict) -> dict:
+    """Run ``case`` on the GPU and check it against the CPU backend; the verdict as a dict."""
+    import numpy
+
+    import cupy
+    import cuflash
+
+    cupy.cuda.set_allocator(None)  # every array its own cudaMalloc: see the module docstring
+    cupy.cuda.set_pinned_memory_allocator(None)
+    if case["dtype"] == "bfloat16":
+        import ml_dtypes
+
+        dtype = numpy.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = numpy.dtype(case["dtype"])
+    rng = numpy.random.default_rng(sum(map(ord, case["name"])))
+    api = case.get("api", "dense")
+    try:
+        if api == "varlen":
+            results, expected = _run_varlen(case, rng, dtype, cupy, cuflash)
+        elif api == "merge":
+            results, expected = _run_merge(case, rng, dtype, cupy, cuflash)
+        else:
+            results, expected = _run_dense(case, rng, dtype, cupy, cuflash)
+    except NotImplementedError as error:
+        return {"status": "unsupported", "detail": str(error)[:300]}
+    except AttributeError as error:
+        if "cuflash" in str(error):  # an entry point that does not exist yet
+            return {"status": "unsupported", "detail": str(error)[:300]}
+        raise
+    cupy.cuda.Device().synchronize()
+    worst = {}
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), results, expected):
+        if got is None:
+            continue
+        got = cupy.asnumpy(got).astype(numpy.float64)
+        want = numpy.asarray(want, numpy.float64)
+        if got.shape != want.shape:
+            return {"status": "mismatch", "detail": f"{name}: shape {got.shape}, expected {want.shape}"}
+        same_inf = numpy.array_equal(numpy.isinf(got), numpy.isinf(want)) and (got[numpy.isinf(got)] ==
+                                                                                  want[numpy.isinf(want)]).all()
+        finite = numpy.isfinite(want)
+        if numpy.isnan(got).any() or not same_inf:
+            return {"status": "mismatch", "detail": f"{name}: NaN or infinities where the CPU backend has none"}
+        error = float(numpy.abs(got[finite] - want[finite]).max(initial=0.0))
+        size = max(1.0, float(numpy.abs(want[finite]).max(initial=0.0)))
+        worst[name] = error / size
+        if error > TOLERANCE[case["dtype"]] * size:
+            return {"status": "mismatch", "detail": f"{name}: max error {error:.3e} (size {size:.3e})",
+                    "errors": worst}
+    return {"status": "ok", "errors": worst}
+
+
+def _draw(rng, shape, dtype):
+    import numpy
+
+    return rng.standard_normal(shape).astype(numpy.float32).astype(dtype)
+
+
+def _options(case, rng, dtype, lead, cupy):
+    """The case's options with "heads" per-head arrays drawn: (GPU options, CPU options)."""
+    gpu, cpu = {}, {}
+    for key, value in case.get("options", {}).items():
+        if value == "heads":
+            host = (rng.uniform(0.05, 0.5, lead[-1:]) if key == "alibi_slopes"
+                    else rng.standard_normal(lead[-1:])).astype(dtype)
+            gpu[key], cpu[key] = cupy.asarray(host), host
+        else:
+            gpu[key] = cpu[key] = value
+    return gpu, cpu
+
+
+def _run_dense(case, rng, dtype, cupy, cuflash):
+    q_shape, k_shape = case["q"], case["k"]
+    v_shape = case.get("v", k_shape)
+    host = [_draw(rng, s, dtype) for s in (q_shape, k_shape, v_shape)]
+    lead = tuple(max(a, b) for a, b in zip(q_shape[:-2], k_shape[:-2]))
+    out_shape = lead + (q_shape[-2], v_shape[-1])
+    dout_host = _draw(rng, out_shape, dtype)
+    if case.get("layout") == "blhd":  # (B, L, H, D) memory, passed as (B, H, L, D) views
+        device = [cupy.asarray(numpy_swap(x)).transpose(0, 2, 1, 3) for x in host]
+    else:
+        device = [cupy.asarray(x) for x in host]
+    gpu_opts, cpu_opts = _options(case, rng, dtype, lead, cupy)
+    deterministic = bool(case.get("deterministic", False))
+    out, lse = cuflash.attention(*device, return_lse=True, **gpu_opts)
+    want_out, want_lse = cuflash.attention(*host, return_lse=True, **cpu_opts)
+    results, expected = [out, lse], [want_out, want_lse]
+    if case.get("backward", True):
+        grads = cuflash.attention_backward(cupy.asarray(dout_host), *device, out, lse, deterministic=deterministic,
+                                           **gpu_opts)
+        want = cuflash.attention_backward(dout_host, *host, want_out, want_lse, **cpu_opts)
+        results += list(grads)
+        expected += list(want)
+    return results, expected
+
+
+def numpy_swap(x):
+    """(B, H, L, D) values laid out as (B, L, H, D) memory."""
+    import numpy
+
+    return numpy.ascontiguousarray(x.transpose(0, 2, 1, 3))
+
+
+def _run_varlen(case, rng, dtype, cupy, cuflash):
+    import numpy
+
+    heads_q, heads_k = case["heads"]
+    d = case["d"]
+    lengths_q, lengths_k = case["lengths_q"], case["lengths_k"]
+    host = [_draw(rng, (sum(lengths_q), heads_q, d), dtype), _draw(rng, (sum(lengths_k), heads_k, d), dtype),
+            _draw(rng, (sum(lengths_k), heads_k, d), dtype)]
+    cu = [numpy.concatenate([[0], numpy.cumsum(n)]).astype(numpy.int32) for n in (lengths_q, lengths_k)]
+    dout_host = _draw(rng, host[0].shape, dtype)
+    device = [cupy.asarray(x) for x in host + cu]
+    options = case.get("options", {})
+    out, lse = cuflash.attention_varlen(*device, return_lse=True, **options)
+    want_out, want_lse = cuflash.attention_varlen(*host, *cu, return_lse=True, **options)
+    results, expected = [out, lse], [want_out, want_lse]
+    if case.get("backward", True):
+        results += list(cuflash.attention_varlen_backward(cupy.asarray(dout_host), *device[:3], out, lse, *device[3:],
+                                                          **options))
+        expected += list(cuflash.attention_varlen_backward(dout_host, *host, want_out, want_lse, *cu, **options))
+    return results, expected
+
+
+def _run_merge(case, rng, dtype, cupy, cuflash):
+    merge = getattr(cuflash, "merge_attention")  # AttributeError until it exists: "unsupported"
+    q, k, v = (_draw(rng, s, dtype) for s in (case["q"], case["k"], case["k"]))
+    half = k.shape[-2] // 2
+    device = [cupy.asarray(x) for x in (q, k, v)]
+    parts = [cuflash.attention(device[0], device[1][..., keys, :], device[2][..., keys, :], return_lse=True)
+             for keys in (slice(0, half), slice(half, None))]
+    out, lse = merge([p[0] for p in parts], [p[1] for p in parts])
+    want_out, want_lse = cuflash.attention(q, k, v, return_lse=True)
+    return [out, lse], [want_out, want_lse]
+
+
+# One planted bug per tool: a run that finds it shows the tool works on this machine, so that
+# "0 errors" on the cases means something.
+PLANTED = {
+    "memcheck": r'''extern "C" __global__ void planted(float* x, int n) { x[n + threadIdx.x] = 1.0f; }''',
+    "racecheck": r'''extern "C" __global__ void planted(float* x, int n) {
+        __shared__ float s; s = threadIdx.x; x[threadIdx.x] = s; }''',
+    "synccheck": r'''extern "C" __global__ void planted(float* x, int n) {
+        if (threadIdx.x < 16) __syncthreads(); x[threadIdx.x] = 1.0f; }''',
+    "initcheck": r'''extern "C" __global__ void planted(float* x, int n) { x[threadIdx.x] = x[n + threadIdx.x] + 1.0f; }''',
+}
+
+
+def run_planted(tool: str) -> dict:
+    import cupy
+
+    cupy.cuda.set_allocator(None)
+    kernel = cupy.RawKernel(PLANTED[tool], "planted")
+    n = 64
+    x = cupy.empty(2 * n if tool == "initcheck" else n, dtype=cupy.float32)  # initcheck: the upper half unwritten
+    kernel((1,), (n,), (x, cupy.int32(n)))
+    cupy.cuda.Device().synchronize()
+    return {"status": "ok", "detail": f"planted {tool} bug launched"}
+
+
+def child_main(name: str) -> int:
+    planted = name.startswith("planted-")
+    case = None if planted else case_by_name(name)
+    start = time.perf_counter()
+    try:
+        verdict = run_planted(name[len("planted-"):]) if planted else run_case(case)
+    except Exception as error:  # reported, and a distinct exit status
+        import traceback
+
+        traceback.print_exc()
+        verdict = {"status": "crash", "detail": f"{type(error).__name__}: {error}"[:500]}
+    verdict["seconds"] = round(time.perf_counter() - start, 3)
+    print(RESULT_TAG + json.dumps(verdict), flush=True)
+    return {"ok": 0, "unsupported": 0, "mismatch": CHILD_EXIT_MISMATCH}.get(verdict["status"], CHILD_EXIT_CRASH)
+
+
+# --- the driver --------------------------------------------------------------------------------------
+
+ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?")
+RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY:\s*(\d+)\s+hazards?\s+displayed\s+\((\d+)\s+errors?,\s*(\d+)\s+warnings?\)")
+
+
+def parse_log(text: str) -> dict:
+    """What a sanitizer run reported: errors (None: no summary line, the run did not finish),
+    racecheck's hazards, and the child's verdict."""
+    summary = ERROR_SUMMARY.findall(text)
+    parsed = {"errors": int(summary[-1]) if summary else None}
+    race = RACECHECK_SUMMARY.findall(text)
+    if race:
+        hazards, errors, warnings = map(int, race[-1])
+        parsed.update(hazards=hazards, race_errors=errors, race_warnings=warnings)
+    parsed["device_refused"] = "Device not supported" in text  # e.g. under gVisor: no sanitizer at all
+    verdicts = [line[len(RESULT_TAG):] for line in text.splitlines() if line.startswith(RESULT_TAG)]
+    parsed["child"] = json.loads(verdicts[-1]) if verdicts else None
+    return parsed
+
+
+def find_sanitizer(explicit: str | None) -> str | None:
+    candidates = [explicit] if explicit else []
+    candidates.append(shutil.which("compute-sanitizer"))
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            candidates.append(str(Path(root) / "bin" / "compute-sanitizer"))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def child_command(name: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", name]
+
+
+def sanitizer_command(sanitizer: str, tool: str, name: str) -> list[str]:
+    return [sanitizer, "--tool", tool, "--error-exitcode", "1", "--print-limit", "200", *TOOL_OPTIONS[tool],
+            *child_command(name)]
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_one(command: list[str], log: Path, timeout: float) -> dict:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        handle.write("$ " + " ".join(command) + "\n")
+        handle.flush()
+        try:
+            rc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO_ROOT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log.read_text(errors="replace")
+    result = parse_log(text)
+    result.update(rc=rc, seconds=round(time.perf_counter() - start, 1), log=str(log))
+    if rc != 0 or result["errors"]:
+        result["excerpt"] = excerpt(text)
+    return result
+
+
+def excerpt(text: str, limit: int = 60) -> list[str]:
+    """The sanitizer's first reports (lines it marks with '=========') and the child's last lines:
+    enough to act on when only the JSON comes back."""
+    marked = [line for line in text.splitlines() if line.startswith("=========") and line.strip("= ")]
+    tail = [line for line in text.splitlines()[-20:] if not line.startswith("=========")]
+    return marked[:limit] + ["..."] + tail
+
+
+def failed(result: dict, tool: str | None) -> bool:
+    child = result.get("child") or {}
+    if child.get("status") not in ("ok", "unsupported"):
+        return True
+    if tool is None:
+        return result["rc"] != 0
+    return result["rc"] != 0 or result["errors"] != 0 or result.get("race_errors", 0) != 0
+
+
+def environment(sanitizer: str | None) -> dict:
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks import record
+
+    info = {"date_utc": record.now_utc(), **record.source_commit(), "python": sys.version.split()[0]}
+    info["gpu"] = record.command_output("nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                        "--format=csv,noheader")
+    info["sanitizer"] = sanitizer
+    info["sanitizer_version"] = record.command_output(sanitizer, "--version") if sanitizer else None
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+    except Exception as error:  # reported, not fatal: the children will say more
+        info["cupy"] = f"not importable: {error}"
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Cases and how to add one: see the module docstring.")
+    parser.add_argument("--out", type=Path, help="directory for sanitize.json and logs/ (required to run)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
+    parser.add_argument("--quick", action="store_true", help="a small set of cases (one per kernel family)")
+    parser.add_argument("--cases", metavar="REGEX", help="only the cases whose name matches")
+    parser.add_argument("--jobs", type=int, default=4, help="children under a sanitizer at once (4)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per child (300)")
+    parser.add_argument("--sanitizer", help="path of compute-sanitizer (default: PATH, $CUDA_HOME/bin)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the run without a sanitizer")
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--child", metavar="CASE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        return child_main(args.child)
+    tools = [t for t in args.tools.split(",") if t]
+    unknown = sorted(set(tools) - set(TOOLS))
+    if unknown:
+        parser.error(f"unknown tools {unknown}; choose from {', '.join(TOOLS)}")
+    cases = select_cases(args.quick, args.cases)
+    if not cases:
+        parser.error("no case selected")
+    if args.list:
+        for case in cases:
+            shapes = (f"lengths {case['lengths_q']}/{case['lengths_k']}" if case.get("api") == "varlen"
+                      else f"q {case['q']} k {case['k']}" + (f" v {case['v']}" if "v" in case else ""))
+            extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api") if k in case}
+            print(f"{case['name']:34s} {case['dtype']:9s} {shapes}  {extras}")
+        print(f"{len(cases)} cases x {len(tools)} tools")
+        return 0
+    sanitizer = find_sanitizer(args.sanitizer)
+    if args.dry_run:
+        for tool in tools:
+            for case in cases:
+                print(" ".join(sanitizer_command(sanitizer or "compute-sanitizer", tool, case["name"])))
+        return 0
+    if args.out is None:
+        parser.error("--out DIR is required (or --list / --dry-run)")
+    if sanitizer is None:
+        print("compute-sanitizer not found: pass --sanitizer PATH, or put the CUDA toolkit's bin/ on PATH",
+              file=sys.stderr)
+        return 2
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(sanitizer), "tools": tools, "quick": args.quick,
+              "cases": {c["name"]: c for c in cases}, "warmup": {}, "results": {t: {} for t in tools}}
+    path = out / "sanitize.json"
+
+    def save():
+        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    # Each tool must find its planted bug first: proof that it runs here and that 0 errors means something.
+    report["selftest"] = {}
+    for tool in tools:
+        result = run_one(sanitizer_command(sanitizer, tool, f"planted-{tool}"), out / "logs" / "selftest" /
+                         f"{tool}.log", args.timeout)
+        report["selftest"][tool] = result
+        found = (result["errors"] or 0) + result.get("race_errors", 0) + result.get("hazards", 0)
+        print(f"selftest {tool:10s} planted bug found: {bool(found)} (errors={result['errors']}, rc={result['rc']})",
+              flush=True)
+        if result["device_refused"] or result["errors"] is None:
+            save()
+            print(f"{tool} does not run on this machine (see {result['log']}); a machine whose runtime supports "
+                  "compute-sanitizer is needed (gVisor answers 'Device not supported')", file=sys.stderr)
+            return 2
+        if not found:
+            report.setdefault("selftest_missed", []).append(tool)
+    save()
+
+    if not args.no_warmup:  # no tool: compiles every kernel once and checks every case
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            runs = {c["name"]: pool.submit(run_one, child_command(c["name"]), out / "logs" / "warmup" /
+                                           f"{c['name']}.log", args.timeout) for c in cases}
+            for name, future in runs.items():
+                report["warmup"][name] = result = future.result()
+                child = result.get("child") or {}
+                print(f"warmup {name:34s} {child.get('status', 'no verdict')} rc={result['rc']}", flush=True)
+        print(f"warmup done in {time.perf_counter() - start:.0f} s", flush=True)
+        save()
+    for tool in tools:
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            runs = {c["name"]: pool.submit(run_one, sanitizer_command(sanitizer, tool, c["name"]),
+                                           out / "logs" / tool / f"{c['name']}.log", args.timeout) for c in cases}
+            for name, future in runs.items():
+                report["results"][tool][name] = result = future.result()
+                child = result.get("child") or {}
+                race = f" hazards={result['hazards']}" if "hazards" in result else ""
+                flag = "FAIL" if failed(result, tool) else "ok"
+                print(f"{tool:10s} {name:34s} {flag:4s} errors={result['errors']}{race} rc={result['rc']} "
+                      f"child={child.get('status', 'no verdict')} {result['seconds']} s", flush=True)
+        report.setdefault("seconds", {})[tool] = round(time.perf_counter() - start, 1)
+        save()
+
+    summary = {}
+    for tool in tools:
+        rows = report["results"][tool].values()
+        summary[tool] = {
+            "errors": sum(r["errors"] or 0 for r in rows),
+            "failed_cases": sorted(n for n, r in report["results"][tool].items() if failed(r, tool)),
+            "unsupported_cases": sorted(n for n, r in report["results"][tool].items()
+                                        if (r.get("child") or {}).get("status") == "unsupported"),
+        }
+    report["summary"] = summary
+    report["warmup_failed"] = sorted(n for n, r in report["warmup"].items() if failed(r, None))
+    save()
+    print(json.dumps(summary, indent=1))
+    if report.get("selftest_missed"):
+        print(f"WARNING: these tools did not find their planted bug: {report['selftest_missed']}")
+    archive = shutil.make_archive(str(out / "logs"), "gztar", root_dir=out, base_dir="logs")
+    print(f"wrote {path} and {archive}")
+    bad = (report["warmup_failed"] or report.get("selftest_missed")
+           or any(s["failed_cases"] for s in summary.values()))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
