@@ -43,9 +43,9 @@ except ImportError as error:  # pragma: no cover - exercised only where torch is
 
 import numpy
 
-from . import _api, _spec, _varlen
+from . import _api, _merge, _spec, _varlen
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "merge_attention"]
 
 # The op schemas carry ``causal`` as one of these names (a schema has no bool-or-str type).
 _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "top_left"}
@@ -161,6 +161,82 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    deterministic=bool(deterministic))
     out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
     return (out, lse, None) if return_attn_probs else out
+
+
+def merge_attention(outs, lses):
+    """:func:`cuflash.merge_attention` on torch tensors, differentiable in outs and lses.
+
+    ``outs`` ``(S, ..., Lq, Dv)`` and ``lses`` ``(S, ..., Lq)`` — each a tensor, or a sequence of
+    S tensors without the S axis — are S partial attentions of the same queries over disjoint
+    key sets (``attention(..., return_lse=True)``'s results). Returns ``(out, lse)``, the
+    attention over the union, on the inputs' device: out in outs' dtype, lse float32 (float64
+    for float64). CUDA tensors run cuflash's kernel on torch's current stream, CPU tensors the
+    NumPy backend. The backward is written in torch operations: ``dout_s = c_s dout`` and
+    ``dlse_s = c_s (dlse + rowsum(dout * (out_s - out)))`` with ``c_s = exp(lse_s - lse)``
+    (0 where lse_s = -inf).
+    """
+    layouts, tensors = [], []
+    for name, value in (("outs", outs), ("lses", lses)):
+        if isinstance(value, torch.Tensor):
+            _check_tensor(name, value)
+            layouts.append(None)
+            tensors.append(value)
+        elif isinstance(value, (list, tuple)):
+            for i, tensor in enumerate(value):
+                _check_tensor(f"{name}[{i}]", tensor)
+            layouts.append(len(value))
+            tensors.extend(value)
+        else:
+            raise TypeError(f"{name} must be a torch.Tensor or a list or tuple of them, got {type(value).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _MergeFunction.apply(layouts[0], layouts[1], *tensors)
+    return _merge_forward(*_split_parts(layouts[0], layouts[1], tensors))
+
+
+def _split_parts(outs_layout, lses_layout, tensors):
+    """(outs, lses) from the flat tensor list: a layout of None is one stacked tensor, an int S
+    that many parts."""
+    count = 1 if outs_layout is None else outs_layout
+    outs, lses = tensors[:count], tensors[count:]
+    return (outs[0] if outs_layout is None else list(outs)), (lses[0] if lses_layout is None else list(lses))
+
+
+def _merge_forward(outs, lses):
+    """(out, lse) as torch tensors, on the device (and torch's stream) of the first part."""
+    first = outs if isinstance(outs, torch.Tensor) else next(iter(outs), None)
+    with _running_on(first) if first is not None else contextlib.nullcontext():  # none: merge says why
+        arrays = [_to_cuflash(x) if isinstance(x, torch.Tensor) else [_to_cuflash(t) for t in x] for x in (outs, lses)]
+        out, lse = _merge.merge_attention(*arrays)
+        return _to_torch(out), _to_torch(lse)
+
+
+class _MergeFunction(torch.autograd.Function):
+    """merge_attention with its backward in torch operations (CPU or CUDA)."""
+
+    @staticmethod
+    def forward(ctx, outs_layout, lses_layout, *tensors):
+        out, lse = _merge_forward(*_split_parts(outs_layout, lses_layout, tensors))
+        ctx.layouts = (outs_layout, lses_layout)
+        ctx.save_for_backward(*tensors, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        *tensors, out, lse = ctx.saved_tensors
+        outs, lses = _split_parts(*ctx.layouts, tensors)
+        stacked_outs = outs if isinstance(outs, torch.Tensor) else torch.stack(outs)
+        stacked_lses = lses if isinstance(lses, torch.Tensor) else torch.stack(lses)
+        compute = lse.dtype
+        absent = stacked_lses == -float("inf")
+        lse_ref = torch.where(lse == -float("inf"), torch.zeros_like(lse), lse)
+        c = torch.where(absent, torch.zeros_like(stacked_lses), torch.exp(stacked_lses - lse_ref))
+        dout = dout.to(compute)
+        d_outs = (c[..., None] * dout).to(stacked_outs.dtype)
+        spread = (dout * (stacked_outs.to(compute) - out.to(compute))).sum(-1)
+        d_lses = torch.where(absent, torch.zeros_like(c), c * (dlse + spread))
+        grads = [g if layout is None else list(g.unbind(0)) for g, layout in zip((d_outs, d_lses), ctx.layouts)]
+        flat = [g for grad in grads for g in ([grad] if isinstance(grad, torch.Tensor) else grad)]
+        return (None, None, *flat)
 
 
 def _flash_conventions(causal, window_size, softcap):
