@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,21 +25,6 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import record as records  # noqa: E402
-NUMPY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
-
-
-def timed_ms(cupy, call, repeats: int) -> float:
-    call()
-    cupy.cuda.Device().synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        call()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(samples)
 
 
 def main(argv=None) -> int:
@@ -69,7 +53,7 @@ def main(argv=None) -> int:
     rows = []
     kv_heads = sorted({args.heads, args.heads // 2, args.heads // 8, 1}, reverse=True)
     for name in args.dtype.split(","):
-        dtype = numpy.dtype(NUMPY_DTYPES[name])
+        dtype = numpy.dtype(records.NUMPY_DTYPES[name])
         for d in map(int, args.headdim.split(",")):
             for causal in (c.strip().lower() == "true" for c in args.causal.split(",")):
                 b, h, L = args.batch, args.heads, args.seqlen
@@ -88,7 +72,7 @@ def main(argv=None) -> int:
                         out, vjp = cuflash.attention_vjp(q, k, v, causal=causal)
                         vjp(dout)
 
-                    ms = timed_ms(cupy, step, args.repeats)
+                    ms = records.timed_ms(cupy, step, args.repeats)
                     row = {"dtype": name, "D": d, "causal": causal, "L": L, "B": b, "Hq": h, "Hkv": hkv,
                            "cuflash_ms": ms, "cuflash_tflops": flops / ms / 1e9}
                     base = row["cuflash_tflops"] if hkv == h else base
@@ -102,7 +86,7 @@ def main(argv=None) -> int:
                             torch.autograd.grad(out, (tq, tk, tv), tdout)
 
                         try:
-                            sdpa_ms = timed_ms(cupy, sdpa_step, args.repeats)
+                            sdpa_ms = records.timed_ms(cupy, sdpa_step, args.repeats)
                             row["sdpa_tflops"] = flops / sdpa_ms / 1e9
                         except RuntimeError as error:
                             row["sdpa_note"] = str(error)[:120]

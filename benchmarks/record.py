@@ -79,3 +79,25 @@ def record_path(out_dir: Path, date_utc: str, device: str, sweep: str = "") -> P
 def write(record: dict, path: Path) -> Path:
     path.write_text(json.dumps(json_safe(record), indent=1) + "\n")
     return path
+
+
+def timed_ms(cupy, call, repeats: int) -> float:
+    """Median milliseconds of ``call()`` over ``repeats`` runs after one warm-up, each timed alone
+    between CUDA events on CuPy's current stream."""
+    import statistics
+
+    call()
+    cupy.cuda.Device().synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        call()
+        stop.record()
+        stop.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(samples)
+
+
+# Short dtype names of the sweeps' command lines.
+NUMPY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}

@@ -15,6 +15,9 @@
 //   dS  = P o (dP - delta_i)        delta_i = rowsum(dO_i o O_i), precomputed by the host
 //   dK_j += dS^T Q_i                dQ_i += dS K_j   (atomics, unscaled; the host scales)
 //   dK_j *= scale at the end.
+// Under softcap or ALiBi (kScoreMods, score_mod.cuh; head g's slope) P and dS come from the
+// modified scores x, once S and dP are both computed: P = exp(x - lse_i), dS = P o (dP - delta_i)
+// o dx / d(scale S).
 //
 // Work split (bwd_simt.cuh): S and dP are computed transposed, as keys x queries micro-tiles
 // (a lane's TM keys are the same as its rows of dK_j and dV_j); P and dS go to shared memory,
@@ -44,7 +47,8 @@ constexpr unsigned bwd_dkdv_simt_smem_bytes() {
     return sizeof(Element) * (2 * kBlockN * kLdD + 2 * kBlockM * kLdD + 2 * kBlockM * kLdN + kBlockN * kLdM + 2 * kBlockM);
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dkdv_simt(const BwdParams p) {
     using T = Element;
     using M = simt::Math<T>;
@@ -151,24 +155,37 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
             lse_c[c] = simt_bwd::lse_for_row(lse_s[row], m0 + row < Lq);
             delta_c[c] = delta_s[row];
         }
+        // Under softcap or ALiBi (head g's slope) S^T stays raw until dP^T is known (below).
         const bool masked = i < range.full_first || i >= range.full_last;
+        const ScoreMod<T> mod(f, blockIdx.x * heads + step.g, T(f.scale), M::unit());
+        const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
+        if (!modified) {
 #pragma unroll
-        for (int r = 0; r < TK; ++r)
+            for (int r = 0; r < TK; ++r)
 #pragma unroll
-            for (int c = 0; c < TQ; ++c) {
-                T pv = M::exp(fma(s[r][c], scale, -lse_c[c]));
-                if (masked && !mask.visible(m0 + cg + 16 * c, n0 + key0 + r)) pv = T(0);
-                s[r][c] = pv;
-            }
+                for (int c = 0; c < TQ; ++c) {
+                    T pv = M::exp(fma(s[r][c], scale, -lse_c[c]));
+                    if (masked && !mask.visible(m0 + cg + 16 * c, n0 + key0 + r)) pv = T(0);
+                    s[r][c] = pv;
+                }
+        }
 
         // dP^T = V_j dO_i^T on the same micro-tile; dS = P o (dP - delta_i).
         T ds[TK][TQ];
         simt::zero(ds);
         simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(ds, Vs + key0 * kLdD, kLdD, dOs + cg * kLdD, kLdD);
+        if (modified) {
+            if constexpr (kScoreMods) {  // (plain Variants compile none of this)
+                simt_bwd::modified_p_ds(mod, mask, masked, s, ds, [&](int r, int c) {
+                    return simt_bwd::PairStats<T>{m0 + cg + 16 * c, n0 + key0 + r, lse_c[c], delta_c[c]};
+                });
+            }
+        } else {
 #pragma unroll
-        for (int r = 0; r < TK; ++r)
+            for (int r = 0; r < TK; ++r)
 #pragma unroll
-            for (int c = 0; c < TQ; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_c[c]);
+                for (int c = 0; c < TQ; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_c[c]);
+        }
 
         // P and dS by query row (a lane's TK keys are contiguous: one vector store per query),
         // and dS by key for the dQ product.

@@ -36,6 +36,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "score_mod.cuh"
 #include "tile_tc.cuh"
 
 namespace cuflash {
@@ -49,7 +50,8 @@ constexpr unsigned bwd_dkdv_tc_smem_bytes() {
            kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4);
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kSRows = kBlockM / 2, kSCols = kBlockN / (kWarps / 2);          // S, dP grid
@@ -228,37 +230,50 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         }
 
         // P = exp2(S * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element (tc::lse_log2:
-        // a row that sees no key gets P = 0 exactly).
+        // a row that sees no key gets P = 0 exactly). With softcap or ALiBi (the slope is head
+        // g's): P = exp2(x - lse_i * log2 e) of the modified score x in log2 units,
+        // and dP becomes (dP - delta_i) o dx / d(scale S) here.
+        bool modified = false;
+        if constexpr (kScoreMods) {
+            // Built at every step (kept through the loop, its registers spill at d32 and d224).
+            const ScoreMod<float, true> mod(f, ptx::block_index_x() * heads + step.g, static_cast<float>(f.scale),
+                                            1.4426950408889634f);
+            float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
-        for (int mt = 0; mt < kSM; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float lse2 = tc::lse_log2(lse_s[s_row + mt * 16 + lane / 4 + 8 * h]);
-#pragma unroll
-                for (int nt = 0; nt < kSN; ++nt)
-#pragma unroll
-                    for (int e = 2 * h; e < 2 * h + 2; ++e) s[mt][nt][e] = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2));
+            for (int r = 0; r < 2 * kSM; ++r) {
+                lse2[r] = tc::lse_log2(lse_s[s_row + tc::slot_row(r, lane)]);
+                delta[r] = delta_s[s_row + tc::slot_row(r, lane)];
             }
-        // Hidden (query, key) pairs and rows past Lq: P = 0. Masked tiles only, in their own loop,
-        // so that the unmasked tiles' loop above carries no index arithmetic.
-        if (masked) {
+            modified = mod.template dispatch<false>([&](auto capped, auto alibi) {
+                tc::for_each(s, dp, m0 + s_row, n0 + s_col, lane, [&](float& x, float& y, int r, int row, int key) {
+                    float grad;
+                    x = ptx::ex2(mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, key, grad) -
+                                 lse2[r]);
+                    y = decltype(capped)::value ? (y - delta[r]) * grad : y - delta[r];
+                });
+            });
+        }
+        if (!modified) {
 #pragma unroll
             for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < kSN; ++nt)
+                for (int h = 0; h < 2; ++h) {
+                    const float lse2 = tc::lse_log2(lse_s[s_row + mt * 16 + lane / 4 + 8 * h]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = m0 + s_row + mt * 16 + lane / 4 + 8 * (e / 2);
-                        const int key = n0 + s_col + nt * 8 + 2 * (lane % 4) + e % 2;
-                        if (row >= at.seqlen_q || !mask.visible(row, key)) s[mt][nt][e] = 0.f;
-                    }
+                    for (int nt = 0; nt < kSN; ++nt)
+#pragma unroll
+                        for (int e = 2 * h; e < 2 * h + 2; ++e) s[mt][nt][e] = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2));
+                }
         }
-        // dS = P o (dP - delta_i), in place of dP.
+        // Hidden (query, key) pairs and rows past Lq: P = 0. Masked tiles only, in their own loop,
+        // so that the unmasked tiles' loop above carries no index arithmetic.
+        if (masked) tc::apply_mask(mask, s, m0 + s_row, n0 + s_col, lane, 0.f, at.seqlen_q);
+        // dS = P o (dP - delta_i), in place of dP (already dP - delta_i, scaled, when modified).
 #pragma unroll
         for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float delta = delta_s[s_row + mt * 16 + lane / 4 + 8 * h];
+                const float delta = modified ? 0.f : delta_s[s_row + mt * 16 + lane / 4 + 8 * h];
 #pragma unroll
                 for (int nt = 0; nt < kSN; ++nt)
 #pragma unroll

@@ -39,6 +39,7 @@
 #include "params.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
+#include "score_mod.cuh"
 #include "tile_tc.cuh"
 
 namespace cuflash {
@@ -53,7 +54,8 @@ constexpr unsigned bwd_dkdv_wgmma_smem_bytes() {
            kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4;
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroupKeys = 64;                            // keys per warpgroup: one wgmma M
@@ -158,6 +160,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * at.seqlen_q * f.head_dim;
     }
 
+    // Softcap or ALiBi (score_mod.cuh), of head 0 until the walk moves to the next head: the
+    // scores are modified before P (below).
+    constexpr float kLog2e = 1.4426950408889634f;
+    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e);
+    const bool modified = kScoreMods && mod.modifies();
+
     // Steps t = (h, i): every head h of the group over query tiles i in [range.first, range.last);
     // tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take the
     // per-element test (one block-uniform branch).
@@ -197,31 +205,55 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(st);
         ptx::wgmma_pin(dpt);
 
+        if (kScoreMods && heads > 1 && step.i == range.first) mod.head(f, bh + step.g, kLog2e);  // head g's slope
         // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
         // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8 (tc::lse_log2: a
         // row that sees no key gets P = 0 exactly).
+        const bool plain = !(modified && mod.template dispatch<false>([&](auto capped, auto alibi) {
+            // Softcap or ALiBi (score_mod.cuh; the slope is head g's): P^T = exp2(x - lse_i log2 e)
+            // of the modified score x in log2 units, 0 where hidden; dS^T = P^T o (dP^T - delta_i)
+            // o dx / d(scale S). One branch for the whole tile, so the loop stays one block.
 #pragma unroll
-        for (int nt = 0; nt < kBlockM / 8; ++nt) {
-            const int col = nt * 8 + 2 * (lane % 4);
-            float lse2[2], delta[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                lse2[c] = tc::lse_log2(lse_s[col + c]);
-                delta[c] = delta_s[col + c];
-            }
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
-            // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
-            if (masked) {
+            for (int nt = 0; nt < kBlockM / 8; ++nt) {
+                const int col = nt * 8 + 2 * (lane % 4);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int query = m0 + col + e % 2;
                     const int key = n0_s + lane_key_row() + 8 * (e / 2);
-                    if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+                    float grad;
+                    const float x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(
+                        st[nt][e], query, key, grad);
+                    st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
+                                    ? 0.f : ptx::ex2(x - tc::lse_log2(lse_s[col + e % 2]));
+                    dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_s[col + e % 2]);
+                    if (decltype(capped)::value) dpt[nt][e] *= grad;
                 }
             }
+        }));
+        if (plain) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+            for (int nt = 0; nt < kBlockM / 8; ++nt) {
+                const int col = nt * 8 + 2 * (lane % 4);
+                float lse2[2], delta[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    lse2[c] = tc::lse_log2(lse_s[col + c]);
+                    delta[c] = delta_s[col + c];
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
+                // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
+                if (masked) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int query = m0 + col + e % 2;
+                        const int key = n0_s + lane_key_row() + 8 * (e / 2);
+                        if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+            }
         }
         // 16-bit A fragments: n8 tiles 2kk, 2kk + 1 (queries 16kk..16kk+15) are k-step kk's.
         unsigned pa[kBlockM / 16][4], dsa[kBlockM / 16][4];

@@ -9,6 +9,8 @@
 //   S  = Q_i K_j^T             P  = exp(S * scale - lse_i)   (P = 0 where masked)
 //   dP = dO_i V_j^T            dS = P o (dP - delta_i)
 //   dQ_i += dS K_j             and dQ_i *= scale at the end.
+// Under softcap or ALiBi (kScoreMods, score_mod.cuh) P and dS come from the modified scores x,
+// once S and dP are both computed: P = exp(x - lse_i), dS = P o (dP - delta_i) o dx / d(scale S).
 //
 // Work split (bwd_simt.cuh): S and dP are queries x keys micro-tiles (a lane's TM queries are
 // its rows of dQ_i too, keys cg + 16 c); dS goes to shared memory transposed (dSt[key][row],
@@ -32,7 +34,8 @@ constexpr unsigned bwd_dq_simt_smem_bytes() {
     return sizeof(Element) * (2 * kBlockM * kLdD + 2 * kBlockN * kLdD + kBlockN * kLdM + 2 * kBlockM);
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dq_simt(const BwdParams p) {
     using T = Element;
     using M = simt::Math<T>;
@@ -86,6 +89,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     T dQ[TM][TD];
     simt::zero(dQ);
     const T scale = M::score_scale(f);
+    const ScoreMod<T> mod(f, blockIdx.x, T(f.scale), M::unit());
+    const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
 
     if (range.first < range.last) {
         simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, q, f.q_row_stride, m0, kBlockM, Lq, D, tid);
@@ -109,15 +114,18 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // P = exp(S * scale - lse_i): 0 for rows past Lq or that saw no key, and for masked
         // pairs on tiles that cross an edge of the visible region (keys past Lk included).
+        // Under softcap or ALiBi S stays raw until dP is known (below).
         const bool masked = t < range.full_first || t >= range.full_last;
+        if (!modified) {
 #pragma unroll
-        for (int r = 0; r < TM; ++r) {
-            const T lse_r = simt_bwd::lse_for_row(lse_s[row0 + r], m0 + row0 + r < Lq);
+            for (int r = 0; r < TM; ++r) {
+                const T lse_r = simt_bwd::lse_for_row(lse_s[row0 + r], m0 + row0 + r < Lq);
 #pragma unroll
-            for (int c = 0; c < TN; ++c) {
-                T pv = M::exp(fma(s[r][c], scale, -lse_r));
-                if (masked && !mask.visible(m0 + row0 + r, n0 + cg + 16 * c)) pv = T(0);
-                s[r][c] = pv;
+                for (int c = 0; c < TN; ++c) {
+                    T pv = M::exp(fma(s[r][c], scale, -lse_r));
+                    if (masked && !mask.visible(m0 + row0 + r, n0 + cg + 16 * c)) pv = T(0);
+                    s[r][c] = pv;
+                }
             }
         }
 
@@ -125,11 +133,25 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         T ds[TM][TN];
         simt::zero(ds);
         simt_bwd::gemm_nt<T, TM, TN, kHeadDim, kUnroll>(ds, dOs + row0 * kLdD, kLdD, Vs + cg * kLdD, kLdD);
+        if (modified) {
+            if constexpr (kScoreMods) {  // (plain Variants compile none of this)
+                T lse_r[TM], delta_r[TM];
 #pragma unroll
-        for (int r = 0; r < TM; ++r) {
-            const T delta_r = delta_s[row0 + r];
+                for (int r = 0; r < TM; ++r) {
+                    lse_r[r] = simt_bwd::lse_for_row(lse_s[row0 + r], m0 + row0 + r < Lq);
+                    delta_r[r] = delta_s[row0 + r];
+                }
+                simt_bwd::modified_p_ds(mod, mask, masked, s, ds, [&](int r, int c) {
+                    return simt_bwd::PairStats<T>{m0 + row0 + r, n0 + cg + 16 * c, lse_r[r], delta_r[r]};
+                });
+            }
+        } else {
 #pragma unroll
-            for (int c = 0; c < TN; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_r);
+            for (int r = 0; r < TM; ++r) {
+                const T delta_r = delta_s[row0 + r];
+#pragma unroll
+                for (int c = 0; c < TN; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_r);
+            }
         }
 
         // dS by key, the lane's TM rows contiguous: one vector store per key.

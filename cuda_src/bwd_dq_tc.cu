@@ -22,6 +22,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "score_mod.cuh"
 #include "tile_tc.cuh"
 
 namespace cuflash {
@@ -34,7 +35,8 @@ constexpr unsigned bwd_dq_tc_smem_bytes() {
     return 2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kRowsPerWarp = kBlockM / kWarps;
@@ -121,6 +123,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
     tc::zero(acc);
     const float scale_log2 = f.scale_log2;
+    const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f);  // with kScoreMods
 
     for (int j = range.first; j < range.last; ++j) {
         const bool masked = j < range.full_first || j >= range.full_last;
@@ -150,21 +153,37 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
             tc::mma_k16<Element, KVTile, false>(dp, a, v_slot + bn_lane, 0, kk * 2);
         }
 
-        // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i).
+        // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i). With
+        // softcap or ALiBi (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
+        // units, and dS = P o (dP - delta_i) o dx / d(scale S).
+        bool modified = false;
+        if constexpr (kScoreMods) {
+            modified = mod.template dispatch<false>([&](auto capped, auto alibi) {
+                tc::for_each(s, dp, m0 + warp_row0, j * kBlockN, lane, [&](float& x, float& y, int r, int row, int key) {
+                    float grad;
+                    const float x2 = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, key, grad);
+                    const float prob = masked && !mask.visible(row, key) ? 0.f : ptx::ex2(x2 - lse2[r / 2][r % 2]);
+                    y = prob * (y - delta[r / 2][r % 2]);
+                    if (decltype(capped)::value) y *= grad;
+                });
+            });
+        }
+        if (!modified) {
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+            for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < kNTilesS; ++nt)
+                for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float prob = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][e / 2]));
-                    if (masked) {
-                        const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
-                        const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
-                        if (!mask.visible(row, key)) prob = 0.f;
+                    for (int e = 0; e < 4; ++e) {
+                        float prob = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][e / 2]));
+                        if (masked) {
+                            const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
+                            const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
+                            if (!mask.visible(row, key)) prob = 0.f;
+                        }
+                        dp[mt][nt][e] = prob * (dp[mt][nt][e] - delta[mt][e / 2]);
                     }
-                    dp[mt][nt][e] = prob * (dp[mt][nt][e] - delta[mt][e / 2]);
-                }
+        }
 
         // dQ_i += dS K_j
 #pragma unroll

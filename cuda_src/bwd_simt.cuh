@@ -25,6 +25,7 @@
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
+#include "score_mod.cuh"
 #include "simt_tile.cuh"
 
 namespace cuflash {
@@ -161,6 +162,33 @@ template <typename T>
 __device__ __forceinline__ T lse_for_row(T lse, bool row_ok) {
     using M = Math<T>;
     return row_ok && lse != -M::inf() ? M::lse_unit(lse) : M::inf();
+}
+
+// One (query, key) pair of a lane's micro-tile, with the query's lse (in the exponent's units,
+// lse_for_row) and delta.
+template <typename T>
+struct PairStats {
+    int query, key;
+    T lse, delta;
+};
+
+// P and dS of a lane's micro-tile under softcap or ALiBi (score_mod.cuh; the caller checked
+// ScoreMod::modifies), in place of the raw S and dP, element (r, c) being the pair at(r, c):
+//   P = exp(x - lse) of the modified score x, 0 where hidden (tested only when `masked`)
+//   dS = P o (dP - delta) o dx / d(scale S)
+template <typename Mod, typename MaskT, typename T, int R, int C, typename At>
+__device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask, bool masked, T (&s)[R][C],
+                                              T (&dp)[R][C], At&& at) {
+    mod.dispatch([&](auto capped, auto alibi) {
+        simt::for_each(s, dp, [&](T& x, T& y, int r, int c) {
+            const PairStats<T> e = at(r, c);
+            T grad;
+            const T modified = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, e.query, e.key, grad);
+            x = masked && !mask.visible(e.query, e.key) ? T(0) : Math<T>::exp(modified - e.lse);
+            y = x * (y - e.delta);
+            if (decltype(capped)::value) y *= grad;
+        });
+    });
 }
 
 // Register and unroll budget: one block per SM lets ptxas use up to 255 registers per thread

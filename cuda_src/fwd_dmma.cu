@@ -42,6 +42,8 @@
 #include "mask.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
+#include "score_mod.cuh"
+#include "simt_tile.cuh"
 
 namespace cuflash {
 
@@ -53,7 +55,8 @@ constexpr unsigned fwd_dmma_smem_bytes() {
     return sizeof(Element) * (kBlockM + 2 * kBlockN) * (kHeadDim + 2);
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     using T = Element;
     static_assert(sizeof(T) == 8, "DMMA is the float64 kernel");
@@ -137,19 +140,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const T* k_frag = Ks + g * kLd + 2 * tq;                 // + 8 ni kLd + 8c: K[key][8c + 2t ..]
     const T* v_frag = Vs + 2 * tq * kLd + 2 * g;             // + (8 ni + e) kLd + 16c: V[key 2t+e][16c + 2g ..]
 
+    // Score modifiers (score_mod.cuh), in natural units (unit 1).
+    const ScoreMod<T> mod(p, block.bh, p.scale, T(1));
+    const T neg_inf = -__longlong_as_double(0x7ff0000000000000ll);
+    const T sink = mod.sink(p, block.bh, T(1));  // any Variant: sinks alone run the plain ones
+
     // Running statistics of the paper, per owned row (one per row tile: row g of tile mi):
     // m_i = max_j s_ij (scaled), l_i = sum_j exp(s_ij - m_i) (this lane's partial sum, reduced
-    // over the quad once at the end), acc = sum_j exp(s_ij - m_i) v_j.
-    const T neg_inf = -__longlong_as_double(0x7ff0000000000000ll);
+    // over the quad once at the end), acc = sum_j exp(s_ij - m_i) v_j. A sink is a logit
+    // already seen: m_i = sink, l_i = 1 (1/4 in each lane of the quad).
     T m_i[MT], l_i[MT], acc[MT][DT][2];
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
-        m_i[mi] = neg_inf;
-        l_i[mi] = T(0);
+        m_i[mi] = sink;
+        l_i[mi] = sink == neg_inf ? T(0) : T(0.25);
 #pragma unroll
         for (int di = 0; di < DT; ++di) acc[mi][di][0] = acc[mi][di][1] = T(0);
     }
-    const T scale = p.scale;
+    // Softcap or ALiBi replace the scale: the scores are modified instead (scale = 1).
+    const T scale = kScoreMods && mod.modifies() ? T(1) : p.scale;
 
     if (range.first < range.last) {
         load_rows(Qs, q, p.q_row_stride, m0, kBlockM, Lq, D);
@@ -199,10 +208,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
             }
         }
 
-        // Scale, and on tiles that cross an edge of the visible region, mask: s_ij = -inf for
-        // keys j the query i may not see (also keys past Lk). Interior tiles skip the test.
+        // Scale (or modify: softcap, ALiBi), and on tiles that cross an edge of the visible
+        // region, mask: s_ij = -inf for keys j the query i may not see (also keys past Lk).
+        // Interior tiles skip the test.
         // Lane (g, t) holds row 8 mi + g, keys 8 ni + 2t + {0, 1} of the warp's tile.
         const bool masked = t < range.full_first || t >= range.full_last;
+        if constexpr (kScoreMods) {
+            simt::modify_scores(mod, reinterpret_cast<T(&)[MT][2 * NT]>(s), [&](int mi, int c) {
+                return simt::QK{m0 + warp * WM + 8 * mi + g, n0 + 8 * (c / 2) + 2 * tq + c % 2};
+            });
+        }
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -300,7 +315,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     }
 
     // Single normalisation: O = acc / l_i, lse = m_i + log(l_i). A row that saw no key has
-    // l_i = 0: it writes O = 0 and lse = -inf.
+    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink).
     T* __restrict__ o = static_cast<T*>(p.o) + bi.o;
     T* __restrict__ lse = static_cast<T*>(p.lse) + bi.lse;
 #pragma unroll

@@ -34,6 +34,7 @@
 #include "mask.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
+#include "score_mod.cuh"
 #include "simt_tile.cuh"
 
 namespace cuflash {
@@ -54,13 +55,15 @@ namespace simt {
 // the micro-tiles are small enough (<= 128 registers without spilling). Without
 // any minimum ptxas caps these kernels at 128 registers and spills, so the rest ask for 1.
 // CUFLASH_SIMT_MIN_BLOCKS / CUFLASH_SIMT_UNROLL / CUFLASH_SIMT_S_UNROLL override them (experiments only).
-template <typename T, int TM, int TN, int TD, bool kHasWindow>
+template <typename T, int TM, int TN, int TD, bool kHasWindow, bool kScoreMods>
 struct Occupancy {
     static constexpr int kWords = sizeof(T) / 4;
     // The window's per-element test needs a few registers more: with both micro-tiles at the
-    // limit (fp32 d64 128x64) the window variant takes one block per SM.
+    // limit (fp32 d64 128x64) the window variant takes one block per SM; score modifiers more
+    // still (ptxas spills on some archs): with either at the limit.
     static constexpr bool kTwo = kWords * TM * TD <= 32 && kWords * TM * TN <= 32 &&
-                                 !(kHasWindow && kWords * TM * TD == 32 && kWords * TM * TN == 32);
+                                 !(kHasWindow && kWords * TM * TD == 32 && kWords * TM * TN == 32) &&
+                                 !(kScoreMods && (kWords * TM * TD == 32 || kWords * TM * TN == 32));
 #ifdef CUFLASH_SIMT_MIN_BLOCKS
     static constexpr int kMinBlocks = CUFLASH_SIMT_MIN_BLOCKS;
 #else
@@ -92,9 +95,11 @@ constexpr unsigned fwd_simt_smem_bytes() {
     return sizeof(Element) * (kHeadDim * (kBlockM + kPad) + 2 * kBlockN * (kHeadDim + kPad) + kBlockN * (kBlockM + kPad));
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32,
-                                  (simt::Occupancy<Element, kBlockM / (2 * kWarps), kBlockN / 16, kHeadDim / 16, kHasWindow>::kMinBlocks))
+                                  (simt::Occupancy<Element, kBlockM / (2 * kWarps), kBlockN / 16, kHeadDim / 16, kHasWindow,
+                                                   kScoreMods>::kMinBlocks))
     fwd_simt(const FwdParams p) {
     using T = Element;
     using M = simt::Math<T>;
@@ -106,14 +111,14 @@ __global__ void __launch_bounds__(kWarps * 32,
     static_assert(TN * 16 == kBlockN && TD * 16 == kHeadDim, "kBlockN and kHeadDim are multiples of 16");
     static_assert(kHeadDim % 8 == 0 && kBlockN % 4 == 0 && kBlockM % 4 == 0, "copy mapping");
     static_assert(kStages == 1, "K and V are single-buffered and overlapped by phase");
-    constexpr int kUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kUnroll;
-    constexpr int kSUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kSUnroll;
+    constexpr int kUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow, kScoreMods>::kUnroll;
+    constexpr int kSUnroll = simt::Occupancy<T, TM, TN, TD, kHasWindow, kScoreMods>::kSUnroll;
     using ColsD = simt::Cols<T, TD>;
     constexpr int kDVec = 16 / sizeof(T);  // d values per 16-byte run of a K row (the copies' unit)
     static_assert(kHeadDim % kDVec == 0, "whole 16-byte runs of d");
     // d values per read of a K row in S = Q K^T: a 16-byte run, or 8 bytes where two blocks per SM
     // leave no room for TN 16-byte runs in registers (TD < 4, d32: ptxas spills otherwise).
-    constexpr bool kTight = simt::Occupancy<T, TM, TN, TD, kHasWindow>::kMinBlocks >= 2 && TD < 4;
+    constexpr bool kTight = simt::Occupancy<T, TM, TN, TD, kHasWindow, kScoreMods>::kMinBlocks >= 2 && TD < 4;
     constexpr int kKRead = kTight ? 8 / int(sizeof(T)) : kDVec;
 
     constexpr int kPad = 16 / sizeof(T);
@@ -231,18 +236,24 @@ __global__ void __launch_bounds__(kWarps * 32,
     };
     const bool k_vec = whole_runs(k, p.k_row_stride, D), v_vec = whole_runs(v, p.v_row_stride, Dv);
 
+    // Score modifiers (score_mod.cuh). Q is negated for a negative scale: |scale| here.
+    const ScoreMod<T> mod(p, block.bh, static_cast<T>(p.scale < 0 ? -p.scale : p.scale), M::unit());
+    const T sink = mod.sink(p, block.bh, M::unit());  // any Variant: sinks alone run the plain ones
+
     // Running statistics of the paper, per owned row: m_i = max_j s_ij (scaled), l_i = sum_j
     // exp(s_ij - m_i) (this lane's partial sum; reduced over the row group once at the end),
-    // acc = sum_j exp(s_ij - m_i) v_j.
+    // acc = sum_j exp(s_ij - m_i) v_j. A sink is a logit already seen: m_i = sink, l_i = 1
+    // (1/16 in each lane of the row group).
     T m_i[TM], l_i[TM], acc[TM][TD];
 #pragma unroll
     for (int r = 0; r < TM; ++r) {
-        m_i[r] = M::neg_inf();
-        l_i[r] = T(0);
+        m_i[r] = sink;
+        l_i[r] = sink == M::neg_inf() ? T(0) : T(0.0625);
 #pragma unroll
         for (int c = 0; c < TD; ++c) acc[r][c] = T(0);
     }
-    const T scale = M::softmax_scale(p);  // c of simt::Math: |scale|, log2 units for float
+    // c of simt::Math: |scale|, log2 units for float; 1 for scores modified by softcap or ALiBi.
+    const T scale = kScoreMods && mod.modifies() ? T(1) : M::softmax_scale(p);
 
     if (range.first < range.last) {
         load_transposed(Qt, kLdQ, q, p.q_row_stride, m0, kBlockM, Lq);
@@ -284,9 +295,13 @@ __global__ void __launch_bounds__(kWarps * 32,
             }
         }
 
+        // Softcap, ALiBi (score_mod.cuh): the scores in the exponent's units (scale = 1).
+        if constexpr (kScoreMods)
+            simt::modify_scores(mod, s, [&](int r, int c) { return simt::QK{m0 + row0 + r, n0 + cg + 16 * c}; });
+
         // On tiles that cross an edge of the visible region, mask: s_ij = -inf for keys j the
         // query i may not see (also keys past Lk). Interior tiles skip the test. Scores stay
-        // raw: the scale is applied in the exponent.
+        // raw (unless modified): the scale is applied in the exponent.
         const bool masked = t < range.full_first || t >= range.full_last;
         if (masked) {
 #pragma unroll
@@ -296,7 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32,
                     if (!mask.visible(m0 + row0 + r, n0 + cg + 16 * c)) s[r][c] = M::neg_inf();
         }
 
-        // Online softmax (c = |scale|, see Math):  m_new = max(m_i, c max_j s_ij);
+        // Online softmax (c = scale, see above):  m_new = max(m_i, c max_j s_ij);
         //   alpha = exp(m_i - m_new);  p_ij = exp(s_ij c - m_new);  l_i = alpha l_i + sum_j p_ij;
         //   acc = alpha acc.
         // A row that has seen no visible key keeps m = -inf; it subtracts 0 instead, so every
@@ -364,7 +379,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     }
 
     // Single normalisation: O = acc / l_i, lse = m_i + log(l_i). A row that saw no key has
-    // l_i = 0: it writes O = 0 and lse = -inf.
+    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink).
     T* __restrict__ o = static_cast<T*>(p.o) + bi.o;
     T* __restrict__ lse = static_cast<T*>(p.lse) + bi.lse;
 #pragma unroll

@@ -21,6 +21,7 @@
 #include "params.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
+#include "score_mod.cuh"
 #include "softmax_tc.cuh"
 #include "tile_tc.cuh"
 
@@ -34,7 +35,8 @@ constexpr unsigned fwd_tc_smem_bytes() {
     return tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kRowsPerWarp = kBlockM / kWarps;
@@ -131,6 +133,11 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     float acc[kMTiles][kNTilesO][4];
     tc::zero(acc);
     tc::OnlineSoftmax<kMTiles> softmax;
+    // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here. A sink
+    // is the first logit every row has seen.
+    constexpr float kLog2e = 1.4426950408889634f;
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e);
+    if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
 
     // Key tiles j in [range.first, range.last). Tiles in [full_first, full_last) are seen whole by
     // every row and skip the per-element test; the others cross the window's left edge, the
@@ -160,21 +167,14 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             }
         }
 
-        // -inf where the key is hidden (raw scores: the scale is folded into the softmax's FFMA).
-        if (masked) {
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
-                        const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
-                        if (!mask.visible(row, key)) s[mt][nt][e] = tc::neg_inf();
-                    }
-        }
+        // Softcap, ALiBi (score_mod.cuh): the scores in log2 units, c = 1.
+        float c = scale_log2;
+        if constexpr (kScoreMods) c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
 
-        softmax.update(s, acc, scale_log2);
+        // -inf where the key is hidden.
+        if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, tc::neg_inf());
+
+        softmax.update(s, acc, c);
 
         // acc += P V_j, P packed to 16 bits: the S layout of n-tiles 2kk, 2kk+1 is P's A fragment.
 #pragma unroll

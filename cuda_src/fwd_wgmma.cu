@@ -26,6 +26,7 @@
 #include "params.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
+#include "score_mod.cuh"
 #include "softmax_tc.cuh"
 #include "tile_tc.cuh"
 
@@ -46,7 +47,8 @@ constexpr int fwd_wgmma_min_blocks() {
     return 2 * (fwd_wgmma_smem_bytes<void, kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
 }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
     fwd_wgmma(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -135,23 +137,26 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
             ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s, QTile::k_major(q_group + QTile::k_step(kk)),
                                                             KVTile::k_major(k_tile + KVTile::k_step(kk)));
     };
-    // -inf where the key is hidden, on tiles that cross an edge of the visible region (raw
-    // scores: the scale is folded into the softmax's FFMA).
-    auto mask_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        if (t >= range.full_first && t < range.full_last) return;
-#pragma unroll
-        for (int nt = 0; nt < kBlockN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = m0 + warp_row0 + lane / 4 + 8 * (e / 2);
-                const int key = t * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
-                if (!mask.visible(row, key)) s[nt][e] = tc::neg_inf();
-            }
+    // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here.
+    // Softcap and ALiBi turn the scores into log2 units and return the softmax's multiplier 1;
+    // otherwise the scale stays folded into the softmax's FFMA.
+    constexpr float kLog2e = 1.4426950408889634f;
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e);
+    auto modify = [&](int t, float (&s)[1][kBlockN / 8][4]) {
+        if constexpr (kScoreMods) return tc::modify_scores(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
+        return scale_log2;
+    };
+    // -inf where the key is hidden, on tiles that cross an edge of the visible region.
+    auto mask_scores = [&](int t, float (&s)[1][kBlockN / 8][4]) {
+        const bool masked = t < range.full_first || t >= range.full_last;
+        if (!masked) return;
+        tc::apply_mask(mask, s, m0 + warp_row0, t * kBlockN, lane, tc::neg_inf());
     };
 
     float acc[1][kHeadDim / 8][4];
     tc::zero(acc);
     tc::OnlineSoftmax<1> softmax;
+    if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
     float s[1][kBlockN / 8][4];    // scores, then P, of the tile ahead
     unsigned p_frag[kKStepsPV][4];  // P of the current tile packed to 16 bits: the A operand of P V
     // n8 tiles 2kk, 2kk+1 of S are P's k-step kk.
@@ -185,9 +190,10 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(s[0]);
-        mask_scores(range.first, s[0]);
+        const float c = modify(range.first, s);
+        mask_scores(range.first, s);
         float alpha[1][2];
-        softmax.update_stats(s, scale_log2, alpha);  // acc is still 0: nothing to rescale
+        softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
         pack_p();
     }
     // Every step but the last has a next tile (one straight-line body: ptxas serializes the
@@ -208,9 +214,10 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
 
         ptx::wgmma_wait<1>();  // S_{t+1}
         ptx::wgmma_pin(s[0]);
-        mask_scores(t + 1, s[0]);
+        const float c = modify(t + 1, s);
+        mask_scores(t + 1, s);
         float alpha[1][2];
-        const bool moved = softmax.update_stats(s, scale_log2, alpha);
+        const bool moved = softmax.update_stats(s, c, alpha);
         ptx::wgmma_wait<0>();  // P_t V_t
         ptx::wgmma_pin(acc[0]);
         if (moved) softmax.rescale(acc, alpha);

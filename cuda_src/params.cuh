@@ -49,6 +49,14 @@ struct FwdParams {
     double scale;        // softmax scale, exact for the float64 kernel
     float scale_log2;    // scale * log2(e): exp(s*scale - m) == exp2(s*scale_log2 - m')
     int _pad1;
+
+    // Score modifiers (score_mod.cuh), read only by the Variants compiled with kScoreMods:
+    // softcap > 0 caps the scaled score (0: none); alibi_slopes and sinks hold one value per
+    // attention row bh (the output's leading axes flattened, C order), float for 16/32-bit
+    // inputs and double for float64, or are null.
+    double softcap;
+    const void* alibi_slopes;
+    const void* sinks;
 };
 
 // The backward's argument: the forward's tensors and options, plus the gradients.

@@ -1,6 +1,6 @@
 // Register micro-tiles of the float32 / float64 kernels (fwd_simt.cu, bwd_simt.cuh): vectors
 // of the element type, the copies between shared memory and registers, the columns of a
-// micro-tile, and the exponential's units (Math).
+// micro-tile, the exponential's units (Math), and score modifiers on a tile (also fwd_dmma.cu's).
 #pragma once
 #include "params.cuh"
 
@@ -15,6 +15,8 @@ namespace simt {
 //             scale < 0), at least the smallest normal number so that -inf * c stays -inf;
 //             m_i in the exponent's units, lse = lse(m_i, l_i) in natural log.
 //   backward: P_ij = exp(s_ij score_scale(p) - lse_unit(lse_i)), the signed scale.
+// With score modifiers (score_mod.cuh) the kernels modify the scores into the exponent's units
+// (its `unit`: log2(e) for float, 1 for double) and take c = 1 instead.
 template <typename T> struct Math;
 template <> struct Math<float> {
     static __device__ __forceinline__ float softmax_scale(const FwdParams& p) { return fmaxf(fabsf(p.scale_log2), 1.17549435e-38f); }
@@ -22,6 +24,7 @@ template <> struct Math<float> {
     static __device__ __forceinline__ float exp(float x) { return exp2f(x); }
     static __device__ __forceinline__ float lse(float m, float l) { return fmaf(m, 0.693147180559945309f, logf(l)); }
     static __device__ __forceinline__ float lse_unit(float lse) { return lse * 1.4426950408889634f; }
+    static __device__ __forceinline__ float unit() { return 1.4426950408889634f; }
     static __device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
     static __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 };
@@ -31,6 +34,7 @@ template <> struct Math<double> {
     static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
     static __device__ __forceinline__ double lse(double m, double l) { return m + ::log(l); }
     static __device__ __forceinline__ double lse_unit(double lse) { return lse; }
+    static __device__ __forceinline__ double unit() { return 1.0; }
     static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
     static __device__ __forceinline__ double neg_inf() { return -__longlong_as_double(0x7ff0000000000000ll); }
 };
@@ -100,6 +104,42 @@ __device__ __forceinline__ void zero(T (&c)[R][C]) {
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int j = 0; j < C; ++j) c[r][j] = T(0);
+}
+
+// f(x, r, c) for every element x = a[r][c] of a micro-tile; f(x, y, r, c) over two of one shape.
+template <typename T, int R, int C, typename F>
+__device__ __forceinline__ void for_each(T (&a)[R][C], F&& f) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < C; ++c) f(a[r][c], r, c);
+}
+template <typename T, int R, int C, typename F>
+__device__ __forceinline__ void for_each(T (&a)[R][C], T (&b)[R][C], F&& f) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < C; ++c) f(a[r][c], b[r][c], r, c);
+}
+
+// A score's query row and key (the arguments of ScoreMod and Mask).
+struct QK {
+    int query, key;
+};
+
+// Softcap and ALiBi (score_mod.cuh) on a lane's tile of raw scores a[r][c], element (r, c) being
+// the pair at(r, c) (a QK): the scores become the modified ones, in the exponent's units (the
+// softmax's c = 1), and true is returned. Without either (no modifier, or sinks alone) the tile
+// stays raw and false is returned: the kernel applies its scale as usual.
+template <typename Mod, typename T, int R, int C, typename At>
+__device__ __forceinline__ bool modify_scores(const Mod& mod, T (&a)[R][C], At&& at) {
+    return mod.dispatch([&](auto capped, auto alibi) {
+        for_each(a, [&](T& x, int r, int c) {
+            const QK e = at(r, c);
+            T grad;
+            x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, e.query, e.key, grad);
+        });
+    });
 }
 
 // Columns of a lane's micro-tile: TW columns as TW / kVec chunks of kVec adjacent ones; chunk c

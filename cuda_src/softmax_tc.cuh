@@ -49,6 +49,20 @@ struct OnlineSoftmax {
             }
     }
 
+    // Start every row from a sink (score_mod.cuh): a logit already seen, with no value:
+    // m_i = sink (log2 units), l_i = 2^0 = 1, held as 0.25 by each lane of the row's quad (finish
+    // sums the four exactly). A sink of -inf is no sink: the constructor's state stays.
+    __device__ __forceinline__ void start_from(float sink) {
+        if (sink == neg_inf()) return;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                m_i[mt][h] = sink;
+                l_i[mt][h] = 0.25f;
+            }
+    }
+
     // One key tile. In: s = raw scores (masked: -inf), c > 0. Out: s holds P; acc and l_i are
     // rescaled when the reference max moves (warp-uniform decision, see kRescaleLog2):
     //   m_new = max(m_i, rowmax(s) * c)         only if some row has rowmax(s)*c > m_i + kRescaleLog2

@@ -184,6 +184,76 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
         for (int e = 0; e < 4; ++e) c[nt][e] = 0.f;
 }
 
+// f(mt, nt, e, r, row, col) for every element (mt, nt, e) of an M x N fragment: its coordinates
+// (row, col) = (row0 + 16 mt + lane / 4 + 8 h, col0 + 8 nt + 2 (lane % 4) + e % 2), h = e / 2,
+// and its row slot r = 2 mt + h (this lane holds 2 M rows: per-row values such as lse live in
+// arrays indexed by r, which unrolling makes constant). A warp's share of a wgmma accumulator
+// has the same layout (M = 1).
+template <int M, int N, typename F>
+__device__ __forceinline__ void for_each_element(int row0, int col0, int lane, F&& f) {
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                f(mt, nt, e, 2 * mt + e / 2, row0 + mt * 16 + lane / 4 + 8 * (e / 2), col0 + nt * 8 + 2 * (lane % 4) + e % 2);
+}
+// f(x, r, row, col) for every element x of C; f(x, y, r, row, col) over two fragments of one
+// shape side by side (S and dP).
+template <int M, int N, typename F>
+__device__ __forceinline__ void for_each(float (&c)[M][N][4], int row0, int col0, int lane, F&& f) {
+    for_each_element<M, N>(row0, col0, lane, [&](int mt, int nt, int e, int r, int row, int col) {
+        f(c[mt][nt][e], r, row, col);
+    });
+}
+template <int N, typename F>
+__device__ __forceinline__ void for_each(float (&c)[N][4], int row0, int col0, int lane, F&& f) {
+    for_each(reinterpret_cast<float(&)[1][N][4]>(c), row0, col0, lane, f);
+}
+template <int M, int N, typename F>
+__device__ __forceinline__ void for_each(float (&c)[M][N][4], float (&d)[M][N][4], int row0, int col0, int lane, F&& f) {
+    for_each_element<M, N>(row0, col0, lane, [&](int mt, int nt, int e, int r, int row, int col) {
+        f(c[mt][nt][e], d[mt][nt][e], r, row, col);
+    });
+}
+
+// Mask::visible (mask.cuh) on a fragment of scores at (row0, col0): elements whose key the
+// query may not see become `hidden` (-inf for scores, 0 for probabilities); with num_rows,
+// rows >= num_rows too (the backward's query tiles that cross Lq).
+template <typename MaskT, int M, int N>
+__device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4], int row0, int col0, int lane,
+                                           float hidden) {
+    for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
+        if (!mask.visible(row, col)) x = hidden;
+    });
+}
+template <typename MaskT, int M, int N>
+__device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4], int row0, int col0, int lane,
+                                           float hidden, int num_rows) {
+    for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
+        if (row >= num_rows || !mask.visible(row, col)) x = hidden;
+    });
+}
+
+// Score modifiers (score_mod.cuh's ScoreMod) on a fragment of raw scores S whose first element
+// is (row0, col0): with softcap or ALiBi, S becomes the modified scores in log2 units and the
+// softmax's multiplier 1 is returned; otherwise (no modifier, or sinks alone) S stays raw and
+// the folded scale c is returned.
+template <typename Mod, int M, int N>
+__device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
+    const bool modified = mod.dispatch([&](auto capped, auto alibi) {
+        for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
+            float grad;
+            x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, col, grad);
+        });
+    });
+    return modified ? 1.f : c;
+}
+
+// The row (relative to row0) of row slot r.
+__device__ __forceinline__ int slot_row(int r, int lane) { return (r / 2) * 16 + lane / 4 + 8 * (r % 2); }
+
 // Per-lane ldmatrix_x4 offsets into a Tile, to which the fragment's (row, chunk) offset is added:
 //   a_lane:  A operand, m16k16 from rows row0.. (m = rows, k = columns): rows lane%16, chunk lane/16
 //   bn_lane: B operand, two n8k16 from rows (n = rows, k = columns; K for Q K^T):

@@ -87,8 +87,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         denominator and carries no value, ``out_i = sum_j e^{s_ij} v_j / (e^{sink} + sum_j
         e^{s_ij})`` and ``lse_i = log(e^{sink} + sum_j e^{s_ij})``; a row that sees no key gives
         out 0 and lse = sink.
-        The three modifiers run on the CPU backend; the GPU kernels do not take them yet
-        (NotImplementedError).
+        The three modifiers run on both backends, every dtype, forward and backward.
     return_lse : bool
         Also return the log-sum-exp of the scaled scores, shape ``(..., Lq)``, natural log,
         float32 (float64 for float64 inputs); ``-inf`` for rows that see no key.
@@ -160,9 +159,9 @@ def backward(problem, key=None):
     if problem.xp is numpy:
         return _cpu.backward(problem)
     plans = _plans()
-    dq, dk, dv, plan = plans.backward(problem)
+    grads, plan = plans.backward(problem)
     plans.remember(key, plan)
-    return dq, dk, dv
+    return grads
 
 
 def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,

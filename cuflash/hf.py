@@ -28,10 +28,10 @@ keys; causal is top-left aligned (``causal="top_left"``); ``sliding_window=w`` i
 ``kv_idx > q_idx - w``, i.e. cuflash's ``window=(w - 1, 0)``.
 
 Attention-logit softcapping (Gemma-2's ``softcap``) and attention sinks (gpt-oss's ``s_aux``, with
-their gradient) run in cuflash on CPU tensors; the GPU kernels do not take them yet. What cuflash
-does not support falls back to SDPA's integration (same arguments), with a one-time warning per
-reason: a mask tensor (padding, packed sequences, custom patterns), dropout > 0, softcap or sinks
-on CUDA tensors, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+their gradient) run in cuflash, on CPU and CUDA tensors. What cuflash does not support falls back
+to SDPA's integration (same arguments), with a one-time warning per reason: a mask tensor
+(padding, packed sequences, custom patterns), dropout > 0, ``position_bias``, tensors on a device
+other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
 import warnings
@@ -174,13 +174,8 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
         return "an attention mask tensor was passed (padding, packed sequences or a custom pattern)"
     if dropout:
         return f"attention dropout ({dropout}) is active"
-    on_gpu = query.device.type != "cpu"
-    if softcap and on_gpu:
-        return f"logit softcapping (softcap={softcap}) on CUDA tensors was requested"
     if kwargs.get("position_bias") is not None:
         return "an additive position bias (position_bias) was passed"
-    if kwargs.get("s_aux") is not None and on_gpu:
-        return "attention sinks (s_aux) on CUDA tensors were passed"
     if any(t.device.type not in ("cpu", "cuda") for t in (query, key, value)):
         return f"the tensors are on {query.device.type}, not CPU or CUDA"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:

@@ -60,8 +60,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
 
     Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
     GQA by head count, ``causal`` True/"bottom_right"/"top_left", ``window=(left, right)``,
-    ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``; the three
-    modifiers on CPU tensors for now). CUDA tensors run cuflash's kernels on torch's current
+    ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``). CUDA tensors run cuflash's kernels on torch's current
     stream; CPU tensors run the NumPy backend. ``deterministic=True`` makes the backward bitwise
     reproducible.
 
@@ -122,8 +121,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (MQA/GQA); ``causal`` is bottom-right aligned; ``window_size=(left, right)``, -1 unbounded.
     Returns ``out (B, Lq, H, Dv)``, or ``(out, softmax_lse, None)`` with ``return_attn_probs``
     (lse ``(B, H, Lq)`` float32, as flash-attn; it carries no gradient). ``softcap`` (0: none) and
-    ``alibi_slopes`` (``(H,)`` or ``(B, H)``) as flash-attn, on CPU tensors for now (the GPU
-    kernels raise NotImplementedError); dropout is not supported (NotImplementedError).
+    ``alibi_slopes`` (``(H,)`` or ``(B, H)``) as flash-attn; dropout is not supported
+    (NotImplementedError).
     """
     if dropout_p != 0.0:
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")

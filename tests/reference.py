@@ -213,35 +213,38 @@ def attention_backward_ref_dtype(dout, q, k, v, dtype, *, scale=None, causal=Fal
 
 
 def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None,
-                   sinks=None):
-    """Dense float64 attention with score modifiers, and its gradients when ``dout`` is given.
+                   sinks=None, dtype=numpy.float64):
+    """Dense attention with score modifiers, and its gradients when ``dout`` is given.
 
     s = q k^T * scale; s = softcap * tanh(s / softcap); s -= slope * |i + d - j| (ALiBi, d = Lk - Lq,
     or 0 under causal="top_left"); hidden keys at -inf; then a softmax over the row's scores and,
     with sinks, one more logit per head that carries no value. Returns (out, lse) or
-    (out, lse, (dq, dk, dv[, dsinks])) in the inputs' shapes.
+    (out, lse, (dq, dk, dv[, dsinks])) in the inputs' shapes, as float64.
+    ``dtype``: float64, the reference; float16/bfloat16, the plain unfused implementation in that
+    dtype (each step rounded, as _precision), the tolerance's baseline.
     """
     shapes = [x.shape for x in (q, k, v)]
-    q, k, v = (to_numpy(x).astype(numpy.float64) for x in (q, k, v))
+    (q, k, v), rounded = _inputs((q, k, v), dtype)
+    work = q.dtype.type
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     k_full, v_full, group = _repeat_kv_heads(q, k, v)
     lead = _lead(q, k_full, v_full)
     lq, lk = q.shape[-2], k.shape[-2]
     mask = visible_mask(lq, lk, causal=causal, window=window)
-    raw = numpy.matmul(q, numpy.swapaxes(k_full, -1, -2)) * scale
+    raw = rounded(rounded(numpy.matmul(q, numpy.swapaxes(k_full, -1, -2))) * work(scale))
     s = raw
     if softcap is not None:
-        s = softcap * numpy.tanh(raw / softcap)
+        s = rounded(work(softcap) * numpy.tanh(raw / work(softcap)))
     if alibi_slopes is not None:
-        slopes = numpy.broadcast_to(to_numpy(alibi_slopes).astype(numpy.float64), lead)
+        slopes = numpy.broadcast_to(to_numpy(alibi_slopes).astype(numpy.float64), lead).astype(q.dtype)
         diagonal = 0 if causal == "top_left" else lk - lq
-        distance = numpy.abs(numpy.arange(lq)[:, None] + diagonal - numpy.arange(lk)[None, :])
-        s = s - slopes[..., None, None] * distance
+        distance = numpy.abs(numpy.arange(lq)[:, None] + diagonal - numpy.arange(lk)[None, :]).astype(q.dtype)
+        s = rounded(s - slopes[..., None, None] * distance)
     s = numpy.broadcast_to(numpy.where(mask, s, -numpy.inf), lead + (lq, lk))
-    sink = numpy.full(lead + (lq, 1), -numpy.inf)
+    sink = numpy.full(lead + (lq, 1), -numpy.inf, dtype=q.dtype)
     if sinks is not None:
         sink = numpy.broadcast_to(numpy.broadcast_to(to_numpy(sinks).astype(numpy.float64), lead)[..., None, None],
-                                  lead + (lq, 1))
+                                  lead + (lq, 1)).astype(q.dtype)
     logits = numpy.concatenate([s, sink], axis=-1)
     top = logits.max(axis=-1, keepdims=True)
     top = numpy.where(numpy.isfinite(top), top, 0)
@@ -250,26 +253,27 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     sees = total > 0
     p_all = numpy.where(sees, e / numpy.where(sees, total, 1), 0)
     lse = numpy.where(sees, top + numpy.log(numpy.where(sees, total, 1)), -numpy.inf)[..., 0]
-    p = p_all[..., :lk]
-    out = numpy.matmul(p, v_full)
+    p = rounded(p_all[..., :lk])
+    out = rounded(numpy.matmul(p, v_full))
     if dout is None:
-        return out, lse
-    dout = numpy.broadcast_to(to_numpy(dout).astype(numpy.float64), out.shape)
+        return out.astype(numpy.float64), lse.astype(numpy.float64)
+    (dout,), _ = _inputs((numpy.broadcast_to(to_numpy(dout), out.shape),), dtype)
     delta = (dout * out).sum(axis=-1, keepdims=True)
-    dv = numpy.matmul(numpy.swapaxes(p, -1, -2), dout)
-    ds = p * (numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2)) - delta)
+    dv = rounded(numpy.matmul(numpy.swapaxes(p, -1, -2), dout))
+    ds = p * (rounded(numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2))) - delta)
     if softcap is not None:
-        ds = ds * (1 - numpy.tanh(raw / softcap) ** 2)
-    dq = numpy.matmul(ds, k_full) * scale
-    dk = numpy.matmul(numpy.swapaxes(ds, -1, -2), q) * scale
+        ds = ds * (1 - numpy.tanh(raw / work(softcap)) ** 2)
+    ds = rounded(ds)
+    dq = rounded(rounded(numpy.matmul(ds, k_full)) * work(scale))
+    dk = rounded(rounded(numpy.matmul(numpy.swapaxes(ds, -1, -2), q)) * work(scale))
 
     def back(grad, shape):
         if group > 1 and len(shape) >= 3 and shape[-3] != 1 and shape[-3] != grad.shape[-3]:
             grad = grad.reshape(grad.shape[:-3] + (grad.shape[-3] // group, group) + grad.shape[-2:]).sum(axis=-3)
-        return _reduce_to_shape(grad, shape)
+        return _reduce_to_shape(grad, shape).astype(numpy.float64)
 
     grads = [back(dq, shapes[0]), back(dk, shapes[1]), back(dv, shapes[2])]
     if sinks is not None:
         dsink = -(p_all[..., lk] * delta[..., 0]).sum(axis=-1)
-        grads.append(_reduce_to_shape(dsink, numpy.shape(to_numpy(sinks))))
-    return out, lse, tuple(grads)
+        grads.append(_reduce_to_shape(dsink, numpy.shape(to_numpy(sinks))).astype(numpy.float64))
+    return out.astype(numpy.float64), lse.astype(numpy.float64), tuple(grads)

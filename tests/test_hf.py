@@ -298,19 +298,30 @@ def eager_pair(config, dtype, seed=0):
     return reference, ours
 
 
-def test_gemma2_softcapping_runs_in_cuflash_on_cpu():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def on(device, *modules):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    return [module.to(device) for module in modules]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemma2_softcapping_runs_in_cuflash(device):
     """Gemma-2: attention-logit softcapping (and its sliding layers) in cuflash, against eager (in
     float32: eager's softmax runs in float32 whatever the inputs)."""
     dtype = torch.float32
     config = transformers.Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
                                        initializer_range=INIT, attn_logit_softcapping=2.0, sliding_window=6)
-    reference, ours = eager_pair(config, dtype)
-    assert_steps_match(reference, ours, random_ids(2, 19), dtype)
+    reference, ours = on(device, *eager_pair(config, dtype))
+    assert_steps_match(reference, ours, random_ids(2, 19).to(device), dtype)
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
 
 
-def test_gpt_oss_sinks_run_in_cuflash_on_cpu_with_their_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpt_oss_sinks_run_in_cuflash_with_their_gradient(device):
     """gpt-oss: learnable attention sinks (s_aux) in cuflash, against eager, sinks' gradient included
     (float32: the experts' grouped matmul takes no float64)."""
     dtype = torch.float32
@@ -318,12 +329,12 @@ def test_gpt_oss_sinks_run_in_cuflash_on_cpu_with_their_gradient():
                                        intermediate_size=64, num_hidden_layers=LAYERS, vocab_size=VOCAB,
                                        num_local_experts=4, num_experts_per_tok=2, initializer_range=INIT,
                                        sliding_window=6)
-    reference, ours = eager_pair(config, dtype)
+    reference, ours = on(device, *eager_pair(config, dtype))
     with torch.no_grad():  # sinks far from 0, so that a sink that did nothing would show
         for model in (reference, ours):
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(torch.linspace(-2.0, 2.0, 4, dtype=dtype))
-    ids = random_ids(2, 17)
+    ids = random_ids(2, 17).to(device)
     assert_steps_match(reference, ours, ids, dtype)
     _, _, grads = step(ours, ids)
     assert any("sinks" in name and grad.abs().max() > 0 for name, grad in grads.items())

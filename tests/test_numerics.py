@@ -16,7 +16,7 @@ so the tests hold cuflash to three rules:
   tile holding the bad value reached it without it being visible (hidden keys of v in the forward;
   anything in the backward), non-finite.
 
-Tests marked xfail(strict=True) pin down a defect of today's CPU backend; each says which.
+Tests marked xfail(strict=True) pin down a defect of today's backends; each says which.
 """
 from __future__ import annotations
 
@@ -217,7 +217,12 @@ NON_FINITE = [(m, w, val) for m in MASKS for w in "qkv" for val in VALUES]
 
 @pytest.mark.parametrize("backend, dtype_name", BACKEND_DTYPES)
 @pytest.mark.parametrize("mask, where, value_name", NON_FINITE, ids=[f"{m}-{w}-{v}" for m, w, v in NON_FINITE])
-def test_non_finite_inputs_reach_only_what_depends_on_them_forward(rng, backend, dtype_name, mask, where, value_name):
+def test_non_finite_inputs_reach_only_what_depends_on_them_forward(rng, request, backend, dtype_name, mask, where,
+                                                                    value_name):
+    if backend == "gpu" and dtype_name == "float64" and (where == "q" or (where == "k" and mask != "top_left")):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "GPU float64 forward (fwd_dmma, measured on an H200 2026-11-30): a row whose scores hold NaN or +-inf "
+            "does not come out NaN as in the reference (the other dtypes' kernels do)")))
     case = _non_finite_case(rng, backend, dtype_name, mask, where, value_name)
     out, lse = case["bad"][:2]
     clean_out, clean_lse = case["clean"][:2]
@@ -235,10 +240,11 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request
     case = _non_finite_case(rng, backend, dtype_name, mask, where, value_name)
     dq, dk, dv = case["bad"][2:]
     reference = case["ref"][2:]
-    if backend == "cpu" and _cpu_lse_defect(mask, where, value_name):
+    if _cpu_lse_defect(mask, where, value_name):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "CPU backend: a row whose scores hold NaN gets lse = -inf (as if it saw no key) instead of NaN, so "
-            "the backward recomputes P = exp(s - 0) there and leaves finite gradients the reference has as NaN")))
+            "both backends (GPU measured on an H200 2026-11-30): a row whose scores hold NaN gets lse = -inf (as if "
+            "it saw no key) instead of NaN, so the backward recomputes P = exp(s - 0) there and leaves finite "
+            "gradients the reference has as NaN")))
     for name, got, clean, ref, exposed in (("dq", dq, case["clean"][2], reference[0], case["rows"]),
                                            ("dk", dk, case["clean"][3], reference[1], case["keys"]),
                                            ("dv", dv, case["clean"][4], reference[2], case["keys"])):
@@ -249,7 +255,8 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request
     pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=(
         "CPU backend: _forward_block's lse is m_i + log(l_i) only where l_i > 0, and NaN > 0 is False, so a row "
         "with NaN scores reports lse = -inf (the 'sees no key' value) while its out is NaN"))),
-    pytest.param("gpu", marks=pytest.mark.gpu),
+    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.xfail(strict=True, reason=(
+        "GPU kernels (H200, 2026-11-30): the same as the CPU backend, lse = -inf for a row with NaN scores"))]),
 ])
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("where", ["q", "k"])
@@ -268,7 +275,9 @@ def test_a_nan_row_has_a_nan_lse(rng, backend, dtype_name, where):
         "probability (0 * NaN = NaN), so rows that cannot see the key become NaN; the kernels' P V mma does the "
         "same. Either select instead of multiply, or document that non-finite values in hidden keys of the same "
         "tile propagate"))),
-    pytest.param("gpu", marks=pytest.mark.gpu),
+    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.xfail(strict=True, reason=(
+        "GPU kernels (H200, 2026-11-30): the P V mma multiplies a hidden key's NaN/inf value by 0, as the CPU "
+        "backend"))]),
 ])
 @pytest.mark.parametrize("value_name", list(VALUES))
 @pytest.mark.parametrize("mask", ["causal", "window"])

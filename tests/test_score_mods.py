@@ -1,8 +1,9 @@
 """Score modifiers on the CPU backend: softcap, ALiBi and learnable sinks, forward and backward,
 against the dense float64 reference (reference.score_mods_ref), and their argument checks.
 
-The GPU kernels do not take the modifiers yet: a GPU call with one raises NotImplementedError
-before any launch (tested where a GPU is present).
+On the GPU (marked ``gpu``): every dtype against the same reference under tests/tolerance.py's
+rule, odd shapes, GQA/MQA, broadcast sinks, the deterministic dsinks, and agreement with the CPU
+backend.
 """
 from __future__ import annotations
 
@@ -146,14 +147,88 @@ def test_bad_modifiers_are_refused_naming_the_argument(rng, options, error, matc
         cuflash.attention_backward(out, q, k, v, out, lse, **options)
 
 
+GPU_CASES = CASES + [  # odd lengths and head dims, Lq != Lk both ways, large softcaps, negative scale
+    ((1, 2, 97, 59), (1, 2, 200, 59), dict(softcap=1.0, causal=True)),
+    ((1, 4, 200, 111), (1, 2, 97, 111), dict(alibi="heads", sinks="heads", causal=True)),
+    ((1, 2, 1025, 128), (1, 2, 1025, 128), dict(softcap=30.0, alibi="heads", sinks="heads")),
+    ((2, 2, 1, 256), (2, 2, 1025, 256), dict(softcap=5.0, sinks="batch-heads", window=(100, -1))),
+    ((1, 8, 333, 64), (1, 1, 333, 64), dict(sinks="heads", window=(64, 0))),
+    ((1, 2, 97, 3), (1, 2, 97, 3), dict(alibi="heads", causal="top_left")),
+    ((1, 2, 64, 1), (1, 2, 80, 1), dict(softcap=0.5)),
+    ((1, 2, 200, 64), (1, 2, 1025, 64), dict(softcap=2.0, alibi="heads", scale=-0.3)),
+]
+
+
 @pytest.mark.gpu
-def test_the_gpu_says_it_does_not_take_modifiers_yet(rng):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(f"{k}" for k in c[2]) + f"-{c[0]}x{c[1]}")
+def test_gpu_matches_the_reference(rng, dtype, case):
+    """The GPU kernels with modifiers against the float64 reference, under the repository's
+    tolerance rule (tests/tolerance.py): fp16/bf16 within 2x (3x for gradients) of a plain
+    implementation in that dtype; fp32/fp64 near their own rounding. The deterministic backward
+    (odd head dims) and the atomic one (even) both run."""
     cupy = pytest.importorskip("cupy")
-    q = cupy.asarray(_draw(rng, "float32", (1, 2, 8, 16))[0])
-    for options in (dict(softcap=3.0), dict(alibi_slopes=cupy.ones(2, cupy.float32)),
-                    dict(sinks=cupy.zeros(2, cupy.float32))):
-        with pytest.raises(NotImplementedError, match="CPU backend"):
-            cuflash.attention(q, q, q, **options)
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from reference import attention_backward_magnitudes
+    from tolerance import assert_close
+
+    q_shape, k_shape, options = case
+    host = _draw(rng, numpy.dtype(dtype), q_shape, k_shape, k_shape, q_shape)
+    kwargs = _options(rng, numpy.float32, q_shape, options)
+    q, k, v, dout = (cupy.asarray(x) for x in host)
+    gpu_kwargs = {key: cupy.asarray(value) if isinstance(value, numpy.ndarray) else value
+                  for key, value in kwargs.items()}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **gpu_kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=bool(q_shape[-1] % 2), **gpu_kwargs)
+
+    ref_out, ref_lse, ref_grads = score_mods_ref(*host, **kwargs)
+    baseline = (None, None, (None,) * 4)
+    if dtype in ("float16", "bfloat16"):
+        baseline = score_mods_ref(*host, dtype=numpy.dtype(dtype), **kwargs)
+    plain = {key: kwargs[key] for key in ("scale", "causal", "window") if key in kwargs}
+    magnitudes = attention_backward_magnitudes(*(host[3], *host[:3]), **plain) + (None,)
+    lse_dtype = numpy.float64 if dtype == "float64" else numpy.float32
+    assert_close(cupy.asnumpy(out), ref_out, dtype=numpy.dtype(dtype), baseline=baseline[0], name="out")
+    assert_close(cupy.asnumpy(lse), ref_lse, dtype=lse_dtype, baseline=baseline[1], kind="lse", name="lse")
+    assert len(grads) == (4 if "sinks" in kwargs else 3)
+    for name, grad, reference, base, magnitude, x in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, baseline[2],
+                                                         magnitudes, (q, k, v, gpu_kwargs.get("sinks"))):
+        assert isinstance(grad, cupy.ndarray) and grad.shape == x.shape and grad.dtype == x.dtype, name
+        assert_close(cupy.asnumpy(grad), reference, dtype=grad.dtype,  # dsinks: sinks' dtype (float32 here)
+                     baseline=base, magnitude=magnitude, kind="grad", name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_sinks_gradient_is_bitwise_reproducible(rng, dtype):
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401
+
+    q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, numpy.dtype(dtype), *[(2, 4, 300, 64)] * 4))
+    sinks = cupy.asarray(rng.standard_normal((1, 4)).astype(numpy.float32))
+    out, lse = cuflash.attention(q, k, v, causal=True, softcap=3.0, sinks=sinks, return_lse=True)
+    runs = [cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, softcap=3.0, sinks=sinks,
+                                       deterministic=True) for _ in range(3)]
+    assert runs[0][3].shape == (1, 4) and runs[0][3].dtype == numpy.float32
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
+
+
+@pytest.mark.gpu
+def test_gpu_modifiers_agree_with_the_cpu_backend(rng):
+    """One call on both backends (float64): the same semantics, to float64 rounding."""
+    cupy = pytest.importorskip("cupy")
+    q, k, v, dout = _draw(rng, "float64", (2, 4, 70, 40), (2, 2, 90, 40), (2, 2, 90, 40), (2, 4, 70, 40))
+    kwargs = dict(softcap=2.5, alibi_slopes=rng.uniform(0.1, 0.5, 4), sinks=rng.standard_normal((2, 4)),
+                  causal=True, window=(30, -1))
+    cpu = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    cpu_grads = cuflash.attention_backward(dout, q, k, v, *cpu, **kwargs)
+    gpu_kwargs = {key: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for key, x in kwargs.items()}
+    gpu = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), return_lse=True, **gpu_kwargs)
+    gpu_grads = cuflash.attention_backward(*(cupy.asarray(x) for x in (dout, q, k, v)), *gpu, **gpu_kwargs)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), (*cpu, *cpu_grads), (*gpu, *gpu_grads)):
+        _close(cupy.asnumpy(b), a, "float64", name)
 
 
 def test_gradients_match_finite_differences(rng):

@@ -206,3 +206,35 @@ def test_the_core_api_takes_torch_cuda_tensors_and_returns_cupy(randc):
     expected, expected_lse = cuflash.attention(*(cupy.from_dlpack(x) for x in (q, k, v)), causal=True, return_lse=True)
     cupy.testing.assert_array_equal(out, expected)
     cupy.testing.assert_array_equal(lse, expected_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_score_modifiers_on_cuda_match_the_cpu_backend(ct, randc, dtype, compiled):
+    """softcap, ALiBi and sinks on CUDA tensors (eager and through torch.compile's custom ops),
+    with autograd into q, k, v and sinks, against the same call on float64 CPU tensors."""
+    q, k, v = (randc(2, 4, 77, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    slopes = torch.linspace(0.05, 0.5, 4, device="cuda")
+    sinks = torch.randn(4, device="cuda", dtype=dtype).requires_grad_()
+    dout = randc(2, 4, 77, 64, dtype=dtype)
+
+    def call(q, k, v, sinks, slopes):
+        return ct.attention(q, k, v, causal=True, softcap=4.0, alibi_slopes=slopes, sinks=sinks)
+
+    run = torch.compile(call, fullgraph=True) if compiled else call
+    out = run(q, k, v, sinks, slopes)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
+
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from reference import score_mods_ref
+
+    host = [_numpy(x.detach()) for x in (q, k, v, dout)]
+    options = dict(causal=True, softcap=4.0, alibi_slopes=_numpy(slopes), sinks=_numpy(sinks.detach()))
+    ref_out, _, ref_grads = score_mods_ref(*host, **options)
+    np_dtype = numpy.dtype(str(dtype).replace("torch.", ""))
+    base_out, _, base_grads = score_mods_ref(*host, dtype=np_dtype, **options) if dtype == torch.bfloat16 else (
+        None, None, (None,) * 4)
+    for name, got, want, base in zip(("out", "dq", "dk", "dv", "dsinks"), (out, *grads), (ref_out, *ref_grads),
+                                     (base_out, *base_grads)):
+        assert got.device.type == "cuda" and got.dtype == dtype, name
+        assert_close(_numpy(got.detach()), want, dtype=np_dtype, baseline=base, kind="out" if name == "out" else "grad", name=name)

@@ -47,6 +47,9 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("scale", numpy.float64),
         ("scale_log2", numpy.float32),
         ("_pad1", numpy.int32),
+        ("softcap", numpy.float64),
+        ("alibi_slopes", numpy.uint64),
+        ("sinks", numpy.uint64),
     ],
     align=True,
 )

@@ -306,17 +306,20 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     """
     cupy = _cupy()
     p = problem
-    _refuse_score_mods(p)
     out_shape, lse_shape = p.out_shape, p.lse_shape
     out = p.out
+    mods = _modifies_scores(p)
 
     rows = math.prod(p.lead_shape) * p.seqlen_q
     if rows == 0 or p.seqlen_k == 0:
-        # Nothing to compute, or no key at all: every row sees nothing (0 and -inf).
+        # Nothing to compute, or no key at all: every row sees nothing (0, and -inf or its sink).
         lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
         o = out if out is not None else cupy.empty(out_shape, dtype=p.dtype)
         o[...] = 0
-        lse[...] = -numpy.inf
+        if p.sinks is None:
+            lse[...] = -numpy.inf
+        else:
+            lse[...] = _per_row(p.sinks, p.lead_shape, p.lse_dtype).reshape(tuple(p.lead_shape) + (1,))
         return o, lse, None
 
     q, k, v = p.q, p.k, p.v
@@ -332,10 +335,10 @@ def forward(problem, *, prefetch_backward: bool | None = None):
 
     device = cupy.cuda.Device().id
     arch = _arch(device)
-    variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p))
+    variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p), mods)
     kernels.prefetch([variant], device)
     if prefetch_backward is not None:
-        backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch)
+        backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods)
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
@@ -352,8 +355,12 @@ def forward(problem, *, prefetch_backward: bool | None = None):
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
     launch = _launch_of(variant, device, layout.grid_x, p.seqlen_q, variant.block_m)
-    plan = ForwardPlan(p, _fwd_struct(p, layout, q, v), launch)
+    struct = _fwd_struct(p, layout, q, v)
+    per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
+    plain = plain and not p.has_score_mods  # a replay writes no modifier pointers
+    plan = ForwardPlan(p, struct, launch)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)))
+    del per_row
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
@@ -364,11 +371,31 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     return o, lse, (plan if plain and out is None else None)
 
 
-def _refuse_score_mods(p) -> None:
-    if p.has_score_mods:
-        raise NotImplementedError(
-            "cuflash: softcap, alibi_slopes and sinks run on the CPU backend (NumPy arrays) so far; "
-            "the GPU kernels do not take them yet")
+def _modifies_scores(p) -> bool:
+    """Softcap or ALiBi: the kScoreMods Variants run. Sinks alone run on the plain ones (every
+    forward kernel starts its softmax from a sink; the backward needs nothing of them)."""
+    return p.softcap is not None or p.alibi_slopes is not None
+
+
+def _per_row(x, lead_shape, dtype):
+    """A per-(batch..., head) array (ALiBi slopes, sinks) as one contiguous value per attention row
+    (the output's leading axes flattened in C order, the kernels' row index bh), in ``dtype``."""
+    cupy = _cupy()
+    return cupy.ascontiguousarray(cupy.broadcast_to(_widen(x, dtype), tuple(lead_shape))).reshape(-1)
+
+
+def _fill_score_mods(struct, p) -> tuple:
+    """Write the score modifiers into a forward struct (cuda_src/score_mod.cuh): softcap, and the
+    per-row slopes and sinks in the kernels' score type (float32, float64 for float64). Returns
+    the per-row arrays, which must stay alive until the launch is queued."""
+    if not p.has_score_mods:
+        return ()
+    accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
+    slopes, sinks = (None if x is None else _per_row(x, p.lead_shape, accum) for x in (p.alibi_slopes, p.sinks))
+    struct["softcap"] = 0.0 if p.softcap is None else p.softcap
+    struct["alibi_slopes"] = 0 if slopes is None else slopes.data.ptr
+    struct["sinks"] = 0 if sinks is None else sinks.data.ptr
+    return slopes, sinks
 
 
 def _arch(device: int) -> str:
@@ -504,25 +531,30 @@ def backward(problem):
     """
     cupy = _cupy()
     p = problem
-    _refuse_score_mods(p)
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
     grads_shape = (q.shape, k.shape, v.shape)
+    mods = _modifies_scores(p)
     rows = math.prod(p.lead_shape) * p.seqlen_q
     if rows == 0 or p.seqlen_k == 0 or p.head_dim_v == 0:
-        # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero.
-        return tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape) + (None,)
+        # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero;
+        # a sink's gradient still follows from lse and delta (0 when Dv == 0).
+        grads = tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape)
+        if p.sinks is not None:
+            delta = _widen(p.dout, _accum(p)) * _widen(p.o, _accum(p))
+            grads += (_sink_gradient(p, cupy.ascontiguousarray(p.lse), delta.sum(axis=-1)),)
+        return grads, None
     if p.head_dim == 0:  # all scores are 0: the same as one zero column, whose gradient is dropped
         q = cupy.zeros(q.shape[:-1] + (1,), dtype=q.dtype)
         k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
 
     device = cupy.cuda.Device().id
-    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device))
+    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device), mods)
     kernels.prefetch(_backward_kernels(variants, p.deterministic), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
-    plain = all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0
-    accum = numpy.dtype(numpy.float64 if p.dtype == numpy.float64 else numpy.float32)
+    plain = all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0 and not p.has_score_mods
+    accum = _accum(p)
     lse = cupy.ascontiguousarray(p.lse)
     plain = plain and lse is p.lse
 
@@ -555,6 +587,7 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
+    per_row = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
     query_bytes = per_block * p.seqlen_q * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
@@ -572,16 +605,40 @@ def backward(problem):
     )
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr))
+    del per_row
 
     dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
     if p.head_dim == 0:
-        return cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv, None
-    return (
-        _sum_to(dq, grads_shape[0], 1, accum, p.dtype),
-        _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype),
-        dv,
-        plan if plain else None,
-    )
+        grads = cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv
+    else:
+        grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
+                 _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
+    if p.sinks is not None:
+        grads += (_sink_gradient(p, lse, delta),)
+    return grads, (plan if plain else None)
+
+
+def _accum(p) -> numpy.dtype:
+    """The type the kernels accumulate in: float64 for float64 inputs, else float32."""
+    return numpy.dtype(numpy.float64 if p.dtype == numpy.float64 else numpy.float32)
+
+
+def _sink_gradient(p, lse, delta):
+    """dsinks = -sum_i exp(sink - lse_i) delta_i per attention row (the sink's probability in row
+    i times its dS, whose value is 0: cuda_src/score_mod.cuh), summed over the axes along which
+    sinks was broadcast, in sinks' shape and dtype. CuPy's reductions have a fixed order: the
+    result is the same run after run."""
+    cupy = _cupy()
+    accum = _accum(p)
+    sinks = _per_row(p.sinks, p.lead_shape, accum).reshape(tuple(p.lead_shape) + (1,))
+    lse = lse.astype(accum, copy=False)
+    p_sink = cupy.where(lse == -numpy.inf, 0, cupy.exp(sinks - lse))
+    per_row = -(p_sink * delta.astype(accum, copy=False)).sum(axis=-1)
+    shape = tuple(p.sinks.shape)
+    extra = per_row.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and per_row.shape[extra + i] != 1)
+    summed = (per_row.sum(axis=axes, keepdims=True) if axes else per_row).reshape(shape)
+    return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:

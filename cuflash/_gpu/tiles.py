@@ -57,7 +57,8 @@ class KernelSpec:
     does not serve that bucket or arch); ``shared_memory(dtype, head_dim, block_m, block_n,
     stages)`` is the kernel's dynamic shared memory; ``tile_ok(block_m, block_n, warps)`` the
     kernel's static_asserts on the tile; ``masked`` whether the family has a masked form
-    (the memory-bound prep kernels never mask).
+    (the memory-bound prep kernels never mask) and score modifiers (softcap, ALiBi: the
+    masked form compiled with kScoreMods, at the tile of long rows whatever the mask).
     """
 
     kernel: str
@@ -66,18 +67,27 @@ class KernelSpec:
     shared_memory: Callable[[str, int, int, int, int], int]
     tile_ok: Callable[[int, int, int], bool] = lambda block_m, block_n, warps: True
     masked: bool = True
+    # Per head-dim bucket, the tile of the kScoreMods form where the first candidate's spills
+    # (the modifiers' registers on top of the masked form's).
+    modifier_tiles: dict = dataclasses.field(default_factory=dict)
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
-                visible_keys: float = math.inf) -> Variant | None:
+                visible_keys: float = math.inf, score_mods: bool = False) -> Variant | None:
         """The first candidate that fits ``arch``, as a Variant; None if none does."""
         if dtype not in self.dtypes:
             return None
+        score_mods = score_mods and self.masked
+        if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
+            has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-        for block_m, block_n, warps, stages in self.candidates(dtype, head_dim, arch, visible_keys):
+        candidates = self.candidates(dtype, head_dim, arch, visible_keys)
+        if score_mods and head_dim in self.modifier_tiles:
+            candidates = (self.modifier_tiles[head_dim],) + tuple(candidates)
+        for block_m, block_n, warps, stages in candidates:
             shared_mem = self.shared_memory(dtype, head_dim, block_m, block_n, stages)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
                 return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
-                               has_window and self.masked, arch, shared_mem)
+                               has_window and self.masked, arch, shared_mem, score_mods)
         return None
 
     def shared_memory_bytes(self, variant: Variant) -> int:
@@ -355,7 +365,8 @@ FWD_DMMA = KernelSpec(
     "fwd_dmma", DMMA_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
     lambda dtype, d, block_m, block_n, stages: _smem_dmma_bytes(d, block_m, block_n))
-BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes))
+BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes),
+                         modifier_tiles={32: (64, 128, 8, 2)})  # 128x128 spills 72 bytes on sm_80
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
@@ -388,9 +399,10 @@ BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV
 BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_SIMT,), "float64": (BWD_DQ_SIMT,)}
 
 
-def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf) -> Variant:
+def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
+           score_mods: bool = False) -> Variant:
     for spec in families:
-        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys)
+        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods)
         if variant is not None:
             return variant
     raise ValueError(f"no {families[-1].kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
@@ -403,11 +415,12 @@ def _families(table: dict, dtype: str):
 
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-           visible_keys: float = math.inf) -> Variant:
+           visible_keys: float = math.inf, score_mods: bool = False) -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
-    short rows (short causal sequences, narrow windows) may take smaller tiles."""
+    short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
+    softcap, ALiBi or sinks."""
     families = _families(FORWARD, dtype)
-    return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys)
+    return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods)
 
 
 class BackwardVariants(NamedTuple):
@@ -419,14 +432,15 @@ class BackwardVariants(NamedTuple):
     dq_convert: Variant  # dQ = scale * dq_accum in the input type (atomic path)
 
 
-def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str) -> BackwardVariants:
+def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
+                    score_mods: bool = False) -> BackwardVariants:
     """The backward's kernels for one problem (one path for every dtype)."""
     dkdv_families = _families(BACKWARD_DKDV, dtype)
     d = bucket(max(head_dim, head_dim_v))
     return BackwardVariants(
         _first((BWD_DELTA,), dtype, d, False, arch),
-        _first(dkdv_families, dtype, d, has_window, arch),
-        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch),
+        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods),
+        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
 
@@ -437,11 +451,11 @@ def all_variants(arch: str) -> list[Variant]:
     out = []
     for dtype in DTYPES:
         for d in HEAD_DIMS:
-            for masked in (False, True):
+            for masked, mods in ((False, False), (True, False), (True, True)):
                 for keys in (0, math.inf):
-                    out.append(select(dtype, d, d, masked, arch, keys))
+                    out.append(select(dtype, d, d, masked, arch, keys, mods))
                 try:
-                    out += select_backward(dtype, d, d, masked, arch)
+                    out += select_backward(dtype, d, d, masked, arch, mods)
                 except ValueError:
                     pass
     return list(dict.fromkeys(out))

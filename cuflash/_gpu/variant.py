@@ -2,7 +2,8 @@
 
 A :class:`Variant` is a frozen description of one kernel instantiation: which source in
 ``cuda_src/``, which element type, which head-dim tile, which tile shape, which mask kind and
-for which architecture, and the dynamic shared memory that tile needs. Everything else
+for which architecture, whether the scores take modifiers, and the dynamic shared memory
+that tile needs. Everything else
 (lengths, strides, scale, window) is a run-time field of the params struct, so one Variant
 serves every shape in its bucket. ``tiles.py`` makes them; ``kernels.py`` compiles them.
 """
@@ -34,6 +35,10 @@ class Variant:
     has_window: bool  # causal or local window: per-element masking and skipped tiles
     arch: str        # "80", "86", "89", "90a", ...
     shared_mem: int  # dynamic shared memory bytes the kernel expects (tiles.py; checked at entry)
+    # softcap, ALiBi or sinks (cuda_src/score_mod.cuh): the scores are modified before the
+    # softmax instead of the scale being folded into it; always with has_window (its run-time
+    # window may be unbounded), so that one flag adds one Variant per tile, not two.
+    score_mods: bool = False
 
     @property
     def threads(self) -> int:
@@ -49,11 +54,11 @@ class Variant:
             self.warps,
             self.stages,
             "true" if self.has_window else "false",
-        )
+        ) + (("true",) if self.score_mods else ())
         return f"cuflash::{self.kernel}<{', '.join(map(str, args))}>"
 
     def __str__(self) -> str:
-        mask = "window" if self.has_window else "dense"
+        mask = ("window" if self.has_window else "dense") + (" mods" if self.score_mods else "")
         return (
             f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
             f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"

@@ -1,0 +1,155 @@
+// ScoreMod: what happens to a score between Q K^T and the softmax. Softcap and ALiBi run in the
+// kernels compiled with kScoreMods (the Variants of calls that have either); plain calls keep the
+// scale folded into the softmax's exponent and never run the modifier code.
+//
+// For query i and key j of one attention row (batch..., head), with s = q_i . k_j raw from the
+// MMA (cuflash/_cpu.py has the same order, and the float64 reference in tests/reference.py):
+//   x = scale * s
+//   x = softcap * tanh(x / softcap)           softcap > 0 (Gemma-2, Grok)
+//   x = x - slope * |i + diag - j|             ALiBi, the head's slope; diag as in the mask rule
+// then the mask (Mask::visible). The result is returned in the units of the kernel's
+// exponential, times `unit` (log2(e) for the float kernels' exp2, 1 for float64's exp), so the
+// online softmax and the backward's P = exp(x - lse) take it with a multiplier of 1.
+// The backward's chain rule needs dx / d(scale * s): 1 - tanh^2 under softcap, else 1
+// (apply's `grad`); ALiBi's term does not depend on s.
+//
+// A sink (gpt-oss) is not a modifier of a score but one more logit of the row, with no value:
+// every forward kernel, plain or not, starts its softmax from it as if it had been seen
+// (m_i = sink, l_i = 1), which puts it in the row's denominator and lse. The backward then
+// needs nothing: P = exp(x - lse) already divides by it, and dsink = -sum_i exp(sink - lse_i)
+// delta_i is summed by the host (plan.py).
+#pragma once
+#include "params.cuh"
+#include "ptx.cuh"
+
+namespace cuflash {
+
+// tanh and 1 - tanh^2. kFast (fp16/bf16 kernels): with r = 1 / (e^{2x} + 1), tanh = 1 - 2r and
+// 1 - tanh^2 = 4 r (1 - r) (no cancellation where tanh is near +-1): ex2.approx and a fast
+// divide, absolute error ~1e-7 (tanh.approx, one MUFU instead of two, has a relative error of
+// 2^-11: measured, dsinks of a one-row float16 call then drifts to 5x a plain float16
+// implementation's error). At e^{2x} = inf the divide gives r = 0 exactly, at 0 r = 1.
+// Otherwise the library's tanh (exact fp32 / fp64).
+template <typename T, bool kFast>
+struct Tanh;
+template <>
+struct Tanh<float, true> {
+    float t, one_minus_t2;
+    __device__ __forceinline__ explicit Tanh(float x) {
+        const float r = __fdividef(1.f, ptx::ex2(x * 2.8853900817779268f) + 1.f);  // 2 log2(e)
+        t = 1.f - 2.f * r;
+        one_minus_t2 = 4.f * r * (1.f - r);
+    }
+};
+template <>
+struct Tanh<float, false> {
+    float t, one_minus_t2;
+    __device__ __forceinline__ explicit Tanh(float x) : t(tanhf(x)), one_minus_t2(fmaf(-t, t, 1.f)) {}
+};
+template <>
+struct Tanh<double, false> {
+    double t, one_minus_t2;
+    __device__ __forceinline__ explicit Tanh(double x) : t(::tanh(x)), one_minus_t2(fma(-t, t, 1.0)) {}
+};
+
+// A compile-time flag as a value, for generic lambdas: decltype(flag)::value.
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
+// T: the type the kernel computes scores in (float, or double for float64). kFast: tanh on the
+// special-function unit (fp16/bf16 kernels only).
+template <typename T, bool kFast = false>
+struct ScoreMod {
+    T mul;    // s's multiplier: scale * unit, or scale / softcap under softcap
+    T cap;    // softcap * unit; 0: no softcap
+    T slope;  // the head's ALiBi slope * unit; 0: none
+    int diag;
+
+    // The modifiers of attention row bh. `scale`: the scale the kernel applies to its raw
+    // scores (the forwards negate Q for a negative scale and pass |scale|).
+    __device__ __forceinline__ ScoreMod(const FwdParams& p, int bh, T scale, T unit) : diag(p.diag_offset) {
+        const bool capped = p.softcap > 0.0;
+        cap = capped ? static_cast<T>(p.softcap) * unit : T(0);
+        mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) : scale * unit;
+        slope = T(0);
+        head(p, bh, unit);
+    }
+
+    // Move to attention row bh (a dK/dV block's next head of a GQA group): only the slope
+    // depends on the head.
+    __device__ __forceinline__ void head(const FwdParams& p, int bh, T unit) {
+        if (p.alibi_slopes != nullptr) slope = static_cast<const T*>(p.alibi_slopes)[bh] * unit;
+    }
+
+    // Whether the scores change (softcap or ALiBi). With sinks alone they do not: the kernels
+    // keep their plain path, the scale folded into the softmax's exponent.
+    __device__ __forceinline__ bool modifies() const { return cap != T(0) || slope != T(0); }
+
+    // Runs body(Flag<kCapped>(), Flag<kAlibi>()) for the modifiers this row has, and returns
+    // whether it ran (modifies()): the per-element code is compiled once per combination and
+    // chosen per tile (a warp-uniform branch), so a score pays only for the modifiers that are on.
+    // kSplitAlibi = false: two combinations, not three (ALiBi's FADD and FFMA run, with a slope
+    // of 0 under softcap alone), for the backward kernels, whose loop bodies are long already.
+    template <bool kSplitAlibi = true, typename Body>
+    __device__ __forceinline__ bool dispatch(Body&& body) const {
+        if (cap != T(0)) {
+            if (!kSplitAlibi || slope != T(0)) body(Flag<true>(), Flag<true>());
+            else body(Flag<true>(), Flag<!kSplitAlibi>());
+            return true;
+        }
+        if (slope != T(0)) {
+            body(Flag<false>(), Flag<true>());
+            return true;
+        }
+        return false;
+    }
+
+    // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
+    // dx / d(scale * s) (1 without softcap).
+    template <bool kCapped, bool kAlibi>
+    __device__ __forceinline__ T apply(T s, int i, int j, T& grad) const {
+        T x = s * mul;
+        grad = T(1);
+        if constexpr (kCapped) {
+            const Tanh<T, kFast> th(x);
+            x = cap * th.t;
+            grad = th.one_minus_t2;
+        }
+        if constexpr (kAlibi) x -= slope * distance(i, j);
+        return x;
+    }
+
+    // The same with the modifiers chosen at run time, element by element (simple kernels whose
+    // time is not spent on their scores).
+    __device__ __forceinline__ T apply(T s, int i, int j, T& grad) const {
+        T x = s * mul;
+        grad = T(1);
+        if (cap != T(0)) {
+            const Tanh<T, kFast> th(x);
+            x = cap * th.t;
+            grad = th.one_minus_t2;
+        }
+        return x - slope * distance(i, j);
+    }
+
+    // ALiBi's |i + diag - j|, as a difference of T: exact (integers below 2^24), and the
+    // conversions of i + diag and j are shared by a fragment's rows and columns, so an element
+    // costs one FADD.
+    __device__ __forceinline__ T distance(int i, int j) const {
+        return fabs(static_cast<T>(i + diag) - static_cast<T>(j));
+    }
+
+    __device__ __forceinline__ T operator()(T s, int i, int j) const {
+        T grad;
+        return apply(s, i, j, grad);
+    }
+
+    // Row bh's sink in the exponent's units (the softmax's starting logit), or -inf: none.
+    static __device__ __forceinline__ T sink(const FwdParams& p, int bh, T unit) {
+        return p.sinks != nullptr ? static_cast<const T*>(p.sinks)[bh] * unit : -static_cast<T>(__int_as_float(0x7f800000));
+    }
+};
+
+}  // namespace cuflash
