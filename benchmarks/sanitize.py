@@ -325,8 +325,10 @@ def _run_merge(case, rng, dtype, cupy, cuflash):
 # "0 errors" on the cases means something.
 PLANTED = {
     "memcheck": r'''extern "C" __global__ void planted(float* x, int n) { x[n + threadIdx.x] = 1.0f; }''',
+    # Each thread reads what a thread of the other warp wrote, with no barrier between (a single
+    # shared scalar written and read back by its own thread is folded away by the compiler).
     "racecheck": r'''extern "C" __global__ void planted(float* x, int n) {
-        __shared__ float s; s = threadIdx.x; x[threadIdx.x] = s; }''',
+        __shared__ float s[64]; s[threadIdx.x] = threadIdx.x; x[threadIdx.x] = s[(threadIdx.x + 32) % 64]; }''',
     "synccheck": r'''extern "C" __global__ void planted(float* x, int n) {
         if (threadIdx.x < 16) __syncthreads(); x[threadIdx.x] = 1.0f; }''',
     "initcheck": r'''extern "C" __global__ void planted(float* x, int n) { x[threadIdx.x] = x[n + threadIdx.x] + 1.0f; }''',
@@ -376,6 +378,8 @@ def parse_log(text: str) -> dict:
     if race:
         hazards, errors, warnings = map(int, race[-1])
         parsed.update(hazards=hazards, race_errors=errors, race_warnings=warnings)
+        if parsed["errors"] is None:  # racecheck prints its own summary line and no ERROR SUMMARY
+            parsed["errors"] = errors
     parsed["device_refused"] = "Device not supported" in text  # e.g. under gVisor: no sanitizer at all
     verdicts = [line[len(RESULT_TAG):] for line in text.splitlines() if line.startswith(RESULT_TAG)]
     parsed["child"] = json.loads(verdicts[-1]) if verdicts else None

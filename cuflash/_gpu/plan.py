@@ -349,7 +349,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     target = out if out is not None and _vector_ok(out, vec) else None
     o = target if target is not None else cupy.empty(out_shape, dtype=p.dtype)
     if not _vector_ok(o, vec):  # only a fresh allocation of an odd width gets here
-        o = _readable(cupy.empty(out_shape, dtype=p.dtype), vec)
+        o = _store_buffer(out_shape, out_shape[-1], p.dtype, vec)  # padded rows; nothing read before written
         plain = False
     lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
@@ -565,9 +565,9 @@ def backward(problem):
     key_tiles = -(-p.seqlen_k // variants.dkdv.block_n)
     per_block = _heads_per_block(group, math.prod(lead), key_tiles, p.has_window)
     kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
-    dk = _gradient_buffer(kv_lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
-    dv = _gradient_buffer(kv_lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
-    dq = _gradient_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
+    dk = _store_buffer(kv_lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
+    dv = _store_buffer(kv_lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
+    dq = _store_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
     delta_shape = lead + (p.seqlen_q,)
     workspace = _workspace(math.prod(delta_shape),
                            None if p.deterministic else math.prod(lead) * p.seqlen_q * q.shape[-1], accum)
@@ -674,7 +674,7 @@ def _heads_per_block(group: int, rows: int, key_tiles: int, masked: bool) -> int
     return 1
 
 
-def _gradient_buffer(shape, width: int, dtype, vec: int):
+def _store_buffer(shape, width: int, dtype, vec: int):
     """A (possibly row-padded) buffer the kernels can store to with 16-byte vectors."""
     cupy = _cupy()
     if width % vec == 0:
