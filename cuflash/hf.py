@@ -28,10 +28,12 @@ keys; causal is top-left aligned (``causal="top_left"``); ``sliding_window=w`` i
 ``kv_idx > q_idx - w``, i.e. cuflash's ``window=(w - 1, 0)``.
 
 Attention-logit softcapping (Gemma-2's ``softcap``) and attention sinks (gpt-oss's ``s_aux``, with
-their gradient) run in cuflash, on CPU and CUDA tensors. What cuflash does not support falls back
-to SDPA's integration (same arguments), with a one-time warning per reason: a mask tensor
-(padding, packed sequences, custom patterns), dropout > 0, ``position_bias``, tensors on a device
-other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+their gradient) run in cuflash, on CPU and CUDA tensors. A padded batch (left or right padding,
+causal, sliding windows too, no cache) runs in cuflash, each batch element on its own valid
+tokens: the mask SDPA's mask function built is checked to be exactly that pattern first. What
+cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
+warning per reason: any other mask tensor (padding with a cache, packed sequences, custom
+patterns), dropout > 0, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
 import warnings
@@ -168,10 +170,50 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
 
+def _padded_runs(mask, sliding_window):
+    """(starts, ends) of every batch element's valid tokens, as Python ints, when ``mask`` is exactly
+    SDPA's mask of a padded causal batch: ``(B, 1, L, L)`` boolean, key j visible to query i iff
+    ``starts[b] <= j < ends[b]`` and j <= i (and ``j > i - sliding_window``), one contiguous run of
+    valid tokens per row of the batch (left or right padding). None for any other mask (a cache,
+    packed sequences, custom patterns): those fall back to SDPA. Padded queries get exactly SDPA's
+    rows: right-padded ones see the valid keys, left-padded ones see nothing (cuflash writes 0)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return None
+    length = mask.shape[-1]
+    valid = mask[:, 0].any(dim=1)  # (B, L): keys some query sees
+    counts = valid.sum(dim=1)
+    starts = torch.where(counts > 0, valid.int().argmax(dim=1), torch.zeros_like(counts))
+    index = torch.arange(length, device=mask.device)
+    runs = (index >= starts[:, None]) & (index < (starts + counts)[:, None])
+    pattern = index[None, :] <= index[:, None]
+    if sliding_window is not None:
+        pattern = pattern & (index[None, :] > index[:, None] - int(sliding_window))
+    if not (torch.equal(valid, runs) and torch.equal(mask[:, 0], runs[:, None, :] & pattern[None])):
+        return None
+    starts, counts = starts.tolist(), counts.tolist()
+    return starts, [start + count for start, count in zip(starts, counts)]
+
+
+def _attention_of_padded_batch(query, key, value, runs, scaling, window, softcap, sinks):
+    """cuflash per batch element on its valid keys: queries [start, L) against keys [start, end),
+    causal top-left (so right-padded queries see every valid key, as in SDPA's mask), queries
+    before start (left padding, no visible key) 0. Returns (B, H, L, Dv)."""
+    outputs = []
+    for b, (start, end) in enumerate(zip(*runs)):
+        rows = _cuflash_torch.attention(query[b:b + 1, :, start:], key[b:b + 1, :, start:end],
+                                        value[b:b + 1, :, start:end], scale=scaling, causal="top_left",
+                                        window=window, softcap=softcap, sinks=sinks)
+        if start:
+            rows = torch.cat([rows.new_zeros(rows.shape[:2] + (start,) + rows.shape[3:]), rows], dim=2)
+        outputs.append(rows)
+    return torch.cat(outputs, dim=0)
+
+
 def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
     if attention_mask is not None:
-        return "an attention mask tensor was passed (padding, packed sequences or a custom pattern)"
+        return ("an attention mask tensor other than a padded causal batch's was passed (padding with a "
+                "cache, packed sequences or a custom pattern)")
     if dropout:
         return f"attention dropout ({dropout}) is active"
     if kwargs.get("position_bias") is not None:
@@ -193,9 +235,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     ``(attn_output (B, Lq, Hq, Dv) contiguous, None)``. See the module docstring for the rules and
     the fallbacks.
     """
-    reason = _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs)
+    runs = None if attention_mask is None else _padded_runs(attention_mask, sliding_window)
+    reason = _unsupported(query, key, value, attention_mask if runs is None else None, dropout, softcap, kwargs)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if runs is not None:  # a padded causal batch: each element on its valid tokens
+        window = (int(sliding_window) - 1, 0) if sliding_window is not None else None
+        COUNTS["cuflash"] += 1
+        out = _attention_of_padded_batch(query, key, value, runs, scaling, window, softcap or None, kwargs.get("s_aux"))
+        return out.transpose(1, 2).contiguous(), None
 
     q_length, kv_length = query.shape[2], key.shape[2]
     # SDPA integration's rule, word for word: the keyword wins over the module's attribute, and

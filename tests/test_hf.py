@@ -186,24 +186,85 @@ def test_mask_function_skips_only_the_sliding_causal_pattern():
 # --- fallbacks -------------------------------------------------------------------------------------
 
 
-def test_padded_batch_falls_back_to_sdpa_with_a_warning():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def on(device, *modules):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    return [module.to(device) for module in modules]
+
+
+def _padding_mask(ids, left=3, right=4):
+    """Left padding in the first sequence, right padding in the second, none in the rest."""
+    mask = torch.ones_like(ids)
+    mask[0, :left] = 0
+    if ids.shape[0] > 1:
+        mask[1, ids.shape[1] - right:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(lambda: llama_config(), id="llama"),
+    pytest.param(lambda: transformers.MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                    intermediate_size=128, num_hidden_layers=LAYERS,
+                                                    vocab_size=VOCAB, initializer_range=INIT, sliding_window=5),
+                 id="mistral-sliding"),
+    pytest.param(lambda: transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                  intermediate_size=128, num_hidden_layers=LAYERS,
+                                                  vocab_size=VOCAB, initializer_range=INIT), id="qwen2"),
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_padded_batch_runs_in_cuflash(config, device):
+    """Left- and right-padded sequences in one batch: each element runs on its valid tokens
+    (SDPA's mask checked to be exactly that pattern); logits at the valid positions, the loss with
+    padded labels ignored, and every gradient match the model's own SDPA implementation."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    ids = random_ids(3, 13).to(device)
+    mask = _padding_mask(ids)
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (reference, ours):
+        model.zero_grad(set_to_none=True)
+        output = model(ids, attention_mask=mask, labels=labels)
+        output.loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.logits.detach(), output.loss.detach(), grads))
+    (logits_ref, loss_ref, grads_ref), (logits, loss, grads) = results
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], logits_ref[valid], **TOLERANCE[dtype])
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
+    """A boolean mask of another pattern (here a causal mask with holes) is never ignored: SDPA
+    runs it, with a one-time warning, and the call is counted."""
     dtype = torch.float64
     reference, ours = model_pair(llama_config(), dtype)
-    ids = random_ids(2, 11)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding in the first sequence
-    logits_ref = reference(ids, attention_mask=mask).logits
+    q = torch.randn(2, 4, 9, 16, dtype=dtype)
+    k, v = (torch.randn(2, 2, 9, 16, dtype=dtype) for _ in range(2))  # the layer's GQA 4/2
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask[5, 2] = False  # a hole: no padding pattern has it
+    mask = mask[None, None].expand(2, 1, 9, 9)
+    module = ours.model.layers[0].self_attn
+    want = hf.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
     with pytest.warns(UserWarning, match="attention mask"):
-        logits = ours(ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
-    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback"] == LAYERS
+        got = hf.attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback"] == 1
     # Warned once: the second call is quiet and still counted.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ours(ids, attention_mask=mask)
-    assert hf.COUNTS["fallback"] == 2 * LAYERS
-    # An all-ones mask is no padding: the mask function skips it and cuflash runs.
-    ours(ids, attention_mask=torch.ones_like(ids))
+        hf.attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert hf.COUNTS["fallback"] == 2
+    # An all-ones padding mask is no padding: the mask function skips it and cuflash runs.
+    ours(random_ids(2, 11), attention_mask=torch.ones(2, 11, dtype=torch.long))
     assert hf.COUNTS["cuflash"] == LAYERS
 
 
@@ -296,15 +357,6 @@ def eager_pair(config, dtype, seed=0):
     ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=NAME, dtype=dtype)
     ours.load_state_dict(reference.state_dict())
     return reference, ours
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def on(device, *modules):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA device")
-    return [module.to(device) for module in modules]
 
 
 @pytest.mark.parametrize("device", DEVICES)
