@@ -28,12 +28,13 @@ keys; causal is top-left aligned (``causal="top_left"``); ``sliding_window=w`` i
 ``kv_idx > q_idx - w``, i.e. cuflash's ``window=(w - 1, 0)``.
 
 Attention-logit softcapping (Gemma-2's ``softcap``) and attention sinks (gpt-oss's ``s_aux``, with
-their gradient) run in cuflash, on CPU and CUDA tensors. A padded batch (left or right padding,
-causal, sliding windows too, no cache) runs in cuflash, each batch element on its own valid
-tokens: the mask SDPA's mask function built is checked to be exactly that pattern first. What
-cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
-warning per reason: any other mask tensor (padding with a cache, packed sequences, custom
-patterns), dropout > 0, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+their gradient) run in cuflash, on CPU and CUDA tensors. Padded batches (left or right padding)
+and packed ones (``position_ids`` restarting per document, ``DataCollatorWithFlattening``), causal,
+sliding windows too, without a cache, run in cuflash, each sequence on its own tokens: the mask
+SDPA's mask function built is checked to be exactly that pattern first. What cuflash does not
+support falls back to SDPA's integration (same arguments), with a one-time warning per reason:
+any other mask tensor (padding with a cache, custom patterns), dropout > 0, ``position_bias``,
+tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
 import warnings
@@ -170,50 +171,110 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
 
-def _padded_runs(mask, sliding_window):
-    """(starts, ends) of every batch element's valid tokens, as Python ints, when ``mask`` is exactly
-    SDPA's mask of a padded causal batch: ``(B, 1, L, L)`` boolean, key j visible to query i iff
-    ``starts[b] <= j < ends[b]`` and j <= i (and ``j > i - sliding_window``), one contiguous run of
-    valid tokens per row of the batch (left or right padding). None for any other mask (a cache,
-    packed sequences, custom patterns): those fall back to SDPA. Padded queries get exactly SDPA's
-    rows: right-padded ones see the valid keys, left-padded ones see nothing (cuflash writes 0)."""
+_SEGMENTS_CACHE = {}  # the last mask's segments: every layer of a forward gets the same mask
+
+
+def _segments(mask, sliding_window):
+    """The sequences of a padded and/or packed causal batch, when ``mask`` is exactly SDPA's mask of
+    one: ``(B, 1, L, L)`` boolean, key j visible to query i iff j is a real token (not padding)
+    and ``start(i) <= j <= i`` with start(i) the first position of i's sequence (and ``j > i -
+    sliding_window``). Padding on the left or right, and sequences packed back to back
+    (``position_ids`` restarting, ``DataCollatorWithFlattening``) both have this form. Returns,
+    per batch element, ``(start, end, key_end)`` per sequence: queries ``[start, end)`` against keys
+    ``[start, key_end)`` (key_end < end for right-padded queries, which see the sequence's real
+    keys, as in SDPA's mask); rows outside every sequence see no key. None for any other mask (a
+    cache, custom patterns): those fall back to SDPA. One host read per distinct mask.
+    """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
         return None
+    cache_key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask._version, mask.device, sliding_window)
+    if cache_key in _SEGMENTS_CACHE:
+        return _SEGMENTS_CACHE[cache_key]
     length = mask.shape[-1]
-    valid = mask[:, 0].any(dim=1)  # (B, L): keys some query sees
-    counts = valid.sum(dim=1)
-    starts = torch.where(counts > 0, valid.int().argmax(dim=1), torch.zeros_like(counts))
+    visible = mask[:, 0]
+    sees = visible.any(dim=2)                       # (B, L): rows that see a key
+    real = visible.any(dim=1)                       # (B, L): keys some row sees
+    first = visible.int().argmax(dim=2)             # (B, L): each row's first visible key
+    starts = [_sequence_starts(f, r, w, sliding_window)
+              for f, r, w in zip(first.tolist(), real.tolist(), sees.tolist())]
+    lo = torch.tensor([[length if x is None else x for x in row] for row in starts], device=mask.device)
     index = torch.arange(length, device=mask.device)
-    runs = (index >= starts[:, None]) & (index < (starts + counts)[:, None])
-    pattern = index[None, :] <= index[:, None]
+    expected = (real[:, None, :] & (index[None, None, :] >= lo[:, :, None])
+                & (index[None, None, :] <= index[None, :, None]))
     if sliding_window is not None:
-        pattern = pattern & (index[None, :] > index[:, None] - int(sliding_window))
-    if not (torch.equal(valid, runs) and torch.equal(mask[:, 0], runs[:, None, :] & pattern[None])):
-        return None
-    starts, counts = starts.tolist(), counts.tolist()
-    return starts, [start + count for start, count in zip(starts, counts)]
+        expected = expected & (index[None, None, :] > index[None, :, None] - int(sliding_window))
+    result = None
+    if torch.equal(visible, expected):
+        result = [_runs(row, row_real) for row, row_real in zip(starts, real.tolist())]
+        result = None if any(runs is None for runs in result) else result
+    _SEGMENTS_CACHE.clear()
+    _SEGMENTS_CACHE[cache_key] = result
+    return result
 
 
-def _attention_of_padded_batch(query, key, value, runs, scaling, window, softcap, sinks):
-    """cuflash per batch element on its valid keys: queries [start, L) against keys [start, end),
-    causal top-left (so right-padded queries see every valid key, as in SDPA's mask), queries
-    before start (left padding, no visible key) 0. Returns (B, H, L, Dv)."""
-    outputs = []
-    for b, (start, end) in enumerate(zip(*runs)):
-        rows = _cuflash_torch.attention(query[b:b + 1, :, start:], key[b:b + 1, :, start:end],
-                                        value[b:b + 1, :, start:end], scale=scaling, causal="top_left",
-                                        window=window, softcap=softcap, sinks=sinks)
-        if start:
-            rows = torch.cat([rows.new_zeros(rows.shape[:2] + (start,) + rows.shape[3:]), rows], dim=2)
-        outputs.append(rows)
-    return torch.cat(outputs, dim=0)
+def _sequence_starts(first, real, sees, window):
+    """Per row, the first position of its sequence (None: the row sees no key). A row's first
+    visible key is its sequence's start unless the window cut it (first == i - window + 1): then
+    the row continues the sequence of the row before."""
+    starts, current = [], None
+    for i, (f, s) in enumerate(zip(first, sees)):
+        if not s:
+            starts.append(None)
+            continue
+        if current is None or window is None or f > i - int(window) + 1:
+            current = f
+        starts.append(current)
+    return starts
+
+
+def _runs(starts, real):
+    """(start, end, key_end) of one batch row's sequences from each row's sequence start (None:
+    sees no key) and the real keys; None unless every sequence starts on its own first row (so
+    that causal top-left inside it is the mask's rule) and its real keys are one run from there."""
+    runs, length, i = [], len(starts), 0
+    while i < length:
+        start = starts[i]
+        if start is None:
+            i += 1
+            continue
+        end = i + 1
+        while end < length and starts[end] == start:
+            end += 1
+        key_end = start
+        while key_end < end and real[key_end]:
+            key_end += 1
+        if start != i or any(real[key_end:end]):
+            return None
+        runs.append((start, end, key_end))
+        i = end
+    return runs
+
+
+def _attention_of_segments(query, key, value, segments, scaling, window, softcap, sinks):
+    """cuflash on every sequence of every batch row (_segments), causal top-left inside it; rows
+    outside every sequence (left padding) 0. Returns (B, H, L, Dv)."""
+    length = query.shape[2]
+    rows = []
+    for b, runs in enumerate(segments):
+        pieces, cursor = [], 0
+        for start, end, key_end in runs:
+            if start > cursor:
+                pieces.append(query.new_zeros(1, query.shape[1], start - cursor, value.shape[-1]))
+            pieces.append(_cuflash_torch.attention(query[b:b + 1, :, start:end], key[b:b + 1, :, start:key_end],
+                                                   value[b:b + 1, :, start:key_end], scale=scaling,
+                                                   causal="top_left", window=window, softcap=softcap, sinks=sinks))
+            cursor = end
+        if cursor < length:
+            pieces.append(query.new_zeros(1, query.shape[1], length - cursor, value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return torch.cat(rows, dim=0)
 
 
 def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
     if attention_mask is not None:
-        return ("an attention mask tensor other than a padded causal batch's was passed (padding with a "
-                "cache, packed sequences or a custom pattern)")
+        return ("an attention mask tensor other than a padded or packed causal batch's was passed (padding "
+                "with a cache, or a custom pattern)")
     if dropout:
         return f"attention dropout ({dropout}) is active"
     if kwargs.get("position_bias") is not None:
@@ -235,14 +296,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     ``(attn_output (B, Lq, Hq, Dv) contiguous, None)``. See the module docstring for the rules and
     the fallbacks.
     """
-    runs = None if attention_mask is None else _padded_runs(attention_mask, sliding_window)
-    reason = _unsupported(query, key, value, attention_mask if runs is None else None, dropout, softcap, kwargs)
+    segments = None if attention_mask is None else _segments(attention_mask, sliding_window)
+    reason = _unsupported(query, key, value, attention_mask if segments is None else None, dropout, softcap, kwargs)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    if runs is not None:  # a padded causal batch: each element on its valid tokens
+    if segments is not None:  # padded and/or packed: every sequence on its own tokens
         window = (int(sliding_window) - 1, 0) if sliding_window is not None else None
         COUNTS["cuflash"] += 1
-        out = _attention_of_padded_batch(query, key, value, runs, scaling, window, softcap or None, kwargs.get("s_aux"))
+        out = _attention_of_segments(query, key, value, segments, scaling, window, softcap or None,
+                                     kwargs.get("s_aux"))
         return out.transpose(1, 2).contiguous(), None
 
     q_length, kv_length = query.shape[2], key.shape[2]

@@ -204,7 +204,7 @@ def _padding_mask(ids, left=3, right=4):
     return mask
 
 
-@pytest.mark.parametrize("config", [
+PADDING_CONFIGS = [
     pytest.param(lambda: llama_config(), id="llama"),
     pytest.param(lambda: transformers.MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                     intermediate_size=128, num_hidden_layers=LAYERS,
@@ -213,7 +213,10 @@ def _padding_mask(ids, left=3, right=4):
     pytest.param(lambda: transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                   intermediate_size=128, num_hidden_layers=LAYERS,
                                                   vocab_size=VOCAB, initializer_range=INIT), id="qwen2"),
-])
+]
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_padded_batch_runs_in_cuflash(config, device):
     """Left- and right-padded sequences in one batch: each element runs on its valid tokens
@@ -239,6 +242,20 @@ def test_a_padded_batch_runs_in_cuflash(config, device):
     for name in grads_ref:
         scale = grads_ref[name].abs().max().item() or 1.0
         torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_packed_batch_runs_in_cuflash(config, device):
+    """Documents packed back to back (position_ids restarting, as DataCollatorWithFlattening makes
+    them): every document attends only to itself, as in the model's own SDPA implementation."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    lengths = [[5, 7, 4], [9, 1, 6]]
+    ids = random_ids(2, 16).to(device)
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths], device=device)
+    assert_steps_match(reference, ours, ids, dtype, position_ids=position_ids, use_cache=False)  # packing: no cache
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
 
 
