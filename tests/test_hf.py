@@ -257,6 +257,9 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
     position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths], device=device)
     assert_steps_match(reference, ours, ids, dtype, position_ids=position_ids, use_cache=False)  # packing: no cache
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+    # The packed mask reached cuflash (transformers builds it only without a cache) and was read as
+    # the documents above.
+    assert list(hf._SEGMENTS_CACHE.values())[-1][1] == [(0, 9, 9), (9, 10, 10), (10, 16, 16)]
 
 
 def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
