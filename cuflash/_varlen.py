@@ -9,9 +9,24 @@ the kernels' own per-sequence offsets (BatchIndex) will take the whole batch in 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy
 
 from . import _api, _spec
+
+
+def _array_module(q):
+    """numpy for a NumPy q, cupy for a CuPy one (imported only then); anything else is refused."""
+    if isinstance(q, numpy.ndarray):
+        return numpy
+    if type(q).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        if isinstance(q, cupy.ndarray):
+            return cupy
+    raise TypeError(f"q must be a numpy.ndarray (CPU) or a cupy.ndarray (GPU) in the packed layout, "
+                    f"got {type(q).__name__}")
 
 
 def _host_ints(name, array, xp, *, length=None):
@@ -43,10 +58,7 @@ def _hint(name, hint, actual):
 
 def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
     """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None)."""
-    if isinstance(q, numpy.ndarray):
-        xp = numpy
-    else:  # the GPU backend; CuPy is imported only for it
-        import cupy as xp
+    xp = _array_module(q)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, xp.ndarray):
             raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(x).__name__}")
@@ -82,38 +94,82 @@ def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
     return xp, spans, slopes
 
 
+def _stand_ins(xp, batch, alibi_slopes, *arrays):
+    """Empty heads-first stand-ins of one sequence for each packed array ((tokens, H, D) -> (H, 0, D);
+    lse (H, tokens) -> (H, 0)), with a leading batch axis when the ALiBi slopes are (B, Hq): the
+    dense checks then see every option as each sequence's call will, even when there is none."""
+    stand_ins = [x[:0].transpose(1, 0, 2) if x.ndim == 3 else x[:, :0] for x in arrays]
+    if alibi_slopes is not None and len(alibi_slopes.shape) == 2:
+        stand_ins = [xp.broadcast_to(x, (batch,) + tuple(x.shape)) for x in stand_ins]
+    return stand_ins
+
+
+def _check_packed(name, array, xp, dtype, shape, shape_rule, dtype_rule="q's dtype {}"):
+    """A packed dout, out or lse: the backend's array kind, ``dtype`` and the whole batch's ``shape``."""
+    if not isinstance(array, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise TypeError(f"{name} must have {dtype_rule.format(dtype)}, got {array.dtype}")
+    if tuple(array.shape) != shape:
+        transposed = " (the transposed layout)" if tuple(array.shape) == shape[::-1] else ""
+        raise ValueError(f"{name} must have {shape_rule.format(shape)} in the packed layout, "
+                         f"got {tuple(array.shape)}{transposed}")
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
                      return_lse=False, out=None):
-    """Attention over packed sequences; ``(out, lse)`` with ``return_lse`` (lse ``(Hq, total_q)``)."""
+    """Attention over packed sequences; ``(out, lse)`` with ``return_lse`` (lse ``(Hq, total_q)``).
+
+    The options are checked once for the whole batch, as :func:`cuflash.attention` checks them
+    (so also when there is no sequence), and ``out=`` as there (kind, dtype, the packed shape
+    ``(total_q, Hq, Dv)``, writeable, no overlap with an input). ``out`` is written only once every
+    sequence has run: a sequence refused for its values (an overflowing scale, on the CPU) leaves
+    it as it was.
+    """
     xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                  alibi_slopes)
+    problem = _spec.resolve_forward(*_stand_ins(xp, len(spans), alibi_slopes, q, k, v), scale=scale, causal=causal,
+                                    window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                    return_lse=return_lse)
+    shape = (q.shape[0], q.shape[1], v.shape[2])
     if out is not None:
-        expected = (q.shape[0], q.shape[1], v.shape[2])
-        if not isinstance(out, xp.ndarray) or tuple(out.shape) != expected or out.dtype != q.dtype:
-            raise ValueError(f"out must be a {xp.__name__}.ndarray of shape {expected} and q's dtype {q.dtype}")
-    result = xp.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype) if out is None else out
-    lse = None
+        _check_packed("out", out, xp, problem.dtype, shape, "shape {} (total_q, Hq, Dv)")
+        # The rest as cuflash.attention checks out=: writeable, no self-overlap, no input shared.
+        fields = {field.name: getattr(problem, field.name) for field in dataclasses.fields(problem)}
+        _spec._check_out(out, q, k, v, xp, dict(fields, out_shape=shape))
+    result = xp.empty(shape, dtype=q.dtype)
+    lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
     for b, (rows, keys) in enumerate(spans):
         heads_first = (x.transpose(1, 0, 2) for x in (q[rows], k[keys], v[keys]))
         o, l = _api.attention(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
                               alibi_slopes=None if slopes is None else slopes[b], sinks=sinks, return_lse=True)
-        if lse is None:
-            lse = xp.empty((q.shape[1], q.shape[0]), dtype=l.dtype)
         result[rows] = o.transpose(1, 0, 2)
         lse[:, rows] = l
-    if lse is None:  # no sequence at all
-        lse = xp.empty((q.shape[1], 0), dtype=numpy.float64 if q.dtype == numpy.float64 else numpy.float32)
-    return (result, lse) if return_lse else result
+    if out is not None:
+        out[...] = result
+        result = out
+    return (result, lse) if problem.return_lse else result
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, seqused_k=None, scale=None, causal=False, window=None, softcap=None,
                               alibi_slopes=None, sinks=None, deterministic=False):
     """``(dq, dk, dv)`` of :func:`attention_varlen` (``dsinks`` after them with sinks); keys past
-    ``seqused_k`` get zero gradients."""
+    ``seqused_k`` get zero gradients. ``dout`` and ``out`` are ``(total_q, Hq, Dv)`` and ``lse``
+    ``(Hq, total_q)``, as the forward returns them; all is checked before any sequence runs."""
     xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                  alibi_slopes)
+    dtype = _spec._check_dtypes(q, k, v)
+    shape = (q.shape[0], q.shape[1], v.shape[2])
+    for name, array in (("dout", dout), ("out", out)):
+        _check_packed(name, array, xp, dtype, shape, "the forward output's shape {} (total_q, Hq, Dv)")
+    lse_dtype = numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32)
+    _check_packed("lse", lse, xp, lse_dtype, shape[1::-1], "shape {} (Hq, total_q)",
+                  "dtype {} (as the forward returns it)")
+    problem = _spec.resolve_backward(*_stand_ins(xp, len(spans), alibi_slopes, dout, q, k, v, out, lse),
+                                     scale=scale, causal=causal, window=window, softcap=softcap,
+                                     alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic)
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None
     for b, (rows, keys) in enumerate(spans):
@@ -128,4 +184,4 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             dsinks = grads[3] if dsinks is None else dsinks + grads[3]
     if sinks is None:
         return dq, dk, dv
-    return dq, dk, dv, dsinks if dsinks is not None else xp.zeros_like(sinks)
+    return dq, dk, dv, dsinks if dsinks is not None else xp.zeros_like(problem.sinks)

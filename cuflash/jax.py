@@ -35,6 +35,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     latter two). ``deterministic`` applies to the backward. With ``return_lse=True`` it returns
     ``(out, lse)`` and is not differentiable (use it for inference).
     """
+    for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
+        if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    deterministic = bool(deterministic)
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     if return_lse:
         return _forward(q, k, v, sinks, options)

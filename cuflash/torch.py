@@ -71,8 +71,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     if scale is not None:
         scale = _spec._resolve_scale(scale, 1)  # the same TypeError/ValueError as cuflash.attention
     softcap = _spec._resolve_softcap(softcap)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    deterministic, return_lse = _flag("deterministic", deterministic), _flag("return_lse", return_lse)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
     for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
@@ -97,6 +96,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (query head h reads key/value head ``h // (Hq // Hkv)``), exactly as torch. ``attn_mask``
     and dropout are not supported (NotImplementedError).
     """
+    # torch's own argument checks, word for word: tensors, and bools that are Python bools.
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be Tensor, "
+                            f"not {_type_name(tensor)}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {_type_name(flag)}")
     if attn_mask is not None:
         raise NotImplementedError(
             "cuflash does not support attn_mask (arbitrary masks); it supports is_causal, and "
@@ -131,9 +138,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if tensor.dim() != 4:
             raise ValueError(f"{name} must be 4-dimensional (batch, seqlen, heads, head_dim), got shape {tuple(tensor.shape)}")
     # (B, L, H, D) -> (B, H, L, D) views: cuflash reads the strides, nothing is copied.
-    window, softcap = _flash_conventions(causal, window_size, softcap)
+    scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     out, lse = attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
         causal=bool(causal), window=window, deterministic=bool(deterministic),
         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
     )
@@ -153,10 +160,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, tensor)
-    window, softcap = _flash_conventions(causal, window_size, softcap)
+    scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     options = dict(max_seqlen_q=_spec._integer("max_seqlen_q", max_seqlen_q),
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
-                   scale=softmax_scale, causal=bool(causal), window=window, softcap=softcap,
+                   scale=scale, causal=bool(causal), window=window, softcap=softcap,
                    deterministic=bool(deterministic))
     out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
     return (out, lse, None) if return_attn_probs else out
@@ -238,13 +245,29 @@ class _MergeFunction(torch.autograd.Function):
         return (None, None, *flat)
 
 
-def _flash_conventions(causal, window_size, softcap):
-    """flash-attn's window and softcap in cuflash's terms: causal sets the window's right side to
-    0 (cuflash itself refuses a positive one), and softcap 0 means none."""
-    window = tuple(window_size)
-    if bool(causal) and len(window) == 2:
-        window = (window[0], 0)
-    return window, (None if softcap == 0.0 else softcap)
+def _flash_conventions(softmax_scale, causal, window_size, softcap):
+    """flash-attn's scale, window and softcap in cuflash's terms, checked under flash-attn's names:
+    ``window_size`` is a (left, right) pair of ints (0-d integer tensors too, as flash-attn's
+    callers pass them), -1 unbounded; causal sets its right side to 0 (cuflash itself refuses a
+    positive one); softcap 0 means none."""
+    if softmax_scale is not None:
+        try:
+            softmax_scale = _spec._resolve_scale(softmax_scale, 1)
+        except (TypeError, ValueError) as error:  # "scale must ...": the drop-in's argument is softmax_scale
+            raise type(error)(f"softmax_{error}") from None
+    if not isinstance(window_size, (tuple, list)):
+        raise TypeError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), "
+                        f"got {_type_name(window_size)}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must have exactly two entries (left, right), got {len(window_size)}")
+    window = [_spec._integer(f"window_size {side}", size, "(-1 = unbounded)")
+              for side, size in zip(("left", "right"), window_size)]
+    for side, size in zip(("left", "right"), window):
+        if size < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {size}")
+    if bool(causal):
+        window[1] = 0
+    return softmax_scale, tuple(window), (None if softcap == 0.0 else softcap)
 
 
 class _VarlenFunction(torch.autograd.Function):
@@ -275,6 +298,19 @@ class _VarlenFunction(torch.autograd.Function):
 
 
 # --- argument checks ----------------------------------------------------------------------------
+
+
+def _flag(name, value):
+    """A bool option (a NumPy bool too, as cuflash.attention takes it) as a Python bool."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+    return bool(value)
+
+
+def _type_name(value):
+    """``value``'s type as torch's argument errors name it: ``numpy.ndarray``, ``str``."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
 def _check_tensor(name, tensor):

@@ -153,3 +153,16 @@ def test_errors_name_the_argument(cpu, randn, kwargs, error, match):
               for key, value in kwargs.items()}
     with pytest.raises(error, match=match):
         cj.attention(q, k, v, **kwargs)
+
+
+def test_bool_options_are_checked_before_anything_runs(cpu, randn):
+    """deterministic and return_lse are bools (NumPy bools too), checked at the call, not when
+    jax.grad first runs the backward."""
+    q = _on(cpu, randn(2, 5, 4))[0]
+    out, lse = cj.attention(q, q, q, deterministic=numpy.bool_(True), return_lse=numpy.bool_(True))
+    numpy.testing.assert_array_equal(numpy.asarray(out), numpy.asarray(cj.attention(q, q, q)))
+    assert lse.shape == (2, 5)
+    jax.grad(lambda q: jnp.sum(cj.attention(q, q, q, deterministic=numpy.bool_(False))))(q)
+    for name, value in (("deterministic", 1), ("deterministic", None), ("return_lse", "no"), ("return_lse", 0.0)):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
+            cj.attention(q, q, q, **{name: value})

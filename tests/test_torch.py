@@ -6,6 +6,7 @@ project's dense reference. Skipped without torch.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,23 @@ def test_sdpa_refuses_mixed_dtypes_as_torch_does(randt):
         ct.scaled_dot_product_attention(q, k, q)
 
 
+@pytest.mark.parametrize("kwargs", [dict(is_causal="yes"), dict(is_causal=1), dict(is_causal=numpy.bool_(True)),
+                                    dict(enable_gqa=None), dict(query="numpy"), dict(key=[[0.0]]), dict(value=None)],
+                         ids=["causal-str", "causal-int", "causal-numpy-bool", "gqa-none", "query-numpy", "key-list",
+                              "value-none"])
+def test_sdpa_refuses_argument_types_as_torch_does(randt, kwargs):
+    """torch's own argument parser decides: what it refuses, the drop-in refuses, in its words
+    (less the "(position N)" torch adds for a positional argument)."""
+    q = randt(1, 2, 4, 4)
+    arguments = dict(query=q, key=q, value=q)
+    arguments.update({name: q.numpy() if value == "numpy" else value for name, value in kwargs.items()})
+    with pytest.raises(TypeError) as torchs:
+        F.scaled_dot_product_attention(**arguments)
+    with pytest.raises(TypeError) as ours:
+        ct.scaled_dot_product_attention(**arguments)
+    assert str(ours.value) == re.sub(r" \(position \d\)", "", str(torchs.value))
+
+
 def test_sdpa_says_what_it_does_not_support(randt):
     q = randt(1, 2, 4, 4)
     with pytest.raises(NotImplementedError, match="attn_mask"):
@@ -181,6 +199,29 @@ def test_flash_attn_func_takes_int_like_window_sizes(randt):
     for bad in ((torch.tensor(3.0), 0), (3, torch.tensor(False)), (torch.tensor([3]), 0)):
         with pytest.raises(TypeError, match="window"):
             ct.flash_attn_func(q, q, q, window_size=bad)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(window_size=(-2, 0)), ValueError, r"window_size left must be >= -1 \(-1 = unbounded\), got -2"),
+    (dict(window_size=(3, 1.5)), TypeError, r"window_size right must be an int \(-1 = unbounded\), got float"),
+    (dict(window_size="ab"), TypeError, r"window_size must be a \(left, right\) pair of ints .*got str"),
+    (dict(window_size=(3,)), ValueError, r"window_size must have exactly two entries \(left, right\), got 1"),
+    (dict(softmax_scale=torch.tensor(0.5)), TypeError, r"softmax_scale must be a real number .*got Tensor"),
+    (dict(softmax_scale=float("inf")), ValueError, r"softmax_scale must be finite, got inf"),
+], ids=["window-left", "window-float", "window-str", "window-one", "scale-tensor", "scale-inf"])
+@pytest.mark.parametrize("drop_in", ["flash_attn_func", "flash_attn_varlen_func"])
+def test_flash_attn_drop_ins_name_their_own_arguments(randt, drop_in, kwargs, error, match):
+    """flash-attn's window_size and softmax_scale are checked under those names, not cuflash's
+    window and scale."""
+    q = randt(1, 6, 2, 4, requires_grad=True)
+    before = q.detach().clone()
+    with pytest.raises(error, match=match):
+        if drop_in == "flash_attn_func":
+            ct.flash_attn_func(q, q, q, **kwargs)
+        else:
+            cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+            ct.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, **kwargs)
+    assert torch.equal(q.detach(), before) and q.grad is None
 
 
 def test_flash_attn_func_keeps_flash_attns_causal_window_rule(randt):
@@ -254,6 +295,18 @@ def test_adapter_refuses_bad_modifiers_and_touches_nothing(randt, kwargs, error,
         ct.attention(q, k, v, **kwargs)
     for old, new in zip(before, (q, k, v)):
         assert torch.equal(old, new) and new.grad is None
+
+
+def test_numpy_bools_are_bools_in_the_adapter(randt):
+    q = randt(1, 2, 5, 4, requires_grad=True)
+    out, lse = ct.attention(q, q, q, causal=numpy.bool_(True), deterministic=numpy.bool_(True),
+                            return_lse=numpy.bool_(True))
+    assert lse.shape == (1, 2, 5) and not lse.requires_grad
+    out.sum().backward()
+    assert q.grad is not None
+    for name, value in (("deterministic", numpy.int64(1)), ("return_lse", "yes"), ("return_lse", None)):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got "):
+            ct.attention(q, q, q, **{name: value})
 
 
 # --- the custom ops and torch.compile -----------------------------------------------------------

@@ -98,3 +98,79 @@ def test_bad_varlen_arguments_name_what_is_wrong(rng, change, error, match):
     arguments.update(change)
     with pytest.raises(error, match=match):
         cuflash.attention_varlen(**arguments)
+
+
+def test_out_is_written_only_after_every_sequence_ran(rng, monkeypatch):
+    """A sequence refused in its own dense call (the CPU's value checks run per sequence) leaves
+    the caller's out= as it was, though the sequences before it ran."""
+    q, k, v, cu_q, cu_k = _packed(rng, [5, 4, 1], [4, 4, 4])
+    out = numpy.full((10, 4, 6), 7.0)
+    dense, calls = cuflash._api.attention, []
+
+    def refuse_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("refused")
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(cuflash._api, "attention", refuse_the_second)
+    with pytest.raises(ValueError, match="refused"):
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, out=out)
+    assert (out == 7.0).all()
+    monkeypatch.setattr(cuflash._api, "attention", dense)
+    result, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, out=out, return_lse=True)
+    assert result is out
+    numpy.testing.assert_array_equal(out, cuflash.attention_varlen(q, k, v, cu_q, cu_k))
+
+
+def test_a_batch_without_sequences_still_checks_and_shapes_everything(rng):
+    q, k, v, cu_q, cu_k = _packed(rng, [], [])
+    sinks = rng.standard_normal(4)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, sinks=sinks, return_lse=True)
+    assert out.shape == (0, 4, 6) and lse.shape == (4, 0) and lse.dtype == numpy.float64
+    grads = cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, sinks=sinks)
+    assert [g.shape for g in grads] == [(0, 4, 8), (0, 2, 8), (0, 2, 6), (4,)] and not grads[3].any()
+    for options, error, match in [(dict(causal="sideways"), ValueError, "causal must be"),
+                                  (dict(window=(-2, 0)), ValueError, "window left must be >= -1"),
+                                  (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+                                  (dict(sinks=numpy.ones(3)), ValueError, "sinks must broadcast")]:
+        with pytest.raises(error, match=match):
+            cuflash.attention_varlen(q, k, v, cu_q, cu_k, **options)
+        with pytest.raises(error, match=match):
+            cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, **options)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        cuflash.attention_varlen_backward(out, q, k, v, out, lse, cu_q, cu_k, deterministic=None)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(out=numpy.zeros((10, 4, 5))), ValueError, r"out must have shape \(10, 4, 6\) \(total_q, Hq, Dv\)"),
+    (dict(out=numpy.zeros((10, 4, 6)).tolist()), TypeError, r"out must be a numpy\.ndarray like q, got list"),
+    (dict(out="broadcast"), ValueError, r"out must not have overlapping elements"),
+    (dict(q=(1, 2)), TypeError, r"q must be a numpy\.ndarray \(CPU\) or a cupy\.ndarray \(GPU\).*got tuple"),
+], ids=["out-dv", "out-list", "out-broadcast", "q-tuple"])
+def test_out_and_q_of_the_packed_forward(rng, change, error, match):
+    q, k, v, cu_q, cu_k = _packed(rng, [5, 4, 1], [4, 4, 4])
+    arguments = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    if isinstance(change.get("out"), str):  # "broadcast"
+        change = dict(out=numpy.lib.stride_tricks.as_strided(numpy.zeros(6), (10, 4, 6), (0, 0, 8)))
+    arguments.update(change)
+    with pytest.raises(error, match=match):
+        cuflash.attention_varlen(**arguments)
+
+
+@pytest.mark.parametrize("name, change, error, match", [
+    ("dout", lambda a: a[:, :3], ValueError,
+     r"dout must have the forward output's shape \(10, 4, 6\) \(total_q, Hq, Dv\)"),
+    ("dout", lambda a: a.astype(numpy.float32), TypeError, r"dout must have q's dtype float64, got float32"),
+    ("out", lambda a: a.tolist(), TypeError, r"out must be a numpy\.ndarray like q, got list"),
+    ("lse", lambda a: a[None], ValueError,
+     r"lse must have shape \(4, 10\) \(Hq, total_q\) in the packed layout, got \(1, 4, 10\)"),
+    ("lse", lambda a: a.T, ValueError, r"got \(10, 4\) \(the transposed layout\)"),
+], ids=["dout-heads", "dout-dtype", "out-list", "lse-3d", "lse-transposed"])
+def test_backward_checks_the_packed_arrays_whole(rng, name, change, error, match):
+    q, k, v, cu_q, cu_k = _packed(rng, [5, 4, 1], [4, 4, 4])
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True)
+    arguments = dict(dout=out.copy(), q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    arguments[name] = change(arguments[name])
+    with pytest.raises(error, match=match):
+        cuflash.attention_varlen_backward(**arguments)
