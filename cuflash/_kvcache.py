@@ -1,0 +1,449 @@
+"""Attention over a KV cache with in-place append (flash-attn's ``flash_attn_with_kvcache``), on
+top of the dense calls.
+
+``attention_with_kvcache(q, k_cache, v_cache, *, k, v, cache_seqlens, block_table, ...)``: q
+``(B, Hq, Lq, D)``; a contiguous cache ``(B, Hk, Lmax, D)`` / ``(B, Hk, Lmax, Dv)``, or a paged one
+``(num_pages, Hk, page_size, D / Dv)`` read through ``block_table`` (int32 ``(B, max_pages)``).
+The new keys and values ``k``, ``v`` ``(B, Hk, Lnew, D / Dv)`` are written into the cache in place
+at positions ``cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1``, then sequence b attends over its
+keys ``[0, cache_seqlens[b] + Lnew)``. ``num_splits`` > 1 runs the keys in that many ranges and
+merges the partial attentions (``merge_attention``).
+
+This first implementation is a composition, correct on both backends but not the bandwidth
+path: the append is one scatter per cache; each sequence then runs one dense ``attention``
+(all sequences in one call when their lengths are equal), on views of a contiguous cache and on
+a gather of the sequence's keys from a paged one; a split runs one dense call per key range and
+then ``merge_attention``. ``cache_seqlens`` and ``block_table`` are read on the host. The split-KV
+kernel that replaces it reads the pages in place, appends, and splits in one launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy
+
+from . import _api, _merge, _spec, _varlen
+
+
+def _array_module(q):
+    """numpy for a NumPy q, cupy for a CuPy one, as the packed calls dispatch; anything else is refused."""
+    try:
+        return _varlen._array_module(q)
+    except TypeError:
+        raise TypeError(f"q must be a numpy.ndarray (CPU) or a cupy.ndarray (GPU) of shape (B, Hq, Lq, D), "
+                        f"got {type(q).__module__}.{type(q).__name__}") from None
+
+
+def _check_kind(name, array, xp, device):
+    """``array`` is the backend's ndarray (no conversion: the cache is written where it lies), on q's device."""
+    if not isinstance(array, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got "
+                        f"{type(array).__module__}.{type(array).__name__}")
+    if device is not None and array.device.id != device:
+        raise ValueError(f"{name} must be on q's device {device}, got device {array.device.id}")
+
+
+def _check_4d(name, array, axes):
+    if array.ndim != 4:
+        raise ValueError(f"{name} must be 4-D {axes}, got shape {tuple(array.shape)}")
+
+
+def _host_values(array, xp):
+    return numpy.asarray(array if xp is numpy else array.get())
+
+
+def _bits(array):
+    """The same memory as unsigned integers of the element's width: every copy, gather and
+    scatter here moves bits (CuPy has no bfloat16 arithmetic of its own, and bits copy exactly)."""
+    return array.view(numpy.dtype(f"u{array.itemsize}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cache:
+    """The cache's shape facts and the host copies of the lengths and the block table."""
+
+    paged: bool
+    batch: int
+    heads_k: int
+    capacity: int  # Lmax: slots per sequence (max_pages * page_size when paged)
+    page_size: int  # 0 for a contiguous cache
+    seqlens: numpy.ndarray  # (B,) int64, cache lengths before the append
+    new: int  # Lnew
+    table: numpy.ndarray | None  # (B, max_pages) int64, host copy
+
+    def slots(self, lengths_from, lengths_to):
+        """(first index, position index) host arrays of slots [from_b, to_b) of every sequence,
+        flattened sequence by sequence: the cache's leading index (sequence or page) and the
+        position along the cache's sequence axis (within the page)."""
+        counts = lengths_to - lengths_from
+        seq = numpy.repeat(numpy.arange(self.batch), counts)
+        starts = numpy.repeat(lengths_from - numpy.concatenate([[0], numpy.cumsum(counts)[:-1]]), counts)
+        pos = numpy.arange(int(counts.sum())) + starts
+        if not self.paged:
+            return seq, pos
+        return self.table[seq, pos // self.page_size], pos % self.page_size
+
+
+def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device) -> _Cache:
+    """Check every array's kind, device, dtype and shape and every length and page id."""
+    _check_4d("q", q, "(B, Hq, Lq, D)")
+    batch, heads_q, _, head_dim = (int(n) for n in q.shape)
+    paged = block_table is not None
+    layout = "(num_pages, Hk, page_size, {})" if paged else "(B, Hk, Lmax, {})"
+    for name, array, width in (("k_cache", k_cache, "D"), ("v_cache", v_cache, "Dv")):
+        _check_kind(name, array, xp, device)
+        _check_4d(name, array, layout.format(width))
+    for name, array, width in (("k", k, "D"), ("v", v, "Dv")):
+        if array is not None:
+            _check_kind(name, array, xp, device)
+            _check_4d(name, array, f"(B, Hk, Lnew, {width})")
+    if (k is None) != (v is None):
+        raise ValueError(f"k and v must be given together (the new keys and their values), got only "
+                         f"{'k' if v is None else 'v'}")
+    dtypes = _spec._float_dtypes()
+    if q.dtype not in dtypes:
+        raise TypeError(f"q must have dtype float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, array in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if array is not None and array.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {array.dtype}")
+
+    lead = tuple(int(n) for n in k_cache.shape[:3])
+    if tuple(v_cache.shape[:3]) != lead:
+        axes = "(num_pages, Hk, page_size)" if paged else "(B, Hk, Lmax)"
+        raise ValueError(f"v_cache's first three axes {axes} must equal k_cache's {lead}, "
+                         f"got {tuple(v_cache.shape[:3])}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache's last axis (head dim D) must equal q's: q has D={head_dim}, "
+                         f"k_cache has D={k_cache.shape[3]}")
+    heads_k = lead[1]
+    if heads_k < 1 or heads_q % heads_k:
+        raise ValueError(f"k_cache's head axis (1) must divide q's: q has Hq={heads_q} heads, k_cache has "
+                         f"Hk={heads_k} (GQA needs Hk >= 1 and Hq % Hk == 0)")
+    for name, array in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if array.shape[3] > 1 and array.strides[3] != array.itemsize:
+            raise ValueError(f"{name} must have a contiguous last axis (stride {array.itemsize} bytes), got "
+                             f"strides {tuple(array.strides)}: any other axis may be strided, e.g. a "
+                             f"(B, Lmax, Hk, D) cache as .transpose(0, 2, 1, 3)")
+
+    new = 0
+    if k is not None:
+        expected_k = (batch, heads_k, int(k.shape[2]), head_dim)
+        if tuple(k.shape) != expected_k:
+            raise ValueError(f"k must have shape (B, Hk, Lnew, D) = {expected_k[:2]} + (Lnew, {head_dim}), "
+                             f"got {tuple(k.shape)}")
+        new = expected_k[2]
+        expected_v = (batch, heads_k, new, int(v_cache.shape[3]))
+        if tuple(v.shape) != expected_v:
+            raise ValueError(f"v must have shape (B, Hk, Lnew, Dv) = {expected_v}, as k and v_cache give, "
+                             f"got {tuple(v.shape)}")
+
+    table = None
+    if paged:
+        _check_kind("block_table", block_table, xp, device)
+        if block_table.dtype != numpy.int32 or block_table.ndim != 2:
+            raise TypeError(f"block_table must be a 2-D int32 array (B, max_pages), got {block_table.ndim}-D "
+                            f"{block_table.dtype}")
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (B, max_pages) with B = {batch} (q's batch), got "
+                             f"{tuple(block_table.shape)}")
+        page_size = lead[2]
+        if page_size < 1:
+            raise ValueError(f"k_cache's page_size (axis 2) must be at least 1, got shape {tuple(k_cache.shape)}")
+        capacity = int(block_table.shape[1]) * page_size
+        table = _host_values(block_table, xp).astype(numpy.int64)
+    else:
+        page_size = 0
+        if lead[0] != batch:
+            raise ValueError(f"k_cache must have shape (B, Hk, Lmax, D) with B = {batch} (q's batch), got "
+                             f"{tuple(k_cache.shape)}; a paged cache needs block_table")
+        capacity = lead[2]
+
+    seqlens = _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged)
+    cache = _Cache(paged, batch, heads_k, capacity, page_size, seqlens, new, table)
+    if paged:
+        _check_pages(cache, int(k_cache.shape[0]))
+    return cache
+
+
+def _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged):
+    """(B,) int64 host array of the cache lengths before the append, each in [0, capacity - Lnew]."""
+    where = f"max_pages * page_size = {capacity}" if paged else f"Lmax = {capacity}"
+    if cache_seqlens is None:  # the whole cache holds keys
+        if new:
+            raise ValueError(f"cache_seqlens is required to append k and v: without it every sequence holds "
+                             f"{where} keys and there is no slot left")
+        return numpy.full(batch, capacity, dtype=numpy.int64)
+    if getattr(cache_seqlens, "ndim", 0) != 0:  # an array (B,)
+        _check_kind("cache_seqlens", cache_seqlens, xp, device)
+        if cache_seqlens.dtype != numpy.int32 or cache_seqlens.ndim != 1:
+            raise TypeError(f"cache_seqlens must be an int or a 1-D int32 array (B,), got {cache_seqlens.ndim}-D "
+                            f"{cache_seqlens.dtype}")
+        if cache_seqlens.shape[0] != batch:
+            raise ValueError(f"cache_seqlens must have B = {batch} entries (q's batch), got {cache_seqlens.shape[0]}")
+        seqlens = _host_values(cache_seqlens, xp).astype(numpy.int64)
+    else:
+        length = _spec._integer("cache_seqlens", cache_seqlens, "or a 1-D int32 array (B,)")
+        if length < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {length}")
+        seqlens = numpy.full(batch, length, dtype=numpy.int64)
+    for b in range(batch):
+        if seqlens[b] < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {seqlens[b]}")
+        if seqlens[b] + new > capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {seqlens[b]} plus Lnew = {new} new keys needs "
+                             f"{seqlens[b] + new} slots, but the cache holds {where}")
+    return seqlens
+
+
+def _check_pages(cache: _Cache, num_pages: int):
+    """Every page a sequence uses is a page of the cache; a page that receives new keys belongs to
+    that sequence alone (and appears once in its row), so the writes never collide and never
+    change another sequence's keys. Entries past a sequence's last page are not read."""
+    table, size = cache.table, cache.page_size
+    used = -(-(cache.seqlens + cache.new) // size)  # pages each sequence reads
+    rows = numpy.repeat(numpy.arange(cache.batch), used)
+    columns = numpy.arange(int(used.sum())) - numpy.repeat(numpy.cumsum(used) - used, used)
+    pages = table[rows, columns]
+    bad = numpy.flatnonzero((pages < 0) | (pages >= num_pages))
+    if bad.size:
+        b, j = int(rows[bad[0]]), int(columns[bad[0]])
+        raise ValueError(f"block_table[{b}, {j}] = {table[b, j]} is not a page of the cache (0 <= page < num_pages "
+                         f"= {num_pages}); sequence {b} uses its first {used[b]} pages")
+    if not cache.new:
+        return
+    first, _ = cache.slots(cache.seqlens, cache.seqlens + cache.new)
+    written = numpy.unique(first)
+    counts = numpy.zeros(num_pages, dtype=numpy.int64)
+    numpy.add.at(counts, pages, 1)
+    shared = written[counts[written] > 1]
+    if shared.size:
+        page = int(shared[0])
+        users = sorted({int(r) for r in rows[pages == page]})
+        raise ValueError(f"block_table: page {page} receives new keys but is used {int(counts[page])} times "
+                         f"(by sequences {users}): a page written into must belong to one sequence, once")
+
+
+def _check_writable(cache_arrays, others, xp):
+    """The caches can be written in place: writeable, no element twice, sharing no memory with each
+    other or with any array read during the call."""
+    for name, array in cache_arrays:
+        if xp is numpy and not array.flags.writeable:
+            raise ValueError(f"{name} must be writeable to append k and v")
+        if _spec._has_internal_overlap(array):
+            raise ValueError(f"{name} must not have overlapping elements (a broadcast or self-overlapping view) "
+                             "to append k and v")
+    (_, k_cache), (_, v_cache) = cache_arrays
+    if _spec._overlaps(k_cache, v_cache, xp):
+        raise ValueError("k_cache and v_cache must not share memory to append k and v")
+    for name, array in cache_arrays:
+        for other_name, other in others:
+            if other is not None and _spec._overlaps(array, other, xp):
+                raise ValueError(f"{name} must not share memory with {other_name} to append k and v")
+
+
+def _check_out(out, xp, device, problem, shape, named):
+    """out= as cuflash.attention checks it: kind, dtype, shape, writeable, no self-overlap, no
+    overlap with any input."""
+    if not isinstance(out, xp.ndarray):
+        raise TypeError(f"out must be a {xp.__name__}.ndarray like q, got {type(out).__module__}.{type(out).__name__}")
+    if out.dtype != problem.dtype:
+        raise TypeError(f"out must have q's dtype {problem.dtype}, got {out.dtype}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape} (B, Hq, Lq, Dv), got {tuple(out.shape)}")
+    if xp is numpy and not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    if device is not None and out.device.id != device:
+        raise ValueError(f"out must be on q's device {device}, got device {out.device.id}")
+    if _spec._has_internal_overlap(out):
+        raise ValueError("out must not have overlapping elements (a broadcast or self-overlapping view)")
+    for name, array in named:
+        if array is not None and _spec._overlaps(out, array, xp):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+def _resolve_splits(num_splits) -> int:
+    splits = _spec._integer("num_splits", num_splits, "(0: heuristic, 1: no split, n > 1: n key ranges)")
+    if splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0: heuristic, 1: no split, n > 1: n key ranges), got {splits}")
+    # The heuristic: this composition gains nothing from splitting (each range is one more dense
+    # call), so 0 means 1. The split-KV kernel chooses from B, Hk, Lq, Lk and the SM count.
+    return splits if splits > 0 else 1
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens=None, block_table=None, scale=None,
+                           causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
+                           num_splits=0, out=None):
+    """Attention of new queries over a KV cache, appending new keys and values to it in place.
+
+    Parameters
+    ----------
+    q : array ``(B, Hq, Lq, D)``
+        NumPy arrays run on the CPU, CuPy arrays on their GPU; every array argument must be of
+        that kind (and device). float16, bfloat16, float32 or float64, the dtype of everything.
+    k_cache, v_cache : arrays
+        Without ``block_table``: ``(B, Hk, Lmax, D)`` and ``(B, Hk, Lmax, Dv)``. With it: pages
+        ``(num_pages, Hk, page_size, D)`` and ``(num_pages, Hk, page_size, Dv)``, any page size
+        >= 1. Any strides with a contiguous last axis: flash-attn's ``(B, Lmax, Hk, D)`` and
+        ``(num_pages, page_size, Hk, D)`` caches pass as ``.transpose(0, 2, 1, 3)`` views. Hq must
+        be a multiple of Hk (GQA: query head h reads cache head ``h // (Hq // Hk)``).
+    k, v : arrays ``(B, Hk, Lnew, D)`` and ``(B, Hk, Lnew, Dv)``, optional
+        New keys and values, written into the cache in place at positions ``cache_seqlens[b] ..
+        cache_seqlens[b] + Lnew - 1`` of sequence b (through its block table row when paged)
+        before attending. Exactly those slots change; the caller advances ``cache_seqlens``.
+    cache_seqlens : int or int32 array ``(B,)``, optional
+        Each sequence's cache length before the append; ``cache_seqlens[b] + Lnew`` must fit in
+        Lmax (``max_pages * page_size`` when paged). None: the whole cache (no room to append).
+    block_table : int32 array ``(B, max_pages)``, optional
+        Sequence b's position p lives in page ``block_table[b, p // page_size]`` at slot
+        ``p % page_size``. Only the entries of the pages a sequence uses are read (the rest may
+        hold anything, e.g. -1); a page that receives new keys must belong to one sequence, once.
+    scale, causal, window, softcap, alibi_slopes, sinks
+        As in :func:`cuflash.attention`, per sequence: sequence b's query i and key j follow the
+        rules there with ``Lk = cache_seqlens[b] + Lnew`` (causal is bottom-right per sequence).
+        ``alibi_slopes`` and ``sinks`` broadcast to ``(B, Hq)``.
+    return_lse : bool
+        Also return lse ``(B, Hq, Lq)``, float32 (float64 for float64).
+    num_splits : int
+        1: one pass over the keys. n > 1: the keys ``[0, Lk)`` of each sequence run in
+        ``min(n, Lk)`` ranges ``[s * Lk // n, (s + 1) * Lk // n)`` merged as
+        :func:`cuflash.merge_attention` merges (the sink joins the first range only): equal to the
+        unsplit result within rounding, bitwise reproducible for a fixed ``num_splits``. 0 (the
+        default): a heuristic, which for this composition is 1.
+    out : array ``(B, Hq, Lq, Dv)``, optional
+        Written in place and returned, as in :func:`cuflash.attention`; it must not share memory
+        with any input, the caches included.
+
+    Every argument is checked before anything is written: an error leaves the caches and ``out``
+    exactly as they were (should a dense call refuse a sequence for its values, the slots
+    already written are restored before the error propagates).
+
+    Current cost (a composition of the dense calls, not yet the split-KV kernel): the lengths
+    and the block table are read on the host (a device sync on the GPU); the append is one
+    scatter per cache; a contiguous cache is read through views (no copy), a paged one is first
+    gathered, sequence by sequence, into a ``(Lk, Hk, D)`` copy of its keys and values; sequences
+    of equal lengths share one dense call, others run one each; each split range is one more
+    dense call, plus one merge.
+
+    Returns
+    -------
+    out ``(B, Hq, Lq, Dv)``, or ``(out, lse)`` when ``return_lse``.
+    """
+    xp = _array_module(q)
+    device = None if xp is numpy else q.device.id
+    if xp is numpy:
+        return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out)
+    with q.device:
+        return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out)
+
+
+def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
+                            softcap, alibi_slopes, sinks, return_lse, num_splits, out):
+    cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device)
+    splits = _resolve_splits(num_splits)
+    batch, heads_k, head_dim, head_dim_v = cache.batch, cache.heads_k, q.shape[3], v_cache.shape[3]
+    # The options, checked once for the whole batch as cuflash.attention checks them (lead axes
+    # (B, Hq)), on the new keys when there are some (their values too, on the CPU).
+    k_probe = k if k is not None else xp.empty((batch, heads_k, 0, head_dim), dtype=q.dtype)
+    v_probe = v if v is not None else xp.empty((batch, heads_k, 0, head_dim_v), dtype=q.dtype)
+    options = dict(scale=scale, causal=causal, window=window, softcap=softcap)
+    problem = _spec.resolve_forward(q, k_probe, v_probe, alibi_slopes=alibi_slopes, sinks=sinks,
+                                    return_lse=return_lse, **options)
+    read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", problem.alibi_slopes), ("sinks", problem.sinks),
+            ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, xp.ndarray) else None),
+            ("block_table", block_table)]
+    caches = [("k_cache", k_cache), ("v_cache", v_cache)]
+    if cache.new:
+        _check_writable(caches, read, xp)
+    shape = (batch, q.shape[1], q.shape[2], head_dim_v)
+    if out is not None:
+        _check_out(out, xp, device, problem, shape, read + caches)
+
+    # Views with the cache's sequence (or page-slot) axis second: slot (first, pos) is row [first, pos].
+    k_rows, v_rows = (c.transpose(0, 2, 1, 3) for c in (k_cache, v_cache))
+    saved = None
+    if cache.new:  # the append: one scatter per cache, of exactly the new slots
+        first, pos = (_index(x, xp) for x in cache.slots(cache.seqlens, cache.seqlens + cache.new))
+        saved = [(_bits(rows), _bits(rows)[first, pos]) for rows in (k_rows, v_rows)]  # copies, for a rollback
+        for (rows, _), new in zip(saved, (k, v)):
+            rows[first, pos] = _bits(new).transpose(0, 2, 1, 3).reshape((-1,) + (new.shape[1], new.shape[3]))
+    try:
+        result, lse = _attend_all(xp, q, k_rows, v_rows, cache, problem, options, splits)
+    except BaseException:
+        for rows, old in saved or ():
+            rows[first, pos] = old
+        raise
+    if out is not None:
+        _bits(out)[...] = _bits(result)
+        result = out
+    return (result, lse) if problem.return_lse else result
+
+
+def _index(host, xp):
+    return host if xp is numpy else xp.asarray(host)
+
+
+def _attend_all(xp, q, k_rows, v_rows, cache: _Cache, problem, options, splits):
+    """(out, lse) of every sequence: one dense call (or one per split) for the whole batch when the
+    lengths are equal, else one per sequence."""
+    lengths = cache.seqlens + cache.new
+    batch = cache.batch
+    if batch == 0 or (lengths == lengths[0]).all():
+        length = int(lengths[0]) if batch else 0
+        if cache.paged:
+            first, pos = cache.slots(numpy.zeros(batch, numpy.int64), lengths)
+            shape = (batch, length) + tuple(k_rows.shape[2:])
+            first, pos = _index(first, xp), _index(pos, xp)
+            k_b = _gather(k_rows, first, pos).reshape(shape)
+            v_b = _gather(v_rows, first, pos).reshape(shape[:3] + tuple(v_rows.shape[3:]))
+        else:
+            k_b, v_b = k_rows[:, :length], v_rows[:, :length]
+        return _attend(q, k_b.transpose(0, 2, 1, 3), v_b.transpose(0, 2, 1, 3), problem.alibi_slopes,
+                       problem.sinks, options, splits)
+    lead = (batch, q.shape[1])
+    slopes, sinks = (None if x is None else xp.broadcast_to(x, lead) for x in (problem.alibi_slopes, problem.sinks))
+    result = xp.empty(problem.out_shape, dtype=problem.dtype)
+    lse = xp.empty(problem.lse_shape, dtype=problem.lse_dtype)
+    for b in range(batch):
+        if cache.paged:  # a gather of the sequence's keys, (Lk, Hk, D)
+            pos = numpy.arange(lengths[b])
+            first, pos = _index(cache.table[b, pos // cache.page_size], xp), _index(pos % cache.page_size, xp)
+            k_b, v_b = _gather(k_rows, first, pos), _gather(v_rows, first, pos)
+        else:
+            k_b, v_b = k_rows[b, :int(lengths[b])], v_rows[b, :int(lengths[b])]
+        o, l = _attend(q[b], k_b.transpose(1, 0, 2), v_b.transpose(1, 0, 2), None if slopes is None else slopes[b],
+                       None if sinks is None else sinks[b], options, splits)
+        _bits(result[b])[...] = _bits(o)
+        lse[b] = l
+    return result, lse
+
+
+def _gather(rows, first, pos):
+    """A copy of rows[first, pos] (one row per index pair), through the bits."""
+    return _bits(rows)[first, pos].view(rows.dtype)
+
+
+def _attend(q, k, v, slopes, sinks, options, splits):
+    """(out, lse) of dense attention over all of k's keys, in ``splits`` key ranges merged.
+
+    Range [a, c) runs the whole problem's mask and ALiBi on its own keys: the resolved problem
+    with the keys sliced and the diagonal moved left by a (key j of the range is key a + j), so
+    every range keeps the windows and causal diagonal of the whole sequence. The sink is one
+    logit of the whole row's softmax: it joins the first range only, and the merge's weights
+    carry it into the result.
+    """
+    whole = _spec.resolve_forward(q, k, v, alibi_slopes=slopes, sinks=sinks, return_lse=True, **options)
+    length = whole.seqlen_k
+    count = max(1, min(splits, length))
+    if count == 1:
+        return _api.forward(whole)
+    outs, lses = [], []
+    for s in range(count):
+        a, c = s * length // count, (s + 1) * length // count
+        part = dataclasses.replace(whole, k=k[..., a:c, :], v=v[..., a:c, :], seqlen_k=c - a,
+                                   diag_offset=whole.diag_offset - a, sinks=whole.sinks if s == 0 else None)
+        o, l = _api.forward(part)
+        outs.append(o)
+        lses.append(l)
+    return _merge.merge_attention(outs, lses)

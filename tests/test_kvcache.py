@@ -1,0 +1,531 @@
+"""cuflash.attention_with_kvcache: attention over a KV cache with in-place append.
+
+Each sequence's result is checked against the float64 dense reference (reference.score_mods_ref)
+over its keys read from the cache by the test itself, position by position through the block
+table (so a wrong gather, page order or offset cannot hide), with the new keys taken from k and
+v, under tests/tolerance.py's rule. The append is checked byte for byte: after the call the
+cache's whole buffer equals its copy from before with exactly the new slots written, so nothing
+else changes (other sequences, positions past the new ones, spare pages, the padding of a
+strided layout). Caches are contiguous ``(B, Hk, Lmax, D)`` or flash-attn's ``(B, Lmax, Hk, D)``
+as a transposed view, or paged (random page order, spare pages, -1 past each sequence's pages,
+page sizes 1/16/64/256 with Lmax not a multiple of the page).
+
+GPU versions of the main cases are marked ``gpu`` (skipped without one).
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy
+import pytest
+
+import cuflash
+from reference import score_mods_ref, to_numpy
+from tolerance import assert_close
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+BF16 = numpy.dtype(ml_dtypes.bfloat16)
+
+
+def _dtype(name):
+    return BF16 if name == "bfloat16" else numpy.dtype(name)
+
+
+def _lse_dtype(dtype):
+    return numpy.dtype(numpy.float64 if _dtype(dtype) == numpy.float64 else numpy.float32)
+
+
+class Setup:
+    """A cache with random contents everywhere (unused slots and spare pages included), its
+    lengths, queries and new keys; host copies of everything as it was before the call."""
+
+    def __init__(self, rng, dtype, *, seqlens, lnew, lq, capacity, heads_q=4, heads_k=2, d=16, dv=8, page_size=None,
+                 layout="bhsd", spare_pages=3, xp=numpy):
+        self.xp, self.dtype = xp, _dtype(dtype)
+        self.seqlens = numpy.asarray(seqlens, numpy.int64)
+        self.lnew, self.page_size = lnew, page_size
+        batch = len(self.seqlens)
+        self.batch = batch
+        if page_size is None:
+            slots = (batch, capacity)
+            self.table = None
+        else:
+            max_pages = -(-capacity // page_size)
+            num_pages = batch * max_pages + spare_pages
+            table = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages)
+            used = -(-(self.seqlens + lnew) // page_size)
+            table[numpy.arange(max_pages)[None, :] >= used[:, None]] = -1  # never read
+            self.table = table.astype(numpy.int32)
+            slots = (num_pages, page_size)
+
+        def draw(shape):
+            return rng.standard_normal(shape).astype(self.dtype)
+
+        def cache(width):  # the buffer, and the (first, Hk, slot, width) view passed to cuflash
+            if layout == "bshd":
+                base = draw((slots[0], slots[1], heads_k, width))
+                return base, base.transpose(0, 2, 1, 3)
+            base = draw((slots[0], heads_k, slots[1], width))
+            return base, base
+
+        self.k_base, self.k_view = cache(d)
+        self.v_base, self.v_view = cache(dv)
+        self.q = draw((batch, heads_q, lq, d))
+        self.k = draw((batch, heads_k, lnew, d))
+        self.v = draw((batch, heads_k, lnew, dv))
+        self.layout = layout
+        self.before = [x.copy() for x in (self.k_base, self.v_base, self.q, self.k, self.v)]
+
+    def slot(self, b, position):
+        if self.table is None:
+            return b, position
+        return int(self.table[b, position // self.page_size]), position % self.page_size
+
+    def keys(self, b):
+        """(k, v) of sequence b after the append, (Hk, Lk, D): the old cache read slot by slot, then k and v."""
+        k_old, v_old = (base.transpose(0, 2, 1, 3) if self.layout == "bshd" else base for base in self.before[:2])
+        old = [self.slot(b, p) for p in range(int(self.seqlens[b]))]
+        result = []
+        for cache, new in ((k_old, self.k), (v_old, self.v)):
+            rows = [cache[first, :, pos] for first, pos in old]
+            stacked = numpy.stack(rows, axis=1) if rows else numpy.zeros(cache.shape[1:2] + (0,) + cache.shape[3:],
+                                                                          cache.dtype)
+            result.append(numpy.concatenate([stacked, new[b]], axis=1))
+        return result
+
+    def arguments(self, *, append=True, seqlens="array"):
+        xp = self.xp
+        arguments = dict(q=xp.asarray(self.q), k_cache=self.k_cache, v_cache=self.v_cache)
+        if append:
+            arguments.update(k=xp.asarray(self.k), v=xp.asarray(self.v))
+        arguments["cache_seqlens"] = xp.asarray(self.seqlens.astype(numpy.int32)) if seqlens == "array" else seqlens
+        if self.table is not None:
+            arguments["block_table"] = xp.array(self.table)
+        return arguments
+
+    @property
+    def k_cache(self):
+        return self._device("k")
+
+    @property
+    def v_cache(self):
+        return self._device("v")
+
+    def _device(self, name):
+        """The cache as passed: on the GPU, one device copy of the buffer kept for the test's life."""
+        if self.xp is numpy:
+            return getattr(self, f"{name}_view")
+        if not hasattr(self, f"_{name}_device"):
+            base = self.xp.asarray(getattr(self, f"{name}_base"))
+            setattr(self, f"_{name}_device", (base, base.transpose(0, 2, 1, 3) if self.layout == "bshd" else base))
+        return getattr(self, f"_{name}_device")[1]
+
+    def buffers(self):
+        """The caches' whole buffers now, on the host."""
+        if self.xp is numpy:
+            return self.k_base, self.v_base
+        self.k_cache, self.v_cache  # noqa: B018 (make sure the device copies exist)
+        return to_numpy(self._k_device[0]), to_numpy(self._v_device[0])
+
+    def expected_buffers(self, appended=True):
+        """The buffers as they must be: the copies from before with exactly the new slots written."""
+        k_base, v_base = (x.copy() for x in self.before[:2])
+        if appended:
+            for base, new in ((k_base, self.k), (v_base, self.v)):
+                view = base.transpose(0, 2, 1, 3) if self.layout == "bshd" else base
+                for b in range(self.batch):
+                    for t in range(self.lnew):
+                        first, pos = self.slot(b, int(self.seqlens[b]) + t)
+                        view[first, :, pos] = new[b, :, t]
+        return k_base, v_base
+
+    def assert_cache(self, appended=True):
+        for name, actual, expected in zip(("k_cache", "v_cache"), self.buffers(), self.expected_buffers(appended)):
+            assert actual.tobytes() == expected.tobytes(), f"{name}: bytes outside the new slots changed, or wrong"
+
+    def assert_inputs_unchanged(self, q, k, v):
+        for name, before, now in (("q", self.before[2], q), ("k", self.before[3], k), ("v", self.before[4], v)):
+            if now is not None:
+                assert to_numpy(now).tobytes() == before.tobytes(), f"{name} was modified"
+
+
+def _per_sequence(x, b, batch, heads_q):
+    return None if x is None else numpy.broadcast_to(to_numpy(x).astype(numpy.float64), (batch, heads_q))[b]
+
+
+def check(setup, out, lse, options, *, exact=False):
+    """out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) against each sequence's float64 reference."""
+    dtype = setup.dtype
+    out, lse = to_numpy(out), to_numpy(lse)
+    batch, heads_q = setup.q.shape[:2]
+    assert out.shape == setup.q.shape[:3] + setup.v.shape[3:] and out.dtype == dtype
+    assert lse.shape == setup.q.shape[:3] and lse.dtype == _lse_dtype(dtype.name)
+    mods = {key: value for key, value in options.items() if key not in ("alibi_slopes", "sinks")}
+    for b in range(batch):
+        k, v = setup.keys(b)
+        per = dict(mods, alibi_slopes=_per_sequence(options.get("alibi_slopes"), b, batch, heads_q),
+                   sinks=_per_sequence(options.get("sinks"), b, batch, heads_q))
+        ref_out, ref_lse = score_mods_ref(setup.q[b], k, v, **per)
+        baseline = None
+        if dtype.name in ("float16", "bfloat16"):
+            baseline = score_mods_ref(setup.q[b], k, v, dtype=dtype, **per)[0]
+        assert_close(out[b], ref_out, dtype=dtype, baseline=baseline, name=f"out[{b}]")
+        assert_close(lse[b], ref_lse, dtype=_lse_dtype(dtype.name), kind="lse", name=f"lse[{b}]")
+
+
+def _seqlens(rng, batch, capacity, lnew):
+    """0 and the fullest length first, then random ones."""
+    top = capacity - lnew
+    return [0, top] + [int(x) for x in rng.integers(0, top + 1, batch - 2)]
+
+
+# --- CPU: contiguous caches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lq", [1, 5, 64])
+@pytest.mark.parametrize("lnew", [0, 1, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_contiguous_cache(rng, dtype, lnew, lq):
+    for layout, causal in (("bhsd", False), ("bshd", True)):
+        setup = Setup(rng, dtype, seqlens=_seqlens(rng, 4, 70, lnew), lnew=lnew, lq=lq, capacity=70, layout=layout)
+        arguments = setup.arguments()
+        out, lse = cuflash.attention_with_kvcache(**arguments, causal=causal, return_lse=True)
+        setup.assert_cache()
+        setup.assert_inputs_unchanged(arguments["q"], arguments["k"], arguments["v"])
+        check(setup, out, lse, dict(causal=causal))
+
+
+@pytest.mark.parametrize("heads", [(3, 1), (6, 3), (2, 2)], ids=["mqa", "gqa", "mha"])
+def test_head_groups_and_equal_lengths(rng, heads):
+    """All sequences of one length (an int cache_seqlens) share one dense call; MQA, GQA, MHA."""
+    setup = Setup(rng, "float64", seqlens=[9, 9, 9], lnew=2, lq=3, capacity=12, heads_q=heads[0], heads_k=heads[1])
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(seqlens=9), causal=True, return_lse=True)
+    setup.assert_cache()
+    check(setup, out, lse, dict(causal=True))
+
+
+# --- CPU: paged caches -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lnew", [0, 1, 5])
+@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_cache(rng, dtype, page_size, lnew):
+    capacity = 300  # not a multiple of any page size here but 1: the table has room for more
+    slots = -(-capacity // page_size) * page_size
+    seqlens = [0, slots - lnew, capacity - lnew] + [int(x) for x in rng.integers(0, capacity - lnew, 2)]
+    layout = "bshd" if page_size in (16, 256) else "bhsd"
+    lq = int(rng.choice([1, 4, 17]))
+    setup = Setup(rng, dtype, seqlens=seqlens, lnew=lnew, lq=lq, capacity=capacity, page_size=page_size,
+                  layout=layout)
+    arguments = setup.arguments()
+    table = arguments["block_table"].copy()
+    out, lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
+    setup.assert_cache()
+    setup.assert_inputs_unchanged(arguments["q"], arguments["k"], arguments["v"])
+    assert (arguments["block_table"] == table).all()
+    check(setup, out, lse, dict(causal=True))
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_paged_equal_lengths_and_gqa(rng, page_size):
+    setup = Setup(rng, "float32", seqlens=[37, 37, 37], lnew=5, lq=6, capacity=100, page_size=page_size,
+                  heads_q=6, heads_k=2, layout="bshd")
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(seqlens=37), window=(20, 0), return_lse=True)
+    setup.assert_cache()
+    check(setup, out, lse, dict(window=(20, 0)))
+
+
+def test_views_of_a_contiguous_cache_no_copy(rng, monkeypatch):
+    """The dense calls read a contiguous cache where it lies; equal lengths take one call,
+    different ones one each."""
+    setup = Setup(rng, "float32", seqlens=[3, 8, 8], lnew=1, lq=2, capacity=16, layout="bshd")
+    seen, dense = [], cuflash._api.forward
+
+    def spy(problem, *args, **kwargs):
+        seen.append(problem)
+        return dense(problem, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash._api, "forward", spy)
+    cuflash.attention_with_kvcache(**setup.arguments())
+    assert len(seen) == 3
+    assert all(numpy.shares_memory(p.k, setup.k_base) and numpy.shares_memory(p.v, setup.v_base) for p in seen)
+    seen.clear()
+    cuflash.attention_with_kvcache(**setup.arguments(append=False, seqlens=9))
+    assert len(seen) == 1 and numpy.shares_memory(seen[0].k, setup.k_base)
+
+
+@pytest.mark.parametrize("form", ["int", "numpy-int", "0-d", "array", "none"])
+def test_cache_seqlens_forms(rng, form):
+    setup = Setup(rng, "float64", seqlens=[12, 12], lnew=0, lq=3, capacity=12)
+    value = {"int": 12, "numpy-int": numpy.int32(12), "0-d": numpy.array(12), "none": None}.get(form, "array")
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(append=False, seqlens=value), return_lse=True)
+    check(setup, out, lse, {})
+    setup.assert_cache(appended=False)
+
+
+# --- options, splits, rows that see nothing ------------------------------------------------
+
+
+OPTION_SETS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "causal-window": dict(causal=True, window=(6, 0)),
+    "window-ahead": dict(window=(3, 2)),
+    "top-left": dict(causal="top_left"),
+    "mods": dict(causal=True, softcap=2.5, alibi="heads", sinks="batch-heads"),
+    "mods-window": dict(window=(9, 4), alibi="batch-heads", sinks="heads", scale=0.4),
+}
+
+
+def _options(rng, name, batch, heads_q):
+    options = dict(OPTION_SETS[name])
+    shapes = {"heads": (heads_q,), "batch-heads": (batch, heads_q)}
+    if "alibi" in options:
+        options["alibi_slopes"] = rng.uniform(0.05, 0.5, shapes[options.pop("alibi")]).astype(numpy.float32)
+    if "sinks" in options:
+        options["sinks"] = rng.standard_normal(shapes[options.pop("sinks")]).astype(numpy.float32)
+    return options
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", OPTION_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_splits_equal_the_unsplit_call(rng, dtype, name, paged):
+    """num_splits 1, 2, 3 and 7 (more ranges than some sequences have keys) within tolerance of
+    the reference, each bitwise reproducible; sequences of 0, 1, 2 and many keys."""
+    setup = Setup(rng, dtype, seqlens=[0, 1, 2, 45, 61], lnew=0, lq=int(rng.choice([1, 9])), capacity=64,
+                  page_size=16 if paged else None)
+    options = _options(rng, name, setup.batch, setup.q.shape[1])
+    arguments = setup.arguments(append=False)
+    for splits in (0, 1, 2, 3, 7):
+        out, lse = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+        check(setup, out, lse, options)
+        again = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+        assert out.tobytes() == again[0].tobytes() and lse.tobytes() == again[1].tobytes(), splits
+    setup.assert_cache(appended=False)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_append_with_splits_and_modifiers(rng, splits):
+    setup = Setup(rng, "float32", seqlens=[0, 30, 17], lnew=5, lq=5, capacity=40, page_size=16, layout="bshd")
+    options = _options(rng, "mods", setup.batch, setup.q.shape[1])
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(), **options, num_splits=splits, return_lse=True)
+    setup.assert_cache()
+    check(setup, out, lse, options)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(0, 0)), dict(causal=True, sinks=True)],
+                         ids=["causal", "window", "causal-sinks"])
+def test_rows_that_see_no_key(rng, options, splits):
+    """Lq larger than a sequence's keys: under the bottom-right diagonal its first rows see
+    nothing and give out 0 and lse -inf (the sink with sinks); a sequence of no keys at all too."""
+    setup = Setup(rng, "float32", seqlens=[0, 2, 6], lnew=1, lq=10, capacity=8)
+    options = dict(options)
+    if options.pop("sinks", False):
+        options["sinks"] = rng.standard_normal(setup.q.shape[1]).astype(numpy.float32)
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(), **options, num_splits=splits, return_lse=True)
+    check(setup, out, lse, options)
+    for b, length in enumerate(setup.seqlens + setup.lnew):
+        blind = slice(0, 10 - int(length))  # rows i with i + Lk - Lq < 0
+        assert (out[b, :, blind] == 0).all()
+        expected = -numpy.inf if "sinks" not in options else options["sinks"][:, None]
+        assert (lse[b, :, blind] == expected).all()
+
+
+def test_out_is_written_and_returned(rng):
+    for seqlens in ([4, 9], [9, 9]):
+        setup = Setup(rng, "float32", seqlens=seqlens, lnew=0, lq=3, capacity=10)
+        out = numpy.full((2, 4, 3, 8), 7.0, numpy.float32)
+        result = cuflash.attention_with_kvcache(**setup.arguments(append=False), out=out, num_splits=2)
+        assert result is out
+        assert out.tobytes() == cuflash.attention_with_kvcache(**setup.arguments(append=False),
+                                                               num_splits=2).tobytes()
+        result, lse = cuflash.attention_with_kvcache(**setup.arguments(append=False), out=out, return_lse=True)
+        assert result is out and lse.shape == (2, 4, 3)
+
+
+def test_a_failing_sequence_restores_the_cache(rng, monkeypatch):
+    """Should a dense call refuse a sequence after the append (its values, on the CPU), the new
+    slots are put back as they were and out= is untouched."""
+    setup = Setup(rng, "float32", seqlens=[3, 7, 1], lnew=2, lq=2, capacity=12, page_size=4)
+    out = numpy.full((3, 4, 2, 8), 7.0, numpy.float32)
+    dense, calls = cuflash._api.forward, []
+
+    def refuse_the_second(problem, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("refused")
+        return dense(problem, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash._api, "forward", refuse_the_second)
+    with pytest.raises(ValueError, match="refused"):
+        cuflash.attention_with_kvcache(**setup.arguments(), out=out)
+    setup.assert_cache(appended=False)
+    assert (out == 7.0).all()
+
+
+def test_a_batch_of_nothing(rng):
+    setup = Setup(rng, "float64", seqlens=[], lnew=1, lq=3, capacity=5, page_size=2)
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(), sinks=numpy.ones(4), return_lse=True)
+    assert out.shape == (0, 4, 3, 8) and lse.shape == (0, 4, 3)
+
+
+# --- argument errors -------------------------------------------------------------------------
+
+
+def _bad(name, change, error, match, paged=False):
+    return pytest.param(change, error, match, paged, id=name)
+
+
+def _f32(x):
+    return x.astype(numpy.float32)
+
+
+ERRORS = [
+    _bad("q-3d", lambda a: a.update(q=a["q"][0]), ValueError, r"q must be 4-D \(B, Hq, Lq, D\)"),
+    _bad("q-list", lambda a: a.update(q=a["q"].tolist()), TypeError, r"q must be a numpy.ndarray \(CPU\) or a cupy"),
+    _bad("k_cache-list", lambda a: a.update(k_cache=[1]), TypeError, r"k_cache must be a numpy.ndarray like q"),
+    _bad("v_cache-dtype", lambda a: a.update(v_cache=_f32(a["v_cache"])), TypeError,
+         r"v_cache must have q's dtype float64, got float32"),
+    _bad("q-int", lambda a: a.update(q=a["q"].astype(numpy.int32)), TypeError, r"q must have dtype float16"),
+    _bad("v_cache-lmax", lambda a: a.update(v_cache=a["v_cache"][:, :, :10]), ValueError,
+         r"v_cache's first three axes \(B, Hk, Lmax\) must equal k_cache's \(3, 2, 12\)"),
+    _bad("k_cache-batch", lambda a: a.update(k_cache=a["k_cache"][:2], v_cache=a["v_cache"][:2]), ValueError,
+         r"k_cache must have shape \(B, Hk, Lmax, D\) with B = 3"),
+    _bad("k_cache-d", lambda a: a.update(k_cache=a["k_cache"][..., :5]), ValueError,
+         r"k_cache's last axis \(head dim D\) must equal q's"),
+    _bad("gqa", lambda a: a.update(q=numpy.concatenate([a["q"], a["q"][:, :1]], axis=1)), ValueError,
+         r"Hq=5 heads, k_cache has Hk=2"),
+    _bad("strided-last-axis", lambda a: a.update(k_cache=numpy.repeat(a["k_cache"], 2, axis=-1)[..., ::2]),
+         ValueError, r"k_cache must have a contiguous last axis"),
+    _bad("k-without-v", lambda a: a.pop("v"), ValueError, r"k and v must be given together"),
+    _bad("k-heads", lambda a: a.update(k=a["k"][:, :1]), ValueError, r"k must have shape \(B, Hk, Lnew, D\)"),
+    _bad("v-lnew", lambda a: a.update(v=a["v"][:, :, :1]), ValueError, r"v must have shape \(B, Hk, Lnew, Dv\)"),
+    _bad("k-dtype", lambda a: a.update(k=_f32(a["k"])), TypeError, r"k must have q's dtype float64"),
+    _bad("seqlens-int64", lambda a: a.update(cache_seqlens=a["cache_seqlens"].astype(numpy.int64)), TypeError,
+         r"cache_seqlens must be an int or a 1-D int32 array"),
+    _bad("seqlens-float", lambda a: a.update(cache_seqlens=2.0), TypeError, r"cache_seqlens must be an int"),
+    _bad("seqlens-length", lambda a: a.update(cache_seqlens=a["cache_seqlens"][:2]), ValueError,
+         r"cache_seqlens must have B = 3 entries"),
+    _bad("seqlens-negative", lambda a: a["cache_seqlens"].__setitem__(1, -1), ValueError,
+         r"cache_seqlens must be >= 0, got cache_seqlens\[1\] = -1"),
+    # sequence 0 and 1 would fit: nothing may be written for them either
+    _bad("seqlens-overflow-last", lambda a: a["cache_seqlens"].__setitem__(2, 11), ValueError,
+         r"cache_seqlens\[2\] = 11 plus Lnew = 2 new keys needs 13 slots, but the cache holds Lmax = 12"),
+    _bad("seqlens-none-append", lambda a: a.update(cache_seqlens=None), ValueError,
+         r"cache_seqlens is required to append"),
+    _bad("table-int64", lambda a: a.update(block_table=a["block_table"].astype(numpy.int64)), TypeError,
+         r"block_table must be a 2-D int32 array", paged=True),
+    _bad("table-batch", lambda a: a.update(block_table=a["block_table"][:2]), ValueError,
+         r"block_table must have shape \(B, max_pages\) with B = 3", paged=True),
+    _bad("table-page-range", lambda a: a["block_table"].__setitem__((2, 0), 99), ValueError,
+         r"block_table\[2, 0\] = 99 is not a page of the cache", paged=True),
+    _bad("table-shared-written-page", lambda a: a["block_table"].__setitem__((2, 0), a["block_table"][0, 1]),
+         ValueError, r"block_table: page \d+ receives new keys but is used 2 times", paged=True),
+    _bad("table-capacity", lambda a: a.update(block_table=a["block_table"][:, :2]), ValueError,
+         r"but the cache holds max_pages \* page_size = 8", paged=True),
+    _bad("splits-negative", lambda a: a.update(num_splits=-1), ValueError, r"num_splits must be >= 0"),
+    _bad("splits-bool", lambda a: a.update(num_splits=True), TypeError, r"num_splits must be an int"),
+    _bad("causal-ahead", lambda a: a.update(causal=True, window=(2, 1)), ValueError, r"window right must be 0"),
+    _bad("sinks-shape", lambda a: a.update(sinks=numpy.ones(3)), ValueError, r"sinks must broadcast"),
+    _bad("alibi-shape", lambda a: a.update(alibi_slopes=numpy.ones((2, 4))), ValueError,
+         r"alibi_slopes must broadcast to the output's leading axes \(3, 4\)"),
+    _bad("scale-inf", lambda a: a.update(scale=numpy.inf), ValueError, r"scale must be finite"),
+    _bad("return_lse", lambda a: a.update(return_lse=1), TypeError, r"return_lse must be a bool"),
+    _bad("read-only-cache", lambda a: a["k_cache"].setflags(write=False), ValueError,
+         r"k_cache must be writeable to append"),
+    _bad("broadcast-cache", lambda a: a.update(v_cache=numpy.lib.stride_tricks.as_strided(
+        a["v_cache"][:1], a["v_cache"].shape, (0,) + a["v_cache"].strides[1:])),
+         ValueError, r"v_cache must not have overlapping elements"),
+    _bad("k-inside-cache", lambda a: a.update(k=a["k_cache"][:, :, :2]), ValueError,
+         r"k_cache must not share memory with k"),
+    _bad("caches-shared", lambda a: a.update(v_cache=a["k_cache"][..., :8]), ValueError,
+         r"k_cache and v_cache must not share memory"),
+    _bad("out-shape", lambda a: a.update(out=numpy.zeros((3, 4, 2, 16))), ValueError,
+         r"out must have shape \(3, 4, 2, 8\) \(B, Hq, Lq, Dv\)"),
+    _bad("out-dtype", lambda a: a.update(out=numpy.zeros((3, 4, 2, 8), numpy.float32)), TypeError,
+         r"out must have q's dtype float64"),
+    _bad("out-in-cache", lambda a: a.update(out=a["v_cache"].reshape(-1)[:192].reshape(3, 4, 2, 8)), ValueError,
+         r"out must not share memory with v_cache"),
+]
+
+
+@pytest.mark.parametrize("change, error, match, paged", ERRORS)
+def test_bad_arguments_name_what_is_wrong_and_change_nothing(rng, change, error, match, paged):
+    setup = Setup(rng, "float64", seqlens=[3, 7, 1], lnew=2, lq=2, capacity=12, page_size=4 if paged else None)
+    out = numpy.full((3, 4, 2, 8), 7.0)
+    arguments = dict(setup.arguments(), out=out)
+    change(arguments)
+    with pytest.raises(error, match=match):
+        cuflash.attention_with_kvcache(**arguments)
+    setup.assert_cache(appended=False)
+    setup.assert_inputs_unchanged(setup.q, setup.k, setup.v)
+    assert (out == 7.0).all()
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+
+def _cupy():
+    return pytest.importorskip("cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lnew", [0, 1, 5])
+@pytest.mark.parametrize("page_size", [None, 16, 64, 256], ids=["contiguous", "page16", "page64", "page256"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_cache(rng, dtype, page_size, lnew):
+    cupy = _cupy()
+    capacity = 300
+    for lq, causal, layout in ((1, False, "bshd"), (16, True, "bhsd"), (64, True, "bshd")):
+        seqlens = [0, capacity - lnew] + [int(x) for x in rng.integers(0, capacity - lnew, 3)]
+        setup = Setup(rng, dtype, seqlens=seqlens, lnew=lnew, lq=lq, capacity=capacity, page_size=page_size,
+                      layout=layout, heads_q=8, heads_k=2, d=64, dv=64, xp=cupy)
+        arguments = setup.arguments()
+        out, lse = cuflash.attention_with_kvcache(**arguments, causal=causal, return_lse=True)
+        assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+        setup.assert_cache()
+        setup.assert_inputs_unchanged(arguments["q"], arguments["k"], arguments["v"])
+        check(setup, out, lse, dict(causal=causal))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", ["causal", "causal-window", "mods", "mods-window"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_splits(rng, dtype, name, paged):
+    cupy = _cupy()
+    setup = Setup(rng, dtype, seqlens=[0, 1, 200, 1000, 1000], lnew=0, lq=4, capacity=1024, heads_q=8, heads_k=1,
+                  d=128, dv=128, page_size=64 if paged else None, xp=cupy)
+    options = _options(rng, name, setup.batch, setup.q.shape[1])
+    options = {key: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for key, x in options.items()}
+    arguments = setup.arguments(append=False)
+    for splits in (0, 1, 2, 3, 16):
+        out, lse = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+        check(setup, out, lse, options)
+        again = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+        assert to_numpy(out).tobytes() == to_numpy(again[0]).tobytes(), splits
+        assert to_numpy(lse).tobytes() == to_numpy(again[1]).tobytes(), splits
+    setup.assert_cache(appended=False)
+
+
+@pytest.mark.gpu
+def test_gpu_equal_lengths_out_and_errors(rng):
+    cupy = _cupy()
+    setup = Setup(rng, "float16", seqlens=[100, 100], lnew=3, lq=2, capacity=128, page_size=16, xp=cupy,
+                  heads_q=4, heads_k=4, d=64, dv=64)
+    out = cupy.full((2, 4, 2, 64), 7, cupy.float16)
+    result, lse = cuflash.attention_with_kvcache(**setup.arguments(seqlens=100), out=out, causal=True,
+                                                 return_lse=True, num_splits=2)
+    assert result is out
+    setup.assert_cache()
+    check(setup, out, lse, dict(causal=True))
+    bad = setup.arguments(append=False)
+    bad["block_table"] = cupy.asarray(setup.table.astype(numpy.int64))
+    with pytest.raises(TypeError, match="block_table must be a 2-D int32 array"):
+        cuflash.attention_with_kvcache(**bad)
+    bad = setup.arguments(append=False)
+    bad["k_cache"] = to_numpy(bad["k_cache"])
+    with pytest.raises(TypeError, match="k_cache must be a cupy.ndarray like q"):
+        cuflash.attention_with_kvcache(**bad)
