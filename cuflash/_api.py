@@ -173,6 +173,7 @@ def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=Non
     forward. ``vjp`` may be called several times (with different ``dout``).
     """
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    _spec.check_deterministic(deterministic)  # every option is checked before the forward runs
     problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True, **mods)
     # A backward will follow: its kernels compile in the background beside the forward's.
     out, lse = forward(problem, prefetch_backward=deterministic)

@@ -10,7 +10,15 @@ broadcasting pairs q with k/v (GQA by splitting q's head axis into (Hkv, group),
 
 Arithmetic is float64 for float64 inputs and float32 otherwise (float16/bfloat16 are widened,
 as the kernels accumulate in float32). A row that sees no key gets out 0 and lse -inf, without
-NaN or floating-point warnings: every exponent is taken against a finite reference max.
+NaN or floating-point warnings: every exponent is taken against a finite reference max. A row
+whose scores hold NaN (or +inf) gets out and lse NaN, and so do its gradients.
+
+Non-finite values reach only the rows that see them: a key hidden from a row takes no part in
+it, not even as 0 * NaN. Hidden scores are selected away (``_apply_mask``), and a tile that the
+mask cuts whose P V product comes out non-finite is recomputed with the hidden pairs selected
+away too (``_visible_product``); tiles without a hidden pair or without a bad value pay nothing
+but one finiteness check of P V on the cut tiles. (The backward needs no such care: a gradient
+entry that is finite in the reference may come out non-finite next to a bad value.)
 
 Score modifiers (``_scores``): s = scale q.k, then softcap * tanh(s / softcap), then ALiBi's
 -slope * |i + diag - j|, then the mask. A sink is one more logit per row with no value: the
@@ -84,7 +92,7 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
 
     for keys in _key_tiles(p, rows):
         # S = Q_i K_j^T * scale, modified (softcap, ALiBi), with hidden keys at -inf
-        s, _ = _scores(p, q_block, k[..., keys, :], row_index, keys, slopes)
+        s, _, visible = _scores(p, q_block, k[..., keys, :], row_index, keys, slopes)
         # m_new = max(m_i, rowmax(S)); a row that has seen nothing yet keeps m_new = -inf, so
         # exponents are taken against m_ref = 0 there (its entries of S are -inf: exp gives 0).
         m_new = numpy.maximum(m_i, s.max(axis=-1))
@@ -94,15 +102,34 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
         alpha = numpy.exp(m_i - m_ref)
         # l_i = alpha l_i + rowsum(P~);  acc = alpha acc + P~ V_j
         l_i = alpha * l_i + p_tile.sum(axis=-1)
-        acc = alpha[..., None] * acc + p_tile @ v[..., keys, :]
+        v_tile = v[..., keys, :]
+        pv = p_tile @ v_tile
+        if visible is not None and not numpy.isfinite(pv).all():  # maybe 0 * NaN of a hidden key
+            pv = _visible_product(p_tile, v_tile, visible)
+        acc = alpha[..., None] * acc + pv
         m_i = m_new
 
-    # O_i = acc / l_i;  lse_i = m_i + log(l_i).  l_i == 0 exactly when the row saw no key.
-    seen = l_i > 0
-    l_safe = numpy.where(seen, l_i, 1)
+    # O_i = acc / l_i;  lse_i = m_i + log(l_i).  l_i == 0 exactly when the row saw no key; a row
+    # with a NaN score has l_i NaN, and so out and lse NaN (not the -inf of a row that saw nothing).
+    unseen = l_i == 0
+    l_safe = numpy.where(unseen, 1, l_i)
     out = acc / l_safe[..., None]
-    lse = numpy.where(seen, m_i + numpy.log(l_safe), -numpy.inf)
+    lse = numpy.where(unseen, -numpy.inf, m_i + numpy.log(l_safe))
     return out, lse
+
+
+def _visible_product(p_tile, v_tile, visible):
+    """P V over the visible (row, key) pairs only: the keys whose value holds NaN or inf are
+    summed by hand with their hidden pairs selected away, the rest by matmul. Rows that cannot
+    see a bad key get exactly the plain product of a clean call (their P is 0 at that key)."""
+    bad = ~numpy.isfinite(v_tile).all(axis=-1)  # v's leading axes + (keys,)
+    product = p_tile @ numpy.where(bad[..., None], 0, v_tile)
+    columns = numpy.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(axis=0))
+    if columns.size == 0:  # P V overflowed from finite values: nothing hidden to take out
+        return product
+    v_bad = numpy.where(bad[..., columns, None], v_tile[..., columns, :], 0)
+    terms = p_tile[..., columns, None] * v_bad[..., None, :, :]  # (..., rows, bad keys, Dv)
+    return product + numpy.where(visible[:, columns, None], terms, 0).sum(axis=-2)
 
 
 def backward(p: BackwardProblem):
@@ -144,7 +171,7 @@ def _backward(p: BackwardProblem):
         for keys in _key_tiles(p, rows):
             k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
             # P = exp(S - lse), S recomputed and modified as in the forward; hidden keys give 0
-            s, d_capped = _scores(p, q_i, k_j, row_index, keys, slopes)
+            s, d_capped, _ = _scores(p, q_i, k_j, row_index, keys, slopes)
             p_tile = numpy.exp(s - lse_ref[..., rows, None])
             # dV_j += P^T dO_i
             dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
@@ -202,9 +229,10 @@ def _per_row(p: Problem, values, lead, compute):
 
 
 def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
-    """(S, dS_modified/dS_raw or None): S = scale Q K^T, then softcap, then ALiBi, then the mask
-    (hidden keys at -inf). The second value is softcap's derivative 1 - tanh^2, for the backward's
-    chain rule."""
+    """(S, dS_modified/dS_raw or None, visible or None): S = scale Q K^T, then softcap, then ALiBi,
+    then the mask (hidden keys at -inf). The second value is softcap's derivative 1 - tanh^2, for
+    the backward's chain rule; the third the tile's (rows, keys) visibility, None when the mask
+    hides nothing in it."""
     compute = q_block.dtype
     s = (q_block @ numpy.swapaxes(k_tile, -1, -2)) * compute.type(p.scale)
     d_capped = None
@@ -215,7 +243,8 @@ def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
     if slopes is not None:
         distance = numpy.abs(row_index + p.diag_offset - numpy.arange(keys.start, keys.stop)[None, :])
         s = s - slopes[..., None] * distance.astype(compute)
-    return _apply_mask(p, s, row_index, keys), d_capped
+    s, visible = _apply_mask(p, s, row_index, keys)
+    return s, d_capped, visible
 
 
 def _key_tiles(p: Problem, rows: slice):
@@ -227,11 +256,12 @@ def _key_tiles(p: Problem, rows: slice):
 
 
 def _apply_mask(p: Problem, s, row_index, keys: slice):
-    """S with the keys hidden from each row set to -inf; tiles seen whole pass through untouched."""
+    """(S with the keys hidden from each row set to -inf, the (rows, keys) visibility); tiles seen
+    whole pass through untouched, with visibility None."""
     visible = p.visible(row_index, numpy.arange(keys.start, keys.stop)[None, :])
     if visible.all():
-        return s
-    return numpy.where(visible, s, -numpy.inf)
+        return s, None
+    return numpy.where(visible, s, -numpy.inf), visible
 
 
 def _sum_to_shape(grad, shape):

@@ -2,9 +2,14 @@
 
 ``resolve_forward`` and ``resolve_backward`` turn the public arguments into a frozen ``Problem``:
 arrays of one kind (NumPy or CuPy) and one floating dtype, the broadcast leading shape, the
-sequence lengths and head dims, the GQA group, a finite ``scale``, and the mask normalised into
-three ints. Everything a caller can get wrong is checked here, and all of it is checked before
-anything the caller owns (``out=``) is touched, so the backends only ever see valid problems.
+sequence lengths and head dims, the GQA group, a finite ``scale`` (finite in float32 too, but for
+float64 inputs), and the mask normalised into three ints. Everything a caller can get wrong is
+checked here, and all of it is checked before anything the caller owns (``out=``) is touched, so
+the backends only ever see valid problems.
+
+Values are read only from NumPy arrays (on CuPy arrays a host sync on every call would cost more
+than it checks): a +inf sink, and a scale that with these q and k could overflow the scores
+(``_check_score_range``), raise ValueError on the CPU; CuPy inputs are not checked for them.
 
 The mask. Every mask (none, causal in either alignment, a local window, causal + window) is
 ``window_left``, ``window_right`` (-1 = unbounded on that side) and ``diag_offset``:
@@ -145,8 +150,7 @@ def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, windo
                      alibi_slopes=None, sinks=None, deterministic=False) -> BackwardProblem:
     """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
     (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
-    if not isinstance(deterministic, (bool, numpy.bool_)):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    check_deterministic(deterministic)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
                              alibi_slopes=alibi_slopes, sinks=sinks)
     for name, array in (("out", out), ("dout", dout)):
@@ -159,6 +163,13 @@ def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, windo
     if tuple(lse.shape) != fields["lse_shape"]:
         raise ValueError(f"lse must have shape {fields['lse_shape']} (leading axes + (Lq,)), got {tuple(lse.shape)}")
     return BackwardProblem(**fields, out=None, return_lse=False, dout=dout, o=out, lse=lse, deterministic=bool(deterministic))
+
+
+def check_deterministic(deterministic) -> None:
+    """``deterministic`` must be a bool (or numpy.bool_): checked by the backward, and by
+    ``attention_vjp`` before its forward runs."""
+    if not isinstance(deterministic, (bool, numpy.bool_)):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
 
 # --- arrays: kind, device, dtype -------------------------------------------------------------
@@ -287,6 +298,14 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
     lead_shape, kv_lead_shape, kv_group = _broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     window_left, window_right, diag_offset = _normalise_mask(causal, window, seqlen_q, seqlen_k)
     device = None if xp is numpy else q.device.id
+    scale = _resolve_scale(scale, head_dim, dtype)
+    score_dtype = numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32)
+    softcap = _resolve_softcap(softcap)
+    alibi_slopes = _per_head("alibi_slopes", alibi_slopes, xp, device, lead_shape)
+    sinks = _per_head("sinks", sinks, xp, device, lead_shape)
+    if xp is numpy:  # reading values of CuPy arrays would cost a host sync on every call
+        _check_sinks_values(sinks)
+        _check_score_range(q, k, scale, score_dtype)
     return dict(
         xp=xp,
         dtype=dtype,
@@ -300,17 +319,17 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
         head_dim=int(head_dim),
         head_dim_v=int(head_dim_v),
         kv_group=kv_group,
-        scale=_resolve_scale(scale, head_dim),
+        scale=scale,
         window_left=window_left,
         window_right=window_right,
         diag_offset=diag_offset,
         has_window=window_left >= 0 or window_right >= 0,
-        softcap=_resolve_softcap(softcap),
-        alibi_slopes=_per_head("alibi_slopes", alibi_slopes, xp, device, lead_shape),
-        sinks=_per_head("sinks", sinks, xp, device, lead_shape),
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
         out_shape=lead_shape + (int(seqlen_q), int(head_dim_v)),
         lse_shape=lead_shape + (int(seqlen_q),),
-        lse_dtype=numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32),
+        lse_dtype=score_dtype,
     )
 
 
@@ -345,7 +364,15 @@ def _broadcast_leading(q_lead, k_lead, v_lead):
     return lead, lead, 1
 
 
-def _resolve_scale(scale, head_dim: int) -> float:
+# float16, bfloat16 and float32 inputs compute their scores in float32, and the kernels fold
+# log2(e) into the scale (exp2 units): |scale| * log2(e) must be a finite float32.
+_LOG2E = 1.4426950408889634
+_MAX_FLOAT32_SCALE = float(numpy.finfo(numpy.float32).max) / _LOG2E
+
+
+def _resolve_scale(scale, head_dim: int, dtype=None) -> float:
+    """A finite float; for inputs of ``dtype`` other than float64 (None: not checked), at most
+    float32's range / log2(e) in magnitude, as the scores and the kernels' scale are float32."""
     if scale is None:
         # With D == 0 every score is 0 whatever the scale; 1/sqrt(0) would turn them into NaN.
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
@@ -357,7 +384,80 @@ def _resolve_scale(scale, head_dim: int) -> float:
         value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {scale!r}")
+    if dtype is not None and numpy.dtype(dtype) != numpy.float64 and abs(value) > _MAX_FLOAT32_SCALE:
+        raise ValueError(
+            f"scale must be finite in float32, the score type of {numpy.dtype(dtype).name} inputs "
+            f"(|scale| * log2(e) <= float32's max, i.e. |scale| <= {_MAX_FLOAT32_SCALE:.4g}), got {scale!r}")
     return value
+
+
+_SCORE_LIMITS = {numpy.dtype(t): float(numpy.finfo(t).max) / 2 for t in (numpy.float32, numpy.float64)}
+_NATIVE_FLOATS = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _check_score_range(q, k, scale: float, score_dtype: numpy.dtype) -> None:
+    """Raise ValueError when a score, or q . k before scaling, could overflow ``score_dtype``.
+
+    |scale * q_i . k_j| <= |scale| * |q_i| * |k_j| (Cauchy-Schwarz), so the bound
+    max(1, |scale|) * max_i |q_i| * max_j |k_j| must stay within half the score type's largest
+    value (room for the kernels' exp2 units, x log2(e)). Non-finite entries of q and k are left
+    out: they propagate as documented. NumPy arrays only (CuPy's would need a host sync). Cost:
+    nothing for float16 (its range bounds the scores already), else a max and a min per input
+    (~7 us on small arrays), and row norms only when that coarse bound fails.
+    """
+    limit = _SCORE_LIMITS[score_dtype]
+    factor = max(1.0, abs(scale))
+    dtype_max = float(numpy.finfo(q.dtype).max) if q.dtype in _NATIVE_FLOATS else math.inf
+    if factor * dtype_max * dtype_max * q.shape[-1] <= limit:  # float16: any values, any sane scale
+        return
+    q_max, k_max = _finite_abs_max(q), _finite_abs_max(k)
+    if factor * q_max * k_max * q.shape[-1] <= limit:  # the norms are at most sqrt(D) * max |x|
+        return
+    with numpy.errstate(all="ignore"):
+        bound = factor * _finite_max_norm(q, q_max) * _finite_max_norm(k, k_max)
+    if bound > limit:
+        if factor > 1:
+            raise ValueError(
+                f"scale {scale!r} with these q and k can overflow the {score_dtype.name} scores: |scale| * "
+                f"max_i |q_i| * max_j |k_j| = {bound:.4g} exceeds {limit:.4g} (half of {score_dtype.name}'s "
+                f"max); use a smaller scale or smaller q and k")
+        raise ValueError(
+            f"q . k can overflow the {score_dtype.name} scores before scale ({scale!r}) multiplies it: "
+            f"max_i |q_i| * max_j |k_j| = {bound:.4g} exceeds {limit:.4g} (half of {score_dtype.name}'s max); "
+            f"scale q and k down (and scale up)")
+
+
+def _finite_abs_max(a) -> float:
+    """max |a| over a's finite entries (0 for none): two plain reductions when all are finite."""
+    if a.size == 0:
+        return 0.0
+    if a.dtype in _NATIVE_FLOATS:  # NaN passes their reductions silently
+        top, bottom = float(numpy.maximum.reduce(a, axis=None)), float(numpy.minimum.reduce(a, axis=None))
+    else:  # bfloat16's reductions warn on NaN
+        with numpy.errstate(invalid="ignore"):
+            top, bottom = float(numpy.maximum.reduce(a, axis=None)), float(numpy.minimum.reduce(a, axis=None))
+    if math.isfinite(top) and math.isfinite(bottom):
+        return max(abs(top), abs(bottom))
+    finite = a[numpy.isfinite(a)]
+    return float(numpy.abs(finite).max()) if finite.size else 0.0
+
+
+def _finite_max_norm(a, a_max: float) -> float:
+    """max over rows of the Euclidean norm of a's last axis, non-finite entries as 0, in float64
+    (scaled by ``a_max`` = max |a| so that no square overflows)."""
+    if a.size == 0 or a_max == 0:
+        return 0.0
+    x = a.astype(numpy.float64)
+    x[~numpy.isfinite(x)] = 0
+    x /= a_max
+    return float(numpy.sqrt((x * x).sum(axis=-1)).max()) * a_max
+
+
+def _check_sinks_values(sinks) -> None:
+    """A sink of +inf would take every row's whole softmax (inf - inf in the running max: NaN);
+    -inf (no sink) and NaN (propagates, as a NaN input) are allowed."""
+    if sinks is not None and sinks.size and bool((sinks == numpy.inf).any()):
+        raise ValueError("sinks must be finite or -inf (-inf: no sink), got +inf")
 
 
 def _resolve_softcap(softcap) -> float | None:
@@ -460,8 +560,9 @@ def _check_out(out, q, k, v, xp, fields) -> None:
         raise ValueError(f"out must be on q's device {q.device.id}, got device {out.device.id}")
     if _has_internal_overlap(out):
         raise ValueError("out must not have overlapping elements (a broadcast or self-overlapping view)")
-    for name, array in (("q", q), ("k", k), ("v", v)):
-        if _overlaps(out, array, xp):
+    for name, array in (("q", q), ("k", k), ("v", v), ("alibi_slopes", fields.get("alibi_slopes")),
+                        ("sinks", fields.get("sinks"))):
+        if array is not None and _overlaps(out, array, xp):
             raise ValueError(f"out must not share memory with {name}")
 
 

@@ -141,10 +141,6 @@ def _empty_batch(w, **options):
     return cuflash.attention_varlen(w.pq[:0], w.pk[:0], w.pv[:0], empty, empty, **options)
 
 
-DEFECT_VJP = "cuflash.attention_vjp checks deterministic only when vjp() runs, after the forward"
-DEFECT_OUT_SINKS = "_spec._check_out checks overlap with q, k and v only, not with sinks or alibi_slopes"
-
-
 def _case(name, call, error, match, needs=None, defect=None):
     marks = []
     if needs == "torch":
@@ -172,11 +168,10 @@ CASES = [
           ValueError, r"sinks must broadcast to the output's leading axes \(\) "),
     _case("attention-out-overlaps-sinks",
           lambda w: cuflash.attention(w.q, w.k, w.v, sinks=w.out_buf[0, :, 0, 0], out=w.out_buf),
-          ValueError, r"out must not share memory with sinks", defect=DEFECT_OUT_SINKS),
+          ValueError, r"out must not share memory with sinks"),
     _case("attention-sinks-plus-inf",
           lambda w: cuflash.attention(w.q, w.k, w.v, sinks=numpy.full(3, numpy.inf, numpy.float32), out=w.out_buf),
-          ValueError, r"sinks must be .*finite|sinks .* \+inf",
-          defect="_spec accepts sinks = +inf; the CPU backend then returns NaN (inf - inf in the running max)"),
+          ValueError, r"sinks must be .*finite|sinks .* \+inf"),
     # --- cuflash.attention_backward: tensors and options that no forward could have produced ---
     _case("backward-causal-window-right", lambda w: _backward(w, causal=True, window=(2, 1)),
           ValueError, r"window right must be 0 or -1 with causal"),
@@ -207,7 +202,7 @@ CASES = [
     _case("vjp-causal-window-right", lambda w: cuflash.attention_vjp(w.q, w.k, w.v, causal=True, window=(1, 2)),
           ValueError, r"window right must be 0 or -1 with causal"),
     _case("vjp-deterministic-str", lambda w: cuflash.attention_vjp(w.q, w.k, w.v, deterministic="yes"),
-          TypeError, r"deterministic must be a bool", defect=DEFECT_VJP),
+          TypeError, r"deterministic must be a bool"),
     # --- cuflash.attention_varlen ------------------------------------------------------------------
     _case("varlen-k-2d", lambda w: _varlen(w, k=w.pk[:, 0]), ValueError, r"k must be 3-D \(total tokens, heads"),
     _case("varlen-v-tokens", lambda w: _varlen(w, v=w.pv[:11]),

@@ -205,10 +205,11 @@ def _forward_leak_allowed(case):
     return case["near"][:, BAD_KEY] & ~case["vis"][:, BAD_KEY]
 
 
-def _cpu_lse_defect(mask, where, value_name):
-    """The cases whose backward the CPU backend's lse defect (test_a_nan_row_has_a_nan_lse) breaks:
+def _nan_lse_defect(mask, where, value_name):
+    """The cases whose backward the GPU kernels' lse defect (test_a_nan_row_has_a_nan_lse) breaks:
     rows with a +inf and a -inf score (q = +-inf) or with a NaN/+inf score (a bad k entry the row
-    sees; under top_left no row sees key BAD_KEY). With the lse fixed, all of them pass."""
+    sees; under top_left no row sees key BAD_KEY). The CPU backend, whose lse is NaN there, passes
+    all of them."""
     return (where == "q" and value_name != "nan") or (where == "k" and mask != "top_left")
 
 
@@ -240,11 +241,11 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request
     case = _non_finite_case(rng, backend, dtype_name, mask, where, value_name)
     dq, dk, dv = case["bad"][2:]
     reference = case["ref"][2:]
-    if _cpu_lse_defect(mask, where, value_name):
+    if backend == "gpu" and _nan_lse_defect(mask, where, value_name):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "both backends (GPU measured on an H200 2026-11-30): a row whose scores hold NaN gets lse = -inf (as if "
-            "it saw no key) instead of NaN, so the backward recomputes P = exp(s - 0) there and leaves finite "
-            "gradients the reference has as NaN")))
+            "GPU kernels (measured on an H200 2026-11-30; the CPU backend is fixed): a row whose scores hold NaN "
+            "gets lse = -inf (as if it saw no key) instead of NaN, so the backward recomputes P = exp(s - 0) there "
+            "and leaves finite gradients the reference has as NaN")))
     for name, got, clean, ref, exposed in (("dq", dq, case["clean"][2], reference[0], case["rows"]),
                                            ("dk", dk, case["clean"][3], reference[1], case["keys"]),
                                            ("dv", dv, case["clean"][4], reference[2], case["keys"])):
@@ -252,11 +253,10 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=(
-        "CPU backend: _forward_block's lse is m_i + log(l_i) only where l_i > 0, and NaN > 0 is False, so a row "
-        "with NaN scores reports lse = -inf (the 'sees no key' value) while its out is NaN"))),
+    "cpu",
     pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.xfail(strict=True, reason=(
-        "GPU kernels (H200, 2026-11-30): the same as the CPU backend, lse = -inf for a row with NaN scores"))]),
+        "GPU kernels (H200, 2026-11-30; the CPU backend is fixed): a row whose scores hold NaN still reports "
+        "lse = -inf (the 'sees no key' value) while its out is NaN"))]),
 ])
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("where", ["q", "k"])
@@ -270,14 +270,11 @@ def test_a_nan_row_has_a_nan_lse(rng, backend, dtype_name, where):
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=(
-        "CPU backend: P @ V over a partially visible key tile multiplies a hidden key's NaN/inf value by its zero "
-        "probability (0 * NaN = NaN), so rows that cannot see the key become NaN; the kernels' P V mma does the "
-        "same. Either select instead of multiply, or document that non-finite values in hidden keys of the same "
-        "tile propagate"))),
+    "cpu",
     pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.xfail(strict=True, reason=(
-        "GPU kernels (H200, 2026-11-30): the P V mma multiplies a hidden key's NaN/inf value by 0, as the CPU "
-        "backend"))]),
+        "GPU kernels (H200, 2026-11-30; the CPU backend is fixed): the P V mma over a partially visible key tile "
+        "multiplies a hidden key's NaN/inf value by its zero probability (0 * NaN = NaN), so rows that cannot see "
+        "the key become NaN"))]),
 ])
 @pytest.mark.parametrize("value_name", list(VALUES))
 @pytest.mark.parametrize("mask", ["causal", "window"])
@@ -354,9 +351,6 @@ def test_logits_of_magnitude_1e4(rng, backend, dtype_name, how, sign, causal):
 # --- scales that overflow ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_spec._resolve_scale only checks that scale is finite as a Python float; the scores are computed in float32 "
-    "for float16/bfloat16/float32 inputs, where 1e39 is inf, and the call returns NaN instead of raising"))
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("scale", [1e39, -1e39, 1e300])
 def test_a_scale_beyond_the_score_precision_is_rejected(rng, dtype_name, scale):
@@ -377,10 +371,6 @@ def test_a_scale_that_float64_represents_is_accepted_for_float64(rng):
     assert numpy.isfinite(out).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A scale finite in float32 whose products scale * q.k overflow float32 (3e38 * ~10): the CPU backend returns "
-    "NaN rows (lse +inf) with no error. Either reject it (it needs max |q| and |k|) or compute the softmax "
-    "without forming the overflowing score"))
 @pytest.mark.parametrize("dtype_name, scale", [("float32", 3e38), ("float16", 3e38), ("float64", 1e308)])
 def test_scores_that_overflow_raise_or_stay_finite(rng, dtype_name, scale):
     dtype = _dtype(dtype_name)
@@ -393,6 +383,55 @@ def test_scores_that_overflow_raise_or_stay_finite(rng, dtype_name, scale):
             assert "scale" in str(error)
             return
     assert numpy.isfinite(numpy.asarray(out, numpy.float64)).all(), "NaN or inf in out"
+
+
+@pytest.mark.parametrize("dtype_name, scale", [("float32", 1e38), ("bfloat16", 1e38), ("float64", 5e307)])
+def test_a_scale_that_overflows_these_scores_is_rejected_before_anything_runs(rng, dtype_name, scale):
+    """A scale the score type holds, whose scores with these q and k do not fit it (|q_i| |k_j| ~ 8):
+    ValueError naming scale, from the forward and the backward alike, out= untouched."""
+    dtype = _dtype(dtype_name)
+    q, k, v = (rng.standard_normal((1, 2, 7, 8)).astype(dtype) for _ in range(3))
+    out = numpy.full((1, 2, 7, 8), 7.0, dtype)
+    with pytest.raises(ValueError, match=r"scale .* can overflow the float(32|64) scores"):
+        cuflash.attention(q, k, v, scale=scale, out=out)
+    assert (numpy.asarray(out, numpy.float64) == 7.0).all(), "out was written before the error"
+    fine, lse = cuflash.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"scale .* can overflow"):
+        cuflash.attention_backward(fine, q, k, v, fine, lse, scale=scale)
+
+
+@pytest.mark.parametrize("dtype_name, scale", [("float32", 2e38), ("float64", 1e300)])
+def test_a_huge_scale_with_tiny_inputs_is_no_overflow(rng, dtype_name, scale):
+    """The check bounds the scores, not the scale: q and k of 1e-19 (1e-150) bring them back to ~1."""
+    tiny = 1e-19 if dtype_name == "float32" else 1e-150
+    q, k = ((rng.standard_normal((2, 9, 8)) * tiny).astype(dtype_name) for _ in range(2))
+    v = rng.standard_normal((2, 9, 8)).astype(dtype_name)
+    out, lse = cuflash.attention(q, k, v, scale=scale, return_lse=True)
+    ref_out, ref_lse = attention_ref(q, k, v, scale=scale)
+    numpy.testing.assert_allclose(out, ref_out, rtol=1e-3 if dtype_name == "float32" else 1e-10, atol=1e-5)
+    numpy.testing.assert_allclose(lse, ref_lse, rtol=1e-4 if dtype_name == "float32" else 1e-10)
+
+
+def test_a_non_finite_entry_does_not_count_towards_the_score_bound(rng):
+    """inf and NaN in q or k propagate (as above); they are no reason to reject the scale."""
+    q, k, v = (rng.standard_normal((1, 7, 8)).astype(numpy.float32) for _ in range(3))
+    k[0, :4, 2] = [1.0, -1.0, 1.0, -1.0]  # row 3 scores +inf and -inf: a NaN row
+    q[0, 3, 2], k[0, 5, 1] = numpy.inf, numpy.nan
+    with warnings.catch_warnings(), numpy.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = cuflash.attention(q, k, v, scale=1e30, causal=True)  # rows 0-2 do not see key 5
+    assert numpy.isnan(out[0, 3]).all() and numpy.isfinite(out[0, :3]).all()
+
+
+def test_a_nan_sink_propagates_and_minus_inf_is_no_sink(rng):
+    q, k, v = (rng.standard_normal((1, 2, 6, 4)) for _ in range(3))
+    with warnings.catch_warnings(), numpy.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, lse = cuflash.attention(q, k, v, sinks=numpy.array([numpy.nan, -numpy.inf]), return_lse=True)
+    assert numpy.isnan(out[0, 0]).all() and numpy.isnan(lse[0, 0]).all()
+    plain_out, plain_lse = cuflash.attention(q[:, 1], k[:, 1], v[:, 1], return_lse=True)
+    numpy.testing.assert_array_equal(out[0, 1], plain_out[0])
+    numpy.testing.assert_array_equal(lse[0, 1], plain_lse[0])
 
 
 # --- rows that see no key -----------------------------------------------------------------------------

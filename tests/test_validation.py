@@ -106,6 +106,13 @@ OPTION_CASES = [
     ("scale-minus-inf", dict(scale=-numpy.inf), ValueError, r"scale must be finite"),
     ("scale-float32-inf", dict(scale=numpy.float32("inf")), ValueError, r"scale must be finite"),
     ("scale-huge-int", dict(scale=10**400), ValueError, r"scale must be finite"),
+    # float32 scores (float16/bfloat16/float32 inputs): the kernels' scale * log2(e) must be a float32
+    ("scale-beyond-float32", dict(scale=3e38), ValueError, r"scale must be finite in float32"),
+    ("scale-beyond-float32-negative", dict(scale=-2.4e38), ValueError, r"scale must be finite in float32"),
+    # a float32 scale whose scores overflow with these q, k (|q_i| |k_j| ~ 8): NumPy inputs are checked
+    ("scale-overflows-the-scores", dict(scale=1e38), ValueError, r"scale 1e\+38 .* overflow the float32 scores"),
+    ("sinks-plus-inf", dict(sinks=numpy.array([0.0, numpy.inf, 0.0], numpy.float32)), ValueError,
+     r"sinks must be finite or -inf"),
     ("causal-str", dict(causal="yes"), ValueError, r"causal must be False, True, 'bottom_right' or 'top_left'"),
     ("causal-upper", dict(causal="TOP_LEFT"), ValueError, r"causal must be"),
     ("causal-int", dict(causal=1), TypeError, r"causal must be a bool"),
@@ -175,6 +182,20 @@ def test_out_must_not_share_memory_with_an_input(rng, victim, how):
         assert numpy.array_equal(array, snapshot_inputs[name]), f"{name} was modified"
 
 
+@pytest.mark.parametrize("victim", ["alibi_slopes", "sinks"])
+def test_out_must_not_share_memory_with_a_per_head_array(rng, victim):
+    """The same rule as for q, k and v: out= must not overlap alibi_slopes or sinks either."""
+    q, k, v = base_arrays(rng)
+    out = numpy.full((2, 3, 10, 6), SENTINEL, numpy.float32)
+    per_head = out[0, :, 0, 0]  # (3,), inside out
+    before = out.copy()
+    with pytest.raises(ValueError, match=f"out must not share memory with {victim}"):
+        cuflash.attention(q, k, v, out=out, **{victim: per_head})
+    assert out.tobytes() == before.tobytes()
+    # a disjoint per-head array is fine
+    cuflash.attention(q, k, v, out=out, **{victim: per_head.copy()})
+
+
 def test_out_interleaved_with_an_input_but_disjoint_is_accepted(rng):
     buffer = rng.standard_normal((2, 3, 10, 16)).astype(numpy.float32)
     q, out = buffer[..., :8], buffer[..., 8:]
@@ -227,10 +248,14 @@ def test_bad_backward_arguments(rng, replace, error, match):
         (dict(deterministic=1), TypeError, r"deterministic must be a bool"),
         (dict(deterministic="yes"), TypeError, r"deterministic must be a bool"),
         (dict(scale=float("nan")), ValueError, r"scale must be finite"),
+        (dict(scale=1e39), ValueError, r"scale must be finite in float32"),
+        (dict(scale=1e38), ValueError, r"overflow the float32 scores"),
+        (dict(sinks=numpy.full(3, numpy.inf, numpy.float32)), ValueError, r"sinks must be finite or -inf"),
         (dict(causal="diagonal"), ValueError, r"causal must be"),
         (dict(window=(0, -3)), ValueError, r"window right must be >= -1"),
     ],
-    ids=["deterministic-int", "deterministic-str", "scale", "causal", "window"],
+    ids=["deterministic-int", "deterministic-str", "scale", "scale-float32", "scale-scores", "sinks-plus-inf",
+         "causal", "window"],
 )
 def test_bad_backward_options(rng, options, error, match):
     with pytest.raises(error, match=match):
