@@ -18,6 +18,7 @@ from . import kernels, tiles
 from .params import BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
 
 LOG2E = 1.4426950408889634
+_FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 MAX_GRID_Y = 65535
 MAX_GRID_X = 2**31 - 1
 
@@ -464,7 +465,9 @@ def _fwd_struct(p, layout: _Layout, q, v, kv_group: int | None = None):
     s["diag_offset"] = p.diag_offset
     s["heads_per_section"] = _heads_per_section(p, layout.grid_x, (q.shape[-1] + v.shape[-1]) * q.dtype.itemsize)
     s["scale"] = p.scale
-    s["scale_log2"] = p.scale * LOG2E
+    # float32 for the 16/32-bit kernels (the scale's range is checked by _spec); the float64 kernels
+    # read `scale`, and a float64 scale beyond float32 is clipped here rather than overflowing.
+    s["scale_log2"] = min(max(p.scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
     return s
 
 
