@@ -1,6 +1,7 @@
 """JAX adapter: cuflash on JAX arrays, through DLPack, eagerly.
 
 ``attention(q, k, v, **options)`` takes JAX arrays, hands them to :func:`cuflash.attention`
+(``attention_varlen``, flash-attn's packed sequences: to :func:`cuflash.attention_varlen`)
 without a copy (GPU: ``cupy.from_dlpack``; CPU: ``numpy.asarray``, which keeps bfloat16) and
 returns JAX arrays on the same device (GPU: ``jax.dlpack.from_dlpack``). It is differentiable
 with ``jax.grad`` / ``jax.vjp`` through a ``jax.custom_vjp`` whose backward is
@@ -22,9 +23,9 @@ except ImportError as error:  # pragma: no cover - exercised only where jax is m
 
 import numpy
 
-from . import _api
+from . import _api, _varlen
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_varlen"]
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
               deterministic=False, return_lse=False):
@@ -73,6 +74,80 @@ def _differentiable(options, deterministic):
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
+                     scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+                     deterministic=False, return_lse=False):
+    """:func:`cuflash.attention_varlen` on JAX arrays (flash-attn's packed layout); returns JAX
+    arrays on the inputs' device.
+
+    q ``(total_q, Hq, D)``, k ``(total_k, Hk, D)``, v ``(total_k, Hk, Dv)``, ``cu_seqlens_*`` int32
+    ``(B + 1,)`` and ``seqused_k`` int32 ``(B,)`` JAX arrays on q's device; the options as
+    :func:`cuflash.attention_varlen` (``alibi_slopes`` ``(Hq,)`` or ``(B, Hq)``, ``sinks`` JAX
+    arrays). Differentiable in q, k, v and ``sinks`` (``jax.grad``, ``jax.vjp``) through a
+    ``jax.custom_vjp`` whose backward is :func:`cuflash.attention_varlen_backward`, outside
+    ``jax.jit`` only; the lengths carry no gradient. With ``return_lse=True`` it returns ``(out,
+    lse)`` (lse ``(Hq, total_q)``) and is not differentiable (use it for inference).
+    """
+    for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
+        if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("seqused_k", seqused_k)):
+        if x is not None or name != "seqused_k":
+            _check_concrete(x, name)
+    options = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=causal, window=window,
+                   softcap=softcap, alibi_slopes=alibi_slopes)
+    lengths = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
+    if return_lse:
+        return _varlen_forward(q, k, v, sinks, lengths, options)
+    return _differentiable_varlen(lengths, options, bool(deterministic))(q, k, v, sinks)
+
+
+def _differentiable_varlen(lengths, options, deterministic):
+    """attention_varlen as a custom_vjp function of (q, k, v, sinks); the lengths (integer arrays,
+    no cotangent) and options are closed over, as the dense one closes over its options."""
+
+    @jax.custom_vjp
+    def attend(q, k, v, sinks):
+        return _varlen_forward(q, k, v, sinks, lengths, options)[0]
+
+    def attend_forward(q, k, v, sinks):
+        out, lse = _varlen_forward(q, k, v, sinks, lengths, options)
+        return out, (q, k, v, sinks, out, lse)
+
+    def attend_backward(saved, dout):
+        q, k, v, sinks, out, lse = saved
+        device = _device_of(q)
+        dout = jax.device_put(dout, device)  # JAX may hand it over on its default device
+        arrays = [_to_cuflash(x, name) for name, x in (("dout", dout), ("saved q", q), ("saved k", k),
+                                                       ("saved v", v), ("out", out), ("lse", lse))]
+        with _cupy_device(device):
+            grads = _varlen.attention_varlen_backward(*arrays, deterministic=deterministic,
+                                                      **_varlen_arguments(lengths, options, sinks))
+        grads = tuple(_to_jax(g, device) for g in grads)
+        return grads if sinks is not None else grads + (None,)
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
+
+
+def _varlen_arguments(lengths, options, sinks):
+    """The lengths and options of a varlen call as cuflash's keywords, arrays as cuflash arrays."""
+    arguments = _cuflash_options(options, sinks)
+    for name, value in lengths.items():
+        arguments[name] = None if value is None else _to_cuflash(value, name)
+    return arguments
+
+
+def _varlen_forward(q, k, v, sinks, lengths, options):
+    device = _device_of(q)
+    arrays = [_to_cuflash(x, name) for name, x in zip("qkv", (q, k, v))]
+    arguments = _varlen_arguments(lengths, options, sinks)
+    cu_q, cu_k = arguments.pop("cu_seqlens_q"), arguments.pop("cu_seqlens_k")
+    with _cupy_device(device):
+        out, lse = _varlen.attention_varlen(*arrays, cu_q, cu_k, return_lse=True, **arguments)
+    return _to_jax(out, device), _to_jax(lse, device)
 
 
 def _cuflash_options(options, sinks):

@@ -5,7 +5,9 @@
 - ``scaled_dot_product_attention``: ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics ((B, H, L, D), top-left ``is_causal``, ``enable_gqa``).
 - ``flash_attn_func``: flash-attn 2's signature and semantics ((B, L, H, D), bottom-right
-  ``causal``, ``window_size``).
+  ``causal``, ``window_size``); ``flash_attn_varlen_func`` its packed-sequence form, and
+  ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``, ``flash_attn_varlen_qkvpacked_func``
+  and ``flash_attn_varlen_kvpacked_func`` the stacked-qkv/kv layouts, as views over those two.
 
 How it is wired. Eager calls run a ``torch.autograd.Function``; under ``torch.compile`` the same
 work runs as two ``torch.library.custom_op``s, ``cuflash::attention_fwd`` (returns out and lse)
@@ -31,6 +33,7 @@ so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``)
 """
 # No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
 import contextlib
+import re
 import warnings
 from typing import Optional, Tuple
 
@@ -45,7 +48,9 @@ import numpy
 
 from . import _api, _merge, _spec, _varlen
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "merge_attention"]
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_varlen_kvpacked_func", "merge_attention"]
 
 # The op schemas carry ``causal`` as one of these names (a schema has no bool-or-str type).
 _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "top_left"}
@@ -167,6 +172,106 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    deterministic=bool(deterministic))
     out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_qkvpacked_func`` (same signature): ``qkv (B, L, 3, H,
+    D)`` is q, k and v stacked on axis 2. :func:`flash_attn_func` on the three views
+    ``qkv.unbind(2)`` (no copy: cuflash reads the strides), so the gradient reaches ``qkv`` through
+    autograd of the views, as one tensor of qkv's shape. Returns as :func:`flash_attn_func`."""
+    q, k, v = _unpack("qkv", qkv, 3, "(batch, seqlen, 3, heads, head_dim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_kvpacked_func`` (same signature): ``q (B, Lq, H, D)``,
+    ``kv (B, Lk, 2, Hk, D)`` (k and v stacked on axis 2, ``H % Hk == 0``). :func:`flash_attn_func` on
+    the views ``kv.unbind(2)``, no copy; gradients reach ``kv`` through the views."""
+    k, v = _unpack("kv", kv, 2, "(batch, seqlen_k, 2, heads_k, head_dim)")
+    _check_with_packed(q, "kv", kv, 4, "(batch, seqlen_q, heads, head_dim)", batch_axis=True)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_varlen_qkvpacked_func`` (same signature): ``qkv
+    (total, 3, H, D)`` packed sequences, ``cu_seqlens`` int32 ``(B + 1,)`` and ``max_seqlen`` for
+    queries and keys alike. :func:`flash_attn_varlen_func` on the views ``qkv.unbind(1)``, no
+    copy; gradients reach ``qkv`` through the views. Returns as :func:`flash_attn_varlen_func`."""
+    q, k, v = _unpack("qkv", qkv, 3, "(total, 3, heads, head_dim)")
+    _check_tensor("cu_seqlens", cu_seqlens)
+    max_seqlen = _spec._integer("max_seqlen", max_seqlen)
+    # The call below names cu_seqlens_q/_k and max_seqlen_q/_k; here the caller wrote one of each.
+    with _renamed({"cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens", "max_seqlen_q": "max_seqlen",
+                   "max_seqlen_k": "max_seqlen"}):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                      softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                      return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for flash-attn 2's ``flash_attn_varlen_kvpacked_func`` (same signature): ``q
+    (total_q, H, D)``, ``kv (total_k, 2, Hk, D)``. :func:`flash_attn_varlen_func` on the views
+    ``kv.unbind(1)``, no copy; gradients reach ``kv`` through the views."""
+    k, v = _unpack("kv", kv, 2, "(total_k, 2, heads_k, head_dim)")
+    _check_with_packed(q, "kv", kv, 3, "(total_q, heads, head_dim)", batch_axis=False)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def _unpack(name, packed, count, layout):
+    """The ``count`` views of a packed tensor along its axis -3 (flash-attn's qkv/kv layouts),
+    the tensor checked under the caller's name first: a tensor, its rank, the packed axis, a
+    floating dtype cuflash runs."""
+    _check_tensor(name, packed)
+    rank = layout.count(",") + 1
+    if packed.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-dimensional {layout}, got shape {tuple(packed.shape)}")
+    if packed.shape[-3] != count:
+        raise ValueError(f"{name} must have size {count} on axis {rank - 3} ({', '.join(name)} stacked) in the "
+                         f"layout {layout}, got shape {tuple(packed.shape)}")
+    if packed.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got {packed.dtype}")
+    return packed.unbind(-3)
+
+
+def _check_with_packed(q, name, kv, rank, layout, batch_axis):
+    """q against a packed kv, under the caller's names: rank, dtype, head dim, heads (Hq % Hk == 0)
+    and, for the batched layout, the batch size."""
+    _check_tensor("q", q)
+    if q.dim() != rank:
+        raise ValueError(f"q must be {rank}-dimensional {layout}, got shape {tuple(q.shape)}")
+    if q.dtype != kv.dtype:
+        raise TypeError(f"q and {name} must share one dtype, got q {q.dtype} and {name} {kv.dtype}")
+    if q.shape[-1] != kv.shape[-1]:
+        raise ValueError(f"q's head dim must equal {name}'s: q has {q.shape[-1]}, {name} has {kv.shape[-1]}")
+    heads_q, heads_k = q.shape[-2], kv.shape[-2]
+    if heads_k == 0 or heads_q % heads_k:
+        raise ValueError(f"q's {heads_q} heads must be a multiple of {name}'s {heads_k} (MQA/GQA: H % Hk == 0)")
+    if batch_axis and q.shape[0] != kv.shape[0]:
+        raise ValueError(f"q and {name} must have the same batch size, got {q.shape[0]} and {kv.shape[0]}")
+
+
+@contextlib.contextmanager
+def _renamed(names):
+    """Argument errors raised inside re-worded with the caller's names for the arguments."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        renamed = pattern.sub(lambda match: names[match.group(1)], message)
+        if renamed == message:
+            raise
+        raise type(error)(renamed) from None
 
 
 def merge_attention(outs, lses):

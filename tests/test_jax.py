@@ -166,3 +166,237 @@ def test_bool_options_are_checked_before_anything_runs(cpu, randn):
     for name, value in (("deterministic", 1), ("deterministic", None), ("return_lse", "no"), ("return_lse", 0.0)):
         with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
             cj.attention(q, q, q, **{name: value})
+
+
+# --- attention_varlen: packed sequences --------------------------------------------------------
+
+VARLEN_LENGTHS_Q = [5, 0, 1, 9, 4]
+VARLEN_LENGTHS_K = [7, 3, 1, 6, 0]
+
+
+def _varlen_inputs(randn, dtype=numpy.float32, heads_q=4, heads_k=2, d=8, dv=6):
+    cu_q = numpy.concatenate([[0], numpy.cumsum(VARLEN_LENGTHS_Q)]).astype(numpy.int32)
+    cu_k = numpy.concatenate([[0], numpy.cumsum(VARLEN_LENGTHS_K)]).astype(numpy.int32)
+    q = randn(int(cu_q[-1]), heads_q, d, dtype=dtype)
+    k, v = randn(int(cu_k[-1]), heads_k, d, dtype=dtype), randn(int(cu_k[-1]), heads_k, dv, dtype=dtype)
+    return q, k, v, cu_q, cu_k
+
+
+VARLEN_OPTIONS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "top_left_window": {"causal": "top_left", "window": (2, 0), "scale": 0.3},
+    "window_softcap": {"window": (1, 2), "softcap": 2.0},
+    "alibi_per_sequence_sinks": {"causal": True, "alibi_slopes": "per-sequence", "sinks": True},
+    "alibi_sinks_seqused": {"alibi_slopes": "per-head", "sinks": True, "seqused_k": True},
+}
+
+
+def _varlen_arrays(options, rng, dtype):
+    """The options with their arrays drawn: ALiBi slopes (Hq,) or (B, Hq), sinks (Hq,), seqused_k."""
+    options = dict(options)
+    batch = len(VARLEN_LENGTHS_Q)
+    if options.get("alibi_slopes") == "per-sequence":
+        options["alibi_slopes"] = numpy.abs(rng.standard_normal((batch, 4))).astype(dtype)
+    elif options.get("alibi_slopes") == "per-head":
+        options["alibi_slopes"] = numpy.abs(rng.standard_normal(4)).astype(dtype)
+    if options.get("sinks"):
+        options["sinks"] = rng.standard_normal(4).astype(dtype)
+    if options.get("seqused_k"):
+        options["seqused_k"] = numpy.array([min(n, 3) for n in VARLEN_LENGTHS_K], numpy.int32)
+    return options
+
+
+@pytest.mark.parametrize("case", VARLEN_OPTIONS)
+def test_varlen_on_cpu_equals_the_numpy_packed_call(case, cpu, randn, rng):
+    """Forward and jax.vjp equal cuflash.attention_varlen and its backward on the same NumPy
+    arrays, bit for bit (float32, GQA, empty sequences, Lq_b > Lk_b and < both ways)."""
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn)
+    options = _varlen_arrays(VARLEN_OPTIONS[case], rng, numpy.float32)
+    sinks = options.pop("sinks", None)
+    jax_options = {name: _on(cpu, value)[0] if isinstance(value, numpy.ndarray) else value
+                   for name, value in options.items()}
+    jq, jk, jv, jcu_q, jcu_k = _on(cpu, q, k, v, cu_q, cu_k)
+    out, lse = cj.attention_varlen(jq, jk, jv, jcu_q, jcu_k, sinks=None if sinks is None else _on(cpu, sinks)[0],
+                                   return_lse=True, **jax_options)
+    expected_out, expected_lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, sinks=sinks, return_lse=True,
+                                                          **options)
+    assert out.devices() == {cpu} and out.shape == (q.shape[0], 4, 6) and lse.shape == (4, q.shape[0])
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+
+    dout = randn(*expected_out.shape)
+    if sinks is None:
+        primal, vjp = jax.vjp(lambda q, k, v: cj.attention_varlen(q, k, v, jcu_q, jcu_k, **jax_options), jq, jk, jv)
+    else:
+        primal, vjp = jax.vjp(lambda q, k, v, s: cj.attention_varlen(q, k, v, jcu_q, jcu_k, sinks=s, **jax_options),
+                              jq, jk, jv, _on(cpu, sinks)[0])
+    numpy.testing.assert_array_equal(numpy.asarray(primal), expected_out)
+    grads = vjp(_on(cpu, dout)[0])
+    expected = cuflash.attention_varlen_backward(dout, q, k, v, expected_out, expected_lse, cu_q, cu_k, sinks=sinks,
+                                                 **options)
+    assert len(grads) == len(expected) == (3 if sinks is None else 4)
+    for got, want in zip(grads, expected):
+        assert got.devices() == {cpu}
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+
+
+def _jnp_sequence_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None,
+                            sinks=None):
+    """One sequence's attention in jax.numpy, float64, differentiable by jax itself: q (Lq, Hq, D),
+    k (Lk, Hk, D), v (Lk, Hk, Dv) in the packed layout; cuflash's semantics (bottom-right causal
+    and windows unless "top_left", ALiBi on the same diagonal, softcap before ALiBi, sinks a
+    value-less logit per head, a row that sees nothing gives 0)."""
+    seqlen_q, heads_q, d = q.shape
+    seqlen_k, heads_k = k.shape[:2]
+    k, v = jnp.repeat(k, heads_q // heads_k, axis=1), jnp.repeat(v, heads_q // heads_k, axis=1)
+    scale = d ** -0.5 if scale is None else scale
+    s = jnp.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    rows = jnp.arange(seqlen_q)[:, None] + (0 if causal == "top_left" else seqlen_k - seqlen_q)
+    cols = jnp.arange(seqlen_k)[None, :]
+    if alibi_slopes is not None:
+        s = s - alibi_slopes[:, None, None] * jnp.abs(rows - cols)
+    visible = jnp.ones((seqlen_q, seqlen_k), bool)
+    if causal:
+        visible &= cols <= rows
+    if window is not None:
+        if window[0] >= 0:
+            visible &= cols >= rows - window[0]
+        if window[1] >= 0:
+            visible &= cols <= rows + window[1]
+    s = jnp.where(visible, s, -jnp.inf)
+    sink = jnp.full((heads_q, seqlen_q, 1), -jnp.inf) if sinks is None else \
+        jnp.broadcast_to(sinks[:, None, None], (heads_q, seqlen_q, 1))
+    logits = jnp.concatenate([s, sink], axis=-1)
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0))
+    total = e.sum(axis=-1, keepdims=True)
+    p = e[..., :seqlen_k] / jnp.where(total > 0, total, 1)
+    return jnp.einsum("hqk,khd->qhd", p, v)
+
+
+@pytest.mark.parametrize("case", VARLEN_OPTIONS)
+def test_varlen_grad_in_float64_against_jax_numpy_per_sequence(case, cpu, randn, rng):
+    """jax.grad through cuflash.jax.attention_varlen equals jax.grad through a jax.numpy
+    attention applied to each sequence alone (float64, x64 enabled for the test only)."""
+    with jax.enable_x64(True):
+        q, k, v, cu_q, cu_k = _varlen_inputs(randn, dtype=numpy.float64)
+        options = _varlen_arrays(VARLEN_OPTIONS[case], rng, numpy.float64)
+        sinks = options.pop("sinks", numpy.zeros(0))  # empty: no sinks (the loss still takes four arrays)
+        seqused = options.pop("seqused_k", None)
+        dout = rng.standard_normal((q.shape[0], 4, 6))
+        jq, jk, jv, jsinks, jdout, jcu_q, jcu_k = _on(cpu, q, k, v, sinks, dout, cu_q, cu_k)
+        jax_options = {name: _on(cpu, value)[0] if isinstance(value, numpy.ndarray) else value
+                       for name, value in options.items()}
+        jseqused = None if seqused is None else _on(cpu, seqused)[0]
+
+        def ours(q, k, v, sinks):
+            out = cj.attention_varlen(q, k, v, jcu_q, jcu_k, seqused_k=jseqused, max_seqlen_q=9,
+                                      max_seqlen_k=numpy.int64(7), sinks=sinks if sinks.size else None, **jax_options)
+            return jnp.sum(out * jdout), out
+
+        def reference(q, k, v, sinks):
+            slopes = jax_options.get("alibi_slopes")
+            outs = []
+            for b in range(len(VARLEN_LENGTHS_Q)):
+                used = VARLEN_LENGTHS_K[b] if seqused is None else int(seqused[b])
+                rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b]) + used)
+                per_sequence = dict(jax_options, alibi_slopes=None if slopes is None else
+                                    (slopes[b] if slopes.ndim == 2 else slopes))
+                outs.append(_jnp_sequence_attention(q[rows], k[keys], v[keys], sinks=sinks if sinks.size else None,
+                                                    **per_sequence))
+            out = jnp.concatenate(outs)
+            return jnp.sum(out * jdout), out
+
+        (_, out), grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3), has_aux=True)(jq, jk, jv, jsinks)
+        (_, expected_out), expected = jax.value_and_grad(reference, argnums=(0, 1, 2, 3), has_aux=True)(
+            jq, jk, jv, jsinks)
+        assert out.dtype == jnp.float64
+        numpy.testing.assert_allclose(numpy.asarray(out), numpy.asarray(expected_out), rtol=1e-12, atol=1e-13)
+        for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, expected):
+            assert got.shape == want.shape, name
+            numpy.testing.assert_allclose(numpy.asarray(got), numpy.asarray(want), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(cu_seqlens_q="numpy"), TypeError, "cu_seqlens_q must be a jax.Array"),
+    (dict(cu_seqlens_k="floats"), TypeError, "cu_seqlens_k must be a 1-D int32 array, got 1-D float32"),
+    (dict(cu_seqlens_q="short"), ValueError, "cu_seqlens_k must have 2 entries, got 3"),
+    (dict(seqused_k="numpy"), TypeError, "seqused_k must be a jax.Array"),
+    (dict(seqused_k="too-many"), ValueError, "seqused_k must be between 0 and each sequence's key count"),
+    (dict(max_seqlen_q=3), ValueError, r"max_seqlen_q = 3 is smaller than the longest sequence \(4\)"),
+    (dict(max_seqlen_k=2.0), TypeError, "max_seqlen_k must be an int"),
+    (dict(window=(3, 2), causal=True), ValueError, "window right must be 0 or -1 with causal"),
+    (dict(alibi_slopes="numpy"), TypeError, "alibi_slopes must be a jax.Array"),
+    (dict(sinks="shape"), ValueError, "sinks must broadcast"),
+    (dict(deterministic=1), TypeError, "deterministic must be a bool, got int"),
+    (dict(return_lse="no"), TypeError, "return_lse must be a bool, got str"),
+], ids=["cu-numpy", "cu-float", "cu-short", "seqused-numpy", "seqused-values", "hint-small", "hint-float",
+        "causal-window", "alibi-numpy", "sinks-shape", "deterministic", "return-lse"])
+def test_varlen_errors_name_the_argument(cpu, randn, kwargs, error, match):
+    q, k, v = _on(cpu, randn(6, 4, 8), randn(7, 2, 8), randn(7, 2, 8))
+    arguments = dict(cu_seqlens_q=numpy.array([0, 4, 6], numpy.int32), cu_seqlens_k=numpy.array([0, 3, 7], numpy.int32))
+    replacements = {"numpy": numpy.ones(4, numpy.float32), "floats": numpy.array([0, 3, 7], numpy.float32),
+                    "short": numpy.array([0, 6], numpy.int32), "too-many": numpy.array([4, 4], numpy.int32),
+                    "shape": numpy.ones(3, numpy.float32)}
+    for name, value in kwargs.items():
+        value = replacements.get(value, value) if isinstance(value, str) and name != "causal" else value
+        arguments[name] = value
+    numpy_arguments = {"cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes", "sinks"}
+    for name in numpy_arguments & arguments.keys():
+        if not (kwargs.get(name) == "numpy"):
+            arguments[name] = _on(cpu, arguments[name])[0]
+    with pytest.raises(error, match=match):
+        cj.attention_varlen(q, k, v, arguments.pop("cu_seqlens_q"), arguments.pop("cu_seqlens_k"), **arguments)
+
+
+def test_varlen_refuses_tracers_with_a_clear_error(cpu, randn):
+    q = _on(cpu, randn(6, 2, 8))[0]
+    cu = _on(cpu, numpy.array([0, 2, 6], numpy.int32))[0]
+    with pytest.raises(TypeError, match="outside jax.jit"):
+        jax.jit(lambda q: cj.attention_varlen(q, q, q, cu, cu))(q)
+    with pytest.raises(TypeError, match="cu_seqlens_q is a JAX tracer"):
+        jax.jit(lambda cu: cj.attention_varlen(q, q, q, cu, cu))(cu)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a jax.Array, got NoneType"):
+        cj.attention_varlen(q, q, q, cu, None)
+
+
+def test_varlen_deterministic_backward_and_bfloat16_on_cpu(cpu, randn):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn, dtype=ml_dtypes.bfloat16)
+    jq, jk, jv, jcu_q, jcu_k = _on(cpu, q, k, v, cu_q, cu_k)
+    out = cj.attention_varlen(jq, jk, jv, jcu_q, jcu_k, causal=True)
+    assert out.dtype == jnp.bfloat16
+    numpy.testing.assert_array_equal(numpy.asarray(out), cuflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True))
+
+    def loss(q, k, v):
+        return jnp.sum(cj.attention_varlen(q, k, v, jcu_q, jcu_k, causal=True, deterministic=True)
+                       .astype(jnp.float32) ** 2)
+
+    first, second = (jax.grad(loss, argnums=(0, 1, 2))(jq, jk, jv) for _ in range(2))
+    for a, b in zip(first, second):
+        assert a.dtype == jnp.bfloat16
+        numpy.testing.assert_array_equal(numpy.asarray(a), numpy.asarray(b))
+
+
+@pytest.mark.gpu
+def test_varlen_on_the_gpu(gpu, randn):
+    import cupy
+
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn)
+    dout = randn(q.shape[0], 4, 6)
+    jq, jk, jv, jcu_q, jcu_k, jdout = _on(gpu, q, k, v, cu_q, cu_k, dout)
+    out, lse = cj.attention_varlen(jq, jk, jv, jcu_q, jcu_k, causal=True, return_lse=True)
+    assert out.devices() == {gpu} and lse.devices() == {gpu}
+    expected_out, expected_lse = cuflash.attention_varlen(*(cupy.asarray(x) for x in (q, k, v, cu_q, cu_k)),
+                                                          causal=True, return_lse=True)
+    numpy.testing.assert_array_equal(numpy.asarray(out), cupy.asnumpy(expected_out))
+    grads = jax.grad(lambda q, k, v: jnp.sum(cj.attention_varlen(q, k, v, jcu_q, jcu_k, causal=True) * jdout),
+                     argnums=(0, 1, 2))(jq, jk, jv)
+    expected = cuflash.attention_varlen_backward(*(cupy.asarray(x) for x in (dout, q, k, v)), expected_out,
+                                                 expected_lse, cupy.asarray(cu_q), cupy.asarray(cu_k), causal=True)
+    for got, want in zip(grads, expected):
+        assert got.devices() == {gpu}
+        numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))

@@ -209,19 +209,31 @@ def test_flash_attn_func_takes_int_like_window_sizes(randt):
     (dict(softmax_scale=torch.tensor(0.5)), TypeError, r"softmax_scale must be a real number .*got Tensor"),
     (dict(softmax_scale=float("inf")), ValueError, r"softmax_scale must be finite, got inf"),
 ], ids=["window-left", "window-float", "window-str", "window-one", "scale-tensor", "scale-inf"])
-@pytest.mark.parametrize("drop_in", ["flash_attn_func", "flash_attn_varlen_func"])
+@pytest.mark.parametrize("drop_in", ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+                                     "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+                                     "flash_attn_varlen_kvpacked_func"])
 def test_flash_attn_drop_ins_name_their_own_arguments(randt, drop_in, kwargs, error, match):
     """flash-attn's window_size and softmax_scale are checked under those names, not cuflash's
     window and scale."""
     q = randt(1, 6, 2, 4, requires_grad=True)
-    before = q.detach().clone()
+    qkv = randt(1, 6, 3, 2, 4, requires_grad=True)
+    before = [x.detach().clone() for x in (q, qkv)]
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     with pytest.raises(error, match=match):
         if drop_in == "flash_attn_func":
             ct.flash_attn_func(q, q, q, **kwargs)
-        else:
-            cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+        elif drop_in == "flash_attn_varlen_func":
             ct.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, **kwargs)
-    assert torch.equal(q.detach(), before) and q.grad is None
+        elif drop_in == "flash_attn_qkvpacked_func":
+            ct.flash_attn_qkvpacked_func(qkv, **kwargs)
+        elif drop_in == "flash_attn_kvpacked_func":
+            ct.flash_attn_kvpacked_func(q, qkv[:, :, 1:], **kwargs)
+        elif drop_in == "flash_attn_varlen_qkvpacked_func":
+            ct.flash_attn_varlen_qkvpacked_func(qkv[0], cu, 4, **kwargs)
+        else:
+            ct.flash_attn_varlen_kvpacked_func(q[0], qkv[0, :, 1:], cu, cu, 4, 4, **kwargs)
+    for old, new in zip(before, (q, qkv)):
+        assert torch.equal(new.detach(), old) and new.grad is None
 
 
 def test_flash_attn_func_keeps_flash_attns_causal_window_rule(randt):
@@ -508,3 +520,175 @@ def test_flash_attn_varlen_func_matches_flash_attn_func_per_sequence(randt):
          v[:, :1, :3].detach().requires_grad_()))
     with pytest.raises(ValueError, match="max_seqlen_q = 4 is smaller"):
         ct.flash_attn_varlen_func(q, k, v, cu, cu, 4, 9)
+
+
+# --- flash-attn 2's packed layouts: qkv / kv stacked, views over flash_attn_func / _varlen_func ---
+
+PACKED_CU = [0, 5, 6, 6, 13]  # lengths 5, 1, 0, 7
+
+
+def _packed_call(name, packed, rest, kwargs):
+    """Calls one packed drop-in and the unpacked one it stands for on views of the same tensors.
+    ``packed``: qkv or kv; ``rest``: q for the kv forms."""
+    cu = torch.tensor(PACKED_CU, dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 9, 9, 11], dtype=torch.int32)
+    drop_in = getattr(ct, name)
+    if name == "flash_attn_qkvpacked_func":
+        return drop_in(packed, **kwargs), ct.flash_attn_func(*packed.unbind(2), **kwargs)
+    if name == "flash_attn_kvpacked_func":
+        return drop_in(rest, packed, **kwargs), ct.flash_attn_func(rest, *packed.unbind(2), **kwargs)
+    if name == "flash_attn_varlen_qkvpacked_func":
+        return (drop_in(packed, cu, torch.tensor(7), **kwargs),
+                ct.flash_attn_varlen_func(*packed.unbind(1), cu, cu, 7, 7, **kwargs))
+    return (drop_in(rest, packed, cu, cu_k, numpy.int32(7), 6, **kwargs),
+            ct.flash_attn_varlen_func(rest, *packed.unbind(1), cu, cu_k, 7, 6, **kwargs))
+
+
+PACKED_SHAPES = {
+    # name: (packed shape, q shape or None)
+    "flash_attn_qkvpacked_func": ((2, 6, 3, 4, 8), None),
+    "flash_attn_kvpacked_func": ((2, 9, 2, 2, 8), (2, 6, 4, 8)),
+    "flash_attn_varlen_qkvpacked_func": ((13, 3, 4, 8), None),
+    "flash_attn_varlen_kvpacked_func": ((11, 2, 2, 8), (13, 4, 8)),
+}
+PACKED_OPTIONS = [
+    {},
+    {"causal": True, "window_size": (torch.tensor(2), numpy.int64(0)), "softmax_scale": 0.4},
+    {"window_size": (1, 2), "softcap": 2.5},
+]
+
+
+@pytest.mark.parametrize("kwargs", PACKED_OPTIONS, ids=["plain", "causal-window", "window-softcap"])
+@pytest.mark.parametrize("name", PACKED_SHAPES)
+def test_packed_drop_ins_equal_the_unpacked_calls_and_grads_reach_the_packed_tensor(name, kwargs, randt):
+    """Bit for bit the unpacked call on views; the packed tensor's .grad is the unpacked call's
+    gradients stacked back on its packed axis (MQA/GQA on the kv forms)."""
+    packed_shape, q_shape = PACKED_SHAPES[name]
+    packed = randt(*packed_shape, requires_grad=True)
+    q = None if q_shape is None else randt(*q_shape, requires_grad=True)
+    (out, lse, probabilities), (expected, expected_lse, _) = _packed_call(
+        name, packed, q, dict(kwargs, return_attn_probs=True))
+    assert probabilities is None and not lse.requires_grad
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    dout = randt(*out.shape)
+    inputs = (packed,) if q is None else (packed, q)
+    grads = torch.autograd.grad(out, inputs, dout)
+    expected_grads = torch.autograd.grad(expected, inputs, dout)
+    for got, want in zip(grads, expected_grads):
+        assert got.shape == want.shape and torch.equal(got, want)
+    _packed_call(name, packed, q, kwargs)[0].backward(dout)  # .backward() too: .grad lands on the packed tensor
+    assert torch.equal(packed.grad, grads[0])
+
+
+@pytest.mark.parametrize("name", PACKED_SHAPES)
+def test_packed_drop_ins_gradcheck_into_the_packed_tensor(name, randt):
+    packed_shape, q_shape = {  # small: gradcheck differentiates every entry
+        "flash_attn_qkvpacked_func": ((1, 4, 3, 2, 3), None),
+        "flash_attn_kvpacked_func": ((1, 5, 2, 1, 3), (1, 4, 2, 3)),  # MQA
+        "flash_attn_varlen_qkvpacked_func": ((13, 3, 2, 3), None),
+        "flash_attn_varlen_kvpacked_func": ((11, 2, 1, 3), (13, 2, 3)),
+    }[name]
+    packed = randt(*packed_shape, requires_grad=True)
+    q = None if q_shape is None else randt(*q_shape, requires_grad=True)
+    slopes = randt(2).abs()
+    kwargs = {"causal": True, "window_size": (3, -1), "alibi_slopes": slopes}
+
+    def call(*inputs):
+        return _packed_call(name, inputs[0], inputs[1] if len(inputs) > 1 else None, kwargs)[0]
+
+    assert torch.autograd.gradcheck(call, (packed,) if q is None else (packed, q))
+
+
+@pytest.mark.parametrize("name", PACKED_SHAPES)
+def test_packed_drop_ins_hand_views_of_the_packed_tensor_to_cuflash(name, randt, monkeypatch):
+    """No copy in the forward: the q, k and v arrays cuflash receives share the packed tensor's
+    memory (q's own for the kv forms)."""
+    packed_shape, q_shape = PACKED_SHAPES[name]
+    packed = randt(*packed_shape, requires_grad=True)
+    q = None if q_shape is None else randt(*q_shape, requires_grad=True)
+    crossed = []
+    original = ct._to_cuflash
+    monkeypatch.setattr(ct, "_to_cuflash", lambda tensor: crossed.append(original(tensor)) or crossed[-1])
+    _packed_call(name, packed, q, {"causal": True})
+    monkeypatch.setattr(ct, "_to_cuflash", original)
+    crossed = crossed[:3]  # the drop-in runs first, and hands over q, k and v before anything else
+    sources = [packed] * 3 if q is None else [q, packed, packed]
+    for array, source in zip(crossed, sources):
+        assert numpy.shares_memory(array, source.detach().numpy())
+
+
+def test_packed_drop_ins_take_int_like_arguments(randt):
+    qkv = randt(13, 3, 4, 8)
+    cu = torch.tensor(PACKED_CU, dtype=torch.int32)
+    expected = ct.flash_attn_varlen_qkvpacked_func(qkv, cu, 7, causal=True, window_size=(2, 0))
+    for max_seqlen, window in ((numpy.int64(7), (torch.tensor(2), torch.tensor(0))),
+                               (torch.tensor(9, dtype=torch.int32), (numpy.int16(2), 0)), (7, [2, torch.tensor(0)])):
+        torch.testing.assert_close(ct.flash_attn_varlen_qkvpacked_func(qkv, cu, max_seqlen, causal=True,
+                                                                       window_size=window), expected, rtol=0, atol=0)
+    for bad in (7.0, torch.tensor(7.0), torch.tensor([7]), True, None):
+        with pytest.raises(TypeError, match="max_seqlen must be an int"):
+            ct.flash_attn_varlen_qkvpacked_func(qkv, cu, bad)
+    with pytest.raises(TypeError, match="window_size left must be an int"):
+        ct.flash_attn_qkvpacked_func(randt(1, 4, 3, 2, 8), window_size=(torch.tensor(2.0), 0))
+
+
+def _bad_packed_arguments(randt):
+    """(drop-in, arguments, error, message) for misuse of the packed drop-ins, each named as the
+    caller wrote it."""
+    qkv5, qkv4 = randt(2, 6, 3, 4, 8), randt(13, 3, 4, 8)
+    q4, kv5, q3, kv4 = randt(2, 6, 4, 8), randt(2, 9, 2, 2, 8), randt(13, 4, 8), randt(11, 2, 2, 8)
+    cu, cu_k = torch.tensor(PACKED_CU, dtype=torch.int32), torch.tensor([0, 3, 9, 9, 11], dtype=torch.int32)
+    return [
+        ("flash_attn_qkvpacked_func", (qkv4,), ValueError, r"qkv must be 5-dimensional \(batch, seqlen, 3, heads"),
+        ("flash_attn_qkvpacked_func", (kv5,), ValueError, r"qkv must have size 3 on axis 2 \(q, k, v stacked\)"),
+        ("flash_attn_qkvpacked_func", (qkv5.numpy(),), TypeError, "qkv must be a torch.Tensor, got ndarray"),
+        ("flash_attn_qkvpacked_func", (qkv5.to(torch.int32),), TypeError, "qkv must have dtype float16, .* got torch.int32"),
+        ("flash_attn_kvpacked_func", (q4, qkv5), ValueError, r"kv must have size 2 on axis 2 \(k, v stacked\)"),
+        ("flash_attn_kvpacked_func", (q4, kv4), ValueError, "kv must be 5-dimensional"),
+        ("flash_attn_kvpacked_func", (q3, kv5), ValueError, r"q must be 4-dimensional \(batch, seqlen_q, heads"),
+        ("flash_attn_kvpacked_func", (q4, kv5.float()), TypeError, "q and kv must share one dtype"),
+        ("flash_attn_kvpacked_func", (q4, kv5[..., :4]), ValueError, "q's head dim must equal kv's: q has 8, kv has 4"),
+        ("flash_attn_kvpacked_func", (q4, randt(2, 9, 2, 3, 8)), ValueError, "q's 4 heads must be a multiple of kv's 3"),
+        ("flash_attn_kvpacked_func", (q4, kv5[:1]), ValueError, "q and kv must have the same batch size, got 2 and 1"),
+        ("flash_attn_kvpacked_func", ("q", kv5), TypeError, "q must be a torch.Tensor"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv5, cu, 7), ValueError, r"qkv must be 4-dimensional \(total, 3, heads"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv4, cu.long(), 7), TypeError, "cu_seqlens must be a 1-D int32"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv4, cu.numpy(), 7), TypeError, "cu_seqlens must be a torch.Tensor"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv4, cu[:3], 7), ValueError, "cu_seqlens must be non-decreasing"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv4, cu, 6), ValueError, r"max_seqlen = 6 is smaller than the longest"),
+        ("flash_attn_varlen_qkvpacked_func", (qkv4, cu, 7.5), TypeError, "max_seqlen must be an int"),
+        ("flash_attn_varlen_kvpacked_func", (q3, kv5, cu, cu_k, 7, 6), ValueError, r"kv must be 4-dimensional \(total_k, 2"),
+        ("flash_attn_varlen_kvpacked_func", (q3, kv4[:, :1], cu, cu_k, 7, 6), ValueError, "kv must have size 2 on axis 1"),
+        ("flash_attn_varlen_kvpacked_func", (q4, kv4, cu, cu_k, 7, 6), ValueError, r"q must be 3-dimensional \(total_q"),
+        ("flash_attn_varlen_kvpacked_func", (q3, kv4, cu, cu_k, 7, 5), ValueError, "max_seqlen_k = 5 is smaller"),
+        ("flash_attn_varlen_kvpacked_func", (q3, kv4, cu, cu, 7, 6), ValueError, "cu_seqlens_k must be non-decreasing"),
+    ]
+
+
+def test_packed_drop_ins_name_the_callers_arguments(randt):
+    for name, arguments, error, match in _bad_packed_arguments(randt):
+        with pytest.raises(error, match=match):
+            getattr(ct, name)(*arguments)
+
+
+def test_packed_drop_ins_say_what_they_do_not_support(randt):
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ct.flash_attn_qkvpacked_func(randt(1, 4, 3, 2, 8), dropout_p=0.1)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ct.flash_attn_varlen_kvpacked_func(randt(4, 2, 8), randt(4, 2, 2, 8), cu, cu, 4, 4, 0.1)
+
+
+def test_torch_compile_fullgraph_packed_drop_ins(randt):
+    torch._dynamo.reset()
+
+    def loss(qkv, q, kv):
+        return (ct.flash_attn_qkvpacked_func(qkv, causal=True) ** 2).sum() + \
+            (ct.flash_attn_kvpacked_func(q, kv, window_size=(2, 1)) ** 2).sum()
+
+    inputs = [randt(2, 6, 3, 4, 8, requires_grad=True), randt(2, 5, 4, 8, requires_grad=True),
+              randt(2, 7, 2, 2, 8, requires_grad=True)]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(loss(*inputs), inputs)
+    for ours, theirs in zip(torch.autograd.grad(compiled(*inputs), inputs), eager):
+        torch.testing.assert_close(ours, theirs)
