@@ -37,7 +37,7 @@ def _plain_options(scale, causal, window) -> bool:
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              return_lse=False, out=None):
+              bias=None, mask=None, return_lse=False, out=None):
     """Exact attention ``softmax(q @ swapaxes(k, -1, -2) * scale, masked) @ v``.
 
     Parameters
@@ -88,12 +88,23 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         e^{s_ij})`` and ``lse_i = log(e^{sink} + sum_j e^{s_ij})``; a row that sees no key gives
         out 0 and lse = sink.
         The three modifiers run on both backends, every dtype, forward and backward.
+    bias : float array broadcastable to ``(..., Hq, Lq, Lk)``, optional
+        Added to the (softcapped) score of query i and key j, before ALiBi: AlphaFold's pair
+        bias ``(B, 1, H, N, N)``, Swin's ``(1, H, 49, 49)``, a float attention mask. The output's
+        leading axes, heads, queries, keys; any strides, broadcast axes never materialised. dtype:
+        q's, or float32 for float16/bfloat16 inputs. ``-inf`` entries hide keys like ``mask``.
+    mask : bool array broadcastable to ``(..., Hq, Lq, Lk)``, optional
+        True = the key is visible (torch SDPA's convention), ANDed with ``causal`` and
+        ``window``: a key-padding mask is ``(B, 1, 1, Lk)``. A row left without a visible key
+        outputs 0 with lse ``-inf`` (or its sink).
+        Bias and mask run on the CPU backend (NumPy arrays); the GPU kernels do not take them
+        yet (NotImplementedError).
     return_lse : bool
         Also return the log-sum-exp of the scaled scores, shape ``(..., Lq)``, natural log,
         float32 (float64 for float64 inputs); ``-inf`` for rows that see no key.
     out : array, optional
         Written in place and returned: shape ``(..., Lq, Dv)``, q's dtype, same device kind,
-        not overlapping an input.
+        not overlapping an input (bias and mask included).
 
     Returns
     -------
@@ -101,7 +112,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     """
     key = None
     if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _plain_options(scale, causal, window)):
+            and bias is None and mask is None and _plain_options(scale, causal, window)):
         plans = _plans()
         key = plans.signature("attention", (q, k, v), (scale, causal, window))
         cached = plans.PLANS.get(key) if key is not None else None
@@ -110,7 +121,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        sinks=sinks, out=out, return_lse=return_lse
+        sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse
     )
     return problem.result(*forward(problem, key))
 
@@ -129,17 +140,20 @@ def forward(problem, key=None, *, prefetch_backward: bool | None = None):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
-                       alibi_slopes=None, sinks=None, deterministic=False):
+                       alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True, deterministic=False):
     """Gradients ``(dq, dk, dv)`` of :func:`attention` given ``dout``, its ``out`` and ``lse``,
-    followed by ``dsinks`` (in sinks' shape and dtype) when ``sinks`` is given.
+    followed by ``dbias`` when ``bias`` is given and ``bias_grad`` is true, then ``dsinks`` when
+    ``sinks`` is given (each in its argument's shape and dtype).
 
     The options must be those of the forward call. Gradients come back in each input's own
-    shape and dtype, summed over every broadcast axis and GQA group. ``deterministic=True``
-    makes the GPU result bitwise reproducible run after run.
+    shape and dtype, summed over every broadcast axis and GQA group. ``dbias`` is dS of the score
+    after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes in the
+    score type (float32, float64 for float64), in a fixed order. ``deterministic=True`` makes the
+    GPU result bitwise reproducible run after run (the CPU backend always is).
     """
     key = None
     if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _plain_options(scale, causal, window)):
+            and bias is None and mask is None and type(bias_grad) is bool and _plain_options(scale, causal, window)):
         plans = _plans()
         arrays = (dout, q, k, v, out, lse)
         key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic))
@@ -148,14 +162,15 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
             return cached.run(plans.CUPY_MEMORY, *arrays)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic,
+        alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,
+        deterministic=deterministic,
     )
     return backward(problem, key)
 
 
 def backward(problem, key=None):
-    """``(dq, dk, dv)`` of a resolved backward problem, and ``dsinks`` when it has sinks; the GPU
-    plan is kept under ``key``."""
+    """``(dq, dk, dv)`` of a resolved backward problem, then ``dbias`` when it returns one and
+    ``dsinks`` when it has sinks; the GPU plan is kept under ``key``."""
     if problem.xp is numpy:
         return _cpu.backward(problem)
     plans = _plans()
@@ -165,21 +180,22 @@ def backward(problem, key=None):
 
 
 def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                  deterministic=False):
+                  bias=None, mask=None, bias_grad=True, deterministic=False):
     """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``
-    (and ``dsinks`` with ``sinks``).
+    (then ``dbias`` with ``bias`` and ``bias_grad``, and ``dsinks`` with ``sinks``).
 
     The forward's ``out`` and ``lse`` are kept for the backward, which never re-runs the
     forward. ``vjp`` may be called several times (with different ``dout``).
     """
-    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
     _spec.check_deterministic(deterministic)  # every option is checked before the forward runs
+    _spec.check_bool("bias_grad", bias_grad)
     problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True, **mods)
     # A backward will follow: its kernels compile in the background beside the forward's.
     out, lse = forward(problem, prefetch_backward=deterministic)
 
     def vjp(dout):
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
-                                  deterministic=deterministic, **mods)
+                                  bias_grad=bias_grad, deterministic=deterministic, **mods)
 
     return out, vjp

@@ -20,9 +20,18 @@ away too (``_visible_product``); tiles without a hidden pair or without a bad va
 but one finiteness check of P V on the cut tiles. (The backward needs no such care: a gradient
 entry that is finite in the reference may come out non-finite next to a bad value.)
 
-Score modifiers (``_scores``): s = scale q.k, then softcap * tanh(s / softcap), then ALiBi's
--slope * |i + diag - j|, then the mask. A sink is one more logit per row with no value: the
-running statistics start from it (m_i = sink, l_i = e^{sink - m_i} = 1) instead of from nothing.
+Score modifiers (``_scores``): s = scale q.k, then softcap * tanh(s / softcap), then the caller's
+additive bias, then ALiBi's -slope * |i + diag - j|, then the mask (the positional one ANDed with
+the caller's boolean mask). A sink is one more logit per row with no value: the running
+statistics start from it (m_i = sink, l_i = e^{sink - m_i} = 1) instead of from nothing.
+
+Bias and mask are read a (rows, keys) block at a time from views of the caller's arrays
+(``_score_operand``): an axis they broadcast along (size 1, or stride 0) is read once, never
+stretched beyond the block, so no Lq x Lk buffer exists beyond the caller's own. A key tile that
+the caller's mask hides from every row of a block is skipped, as the positional mask's tiles are
+(a key-padding mask costs the unpadded keys only). The bias gradient (``_BiasGrad``) is dS of the
+score after softcap (no softcap factor), summed over bias's broadcast axes block by block into a
+buffer of bias's own shape, in a fixed order: bitwise reproducible.
 
 BLAS runs single-threaded inside a call (threadpoolctl, where installed). The tiles' products are
 small, and a multi-threaded BLAS synchronises its threads on every one of them: when other work
@@ -70,15 +79,16 @@ def _forward(p: Problem):
     q, k, v = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v))
     q, k, v, lead = _grouped(p, q, k, v)
     slopes, sinks = (_per_row(p, x, lead, compute) for x in (p.alibi_slopes, p.sinks))
+    mods = _ScoreMods(p, slopes)
     out = numpy.empty(lead + (p.seqlen_q, p.head_dim_v), compute)
     lse = numpy.empty(lead + (p.seqlen_q,), compute)
     for row_start in range(0, p.seqlen_q, BLOCK_M):
         rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
-        out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, slopes, sinks)
+        out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, mods, sinks)
     return out.reshape(p.out_shape).astype(p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
 
 
-def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
+def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, mods, sinks):
     """One block of query rows against every key tile it can see (FlashAttention-2, forward)."""
     compute = q_block.dtype
     num_rows = rows.stop - rows.start
@@ -88,11 +98,10 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, slopes, sinks):
         m_i[...] = sinks
         l_i[...] = numpy.where(sinks == -numpy.inf, 0, 1)
     acc = numpy.zeros(lead + (num_rows, p.head_dim_v), compute)
-    row_index = numpy.arange(rows.start, rows.stop)[:, None]
 
-    for keys in _key_tiles(p, rows):
-        # S = Q_i K_j^T * scale, modified (softcap, ALiBi), with hidden keys at -inf
-        s, _, visible = _scores(p, q_block, k[..., keys, :], row_index, keys, slopes)
+    for keys in _key_tiles(p, rows, mods):
+        # S = Q_i K_j^T * scale, modified (softcap, bias, ALiBi), with hidden keys at -inf
+        s, _, visible = _scores(p, q_block, k[..., keys, :], rows, keys, mods)
         # m_new = max(m_i, rowmax(S)); a row that has seen nothing yet keeps m_new = -inf, so
         # exponents are taken against m_ref = 0 there (its entries of S are -inf: exp gives 0).
         m_new = numpy.maximum(m_i, s.max(axis=-1))
@@ -129,7 +138,7 @@ def _visible_product(p_tile, v_tile, visible):
         return product
     v_bad = numpy.where(bad[..., columns, None], v_tile[..., columns, :], 0)
     terms = p_tile[..., columns, None] * v_bad[..., None, :, :]  # (..., rows, bad keys, Dv)
-    return product + numpy.where(visible[:, columns, None], terms, 0).sum(axis=-2)
+    return product + numpy.where(visible[..., columns, None], terms, 0).sum(axis=-2)
 
 
 def backward(p: BackwardProblem):
@@ -137,8 +146,8 @@ def backward(p: BackwardProblem):
 
     P is recomputed tile by tile from S and the forward's lse (never stored whole). Gradients are
     accumulated over the full broadcast leading shape and then summed back onto each input's own
-    shape, as autograd does for broadcasting; GQA sums a kv head's query group. With sinks,
-    dsinks follows.
+    shape, as autograd does for broadcasting; GQA sums a kv head's query group. With a bias (and
+    ``bias_grad``) dbias follows, then dsinks with sinks.
     """
     with _one_blas_thread():
         return _backward(p)
@@ -148,7 +157,8 @@ def _backward(p: BackwardProblem):
     compute = _compute_dtype(p)
     q, k, v, o, dout, lse = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v, p.o, p.dout, p.lse))
     q_g, k_g, v_g, lead = _grouped(p, q, k, v)
-    slopes = _per_row(p, p.alibi_slopes, lead, compute)
+    mods = _ScoreMods(p, _per_row(p, p.alibi_slopes, lead, compute))
+    dbias = _BiasGrad(p, lead, compute) if p.returns_dbias else None
     o = o.reshape(lead + o.shape[-2:])
     dout = dout.reshape(lead + dout.shape[-2:])
     lse = lse.reshape(lead + lse.shape[-1:])
@@ -166,18 +176,19 @@ def _backward(p: BackwardProblem):
     # matter here, so this loops query blocks outermost to reuse the forward's tile skipping.
     for row_start in range(0, p.seqlen_q, BLOCK_M):
         rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
-        row_index = numpy.arange(rows.start, rows.stop)[:, None]
         q_i, dout_i = q_g[..., rows, :], dout[..., rows, :]
-        for keys in _key_tiles(p, rows):
+        for keys in _key_tiles(p, rows, mods):
             k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
             # P = exp(S - lse), S recomputed and modified as in the forward; hidden keys give 0
-            s, d_capped, _ = _scores(p, q_i, k_j, row_index, keys, slopes)
+            s, d_capped, visible = _scores(p, q_i, k_j, rows, keys, mods)
             p_tile = numpy.exp(s - lse_ref[..., rows, None])
             # dV_j += P^T dO_i
             dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
             # dP = dO_i V_j^T;  dS = P * (dP - delta_i)
             dp = dout_i @ numpy.swapaxes(v_j, -1, -2)
             ds = p_tile * (dp - delta[..., rows, None])
+            if dbias is not None:  # the bias is added after softcap: its dS has no softcap factor
+                dbias.add(ds, visible, rows, keys)
             if d_capped is not None:  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
                 ds = ds * d_capped
             # dQ_i += dS K_j * scale;  dK_j += dS^T Q_i * scale
@@ -188,6 +199,8 @@ def _backward(p: BackwardProblem):
     for grad, grouped_input, original in ((dq, q_g, p.q), (dk, k_g, p.k), (dv, v_g, p.v)):
         grad = _sum_to_shape(grad, grouped_input.shape).reshape(original.shape)
         grads.append(grad.astype(p.dtype))
+    if dbias is not None:
+        grads.append(dbias.result())
     if p.sinks is not None:
         # The sink's probability in row i is e^{sink - lse_i} and its "value" is 0, so its dS is
         # P_sink (0 - delta_i): dsink = -sum_i e^{sink - lse_i} delta_i (0 for rows with lse = -inf).
@@ -228,37 +241,107 @@ def _per_row(p: Problem, values, lead, compute):
     return full.reshape(lead)[..., None]
 
 
-def _scores(p: Problem, q_block, k_tile, row_index, keys: slice, slopes):
-    """(S, dS_modified/dS_raw or None, visible or None): S = scale Q K^T, then softcap, then ALiBi,
-    then the mask (hidden keys at -inf). The second value is softcap's derivative 1 - tanh^2, for
-    the backward's chain rule; the third the tile's (rows, keys) visibility, None when the mask
-    hides nothing in it."""
+class _ScoreMods:
+    """What modifies a block's scores beyond q.k: ALiBi slopes (``_per_row``), and the caller's
+    bias and mask as views broadcastable to the GQA-grouped ``lead + (Lq, Lk)`` (``_score_operand``)."""
+
+    def __init__(self, p: Problem, slopes):
+        self.slopes = slopes
+        self.bias = _score_operand(p.bias, p)
+        self.mask = _score_operand(p.mask, p)
+
+    def mask_block(self, rows: slice, keys: slice):
+        """The caller's mask over (rows, keys), broadcastable to the block's scores; None: no mask."""
+        return None if self.mask is None else _block(self.mask, rows, keys)
+
+
+def _score_operand(array, p: Problem):
+    """The caller's bias or mask as a view broadcastable to ``lead + (Lq, Lk)`` (GQA's split head
+    axis included): leading axes of 1 prepended, every axis of stride 0 narrowed to size 1, so
+    that a block read from it is never wider than what the caller stored. None stays None."""
+    if array is None:
+        return None
+    array = array[tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                        for size, stride in zip(array.shape, array.strides))]
+    full = len(p.lead_shape) + 2
+    array = array.reshape((1,) * (full - array.ndim) + array.shape)
+    if p.kv_group > 1:  # the head axis (-3) splits as q's does: (Hkv, group), or (1, 1) if broadcast
+        heads = array.shape[-3]
+        split = (1, 1) if heads == 1 else (heads // p.kv_group, p.kv_group)
+        array = array.reshape(array.shape[:-3] + split + array.shape[-2:])
+    return array
+
+
+def _block(array, rows: slice, keys: slice):
+    """The (rows, keys) block of a bias, mask or dbias view of ``lead + (Lq or 1, Lk or 1)``: an
+    axis of size 1 is broadcast, and taken whole."""
+    return array[..., rows if array.shape[-2] != 1 else slice(None), keys if array.shape[-1] != 1 else slice(None)]
+
+
+class _BiasGrad:
+    """dbias, accumulated block by block in the compute dtype into a buffer of bias's own shape
+    (leading 1s prepended), each block's dS summed over the axes along which bias broadcasts."""
+
+    def __init__(self, p: BackwardProblem, lead, compute):
+        self.bias, self.lead, self.full_lead = p.bias, lead, tuple(p.lead_shape)
+        shape = tuple(p.bias.shape)
+        self.grad = numpy.zeros((1,) * (len(self.full_lead) + 2 - len(shape)) + shape, compute)
+
+    def add(self, ds, visible, rows: slice, keys: slice):
+        """Add one tile's dS (``lead + (rows, keys)``, GQA-grouped); a hidden pair adds exactly 0,
+        even where dS is NaN next to a hidden key's bad value."""
+        if visible is not None:
+            ds = numpy.where(visible, ds, 0)
+        tile = ds.shape[-2:]
+        ds = numpy.broadcast_to(ds, self.lead + tile).reshape(self.full_lead + tile)  # GQA's heads back as Hq
+        target = _block(self.grad, rows, keys)
+        target += _sum_to_shape(ds, target.shape)
+
+    def result(self):
+        return self.grad.reshape(self.bias.shape).astype(self.bias.dtype)
+
+
+def _scores(p: Problem, q_block, k_tile, rows: slice, keys: slice, mods: _ScoreMods):
+    """(S, dS_modified/dS_raw or None, visible or None): S = scale Q K^T, then softcap, then the
+    bias, then ALiBi, then the mask (hidden keys at -inf). The second value is softcap's derivative
+    1 - tanh^2, for the backward's chain rule; the third the tile's visibility (rows, keys), or
+    broadcastable to the block's scores with the caller's mask; None when nothing in it is hidden."""
     compute = q_block.dtype
+    row_index = numpy.arange(rows.start, rows.stop)[:, None]
     s = (q_block @ numpy.swapaxes(k_tile, -1, -2)) * compute.type(p.scale)
     d_capped = None
     if p.softcap is not None:
         cap = compute.type(p.softcap)
         t = numpy.tanh(s / cap)
         s, d_capped = cap * t, 1 - t * t
-    if slopes is not None:
+    if mods.bias is not None:
+        s = s + _block(mods.bias, rows, keys).astype(compute, copy=False)
+    if mods.slopes is not None:
         distance = numpy.abs(row_index + p.diag_offset - numpy.arange(keys.start, keys.stop)[None, :])
-        s = s - slopes[..., None] * distance.astype(compute)
-    s, visible = _apply_mask(p, s, row_index, keys)
+        s = s - mods.slopes[..., None] * distance.astype(compute)
+    s, visible = _apply_mask(p, s, row_index, keys, mods.mask_block(rows, keys))
     return s, d_capped, visible
 
 
-def _key_tiles(p: Problem, rows: slice):
-    """Slices of BLOCK_N keys (aligned to BLOCK_N, as in the kernels) that rows may see."""
+def _key_tiles(p: Problem, rows: slice, mods: _ScoreMods | None = None):
+    """Slices of BLOCK_N keys (aligned to BLOCK_N, as in the kernels) that rows may see: within
+    the positional mask's key range, and not hidden whole by the caller's mask (``mods``)."""
     lo, hi = p.key_range(rows.start, rows.stop)
     first = max(lo, 0) // BLOCK_N * BLOCK_N
     for key_start in range(first, min(hi, p.seqlen_k), BLOCK_N):
-        yield slice(key_start, min(key_start + BLOCK_N, p.seqlen_k))
+        keys = slice(key_start, min(key_start + BLOCK_N, p.seqlen_k))
+        mask = None if mods is None else mods.mask_block(rows, keys)
+        if mask is None or mask.any():
+            yield keys
 
 
-def _apply_mask(p: Problem, s, row_index, keys: slice):
-    """(S with the keys hidden from each row set to -inf, the (rows, keys) visibility); tiles seen
-    whole pass through untouched, with visibility None."""
+def _apply_mask(p: Problem, s, row_index, keys: slice, mask=None):
+    """(S with the keys hidden from each row set to -inf, the visibility: (rows, keys), or with the
+    caller's ``mask`` block ANDed in, broadcastable to S); tiles seen whole pass through
+    untouched, with visibility None."""
     visible = p.visible(row_index, numpy.arange(keys.start, keys.stop)[None, :])
+    if mask is not None:
+        visible = visible & mask
     if visible.all():
         return s, None
     return numpy.where(visible, s, -numpy.inf), visible

@@ -3,7 +3,8 @@
 ``resolve_forward`` and ``resolve_backward`` turn the public arguments into a frozen ``Problem``:
 arrays of one kind (NumPy or CuPy) and one floating dtype, the broadcast leading shape, the
 sequence lengths and head dims, the GQA group, a finite ``scale`` (finite in float32 too, but for
-float64 inputs), and the mask normalised into three ints. Everything a caller can get wrong is
+float64 inputs), the mask normalised into three ints, and the caller's additive ``bias`` and
+boolean ``mask`` (checked to broadcast to ``(..., Hq, Lq, Lk)``, never broadcast or copied here). Everything a caller can get wrong is
 checked here, and all of it is checked before anything the caller owns (``out=``) is touched, so
 the backends only ever see valid problems.
 
@@ -78,6 +79,11 @@ class Problem:
     out_shape: tuple[int, ...]  # lead_shape + (Lq, Dv)
     lse_shape: tuple[int, ...]  # lead_shape + (Lq,)
     lse_dtype: numpy.dtype  # float64 for float64 inputs, else float32
+    # The caller's arrays broadcastable to lead_shape + (Lq, Lk), as given (any strides): bias is
+    # added to the (softcapped) score before ALiBi; mask (bool, True = visible) is ANDed with the
+    # positional mask above.
+    bias: Any = None
+    mask: Any = None
 
     @property
     def has_score_mods(self) -> bool:
@@ -131,28 +137,34 @@ class BackwardProblem(Problem):
     o: Any = None  # the forward output, ``out_shape``
     lse: Any = None  # the forward's log-sum-exp, ``lse_shape``
     deterministic: bool = False
+    bias_grad: bool = True  # with a bias: return dbias after (dq, dk, dv)
+
+    @property
+    def returns_dbias(self) -> bool:
+        return self.bias is not None and self.bias_grad
 
 
 def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                    out=None, return_lse=False) -> Problem:
+                    bias=None, mask=None, out=None, return_lse=False) -> Problem:
     """Validate ``attention``'s arguments; raise TypeError/ValueError naming the bad one."""
     (q, k, v), xp = _as_arrays(("q", q), ("k", k), ("v", v))
-    if not isinstance(return_lse, (bool, numpy.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_bool("return_lse", return_lse)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
     if out is not None:
         _check_out(out, q, k, v, xp, fields)
     return Problem(**fields, out=out, return_lse=bool(return_lse))
 
 
 def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
-                     alibi_slopes=None, sinks=None, deterministic=False) -> BackwardProblem:
+                     alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True,
+                     deterministic=False) -> BackwardProblem:
     """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
     (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
     check_deterministic(deterministic)
+    check_bool("bias_grad", bias_grad)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
     for name, array in (("out", out), ("dout", dout)):
         if array.dtype != fields["dtype"]:
             raise TypeError(f"{name} must have q's dtype {fields['dtype']}, got {array.dtype}")
@@ -162,14 +174,20 @@ def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, windo
         raise TypeError(f"lse must have dtype {fields['lse_dtype']} (as the forward returns it), got {lse.dtype}")
     if tuple(lse.shape) != fields["lse_shape"]:
         raise ValueError(f"lse must have shape {fields['lse_shape']} (leading axes + (Lq,)), got {tuple(lse.shape)}")
-    return BackwardProblem(**fields, out=None, return_lse=False, dout=dout, o=out, lse=lse, deterministic=bool(deterministic))
+    return BackwardProblem(**fields, out=None, return_lse=False, dout=dout, o=out, lse=lse,
+                           deterministic=bool(deterministic), bias_grad=bool(bias_grad))
 
 
 def check_deterministic(deterministic) -> None:
     """``deterministic`` must be a bool (or numpy.bool_): checked by the backward, and by
     ``attention_vjp`` before its forward runs."""
-    if not isinstance(deterministic, (bool, numpy.bool_)):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    check_bool("deterministic", deterministic)
+
+
+def check_bool(name: str, value) -> None:
+    """A flag (``return_lse``, ``deterministic``, ``bias_grad``) must be a bool or numpy.bool_."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 # --- arrays: kind, device, dtype -------------------------------------------------------------
@@ -280,7 +298,8 @@ def _check_dtypes(q, k, v) -> numpy.dtype:
 # --- shapes, scale, mask ---------------------------------------------------------------------
 
 
-def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_slopes=None, sinks=None) -> dict:
+def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_slopes=None, sinks=None, bias=None,
+                    mask=None) -> dict:
     """The Problem fields that forward and backward share (everything but out/return_lse)."""
     dtype = _check_dtypes(q, k, v)
     for name, array in (("q", q), ("k", k), ("v", v)):
@@ -303,6 +322,9 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
     softcap = _resolve_softcap(softcap)
     alibi_slopes = _per_head("alibi_slopes", alibi_slopes, xp, device, lead_shape)
     sinks = _per_head("sinks", sinks, xp, device, lead_shape)
+    score_shape = tuple(lead_shape) + (int(seqlen_q), int(seqlen_k))
+    bias = _per_score("bias", bias, xp, device, score_shape, _bias_dtypes(dtype))
+    mask = _per_score("mask", mask, xp, device, score_shape, (numpy.dtype(bool),))
     if xp is numpy:  # reading values of CuPy arrays would cost a host sync on every call
         _check_sinks_values(sinks)
         _check_score_range(q, k, scale, score_dtype)
@@ -330,6 +352,8 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
         out_shape=lead_shape + (int(seqlen_q), int(head_dim_v)),
         lse_shape=lead_shape + (int(seqlen_q),),
         lse_dtype=score_dtype,
+        bias=bias,
+        mask=mask,
     )
 
 
@@ -477,21 +501,57 @@ def _per_head(name: str, value, xp, device, lead_shape):
     ``lead_shape`` (flash-attn's (Hq,) and (B, Hq) both fit), of the inputs' kind and device."""
     if value is None:
         return None
+    array = _like_inputs(name, value, xp, device)
+    if array.dtype not in _float_dtypes():
+        raise TypeError(f"{name} must be a float array (float16, bfloat16, float32 or float64), got {array.dtype}")
+    if not _broadcasts_to(array, lead_shape):
+        raise ValueError(f"{name} must broadcast to the output's leading axes {tuple(lead_shape)} "
+                         f"(..., heads), got shape {tuple(array.shape)}")
+    return array
+
+
+def _broadcasts_to(array, shape) -> bool:
+    """Whether ``array`` broadcasts to exactly ``shape`` (no axis added or stretched beyond it)."""
+    try:
+        return numpy.broadcast_shapes(tuple(array.shape), tuple(shape)) == tuple(shape)
+    except ValueError:
+        return False
+
+
+def _like_inputs(name: str, value, xp, device):
+    """``value`` as an array of the inputs' kind (NumPy or CuPy) and, for CuPy, q's device."""
     array = _as_array(name, value)
     if _kind(array) != ("numpy" if xp is numpy else "cupy"):
         where = "NumPy (CPU)" if xp is numpy else "CuPy (GPU)"
         raise TypeError(f"{name} must be a {where} array like q, got a {_kind(array)} array")
     if device is not None and array.device.id != device:
         raise ValueError(f"{name} must be on q's device {device}, got device {array.device.id}")
-    if array.dtype not in _float_dtypes():
-        raise TypeError(f"{name} must be a float array (float16, bfloat16, float32 or float64), got {array.dtype}")
-    try:
-        shape = numpy.broadcast_shapes(tuple(array.shape), tuple(lead_shape))
-    except ValueError:
-        shape = None
-    if shape != tuple(lead_shape):
-        raise ValueError(f"{name} must broadcast to the output's leading axes {tuple(lead_shape)} "
-                         f"(..., heads), got shape {tuple(array.shape)}")
+    return array
+
+
+def _bias_dtypes(dtype: numpy.dtype) -> tuple[numpy.dtype, ...]:
+    """The dtypes a bias may have with inputs of ``dtype``: theirs, or float32 for float16/bfloat16
+    (whose scores are float32 anyway)."""
+    if dtype.itemsize == 2:
+        return dtype, numpy.dtype(numpy.float32)
+    return (dtype,)
+
+
+def _per_score(name: str, value, xp, device, score_shape, dtypes):
+    """``bias`` or ``mask``: an array of one of ``dtypes``, broadcastable to ``score_shape``
+    (the output's leading axes + (Lq, Lk)), of the inputs' kind and device; returned as given."""
+    if value is None:
+        return None
+    array = _like_inputs(name, value, xp, device)
+    if array.dtype not in dtypes:
+        if name == "mask":
+            raise TypeError(f"mask must be a boolean array (True = the key is visible), got dtype {array.dtype}; "
+                            f"an additive float mask is a bias")
+        allowed = " or ".join(d.name for d in dtypes)
+        raise TypeError(f"bias must be a float array of dtype {allowed} (q is {dtypes[0].name}), got {array.dtype}")
+    if not _broadcasts_to(array, score_shape):
+        raise ValueError(f"{name} must broadcast to (..., Hq, Lq, Lk) = {tuple(score_shape)} (the output's leading "
+                         f"axes, heads, queries, keys), got shape {tuple(array.shape)}")
     return array
 
 
@@ -561,7 +621,7 @@ def _check_out(out, q, k, v, xp, fields) -> None:
     if _has_internal_overlap(out):
         raise ValueError("out must not have overlapping elements (a broadcast or self-overlapping view)")
     for name, array in (("q", q), ("k", k), ("v", v), ("alibi_slopes", fields.get("alibi_slopes")),
-                        ("sinks", fields.get("sinks"))):
+                        ("sinks", fields.get("sinks")), ("bias", fields.get("bias")), ("mask", fields.get("mask"))):
         if array is not None and _overlaps(out, array, xp):
             raise ValueError(f"out must not share memory with {name}")
 

@@ -213,15 +213,21 @@ def attention_backward_ref_dtype(dout, q, k, v, dtype, *, scale=None, causal=Fal
 
 
 def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None,
-                   sinks=None, dtype=numpy.float64):
-    """Dense attention with score modifiers, and its gradients when ``dout`` is given.
+                   sinks=None, bias=None, mask=None, dtype=numpy.float64, magnitudes=False):
+    """Dense attention with score modifiers, bias and mask, and its gradients when ``dout`` is given.
 
-    s = q k^T * scale; s = softcap * tanh(s / softcap); s -= slope * |i + d - j| (ALiBi, d = Lk - Lq,
-    or 0 under causal="top_left"); hidden keys at -inf; then a softmax over the row's scores and,
-    with sinks, one more logit per head that carries no value. Returns (out, lse) or
-    (out, lse, (dq, dk, dv[, dsinks])) in the inputs' shapes, as float64.
+    s = q k^T * scale; s = softcap * tanh(s / softcap); s += bias (broadcast to (..., Hq, Lq, Lk));
+    s -= slope * |i + d - j| (ALiBi, d = Lk - Lq, or 0 under causal="top_left"); keys hidden by
+    causal/window or by ``mask`` (bool, True = visible) at -inf; then a softmax over the row's
+    scores and, with sinks, one more logit per head that carries no value. Returns (out, lse) or
+    (out, lse, (dq, dk, dv[, dbias][, dsinks])) in the inputs' shapes, as float64; dbias is dS
+    of the score after softcap (no softcap factor), summed over bias's broadcast axes.
     ``dtype``: float64, the reference; float16/bfloat16, the plain unfused implementation in that
     dtype (each step rounded, as _precision), the tolerance's baseline.
+    ``magnitudes``: instead of the results, the size of the terms each one sums (out: P |v|
+    times 1 + the largest visible |score| term, as attention_magnitudes; gradients: the backward's
+    formulas on absolute values, as attention_backward_magnitudes), for the tolerance's
+    ``magnitude``: dbias of a bias broadcast over keys sums a row's dS, which is 0 exactly.
     """
     shapes = [x.shape for x in (q, k, v)]
     (q, k, v), rounded = _inputs((q, k, v), dtype)
@@ -230,17 +236,21 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     k_full, v_full, group = _repeat_kv_heads(q, k, v)
     lead = _lead(q, k_full, v_full)
     lq, lk = q.shape[-2], k.shape[-2]
-    mask = visible_mask(lq, lk, causal=causal, window=window)
+    seen = visible_mask(lq, lk, causal=causal, window=window)
+    if mask is not None:
+        seen = seen & to_numpy(mask).astype(bool)
     raw = rounded(rounded(numpy.matmul(q, numpy.swapaxes(k_full, -1, -2))) * work(scale))
     s = raw
     if softcap is not None:
         s = rounded(work(softcap) * numpy.tanh(raw / work(softcap)))
+    if bias is not None:
+        s = rounded(s + to_numpy(bias).astype(numpy.float64).astype(q.dtype))
     if alibi_slopes is not None:
         slopes = numpy.broadcast_to(to_numpy(alibi_slopes).astype(numpy.float64), lead).astype(q.dtype)
         diagonal = 0 if causal == "top_left" else lk - lq
         distance = numpy.abs(numpy.arange(lq)[:, None] + diagonal - numpy.arange(lk)[None, :]).astype(q.dtype)
         s = rounded(s - slopes[..., None, None] * distance)
-    s = numpy.broadcast_to(numpy.where(mask, s, -numpy.inf), lead + (lq, lk))
+    s = numpy.broadcast_to(numpy.where(seen, s, -numpy.inf), lead + (lq, lk))
     sink = numpy.full(lead + (lq, 1), -numpy.inf, dtype=q.dtype)
     if sinks is not None:
         sink = numpy.broadcast_to(numpy.broadcast_to(to_numpy(sinks).astype(numpy.float64), lead)[..., None, None],
@@ -254,13 +264,26 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     p_all = numpy.where(sees, e / numpy.where(sees, total, 1), 0)
     lse = numpy.where(sees, top + numpy.log(numpy.where(sees, total, 1)), -numpy.inf)[..., 0]
     p = rounded(p_all[..., :lk])
-    out = rounded(numpy.matmul(p, v_full))
+    out = result = rounded(numpy.matmul(p, v_full))
+    if magnitudes:  # from here on, the same formulas on absolute values (see the docstring)
+        score_size = numpy.where(seen, numpy.matmul(numpy.abs(q), numpy.swapaxes(numpy.abs(k_full), -1, -2))
+                                 * abs(scale), 0)
+        if bias is not None:
+            size = numpy.abs(to_numpy(bias).astype(numpy.float64))
+            score_size = score_size + numpy.where(seen & numpy.isfinite(size), size, 0)
+        q, k_full, v_full, scale = numpy.abs(q), numpy.abs(k_full), numpy.abs(v_full), abs(scale)
+        out = numpy.matmul(p, v_full)
+        result = out * (1 + score_size.max(axis=-1, keepdims=True, initial=0))
     if dout is None:
-        return out.astype(numpy.float64), lse.astype(numpy.float64)
+        return result.astype(numpy.float64), lse.astype(numpy.float64)
     (dout,), _ = _inputs((numpy.broadcast_to(to_numpy(dout), out.shape),), dtype)
+    if magnitudes:
+        dout = numpy.abs(dout)
     delta = (dout * out).sum(axis=-1, keepdims=True)
     dv = rounded(numpy.matmul(numpy.swapaxes(p, -1, -2), dout))
-    ds = p * (rounded(numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2))) - delta)
+    dp = rounded(numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2)))
+    ds = p * (dp + (p * dp).sum(axis=-1, keepdims=True) if magnitudes else dp - delta)
+    ds_bias = rounded(ds)
     if softcap is not None:
         ds = ds * (1 - numpy.tanh(raw / work(softcap)) ** 2)
     ds = rounded(ds)
@@ -273,7 +296,9 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
         return _reduce_to_shape(grad, shape).astype(numpy.float64)
 
     grads = [back(dq, shapes[0]), back(dk, shapes[1]), back(dv, shapes[2])]
+    if bias is not None:
+        grads.append(_reduce_to_shape(ds_bias, numpy.shape(to_numpy(bias))).astype(numpy.float64))
     if sinks is not None:
         dsink = -(p_all[..., lk] * delta[..., 0]).sum(axis=-1)
         grads.append(_reduce_to_shape(dsink, numpy.shape(to_numpy(sinks))).astype(numpy.float64))
-    return out.astype(numpy.float64), lse.astype(numpy.float64), tuple(grads)
+    return result.astype(numpy.float64), lse.astype(numpy.float64), tuple(grads)

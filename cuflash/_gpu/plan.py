@@ -305,6 +305,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     None when this call needed something a replay would not redo (copies of unaligned inputs, a
     padded output, out=, an empty problem).
     """
+    _refuse_bias_and_mask(problem)
     cupy = _cupy()
     p = problem
     out_shape, lse_shape = p.out_shape, p.lse_shape
@@ -370,6 +371,15 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif not o.flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
         o = cupy.ascontiguousarray(o)
     return o, lse, (plan if plain and out is None else None)
+
+
+def _refuse_bias_and_mask(p) -> None:
+    """The kernels take no bias or mask yet (issue 15): refuse before anything is allocated or launched."""
+    given = [name for name, x in (("bias", p.bias), ("mask", p.mask)) if x is not None]
+    if given:
+        raise NotImplementedError(
+            f"{' and '.join(given)}: the GPU kernels do not take a bias or a boolean mask yet; the CPU backend "
+            f"(NumPy arrays) has them, with the same semantics")
 
 
 def _modifies_scores(p) -> bool:
@@ -532,6 +542,7 @@ def backward(problem):
     here). Gradients of broadcast inputs (an axis of 1 or missing) are summed here too. ``plan``
     replays the call (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
+    _refuse_bias_and_mask(problem)
     cupy = _cupy()
     p = problem
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout

@@ -1,0 +1,513 @@
+"""Additive bias and boolean masks (issue 15) on the CPU backend, forward and backward (dbias),
+against the dense float64 reference (reference.score_mods_ref) under tests/tolerance.py's rule.
+
+Order inside the score: s = scale q.k; softcap; + bias; + ALiBi; then the mask (causal/window
+ANDed with ``mask``). dbias is dS of the score after softcap, summed over bias's broadcast axes.
+The GPU kernels do not take bias or mask yet: they refuse them with NotImplementedError.
+"""
+from __future__ import annotations
+
+import tracemalloc
+
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
+import numpy
+import pytest
+
+import cuflash
+from cuflash import _cpu, _spec
+from reference import score_mods_ref
+from test_score_mods import test_bad_modifiers_are_refused_naming_the_argument as refused_like_a_modifier
+from tolerance import assert_close
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _draw(rng, dtype, *shapes):
+    return [rng.standard_normal(s).astype(numpy.dtype(dtype)) for s in shapes]
+
+
+def _mask(rng, shape, kind, lead_q=None):
+    """A boolean mask of ``shape``. kinds: "random" (70% visible); "holes" (random, plus a fully
+    masked query row and a fully masked key column); "keypad" ((B, 1, 1, Lk): batch b sees its
+    first lengths[b] keys, the last of several none)."""
+    if kind == "keypad":
+        batch, lk = shape[0], shape[-1]
+        lengths = rng.integers(1, lk + 1, batch)
+        if batch > 1:
+            lengths[-1] = 0
+        return numpy.arange(lk) < lengths.reshape((batch,) + (1,) * (len(shape) - 1))
+    mask = rng.random(shape) < 0.7
+    if kind == "holes":
+        mask[..., min(3, shape[-2] - 1), :] = False
+        mask[..., :, shape[-1] // 2] = False
+    return mask
+
+
+def _bias_dtype(dtype, wide):
+    """q's dtype, or float32 for float16/bfloat16 when ``wide``."""
+    return numpy.dtype(numpy.float32) if wide and numpy.dtype(dtype).itemsize == 2 else numpy.dtype(dtype)
+
+
+def check_against_reference(dtype, q, k, v, dout, **kwargs):
+    """Forward and backward (dq, dk, dv[, dbias][, dsinks]) against the float64 reference under
+    tests/tolerance.py's rule (fp16/bf16 against the plain implementation in that dtype), with
+    every argument left unchanged."""
+    dtype = numpy.dtype(dtype)
+    before = {name: x.copy() for name, x in dict(q=q, k=k, v=v, dout=dout, **kwargs).items()
+              if isinstance(x, numpy.ndarray)}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    for name, x in dict(q=q, k=k, v=v, dout=dout, **kwargs).items():
+        if name in before:
+            assert numpy.array_equal(before[name], x, equal_nan=True), f"{name} was modified"
+
+    ref_out, ref_lse, ref_grads = score_mods_ref(q, k, v, dout, **kwargs)
+    size_out, _, size_grads = score_mods_ref(q, k, v, dout, magnitudes=True, **kwargs)
+    baseline = (None, None, (None,) * len(ref_grads))
+    if dtype.itemsize == 2:
+        baseline = score_mods_ref(q, k, v, dout, dtype=dtype, **kwargs)
+    lse_dtype = numpy.float64 if dtype == numpy.float64 else numpy.float32
+    assert out.dtype == dtype and lse.dtype == lse_dtype
+    assert_close(out, ref_out, dtype=dtype, baseline=baseline[0], magnitude=size_out, name="out")
+    assert_close(lse, ref_lse, dtype=lse_dtype, baseline=baseline[1], kind="lse", name="lse")
+
+    names = ["dq", "dk", "dv"] + ["dbias"] * ("bias" in kwargs) + ["dsinks"] * ("sinks" in kwargs)
+    owners = [q, k, v] + [kwargs.get("bias")] * ("bias" in kwargs) + [kwargs.get("sinks")] * ("sinks" in kwargs)
+    assert len(grads) == len(names) == len(ref_grads)
+    for name, grad, owner, reference, base, size in zip(names, grads, owners, ref_grads, baseline[2], size_grads):
+        assert grad.shape == owner.shape and grad.dtype == owner.dtype, name
+        assert_close(grad, reference, dtype=dtype, baseline=base, magnitude=size, kind="grad", name=name)
+    return out, lse, grads
+
+
+# (q, k, v shapes, bias shape or None, mask (shape, kind) or None, options); leading axes
+# (batch..., heads), then (L, D).
+CASES = [
+    # head dims, Lq < Lk and Lq > Lk, bias broadcast along each axis in turn
+    ((2, 3, 37, 8), (2, 3, 53, 8), (2, 3, 53, 8), (2, 3, 37, 53), None, {}),
+    ((2, 3, 53, 16), (2, 3, 37, 16), (2, 3, 37, 16), (1, 3, 53, 37), None, dict(causal=True)),
+    ((2, 3, 37, 24), (2, 3, 53, 24), (2, 3, 53, 24), (2, 1, 37, 53), None, dict(causal="top_left")),
+    ((2, 3, 41, 32), (2, 3, 29, 32), (2, 3, 29, 32), (2, 3, 1, 29), None, dict(causal="top_left")),
+    ((2, 3, 29, 48), (2, 3, 41, 48), (2, 3, 41, 48), (2, 3, 29, 1), None, dict(window=(7, 3))),
+    ((2, 3, 33, 59), (2, 3, 47, 59), (2, 3, 47, 59), (47,), None, dict(causal=True, window=(9, 0))),
+    ((2, 3, 47, 64), (2, 3, 33, 64), (2, 3, 33, 64), (47, 33), None, dict(window=(-1, 4))),
+    ((2, 3, 30, 16), (2, 3, 31, 16), (2, 3, 31, 16), (), None, {}),                      # a 0-d bias
+    # masks: random, fully masked rows and columns, key padding; with and without a bias
+    ((2, 3, 37, 16), (2, 3, 53, 16), (2, 3, 53, 16), None, ((2, 3, 37, 53), "holes"), {}),
+    ((3, 2, 45, 32), (3, 2, 45, 32), (3, 2, 45, 32), (3, 2, 45, 45), ((3, 1, 1, 45), "keypad"), dict(causal=True)),
+    ((2, 4, 29, 8), (2, 4, 61, 8), (2, 4, 61, 8), (4, 29, 61), ((29, 61), "holes"), dict(causal="top_left")),
+    ((2, 3, 50, 24), (2, 3, 19, 24), (2, 3, 19, 24), (2, 1, 1, 19), ((1, 3, 50, 1), "random"), dict(window=(4, 4))),
+    # GQA / MQA / broadcast leading axes
+    ((2, 6, 37, 16), (2, 2, 45, 16), (2, 2, 45, 16), (1, 6, 37, 45), ((2, 1, 37, 45), "holes"), dict(causal=True)),
+    ((2, 4, 31, 32), (2, 1, 40, 32), (2, 1, 40, 32), (2, 4, 31, 40), ((2, 4, 1, 40), "random"), {}),
+    ((3, 1, 4, 21, 8), (1, 2, 4, 26, 8), (1, 2, 4, 26, 8), (3, 2, 1, 21, 26), ((1, 2, 4, 21, 26), "holes"), {}),
+    ((4, 21, 16), (4, 25, 16), (1, 25, 16), (4, 21, 25), ((21, 25), "random"), dict(causal=True)),  # 3-D
+    # composed with softcap, ALiBi and sinks (bias after softcap, before ALiBi)
+    ((2, 4, 37, 16), (2, 2, 53, 16), (2, 2, 53, 16), (2, 4, 37, 53), ((2, 1, 37, 53), "holes"),
+     dict(softcap=2.0, alibi="heads", sinks="heads", causal=True)),
+    ((2, 3, 45, 48), (2, 3, 33, 48), (2, 3, 33, 48), (1, 3, 1, 33), ((2, 1, 1, 33), "keypad"),
+     dict(softcap=0.8, sinks="heads")),
+    ((2, 2, 29, 64), (2, 2, 35, 64), (2, 2, 35, 64), (29, 35), ((2, 2, 29, 35), "holes"),
+     dict(alibi="batch-heads", window=(6, 2))),
+    # more than one block of queries and of keys (BLOCK_M = BLOCK_N = 128)
+    ((1, 2, 150, 16), (1, 2, 290, 16), (1, 2, 290, 16), (1, 2, 1, 290), ((1, 1, 1, 290), "keypad"),
+     dict(causal=True, sinks="heads")),
+]
+
+
+def _case_id(case):
+    q, k, v, bias, mask, options = case
+    parts = [f"q{'x'.join(map(str, q))}", f"k{'x'.join(map(str, k))}"]
+    if bias is not None:
+        parts.append(f"bias{'x'.join(map(str, bias)) or 'scalar'}")
+    if mask is not None:
+        parts.append(f"mask-{mask[1]}{'x'.join(map(str, mask[0]))}")
+    return "-".join(parts + [str(key) for key in options])
+
+
+def _options(rng, q_shape, options):
+    """The call's keywords, with ALiBi slopes and sinks drawn for q's leading axes."""
+    heads, lead = q_shape[-3], q_shape[:-2]
+    out = {key: value for key, value in options.items() if key not in ("alibi", "sinks")}
+    shapes = {"heads": (heads,), "batch-heads": lead}
+    if "alibi" in options:
+        out["alibi_slopes"] = rng.uniform(0.05, 0.6, shapes[options["alibi"]])
+    if "sinks" in options:
+        out["sinks"] = rng.standard_normal(shapes[options["sinks"]])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_the_reference(rng, dtype, case):
+    q_shape, k_shape, v_shape, bias_shape, mask_spec, options = case
+    q, k, v = _draw(rng, dtype, q_shape, k_shape, v_shape)
+    (dout,) = _draw(rng, dtype, _spec.resolve_forward(q, k, v).out_shape)
+    kwargs = _options(rng, q_shape, options)
+    for name in ("alibi_slopes", "sinks"):  # q's dtype, or float32 for float16/bfloat16
+        if name in kwargs:
+            kwargs[name] = kwargs[name].astype(_bias_dtype(dtype, True))
+    if bias_shape is not None:
+        kwargs["bias"] = rng.standard_normal(bias_shape).astype(_bias_dtype(dtype, wide=len(bias_shape) % 2 == 0))
+    if mask_spec is not None:
+        kwargs["mask"] = _mask(rng, *mask_spec)
+    check_against_reference(dtype, q, k, v, dout, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alphafold_pair_bias_shared_over_rows(rng, dtype):
+    """Triangle attention's shape: q (B, rows, H, N, D), each row a sequence of N residues, a pair
+    bias (B, 1, H, N, N) shared by every row (dbias summed over the rows), a residue mask."""
+    batch, rows, heads, n, d = 1, 5, 4, 23, 32
+    q, k, v, dout = _draw(rng, dtype, *[(batch, rows, heads, n, d)] * 4)
+    bias = rng.standard_normal((batch, 1, heads, n, n)).astype(_bias_dtype(dtype, True))
+    mask = rng.random((batch, rows, 1, 1, n)) < 0.85
+    mask[0, 2] = False  # a row whose residues are all padding
+    out, lse, grads = check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask)
+    assert (out[0, 2] == 0).all() and (lse[0, 2] == -numpy.inf).all()
+    for grad in grads[:3]:
+        assert (grad[0, 2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swin_window_bias_and_shifted_window_mask(rng, dtype):
+    """Swin: windows of 49 tokens, q (B, nW, H, 49, D), a learnable relative-position bias
+    (1, H, 49, 49) shared by every window, the shifted windows' mask (nW, 1, 49, 49)."""
+    batch, windows, heads, d = 2, 4, 3, 16
+    q, k, v, dout = _draw(rng, dtype, *[(batch, windows, heads, 49, d)] * 4)
+    bias = rng.standard_normal((1, heads, 49, 49)).astype(_bias_dtype(dtype, False))
+    region = rng.integers(0, 3, (windows, 49))  # each token's region; tokens attend within theirs
+    mask = (region[:, :, None] == region[:, None, :])[:, None]
+    check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask)
+
+
+def test_bias_of_any_strides_and_broadcast_views(rng):
+    """A transposed bias, a bias whose broadcast axes are stride-0 views (numpy.broadcast_to) and
+    the compact one give the same forward bit for bit; dbias of the view has the view's shape,
+    one entry per element, which sums back to the compact bias's gradient."""
+    q, k, v, dout = _draw(rng, "float32", (2, 3, 40, 16), (2, 3, 57, 16), (2, 3, 57, 16), (2, 3, 40, 16))
+    compact = rng.standard_normal((1, 3, 1, 57)).astype(numpy.float32)
+    view = numpy.broadcast_to(compact, (2, 3, 40, 57))
+    transposed = numpy.ascontiguousarray(numpy.broadcast_to(compact, (2, 3, 40, 57)).transpose(0, 1, 3, 2))
+    transposed = transposed.transpose(0, 1, 3, 2)  # (2, 3, 40, 57) with keys as the slow axis
+    results = [cuflash.attention(q, k, v, bias=b, causal=True, return_lse=True) for b in (compact, view, transposed)]
+    for out, lse in results[1:]:
+        assert out.tobytes() == results[0][0].tobytes() and lse.tobytes() == results[0][1].tobytes()
+    out, lse = results[0]
+    d_compact = cuflash.attention_backward(dout, q, k, v, out, lse, bias=compact, causal=True)[3]
+    d_view = cuflash.attention_backward(dout, q, k, v, out, lse, bias=view, causal=True)[3]
+    d_transposed = cuflash.attention_backward(dout, q, k, v, out, lse, bias=transposed, causal=True)[3]
+    assert d_view.shape == (2, 3, 40, 57) and d_compact.shape == (1, 3, 1, 57)
+    numpy.testing.assert_array_equal(d_view, d_transposed)
+    numpy.testing.assert_allclose(d_view.sum(axis=(0, 2), keepdims=True), d_compact, rtol=1e-5, atol=1e-6)
+
+
+def test_no_score_sized_buffer_for_broadcast_bias_and_mask(rng):
+    """A (1, H, Lq, Lk) bias given as a stride-0 view of (1, 1, 1, Lk) and a key-padding mask:
+    forward and backward (bias_grad=False) allocate nothing near Lq x Lk."""
+    lq = lk = 1024
+    q, k, v, dout = _draw(rng, "float32", *[(1, 2, lq, 8)] * 4)
+    bias = numpy.broadcast_to(rng.standard_normal((1, 1, 1, lk)).astype(numpy.float32), (1, 2, lq, lk))
+    mask = numpy.arange(lk)[None, None, None, :] < 900
+    score_bytes = 2 * lq * lk * 4
+    tracemalloc.start()
+    try:
+        out, lse = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, mask=mask, bias_grad=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(grads) == 3
+    assert peak < score_bytes / 4, f"peak {peak} bytes against {score_bytes} for the scores"
+
+
+def test_key_padding_mask_skips_the_tiles_it_hides(rng, monkeypatch):
+    """A key tile the caller's mask hides from every row of a block is never scored, and the
+    result equals attention over the unpadded keys."""
+    q, k, v, dout = _draw(rng, "float64", (2, 2, 130, 8), (2, 2, 600, 8), (2, 2, 600, 8), (2, 2, 130, 8))
+    lengths = numpy.array([100, 300])
+    mask = numpy.arange(600)[None, None, None, :] < lengths[:, None, None, None]
+    calls = []
+    real = _cpu._scores
+
+    def counting(p, q_block, k_tile, rows, keys, mods):
+        calls.append(keys)
+        return real(p, q_block, k_tile, rows, keys, mods)
+
+    monkeypatch.setattr(_cpu, "_scores", counting)
+    out, lse = cuflash.attention(q, k, v, mask=mask, return_lse=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, mask=mask)
+    assert all(keys.start < 300 for keys in calls) and len(calls) == 2 * 3 * 2  # 2 blocks, tiles [0, 384)
+    monkeypatch.setattr(_cpu, "_scores", real)
+    for b, n in enumerate(lengths):
+        kb, vb = k[b, :, :n], v[b, :, :n]
+        want_out, want_lse = cuflash.attention(q[b], kb, vb, return_lse=True)
+        numpy.testing.assert_allclose(out[b], want_out, rtol=1e-13, atol=1e-14)
+        numpy.testing.assert_allclose(lse[b], want_lse, rtol=1e-13, atol=1e-14)
+        want = cuflash.attention_backward(dout[b], q[b], kb, vb, want_out, want_lse)
+        numpy.testing.assert_allclose(grads[0][b], want[0], rtol=1e-12, atol=1e-13)
+        numpy.testing.assert_allclose(grads[1][b, :, :n], want[1], rtol=1e-12, atol=1e-13)
+        assert (grads[1][b, :, n:] == 0).all() and (grads[2][b, :, n:] == 0).all()
+
+
+@pytest.mark.parametrize("sinks", [None, numpy.array([0.5, -1.0])])
+def test_rows_that_see_no_key_give_zero_the_sink_and_no_gradient(rng, sinks):
+    """Rows left without a visible key by the caller's mask (alone or with causal), or by a bias
+    of -inf: out 0, lse -inf (or the sink), nothing NaN, no gradient through them."""
+    q, k, v, dout = _draw(rng, "float64", (2, 2, 12, 8), (2, 2, 9, 8), (2, 2, 9, 8), (2, 2, 12, 8))
+    mask = rng.random((2, 2, 12, 9)) < 0.6
+    mask[:, :, 4] = False
+    mask[1, 0, 7] = False
+    bias = rng.standard_normal((2, 2, 12, 9))
+    bias[0, 1, 9] = -numpy.inf
+    kwargs = dict(bias=bias, mask=mask, causal="top_left", sinks=sinks)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    empty = numpy.zeros((2, 2, 12), bool)
+    empty[:, :, 4] = empty[1, 0, 7] = empty[0, 1, 9] = True
+    empty[..., 0] |= ~mask[..., 0, 0]  # top-left causal: row 0 sees key 0 only
+    expected_lse = numpy.broadcast_to(-numpy.inf if sinks is None else sinks[None, :, None], (2, 2, 12))
+    assert (out[empty] == 0).all() and (lse[empty] == expected_lse[empty]).all()
+    assert all(numpy.isfinite(x).all() for x in (out, *grads))
+    assert (grads[0][empty] == 0).all() and (grads[3][empty] == 0).all()
+    assert (grads[3][~numpy.broadcast_to(mask, (2, 2, 12, 9))] == 0).all()  # dbias is 0 where masked
+
+
+def test_minus_infinity_bias_hides_keys_as_the_mask_does(rng):
+    q, k, v, dout = _draw(rng, "float64", (2, 3, 20, 8), (2, 3, 25, 8), (2, 3, 25, 8), (2, 3, 20, 8))
+    mask = rng.random((2, 1, 20, 25)) < 0.5
+    bias = numpy.where(mask, 0.0, -numpy.inf)
+    by_mask = cuflash.attention(q, k, v, mask=mask, causal=True, return_lse=True)
+    by_bias = cuflash.attention(q, k, v, bias=bias, causal=True, return_lse=True)
+    for a, b in zip(by_mask, by_bias):
+        numpy.testing.assert_array_equal(a, b)
+    grads_mask = cuflash.attention_backward(dout, q, k, v, *by_mask, mask=mask, causal=True)
+    grads_bias = cuflash.attention_backward(dout, q, k, v, *by_bias, bias=bias, causal=True)
+    for a, b in zip(grads_mask, grads_bias):
+        numpy.testing.assert_array_equal(a, b)
+
+
+def test_hidden_nan_in_bias_or_value_does_not_leak(rng):
+    """A NaN bias entry or a NaN value behind the caller's mask takes no part in any row (nor in
+    dbias, which is exactly 0 where masked)."""
+    q, k, v, dout = _draw(rng, "float64", (1, 2, 10, 8), (1, 2, 14, 8), (1, 2, 14, 8), (1, 2, 10, 8))
+    mask = numpy.ones((1, 2, 10, 14), bool)
+    mask[..., 5] = False
+    bias = rng.standard_normal((1, 2, 10, 14))
+    clean = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True)
+    bias[..., 5] = numpy.nan
+    v = v.copy()
+    v[..., 5, :] = numpy.nan
+    dirty = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True)
+    for a, b in zip(clean, dirty):
+        numpy.testing.assert_array_equal(a, b)
+    dbias = cuflash.attention_backward(dout, q, k, v, *dirty, bias=bias, mask=mask)[3]
+    assert (dbias[..., 5] == 0).all() and numpy.isfinite(dbias).all()
+
+
+def test_dbias_matches_finite_differences(rng):
+    """dbias against central differences of the forward in float64, entry by entry, with the bias
+    broadcast over batch and queries, over keys, or not at all, under softcap (whose factor dbias
+    must not carry), ALiBi, sinks, a mask and GQA; dq, dk and dv along a random direction each."""
+    q, k, v, dout = _draw(rng, "float64", (2, 2, 5, 4), (2, 1, 7, 4), (2, 1, 7, 4), (2, 2, 5, 4))
+    mask = rng.random((2, 1, 5, 7)) < 0.8
+    mask[1, 0, 2] = False
+    kwargs = dict(softcap=1.5, alibi_slopes=numpy.array([0.3, 0.1]), sinks=numpy.array([0.2, -0.4]),
+                  mask=mask, causal=True)
+    step = 1e-6
+
+    def loss(q, k, v, bias):
+        return float((cuflash.attention(q, k, v, bias=bias, **kwargs) * dout).sum())
+
+    for bias_shape in [(1, 2, 1, 7), (2, 2, 5, 7), (5, 1)]:
+        bias = rng.standard_normal(bias_shape)
+        out, lse = cuflash.attention(q, k, v, bias=bias, return_lse=True, **kwargs)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, **kwargs)
+        numeric = numpy.zeros_like(bias)
+        for position in numpy.ndindex(bias.shape):
+            bump = numpy.zeros_like(bias)
+            bump[position] = step
+            numeric[position] = (loss(q, k, v, bias + bump) - loss(q, k, v, bias - bump)) / (2 * step)
+        numpy.testing.assert_allclose(grads[3], numeric, rtol=1e-6, atol=1e-8, err_msg=f"dbias {bias_shape}")
+        for index, x in enumerate((q, k, v)):
+            direction = rng.standard_normal(x.shape)
+            moved = [[q, k, v, bias], [q, k, v, bias]]
+            moved[0][index], moved[1][index] = x + step * direction, x - step * direction
+            numeric = (loss(*moved[0]) - loss(*moved[1])) / (2 * step)
+            assert abs(numeric - (grads[index] * direction).sum()) <= 1e-6 * max(1.0, abs(numeric)), index
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_backward_is_bitwise_reproducible(rng, dtype):
+    """The same call twenty times: every gradient, dbias of a broadcast bias included, bit for bit."""
+    q, k, v, dout = _draw(rng, dtype, (2, 4, 150, 32), (2, 2, 200, 32), (2, 2, 200, 32), (2, 4, 150, 32))
+    bias = rng.standard_normal((1, 4, 150, 200)).astype(numpy.float32)
+    mask = _mask(rng, (2, 1, 1, 200), "keypad")
+    kwargs = dict(bias=bias, mask=mask, causal=True, softcap=3.0, sinks=rng.standard_normal(4).astype(numpy.float32),
+                  deterministic=True)
+    out, vjp = cuflash.attention_vjp(q, k, v, **kwargs)
+    first = vjp(dout)
+    assert first[3].shape == bias.shape and first[3].dtype == numpy.float32
+    for _ in range(19):
+        again = vjp(dout)
+        for a, b in zip(first, again):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_gradient_order_and_bias_grad(rng):
+    """(dq, dk, dv), then dbias when bias is given and bias_grad is true, then dsinks; through
+    attention_backward and attention_vjp alike."""
+    q, k, v, dout = _draw(rng, "float32", *[(2, 2, 9, 8)] * 4)
+    bias = rng.standard_normal((2, 1, 9, 9)).astype(numpy.float32)
+    sinks = numpy.array([0.1, 0.2], numpy.float32)
+    out, lse = cuflash.attention(q, k, v, bias=bias, sinks=sinks, return_lse=True)
+    full = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, sinks=sinks)
+    assert [g.shape for g in full] == [q.shape, k.shape, v.shape, bias.shape, sinks.shape]
+    without = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, sinks=sinks, bias_grad=False)
+    assert len(without) == 4
+    for a, b in zip(full[:3] + full[4:], without):
+        assert a.tobytes() == b.tobytes()
+    assert len(cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, bias_grad=numpy.bool_(False))) == 3
+    assert len(cuflash.attention_backward(dout, q, k, v, out, lse, mask=bias > 0, bias_grad=True)) == 3
+    vjp_out, vjp = cuflash.attention_vjp(q, k, v, bias=bias, sinks=sinks)
+    assert vjp_out.tobytes() == out.tobytes()
+    for a, b in zip(vjp(dout), full):
+        assert a.tobytes() == b.tobytes()
+    assert len(cuflash.attention_vjp(q, k, v, bias=bias, bias_grad=False)[1](dout)) == 3
+
+
+def test_out_is_written_in_place_with_bias_and_mask(rng):
+    q, k, v = _draw(rng, "float32", *[(2, 3, 11, 8)] * 3)
+    bias = rng.standard_normal((3, 11, 11)).astype(numpy.float32)
+    mask = rng.random((11, 11)) < 0.5
+    out = numpy.full((2, 3, 11, 8), numpy.nan, numpy.float32)
+    result = cuflash.attention(q, k, v, bias=bias, mask=mask, out=out)
+    assert result is out
+    assert out.tobytes() == cuflash.attention(q, k, v, bias=bias, mask=mask).tobytes()
+
+
+def test_gpu_refuses_bias_and_mask_before_anything_runs(rng):
+    """The GPU path refuses a problem with a bias or a mask first thing, naming them (checked on
+    a problem resolved from NumPy arrays: the refusal comes before any CuPy call)."""
+    pytest.importorskip("cupy")
+    from cuflash._gpu import plan
+
+    q, k, v = _draw(rng, "float32", *[(1, 2, 8, 8)] * 3)
+    bias, mask = numpy.zeros((8, 8), numpy.float32), numpy.ones((8, 8), bool)
+    for kwargs, names in ((dict(bias=bias), "^bias:"), (dict(mask=mask), "^mask:"),
+                          (dict(bias=bias, mask=mask), "^bias and mask:")):
+        problem = _spec.resolve_forward(q, k, v, return_lse=True, **kwargs)
+        with pytest.raises(NotImplementedError, match=names + ".*CPU backend"):
+            plan.forward(problem)
+        backward = _spec.resolve_backward(q, q, k, v, q, numpy.zeros((1, 2, 8), numpy.float32), **kwargs)
+        with pytest.raises(NotImplementedError, match=names + ".*CPU backend"):
+            plan.backward(backward)
+
+
+@pytest.mark.gpu
+def test_gpu_refuses_bias_and_mask(rng):
+    cupy = pytest.importorskip("cupy")
+    q, k, v = (cupy.asarray(x) for x in _draw(rng, "float16", *[(1, 2, 8, 16)] * 3))
+    out = cupy.full((1, 2, 8, 16), 7, cupy.float16)
+    with pytest.raises(NotImplementedError, match="bias.*CPU backend"):
+        cuflash.attention(q, k, v, bias=cupy.zeros((8, 8), cupy.float32), out=out)
+    with pytest.raises(NotImplementedError, match="mask.*CPU backend"):
+        cuflash.attention_vjp(q, k, v, mask=cupy.ones((8, 8), bool))
+    assert bool((out == 7).all())
+
+
+@pytest.mark.gpu
+def test_bias_and_mask_must_be_the_inputs_kind(rng):
+    cupy = pytest.importorskip("cupy")
+    host = _draw(rng, "float32", *[(1, 2, 8, 16)] * 3)
+    device = [cupy.asarray(x) for x in host]
+    with pytest.raises(TypeError, match="bias must be a NumPy"):
+        cuflash.attention(*host, bias=cupy.zeros((8, 8), cupy.float32))
+    with pytest.raises(TypeError, match="mask must be a CuPy"):
+        cuflash.attention(*device, mask=numpy.ones((8, 8), bool))
+    if cupy.cuda.runtime.getDeviceCount() > 1:
+        with cupy.cuda.Device(1):
+            other = cupy.zeros((8, 8), cupy.float32)
+        with pytest.raises(ValueError, match="bias must be on q's device 0"):
+            cuflash.attention(*device, bias=other)
+
+
+class _OpenCLArray:
+    """A DLPack array on a device cuflash does not run on (OpenCL); never read."""
+
+    def __dlpack__(self, *args, **kwargs):
+        raise AssertionError("read")
+
+    def __dlpack_device__(self):
+        return (4, 0)
+
+
+BAD = [  # (keywords, error, message)
+    (dict(bias=numpy.zeros((2, 4, 5, 7), numpy.float32)), ValueError, r"bias must broadcast to \(\.\.\., Hq, Lq, Lk\) = \(2, 4, 5, 6\)"),
+    (dict(bias=numpy.zeros((3, 1, 1), numpy.float32)), ValueError, "bias must broadcast"),
+    (dict(bias=numpy.zeros((1, 2, 4, 5, 6), numpy.float32)), ValueError, "bias must broadcast"),
+    (dict(bias=numpy.zeros((2, 4, 5, 6), numpy.int32)), TypeError, "bias must be a float array of dtype float32"),
+    (dict(bias=numpy.zeros((5, 6), bool)), TypeError, "bias must be a float array"),
+    (dict(bias=numpy.zeros((5, 6), numpy.float64)), TypeError, r"bias must be a float array of dtype float32 \(q is"),
+    (dict(bias=numpy.zeros((5, 6), numpy.float16)), TypeError, "bias must be a float array of dtype float32"),
+    (dict(bias=numpy.zeros((5, 6), numpy.complex64)), TypeError, "bias must be a float array"),
+    (dict(bias=[[0.0] * 6] * 5), TypeError, "bias must be a numpy.ndarray"),
+    (dict(bias=_OpenCLArray()), TypeError, "bias lives on DLPack device type 4"),
+    (dict(mask=_OpenCLArray()), TypeError, "mask lives on DLPack device type 4"),
+    (dict(mask=numpy.ones((5, 6), numpy.float32)), TypeError, "mask must be a boolean array"),
+    (dict(mask=numpy.ones((5, 6), numpy.uint8)), TypeError, "mask must be a boolean array"),
+    (dict(mask=numpy.ones((5, 7), bool)), ValueError, r"mask must broadcast to \(\.\.\., Hq, Lq, Lk\)"),
+    (dict(mask=numpy.ones((3, 4, 5, 6), bool)), ValueError, "mask must broadcast"),
+    (dict(mask=[[True] * 6] * 5), TypeError, "mask must be a numpy.ndarray"),
+]
+
+
+@pytest.mark.parametrize("options, error, match", BAD, ids=[f"{list(b[0])[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_bias_or_mask_is_refused_naming_it(rng, options, error, match, monkeypatch):
+    """attention (out= left as it was) and attention_backward as for the score modifiers, and
+    attention_vjp before its forward runs."""
+    refused_like_a_modifier(rng, options, error, match)
+    q, k, v = _draw(rng, "float32", (2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8))
+    monkeypatch.setattr(_cpu, "forward", lambda p: pytest.fail("the forward ran"))
+    with pytest.raises(error, match=match):
+        cuflash.attention_vjp(q, k, v, **options)
+
+
+def test_bias_dtypes_follow_q(rng):
+    """float16/bfloat16 take their own dtype or float32; float32 and float64 only their own."""
+    for dtype, good, bad in (("float16", ("float16", "float32"), ("bfloat16", "float64")),
+                             ("bfloat16", ("bfloat16", "float32"), ("float16", "float64")),
+                             ("float32", ("float32",), ("float16", "float64")),
+                             ("float64", ("float64",), ("float32",))):
+        q, k, v = _draw(rng, dtype, *[(1, 2, 4, 8)] * 3)
+        for name in good:
+            cuflash.attention(q, k, v, bias=numpy.zeros((4, 4), numpy.dtype(name)))
+        for name in bad:
+            with pytest.raises(TypeError, match=f"bias must be a float array of dtype {dtype}"):
+                cuflash.attention(q, k, v, bias=numpy.zeros((4, 4), numpy.dtype(name)))
+
+
+@pytest.mark.parametrize("value", [1, 0, None, "yes", numpy.array(True), 1.0])
+def test_bias_grad_must_be_a_bool(rng, value, monkeypatch):
+    q, k, v = _draw(rng, "float32", *[(1, 2, 4, 8)] * 3)
+    bias = numpy.zeros((4, 4), numpy.float32)
+    out, lse = cuflash.attention(q, k, v, bias=bias, return_lse=True)
+    with pytest.raises(TypeError, match="bias_grad must be a bool"):
+        cuflash.attention_backward(out, q, k, v, out, lse, bias=bias, bias_grad=value)
+    with pytest.raises(TypeError, match="bias_grad must be a bool"):
+        cuflash.attention_backward(out, q, k, v, out, lse, bias_grad=value)  # checked without a bias too
+    monkeypatch.setattr(_cpu, "forward", lambda p: pytest.fail("the forward ran"))
+    with pytest.raises(TypeError, match="bias_grad must be a bool"):
+        cuflash.attention_vjp(q, k, v, bias=bias, bias_grad=value)
+
+
+def test_out_must_not_overlap_bias_or_mask(rng):
+    q, k, v = _draw(rng, "float32", *[(1, 2, 4, 4)] * 3)
+    storage = numpy.zeros((1, 2, 4, 4), numpy.float32)
+    with pytest.raises(ValueError, match="out must not share memory with bias"):
+        cuflash.attention(q, k, v, bias=storage, out=storage)
+    raw = numpy.zeros(4 * 4 * 8, numpy.uint8)
+    out = raw.view(numpy.float32).reshape(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="out must not share memory with mask"):
+        cuflash.attention(q, k, v, mask=raw[:16].view(bool).reshape(4, 4), out=out)
+    assert (raw == 0).all()
