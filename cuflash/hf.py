@@ -31,9 +31,11 @@ Attention-logit softcapping (Gemma-2's ``softcap``) and attention sinks (gpt-oss
 their gradient) run in cuflash, on CPU and CUDA tensors. Padded batches (left or right padding)
 and packed ones (``position_ids`` restarting per document, ``DataCollatorWithFlattening``), causal,
 sliding windows too, without a cache, run in cuflash, each sequence on its own tokens: the mask
-SDPA's mask function built is checked to be exactly that pattern first. What cuflash does not
+SDPA's mask function built is checked to be exactly that pattern first. Generation from
+left-padded prompts too: each decoding step runs every row on its real keys of the cache,
+causal bottom-right. What cuflash does not
 support falls back to SDPA's integration (same arguments), with a one-time warning per reason:
-any other mask tensor (padding with a cache, custom patterns), dropout > 0, ``position_bias``,
+any other mask tensor (right padding with a cache, custom patterns), dropout > 0, ``position_bias``,
 tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
@@ -180,16 +182,54 @@ def _segments(mask, sliding_window):
     and ``start(i) <= j <= i`` with start(i) the first position of i's sequence (and ``j > i -
     sliding_window``). Padding on the left or right, and sequences packed back to back
     (``position_ids`` restarting, ``DataCollatorWithFlattening``) both have this form. Returns,
-    per batch element, ``(start, end, key_end)`` per sequence: queries ``[start, end)`` against keys
-    ``[start, key_end)`` (key_end < end for right-padded queries, which see the sequence's real
-    keys, as in SDPA's mask); rows outside every sequence see no key. None for any other mask (a
-    cache, custom patterns): those fall back to SDPA. One host read per distinct mask.
+    per batch element, ``(start, end, key_start, key_end, alignment)`` per sequence: queries
+    ``[start, end)`` against keys ``[key_start, key_end)``, causal with that alignment (top-left
+    inside a sequence; key_end < end for right-padded queries, which see the sequence's real keys,
+    as in SDPA's mask); rows outside every sequence see no key. With a cache (Lq < Lk): left
+    padding only (_cache_segments). None for any other mask (custom patterns): those fall back to
+    SDPA. One host read per distinct mask.
     """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
         return None
     cache_key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask._version, mask.device, sliding_window)
     if cache_key in _SEGMENTS_CACHE:
         return _SEGMENTS_CACHE[cache_key]
+    result = _batch_segments(mask, sliding_window) if mask.shape[2] == mask.shape[3] else _cache_segments(
+        mask, sliding_window)
+    _SEGMENTS_CACHE.clear()
+    _SEGMENTS_CACHE[cache_key] = result
+    return result
+
+
+def _window_and_causal(expected, index_q, index_k, offset, sliding_window):
+    """expected & (j <= i + offset) [& j > i + offset - sliding_window], i and j broadcast."""
+    expected = expected & (index_k <= index_q + offset)
+    if sliding_window is not None:
+        expected = expected & (index_k > index_q + offset - int(sliding_window))
+    return expected
+
+
+def _cache_segments(mask, sliding_window):
+    """Decoding over a cache with left padding: ``(B, 1, Lq, Lk)``, Lq < Lk, key j visible to
+    query i iff j is real and ``j <= i + Lk - Lq`` (causal bottom-right, and the window), each
+    row's real keys one run ending at Lk. One sequence per batch row: all its queries against keys
+    ``[start, Lk)``, causal bottom-right."""
+    q_length, kv_length = mask.shape[2], mask.shape[3]
+    visible = mask[:, 0]
+    real = visible.any(dim=1)                       # (B, Lk)
+    counts = real.sum(dim=1)
+    index_q = torch.arange(q_length, device=mask.device)[None, :, None]
+    index_k = torch.arange(kv_length, device=mask.device)[None, None, :]
+    starts = kv_length - counts
+    runs = index_k[:, 0, :] >= starts[:, None]
+    expected = _window_and_causal(real[:, None, :], index_q, index_k, kv_length - q_length, sliding_window)
+    if not (torch.equal(real, runs) and torch.equal(visible, expected)):
+        return None
+    return [[(0, q_length, start, kv_length, "bottom_right")] for start in starts.tolist()]
+
+
+def _batch_segments(mask, sliding_window):
+    """_segments without a cache (Lq == Lk): padded and/or packed sequences."""
     length = mask.shape[-1]
     visible = mask[:, 0]
     sees = visible.any(dim=2)                       # (B, L): rows that see a key
@@ -199,17 +239,12 @@ def _segments(mask, sliding_window):
               for f, r, w in zip(first.tolist(), real.tolist(), sees.tolist())]
     lo = torch.tensor([[length if x is None else x for x in row] for row in starts], device=mask.device)
     index = torch.arange(length, device=mask.device)
-    expected = (real[:, None, :] & (index[None, None, :] >= lo[:, :, None])
-                & (index[None, None, :] <= index[None, :, None]))
-    if sliding_window is not None:
-        expected = expected & (index[None, None, :] > index[None, :, None] - int(sliding_window))
-    result = None
-    if torch.equal(visible, expected):
-        result = [_runs(row, row_real) for row, row_real in zip(starts, real.tolist())]
-        result = None if any(runs is None for runs in result) else result
-    _SEGMENTS_CACHE.clear()
-    _SEGMENTS_CACHE[cache_key] = result
-    return result
+    expected = _window_and_causal(real[:, None, :] & (index[None, None, :] >= lo[:, :, None]),
+                                  index[None, :, None], index[None, None, :], 0, sliding_window)
+    if not torch.equal(visible, expected):
+        return None
+    result = [_runs(row, row_real) for row, row_real in zip(starts, real.tolist())]
+    return None if any(runs is None for runs in result) else result
 
 
 def _sequence_starts(first, real, sees, window):
@@ -228,7 +263,7 @@ def _sequence_starts(first, real, sees, window):
 
 
 def _runs(starts, real):
-    """(start, end, key_end) of one batch row's sequences from each row's sequence start (None:
+    """(start, end, start, key_end, "top_left") of one batch row's sequences from each row's sequence start (None:
     sees no key) and the real keys; None unless every sequence starts on its own first row (so
     that causal top-left inside it is the mask's rule) and its real keys are one run from there."""
     runs, length, i = [], len(starts), 0
@@ -245,24 +280,25 @@ def _runs(starts, real):
             key_end += 1
         if start != i or any(real[key_end:end]):
             return None
-        runs.append((start, end, key_end))
+        runs.append((start, end, start, key_end, "top_left"))
         i = end
     return runs
 
 
 def _attention_of_segments(query, key, value, segments, scaling, window, softcap, sinks):
-    """cuflash on every sequence of every batch row (_segments), causal top-left inside it; rows
-    outside every sequence (left padding) 0. Returns (B, H, L, Dv)."""
+    """cuflash on every sequence of every batch row (_segments: queries [q0, q1) against keys
+    [k0, k1), causal with the given alignment); rows outside every sequence (left padding) 0.
+    Returns (B, H, Lq, Dv)."""
     length = query.shape[2]
     rows = []
     for b, runs in enumerate(segments):
         pieces, cursor = [], 0
-        for start, end, key_end in runs:
+        for start, end, key_start, key_end, alignment in runs:
             if start > cursor:
                 pieces.append(query.new_zeros(1, query.shape[1], start - cursor, value.shape[-1]))
-            pieces.append(_cuflash_torch.attention(query[b:b + 1, :, start:end], key[b:b + 1, :, start:key_end],
-                                                   value[b:b + 1, :, start:key_end], scale=scaling,
-                                                   causal="top_left", window=window, softcap=softcap, sinks=sinks))
+            pieces.append(_cuflash_torch.attention(query[b:b + 1, :, start:end], key[b:b + 1, :, key_start:key_end],
+                                                   value[b:b + 1, :, key_start:key_end], scale=scaling,
+                                                   causal=alignment, window=window, softcap=softcap, sinks=sinks))
             cursor = end
         if cursor < length:
             pieces.append(query.new_zeros(1, query.shape[1], length - cursor, value.shape[-1]))
@@ -274,7 +310,7 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
     if attention_mask is not None:
         return ("an attention mask tensor other than a padded or packed causal batch's was passed (padding "
-                "with a cache, or a custom pattern)")
+                "on the right with a cache, or a custom pattern)")
     if dropout:
         return f"attention dropout ({dropout}) is active"
     if kwargs.get("position_bias") is not None:

@@ -259,7 +259,31 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
     # The packed mask reached cuflash (transformers builds it only without a cache) and was read as
     # the documents above.
-    assert list(hf._SEGMENTS_CACHE.values())[-1][1] == [(0, 9, 9), (9, 10, 10), (10, 16, 16)]
+    assert list(hf._SEGMENTS_CACHE.values())[-1][1] == [(0, 9, 0, 9, "top_left"), (9, 10, 9, 10, "top_left"),
+                                                        (10, 16, 10, 16, "top_left")]
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device):
+    """Greedy generation over a KV cache from left-padded prompts: the prefill and every decoding
+    step run in cuflash (each row on its real cached keys, causal bottom-right), with the same
+    scores at every step as the model's own SDPA."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    ids = random_ids(3, 9).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    runs = []
+    for model in (reference, ours):
+        model.generation_config.pad_token_id = 0
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True))
+    torch.testing.assert_close(runs[1].sequences, runs[0].sequences, rtol=0, atol=0)
+    for step_ours, step_ref in zip(runs[1].scores, runs[0].scores):
+        torch.testing.assert_close(step_ours, step_ref, **TOLERANCE[dtype])
+    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 5 * LAYERS
 
 
 def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
