@@ -60,14 +60,16 @@ _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "t
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              deterministic=False, return_lse=False):
-    """:func:`cuflash.attention` on torch tensors, differentiable in q, k, v and ``sinks``.
+              bias=None, mask=None, deterministic=False, return_lse=False):
+    """:func:`cuflash.attention` on torch tensors, differentiable in q, k, v, ``sinks`` and ``bias``.
 
     Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
     GQA by head count, ``causal`` True/"bottom_right"/"top_left", ``window=(left, right)``,
     ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``). CUDA tensors run cuflash's kernels on torch's current
     stream; CPU tensors run the NumPy backend. ``deterministic=True`` makes the backward bitwise
-    reproducible.
+    reproducible. ``bias`` (float, broadcastable to ``(..., Hq, Lq, Lk)``, with autograd) and
+    ``mask`` (bool, True = visible) as :func:`cuflash.attention`: the CPU backend takes them (CPU
+    tensors), eagerly (not inside ``torch.compile`` yet).
 
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
     (float32, float64 for float64 inputs) carries no gradient.
@@ -79,14 +81,23 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     deterministic, return_lse = _flag("deterministic", deterministic), _flag("return_lse", return_lse)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
-    for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+    for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("bias", bias), ("mask", mask)):
         if tensor is not None:
             _check_tensor(name, tensor)
     options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes)
+    if bias is not None or mask is not None:
+        if torch.compiler.is_compiling() or q.device.type == "meta":
+            raise NotImplementedError("cuflash.torch.attention: bias and mask run eagerly only (not inside "
+                                      "torch.compile) so far")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
+            out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, *options)
+        else:
+            out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask)
+        return (out, lse) if return_lse else out
     if torch.compiler.is_compiling() or q.device.type == "meta":
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
-        out, lse = _AttentionFunction.apply(q, k, v, sinks, *options)
+        out, lse = _AttentionFunction.apply(q, k, v, sinks, None, None, *options)
     else:
         out, lse = _forward(q, k, v, sinks, *options)
     return (out, lse) if return_lse else out
@@ -586,10 +597,11 @@ def _cuflash_or_none(tensor):
 
 
 def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
-             needs_grad=False):
+             needs_grad=False, bias=None, mask=None):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
     key = None
-    if q.is_cuda and k.is_cuda and v.is_cuda and sinks is None and softcap is None and alibi is None:
+    if (q.is_cuda and k.is_cuda and v.is_cuda and sinks is None and softcap is None and alibi is None
+            and bias is None and mask is None):
         key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right))
         if plan is not None:
             with _on_device(q.device):
@@ -598,19 +610,20 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
         problem = _spec.resolve_forward(
             _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
             window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
-            sinks=_cuflash_or_none(sinks), return_lse=True,
+            sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask), return_lse=True,
         )
         out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
 
 
 def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
-              alibi=None):
-    """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, and dsinks with sinks; cached
-    plans as ``_forward``."""
+              alibi=None, bias=None, mask=None, bias_grad=False):
+    """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
+    bias_grad) and dsinks (with sinks); cached plans as ``_forward``."""
     tensors = (dout, q, k, v, out, lse)
     key = None
-    if all(t.is_cuda for t in tensors) and sinks is None and softcap is None and alibi is None:
+    if (all(t.is_cuda for t in tensors) and sinks is None and softcap is None and alibi is None
+            and bias is None and mask is None):
         options = (scale, causal, window_left, window_right, deterministic)
         key, plan, memory = _cached_plan("attention_backward", tensors, options)
         if plan is not None:
@@ -620,7 +633,8 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         problem = _spec.resolve_backward(
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
             window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
-            sinks=_cuflash_or_none(sinks), deterministic=deterministic,
+            sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask),
+            bias_grad=bias_grad, deterministic=deterministic,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
@@ -643,24 +657,28 @@ def _lse_dtype(dtype):
 
 class _AttentionFunction(torch.autograd.Function):
     """The eager path: forward and backward as plain calls (see the module's docstring).
-    Inputs: q, k, v, sinks (or None), then the options (scale, causal, window_left, window_right,
-    deterministic, softcap, alibi_slopes): differentiable in q, k, v and sinks."""
+    Inputs: q, k, v, sinks, bias, mask (each may be None), then the options (scale, causal,
+    window_left, window_right, deterministic, softcap, alibi_slopes): differentiable in q, k, v,
+    sinks and bias."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, *options):
-        out, lse = _forward(q, k, v, sinks, *options, needs_grad=any(ctx.needs_input_grad[:4]))
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
+    def forward(ctx, q, k, v, sinks, bias, mask, *options):
+        out, lse = _forward(q, k, v, sinks, *options, needs_grad=any(ctx.needs_input_grad[:5]), bias=bias, mask=mask)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
+        q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
         # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-        grads = _backward(dout.contiguous(), q, k, v, out, lse, sinks, *ctx.options)
+        grads = list(_backward(dout.contiguous(), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
+                               bias_grad=bias_grad))
+        dbias = grads.pop(3) if bias_grad else None
         dsinks = grads[3] if sinks is not None else None
-        return grads[:3] + (dsinks,) + (None,) * len(ctx.options)
+        return tuple(grads[:3]) + (dsinks, dbias, None) + (None,) * len(ctx.options)
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())

@@ -692,3 +692,37 @@ def test_torch_compile_fullgraph_packed_drop_ins(randt):
     eager = torch.autograd.grad(loss(*inputs), inputs)
     for ours, theirs in zip(torch.autograd.grad(compiled(*inputs), inputs), eager):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_bias_and_mask_on_cpu_tensors_with_autograd_into_bias(rng):
+    """cuflash.torch.attention(bias=, mask=) on CPU tensors: the same values as cuflash.attention
+    on the NumPy arrays, gradients into q, k, v, bias and sinks by gradcheck in float64 (a mask
+    carries none), and a clear error inside torch.compile (eager only so far)."""
+    import cuflash.torch as ct
+
+    q = torch.from_numpy(rng.standard_normal((2, 3, 6, 5))).requires_grad_()
+    k = torch.from_numpy(rng.standard_normal((2, 3, 7, 5))).requires_grad_()
+    v = torch.from_numpy(rng.standard_normal((2, 3, 7, 4))).requires_grad_()
+    bias = torch.from_numpy(rng.standard_normal((1, 3, 6, 7))).requires_grad_()  # shared over the batch
+    sinks = torch.from_numpy(rng.standard_normal(3)).requires_grad_()
+    mask = torch.from_numpy(rng.random((2, 1, 1, 7)) > 0.3)  # key padding
+    mask[:, :, :, 0] = True
+    options = dict(causal=True, softcap=2.0)
+    out = ct.attention(q, k, v, bias=bias, mask=mask, sinks=sinks, **options)
+    want = cuflash.attention(*(x.detach().numpy() for x in (q, k, v)), bias=bias.detach().numpy(),
+                             mask=mask.numpy(), sinks=sinks.detach().numpy(), **options)
+    numpy.testing.assert_array_equal(out.detach().numpy(), want)
+    assert torch.autograd.gradcheck(lambda q, k, v, b, s: ct.attention(q, k, v, bias=b, mask=mask, sinks=s, **options),
+                                    (q, k, v, bias, sinks))
+    # Without a gradient to take, the plain path; a mask alone needs none.
+    with torch.no_grad():
+        numpy.testing.assert_array_equal(ct.attention(q, k, v, bias=bias, mask=mask, sinks=sinks, **options).numpy(),
+                                         want)
+    numpy.testing.assert_array_equal(
+        ct.attention(q.detach(), k.detach(), v.detach(), mask=mask).numpy(),
+        cuflash.attention(*(x.detach().numpy() for x in (q, k, v)), mask=mask.numpy()))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        ct.attention(q, k, v, bias=bias.detach().numpy())
+    # fullgraph: dynamo re-raises it as Unsupported, with cuflash's message.
+    with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported), match="not inside torch.compile"):
+        torch.compile(lambda q: ct.attention(q, k.detach(), v.detach(), mask=mask), fullgraph=True)(q.detach())
