@@ -110,7 +110,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``(..., H, L, E)`` layout; ``is_causal`` is top-left aligned (query i sees keys j <= i);
     leading axes broadcast; different query and key/value head counts need ``enable_gqa=True``
     (query head h reads key/value head ``h // (Hq // Hkv)``), exactly as torch. ``attn_mask``
-    and dropout are not supported (NotImplementedError).
+    as torch: boolean (True = takes part) or float (added to the scaled scores, differentiable),
+    broadcastable to ``(..., L, S)``, not together with ``is_causal`` (torch's error); it runs
+    where cuflash's bias/mask run (CPU tensors for now). A query row that sees no key gives 0 (torch gives NaN). Dropout is not supported
+    (NotImplementedError).
     """
     # torch's own argument checks, word for word: tensors, and bools that are Python bools.
     for name, tensor in (("query", query), ("key", key), ("value", value)):
@@ -121,10 +124,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if not isinstance(flag, bool):
             raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {_type_name(flag)}")
     if attn_mask is not None:
-        raise NotImplementedError(
-            "cuflash does not support attn_mask (arbitrary masks); it supports is_causal, and "
-            "sliding windows through cuflash.torch.attention(window=...)"
-        )
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument 'attn_mask' must be Tensor, "
+                            f"not {_type_name(attn_mask)}")
+        if is_causal:  # torch's documented rule (its error, word for word)
+            raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
+                               "is_causal=True")
     if dropout_p != 0.0:
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     if not (query.dtype == key.dtype == value.dtype):  # torch's own check, word for word
@@ -133,7 +138,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
         )
     _check_sdpa_heads(query, key, value, enable_gqa)
-    return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False)
+    masks = {}
+    if attn_mask is not None:
+        masks = {"mask": attn_mask} if attn_mask.dtype == torch.bool else {"bias": attn_mask}
+    return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False, **masks)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

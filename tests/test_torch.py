@@ -146,10 +146,32 @@ def test_sdpa_refuses_argument_types_as_torch_does(randt, kwargs):
 
 def test_sdpa_says_what_it_does_not_support(randt):
     q = randt(1, 2, 4, 4)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        ct.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="dropout"):
         ct.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
+def test_sdpa_attn_mask_has_torchs_semantics(rng):
+    """attn_mask as torch: a boolean mask (True = takes part) and a float mask added to the scaled
+    scores, broadcast, with gradients into a float mask that requires grad; both against torch's
+    own SDPA in float64 on the CPU (rows keep at least one key: torch gives NaN where none is
+    left, cuflash 0); attn_mask with is_causal is torch's documented error."""
+    q, k, v = (torch.from_numpy(rng.standard_normal(s)).requires_grad_() for s in
+               ((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6)))
+    boolean = torch.from_numpy(rng.random((2, 1, 5, 7)) > 0.4)
+    boolean[..., 0] = True
+    additive = torch.from_numpy(rng.standard_normal((3, 5, 7))).requires_grad_()
+    dout = torch.from_numpy(rng.standard_normal((2, 3, 5, 6)))
+    for attn_mask, is_causal in ((boolean, False), (additive, False)):
+        inputs = (q, k, v) + ((attn_mask,) if attn_mask.requires_grad else ())
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=0.3, is_causal=is_causal)
+        got = ct.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=0.3, is_causal=is_causal)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for ours, theirs in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal=True"):
+        ct.scaled_dot_product_attention(q, k, v, attn_mask=boolean, is_causal=True)
+    with pytest.raises(TypeError, match="argument 'attn_mask' must be Tensor"):
+        ct.scaled_dot_product_attention(q, k, v, attn_mask=boolean.numpy())
 
 
 # --- flash_attn_func: flash-attn 2's semantics -------------------------------------------------
