@@ -235,8 +235,7 @@ def _batch_segments(mask, sliding_window):
     sees = visible.any(dim=2)                       # (B, L): rows that see a key
     real = visible.any(dim=1)                       # (B, L): keys some row sees
     first = visible.int().argmax(dim=2)             # (B, L): each row's first visible key
-    starts = [_sequence_starts(f, r, w, sliding_window)
-              for f, r, w in zip(first.tolist(), real.tolist(), sees.tolist())]
+    starts = [_sequence_starts(f, w, sliding_window) for f, w in zip(first.tolist(), sees.tolist())]
     lo = torch.tensor([[length if x is None else x for x in row] for row in starts], device=mask.device)
     index = torch.arange(length, device=mask.device)
     expected = _window_and_causal(real[:, None, :] & (index[None, None, :] >= lo[:, :, None]),
@@ -247,7 +246,7 @@ def _batch_segments(mask, sliding_window):
     return None if any(runs is None for runs in result) else result
 
 
-def _sequence_starts(first, real, sees, window):
+def _sequence_starts(first, sees, window):
     """Per row, the first position of its sequence (None: the row sees no key). A row's first
     visible key is its sequence's start unless the window cut it (first == i - window + 1): then
     the row continues the sequence of the row before."""

@@ -14,6 +14,20 @@ from __future__ import annotations
 import numpy
 
 
+def dtype_of(name):
+    """numpy.dtype of a dtype name, bfloat16 (ml_dtypes') included."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    return numpy.dtype(name)
+
+
+def lse_dtype_of(name):
+    """The dtype cuflash returns lse in for inputs of dtype ``name``: float64 for float64, else float32."""
+    return numpy.dtype(numpy.float64 if dtype_of(name) == numpy.float64 else numpy.float32)
+
+
 def to_numpy(x):
     """A NumPy copy of a NumPy or CuPy array, in its own dtype."""
     if type(x).__module__.split(".")[0] == "cupy":

@@ -14,24 +14,15 @@ GPU versions of the main cases are marked ``gpu`` (skipped without one).
 """
 from __future__ import annotations
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16") for the CPU backend)
 import numpy
 import pytest
 
 import cuflash
-from reference import score_mods_ref, to_numpy
+from reference import dtype_of as _dtype, lse_dtype_of as _lse_dtype, score_mods_ref, to_numpy
 from tolerance import assert_close
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
-BF16 = numpy.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name):
-    return BF16 if name == "bfloat16" else numpy.dtype(name)
-
-
-def _lse_dtype(dtype):
-    return numpy.dtype(numpy.float64 if _dtype(dtype) == numpy.float64 else numpy.float32)
 
 
 class Setup:

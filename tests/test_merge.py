@@ -20,19 +20,11 @@ import numpy
 import pytest
 
 import cuflash
-from reference import attention_ref, attention_ref_dtype, to_numpy
+from reference import attention_ref, attention_ref_dtype, dtype_of as _dtype, lse_dtype_of as _lse_dtype, to_numpy
 from tolerance import EPS, assert_close
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 BF16 = numpy.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name):
-    return BF16 if name == "bfloat16" else numpy.dtype(name)
-
-
-def _lse_dtype(dtype):
-    return numpy.dtype(numpy.float64 if _dtype(dtype) == numpy.float64 else numpy.float32)
 
 
 def split_problem(rng, dtype, lead, lq, lk, d, dv, parts, causal):

@@ -619,7 +619,6 @@ def backward(problem):
     )
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr))
-    del per_row
 
     dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
     if p.head_dim == 0:
@@ -628,7 +627,7 @@ def backward(problem):
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
                  _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
     if p.sinks is not None:
-        grads += (_sink_gradient(p, lse, delta),)
+        grads += (_sink_gradient(p, lse, delta, sink_rows=per_row[1]),)
     return grads, (plan if plain else None)
 
 
@@ -637,20 +636,22 @@ def _accum(p) -> numpy.dtype:
     return numpy.dtype(numpy.float64 if p.dtype == numpy.float64 else numpy.float32)
 
 
-def _sink_gradient(p, lse, delta):
+def _sink_gradient(p, lse, delta, sink_rows=None):
     """dsinks = -sum_i exp(sink - lse_i) delta_i per attention row (the sink's probability in row
     i times its dS, whose value is 0: cuda_src/score_mod.cuh), summed over the axes along which
-    sinks was broadcast, in sinks' shape and dtype. CuPy's reductions have a fixed order: the
-    result is the same run after run."""
+    sinks was broadcast, in sinks' shape and dtype. ``sink_rows``: the per-row sinks the kernels
+    read (_fill_score_mods), when at hand. CuPy's reductions have a fixed order: the result is
+    the same run after run."""
     cupy = _cupy()
     accum = _accum(p)
-    sinks = _per_row(p.sinks, p.lead_shape, accum).reshape(tuple(p.lead_shape) + (1,))
+    if sink_rows is None:
+        sink_rows = _per_row(p.sinks, p.lead_shape, accum)
+    sinks = sink_rows.reshape(tuple(p.lead_shape) + (1,))
     lse = lse.astype(accum, copy=False)
     p_sink = cupy.where(lse == -numpy.inf, 0, cupy.exp(sinks - lse))
     per_row = -(p_sink * delta.astype(accum, copy=False)).sum(axis=-1)
     shape = tuple(p.sinks.shape)
-    extra = per_row.ndim - len(shape)
-    axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and per_row.shape[extra + i] != 1)
+    axes = _broadcast_axes(per_row.shape, shape)
     summed = (per_row.sum(axis=axes, keepdims=True) if axes else per_row).reshape(shape)
     return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
 
@@ -697,6 +698,13 @@ def _store_buffer(shape, width: int, dtype, vec: int):
     return padded[..., :width]
 
 
+def _broadcast_axes(grad_shape, shape) -> tuple[int, ...]:
+    """The axes of a gradient of ``grad_shape`` that NumPy broadcasting added or stretched to get
+    there from ``shape`` (right-aligned): the axes its adjoint sums over."""
+    extra = len(grad_shape) - len(shape)
+    return tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and grad_shape[extra + i] != 1)
+
+
 def _sum_to(grad, shape, kv_group: int, accum, dtype):
     """Sum a gradient over the output's leading axes down to its input's ``shape``.
 
@@ -704,16 +712,12 @@ def _sum_to(grad, shape, kv_group: int, accum, dtype):
     head axis splits into (kv heads, group) and the group is summed. Sums run in ``accum``.
     """
     cupy = _cupy()
-    out_ndim = len(shape)
     if grad.shape == tuple(shape):
         return grad if grad.flags.c_contiguous else cupy.ascontiguousarray(grad)
     g = _widen(grad, accum)
     if kv_group > 1:  # (..., Hq, L, D) -> (..., Hkv, group, L, D), summed over the group
         g = g.reshape(g.shape[:-3] + (g.shape[-3] // kv_group, kv_group) + g.shape[-2:]).sum(axis=-3)
-    extra = g.ndim - out_ndim
-    axes = tuple(range(extra)) + tuple(
-        extra + i for i, n in enumerate(shape[:-2]) if n == 1 and g.shape[extra + i] != 1
-    )
+    axes = _broadcast_axes(g.shape[:-2], shape[:-2])
     if axes:
         g = g.sum(axis=axes, keepdims=True)
     g = g.reshape(shape)
