@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_delta(const BwdParams p) {
     const int tid = threadIdx.x, lane_in_row = tid % kLanes;
     const int m0 = blockIdx.y * kBlockM;
     const BwdBatchIndex at(p, blockIdx.x);
+    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const Element* o = static_cast<const Element*>(f.o) + at.o;
     const Element* dout = static_cast<const Element*>(p.dout) + at.dout;
     Accum* delta = static_cast<Accum*>(p.delta) + at.lse;

@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const int n0 = blockIdx.y * kBlockN;
     const int heads = p.heads_per_block;
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
+    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
     const bool with_dq = p.dq_accum != nullptr;
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         }
         // Under softcap or ALiBi (head g's slope) S^T stays raw until dP^T is known (below).
         const bool masked = i < range.full_first || i >= range.full_last;
-        const ScoreMod<T> mod(f, blockIdx.x * heads + step.g, T(f.scale), M::unit());
+        const ScoreMod<T> mod(f, blockIdx.x * heads + step.g, T(f.scale), M::unit(), mask.diag);
         const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
         if (!modified) {
 #pragma unroll

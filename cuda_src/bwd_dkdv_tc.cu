@@ -103,6 +103,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
+    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
@@ -144,6 +145,10 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     float dk[kKVM][kKVN][4], dv[kKVM][kKVN][4];
     tc::zero(dk);
     tc::zero(dv);
+    // dq_accum's rows of the group's first head, kept in shared memory rather than registers
+    // (the loop's first barrier publishes it).
+    __shared__ long long dq_accum_s;
+    if (tid == 0) dq_accum_s = at.dq_accum;
 
     // C += A^T B over the warp's dK / dV tile (kKVRows keys x kKVCols dims): A^T = P^T or dS^T
     // (the queries x keys tile at a_smem, read transposed), B = dO_i or Q_i (at b_slot).
@@ -237,7 +242,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         if constexpr (kScoreMods) {
             // Built at every step (kept through the loop, its registers spill at d32 and d224).
             const ScoreMod<float, true> mod(f, ptx::block_index_x() * heads + step.g, static_cast<float>(f.scale),
-                                            1.4426950408889634f);
+                                            1.4426950408889634f, mask.diag);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
             for (int r = 0; r < 2 * kSM; ++r) {
@@ -292,7 +297,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             // Units of (kDqRows queries x kDqCols columns) over the warps, added to dq_accum with
             // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale), into head g's rows.
             float* dq_g = static_cast<float*>(p.dq_accum) +
-                          (long long)ptx::block_index_x() * heads * at.seqlen_q * f.head_dim + HeadStep(p, step.g).dq_accum;
+                          dq_accum_s + HeadStep(p, step.g).dq_accum;
 #pragma unroll 1
             for (int u = warp; u < kDqUnits; u += kWarps) {
                 const int row0 = (u % (kBlockM / kDqRows)) * kDqRows, chunk = u / (kBlockM / kDqRows);

@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, bh);
+    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
@@ -157,13 +158,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         n0_s = n0;
         full_first_s = range.full_first;
         full_last_s = range.full_last;
-        if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + (long long)bh * at.seqlen_q * f.head_dim;
+        if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + at.dq_accum;
     }
 
     // Softcap or ALiBi (score_mod.cuh), of head 0 until the walk moves to the next head: the
     // scores are modified before P (below).
     constexpr float kLog2e = 1.4426950408889634f;
-    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e);
+    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
     const bool modified = kScoreMods && mod.modifies();
 
     // Steps t = (h, i): every head h of the group over query tiles i in [range.first, range.last);

@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const int tile_m = kHasWindow ? int(gridDim.y) - 1 - int(blockIdx.y) : int(blockIdx.y);
     const int m0 = tile_m * kBlockM;
     const BwdBatchIndex at(p, blockIdx.x);
+    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     T dQ[TM][TD];
     simt::zero(dQ);
     const T scale = M::score_scale(f);
-    const ScoreMod<T> mod(f, blockIdx.x, T(f.scale), M::unit());
+    const ScoreMod<T> mod(f, blockIdx.x, T(f.scale), M::unit(), mask.diag);
     const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
 
     if (range.first < range.last) {

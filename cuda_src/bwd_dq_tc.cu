@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     const BwdBatchIndex at(p, bh);
+    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
     tc::zero(acc);
     const float scale_log2 = f.scale_log2;
-    const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f);  // with kScoreMods
+    const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);  // with kScoreMods
 
     for (int j = range.first; j < range.last; ++j) {
         const bool masked = j < range.full_first || j >= range.full_last;

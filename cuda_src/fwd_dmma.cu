@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
     const BatchIndex bi(p, block.bh);
+    if (!bi.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const T* v_frag = Vs + 2 * tq * kLd + 2 * g;             // + (8 ni + e) kLd + 16c: V[key 2t+e][16c + 2g ..]
 
     // Score modifiers (score_mod.cuh), in natural units (unit 1).
-    const ScoreMod<T> mod(p, block.bh, p.scale, T(1));
+    const ScoreMod<T> mod(p, block.bh, p.scale, T(1), mask.diag);
     const T neg_inf = -__longlong_as_double(0x7ff0000000000000ll);
     const T sink = mod.sink(p, block.bh, T(1));  // any Variant: sinks alone run the plain ones
 

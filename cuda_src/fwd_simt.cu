@@ -146,6 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
     const BatchIndex bi(p, block.bh);
+    if (!bi.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     const bool k_vec = whole_runs(k, p.k_row_stride, D), v_vec = whole_runs(v, p.v_row_stride, Dv);
 
     // Score modifiers (score_mod.cuh). Q is negated for a negative scale: |scale| here.
-    const ScoreMod<T> mod(p, block.bh, static_cast<T>(p.scale < 0 ? -p.scale : p.scale), M::unit());
+    const ScoreMod<T> mod(p, block.bh, static_cast<T>(p.scale < 0 ? -p.scale : p.scale), M::unit(), mask.diag);
     const T sink = mod.sink(p, block.bh, M::unit());  // any Variant: sinks alone run the plain ones
 
     // Running statistics of the paper, per owned row: m_i = max_j s_ij (scaled), l_i = sum_j

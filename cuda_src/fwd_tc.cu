@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const int warp_row0 = warp * kRowsPerWarp;
 
     const BatchIndex at(p, bh);
+    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here. A sink
     // is the first logit every row has seen.
     constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e);
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
     if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
 
     // Key tiles j in [range.first, range.last). Tiles in [full_first, full_last) are seen whole by

@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
 
     const BatchIndex at(p, bh);
+    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, k
     // Softcap and ALiBi turn the scores into log2 units and return the softmax's multiplier 1;
     // otherwise the scale stays folded into the softmax's FFMA.
     constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e);
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
     auto modify = [&](int t, float (&s)[1][kBlockN / 8][4]) {
         if constexpr (kScoreMods) return tc::modify_scores(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
         return scale_log2;

@@ -29,7 +29,7 @@ struct Mask {
 
     // The mask of one sequence (``seq``: its lengths, params.cuh's BatchIndex).
     __device__ __forceinline__ Mask(const FwdParams& p, const BatchIndex& seq)
-        : seqlen_k(seq.seqlen_k), left(p.window_left), right(p.window_right), diag(p.diag_offset) {}
+        : seqlen_k(seq.seqlen_k), left(p.window_left), right(p.window_right), diag(seq.diag) {}
 
     __device__ __forceinline__ bool visible(int i, int j) const {
         bool ok = j < seqlen_k;

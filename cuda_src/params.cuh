@@ -48,7 +48,7 @@ struct FwdParams {
 
     double scale;        // softmax scale, exact for the float64 kernel
     float scale_log2;    // scale * log2(e): exp(s*scale - m) == exp2(s*scale_log2 - m')
-    int _pad1;
+    int diag_bottom_right;  // packed batches: 1 when each sequence's diag is its Lk - Lq, 0 top-left
 
     // Score modifiers (score_mod.cuh), read only by the Variants compiled with kScoreMods:
     // softcap > 0 caps the scaled score (0: none); alibi_slopes and sinks hold one value per
@@ -57,6 +57,16 @@ struct FwdParams {
     double softcap;
     const void* alibi_slopes;
     const void* sinks;
+
+    // Packed variable-length batches (flash-attn's varlen layout), null for every other call.
+    // The output's last batch axis is then the sequence b, with batch strides 0: sequence b owns
+    // rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of each head of q, o and lse, and key rows
+    // [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v, of which it uses the first seqused_k[b]
+    // when seqused_k is given. seqlen_q/k count the packed rows (the whole batch's), the grid
+    // covers the longest sequence, and BatchIndex (below) turns b into offsets and lengths.
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
+    const int* seqused_k;
 };
 
 // The backward's argument: the forward's tensors and options, plus the gradients.
@@ -114,25 +124,56 @@ struct BatchCoords {
     }
 };
 
+// Sequence b of a packed batch (FwdParams::cu_seqlens_q non-null): its first query and key rows
+// and its lengths, read from the prefix sums.
+struct PackedSequence {
+    int q0, k0, seqlen_q, seqlen_k;
+
+    __device__ __forceinline__ PackedSequence(const FwdParams& p, const BatchCoords& c) {
+        const int b = c.batch[CUFLASH_MAX_BATCH_DIMS - 1];
+        q0 = p.cu_seqlens_q[b];
+        k0 = p.cu_seqlens_k[b];
+        seqlen_q = p.cu_seqlens_q[b + 1] - q0;
+        seqlen_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;
+    }
+};
+
 // Attention row `bh`'s sequence: its offsets inside the forward's tensors (key/value rows of GQA
-// belong to kv head = head / kv_group) and its lengths. The kernels read a sequence's Lq and Lk
-// here and nowhere else: today every row has the call's, and per-sequence lengths (packed
-// batches, a KV cache's used length) change only this constructor.
+// belong to kv head = head / kv_group), its lengths and its mask diagonal. The kernels read a
+// sequence's Lq, Lk and diagonal here and nowhere else: a packed batch changes only this
+// constructor (and the kernels return at once from tiles past their sequence's end: covers()).
 struct BatchIndex {
     long long q, k, v, o, lse;
-    int seqlen_q, seqlen_k;
+    int seqlen_q, seqlen_k, diag;
 
     __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh)) {}
 
     __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c)
-        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
+        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), diag(p.diag_offset) {
         const int kv_head = c.head / p.kv_group;
         q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
         k = c.offset(p.k_batch_stride, p.k_head_stride, kv_head);
         v = c.offset(p.v_batch_stride, p.v_head_stride, kv_head);
         o = c.offset(p.o_batch_stride, p.o_head_stride, c.head);
         lse = c.offset(p.lse_batch_stride, p.lse_head_stride, c.head);
+        if (p.cu_seqlens_q != nullptr) {
+            const PackedSequence s(p, c);
+            seqlen_q = s.seqlen_q;
+            seqlen_k = s.seqlen_k;
+            diag = p.diag_bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+            q += s.q0 * p.q_row_stride;
+            k += s.k0 * p.k_row_stride;
+            v += s.k0 * p.v_row_stride;
+            o += s.q0 * p.o_row_stride;
+            lse += s.q0;
+        }
     }
+
+    // Whether the tile starting at query row m0 (or key row n0, for seqlen_k) holds rows of this
+    // sequence: a packed batch's grid covers its longest sequence, and a shorter one's blocks past
+    // its end have nothing to do. Always true for every other call.
+    __device__ __forceinline__ bool has_query_row(int m0) const { return m0 < seqlen_q; }
+    __device__ __forceinline__ bool has_key_row(int n0) const { return n0 < seqlen_k; }
 };
 
 // BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
@@ -150,6 +191,14 @@ struct BwdBatchIndex : BatchIndex {
         dk = c.offset(p.dk_batch_stride, p.dk_head_stride, group);
         dv = c.offset(p.dv_batch_stride, p.dv_head_stride, group);
         dq_accum = (long long)bh * p.fwd.seqlen_q * p.fwd.head_dim;
+        if (p.fwd.cu_seqlens_q != nullptr) {  // (heads, packed rows, head_dim): row q0 of head `head`
+            const PackedSequence s(p.fwd, c);
+            dout += s.q0 * p.dout_row_stride;
+            dq += s.q0 * p.dq_row_stride;
+            dk += s.k0 * p.dk_row_stride;
+            dv += s.k0 * p.dv_row_stride;
+            dq_accum = ((long long)c.head * p.fwd.seqlen_q + s.q0) * p.fwd.head_dim;
+        }
     }
 
     // Row bh + g, for a dK/dV block whose group starts at row bh (HeadStep): the query side

@@ -68,8 +68,9 @@ struct ScoreMod {
     int diag;
 
     // The modifiers of attention row bh. `scale`: the scale the kernel applies to its raw
-    // scores (the forwards negate Q for a negative scale and pass |scale|).
-    __device__ __forceinline__ ScoreMod(const FwdParams& p, int bh, T scale, T unit) : diag(p.diag_offset) {
+    // scores (the forwards negate Q for a negative scale and pass |scale|); `diag`: the row's
+    // sequence's mask diagonal (Mask::diag).
+    __device__ __forceinline__ ScoreMod(const FwdParams& p, int bh, T scale, T unit, int diag) : diag(diag) {
         const bool capped = p.softcap > 0.0;
         cap = capped ? static_cast<T>(p.softcap) * unit : T(0);
         mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) : scale * unit;

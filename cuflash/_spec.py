@@ -48,6 +48,23 @@ _TooHardError = getattr(numpy, "exceptions", numpy).TooHardError  # numpy.except
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: identity, not ==
+class PackedBatch:
+    """A packed variable-length batch (flash-attn's varlen layout) run in one launch: the Problem
+    then holds the heads-first views (H, total rows, D) of the packed arrays, and sequence b owns
+    rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of the queries and [cu_seqlens_k[b], cu_seqlens_k[b]
+    + its used length) of the keys, masked on its own lengths."""
+
+    cu_seqlens_q: Any  # int32 (B + 1,), on the arrays' device
+    cu_seqlens_k: Any  # int32 (B + 1,)
+    seqused_k: Any  # int32 (B,), or None
+    batch: int
+    max_seqlen_q: int  # the longest sequence's length (the grid covers it)
+    max_seqlen_k: int
+    mean_seqlen_k: float  # keys per sequence on average (tile choice, launch order)
+    bottom_right: bool  # the mask's diagonal: each sequence's Lk - Lq (else 0, causal="top_left")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: identity, not ==
 class Problem:
     """One attention problem, validated. Arrays are the caller's (converted, never copied)."""
 
@@ -84,6 +101,7 @@ class Problem:
     # positional mask above.
     bias: Any = None
     mask: Any = None
+    packed: PackedBatch | None = None  # a packed batch (GPU backend): per-sequence lengths and mask
 
     @property
     def has_score_mods(self) -> bool:

@@ -3,9 +3,10 @@
 ``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)``: q ``(total_q, Hq, D)``, k
 ``(total_k, Hk, D)``, v ``(total_k, Hk, Dv)``; sequence b's queries ``q[cu_q[b]:cu_q[b+1]]`` see only
 its keys ``k[cu_k[b]:cu_k[b+1]]`` (the first ``seqused_k[b]`` of them when given), with causal and
-windows per sequence on its own lengths. This first implementation runs one dense call per
-sequence (views, no copies: the head axis of the packed layout is a stride) on either backend;
-the kernels' own per-sequence offsets (BatchIndex) will take the whole batch in one launch.
+windows per sequence on its own lengths. On the GPU the whole batch runs in one launch per
+kernel (the kernels read each sequence's offsets and lengths from cu_seqlens: cuda_src/params.cuh's
+BatchIndex); the CPU backend runs one dense call per sequence (views, no copies: the head axis of
+the packed layout is a stride).
 """
 from __future__ import annotations
 
@@ -116,6 +117,33 @@ def _check_packed(name, array, xp, dtype, shape, shape_rule, dtype_rule="q's dty
                          f"got {tuple(array.shape)}{transposed}")
 
 
+def _heads_first(x):
+    """(tokens, H, D) -> the (H, tokens, D) view."""
+    return x.transpose(1, 0, 2)
+
+
+def _packed_layout(xp, grad):
+    """A gradient from the heads-first problem back in the packed layout (tokens, H, D): the
+    kernels store into packed buffers, so this is a view unless GQA's partial sums made a new one."""
+    grad = _heads_first(grad)
+    return grad if grad.flags.c_contiguous else xp.ascontiguousarray(grad)
+
+
+def _packed_problem(resolve, arrays, checked, spans, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, *rest, **options):
+    """The whole packed batch as one GPU problem: ``resolve`` (_spec's forward or backward) over the
+    heads-first views of the packed ``arrays`` (lse, in ``rest``, is heads-first already), with the
+    options ``checked`` resolved per sequence (ALiBi's (B, Hq) slopes only fit that way) and the
+    sequences' lengths (``spans``) for the kernels (_spec.PackedBatch)."""
+    lengths_q = [rows.stop - rows.start for rows, _ in spans]
+    lengths_k = [keys.stop - keys.start for _, keys in spans]
+    problem = resolve(*(_heads_first(x) for x in arrays), *rest, causal=causal, **options)
+    packed = _spec.PackedBatch(
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, batch=len(spans),
+        max_seqlen_q=max(lengths_q, default=0), max_seqlen_k=max(lengths_k, default=0),
+        mean_seqlen_k=sum(lengths_k) / max(len(spans), 1), bottom_right=causal != "top_left")
+    return dataclasses.replace(problem, alibi_slopes=checked.alibi_slopes, packed=packed)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
                      return_lse=False, out=None):
@@ -138,6 +166,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         # The rest as cuflash.attention checks out=: writeable, no self-overlap, no input shared.
         fields = {field.name: getattr(problem, field.name) for field in dataclasses.fields(problem)}
         _spec._check_out(out, q, k, v, xp, dict(fields, out_shape=shape))
+    if xp is not numpy:
+        result = out if out is not None else xp.empty(shape, dtype=q.dtype)
+        packed = _packed_problem(_spec.resolve_forward, (q, k, v), problem, spans, cu_seqlens_q, cu_seqlens_k,
+                                 seqused_k, causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                                 return_lse=True, out=_heads_first(result))
+        _, lse = _api.forward(packed)
+        return (result, lse) if problem.return_lse else result
     result = xp.empty(shape, dtype=q.dtype)
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
     for b, (rows, keys) in enumerate(spans):
@@ -170,6 +205,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     problem = _spec.resolve_backward(*_stand_ins(xp, len(spans), alibi_slopes, dout, q, k, v, out, lse),
                                      scale=scale, causal=causal, window=window, softcap=softcap,
                                      alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic)
+    if xp is not numpy:
+        packed = _packed_problem(_spec.resolve_backward, (dout, q, k, v, out), problem, spans, cu_seqlens_q,
+                                 cu_seqlens_k, seqused_k, causal, lse, scale=scale, window=window, softcap=softcap,
+                                 sinks=sinks, deterministic=deterministic)
+        grads = _api.backward(packed)
+        return tuple(_packed_layout(xp, g) for g in grads[:3]) + tuple(grads[3:])
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None
     for b, (rows, keys) in enumerate(spans):

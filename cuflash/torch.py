@@ -179,7 +179,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     k and v: packed q ``(total_q, H, D)``, k and v ``(total_k, Hk, D)``, int32 ``cu_seqlens_*``
     ``(B + 1,)``; causal (bottom-right, per sequence) sets the window's right side to 0 as in
     flash-attn. Returns out ``(total_q, H, Dv)``, or ``(out, softmax_lse (H, total_q), None)``.
-    cuflash.attention_varlen underneath: one dense call per sequence for now."""
+    cuflash.attention_varlen underneath (on CUDA tensors one launch per kernel for the whole batch)."""
     if dropout_p != 0.0:
         raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):

@@ -356,7 +356,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
-    launch = _launch_of(variant, device, layout.grid_x, p.seqlen_q, variant.block_m)
+    launch = _launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m)
     struct = _fwd_struct(p, layout, q, v)
     per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     plain = plain and not p.has_score_mods  # a replay writes no modifier pointers
@@ -402,11 +402,24 @@ def _fill_score_mods(struct, p) -> tuple:
     if not p.has_score_mods:
         return ()
     accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
-    slopes, sinks = (None if x is None else _per_row(x, p.lead_shape, accum) for x in (p.alibi_slopes, p.sinks))
+    slopes, sinks = (None if x is None else _per_row(x, _row_shape(p), accum) for x in (p.alibi_slopes, p.sinks))
     struct["softcap"] = 0.0 if p.softcap is None else p.softcap
     struct["alibi_slopes"] = 0 if slopes is None else slopes.data.ptr
     struct["sinks"] = 0 if sinks is None else sinks.data.ptr
     return slopes, sinks
+
+
+def _row_shape(p) -> tuple[int, ...]:
+    """The shape of the kernels' attention rows (the grid's x axis; row bh in C order): the output's
+    leading axes, behind the sequence axis of a packed batch."""
+    return ((p.packed.batch,) if p.packed is not None else ()) + tuple(p.lead_shape)
+
+
+def _longest(p) -> tuple[int, int]:
+    """The query and key rows one attention row may have: what the grids cover."""
+    if p.packed is None:
+        return p.seqlen_q, p.seqlen_k
+    return p.packed.max_seqlen_q, p.packed.max_seqlen_k
 
 
 def _arch(device: int) -> str:
@@ -433,6 +446,9 @@ class _Layout:
                              else _element_strides(x, lead))
         self.heads = {name: (s[-1] if lead else 0) for name, s in strides.items()}
         batch = {name: (s[:-1] if lead else []) for name, s in strides.items()}
+        if p.packed is not None:  # the sequence axis, last: its offsets come from cu_seqlens (params.cuh)
+            batch_axes = batch_axes + [p.packed.batch]
+            batch = {name: s + [0] for name, s in batch.items()}
         self.batch_shape, self.batch_strides = _merge_batch_axes(batch_axes, batch)
         if len(self.batch_shape) > MAX_BATCH_DIMS:
             raise ValueError(
@@ -443,7 +459,7 @@ class _Layout:
         self.grid_x = math.prod(self.batch_shape) * num_heads
         if self.grid_x > MAX_GRID_X:
             raise ValueError(f"cuflash: {self.grid_x} attention heads in one call exceed {MAX_GRID_X}")
-        longest = max(p.seqlen_q, p.seqlen_k)
+        longest = max(_longest(p))
         if -(-longest // block_m) > MAX_GRID_Y:
             raise ValueError(f"cuflash: sequence length {longest} exceeds {MAX_GRID_Y * block_m}")
         self.tensors = tensors
@@ -478,12 +494,19 @@ def _fwd_struct(p, layout: _Layout, q, v, kv_group: int | None = None):
     # float32 for the 16/32-bit kernels (the scale's range is checked by _spec); the float64 kernels
     # read `scale`, and a float64 scale beyond float32 is clipped here rather than overflowing.
     s["scale_log2"] = min(max(p.scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
+    if p.packed is not None:
+        s["cu_seqlens_q"] = p.packed.cu_seqlens_q.data.ptr
+        s["cu_seqlens_k"] = p.packed.cu_seqlens_k.data.ptr
+        s["seqused_k"] = 0 if p.packed.seqused_k is None else p.packed.seqused_k.data.ptr
+        s["diag_bottom_right"] = int(p.packed.bottom_right)
     return s
 
 
 def _mean_visible_keys(p) -> float:
     """Mean number of keys a query row sees under the mask, over 17 evenly spaced rows (tiles.select
     gives short rows smaller tiles)."""
+    if p.packed is not None:
+        return p.packed.mean_seqlen_k
     if not p.has_window:
         return float(p.seqlen_k)
     total = 0
@@ -500,7 +523,8 @@ def _heads_per_section(p, grid_x: int, kv_row_bytes: int) -> int:
     rows share theirs); dense, 1 (one row's query tiles back to back)."""
     if not p.has_window:
         return 1
-    kv_bytes = p.seqlen_k * kv_row_bytes / p.kv_group
+    keys = p.seqlen_k if p.packed is None else p.packed.mean_seqlen_k
+    kv_bytes = max(keys, 1) * kv_row_bytes / p.kv_group
     # <= 65536 rows: a section's blocks (rows x at most MAX_GRID_Y tiles) stay below 2^32.
     return int(max(1, min(grid_x, 65536, _device_attribute("L2CacheSize") // 2 // kv_bytes)))
 
@@ -576,12 +600,13 @@ def backward(problem):
     # broadcast along the head axis (MQA); a dK/dV block accumulates heads_per_block of them.
     lead = tuple(p.lead_shape)
     group = _shared_kv_heads(p, k, v)
-    key_tiles = -(-p.seqlen_k // variants.dkdv.block_n)
-    per_block = _heads_per_block(group, math.prod(lead), key_tiles, p.has_window)
+    longest_q, longest_k = _longest(p)
+    key_tiles = -(-longest_k // variants.dkdv.block_n)
+    per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles, p.has_window)
     kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
-    dk = _store_buffer(kv_lead + k.shape[-2:], k.shape[-1], p.dtype, vec)
-    dv = _store_buffer(kv_lead + v.shape[-2:], v.shape[-1], p.dtype, vec)
-    dq = _store_buffer(lead + q.shape[-2:], q.shape[-1], p.dtype, vec)
+    dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True)
+    dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True)
+    dq = _gradient_buffer(p, lead + q.shape[-2:], vec)
     delta_shape = lead + (p.seqlen_q,)
     workspace = _workspace(math.prod(delta_shape),
                            None if p.deterministic else math.prod(lead) * p.seqlen_q * q.shape[-1], accum)
@@ -604,18 +629,19 @@ def backward(problem):
     per_row = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
-    query_bytes = per_block * p.seqlen_q * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
+    query_rows = p.seqlen_q if p.packed is None else p.seqlen_q / p.packed.batch
+    query_bytes = per_block * query_rows * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
                                             + q.shape[-1] * accum.itemsize + 2 * accum.itemsize)
     struct["fwd"]["heads_per_section"] = int(max(1, min(layout.grid_x // per_block, 65536,
-                                                        _device_attribute("L2CacheSize") // 2 // query_bytes)))
+                                                        _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1))))
 
     # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
     # dQ kernel; (attention rows / heads_per_block, key tiles) for the dK/dV kernel.
     last = variants.dq if p.deterministic else variants.dq_convert
     launches = (
-        _launch_of(variants.delta, device, layout.grid_x, p.seqlen_q, variants.delta.block_m),
-        _launch_of(variants.dkdv, device, layout.grid_x // per_block, p.seqlen_k, variants.dkdv.block_n),
-        _launch_of(last, device, layout.grid_x, p.seqlen_q, last.block_m),
+        _launch_of(variants.delta, device, layout.grid_x, longest_q, variants.delta.block_m),
+        _launch_of(variants.dkdv, device, layout.grid_x // per_block, longest_k, variants.dkdv.block_n),
+        _launch_of(last, device, layout.grid_x, longest_q, last.block_m),
     )
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr))
@@ -626,8 +652,8 @@ def backward(problem):
     else:
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
                  _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
-    if p.sinks is not None:
-        grads += (_sink_gradient(p, lse, delta, sink_rows=per_row[1]),)
+    if p.sinks is not None:  # (a packed batch's per-row sinks repeat per sequence: lse's rows are per head)
+        grads += (_sink_gradient(p, lse, delta, sink_rows=per_row[1] if p.packed is None else None),)
     return grads, (plan if plain else None)
 
 
@@ -687,6 +713,19 @@ def _heads_per_block(group: int, rows: int, key_tiles: int, masked: bool) -> int
         if group % heads == 0 and (rows // heads) * key_tiles >= enough:
             return heads
     return 1
+
+
+def _gradient_buffer(p, shape, vec: int, zeroed: bool = False):
+    """A gradient's buffer, ``shape`` = (lead..., rows, width). A packed batch's is laid out as its
+    input, (rows, heads, width), and returned as the heads-first view; keys past a sequence's used
+    length (seqused_k) are never stored by the kernels, so with ``zeroed`` they read 0."""
+    if p.packed is None:
+        return _store_buffer(shape, shape[-1], p.dtype, vec)
+    heads, rows, width = shape
+    buffer = _store_buffer((rows, heads, width), width, p.dtype, vec)
+    if zeroed and p.packed.seqused_k is not None:
+        buffer[...] = 0
+    return buffer.transpose(1, 0, 2)
 
 
 def _store_buffer(shape, width: int, dtype, vec: int):
