@@ -284,10 +284,68 @@ def _runs(starts, real):
     return runs
 
 
+def _packed_sequences(segments, q_length, kv_length):
+    """The segments as one packed batch over the flattened rows (row (b, i) -> b * L + i): ``(cu_q,
+    cu_k, used, alignment)``, every stretch of rows outside a sequence (padding) a sequence of its
+    own with no used key (out 0). None when the segments' alignments differ or their key ranges do
+    not follow each other (one varlen call takes neither)."""
+    alignments = {run[4] for runs in segments for run in runs}
+    if len(alignments) > 1:
+        return None
+    cu_q, cu_k, used = [0], [0], []
+
+    def add(q_end, k_end, keys):
+        cu_q.append(q_end)
+        cu_k.append(k_end)
+        used.append(keys)
+
+    for b, runs in enumerate(segments):
+        for start, end, key_start, key_end, _ in runs:
+            q0, k0 = b * q_length + start, b * kv_length + key_start
+            if q0 < cu_q[-1] or k0 < cu_k[-1]:
+                return None
+            if q0 > cu_q[-1] or k0 > cu_k[-1]:
+                add(q0, k0, 0)
+            add(b * q_length + end, b * kv_length + key_end, key_end - key_start)
+        if cu_q[-1] < (b + 1) * q_length or cu_k[-1] < (b + 1) * kv_length:
+            add((b + 1) * q_length, (b + 1) * kv_length, 0)
+    return cu_q, cu_k, used, alignments.pop() if alignments else "top_left"
+
+
+def _flattens(x):
+    """Whether (B, H, L, D) -> (B * L, H, D) is a view (B's stride is L of L's)."""
+    return x.shape[0] == 1 or x.stride(0) == x.shape[2] * x.stride(2)
+
+
 def _attention_of_segments(query, key, value, segments, scaling, window, softcap, sinks):
     """cuflash on every sequence of every batch row (_segments: queries [q0, q1) against keys
     [k0, k1), causal with the given alignment); rows outside every sequence (left padding) 0.
-    Returns (B, H, Lq, Dv)."""
+    Returns (B, Lq, H, Dv): the whole batch in one packed call (flash-attn's varlen layout over the
+    flattened rows), or one call per sequence: with sinks (whose gradient the packed call does not
+    return), with segments one packed call cannot take, and over a KV cache laid out (B, H, L, D)
+    (flattening it would copy the whole cache at every step; the projections' own layout, (B, L,
+    H, D) seen through a transpose, flattens as a view)."""
+    packed = None
+    if sinks is None and (query.shape[2] == key.shape[2] or all(_flattens(x) for x in (query, key, value))):
+        packed = _packed_sequences(segments, query.shape[2], key.shape[2])
+    if packed is not None:
+        cu_q, cu_k, used, alignment = packed
+        batch, heads, q_length = query.shape[:3]
+
+        def rows(x):  # (B, H, L, D) -> (B * L, H, D): a view of the projections' (B, L, H, D)
+            return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+        ints = [torch.tensor(x, dtype=torch.int32, device=query.device) for x in (cu_q, cu_k, used)]
+        options = dict(max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                       max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
+                       scale=scaling, causal=alignment, window=window, softcap=softcap)
+        out, _ = _cuflash_torch._VarlenFunction.apply(rows(query), rows(key), rows(value), *ints, None, options)
+        return out.view(batch, q_length, heads, value.shape[-1])
+    return _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
+
+
+def _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks):
+    """_attention_of_segments one call per sequence; (B, H, Lq, Dv)."""
     length = query.shape[2]
     rows = []
     for b, runs in enumerate(segments):
@@ -340,7 +398,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         COUNTS["cuflash"] += 1
         out = _attention_of_segments(query, key, value, segments, scaling, window, softcap or None,
                                      kwargs.get("s_aux"))
-        return out.transpose(1, 2).contiguous(), None
+        return out.contiguous(), None
 
     q_length, kv_length = query.shape[2], key.shape[2]
     # SDPA integration's rule, word for word: the keyword wins over the module's attribute, and

@@ -189,7 +189,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
                    scale=scale, causal=bool(causal), window=window, softcap=softcap,
                    deterministic=bool(deterministic))
-    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, options)
+    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, options)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -398,27 +398,28 @@ class _VarlenFunction(torch.autograd.Function):
     """attention_varlen forward and backward on torch tensors (CPU or CUDA, torch's stream)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, alibi, options):
+    def forward(ctx, q, k, v, cu_q, cu_k, seqused_k, alibi, options):
         forward_options = {key: value for key, value in options.items() if key != "deterministic"}
         with _running_on(q):
             arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
-            out, lse = _varlen.attention_varlen(*arrays, alibi_slopes=_cuflash_or_none(alibi), return_lse=True,
+            out, lse = _varlen.attention_varlen(*arrays, seqused_k=_cuflash_or_none(seqused_k),
+                                                alibi_slopes=_cuflash_or_none(alibi), return_lse=True,
                                                 **forward_options)
             out, lse = _to_torch(out), _to_torch(lse)
-        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, alibi)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, cu_q, cu_k, out, lse, alibi = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi = ctx.saved_tensors
         with _running_on(q):
             grads = _varlen.attention_varlen_backward(
                 *(_to_cuflash(t) for t in (dout.contiguous(), q, k, v, out, lse, cu_q, cu_k)),
-                alibi_slopes=_cuflash_or_none(alibi), **ctx.options)
+                seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi), **ctx.options)
             dq, dk, dv = (_to_torch(g) for g in grads)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --- argument checks ----------------------------------------------------------------------------
