@@ -29,6 +29,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_delta(const BwdParams p) {
     const int m0 = blockIdx.y * kBlockM;
     const BwdBatchIndex at(p, blockIdx.x);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
+    // (a NaN delta makes the dK/dV kernel's terms of those rows NaN: it walks every row of the sequence)
+    poison_uncovered_rows(static_cast<Accum*>(p.delta) + at.lse, 1, 1, at.seqlen_q, blockIdx.y, gridDim.y, kBlockM);
     const Element* o = static_cast<const Element*>(f.o) + at.o;
     const Element* dout = static_cast<const Element*>(p.dout) + at.dout;
     Accum* delta = static_cast<Accum*>(p.delta) + at.lse;

@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_convert(const BwdParams p)
     const int m0 = blockIdx.y * kBlockM;
     const BwdBatchIndex at(p, blockIdx.x);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
+    poison_uncovered_query_grads<Element, kBlockM>(p, at, blockIdx.y);
     const Accum* accum = static_cast<const Accum*>(p.dq_accum) + at.dq_accum;
     Element* dq = static_cast<Element*>(p.dq) + at.dq;
     const Accum scale = static_cast<Accum>(f.scale);

@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const int m0 = tile_m * kBlockM;
     const BwdBatchIndex at(p, blockIdx.x);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
+    poison_uncovered_query_grads<T, kBlockM>(p, at, tile_m);
     const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;

@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
 
     const BwdBatchIndex at(p, bh);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
+    poison_uncovered_query_grads<unsigned short, kBlockM>(p, at, m_block);
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 

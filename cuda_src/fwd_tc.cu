@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
     const BatchIndex at(p, bh);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
+    poison_uncovered_output<unsigned short, float>(p, at, m_block, kBlockM);
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 

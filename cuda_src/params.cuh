@@ -176,6 +176,33 @@ struct BatchIndex {
     __device__ __forceinline__ bool has_key_row(int n0) const { return n0 < seqlen_k; }
 };
 
+// Rows [covered, seqlen) of a packed sequence longer than the max_seqlen hint its grid was sized
+// by: no block computes them, so the block of the grid's last tile (`tile`, of `tiles` tiles of
+// `tile_rows`) fills them with NaN (every bit set: a NaN in each float format), `width` elements
+// per row: a wrong hint shows in the results instead of leaving memory as it was. Never true for
+// calls whose grid covers every row (all but a packed batch with too small a hint).
+template <typename T>
+__device__ __forceinline__ void poison_uncovered_rows(T* rows, long long row_stride, int width, int seqlen, int tile,
+                                                      int tiles, int tile_rows) {
+    const int covered = tiles * tile_rows;
+    if (tile != tiles - 1 || seqlen <= covered) return;
+    const long long count = static_cast<long long>(seqlen - covered) * width;
+    for (long long idx = threadIdx.x; idx < count; idx += blockDim.x) {
+        unsigned char* x = reinterpret_cast<unsigned char*>(rows + (covered + idx / width) * row_stride + idx % width);
+#pragma unroll
+        for (int b = 0; b < static_cast<int>(sizeof(T)); ++b) x[b] = 0xFF;
+    }
+}
+
+// The forward's rows its grid leaves uncovered (poison_uncovered_rows): out and lse.
+template <typename Element, typename Stat>
+__device__ __forceinline__ void poison_uncovered_output(const FwdParams& p, const BatchIndex& at, int tile,
+                                                        int tile_rows) {
+    poison_uncovered_rows(static_cast<Element*>(p.o) + at.o, p.o_row_stride, p.head_dim_v, at.seqlen_q, tile,
+                          gridDim.y, tile_rows);
+    poison_uncovered_rows(static_cast<Stat*>(p.lse) + at.lse, 1, 1, at.seqlen_q, tile, gridDim.y, tile_rows);
+}
+
 // BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
 // dk, dv are those of the head group of `bh` (head / heads_per_block): only the dK/dV kernels
 // read them, with bh the group's first row.
@@ -233,6 +260,22 @@ __device__ __forceinline__ BwdBatchIndex BwdBatchIndex::head(const BwdParams& p,
     r.dq += d.dq;
     r.dq_accum += d.dq_accum;
     return r;
+}
+
+// The dQ rows a grid over query tiles leaves uncovered (poison_uncovered_rows).
+template <typename Element, int kBlockM>
+__device__ __forceinline__ void poison_uncovered_query_grads(const BwdParams& p, const BwdBatchIndex& at, int tile) {
+    poison_uncovered_rows(static_cast<Element*>(p.dq) + at.dq, p.dq_row_stride, p.fwd.head_dim, at.seqlen_q, tile,
+                          gridDim.y, kBlockM);
+}
+
+// The dK/dV rows a dK/dV grid leaves uncovered (poison_uncovered_rows): its key tiles run along y.
+template <typename Element, int kBlockN>
+__device__ __forceinline__ void poison_uncovered_key_grads(const BwdParams& p, const BwdBatchIndex& at, int tile) {
+    poison_uncovered_rows(static_cast<Element*>(p.dk) + at.dk, p.dk_row_stride, p.fwd.head_dim, at.seqlen_k, tile,
+                          gridDim.y, kBlockN);
+    poison_uncovered_rows(static_cast<Element*>(p.dv) + at.dv, p.dv_row_stride, p.fwd.head_dim_v, at.seqlen_k, tile,
+                          gridDim.y, kBlockN);
 }
 
 // The walk of a dK/dV block (bwd_dkdv_*.cu) over its steps (g, i): query heads g in

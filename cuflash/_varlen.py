@@ -30,8 +30,8 @@ def _array_module(q):
                     f"got {type(q).__name__}")
 
 
-def _host_ints(name, array, xp, *, length=None):
-    """A device (or host) int32 1-D array's values on the host, checked."""
+def _check_ints(name, array, xp, *, length=None):
+    """An int32 1-D array of the backend's kind (and ``length`` entries), not read."""
     if not isinstance(array, xp.ndarray):
         kind = "numpy.ndarray" if xp is numpy else "cupy.ndarray"
         raise TypeError(f"{name} must be a {kind} like q, got {type(array).__name__}")
@@ -39,6 +39,11 @@ def _host_ints(name, array, xp, *, length=None):
         raise TypeError(f"{name} must be a 1-D int32 array, got {array.ndim}-D {array.dtype}")
     if length is not None and array.shape[0] != length:
         raise ValueError(f"{name} must have {length} entries, got {array.shape[0]}")
+
+
+def _host_ints(name, array, xp, *, length=None):
+    """A device (or host) int32 1-D array's values on the host, checked."""
+    _check_ints(name, array, xp, length=length)
     return [int(x) for x in (array if xp is numpy else array.get())]
 
 
@@ -58,7 +63,10 @@ def _hint(name, hint, actual):
 
 
 def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
-    """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None)."""
+    """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None). On the GPU
+    with both max_seqlen hints, the lengths stay on the device (no read, no synchronisation): the
+    slices are None and the grid covers the hints (the kernels fill rows past a too-small hint
+    with NaN: params.cuh's poison_uncovered_rows)."""
     xp = _array_module(q)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, xp.ndarray):
@@ -68,6 +76,22 @@ def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
                              f"got shape {tuple(x.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
+    if xp is not numpy and max_seqlen_q is not None and max_seqlen_k is not None:
+        _check_ints("cu_seqlens_q", cu_seqlens_q, xp)
+        if cu_seqlens_q.shape[0] < 1:
+            raise ValueError("cu_seqlens_q must have at least one entry (B + 1 prefix sums)")
+        _check_ints("cu_seqlens_k", cu_seqlens_k, xp, length=cu_seqlens_q.shape[0])
+        if seqused_k is not None:
+            _check_ints("seqused_k", seqused_k, xp, length=cu_seqlens_q.shape[0] - 1)
+        hints = [_spec._integer(name, hint, "or None") for name, hint in
+                 (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
+        for name, hint in zip(("max_seqlen_q", "max_seqlen_k"), hints):
+            if hint < 0:
+                raise ValueError(f"{name} must be >= 0, got {hint}")
+        if cu_seqlens_q.shape[0] == 1 and (q.shape[0] or k.shape[0]):
+            raise ValueError(f"cu_seqlens_q with one entry is a batch of no sequence, but q and k have "
+                             f"{q.shape[0]} and {k.shape[0]} tokens")
+        return xp, None, _slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1), hints
     cu_q = _host_ints("cu_seqlens_q", cu_seqlens_q, xp)
     cu_k = _host_ints("cu_seqlens_k", cu_seqlens_k, xp, length=len(cu_q))
     _prefix_sums("cu_seqlens_q", cu_q, q.shape[0], "total_q")
@@ -81,18 +105,22 @@ def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
         lengths_k = used
     _hint("max_seqlen_q", max_seqlen_q, max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0))
     _hint("max_seqlen_k", max_seqlen_k, max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0))
-    slopes = None
-    if alibi_slopes is not None:  # (Hq,) for every sequence or (B, Hq), flash-attn's two forms
-        shape = tuple(getattr(alibi_slopes, "shape", ()))
-        if len(shape) == 2 and shape[0] == batch:
-            slopes = [alibi_slopes[b] for b in range(batch)]
-        elif len(shape) == 1:
-            slopes = [alibi_slopes] * batch
-        else:
-            raise ValueError(f"alibi_slopes must have shape (Hq,) or (B, Hq) = ({batch}, Hq) in the varlen layout, "
-                             f"got {shape}")
     spans = [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + lengths_k[b])) for b in range(batch)]
-    return xp, spans, slopes
+    lengths = [max((rows.stop - rows.start for rows, _ in spans), default=0), max(lengths_k, default=0)]
+    return xp, spans, _slopes(alibi_slopes, batch), lengths
+
+
+def _slopes(alibi_slopes, batch):
+    """Per-sequence ALiBi slopes: (Hq,) for every sequence or (B, Hq), flash-attn's two forms."""
+    if alibi_slopes is None:
+        return None
+    shape = tuple(getattr(alibi_slopes, "shape", ()))
+    if len(shape) == 2 and shape[0] == batch:
+        return [alibi_slopes[b] for b in range(batch)]
+    if len(shape) == 1:
+        return [alibi_slopes] * batch
+    raise ValueError(f"alibi_slopes must have shape (Hq,) or (B, Hq) = ({batch}, Hq) in the varlen layout, "
+                     f"got {shape}")
 
 
 def _stand_ins(xp, batch, alibi_slopes, *arrays):
@@ -129,18 +157,18 @@ def _packed_layout(xp, grad):
     return grad if grad.flags.c_contiguous else xp.ascontiguousarray(grad)
 
 
-def _packed_problem(resolve, arrays, checked, spans, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, *rest, **options):
+def _packed_problem(resolve, arrays, checked, longest, cu_seqlens_q, cu_seqlens_k, seqused_k, causal, *rest,
+                    **options):
     """The whole packed batch as one GPU problem: ``resolve`` (_spec's forward or backward) over the
     heads-first views of the packed ``arrays`` (lse, in ``rest``, is heads-first already), with the
     options ``checked`` resolved per sequence (ALiBi's (B, Hq) slopes only fit that way) and the
-    sequences' lengths (``spans``) for the kernels (_spec.PackedBatch)."""
-    lengths_q = [rows.stop - rows.start for rows, _ in spans]
-    lengths_k = [keys.stop - keys.start for _, keys in spans]
+    lengths the grid covers (``longest``: queries, keys) for the kernels (_spec.PackedBatch)."""
     problem = resolve(*(_heads_first(x) for x in arrays), *rest, causal=causal, **options)
+    batch = cu_seqlens_q.shape[0] - 1
     packed = _spec.PackedBatch(
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, batch=len(spans),
-        max_seqlen_q=max(lengths_q, default=0), max_seqlen_k=max(lengths_k, default=0),
-        mean_seqlen_k=sum(lengths_k) / max(len(spans), 1), bottom_right=causal != "top_left")
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, batch=batch,
+        max_seqlen_q=longest[0], max_seqlen_k=longest[1], mean_seqlen_k=problem.seqlen_k / max(batch, 1),
+        bottom_right=causal != "top_left")
     return dataclasses.replace(problem, alibi_slopes=checked.alibi_slopes, packed=packed)
 
 
@@ -155,9 +183,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     sequence has run: a sequence refused for its values (an overflowing scale, on the CPU) leaves
     it as it was.
     """
-    xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
-                                 alibi_slopes)
-    problem = _spec.resolve_forward(*_stand_ins(xp, len(spans), alibi_slopes, q, k, v), scale=scale, causal=causal,
+    xp, spans, slopes, longest = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                          alibi_slopes)
+    batch = cu_seqlens_q.shape[0] - 1
+    problem = _spec.resolve_forward(*_stand_ins(xp, batch, alibi_slopes, q, k, v), scale=scale, causal=causal,
                                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                     return_lse=return_lse)
     shape = (q.shape[0], q.shape[1], v.shape[2])
@@ -168,7 +197,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         _spec._check_out(out, q, k, v, xp, dict(fields, out_shape=shape))
     if xp is not numpy:
         result = out if out is not None else xp.empty(shape, dtype=q.dtype)
-        packed = _packed_problem(_spec.resolve_forward, (q, k, v), problem, spans, cu_seqlens_q, cu_seqlens_k,
+        packed = _packed_problem(_spec.resolve_forward, (q, k, v), problem, longest, cu_seqlens_q, cu_seqlens_k,
                                  seqused_k, causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
                                  return_lse=True, out=_heads_first(result))
         _, lse = _api.forward(packed)
@@ -193,8 +222,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """``(dq, dk, dv)`` of :func:`attention_varlen` (``dsinks`` after them with sinks); keys past
     ``seqused_k`` get zero gradients. ``dout`` and ``out`` are ``(total_q, Hq, Dv)`` and ``lse``
     ``(Hq, total_q)``, as the forward returns them; all is checked before any sequence runs."""
-    xp, spans, slopes = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
-                                 alibi_slopes)
+    xp, spans, slopes, longest = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                          alibi_slopes)
     dtype = _spec._check_dtypes(q, k, v)
     shape = (q.shape[0], q.shape[1], v.shape[2])
     for name, array in (("dout", dout), ("out", out)):
@@ -202,11 +231,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     lse_dtype = numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32)
     _check_packed("lse", lse, xp, lse_dtype, shape[1::-1], "shape {} (Hq, total_q)",
                   "dtype {} (as the forward returns it)")
-    problem = _spec.resolve_backward(*_stand_ins(xp, len(spans), alibi_slopes, dout, q, k, v, out, lse),
+    stand_ins = _stand_ins(xp, cu_seqlens_q.shape[0] - 1, alibi_slopes, dout, q, k, v, out, lse)
+    problem = _spec.resolve_backward(*stand_ins,
                                      scale=scale, causal=causal, window=window, softcap=softcap,
                                      alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic)
     if xp is not numpy:
-        packed = _packed_problem(_spec.resolve_backward, (dout, q, k, v, out), problem, spans, cu_seqlens_q,
+        packed = _packed_problem(_spec.resolve_backward, (dout, q, k, v, out), problem, longest, cu_seqlens_q,
                                  cu_seqlens_k, seqused_k, causal, lse, scale=scale, window=window, softcap=softcap,
                                  sinks=sinks, deterministic=deterministic)
         grads = _api.backward(packed)
