@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const int heads = p.heads_per_block;
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
     if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<T, kBlockN>(p, at, blockIdx.y);
+    poison_uncovered_key_grads<T, T, kBlockN>(p, at, blockIdx.y);
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
     const bool with_dq = p.dq_accum != nullptr;

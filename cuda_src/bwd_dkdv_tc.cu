@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
     if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<unsigned short, kBlockN>(p, at, blockIdx.y);
+    poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, blockIdx.y);
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 

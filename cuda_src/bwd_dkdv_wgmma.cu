@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
     const BwdBatchIndex at(p, bh);
     if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<unsigned short, kBlockN>(p, at, n_index);
+    poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, n_index);
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 

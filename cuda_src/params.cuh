@@ -178,20 +178,29 @@ struct BatchIndex {
 
 // Rows [covered, seqlen) of a packed sequence longer than the max_seqlen hint its grid was sized
 // by: no block computes them, so the block of the grid's last tile (`tile`, of `tiles` tiles of
-// `tile_rows`) fills them with NaN (every bit set: a NaN in each float format), `width` elements
-// per row: a wrong hint shows in the results instead of leaving memory as it was. Never true for
-// calls whose grid covers every row (all but a packed batch with too small a hint).
+// `tile_rows`) fills them with NaN, `width` elements per row: a wrong hint shows in the results
+// instead of leaving memory as it was. Never true for calls whose grid covers every row (all but
+// a packed batch with too small a hint).
+template <int kBytes> struct SameSizeBits;
+template <> struct SameSizeBits<2> { using type = unsigned short; };
+template <> struct SameSizeBits<4> { using type = unsigned int; };
+template <> struct SameSizeBits<8> { using type = unsigned long long; };
+
+// Rows [first, last) of `width` elements set to NaN: every bit set, a NaN in each float format,
+// stored whole (the atomic path's dq_accum may be added to at the same time).
+template <typename T>
+__device__ __forceinline__ void fill_nan_rows(T* rows, long long row_stride, int width, int first, int last) {
+    using Bits = typename SameSizeBits<sizeof(T)>::type;
+    const long long count = static_cast<long long>(last - first) * width;
+    for (long long idx = threadIdx.x; idx < count; idx += blockDim.x)
+        *reinterpret_cast<Bits*>(rows + (first + idx / width) * row_stride + idx % width) = static_cast<Bits>(~Bits(0));
+}
+
 template <typename T>
 __device__ __forceinline__ void poison_uncovered_rows(T* rows, long long row_stride, int width, int seqlen, int tile,
                                                       int tiles, int tile_rows) {
     const int covered = tiles * tile_rows;
-    if (tile != tiles - 1 || seqlen <= covered) return;
-    const long long count = static_cast<long long>(seqlen - covered) * width;
-    for (long long idx = threadIdx.x; idx < count; idx += blockDim.x) {
-        unsigned char* x = reinterpret_cast<unsigned char*>(rows + (covered + idx / width) * row_stride + idx % width);
-#pragma unroll
-        for (int b = 0; b < static_cast<int>(sizeof(T)); ++b) x[b] = 0xFF;
-    }
+    if (tile == tiles - 1 && seqlen > covered) fill_nan_rows(rows, row_stride, width, covered, seqlen);
 }
 
 // The forward's rows its grid leaves uncovered (poison_uncovered_rows): out and lse.
@@ -270,12 +279,18 @@ __device__ __forceinline__ void poison_uncovered_query_grads(const BwdParams& p,
 }
 
 // The dK/dV rows a dK/dV grid leaves uncovered (poison_uncovered_rows): its key tiles run along y.
-template <typename Element, int kBlockN>
+// The atomic path's dQ of that sequence sums over the covered keys only: all of it is NaN too
+// (dq_accum of the block's heads, which bwd_dq_convert scales into dQ).
+template <typename Element, typename Accum, int kBlockN>
 __device__ __forceinline__ void poison_uncovered_key_grads(const BwdParams& p, const BwdBatchIndex& at, int tile) {
-    poison_uncovered_rows(static_cast<Element*>(p.dk) + at.dk, p.dk_row_stride, p.fwd.head_dim, at.seqlen_k, tile,
-                          gridDim.y, kBlockN);
-    poison_uncovered_rows(static_cast<Element*>(p.dv) + at.dv, p.dv_row_stride, p.fwd.head_dim_v, at.seqlen_k, tile,
-                          gridDim.y, kBlockN);
+    const int covered = gridDim.y * kBlockN;
+    if (tile != static_cast<int>(gridDim.y) - 1 || at.seqlen_k <= covered) return;
+    fill_nan_rows(static_cast<Element*>(p.dk) + at.dk, p.dk_row_stride, p.fwd.head_dim, covered, at.seqlen_k);
+    fill_nan_rows(static_cast<Element*>(p.dv) + at.dv, p.dv_row_stride, p.fwd.head_dim_v, covered, at.seqlen_k);
+    if (p.dq_accum == nullptr) return;
+    for (int g = 0; g < p.heads_per_block; ++g)
+        fill_nan_rows(static_cast<Accum*>(p.dq_accum) + at.dq_accum + HeadStep(p, g).dq_accum, p.fwd.head_dim,
+                      p.fwd.head_dim, 0, at.seqlen_q);
 }
 
 // The walk of a dK/dV block (bwd_dkdv_*.cu) over its steps (g, i): query heads g in

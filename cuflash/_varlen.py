@@ -177,6 +177,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
                      return_lse=False, out=None):
     """Attention over packed sequences; ``(out, lse)`` with ``return_lse`` (lse ``(Hq, total_q)``).
 
+    On the GPU with both ``max_seqlen_q`` and ``max_seqlen_k``, nothing is read back: the prefix
+    sums (and seqused_k) are trusted, as flash-attn trusts them, and the rows a too-small hint
+    leaves uncovered come out NaN (here and in the backward). Otherwise they are read and checked,
+    and a hint smaller than a real length raises ValueError.
+
     The options are checked once for the whole batch, as :func:`cuflash.attention` checks them
     (so also when there is no sequence), and ``out=`` as there (kind, dtype, the packed shape
     ``(total_q, Hq, Dv)``, writeable, no overlap with an input). ``out`` is written only once every
