@@ -99,5 +99,20 @@ def timed_ms(cupy, call, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def streamed_ms(cupy, call, calls: int) -> float:
+    """Milliseconds per call of ``calls`` calls issued back to back between two CUDA events: the
+    host's work overlaps the kernels' (the device's time per call when the host keeps ahead),
+    where timed_ms counts a lone call from an idle device, host path included."""
+    call()
+    cupy.cuda.Device().synchronize()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(calls):
+        call()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / calls
+
+
 # Short dtype names of the sweeps' command lines.
 NUMPY_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
