@@ -46,9 +46,10 @@ except ImportError as error:  # pragma: no cover - exercised only where torch is
 
 import numpy
 
-from . import _api, _merge, _spec, _varlen
+from . import _api, _kvcache, _merge, _spec, _varlen
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache",
            "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
            "flash_attn_varlen_kvpacked_func", "merge_attention"]
 
@@ -291,6 +292,118 @@ def _renamed(names):
         if renamed == message:
             raise
         raise type(error)(renamed) from None
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """Drop-in for flash-attn 2's ``flash_attn_with_kvcache`` (same signature and semantics; no
+    autograd, as flash-attn): q ``(B, Lq, H, D)``; caches ``(B_cache, Lmax, Hk, D)``, or pages
+    ``(num_blocks, page_size, Hk, D)`` read through ``block_table`` ``(B, max_blocks)``; new ``k``,
+    ``v`` ``(B, Lnew, Hk, D)`` are written into the cache in place at ``cache_seqlens[b] ..`` (after
+    the rotary embedding, when ``rotary_cos``/``rotary_sin`` ``(seqlen_ro, rotary_dim / 2)`` are
+    given: new keys at positions ``cache_seqlens[b] + i``, queries too under causal or a window,
+    else all at ``cache_seqlens[b]``; ``rotary_interleaved`` pairs dims (0, 1), (2, 3), ... instead
+    of the two halves). ``cache_batch_idx`` ``(B,)``: the cache row of each sequence;
+    ``cache_leftpad`` ``(B,)``: keys before it are padding. Returns out ``(B, Lq, H, Dv)``, and
+    ``softmax_lse`` ``(B, H, Lq)`` with ``return_softmax_lse``. :func:`cuflash.attention_with_kvcache`
+    underneath (one call per sequence when ``cache_batch_idx`` or ``cache_leftpad`` is given)."""
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, tensor)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values), or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together, or neither")
+    if cache_batch_idx is not None and block_table is not None:
+        raise ValueError("cache_batch_idx cannot be used with block_table (a paged cache has no batch rows; "
+                         "flash-attn refuses it too)")
+    if cache_leftpad is not None and block_table is not None:
+        raise NotImplementedError("cache_leftpad with a paged cache (block_table) is not supported yet")
+    scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
+    window = None if window == (-1, -1) else window
+    batch, q_length = q.shape[0], q.shape[1]
+    seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
+    with torch.no_grad():
+        if rotary_cos is not None:
+            # flash-attn: queries at their own positions under causal or a window, else all at
+            # cache_seqlens (one position for every query)
+            q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None)
+            k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True)
+        out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
+        options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
+                       return_lse=bool(return_softmax_lse))
+        rows = [(slice(None), None, 0)]  # (batch slice, cache row, left padding): the whole batch at once
+        if cache_batch_idx is not None or cache_leftpad is not None:
+            rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
+            pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
+            rows = [(slice(b, b + 1), rows_of[b], pads[b]) for b in range(batch)]
+        lses = []
+        with _running_on(q):
+            for part, row, pad in rows:
+                caches = [c if row is None else c[row:row + 1, pad:] for c in (k_cache, v_cache)]
+                lengths = seqlens[part] - pad
+                result = _kvcache.attention_with_kvcache(
+                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (q[part], *caches)),
+                    k=None if k is None else _to_cuflash(k[part]).transpose(0, 2, 1, 3),
+                    v=None if v is None else _to_cuflash(v[part]).transpose(0, 2, 1, 3),
+                    cache_seqlens=_to_cuflash(lengths.contiguous()),
+                    block_table=_cuflash_or_none(block_table),
+                    alibi_slopes=_cuflash_or_none(alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1
+                                                  else alibi_slopes[part]),
+                    out=_to_cuflash(out[part]).transpose(0, 2, 1, 3), **options)
+                if return_softmax_lse:
+                    lses.append(_to_torch(result[1]))
+    if not return_softmax_lse:
+        return out
+    return out, (lses[0] if len(lses) == 1 else torch.cat(lses))
+
+
+def _kvcache_lengths(cache_seqlens, batch, device):
+    """flash-attn's cache_seqlens (an int, or an int32 tensor (B,)) as an int32 tensor (B,)."""
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required: each sequence's cache length (an int or an int32 tensor (B,))")
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},), got "
+                             f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        return cache_seqlens.to(device)
+    return torch.full((batch,), _spec._integer("cache_seqlens", cache_seqlens), dtype=torch.int32, device=device)
+
+
+def _kvcache_rows(values, batch, bound, name, default):
+    """cache_batch_idx or cache_leftpad as host ints, each in [0, bound) (None: ``default``)."""
+    if values is None:
+        return list(default)
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int32 or values.shape != (batch,):
+        raise ValueError(f"{name} must be an int32 tensor of shape ({batch},)")
+    host = values.tolist()
+    if any(x < 0 or x >= bound for x in host):
+        raise ValueError(f"{name} entries must be in [0, {bound}), got {host}")
+    return host
+
+
+def _rotary(x, cos, sin, offsets, interleaved, per_row):
+    """flash-attn's rotary embedding of x ``(B, L, H, D)`` over its first ``2 * cos.shape[1]``
+    dims, row i of sequence b at position ``offsets[b] + i`` (``offsets[b]`` for every row unless
+    ``per_row``), computed in float32 (float64 for float64) and rounded once to x's dtype."""
+    half = cos.shape[-1]
+    if cos.shape != sin.shape or cos.dim() != 2 or 2 * half > x.shape[-1]:
+        raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                         f"head dim {x.shape[-1]}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    steps = torch.arange(x.shape[1], device=x.device) if per_row else torch.zeros(x.shape[1], dtype=torch.long,
+                                                                                  device=x.device)
+    positions = offsets.to(x.device).long()[:, None] + steps[None, :]  # (B, L)
+    if x.shape[1] and int(positions.max()) >= cos.shape[0]:
+        raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions; position {int(positions.max())} "
+                         "is needed")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c, s = (t.to(x.device)[positions].to(compute)[:, :, None, :] for t in (cos, sin))  # (B, L, 1, half)
+    part = x[..., :2 * half].to(compute)
+    x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else (part[..., :half], part[..., half:])
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
 def merge_attention(outs, lses):

@@ -748,3 +748,115 @@ def test_bias_and_mask_on_cpu_tensors_with_autograd_into_bias(rng):
     # fullgraph: dynamo re-raises it as Unsupported, with cuflash's message.
     with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported), match="not inside torch.compile"):
         torch.compile(lambda q: ct.attention(q, k.detach(), v.detach(), mask=mask), fullgraph=True)(q.detach())
+
+
+# --- flash_attn_with_kvcache ----------------------------------------------------------------------
+
+
+def _rotary_ref(x, angles, positions, interleaved):
+    """Rotary embedding by complex multiplication: dims (0, 1), (2, 3), ... (interleaved) or the
+    two halves of the first 2 * angles.shape[1] dims form z, turned by exp(i * angle[position])."""
+    half = angles.shape[1]
+    x = x.copy()
+    part = x[..., :2 * half]
+    z = (part[..., 0::2] + 1j * part[..., 1::2]) if interleaved else (part[..., :half] + 1j * part[..., half:])
+    z = z * numpy.exp(1j * angles[positions])[:, :, None, :]  # positions (B, L)
+    if interleaved:
+        part[..., 0::2], part[..., 1::2] = z.real, z.imag
+    else:
+        part[..., :half], part[..., half:] = z.real, z.imag
+    return x
+
+
+@pytest.mark.parametrize("layout", ["plain", "paged", "batch_idx", "leftpad"])
+@pytest.mark.parametrize("rotary", [None, "interleaved", "halves"])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 0)), (True, (4, 0))])
+def test_flash_attn_with_kvcache_matches_a_reference(rng, layout, rotary, causal, window):
+    """flash-attn's semantics on CPU tensors in float64: the new keys/values (rotated) land in
+    the cache in place at cache_seqlens[b] (only there), and each sequence attends over keys
+    [leftpad, cache_seqlens + Lnew) of its cache row, causal/windows bottom-right, queries rotated
+    at their own positions under causal or a window, else all at cache_seqlens."""
+    batch, lq, heads, heads_k, d, lmax, lnew, page = 3, 3, 4, 2, 16, 32, 2, 8
+    cache_rows = batch + 2 if layout == "batch_idx" else batch
+    q = rng.standard_normal((batch, lq, heads, d))
+    k_new, v_new = (rng.standard_normal((batch, lnew, heads_k, d)) for _ in range(2))
+    k_cache, v_cache = (rng.standard_normal((cache_rows, lmax, heads_k, d)) for _ in range(2))
+    leftpad = rng.integers(0, 6, batch) if layout == "leftpad" else numpy.zeros(batch, int)
+    seqlens = numpy.array([rng.integers(lp, lmax - lnew + 1) for lp in leftpad])
+    rows = rng.permutation(cache_rows)[:batch] if layout == "batch_idx" else numpy.arange(batch)
+    angles = rng.uniform(0, 2 * numpy.pi, (lmax + lq, 4))  # rotary_dim 8 of 16
+
+    # reference: rotate, append, attend over each sequence's keys
+    local = causal or window != (-1, -1)
+    q_ref, k_ref = q, k_new
+    if rotary:
+        steps = numpy.arange(lq) if local else numpy.zeros(lq, int)
+        q_ref = _rotary_ref(q, angles, seqlens[:, None] + steps[None, :], rotary == "interleaved")
+        k_ref = _rotary_ref(k_new, angles, seqlens[:, None] + numpy.arange(lnew)[None, :], rotary == "interleaved")
+    k_cache_ref, v_cache_ref = k_cache.copy(), v_cache.copy()
+    for b in range(batch):
+        k_cache_ref[rows[b], seqlens[b]:seqlens[b] + lnew] = k_ref[b]
+        v_cache_ref[rows[b], seqlens[b]:seqlens[b] + lnew] = v_new[b]
+    ref_window = None if window == (-1, -1) else window
+    refs = [attention_ref(*(x.transpose(1, 0, 2) for x in (q_ref[b], k_cache_ref[rows[b], leftpad[b]:seqlens[b] + lnew],
+                                                           v_cache_ref[rows[b], leftpad[b]:seqlens[b] + lnew])),
+                          causal=causal, window=ref_window) for b in range(batch)]
+
+    t = torch.from_numpy
+    kwargs = dict(k=t(k_new), v=t(v_new), cache_seqlens=t(seqlens.astype(numpy.int32)), causal=causal,
+                  window_size=window, return_softmax_lse=True)
+    if rotary:
+        kwargs.update(rotary_cos=t(numpy.cos(angles)), rotary_sin=t(numpy.sin(angles)),
+                      rotary_interleaved=rotary == "interleaved")
+    if layout == "batch_idx":
+        kwargs["cache_batch_idx"] = t(rows.astype(numpy.int32))
+    if layout == "leftpad":
+        kwargs["cache_leftpad"] = t(leftpad.astype(numpy.int32))
+    caches = [t(k_cache.copy()), t(v_cache.copy())]
+    if layout == "paged":  # the same cache cut in pages of 8 rows, stored in a random page order
+        pages_per_row = lmax // page
+        order = rng.permutation(batch * pages_per_row + 3)
+        table = order[:batch * pages_per_row].reshape(batch, pages_per_row)
+        paged = [numpy.full((len(order), page, heads_k, d), numpy.nan) for _ in range(2)]
+        for store, cache in zip(paged, (k_cache, v_cache)):
+            store[table.reshape(-1)] = cache.reshape(batch * pages_per_row, page, heads_k, d)
+        caches = [t(store) for store in paged]
+        kwargs["block_table"] = t(table.astype(numpy.int32))
+    out, lse = ct.flash_attn_with_kvcache(t(q), *caches, **kwargs)
+
+    assert out.shape == (batch, lq, heads, d) and lse.shape == (batch, heads, lq)
+    for b in range(batch):
+        numpy.testing.assert_allclose(out[b].numpy().transpose(1, 0, 2), refs[b][0], rtol=1e-12, atol=1e-13)
+        numpy.testing.assert_allclose(lse[b].numpy(), refs[b][1], rtol=1e-12, atol=1e-13)
+    if layout == "paged":
+        caches = [c.numpy()[table.reshape(-1)].reshape(batch, lmax, heads_k, d) for c in caches]
+        assert numpy.isnan(paged[0][order[batch * pages_per_row:]]).all()  # pages nobody owns: untouched
+    else:
+        caches = [c.numpy() for c in caches]
+    written = numpy.zeros(k_cache.shape[:2], bool)
+    for b in range(batch):
+        written[rows[b], seqlens[b]:seqlens[b] + lnew] = True
+    for cache, ref in zip(caches, (k_cache_ref, v_cache_ref)):  # in place, exactly those slots
+        numpy.testing.assert_array_equal(cache[~written], ref[~written])
+        # (the rotated keys: the same rotation by another formula, within rounding)
+        numpy.testing.assert_allclose(cache[written], ref[written], rtol=1e-14, atol=1e-15)
+
+
+def test_flash_attn_with_kvcache_argument_errors(randt):
+    q, k_cache, v_cache = randt(2, 1, 4, 8), randt(2, 16, 2, 8), randt(2, 16, 2, 8)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, k=randt(2, 1, 2, 8), cache_seqlens=3)
+    with pytest.raises(ValueError, match="cache_seqlens is required"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache)
+    with pytest.raises(ValueError, match="cache_seqlens must be an int or an int32 tensor"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin must be given together"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, rotary_cos=randt(16, 2))
+    with pytest.raises(ValueError, match="rotary_cos/rotary_sin have 4 positions"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=5, rotary_cos=randt(4, 2), rotary_sin=randt(4, 2))
+    with pytest.raises(ValueError, match="cache_batch_idx entries must be in"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3,
+                                   cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_batch_idx cannot be used with block_table"):
+        ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, block_table=torch.zeros(2, 1, dtype=torch.int32),
+                                   cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32))

@@ -238,3 +238,47 @@ def test_score_modifiers_on_cuda_match_the_cpu_backend(ct, randc, dtype, compile
                                      (base_out, *base_grads)):
         assert got.device.type == "cuda" and got.dtype == dtype, name
         assert_close(_numpy(got.detach()), want, dtype=np_dtype, baseline=base, kind="out" if name == "out" else "grad", name=name)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attn_with_kvcache_on_cuda(ct, rng, paged, dtype):
+    """flash_attn_with_kvcache on CUDA tensors (rotary, GQA, causal, append in place): against the
+    same call on CPU tensors in float64 under tolerance.py's rule (the baseline: that call in the
+    same dtype on the CPU), and the cache written in place on the device."""
+    batch, lq, heads, heads_k, d, lmax, lnew, page = 3, 4, 8, 2, 64, 64, 2, 16
+    host = {name: rng.standard_normal(shape) for name, shape in (
+        ("q", (batch, lq, heads, d)), ("k", (batch, lnew, heads_k, d)), ("v", (batch, lnew, heads_k, d)),
+        ("k_cache", (batch, lmax, heads_k, d)), ("v_cache", (batch, lmax, heads_k, d)))}
+    angles = rng.uniform(0, 2 * numpy.pi, (lmax + lq, 16))
+    seqlens = torch.tensor(rng.integers(0, lmax - lnew + 1, batch), dtype=torch.int32)
+    table = torch.from_numpy(rng.permutation(batch * lmax // page).reshape(batch, lmax // page).astype(numpy.int32))
+
+    def run(device, tensor_dtype):
+        t = {name: torch.from_numpy(x).to(tensor_dtype) for name, x in host.items()}
+        if paged:  # the same caches cut in pages, in the table's order
+            for name in ("k_cache", "v_cache"):
+                pages = t[name].reshape(batch * lmax // page, page, heads_k, d)
+                store = torch.empty_like(pages)
+                store[table.reshape(-1).long()] = pages
+                t[name] = store
+        t = {name: x.to(device) for name, x in t.items()}
+        out, lse = ct.flash_attn_with_kvcache(
+            t["q"], t["k_cache"], t["v_cache"], k=t["k"], v=t["v"], cache_seqlens=seqlens.to(device), causal=True,
+            rotary_cos=torch.from_numpy(numpy.cos(angles)).to(device, tensor_dtype),
+            rotary_sin=torch.from_numpy(numpy.sin(angles)).to(device, tensor_dtype),
+            block_table=table.to(device) if paged else None, return_softmax_lse=True)
+        return out.cpu().double().numpy(), lse.cpu().double().numpy(), t["k_cache"].cpu().double().numpy()
+
+    gpu, ref, baseline = run("cuda", dtype), run("cpu", torch.float64), run("cpu", dtype)
+    precision = numpy.dtype(numpy.float16) if dtype == torch.float16 else _bf16()
+    assert_close(gpu[0], ref[0], dtype=precision, baseline=baseline[0], name="out")
+    assert_close(gpu[1], ref[1], dtype=numpy.float32, baseline=baseline[1], kind="lse", name="lse")
+    # the rotated keys appended in place on the device (the rest of the cache as it was)
+    assert_close(gpu[2], ref[2], dtype=precision, baseline=baseline[2], name="k_cache")
+
+
+def _bf16():
+    import ml_dtypes
+
+    return numpy.dtype(ml_dtypes.bfloat16)
