@@ -321,12 +321,12 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
     """cuflash on every sequence of every batch row (_segments: queries [q0, q1) against keys
     [k0, k1), causal with the given alignment); rows outside every sequence (left padding) 0.
     Returns (B, Lq, H, Dv): the whole batch in one packed call (flash-attn's varlen layout over the
-    flattened rows), or one call per sequence: with sinks (whose gradient the packed call does not
-    return), with segments one packed call cannot take, and over a KV cache laid out (B, H, L, D)
-    (flattening it would copy the whole cache at every step; the projections' own layout, (B, L,
-    H, D) seen through a transpose, flattens as a view)."""
+    flattened rows; sinks with their gradient), or one call per sequence: with segments one packed
+    call cannot take, and over a KV cache laid out (B, H, L, D) (flattening it would copy the whole
+    cache at every step; the projections' own layout, (B, L, H, D) seen through a transpose,
+    flattens as a view)."""
     packed = None
-    if sinks is None and (query.shape[2] == key.shape[2] or all(_flattens(x) for x in (query, key, value))):
+    if query.shape[2] == key.shape[2] or all(_flattens(x) for x in (query, key, value)):
         packed = _packed_sequences(segments, query.shape[2], key.shape[2])
     if packed is not None:
         cu_q, cu_k, used, alignment = packed
@@ -339,7 +339,8 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
         options = dict(max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
                        max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
                        scale=scaling, causal=alignment, window=window, softcap=softcap)
-        out, _ = _cuflash_torch._VarlenFunction.apply(rows(query), rows(key), rows(value), *ints, None, options)
+        out, _ = _cuflash_torch._VarlenFunction.apply(rows(query), rows(key), rows(value), *ints, None, sinks,
+                                                      options)
         return out.view(batch, q_length, heads, value.shape[-1])
     return _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
 

@@ -190,7 +190,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
                    scale=scale, causal=bool(causal), window=window, softcap=softcap,
                    deterministic=bool(deterministic))
-    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, options)
+    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, None, options)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -508,31 +508,34 @@ def _flash_conventions(softmax_scale, causal, window_size, softcap):
 
 
 class _VarlenFunction(torch.autograd.Function):
-    """attention_varlen forward and backward on torch tensors (CPU or CUDA, torch's stream)."""
+    """attention_varlen forward and backward on torch tensors (CPU or CUDA, torch's stream),
+    differentiable in q, k, v and sinks."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, seqused_k, alibi, options):
+    def forward(ctx, q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
         forward_options = {key: value for key, value in options.items() if key != "deterministic"}
         with _running_on(q):
             arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
             out, lse = _varlen.attention_varlen(*arrays, seqused_k=_cuflash_or_none(seqused_k),
-                                                alibi_slopes=_cuflash_or_none(alibi), return_lse=True,
-                                                **forward_options)
+                                                alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks),
+                                                return_lse=True, **forward_options)
             out, lse = _to_torch(out), _to_torch(lse)
-        ctx.save_for_backward(q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks = ctx.saved_tensors
         with _running_on(q):
             grads = _varlen.attention_varlen_backward(
                 *(_to_cuflash(t) for t in (dout.contiguous(), q, k, v, out, lse, cu_q, cu_k)),
-                seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi), **ctx.options)
-            dq, dk, dv = (_to_torch(g) for g in grads)
-        return dq, dk, dv, None, None, None, None, None
+                seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
+                sinks=_cuflash_or_none(sinks), **ctx.options)
+            grads = [_to_torch(g) for g in grads]
+        dsinks = grads[3] if sinks is not None else None
+        return grads[0], grads[1], grads[2], None, None, None, None, dsinks, None
 
 
 # --- argument checks ----------------------------------------------------------------------------

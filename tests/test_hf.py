@@ -435,3 +435,40 @@ def test_gpt_oss_sinks_run_in_cuflash_with_their_gradient(device):
     _, _, grads = step(ours, ids)
     assert any("sinks" in name and grad.abs().max() > 0 for name, grad in grads.items())
     assert hf.COUNTS == {"cuflash": 2 * LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpt_oss_sinks_in_a_padded_batch(device):
+    """gpt-oss's sinks through the one-call packed path (padding rows as key-less sequences, whose
+    out is 0 and whose dsinks terms vanish): logits at the real positions, the loss and every
+    gradient (sinks' included) against eager. (transformers builds no packed-documents mask for
+    gpt-oss from position_ids, eager included, so packing is tested on Llama/Mistral/Qwen2.)"""
+    dtype = torch.float32
+    config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       intermediate_size=64, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                       num_local_experts=4, num_experts_per_tok=2, initializer_range=INIT,
+                                       sliding_window=6)
+    reference, ours = on(device, *eager_pair(config, dtype))
+    with torch.no_grad():
+        for model in (reference, ours):
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-2.0, 2.0, 4, dtype=dtype))
+    ids = random_ids(3, 16).to(device)
+    mask = _padding_mask(ids).to(device)
+    kwargs = dict(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    valid = mask.bool()
+    results = []
+    for model in (reference, ours):
+        model.zero_grad(set_to_none=True)
+        output = model(ids, **kwargs)
+        output.loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.logits.detach(), output.loss.detach(), grads))
+    (logits_ref, loss_ref, grads_ref), (logits, loss, grads) = results
+    torch.testing.assert_close(logits[valid], logits_ref[valid], **TOLERANCE[dtype])
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
+    assert grads.keys() == grads_ref.keys() and any("sinks" in name for name in grads)
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == LAYERS
