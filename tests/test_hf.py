@@ -216,15 +216,9 @@ PADDING_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", PADDING_CONFIGS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_padded_batch_runs_in_cuflash(config, device):
-    """Left- and right-padded sequences in one batch: each element runs on its valid tokens
-    (SDPA's mask checked to be exactly that pattern); logits at the valid positions, the loss with
-    padded labels ignored, and every gradient match the model's own SDPA implementation."""
-    dtype = torch.float64
-    reference, ours = on(device, *model_pair(config(), dtype))
-    ids = random_ids(3, 13).to(device)
+def assert_padded_steps_match(reference, ours, ids, dtype):
+    """A training step on ``ids`` padded by _padding_mask (padded labels ignored) gives the same
+    logits at the real positions, loss and gradients in both models; returns ours' gradients."""
     mask = _padding_mask(ids)
     labels = ids.masked_fill(mask == 0, -100)
     results = []
@@ -242,6 +236,18 @@ def test_a_padded_batch_runs_in_cuflash(config, device):
     for name in grads_ref:
         scale = grads_ref[name].abs().max().item() or 1.0
         torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    return grads
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_padded_batch_runs_in_cuflash(config, device):
+    """Left- and right-padded sequences in one batch: each element runs on its valid tokens
+    (SDPA's mask checked to be exactly that pattern); logits at the valid positions, the loss with
+    padded labels ignored, and every gradient match the model's own SDPA implementation."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    assert_padded_steps_match(reference, ours, random_ids(3, 13).to(device), dtype)
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
 
 
@@ -392,6 +398,21 @@ def test_bench_model_flags_a_wrong_attention(tmp_path, monkeypatch):
     assert result["correct"] is False and result["rel_diff_logits"] > 1e-2
 
 
+def gpt_oss_pair(device, dtype):
+    """A tiny gpt-oss (sliding and full layers, sinks set far from 0, so that a sink that did
+    nothing would show): (eager model, cuflash model) with the same weights, on ``device``."""
+    config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       intermediate_size=64, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                       num_local_experts=4, num_experts_per_tok=2, initializer_range=INIT,
+                                       sliding_window=6)
+    reference, ours = on(device, *eager_pair(config, dtype))
+    with torch.no_grad():
+        for model in (reference, ours):
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-2.0, 2.0, 4, dtype=dtype))
+    return reference, ours
+
+
 def eager_pair(config, dtype, seed=0):
     """(eager model, cuflash model) with the same weights: for models whose SDPA path does not
     take their attention features (softcap, sinks), the reference is transformers' eager one."""
@@ -421,15 +442,7 @@ def test_gpt_oss_sinks_run_in_cuflash_with_their_gradient(device):
     """gpt-oss: learnable attention sinks (s_aux) in cuflash, against eager, sinks' gradient included
     (float32: the experts' grouped matmul takes no float64)."""
     dtype = torch.float32
-    config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       intermediate_size=64, num_hidden_layers=LAYERS, vocab_size=VOCAB,
-                                       num_local_experts=4, num_experts_per_tok=2, initializer_range=INIT,
-                                       sliding_window=6)
-    reference, ours = on(device, *eager_pair(config, dtype))
-    with torch.no_grad():  # sinks far from 0, so that a sink that did nothing would show
-        for model in (reference, ours):
-            for layer in model.model.layers:
-                layer.self_attn.sinks.copy_(torch.linspace(-2.0, 2.0, 4, dtype=dtype))
+    reference, ours = gpt_oss_pair(device, dtype)
     ids = random_ids(2, 17).to(device)
     assert_steps_match(reference, ours, ids, dtype)
     _, _, grads = step(ours, ids)
@@ -444,31 +457,7 @@ def test_gpt_oss_sinks_in_a_padded_batch(device):
     gradient (sinks' included) against eager. (transformers builds no packed-documents mask for
     gpt-oss from position_ids, eager included, so packing is tested on Llama/Mistral/Qwen2.)"""
     dtype = torch.float32
-    config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       intermediate_size=64, num_hidden_layers=LAYERS, vocab_size=VOCAB,
-                                       num_local_experts=4, num_experts_per_tok=2, initializer_range=INIT,
-                                       sliding_window=6)
-    reference, ours = on(device, *eager_pair(config, dtype))
-    with torch.no_grad():
-        for model in (reference, ours):
-            for layer in model.model.layers:
-                layer.self_attn.sinks.copy_(torch.linspace(-2.0, 2.0, 4, dtype=dtype))
-    ids = random_ids(3, 16).to(device)
-    mask = _padding_mask(ids).to(device)
-    kwargs = dict(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-    valid = mask.bool()
-    results = []
-    for model in (reference, ours):
-        model.zero_grad(set_to_none=True)
-        output = model(ids, **kwargs)
-        output.loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((output.logits.detach(), output.loss.detach(), grads))
-    (logits_ref, loss_ref, grads_ref), (logits, loss, grads) = results
-    torch.testing.assert_close(logits[valid], logits_ref[valid], **TOLERANCE[dtype])
-    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
-    assert grads.keys() == grads_ref.keys() and any("sinks" in name for name in grads)
-    for name in grads_ref:
-        scale = grads_ref[name].abs().max().item() or 1.0
-        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
-    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == LAYERS
+    reference, ours = gpt_oss_pair(device, dtype)
+    grads = assert_padded_steps_match(reference, ours, random_ids(3, 16).to(device), dtype)
+    assert any("sinks" in name for name in grads)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
