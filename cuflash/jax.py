@@ -28,38 +28,40 @@ from . import _api, _varlen
 __all__ = ["attention", "attention_varlen"]
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              deterministic=False, return_lse=False):
+              bias=None, mask=None, deterministic=False, return_lse=False):
     """:func:`cuflash.attention` on JAX arrays; returns JAX arrays on the inputs' device.
 
-    Differentiable in q, k, v and ``sinks`` (``jax.grad``, ``jax.vjp``), outside ``jax.jit`` only.
-    ``softcap``, ``alibi_slopes`` and ``sinks`` as :func:`cuflash.attention` (JAX arrays for the
-    latter two). ``deterministic`` applies to the backward. With ``return_lse=True`` it returns
-    ``(out, lse)`` and is not differentiable (use it for inference).
+    Differentiable in q, k, v, ``sinks`` and ``bias`` (``jax.grad``, ``jax.vjp``; dbias is the
+    backend's deterministic reduction over bias's broadcast axes), outside ``jax.jit`` only.
+    ``softcap``, ``alibi_slopes``, ``sinks``, ``bias`` and ``mask`` as :func:`cuflash.attention`
+    (JAX arrays for the arrays; the boolean mask carries no gradient). ``deterministic`` applies
+    to the backward. With ``return_lse=True`` it returns ``(out, lse)`` and is not differentiable
+    (use it for inference).
     """
     for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     deterministic = bool(deterministic)
-    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask)
     if return_lse:
-        return _forward(q, k, v, sinks, options)
-    return _differentiable(options, deterministic)(q, k, v, sinks)
+        return _forward(q, k, v, sinks, options, bias)
+    return _differentiable(options, deterministic)(q, k, v, sinks, bias)
 
 
 def _differentiable(options, deterministic):
-    """A custom_vjp function of (q, k, v, sinks) for one set of options (cheap: built per call);
-    sinks may be None (an empty pytree: no cotangent)."""
+    """A custom_vjp function of (q, k, v, sinks, bias) for one set of options (cheap: built per
+    call); sinks and bias may be None (an empty pytree: no cotangent)."""
 
     @jax.custom_vjp
-    def attend(q, k, v, sinks):
-        return _forward(q, k, v, sinks, options)[0]
+    def attend(q, k, v, sinks, bias):
+        return _forward(q, k, v, sinks, options, bias)[0]
 
-    def attend_forward(q, k, v, sinks):
-        out, lse = _forward(q, k, v, sinks, options)
-        return out, (q, k, v, sinks, out, lse)
+    def attend_forward(q, k, v, sinks, bias):
+        out, lse = _forward(q, k, v, sinks, options, bias)
+        return out, (q, k, v, sinks, bias, out, lse)
 
     def attend_backward(saved, dout):
-        q, k, v, sinks, out, lse = saved
+        q, k, v, sinks, bias, out, lse = saved
         device = _device_of(q)
         arrays = [_to_cuflash(x, f"saved {name}") for name, x in zip("qkv", (q, k, v))]
         # JAX may hand the cotangent over on its default device (a GPU) for CPU inputs.
@@ -68,9 +70,12 @@ def _differentiable(options, deterministic):
         q_, k_, v_, dout_, out_, lse_ = arrays
         with _cupy_device(device):
             grads = _api.attention_backward(dout_, q_, k_, v_, out_, lse_, deterministic=deterministic,
-                                            **_cuflash_options(options, sinks))
-        grads = tuple(_to_jax(g, device) for g in grads)
-        return grads if sinks is not None else grads + (None,)
+                                            **_cuflash_options(options, sinks, bias))
+        grads = [_to_jax(g, device) for g in grads]
+        # cuflash's order: dq, dk, dv, then dbias (with a bias), then dsinks (with sinks)
+        dbias = grads.pop(3) if bias is not None else None
+        dsinks = grads.pop(3) if sinks is not None else None
+        return tuple(grads) + (dsinks, dbias)
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
@@ -150,19 +155,23 @@ def _varlen_forward(q, k, v, sinks, lengths, options):
     return _to_jax(out, device), _to_jax(lse, device)
 
 
-def _cuflash_options(options, sinks):
-    """The options with the per-head arrays (ALiBi slopes, sinks) as cuflash arrays."""
+def _cuflash_options(options, sinks, bias=None):
+    """The options with their arrays (ALiBi slopes, sinks, and a dense call's bias and mask) as
+    cuflash arrays."""
     out = dict(options)
-    for name, value in (("alibi_slopes", options["alibi_slopes"]), ("sinks", sinks)):
+    arrays = [("alibi_slopes", options["alibi_slopes"]), ("sinks", sinks)]
+    if "mask" in options:
+        arrays += [("bias", bias), ("mask", options["mask"])]
+    for name, value in arrays:
         out[name] = None if value is None else _to_cuflash(value, name)
     return out
 
 
-def _forward(q, k, v, sinks, options):
+def _forward(q, k, v, sinks, options, bias=None):
     device = _device_of(q)
     arrays = [_to_cuflash(x, name) for name, x in zip("qkv", (q, k, v))]
     with _cupy_device(device):
-        out, lse = _api.attention(*arrays, return_lse=True, **_cuflash_options(options, sinks))
+        out, lse = _api.attention(*arrays, return_lse=True, **_cuflash_options(options, sinks, bias))
     return _to_jax(out, device), _to_jax(lse, device)
 
 

@@ -136,6 +136,34 @@ def test_score_modifiers_and_the_gradient_into_sinks_on_cpu(cpu, randn):
     assert len(vjp(jdout)) == 3
 
 
+def test_bias_and_mask_with_the_gradient_into_bias_on_cpu(cpu, randn, rng):
+    """AlphaFold-style pair bias (broadcast over the batch), a key-padding mask that leaves one row
+    nothing, and sinks: out and every cotangent (q, k, v, sinks, bias) equal to cuflash's on the
+    NumPy arrays; jax.grad of a loss into bias alone too."""
+    q, k, v, dout = randn(3, 2, 7, 8), randn(3, 2, 9, 8), randn(3, 2, 9, 8), randn(3, 2, 7, 8)
+    bias, sinks = randn(1, 2, 7, 9), randn(2)
+    mask = rng.random((3, 1, 1, 9)) > 0.3
+    mask[0, 0, 0, :] = False  # sequence 0 sees no key: out 0, lse the sink, zero gradients
+    options = dict(causal=True, softcap=3.0)
+    jq, jk, jv, jbias, jsinks, jdout = _on(cpu, q, k, v, bias, sinks, dout)
+    jmask = jax.device_put(mask, cpu)
+    out, vjp = jax.vjp(lambda q, k, v, s, b: cj.attention(q, k, v, sinks=s, bias=b, mask=jmask, **options),
+                       jq, jk, jv, jsinks, jbias)
+    grads = vjp(jdout)
+    expected_out, lse = cuflash.attention(q, k, v, sinks=sinks, bias=bias, mask=mask, return_lse=True, **options)
+    dq, dk, dv, dbias, dsinks = cuflash.attention_backward(dout, q, k, v, expected_out, lse, sinks=sinks, bias=bias,
+                                                           mask=mask, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    assert len(grads) == 5
+    for got, want in zip(grads, (dq, dk, dv, dsinks, dbias)):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+    assert not numpy.asarray(out)[0].any()
+    dbias_alone = jax.grad(lambda b: jnp.sum(cj.attention(jq, jk, jv, bias=b, mask=jmask, **options) * jdout))(jbias)
+    out_alone, lse_alone = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True, **options)
+    expected = cuflash.attention_backward(dout, q, k, v, out_alone, lse_alone, bias=bias, mask=mask, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(dbias_alone), expected[3])
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(causal="sideways"), ValueError, "causal must be False, True"),
     (dict(window=3), TypeError, "window must be None or a"),
