@@ -69,8 +69,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``). CUDA tensors run cuflash's kernels on torch's current
     stream; CPU tensors run the NumPy backend. ``deterministic=True`` makes the backward bitwise
     reproducible. ``bias`` (float, broadcastable to ``(..., Hq, Lq, Lk)``, with autograd) and
-    ``mask`` (bool, True = visible) as :func:`cuflash.attention`: the CPU backend takes them (CPU
-    tensors), eagerly (not inside ``torch.compile`` yet).
+    ``mask`` (bool, True = visible) as :func:`cuflash.attention`: on what the backends take (CPU
+    tensors for now), eagerly and inside ``torch.compile``.
 
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
     (float32, float64 for float64 inputs) carries no gradient.
@@ -86,21 +86,12 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         if tensor is not None:
             _check_tensor(name, tensor)
     options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes)
-    if bias is not None or mask is not None:
-        if torch.compiler.is_compiling() or q.device.type == "meta":
-            raise NotImplementedError("cuflash.torch.attention: bias and mask run eagerly only (not inside "
-                                      "torch.compile) so far")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
-            out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, *options)
-        else:
-            out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask)
-        return (out, lse) if return_lse else out
     if torch.compiler.is_compiling() or q.device.type == "meta":
-        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
-        out, lse = _AttentionFunction.apply(q, k, v, sinks, None, None, *options)
+        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
+        out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, *options)
     else:
-        out, lse = _forward(q, k, v, sinks, *options)
+        out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask)
     return (out, lse) if return_lse else out
 
 
@@ -809,16 +800,18 @@ class _AttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
                    window_left: int, window_right: int, deterministic: bool, softcap: Optional[float],
-                   alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
-    out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes)
+    out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
+                        bias=bias, mask=mask)
     # The fake below promises contiguous results; make sure the real ones are too.
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
-                          sinks):
+                          sinks, bias, mask):
     lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = q.new_empty(lead_shape + (q.shape[-2], v.shape[-1]))
     lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
@@ -829,34 +822,39 @@ def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, det
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
                    deterministic: bool, softcap: Optional[float], alibi_slopes: Optional[torch.Tensor],
-                   sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic,
-                      softcap, alibi_slopes)
-    # A custom op returns a fixed number of tensors: dsinks is empty when there are no sinks.
+                   sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = list(_backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic,
+                           softcap, alibi_slopes, bias=bias, mask=mask, bias_grad=bias is not None))
+    # A custom op returns a fixed number of tensors: dsinks and dbias are empty without sinks / bias.
+    dbias = grads.pop(3) if bias is not None else q.new_empty(0)
     dsinks = grads[3] if sinks is not None else q.new_empty(0)
-    return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(),)
+    return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(), dbias.contiguous())
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic, softcap,
-                          alibi_slopes, sinks):
+                          alibi_slopes, sinks, bias, mask):
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dbias
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, *options, sinks = inputs
+    q, k, v, *options, sinks, bias, mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
     ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, sinks = ctx.saved_tensors
+    q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
     # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-    dq, dk, dv, dsinks = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options, sinks)
-    return (dq, dk, dv) + (None,) * len(ctx.options) + (dsinks if sinks is not None else None,)
+    dq, dk, dv, dsinks, dbias = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options,
+                                                                sinks, bias, mask)
+    return ((dq, dk, dv) + (None,) * len(ctx.options) + (dsinks if sinks is not None else None,)
+            + (dbias if bias is not None else None, None))
 
 
 torch.library.register_autograd(

@@ -348,19 +348,27 @@ def test_numpy_bools_are_bools_in_the_adapter(randt):
 
 def test_custom_ops_pass_torch_opcheck(randt):
     q, k, v = randt(2, 4, 5, 8, requires_grad=True), randt(2, 2, 7, 8), randt(2, 2, 7, 6)
-    no_mods = (None, None, None)  # softcap, alibi_slopes, sinks
+    no_mods = (None, None, None, None, None)  # softcap, alibi_slopes, sinks, bias, mask
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *no_mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *no_mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
                            *no_mods))
     sinks, slopes = randt(4, requires_grad=True), randt(4).abs()
-    mods = (3.0, slopes, sinks)
+    mods = (3.0, slopes, sinks, None, None)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
-                           3.0, slopes, sinks.detach()))
+                           3.0, slopes, sinks.detach(), None, None))
+    bias, mask = randt(1, 4, 5, 7, requires_grad=True), torch.from_numpy(numpy.arange(7) % 3 != 1)
+    with_bias = (None, None, None, bias, mask)
+    torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
+                          (q, k, v, None, "bottom_right", 2, -1, False, *with_bias))
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *with_bias)
+    torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
+                          (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
+                           None, None, None, bias.detach(), mask))
 
 
 def test_score_modifiers_with_gradients_into_sinks(randt):
@@ -745,9 +753,19 @@ def test_bias_and_mask_on_cpu_tensors_with_autograd_into_bias(rng):
         cuflash.attention(*(x.detach().numpy() for x in (q, k, v)), mask=mask.numpy()))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
         ct.attention(q, k, v, bias=bias.detach().numpy())
-    # fullgraph: dynamo re-raises it as Unsupported, with cuflash's message.
-    with pytest.raises((NotImplementedError, torch._dynamo.exc.Unsupported), match="not inside torch.compile"):
-        torch.compile(lambda q: ct.attention(q, k.detach(), v.detach(), mask=mask), fullgraph=True)(q.detach())
+    # Inside torch.compile (fullgraph: no graph break) through the custom ops: the same values and
+    # gradients, dbias included.
+    compiled = torch.compile(lambda q, k, v, b, s: ct.attention(q, k, v, bias=b, mask=mask, sinks=s, **options),
+                             fullgraph=True)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias, sinks)]
+    out_compiled = compiled(*leaves)
+    numpy.testing.assert_array_equal(out_compiled.detach().numpy(), want)
+    dout = torch.from_numpy(numpy.random.default_rng(0).standard_normal(out_compiled.shape))
+    out_compiled.backward(dout)
+    eager_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias, sinks)]
+    ct.attention(*eager_leaves[:3], bias=eager_leaves[3], mask=mask, sinks=eager_leaves[4], **options).backward(dout)
+    for compiled_leaf, eager_leaf in zip(leaves, eager_leaves):
+        numpy.testing.assert_array_equal(compiled_leaf.grad.numpy(), eager_leaf.grad.numpy())
 
 
 # --- flash_attn_with_kvcache ----------------------------------------------------------------------
