@@ -193,20 +193,11 @@ __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask,
 
 // Register and unroll budget: one block per SM lets ptxas use up to 255 registers per thread
 // (the shared memory of the preferred tiles allows one or two blocks anyway); the inner
-// products unroll by kUnroll. CUFLASH_BWD_MIN_BLOCKS / CUFLASH_BWD_UNROLL override both
-// (experiments only).
+// products unroll by kUnroll.
 template <typename T>
 struct Tuning {
-#ifdef CUFLASH_BWD_MIN_BLOCKS
-    static constexpr int kMinBlocks = CUFLASH_BWD_MIN_BLOCKS;
-#else
     static constexpr int kMinBlocks = 1;
-#endif
-#ifdef CUFLASH_BWD_UNROLL
-    static constexpr int kUnroll = CUFLASH_BWD_UNROLL;
-#else
     static constexpr int kUnroll = sizeof(T) == 4 ? 2 : 1;
-#endif
 };
 
 }  // namespace simt_bwd

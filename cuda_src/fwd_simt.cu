@@ -54,7 +54,6 @@ namespace simt {
 // FMAs (measured +3% for fp32 d64 128x64, +7% for fp64 d64 64x32 on H100): asked for where
 // the micro-tiles are small enough (<= 128 registers without spilling). Without
 // any minimum ptxas caps these kernels at 128 registers and spills, so the rest ask for 1.
-// CUFLASH_SIMT_MIN_BLOCKS / CUFLASH_SIMT_UNROLL / CUFLASH_SIMT_S_UNROLL override them (experiments only).
 template <typename T, int TM, int TN, int TD, bool kHasWindow, bool kScoreMods>
 struct Occupancy {
     static constexpr int kWords = sizeof(T) / 4;
@@ -64,25 +63,13 @@ struct Occupancy {
     static constexpr bool kTwo = kWords * TM * TD <= 32 && kWords * TM * TN <= 32 &&
                                  !(kHasWindow && kWords * TM * TD == 32 && kWords * TM * TN == 32) &&
                                  !(kScoreMods && (kWords * TM * TD == 32 || kWords * TM * TN == 32));
-#ifdef CUFLASH_SIMT_MIN_BLOCKS
-    static constexpr int kMinBlocks = CUFLASH_SIMT_MIN_BLOCKS;
-#else
     static constexpr int kMinBlocks = kTwo ? 2 : 1;
-#endif
-#ifdef CUFLASH_SIMT_UNROLL
-    static constexpr int kUnroll = CUFLASH_SIMT_UNROLL;
-#else
     // Keys of P V per unrolled step: deeper unrolling lets the next keys' loads issue under the
     // current FFMAs. At 128 registers the window's per-element test leaves no room (ptxas
     // spills); fp32 d64 measured 2 -> 4 (two blocks) +3%, 4 -> 8 (one block) +2..5%.
     static constexpr int kUnroll = kMinBlocks >= 2 ? (kHasWindow ? 1 : 4) : 8;
-#endif
-#ifdef CUFLASH_SIMT_S_UNROLL
-    static constexpr int kSUnroll = CUFLASH_SIMT_S_UNROLL;
-#else
     // d-runs of S = Q K^T per unrolled step, likewise (fp32 d64: +1..3%).
     static constexpr int kSUnroll = kMinBlocks >= 2 && kHasWindow ? 1 : 2;
-#endif
 };
 }  // namespace simt
 
