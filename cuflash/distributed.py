@@ -1,0 +1,255 @@
+"""Context parallelism: ring attention over a communicator (issue 21), the algorithm and its CPU path.
+
+Each of W ranks holds a shard of the sequence axis (-2) of q, k and v. ``layout="zigzag"`` cuts the
+sequence into 2W chunks and gives rank r chunks r and 2W-1-r (under causal masking every rank
+then has the same work); ``"contiguous"`` gives rank r chunk r of W. The forward runs W steps:
+each rank attends its queries to the key/value block it holds, then passes the block to the
+next rank and takes the previous rank's (``comm.sendrecv``); the partial attentions, each
+normalised over its own keys, combine through the log-sum-exp merge (:func:`cuflash.merge_attention`).
+Every (query chunk, key chunk) pair is one cuflash call whose mask diagonal is the chunks' global
+offset (causal, windows and ALiBi see global positions); pairs the mask hides entirely are skipped.
+A sink joins once, as one more partial (out 0, lse = sink). The backward sends the dK/dV
+accumulators around the ring with their block and reuses the forward's global out and lse (no
+forward recomputation); dsinks is each rank's own rows' sum, all-reduced.
+
+The communicator: ``rank``, ``size``, ``sendrecv(arrays, dest, source)`` (send a tuple of arrays to
+``dest``, return the tuple ``source`` sent) and ``allreduce_sum(array)``. :class:`LoopbackComm` runs
+N ranks as threads of one process on NumPy arrays (the CPU path the tests use); NCCL communicators
+for GPUs plug in through the same four members.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy
+
+from . import _api, _merge, _spec
+
+__all__ = ["ring_attention", "ring_attention_backward", "shard", "unshard", "LoopbackComm"]
+
+_LAYOUTS = ("zigzag", "contiguous")
+
+
+def _own_chunks(world_size: int, rank: int, layout: str) -> tuple[int, ...]:
+    """The global chunk indices rank ``rank`` holds, in the order its shard stores them."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    return (rank, 2 * world_size - 1 - rank) if layout == "zigzag" else (rank,)
+
+
+def _chunk_count(world_size: int, layout: str) -> int:
+    return 2 * world_size if layout == "zigzag" else world_size
+
+
+def _xp(x):
+    return numpy if isinstance(x, numpy.ndarray) else __import__("cupy")
+
+
+def shard(x, world_size: int, rank: int, *, layout: str = "zigzag"):
+    """Rank ``rank``'s shard of the full sequence ``x`` (sequence axis -2) in ``layout``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    chunks = _chunk_count(world_size, layout)
+    length = x.shape[-2]
+    if length % chunks:
+        raise ValueError(f"the sequence length {length} must be a multiple of {chunks} ({layout} over "
+                         f"{world_size} ranks)")
+    size = length // chunks
+    parts = [x[..., c * size:(c + 1) * size, :] for c in _own_chunks(world_size, rank, layout)]
+    return _xp(x).concatenate(parts, axis=-2)
+
+
+def unshard(shards, *, layout: str = "zigzag"):
+    """The full sequence from every rank's shard (``shards[r]`` is rank r's), as :func:`shard` cut it."""
+    world_size = len(shards)
+    per_rank = len(_own_chunks(world_size, 0, layout))
+    size = shards[0].shape[-2] // per_rank
+    pieces = {}
+    for rank, part in enumerate(shards):
+        for position, chunk in enumerate(_own_chunks(world_size, rank, layout)):
+            pieces[chunk] = part[..., position * size:(position + 1) * size, :]
+    return _xp(shards[0]).concatenate([pieces[c] for c in range(_chunk_count(world_size, layout))], axis=-2)
+
+
+class LoopbackComm:
+    """One rank of N in-process ranks (threads) exchanging arrays through shared memory: the
+    CPU stand-in for an NCCL communicator. ``LoopbackComm.run(size, fn)`` calls ``fn(comm)`` on
+    every rank at once and returns the results in rank order (re-raising a rank's exception)."""
+
+    def __init__(self, rank: int, size: int, shared):
+        self.rank, self.size, self._shared = rank, size, shared
+
+    @classmethod
+    def run(cls, size: int, fn):
+        shared = {"barrier": threading.Barrier(size), "slots": {}}
+        results, errors = [None] * size, [None] * size
+
+        def body(rank):
+            try:
+                results[rank] = fn(cls(rank, size, shared))
+            except BaseException as error:  # noqa: BLE001 - re-raised below, in the caller's thread
+                errors[rank] = error
+                shared["barrier"].abort()  # the others stop waiting for this rank
+
+        threads = [threading.Thread(target=body, args=(rank,)) for rank in range(size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # The failing rank's own error, not the BrokenBarrierError it left the others with.
+        real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+        first = real[0] if real else next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return results
+
+    def sendrecv(self, arrays, dest: int, source: int):
+        slots, barrier = self._shared["slots"], self._shared["barrier"]
+        slots[(self.rank, dest)] = tuple(None if a is None else a.copy() for a in arrays)
+        barrier.wait()
+        received = slots.pop((source, self.rank))
+        barrier.wait()  # every rank has taken its message before the slots are reused
+        return received
+
+    def allreduce_sum(self, array):
+        slots, barrier = self._shared["slots"], self._shared["barrier"]
+        slots[("sum", self.rank)] = array.copy()
+        barrier.wait()
+        total = sum(slots[("sum", r)] for r in range(self.size))  # rank order: the same on every rank
+        barrier.wait()
+        if self.rank == 0:
+            for r in range(self.size):
+                del slots[("sum", r)]
+        barrier.wait()
+        return total
+
+
+def _check_shards(q, k, v, comm, layout):
+    per_rank = len(_own_chunks(comm.size, comm.rank, layout))
+    if q.shape[-2] != k.shape[-2] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"q, k and v must hold shards of the same sequence (equal lengths on axis -2), got "
+                         f"{q.shape[-2]}, {k.shape[-2]} and {v.shape[-2]}")
+    if q.shape[-2] % per_rank:
+        raise ValueError(f"a {layout} shard holds {per_rank} equal chunks: its length {q.shape[-2]} must be a "
+                         f"multiple of {per_rank}")
+    return q.shape[-2] // per_rank
+
+
+def _rows(x, position, size):
+    return x[..., position * size:(position + 1) * size, :]
+
+
+def _pairs(comm, layout, holder, size):
+    """(query position, key position, diagonal offset) of this rank's query chunks against the
+    chunks of rank ``holder``'s block: the offset a - b of their global starts."""
+    own, theirs = _own_chunks(comm.size, comm.rank, layout), _own_chunks(comm.size, holder, layout)
+    return [(qi, ki, (a - b) * size) for qi, a in enumerate(own) for ki, b in enumerate(theirs)]
+
+
+def _window_sides(comm, size, layout, causal, window):
+    """(left, right) of the mask over the whole sequence: a chunk pair's own resolution would clamp
+    a side to its two chunks' lengths, which only holds for its own diagonal."""
+    total = size * _chunk_count(comm.size, layout)
+    left, right, _ = _spec._normalise_mask(causal, window, total, total)
+    return left, right
+
+
+def _pair_problem(problem, diag, sides):
+    """A chunk pair's problem: the resolved options with the pair's global diagonal and the
+    sequence's window sides; None when the mask hides every key of the pair."""
+    problem = dataclasses.replace(problem, diag_offset=diag, window_left=sides[0], window_right=sides[1])
+    lo, hi = problem.key_range(0, problem.seqlen_q)
+    return problem if lo < hi else None
+
+
+def ring_attention(q, k, v, *, comm, causal=False, scale=None, window=None, softcap=None, alibi_slopes=None,
+                   sinks=None, layout="zigzag", return_lse=False):
+    """Attention of this rank's queries over the whole sequence, the key/value blocks passed
+    around the ring. q, k, v: this rank's shards (``shard``); returns out (and lse) as shards."""
+    size = _check_shards(q, k, v, comm, layout)
+    mods = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    sides = _window_sides(comm, size, layout, causal, window)
+    xp = _xp(q)
+    own = _own_chunks(comm.size, comm.rank, layout)
+    partials = [[] for _ in own]
+    block, holder = (k, v), comm.rank
+    for step in range(comm.size):
+        for qi, ki, diag in _pairs(comm, layout, holder, size):
+            problem = _spec.resolve_forward(_rows(q, qi, size), _rows(block[0], ki, size), _rows(block[1], ki, size),
+                                            return_lse=True, **mods)
+            problem = _pair_problem(problem, diag, sides)
+            if problem is not None:
+                partials[qi].append(_api.forward(problem))
+        if step < comm.size - 1:
+            block = comm.sendrecv(block, dest=(comm.rank + 1) % comm.size, source=(comm.rank - 1) % comm.size)
+            holder = (holder - 1) % comm.size
+    checked = _spec.resolve_forward(_rows(q, 0, size), _rows(k, 0, size), _rows(v, 0, size), sinks=sinks,
+                                    return_lse=True, **mods)
+    outs, lses = [], []
+    for parts in partials:
+        if checked.sinks is not None:  # the sink: one more logit per row, carrying no value
+            sink = xp.broadcast_to(xp.asarray(checked.sinks)[..., None], checked.lse_shape).astype(checked.lse_dtype)
+            parts = parts + [(xp.zeros(checked.out_shape, dtype=checked.dtype), sink)]
+        if not parts:  # the mask leaves these queries no key anywhere
+            parts = [(xp.zeros(checked.out_shape, dtype=checked.dtype),
+                      xp.full(checked.lse_shape, -numpy.inf, dtype=checked.lse_dtype))]
+        out, lse = _merge.merge_attention([o for o, _ in parts], [l for _, l in parts])
+        outs.append(out.astype(checked.dtype, copy=False))
+        lses.append(lse)
+    out, lse = xp.concatenate(outs, axis=-2), xp.concatenate(lses, axis=-1)
+    return (out, lse) if return_lse else out
+
+
+def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal=False, scale=None, window=None, softcap=None,
+                            alibi_slopes=None, sinks=None, layout="zigzag", deterministic=False):
+    """(dq, dk, dv[, dsinks]) of :func:`ring_attention` for this rank's shards: each pair's
+    backward with the forward's global out and lse; dK/dV accumulate (in float32, float64 for
+    float64) while travelling with their block, which ends back home after W sends."""
+    size = _check_shards(q, k, v, comm, layout)
+    mods = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    sides = _window_sides(comm, size, layout, causal, window)
+    xp = _xp(q)
+    accum = numpy.float64 if q.dtype == numpy.float64 else numpy.float32
+    own = _own_chunks(comm.size, comm.rank, layout)
+    dq = [None] * len(own)
+    block = (k, v, xp.zeros(k.shape, dtype=accum), xp.zeros(v.shape, dtype=accum))
+    holder = comm.rank
+    for step in range(comm.size):
+        keys, values, dk, dv = block
+        for qi, ki, diag in _pairs(comm, layout, holder, size):
+            rows = [_rows(x, qi, size) for x in (dout, q)]
+            problem = _spec.resolve_backward(rows[0], rows[1], _rows(keys, ki, size), _rows(values, ki, size),
+                                             _rows(out, qi, size), lse[..., qi * size:(qi + 1) * size],
+                                             deterministic=deterministic, **mods)
+            problem = _pair_problem(problem, diag, sides)
+            if problem is None:
+                continue
+            grads = _api.backward(problem)
+            dq[qi] = grads[0].astype(accum) if dq[qi] is None else dq[qi] + grads[0]
+            dk[..., ki * size:(ki + 1) * size, :] += grads[1]
+            dv[..., ki * size:(ki + 1) * size, :] += grads[2]
+        # The block moves on with its accumulators; the last send takes them home.
+        block = comm.sendrecv((keys, values, dk, dv), dest=(comm.rank + 1) % comm.size,
+                              source=(comm.rank - 1) % comm.size)
+        holder = (holder - 1) % comm.size
+    dq = xp.concatenate([g if g is not None else xp.zeros(_rows(q, 0, size).shape, dtype=accum) for g in dq], axis=-2)
+    grads = (dq.astype(q.dtype), block[2].astype(k.dtype), block[3].astype(v.dtype))
+    if sinks is None:
+        return grads
+    checked = _spec.resolve_forward(_rows(q, 0, size), _rows(k, 0, size), _rows(v, 0, size), sinks=sinks, **mods)
+    # dsinks = -sum_i exp(sink - lse_i) delta_i over every row of every rank (cuda_src/score_mod.cuh)
+    delta = (dout.astype(accum) * out.astype(accum)).sum(axis=-1)
+    sink_rows = xp.broadcast_to(xp.asarray(checked.sinks, dtype=accum)[..., None], lse.shape)
+    p_sink = xp.where(lse == -numpy.inf, 0, xp.exp(sink_rows - lse.astype(accum)))
+    per_row = -(p_sink * delta).sum(axis=-1)
+    axes = tuple(range(per_row.ndim - numpy.ndim(checked.sinks)))
+    mine = per_row.sum(axis=axes) if axes else per_row
+    mine = _sum_to(mine, numpy.shape(checked.sinks))
+    return grads + (comm.allreduce_sum(mine).astype(checked.sinks.dtype),)
+
+
+def _sum_to(x, shape):
+    """x summed over the axes along which ``shape`` was broadcast to it (NumPy's rule)."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x

@@ -1,0 +1,102 @@
+"""Ring attention (cuflash.distributed) on the CPU: N in-process ranks over the loopback
+communicator, against single-process attention on the gathered sequence (float64, NumPy backend)."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import cuflash
+from cuflash import distributed
+
+CASES = [
+    dict(),
+    dict(causal=True),
+    dict(window=(5, 3)),
+    dict(causal=True, window=(7, 0)),
+    dict(causal=True, softcap=2.0, alibi="heads", sinks="heads"),
+    dict(window=(-1, 2), sinks="heads"),
+]
+
+
+def _options(rng, heads, case):
+    options = {key: value for key, value in case.items() if key not in ("alibi", "sinks")}
+    if "alibi" in case:
+        options["alibi_slopes"] = numpy.abs(rng.standard_normal(heads))
+    if "sinks" in case:
+        options["sinks"] = rng.standard_normal(heads)
+    return options
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c) or "dense")
+def test_ring_attention_equals_attention_on_the_whole_sequence(rng, layout, world_size, case):
+    heads, heads_kv, d = 4, 2, 8  # GQA: the ring carries the key/value heads only
+    length = 3 * (2 * world_size if layout == "zigzag" else world_size)
+    q, dout = (rng.standard_normal((2, heads, length, d)) for _ in range(2))
+    k, v = (rng.standard_normal((2, heads_kv, length, d)) for _ in range(2))
+    options = _options(rng, heads, case)
+    want_out, want_lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    want_grads = cuflash.attention_backward(dout, q, k, v, want_out, want_lse, **options)
+
+    def rank(comm):
+        mine = [distributed.shard(x, world_size, comm.rank, layout=layout) for x in (q, k, v, dout)]
+        out, lse = distributed.ring_attention(*mine[:3], comm=comm, layout=layout, return_lse=True, **options)
+        grads = distributed.ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, layout=layout,
+                                                    deterministic=True, **options)
+        return out, lse, grads
+
+    results = distributed.LoopbackComm.run(world_size, rank)
+    out = distributed.unshard([r[0] for r in results], layout=layout)
+    lse = distributed.unshard([r[1][..., None] for r in results], layout=layout)[..., 0]
+    numpy.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    numpy.testing.assert_array_equal(numpy.isinf(lse), numpy.isinf(want_lse))
+    finite = numpy.isfinite(want_lse)
+    numpy.testing.assert_allclose(lse[finite], want_lse[finite], rtol=1e-12)
+    for index, want in enumerate(want_grads[:3]):
+        got = distributed.unshard([r[2][index] for r in results], layout=layout)
+        numpy.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg="dq dk dv".split()[index])
+    if "sinks" in options:
+        for r in results:  # every rank holds the whole dsinks
+            numpy.testing.assert_allclose(r[2][3], want_grads[3], rtol=1e-10, atol=1e-12)
+
+
+def test_shard_and_unshard_are_inverse_and_zigzag_balances_causal_work():
+    x = numpy.arange(2 * 16 * 3).reshape(2, 16, 3)
+    shards = [distributed.shard(x, 4, r) for r in range(4)]
+    assert shards[0][0, :, 0].tolist() == [0, 3, 42, 45]  # rank 0: rows 0-1 and 14-15 (chunks 0 and 7)
+    numpy.testing.assert_array_equal(distributed.unshard(shards), x)
+    # zigzag: rank r holds chunks r and 2W-1-r, so every rank sees the same number of causal pairs
+    work = [sum(a + 1 for a in (r, 7 - r)) for r in range(4)]
+    assert len(set(work)) == 1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        distributed.shard(x[:, :12], 4, 0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        distributed.shard(x, 4, 0, layout="ring")
+
+
+def test_deterministic_backward_is_bitwise_reproducible(rng):
+    q, k, v, dout = (rng.standard_normal((1, 2, 12, 4)).astype(numpy.float32) for _ in range(4))
+
+    def run():
+        def rank(comm):
+            mine = [distributed.shard(x, 3, comm.rank) for x in (q, k, v, dout)]
+            out, lse = distributed.ring_attention(*mine[:3], comm=comm, causal=True, return_lse=True)
+            return distributed.ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, causal=True,
+                                                       deterministic=True)
+        return distributed.LoopbackComm.run(3, rank)
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        for x, y in zip(a, b):
+            numpy.testing.assert_array_equal(x, y)
+
+
+def test_a_failing_rank_raises_its_own_error():
+    def rank(comm):
+        if comm.rank == 1:
+            raise ValueError("rank 1 failed")
+        return distributed.ring_attention(*(numpy.zeros((1, 4, 2)),) * 3, comm=comm)
+
+    with pytest.raises(ValueError, match="rank 1 failed"):
+        distributed.LoopbackComm.run(2, rank)
