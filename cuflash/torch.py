@@ -34,11 +34,14 @@ so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``)
 # No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
 import contextlib
 import re
+import sys
+import types
 import warnings
 from typing import Optional, Tuple
 
 try:
     import torch
+    import torch.distributed as dist
 except ImportError as error:  # pragma: no cover - exercised only where torch is missing
     raise ImportError(
         "cuflash.torch needs PyTorch (torch >= 2.4): pip install torch, or pip install 'cuflash[torch]'"
@@ -47,6 +50,7 @@ except ImportError as error:  # pragma: no cover - exercised only where torch is
 import numpy
 
 from . import _api, _kvcache, _merge, _spec, _varlen
+from . import distributed as _ring
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache",
@@ -313,7 +317,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise NotImplementedError("cache_leftpad with a paged cache (block_table) is not supported yet")
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     window = None if window == (-1, -1) else window
-    batch, q_length = q.shape[0], q.shape[1]
+    batch = q.shape[0]
     seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
     with torch.no_grad():
         if rotary_cos is not None:
@@ -860,3 +864,84 @@ def _attention_backward(ctx, dout, _dlse):
 torch.library.register_autograd(
     "cuflash::attention_fwd", _attention_backward, setup_context=_save_for_backward
 )
+
+
+# --- ring attention over a torch.distributed process group: cuflash.torch.distributed -----------
+
+
+class ProcessGroupComm:
+    """The ring's communicator (rank, size, sendrecv, allreduce_sum) over a torch process group,
+    on cuflash arrays (NumPy for CPU tensors, CuPy for CUDA ones) seen as tensors without a copy."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def _peer(self, rank):
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def sendrecv(self, arrays, dest, source):
+        if dest == self.rank and source == self.rank:
+            return tuple(a.copy() for a in arrays)
+        sent = [_to_torch(a) for a in arrays]
+        received = [torch.empty_like(t) for t in sent]
+        ops = [dist.P2POp(dist.isend, t, self._peer(dest), self.group) for t in sent]
+        ops += [dist.P2POp(dist.irecv, t, self._peer(source), self.group) for t in received]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        return tuple(_to_cuflash(t) for t in received)
+
+    def allreduce_sum(self, array):
+        tensor = _to_torch(array.copy())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return _to_cuflash(tensor)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, comm, options, deterministic):
+        with _running_on(q):
+            out, lse = _ring.ring_attention(*(_to_cuflash(t) for t in (q, k, v)), comm=comm,
+                                                   sinks=_cuflash_or_none(sinks), return_lse=True, **options)
+            out, lse = _to_torch(out), _to_torch(lse)
+        ctx.save_for_backward(q, k, v, sinks, out, lse)
+        ctx.comm, ctx.options, ctx.deterministic = comm, options, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        with _running_on(q):
+            grads = _ring.ring_attention_backward(
+                *(_to_cuflash(t) for t in (dout.contiguous(), q, k, v, out, lse)), comm=ctx.comm,
+                sinks=_cuflash_or_none(sinks), deterministic=ctx.deterministic, **ctx.options)
+            grads = [_to_torch(g) for g in grads]
+        return grads[0], grads[1], grads[2], (grads[3] if sinks is not None else None), None, None, None
+
+
+def _ring_attention(q, k, v, *, comm=None, causal=False, scale=None, window=None, softcap=None, alibi_slopes=None,
+                   sinks=None, layout="zigzag", deterministic=False, return_lse=False):
+    """:func:`cuflash.distributed.ring_attention` on this rank's shards (torch tensors) over the
+    process group ``comm`` (None: the default group), differentiable in q, k, v and sinks.
+    Returns out, or ``(out, lse)`` with ``return_lse`` (lse carries no gradient)."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+    if comm is not None and not isinstance(comm, dist.ProcessGroup):
+        raise TypeError(f"comm must be a torch.distributed ProcessGroup or None (the default group), got "
+                        f"{type(comm).__name__}")
+    options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                   alibi_slopes=_cuflash_or_none(alibi_slopes), layout=layout)
+    out, lse = _RingFunction.apply(q, k, v, sinks, ProcessGroupComm(comm), options,
+                                   _flag("deterministic", deterministic))
+    return (out, lse) if return_lse else out
+
+
+# ``cuflash.torch.distributed``: the torch face of cuflash.distributed (a namespace module, so that
+# ``cuflash.torch.distributed.ring_attention`` reads as the issue names it).
+distributed = types.ModuleType(f"{__name__}.distributed", "Ring attention over a torch.distributed process group, "
+                               "with autograd: ring_attention(q, k, v, *, comm=None, ...), comm a ProcessGroup.")
+distributed.ring_attention = _ring_attention
+distributed.ProcessGroupComm = ProcessGroupComm
+sys.modules[distributed.__name__] = distributed

@@ -100,3 +100,68 @@ def test_a_failing_rank_raises_its_own_error():
 
     with pytest.raises(ValueError, match="rank 1 failed"):
         distributed.LoopbackComm.run(2, rank)
+
+
+def _torch_rank(rank, world_size, init_file, layout, case, seed, results):
+    """One process of the torch.distributed test: gloo over CPU tensors."""
+    import torch
+    import torch.distributed as dist
+
+    import cuflash.torch as ct
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        rng = numpy.random.default_rng(seed)
+        q, k, v, dout = (rng.standard_normal(shape) for shape in ((1, 4, 24, 8), (1, 2, 24, 8), (1, 2, 24, 8),
+                                                                  (1, 4, 24, 8)))
+        sinks = rng.standard_normal(4) if case.get("sinks") else None
+        options = {key: value for key, value in case.items() if key != "sinks"}
+        leaves = [torch.from_numpy(distributed.shard(x, world_size, rank, layout=layout)).requires_grad_()
+                  for x in (q, k, v)]
+        sink_leaf = None if sinks is None else torch.from_numpy(sinks).requires_grad_()
+        out = ct.distributed.ring_attention(*leaves, sinks=sink_leaf, layout=layout, deterministic=True, **options)
+        out.backward(torch.from_numpy(distributed.shard(dout, world_size, rank, layout=layout)))
+        grads = [leaf.grad.numpy() for leaf in leaves] + ([] if sink_leaf is None else [sink_leaf.grad.numpy()])
+        results.put((rank, out.detach().numpy(), grads))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size, layout, case", [
+    (2, "zigzag", dict(causal=True, sinks=True)),
+    (3, "contiguous", dict(window=(5, 2))),
+])
+def test_torch_ring_attention_over_gloo_with_autograd(tmp_path, world_size, layout, case):
+    """cuflash.torch.distributed.ring_attention in world_size processes over a gloo process group
+    (CPU tensors): out and the gradients (q, k, v, sinks) equal single-process attention's."""
+    pytest.importorskip("torch")
+    import torch.multiprocessing as mp
+
+    seed = 1234
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_torch_rank, args=(rank, world_size, str(tmp_path / "init"), layout, case,
+                                                            seed, results)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    gathered = dict((rank, (out, grads)) for rank, out, grads in (results.get(timeout=120) for _ in processes))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    rng = numpy.random.default_rng(seed)
+    q, k, v, dout = (rng.standard_normal(shape) for shape in ((1, 4, 24, 8), (1, 2, 24, 8), (1, 2, 24, 8),
+                                                              (1, 4, 24, 8)))
+    options = {key: value for key, value in case.items() if key != "sinks"}
+    if case.get("sinks"):
+        options["sinks"] = rng.standard_normal(4)
+    want_out, want_lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    want_grads = cuflash.attention_backward(dout, q, k, v, want_out, want_lse, **options)
+    out = distributed.unshard([gathered[r][0] for r in range(world_size)], layout=layout)
+    numpy.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-13)
+    for index, want in enumerate(want_grads[:3]):
+        got = distributed.unshard([gathered[r][1][index] for r in range(world_size)], layout=layout)
+        numpy.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    if case.get("sinks"):
+        for r in range(world_size):
+            numpy.testing.assert_allclose(gathered[r][1][3], want_grads[3], rtol=1e-10, atol=1e-12)
