@@ -165,3 +165,43 @@ def test_torch_ring_attention_over_gloo_with_autograd(tmp_path, world_size, layo
     if case.get("sinks"):
         for r in range(world_size):
             numpy.testing.assert_allclose(gathered[r][1][3], want_grads[3], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("layout, case", [("zigzag", dict(causal=True)), ("contiguous", dict(window=(40, 8)))])
+def test_ring_attention_on_the_gpu_kernels(rng, dtype, layout, case):
+    """The ring over the loopback communicator with CuPy arrays: every chunk pair runs the GPU
+    kernels with its global diagonal (params.cuh's diag_offset); against attention on the whole
+    sequence on the GPU, under tolerance.py's rule (fp32: its own rounding; bf16: the plain
+    same-dtype implementation's error as the baseline)."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from reference import (attention_backward_magnitudes, attention_backward_ref, attention_backward_ref_dtype,
+                           attention_magnitudes, attention_ref, attention_ref_dtype)
+    from tolerance import assert_close
+
+    world_size, heads, heads_kv, d, length = 3, 4, 2, 64, 3 * 2 * 64
+    host = [rng.standard_normal(shape).astype(numpy.dtype(dtype)) for shape in
+            ((1, heads, length, d), (1, heads_kv, length, d), (1, heads_kv, length, d), (1, heads, length, d))]
+    gpu = [cupy.asarray(x) for x in host]
+
+    def rank(comm):
+        mine = [distributed.shard(x, world_size, comm.rank, layout=layout) for x in gpu]
+        out, lse = distributed.ring_attention(*mine[:3], comm=comm, layout=layout, return_lse=True, **case)
+        grads = distributed.ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, layout=layout, **case)
+        return [cupy.asnumpy(x) for x in (out, *grads)]
+
+    results = distributed.LoopbackComm.run(world_size, rank)
+    exact = [x.astype(numpy.float64) for x in host]
+    baseline_out = attention_ref_dtype(*exact[:3], numpy.dtype(dtype), **case)[0] if dtype == "bfloat16" else None
+    baseline_grads = (attention_backward_ref_dtype(exact[3], *exact[:3], numpy.dtype(dtype), **case)
+                      if dtype == "bfloat16" else (None,) * 3)
+    out = distributed.unshard([r[0] for r in results], layout=layout)
+    assert_close(out, attention_ref(*exact[:3], **case)[0], dtype=numpy.dtype(dtype), baseline=baseline_out,
+                 magnitude=attention_magnitudes(*exact[:3], **case), name="out")
+    magnitudes = attention_backward_magnitudes(exact[3], *exact[:3], **case)
+    for index, (name, want) in enumerate(zip(("dq", "dk", "dv"), attention_backward_ref(exact[3], *exact[:3], **case))):
+        got = distributed.unshard([r[1 + index] for r in results], layout=layout)
+        assert_close(got, want, dtype=numpy.dtype(dtype), baseline=baseline_grads[index], magnitude=magnitudes[index],
+                     kind="grad", name=name)
