@@ -14,8 +14,9 @@ forward recomputation); dsinks is each rank's own rows' sum, all-reduced.
 
 The communicator: ``rank``, ``size``, ``sendrecv(arrays, dest, source)`` (send a tuple of arrays to
 ``dest``, return the tuple ``source`` sent) and ``allreduce_sum(array)``. :class:`LoopbackComm` runs
-N ranks as threads of one process on NumPy arrays (the CPU path the tests use); NCCL communicators
-for GPUs plug in through the same four members.
+N ranks as threads of one process (on NumPy arrays: the CPU path the tests use; on CuPy arrays: the
+GPU kernels on one device); ``cuflash.torch.distributed`` wraps a ``torch.distributed`` process
+group (gloo, NCCL) in the same four members and adds autograd.
 """
 from __future__ import annotations
 
@@ -43,7 +44,12 @@ def _chunk_count(world_size: int, layout: str) -> int:
 
 
 def _xp(x):
-    return numpy if isinstance(x, numpy.ndarray) else __import__("cupy")
+    """numpy for a NumPy array, cupy for anything else (a CuPy array: the GPU path)."""
+    if isinstance(x, numpy.ndarray):
+        return numpy
+    import cupy
+
+    return cupy
 
 
 def shard(x, world_size: int, rank: int, *, layout: str = "zigzag"):
