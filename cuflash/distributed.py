@@ -15,8 +15,9 @@ forward recomputation); dsinks is each rank's own rows' sum, all-reduced.
 The communicator: ``rank``, ``size``, ``sendrecv(arrays, dest, source)`` (send a tuple of arrays to
 ``dest``, return the tuple ``source`` sent) and ``allreduce_sum(array)``. :class:`LoopbackComm` runs
 N ranks as threads of one process (on NumPy arrays: the CPU path the tests use; on CuPy arrays: the
-GPU kernels on one device); ``cuflash.torch.distributed`` wraps a ``torch.distributed`` process
-group (gloo, NCCL) in the same four members and adds autograd.
+GPU kernels on one device); :class:`NcclComm` is one rank of a multi-process run (one GPU per
+process) over CuPy's raw NCCL bindings, on CuPy arrays; ``cuflash.torch.distributed`` wraps a
+``torch.distributed`` process group (gloo, NCCL) in the same four members and adds autograd.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy
 
 from . import _api, _merge, _spec
 
-__all__ = ["ring_attention", "ring_attention_backward", "shard", "unshard", "LoopbackComm"]
+__all__ = ["ring_attention", "ring_attention_backward", "shard", "unshard", "LoopbackComm", "NcclComm"]
 
 _LAYOUTS = ("zigzag", "contiguous")
 
@@ -130,6 +131,152 @@ class LoopbackComm:
         barrier.wait()
         return total
 
+
+def _nccl_module():
+    """CuPy's NCCL bindings (``cupy.cuda.nccl``), refused with the reason when CuPy found no NCCL
+    library (a module-level function: the CPU unit test stands a fake in for it)."""
+    from cupy.cuda import nccl
+
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("CuPy's NCCL bindings are unavailable: no NCCL library was found (CuPy's import "
+                           "warning names the pip package for your CUDA, e.g. nvidia-nccl-cu12 / -cu13)")
+    return nccl
+
+
+def _address(array):
+    """The address of a contiguous array's first byte: a CuPy array's device pointer; a NumPy
+    array's host address, which only a stand-in communicator (the CPU unit test's) can use."""
+    return array.ctypes.data if isinstance(array, numpy.ndarray) else array.data.ptr
+
+
+def _c_contiguous(array):
+    """``array`` itself when C-contiguous, else a C-contiguous copy (its shape kept: 0-d stays 0-d)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _current_stream(xp):
+    """The stream NCCL work is enqueued on: CuPy's current stream (where cuflash's kernels run), 0 for NumPy."""
+    return 0 if xp is numpy else xp.cuda.get_current_stream().ptr
+
+
+class NcclComm:
+    """One rank of ``size`` processes, one GPU each, over NCCL through CuPy's raw bindings
+    (``cupy.cuda.nccl``): the communicator :func:`ring_attention` needs for a multi-process run on
+    CuPy arrays.
+
+    ``NcclComm(communicator, rank, size)`` wraps a ``cupy.cuda.nccl.NcclCommunicator`` of one device
+    per process (created while that process's device is current, e.g. after
+    ``cupy.cuda.Device(local_rank).use()``). :meth:`from_unique_id` creates that communicator from
+    ``cupy.cuda.nccl.get_unique_id()``, drawn once on rank 0 and handed to every rank by the caller
+    (a multiprocessing queue, MPI, a file); :meth:`from_cupyx` takes it out of a
+    ``cupyx.distributed.NCCLBackend``.
+
+    - ``sendrecv(arrays, dest, source)`` moves every array of the tuple as raw bytes
+      (``NCCL_UINT8``, count = nbytes: any dtype, bfloat16 included, needs no NCCL type), and posts
+      every send and receive of the tuple inside one ``groupStart()``/``groupEnd()``: the ring's
+      send-to-next and receive-from-previous, issued by every rank at once, cannot deadlock. The
+      receive buffers are ``empty_like`` the (C-contiguous) arrays sent: both sides must pass arrays
+      of the same shapes and dtypes, as the ring does. A non-contiguous array is copied to a
+      C-contiguous one first; ``None`` entries are not sent and come back as ``None``. With
+      dest == source == rank (a world of one) it returns copies and calls no NCCL.
+    - ``allreduce_sum(array)``: NCCL's ``allReduce`` with ``NCCL_SUM`` in the array's own dtype
+      (float16, float32, float64; bfloat16 where CuPy names ``NCCL_BFLOAT16``; int32, int64), out
+      of place into a new array; every rank gets the same result. The ring uses it for dsinks
+      (float32 or float64).
+
+    All of it is enqueued on CuPy's current stream, where cuflash's kernels run, and is as
+    asynchronous as they are; the buffers come from CuPy's memory pool, whose reuse is ordered on
+    that stream, so keep one current stream through a ring_attention call.
+
+    Environment: on the team's lent multi-GPU machines keep NVLink multicast (NVLS) off, setting
+    ``NCCL_NVLS_ENABLE=0`` in every process before its communicator is created (NCCL reads it then).
+    """
+
+    def __init__(self, communicator, rank: int, size: int):
+        rank, size = int(rank), int(size)
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"rank must be in [0, size) for a size of at least 1, got rank {rank} of {size}")
+        # A NcclCommunicator knows its own rank and size: a mismatch would hang the ring, not fail.
+        for name, want, method in (("rank", rank, "rank_id"), ("size", size, "size")):
+            have = getattr(communicator, method, None)
+            if callable(have) and int(have()) != want:
+                raise ValueError(f"the communicator's {name} is {int(have())}, not the {name} {want} given")
+        self.communicator, self.rank, self.size = communicator, rank, size
+
+    @classmethod
+    def from_unique_id(cls, unique_id, rank: int, size: int):
+        """A new NCCL communicator for rank ``rank`` of ``size`` on the current CuPy device;
+        ``unique_id``: ``cupy.cuda.nccl.get_unique_id()`` drawn on one rank and given to all.
+        Every rank must call this (it blocks until all have)."""
+        nccl = _nccl_module()
+        return cls(nccl.NcclCommunicator(int(size), unique_id, int(rank)), rank, size)
+
+    @classmethod
+    def from_cupyx(cls, backend):
+        """The NCCL communicator of a ``cupyx.distributed.NCCLBackend`` (``init_process_group``'s).
+        Reads its private members as CuPy 13/14 name them: ``_comm`` (the NcclCommunicator),
+        ``rank`` and ``_n_devices`` (the world size)."""
+        try:
+            return cls(backend._comm, backend.rank, backend._n_devices)
+        except AttributeError as error:
+            raise TypeError(f"expected a cupyx.distributed.NCCLBackend with _comm, rank and _n_devices, got "
+                            f"{type(backend).__name__} ({error})") from None
+
+    def _check_kind(self, array):
+        if isinstance(array, numpy.ndarray) and type(self.communicator).__module__.startswith("cupy"):
+            raise TypeError("NcclComm moves CuPy (GPU) arrays; got a NumPy array (use LoopbackComm on the CPU)")
+
+    def sendrecv(self, arrays, dest: int, source: int):
+        if dest == self.rank and source == self.rank:
+            return tuple(None if a is None else a.copy() for a in arrays)
+        nccl = _nccl_module()
+        outgoing, incoming = [], []
+        for array in arrays:
+            if array is None:
+                outgoing.append(None)
+                incoming.append(None)
+                continue
+            self._check_kind(array)
+            array = _c_contiguous(array)
+            outgoing.append(array)
+            incoming.append(_xp(array).empty_like(array, order="C"))
+        sent = [(a, b) for a, b in zip(outgoing, incoming) if a is not None and a.nbytes]
+        if sent:
+            stream = _current_stream(_xp(sent[0][0]))
+            nccl.groupStart()
+            try:
+                for send, receive in sent:
+                    self.communicator.send(_address(send), send.nbytes, nccl.NCCL_UINT8, int(dest), stream)
+                    self.communicator.recv(_address(receive), receive.nbytes, nccl.NCCL_UINT8, int(source), stream)
+            finally:
+                nccl.groupEnd()
+        return tuple(incoming)
+
+    def allreduce_sum(self, array):
+        self._check_kind(array)
+        xp = _xp(array)
+        array = _c_contiguous(array)
+        if self.size == 1 or not array.size:
+            return array.copy()
+        nccl = _nccl_module()
+        types = {numpy.dtype(name): getattr(nccl, constant, None) for name, constant in (
+            ("float16", "NCCL_FLOAT16"), ("float32", "NCCL_FLOAT32"), ("float64", "NCCL_FLOAT64"),
+            ("int32", "NCCL_INT32"), ("int64", "NCCL_INT64"))}
+        if getattr(nccl, "NCCL_BFLOAT16", None) is not None:
+            try:
+                import ml_dtypes
+            except ImportError:
+                pass
+            else:
+                types[numpy.dtype(ml_dtypes.bfloat16)] = nccl.NCCL_BFLOAT16
+        nccl_type = types.get(numpy.dtype(array.dtype))
+        if nccl_type is None:
+            raise TypeError(f"allreduce_sum: no NCCL type for {array.dtype} here; supported: "
+                            f"{sorted(str(t) for t, c in types.items() if c is not None)}")
+        total = xp.empty_like(array, order="C")
+        self.communicator.allReduce(_address(array), _address(total), array.size, nccl_type, nccl.NCCL_SUM,
+                                    _current_stream(xp))
+        return total
 
 def _check_shards(q, k, v, comm, layout):
     per_rank = len(_own_chunks(comm.size, comm.rank, layout))

@@ -2,6 +2,11 @@
 communicator, against single-process attention on the gathered sequence (float64, NumPy backend)."""
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
+import types
+
 import numpy
 import pytest
 
@@ -205,3 +210,292 @@ def test_ring_attention_on_the_gpu_kernels(rng, dtype, layout, case):
         got = distributed.unshard([r[1 + index] for r in results], layout=layout)
         assert_close(got, want, dtype=numpy.dtype(dtype), baseline=baseline_grads[index], magnitude=magnitudes[index],
                      kind="grad", name=name)
+
+
+class _FakeNccl:
+    """A stand-in for ``cupy.cuda.nccl`` over threads (one rank each) and host memory: a group's
+    sends and receives run at ``groupEnd`` (every send posted, then every receive filled, as NCCL
+    starts a group's operations together); a send or receive outside a group fails (with real NCCL
+    the ring's blocking send-to-next on every rank would deadlock). Each thread logs its calls."""
+
+    NCCL_UINT8, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = "uint8", "float32", "float64", "sum"
+
+    def __init__(self, size):
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.mailbox, self.lock, self.local = {}, threading.Lock(), threading.local()
+
+    def calls(self):
+        if not hasattr(self.local, "calls"):
+            self.local.calls, self.local.pending = [], None
+        return self.local.calls
+
+    def groupStart(self):  # noqa: N802 - NCCL's spelling
+        self.calls().append(("groupStart",))
+        assert self.local.pending is None, "nested group"
+        self.local.pending = []
+
+    def groupEnd(self):  # noqa: N802
+        self.calls().append(("groupEnd",))
+        pending, self.local.pending = self.local.pending, None
+        with self.lock:
+            for op, rank, address, count, peer in pending:
+                if op == "send":
+                    self.mailbox.setdefault((rank, peer), []).append(ctypes.string_at(address, count))
+        self.barrier.wait()
+        for op, rank, address, count, peer in pending:
+            if op == "recv":
+                with self.lock:
+                    data = self.mailbox[(peer, rank)].pop(0)
+                assert len(data) == count, f"rank {rank} expects {count} bytes from {peer}, got {len(data)}"
+                ctypes.memmove(address, data, count)
+        self.barrier.wait()
+
+
+class _FakeCommunicator:
+    """The members of cupy.cuda.nccl.NcclCommunicator that NcclComm calls, over a _FakeNccl."""
+
+    def __init__(self, nccl, rank, size):
+        self.nccl, self.rank, self.world = nccl, rank, size
+
+    def rank_id(self):
+        return self.rank
+
+    def size(self):
+        return self.world
+
+    def _post(self, op, address, count, datatype, peer, stream):
+        self.nccl.calls().append((op, count, datatype, peer, stream))
+        assert self.nccl.local.pending is not None, f"{op} outside groupStart/groupEnd: the ring can deadlock"
+        self.nccl.local.pending.append((op, self.rank, address, count, peer))
+
+    def send(self, address, count, datatype, peer, stream):
+        self._post("send", address, count, datatype, peer, stream)
+
+    def recv(self, address, count, datatype, peer, stream):
+        self._post("recv", address, count, datatype, peer, stream)
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):  # noqa: N802
+        self.nccl.calls().append(("allReduce", count, datatype, op, stream))
+        assert self.nccl.local.pending is None and op == "sum"
+        dtype = numpy.dtype(datatype)
+        mailbox, barrier = self.nccl.mailbox, self.nccl.barrier
+        mailbox[("sum", self.rank)] = numpy.frombuffer(ctypes.string_at(sendbuf, count * dtype.itemsize), dtype)
+        barrier.wait()
+        total = sum(mailbox[("sum", r)] for r in range(self.world))
+        ctypes.memmove(recvbuf, total.tobytes(), total.nbytes)
+        barrier.wait()
+        mailbox.pop(("sum", self.rank))
+
+
+def test_nccl_comm_runs_the_ring_in_grouped_byte_sends_over_a_fake_nccl(rng, monkeypatch):
+    """NcclComm's logic without NCCL: a fake cupy.cuda.nccl moving host bytes between thread ranks.
+    The ring over NcclComm gives bitwise what it gives over LoopbackComm; every block travels as raw
+    bytes (NCCL_UINT8, count = nbytes) to rank + 1 and from rank - 1, all of a tuple's sends and
+    receives inside one group; dsinks is one allReduce (NCCL_SUM) in its own dtype."""
+    world_size, layout = 3, "zigzag"
+    fake = _FakeNccl(world_size)
+    monkeypatch.setattr(distributed, "_nccl_module", lambda: fake)
+    q, dout = (rng.standard_normal((1, 4, 24, 8)) for _ in range(2))
+    k, v = (rng.standard_normal((1, 2, 24, 8)) for _ in range(2))
+    options = dict(causal=True, sinks=rng.standard_normal(4))
+
+    def ring(comm):
+        mine = [distributed.shard(x, world_size, comm.rank, layout=layout) for x in (q, k, v, dout)]
+        out, lse = distributed.ring_attention(*mine[:3], comm=comm, layout=layout, return_lse=True, **options)
+        grads = distributed.ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, layout=layout,
+                                                    deterministic=True, **options)
+        return (out, lse) + grads
+
+    def over_nccl(loopback):
+        comm = distributed.NcclComm(_FakeCommunicator(fake, loopback.rank, world_size), loopback.rank, world_size)
+        return ring(comm), fake.calls()
+
+    want = distributed.LoopbackComm.run(world_size, ring)
+    got = distributed.LoopbackComm.run(world_size, over_nccl)
+    for rank in range(world_size):
+        for a, b in zip(got[rank][0], want[rank]):
+            numpy.testing.assert_array_equal(a, b)
+        calls = got[rank][1]
+        block = k.nbytes // world_size  # a shard of k (or v, or a float64 dK/dV accumulator) in bytes
+        send = ("send", block, "uint8", (rank + 1) % world_size, 0)
+        recv = ("recv", block, "uint8", (rank - 1) % world_size, 0)
+        forward_group = [("groupStart",)] + [send, recv] * 2 + [("groupEnd",)]
+        backward_group = [("groupStart",)] + [send, recv] * 4 + [("groupEnd",)]
+        # forward: W - 1 passes of (k, v); backward: W passes of (k, v, dK, dV); then dsinks summed
+        assert calls == [*forward_group * (world_size - 1), *backward_group * world_size,
+                         ("allReduce", 4, "float64", "sum", 0)]
+
+
+def test_nccl_comm_sends_any_dtype_as_bytes_and_keeps_shapes(monkeypatch):
+    """bfloat16 (no NCCL type needed), a non-contiguous view (sent as its values, not its buffer)
+    and None in one tuple; a world of one returns copies without NCCL; the rank is checked against
+    the communicator's and from_cupyx reads a cupyx NCCLBackend's members."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    fake = _FakeNccl(2)
+    monkeypatch.setattr(distributed, "_nccl_module", lambda: fake)
+
+    def arrays(rank):
+        base = numpy.arange(2 * 6 * 5, dtype=numpy.float32).reshape(2, 6, 5) + 1000 * rank
+        return base.astype(ml_dtypes.bfloat16), base[:, ::2, 1:4], None, base.astype(numpy.float64)[0]
+
+    def rank_fn(loopback):
+        comm = distributed.NcclComm(_FakeCommunicator(fake, loopback.rank, 2), loopback.rank, 2)
+        peer = 1 - loopback.rank
+        return comm.sendrecv(arrays(loopback.rank), dest=peer, source=peer), fake.calls()
+
+    results = distributed.LoopbackComm.run(2, rank_fn)
+    for rank, (received, calls) in enumerate(results):
+        sent = arrays(1 - rank)
+        assert received[2] is None
+        for got, want in zip(received[:2] + received[3:], sent[:2] + sent[3:]):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+            numpy.testing.assert_array_equal(got, want)
+        sizes = [a.nbytes for a in sent if a is not None]
+        assert calls == [("groupStart",), *[(op, n, "uint8", 1 - rank, 0) for n in sizes for op in ("send", "recv")],
+                         ("groupEnd",)]
+
+    alone = distributed.NcclComm(_FakeCommunicator(fake, 0, 1), 0, 1)
+    x = numpy.ones(3)
+    (copy,) = alone.sendrecv((x,), dest=0, source=0)
+    assert copy is not x and (copy == x).all()
+    total = alone.allreduce_sum(numpy.float64(2.0) * x)
+    assert (total == 2).all()
+    assert fake.calls() == []  # this (main) thread called no NCCL
+    with pytest.raises(ValueError, match="rank is 1, not the rank 0"):
+        distributed.NcclComm(_FakeCommunicator(fake, 1, 2), 0, 2)
+    backend = types.SimpleNamespace(_comm=_FakeCommunicator(fake, 1, 2), rank=1, _n_devices=2)
+    comm = distributed.NcclComm.from_cupyx(backend)
+    assert (comm.communicator, comm.rank, comm.size) == (backend._comm, 1, 2)
+
+
+_NCCL_SHAPES = ((1, 4, 2 * 2 * 128, 64), (1, 2, 2 * 2 * 128, 64), (1, 2, 2 * 2 * 128, 64), (1, 4, 2 * 2 * 128, 64))
+_NCCL_CASES = [("zigzag", dict(causal=True)), ("contiguous", dict(sinks=True))]  # GQA: 4 query heads, 2 kv heads
+_NCCL_DTYPES = ("bfloat16", "float32")
+
+
+def _nccl_inputs(seed, index, dtype):
+    """q, k, v, dout in ``dtype`` (bf16-rounded: what the GPUs and the reference both see) and the
+    float32 sinks of case ``index`` (or None): the same draws in every process."""
+    from reference import dtype_of  # bfloat16 through ml_dtypes
+
+    rng = numpy.random.default_rng([seed, index, _NCCL_DTYPES.index(dtype)])
+    host = [rng.standard_normal(shape).astype(dtype_of(dtype)) for shape in _NCCL_SHAPES]
+    heads = _NCCL_SHAPES[0][1]
+    sinks = rng.standard_normal(heads).astype(numpy.float32) if _NCCL_CASES[index][1].get("sinks") else None
+    return host, sinks
+
+
+def _nccl_rank(rank, world_size, seed, ids, results):
+    """One process of the NCCL test: its own GPU, an NcclComm from rank 0's unique id, the ring
+    forward and backward for every case and dtype; float32 NumPy results (bf16 widens exactly)."""
+    import traceback
+
+    try:
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (the lent machines), before NCCL starts
+        import cupy
+        from cupy.cuda import nccl
+
+        cupy.cuda.Device(rank).use()
+        if rank == 0:
+            unique_id = nccl.get_unique_id()
+            for _ in range(world_size - 1):
+                ids.put(unique_id)
+        else:
+            unique_id = ids.get(timeout=300)
+        comm = distributed.NcclComm.from_unique_id(unique_id, rank, world_size)
+        outputs = {}
+        for index, (layout, case) in enumerate(_NCCL_CASES):
+            for dtype in _NCCL_DTYPES:
+                host, sinks = _nccl_inputs(seed, index, dtype)
+                options = {key: value for key, value in case.items() if key != "sinks"}
+                if sinks is not None:
+                    options["sinks"] = cupy.asarray(sinks)
+                mine = [distributed.shard(cupy.asarray(x), world_size, rank, layout=layout) for x in host]
+                out, lse = distributed.ring_attention(*mine[:3], comm=comm, layout=layout, return_lse=True, **options)
+                grads = distributed.ring_attention_backward(mine[3], *mine[:3], out, lse, comm=comm, layout=layout,
+                                                            **options)
+                outputs[(index, dtype)] = [cupy.asnumpy(x).astype(numpy.float32) for x in (out, lse, *grads)]
+        results.put((rank, outputs, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        results.put((rank, None, traceback.format_exc()))
+
+
+def _check_ring_against_attention(results, host, sinks, layout, case, dtype, label):
+    """Rank-ordered ring results [out, lse, dq, dk, dv(, dsinks)] against cuflash's CPU backend in
+    float64 on the same (rounded) inputs, under tolerance.py's rule: bf16 against the plain bf16
+    implementation's error (reference.score_mods_ref, which has sinks), float32 its own rounding."""
+    from reference import attention_backward_magnitudes, attention_magnitudes, score_mods_ref
+    from tolerance import EPS, assert_close
+
+    exact = [x.astype(numpy.float64) for x in host]
+    plain = {key: value for key, value in case.items() if key != "sinks"}
+    options = dict(plain, **({} if sinks is None else {"sinks": sinks.astype(numpy.float64)}))
+    want_out, want_lse = cuflash.attention(*exact[:3], return_lse=True, **options)
+    want_grads = cuflash.attention_backward(exact[3], *exact[:3], want_out, want_lse, **options)
+    precision = host[0].dtype
+    baseline = (None, None, (None,) * 4)
+    if dtype == "bfloat16":
+        baseline = score_mods_ref(*host, dtype=precision, **dict(plain, **({} if sinks is None else {"sinks": sinks})))
+    out = distributed.unshard([r[0] for r in results], layout=layout)
+    lse = distributed.unshard([r[1][..., None] for r in results], layout=layout)[..., 0]
+    assert_close(out, want_out, dtype=precision, baseline=baseline[0],
+                 magnitude=attention_magnitudes(*exact[:3], **plain), name=f"{label} out")
+    assert_close(lse, want_lse, dtype=numpy.float32, baseline=baseline[1], kind="lse", name=f"{label} lse")
+    magnitudes = attention_backward_magnitudes(exact[3], *exact[:3], **plain)
+    for index, name in enumerate(("dq", "dk", "dv")):
+        got = distributed.unshard([r[2 + index] for r in results], layout=layout)
+        assert_close(got, want_grads[index], dtype=precision, baseline=baseline[2][index], magnitude=magnitudes[index],
+                     kind="grad", name=f"{label} {name}")
+    if sinks is not None:
+        for r in results[1:]:  # the all-reduce leaves every rank the same dsinks
+            numpy.testing.assert_array_equal(r[5], results[0][5])
+        # the size of the terms dsinks sums, -exp(sink - lse_i) (dout_i . out_i) over every row i: they
+        # cancel to a small sum, while the rounding of out (in q's dtype) errs on each term
+        size = numpy.exp(options["sinks"][:, None] - want_lse) * numpy.abs((exact[3] * want_out).sum(-1))
+        coarser = max(numpy.dtype(numpy.float32), precision, key=lambda t: EPS[t.name])
+        assert_close(results[0][5], want_grads[3], dtype=coarser, baseline=baseline[2][3],
+                     magnitude=size.sum(axis=(0, 2)), kind="grad", name=f"{label} dsinks")
+
+
+@pytest.mark.gpu
+def test_ring_attention_over_nccl_in_two_processes(rng):
+    """NcclComm for real: 2 spawned processes, one GPU each, one NCCL communicator from rank 0's
+    unique id; the ring (GQA, 4 query heads over 2 kv heads, 512 tokens, D 64) zigzag causal and
+    contiguous with sinks, bf16 and float32, forward and backward (dsinks all-reduced), against
+    attention on the whole sequence (cuflash's CPU backend, float64) under tolerance.py's rule."""
+    cupy = pytest.importorskip("cupy")
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    from cupy.cuda import nccl
+
+    if not nccl.available:
+        pytest.skip("CuPy finds no NCCL library")
+    import multiprocessing
+
+    world_size, seed = 2, int(rng.integers(2**62))
+    context = multiprocessing.get_context("spawn")
+    ids, results = context.Queue(), context.Queue()
+    processes = [context.Process(target=_nccl_rank, args=(rank, world_size, seed, ids, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        gathered = {}
+        for _ in processes:
+            rank, outputs, error = results.get(timeout=600)
+            if error is not None:
+                pytest.fail(f"rank {rank} failed:\n{error}")
+            gathered[rank] = outputs
+        for process in processes:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+    for index, (layout, case) in enumerate(_NCCL_CASES):
+        for dtype in _NCCL_DTYPES:
+            host, sinks = _nccl_inputs(seed, index, dtype)
+            label = f"{layout} {'-'.join(case)} {dtype}"
+            _check_ring_against_attention([gathered[r][(index, dtype)] for r in range(world_size)], host, sinks,
+                                          layout, case, dtype, label)
