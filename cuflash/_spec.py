@@ -60,7 +60,6 @@ class PackedBatch:
     batch: int
     max_seqlen_q: int  # the longest sequence's length (the grid covers it)
     max_seqlen_k: int
-    mean_seqlen_k: float  # keys per sequence on average (tile choice, launch order)
     bottom_right: bool  # the mask's diagonal: each sequence's Lk - Lq (else 0, causal="top_left")
 
 

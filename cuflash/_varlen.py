@@ -123,11 +123,16 @@ def _slopes(alibi_slopes, batch):
                      f"got {shape}")
 
 
+def _heads_first(x):
+    """(tokens, H, D) -> the (H, tokens, D) view."""
+    return x.transpose(1, 0, 2)
+
+
 def _stand_ins(xp, batch, alibi_slopes, *arrays):
     """Empty heads-first stand-ins of one sequence for each packed array ((tokens, H, D) -> (H, 0, D);
     lse (H, tokens) -> (H, 0)), with a leading batch axis when the ALiBi slopes are (B, Hq): the
     dense checks then see every option as each sequence's call will, even when there is none."""
-    stand_ins = [x[:0].transpose(1, 0, 2) if x.ndim == 3 else x[:, :0] for x in arrays]
+    stand_ins = [_heads_first(x[:0]) if x.ndim == 3 else x[:, :0] for x in arrays]
     if alibi_slopes is not None and len(alibi_slopes.shape) == 2:
         stand_ins = [xp.broadcast_to(x, (batch,) + tuple(x.shape)) for x in stand_ins]
     return stand_ins
@@ -143,11 +148,6 @@ def _check_packed(name, array, xp, dtype, shape, shape_rule, dtype_rule="q's dty
         transposed = " (the transposed layout)" if tuple(array.shape) == shape[::-1] else ""
         raise ValueError(f"{name} must have {shape_rule.format(shape)} in the packed layout, "
                          f"got {tuple(array.shape)}{transposed}")
-
-
-def _heads_first(x):
-    """(tokens, H, D) -> the (H, tokens, D) view."""
-    return x.transpose(1, 0, 2)
 
 
 def _packed_layout(xp, grad):
@@ -167,7 +167,7 @@ def _packed_problem(resolve, arrays, checked, longest, cu_seqlens_q, cu_seqlens_
     batch = cu_seqlens_q.shape[0] - 1
     packed = _spec.PackedBatch(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, batch=batch,
-        max_seqlen_q=longest[0], max_seqlen_k=longest[1], mean_seqlen_k=problem.seqlen_k / max(batch, 1),
+        max_seqlen_q=longest[0], max_seqlen_k=longest[1],
         bottom_right=causal != "top_left")
     return dataclasses.replace(problem, alibi_slopes=checked.alibi_slopes, packed=packed)
 
@@ -210,10 +210,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     result = xp.empty(shape, dtype=q.dtype)
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
     for b, (rows, keys) in enumerate(spans):
-        heads_first = (x.transpose(1, 0, 2) for x in (q[rows], k[keys], v[keys]))
+        heads_first = (_heads_first(x) for x in (q[rows], k[keys], v[keys]))
         o, l = _api.attention(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
                               alibi_slopes=None if slopes is None else slopes[b], sinks=sinks, return_lse=True)
-        result[rows] = o.transpose(1, 0, 2)
+        result[rows] = _heads_first(o)
         lse[:, rows] = l
     if out is not None:
         out[...] = result
@@ -249,13 +249,13 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None
     for b, (rows, keys) in enumerate(spans):
-        heads_first = [x.transpose(1, 0, 2) for x in (dout[rows], q[rows], k[keys], v[keys], out[rows])]
+        heads_first = [_heads_first(x) for x in (dout[rows], q[rows], k[keys], v[keys], out[rows])]
         grads = _api.attention_backward(*heads_first, lse[:, rows], scale=scale, causal=causal, window=window,
                                         softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
                                         sinks=sinks, deterministic=deterministic)
-        dq[rows] = grads[0].transpose(1, 0, 2)
-        dk[keys] = grads[1].transpose(1, 0, 2)
-        dv[keys] = grads[2].transpose(1, 0, 2)
+        dq[rows] = _heads_first(grads[0])
+        dk[keys] = _heads_first(grads[1])
+        dv[keys] = _heads_first(grads[2])
         if sinks is not None:
             dsinks = grads[3] if dsinks is None else dsinks + grads[3]
     if sinks is None:

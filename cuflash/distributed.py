@@ -26,7 +26,7 @@ import threading
 
 import numpy
 
-from . import _api, _merge, _spec
+from . import _api, _cpu, _merge, _spec
 
 __all__ = ["ring_attention", "ring_attention_backward", "shard", "unshard", "LoopbackComm", "NcclComm"]
 
@@ -395,14 +395,5 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal=False, scal
     delta = (dout.astype(accum) * out.astype(accum)).sum(axis=-1)
     sink_rows = xp.broadcast_to(xp.asarray(checked.sinks, dtype=accum)[..., None], lse.shape)
     p_sink = xp.where(lse == -numpy.inf, 0, xp.exp(sink_rows - lse.astype(accum)))
-    per_row = -(p_sink * delta).sum(axis=-1)
-    axes = tuple(range(per_row.ndim - numpy.ndim(checked.sinks)))
-    mine = per_row.sum(axis=axes) if axes else per_row
-    mine = _sum_to(mine, numpy.shape(checked.sinks))
+    mine = _cpu._sum_to_shape(-(p_sink * delta).sum(axis=-1), numpy.shape(checked.sinks))
     return grads + (comm.allreduce_sum(mine).astype(checked.sinks.dtype),)
-
-
-def _sum_to(x, shape):
-    """x summed over the axes along which ``shape`` was broadcast to it (NumPy's rule)."""
-    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x

@@ -415,6 +415,15 @@ def _row_shape(p) -> tuple[int, ...]:
     return ((p.packed.batch,) if p.packed is not None else ()) + tuple(p.lead_shape)
 
 
+def _mean_rows(p) -> tuple[float, float]:
+    """The query and key rows of one attention row on average: the call's, or a packed batch's
+    mean per sequence (tile choice, launch order)."""
+    if p.packed is None:
+        return p.seqlen_q, p.seqlen_k
+    sequences = max(p.packed.batch, 1)
+    return p.seqlen_q / sequences, p.seqlen_k / sequences
+
+
 def _longest(p) -> tuple[int, int]:
     """The query and key rows one attention row may have: what the grids cover."""
     if p.packed is None:
@@ -506,7 +515,7 @@ def _mean_visible_keys(p) -> float:
     """Mean number of keys a query row sees under the mask, over 17 evenly spaced rows (tiles.select
     gives short rows smaller tiles)."""
     if p.packed is not None:
-        return p.packed.mean_seqlen_k
+        return _mean_rows(p)[1]
     if not p.has_window:
         return float(p.seqlen_k)
     total = 0
@@ -523,8 +532,7 @@ def _heads_per_section(p, grid_x: int, kv_row_bytes: int) -> int:
     rows share theirs); dense, 1 (one row's query tiles back to back)."""
     if not p.has_window:
         return 1
-    keys = p.seqlen_k if p.packed is None else p.packed.mean_seqlen_k
-    kv_bytes = max(keys, 1) * kv_row_bytes / p.kv_group
+    kv_bytes = max(_mean_rows(p)[1], 1) * kv_row_bytes / p.kv_group
     # <= 65536 rows: a section's blocks (rows x at most MAX_GRID_Y tiles) stay below 2^32.
     return int(max(1, min(grid_x, 65536, _device_attribute("L2CacheSize") // 2 // kv_bytes)))
 
@@ -629,8 +637,7 @@ def backward(problem):
     per_row = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
-    query_rows = p.seqlen_q if p.packed is None else p.seqlen_q / p.packed.batch
-    query_bytes = per_block * query_rows * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
+    query_bytes = per_block * _mean_rows(p)[0] * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
                                             + q.shape[-1] * accum.itemsize + 2 * accum.itemsize)
     struct["fwd"]["heads_per_section"] = int(max(1, min(layout.grid_x // per_block, 65536,
                                                         _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1))))
