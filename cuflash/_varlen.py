@@ -172,6 +172,18 @@ def _packed_problem(resolve, arrays, checked, longest, cu_seqlens_q, cu_seqlens_
     return dataclasses.replace(problem, alibi_slopes=checked.alibi_slopes, packed=packed)
 
 
+def _plan_key(kind, arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, options):
+    """The plan-cache key of a packed call on CuPy arrays that can replay a plan (both hints as
+    ints, so nothing is read back; the options of _api's plain types), or None. The hints are
+    part of the key: they size the grid."""
+    if type(max_seqlen_q) is not int or type(max_seqlen_k) is not int:
+        return None
+    packed = (cu_seqlens_q, cu_seqlens_k) + (() if seqused_k is None else (seqused_k,))
+    plans = _api._plans()
+    return plans.signature(kind, tuple(arrays) + packed,
+                           options + (max_seqlen_q, max_seqlen_k, seqused_k is None))
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
                      return_lse=False, out=None):
@@ -187,7 +199,31 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     ``(total_q, Hq, Dv)``, writeable, no overlap with an input). ``out`` is written only once every
     sequence has run: a sequence refused for its values (an overflowing scale, on the CPU) leaves
     it as it was.
+
+    A repeated GPU call with both hints (ints) and no modifier or ``out=`` replays the plan of its
+    signature (arrays' dtypes, shapes, strides, alignment, the options and hints), as
+    :func:`cuflash.attention` does.
     """
+    key = None
+    if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
+            and _api._plain_options(scale, causal, window)):
+        key = _plan_key("attention_varlen", (q, k, v), cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                        max_seqlen_k, (scale, causal, window))
+        cached = _api._plans().PLANS.get(key) if key is not None else None
+        if cached is not None:
+            result, lse = cached.run(_api._plans().CUPY_MEMORY, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+            return (result, lse) if return_lse else result
+    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                   seqused_k=seqused_k, scale=scale, causal=causal, window=window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
+            scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
+            out=None):
+    """:func:`attention_varlen`'s full path (validation, planning, the launch); a GPU plan that
+    can replay the call is kept under ``key`` (None: not kept). The torch adapter calls it with
+    its own keys."""
     xp, spans, slopes, longest = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                           alibi_slopes)
     batch = cu_seqlens_q.shape[0] - 1
@@ -201,11 +237,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         fields = {field.name: getattr(problem, field.name) for field in dataclasses.fields(problem)}
         _spec._check_out(out, q, k, v, xp, dict(fields, out_shape=shape))
     if xp is not numpy:
-        result = out if out is not None else xp.empty(shape, dtype=q.dtype)
         packed = _packed_problem(_spec.resolve_forward, (q, k, v), problem, longest, cu_seqlens_q, cu_seqlens_k,
                                  seqused_k, causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
-                                 return_lse=True, out=_heads_first(result))
-        _, lse = _api.forward(packed)
+                                 return_lse=True, out=None if out is None else _heads_first(out))
+        result, lse = _api.forward(packed, key)
+        result = _heads_first(result)  # the packed layout (the forward allocates it so, or it is out)
         return (result, lse) if problem.return_lse else result
     result = xp.empty(shape, dtype=q.dtype)
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
@@ -226,7 +262,26 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               alibi_slopes=None, sinks=None, deterministic=False):
     """``(dq, dk, dv)`` of :func:`attention_varlen` (``dsinks`` after them with sinks); keys past
     ``seqused_k`` get zero gradients. ``dout`` and ``out`` are ``(total_q, Hq, Dv)`` and ``lse``
-    ``(Hq, total_q)``, as the forward returns them; all is checked before any sequence runs."""
+    ``(Hq, total_q)``, as the forward returns them; all is checked before any sequence runs.
+    Repeated GPU calls replay plans as :func:`attention_varlen`'s do."""
+    key = None
+    if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
+            and _api._plain_options(scale, causal, window)):
+        arrays = (dout, q, k, v, out, lse)
+        key = _plan_key("attention_varlen_backward", arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                        max_seqlen_k, (scale, causal, window, deterministic))
+        cached = _api._plans().PLANS.get(key) if key is not None else None
+        if cached is not None:
+            return cached.run(_api._plans().CUPY_MEMORY, *arrays, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    return backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q,
+                    max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, scale=scale, causal=causal, window=window,
+                    softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic)
+
+
+def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None, max_seqlen_k=None,
+             seqused_k=None, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
+             deterministic=False):
+    """:func:`attention_varlen_backward`'s full path; the GPU plan is kept under ``key``."""
     xp, spans, slopes, longest = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                           alibi_slopes)
     dtype = _spec._check_dtypes(q, k, v)
@@ -244,7 +299,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         packed = _packed_problem(_spec.resolve_backward, (dout, q, k, v, out), problem, longest, cu_seqlens_q,
                                  cu_seqlens_k, seqused_k, causal, lse, scale=scale, window=window, softcap=softcap,
                                  sinks=sinks, deterministic=deterministic)
-        grads = _api.backward(packed)
+        grads = _api.backward(packed, key)
         return tuple(_packed_layout(xp, g) for g in grads[:3]) + tuple(grads[3:])
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None

@@ -509,12 +509,19 @@ class _VarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
         forward_options = {key: value for key, value in options.items() if key != "deterministic"}
-        with _running_on(q):
-            arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
-            out, lse = _varlen.attention_varlen(*arrays, seqused_k=_cuflash_or_none(seqused_k),
-                                                alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks),
-                                                return_lse=True, **forward_options)
-            out, lse = _to_torch(out), _to_torch(lse)
+        packed = (cu_q, cu_k, seqused_k)
+        key, plan, memory = _cached_varlen_plan("attention_varlen", (q, k, v), packed, alibi, sinks, options,
+                                                ("deterministic",))
+        if plan is not None:
+            with _on_device(q.device):
+                out, lse = plan.run(memory, q, k, v, *packed)
+        else:
+            with _running_on(q):
+                arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
+                out, lse = _varlen.forward(*arrays, key, seqused_k=_cuflash_or_none(seqused_k),
+                                           alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks),
+                                           return_lse=True, out=None, **forward_options)
+                out, lse = _to_torch(out), _to_torch(lse)
         ctx.save_for_backward(q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
@@ -523,14 +530,33 @@ class _VarlenFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks = ctx.saved_tensors
+        tensors = (dout.contiguous(), q, k, v, out, lse)
+        packed = (cu_q, cu_k, seqused_k)
+        key, plan, memory = _cached_varlen_plan("attention_varlen_backward", tensors, packed, alibi, sinks,
+                                                ctx.options, ())
+        if plan is not None:
+            with _on_device(q.device):
+                return (*plan.run(memory, *tensors, *packed), None, None, None, None, None, None)
         with _running_on(q):
-            grads = _varlen.attention_varlen_backward(
-                *(_to_cuflash(t) for t in (dout.contiguous(), q, k, v, out, lse, cu_q, cu_k)),
-                seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
-                sinks=_cuflash_or_none(sinks), **ctx.options)
+            grads = _varlen.backward(*(_to_cuflash(t) for t in tensors + (cu_q, cu_k)), key,
+                                     seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
+                                     sinks=_cuflash_or_none(sinks), **ctx.options)
             grads = [_to_torch(g) for g in grads]
         dsinks = grads[3] if sinks is not None else None
         return grads[0], grads[1], grads[2], None, None, None, None, dsinks, None
+
+
+def _cached_varlen_plan(kind, tensors, packed, alibi, sinks, options, ignored):
+    """``_cached_plan`` for a packed call on CUDA tensors that a plan can replay (no ALiBi, sinks or
+    softcap; the hints, ints, are in the key), else ``(None, None, None)``. ``ignored``: options
+    that do not decide the launches (the forward's ``deterministic``)."""
+    cu_q, cu_k, seqused_k = packed
+    if (alibi is not None or sinks is not None or options.get("softcap") is not None or not tensors[0].is_cuda
+            or not all(t.is_cuda for t in tensors + (cu_q, cu_k))):
+        return None, None, None
+    listed = tuple((name, value) for name, value in options.items() if name not in ignored)
+    return _cached_plan(kind, tensors + (cu_q, cu_k) + (() if seqused_k is None else (seqused_k,)),
+                        listed + (seqused_k is None,))
 
 
 # --- argument checks ----------------------------------------------------------------------------
@@ -654,11 +680,17 @@ class _TorchMemory:
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.dtypes = {}
 
-    def empty(self, shape, dtype):
+    def _dtype(self, dtype):
         torch_dtype = self.dtypes.get(dtype)
         if torch_dtype is None:
             torch_dtype = self.dtypes[dtype] = getattr(torch, dtype.name)
-        return torch.empty(shape, dtype=torch_dtype, device=self.device)
+        return torch_dtype
+
+    def empty(self, shape, dtype):
+        return torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=self._dtype(dtype), device=self.device)
 
     @staticmethod
     def pointer(tensor):

@@ -578,3 +578,88 @@ def test_gpu_varlen_deterministic_backward_is_bitwise_reproducible(rng, dtype):
         for name, a, b in zip(("dq", "dk", "dv", "dsinks"), runs[0], run):
             assert to_numpy(a).tobytes() == to_numpy(b).tobytes(), f"{name} differs between runs"
     _assert_varlen_close([None, None] + [to_numpy(g) for g in runs[0]], problem, _varlen_expected(problem))
+
+
+# A repeated packed call of one signature (shapes, strides, options, hints) replays the first
+# call's plan (cuflash._gpu.plan): the pointers of the new arrays and the new offsets must reach
+# every launch. Each call gets new values and new lengths (a permutation of the same lengths, so
+# the totals, the batch and the hints stay), and is checked against its own reference.
+REPLAY_CASES = {
+    "gqa-causal": dict(lengths=([0, 1, 5, 33, 17, 1, 64], [3, 0, 1, 17, 40, 1, 64]), heads=(8, 2), dims=(64, 64),
+                       causal=True),
+    "seqused-window": dict(lengths=([4, 6, 0, 3, 8, 1], [9, 5, 4, 20, 0, 7]), seqused="random", heads=(4, 2),
+                           dims=(128, 128), window=(5, 2)),
+    "top-left-d59": dict(lengths=([130, 2, 0, 77], [60, 9, 4, 200]), heads=(4, 1), dims=(59, 59), causal="top_left"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", list(REPLAY_CASES.values()), ids=list(REPLAY_CASES))
+def test_gpu_varlen_repeated_calls_replay_with_new_offsets_and_values(rng, dtype, case, deterministic):
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import plan
+
+    lengths_q, lengths_k = case["lengths"]
+    hints = (max(lengths_q) + 3, max(lengths_k))  # the same for every call: part of the signature
+    plans_before = None
+    for call in range(3):
+        order = rng.permutation(len(lengths_q))
+        this = dict(case, lengths=([lengths_q[i] for i in order], [lengths_k[i] for i in order]),
+                    deterministic=deterministic)
+        problem = _varlen_problem(rng, cupy, dtype, this)
+        q, k, v, dout = problem["device"]
+        offsets, options = problem["offsets"], problem["device_options"]
+        kwargs = dict(offsets, **options, max_seqlen_q=hints[0], max_seqlen_k=hints[1])
+        out, lse = cuflash.attention_varlen(q, k, v, **kwargs, return_lse=True)
+        grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, **kwargs, deterministic=deterministic)
+        assert out.flags.c_contiguous and all(g.flags.c_contiguous for g in grads)
+        results = [to_numpy(x) for x in (out, lse, *grads)]
+        _assert_varlen_close(results + [None], problem, _varlen_expected(problem))
+        blind, unseen = _varlen_structural_zeros(problem["cu_q"], problem["cu_k"], problem["used"],
+                                                 problem["options"])
+        assert (results[0][blind] == 0).all() and (results[2][blind] == 0).all()
+        assert (results[3][unseen] == 0).all() and (results[4][unseen] == 0).all(), \
+            "dk/dv of unseen keys (past seqused_k too) not 0 on a replay"
+        if call == 0:
+            plans_before = len(plan.PLANS)
+    assert len(plan.PLANS) == plans_before, "a call of the same signature planned again instead of replaying"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_torch_varlen_replays_equal_the_cupy_calls(rng, dtype):
+    """flash_attn_varlen_func's replayed plans (torch's allocator and stream) against CuPy's full
+    path on the same tensors: bitwise equal out, lse and (deterministic) gradients, call after
+    call with new offsets."""
+    cupy = pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    import cuflash.torch as cft
+
+    torch_dtype = getattr(torch, dtype)
+    lengths = [0, 1, 5, 33, 17, 1, 64, 40]
+    for call in range(3):
+        order = rng.permutation(len(lengths))
+        cu = torch.tensor(numpy.concatenate([[0], numpy.cumsum([lengths[i] for i in order])]), dtype=torch.int32,
+                          device="cuda")
+        total = int(cu[-1])
+        q, k, v = (torch.randn(total, heads, 64, dtype=torch_dtype, device="cuda", requires_grad=True)
+                   for heads in (8, 2, 2))
+        dout = torch.randn(total, 8, 64, dtype=torch_dtype, device="cuda")
+        out, lse, _ = cft.flash_attn_varlen_func(q, k, v, cu, cu, 70, 70, causal=True, deterministic=True,
+                                                 return_attn_probs=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        arrays = [cupy.from_dlpack(t.detach()) for t in (q, k, v, cu)]
+        expected = cuflash.attention_varlen(*arrays[:3], arrays[3], arrays[3], max_seqlen_q=70, max_seqlen_k=70,
+                                            causal=True, return_lse=True)
+        expected_grads = cuflash.attention_varlen_backward(cupy.from_dlpack(dout), *arrays[:3], *expected,
+                                                           arrays[3], arrays[3], max_seqlen_q=70, max_seqlen_k=70,
+                                                           causal=True, deterministic=True)
+        for name, actual, reference in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv),
+                                           (*expected, *expected_grads)):
+            assert actual.is_contiguous(), name
+            assert to_numpy(cupy.from_dlpack(actual.detach())).tobytes() == to_numpy(reference).tobytes(), \
+                f"{name} differs from the CuPy call (call {call})"

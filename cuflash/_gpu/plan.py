@@ -113,6 +113,10 @@ class CupyMemory:
         return _cupy().empty(shape, dtype=dtype)
 
     @staticmethod
+    def zeros(shape, dtype):
+        return _cupy().zeros(shape, dtype=dtype)
+
+    @staticmethod
     def pointer(array) -> int:
         return array.data.ptr
 
@@ -170,8 +174,25 @@ def _pointer_words(dtype, names) -> numpy.ndarray:
 
 _FWD_POINTERS = ("q", "k", "v", "o", "lse")
 _BWD_POINTERS = tuple(f"fwd.{n}" for n in _FWD_POINTERS) + ("dout", "dq", "dk", "dv", "dq_accum", "delta")
-_FWD_WORDS = _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS)
-_BWD_WORDS = _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS)
+_PACKED_POINTERS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")  # a packed batch's, after the others
+# Pointer words by (backward, packed).
+_WORDS = {
+    (False, False): _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS),
+    (False, True): _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS + _PACKED_POINTERS),
+    (True, False): _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS),
+    (True, True): _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS + tuple(f"fwd.{n}" for n in _PACKED_POINTERS)),
+}
+
+
+def _packed_pointers(memory, packed) -> tuple:
+    """cu_seqlens_q, cu_seqlens_k and seqused_k's pointers (0 for no seqused_k) of a replayed
+    packed call; ``packed`` is () for a dense one."""
+    return tuple(0 if x is None else memory.pointer(x) for x in packed)
+
+
+def _packed_shape(shape) -> tuple:
+    """A packed batch's (tokens, H, D) allocation of the heads-first (H, tokens, D) ``shape``."""
+    return (shape[1], shape[0]) + tuple(shape[2:])
 
 
 class _Plan:
@@ -193,38 +214,47 @@ class _Plan:
 
 
 class ForwardPlan(_Plan):
-    """One forward launch: ``run(memory, q, k, v)`` allocates out and lse and returns them."""
+    """One forward launch: ``run(memory, q, k, v)`` allocates out and lse and returns them. A
+    packed batch's plan takes ``cu_seqlens_q, cu_seqlens_k, seqused_k`` (None: not given) after
+    v and returns out in the packed layout (total_q, Hq, Dv), lse (Hq, total_q)."""
 
     def __init__(self, p, struct, launch: Launch):
-        super().__init__(struct, _FWD_WORDS, (launch,))
-        self.out_shape, self.lse_shape = p.out_shape, p.lse_shape
+        packed = p.packed is not None
+        super().__init__(struct, _WORDS[False, packed], (launch,))
+        self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
+        self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
 
-    def run(self, memory, q, k, v):
+    def run(self, memory, q, k, v, *packed):
         o = memory.empty(self.out_shape, self.dtype)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
-        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)))
+        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed))
         return o, lse
 
 
 class BackwardPlan(_Plan):
     """The backward's three launches: ``run(memory, dout, q, k, v, out, lse)`` allocates the
     gradients (in q's, k's and v's shapes: no sum is left to do) and one workspace (delta, then
-    dq_accum unless deterministic: ``_workspace``)."""
+    dq_accum unless deterministic: ``_workspace``). A packed batch's plan takes cu_seqlens_q,
+    cu_seqlens_k and seqused_k after lse, and allocates the gradients in the packed layout
+    (``zeroed``: those whose unstored rows must read 0, the keys past seqused_k)."""
 
-    def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None]):
-        super().__init__(struct, _BWD_WORDS, launches)
+    def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
+                 packed: bool = False, zeroed: tuple[str, ...] = ()):
+        super().__init__(struct, _WORDS[True, packed], launches)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
+        self.zeroed = zeroed
 
-    def run(self, memory, dout, q, k, v, o, lse):
-        empty, ptr, shapes = memory.empty, memory.pointer, self.shapes
-        dq, dk, dv = (empty(shapes[name], self.dtype) for name in ("dq", "dk", "dv"))
-        delta = ptr(empty((self.workspace_size,), self.accum))
+    def run(self, memory, dout, q, k, v, o, lse, *packed):
+        ptr, shapes = memory.pointer, self.shapes
+        dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype)
+                      for name in ("dq", "dk", "dv"))
+        delta = ptr(memory.empty((self.workspace_size,), self.accum))
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
-                           dq_accum, delta))
+                           dq_accum, delta) + _packed_pointers(memory, packed))
         return dq, dk, dv
 
 
@@ -316,7 +346,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     if rows == 0 or p.seqlen_k == 0:
         # Nothing to compute, or no key at all: every row sees nothing (0, and -inf or its sink).
         lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
-        o = out if out is not None else cupy.empty(out_shape, dtype=p.dtype)
+        o = out if out is not None else _fresh_out(p, out_shape)
         o[...] = 0
         if p.sinks is None:
             lse[...] = -numpy.inf
@@ -347,9 +377,10 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     q, k, v = (_readable(x, vec) for x in inputs)
     plain = all(a is b for a, b in zip(inputs, (q, k, v))) and p.head_dim * p.head_dim_v > 0
 
-    # The kernel writes o in place when the caller's out= (or our own allocation) allows it.
+    # The kernel writes o in place when the caller's out= (or our own allocation) allows it; a
+    # packed batch's own allocation is in the packed layout, as its callers return it.
     target = out if out is not None and _vector_ok(out, vec) else None
-    o = target if target is not None else cupy.empty(out_shape, dtype=p.dtype)
+    o = target if target is not None else _fresh_out(p, out_shape)
     if not _vector_ok(o, vec):  # only a fresh allocation of an odd width gets here
         o = _store_buffer(out_shape, out_shape[-1], p.dtype, vec)  # padded rows; nothing read before written
         plain = False
@@ -361,16 +392,39 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     plain = plain and not p.has_score_mods  # a replay writes no modifier pointers
     plan = ForwardPlan(p, struct, launch)
-    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)))
+    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
     del per_row
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
         out[...] = o
         o = out
-    elif not o.flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
-        o = cupy.ascontiguousarray(o)
+    elif not _stored(p, o).flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
+        o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
+
+
+def _fresh_out(p, shape):
+    """A new output of ``shape``: a packed batch's in the packed layout (tokens, H, Dv), as its
+    callers return it, seen heads-first."""
+    cupy = _cupy()
+    if p.packed is None:
+        return cupy.empty(shape, dtype=p.dtype)
+    return _stored(p, cupy.empty(_packed_shape(shape), dtype=p.dtype))
+
+
+def _packed_arrays(p) -> tuple:
+    """A packed batch's cu_seqlens_q, cu_seqlens_k and seqused_k (or None): the pointers a
+    replayed plan writes after the others; () for a dense call."""
+    if p.packed is None:
+        return ()
+    return p.packed.cu_seqlens_q, p.packed.cu_seqlens_k, p.packed.seqused_k
+
+
+def _stored(p, x):
+    """The array as the call stores it: a packed batch's (H, tokens, D) view as its (tokens, H, D)
+    buffer; a dense call's as it is."""
+    return x if p.packed is None else x.transpose(1, 0, 2)
 
 
 def _refuse_bias_and_mask(p) -> None:
@@ -621,8 +675,8 @@ def backward(problem):
     buffer = cupy.empty(workspace[0], dtype=accum)
     delta = buffer[: math.prod(delta_shape)].reshape(delta_shape)
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
-    shapes = {"dq": dq.shape, "dk": dk.shape, "dv": dv.shape}
-    plain = plain and all(g.flags.c_contiguous and g.shape == s for g, s in zip((dq, dk, dv), grads_shape))
+    shapes = {"dq": _stored(p, dq).shape, "dk": _stored(p, dk).shape, "dv": _stored(p, dv).shape}
+    plain = plain and all(_stored(p, g).flags.c_contiguous and g.shape == s for g, s in zip((dq, dk, dv), grads_shape))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
@@ -650,8 +704,10 @@ def backward(problem):
         _launch_of(variants.dkdv, device, layout.grid_x // per_block, longest_k, variants.dkdv.block_n),
         _launch_of(last, device, layout.grid_x, longest_q, last.block_m),
     )
-    plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace)
-    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr))
+    zeroed = ("dk", "dv") if p.packed is not None and p.packed.seqused_k is not None else ()  # as _gradient_buffer
+    plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed)
+    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
+              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
 
     dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
     if p.head_dim == 0:
