@@ -457,6 +457,28 @@ def _check_ring_against_attention(results, host, sinks, layout, case, dtype, lab
                      magnitude=size.sum(axis=(0, 2)), kind="grad", name=f"{label} dsinks")
 
 
+def _gather_ranks(processes, results):
+    """Start the rank processes and collect {rank: outputs} from ``results`` ((rank, outputs,
+    traceback or None) each); a rank's error fails the test with its traceback."""
+    for process in processes:
+        process.start()
+    try:
+        gathered = {}
+        for _ in processes:
+            rank, outputs, error = results.get(timeout=600)
+            if error is not None:
+                pytest.fail(f"rank {rank} failed:\n{error}")
+            gathered[rank] = outputs
+        for process in processes:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+        return gathered
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+
 @pytest.mark.gpu
 def test_ring_attention_over_nccl_in_two_processes(rng):
     """NcclComm for real: 2 spawned processes, one GPU each, one NCCL communicator from rank 0's
@@ -477,25 +499,76 @@ def test_ring_attention_over_nccl_in_two_processes(rng):
     ids, results = context.Queue(), context.Queue()
     processes = [context.Process(target=_nccl_rank, args=(rank, world_size, seed, ids, results))
                  for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    try:
-        gathered = {}
-        for _ in processes:
-            rank, outputs, error = results.get(timeout=600)
-            if error is not None:
-                pytest.fail(f"rank {rank} failed:\n{error}")
-            gathered[rank] = outputs
-        for process in processes:
-            process.join(timeout=60)
-            assert process.exitcode == 0
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
+    gathered = _gather_ranks(processes, results)
     for index, (layout, case) in enumerate(_NCCL_CASES):
         for dtype in _NCCL_DTYPES:
             host, sinks = _nccl_inputs(seed, index, dtype)
             label = f"{layout} {'-'.join(case)} {dtype}"
             _check_ring_against_attention([gathered[r][(index, dtype)] for r in range(world_size)], host, sinks,
                                           layout, case, dtype, label)
+
+
+def _torch_nccl_rank(rank, world_size, init_file, seed, results):
+    """One process of the torch NCCL test: cuflash.torch.distributed.ring_attention on CUDA tensors
+    of its own GPU over an NCCL process group, forward (return_lse) and autograd backward, for
+    every case and dtype of the CuPy NCCL test; float32 NumPy results as _nccl_rank's."""
+    import traceback
+
+    try:
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (the lent machines), before NCCL starts
+        import torch
+        import torch.distributed as dist
+
+        import cuflash.torch as ct
+
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                device_id=torch.device("cuda", rank))
+        try:
+            outputs = {}
+            for index, (layout, case) in enumerate(_NCCL_CASES):
+                for dtype in _NCCL_DTYPES:
+                    host, sinks = _nccl_inputs(seed, index, dtype)
+                    options = {key: value for key, value in case.items() if key != "sinks"}
+                    tensors = [torch.from_numpy(distributed.shard(x.astype(numpy.float32), world_size, rank,
+                                                                  layout=layout)).to(f"cuda:{rank}", getattr(torch, dtype))
+                               for x in host]
+                    leaves = [t.requires_grad_() for t in tensors[:3]]
+                    sink_leaf = (None if sinks is None
+                                 else torch.from_numpy(sinks).to(f"cuda:{rank}").requires_grad_())
+                    out, lse = ct.distributed.ring_attention(*leaves, sinks=sink_leaf, layout=layout, return_lse=True,
+                                                             **options)
+                    out.backward(tensors[3])
+                    grads = [leaf.grad for leaf in leaves] + ([] if sink_leaf is None else [sink_leaf.grad])
+                    outputs[(index, dtype)] = [t.detach().float().cpu().numpy() for t in (out, lse, *grads)]
+            results.put((rank, outputs, None))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        results.put((rank, None, traceback.format_exc()))
+
+
+@pytest.mark.gpu
+def test_torch_ring_attention_over_nccl_in_two_processes(rng, tmp_path):
+    """cuflash.torch.distributed.ring_attention over torch's NCCL process group: 2 spawned
+    processes, one GPU each, the cases and inputs of the CuPy NCCL test (GQA, zigzag causal and
+    contiguous with sinks, bf16 and float32), out, lse and every gradient (dsinks all-reduced)
+    against attention on the whole sequence under tolerance.py's rule."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("torch was built without NCCL")
+    import torch.multiprocessing as mp
+
+    world_size, seed = 2, int(rng.integers(2**62))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_torch_nccl_rank, args=(rank, world_size, str(tmp_path / "init"), seed,
+                                                                 results)) for rank in range(world_size)]
+    gathered = _gather_ranks(processes, results)
+    for index, (layout, case) in enumerate(_NCCL_CASES):
+        for dtype in _NCCL_DTYPES:
+            host, sinks = _nccl_inputs(seed, index, dtype)
+            _check_ring_against_attention([gathered[r][(index, dtype)] for r in range(world_size)], host, sinks,
+                                          layout, case, dtype, f"torch {layout} {'-'.join(case)} {dtype}")
