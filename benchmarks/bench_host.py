@@ -7,6 +7,8 @@ timed alone, the device synchronized before it; the median over --calls calls is
 Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - cuflash (CuPy API): ``cuflash.attention`` and ``cuflash.attention_backward``;
 - cuflash.torch: ``attention`` forward without grad, and forward + ``backward()`` with grad;
+- the same batch packed (cuflash's ``attention_varlen(_backward)`` and ``cuflash.torch``'s
+  ``flash_attn_varlen_func``, max_seqlen hints given);
 - torch SDPA (default backend choice, FLASH, CUDNN, EFFICIENT): the same two.
 With ``--gqa`` the key/value heads are half the query heads (SDPA with ``enable_gqa``).
 
@@ -81,6 +83,32 @@ def cases(args):
     ours = lambda q, k, v: ct.attention(q, k, v, causal="top_left")  # noqa: E731
     yield "cuflash.torch fwd", torch_fwd(ours)
     yield "cuflash.torch fwd+bwd", torch_fwd_bwd(ours)
+
+    # The same batch as packed sequences (flash-attn's varlen layout, max_seqlen hints given: no
+    # host read of the offsets), each sequence one batch entry.
+    packed = [x.detach().transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]).contiguous().requires_grad_()
+              for x in (q, k, v)]
+    pdout = dout.transpose(1, 2).reshape(-1, hq, args.headdim).contiguous()
+    cu = torch.arange(0, (args.batch + 1) * args.seqlen, args.seqlen, dtype=torch.int32, device="cuda")
+    pq, pk, pv, pd, pcu = (cupy.from_dlpack(x.detach()) for x in (*packed, pdout, cu))
+    hints = dict(max_seqlen_q=args.seqlen, max_seqlen_k=args.seqlen, causal=True)
+    pout, plse = cuflash.attention_varlen(pq, pk, pv, pcu, pcu, return_lse=True, **hints)
+    yield "cuflash varlen (CuPy) fwd", lambda: cuflash.attention_varlen(pq, pk, pv, pcu, pcu, **hints)
+    yield "cuflash varlen (CuPy) bwd", lambda: cuflash.attention_varlen_backward(pd, pq, pk, pv, pout, plse, pcu, pcu,
+                                                                                 **hints)
+    varlen = lambda q, k, v: ct.flash_attn_varlen_func(q, k, v, cu, cu, args.seqlen, args.seqlen, causal=True)  # noqa: E731
+
+    def packed_call(backward):
+        def call():
+            if backward:
+                varlen(*packed).backward(pdout)
+            else:
+                with torch.no_grad():
+                    varlen(*packed)
+        return call
+
+    yield "flash_attn_varlen_func fwd", packed_call(False)
+    yield "flash_attn_varlen_func fwd+bwd", packed_call(True)
 
     def sdpa(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa)
