@@ -46,7 +46,7 @@ import functools
 
 import numpy
 
-from ._spec import BackwardProblem, Problem
+from ._spec import BackwardProblem, Problem, sink_gradient_per_row
 
 BLOCK_M = 128  # query rows per block
 BLOCK_N = 128  # keys per tile
@@ -202,11 +202,8 @@ def _backward(p: BackwardProblem):
     if dbias is not None:
         grads.append(dbias.result())
     if p.sinks is not None:
-        # The sink's probability in row i is e^{sink - lse_i} and its "value" is 0, so its dS is
-        # P_sink (0 - delta_i): dsink = -sum_i e^{sink - lse_i} delta_i (0 for rows with lse = -inf).
         sinks = _per_row(p, p.sinks, lead, compute)
-        p_sink = numpy.where(lse == -numpy.inf, 0, numpy.exp(sinks - lse_ref))
-        dsinks = -(p_sink * delta).sum(axis=-1).reshape(p.lead_shape)
+        dsinks = sink_gradient_per_row(numpy, sinks, lse, delta).reshape(p.lead_shape)
         grads.append(_sum_to_shape(dsinks, p.sinks.shape).reshape(p.sinks.shape).astype(p.sinks.dtype))
     return tuple(grads)
 

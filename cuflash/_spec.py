@@ -195,6 +195,18 @@ def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, windo
                            deterministic=bool(deterministic), bias_grad=bool(bias_grad))
 
 
+def sink_gradient_per_row(xp, sinks, lse, delta):
+    """dsinks of each attention row (its queries on the last axis of ``lse`` and ``delta``), before
+    any sum over the axes sinks was broadcast along. A sink is one more logit with no value: its
+    probability in row i is e^{sink - lse_i} and its dS is P_sink (0 - delta_i), so dsink =
+    -sum_i e^{sink - lse_i} delta_i, 0 for rows with lse = -inf (they saw nothing, not even a sink).
+    ``sinks`` broadcasts against ``lse``; ``xp`` is numpy or cupy. Every backend's backward and the
+    ring's use this one definition."""
+    seen = lse != -numpy.inf
+    p_sink = xp.where(seen, xp.exp(sinks - xp.where(seen, lse, 0)), 0)
+    return -(p_sink * delta).sum(axis=-1)
+
+
 def check_deterministic(deterministic) -> None:
     """``deterministic`` must be a bool (or numpy.bool_): checked by the backward, and by
     ``attention_vjp`` before its forward runs."""

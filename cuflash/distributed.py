@@ -394,6 +394,6 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal=False, scal
     # dsinks = -sum_i exp(sink - lse_i) delta_i over every row of every rank (cuda_src/score_mod.cuh)
     delta = (dout.astype(accum) * out.astype(accum)).sum(axis=-1)
     sink_rows = xp.broadcast_to(xp.asarray(checked.sinks, dtype=accum)[..., None], lse.shape)
-    p_sink = xp.where(lse == -numpy.inf, 0, xp.exp(sink_rows - lse.astype(accum)))
-    mine = _cpu._sum_to_shape(-(p_sink * delta).sum(axis=-1), numpy.shape(checked.sinks))
+    per_row = _spec.sink_gradient_per_row(xp, sink_rows, lse.astype(accum), delta)
+    mine = _cpu._sum_to_shape(per_row, numpy.shape(checked.sinks))
     return grads + (comm.allreduce_sum(mine).astype(checked.sinks.dtype),)

@@ -14,6 +14,7 @@ import threading
 
 import numpy
 
+from .. import _spec
 from . import kernels, tiles
 from .params import BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
 
@@ -736,9 +737,7 @@ def _sink_gradient(p, lse, delta, sink_rows=None):
     if sink_rows is None:
         sink_rows = _per_row(p.sinks, p.lead_shape, accum)
     sinks = sink_rows.reshape(tuple(p.lead_shape) + (1,))
-    lse = lse.astype(accum, copy=False)
-    p_sink = cupy.where(lse == -numpy.inf, 0, cupy.exp(sinks - lse))
-    per_row = -(p_sink * delta.astype(accum, copy=False)).sum(axis=-1)
+    per_row = _spec.sink_gradient_per_row(cupy, sinks, lse.astype(accum, copy=False), delta.astype(accum, copy=False))
     shape = tuple(p.sinks.shape)
     axes = _broadcast_axes(per_row.shape, shape)
     summed = (per_row.sum(axis=axes, keepdims=True) if axes else per_row).reshape(shape)
