@@ -241,7 +241,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
                                  seqused_k, causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
                                  return_lse=True, out=None if out is None else _heads_first(out))
         result, lse = _api.forward(packed, key)
-        result = _heads_first(result)  # the packed layout (the forward allocates it so, or it is out)
+        # The packed layout: out itself, or the forward's own allocation (made in that layout).
+        result = out if out is not None else _heads_first(result)
         return (result, lse) if problem.return_lse else result
     result = xp.empty(shape, dtype=q.dtype)
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
