@@ -316,3 +316,19 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
         dsink = -(p_all[..., lk] * delta[..., 0]).sum(axis=-1)
         grads.append(_reduce_to_shape(dsink, numpy.shape(to_numpy(sinks))).astype(numpy.float64))
     return result.astype(numpy.float64), lse.astype(numpy.float64), tuple(grads)
+
+
+def sink_gradient_ref(dout, out, lse, sinks):
+    """(dsinks, magnitude) in float64 for a backward given ``out`` and ``lse`` (..., Lq): dsinks =
+    -sum_i e^{sink - lse_i} (dout_i . out_i) per (batch..., head), summed to ``sinks``' shape, and
+    the size of the terms it sums (sum_i e^{sink - lse_i} sum_d |dout_id out_id|), for the
+    tolerance's ``magnitude``. Rows with lse = -inf contribute nothing."""
+    dout, out, lse = (numpy.asarray(to_numpy(x), dtype=numpy.float64) for x in (dout, out, lse))
+    sinks = numpy.asarray(to_numpy(sinks), dtype=numpy.float64)
+    lead = lse.shape[:-1]
+    sink_rows = numpy.broadcast_to(sinks, lead)[..., None]
+    seen = numpy.isfinite(lse)
+    p_sink = numpy.where(seen, numpy.exp(sink_rows - numpy.where(seen, lse, 0)), 0)
+    terms = -(p_sink * (dout * out).sum(axis=-1)).sum(axis=-1)
+    sizes = (p_sink * numpy.abs(dout * out).sum(axis=-1)).sum(axis=-1)
+    return _reduce_to_shape(terms, sinks.shape), _reduce_to_shape(sizes, sinks.shape)

@@ -11,7 +11,7 @@ import numpy
 import pytest
 
 import cuflash
-from reference import score_mods_ref
+from reference import score_mods_ref, sink_gradient_ref
 
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}  # relative to the largest reference entry
 
@@ -194,6 +194,16 @@ def test_gpu_matches_the_reference(rng, dtype, case):
     for name, grad, reference, base, magnitude, x in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, baseline[2],
                                                          magnitudes, (q, k, v, gpu_kwargs.get("sinks"))):
         assert isinstance(grad, cupy.ndarray) and grad.shape == x.shape and grad.dtype == x.dtype, name
+        if name == "dsinks":
+            # dsinks = -sum_i e^{sink - lse_i} (dout_i . out_i) with the out the backward was given:
+            # its terms cancel to a small sum (measured: float16, 1025 rows, |terms| 198 summing to
+            # -0.056), so the rounding of out in q's dtype, which out's own check bounds, moves it
+            # by eps(q's dtype) * 198 / sqrt(rows), far beyond a plain implementation's luckier
+            # draw. The reference therefore takes the kernels' out and the exact lse, and what is
+            # left, the backward's own arithmetic, is held to float32's (float64's) rounding.
+            reference, magnitude = sink_gradient_ref(host[3], cupy.asnumpy(out), ref_lse, kwargs["sinks"])
+            assert_close(cupy.asnumpy(grad), reference, dtype=lse_dtype, magnitude=magnitude, kind="grad", name=name)
+            continue
         # dsinks is stored in sinks' dtype but sums terms made of the output in q's dtype: it is
         # as precise as the coarser of the two (fp16/bf16 inputs: their rounding, not float32's)
         precision = max(grad.dtype, numpy.dtype(dtype), key=lambda t: EPS[numpy.dtype(t).name])
