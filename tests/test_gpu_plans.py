@@ -277,3 +277,51 @@ def test_threads_on_their_own_streams_share_plans_safely(rng):
     for got, want in zip(results, expected):
         for a, b in zip(got, want):
             assert _bits(a) == _bits(b)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_arrays_on_the_second_gpu_are_computed_there(rng, dtype):
+    """Inputs on GPU 1 while GPU 0 is current: the kernels load and launch on GPU 1 (the call makes
+    it current), outputs and gradients live there, and each equals the same call on GPU 0 bit for
+    bit, dense and packed, on the full path and on replays; a plan made for one device never
+    answers the other (the current device is part of the signature, and the arrays' device)."""
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    host = [rng.standard_normal(s).astype(numpy.dtype(dtype)) for s in ((2, 8, 97, 64), (2, 2, 200, 64),
+                                                                       (2, 2, 200, 64), (2, 8, 97, 64))]
+    cu = numpy.array([0, 40, 40, 97 * 2], numpy.int32)  # a packed batch of three (one empty)
+    results = {}
+    for device in (0, 1, 0, 1):  # twice each: the second call of a device replays its plans
+        with cupy.cuda.Device(device):
+            q, k, v, dout = (cupy.asarray(x) for x in host)
+            packed = [cupy.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]))
+                      for x in (q, k[:, :, :97], v[:, :, :97], dout)]
+            cu_d = cupy.asarray(cu)
+        # GPU 0 current for the calls themselves
+        with cupy.cuda.Device(0):
+            out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+            grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+            pout, plse = cuflash.attention_varlen(*packed[:3], cu_d, cu_d, max_seqlen_q=154, max_seqlen_k=154,
+                                                  causal=True, return_lse=True)
+            pgrads = cuflash.attention_varlen_backward(packed[3], *packed[:3], pout, plse, cu_d, cu_d,
+                                                       max_seqlen_q=154, max_seqlen_k=154, causal=True)
+            arrays = (out, lse, *grads, pout, plse, *pgrads)
+            assert all(x.device.id == device for x in arrays), "a result left the inputs' GPU"
+            bits = [_bits(x) for x in arrays]
+        results.setdefault(device, []).append(bits)
+    for device, runs in results.items():
+        assert runs[0] == runs[1], f"a replay on GPU {device} differs from its full path"
+    assert results[0][0] == results[1][0], "GPU 1 computed something else than GPU 0"
+    reference = cuflash.attention(*(x.astype(numpy.float64) for x in host[:3]), causal=True)
+    from tolerance import assert_close
+
+    with cupy.cuda.Device(1):
+        q, k, v = (cupy.asarray(x) for x in host[:3])
+    with cupy.cuda.Device(0):
+        out = cuflash.attention(q, k, v, causal=True)
+    baseline = None
+    if dtype == "bfloat16":
+        from reference import attention_ref_dtype
+
+        baseline = attention_ref_dtype(*host[:3], numpy.dtype(dtype), causal=True)[0]
+    assert_close(cupy.asnumpy(out), reference, dtype=numpy.dtype(dtype), baseline=baseline, name="out on GPU 1")

@@ -8,6 +8,7 @@ CuPy's current stream. No host synchronization happens anywhere on this path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import threading
@@ -292,22 +293,25 @@ def forget() -> None:
 
 def signature(kind: str, arrays, options) -> tuple | None:
     """The plan-cache key of a call on CuPy arrays: what decides its launches (the arrays' dtypes,
-    shapes, strides and devices, whether every base address is 16-byte aligned, the options, the
-    current device), or None when an input is not a plain cupy.ndarray."""
+    shapes and strides, whether every base address is 16-byte aligned, the options, the current
+    device), or None when an input is not a plain cupy.ndarray or not on the current device."""
     cupy = sys.modules.get("cupy")
     if cupy is None:
         return None
     ndarray = cupy.ndarray
+    if any(type(x) is not ndarray for x in arrays):
+        return None
     parts = [kind, options]
     addresses = 0
+    device = cupy.cuda.runtime.getDevice()
     for x in arrays:
-        if type(x) is not ndarray:
-            return None
         memory = x.data
-        parts.append((x.dtype, x.shape, x.strides, memory.device_id))
+        if memory.device_id != device:  # the full path makes the arrays' device current (on_arrays_device)
+            return None
+        parts.append((x.dtype, x.shape, x.strides))
         addresses |= memory.ptr
     parts.append(addresses % 16 == 0)
-    parts.append(cupy.cuda.runtime.getDevice())
+    parts.append(device)
     return tuple(parts)
 
 
@@ -323,8 +327,27 @@ def _driver():
     return _DRIVER
 
 
+def on_arrays_device(function):
+    """Run ``function(problem, ...)`` with the problem's arrays' device current: kernels load for
+    that device and launch on its current stream, outputs are allocated there, whichever device
+    the caller had current (restored after). Calls whose arrays sit on the current device (the
+    common case, and the only one a plan replays: ``signature``) pay one comparison."""
+    @functools.wraps(function)
+    def run(problem, *args, **kwargs):
+        if problem.xp is numpy:  # not the GPU's: the function refuses it on its own terms
+            return function(problem, *args, **kwargs)
+        cupy = _cupy()
+        device = problem.q.data.device_id
+        if device == cupy.cuda.runtime.getDevice():
+            return function(problem, *args, **kwargs)
+        with cupy.cuda.Device(device):
+            return function(problem, *args, **kwargs)
+    return run
+
+
 # --------------------------------------------------------------------------- forward
 
+@on_arrays_device
 def forward(problem, *, prefetch_backward: bool | None = None):
     """Run the forward on the GPU: ``(out, lse, plan)`` with CuPy arrays in the output shapes.
 
@@ -615,6 +638,7 @@ def _element_strides_contiguous(shape) -> list[int]:
 
 # --------------------------------------------------------------------------- backward
 
+@on_arrays_device
 def backward(problem):
     """Gradients ``(dq, dk, dv, plan)`` on the GPU, each in its input's own shape and dtype.
 
