@@ -117,6 +117,10 @@ def _current_device() -> int:
 def _submit(variant: Variant, device: int) -> concurrent.futures.Future:
     global _pool
     key = (variant, device)
+    # The digest (every file under cuda_src/ read and hashed) once, here: builds submitted side by
+    # side would each compute it before lru_cache holds it (a cached first step on the H200 read
+    # the sources four times over, 40 ms of its 146).
+    source_digest()
     with _lock:
         future = _builds.get(key)
         if future is None:
