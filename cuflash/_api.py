@@ -28,16 +28,17 @@ def _plans():
     return _gpu_plan
 
 
-def _plain_options(scale, causal, window) -> bool:
+def _plain_options(scale, causal, window, precision=None) -> bool:
     """Options of exactly the types a plan key can hold without ambiguity (True == 1 as a key:
     a cached causal=True must not answer causal=1, which is an error)."""
     return (type(scale) in (float, int, type(None)) and type(causal) in (bool, str)
+            and type(precision) in (str, type(None))
             and (window is None or (type(window) is tuple and len(window) == 2
                                     and type(window[0]) is int and type(window[1]) is int)))
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, return_lse=False, out=None):
+              bias=None, mask=None, return_lse=False, out=None, precision=None):
     """Exact attention ``softmax(q @ swapaxes(k, -1, -2) * scale, masked) @ v``.
 
     Parameters
@@ -105,6 +106,11 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     out : array, optional
         Written in place and returned: shape ``(..., Lq, Dv)``, q's dtype, same device kind,
         not overlapping an input (bias and mask included).
+    precision : {None, "highest", "ieee", "tf32"}
+        How float32 products may be computed: ``"highest"`` (None, the default) float32-accurate;
+        ``"ieee"`` FFMA only; ``"tf32"`` permits one TF32 product (~1e-3 relative) for speed. It
+        permits, it does not require: today's float32 kernels compute exactly under all three.
+        float16, bfloat16 and float64 take None or "highest" only.
 
     Returns
     -------
@@ -112,16 +118,16 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     """
     key = None
     if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and bias is None and mask is None and _plain_options(scale, causal, window)):
+            and bias is None and mask is None and _plain_options(scale, causal, window, precision)):
         plans = _plans()
-        key = plans.signature("attention", (q, k, v), (scale, causal, window))
+        key = plans.signature("attention", (q, k, v), (scale, causal, window, precision))
         cached = plans.PLANS.get(key) if key is not None else None
         if cached is not None:
             o, lse = cached.run(plans.CUPY_MEMORY, q, k, v)
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse
+        sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse, precision=precision
     )
     return problem.result(*forward(problem, key))
 
@@ -140,7 +146,8 @@ def forward(problem, key=None, *, prefetch_backward: bool | None = None):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
-                       alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True, deterministic=False):
+                       alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True, deterministic=False,
+                       precision=None):
     """Gradients ``(dq, dk, dv)`` of :func:`attention` given ``dout``, its ``out`` and ``lse``,
     followed by ``dbias`` when ``bias`` is given and ``bias_grad`` is true, then ``dsinks`` when
     ``sinks`` is given (each in its argument's shape and dtype).
@@ -149,21 +156,23 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     shape and dtype, summed over every broadcast axis and GQA group. ``dbias`` is dS of the score
     after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes in the
     score type (float32, float64 for float64), in a fixed order. ``deterministic=True`` makes the
-    GPU result bitwise reproducible run after run (the CPU backend always is).
+    GPU result bitwise reproducible run after run (the CPU backend always is). ``precision`` as
+    :func:`attention`'s.
     """
     key = None
     if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and bias is None and mask is None and type(bias_grad) is bool and _plain_options(scale, causal, window)):
+            and bias is None and mask is None and type(bias_grad) is bool
+            and _plain_options(scale, causal, window, precision)):
         plans = _plans()
         arrays = (dout, q, k, v, out, lse)
-        key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic))
+        key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic, precision))
         cached = plans.PLANS.get(key) if key is not None else None
         if cached is not None:
             return cached.run(plans.CUPY_MEMORY, *arrays)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,
-        deterministic=deterministic,
+        deterministic=deterministic, precision=precision,
     )
     return backward(problem, key)
 
@@ -180,7 +189,7 @@ def backward(problem, key=None):
 
 
 def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                  bias=None, mask=None, bias_grad=True, deterministic=False):
+                  bias=None, mask=None, bias_grad=True, deterministic=False, precision=None):
     """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``
     (then ``dbias`` with ``bias`` and ``bias_grad``, and ``dsinks`` with ``sinks``).
 
@@ -190,12 +199,13 @@ def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=Non
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
     _spec.check_deterministic(deterministic)  # every option is checked before the forward runs
     _spec.check_bool("bias_grad", bias_grad)
-    problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True, **mods)
+    problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True,
+                                    precision=precision, **mods)
     # A backward will follow: its kernels compile in the background beside the forward's.
     out, lse = forward(problem, prefetch_backward=deterministic)
 
     def vjp(dout):
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
-                                  bias_grad=bias_grad, deterministic=deterministic, **mods)
+                                  bias_grad=bias_grad, deterministic=deterministic, precision=precision, **mods)
 
     return out, vjp

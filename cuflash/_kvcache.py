@@ -272,7 +272,7 @@ def _resolve_splits(num_splits) -> int:
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens=None, block_table=None, scale=None,
                            causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
-                           num_splits=0, out=None):
+                           num_splits=0, out=None, precision=None):
     """Attention of new queries over a KV cache, appending new keys and values to it in place.
 
     Parameters
@@ -312,6 +312,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     out : array ``(B, Hq, Lq, Dv)``, optional
         Written in place and returned, as in :func:`cuflash.attention`; it must not share memory
         with any input, the caches included.
+    precision : {None, "highest", "ieee", "tf32"}
+        As in :func:`cuflash.attention`.
 
     Every argument is checked before anything is written: an error leaves the caches and ``out``
     exactly as they were (should a dense call refuse a sequence for its values, the slots
@@ -332,14 +334,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     device = None if xp is numpy else q.device.id
     if xp is numpy:
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out)
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
     with q.device:
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out)
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
 
 
 def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
-                            softcap, alibi_slopes, sinks, return_lse, num_splits, out):
+                            softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision):
     cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device)
     splits = _resolve_splits(num_splits)
     batch, heads_k, head_dim, head_dim_v = cache.batch, cache.heads_k, q.shape[3], v_cache.shape[3]
@@ -347,7 +349,7 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
     # (B, Hq)), on the new keys when there are some (their values too, on the CPU).
     k_probe = k if k is not None else xp.empty((batch, heads_k, 0, head_dim), dtype=q.dtype)
     v_probe = v if v is not None else xp.empty((batch, heads_k, 0, head_dim_v), dtype=q.dtype)
-    options = dict(scale=scale, causal=causal, window=window, softcap=softcap)
+    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
     problem = _spec.resolve_forward(q, k_probe, v_probe, alibi_slopes=alibi_slopes, sinks=sinks,
                                     return_lse=return_lse, **options)
     read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", problem.alibi_slopes), ("sinks", problem.sinks),

@@ -101,6 +101,8 @@ class Problem:
     bias: Any = None
     mask: Any = None
     packed: PackedBatch | None = None  # a packed batch (GPU backend): per-sequence lengths and mask
+    # How float32 products may be computed (resolve_precision): "highest", "ieee" or "tf32".
+    precision: str = "highest"
 
     @property
     def has_score_mods(self) -> bool:
@@ -162,12 +164,12 @@ class BackwardProblem(Problem):
 
 
 def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                    bias=None, mask=None, out=None, return_lse=False) -> Problem:
+                    bias=None, mask=None, out=None, return_lse=False, precision=None) -> Problem:
     """Validate ``attention``'s arguments; raise TypeError/ValueError naming the bad one."""
     (q, k, v), xp = _as_arrays(("q", q), ("k", k), ("v", v))
     check_bool("return_lse", return_lse)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision)
     if out is not None:
         _check_out(out, q, k, v, xp, fields)
     return Problem(**fields, out=out, return_lse=bool(return_lse))
@@ -175,13 +177,13 @@ def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=N
 
 def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
                      alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True,
-                     deterministic=False) -> BackwardProblem:
+                     deterministic=False, precision=None) -> BackwardProblem:
     """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
     (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
     check_deterministic(deterministic)
     check_bool("bias_grad", bias_grad)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision)
     for name, array in (("out", out), ("dout", dout)):
         if array.dtype != fields["dtype"]:
             raise TypeError(f"{name} must have q's dtype {fields['dtype']}, got {array.dtype}")
@@ -328,9 +330,10 @@ def _check_dtypes(q, k, v) -> numpy.dtype:
 
 
 def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_slopes=None, sinks=None, bias=None,
-                    mask=None) -> dict:
+                    mask=None, precision=None) -> dict:
     """The Problem fields that forward and backward share (everything but out/return_lse)."""
     dtype = _check_dtypes(q, k, v)
+    precision = resolve_precision(precision, dtype.name)
     for name, array in (("q", q), ("k", k), ("v", v)):
         if array.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., L, D), got shape {tuple(array.shape)}")
@@ -383,7 +386,35 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
         lse_dtype=score_dtype,
         bias=bias,
         mask=mask,
+        precision=precision,
     )
+
+
+PRECISIONS = ("highest", "ieee", "tf32")
+
+
+def resolve_precision(precision, dtype_name: str) -> str:
+    """``precision=``: how float32 inputs' products may be computed.
+
+    - ``"highest"`` (None: the default): float32-accurate, whatever the kernel (FFMA today;
+      split-precision 3xTF32 on tensor cores where it is as accurate);
+    - ``"ieee"``: FFMA only, IEEE float32 products and sums;
+    - ``"tf32"``: permits one TF32 product (about 1e-3 relative) for speed; an opt-in, never
+      chosen for the caller. It permits, it does not require: until TF32 kernels land, float32
+      computes exactly as under "ieee".
+    float16, bfloat16 and float64 inputs take None or "highest" only (their kernels have one
+    precision). The CPU backend computes every value in float32 (float64 for float64)."""
+    if precision is None:
+        return "highest"
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be None or one of {', '.join(map(repr, PRECISIONS))}, "
+                        f"got {type(precision).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))} (or None), got {precision!r}")
+    if precision != "highest" and dtype_name != "float32":
+        raise ValueError(f"precision={precision!r} applies to float32 inputs; {dtype_name} inputs take None or "
+                         "'highest'")
+    return precision
 
 
 def _broadcast_leading(q_lead, k_lead, v_lead):

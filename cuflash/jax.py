@@ -28,21 +28,22 @@ from . import _api, _varlen
 __all__ = ["attention", "attention_varlen"]
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, deterministic=False, return_lse=False):
+              bias=None, mask=None, deterministic=False, return_lse=False, precision=None):
     """:func:`cuflash.attention` on JAX arrays; returns JAX arrays on the inputs' device.
 
     Differentiable in q, k, v, ``sinks`` and ``bias`` (``jax.grad``, ``jax.vjp``; dbias is the
     backend's deterministic reduction over bias's broadcast axes), outside ``jax.jit`` only.
     ``softcap``, ``alibi_slopes``, ``sinks``, ``bias`` and ``mask`` as :func:`cuflash.attention`
     (JAX arrays for the arrays; the boolean mask carries no gradient). ``deterministic`` applies
-    to the backward. With ``return_lse=True`` it returns ``(out, lse)`` and is not differentiable
-    (use it for inference).
+    to the backward, ``precision`` to both (as :func:`cuflash.attention`'s). With ``return_lse=True``
+    it returns ``(out, lse)`` and is not differentiable (use it for inference).
     """
     for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     deterministic = bool(deterministic)
-    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask)
+    options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
+                   precision=precision)
     if return_lse:
         return _forward(q, k, v, sinks, options, bias)
     return _differentiable(options, deterministic)(q, k, v, sinks, bias)
@@ -83,7 +84,7 @@ def _differentiable(options, deterministic):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     deterministic=False, return_lse=False):
+                     deterministic=False, return_lse=False, precision=None):
     """:func:`cuflash.attention_varlen` on JAX arrays (flash-attn's packed layout); returns JAX
     arrays on the inputs' device.
 
@@ -102,7 +103,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         if x is not None or name != "seqused_k":
             _check_concrete(x, name)
     options = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=causal, window=window,
-                   softcap=softcap, alibi_slopes=alibi_slopes)
+                   softcap=softcap, alibi_slopes=alibi_slopes, precision=precision)
     lengths = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
     if return_lse:
         return _varlen_forward(q, k, v, sinks, lengths, options)

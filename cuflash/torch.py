@@ -65,7 +65,7 @@ _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "t
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, deterministic=False, return_lse=False):
+              bias=None, mask=None, deterministic=False, return_lse=False, precision=None):
     """:func:`cuflash.attention` on torch tensors, differentiable in q, k, v, ``sinks`` and ``bias``.
 
     Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
@@ -77,7 +77,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     tensors for now), eagerly and inside ``torch.compile``.
 
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
-    (float32, float64 for float64 inputs) carries no gradient.
+    (float32, float64 for float64 inputs) carries no gradient. ``precision`` as
+    :func:`cuflash.attention`'s (forward and backward).
     """
     causal_name, window_left, window_right = _mask_arguments(causal, window)
     if scale is not None:
@@ -89,7 +90,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("bias", bias), ("mask", mask)):
         if tensor is not None:
             _check_tensor(name, tensor)
-    options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes)
+    precision = _spec.resolve_precision(precision, str(q.dtype).removeprefix("torch."))
+    options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes, precision)
     if torch.compiler.is_compiling() or q.device.type == "meta":
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
@@ -749,12 +751,12 @@ def _cuflash_or_none(tensor):
 
 
 def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
-             needs_grad=False, bias=None, mask=None):
+             precision="highest", needs_grad=False, bias=None, mask=None):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
     key = None
     if (q.is_cuda and k.is_cuda and v.is_cuda and sinks is None and softcap is None and alibi is None
             and bias is None and mask is None):
-        key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right))
+        key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right, precision))
         if plan is not None:
             with _on_device(q.device):
                 return plan.run(memory, q, k, v)
@@ -763,20 +765,21 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
             _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
             window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
             sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask), return_lse=True,
+            precision=precision,
         )
         out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
 
 
 def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
-              alibi=None, bias=None, mask=None, bias_grad=False):
+              alibi=None, precision="highest", bias=None, mask=None, bias_grad=False):
     """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
     bias_grad) and dsinks (with sinks); cached plans as ``_forward``."""
     tensors = (dout, q, k, v, out, lse)
     key = None
     if (all(t.is_cuda for t in tensors) and sinks is None and softcap is None and alibi is None
             and bias is None and mask is None):
-        options = (scale, causal, window_left, window_right, deterministic)
+        options = (scale, causal, window_left, window_right, deterministic, precision)
         key, plan, memory = _cached_plan("attention_backward", tensors, options)
         if plan is not None:
             with _on_device(q.device):
@@ -786,7 +789,7 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
             window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
             sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask),
-            bias_grad=bias_grad, deterministic=deterministic,
+            bias_grad=bias_grad, deterministic=deterministic, precision=precision,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
@@ -810,8 +813,8 @@ def _lse_dtype(dtype):
 class _AttentionFunction(torch.autograd.Function):
     """The eager path: forward and backward as plain calls (see the module's docstring).
     Inputs: q, k, v, sinks, bias, mask (each may be None), then the options (scale, causal,
-    window_left, window_right, deterministic, softcap, alibi_slopes): differentiable in q, k, v,
-    sinks and bias."""
+    window_left, window_right, deterministic, softcap, alibi_slopes, precision): differentiable in
+    q, k, v, sinks and bias."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, bias, mask, *options):
@@ -836,18 +839,18 @@ class _AttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
                    window_left: int, window_right: int, deterministic: bool, softcap: Optional[float],
-                   alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor], precision: str, sinks: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
     out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
-                        bias=bias, mask=mask)
+                        precision, bias=bias, mask=mask)
     # The fake below promises contiguous results; make sure the real ones are too.
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
-                          sinks, bias, mask):
+                          precision, sinks, bias, mask):
     lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = q.new_empty(lead_shape + (q.shape[-2], v.shape[-1]))
     lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
@@ -858,10 +861,11 @@ def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, det
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
                    deterministic: bool, softcap: Optional[float], alibi_slopes: Optional[torch.Tensor],
-                   sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+                   precision: str, sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor]
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = list(_backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic,
-                           softcap, alibi_slopes, bias=bias, mask=mask, bias_grad=bias is not None))
+                           softcap, alibi_slopes, precision, bias=bias, mask=mask, bias_grad=bias is not None))
     # A custom op returns a fixed number of tensors: dsinks and dbias are empty without sinks / bias.
     dbias = grads.pop(3) if bias is not None else q.new_empty(0)
     dsinks = grads[3] if sinks is not None else q.new_empty(0)
@@ -870,7 +874,7 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @_attention_bwd.register_fake
 def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic, softcap,
-                          alibi_slopes, sinks, bias, mask):
+                          alibi_slopes, precision, sinks, bias, mask):
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dbias
@@ -880,7 +884,7 @@ def _save_for_backward(ctx, inputs, output):
     q, k, v, *options, sinks, bias, mask = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
-    ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes
+    ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes, precision
     ctx.mark_non_differentiable(lse)
 
 

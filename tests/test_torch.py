@@ -348,27 +348,27 @@ def test_numpy_bools_are_bools_in_the_adapter(randt):
 
 def test_custom_ops_pass_torch_opcheck(randt):
     q, k, v = randt(2, 4, 5, 8, requires_grad=True), randt(2, 2, 7, 8), randt(2, 2, 7, 6)
-    no_mods = (None, None, None, None, None)  # softcap, alibi_slopes, sinks, bias, mask
+    no_mods = (None, None, "highest", None, None, None)  # softcap, alibi_slopes, precision, sinks, bias, mask
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *no_mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *no_mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
                            *no_mods))
     sinks, slopes = randt(4, requires_grad=True), randt(4).abs()
-    mods = (3.0, slopes, sinks, None, None)
+    mods = (3.0, slopes, "highest", sinks, None, None)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
-                           3.0, slopes, sinks.detach(), None, None))
+                           3.0, slopes, "highest", sinks.detach(), None, None))
     bias, mask = randt(1, 4, 5, 7, requires_grad=True), torch.from_numpy(numpy.arange(7) % 3 != 1)
-    with_bias = (None, None, None, bias, mask)
+    with_bias = (None, None, "highest", None, bias, mask)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
                           (q, k, v, None, "bottom_right", 2, -1, False, *with_bias))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *with_bias)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
-                           None, None, None, bias.detach(), mask))
+                           None, None, "highest", None, bias.detach(), mask))
 
 
 def test_score_modifiers_with_gradients_into_sinks(randt):
