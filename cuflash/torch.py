@@ -553,7 +553,7 @@ def _cached_varlen_plan(kind, tensors, packed, alibi, sinks, options, ignored):
     softcap; the hints, ints, are in the key), else ``(None, None, None)``. ``ignored``: options
     that do not decide the launches (the forward's ``deterministic``)."""
     cu_q, cu_k, seqused_k = packed
-    if (alibi is not None or sinks is not None or options.get("softcap") is not None or not tensors[0].is_cuda
+    if (alibi is not None or sinks is not None or options.get("softcap") is not None
             or not all(t.is_cuda for t in tensors + (cu_q, cu_k))):
         return None, None, None
     listed = tuple((name, value) for name, value in options.items() if name not in ignored)
