@@ -15,7 +15,7 @@
 //   dS  = P o (dP - delta_i)        delta_i = rowsum(dO_i o O_i), precomputed by the host
 //   dK_j += dS^T Q_i                dQ_i += dS K_j   (atomics, unscaled; the host scales)
 //   dK_j *= scale at the end.
-// Under softcap or ALiBi (kScoreMods, score_mod.cuh; head g's slope) P and dS come from the
+// Under the score modifiers (kScoreMods, score_mod.cuh; head g's slope) P and dS come from the
 // modified scores x, once S and dP are both computed: P = exp(x - lse_i), dS = P o (dP - delta_i)
 // o dx / d(scale S).
 //
@@ -157,10 +157,10 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
             lse_c[c] = simt_bwd::lse_for_row(lse_s[row], m0 + row < Lq);
             delta_c[c] = delta_s[row];
         }
-        // Under softcap or ALiBi (head g's slope) S^T stays raw until dP^T is known (below).
+        // Under the score modifiers (head g's slope) S^T stays raw until dP^T is known (below).
         const bool masked = i < range.full_first || i >= range.full_last;
         const ScoreMod<T> mod(f, blockIdx.x * heads + step.g, T(f.scale), M::unit(), mask.diag);
-        const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
+        const bool modified = kScoreMods && mod.modifies();  // softcap, bias, ALiBi or mask (not sinks alone)
         if (!modified) {
 #pragma unroll
             for (int r = 0; r < TK; ++r)
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
             if constexpr (kScoreMods) {  // (plain Variants compile none of this)
                 simt_bwd::modified_p_ds(mod, mask, masked, s, ds, [&](int r, int c) {
                     return simt_bwd::PairStats<T>{m0 + cg + 16 * c, n0 + key0 + r, lse_c[c], delta_c[c]};
-                });
+                }, BiasGrad<T>(p, blockIdx.x * heads + step.g));
             }
         } else {
 #pragma unroll

@@ -236,14 +236,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         }
 
         // P = exp2(S * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element (tc::lse_log2:
-        // a row that sees no key gets P = 0 exactly). With softcap or ALiBi (the slope is head
+        // a row that sees no key gets P = 0 exactly). With score modifiers (the slope is head
         // g's): P = exp2(x - lse_i * log2 e) of the modified score x in log2 units,
         // and dP becomes (dP - delta_i) o dx / d(scale S) here.
         bool modified = false;
         if constexpr (kScoreMods) {
             // Built at every step (kept through the loop, its registers spill at d32 and d224).
-            const ScoreMod<float, true> mod(f, ptx::block_index_x() * heads + step.g, static_cast<float>(f.scale),
-                                            1.4426950408889634f, mask.diag);
+            const int bh = ptx::block_index_x() * heads + step.g;
+            const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+            const BiasGrad<float> dbias(p, bh);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
             for (int r = 0; r < 2 * kSM; ++r) {
@@ -255,7 +256,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                     float grad;
                     x = ptx::ex2(mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, key, grad) -
                                  lse2[r]);
-                    y = decltype(capped)::value ? (y - delta[r]) * grad : y - delta[r];
+                    y -= delta[r];
+                    if (dbias.wanted()) dbias.store(row, key, x * y, masked && !mask.visible(row, key));
+                    if (decltype(capped)::value) y *= grad;
                 });
             });
         }

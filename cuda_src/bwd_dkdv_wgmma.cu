@@ -162,10 +162,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         if (with_dq) dq_head_s = static_cast<float*>(p.dq_accum) + at.dq_accum;
     }
 
-    // Softcap or ALiBi (score_mod.cuh), of head 0 until the walk moves to the next head: the
+    // Score modifiers (score_mod.cuh), of head 0 until the walk moves to the next head: the
     // scores are modified before P (below).
     constexpr float kLog2e = 1.4426950408889634f;
     ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    BiasGrad<float> dbias(p, bh);
     const bool modified = kScoreMods && mod.modifies();
 
     // Steps t = (h, i): every head h of the group over query tiles i in [range.first, range.last);
@@ -207,12 +208,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         ptx::wgmma_pin(st);
         ptx::wgmma_pin(dpt);
 
-        if (kScoreMods && heads > 1 && step.i == range.first) mod.head(f, bh + step.g, kLog2e);  // head g's slope
+        if (kScoreMods && heads > 1 && step.i == range.first) {  // head g's slope, bias, mask and dbias
+            mod.head(f, bh + step.g, kLog2e);
+            dbias.head(bh + step.g);
+        }
         // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
         // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8 (tc::lse_log2: a
         // row that sees no key gets P = 0 exactly).
         const bool plain = !(modified && mod.template dispatch<false>([&](auto capped, auto alibi) {
-            // Softcap or ALiBi (score_mod.cuh; the slope is head g's): P^T = exp2(x - lse_i log2 e)
+            // Score modifiers (score_mod.cuh; the slope, bias and mask are head g's): P^T = exp2(x - lse_i log2 e)
             // of the modified score x in log2 units, 0 where hidden; dS^T = P^T o (dP^T - delta_i)
             // o dx / d(scale S). One branch for the whole tile, so the loop stays one block.
 #pragma unroll
@@ -228,6 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
                     st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
                                     ? 0.f : ptx::ex2(x - tc::lse_log2(lse_s[col + e % 2]));
                     dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_s[col + e % 2]);
+                    if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
                     if (decltype(capped)::value) dpt[nt][e] *= grad;
                 }
             }

@@ -9,7 +9,7 @@
 //   S  = Q_i K_j^T             P  = exp(S * scale - lse_i)   (P = 0 where masked)
 //   dP = dO_i V_j^T            dS = P o (dP - delta_i)
 //   dQ_i += dS K_j             and dQ_i *= scale at the end.
-// Under softcap or ALiBi (kScoreMods, score_mod.cuh) P and dS come from the modified scores x,
+// Under the score modifiers (kScoreMods, score_mod.cuh) P and dS come from the modified scores x,
 // once S and dP are both computed: P = exp(x - lse_i), dS = P o (dP - delta_i) o dx / d(scale S).
 //
 // Work split (bwd_simt.cuh): S and dP are queries x keys micro-tiles (a lane's TM queries are
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     simt::zero(dQ);
     const T scale = M::score_scale(f);
     const ScoreMod<T> mod(f, blockIdx.x, T(f.scale), M::unit(), mask.diag);
-    const bool modified = kScoreMods && mod.modifies();  // softcap or ALiBi (not sinks alone)
+    const bool modified = kScoreMods && mod.modifies();  // softcap, bias, ALiBi or mask (not sinks alone)
 
     if (range.first < range.last) {
         simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, q, f.q_row_stride, m0, kBlockM, Lq, D, tid);
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
         // P = exp(S * scale - lse_i): 0 for rows past Lq or that saw no key, and for masked
         // pairs on tiles that cross an edge of the visible region (keys past Lk included).
-        // Under softcap or ALiBi S stays raw until dP is known (below).
+        // Under the score modifiers S stays raw until dP is known (below).
         const bool masked = t < range.full_first || t >= range.full_last;
         if (!modified) {
 #pragma unroll

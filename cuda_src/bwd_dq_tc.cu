@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         }
 
         // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i). With
-        // softcap or ALiBi (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
+        // score modifiers (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
         // units, and dS = P o (dP - delta_i) o dx / d(scale S).
         bool modified = false;
         if constexpr (kScoreMods) {

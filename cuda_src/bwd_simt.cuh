@@ -172,13 +172,14 @@ struct PairStats {
     T lse, delta;
 };
 
-// P and dS of a lane's micro-tile under softcap or ALiBi (score_mod.cuh; the caller checked
+// P and dS of a lane's micro-tile under the score modifiers (score_mod.cuh; the caller checked
 // ScoreMod::modifies), in place of the raw S and dP, element (r, c) being the pair at(r, c):
 //   P = exp(x - lse) of the modified score x, 0 where hidden (tested only when `masked`)
 //   dS = P o (dP - delta) o dx / d(scale S)
-template <typename Mod, typename MaskT, typename T, int R, int C, typename At>
+// and P o (dP - delta) into `dbias` when it is wanted (the dK/dV kernel's).
+template <typename Mod, typename MaskT, typename T, int R, int C, typename At, typename Grad = NoBiasGrad>
 __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask, bool masked, T (&s)[R][C],
-                                              T (&dp)[R][C], At&& at) {
+                                              T (&dp)[R][C], At&& at, const Grad& dbias = Grad()) {
     mod.dispatch([&](auto capped, auto alibi) {
         simt::for_each(s, dp, [&](T& x, T& y, int r, int c) {
             const PairStats<T> e = at(r, c);
@@ -186,6 +187,7 @@ __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask,
             const T modified = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, e.query, e.key, grad);
             x = masked && !mask.visible(e.query, e.key) ? T(0) : Math<T>::exp(modified - e.lse);
             y = x * (y - e.delta);
+            if (dbias.wanted()) dbias.store(e.query, e.key, y);
             if (decltype(capped)::value) y *= grad;
         });
     });

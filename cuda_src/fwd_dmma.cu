@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
 #pragma unroll
         for (int di = 0; di < DT; ++di) acc[mi][di][0] = acc[mi][di][1] = T(0);
     }
-    // Softcap or ALiBi replace the scale: the scores are modified instead (scale = 1).
+    // Score modifiers replace the scale: the scores are modified instead (scale = 1).
     const T scale = kScoreMods && mod.modifies() ? T(1) : p.scale;
 
     if (range.first < range.last) {
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
             }
         }
 
-        // Scale (or modify: softcap, ALiBi), and on tiles that cross an edge of the visible
+        // Scale (or modify: score_mod.cuh), and on tiles that cross an edge of the visible
         // region, mask: s_ij = -inf for keys j the query i may not see (also keys past Lk).
         // Interior tiles skip the test.
         // Lane (g, t) holds row 8 mi + g, keys 8 ni + 2t + {0, 1} of the warp's tile.

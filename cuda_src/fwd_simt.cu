@@ -59,10 +59,11 @@ struct Occupancy {
     static constexpr int kWords = sizeof(T) / 4;
     // The window's per-element test needs a few registers more: with both micro-tiles at the
     // limit (fp32 d64 128x64) the window variant takes one block per SM; score modifiers more
-    // still (ptxas spills on some archs): with either at the limit.
+    // still (ptxas spills on some archs; a bias's and a mask's reads at fp32 d96, TM * TD = 24,
+    // on sm_80): with either near the limit.
     static constexpr bool kTwo = kWords * TM * TD <= 32 && kWords * TM * TN <= 32 &&
                                  !(kHasWindow && kWords * TM * TD == 32 && kWords * TM * TN == 32) &&
-                                 !(kScoreMods && (kWords * TM * TD == 32 || kWords * TM * TN == 32));
+                                 !(kScoreMods && (kWords * TM * TD >= 24 || kWords * TM * TN >= 24));
     static constexpr int kMinBlocks = kTwo ? 2 : 1;
     // Keys of P V per unrolled step: deeper unrolling lets the next keys' loads issue under the
     // current FFMAs. At 128 registers the window's per-element test leaves no room (ptxas
@@ -241,7 +242,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 #pragma unroll
         for (int c = 0; c < TD; ++c) acc[r][c] = T(0);
     }
-    // c of simt::Math: |scale|, log2 units for float; 1 for scores modified by softcap or ALiBi.
+    // c of simt::Math: |scale|, log2 units for float; 1 for modified scores (score_mod.cuh).
     const T scale = kScoreMods && mod.modifies() ? T(1) : M::softmax_scale(p);
 
     if (range.first < range.last) {
@@ -284,7 +285,7 @@ __global__ void __launch_bounds__(kWarps * 32,
             }
         }
 
-        // Softcap, ALiBi (score_mod.cuh): the scores in the exponent's units (scale = 1).
+        // Score modifiers (score_mod.cuh): the scores in the exponent's units (scale = 1).
         if constexpr (kScoreMods)
             simt::modify_scores(mod, s, [&](int r, int c) { return simt::QK{m0 + row0 + r, n0 + cg + 16 * c}; });
 

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             }
         }
 
-        // Softcap, ALiBi (score_mod.cuh): the scores in log2 units, c = 1.
+        // Score modifiers (score_mod.cuh): the scores in log2 units, c = 1.
         float c = scale_log2;
         if constexpr (kScoreMods) c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
 

@@ -41,7 +41,9 @@ constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlock
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
 // epilogue hide behind the other's MMAs); with 8 warps ptxas then keeps the kernel within 128
-// registers. sm_90: 228 KB of shared memory per SM, 1 KB of it reserved per block.
+// registers. sm_90: 228 KB of shared memory per SM, 1 KB of it reserved per block. The score
+// modifiers' Variants (a bias's and a mask's reads on top of softcap's and ALiBi's arithmetic)
+// do not fit 128 registers: one block per SM (d64: 176 registers instead of 68 bytes spilled).
 template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr int fwd_wgmma_min_blocks() {
     return 2 * (fwd_wgmma_smem_bytes<void, kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
@@ -49,7 +51,7 @@ constexpr int fwd_wgmma_min_blocks() {
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false>
-__global__ void __launch_bounds__(kWarps * 32, (fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
+__global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
     fwd_wgmma(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kKStepsQK = kHeadDim / 16;  // k16 steps of Q K^T

@@ -8,8 +8,8 @@
 //   [full_first, full_last)   every (row, key) pair visible: no per-element test at all
 //   [full_last, last)         masked: they cross the diagonal / right edge or the end of Lk
 // Tiles outside [first, last) are never loaded: causal does about half the work.
-// A future score modifier (ALiBi, softcap, additive bias) is a sibling functor applied to the
-// same S tile; it never changes these bounds.
+// The score modifiers (score_mod.cuh: softcap, an additive bias, ALiBi, a boolean mask) apply
+// to the same S tile; they never change these bounds.
 #pragma once
 #include "params.cuh"
 

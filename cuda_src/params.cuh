@@ -67,6 +67,18 @@ struct FwdParams {
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
     const int* seqused_k;
+
+    // Additive bias and boolean mask (score_mod.cuh), or null: one element per (attention row bh,
+    // query i, key j), at score_rows[2 bh] (bias) and score_rows[2 bh + 1] (mask) + i * row
+    // stride + j * col stride, in elements (the host flattens any strides over the leading axes,
+    // broadcasting included, into the per-row offsets: a broadcast axis costs no copy). bias is
+    // in the kernels' score type (float, double for float64); mask holds bools (1 byte, nonzero
+    // = the key is visible). A row/column stride times Lq/Lk stays below 2^31. Never with a
+    // packed batch.
+    const void* bias;
+    const unsigned char* mask;
+    const long long* score_rows;
+    int bias_row_stride, bias_col_stride, mask_row_stride, mask_col_stride;
 };
 
 // The backward's argument: the forward's tensors and options, plus the gradients.
@@ -89,6 +101,7 @@ struct BwdParams {
     void* dv;
     void* dq_accum;
     void* delta;
+    void* dbias;  // with a bias whose gradient is wanted: dS of every score (score_mod.cuh's BiasGrad), else null
     long long dout_batch_stride[CUFLASH_MAX_BATCH_DIMS];
     long long dq_batch_stride[CUFLASH_MAX_BATCH_DIMS];
     long long dk_batch_stride[CUFLASH_MAX_BATCH_DIMS];

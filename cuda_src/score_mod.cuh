@@ -6,12 +6,20 @@
 // MMA (cuflash/_cpu.py has the same order, and the float64 reference in tests/reference.py):
 //   x = scale * s
 //   x = softcap * tanh(x / softcap)           softcap > 0 (Gemma-2, Grok)
+//   x = x + bias[.., i, j]                      an additive bias (AlphaFold's pair bias, Swin's)
 //   x = x - slope * |i + diag - j|             ALiBi, the head's slope; diag as in the mask rule
-// then the mask (Mask::visible). The result is returned in the units of the kernel's
+//   x = -inf where mask[.., i, j] is false     a boolean mask (True = visible)
+// then the positional mask (Mask::visible). The result is returned in the units of the kernel's
 // exponential, times `unit` (log2(e) for the float kernels' exp2, 1 for float64's exp), so the
 // online softmax and the backward's P = exp(x - lse) take it with a multiplier of 1.
 // The backward's chain rule needs dx / d(scale * s): 1 - tanh^2 under softcap, else 1
-// (apply's `grad`); ALiBi's term does not depend on s.
+// (apply's `grad`); the bias's and ALiBi's terms do not depend on s. The bias's gradient is
+// dS = P o (dP - delta) itself (BiasGrad, below).
+//
+// Bias and mask are read element by element from global memory (the caller's arrays, any
+// strides, a broadcast axis at stride 0: L2 holds a bias shared by many rows) at the pairs the
+// kernels modify. Those include rows past Lq and keys past Lk of a tile that crosses an end;
+// they are not read there (the Mask hides them anyway).
 //
 // A sink (gpt-oss) is not a modifier of a score but one more logit of the row, with no value:
 // every forward kernel, plain or not, starts its softmax from it as if it had been seen
@@ -62,15 +70,19 @@ struct Flag {
 // special-function unit (fp16/bf16 kernels only).
 template <typename T, bool kFast = false>
 struct ScoreMod {
+    const FwdParams& params;  // the bias's and mask's strides and extents, read where used
     T mul;    // s's multiplier: scale * unit, or scale / softcap under softcap
     T cap;    // softcap * unit; 0: no softcap
     T slope;  // the head's ALiBi slope * unit; 0: none
+    T unit;   // the exponent's units per natural unit (log2(e) or 1): the bias's multiplier
     int diag;
+    int row;  // the attention row bh: where its bias and mask planes start (FwdParams::score_rows)
 
     // The modifiers of attention row bh. `scale`: the scale the kernel applies to its raw
     // scores (the forwards negate Q for a negative scale and pass |scale|); `diag`: the row's
     // sequence's mask diagonal (Mask::diag).
-    __device__ __forceinline__ ScoreMod(const FwdParams& p, int bh, T scale, T unit, int diag) : diag(diag) {
+    __device__ __forceinline__ ScoreMod(const FwdParams& p, int bh, T scale, T unit, int diag)
+        : params(p), unit(unit), diag(diag) {
         const bool capped = p.softcap > 0.0;
         cap = capped ? static_cast<T>(p.softcap) * unit : T(0);
         mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) : scale * unit;
@@ -78,29 +90,34 @@ struct ScoreMod {
         head(p, bh, unit);
     }
 
-    // Move to attention row bh (a dK/dV block's next head of a GQA group): only the slope
-    // depends on the head.
+    // Move to attention row bh (a dK/dV block's next head of a GQA group): the slope, the
+    // bias and the mask depend on the head.
     __device__ __forceinline__ void head(const FwdParams& p, int bh, T unit) {
         if (p.alibi_slopes != nullptr) slope = static_cast<const T*>(p.alibi_slopes)[bh] * unit;
+        row = bh;
     }
 
-    // Whether the scores change (softcap or ALiBi). With sinks alone they do not: the kernels
-    // keep their plain path, the scale folded into the softmax's exponent.
-    __device__ __forceinline__ bool modifies() const { return cap != T(0) || slope != T(0); }
+    // Whether the scores change (softcap, a bias, ALiBi or a mask). With sinks alone they do
+    // not: the kernels keep their plain path, the scale folded into the softmax's exponent.
+    __device__ __forceinline__ bool modifies() const {
+        return cap != T(0) || slope != T(0) || params.bias != nullptr || params.mask != nullptr;
+    }
 
     // Runs body(Flag<kCapped>(), Flag<kAlibi>()) for the modifiers this row has, and returns
     // whether it ran (modifies()): the per-element code is compiled once per combination and
     // chosen per tile (a warp-uniform branch), so a score pays only for the modifiers that are on.
     // kSplitAlibi = false: two combinations, not three (ALiBi's FADD and FFMA run, with a slope
     // of 0 under softcap alone), for the backward kernels, whose loop bodies are long already.
+    // A bias or mask alone runs the ALiBi combination with a slope of 0 (their own reads, a
+    // run-time branch, dwarf its FADD): no combination is added for them.
     template <bool kSplitAlibi = true, typename Body>
     __device__ __forceinline__ bool dispatch(Body&& body) const {
         if (cap != T(0)) {
-            if (!kSplitAlibi || slope != T(0)) body(Flag<true>(), Flag<true>());
+            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(Flag<true>(), Flag<true>());
             else body(Flag<true>(), Flag<!kSplitAlibi>());
             return true;
         }
-        if (slope != T(0)) {
+        if (modifies()) {
             body(Flag<false>(), Flag<true>());
             return true;
         }
@@ -118,7 +135,7 @@ struct ScoreMod {
             x = cap * th.t;
             grad = th.one_minus_t2;
         }
-        if constexpr (kAlibi) x -= slope * distance(i, j);
+        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j);
         return x;
     }
 
@@ -132,7 +149,23 @@ struct ScoreMod {
             x = cap * th.t;
             grad = th.one_minus_t2;
         }
-        return x - slope * distance(i, j);
+        return bias_and_mask(x - slope * distance(i, j), i, j);
+    }
+
+    // x plus the bias at (i, j), or -inf where the mask hides (i, j); not read outside Lq x Lk.
+    // (Addition commutes: the bias after ALiBi's term is the reference's bias before it.) The
+    // row's offsets are read where used, not kept: the kernels' registers are spent already.
+    __device__ __forceinline__ T bias_and_mask(T x, int i, int j) const {
+        const FwdParams& p = params;
+        if ((p.bias != nullptr || p.mask != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
+            if (p.bias != nullptr) {
+                const T* plane = static_cast<const T*>(p.bias) + p.score_rows[2 * row];
+                x = fma(plane[i * p.bias_row_stride + j * p.bias_col_stride], unit, x);
+            }
+            if (p.mask != nullptr && !p.mask[p.score_rows[2 * row + 1] + i * p.mask_row_stride + j * p.mask_col_stride])
+                x = -static_cast<T>(__int_as_float(0x7f800000));
+        }
+        return x;
     }
 
     // ALiBi's |i + diag - j|, as a difference of T: exact (integers below 2^24), and the
@@ -151,6 +184,37 @@ struct ScoreMod {
     static __device__ __forceinline__ T sink(const FwdParams& p, int bh, T unit) {
         return p.sinks != nullptr ? static_cast<const T*>(p.sinks)[bh] * unit : -static_cast<T>(__int_as_float(0x7f800000));
     }
+};
+
+// The bias's gradient (BwdParams::dbias): the dK/dV kernels store dS = P o (dP - delta) (of
+// the score after softcap, before its factor: the bias is added after the cap) of every pair
+// of row bh that a block visits, 0 where hidden, into a contiguous (rows, Lq, Lk) buffer in
+// the accumulation type that the host zeroed (pairs outside the blocks' tile ranges stay 0) and
+// sums over bias's broadcast axes afterwards, in a fixed order: reproducible, no atomics.
+template <typename T>
+struct BiasGrad {
+    const BwdParams& params;  // (a reference, never a pointer: that would copy the params to local memory)
+    int row;                  // the attention row bh
+
+    __device__ __forceinline__ BiasGrad(const BwdParams& p, int bh) : params(p), row(bh) {}
+
+    __device__ __forceinline__ void head(int bh) { row = bh; }  // a dK/dV block's next head
+
+    __device__ __forceinline__ bool wanted() const { return params.dbias != nullptr; }
+
+    // dS of pair (i, j); `hidden`: the positional mask hides it (the kernel's P may not be 0 yet).
+    __device__ __forceinline__ void store(int i, int j, T ds, bool hidden = false) const {
+        const FwdParams& f = params.fwd;
+        if (i < f.seqlen_q && j < f.seqlen_k && !hidden)
+            static_cast<T*>(params.dbias)[(static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j] = ds;
+    }
+};
+
+// No bias gradient (the dQ kernels' share of modified_p_ds).
+struct NoBiasGrad {
+    __device__ __forceinline__ bool wanted() const { return false; }
+    template <typename T>
+    __device__ __forceinline__ void store(int, int, T, bool = false) const {}
 };
 
 }  // namespace cuflash

@@ -237,7 +237,7 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
 }
 
 // Score modifiers (score_mod.cuh's ScoreMod) on a fragment of raw scores S whose first element
-// is (row0, col0): with softcap or ALiBi, S becomes the modified scores in log2 units and the
+// is (row0, col0): with score modifiers, S becomes the modified scores in log2 units and the
 // softmax's multiplier 1 is returned; otherwise (no modifier, or sinks alone) S stays raw and
 // the folded scale c is returned.
 template <typename Mod, int M, int N>

@@ -98,8 +98,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         True = the key is visible (torch SDPA's convention), ANDed with ``causal`` and
         ``window``: a key-padding mask is ``(B, 1, 1, Lk)``. A row left without a visible key
         outputs 0 with lse ``-inf`` (or its sink).
-        Bias and mask run on the CPU backend (NumPy arrays); the GPU kernels do not take them
-        yet (NotImplementedError).
+        Both backends take bias and mask. On the GPU a float16/bfloat16 bias is widened to
+        float32 once (in its own shape), and dbias is summed from dS of every score in a
+        fixed order (no atomics: reproducible), through a float32 (float64) buffer of the
+        output's ``(..., Hq, Lq, Lk)``.
     return_lse : bool
         Also return the log-sum-exp of the scaled scores, shape ``(..., Lq)``, natural log,
         float32 (float64 for float64 inputs); ``-inf`` for rows that see no key.

@@ -73,8 +73,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     ``softcap``, ``alibi_slopes`` and ``sinks`` tensors broadcastable to ``(..., Hq)``). CUDA tensors run cuflash's kernels on torch's current
     stream; CPU tensors run the NumPy backend. ``deterministic=True`` makes the backward bitwise
     reproducible. ``bias`` (float, broadcastable to ``(..., Hq, Lq, Lk)``, with autograd) and
-    ``mask`` (bool, True = visible) as :func:`cuflash.attention`: on what the backends take (CPU
-    tensors for now), eagerly and inside ``torch.compile``.
+    ``mask`` (bool, True = visible) as :func:`cuflash.attention`, on CPU and CUDA tensors, eagerly
+    and inside ``torch.compile``.
 
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
     (float32, float64 for float64 inputs) carries no gradient. ``precision`` as
@@ -109,8 +109,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     leading axes broadcast; different query and key/value head counts need ``enable_gqa=True``
     (query head h reads key/value head ``h // (Hq // Hkv)``), exactly as torch. ``attn_mask``
     as torch: boolean (True = takes part) or float (added to the scaled scores, differentiable),
-    broadcastable to ``(..., L, S)``, not together with ``is_causal`` (torch's error); it runs
-    where cuflash's bias/mask run (CPU tensors for now). A query row that sees no key gives 0 (torch gives NaN). Dropout is not supported
+    broadcastable to ``(..., L, S)``, not together with ``is_causal`` (torch's error); CPU and
+    CUDA tensors. A query row that sees no key gives 0 (torch gives NaN). Dropout is not supported
     (NotImplementedError).
     """
     # torch's own argument checks, word for word: tensors, and bools that are Python bools.

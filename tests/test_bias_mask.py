@@ -1,9 +1,16 @@
-"""Additive bias and boolean masks (issue 15) on the CPU backend, forward and backward (dbias),
-against the dense float64 reference (reference.score_mods_ref) under tests/tolerance.py's rule.
+"""Additive bias and boolean masks (issue 15), forward and backward (dbias), against the dense
+float64 reference (reference.score_mods_ref) under tests/tolerance.py's rule: the CPU backend on
+NumPy arrays, and the GPU kernels on CuPy arrays (marked ``gpu``, skipped cleanly without one).
 
 Order inside the score: s = scale q.k; softcap; + bias; + ALiBi; then the mask (causal/window
 ANDed with ``mask``). dbias is dS of the score after softcap, summed over bias's broadcast axes.
-The GPU kernels do not take bias or mask yet: they refuse them with NotImplementedError.
+
+The GPU runs the same checks (``check_against_reference(..., gpu=True)`` copies every input to
+the device and the results back): every CASE in every dtype, AlphaFold's pair bias, Swin's
+windows, CuPy views of any strides (stride-0 broadcasts, transposed, offset, negative strides),
+rows that see no key, -inf biases, hidden NaN, the deterministic dbias bit for bit, gradient
+order and bias_grad, out= in place, head dims 8-256 at odd lengths, 1025 keys; misuse on CuPy
+arrays is refused naming the argument before anything launches.
 """
 from __future__ import annotations
 
@@ -15,9 +22,9 @@ import pytest
 
 import cuflash
 from cuflash import _cpu, _spec
-from reference import score_mods_ref
+from reference import score_mods_ref, sink_gradient_ref, to_numpy
 from test_score_mods import test_bad_modifiers_are_refused_naming_the_argument as refused_like_a_modifier
-from tolerance import assert_close
+from tolerance import EPS, assert_close
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
@@ -48,19 +55,58 @@ def _bias_dtype(dtype, wide):
     return numpy.dtype(numpy.float32) if wide and numpy.dtype(dtype).itemsize == 2 else numpy.dtype(dtype)
 
 
-def check_against_reference(dtype, q, k, v, dout, **kwargs):
+def _cupy():
+    return pytest.importorskip("cupy")
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, numpy.ndarray) or type(x).__module__.split(".")[0] == "cupy"
+
+
+def _bits(x) -> bytes:
+    """The bytes of a NumPy or CuPy array's elements in C order (for bit-for-bit comparisons)."""
+    return to_numpy(x).tobytes()
+
+
+def check_against_reference(dtype, q, k, v, dout, *, gpu=False, deterministic=None, **kwargs):
     """Forward and backward (dq, dk, dv[, dbias][, dsinks]) against the float64 reference under
     tests/tolerance.py's rule (fp16/bf16 against the plain implementation in that dtype), with
-    every argument left unchanged."""
-    dtype = numpy.dtype(dtype)
-    before = {name: x.copy() for name, x in dict(q=q, k=k, v=v, dout=dout, **kwargs).items()
-              if isinstance(x, numpy.ndarray)}
-    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
-    for name, x in dict(q=q, k=k, v=v, dout=dout, **kwargs).items():
-        if name in before:
-            assert numpy.array_equal(before[name], x, equal_nan=True), f"{name} was modified"
+    every argument left unchanged. Returns (out, lse, grads) as NumPy arrays.
 
+    gpu: run cuflash on the GPU. Every NumPy array among the arguments (q, k, v, dout and the
+    keywords' arrays: bias, mask, alibi_slopes, sinks) is copied there with cupy.asarray, CuPy
+    arrays (views of any strides included) are taken as they are; the results come back with
+    cupy.asnumpy, and the reference sees host copies of exactly what the kernels read. The check
+    that nothing was modified reads the device arrays. dsinks follows test_score_mods's GPU rule
+    (sink_gradient_ref of the kernels' out). deterministic: passed to the backward when given.
+    """
+    dtype = numpy.dtype(dtype)
+    given = dict(q=q, k=k, v=v, dout=dout, **kwargs)
+    if gpu:
+        cupy = _cupy()
+        args = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in given.items()}
+        host = {name: to_numpy(x) if _is_array(x) else x for name, x in args.items()}
+        before = {name: _bits(x) for name, x in args.items() if isinstance(x, cupy.ndarray)}
+    else:
+        args = host = given
+        before = {name: x.copy() for name, x in given.items() if isinstance(x, numpy.ndarray)}
+    options = {name: x for name, x in args.items() if name not in ("q", "k", "v", "dout")}
+    backward_options = {} if deterministic is None else dict(deterministic=deterministic)
+    out, lse = cuflash.attention(args["q"], args["k"], args["v"], return_lse=True, **options)
+    grads = cuflash.attention_backward(args["dout"], args["q"], args["k"], args["v"], out, lse, **options,
+                                       **backward_options)
+    for name, x in args.items():
+        if name in before:
+            if gpu:
+                assert _bits(x) == before[name], f"{name} was modified"
+            else:
+                assert numpy.array_equal(before[name], x, equal_nan=True), f"{name} was modified"
+    if gpu:
+        assert all(isinstance(x, cupy.ndarray) for x in (out, lse, *grads)), "a result left the GPU"
+        out, lse, grads = cupy.asnumpy(out), cupy.asnumpy(lse), tuple(cupy.asnumpy(g) for g in grads)
+
+    q, k, v, dout = (host[name] for name in ("q", "k", "v", "dout"))
+    kwargs = {name: x for name, x in host.items() if name not in ("q", "k", "v", "dout")}
     ref_out, ref_lse, ref_grads = score_mods_ref(q, k, v, dout, **kwargs)
     size_out, _, size_grads = score_mods_ref(q, k, v, dout, magnitudes=True, **kwargs)
     baseline = (None, None, (None,) * len(ref_grads))
@@ -76,6 +122,13 @@ def check_against_reference(dtype, q, k, v, dout, **kwargs):
     assert len(grads) == len(names) == len(ref_grads)
     for name, grad, owner, reference, base, size in zip(names, grads, owners, ref_grads, baseline[2], size_grads):
         assert grad.shape == owner.shape and grad.dtype == owner.dtype, name
+        if gpu and name == "dsinks":
+            # As test_gpu_matches_the_reference (test_score_mods.py): dsinks' terms cancel, so it
+            # is held to the backward's own arithmetic given the kernels' out and the exact lse.
+            reference, size = sink_gradient_ref(dout, out, ref_lse, kwargs["sinks"])
+            stored = max(grad.dtype, numpy.dtype(lse_dtype), key=lambda t: EPS[numpy.dtype(t).name])
+            assert_close(grad, reference, dtype=stored, magnitude=size, kind="grad", name=name)
+            continue
         assert_close(grad, reference, dtype=dtype, baseline=base, magnitude=size, kind="grad", name=name)
     return out, lse, grads
 
@@ -137,9 +190,8 @@ def _options(rng, q_shape, options):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_the_reference(rng, dtype, case):
+def _case_arguments(rng, dtype, case):
+    """(q, k, v, dout) and the keywords of a CASE, drawn in ``dtype`` (NumPy arrays)."""
     q_shape, k_shape, v_shape, bias_shape, mask_spec, options = case
     q, k, v = _draw(rng, dtype, q_shape, k_shape, v_shape)
     (dout,) = _draw(rng, dtype, _spec.resolve_forward(q, k, v).out_shape)
@@ -151,34 +203,70 @@ def test_matches_the_reference(rng, dtype, case):
         kwargs["bias"] = rng.standard_normal(bias_shape).astype(_bias_dtype(dtype, wide=len(bias_shape) % 2 == 0))
     if mask_spec is not None:
         kwargs["mask"] = _mask(rng, *mask_spec)
-    check_against_reference(dtype, q, k, v, dout, **kwargs)
+    return (q, k, v, dout), kwargs
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_alphafold_pair_bias_shared_over_rows(rng, dtype):
-    """Triangle attention's shape: q (B, rows, H, N, D), each row a sequence of N residues, a pair
-    bias (B, 1, H, N, N) shared by every row (dbias summed over the rows), a residue mask."""
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_the_reference(rng, dtype, case):
+    arrays, kwargs = _case_arguments(rng, dtype, case)
+    check_against_reference(dtype, *arrays, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_matches_the_reference(rng, dtype, case):
+    """Every CASE on the GPU, the deterministic backward and the default one in turn."""
+    arrays, kwargs = _case_arguments(rng, dtype, case)
+    check_against_reference(dtype, *arrays, gpu=True, deterministic=bool(CASES.index(case) % 2), **kwargs)
+
+
+def _alphafold_pair_bias(rng, dtype, gpu):
     batch, rows, heads, n, d = 1, 5, 4, 23, 32
     q, k, v, dout = _draw(rng, dtype, *[(batch, rows, heads, n, d)] * 4)
     bias = rng.standard_normal((batch, 1, heads, n, n)).astype(_bias_dtype(dtype, True))
     mask = rng.random((batch, rows, 1, 1, n)) < 0.85
     mask[0, 2] = False  # a row whose residues are all padding
-    out, lse, grads = check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask)
+    out, lse, grads = check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask, gpu=gpu)
     assert (out[0, 2] == 0).all() and (lse[0, 2] == -numpy.inf).all()
     for grad in grads[:3]:
         assert (grad[0, 2] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swin_window_bias_and_shifted_window_mask(rng, dtype):
-    """Swin: windows of 49 tokens, q (B, nW, H, 49, D), a learnable relative-position bias
-    (1, H, 49, 49) shared by every window, the shifted windows' mask (nW, 1, 49, 49)."""
+def test_alphafold_pair_bias_shared_over_rows(rng, dtype):
+    """Triangle attention's shape: q (B, rows, H, N, D), each row a sequence of N residues, a pair
+    bias (B, 1, H, N, N) shared by every row (dbias summed over the rows), a residue mask."""
+    _alphafold_pair_bias(rng, dtype, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_alphafold_pair_bias_shared_over_rows(rng, dtype):
+    _alphafold_pair_bias(rng, dtype, gpu=True)
+
+
+def _swin_windows(rng, dtype, gpu):
     batch, windows, heads, d = 2, 4, 3, 16
     q, k, v, dout = _draw(rng, dtype, *[(batch, windows, heads, 49, d)] * 4)
     bias = rng.standard_normal((1, heads, 49, 49)).astype(_bias_dtype(dtype, False))
     region = rng.integers(0, 3, (windows, 49))  # each token's region; tokens attend within theirs
     mask = (region[:, :, None] == region[:, None, :])[:, None]
-    check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask)
+    check_against_reference(dtype, q, k, v, dout, bias=bias, mask=mask, gpu=gpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swin_window_bias_and_shifted_window_mask(rng, dtype):
+    """Swin: windows of 49 tokens, q (B, nW, H, 49, D), a learnable relative-position bias
+    (1, H, 49, 49) shared by every window, the shifted windows' mask (nW, 1, 49, 49)."""
+    _swin_windows(rng, dtype, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_swin_window_bias_and_shifted_window_mask(rng, dtype):
+    _swin_windows(rng, dtype, gpu=True)
 
 
 def test_bias_of_any_strides_and_broadcast_views(rng):
@@ -386,36 +474,6 @@ def test_out_is_written_in_place_with_bias_and_mask(rng):
     assert out.tobytes() == cuflash.attention(q, k, v, bias=bias, mask=mask).tobytes()
 
 
-def test_gpu_refuses_bias_and_mask_before_anything_runs(rng):
-    """The GPU path refuses a problem with a bias or a mask first thing, naming them (checked on
-    a problem resolved from NumPy arrays: the refusal comes before any CuPy call)."""
-    pytest.importorskip("cupy")
-    from cuflash._gpu import plan
-
-    q, k, v = _draw(rng, "float32", *[(1, 2, 8, 8)] * 3)
-    bias, mask = numpy.zeros((8, 8), numpy.float32), numpy.ones((8, 8), bool)
-    for kwargs, names in ((dict(bias=bias), "^bias:"), (dict(mask=mask), "^mask:"),
-                          (dict(bias=bias, mask=mask), "^bias and mask:")):
-        problem = _spec.resolve_forward(q, k, v, return_lse=True, **kwargs)
-        with pytest.raises(NotImplementedError, match=names + ".*CPU backend"):
-            plan.forward(problem)
-        backward = _spec.resolve_backward(q, q, k, v, q, numpy.zeros((1, 2, 8), numpy.float32), **kwargs)
-        with pytest.raises(NotImplementedError, match=names + ".*CPU backend"):
-            plan.backward(backward)
-
-
-@pytest.mark.gpu
-def test_gpu_refuses_bias_and_mask(rng):
-    cupy = pytest.importorskip("cupy")
-    q, k, v = (cupy.asarray(x) for x in _draw(rng, "float16", *[(1, 2, 8, 16)] * 3))
-    out = cupy.full((1, 2, 8, 16), 7, cupy.float16)
-    with pytest.raises(NotImplementedError, match="bias.*CPU backend"):
-        cuflash.attention(q, k, v, bias=cupy.zeros((8, 8), cupy.float32), out=out)
-    with pytest.raises(NotImplementedError, match="mask.*CPU backend"):
-        cuflash.attention_vjp(q, k, v, mask=cupy.ones((8, 8), bool))
-    assert bool((out == 7).all())
-
-
 @pytest.mark.gpu
 def test_bias_and_mask_must_be_the_inputs_kind(rng):
     cupy = pytest.importorskip("cupy")
@@ -501,13 +559,333 @@ def test_bias_grad_must_be_a_bool(rng, value, monkeypatch):
         cuflash.attention_vjp(q, k, v, bias=bias, bias_grad=value)
 
 
-def test_out_must_not_overlap_bias_or_mask(rng):
-    q, k, v = _draw(rng, "float32", *[(1, 2, 4, 4)] * 3)
-    storage = numpy.zeros((1, 2, 4, 4), numpy.float32)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_out_must_not_overlap_bias_or_mask(rng, backend, monkeypatch):
+    xp = numpy if backend == "cpu" else _cupy()
+    q, k, v = (xp.asarray(x) for x in _draw(rng, "float32", *[(1, 2, 4, 4)] * 3))
+    if backend == "gpu":
+        _forbid_launches(monkeypatch)
+    storage = xp.zeros((1, 2, 4, 4), xp.float32)
     with pytest.raises(ValueError, match="out must not share memory with bias"):
         cuflash.attention(q, k, v, bias=storage, out=storage)
-    raw = numpy.zeros(4 * 4 * 8, numpy.uint8)
-    out = raw.view(numpy.float32).reshape(1, 2, 4, 4)
+    raw = xp.zeros(4 * 4 * 8, xp.uint8)
+    out = raw.view(xp.float32).reshape(1, 2, 4, 4)
     with pytest.raises(ValueError, match="out must not share memory with mask"):
         cuflash.attention(q, k, v, mask=raw[:16].view(bool).reshape(4, 4), out=out)
-    assert (raw == 0).all()
+    assert not bool(raw.any()) and not bool(storage.any())
+
+
+# --- the GPU kernels (CuPy arrays) ----------------------------------------------------------------
+
+
+def _on_gpu(*arrays):
+    """CuPy copies of NumPy arrays."""
+    cupy = _cupy()
+    return [cupy.asarray(x) for x in arrays]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_bias_of_any_strides_and_broadcast_views(rng, dtype):
+    """As on the CPU, on CuPy views: the compact bias, a stride-0 broadcast (cupy.broadcast_to),
+    a transposed copy, and a view with an offset, a stride of 2 and a negative stride into a
+    NaN-filled buffer give the same forward bit for bit; dbias of a full-shape view has the
+    view's shape, one entry per element (the same for every layout), and sums back to the
+    compact bias's gradient. The buffer around the view is never read nor written."""
+    cupy = _cupy()
+    q, k, v, dout = _on_gpu(*_draw(rng, dtype, (2, 3, 40, 16), (2, 3, 57, 16), (2, 3, 57, 16), (2, 3, 40, 16)))
+    compact = cupy.asarray(rng.standard_normal((1, 3, 1, 57)).astype(numpy.float32))
+    view = cupy.broadcast_to(compact, (2, 3, 40, 57))
+    assert view.strides[0] == view.strides[2] == 0
+    transposed = cupy.ascontiguousarray(view.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # keys the slow axis
+    buffer = cupy.asarray(numpy.full((3, 6, 50, 130), numpy.nan, numpy.float32))
+    strided = buffer[1:, ::2, 45:5:-1, 3:117:2]
+    assert strided.shape == (2, 3, 40, 57) and strided.strides[2] < 0
+    strided[...] = view
+    buffer_bits = _bits(buffer)
+    biases = (compact, view, transposed, strided)
+
+    results = [cuflash.attention(q, k, v, bias=b, causal=True, return_lse=True) for b in biases]
+    for out, lse in results[1:]:
+        assert _bits(out) == _bits(results[0][0]) and _bits(lse) == _bits(results[0][1])
+    out, lse = results[0]
+    d_compact, d_view, d_transposed, d_strided = (
+        cupy.asnumpy(cuflash.attention_backward(dout, q, k, v, out, lse, bias=b, causal=True, deterministic=True)[3])
+        for b in biases)
+    assert _bits(buffer) == buffer_bits, "the buffer around the strided bias changed"
+    assert d_compact.shape == (1, 3, 1, 57)
+    assert d_view.shape == d_transposed.shape == d_strided.shape == (2, 3, 40, 57)
+    assert all(d.dtype == numpy.float32 for d in (d_compact, d_view, d_transposed, d_strided))
+    numpy.testing.assert_array_equal(d_view, d_transposed)
+    numpy.testing.assert_array_equal(d_view, d_strided)
+    numpy.testing.assert_allclose(d_view.astype(numpy.float64).sum(axis=(0, 2), keepdims=True), d_compact,
+                                  rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_rows_that_see_no_key_give_zero_the_sink_and_no_gradient(rng, dtype, sinks):
+    """Rows left without a visible key by the caller's mask (alone, or with top-left causal, in
+    the first and in a later block of queries) or by a bias of -inf: out 0, lse -inf (or the
+    sink, to the rounding of lse's dtype), nothing NaN, no gradient through them, dbias 0 where
+    masked; everything else against the reference."""
+    lq, lk = 140, 150
+    q, k, v, dout = _draw(rng, dtype, (2, 2, lq, 32), (2, 2, lk, 32), (2, 2, lk, 32), (2, 2, lq, 32))
+    mask = rng.random((2, 2, lq, lk)) < 0.6
+    mask[:, :, 4] = mask[:, :, 135] = False
+    mask[1, 0, 7] = False
+    bias = rng.standard_normal((2, 2, lq, lk)).astype(_bias_dtype(dtype, True))
+    bias[0, 1, 9] = -numpy.inf
+    lse_dtype = numpy.dtype(numpy.float64 if dtype == "float64" else numpy.float32)
+    kwargs = dict(bias=bias, mask=mask, causal="top_left")
+    if sinks:
+        kwargs["sinks"] = numpy.array([0.5, -1.0], lse_dtype)
+    out, lse, grads = check_against_reference(dtype, q, k, v, dout, gpu=True, **kwargs)
+    empty = numpy.zeros((2, 2, lq), bool)
+    empty[:, :, 4] = empty[:, :, 135] = empty[1, 0, 7] = empty[0, 1, 9] = True
+    empty[..., 0] |= ~mask[..., 0, 0]  # top-left causal: row 0 sees key 0 only
+    assert (out[empty] == 0).all()
+    if sinks:
+        expected = numpy.broadcast_to(kwargs["sinks"][None, :, None], (2, 2, lq))[empty]
+        numpy.testing.assert_allclose(lse[empty], expected, rtol=4 * EPS[lse_dtype.name], atol=0)
+    else:
+        assert (lse[empty] == -numpy.inf).all()
+    assert all(numpy.isfinite(x.astype(numpy.float64)).all() for x in (out, *grads))
+    assert (grads[0][empty] == 0).all() and (grads[3][empty] == 0).all()
+    assert (grads[3][~mask] == 0).all()  # dbias is 0 where masked
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_gpu_minus_infinity_bias_hides_keys_as_the_mask_does(rng, dtype):
+    """A bias of 0 / -inf and the boolean mask it spells: the same out, lse, dq, dk and dv, bit
+    for bit (deterministic backward)."""
+    q, k, v, dout = _on_gpu(*_draw(rng, dtype, (2, 3, 130, 64), (2, 3, 150, 64), (2, 3, 150, 64), (2, 3, 130, 64)))
+    host_mask = rng.random((2, 1, 130, 150)) < 0.5
+    mask = _on_gpu(host_mask)[0]
+    bias = _on_gpu(numpy.where(host_mask, 0.0, -numpy.inf).astype(_bias_dtype(dtype, True)))[0]
+    by_mask = cuflash.attention(q, k, v, mask=mask, causal=True, return_lse=True)
+    by_bias = cuflash.attention(q, k, v, bias=bias, causal=True, return_lse=True)
+    for a, b in zip(by_mask, by_bias):
+        assert _bits(a) == _bits(b)
+    grads_mask = cuflash.attention_backward(dout, q, k, v, *by_mask, mask=mask, causal=True, deterministic=True)
+    grads_bias = cuflash.attention_backward(dout, q, k, v, *by_bias, bias=bias, causal=True, deterministic=True)
+    assert len(grads_mask) == 3 and len(grads_bias) == 4
+    for a, b in zip(grads_mask, grads_bias):
+        assert _bits(a) == _bits(b)
+    dbias = to_numpy(grads_bias[3])
+    assert (dbias[~numpy.broadcast_to(host_mask, dbias.shape)] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_gpu_hidden_nan_in_bias_does_not_leak(rng, dtype):
+    """A NaN bias entry behind the caller's mask (keys 5 and 170: in key tiles with visible keys)
+    takes no part in any row: out, lse and every gradient are the clean call's bits, and dbias is
+    exactly 0 where masked. (A NaN *value* row is another matter on the GPU: it reaches every
+    query through P V's products, 0 x NaN, as in any tensor-core implementation; the CPU backend
+    selects hidden pairs away instead.)"""
+    q, k, v, dout = _draw(rng, dtype, (1, 2, 150, 64), (1, 2, 300, 64), (1, 2, 300, 64), (1, 2, 150, 64))
+    hidden = [5, 170]
+    mask = numpy.ones((1, 2, 150, 300), bool)
+    mask[..., hidden] = False
+    bias = rng.standard_normal((1, 2, 150, 300)).astype(_bias_dtype(dtype, True))
+    dirty = bias.copy()
+    dirty[..., hidden] = numpy.nan
+    q, k, v, dout, bias, dirty, mask = _on_gpu(q, k, v, dout, bias, dirty, mask)
+    results = []
+    for b in (bias, dirty):
+        out, lse = cuflash.attention(q, k, v, bias=b, mask=mask, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, bias=b, mask=mask, deterministic=True)
+        results.append((out, lse) + tuple(grads))
+    for a, b in zip(*results):
+        assert _bits(a) == _bits(b)
+    dbias = to_numpy(results[1][3])
+    assert (dbias[..., hidden] == 0).all() and numpy.isfinite(dbias).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_shape", [(1, 4, 300, 517), (1, 4, 1, 517)], ids=["over-batch", "over-batch-and-queries"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_backward_is_bitwise_reproducible(rng, dtype, bias_shape):
+    """The same deterministic backward fifty times: every gradient, dbias of a bias broadcast
+    over the batch (and over three blocks of queries) included, bit for bit."""
+    cupy = _cupy()
+    q, k, v, dout = _on_gpu(*_draw(rng, dtype, (2, 4, 300, 64), (2, 2, 517, 64), (2, 2, 517, 64), (2, 4, 300, 64)))
+    bias, mask, sinks = _on_gpu(rng.standard_normal(bias_shape).astype(numpy.float32),
+                                _mask(rng, (2, 1, 1, 517), "keypad"), rng.standard_normal(4).astype(numpy.float32))
+    out, vjp = cuflash.attention_vjp(q, k, v, bias=bias, mask=mask, causal=True, softcap=3.0, sinks=sinks,
+                                     deterministic=True)
+    first = vjp(dout)
+    assert len(first) == 5 and isinstance(first[3], cupy.ndarray)
+    assert first[3].shape == bias_shape and first[3].dtype == numpy.float32
+    first = [_bits(g) for g in first]
+    for _ in range(49):
+        assert [_bits(g) for g in vjp(dout)] == first
+
+
+@pytest.mark.gpu
+def test_gpu_gradient_order_and_bias_grad(rng):
+    """(dq, dk, dv), then dbias when bias is given and bias_grad is true, then dsinks; through
+    attention_backward and attention_vjp alike (deterministic: the same bits call after call)."""
+    cupy = _cupy()
+    q, k, v, dout = _on_gpu(*_draw(rng, "float32", (2, 4, 70, 64), (2, 2, 90, 64), (2, 2, 90, 64), (2, 4, 70, 64)))
+    bias = _on_gpu(rng.standard_normal((2, 1, 70, 90)).astype(numpy.float32))[0]
+    sinks = _on_gpu(numpy.array([0.1, 0.2, -0.3, 0.4], numpy.float32))[0]
+    out, lse = cuflash.attention(q, k, v, bias=bias, sinks=sinks, return_lse=True)
+    backward = dict(bias=bias, sinks=sinks, deterministic=True)
+    full = cuflash.attention_backward(dout, q, k, v, out, lse, **backward)
+    assert all(isinstance(g, cupy.ndarray) for g in full)
+    assert [g.shape for g in full] == [q.shape, k.shape, v.shape, bias.shape, sinks.shape]
+    assert [g.dtype for g in full] == [numpy.dtype(numpy.float32)] * 5
+    without = cuflash.attention_backward(dout, q, k, v, out, lse, bias_grad=False, **backward)
+    assert len(without) == 4
+    for a, b in zip(full[:3] + full[4:], without):
+        assert _bits(a) == _bits(b)
+    assert len(cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, bias_grad=numpy.bool_(False))) == 3
+    assert len(cuflash.attention_backward(dout, q, k, v, out, lse, mask=bias > 0, bias_grad=True)) == 3
+    vjp_out, vjp = cuflash.attention_vjp(q, k, v, bias=bias, sinks=sinks, deterministic=True)
+    assert _bits(vjp_out) == _bits(out)
+    for a, b in zip(vjp(dout), full):
+        assert _bits(a) == _bits(b)
+    assert len(cuflash.attention_vjp(q, k, v, bias=bias, bias_grad=False)[1](dout)) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_out_is_written_in_place_with_bias_and_mask(rng, dtype):
+    """out= a view into a NaN-poisoned buffer: written in full (a fully masked row with 0s),
+    nothing outside it, the same bits as a fresh output."""
+    shape, guard = (2, 3, 37, 24), 131
+    q, k, v = _on_gpu(*_draw(rng, dtype, shape, (2, 3, 53, 24), (2, 3, 53, 24)))
+    bias, mask = _on_gpu(rng.standard_normal((3, 37, 53)).astype(_bias_dtype(dtype, True)),
+                         _mask(rng, (37, 53), "holes"))
+    size = int(numpy.prod(shape))
+    buffer = _on_gpu(numpy.full(size + 2 * guard, numpy.nan, numpy.dtype(dtype)))[0]
+    out = buffer[guard:guard + size].reshape(shape)
+    result = cuflash.attention(q, k, v, bias=bias, mask=mask, causal=True, out=out)
+    assert result is out
+    whole = to_numpy(buffer).astype(numpy.float64)
+    assert numpy.isnan(whole[:guard]).all() and numpy.isnan(whole[guard + size:]).all(), "written outside out"
+    assert not numpy.isnan(whole[guard:guard + size]).any(), "out not written in full"
+    assert (to_numpy(out)[..., 3, :] == 0).all()  # "holes": query row 3 sees no key
+    assert _bits(out) == _bits(cuflash.attention(q, k, v, bias=bias, mask=mask, causal=True))
+
+
+# Head dims x dtypes x odd length pairs (Lq < Lk, Lq > Lk, Lq = 1): each (head dim, dtype) meets
+# two of the pairs, each head dim all four across the dtypes; the bias's and mask's broadcast
+# forms, causal/window, GQA, the bias's dtype and the backward's determinism taken in turn.
+HEAD_DIMS = [8, 16, 24, 32, 48, 59, 64, 128, 256]
+SWEEP_LENGTHS = [(1, 200), (97, 97), (97, 200), (200, 97)]
+SWEEP_VARIANTS = [  # (kv heads, bias shape, mask (shape, kind), options) from (B, Hq, Lq, Lk) = (2, 4, lq, lk)
+    lambda lq, lk: (4, (2, 4, lq, lk), ((1, 4, lq, lk), "holes"), dict(causal=True)),
+    lambda lq, lk: (2, (1, 4, lq, lk), ((2, 1, 1, lk), "keypad"), {}),
+    lambda lq, lk: (4, (2, 1, 1, lk), ((lq, lk), "random"), dict(causal="top_left")),
+    lambda lq, lk: (2, (4, lq, 1), ((2, 4, lq, lk), "holes"), dict(window=(40, 7))),
+]
+SWEEP = [
+    pytest.param(dtype, d, SWEEP_LENGTHS[(i + j + 2 * t) % 4], (i + 2 * j + t) % 4, (i + t) % 2 == 0, t == 1,
+                 id=f"{dtype}-d{d}-{'x'.join(map(str, SWEEP_LENGTHS[(i + j + 2 * t) % 4]))}-v{(i + 2 * j + t) % 4}")
+    for i, d in enumerate(HEAD_DIMS)
+    for j, dtype in enumerate(["float16", "bfloat16", "float32"])
+    for t in (0, 1)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, head_dim, lengths, variant, wide, deterministic", SWEEP)
+def test_gpu_head_dims_with_bias_and_mask_at_odd_lengths(rng, dtype, head_dim, lengths, variant, wide, deterministic):
+    lq, lk = lengths
+    kv_heads, bias_shape, (mask_shape, kind), options = SWEEP_VARIANTS[variant](lq, lk)
+    q, k, v, dout = _draw(rng, dtype, (2, 4, lq, head_dim), (2, kv_heads, lk, head_dim), (2, kv_heads, lk, head_dim),
+                          (2, 4, lq, head_dim))
+    bias = rng.standard_normal(bias_shape).astype(_bias_dtype(dtype, wide))
+    check_against_reference(dtype, q, k, v, dout, gpu=True, deterministic=deterministic, bias=bias,
+                            mask=_mask(rng, mask_shape, kind), **options)
+
+
+LONG = [  # (dtype, head dim, Lq, bias shape, mask (shape, kind) or None, options); Lk = 1025, causal
+    ("bfloat16", 128, 1025, (1, 2, 1025, 1025), ((2, 1, 1, 1025), "keypad"), dict(causal=True)),
+    ("float32", 64, 1025, (2, 1, 1, 1025), ((1, 2, 1025, 1025), "holes"), dict(causal=True)),
+    ("float16", 256, 200, (1, 2, 1, 1025), ((2, 1, 200, 1025), "random"), dict(causal=True, sinks="heads")),
+    ("float64", 32, 1025, (1025, 1025), None, dict(causal="top_left")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, head_dim, lq, bias_shape, mask_spec, options", LONG,
+                         ids=[f"{c[0]}-d{c[1]}-{c[2]}x1025" for c in LONG])
+def test_gpu_1025_keys_causal(rng, dtype, head_dim, lq, bias_shape, mask_spec, options):
+    """Nine key tiles, causal in both alignments, with a full, a key-broadcast and a
+    query-broadcast bias, key padding, and sinks."""
+    q, k, v, dout = _draw(rng, dtype, (2, 2, lq, head_dim), (2, 2, 1025, head_dim), (2, 2, 1025, head_dim),
+                          (2, 2, lq, head_dim))
+    kwargs = _options(rng, (2, 2, lq, head_dim), options)
+    if "sinks" in kwargs:
+        kwargs["sinks"] = kwargs["sinks"].astype(_bias_dtype(dtype, True))
+    kwargs["bias"] = rng.standard_normal(bias_shape).astype(_bias_dtype(dtype, True))
+    if mask_spec is not None:
+        kwargs["mask"] = _mask(rng, *mask_spec)
+    check_against_reference(dtype, q, k, v, dout, gpu=True, deterministic=dtype == "float32", **kwargs)
+
+
+GPU_BAD = [  # (keywords from the cupy module, error, message); q (2, 4, 5, 8) float32, k and v (2, 4, 6, 8)
+    pytest.param(lambda cp: dict(bias=cp.zeros((2, 4, 5, 6), cp.int32)), TypeError,
+                 r"bias must be a float array of dtype float32 \(q is float32\), got int32", id="bias-int32"),
+    pytest.param(lambda cp: dict(bias=cp.zeros((5, 6), cp.float64)), TypeError,
+                 r"bias must be a float array of dtype float32 \(q is float32\), got float64", id="bias-float64"),
+    pytest.param(lambda cp: dict(bias=cp.zeros((5, 6), bool)), TypeError, "bias must be a float array", id="bias-bool"),
+    pytest.param(lambda cp: dict(bias=cp.zeros((2, 4, 5, 7), cp.float32)), ValueError,
+                 r"bias must broadcast to \(\.\.\., Hq, Lq, Lk\) = \(2, 4, 5, 6\)", id="bias-shape"),
+    pytest.param(lambda cp: dict(bias=cp.zeros((1, 2, 4, 5, 6), cp.float32)), ValueError, "bias must broadcast",
+                 id="bias-extra-axis"),
+    pytest.param(lambda cp: dict(bias=numpy.zeros((5, 6), numpy.float32)), TypeError,
+                 r"bias must be a CuPy \(GPU\) array like q, got a numpy array", id="bias-on-the-host"),
+    pytest.param(lambda cp: dict(bias=[[0.0] * 6] * 5), TypeError, "bias must be a numpy.ndarray, a cupy.ndarray",
+                 id="bias-list"),
+    pytest.param(lambda cp: dict(mask=cp.ones((5, 6), cp.float32)), TypeError, "mask must be a boolean array",
+                 id="mask-float32"),
+    pytest.param(lambda cp: dict(mask=cp.ones((5, 6), cp.uint8)), TypeError, "mask must be a boolean array",
+                 id="mask-uint8"),
+    pytest.param(lambda cp: dict(mask=cp.ones((3, 4, 5, 6), bool)), ValueError,
+                 r"mask must broadcast to \(\.\.\., Hq, Lq, Lk\)", id="mask-shape"),
+    pytest.param(lambda cp: dict(mask=numpy.ones((5, 6), bool)), TypeError,
+                 r"mask must be a CuPy \(GPU\) array like q, got a numpy array", id="mask-on-the-host"),
+]
+
+
+def _forbid_launches(monkeypatch):
+    """Any GPU plan building or running fails the test."""
+    from cuflash._gpu import plan
+
+    def launched(*args, **kwargs):
+        pytest.fail("a GPU plan was built or run")
+
+    monkeypatch.setattr(plan, "forward", launched)
+    monkeypatch.setattr(plan, "backward", launched)
+    monkeypatch.setattr(plan._Plan, "_run", launched)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make, error, match", GPU_BAD)
+def test_gpu_bad_bias_or_mask_is_refused_naming_it_before_any_launch(rng, make, error, match, monkeypatch):
+    """attention (out= left as it was), attention_backward and attention_vjp on CuPy arrays
+    refuse a bad bias or mask naming it, before anything is built or launched."""
+    cupy = _cupy()
+    q, k, v = _on_gpu(*_draw(rng, "float32", (2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8)))
+    out = _on_gpu(numpy.full((2, 4, 5, 8), 7.0, numpy.float32))[0]
+    lse = cupy.zeros((2, 4, 5), cupy.float32)
+    options = make(cupy)
+    _forbid_launches(monkeypatch)
+    with pytest.raises(error, match=match):
+        cuflash.attention(q, k, v, out=out, **options)
+    assert bool((out == 7.0).all())
+    with pytest.raises(error, match=match):
+        cuflash.attention(q, k, v, return_lse=True, **options)
+    with pytest.raises(error, match=match):
+        cuflash.attention_backward(out, q, k, v, out, lse, **options)
+    with pytest.raises(error, match=match):
+        cuflash.attention_vjp(q, k, v, **options)
+
+

@@ -359,7 +359,6 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     None when this call needed something a replay would not redo (copies of unaligned inputs, a
     padded output, out=, an empty problem).
     """
-    _refuse_bias_and_mask(problem)
     cupy = _cupy()
     p = problem
     out_shape, lse_shape = p.out_shape, p.lse_shape
@@ -414,7 +413,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     launch = _launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m)
     struct = _fwd_struct(p, layout, q, v)
     per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
-    plain = plain and not p.has_score_mods  # a replay writes no modifier pointers
+    plain = plain and not mods and not p.has_score_mods  # a replay writes no modifier pointers
     plan = ForwardPlan(p, struct, launch)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
     del per_row
@@ -451,19 +450,10 @@ def _stored(p, x):
     return x if p.packed is None else x.transpose(1, 0, 2)
 
 
-def _refuse_bias_and_mask(p) -> None:
-    """The kernels take no bias or mask yet (issue 15): refuse before anything is allocated or launched."""
-    given = [name for name, x in (("bias", p.bias), ("mask", p.mask)) if x is not None]
-    if given:
-        raise NotImplementedError(
-            f"{' and '.join(given)}: the GPU kernels do not take a bias or a boolean mask yet; the CPU backend "
-            f"(NumPy arrays) has them, with the same semantics")
-
-
 def _modifies_scores(p) -> bool:
-    """Softcap or ALiBi: the kScoreMods Variants run. Sinks alone run on the plain ones (every
-    forward kernel starts its softmax from a sink; the backward needs nothing of them)."""
-    return p.softcap is not None or p.alibi_slopes is not None
+    """Softcap, a bias, ALiBi or a mask: the kScoreMods Variants run. Sinks alone run on the plain
+    ones (every forward kernel starts its softmax from a sink; the backward needs nothing of them)."""
+    return p.softcap is not None or p.alibi_slopes is not None or p.bias is not None or p.mask is not None
 
 
 def _per_row(x, lead_shape, dtype):
@@ -474,17 +464,60 @@ def _per_row(x, lead_shape, dtype):
 
 
 def _fill_score_mods(struct, p) -> tuple:
-    """Write the score modifiers into a forward struct (cuda_src/score_mod.cuh): softcap, and the
-    per-row slopes and sinks in the kernels' score type (float32, float64 for float64). Returns
-    the per-row arrays, which must stay alive until the launch is queued."""
-    if not p.has_score_mods:
-        return ()
-    accum = numpy.float64 if p.dtype == numpy.float64 else numpy.float32
+    """Write the score modifiers into a forward struct (cuda_src/score_mod.cuh): softcap, the
+    per-row slopes and sinks in the kernels' score type (float32, float64 for float64), and the
+    bias and mask (``_fill_bias_and_mask``). Returns the per-row slopes and sinks, then the
+    arrays the bias and mask are read from: all must stay alive until the launch is queued."""
+    if not (p.has_score_mods or p.bias is not None or p.mask is not None):
+        return (None, None)
+    accum = _accum(p)
     slopes, sinks = (None if x is None else _per_row(x, _row_shape(p), accum) for x in (p.alibi_slopes, p.sinks))
     struct["softcap"] = 0.0 if p.softcap is None else p.softcap
     struct["alibi_slopes"] = 0 if slopes is None else slopes.data.ptr
     struct["sinks"] = 0 if sinks is None else sinks.data.ptr
-    return slopes, sinks
+    return (slopes, sinks) + _fill_bias_and_mask(struct, p)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _fill_bias_and_mask(struct, p) -> tuple:
+    """The bias (in the kernels' score type: a float16/bfloat16 bias is widened once, in its own
+    shape) and the mask as the kernels read them (params.cuh): each attention row's element
+    offset into them, and their query and key strides. Any strides, broadcasting included, cost
+    no copy; a plane whose row or key strides reach past 2^31 elements is made contiguous."""
+    if p.bias is None and p.mask is None:
+        return ()
+    cupy = _cupy()
+    lead = tuple(p.lead_shape)
+    planes, offsets = [], []
+    for name, x in (("bias", p.bias), ("mask", p.mask)):
+        if x is None:
+            struct[name] = 0
+            offsets.append(numpy.zeros(lead, dtype=numpy.int64))
+            planes.append(None)
+            continue
+        if name == "bias":
+            x = _widen(x, _accum(p))
+        x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
+        strides = [0 if n == 1 else s // x.dtype.itemsize for n, s in zip(x.shape, x.strides)]
+        if abs(strides[-2]) * p.seqlen_q + abs(strides[-1]) * p.seqlen_k > _INT32_MAX:
+            x = cupy.ascontiguousarray(x)
+            strides = [0 if n == 1 else s // x.dtype.itemsize for n, s in zip(x.shape, x.strides)]
+        offset = numpy.zeros(lead, dtype=numpy.int64)
+        pad = len(lead) - (x.ndim - 2)
+        for axis, stride in enumerate(strides[:-2]):
+            if stride:
+                size = lead[pad + axis]
+                offset = offset + (numpy.arange(size, dtype=numpy.int64) * stride).reshape(
+                    (size,) + (1,) * (len(lead) - pad - axis - 1))
+        offsets.append(offset)
+        planes.append(x)
+        struct[name] = x.data.ptr
+        struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = strides[-2], strides[-1]
+    rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2): bias, mask
+    struct["score_rows"] = rows.data.ptr
+    return tuple(planes) + (rows,)
 
 
 def _row_shape(p) -> tuple[int, ...]:
@@ -653,7 +686,6 @@ def backward(problem):
     here). Gradients of broadcast inputs (an axis of 1 or missing) are summed here too. ``plan``
     replays the call (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
-    _refuse_bias_and_mask(problem)
     cupy = _cupy()
     p = problem
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
@@ -664,6 +696,8 @@ def backward(problem):
         # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero;
         # a sink's gradient still follows from lse and delta (0 when Dv == 0).
         grads = tuple(cupy.zeros(shape, dtype=p.dtype) for shape in grads_shape)
+        if p.returns_dbias:
+            grads += (cupy.zeros(p.bias.shape, dtype=p.bias.dtype),)
         if p.sinks is not None:
             delta = _widen(p.dout, _accum(p)) * _widen(p.o, _accum(p))
             grads += (_sink_gradient(p, cupy.ascontiguousarray(p.lse), delta.sum(axis=-1)),)
@@ -678,7 +712,8 @@ def backward(problem):
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
-    plain = all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0 and not p.has_score_mods
+    plain = (all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0 and not mods
+             and not p.has_score_mods)
     accum = _accum(p)
     lse = cupy.ascontiguousarray(p.lse)
     plain = plain and lse is p.lse
@@ -714,6 +749,10 @@ def backward(problem):
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
     per_row = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
+    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed: the pairs no
+    # dK/dV block visits (outside causal's or a window's tiles) stay 0.
+    dscores = cupy.zeros(lead + (p.seqlen_q, p.seqlen_k), dtype=accum) if p.returns_dbias else None
+    struct["dbias"] = 0 if dscores is None else dscores.data.ptr
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
     query_bytes = per_block * _mean_rows(p)[0] * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
@@ -740,6 +779,8 @@ def backward(problem):
     else:
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
                  _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
+    if dscores is not None:
+        grads += (_bias_gradient(p, dscores),)
     if p.sinks is not None:  # (a packed batch's per-row sinks repeat per sequence: lse's rows are per head)
         grads += (_sink_gradient(p, lse, delta, sink_rows=per_row[1] if p.packed is None else None),)
     return grads, (plan if plain else None)
@@ -766,6 +807,19 @@ def _sink_gradient(p, lse, delta, sink_rows=None):
     axes = _broadcast_axes(per_row.shape, shape)
     summed = (per_row.sum(axis=axes, keepdims=True) if axes else per_row).reshape(shape)
     return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
+
+
+def _bias_gradient(p, dscores):
+    """dbias: dS of every score, ``(lead..., Lq, Lk)`` in the accumulation type, summed over the
+    axes along which bias was broadcast (CuPy's reductions have a fixed order: the same result
+    run after run), in bias's shape and dtype."""
+    cupy = _cupy()
+    shape = tuple(p.bias.shape)
+    axes = _broadcast_axes(dscores.shape, shape)
+    summed = (dscores.sum(axis=axes, keepdims=True) if axes else dscores).reshape(shape)
+    if summed.dtype == p.bias.dtype:
+        return summed
+    return _narrow(summed, out=cupy.empty(shape, dtype=p.bias.dtype))
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:

@@ -57,8 +57,8 @@ class KernelSpec:
     does not serve that bucket or arch); ``shared_memory(dtype, head_dim, block_m, block_n,
     stages)`` is the kernel's dynamic shared memory; ``tile_ok(block_m, block_n, warps)`` the
     kernel's static_asserts on the tile; ``masked`` whether the family has a masked form
-    (the memory-bound prep kernels never mask) and score modifiers (softcap, ALiBi: the
-    masked form compiled with kScoreMods, at the tile of long rows whatever the mask).
+    (the memory-bound prep kernels never mask) and score modifiers (softcap, bias, ALiBi, mask:
+    the masked form compiled with kScoreMods, at the tile of long rows whatever the mask).
     """
 
     kernel: str
@@ -355,7 +355,8 @@ def _by_tile(smem: Callable[..., int]):
     return lambda dtype, head_dim, block_m, block_n, stages: smem(head_dim, block_m, block_n, stages)
 
 
-FWD_TC = KernelSpec("fwd_tc", TC_DTYPES, _table(_TC_TABLE), _by_tile(_smem_tc_bytes))
+FWD_TC = KernelSpec("fwd_tc", TC_DTYPES, _table(_TC_TABLE), _by_tile(_smem_tc_bytes),
+                    modifier_tiles={64: (128, 32, 4, 2)})  # 128x64 with a bias's reads spills 64 bytes on sm_80
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
@@ -418,7 +419,7 @@ def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: s
            visible_keys: float = math.inf, score_mods: bool = False) -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
     short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
-    softcap, ALiBi or sinks."""
+    softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants)."""
     families = _families(FORWARD, dtype)
     return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods)
 

@@ -35,7 +35,7 @@ class Variant:
     has_window: bool  # causal or local window: per-element masking and skipped tiles
     arch: str        # "80", "86", "89", "90a", ...
     shared_mem: int  # dynamic shared memory bytes the kernel expects (tiles.py; checked at entry)
-    # softcap, ALiBi or sinks (cuda_src/score_mod.cuh): the scores are modified before the
+    # softcap, a bias, ALiBi or a mask (cuda_src/score_mod.cuh): the scores are modified before the
     # softmax instead of the scale being folded into it; always with has_window (its run-time
     # window may be unbounded), so that one flag adds one Variant per tile, not two.
     score_mods: bool = False
