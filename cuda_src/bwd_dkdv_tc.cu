@@ -251,14 +251,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                 lse2[r] = tc::lse_log2(lse_s[s_row + tc::slot_row(r, lane)]);
                 delta[r] = delta_s[s_row + tc::slot_row(r, lane)];
             }
-            modified = mod.template dispatch<false>([&](auto capped, auto alibi) {
+            modified = mod.template dispatch<false>([&](const auto& score) {
                 tc::for_each(s, dp, m0 + s_row, n0 + s_col, lane, [&](float& x, float& y, int r, int row, int key) {
                     float grad;
-                    x = ptx::ex2(mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, key, grad) -
-                                 lse2[r]);
+                    x = ptx::ex2(score(x, row, key, grad) - lse2[r]);
                     y -= delta[r];
                     if (dbias.wanted()) dbias.store(row, key, x * y, masked && !mask.visible(row, key));
-                    if (decltype(capped)::value) y *= grad;
+                    if (score.capped) y *= grad;
                 });
             });
         }

@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
         // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8 (tc::lse_log2: a
         // row that sees no key gets P = 0 exactly).
-        const bool plain = !(modified && mod.template dispatch<false>([&](auto capped, auto alibi) {
+        const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
             // Score modifiers (score_mod.cuh; the slope, bias and mask are head g's): P^T = exp2(x - lse_i log2 e)
             // of the modified score x in log2 units, 0 where hidden; dS^T = P^T o (dP^T - delta_i)
             // o dx / d(scale S). One branch for the whole tile, so the loop stays one block.
@@ -227,13 +227,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
                     const int query = m0 + col + e % 2;
                     const int key = n0_s + lane_key_row() + 8 * (e / 2);
                     float grad;
-                    const float x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(
-                        st[nt][e], query, key, grad);
+                    const float x = score(st[nt][e], query, key, grad);
                     st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
                                     ? 0.f : ptx::ex2(x - tc::lse_log2(lse_s[col + e % 2]));
                     dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_s[col + e % 2]);
                     if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
-                    if (decltype(capped)::value) dpt[nt][e] *= grad;
+                    if (score.capped) dpt[nt][e] *= grad;
                 }
             }
         }));

@@ -79,7 +79,17 @@ struct FwdParams {
     const unsigned char* mask;
     const long long* score_rows;
     int bias_row_stride, bias_col_stride, mask_row_stride, mask_col_stride;
+    // Per attention row bh, or null: a key-padding mask's cut, its last visible key + 1, past
+    // which no query sees a key: the row's Lk is cut there (BatchIndex) and the key tiles past
+    // it are never loaded. Stored as the cut itself when every key before it is visible (the cut
+    // alone is the row's mask: a plain Variant can run the row), else as ~cut. The same for every
+    // head a dK/dV block walks. key_rows (KeyRows): which of those rows this launch takes; the
+    // others' Lq and Lk read 0 (their blocks return at once), another launch takes them.
+    const int* key_bounds;
+    int key_rows;
 };
+
+enum KeyRows : int { kAllKeyRows = 0, kPrefixKeyRows = 1, kOtherKeyRows = 2 };
 
 // The backward's argument: the forward's tensors and options, plus the gradients.
 //   dout: dO, strided like o.                      delta: rowsum(dO * O), laid out like lse.
@@ -159,9 +169,11 @@ struct BatchIndex {
     long long q, k, v, o, lse;
     int seqlen_q, seqlen_k, diag;
 
-    __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh)) {}
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh), bh) {}
 
-    __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c)
+    // Lk: the call's, or a key-padding mask's cut (FwdParams::key_bounds); the diagonal stays
+    // the call's either way.
+    __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c, int bh)
         : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), diag(p.diag_offset) {
         const int kv_head = c.head / p.kv_group;
         q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
@@ -179,6 +191,19 @@ struct BatchIndex {
             v += s.k0 * p.v_row_stride;
             o += s.q0 * p.o_row_stride;
             lse += s.q0;
+        }
+        if (p.key_bounds != nullptr) cut_keys(p, bh);
+    }
+
+    // A key-padding mask's cut (FwdParams::key_bounds); the diagonal stays the call's.
+    __device__ __forceinline__ void cut_keys(const FwdParams& p, int bh) {
+        const int bound = p.key_bounds[bh];
+        const bool prefix = bound >= 0;
+        if (p.key_rows == kAllKeyRows || (p.key_rows == kPrefixKeyRows) == prefix) {
+            seqlen_k = min(seqlen_k, prefix ? bound : ~bound);
+        } else {
+            seqlen_q = 0;
+            seqlen_k = 0;
         }
     }
 
@@ -233,7 +258,7 @@ struct BwdBatchIndex : BatchIndex {
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
 
-    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c) {
+    __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c, bh) {
         const int group = c.head / p.heads_per_block;
         dout = c.offset(p.dout_batch_stride, p.dout_head_stride, c.head);
         dq = c.offset(p.dq_batch_stride, p.dq_head_stride, c.head);

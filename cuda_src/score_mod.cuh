@@ -66,6 +66,9 @@ struct Flag {
     static constexpr bool value = B;
 };
 
+template <typename T, bool kFast, bool kCapped, bool kAlibi>
+struct RowScores;
+
 // T: the type the kernel computes scores in (float, or double for float64). kFast: tanh on the
 // special-function unit (fp16/bf16 kernels only).
 template <typename T, bool kFast = false>
@@ -103,31 +106,37 @@ struct ScoreMod {
         return cap != T(0) || slope != T(0) || params.bias != nullptr || params.mask != nullptr;
     }
 
-    // Runs body(Flag<kCapped>(), Flag<kAlibi>()) for the modifiers this row has, and returns
-    // whether it ran (modifies()): the per-element code is compiled once per combination and
-    // chosen per tile (a warp-uniform branch), so a score pays only for the modifiers that are on.
-    // kSplitAlibi = false: two combinations, not three (ALiBi's FADD and FFMA run, with a slope
-    // of 0 under softcap alone), for the backward kernels, whose loop bodies are long already.
-    // A bias or mask alone runs the ALiBi combination with a slope of 0 (their own reads, a
-    // run-time branch, dwarf its FADD): no combination is added for them.
+    // Runs body(score) with score a RowScores<T, kFast, kCapped, kAlibi> for the modifiers this
+    // row has, and returns whether it ran (modifies()): the per-element code is compiled once per
+    // combination and chosen per tile (a warp-uniform branch), so a score pays only for the
+    // modifiers that are on. The row's bias and mask planes are read here, once per tile, not per
+    // score. kSplitAlibi = false: two combinations, not three (ALiBi's FADD and FFMA run, with a
+    // slope of 0 under softcap alone), for the backward kernels, whose loop bodies are long
+    // already. A bias or mask alone runs the ALiBi combination with a slope of 0 (their own
+    // reads, a run-time branch, dwarf its FADD): no combination is added for them.
     template <bool kSplitAlibi = true, typename Body>
     __device__ __forceinline__ bool dispatch(Body&& body) const {
         if (cap != T(0)) {
-            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(Flag<true>(), Flag<true>());
-            else body(Flag<true>(), Flag<!kSplitAlibi>());
+            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(scores<true, true>());
+            else body(scores<true, !kSplitAlibi>());
             return true;
         }
         if (modifies()) {
-            body(Flag<false>(), Flag<true>());
+            body(scores<false, true>());
             return true;
         }
         return false;
     }
 
-    // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
-    // dx / d(scale * s) (1 without softcap).
     template <bool kCapped, bool kAlibi>
-    __device__ __forceinline__ T apply(T s, int i, int j, T& grad) const {
+    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi> scores() const {
+        return {*this, bias_plane(), mask_plane()};
+    }
+
+    // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
+    // dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's term, the bias and the mask (dispatch).
+    template <bool kCapped, bool kAlibi>
+    __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const T* bias, const unsigned char* mask) const {
         T x = s * mul;
         grad = T(1);
         if constexpr (kCapped) {
@@ -135,34 +144,33 @@ struct ScoreMod {
             x = cap * th.t;
             grad = th.one_minus_t2;
         }
-        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j);
+        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j, bias, mask);
         return x;
     }
 
     // The same with the modifiers chosen at run time, element by element (simple kernels whose
     // time is not spent on their scores).
     __device__ __forceinline__ T apply(T s, int i, int j, T& grad) const {
-        T x = s * mul;
-        grad = T(1);
-        if (cap != T(0)) {
-            const Tanh<T, kFast> th(x);
-            x = cap * th.t;
-            grad = th.one_minus_t2;
-        }
-        return bias_and_mask(x - slope * distance(i, j), i, j);
+        if (cap != T(0)) return apply<true, true>(s, i, j, grad, bias_plane(), mask_plane());
+        return apply<false, true>(s, i, j, grad, bias_plane(), mask_plane());
     }
 
-    // x plus the bias at (i, j), or -inf where the mask hides (i, j); not read outside Lq x Lk.
-    // (Addition commutes: the bias after ALiBi's term is the reference's bias before it.) The
-    // row's offsets are read where used, not kept: the kernels' registers are spent already.
-    __device__ __forceinline__ T bias_and_mask(T x, int i, int j) const {
+    // Row bh's bias and mask planes (FwdParams::score_rows), or null: none.
+    __device__ __forceinline__ const T* bias_plane() const {
+        return params.bias != nullptr ? static_cast<const T*>(params.bias) + params.score_rows[2 * row] : nullptr;
+    }
+    __device__ __forceinline__ const unsigned char* mask_plane() const {
+        return params.mask != nullptr ? params.mask + params.score_rows[2 * row + 1] : nullptr;
+    }
+
+    // x plus the bias at (i, j), or -inf where the mask hides (i, j), from the row's planes; not
+    // read outside Lq x Lk. (Addition commutes: the bias after ALiBi's term is the reference's
+    // bias before it.)
+    __device__ __forceinline__ T bias_and_mask(T x, int i, int j, const T* bias, const unsigned char* mask) const {
         const FwdParams& p = params;
-        if ((p.bias != nullptr || p.mask != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
-            if (p.bias != nullptr) {
-                const T* plane = static_cast<const T*>(p.bias) + p.score_rows[2 * row];
-                x = fma(plane[i * p.bias_row_stride + j * p.bias_col_stride], unit, x);
-            }
-            if (p.mask != nullptr && !p.mask[p.score_rows[2 * row + 1] + i * p.mask_row_stride + j * p.mask_col_stride])
+        if ((bias != nullptr || mask != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
+            if (bias != nullptr) x = fma(bias[i * p.bias_row_stride + j * p.bias_col_stride], unit, x);
+            if (mask != nullptr && !mask[i * p.mask_row_stride + j * p.mask_col_stride])
                 x = -static_cast<T>(__int_as_float(0x7f800000));
         }
         return x;
@@ -183,6 +191,21 @@ struct ScoreMod {
     // Row bh's sink in the exponent's units (the softmax's starting logit), or -inf: none.
     static __device__ __forceinline__ T sink(const FwdParams& p, int bh, T unit) {
         return p.sinks != nullptr ? static_cast<const T*>(p.sinks)[bh] * unit : -static_cast<T>(__int_as_float(0x7f800000));
+    }
+};
+
+// What ScoreMod::dispatch hands its body: one row's modifiers, the combination fixed, with the
+// row's bias and mask planes at hand. score(s, i, j, grad): the modified score of raw s at
+// (query i, key j) and grad = dx / d(scale * s).
+template <typename T, bool kFast, bool kCapped, bool kAlibi>
+struct RowScores {
+    static constexpr bool capped = kCapped;
+    const ScoreMod<T, kFast>& mod;
+    const T* bias;              // the row's bias plane, or null
+    const unsigned char* mask;  // the row's mask plane, or null
+
+    __device__ __forceinline__ T operator()(T s, int i, int j, T& grad) const {
+        return mod.template apply<kCapped, kAlibi>(s, i, j, grad, bias, mask);
     }
 };
 

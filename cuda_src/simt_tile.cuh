@@ -133,11 +133,11 @@ struct QK {
 // stays raw and false is returned: the kernel applies its scale as usual.
 template <typename Mod, typename T, int R, int C, typename At>
 __device__ __forceinline__ bool modify_scores(const Mod& mod, T (&a)[R][C], At&& at) {
-    return mod.dispatch([&](auto capped, auto alibi) {
+    return mod.dispatch([&](const auto& score) {
         for_each(a, [&](T& x, int r, int c) {
             const QK e = at(r, c);
             T grad;
-            x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, e.query, e.key, grad);
+            x = score(x, e.query, e.key, grad);
         });
     });
 }

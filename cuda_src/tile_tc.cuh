@@ -242,10 +242,10 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
 // the folded scale c is returned.
 template <typename Mod, int M, int N>
 __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
-    const bool modified = mod.dispatch([&](auto capped, auto alibi) {
+    const bool modified = mod.dispatch([&](const auto& score) {
         for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
             float grad;
-            x = mod.template apply<decltype(capped)::value, decltype(alibi)::value>(x, row, col, grad);
+            x = score(x, row, col, grad);
         });
     });
     return modified ? 1.f : c;

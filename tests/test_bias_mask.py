@@ -701,8 +701,47 @@ def test_gpu_hidden_nan_in_bias_does_not_leak(rng, dtype):
         results.append((out, lse) + tuple(grads))
     for a, b in zip(*results):
         assert _bits(a) == _bits(b)
-    dbias = to_numpy(results[1][3])
+    dbias = to_numpy(results[1][5])
     assert (dbias[..., hidden] == 0).all() and numpy.isfinite(dbias).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["atomic", "causal-deterministic"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_key_padding_mask_cuts_each_rows_keys(rng, dtype, causal):
+    """A key-padding mask ((B, 1, 1, Lk)) cuts each row's keys at its last visible one: K and V
+    past it are never read (NaN there reaches nothing), their dK/dV are 0, a batch that sees no
+    key gives out 0, lse -inf and no gradient. Rows whose visible keys are a prefix run the plain
+    kernels, a row with holes before its cut the modifier ones, in the same call; both equal the
+    same mask given in full (B, H, Lq, Lk), which takes the general path (GQA: 4 query heads on
+    2 key heads; the causal call's backward is the deterministic one)."""
+    cuts = [0, 77, 1, 200, 257]
+    mask = numpy.arange(257)[None, None, None, :] < numpy.array(cuts)[:, None, None, None]
+    mask[3, ..., [5, 130]] = False  # holes before the cut: batch 3 is not a prefix
+    q, k, v, dout = _draw(rng, dtype, (5, 4, 97, 64), (5, 2, 257, 64), (5, 2, 257, 64), (5, 4, 97, 64))
+    dirty_k, dirty_v = k.copy(), v.copy()
+    for b, n in enumerate(cuts):
+        k[b, :, n:] = 0
+        v[b, :, n:] = 0
+        dirty_k[b, :, n:] = numpy.nan
+        dirty_v[b, :, n:] = numpy.nan
+    full = numpy.broadcast_to(mask, (5, 4, 97, 257)).copy()
+    options = dict(causal=causal)
+    results = []
+    for keys, values, m in ((dirty_k, dirty_v, mask), (k, v, full)):
+        gq, gk, gv, gdout, gm = _on_gpu(q, keys, values, dout, m)
+        out, lse = cuflash.attention(gq, gk, gv, mask=gm, return_lse=True, **options)
+        grads = cuflash.attention_backward(gdout, gq, gk, gv, out, lse, mask=gm, deterministic=causal, **options)
+        results.append([to_numpy(x) for x in (out, lse) + tuple(grads)])
+    (out, lse, dq, dk, dv), want = results
+    for name, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
+        assert numpy.isfinite(x.astype(numpy.float64)).all(), f"{name} is not finite"
+    assert (out[0] == 0).all() and (lse[0] == -numpy.inf).all() and (dq[0] == 0).all()
+    for b, n in enumerate(cuts):
+        assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
+    for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want):
+        numpy.testing.assert_allclose(got.astype(numpy.float64), ref.astype(numpy.float64), err_msg=name, **tol)
 
 
 @pytest.mark.gpu

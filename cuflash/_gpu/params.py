@@ -10,6 +10,9 @@ import numpy
 
 MAX_BATCH_DIMS = 4
 
+# FwdParams::key_rows (params.cuh's KeyRows): which rows of a key-padding mask a launch takes.
+ALL_KEY_ROWS, PREFIX_KEY_ROWS, OTHER_KEY_ROWS = 0, 1, 2
+
 _B = (MAX_BATCH_DIMS,)
 
 FWD_PARAMS_DTYPE = numpy.dtype(
@@ -60,6 +63,8 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("bias_col_stride", numpy.int32),
         ("mask_row_stride", numpy.int32),
         ("mask_col_stride", numpy.int32),
+        ("key_bounds", numpy.uint64),
+        ("key_rows", numpy.int32),
     ],
     align=True,
 )

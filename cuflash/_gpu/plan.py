@@ -17,7 +17,8 @@ import numpy
 
 from .. import _spec
 from . import kernels, tiles
-from .params import BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
+from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS,
+                     PREFIX_KEY_ROWS)
 
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
@@ -138,12 +139,14 @@ class Launch:
     grid_y: int
     threads: int
     shared_mem: int
+    key_rows: int = ALL_KEY_ROWS  # FwdParams::key_rows: the rows of a key-padding mask it takes
 
 
-def _launch_of(variant, device: int, grid_x: int, length: int, tile: int) -> Launch:
+def _launch_of(variant, device: int, grid_x: int, length: int, tile: int, key_rows: int = ALL_KEY_ROWS) -> Launch:
     """Grid (attention rows, tiles of ``tile`` over ``length``) of ``variant`` on ``device``."""
     kernel = kernels.get_kernel(variant, device)
-    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads, variant.shared_mem)
+    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads, variant.shared_mem,
+                  key_rows)
 
 
 class _Scratch(threading.local):
@@ -154,6 +157,7 @@ class _Scratch(threading.local):
     def __init__(self):
         self.bytes = numpy.zeros(BWD_PARAMS_DTYPE.itemsize, dtype=numpy.uint8)
         self.words = self.bytes.view(numpy.uint64)
+        self.ints = self.bytes.view(numpy.int32)
         self.argv = numpy.array([self.bytes.ctypes.data], dtype=numpy.uint64)
         self.argv_ptr = int(self.argv.ctypes.data)
 
@@ -161,17 +165,20 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+def _field_offset(dtype, name: str) -> int:
+    """The byte offset of field ``name`` ("fwd.q" reaches into a nested struct)."""
+    offset, fields = 0, dtype
+    for part in name.split("."):
+        sub, at = fields.fields[part][:2]
+        offset, fields = offset + at, sub
+    return offset
+
+
 def _pointer_words(dtype, names) -> numpy.ndarray:
-    """Word (8-byte) indices of the pointer fields ``names`` ("fwd.q" reaches into a nested struct)."""
-    words = []
-    for name in names:
-        offset, fields = 0, dtype
-        for part in name.split("."):
-            sub, at = fields.fields[part][:2]
-            offset, fields = offset + at, sub
-        assert offset % 8 == 0
-        words.append(offset // 8)
-    return numpy.array(words, dtype=numpy.intp)
+    """Word (8-byte) indices of the pointer fields ``names``."""
+    offsets = [_field_offset(dtype, name) for name in names]
+    assert all(offset % 8 == 0 for offset in offsets)
+    return numpy.array([offset // 8 for offset in offsets], dtype=numpy.intp)
 
 
 _FWD_POINTERS = ("q", "k", "v", "o", "lse")
@@ -204,6 +211,7 @@ class _Plan:
         self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
         self.words = words
         self.launches = launches
+        self.key_rows_at = _field_offset(struct.dtype, "fwd.key_rows" if "fwd" in struct.dtype.names else "key_rows") // 4
 
     def _run(self, memory, pointers) -> None:
         scratch = _SCRATCH
@@ -211,18 +219,20 @@ class _Plan:
         scratch.words[self.words] = pointers
         stream = memory.stream()
         for launch in self.launches:
+            scratch.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
             _driver().launchKernel(launch.function, launch.grid_x, launch.grid_y, 1, launch.threads, 1, 1,
                                    launch.shared_mem, stream, scratch.argv_ptr, 0)
 
 
 class ForwardPlan(_Plan):
-    """One forward launch: ``run(memory, q, k, v)`` allocates out and lse and returns them. A
+    """The forward's launch (two under a split key-padding mask: ``_splits_key_padding``):
+    ``run(memory, q, k, v)`` allocates out and lse and returns them. A
     packed batch's plan takes ``cu_seqlens_q, cu_seqlens_k, seqused_k`` (None: not given) after
     v and returns out in the packed layout (total_q, Hq, Dv), lse (Hq, total_q)."""
 
-    def __init__(self, p, struct, launch: Launch):
+    def __init__(self, p, struct, launches: tuple[Launch, ...]):
         packed = p.packed is not None
-        super().__init__(struct, _WORDS[False, packed], (launch,))
+        super().__init__(struct, _WORDS[False, packed], launches)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
@@ -236,7 +246,8 @@ class ForwardPlan(_Plan):
 
 
 class BackwardPlan(_Plan):
-    """The backward's three launches: ``run(memory, dout, q, k, v, out, lse)`` allocates the
+    """The backward's launches (delta, dK/dV, dQ or its conversion; dK/dV and dQ twice under a
+    split key-padding mask): ``run(memory, dout, q, k, v, out, lse)`` allocates the
     gradients (in q's, k's and v's shapes: no sum is left to do) and one workspace (delta, then
     dq_accum unless deterministic: ``_workspace``). A packed batch's plan takes cu_seqlens_q,
     cu_seqlens_k and seqused_k after lse, and allocates the gradients in the packed layout
@@ -391,7 +402,10 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     device = cupy.cuda.Device().id
     arch = _arch(device)
     variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p), mods)
-    kernels.prefetch([variant], device)
+    split = _splits_key_padding(p)
+    plain_variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch,
+                                 _mean_visible_keys(p)) if split else None
+    kernels.prefetch([variant] + ([plain_variant] if split else []), device)
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods)
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
@@ -410,11 +424,16 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
-    launch = _launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m)
+    if split:
+        launches = (_launch_of(plain_variant, device, layout.grid_x, _longest(p)[0], plain_variant.block_m,
+                               PREFIX_KEY_ROWS),
+                    _launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m, OTHER_KEY_ROWS))
+    else:
+        launches = (_launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m),)
     struct = _fwd_struct(p, layout, q, v)
     per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     plain = plain and not mods and not p.has_score_mods  # a replay writes no modifier pointers
-    plan = ForwardPlan(p, struct, launch)
+    plan = ForwardPlan(p, struct, launches)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
     del per_row
     if p.head_dim_v == 0:
@@ -517,7 +536,41 @@ def _fill_bias_and_mask(struct, p) -> tuple:
         struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = strides[-2], strides[-1]
     rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2): bias, mask
     struct["score_rows"] = rows.data.ptr
-    return tuple(planes) + (rows,)
+    bounds = _key_bounds(p)
+    struct["key_bounds"] = 0 if bounds is None else bounds.data.ptr
+    return tuple(planes) + (rows, bounds)
+
+
+def _pads_keys(p) -> bool:
+    """Whether the mask is a key-padding mask: the same for every query and every head (a dK/dV
+    block's heads must share their cut), so that each attention row's keys can be cut at its
+    last visible one (``_key_bounds``)."""
+    m = p.mask
+    if m is None or p.packed is not None or m.ndim < 1:
+        return False
+    return (m.ndim < 2 or m.shape[-2] == 1) and (m.ndim < 3 or m.shape[-3] == 1)
+
+
+def _splits_key_padding(p) -> bool:
+    """Whether a key-padding mask is the call's only score modifier: then the rows whose visible
+    keys are a prefix (right padding: the cut alone is their mask) run the plain Variant, and only
+    the others the modifier one; the kernels learn which rows are theirs from key_bounds, on the
+    device (FwdParams::key_rows), so the host never waits to look at the mask."""
+    return _pads_keys(p) and p.bias is None and p.softcap is None and p.alibi_slopes is None
+
+
+def _key_bounds(p):
+    """A key-padding mask's cut per attention row (int32, C order over the output's leading axes):
+    its last visible key + 1 (0 where it hides every key), as ~cut where a key before the cut is
+    hidden (params.cuh's FwdParams::key_bounds); None for other masks. Computed on the device."""
+    if not _pads_keys(p):
+        return None
+    cupy = _cupy()
+    m = p.mask.reshape((1,) * (2 - p.mask.ndim) + p.mask.shape)[..., 0, :]  # (lead-broadcastable..., Lk)
+    last = m.shape[-1] - cupy.argmax(m[..., ::-1].astype(cupy.int8), axis=-1)  # the first True from the end
+    cut = cupy.where(m.any(axis=-1), last, 0).astype(cupy.int32)
+    bounds = cupy.where(m.sum(axis=-1) == cut, cut, cupy.invert(cut))
+    return cupy.ascontiguousarray(cupy.broadcast_to(bounds, tuple(p.lead_shape))).reshape(-1)
 
 
 def _row_shape(p) -> tuple[int, ...]:
@@ -708,7 +761,11 @@ def backward(problem):
 
     device = cupy.cuda.Device().id
     variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device), mods)
-    kernels.prefetch(_backward_kernels(variants, p.deterministic), device)
+    split = _splits_key_padding(p)  # the prefix rows on the plain Variants (as the forward)
+    plain_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
+                                           _arch(device)) if split else None
+    kernels.prefetch(_backward_kernels(variants, p.deterministic)
+                     + (_backward_kernels(plain_variants, p.deterministic) if split else []), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -740,7 +797,10 @@ def backward(problem):
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
-    layout = _Layout(p, tensors, min(variants.dkdv.block_n, variants.dq.block_m, variants.delta.block_m))
+    # Under a split key-padding mask, the dK/dV (and deterministic dQ) kernels launch twice: the
+    # plain Variant on the prefix rows, the modifier one on the others.
+    sets = ((plain_variants, PREFIX_KEY_ROWS), (variants, OTHER_KEY_ROWS)) if split else ((variants, ALL_KEY_ROWS),)
+    layout = _Layout(p, tensors, min(min(f.dkdv.block_n, f.dq.block_m, f.delta.block_m) for f, _ in sets))
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
     struct["fwd"] = _fwd_struct(p, layout, q, v, kv_group=group)
     for name in ("dout", "dq", "dk", "dv"):
@@ -762,13 +822,14 @@ def backward(problem):
 
     # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
     # dQ kernel; (attention rows / heads_per_block, key tiles) for the dK/dV kernel.
-    last = variants.dq if p.deterministic else variants.dq_convert
-    launches = (
-        _launch_of(variants.delta, device, layout.grid_x, longest_q, variants.delta.block_m),
-        _launch_of(variants.dkdv, device, layout.grid_x // per_block, longest_k, variants.dkdv.block_n),
-        _launch_of(last, device, layout.grid_x, longest_q, last.block_m),
-    )
-    zeroed = ("dk", "dv") if p.packed is not None and p.packed.seqused_k is not None else ()  # as _gradient_buffer
+    launches = (_launch_of(variants.delta, device, layout.grid_x, longest_q, variants.delta.block_m),)
+    launches += tuple(_launch_of(f.dkdv, device, layout.grid_x // per_block, longest_k, f.dkdv.block_n, rows)
+                      for f, rows in sets)
+    if p.deterministic:
+        launches += tuple(_launch_of(f.dq, device, layout.grid_x, longest_q, f.dq.block_m, rows) for f, rows in sets)
+    else:
+        launches += (_launch_of(variants.dq_convert, device, layout.grid_x, longest_q, variants.dq_convert.block_m),)
+    zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
@@ -857,15 +918,23 @@ def _heads_per_block(group: int, rows: int, key_tiles: int, masked: bool) -> int
 
 def _gradient_buffer(p, shape, vec: int, zeroed: bool = False):
     """A gradient's buffer, ``shape`` = (lead..., rows, width). A packed batch's is laid out as its
-    input, (rows, heads, width), and returned as the heads-first view; keys past a sequence's used
-    length (seqused_k) are never stored by the kernels, so with ``zeroed`` they read 0."""
+    input, (rows, heads, width), and returned as the heads-first view. Keys past a sequence's used
+    length (seqused_k) or a key-padding mask's cut (``_key_bounds``) are never stored by the
+    kernels, so with ``zeroed`` they read 0."""
     if p.packed is None:
-        return _store_buffer(shape, shape[-1], p.dtype, vec)
-    heads, rows, width = shape
-    buffer = _store_buffer((rows, heads, width), width, p.dtype, vec)
-    if zeroed and p.packed.seqused_k is not None:
+        buffer = _store_buffer(shape, shape[-1], p.dtype, vec)
+    else:
+        heads, rows, width = shape
+        buffer = _store_buffer((rows, heads, width), width, p.dtype, vec).transpose(1, 0, 2)
+    if zeroed and _skips_keys(p):
         buffer[...] = 0
-    return buffer.transpose(1, 0, 2)
+    return buffer
+
+
+def _skips_keys(p) -> bool:
+    """Whether the kernels leave some keys' dK/dV unstored: past seqused_k, or past a key-padding
+    mask's cut."""
+    return _pads_keys(p) or (p.packed is not None and p.packed.seqused_k is not None)
 
 
 def _store_buffer(shape, width: int, dtype, vec: int):
