@@ -76,6 +76,24 @@ def _check_against_sdpa(dtype, out, grads, q, k, v, dout, sdpa_kwargs, ref_optio
                      kind="grad", name=f"d{name}")
 
 
+def _check_against_score_mods_ref(dtype, results, names, host, **options):
+    """A CUDA call's results (out, then its cotangents), named by ``names``, under the tolerance
+    rule against reference.score_mods_ref(*host, **options) (host: q, k, v, dout as NumPy arrays);
+    float16/bfloat16 judged by the plain same-dtype implementation's error."""
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from reference import score_mods_ref
+
+    np_dtype = numpy.dtype(str(dtype).replace("torch.", ""))
+    ref_out, _, ref_grads = score_mods_ref(*host, **options)
+    if np_dtype.itemsize == 2:
+        base_out, _, base_grads = score_mods_ref(*host, dtype=np_dtype, **options)
+    else:
+        base_out, base_grads = None, (None,) * len(ref_grads)
+    for name, got, want, base in zip(names, results, (ref_out, *ref_grads), (base_out, *base_grads)):
+        assert got.device.type == "cuda", name
+        assert_close(_numpy(got), want, dtype=np_dtype, baseline=base, kind="out" if name == "out" else "grad", name=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sdpa_drop_in_forward_and_backward(dtype, ct, randc):
     q = randc(2, 8, 160, 64, dtype=dtype, requires_grad=True)
@@ -224,20 +242,54 @@ def test_score_modifiers_on_cuda_match_the_cpu_backend(ct, randc, dtype, compile
     run = torch.compile(call, fullgraph=True) if compiled else call
     out = run(q, k, v, sinks, slopes)
     grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
+    assert all(x.dtype == dtype for x in (out, *grads))
+    _check_against_score_mods_ref(dtype, (out, *grads), ("out", "dq", "dk", "dv", "dsinks"),
+                                  [_numpy(x) for x in (q, k, v, dout)], causal=True, softcap=4.0,
+                                  alibi_slopes=_numpy(slopes), sinks=_numpy(sinks))
 
-    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
-    from reference import score_mods_ref
 
-    host = [_numpy(x.detach()) for x in (q, k, v, dout)]
-    options = dict(causal=True, softcap=4.0, alibi_slopes=_numpy(slopes), sinks=_numpy(sinks.detach()))
-    ref_out, _, ref_grads = score_mods_ref(*host, **options)
-    np_dtype = numpy.dtype(str(dtype).replace("torch.", ""))
-    base_out, _, base_grads = score_mods_ref(*host, dtype=np_dtype, **options) if dtype == torch.bfloat16 else (
-        None, None, (None,) * 4)
-    for name, got, want, base in zip(("out", "dq", "dk", "dv", "dsinks"), (out, *grads), (ref_out, *ref_grads),
-                                     (base_out, *base_grads)):
-        assert got.device.type == "cuda" and got.dtype == dtype, name
-        assert_close(_numpy(got.detach()), want, dtype=np_dtype, baseline=base, kind="out" if name == "out" else "grad", name=name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bias_and_mask_on_cuda_with_the_gradient_into_bias(ct, randc, rng, dtype, compiled):
+    """An AlphaFold-style pair bias broadcast over the batch (float32 for bfloat16 inputs, with
+    autograd) and a key-padding mask that leaves one batch no key, on CUDA tensors, eager and
+    through torch.compile's custom ops: out and every cotangent (q, k, v, bias) under the
+    tolerance rule against the float64 reference; the batch that sees nothing gives 0."""
+    q, k, v = (randc(3, 4, 77, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = randc(1, 4, 77, 77, dtype=torch.float32).requires_grad_()
+    mask = torch.arange(77, device="cuda").view(1, 1, 1, 77) < torch.tensor([77, 30, 0], device="cuda").view(3, 1, 1, 1)
+    dout = randc(3, 4, 77, 64, dtype=dtype)
+
+    def call(q, k, v, bias, mask):
+        return ct.attention(q, k, v, causal=True, bias=bias, mask=mask)
+
+    run = torch.compile(call, fullgraph=True) if compiled else call
+    out = run(q, k, v, bias, mask)
+    grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+    assert (out[2] == 0).all() and torch.isfinite(out).all()
+    assert all(x.dtype == dtype for x in (out, *grads[:3])) and grads[3].dtype == torch.float32
+    _check_against_score_mods_ref(dtype, (out, *grads), ("out", "dq", "dk", "dv", "dbias"),
+                                  [_numpy(x) for x in (q, k, v, dout)], causal=True, bias=_numpy(bias),
+                                  mask=mask.cpu().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_float_attn_mask_with_grad_and_bool_mask_on_cuda(ct, randc, dtype):
+    """torch's semantics for attn_mask on CUDA: a float mask (q's dtype) is added, with autograd
+    into it; a boolean one (True takes part) hides keys. Under the tolerance rule against the
+    float64 reference, the plain same-dtype implementation as the baseline."""
+    q, k, v = (randc(2, 4, 97, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = randc(2, 4, 97, 64, dtype=dtype)
+    additive = randc(2, 1, 97, 97, dtype=dtype, requires_grad=True)
+    boolean = torch.rand(2, 1, 97, 97, device="cuda") < 0.8
+    boolean[..., 0] = True  # every row sees a key (torch would give NaN where cuflash gives 0)
+    host = [_numpy(x) for x in (q, k, v, dout)]
+    for attn_mask, options in ((additive, dict(bias=_numpy(additive))), (boolean, dict(mask=boolean.cpu().numpy()))):
+        leaves = (q, k, v) + ((attn_mask,) if attn_mask.dtype != torch.bool else ())
+        out = ct.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        grads = torch.autograd.grad(out, leaves, dout)
+        assert all(x.dtype == dtype for x in (out, *grads))
+        _check_against_score_mods_ref(dtype, (out, *grads), ("out", "dq", "dk", "dv", "dmask"), host, **options)
 
 
 @pytest.mark.parametrize("paged", [False, True])
