@@ -96,9 +96,16 @@ class Harness:
             self.torch.cuda.synchronize()
 
     def time(self, call) -> float:
+        """A lone call from an idle device, host path included (median)."""
         if self.cupy is not None:
             return records.timed_ms(self.cupy, call, self.repeats)
         return statistics.median(wall_ms(call) for _ in range(self.repeats))
+
+    def streamed(self, call) -> float:
+        """Per call of calls issued back to back: the device's time when the host keeps ahead."""
+        if self.cupy is not None:
+            return records.streamed_ms(self.cupy, call, self.repeats)
+        return statistics.fmean(wall_ms(call) for _ in range(self.repeats))
 
     def peak(self, call) -> int | None:
         """Bytes ``call`` adds above what is allocated before it: torch's peak plus the growth of
@@ -186,6 +193,7 @@ def measure(h: Harness, make, leaves, dout, ref, dtype: str, sample, first: dict
             return torch.autograd.grad(forward(), leaves, dout)
 
         result.update(fwd_ms=h.time(fwd), fwd_bwd_ms=h.time(step),
+                      fwd_streamed_ms=h.streamed(fwd), fwd_bwd_streamed_ms=h.streamed(step),
                       fwd_peak_bytes=h.peak(fwd), fwd_bwd_peak_bytes=h.peak(step))
     except Exception as exc:  # declined, out of memory, not compiling, not written yet, ...
         result = h.failure(exc, warned)
@@ -235,11 +243,15 @@ def run_row(h: Harness, row: dict, impls: dict, dout, dtype: str, sample=()) -> 
     return row
 
 
+TIMES = ("fwd_ms", "fwd_bwd_ms", "fwd_streamed_ms", "fwd_bwd_streamed_ms")
+
+
 def ratio(results: dict, top: str, bottom: str, **goal) -> dict:
-    """Time of ``top`` / time of ``bottom``, fwd and fwd+bwd (None where either did not run)."""
+    """Time of ``top`` / time of ``bottom``, fwd and fwd+bwd, lone and streamed (None where either
+    did not run)."""
     a, b = results.get(top, {}), results.get(bottom, {})
     return {"what": f"{top} / {bottom}", **goal, **{key[:-3]: a[key] / b[key] if key in a and key in b else None
-                                                   for key in ("fwd_ms", "fwd_bwd_ms")}}
+                                                   for key in TIMES}}
 
 
 def bias_ratios(row: dict) -> dict:
@@ -336,7 +348,7 @@ def headdim(h: Harness, size: dict, dtypes: list):
             row = run_row(h, {"sweep": "headdim", "case": f"D={d} L={n} B={b} H={hh}", "dtype": "bf16",
                               "q_shape": list(q.shape)}, impls, dout, "bf16", sample)
             results, best = row["results"], {}
-            for key in ("fwd_ms", "fwd_bwd_ms"):  # the fastest peer that ran and agreed, per direction
+            for key in TIMES:  # the fastest peer that ran and agreed, per direction and timing
                 timed = {name: r[key] for name, r in results.items() if name != "cuflash" and r.get("correct")}
                 best[key[:-3]] = results[min(timed, key=timed.get)][key] / results["cuflash"][key] \
                     if timed and key in results["cuflash"] else None
@@ -350,30 +362,33 @@ def cell(value, spec=".3f") -> str:
 
 
 def tables(rows: list) -> str:
-    out = ["| sweep | case | dtype | impl | fwd ms | fwd+bwd ms | peak MiB fwd / fwd+bwd | max rel err | note |",
-           "| --- " * 9 + "|"]
+    out = ["| sweep | case | dtype | impl | fwd ms | fwd+bwd ms | streamed fwd / fwd+bwd ms | peak MiB fwd / fwd+bwd "
+           "| max rel err | note |", "| --- " * 10 + "|"]
     for row in rows:
         for name, r in row["results"].items():
             if r["status"] != "ok":
-                out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {name} | - | - | - | - "
+                out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {name} | - | - | - | - | - "
                            f"| {bench.STATUS_CELL.get(r['status'], r['status'])}: {r['note'][:90]} |")
                 continue
             peaks = " / ".join(cell(r[key] / 2**20 if r[key] is not None else None, ".0f")
                                for key in ("fwd_peak_bytes", "fwd_bwd_peak_bytes"))
+            streamed = " / ".join(cell(r.get(key)) for key in ("fwd_streamed_ms", "fwd_bwd_streamed_ms"))
             error = max(r["errors"].values())
             out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {name} | {cell(r['fwd_ms'])} "
-                       f"| {cell(r['fwd_bwd_ms'])} | {peaks} | {error:.1e}{'' if r['correct'] else ' FAIL'} "
+                       f"| {cell(r['fwd_bwd_ms'])} | {streamed} | {peaks} | {error:.1e}{'' if r['correct'] else ' FAIL'} "
                        f"| {'compile+first ' + cell(r['first_calls_s'], '.1f') + ' s' if name == 'flex' else ''} |")
-    out += ["", "time ratios (peer / cuflash = cuflash's speedup; padding: padded / unpadded = its cost); "
-            "'!' misses the goal", "", "| sweep | case | dtype | ratio | fwd | fwd+bwd | goal |", "| --- " * 7 + "|"]
+    out += ["", "time ratios (peer / cuflash = cuflash's speedup; padding: padded / unpadded = its cost), of lone "
+            "calls and streamed ones; '!' misses the goal", "",
+            "| sweep | case | dtype | ratio | fwd | fwd+bwd | streamed fwd | streamed fwd+bwd | goal |",
+            "| --- " * 9 + "|"]
     for row in rows:
         for r in row.get("ratios", []):
             cells = []
-            for x in (r["fwd"], r["fwd_bwd"]):
+            for x in (r["fwd"], r["fwd_bwd"], r.get("fwd_streamed"), r.get("fwd_bwd_streamed")):
                 missed = x is not None and (x < r.get("goal_min", 0) or x > r.get("goal_max", float("inf")))
                 cells.append(cell(x, ".2f") + ("!" if missed else ""))
             goal = f">= {r['goal_min']}" if "goal_min" in r else f"<= {r['goal_max']}" if "goal_max" in r else ""
-            out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {r['what']} | {cells[0]} | {cells[1]} "
+            out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {r['what']} | {' | '.join(cells)} "
                        f"| {goal} |")
     return "\n".join(out)
 
