@@ -122,18 +122,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                                      s.i, tid);
     };
 
-    // ---- Pipeline: cp.async groups in order (K, V), Q/dO of step 0, ..., one per loop step
-    // (empty ones too): "at most kStages-2 pending" at step t means K, V and step t have landed.
-    k_loader.load(k_smem, n0, at.seqlen_k, tid);
-    v_loader.load(v_smem, n0, at.seqlen_k, tid);
-    ptx::cp_async_commit();
-    const HeadTileStep first_step(range.first, range.last, heads);
-#pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) {
-        const HeadTileStep s = first_step.after(t, range.first, range.last);
-        if (s.g < heads) load_qdo(t, s);
-        ptx::cp_async_commit();
-    }
+    // ---- Pipeline (tc::start_kv_pipeline): K, V, then one cp.async group per loop step.
+    const HeadTileStep first_step =
+        tc::start_kv_pipeline<kStages>(k_loader, v_loader, k_smem, v_smem, n0, at.seqlen_k, range, heads, tid, load_qdo);
 
     // Per-lane ldmatrix addresses (fragment layouts: ptx.cuh, tile_tc.cuh).
     const unsigned q_a_lane = tc::a_lane<QTile>(s_row, lane);   // Q_i, dO_i as A (m = queries, k = dims)

@@ -21,6 +21,7 @@
 //
 // Per key tile: three barriers; V_{j+1} streams in during dQ += dS K_j, K_{j+1} after it.
 #include "bwd_simt.cuh"
+#include "schedule.cuh"
 
 namespace cuflash {
 
@@ -71,10 +72,9 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const int row0 = ((tid >> 5) * 2 + (lane >> 4)) * TM;  // first of this lane's TM query rows
 
     const FwdParams& f = p.fwd;
-    // With a window the heaviest query tiles (bottom-right causal: the last ones) start first.
-    const int tile_m = kHasWindow ? int(gridDim.y) - 1 - int(blockIdx.y) : int(blockIdx.y);
+    const auto [bh, tile_m] = query_tile_block<kHasWindow>();  // schedule.cuh
     const int m0 = tile_m * kBlockM;
-    const BwdBatchIndex at(p, blockIdx.x);
+    const BwdBatchIndex at(p, bh);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     poison_uncovered_query_grads<T, kBlockM>(p, at, tile_m);
     const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     T dQ[TM][TD];
     simt::zero(dQ);
     const T scale = M::score_scale(f);
-    const ScoreMod<T> mod(f, blockIdx.x, T(f.scale), M::unit(), mask.diag);
+    const ScoreMod<T> mod(f, bh, T(f.scale), M::unit(), mask.diag);
     const bool modified = kScoreMods && mod.modifies();  // softcap, bias, ALiBi or mask (not sinks alone)
 
     if (range.first < range.last) {

@@ -22,6 +22,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
+#include "schedule.cuh"
 #include "score_mod.cuh"
 #include "tile_tc.cuh"
 
@@ -62,10 +63,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const unsigned kv_smem = do_smem + QTile::kBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int bh = blockIdx.x;
-    // With a window the blocks differ in work: the heaviest query tiles (last, under causal
-    // masking) start first so the short ones fill the tail.
-    const int m_block = kHasWindow ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const auto [bh, m_block] = query_tile_block<kHasWindow>();  // schedule.cuh
     const int m0 = m_block * kBlockM;
     const int warp_row0 = warp * kRowsPerWarp;
     const FwdParams& f = p.fwd;

@@ -4,6 +4,7 @@
 //   P_ij = exp(S_ij * scale - lse_i) = exp2(S_ij * scale_log2 - lse_i * log2(e))
 // so a row's statistics are two floats: lse in log2 units and delta_i = rowsum(dO_i * O_i).
 #pragma once
+#include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 #include "tile_tc.cuh"
@@ -79,32 +80,25 @@ struct QueryTileLoader {
     }
 };
 
-// Rows [0, kRows) of a shared tile of width kCols to `gmem`, by all kThreads threads of the
-// block (tile_tc.cuh's store_rows, block-wide): 16-byte stores where the chunk is whole and
-// aligned, element stores otherwise (odd widths, unaligned rows). Rows >= num_rows and
-// columns >= num_cols are not written.
-template <int kRows, int kCols, int kThreads>
-__device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, long long row_stride, int num_rows,
-                                           int num_cols, int tid) {
-    using Tile = SmemTile<kRows, kCols>;
-    constexpr int kTotal = kRows * Tile::kChunks;
-#pragma unroll 4
-    for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-        const int idx = tid + i * kThreads;
-        const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks, col = chunk * 8;
-        if ((kTotal % kThreads == 0 || idx < kTotal) && row < num_rows && col < num_cols) {
-            const uint4 v = ptx::ld_shared_v4(smem + Tile::offset(row, chunk));
-            unsigned short* dst = gmem + row * row_stride + col;
-            if (col + 8 <= num_cols && aligned16(dst)) {
-                *reinterpret_cast<uint4*>(dst) = v;
-            } else {
-                const unsigned w[4] = {v.x, v.y, v.z, v.w};
+// The dK/dV kernels' pipeline start: cp.async groups in order (K, V), then the Q/dO of steps
+// 0 .. kStages - 2 (load_qdo(t, step)), one group each, empty ones too, so that "at most
+// kStages - 2 groups pending" at step t means K, V and step t have landed. Returns step 0.
+template <int kStages, typename KLoader, typename VLoader, typename LoadQdo>
+__device__ __forceinline__ HeadTileStep start_kv_pipeline(const KLoader& k_loader, const VLoader& v_loader,
+                                                          unsigned k_smem, unsigned v_smem, int n0, int seqlen_k,
+                                                          const TileRange& range, int heads, int tid,
+                                                          LoadQdo&& load_qdo) {
+    k_loader.load(k_smem, n0, seqlen_k, tid);
+    v_loader.load(v_smem, n0, seqlen_k, tid);
+    ptx::cp_async_commit();
+    const HeadTileStep first_step(range.first, range.last, heads);
 #pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    if (col + e < num_cols) dst[e] = static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)));
-            }
-        }
+    for (int t = 0; t < kStages - 1; ++t) {
+        const HeadTileStep s = first_step.after(t, range.first, range.last);
+        if (s.g < heads) load_qdo(t, s);
+        ptx::cp_async_commit();
     }
+    return first_step;
 }
 
 }  // namespace tc

@@ -21,7 +21,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "bwd_tc.cuh"
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"

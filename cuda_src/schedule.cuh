@@ -50,4 +50,11 @@ __device__ __forceinline__ BlockCoord scheduled_block(const FwdParams& p) {
     return scheduled_block<kMasked>(kMasked ? p.heads_per_section : 1);
 }
 
+// A dQ block (bwd_dq_tc, bwd_dq_simt): attention row blockIdx.x, its query tiles in reverse
+// under a mask (the heaviest start first, as the forward's), else in order.
+template <bool kMasked>
+__device__ __forceinline__ BlockCoord query_tile_block() {
+    return {static_cast<int>(blockIdx.x), static_cast<int>(kMasked ? gridDim.y - 1 - blockIdx.y : blockIdx.y)};
+}
+
 }  // namespace cuflash

@@ -137,18 +137,20 @@ struct TileLoader {
     }
 };
 
-// Rows [0, kRows) of a shared tile of width kCols to `gmem`, by the 32 lanes of one warp;
-// only rows < num_rows and columns < num_cols are written.
-template <int kRows, int kCols>
-__device__ __forceinline__ void store_rows(unsigned smem, unsigned short* gmem, long long row_stride,
-                                           int num_rows, int num_cols, int lane) {
+// Rows [0, kRows) of a shared tile of width kCols to `gmem`, by kThreads threads (`tid` among
+// them: the 32 lanes of a warp, or a whole block), kUnroll iterations at a time: 16-byte stores
+// where the chunk is whole and aligned, element stores otherwise (odd widths, unaligned rows).
+// Rows >= num_rows and columns >= num_cols are not written.
+template <int kRows, int kCols, int kThreads, int kUnroll>
+__device__ __forceinline__ void store_tile_rows(unsigned smem, unsigned short* gmem, long long row_stride,
+                                                int num_rows, int num_cols, int tid) {
     using Tile = SmemTile<kRows, kCols>;
     constexpr int kTotal = kRows * Tile::kChunks;
-#pragma unroll
-    for (int i = 0; i < (kTotal + 31) / 32; ++i) {
-        const int idx = lane + i * 32;
+#pragma unroll kUnroll
+    for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads;
         const int row = idx / Tile::kChunks, chunk = idx % Tile::kChunks, col = chunk * 8;
-        if ((kTotal % 32 == 0 || idx < kTotal) && row < num_rows && col < num_cols) {
+        if ((kTotal % kThreads == 0 || idx < kTotal) && row < num_rows && col < num_cols) {
             const uint4 v = ptx::ld_shared_v4(smem + Tile::offset(row, chunk));
             unsigned short* dst = gmem + row * row_stride + col;
             if (col + 8 <= num_cols && aligned16(dst)) {
@@ -161,6 +163,21 @@ __device__ __forceinline__ void store_rows(unsigned smem, unsigned short* gmem, 
             }
         }
     }
+}
+
+// A warp's rows (fully unrolled: a few iterations).
+template <int kRows, int kCols>
+__device__ __forceinline__ void store_rows(unsigned smem, unsigned short* gmem, long long row_stride,
+                                           int num_rows, int num_cols, int lane) {
+    constexpr int kIterations = (kRows * SmemTile<kRows, kCols>::kChunks + 31) / 32;
+    store_tile_rows<kRows, kCols, 32, kIterations>(smem, gmem, row_stride, num_rows, num_cols, lane);
+}
+
+// A block's tile (unrolled by 4).
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, long long row_stride, int num_rows,
+                                           int num_cols, int tid) {
+    store_tile_rows<kRows, kCols, kThreads, 4>(smem, gmem, row_stride, num_rows, num_cols, tid);
 }
 
 // ---- mma.sync m16n8k16 fragments (layouts: ptx.cuh). A warp's accumulator tile C is
