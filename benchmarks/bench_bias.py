@@ -24,9 +24,10 @@ float attn_mask built from the bias on every call (1: q as (N, 4, N, 32), bias e
 captured bias (-inf where masked); what it cannot run is ``unsupported`` with torch's message.
 
 Correctness, one call each: out, dq, dk, dv, dbias against a float64 autograd reference (whole
-batch in 1-2, batch 0 heads 0-1 in 3-4), rel err = max |x - ref| / max |ref| within bench.py's
+batch in 1-2, batch 0 heads 0-1 in 3-4), rel err = max |x - ref| / max |ref| within harness.py's
 tolerances; out and dbias also against cuflash's (``vs_cuflash``). Time: record.timed_ms (CUDA
-events, median of --repeats, each call alone). Peak: torch.cuda.max_memory_allocated (cuflash.torch
+events, median of --repeats, each call alone, host path included) and record.streamed_ms (calls
+back to back: the device's time when the host keeps ahead). Peak: torch.cuda.max_memory_allocated (cuflash.torch
 allocates from torch's pool) plus CuPy's pool growth, as bench_memory.py.
 
     python -m benchmarks.bench_bias [--quick] [--sweeps triangle,swin,padding,headdim] [--dtype bf16,fp32] [--out DIR]
@@ -50,7 +51,7 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import bench  # noqa: E402  (imports neither torch nor CuPy)
+from benchmarks import harness, tables  # noqa: E402  (import neither torch nor CuPy)
 from benchmarks import record as records  # noqa: E402
 
 SWEEPS = ("triangle", "swin", "padding", "headdim")
@@ -70,13 +71,13 @@ WINDOWS, WINDOW_SIDE, SWIN_HEADS, SMALL_D, TRIANGLE_HEADS = 64, 7, 4, 32, 4
 
 
 class Harness:
-    """Where the calls run: libraries, inputs, timing, peak memory, failures (bench.py's helpers
+    """Where the calls run: libraries, inputs, timing, peak memory, failures (harness.py's helpers
     on CUDA; a wall clock and no memory reading on the CPU)."""
 
     def __init__(self, device: str, repeats: int):
         self.device, self.repeats, self.libs, self.cupy = device, repeats, None, None
         if device == "cuda":
-            self.libs = bench.load_libraries()  # SystemExit without a GPU
+            self.libs = harness.load_libraries()  # SystemExit without a GPU
             if self.libs.torch is None:
                 raise SystemExit(f"bench_bias: needs torch with CUDA ({self.libs.torch_note})")
             self.cupy = self.libs.cupy
@@ -123,12 +124,12 @@ class Harness:
 
     def release(self) -> None:
         if self.libs is not None:
-            bench.release_memory(self.libs)
+            harness.release_memory(self.libs)
         gc.collect()
 
     def failure(self, exc: BaseException, warned: list) -> dict:
         if self.libs is not None:
-            status, note = bench.classify_failure(exc, self.libs, warned)
+            status, note = harness.classify_failure(exc, self.libs, warned)
         else:
             status, note = "error", f"{type(exc).__name__}: {(str(exc).strip() or ' ').splitlines()[0]}"[:300]
         return {"status": status, "note": note}
@@ -181,7 +182,7 @@ def measure(h: Harness, make, leaves, dout, ref, dtype: str, sample, first: dict
                     result["vs_cuflash"][name] = rel_err(value, first[name])
             if keep:
                 first.update((name, got[name]) for name in ("out", "dbias") if name in got)
-            result["correct"] = all(error <= (bench.FWD_TOLERANCE if name == "out" else bench.BWD_TOLERANCE)[dtype]
+            result["correct"] = all(error <= (harness.FWD_TOLERANCE if name == "out" else harness.BWD_TOLERANCE)[dtype]
                                     for name, error in result["errors"].items())
         out = got = None  # timed outside the warnings' recording: no per-call cost of recording them
 
@@ -219,7 +220,7 @@ def sdpa(h: Harness, q, k, v, backend: str, shape4, attn_mask=None):
 
 
 def flex(h: Harness, q, k, v, shape4, score_mod):
-    """FlexAttention compiled afresh for this point (bench.prepare_flex's way) on 4-D views."""
+    """FlexAttention compiled afresh for this point (harness.prepare_flex's way) on 4-D views."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if h.device != "cpu":
@@ -238,7 +239,7 @@ def run_row(h: Harness, row: dict, impls: dict, dout, dtype: str, sample=()) -> 
     for name, (make, leaves, ref) in impls.items():
         print(f"[bias] {row['sweep']} {row['case']} {dtype}: {name}", file=sys.stderr, flush=True)
         result = row["results"][name] = measure(h, make, leaves, dout, ref, dtype, sample, first, name == "cuflash")
-        if name == "flex" and result["status"] == "error":  # as bench.prepare_flex: what it cannot compile
+        if name == "flex" and result["status"] == "error":  # as harness.prepare_flex: what it cannot compile
             result["status"] = "unsupported"
     return row
 
@@ -361,14 +362,14 @@ def cell(value, spec=".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def tables(rows: list) -> str:
+def format_tables(rows: list) -> str:
     out = ["| sweep | case | dtype | impl | fwd ms | fwd+bwd ms | streamed fwd / fwd+bwd ms | peak MiB fwd / fwd+bwd "
            "| max rel err | note |", "| --- " * 10 + "|"]
     for row in rows:
         for name, r in row["results"].items():
             if r["status"] != "ok":
                 out.append(f"| {row['sweep']} | {row['case']} | {row['dtype']} | {name} | - | - | - | - | - "
-                           f"| {bench.STATUS_CELL.get(r['status'], r['status'])}: {r['note'][:90]} |")
+                           f"| {tables.STATUS_CELL.get(r['status'], r['status'])}: {r['note'][:90]} |")
                 continue
             peaks = " / ".join(cell(r[key] / 2**20 if r[key] is not None else None, ".0f")
                                for key in ("fwd_peak_bytes", "fwd_bwd_peak_bytes"))
@@ -411,7 +412,7 @@ def main(argv=None) -> int:
             parser.error(f"unknown {what}: {', '.join(sorted(set(bad) - set(allowed)))}")
     h = Harness(args.device, args.repeats or size["repeats"])
     if h.libs is not None:
-        environment = bench.collect_environment(h.libs)
+        environment = harness.collect_environment(h.libs)
     else:
         environment = {"device": "cpu", "torch": h.torch.__version__, **records.source_commit(),
                        "date_utc": records.now_utc()}
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
     record = {"sweep": "bias", **environment, "config": vars(args), "sizes": size, "interrupted": interrupted,
               "rows": rows, "failures": failures}
     path = records.write(record, records.record_path(args.out, environment["date_utc"], environment["device"], "bias"))
-    print(tables(rows))
+    print(format_tables(rows))
     print(f"\nrecorded {path}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)

@@ -27,10 +27,9 @@ import math
 import sys
 import warnings
 
-from benchmarks.bench import (
+from benchmarks.harness import (
     CUFLASH,
     PREPARERS,
-    STATUS_CELL,
     Case,
     Config,
     Libraries,
@@ -38,6 +37,7 @@ from benchmarks.bench import (
     make_inputs,
     release_memory,
 )
+from benchmarks.tables import STATUS_CELL
 
 FIRST_SEQLEN = 1024
 

@@ -20,16 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.bench import (
-    CUFLASH,
-    DEFAULT_OUT_DIR,
-    FLASH_PEER,
-    REPO_ROOT,
-    STATUS_CELL,
-    compile_time_range,
-    failure_reasons,
-    plot,
-)
+from benchmarks.harness import CUFLASH, FLASH_PEER
+from benchmarks.record import REPO_ROOT, RESULTS_DIR as DEFAULT_OUT_DIR
+from benchmarks.tables import STATUS_CELL, compile_time_range, failure_reasons, plot
 from benchmarks.bench_latency import latency_columns
 from benchmarks.bench_memory import peak_cell, seqlen_text, summarize_memory
 
