@@ -102,6 +102,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const int kv_col = (warp % 2) * kKVCols;             // ... and dims
     const FwdParams& f = p.fwd;
 
+    if (!takes_row(f, blockIdx.x * heads)) return;  // another launch's rows
     const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
     if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
     poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, blockIdx.y);

@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
     const FwdParams& f = p.fwd;
 
+    if (!takes_row(f, bh)) return;  // another launch's rows
     const BwdBatchIndex at(p, bh);
     if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
     poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, n_index);

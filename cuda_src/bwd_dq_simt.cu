@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const FwdParams& f = p.fwd;
     const auto [bh, tile_m] = query_tile_block<kHasWindow>();  // schedule.cuh
     const int m0 = tile_m * kBlockM;
+    if (!takes_row(f, bh)) return;  // another launch's row
     const BwdBatchIndex at(p, bh);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     poison_uncovered_query_grads<T, kBlockM>(p, at, tile_m);

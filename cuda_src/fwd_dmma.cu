@@ -97,6 +97,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const BlockCoord block = scheduled_block<kHasWindow>(p);  // schedule.cuh
     const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
+    if (!takes_row(p, block.bh)) return;  // another launch's row
     const BatchIndex bi(p, block.bh);
     if (!bi.has_query_row(m0)) return;  // a packed batch's shorter sequence
     poison_uncovered_output<T, T>(p, bi, tile_m, kBlockM);

@@ -72,6 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const int m0 = m_block * kBlockM;
     const int warp_row0 = warp * kRowsPerWarp;
 
+    if (!takes_row(p, bh)) return;  // another launch's row
     const BatchIndex at(p, bh);
     if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
     poison_uncovered_output<unsigned short, float>(p, at, m_block, kBlockM);

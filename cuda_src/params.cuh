@@ -83,8 +83,8 @@ struct FwdParams {
     // which no query sees a key: the row's Lk is cut there (BatchIndex) and the key tiles past
     // it are never loaded. Stored as the cut itself when every key before it is visible (the cut
     // alone is the row's mask: a plain Variant can run the row), else as ~cut. The same for every
-    // head a dK/dV block walks. key_rows (KeyRows): which of those rows this launch takes; the
-    // others' Lq and Lk read 0 (their blocks return at once), another launch takes them.
+    // head a dK/dV block walks. key_rows (KeyRows): which of those rows this launch takes
+    // (takes_row); another launch takes the others.
     const int* key_bounds;
     int key_rows;
 };
@@ -198,13 +198,7 @@ struct BatchIndex {
     // A key-padding mask's cut (FwdParams::key_bounds); the diagonal stays the call's.
     __device__ __forceinline__ void cut_keys(const FwdParams& p, int bh) {
         const int bound = p.key_bounds[bh];
-        const bool prefix = bound >= 0;
-        if (p.key_rows == kAllKeyRows || (p.key_rows == kPrefixKeyRows) == prefix) {
-            seqlen_k = min(seqlen_k, prefix ? bound : ~bound);
-        } else {
-            seqlen_q = 0;
-            seqlen_k = 0;
-        }
+        seqlen_k = min(seqlen_k, bound >= 0 ? bound : ~bound);
     }
 
     // Whether the tile starting at query row m0 (or key row n0, for seqlen_k) holds rows of this
@@ -213,6 +207,13 @@ struct BatchIndex {
     __device__ __forceinline__ bool has_query_row(int m0) const { return m0 < seqlen_q; }
     __device__ __forceinline__ bool has_key_row(int n0) const { return n0 < seqlen_k; }
 };
+
+// Whether this launch takes attention row bh (FwdParams::key_rows): the kernels return at once
+// from a row another launch takes, before anything else (BatchIndex), so that nothing of the
+// test stays in registers through their loops.
+__device__ __forceinline__ bool takes_row(const FwdParams& p, int bh) {
+    return p.key_bounds == nullptr || p.key_rows == kAllKeyRows || (p.key_rows == kPrefixKeyRows) == (p.key_bounds[bh] >= 0);
+}
 
 // Rows [covered, seqlen) of a packed sequence longer than the max_seqlen hint its grid was sized
 // by: no block computes them, so the block of the grid's last tile (`tile`, of `tiles` tiles of

@@ -367,8 +367,9 @@ FWD_DMMA = KernelSpec(
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
     lambda dtype, d, block_m, block_n, stages: _smem_dmma_bytes(d, block_m, block_n))
 BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes),
-                         # 128x128 spills 72 bytes on sm_80; d96 64x128 32 bytes on sm_90a
-                         modifier_tiles={32: (64, 128, 8, 2), 96: (64, 64, 8, 2)})
+                         # 128x128 spills 72 bytes on sm_80; on sm_90a d96 64x128 32 bytes, d256 64x64
+                         # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
+                         modifier_tiles={32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)})
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
