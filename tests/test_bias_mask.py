@@ -705,6 +705,35 @@ def test_gpu_hidden_nan_in_bias_does_not_leak(rng, dtype):
     assert (dbias[..., hidden] == 0).all() and numpy.isfinite(dbias).all()
 
 
+def test_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_mask(monkeypatch):
+    """The host half of the GPU's key-padding cut (plan._key_bounds), run on NumPy in place of
+    CuPy (the same calls): per attention row, C order over the output's leading axes, the last
+    visible key + 1 where the visible keys are a prefix (the plain kernels take the row), ~cut
+    where a key before the cut is hidden (the modifier kernels take it), 0 where no key is
+    visible; masks that differ per query or per head are not cut, and a bias or softcap keeps
+    every row on the modifier kernels."""
+    from types import SimpleNamespace
+
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_cupy", lambda: numpy)
+    mask = numpy.zeros((3, 1, 1, 10), bool)  # batch 0: keys 0-6; 1: none; 2: 0-3 and 8 (holes)
+    mask[0, ..., :7] = True
+    mask[2, ..., :4] = True
+    mask[2, ..., 8] = True
+    call = dict(mask=mask, packed=None, lead_shape=(3, 2), bias=None, softcap=None, alibi_slopes=None)
+    bounds = plan._key_bounds(SimpleNamespace(**call))
+    assert bounds.dtype == numpy.int32 and bounds.flags.c_contiguous
+    numpy.testing.assert_array_equal(bounds, [7, 7, 0, 0, ~9, ~9])
+    assert plan._splits_key_padding(SimpleNamespace(**call))
+    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "bias": numpy.zeros(10)}))
+    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "softcap": 5.0}))
+    one_row = plan._key_bounds(SimpleNamespace(**{**call, "mask": mask[0, 0, 0]}))  # (Lk,): every row
+    numpy.testing.assert_array_equal(one_row, [7] * 6)
+    for per_row in (numpy.ones((3, 1, 4, 10), bool), numpy.ones((3, 2, 1, 10), bool)):
+        assert plan._key_bounds(SimpleNamespace(**{**call, "mask": per_row})) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["atomic", "causal-deterministic"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
