@@ -148,13 +148,6 @@ struct ScoreMod {
         return x;
     }
 
-    // The same with the modifiers chosen at run time, element by element (simple kernels whose
-    // time is not spent on their scores).
-    __device__ __forceinline__ T apply(T s, int i, int j, T& grad) const {
-        if (cap != T(0)) return apply<true, true>(s, i, j, grad, bias_plane(), mask_plane());
-        return apply<false, true>(s, i, j, grad, bias_plane(), mask_plane());
-    }
-
     // Row bh's bias and mask planes (FwdParams::score_rows), or null: none.
     __device__ __forceinline__ const T* bias_plane() const {
         return params.bias != nullptr ? static_cast<const T*>(params.bias) + params.score_rows[2 * row] : nullptr;
@@ -181,11 +174,6 @@ struct ScoreMod {
     // costs one FADD.
     __device__ __forceinline__ T distance(int i, int j) const {
         return fabs(static_cast<T>(i + diag) - static_cast<T>(j));
-    }
-
-    __device__ __forceinline__ T operator()(T s, int i, int j) const {
-        T grad;
-        return apply(s, i, j, grad);
     }
 
     // Row bh's sink in the exponent's units (the softmax's starting logit), or -inf: none.
