@@ -401,11 +401,10 @@ def forward(problem, *, prefetch_backward: bool | None = None):
 
     device = cupy.cuda.Device().id
     arch = _arch(device)
-    variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, _mean_visible_keys(p), mods)
-    split = _splits_key_padding(p)
-    plain_variant = tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch,
-                                 _mean_visible_keys(p)) if split else None
-    kernels.prefetch([variant] + ([plain_variant] if split else []), device)
+    sets = _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch,
+                                                          _mean_visible_keys(p), modified))
+    variant = sets[-1][0]  # the modifier Variant when there is one
+    kernels.prefetch([f for f, _ in sets], device)
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods)
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
@@ -424,12 +423,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
-    if split:
-        launches = (_launch_of(plain_variant, device, layout.grid_x, _longest(p)[0], plain_variant.block_m,
-                               PREFIX_KEY_ROWS),
-                    _launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m, OTHER_KEY_ROWS))
-    else:
-        launches = (_launch_of(variant, device, layout.grid_x, _longest(p)[0], variant.block_m),)
+    launches = tuple(_launch_of(f, device, layout.grid_x, _longest(p)[0], f.block_m, rows) for f, rows in sets)
     struct = _fwd_struct(p, layout, q, v)
     per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     plain = plain and not mods and not p.has_score_mods  # a replay writes no modifier pointers
@@ -519,10 +513,10 @@ def _fill_bias_and_mask(struct, p) -> tuple:
         if name == "bias":
             x = _widen(x, _accum(p))
         x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
-        strides = [0 if n == 1 else s // x.dtype.itemsize for n, s in zip(x.shape, x.strides)]
+        strides = _broadcast_strides(x)
         if abs(strides[-2]) * p.seqlen_q + abs(strides[-1]) * p.seqlen_k > _INT32_MAX:
             x = cupy.ascontiguousarray(x)
-            strides = [0 if n == 1 else s // x.dtype.itemsize for n, s in zip(x.shape, x.strides)]
+            strides = _broadcast_strides(x)
         offset = numpy.zeros(lead, dtype=numpy.int64)
         pad = len(lead) - (x.ndim - 2)
         for axis, stride in enumerate(strides[:-2]):
@@ -541,6 +535,11 @@ def _fill_bias_and_mask(struct, p) -> tuple:
     return tuple(planes) + (rows, bounds)
 
 
+def _broadcast_strides(x) -> list[int]:
+    """Element strides, 0 along a unit axis (read as broadcast)."""
+    return [0 if n == 1 else s // x.dtype.itemsize for n, s in zip(x.shape, x.strides)]
+
+
 def _pads_keys(p) -> bool:
     """Whether the mask is a key-padding mask: the same for every query and every head (a dK/dV
     block's heads must share their cut), so that each attention row's keys can be cut at its
@@ -557,6 +556,16 @@ def _splits_key_padding(p) -> bool:
     the others the modifier one; the kernels learn which rows are theirs from key_bounds, on the
     device (FwdParams::key_rows), so the host never waits to look at the mask."""
     return _pads_keys(p) and p.bias is None and p.softcap is None and p.alibi_slopes is None
+
+
+def _key_row_sets(p, select) -> tuple:
+    """(Variant(s), key_rows) of each launch of a kernel family: ``select(modified)`` picks them.
+    One launch of all rows, except under a split key-padding mask (``_splits_key_padding``): the
+    plain Variant(s) on the prefix rows, then the modifier one(s) on the others."""
+    modified = _modifies_scores(p)
+    if not _splits_key_padding(p):
+        return ((select(modified), ALL_KEY_ROWS),)
+    return ((select(False), PREFIX_KEY_ROWS), (select(True), OTHER_KEY_ROWS))
 
 
 def _key_bounds(p):
@@ -760,12 +769,10 @@ def backward(problem):
         k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
 
     device = cupy.cuda.Device().id
-    variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, _arch(device), mods)
-    split = _splits_key_padding(p)  # the prefix rows on the plain Variants (as the forward)
-    plain_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
-                                           _arch(device)) if split else None
-    kernels.prefetch(_backward_kernels(variants, p.deterministic)
-                     + (_backward_kernels(plain_variants, p.deterministic) if split else []), device)
+    sets = _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
+                                                                   p.has_window, _arch(device), modified))
+    variants = sets[-1][0]  # delta and the dQ conversion: any set's
+    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)], device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -797,9 +804,6 @@ def backward(problem):
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
-    # Under a split key-padding mask, the dK/dV (and deterministic dQ) kernels launch twice: the
-    # plain Variant on the prefix rows, the modifier one on the others.
-    sets = ((plain_variants, PREFIX_KEY_ROWS), (variants, OTHER_KEY_ROWS)) if split else ((variants, ALL_KEY_ROWS),)
     layout = _Layout(p, tensors, min(min(f.dkdv.block_n, f.dq.block_m, f.delta.block_m) for f, _ in sets))
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
     struct["fwd"] = _fwd_struct(p, layout, q, v, kv_group=group)
