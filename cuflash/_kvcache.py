@@ -1,5 +1,4 @@
-"""Attention over a KV cache with in-place append (flash-attn's ``flash_attn_with_kvcache``), on
-top of the dense calls.
+"""Attention over a KV cache with in-place append (flash-attn's ``flash_attn_with_kvcache``).
 
 ``attention_with_kvcache(q, k_cache, v_cache, *, k, v, cache_seqlens, block_table, ...)``: q
 ``(B, Hq, Lq, D)``; a contiguous cache ``(B, Hk, Lmax, D)`` / ``(B, Hk, Lmax, Dv)``, or a paged one
@@ -7,14 +6,20 @@ top of the dense calls.
 The new keys and values ``k``, ``v`` ``(B, Hk, Lnew, D / Dv)`` are written into the cache in place
 at positions ``cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1``, then sequence b attends over its
 keys ``[0, cache_seqlens[b] + Lnew)``. ``num_splits`` > 1 runs the keys in that many ranges and
-merges the partial attentions (``merge_attention``).
+merges the partial attentions (``merge_attention``'s rule).
 
-This first implementation is a composition, correct on both backends but not the bandwidth
-path: the append is one scatter per cache; each sequence then runs one dense ``attention``
-(all sequences in one call when their lengths are equal), on views of a contiguous cache and on
-a gather of the sequence's keys from a paged one; a split runs one dense call per key range and
-then ``merge_attention``. ``cache_seqlens`` and ``block_table`` are read on the host. The split-KV
-kernel that replaces it reads the pages in place, appends, and splits in one launch.
+Two paths, one contract. On the GPU, float16 and bfloat16 calls whose head dims are multiples of 8
+up to 128 and whose caches are laid out in whole 16-byte chunks run the split-KV decode kernel
+(``_gpu/decode.py``, ``cuda_src/decode_tc.cu``): one launch reads the cache in place (through the
+block table when paged), each kv head's K/V once for its whole GQA group, the cache lengths on the
+device, and splits the keys (plus one combine launch when split). Everything else (the CPU
+backend, float32/float64, other head dims or layouts, an empty batch) runs the composition of
+dense calls: each sequence one dense ``attention`` (all sequences in one call when their lengths
+are equal), on views of a contiguous cache and on a gather of the sequence's keys from a paged
+one; a split runs one dense call per key range and then ``merge_attention``. Both paths check
+every argument first, which reads ``cache_seqlens`` and ``block_table`` on the host (the errors
+the contract promises: lengths past the cache, pages out of range or shared), and both append
+with one scatter per cache.
 """
 from __future__ import annotations
 
@@ -265,9 +270,7 @@ def _resolve_splits(num_splits) -> int:
     splits = _spec._integer("num_splits", num_splits, "(0: heuristic, 1: no split, n > 1: n key ranges)")
     if splits < 0:
         raise ValueError(f"num_splits must be >= 0 (0: heuristic, 1: no split, n > 1: n key ranges), got {splits}")
-    # The heuristic: this composition gains nothing from splitting (each range is one more dense
-    # call), so 0 means 1. The split-KV kernel chooses from B, Hk, Lq, Lk and the SM count.
-    return splits if splits > 0 else 1
+    return splits  # 0: the path's own heuristic (the composition's is 1, _gpu/decode.py's the SM count)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens=None, block_table=None, scale=None,
@@ -304,11 +307,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     return_lse : bool
         Also return lse ``(B, Hq, Lq)``, float32 (float64 for float64).
     num_splits : int
-        1: one pass over the keys. n > 1: the keys ``[0, Lk)`` of each sequence run in
-        ``min(n, Lk)`` ranges ``[s * Lk // n, (s + 1) * Lk // n)`` merged as
+        1: one pass over the keys. n > 1: the keys of each sequence run in up to n ranges merged as
         :func:`cuflash.merge_attention` merges (the sink joins the first range only): equal to the
-        unsplit result within rounding, bitwise reproducible for a fixed ``num_splits``. 0 (the
-        default): a heuristic, which for this composition is 1.
+        unsplit result within rounding, bitwise reproducible for a fixed ``num_splits``. The decode
+        kernel splits the keys its rows may see into n runs of whole 64-key tiles (at most one
+        range per tile of Lmax); the composition splits ``[0, Lk)`` into ``min(n, Lk)`` ranges
+        ``[s * Lk // n, (s + 1) * Lk // n)``. 0 (the default): a heuristic; the decode kernel's
+        fills about two waves of blocks from B, the heads, Lq, Lmax and the SM count (at most 64
+        splits, at least two tiles each), the composition's is 1.
     out : array ``(B, Hq, Lq, Dv)``, optional
         Written in place and returned, as in :func:`cuflash.attention`; it must not share memory
         with any input, the caches included.
@@ -319,12 +325,14 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     exactly as they were (should a dense call refuse a sequence for its values, the slots
     already written are restored before the error propagates).
 
-    Current cost (a composition of the dense calls, not yet the split-KV kernel): the lengths
-    and the block table are read on the host (a device sync on the GPU); the append is one
-    scatter per cache; a contiguous cache is read through views (no copy), a paged one is first
-    gathered, sequence by sequence, into a ``(Lk, Hk, D)`` copy of its keys and values; sequences
-    of equal lengths share one dense call, others run one each; each split range is one more
-    dense call, plus one merge.
+    Cost. The argument checks read the lengths and the block table on the host (a device sync
+    on the GPU); the append is one scatter per cache. GPU float16/bfloat16 with D and Dv
+    multiples of 8 up to 128 and caches in whole 16-byte chunks: the split-KV decode kernel, one
+    launch (two when split) that reads each kv head's keys and values once, in place, paged or
+    not. Otherwise (float32/float64 and the CPU backend included) the composition: a contiguous
+    cache is read through views (no copy), a paged one is first gathered, sequence by sequence,
+    into a ``(Lk, Hk, D)`` copy of its keys and values; sequences of equal lengths share one dense
+    call, others run one each; each split range is one more dense call, plus one merge.
 
     Returns
     -------
@@ -371,7 +379,11 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         for (rows, _), new in zip(saved, (k, v)):
             rows[first, pos] = _bits(new).transpose(0, 2, 1, 3).reshape((-1,) + (new.shape[1], new.shape[3]))
     try:
-        result, lse = _attend_all(xp, q, k_rows, v_rows, cache, problem, options, splits)
+        if xp is not numpy and _decode_unsupported(q, k_cache, v_cache, cache) is None:
+            result, lse = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens,
+                                  block_table, splits)
+        else:
+            result, lse = _attend_all(xp, q, k_rows, v_rows, cache, problem, options, splits or 1)
     except BaseException:
         for rows, old in saved or ():
             rows[first, pos] = old
@@ -380,6 +392,40 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         _bits(out)[...] = _bits(result)
         result = out
     return (result, lse) if problem.return_lse else result
+
+
+def _decode_unsupported(q, k_cache, v_cache, cache: _Cache) -> str | None:
+    """Why the GPU decode kernel does not take this call (None: it does)."""
+    from ._gpu import decode
+
+    if cache.batch == 0:
+        return "an empty batch"
+    return decode.unsupported_reason(q, k_cache, v_cache)
+
+
+def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits):
+    """(out, lse) from the GPU decode kernel, launched with no host synchronization: the kernel
+    reads the lengths (the caller's device array) and the block table where they lie."""
+    from ._gpu import decode
+
+    # The window as the whole cache sees it: the problem's sides were clamped against the new
+    # keys alone (Lq + Lnew), which would cut a window that the cached keys extend; clamped
+    # against Lq + Lmax instead, a side still never excludes a key it would not. The alignment:
+    # a diagonal of Lk - Lq (bottom-right) or 0, asked of the same rule with Lq = 0, Lk = 1.
+    left, right, _ = _spec._normalise_mask(causal, window, int(q.shape[2]), cache.capacity)
+    bottom_right = _spec._normalise_mask(causal, window, 0, 1)[2] == 1
+    lengths, fixed = None, cache.capacity
+    if isinstance(cache_seqlens, xp.ndarray) and cache_seqlens.ndim == 1:
+        lengths = xp.ascontiguousarray(cache_seqlens)
+    elif cache_seqlens is not None:
+        fixed = int(cache.seqlens[0]) if cache.batch else 0  # one int for every sequence
+    table = None if block_table is None else xp.ascontiguousarray(block_table)
+    modifiers = [None if x is None else xp.asarray(x) for x in (problem.alibi_slopes, problem.sinks)]
+    launch = decode.plan(q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed, new_keys=cache.new,
+                         block_table=table, capacity=cache.capacity, scale=problem.scale, window_left=left,
+                         window_right=right, bottom_right=bottom_right, softcap=problem.softcap,
+                         alibi_slopes=modifiers[0], sinks=modifiers[1], num_splits=splits)
+    return launch.run()
 
 
 def _index(host, xp):

@@ -520,3 +520,220 @@ def test_gpu_equal_lengths_out_and_errors(rng):
     bad["k_cache"] = to_numpy(bad["k_cache"])
     with pytest.raises(TypeError, match="k_cache must be a cupy.ndarray like q"):
         cuflash.attention_with_kvcache(**bad)
+
+
+# --- the GPU decode kernel (cuda_src/decode_tc.cu) ---------------------------------------------
+#
+# float16 / bfloat16 calls with head dims that are multiples of 8 up to 128 run the split-KV decode
+# kernel (cuflash/_gpu/decode.py). These tests make sure they do (a spy on decode.plan), poison
+# everything the kernels write (out, lse, the splits' partials) with NaN before they run, and check
+# against the float64 reference; each call runs twice to check bitwise reproducibility.
+
+DECODE_DTYPES = ["float16", "bfloat16"]
+
+
+def _poison(x):
+    """Every bit set: NaN in every float format, so an entry the kernels leave unwritten fails."""
+    bits = x.view(numpy.dtype(f"u{x.dtype.itemsize}"))
+    bits.fill(numpy.iinfo(bits.dtype).max)
+
+
+@pytest.fixture
+def decode_spy(monkeypatch):
+    """decode.plan wrapped: the plans made (in order), with their outputs and partials poisoned."""
+    from cuflash._gpu import decode
+
+    plans, real = [], decode.plan
+
+    def spy(*args, **kwargs):
+        launch = real(*args, **kwargs)
+        for x in (launch.out, launch.lse) + launch.workspace:
+            _poison(x)
+        plans.append(launch)
+        return launch
+
+    monkeypatch.setattr(decode, "plan", spy)
+    return plans
+
+
+def _run_twice(cupy, arguments, options, splits):
+    out, lse = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+    again = cuflash.attention_with_kvcache(**arguments, **options, num_splits=splits, return_lse=True)
+    assert to_numpy(out).tobytes() == to_numpy(again[0]).tobytes(), f"num_splits={splits}: out not reproducible"
+    assert to_numpy(lse).tobytes() == to_numpy(again[1]).tobytes(), f"num_splits={splits}: lse not reproducible"
+    return out, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(16, 2), (8, 1), (4, 4)], ids=["gqa8", "mqa", "mha"])
+@pytest.mark.parametrize("lnew", [0, 1, 5])
+@pytest.mark.parametrize("page_size", [None, 16, 64, 256], ids=["contiguous", "page16", "page64", "page256"])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_gpu_decode_kernel(rng, decode_spy, dtype, page_size, lnew, heads):
+    """Contiguous and paged caches (random page order, Lmax = 300 not a multiple of the page),
+    lengths 0 .. Lmax - Lnew, Lq 1 / 5 / 64, D 64 and 128, num_splits 1 / 3 / 0."""
+    cupy = _cupy()
+    capacity = 300
+    cases = ((1, 128, 0, False, "bshd"), (5, 64, 3, True, "bhsd"), (64, 128, 1, True, "bshd"), (16, 64, 0, True, "bhsd"))
+    for lq, d, splits, causal, layout in cases:
+        setup = Setup(rng, dtype, seqlens=_seqlens(rng, 5, capacity, lnew), lnew=lnew, lq=lq, capacity=capacity,
+                      page_size=page_size, layout=layout, heads_q=heads[0], heads_k=heads[1], d=d, dv=d, xp=cupy)
+        arguments = setup.arguments()
+        before = len(decode_spy)
+        out, lse = cuflash.attention_with_kvcache(**arguments, causal=causal, num_splits=splits, return_lse=True)
+        assert len(decode_spy) == before + 1, "the decode kernel did not run"
+        setup.assert_cache()
+        setup.assert_inputs_unchanged(arguments["q"], arguments["k"], arguments["v"])
+        check(setup, out, lse, dict(causal=causal))
+        # Again without appending (the keys are in the cache now): bitwise the same, twice.
+        arguments = setup.arguments(append=False)
+        arguments["cache_seqlens"] = cupy.asarray((setup.seqlens + lnew).astype(numpy.int32))
+        again, lse_again = _run_twice(cupy, arguments, dict(causal=causal), splits)
+        if splits == 1 or lnew == 0:
+            assert to_numpy(again).tobytes() == to_numpy(out).tobytes()
+        else:  # other splits of the same keys (the tiles' ranges move with Lnew): within rounding
+            check(setup, again, lse_again, dict(causal=causal))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", ["plain", "causal-window", "window-ahead", "top-left", "mods", "mods-window"])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_gpu_decode_options(rng, decode_spy, dtype, name, paged):
+    """Windows, both causal alignments, softcap, ALiBi (one head per block) and sinks, GQA 4:1,
+    sequences of 0, 1, 200 and 1000 keys, num_splits 1 / 3 / 0 / 64 (more than some have tiles)."""
+    cupy = _cupy()
+    setup = Setup(rng, dtype, seqlens=[0, 1, 200, 1000, 997], lnew=3, lq=int(rng.choice([1, 4, 9])), capacity=1024,
+                  heads_q=8, heads_k=2, d=128, dv=64, page_size=64 if paged else None, xp=cupy)
+    options = _options(rng, name, setup.batch, setup.q.shape[1])
+    options = {key: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for key, x in options.items()}
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(), **options, num_splits=1, return_lse=True)
+    setup.assert_cache()
+    check(setup, out, lse, options)
+    arguments = setup.arguments(append=False)
+    arguments["cache_seqlens"] = cupy.asarray((setup.seqlens + 3).astype(numpy.int32))
+    for splits in (1, 3, 0, 64):
+        out, lse = _run_twice(cupy, arguments, options, splits)
+        check(setup, out, lse, options)
+    assert len(decode_spy) == 9 and any(plan.splits > 1 for plan in decode_spy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sink", "sinks"])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_gpu_decode_rows_that_see_nothing(rng, decode_spy, dtype, sinks, splits):
+    """A sequence of no keys (cache_seqlens 0, Lnew 0) and rows before the bottom-right diagonal:
+    out 0 and lse -inf, or the row's sink."""
+    cupy = _cupy()
+    setup = Setup(rng, dtype, seqlens=[0, 2, 6, 0], lnew=0, lq=10, capacity=100, heads_q=8, heads_k=2, d=64, dv=64,
+                  page_size=16, xp=cupy)
+    options = dict(causal=True)
+    if sinks:
+        options["sinks"] = cupy.asarray(rng.standard_normal(8).astype(numpy.float32))
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(append=False), **options, num_splits=splits,
+                                              return_lse=True)
+    assert len(decode_spy) == 1
+    check(setup, out, lse, options)
+    out, lse = to_numpy(out), to_numpy(lse)
+    for b, length in enumerate(setup.seqlens):
+        blind = slice(0, 10 - int(length))
+        assert (out[b, :, blind].astype(numpy.float32) == 0).all()
+        expected = to_numpy(options["sinks"])[:, None] if sinks else -numpy.inf
+        assert (lse[b, :, blind] == expected).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [59, 256], ids=["odd-d", "d256"])
+def test_gpu_decode_routes_what_it_does_not_take(rng, decode_spy, d):
+    """Head dims the kernel does not take run the composition, with the same results."""
+    cupy = _cupy()
+    setup = Setup(rng, "bfloat16", seqlens=[0, 40, 70], lnew=1, lq=2, capacity=80, heads_q=4, heads_k=1, d=d, dv=d,
+                  page_size=16, xp=cupy)
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(), causal=True, num_splits=3, return_lse=True)
+    assert not decode_spy
+    setup.assert_cache()
+    check(setup, out, lse, dict(causal=True))
+
+
+@pytest.mark.gpu
+def test_gpu_decode_out_and_strided_queries(rng, decode_spy):
+    """out= is written in place; a q whose rows are not 16-byte chunks is copied, not refused."""
+    cupy = _cupy()
+    setup = Setup(rng, "float16", seqlens=[100, 37], lnew=2, lq=3, capacity=128, page_size=32, xp=cupy,
+                  heads_q=4, heads_k=2, d=64, dv=64)
+    arguments = setup.arguments()
+    wide = cupy.zeros(arguments["q"].shape[:3] + (65,), cupy.float16)
+    wide[..., 1:] = arguments["q"]
+    arguments["q"] = wide[..., 1:]  # rows start 2 bytes into 16-byte chunks
+    out = cupy.full((2, 4, 3, 64), 7, cupy.float16)
+    result, lse = cuflash.attention_with_kvcache(**arguments, out=out, causal=True, return_lse=True, num_splits=2)
+    assert result is out and len(decode_spy) == 1
+    check(setup, out, lse, dict(causal=True))
+
+
+# --- the decode kernel without a GPU: its struct's mirror, and its instantiations compile -------
+
+
+from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline's NVRTC check and PTX probe reader)
+
+
+def test_decode_params_struct_matches_its_numpy_mirror(pipeline):
+    from cuflash._gpu import decode, kernels, params
+
+    spec = decode.CombineKernel("float16", "80")
+    source = '#include "decode.cuh"\n' + params.layout_probe_source("cuflash::DecodeParams", decode.PARAMS_DTYPE)
+    stored = pipeline._ptx_stored_constants(source, kernels.compile_options(spec) + ("-arch=compute_80",))
+    expected = {0: decode.PARAMS_DTYPE.itemsize}
+    expected.update({i: decode.PARAMS_DTYPE.fields[name][1] for i, name in enumerate(decode.PARAMS_DTYPE.names, start=1)})
+    assert stored == expected
+
+
+def _decode_kernels(arch):
+    from cuflash._gpu import decode
+
+    for dtype in DECODE_DTYPES:
+        yield decode.CombineKernel(dtype, arch)
+        for head_dim in (64, 128):
+            for rows in (1, 32, 64):
+                yield decode.DecodeKernel(dtype, head_dim, decode.warps_m_for(rows), decode.stages_for(head_dim), arch)
+
+
+@pytest.mark.parametrize("arch", ["80", "90a"])
+def test_decode_kernels_compile_offline_without_spills(pipeline, arch):
+    from cuflash._gpu import kernels
+
+    for spec in _decode_kernels(arch):
+        build = kernels.compile_offline(spec)
+        assert 0 < build.registers <= 255 and build.spill_bytes == 0 and build.stack_bytes == 0, f"{spec}: {build.log}"
+        assert len(build.cubin) > 0
+
+
+def test_decode_smem_formula_is_the_kernels_own(pipeline):
+    from cuflash._gpu import decode, kernels
+
+    specs = [s for s in _decode_kernels("80") if isinstance(s, decode.DecodeKernel)]
+    lines = ['extern "C" __global__ void cuflash_smem_probe(long long* out) {']
+    for i, s in enumerate(specs):
+        args = (variant_types()[s.dtype], s.head_dim, s.warps_m, s.stages)
+        lines.append(f"    out[{i}] = (long long)cuflash::decode_tc_smem_bytes<{', '.join(map(str, args))}>();")
+    source = kernels.kernel_source(specs[0]) + "\n" + "\n".join(lines) + "\n}\n"
+    options = kernels.compile_options(specs[0]) + ("-arch=compute_80", "--device-as-default-execution-space")
+    assert pipeline._ptx_stored_constants(source, options) == {i: s.shared_mem for i, s in enumerate(specs)}
+    assert all(decode.resident_blocks(s) >= 1 and s.shared_mem <= 227 * 1024 for s in specs)
+
+
+def variant_types():
+    from cuflash._gpu.variant import CUDA_TYPES
+
+    return CUDA_TYPES
+
+
+def test_decode_split_heuristic():
+    from cuflash._gpu import decode
+
+    assert decode.choose_splits(blocks=8, tiles=4096, sms=132, per_sm=2) == decode.MAX_SPLITS
+    assert decode.choose_splits(blocks=2048, tiles=4096, sms=132, per_sm=2) == 1
+    assert decode.choose_splits(blocks=64, tiles=64, sms=132, per_sm=2) == 9  # two waves: ceil(528 / 64)
+    assert decode.choose_splits(blocks=8, tiles=6, sms=132, per_sm=2) == 3   # two tiles a split at least
+    assert decode.choose_splits(blocks=8, tiles=1, sms=132, per_sm=2) == 1

@@ -1,0 +1,274 @@
+"""Split-KV decoding over a KV cache on the GPU: ``cuda_src/decode_tc.cu``.
+
+``plan(...)`` checks that the kernel can run a call (``supported`` says why not: the caller
+then keeps the composition of dense calls), picks the instantiation, the head blocks, the row
+chunks and the number of splits, and fills the by-value ``DecodeParams`` (``PARAMS_DTYPE``, its
+NumPy mirror); ``DecodePlan.run()`` launches ``decode_tc`` (and ``decode_combine`` when the keys
+are split) on CuPy's current stream, with no host synchronization: the cache lengths and the
+block table are read by the kernel, on the device. Kernels compile like every other cuflash
+kernel (``kernels.get_kernel``: NVRTC, memoized per device, CuPy's disk cache).
+
+What the kernel runs: float16 and bfloat16; head dims D, Dv multiples of 8 up to 128; caches
+(contiguous or paged, any page size) whose strides are whole 16-byte chunks and whose data are
+16-byte aligned (cp.async copies 16 bytes); every mask, softcap, ALiBi and sinks. With ALiBi a
+block holds one query head (the slope is per head), otherwise the whole GQA group of a kv head.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy
+
+from . import kernels
+from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
+from .variant import CUDA_TYPES
+
+THREADS = 128   # CUFLASH_DECODE_THREADS
+BLOCK_N = 64    # CUFLASH_DECODE_BLOCK_N: keys per tile; splits are whole tiles
+MAX_SPLITS = 64  # the heuristic's ceiling (num_splits=0)
+MAX_GRID_X = 2**31 - 1
+LOG2E = 1.4426950408889634
+_FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+
+_I8 = numpy.int64
+_P = numpy.uint64
+# The NumPy mirror of ``struct DecodeParams`` (cuda_src/decode.cuh): FwdParams, then 8-byte fields.
+PARAMS_DTYPE = numpy.dtype(
+    [("fwd", FWD_PARAMS_DTYPE)]
+    + [(name, _P) for name in ("q", "k_cache", "v_cache", "o", "lse", "part_o", "part_lse", "cache_seqlens",
+                               "block_table")]
+    + [(name, _I8) for name in ("q_batch_stride", "q_head_stride", "q_row_stride",
+                                "k_page_stride", "k_head_stride", "k_row_stride",
+                                "v_page_stride", "v_head_stride", "v_row_stride",
+                                "o_batch_stride", "o_head_stride", "o_row_stride", "table_stride",
+                                "batch", "heads_q", "heads_k", "seqlen_q", "head_dim", "head_dim_v",
+                                "seqlen_fixed", "new_keys", "page_size", "heads_per_block", "row_chunks",
+                                "num_splits", "bottom_right")],
+    align=True,
+)
+
+
+def _tile_bytes(rows: int, cols: int) -> int:
+    """tc::SmemTile<rows, cols>::kBytes: rows of cols / 8 + 1 16-byte chunks (an odd pitch)."""
+    return rows * (cols // 8 + 1) * 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeKernel:
+    """One ``decode_tc`` instantiation, in the shape ``kernels`` compiles a Variant."""
+
+    dtype: str     # float16 or bfloat16
+    head_dim: int  # 64 or 128: the tile width covering D and Dv
+    warps_m: int   # 1, 2 or 4: warps along the rows (16 each); the other 4 / warps_m split each key tile
+    stages: int    # K/V pipeline depth
+    arch: str
+
+    kernel = "decode_tc"
+    threads = THREADS
+
+    @property
+    def shared_mem(self) -> int:
+        """decode_tc_smem_bytes: Q's rows, then the K/V stages."""
+        return _tile_bytes(16 * self.warps_m, self.head_dim) + self.stages * 2 * _tile_bytes(BLOCK_N, self.head_dim)
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.warps_m
+
+    @property
+    def name_expression(self) -> str:
+        return f"cuflash::decode_tc<{CUDA_TYPES[self.dtype]}, {self.head_dim}, {self.warps_m}, {self.stages}>"
+
+    def __str__(self) -> str:
+        return f"decode_tc[{self.dtype} d{self.head_dim} m{self.block_m} s{self.stages} sm_{self.arch}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineKernel:
+    """``decode_combine``: the splits' fp32 partials merged into the output."""
+
+    dtype: str
+    arch: str
+
+    kernel = "decode_tc"
+    shared_mem = 0
+    threads = THREADS
+
+    @property
+    def name_expression(self) -> str:
+        return f"cuflash::decode_combine<{CUDA_TYPES[self.dtype]}>"
+
+    def __str__(self) -> str:
+        return f"decode_combine[{self.dtype} sm_{self.arch}]"
+
+
+def stages_for(head_dim: int) -> int:
+    """K/V stages: D 128 takes 3 (two blocks of 106 KiB fit an SM), D 64 takes 4 (three blocks)."""
+    return 3 if head_dim > 64 else 4
+
+
+def warps_m_for(rows: int) -> int:
+    """Warps along a head block's rows: 1 for up to 16 rows (all four warps then split every key
+    tile four ways), 2 for up to 32, else 4 (64 rows a block, more rows in more row chunks)."""
+    return 1 if rows <= 16 else 2 if rows <= 32 else 4
+
+
+def resident_blocks(kernel: DecodeKernel) -> int:
+    """Blocks of ``kernel`` one SM holds by shared memory (227 KiB a block at most, 228 KiB an SM
+    with 1 KiB reserved per block on sm_80/sm_90): what a 'wave' counts."""
+    return max(1, (228 * 1024) // (kernel.shared_mem + 1024))
+
+
+def choose_splits(blocks: int, tiles: int, sms: int, per_sm: int) -> int:
+    """num_splits = 0: enough blocks for about two waves (``blocks`` per split, ``per_sm`` resident
+    on each of ``sms`` SMs), at most MAX_SPLITS, and at least two key tiles per split (fewer
+    would spend a split's pipeline start and its partial's write and read on 64 keys)."""
+    if blocks <= 0 or tiles <= 2:
+        return 1
+    wanted = -(-2 * sms * per_sm // blocks)
+    return max(1, min(wanted, MAX_SPLITS, tiles // 2))
+
+
+def _elements(array):
+    """Strides in elements, or None when one is not a whole number of elements."""
+    item = array.dtype.itemsize
+    return None if any(s % item for s in array.strides) else [s // item for s in array.strides]
+
+
+def unsupported_reason(q, k_cache, v_cache) -> str | None:
+    """Why the decode kernel cannot run this call (None: it can). The layout facts only; the
+    caller has validated the arguments."""
+    if 0 in q.shape[:3]:
+        return "no query rows"
+    if q.dtype.name not in ("float16", "bfloat16"):
+        return f"dtype {q.dtype}"
+    d, dv = int(q.shape[3]), int(v_cache.shape[3])
+    if d % 8 or dv % 8 or max(d, dv) > 128 or min(d, dv) == 0:
+        return f"head dims D={d}, Dv={dv} (the kernel takes multiples of 8 up to 128)"
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        strides = _elements(cache)
+        if strides is None or any(s % 8 for s in strides[:3]) or cache.data.ptr % 16:
+            return f"{name}'s strides {tuple(cache.strides)} or address are not whole 16-byte chunks"
+    return None
+
+
+@dataclasses.dataclass
+class DecodePlan:
+    """One call's launches, ready to run (again: a benchmark times ``run`` alone)."""
+
+    params: numpy.ndarray
+    kernel: object
+    combine: object | None
+    grid: int
+    combine_grid: int
+    shared_mem: int
+    keep: tuple  # device arrays the params point to (slopes, sinks, workspace, q's copy)
+    workspace: tuple  # (part_o, part_lse) when split, else (): the splits' partials
+    out: object
+    lse: object
+    splits: int
+
+    def run(self):
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        stream = cupy.cuda.get_current_stream().ptr
+        argv = numpy.array([self.params.ctypes.data], dtype=numpy.uint64)
+        driver.launchKernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream,
+                            argv.ctypes.data, 0)
+        if self.combine is not None:
+            driver.launchKernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
+                                argv.ctypes.data, 0)
+        return self.out, self.lse
+
+
+def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int, block_table, capacity: int,
+         scale: float, window_left: int, window_right: int, bottom_right: bool, softcap, alibi_slopes, sinks,
+         num_splits: int) -> DecodePlan:
+    """The launches of one call (``unsupported_reason`` must have said None). ``cache_seqlens``:
+    the int32 (B,) device array, or None with ``seqlen_fixed`` for every sequence; ``capacity``:
+    Lmax (max_pages * page_size when paged), for the split heuristic, which never reads the
+    lengths on the host; window sides unbounded as -1; ``alibi_slopes`` / ``sinks``: CuPy arrays
+    broadcastable to (B, Hq), or None; ``num_splits``: 0 for the heuristic."""
+    import cupy
+
+    from .plan import _device_attribute, _per_row
+
+    batch, heads_q, seqlen_q, head_dim = (int(n) for n in q.shape)
+    heads_k, head_dim_v = int(k_cache.shape[1]), int(v_cache.shape[3])
+    dtype = q.dtype.name
+    q_strides = _elements(q)
+    if q_strides is None or any(s % 8 for s in q_strides[:3]) or q.data.ptr % 16:
+        q = cupy.ascontiguousarray(q)  # small: the queries, not the cache
+        q_strides = _elements(q)
+
+    group = heads_q // heads_k
+    heads_per_block = 1 if alibi_slopes is not None else group
+    rows = heads_per_block * seqlen_q
+    bucket = 64 if max(head_dim, head_dim_v) <= 64 else 128
+    device = q.device.id
+    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
+    spec = DecodeKernel(dtype, bucket, warps_m_for(rows), stages_for(bucket), arch)
+    row_chunks = -(-rows // spec.block_m)
+    blocks = batch * (heads_q // heads_per_block) * row_chunks
+    tiles = -(-capacity // BLOCK_N)
+    if num_splits == 0:
+        splits = choose_splits(blocks, tiles, _device_attribute("MultiProcessorCount"), resident_blocks(spec))
+    else:
+        # More splits than tiles leave splits with no key at all: correct, but nothing to gain.
+        splits = max(1, min(num_splits, max(tiles, 1)))
+    splits = max(1, min(splits, MAX_GRID_X // max(blocks, 1)))
+
+    out = cupy.empty((batch, heads_q, seqlen_q, head_dim_v), dtype=q.dtype)
+    lse = cupy.empty((batch, heads_q, seqlen_q), dtype=numpy.float32)
+    p = numpy.zeros((), dtype=PARAMS_DTYPE)
+    fwd = p["fwd"]
+    fwd["batch_shape"] = [1] * MAX_BATCH_DIMS
+    fwd["num_heads"] = fwd["kv_group"] = fwd["heads_per_section"] = 1
+    fwd["window_left"], fwd["window_right"] = window_left, window_right
+    fwd["scale"] = scale
+    fwd["scale_log2"] = min(max(scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
+    fwd["softcap"] = 0.0 if softcap is None else softcap
+    keep = [q]
+    for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+        if x is not None:
+            rows_of = _per_row(x, (batch, heads_q), numpy.float32)
+            keep.append(rows_of)
+            fwd[name] = rows_of.data.ptr
+
+    p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
+    p["o"], p["lse"] = out.data.ptr, lse.data.ptr
+    p["q_batch_stride"], p["q_head_stride"], p["q_row_stride"] = q_strides[:3]
+    for name, cache in (("k", k_cache), ("v", v_cache)):
+        strides = _elements(cache)
+        p[f"{name}_page_stride"], p[f"{name}_head_stride"], p[f"{name}_row_stride"] = strides[:3]
+    p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = (s // out.itemsize for s in out.strides[:3])
+    if cache_seqlens is not None:
+        p["cache_seqlens"] = cache_seqlens.data.ptr
+        keep.append(cache_seqlens)
+    if block_table is not None:
+        p["block_table"] = block_table.data.ptr
+        p["table_stride"] = block_table.strides[0] // block_table.itemsize
+        p["page_size"] = int(k_cache.shape[2])
+        keep.append(block_table)
+    p["batch"], p["heads_q"], p["heads_k"], p["seqlen_q"] = batch, heads_q, heads_k, seqlen_q
+    p["head_dim"], p["head_dim_v"] = head_dim, head_dim_v
+    p["seqlen_fixed"], p["new_keys"] = seqlen_fixed, new_keys
+    p["heads_per_block"], p["row_chunks"], p["num_splits"] = heads_per_block, row_chunks, splits
+    p["bottom_right"] = int(bottom_right)
+
+    combine = None
+    combine_grid = 0
+    workspace = ()
+    if splits > 1:
+        total_rows = batch * heads_q * seqlen_q
+        part_o = cupy.empty((splits, total_rows, head_dim_v), dtype=numpy.float32)
+        part_lse = cupy.empty((splits, total_rows), dtype=numpy.float32)
+        workspace = (part_o, part_lse)
+        keep += [part_o, part_lse]
+        p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
+        combine = kernels.get_kernel(CombineKernel(dtype, arch), device)
+        combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
+    kernel = kernels.get_kernel(spec, device)
+    return DecodePlan(p, kernel, combine, max(blocks * splits, 1), combine_grid, spec.shared_mem, tuple(keep),
+                      workspace, out, lse, splits)
