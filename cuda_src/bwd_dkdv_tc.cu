@@ -43,11 +43,13 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kScoreMods = false>
 constexpr unsigned bwd_dkdv_tc_smem_bytes() {
-    // K, V, P and dS, then per stage Q, dO and 2 * kBlockM floats (lse, delta).
+    // K, V, P and dS, then per stage Q, dO, 2 * kBlockM floats (lse, delta) and, where the Variant
+    // stages them (score_mod.cuh), the bias and mask tiles of the stage's queries.
+    constexpr unsigned kPlanes = stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0;
     return 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN>::kBytes +
-           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4);
+           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4 + kPlanes);
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -80,8 +82,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // one Q_i or dO_i
     using PTile = tc::SmemTile<kBlockM, kBlockN>;    // P or dS, 16-bit, queries x keys
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
-    constexpr unsigned kStageBytes = 2 * QTile::kBytes + kStatBytes;
-    constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
+    using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
+    constexpr unsigned kPlanesAt = 2 * QTile::kBytes + kStatBytes;  // their offset in a stage
+    constexpr unsigned kStageBytes = kPlanesAt + (kStagePlanes ? PlaneStage::kBytes : 0);
+    constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes, "layout");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -115,12 +120,17 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                                                                 f.v_row_stride, f.head_dim_v);
     const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
     if (!(k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && qdo_loader.aligned())) __trap();
+    // plan.py lays the bias and mask planes out for staging (every row's, as the first one's).
+    if (kStagePlanes && !PlaneStage::aligned(ScoreMod<float, true>::row_planes(f, blockIdx.x * heads), f)) __trap();
     // Step number t = (g, i) into slot t % kStages.
     auto load_qdo = [&](int t, const HeadTileStep& s) {
         const int slot_index = t % kStages;
         const unsigned slot = stage_smem + slot_index * kStageBytes;
         qdo_loader.head(p, s.g).load(slot, slot + QTile::kBytes, stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes,
                                      s.i, tid);
+        if constexpr (kStagePlanes)
+            PlaneStage::template load<kThreads>(slot + kPlanesAt, ScoreMod<float, true>::row_planes(f, blockIdx.x * heads + s.g),
+                                                f, s.i * kBlockM, n0, tid);
     };
 
     // ---- Pipeline (tc::start_kv_pipeline): K, V, then one cp.async group per loop step.
@@ -243,7 +253,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                 lse2[r] = tc::lse_log2(lse_s[s_row + tc::slot_row(r, lane)]);
                 delta[r] = delta_s[s_row + tc::slot_row(r, lane)];
             }
-            modified = mod.template dispatch<false>([&](const auto& score) {
+            // The bias and mask from this step's staged tiles where the Variant stages them.
+            auto p_ds = [&](const auto& score) {
                 tc::for_each(s, dp, m0 + s_row, n0 + s_col, lane, [&](float& x, float& y, int r, int row, int key) {
                     float grad;
                     x = ptx::ex2(score(x, row, key, grad) - lse2[r]);
@@ -251,7 +262,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                     if (dbias.wanted()) dbias.store(row, key, x * y, masked && !mask.visible(row, key));
                     if (score.capped) y *= grad;
                 });
-            });
+            };
+            if constexpr (kStagePlanes)
+                modified = mod.template dispatch<false>(p_ds, PlaneStage::planes(stage_ptr + (t % kStages) * kStageBytes + kPlanesAt, f, m0, n0));
+            else
+                modified = mod.template dispatch<false>(p_ds);
         }
         if (!modified) {
 #pragma unroll

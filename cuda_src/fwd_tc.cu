@@ -29,10 +29,12 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kScoreMods = false>
 constexpr unsigned fwd_tc_smem_bytes() {
-    // Q (also O at the end), then kStages (K, V) tile pairs, 16-bit padded rows.
-    return tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
+    // Q (also O at the end), then kStages (K, V) tile pairs, 16-bit padded rows, each stage with
+    // its keys' bias and mask tiles where the Variant stages them (score_mod.cuh).
+    constexpr unsigned kPlanes = stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0;
+    return tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * (2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + kPlanes);
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -56,8 +58,10 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
     using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // also stages O at the end
     using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
-    constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
-    constexpr unsigned kSmemBytes = fwd_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
+    using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
+    constexpr unsigned kStageBytes = 2 * KVTile::kBytes + (kStagePlanes ? PlaneStage::kBytes : 0);
+    constexpr unsigned kSmemBytes = fwd_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == QTile::kBytes + kStages * kStageBytes, "Q, then the K/V stages");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -78,6 +82,11 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     poison_uncovered_output<unsigned short, float>(p, at, m_block, kBlockM);
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
+    // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
+    constexpr float kLog2e = 1.4426950408889634f;
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    const GlobalPlanes<float> row_planes = mod.planes();  // where the staged tiles come from
+    if (kStagePlanes && !PlaneStage::aligned(row_planes, p)) __trap();  // plan.py lays the planes out for staging
 
     // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step
     // (empty groups too), so "wait until kStages-2 groups are pending" means "tile j has landed".
@@ -93,6 +102,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
         k_loader.load(slot, j * kBlockN, at.seqlen_k, tid);
         v_loader.load(slot + KVTile::kBytes, j * kBlockN, at.seqlen_k, tid);
+        if constexpr (kStagePlanes) PlaneStage::template load<kThreads>(slot + 2 * KVTile::kBytes, row_planes, p, m0, j * kBlockN, tid);
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
     ptx::cp_async_commit();
@@ -136,10 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     float acc[kMTiles][kNTilesO][4];
     tc::zero(acc);
     tc::OnlineSoftmax<kMTiles> softmax;
-    // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here. A sink
-    // is the first logit every row has seen.
-    constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    // A sink is the first logit every row has seen.
     if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
 
     // Key tiles j in [range.first, range.last). Tiles in [full_first, full_last) are seen whole by
@@ -170,9 +177,15 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             }
         }
 
-        // Score modifiers (score_mod.cuh): the scores in log2 units, c = 1.
+        // Score modifiers (score_mod.cuh): the scores in log2 units, c = 1; the bias and mask
+        // from this stage's tiles where the Variant stages them.
         float c = scale_log2;
-        if constexpr (kScoreMods) c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
+        if constexpr (kStagePlanes) {
+            const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;
+            c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c, PlaneStage::planes(stage, p, m0, j * kBlockN));
+        } else if constexpr (kScoreMods) {
+            c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
+        }
 
         // -inf where the key is hidden.
         if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, tc::neg_inf());

@@ -16,10 +16,13 @@
 // (apply's `grad`); the bias's and ALiBi's terms do not depend on s. The bias's gradient is
 // dS = P o (dP - delta) itself (BiasGrad, below).
 //
-// Bias and mask are read element by element from global memory (the caller's arrays, any
-// strides, a broadcast axis at stride 0: L2 holds a bias shared by many rows) at the pairs the
-// kernels modify. Those include rows past Lq and keys past Lk of a tile that crosses an end;
-// they are not read there (the Mask hides them anyway).
+// Bias and mask are read element by element at the pairs the kernels modify, through a
+// GlobalPlanes: from global memory (the planes as the host laid them out: a broadcast axis at
+// stride 0, L2 holding a bias shared by many rows), or from a shared-memory copy of the tile
+// that a ScorePlaneStage brought in with the K/V pipeline (kernels that stage: the copies are
+// in flight during the previous tile's MMAs instead of stalling the score step). Those pairs
+// include rows past Lq and keys past Lk of a tile that crosses an end; they are not read there
+// (the Mask hides them anyway).
 //
 // A sink (gpt-oss) is not a modifier of a score but one more logit of the row, with no value:
 // every forward kernel, plain or not, starts its softmax from it as if it had been seen
@@ -66,8 +69,35 @@ struct Flag {
     static constexpr bool value = B;
 };
 
-template <typename T, bool kFast, bool kCapped, bool kAlibi>
+template <typename T, bool kFast, bool kCapped, bool kAlibi, typename Planes>
 struct RowScores;
+
+// Where a row's bias (in the score type T) and mask (bytes, nonzero = visible) are read, at
+// (query i, key j): null pointers where the call has none.
+// GlobalPlanes: the row's planes in global memory, with the strides of the params `p`.
+template <typename T>
+struct GlobalPlanes {
+    const T* bias_at;
+    const unsigned char* mask_at;
+    __device__ __forceinline__ T bias(int i, int j, const FwdParams& p) const {
+        return bias_at[i * p.bias_row_stride + j * p.bias_col_stride];
+    }
+    __device__ __forceinline__ bool visible(int i, int j, const FwdParams& p) const {
+        return mask_at[i * p.mask_row_stride + j * p.mask_col_stride] != 0;
+    }
+};
+// StagedPlanes: a shared-memory tile of them whose first element is (row0, col0), rows kBiasPitch
+// and kMaskPitch elements apart (ScorePlaneStage).
+template <typename T, int kBiasPitch, int kMaskPitch>
+struct StagedPlanes {
+    const T* bias_at;
+    const unsigned char* mask_at;
+    int row0, col0;
+    __device__ __forceinline__ T bias(int i, int j, const FwdParams&) const { return bias_at[(i - row0) * kBiasPitch + (j - col0)]; }
+    __device__ __forceinline__ bool visible(int i, int j, const FwdParams&) const {
+        return mask_at[(i - row0) * kMaskPitch + (j - col0)] != 0;
+    }
+};
 
 // T: the type the kernel computes scores in (float, or double for float64). kFast: tanh on the
 // special-function unit (fp16/bf16 kernels only).
@@ -114,29 +144,40 @@ struct ScoreMod {
     // slope of 0 under softcap alone), for the backward kernels, whose loop bodies are long
     // already. A bias or mask alone runs the ALiBi combination with a slope of 0 (their own
     // reads, a run-time branch, dwarf its FADD): no combination is added for them.
+    // `planes`: where the bias and mask are read (a staged tile's, ScorePlaneStage::planes), the
+    // row's planes in global memory without (read in the branch taken: nothing is held where no
+    // modifier runs).
     template <bool kSplitAlibi = true, typename Body>
     __device__ __forceinline__ bool dispatch(Body&& body) const {
+        return dispatch_on<kSplitAlibi>(body, [&] { return planes(); });
+    }
+    template <bool kSplitAlibi = true, typename Body, typename Planes>
+    __device__ __forceinline__ bool dispatch(Body&& body, const Planes& planes) const {
+        return dispatch_on<kSplitAlibi>(body, [&] { return planes; });
+    }
+    template <bool kSplitAlibi, typename Body, typename MakePlanes>
+    __device__ __forceinline__ bool dispatch_on(Body&& body, MakePlanes&& planes) const {
         if (cap != T(0)) {
-            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(scores<true, true>());
-            else body(scores<true, !kSplitAlibi>());
+            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(scores<true, true>(planes()));
+            else body(scores<true, !kSplitAlibi>(planes()));
             return true;
         }
         if (modifies()) {
-            body(scores<false, true>());
+            body(scores<false, true>(planes()));
             return true;
         }
         return false;
     }
 
-    template <bool kCapped, bool kAlibi>
-    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi> scores() const {
-        return {*this, bias_plane(), mask_plane()};
+    template <bool kCapped, bool kAlibi, typename Planes>
+    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, Planes> scores(const Planes& planes) const {
+        return {*this, planes};
     }
 
     // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
     // dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's term, the bias and the mask (dispatch).
-    template <bool kCapped, bool kAlibi>
-    __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const T* bias, const unsigned char* mask) const {
+    template <bool kCapped, bool kAlibi, typename Planes>
+    __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const Planes& planes) const {
         T x = s * mul;
         grad = T(1);
         if constexpr (kCapped) {
@@ -144,27 +185,28 @@ struct ScoreMod {
             x = cap * th.t;
             grad = th.one_minus_t2;
         }
-        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j, bias, mask);
+        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j, planes);
         return x;
     }
 
-    // Row bh's bias and mask planes (FwdParams::score_rows), or null: none.
-    __device__ __forceinline__ const T* bias_plane() const {
-        return params.bias != nullptr ? static_cast<const T*>(params.bias) + params.score_rows[2 * row] : nullptr;
-    }
-    __device__ __forceinline__ const unsigned char* mask_plane() const {
-        return params.mask != nullptr ? params.mask + params.score_rows[2 * row + 1] : nullptr;
+    // This row's bias and mask planes in global memory.
+    __device__ __forceinline__ GlobalPlanes<T> planes() const { return row_planes(params, row); }
+
+    // Row bh's bias and mask planes in global memory (FwdParams::score_rows).
+    static __device__ __forceinline__ GlobalPlanes<T> row_planes(const FwdParams& p, int bh) {
+        const T* bias = p.bias != nullptr ? static_cast<const T*>(p.bias) + p.score_rows[2 * bh] : nullptr;
+        const unsigned char* mask = p.mask != nullptr ? p.mask + p.score_rows[2 * bh + 1] : nullptr;
+        return {bias, mask};
     }
 
-    // x plus the bias at (i, j), or -inf where the mask hides (i, j), from the row's planes; not
-    // read outside Lq x Lk. (Addition commutes: the bias after ALiBi's term is the reference's
-    // bias before it.)
-    __device__ __forceinline__ T bias_and_mask(T x, int i, int j, const T* bias, const unsigned char* mask) const {
+    // x plus the bias at (i, j), or -inf where the mask hides (i, j); not read outside Lq x Lk.
+    // (Addition commutes: the bias after ALiBi's term is the reference's bias before it.)
+    template <typename Planes>
+    __device__ __forceinline__ T bias_and_mask(T x, int i, int j, const Planes& planes) const {
         const FwdParams& p = params;
-        if ((bias != nullptr || mask != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
-            if (bias != nullptr) x = fma(bias[i * p.bias_row_stride + j * p.bias_col_stride], unit, x);
-            if (mask != nullptr && !mask[i * p.mask_row_stride + j * p.mask_col_stride])
-                x = -static_cast<T>(__int_as_float(0x7f800000));
+        if ((planes.bias_at != nullptr || planes.mask_at != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
+            if (planes.bias_at != nullptr) x = fma(planes.bias(i, j, p), unit, x);
+            if (planes.mask_at != nullptr && !planes.visible(i, j, p)) x = -static_cast<T>(__int_as_float(0x7f800000));
         }
         return x;
     }
@@ -185,15 +227,97 @@ struct ScoreMod {
 // What ScoreMod::dispatch hands its body: one row's modifiers, the combination fixed, with the
 // row's bias and mask planes at hand. score(s, i, j, grad): the modified score of raw s at
 // (query i, key j) and grad = dx / d(scale * s).
-template <typename T, bool kFast, bool kCapped, bool kAlibi>
+template <typename T, bool kFast, bool kCapped, bool kAlibi, typename Planes>
 struct RowScores {
     static constexpr bool capped = kCapped;
     const ScoreMod<T, kFast>& mod;
-    const T* bias;              // the row's bias plane, or null
-    const unsigned char* mask;  // the row's mask plane, or null
+    Planes planes;  // where the row's bias and mask are read (GlobalPlanes or StagedPlanes)
 
     __device__ __forceinline__ T operator()(T s, int i, int j, T& grad) const {
-        return mod.template apply<kCapped, kAlibi>(s, i, j, grad, bias, mask);
+        return mod.template apply<kCapped, kAlibi>(s, i, j, grad, planes);
+    }
+};
+
+// Whether a kernel with score modifiers stages its bias and mask tiles in shared memory
+// (ScorePlaneStage), by head-dim bucket: the smallest, where a score has the fewest MMAs to
+// hide its bias and mask reads behind (triangle attention, Swin: D = 32) and the K/V stages are
+// small beside the planes'. Wider heads keep their shared memory (tiles, blocks per SM) for K
+// and V and read the planes from global memory. tiles.py mirrors it.
+template <bool kScoreMods, int kHeadDim>
+constexpr bool stages_score_planes() {
+    return kScoreMods && kHeadDim <= 32;
+}
+
+// A kRows x kCols tile of a row's bias (T) and mask (bytes) planes per pipeline stage, copied by
+// a block's threads with 16-byte cp.async in the commit group of the K/V (or Q/dO) tile of the
+// same scores. The host lays the planes out for it (plan.py's _plane_layout): the key axis
+// contiguous, the plane, its query stride and every row's offset in 16-byte units; a broadcast
+// query axis (stride 0) reads one row for all. Elements outside Lq x Lk are zero-filled, never
+// read. Row pitches: bias kCols * sizeof(T) + 32 bytes, so that the 8 rows x 4 column pairs of
+// an m16n8 fragment's read hit distinct banks per phase (8-byte reads of float, 16-byte of
+// double); mask kCols + 16 bytes (8 rows of 2-byte reads in distinct words).
+template <typename T, int kRows, int kCols>
+struct ScorePlaneStage {
+    static constexpr int kBiasPitch = kCols * static_cast<int>(sizeof(T)) + 32;
+    static constexpr int kMaskPitch = kCols + 16;
+    static constexpr unsigned kBiasBytes = kRows * kBiasPitch;
+    static constexpr unsigned kBytes = kBiasBytes + kRows * kMaskPitch;
+    static_assert((kCols * sizeof(T)) % 16 == 0 && kCols % 16 == 0, "whole 16-byte chunks per row");
+
+    using Staged = StagedPlanes<T, kBiasPitch / static_cast<int>(sizeof(T)), kMaskPitch>;
+
+    // What the host promised of row planes `global`: 16-byte aligned rows with a contiguous key
+    // axis (or one key).
+    static __device__ __forceinline__ bool aligned(const GlobalPlanes<T>& global, const FwdParams& p) {
+        return aligned_plane(global.bias_at, p.bias_row_stride, p.bias_col_stride, p) &&
+               aligned_plane(global.mask_at, p.mask_row_stride, p.mask_col_stride, p);
+    }
+
+    // The tile at (row0, col0) of row planes `global` into the stage at shared address `smem`, by
+    // thread `tid` of kThreads (asynchronous: the caller commits, waits and synchronises).
+    template <int kThreads>
+    static __device__ __forceinline__ void load(unsigned smem, const GlobalPlanes<T>& global, const FwdParams& p, int row0,
+                                                int col0, int tid) {
+        if (global.bias_at != nullptr) load_plane<kThreads, kBiasPitch>(smem, global.bias_at, p.bias_row_stride, p, row0, col0, tid);
+        if (global.mask_at != nullptr)
+            load_plane<kThreads, kMaskPitch>(smem + kBiasBytes, global.mask_at, p.mask_row_stride, p, row0, col0, tid);
+    }
+
+    // The stage at generic address `stage` (derived from the kernel's shared array) as the
+    // planes of its tile at (row0, col0); the planes the call lacks stay null.
+    static __device__ __forceinline__ Staged planes(const unsigned char* stage, const FwdParams& p, int row0, int col0) {
+        return {p.bias != nullptr ? reinterpret_cast<const T*>(stage) : nullptr, p.mask != nullptr ? stage + kBiasBytes : nullptr,
+                row0, col0};
+    }
+
+  private:
+    template <typename V>
+    static __device__ __forceinline__ bool aligned_plane(const V* at, int row_stride, int col_stride, const FwdParams& p) {
+        if (at == nullptr) return true;
+        const bool rows = p.seqlen_q <= 1 || (static_cast<long long>(row_stride) * sizeof(V)) % 16 == 0;
+        return (reinterpret_cast<unsigned long long>(at) & 15ull) == 0 && rows && (p.seqlen_k <= 1 || col_stride == 1);
+    }
+
+    template <int kThreads, int kPitch, typename V>
+    static __device__ __forceinline__ void load_plane(unsigned smem, const V* at, int row_stride, const FwdParams& p, int row0,
+                                                      int col0, int tid) {
+        constexpr int kItem = static_cast<int>(sizeof(V));
+        constexpr int kChunks = kCols * kItem / 16;  // per row
+        constexpr int kTotal = kRows * kChunks;
+        const long long row_bytes = static_cast<long long>(row_stride) * kItem;
+        const unsigned char* tile = reinterpret_cast<const unsigned char*>(at) + row0 * row_bytes + col0 * kItem;
+        const int rows_left = p.seqlen_q - row0, valid_bytes = (p.seqlen_k - col0) * kItem;
+#pragma unroll
+        for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+            const int idx = tid + i * kThreads;
+            if (kTotal % kThreads == 0 || idx < kTotal) {
+                const int row = idx / kChunks, chunk = idx % kChunks;
+                const int valid = row < rows_left ? min(max(valid_bytes - chunk * 16, 0), 16) : 0;
+                // A chunk with nothing to read points at the tile's first element: any valid address.
+                ptx::cp_async_16(smem + row * kPitch + chunk * 16, valid > 0 ? tile + row * row_bytes + chunk * 16 : tile,
+                                 valid);
+            }
+        }
     }
 };
 

@@ -257,15 +257,22 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
 // is (row0, col0): with score modifiers, S becomes the modified scores in log2 units and the
 // softmax's multiplier 1 is returned; otherwise (no modifier, or sinks alone) S stays raw and
 // the folded scale c is returned.
-template <typename Mod, int M, int N>
-__device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
+// `planes`: where the bias and mask are read (a staged tile's); the overload without reads the
+// row's planes in global memory.
+template <typename Mod, int M, int N, typename Planes>
+__device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c,
+                                               const Planes& planes) {
     const bool modified = mod.dispatch([&](const auto& score) {
         for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
             float grad;
             x = score(x, row, col, grad);
         });
-    });
+    }, planes);
     return modified ? 1.f : c;
+}
+template <typename Mod, int M, int N>
+__device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
+    return modify_scores(mod, s, row0, col0, lane, c, mod.planes());
 }
 
 // The row (relative to row0) of row slot r.

@@ -705,33 +705,51 @@ def test_gpu_hidden_nan_in_bias_does_not_leak(rng, dtype):
     assert (dbias[..., hidden] == 0).all() and numpy.isfinite(dbias).all()
 
 
-def test_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_mask(monkeypatch):
-    """The host half of the GPU's key-padding cut (plan._key_bounds), run on NumPy in place of
-    CuPy (the same calls): per attention row, C order over the output's leading axes, the last
-    visible key + 1 where the visible keys are a prefix (the plain kernels take the row), ~cut
-    where a key before the cut is hidden (the modifier kernels take it), 0 where no key is
-    visible; masks that differ per query or per head are not cut, and a bias or softcap keeps
-    every row on the modifier kernels."""
+def test_key_padding_split_applies_to_the_mask_alone():
+    """The plain Variants take a key-padding mask's prefix rows only when the mask is the call's
+    only score modifier (plan._splits_key_padding): a bias or softcap keeps every row on the
+    modifier kernels; masks that differ per query or per head are not cut."""
     from types import SimpleNamespace
 
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_cupy", lambda: numpy)
+    call = dict(mask=numpy.ones((3, 1, 1, 10), bool), packed=None, lead_shape=(3, 2), bias=None, softcap=None,
+                alibi_slopes=None)
+    assert plan._splits_key_padding(SimpleNamespace(**call))
+    assert plan._splits_key_padding(SimpleNamespace(**{**call, "mask": numpy.ones(10, bool)}))
+    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "bias": numpy.zeros(10)}))
+    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "softcap": 5.0}))
+    for per_row in (numpy.ones((3, 1, 4, 10), bool), numpy.ones((3, 2, 1, 10), bool)):
+        assert not plan._pads_keys(SimpleNamespace(**{**call, "mask": per_row}))
+
+
+@pytest.mark.gpu
+def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_mask(rng):
+    """cuda_src/key_bounds.cu through plan._fill_bias_and_mask, as a forward fills its params:
+    per attention row, C order over the output's leading axes, the last visible key + 1 where
+    the visible keys are a prefix (the plain kernels take the row), ~cut where a key before the
+    cut is hidden (the modifier kernels take it), 0 where no key is visible; also through a
+    strided view of the mask (a copy laid out for the kernels) and a (Lk,) mask (every row)."""
+    import cupy
+
+    from cuflash import _spec
+    from cuflash._gpu import plan
+    from cuflash._gpu.params import FWD_PARAMS_DTYPE
+
     mask = numpy.zeros((3, 1, 1, 10), bool)  # batch 0: keys 0-6; 1: none; 2: 0-3 and 8 (holes)
     mask[0, ..., :7] = True
     mask[2, ..., :4] = True
     mask[2, ..., 8] = True
-    call = dict(mask=mask, packed=None, lead_shape=(3, 2), bias=None, softcap=None, alibi_slopes=None)
-    bounds = plan._key_bounds(SimpleNamespace(**call))
-    assert bounds.dtype == numpy.int32 and bounds.flags.c_contiguous
-    numpy.testing.assert_array_equal(bounds, [7, 7, 0, 0, ~9, ~9])
-    assert plan._splits_key_padding(SimpleNamespace(**call))
-    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "bias": numpy.zeros(10)}))
-    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "softcap": 5.0}))
-    one_row = plan._key_bounds(SimpleNamespace(**{**call, "mask": mask[0, 0, 0]}))  # (Lk,): every row
-    numpy.testing.assert_array_equal(one_row, [7] * 6)
-    for per_row in (numpy.ones((3, 1, 4, 10), bool), numpy.ones((3, 2, 1, 10), bool)):
-        assert plan._key_bounds(SimpleNamespace(**{**call, "mask": per_row})) is None
+    q, k, v = _on_gpu(*_draw(rng, "float16", (3, 2, 5, 16), (3, 2, 10, 16), (3, 2, 10, 16)))
+    wide = numpy.zeros((3, 1, 1, 20), bool)
+    wide[..., ::2] = mask  # the same mask every other key: a view with key stride 2
+    for m, expected in ((_on_gpu(mask)[0], [7, 7, 0, 0, ~9, ~9]), (_on_gpu(wide)[0][..., ::2], [7, 7, 0, 0, ~9, ~9]),
+                        (_on_gpu(mask[0, 0, 0])[0], [7] * 6)):
+        problem = _spec.resolve_forward(q, k, v, mask=m)
+        kept = plan._fill_bias_and_mask(numpy.zeros((), dtype=FWD_PARAMS_DTYPE), problem)
+        bounds = kept[-1]
+        assert bounds.dtype == cupy.int32 and bounds.shape == (6,)
+        numpy.testing.assert_array_equal(cupy.asnumpy(bounds), expected)
 
 
 @pytest.mark.gpu

@@ -126,7 +126,8 @@ def test_params_struct_matches_numpy_mirror(struct, dtype):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_variants_shared_memory_is_the_kernels_own(arch):
     """tiles.py's shared memory per Variant equals the kernel's own formula
-    (``<kernel>_smem_bytes<Element, D, M, N, stages>()`` in its .cu), read from a probe's PTX."""
+    (``<kernel>_smem_bytes<Element, D, M, N, stages>()`` in its .cu, with kScoreMods after them
+    for families that stage bias and mask tiles), read from a probe's PTX."""
     by_kernel: dict[str, list] = {}
     for variant in tiles.all_variants(arch):
         by_kernel.setdefault(variant.kernel, []).append(variant)
@@ -137,6 +138,8 @@ def test_every_variants_shared_memory_is_the_kernels_own(arch):
         lines = ['extern "C" __global__ void cuflash_smem_probe(long long* out) {']
         for i, v in enumerate(variants):
             args = (variant_module.CUDA_TYPES[v.dtype], v.head_dim, v.block_m, v.block_n, v.stages)
+            if tiles.SPECS[kernel].score_planes is not None:  # the modifier form's staged bias/mask tiles
+                args += ("true" if v.score_mods else "false",)
             lines.append(f"    out[{i}] = (long long)cuflash::{kernel}_smem_bytes<{', '.join(map(str, args))}>();")
         source = kernels.kernel_source(variants[0]) + "\n" + "\n".join(lines) + "\n}\n"
         options = kernels.compile_options(variants[0]) + (f"-arch=compute_{arch}", "--device-as-default-execution-space")

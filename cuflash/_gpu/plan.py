@@ -495,10 +495,10 @@ _INT32_MAX = 2**31 - 1
 
 
 def _fill_bias_and_mask(struct, p) -> tuple:
-    """The bias (in the kernels' score type: a float16/bfloat16 bias is widened once, in its own
-    shape) and the mask as the kernels read them (params.cuh): each attention row's element
-    offset into them, and their query and key strides. Any strides, broadcasting included, cost
-    no copy; a plane whose row or key strides reach past 2^31 elements is made contiguous."""
+    """The bias and mask as the kernels read them (params.cuh): in the layout of
+    ``_plane_layout``, each attention row's element offset into them, and their query and key
+    strides. Broadcast axes cost no copy. Returns the arrays the kernels read, which must stay
+    alive until the launch is queued."""
     if p.bias is None and p.mask is None:
         return ()
     cupy = _cupy()
@@ -510,13 +510,9 @@ def _fill_bias_and_mask(struct, p) -> tuple:
             offsets.append(numpy.zeros(lead, dtype=numpy.int64))
             planes.append(None)
             continue
-        if name == "bias":
-            x = _widen(x, _accum(p))
         x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
+        x = _plane_layout(x, _accum(p) if name == "bias" else x.dtype, p.seqlen_q, p.seqlen_k)
         strides = _broadcast_strides(x)
-        if abs(strides[-2]) * p.seqlen_q + abs(strides[-1]) * p.seqlen_k > _INT32_MAX:
-            x = cupy.ascontiguousarray(x)
-            strides = _broadcast_strides(x)
         offset = numpy.zeros(lead, dtype=numpy.int64)
         pad = len(lead) - (x.ndim - 2)
         for axis, stride in enumerate(strides[:-2]):
@@ -530,9 +526,35 @@ def _fill_bias_and_mask(struct, p) -> tuple:
         struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = strides[-2], strides[-1]
     rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2): bias, mask
     struct["score_rows"] = rows.data.ptr
-    bounds = _key_bounds(p)
+    bounds = _key_bounds(p, planes[1], rows, int(struct["mask_col_stride"])) if _pads_keys(p) else None
     struct["key_bounds"] = 0 if bounds is None else bounds.data.ptr
     return tuple(planes) + (rows, bounds)
+
+
+def _plane_layout(x, dtype, seqlen_q: int, seqlen_k: int):
+    """A bias (in the kernels' score type ``dtype``) or mask, ``(..., Lq or 1, Lk or 1)``, laid out
+    for the kernels that stage its tiles in shared memory with 16-byte copies (score_mod.cuh's
+    ScorePlaneStage): the key axis contiguous, the base and every stride of a non-broadcast
+    axis a multiple of 16 bytes, query and key strides below 2^31 elements. A broadcast axis
+    (stride 0, or 1 long) stays one element long, so it is never materialised; a plane constant
+    along the keys gets its key axis (rare: such a bias does not change the softmax). ``x``
+    itself where it already is so, else one copy of its compact form into rows padded to 16
+    bytes (a float16/bfloat16 bias is widened by that copy)."""
+    cupy = _cupy()
+    x = x[tuple(slice(0, 1) if n > 1 and stride == 0 else slice(None) for n, stride in zip(x.shape, x.strides))]
+    if x.shape[-1] == 1 and seqlen_k > 1:
+        x = cupy.broadcast_to(x, x.shape[:-1] + (seqlen_k,))
+    dtype = numpy.dtype(dtype)
+    item = dtype.itemsize
+    laid_out = (x.dtype == dtype and x.data.ptr % 16 == 0 and (x.shape[-1] == 1 or x.strides[-1] == item)
+                and all(stride % 16 == 0 for n, stride in zip(x.shape[:-1], x.strides[:-1]) if n > 1)
+                and (0 if x.shape[-2] == 1 else abs(x.strides[-2] // item)) * seqlen_q + seqlen_k <= _INT32_MAX)
+    if laid_out:
+        return x
+    width = -(-x.shape[-1] * item // 16) * 16 // item
+    staged = cupy.empty(x.shape[:-1] + (width,), dtype=dtype)[..., : x.shape[-1]]
+    staged[...] = _widen(x, dtype) if x.dtype != dtype else x
+    return staged
 
 
 def _broadcast_strides(x) -> list[int]:
@@ -568,18 +590,35 @@ def _key_row_sets(p, select) -> tuple:
     return ((select(False), PREFIX_KEY_ROWS), (select(True), OTHER_KEY_ROWS))
 
 
-def _key_bounds(p):
-    """A key-padding mask's cut per attention row (int32, C order over the output's leading axes):
-    its last visible key + 1 (0 where it hides every key), as ~cut where a key before the cut is
-    hidden (params.cuh's FwdParams::key_bounds); None for other masks. Computed on the device."""
-    if not _pads_keys(p):
-        return None
+@dataclasses.dataclass(frozen=True)
+class KeyBoundsKernel:
+    """cuda_src/key_bounds.cu for one arch, in the shape ``kernels`` compiles a Variant."""
+
+    arch: str
+
+    kernel = "key_bounds"
+    name_expression = "cuflash::key_bounds"
+    shared_mem = 0
+    threads = 256  # CUFLASH_KEY_BOUNDS_THREADS: 8 attention rows per block
+
+    def __str__(self) -> str:
+        return f"key_bounds[sm_{self.arch}]"
+
+
+def _key_bounds(p, mask, score_rows, col_stride: int):
+    """A key-padding mask's cut per attention row (int32, C order over the output's leading
+    axes; params.cuh's FwdParams::key_bounds): its last visible key + 1 (0 where it hides every
+    key), as ~cut where a key before the cut is hidden. One launch of cuda_src/key_bounds.cu on
+    the current stream, reading ``mask`` (laid out by ``_plane_layout``) where the kernels read
+    it: through ``score_rows``, keys ``col_stride`` apart. The host never looks at the mask."""
     cupy = _cupy()
-    m = p.mask.reshape((1,) * (2 - p.mask.ndim) + p.mask.shape)[..., 0, :]  # (lead-broadcastable..., Lk)
-    last = m.shape[-1] - cupy.argmax(m[..., ::-1].astype(cupy.int8), axis=-1)  # the first True from the end
-    cut = cupy.where(m.any(axis=-1), last, 0).astype(cupy.int32)
-    bounds = cupy.where(m.sum(axis=-1) == cut, cut, cupy.invert(cut))
-    return cupy.ascontiguousarray(cupy.broadcast_to(bounds, tuple(p.lead_shape))).reshape(-1)
+    count = math.prod(p.lead_shape)
+    bounds = cupy.empty((count,), dtype=cupy.int32)
+    kernel = kernels.get_kernel(KeyBoundsKernel(_arch(cupy.cuda.Device().id)))
+    per_block = KeyBoundsKernel.threads // 32
+    kernel((-(-count // per_block),), (KeyBoundsKernel.threads,),
+           (mask, score_rows, numpy.int64(col_stride), numpy.int32(p.seqlen_k), numpy.int64(count), bounds))
+    return bounds
 
 
 def _row_shape(p) -> tuple[int, ...]:

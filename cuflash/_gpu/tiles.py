@@ -70,6 +70,10 @@ class KernelSpec:
     # Per head-dim bucket, the tile of the kScoreMods form where the first candidate's spills
     # (the modifiers' registers on top of the masked form's).
     modifier_tiles: dict = dataclasses.field(default_factory=dict)
+    # The kScoreMods form's bias and mask tiles per pipeline stage (dtype, head_dim, block_m,
+    # block_n) -> bytes, for families that stage them in shared memory (score_mod.cuh's
+    # ScorePlaneStage); None: the planes are read from global memory.
+    score_planes: Callable[[str, int, int, int], int] | None = None
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False) -> Variant | None:
@@ -84,14 +88,20 @@ class KernelSpec:
         if score_mods and head_dim in self.modifier_tiles:
             candidates = (self.modifier_tiles[head_dim],) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
-            shared_mem = self.shared_memory(dtype, head_dim, block_m, block_n, stages)
+            shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
                 return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
                                has_window and self.masked, arch, shared_mem, score_mods)
         return None
 
     def shared_memory_bytes(self, variant: Variant) -> int:
-        return self.shared_memory(variant.dtype, variant.head_dim, variant.block_m, variant.block_n, variant.stages)
+        return self._shared_memory(variant.dtype, variant.head_dim, variant.block_m, variant.block_n, variant.stages,
+                                   variant.score_mods)
+
+    def _shared_memory(self, dtype: str, head_dim: int, block_m: int, block_n: int, stages: int,
+                       score_mods: bool) -> int:
+        planes = self.score_planes(dtype, head_dim, block_m, block_n) if score_mods and self.score_planes else 0
+        return self.shared_memory(dtype, head_dim, block_m, block_n, stages) + stages * planes
 
 
 # --------------------------------------------------------------------------- fwd_tc (mma.sync)
@@ -116,6 +126,16 @@ _TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     224: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
     256: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
 }
+
+
+def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
+    """Mirror of score_mod.cuh's ScorePlaneStage::kBytes where stages_score_planes holds (the
+    head-dim bucket 32): a bias tile in the score type (float32, float64 for float64), rows padded
+    by 32 bytes, and a mask tile of bytes, rows padded by 16."""
+    if head_dim > 32:
+        return 0
+    item = 8 if dtype == "float64" else 4
+    return block_m * (block_n * item + 32) + block_m * (block_n + 16)
 
 
 def _smem_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
@@ -356,7 +376,9 @@ def _by_tile(smem: Callable[..., int]):
 
 
 FWD_TC = KernelSpec("fwd_tc", TC_DTYPES, _table(_TC_TABLE), _by_tile(_smem_tc_bytes),
-                    modifier_tiles={64: (128, 32, 4, 2)})  # 128x64 with a bias's reads spills 64 bytes on sm_80
+                    # d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a
+                    # bias's reads spills 64 bytes on sm_80
+                    modifier_tiles={32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}, score_planes=_score_plane_bytes)
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
@@ -369,7 +391,8 @@ FWD_DMMA = KernelSpec(
 BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes),
                          # 128x128 spills 72 bytes on sm_80; on sm_90a d96 64x128 32 bytes, d256 64x64
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
-                         modifier_tiles={32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)})
+                         modifier_tiles={32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)},
+                         score_planes=_score_plane_bytes)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
