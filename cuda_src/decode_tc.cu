@@ -299,6 +299,17 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     // to the split's fp32 partial.
     float inv_l[1][2], lse[1][2];
     softmax.finish(inv_l, lse);
+    if (p.fwd.sinks != nullptr && split == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // A row whose state is still its sink's alone (m = the sink, l = 1: no key added to it)
+            // has lse = the sink exactly, as attention defines it; (m + log2 l) * ln 2 would round
+            // the sink's trip through log2 units.
+            const int r = min(r0 + wm * 16 + tc::slot_row(h, lane), rows - 1), bh = b * heads_q + h0 + r / lq;
+            if (inv_l[0][h] == 1.f && softmax.m_i[0][h] == mod.sink(p.fwd, bh, kLog2e))
+                lse[0][h] = static_cast<const float*>(p.fwd.sinks)[bh];
+        }
+    }
     const long long rows_total = p.batch * p.heads_q * lq;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
