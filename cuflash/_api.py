@@ -28,11 +28,11 @@ def _plans():
     return _gpu_plan
 
 
-def _plain_options(scale, causal, window, precision=None) -> bool:
+def _plain_options(scale, causal, window, precision=None, softcap=None) -> bool:
     """Options of exactly the types a plan key can hold without ambiguity (True == 1 as a key:
     a cached causal=True must not answer causal=1, which is an error)."""
     return (type(scale) in (float, int, type(None)) and type(causal) in (bool, str)
-            and type(precision) in (str, type(None))
+            and type(precision) in (str, type(None)) and type(softcap) in (float, int, type(None))
             and (window is None or (type(window) is tuple and len(window) == 2
                                     and type(window[0]) is int and type(window[1]) is int)))
 
@@ -99,7 +99,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         ``window``: a key-padding mask is ``(B, 1, 1, Lk)``. A row left without a visible key
         outputs 0 with lse ``-inf`` (or its sink).
         Both backends take bias and mask. On the GPU a float16/bfloat16 bias is widened to
-        float32 once (in its own shape), and dbias is summed from dS of every score in a
+        float32 once per call (its broadcast axes not materialised; a bias or mask whose rows
+        are not 16-byte aligned is copied likewise), and dbias is summed from dS of every score in a
         fixed order (no atomics: reproducible), through a float32 (float64) buffer of the
         output's ``(..., Hq, Lq, Lk)``.
     return_lse : bool
@@ -119,19 +120,34 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     out, or ``(out, lse)`` when ``return_lse``.
     """
     key = None
-    if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and bias is None and mask is None and _plain_options(scale, causal, window, precision)):
-        plans = _plans()
-        key = plans.signature("attention", (q, k, v), (scale, causal, window, precision))
-        cached = plans.PLANS.get(key) if key is not None else None
+    if out is None and type(return_lse) is bool and alibi_slopes is None and sinks is None:
+        key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap))
         if cached is not None:
-            o, lse = cached.run(plans.CUPY_MEMORY, q, k, v)
+            o, lse = cached.run(_plans().CUPY_MEMORY, q, k, v, bias=bias, mask=mask)
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
         sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse, precision=precision
     )
     return problem.result(*forward(problem, key))
+
+
+def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False):
+    """``(key, plan)`` of a call on CuPy arrays: its plan-cache key (``_gpu.plan.signature`` over
+    the arrays, bias and mask where given, and the options: scale, causal, window, [deterministic,]
+    precision, softcap) and the plan kept under it, or None; key None when the call cannot be
+    keyed (options of unusual types, arrays that are not plain CuPy arrays of this device).
+    Calls with ALiBi slopes or sinks are never keyed: a replay does not redo their per-row
+    arrays. ``bias_grad``: the backward's."""
+    scale, causal, window = options[:3]
+    precision, softcap = options[-2:]
+    if not _plain_options(scale, causal, window, precision, softcap) or type(bias_grad) is not bool:
+        return None, None
+    plans = _plans()
+    present = tuple(x for x in (bias, mask) if x is not None)
+    key = plans.signature(kind, arrays + present,
+                          options + (bias is not None, mask is not None, bias_grad and bias is not None))
+    return key, (plans.PLANS.get(key) if key is not None else None)
 
 
 def forward(problem, key=None, *, prefetch_backward: bool | None = None):
@@ -162,15 +178,12 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     :func:`attention`'s.
     """
     key = None
-    if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and bias is None and mask is None and type(bias_grad) is bool
-            and _plain_options(scale, causal, window, precision)):
-        plans = _plans()
+    if type(deterministic) is bool and alibi_slopes is None and sinks is None:
         arrays = (dout, q, k, v, out, lse)
-        key = plans.signature("attention_backward", arrays, (scale, causal, window, deterministic, precision))
-        cached = plans.PLANS.get(key) if key is not None else None
+        key, cached = cached_plan("attention_backward", arrays, bias, mask,
+                                  (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad)
         if cached is not None:
-            return cached.run(plans.CUPY_MEMORY, *arrays)
+            return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,

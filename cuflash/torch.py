@@ -761,11 +761,18 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
             with _on_device(q.device):
                 return plan.run(memory, q, k, v)
     with _running_on(q):
+        cq, ck, cv, cbias, cmask = (_cuflash_or_none(t) for t in (q, k, v, bias, mask))
+        window = (window_left, window_right)
+        if _plans_scores(q, sinks, alibi, softcap, bias, mask):  # CuPy's plans, on torch's stream and allocator
+            key, cached = _api.cached_plan("attention", (cq, ck, cv), cbias, cmask,
+                                           (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap))
+            if cached is not None:
+                out, lse = cached.run(_api._plans().CUPY_MEMORY, cq, ck, cv, bias=cbias, mask=cmask)
+                return _to_torch(out), _to_torch(lse)
         problem = _spec.resolve_forward(
-            _to_cuflash(q), _to_cuflash(k), _to_cuflash(v), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-            window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
-            sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask), return_lse=True,
-            precision=precision,
+            cq, ck, cv, scale=scale, causal=_CAUSAL_BY_NAME[causal], window=window, softcap=softcap,
+            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=cbias, mask=cmask,
+            return_lse=True, precision=precision,
         )
         out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
@@ -785,13 +792,29 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
             with _on_device(q.device):
                 return plan.run(memory, *tensors)
     with _running_on(q):
+        arrays = tuple(_to_cuflash(t) for t in tensors)
+        cbias, cmask = _cuflash_or_none(bias), _cuflash_or_none(mask)
+        window = (window_left, window_right)
+        if _plans_scores(q, sinks, alibi, softcap, bias, mask):  # as _forward
+            key, cached = _api.cached_plan("attention_backward", arrays, cbias, cmask,
+                                           (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap),
+                                           bias_grad=bias_grad)
+            if cached is not None:
+                return tuple(_to_torch(g) for g in cached.run(_api._plans().CUPY_MEMORY, *arrays, bias=cbias, mask=cmask))
         problem = _spec.resolve_backward(
-            *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-            window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
-            sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask),
+            *arrays, scale=scale, causal=_CAUSAL_BY_NAME[causal], window=window, softcap=softcap,
+            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=cbias, mask=cmask,
             bias_grad=bias_grad, deterministic=deterministic, precision=precision,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
+
+
+def _plans_scores(q, sinks, alibi, softcap, bias, mask) -> bool:
+    """Whether a call with a bias, mask or softcap (the plain path's plans take none of them)
+    may take a plan of CuPy's (``_api.cached_plan``): on CUDA tensors, without the per-row slopes
+    and sinks a replay does not redo."""
+    return (q.is_cuda and sinks is None and alibi is None
+            and (softcap is not None or bias is not None or mask is not None))
 
 
 def _cupy_stream(cupy, torch_stream, device_index):

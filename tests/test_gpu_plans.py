@@ -87,6 +87,94 @@ def test_a_replayed_call_equals_the_full_path_bit_for_bit(rng, dtype, case, reso
         assert ours.shape == full.shape and ours.dtype == full.dtype and _bits(ours) == _bits(full)
 
 
+def _score_inputs(rng, case, dtype):
+    """A case's bias (in the dtype it asks for: q's, or the kernels' score type) and mask, fresh
+    random values."""
+    bias = mask = None
+    if "bias" in case:
+        shape, kind = case["bias"]
+        bias_dtype = dtype if kind == "q" else ("float64" if dtype == "float64" else "float32")
+        bias = cupy.asarray(rng.standard_normal(shape).astype(numpy.dtype(bias_dtype)))
+    if "mask" in case:
+        mask = cupy.asarray(rng.random(case["mask"]) < 0.7)
+        if case.get("padding"):  # key padding: each batch sees a prefix, one of them with a hole
+            keys = case["mask"][-1]
+            mask = cupy.asarray(numpy.arange(keys) < rng.integers(1, keys, size=case["mask"][:-1] + (1,)))
+            mask[0, ..., 0] = False
+    return bias, mask
+
+
+SCORE_CASES = [  # bias (shape, its dtype: q's or the score type's) and/or mask; widened or laid-out copies, or none
+    dict(q=(1, 6, 4, 40, 32), k=(1, 6, 4, 40, 32), bias=((1, 1, 4, 40, 40), "score")),     # triangle, read in place
+    dict(q=(1, 6, 4, 40, 32), k=(1, 6, 4, 40, 32), bias=((1, 1, 4, 40, 40), "q")),         # widened copy (16-bit)
+    dict(q=(2, 8, 4, 49, 32), k=(2, 8, 4, 49, 32), bias=((1, 4, 49, 49), "score"),          # Swin: 49-wide rows copied
+         mask=(8, 1, 49, 49), options=dict(softcap=20.0)),
+    dict(q=(3, 4, 97, 64), k=(3, 4, 200, 64), mask=(3, 1, 1, 200), padding=True, options=dict(causal=True)),
+    dict(q=(2, 4, 97, 64), k=(2, 4, 97, 64), options=dict(softcap=5.0)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SCORE_CASES, ids=["triangle", "triangle-widened", "swin-softcap", "key-padding",
+                                                   "softcap"])
+def test_bias_mask_and_softcap_calls_replay_bit_for_bit(rng, dtype, case, resolutions):
+    """Calls with a bias, a mask or softcap keep their plan too: a replay lays the planes out and
+    cuts the padded keys again (plan.ScoreInputs.prepare) and equals the full path bit for bit,
+    dbias included, on fresh data (new pointers, new mask: new cuts)."""
+    if dtype in ("float32", "float64") and case.get("bias", (None, ""))[1] == "q":
+        pytest.skip("a float32/float64 bias is the kernels' own type: nothing to widen")
+    plan.forget()
+    options = dict(case.get("options", {}))
+    shapes = (case["q"], case["k"], case["k"], case["q"])
+
+    def call(arrays, bias, mask):
+        q, k, v, dout = arrays
+        out, lse = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True, **options)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, mask=mask, deterministic=True,
+                                           **options)
+        return (out, lse) + tuple(grads)
+
+    call(_draw(rng, dtype, *shapes), *_score_inputs(rng, case, dtype))  # plans the signature
+    counts = dict(resolutions)
+    second, inputs = _draw(rng, dtype, *shapes), _score_inputs(rng, case, dtype)
+    replayed = call(second, *inputs)
+    assert resolutions == counts, "a repeated signature was validated and planned again"
+    plan.forget()
+    full = call(second, *inputs)
+    assert resolutions["forward"] == counts["forward"] + 1
+    assert len(replayed) == len(full) == 5 + ("bias" in case)
+    for ours, theirs in zip(replayed, full):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and _bits(ours) == _bits(theirs)
+
+
+def test_torch_bias_calls_replay_bit_for_bit(rng, resolutions):
+    """cuflash.torch.attention with a bias requiring grad and a mask takes CuPy's plans on torch's
+    stream and allocator: the second call is not validated again and equals the full path."""
+    torch = _torch()
+    import cuflash.torch as ct
+
+    plan.forget()
+
+    def call(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(2, 4, 4, 64, 32, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+                   for _ in range(3))
+        bias = torch.randn(1, 1, 4, 64, 64, device="cuda", generator=g, requires_grad=True)
+        mask = torch.rand(2, 1, 1, 64, 64, device="cuda", generator=g) < 0.8
+        out = ct.attention(q, k, v, bias=bias, mask=mask, deterministic=True)
+        out.float().square().sum().backward()
+        return [t.detach().clone() for t in (out, q.grad, k.grad, v.grad, bias.grad)]
+
+    call(1)
+    counts = dict(resolutions)
+    replayed = call(2)
+    assert resolutions == counts, "a repeated signature was validated and planned again"
+    plan.forget()
+    full = call(2)
+    for ours, theirs in zip(replayed, full):
+        assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_replays_stay_correct_on_the_atomic_path(rng, dtype):
     q, k, v = _draw(rng, dtype, (2, 4, 300, 64), (2, 2, 300, 64), (2, 2, 300, 64))

@@ -207,8 +207,13 @@ def _packed_shape(shape) -> tuple:
 class _Plan:
     """Launches sharing one params struct, replayable with other data pointers."""
 
-    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...]):
+    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None):
         self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
+        # With a bias or mask, a call's pointers end with ScoreInputs.prepare's.
+        self.score_inputs = score_inputs
+        if score_inputs is not None:
+            prefix = "fwd." if "fwd" in struct.dtype.names else ""
+            words = numpy.concatenate([words, _pointer_words(struct.dtype, [prefix + n for n in ScoreInputs.POINTERS])])
         self.words = words
         self.launches = launches
         self.key_rows_at = _field_offset(struct.dtype, "fwd.key_rows" if "fwd" in struct.dtype.names else "key_rows") // 4
@@ -230,18 +235,20 @@ class ForwardPlan(_Plan):
     packed batch's plan takes ``cu_seqlens_q, cu_seqlens_k, seqused_k`` (None: not given) after
     v and returns out in the packed layout (total_q, Hq, Dv), lse (Hq, total_q)."""
 
-    def __init__(self, p, struct, launches: tuple[Launch, ...]):
+    def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None):
         packed = p.packed is not None
-        super().__init__(struct, _WORDS[False, packed], launches)
+        super().__init__(struct, _WORDS[False, packed], launches, score_inputs)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
 
-    def run(self, memory, q, k, v, *packed):
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None):
         o = memory.empty(self.out_shape, self.dtype)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
-        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed))
+        scores, kept = self.score_inputs.prepare(bias, mask) if self.score_inputs is not None else ((), ())
+        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores)
+        del kept  # (the launch is queued)
         return o, lse
 
 
@@ -254,21 +261,31 @@ class BackwardPlan(_Plan):
     (``zeroed``: those whose unstored rows must read 0, the keys past seqused_k)."""
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
-                 packed: bool = False, zeroed: tuple[str, ...] = ()):
-        super().__init__(struct, _WORDS[True, packed], launches)
+                 packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, dbias=None):
+        super().__init__(struct, _WORDS[True, packed], launches, score_inputs)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
+        # With a bias's gradient: (dS's shape, bias's shape and dtype) for _bias_gradient.
+        self.dbias = dbias
+        if dbias is not None:
+            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, ["dbias"])])
 
-    def run(self, memory, dout, q, k, v, o, lse, *packed):
+    def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None):
         ptr, shapes = memory.pointer, self.shapes
         dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype)
                       for name in ("dq", "dk", "dv"))
         delta = ptr(memory.empty((self.workspace_size,), self.accum))
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
+        scores, kept = self.score_inputs.prepare(bias, mask) if self.score_inputs is not None else ((), ())
+        dscores = memory.zeros(self.dbias[0], self.accum) if self.dbias is not None else None
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
-                           dq_accum, delta) + _packed_pointers(memory, packed))
-        return dq, dk, dv
+                           dq_accum, delta) + _packed_pointers(memory, packed) + scores
+                  + (() if dscores is None else (ptr(dscores),)))
+        del kept  # (the launches are queued)
+        if dscores is None:
+            return dq, dk, dv
+        return dq, dk, dv, _bias_gradient(self.dbias[1], self.dbias[2], dscores)
 
 
 def _workspace(delta_size: int, dq_accum_size: int | None, accum) -> tuple[int, int | None]:
@@ -425,11 +442,13 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
     launches = tuple(_launch_of(f, device, layout.grid_x, _longest(p)[0], f.block_m, rows) for f, rows in sets)
     struct = _fwd_struct(p, layout, q, v)
-    per_row = _fill_score_mods(struct, p)  # kept alive until the launch is queued
-    plain = plain and not mods and not p.has_score_mods  # a replay writes no modifier pointers
-    plan = ForwardPlan(p, struct, launches)
-    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
-    del per_row
+    slopes, sinks, score_inputs, kept = _fill_score_mods(struct, p)  # kept alive until the launch is queued
+    # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
+    plain = plain and p.alibi_slopes is None and p.sinks is None
+    plan = ForwardPlan(p, struct, launches, score_inputs)
+    plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
+              + tuple(int(struct[name]) for name in (ScoreInputs.POINTERS if score_inputs is not None else ())))
+    del slopes, sinks, kept
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
     elif out is not None and o is not out:
@@ -479,56 +498,80 @@ def _per_row(x, lead_shape, dtype):
 def _fill_score_mods(struct, p) -> tuple:
     """Write the score modifiers into a forward struct (cuda_src/score_mod.cuh): softcap, the
     per-row slopes and sinks in the kernels' score type (float32, float64 for float64), and the
-    bias and mask (``_fill_bias_and_mask``). Returns the per-row slopes and sinks, then the
-    arrays the bias and mask are read from: all must stay alive until the launch is queued."""
+    bias and mask (``ScoreInputs``). Returns ``(slopes, sinks, inputs, kept)``: the per-row
+    slopes and sinks, the bias and mask's ScoreInputs (None without), and the arrays the bias and
+    mask are read from; all must stay alive until the launch is queued."""
     if not (p.has_score_mods or p.bias is not None or p.mask is not None):
-        return (None, None)
+        return None, None, None, ()
     accum = _accum(p)
     slopes, sinks = (None if x is None else _per_row(x, _row_shape(p), accum) for x in (p.alibi_slopes, p.sinks))
     struct["softcap"] = 0.0 if p.softcap is None else p.softcap
     struct["alibi_slopes"] = 0 if slopes is None else slopes.data.ptr
     struct["sinks"] = 0 if sinks is None else sinks.data.ptr
-    return (slopes, sinks) + _fill_bias_and_mask(struct, p)
+    if p.bias is None and p.mask is None:
+        return slopes, sinks, None, ()
+    inputs = ScoreInputs(p)
+    inputs.fill(struct)
+    pointers, kept = inputs.prepare(p.bias, p.mask)
+    for name, pointer in zip(ScoreInputs.POINTERS, pointers):
+        struct[name] = pointer
+    return slopes, sinks, inputs, kept
 
 
 _INT32_MAX = 2**31 - 1
 
 
-def _fill_bias_and_mask(struct, p) -> tuple:
-    """The bias and mask as the kernels read them (params.cuh): in the layout of
-    ``_plane_layout``, each attention row's element offset into them, and their query and key
-    strides. Broadcast axes cost no copy. Returns the arrays the kernels read, which must stay
-    alive until the launch is queued."""
-    if p.bias is None and p.mask is None:
-        return ()
-    cupy = _cupy()
-    lead = tuple(p.lead_shape)
-    planes, offsets = [], []
-    for name, x in (("bias", p.bias), ("mask", p.mask)):
-        if x is None:
-            struct[name] = 0
-            offsets.append(numpy.zeros(lead, dtype=numpy.int64))
-            planes.append(None)
-            continue
+class ScoreInputs:
+    """A call's bias and mask as the kernels read them (params.cuh), split into what a signature
+    fixes and what each call brings. Fixed (``fill``): the planes' query and key strides in the
+    layout of ``_plane_layout`` and each attention row's element offset into them
+    (``score_rows``, on the device, kept here). Per call (``prepare``): the planes' pointers (the
+    caller's arrays, or their copies where the layout needs one: the same decision for every call
+    of a signature, which covers dtypes, shapes, strides and alignment) and a key-padding mask's
+    cut (``_key_bounds``, computed on the device). Broadcast axes cost no copy."""
+
+    POINTERS = ("bias", "mask", "key_bounds")  # the FwdParams fields ``prepare`` gives, in order
+
+    def __init__(self, p):
+        cupy = _cupy()
+        self.seqlen_q, self.seqlen_k = p.seqlen_q, p.seqlen_k
+        self.count = math.prod(p.lead_shape)
+        self.dtypes = {"bias": _accum(p), "mask": None}
+        self.pads_keys = _pads_keys(p)
+        lead = tuple(p.lead_shape)
+        self.strides, offsets = {}, []
+        for name, x in (("bias", p.bias), ("mask", p.mask)):
+            offset = numpy.zeros(lead, dtype=numpy.int64)
+            if x is not None:
+                strides = _broadcast_strides(self._layout(name, x))
+                pad = len(lead) - (len(strides) - 2)
+                for axis, stride in enumerate(strides[:-2]):
+                    if stride:
+                        size = lead[pad + axis]
+                        offset = offset + (numpy.arange(size, dtype=numpy.int64) * stride).reshape(
+                            (size,) + (1,) * (len(lead) - pad - axis - 1))
+                self.strides[name] = strides[-2:]
+            offsets.append(offset)
+        self.score_rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2)
+
+    def _layout(self, name, x):
         x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
-        x = _plane_layout(x, _accum(p) if name == "bias" else x.dtype, p.seqlen_q, p.seqlen_k)
-        strides = _broadcast_strides(x)
-        offset = numpy.zeros(lead, dtype=numpy.int64)
-        pad = len(lead) - (x.ndim - 2)
-        for axis, stride in enumerate(strides[:-2]):
-            if stride:
-                size = lead[pad + axis]
-                offset = offset + (numpy.arange(size, dtype=numpy.int64) * stride).reshape(
-                    (size,) + (1,) * (len(lead) - pad - axis - 1))
-        offsets.append(offset)
-        planes.append(x)
-        struct[name] = x.data.ptr
-        struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = strides[-2], strides[-1]
-    rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2): bias, mask
-    struct["score_rows"] = rows.data.ptr
-    bounds = _key_bounds(p, planes[1], rows, int(struct["mask_col_stride"])) if _pads_keys(p) else None
-    struct["key_bounds"] = 0 if bounds is None else bounds.data.ptr
-    return tuple(planes) + (rows, bounds)
+        return _plane_layout(x, self.dtypes[name] or x.dtype, self.seqlen_q, self.seqlen_k)
+
+    def fill(self, struct) -> None:
+        """The fixed fields: strides and score_rows."""
+        for name, (row_stride, col_stride) in self.strides.items():
+            struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = row_stride, col_stride
+        struct["score_rows"] = self.score_rows.data.ptr
+
+    def prepare(self, bias, mask) -> tuple[tuple[int, int, int], tuple]:
+        """(the POINTERS' values, the arrays they point into) for this call's bias and mask."""
+        planes = tuple(None if x is None else self._layout(name, x) for name, x in (("bias", bias), ("mask", mask)))
+        bounds = None
+        if self.pads_keys:
+            bounds = _key_bounds(self.count, self.seqlen_k, planes[1], self.score_rows, self.strides["mask"][1])
+        pointers = tuple(0 if x is None else x.data.ptr for x in planes + (bounds,))
+        return pointers, planes + (bounds,)
 
 
 def _plane_layout(x, dtype, seqlen_q: int, seqlen_k: int):
@@ -605,19 +648,19 @@ class KeyBoundsKernel:
         return f"key_bounds[sm_{self.arch}]"
 
 
-def _key_bounds(p, mask, score_rows, col_stride: int):
-    """A key-padding mask's cut per attention row (int32, C order over the output's leading
-    axes; params.cuh's FwdParams::key_bounds): its last visible key + 1 (0 where it hides every
-    key), as ~cut where a key before the cut is hidden. One launch of cuda_src/key_bounds.cu on
-    the current stream, reading ``mask`` (laid out by ``_plane_layout``) where the kernels read
-    it: through ``score_rows``, keys ``col_stride`` apart. The host never looks at the mask."""
+def _key_bounds(count: int, seqlen_k: int, mask, score_rows, col_stride: int):
+    """A key-padding mask's cut per attention row (``count`` rows, int32, C order over the
+    output's leading axes; params.cuh's FwdParams::key_bounds): its last visible key + 1 (0 where
+    it hides every key), as ~cut where a key before the cut is hidden. One launch of
+    cuda_src/key_bounds.cu on the current stream, reading ``mask`` (laid out by
+    ``_plane_layout``) where the kernels read it: through ``score_rows``, keys ``col_stride``
+    apart. The host never looks at the mask."""
     cupy = _cupy()
-    count = math.prod(p.lead_shape)
     bounds = cupy.empty((count,), dtype=cupy.int32)
     kernel = kernels.get_kernel(KeyBoundsKernel(_arch(cupy.cuda.Device().id)))
     per_block = KeyBoundsKernel.threads // 32
     kernel((-(-count // per_block),), (KeyBoundsKernel.threads,),
-           (mask, score_rows, numpy.int64(col_stride), numpy.int32(p.seqlen_k), numpy.int64(count), bounds))
+           (mask, score_rows, numpy.int64(col_stride), numpy.int32(seqlen_k), numpy.int64(count), bounds))
     return bounds
 
 
@@ -791,7 +834,6 @@ def backward(problem):
     p = problem
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
     grads_shape = (q.shape, k.shape, v.shape)
-    mods = _modifies_scores(p)
     rows = math.prod(p.lead_shape) * p.seqlen_q
     if rows == 0 or p.seqlen_k == 0 or p.head_dim_v == 0:
         # No query, no key, or Dv == 0 (out is empty, so nothing depends on the scores): zero;
@@ -815,8 +857,9 @@ def backward(problem):
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
-    plain = (all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0 and not mods
-             and not p.has_score_mods)
+    # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
+    plain = (all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0
+             and p.alibi_slopes is None and p.sinks is None)
     accum = _accum(p)
     lse = cupy.ascontiguousarray(p.lse)
     plain = plain and lse is p.lse
@@ -851,7 +894,7 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
-    per_row = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
+    slopes, sinks, score_inputs, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed: the pairs no
     # dK/dV block visits (outside causal's or a window's tiles) stay 0.
     dscores = cupy.zeros(lead + (p.seqlen_q, p.seqlen_k), dtype=accum) if p.returns_dbias else None
@@ -873,9 +916,14 @@ def backward(problem):
     else:
         launches += (_launch_of(variants.dq_convert, device, layout.grid_x, longest_q, variants.dq_convert.block_m),)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
-    plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed)
+    plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
+                        score_inputs=score_inputs,
+                        dbias=None if dscores is None else (dscores.shape, tuple(p.bias.shape), p.bias.dtype))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
-              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)))
+              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
+              + tuple(int(struct["fwd"][name]) for name in (ScoreInputs.POINTERS if score_inputs is not None else ()))
+              + (() if dscores is None else (dscores.data.ptr,)))
+    del kept
 
     dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
     if p.head_dim == 0:
@@ -884,9 +932,9 @@ def backward(problem):
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
                  _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
     if dscores is not None:
-        grads += (_bias_gradient(p, dscores),)
+        grads += (_bias_gradient(tuple(p.bias.shape), p.bias.dtype, dscores),)
     if p.sinks is not None:  # (a packed batch's per-row sinks repeat per sequence: lse's rows are per head)
-        grads += (_sink_gradient(p, lse, delta, sink_rows=per_row[1] if p.packed is None else None),)
+        grads += (_sink_gradient(p, lse, delta, sink_rows=sinks if p.packed is None else None),)
     return grads, (plan if plain else None)
 
 
@@ -913,17 +961,16 @@ def _sink_gradient(p, lse, delta, sink_rows=None):
     return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
 
 
-def _bias_gradient(p, dscores):
+def _bias_gradient(shape, dtype, dscores):
     """dbias: dS of every score, ``(lead..., Lq, Lk)`` in the accumulation type, summed over the
-    axes along which bias was broadcast (CuPy's reductions have a fixed order: the same result
-    run after run), in bias's shape and dtype."""
+    axes along which the bias (``shape``, ``dtype``) was broadcast (CuPy's reductions have a
+    fixed order: the same result run after run), in bias's shape and dtype."""
     cupy = _cupy()
-    shape = tuple(p.bias.shape)
     axes = _broadcast_axes(dscores.shape, shape)
     summed = (dscores.sum(axis=axes, keepdims=True) if axes else dscores).reshape(shape)
-    if summed.dtype == p.bias.dtype:
+    if summed.dtype == dtype:
         return summed
-    return _narrow(summed, out=cupy.empty(shape, dtype=p.bias.dtype))
+    return _narrow(summed, out=cupy.empty(shape, dtype=dtype))
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:
