@@ -725,7 +725,7 @@ def test_key_padding_split_applies_to_the_mask_alone():
 
 @pytest.mark.gpu
 def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_mask(rng):
-    """cuda_src/key_bounds.cu through plan._fill_bias_and_mask, as a forward fills its params:
+    """cuda_src/key_bounds.cu through plan.ScoreInputs, as every call prepares its mask:
     per attention row, C order over the output's leading axes, the last visible key + 1 where
     the visible keys are a prefix (the plain kernels take the row), ~cut where a key before the
     cut is hidden (the modifier kernels take it), 0 where no key is visible; also through a
@@ -734,7 +734,6 @@ def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_ma
 
     from cuflash import _spec
     from cuflash._gpu import plan
-    from cuflash._gpu.params import FWD_PARAMS_DTYPE
 
     mask = numpy.zeros((3, 1, 1, 10), bool)  # batch 0: keys 0-6; 1: none; 2: 0-3 and 8 (holes)
     mask[0, ..., :7] = True
@@ -745,9 +744,9 @@ def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_ma
     wide[..., ::2] = mask  # the same mask every other key: a view with key stride 2
     for m, expected in ((_on_gpu(mask)[0], [7, 7, 0, 0, ~9, ~9]), (_on_gpu(wide)[0][..., ::2], [7, 7, 0, 0, ~9, ~9]),
                         (_on_gpu(mask[0, 0, 0])[0], [7] * 6)):
-        problem = _spec.resolve_forward(q, k, v, mask=m)
-        kept = plan._fill_bias_and_mask(numpy.zeros((), dtype=FWD_PARAMS_DTYPE), problem)
+        pointers, kept = plan.ScoreInputs(_spec.resolve_forward(q, k, v, mask=m)).prepare(None, m)
         bounds = kept[-1]
+        assert pointers[2] == bounds.data.ptr
         assert bounds.dtype == cupy.int32 and bounds.shape == (6,)
         numpy.testing.assert_array_equal(cupy.asnumpy(bounds), expected)
 
