@@ -324,8 +324,9 @@ struct ScorePlaneStage {
 // The bias's gradient (BwdParams::dbias): the dK/dV kernels store dS = P o (dP - delta) (of
 // the score after softcap, before its factor: the bias is added after the cap) of every pair
 // of row bh that a block visits, 0 where hidden, into a contiguous (rows, Lq, Lk) buffer in
-// the accumulation type that the host zeroed (pairs outside the blocks' tile ranges stay 0) and
-// sums over bias's broadcast axes afterwards, in a fixed order: reproducible, no atomics.
+// the accumulation type, which the host sums over bias's broadcast axes afterwards, in a fixed
+// order: reproducible, no atomics. Without a window or a key-padding cut the blocks visit every
+// pair; otherwise the host zeroes the buffer first (the pairs outside the tile ranges stay 0).
 template <typename T>
 struct BiasGrad {
     const BwdParams& params;  // (a reference, never a pointer: that would copy the params to local memory)
@@ -337,11 +338,11 @@ struct BiasGrad {
 
     __device__ __forceinline__ bool wanted() const { return params.dbias != nullptr; }
 
-    // dS of pair (i, j); `hidden`: the positional mask hides it (the kernel's P may not be 0 yet).
+    // dS of pair (i, j); `hidden`: the positional mask hides it (the kernel's P may not be 0 yet): 0.
     __device__ __forceinline__ void store(int i, int j, T ds, bool hidden = false) const {
         const FwdParams& f = params.fwd;
-        if (i < f.seqlen_q && j < f.seqlen_k && !hidden)
-            static_cast<T*>(params.dbias)[(static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j] = ds;
+        if (i < f.seqlen_q && j < f.seqlen_k)
+            static_cast<T*>(params.dbias)[(static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j] = hidden ? T(0) : ds;
     }
 };
 

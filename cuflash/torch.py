@@ -667,7 +667,10 @@ def _torch_allocator():
             return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
 
         def free(pointer, device_id):
-            torch.cuda.caching_allocator_delete(pointer)
+            # At interpreter exit torch may be torn down before CuPy frees what it still holds
+            # (a plan's per-row offsets): that memory goes with the process anyway.
+            if torch is not None and getattr(torch, "cuda", None) is not None:
+                torch.cuda.caching_allocator_delete(pointer)
 
         _TORCH_ALLOCATOR = cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc
     return _TORCH_ALLOCATOR

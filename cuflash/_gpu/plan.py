@@ -266,7 +266,7 @@ class BackwardPlan(_Plan):
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
-        # With a bias's gradient: (dS's shape, bias's shape and dtype) for _bias_gradient.
+        # With a bias's gradient: (dS's shape, bias's shape and dtype, whether dS starts zeroed).
         self.dbias = dbias
         if dbias is not None:
             self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, ["dbias"])])
@@ -275,14 +275,19 @@ class BackwardPlan(_Plan):
         ptr, shapes = memory.pointer, self.shapes
         dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype)
                       for name in ("dq", "dk", "dv"))
-        delta = ptr(memory.empty((self.workspace_size,), self.accum))
+        # Held until the launches are queued: freed at once, its memory would go to the next
+        # allocation of this call (a bias or mask copy, dS), which the kernels then overwrite.
+        workspace = memory.empty((self.workspace_size,), self.accum)
+        delta = ptr(workspace)
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
         scores, kept = self.score_inputs.prepare(bias, mask) if self.score_inputs is not None else ((), ())
-        dscores = memory.zeros(self.dbias[0], self.accum) if self.dbias is not None else None
+        dscores = None
+        if self.dbias is not None:
+            dscores = (memory.zeros if self.dbias[3] else memory.empty)(self.dbias[0], self.accum)
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
                            dq_accum, delta) + _packed_pointers(memory, packed) + scores
                   + (() if dscores is None else (ptr(dscores),)))
-        del kept  # (the launches are queued)
+        del kept, workspace  # (the launches are queued)
         if dscores is None:
             return dq, dk, dv
         return dq, dk, dv, _bias_gradient(self.dbias[1], self.dbias[2], dscores)
@@ -895,9 +900,12 @@ def backward(problem):
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
     slopes, sinks, score_inputs, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
-    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed: the pairs no
-    # dK/dV block visits (outside causal's or a window's tiles) stay 0.
-    dscores = cupy.zeros(lead + (p.seqlen_q, p.seqlen_k), dtype=accum) if p.returns_dbias else None
+    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed where some pairs
+    # are never visited (outside causal's or a window's tiles, past a key-padding cut).
+    dscores_zeroed = p.has_window or _skips_keys(p)
+    dscores = None
+    if p.returns_dbias:
+        dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(lead + (p.seqlen_q, p.seqlen_k), dtype=accum)
     struct["dbias"] = 0 if dscores is None else dscores.data.ptr
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
@@ -918,7 +926,8 @@ def backward(problem):
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs,
-                        dbias=None if dscores is None else (dscores.shape, tuple(p.bias.shape), p.bias.dtype))
+                        dbias=None if dscores is None else (dscores.shape, tuple(p.bias.shape), p.bias.dtype,
+                                                            dscores_zeroed))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
               + tuple(int(struct["fwd"][name]) for name in (ScoreInputs.POINTERS if score_inputs is not None else ()))
