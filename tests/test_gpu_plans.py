@@ -196,6 +196,26 @@ def test_a_misaligned_view_never_reuses_an_aligned_plan(rng):
     assert _bits(got) == _bits(cuflash.attention(copy, copy, copy))
 
 
+def test_alignment_is_keyed_per_array(rng, resolutions):
+    """A bias read through a laid-out copy (misaligned) with q, k, v read in place, then the
+    reverse: the second call must not replay the first's plan (which reads q in place)."""
+    plan.forget()
+    shape = (2, 2, 96, 32)
+    flat = _draw(rng, "float16", (3 * 2 * 2 * 96 * 32 + 1,))[0]
+    aligned = [flat[i * flat.size // 3: i * flat.size // 3 + 2 * 2 * 96 * 32].reshape(shape) for i in range(3)]
+    odd = [flat[1: 2 * 2 * 96 * 32 + 1].reshape(shape)] * 3  # 2 bytes off
+    bias_flat = cupy.asarray(rng.standard_normal(2 * 96 * 96 + 1).astype(numpy.float32))
+    bias_aligned, bias_odd = bias_flat[:-1].reshape(2, 96, 96), bias_flat[1:].reshape(2, 96, 96)
+    assert all(x.data.ptr % 16 == 0 for x in aligned) and all(x.data.ptr % 16 for x in odd)
+    assert bias_aligned.data.ptr % 16 == 0 and bias_odd.data.ptr % 16
+    cuflash.attention(*aligned, bias=bias_odd)  # planned: q, k, v in place, the bias copied
+    counts = dict(resolutions)
+    got = cuflash.attention(*odd, bias=bias_aligned)  # another signature: the full path copies q, k, v
+    assert resolutions["forward"] == counts["forward"] + 1
+    copies = [cupy.ascontiguousarray(x) for x in odd]
+    assert _bits(got) == _bits(cuflash.attention(*copies, bias=bias_aligned))
+
+
 def test_the_cache_never_answers_a_call_the_full_path_refuses(rng):
     q = _draw(rng, "float16", (1, 2, 64, 64))[0]
     cuflash.attention(q, q, q, causal=True, scale=1)

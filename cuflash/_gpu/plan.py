@@ -326,8 +326,11 @@ def forget() -> None:
 
 def signature(kind: str, arrays, options) -> tuple | None:
     """The plan-cache key of a call on CuPy arrays: what decides its launches (the arrays' dtypes,
-    shapes and strides, whether every base address is 16-byte aligned, the options, the current
-    device), or None when an input is not a plain cupy.ndarray or not on the current device."""
+    shapes and strides, whether each base address is 16-byte aligned, the options, the current
+    device), or None when an input is not a plain cupy.ndarray or not on the current device.
+    Alignment is per array: a bias read in place and a q that needs copying must not share a key
+    with the reverse (one flag for all would let the second call replay the first's plan and
+    read the misaligned q in place)."""
     cupy = sys.modules.get("cupy")
     if cupy is None:
         return None
@@ -335,15 +338,12 @@ def signature(kind: str, arrays, options) -> tuple | None:
     if any(type(x) is not ndarray for x in arrays):
         return None
     parts = [kind, options]
-    addresses = 0
     device = cupy.cuda.runtime.getDevice()
     for x in arrays:
         memory = x.data
         if memory.device_id != device:  # the full path makes the arrays' device current (on_arrays_device)
             return None
-        parts.append((x.dtype, x.shape, x.strides))
-        addresses |= memory.ptr
-    parts.append(addresses % 16 == 0)
+        parts.append((x.dtype, x.shape, x.strides, memory.ptr % 16 == 0))
     parts.append(device)
     return tuple(parts)
 
