@@ -13,7 +13,12 @@ accumulators around the ring with their block and reuses the forward's global ou
 forward recomputation); dsinks is each rank's own rows' sum, all-reduced.
 
 The communicator: ``rank``, ``size``, ``sendrecv(arrays, dest, source)`` (send a tuple of arrays to
-``dest``, return the tuple ``source`` sent) and ``allreduce_sum(array)``. :class:`LoopbackComm` runs
+``dest``, return the tuple ``source`` sent) and ``allreduce_sum(array)``; optionally
+``isendrecv(arrays, dest, source)``, the same exchange started and returned as a handle whose
+``wait()`` gives the received tuple, which lets the ring overlap it with compute: the forward
+passes each key/value block on while it computes on it, the backward sends the next key/value
+block ahead and the dK/dV accumulators after each step's pairs (a communicator without it runs
+each exchange at once, as ``sendrecv``). :class:`LoopbackComm` runs
 N ranks as threads of one process (on NumPy arrays: the CPU path the tests use; on CuPy arrays: the
 GPU kernels on one device); :class:`NcclComm` is one rank of a multi-process run (one GPU per
 process) over CuPy's raw NCCL bindings, on CuPy arrays; ``cuflash.torch.distributed`` wraps a
@@ -79,6 +84,28 @@ def unshard(shards, *, layout: str = "zigzag"):
     return _xp(shards[0]).concatenate([pieces[c] for c in range(_chunk_count(world_size, layout))], axis=-2)
 
 
+class _Pending:
+    """A started exchange: ``wait()`` returns the received tuple (once)."""
+
+    def __init__(self, wait):
+        self._wait, self._received = wait, None
+
+    def wait(self):
+        if self._wait is not None:
+            self._received, self._wait = self._wait(), None
+        return self._received
+
+
+def _start_exchange(comm, arrays, dest: int, source: int):
+    """The exchange started on ``comm`` (its ``isendrecv``), or, for a communicator without one,
+    run at once and handed back as done."""
+    start = getattr(comm, "isendrecv", None)
+    if start is not None:
+        return start(arrays, dest, source)
+    received = comm.sendrecv(arrays, dest, source)
+    return _Pending(lambda: received)
+
+
 class LoopbackComm:
     """One rank of N in-process ranks (threads) exchanging arrays through shared memory: the
     CPU stand-in for an NCCL communicator. ``LoopbackComm.run(size, fn)`` calls ``fn(comm)`` on
@@ -86,6 +113,7 @@ class LoopbackComm:
 
     def __init__(self, rank: int, size: int, shared):
         self.rank, self.size, self._shared = rank, size, shared
+        self._sent = 0  # messages this rank started: every rank starts the ring's in the same order
 
     @classmethod
     def run(cls, size: int, fn):
@@ -112,12 +140,20 @@ class LoopbackComm:
         return results
 
     def sendrecv(self, arrays, dest: int, source: int):
+        return self.isendrecv(arrays, dest, source).wait()
+
+    def isendrecv(self, arrays, dest: int, source: int):
+        """Posts copies of ``arrays`` (their values now, as NCCL would read them) for ``dest``;
+        ``wait()`` returns what ``source`` posted as the same message (the n-th started by each)."""
         slots, barrier = self._shared["slots"], self._shared["barrier"]
-        slots[(self.rank, dest)] = tuple(None if a is None else a.copy() for a in arrays)
-        barrier.wait()
-        received = slots.pop((source, self.rank))
-        barrier.wait()  # every rank has taken its message before the slots are reused
-        return received
+        tag, self._sent = self._sent, self._sent + 1
+        slots[(self.rank, dest, tag)] = tuple(None if a is None else a.copy() for a in arrays)
+
+        def wait():
+            barrier.wait()  # every rank has posted this message (each posts before it waits)
+            return slots.pop((source, self.rank, tag))
+
+        return _Pending(wait)
 
     def allreduce_sum(self, array):
         slots, barrier = self._shared["slots"], self._shared["barrier"]
@@ -184,9 +220,12 @@ class NcclComm:
       of place into a new array; every rank gets the same result. The ring uses it for dsinks
       (float32 or float64).
 
-    All of it is enqueued on CuPy's current stream, where cuflash's kernels run, and is as
-    asynchronous as they are; the buffers come from CuPy's memory pool, whose reuse is ordered on
-    that stream, so keep one current stream through a ring_attention call.
+    ``isendrecv`` runs the sends and receives on the communicator's own stream, ordered after the
+    current stream's work by an event and waited for by the current stream (an event: no host
+    synchronization), so the ring's kernels overlap them; ``allreduce_sum`` is enqueued on CuPy's
+    current stream, where cuflash's kernels run. The buffers come from CuPy's memory pool, whose
+    reuse is ordered on the current stream, so keep one current stream through a ring_attention
+    call.
 
     Environment: on the team's lent multi-GPU machines keep NVLink multicast (NVLS) off, setting
     ``NCCL_NVLS_ENABLE=0`` in every process before its communicator is created (NCCL reads it then).
@@ -202,6 +241,7 @@ class NcclComm:
             if callable(have) and int(have()) != want:
                 raise ValueError(f"the communicator's {name} is {int(have())}, not the {name} {want} given")
         self.communicator, self.rank, self.size = communicator, rank, size
+        self._streams = {}  # device -> this communicator's stream there (isendrecv)
 
     @classmethod
     def from_unique_id(cls, unique_id, rank: int, size: int):
@@ -227,8 +267,17 @@ class NcclComm:
             raise TypeError("NcclComm moves CuPy (GPU) arrays; got a NumPy array (use LoopbackComm on the CPU)")
 
     def sendrecv(self, arrays, dest: int, source: int):
+        return self.isendrecv(arrays, dest, source).wait()
+
+    def isendrecv(self, arrays, dest: int, source: int):
+        """``sendrecv`` started: on CuPy arrays the sends and receives run on this communicator's own
+        stream, after what the current stream has queued (an event), so the ring's kernels go on
+        beside them; ``wait()`` makes the current stream wait for them (an event, no host sync)
+        and returns the received arrays. The arrays sent are held until then: freed earlier,
+        their memory could be reused by the current stream while NCCL still reads it."""
         if dest == self.rank and source == self.rank:
-            return tuple(None if a is None else a.copy() for a in arrays)
+            copies = tuple(None if a is None else a.copy() for a in arrays)
+            return _Pending(lambda: copies)
         nccl = _nccl_module()
         outgoing, incoming = [], []
         for array in arrays:
@@ -241,16 +290,39 @@ class NcclComm:
             outgoing.append(array)
             incoming.append(_xp(array).empty_like(array, order="C"))
         sent = [(a, b) for a, b in zip(outgoing, incoming) if a is not None and a.nbytes]
-        if sent:
-            stream = _current_stream(_xp(sent[0][0]))
-            nccl.groupStart()
-            try:
-                for send, receive in sent:
-                    self.communicator.send(_address(send), send.nbytes, nccl.NCCL_UINT8, int(dest), stream)
-                    self.communicator.recv(_address(receive), receive.nbytes, nccl.NCCL_UINT8, int(source), stream)
-            finally:
-                nccl.groupEnd()
-        return tuple(incoming)
+        if not sent:
+            return _Pending(lambda: tuple(incoming))
+        xp = _xp(sent[0][0])
+        side = self._side_stream(xp)
+        if side is not None:
+            side.wait_event(xp.cuda.get_current_stream().record())
+        stream = 0 if xp is numpy else (side.ptr if side is not None else _current_stream(xp))
+        nccl.groupStart()
+        try:
+            for send, receive in sent:
+                self.communicator.send(_address(send), send.nbytes, nccl.NCCL_UINT8, int(dest), stream)
+                self.communicator.recv(_address(receive), receive.nbytes, nccl.NCCL_UINT8, int(source), stream)
+        finally:
+            nccl.groupEnd()
+        done = side.record() if side is not None else None
+
+        def wait():
+            if done is not None:
+                xp.cuda.get_current_stream().wait_event(done)
+            outgoing.clear()  # (ordered after the sends on the current stream from here on)
+            return tuple(incoming)
+
+        return _Pending(wait)
+
+    def _side_stream(self, xp):
+        """This communicator's stream for CuPy arrays on the current device (None for NumPy: the
+        unit test's stand-in NCCL runs on the host)."""
+        if xp is numpy:
+            return None
+        device = xp.cuda.Device().id
+        if device not in self._streams:
+            self._streams[device] = xp.cuda.Stream(non_blocking=True)
+        return self._streams[device]
 
     def allreduce_sum(self, array):
         self._check_kind(array)
@@ -327,16 +399,18 @@ def ring_attention(q, k, v, *, comm, causal=False, scale=None, window=None, soft
     own = _own_chunks(comm.size, comm.rank, layout)
     partials = [[] for _ in own]
     block, holder = (k, v), comm.rank
+    ring = dict(dest=(comm.rank + 1) % comm.size, source=(comm.rank - 1) % comm.size)
     for step in range(comm.size):
+        # The block moves on while this step computes on it (the last step keeps it).
+        passing = _start_exchange(comm, block, **ring) if step < comm.size - 1 else None
         for qi, ki, diag in _pairs(comm, layout, holder, size):
             problem = _spec.resolve_forward(_rows(q, qi, size), _rows(block[0], ki, size), _rows(block[1], ki, size),
                                             return_lse=True, **mods)
             problem = _pair_problem(problem, diag, sides)
             if problem is not None:
                 partials[qi].append(_api.forward(problem))
-        if step < comm.size - 1:
-            block = comm.sendrecv(block, dest=(comm.rank + 1) % comm.size, source=(comm.rank - 1) % comm.size)
-            holder = (holder - 1) % comm.size
+        if passing is not None:
+            block, holder = passing.wait(), (holder - 1) % comm.size
     checked = _spec.resolve_forward(_rows(q, 0, size), _rows(k, 0, size), _rows(v, 0, size), sinks=sinks,
                                     return_lse=True, **mods)
     outs, lses = [], []
@@ -358,7 +432,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal=False, scal
                             alibi_slopes=None, sinks=None, layout="zigzag", deterministic=False):
     """(dq, dk, dv[, dsinks]) of :func:`ring_attention` for this rank's shards: each pair's
     backward with the forward's global out and lse; dK/dV accumulate (in float32, float64 for
-    float64) while travelling with their block, which ends back home after W sends."""
+    float64) while travelling a step behind their block, and end back home after W sends."""
     size = _check_shards(q, k, v, comm, layout)
     mods = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     sides = _window_sides(comm, size, layout, causal, window)
@@ -366,28 +440,36 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm, causal=False, scal
     accum = numpy.float64 if q.dtype == numpy.float64 else numpy.float32
     own = _own_chunks(comm.size, comm.rank, layout)
     dq = [None] * len(own)
-    block = (k, v, xp.zeros(k.shape, dtype=accum), xp.zeros(v.shape, dtype=accum))
-    holder = comm.rank
+    block, holder = (k, v), comm.rank
+    accumulators = (xp.zeros(k.shape, dtype=accum), xp.zeros(v.shape, dtype=accum))  # dK, dV of the block
+    arriving = None  # the accumulators of the block in hand, on their way from the previous rank
+    ring = dict(dest=(comm.rank + 1) % comm.size, source=(comm.rank - 1) % comm.size)
     for step in range(comm.size):
-        keys, values, dk, dv = block
+        # K and V move on while this step computes (the last step keeps them); dK and dV follow
+        # once this step has added to them, and come in during the next step's pairs.
+        passing = _start_exchange(comm, block, **ring) if step < comm.size - 1 else None
+        pairs = []
         for qi, ki, diag in _pairs(comm, layout, holder, size):
             rows = [_rows(x, qi, size) for x in (dout, q)]
-            problem = _spec.resolve_backward(rows[0], rows[1], _rows(keys, ki, size), _rows(values, ki, size),
+            problem = _spec.resolve_backward(rows[0], rows[1], _rows(block[0], ki, size), _rows(block[1], ki, size),
                                              _rows(out, qi, size), lse[..., qi * size:(qi + 1) * size],
                                              deterministic=deterministic, **mods)
             problem = _pair_problem(problem, diag, sides)
-            if problem is None:
-                continue
-            grads = _api.backward(problem)
+            if problem is not None:
+                pairs.append((qi, ki, _api.backward(problem)))
+        if arriving is not None:
+            accumulators = arriving.wait()
+        dk, dv = accumulators
+        for qi, ki, grads in pairs:  # in pair order, as every run adds them: reproducible
             dq[qi] = grads[0].astype(accum) if dq[qi] is None else dq[qi] + grads[0]
             dk[..., ki * size:(ki + 1) * size, :] += grads[1]
             dv[..., ki * size:(ki + 1) * size, :] += grads[2]
-        # The block moves on with its accumulators; the last send takes them home.
-        block = comm.sendrecv((keys, values, dk, dv), dest=(comm.rank + 1) % comm.size,
-                              source=(comm.rank - 1) % comm.size)
-        holder = (holder - 1) % comm.size
+        arriving = _start_exchange(comm, (dk, dv), **ring)  # the last one takes them home
+        if passing is not None:
+            block, holder = passing.wait(), (holder - 1) % comm.size
+    dk, dv = arriving.wait()
     dq = xp.concatenate([g if g is not None else xp.zeros(_rows(q, 0, size).shape, dtype=accum) for g in dq], axis=-2)
-    grads = (dq.astype(q.dtype), block[2].astype(k.dtype), block[3].astype(v.dtype))
+    grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
     if sinks is None:
         return grads
     checked = _spec.resolve_forward(_rows(q, 0, size), _rows(k, 0, size), _rows(v, 0, size), sinks=sinks, **mods)

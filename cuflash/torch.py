@@ -944,15 +944,28 @@ class ProcessGroupComm:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def sendrecv(self, arrays, dest, source):
+        return self.isendrecv(arrays, dest, source).wait()
+
+    def isendrecv(self, arrays, dest, source):
+        """The exchange started (``batch_isend_irecv``: NCCL runs it on its own stream); ``wait()``
+        waits for it (on CUDA, the current stream waits) and returns the received arrays. The
+        tensors sent are held until then."""
         if dest == self.rank and source == self.rank:
-            return tuple(a.copy() for a in arrays)
+            copies = tuple(a.copy() for a in arrays)
+            return _ring._Pending(lambda: copies)
         sent = [_to_torch(a) for a in arrays]
         received = [torch.empty_like(t) for t in sent]
         ops = [dist.P2POp(dist.isend, t, self._peer(dest), self.group) for t in sent]
         ops += [dist.P2POp(dist.irecv, t, self._peer(source), self.group) for t in received]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        return tuple(_to_cuflash(t) for t in received)
+        requests = dist.batch_isend_irecv(ops)
+
+        def wait():
+            for request in requests:
+                request.wait()
+            sent.clear()
+            return tuple(_to_cuflash(t) for t in received)
+
+        return _ring._Pending(wait)
 
     def allreduce_sum(self, array):
         tensor = _to_torch(array.copy())

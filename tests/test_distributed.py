@@ -291,7 +291,9 @@ def test_nccl_comm_runs_the_ring_in_grouped_byte_sends_over_a_fake_nccl(rng, mon
     """NcclComm's logic without NCCL: a fake cupy.cuda.nccl moving host bytes between thread ranks.
     The ring over NcclComm gives bitwise what it gives over LoopbackComm; every block travels as raw
     bytes (NCCL_UINT8, count = nbytes) to rank + 1 and from rank - 1, all of a tuple's sends and
-    receives inside one group; dsinks is one allReduce (NCCL_SUM) in its own dtype."""
+    receives inside one group, K/V and the dK/dV accumulators as separate exchanges (the backward
+    starts K/V before its pairs and dK/dV after them); dsinks is one allReduce (NCCL_SUM) in its
+    own dtype."""
     world_size, layout = 3, "zigzag"
     fake = _FakeNccl(world_size)
     monkeypatch.setattr(distributed, "_nccl_module", lambda: fake)
@@ -319,11 +321,11 @@ def test_nccl_comm_runs_the_ring_in_grouped_byte_sends_over_a_fake_nccl(rng, mon
         block = k.nbytes // world_size  # a shard of k (or v, or a float64 dK/dV accumulator) in bytes
         send = ("send", block, "uint8", (rank + 1) % world_size, 0)
         recv = ("recv", block, "uint8", (rank - 1) % world_size, 0)
-        forward_group = [("groupStart",)] + [send, recv] * 2 + [("groupEnd",)]
-        backward_group = [("groupStart",)] + [send, recv] * 4 + [("groupEnd",)]
-        # forward: W - 1 passes of (k, v); backward: W passes of (k, v, dK, dV); then dsinks summed
-        assert calls == [*forward_group * (world_size - 1), *backward_group * world_size,
-                         ("allReduce", 4, "float64", "sum", 0)]
+        pair = [("groupStart",)] + [send, recv] * 2 + [("groupEnd",)]  # (k, v), or (dK, dV) in float64
+        # forward: W - 1 passes of (k, v); backward: per step (k, v) sent ahead but at the last step,
+        # then (dK, dV) after the step's pairs; then dsinks summed
+        backward = [*(pair * 2) * (world_size - 1), *pair]
+        assert calls == [*pair * (world_size - 1), *backward, ("allReduce", 4, "float64", "sum", 0)]
 
 
 def test_nccl_comm_sends_any_dtype_as_bytes_and_keeps_shapes(monkeypatch):
