@@ -133,10 +133,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     const BlockCoord block = scheduled_block<kHasWindow>(p);  // schedule.cuh
     const int tile_m = block.block;
     const int m0 = tile_m * kBlockM;
-    if (!takes_row(p, block.bh)) return;  // another launch's row
-    const BatchIndex bi(p, block.bh);
-    if (!bi.has_query_row(m0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_output<T, T>(p, bi, tile_m, kBlockM);
+    BatchIndex bi;
+    if (!starts_block<T, T>(p, block.bh, tile_m, m0, kBlockM, bi)) return;  // params.cuh
     const T* __restrict__ q = static_cast<const T*>(p.q) + bi.q;
     const T* __restrict__ k = static_cast<const T*>(p.k) + bi.k;
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;

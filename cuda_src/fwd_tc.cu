@@ -76,10 +76,8 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const int m0 = m_block * kBlockM;
     const int warp_row0 = warp * kRowsPerWarp;
 
-    if (!takes_row(p, bh)) return;  // another launch's row
-    const BatchIndex at(p, bh);
-    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_output<unsigned short, float>(p, at, m_block, kBlockM);
+    BatchIndex at;
+    if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.

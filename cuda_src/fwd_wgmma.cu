@@ -79,10 +79,8 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     const int m0 = m_block * kBlockM;
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
 
-    if (!takes_row(p, bh)) return;  // another launch's row
-    const BatchIndex at(p, bh);
-    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_output<unsigned short, float>(p, at, m_block, kBlockM);
+    BatchIndex at;
+    if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 

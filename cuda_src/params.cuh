@@ -169,6 +169,7 @@ struct BatchIndex {
     long long q, k, v, o, lse;
     int seqlen_q, seqlen_k, diag;
 
+    BatchIndex() = default;  // (starts_block fills one in place)
     __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh), bh) {}
 
     // Lk: the call's, or a key-padding mask's cut (FwdParams::key_bounds); the diagonal stays
@@ -249,6 +250,21 @@ __device__ __forceinline__ void poison_uncovered_output(const FwdParams& p, cons
     poison_uncovered_rows(static_cast<Element*>(p.o) + at.o, p.o_row_stride, p.head_dim_v, at.seqlen_q, tile,
                           gridDim.y, tile_rows);
     poison_uncovered_rows(static_cast<Stat*>(p.lse) + at.lse, 1, 1, at.seqlen_q, tile, gridDim.y, tile_rows);
+}
+
+// A forward block's start, after it knows its attention row bh and query tile (its first row m0,
+// tile_rows rows a tile): false when it has nothing to do, because the row belongs to the other
+// launch of a split key-padding mask (takes_row, checked before BatchIndex is built, so a skipped
+// row costs no index arithmetic) or the tile starts past a packed sequence's end. A block with
+// work gets the row's BatchIndex in `at` and first poisons the output rows of its row that no
+// block covers (Element and Stat: o's and lse's types).
+template <typename Element, typename Stat>
+__device__ __forceinline__ bool starts_block(const FwdParams& p, int bh, int tile, int m0, int tile_rows, BatchIndex& at) {
+    if (!takes_row(p, bh)) return false;
+    at = BatchIndex(p, bh);
+    if (!at.has_query_row(m0)) return false;
+    poison_uncovered_output<Element, Stat>(p, at, tile, tile_rows);
+    return true;
 }
 
 // BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
