@@ -95,10 +95,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const FwdParams& f = p.fwd;
     const int n0 = blockIdx.y * kBlockN;
     const int heads = p.heads_per_block;
-    if (!takes_row(f, blockIdx.x * heads)) return;  // another launch's rows
-    const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
-    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<T, T, kBlockN>(p, at, blockIdx.y);
+    BwdBatchIndex at;  // the group's first row's
+    if (!starts_key_block<T, T, kBlockN>(p, blockIdx.x * heads, blockIdx.y, n0, at)) return;  // params.cuh
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
     const bool with_dq = p.dq_accum != nullptr;

@@ -107,10 +107,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const int kv_col = (warp % 2) * kKVCols;             // ... and dims
     const FwdParams& f = p.fwd;
 
-    if (!takes_row(f, blockIdx.x * heads)) return;  // another launch's rows
-    const BwdBatchIndex at(p, blockIdx.x * heads);  // the group's first row
-    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, blockIdx.y);
+    BwdBatchIndex at;  // the group's first row's
+    if (!starts_key_block<unsigned short, float, kBlockN>(p, blockIdx.x * heads, blockIdx.y, n0, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 

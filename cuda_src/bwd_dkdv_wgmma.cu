@@ -110,10 +110,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
     const FwdParams& f = p.fwd;
 
-    if (!takes_row(f, bh)) return;  // another launch's rows
-    const BwdBatchIndex at(p, bh);
-    if (!at.has_key_row(n0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_key_grads<unsigned short, float, kBlockN>(p, at, n_index);
+    BwdBatchIndex at;
+    if (!starts_key_block<unsigned short, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 

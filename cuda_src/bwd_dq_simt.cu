@@ -74,10 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const FwdParams& f = p.fwd;
     const auto [bh, tile_m] = query_tile_block<kHasWindow>();  // schedule.cuh
     const int m0 = tile_m * kBlockM;
-    if (!takes_row(f, bh)) return;  // another launch's row
-    const BwdBatchIndex at(p, bh);
-    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_query_grads<T, kBlockM>(p, at, tile_m);
+    BwdBatchIndex at;
+    if (!starts_query_block<T, kBlockM>(p, bh, tile_m, m0, at)) return;  // params.cuh
     const T* __restrict__ q = static_cast<const T*>(f.q) + at.q;
     const T* __restrict__ k = static_cast<const T*>(f.k) + at.k;
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;

@@ -68,10 +68,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const int warp_row0 = warp * kRowsPerWarp;
     const FwdParams& f = p.fwd;
 
-    if (!takes_row(f, bh)) return;  // another launch's row
-    const BwdBatchIndex at(p, bh);
-    if (!at.has_query_row(m0)) return;  // a packed batch's shorter sequence
-    poison_uncovered_query_grads<unsigned short, kBlockM>(p, at, m_block);
+    BwdBatchIndex at;
+    if (!starts_query_block<unsigned short, kBlockM>(p, bh, m_block, m0, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 

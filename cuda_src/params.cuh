@@ -273,6 +273,7 @@ __device__ __forceinline__ bool starts_block(const FwdParams& p, int bh, int til
 struct BwdBatchIndex : BatchIndex {
     long long dout, dq, dk, dv, dq_accum;
 
+    BwdBatchIndex() = default;  // (starts_key_block / starts_query_block fill one in place)
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c, bh) {
@@ -346,6 +347,27 @@ __device__ __forceinline__ void poison_uncovered_key_grads(const BwdParams& p, c
     for (int g = 0; g < p.heads_per_block; ++g)
         fill_nan_rows(static_cast<Accum*>(p.dq_accum) + at.dq_accum + HeadStep(p, g).dq_accum, p.fwd.head_dim,
                       p.fwd.head_dim, 0, at.seqlen_q);
+}
+
+// The backward blocks' start, as starts_block's: false when the rows belong to the other launch
+// of a split key-padding mask or the tile starts past a packed sequence's end; else `at` holds
+// row bh's BwdBatchIndex and the gradient rows no block covers are poisoned. A dK/dV block: key
+// tile `tile` from key n0 (bh: its head group's first row); a dQ block: query tile `tile` from m0.
+template <typename Element, typename Accum, int kBlockN>
+__device__ __forceinline__ bool starts_key_block(const BwdParams& p, int bh, int tile, int n0, BwdBatchIndex& at) {
+    if (!takes_row(p.fwd, bh)) return false;
+    at = BwdBatchIndex(p, bh);
+    if (!at.has_key_row(n0)) return false;
+    poison_uncovered_key_grads<Element, Accum, kBlockN>(p, at, tile);
+    return true;
+}
+template <typename Element, int kBlockM>
+__device__ __forceinline__ bool starts_query_block(const BwdParams& p, int bh, int tile, int m0, BwdBatchIndex& at) {
+    if (!takes_row(p.fwd, bh)) return false;
+    at = BwdBatchIndex(p, bh);
+    if (!at.has_query_row(m0)) return false;
+    poison_uncovered_query_grads<Element, kBlockM>(p, at, tile);
+    return true;
 }
 
 // The walk of a dK/dV block (bwd_dkdv_*.cu) over its steps (g, i): query heads g in
