@@ -681,7 +681,7 @@ from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline'
 def test_decode_params_struct_matches_its_numpy_mirror(pipeline):
     from cuflash._gpu import decode, kernels, params
 
-    spec = decode.CombineKernel("float16", "80")
+    spec = decode.combine_kernel("float16", "80")
     source = '#include "decode.cuh"\n' + params.layout_probe_source("cuflash::DecodeParams", decode.PARAMS_DTYPE)
     stored = pipeline._ptx_stored_constants(source, kernels.compile_options(spec) + ("-arch=compute_80",))
     expected = {0: decode.PARAMS_DTYPE.itemsize}
@@ -693,7 +693,7 @@ def _decode_kernels(arch):
     from cuflash._gpu import decode
 
     for dtype in DECODE_DTYPES:
-        yield decode.CombineKernel(dtype, arch)
+        yield decode.combine_kernel(dtype, arch)
         for head_dim in (64, 128):
             for rows in (1, 32, 64):
                 yield decode.DecodeKernel(dtype, head_dim, decode.warps_m_for(rows), decode.stages_for(head_dim), arch)

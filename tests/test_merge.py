@@ -265,7 +265,7 @@ def pipeline():
 def test_merge_kernel_compiles_offline_without_spills(pipeline, dtype, arch):
     from cuflash._gpu import kernels, merge
 
-    build = kernels.compile_offline(merge.MergeKernel(dtype, arch))
+    build = kernels.compile_offline(merge.merge_kernel(dtype, arch))
     assert len(build.cubin) > 0
     assert 0 < build.registers <= 255 and build.spill_bytes == 0 and build.stack_bytes == 0, build.log
 
@@ -273,7 +273,7 @@ def test_merge_kernel_compiles_offline_without_spills(pipeline, dtype, arch):
 def test_merge_params_struct_matches_its_numpy_mirror(pipeline):
     from cuflash._gpu import kernels, merge, params
 
-    spec = merge.MergeKernel("float32", "80")
+    spec = merge.merge_kernel("float32", "80")
     source = kernels.kernel_source(spec) + "\n" + params.layout_probe_source("cuflash::MergeParams", merge.PARAMS_DTYPE)
     stored = pipeline._ptx_stored_constants(source, kernels.compile_options(spec) + ("-arch=compute_80",))
     expected = {0: merge.PARAMS_DTYPE.itemsize}

@@ -21,7 +21,7 @@ import numpy
 
 from . import kernels
 from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
-from .variant import CUDA_TYPES
+from .variant import CUDA_TYPES, HelperKernel
 
 THREADS = 128   # CUFLASH_DECODE_THREADS
 BLOCK_N = 64    # CUFLASH_DECODE_BLOCK_N: keys per tile; splits are whole tiles
@@ -83,23 +83,9 @@ class DecodeKernel:
         return f"decode_tc[{self.dtype} d{self.head_dim} m{self.block_m} s{self.stages} sm_{self.arch}]"
 
 
-@dataclasses.dataclass(frozen=True)
-class CombineKernel:
-    """``decode_combine``: the splits' fp32 partials merged into the output."""
-
-    dtype: str
-    arch: str
-
-    kernel = "decode_tc"
-    shared_mem = 0
-    threads = THREADS
-
-    @property
-    def name_expression(self) -> str:
-        return f"cuflash::decode_combine<{CUDA_TYPES[self.dtype]}>"
-
-    def __str__(self) -> str:
-        return f"decode_combine[{self.dtype} sm_{self.arch}]"
+def combine_kernel(dtype: str, arch: str) -> HelperKernel:
+    """``decode_combine`` (in decode_tc.cu): the splits' fp32 partials merged into the output."""
+    return HelperKernel("decode_tc", "decode_combine", dtype, arch, THREADS)
 
 
 def stages_for(head_dim: int) -> int:
@@ -267,7 +253,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
         workspace = (part_o, part_lse)
         keep += [part_o, part_lse]
         p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
-        combine = kernels.get_kernel(CombineKernel(dtype, arch), device)
+        combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
     kernel = kernels.get_kernel(spec, device)
     return DecodePlan(p, kernel, combine, max(blocks * splits, 1), combine_grid, spec.shared_mem, tuple(keep),

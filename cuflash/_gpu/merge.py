@@ -11,14 +11,13 @@ driver on CuPy's current stream, its arguments one by-value struct (``PARAMS_DTY
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy
 
 from . import kernels
 from .plan import _merge_batch_axes
-from .variant import CUDA_TYPES
+from .variant import HelperKernel
 
 TABLE = 16     # CUFLASH_MERGE_TABLE: part pointers passed as they are
 DIMS = 4       # CUFLASH_MERGE_DIMS: row axes the kernel walks by strides
@@ -47,24 +46,9 @@ PARAMS_DTYPE = numpy.dtype(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class MergeKernel:
-    """The merge kernel for one dtype and arch, in the shape ``kernels`` compiles a Variant:
-    the source stem, the instantiation's name expression, its dynamic shared memory (none)."""
-
-    dtype: str  # key of variant.CUDA_TYPES
-    arch: str
-
-    kernel = "merge_attention"
-    shared_mem = 0
-    threads = THREADS
-
-    @property
-    def name_expression(self) -> str:
-        return f"cuflash::merge_attention<{CUDA_TYPES[self.dtype]}>"
-
-    def __str__(self) -> str:
-        return f"merge_attention[{self.dtype} sm_{self.arch}]"
+def merge_kernel(dtype: str, arch: str) -> HelperKernel:
+    """The merge kernel for one dtype (a key of variant.CUDA_TYPES) and arch."""
+    return HelperKernel("merge_attention", "merge_attention", dtype, arch, THREADS)
 
 
 def lanes_for(dv: int) -> int:
@@ -110,7 +94,7 @@ def merge(outs, lses, *, num_parts: int, out_shape: tuple, dtype, lse_dtype):
         params["num_parts"], params["rows"], params["dv"], params["lanes"] = num_parts, rows, dv, lanes
 
         arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
-        kernel = kernels.get_kernel(MergeKernel(numpy.dtype(dtype).name, arch), device)
+        kernel = kernels.get_kernel(merge_kernel(numpy.dtype(dtype).name, arch), device)
         grid = min(-(-rows // (THREADS // lanes)), MAX_GRID_X)
         argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
         from cupy_backends.cuda.api import driver

@@ -63,3 +63,26 @@ class Variant:
             f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
             f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class HelperKernel:
+    """A kernel beside the attention Variants (merge_attention, decode_combine, key_bounds), in the
+    shape ``kernels`` compiles a Variant: its source stem, the function (a template over the
+    element type ``dtype``, or a plain function when dtype is None), the arch, the block size its
+    launcher uses, and no dynamic shared memory."""
+
+    kernel: str          # file stem in cuda_src/
+    function: str        # its name in namespace cuflash
+    dtype: str | None    # key of CUDA_TYPES: the template's element type; None: not a template
+    arch: str
+    threads: int
+    shared_mem: int = 0
+
+    @property
+    def name_expression(self) -> str:
+        element = f"<{CUDA_TYPES[self.dtype]}>" if self.dtype is not None else ""
+        return f"cuflash::{self.function}{element}"
+
+    def __str__(self) -> str:
+        return f"{self.function}[{self.dtype + ' ' if self.dtype is not None else ''}sm_{self.arch}]"
