@@ -120,8 +120,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     out, or ``(out, lse)`` when ``return_lse``.
     """
     key = None
-    if out is None and type(return_lse) is bool and alibi_slopes is None and sinks is None:
-        key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap))
+    if out is None and type(return_lse) is bool:
+        key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap),
+                                  per_row=(alibi_slopes, sinks))
         if cached is not None:
             o, lse = cached.run(_plans().CUPY_MEMORY, q, k, v, bias=bias, mask=mask)
             return (o, lse) if return_lse else o
@@ -132,16 +133,17 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     return problem.result(*forward(problem, key))
 
 
-def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False):
+def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False, per_row=()):
     """``(key, plan)`` of a call on CuPy arrays: its plan-cache key (``_gpu.plan.signature`` over
     the arrays, bias and mask where given, and the options: scale, causal, window, [deterministic,]
     precision, softcap) and the plan kept under it, or None; key None when the call cannot be
     keyed (options of unusual types, arrays that are not plain CuPy arrays of this device).
-    Calls with ALiBi slopes or sinks are never keyed: a replay does not redo their per-row
-    arrays. ``bias_grad``: the backward's."""
+    ``per_row``: the call's ALiBi slopes and sinks; with either it is never keyed, since a replay
+    does not redo their per-row arrays. ``bias_grad``: the backward's."""
     scale, causal, window = options[:3]
     precision, softcap = options[-2:]
-    if not _plain_options(scale, causal, window, precision, softcap) or type(bias_grad) is not bool:
+    if (any(x is not None for x in per_row) or not _plain_options(scale, causal, window, precision, softcap)
+            or type(bias_grad) is not bool):
         return None, None
     plans = _plans()
     present = tuple(x for x in (bias, mask) if x is not None)
@@ -178,10 +180,11 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     :func:`attention`'s.
     """
     key = None
-    if type(deterministic) is bool and alibi_slopes is None and sinks is None:
+    if type(deterministic) is bool:
         arrays = (dout, q, k, v, out, lse)
         key, cached = cached_plan("attention_backward", arrays, bias, mask,
-                                  (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad)
+                                  (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad,
+                                  per_row=(alibi_slopes, sinks))
         if cached is not None:
             return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask)
     problem = _spec.resolve_backward(

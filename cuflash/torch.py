@@ -766,9 +766,10 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
     with _running_on(q):
         cq, ck, cv, cbias, cmask = (_cuflash_or_none(t) for t in (q, k, v, bias, mask))
         window = (window_left, window_right)
-        if _plans_scores(q, sinks, alibi, softcap, bias, mask):  # CuPy's plans, on torch's stream and allocator
+        if _plans_scores(q, softcap, bias, mask):  # CuPy's plans, on torch's stream and allocator
             key, cached = _api.cached_plan("attention", (cq, ck, cv), cbias, cmask,
-                                           (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap))
+                                           (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap),
+                                           per_row=(alibi, sinks))
             if cached is not None:
                 out, lse = cached.run(_api._plans().CUPY_MEMORY, cq, ck, cv, bias=cbias, mask=cmask)
                 return _to_torch(out), _to_torch(lse)
@@ -798,10 +799,10 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         arrays = tuple(_to_cuflash(t) for t in tensors)
         cbias, cmask = _cuflash_or_none(bias), _cuflash_or_none(mask)
         window = (window_left, window_right)
-        if _plans_scores(q, sinks, alibi, softcap, bias, mask):  # as _forward
+        if _plans_scores(q, softcap, bias, mask):  # as _forward
             key, cached = _api.cached_plan("attention_backward", arrays, cbias, cmask,
                                            (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap),
-                                           bias_grad=bias_grad)
+                                           bias_grad=bias_grad, per_row=(alibi, sinks))
             if cached is not None:
                 return tuple(_to_torch(g) for g in cached.run(_api._plans().CUPY_MEMORY, *arrays, bias=cbias, mask=cmask))
         problem = _spec.resolve_backward(
@@ -812,12 +813,10 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
 
-def _plans_scores(q, sinks, alibi, softcap, bias, mask) -> bool:
-    """Whether a call with a bias, mask or softcap (the plain path's plans take none of them)
-    may take a plan of CuPy's (``_api.cached_plan``): on CUDA tensors, without the per-row slopes
-    and sinks a replay does not redo."""
-    return (q.is_cuda and sinks is None and alibi is None
-            and (softcap is not None or bias is not None or mask is not None))
+def _plans_scores(q, softcap, bias, mask) -> bool:
+    """Whether a call on CUDA tensors looks for a plan of CuPy's (``_api.cached_plan``): one with
+    a bias, mask or softcap, which the plain path's torch-keyed plans do not take."""
+    return q.is_cuda and (softcap is not None or bias is not None or mask is not None)
 
 
 def _cupy_stream(cupy, torch_stream, device_index):

@@ -17,6 +17,7 @@ import numpy
 
 from .. import _spec
 from . import kernels, tiles
+from .variant import HelperKernel
 from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS,
                      PREFIX_KEY_ROWS)
 
@@ -447,12 +448,12 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
     launches = tuple(_launch_of(f, device, layout.grid_x, _longest(p)[0], f.block_m, rows) for f, rows in sets)
     struct = _fwd_struct(p, layout, q, v)
-    slopes, sinks, score_inputs, kept = _fill_score_mods(struct, p)  # kept alive until the launch is queued
+    slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
     plain = plain and p.alibi_slopes is None and p.sinks is None
     plan = ForwardPlan(p, struct, launches, score_inputs)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
-              + tuple(int(struct[name]) for name in (ScoreInputs.POINTERS if score_inputs is not None else ())))
+              + scores)
     del slopes, sinks, kept
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
@@ -503,24 +504,25 @@ def _per_row(x, lead_shape, dtype):
 def _fill_score_mods(struct, p) -> tuple:
     """Write the score modifiers into a forward struct (cuda_src/score_mod.cuh): softcap, the
     per-row slopes and sinks in the kernels' score type (float32, float64 for float64), and the
-    bias and mask (``ScoreInputs``). Returns ``(slopes, sinks, inputs, kept)``: the per-row
-    slopes and sinks, the bias and mask's ScoreInputs (None without), and the arrays the bias and
-    mask are read from; all must stay alive until the launch is queued."""
+    bias and mask (``ScoreInputs``). Returns ``(slopes, sinks, inputs, pointers, kept)``: the
+    per-row slopes and sinks, the bias and mask's ScoreInputs (None without), the pointers it
+    wrote (ScoreInputs.POINTERS' values, the tail of a replay's pointers; () without) and the
+    arrays the bias and mask are read from; all must stay alive until the launch is queued."""
     if not (p.has_score_mods or p.bias is not None or p.mask is not None):
-        return None, None, None, ()
+        return None, None, None, (), ()
     accum = _accum(p)
     slopes, sinks = (None if x is None else _per_row(x, _row_shape(p), accum) for x in (p.alibi_slopes, p.sinks))
     struct["softcap"] = 0.0 if p.softcap is None else p.softcap
     struct["alibi_slopes"] = 0 if slopes is None else slopes.data.ptr
     struct["sinks"] = 0 if sinks is None else sinks.data.ptr
     if p.bias is None and p.mask is None:
-        return slopes, sinks, None, ()
+        return slopes, sinks, None, (), ()
     inputs = ScoreInputs(p)
     inputs.fill(struct)
     pointers, kept = inputs.prepare(p.bias, p.mask)
     for name, pointer in zip(ScoreInputs.POINTERS, pointers):
         struct[name] = pointer
-    return slopes, sinks, inputs, kept
+    return slopes, sinks, inputs, pointers, kept
 
 
 _INT32_MAX = 2**31 - 1
@@ -544,11 +546,12 @@ class ScoreInputs:
         self.dtypes = {"bias": _accum(p), "mask": None}
         self.pads_keys = _pads_keys(p)
         lead = tuple(p.lead_shape)
-        self.strides, offsets = {}, []
+        self.strides, offsets, laid = {}, [], {}
         for name, x in (("bias", p.bias), ("mask", p.mask)):
             offset = numpy.zeros(lead, dtype=numpy.int64)
             if x is not None:
-                strides = _broadcast_strides(self._layout(name, x))
+                laid[name] = self._layout(name, x)
+                strides = _broadcast_strides(laid[name])
                 pad = len(lead) - (len(strides) - 2)
                 for axis, stride in enumerate(strides[:-2]):
                     if stride:
@@ -558,6 +561,9 @@ class ScoreInputs:
                 self.strides[name] = strides[-2:]
             offsets.append(offset)
         self.score_rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2)
+        # The planes just laid out serve the constructing call's own prepare (a copy is not made
+        # twice); taken there, and never kept past it.
+        self._first = (p.bias, p.mask, laid)
 
     def _layout(self, name, x):
         x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
@@ -571,7 +577,11 @@ class ScoreInputs:
 
     def prepare(self, bias, mask) -> tuple[tuple[int, int, int], tuple]:
         """(the POINTERS' values, the arrays they point into) for this call's bias and mask."""
-        planes = tuple(None if x is None else self._layout(name, x) for name, x in (("bias", bias), ("mask", mask)))
+        first, self._first = self._first, None
+        if first is not None and first[0] is bias and first[1] is mask:
+            planes = (first[2].get("bias"), first[2].get("mask"))
+        else:
+            planes = tuple(None if x is None else self._layout(name, x) for name, x in (("bias", bias), ("mask", mask)))
         bounds = None
         if self.pads_keys:
             bounds = _key_bounds(self.count, self.seqlen_k, planes[1], self.score_rows, self.strides["mask"][1])
@@ -638,19 +648,7 @@ def _key_row_sets(p, select) -> tuple:
     return ((select(False), PREFIX_KEY_ROWS), (select(True), OTHER_KEY_ROWS))
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyBoundsKernel:
-    """cuda_src/key_bounds.cu for one arch, in the shape ``kernels`` compiles a Variant."""
-
-    arch: str
-
-    kernel = "key_bounds"
-    name_expression = "cuflash::key_bounds"
-    shared_mem = 0
-    threads = 256  # CUFLASH_KEY_BOUNDS_THREADS: 8 attention rows per block
-
-    def __str__(self) -> str:
-        return f"key_bounds[sm_{self.arch}]"
+_KEY_BOUNDS_THREADS = 256  # CUFLASH_KEY_BOUNDS_THREADS: 8 attention rows per block
 
 
 def _key_bounds(count: int, seqlen_k: int, mask, score_rows, col_stride: int):
@@ -662,9 +660,10 @@ def _key_bounds(count: int, seqlen_k: int, mask, score_rows, col_stride: int):
     apart. The host never looks at the mask."""
     cupy = _cupy()
     bounds = cupy.empty((count,), dtype=cupy.int32)
-    kernel = kernels.get_kernel(KeyBoundsKernel(_arch(cupy.cuda.Device().id)))
-    per_block = KeyBoundsKernel.threads // 32
-    kernel((-(-count // per_block),), (KeyBoundsKernel.threads,),
+    arch = _arch(cupy.cuda.Device().id)
+    kernel = kernels.get_kernel(HelperKernel("key_bounds", "key_bounds", None, arch, _KEY_BOUNDS_THREADS))
+    per_block = _KEY_BOUNDS_THREADS // 32
+    kernel((-(-count // per_block),), (_KEY_BOUNDS_THREADS,),
            (mask, score_rows, numpy.int64(col_stride), numpy.int32(seqlen_k), numpy.int64(count), bounds))
     return bounds
 
@@ -899,7 +898,7 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
-    slopes, sinks, score_inputs, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
+    slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed where some pairs
     # are never visited (outside causal's or a window's tiles, past a key-padding cut).
     dscores_zeroed = p.has_window or _skips_keys(p)
@@ -929,8 +928,7 @@ def backward(problem):
                         dbias=None if dscores is None else (dscores.shape, tuple(p.bias.shape), p.bias.dtype,
                                                             dscores_zeroed))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
-              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
-              + tuple(int(struct["fwd"][name]) for name in (ScoreInputs.POINTERS if score_inputs is not None else ()))
+              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores
               + (() if dscores is None else (dscores.data.ptr,)))
     del kept
 
