@@ -47,9 +47,9 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages,
 constexpr unsigned bwd_dkdv_tc_smem_bytes() {
     // K, V, P and dS, then per stage Q, dO, 2 * kBlockM floats (lse, delta) and, where the Variant
     // stages them (score_mod.cuh), the bias and mask tiles of the stage's queries.
-    constexpr unsigned kPlanes = stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0;
     return 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN>::kBytes +
-           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4 + kPlanes);
+           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4 +
+                      staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
     constexpr unsigned kPlanesAt = 2 * QTile::kBytes + kStatBytes;  // their offset in a stage
-    constexpr unsigned kStageBytes = kPlanesAt + (kStagePlanes ? PlaneStage::kBytes : 0);
+    constexpr unsigned kStageBytes = kPlanesAt + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>();
     constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes, "layout");
 

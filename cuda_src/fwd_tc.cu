@@ -33,8 +33,8 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages,
 constexpr unsigned fwd_tc_smem_bytes() {
     // Q (also O at the end), then kStages (K, V) tile pairs, 16-bit padded rows, each stage with
     // its keys' bias and mask tiles where the Variant stages them (score_mod.cuh).
-    constexpr unsigned kPlanes = stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0;
-    return tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * (2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + kPlanes);
+    return tc::SmemTile<kBlockM, kHeadDim>::kBytes +
+           kStages * (2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
     constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
-    constexpr unsigned kStageBytes = 2 * KVTile::kBytes + (kStagePlanes ? PlaneStage::kBytes : 0);
+    constexpr unsigned kStageBytes = 2 * KVTile::kBytes + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>();
     constexpr unsigned kSmemBytes = fwd_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == QTile::kBytes + kStages * kStageBytes, "Q, then the K/V stages");
 

@@ -321,6 +321,13 @@ struct ScorePlaneStage {
     }
 };
 
+// A pipeline stage's share of a Variant's shared memory for its bias and mask tiles of kRows x
+// kCols scores: ScorePlaneStage's where the Variant stages them (stages_score_planes), else none.
+template <bool kScoreMods, int kHeadDim, int kRows, int kCols>
+constexpr unsigned staged_plane_bytes() {
+    return stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kRows, kCols>::kBytes : 0;
+}
+
 // The bias's gradient (BwdParams::dbias): the dK/dV kernels store dS = P o (dP - delta) (of
 // the score after softcap, before its factor: the bias is added after the cap) of every pair
 // of row bh that a block visits, 0 where hidden, into a contiguous (rows, Lq, Lk) buffer in
