@@ -363,20 +363,36 @@ def compute_reference(case: Case) -> dict[str, list]:
     return reference
 
 
-def compare_to_reference(case: Case, outputs: dict, reference: dict[str, list]) -> dict:
-    """Max abs error, and max error relative to max|ref|, over the checked heads and outputs."""
-    cupy, config = case.libs.cupy, case.config
+def head_errors(libs: Libraries, got_per_head: list, exact_per_head: list) -> tuple:
+    """(max abs error, max error relative to max|ref|) of one output over the checked heads:
+    got_per_head and exact_per_head are (Lq or Lk, D) slices, CuPy arrays or torch tensors,
+    the references fp64. (None, None) where an error is not finite."""
+    cupy = libs.cupy
     max_abs, max_rel = 0.0, 0.0
-    for name, exact_per_head in reference.items():
-        got = to_cupy(case.libs, outputs[name])
-        for (b, h), exact in zip(checked_heads(config), exact_per_head):
-            error = float(cupy.abs(got[b, h].astype(cupy.float64) - exact).max())
-            magnitude = float(cupy.abs(exact).max()) or 1.0
-            if not math.isfinite(error):
-                return {"max_abs_err": None, "rel_err": None, "correct": False}
-            max_abs, max_rel = max(max_abs, error), max(max_rel, error / magnitude)
+    for got, exact in zip(got_per_head, exact_per_head):
+        error = float(cupy.abs(to_cupy(libs, got).astype(cupy.float64) - exact).max())
+        magnitude = float(cupy.abs(exact).max()) or 1.0
+        if not math.isfinite(error):
+            return None, None
+        max_abs, max_rel = max(max_abs, error), max(max_rel, error / magnitude)
+    return max_abs, max_rel
+
+
+def compare_to_reference(case: Case, outputs: dict, reference: dict[str, list]) -> dict:
+    """Max abs error, and max error relative to max|ref|, over the checked heads and outputs;
+    the same per output in abs_err_by_output and rel_err_by_output."""
+    config, heads = case.config, checked_heads(case.config)
+    by_output = {name: head_errors(case.libs, [to_cupy(case.libs, outputs[name])[b, h] for b, h in heads],
+                                   exact_per_head)
+                 for name, exact_per_head in reference.items()}
+    per_output = {"abs_err_by_output": {name: e[0] for name, e in by_output.items()},
+                  "rel_err_by_output": {name: e[1] for name, e in by_output.items()}}
+    if any(e[0] is None for e in by_output.values()):
+        return {"max_abs_err": None, "rel_err": None, "correct": False, **per_output}
+    max_abs = max(e[0] for e in by_output.values())
+    max_rel = max(e[1] for e in by_output.values())
     bound = (BWD_TOLERANCE if config.has_backward else FWD_TOLERANCE)[config.dtype]
-    return {"max_abs_err": max_abs, "rel_err": max_rel, "correct": max_rel <= bound}
+    return {"max_abs_err": max_abs, "rel_err": max_rel, "correct": max_rel <= bound, **per_output}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,11 +410,14 @@ class NotRun(Exception):
 Runner = Callable[[int], dict]
 
 
-def prepare_cuflash(case: Case) -> Runner:
+def prepare_cuflash(case: Case, precision: str | None = None) -> Runner:
+    """cuflash.attention (and attention_backward); precision= passed only when given."""
     cuflash, config, copies = case.libs.cuflash, case.config, case.copies
     if cuflash is None:
         raise NotRun("skipped", case.libs.cuflash_note)
     kwargs = {"scale": config.scale, "causal": config.causal}
+    if precision is not None:
+        kwargs["precision"] = precision
     if config.mode == "fwd":
         return lambda i: {"out": cuflash.attention(copies[i].q, copies[i].k, copies[i].v,
                                                    **kwargs)}
@@ -699,15 +718,17 @@ def measure(cupy, run: Runner, n_copies: int, policy: TimingPolicy) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_implementation(name: str, case: Case, reference: dict, policy: TimingPolicy) -> dict:
+def bench_implementation(name: str, case: Case, reference: dict, policy: TimingPolicy,
+                         prepare: Callable[[Case], Runner] | None = None) -> dict:
     """Check one implementation against the reference, then time it. Never raises for a
-    failing implementation: the failure becomes the result's status and note."""
+    failing implementation: the failure becomes the result's status and note. prepare:
+    the implementation's preparer when it is not PREPARERS[name]."""
     warned: list = []
     run = outputs = None
     try:
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            run = PREPARERS[name](case)  # may already call the kernels (backward saves a forward)
+            run = (prepare or PREPARERS[name])(case)  # may already call the kernels (bwd saves a fwd)
             compile_s = getattr(run, "compile_s", None)  # FlexAttention's torch.compile
             outputs = run(0)
         check = compare_to_reference(case, outputs, reference)
@@ -748,25 +769,42 @@ def summarize(results: dict) -> dict:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepHooks:
+    """What a sweep built on run_sweep changes: preparers by implementation name (in place of
+    PREPARERS'), extra(case, reference) -> fields added to each row (computed after the
+    reference, before the implementations), summary(results) -> the row's comparison fields,
+    and a deadline (time.monotonic()) after which no new point starts."""
+
+    preparers: dict = dataclasses.field(default_factory=dict)
+    extra: Callable[[Case, dict], dict] | None = None
+    summary: Callable[[dict], dict] = summarize
+    deadline: float | None = None
+
+
 def bench_config(config: Config, implementations: list[str], libs: Libraries,
                  policy: TimingPolicy, max_scores_bytes: float, l2_bytes: int,
-                 progress: Callable[[str], None]) -> dict:
+                 progress: Callable[[str], None], hooks: SweepHooks = SweepHooks()) -> dict:
     n_copies = input_copy_count(config, l2_bytes)
     case = Case(config, make_inputs(config, libs, n_copies), libs, max_scores_bytes)
     reference = compute_reference(case)
+    extra = hooks.extra(case, reference) if hooks.extra else {}
     results = {}
     for name in implementations:
         progress(name)
-        results[name] = bench_implementation(name, case, reference, policy)
+        results[name] = bench_implementation(name, case, reference, policy,
+                                             hooks.preparers.get(name))
     del case, reference
     release_memory(libs)
-    return {**config.as_dict(), "input_copies": n_copies, "results": results,
-            **summarize(results)}
+    return {**config.as_dict(), "input_copies": n_copies, **extra, "results": results,
+            **hooks.summary(results)}
 
 
 def run_sweep(configs: list[Config], implementations: list[str], libs: Libraries,
-              policy: TimingPolicy, max_scores_bytes: float, l2_bytes: int) -> tuple[list, bool]:
-    """Rows for every config; on Ctrl-C the rows so far and interrupted=True."""
+              policy: TimingPolicy, max_scores_bytes: float, l2_bytes: int,
+              hooks: SweepHooks = SweepHooks()) -> tuple[list, bool]:
+    """Rows for every config (up to hooks.deadline: fewer rows than configs then); on Ctrl-C
+    the rows so far and interrupted=True."""
     tqdm = None
     if sys.stderr.isatty():  # a log file gets one plain line per config instead
         try:
@@ -777,6 +815,10 @@ def run_sweep(configs: list[Config], implementations: list[str], libs: Libraries
     rows = []
     try:
         for index, config in enumerate(configs):
+            if hooks.deadline is not None and time.monotonic() >= hooks.deadline:
+                print(f"time budget spent: {len(configs) - index} of {len(configs)} points not run",
+                      file=sys.stderr)
+                break
             if bar is not None:
                 bar.set_description(config.label)
                 def progress(name: str) -> None:
@@ -786,7 +828,7 @@ def run_sweep(configs: list[Config], implementations: list[str], libs: Libraries
                 def progress(name: str) -> None:
                     pass
             rows.append(bench_config(config, implementations, libs, policy, max_scores_bytes,
-                                     l2_bytes, progress))
+                                     l2_bytes, progress, hooks))
             if bar is not None:
                 bar.update()
     except KeyboardInterrupt:
