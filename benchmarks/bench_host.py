@@ -9,6 +9,9 @@ Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - cuflash.torch: ``attention`` forward without grad, and forward + ``backward()`` with grad;
 - the same batch packed (cuflash's ``attention_varlen(_backward)`` and ``cuflash.torch``'s
   ``flash_attn_varlen_func``, max_seqlen hints given);
+- the same calls with a float32 bias shared by the heads ``(1, 1, L, L)`` (its gradient summed
+  over batch and heads) and a key-padding mask ``(B, 1, 1, L)`` (each sequence's last quarter
+  hidden), on CuPy arrays and through ``cuflash.torch`` (bias requiring grad);
 - torch SDPA (default backend choice, FLASH, CUDNN, EFFICIENT): the same two.
 With ``--gqa`` the key/value heads are half the query heads (SDPA with ``enable_gqa``).
 
@@ -83,6 +86,20 @@ def cases(args):
     ours = lambda q, k, v: ct.attention(q, k, v, causal="top_left")  # noqa: E731
     yield "cuflash.torch fwd", torch_fwd(ours)
     yield "cuflash.torch fwd+bwd", torch_fwd_bwd(ours)
+
+    # A bias shared by the heads and a key-padding mask: the replay lays the bias out, cuts the
+    # padded keys on the device and sums dbias (over batch and heads) with a kernel of its own.
+    bias = torch.randn(1, 1, args.seqlen, args.seqlen, device="cuda", requires_grad=True)
+    mask = (torch.arange(args.seqlen, device="cuda") < args.seqlen - args.seqlen // 4).expand(args.batch, 1, 1, -1)
+    mask = mask.contiguous()
+    cbias, cmask = (cupy.from_dlpack(x.detach()) for x in (bias, mask))
+    scored = dict(bias=cbias, mask=cmask, causal=True)
+    cbout, cblse = cuflash.attention(cq, ck, cv, return_lse=True, **scored)
+    yield "cuflash (CuPy) bias fwd", lambda: cuflash.attention(cq, ck, cv, **scored)
+    yield "cuflash (CuPy) bias bwd", lambda: cuflash.attention_backward(cdout, cq, ck, cv, cbout, cblse, **scored)
+    biased = lambda q, k, v: ct.attention(q, k, v, causal="top_left", bias=bias, mask=mask)  # noqa: E731
+    yield "cuflash.torch bias fwd", torch_fwd(biased)
+    yield "cuflash.torch bias fwd+bwd", torch_fwd_bwd(biased)
 
     # The same batch as packed sequences (flash-attn's varlen layout, max_seqlen hints given: no
     # host read of the offsets), each sequence one batch entry.

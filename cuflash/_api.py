@@ -135,21 +135,30 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
 
 def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False, per_row=()):
     """``(key, plan)`` of a call on CuPy arrays: its plan-cache key (``_gpu.plan.signature`` over
-    the arrays, bias and mask where given, and the options: scale, causal, window, [deterministic,]
-    precision, softcap) and the plan kept under it, or None; key None when the call cannot be
-    keyed (options of unusual types, arrays that are not plain CuPy arrays of this device).
-    ``per_row``: the call's ALiBi slopes and sinks; with either it is never keyed, since a replay
-    does not redo their per-row arrays. ``bias_grad``: the backward's."""
+    the arrays and ``plan_key_parts``) and the plan kept under it, or None; key None when the call
+    cannot be keyed (``plan_key_parts``, or arrays that are not plain CuPy arrays of this device)."""
+    parts = plan_key_parts(bias, mask, options, bias_grad, per_row)
+    if parts is None:
+        return None, None
+    plans = _plans()
+    key = plans.signature(kind, arrays + parts[0], parts[1])
+    return key, (plans.PLANS.get(key) if key is not None else None)
+
+
+def plan_key_parts(bias, mask, options: tuple, bias_grad: bool = False, per_row=()):
+    """What a call's plan key holds beside its inputs: ``(the bias and mask where given, the
+    options)``, the options being ``options`` (scale, causal, window, [deterministic,] precision,
+    softcap) and whether bias, mask and bias's gradient are there; None when the call is never
+    keyed: options of unusual types, or ALiBi slopes or sinks (``per_row``: a replay does not
+    redo their per-row arrays). ``bias_grad``: the backward's. The CuPy API's keys
+    (``cached_plan``) and the torch adapter's are made of these."""
     scale, causal, window = options[:3]
     precision, softcap = options[-2:]
     if (any(x is not None for x in per_row) or not _plain_options(scale, causal, window, precision, softcap)
             or type(bias_grad) is not bool):
-        return None, None
-    plans = _plans()
+        return None
     present = tuple(x for x in (bias, mask) if x is not None)
-    key = plans.signature(kind, arrays + present,
-                          options + (bias is not None, mask is not None, bias_grad and bias is not None))
-    return key, (plans.PLANS.get(key) if key is not None else None)
+    return present, options + (bias is not None, mask is not None, bias_grad and bias is not None)
 
 
 def forward(problem, key=None, *, prefetch_backward: bool | None = None):
@@ -174,10 +183,10 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
 
     The options must be those of the forward call. Gradients come back in each input's own
     shape and dtype, summed over every broadcast axis and GQA group. ``dbias`` is dS of the score
-    after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes in the
-    score type (float32, float64 for float64), in a fixed order. ``deterministic=True`` makes the
-    GPU result bitwise reproducible run after run (the CPU backend always is). ``precision`` as
-    :func:`attention`'s.
+    after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes in a
+    fixed order: in the score type (float32, float64 for float64) on the CPU, in float64 on the
+    GPU. ``deterministic=True`` makes the GPU result bitwise reproducible run after run (the CPU
+    backend always is). ``precision`` as :func:`attention`'s.
     """
     key = None
     if type(deterministic) is bool:

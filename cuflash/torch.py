@@ -20,7 +20,9 @@ never runs twice).
 The fast path. On CUDA tensors a call looks its plan up by the tensors' dtypes, shapes, strides,
 alignment, device and the options (``cuflash._gpu.plan``): a repeated call allocates its outputs
 with torch (``torch.empty``) and launches on torch's current stream, with no CuPy array and no
-DLPack crossing. The first call of a signature takes the full path below. Everything the torch
+DLPack crossing; a bias, a mask and softcap too (a bias's copy, where its layout needs one, by
+torch ops; a key-padding mask's cut and dbias's sum by cuflash's kernels, launched as the
+attention kernels are). The first call of a signature takes the full path below. Everything the torch
 path allocates — outputs and workspaces, on either path — comes from torch's caching allocator,
 so ``torch.cuda.max_memory_allocated`` sees it, CUDA graph capture puts it in the graph's pool,
 and no second pool holds memory beside torch's.
@@ -701,6 +703,11 @@ class _TorchMemory:
     def pointer(tensor):
         return tensor.data_ptr()
 
+    @staticmethod
+    def copy(target, source):
+        """target[...] = source, broadcast and widened (exactly) to target's dtype."""
+        target.copy_(source)
+
     def stream(self):
         return _current_raw_stream(self.index)
 
@@ -719,18 +726,17 @@ _gpu_plan = None
 def _cached_plan(kind, tensors, options):
     """``(key, plan, memory)`` for a call on CUDA tensors: the plan planned before for this
     signature (None if none was) and the torch memory to run it on. The key: the tensors' dtypes,
-    shapes, strides and device, whether every base address is 16-byte aligned, the options."""
+    shapes, strides and device, whether each base address is 16-byte aligned (per tensor, as
+    ``plan.signature``: a bias copied for its alignment and a q read in place must not share a
+    key with the reverse), the options."""
     global _gpu_plan
     if _gpu_plan is None:
         from ._gpu import plan
 
         _gpu_plan = plan
     parts = [kind, options]
-    addresses = 0
     for t in tensors:
-        parts.append((t.dtype, t.shape, t.stride(), t.device))
-        addresses |= t.data_ptr()
-    parts.append(addresses % 16 == 0)
+        parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
     key = tuple(parts)
     plan = _gpu_plan.PLANS.get(key)
     if plan is None:
@@ -756,27 +762,17 @@ def _cuflash_or_none(tensor):
 def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
              precision="highest", needs_grad=False, bias=None, mask=None):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
-    key = None
-    if (q.is_cuda and k.is_cuda and v.is_cuda and sinks is None and softcap is None and alibi is None
-            and bias is None and mask is None):
-        key, plan, memory = _cached_plan("attention", (q, k, v), (scale, causal, window_left, window_right, precision))
-        if plan is not None:
-            with _on_device(q.device):
-                return plan.run(memory, q, k, v)
+    window = (window_left, window_right)
+    options = (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap)
+    key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
+    if plan is not None:
+        with _on_device(q.device):
+            return plan.run(memory, q, k, v, bias=bias, mask=mask)
     with _running_on(q):
-        cq, ck, cv, cbias, cmask = (_cuflash_or_none(t) for t in (q, k, v, bias, mask))
-        window = (window_left, window_right)
-        if _plans_scores(q, softcap, bias, mask):  # CuPy's plans, on torch's stream and allocator
-            key, cached = _api.cached_plan("attention", (cq, ck, cv), cbias, cmask,
-                                           (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap),
-                                           per_row=(alibi, sinks))
-            if cached is not None:
-                out, lse = cached.run(_api._plans().CUPY_MEMORY, cq, ck, cv, bias=cbias, mask=cmask)
-                return _to_torch(out), _to_torch(lse)
         problem = _spec.resolve_forward(
-            cq, ck, cv, scale=scale, causal=_CAUSAL_BY_NAME[causal], window=window, softcap=softcap,
-            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=cbias, mask=cmask,
-            return_lse=True, precision=precision,
+            *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
+            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias),
+            mask=_cuflash_or_none(mask), return_lse=True, precision=precision,
         )
         out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
         return _to_torch(out), _to_torch(lse)
@@ -787,36 +783,31 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
     """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
     bias_grad) and dsinks (with sinks); cached plans as ``_forward``."""
     tensors = (dout, q, k, v, out, lse)
-    key = None
-    if (all(t.is_cuda for t in tensors) and sinks is None and softcap is None and alibi is None
-            and bias is None and mask is None):
-        options = (scale, causal, window_left, window_right, deterministic, precision)
-        key, plan, memory = _cached_plan("attention_backward", tensors, options)
-        if plan is not None:
-            with _on_device(q.device):
-                return plan.run(memory, *tensors)
+    window = (window_left, window_right)
+    options = (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap)
+    key, plan, memory = _cached_attention_plan("attention_backward", tensors, bias, mask, options, bias_grad,
+                                               per_row=(alibi, sinks))
+    if plan is not None:
+        with _on_device(q.device):
+            return plan.run(memory, *tensors, bias=bias, mask=mask)
     with _running_on(q):
-        arrays = tuple(_to_cuflash(t) for t in tensors)
-        cbias, cmask = _cuflash_or_none(bias), _cuflash_or_none(mask)
-        window = (window_left, window_right)
-        if _plans_scores(q, softcap, bias, mask):  # as _forward
-            key, cached = _api.cached_plan("attention_backward", arrays, cbias, cmask,
-                                           (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap),
-                                           bias_grad=bias_grad, per_row=(alibi, sinks))
-            if cached is not None:
-                return tuple(_to_torch(g) for g in cached.run(_api._plans().CUPY_MEMORY, *arrays, bias=cbias, mask=cmask))
         problem = _spec.resolve_backward(
-            *arrays, scale=scale, causal=_CAUSAL_BY_NAME[causal], window=window, softcap=softcap,
-            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=cbias, mask=cmask,
-            bias_grad=bias_grad, deterministic=deterministic, precision=precision,
+            *(_to_cuflash(t) for t in tensors), scale=scale, causal=options[1], window=window, softcap=softcap,
+            alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias),
+            mask=_cuflash_or_none(mask), bias_grad=bias_grad, deterministic=deterministic, precision=precision,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
 
-def _plans_scores(q, softcap, bias, mask) -> bool:
-    """Whether a call on CUDA tensors looks for a plan of CuPy's (``_api.cached_plan``): one with
-    a bias, mask or softcap, which the plain path's torch-keyed plans do not take."""
-    return q.is_cuda and (softcap is not None or bias is not None or mask is not None)
+def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, per_row=()):
+    """``_cached_plan`` for a dense call on CUDA tensors, keyed as the CuPy API keys it
+    (``_api.plan_key_parts``: bias and mask beside the inputs, softcap and what is given among the
+    options), else ``(None, None, None)``: a plan replays any of them on torch's allocator and
+    stream, a bias's layout, a key-padding mask's cut and dbias included."""
+    parts = _api.plan_key_parts(bias, mask, options, bias_grad, per_row) if tensors[0].is_cuda else None
+    if parts is None:
+        return None, None, None
+    return _cached_plan(kind, tensors + parts[0], parts[1])
 
 
 def _cupy_stream(cupy, torch_stream, device_index):

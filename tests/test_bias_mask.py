@@ -744,11 +744,89 @@ def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_ma
     wide[..., ::2] = mask  # the same mask every other key: a view with key stride 2
     for m, expected in ((_on_gpu(mask)[0], [7, 7, 0, 0, ~9, ~9]), (_on_gpu(wide)[0][..., ::2], [7, 7, 0, 0, ~9, ~9]),
                         (_on_gpu(mask[0, 0, 0])[0], [7] * 6)):
-        pointers, kept = plan.ScoreInputs(_spec.resolve_forward(q, k, v, mask=m)).prepare(None, m)
+        pointers, kept = plan.ScoreInputs(_spec.resolve_forward(q, k, v, mask=m)).prepare(plan.CUPY_MEMORY, None, m)
         bounds = kept[-1]
         assert pointers[2] == bounds.data.ptr
         assert bounds.dtype == cupy.int32 and bounds.shape == (6,)
         numpy.testing.assert_array_equal(cupy.asnumpy(bounds), expected)
+
+
+from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline's NVRTC check and PTX probe reader)
+
+
+def _bias_grad_launches(dscores, shape, dtype):
+    """dbias as cuda_src/bias_grad.cu computes it, step for step in NumPy, from the launches
+    bias_grad.passes describes: per entry, the kept axes' offset, then the summed axes' terms in
+    C order (the innermost in the inner loop, the others as an odometer), in float64."""
+    from cuflash._gpu import bias_grad
+
+    summed, dims = dscores.reshape(-1), bias_grad.DIMS
+    for out_dtype, params, entries in bias_grad.passes(dscores.shape, shape, dtype, dscores.dtype):
+        kept_shape, kept_stride, summed_shape, summed_stride = (
+            params[name].tolist() for name in ("kept_shape", "kept_stride", "summed_shape", "summed_stride"))
+        out = numpy.empty(entries, out_dtype)
+        for entry in range(entries):
+            start, rest = 0, entry
+            for d in reversed(range(dims)):
+                start, rest = start + rest % kept_shape[d] * kept_stride[d], rest // kept_shape[d]
+            total, at, index = 0.0, 0, [0] * (dims - 1)
+            for _ in range(0, int(params["terms"]), summed_shape[-1]):
+                total += sum(float(summed[start + at + i * summed_stride[-1]]) for i in range(summed_shape[-1]))
+                for d in reversed(range(dims - 1)):
+                    at, index[d] = at + summed_stride[d], index[d] + 1
+                    if index[d] < summed_shape[d]:
+                        break
+                    at, index[d] = at - summed_stride[d] * summed_shape[d], 0
+            out[entry] = numpy.float64(total).astype(dscores.dtype)
+        summed = out
+    return summed.reshape(shape)
+
+
+@pytest.mark.parametrize("grad_shape, shape", [
+    ((2, 3, 4, 5), (1, 3, 4, 5)),        # over the batch (AlphaFold's pair bias, Swin's windows)
+    ((2, 3, 4, 5), (3, 1, 5)),           # over the batch and the queries: kept and summed alternate
+    ((2, 3, 4, 5), (4, 1)),              # over the keys too
+    ((2, 1, 4, 5), (1, 1, 1, 5)),        # a unit axis of dS
+    ((2, 3, 4, 5), ()),                  # a scalar bias: every score
+    ((2, 3, 4, 5), (2, 3, 4, 5)),        # nothing summed: rounded only (16-bit) or dS itself
+    ((2,) * 18, (2, 1) * 9),             # nine summed groups: two passes
+    ((3, 2) * 9, (1, 2) * 9),
+])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bias_grad_passes_sum_over_the_broadcast_axes(rng, grad_shape, shape, dtype):
+    """bias_grad.passes (the launches of cuda_src/bias_grad.cu that turn dS into dbias), followed
+    step for step on the host: the sum over the axes along which the bias was broadcast, in
+    bias's shape, one launch unless more than DIMS - 1 summed groups alternate with kept ones;
+    none where dS already is dbias."""
+    from cuflash._gpu import bias_grad
+
+    dscores = rng.standard_normal(grad_shape).astype(numpy.float32)
+    launches = bias_grad.passes(grad_shape, shape, dtype, numpy.float32)
+    axes = cuflash._gpu.plan._broadcast_axes(grad_shape, shape)
+    assert len(launches) == (0 if not axes and dtype == "float32" else 1 + (len(grad_shape) > 16))
+    got = _bias_grad_launches(dscores, shape, dtype) if launches else dscores.reshape(shape)
+    want = dscores.astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
+    assert got.shape == shape and got.dtype == (numpy.dtype(dtype) if launches else numpy.float32)
+    # one rounding to dtype (two for bfloat16: float64 -> float32 -> bfloat16), float32 roundings
+    # of partial sums between passes
+    magnitude = numpy.abs(dscores).astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
+    eps = float(numpy.finfo(numpy.float32).eps) if dtype == "float32" else 2.0**-8
+    assert (numpy.abs(got.astype(numpy.float64) - want) <= 2 * eps * numpy.abs(want) + 4e-7 * magnitude).all()
+
+
+def test_bias_grad_kernel_compiles_offline_without_spills_and_its_struct_is_mirrored(pipeline):
+    """cuda_src/bias_grad.cu for every bias dtype, sm_80 and sm_90a, through NVRTC without a GPU:
+    no spills, no stack (the odometer stays in registers); BiasGradParams as bias_grad.PARAMS_DTYPE."""
+    from cuflash._gpu import bias_grad, kernels, params
+
+    for arch in ("80", "90a"):
+        for dtype in DTYPES:
+            build = kernels.compile_offline(bias_grad.kernel(dtype, arch))
+            assert 0 < build.registers <= 255 and build.spill_bytes == 0 and build.stack_bytes == 0, build.log
+    spec, mirror = bias_grad.kernel("float32", "80"), bias_grad.PARAMS_DTYPE
+    source = kernels.kernel_source(spec) + "\n" + params.layout_probe_source("cuflash::BiasGradParams", mirror)
+    offsets = pipeline._ptx_stored_constants(source, kernels.compile_options(spec) + ("-arch=compute_80",))
+    assert offsets == {0: mirror.itemsize, **{i: mirror.fields[name][1] for i, name in enumerate(mirror.names, 1)}}
 
 
 @pytest.mark.gpu

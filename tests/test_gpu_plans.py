@@ -147,32 +147,122 @@ def test_bias_mask_and_softcap_calls_replay_bit_for_bit(rng, dtype, case, resolu
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and _bits(ours) == _bits(theirs)
 
 
-def test_torch_bias_calls_replay_bit_for_bit(rng, resolutions):
-    """cuflash.torch.attention with a bias requiring grad and a mask takes CuPy's plans on torch's
-    stream and allocator: the second call is not validated again and equals the full path."""
+TORCH_SCORE_CASES = {  # q, k (v as k) shapes, dtype, bias (shape, dtype) and mask kind, options
+    "pair-bias": dict(q=(2, 4, 4, 64, 32), k=(2, 4, 4, 64, 32), dtype="bfloat16", bias=((1, 1, 4, 64, 64), "float32"),
+                      mask=((2, 1, 1, 64, 64), "random")),
+    "widened-bias-key-padding": dict(q=(2, 4, 97, 64), k=(2, 4, 120, 64), dtype="bfloat16",
+                                     bias=((2, 1, 97, 120), "bfloat16"), mask=((2, 1, 1, 120), "padding"),
+                                     options=dict(causal=True)),
+    "bias-over-queries": dict(q=(2, 4, 97, 64), k=(2, 2, 200, 64), dtype="float32", bias=((1, 4, 1, 200), "float32"),
+                              options=dict(window=(50, 20))),
+    "key-padding-split": dict(q=(3, 4, 97, 64), k=(3, 2, 200, 64), dtype="bfloat16", mask=((3, 1, 1, 200), "padding"),
+                              options=dict(causal=True)),  # the mask alone: prefix rows on the plain kernels
+    "softcap": dict(q=(2, 4, 97, 64), k=(2, 4, 97, 64), dtype="float16", options=dict(softcap=5.0)),
+}
+
+
+def _torch_score_inputs(torch, case, seed):
+    """q, k, v (requiring grad), dout, bias (requiring grad) and mask of a TORCH_SCORE_CASES case."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dtype = getattr(torch, case["dtype"])
+    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+                     for shape in (case["q"], case["k"], case["k"], case["q"]))
+    bias = mask = None
+    if "bias" in case:
+        shape, bias_dtype = case["bias"]
+        bias = torch.randn(shape, device="cuda", generator=g).to(getattr(torch, bias_dtype)).requires_grad_()
+    if "mask" in case:
+        shape, kind = case["mask"]
+        if kind == "padding":  # each batch a prefix of the keys, batch 0 with a hole too
+            lengths = torch.randint(1, shape[-1], shape[:-1] + (1,), device="cuda", generator=g)
+            mask = torch.arange(shape[-1], device="cuda") < lengths
+            mask[0, ..., 0] = False
+        else:
+            mask = torch.rand(shape, device="cuda", generator=g) < 0.8
+    return [x.requires_grad_() for x in (q, k, v)], dout, bias, mask
+
+
+def _torch_score_call(ct, case, q, k, v, dout, bias, mask):
+    """cuflash.torch.attention forward and backward (deterministic): out, dq, dk, dv(, dbias)."""
+    out = ct.attention(q, k, v, bias=bias, mask=mask, deterministic=True, **case.get("options", {}))
+    leaves = (q, k, v) + (() if bias is None else (bias,))
+    return [out.detach().clone()] + [g.clone() for g in _torch().autograd.grad(out, leaves, dout)]
+
+
+@pytest.mark.parametrize("name", list(TORCH_SCORE_CASES))
+def test_torch_bias_mask_and_softcap_calls_replay_on_torch_alone(rng, name, resolutions, monkeypatch):
+    """cuflash.torch.attention with a bias (requiring grad), a mask or softcap on CUDA tensors: a
+    repeated signature replays its plans on torch's own terms (no validation, no CuPy stream or
+    allocator switch, no DLPack crossing: the bias laid out by torch ops, the key-padding cut and
+    dbias's sum launched through the driver on torch's stream), its buffers from torch's caching
+    allocator (max_memory_allocated sees dS, CuPy's pool does not grow); out, dq, dk, dv and dbias
+    equal the full path's and the CuPy API's on the same data bit for bit."""
     torch = _torch()
     import cuflash.torch as ct
 
+    case = TORCH_SCORE_CASES[name]
     plan.forget()
-
-    def call(seed):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        q, k, v = (torch.randn(2, 4, 4, 64, 32, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-                   for _ in range(3))
-        bias = torch.randn(1, 1, 4, 64, 64, device="cuda", generator=g, requires_grad=True)
-        mask = torch.rand(2, 1, 1, 64, 64, device="cuda", generator=g) < 0.8
-        out = ct.attention(q, k, v, bias=bias, mask=mask, deterministic=True)
-        out.float().square().sum().backward()
-        return [t.detach().clone() for t in (out, q.grad, k.grad, v.grad, bias.grad)]
-
-    call(1)
-    counts = dict(resolutions)
-    replayed = call(2)
+    first, first_dout, first_bias, first_mask = _torch_score_inputs(torch, case, 1)
+    _torch_score_call(ct, case, *first, first_dout, first_bias, first_mask)  # plans the signature
+    (q, k, v), dout, bias, mask = _torch_score_inputs(torch, case, 2)
+    counts, crossings = dict(resolutions), []
+    pool = cupy.get_default_memory_pool()
+    torch.cuda.synchronize()
+    used = pool.used_bytes()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with monkeypatch.context() as patch:
+        for helper in ("_running_on", "_to_cuflash", "_to_torch"):
+            real = getattr(ct, helper)
+            patch.setattr(ct, helper, lambda *args, real=real, helper=helper: crossings.append(helper) or real(*args))
+        replayed = _torch_score_call(ct, case, q, k, v, dout, bias, mask)
+    torch.cuda.synchronize()
     assert resolutions == counts, "a repeated signature was validated and planned again"
+    assert crossings == [], "a replay crossed to CuPy"
+    assert pool.used_bytes() == used, "CuPy's pool grew: memory beside torch's allocator"
+    if bias is not None:  # dS, (lead..., Lq, Lk) in float32
+        assert torch.cuda.max_memory_allocated() - before >= 4 * q.shape[:-1].numel() * k.shape[-2]
+
     plan.forget()
-    full = call(2)
-    for ours, theirs in zip(replayed, full):
-        assert torch.equal(ours, theirs)
+    full = _torch_score_call(ct, case, q, k, v, dout, bias, mask)
+    arrays = [cupy.from_dlpack(x.detach()) for x in (q, k, v, dout)]
+    cbias, cmask = (None if x is None else cupy.from_dlpack(x.detach()) for x in (bias, mask))
+    options = dict(bias=cbias, mask=cmask, **case.get("options", {}))
+    out, lse = cuflash.attention(*arrays[:3], return_lse=True, **options)
+    grads = cuflash.attention_backward(arrays[3], *arrays[:3], out, lse, deterministic=True, **options)
+    cupy.cuda.Device().synchronize()
+    assert len(replayed) == len(full) == 4 + (bias is not None) == 1 + len(grads)
+    for got, again, theirs, label in zip(replayed, full, (out, *grads), ("out", "dq", "dk", "dv", "dbias")):
+        assert torch.equal(got, again), f"{label}: the replay differs from the full path"
+        assert got.dtype == again.dtype and tuple(got.shape) == theirs.shape
+        assert _bits(cupy.from_dlpack(got)) == _bits(theirs), f"{label}: torch and CuPy differ"
+
+
+def test_torch_cuda_graph_capture_of_bias_and_mask_calls(rng):
+    """A training step with a widened bias requiring grad and a key-padding mask, captured into a
+    torch CUDA graph (the planes' copies, the cut and dbias's sum on the capture stream, their
+    buffers in the graph's pool) and replayed on new data: bit for bit the eager step's."""
+    torch = _torch()
+    import cuflash.torch as ct
+
+    case = TORCH_SCORE_CASES["widened-bias-key-padding"]
+    (q, k, v), dout, bias, mask = _torch_score_inputs(torch, case, 3)
+    static = [q, k, v, bias]
+    graph, g_out, g_grads = _captured_training_step(
+        torch, static, lambda: ct.attention(q, k, v, bias=bias, mask=mask, deterministic=True, **case["options"]), dout)
+    for seed in (4, 5):
+        fresh_inputs, fresh_dout, fresh_bias, fresh_mask = _torch_score_inputs(torch, case, seed)
+        with torch.no_grad():
+            for x, y in zip((*static, dout, mask), (*fresh_inputs, fresh_bias, fresh_dout, fresh_mask)):
+                x.copy_(y)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_in = [x.detach().clone().requires_grad_() for x in static]
+        eager_out = ct.attention(*eager_in[:3], bias=eager_in[3], mask=mask, deterministic=True, **case["options"])
+        eager_out.backward(dout)
+        assert torch.equal(g_out, eager_out)
+        for ours, x in zip(g_grads, eager_in):
+            assert torch.equal(ours, x.grad)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -289,6 +379,29 @@ def _torch():
     return pytest.importorskip("torch")
 
 
+def _captured_training_step(torch, leaves, attend, dout):
+    """``(graph, out, grads)``: a step (``attend()``, then the backward of ``dout`` into ``leaves``)
+    warmed up on a side stream (plans and kernels), then captured into a torch CUDA graph, whose
+    replays write out and the grads in place."""
+    def step():
+        for x in leaves:
+            x.grad = None
+        out = attend()
+        out.backward(dout)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out, [x.grad for x in leaves]
+
+
 def test_torch_calls_allocate_from_torch_only(rng):
     torch = _torch()
     import cuflash.torch as ct
@@ -317,24 +430,8 @@ def test_torch_cuda_graph_capture_and_replay(rng):
     shapes = [(2, 8, 256, 128), (2, 2, 256, 128), (2, 2, 256, 128)]
     static = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
     dout = torch.randn(shapes[0], device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        for x in static:
-            x.grad = None
-        out = ct.attention(*static, causal=True, deterministic=True)
-        out.backward(dout)
-        return out
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm up: plans and kernels
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out = step()
-    g_grads = [x.grad for x in static]
+    graph, g_out, g_grads = _captured_training_step(
+        torch, static, lambda: ct.attention(*static, causal=True, deterministic=True), dout)
     for _ in range(2):
         with torch.no_grad():
             for x in (*static, dout):

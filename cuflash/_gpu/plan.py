@@ -16,7 +16,7 @@ import threading
 import numpy
 
 from .. import _spec
-from . import kernels, tiles
+from . import bias_grad, kernels, tiles
 from .variant import HelperKernel
 from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS,
                      PREFIX_KEY_ROWS)
@@ -125,6 +125,11 @@ class CupyMemory:
         return array.data.ptr
 
     @staticmethod
+    def copy(target, source) -> None:
+        """target[...] = source, broadcast and widened (exactly) to target's dtype."""
+        target[...] = source if source.dtype == target.dtype else _widen(source, target.dtype)
+
+    @staticmethod
     def stream() -> int:
         return _cupy().cuda.get_current_stream().ptr
 
@@ -151,19 +156,32 @@ def _launch_of(variant, device: int, grid_x: int, length: int, tile: int, key_ro
 
 
 class _Scratch(threading.local):
-    """This thread's params bytes and the one-entry argument array that points at them. The
-    driver copies the arguments when a launch is issued (or captured into a graph), so one
-    buffer serves every launch of the thread."""
+    """This thread's params bytes and the one-entry argument array that points at them (a kernel
+    taking one struct), and eight 8-byte argument slots with the array of their addresses (a
+    helper kernel taking scalars: ``_launch_helper``). The driver copies the arguments when a
+    launch is issued (or captured into a graph), so one buffer serves every launch of the thread."""
 
     def __init__(self):
-        self.bytes = numpy.zeros(BWD_PARAMS_DTYPE.itemsize, dtype=numpy.uint8)
+        self.bytes = numpy.zeros(max(BWD_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize), dtype=numpy.uint8)
         self.words = self.bytes.view(numpy.uint64)
         self.ints = self.bytes.view(numpy.int32)
         self.argv = numpy.array([self.bytes.ctypes.data], dtype=numpy.uint64)
         self.argv_ptr = int(self.argv.ctypes.data)
+        self.slots = numpy.zeros(8, dtype=numpy.int64)
+        self.slots_argv = self.slots.ctypes.data + 8 * numpy.arange(8, dtype=numpy.uint64)
+        self.slots_argv_ptr = int(self.slots_argv.ctypes.data)
 
 
 _SCRATCH = _Scratch()
+
+
+def _launch_helper(memory, kernel, blocks: int, threads: int, args) -> None:
+    """One launch of a helper kernel (a ``kernels.get_kernel`` cupy.RawKernel taking scalars) on
+    the memory's stream: ``args`` its pointers and 64-bit integers, a 32-bit integer in the low
+    half of its slot (the driver reads 4 bytes there)."""
+    scratch = _SCRATCH
+    scratch.slots[: len(args)] = args
+    _driver().launchKernel(kernel.kernel.ptr, blocks, 1, 1, threads, 1, 1, 0, memory.stream(), scratch.slots_argv_ptr, 0)
 
 
 def _field_offset(dtype, name: str) -> int:
@@ -247,7 +265,7 @@ class ForwardPlan(_Plan):
         o = memory.empty(self.out_shape, self.dtype)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
-        scores, kept = self.score_inputs.prepare(bias, mask) if self.score_inputs is not None else ((), ())
+        scores, kept = self.score_inputs.prepare(memory, bias, mask) if self.score_inputs is not None else ((), ())
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores)
         del kept  # (the launch is queued)
         return o, lse
@@ -267,7 +285,7 @@ class BackwardPlan(_Plan):
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
-        # With a bias's gradient: (dS's shape, bias's shape and dtype, whether dS starts zeroed).
+        # With a bias's gradient: (dS's shape, whether dS starts zeroed, its _BiasGradient).
         self.dbias = dbias
         if dbias is not None:
             self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, ["dbias"])])
@@ -281,17 +299,17 @@ class BackwardPlan(_Plan):
         workspace = memory.empty((self.workspace_size,), self.accum)
         delta = ptr(workspace)
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
-        scores, kept = self.score_inputs.prepare(bias, mask) if self.score_inputs is not None else ((), ())
+        scores, kept = self.score_inputs.prepare(memory, bias, mask) if self.score_inputs is not None else ((), ())
         dscores = None
         if self.dbias is not None:
-            dscores = (memory.zeros if self.dbias[3] else memory.empty)(self.dbias[0], self.accum)
+            dscores = (memory.zeros if self.dbias[1] else memory.empty)(self.dbias[0], self.accum)
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
                            dq_accum, delta) + _packed_pointers(memory, packed) + scores
                   + (() if dscores is None else (ptr(dscores),)))
         del kept, workspace  # (the launches are queued)
         if dscores is None:
             return dq, dk, dv
-        return dq, dk, dv, _bias_gradient(self.dbias[1], self.dbias[2], dscores)
+        return dq, dk, dv, self.dbias[2].run(memory, dscores)
 
 
 def _workspace(delta_size: int, dq_accum_size: int | None, accum) -> tuple[int, int | None]:
@@ -519,7 +537,7 @@ def _fill_score_mods(struct, p) -> tuple:
         return slopes, sinks, None, (), ()
     inputs = ScoreInputs(p)
     inputs.fill(struct)
-    pointers, kept = inputs.prepare(p.bias, p.mask)
+    pointers, kept = inputs.prepare(CUPY_MEMORY, p.bias, p.mask)
     for name, pointer in zip(ScoreInputs.POINTERS, pointers):
         struct[name] = pointer
     return slopes, sinks, inputs, pointers, kept
@@ -530,9 +548,10 @@ _INT32_MAX = 2**31 - 1
 
 class ScoreInputs:
     """A call's bias and mask as the kernels read them (params.cuh), split into what a signature
-    fixes and what each call brings. Fixed (``fill``): the planes' query and key strides in the
-    layout of ``_plane_layout`` and each attention row's element offset into them
-    (``score_rows``, on the device, kept here). Per call (``prepare``): the planes' pointers (the
+    fixes and what each call brings. Fixed (``fill``): each plane's ``_PlaneLayout``, its query and
+    key strides in that layout, each attention row's element offset into the planes
+    (``score_rows``, on the device, kept here) and the key-padding cut's kernel. Per call
+    (``prepare``, on CuPy arrays or torch tensors alike: ``memory``): the planes' pointers (the
     caller's arrays, or their copies where the layout needs one: the same decision for every call
     of a signature, which covers dtypes, shapes, strides and alignment) and a key-padding mask's
     cut (``_key_bounds``, computed on the device). Broadcast axes cost no copy."""
@@ -543,15 +562,14 @@ class ScoreInputs:
         cupy = _cupy()
         self.seqlen_q, self.seqlen_k = p.seqlen_q, p.seqlen_k
         self.count = math.prod(p.lead_shape)
-        self.dtypes = {"bias": _accum(p), "mask": None}
-        self.pads_keys = _pads_keys(p)
         lead = tuple(p.lead_shape)
-        self.strides, offsets, laid = {}, [], {}
-        for name, x in (("bias", p.bias), ("mask", p.mask)):
+        self.layouts, self.strides, offsets, laid = {}, {}, [], {}
+        for name, x, dtype in (("bias", p.bias, _accum(p)), ("mask", p.mask, None)):
             offset = numpy.zeros(lead, dtype=numpy.int64)
             if x is not None:
-                laid[name] = self._layout(name, x)
-                strides = _broadcast_strides(laid[name])
+                layout = self.layouts[name] = _PlaneLayout.of(x, dtype or x.dtype, self.seqlen_q, self.seqlen_k)
+                laid[name] = layout.lay_out(CUPY_MEMORY, x)
+                strides = _broadcast_strides(layout.view(x) if layout.staged is None else laid[name])
                 pad = len(lead) - (len(strides) - 2)
                 for axis, stride in enumerate(strides[:-2]):
                     if stride:
@@ -561,13 +579,13 @@ class ScoreInputs:
                 self.strides[name] = strides[-2:]
             offsets.append(offset)
         self.score_rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2)
+        self.bounds_kernel = None
+        if _pads_keys(p):
+            spec = HelperKernel("key_bounds", "key_bounds", None, _arch(cupy.cuda.Device().id), _KEY_BOUNDS_THREADS)
+            self.bounds_kernel = kernels.get_kernel(spec)
         # The planes just laid out serve the constructing call's own prepare (a copy is not made
         # twice); taken there, and never kept past it.
         self._first = (p.bias, p.mask, laid)
-
-    def _layout(self, name, x):
-        x = x.reshape((1,) * (2 - x.ndim) + x.shape)  # a view: (Lk,) and 0-d biases get unit axes
-        return _plane_layout(x, self.dtypes[name] or x.dtype, self.seqlen_q, self.seqlen_k)
 
     def fill(self, struct) -> None:
         """The fixed fields: strides and score_rows."""
@@ -575,44 +593,68 @@ class ScoreInputs:
             struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = row_stride, col_stride
         struct["score_rows"] = self.score_rows.data.ptr
 
-    def prepare(self, bias, mask) -> tuple[tuple[int, int, int], tuple]:
-        """(the POINTERS' values, the arrays they point into) for this call's bias and mask."""
+    def prepare(self, memory, bias, mask) -> tuple[tuple[int, int, int], tuple]:
+        """(the POINTERS' values, the arrays they point into) for this call's bias and mask, any
+        copy and the cut allocated from ``memory`` and made on its stream."""
         first, self._first = self._first, None
         if first is not None and first[0] is bias and first[1] is mask:
             planes = (first[2].get("bias"), first[2].get("mask"))
         else:
-            planes = tuple(None if x is None else self._layout(name, x) for name, x in (("bias", bias), ("mask", mask)))
+            planes = tuple(None if x is None else self.layouts[name].lay_out(memory, x)
+                           for name, x in (("bias", bias), ("mask", mask)))
+        pointers = tuple(0 if x is None else memory.pointer(x) for x in planes)
         bounds = None
-        if self.pads_keys:
-            bounds = _key_bounds(self.count, self.seqlen_k, planes[1], self.score_rows, self.strides["mask"][1])
-        pointers = tuple(0 if x is None else x.data.ptr for x in planes + (bounds,))
-        return pointers, planes + (bounds,)
+        if self.bounds_kernel is not None:
+            bounds = _key_bounds(memory, self, pointers[1])
+        return pointers + (0 if bounds is None else memory.pointer(bounds),), planes + (bounds,)
 
 
-def _plane_layout(x, dtype, seqlen_q: int, seqlen_k: int):
-    """A bias (in the kernels' score type ``dtype``) or mask, ``(..., Lq or 1, Lk or 1)``, laid out
+@dataclasses.dataclass(frozen=True)
+class _PlaneLayout:
+    """How every call of a signature lays a bias (in the kernels' score type ``dtype``) or mask out
     for the kernels that stage its tiles in shared memory with 16-byte copies (score_mod.cuh's
-    ScorePlaneStage): the key axis contiguous, the base and every stride of a non-broadcast
-    axis a multiple of 16 bytes, query and key strides below 2^31 elements. A broadcast axis
-    (stride 0, or 1 long) stays one element long, so it is never materialised; a plane constant
-    along the keys gets its key axis (rare: such a bias does not change the softmax). ``x``
-    itself where it already is so, else one copy of its compact form into rows padded to 16
-    bytes (a float16/bfloat16 bias is widened by that copy)."""
-    cupy = _cupy()
-    x = x[tuple(slice(0, 1) if n > 1 and stride == 0 else slice(None) for n, stride in zip(x.shape, x.strides))]
-    if x.shape[-1] == 1 and seqlen_k > 1:
-        x = cupy.broadcast_to(x, x.shape[:-1] + (seqlen_k,))
-    dtype = numpy.dtype(dtype)
-    item = dtype.itemsize
-    laid_out = (x.dtype == dtype and x.data.ptr % 16 == 0 and (x.shape[-1] == 1 or x.strides[-1] == item)
-                and all(stride % 16 == 0 for n, stride in zip(x.shape[:-1], x.strides[:-1]) if n > 1)
-                and (0 if x.shape[-2] == 1 else abs(x.strides[-2] // item)) * seqlen_q + seqlen_k <= _INT32_MAX)
-    if laid_out:
-        return x
-    width = -(-x.shape[-1] * item // 16) * 16 // item
-    staged = cupy.empty(x.shape[:-1] + (width,), dtype=dtype)[..., : x.shape[-1]]
-    staged[...] = _widen(x, dtype) if x.dtype != dtype else x
-    return staged
+    ScorePlaneStage): the key axis contiguous, the base and every stride of a non-broadcast axis
+    a multiple of 16 bytes, query and key strides below 2^31 elements. A broadcast axis (stride 0,
+    or 1 long) stays one element long, so it is never materialised; a plane constant along the
+    keys gets its key axis (rare: such a bias does not change the softmax). The plane itself
+    where it already is so (``staged`` None), else one copy of its compact form into rows padded
+    to 16 bytes (a float16/bfloat16 bias is widened by that copy). Decided once, on the first
+    call's array (``of``); applied to any call's array of the signature, a CuPy array or a torch
+    tensor (``lay_out``)."""
+
+    shape: tuple          # the plane as at least 2-D: (Lk,) and 0-d planes get unit axes (a view)
+    index: tuple          # slices cutting its broadcast axes to one element (a view)
+    staged: tuple | None  # the copy's allocation, rows padded to 16 bytes; None: read in place
+    width: int            # the copy's key axis
+    dtype: numpy.dtype    # the copy's dtype
+
+    @classmethod
+    def of(cls, x, dtype, seqlen_q: int, seqlen_k: int) -> _PlaneLayout:
+        shape = (1,) * (2 - x.ndim) + tuple(x.shape)
+        x = x.reshape(shape)
+        index = tuple(slice(0, 1) if n > 1 and stride == 0 else slice(None) for n, stride in zip(x.shape, x.strides))
+        x = x[index]
+        dtype = numpy.dtype(dtype)
+        item = dtype.itemsize
+        width = seqlen_k if x.shape[-1] == 1 and seqlen_k > 1 else x.shape[-1]
+        laid_out = (width == x.shape[-1] and x.dtype == dtype and x.data.ptr % 16 == 0
+                    and (x.shape[-1] == 1 or x.strides[-1] == item)
+                    and all(stride % 16 == 0 for n, stride in zip(x.shape[:-1], x.strides[:-1]) if n > 1)
+                    and (0 if x.shape[-2] == 1 else abs(x.strides[-2] // item)) * seqlen_q + seqlen_k <= _INT32_MAX)
+        staged = None if laid_out else x.shape[:-1] + (-(-width * item // 16) * 16 // item,)
+        return cls(shape, index, staged, width, dtype)
+
+    def view(self, x):
+        """``x`` with unit axes in front and its broadcast axes cut (the same base address)."""
+        return x.reshape(self.shape)[self.index]
+
+    def lay_out(self, memory, x):
+        """The plane the kernels read: ``x`` itself, or its copy from ``memory``."""
+        if self.staged is None:
+            return x
+        plane = memory.empty(self.staged, self.dtype)[..., : self.width]
+        memory.copy(plane, self.view(x))
+        return plane
 
 
 def _broadcast_strides(x) -> list[int]:
@@ -651,20 +693,18 @@ def _key_row_sets(p, select) -> tuple:
 _KEY_BOUNDS_THREADS = 256  # CUFLASH_KEY_BOUNDS_THREADS: 8 attention rows per block
 
 
-def _key_bounds(count: int, seqlen_k: int, mask, score_rows, col_stride: int):
-    """A key-padding mask's cut per attention row (``count`` rows, int32, C order over the
+def _key_bounds(memory, inputs: ScoreInputs, mask: int):
+    """A key-padding mask's cut per attention row (``inputs.count`` rows, int32, C order over the
     output's leading axes; params.cuh's FwdParams::key_bounds): its last visible key + 1 (0 where
     it hides every key), as ~cut where a key before the cut is hidden. One launch of
-    cuda_src/key_bounds.cu on the current stream, reading ``mask`` (laid out by
-    ``_plane_layout``) where the kernels read it: through ``score_rows``, keys ``col_stride``
+    cuda_src/key_bounds.cu on the memory's stream, reading the mask plane at ``mask`` (laid out
+    by ``_PlaneLayout``) where the kernels read it: through ``score_rows``, keys ``col_stride``
     apart. The host never looks at the mask."""
-    cupy = _cupy()
-    bounds = cupy.empty((count,), dtype=cupy.int32)
-    arch = _arch(cupy.cuda.Device().id)
-    kernel = kernels.get_kernel(HelperKernel("key_bounds", "key_bounds", None, arch, _KEY_BOUNDS_THREADS))
-    per_block = _KEY_BOUNDS_THREADS // 32
-    kernel((-(-count // per_block),), (_KEY_BOUNDS_THREADS,),
-           (mask, score_rows, numpy.int64(col_stride), numpy.int32(seqlen_k), numpy.int64(count), bounds))
+    bounds = memory.empty((inputs.count,), numpy.dtype(numpy.int32))
+    blocks = -(-inputs.count // (_KEY_BOUNDS_THREADS // 32))
+    _launch_helper(memory, inputs.bounds_kernel, blocks, _KEY_BOUNDS_THREADS,
+                   (mask, inputs.score_rows.data.ptr, inputs.strides["mask"][1], inputs.seqlen_k, inputs.count,
+                    memory.pointer(bounds)))
     return bounds
 
 
@@ -857,7 +897,10 @@ def backward(problem):
     sets = _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
                                                                    p.has_window, _arch(device), modified))
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
-    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)], device)
+    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias after the launches (_BiasGradient).
+    gradient = _BiasGradient(p, device) if p.returns_dbias else None
+    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
+                     + (gradient.kernels if gradient is not None else []), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -899,8 +942,8 @@ def backward(problem):
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
-    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias below; zeroed where some pairs
-    # are never visited (outside causal's or a window's tiles, past a key-padding cut).
+    # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
+    # key-padding cut).
     dscores_zeroed = p.has_window or _skips_keys(p)
     dscores = None
     if p.returns_dbias:
@@ -925,8 +968,7 @@ def backward(problem):
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs,
-                        dbias=None if dscores is None else (dscores.shape, tuple(p.bias.shape), p.bias.dtype,
-                                                            dscores_zeroed))
+                        dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores
               + (() if dscores is None else (dscores.data.ptr,)))
@@ -939,7 +981,7 @@ def backward(problem):
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
                  _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
     if dscores is not None:
-        grads += (_bias_gradient(tuple(p.bias.shape), p.bias.dtype, dscores),)
+        grads += (gradient.run(CUPY_MEMORY, dscores),)
     if p.sinks is not None:  # (a packed batch's per-row sinks repeat per sequence: lse's rows are per head)
         grads += (_sink_gradient(p, lse, delta, sink_rows=sinks if p.packed is None else None),)
     return grads, (plan if plain else None)
@@ -968,16 +1010,34 @@ def _sink_gradient(p, lse, delta, sink_rows=None):
     return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
 
 
-def _bias_gradient(shape, dtype, dscores):
-    """dbias: dS of every score, ``(lead..., Lq, Lk)`` in the accumulation type, summed over the
-    axes along which the bias (``shape``, ``dtype``) was broadcast (CuPy's reductions have a
-    fixed order: the same result run after run), in bias's shape and dtype."""
-    cupy = _cupy()
-    axes = _broadcast_axes(dscores.shape, shape)
-    summed = (dscores.sum(axis=axes, keepdims=True) if axes else dscores).reshape(shape)
-    if summed.dtype == dtype:
-        return summed
-    return _narrow(summed, out=cupy.empty(shape, dtype=dtype))
+class _BiasGradient:
+    """dbias from dS (``(lead..., Lq, Lk)``, C-contiguous, in the accumulation type): summed over
+    the axes along which the bias was broadcast, in bias's shape and dtype, by the launches of
+    ``bias_grad.passes`` (cuda_src/bias_grad.cu: a fixed order, no atomics, the same result run
+    after run) on the memory's stream, on the full path and on a replay alike; dS itself where
+    nothing is summed or rounded. ``kernels``: what ``backward`` prefetches beside its own."""
+
+    def __init__(self, p, device: int):
+        self.shape = tuple(p.bias.shape)
+        arch = _arch(device)
+        self.device = device
+        self.passes = [(bias_grad.kernel(dtype.name, arch), numpy.frombuffer(params.tobytes(), dtype=numpy.uint8).copy(),
+                        -(-entries // bias_grad.THREADS), entries, dtype)
+                       for dtype, params, entries in bias_grad.passes(tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k),
+                                                                      self.shape, p.bias.dtype, _accum(p))]
+        self.kernels = [spec for spec, *_ in self.passes]
+
+    def run(self, memory, dscores):
+        scratch = _SCRATCH
+        summed = dscores
+        for spec, params, blocks, entries, dtype in self.passes:
+            out = memory.empty((entries,), dtype)
+            scratch.bytes[: params.size] = params
+            scratch.words[:2] = memory.pointer(summed), memory.pointer(out)  # PARAMS_DTYPE's dscores, dbias
+            _driver().launchKernel(kernels.function_pointer(spec, self.device), blocks, 1, 1, bias_grad.THREADS, 1, 1,
+                                   0, memory.stream(), scratch.argv_ptr, 0)
+            summed = out
+        return summed.reshape(self.shape)
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:
