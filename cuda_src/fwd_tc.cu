@@ -1,4 +1,5 @@
-// Forward attention for float16 / bfloat16 on tensor cores: FlashAttention-2 with mma.sync.
+// Forward attention on tensor cores: FlashAttention-2 with mma.sync, for float16 / bfloat16
+// (m16n8k16) and float32 under precision="tf32" (m16n8k8 TF32; tile_tc.cuh's Arith).
 //
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
@@ -31,22 +32,27 @@ namespace cuflash {
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kScoreMods = false>
 constexpr unsigned fwd_tc_smem_bytes() {
-    // Q (also O at the end), then kStages (K, V) tile pairs, 16-bit padded rows, each stage with
-    // its keys' bias and mask tiles where the Variant stages them (score_mod.cuh).
-    return tc::SmemTile<kBlockM, kHeadDim>::kBytes +
-           kStages * (2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
+    // Q (also O at the end), then kStages (K, V) tile pairs, padded rows of the elements' 16-bit
+    // units, each stage with its keys' bias and mask tiles where the Variant stages them
+    // (score_mod.cuh).
+    constexpr int kWidth = kHeadDim * tc::Arith<Element>::kUnits;
+    return tc::SmemTile<kBlockM, kWidth>::kBytes +
+           kStages * (2 * tc::SmemTile<kBlockN, kWidth>::kBytes + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
+    using Arith = tc::Arith<Element>;
+    constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores (Element tc::tf32)
+    constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
     constexpr int kThreads = kWarps * 32;
     constexpr int kRowsPerWarp = kBlockM / kWarps;
     constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
     constexpr int kNTilesS = kBlockN / 8;       // n8 tiles of S (keys)
     constexpr int kNTilesO = kHeadDim / 8;      // n8 tiles of acc (value columns)
-    constexpr int kKStepsQK = kHeadDim / 16;    // k16 steps of Q K^T
-    constexpr int kKStepsPV = kBlockN / 16;     // k16 steps of P V
+    constexpr int kKStepsQK = kHeadDim / Arith::kK;  // k16 (k8) steps of Q K^T
+    constexpr int kKStepsPV = kBlockN / Arith::kK;   // k16 (k8) steps of P V
     static_assert(kRowsPerWarp % 16 == 0 && kMTiles >= 1, "each warp owns whole m16 tiles");
     static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
     static_assert(kStages >= 2, "the K/V pipeline needs at least two stages");
@@ -54,10 +60,11 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // Q fragments stay in registers when they fit beside S and acc; else they are re-read from
     // shared memory (ldmatrix) at every k-step: more shared-memory traffic, fewer registers.
     constexpr int kAccRegs = kMTiles * (kNTilesO + kNTilesS) * 4;
-    constexpr bool kQInRegisters = kAccRegs + kMTiles * kKStepsQK * 4 <= 128;
+    constexpr int kQRegs = sizeof(typename Arith::AFragment) / 4;  // registers of one Q fragment
+    constexpr bool kQInRegisters = kAccRegs + kMTiles * kKStepsQK * kQRegs <= 128;
 
-    using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // also stages O at the end
-    using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
+    using QTile = tc::SmemTile<kBlockM, kWidth>;   // also stages O at the end
+    using KVTile = tc::SmemTile<kBlockN, kWidth>;  // one K or V tile
     constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
     constexpr unsigned kStageBytes = 2 * KVTile::kBytes + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>();
@@ -77,7 +84,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const int warp_row0 = warp * kRowsPerWarp;
 
     BatchIndex at;
-    if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
+    if (!starts_block<typename Arith::Storage, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
@@ -88,12 +95,16 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
     // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step
     // (empty groups too), so "wait until kStages-2 groups are pending" means "tile j has landed".
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(p.q) + at.q,
-                                                                p.q_row_stride, p.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(p.k) + at.k,
-                                                                p.k_row_stride, p.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
-                                                                p.v_row_stride, p.head_dim_v);
+    // Loaders and stores count in 16-bit units: kUnits per element (a float is two).
+    using Units = const unsigned short*;
+    using Storage = typename Arith::Storage;
+    constexpr int kUnits = Arith::kUnits;
+    const tc::TileLoader<kBlockM, kWidth, kThreads> q_loader(reinterpret_cast<Units>(static_cast<const Storage*>(p.q) + at.q),
+                                                              p.q_row_stride * kUnits, p.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads> k_loader(reinterpret_cast<Units>(static_cast<const Storage*>(p.k) + at.k),
+                                                              p.k_row_stride * kUnits, p.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads> v_loader(reinterpret_cast<Units>(static_cast<const Storage*>(p.v) + at.v),
+                                                              p.v_row_stride * kUnits, p.head_dim_v * kUnits);
     // 16-byte copies need 16-byte aligned rows; the host guarantees it (plan.py copies otherwise).
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto load_kv = [&](int j) {
@@ -113,25 +124,34 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // Per-lane ldmatrix addresses (see ptx.cuh for the fragment layouts). Q (A operand): matrices
     // (rows 0-7 | 8-15) x (cols 0-7 | 8-15) of an m16k16 tile. K (B operand, K rows are the n
     // index): (keys 0-7, dims 0-7), (keys 0-7, dims 8-15), (keys 8-15, dims 0-7), (keys 8-15, dims 8-15).
-    // V (B operand through .trans, V rows are the k index): (keys 0-7 | 8-15) x (dims 0-7 | 8-15).
+    // V (B operand through .trans, V rows are the k index): (keys 0-7 | 8-15) x (dims 0-7 | 8-15);
+    // TF32 reads V by 32-bit loads instead (tc::pv_k8). Its k8 steps have the byte geometry of
+    // 16-bit k16 steps: the same lane addresses, the fragments rounded to TF32.
     const unsigned q_lane = q_smem + tc::a_lane<QTile>(warp_row0, lane);
     const unsigned k_lane = tc::bn_lane<KVTile>(lane);
-    const unsigned v_lane = KVTile::kBytes + tc::bt_lane<KVTile>(lane);
-    auto q_fragment = [&](int mt, int kk, unsigned (&a)[4]) {
-        ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a);
+    const unsigned v_lane = KVTile::kBytes + (kTf32 ? tc::pv_lane<KVTile>(lane) : tc::bt_lane<KVTile>(lane));
+    auto q_fragment = [&](int mt, int kk, typename Arith::AFragment& a) {
+        if constexpr (kTf32) {
+            unsigned raw[4];
+            ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), raw);
+            a.round(raw);
+        } else {
+            ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a);
+        }
     };
 
+
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
-    // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 and may take row
+    // (exact) so that the softmax sees c = |scale| * log2(e) > 0 and may take row
     // maxima on raw scores. scale = 0 becomes the smallest normal float: S * c flushes to 0 for
     // every finite score (uniform weights) while -inf * c stays -inf.
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
     if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies have landed
-        q_loader.negate(q_smem, tid);        // published by the first barrier below
+        q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
     }
 
-    unsigned q_regs[kQInRegisters ? kKStepsQK : 1][kQInRegisters ? kMTiles : 1][4];
+    typename Arith::AFragment q_regs[kQInRegisters ? kKStepsQK : 1][kQInRegisters ? kMTiles : 1];
     if (kQInRegisters) {
         ptx::cp_async_wait<kStages - 1>();  // Q's group, not yet the K/V tiles
         __syncthreads();
@@ -168,7 +188,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             if constexpr (kQInRegisters) {
                 tc::mma_k16<Element, KVTile, false>(s, q_regs[kk], slot + k_lane, 0, kk * 2);
             } else {
-                unsigned a[kMTiles][4];
+                typename Arith::AFragment a[kMTiles];
 #pragma unroll
                 for (int mt = 0; mt < kMTiles; ++mt) q_fragment(mt, kk, a[mt]);
                 tc::mma_k16<Element, KVTile, false>(s, a, slot + k_lane, 0, kk * 2);
@@ -190,22 +210,28 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
         softmax.update(s, acc, c);
 
-        // acc += P V_j, P packed to 16 bits: the S layout of n-tiles 2kk, 2kk+1 is P's A fragment.
+        // acc += P V_j. TF32: one k8 step per n8 tile of P (tc::pv_k8).
+        if constexpr (kTf32) {
 #pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk) {
-            unsigned a[kMTiles][4];
+            for (int kk = 0; kk < kKStepsPV; ++kk) tc::pv_k8<KVTile>(acc, s, kk, slot + v_lane);
+        } else {
+            // 16-bit: P packed to 16 bits; the S layout of n-tiles 2kk, 2kk+1 is P's A fragment.
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(s[mt][2 * kk], s[mt][2 * kk + 1], a[mt]);
-            // Spelled out rather than tc::mma_k16<..., true>: through the helper, NVRTC emits
-            // different code for d96 128x32 (this form is the one verified on the GPU).
+            for (int kk = 0; kk < kKStepsPV; ++kk) {
+                unsigned a[kMTiles][4];
 #pragma unroll
-            for (int dp = 0; dp < kNTilesO / 2; ++dp) {
-                unsigned b[4];
-                ptx::ldmatrix_x4_trans(slot + v_lane + KVTile::offset(kk * 16, dp * 2), b);
+                for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(s[mt][2 * kk], s[mt][2 * kk + 1], a[mt]);
+                // Spelled out rather than tc::mma_k16<..., true>: through the helper, NVRTC emits
+                // different code for d96 128x32 (this form is the one verified on the GPU).
 #pragma unroll
-                for (int mt = 0; mt < kMTiles; ++mt) {
-                    ptx::mma_16816<Element>(acc[mt][2 * dp], a[mt], b[0], b[1]);
-                    ptx::mma_16816<Element>(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+                    unsigned b[4];
+                    ptx::ldmatrix_x4_trans(slot + v_lane + KVTile::offset(kk * 16, dp * 2), b);
+#pragma unroll
+                    for (int mt = 0; mt < kMTiles; ++mt) {
+                        ptx::mma_16816<Element>(acc[mt][2 * dp], a[mt], b[0], b[1]);
+                        ptx::mma_16816<Element>(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
         }
@@ -227,17 +253,25 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             const int row = warp_row0 + mt * 16 + lane / 4 + 8 * h;
 #pragma unroll
             for (int nt = 0; nt < kNTilesO; ++nt) {
-                const unsigned packed = ptx::pack2<Element>(acc[mt][nt][2 * h] * inv_l[mt][h],
-                                                            acc[mt][nt][2 * h + 1] * inv_l[mt][h]);
-                ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), packed);
+                if constexpr (kTf32) {  // columns 8 nt + 2t, +1: bytes 32 nt + 8t of the row
+                    ptx::st_shared_v2(q_smem + QTile::offset(row, 2 * nt) + 8 * (lane % 4),
+                                      __float_as_uint(acc[mt][nt][2 * h] * inv_l[mt][h]),
+                                      __float_as_uint(acc[mt][nt][2 * h + 1] * inv_l[mt][h]));
+                } else {
+                    const unsigned packed = ptx::pack2<Element>(acc[mt][nt][2 * h] * inv_l[mt][h],
+                                                                acc[mt][nt][2 * h + 1] * inv_l[mt][h]);
+                    ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), packed);
+                }
             }
             if (lane % 4 == 0 && m0 + row < out_at.seqlen_q)
                 static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[mt][h];
         }
     __syncwarp();
-    tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
-                                           static_cast<unsigned short*>(p.o) + out_at.o + (m0 + warp_row0) * p.o_row_stride,
-                                           p.o_row_stride, out_at.seqlen_q - m0 - warp_row0, p.head_dim_v, lane);
+    tc::store_rows<kRowsPerWarp, kWidth>(q_smem + QTile::offset(warp_row0, 0),
+                                         reinterpret_cast<unsigned short*>(static_cast<Storage*>(p.o) + out_at.o) +
+                                             (m0 + warp_row0) * p.o_row_stride * kUnits,
+                                         p.o_row_stride * kUnits, out_at.seqlen_q - m0 - warp_row0, p.head_dim_v * kUnits,
+                                         lane);
 }
 
 }  // namespace cuflash

@@ -4,8 +4,8 @@
 // PTX can be reviewed in one place. Sections:
 //   1. Shared memory: addresses, the launch's dynamic size, plain 16-byte stores
 //   2. Asynchronous copies (cp.async, sm_80+): global -> shared, zero-filling, groups
-//   3. Tensor-core fragments: ldmatrix (sm_75+) and mma.sync m16n8k16 f16/bf16 -> f32 (sm_80+)
-//   4. Conversions: two floats -> one packed f16x2 / bf16x2 register
+//   3. Tensor-core fragments: ldmatrix (sm_75+), mma.sync m16n8k16 f16/bf16 and m16n8k8 tf32 -> f32 (sm_80+)
+//   4. Conversions: two floats -> one packed f16x2 / bf16x2 register; float -> tf32
 //   5. Fast math: ex2.approx
 // Other kernels add their own sections (e.g. DMMA for float64) at the end.
 #pragma once
@@ -52,6 +52,16 @@ __device__ __forceinline__ void st_shared_v4(unsigned addr, unsigned a, unsigned
 
 __device__ __forceinline__ void st_shared_b32(unsigned addr, unsigned value) {
     asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(unsigned addr, unsigned a, unsigned b) {
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(addr), "r"(a), "r"(b) : "memory");
+}
+
+__device__ __forceinline__ unsigned ld_shared_b32(unsigned addr) {
+    unsigned v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+    return v;
 }
 
 __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
@@ -138,6 +148,21 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
     Mma16816<Element>::run(d, a, b0, b1);
 }
 
+// D = A B + D with A 16x8 (row-major), B 8x8 (column-major), D 16x8 fp32, on TF32 operands:
+// 32-bit registers of which the MMA reads sign, exponent and the top 10 mantissa bits.
+//   A: a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4)     B: b0 (k = t, n = g)  b1 (k = t+4, n = g)
+//   D: as m16n8k16's.
+// With 4-byte elements, an 8x8 ldmatrix matrix is 8 rows of 4 elements and hands lane
+// (row lane/4, column lane%4) in one register: the A (and the row-major-n B) fragments load
+// with the same lane addresses and byte offsets as the 16-bit kernels' k16 fragments.
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // --------------------------------------------------------------------- 4. conversions
 
 // Round two floats to the 16-bit type and pack them: `lo` in bits 0..15, `hi` in 16..31
@@ -156,6 +181,14 @@ template <>
 __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// x rounded to TF32 (nearest, ties away from zero; NaN and infinities kept), as the register an
+// mma .tf32 operand takes (the low 13 bits zero). Not volatile: equal conversions may be shared.
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
     return r;
 }
 

@@ -13,6 +13,46 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
+// ---- The arithmetic of an Element (a tensor-core Variant's first template argument).
+//
+// float16 / bfloat16 multiply on m16n8k16 tensor cores. `tf32` (precision="tf32", an opt-in)
+// is float32 stored as float and multiplied on m16n8k8 TF32 tensor cores, each operand rounded
+// to TF32 (10 mantissa bits: about 2^-11 relative per product) and summed in fp32.
+// In shared memory a float is two 16-bit units: tiles, loaders and stores take widths and
+// strides in those units. A k8 step of 4-byte elements has exactly the byte geometry of a k16
+// step of 2-byte ones (two 16-byte chunks), so fragments load with the same lane addresses.
+struct tf32 {};
+
+template <typename Element>
+struct Arith {  // float16, bfloat16
+    using Storage = unsigned short;
+    static constexpr int kUnits = 1;                    // 16-bit units per element
+    static constexpr int kK = 16;                       // the k of one MMA step
+    static constexpr unsigned kSignBits = 0x80008000u;  // the sign bits of a 32-bit word's elements
+    using AFragment = unsigned[4];                      // an A operand of one MMA step
+};
+
+// An operand fragment of R registers: float values rounded to TF32, as the MMA reads them.
+template <int R>
+struct Tf32Fragment {
+    unsigned r[R];
+
+    __device__ __forceinline__ void set(int i, float x) { r[i] = ptx::to_tf32(x); }
+    __device__ __forceinline__ void round(const unsigned (&raw)[R]) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) set(i, __uint_as_float(raw[i]));
+    }
+};
+
+template <>
+struct Arith<tf32> {
+    using Storage = float;
+    static constexpr int kUnits = 2;
+    static constexpr int kK = 8;
+    static constexpr unsigned kSignBits = 0x80000000u;
+    using AFragment = Tf32Fragment<4>;
+};
+
 // kRows x kCols 16-bit elements, row-major in 16-byte chunks.
 // The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
 // into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and
@@ -121,6 +161,8 @@ struct TileLoader {
 
     // Flip the sign of every element this thread copied with `load` (same chunk mapping), after
     // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
+    // kSign: the sign bits of one 32-bit word's elements (Arith::kSignBits).
+    template <unsigned kSign = 0x80008000u>
     __device__ __forceinline__ void negate(unsigned smem, int tid) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
@@ -130,7 +172,6 @@ struct TileLoader {
             if (kTotal % kThreads == 0 || idx < kTotal) {
                 const unsigned addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
                 const uint4 v = ptx::ld_shared_v4(addr);
-                constexpr unsigned kSign = 0x80008000u;  // the sign bits of both 16-bit halves
                 ptx::st_shared_v4(addr, v.x ^ kSign, v.y ^ kSign, v.z ^ kSign, v.w ^ kSign);
             }
         }
@@ -336,6 +377,65 @@ __device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4
     a[1] = ptx::pack2<Element>(lo[2], lo[3]);
     a[2] = ptx::pack2<Element>(hi[0], hi[1]);
     a[3] = ptx::pack2<Element>(hi[2], hi[3]);
+}
+
+// ---- m16n8k8 TF32 steps (float32 Variants of precision "tf32"; Arith above).
+
+// mma_k16 for TF32 operands: a k8 step has the byte geometry of a k16 step, so the same call
+// serves both. Only B's rows as the n index (K for Q K^T): one ldmatrix_x4 at b_lane (bn_lane) +
+// Tile::offset(row0 + 16 np, chunk0) gives the B fragments of n8 tiles 2 np, 2 np + 1; P V reads
+// V by pv_k8 below.
+template <typename Element, typename Tile, bool kTrans, int M, int N>
+__device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const Tf32Fragment<4> (&a)[M], unsigned b_lane, int row0,
+                                        int chunk0) {
+    static_assert(!kTrans, "TF32 operands never go through .trans: ldmatrix transposes 16-bit elements");
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+        unsigned raw[4];
+        ptx::ldmatrix_x4(b_lane + Tile::offset(row0 + np * 16, chunk0), raw);
+        Tf32Fragment<4> b;
+        b.round(raw);
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) {
+            ptx::mma_1688_tf32(c[mt][2 * np], a[mt].r, b.r[0], b.r[1]);
+            ptx::mma_1688_tf32(c[mt][2 * np + 1], a[mt].r, b.r[2], b.r[3]);
+        }
+    }
+}
+
+// Per-lane offset of the V reads of pv_k8 in a Tile of floats: row 2 (lane % 4), float column
+// lane / 4.
+template <typename Tile>
+__device__ __forceinline__ unsigned pv_lane(int lane) {
+    return Tile::offset(2 * (lane % 4), (lane / 4) / 4) + 4 * ((lane / 4) % 4);
+}
+
+// acc += P V over keys [8 kk, 8 kk + 8) on TF32. P is the S accumulator's n8 tile kk, used as
+// the A fragment with its keys in the order (0, 2, 4, 6 | 1, 3, 5, 7): MMA k index t holds key 2t
+// and t + 4 key 2t + 1, which are exactly this lane's two columns of each row, so a0..a3 =
+// s0, s2, s1, s3 and no shuffle is needed. V's rows are read in the same order, b0 = V[2t][g]
+// and b1 = V[2t + 1][g], by 32-bit shared loads at v_lane (pv_lane) + Tile::offset(8 kk, 2 nt):
+// ldmatrix's .trans moves 16-bit elements. SmemTile's pitch is 4 (mod 8) words for float rows,
+// so the rows 2t of a load fall in distinct bank octets: no bank conflicts.
+template <typename Tile, int M, int NS, int N>
+__device__ __forceinline__ void pv_k8(float (&acc)[M][N][4], const float (&p)[M][NS][4], int kk, unsigned v_lane) {
+    Tf32Fragment<4> a[M];
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+        a[mt].set(0, p[mt][kk][0]);
+        a[mt].set(1, p[mt][kk][2]);
+        a[mt].set(2, p[mt][kk][1]);
+        a[mt].set(3, p[mt][kk][3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt) {
+        const unsigned addr = v_lane + Tile::offset(kk * 8, nt * 2);
+        Tf32Fragment<2> b;
+        b.set(0, __uint_as_float(ptx::ld_shared_b32(addr)));
+        b.set(1, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(1, 0))));
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) ptx::mma_1688_tf32(acc[mt][nt], a[mt].r, b.r[0], b.r[1]);
+    }
 }
 
 }  // namespace tc

@@ -31,6 +31,28 @@ from cuflash._gpu import kernels, tiles  # noqa: E402
 SECTIONS = (".text.", ".nv.constant0", ".nv.info.")
 
 
+# EIATTR_PARAM_CBANK (a .nv.info attribute): its first word is a symbol-table index, which moves
+# when the module gains or loses symbols (a new helper template elsewhere) without any change
+# to what runs; the oracle zeroes it.
+_PARAM_CBANK = 0x0A
+
+
+def _without_symbol_indices(info: bytes) -> bytes:
+    """A .nv.info section with EIATTR_PARAM_CBANK's symbol index zeroed (entries: format byte,
+    attribute byte, then a 2-byte value, or with format 4 a 2-byte size and that many bytes)."""
+    out, i = bytearray(info), 0
+    while i + 4 <= len(info):
+        fmt, attr = info[i], info[i + 1]
+        if fmt != 4:
+            i += 4
+            continue
+        size, = struct.unpack_from("<H", info, i + 2)
+        if attr == _PARAM_CBANK and size >= 4:
+            out[i + 4: i + 8] = bytes(4)
+        i += 4 + size
+    return bytes(out)
+
+
 def code_sections(cubin: bytes) -> dict[str, str]:
     """{section name: sha256 prefix} of the ELF sections that decide what runs."""
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
@@ -42,7 +64,10 @@ def code_sections(cubin: bytes) -> dict[str, str]:
     for name_offset, _type, _flags, _addr, offset, size, *_ in headers:
         name = strtab[name_offset: strtab.index(b"\0", name_offset)].decode()
         if name.startswith(SECTIONS):
-            out[name] = hashlib.sha256(cubin[offset: offset + size]).hexdigest()[:16]
+            data = cubin[offset: offset + size]
+            if name.startswith(".nv.info."):
+                data = _without_symbol_indices(data)
+            out[name] = hashlib.sha256(data).hexdigest()[:16]
     return out
 
 

@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
 from cuflash._gpu import kernels, params, tiles  # noqa: E402
-from cuflash._gpu import variant as variant_module  # noqa: E402
 
 ARCHS = ("80", "90a")
 
@@ -137,7 +136,7 @@ def test_every_variants_shared_memory_is_the_kernels_own(arch):
             continue
         lines = ['extern "C" __global__ void cuflash_smem_probe(long long* out) {']
         for i, v in enumerate(variants):
-            args = (variant_module.CUDA_TYPES[v.dtype], v.head_dim, v.block_m, v.block_n, v.stages)
+            args = (v.element_type, v.head_dim, v.block_m, v.block_n, v.stages)
             if tiles.SPECS[kernel].score_planes is not None:  # the modifier form's staged bias/mask tiles
                 args += ("true" if v.score_mods else "false",)
             lines.append(f"    out[{i}] = (long long)cuflash::{kernel}_smem_bytes<{', '.join(map(str, args))}>();")

@@ -3,9 +3,9 @@
 Every entry point takes it (attention, attention_backward, attention_vjp, attention_varlen and
 its backward, attention_with_kvcache, cuflash.torch.attention, cuflash.jax); float32 accepts all
 three, the other dtypes None or "highest" only; anything else is a TypeError/ValueError naming
-``precision`` before anything runs. Today every value computes float32 exactly (the CPU backend
-always does; the GPU's float32 kernels are FFMA: "tf32" permits TF32, it does not require it),
-so the results are bitwise equal across values; the GPU test holds "ieee" and "tf32" to that.
+``precision`` before anything runs. The CPU backend computes every value in float32 (bitwise
+equal across values). On the GPU "highest" and "ieee" run the FFMA kernels; "tf32" runs the
+float32 forward on TF32 tensor cores (one TF32 product, ~1e-3).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy
 import pytest
 
 import cuflash
+import reference
 
 PRECISIONS = [None, "highest", "ieee", "tf32"]
 
@@ -115,17 +116,98 @@ def test_the_torch_and_jax_adapters_take_precision(rng):
         cj.attention(*(jax.numpy.asarray(x) for x in (q, k, v)), precision="fast")
 
 
+def _float32_error(got, want):
+    """max |got - want| over the finite entries of want; infinities must match exactly."""
+    got, want = numpy.asarray(got, numpy.float64), numpy.asarray(want, numpy.float64)
+    finite = numpy.isfinite(want)
+    assert numpy.array_equal(got[~finite], want[~finite], equal_nan=True), "non-finite entries differ"
+    return float(numpy.abs(got[finite] - want[finite]).max(initial=0.0))
+
+
 @pytest.mark.gpu
-def test_gpu_float32_precisions_run_todays_exact_kernels(rng):
-    """On the GPU, "ieee" and "tf32" are today's FFMA kernels: bitwise equal to "highest" on every
-    entry point, full path and replay alike (a replayed plan of one precision never answers a
-    refused value: "fast" still raises after "highest" was planned)."""
+def test_gpu_float32_precisions_on_every_entry_point(rng):
+    """On the GPU, float32 "highest" (the default) and "ieee" run the FFMA kernels (bitwise
+    equal, within float32's rule of the float64 reference); "tf32" runs the forward on TF32 tensor
+    cores: within TF32's rounding, not "highest"'s bits. Every entry point takes the value; a
+    replay (the second call) gives the full path's bits, so plans are kept per precision; a
+    refused value still raises after the others ran."""
     cupy = pytest.importorskip("cupy")
     q, k, v, dout = _arrays(rng, xp=cupy)
-    expected = _calls(q, k, v, dout, "highest")
+    ref_out, ref_lse = reference.attention_ref(q, k, v, causal=True)
+    size = max(float(numpy.abs(ref_out).max()), 1.0)
+    results = {}
     for precision in PRECISIONS:
-        for _ in range(2):  # the second call replays the plans the first made
-            for name, got, want in zip(range(len(expected)), _calls(q, k, v, dout, precision), expected):
-                assert got.tobytes() == want.tobytes(), f"result {name} differs under precision={precision!r}"
+        first = _calls(q, k, v, dout, precision)
+        for name, got, want in zip(range(len(first)), _calls(q, k, v, dout, precision), first):
+            assert got.tobytes() == want.tobytes(), f"result {name}: a replay differs under precision={precision!r}"
+        results[precision] = first
+        bound = (64 * 2.0**-23 if precision != "tf32" else 2.0**-8) * size
+        assert _float32_error(first[0], ref_out) <= bound, (precision, _float32_error(first[0], ref_out), bound)
+        assert _float32_error(first[1], ref_lse) <= bound, (precision, _float32_error(first[1], ref_lse), bound)
+    for precision in (None, "ieee"):
+        for name, got, want in zip(range(len(results["highest"])), results[precision], results["highest"]):
+            assert got.tobytes() == want.tobytes(), f"result {name}: precision={precision!r} is not 'highest''s FFMA"
+    assert results["tf32"][0].tobytes() != results["highest"][0].tobytes(), "tf32 ran the FFMA kernel"
     with pytest.raises(ValueError, match="precision must be one of"):
         cuflash.attention(q, k, v, causal=True, return_lse=True, precision="fast")
+
+
+# (name, Lq, Lk, D, inputs(rng, Lq, Lk, D) -> ([q, k, v], scale)): odd head dims, long rows, scores
+# of magnitude 1e3, operands spanning 1e-20..1e20 whose products stay in range, infinities in v.
+def _normal(rng, lq, lk, d):
+    return [rng.standard_normal(s).astype(numpy.float32) for s in ((2, 3, lq, d), (2, 3, lk, d), (2, 3, lk, d))], None
+
+
+def _large_scores(rng, lq, lk, d):
+    (q, k, v), _ = _normal(rng, lq, lk, d)
+    return [q * 30, k * 30, v], 1.0  # |scores| ~ 900 sqrt(d): softmax sharply peaked
+
+
+def _wide_range(rng, lq, lk, d):
+    u = rng.uniform(-20, 20, (1, 1, 1, d))  # per head-dim column: q_d k_d stays of unit size
+    q = (rng.standard_normal((2, 3, lq, d)) * 10.0 ** u).astype(numpy.float32)
+    k = (rng.standard_normal((2, 3, lk, d)) * 10.0 ** -u).astype(numpy.float32)
+    v = (rng.standard_normal((2, 3, lk, d)) * 10.0 ** rng.uniform(-20, 20, (2, 3, lk, d))).astype(numpy.float32)
+    return [q, k, v], None
+
+
+def _infinite_values(rng, lq, lk, d):
+    (q, k, v), _ = _normal(rng, lq, lk, d)
+    v[..., lk // 2, 0], v[..., lk // 3, 1] = numpy.inf, -numpy.inf  # every row that sees them: +-inf
+    return [q, k, v], None
+
+
+ACCURACY_CASES = [
+    ("normal", 97, 200, 59, _normal), ("normal", 200, 97, 111, _normal), ("normal", 1, 1025, 3, _normal),
+    ("normal", 64, 64, 1, _normal), ("normal", 33, 70, 256, _normal), ("long rows", 16, 8192, 64, _normal),
+    ("long rows", 64, 4096, 128, _normal), ("large scores", 97, 300, 64, _large_scores),
+    ("large scores", 50, 129, 32, _large_scores), ("wide range", 97, 200, 64, _wide_range),
+    ("wide range", 40, 77, 96, _wide_range), ("infinite values", 61, 90, 40, _infinite_values),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name, lq, lk, d, make", ACCURACY_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-d{c[3]}" for c in ACCURACY_CASES])
+def test_gpu_tf32_is_within_tf32_rounding(rng, name, lq, lk, d, make, causal):
+    """precision="tf32" (TF32 tensor cores) against the float64 reference: every operand rounded
+    to TF32 (2^-11 relative) moves a score by up to 2^-10 of its terms' size, which softmax turns
+    into that much of out's size (reference.attention_magnitudes): within 2^-8 of it; infinities
+    and their signs where the reference has them. "highest" on the same inputs stays within
+    float32's rule (64 ulps of the size)."""
+    cupy = pytest.importorskip("cupy")
+    arrays, scale = make(rng, lq, lk, d)
+    ref_out, ref_lse = reference.attention_ref(*arrays, scale=scale, causal=causal)
+    finite = numpy.isfinite(ref_out)
+    size = max(float(numpy.abs(ref_out[finite]).max()), 1e-30)
+    magnitude = reference.attention_magnitudes(*arrays, scale=scale, causal=causal)
+    magnitude = max(float(magnitude[numpy.isfinite(magnitude)].max()), size)
+    lse_size = max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max(initial=0.0)), 1.0)
+    gpu = [cupy.asarray(x) for x in arrays]
+    errors = {}
+    for precision in ("tf32", "highest"):
+        out, lse = cuflash.attention(*gpu, scale=scale, causal=causal, return_lse=True, precision=precision)
+        errors[precision] = _float32_error(out.get(), ref_out), _float32_error(lse.get(), ref_lse)
+    assert errors["tf32"][0] <= 2.0**-8 * magnitude, (errors, magnitude)
+    assert errors["tf32"][1] <= 2.0**-8 * max(lse_size, magnitude), (errors, magnitude)
+    assert errors["highest"][0] <= 64 * 2.0**-23 * max(size, magnitude if name == "large scores" else size), errors

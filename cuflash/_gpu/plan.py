@@ -443,7 +443,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     device = cupy.cuda.Device().id
     arch = _arch(device)
     sets = _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch,
-                                                          _mean_visible_keys(p), modified))
+                                                          _mean_visible_keys(p), modified, p.precision))
     variant = sets[-1][0]  # the modifier Variant when there is one
     kernels.prefetch([f for f, _ in sets], device)
     if prefetch_backward is not None:

@@ -22,6 +22,7 @@ import dataclasses
 import math
 from typing import Callable, NamedTuple
 
+from .._spec import PRECISIONS
 from .variant import Variant
 
 # Head-dim buckets of every family: D and Dv are zero-padded up to the next one.
@@ -67,31 +68,39 @@ class KernelSpec:
     shared_memory: Callable[[str, int, int, int, int], int]
     tile_ok: Callable[[int, int, int], bool] = lambda block_m, block_n, warps: True
     masked: bool = True
-    # Per head-dim bucket, the tile of the kScoreMods form where the first candidate's spills
-    # (the modifiers' registers on top of the masked form's).
-    modifier_tiles: dict = dataclasses.field(default_factory=dict)
+    # (dtype, head-dim bucket) -> the tile of the kScoreMods form where the first candidate's
+    # spills (the modifiers' registers on top of the masked form's), else None.
+    modifier_tile: Callable[[str, int], Tile | None] = lambda dtype, head_dim: None
     # The kScoreMods form's bias and mask tiles per pipeline stage (dtype, head_dim, block_m,
     # block_n) -> bytes, for families that stage them in shared memory (score_mod.cuh's
     # ScorePlaneStage); None: the planes are read from global memory.
     score_planes: Callable[[str, int, int, int], int] | None = None
+    # The float32 precisions (_spec.PRECISIONS) the family computes on TF32 tensor cores, each with
+    # the widest head-dim bucket it serves there (wider: the next family, FFMA); a float32 Variant
+    # of such a family carries its precision. Empty: float32 in FFMA, whatever the precision.
+    tf32_precisions: dict = dataclasses.field(default_factory=dict)
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
-                visible_keys: float = math.inf, score_mods: bool = False) -> Variant | None:
+                visible_keys: float = math.inf, score_mods: bool = False,
+                precision: str = "highest") -> Variant | None:
         """The first candidate that fits ``arch``, as a Variant; None if none does."""
         if dtype not in self.dtypes:
+            return None
+        tf32 = dtype == "float32" and bool(self.tf32_precisions)
+        if tf32 and head_dim > self.tf32_precisions.get(precision, 0):
             return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
         candidates = self.candidates(dtype, head_dim, arch, visible_keys)
-        if score_mods and head_dim in self.modifier_tiles:
-            candidates = (self.modifier_tiles[head_dim],) + tuple(candidates)
+        if score_mods and self.modifier_tile(dtype, head_dim) is not None:
+            candidates = (self.modifier_tile(dtype, head_dim),) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
             shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
                 return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
-                               has_window and self.masked, arch, shared_mem, score_mods)
+                               has_window and self.masked, arch, shared_mem, score_mods, precision if tf32 else None)
         return None
 
     def shared_memory_bytes(self, variant: Variant) -> int:
@@ -128,6 +137,37 @@ _TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
 }
 
 
+# float32 under precision="tf32" (tile_tc.cuh's Arith<tf32>): the same kernel with 4-byte elements
+# on m16n8k8 TF32 tensor cores, so rows take twice the shared memory. Candidates best first, as
+# _TC_TABLE; measured on the H200 (benchmarks/NOTES.md, session 12). 3xTF32 for "highest" was
+# built and measured there too: float32-accurate only with each step's products summed apart
+# (the tensor cores truncate as they accumulate), and then no faster than FFMA, so "highest" and
+# "ieee" stay on FFMA (fwd_simt).
+# H200, bf16-shaped sweep (B x L = 16k, L 4k, TFLOP/s dense / causal): d32 128x64 124 / 116
+# (128x32 121 / 113, 64x64 100 / 95); d64 128x64 146 / 135 (128x32 139 / 125, 64x32 111 / 107);
+# d128 128x32 121 / 107 (64x32 96 / 92, 64x64 75 / 71, 128x32 w8 100 / 91); d256 64x16 80 / 75
+# (64x32 77 / 72, 128x32 w8 35 / 34). 32 rows per warp where the registers allow (<= 255, no
+# spill): each K/V fragment feeds two m16 tiles.
+_TF32_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((128, 64, 4, 2), (128, 32, 4, 2)),
+    64: ((128, 64, 4, 2), (128, 32, 4, 2)),
+    96: ((128, 32, 4, 2), (64, 32, 4, 2)),
+    128: ((128, 32, 4, 2), (64, 32, 4, 2)),
+    160: ((64, 16, 4, 2),),
+    192: ((64, 16, 4, 2),),
+    224: ((64, 16, 4, 2),),
+    256: ((64, 16, 4, 2),),
+}
+_TF32_MAX_HEAD_DIM = {"tf32": 256}
+# d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a bias's reads
+# spills 64 bytes on sm_80.
+_TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}
+
+
+def _fwd_tc_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
+    return (_TF32_TABLE if dtype == "float32" else _TC_TABLE).get(head_dim, ())
+
+
 def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
     """Mirror of score_mod.cuh's ScorePlaneStage::kBytes where stages_score_planes holds (the
     head-dim bucket 32): a bias tile in the score type (float32, float64 for float64), rows padded
@@ -138,11 +178,11 @@ def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) ->
     return block_m * (block_n * item + 32) + block_m * (block_n + 16)
 
 
-def _smem_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of fwd_tc.cu's kSmemBytes: a Q tile and `stages` (K tile, V tile) pairs of 16-bit
-    elements, each row padded by one 16-byte chunk (tile_tc.cuh's SmemTile)."""
-    pitch = (head_dim // 8 + 1) * 16
-    return (block_m + stages * 2 * block_n) * pitch
+def _smem_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
+    """Mirror of fwd_tc.cu's kSmemBytes: a Q tile and `stages` (K tile, V tile) pairs of elements
+    of `units` 16-bit units (2 for float32), each row padded by one 16-byte chunk (tile_tc.cuh's
+    SmemTile)."""
+    return (block_m + stages * 2 * block_n) * _tc_pitch(head_dim * units)
 
 
 # --------------------------------------------------------------------------- fwd_wgmma (Hopper)
@@ -375,10 +415,11 @@ def _by_tile(smem: Callable[..., int]):
     return lambda dtype, head_dim, block_m, block_n, stages: smem(head_dim, block_m, block_n, stages)
 
 
-FWD_TC = KernelSpec("fwd_tc", TC_DTYPES, _table(_TC_TABLE), _by_tile(_smem_tc_bytes),
-                    # d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a
-                    # bias's reads spills 64 bytes on sm_80
-                    modifier_tiles={32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}, score_planes=_score_plane_bytes)
+FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _fwd_tc_candidates,
+                    lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages,
+                                                                              2 if dtype == "float32" else 1),
+                    modifier_tile=lambda dtype, d: _TC_MODIFIER_TILES.get(d) if dtype != "float32" else None,
+                    score_planes=_score_plane_bytes, tf32_precisions=_TF32_MAX_HEAD_DIM)
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
@@ -391,7 +432,8 @@ FWD_DMMA = KernelSpec(
 BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes),
                          # 128x128 spills 72 bytes on sm_80; on sm_90a d96 64x128 32 bytes, d256 64x64
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
-                         modifier_tiles={32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)},
+                         modifier_tile=lambda dtype, d: {32: (64, 128, 8, 2), 96: (64, 64, 8, 2),
+                                                         256: (32, 64, 8, 2)}.get(d),
                          score_planes=_score_plane_bytes)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
@@ -417,7 +459,7 @@ SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_SIMT, FWD_DMMA, B
 FORWARD = {
     "float16": (FWD_WGMMA, FWD_TC),
     "bfloat16": (FWD_WGMMA, FWD_TC),
-    "float32": (FWD_SIMT,),
+    "float32": (FWD_TC, FWD_SIMT),  # TF32 tensor cores under precision="tf32" (FWD_TC.tf32_precisions)
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV_WGMMA, BWD_DKDV_TC),
@@ -426,9 +468,9 @@ BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BW
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
-           score_mods: bool = False) -> Variant:
+           score_mods: bool = False, precision: str = "highest") -> Variant:
     for spec in families:
-        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods)
+        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision)
         if variant is not None:
             return variant
     raise ValueError(f"no {families[-1].kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
@@ -441,12 +483,14 @@ def _families(table: dict, dtype: str):
 
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-           visible_keys: float = math.inf, score_mods: bool = False) -> Variant:
+           visible_keys: float = math.inf, score_mods: bool = False, precision: str = "highest") -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
     short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
-    softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants)."""
+    softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants). ``precision``: float32's
+    (_spec.resolve_precision), which decides between TF32 tensor cores and FFMA."""
     families = _families(FORWARD, dtype)
-    return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods)
+    return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods,
+                  precision)
 
 
 class BackwardVariants(NamedTuple):
@@ -479,7 +523,8 @@ def all_variants(arch: str) -> list[Variant]:
         for d in HEAD_DIMS:
             for masked, mods in ((False, False), (True, False), (True, True)):
                 for keys in (0, math.inf):
-                    out.append(select(dtype, d, d, masked, arch, keys, mods))
+                    for precision in PRECISIONS if dtype == "float32" else ("highest",):
+                        out.append(select(dtype, d, d, masked, arch, keys, mods, precision))
                 try:
                     out += select_backward(dtype, d, d, masked, arch, mods)
                 except ValueError:

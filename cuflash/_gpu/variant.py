@@ -39,15 +39,23 @@ class Variant:
     # softmax instead of the scale being folded into it; always with has_window (its run-time
     # window may be unbounded), so that one flag adds one Variant per tile, not two.
     score_mods: bool = False
+    # "tf32": float32 on TF32 tensor cores (the kernel's Element `cuflash::tc::tf32`, tile_tc.cuh's
+    # Arith); None for every other Variant (its dtype decides its arithmetic).
+    precision: str | None = None
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
     @property
+    def element_type(self) -> str:
+        """The kernel template's Element, as the kernels spell it."""
+        return "cuflash::tc::tf32" if self.precision == "tf32" else CUDA_TYPES[self.dtype]
+
+    @property
     def name_expression(self) -> str:
         args = (
-            CUDA_TYPES[self.dtype],
+            self.element_type,
             self.head_dim,
             self.block_m,
             self.block_n,
@@ -60,7 +68,7 @@ class Variant:
     def __str__(self) -> str:
         mask = ("window" if self.has_window else "dense") + (" mods" if self.score_mods else "")
         return (
-            f"{self.kernel}[{self.dtype} d{self.head_dim} {self.block_m}x{self.block_n} "
+            f"{self.kernel}[{self.dtype}{'/' + self.precision if self.precision else ''} d{self.head_dim} {self.block_m}x{self.block_n} "
             f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"
         )
 
