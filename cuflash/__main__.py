@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy
 
 import cuflash
+from cuflash import _spec
 
 
 # --------------------------------------------------------------------------- environment
@@ -238,6 +239,8 @@ def warmup(argv) -> int:
     parser.add_argument("--head-dim", default="64,128", help="head dims D (= Dv) to prepare, comma-separated")
     parser.add_argument("--mask", default="dense,causal",
                         help="dense (no mask), causal (or window/local: any causal or local mask), or both")
+    parser.add_argument("--precision", default="highest",
+                        help="float32's precision= values to prepare (highest, ieee, tf32), comma-separated")
     parser.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
     parser.add_argument("--all", action="store_true", help="every Variant the dispatcher can select")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
@@ -248,6 +251,7 @@ def warmup(argv) -> int:
     dtypes = _names(args.dtype, tiles.DTYPES, "--dtype")
     masks = _names(args.mask, tuple(_MASKS), "--mask")
     head_dims = _head_dims(args.head_dim)
+    precisions = _names(args.precision, _spec.PRECISIONS, "--precision")
 
     devices = gpu_devices()
     device_archs = {}
@@ -263,7 +267,8 @@ def warmup(argv) -> int:
             for d in head_dims:
                 for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
-                        variants.append(tiles.select(dtype, d, d, masked, arch, keys))
+                        for precision in precisions if dtype == "float32" else ("highest",):
+                            variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision))
                     if not args.forward_only:
                         variants += tiles.select_backward(dtype, d, d, masked, arch)
     variants = list(dict.fromkeys(variants))

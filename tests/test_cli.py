@@ -48,11 +48,21 @@ def test_warmup_forward_only_and_dense(warmed):
     assert not any(variant.has_window for variant, _ in warmed)
 
 
+def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
+    assert cli.main(["warmup", "--dtype", "float32,bfloat16", "--head-dim", "64", "--mask", "dense",
+                     "--arch", "90a", "--jobs", "1", "--forward-only", "--precision", "highest,tf32"]) == 0
+    forward = {(variant.kernel, variant.dtype, variant.precision) for variant, _ in warmed}
+    assert ("fwd_simt", "float32", None) in forward  # "highest": FFMA
+    assert ("fwd_tc", "float32", "tf32") in forward  # "tf32": TF32 tensor cores
+    assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")
+
+
 @pytest.mark.parametrize("arguments, named", [
     (["--dtype", "foo"], "--dtype"),
     (["--head-dim", "300"], "--head-dim"),
     (["--head-dim", "x"], "--head-dim"),
     (["--mask", "sliding"], "--mask"),
+    (["--precision", "fast"], "--precision"),
 ])
 def test_warmup_says_what_is_wrong(warmed, arguments, named):
     with pytest.raises(SystemExit) as error:

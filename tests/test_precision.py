@@ -211,3 +211,31 @@ def test_gpu_tf32_is_within_tf32_rounding(rng, name, lq, lk, d, make, causal):
     assert errors["tf32"][0] <= 2.0**-8 * magnitude, (errors, magnitude)
     assert errors["tf32"][1] <= 2.0**-8 * max(lse_size, magnitude), (errors, magnitude)
     assert errors["highest"][0] <= 64 * 2.0**-23 * max(size, magnitude if name == "large scores" else size), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [32, 64, 111])
+def test_gpu_tf32_takes_every_score_modifier(rng, d):
+    """precision="tf32" through the modifier Variants (at d32 the bias and mask tiles are staged
+    in shared memory): a pair bias shared over a batch axis, a key-padding-and-pattern mask,
+    softcap, ALiBi and sinks, GQA, causal; out and lse within TF32's rounding of the float64
+    reference (reference.score_mods_ref), "highest" within float32's; a replay gives the same bits."""
+    cupy = pytest.importorskip("cupy")
+    q = rng.standard_normal((2, 4, 70, d)).astype(numpy.float32)
+    k = rng.standard_normal((2, 2, 90, d)).astype(numpy.float32)
+    v = rng.standard_normal((2, 2, 90, d)).astype(numpy.float32)
+    options = dict(causal=True, softcap=8.0, alibi_slopes=rng.uniform(0.01, 0.2, 4).astype(numpy.float32),
+                   sinks=rng.standard_normal(4).astype(numpy.float32),
+                   bias=rng.standard_normal((1, 4, 70, 90)).astype(numpy.float32),
+                   mask=rng.random((2, 1, 70, 90)) > 0.2)
+    ref_out, ref_lse = reference.score_mods_ref(q, k, v, **options)
+    size = max(float(numpy.abs(ref_out).max()), 1.0)
+    gpu = [cupy.asarray(x) for x in (q, k, v)]
+    gpu_options = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in options.items()}
+    for precision, bound in (("tf32", 2.0**-8), ("highest", 64 * 2.0**-23)):
+        first = cuflash.attention(*gpu, return_lse=True, precision=precision, **gpu_options)
+        again = cuflash.attention(*gpu, return_lse=True, precision=precision, **gpu_options)
+        for got, want in zip(again, first):
+            assert got.get().tobytes() == want.get().tobytes(), precision
+        assert _float32_error(first[0].get(), ref_out) <= bound * size, precision
+        assert _float32_error(first[1].get(), ref_lse) <= bound * max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max()), 1.0), precision
