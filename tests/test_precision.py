@@ -239,3 +239,85 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
             assert got.get().tobytes() == want.get().tobytes(), precision
         assert _float32_error(first[0].get(), ref_out) <= bound * size, precision
         assert _float32_error(first[1].get(), ref_lse) <= bound * max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max()), 1.0), precision
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["views", "negative scale", "dv != d", "window", "out="])
+def test_gpu_tf32_layouts_and_options(rng, case):
+    """precision="tf32" keeps every layout and option of the forward: (B, L, H, D) views read in
+    place, a negative scale (Q negated in shared memory: float32's sign bit), Dv != D, a sliding
+    window, out= written in place; within TF32's rounding of the float64 reference."""
+    cupy = pytest.importorskip("cupy")
+    d, dv, scale, window = 64, 64, None, None
+    if case == "negative scale":
+        scale = -0.2
+    if case == "dv != d":
+        d, dv = 96, 40
+    if case == "window":
+        window = (33, 0)
+    q = rng.standard_normal((2, 150, 4, d)).astype(numpy.float32)  # (B, L, H, D)
+    k = rng.standard_normal((2, 210, 2, d)).astype(numpy.float32)
+    v = rng.standard_normal((2, 210, 2, dv)).astype(numpy.float32)
+    views = [cupy.asarray(x).transpose(0, 2, 1, 3) for x in (q, k, v)]  # (B, H, L, D) views, no copy
+    if case != "views":
+        views = [cupy.ascontiguousarray(x) for x in views]
+    host = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
+    ref_out, ref_lse = reference.attention_ref(*host, scale=scale, causal=case == "window", window=window)
+    magnitude = float(reference.attention_magnitudes(*host, scale=scale, causal=case == "window",
+                                                     window=window).max())
+    kwargs = dict(scale=scale, causal=case == "window", window=window, precision="tf32", return_lse=True)
+    out = None
+    if case == "out=":
+        out = cupy.full((2, 4, 150, dv), 7.0, dtype=cupy.float32)
+        kwargs["out"] = out
+    got, lse = cuflash.attention(*views, **kwargs)
+    if out is not None:
+        assert got is out
+    assert _float32_error(got.get(), ref_out) <= 2.0**-8 * magnitude
+    assert _float32_error(lse.get(), ref_lse) <= 2.0**-8 * max(magnitude, float(numpy.abs(ref_lse).max()))
+    highest = cuflash.attention(*views, **{**kwargs, "precision": "highest", "out": None})[0]
+    assert _float32_error(highest.get(), ref_out) <= 64 * 2.0**-23 * max(float(numpy.abs(ref_out).max()), 1.0)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_training_step_through_torch_and_a_cuda_graph(rng):
+    """cuflash.torch.attention(precision="tf32") on CUDA tensors: the forward on TF32 tensor cores,
+    gradients from the FFMA backward at the forward's out and lse (each within TF32's rounding of
+    float64's); a captured training step (deterministic=True) replays bitwise equal to eager calls."""
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    shapes = [(2, 4, 130, 64), (2, 2, 130, 64), (2, 2, 130, 64)]
+    leaves = [torch.from_numpy(rng.standard_normal(s).astype(numpy.float32)).cuda().requires_grad_() for s in shapes]
+    dout = torch.from_numpy(rng.standard_normal(shapes[0]).astype(numpy.float32)).cuda()
+    out = ct.attention(*leaves, causal=True, precision="tf32")
+    out.backward(dout)
+    host = [x.detach().cpu().numpy() for x in leaves]
+    ref_out, _ = reference.attention_ref(*host, causal=True)
+    ref_grads = reference.attention_backward_ref(dout.cpu().numpy(), *host, causal=True)
+    magnitude = float(reference.attention_magnitudes(*host, causal=True).max())
+    assert _float32_error(out.detach().cpu().numpy(), ref_out) <= 2.0**-8 * magnitude
+    for leaf, ref in zip(leaves, ref_grads):
+        assert _float32_error(leaf.grad.cpu().numpy(), ref) <= 2.0**-7 * max(float(numpy.abs(ref).max()), magnitude)
+
+    static = [x.detach().clone().requires_grad_() for x in leaves]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm the plans outside the capture
+        for _ in range(2):
+            ct.attention(*static, causal=True, precision="tf32", deterministic=True).backward(dout)
+    torch.cuda.current_stream().wait_stream(stream)
+    for x in static:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = ct.attention(*static, causal=True, precision="tf32", deterministic=True)
+        g_out.backward(dout)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = [x.detach().clone().requires_grad_() for x in static]
+    e_out = ct.attention(*eager, causal=True, precision="tf32", deterministic=True)
+    e_out.backward(dout)
+    torch.testing.assert_close(g_out, e_out, rtol=0, atol=0)
+    for ours, x in zip(static, eager):
+        torch.testing.assert_close(ours.grad, x.grad, rtol=0, atol=0)
