@@ -7,7 +7,8 @@
 //   3. Tensor-core fragments: ldmatrix (sm_75+), mma.sync m16n8k16 f16/bf16 and m16n8k8 tf32 -> f32 (sm_80+)
 //   4. Conversions: two floats -> one packed f16x2 / bf16x2 register; float -> tf32
 //   5. Fast math: ex2.approx
-// Other kernels add their own sections (e.g. DMMA for float64) at the end.
+// Other kernels add their own sections (e.g. DMMA for float64, wgmma, the bulk tensor copy
+// engine) at the end.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -565,6 +566,167 @@ struct Wgmma {
     }
 };
 #endif
+
+}  // namespace ptx
+}  // namespace cuflash
+
+// ===================================================================== 10. The bulk tensor copy engine (TMA, sm_90)
+// For the warp-specialized Hopper kernels (the Hopper issue): a producer thread asks the copy
+// engine for a box of a tensor described by a tensor map (cuflash/_gpu/tma.py encodes it on the
+// host; it reaches the kernel inside its __grid_constant__ params, so its address is in the
+// parameter space the engine may read), into shared memory; the copy completes on an mbarrier
+// (a 64-bit shared-memory barrier counting arrivals and transaction bytes), which consumers wait
+// on by phase parity. Outside sm_90 they compile to a trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CUFLASH_HAS_TMA 1
+#else
+#define CUFLASH_HAS_TMA 0
+#endif
+
+namespace cuflash {
+namespace ptx {
+
+// The 128-byte CUtensorMap (cuda.h's opaque type: NVRTC has no cuda.h), 64-byte aligned.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Initialise the mbarrier at shared address `bar` to expect `arrivals` arrivals per phase (one
+// thread, before any use), then make the initialisation visible to the copy engine.
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned arrivals) {
+#if CUFLASH_HAS_TMA
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// Arrive on `bar` and add `bytes` to the transaction count its current phase waits for (the
+// producer, before or after issuing the copies that will complete those bytes).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned bar, unsigned bytes) {
+#if CUFLASH_HAS_TMA
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Arrive on `bar` (a consumer releasing a stage back to the producer).
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+#if CUFLASH_HAS_TMA
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Wait until the phase of `bar` with parity `phase` (0 or 1) has completed: all its arrivals
+// and transaction bytes. try_wait suspends the thread for a while in hardware before it
+// returns false, so the loop does not spin hot.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned phase) {
+#if CUFLASH_HAS_TMA
+    unsigned done = 0;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred complete;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, complete;\n"
+            "}"
+            : "=r"(done)
+            : "r"(bar), "r"(phase)
+            : "memory");
+    } while (!done);
+#else
+    __trap();
+#endif
+}
+
+// Copy the box at coordinates (c0 innermost, ...) of the tensor `map` describes into shared
+// memory at `dst` (aligned to 128 bytes; 1024 with a 128-byte swizzle), completing `bar`'s
+// transaction bytes. Elements outside the tensor arrive as zeros. Issued by one thread.
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap& map, unsigned bar, int c0, int c1) {
+#if CUFLASH_HAS_TMA
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(bar), "r"(c0), "r"(c1)
+        : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const TensorMap& map, unsigned bar, int c0, int c1, int c2) {
+#if CUFLASH_HAS_TMA
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const TensorMap& map, unsigned bar, int c0, int c1, int c2,
+                                            int c3) {
+#if CUFLASH_HAS_TMA
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Bring the tensor map into the constant cache ahead of its first use (the producer, once).
+__device__ __forceinline__ void tma_prefetch_map(const TensorMap& map) {
+#if CUFLASH_HAS_TMA
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// True in exactly one lane of the (converged) warp: the producer's one issuing thread.
+__device__ __forceinline__ bool elect_one() {
+#if CUFLASH_HAS_TMA
+    unsigned elected = 0;
+    asm volatile(
+        "{\n"
+        ".reg .pred one;\n"
+        "elect.sync _|one, 0xffffffff;\n"
+        "selp.u32 %0, 1, 0, one;\n"
+        "}"
+        : "=r"(elected));
+    return elected != 0;
+#else
+    __trap();
+    return false;
+#endif
+}
+
+// Register reallocation between warpgroups (sm_90a): the producer gives registers back, the
+// consumers take them. Effective only with a register cap at entry (__launch_bounds__(threads, 1))
+// and each warpgroup's role one branch of an if/else (HOPPER.md).
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+#else
+    __trap();
+#endif
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if CUFLASH_HAS_WGMMA
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+#else
+    __trap();
+#endif
+}
 
 }  // namespace ptx
 }  // namespace cuflash
