@@ -33,10 +33,16 @@ Keys (all but ``name`` optional):
 - ``layout``: "bhld" (as given) or "blhd": the arrays are made ``(B, L, H, D)`` and passed as
   transposed views (strided, no copy);
 - ``options``: keyword arguments of ``cuflash.attention`` / ``attention_backward`` (causal,
-  window, scale, softcap; ``alibi_slopes``/``sinks`` given as "heads" draw one value per head);
+  window, scale, softcap, precision; ``alibi_slopes``/``sinks`` given as "heads" draw one value
+  per head; ``bias`` and ``mask`` given as a shape draw a float bias / a boolean mask of that
+  shape, a mask whose name ends in "padding" keeps a prefix of keys per batch row);
 - ``backward`` (True), ``deterministic`` (False);
-- ``api``: "dense", "varlen" (``lengths_q``/``lengths_k``: packed sequences) or "merge"
-  (merge_attention of two halves of the keys);
+- ``api``: "dense", "varlen" (``lengths_q``/``lengths_k``: packed sequences), "merge"
+  (merge_attention of two halves of the keys) or "kvcache" (attention_with_kvcache: ``heads``,
+  ``d``, ``lq``, ``lmax``, ``seqlens``, ``lnew``, ``page_size`` (None: contiguous),
+  ``num_splits``; the caches after the append are compared too);
+- ``tolerance``: the error allowed relative to the result's size, when not the dtype's
+  (``TOLERANCE``; e.g. precision="tf32");
 - ``quick``: part of ``--quick``.
 
 A case whose feature the GPU path does not take yet (NotImplementedError, or an API that is
@@ -132,6 +138,28 @@ def _feature_cases() -> list[dict]:
              options={"window": (50, 0), "sinks": "heads"}),
         dict(name="merge-float16", dtype="float16", api="merge", q=(1, 2, 97, 64), k=(1, 2, 1025, 64),
              backward=False),
+        # bias and mask: the d32 staged tiles (fwd_tc, bwd_dkdv_tc), dbias (bias_grad.cu), a
+        # key-padding mask's cut (key_bounds.cu), the SIMT/DMMA and wider forms
+        dict(name="pair-bias-bfloat16-d32", dtype="bfloat16", q=(2, 4, 97, 32), k=(2, 4, 97, 32),
+             options={"bias": (1, 4, 97, 97), "mask": (2, 1, 97, 97)}, quick=True),
+        dict(name="key-padding-float16-gqa", dtype="float16", q=(2, 4, 130, 64), k=(2, 2, 200, 64),
+             options={"causal": True, "mask": "key padding"}),
+        dict(name="bias-float32-window", dtype="float32", q=(1, 2, 97, 59), k=(1, 2, 150, 59),
+             options={"window": (40, 8), "bias": (97, 150)}),
+        dict(name="bias-mask-float64", dtype="float64", q=(2, 2, 61, 40), k=(2, 2, 77, 40),
+             options={"bias": (2, 1, 1, 77), "mask": (1, 2, 61, 77)}),
+        # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
+        dict(name="tf32-float32-odd", dtype="float32", **ODD, options={"causal": True, "precision": "tf32"},
+             tolerance=2e-2, quick=True),
+        dict(name="tf32-float32-bias-d32", dtype="float32", q=(1, 4, 70, 32), k=(1, 2, 90, 32),
+             options={"precision": "tf32", "bias": (4, 70, 90), "softcap": 20.0, "sinks": "heads"}, tolerance=2e-2),
+        # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
+        dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
+             seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
+        dict(name="decode-float16-contiguous", dtype="float16", api="kvcache", heads=(4, 4), d=64, lq=5, lmax=1100,
+             seqlens=[1000, 33], lnew=5, page_size=None, num_splits=0),
+        dict(name="kvcache-float32-paged", dtype="float32", api="kvcache", heads=(4, 1), d=59, lq=3, lmax=96,
+             seqlens=[20, 70], lnew=2, page_size=16, num_splits=1),
     ]
 
 
@@ -139,7 +167,8 @@ CASES: list[dict] = _core_cases() + _feature_cases()
 
 
 CASE_KEYS = {"name", "dtype", "q", "k", "v", "layout", "options", "backward", "deterministic", "api", "quick",
-             "heads", "d", "lengths_q", "lengths_k"}
+             "heads", "d", "lengths_q", "lengths_k", "tolerance", "lq", "lmax", "seqlens", "lnew", "page_size",
+             "num_splits"}
 
 
 def check_case(case: dict) -> None:
@@ -150,7 +179,8 @@ def check_case(case: dict) -> None:
     if case.get("dtype") not in DTYPES:
         raise ValueError(f"case {case.get('name')!r}: dtype must be one of {DTYPES}")
     api = case.get("api", "dense")
-    needed = {"dense": ("q", "k"), "merge": ("q", "k"), "varlen": ("heads", "d", "lengths_q", "lengths_k")}[api]
+    needed = {"dense": ("q", "k"), "merge": ("q", "k"), "varlen": ("heads", "d", "lengths_q", "lengths_k"),
+              "kvcache": ("heads", "d", "lq", "lmax", "seqlens", "lnew", "page_size", "num_splits")}[api]
     missing = [key for key in needed if key not in case]
     if missing:
         raise ValueError(f"case {case['name']!r} ({api}): missing {missing}")
@@ -205,6 +235,8 @@ def run_case(case: dict) -> dict:
             results, expected = _run_varlen(case, rng, dtype, cupy, cuflash)
         elif api == "merge":
             results, expected = _run_merge(case, rng, dtype, cupy, cuflash)
+        elif api == "kvcache":
+            results, expected = _run_kvcache(case, rng, dtype, cupy, cuflash)
         else:
             results, expected = _run_dense(case, rng, dtype, cupy, cuflash)
     except NotImplementedError as error:
@@ -215,7 +247,8 @@ def run_case(case: dict) -> dict:
         raise
     cupy.cuda.Device().synchronize()
     worst = {}
-    for name, got, want in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), results, expected):
+    tolerance = case.get("tolerance", TOLERANCE[case["dtype"]])
+    for name, (got, want) in zip(_result_names(case), zip(results, expected)):
         if got is None:
             continue
         got = cupy.asnumpy(got).astype(numpy.float64)
@@ -230,7 +263,7 @@ def run_case(case: dict) -> dict:
         error = float(numpy.abs(got[finite] - want[finite]).max(initial=0.0))
         size = max(1.0, float(numpy.abs(want[finite]).max(initial=0.0)))
         worst[name] = error / size
-        if error > TOLERANCE[case["dtype"]] * size:
+        if error > tolerance * size:
             return {"status": "mismatch", "detail": f"{name}: max error {error:.3e} (size {size:.3e})",
                     "errors": worst}
     return {"status": "ok", "errors": worst}
@@ -242,16 +275,41 @@ def _draw(rng, shape, dtype):
     return rng.standard_normal(shape).astype(numpy.float32).astype(dtype)
 
 
-def _options(case, rng, dtype, lead, cupy):
-    """The case's options with "heads" per-head arrays drawn: (GPU options, CPU options)."""
+def _result_names(case) -> tuple[str, ...]:
+    """The names of a case's results, in the order its runner returns them."""
+    api = case.get("api", "dense")
+    if api == "kvcache":
+        return ("out", "k_cache", "v_cache")
+    if api == "merge" or not case.get("backward", True):
+        return ("out", "lse")
+    options = case.get("options", {})
+    return ("out", "lse", "dq", "dk", "dv") + (("dbias",) if "bias" in options else ()) + (
+        ("dsinks",) if "sinks" in options else ())
+
+
+def _options(case, rng, dtype, lead, q_len, k_len, cupy):
+    """The case's options with their arrays drawn: "heads" per-head values, a bias (float32 for
+    16-bit inputs) or a mask of the given shape, a key-padding mask ("... padding": batch row b
+    keeps a prefix of the keys, at least one): (GPU options, CPU options)."""
+    import numpy
+
     gpu, cpu = {}, {}
     for key, value in case.get("options", {}).items():
+        host = None
         if value == "heads":
             host = (rng.uniform(0.05, 0.5, lead[-1:]) if key == "alibi_slopes"
                     else rng.standard_normal(lead[-1:])).astype(dtype)
-            gpu[key], cpu[key] = cupy.asarray(host), host
-        else:
+        elif key == "bias":
+            host = rng.standard_normal(value).astype(numpy.float32 if dtype.itemsize == 2 else dtype)
+        elif key == "mask" and isinstance(value, str) and value.endswith("padding"):
+            kept = rng.integers(1, k_len + 1, lead[0])
+            host = (numpy.arange(k_len) < kept[:, None]).reshape(lead[0], 1, 1, k_len)
+        elif key == "mask":
+            host = rng.random(value) > 0.25
+        if host is None:
             gpu[key] = cpu[key] = value
+        else:
+            gpu[key], cpu[key] = cupy.asarray(host), host
     return gpu, cpu
 
 
@@ -266,7 +324,7 @@ def _run_dense(case, rng, dtype, cupy, cuflash):
         device = [cupy.asarray(numpy_swap(x)).transpose(0, 2, 1, 3) for x in host]
     else:
         device = [cupy.asarray(x) for x in host]
-    gpu_opts, cpu_opts = _options(case, rng, dtype, lead, cupy)
+    gpu_opts, cpu_opts = _options(case, rng, dtype, lead, q_shape[-2], k_shape[-2], cupy)
     deterministic = bool(case.get("deterministic", False))
     out, lse = cuflash.attention(*device, return_lse=True, **gpu_opts)
     want_out, want_lse = cuflash.attention(*host, return_lse=True, **cpu_opts)
@@ -319,6 +377,36 @@ def _run_merge(case, rng, dtype, cupy, cuflash):
     out, lse = merge([p[0] for p in parts], [p[1] for p in parts])
     want_out, want_lse = cuflash.attention(q, k, v, return_lse=True)
     return [out, lse], [want_out, want_lse]
+
+
+def _run_kvcache(case, rng, dtype, cupy, cuflash):
+    """attention_with_kvcache on the GPU and the CPU backend from the same caches: out, and both
+    caches after the in-place append (contiguous, or pages in a shuffled block table)."""
+    import numpy
+
+    heads_q, heads_k = case["heads"]
+    d, lq, lmax, lnew, page = case["d"], case["lq"], case["lmax"], case["lnew"], case["page_size"]
+    seqlens = numpy.array(case["seqlens"], dtype=numpy.int32)
+    batch = len(seqlens)
+    q = _draw(rng, (batch, heads_q, lq, d), dtype)
+    new = [_draw(rng, (batch, heads_k, lnew, d), dtype) for _ in range(2)] if lnew else [None, None]
+    if page is None:
+        caches = [_draw(rng, (batch, heads_k, lmax, d), dtype) for _ in range(2)]
+        table = None
+    else:
+        per_sequence = -(-lmax // page)
+        caches = [_draw(rng, (batch * per_sequence, heads_k, page, d), dtype) for _ in range(2)]
+        table = rng.permutation(batch * per_sequence).astype(numpy.int32).reshape(batch, per_sequence)
+    options = dict(causal=True, num_splits=case["num_splits"])
+    host_caches = [c.copy() for c in caches]  # before either call appends to its caches
+    device_caches = [cupy.asarray(c) for c in caches]
+    out = cuflash.attention_with_kvcache(
+        cupy.asarray(q), *device_caches, k=None if new[0] is None else cupy.asarray(new[0]),
+        v=None if new[1] is None else cupy.asarray(new[1]), cache_seqlens=cupy.asarray(seqlens),
+        block_table=None if table is None else cupy.asarray(table), **options)
+    want = cuflash.attention_with_kvcache(q, *host_caches, k=new[0], v=new[1], cache_seqlens=seqlens,
+                                         block_table=table, **options)
+    return [out, *device_caches], [want, *host_caches]
 
 
 # One planted bug per tool: a run that finds it shows the tool works on this machine, so that
@@ -496,7 +584,10 @@ def main(argv=None) -> int:
         parser.error("no case selected")
     if args.list:
         for case in cases:
-            shapes = (f"lengths {case['lengths_q']}/{case['lengths_k']}" if case.get("api") == "varlen"
+            api = case.get("api")
+            shapes = (f"lengths {case['lengths_q']}/{case['lengths_k']}" if api == "varlen"
+                      else f"heads {case['heads']} d {case['d']} Lq {case['lq']} cache {case['seqlens']} + "
+                           f"{case['lnew']} of {case['lmax']}, pages {case['page_size']}" if api == "kvcache"
                       else f"q {case['q']} k {case['k']}" + (f" v {case['v']}" if "v" in case else ""))
             extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api") if k in case}
             print(f"{case['name']:34s} {case['dtype']:9s} {shapes}  {extras}")

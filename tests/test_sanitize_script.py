@@ -74,6 +74,12 @@ def test_the_cases_cover_every_kernel_family():
     assert any(c.get("q", (0, 0))[1] > c.get("k", (0, 0))[1] for c in cases)  # GQA
     assert {c["dtype"] for c in cases if c.get("deterministic")} == set(sanitize.DTYPES)
     assert any(c.get("api") == "varlen" for c in cases)
+    # the kernels that came with bias/mask (bias_grad, key_bounds, staged d32 tiles), TF32 and decode
+    options = [c.get("options", {}) for c in cases]
+    assert any("bias" in o for o in options) and any(str(o.get("mask", "")).endswith("padding") for o in options)
+    assert any("bias" in o and c.get("q", (0,) * 4)[-1] <= 32 for o, c in zip(options, cases))
+    assert any(o.get("precision") == "tf32" for o in options)
+    assert {c["page_size"] is None for c in cases if c.get("api") == "kvcache"} == {True, False}
     with pytest.raises(ValueError, match="unknown keys"):
         sanitize.check_case(dict(name="typo", dtype="float16", q=(1, 1, 2, 2), k=(1, 1, 2, 2), option={}))
 
