@@ -32,8 +32,8 @@ their gradient) run in cuflash, on CPU and CUDA tensors. Padded batches (left or
 and packed ones (``position_ids`` restarting per document, ``DataCollatorWithFlattening``), causal,
 sliding windows too, without a cache, run in cuflash, each sequence on its own tokens: the mask
 SDPA's mask function built is checked to be exactly that pattern first. Generation from
-left-padded prompts too: each decoding step runs every row on its real keys of the cache,
-causal bottom-right. What cuflash does not
+left-padded prompts too: each decoding step is one call over the whole batch, a key mask hiding
+each row's padding in the cache, causal bottom-right. What cuflash does not
 support falls back to SDPA's integration (same arguments), with a one-time warning per reason:
 any other mask tensor (right padding with a cache, custom patterns), dropout > 0, ``position_bias``,
 tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
@@ -321,10 +321,12 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
     """cuflash on every sequence of every batch row (_segments: queries [q0, q1) against keys
     [k0, k1), causal with the given alignment); rows outside every sequence (left padding) 0.
     Returns (B, Lq, H, Dv): the whole batch in one packed call (flash-attn's varlen layout over the
-    flattened rows; sinks with their gradient), or one call per sequence: with segments one packed
-    call cannot take, and over a KV cache laid out (B, H, L, D) (flattening it would copy the whole
-    cache at every step; the projections' own layout, (B, L, H, D) seen through a transpose,
-    flattens as a view)."""
+    flattened rows; sinks with their gradient); over a KV cache laid out (B, H, L, D) with left
+    padding (_cache_segments: flattening it would copy the whole cache at every step; the
+    projections' own layout, (B, L, H, D) seen through a transpose, flattens as a view), one call
+    whose key mask hides each row's padding (_attention_over_cache); else one call per sequence."""
+    if _left_padded_cache(segments, query.shape[2], key.shape[2]):
+        return _attention_over_cache(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
     packed = None
     if query.shape[2] == key.shape[2] or all(_flattens(x) for x in (query, key, value)):
         packed = _packed_sequences(segments, query.shape[2], key.shape[2])
@@ -343,6 +345,23 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
                                                       options)
         return out.view(batch, q_length, heads, value.shape[-1])
     return _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
+
+
+def _left_padded_cache(segments, q_length, kv_length) -> bool:
+    """Whether every batch row is one sequence of all the queries against its keys from a start
+    to the cache's end, causal bottom-right (_cache_segments' form)."""
+    return all(len(runs) == 1 and runs[0][:2] == (0, q_length) and runs[0][3:] == (kv_length, "bottom_right")
+               for runs in segments)
+
+
+def _attention_over_cache(query, key, value, segments, scaling, window, softcap, sinks):
+    """_attention_of_segments over a left-padded cache in one call: a (B, 1, 1, Lk) key mask
+    hides each row's padding, causal bottom-right as in the per-sequence calls (a row's queries
+    are the cache's last positions); a row with no real key gives 0. (B, H, Lq, Dv)."""
+    starts = torch.tensor([runs[0][2] for runs in segments], device=key.device)
+    real = torch.arange(key.shape[2], device=key.device)[None, :] >= starts[:, None]
+    return _cuflash_torch.attention(query, key, value, scale=scaling, causal="bottom_right", window=window,
+                                    softcap=softcap, sinks=sinks, mask=real[:, None, None, :])
 
 
 def _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks):

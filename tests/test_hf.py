@@ -271,16 +271,21 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
 
 @pytest.mark.parametrize("config", PADDING_CONFIGS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device):
-    """Greedy generation over a KV cache from left-padded prompts: the prefill and every decoding
-    step run in cuflash (each row on its real cached keys, causal bottom-right), with the same
-    scores at every step as the model's own SDPA."""
+def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device, monkeypatch):
+    """Greedy generation over a KV cache from left-padded prompts: the prefill (one packed call)
+    and every decoding step (one call, a key mask hiding each row's padding, causal bottom-right)
+    run in cuflash, with the same scores at every step as the model's own SDPA."""
     dtype = torch.float64
     reference, ours = on(device, *model_pair(config(), dtype))
     ids = random_ids(3, 9).to(device)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :1] = 0
+
+    def per_sequence(*args, **kwargs):
+        raise AssertionError("a decoding step ran one call per sequence: one masked call takes the batch")
+
+    monkeypatch.setattr(hf, "_attention_of_sequences", per_sequence)
     runs = []
     for model in (reference, ours):
         model.generation_config.pad_token_id = 0
