@@ -32,13 +32,14 @@ their gradient) run in cuflash, on CPU and CUDA tensors. Padded batches (left or
 and packed ones (``position_ids`` restarting per document, ``DataCollatorWithFlattening``), causal,
 sliding windows too, without a cache, run in cuflash, each sequence on its own tokens: the mask
 SDPA's mask function built is checked to be exactly that pattern first. Generation from
-left-padded prompts too: each decoding step is one call over the whole batch, a key mask hiding
-each row's padding in the cache, causal bottom-right. What cuflash does not
+left- or right-padded prompts too: each decoding step is one call over the whole batch, a key
+mask hiding each row's padding in the cache, causal bottom-right. What cuflash does not
 support falls back to SDPA's integration (same arguments), with a one-time warning per reason:
-any other mask tensor (right padding with a cache, custom patterns), dropout > 0, ``position_bias``,
+any other mask tensor (custom patterns), dropout > 0, ``position_bias``,
 tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 """
+import dataclasses
 import warnings
 
 try:
@@ -185,9 +186,9 @@ def _segments(mask, sliding_window):
     per batch element, ``(start, end, key_start, key_end, alignment)`` per sequence: queries
     ``[start, end)`` against keys ``[key_start, key_end)``, causal with that alignment (top-left
     inside a sequence; key_end < end for right-padded queries, which see the sequence's real keys,
-    as in SDPA's mask); rows outside every sequence see no key. With a cache (Lq < Lk): left
-    padding only (_cache_segments). None for any other mask (custom patterns): those fall back to
-    SDPA. One host read per distinct mask.
+    as in SDPA's mask); rows outside every sequence see no key. With a cache (Lq < Lk): a
+    _CacheKeys (_cache_segments: padding anywhere in the cache). None for any other mask (custom
+    patterns): those fall back to SDPA. One host read per distinct mask.
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
         return None
@@ -209,23 +210,25 @@ def _window_and_causal(expected, index_q, index_k, offset, sliding_window):
     return expected
 
 
+@dataclasses.dataclass(frozen=True)
+class _CacheKeys:
+    """Decoding over a cache: each batch row's queries (the cache's last Lq positions) see its
+    real keys, causal bottom-right (and the window). ``real``: (B, Lk) bool."""
+
+    real: torch.Tensor
+
+
 def _cache_segments(mask, sliding_window):
-    """Decoding over a cache with left padding: ``(B, 1, Lq, Lk)``, Lq < Lk, key j visible to
-    query i iff j is real and ``j <= i + Lk - Lq`` (causal bottom-right, and the window), each
-    row's real keys one run ending at Lk. One sequence per batch row: all its queries against keys
-    ``[start, Lk)``, causal bottom-right."""
+    """Decoding over a cache: ``(B, 1, Lq, Lk)``, Lq < Lk, key j visible to query i iff j is real
+    (any set of keys per row: left padding, right padding with the new tokens after it) and
+    ``j <= i + Lk - Lq`` (causal bottom-right, and the window). A _CacheKeys, or None."""
     q_length, kv_length = mask.shape[2], mask.shape[3]
     visible = mask[:, 0]
-    real = visible.any(dim=1)                       # (B, Lk)
-    counts = real.sum(dim=1)
+    real = visible.any(dim=1)                       # (B, Lk): keys some query of the row sees
     index_q = torch.arange(q_length, device=mask.device)[None, :, None]
     index_k = torch.arange(kv_length, device=mask.device)[None, None, :]
-    starts = kv_length - counts
-    runs = index_k[:, 0, :] >= starts[:, None]
     expected = _window_and_causal(real[:, None, :], index_q, index_k, kv_length - q_length, sliding_window)
-    if not (torch.equal(real, runs) and torch.equal(visible, expected)):
-        return None
-    return [[(0, q_length, start, kv_length, "bottom_right")] for start in starts.tolist()]
+    return _CacheKeys(real) if torch.equal(visible, expected) else None
 
 
 def _batch_segments(mask, sliding_window):
@@ -321,11 +324,10 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
     """cuflash on every sequence of every batch row (_segments: queries [q0, q1) against keys
     [k0, k1), causal with the given alignment); rows outside every sequence (left padding) 0.
     Returns (B, Lq, H, Dv): the whole batch in one packed call (flash-attn's varlen layout over the
-    flattened rows; sinks with their gradient); over a KV cache laid out (B, H, L, D) with left
-    padding (_cache_segments: flattening it would copy the whole cache at every step; the
-    projections' own layout, (B, L, H, D) seen through a transpose, flattens as a view), one call
-    whose key mask hides each row's padding (_attention_over_cache); else one call per sequence."""
-    if _left_padded_cache(segments, query.shape[2], key.shape[2]):
+    flattened rows; sinks with their gradient); over a KV cache (``segments`` a _CacheKeys: a
+    (B, H, L, D) cache does not flatten without copying it whole at every step), one call whose
+    key mask hides each row's padding (_attention_over_cache); else one call per sequence."""
+    if isinstance(segments, _CacheKeys):
         return _attention_over_cache(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
     packed = None
     if query.shape[2] == key.shape[2] or all(_flattens(x) for x in (query, key, value)):
@@ -347,21 +349,12 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
     return _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks).transpose(1, 2)
 
 
-def _left_padded_cache(segments, q_length, kv_length) -> bool:
-    """Whether every batch row is one sequence of all the queries against its keys from a start
-    to the cache's end, causal bottom-right (_cache_segments' form)."""
-    return all(len(runs) == 1 and runs[0][:2] == (0, q_length) and runs[0][3:] == (kv_length, "bottom_right")
-               for runs in segments)
-
-
-def _attention_over_cache(query, key, value, segments, scaling, window, softcap, sinks):
-    """_attention_of_segments over a left-padded cache in one call: a (B, 1, 1, Lk) key mask
-    hides each row's padding, causal bottom-right as in the per-sequence calls (a row's queries
-    are the cache's last positions); a row with no real key gives 0. (B, H, Lq, Dv)."""
-    starts = torch.tensor([runs[0][2] for runs in segments], device=key.device)
-    real = torch.arange(key.shape[2], device=key.device)[None, :] >= starts[:, None]
+def _attention_over_cache(query, key, value, cache: _CacheKeys, scaling, window, softcap, sinks):
+    """_attention_of_segments over a cache in one call: a (B, 1, 1, Lk) key mask hides each row's
+    padding, causal bottom-right (a row's queries are the cache's last positions); a row with no
+    real key gives 0. (B, H, Lq, Dv)."""
     return _cuflash_torch.attention(query, key, value, scale=scaling, causal="bottom_right", window=window,
-                                    softcap=softcap, sinks=sinks, mask=real[:, None, None, :])
+                                    softcap=softcap, sinks=sinks, mask=cache.real[:, None, None, :])
 
 
 def _attention_of_sequences(query, key, value, segments, scaling, window, softcap, sinks):

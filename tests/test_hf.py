@@ -297,6 +297,31 @@ def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device, mon
     assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 5 * LAYERS
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_from_right_padded_prompts_runs_in_cuflash(device, monkeypatch):
+    """Right-padded prompts (transformers warns, and generates anyway): the new tokens follow the
+    padding in the cache, so each row's real keys have a hole; each decoding step is still one
+    cuflash call (the key mask takes any set of keys), with SDPA's tokens and scores."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(llama_config(), dtype))
+    ids = random_ids(3, 9).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[1, 8:] = 0
+    monkeypatch.setattr(hf, "_attention_of_sequences", lambda *a, **k: pytest.fail("one call per sequence"))
+    runs = []
+    for model in (reference, ours):
+        model.generation_config.pad_token_id = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' right-padding warning
+            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True))
+    torch.testing.assert_close(runs[1].sequences, runs[0].sequences, rtol=0, atol=0)
+    for step_ours, step_ref in zip(runs[1].scores, runs[0].scores):
+        torch.testing.assert_close(step_ours, step_ref, **TOLERANCE[dtype])
+    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 4 * LAYERS
+
+
 def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
     """A boolean mask of another pattern (here a causal mask with holes) is never ignored: SDPA
     runs it, with a one-time warning, and the call is counted."""
