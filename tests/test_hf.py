@@ -269,57 +269,46 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
                                                         (10, 16, 10, 16, "top_left")]
 
 
-@pytest.mark.parametrize("config", PADDING_CONFIGS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device, monkeypatch):
-    """Greedy generation over a KV cache from left-padded prompts: the prefill (one packed call)
-    and every decoding step (one call, a key mask hiding each row's padding, causal bottom-right)
-    run in cuflash, with the same scores at every step as the model's own SDPA."""
-    dtype = torch.float64
-    reference, ours = on(device, *model_pair(config(), dtype))
-    ids = random_ids(3, 9).to(device)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[2, :1] = 0
-
-    def per_sequence(*args, **kwargs):
-        raise AssertionError("a decoding step ran one call per sequence: one masked call takes the batch")
-
-    monkeypatch.setattr(hf, "_attention_of_sequences", per_sequence)
-    runs = []
-    for model in (reference, ours):
-        model.generation_config.pad_token_id = 0
-        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                                   output_scores=True, return_dict_in_generate=True))
-    torch.testing.assert_close(runs[1].sequences, runs[0].sequences, rtol=0, atol=0)
-    for step_ours, step_ref in zip(runs[1].scores, runs[0].scores):
-        torch.testing.assert_close(step_ours, step_ref, **TOLERANCE[dtype])
-    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 5 * LAYERS
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_generation_from_right_padded_prompts_runs_in_cuflash(device, monkeypatch):
-    """Right-padded prompts (transformers warns, and generates anyway): the new tokens follow the
-    padding in the cache, so each row's real keys have a hole; each decoding step is still one
-    cuflash call (the key mask takes any set of keys), with SDPA's tokens and scores."""
-    dtype = torch.float64
-    reference, ours = on(device, *model_pair(llama_config(), dtype))
-    ids = random_ids(3, 9).to(device)
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0
-    mask[1, 8:] = 0
+def assert_generation_matches(reference, ours, ids, mask, new_tokens, monkeypatch):
+    """Greedy generation over a KV cache with ``mask`` (padding): the same tokens and the same
+    scores at every step as the model's own SDPA, every attention call in cuflash and none of
+    them one call per sequence (the prefill is one packed call, each decoding step one call with
+    a key mask hiding each row's padding, causal bottom-right)."""
     monkeypatch.setattr(hf, "_attention_of_sequences", lambda *a, **k: pytest.fail("one call per sequence"))
     runs = []
     for model in (reference, ours):
         model.generation_config.pad_token_id = 0
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' right-padding warning
-            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+            warnings.simplefilter("ignore")  # transformers warns of right padding, and generates anyway
+            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                        output_scores=True, return_dict_in_generate=True))
     torch.testing.assert_close(runs[1].sequences, runs[0].sequences, rtol=0, atol=0)
     for step_ours, step_ref in zip(runs[1].scores, runs[0].scores):
-        torch.testing.assert_close(step_ours, step_ref, **TOLERANCE[dtype])
-    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 4 * LAYERS
+        torch.testing.assert_close(step_ours, step_ref, **TOLERANCE[torch.float64])
+    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == new_tokens * LAYERS
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_from_left_padded_prompts_runs_in_cuflash(config, device, monkeypatch):
+    reference, ours = on(device, *model_pair(config(), torch.float64))
+    ids = random_ids(3, 9).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    assert_generation_matches(reference, ours, ids, mask, 5, monkeypatch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_from_right_padded_prompts_runs_in_cuflash(device, monkeypatch):
+    """The new tokens follow the padding in the cache, so each row's real keys have a hole: still
+    one call per decoding step (the key mask takes any set of keys)."""
+    reference, ours = on(device, *model_pair(llama_config(), torch.float64))
+    ids = random_ids(3, 9).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[1, 8:] = 0
+    assert_generation_matches(reference, ours, ids, mask, 4, monkeypatch)
 
 
 def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
