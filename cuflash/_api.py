@@ -111,9 +111,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         not overlapping an input (bias and mask included).
     precision : {None, "highest", "ieee", "tf32"}
         How float32 products may be computed: ``"highest"`` (None, the default) float32-accurate;
-        ``"ieee"`` FFMA only; ``"tf32"`` permits one TF32 product (~1e-3 relative) for speed. It
-        permits, it does not require: today's float32 kernels compute exactly under all three.
-        float16, bfloat16 and float64 take None or "highest" only.
+        ``"ieee"`` FFMA only; ``"tf32"`` one TF32 product (~1e-3 relative) for speed: the GPU
+        forward on TF32 tensor cores. float16, bfloat16 and float64 take None or "highest" only.
 
     Returns
     -------

@@ -396,12 +396,11 @@ PRECISIONS = ("highest", "ieee", "tf32")
 def resolve_precision(precision, dtype_name: str) -> str:
     """``precision=``: how float32 inputs' products may be computed.
 
-    - ``"highest"`` (None: the default): float32-accurate, whatever the kernel (FFMA today;
-      split-precision 3xTF32 on tensor cores where it is as accurate);
+    - ``"highest"`` (None: the default): float32-accurate, whatever the kernel (the FFMA kernels
+      today: 3xTF32 on mma.sync was measured no faster, benchmarks/NOTES.md session 12);
     - ``"ieee"``: FFMA only, IEEE float32 products and sums;
-    - ``"tf32"``: permits one TF32 product (about 1e-3 relative) for speed; an opt-in, never
-      chosen for the caller. It permits, it does not require: until TF32 kernels land, float32
-      computes exactly as under "ieee".
+    - ``"tf32"``: one TF32 product (about 1e-3 relative) for speed; an opt-in, never chosen for
+      the caller. The GPU forward runs on TF32 tensor cores (its backward on the FFMA kernels).
     float16, bfloat16 and float64 inputs take None or "highest" only (their kernels have one
     precision). The CPU backend computes every value in float32 (float64 for float64)."""
     if precision is None:
