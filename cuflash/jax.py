@@ -7,9 +7,15 @@ returns JAX arrays on the same device (GPU: ``jax.dlpack.from_dlpack``). It is d
 with ``jax.grad`` / ``jax.vjp`` through a ``jax.custom_vjp`` whose backward is
 :func:`cuflash.attention_backward` on the saved q, k, v, out and lse.
 
-The limitation: cuflash runs on concrete arrays, so these functions work outside ``jax.jit``
-(and ``vmap``/``scan``) only: under a trace there is no memory to hand over, and they raise a
-TypeError saying so.
+Under ``jax.jit`` (and ``vmap``, ``scan``, ``grad`` of a jitted function) :func:`attention`
+runs through ``jax.pure_callback``: the arguments are checked when the function is traced
+(from their shapes and dtypes, so misuse is still a TypeError/ValueError naming the argument),
+and each execution hands the arrays to cuflash's NumPy backend on the host, forward and
+backward alike (``vmap`` loops over the batch). That is the CPU backend's speed, and for
+arrays on a GPU a copy to the host and back: a jitted program on the GPU should call cuflash
+outside ``jit`` (eagerly, on the GPU's memory) where attention matters, until an XLA custom
+call lands. :func:`attention_varlen` runs eagerly only (its sequence lengths decide shapes on
+the host), and under a trace raises a TypeError saying so.
 """
 from __future__ import annotations
 
@@ -42,11 +48,96 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     deterministic = bool(deterministic)
+    if any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, bias, mask, alibi_slopes)):
+        scalars = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
+        operands = (q, k, v, sinks, bias, alibi_slopes, mask)
+        _traced_problem(operands, scalars)  # the arguments checked now, as eagerly
+        if return_lse:
+            return _host_forward(operands, scalars)
+        return _traced_differentiable(scalars, deterministic)(*operands)
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
                    precision=precision)
     if return_lse:
         return _forward(q, k, v, sinks, options, bias)
     return _differentiable(options, deterministic)(q, k, v, sinks, bias)
+
+
+# --- under a trace: jax.pure_callback into the NumPy backend -------------------------------------
+
+_OPERANDS = ("q", "k", "v", "sinks", "bias", "alibi_slopes", "mask")
+
+
+def _stand_in(x):
+    """A NumPy array of x's shape and dtype that holds no memory (every stride 0), or None."""
+    if x is None:
+        return None
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return x  # not an array: cuflash's own check names it
+    return numpy.broadcast_to(numpy.zeros((), dtype=numpy.dtype(x.dtype)), tuple(x.shape))
+
+
+def _traced_problem(operands, scalars):
+    """cuflash's forward problem for the operands' shapes and dtypes: the argument checks of an
+    eager call, made when the function is traced; its out and lse shapes and dtypes."""
+    from . import _spec
+
+    q, k, v, sinks, bias, slopes, mask = (_stand_in(x) for x in operands)
+    return _spec.resolve_forward(q, k, v, sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, **scalars)
+
+
+def _host_arrays(values):
+    """The callback's arguments as NumPy arrays (None stays None)."""
+    return {name: None if x is None else numpy.asarray(x) for name, x in zip(_OPERANDS, values)}
+
+
+def _host_forward(operands, scalars):
+    """(out, lse) of cuflash's NumPy backend, as a pure_callback of the traced operands."""
+    problem = _traced_problem(operands, scalars)
+    shapes = (jax.ShapeDtypeStruct(problem.out_shape, problem.dtype),
+              jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
+
+    def forward(*values):
+        arrays = _host_arrays(values)
+        out, lse = _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, **arrays,
+                                  **scalars)
+        return numpy.asarray(out), numpy.asarray(lse)
+
+    return jax.pure_callback(forward, shapes, *operands, vmap_method="sequential")
+
+
+def _traced_differentiable(scalars, deterministic):
+    """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask),
+    both directions pure_callbacks; the slopes and the mask carry no cotangent."""
+
+    @jax.custom_vjp
+    def attend(*operands):
+        return _host_forward(operands, scalars)[0]
+
+    def attend_forward(*operands):
+        out, lse = _host_forward(operands, scalars)
+        return out, (operands, out, lse)
+
+    def attend_backward(saved, dout):
+        operands, out, lse = saved
+        q, k, v, sinks, bias = operands[:5]
+        # cuflash's order: dq, dk, dv, then dbias (with a bias), then dsinks (with sinks)
+        wanted = [q, k, v] + [x for x in (bias, sinks) if x is not None]
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
+
+        def backward(dout, out, lse, *values):
+            arrays = _host_arrays(values)
+            q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+            grads = _api.attention_backward(numpy.asarray(dout), q, k, v, numpy.asarray(out), numpy.asarray(lse),
+                                            deterministic=deterministic, **arrays, **scalars)
+            return tuple(numpy.asarray(g) for g in grads)
+
+        grads = list(jax.pure_callback(backward, shapes, dout, out, lse, *operands, vmap_method="sequential"))
+        dbias = grads.pop(3) if bias is not None else None
+        dsinks = grads.pop(3) if sinks is not None else None
+        return tuple(grads[:3]) + (dsinks, dbias, None, None)
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
 
 
 def _differentiable(options, deterministic):

@@ -79,10 +79,65 @@ def test_grad_through_custom_vjp_on_cpu(cpu, randn):
                      name=f"d{name}")
 
 
-def test_refuses_tracers_with_a_clear_error(cpu, randn):
-    q = _on(cpu, randn(1, 2, 4, 8))[0]
-    with pytest.raises(TypeError, match="outside jax.jit"):
-        jax.jit(lambda q: cj.attention(q, q, q))(q)
+def test_under_jit_the_results_and_gradients_are_the_eager_ones(cpu, randn):
+    """Under jax.jit attention runs through a host callback into the NumPy backend: out, lse and
+    jax.grad into q, k, v are bit for bit the eager call's, and a second execution reuses the
+    trace."""
+    q, k, v, dout = randn(2, 4, 9, 8), randn(2, 2, 11, 8), randn(2, 2, 11, 6), randn(2, 4, 9, 6)
+    options = dict(causal=True, window=(4, -1), scale=0.3)
+    forward = jax.jit(lambda q, k, v: cj.attention(q, k, v, return_lse=True, **options))
+    for _ in range(2):
+        out, lse = forward(*_on(cpu, q, k, v))
+        expected_out, expected_lse = cuflash.attention(q, k, v, return_lse=True, **options)
+        numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+        numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(cj.attention(q, k, v, **options) * dout), argnums=(0, 1, 2)))(
+        *_on(cpu, q, k, v))
+    expected = cuflash.attention_backward(dout, q, k, v, expected_out, expected_lse, **options)
+    for got, want in zip(grads, expected):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+
+
+def test_under_jit_bias_mask_and_sinks_take_their_gradients(cpu, randn, rng):
+    """Traced bias, mask, sinks and ALiBi slopes: out and the cotangents of q, k, v, sinks and bias
+    (the slopes and the mask carry none) equal the eager NumPy call's, bit for bit."""
+    q, k, v, dout = randn(3, 2, 7, 8), randn(3, 2, 9, 8), randn(3, 2, 9, 8), randn(3, 2, 7, 8)
+    bias, sinks, slopes = randn(1, 2, 7, 9), randn(2), numpy.array([0.1, 0.3], numpy.float32)
+    mask = rng.random((3, 1, 1, 9)) > 0.3
+
+    def attend(q, k, v, sinks, bias, slopes, mask):
+        return cj.attention(q, k, v, sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, causal=True, softcap=3.0)
+
+    operands = _on(cpu, q, k, v, sinks, bias, slopes, mask)
+    out, vjp = jax.vjp(jax.jit(attend), *operands)
+    grads = jax.jit(vjp)(jax.device_put(dout, cpu))
+    options = dict(sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, causal=True, softcap=3.0)
+    expected_out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dq, dk, dv, dbias, dsinks = cuflash.attention_backward(dout, q, k, v, expected_out, lse, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    for got, want in zip(grads[:5], (dq, dk, dv, dsinks, dbias)):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+
+
+def test_under_vmap_each_item_is_its_own_call(cpu, randn):
+    q, k, v = randn(5, 2, 6, 8), randn(5, 2, 7, 8), randn(5, 2, 7, 8)
+    got = jax.vmap(lambda q, k, v: cj.attention(q, k, v, causal=True))(*_on(cpu, q, k, v))
+    for i in range(5):
+        numpy.testing.assert_array_equal(numpy.asarray(got[i]), cuflash.attention(q[i], k[i], v[i], causal=True))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(softcap=-2.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(window=(3, 2), causal=True), ValueError, "window right must be 0 or -1 with causal"),
+    (dict(k_shape=(1, 3, 4, 8)), ValueError, "heads"),
+], ids=["softcap", "causal-window", "heads"])
+def test_under_jit_misuse_is_refused_when_traced(cpu, randn, kwargs, error, match):
+    """The eager checks run at trace time, on the operands' shapes and dtypes: a ValueError naming
+    the argument, before anything is computed."""
+    k_shape = kwargs.pop("k_shape", (1, 2, 4, 8))
+    q, k = _on(cpu, randn(1, 2, 4, 8), randn(*k_shape))
+    with pytest.raises(error, match=match):
+        jax.jit(lambda q, k: cj.attention(q, k, k, **kwargs))(q, k)
 
 
 @pytest.mark.gpu
