@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     for (int kk = 0; kk < kKStepsQK; ++kk) {
         ptx::ldmatrix_x4(q_lane + QTile::offset(0, kk * 2), q_regs[kk][0]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) q_regs[kk][0][e] ^= negate ? 0x80008000u : 0u;
+        for (int e = 0; e < 4; ++e) q_regs[kk][0][e] ^= negate ? tc::Arith<Element>::kSignBits : 0u;
     }
     const float scale_log2 = fmaxf(fabsf(p.fwd.scale_log2), 1.17549435e-38f);
 

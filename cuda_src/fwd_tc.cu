@@ -140,7 +140,6 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         }
     };
 
-
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
     // (exact) so that the softmax sees c = |scale| * log2(e) > 0 and may take row
     // maxima on raw scores. scale = 0 becomes the smallest normal float: S * c flushes to 0 for

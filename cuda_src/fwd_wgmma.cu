@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
     if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
-        q_loader.negate(q_smem, tid);        // published by the first barrier below
+        q_loader.template negate<tc::Arith<Element>::kSignBits>(q_smem, tid);  // published by the first barrier below
     }
 
     // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major.

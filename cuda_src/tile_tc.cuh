@@ -162,7 +162,7 @@ struct TileLoader {
     // Flip the sign of every element this thread copied with `load` (same chunk mapping), after
     // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
     // kSign: the sign bits of one 32-bit word's elements (Arith::kSignBits).
-    template <unsigned kSign = 0x80008000u>
+    template <unsigned kSign>
     __device__ __forceinline__ void negate(unsigned smem, int tid) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {

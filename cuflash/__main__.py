@@ -267,7 +267,7 @@ def warmup(argv) -> int:
             for d in head_dims:
                 for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
-                        for precision in precisions if dtype == "float32" else ("highest",):
+                        for precision in tiles.precisions_of(dtype, precisions):
                             variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision))
                     if not args.forward_only:
                         variants += tiles.select_backward(dtype, d, d, masked, arch)

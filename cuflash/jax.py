@@ -51,10 +51,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     if any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, bias, mask, alibi_slopes)):
         scalars = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
         operands = (q, k, v, sinks, bias, alibi_slopes, mask)
-        _traced_problem(operands, scalars)  # the arguments checked now, as eagerly
+        shapes = _traced_results(operands, scalars)  # the arguments checked now, as eagerly
         if return_lse:
-            return _host_forward(operands, scalars)
-        return _traced_differentiable(scalars, deterministic)(*operands)
+            return _host_forward(operands, scalars, shapes)
+        return _traced_differentiable(scalars, deterministic, shapes)(*operands)
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
                    precision=precision)
     if return_lse:
@@ -76,13 +76,15 @@ def _stand_in(x):
     return numpy.broadcast_to(numpy.zeros((), dtype=numpy.dtype(x.dtype)), tuple(x.shape))
 
 
-def _traced_problem(operands, scalars):
-    """cuflash's forward problem for the operands' shapes and dtypes: the argument checks of an
-    eager call, made when the function is traced; its out and lse shapes and dtypes."""
+def _traced_results(operands, scalars):
+    """The shapes and dtypes of (out, lse), from cuflash's forward problem for the operands'
+    shapes and dtypes: the argument checks of an eager call, made once, when traced."""
     from . import _spec
 
     q, k, v, sinks, bias, slopes, mask = (_stand_in(x) for x in operands)
-    return _spec.resolve_forward(q, k, v, sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, **scalars)
+    problem = _spec.resolve_forward(q, k, v, sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, **scalars)
+    return (jax.ShapeDtypeStruct(problem.out_shape, problem.dtype),
+            jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
 
 
 def _host_arrays(values):
@@ -90,11 +92,9 @@ def _host_arrays(values):
     return {name: None if x is None else numpy.asarray(x) for name, x in zip(_OPERANDS, values)}
 
 
-def _host_forward(operands, scalars):
-    """(out, lse) of cuflash's NumPy backend, as a pure_callback of the traced operands."""
-    problem = _traced_problem(operands, scalars)
-    shapes = (jax.ShapeDtypeStruct(problem.out_shape, problem.dtype),
-              jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
+def _host_forward(operands, scalars, shapes):
+    """(out, lse) of cuflash's NumPy backend, as a pure_callback of the traced operands
+    (``shapes``: _traced_results')."""
 
     def forward(*values):
         arrays = _host_arrays(values)
@@ -105,23 +105,22 @@ def _host_forward(operands, scalars):
     return jax.pure_callback(forward, shapes, *operands, vmap_method="sequential")
 
 
-def _traced_differentiable(scalars, deterministic):
+def _traced_differentiable(scalars, deterministic, shapes):
     """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask),
     both directions pure_callbacks; the slopes and the mask carry no cotangent."""
 
     @jax.custom_vjp
     def attend(*operands):
-        return _host_forward(operands, scalars)[0]
+        return _host_forward(operands, scalars, shapes)[0]
 
     def attend_forward(*operands):
-        out, lse = _host_forward(operands, scalars)
+        out, lse = _host_forward(operands, scalars, shapes)
         return out, (operands, out, lse)
 
     def attend_backward(saved, dout):
         operands, out, lse = saved
         q, k, v, sinks, bias = operands[:5]
-        # cuflash's order: dq, dk, dv, then dbias (with a bias), then dsinks (with sinks)
-        wanted = [q, k, v] + [x for x in (bias, sinks) if x is not None]
+        wanted = [q, k, v] + [x for x in (bias, sinks) if x is not None]  # cuflash's order (_cotangents)
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
 
         def backward(dout, out, lse, *values):
@@ -131,10 +130,8 @@ def _traced_differentiable(scalars, deterministic):
                                             deterministic=deterministic, **arrays, **scalars)
             return tuple(numpy.asarray(g) for g in grads)
 
-        grads = list(jax.pure_callback(backward, shapes, dout, out, lse, *operands, vmap_method="sequential"))
-        dbias = grads.pop(3) if bias is not None else None
-        dsinks = grads.pop(3) if sinks is not None else None
-        return tuple(grads[:3]) + (dsinks, dbias, None, None)
+        grads = jax.pure_callback(backward, shapes, dout, out, lse, *operands, vmap_method="sequential")
+        return _cotangents(grads, sinks, bias) + (None, None)
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
@@ -163,14 +160,19 @@ def _differentiable(options, deterministic):
         with _cupy_device(device):
             grads = _api.attention_backward(dout_, q_, k_, v_, out_, lse_, deterministic=deterministic,
                                             **_cuflash_options(options, sinks, bias))
-        grads = [_to_jax(g, device) for g in grads]
-        # cuflash's order: dq, dk, dv, then dbias (with a bias), then dsinks (with sinks)
-        dbias = grads.pop(3) if bias is not None else None
-        dsinks = grads.pop(3) if sinks is not None else None
-        return tuple(grads) + (dsinks, dbias)
+        return _cotangents([_to_jax(g, device) for g in grads], sinks, bias)
 
     attend.defvjp(attend_forward, attend_backward)
     return attend
+
+
+def _cotangents(grads, sinks, bias):
+    """cuflash's gradients (dq, dk, dv, then dbias with a bias, then dsinks with sinks) as the
+    custom_vjp's cotangents of (q, k, v, sinks, bias)."""
+    grads = list(grads)
+    dbias = grads.pop(3) if bias is not None else None
+    dsinks = grads.pop(3) if sinks is not None else None
+    return tuple(grads[:3]) + (dsinks, dbias)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,

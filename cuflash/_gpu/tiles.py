@@ -75,10 +75,10 @@ class KernelSpec:
     # block_n) -> bytes, for families that stage them in shared memory (score_mod.cuh's
     # ScorePlaneStage); None: the planes are read from global memory.
     score_planes: Callable[[str, int, int, int], int] | None = None
-    # The float32 precisions (_spec.PRECISIONS) the family computes on TF32 tensor cores, each with
-    # the widest head-dim bucket it serves there (wider: the next family, FFMA); a float32 Variant
-    # of such a family carries its precision. Empty: float32 in FFMA, whatever the precision.
-    tf32_precisions: dict = dataclasses.field(default_factory=dict)
+    # The float32 precisions (_spec.PRECISIONS) the family computes on TF32 tensor cores (the
+    # others: the next family, FFMA); a float32 Variant of such a family carries its precision.
+    # Empty: float32 in FFMA, whatever the precision.
+    tf32_precisions: tuple[str, ...] = ()
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
@@ -87,7 +87,7 @@ class KernelSpec:
         if dtype not in self.dtypes:
             return None
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
-        if tf32 and head_dim > self.tf32_precisions.get(precision, 0):
+        if tf32 and precision not in self.tf32_precisions:
             return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
@@ -158,7 +158,6 @@ _TF32_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     224: ((64, 16, 4, 2),),
     256: ((64, 16, 4, 2),),
 }
-_TF32_MAX_HEAD_DIM = {"tf32": 256}
 # d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a bias's reads
 # spills 64 bytes on sm_80.
 _TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}
@@ -419,7 +418,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _fwd_tc_candidates,
                     lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages,
                                                                               2 if dtype == "float32" else 1),
                     modifier_tile=lambda dtype, d: _TC_MODIFIER_TILES.get(d) if dtype != "float32" else None,
-                    score_planes=_score_plane_bytes, tf32_precisions=_TF32_MAX_HEAD_DIM)
+                    score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
@@ -515,6 +514,12 @@ def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool
     )
 
 
+def precisions_of(dtype: str, wanted=PRECISIONS) -> tuple[str, ...]:
+    """The ``precision=`` values among ``wanted`` that select Variants of ``dtype``: float32's
+    (they choose between TF32 tensor cores and FFMA); every other dtype has "highest" alone."""
+    return tuple(wanted) if dtype == "float32" else ("highest",)
+
+
 def all_variants(arch: str) -> list[Variant]:
     """Every Variant ``select`` and ``select_backward`` can return for ``arch`` (a bucket with no
     tile that fits the arch, e.g. the float64 d256 backward on 99 KB parts, has none)."""
@@ -523,7 +528,7 @@ def all_variants(arch: str) -> list[Variant]:
         for d in HEAD_DIMS:
             for masked, mods in ((False, False), (True, False), (True, True)):
                 for keys in (0, math.inf):
-                    for precision in PRECISIONS if dtype == "float32" else ("highest",):
+                    for precision in precisions_of(dtype):
                         out.append(select(dtype, d, d, masked, arch, keys, mods, precision))
                 try:
                     out += select_backward(dtype, d, d, masked, arch, mods)

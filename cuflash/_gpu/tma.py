@@ -23,8 +23,9 @@ import numpy
 
 MAP_BYTES = 128
 MAX_RANK = 5
-# cuda.h's CUtensorMapDataType for the dtypes cuflash reads.
+# cuda.h's CUtensorMapDataType for the dtypes cuflash reads, and their bytes.
 DATA_TYPES = {"float16": 6, "float32": 7, "float64": 8, "bfloat16": 9}
+ITEMSIZES = {"float16": 2, "float32": 4, "float64": 8, "bfloat16": 2}
 # CUtensorMapSwizzle: bytes of the swizzle span (None: no swizzle) -> enum.
 SWIZZLES = {None: 0, 32: 1, 64: 2, 128: 3}
 _L2_PROMOTION_128B = 2  # CU_TENSOR_MAP_L2_PROMOTION_L2_128B
@@ -43,8 +44,7 @@ class TensorMapSpec:
     swizzle: int | None = None
 
     def __post_init__(self):
-        if self.dtype not in DATA_TYPES:
-            raise ValueError(f"tensor map dtype must be one of {', '.join(DATA_TYPES)}, got {self.dtype!r}")
+        _itemsize(self.dtype)
         rank = len(self.dims)
         if not 1 <= rank <= MAX_RANK:
             raise ValueError(f"a tensor map has 1 to {MAX_RANK} axes, got {rank}")
@@ -68,7 +68,7 @@ class TensorMapSpec:
 
     @property
     def itemsize(self) -> int:
-        return numpy.dtype(self.dtype if self.dtype != "bfloat16" else "float16").itemsize
+        return _itemsize(self.dtype)
 
     @property
     def box_bytes(self) -> int:
@@ -81,7 +81,7 @@ class TensorMapSpec:
         its last axis contiguous; ``box`` in the same order. Axes of length 1 keep a stride the
         driver accepts."""
         shape, strides, box = tuple(map(int, shape)), tuple(map(int, strides)), tuple(map(int, box))
-        item = numpy.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+        item = _itemsize(dtype)
         if len(shape) != len(strides) or len(box) != len(shape):
             raise ValueError(f"shape {shape}, strides {strides} and box {box} must have one entry per axis")
         if shape and shape[-1] > 1 and strides[-1] != item:
@@ -89,6 +89,12 @@ class TensorMapSpec:
         # A length-1 axis is never stepped: any valid stride does (16 bytes).
         outer = tuple(s if n > 1 else 16 for n, s in zip(shape[:-1], strides[:-1]))
         return cls(dtype, shape[::-1], outer[::-1], box[::-1], swizzle)
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype not in DATA_TYPES:
+        raise ValueError(f"tensor map dtype must be one of {', '.join(DATA_TYPES)}, got {dtype!r}")
+    return ITEMSIZES[dtype]
 
 
 @functools.lru_cache(maxsize=None)
