@@ -316,7 +316,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     }
 
     // Single normalisation: O = acc / l_i, lse = m_i + log(l_i). A row that saw no key has
-    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink).
+    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink). A row
+    // whose scores hold NaN has l_i = NaN: != 0 lets it through, so O and lse are NaN (softmax_tc.cuh).
     T* __restrict__ o = static_cast<T*>(p.o) + bi.o;
     T* __restrict__ lse = static_cast<T*>(p.lse) + bi.lse;
 #pragma unroll
@@ -335,10 +336,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int col = 16 * c + 4 * tq + u;
-                    if (col < Dv) orow[col] = l > T(0) ? out[u] / l : T(0);
+                    if (col < Dv) orow[col] = l != T(0) ? out[u] / l : T(0);
                 }
             }
-            if (tq == 0) lse[row] = l > T(0) ? m_i[mi] + ::log(l) : neg_inf;
+            if (tq == 0) lse[row] = l != T(0) ? m_i[mi] + ::log(l) : neg_inf;
         }
     }
 }

@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     }
 
     // Single normalisation: O = acc / l_i, lse = m_i + log(l_i). A row that saw no key has
-    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink).
+    // l_i = 0: it writes O = 0 and lse = -inf (with a sink: l_i = 1, O = 0 and lse = sink). A row
+    // whose scores hold NaN has l_i = NaN: != 0 lets it through, so O and lse are NaN (softmax_tc.cuh).
     T* __restrict__ o = static_cast<T*>(p.o) + bi.o;
     T* __restrict__ lse = static_cast<T*>(p.lse) + bi.lse;
 #pragma unroll
@@ -376,7 +377,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         T l = l_i[r];
 #pragma unroll
         for (int off = 8; off >= 1; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-        const T inv = l > T(0) ? T(1) / l : T(0);
+        const T inv = l != T(0) ? T(1) / l : T(0);
         const int row = m0 + row0 + r;
         if (row < Lq) {
             T* orow = o + (long long)row * p.o_row_stride;
@@ -387,7 +388,7 @@ __global__ void __launch_bounds__(kWarps * 32,
                     const int c = ColsD::chunk(cg, ch) + u;
                     if (c < Dv) orow[c] = acc[r][ch * ColsD::kVec + u] * inv;
                 }
-            if (cg == 0) lse[row] = l > T(0) ? M::lse(m_i[r], l) : M::neg_inf();
+            if (cg == 0) lse[row] = l != T(0) ? M::lse(m_i[r], l) : M::neg_inf();
         }
     }
 }

@@ -143,13 +143,16 @@ struct OnlineSoftmax {
 
     // After the last tile: out = acc / l, lse = ln(sum_j exp(S_j * scale)) = (m + log2 l) * ln 2.
     // A row that saw no key (l = 0) gets out = 0 and lse = -inf. Returns 1/l (or 0) per row.
+    // The test is l != 0, not l > 0: a row whose scores hold NaN (or +inf) has l = NaN, and its
+    // 1/l and lse must come out NaN as the reference's, not -inf ("saw no key"), which would let
+    // the backward recompute finite probabilities for it.
     __device__ __forceinline__ void finish(float (&inv_l)[kMTiles][2], float (&lse)[kMTiles][2]) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const float l = quad_sum(l_i[mt][h]);
-                const bool seen = l > 0.f;
+                const bool seen = l != 0.f;
                 inv_l[mt][h] = seen ? 1.f / l : 0.f;
                 lse[mt][h] = seen ? (m_i[mt][h] + log2f(l)) * 0.69314718055994531f : neg_inf();
             }

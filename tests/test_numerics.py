@@ -205,25 +205,13 @@ def _forward_leak_allowed(case):
     return case["near"][:, BAD_KEY] & ~case["vis"][:, BAD_KEY]
 
 
-def _nan_lse_defect(mask, where, value_name):
-    """The cases whose backward the GPU kernels' lse defect (test_a_nan_row_has_a_nan_lse) breaks:
-    rows with a +inf and a -inf score (q = +-inf) or with a NaN/+inf score (a bad k entry the row
-    sees; under top_left no row sees key BAD_KEY). The CPU backend, whose lse is NaN there, passes
-    all of them."""
-    return (where == "q" and value_name != "nan") or (where == "k" and mask != "top_left")
-
-
 NON_FINITE = [(m, w, val) for m in MASKS for w in "qkv" for val in VALUES]
 
 
 @pytest.mark.parametrize("backend, dtype_name", BACKEND_DTYPES)
 @pytest.mark.parametrize("mask, where, value_name", NON_FINITE, ids=[f"{m}-{w}-{v}" for m, w, v in NON_FINITE])
-def test_non_finite_inputs_reach_only_what_depends_on_them_forward(rng, request, backend, dtype_name, mask, where,
+def test_non_finite_inputs_reach_only_what_depends_on_them_forward(rng, backend, dtype_name, mask, where,
                                                                     value_name):
-    if backend == "gpu" and dtype_name == "float64" and (where == "q" or (where == "k" and mask != "top_left")):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "GPU float64 forward (fwd_dmma, measured on an H200 2026-11-30): a row whose scores hold NaN or +-inf "
-            "does not come out NaN as in the reference (the other dtypes' kernels do)")))
     case = _non_finite_case(rng, backend, dtype_name, mask, where, value_name)
     out, lse = case["bad"][:2]
     clean_out, clean_lse = case["clean"][:2]
@@ -236,16 +224,11 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_forward(rng, request,
 
 @pytest.mark.parametrize("backend, dtype_name", BACKEND_DTYPES)
 @pytest.mark.parametrize("mask, where, value_name", NON_FINITE, ids=[f"{m}-{w}-{v}" for m, w, v in NON_FINITE])
-def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request, backend, dtype_name, mask, where,
+def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, backend, dtype_name, mask, where,
                                                                      value_name):
     case = _non_finite_case(rng, backend, dtype_name, mask, where, value_name)
     dq, dk, dv = case["bad"][2:]
     reference = case["ref"][2:]
-    if backend == "gpu" and _nan_lse_defect(mask, where, value_name):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "GPU kernels (measured on an H200 2026-11-30; the CPU backend is fixed): a row whose scores hold NaN "
-            "gets lse = -inf (as if it saw no key) instead of NaN, so the backward recomputes P = exp(s - 0) there "
-            "and leaves finite gradients the reference has as NaN")))
     for name, got, clean, ref, exposed in (("dq", dq, case["clean"][2], reference[0], case["rows"]),
                                            ("dk", dk, case["clean"][3], reference[1], case["keys"]),
                                            ("dv", dv, case["clean"][4], reference[2], case["keys"])):
@@ -254,9 +237,7 @@ def test_non_finite_inputs_reach_only_what_depends_on_them_backward(rng, request
 
 @pytest.mark.parametrize("backend", [
     "cpu",
-    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.xfail(strict=True, reason=(
-        "GPU kernels (H200, 2026-11-30; the CPU backend is fixed): a row whose scores hold NaN still reports "
-        "lse = -inf (the 'sees no key' value) while its out is NaN"))]),
+    pytest.param("gpu", marks=pytest.mark.gpu),
 ])
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("where", ["q", "k"])

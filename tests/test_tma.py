@@ -179,7 +179,7 @@ def _copy_box(cupy, encoded: bytes, coords, spec: TensorMapSpec):
     params["map"][0] = numpy.frombuffer(encoded, dtype=numpy.uint8)
     params["out"], params["c"][0], params["bytes"] = out.data.ptr, coords, spec.box_bytes
     argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
-    driver.launchKernel(function.ptr, 1, 1, 1, 128, 1, 1, spec.box_bytes + 1024,
+    driver.launchKernel(function.kernel.ptr, 1, 1, 1, 128, 1, 1, spec.box_bytes + 1024,
                         cupy.cuda.get_current_stream().ptr, argv.ctypes.data, 0)
     cupy.cuda.get_current_stream().synchronize()
     return out.get()
