@@ -12,14 +12,26 @@ Two paths, one contract. On the GPU, float16 and bfloat16 calls whose head dims 
 up to 128 and whose caches are laid out in whole 16-byte chunks run the split-KV decode kernel
 (``_gpu/decode.py``, ``cuda_src/decode_tc.cu``): one launch reads the cache in place (through the
 block table when paged), each kv head's K/V once for its whole GQA group, the cache lengths on the
-device, and splits the keys (plus one combine launch when split). Everything else (the CPU
-backend, float32/float64, other head dims or layouts, an empty batch) runs the composition of
-dense calls: each sequence one dense ``attention`` (all sequences in one call when their lengths
-are equal), on views of a contiguous cache and on a gather of the sequence's keys from a paged
-one; a split runs one dense call per key range and then ``merge_attention``. Both paths check
-every argument first, which reads ``cache_seqlens`` and ``block_table`` on the host (the errors
-the contract promises: lengths past the cache, pages out of range or shared), and both append
-with one scatter per cache.
+device, and splits the keys (plus one combine launch when split); the number of splits and the
+grid come from shapes alone (B, the heads, Lq, Lmax, the SM count), never from the lengths.
+Everything else (the CPU backend, float32/float64, other head dims or layouts, an empty batch)
+runs the composition of dense calls: each sequence one dense ``attention`` (all sequences in one
+call when their lengths are equal), on views of a contiguous cache and on a gather of the
+sequence's keys from a paged one; a split runs one dense call per key range and then
+``merge_attention``. The append is one scatter per cache on the CPU; on the GPU it is one launch
+of ``cuda_src/kvcache_append.cu`` (``_gpu/kvcache_append.py``), which reads the lengths and the
+block table on the device.
+
+Values on the host. Both paths first check every argument; the checks that need values (lengths
+past the cache, pages out of range or shared: the errors the contract promises) read
+``cache_seqlens`` and ``block_table`` on the host (a device sync on the GPU). Under a CUDA graph
+capture of CuPy's current stream (``cupy.cuda.Stream.begin_capture``, or ``torch.cuda.graph``
+through cuflash.torch, which runs on torch's stream) those reads are skipped and the caller
+guarantees the values, as flash-attn's callers always do: the GPU decode path (the device append,
+the plan, the launches) needs no host value at all, so it runs the same in and out of capture,
+and a replay follows the lengths, table, q, k and v the device holds then. The composition needs
+the lengths (and a paged cache's table) on the host, so under capture it refuses unless
+``cache_seqlens`` is an int (or None) and the cache contiguous.
 """
 from __future__ import annotations
 
@@ -65,16 +77,17 @@ def _bits(array):
 
 @dataclasses.dataclass(frozen=True)
 class _Cache:
-    """The cache's shape facts and the host copies of the lengths and the block table."""
+    """The cache's shape facts and what the host knows of the lengths and the block table."""
 
     paged: bool
     batch: int
     heads_k: int
     capacity: int  # Lmax: slots per sequence (max_pages * page_size when paged)
     page_size: int  # 0 for a contiguous cache
-    seqlens: numpy.ndarray  # (B,) int64, cache lengths before the append
+    seqlens: numpy.ndarray | None  # (B,) int64, cache lengths before the append; None: not read (capture)
     new: int  # Lnew
-    table: numpy.ndarray | None  # (B, max_pages) int64, host copy
+    table: numpy.ndarray | None  # (B, max_pages) int64, host copy; None: contiguous, or not read (capture)
+    fixed: int | None = None  # every sequence's length when cache_seqlens is an int or None, else None
 
     def slots(self, lengths_from, lengths_to):
         """(first index, position index) host arrays of slots [from_b, to_b) of every sequence,
@@ -89,8 +102,10 @@ class _Cache:
         return self.table[seq, pos // self.page_size], pos % self.page_size
 
 
-def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device) -> _Cache:
-    """Check every array's kind, device, dtype and shape and every length and page id."""
+def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device, read_values=True) -> _Cache:
+    """Check every array's kind, device, dtype and shape and every length and page id. With
+    ``read_values`` False (a CUDA graph capture) the arrays of lengths and pages are not read:
+    their values go unchecked (the caller guarantees them) and the _Cache holds None for them."""
     _check_4d("q", q, "(B, Hq, Lq, D)")
     batch, heads_q, _, head_dim = (int(n) for n in q.shape)
     paged = block_table is not None
@@ -155,7 +170,10 @@ def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, de
         if page_size < 1:
             raise ValueError(f"k_cache's page_size (axis 2) must be at least 1, got shape {tuple(k_cache.shape)}")
         capacity = int(block_table.shape[1]) * page_size
-        table = _host_values(block_table, xp).astype(numpy.int64)
+        if not batch:  # nothing to read
+            table = numpy.zeros(tuple(block_table.shape), numpy.int64)
+        elif read_values:
+            table = _host_values(block_table, xp).astype(numpy.int64)
     else:
         page_size = 0
         if lead[0] != batch:
@@ -163,21 +181,23 @@ def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, de
                              f"{tuple(k_cache.shape)}; a paged cache needs block_table")
         capacity = lead[2]
 
-    seqlens = _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged)
-    cache = _Cache(paged, batch, heads_k, capacity, page_size, seqlens, new, table)
-    if paged:
+    seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged, read_values)
+    cache = _Cache(paged, batch, heads_k, capacity, page_size, seqlens, new, table, fixed)
+    if cache.table is not None and cache.seqlens is not None:
         _check_pages(cache, int(k_cache.shape[0]))
     return cache
 
 
-def _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged):
-    """(B,) int64 host array of the cache lengths before the append, each in [0, capacity - Lnew]."""
+def _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged, read_values=True):
+    """``(lengths, fixed)``: the (B,) int64 host array of the cache lengths before the append, each
+    in [0, capacity - Lnew] (None for a device array not read: ``read_values`` False), and the
+    one length of every sequence when cache_seqlens is an int or None (else None)."""
     where = f"max_pages * page_size = {capacity}" if paged else f"Lmax = {capacity}"
     if cache_seqlens is None:  # the whole cache holds keys
         if new:
             raise ValueError(f"cache_seqlens is required to append k and v: without it every sequence holds "
                              f"{where} keys and there is no slot left")
-        return numpy.full(batch, capacity, dtype=numpy.int64)
+        return numpy.full(batch, capacity, dtype=numpy.int64), capacity
     if getattr(cache_seqlens, "ndim", 0) != 0:  # an array (B,)
         _check_kind("cache_seqlens", cache_seqlens, xp, device)
         if cache_seqlens.dtype != numpy.int32 or cache_seqlens.ndim != 1:
@@ -185,19 +205,23 @@ def _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged):
                             f"{cache_seqlens.dtype}")
         if cache_seqlens.shape[0] != batch:
             raise ValueError(f"cache_seqlens must have B = {batch} entries (q's batch), got {cache_seqlens.shape[0]}")
-        seqlens = _host_values(cache_seqlens, xp).astype(numpy.int64)
+        if not batch:  # nothing to read
+            return numpy.zeros(0, numpy.int64), None
+        if not read_values:  # under capture: the caller guarantees the lengths
+            return None, None
+        seqlens, fixed = _host_values(cache_seqlens, xp).astype(numpy.int64), None
     else:
         length = _spec._integer("cache_seqlens", cache_seqlens, "or a 1-D int32 array (B,)")
         if length < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {length}")
-        seqlens = numpy.full(batch, length, dtype=numpy.int64)
+        seqlens, fixed = numpy.full(batch, length, dtype=numpy.int64), length
     for b in range(batch):
         if seqlens[b] < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {seqlens[b]}")
         if seqlens[b] + new > capacity:
             raise ValueError(f"cache_seqlens[{b}] = {seqlens[b]} plus Lnew = {new} new keys needs "
                              f"{seqlens[b] + new} slots, but the cache holds {where}")
-    return seqlens
+    return seqlens, fixed
 
 
 def _check_pages(cache: _Cache, num_pages: int):
@@ -326,13 +350,30 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     already written are restored before the error propagates).
 
     Cost. The argument checks read the lengths and the block table on the host (a device sync
-    on the GPU); the append is one scatter per cache. GPU float16/bfloat16 with D and Dv
-    multiples of 8 up to 128 and caches in whole 16-byte chunks: the split-KV decode kernel, one
-    launch (two when split) that reads each kv head's keys and values once, in place, paged or
-    not. Otherwise (float32/float64 and the CPU backend included) the composition: a contiguous
-    cache is read through views (no copy), a paged one is first gathered, sequence by sequence,
-    into a ``(Lk, Hk, D)`` copy of its keys and values; sequences of equal lengths share one dense
-    call, others run one each; each split range is one more dense call, plus one merge.
+    on the GPU; none under graph capture, below); the append is one scatter per cache on the CPU,
+    one launch on the GPU that reads the lengths and the table on the device. GPU
+    float16/bfloat16 with D and Dv multiples of 8 up to 128 and caches in whole 16-byte chunks:
+    the split-KV decode kernel, one launch (two when split) that reads each kv head's keys and
+    values once, in place, paged or not, and writes ``out`` in place when its last axis is
+    contiguous. Otherwise (float32/float64 and the CPU backend included) the composition: a
+    contiguous cache is read through views (no copy), a paged one is first gathered, sequence by
+    sequence, into a ``(Lk, Hk, D)`` copy of its keys and values; sequences of equal lengths share
+    one dense call, others run one each; each split range is one more dense call, plus one merge.
+
+    CUDA graphs. While CuPy's current stream is capturing (``stream.begin_capture()``; under
+    ``torch.cuda.graph`` too, through :func:`cuflash.torch.flash_attn_with_kvcache`), nothing is
+    read on the host: the checks of the values of ``cache_seqlens`` and ``block_table`` are
+    skipped, and the caller guarantees them (flash-attn checks none of them, ever): every
+    ``cache_seqlens[b] + Lnew`` fits the cache, every page a sequence uses is a page of the cache,
+    and a page written into belongs to one sequence, once (the append skips a slot outside the
+    cache rather than write past it, but the result is then undefined). Every check of shapes,
+    dtypes, devices and layouts still runs. The decode kernel's calls run unchanged and their
+    replays follow the values the device holds then; the composition refuses (RuntimeError)
+    unless ``cache_seqlens`` is an int (or None) and the cache contiguous. Warm up each shape outside the
+    capture (kernels compile on first use). A CuPy capture takes the call's memory from CuPy's
+    pool: keep the arrays the call returns alive while the graph is replayed (out and lse hold the
+    call's workspace; with ``out=``, ask for and keep lse too); torch's capture keeps it all in the
+    graph's pool.
 
     Returns
     -------
@@ -348,9 +389,19 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                                        causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
 
 
+def _capturing(xp) -> bool:
+    """Whether CuPy's current stream is capturing a CUDA graph (torch's capture included:
+    cuflash.torch runs on torch's current stream as CuPy's). Nothing is read from the device then:
+    the capture refuses a device-to-host copy, and a value read would be baked into the graph."""
+    if xp is numpy:
+        return False
+    return bool(xp.cuda.get_current_stream().is_capturing())
+
+
 def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
                             softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision):
-    cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device)
+    cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device,
+                           read_values=not _capturing(xp))
     splits = _resolve_splits(num_splits)
     batch, heads_k, head_dim, head_dim_v = cache.batch, cache.heads_k, q.shape[3], v_cache.shape[3]
     # The options, checked once for the whole batch as cuflash.attention checks them (lead axes
@@ -370,28 +421,51 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
     if out is not None:
         _check_out(out, xp, device, problem, shape, read + caches)
 
+    reason = "the CPU backend" if xp is numpy else _decode_unsupported(q, k_cache, v_cache, cache)
+    if reason is None:
+        # The decode kernel: its plan (allocations, kernels) first, so that an error there leaves
+        # the caches as they were; then the device append and the launches, none reading a value
+        # on the host.
+        launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits,
+                         out)
+        if cache.new:
+            _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
+        result, lse = launch.run()
+    else:
+        if cache.seqlens is None or (cache.paged and cache.table is None):
+            raise RuntimeError(
+                f"attention_with_kvcache under CUDA graph capture: this call runs as dense calls ({reason}), which "
+                "read cache_seqlens and block_table on the host, and nothing can be read from the device during a "
+                "capture. Captured calls must take the decode kernel (float16/bfloat16, head dims multiples of 8 "
+                "up to 128, caches in whole 16-byte chunks), or pass cache_seqlens as an int with a contiguous cache")
+        result, lse = _compose(xp, q, k, v, k_cache, v_cache, cache, problem, options, splits or 1,
+                               cache_seqlens, block_table)
+    if out is not None and result is not out:
+        _bits(out)[...] = _bits(result)
+        result = out
+    return (result, lse) if problem.return_lse else result
+
+
+def _compose(xp, q, k, v, k_cache, v_cache, cache: _Cache, problem, options, splits, cache_seqlens, block_table):
+    """(out, lse) from dense calls, after the append (one scatter per cache on the CPU, the
+    device append on the GPU); should a dense call fail, the new slots are put back as they were."""
     # Views with the cache's sequence (or page-slot) axis second: slot (first, pos) is row [first, pos].
     k_rows, v_rows = (c.transpose(0, 2, 1, 3) for c in (k_cache, v_cache))
     saved = None
-    if cache.new:  # the append: one scatter per cache, of exactly the new slots
+    if cache.new:
         first, pos = (_index(x, xp) for x in cache.slots(cache.seqlens, cache.seqlens + cache.new))
         saved = [(_bits(rows), _bits(rows)[first, pos]) for rows in (k_rows, v_rows)]  # copies, for a rollback
-        for (rows, _), new in zip(saved, (k, v)):
-            rows[first, pos] = _bits(new).transpose(0, 2, 1, 3).reshape((-1,) + (new.shape[1], new.shape[3]))
-    try:
-        if xp is not numpy and _decode_unsupported(q, k_cache, v_cache, cache) is None:
-            result, lse = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens,
-                                  block_table, splits)
+        if xp is numpy:
+            for (rows, _), new in zip(saved, (k, v)):
+                rows[first, pos] = _bits(new).transpose(0, 2, 1, 3).reshape((-1,) + (new.shape[1], new.shape[3]))
         else:
-            result, lse = _attend_all(xp, q, k_rows, v_rows, cache, problem, options, splits or 1)
+            _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
+    try:
+        return _attend_all(xp, q, k_rows, v_rows, cache, problem, options, splits)
     except BaseException:
         for rows, old in saved or ():
             rows[first, pos] = old
         raise
-    if out is not None:
-        _bits(out)[...] = _bits(result)
-        result = out
-    return (result, lse) if problem.return_lse else result
 
 
 def _decode_unsupported(q, k_cache, v_cache, cache: _Cache) -> str | None:
@@ -403,9 +477,27 @@ def _decode_unsupported(q, k_cache, v_cache, cache: _Cache) -> str | None:
     return decode.unsupported_reason(q, k_cache, v_cache)
 
 
-def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits):
-    """(out, lse) from the GPU decode kernel, launched with no host synchronization: the kernel
-    reads the lengths (the caller's device array) and the block table where they lie."""
+def _device_lengths(cache_seqlens, xp):
+    """The caller's (B,) device array of lengths, or None (an int, or None: ``_Cache.fixed``)."""
+    return cache_seqlens if isinstance(cache_seqlens, xp.ndarray) and cache_seqlens.ndim == 1 else None
+
+
+def _append_on_device(k, v, k_cache, v_cache, cache: _Cache, cache_seqlens, block_table):
+    """k and v into the caches by ``cuda_src/kvcache_append.cu``: the kernel reads the lengths and
+    the block table where they lie (no host value, no synchronization)."""
+    import cupy
+
+    from ._gpu import kvcache_append
+
+    lengths = _device_lengths(cache_seqlens, cupy)
+    kvcache_append.append(k, v, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=cache.fixed or 0,
+                          block_table=block_table, capacity=cache.capacity)
+
+
+def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits, out):
+    """The GPU decode kernel's plan for this call (``DecodePlan.run`` launches it): made from shapes
+    and the caller's device arrays alone, with no host read: the kernel reads the lengths (the
+    caller's device array) and the block table where they lie."""
     from ._gpu import decode
 
     # The window as the whole cache sees it: the problem's sides were clamped against the new
@@ -414,18 +506,13 @@ def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cac
     # a diagonal of Lk - Lq (bottom-right) or 0, asked of the same rule with Lq = 0, Lk = 1.
     left, right, _ = _spec._normalise_mask(causal, window, int(q.shape[2]), cache.capacity)
     bottom_right = _spec._normalise_mask(causal, window, 0, 1)[2] == 1
-    lengths, fixed = None, cache.capacity
-    if isinstance(cache_seqlens, xp.ndarray) and cache_seqlens.ndim == 1:
-        lengths = xp.ascontiguousarray(cache_seqlens)
-    elif cache_seqlens is not None:
-        fixed = int(cache.seqlens[0]) if cache.batch else 0  # one int for every sequence
-    table = None if block_table is None else xp.ascontiguousarray(block_table)
+    lengths = _device_lengths(cache_seqlens, xp)
+    fixed = cache.capacity if cache.fixed is None else cache.fixed
     modifiers = [None if x is None else xp.asarray(x) for x in (problem.alibi_slopes, problem.sinks)]
-    launch = decode.plan(q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed, new_keys=cache.new,
-                         block_table=table, capacity=cache.capacity, scale=problem.scale, window_left=left,
-                         window_right=right, bottom_right=bottom_right, softcap=problem.softcap,
-                         alibi_slopes=modifiers[0], sinks=modifiers[1], num_splits=splits)
-    return launch.run()
+    return decode.plan(q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed, new_keys=cache.new,
+                       block_table=block_table, capacity=cache.capacity, scale=problem.scale, window_left=left,
+                       window_right=right, bottom_right=bottom_right, softcap=problem.softcap,
+                       alibi_slopes=modifiers[0], sinks=modifiers[1], num_splits=splits, out=out)
 
 
 def _index(host, xp):

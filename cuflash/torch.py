@@ -307,7 +307,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     of the two halves). ``cache_batch_idx`` ``(B,)``: the cache row of each sequence;
     ``cache_leftpad`` ``(B,)``: keys before it are padding. Returns out ``(B, Lq, H, Dv)``, and
     ``softmax_lse`` ``(B, H, Lq)`` with ``return_softmax_lse``. :func:`cuflash.attention_with_kvcache`
-    underneath (one call per sequence when ``cache_batch_idx`` or ``cache_leftpad`` is given)."""
+    underneath (one call per sequence when ``cache_batch_idx`` or ``cache_leftpad`` is given).
+
+    CUDA graphs: a decoding step can be captured with ``torch.cuda.graph`` (after a warm-up call
+    of its shapes outside the capture); its replays follow the ``cache_seqlens``, ``block_table``,
+    q, k and v the device holds then. Under capture nothing is read on the host, so the checks
+    that need device values are skipped and the caller guarantees them (as flash-attn, which never
+    makes them): lengths that fit the cache, pages of the cache, written pages not shared, rotary
+    positions within ``rotary_cos``. ``cache_batch_idx`` and ``cache_leftpad`` are read on the
+    host (they pick one call per sequence), so they cannot be captured."""
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, tensor)
     if (k is None) != (v is None):
@@ -319,6 +327,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                          "flash-attn refuses it too)")
     if cache_leftpad is not None and block_table is not None:
         raise NotImplementedError("cache_leftpad with a paged cache (block_table) is not supported yet")
+    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and (cache_batch_idx is not None or cache_leftpad is not None):
+        raise ValueError("cache_batch_idx and cache_leftpad are read on the host (one call per sequence), which a CUDA "
+                         "graph capture forbids: capture calls without them")
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     window = None if window == (-1, -1) else window
     batch = q.shape[0]
@@ -327,8 +339,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if rotary_cos is not None:
             # flash-attn: queries at their own positions under causal or a window, else all at
             # cache_seqlens (one position for every query)
-            q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None)
-            k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True)
+            q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None,
+                        check=not capturing)
+            k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True,
+                                            check=not capturing)
         out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
         options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                        return_lse=bool(return_softmax_lse))
@@ -382,10 +396,11 @@ def _kvcache_rows(values, batch, bound, name, default):
     return host
 
 
-def _rotary(x, cos, sin, offsets, interleaved, per_row):
+def _rotary(x, cos, sin, offsets, interleaved, per_row, check=True):
     """flash-attn's rotary embedding of x ``(B, L, H, D)`` over its first ``2 * cos.shape[1]``
     dims, row i of sequence b at position ``offsets[b] + i`` (``offsets[b]`` for every row unless
-    ``per_row``), computed in float32 (float64 for float64) and rounded once to x's dtype."""
+    ``per_row``), computed in float32 (float64 for float64) and rounded once to x's dtype.
+    ``check``: the positions are read on the host to check that cos has them (not under capture)."""
     half = cos.shape[-1]
     if cos.shape != sin.shape or cos.dim() != 2 or 2 * half > x.shape[-1]:
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
@@ -393,7 +408,7 @@ def _rotary(x, cos, sin, offsets, interleaved, per_row):
     steps = torch.arange(x.shape[1], device=x.device) if per_row else torch.zeros(x.shape[1], dtype=torch.long,
                                                                                   device=x.device)
     positions = offsets.to(x.device).long()[:, None] + steps[None, :]  # (B, L)
-    if x.shape[1] and int(positions.max()) >= cos.shape[0]:
+    if check and x.shape[1] and int(positions.max()) >= cos.shape[0]:
         raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions; position {int(positions.max())} "
                          "is needed")
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32

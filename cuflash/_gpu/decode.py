@@ -5,7 +5,9 @@ then keeps the composition of dense calls), picks the instantiation, the head bl
 chunks and the number of splits, and fills the by-value ``DecodeParams`` (``PARAMS_DTYPE``, its
 NumPy mirror); ``DecodePlan.run()`` launches ``decode_tc`` (and ``decode_combine`` when the keys
 are split) on CuPy's current stream, with no host synchronization: the cache lengths and the
-block table are read by the kernel, on the device. Kernels compile like every other cuflash
+block table are read by the kernel, on the device, and nothing the host decides (the grid, the
+splits) depends on them, so the launches can be captured in a CUDA graph whose replays follow
+the lengths and table the device holds then. Kernels compile like every other cuflash
 kernel (``kernels.get_kernel``: NVRTC, memoized per device, CuPy's disk cache).
 
 What the kernel runs: float16 and bfloat16; head dims D, Dv multiples of 8 up to 128; caches
@@ -16,6 +18,7 @@ block holds one query head (the slope is per head), otherwise the whole GQA grou
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy
 
@@ -148,9 +151,9 @@ class DecodePlan:
     grid: int
     combine_grid: int
     shared_mem: int
-    keep: tuple  # device arrays the params point to (slopes, sinks, workspace, q's copy)
+    keep: tuple  # device arrays the params point to (q or its copy, lse and its allocation, lengths, table)
     workspace: tuple  # (part_o, part_lse) when split, else (): the splits' partials
-    out: object
+    out: object  # the caller's out= (written in place) or a view of the plan's allocation
     lse: object
     splits: int
 
@@ -168,25 +171,67 @@ class DecodePlan:
         return self.out, self.lse
 
 
+def writable_out(out) -> bool:
+    """Whether the kernels can write the caller's ``out`` (B, Hq, Lq, Dv) in place: strides of
+    whole elements, an even number of them on the first three axes, a contiguous last axis and a
+    4-byte aligned start (the epilogue stores pairs of elements)."""
+    strides = _elements(out)
+    return (strides is not None and strides[3] == 1 and all(s % 2 == 0 for s in strides[:3])
+            and out.data.ptr % 4 == 0)
+
+
+def _carve(cupy, specs):
+    """Arrays of ``specs`` (``(shape, dtype)`` each, or None for no array) in one device allocation,
+    each 256-byte aligned: whoever holds one of them holds the whole allocation."""
+    offsets, size = [], 0
+    for spec in specs:
+        offsets.append(size)
+        if spec is not None:
+            size += -(-math.prod(spec[0]) * numpy.dtype(spec[1]).itemsize // 256) * 256
+    memory = cupy.cuda.alloc(max(size, 1))
+    return [None if spec is None else cupy.ndarray(spec[0], spec[1], memptr=memory + offset)
+            for spec, offset in zip(specs, offsets)]
+
+
+def _rows_into(cupy, target, x, lead):
+    """target (float32, ``lead`` = (B, Hq) C order) = x (broadcastable to lead) widened, with no
+    temporary array (a captured launch may read nothing that dies with the call): bfloat16 through
+    its bits, any other float by the copy's cast."""
+    source = cupy.broadcast_to(x, lead)
+    if x.dtype.name == "bfloat16":  # a float32 is the bfloat16's bits, 16 places up
+        bits = target.view(cupy.uint32).reshape(lead)
+        bits[...] = source.view(cupy.uint16)
+        cupy.left_shift(bits, 16, out=bits)
+    else:
+        target.reshape(lead)[...] = source
+
+
 def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int, block_table, capacity: int,
          scale: float, window_left: int, window_right: int, bottom_right: bool, softcap, alibi_slopes, sinks,
-         num_splits: int) -> DecodePlan:
+         num_splits: int, out=None) -> DecodePlan:
     """The launches of one call (``unsupported_reason`` must have said None). ``cache_seqlens``:
     the int32 (B,) device array, or None with ``seqlen_fixed`` for every sequence; ``capacity``:
-    Lmax (max_pages * page_size when paged), for the split heuristic, which never reads the
-    lengths on the host; window sides unbounded as -1; ``alibi_slopes`` / ``sinks``: CuPy arrays
-    broadcastable to (B, Hq), or None; ``num_splits``: 0 for the heuristic."""
+    Lmax (max_pages * page_size when paged): the grid and the split heuristic come from shapes
+    alone (B, the heads, Lq, Lmax, the SM count), never from the lengths, which only the kernel
+    reads; window sides unbounded as -1; ``alibi_slopes`` / ``sinks``: CuPy arrays broadcastable
+    to (B, Hq), or None; ``num_splits``: 0 for the heuristic; ``out``: the caller's (B, Hq, Lq,
+    Dv) array, written in place when ``writable_out``, else the plan's own.
+
+    Everything else the launches read or write beyond the caller's arrays (the output unless the
+    caller's, lse, the splits' partials, the per-row slopes and sinks, and copies of a q, lengths
+    or table the kernel cannot read where they lie) is one allocation, of which the plan's ``out``
+    and ``lse`` are views: holding either holds all of it, as a CUDA graph that captured the
+    launches needs for as long as it is replayed. The copies are launches on the current stream
+    (captured with the rest), so a replay reads the values the caller's arrays hold then."""
     import cupy
 
-    from .plan import _device_attribute, _per_row
+    from .plan import _device_attribute
 
     batch, heads_q, seqlen_q, head_dim = (int(n) for n in q.shape)
     heads_k, head_dim_v = int(k_cache.shape[1]), int(v_cache.shape[3])
     dtype = q.dtype.name
     q_strides = _elements(q)
-    if q_strides is None or any(s % 8 for s in q_strides[:3]) or q.data.ptr % 16:
-        q = cupy.ascontiguousarray(q)  # small: the queries, not the cache
-        q_strides = _elements(q)
+    copy_q = q_strides is None or any(s % 8 for s in q_strides[:3]) or q.data.ptr % 16
 
     group = heads_q // heads_k
     heads_per_block = 1 if alibi_slopes is not None else group
@@ -205,8 +250,32 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
         splits = max(1, min(num_splits, max(tiles, 1)))
     splits = max(1, min(splits, MAX_GRID_X // max(blocks, 1)))
 
-    out = cupy.empty((batch, heads_q, seqlen_q, head_dim_v), dtype=q.dtype)
-    lse = cupy.empty((batch, heads_q, seqlen_q), dtype=numpy.float32)
+    lead, total_rows = (batch, heads_q), batch * heads_q * seqlen_q
+    own_out = out is None or not writable_out(out)
+    copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
+    copy_table = block_table is not None and (block_table.strides[1] != 4 or block_table.strides[0] % 4)
+    (own, lse, part_o, part_lse, q_copy, slopes, sink_rows, lengths, table) = _carve(cupy, [
+        ((batch, heads_q, seqlen_q, head_dim_v), q.dtype) if own_out else None,
+        ((batch, heads_q, seqlen_q), numpy.float32),
+        ((splits, total_rows, head_dim_v), numpy.float32) if splits > 1 else None,
+        ((splits, total_rows), numpy.float32) if splits > 1 else None,
+        (tuple(q.shape), q.dtype) if copy_q else None,
+        ((batch * heads_q,), numpy.float32) if alibi_slopes is not None else None,
+        ((batch * heads_q,), numpy.float32) if sinks is not None else None,
+        ((batch,), numpy.int32) if copy_lengths else None,
+        (tuple(block_table.shape), numpy.int32) if copy_table else None,
+    ])
+    out = own if own_out else out
+    if copy_q:  # small: the queries, not the cache
+        q_copy.view(f"u{q.itemsize}")[...] = q.view(f"u{q.itemsize}")
+        q, q_strides = q_copy, _elements(q_copy)
+    if copy_lengths:
+        lengths[...] = cache_seqlens
+        cache_seqlens = lengths
+    if copy_table:
+        table[...] = block_table
+        block_table = table
+
     p = numpy.zeros((), dtype=PARAMS_DTYPE)
     fwd = p["fwd"]
     fwd["batch_shape"] = [1] * MAX_BATCH_DIMS
@@ -215,11 +284,10 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     fwd["scale"] = scale
     fwd["scale_log2"] = min(max(scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
     fwd["softcap"] = 0.0 if softcap is None else softcap
-    keep = [q]
-    for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+    keep = [q, lse]
+    for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
         if x is not None:
-            rows_of = _per_row(x, (batch, heads_q), numpy.float32)
-            keep.append(rows_of)
+            _rows_into(cupy, rows_of, x, lead)
             fwd[name] = rows_of.data.ptr
 
     p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
@@ -228,7 +296,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     for name, cache in (("k", k_cache), ("v", v_cache)):
         strides = _elements(cache)
         p[f"{name}_page_stride"], p[f"{name}_head_stride"], p[f"{name}_row_stride"] = strides[:3]
-    p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = (s // out.itemsize for s in out.strides[:3])
+    p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = _elements(out)[:3]
     if cache_seqlens is not None:
         p["cache_seqlens"] = cache_seqlens.data.ptr
         keep.append(cache_seqlens)
@@ -247,11 +315,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     combine_grid = 0
     workspace = ()
     if splits > 1:
-        total_rows = batch * heads_q * seqlen_q
-        part_o = cupy.empty((splits, total_rows, head_dim_v), dtype=numpy.float32)
-        part_lse = cupy.empty((splits, total_rows), dtype=numpy.float32)
         workspace = (part_o, part_lse)
-        keep += [part_o, part_lse]
         p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
