@@ -1,5 +1,6 @@
-// Backward attention for float16 / bfloat16 on tensor cores, over key tiles: dK, dV (and dQ by
-// fp32 atomics). FlashAttention-2's backward with recomputation, on mma.sync.
+// Backward attention on tensor cores, over key tiles: dK, dV (and dQ by fp32 atomics).
+// FlashAttention-2's backward with recomputation, on mma.sync: float16 / bfloat16 on m16n8k16,
+// float32 under precision="tf32" on m16n8k8 TF32 (tile_tc.cuh's Arith, as fwd_tc.cu).
 //
 // One block owns kBlockN keys of one key/value head and a group of heads_per_block query heads
 // that read it (attention rows bh0 + g, bh0 = blockIdx.x * heads_per_block; GQA): K_j, V_j stay in
@@ -24,9 +25,10 @@
 //   S, dP    (queries x keys): 2 x kWarps/2 warps, each kSRows x kSCols
 //   dK, dV   (keys x dims):    kWarps/2 x 2 warps, each kKVRows x kKVCols, accumulated all along
 //   dQ       (queries x dims): units of kDqRows x 32, round robin over the warps
-// P and dS cross from the first grid to the others through shared memory, 16-bit, as
-// (queries x keys) tiles: ldmatrix.trans reads them back as P^T / dS^T (the A operands of
-// dV, dK) and plain ldmatrix as dS (the A operand of dQ). Two barriers per query tile: one
+// P and dS cross from the first grid to the others through shared memory, in the element type,
+// as (queries x keys) tiles: ldmatrix.trans reads them back as P^T / dS^T (the A operands of
+// dV, dK) and plain ldmatrix as dS (the A operand of dQ); on TF32, 32-bit loads do (tile_tc.cuh's
+// k8 reads, as the B operands whose k index runs along rows). Two barriers per query tile: one
 // before the tile is read (it landed; the previous tile's readers of P / dS are done), one
 // between writing P / dS and reading them.
 #include <cuda_fp16.h>
@@ -46,15 +48,23 @@ namespace cuflash {
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kScoreMods = false>
 constexpr unsigned bwd_dkdv_tc_smem_bytes() {
     // K, V, P and dS, then per stage Q, dO, 2 * kBlockM floats (lse, delta) and, where the Variant
-    // stages them (score_mod.cuh), the bias and mask tiles of the stage's queries.
-    return 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN>::kBytes +
-           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + 2 * kBlockM * 4 +
+    // stages them (score_mod.cuh), the bias and mask tiles of the stage's queries. Rows of 16-bit
+    // units, kUnits per element.
+    constexpr int kUnits = tc::Arith<Element>::kUnits;
+    return 2 * tc::SmemTile<kBlockN, kHeadDim * kUnits>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN * kUnits>::kBytes +
+           kStages * (2 * tc::SmemTile<kBlockM, kHeadDim * kUnits>::kBytes + 2 * kBlockM * 4 +
                       staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
+    using Arith = tc::Arith<Element>;
+    constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores
+    constexpr int kUnits = Arith::kUnits;       // 16-bit units per element
+    constexpr int kWidth = kHeadDim * kUnits;   // a K/V/Q/dO row's units in shared memory
+    using Storage = typename Arith::Storage;
+    using Units = const unsigned short*;
     constexpr int kThreads = kWarps * 32;
     constexpr int kSRows = kBlockM / 2, kSCols = kBlockN / (kWarps / 2);          // S, dP grid
     constexpr int kKVRows = kBlockN / (kWarps / 2), kKVCols = kHeadDim / 2;      // dK, dV grid
@@ -64,10 +74,10 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kSM = kSRows / 16, kSN = kSCols / 8;        // m16 / n8 tiles of a warp's S
     constexpr int kKVM = kKVRows / 16, kKVN = kKVCols / 8;    // ... of a warp's dK and dV
     constexpr int kDqM = kDqRows / 16, kDqN = kDqCols / 8;    // ... of a dQ unit
-    constexpr int kKStepsD = kHeadDim / 16;                   // k16 steps of Q K^T and dO V^T
+    constexpr int kKStepsD = kHeadDim / Arith::kK;            // k16 (k8) steps of Q K^T and dO V^T
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr bool kRedV2 = true;                             // vector fp32 reductions exist from sm_90
-    constexpr bool kHasStMatrix = true;                       // ... and stmatrix
+    constexpr bool kHasStMatrix = !kTf32;                     // ... and stmatrix (of 16-bit elements)
 #else
     constexpr bool kRedV2 = false;
     constexpr bool kHasStMatrix = false;
@@ -78,9 +88,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     static_assert(kThreads >= 2 * kBlockM, "one thread per lse / delta value of a query tile");
     static_assert(kStages >= 2, "the Q/dO pipeline needs at least two stages");
 
-    using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // K_j, V_j; they stage dK, dV at the end
-    using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // one Q_i or dO_i
-    using PTile = tc::SmemTile<kBlockM, kBlockN>;    // P or dS, 16-bit, queries x keys
+    using KVTile = tc::SmemTile<kBlockN, kWidth>;           // K_j, V_j; they stage dK, dV at the end
+    using QTile = tc::SmemTile<kBlockM, kWidth>;            // one Q_i or dO_i
+    using PTile = tc::SmemTile<kBlockM, kBlockN * kUnits>;  // P or dS, queries x keys
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
     constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
@@ -108,15 +118,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     BwdBatchIndex at;  // the group's first row's
-    if (!starts_key_block<unsigned short, float, kBlockN>(p, blockIdx.x * heads, blockIdx.y, n0, at)) return;  // params.cuh
+    if (!starts_key_block<Storage, float, kBlockN>(p, blockIdx.x * heads, blockIdx.y, n0, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(f.k) + at.k,
-                                                                f.k_row_stride, f.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
-                                                                f.v_row_stride, f.head_dim_v);
-    const tc::QueryTileLoader<kBlockM, kHeadDim, kThreads, QTile> qdo_loader(p, at);  // head 0's
+    const tc::TileLoader<kBlockN, kWidth, kThreads> k_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.k) + at.k),
+                                                              f.k_row_stride * kUnits, f.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads> v_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.v) + at.v),
+                                                              f.v_row_stride * kUnits, f.head_dim_v * kUnits);
+    const tc::QueryTileLoader<kBlockM, kWidth, kThreads, QTile, kUnits> qdo_loader(p, at);  // head 0's
     if (!(k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && qdo_loader.aligned())) __trap();
     // plan.py lays the bias and mask planes out for staging (every row's, as the first one's).
     if (kStagePlanes && !PlaneStage::aligned(ScoreMod<float, true>::row_planes(f, blockIdx.x * heads), f)) __trap();
@@ -142,6 +152,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const unsigned pt_lane = tc::bn_lane<PTile>(lane);          // P, dS read .trans: A = P^T (m = keys, k = queries)
     const unsigned ds_a_lane = tc::a_lane<PTile>(0, lane);      // dS as A (m = queries, k = keys)
     const unsigned k_bt_lane = tc::bt_lane<KVTile>(lane);       // K_j as B (k = keys, n = dims)
+    // TF32 (a k8 step has the byte geometry of a k16 one: Q, dO, K, V as above, rounded): the
+    // operands read along their rows by 32-bit loads (tile_tc.cuh), K_j, Q_i and dO_i as B with
+    // k = rows, P and dS as transposed A; dS as the A of dQ by 8-byte loads.
+    const unsigned kv_rows_lane = tc::k8_rows_lane<KVTile>(lane);
+    const unsigned q_rows_lane = tc::k8_rows_lane<QTile>(lane);
+    const unsigned p_rows_lane = tc::k8_rows_lane<PTile>(lane);
+    const unsigned ds_cols_lane = tc::a_k8_cols_lane<PTile>(lane);
 
     float dk[kKVM][kKVN][4], dv[kKVM][kKVN][4];
     tc::zero(dk);
@@ -155,14 +172,22 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     // (the queries x keys tile at a_smem, read transposed), B = dO_i or Q_i (at b_slot).
     auto t_times = [&](float(&c)[kKVM][kKVN][4], unsigned a_smem, unsigned b_slot) {
         // Fully unrolled up to 64 columns per warp; by 2 above (d = 224 spilled fully unrolled).
-        constexpr int kUnroll = kKVN > 8 ? 2 : kBlockM / 16;
+        constexpr int kSteps = kBlockM / Arith::kK;
+        constexpr int kUnroll = kKVN > 8 ? 2 : kSteps;
 #pragma unroll kUnroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-            unsigned a[kKVM][4];
+        for (int kk = 0; kk < kSteps; ++kk) {
+            if constexpr (kTf32) {  // columns c of a float tile are in chunk c / 4
+                typename Arith::AFragment a[kKVM];
 #pragma unroll
-            for (int mt = 0; mt < kKVM; ++mt)
-                ptx::ldmatrix_x4_trans(a_smem + pt_lane + PTile::offset(kk * 16, (kv_row + mt * 16) / 8), a[mt]);
-            tc::mma_k16<Element, QTile, true>(c, a, b_slot + q_bt_lane, kk * 16, kv_col / 8);
+                for (int mt = 0; mt < kKVM; ++mt) tc::at_k8_rows<PTile>(a[mt], a_smem + p_rows_lane, kk * 8, (kv_row + mt * 16) / 4);
+                tc::mma_k8_rows<QTile>(c, a, b_slot + q_rows_lane, kk * 8, kv_col / 4);
+            } else {
+                unsigned a[kKVM][4];
+#pragma unroll
+                for (int mt = 0; mt < kKVM; ++mt)
+                    ptx::ldmatrix_x4_trans(a_smem + pt_lane + PTile::offset(kk * 16, (kv_row + mt * 16) / 8), a[mt]);
+                tc::mma_k16<Element, QTile, true>(c, a, b_slot + q_bt_lane, kk * 16, kv_col / 8);
+            }
         }
     };
     // The warp's S-grid accumulator as 16-bit pairs into a queries x keys tile: on sm_90 one
@@ -176,7 +201,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             for (int np = 0; np < kSN / 2; ++np) {
                 const float(&lo)[4] = c[mt][2 * np];
                 const float(&hi)[4] = c[mt][2 * np + 1];
-                if constexpr (kHasStMatrix) {
+                if constexpr (kTf32) {  // (row, key 2t, 2t + 1) of each n8 tile: 8 bytes at 32 nt + 8t
+                    const unsigned base = dst + PTile::offset(s_row + mt * 16 + lane / 4, (s_col + 16 * np) / 4) + 8 * (lane % 4);
+                    ptx::st_shared_v2(base, __float_as_uint(lo[0]), __float_as_uint(lo[1]));
+                    ptx::st_shared_v2(base + PTile::offset(8, 0), __float_as_uint(lo[2]), __float_as_uint(lo[3]));
+                    ptx::st_shared_v2(base + PTile::offset(0, 2), __float_as_uint(hi[0]), __float_as_uint(hi[1]));
+                    ptx::st_shared_v2(base + PTile::offset(8, 2), __float_as_uint(hi[2]), __float_as_uint(hi[3]));
+                } else if constexpr (kHasStMatrix) {
                     ptx::stmatrix_x4(dst + st_lane + PTile::offset(mt * 16, 2 * np), ptx::pack2<Element>(lo[0], lo[1]),
                                      ptx::pack2<Element>(lo[2], lo[3]), ptx::pack2<Element>(hi[0], hi[1]),
                                      ptx::pack2<Element>(hi[2], hi[3]));
@@ -225,11 +256,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         tc::zero(dp);
 #pragma unroll 2
         for (int kk = 0; kk < kKStepsD; ++kk) {
-            unsigned aq[kSM][4], ado[kSM][4];
+            typename Arith::AFragment aq[kSM], ado[kSM];
 #pragma unroll
             for (int mt = 0; mt < kSM; ++mt) {
-                ptx::ldmatrix_x4(q_slot + q_a_lane + QTile::offset(mt * 16, kk * 2), aq[mt]);
-                ptx::ldmatrix_x4(do_slot + q_a_lane + QTile::offset(mt * 16, kk * 2), ado[mt]);
+                tc::load_a(q_slot + q_a_lane + QTile::offset(mt * 16, kk * 2), aq[mt]);
+                tc::load_a(do_slot + q_a_lane + QTile::offset(mt * 16, kk * 2), ado[mt]);
             }
             tc::mma_k16<Element, KVTile, false>(s, aq, k_smem + kv_bn_lane, s_col, kk * 2);
             tc::mma_k16<Element, KVTile, false>(dp, ado, v_smem + kv_bn_lane, s_col, kk * 2);
@@ -312,12 +343,19 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                 float acc[kDqM][kDqN][4];
                 tc::zero(acc);
 #pragma unroll
-                for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                    unsigned a[kDqM][4];
+                for (int kk = 0; kk < kBlockN / Arith::kK; ++kk) {
+                    if constexpr (kTf32) {
+                        typename Arith::AFragment a[kDqM];
 #pragma unroll
-                    for (int mt = 0; mt < kDqM; ++mt)
-                        ptx::ldmatrix_x4(ds_smem + ds_a_lane + PTile::offset(row0 + mt * 16, kk * 2), a[mt]);
-                    tc::mma_k16<Element, KVTile, true>(acc, a, k_smem + k_bt_lane, kk * 16, chunk * (kDqCols / 8));
+                        for (int mt = 0; mt < kDqM; ++mt) tc::a_k8_cols<PTile>(a[mt], ds_smem + ds_cols_lane, row0 + mt * 16, kk * 2);
+                        tc::mma_k8_rows<KVTile>(acc, a, k_smem + kv_rows_lane, kk * 8, chunk * (kDqCols / 4));
+                    } else {
+                        unsigned a[kDqM][4];
+#pragma unroll
+                        for (int mt = 0; mt < kDqM; ++mt)
+                            ptx::ldmatrix_x4(ds_smem + ds_a_lane + PTile::offset(row0 + mt * 16, kk * 2), a[mt]);
+                        tc::mma_k16<Element, KVTile, true>(acc, a, k_smem + k_bt_lane, kk * 16, chunk * (kDqCols / 8));
+                    }
                 }
 #pragma unroll
                 for (int mt = 0; mt < kDqM; ++mt)
@@ -359,18 +397,25 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             const int key = kv_row + mt * 16 + lane / 4 + 8 * h;
 #pragma unroll
             for (int nt = 0; nt < kKVN; ++nt) {
-                const unsigned off = KVTile::offset(key, kv_col / 8 + nt) + 4 * (lane % 4);
-                ptx::st_shared_b32(k_smem + off,
-                                   ptx::pack2<Element>(dk[mt][nt][2 * h] * scale, dk[mt][nt][2 * h + 1] * scale));
-                ptx::st_shared_b32(v_smem + off, ptx::pack2<Element>(dv[mt][nt][2 * h], dv[mt][nt][2 * h + 1]));
+                const float dk0 = dk[mt][nt][2 * h] * scale, dk1 = dk[mt][nt][2 * h + 1] * scale;
+                if constexpr (kTf32) {  // columns kv_col + 8 nt + 2t, +1
+                    const unsigned off = KVTile::offset(key, kv_col / 4 + 2 * nt) + 8 * (lane % 4);
+                    ptx::st_shared_v2(k_smem + off, __float_as_uint(dk0), __float_as_uint(dk1));
+                    ptx::st_shared_v2(v_smem + off, __float_as_uint(dv[mt][nt][2 * h]), __float_as_uint(dv[mt][nt][2 * h + 1]));
+                } else {
+                    const unsigned off = KVTile::offset(key, kv_col / 8 + nt) + 4 * (lane % 4);
+                    ptx::st_shared_b32(k_smem + off, ptx::pack2<Element>(dk0, dk1));
+                    ptx::st_shared_b32(v_smem + off, ptx::pack2<Element>(dv[mt][nt][2 * h], dv[mt][nt][2 * h + 1]));
+                }
             }
         }
     __syncthreads();
     const BwdBatchIndex out_at(p, ptx::block_index_x() * p.heads_per_block);  // recomputed: not held through the loop
-    tc::store_tile<kBlockN, kHeadDim, kThreads>(k_smem, static_cast<unsigned short*>(p.dk) + out_at.dk + n0 * p.dk_row_stride,
-                                                p.dk_row_stride, out_at.seqlen_k - n0, f.head_dim, tid);
-    tc::store_tile<kBlockN, kHeadDim, kThreads>(v_smem, static_cast<unsigned short*>(p.dv) + out_at.dv + n0 * p.dv_row_stride,
-                                                p.dv_row_stride, out_at.seqlen_k - n0, f.head_dim_v, tid);
+    using Out = unsigned short*;
+    tc::store_tile<kBlockN, kWidth, kThreads>(k_smem, reinterpret_cast<Out>(static_cast<Storage*>(p.dk) + out_at.dk + n0 * p.dk_row_stride),
+                                              p.dk_row_stride * kUnits, out_at.seqlen_k - n0, f.head_dim * kUnits, tid);
+    tc::store_tile<kBlockN, kWidth, kThreads>(v_smem, reinterpret_cast<Out>(static_cast<Storage*>(p.dv) + out_at.dv + n0 * p.dv_row_stride),
+                                              p.dv_row_stride * kUnits, out_at.seqlen_k - n0, f.head_dim_v * kUnits, tid);
 }
 
 }  // namespace cuflash

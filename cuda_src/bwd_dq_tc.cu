@@ -1,5 +1,6 @@
-// Backward attention for float16 / bfloat16 on tensor cores, over query tiles: dQ, without
-// atomics (the deterministic path; bwd_dkdv_tc.cu then runs with dq_accum = null).
+// Backward attention on tensor cores, over query tiles: dQ, without atomics (the deterministic
+// path; bwd_dkdv_tc.cu then runs with dq_accum = null). float16 / bfloat16 on m16n8k16, float32
+// under precision="tf32" on m16n8k8 TF32 (tile_tc.cuh's Arith, as fwd_tc.cu).
 //
 // One block owns kBlockM query rows of one (batch..., head): Q_i and dO_i stay in shared memory,
 // lse_i and delta_i in registers, dQ_i accumulates in fp32 registers, and the key tiles j that
@@ -9,7 +10,8 @@
 //   P   = exp2(S * scale_log2 - lse_i log2 e)    (0 where masked, past Lq, or lse = -inf)
 //   dP  = dO_i V_j^T
 //   dS  = P o (dP - delta_i)                     delta_i = rowsum(dO_i o O_i), from bwd_delta
-//   dQ_i += dS K_j                               (dS from registers, K_j through ldmatrix.trans)
+//   dQ_i += dS K_j                               (dS from registers; K_j through ldmatrix.trans,
+//                                                 by 32-bit loads on TF32: tc::mma_k8_rows)
 //   dQ_i *= scale                                (once, at the end)
 //
 // The sum over j runs in a fixed order in one thread: bitwise reproducible.
@@ -32,26 +34,33 @@ namespace cuflash {
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dq_tc_smem_bytes() {
-    // Q and dO (Q stages dQ at the end), then kStages (K, V) tile pairs.
-    return 2 * tc::SmemTile<kBlockM, kHeadDim>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kHeadDim>::kBytes;
+    // Q and dO (Q stages dQ at the end), then kStages (K, V) tile pairs, rows of 16-bit units.
+    constexpr int kWidth = kHeadDim * tc::Arith<Element>::kUnits;
+    return 2 * tc::SmemTile<kBlockM, kWidth>::kBytes + kStages * 2 * tc::SmemTile<kBlockN, kWidth>::kBytes;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
+    using Arith = tc::Arith<Element>;
+    constexpr bool kTf32 = Arith::kUnits == 2;        // float32 on TF32 tensor cores
+    constexpr int kUnits = Arith::kUnits;             // 16-bit units per element
+    constexpr int kWidth = kHeadDim * kUnits;         // a row's units in shared memory
+    using Storage = typename Arith::Storage;
+    using Units = const unsigned short*;
     constexpr int kThreads = kWarps * 32;
     constexpr int kRowsPerWarp = kBlockM / kWarps;
     constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
     constexpr int kNTilesS = kBlockN / 8;       // n8 tiles of S (keys)
     constexpr int kNTilesD = kHeadDim / 8;      // n8 tiles of dQ (columns)
-    constexpr int kKStepsD = kHeadDim / 16;     // k16 steps of Q K^T and dO V^T
-    constexpr int kKStepsN = kBlockN / 16;      // k16 steps of dS K
+    constexpr int kKStepsD = kHeadDim / Arith::kK;  // k16 (k8) steps of Q K^T and dO V^T
+    constexpr int kKStepsN = kBlockN / Arith::kK;   // k16 (k8) steps of dS K
     static_assert(kRowsPerWarp % 16 == 0 && kMTiles >= 1, "each warp owns whole m16 tiles");
     static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles are multiples of 16");
     static_assert(kStages >= 2, "the K/V pipeline needs at least two stages");
 
-    using QTile = tc::SmemTile<kBlockM, kHeadDim>;   // Q_i, dO_i; Q_i stages dQ at the end
-    using KVTile = tc::SmemTile<kBlockN, kHeadDim>;  // one K or V tile
+    using QTile = tc::SmemTile<kBlockM, kWidth>;   // Q_i, dO_i; Q_i stages dQ at the end
+    using KVTile = tc::SmemTile<kBlockN, kWidth>;  // one K or V tile
     constexpr unsigned kStageBytes = 2 * KVTile::kBytes;
     constexpr unsigned kSmemBytes = bwd_dq_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
     static_assert(kSmemBytes == 2 * QTile::kBytes + kStages * kStageBytes, "layout");
@@ -69,18 +78,20 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     const FwdParams& f = p.fwd;
 
     BwdBatchIndex at;
-    if (!starts_query_block<unsigned short, kBlockM>(p, bh, m_block, m0, at)) return;  // params.cuh
+    if (!starts_query_block<Storage, kBlockM>(p, bh, m_block, m0, at)) return;  // params.cuh
     const Mask<kHasWindow> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads> q_loader(static_cast<const unsigned short*>(f.q) + at.q,
-                                                                f.q_row_stride, f.head_dim);
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads> do_loader(
-        static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, f.head_dim_v);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> k_loader(static_cast<const unsigned short*>(f.k) + at.k,
-                                                                f.k_row_stride, f.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads> v_loader(static_cast<const unsigned short*>(f.v) + at.v,
-                                                                f.v_row_stride, f.head_dim_v);
+    // Loaders and stores count in 16-bit units: kUnits per element (a float is two).
+    const tc::TileLoader<kBlockM, kWidth, kThreads> q_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.q) + at.q),
+                                                              f.q_row_stride * kUnits, f.head_dim * kUnits);
+    const tc::TileLoader<kBlockM, kWidth, kThreads> do_loader(
+        reinterpret_cast<Units>(static_cast<const Storage*>(p.dout) + at.dout), p.dout_row_stride * kUnits,
+        f.head_dim_v * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads> k_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.k) + at.k),
+                                                              f.k_row_stride * kUnits, f.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads> v_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.v) + at.v),
+                                                              f.v_row_stride * kUnits, f.head_dim_v * kUnits);
     if (!(q_loader.aligned(at.seqlen_q) && do_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) &&
           v_loader.aligned(at.seqlen_k)))
         __trap();
@@ -113,11 +124,14 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
 
     // Per-lane ldmatrix addresses (as fwd_tc.cu). Q_i, dO_i (A): rows lane%16, chunk lane/16.
     // K_j, V_j as B with n = keys: rows (lane/16)*8 + lane%8, chunk (lane/8)%2. K_j as B with
-    // k = keys (ldmatrix.trans): rows ((lane/8)%2)*8 + lane%8, chunk lane/16.
+    // k = keys (ldmatrix.trans): rows ((lane/8)%2)*8 + lane%8, chunk lane/16; on TF32 by 32-bit
+    // loads (tc::k8_rows_lane). A TF32 k8 step has the byte geometry of a 16-bit k16 step: the
+    // same lane addresses for Q, dO, K, V, the fragments rounded to TF32.
     const unsigned q_lane = q_smem + tc::a_lane<QTile>(warp_row0, lane);
     const unsigned do_lane = do_smem + tc::a_lane<QTile>(warp_row0, lane);
     const unsigned bn_lane = tc::bn_lane<KVTile>(lane);
-    const unsigned bt_lane = tc::bt_lane<KVTile>(lane);
+    const unsigned bt_lane = kTf32 ? tc::k8_rows_lane<KVTile>(lane) : tc::bt_lane<KVTile>(lane);
+
 
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
     tc::zero(acc);
@@ -143,12 +157,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
                 for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < kKStepsD; ++kk) {
-            unsigned a[kMTiles][4];
+            typename Arith::AFragment a[kMTiles];
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
+            for (int mt = 0; mt < kMTiles; ++mt) tc::load_a(q_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
             tc::mma_k16<Element, KVTile, false>(s, a, k_slot + bn_lane, 0, kk * 2);
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) ptx::ldmatrix_x4(do_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
+            for (int mt = 0; mt < kMTiles; ++mt) tc::load_a(do_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
             tc::mma_k16<Element, KVTile, false>(dp, a, v_slot + bn_lane, 0, kk * 2);
         }
 
@@ -187,10 +201,16 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         // dQ_i += dS K_j
 #pragma unroll
         for (int kk = 0; kk < kKStepsN; ++kk) {
-            unsigned a[kMTiles][4];
+            if constexpr (kTf32) {
+                typename Arith::AFragment a[kMTiles];
+                tc::a_k8_of(a, dp, kk);
+                tc::mma_k8_rows<KVTile>(acc, a, k_slot + bt_lane, kk * 8, 0);
+            } else {
+                unsigned a[kMTiles][4];
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(dp[mt][2 * kk], dp[mt][2 * kk + 1], a[mt]);
-            tc::mma_k16<Element, KVTile, true>(acc, a, k_slot + bt_lane, kk * 16, 0);
+                for (int mt = 0; mt < kMTiles; ++mt) tc::pack_a<Element>(dp[mt][2 * kk], dp[mt][2 * kk + 1], a[mt]);
+                tc::mma_k16<Element, KVTile, true>(acc, a, k_slot + bt_lane, kk * 16, 0);
+            }
         }
     }
 
@@ -205,15 +225,22 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         for (int h = 0; h < 2; ++h) {
             const int row = warp_row0 + mt * 16 + lane / 4 + 8 * h;
 #pragma unroll
-            for (int nt = 0; nt < kNTilesD; ++nt)
-                ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4),
-                                   ptx::pack2<Element>(acc[mt][nt][2 * h] * scale, acc[mt][nt][2 * h + 1] * scale));
+            for (int nt = 0; nt < kNTilesD; ++nt) {
+                const float lo = acc[mt][nt][2 * h] * scale, hi = acc[mt][nt][2 * h + 1] * scale;
+                if constexpr (kTf32)  // columns 8 nt + 2t, +1: bytes 32 nt + 8t of the row
+                    ptx::st_shared_v2(q_smem + QTile::offset(row, 2 * nt) + 8 * (lane % 4), __float_as_uint(lo),
+                                      __float_as_uint(hi));
+                else
+                    ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), ptx::pack2<Element>(lo, hi));
+            }
         }
     __syncwarp();
     const BwdBatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop
-    tc::store_rows<kRowsPerWarp, kHeadDim>(q_smem + QTile::offset(warp_row0, 0),
-                                           static_cast<unsigned short*>(p.dq) + out_at.dq + (m0 + warp_row0) * p.dq_row_stride,
-                                           p.dq_row_stride, out_at.seqlen_q - m0 - warp_row0, f.head_dim, lane);
+    tc::store_rows<kRowsPerWarp, kWidth>(q_smem + QTile::offset(warp_row0, 0),
+                                         reinterpret_cast<unsigned short*>(static_cast<Storage*>(p.dq) + out_at.dq) +
+                                             (m0 + warp_row0) * p.dq_row_stride * kUnits,
+                                         p.dq_row_stride * kUnits, out_at.seqlen_q - m0 - warp_row0, f.head_dim * kUnits,
+                                         lane);
 }
 
 }  // namespace cuflash

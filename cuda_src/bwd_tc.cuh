@@ -38,17 +38,21 @@ __device__ __forceinline__ float row_delta(const float* delta, int row, int seql
 // as kBlockM-row tiles (layout Tile), and the rows' lse and delta as 2 * kBlockM floats (thread
 // t < kBlockM copies lse of row t, the next kBlockM threads delta; 4-byte copies: a head's lse
 // row need not be 16-byte aligned). Rows past Lq read as 0; the kernels' per-element mask
-// zeroes their P (tiles crossing Lq are masked). Asynchronous, like TileLoader.
-template <int kBlockM, int kHeadDim, int kThreads, typename Tile>
+// zeroes their P (tiles crossing Lq are masked). Asynchronous, like TileLoader. Elements of
+// kUnits 16-bit units (Arith::kUnits: a float is two); kWidth = head dim * kUnits.
+template <int kBlockM, int kWidth, int kThreads, typename Tile, int kUnits = 1>
 struct QueryTileLoader {
-    TileLoader<kBlockM, kHeadDim, kThreads, Tile> q, dout;
+    using Storage = typename SameSizeBits<2 * kUnits>::type;
+    TileLoader<kBlockM, kWidth, kThreads, Tile> q, dout;
     const float* lse;
     const float* delta;
     int seqlen_q;
 
     __device__ __forceinline__ QueryTileLoader(const BwdParams& p, const BwdBatchIndex& at)
-        : q(static_cast<const unsigned short*>(p.fwd.q) + at.q, p.fwd.q_row_stride, p.fwd.head_dim),
-          dout(static_cast<const unsigned short*>(p.dout) + at.dout, p.dout_row_stride, p.fwd.head_dim_v),
+        : q(reinterpret_cast<const unsigned short*>(static_cast<const Storage*>(p.fwd.q) + at.q),
+            p.fwd.q_row_stride * kUnits, p.fwd.head_dim * kUnits),
+          dout(reinterpret_cast<const unsigned short*>(static_cast<const Storage*>(p.dout) + at.dout),
+               p.dout_row_stride * kUnits, p.fwd.head_dim_v * kUnits),
           lse(static_cast<const float*>(p.fwd.lse) + at.lse),
           delta(static_cast<const float*>(p.delta) + at.lse),
           seqlen_q(at.seqlen_q) {}
@@ -61,8 +65,8 @@ struct QueryTileLoader {
     __device__ __forceinline__ QueryTileLoader head(const BwdParams& p, int g) const {
         const HeadStep d(p, g);
         QueryTileLoader r = *this;
-        r.q.base += d.q;
-        r.dout.base += d.dout;
+        r.q.base += d.q * kUnits;
+        r.dout.base += d.dout * kUnits;
         r.lse += d.lse;
         r.delta += d.lse;  // delta is laid out like lse
         return r;

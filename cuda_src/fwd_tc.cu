@@ -129,15 +129,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // 16-bit k16 steps: the same lane addresses, the fragments rounded to TF32.
     const unsigned q_lane = q_smem + tc::a_lane<QTile>(warp_row0, lane);
     const unsigned k_lane = tc::bn_lane<KVTile>(lane);
-    const unsigned v_lane = KVTile::kBytes + (kTf32 ? tc::pv_lane<KVTile>(lane) : tc::bt_lane<KVTile>(lane));
+    const unsigned v_lane = KVTile::kBytes + (kTf32 ? tc::k8_rows_lane<KVTile>(lane) : tc::bt_lane<KVTile>(lane));
     auto q_fragment = [&](int mt, int kk, typename Arith::AFragment& a) {
-        if constexpr (kTf32) {
-            unsigned raw[4];
-            ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), raw);
-            a.round(raw);
-        } else {
-            ptx::ldmatrix_x4(q_lane + QTile::offset(mt * 16, kk * 2), a);
-        }
+        tc::load_a(q_lane + QTile::offset(mt * 16, kk * 2), a);
     };
 
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory

@@ -65,6 +65,12 @@ __device__ __forceinline__ unsigned ld_shared_b32(unsigned addr) {
     return v;
 }
 
+__device__ __forceinline__ uint2 ld_shared_v2(unsigned addr) {
+    uint2 v;
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+
 __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
     uint4 v;
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"

@@ -53,6 +53,16 @@ struct Arith<tf32> {
     using AFragment = Tf32Fragment<4>;
 };
 
+// An A fragment of one MMA step from shared memory by ldmatrix_x4 at the lane's address: as
+// stored for 16-bit elements, rounded to TF32 for float32 (a TF32 k8 step has the byte geometry
+// of a 16-bit k16 step, so the lane addresses are the same).
+__device__ __forceinline__ void load_a(unsigned addr, unsigned (&a)[4]) { ptx::ldmatrix_x4(addr, a); }
+__device__ __forceinline__ void load_a(unsigned addr, Tf32Fragment<4>& a) {
+    unsigned raw[4];
+    ptx::ldmatrix_x4(addr, raw);
+    a.round(raw);
+}
+
 // kRows x kCols 16-bit elements, row-major in 16-byte chunks.
 // The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
 // into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and
@@ -403,39 +413,87 @@ __device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const Tf32Fragment<
     }
 }
 
-// Per-lane offset of the V reads of pv_k8 in a Tile of floats: row 2 (lane % 4), float column
-// lane / 4.
+// ---- TF32 operands read by 32-bit shared loads. ldmatrix's .trans moves 16-bit elements, so an
+// operand whose k index runs along a float tile's rows (V for P V, K for dS K, Q and dO for
+// dK/dV) and the transposed A operands (P^T, dS^T) are read element by element instead. Their k
+// index is taken in the order (0, 2, 4, 6 | 1, 3, 5, 7): MMA k index t holds row 2t and t + 4
+// row 2t + 1 (a k8 step's sum does not depend on the order, as long as A and B agree), so that
+// a lane's two k rows are adjacent and, as SmemTile's pitch is 4 (mod 8) words for float rows,
+// the rows 2t of a load fall in distinct bank octets: no bank conflicts. g = lane / 4, t = lane % 4.
+
+// Per-lane offset of those reads in a Tile of floats: row 2t, float column g.
 template <typename Tile>
-__device__ __forceinline__ unsigned pv_lane(int lane) {
+__device__ __forceinline__ unsigned k8_rows_lane(int lane) {
     return Tile::offset(2 * (lane % 4), (lane / 4) / 4) + 4 * ((lane / 4) % 4);
 }
 
-// acc += P V over keys [8 kk, 8 kk + 8) on TF32. P is the S accumulator's n8 tile kk, used as
-// the A fragment with its keys in the order (0, 2, 4, 6 | 1, 3, 5, 7): MMA k index t holds key 2t
-// and t + 4 key 2t + 1, which are exactly this lane's two columns of each row, so a0..a3 =
-// s0, s2, s1, s3 and no shuffle is needed. V's rows are read in the same order, b0 = V[2t][g]
-// and b1 = V[2t + 1][g], by 32-bit shared loads at v_lane (pv_lane) + Tile::offset(8 kk, 2 nt):
-// ldmatrix's .trans moves 16-bit elements. SmemTile's pitch is 4 (mod 8) words for float rows,
-// so the rows 2t of a load fall in distinct bank octets: no bank conflicts.
-template <typename Tile, int M, int NS, int N>
-__device__ __forceinline__ void pv_k8(float (&acc)[M][N][4], const float (&p)[M][NS][4], int kk, unsigned v_lane) {
-    Tf32Fragment<4> a[M];
-#pragma unroll
-    for (int mt = 0; mt < M; ++mt) {
-        a[mt].set(0, p[mt][kk][0]);
-        a[mt].set(1, p[mt][kk][2]);
-        a[mt].set(2, p[mt][kk][1]);
-        a[mt].set(3, p[mt][kk][3]);
-    }
+// C += A B over N n8 tiles of C, one k8 step: B's rows are the k index, B[k][n] = tile rows
+// row0 + (2t, 2t + 1), float columns from chunk chunk0 + 2 nt (b0 = B[2t][g], b1 = B[2t + 1][g]),
+// read at lane_addr (k8_rows_lane + the tile's base). A must take its k index in the same order.
+template <typename Tile, int M, int N>
+__device__ __forceinline__ void mma_k8_rows(float (&c)[M][N][4], const Tf32Fragment<4> (&a)[M], unsigned lane_addr,
+                                            int row0, int chunk0) {
 #pragma unroll
     for (int nt = 0; nt < N; ++nt) {
-        const unsigned addr = v_lane + Tile::offset(kk * 8, nt * 2);
+        const unsigned addr = lane_addr + Tile::offset(row0, chunk0 + nt * 2);
         Tf32Fragment<2> b;
         b.set(0, __uint_as_float(ptx::ld_shared_b32(addr)));
         b.set(1, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(1, 0))));
 #pragma unroll
-        for (int mt = 0; mt < M; ++mt) ptx::mma_1688_tf32(acc[mt][nt], a[mt].r, b.r[0], b.r[1]);
+        for (int mt = 0; mt < M; ++mt) ptx::mma_1688_tf32(c[mt][nt], a[mt].r, b.r[0], b.r[1]);
     }
+}
+
+// The A fragment (keys in that order) of an accumulator's n8 tile kk, such as P or dS in
+// registers: this lane's columns 2t and 2t + 1 of each row are exactly MMA k indices t and
+// t + 4, so a0..a3 = c0, c2, c1, c3 and no shuffle is needed.
+template <int M, int N>
+__device__ __forceinline__ void a_k8_of(Tf32Fragment<4> (&a)[M], const float (&c)[M][N][4], int kk) {
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+        a[mt].set(0, c[mt][kk][0]);
+        a[mt].set(1, c[mt][kk][2]);
+        a[mt].set(2, c[mt][kk][1]);
+        a[mt].set(3, c[mt][kk][3]);
+    }
+}
+
+// The A fragment of an m16 tile stored transposed in a Tile of floats (A[m][k] = tile[k][m]: P^T
+// and dS^T from queries x keys tiles): tile rows row0 + (2t, 2t + 1), columns from chunk chunk0
+// (m = g) and chunk0 + 2 (m = g + 8), read at lane_addr (k8_rows_lane + the tile's base).
+template <typename Tile>
+__device__ __forceinline__ void at_k8_rows(Tf32Fragment<4>& a, unsigned lane_addr, int row0, int chunk0) {
+    const unsigned addr = lane_addr + Tile::offset(row0, chunk0);
+    a.set(0, __uint_as_float(ptx::ld_shared_b32(addr)));
+    a.set(1, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(0, 2))));
+    a.set(2, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(1, 0))));
+    a.set(3, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(1, 2))));
+}
+
+// The A fragment of an m16 tile of a Tile of floats whose columns are the k index (dS as the A of
+// dS K), keys in that order: a0, a2 = tile[row0 + g][2t, 2t + 1] (one 8-byte load), a1, a3 the
+// same 8 rows lower, from chunk chunk0, read at lane_addr (a_k8_cols_lane + the tile's base).
+template <typename Tile>
+__device__ __forceinline__ unsigned a_k8_cols_lane(int lane) {
+    return Tile::offset(lane / 4, (lane % 4) / 2) + 8 * (lane % 2);
+}
+template <typename Tile>
+__device__ __forceinline__ void a_k8_cols(Tf32Fragment<4>& a, unsigned lane_addr, int row0, int chunk0) {
+    const unsigned addr = lane_addr + Tile::offset(row0, chunk0);
+    const uint2 upper = ptx::ld_shared_v2(addr), lower = ptx::ld_shared_v2(addr + Tile::offset(8, 0));
+    a.set(0, __uint_as_float(upper.x));
+    a.set(1, __uint_as_float(lower.x));
+    a.set(2, __uint_as_float(upper.y));
+    a.set(3, __uint_as_float(lower.y));
+}
+
+// acc += P V over keys [8 kk, 8 kk + 8) on TF32: P's n8 tile kk from registers, V's rows from
+// v_lane (k8_rows_lane + V's base).
+template <typename Tile, int M, int NS, int N>
+__device__ __forceinline__ void pv_k8(float (&acc)[M][N][4], const float (&p)[M][NS][4], int kk, unsigned v_lane) {
+    Tf32Fragment<4> a[M];
+    a_k8_of(a, p, kk);
+    mma_k8_rows<Tile>(acc, a, v_lane, kk * 8, 0);
 }
 
 }  // namespace tc

@@ -270,7 +270,8 @@ def warmup(argv) -> int:
                         for precision in tiles.precisions_of(dtype, precisions):
                             variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision))
                     if not args.forward_only:
-                        variants += tiles.select_backward(dtype, d, d, masked, arch)
+                        for precision in tiles.precisions_of(dtype, precisions):
+                            variants += tiles.select_backward(dtype, d, d, masked, arch, precision=precision)
     variants = list(dict.fromkeys(variants))
     bar = _progress(len(variants))
     jobs = [(variant, device_archs.get(variant.arch)) for variant in variants]

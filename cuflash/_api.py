@@ -112,7 +112,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     precision : {None, "highest", "ieee", "tf32"}
         How float32 products may be computed: ``"highest"`` (None, the default) float32-accurate;
         ``"ieee"`` FFMA only; ``"tf32"`` one TF32 product (~1e-3 relative) for speed: the GPU
-        forward on TF32 tensor cores. float16, bfloat16 and float64 take None or "highest" only.
+        forward and backward on TF32 tensor cores. float16, bfloat16 and float64 take None or
+        "highest" only.
 
     Returns
     -------

@@ -400,7 +400,8 @@ def resolve_precision(precision, dtype_name: str) -> str:
       today: 3xTF32 on mma.sync was measured no faster, benchmarks/NOTES.md session 12);
     - ``"ieee"``: FFMA only, IEEE float32 products and sums;
     - ``"tf32"``: one TF32 product (about 1e-3 relative) for speed; an opt-in, never chosen for
-      the caller. The GPU forward runs on TF32 tensor cores (its backward on the FFMA kernels).
+      the caller. The GPU forward and backward run on TF32 tensor cores (the backward for head
+      dims up to 192; wider heads' backward on the FFMA kernels).
     float16, bfloat16 and float64 inputs take None or "highest" only (their kernels have one
     precision). The CPU backend computes every value in float32 (float64 for float64)."""
     if precision is None:

@@ -9,12 +9,15 @@ float32 forward on TF32 tensor cores (one TF32 product, ~1e-3).
 """
 from __future__ import annotations
 
+import math
+
 import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
 import numpy
 import pytest
 
 import cuflash
 import reference
+from cuflash._gpu import tiles
 
 PRECISIONS = [None, "highest", "ieee", "tf32"]
 
@@ -213,13 +216,72 @@ def test_gpu_tf32_is_within_tf32_rounding(rng, name, lq, lk, d, make, causal):
     assert errors["highest"][0] <= 64 * 2.0**-23 * max(size, magnitude if name == "large scores" else size), errors
 
 
+# (Lq, Lk, D, Hq, Hk, causal, window): odd lengths both ways, odd and wide head dims, GQA.
+BACKWARD_CASES = [
+    (97, 200, 59, 4, 2, True, None), (200, 97, 111, 2, 2, False, None), (1, 1025, 3, 2, 1, False, None),
+    (1025, 1, 1, 2, 2, True, None), (130, 130, 64, 8, 2, False, (40, 7)), (97, 300, 256, 2, 2, True, None),
+    (64, 4096, 128, 2, 2, False, None), (150, 150, 32, 3, 1, True, (20, 0)), (77, 123, 96, 2, 1, False, None),
+    (33, 70, 160, 2, 2, True, None), (61, 61, 224, 1, 1, False, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("lq, lk, d, hq, hk, causal, window", BACKWARD_CASES,
+                         ids=[f"{c[0]}x{c[1]}-d{c[2]}-h{c[3]}:{c[4]}{'-causal' if c[5] else ''}{'-window' if c[6] else ''}"
+                              for c in BACKWARD_CASES])
+def test_gpu_tf32_backward_is_within_tf32_rounding(rng, lq, lk, d, hq, hk, causal, window, deterministic):
+    """precision="tf32" backward (bwd_dkdv_tc / bwd_dq_tc on TF32 tensor cores: S, dP, dV, dK and
+    dQ each with TF32-rounded operands) against the float64 reference: each gradient within 2^-7
+    of the size of the terms it sums (reference.attention_backward_magnitudes: four chained
+    products, each rounding operands by 2^-11); "highest" (FFMA) on the same inputs stays within
+    float32's rule and differs in bits (the tensor-core kernels ran). The gradients come from a
+    memory pool poisoned with NaN: every entry written."""
+    cupy = pytest.importorskip("cupy")
+    q = rng.standard_normal((2, hq, lq, d)).astype(numpy.float32)
+    k = rng.standard_normal((2, hk, lk, d)).astype(numpy.float32)
+    v = rng.standard_normal((2, hk, lk, d)).astype(numpy.float32)
+    dout = rng.standard_normal((2, hq, lq, d)).astype(numpy.float32)
+    options = dict(causal=causal, window=window)
+    ref = reference.attention_backward_ref(dout, q, k, v, **options)
+    magnitudes = reference.attention_backward_magnitudes(dout, q, k, v, **options)
+    gpu = [cupy.asarray(x) for x in (q, k, v, dout)]
+    grads = {}
+    for precision in ("tf32", "highest"):
+        out, lse = cuflash.attention(*gpu[:3], return_lse=True, precision=precision, **options)
+        # Poison the memory pool the gradients are allocated from: an entry left unwritten stays NaN.
+        poison = cupy.full(8 * sum(x.size for x in gpu), numpy.nan, dtype=cupy.float32)
+        del poison
+        got = cuflash.attention_backward(gpu[3], *gpu[:3], out, lse, precision=precision,
+                                         deterministic=deterministic, **options)
+        grads[precision] = [x.get() for x in got]
+    for name, tf32, highest, want, magnitude in zip("q k v".split(), grads["tf32"], grads["highest"], ref, magnitudes):
+        size = max(float(numpy.abs(magnitude).max()), 1e-30)
+        assert numpy.isfinite(tf32).all(), f"d{name}: unwritten or non-finite entries"
+        assert _float32_error(tf32, want) <= 2.0**-7 * size, (f"d{name}", _float32_error(tf32, want), size)
+        assert _float32_error(highest, want) <= 64 * 2.0**-23 * math.sqrt(max(lq, lk)) * size, f"d{name} highest"
+    arch = cupy.cuda.Device().compute_capability
+    ran = tiles.select_backward("float32", d, d, causal or window is not None, "90a" if arch == "90" else arch,
+                                precision="tf32")
+    if ran.dkdv.kernel == "bwd_dkdv_tc":  # heads above 192 run the FFMA kernels (tiles.py)
+        assert any(a.tobytes() != b.tobytes() for a, b in zip(grads["tf32"], grads["highest"])), "tf32 ran FFMA"
+    again = cuflash.attention_backward(gpu[3], *gpu[:3], *cuflash.attention(*gpu[:3], return_lse=True, precision="tf32",
+                                                                             **options),
+                                       precision="tf32", deterministic=True, **options)
+    if deterministic:
+        for got, first in zip(again, grads["tf32"]):
+            assert got.get().tobytes() == first.tobytes(), "the deterministic backward is not bitwise reproducible"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [32, 64, 111])
 def test_gpu_tf32_takes_every_score_modifier(rng, d):
     """precision="tf32" through the modifier Variants (at d32 the bias and mask tiles are staged
     in shared memory): a pair bias shared over a batch axis, a key-padding-and-pattern mask,
     softcap, ALiBi and sinks, GQA, causal; out and lse within TF32's rounding of the float64
-    reference (reference.score_mods_ref), "highest" within float32's; a replay gives the same bits."""
+    reference (reference.score_mods_ref), "highest" within float32's; a replay gives the same bits.
+    The backward too (dq, dk, dv, dbias, dsinks, on TF32 tensor cores): each within 2^-7 of
+    the size of the terms it sums (score_mods_ref's magnitudes), "highest"'s within float32's rule."""
     cupy = pytest.importorskip("cupy")
     q = rng.standard_normal((2, 4, 70, d)).astype(numpy.float32)
     k = rng.standard_normal((2, 2, 90, d)).astype(numpy.float32)
@@ -228,9 +290,12 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
                    sinks=rng.standard_normal(4).astype(numpy.float32),
                    bias=rng.standard_normal((1, 4, 70, 90)).astype(numpy.float32),
                    mask=rng.random((2, 1, 70, 90)) > 0.2)
-    ref_out, ref_lse = reference.score_mods_ref(q, k, v, **options)
+    dout = rng.standard_normal(q.shape).astype(numpy.float32)
+    ref_out, ref_lse, ref_grads = reference.score_mods_ref(q, k, v, dout, **options)
+    _, _, grad_sizes = reference.score_mods_ref(q, k, v, dout, magnitudes=True, **options)
     size = max(float(numpy.abs(ref_out).max()), 1.0)
     gpu = [cupy.asarray(x) for x in (q, k, v)]
+    gpu_dout = cupy.asarray(dout)
     gpu_options = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in options.items()}
     for precision, bound in (("tf32", 2.0**-8), ("highest", 64 * 2.0**-23)):
         first = cuflash.attention(*gpu, return_lse=True, precision=precision, **gpu_options)
@@ -239,6 +304,15 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
             assert got.get().tobytes() == want.get().tobytes(), precision
         assert _float32_error(first[0].get(), ref_out) <= bound * size, precision
         assert _float32_error(first[1].get(), ref_lse) <= bound * max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max()), 1.0), precision
+        grads = cuflash.attention_backward(gpu_dout, *gpu, *first, precision=precision, **gpu_options)
+        # dsinks' terms cancel: held to the backward's own arithmetic given the kernels' out and
+        # the exact lse (as test_bias_mask.py does), which does not depend on the precision.
+        sink_want, sink_size = reference.sink_gradient_ref(dout, first[0].get(), ref_lse, options["sinks"])
+        for name, got, want, magnitude in zip(("dq", "dk", "dv", "dbias", "dsinks"), grads,
+                                              (*ref_grads[:4], sink_want), (*grad_sizes[:4], sink_size)):
+            grad_bound = (2.0**-7 if precision == "tf32" else 64 * 2.0**-23 * math.sqrt(90))
+            assert _float32_error(got.get(), want) <= grad_bound * max(float(numpy.abs(magnitude).max()), 1e-30), (
+                precision, name)
 
 
 @pytest.mark.gpu
@@ -281,8 +355,8 @@ def test_gpu_tf32_layouts_and_options(rng, case):
 
 @pytest.mark.gpu
 def test_gpu_tf32_training_step_through_torch_and_a_cuda_graph(rng):
-    """cuflash.torch.attention(precision="tf32") on CUDA tensors: the forward on TF32 tensor cores,
-    gradients from the FFMA backward at the forward's out and lse (each within TF32's rounding of
+    """cuflash.torch.attention(precision="tf32") on CUDA tensors: the forward and the backward on
+    TF32 tensor cores (the gradients at the forward's out and lse, each within TF32's rounding of
     float64's); a captured training step (deterministic=True) replays bitwise equal to eager calls."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct

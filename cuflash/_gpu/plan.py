@@ -447,7 +447,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     variant = sets[-1][0]  # the modifier Variant when there is one
     kernels.prefetch([f for f, _ in sets], device)
     if prefetch_backward is not None:
-        backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods)
+        backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
+                                                  p.precision)
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
@@ -898,7 +899,7 @@ def backward(problem):
 
     device = cupy.cuda.Device().id
     sets = _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
-                                                                   p.has_window, _arch(device), modified))
+                                                                   p.has_window, _arch(device), modified, p.precision))
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
     # dS of every score (score_mod.cuh's BiasGrad), summed to dbias after the launches (_BiasGradient).
     gradient = _BiasGradient(p, device) if p.returns_dbias else None

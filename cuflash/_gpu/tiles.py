@@ -163,10 +163,6 @@ _TF32_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
 _TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}
 
 
-def _fwd_tc_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
-    return (_TF32_TABLE if dtype == "float32" else _TC_TABLE).get(head_dim, ())
-
-
 def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
     """Mirror of score_mod.cuh's ScorePlaneStage::kBytes where stages_score_planes holds (the
     head-dim bucket 32): a bias tile in the score type (float32, float64 for float64), rows padded
@@ -309,22 +305,57 @@ _BWD_DQ_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
 }
 
 
+# float32 under precision="tf32": the same kernels with 4-byte elements (tile_tc.cuh's Arith), so
+# every row, P and dS included, takes twice the shared memory and the tiles shrink. Candidates
+# best first; those that do not fit the arch fall through to the FFMA kernels (bwd_*_simt).
+# Heads above 192 (and 160-192 on 99-163 KB parts) stay on FFMA: the tiles that fit hold dK and
+# dV of 4 warps (128 registers) and spill (d224/d256 32 x 32: 8-92 bytes; dQ d224 32 x 32 1.1 KB).
+# H200 measurements: benchmarks/NOTES.md (session 13).
+_TF32_BWD_DKDV_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((64, 128, 8, 2), (64, 64, 8, 2)),
+    64: ((64, 128, 8, 2), (64, 64, 8, 2)),
+    96: ((64, 64, 8, 2), (32, 64, 8, 2)),
+    128: ((32, 64, 8, 2), (32, 32, 4, 2)),
+    160: ((32, 64, 8, 2),),
+    192: ((32, 64, 8, 2),),
+}
+_TF32_BWD_DQ_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((64, 64, 4, 2),),
+    64: ((64, 64, 4, 2),),
+    96: ((64, 64, 4, 2), (64, 32, 4, 2)),
+    128: ((64, 64, 4, 2), (64, 32, 4, 2)),
+    160: ((64, 32, 4, 2), (32, 32, 2, 2)),
+    192: ((64, 32, 4, 2),),
+}
+
+
+def _tc_table(table_16bit, table_tf32):
+    """Candidates of a tensor-core family: its float32 (TF32) table or its 16-bit one."""
+    return lambda dtype, head_dim, arch, visible_keys: tuple(
+        (table_tf32 if dtype == "float32" else table_16bit).get(head_dim, ()))
+
+
+def _units(dtype: str) -> int:
+    """16-bit units per element in the tensor-core kernels' shared tiles (tile_tc.cuh's Arith)."""
+    return 2 if dtype == "float32" else 1
+
+
 def _tc_pitch(width: int) -> int:
     """Bytes per row of a 16-bit SmemTile of `width` columns (one padding chunk)."""
     return (width // 8 + 1) * 16
 
 
-def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of bwd_dkdv_tc.cu's kSmemBytes."""
-    kv = 2 * block_n * _tc_pitch(head_dim)
-    p_ds = 2 * block_m * _tc_pitch(block_n)
-    stage = 2 * block_m * _tc_pitch(head_dim) + 2 * block_m * 4
+def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
+    """Mirror of bwd_dkdv_tc.cu's kSmemBytes (elements of `units` 16-bit units)."""
+    kv = 2 * block_n * _tc_pitch(head_dim * units)
+    p_ds = 2 * block_m * _tc_pitch(block_n * units)
+    stage = 2 * block_m * _tc_pitch(head_dim * units) + 2 * block_m * 4
     return kv + p_ds + stages * stage
 
 
-def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
     """Mirror of bwd_dq_tc.cu's kSmemBytes: Q, dO and `stages` (K, V) pairs."""
-    return (2 * block_m + stages * 2 * block_n) * _tc_pitch(head_dim)
+    return (2 * block_m + stages * 2 * block_n) * _tc_pitch(head_dim * units)
 
 
 # bwd_dkdv_wgmma (Hopper, sm_90a only): the same work on warpgroup MMAs. Two warpgroups of 64
@@ -414,9 +445,8 @@ def _by_tile(smem: Callable[..., int]):
     return lambda dtype, head_dim, block_m, block_n, stages: smem(head_dim, block_m, block_n, stages)
 
 
-FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _fwd_tc_candidates,
-                    lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages,
-                                                                              2 if dtype == "float32" else 1),
+FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF32_TABLE),
+                    lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages, _units(dtype)),
                     modifier_tile=lambda dtype, d: _TC_MODIFIER_TILES.get(d) if dtype != "float32" else None,
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
@@ -428,17 +458,22 @@ FWD_DMMA = KernelSpec(
     "fwd_dmma", DMMA_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
     lambda dtype, d, block_m, block_n, stages: _smem_dmma_bytes(d, block_m, block_n))
-BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES, _table(_BWD_DKDV_TC_TABLE), _by_tile(_smem_bwd_dkdv_tc_bytes),
+BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DKDV_TC_TABLE, _TF32_BWD_DKDV_TABLE),
+                         lambda dtype, d, block_m, block_n, stages: _smem_bwd_dkdv_tc_bytes(d, block_m, block_n, stages,
+                                                                                            _units(dtype)),
                          # 128x128 spills 72 bytes on sm_80; on sm_90a d96 64x128 32 bytes, d256 64x64
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
-                         modifier_tile=lambda dtype, d: {32: (64, 128, 8, 2), 96: (64, 64, 8, 2),
-                                                         256: (32, 64, 8, 2)}.get(d),
-                         score_planes=_score_plane_bytes)
+                         modifier_tile=lambda dtype, d: None if dtype == "float32" else {
+                             32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
+                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
     _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
-BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES, _table(_BWD_DQ_TC_TABLE), _by_tile(_smem_bwd_dq_tc_bytes))
+BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
+                       lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
+                                                                                        _units(dtype)),
+                       tf32_precisions=("tf32",))
 BWD_DKDV_SIMT = KernelSpec(
     "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
@@ -461,9 +496,11 @@ FORWARD = {
     "float32": (FWD_TC, FWD_SIMT),  # TF32 tensor cores under precision="tf32" (FWD_TC.tf32_precisions)
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
+# float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA.
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV_WGMMA, BWD_DKDV_TC),
-                 "float32": (BWD_DKDV_SIMT,), "float64": (BWD_DKDV_SIMT,)}
-BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_SIMT,), "float64": (BWD_DQ_SIMT,)}
+                 "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_SIMT,)}
+BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_TC, BWD_DQ_SIMT),
+               "float64": (BWD_DQ_SIMT,)}
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
@@ -502,14 +539,14 @@ class BackwardVariants(NamedTuple):
 
 
 def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-                    score_mods: bool = False) -> BackwardVariants:
-    """The backward's kernels for one problem (one path for every dtype)."""
+                    score_mods: bool = False, precision: str = "highest") -> BackwardVariants:
+    """The backward's kernels for one problem (one path for every dtype; ``precision`` as select's)."""
     dkdv_families = _families(BACKWARD_DKDV, dtype)
     d = bucket(max(head_dim, head_dim_v))
     return BackwardVariants(
         _first((BWD_DELTA,), dtype, d, False, arch),
-        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods),
-        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods),
+        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
+        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
 
@@ -530,10 +567,11 @@ def all_variants(arch: str) -> list[Variant]:
                 for keys in (0, math.inf):
                     for precision in precisions_of(dtype):
                         out.append(select(dtype, d, d, masked, arch, keys, mods, precision))
-                try:
-                    out += select_backward(dtype, d, d, masked, arch, mods)
-                except ValueError:
-                    pass
+                for precision in precisions_of(dtype):
+                    try:
+                        out += select_backward(dtype, d, d, masked, arch, mods, precision)
+                    except ValueError:
+                        pass
     return list(dict.fromkeys(out))
 
 
