@@ -69,14 +69,21 @@ struct Flag {
     static constexpr bool value = B;
 };
 
-template <typename T, bool kFast, bool kCapped, bool kAlibi, typename Planes>
+// Which of a row's bias and mask planes a RowScores reads, fixed at compile time where dispatch
+// split them (kBiasPlane, kMaskPlane, kBothPlanes) so that a score pays for exactly the reads its
+// call has; kAnyPlanes checks at run time which exist (the combinations with softcap or ALiBi).
+enum PlaneSet { kNoPlanes, kBiasPlane, kMaskPlane, kBothPlanes, kAnyPlanes };
+
+template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, typename Planes>
 struct RowScores;
 
 // Where a row's bias (in the score type T) and mask (bytes, nonzero = visible) are read, at
 // (query i, key j): null pointers where the call has none.
-// GlobalPlanes: the row's planes in global memory, with the strides of the params `p`.
+// GlobalPlanes: the row's planes in global memory, with the strides of the params `p`; never read
+// outside Lq x Lk (kZeroFilled false).
 template <typename T>
 struct GlobalPlanes {
+    static constexpr bool kZeroFilled = false;
     const T* bias_at;
     const unsigned char* mask_at;
     __device__ __forceinline__ T bias(int i, int j, const FwdParams& p) const {
@@ -87,9 +94,12 @@ struct GlobalPlanes {
     }
 };
 // StagedPlanes: a shared-memory tile of them whose first element is (row0, col0), rows kBiasPitch
-// and kMaskPitch elements apart (ScorePlaneStage).
+// and kMaskPitch elements apart (ScorePlaneStage). Its entries outside Lq x Lk are zeros
+// (kZeroFilled): reading them needs no bounds test, and what they give there (a bias of 0, a
+// hidden key) is never used: the Mask hides keys past Lk, and rows past Lq are not stored.
 template <typename T, int kBiasPitch, int kMaskPitch>
 struct StagedPlanes {
+    static constexpr bool kZeroFilled = true;
     const T* bias_at;
     const unsigned char* mask_at;
     int row0, col0;
@@ -136,14 +146,17 @@ struct ScoreMod {
         return cap != T(0) || slope != T(0) || params.bias != nullptr || params.mask != nullptr;
     }
 
-    // Runs body(score) with score a RowScores<T, kFast, kCapped, kAlibi> for the modifiers this
-    // row has, and returns whether it ran (modifies()): the per-element code is compiled once per
-    // combination and chosen per tile (a warp-uniform branch), so a score pays only for the
-    // modifiers that are on. The row's bias and mask planes are read here, once per tile, not per
-    // score. kSplitAlibi = false: two combinations, not three (ALiBi's FADD and FFMA run, with a
-    // slope of 0 under softcap alone), for the backward kernels, whose loop bodies are long
-    // already. A bias or mask alone runs the ALiBi combination with a slope of 0 (their own
-    // reads, a run-time branch, dwarf its FADD): no combination is added for them.
+    // Runs body(score) with score a RowScores for the modifiers this row has, and returns whether
+    // it ran (modifies()): the per-element code is compiled once per combination and chosen per
+    // tile (a warp-uniform branch), so a score pays only for the modifiers that are on. The row's
+    // bias and mask planes are read here, once per tile, not per score. Combinations (softcap,
+    // ALiBi, planes): kSplitAlibi = true (the forward kernels) compiles six: softcap alone;
+    // softcap with anything else (ALiBi with a slope of 0, planes tested at run time); ALiBi with
+    // or without planes (tested at run time); and a bias, a mask, or both without softcap or
+    // ALiBi (AlphaFold's pair bias, Swin's bias and mask: at head dim 32 a score's own work
+    // matters as much as its MMAs, so they carry no ALiBi term and no test of a plane they
+    // lack). kSplitAlibi = false: two (softcap or not, the rest at run time), for the backward
+    // kernels, whose loop bodies are long already.
     // `planes`: where the bias and mask are read (a staged tile's, ScorePlaneStage::planes), the
     // row's planes in global memory without (read in the branch taken: nothing is held where no
     // modifier runs).
@@ -157,26 +170,29 @@ struct ScoreMod {
     }
     template <bool kSplitAlibi, typename Body, typename MakePlanes>
     __device__ __forceinline__ bool dispatch_on(Body&& body, MakePlanes&& planes) const {
+        const bool bias = params.bias != nullptr, mask = params.mask != nullptr;
         if (cap != T(0)) {
-            if (!kSplitAlibi || slope != T(0) || params.bias != nullptr || params.mask != nullptr) body(scores<true, true>(planes()));
-            else body(scores<true, !kSplitAlibi>(planes()));
+            if (!kSplitAlibi || slope != T(0) || bias || mask) body(scores<true, true, kAnyPlanes>(planes()));
+            else body(scores<true, false, kNoPlanes>(planes()));
             return true;
         }
-        if (modifies()) {
-            body(scores<false, true>(planes()));
-            return true;
-        }
-        return false;
+        if (!modifies()) return false;
+        if (!kSplitAlibi || slope != T(0)) body(scores<false, true, kAnyPlanes>(planes()));
+        else if (bias && mask) body(scores<false, false, kBothPlanes>(planes()));
+        else if (bias) body(scores<false, false, kBiasPlane>(planes()));
+        else body(scores<false, false, kMaskPlane>(planes()));
+        return true;
     }
 
-    template <bool kCapped, bool kAlibi, typename Planes>
-    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, Planes> scores(const Planes& planes) const {
+    template <bool kCapped, bool kAlibi, int kPlanes, typename Planes>
+    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, Planes> scores(const Planes& planes) const {
         return {*this, planes};
     }
 
     // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
-    // dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's term, the bias and the mask (dispatch).
-    template <bool kCapped, bool kAlibi, typename Planes>
+    // dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's term; kPlanes: the bias and mask
+    // planes read (dispatch).
+    template <bool kCapped, bool kAlibi, int kPlanes, typename Planes>
     __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const Planes& planes) const {
         T x = s * mul;
         grad = T(1);
@@ -185,7 +201,8 @@ struct ScoreMod {
             x = cap * th.t;
             grad = th.one_minus_t2;
         }
-        if constexpr (kAlibi) x = bias_and_mask(x - slope * distance(i, j), i, j, planes);
+        if constexpr (kAlibi) x -= slope * distance(i, j);
+        if constexpr (kPlanes != kNoPlanes) x = bias_and_mask<kPlanes>(x, i, j, planes);
         return x;
     }
 
@@ -199,14 +216,17 @@ struct ScoreMod {
         return {bias, mask};
     }
 
-    // x plus the bias at (i, j), or -inf where the mask hides (i, j); not read outside Lq x Lk.
-    // (Addition commutes: the bias after ALiBi's term is the reference's bias before it.)
-    template <typename Planes>
+    // x plus the bias at (i, j), or -inf where the mask hides (i, j), of the planes kPlanes names
+    // (kAnyPlanes: those the row has); global planes are not read outside Lq x Lk. (Addition
+    // commutes: the bias after ALiBi's term is the reference's bias before it.)
+    template <int kPlanes, typename Planes>
     __device__ __forceinline__ T bias_and_mask(T x, int i, int j, const Planes& planes) const {
         const FwdParams& p = params;
-        if ((planes.bias_at != nullptr || planes.mask_at != nullptr) && i < p.seqlen_q && j < p.seqlen_k) {
-            if (planes.bias_at != nullptr) x = fma(planes.bias(i, j, p), unit, x);
-            if (planes.mask_at != nullptr && !planes.visible(i, j, p)) x = -static_cast<T>(__int_as_float(0x7f800000));
+        const bool bias = kPlanes == kAnyPlanes ? planes.bias_at != nullptr : kPlanes == kBiasPlane || kPlanes == kBothPlanes;
+        const bool mask = kPlanes == kAnyPlanes ? planes.mask_at != nullptr : kPlanes == kMaskPlane || kPlanes == kBothPlanes;
+        if ((bias || mask) && (Planes::kZeroFilled || (i < p.seqlen_q && j < p.seqlen_k))) {
+            if (bias) x = fma(planes.bias(i, j, p), unit, x);
+            if (mask && !planes.visible(i, j, p)) x = -static_cast<T>(__int_as_float(0x7f800000));
         }
         return x;
     }
@@ -227,14 +247,14 @@ struct ScoreMod {
 // What ScoreMod::dispatch hands its body: one row's modifiers, the combination fixed, with the
 // row's bias and mask planes at hand. score(s, i, j, grad): the modified score of raw s at
 // (query i, key j) and grad = dx / d(scale * s).
-template <typename T, bool kFast, bool kCapped, bool kAlibi, typename Planes>
+template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, typename Planes>
 struct RowScores {
     static constexpr bool capped = kCapped;
     const ScoreMod<T, kFast>& mod;
     Planes planes;  // where the row's bias and mask are read (GlobalPlanes or StagedPlanes)
 
     __device__ __forceinline__ T operator()(T s, int i, int j, T& grad) const {
-        return mod.template apply<kCapped, kAlibi>(s, i, j, grad, planes);
+        return mod.template apply<kCapped, kAlibi, kPlanes>(s, i, j, grad, planes);
     }
 };
 
