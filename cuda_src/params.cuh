@@ -119,7 +119,14 @@ struct BwdParams {
     long long dout_head_stride, dq_head_stride, dk_head_stride, dv_head_stride;
     long long dout_row_stride, dq_row_stride, dk_row_stride, dv_row_stride;
     int heads_per_block;  // >= 1, divides kv_group (or 1)
-    int _pad;
+    // bwd_dbias_tc (the bias's gradient summed on chip): the attention rows of every bias plane,
+    // dbias_rows_per_plane of them a plane, plane after plane; each plane's rows cut into
+    // dbias_chunks chunks of dbias_chunk_rows; the chunks' partial sums, (chunks, planes, Lq, Lk)
+    // in fp32, into dbias_sum. Unused (0) by every other kernel.
+    int dbias_chunks;
+    void* dbias_sum;
+    const int* dbias_rows;
+    int dbias_rows_per_plane, dbias_chunk_rows;
 };
 
 // Where attention row `bh` (batch..., head) sits: its head and batch coordinates, decoded once

@@ -213,11 +213,22 @@ def test_matches_the_reference(rng, dtype, case):
     check_against_reference(dtype, *arrays, **kwargs)
 
 
+# (dtype, dbias route) pairs: every dtype with the dS buffer; 16-bit calls with a bias also with
+# their gradient summed on chip (bwd_dbias_tc; plan.ON_CHIP_DBIAS_MIN_BYTES at 0 picks it at any size).
+GPU_ROUTES = [(dtype, "buffer") for dtype in DTYPES] + [(dtype, "on-chip") for dtype in ("float16", "bfloat16")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, dbias_route", GPU_ROUTES, ids=[f"{d}-{r}" for d, r in GPU_ROUTES])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_gpu_matches_the_reference(rng, dtype, case):
-    """Every CASE on the GPU, the deterministic backward and the default one in turn."""
+def test_gpu_matches_the_reference(rng, dtype, case, dbias_route, monkeypatch):
+    """Every CASE on the GPU, the deterministic backward and the default one in turn; a bias's
+    gradient from a dS buffer, or summed on chip where the route is asked for (a call the route
+    does not serve, e.g. a bias of one row, takes the buffer either way)."""
+    if dbias_route == "on-chip":
+        from cuflash._gpu import plan
+
+        monkeypatch.setattr(plan, "ON_CHIP_DBIAS_MIN_BYTES", 0)
     arrays, kwargs = _case_arguments(rng, dtype, case)
     check_against_reference(dtype, *arrays, gpu=True, deterministic=bool(CASES.index(case) % 2), **kwargs)
 
@@ -886,6 +897,48 @@ def test_gpu_backward_is_bitwise_reproducible(rng, dtype, bias_shape):
     first = [_bits(g) for g in first]
     for _ in range(49):
         assert [_bits(g) for g in vjp(dout)] == first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_a_shared_bias_gradient_needs_no_buffer_of_every_rows_scores(rng, dtype, monkeypatch):
+    """Triangle attention's shape (32 rows x 4 heads of 384 residues sharing a (1, 4, 384, 384)
+    pair bias): dbias summed on chip (bwd_dbias_tc) keeps the backward's peak memory well below
+    one (rows, heads, N, N) fp32 dS buffer, which the buffer route needs; the gradients are
+    within the reference's rule (odd lengths, causal, a mask) and bitwise reproducible."""
+    cupy = _cupy()
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "ON_CHIP_DBIAS_MIN_BYTES", 0)  # the route at any size (it starts at 1 GiB)
+    rows, heads, n, d = 32, 4, 384, 32
+    q, k, v, dout = _on_gpu(*_draw(rng, dtype, *[(rows, heads, n, d)] * 4))
+    bias = _on_gpu(rng.standard_normal((1, heads, n, n)).astype(numpy.float32))[0]
+    out, lse = cuflash.attention(q, k, v, bias=bias, return_lse=True)
+    pool = cupy.get_default_memory_pool()
+    peak = [0]
+
+    def tracking_malloc(size):
+        memory = pool.malloc(size)
+        peak[0] = max(peak[0], pool.used_bytes())
+        return memory
+
+    cupy.cuda.Device().synchronize()
+    base = pool.used_bytes()
+    cupy.cuda.set_allocator(tracking_malloc)
+    try:
+        grads = [_bits(g) for g in cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, deterministic=True)]
+        first_peak = peak[0] - base
+        again = [_bits(g) for g in cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias,
+                                                              deterministic=True)]  # a replay
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+    score_buffer = rows * heads * n * n * 4
+    assert first_peak < score_buffer / 2, (first_peak, score_buffer)
+    assert grads == again
+    # Odd lengths, causal, a mask and a second batch axis, against the reference.
+    arrays = _draw(rng, dtype, (3, 5, 2, 97, 32), (3, 5, 2, 130, 32), (3, 5, 2, 130, 32), (3, 5, 2, 97, 32))
+    check_against_reference(dtype, *arrays, bias=rng.standard_normal((3, 1, 2, 97, 130)).astype(numpy.float32),
+                            mask=_mask(rng, (1, 5, 1, 97, 130), "holes"), causal=True, gpu=True)
 
 
 @pytest.mark.gpu

@@ -93,7 +93,11 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dk_row_stride", numpy.int64),
         ("dv_row_stride", numpy.int64),
         ("heads_per_block", numpy.int32),
-        ("_pad", numpy.int32),
+        ("dbias_chunks", numpy.int32),
+        ("dbias_sum", numpy.uint64),
+        ("dbias_rows", numpy.uint64),
+        ("dbias_rows_per_plane", numpy.int32),
+        ("dbias_chunk_rows", numpy.int32),
     ],
     align=True,
 )

@@ -285,10 +285,12 @@ class BackwardPlan(_Plan):
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
-        # With a bias's gradient: (dS's shape, whether dS starts zeroed, its _BiasGradient).
+        # With a bias's gradient: (the shape of what the kernels write, dS or bwd_dbias_tc's
+        # partial sums; whether it starts zeroed; its _BiasGradient; the params field that points
+        # at it; arrays the launches read, kept with the plan).
         self.dbias = dbias
         if dbias is not None:
-            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, ["dbias"])])
+            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [dbias[3]])])
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None):
         ptr, shapes = memory.pointer, self.shapes
@@ -901,10 +903,16 @@ def backward(problem):
     sets = _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
                                                                    p.has_window, _arch(device), modified, p.precision))
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
-    # dS of every score (score_mod.cuh's BiasGrad), summed to dbias after the launches (_BiasGradient).
-    gradient = _BiasGradient(p, device) if p.returns_dbias else None
+    # dbias: summed on chip by bwd_dbias_tc where it can (_OnChipBiasSum), else dS of every score
+    # (score_mod.cuh's BiasGrad) summed after the launches; either way by a _BiasGradient.
+    on_chip = _OnChipBiasSum.of(p, q.shape[-1], v.shape[-1], device) if p.returns_dbias else None
+    gradient = None
+    if p.returns_dbias:
+        gradient = (_BiasGradient(p, device) if on_chip is None
+                    else _BiasGradient(p, device, source_shape=on_chip.sum_shape))
     kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
-                     + (gradient.kernels if gradient is not None else []), device)
+                     + (gradient.kernels if gradient is not None else [])
+                     + ([on_chip.variant] if on_chip is not None else []), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -948,11 +956,14 @@ def backward(problem):
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
     # key-padding cut).
-    dscores_zeroed = p.has_window or _skips_keys(p)
+    dscores_zeroed = (p.has_window or _skips_keys(p)) and on_chip is None
     dscores = None
     if p.returns_dbias:
-        dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(lead + (p.seqlen_q, p.seqlen_k), dtype=accum)
-    struct["dbias"] = 0 if dscores is None else dscores.data.ptr
+        shape = lead + (p.seqlen_q, p.seqlen_k) if on_chip is None else on_chip.sum_shape
+        dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(shape, dtype=accum)
+    struct["dbias"] = 0 if dscores is None or on_chip is not None else dscores.data.ptr
+    if on_chip is not None:
+        on_chip.fill(struct, dscores, device)
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
     query_bytes = per_block * _mean_rows(p)[0] * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
@@ -969,10 +980,13 @@ def backward(problem):
         launches += tuple(_launch_of(f.dq, device, layout.grid_x, longest_q, f.dq.block_m, rows) for f, rows in sets)
     else:
         launches += (_launch_of(variants.dq_convert, device, layout.grid_x, longest_q, variants.dq_convert.block_m),)
+    if on_chip is not None:
+        launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs,
-                        dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient))
+                        dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
+                                                            "dbias" if on_chip is None else "dbias_sum", on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores
               + (() if dscores is None else (dscores.data.ptr,)))
@@ -1021,14 +1035,20 @@ class _BiasGradient:
     after run) on the memory's stream, on the full path and on a replay alike; dS itself where
     nothing is summed or rounded. ``kernels``: what ``backward`` prefetches beside its own."""
 
-    def __init__(self, p, device: int):
+    def __init__(self, p, device: int, source_shape: tuple | None = None):
+        """``source_shape``: what the kernels wrote, dS ``(lead..., Lq, Lk)`` by default, or
+        bwd_dbias_tc's partial sums ``(chunks, planes, Lq, Lk)`` (_OnChipBiasSum): summed over
+        the chunks, the planes are the bias's own entries in C order."""
         self.shape = tuple(p.bias.shape)
         arch = _arch(device)
         self.device = device
+        if source_shape is None:
+            source_shape, target = tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k), self.shape
+        else:
+            target = (1,) + source_shape[1:]
         self.passes = [(bias_grad.kernel(dtype.name, arch), numpy.frombuffer(params.tobytes(), dtype=numpy.uint8).copy(),
                         -(-entries // bias_grad.THREADS), entries, dtype)
-                       for dtype, params, entries in bias_grad.passes(tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k),
-                                                                      self.shape, p.bias.dtype, _accum(p))]
+                       for dtype, params, entries in bias_grad.passes(source_shape, target, p.bias.dtype, _accum(p))]
         self.kernels = [spec for spec, *_ in self.passes]
 
     def run(self, memory, dscores):
@@ -1042,6 +1062,72 @@ class _BiasGradient:
                                    0, memory.stream(), scratch.argv_ptr, 0)
             summed = out
         return summed.reshape(self.shape)
+
+
+# The dS buffer size from which a shared bias's gradient is summed on chip (_OnChipBiasSum): below
+# it the buffer route is faster (it costs the dK/dV kernel a store per score and one summing
+# pass, while bwd_dbias_tc re-reads every row's Q, dO, K and V per tile: the backward 1.5-1.9x
+# slower at triangle d32 on the H200), above it the buffer dominates the backward's memory (at
+# triangle N = 384 it is 12x the inputs). A fixed size, not the free memory: a call's route, and
+# so its bits, must not change from run to run.
+ON_CHIP_DBIAS_MIN_BYTES = 1 << 30
+
+
+class _OnChipBiasSum:
+    """dbias summed on chip (cuda_src/bwd_dbias_tc.cu) instead of from a (rows, Lq, Lk) dS buffer:
+    for a bias given in full along the queries and keys and shared by several attention rows (its
+    leading axes broadcast: AlphaFold's pair bias over the MSA or triangle rows, Swin's over the
+    windows), 16-bit inputs, head dims up to 128 (tiles.select_dbias). The rows of each of the
+    bias's planes (its entries over the leading axes, in C order) are listed plane after plane
+    in row order and cut into ``chunks`` equal chunks, enough blocks to fill the GPU; each block
+    sums one chunk of one plane over one tile into ``(chunks, planes, Lq, Lk)`` fp32 partial sums,
+    which _BiasGradient adds in chunk order. Memory: the partial sums (chunks x the bias's
+    entries) instead of every row's dS. ``of``: the route for a problem, or None."""
+
+    def __init__(self, variant, rows, planes: int, chunks: int, chunk_rows: int, p):
+        self.variant = variant
+        self.rows = rows  # (planes * rows_per_plane,) int32 on the device: kept as long as the plan
+        self.planes, self.chunks, self.chunk_rows = planes, chunks, chunk_rows
+        self.sum_shape = (chunks, planes, p.seqlen_q, p.seqlen_k)
+        self.tiles = -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
+        self.launch = None
+
+    @classmethod
+    def of(cls, p, head_dim: int, head_dim_v: int, device: int):
+        cupy = _cupy()
+        lead = tuple(p.lead_shape)
+        bias_shape = tuple(p.bias.shape)
+        if (p.packed is not None or len(bias_shape) < 2 or bias_shape[-2:] != (p.seqlen_q, p.seqlen_k)
+                or len(bias_shape) - 2 > len(lead)):
+            return None
+        variant = tiles.select_dbias(p.dtype.name, head_dim, head_dim_v, _arch(device))
+        if variant is None:
+            return None
+        if math.prod(lead) * p.seqlen_q * p.seqlen_k * _accum(p).itemsize < ON_CHIP_DBIAS_MIN_BYTES:
+            return None
+        planes_shape = (1,) * (len(lead) - (len(bias_shape) - 2)) + bias_shape[:-2]
+        planes = math.prod(planes_shape)
+        total = math.prod(lead)
+        if planes == 0 or total // planes < 2:
+            return None  # no row shares a plane: dS is dbias itself
+        coords = numpy.unravel_index(numpy.arange(total), lead)
+        plane_of = numpy.ravel_multi_index(tuple(c % n for c, n in zip(coords, planes_shape)), planes_shape)
+        rows = numpy.argsort(plane_of, kind="stable").astype(numpy.int32)  # plane after plane, rows ascending
+        per_plane = total // planes
+        tiles_total = planes * -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
+        wanted = -(-4 * _device_attribute("MultiProcessorCount") // tiles_total)
+        chunk_rows = -(-per_plane // max(1, min(wanted, per_plane)))
+        chunks = -(-per_plane // chunk_rows)
+        return cls(variant, cupy.asarray(rows), planes, chunks, chunk_rows, p)
+
+    def fill(self, struct, partial_sums, device: int) -> None:
+        """Its fields of the params, and its launch (grid: planes x chunks, tiles)."""
+        self.launch = _launch_of(self.variant, device, self.planes * self.chunks, self.tiles, 1)
+        struct["dbias_sum"] = partial_sums.data.ptr
+        struct["dbias_rows"] = self.rows.data.ptr
+        struct["dbias_rows_per_plane"] = self.rows.size // self.planes
+        struct["dbias_chunk_rows"] = self.chunk_rows
+        struct["dbias_chunks"] = self.chunks
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:

@@ -353,6 +353,24 @@ def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: i
     return kv + p_ds + stages * stage
 
 
+# bwd_dbias_tc (a bias's gradient summed on chip over the rows that share its plane, instead of
+# a (rows, Lq, Lk) dS buffer): one (Lq x Lk) tile of one plane per block, the rows streamed
+# through `stages` stages of Q, dO, lse, delta, K, V (4 stages measured no faster than 2 on the
+# H200). 16-bit, head dims up to 128; 32 keys a tile (64 spill: S, dP and the sum at 16 rows per
+# warp); wider heads and the FFMA dtypes keep the dS buffer.
+_BWD_DBIAS_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((64, 32, 4, 2),),
+    64: ((64, 32, 4, 2),),
+    96: ((64, 32, 4, 2),),
+    128: ((64, 32, 4, 2),),
+}
+
+
+def _smem_bwd_dbias_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dbias_tc.cu's bwd_dbias_tc_smem_bytes: per stage Q, dO, lse and delta, K, V."""
+    return stages * (2 * (block_m + block_n) * _tc_pitch(head_dim) + 2 * block_m * 4)
+
+
 def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
     """Mirror of bwd_dq_tc.cu's kSmemBytes: Q, dO and `stages` (K, V) pairs."""
     return (2 * block_m + stages * 2 * block_n) * _tc_pitch(head_dim * units)
@@ -474,6 +492,7 @@ BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
                        tf32_precisions=("tf32",))
+BWD_DBIAS_TC = KernelSpec("bwd_dbias_tc", TC_DTYPES, _table(_BWD_DBIAS_TC_TABLE), _by_tile(_smem_bwd_dbias_tc_bytes))
 BWD_DKDV_SIMT = KernelSpec(
     "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
@@ -486,7 +505,8 @@ BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC, BWD_DKDV_WGMMA,
-                                        BWD_DQ_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA, BWD_DQ_CONVERT)}
+                                        BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA,
+                                        BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
 # problem's bucket and arch runs it.
@@ -551,6 +571,12 @@ def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool
     )
 
 
+def select_dbias(dtype: str, head_dim: int, head_dim_v: int, arch: str) -> Variant | None:
+    """The kernel that sums a bias's gradient on chip (bwd_dbias_tc), or None where the dS buffer
+    stays (the dtype or head dim has no tile, or none fits the arch)."""
+    return BWD_DBIAS_TC.variant(dtype, bucket(max(head_dim, head_dim_v)), True, arch, score_mods=True)
+
+
 def precisions_of(dtype: str, wanted=PRECISIONS) -> tuple[str, ...]:
     """The ``precision=`` values among ``wanted`` that select Variants of ``dtype``: float32's
     (they choose between TF32 tensor cores and FFMA); every other dtype has "highest" alone."""
@@ -572,6 +598,8 @@ def all_variants(arch: str) -> list[Variant]:
                         out += select_backward(dtype, d, d, masked, arch, mods, precision)
                     except ValueError:
                         pass
+                if mods and select_dbias(dtype, d, d, arch) is not None:
+                    out.append(select_dbias(dtype, d, d, arch))
     return list(dict.fromkeys(out))
 
 
