@@ -43,6 +43,8 @@ Keys (all but ``name`` optional):
   ``num_splits``; the caches after the append are compared too);
 - ``tolerance``: the error allowed relative to the result's size, when not the dtype's
   (``TOLERANCE``; e.g. precision="tf32");
+- ``dbias_on_chip``: a shared bias's gradient summed on chip (bwd_dbias_tc) at any size
+  (plan.ON_CHIP_DBIAS_MIN_BYTES set to 0 in the child);
 - ``quick``: part of ``--quick``.
 
 A case whose feature the GPU path does not take yet (NotImplementedError, or an API that is
@@ -153,6 +155,14 @@ def _feature_cases() -> list[dict]:
              tolerance=2e-2, quick=True),
         dict(name="tf32-float32-bias-d32", dtype="float32", q=(1, 4, 70, 32), k=(1, 2, 90, 32),
              options={"precision": "tf32", "bias": (4, 70, 90), "softcap": 20.0, "sinks": "heads"}, tolerance=2e-2),
+        # a shared bias's gradient summed on chip (bwd_dbias_tc.cu), and the float32 backward on TF32
+        dict(name="dbias-on-chip-bfloat16-d32", dtype="bfloat16", q=(6, 2, 97, 32), k=(6, 2, 130, 32),
+             options={"bias": (1, 2, 97, 130), "mask": (6, 1, 97, 130), "causal": True}, dbias_on_chip=True,
+             quick=True),
+        dict(name="dbias-on-chip-float16-d128-gqa", dtype="float16", q=(3, 4, 70, 128), k=(3, 2, 90, 128),
+             options={"bias": (3, 1, 70, 90), "softcap": 10.0, "window": (30, 5)}, dbias_on_chip=True),
+        dict(name="tf32-float32-backward-d96", dtype="float32", q=(2, 3, 77, 96), k=(2, 1, 123, 96),
+             options={"precision": "tf32", "window": (40, 3)}, deterministic=True, tolerance=2e-2),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
@@ -168,7 +178,7 @@ CASES: list[dict] = _core_cases() + _feature_cases()
 
 CASE_KEYS = {"name", "dtype", "q", "k", "v", "layout", "options", "backward", "deterministic", "api", "quick",
              "heads", "d", "lengths_q", "lengths_k", "tolerance", "lq", "lmax", "seqlens", "lnew", "page_size",
-             "num_splits"}
+             "num_splits", "dbias_on_chip"}
 
 
 def check_case(case: dict) -> None:
@@ -230,6 +240,10 @@ def run_case(case: dict) -> dict:
         dtype = numpy.dtype(case["dtype"])
     rng = numpy.random.default_rng(sum(map(ord, case["name"])))
     api = case.get("api", "dense")
+    if case.get("dbias_on_chip"):
+        from cuflash._gpu import plan
+
+        plan.ON_CHIP_DBIAS_MIN_BYTES = 0
     try:
         if api == "varlen":
             results, expected = _run_varlen(case, rng, dtype, cupy, cuflash)
@@ -589,7 +603,8 @@ def main(argv=None) -> int:
                       else f"heads {case['heads']} d {case['d']} Lq {case['lq']} cache {case['seqlens']} + "
                            f"{case['lnew']} of {case['lmax']}, pages {case['page_size']}" if api == "kvcache"
                       else f"q {case['q']} k {case['k']}" + (f" v {case['v']}" if "v" in case else ""))
-            extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api") if k in case}
+            extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api", "dbias_on_chip")
+                      if k in case}
             print(f"{case['name']:34s} {case['dtype']:9s} {shapes}  {extras}")
         print(f"{len(cases)} cases x {len(tools)} tools")
         return 0

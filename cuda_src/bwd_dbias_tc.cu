@@ -16,7 +16,9 @@
 // dbias_sum (chunk, plane, Lq, Lk) in fp32; the host sums the chunks in a fixed order
 // (bias_grad.cu) and rounds to the bias's type: no atomics, the same bits run after run.
 // The rows stream through shared memory kStages deep (cp.async): Q_i, dO_i, lse_i, delta_i and
-// K_j, V_j of row r per stage. Warps split the tile's query rows, as in bwd_dq_tc.cu.
+// K_j, V_j of row r per stage. The bias tile is the same for every row of the plane: it is read
+// once, into shared memory (TilePlanes), not once per row. Warps split the tile's query rows, as
+// in bwd_dq_tc.cu.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -29,13 +31,30 @@
 
 namespace cuflash {
 
+// Where a dbias block reads the scores' planes (score_mod.cuh's Planes interface): its bias tile
+// from shared memory, kCols floats a row from (row0, col0), zeros outside Lq x Lk; a row's mask
+// from global memory (the row's own plane, per row).
+template <int kCols>
+struct TilePlanes {
+    static constexpr bool kZeroFilled = false;  // the mask's global reads keep their bounds test
+    const float* bias_at;
+    const unsigned char* mask_at;
+    int row0, col0;
+    __device__ __forceinline__ float bias(int i, int j, const FwdParams&) const { return bias_at[(i - row0) * kCols + (j - col0)]; }
+    __device__ __forceinline__ bool visible(int i, int j, const FwdParams& p) const {
+        return mask_at[i * p.mask_row_stride + j * p.mask_col_stride] != 0;
+    }
+};
+
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dbias_tc_smem_bytes() {
-    // Per stage: Q_i, dO_i, 2 * kBlockM floats (lse_i, delta_i), K_j, V_j.
+    // The bias tile (kBlockM x kBlockN floats), then per stage Q_i, dO_i, 2 * kBlockM floats (lse_i,
+    // delta_i), K_j, V_j.
     constexpr int kWidth = kHeadDim * tc::Arith<Element>::kUnits;
-    return kStages * (2 * tc::SmemTile<kBlockM, kWidth>::kBytes + 2 * kBlockM * 4 + 2 * tc::SmemTile<kBlockN, kWidth>::kBytes);
+    return kBlockM * kBlockN * 4 +
+           kStages * (2 * tc::SmemTile<kBlockM, kWidth>::kBytes + 2 * kBlockM * 4 + 2 * tc::SmemTile<kBlockN, kWidth>::kBytes);
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -59,10 +78,14 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
     constexpr unsigned kStatsAt = 2 * QTile::kBytes;          // lse_i then delta_i, in a stage
     constexpr unsigned kKAt = kStatsAt + 2 * kBlockM * 4;
     constexpr unsigned kStageBytes = kKAt + 2 * KVTile::kBytes;
-    static_assert(kStages * kStageBytes == bwd_dbias_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>(), "layout");
+    constexpr unsigned kBiasBytes = kBlockM * kBlockN * 4;
+    static_assert(kBiasBytes + kStages * kStageBytes == bwd_dbias_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>(),
+                  "layout");
 
-    extern __shared__ __align__(16) unsigned char smem[];
-    if (ptx::dynamic_smem_size() < kStages * kStageBytes) __trap();
+    extern __shared__ __align__(16) unsigned char smem_all[];
+    if (ptx::dynamic_smem_size() < kBiasBytes + kStages * kStageBytes) __trap();
+    float* const bias_tile = reinterpret_cast<float*>(smem_all);
+    unsigned char* const smem = smem_all + kBiasBytes;  // the stages
     const unsigned smem0 = ptx::smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -92,6 +115,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
     for (int s = 0; s < kStages - 1; ++s) {
         if (first + s < last) load_row(first + s);
         ptx::cp_async_commit();
+    }
+
+    // The plane's bias tile, in the exponent's score type (float), zeros outside Lq x Lk: the
+    // first row's planes (every row of the plane has the same bias). Published by the loop's
+    // first barrier.
+    const GlobalPlanes<float> first_planes = ScoreMod<float, true>::row_planes(f, rows[first < last ? first : 0]);
+    for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+        const int i = m0 + e / kBlockN, j = n0 + e % kBlockN;
+        bias_tile[e] = first_planes.bias_at != nullptr && i < f.seqlen_q && j < f.seqlen_k ? first_planes.bias(i, j, f) : 0.f;
     }
 
     const unsigned a_lane = tc::a_lane<QTile>(warp_row0, lane);
@@ -138,6 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
             delta[q] = stats[kBlockM + warp_row0 + tc::slot_row(q, lane)];
         }
         const ScoreMod<float, true> mod(f, r, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+        const TilePlanes<kBlockN> planes{bias_tile, mod.planes().mask_at, m0, n0};
         mod.dispatch([&](const auto& score) {
             tc::for_each_element<kMTiles, kNTiles>(m0 + warp_row0, n0, lane, [&](int mt, int nt, int e, int q, int row, int key) {
                 float grad;
@@ -145,7 +178,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
                 const bool hidden = masked && (row >= at.seqlen_q || !mask.visible(row, key));
                 acc[mt][nt][e] += hidden ? 0.f : ptx::ex2(x - lse2[q]) * (dp[mt][nt][e] - delta[q]);
             });
-        });
+        }, planes);
     }
 
     // This chunk's partial sum of the tile, rows past Lq and keys past Lk left out.

@@ -225,14 +225,9 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         for (int h = 0; h < 2; ++h) {
             const int row = warp_row0 + mt * 16 + lane / 4 + 8 * h;
 #pragma unroll
-            for (int nt = 0; nt < kNTilesD; ++nt) {
-                const float lo = acc[mt][nt][2 * h] * scale, hi = acc[mt][nt][2 * h + 1] * scale;
-                if constexpr (kTf32)  // columns 8 nt + 2t, +1: bytes 32 nt + 8t of the row
-                    ptx::st_shared_v2(q_smem + QTile::offset(row, 2 * nt) + 8 * (lane % 4), __float_as_uint(lo),
-                                      __float_as_uint(hi));
-                else
-                    ptx::st_shared_b32(q_smem + QTile::offset(row, nt) + 4 * (lane % 4), ptx::pack2<Element>(lo, hi));
-            }
+            for (int nt = 0; nt < kNTilesD; ++nt)
+                tc::store_pair<Element, QTile>(q_smem, row, nt, lane, acc[mt][nt][2 * h] * scale,
+                                               acc[mt][nt][2 * h + 1] * scale);
         }
     __syncwarp();
     const BwdBatchIndex out_at(p, ptx::block_index_x());  // recomputed: not held through the loop

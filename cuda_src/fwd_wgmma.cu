@@ -248,10 +248,8 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     for (int h = 0; h < 2; ++h) {
         const int row = warp_row0 + lane / 4 + 8 * h;
 #pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-            const unsigned packed = ptx::pack2<Element>(acc[0][nt][2 * h] * inv_l[0][h], acc[0][nt][2 * h + 1] * inv_l[0][h]);
-            ptx::st_shared_b32(kv_smem + OTile::offset(row, nt) + 4 * (lane % 4), packed);
-        }
+        for (int nt = 0; nt < kHeadDim / 8; ++nt)
+            tc::store_pair<Element, OTile>(kv_smem, row, nt, lane, acc[0][nt][2 * h] * inv_l[0][h], acc[0][nt][2 * h + 1] * inv_l[0][h]);
         if (lane % 4 == 0 && m0 + row < out_at.seqlen_q) static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
     }
     __syncthreads();

@@ -63,6 +63,17 @@ __device__ __forceinline__ void load_a(unsigned addr, Tf32Fragment<4>& a) {
     a.round(raw);
 }
 
+// This lane's pair of an accumulator's n8 tile nt, columns 8 nt + 2t and 8 nt + 2t + 1 of `row`
+// (t = lane % 4), into a shared Tile in the element's format: two 16-bit values packed into 4
+// bytes, or two floats (TF32 Variants store float32) into 8.
+template <typename Element, typename Tile>
+__device__ __forceinline__ void store_pair(unsigned smem, int row, int nt, int lane, float lo, float hi) {
+    if constexpr (Arith<Element>::kUnits == 2)
+        ptx::st_shared_v2(smem + Tile::offset(row, 2 * nt) + 8 * (lane % 4), __float_as_uint(lo), __float_as_uint(hi));
+    else
+        ptx::st_shared_b32(smem + Tile::offset(row, nt) + 4 * (lane % 4), ptx::pack2<Element>(lo, hi));
+}
+
 // kRows x kCols 16-bit elements, row-major in 16-byte chunks.
 // The row pitch is kCols/8 + 1 chunks: an odd pitch puts the same chunk of any 8 consecutive rows
 // into 8 different 16-byte bank groups, so ldmatrix (one chunk from each of 8 rows) and
@@ -367,16 +378,8 @@ __device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const unsigned (&a)
 template <typename Element, typename Tile, bool kTrans, int N>
 __device__ __forceinline__ void mma_k16(float (&c)[N][4], const unsigned (&a)[4], unsigned b_lane, int row0,
                                         int chunk0) {
-#pragma unroll
-    for (int np = 0; np < N / 2; ++np) {
-        unsigned b[4];
-        if (kTrans)
-            ptx::ldmatrix_x4_trans(b_lane + Tile::offset(row0, chunk0 + np * 2), b);
-        else
-            ptx::ldmatrix_x4(b_lane + Tile::offset(row0 + np * 16, chunk0), b);
-        ptx::mma_16816<Element>(c[2 * np], a, b[0], b[1]);
-        ptx::mma_16816<Element>(c[2 * np + 1], a, b[2], b[3]);
-    }
+    mma_k16<Element, Tile, kTrans>(reinterpret_cast<float(&)[1][N][4]>(c), reinterpret_cast<const unsigned(&)[1][4]>(a),
+                                   b_lane, row0, chunk0);
 }
 
 // The A fragment of an m16k16 MMA from two adjacent n8 accumulator tiles (k = 2kk, 2kk+1),

@@ -361,14 +361,15 @@ def _smem_bwd_dkdv_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: i
 _BWD_DBIAS_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     32: ((64, 32, 4, 2),),
     64: ((64, 32, 4, 2),),
-    96: ((64, 32, 4, 2),),
+    96: ((64, 16, 4, 2),),  # 64 x 32 spills 48 bytes on sm_80
     128: ((64, 32, 4, 2),),
 }
 
 
 def _smem_bwd_dbias_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of bwd_dbias_tc.cu's bwd_dbias_tc_smem_bytes: per stage Q, dO, lse and delta, K, V."""
-    return stages * (2 * (block_m + block_n) * _tc_pitch(head_dim) + 2 * block_m * 4)
+    """Mirror of bwd_dbias_tc.cu's bwd_dbias_tc_smem_bytes: the bias tile, then per stage Q, dO,
+    lse and delta, K, V."""
+    return block_m * block_n * 4 + stages * (2 * (block_m + block_n) * _tc_pitch(head_dim) + 2 * block_m * 4)
 
 
 def _smem_bwd_dq_tc_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
