@@ -376,6 +376,9 @@ def test_cupy_graph_replays_a_decode_step_with_new_lengths_table_and_keys(rng, d
     sinks = rng.standard_normal(8).astype(setup.dtype)
     options = dict(causal=True, num_splits=splits, return_lse=True, sinks=cupy.asarray(sinks))
     stream = cupy.cuda.Stream(non_blocking=True)
+    # The setup's arrays were copied in on the null stream, with which a non-blocking stream does
+    # not synchronize: let those copies land before the call reads them on `stream`.
+    cupy.cuda.Device().synchronize()
     with stream:
         cuflash.attention_with_kvcache(**arguments, **options)  # warm-up: kernels compile outside the capture
         stream.synchronize()
