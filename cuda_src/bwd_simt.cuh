@@ -34,6 +34,7 @@ namespace simt_bwd {
 using simt::Cols;  // (simt_tile.cuh, like Math)
 using simt::Math;
 using simt::lds;
+using simt::load_rows;
 using simt::sts;
 template <typename T>
 constexpr int kVec16 = int(16 / sizeof(T));  // elements per 16 bytes: 4 floats, 2 doubles
@@ -107,37 +108,6 @@ __device__ __forceinline__ void gemm_tn2(T (&acc0)[TM][TN], const T* A0, const T
                 acc0[r][c] = fma(a0[r], b0[c], acc0[r][c]);
                 acc1[r][c] = fma(a1[r], b1[c], acc1[r][c]);
             }
-    }
-}
-
-// Global -> shared copy of `rows` rows of kWidth elements (row r of the tile is global row
-// row_base + r): dst[r * ld + d] = src[(row_base + r) * row_stride + d], zero for d >= width or
-// row_base + r >= row_limit. Element-sized cp.async: any row stride, no registers held;
-// consecutive lanes copy consecutive d, so each warp instruction reads whole sectors.
-template <typename T, int kWidth, int kThreads>
-__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, long long row_stride, int row_base, int rows,
-                                          int row_limit, int width, int tid) {
-    if constexpr (kThreads % kWidth == 0) {
-        // Each thread keeps one column and walks rows: the index math is a few adds.
-        constexpr int kRowStep = kThreads / kWidth;
-        const int d = tid % kWidth;
-        int r = tid / kWidth;
-        const T* g = src + (long long)(row_base + r) * row_stride + d;
-        const long long g_step = kRowStep * row_stride;
-#pragma unroll 1
-        for (; r < rows; r += kRowStep, g += g_step) {
-            const bool ok = row_base + r < row_limit && d < width;
-            ptx::cp_async_elem<sizeof(T)>(dst + r * ld + d, ok ? g : src, ok);
-        }
-    } else {
-        const int total = rows * kWidth;
-#pragma unroll 1
-        for (int e = tid; e < total; e += kThreads) {
-            const int r = e / kWidth, d = e % kWidth;
-            const bool ok = row_base + r < row_limit && d < width;
-            ptx::cp_async_elem<sizeof(T)>(dst + r * ld + d, ok ? src + (long long)(row_base + r) * row_stride + d : src,
-                                          ok);
-        }
     }
 }
 

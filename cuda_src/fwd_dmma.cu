@@ -36,8 +36,8 @@
 // even number of row tiles per warp the kernel issues that instead, a quarter of the MMA
 // instructions (measured on H100, fp64 d64: 19 TF/s with m8n8k4 -> 25 TF/s).
 //
-// Copies are element-wise cp.async (any row stride, zero-fill, no registers), overlapped by phase
-// as in fwd_simt: V_t lands during S_t = Q K_t^T, K_{t+1} during acc += P_t V_t.
+// Copies are element-wise cp.async (simt::load_rows: any row stride, zero-fill, no registers),
+// overlapped by phase as in fwd_simt: V_t lands during S_t = Q K_t^T, K_{t+1} during acc += P_t V_t.
 #include "params.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
@@ -107,35 +107,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const Mask<kHasWindow> mask(p, bi);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
-    // Copy `rows` rows of width `width` (zero-filled to kHeadDim and past row_limit) from global
-    // memory into dst[row][d]: consecutive lanes take consecutive d (coalesced reads, and one
-    // shared-memory row per 32 lanes: conflict-free stores).
-    auto load_rows = [&](T* dst, const T* src, long long row_stride, int row_base, int rows, int row_limit,
-                         int width) {
-        if constexpr (kThreads % kHeadDim == 0) {
-            // Each lane keeps one column d and walks rows: the index math is a few adds.
-            constexpr int kRowStep = kThreads / kHeadDim;
-            const int d = tid % kHeadDim;
-            int r = tid / kHeadDim;
-            const T* gp = src + (long long)(row_base + r) * row_stride + d;
-            const long long g_step = kRowStep * row_stride;
-#pragma unroll 1
-            for (; r < rows; r += kRowStep, gp += g_step) {
-                const bool ok = row_base + r < row_limit && d < width;
-                ptx::cp_async_elem<8>(dst + r * kLd + d, ok ? gp : src, ok);
-            }
-        } else {
-            const int total = rows * kHeadDim;
-#pragma unroll 1
-            for (int e = tid; e < total; e += kThreads) {
-                const int r = e / kHeadDim, d = e % kHeadDim;
-                const bool ok = row_base + r < row_limit && d < width;
-                ptx::cp_async_elem<8>(dst + r * kLd + d, ok ? src + (long long)(row_base + r) * row_stride + d : src,
-                                      ok);
-            }
-        }
-    };
-
     // This lane's fragment bases (see the index permutations above).
     const T* q_frag = Qs + (warp * WM + g) * kLd + 2 * tq;  // + 8 mi kLd + 8c: Q[row][8c + 2t ..]
     const T* k_frag = Ks + g * kLd + 2 * tq;                 // + 8 ni kLd + 8c: K[key][8c + 2t ..]
@@ -162,8 +133,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const T scale = kScoreMods && mod.modifies() ? T(1) : p.scale;
 
     if (range.first < range.last) {
-        load_rows(Qs, q, p.q_row_stride, m0, kBlockM, Lq, D);
-        load_rows(Ks, k, p.k_row_stride, range.first * kBlockN, kBlockN, Lk, D);
+        simt::load_rows<T, kHeadDim, kThreads>(Qs, kLd, q, p.q_row_stride, m0, kBlockM, Lq, D, tid);
+        simt::load_rows<T, kHeadDim, kThreads>(Ks, kLd, k, p.k_row_stride, range.first * kBlockN, kBlockN, Lk, D, tid);
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
         __syncthreads();
@@ -172,7 +143,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     for (int t = range.first; t < range.last; ++t) {
         const int n0 = t * kBlockN;
         // V_t streams in while S_t is computed.
-        load_rows(Vs, v, p.v_row_stride, n0, kBlockN, Lk, Dv);
+        simt::load_rows<T, kHeadDim, kThreads>(Vs, kLd, v, p.v_row_stride, n0, kBlockN, Lk, Dv, tid);
         ptx::cp_async_commit();
 
         // S = Q K^T:  s_ij = sum_d Q[i, d] K[j, d], 8 d per step c (two DMMA k-steps, see above).
@@ -273,7 +244,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
         __syncthreads();          // all of V_t visible; nobody reads K_t any more
         if (t + 1 < range.last) {
             // K_{t+1} streams in while acc += P V_t is computed.
-            load_rows(Ks, k, p.k_row_stride, n0 + kBlockN, kBlockN, Lk, D);
+            simt::load_rows<T, kHeadDim, kThreads>(Ks, kLd, k, p.k_row_stride, n0 + kBlockN, kBlockN, Lk, D, tid);
             ptx::cp_async_commit();
         }
 

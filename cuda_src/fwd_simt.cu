@@ -38,15 +38,6 @@
 #include "simt_tile.cuh"
 
 namespace cuflash {
-namespace simt {
-
-// Global -> shared copy of one element (zero-filled when !valid), through cp.async.
-template <typename T>
-__device__ __forceinline__ void copy_elem(T* dst, const T* src, bool valid) {
-    ptx::cp_async_elem<sizeof(T)>(dst, src, valid);
-}
-
-}  // namespace simt
 
 namespace simt {
 // Blocks per SM that ptxas must fit in registers, and the unroll of the two inner products.
@@ -150,17 +141,12 @@ __global__ void __launch_bounds__(kWarps * 32,
                                int row_limit) {
         constexpr int kDGroups = kHeadDim / 8;  // warp instructions per group of 4 rows
         if constexpr (kWarps % kDGroups == 0) {
-            // Each lane keeps one column d and walks rows: the index math is a few adds.
+            // Each lane keeps one column d and walks rows (simt_tile.cuh).
             constexpr int kRowStep = 4 * (kWarps / kDGroups);
             const int d = (warp % kDGroups) * 8 + (lane & 7);
-            int r = (warp / kDGroups) * 4 + (lane >> 3);
-            const T* g = src + (long long)(row_base + r) * row_stride + d;
-            const long long g_step = kRowStep * row_stride;
-#pragma unroll 1
-            for (; r < rows; r += kRowStep, g += g_step) {
-                const bool ok = row_base + r < row_limit && d < D;
-                simt::copy_elem(dst + d * ld + r, ok ? g : src, ok);
-            }
+            const int r0 = (warp / kDGroups) * 4 + (lane >> 3);
+            simt::copy_down_column<kRowStep, sizeof(T)>(src, row_stride, row_base, r0, rows, row_limit, d, D,
+                                                        [&](int r) { return dst + d * ld + r; });
         } else {
             const int total = rows * kHeadDim;
 #pragma unroll 1
@@ -170,15 +156,16 @@ __global__ void __launch_bounds__(kWarps * 32,
                 const int r = (w / kDGroups) * 4 + (l >> 3);
                 const int gr = row_base + r;
                 const bool ok = gr < row_limit && d < D;
-                simt::copy_elem(dst + d * ld + r, ok ? src + (long long)gr * row_stride + d : src, ok);
+                ptx::cp_async_elem<sizeof(T)>(dst + d * ld + r, ok ? src + (long long)gr * row_stride + d : src, ok);
             }
         }
     };
     // Straight copy of kBlockN rows (keys n0..) of k or v into dst[j][d], zero past `width` and
     // past Lk. Rows whose every 16-byte run is aligned (vec: width, row stride and base in whole
     // runs) go as 16-byte cp.async, four to eight times fewer copies; otherwise element by
-    // element. Each lane keeps one run (or column) and walks rows: the index math is a few adds.
-    auto load_rows = [&](T* dst, const T* src, long long row_stride, int n0, int width, bool vec) {
+    // element (simt::load_rows). Where the threads divide into whole runs, each lane keeps one
+    // run and walks rows (simt_tile.cuh).
+    auto load_kv = [&](T* dst, const T* src, long long row_stride, int n0, int width, bool vec) {
         constexpr int kRuns = kHeadDim / kDVec;
         if (vec && kThreads % kRuns != 0) {
 #pragma unroll 1
@@ -189,35 +176,11 @@ __global__ void __launch_bounds__(kWarps * 32,
                                  ok ? 16 : 0);
             }
         } else if (vec) {
-            constexpr int kRowStep = kThreads / kRuns;
             const int d = (tid % kRuns) * kDVec;
-            int j = tid / kRuns;
-            const T* g = src + (long long)(n0 + j) * row_stride + d;
-            const long long g_step = kRowStep * row_stride;
-#pragma unroll 1
-            for (; j < kBlockN; j += kRowStep, g += g_step) {
-                const bool ok = n0 + j < Lk && d < width;
-                ptx::cp_async_16(ptx::smem_addr(dst + j * kLdKV + d), ok ? g : src, ok ? 16 : 0);
-            }
-        } else if constexpr (kThreads % kHeadDim == 0) {
-            constexpr int kRowStep = kThreads / kHeadDim;
-            const int d = tid % kHeadDim;
-            int j = tid / kHeadDim;
-            const T* g = src + (long long)(n0 + j) * row_stride + d;
-            const long long g_step = kRowStep * row_stride;
-#pragma unroll 1
-            for (; j < kBlockN; j += kRowStep, g += g_step) {
-                const bool ok = n0 + j < Lk && d < width;
-                simt::copy_elem(dst + j * kLdKV + d, ok ? g : src, ok);
-            }
+            simt::copy_down_column<kThreads / kRuns, 16>(src, row_stride, n0, tid / kRuns, kBlockN, Lk, d, width,
+                                                         [&](int j) { return dst + j * kLdKV + d; });
         } else {
-            constexpr int total = kBlockN * kHeadDim;
-#pragma unroll 1
-            for (int e = tid; e < total; e += kThreads) {
-                const int j = e / kHeadDim, d = e % kHeadDim;
-                const bool ok = n0 + j < Lk && d < width;
-                simt::copy_elem(dst + j * kLdKV + d, ok ? src + (long long)(n0 + j) * row_stride + d : src, ok);
-            }
+            simt::load_rows<T, kHeadDim, kThreads>(dst, kLdKV, src, row_stride, n0, kBlockN, Lk, width, tid);
         }
     };
     auto whole_runs = [](const T* base, long long row_stride, int width) {
@@ -246,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 
     if (range.first < range.last) {
         load_transposed(Qt, kLdQ, q, p.q_row_stride, m0, kBlockM, Lq);
-        load_rows(Ks, k, p.k_row_stride, range.first * kBlockN, D, k_vec);
+        load_kv(Ks, k, p.k_row_stride, range.first * kBlockN, D, k_vec);
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
         __syncthreads();
@@ -261,7 +224,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     for (int t = range.first; t < range.last; ++t) {
         const int n0 = t * kBlockN;
         // V_t streams in while S_t is computed.
-        load_rows(Vs, v, p.v_row_stride, n0, Dv, v_vec);
+        load_kv(Vs, v, p.v_row_stride, n0, Dv, v_vec);
         ptx::cp_async_commit();
 
         // S = Q K^T on this lane's TM x TN micro-tile: s[r][c] = sum_d Q[row r, d] K[key cg + 16c, d],
@@ -341,7 +304,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         __syncthreads();      // all of V_t and P visible; nobody reads K_t any more
         if (t + 1 < range.last) {
             // K_{t+1} streams in while O += P V_t is computed.
-            load_rows(Ks, k, p.k_row_stride, n0 + kBlockN, D, k_vec);
+            load_kv(Ks, k, p.k_row_stride, n0 + kBlockN, D, k_vec);
             ptx::cp_async_commit();
         }
 

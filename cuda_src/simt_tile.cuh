@@ -1,8 +1,10 @@
 // Register micro-tiles of the float32 / float64 kernels (fwd_simt.cu, bwd_simt.cuh): vectors
 // of the element type, the copies between shared memory and registers, the columns of a
-// micro-tile, the exponential's units (Math), and score modifiers on a tile (also fwd_dmma.cu's).
+// micro-tile, the exponential's units (Math), score modifiers on a tile, and the element-wise
+// global -> shared copies (the last two also fwd_dmma.cu's).
 #pragma once
 #include "params.cuh"
+#include "ptx.cuh"
 
 namespace cuflash {
 namespace simt {
@@ -157,6 +159,52 @@ struct Cols {
     // The column of the lane's i-th value.
     static __device__ __forceinline__ int col(int cg, int i) { return chunk(cg, i / kVec) + i % kVec; }
 };
+
+// One thread's share of a global -> shared copy that walks down a column: rows r, r + kRowStep, ...
+// below `rows` of column d, row r of the tile being global row row_base + r and landing at
+// dst_of(r), in cp.async of kBytes (the element's size, or 16 for a 16-byte run). An element
+// exists where row_base + r < row_limit and d < width; one that does not is zero-filled, src
+// itself standing in as the source address. The source pointer advances by one add per row: no
+// index multiply in the loop.
+template <int kRowStep, int kBytes, typename T, typename DstOf>
+__device__ __forceinline__ void copy_down_column(const T* src, long long row_stride, int row_base, int r, int rows,
+                                                 int row_limit, int d, int width, DstOf&& dst_of) {
+    const T* g = src + (long long)(row_base + r) * row_stride + d;
+    const long long g_step = kRowStep * row_stride;
+#pragma unroll 1
+    for (; r < rows; r += kRowStep, g += g_step) {
+        const bool ok = row_base + r < row_limit && d < width;
+        if constexpr (kBytes == 16)
+            ptx::cp_async_16(ptx::smem_addr(dst_of(r)), ok ? g : src, ok ? 16 : 0);
+        else
+            ptx::cp_async_elem<kBytes>(dst_of(r), ok ? g : src, ok);
+    }
+}
+
+// Global -> shared copy of `rows` rows of kWidth elements (row r of the tile is global row
+// row_base + r): dst[r * ld + d] = src[(row_base + r) * row_stride + d], zero for d >= width or
+// row_base + r >= row_limit. Element-sized cp.async: any row stride, no registers held;
+// consecutive lanes copy consecutive d, so each warp instruction reads whole sectors. The tiles
+// of fwd_dmma and the backward, and fwd_simt's K and V rows that are not in whole 16-byte runs.
+template <typename T, int kWidth, int kThreads>
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, long long row_stride, int row_base, int rows,
+                                          int row_limit, int width, int tid) {
+    if constexpr (kThreads % kWidth == 0) {
+        // Each thread keeps one column and walks rows.
+        const int d = tid % kWidth;
+        copy_down_column<kThreads / kWidth, sizeof(T)>(src, row_stride, row_base, tid / kWidth, rows, row_limit, d,
+                                                       width, [&](int r) { return dst + r * ld + d; });
+    } else {
+        const int total = rows * kWidth;
+#pragma unroll 1
+        for (int e = tid; e < total; e += kThreads) {
+            const int r = e / kWidth, d = e % kWidth;
+            const bool ok = row_base + r < row_limit && d < width;
+            ptx::cp_async_elem<sizeof(T)>(dst + r * ld + d, ok ? src + (long long)(row_base + r) * row_stride + d : src,
+                                          ok);
+        }
+    }
+}
 
 }  // namespace simt
 }  // namespace cuflash
