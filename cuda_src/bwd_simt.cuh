@@ -150,7 +150,7 @@ struct PairStats {
 template <typename Mod, typename MaskT, typename T, int R, int C, typename At, typename Grad = NoBiasGrad>
 __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask, bool masked, T (&s)[R][C],
                                               T (&dp)[R][C], At&& at, const Grad& dbias = Grad()) {
-    mod.dispatch([&](const auto& score) {
+    mod.template dispatch<false>([&](const auto& score) {
         simt::for_each(s, dp, [&](T& x, T& y, int r, int c) {
             const PairStats<T> e = at(r, c);
             T grad;

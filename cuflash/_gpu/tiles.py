@@ -159,8 +159,10 @@ _TF32_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     256: ((64, 16, 4, 2),),
 }
 # d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a bias's reads
-# spills 64 bytes on sm_80.
-_TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2)}
+# spills 64 bytes on sm_80; d256: 128x64 spills 8 bytes on sm_90a since the bias/mask-only
+# combinations (score_mod.cuh). TF32 d32: 32 rows per warp spills 8 bytes on sm_80.
+_TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2), 256: (128, 32, 8, 2)}
+_TF32_MODIFIER_TILES = {32: (64, 64, 4, 2)}
 
 
 def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
@@ -466,7 +468,7 @@ def _by_tile(smem: Callable[..., int]):
 
 FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF32_TABLE),
                     lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages, _units(dtype)),
-                    modifier_tile=lambda dtype, d: _TC_MODIFIER_TILES.get(d) if dtype != "float32" else None,
+                    modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_SIMT = KernelSpec(
