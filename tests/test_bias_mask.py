@@ -899,6 +899,30 @@ def test_gpu_backward_is_bitwise_reproducible(rng, dtype, bias_shape):
         assert [_bits(g) for g in vjp(dout)] == first
 
 
+# (the output's leading axes, the bias's leading axes): over the batch; over MSA rows with a
+# batch axis kept; a 2-D bias (every row); one plane per row (nothing shared); a bias of heads only.
+PLANE_CASES = [((6, 4), (1, 4)), ((3, 5, 2), (3, 1, 2)), ((4, 3), ()), ((2, 3), (2, 3)), ((2, 3, 4), (4,))]
+
+
+@pytest.mark.parametrize("lead, planes_lead", PLANE_CASES, ids=[f"{a}-{b}" for a, b in PLANE_CASES])
+def test_the_on_chip_dbias_route_groups_each_planes_rows_in_a_fixed_order(lead, planes_lead):
+    """plan._rows_by_plane (bwd_dbias_tc's row list): the rows of each bias plane, planes in the
+    bias's C order (dbias's), rows ascending within a plane; _chunks cuts a plane's rows into
+    non-empty chunks that cover them."""
+    from cuflash._gpu import plan
+
+    rows, planes = plan._rows_by_plane(lead, planes_lead)
+    plane_ids = numpy.arange(int(numpy.prod(planes_lead, dtype=numpy.int64))).reshape(planes_lead)
+    plane_of_row = numpy.broadcast_to(plane_ids, lead).reshape(-1)  # row r reads plane plane_of_row[r]
+    assert planes == plane_ids.size and rows.dtype == numpy.int32
+    assert rows.tolist() == [r for j in range(planes) for r in numpy.flatnonzero(plane_of_row == j)]
+    for per_plane in (1, 2, 7, 64, 255):
+        for wanted in (0, 1, 3, 8, 1000):
+            chunk_rows, chunks = plan._chunks(per_plane, wanted)
+            assert 1 <= chunks <= max(1, min(wanted, per_plane)) and chunk_rows >= 1
+            assert (chunks - 1) * chunk_rows < per_plane <= chunks * chunk_rows
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_a_shared_bias_gradient_needs_no_buffer_of_every_rows_scores(rng, dtype, monkeypatch):

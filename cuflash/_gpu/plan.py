@@ -1105,19 +1105,12 @@ class _OnChipBiasSum:
             return None
         if math.prod(lead) * p.seqlen_q * p.seqlen_k * _accum(p).itemsize < ON_CHIP_DBIAS_MIN_BYTES:
             return None
-        planes_shape = (1,) * (len(lead) - (len(bias_shape) - 2)) + bias_shape[:-2]
-        planes = math.prod(planes_shape)
-        total = math.prod(lead)
-        if planes == 0 or total // planes < 2:
+        rows, planes = _rows_by_plane(lead, bias_shape[:-2])
+        per_plane = rows.size // max(planes, 1)
+        if per_plane < 2:
             return None  # no row shares a plane: dS is dbias itself
-        coords = numpy.unravel_index(numpy.arange(total), lead)
-        plane_of = numpy.ravel_multi_index(tuple(c % n for c, n in zip(coords, planes_shape)), planes_shape)
-        rows = numpy.argsort(plane_of, kind="stable").astype(numpy.int32)  # plane after plane, rows ascending
-        per_plane = total // planes
         tiles_total = planes * -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
-        wanted = -(-4 * _device_attribute("MultiProcessorCount") // tiles_total)
-        chunk_rows = -(-per_plane // max(1, min(wanted, per_plane)))
-        chunks = -(-per_plane // chunk_rows)
+        chunk_rows, chunks = _chunks(per_plane, -(-4 * _device_attribute("MultiProcessorCount") // tiles_total))
         return cls(variant, cupy.asarray(rows), planes, chunks, chunk_rows, p)
 
     def fill(self, struct, partial_sums, device: int) -> None:
@@ -1128,6 +1121,26 @@ class _OnChipBiasSum:
         struct["dbias_rows_per_plane"] = self.rows.size // self.planes
         struct["dbias_chunk_rows"] = self.chunk_rows
         struct["dbias_chunks"] = self.chunks
+
+
+def _rows_by_plane(lead: tuple, planes_lead: tuple) -> tuple[numpy.ndarray, int]:
+    """The attention rows (C order over ``lead``, the output's leading axes) grouped by the bias
+    plane each reads, and the number of planes: a bias whose leading axes are ``planes_lead``
+    (broadcastable to ``lead``: each axis 1 or lead's) has one plane per entry of them, in C
+    order, and row r reads the plane at r's coordinates (0 along a broadcast axis). Rows come
+    plane after plane, ascending within a plane: the fixed order of bwd_dbias_tc's sums."""
+    planes_shape = (1,) * (len(lead) - len(planes_lead)) + tuple(planes_lead)
+    total = math.prod(lead)
+    coords = numpy.unravel_index(numpy.arange(total), lead)
+    plane_of = numpy.ravel_multi_index(tuple(c % n for c, n in zip(coords, planes_shape)), planes_shape)
+    return numpy.argsort(plane_of, kind="stable").astype(numpy.int32), math.prod(planes_shape)
+
+
+def _chunks(per_plane: int, wanted: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) cutting a plane's ``per_plane`` rows into about ``wanted`` equal
+    chunks (at least 1, at most one row each), none empty."""
+    chunk_rows = -(-per_plane // max(1, min(wanted, per_plane)))
+    return chunk_rows, -(-per_plane // chunk_rows)
 
 
 def _backward_kernels(variants, deterministic: bool) -> list:
