@@ -908,8 +908,7 @@ def backward(problem):
     on_chip = _OnChipBiasSum.of(p, q.shape[-1], v.shape[-1], device) if p.returns_dbias else None
     gradient = None
     if p.returns_dbias:
-        gradient = (_BiasGradient(p, device) if on_chip is None
-                    else _BiasGradient(p, device, source_shape=on_chip.sum_shape))
+        gradient = _BiasGradient(p, device, source_shape=None if on_chip is None else on_chip.sum_shape)
     kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
                      + (gradient.kernels if gradient is not None else [])
                      + ([on_chip.variant] if on_chip is not None else []), device)
@@ -959,8 +958,7 @@ def backward(problem):
     dscores_zeroed = (p.has_window or _skips_keys(p)) and on_chip is None
     dscores = None
     if p.returns_dbias:
-        shape = lead + (p.seqlen_q, p.seqlen_k) if on_chip is None else on_chip.sum_shape
-        dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(shape, dtype=accum)
+        dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(gradient.source_shape, dtype=accum)
     struct["dbias"] = 0 if dscores is None or on_chip is not None else dscores.data.ptr
     if on_chip is not None:
         on_chip.fill(struct, dscores, device)
@@ -1046,6 +1044,7 @@ class _BiasGradient:
             source_shape, target = tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k), self.shape
         else:
             target = (1,) + source_shape[1:]
+        self.source_shape = source_shape  # the buffer the kernels write, allocated per call
         self.passes = [(bias_grad.kernel(dtype.name, arch), numpy.frombuffer(params.tobytes(), dtype=numpy.uint8).copy(),
                         -(-entries // bias_grad.THREADS), entries, dtype)
                        for dtype, params, entries in bias_grad.passes(source_shape, target, p.bias.dtype, _accum(p))]
