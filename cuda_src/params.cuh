@@ -12,6 +12,8 @@
 // Every offset is 64-bit: B*H*L*D may pass 2^31.
 #pragma once
 
+#include "ptx.cuh"  // ptx::TensorMap (FwdTmaParams)
+
 #define CUFLASH_MAX_BATCH_DIMS 4
 
 namespace cuflash {
@@ -90,6 +92,17 @@ struct FwdParams {
 };
 
 enum KeyRows : int { kAllKeyRows = 0, kPrefixKeyRows = 1, kOtherKeyRows = 2 };
+
+// The warp-specialized forward's argument (fwd_wgmma_ws.cu): FwdParams plus tensor maps of q,
+// k and v for the bulk tensor copy engine (ptx.cuh section 10; cuflash/_gpu/tma.py encodes
+// them per call). Each map is 4-d, innermost first: (head dim, rows, heads, batch), the batch
+// axes merged into one (the host takes this kernel only where they merge); k's and v's heads
+// are the key/value heads, so a query head h reads head h / kv_group. Passed as a
+// __grid_constant__: the maps stay in the parameter space, where the copy engine reads them.
+struct FwdTmaParams {
+    FwdParams fwd;
+    ptx::TensorMap q_map, k_map, v_map;
+};
 
 // The backward's argument: the forward's tensors and options, plus the gradients.
 //   dout: dO, strided like o.                      delta: rowsum(dO * O), laid out like lse.

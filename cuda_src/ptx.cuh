@@ -713,6 +713,18 @@ __device__ __forceinline__ bool elect_one() {
 #endif
 }
 
+// Named barriers (ids 1..15; 0 is __syncthreads'): a subset of the block's warps meets without
+// the others, e.g. the consumer warpgroups of a warp-specialized kernel, whose producer warp
+// never reaches their barriers. `threads` counts every thread that syncs or arrives, a multiple
+// of 32. sync waits; arrive only counts this warp in (a signal to the warps that sync).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Register reallocation between warpgroups (sm_90a): the producer gives registers back, the
 // consumers take them. Effective only with a register cap at entry (__launch_bounds__(threads, 1))
 // and each warpgroup's role one branch of an if/else (HOPPER.md).

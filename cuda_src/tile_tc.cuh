@@ -202,11 +202,13 @@ struct TileLoader {
 // Rows [0, kRows) of a shared tile of width kCols to `gmem`, by kThreads threads (`tid` among
 // them: the 32 lanes of a warp, or a whole block), kUnroll iterations at a time: 16-byte stores
 // where the chunk is whole and aligned, element stores otherwise (odd widths, unaligned rows).
-// Rows >= num_rows and columns >= num_cols are not written.
-template <int kRows, int kCols, int kThreads, int kUnroll>
+// Rows >= num_rows and columns >= num_cols are not written. The shared tile is a SmemTile, or
+// any layout with its offset(row, chunk) (e.g. kRows rows of a taller Sw128Tile, from its row 0
+// at `smem`).
+template <int kRows, int kCols, int kThreads, int kUnroll, typename Tile = SmemTile<kRows, kCols>>
 __device__ __forceinline__ void store_tile_rows(unsigned smem, unsigned short* gmem, long long row_stride,
                                                 int num_rows, int num_cols, int tid) {
-    using Tile = SmemTile<kRows, kCols>;
+    static_assert(Tile::kChunks == kCols / 8, "the tile holds kCols columns");
     constexpr int kTotal = kRows * Tile::kChunks;
 #pragma unroll kUnroll
     for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {

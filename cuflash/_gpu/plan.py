@@ -16,10 +16,10 @@ import threading
 import numpy
 
 from .. import _spec
-from . import bias_grad, kernels, tiles
+from . import bias_grad, kernels, tiles, tma
 from .variant import HelperKernel
-from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS,
-                     PREFIX_KEY_ROWS)
+from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS,
+                     OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS)
 
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
@@ -159,10 +159,14 @@ class _Scratch(threading.local):
     """This thread's params bytes and the one-entry argument array that points at them (a kernel
     taking one struct), and eight 8-byte argument slots with the array of their addresses (a
     helper kernel taking scalars: ``_launch_helper``). The driver copies the arguments when a
-    launch is issued (or captured into a graph), so one buffer serves every launch of the thread."""
+    launch is issued (or captured into a graph), so one buffer serves every launch of the thread.
+    The bytes start on a 64-byte boundary, as a tensor map inside them must (``_Plan.maps``)."""
 
     def __init__(self):
-        self.bytes = numpy.zeros(max(BWD_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize), dtype=numpy.uint8)
+        size = max(BWD_PARAMS_DTYPE.itemsize, FWD_TMA_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize)
+        self._raw = numpy.zeros(size + 64, dtype=numpy.uint8)
+        start = -self._raw.ctypes.data % 64
+        self.bytes = self._raw[start: start + size]
         self.words = self.bytes.view(numpy.uint64)
         self.ints = self.bytes.view(numpy.int32)
         self.argv = numpy.array([self.bytes.ctypes.data], dtype=numpy.uint64)
@@ -224,10 +228,13 @@ def _packed_shape(shape) -> tuple:
 
 
 class _Plan:
-    """Launches sharing one params struct, replayable with other data pointers."""
+    """Launches sharing one params struct, replayable with other data pointers. ``maps``: the
+    struct's tensor maps (FwdTmaParams) as (byte offset, index of the pointer among a call's
+    pointers), each re-pointed at its tensor per call."""
 
-    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None):
+    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None, maps=()):
         self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
+        self.maps = maps
         # With a bias or mask, a call's pointers end with ScoreInputs.prepare's.
         self.score_inputs = score_inputs
         if score_inputs is not None:
@@ -241,6 +248,10 @@ class _Plan:
         scratch = _SCRATCH
         scratch.bytes[: self.template.size] = self.template
         scratch.words[self.words] = pointers
+        if self.maps:
+            base = scratch.bytes.ctypes.data
+            for offset, index in self.maps:
+                tma.replace_address_in_place(base + offset, pointers[index])
         stream = memory.stream()
         for launch in self.launches:
             scratch.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
@@ -256,7 +267,12 @@ class ForwardPlan(_Plan):
 
     def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None):
         packed = p.packed is not None
-        super().__init__(struct, _WORDS[False, packed], launches, score_inputs)
+        if struct.dtype == FWD_TMA_PARAMS_DTYPE:  # FwdParams inside, then q's, k's and v's maps
+            words = _pointer_words(struct.dtype, [f"fwd.{n}" for n in _FWD_POINTERS])
+            maps = tuple((_field_offset(struct.dtype, name), i) for i, name in enumerate(TMA_MAPS))
+            super().__init__(struct, words, launches, score_inputs, maps)
+        else:
+            super().__init__(struct, _WORDS[False, packed], launches, score_inputs)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
@@ -444,10 +460,15 @@ def forward(problem, *, prefetch_backward: bool | None = None):
 
     device = cupy.cuda.Device().id
     arch = _arch(device)
-    sets = _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch,
-                                                          _mean_visible_keys(p), modified, p.precision))
+
+    def choose(tma_ok: bool):
+        return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
+                                                              arch, _mean_visible_keys(p), modified, p.precision,
+                                                              tma_ok))
+    # Under a key-padding cut the keys past it must read as zeros, as the cp.async loaders give
+    # them (a tensor map reads whatever the tensor holds there): no TMA family then.
+    sets = choose(not _pads_keys(p))
     variant = sets[-1][0]  # the modifier Variant when there is one
-    kernels.prefetch([f for f, _ in sets], device)
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
                                                   p.precision)
@@ -466,10 +487,19 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         plain = False
     lse = cupy.empty(lse_shape, dtype=p.lse_dtype)
 
-    layout = _Layout(p, {"q": q, "k": k, "v": v, "o": o, "lse": lse}, variant.block_m)
+    tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse}
+    layout = _Layout(p, tensors, variant.block_m)
+    maps = _tensor_maps(p, layout, variant) if tiles.SPECS[variant.kernel].tma else None
+    if tiles.SPECS[variant.kernel].tma and maps is None:  # a layout the maps cannot describe
+        sets = choose(False)
+        variant = sets[-1][0]
+        layout = _Layout(p, tensors, variant.block_m)
+    kernels.prefetch([f for f, _ in sets], device)
     launches = tuple(_launch_of(f, device, layout.grid_x, _longest(p)[0], f.block_m, rows) for f, rows in sets)
-    struct = _fwd_struct(p, layout, q, v)
+    struct = _fwd_struct(p, layout, q, v, None if maps is None else maps[1])
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct, p)  # kept alive until the launch is queued
+    if maps is not None:
+        struct = _with_tensor_maps(struct, maps[0], (q, k, v))
     # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
     plain = plain and p.alibi_slopes is None and p.sinks is None
     plan = ForwardPlan(p, struct, launches, score_inputs)
@@ -484,6 +514,44 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif not _stored(p, o).flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
         o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
+
+
+def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
+    """``(specs, kv_group)``: the TensorMapSpecs of q, k and v for a TMA Variant (fwd_wgmma_ws),
+    4-d, innermost first (head dim, rows, heads, batch), boxes of 64 columns (one 128-byte
+    swizzled panel) by the Variant's query or key tile, and the query heads per key/value head the
+    kernel divides by (a key/value head axis broadcast to every query head is one head shared by
+    all: MQA). None where maps cannot describe the call: a packed batch, batch axes that do not
+    merge into one, any other broadcast (stride 0) axis, or a stride the copy engine cannot take."""
+    if p.packed is not None or len(layout.batch_shape) > 1:
+        return None
+    batch = layout.batch_shape[0] if layout.batch_shape else 1
+    kv_group = p.kv_group
+    if kv_group == 1 and layout.heads["k"] == 0 and layout.heads["v"] == 0:
+        kv_group = layout.num_heads  # (FwdParams' offsets are the same: head / kv_group times 0)
+    kv_heads = layout.num_heads // kv_group
+    specs = []
+    for name, heads, box_rows in (("q", layout.num_heads, variant.block_m), ("k", kv_heads, variant.block_n),
+                                  ("v", kv_heads, variant.block_n)):
+        x = layout.tensors[name]
+        item = x.dtype.itemsize
+        axes = ((x.shape[-2], x.strides[-2]), (heads, layout.heads[name] * item),
+                (batch, layout.batch_strides[name][0] * item if layout.batch_shape else 0))
+        if any(n > 1 and not (0 < stride < 2**40 and stride % 16 == 0) for n, stride in axes):
+            return None
+        strides = tuple(stride if n > 1 else 16 for n, stride in axes)  # a length-1 axis is never stepped
+        specs.append(tma.TensorMapSpec(p.dtype.name, (x.shape[-1],) + tuple(n for n, _ in axes), strides,
+                                       (64, box_rows, 1, 1), swizzle=128))
+    return tuple(specs), kv_group
+
+
+def _with_tensor_maps(fwd_struct, specs, arrays):
+    """FwdTmaParams: ``fwd_struct`` and the maps of ``specs`` at the arrays' addresses."""
+    s = numpy.zeros((), dtype=FWD_TMA_PARAMS_DTYPE)
+    s["fwd"] = fwd_struct
+    for name, spec, x in zip(TMA_MAPS, specs, arrays):
+        s[name] = numpy.frombuffer(tma.encode(spec, x.data.ptr), dtype=numpy.uint64)
+    return s
 
 
 def _fresh_out(p, shape):

@@ -79,6 +79,13 @@ class KernelSpec:
     # others: the next family, FFMA); a float32 Variant of such a family carries its precision.
     # Empty: float32 in FFMA, whatever the precision.
     tf32_precisions: tuple[str, ...] = ()
+    # Whether the family has a kScoreMods form (False: calls with a modifier take the next family).
+    takes_score_mods: bool = True
+    # The masked form's candidates where they differ from ``candidates`` (same signature), else None.
+    masked_candidates: Callable[[str, int, str, float], tuple[Tile, ...]] | None = None
+    # The family reads its inputs through tensor maps (TMA): the plan takes it only for calls
+    # whose layout the maps describe (plan._tensor_maps), else the next family.
+    tma: bool = False
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
@@ -89,11 +96,14 @@ class KernelSpec:
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
         if tf32 and precision not in self.tf32_precisions:
             return None
+        if score_mods and not self.takes_score_mods:
+            return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
-        candidates = self.candidates(dtype, head_dim, arch, visible_keys)
+        masked_form = has_window and self.masked and self.masked_candidates is not None
+        candidates = (self.masked_candidates if masked_form else self.candidates)(dtype, head_dim, arch, visible_keys)
         if score_mods and self.modifier_tile(dtype, head_dim) is not None:
             candidates = (self.modifier_tile(dtype, head_dim),) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
@@ -209,6 +219,39 @@ def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
     rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
     return tuple(tile for most_keys, tile in rows if visible_keys <= most_keys)[:1]
+
+
+# fwd_wgmma_ws (Hopper, sm_90a only): fwd_wgmma's loop on consumer warpgroups of 64 query rows
+# beside a producer warpgroup that loads Q, K and V through the bulk tensor copy engine
+# (block_m / 64 consumers, 4 warps each, plus 4 producer warps); plain scores only (modifiers,
+# bias, masks and packed batches run fwd_wgmma). Shared memory: fwd_wgmma's tiles plus the rings'
+# mbarriers. Measured on the H200 (benchmarks/NOTES.md, session 14, fp16 B*L = 16k, TFLOP/s):
+# d128 128 x 128 keys beats fwd_wgmma at every length, short causal rows included (512: 213 vs
+# 207; 1k 312 vs 270; 16k dense 578 vs 424); 128 x 64 s3 lost (332-486). d64: three consumers,
+# 192 x 128, from 1k dense on (332-484 vs 318-366; 128 x 128: 307-407; 192 x 64: 294-416;
+# 128 x 64 s3 lost everywhere), but short causal rows (1k: 186-204 vs 231) keep fwd_wgmma's
+# 128 x 64 (two blocks per SM).
+_FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]] = {
+    64: ((768, ()), (math.inf, (192, 128, 16, 2))),
+    128: ((math.inf, (128, 128, 12, 2)),),
+}
+# The masked form: d64 192 x 128 spills 136 bytes at three consumers' 160 registers (the mask's
+# code on top); two consumers at 240 registers do not. 128 x 128 causal: 2k 278 vs fwd_wgmma 286,
+# 4k 334 vs 322, 16k 400 vs 360.
+_FWD_WGMMA_WS_MASKED_TABLE = {**_FWD_WGMMA_WS_TABLE, 64: ((1024, ()), (math.inf, (128, 128, 12, 2)))}
+
+
+def _smem_fwd_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of fwd_wgmma_ws.cu's kSmemBytes."""
+    return _smem_fwd_wgmma_bytes(head_dim, block_m, block_n, stages) + 8 * (1 + 4 * stages)
+
+
+def _fwd_wgmma_ws_candidates(table):
+    def candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
+        rows = table.get(head_dim, ()) if arch == "90a" else ()
+        tile = next((tile for most_keys, tile in rows if visible_keys <= most_keys), ())
+        return (tile,) if tile else ()  # (): short rows run fwd_wgmma
+    return candidates
 
 
 # --------------------------------------------------------------------------- fwd_simt (fp32/fp64)
@@ -471,6 +514,9 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
+FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
+                          _by_tile(_smem_fwd_wgmma_ws_bytes), takes_score_mods=False, tma=True,
+                          masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
@@ -507,15 +553,15 @@ BWD_DQ_SIMT = KernelSpec(
 BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
-SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC, BWD_DKDV_WGMMA,
-                                        BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA,
+SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
+                                        BWD_DKDV_WGMMA, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA,
                                         BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
 # problem's bucket and arch runs it.
 FORWARD = {
-    "float16": (FWD_WGMMA, FWD_TC),
-    "bfloat16": (FWD_WGMMA, FWD_TC),
+    "float16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
+    "bfloat16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
     "float32": (FWD_TC, FWD_SIMT),  # TF32 tensor cores under precision="tf32" (FWD_TC.tf32_precisions)
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
@@ -527,8 +573,10 @@ BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BW
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
-           score_mods: bool = False, precision: str = "highest") -> Variant:
+           score_mods: bool = False, precision: str = "highest", tma: bool = True) -> Variant:
     for spec in families:
+        if spec.tma and not tma:
+            continue
         variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision)
         if variant is not None:
             return variant
@@ -542,14 +590,16 @@ def _families(table: dict, dtype: str):
 
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-           visible_keys: float = math.inf, score_mods: bool = False, precision: str = "highest") -> Variant:
+           visible_keys: float = math.inf, score_mods: bool = False, precision: str = "highest",
+           tma: bool = True) -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
     short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
     softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants). ``precision``: float32's
-    (_spec.resolve_precision), which decides between TF32 tensor cores and FFMA."""
+    (_spec.resolve_precision), which decides between TF32 tensor cores and FFMA. ``tma``: whether
+    tensor maps can describe the call's layout (plan._tensor_maps); False skips the TMA family."""
     families = _families(FORWARD, dtype)
     return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods,
-                  precision)
+                  precision, tma)
 
 
 class BackwardVariants(NamedTuple):
@@ -595,7 +645,8 @@ def all_variants(arch: str) -> list[Variant]:
             for masked, mods in ((False, False), (True, False), (True, True)):
                 for keys in (0, math.inf):
                     for precision in precisions_of(dtype):
-                        out.append(select(dtype, d, d, masked, arch, keys, mods, precision))
+                        for tma in (True, False):
+                            out.append(select(dtype, d, d, masked, arch, keys, mods, precision, tma))
                 for precision in precisions_of(dtype):
                     try:
                         out += select_backward(dtype, d, d, masked, arch, mods, precision)

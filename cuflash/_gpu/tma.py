@@ -140,6 +140,16 @@ def encode(spec: TensorMapSpec, address: int) -> bytes:
     return out.tobytes()
 
 
+def replace_address_in_place(map_address: int, address: int) -> None:
+    """Re-point the encoded map at host address ``map_address`` (64-byte aligned, e.g. inside a
+    params struct about to be launched) at device ``address``: a replayed plan's per-call cost."""
+    if address % 16:
+        raise ValueError(f"a tensor map's base address must be 16-byte aligned, got {address:#x}")
+    status = _library().cuTensorMapReplaceAddress(ctypes.c_void_p(map_address), ctypes.c_void_p(address))
+    if status != 0:
+        raise RuntimeError(f"cuTensorMapReplaceAddress failed (CUresult {status}) at {address:#x}")
+
+
 def replace_address(encoded: bytes, address: int) -> bytes:
     """``encoded`` re-pointed at ``address`` (same layout, another tensor)."""
     if address % 16:

@@ -1,0 +1,166 @@
+"""The warp-specialized Hopper forward (cuda_src/fwd_wgmma_ws.cu): tensor maps, the producer's
+rings and the consumers' ping-pong, against the float64 reference.
+
+Plain 16-bit calls at head dims 33-64 and 97-128 on compute capability 9.0 take it (long rows at
+d128); these tests check that they do, that calls whose layout tensor maps cannot describe fall
+back to fwd_wgmma with the same results, and that a replayed plan re-points its maps at the new
+call's tensors. Marked gpu; skipped without one (and without Hopper where the kernel is meant).
+"""
+from __future__ import annotations
+
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
+import numpy
+import pytest
+
+from reference import score_mods_ref
+from test_gpu_forward import _check, _inputs
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+import cuflash  # noqa: E402
+from cuflash._gpu import plan  # noqa: E402
+
+
+def _hopper() -> bool:
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="fwd_wgmma_ws is Hopper's (sm_90a)")
+
+
+@pytest.fixture
+def map_calls(monkeypatch):
+    """The calls that built tensor maps (the TMA kernel ran), as (q, k, v) shapes."""
+    calls = []
+    real = plan._with_tensor_maps
+
+    def spy(struct, specs, arrays):
+        calls.append(tuple(x.shape for x in arrays))
+        return real(struct, specs, arrays)
+
+    monkeypatch.setattr(plan, "_with_tensor_maps", spy)
+    plan.forget()  # a cached plan would skip the full path
+    return calls
+
+
+# (q shape, k/v shape, options): odd lengths both ways, L = 1, GQA and MQA, masks, head dims
+# that pad (40 -> 64, 100 -> 128) and those that do not. d64 rows that see <= 768 keys on
+# average run fwd_wgmma's short-row tile (tiles._FWD_WGMMA_WS_TABLE): the d64 cases see more.
+CASES = [
+    ((2, 4, 200, 64), (2, 4, 997, 64), dict()),
+    ((2, 4, 97, 64), (2, 4, 2000, 64), dict(causal=True)),
+    ((2, 3, 1, 64), (2, 3, 1025, 64), dict(causal=True)),
+    ((1, 3, 1025, 128), (1, 3, 1025, 128), dict(causal=True)),
+    ((2, 3, 1, 128), (2, 3, 1, 128), dict(causal=True)),
+    ((1, 2, 1, 128), (1, 2, 1025, 128), dict()),
+    ((1, 2, 1025, 128), (1, 2, 1, 128), dict(causal="top_left")),
+    ((2, 8, 333, 128), (2, 2, 1025, 128), dict(causal=True)),          # GQA 4
+    ((1, 6, 300, 64), (1, 1, 1300, 64), dict(window=(-1, 7))),         # MQA
+    ((2, 2, 257, 40), (2, 2, 1513, 40), dict(causal=True)),
+    ((1, 2, 129, 100), (1, 2, 2049, 100), dict(window=(64, 300))),
+    ((3, 2, 1025, 128), (3, 2, 1025, 128), dict(scale=-0.2)),          # negative scale: Q negated
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("q_shape,kv_shape,options", CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_plain_calls_run_the_tma_kernel_and_match_the_reference(rng, dtype, q_shape, kv_shape, options, map_calls):
+    dev, exact = _inputs(rng, dtype, q_shape, kv_shape, kv_shape)
+    _check(dtype, dev, exact, **options)
+    assert map_calls, "a plain Hopper call of this head dim should run fwd_wgmma_ws"
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_replayed_plan_reads_the_new_calls_tensors(rng, dtype, map_calls):
+    """The first call builds the plan; later ones of the same signature replay it with their own
+    q, k, v (the maps re-pointed): each must match its own reference, bit for bit the full path."""
+    shape = (2, 4, 1300, 128)
+    results = []
+    for _ in range(3):
+        dev, exact = _inputs(rng, dtype, shape, shape, shape)
+        out, lse = cuflash.attention(*dev, causal=True, return_lse=True)
+        ref_out, _ = score_mods_ref(*exact, causal=True)
+        assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - ref_out).max() < 2e-2
+        results.append((dev, cupy.asnumpy(out).tobytes(), cupy.asnumpy(lse).tobytes()))
+    assert len(map_calls) == 1, "the second and third calls should replay the first's plan"
+    plan.forget()
+    for dev, out_bits, lse_bits in results:  # the full path again, on each call's inputs
+        out, lse = cuflash.attention(*dev, causal=True, return_lse=True)
+        assert cupy.asnumpy(out).tobytes() == out_bits and cupy.asnumpy(lse).tobytes() == lse_bits
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_a_sequence_major_view_runs_the_tma_kernel(rng, dtype, map_calls):
+    """(B, L, H, D) storage seen as (B, H, L, D): strided heads and rows, one map each."""
+    b, l_q, l_k, h, d = 2, 211, 1600, 4, 64
+    host = [rng.standard_normal((b, n, h, d)) for n in (l_q, l_k, l_k)]
+    dev = [cupy.asarray(x.astype(numpy.dtype(dtype))).transpose(0, 2, 1, 3) for x in host]
+    exact = [cupy.asnumpy(x).astype(numpy.float64) for x in dev]
+    _check(dtype, dev, exact, causal=True)
+    assert map_calls
+
+
+@needs_hopper
+def test_sinks_run_on_the_tma_kernel(rng, map_calls):
+    dtype = "bfloat16"
+    dev, exact = _inputs(rng, dtype, (2, 4, 200, 128), (2, 4, 333, 128), (2, 4, 333, 128))
+    sinks = rng.standard_normal(4)
+    out, lse = cuflash.attention(*dev, causal=True, sinks=cupy.asarray(sinks.astype(numpy.float32)), return_lse=True)
+    ref_out, ref_lse = score_mods_ref(*exact, causal=True, sinks=sinks.astype(numpy.float32).astype(numpy.float64))
+    assert map_calls
+    assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - ref_out).max() < 2e-2
+    assert numpy.abs(cupy.asnumpy(lse).astype(numpy.float64) - ref_lse).max() < 1e-3
+
+
+@needs_hopper
+@pytest.mark.parametrize("case,takes_maps", [("broadcast_batch", False), ("three_batch_axes", False),
+                                             ("broadcast_heads", True)])
+def test_layouts_the_maps_cannot_describe_fall_back_to_fwd_wgmma(rng, case, takes_maps, map_calls):
+    """K/V broadcast over the batch (stride 0) and batch axes that do not merge into one: the plan
+    takes fwd_wgmma, with the same exact result. K/V broadcast over the heads is one key/value
+    head shared by all (MQA): the maps read it with kv_group = heads."""
+    dtype = "float16"
+    if case == "broadcast_batch":
+        q_shape, kv_shape = (3, 2, 150, 64), (1, 2, 1300, 64)
+        dev, exact = _inputs(rng, dtype, q_shape, kv_shape, kv_shape)
+        dev[1:] = [cupy.broadcast_to(x, (3,) + x.shape[1:]) for x in dev[1:]]
+        exact[1:] = [numpy.broadcast_to(x, (3,) + x.shape[1:]) for x in exact[1:]]
+    elif case == "broadcast_heads":
+        q_shape, kv_shape = (2, 4, 150, 128), (2, 1, 300, 128)
+        dev, exact = _inputs(rng, dtype, q_shape, kv_shape, kv_shape)
+        dev[1:] = [cupy.broadcast_to(x, (2, 4) + x.shape[2:]) for x in dev[1:]]
+        exact[1:] = [numpy.broadcast_to(x, (2, 4) + x.shape[2:]) for x in exact[1:]]
+    else:
+        shape = (2, 3, 2, 150, 128)
+        base, exact = _inputs(rng, dtype, (2, 5, 2, 150, 128), shape, shape)
+        dev = [base[0][:, 1:4], base[1], base[2]]  # q's middle batch axis is a slice: no merge
+        exact = [exact[0][:, 1:4], exact[1], exact[2]]
+        assert dev[0].shape == shape
+    _check(dtype, dev, exact, causal=True)
+    assert bool(map_calls) == takes_maps
+
+
+@needs_hopper
+def test_a_key_padding_cut_never_reads_keys_past_it_through_maps(rng, map_calls):
+    """Rows whose mask is a key-padding prefix run the plain Variant with their Lk cut: keys past
+    the cut must read as zeros (here they hold inf and NaN, which 0 * v would spread), so the
+    plan takes no TMA kernel."""
+    dtype = "bfloat16"
+    b, h, l_q, l_k, d = 2, 2, 130, 1500, 128
+    dev, exact = _inputs(rng, dtype, (b, h, l_q, d), (b, h, l_k, d), (b, h, l_k, d))
+    lengths = (1000, 1337)
+    mask = numpy.zeros((b, 1, 1, l_k), dtype=bool)
+    for i, n in enumerate(lengths):
+        mask[i, ..., :n] = True
+        dev[1][i, :, n:] = numpy.inf
+        dev[2][i, :, n:] = numpy.nan
+    out = cuflash.attention(*dev, mask=cupy.asarray(mask))
+    ref = [score_mods_ref(exact[0][i:i + 1], exact[1][i:i + 1, :, :n], exact[2][i:i + 1, :, :n])[0]
+           for i, n in enumerate(lengths)]
+    assert not map_calls
+    assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - numpy.concatenate(ref)).max() < 2e-2
