@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
     constexpr int kPanels = kHeadDim / 64;
     static_assert(kWarps == 4 * (kConsumers + 1) && kBlockM % 64 == 0 && kConsumers <= 3,
                   "one producer warpgroup and one consumer warpgroup per 64 query rows");
-    static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && (kBlockN == 64 || kBlockN == 128),
-                  "whole 64-column panels; wgmma N of 64 or 128");
+    static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256 && (kBlockN == 64 || kBlockN == 128),
+                  "whole 64-column panels; wgmma N of 64 or 128 (P V: one per 128 columns of O)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
 
     using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
@@ -215,11 +215,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
 #pragma unroll
         for (int kk = 0; kk < kKStepsPV; ++kk) tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
     };
+    // O's columns [0, 128) and, past d128, [128, kHeadDim) (panels 2 on): one wgmma each, N <= 128.
+    constexpr int kFirstCols = kHeadDim < 128 ? kHeadDim : 128;
     auto issue_pv = [&](int slot) {
         const unsigned v_tile = v_ring + slot * KVTile::kBytes;
 #pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(v_tile + kk * 2048));
+        for (int kk = 0; kk < kKStepsPV; ++kk) {
+            ptx::Wgmma<kFirstCols>::template rs<Element, 1>(tc::n_tiles<0, kFirstCols / 8>(acc[0]), p_frag[kk],
+                                                             KVTile::mn_major(v_tile + kk * 2048));
+            if constexpr (kHeadDim > 128)
+                ptx::Wgmma<kHeadDim - 128>::template rs<Element, 1>(tc::n_tiles<16, (kHeadDim - 128) / 8>(acc[0]), p_frag[kk],
+                                                                     KVTile::mn_major(v_tile + 2 * KVTile::kPanelBytes + kk * 2048));
+        }
     };
 
     // The loop of fwd_wgmma.cu (its comment): S_{t+1} and P_t V_t issued together, the softmax

@@ -247,6 +247,15 @@ __device__ __forceinline__ void store_tile(unsigned smem, unsigned short* gmem, 
 // ---- mma.sync m16n8k16 fragments (layouts: ptx.cuh). A warp's accumulator tile C is
 // float[kMTiles][kNTiles][4]: m16 tiles x n8 tiles x this lane's 4 elements.
 
+// n8 tiles [kFirst, kFirst + kCount) of an accumulator row (float[N][4]), as an accumulator of
+// their own: an MMA of N = 8 kCount writes them in place (e.g. one wgmma of N = 128 per 128
+// columns of a wider output).
+template <int kFirst, int kCount, int N>
+__device__ __forceinline__ float (&n_tiles(float (&c)[N][4]))[kCount][4] {
+    static_assert(kFirst + kCount <= N, "inside the accumulator");
+    return *reinterpret_cast<float(*)[kCount][4]>(&c[kFirst]);
+}
+
 // C = 0.
 template <int M, int N>
 __device__ __forceinline__ void zero(float (&c)[M][N][4]) {

@@ -1,8 +1,8 @@
 """The warp-specialized Hopper forward (cuda_src/fwd_wgmma_ws.cu): tensor maps, the producer's
 rings and the consumers' ping-pong, against the float64 reference.
 
-Plain 16-bit calls at head dims 33-64 and 97-128 on compute capability 9.0 take it (long rows at
-d128); these tests check that they do, that calls whose layout tensor maps cannot describe fall
+Plain 16-bit calls at head dims 33-64, 97-128 and 161-256 on compute capability 9.0 take it (d64:
+rows that see enough keys); these tests check that they do, that calls whose layout tensor maps cannot describe fall
 back to fwd_wgmma with the same results, and that a replayed plan re-points its maps at the new
 call's tensors. Marked gpu; skipped without one (and without Hopper where the kernel is meant).
 """
@@ -61,6 +61,10 @@ CASES = [
     ((2, 2, 257, 40), (2, 2, 1513, 40), dict(causal=True)),
     ((1, 2, 129, 100), (1, 2, 2049, 100), dict(window=(64, 300))),
     ((3, 2, 1025, 128), (3, 2, 1025, 128), dict(scale=-0.2)),          # negative scale: Q negated
+    ((1, 2, 300, 256), (1, 2, 1025, 256), dict(causal=True)),          # P V in two wgmmas of N 128
+    ((2, 2, 97, 192), (2, 2, 200, 192), dict()),                       # ... of N 128 and 64
+    ((1, 3, 129, 250), (1, 3, 1025, 250), dict(window=(100, 50))),
+    ((2, 4, 200, 176), (2, 2, 513, 176), dict(causal="top_left")),     # GQA, 176 -> 192
 ]
 
 

@@ -234,6 +234,8 @@ def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: fl
 _FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]] = {
     64: ((768, ()), (math.inf, (192, 128, 16, 2))),
     128: ((math.inf, (128, 128, 12, 2)),),
+    192: ((math.inf, (128, 64, 12, 2)),),
+    256: ((math.inf, (128, 64, 12, 2)),),
 }
 # The masked form: d64 192 x 128 spills 136 bytes at three consumers' 160 registers (the mask's
 # code on top); two consumers at 240 registers do not. 128 x 128 causal: 2k 278 vs fwd_wgmma 286,
