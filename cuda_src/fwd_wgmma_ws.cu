@@ -16,11 +16,15 @@
 // - Ping-pong (CUFLASH_WS_PINGPONG, on by default): the consumer warpgroups take turns to issue
 //   their MMAs (named barriers, in a cycle), so one's softmax runs while another's MMAs occupy
 //   the tensor cores, rather than all competing for them at once and then all idling in softmax.
-// The maps (FwdTmaParams, params.cuh) address (head dim, row, head, batch): rows past a
-// sequence's end and columns past D arrive as zeros, as the cp.async loaders' zero-fill gives
-// fwd_wgmma. The host takes this kernel only for calls the maps can describe (plain scores: no
-// modifier, bias, mask or packed batch; the batch axes merged into one; no broadcast head or
-// batch axis but GQA's); everything else runs fwd_wgmma or fwd_tc.
+// Score modifiers, bias and mask (kScoreMods) and sinks are fwd_wgmma's (score_mod.cuh).
+// The maps (FwdTmaParams, params.cuh) address (head dim, row, head, batch): rows past a tensor's
+// end and columns past D arrive as zeros, as the cp.async loaders' zero-fill gives fwd_wgmma. A
+// packed batch's maps span all its tokens (batch 1), so a tile past a sequence's end reads the
+// next sequence's rows: masked keys (-inf scores, P = 0) and query rows never stored. The host
+// takes this kernel only where that is safe and the maps describe the layout (plan._tensor_maps:
+// no key-padding cut or seqused_k, whose keys past the cut may hold anything; batch axes merged
+// into one; no broadcast axis but a shared key/value head); everything else runs fwd_wgmma or
+// fwd_tc.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -71,7 +75,8 @@ struct WsBarriers {
 template <int kStages>
 __device__ __forceinline__ unsigned ring_parity(int i) { return static_cast<unsigned>(i / kStages) & 1u; }
 
-template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_constant__ FwdTmaParams tp) {
     const FwdParams& p = tp.fwd;
     constexpr int kConsumers = kBlockM / 64;
@@ -122,15 +127,22 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         ptx::setmaxnreg_dec<kProducerRegisters>();
         if (warp == 0 && ptx::elect_one()) {
             const BatchCoords coords(p, bh);
-            const int batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1], head = coords.head;
-            const int kv_head = head / p.kv_group;
+            const int head = coords.head, kv_head = head / p.kv_group;
+            // A packed batch's maps span all its tokens: sequence b starts at row q0 (k0) of them.
+            int batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1], q0 = 0, k0 = 0;
+            if (p.cu_seqlens_q != nullptr) {
+                const PackedSequence seq(p, coords);
+                q0 = seq.q0;
+                k0 = seq.k0;
+                batch = 0;
+            }
             ptx::tma_prefetch_map(tp.q_map);
             ptx::tma_prefetch_map(tp.k_map);
             ptx::tma_prefetch_map(tp.v_map);
             ptx::mbarrier_arrive_expect_tx(bars.q_full(), QTile::kBytes);
 #pragma unroll
             for (int c = 0; c < kPanels; ++c)
-                ptx::tma_load_4d(q_smem + c * QTile::kPanelBytes, tp.q_map, bars.q_full(), 64 * c, m0, head, batch);
+                ptx::tma_load_4d(q_smem + c * QTile::kPanelBytes, tp.q_map, bars.q_full(), 64 * c, q0 + m0, head, batch);
             // Tile t into its slot of one ring, once the slot's previous tile has been released.
             auto load_tile = [&](int t, int i, int slot, unsigned ring, unsigned full, unsigned empty,
                                  const ptx::TensorMap& map) {
@@ -139,7 +151,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
 #pragma unroll
                 for (int c = 0; c < kPanels; ++c)
                     ptx::tma_load_4d(ring + slot * KVTile::kBytes + c * KVTile::kPanelBytes, map, full, 64 * c,
-                                     t * kBlockN, kv_head, batch);
+                                     k0 + t * kBlockN, kv_head, batch);
             };
             // K_t and V_t in turn: the consumers need K_{t+1} before V_t.
             for (int t = range.first; t < range.last; ++t) {
@@ -185,6 +197,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s, QTile::k_major(q_group + QTile::k_step(kk)),
                                                             KVTile::k_major(k_tile + KVTile::k_step(kk)));
     };
+    // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
+    // scale: |scale| here.
+    constexpr float kLog2e = 1.4426950408889634f;
+    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    auto modify = [&](int t, float (&s)[1][kBlockN / 8][4]) {
+        if constexpr (kScoreMods) return tc::modify_scores(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
+        return scale_log2;
+    };
     auto mask_scores = [&](int t, float (&s)[1][kBlockN / 8][4]) {
         if (t < range.full_first || t >= range.full_last)
             tc::apply_mask(mask, s, m0 + warp_row0, t * kBlockN, lane, tc::neg_inf());
@@ -204,11 +224,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         if (kPingPong) ptx::named_barrier_arrive(4 + (group + 1) % kConsumers, 256);
     };
 
-    constexpr float kLog2e = 1.4426950408889634f;
     float acc[1][kHeadDim / 8][4];
     tc::zero(acc);
     tc::OnlineSoftmax<1> softmax;
-    if (p.sinks != nullptr) softmax.start_from(ScoreMod<float, true>::sink(p, bh, kLog2e));
+    if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));
     float s[1][kBlockN / 8][4];
     unsigned p_frag[kKStepsPV][4];
     auto pack_p = [&] {
@@ -243,9 +262,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(s[0]);
         release(bars.k_empty(0));
+        const float c = modify(range.first, s);
         mask_scores(range.first, s);
         float alpha[1][2];
-        softmax.update_stats(s, scale_log2, alpha);
+        softmax.update_stats(s, c, alpha);
         pack_p();
     }
     for (int i = 0; i + 1 < tiles; ++i) {
@@ -263,9 +283,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         ptx::wgmma_wait<1>();  // S_{t+1}
         ptx::wgmma_pin(s[0]);
         release(bars.k_empty(next));
+        const float c = modify(range.first + i + 1, s);
         mask_scores(range.first + i + 1, s);
         float alpha[1][2];
-        const bool moved = softmax.update_stats(s, scale_log2, alpha);
+        const bool moved = softmax.update_stats(s, c, alpha);
         ptx::wgmma_wait<0>();  // P_t V_t
         ptx::wgmma_pin(acc[0]);
         release(bars.v_empty(slot));

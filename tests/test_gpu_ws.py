@@ -168,3 +168,71 @@ def test_a_key_padding_cut_never_reads_keys_past_it_through_maps(rng, map_calls)
            for i, n in enumerate(lengths)]
     assert not map_calls
     assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - numpy.concatenate(ref)).max() < 2e-2
+
+
+MOD_CASES = [
+    (128, dict(softcap=30.0, alibi="heads", sinks=True, causal=True)),
+    (64, dict(softcap=5.0, window=(200, 0))),
+    (256, dict(alibi="heads", causal="top_left")),
+    (192, dict(bias="heads")),
+    (128, dict(mask=True, sinks=True)),
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,options", MOD_CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_score_modifiers_bias_and_masks_run_on_the_tma_kernel(rng, dtype, d, options, map_calls):
+    """Softcap, ALiBi, sinks, a bias and a (non key-padding) mask: the kScoreMods form."""
+    b, h, l_q, l_k = 2, 4, 333, 1200
+    dev, exact = _inputs(rng, dtype, (b, h, l_q, d), (b, h, l_k, d), (b, h, l_k, d))
+    kwargs, ref_kwargs = {}, {}
+    for name, value in options.items():
+        if name == "alibi":
+            slopes = rng.uniform(0.01, 0.2, h).astype(numpy.float32)
+            kwargs["alibi_slopes"], ref_kwargs["alibi_slopes"] = cupy.asarray(slopes), slopes.astype(numpy.float64)
+        elif name == "sinks":
+            sinks = rng.standard_normal(h).astype(numpy.float32)
+            kwargs["sinks"], ref_kwargs["sinks"] = cupy.asarray(sinks), sinks.astype(numpy.float64)
+        elif name == "bias":
+            bias = rng.standard_normal((h, l_q, l_k)).astype(numpy.dtype(dtype))
+            kwargs["bias"], ref_kwargs["bias"] = cupy.asarray(bias), bias.astype(numpy.float64)
+        elif name == "mask":
+            mask = rng.random((l_q, l_k)) < 0.7
+            kwargs["mask"], ref_kwargs["mask"] = cupy.asarray(mask), mask
+        else:
+            kwargs[name] = ref_kwargs[name] = value
+    out, lse = cuflash.attention(*dev, return_lse=True, **kwargs)
+    ref_out, ref_lse = score_mods_ref(*exact, **ref_kwargs)
+    base_out, _ = score_mods_ref(*exact, dtype=numpy.dtype(dtype), **ref_kwargs)
+    assert map_calls
+    err = numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - ref_out).max()
+    base = numpy.abs(base_out - ref_out).max()
+    assert err <= 2 * base + 1e-3, (err, base)
+    assert numpy.abs(cupy.asnumpy(lse).astype(numpy.float64) - ref_lse).max() < 1e-3 * max(1.0, numpy.abs(ref_lse).max())
+
+
+@needs_hopper
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_packed_batches_run_on_the_tma_kernel(rng, d, map_calls):
+    """A packed batch's maps span all its tokens; each sequence (empty, one token, long) must
+    equal its own dense attention, tiles past its end reading the next sequence's rows."""
+    dtype = "bfloat16"
+    lengths_q, lengths_k = [300, 0, 1, 1025, 77], [1200, 5, 1300, 1100, 0]
+    hq, hk = 4, 2
+    cu_q, cu_k = (numpy.concatenate([[0], numpy.cumsum(n)]).astype(numpy.int32) for n in (lengths_q, lengths_k))
+    dev, exact = _inputs(rng, dtype, (int(cu_q[-1]), hq, d), (int(cu_k[-1]), hk, d), (int(cu_k[-1]), hk, d))
+    out, lse = cuflash.attention_varlen(*dev, cupy.asarray(cu_q), cupy.asarray(cu_k), causal=True, return_lse=True)
+    out, lse = cupy.asnumpy(out).astype(numpy.float64), cupy.asnumpy(lse)
+    assert map_calls
+    for i in range(len(lengths_q)):
+        rows = slice(cu_q[i], cu_q[i + 1])
+        if lengths_q[i] == 0:
+            continue
+        q, k, v = (x[slice(c[i], c[i + 1])].transpose(1, 0, 2)[None] for x, c in zip(exact, (cu_q, cu_k, cu_k)))
+        if lengths_k[i] == 0:
+            assert (out[rows] == 0).all() and numpy.isneginf(lse[:, rows]).all()
+            continue
+        ref_out, ref_lse = score_mods_ref(q, k, v, causal=True)
+        assert numpy.abs(out[rows] - ref_out[0].transpose(1, 0, 2)).max() < 2e-2, i
+        assert numpy.abs(lse[:, rows] - ref_lse[0]).max() < 1e-3, i

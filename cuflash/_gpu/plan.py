@@ -268,7 +268,7 @@ class ForwardPlan(_Plan):
     def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None):
         packed = p.packed is not None
         if struct.dtype == FWD_TMA_PARAMS_DTYPE:  # FwdParams inside, then q's, k's and v's maps
-            words = _pointer_words(struct.dtype, [f"fwd.{n}" for n in _FWD_POINTERS])
+            words = _pointer_words(struct.dtype, [f"fwd.{n}" for n in _FWD_POINTERS + (_PACKED_POINTERS if packed else ())])
             maps = tuple((_field_offset(struct.dtype, name), i) for i, name in enumerate(TMA_MAPS))
             super().__init__(struct, words, launches, score_inputs, maps)
         else:
@@ -521,11 +521,18 @@ def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
     4-d, innermost first (head dim, rows, heads, batch), boxes of 64 columns (one 128-byte
     swizzled panel) by the Variant's query or key tile, and the query heads per key/value head the
     kernel divides by (a key/value head axis broadcast to every query head is one head shared by
-    all: MQA). None where maps cannot describe the call: a packed batch, batch axes that do not
-    merge into one, any other broadcast (stride 0) axis, or a stride the copy engine cannot take."""
-    if p.packed is not None or len(layout.batch_shape) > 1:
+    all: MQA). None where maps cannot describe the call: batch axes that do not
+    merge into one, any other broadcast (stride 0) axis, a stride the copy engine cannot take, or
+    a packed batch with seqused_k (a packed batch's maps span all its tokens: fwd_wgmma_ws.cu)."""
+    packed = p.packed is not None
+    if packed and p.packed.seqused_k is not None:  # keys past seqused_k may hold anything
         return None
-    batch = layout.batch_shape[0] if layout.batch_shape else 1
+    # A packed batch's sequence axis (the last batch axis, stride 0) is no map axis: the kernel
+    # adds each sequence's first row (cu_seqlens) to the rows.
+    batch_axes = layout.batch_shape[:-1] if packed else layout.batch_shape
+    if len(batch_axes) > (0 if packed else 1):
+        return None
+    batch = batch_axes[0] if batch_axes else 1
     kv_group = p.kv_group
     if kv_group == 1 and layout.heads["k"] == 0 and layout.heads["v"] == 0:
         kv_group = layout.num_heads  # (FwdParams' offsets are the same: head / kv_group times 0)
@@ -536,7 +543,7 @@ def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
         x = layout.tensors[name]
         item = x.dtype.itemsize
         axes = ((x.shape[-2], x.strides[-2]), (heads, layout.heads[name] * item),
-                (batch, layout.batch_strides[name][0] * item if layout.batch_shape else 0))
+                (batch, layout.batch_strides[name][0] * item if batch_axes else 0))
         if any(n > 1 and not (0 < stride < 2**40 and stride % 16 == 0) for n, stride in axes):
             return None
         strides = tuple(stride if n > 1 else 16 for n, stride in axes)  # a length-1 axis is never stepped

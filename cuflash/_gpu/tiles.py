@@ -79,8 +79,6 @@ class KernelSpec:
     # others: the next family, FFMA); a float32 Variant of such a family carries its precision.
     # Empty: float32 in FFMA, whatever the precision.
     tf32_precisions: tuple[str, ...] = ()
-    # Whether the family has a kScoreMods form (False: calls with a modifier take the next family).
-    takes_score_mods: bool = True
     # The masked form's candidates where they differ from ``candidates`` (same signature), else None.
     masked_candidates: Callable[[str, int, str, float], tuple[Tile, ...]] | None = None
     # The family reads its inputs through tensor maps (TMA): the plan takes it only for calls
@@ -95,8 +93,6 @@ class KernelSpec:
             return None
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
         if tf32 and precision not in self.tf32_precisions:
-            return None
-        if score_mods and not self.takes_score_mods:
             return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
@@ -223,14 +219,16 @@ def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: fl
 
 # fwd_wgmma_ws (Hopper, sm_90a only): fwd_wgmma's loop on consumer warpgroups of 64 query rows
 # beside a producer warpgroup that loads Q, K and V through the bulk tensor copy engine
-# (block_m / 64 consumers, 4 warps each, plus 4 producer warps); plain scores only (modifiers,
-# bias, masks and packed batches run fwd_wgmma). Shared memory: fwd_wgmma's tiles plus the rings'
-# mbarriers. Measured on the H200 (benchmarks/NOTES.md, session 14, fp16 B*L = 16k, TFLOP/s):
-# d128 128 x 128 keys beats fwd_wgmma at every length, short causal rows included (512: 213 vs
-# 207; 1k 312 vs 270; 16k dense 578 vs 424); 128 x 64 s3 lost (332-486). d64: three consumers,
-# 192 x 128, from 1k dense on (332-484 vs 318-366; 128 x 128: 307-407; 192 x 64: 294-416;
-# 128 x 64 s3 lost everywhere), but short causal rows (1k: 186-204 vs 231) keep fwd_wgmma's
-# 128 x 64 (two blocks per SM).
+# (block_m / 64 consumers, 4 warps each, plus 4 producer warps); score modifiers as fwd_wgmma's
+# (the masked form's tile). Shared memory: fwd_wgmma's tiles plus the rings' mbarriers.
+# Measured on the H200 (benchmarks/NOTES.md, session 14, B*L = 16k, TFLOP/s):
+# - d128 128 x 128 beats fwd_wgmma at every length, short causal rows included (fp16 512: 213 vs
+#   207; 1k 312 vs 270; 16k dense 578 vs 424); 128 x 64 s3 lost (332-486).
+# - d64: three consumers, 192 x 128, from 1k dense on (332-484 vs 318-366; 128 x 128: 307-407;
+#   192 x 64: 294-416; 128 x 64 s3 lost everywhere), but short causal rows (1k: 186-204 vs 231)
+#   keep fwd_wgmma's 128 x 64 (two blocks per SM).
+# - d192 / d256 128 x 64 (128 x 128 does not fit): bf16 1k-16k 502-598 / 568-671 against fwd_tc's
+#   223-252 / 250-278 (s3 at d192: within 3%, not taken).
 _FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]] = {
     64: ((768, ()), (math.inf, (192, 128, 16, 2))),
     128: ((math.inf, (128, 128, 12, 2)),),
@@ -517,7 +515,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
-                          _by_tile(_smem_fwd_wgmma_ws_bytes), takes_score_mods=False, tma=True,
+                          _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE))
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
