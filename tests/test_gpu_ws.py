@@ -213,10 +213,11 @@ def test_score_modifiers_bias_and_masks_run_on_the_tma_kernel(rng, dtype, d, opt
 
 
 @needs_hopper
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [128, 192, 256])
 def test_packed_batches_run_on_the_tma_kernel(rng, d, map_calls):
     """A packed batch's maps span all its tokens; each sequence (empty, one token, long) must
-    equal its own dense attention, tiles past its end reading the next sequence's rows."""
+    equal its own dense attention, tiles past its end reading the next sequence's rows. (d64's
+    causal rows this short run fwd_wgmma: tiles._FWD_WGMMA_WS_MASKED_TABLE.)"""
     dtype = "bfloat16"
     lengths_q, lengths_k = [300, 0, 1, 1025, 77], [1200, 5, 1300, 1100, 0]
     hq, hk = 4, 2
