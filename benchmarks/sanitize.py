@@ -163,6 +163,17 @@ def _feature_cases() -> list[dict]:
              options={"bias": (3, 1, 70, 90), "softcap": 10.0, "window": (30, 5)}, dbias_on_chip=True),
         dict(name="tf32-float32-backward-d96", dtype="float32", q=(2, 3, 77, 96), k=(2, 1, 123, 96),
              options={"precision": "tf32", "window": (40, 3)}, deterministic=True, tolerance=2e-2),
+        # the warp-specialized Hopper forward (fwd_wgmma_ws.cu: TMA producer, mbarrier rings,
+        # named-barrier ping-pong): three consumers at d64, GQA with a mask at d128, modifiers at
+        # d256, a packed batch at d192 (elsewhere these run fwd_wgmma / fwd_tc)
+        dict(name="ws-bfloat16-d64-dense", dtype="bfloat16", q=(2, 2, 300, 64), k=(2, 2, 1100, 64), backward=False,
+             quick=True),
+        dict(name="ws-float16-d128-gqa-causal", dtype="float16", q=(2, 4, 200, 128), k=(2, 2, 333, 128),
+             options={"causal": True, "sinks": "heads"}, backward=False),
+        dict(name="ws-bfloat16-d256-mods", dtype="bfloat16", q=(1, 2, 130, 256), k=(1, 2, 257, 256),
+             options={"softcap": 20.0, "alibi_slopes": "heads", "window": (100, 0)}, backward=False),
+        dict(name="ws-bfloat16-d192-varlen", dtype="bfloat16", api="varlen", lengths_q=[130, 0, 1, 200],
+             lengths_k=[200, 7, 150, 0], heads=(4, 2), d=192, backward=False),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
