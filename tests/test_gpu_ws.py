@@ -1,8 +1,8 @@
 """The warp-specialized Hopper forward (cuda_src/fwd_wgmma_ws.cu): tensor maps, the producer's
 rings and the consumers' ping-pong, against the float64 reference.
 
-Plain 16-bit calls at head dims 33-64, 97-128 and 161-256 on compute capability 9.0 take it (d64:
-rows that see enough keys); these tests check that they do, that calls whose layout tensor maps cannot describe fall
+16-bit calls at head dims 33-256 on compute capability 9.0 take it (widths between panels run the
+next multiple of 64, the maps zero-filling the rest; d64: rows that see enough keys); these tests check that they do, that calls whose layout tensor maps cannot describe fall
 back to fwd_wgmma with the same results, and that a replayed plan re-points its maps at the new
 call's tensors. Marked gpu; skipped without one (and without Hopper where the kernel is meant).
 """
@@ -65,6 +65,8 @@ CASES = [
     ((2, 2, 97, 192), (2, 2, 200, 192), dict()),                       # ... of N 128 and 64
     ((1, 3, 129, 250), (1, 3, 1025, 250), dict(window=(100, 50))),
     ((2, 4, 200, 176), (2, 2, 513, 176), dict(causal="top_left")),     # GQA, 176 -> 192
+    ((2, 3, 257, 80), (2, 3, 300, 80), dict(causal=True)),             # 80 -> bucket 96 -> 128
+    ((1, 2, 200, 160), (1, 2, 999, 160), dict(window=(50, 50))),       # 160 -> 192
 ]
 
 

@@ -84,6 +84,9 @@ class KernelSpec:
     # The family reads its inputs through tensor maps (TMA): the plan takes it only for calls
     # whose layout the maps describe (plan._tensor_maps), else the next family.
     tma: bool = False
+    # The head dim a bucket's Variant is compiled for: the bucket itself, or a wider one whose
+    # loads zero-fill the extra columns (a family built on whole 64-column panels).
+    compiled_width: Callable[[int], int] = lambda bucket: bucket
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
@@ -98,6 +101,7 @@ class KernelSpec:
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
+        head_dim = self.compiled_width(head_dim)
         masked_form = has_window and self.masked and self.masked_candidates is not None
         candidates = (self.masked_candidates if masked_form else self.candidates)(dtype, head_dim, arch, visible_keys)
         if score_mods and self.modifier_tile(dtype, head_dim) is not None:
@@ -229,6 +233,9 @@ def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: fl
 #   keep fwd_wgmma's 128 x 64 (two blocks per SM).
 # - d192 / d256 128 x 64 (128 x 128 does not fit): bf16 1k-16k 502-598 / 568-671 against fwd_tc's
 #   223-252 / 250-278 (s3 at d192: within 3%, not taken).
+# The buckets between (96, 160, 224) run the next width (_ws_width): 25-33% of the columns zeros,
+# still ahead of fwd_tc at its own width (bf16 1k-16k, d96: 250-465 vs 196-287; d160: 316-508 vs
+# 179-246).
 _FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]] = {
     64: ((768, ()), (math.inf, (192, 128, 16, 2))),
     128: ((math.inf, (128, 128, 12, 2)),),
@@ -239,6 +246,13 @@ _FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ..
 # code on top); two consumers at 240 registers do not. 128 x 128 causal: 2k 278 vs fwd_wgmma 286,
 # 4k 334 vs 322, 16k 400 vs 360.
 _FWD_WGMMA_WS_MASKED_TABLE = {**_FWD_WGMMA_WS_TABLE, 64: ((1024, ()), (math.inf, (128, 128, 12, 2)))}
+
+
+def _ws_width(bucket: int) -> int:
+    """fwd_wgmma_ws's width for a bucket: whole 64-column panels (96 -> 128, 160 -> 192, 224 ->
+    256: the maps zero-fill the columns past D). Bucket 32 stays 32 (no table: half of a d64
+    tile would be zeros; fwd_tc runs it)."""
+    return bucket if bucket <= 32 else -(-bucket // 64) * 64
 
 
 def _smem_fwd_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
@@ -516,7 +530,8 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,
-                          masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE))
+                          masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
+                          compiled_width=_ws_width)
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
