@@ -163,6 +163,12 @@ def _feature_cases() -> list[dict]:
              options={"bias": (3, 1, 70, 90), "softcap": 10.0, "window": (30, 5)}, dbias_on_chip=True),
         dict(name="tf32-float32-backward-d96", dtype="float32", q=(2, 3, 77, 96), k=(2, 1, 123, 96),
              options={"precision": "tf32", "window": (40, 3)}, deterministic=True, tolerance=2e-2),
+        # the float64 backward on the fp64 tensor cores (bwd_dkdv_dmma: 16 keys per warp at d32 with
+        # modifiers; bwd_dq_dmma: an odd head dim, Lq > Lk, a window)
+        dict(name="dmma-backward-float64-d32-gqa", dtype="float64", q=(2, 4, 97, 32), k=(2, 2, 300, 32),
+             options={"causal": True, "softcap": 5.0, "alibi_slopes": "heads"}),
+        dict(name="dmma-backward-float64-d111-window", dtype="float64", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
+             options={"window": (40, 3)}, deterministic=True),
         # the warp-specialized Hopper forward (fwd_wgmma_ws.cu: TMA producer, mbarrier rings,
         # named-barrier ping-pong): three consumers at d64, GQA with a mask at d128, modifiers at
         # d256, a packed batch at d192 (elsewhere these run fwd_wgmma / fwd_tc)

@@ -107,14 +107,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 
     // Q_i, dO_i, lse_i, delta_i of step (g, i): head g's rows (BwdBatchIndex::head).
     auto load_query_tile = [&](const HeadTileStep& s) {
-        const BwdBatchIndex h = at.head(p, s.g);
-        const int m0 = s.i * kBlockM;
-        simt_bwd::load_rows<T, kHeadDim, kThreads>(Qs, kLdD, static_cast<const T*>(f.q) + h.q, f.q_row_stride, m0,
-                                                   kBlockM, Lq, D, tid);
-        simt_bwd::load_rows<T, kHeadDim, kThreads>(dOs, kLdD, static_cast<const T*>(p.dout) + h.dout,
-                                                   p.dout_row_stride, m0, kBlockM, Lq, Dv, tid);
-        simt_bwd::load_row_stats<T, kThreads>(lse_s, delta_s, static_cast<const T*>(f.lse) + h.lse,
-                                              static_cast<const T*>(p.delta) + h.lse, m0, kBlockM, Lq, tid);
+        simt_bwd::load_query_side<T, kHeadDim, kThreads>(Qs, dOs, kLdD, lse_s, delta_s, p, at.head(p, s.g),
+                                                         s.i * kBlockM, kBlockM, Lq, D, Dv, tid);
         ptx::cp_async_commit();
     };
 

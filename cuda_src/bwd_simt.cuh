@@ -1,6 +1,7 @@
 // Shared pieces of the exact FlashAttention-2 backward for float32 and float64 (FFMA / DFMA):
 // bwd_dkdv_simt.cu (dK, dV and atomic dQ over key tiles) and bwd_dq_simt.cu (deterministic dQ
-// over query tiles). Only those two kernels include this header.
+// over query tiles); their float64 twins on the fp64 tensor cores (bwd_dkdv_dmma.cu, bwd_dq_dmma.cu)
+// share the loaders, the row statistics and the score modifiers' P and dS.
 //
 // Thread layout (both kernels, every product). A block of kWarps warps is 2 * kWarps "row
 // groups" of 16 lanes; lane `cg` (0..15) of row group `rg` owns a TM x TN micro-tile of each
@@ -123,6 +124,21 @@ __device__ __forceinline__ void load_row_stats(T* lse_s, T* delta_s, const T* ls
         const T* src = e < rows ? lse : delta;
         ptx::cp_async_elem<sizeof(T)>((e < rows ? lse_s : delta_s) + r, ok ? src + m0 + r : src, ok);
     }
+}
+
+// The query side of query rows [m0, m0 + rows) of attention row `at` (BwdBatchIndex: its
+// head's q, dout, lse and delta) into shared memory: Q and dO as rows of kWidth elements, ld
+// apart (zero past Lq, D and Dv), lse and delta (load_row_stats). Asynchronous: the caller commits.
+template <typename T, int kWidth, int kThreads>
+__device__ __forceinline__ void load_query_side(T* Qs, T* dOs, int ld, T* lse_s, T* delta_s, const BwdParams& p,
+                                                const BwdBatchIndex& at, int m0, int rows, int Lq, int D, int Dv,
+                                                int tid) {
+    const FwdParams& f = p.fwd;
+    load_rows<T, kWidth, kThreads>(Qs, ld, static_cast<const T*>(f.q) + at.q, f.q_row_stride, m0, rows, Lq, D, tid);
+    load_rows<T, kWidth, kThreads>(dOs, ld, static_cast<const T*>(p.dout) + at.dout, p.dout_row_stride, m0, rows, Lq,
+                                   Dv, tid);
+    load_row_stats<T, kThreads>(lse_s, delta_s, static_cast<const T*>(f.lse) + at.lse,
+                                static_cast<const T*>(p.delta) + at.lse, m0, rows, Lq, tid);
 }
 
 // lse of row i in the exponent's units, +inf where the row has no probability mass: rows past

@@ -39,6 +39,7 @@
 // Copies are element-wise cp.async (simt::load_rows: any row stride, zero-fill, no registers),
 // overlapped by phase as in fwd_simt: V_t lands during S_t = Q K_t^T, K_{t+1} during acc += P_t V_t.
 #include "params.cuh"
+#include "dmma_tile.cuh"
 #include "mask.cuh"
 #include "ptx.cuh"
 #include "schedule.cuh"
@@ -249,38 +250,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
         }
 
         // acc += P V:  acc[i, c] += sum_j P[i, j] V[j, c]. P is the S accumulators themselves:
-        // step e of key tile ni takes this lane's p at key 8 ni + 2t + e as its A operand.
-        if constexpr (kPairs) {
-            // Both k-steps of key tile ni at once: keys 2t (e = 0) and 2t + 1 (e = 1).
-#pragma unroll
-            for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-                for (int c = 0; c < DT / 2; ++c) {
-                    const double2 b0 = *reinterpret_cast<const double2*>(v_frag + (8 * ni) * kLd + 16 * c);
-                    const double2 b1 = *reinterpret_cast<const double2*>(v_frag + (8 * ni + 1) * kLd + 16 * c);
-#pragma unroll
-                    for (int mi = 0; mi < MT; mi += 2) {
-                        ptx::dmma_1688(acc[mi][2 * c], acc[mi + 1][2 * c], s[mi][ni][0], s[mi + 1][ni][0],
-                                       s[mi][ni][1], s[mi + 1][ni][1], b0.x, b1.x);
-                        ptx::dmma_1688(acc[mi][2 * c + 1], acc[mi + 1][2 * c + 1], s[mi][ni][0], s[mi + 1][ni][0],
-                                       s[mi][ni][1], s[mi + 1][ni][1], b0.y, b1.y);
-                    }
-                }
-        } else {
-#pragma unroll
-            for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-#pragma unroll
-                    for (int c = 0; c < DT / 2; ++c) {
-                        const double2 b = *reinterpret_cast<const double2*>(v_frag + (8 * ni + e) * kLd + 16 * c);
-#pragma unroll
-                        for (int mi = 0; mi < MT; ++mi) {
-                            ptx::dmma_884(acc[mi][2 * c], s[mi][ni][e], b.x);
-                            ptx::dmma_884(acc[mi][2 * c + 1], s[mi][ni][e], b.y);
-                        }
-                    }
-        }
+        // step e of key tile ni takes this lane's p at key 8 ni + 2t + e as its A operand
+        // (dmma_tile.cuh).
+        dmma::acc_times_rows<MT, NT, DT>(acc, s, v_frag, kLd);
 
         ptx::cp_async_wait<0>();  // K_{t+1}
         __syncthreads();          // K_{t+1} visible; Vs free for the next tile

@@ -503,6 +503,66 @@ def _bwd_simt_candidates(kernel: str):
     return candidates
 
 
+# --------------------------------------------------------------------------- backward, fp64 tensor cores
+# bwd_dkdv_dmma (dK, dV and atomic dQ over key tiles) and bwd_dq_dmma (deterministic dQ over
+# query tiles): float64 on mma.sync m8n8k4 .f64 (m16n8k8 on sm_90 where a warp holds an even
+# number of 8-row tiles), in fwd_dmma's fragment layout (cuda_src/dmma_tile.cuh). Shared memory:
+# row-major tiles, rows of head_dim + 2 doubles (dkdv's dS: block_n + 2).
+# dkdv: warp w owns block_n / warps keys (8 or 16: one or two row tiles) of S^T, dP^T, dK and dV
+# for every query of the tile; per lane 4 * (keys / 8) * (head_dim / 8) doubles of dK and dV
+# beside 4 * (keys / 8) * (block_m / 8) of S^T and dP^T. 16 keys per warp (m16n8k8 on sm_90, and
+# each Q / dO fragment feeds two row tiles) fit up to d64; 8 at d96-d160 (d160: 242-255
+# registers); from d192 dK and dV alone pass the registers (spills at every tile tried, 56-480
+# bytes): those buckets run bwd_dkdv_simt (no candidates). 128 keys a block where they fit halve
+# the dQ atomics per FLOP.
+# dq: fwd_dmma's split (warp w owns block_m / warps query rows, every key of the tile and every
+# column of dQ), 16 rows per warp where the shared memory allows.
+# Candidates (block_m, block_n, warps) best first; the first that fits the arch's shared memory
+# is taken; none fits (99 KB parts, some buckets): the SIMT kernels run. Every candidate compiles
+# spill-free for sm_80 and sm_90a (tests/test_pipeline.py). Not measured yet (no GPU run).
+_BWD_DKDV_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
+    32: ((32, 128, 8), (32, 64, 4)),  # 64 x 64 w4 spills 32-56 bytes
+    64: ((16, 128, 8), (16, 64, 4)),  # 16 x 128: 165 KB, Hopper only; 32 x 64 w4 spills 72 bytes
+    96: ((32, 32, 4), (16, 32, 4)),
+    128: ((16, 32, 4),),              # 32 x 32 spills 8 bytes
+    160: ((16, 32, 4),),              # 4 warps, one block per SM
+}
+_BWD_DQ_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
+    32: ((64, 64, 4),),
+    64: ((64, 32, 4),),              # 64 x 64 spills 40-64 bytes
+    96: ((64, 32, 4), (64, 16, 4)),
+    128: ((64, 16, 4), (32, 32, 4)),  # 64 x 16: 163.5 KB, Hopper only
+    160: ((32, 32, 4), (32, 16, 4)),
+    192: ((32, 32, 4), (32, 16, 4)),
+    224: ((32, 16, 4), (32, 8, 4)),
+    256: ((32, 16, 4), (32, 8, 4)),
+}
+
+
+def _smem_bwd_dmma_bytes(kernel: str, head_dim: int, block_m: int, block_n: int) -> int:
+    """Mirror of the kernels' *_smem_bytes (doubles)."""
+    tiles = 2 * (block_m + block_n) * (head_dim + 2) + 2 * block_m  # Q, dO, K, V; lse, delta
+    if kernel == "bwd_dkdv_dmma":
+        tiles += block_m * (block_n + 2)  # dS by query row
+    return 8 * tiles
+
+
+def _bwd_dmma_tile_ok(kernel: str, block_m: int, block_n: int, warps: int) -> bool:
+    """The kernels' static_asserts: whole 8-row tiles per warp (keys for dkdv, queries for dq)."""
+    if kernel == "bwd_dkdv_dmma":
+        return block_n % (8 * warps) == 0 and block_m % 8 == 0
+    return block_m % (8 * warps) == 0 and block_n % 8 == 0
+
+
+def _bwd_dmma_spec(kernel: str, table, modifier_tiles) -> KernelSpec:
+    return KernelSpec(
+        kernel, DMMA_DTYPES,
+        lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in table.get(d, ())),
+        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dmma_bytes(kernel, d, block_m, block_n),
+        lambda block_m, block_n, warps: _bwd_dmma_tile_ok(kernel, block_m, block_n, warps),
+        modifier_tile=lambda dtype, d: modifier_tiles.get(d))
+
+
 # --------------------------------------------------------------------------- backward, delta and dQ conversion
 # bwd_delta (delta = rowsum(dO o O), dq_accum zeroed) and bwd_dq_convert (dQ = scale * dq_accum
 # in the input type), cuda_src/bwd_prep.cuh: memory-bound, every dtype, no shared memory, no
@@ -565,12 +625,17 @@ BWD_DQ_SIMT = KernelSpec(
     "bwd_dq_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dq_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dq_simt", dtype, d, block_m, block_n),
     lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps))
+# The kScoreMods forms' tiles where the first candidate's spill (dkdv d64: 24 bytes on sm_90a, 8
+# keys per warp instead; d128: 24 bytes on sm_90a; dq d32: 24 bytes on sm_80).
+BWD_DKDV_DMMA = _bwd_dmma_spec("bwd_dkdv_dmma", _BWD_DKDV_DMMA_TABLE,
+                               {64: (32, 64, 8, 1), 128: (8, 32, 4, 1)})  # d <= 160, else bwd_dkdv_simt
+BWD_DQ_DMMA = _bwd_dmma_spec("bwd_dq_dmma", _BWD_DQ_DMMA_TABLE, {32: (64, 32, 4, 1)})
 BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT, BWD_DELTA,
-                                        BWD_DQ_CONVERT)}
+                                        BWD_DKDV_WGMMA, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+                                        BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
 # problem's bucket and arch runs it.
@@ -580,11 +645,12 @@ FORWARD = {
     "float32": (FWD_TC, FWD_SIMT),  # TF32 tensor cores under precision="tf32" (FWD_TC.tf32_precisions)
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
-# float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA.
+# float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA;
+# float64: the fp64 tensor cores (DMMA) where a tile fits (dK/dV up to d160), else DFMA.
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV_WGMMA, BWD_DKDV_TC),
-                 "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_SIMT,)}
+                 "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
 BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_TC, BWD_DQ_SIMT),
-               "float64": (BWD_DQ_SIMT,)}
+               "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,

@@ -1,0 +1,188 @@
+"""The float64 backward on the fp64 tensor cores (cuda_src/bwd_dkdv_dmma.cu, bwd_dq_dmma.cu).
+
+Without a GPU: which kernels the dispatcher gives float64 (DMMA where a tile fits, the SIMT ones
+elsewhere), and the SIMT fallbacks of 99 KB parts, which no Variant of sm_80 / sm_90a reaches any
+more, compile without spills.
+On a GPU (marked ``gpu``): the DMMA kernels' edges against the float64 reference under the
+repository's tolerance rule (tests/tolerance.py): odd head dims zero-padded to the bucket, one
+query or one key, Lq != Lk both ways, GQA (dK/dV summed over the group on chip, and over slices of
+it when the group is split), both causal alignments and windows, score modifiers, both dQ paths,
+bitwise replay of the deterministic one; and the SIMT kernels, forced through tiles' tables,
+on the same problems (they still run the buckets and parts without a DMMA tile).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import numpy
+import pytest
+
+from reference import attention_backward_magnitudes, attention_backward_ref, score_mods_ref
+from tolerance import assert_close
+
+from cuflash._gpu import kernels, tiles
+
+DMMA_DKDV_BUCKETS = (32, 64, 96, 128, 160)  # bwd_dkdv_dmma's; wider heads run bwd_dkdv_simt
+
+
+def test_float64_backward_runs_on_the_fp64_tensor_cores_where_a_tile_fits():
+    for arch in ("80", "90a"):
+        for d in tiles.HEAD_DIMS:
+            for window, mods in ((False, False), (True, False), (True, True)):
+                chosen = tiles.select_backward("float64", d, d, window, arch, mods)
+                assert chosen.dkdv.kernel == ("bwd_dkdv_dmma" if d in DMMA_DKDV_BUCKETS else "bwd_dkdv_simt")
+                assert chosen.dq.kernel == "bwd_dq_dmma"
+                assert chosen.dkdv.head_dim == chosen.dq.head_dim == d
+    # A 99 KB part: DMMA where its tile fits, else SIMT (d256: nothing fits, as before).
+    for d in tiles.HEAD_DIMS[:-1]:
+        chosen = tiles.select_backward("float64", d, d, True, "86", True)
+        assert chosen.dkdv.kernel in ("bwd_dkdv_dmma", "bwd_dkdv_simt")
+        assert chosen.dq.kernel in ("bwd_dq_dmma", "bwd_dq_simt")
+        assert max(chosen.dkdv.shared_mem, chosen.dq.shared_mem) <= 101376
+
+
+def _compile(variant):
+    build = kernels.compile_offline(variant)
+    return variant, build.registers, build.spill_bytes
+
+
+def test_float64_backward_fallbacks_of_small_shared_memory_parts_compile_without_spills():
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    from test_pipeline import _nvrtc_available
+
+    if not _nvrtc_available():
+        pytest.skip("NVRTC or the CUDA headers are not installed")
+    variants = {v for d in tiles.HEAD_DIMS[:-1] for window, mods in ((False, False), (True, False), (True, True))
+                for v in tiles.select_backward("float64", d, d, window, "86", mods)[1:3] if v.kernel.endswith("_simt")}
+    assert {v.kernel for v in variants} == {"bwd_dkdv_simt", "bwd_dq_simt"}
+    with concurrent.futures.ProcessPoolExecutor(max(1, min(len(variants), os.cpu_count() or 1))) as pool:
+        for variant, registers, spilled in pool.map(_compile, sorted(variants, key=str)):
+            assert 0 < registers <= 255 and spilled == 0, f"{variant}: {registers} registers, {spilled} bytes spilled"
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _cupy():
+    return pytest.importorskip("cupy")
+
+
+def _draw(rng, *shapes):
+    return [rng.standard_normal(s) for s in shapes]
+
+
+def _check(rng, q_shape, k_shape, dv, *, deterministic, **options):
+    """Forward and backward on the GPU (float64), the gradients against the reference."""
+    cupy = _cupy()
+    import cuflash
+
+    host = _draw(rng, q_shape, k_shape, k_shape[:-1] + (dv,), q_shape[:-1] + (dv,))
+    q, k, v, dout = (cupy.asarray(x) for x in host)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+    references = attention_backward_ref(host[3], *host[:3], **options)
+    magnitudes = attention_backward_magnitudes(host[3], *host[:3], **options)
+    for name, grad, x, reference, magnitude in zip(("dq", "dk", "dv"), grads, (q, k, v), references, magnitudes):
+        assert grad.shape == x.shape and grad.dtype == numpy.float64, name
+        assert_close(cupy.asnumpy(grad), reference, dtype=numpy.float64, magnitude=magnitude, kind="grad", name=name)
+    return grads
+
+
+EDGE_DIMS = [1, 3, 32, 59, 64, 96, 111, 128, 160, 256]
+EDGE_LENGTHS = [(1, 1), (1, 97), (97, 1), (97, 200), (200, 97), (1025, 1024)]
+EDGES = [(d, lengths) for d in EDGE_DIMS for lengths in EDGE_LENGTHS if lengths[0] < 1024 or d in (1, 64, 111, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,lengths", EDGES, ids=lambda x: f"{x[0]}x{x[1]}" if isinstance(x, tuple) else f"d{x}")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_edges_with_gqa(rng, head_dim, lengths, deterministic):
+    """GQA 4 / 2 over two batch elements, causal (bottom-right: with Lq > Lk the first rows see no key)."""
+    lq, lk = lengths
+    _check(rng, (2, 4, lq, head_dim), (2, 2, lk, head_dim), head_dim, deterministic=deterministic, causal=True)
+
+
+MASKS = [
+    {},
+    {"causal": "top_left"},
+    {"window": (33, 47)},
+    {"window": (16, 0), "causal": True},
+    {"window": (-1, 5)},
+    {"window": (128, -1), "causal": "top_left"},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 59, 96, 128, 160], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "dense")
+@pytest.mark.parametrize("lengths", [(97, 200), (200, 97)], ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_masks(rng, head_dim, mask, lengths, deterministic):
+    lq, lk = lengths
+    _check(rng, (3, lq, head_dim), (3, lk, head_dim), head_dim + 5 if head_dim < 128 else 100,
+           deterministic=deterministic, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_split_gqa_group(rng, deterministic):
+    """MQA over 16 heads of one sequence: few key/value blocks, so the dK/dV blocks take slices of
+    the group (plan._heads_per_block) whose partial sums the host adds."""
+    _check(rng, (1, 16, 2048, 64), (1, 1, 2048, 64), 64, deterministic=deterministic, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_score_modifiers(rng, head_dim, deterministic):
+    """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window."""
+    cupy = _cupy()
+    import cuflash
+
+    heads, lq, lk = 4, 131, 170
+    host = _draw(rng, (2, heads, lq, head_dim), (2, 2, lk, head_dim), (2, 2, lk, head_dim), (2, heads, lq, head_dim))
+    options = {"softcap": 3.0, "alibi_slopes": rng.uniform(0.01, 0.2, heads), "bias": rng.standard_normal((lq, lk)),
+               "mask": rng.uniform(size=(heads, lq, lk)) < 0.8, "window": (90, 10)}
+    gpu_options = {key: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for key, x in options.items()}
+    q, k, v, dout = (cupy.asarray(x) for x in host)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **gpu_options)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **gpu_options)
+    _, _, references = score_mods_ref(*host, **options)
+    magnitudes = attention_backward_magnitudes(host[3], *host[:3], window=options["window"]) + (None,)
+    assert len(grads) == 4
+    for name, grad, reference, magnitude in zip(("dq", "dk", "dv", "dbias"), grads, references, magnitudes):
+        assert_close(cupy.asnumpy(grad), reference, dtype=numpy.float64, magnitude=magnitude, kind="grad", name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256], ids=lambda d: f"d{d}")
+def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, head_dim):
+    cupy = _cupy()
+    import cuflash
+
+    q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, (2, 4, 300, head_dim), (2, 2, 333, head_dim),
+                                                    (2, 2, 333, head_dim), (2, 4, 300, head_dim)))
+    options = {"causal": True, "softcap": 5.0}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+    for _ in range(10):
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
+        for a, b in zip(first, again):
+            assert cupy.array_equal(a.view(cupy.uint8), b.view(cupy.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [59, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_simt_kernels_still_serve_float64(rng, monkeypatch, head_dim, deterministic):
+    """The SIMT backward (parts and buckets without a DMMA tile), forced through tiles' tables."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setitem(tiles.BACKWARD_DKDV, "float64", (tiles.BWD_DKDV_SIMT,))
+    monkeypatch.setitem(tiles.BACKWARD_DQ, "float64", (tiles.BWD_DQ_SIMT,))
+    monkeypatch.setattr(plan, "PLANS", {})
+    chosen = tiles.select_backward("float64", head_dim, head_dim, True, "90a")
+    assert (chosen.dkdv.kernel, chosen.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt")
+    _check(rng, (2, 4, 200, head_dim), (2, 2, 150, head_dim), head_dim, deterministic=deterministic,
+           window=(40, 0), causal=True)
