@@ -184,12 +184,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
         ptx::wgmma_fence();
         auto scores = [&](float(&c)[kBlockM / 8][4], unsigned a_tile, unsigned b_tile) {
-            const unsigned a = a_tile + group * kGroupKeys * 128;  // this warpgroup's 64 rows
-            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, KVTile::k_major(a), QTile::k_major(b_tile));
-#pragma unroll
-            for (int kk = 1; kk < kKStepsD; ++kk)
-                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, KVTile::k_major(a + KVTile::k_step(kk)),
-                                                                QTile::k_major(b_tile + QTile::k_step(kk)));
+            // this warpgroup's 64 rows of K or V
+            tc::wgmma_a_bt<Element, kKStepsD, KVTile, QTile>(c, a_tile + group * kGroupKeys * 128, b_tile);
         };
         scores(st, k_smem, q_slot);
         scores(dpt, v_smem, do_slot);

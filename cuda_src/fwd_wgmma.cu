@@ -132,12 +132,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
 
     // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        const unsigned k_tile = k_slot(t);
-        ptx::Wgmma<kBlockN>::template ss<Element, 0, 0, false>(s, QTile::k_major(q_group), KVTile::k_major(k_tile));
-#pragma unroll
-        for (int kk = 1; kk < kKStepsQK; ++kk)
-            ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s, QTile::k_major(q_group + QTile::k_step(kk)),
-                                                            KVTile::k_major(k_tile + KVTile::k_step(kk)));
+        tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
     };
     // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here.
     // Softcap and ALiBi turn the scores into log2 units and return the softmax's multiplier 1;

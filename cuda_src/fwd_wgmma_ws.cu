@@ -190,12 +190,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
     }
 
     auto issue_scores = [&](int slot, float (&s)[kBlockN / 8][4]) {
-        const unsigned k_tile = k_ring + slot * KVTile::kBytes;
-        ptx::Wgmma<kBlockN>::template ss<Element, 0, 0, false>(s, QTile::k_major(q_group), KVTile::k_major(k_tile));
-#pragma unroll
-        for (int kk = 1; kk < kKStepsQK; ++kk)
-            ptx::Wgmma<kBlockN>::template ss<Element, 0, 0>(s, QTile::k_major(q_group + QTile::k_step(kk)),
-                                                            KVTile::k_major(k_tile + KVTile::k_step(kk)));
+        tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile>(s, q_group, k_ring + slot * KVTile::kBytes);
     };
     // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
     // scale: |scale| here.

@@ -120,6 +120,19 @@ struct Sw128Tile {
     __device__ __forceinline__ static constexpr unsigned k_step(int kk) { return (kk / 4) * kPanelBytes + (kk % 4) * 32; }
 };
 
+// C = A B^T over kKSteps k16 steps (the scores of the wgmma kernels: S = Q K^T, S^T = K Q^T), A
+// and B K-major in 128-byte swizzled tiles (ATile, BTile) from shared addresses a and b: one
+// wgmma of N = 8 kNTiles per step, the first overwriting C (nothing of its old value stays live).
+// Issued only: the caller commits and waits.
+template <typename Element, int kKSteps, typename ATile, typename BTile, int kNTiles>
+__device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, unsigned b) {
+    ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0, false>(c, ATile::k_major(a), BTile::k_major(b));
+#pragma unroll
+    for (int kk = 1; kk < kKSteps; ++kk)
+        ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0>(c, ATile::k_major(a + ATile::k_step(kk)),
+                                                             BTile::k_major(b + BTile::k_step(kk)));
+}
+
 // Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles
 // (SmemTile, or any layout with the same kChunks / offset interface such as Sw128Tile),
 // by all kThreads threads of the block: one 16-byte cp.async per chunk of 8 elements. Rows
