@@ -142,6 +142,13 @@ struct BwdParams {
     int dbias_rows_per_plane, dbias_chunk_rows;
 };
 
+// The warp-specialized dK/dV kernel's argument (bwd_dkdv_wgmma_ws.cu): BwdParams plus tensor
+// maps of q, k, v and dout, as FwdTmaParams' (4-d: head dim, rows, heads, batch).
+struct BwdTmaParams {
+    BwdParams bwd;
+    ptx::TensorMap q_map, k_map, v_map, dout_map;
+};
+
 // Where attention row `bh` (batch..., head) sits: its head and batch coordinates, decoded once
 // (integer division is slow on the GPU), then turned into an element offset per tensor.
 struct BatchCoords {

@@ -13,6 +13,7 @@ import numpy
 import pytest
 
 from reference import score_mods_ref
+from test_gpu_backward import check_backward
 from test_gpu_forward import _check, _inputs
 
 pytestmark = pytest.mark.gpu
@@ -231,3 +232,62 @@ def test_packed_batches_run_on_the_tma_kernel(rng, d, map_calls):
         ref_out, ref_lse = score_mods_ref(q, k, v, causal=True)
         assert numpy.abs(out[rows] - ref_out[0].transpose(1, 0, 2)).max() < 2e-2, i
         assert numpy.abs(lse[:, rows] - ref_lse[0]).max() < 1e-3, i
+
+
+# The warp-specialized dK/dV kernel (bwd_dkdv_wgmma_ws.cu, d64 and d128).
+BACKWARD_CASES = [
+    ((2, 4, 200, 64), (2, 4, 97, 64), dict()),
+    ((1, 2, 1025, 128), (1, 2, 1025, 128), dict(causal=True)),
+    ((2, 8, 333, 128), (2, 2, 1025, 128), dict(causal=True)),          # GQA: heads summed on chip
+    ((1, 6, 300, 64), (1, 1, 300, 64), dict(window=(64, 7))),          # MQA
+    ((2, 2, 97, 100), (2, 2, 1, 100), dict(causal="top_left")),        # one key, 100 -> 128
+    ((3, 2, 129, 128), (3, 2, 257, 128), dict(softcap=20.0, causal=True)),
+]
+
+
+@pytest.fixture
+def backward_map_calls(monkeypatch):
+    """The backward calls that built tensor maps (bwd_dkdv_wgmma_ws ran)."""
+    calls = []
+    real = plan._with_tensor_maps
+
+    def spy(struct, specs, arrays):
+        if struct.dtype == plan.BWD_PARAMS_DTYPE:
+            calls.append(tuple(x.shape for x in arrays))
+        return real(struct, specs, arrays)
+
+    monkeypatch.setattr(plan, "_with_tensor_maps", spy)
+    plan.forget()
+    return calls
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("q_shape,kv_shape,options", BACKWARD_CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_the_backward_runs_the_tma_dkdv_kernel_and_matches_the_reference(rng, q_shape, kv_shape, options, deterministic,
+                                                                         backward_map_calls):
+    dtype = "bfloat16"
+    dev, _ = _inputs(rng, dtype, q_shape, kv_shape, kv_shape)
+    check_backward(rng, dtype, *dev, deterministic=deterministic, **options)
+    assert backward_map_calls
+
+
+def test_backward_keys_past_a_packed_sequence_read_as_zeros(rng, backward_map_calls):
+    """A packed batch: the key tile past a sequence's end holds the next sequence's keys in the
+    maps' view; the kernel zeroes them (dQ would take their K otherwise)."""
+    dtype, d, hq, hk = "bfloat16", 128, 4, 2
+    lengths_q, lengths_k = [130, 200, 1], [100, 300, 77]
+    cu_q, cu_k = (numpy.concatenate([[0], numpy.cumsum(n)]).astype(numpy.int32) for n in (lengths_q, lengths_k))
+    dev, exact = _inputs(rng, dtype, (int(cu_q[-1]), hq, d), (int(cu_k[-1]), hk, d), (int(cu_k[-1]), hk, d))
+    cu = (cupy.asarray(cu_q), cupy.asarray(cu_k))
+    out, lse = cuflash.attention_varlen(*dev, *cu, return_lse=True)
+    dout = cupy.asarray(rng.standard_normal(out.shape).astype(numpy.dtype(dtype)))
+    dq, dk, dv = (cupy.asnumpy(g).astype(numpy.float64)
+                  for g in cuflash.attention_varlen_backward(dout, *dev, out, lse, *cu))
+    assert backward_map_calls
+    dout_host = cupy.asnumpy(dout).astype(numpy.float64)
+    for i in range(len(lengths_q)):
+        rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        q, k, v = (x[r].transpose(1, 0, 2)[None] for x, r in zip(exact, (rows_q, rows_k, rows_k)))
+        _, _, (rq, rk, rv) = score_mods_ref(q, k, v, dout_host[rows_q].transpose(1, 0, 2)[None])
+        for name, got, ref in (("dq", dq[rows_q], rq), ("dk", dk[rows_k], rk), ("dv", dv[rows_k], rv)):
+            assert numpy.abs(got - ref[0].transpose(1, 0, 2)).max() < 5e-2 * max(1.0, numpy.abs(ref).max()), (i, name)

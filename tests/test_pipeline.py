@@ -111,7 +111,8 @@ def _ptx_stored_constants(source: str, options) -> dict[int, int]:
     ("cuflash::FwdParams", params.FWD_PARAMS_DTYPE),
     ("cuflash::BwdParams", params.BWD_PARAMS_DTYPE),
     ("cuflash::FwdTmaParams", params.FWD_TMA_PARAMS_DTYPE),
-], ids=["fwd", "bwd", "fwd_tma"])
+    ("cuflash::BwdTmaParams", params.BWD_TMA_PARAMS_DTYPE),
+], ids=["fwd", "bwd", "fwd_tma", "bwd_tma"])
 def test_params_struct_matches_numpy_mirror(struct, dtype):
     """Compile a probe that stores sizeof and every field offset; read the constants from PTX."""
     variant = tiles.select("float32", 32, 32, False, "80")

@@ -104,22 +104,24 @@ BWD_PARAMS_DTYPE = numpy.dtype(
 
 
 TMA_MAPS = ("q_map", "k_map", "v_map")  # FwdTmaParams' tensor maps, of q, k and v
+BWD_TMA_MAPS = TMA_MAPS + ("dout_map",)  # BwdTmaParams'
 
 
-def _tma_params_dtype() -> numpy.dtype:
-    """``struct FwdTmaParams``: FwdParams, then three 128-byte tensor maps (ptx::TensorMap,
-    alignas(64)), the struct padded to 64 bytes."""
-    first = -(-FWD_PARAMS_DTYPE.itemsize // 64) * 64
-    maps = TMA_MAPS
+def _tma_params_dtype(name: str, base: numpy.dtype, maps: tuple[str, ...]) -> numpy.dtype:
+    """A struct of ``base`` (field ``name``) then 128-byte tensor maps (ptx::TensorMap,
+    alignas(64)), padded to 64 bytes: FwdTmaParams, BwdTmaParams."""
+    first = -(-base.itemsize // 64) * 64
     return numpy.dtype({
-        "names": ["fwd", *maps],
-        "formats": [FWD_PARAMS_DTYPE] + [(numpy.uint64, (16,))] * len(maps),
+        "names": [name, *maps],
+        "formats": [base] + [(numpy.uint64, (16,))] * len(maps),
         "offsets": [0] + [first + 128 * i for i in range(len(maps))],
         "itemsize": first + 128 * len(maps),
     })
 
 
-FWD_TMA_PARAMS_DTYPE = _tma_params_dtype()
+FWD_TMA_PARAMS_DTYPE = _tma_params_dtype("fwd", FWD_PARAMS_DTYPE, TMA_MAPS)
+
+BWD_TMA_PARAMS_DTYPE = _tma_params_dtype("bwd", BWD_PARAMS_DTYPE, BWD_TMA_MAPS)
 
 def layout_probe_source(struct: str = "cuflash::FwdParams", dtype: numpy.dtype = FWD_PARAMS_DTYPE) -> str:
     """A kernel that stores sizeof(struct) and each field's offset, in ``dtype.names`` order.

@@ -18,8 +18,8 @@ import numpy
 from .. import _spec
 from . import bias_grad, kernels, tiles, tma
 from .variant import HelperKernel
-from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, FWD_PARAMS_DTYPE, FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS,
-                     OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS)
+from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, BWD_TMA_MAPS, BWD_TMA_PARAMS_DTYPE, FWD_PARAMS_DTYPE,
+                     FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS)
 
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
@@ -163,7 +163,7 @@ class _Scratch(threading.local):
     The bytes start on a 64-byte boundary, as a tensor map inside them must (``_Plan.maps``)."""
 
     def __init__(self):
-        size = max(BWD_PARAMS_DTYPE.itemsize, FWD_TMA_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize)
+        size = max(BWD_TMA_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize)
         self._raw = numpy.zeros(size + 64, dtype=numpy.uint8)
         start = -self._raw.ctypes.data % 64
         self.bytes = self._raw[start: start + size]
@@ -216,6 +216,30 @@ _WORDS = {
 }
 
 
+# Where FwdParams (and BwdParams) sit inside each params struct, as field paths.
+_FWD_PATH = {FWD_PARAMS_DTYPE: "", FWD_TMA_PARAMS_DTYPE: "fwd.", BWD_PARAMS_DTYPE: "fwd.", BWD_TMA_PARAMS_DTYPE: "bwd.fwd."}
+_BWD_PATH = {BWD_PARAMS_DTYPE: "", BWD_TMA_PARAMS_DTYPE: "bwd."}
+# A TMA struct's maps and the index of each one's tensor among a call's pointers (_FWD_POINTERS /
+# _BWD_POINTERS order: q, k, v, ..., dout sixth).
+_MAP_POINTERS = {FWD_TMA_PARAMS_DTYPE: dict(zip(TMA_MAPS, (0, 1, 2))),
+                 BWD_TMA_PARAMS_DTYPE: dict(zip(BWD_TMA_MAPS, (0, 1, 2, 5)))}
+
+
+def _words(dtype, backward: bool, packed: bool) -> numpy.ndarray:
+    """Pointer words of a struct of ``dtype`` (_WORDS', found inside a TMA struct)."""
+    path = (_BWD_PATH if backward else _FWD_PATH)[dtype]
+    if not path:
+        return _WORDS[backward, packed]
+    names = (_BWD_POINTERS if backward else _FWD_POINTERS) + (
+        tuple(("fwd." if backward else "") + n for n in _PACKED_POINTERS) if packed else ())
+    return _pointer_words(dtype, [path + n for n in names])
+
+
+def _maps(dtype) -> tuple:
+    """(byte offset, pointer index) of each tensor map of a struct of ``dtype`` (none: ())."""
+    return tuple((_field_offset(dtype, name), index) for name, index in _MAP_POINTERS.get(dtype, {}).items())
+
+
 def _packed_pointers(memory, packed) -> tuple:
     """cu_seqlens_q, cu_seqlens_k and seqused_k's pointers (0 for no seqused_k) of a replayed
     packed call; ``packed`` is () for a dense one."""
@@ -232,17 +256,17 @@ class _Plan:
     struct's tensor maps (FwdTmaParams) as (byte offset, index of the pointer among a call's
     pointers), each re-pointed at its tensor per call."""
 
-    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None, maps=()):
+    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None):
         self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
-        self.maps = maps
+        self.maps = _maps(struct.dtype)
         # With a bias or mask, a call's pointers end with ScoreInputs.prepare's.
         self.score_inputs = score_inputs
+        fwd = _FWD_PATH[struct.dtype]
         if score_inputs is not None:
-            prefix = "fwd." if "fwd" in struct.dtype.names else ""
-            words = numpy.concatenate([words, _pointer_words(struct.dtype, [prefix + n for n in ScoreInputs.POINTERS])])
+            words = numpy.concatenate([words, _pointer_words(struct.dtype, [fwd + n for n in ScoreInputs.POINTERS])])
         self.words = words
         self.launches = launches
-        self.key_rows_at = _field_offset(struct.dtype, "fwd.key_rows" if "fwd" in struct.dtype.names else "key_rows") // 4
+        self.key_rows_at = _field_offset(struct.dtype, fwd + "key_rows") // 4
 
     def _run(self, memory, pointers) -> None:
         scratch = _SCRATCH
@@ -267,12 +291,7 @@ class ForwardPlan(_Plan):
 
     def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None):
         packed = p.packed is not None
-        if struct.dtype == FWD_TMA_PARAMS_DTYPE:  # FwdParams inside, then q's, k's and v's maps
-            words = _pointer_words(struct.dtype, [f"fwd.{n}" for n in _FWD_POINTERS + (_PACKED_POINTERS if packed else ())])
-            maps = tuple((_field_offset(struct.dtype, name), i) for i, name in enumerate(TMA_MAPS))
-            super().__init__(struct, words, launches, score_inputs, maps)
-        else:
-            super().__init__(struct, _WORDS[False, packed], launches, score_inputs)
+        super().__init__(struct, _words(struct.dtype, False, packed), launches, score_inputs)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
@@ -297,7 +316,7 @@ class BackwardPlan(_Plan):
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
                  packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, dbias=None):
-        super().__init__(struct, _WORDS[True, packed], launches, score_inputs)
+        super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
@@ -306,7 +325,7 @@ class BackwardPlan(_Plan):
         # at it; arrays the launches read, kept with the plan).
         self.dbias = dbias
         if dbias is not None:
-            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [dbias[3]])])
+            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None):
         ptr, shapes = memory.pointer, self.shapes
@@ -516,12 +535,14 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     return o, lse, (plan if plain and out is None else None)
 
 
-def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
+def _tensor_maps(p, layout: _Layout, variant, names=("q", "k", "v"), kv_group: int | None = None) -> tuple | None:
     """``(specs, kv_group)``: the TensorMapSpecs of q, k and v for a TMA Variant (fwd_wgmma_ws),
     4-d, innermost first (head dim, rows, heads, batch), boxes of 64 columns (one 128-byte
     swizzled panel) by the Variant's query or key tile, and the query heads per key/value head the
     kernel divides by (a key/value head axis broadcast to every query head is one head shared by
-    all: MQA). None where maps cannot describe the call: batch axes that do not
+    all: MQA; the backward passes its own, _shared_kv_heads'). ``names``: the tensors, k and v read
+    by the key tile, the others (q, dout) by the query tile. None where maps cannot describe the
+    call: batch axes that do not
     merge into one, any other broadcast (stride 0) axis, a stride the copy engine cannot take, or
     a packed batch with seqused_k (a packed batch's maps span all its tokens: fwd_wgmma_ws.cu)."""
     packed = p.packed is not None
@@ -533,13 +554,14 @@ def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
     if len(batch_axes) > (0 if packed else 1):
         return None
     batch = batch_axes[0] if batch_axes else 1
-    kv_group = p.kv_group
-    if kv_group == 1 and layout.heads["k"] == 0 and layout.heads["v"] == 0:
-        kv_group = layout.num_heads  # (FwdParams' offsets are the same: head / kv_group times 0)
+    if kv_group is None:
+        kv_group = p.kv_group
+        if kv_group == 1 and layout.heads["k"] == 0 and layout.heads["v"] == 0:
+            kv_group = layout.num_heads  # (FwdParams' offsets are the same: head / kv_group times 0)
     kv_heads = layout.num_heads // kv_group
     specs = []
-    for name, heads, box_rows in (("q", layout.num_heads, variant.block_m), ("k", kv_heads, variant.block_n),
-                                  ("v", kv_heads, variant.block_n)):
+    for name in names:
+        heads, box_rows = (kv_heads, variant.block_n) if name in ("k", "v") else (layout.num_heads, variant.block_m)
         x = layout.tensors[name]
         item = x.dtype.itemsize
         axes = ((x.shape[-2], x.strides[-2]), (heads, layout.heads[name] * item),
@@ -552,11 +574,13 @@ def _tensor_maps(p, layout: _Layout, variant) -> tuple | None:
     return tuple(specs), kv_group
 
 
-def _with_tensor_maps(fwd_struct, specs, arrays):
-    """FwdTmaParams: ``fwd_struct`` and the maps of ``specs`` at the arrays' addresses."""
-    s = numpy.zeros((), dtype=FWD_TMA_PARAMS_DTYPE)
-    s["fwd"] = fwd_struct
-    for name, spec, x in zip(TMA_MAPS, specs, arrays):
+def _with_tensor_maps(struct, specs, arrays):
+    """FwdTmaParams or BwdTmaParams: ``struct`` (FwdParams or BwdParams) and the maps of
+    ``specs`` at the arrays' addresses."""
+    backward = struct.dtype == BWD_PARAMS_DTYPE
+    s = numpy.zeros((), dtype=BWD_TMA_PARAMS_DTYPE if backward else FWD_TMA_PARAMS_DTYPE)
+    s["bwd" if backward else "fwd"] = struct
+    for name, spec, x in zip(BWD_TMA_MAPS if backward else TMA_MAPS, specs, arrays):
         s[name] = numpy.frombuffer(tma.encode(spec, x.data.ptr), dtype=numpy.uint64)
     return s
 
@@ -975,8 +999,12 @@ def backward(problem):
         k = cupy.zeros(k.shape[:-1] + (1,), dtype=k.dtype)
 
     device = cupy.cuda.Device().id
-    sets = _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
-                                                                   p.has_window, _arch(device), modified, p.precision))
+
+    def choose(tma_ok: bool):
+        return _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
+                                                                       p.has_window, _arch(device), modified,
+                                                                       p.precision, tma_ok))
+    sets = choose(True)
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
     # dbias: summed on chip by bwd_dbias_tc where it can (_OnChipBiasSum), else dS of every score
     # (score_mod.cuh's BiasGrad) summed after the launches; either way by a _BiasGradient.
@@ -1043,6 +1071,19 @@ def backward(problem):
                                             + q.shape[-1] * accum.itemsize + 2 * accum.itemsize)
     struct["fwd"]["heads_per_section"] = int(max(1, min(layout.grid_x // per_block, 65536,
                                                         _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1))))
+
+    # A TMA dK/dV kernel (bwd_dkdv_wgmma_ws) reads q, k, v and dout through maps, where they can
+    # describe the layout (else its twin of the same tile, bwd_dkdv_wgmma); one struct serves every
+    # launch, so the TMA launches must share a tile.
+    tma_dkdv = [f.dkdv for f, _ in sets if tiles.SPECS[f.dkdv.kernel].tma]
+    maps = None
+    if tma_dkdv:
+        if len({(f.block_m, f.block_n) for f in tma_dkdv}) == 1:
+            maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
+        if maps is None:
+            sets = choose(False)
+    if maps is not None:
+        struct = _with_tensor_maps(struct, maps[0], (q, k, v, dout))
 
     # Grids: (attention rows, query tiles) for delta, the dQ conversion and the deterministic
     # dQ kernel; (attention rows / heads_per_block, key tiles) for the dK/dV kernel.

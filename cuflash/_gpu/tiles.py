@@ -453,6 +453,21 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
     return 1024 + tiles + stages * 2 * block_m * 4
 
 
+# bwd_dkdv_wgmma_ws (Hopper, sm_90a only): bwd_dkdv_wgmma's work on two consumer warpgroups beside
+# a producer warpgroup (TMA for K, V, Q_i, dO_i; plain copies of lse_i, delta_i): 12 warps, the
+# same tiles. Shared memory: bwd_dkdv_wgmma's plus the mbarriers. Not yet measured (written
+# without a GPU, session 14).
+_BWD_DKDV_WGMMA_WS_TABLE: dict[int, tuple[int, int, int, int]] = {
+    64: (64, 128, 12, 2),
+    128: (64, 128, 12, 2),
+}
+
+
+def _smem_bwd_dkdv_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_wgmma_ws.cu's kSmemBytes."""
+    return _smem_bwd_dkdv_wgmma_bytes(head_dim, block_m, block_n, stages) + 8 * (1 + 2 * stages)
+
+
 # --------------------------------------------------------------------------- backward, exact
 # bwd_dkdv_simt (dK, dV and atomic dQ over key tiles) and bwd_dq_simt (deterministic dQ over
 # query tiles), cuda_src/bwd_simt.cuh. A block of `warps` warps is 2 * warps row groups of 16
@@ -612,6 +627,10 @@ BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
     _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
+BWD_DKDV_WGMMA_WS = KernelSpec(
+    "bwd_dkdv_wgmma_ws", TC_DTYPES,
+    lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
+    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
@@ -634,7 +653,7 @@ BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
                                         BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
@@ -647,7 +666,8 @@ FORWARD = {
 }
 # float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA;
 # float64: the fp64 tensor cores (DMMA) where a tile fits (dK/dV up to d160), else DFMA.
-BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA, BWD_DKDV_TC), "bfloat16": (BWD_DKDV_WGMMA, BWD_DKDV_TC),
+BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
+                 "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
 BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_TC, BWD_DQ_SIMT),
                "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
@@ -693,13 +713,14 @@ class BackwardVariants(NamedTuple):
 
 
 def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-                    score_mods: bool = False, precision: str = "highest") -> BackwardVariants:
-    """The backward's kernels for one problem (one path for every dtype; ``precision`` as select's)."""
+                    score_mods: bool = False, precision: str = "highest", tma: bool = True) -> BackwardVariants:
+    """The backward's kernels for one problem (one path for every dtype; ``precision`` and ``tma``
+    as select's)."""
     dkdv_families = _families(BACKWARD_DKDV, dtype)
     d = bucket(max(head_dim, head_dim_v))
     return BackwardVariants(
         _first((BWD_DELTA,), dtype, d, False, arch),
-        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
+        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision, tma=tma),
         _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
@@ -729,10 +750,11 @@ def all_variants(arch: str) -> list[Variant]:
                         for tma in (True, False):
                             out.append(select(dtype, d, d, masked, arch, keys, mods, precision, tma))
                 for precision in precisions_of(dtype):
-                    try:
-                        out += select_backward(dtype, d, d, masked, arch, mods, precision)
-                    except ValueError:
-                        pass
+                    for tma in (True, False):
+                        try:
+                            out += select_backward(dtype, d, d, masked, arch, mods, precision, tma)
+                        except ValueError:
+                            pass
                 if mods and select_dbias(dtype, d, d, arch) is not None:
                     out.append(select_dbias(dtype, d, d, arch))
     return list(dict.fromkeys(out))

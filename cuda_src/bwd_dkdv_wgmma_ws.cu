@@ -1,0 +1,368 @@
+// Backward attention for float16 / bfloat16 on Hopper (sm_90a), over key tiles, warp-specialized:
+// bwd_dkdv_wgmma.cu's algorithm and contract (its comment: S^T, dP^T, P^T, dS^T, dV, dK and dQ by
+// fp32 REDs) with the loads taken off the warps that compute, as fwd_wgmma_ws.cu does for the
+// forward.
+//
+// A block has one producer warpgroup and two consumer warpgroups; consumer g owns keys
+// [64g, 64g + 64) of the block's kBlockN = 128 (one wgmma M), its dK_g, dV_g in registers.
+// - Producer warp 0 (one elected thread) asks the bulk tensor copy engine (TMA) for K and V once
+//   and for Q_i, dO_i step after step (h, i) into a ring of kStages slots; producer warp 1 copies
+//   the step's lse_i and delta_i (plain loads: a head's lse row need not be 16-byte aligned) and
+//   arrives on the slot's "full" mbarrier with its 32 lanes, beside the copy engine's bytes. A
+//   slot is refilled once the eight consumer warps have arrived on its "empty" mbarrier.
+// - The consumers wait only on mbarriers and, for the dQ product, on one named barrier between
+//   the two warpgroups (dS^T of both in shared memory) and one before dS^T is rewritten.
+// Maps (BwdTmaParams, params.cuh; built by the host as the forward's): query rows past Lq read as
+// zeros or as the next packed sequence's rows, and either way the tiles crossing Lq are masked
+// (P = 0); key rows past Lk are zeroed in shared memory once (below), as the cp.async loaders of
+// bwd_dkdv_wgmma zero-fill them.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "bwd_tc.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "schedule.cuh"
+#include "score_mod.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+
+// K, V, dS^T, per stage Q_i and dO_i (swizzled), per stage lse_i and delta_i (2 * kBlockM floats),
+// the mbarriers (K/V, then full and empty per stage), 1024 bytes to align the swizzle atoms.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dkdv_wgmma_ws_smem_bytes() {
+    return 1024 + 2 * tc::Sw128Tile<kBlockN, kHeadDim>::kBytes + tc::Sw128Tile<kBlockN, kBlockM>::kBytes +
+           kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4 + 8 * (1 + 2 * kStages);
+}
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false>
+__global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid_constant__ BwdTmaParams tp) {
+    const BwdParams& p = tp.bwd;
+    constexpr int kGroupKeys = 64;                            // keys per consumer warpgroup
+    constexpr int kConsumerThreads = 256;
+    constexpr bool kDqByRows = kBlockM == 128;
+    constexpr int kDqN = kDqByRows ? kHeadDim : kHeadDim / 2;
+    constexpr int kKStepsD = kHeadDim / 16;
+    constexpr int kPanels = kHeadDim / 64;
+    static_assert(kWarps == 12 && kBlockN == 2 * kGroupKeys, "a producer and two consumer warpgroups of 64 keys");
+    static_assert(kBlockM == 64 || kBlockM == 128, "a query tile is one or two 64-column wgmma tiles");
+    static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && kDqN % 32 == 0,
+                  "whole 64-column panels; dQ per warpgroup one wgmma of N = 32, 64 or 128");
+    static_assert(kBlockM % 32 == 0, "producer warp 1 copies kBlockM / 32 lse and delta values per lane");
+    static_assert(kStages >= 2, "the Q/dO ring needs at least two slots");
+
+    using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;
+    using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
+    using DsTile = tc::Sw128Tile<kBlockN, kBlockM>;
+    using StageTile = tc::SmemTile<kBlockN, kHeadDim>;
+    constexpr unsigned kStageBytes = 2 * QTile::kBytes;
+    constexpr unsigned kStatBytes = 2 * kBlockM * 4;
+    constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
+    constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_ws_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 1024 + kTileBytes + kStages * kStatBytes + 8 * (1 + 2 * kStages), "1024: alignment");
+    static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+    const unsigned align = (1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u;
+    const unsigned k_smem = ptx::smem_addr(smem) + align;
+    const unsigned v_smem = k_smem + KVTile::kBytes;
+    const unsigned ds_smem = v_smem + KVTile::kBytes;
+    const unsigned stage_smem = ds_smem + DsTile::kBytes;
+    const unsigned stat_smem = k_smem + kTileBytes;
+    const unsigned bar_smem = stat_smem + kStages * kStatBytes;  // kv_full, full[kStages], empty[kStages]
+    auto kv_full = [&] { return bar_smem; };
+    auto full = [&](int slot) { return bar_smem + 8 * (1 + slot); };
+    auto empty = [&](int slot) { return bar_smem + 8 * (1 + kStages + slot); };
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
+    const auto [group_index, n_index] = block_coord();
+    const int heads = p.heads_per_block;
+    const int bh = group_index * heads;
+    const int n0 = n_index * kBlockN;
+    const FwdParams& f = p.fwd;
+
+    BwdBatchIndex at;
+    if (!starts_key_block<unsigned short, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
+    const Mask<kHasWindow> mask(f, at);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
+    const int steps = heads * (range.last - range.first);
+
+    if (tid == 0) {
+        ptx::mbarrier_init(kv_full(), 1);
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) {
+            ptx::mbarrier_init(full(s), 1 + 32);  // the copy engine's transaction, producer warp 1's lanes
+            ptx::mbarrier_init(empty(s), 8);      // one arrival per consumer warp
+        }
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // ---- Producer warpgroup.
+        ptx::setmaxnreg_dec<24>();
+        // Step t = (g, i) into slot t % kStages, once the slot's previous step has been released.
+        auto wait_slot = [&](int t) {
+            if (t >= kStages) ptx::mbarrier_wait(empty(t % kStages), (static_cast<unsigned>(t / kStages) & 1u) ^ 1u);
+        };
+        if (warp == 0 && ptx::elect_one()) {
+            const BatchCoords coords(f, bh);
+            int batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1], q0 = 0, k0 = 0;
+            if (f.cu_seqlens_q != nullptr) {  // a packed batch's maps span all its tokens
+                const PackedSequence seq(f, coords);
+                q0 = seq.q0;
+                k0 = seq.k0;
+                batch = 0;
+            }
+            ptx::tma_prefetch_map(tp.q_map);
+            ptx::tma_prefetch_map(tp.dout_map);
+            ptx::mbarrier_arrive_expect_tx(kv_full(), 2 * KVTile::kBytes);
+#pragma unroll
+            for (int c = 0; c < kPanels; ++c) {
+                ptx::tma_load_4d(k_smem + c * KVTile::kPanelBytes, tp.k_map, kv_full(), 64 * c, k0 + n0,
+                                 coords.head / f.kv_group, batch);
+                ptx::tma_load_4d(v_smem + c * KVTile::kPanelBytes, tp.v_map, kv_full(), 64 * c, k0 + n0,
+                                 coords.head / f.kv_group, batch);
+            }
+            // The group's heads are consecutive query heads of one batch row: head + g.
+            HeadTileStep step(range.first, range.last, heads);
+            for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
+                wait_slot(t);
+                const unsigned slot = stage_smem + (t % kStages) * kStageBytes;
+                ptx::mbarrier_arrive_expect_tx(full(t % kStages), kStageBytes);
+                const int row = q0 + step.i * kBlockM, head = coords.head + step.g;
+#pragma unroll
+                for (int c = 0; c < kPanels; ++c) {
+                    ptx::tma_load_4d(slot + c * QTile::kPanelBytes, tp.q_map, full(t % kStages), 64 * c, row, head, batch);
+                    ptx::tma_load_4d(slot + QTile::kBytes + c * QTile::kPanelBytes, tp.dout_map, full(t % kStages), 64 * c,
+                                     row, head, batch);
+                }
+            }
+        } else if (warp == 1) {
+            // lse_i and delta_i of each step: lane l copies rows l, l + 32, ...; rows past Lq read 0
+            // (their P is zeroed by the mask: tiles crossing Lq are masked).
+            const float* lse0 = static_cast<const float*>(f.lse) + at.lse;
+            const float* delta0 = static_cast<const float*>(p.delta) + at.lse;  // delta is laid out like lse
+            HeadTileStep step(range.first, range.last, heads);
+            for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
+                wait_slot(t);
+                const long long head_offset = HeadStep(p, step.g).lse;
+                const unsigned stats = stat_smem + (t % kStages) * kStatBytes;
+#pragma unroll
+                for (int r = lane; r < kBlockM; r += 32) {
+                    const int row = step.i * kBlockM + r;
+                    const bool real = row < at.seqlen_q;
+                    ptx::st_shared_b32(stats + 4 * r, __float_as_uint(real ? lse0[head_offset + row] : 0.f));
+                    ptx::st_shared_b32(stats + 4 * (kBlockM + r), __float_as_uint(real ? delta0[head_offset + row] : 0.f));
+                }
+                ptx::mbarrier_arrive(full(t % kStages));  // release: the stores above come first
+            }
+        }
+        return;
+    }
+
+    // ---- Consumer warpgroups.
+    ptx::setmaxnreg_inc<240>();
+    const int group = warp / 4 - 1;
+    const int consumer_tid = tid - 128;
+    auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
+
+    float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];
+    tc::zero(dk);
+    tc::zero(dv);
+    const float scale_log2 = f.scale_log2;
+    float* const dq_head = p.dq_accum != nullptr ? static_cast<float*>(p.dq_accum) + at.dq_accum : nullptr;
+
+    constexpr float kLog2e = 1.4426950408889634f;
+    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    BiasGrad<float> dbias(p, bh);
+    const bool modified = kScoreMods && mod.modifies();
+
+    ptx::mbarrier_wait(kv_full(), 0);
+    // Keys past the sequence's end read as zeros, as bwd_dkdv_wgmma's loaders give them (a map
+    // reads what the tensor holds there: the next packed sequence, the keys past a key-padding
+    // cut): the kernel's dQ relies on K's rows there being 0 (their P is not masked in tiles that
+    // only cross Lk), and V's keep dP finite.
+    const int valid_keys = at.seqlen_k - n0;
+    if (valid_keys < kBlockN) {
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c)
+            for (int chunk = 8 * valid_keys + consumer_tid; chunk < 8 * kBlockN; chunk += kConsumerThreads) {
+                ptx::st_shared_v4(k_smem + c * KVTile::kPanelBytes + 16 * chunk, 0u, 0u, 0u, 0u);
+                ptx::st_shared_v4(v_smem + c * KVTile::kPanelBytes + 16 * chunk, 0u, 0u, 0u, 0u);
+            }
+        ptx::fence_proxy_async_shared();
+        ptx::named_barrier_sync(1, kConsumerThreads);
+    }
+    HeadTileStep step(range.first, range.last, heads);
+    for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
+        const int i = step.i, slot_index = t % kStages;
+        ptx::mbarrier_wait(full(slot_index), static_cast<unsigned>(t / kStages) & 1u);
+        const bool masked = i < range.full_first || i >= range.full_last;
+        const unsigned q_slot = stage_smem + slot_index * kStageBytes;
+        const unsigned do_slot = q_slot + QTile::kBytes;
+        const unsigned lse_s = stat_smem + slot_index * kStatBytes;
+        const unsigned delta_s = lse_s + 4 * kBlockM;
+        const int m0 = i * kBlockM;
+
+        float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
+        ptx::wgmma_fence();
+        auto scores = [&](float(&c)[kBlockM / 8][4], unsigned a_tile, unsigned b_tile) {
+            const unsigned a = a_tile + group * kGroupKeys * 128;
+            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, KVTile::k_major(a), QTile::k_major(b_tile));
+#pragma unroll
+            for (int kk = 1; kk < kKStepsD; ++kk)
+                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, KVTile::k_major(a + KVTile::k_step(kk)),
+                                                                QTile::k_major(b_tile + QTile::k_step(kk)));
+        };
+        scores(st, k_smem, q_slot);
+        scores(dpt, v_smem, do_slot);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_pin(st);
+        ptx::wgmma_pin(dpt);
+
+        if (kScoreMods && heads > 1 && step.i == range.first) {
+            mod.head(f, bh + step.g, kLog2e);
+            dbias.head(bh + step.g);
+        }
+        auto lse_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(lse_s + 4 * col)); };
+        auto delta_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(delta_s + 4 * col)); };
+        const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
+#pragma unroll
+            for (int nt = 0; nt < kBlockM / 8; ++nt) {
+                const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int query = m0 + col + e % 2;
+                    const int key = n0 + lane_key_row() + 8 * (e / 2);
+                    float grad;
+                    const float x = score(st[nt][e], query, key, grad);
+                    st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
+                                    ? 0.f : ptx::ex2(x - tc::lse_log2(lse_of(col + e % 2)));
+                    dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_of(col + e % 2));
+                    if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
+                    if (score.capped) dpt[nt][e] *= grad;
+                }
+            }
+        }));
+        if (plain) {
+#pragma unroll
+            for (int nt = 0; nt < kBlockM / 8; ++nt) {
+                const int col = nt * 8 + 2 * (lane % 4);
+                float lse2[2], delta[2];
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    lse2[c] = tc::lse_log2(lse_of(col + c));
+                    delta[c] = delta_of(col + c);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
+                if (masked) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int query = m0 + col + e % 2;
+                        const int key = n0 + lane_key_row() + 8 * (e / 2);
+                        if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+            }
+        }
+        unsigned pa[kBlockM / 16][4], dsa[kBlockM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+            tc::pack_a<Element>(st[2 * kk], st[2 * kk + 1], pa[kk]);
+            tc::pack_a<Element>(dpt[2 * kk], dpt[2 * kk + 1], dsa[kk]);
+        }
+
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_slot + kk * 2048));
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_slot + kk * 2048));
+        ptx::wgmma_commit();
+
+        if (dq_head != nullptr) {
+            // dS^T to shared memory once both warpgroups are done with the previous step's (their
+            // dQ products waited), then the dQ product over both halves (bwd_dkdv_wgmma.cu).
+            ptx::named_barrier_sync(1, kConsumerThreads);
+            const int st_row = group * kGroupKeys + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+            for (int kk = 0; kk < kBlockM / 16; ++kk)
+                ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
+                                 dsa[kk][2], dsa[kk][3]);
+            ptx::fence_proxy_async_shared();
+            ptx::named_barrier_sync(2, kConsumerThreads);
+
+            const int q0 = kDqByRows ? group * 64 : 0, c0 = kDqByRows ? 0 : group * kDqN;
+            float dq[kDqN / 8][4];
+            const unsigned a = ds_smem + (q0 / 64) * DsTile::kPanelBytes;
+            const unsigned b = k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2;
+            ptx::wgmma_fence();
+            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(a), KVTile::mn_major(b));
+#pragma unroll
+            for (int kk = 1; kk < kBlockN / 16; ++kk)
+                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(a + kk * 2048), KVTile::mn_major(b + kk * 2048));
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_pin(dq);
+            if (lane == 0) ptx::mbarrier_arrive(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
+                if (row < at.seqlen_q) {
+                    float* dst = dq_head + HeadStep(p, step.g).dq_accum + (long long)row * f.head_dim;
+#pragma unroll
+                    for (int nt = 0; nt < kDqN / 8; ++nt) {
+                        const int col = c0 + nt * 8 + 2 * (lane % 4);
+                        if (f.head_dim % 2 == 0) {
+                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                        }
+                    }
+                }
+            }
+        } else {
+            ptx::wgmma_wait<0>();
+            if (lane == 0) ptx::mbarrier_arrive(empty(slot_index));
+        }
+        ptx::wgmma_pin(dv);
+        ptx::wgmma_pin(dk);
+    }
+
+    // ---- Epilogue: dK_g * scale and dV_g through shared memory (K, V and dS^T are free once both
+    // warpgroups are past their last step), stored by the consumers.
+    ptx::named_barrier_sync(1, kConsumerThreads);
+    const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
+    const int key_row = lane_key_row();
+    const float scale = static_cast<float>(f.scale);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+            const unsigned off = StageTile::offset(key_row + 8 * h, nt) + 4 * (lane % 4);
+            ptx::st_shared_b32(dk_stage + off, ptx::pack2<Element>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale));
+            ptx::st_shared_b32(dv_stage + off, ptx::pack2<Element>(dv[nt][2 * h], dv[nt][2 * h + 1]));
+        }
+    ptx::named_barrier_sync(1, kConsumerThreads);
+    const auto [out_group, out_n_index] = block_coord();
+    const BwdBatchIndex out_at(p, out_group * p.heads_per_block);
+    const int out_n0 = out_n_index * kBlockN;
+    tc::store_tile<kBlockN, kHeadDim, kConsumerThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + out_at.dk + out_n0 * p.dk_row_stride,
+                                                        p.dk_row_stride, out_at.seqlen_k - out_n0, f.head_dim, consumer_tid);
+    tc::store_tile<kBlockN, kHeadDim, kConsumerThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + out_at.dv + out_n0 * p.dv_row_stride,
+                                                        p.dv_row_stride, out_at.seqlen_k - out_n0, f.head_dim_v, consumer_tid);
+}
+
+}  // namespace cuflash
