@@ -20,11 +20,11 @@
 // The maps (FwdTmaParams, params.cuh) address (head dim, row, head, batch): rows past a tensor's
 // end and columns past D arrive as zeros, as the cp.async loaders' zero-fill gives fwd_wgmma. A
 // packed batch's maps span all its tokens (batch 1), so a tile past a sequence's end reads the
-// next sequence's rows: masked keys (-inf scores, P = 0) and query rows never stored. The host
-// takes this kernel only where that is safe and the maps describe the layout (plan._tensor_maps:
-// no key-padding cut or seqused_k, whose keys past the cut may hold anything; batch axes merged
-// into one; no broadcast axis but a shared key/value head); everything else runs fwd_wgmma or
-// fwd_tc.
+// next sequence's rows; and a key-padding cut or seqused_k ends a sequence's keys inside its
+// tensor. Such keys get -inf scores from the mask and zeroed V rows (before the last P V), query
+// rows past the end are never stored. The host takes this kernel wherever the maps describe the
+// layout (plan._tensor_maps: batch axes merged into one; no broadcast axis but a shared key/value
+// head); everything else runs fwd_wgmma or fwd_tc.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -291,6 +291,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
     if (tiles > 0) {
         const int slot = (tiles - 1) % kStages;
         ptx::mbarrier_wait(bars.v_full(slot), ring_parity<kStages>(tiles - 1));
+        // Keys past the sequence's end: a map reads whatever the tensor holds there (the keys
+        // past a key-padding cut or seqused_k, the next sequence of a packed batch). Their P is
+        // 0, but 0 x NaN is NaN in the MMA, so each warpgroup zeroes those rows of the last V
+        // tile before its P V (both write the same zeros; only this tile can cross the end).
+        const int valid_keys = mask.seqlen_k - (range.last - 1) * kBlockN;
+        if (valid_keys < kBlockN) {
+            const unsigned v_tile = v_ring + slot * KVTile::kBytes;
+#pragma unroll
+            for (int c = 0; c < kPanels; ++c)
+                for (int chunk = 8 * valid_keys + group_tid; chunk < 8 * kBlockN; chunk += 128)
+                    ptx::st_shared_v4(v_tile + c * KVTile::kPanelBytes + 16 * chunk, 0u, 0u, 0u, 0u);
+            ptx::fence_proxy_async_shared();
+            ptx::named_barrier_sync(own_barrier, 128);
+        }
         my_turn();
         ptx::wgmma_fence();
         issue_pv(slot);

@@ -147,14 +147,16 @@ def test_layouts_the_maps_cannot_describe_fall_back_to_fwd_wgmma(rng, case, take
     assert bool(map_calls) == takes_maps
 
 
-def test_a_key_padding_cut_never_reads_keys_past_it_through_maps(rng, map_calls):
-    """Rows whose mask is a key-padding prefix run the plain Variant with their Lk cut: keys past
-    the cut must read as zeros (here they hold inf and NaN, which 0 * v would spread), so the
-    plan takes no TMA kernel."""
+@pytest.mark.parametrize("d", [128, 256])
+def test_keys_past_a_key_padding_cut_never_reach_the_output(rng, d, map_calls):
+    """Rows whose mask is a key-padding prefix run with their Lk cut: the maps read the keys past
+    the cut as they are (here inf and NaN, which 0 * v would spread), so the kernel zeroes those
+    rows of the last V tile. Lengths cut inside a tile and at a tile's end. (At d64 the plain and
+    the modifier launch of a key-padding call take different tiles, so neither reads by maps.)"""
     dtype = "bfloat16"
-    b, h, l_q, l_k, d = 2, 2, 130, 1500, 128
+    b, h, l_q, l_k = 3, 2, 130, 1500
     dev, exact = _inputs(rng, dtype, (b, h, l_q, d), (b, h, l_k, d), (b, h, l_k, d))
-    lengths = (1000, 1337)
+    lengths = (1000, 1337, 1024)
     mask = numpy.zeros((b, 1, 1, l_k), dtype=bool)
     for i, n in enumerate(lengths):
         mask[i, ..., :n] = True
@@ -163,8 +165,27 @@ def test_a_key_padding_cut_never_reads_keys_past_it_through_maps(rng, map_calls)
     out = cuflash.attention(*dev, mask=cupy.asarray(mask))
     ref = [score_mods_ref(exact[0][i:i + 1], exact[1][i:i + 1, :, :n], exact[2][i:i + 1, :, :n])[0]
            for i, n in enumerate(lengths)]
-    assert not map_calls
+    assert map_calls
     assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - numpy.concatenate(ref)).max() < 2e-2
+
+
+def test_keys_past_seqused_k_never_reach_the_output(rng, map_calls):
+    """A packed batch with seqused_k (a KV cache's used prefix): NaN past the used keys."""
+    dtype, d, hq, hk = "bfloat16", 128, 4, 2
+    lengths_q, capacity, used = [200, 1, 77], [1200, 1300, 700], [999, 1300, 1]
+    cu_q, cu_k = (numpy.concatenate([[0], numpy.cumsum(n)]).astype(numpy.int32) for n in (lengths_q, capacity))
+    dev, exact = _inputs(rng, dtype, (int(cu_q[-1]), hq, d), (int(cu_k[-1]), hk, d), (int(cu_k[-1]), hk, d))
+    for i, n in enumerate(used):
+        dev[2][cu_k[i] + n: cu_k[i + 1]] = numpy.nan
+    out = cuflash.attention_varlen(*dev, cupy.asarray(cu_q), cupy.asarray(cu_k),
+                                   seqused_k=cupy.asarray(numpy.array(used, dtype=numpy.int32)))
+    out = cupy.asnumpy(out).astype(numpy.float64)
+    assert map_calls
+    for i, n in enumerate(used):
+        q, k, v = (x[c[i]: c[i] + m].transpose(1, 0, 2)[None]
+                   for x, c, m in zip(exact, (cu_q, cu_k, cu_k), (lengths_q[i], n, n)))
+        ref_out, _ = score_mods_ref(q, k, v)
+        assert numpy.abs(out[cu_q[i]: cu_q[i + 1]] - ref_out[0].transpose(1, 0, 2)).max() < 2e-2, i
 
 
 MOD_CASES = [

@@ -484,9 +484,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
                                                               tma_ok))
-    # Under a key-padding cut the keys past it must read as zeros, as the cp.async loaders give
-    # them (a tensor map reads whatever the tensor holds there): no TMA family then.
-    sets = choose(not _pads_keys(p))
+    sets = choose(True)
     variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
@@ -508,11 +506,17 @@ def forward(problem, *, prefetch_backward: bool | None = None):
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse}
     layout = _Layout(p, tensors, variant.block_m)
-    maps = _tensor_maps(p, layout, variant) if tiles.SPECS[variant.kernel].tma else None
-    if tiles.SPECS[variant.kernel].tma and maps is None:  # a layout the maps cannot describe
-        sets = choose(False)
-        variant = sets[-1][0]
-        layout = _Layout(p, tensors, variant.block_m)
+    # One struct serves every launch (a kernel taking FwdParams reads FwdTmaParams' first part),
+    # so the TMA launches must share one tile: their maps' boxes.
+    tma_launches = [f for f, _ in sets if tiles.SPECS[f.kernel].tma]
+    maps = None
+    if tma_launches:
+        if len({(f.block_m, f.block_n) for f in tma_launches}) == 1:
+            maps = _tensor_maps(p, layout, tma_launches[0])
+        if maps is None:  # a layout the maps cannot describe
+            sets = choose(False)
+            variant = sets[-1][0]
+            layout = _Layout(p, tensors, variant.block_m)
     kernels.prefetch([f for f, _ in sets], device)
     launches = tuple(_launch_of(f, device, layout.grid_x, _longest(p)[0], f.block_m, rows) for f, rows in sets)
     struct = _fwd_struct(p, layout, q, v, None if maps is None else maps[1])
@@ -542,12 +546,9 @@ def _tensor_maps(p, layout: _Layout, variant, names=("q", "k", "v"), kv_group: i
     kernel divides by (a key/value head axis broadcast to every query head is one head shared by
     all: MQA; the backward passes its own, _shared_kv_heads'). ``names``: the tensors, k and v read
     by the key tile, the others (q, dout) by the query tile. None where maps cannot describe the
-    call: batch axes that do not
-    merge into one, any other broadcast (stride 0) axis, a stride the copy engine cannot take, or
-    a packed batch with seqused_k (a packed batch's maps span all its tokens: fwd_wgmma_ws.cu)."""
+    call: batch axes that do not merge into one, any other broadcast (stride 0) axis, or a stride
+    the copy engine cannot take (a packed batch's maps span all its tokens: fwd_wgmma_ws.cu)."""
     packed = p.packed is not None
-    if packed and p.packed.seqused_k is not None:  # keys past seqused_k may hold anything
-        return None
     # A packed batch's sequence axis (the last batch axis, stride 0) is no map axis: the kernel
     # adds each sequence's first row (cu_seqlens) to the rows.
     batch_axes = layout.batch_shape[:-1] if packed else layout.batch_shape
