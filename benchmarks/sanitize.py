@@ -180,6 +180,13 @@ def _feature_cases() -> list[dict]:
              options={"softcap": 20.0, "alibi_slopes": "heads", "window": (100, 0)}, backward=False),
         dict(name="ws-bfloat16-d192-varlen", dtype="bfloat16", api="varlen", lengths_q=[130, 0, 1, 200],
              lengths_k=[200, 7, 150, 0], heads=(4, 2), d=192, backward=False),
+        # the warp-specialized dK/dV backward (bwd_dkdv_wgmma_ws.cu: TMA K/V once, Q/dO per step,
+        # a warp for lse/delta): GQA causal at d128, a packed batch at d64 (keys past each
+        # sequence's end zeroed in shared memory)
+        dict(name="ws-bwd-bfloat16-d128-gqa-causal", dtype="bfloat16", q=(2, 4, 200, 128), k=(2, 2, 333, 128),
+             options={"causal": True}),
+        dict(name="ws-bwd-float16-d64-varlen", dtype="float16", api="varlen", lengths_q=[130, 0, 1, 200],
+             lengths_k=[200, 7, 150, 0], heads=(4, 2), d=64),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
