@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(dq);
-            if (lane == 0) ptx::mbarrier_arrive(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
+            ptx::mbarrier_arrive_warp(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             }
         } else {
             ptx::wgmma_wait<0>();
-            if (lane == 0) ptx::mbarrier_arrive(empty(slot_index));
+            ptx::mbarrier_arrive_warp(empty(slot_index));
         }
         ptx::wgmma_pin(dv);
         ptx::wgmma_pin(dk);

@@ -204,10 +204,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         if (t < range.full_first || t >= range.full_last)
             tc::apply_mask(mask, s, m0 + warp_row0, t * kBlockN, lane, tc::neg_inf());
     };
-    // A warp is done reading a slot (its MMAs waited for): one arrival per warp.
-    auto release = [&](unsigned empty_bar) {
-        if (lane == 0) ptx::mbarrier_arrive(empty_bar);
-    };
+    // A warp is done with a slot (its MMAs waited for): one arrival per warp.
+    auto release = [&](unsigned empty_bar) { ptx::mbarrier_arrive_warp(empty_bar); };
     // Ping-pong: wait for this warpgroup's turn before issuing MMAs; pass the turn to the next
     // warpgroup (cyclically) after. Each turn barrier completes with the 128 threads of its
     // warpgroup waiting and the 128 of the one before arriving.

@@ -576,6 +576,15 @@ __device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
 #endif
 }
 
+// One arrival on `bar` for the whole warp, after every lane's reads of the stage: an arrive
+// releases only its own thread's accesses, so the warp first synchronizes (__syncwarp orders the
+// other lanes' shared-memory reads before lane 0's arrive; racecheck reports the refill of a slot
+// whose reads some lane had not finished otherwise).
+__device__ __forceinline__ void mbarrier_arrive_warp(unsigned bar) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbarrier_arrive(bar);
+}
+
 // Wait until the phase of `bar` with parity `phase` (0 or 1) has completed: all its arrivals
 // and transaction bytes. try_wait suspends the thread for a while in hardware before it
 // returns false, so the loop does not spin hot.
