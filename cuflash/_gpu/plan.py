@@ -1067,11 +1067,18 @@ def backward(problem):
     if on_chip is not None:
         on_chip.fill(struct, dscores, device)
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
-    # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2.
+    # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2, heaviest key tiles first
+    # inside each (schedule.cuh). A grid of at most four waves is one section: longest processing
+    # time first over the whole grid. Sections there would start the last section's heaviest
+    # tiles last, each of them a large share of an SM's work (GQA 16/8, 2x4096, causal: 512 blocks
+    # of two heads, modelled 0.76 of the balanced time in sections of three rows, 0.98 in one).
+    key_rows = layout.grid_x // per_block
     query_bytes = per_block * _mean_rows(p)[0] * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
                                             + q.shape[-1] * accum.itemsize + 2 * accum.itemsize)
-    struct["fwd"]["heads_per_section"] = int(max(1, min(layout.grid_x // per_block, 65536,
-                                                        _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1))))
+    section = _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1)
+    if key_rows * key_tiles <= 4 * _device_attribute("MultiProcessorCount"):
+        section = key_rows
+    struct["fwd"]["heads_per_section"] = int(max(1, min(key_rows, 65536, section)))
 
     # A TMA dK/dV kernel (bwd_dkdv_wgmma_ws) reads q, k, v and dout through maps, where they can
     # describe the layout (else its twin of the same tile, bwd_dkdv_wgmma); one struct serves every
