@@ -150,6 +150,22 @@ def test_the_driver_end_to_end_with_a_stand_in_sanitizer(tmp_path):
     for tool in ("memcheck", "racecheck"):
         assert report["selftest"][tool]["errors"] == 1
         assert set(report["results"][tool]) == set(quick)
-        assert report["summary"][tool] == {"errors": 0, "failed_cases": [], "unsupported_cases": []}
+        assert report["summary"][tool] == {"errors": 0, "failed_cases": [], "unsupported_cases": [],
+                                           "unjudged_cases": []}
         assert all(r["child"]["status"] == "ok" for r in report["results"][tool].values())
     assert (out / "logs.tar.gz").is_file()
+
+
+def test_racecheck_leaves_mbarrier_handoffs_unjudged_only_when_its_probe_reports_hazards():
+    """Cases marked mbarrier_handoff are unjudged by racecheck when it reported hazards on the
+    correct mbarrier ring; a wrong answer from such a case still fails; other tools still judge."""
+    cases = {"ws": {"name": "ws", "mbarrier_handoff": True}, "plain": {"name": "plain"}}
+    hazards = {"rc": 1, "errors": 12, "child": {"status": "ok"}}
+    blind = {"cases": cases, "racecheck_models_mbarriers": False}
+    assert sanitize.unjudged(blind, "racecheck", "ws")
+    assert not sanitize.unjudged(blind, "racecheck", "plain")
+    assert not sanitize.unjudged(blind, "memcheck", "ws")
+    assert not sanitize.unjudged({"cases": cases, "racecheck_models_mbarriers": True}, "racecheck", "ws")
+    assert not sanitize.failed(hazards, "racecheck", unjudged_by_tool=True)
+    assert sanitize.failed(hazards, "racecheck")
+    assert sanitize.failed({**hazards, "child": {"status": "mismatch"}}, "racecheck", unjudged_by_tool=True)
