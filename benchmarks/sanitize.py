@@ -468,8 +468,8 @@ PLANTED = {
 # kernels hand over their plain shared-memory stores (bwd_dkdv_wgmma_ws's lse/delta): a producer
 # warp stores and arrives on "full", the consumer warp waits, reads, and releases the slot on
 # "empty" (ptx::mbarrier_arrive_warp). A racecheck that reports hazards here does not model
-# mbarrier ordering (measured: compute-sanitizer 2025.x on an H200 reports 744 on this correct
-# ring, and as many with the release moved before the read), so it cannot judge the cases marked
+# mbarrier ordering (measured 2026-12-01 on an H200: 744-1700 hazards on this correct ring, as
+# many as with the release moved before the read), so it cannot judge the cases marked
 # ``mbarrier_handoff``: they are reported as unjudged by racecheck, not as passing or failing.
 MBARRIER_PROBE = "probe-mbarrier-ring"
 MBARRIER_RING = r'''
