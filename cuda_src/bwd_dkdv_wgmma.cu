@@ -35,6 +35,7 @@
 #include <cuda_bf16.h>
 
 #include "bwd_tc.cuh"
+#include "bwd_wgmma.cuh"
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -198,119 +199,24 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             mod.head(f, bh + step.g, kLog2e);
             dbias.head(bh + step.g);
         }
-        // P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T o (dP^T - delta_i). This lane
-        // holds queries 8 nt + 2 (lane % 4) + {0, 1} of keys key_row, key_row + 8 (tc::lse_log2: a
-        // row that sees no key gets P = 0 exactly).
-        const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
-            // Score modifiers (score_mod.cuh; the slope, bias and mask are head g's): P^T = exp2(x - lse_i log2 e)
-            // of the modified score x in log2 units, 0 where hidden; dS^T = P^T o (dP^T - delta_i)
-            // o dx / d(scale S). One branch for the whole tile, so the loop stays one block.
-#pragma unroll
-            for (int nt = 0; nt < kBlockM / 8; ++nt) {
-                const int col = nt * 8 + 2 * (lane % 4);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int query = m0 + col + e % 2;
-                    const int key = n0_s + lane_key_row() + 8 * (e / 2);
-                    float grad;
-                    const float x = score(st[nt][e], query, key, grad);
-                    st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
-                                    ? 0.f : ptx::ex2(x - tc::lse_log2(lse_s[col + e % 2]));
-                    dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_s[col + e % 2]);
-                    if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
-                    if (score.capped) dpt[nt][e] *= grad;
-                }
-            }
-        }));
-        if (plain) {
-#pragma unroll
-            for (int nt = 0; nt < kBlockM / 8; ++nt) {
-                const int col = nt * 8 + 2 * (lane % 4);
-                float lse2[2], delta[2];
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    lse2[c] = tc::lse_log2(lse_s[col + c]);
-                    delta[c] = delta_s[col + c];
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
-                // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
-                if (masked) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int query = m0 + col + e % 2;
-                        const int key = n0_s + lane_key_row() + 8 * (e / 2);
-                        if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
-                    }
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
-            }
-        }
-        // 16-bit A fragments: n8 tiles 2kk, 2kk + 1 (queries 16kk..16kk+15) are k-step kk's.
-        unsigned pa[kBlockM / 16][4], dsa[kBlockM / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-            tc::pack_a<Element>(st[2 * kk], st[2 * kk + 1], pa[kk]);
-            tc::pack_a<Element>(dpt[2 * kk], dpt[2 * kk + 1], dsa[kk]);
-        }
-
-        // dV_g += P^T dO_i, dK_g += dS^T Q_i: B MN-major, k-step kk = query rows 16kk..16kk+15.
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_slot + kk * 2048));
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_slot + kk * 2048));
-        ptx::wgmma_commit();
+        // P^T and dS^T (bwd_wgmma.cuh), then dV_g += P^T dO_i, dK_g += dS^T Q_i.
+        wgmma_bwd::probabilities_and_dscores<kBlockM>(
+            st, dpt, mod, modified, dbias, mask, masked, m0, n0_s + lane_key_row(), at.seqlen_q, scale_log2, lane,
+            [&](int col) { return lse_s[col]; }, [&](int col) { return delta_s[col]; });
+        unsigned dsa[kBlockM / 16][4];
+        wgmma_bwd::accumulate_dv_dk<Element, kBlockM, kHeadDim, QTile>(dv, dk, st, dpt, q_slot, do_slot, dsa);
 
         if (with_dq) {
-            // dS^T to shared memory while the tensor cores work: one stmatrix per k-step fragment
-            // (matrices: keys 0-7 | 8-15 of query chunk 2kk, then of 2kk + 1; lane l addresses
-            // row l % 8 of matrix l / 8).
-            const int st_row = group * kGroupKeys + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
-#pragma unroll
-            for (int kk = 0; kk < kBlockM / 16; ++kk)
-                ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
-                                 dsa[kk][2], dsa[kk][3]);
-            ptx::fence_proxy_async_shared();
-            __syncthreads();  // dS^T of both warpgroups visible
-
-            // dQ_i += dS K over the block's 128 keys (k-step kk = keys 16kk..16kk+15): this
+            // dS^T to shared memory while the tensor cores work, then dQ_i += dS K: this
             // warpgroup's rows [q0, q0 + 64) x columns [c0, c0 + kDqN).
+            wgmma_bwd::store_dst<kBlockM, DsTile>(ds_smem, dsa, group * kGroupKeys, warp, lane);
+            __syncthreads();  // dS^T of both warpgroups visible
             const int q0 = kDqByRows ? group * 64 : 0, c0 = kDqByRows ? 0 : group * kDqN;
             float dq[kDqN / 8][4];
-            const unsigned a = ds_smem + (q0 / 64) * DsTile::kPanelBytes;
-            const unsigned b = k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2;
-            ptx::wgmma_fence();
-            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(a), KVTile::mn_major(b));
-#pragma unroll
-            for (int kk = 1; kk < kBlockN / 16; ++kk)
-                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(a + kk * 2048), KVTile::mn_major(b + kk * 2048));
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_pin(dq);
-            // Unscaled into dq_accum (bwd_dq_convert multiplies by scale). An even D makes every
-            // (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
-                if (row < at.seqlen_q) {
-                    float* dst = dq_head_s + HeadStep(p, step.g).dq_accum + (long long)row * f.head_dim;
-#pragma unroll
-                    for (int nt = 0; nt < kDqN / 8; ++nt) {
-                        const int col = c0 + nt * 8 + 2 * (lane % 4);
-                        if (f.head_dim % 2 == 0) {
-                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
-                        } else {
-#pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
-                        }
-                    }
-                }
-            }
+            wgmma_bwd::dq_product<Element, kBlockN, kDqN, DsTile, KVTile>(
+                dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
+            wgmma_bwd::add_dq<kDqN>(dq_head_s + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+                                    at.seqlen_q, c0, f.head_dim, lane);
         } else {
             ptx::wgmma_wait<0>();
         }

@@ -1,7 +1,7 @@
 // Backward attention for float16 / bfloat16 on Hopper (sm_90a), over key tiles, warp-specialized:
 // bwd_dkdv_wgmma.cu's algorithm and contract (its comment: S^T, dP^T, P^T, dS^T, dV, dK and dQ by
-// fp32 REDs) with the loads taken off the warps that compute, as fwd_wgmma_ws.cu does for the
-// forward.
+// fp32 REDs; a step's math is bwd_wgmma.cuh's, shared with it) with the loads taken off the warps
+// that compute, as fwd_wgmma_ws.cu does for the forward.
 //
 // A block has one producer warpgroup and two consumer warpgroups; consumer g owns keys
 // [64g, 64g + 64) of the block's kBlockN = 128 (one wgmma M), its dK_g, dV_g in registers.
@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 
 #include "bwd_tc.cuh"
+#include "bwd_wgmma.cuh"
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -212,12 +213,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
         ptx::wgmma_fence();
         auto scores = [&](float(&c)[kBlockM / 8][4], unsigned a_tile, unsigned b_tile) {
-            const unsigned a = a_tile + group * kGroupKeys * 128;
-            ptx::Wgmma<kBlockM>::template ss<Element, 0, 0, false>(c, KVTile::k_major(a), QTile::k_major(b_tile));
-#pragma unroll
-            for (int kk = 1; kk < kKStepsD; ++kk)
-                ptx::Wgmma<kBlockM>::template ss<Element, 0, 0>(c, KVTile::k_major(a + KVTile::k_step(kk)),
-                                                                QTile::k_major(b_tile + QTile::k_step(kk)));
+            // this warpgroup's 64 rows of K or V
+            tc::wgmma_a_bt<Element, kKStepsD, KVTile, QTile>(c, a_tile + group * kGroupKeys * 128, b_tile);
         };
         scores(st, k_smem, q_slot);
         scores(dpt, v_smem, do_slot);
@@ -232,107 +229,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         }
         auto lse_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(lse_s + 4 * col)); };
         auto delta_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(delta_s + 4 * col)); };
-        const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
-#pragma unroll
-            for (int nt = 0; nt < kBlockM / 8; ++nt) {
-                const int col = nt * 8 + 2 * (lane % 4);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int query = m0 + col + e % 2;
-                    const int key = n0 + lane_key_row() + 8 * (e / 2);
-                    float grad;
-                    const float x = score(st[nt][e], query, key, grad);
-                    st[nt][e] = masked && (query >= at.seqlen_q || !mask.visible(query, key))
-                                    ? 0.f : ptx::ex2(x - tc::lse_log2(lse_of(col + e % 2)));
-                    dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_of(col + e % 2));
-                    if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
-                    if (score.capped) dpt[nt][e] *= grad;
-                }
-            }
-        }));
-        if (plain) {
-#pragma unroll
-            for (int nt = 0; nt < kBlockM / 8; ++nt) {
-                const int col = nt * 8 + 2 * (lane % 4);
-                float lse2[2], delta[2];
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    lse2[c] = tc::lse_log2(lse_of(col + c));
-                    delta[c] = delta_of(col + c);
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
-                if (masked) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int query = m0 + col + e % 2;
-                        const int key = n0 + lane_key_row() + 8 * (e / 2);
-                        if (query >= at.seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
-                    }
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
-            }
-        }
-        unsigned pa[kBlockM / 16][4], dsa[kBlockM / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-            tc::pack_a<Element>(st[2 * kk], st[2 * kk + 1], pa[kk]);
-            tc::pack_a<Element>(dpt[2 * kk], dpt[2 * kk + 1], dsa[kk]);
-        }
-
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_slot + kk * 2048));
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_slot + kk * 2048));
-        ptx::wgmma_commit();
+        wgmma_bwd::probabilities_and_dscores<kBlockM>(st, dpt, mod, modified, dbias, mask, masked, m0,
+                                                      n0 + lane_key_row(), at.seqlen_q, scale_log2, lane, lse_of,
+                                                      delta_of);
+        unsigned dsa[kBlockM / 16][4];
+        wgmma_bwd::accumulate_dv_dk<Element, kBlockM, kHeadDim, QTile>(dv, dk, st, dpt, q_slot, do_slot, dsa);
 
         if (dq_head != nullptr) {
             // dS^T to shared memory once both warpgroups are done with the previous step's (their
             // dQ products waited), then the dQ product over both halves (bwd_dkdv_wgmma.cu).
             ptx::named_barrier_sync(1, kConsumerThreads);
-            const int st_row = group * kGroupKeys + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
-#pragma unroll
-            for (int kk = 0; kk < kBlockM / 16; ++kk)
-                ptx::stmatrix_x4(ds_smem + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1],
-                                 dsa[kk][2], dsa[kk][3]);
-            ptx::fence_proxy_async_shared();
+            wgmma_bwd::store_dst<kBlockM, DsTile>(ds_smem, dsa, group * kGroupKeys, warp, lane);
             ptx::named_barrier_sync(2, kConsumerThreads);
-
             const int q0 = kDqByRows ? group * 64 : 0, c0 = kDqByRows ? 0 : group * kDqN;
             float dq[kDqN / 8][4];
-            const unsigned a = ds_smem + (q0 / 64) * DsTile::kPanelBytes;
-            const unsigned b = k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2;
-            ptx::wgmma_fence();
-            ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(a), KVTile::mn_major(b));
-#pragma unroll
-            for (int kk = 1; kk < kBlockN / 16; ++kk)
-                ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(a + kk * 2048), KVTile::mn_major(b + kk * 2048));
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_pin(dq);
+            wgmma_bwd::dq_product<Element, kBlockN, kDqN, DsTile, KVTile>(
+                dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
             ptx::mbarrier_arrive_warp(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + q0 + (warp % 4) * 16 + lane / 4 + 8 * h;
-                if (row < at.seqlen_q) {
-                    float* dst = dq_head + HeadStep(p, step.g).dq_accum + (long long)row * f.head_dim;
-#pragma unroll
-                    for (int nt = 0; nt < kDqN / 8; ++nt) {
-                        const int col = c0 + nt * 8 + 2 * (lane % 4);
-                        if (f.head_dim % 2 == 0) {
-                            if (col < f.head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
-                        } else {
-#pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                if (col + e < f.head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
-                        }
-                    }
-                }
-            }
+            wgmma_bwd::add_dq<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+                                    at.seqlen_q, c0, f.head_dim, lane);
         } else {
             ptx::wgmma_wait<0>();
             ptx::mbarrier_arrive_warp(empty(slot_index));

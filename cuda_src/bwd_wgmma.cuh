@@ -1,0 +1,156 @@
+// One step of the Hopper dK/dV kernels (bwd_dkdv_wgmma.cu, cp.async; bwd_dkdv_wgmma_ws.cu, TMA
+// and warp specialization), after S^T = K_g Q_i^T and dP^T = V_g dO_i^T have landed in a
+// warpgroup's registers: the math of bwd_dkdv_wgmma.cu's header comment, written once. The
+// kernels differ in how Q_i, dO_i, lse_i and delta_i reach shared memory and how a slot is
+// released, not in what a step computes.
+#pragma once
+#include "bwd_tc.cuh"
+#include "mask.cuh"
+#include "ptx.cuh"
+#include "score_mod.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+namespace wgmma_bwd {
+
+// P^T = exp2(S^T * scale_log2 - lse_i log2 e), dS^T = P^T o (dP^T - delta_i), in place of S^T
+// and dP^T (64 keys x kBlockM queries per warpgroup). This lane holds queries
+// m0 + 8 nt + 2 (lane % 4) + {0, 1} of keys key0, key0 + 8; lse_of(c), delta_of(c) read column c
+// of the tile's lse_i and delta_i (tc::lse_log2: a row that sees no key gets P = 0 exactly).
+// ``masked``: the tile crosses the mask's edge, the keys' end or Lq (per-element test).
+template <int kBlockM, typename Mod, typename MaskT, typename LseOf, typename DeltaOf>
+__device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4],
+                                                          const Mod& mod, bool modified, BiasGrad<float>& dbias,
+                                                          const MaskT& mask, bool masked, int m0, int key0,
+                                                          int seqlen_q, float scale_log2, int lane,
+                                                          const LseOf& lse_of, const DeltaOf& delta_of) {
+    const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
+        // Score modifiers (score_mod.cuh; the slope, bias and mask are the step's head's): P^T =
+        // exp2(x - lse_i log2 e) of the modified score x in log2 units, 0 where hidden; dS^T =
+        // P^T o (dP^T - delta_i) o dx / d(scale S). One branch for the whole tile, so the loop
+        // stays one block.
+#pragma unroll
+        for (int nt = 0; nt < kBlockM / 8; ++nt) {
+            const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int query = m0 + col + e % 2;
+                const int key = key0 + 8 * (e / 2);
+                float grad;
+                const float x = score(st[nt][e], query, key, grad);
+                st[nt][e] = masked && (query >= seqlen_q || !mask.visible(query, key))
+                                ? 0.f : ptx::ex2(x - tc::lse_log2(lse_of(col + e % 2)));
+                dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_of(col + e % 2));
+                if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
+                if (score.capped) dpt[nt][e] *= grad;
+            }
+        }
+    }));
+    if (!plain) return;
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+        const int col = nt * 8 + 2 * (lane % 4);
+        float lse2[2], delta[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            lse2[c] = tc::lse_log2(lse_of(col + c));
+            delta[c] = delta_of(col + c);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
+        // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
+        if (masked) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int query = m0 + col + e % 2;
+                const int key = key0 + 8 * (e / 2);
+                if (query >= seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+    }
+}
+
+// dV_g += P^T dO_i, dK_g += dS^T Q_i, issued and committed (not waited for): A = P^T, dS^T from
+// registers as 16-bit fragments (n8 tiles 2kk, 2kk + 1, queries 16kk..16kk+15, are k-step kk's),
+// B = dO_i, Q_i MN-major (k-step kk = query rows 16kk..16kk+15). dS^T's fragments are returned in
+// ``dsa`` for the dQ product.
+template <typename Element, int kBlockM, int kHeadDim, typename QTile>
+__device__ __forceinline__ void accumulate_dv_dk(float (&dv)[kHeadDim / 8][4], float (&dk)[kHeadDim / 8][4],
+                                                 const float (&pt)[kBlockM / 8][4], const float (&dst)[kBlockM / 8][4],
+                                                 unsigned q_tile, unsigned do_tile, unsigned (&dsa)[kBlockM / 16][4]) {
+    unsigned pa[kBlockM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        tc::pack_a<Element>(pt[2 * kk], pt[2 * kk + 1], pa[kk]);
+        tc::pack_a<Element>(dst[2 * kk], dst[2 * kk + 1], dsa[kk]);
+    }
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_tile + kk * 2048));
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_tile + kk * 2048));
+    ptx::wgmma_commit();
+}
+
+// dS^T of this warpgroup to shared memory, one stmatrix per k-step fragment (matrices: keys
+// 0-7 | 8-15 of query chunk 2kk, then of 2kk + 1; lane l addresses row l % 8 of matrix l / 8),
+// fenced for the tensor cores' reads. The caller's barrier makes both halves visible.
+template <int kBlockM, typename DsTile>
+__device__ __forceinline__ void store_dst(unsigned ds_tile, const unsigned (&dsa)[kBlockM / 16][4], int first_key,
+                                          int warp, int lane) {
+    const int st_row = first_key + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+        ptx::stmatrix_x4(ds_tile + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1], dsa[kk][2],
+                         dsa[kk][3]);
+    ptx::fence_proxy_async_shared();
+}
+
+// dQ_i's part of this warpgroup, dS K over the block's kBlockN keys (k-step kk = keys
+// 16kk..16kk+15), into ``dq`` and waited for: A = dS (the dS^T tile MN-major, from its panel
+// ``ds_panel``), B = K (MN-major, from column ``k_cols`` of its tile).
+template <typename Element, int kBlockN, int kDqN, typename DsTile, typename KVTile>
+__device__ __forceinline__ void dq_product(float (&dq)[kDqN / 8][4], unsigned ds_panel, unsigned k_cols) {
+    ptx::wgmma_fence();
+    ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(ds_panel), KVTile::mn_major(k_cols));
+#pragma unroll
+    for (int kk = 1; kk < kBlockN / 16; ++kk)
+        ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(ds_panel + kk * 2048),
+                                                      KVTile::mn_major(k_cols + kk * 2048));
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::wgmma_pin(dq);
+}
+
+// dQ_i's part added, unscaled, into dq_accum (bwd_dq_convert multiplies by scale): rows
+// ``row0`` + lane / 4 + {0, 8} below Lq, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below D. An
+// even D makes every (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
+template <int kDqN>
+__device__ __forceinline__ void add_dq(float* dq_rows, const float (&dq)[kDqN / 8][4], int row0, int seqlen_q, int c0,
+                                       int head_dim, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + lane / 4 + 8 * h;
+        if (row < seqlen_q) {
+            float* dst = dq_rows + (long long)row * head_dim;
+#pragma unroll
+            for (int nt = 0; nt < kDqN / 8; ++nt) {
+                const int col = c0 + nt * 8 + 2 * (lane % 4);
+                if (head_dim % 2 == 0) {
+                    if (col < head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (col + e < head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace wgmma_bwd
+}  // namespace cuflash
