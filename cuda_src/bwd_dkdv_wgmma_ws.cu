@@ -210,18 +210,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         const unsigned delta_s = lse_s + 4 * kBlockM;
         const int m0 = i * kBlockM;
 
-        float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
-        ptx::wgmma_fence();
-        auto scores = [&](float(&c)[kBlockM / 8][4], unsigned a_tile, unsigned b_tile) {
-            // this warpgroup's 64 rows of K or V
-            tc::wgmma_a_bt<Element, kKStepsD, KVTile, QTile>(c, a_tile + group * kGroupKeys * 128, b_tile);
-        };
-        scores(st, k_smem, q_slot);
-        scores(dpt, v_smem, do_slot);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_pin(st);
-        ptx::wgmma_pin(dpt);
+        float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
+        wgmma_bwd::transposed_scores<Element, kBlockM, kKStepsD, KVTile, QTile>(st, dpt, k_smem, v_smem, q_slot, do_slot,
+                                                                              group * kGroupKeys);
 
         if (kScoreMods && heads > 1 && step.i == range.first) {
             mod.head(f, bh + step.g, kLog2e);

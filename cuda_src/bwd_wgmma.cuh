@@ -13,6 +13,23 @@
 namespace cuflash {
 namespace wgmma_bwd {
 
+// S^T = K_g Q_i^T and dP^T = V_g dO_i^T (64 keys x kBlockM queries; the first k-step
+// overwrites: nothing of the previous tile stays live), issued, waited for and pinned: A = this
+// warpgroup's 64 rows of K or V (from row ``first_key`` of their tiles), B = Q_i or dO_i, both
+// K-major.
+template <typename Element, int kBlockM, int kKSteps, typename KVTile, typename QTile>
+__device__ __forceinline__ void transposed_scores(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4],
+                                                  unsigned k_tile, unsigned v_tile, unsigned q_tile, unsigned do_tile,
+                                                  int first_key) {
+    ptx::wgmma_fence();
+    tc::wgmma_a_bt<Element, kKSteps, KVTile, QTile>(st, k_tile + first_key * 128, q_tile);
+    tc::wgmma_a_bt<Element, kKSteps, KVTile, QTile>(dpt, v_tile + first_key * 128, do_tile);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::wgmma_pin(st);
+    ptx::wgmma_pin(dpt);
+}
+
 // P^T = exp2(S^T * scale_log2 - lse_i log2 e), dS^T = P^T o (dP^T - delta_i), in place of S^T
 // and dP^T (64 keys x kBlockM queries per warpgroup). This lane holds queries
 // m0 + 8 nt + 2 (lane % 4) + {0, 1} of keys key0, key0 + 8; lse_of(c), delta_of(c) read column c
