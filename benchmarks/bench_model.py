@@ -313,6 +313,8 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
 
         host_attention(ctx, function, batch, length, result, reference, backend)
     counts = ctx["hf"].COUNTS
+    if backend == "cuflash":
+        result["cuflash_kernels"] = kernel_families()
     result["attention_calls_cuflash"] = counts["cuflash"]
     result["attention_calls_fallback"] = counts["fallback"]
     result["fallback_reasons"] = dict(counts["fallback_reasons"])
@@ -375,6 +377,19 @@ def host_attention(ctx, function, batch, length, result, reference, backend):
         out.backward(dout)
 
     result["host_us_fwd_bwd"] = host_times(forward_backward)
+
+
+def kernel_families() -> list[str]:
+    """The kernel families cuflash's cached plans launch (which forward and backward kernels the
+    model's calls took: e.g. fwd_wgmma_ws, or fwd_wgmma where tensor maps could not describe the
+    layout); empty on the CPU backend."""
+    try:
+        from cuflash._gpu import plan
+    except ImportError:
+        return []
+    names = {getattr(launch.kernel, "name", "?") for entry in list(plan.PLANS.values())
+             for launch in getattr(entry, "launches", ())}
+    return sorted({name.split("<")[0].split("::")[-1] for name in names})
 
 
 def max_abs_diff(a, b) -> float:
