@@ -220,24 +220,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     ptx::cp_async_wait<0>();
     __syncthreads();
     const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
-    const int key_row = lane_key_row();
-    const float scale = static_cast<float>(f.scale);
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-            const unsigned off = StageTile::offset(key_row + 8 * h, nt) + 4 * (lane % 4);
-            ptx::st_shared_b32(dk_stage + off, ptx::pack2<Element>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale));
-            ptx::st_shared_b32(dv_stage + off, ptx::pack2<Element>(dv[nt][2 * h], dv[nt][2 * h + 1]));
-        }
+    wgmma_bwd::stage_dk_dv<Element, kHeadDim, StageTile>(dk_stage, dv_stage, dk, dv, lane_key_row(),
+                                                         static_cast<float>(f.scale), lane);
     __syncthreads();
     const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
-    const BwdBatchIndex out_at(p, out_group * p.heads_per_block);
-    const int out_n0 = out_n_index * kBlockN;
-    tc::store_tile<kBlockN, kHeadDim, kThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + out_at.dk + out_n0 * p.dk_row_stride,
-                                                p.dk_row_stride, out_at.seqlen_k - out_n0, f.head_dim, tid);
-    tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + out_at.dv + out_n0 * p.dv_row_stride,
-                                                p.dv_row_stride, out_at.seqlen_k - out_n0, f.head_dim_v, tid);
+    wgmma_bwd::store_dk_dv<kBlockN, kHeadDim, kThreads>(p, out_group, out_n_index, dk_stage, dv_stage, tid);
 }
 
 }  // namespace cuflash

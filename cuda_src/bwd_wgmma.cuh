@@ -6,6 +6,7 @@
 #pragma once
 #include "bwd_tc.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "ptx.cuh"
 #include "score_mod.cuh"
 #include "tile_tc.cuh"
@@ -167,6 +168,36 @@ __device__ __forceinline__ void add_dq(float* dq_rows, const float (&dq)[kDqN / 
             }
         }
     }
+}
+
+// The epilogue's first half: this warpgroup's dK_g * scale and dV_g in the input type, into
+// padded row tiles in shared memory (lane: keys key_row, key_row + 8; columns 8 nt + 2 (lane % 4)
+// + {0, 1}). The caller's barriers bracket it (K, V and dS^T are free before; the tiles complete
+// after).
+template <typename Element, int kHeadDim, typename StageTile>
+__device__ __forceinline__ void stage_dk_dv(unsigned dk_stage, unsigned dv_stage, const float (&dk)[kHeadDim / 8][4],
+                                            const float (&dv)[kHeadDim / 8][4], int key_row, float scale, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+            const unsigned off = StageTile::offset(key_row + 8 * h, nt) + 4 * (lane % 4);
+            ptx::st_shared_b32(dk_stage + off, ptx::pack2<Element>(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale));
+            ptx::st_shared_b32(dv_stage + off, ptx::pack2<Element>(dv[nt][2 * h], dv[nt][2 * h + 1]));
+        }
+}
+
+// The epilogue's second half: the staged tiles stored as the key tile n_index of the group
+// ``group``'s dK and dV (16-byte chunks where aligned, rows below Lk) by kThreads threads.
+template <int kBlockN, int kHeadDim, int kThreads>
+__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n_index, unsigned dk_stage,
+                                            unsigned dv_stage, int thread) {
+    const BwdBatchIndex at(p, group * p.heads_per_block);
+    const int n0 = n_index * kBlockN;
+    tc::store_tile<kBlockN, kHeadDim, kThreads>(dk_stage, static_cast<unsigned short*>(p.dk) + at.dk + n0 * p.dk_row_stride,
+                                                p.dk_row_stride, at.seqlen_k - n0, p.fwd.head_dim, thread);
+    tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + at.dv + n0 * p.dv_row_stride,
+                                                p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
 }
 
 }  // namespace wgmma_bwd
