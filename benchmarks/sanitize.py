@@ -779,12 +779,13 @@ def main(argv=None) -> int:
 
     summary = {}
     for tool in tools:
+        results = report["results"][tool]
+        skipped = {n for n in results if unjudged(report, tool, n)}
         summary[tool] = {
-            "errors": sum(r["errors"] or 0 for n, r in report["results"][tool].items() if not unjudged(report, tool, n)),
-            "failed_cases": sorted(n for n, r in report["results"][tool].items()
-                                   if failed(r, tool, unjudged(report, tool, n))),
-            "unjudged_cases": sorted(n for n in report["results"][tool] if unjudged(report, tool, n)),
-            "unsupported_cases": sorted(n for n, r in report["results"][tool].items()
+            "errors": sum(r["errors"] or 0 for n, r in results.items() if n not in skipped),
+            "failed_cases": sorted(n for n, r in results.items() if failed(r, tool, n in skipped)),
+            "unjudged_cases": sorted(skipped),
+            "unsupported_cases": sorted(n for n, r in results.items()
                                         if (r.get("child") or {}).get("status") == "unsupported"),
         }
     report["summary"] = summary

@@ -455,8 +455,8 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 
 # bwd_dkdv_wgmma_ws (Hopper, sm_90a only): bwd_dkdv_wgmma's work on two consumer warpgroups beside
 # a producer warpgroup (TMA for K, V, Q_i, dO_i; plain copies of lse_i, delta_i): 12 warps, the
-# same tiles. Shared memory: bwd_dkdv_wgmma's plus the mbarriers. Not yet measured (written
-# without a GPU, session 14).
+# same tiles. Shared memory: bwd_dkdv_wgmma's plus the mbarriers. Measured (H200 bf16, session
+# 15): 1.04-1.09x bwd_dkdv_wgmma at d64 and d128 (benchmarks/NOTES.md).
 _BWD_DKDV_WGMMA_WS_TABLE: dict[int, tuple[int, int, int, int]] = {
     64: (64, 128, 12, 2),
     128: (64, 128, 12, 2),
@@ -534,7 +534,8 @@ def _bwd_simt_candidates(kernel: str):
 # column of dQ), 16 rows per warp where the shared memory allows.
 # Candidates (block_m, block_n, warps) best first; the first that fits the arch's shared memory
 # is taken; none fits (99 KB parts, some buckets): the SIMT kernels run. Every candidate compiles
-# spill-free for sm_80 and sm_90a (tests/test_pipeline.py). Not measured yet (no GPU run).
+# spill-free for sm_80 and sm_90a (tests/test_pipeline.py). Measured at d64 only (H200, session
+# 14): 1.9-2.1x the DFMA kernels; the other buckets' tiles are chosen from registers alone.
 _BWD_DKDV_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
     32: ((32, 128, 8), (32, 64, 4)),  # 64 x 64 w4 spills 32-56 bytes
     64: ((16, 128, 8), (16, 64, 4)),  # 16 x 128: 165 KB, Hopper only; 32 x 64 w4 spills 72 bytes
