@@ -30,12 +30,21 @@
 
 namespace cuflash {
 
+// dQ tiles on their way to dq_accum: fp32 rows of kHeadDim + 8 floats (the padding spreads a
+// warp's rows over the banks), two buffers so that a step's tile is written while the copy engine
+// still reads the previous one.
+constexpr int kDqBuffers = 2;
+template <int kHeadDim>
+constexpr int dq_stage_stride() { return kHeadDim + 8; }
+
 // K, V, dS^T, per stage Q_i and dO_i (swizzled), per stage lse_i and delta_i (2 * kBlockM floats),
-// the mbarriers (K/V, then full and empty per stage), 1024 bytes to align the swizzle atoms.
+// the dQ buffers, the mbarriers (K/V, full and empty per stage, dQ full and empty per buffer),
+// 1024 bytes to align the swizzle atoms.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dkdv_wgmma_ws_smem_bytes() {
     return 1024 + 2 * tc::Sw128Tile<kBlockN, kHeadDim>::kBytes + tc::Sw128Tile<kBlockN, kBlockM>::kBytes +
-           kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4 + 8 * (1 + 2 * kStages);
+           kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4 +
+           kDqBuffers * kBlockM * dq_stage_stride<kHeadDim>() * 4 + 8 * (1 + 2 * kStages + 2 * kDqBuffers);
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -62,8 +71,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     constexpr unsigned kStageBytes = 2 * QTile::kBytes;
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;
     constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
+    constexpr int kDqStride = dq_stage_stride<kHeadDim>();
+    constexpr unsigned kDqTileBytes = kBlockM * kDqStride * 4;
     constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_ws_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + kTileBytes + kStages * kStatBytes + 8 * (1 + 2 * kStages), "1024: alignment");
+    static_assert(kSmemBytes == 1024 + kTileBytes + kStages * kStatBytes + kDqBuffers * kDqTileBytes +
+                                    8 * (1 + 2 * kStages + 2 * kDqBuffers), "1024: alignment");
+    static_assert((kStatBytes % 16) == 0 && (kDqStride * 4) % 16 == 0, "dQ rows start on 16 bytes for the bulk adds");
     static_assert(2 * StageTile::kBytes <= kTileBytes, "dK and dV leave through the tiles' space");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -74,10 +87,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     const unsigned ds_smem = v_smem + KVTile::kBytes;
     const unsigned stage_smem = ds_smem + DsTile::kBytes;
     const unsigned stat_smem = k_smem + kTileBytes;
-    const unsigned bar_smem = stat_smem + kStages * kStatBytes;  // kv_full, full[kStages], empty[kStages]
+    const unsigned dq_smem = stat_smem + kStages * kStatBytes;
+    // kv_full, full[kStages], empty[kStages], dq_full[kDqBuffers], dq_empty[kDqBuffers]
+    const unsigned bar_smem = dq_smem + kDqBuffers * kDqTileBytes;
     auto kv_full = [&] { return bar_smem; };
     auto full = [&](int slot) { return bar_smem + 8 * (1 + slot); };
     auto empty = [&](int slot) { return bar_smem + 8 * (1 + kStages + slot); };
+    auto dq_full = [&](int buffer) { return bar_smem + 8 * (1 + 2 * kStages + buffer); };
+    auto dq_empty = [&](int buffer) { return bar_smem + 8 * (1 + 2 * kStages + kDqBuffers + buffer); };
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
@@ -100,8 +117,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             ptx::mbarrier_init(full(s), 1 + 32);  // the copy engine's transaction, producer warp 1's lanes
             ptx::mbarrier_init(empty(s), 8);      // one arrival per consumer warp
         }
+#pragma unroll
+        for (int b = 0; b < kDqBuffers; ++b) {
+            ptx::mbarrier_init(dq_full(b), 8);   // one arrival per consumer warp
+            ptx::mbarrier_init(dq_empty(b), 1);  // producer warp 2, its reads done
+        }
     }
     __syncthreads();
+    // dQ's tiles leave through shared memory and the copy engine's bulk adds, off the consumers,
+    // where every row of dq_accum starts on 16 bytes (D % 4 == 0); else the consumers add theirs
+    // with REDs.
+    float* const dq_head = p.dq_accum != nullptr ? static_cast<float*>(p.dq_accum) + at.dq_accum : nullptr;
+    const bool bulk_dq = dq_head != nullptr && f.head_dim % 4 == 0;
 
     if (warp < 4) {
         // ---- Producer warpgroup.
@@ -162,6 +189,28 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 }
                 ptx::mbarrier_arrive(full(t % kStages));  // release: the stores above come first
             }
+        } else if (warp == 2 && bulk_dq) {
+            // dQ_i of each step, once both consumer warpgroups have staged theirs: lane l adds rows
+            // l, l + 32, ... below Lq (head_dim floats each) into dq_accum, then the buffer is free
+            // as soon as the copy engine has read it.
+            HeadTileStep step(range.first, range.last, heads);
+            for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
+                const int buffer = t % kDqBuffers;
+                ptx::mbarrier_wait(dq_full(buffer), static_cast<unsigned>(t / kDqBuffers) & 1u);
+                float* const rows = dq_head + HeadStep(p, step.g).dq_accum;
+                const unsigned tile = dq_smem + buffer * kDqTileBytes;
+#pragma unroll
+                for (int r = lane; r < kBlockM; r += 32) {
+                    const int row = step.i * kBlockM + r;
+                    if (row < at.seqlen_q)
+                        ptx::bulk_reduce_add_f32(rows + (long long)row * f.head_dim, tile + 4u * static_cast<unsigned>(r * kDqStride),
+                                                 4u * static_cast<unsigned>(f.head_dim));
+                }
+                ptx::bulk_commit_group();
+                ptx::bulk_wait_group_read<0>();
+                ptx::mbarrier_arrive_warp(dq_empty(buffer));
+            }
+            ptx::bulk_wait_group<0>();  // the adds done before the block ends
         }
         return;
     }
@@ -176,7 +225,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     tc::zero(dk);
     tc::zero(dv);
     const float scale_log2 = f.scale_log2;
-    float* const dq_head = p.dq_accum != nullptr ? static_cast<float*>(p.dq_accum) + at.dq_accum : nullptr;
 
     constexpr float kLog2e = 1.4426950408889634f;
     ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
@@ -237,8 +285,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             wgmma_bwd::dq_product<Element, kBlockN, kDqN, DsTile, KVTile>(
                 dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
             ptx::mbarrier_arrive_warp(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
-            wgmma_bwd::add_dq<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
-                                    at.seqlen_q, c0, f.head_dim, lane);
+            if (bulk_dq) {  // staged for producer warp 2's bulk adds, once it has read the buffer's last tile
+                const int buffer = t % kDqBuffers;
+                if (t >= kDqBuffers)
+                    ptx::mbarrier_wait(dq_empty(buffer), (static_cast<unsigned>(t / kDqBuffers) & 1u) ^ 1u);
+                wgmma_bwd::stage_dq<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
+                ptx::mbarrier_arrive_warp(dq_full(buffer));
+            } else {
+                wgmma_bwd::add_dq<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+                                        at.seqlen_q, c0, f.head_dim, lane);
+            }
         } else {
             ptx::wgmma_wait<0>();
             ptx::mbarrier_arrive_warp(empty(slot_index));

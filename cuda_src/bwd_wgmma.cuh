@@ -200,5 +200,22 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
                                                 p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
 }
 
+// dQ_i's part of this warpgroup into a row-major fp32 tile in shared memory (rows of kStride
+// floats; 8 floats of padding per row put a warp's 8 rows on distinct banks), for one bulk add
+// per row into dq_accum (bwd_dkdv_wgmma_ws.cu). Rows row0 + lane / 4 + {0, 8}, columns
+// c0 + 8 nt + 2 (lane % 4) + {0, 1}.
+template <int kDqN, int kStride>
+__device__ __forceinline__ void stage_dq(unsigned tile, const float (&dq)[kDqN / 8][4], int row0, int c0, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const unsigned row = tile + 4u * static_cast<unsigned>((row0 + lane / 4 + 8 * h) * kStride);
+#pragma unroll
+        for (int nt = 0; nt < kDqN / 8; ++nt)
+            ptx::st_shared_v2(row + 4u * static_cast<unsigned>(c0 + nt * 8 + 2 * (lane % 4)),
+                              __float_as_uint(dq[nt][2 * h]), __float_as_uint(dq[nt][2 * h + 1]));
+    }
+    ptx::fence_proxy_async_shared();  // for the copy engine's reads
+}
+
 }  // namespace wgmma_bwd
 }  // namespace cuflash

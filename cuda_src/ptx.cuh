@@ -585,6 +585,50 @@ __device__ __forceinline__ void mbarrier_arrive_warp(unsigned bar) {
     if ((threadIdx.x & 31) == 0) mbarrier_arrive(bar);
 }
 
+// Add `bytes` (a multiple of 16) of fp32 values at shared address `src` into global memory at
+// `dst` (16-byte aligned), element by element, by the copy engine: the issuing thread moves on at
+// once; its copies since the last commit form one bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, unsigned bytes) {
+#if CUFLASH_HAS_TMA
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                 ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Close this thread's current bulk group (bulk_reduce_add_f32's copies since the last commit).
+__device__ __forceinline__ void bulk_commit_group() {
+#if CUFLASH_HAS_TMA
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// Wait until at most kPending of this thread's bulk groups have not finished reading their
+// shared-memory source (the source may then be rewritten; the global writes may still be on
+// their way).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+#if CUFLASH_HAS_TMA
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// Wait until at most kPending of this thread's bulk groups are incomplete (their global writes
+// done).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group() {
+#if CUFLASH_HAS_TMA
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+#else
+    __trap();
+#endif
+}
+
 // Wait until the phase of `bar` with parity `phase` (0 or 1) has completed: all its arrivals
 // and transaction bytes. try_wait suspends the thread for a while in hardware before it
 // returns false, so the loop does not spin hot.

@@ -325,3 +325,16 @@ def test_backward_keys_past_a_packed_sequence_read_as_zeros(rng, backward_map_ca
         _, _, (rq, rk, rv) = score_mods_ref(q, k, v, dout_host[rows_q].transpose(1, 0, 2)[None])
         for name, got, ref in (("dq", dq[rows_q], rq), ("dk", dk[rows_k], rk), ("dv", dv[rows_k], rv)):
             assert numpy.abs(got - ref[0].transpose(1, 0, 2)).max() < 5e-2 * max(1.0, numpy.abs(ref).max()), (i, name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_dq_rows_off_16_bytes_take_the_reds(rng, causal, backward_map_calls):
+    """dQ leaves bwd_dkdv_wgmma_ws by bulk adds of whole dq_accum rows, which must start on 16
+    bytes (D % 4 == 0); D = 62 in rows of 64 (views, so the maps still describe q, k, v) keeps
+    the consumers' REDs."""
+    dtype, d = "bfloat16", 62
+    full = [cupy.asarray(rng.standard_normal(s).astype(numpy.dtype(dtype)))
+            for s in ((2, 4, 300, 64), (2, 2, 333, 64), (2, 2, 333, 64))]
+    q, k, v = (x[..., :d] for x in full)
+    check_backward(rng, dtype, q, k, v, causal=causal)
+    assert backward_map_calls
