@@ -32,8 +32,10 @@ namespace cuflash {
 
 // dQ tiles on their way to dq_accum: fp32 rows of kHeadDim + 8 floats (the padding spreads a
 // warp's rows over the banks), two buffers so that a step's tile is written while the copy engine
-// still reads the previous one.
-constexpr int kDqBuffers = 2;
+// still reads the previous one. At d64 none: there a step is half as long for the same 64 row
+// copies, and the bulk adds measured 0.87-0.97x the consumers' own REDs (H200, session 16).
+template <int kHeadDim>
+constexpr int dq_buffers() { return kHeadDim > 64 ? 2 : 0; }
 template <int kHeadDim>
 constexpr int dq_stage_stride() { return kHeadDim + 8; }
 
@@ -44,7 +46,8 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dkdv_wgmma_ws_smem_bytes() {
     return 1024 + 2 * tc::Sw128Tile<kBlockN, kHeadDim>::kBytes + tc::Sw128Tile<kBlockN, kBlockM>::kBytes +
            kStages * 2 * tc::Sw128Tile<kBlockM, kHeadDim>::kBytes + kStages * 2 * kBlockM * 4 +
-           kDqBuffers * kBlockM * dq_stage_stride<kHeadDim>() * 4 + 8 * (1 + 2 * kStages + 2 * kDqBuffers);
+           dq_buffers<kHeadDim>() * kBlockM * dq_stage_stride<kHeadDim>() * 4 +
+           8 * (1 + 2 * kStages + 2 * dq_buffers<kHeadDim>());
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
@@ -71,6 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     constexpr unsigned kStageBytes = 2 * QTile::kBytes;
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;
     constexpr unsigned kTileBytes = 2 * KVTile::kBytes + DsTile::kBytes + kStages * kStageBytes;
+    constexpr int kDqBuffers = dq_buffers<kHeadDim>();
+    constexpr int kDqRing = kDqBuffers > 0 ? kDqBuffers : 1;  // the step -> buffer modulus (no buffer: unused)
     constexpr int kDqStride = dq_stage_stride<kHeadDim>();
     constexpr unsigned kDqTileBytes = kBlockM * kDqStride * 4;
     constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_ws_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
@@ -128,7 +133,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     // where every row of dq_accum starts on 16 bytes (D % 4 == 0); else the consumers add theirs
     // with REDs.
     float* const dq_head = p.dq_accum != nullptr ? static_cast<float*>(p.dq_accum) + at.dq_accum : nullptr;
-    const bool bulk_dq = dq_head != nullptr && f.head_dim % 4 == 0;
+    const bool bulk_dq = kDqBuffers > 0 && dq_head != nullptr && f.head_dim % 4 == 0;
 
     if (warp < 4) {
         // ---- Producer warpgroup.
@@ -195,8 +200,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             // as soon as the copy engine has read it.
             HeadTileStep step(range.first, range.last, heads);
             for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
-                const int buffer = t % kDqBuffers;
-                ptx::mbarrier_wait(dq_full(buffer), static_cast<unsigned>(t / kDqBuffers) & 1u);
+                const int buffer = t % kDqRing;
+                ptx::mbarrier_wait(dq_full(buffer), static_cast<unsigned>(t / kDqRing) & 1u);
                 float* const rows = dq_head + HeadStep(p, step.g).dq_accum;
                 const unsigned tile = dq_smem + buffer * kDqTileBytes;
 #pragma unroll
@@ -286,9 +291,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
             ptx::mbarrier_arrive_warp(empty(slot_index));  // Q_i, dO_i, lse_i, delta_i read
             if (bulk_dq) {  // staged for producer warp 2's bulk adds, once it has read the buffer's last tile
-                const int buffer = t % kDqBuffers;
-                if (t >= kDqBuffers)
-                    ptx::mbarrier_wait(dq_empty(buffer), (static_cast<unsigned>(t / kDqBuffers) & 1u) ^ 1u);
+                const int buffer = t % kDqRing;
+                if (t >= kDqRing)
+                    ptx::mbarrier_wait(dq_empty(buffer), (static_cast<unsigned>(t / kDqRing) & 1u) ^ 1u);
                 wgmma_bwd::stage_dq<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
                 ptx::mbarrier_arrive_warp(dq_full(buffer));
             } else {

@@ -464,9 +464,9 @@ _BWD_DKDV_WGMMA_WS_TABLE: dict[int, tuple[int, int, int, int]] = {
 
 
 def _smem_bwd_dkdv_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of bwd_dkdv_wgmma_ws.cu's kSmemBytes: bwd_dkdv_wgmma's, two fp32 dQ tiles (rows of
+    """Mirror of bwd_dkdv_wgmma_ws.cu's kSmemBytes: bwd_dkdv_wgmma's, fp32 dQ tiles (two above d64, rows of
     head_dim + 8 floats) and the mbarriers."""
-    dq_buffers = 2
+    dq_buffers = 2 if head_dim > 64 else 0
     return (_smem_bwd_dkdv_wgmma_bytes(head_dim, block_m, block_n, stages)
             + dq_buffers * block_m * (head_dim + 8) * 4 + 8 * (1 + 2 * stages + 2 * dq_buffers))
 
