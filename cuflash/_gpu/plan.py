@@ -556,7 +556,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif out is not None and o is not out:
         out[...] = o
         o = out
-    elif not _stored(p, o).flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
+    elif not _stored(p, o).flags.c_contiguous and (p.packed is not None or _order_of(o) is None):
+        # a padded buffer for an odd Dv: return a plain array (one in q's memory order is one)
         o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
 
