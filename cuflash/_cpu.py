@@ -46,7 +46,7 @@ import functools
 
 import numpy
 
-from ._spec import BackwardProblem, Problem, sink_gradient_per_row
+from ._spec import BackwardProblem, Problem, result_order, sink_gradient_per_row
 
 BLOCK_M = 128  # query rows per block
 BLOCK_N = 128  # keys per tile
@@ -85,7 +85,19 @@ def _forward(p: Problem):
     for row_start in range(0, p.seqlen_q, BLOCK_M):
         rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
         out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, mods, sinks)
-    return out.reshape(p.out_shape).astype(p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
+    return _like(p.q, out.reshape(p.out_shape), p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
+
+
+def _like(x, result, dtype):
+    """``result`` in ``dtype``, laid out as the GPU backend lays it out: in ``x``'s memory order
+    where _spec.result_order gives one (a transposed (B, L, H, D) buffer's results come back in
+    that layout), else C order."""
+    order = result_order(x, result.shape, numpy.dtype(dtype).itemsize)
+    if order is None:
+        return result.astype(dtype)
+    laid_out = numpy.empty(tuple(result.shape[a] for a in order), dtype).transpose(numpy.argsort(order))
+    laid_out[...] = result
+    return laid_out
 
 
 def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, mods, sinks):
@@ -198,7 +210,7 @@ def _backward(p: BackwardProblem):
     grads = []
     for grad, grouped_input, original in ((dq, q_g, p.q), (dk, k_g, p.k), (dv, v_g, p.v)):
         grad = _sum_to_shape(grad, grouped_input.shape).reshape(original.shape)
-        grads.append(grad.astype(p.dtype))
+        grads.append(_like(original, grad, p.dtype))
     if dbias is not None:
         grads.append(dbias.result())
     if p.sinks is not None:

@@ -720,3 +720,37 @@ def _has_internal_overlap(array) -> bool:
             return True
         span = stride * (extent - 1) + span
     return False
+
+
+def memory_order(shape, strides) -> tuple[int, ...] | None:
+    """The order of an array's axes in memory, outermost first, when the array is a transposed
+    view of a whole C-contiguous buffer that keeps its last axis last (a (B, L, H, D) buffer seen
+    as (B, H, L, D)); None when it is C-contiguous itself or anything else (broadcast, sliced,
+    padded rows). ``strides`` in elements. Axes of length 1 have no place in memory: they go
+    first. The GPU plans allocate outputs and gradients in their inputs' order (``empty(...,
+    order=)``), as NumPy's ``empty_like`` keeps an input's: a caller that transposes back gets a
+    contiguous array and copies nothing (transformers' ``out.transpose(1, 2).contiguous()``, the
+    reshapes of its gradients), as with torch's own attention kernels.
+    """
+    ndim = len(shape)
+    if ndim < 2 or (shape[-1] > 1 and strides[-1] != 1):
+        return None
+    ones = [a for a in range(ndim - 1) if shape[a] == 1]
+    order = sorted((a for a in range(ndim - 1) if shape[a] > 1), key=lambda a: (-strides[a], a))
+    expected = shape[-1]
+    for axis in reversed(order):
+        if strides[axis] != expected:
+            return None
+        expected *= shape[axis]
+    full = tuple(ones + order + [ndim - 1])
+    return None if list(full[len(ones):-1]) == sorted(full[len(ones):-1]) else full
+
+
+def result_order(x, shape, itemsize: int) -> tuple[int, ...] | None:
+    """The memory order of a result of ``shape`` (items of ``itemsize`` bytes) that stands for
+    ``x`` (out for q, dq for q, dk for k, dv for v): x's (memory_order), where the result has x's
+    axes (its last may differ in length) and whole 16-byte rows (the GPU kernels' vector stores);
+    else None, C order. Both backends lay their results out by this rule."""
+    if len(shape) != x.ndim or tuple(shape[:-1]) != tuple(x.shape[:-1]) or (shape[-1] * itemsize) % 16:
+        return None
+    return memory_order(x.shape, tuple(s // x.itemsize for s in x.strides))

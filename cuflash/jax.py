@@ -304,6 +304,8 @@ def _to_jax(array, device):
     """A JAX array on ``device`` for a cuflash result: DLPack from CuPy, device_put from NumPy."""
     if isinstance(array, numpy.ndarray):
         return jax.device_put(array, device)
+    if not array.flags.c_contiguous:  # JAX imports row-major buffers only (results of strided inputs
+        array = array.copy()          # keep those inputs' order: _spec.result_order)
     return jax.dlpack.from_dlpack(array)
 
 

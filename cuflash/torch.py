@@ -648,8 +648,10 @@ def _to_torch(array):
     """A torch tensor sharing the memory of a cuflash result (CuPy or NumPy array)."""
     if not isinstance(array, numpy.ndarray):
         return torch.from_dlpack(array)
-    if not (array.flags.writeable and array.flags.c_contiguous):  # torch.from_numpy warns on read-only
-        array = numpy.array(array, order="C")
+    # torch.from_numpy takes any non-negative strides (a result in its input's memory order), but
+    # warns on read-only arrays
+    if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+        array = numpy.array(array, order="K")
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
@@ -708,11 +710,17 @@ class _TorchMemory:
             torch_dtype = self.dtypes[dtype] = getattr(torch, dtype.name)
         return torch_dtype
 
-    def empty(self, shape, dtype):
-        return torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
+    def empty(self, shape, dtype, order=None):
+        """``order``: the axes' order in memory, outermost first (_spec.memory_order's): outputs
+        and gradients laid out as their inputs, as torch's own kernels lay them out."""
+        if order is None:
+            return torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
+        return torch.empty_permuted(shape, order, dtype=self._dtype(dtype), device=self.device)
 
-    def zeros(self, shape, dtype):
-        return torch.zeros(shape, dtype=self._dtype(dtype), device=self.device)
+    def zeros(self, shape, dtype, order=None):
+        if order is None:
+            return torch.zeros(shape, dtype=self._dtype(dtype), device=self.device)
+        return self.empty(shape, dtype, order).zero_()
 
     @staticmethod
     def pointer(tensor):
@@ -860,11 +868,24 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-        grads = list(_backward(dout.contiguous(), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
+        # One in out's own layout (transformers' transpose of out) is read in place.
+        grads = list(_backward(_dense(dout), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
                                bias_grad=bias_grad))
         dbias = grads.pop(3) if bias_grad else None
         dsinks = grads[3] if sinks is not None else None
         return tuple(grads[:3]) + (dsinks, dbias, None) + (None,) * len(ctx.options)
+
+
+def _dense(tensor):
+    """``tensor`` itself when it covers its memory once with a contiguous last axis (C order or a
+    transposed view of it), else a contiguous copy."""
+    if tensor.is_contiguous() or _gpu_order(tensor) is not None:
+        return tensor
+    return tensor.contiguous()
+
+
+def _gpu_order(tensor):
+    return _spec.memory_order(tuple(tensor.shape), tuple(tensor.stride()))
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())

@@ -338,3 +338,22 @@ def test_blas_runs_single_threaded_inside_a_call(monkeypatch, randn):
     cuflash.attention(q, q, q)
     assert seen and all(n == 1 for n in seen[0])
     assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"] == before
+
+
+def test_results_keep_a_transposed_inputs_memory_order(rng):
+    """(B, L, H, D) buffers passed as (B, H, L, D) views: out, dq, dk, dv come back in that
+    layout (as the GPU backend's: _spec.result_order), equal to the call's on C-order copies."""
+    buffers = [rng.standard_normal(s) for s in ((2, 97, 4, 64), (2, 130, 2, 64), (2, 130, 2, 64), (2, 97, 4, 64))]
+    q, k, v, dout = (x.transpose(0, 2, 1, 3) for x in buffers)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    assert out.transpose(0, 2, 1, 3).flags.c_contiguous
+    assert all(g.transpose(0, 2, 1, 3).flags.c_contiguous for g in grads)
+    copies = [numpy.ascontiguousarray(x) for x in (q, k, v, dout)]
+    want_out, want_lse = cuflash.attention(*copies[:3], causal=True, return_lse=True)
+    want = cuflash.attention_backward(copies[3], *copies[:3], want_out, want_lse, causal=True)
+    numpy.testing.assert_array_equal(out, want_out)
+    for g, w in zip(grads, want):
+        numpy.testing.assert_array_equal(g, w)
+    odd = cuflash.attention(q[..., :3], k[..., :3], v[..., :3])  # rows of 3 floats: not whole 16 bytes
+    assert odd.flags.c_contiguous

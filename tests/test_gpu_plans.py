@@ -530,3 +530,38 @@ def test_arrays_on_the_second_gpu_are_computed_there(rng, dtype):
 
         baseline = attention_ref_dtype(*host[:3], numpy.dtype(dtype), causal=True)[0]
     assert_close(cupy.asnumpy(out), reference, dtype=numpy.dtype(dtype), baseline=baseline, name="out on GPU 1")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_outputs_and_gradients_keep_their_inputs_memory_order(rng, dtype, heads, resolutions):
+    """(B, L, H, D) buffers passed as (B, H, L, D) views: out is laid out as q, dq as q, dk as k,
+    dv as v (a caller's transpose back is contiguous, no copy), on the full path and on a
+    replay, with the values of the same call on C-contiguous inputs."""
+    hq, hk = heads
+    q_buffer, k_buffer, v_buffer, dout_buffer = _draw(rng, dtype, (2, 97, hq, 64), (2, 130, hk, 64), (2, 130, hk, 64),
+                                                      (2, 97, hq, 64))
+    q, k, v, dout = (x.transpose(0, 2, 1, 3) for x in (q_buffer, k_buffer, v_buffer, dout_buffer))
+    plain = [cupy.ascontiguousarray(x) for x in (q, k, v, dout)]
+    want_out, want_lse = cuflash.attention(*plain[:3], causal=True, return_lse=True)
+    want_grads = cuflash.attention_backward(plain[3], *plain[:3], want_out, want_lse, causal=True, deterministic=True)
+    for replay in (False, True):
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+        assert out.transpose(0, 2, 1, 3).flags.c_contiguous, replay
+        for name, grad, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            assert grad.shape == x.shape and grad.transpose(0, 2, 1, 3).flags.c_contiguous, (name, replay)
+        assert _bits(out) == _bits(want_out) and _bits(lse) == _bits(want_lse), replay
+        for grad, want in zip(grads, want_grads):
+            assert _bits(grad) == _bits(want), replay
+    assert resolutions == {"forward": 2, "backward": 2}  # the plain call's and the first round's: the second replayed
+
+
+def test_a_broadcast_or_sliced_input_gets_c_contiguous_results(rng):
+    """Only a whole transposed buffer lends its order: a broadcast key/value head axis (MQA) or
+    a sliced q gives C-contiguous results, as before."""
+    q_buffer, k, v = _draw(rng, "float16", (2, 64, 4, 96), (2, 1, 80, 64), (2, 1, 80, 64))
+    q = q_buffer.transpose(0, 2, 1, 3)[..., :64]  # rows of 96: not a whole buffer
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    grads = cuflash.attention_backward(cupy.ones_like(out), q, k, v, out, lse)
+    assert out.flags.c_contiguous and all(g.flags.c_contiguous for g in grads)

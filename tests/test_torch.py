@@ -878,3 +878,20 @@ def test_flash_attn_with_kvcache_argument_errors(randt):
     with pytest.raises(ValueError, match="cache_batch_idx cannot be used with block_table"):
         ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3, block_table=torch.zeros(2, 1, dtype=torch.int32),
                                    cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_flash_attn_func_returns_a_contiguous_b_l_h_d_output_and_gradients():
+    """flash-attn's own layout: out (B, L, H, D) contiguous (``.view`` works, as flash-attn's),
+    and q, k, v's gradients in their tensors' layout; values as the same call's on copies."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 37, h, 16, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    out = ct.flash_attn_func(q, k, v, causal=True)
+    assert out.shape == (2, 37, 4, 16) and out.is_contiguous()
+    out.view(2, 37, 64).square().sum().backward()
+    assert all(x.grad.is_contiguous() for x in (q, k, v))
+    copies = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    want = ct.flash_attn_func(*copies, causal=True)
+    want.reshape(2, 37, 64).square().sum().backward()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for x, c in zip((q, k, v), copies):
+        torch.testing.assert_close(x.grad, c.grad, rtol=0, atol=0)

@@ -394,3 +394,17 @@ def test_ndarray_subclasses_compute_as_plain_arrays(rng):
     hijacked = [x.view(OperatorHijackingArray) for x in (q, k, v)]
     result = cuflash.attention(*hijacked, causal=True)
     assert type(result) is numpy.ndarray and numpy.array_equal(result, expected)
+
+
+@pytest.mark.parametrize("shape,strides,order", [
+    ((2, 4, 97, 64), (97 * 4 * 64, 64, 4 * 64, 1), (0, 2, 1, 3)),     # (B, L, H, D) seen as (B, H, L, D)
+    ((2, 4, 97, 64), (4 * 97 * 64, 97 * 64, 64, 1), None),             # C order itself
+    ((1, 4, 97, 64), (7, 64, 4 * 64, 1), (0, 2, 1, 3)),                # a batch of one: its stride is free
+    ((2, 1, 97, 64), (97 * 64, 5, 64, 1), None),                       # one head: C order after all
+    ((2, 4, 97, 64), (97 * 4 * 96, 96, 4 * 96, 1), None),              # rows of 96 (a slice of D)
+    ((2, 4, 97, 64), (0, 64, 4 * 64, 1), None),                        # a broadcast batch axis
+    ((4, 97, 64), (64, 4 * 64, 2), None),                              # last axis not contiguous
+    ((4, 97, 1), (1, 4, 1), (1, 0, 2)),                                # D = 1
+])
+def test_memory_order_names_whole_transposed_buffers_only(shape, strides, order):
+    assert cuflash._spec.memory_order(shape, strides) == order

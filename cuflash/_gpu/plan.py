@@ -108,17 +108,32 @@ def _merge_batch_axes(shape: list[int], strides: dict[str, list[int]]):
 # keeps the plan when that call needed no copies, and a repeated call then only allocates its
 # outputs, writes their pointers into a copy of the bytes and launches.
 
+def in_order(allocate, shape, dtype, order, permute):
+    """``allocate(shape, dtype)`` laid out in ``order`` (_spec.memory_order's; None: C order), seen in
+    ``shape`` through ``permute(array, axes)``."""
+    if order is None:
+        return allocate(shape, dtype)
+    buffer = allocate(tuple(shape[a] for a in order), dtype)
+    return permute(buffer, tuple(int(a) for a in numpy.argsort(order)))
+
+
+def _order_of(x) -> tuple[int, ...] | None:
+    """_spec.memory_order of a CuPy array."""
+    return _spec.memory_order(x.shape, tuple(s // x.itemsize for s in x.strides))
+
+
 class CupyMemory:
     """Where a plan's outputs and workspaces come from and which stream runs it: CuPy's memory
-    pool and current stream. (The torch adapter passes torch's caching allocator and stream.)"""
+    pool and current stream. (The torch adapter passes torch's caching allocator and stream.)
+    ``order``: the axes' order in memory (_spec.memory_order's), C order by default."""
 
     @staticmethod
-    def empty(shape, dtype):
-        return _cupy().empty(shape, dtype=dtype)
+    def empty(shape, dtype, order=None):
+        return in_order(lambda s, t: _cupy().empty(s, dtype=t), shape, dtype, order, _transpose)
 
     @staticmethod
-    def zeros(shape, dtype):
-        return _cupy().zeros(shape, dtype=dtype)
+    def zeros(shape, dtype, order=None):
+        return in_order(lambda s, t: _cupy().zeros(s, dtype=t), shape, dtype, order, _transpose)
 
     @staticmethod
     def pointer(array) -> int:
@@ -132,6 +147,10 @@ class CupyMemory:
     @staticmethod
     def stream() -> int:
         return _cupy().cuda.get_current_stream().ptr
+
+
+def _transpose(array, axes):
+    return array.transpose(axes)
 
 
 CUPY_MEMORY = CupyMemory()
@@ -293,11 +312,12 @@ class ForwardPlan(_Plan):
         packed = p.packed is not None
         super().__init__(struct, _words(struct.dtype, False, packed), launches, score_inputs)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
+        self.out_order = _out_order(p, p.out_shape)
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
 
     def run(self, memory, q, k, v, *packed, bias=None, mask=None):
-        o = memory.empty(self.out_shape, self.dtype)
+        o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
         scores, kept = self.score_inputs.prepare(memory, bias, mask) if self.score_inputs is not None else ((), ())
@@ -315,9 +335,10 @@ class BackwardPlan(_Plan):
     (``zeroed``: those whose unstored rows must read 0, the keys past seqused_k)."""
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
-                 packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, dbias=None):
+                 packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, dbias=None, orders=None):
         super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
+        self.orders = orders or {}  # each gradient's memory order: its input's (_gradient_buffer)
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
         # With a bias's gradient: (the shape of what the kernels write, dS or bwd_dbias_tc's
@@ -329,7 +350,8 @@ class BackwardPlan(_Plan):
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None):
         ptr, shapes = memory.pointer, self.shapes
-        dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype)
+        dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
+                                                                              self.orders.get(name))
                       for name in ("dq", "dk", "dv"))
         # Held until the launches are queued: freed at once, its memory would go to the next
         # allocation of this call (a bias or mask copy, dS), which the kernels then overwrite.
@@ -534,7 +556,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif out is not None and o is not out:
         out[...] = o
         o = out
-    elif not _stored(p, o).flags.c_contiguous:  # a padded buffer for an odd Dv: return a plain array
+    elif not _stored(p, o).flags.c_contiguous and (p.packed is not None or _order_of(o) is None):
+        # a padded buffer for an odd Dv: return a plain array (one in q's memory order is one)
         o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
 
@@ -588,11 +611,16 @@ def _with_tensor_maps(struct, specs, arrays):
 
 def _fresh_out(p, shape):
     """A new output of ``shape``: a packed batch's in the packed layout (tokens, H, Dv), as its
-    callers return it, seen heads-first."""
+    callers return it, seen heads-first; a dense one in q's memory order (_out_order)."""
     cupy = _cupy()
     if p.packed is None:
-        return cupy.empty(shape, dtype=p.dtype)
+        return CUPY_MEMORY.empty(shape, p.dtype, _out_order(p, shape))
     return _stored(p, cupy.empty(_packed_shape(shape), dtype=p.dtype))
+
+
+def _out_order(p, shape) -> tuple[int, ...] | None:
+    """The memory order of a dense call's output of ``shape``: q's (_spec.result_order)."""
+    return None if p.packed is not None else _spec.result_order(p.q, shape, p.dtype.itemsize)
 
 
 def _packed_arrays(p) -> tuple:
@@ -1034,9 +1062,9 @@ def backward(problem):
     key_tiles = -(-longest_k // variants.dkdv.block_n)
     per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles, p.has_window)
     kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
-    dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True)
-    dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True)
-    dq = _gradient_buffer(p, lead + q.shape[-2:], vec)
+    dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True, like=p.k)
+    dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True, like=p.v)
+    dq = _gradient_buffer(p, lead + q.shape[-2:], vec, like=p.q)
     delta_shape = lead + (p.seqlen_q,)
     workspace = _workspace(math.prod(delta_shape),
                            None if p.deterministic else math.prod(lead) * p.seqlen_q * q.shape[-1], accum)
@@ -1044,7 +1072,9 @@ def backward(problem):
     delta = buffer[: math.prod(delta_shape)].reshape(delta_shape)
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
     shapes = {"dq": _stored(p, dq).shape, "dk": _stored(p, dk).shape, "dv": _stored(p, dv).shape}
-    plain = plain and all(_stored(p, g).flags.c_contiguous and g.shape == s for g, s in zip((dq, dk, dv), grads_shape))
+    # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one)
+    plain = plain and all((_stored(p, g).flags.c_contiguous or _order_of(g) is not None) and g.shape == s
+                          for g, s in zip((dq, dk, dv), grads_shape))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
@@ -1105,8 +1135,9 @@ def backward(problem):
     if on_chip is not None:
         launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
+    orders = {} if p.packed is not None else {name: _order_of(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
-                        score_inputs=score_inputs,
+                        score_inputs=score_inputs, orders=orders,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
                                                             "dbias" if on_chip is None else "dbias_sum", on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
@@ -1299,13 +1330,16 @@ def _heads_per_block(group: int, rows: int, key_tiles: int, masked: bool) -> int
     return 1
 
 
-def _gradient_buffer(p, shape, vec: int, zeroed: bool = False):
+def _gradient_buffer(p, shape, vec: int, zeroed: bool = False, like=None):
     """A gradient's buffer, ``shape`` = (lead..., rows, width). A packed batch's is laid out as its
-    input, (rows, heads, width), and returned as the heads-first view. Keys past a sequence's used
-    length (seqused_k) or a key-padding mask's cut (``_key_bounds``) are never stored by the
-    kernels, so with ``zeroed`` they read 0."""
+    input, (rows, heads, width), and returned as the heads-first view; a dense one in the memory
+    order of ``like``, its input (_spec.result_order). Keys past
+    a sequence's used length (seqused_k) or a key-padding mask's cut (``_key_bounds``) are never
+    stored by the kernels, so with ``zeroed`` they read 0."""
     if p.packed is None:
-        buffer = _store_buffer(shape, shape[-1], p.dtype, vec)
+        order = None if like is None else _spec.result_order(like, shape, p.dtype.itemsize)
+        buffer = (_store_buffer(shape, shape[-1], p.dtype, vec) if order is None
+                  else CUPY_MEMORY.empty(shape, p.dtype, order))
     else:
         heads, rows, width = shape
         buffer = _store_buffer((rows, heads, width), width, p.dtype, vec).transpose(1, 0, 2)
@@ -1343,8 +1377,8 @@ def _sum_to(grad, shape, kv_group: int, accum, dtype):
     head axis splits into (kv heads, group) and the group is summed. Sums run in ``accum``.
     """
     cupy = _cupy()
-    if grad.shape == tuple(shape):
-        return grad if grad.flags.c_contiguous else cupy.ascontiguousarray(grad)
+    if grad.shape == tuple(shape):  # (a padded buffer becomes a plain array; one in its input's order stays)
+        return grad if grad.flags.c_contiguous or _order_of(grad) is not None else cupy.ascontiguousarray(grad)
     g = _widen(grad, accum)
     if kv_group > 1:  # (..., Hq, L, D) -> (..., Hkv, group, L, D), summed over the group
         g = g.reshape(g.shape[:-3] + (g.shape[-3] // kv_group, kv_group) + g.shape[-2:]).sum(axis=-3)
