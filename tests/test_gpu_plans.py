@@ -346,7 +346,7 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
     q, k, v = _draw(rng, dtype, (2, hq, lq, d), (2, hkv, lk, d), (2, hkv, lk, dv))
     for per_block in sorted({1, max(1, group // 2), group}):
         plan.forget()
-        monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, masked, n=per_block: n)
+        monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
         for deterministic in (False, True):
             check_backward(rng, dtype, q, k, v, deterministic=deterministic, **options)
 

@@ -1060,7 +1060,7 @@ def backward(problem):
     group = _shared_kv_heads(p, k, v)
     longest_q, longest_k = _longest(p)
     key_tiles = -(-longest_k // variants.dkdv.block_n)
-    per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles, p.has_window)
+    per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
     kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
     dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True, like=p.k)
     dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True, like=p.v)
@@ -1312,16 +1312,16 @@ def _shared_kv_heads(p, k, v) -> int:
     return heads if mqa else 1
 
 
-def _heads_per_block(group: int, rows: int, key_tiles: int, masked: bool) -> int:
+def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
     """Query heads per dK/dV block: the whole group, unless that leaves the GPU too few blocks on
     a problem big enough to fill it (a group's heads run one after another inside a block, so few
     key/value heads, e.g. MQA on one sequence, leave SMs idle): then the largest divisor of the
-    group that gives enough blocks, the partial sums added here. Enough: one block per SM, or
-    three under a mask, whose key tiles differ in work (causal: the first ones see every query),
-    so that the light blocks can even out the heavy ones (bf16 d128 causal, GQA 16/2 at 4096:
-    0.76x of MHA with 256 blocks of 4 heads on 132 SMs). Small problems keep the whole group:
-    their time is the host's, and partial sums would cost host work and a launch."""
-    enough = _device_attribute("MultiProcessorCount") * (3 if masked else 1)
+    group that gives one block per SM, the partial sums added here. Masked problems need no more:
+    the whole-grid longest-first order (backward's key_rows) evens their unequal key tiles out, and
+    splitting them further cost more than it gained (H200 bf16 d128 causal GQA 16/2, B*L = 16k:
+    whole groups 1.43x split ones in fours at 1k, 1.08x at 4k; session 16). Small problems keep the
+    whole group: their time is the host's, and partial sums would cost host work and a launch."""
+    enough = _device_attribute("MultiProcessorCount")
     if (rows // group) * key_tiles >= enough or rows * key_tiles < 2 * enough:
         return group
     for heads in range(group - 1, 1, -1):
