@@ -455,8 +455,10 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 
 # bwd_dkdv_wgmma_ws (Hopper, sm_90a only): bwd_dkdv_wgmma's work on two consumer warpgroups beside
 # a producer warpgroup (TMA for K, V, Q_i, dO_i; plain copies of lse_i, delta_i): 12 warps, the
-# same tiles. Shared memory: bwd_dkdv_wgmma's plus the mbarriers. Measured (H200 bf16, session
-# 15): 1.04-1.09x bwd_dkdv_wgmma at d64 and d128 (benchmarks/NOTES.md).
+# same tiles. Shared memory: bwd_dkdv_wgmma's, the fp32 dQ buffers of the bulk adds (d128) and the
+# mbarriers. Measured (H200 bf16, B*L = 16k, session 16): d128 1.18-1.33x bwd_dkdv_wgmma with the
+# bulk adds (0.83-0.84x cuDNN), d64 1.05-1.10x (its REDs). d64 on 128 x 128 tiles: 1.01-1.09x with
+# REDs, 0.91-0.97x with bulk adds, so 64 x 128 stays (benchmarks/NOTES.md).
 _BWD_DKDV_WGMMA_WS_TABLE: dict[int, tuple[int, int, int, int]] = {
     64: (64, 128, 12, 2),
     128: (64, 128, 12, 2),
