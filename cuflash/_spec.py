@@ -751,6 +751,12 @@ def result_order(x, shape, itemsize: int) -> tuple[int, ...] | None:
     ``x`` (out for q, dq for q, dk for k, dv for v): x's (memory_order), where the result has x's
     axes (its last may differ in length) and whole 16-byte rows (the GPU kernels' vector stores);
     else None, C order. Both backends lay their results out by this rule."""
-    if len(shape) != x.ndim or tuple(shape[:-1]) != tuple(x.shape[:-1]) or (shape[-1] * itemsize) % 16:
+    return layout_order(tuple(x.shape), tuple(s // x.itemsize for s in x.strides), shape, itemsize)
+
+
+def layout_order(x_shape, x_strides, shape, itemsize: int) -> tuple[int, ...] | None:
+    """result_order from x's shape and strides (in elements): the torch adapter's custom ops
+    promise their results' layout to torch.compile by it before any result exists."""
+    if len(shape) != len(x_shape) or tuple(shape[:-1]) != tuple(x_shape[:-1]) or (shape[-1] * itemsize) % 16:
         return None
-    return memory_order(x.shape, tuple(s // x.itemsize for s in x.strides))
+    return memory_order(x_shape, x_strides)

@@ -888,6 +888,33 @@ def _gpu_order(tensor):
     return _spec.memory_order(tuple(tensor.shape), tuple(tensor.stride()))
 
 
+def _result_order(x, shape, dtype):
+    """The memory order of the result of ``shape`` and ``dtype`` that stands for ``x`` (out and dq
+    for q, dk for k, dv for v), as both backends lay it out (_spec.result_order)."""
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    return _spec.layout_order(tuple(x.shape), tuple(x.stride()), tuple(shape), itemsize)
+
+
+def _empty_result(x, shape, dtype):
+    """An empty result laid out as the backends lay out the one standing for ``x``: the custom
+    ops' fakes promise torch.compile the layouts their real results have (_as_promised)."""
+    order = _result_order(x, shape, dtype)
+    if order is None:
+        return x.new_empty(shape, dtype=dtype)
+    return torch.empty_permuted(shape, order, dtype=dtype, device=x.device)
+
+
+def _as_promised(result, x):
+    """``result`` (standing for ``x``) in the layout _empty_result promised: itself where it has
+    it (a result in a transposed input's order stays one, with no copy), else a copy."""
+    order = _result_order(x, result.shape, result.dtype)
+    if order is None:
+        return result.contiguous()
+    if _gpu_order(result) == order:
+        return result
+    return torch.empty_permuted(result.shape, order, dtype=result.dtype, device=result.device).copy_(result)
+
+
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
                    window_left: int, window_right: int, deterministic: bool, softcap: Optional[float],
@@ -896,15 +923,16 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
     out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
                         precision, bias=bias, mask=mask)
-    # The fake below promises contiguous results; make sure the real ones are too.
-    return out.contiguous(), lse.contiguous()
+    # The fake below promises out in q's memory order (a transposed q's, as transformers passes
+    # it: no copy then) and a contiguous lse; make sure the real ones are laid out so.
+    return _as_promised(out, q), lse.contiguous()
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
                           precision, sinks, bias, mask):
     lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    out = q.new_empty(lead_shape + (q.shape[-2], v.shape[-1]))
+    out = _empty_result(q, tuple(lead_shape) + (q.shape[-2], v.shape[-1]), q.dtype)
     lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
     return out, lse
 
@@ -921,7 +949,7 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # A custom op returns a fixed number of tensors: dsinks and dbias are empty without sinks / bias.
     dbias = grads.pop(3) if bias is not None else q.new_empty(0)
     dsinks = grads[3] if sinks is not None else q.new_empty(0)
-    return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(), dbias.contiguous())
+    return tuple(_as_promised(g, x) for g, x in zip(grads[:3], (q, k, v))) + (dsinks.contiguous(), dbias.contiguous())
 
 
 @_attention_bwd.register_fake
@@ -929,7 +957,7 @@ def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, w
                           alibi_slopes, precision, sinks, bias, mask):
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dbias
+    return tuple(_empty_result(x, x.shape, x.dtype) for x in (q, k, v)) + (dsinks, dbias)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -943,7 +971,8 @@ def _save_for_backward(ctx, inputs, output):
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
     # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-    dq, dk, dv, dsinks, dbias = torch.ops.cuflash.attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options,
+    # One in out's own layout (transformers' transpose of out) is read in place.
+    dq, dk, dv, dsinks, dbias = torch.ops.cuflash.attention_bwd(_dense(dout), q, k, v, out, lse, *ctx.options,
                                                                 sinks, bias, mask)
     return ((dq, dk, dv) + (None,) * len(ctx.options) + (dsinks if sinks is not None else None,)
             + (dbias if bias is not None else None, None))

@@ -371,6 +371,47 @@ def test_custom_ops_pass_torch_opcheck(randt):
                            None, None, "highest", None, bias.detach(), mask))
 
 
+def test_custom_ops_promise_their_inputs_memory_order(randt):
+    """transformers' flow: q, k, v are (B, L, H, D) projections seen as (B, H, L, D). The custom
+    ops (torch.compile's path) return out in q's memory order and dq, dk, dv in q's, k's, v's, as
+    the eager path does, and their fakes promise exactly those strides, so a compiled model
+    transposes out back and reshapes the gradients without copies; compiled values equal eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    projections = [randt(2, 6, h, 8, requires_grad=True) for h in (4, 2, 2)]
+    q, k, v = (x.detach().transpose(1, 2) for x in projections)
+    options = (None, "bottom_right", 2, -1, False, None, None, "highest", None, None, None)
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options)
+    assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
+    dout = randt(2, 6, 4, 8).transpose(1, 2)
+    grads = torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, *options)
+    for grad, x in zip(grads[:3], (q, k, v)):
+        assert grad.shape == x.shape and grad.stride() == x.stride()
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(x) for x in (q, k, v, dout)]
+        fake_out, fake_lse = torch.ops.cuflash.attention_fwd(*fakes[:3], *options)
+        fake_grads = torch.ops.cuflash.attention_bwd(fakes[3], *fakes[:3], fake_out, fake_lse, *options)
+    assert (fake_out.stride(), fake_lse.stride()) == (out.stride(), lse.stride())
+    for fake, real in zip(fake_grads, grads):
+        assert (fake.shape, fake.stride()) == (real.shape, real.stride())
+    # A broadcast k (MQA) lends no order: its gradient is C-contiguous, promised so.
+    k_one = randt(2, 1, 6, 8).expand(2, 2, 6, 8)
+    grads = torch.ops.cuflash.attention_bwd(dout, q, k_one, v, *torch.ops.cuflash.attention_fwd(q, k_one, v, *options),
+                                            *options)
+    assert grads[1].is_contiguous() and grads[0].stride() == q.stride()
+
+    torch._dynamo.reset()
+
+    def loss(*projections):
+        q, k, v = (x.transpose(1, 2) for x in projections)
+        return (ct.attention(q, k, v, causal=True).transpose(1, 2).reshape(2, 6, -1) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(loss(*projections), projections)
+    for ours, theirs in zip(torch.autograd.grad(compiled(*projections), projections), eager):
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_score_modifiers_with_gradients_into_sinks(randt):
     """softcap, ALiBi and sinks through the torch adapter: gradcheck in float64 (sinks included),
     the values against the dense reference, and flash_attn_func's softcap / alibi_slopes."""
