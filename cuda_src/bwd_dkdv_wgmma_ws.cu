@@ -1,7 +1,8 @@
 // Backward attention for float16 / bfloat16 on Hopper (sm_90a), over key tiles, warp-specialized:
 // bwd_dkdv_wgmma.cu's algorithm and contract (its comment: S^T, dP^T, P^T, dS^T, dV, dK and dQ by
 // fp32 REDs; a step's math is bwd_wgmma.cuh's, shared with it) with the loads taken off the warps
-// that compute, as fwd_wgmma_ws.cu does for the forward.
+// that compute, as fwd_wgmma_ws.cu does for the forward, and above d64 dQ's adds too (the copy
+// engine's bulk adds, dq_buffers below).
 //
 // A block has one producer warpgroup and two consumer warpgroups; consumer g owns keys
 // [64g, 64g + 64) of the block's kBlockN = 128 (one wgmma M), its dK_g, dV_g in registers.

@@ -46,7 +46,7 @@ import functools
 
 import numpy
 
-from ._spec import BackwardProblem, Problem, result_order, sink_gradient_per_row
+from ._spec import BackwardProblem, Problem, empty_in_order, result_order, sink_gradient_per_row
 
 BLOCK_M = 128  # query rows per block
 BLOCK_N = 128  # keys per tile
@@ -95,7 +95,7 @@ def _like(x, result, dtype):
     order = result_order(x, result.shape, numpy.dtype(dtype).itemsize)
     if order is None:
         return result.astype(dtype)
-    laid_out = numpy.empty(tuple(result.shape[a] for a in order), dtype).transpose(numpy.argsort(order))
+    laid_out = empty_in_order(numpy.empty, result.shape, dtype, order)
     laid_out[...] = result
     return laid_out
 

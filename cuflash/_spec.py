@@ -746,6 +746,20 @@ def memory_order(shape, strides) -> tuple[int, ...] | None:
     return None if list(full[len(ones):-1]) == sorted(full[len(ones):-1]) else full
 
 
+def array_order(x) -> tuple[int, ...] | None:
+    """memory_order of a NumPy or CuPy array (strides in bytes)."""
+    return memory_order(tuple(x.shape), tuple(s // x.itemsize for s in x.strides))
+
+
+def empty_in_order(allocate, shape, dtype, order):
+    """``allocate(shape, dtype)`` (a NumPy or CuPy allocator) laid out in ``order``
+    (memory_order's; None: C order), seen in ``shape``."""
+    if order is None:
+        return allocate(shape, dtype)
+    buffer = allocate(tuple(shape[a] for a in order), dtype)
+    return buffer.transpose(tuple(int(a) for a in numpy.argsort(order)))
+
+
 def result_order(x, shape, itemsize: int) -> tuple[int, ...] | None:
     """The memory order of a result of ``shape`` (items of ``itemsize`` bytes) that stands for
     ``x`` (out for q, dq for q, dk for k, dv for v): x's (memory_order), where the result has x's

@@ -713,9 +713,7 @@ class _TorchMemory:
     def empty(self, shape, dtype, order=None):
         """``order``: the axes' order in memory, outermost first (_spec.memory_order's): outputs
         and gradients laid out as their inputs, as torch's own kernels lay them out."""
-        if order is None:
-            return torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
-        return torch.empty_permuted(shape, order, dtype=self._dtype(dtype), device=self.device)
+        return _empty_in_order(shape, order, self._dtype(dtype), self.device)
 
     def zeros(self, shape, dtype, order=None):
         if order is None:
@@ -879,29 +877,33 @@ class _AttentionFunction(torch.autograd.Function):
 def _dense(tensor):
     """``tensor`` itself when it covers its memory once with a contiguous last axis (C order or a
     transposed view of it), else a contiguous copy."""
-    if tensor.is_contiguous() or _gpu_order(tensor) is not None:
+    if tensor.is_contiguous() or _memory_order(tensor) is not None:
         return tensor
     return tensor.contiguous()
 
 
-def _gpu_order(tensor):
+def _memory_order(tensor):
+    """_spec.memory_order of a torch tensor."""
     return _spec.memory_order(tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _empty_in_order(shape, order, dtype, device):
+    """An empty tensor laid out in ``order`` (_spec.memory_order's; None: C order)."""
+    if order is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_permuted(shape, order, dtype=dtype, device=device)
 
 
 def _result_order(x, shape, dtype):
     """The memory order of the result of ``shape`` and ``dtype`` that stands for ``x`` (out and dq
     for q, dk for k, dv for v), as both backends lay it out (_spec.result_order)."""
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    return _spec.layout_order(tuple(x.shape), tuple(x.stride()), tuple(shape), itemsize)
+    return _spec.layout_order(tuple(x.shape), tuple(x.stride()), tuple(shape), dtype.itemsize)
 
 
 def _empty_result(x, shape, dtype):
     """An empty result laid out as the backends lay out the one standing for ``x``: the custom
     ops' fakes promise torch.compile the layouts their real results have (_as_promised)."""
-    order = _result_order(x, shape, dtype)
-    if order is None:
-        return x.new_empty(shape, dtype=dtype)
-    return torch.empty_permuted(shape, order, dtype=dtype, device=x.device)
+    return _empty_in_order(shape, _result_order(x, shape, dtype), dtype, x.device)
 
 
 def _as_promised(result, x):
@@ -910,9 +912,9 @@ def _as_promised(result, x):
     order = _result_order(x, result.shape, result.dtype)
     if order is None:
         return result.contiguous()
-    if _gpu_order(result) == order:
+    if _memory_order(result) == order:
         return result
-    return torch.empty_permuted(result.shape, order, dtype=result.dtype, device=result.device).copy_(result)
+    return _empty_in_order(result.shape, order, result.dtype, result.device).copy_(result)
 
 
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())

@@ -108,20 +108,6 @@ def _merge_batch_axes(shape: list[int], strides: dict[str, list[int]]):
 # keeps the plan when that call needed no copies, and a repeated call then only allocates its
 # outputs, writes their pointers into a copy of the bytes and launches.
 
-def in_order(allocate, shape, dtype, order, permute):
-    """``allocate(shape, dtype)`` laid out in ``order`` (_spec.memory_order's; None: C order), seen in
-    ``shape`` through ``permute(array, axes)``."""
-    if order is None:
-        return allocate(shape, dtype)
-    buffer = allocate(tuple(shape[a] for a in order), dtype)
-    return permute(buffer, tuple(int(a) for a in numpy.argsort(order)))
-
-
-def _order_of(x) -> tuple[int, ...] | None:
-    """_spec.memory_order of a CuPy array."""
-    return _spec.memory_order(x.shape, tuple(s // x.itemsize for s in x.strides))
-
-
 class CupyMemory:
     """Where a plan's outputs and workspaces come from and which stream runs it: CuPy's memory
     pool and current stream. (The torch adapter passes torch's caching allocator and stream.)
@@ -129,11 +115,11 @@ class CupyMemory:
 
     @staticmethod
     def empty(shape, dtype, order=None):
-        return in_order(lambda s, t: _cupy().empty(s, dtype=t), shape, dtype, order, _transpose)
+        return _spec.empty_in_order(_cupy().empty, shape, dtype, order)
 
     @staticmethod
     def zeros(shape, dtype, order=None):
-        return in_order(lambda s, t: _cupy().zeros(s, dtype=t), shape, dtype, order, _transpose)
+        return _spec.empty_in_order(_cupy().zeros, shape, dtype, order)
 
     @staticmethod
     def pointer(array) -> int:
@@ -147,10 +133,6 @@ class CupyMemory:
     @staticmethod
     def stream() -> int:
         return _cupy().cuda.get_current_stream().ptr
-
-
-def _transpose(array, axes):
-    return array.transpose(axes)
 
 
 CUPY_MEMORY = CupyMemory()
@@ -556,7 +538,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     elif out is not None and o is not out:
         out[...] = o
         o = out
-    elif not _stored(p, o).flags.c_contiguous and (p.packed is not None or _order_of(o) is None):
+    elif not _stored(p, o).flags.c_contiguous and (p.packed is not None or _spec.array_order(o) is None):
         # a padded buffer for an odd Dv: return a plain array (one in q's memory order is one)
         o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
@@ -1073,7 +1055,7 @@ def backward(problem):
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
     shapes = {"dq": _stored(p, dq).shape, "dk": _stored(p, dk).shape, "dv": _stored(p, dv).shape}
     # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one)
-    plain = plain and all((_stored(p, g).flags.c_contiguous or _order_of(g) is not None) and g.shape == s
+    plain = plain and all((_stored(p, g).flags.c_contiguous or _spec.array_order(g) is not None) and g.shape == s
                           for g, s in zip((dq, dk, dv), grads_shape))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
@@ -1135,7 +1117,7 @@ def backward(problem):
     if on_chip is not None:
         launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
-    orders = {} if p.packed is not None else {name: _order_of(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
+    orders = {} if p.packed is not None else {name: _spec.array_order(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs, orders=orders,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
@@ -1378,7 +1360,7 @@ def _sum_to(grad, shape, kv_group: int, accum, dtype):
     """
     cupy = _cupy()
     if grad.shape == tuple(shape):  # (a padded buffer becomes a plain array; one in its input's order stays)
-        return grad if grad.flags.c_contiguous or _order_of(grad) is not None else cupy.ascontiguousarray(grad)
+        return grad if grad.flags.c_contiguous or _spec.array_order(grad) is not None else cupy.ascontiguousarray(grad)
     g = _widen(grad, accum)
     if kv_group > 1:  # (..., Hq, L, D) -> (..., Hkv, group, L, D), summed over the group
         g = g.reshape(g.shape[:-3] + (g.shape[-3] // kv_group, kv_group) + g.shape[-2:]).sum(axis=-3)
