@@ -183,6 +183,10 @@ def _feature_cases() -> list[dict]:
              options={"softcap": 20.0, "alibi_slopes": "heads", "window": (100, 0)}, backward=False),
         dict(name="ws-bfloat16-d192-varlen", dtype="bfloat16", api="varlen", lengths_q=[130, 0, 1, 200],
              lengths_k=[200, 7, 150, 0], heads=(4, 2), d=192, backward=False),
+        # persistent blocks (more tiles than SMs: each block walks several, its two Q buffers and
+        # rings reused tile after tile), with sinks and GQA
+        dict(name="ws-persistent-bfloat16-d128-gqa-causal", dtype="bfloat16", q=(4, 64, 256, 128),
+             k=(4, 8, 256, 128), options={"causal": True, "sinks": "heads"}, backward=False),
         # the warp-specialized dK/dV backward (bwd_dkdv_wgmma_ws.cu: TMA K/V once, Q/dO per step,
         # a warp for lse/delta): GQA causal at d128, a packed batch at d64 (keys past each
         # sequence's end zeroed in shared memory)

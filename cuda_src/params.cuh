@@ -89,6 +89,10 @@ struct FwdParams {
     // (takes_row); another launch takes the others.
     const int* key_bounds;
     int key_rows;
+    // The launch's query tiles per attention row (the grid's y of a launch with one block per
+    // tile): fwd_wgmma_ws's blocks walk the rows' tiles (schedule.cuh's TileWalk) whatever grid
+    // it is launched with; the other kernels read their grid.
+    int query_tiles;
 };
 
 enum KeyRows : int { kAllKeyRows = 0, kPrefixKeyRows = 1, kOtherKeyRows = 2 };
@@ -273,10 +277,10 @@ __device__ __forceinline__ void poison_uncovered_rows(T* rows, long long row_str
 // The forward's rows its grid leaves uncovered (poison_uncovered_rows): out and lse.
 template <typename Element, typename Stat>
 __device__ __forceinline__ void poison_uncovered_output(const FwdParams& p, const BatchIndex& at, int tile,
-                                                        int tile_rows) {
+                                                        int tiles, int tile_rows) {
     poison_uncovered_rows(static_cast<Element*>(p.o) + at.o, p.o_row_stride, p.head_dim_v, at.seqlen_q, tile,
-                          gridDim.y, tile_rows);
-    poison_uncovered_rows(static_cast<Stat*>(p.lse) + at.lse, 1, 1, at.seqlen_q, tile, gridDim.y, tile_rows);
+                          tiles, tile_rows);
+    poison_uncovered_rows(static_cast<Stat*>(p.lse) + at.lse, 1, 1, at.seqlen_q, tile, tiles, tile_rows);
 }
 
 // A forward block's start, after it knows its attention row bh and query tile (its first row m0,
@@ -290,7 +294,7 @@ __device__ __forceinline__ bool starts_block(const FwdParams& p, int bh, int til
     if (!takes_row(p, bh)) return false;
     at = BatchIndex(p, bh);
     if (!at.has_query_row(m0)) return false;
-    poison_uncovered_output<Element, Stat>(p, at, tile, tile_rows);
+    poison_uncovered_output<Element, Stat>(p, at, tile, gridDim.y, tile_rows);
     return true;
 }
 

@@ -26,21 +26,29 @@ struct BlockCoord {
     int block;  // tile along the grid's y axis (query tile; key tile in the backward's dK/dV)
 };
 
-// Sections of `section_rows` rows, 1 <= section_rows <= gridDim.x, section_rows * gridDim.y < 2^32
-// (the host caps it); 1 is plain row-major order (one row's tiles back to back).
+// Tile ``linear`` of a grid_x by grid_y grid in sections of `section_rows` rows, 1 <=
+// section_rows <= grid_x, section_rows * grid_y < 2^32 (the host caps it); 1 is plain row-major
+// order (one row's tiles back to back).
+// ``Index``: unsigned long long where the tiles may pass 2^32, else unsigned (cheaper division).
+template <bool kHeaviestFirst, typename Index>
+__device__ __forceinline__ BlockCoord scheduled_tile(int section_rows_, Index linear, unsigned grid_x, unsigned grid_y) {
+    const unsigned section_rows = static_cast<unsigned>(section_rows_);
+    const unsigned section_blocks = section_rows * grid_y;
+    const unsigned section = static_cast<unsigned>(linear / section_blocks);
+    const unsigned rest = static_cast<unsigned>(linear - static_cast<Index>(section) * section_blocks);
+    const unsigned rows = min(section_rows, grid_x - section * section_rows);  // the last section may be short
+    const unsigned m_index = rest / rows;
+    return {static_cast<int>(section * section_rows + (rest - m_index * rows)),
+            static_cast<int>(kHeaviestFirst ? grid_y - 1 - m_index : m_index)};
+}
+
+// This block's tile: one tile per block, the grid the tiles' grid.
 template <bool kHeaviestFirst>
-__device__ __forceinline__ BlockCoord scheduled_block(int section_rows_) {
+__device__ __forceinline__ BlockCoord scheduled_block(int section_rows) {
     // 64-bit: gridDim.x * gridDim.y may pass 2^32; the rest fits 32 bits.
     const unsigned long long linear =
         static_cast<unsigned long long>(ptx::block_index_y()) * gridDim.x + ptx::block_index_x();
-    const unsigned section_rows = static_cast<unsigned>(section_rows_);
-    const unsigned section_blocks = section_rows * gridDim.y;
-    const unsigned section = static_cast<unsigned>(linear / section_blocks);
-    const unsigned rest = static_cast<unsigned>(linear - static_cast<unsigned long long>(section) * section_blocks);
-    const unsigned rows = min(section_rows, gridDim.x - section * section_rows);  // the last section may be short
-    const unsigned m_index = rest / rows;
-    return {static_cast<int>(section * section_rows + (rest - m_index * rows)),
-            static_cast<int>(kHeaviestFirst ? gridDim.y - 1 - m_index : m_index)};
+    return scheduled_tile<kHeaviestFirst>(section_rows, linear, gridDim.x, gridDim.y);
 }
 
 // A forward block: masked (causal, windows) in sections, heaviest query tiles first; dense in
@@ -49,6 +57,31 @@ template <bool kMasked>
 __device__ __forceinline__ BlockCoord scheduled_block(const FwdParams& p) {
     return scheduled_block<kMasked>(kMasked ? p.heads_per_section : 1);
 }
+
+// The tiles a persistent forward block walks (fwd_wgmma_ws.cu), in scheduled_block's order over
+// the attention rows (the output's leading axes) by p.query_tiles query tiles, fewer than 2^31
+// (the host checks). Wave after wave: in wave w the launch's blocks take tiles [w blocks,
+// (w + 1) blocks), block b the b-th of them in even waves and the b-th from the end in odd ones
+// (a snake). Under a mask the order is longest first, so each block's sum of tiles stays near
+// the mean: a static longest-processing-time schedule. A grid of one block per tile is one
+// wave: block b, tile b, as scheduled_block.
+struct TileWalk {
+    unsigned block, blocks, rows, query_tiles, total;
+    __device__ __forceinline__ explicit TileWalk(const FwdParams& p)
+        : block(ptx::block_index_y() * gridDim.x + ptx::block_index_x()), blocks(gridDim.x * gridDim.y),
+          rows(static_cast<unsigned>(p.num_heads)), query_tiles(static_cast<unsigned>(p.query_tiles)) {
+#pragma unroll
+        for (int i = 0; i < CUFLASH_MAX_BATCH_DIMS; ++i) rows *= static_cast<unsigned>(p.batch_shape[i]);
+        total = rows * query_tiles;
+    }
+    __device__ __forceinline__ unsigned tile(unsigned wave) const {
+        return wave * blocks + ((wave & 1u) ? blocks - 1 - block : block);
+    }
+    template <bool kMasked>
+    __device__ __forceinline__ BlockCoord coord(const FwdParams& p, unsigned linear) const {
+        return scheduled_tile<kMasked>(kMasked ? p.heads_per_section : 1, linear, rows, query_tiles);
+    }
+};
 
 // A dQ block (bwd_dq_tc, bwd_dq_simt): attention row blockIdx.x, its query tiles in reverse
 // under a mask (the heaviest start first, as the forward's), else in order.

@@ -80,6 +80,55 @@ def test_plain_calls_run_the_tma_kernel_and_match_the_reference(rng, dtype, q_sh
     assert map_calls, "a plain Hopper call of this head dim should run fwd_wgmma_ws"
 
 
+# Persistent walks (tiles.persistent: fwd_wgmma_ws up to d192, at most one block per SM): more
+# tiles than SMs, so each block takes several, wave after wave in snake order, its Q tiles
+# alternating between two buffers and its K/V rings counting on from tile to tile.
+PERSISTENT_CASES = [
+    ((4, 64, 256, 128), (4, 8, 256, 128), dict(causal=True)),          # GQA 8, 512 tiles
+    ((8, 32, 300, 64), (8, 32, 700, 64), dict()),                      # d64 192-row tiles: 512
+    ((2, 48, 200, 192), (2, 48, 333, 192), dict(window=(50, 20))),     # 192 tiles
+    ((3, 40, 257, 128), (3, 40, 257, 128), dict(scale=-0.2)),          # each tile's Q negated: 360
+    ((2, 96, 130, 128), (2, 96, 1, 128), dict(causal=True)),           # one key: whole tiles see none
+]
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,options", PERSISTENT_CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_persistent_blocks_walk_every_tile(rng, q_shape, kv_shape, options, map_calls, monkeypatch):
+    dtype = "bfloat16"
+    launches = []
+    real_launch_of = plan._launch_of
+
+    def spy(variant, *args, **kwargs):
+        launch = real_launch_of(variant, *args, **kwargs)
+        launches.append((variant, launch))
+        return launch
+
+    monkeypatch.setattr(plan, "_launch_of", spy)
+    dev, exact = _inputs(rng, dtype, q_shape, kv_shape, kv_shape)
+    _check(dtype, dev, exact, **options)
+    assert map_calls
+    ((variant, launch),) = [(v, x) for v, x in launches if v.kernel == "fwd_wgmma_ws"]
+    tiles_total = q_shape[0] * q_shape[1] * launch.query_tiles
+    assert plan.tiles.persistent(variant) and launch.grid_x * launch.grid_y < tiles_total
+
+
+def test_a_persistent_key_padding_split_walks_each_launchs_rows(rng, map_calls):
+    """A key-padding mask whose rows are partly plain prefixes: two launches of the same tiles,
+    each block skipping the rows the other launch takes (takes_row) as it walks."""
+    dtype, d = "bfloat16", 128
+    b, h, l_q, l_k = 6, 32, 200, 700
+    dev, exact = _inputs(rng, dtype, (b, h, l_q, d), (b, h, l_k, d), (b, h, l_k, d))
+    mask = numpy.zeros((b, 1, 1, l_k), dtype=bool)
+    for i in range(b):
+        mask[i, ..., : 300 + 61 * i] = True
+        if i % 2:
+            mask[i, ..., 7] = False  # not a prefix: the other launch's row
+    out = cuflash.attention(*dev, mask=cupy.asarray(mask))
+    ref_out, _ = score_mods_ref(*exact, mask=mask)
+    assert map_calls
+    assert numpy.abs(cupy.asnumpy(out).astype(numpy.float64) - ref_out).max() < 2e-2
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_replayed_plan_reads_the_new_calls_tensors(rng, dtype, map_calls):
     """The first call builds the plan; later ones of the same signature replay it with their own

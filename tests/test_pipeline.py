@@ -148,6 +148,20 @@ def test_every_variants_shared_memory_is_the_kernels_own(arch):
         assert stored == {i: v.shared_mem for i, v in enumerate(variants)}, kernel
 
 
+@needs_nvrtc
+def test_the_persistent_forwards_are_the_kernels_own():
+    """tiles.persistent (the host launches at most one block per SM, each walking several tiles)
+    equals fwd_wgmma_ws.cu's fwd_ws_persistent<D>() for every Variant of the family: a block
+    that walks one tile of a grid the host shrank would leave the others uncomputed."""
+    variants = [v for v in tiles.all_variants("90a") if v.kernel == "fwd_wgmma_ws"]
+    assert any(tiles.persistent(v) for v in variants) and not all(tiles.persistent(v) for v in variants)
+    lines = ['extern "C" __global__ void cuflash_persistent_probe(long long* out) {']
+    lines += [f"    out[{i}] = cuflash::fwd_ws_persistent<{v.head_dim}>() ? 1 : 2;" for i, v in enumerate(variants)]
+    source = kernels.kernel_source(variants[0]) + "\n" + "\n".join(lines) + "\n}\n"
+    options = kernels.compile_options(variants[0]) + ("-arch=compute_90a", "--device-as-default-execution-space")
+    assert _ptx_stored_constants(source, options) == {i: 1 if tiles.persistent(v) else 2 for i, v in enumerate(variants)}
+
+
 def test_source_digest_follows_every_header(tmp_path, monkeypatch):
     copy = tmp_path / "cuda_src"
     shutil.copytree(kernels.source_dir(), copy)

@@ -65,6 +65,7 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("mask_col_stride", numpy.int32),
         ("key_bounds", numpy.uint64),
         ("key_rows", numpy.int32),
+        ("query_tiles", numpy.int32),
     ],
     align=True,
 )

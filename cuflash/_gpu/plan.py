@@ -142,18 +142,28 @@ CUPY_MEMORY = CupyMemory()
 class Launch:
     kernel: object   # the cupy.RawKernel: keeps its module, and so `function`, loaded
     function: int    # its CUfunction handle
-    grid_x: int
+    grid_x: int      # the blocks launched
     grid_y: int
     threads: int
     shared_mem: int
     key_rows: int = ALL_KEY_ROWS  # FwdParams::key_rows: the rows of a key-padding mask it takes
+    query_tiles: int = 0  # FwdParams::query_tiles: its query tiles per attention row
+
+
+# A persistent kernel's tiles must number fewer than this (fwd_wgmma_ws.cu counts them in 32 bits).
+MAX_PERSISTENT_TILES = 2**31
 
 
 def _launch_of(variant, device: int, grid_x: int, length: int, tile: int, key_rows: int = ALL_KEY_ROWS) -> Launch:
-    """Grid (attention rows, tiles of ``tile`` over ``length``) of ``variant`` on ``device``."""
+    """Tiles (attention rows, tiles of ``tile`` over ``length``) of ``variant`` on ``device``: one
+    block per tile, or, for a persistent Variant (tiles.persistent), at most one block per SM
+    walking them (one block fills an SM: fwd_wgmma_ws takes all but a few of its registers)."""
     kernel = kernels.get_kernel(variant, device)
-    return Launch(kernel, kernel.kernel.ptr, grid_x, -(-length // tile), variant.threads, variant.shared_mem,
-                  key_rows)
+    grid = (grid_x, -(-length // tile))
+    blocks = grid
+    if tiles.persistent(variant):
+        blocks = (min(grid[0] * grid[1], _device_attribute("MultiProcessorCount")), 1)
+    return Launch(kernel, kernel.kernel.ptr, *blocks, variant.threads, variant.shared_mem, key_rows, grid[1])
 
 
 class _Scratch(threading.local):
@@ -268,6 +278,7 @@ class _Plan:
         self.words = words
         self.launches = launches
         self.key_rows_at = _field_offset(struct.dtype, fwd + "key_rows") // 4
+        self.query_tiles_at = _field_offset(struct.dtype, fwd + "query_tiles") // 4
 
     def _run(self, memory, pointers) -> None:
         scratch = _SCRATCH
@@ -280,6 +291,7 @@ class _Plan:
         stream = memory.stream()
         for launch in self.launches:
             scratch.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
+            scratch.ints[self.query_tiles_at] = launch.query_tiles
             _driver().launchKernel(launch.function, launch.grid_x, launch.grid_y, 1, launch.threads, 1, 1,
                                    launch.shared_mem, stream, scratch.argv_ptr, 0)
 
@@ -515,7 +527,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     tma_launches = [f for f, _ in sets if tiles.SPECS[f.kernel].tma]
     maps = None
     if tma_launches:
-        if len({(f.block_m, f.block_n) for f in tma_launches}) == 1:
+        tiles_total = layout.grid_x * -(-_longest(p)[0] // tma_launches[0].block_m)
+        if len({(f.block_m, f.block_n) for f in tma_launches}) == 1 and tiles_total < MAX_PERSISTENT_TILES:
             maps = _tensor_maps(p, layout, tma_launches[0])
         if maps is None:  # a layout the maps cannot describe
             sets = choose(False)

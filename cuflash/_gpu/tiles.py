@@ -248,6 +248,13 @@ _FWD_WGMMA_WS_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ..
 _FWD_WGMMA_WS_MASKED_TABLE = {**_FWD_WGMMA_WS_TABLE, 64: ((1024, ()), (math.inf, (128, 128, 12, 2)))}
 
 
+def persistent(variant) -> bool:
+    """Whether ``variant``'s blocks walk several tiles each (launched with at most one block per
+    SM: plan._launch_of). Mirror of fwd_wgmma_ws.cu's fwd_ws_persistent: fwd_wgmma_ws up to d192
+    (at d256 the walk's state spills beside O)."""
+    return variant.kernel == "fwd_wgmma_ws" and variant.head_dim <= 192
+
+
 def _ws_width(bucket: int) -> int:
     """fwd_wgmma_ws's width for a bucket: whole 64-column panels (96 -> 128, 160 -> 192, 224 ->
     256: the maps zero-fill the columns past D). Bucket 32 stays 32 (no table: half of a d64
@@ -256,8 +263,10 @@ def _ws_width(bucket: int) -> int:
 
 
 def _smem_fwd_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of fwd_wgmma_ws.cu's kSmemBytes."""
-    return _smem_fwd_wgmma_bytes(head_dim, block_m, block_n, stages) + 8 * (1 + 4 * stages)
+    """Mirror of fwd_wgmma_ws.cu's kSmemBytes: two Q tiles where they fit in 227 KB (the next
+    tile's Q lands during this one's epilogue), else one; the K/V rings; the mbarriers."""
+    q_buffers = 2 if 1024 + 2 * head_dim * (2 * block_m + 2 * stages * block_n) + 8 * (4 + 4 * stages) <= 227 * 1024 else 1
+    return 1024 + 2 * head_dim * (q_buffers * block_m + 2 * stages * block_n) + 8 * (2 * q_buffers + 4 * stages)
 
 
 def _fwd_wgmma_ws_candidates(table):
