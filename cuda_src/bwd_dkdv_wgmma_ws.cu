@@ -144,23 +144,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             if (t >= kStages) ptx::mbarrier_wait(empty(t % kStages), (static_cast<unsigned>(t / kStages) & 1u) ^ 1u);
         };
         if (warp == 0 && ptx::elect_one()) {
-            const BatchCoords coords(f, bh);
-            int batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1], q0 = 0, k0 = 0;
-            if (f.cu_seqlens_q != nullptr) {  // a packed batch's maps span all its tokens
-                const PackedSequence seq(f, coords);
-                q0 = seq.q0;
-                k0 = seq.k0;
-                batch = 0;
-            }
+            const MapOrigin origin(f, bh);  // params.cuh
             ptx::tma_prefetch_map(tp.q_map);
             ptx::tma_prefetch_map(tp.dout_map);
             ptx::mbarrier_arrive_expect_tx(kv_full(), 2 * KVTile::kBytes);
 #pragma unroll
             for (int c = 0; c < kPanels; ++c) {
-                ptx::tma_load_4d(k_smem + c * KVTile::kPanelBytes, tp.k_map, kv_full(), 64 * c, k0 + n0,
-                                 coords.head / f.kv_group, batch);
-                ptx::tma_load_4d(v_smem + c * KVTile::kPanelBytes, tp.v_map, kv_full(), 64 * c, k0 + n0,
-                                 coords.head / f.kv_group, batch);
+                ptx::tma_load_4d(k_smem + c * KVTile::kPanelBytes, tp.k_map, kv_full(), 64 * c, origin.k0 + n0,
+                                 origin.head / f.kv_group, origin.batch);
+                ptx::tma_load_4d(v_smem + c * KVTile::kPanelBytes, tp.v_map, kv_full(), 64 * c, origin.k0 + n0,
+                                 origin.head / f.kv_group, origin.batch);
             }
             // The group's heads are consecutive query heads of one batch row: head + g.
             HeadTileStep step(range.first, range.last, heads);
@@ -168,7 +161,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 wait_slot(t);
                 const unsigned slot = stage_smem + (t % kStages) * kStageBytes;
                 ptx::mbarrier_arrive_expect_tx(full(t % kStages), kStageBytes);
-                const int row = q0 + step.i * kBlockM, head = coords.head + step.g;
+                const int row = origin.q0 + step.i * kBlockM, head = origin.head + step.g, batch = origin.batch;
 #pragma unroll
                 for (int c = 0; c < kPanels; ++c) {
                     ptx::tma_load_4d(slot + c * QTile::kPanelBytes, tp.q_map, full(t % kStages), 64 * c, row, head, batch);

@@ -199,23 +199,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
                 if (past_end(wave, linear)) break;
                 const WsTile tile = ws_tile<kHasWindow, kBlockM>(p, walk, linear);
                 if (!tile.has_work) continue;
-                const BatchCoords coords(p, tile.bh);
-                const int head = coords.head, kv_head = head / p.kv_group;
-                // A packed batch's maps span all its tokens: sequence b starts at row q0 (k0) of them.
-                int batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1], q0 = 0, k0 = 0;
-                if (p.cu_seqlens_q != nullptr) {
-                    const PackedSequence seq(p, coords);
-                    q0 = seq.q0;
-                    k0 = seq.k0;
-                    batch = 0;
-                }
+                const MapOrigin origin(p, tile.bh);  // params.cuh
+                const int kv_head = origin.head / p.kv_group;
                 const int qb = n % kQBuffers;
                 if (n >= kQBuffers) ptx::mbarrier_wait(bars.q_empty(qb), ring_parity<kQBuffers>(n) ^ 1u);
                 ptx::mbarrier_arrive_expect_tx(bars.q_full(qb), QTile::kBytes);
 #pragma unroll
                 for (int c = 0; c < kPanels; ++c)
                     ptx::tma_load_4d(q_smem + qb * QTile::kBytes + c * QTile::kPanelBytes, tp.q_map, bars.q_full(qb),
-                                     64 * c, q0 + tile.m0, head, batch);
+                                     64 * c, origin.q0 + tile.m0, origin.head, origin.batch);
                 // Round r into its slot of one ring, once the slot's previous round has been released.
                 auto load_tile = [&](int t, int r, unsigned ring, unsigned full, unsigned empty, const ptx::TensorMap& map) {
                     if (r >= kStages) ptx::mbarrier_wait(empty, ring_parity<kStages>(r) ^ 1u);
@@ -223,7 +215,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
 #pragma unroll
                     for (int c = 0; c < kPanels; ++c)
                         ptx::tma_load_4d(ring + (r % kStages) * KVTile::kBytes + c * KVTile::kPanelBytes, map, full,
-                                         64 * c, k0 + t * kBlockN, kv_head, batch);
+                                         64 * c, origin.k0 + t * kBlockN, kv_head, origin.batch);
                 };
                 // K_t and V_t in turn: the consumers need K_{t+1} before V_t.
                 const TileRange range = Mask<kHasWindow>(p, tile.at).tiles(tile.m0, kBlockM, kBlockN);

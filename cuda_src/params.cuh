@@ -192,6 +192,27 @@ struct PackedSequence {
     }
 };
 
+// Where attention row `bh` starts in the tensor maps' coordinates (FwdTmaParams, BwdTmaParams:
+// head dim, row, head, batch): its query head, the batch coordinate and its first query and key
+// rows. A packed batch's maps span all its tokens (batch 0 of 1): sequence b starts at rows
+// cu_seqlens_q[b], cu_seqlens_k[b] of them. Key/value heads are head / kv_group.
+struct MapOrigin {
+    int head, batch, q0, k0;
+
+    __device__ __forceinline__ MapOrigin(const FwdParams& p, int bh) {
+        const BatchCoords coords(p, bh);
+        head = coords.head;
+        batch = coords.batch[CUFLASH_MAX_BATCH_DIMS - 1];
+        q0 = k0 = 0;
+        if (p.cu_seqlens_q != nullptr) {
+            const PackedSequence seq(p, coords);
+            q0 = seq.q0;
+            k0 = seq.k0;
+            batch = 0;
+        }
+    }
+};
+
 // Attention row `bh`'s sequence: its offsets inside the forward's tensors (key/value rows of GQA
 // belong to kv head = head / kv_group), its lengths and its mask diagonal. The kernels read a
 // sequence's Lq, Lk and diagonal here and nowhere else: a packed batch changes only this
