@@ -152,12 +152,16 @@ def plan_key_parts(bias, mask, options: tuple, bias_grad: bool = False, per_row=
     keyed: options of unusual types, or ALiBi slopes or sinks (``per_row``: a replay does not
     redo their per-row arrays). ``bias_grad``: the backward's. The CuPy API's keys
     (``cached_plan``) and the torch adapter's are made of these."""
-    scale, causal, window = options[:3]
-    precision, softcap = options[-2:]
-    if (any(x is not None for x in per_row) or not _plain_options(scale, causal, window, precision, softcap)
-            or type(bias_grad) is not bool):
+    # (plain loops, no generators: this runs on every planned call)
+    for x in per_row:
+        if x is not None:
+            return None
+    if type(bias_grad) is not bool or not _plain_options(options[0], options[1], options[2], options[-2], options[-1]):
         return None
-    present = tuple(x for x in (bias, mask) if x is not None)
+    if bias is None:
+        present = () if mask is None else (mask,)
+    else:
+        present = (bias,) if mask is None else (bias, mask)
     return present, options + (bias is not None, mask is not None, bias_grad and bias is not None)
 
 

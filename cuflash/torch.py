@@ -82,17 +82,14 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     (float32, float64 for float64 inputs) carries no gradient. ``precision`` as
     :func:`cuflash.attention`'s (forward and backward).
     """
-    causal_name, window_left, window_right = _mask_arguments(causal, window)
-    if scale is not None:
-        scale = _spec._resolve_scale(scale, 1)  # the same TypeError/ValueError as cuflash.attention
-    softcap = _spec._resolve_softcap(softcap)
-    deterministic, return_lse = _flag("deterministic", deterministic), _flag("return_lse", return_lse)
+    causal_name, window_left, window_right, scale, softcap, deterministic, return_lse = _call_options(
+        causal, window, scale, softcap, deterministic, return_lse)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
     for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("bias", bias), ("mask", mask)):
         if tensor is not None:
             _check_tensor(name, tensor)
-    precision = _spec.resolve_precision(precision, str(q.dtype).removeprefix("torch."))
+    precision = _precision(precision, q.dtype)
     options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes, precision)
     if torch.compiler.is_compiling() or q.device.type == "meta":
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
@@ -597,8 +594,48 @@ def _type_name(value):
 def _check_tensor(name, tensor):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type not in ("cpu", "cuda", "meta"):  # meta: shape propagation only
+    # (is_cuda and friends: a tenth of the cost of tensor.device.type, on every call)
+    if not (tensor.is_cuda or tensor.is_cpu or tensor.is_meta):  # meta: shape propagation only
         raise TypeError(f"{name} is on device {tensor.device}; cuflash runs on CPU and CUDA tensors")
+
+
+# The resolved options of the calls seen, by how they were spelled (_api._plain_options' types
+# only: a key never lets causal=1 or a float window pass as a valid spelling seen before). The
+# checks cost ~15 us per call, as much as a planned launch; they are the same for every layer.
+_CALL_OPTIONS: dict = {}
+_PRECISIONS: dict = {}
+_MEMO_LIMIT = 512  # distinct spellings kept (a program uses a handful)
+
+
+def _call_options(causal, window, scale, softcap, deterministic, return_lse):
+    """(causal name, window_left, window_right, scale, softcap, deterministic, return_lse) with
+    cuflash.attention's checks and messages; ``scale`` None stays None (the head dim decides)."""
+    key = None
+    if (type(deterministic) is bool and type(return_lse) is bool
+            and _api._plain_options(scale, causal, window, None, softcap)):
+        key = (causal, window, scale, type(scale), softcap, type(softcap), deterministic, return_lse)
+        resolved = _CALL_OPTIONS.get(key)
+        if resolved is not None:
+            return resolved
+    causal_name, window_left, window_right = _mask_arguments(causal, window)
+    if scale is not None:
+        scale = _spec._resolve_scale(scale, 1)  # the same TypeError/ValueError as cuflash.attention
+    resolved = (causal_name, window_left, window_right, scale, _spec._resolve_softcap(softcap),
+                _flag("deterministic", deterministic), _flag("return_lse", return_lse))
+    if key is not None and len(_CALL_OPTIONS) < _MEMO_LIMIT:
+        _CALL_OPTIONS[key] = resolved
+    return resolved
+
+
+def _precision(precision, dtype):
+    """_spec.resolve_precision for inputs of torch ``dtype``."""
+    key = (precision, dtype) if type(precision) in (str, type(None)) else None
+    resolved = _PRECISIONS.get(key) if key is not None else None
+    if resolved is None:
+        resolved = _spec.resolve_precision(precision, str(dtype).removeprefix("torch."))
+        if key is not None and len(_PRECISIONS) < _MEMO_LIMIT:
+            _PRECISIONS[key] = resolved
+    return resolved
 
 
 def _mask_arguments(causal, window):
@@ -859,10 +896,14 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
+        # lse carries no gradient: without this the engine would allocate and zero one per call.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:  # out took no part in what is differentiated
+            return (None,) * (6 + len(ctx.options))
         q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.

@@ -307,6 +307,33 @@ def test_errors_name_the_argument(randt):
         ct.attention(q, randt(1, 2, 4, 5), q)
 
 
+@pytest.mark.parametrize("valid, invalid, error, match", [
+    (dict(causal=True), dict(causal=1), TypeError, "causal"),
+    (dict(causal=False), dict(causal=0), TypeError, "causal"),
+    (dict(scale=1), dict(scale=True), TypeError, "scale"),
+    (dict(softcap=1.0), dict(softcap=True), TypeError, "softcap"),
+    (dict(deterministic=True), dict(deterministic=1), TypeError, "deterministic"),
+    (dict(return_lse=False), dict(return_lse=0), TypeError, "return_lse"),
+    (dict(window=(2, 0)), dict(window=(2.0, 0)), TypeError, "window left"),
+], ids=["causal-1", "causal-0", "scale-bool", "softcap-bool", "deterministic-1", "return_lse-0", "window-float"])
+def test_resolved_options_are_remembered_by_spelling_never_by_equal_value(randt, valid, invalid, error, match):
+    # attention() keeps the checked options of each spelling it has seen (torch._call_options):
+    # a spelling equal to a valid one (1 == True, 2.0 == 2) must still be refused, every time.
+    q = randt(1, 2, 4, 4)
+    for _ in range(2):
+        ct.attention(q, q, q, **valid)
+        with pytest.raises(error, match=match):
+            ct.attention(q, q, q, **invalid)
+
+
+def test_a_remembered_precision_is_checked_against_each_calls_dtype(randt):
+    q32, q64 = randt(1, 2, 4, 4, dtype=torch.float32), randt(1, 2, 4, 4)
+    for _ in range(2):
+        ct.attention(q32, q32, q32, precision="tf32")
+        with pytest.raises(ValueError, match="precision='tf32' applies to float32"):
+            ct.attention(q64, q64, q64, precision="tf32")
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(softcap="5"), TypeError, "softcap must be a positive real number"),
     (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
