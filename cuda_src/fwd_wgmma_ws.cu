@@ -56,7 +56,7 @@ constexpr int fwd_ws_q_buffers() {
 }
 
 // Whether a block walks several tiles (the host then launches fewer blocks than tiles:
-// plan._persistent_grid). Not at d256: its consumers' 240 registers hold O (128) and the step's
+// tiles.persistent, plan._launch_of). Not at d256: its consumers' 240 registers hold O (128) and the step's
 // S and P already, and the walk's state spills there.
 template <int kHeadDim>
 constexpr bool fwd_ws_persistent() { return kHeadDim <= 192; }

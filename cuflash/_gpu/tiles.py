@@ -265,8 +265,10 @@ def _ws_width(bucket: int) -> int:
 def _smem_fwd_wgmma_ws_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of fwd_wgmma_ws.cu's kSmemBytes: two Q tiles where they fit in 227 KB (the next
     tile's Q lands during this one's epilogue), else one; the K/V rings; the mbarriers."""
-    q_buffers = 2 if 1024 + 2 * head_dim * (2 * block_m + 2 * stages * block_n) + 8 * (4 + 4 * stages) <= 227 * 1024 else 1
-    return 1024 + 2 * head_dim * (q_buffers * block_m + 2 * stages * block_n) + 8 * (2 * q_buffers + 4 * stages)
+    def smem_bytes(q_buffers: int) -> int:
+        return 1024 + 2 * head_dim * (q_buffers * block_m + 2 * stages * block_n) + 8 * (2 * q_buffers + 4 * stages)
+
+    return smem_bytes(2) if smem_bytes(2) <= 227 * 1024 else smem_bytes(1)
 
 
 def _fwd_wgmma_ws_candidates(table):
