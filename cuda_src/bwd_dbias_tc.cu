@@ -171,12 +171,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
         }
         const ScoreMod<float, true> mod(f, r, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
         const TilePlanes<kBlockN> planes{bias_tile, mod.planes().mask_at, m0, n0};
-        mod.dispatch([&](const auto& score) {
+        mod.template dispatch<ModBodies::kPerPlaneSet>([&](const auto& row_scores) {  // (a bias is always there)
+            const auto score = tc::lane_scores(row_scores, m0 + warp_row0, n0, lane);
             tc::for_each_element<kMTiles, kNTiles>(m0 + warp_row0, n0, lane, [&](int mt, int nt, int e, int q, int row, int key) {
                 float grad;
                 const float x = score(s[mt][nt][e], row, key, grad);
                 const bool hidden = masked && (row >= at.seqlen_q || !mask.visible(row, key));
-                acc[mt][nt][e] += hidden ? 0.f : ptx::ex2(x - lse2[q]) * (dp[mt][nt][e] - delta[q]);
+                acc[mt][nt][e] += hidden ? 0.f : ptx::ex2(score.exponent(x, lse2[q])) * (dp[mt][nt][e] - delta[q]);
             });
         }, planes);
     }

@@ -283,19 +283,20 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                 delta[r] = delta_s[s_row + tc::slot_row(r, lane)];
             }
             // The bias and mask from this step's staged tiles where the Variant stages them.
-            auto p_ds = [&](const auto& score) {
+            auto p_ds = [&](const auto& row_scores) {
+                const auto score = tc::lane_scores(row_scores, m0 + s_row, n0 + s_col, lane);
                 tc::for_each(s, dp, m0 + s_row, n0 + s_col, lane, [&](float& x, float& y, int r, int row, int key) {
                     float grad;
-                    x = ptx::ex2(score(x, row, key, grad) - lse2[r]);
+                    x = ptx::ex2(score.exponent(score(x, row, key, grad), lse2[r]));
                     y -= delta[r];
                     if (dbias.wanted()) dbias.store(row, key, x * y, masked && !mask.visible(row, key));
                     if (score.capped) y *= grad;
                 });
             };
             if constexpr (kStagePlanes)
-                modified = mod.template dispatch<false>(p_ds, PlaneStage::planes(stage_ptr + (t % kStages) * kStageBytes + kPlanesAt, f, m0, n0));
+                modified = mod.template dispatch<ModBodies::kByCap>(p_ds, PlaneStage::planes(stage_ptr + (t % kStages) * kStageBytes + kPlanesAt, f, m0, n0));
             else
-                modified = mod.template dispatch<false>(p_ds);
+                modified = mod.template dispatch<ModBodies::kByCap>(p_ds);
         }
         if (!modified) {
 #pragma unroll

@@ -171,11 +171,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         // units, and dS = P o (dP - delta_i) o dx / d(scale S).
         bool modified = false;
         if constexpr (kScoreMods) {
-            modified = mod.template dispatch<false>([&](const auto& score) {
+            // (no origin for ALiBi's distance: at d64 its hoisted distances spill on sm_86/89)
+            modified = mod.template dispatch<ModBodies::kByCap>([&](const auto& score) {
                 tc::for_each(s, dp, m0 + warp_row0, j * kBlockN, lane, [&](float& x, float& y, int r, int row, int key) {
                     float grad;
                     const float x2 = score(x, row, key, grad);
-                    const float prob = masked && !mask.visible(row, key) ? 0.f : ptx::ex2(x2 - lse2[r / 2][r % 2]);
+                    const float prob = masked && !mask.visible(row, key) ? 0.f : ptx::ex2(score.exponent(x2, lse2[r / 2][r % 2]));
                     y = prob * (y - delta[r / 2][r % 2]);
                     if (score.capped) y *= grad;
                 });

@@ -166,12 +166,12 @@ struct PairStats {
 template <typename Mod, typename MaskT, typename T, int R, int C, typename At, typename Grad = NoBiasGrad>
 __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask, bool masked, T (&s)[R][C],
                                               T (&dp)[R][C], At&& at, const Grad& dbias = Grad()) {
-    mod.template dispatch<false>([&](const auto& score) {
+    mod.template dispatch<ModBodies::kByCap>([&](const auto& score) {
         simt::for_each(s, dp, [&](T& x, T& y, int r, int c) {
             const PairStats<T> e = at(r, c);
             T grad;
             const T modified = score(x, e.query, e.key, grad);
-            x = masked && !mask.visible(e.query, e.key) ? T(0) : Math<T>::exp(modified - e.lse);
+            x = masked && !mask.visible(e.query, e.key) ? T(0) : Math<T>::exp(score.exponent(modified, e.lse));
             y = x * (y - e.delta);
             if (dbias.wanted()) dbias.store(e.query, e.key, y);
             if (score.capped) y *= grad;

@@ -42,11 +42,12 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
                                                           const MaskT& mask, bool masked, int m0, int key0,
                                                           int seqlen_q, float scale_log2, int lane,
                                                           const LseOf& lse_of, const DeltaOf& delta_of) {
-    const bool plain = !(modified && mod.template dispatch<false>([&](const auto& score) {
+    const bool plain = !(modified && mod.template dispatch<ModBodies::kPerModifier | ModBodies::kRawAlibi>([&](const auto& row_scores) {
         // Score modifiers (score_mod.cuh; the slope, bias and mask are the step's head's): P^T =
         // exp2(x - lse_i log2 e) of the modified score x in log2 units, 0 where hidden; dS^T =
         // P^T o (dP^T - delta_i) o dx / d(scale S). One branch for the whole tile, so the loop
-        // stays one block.
+        // stays one block. The pairs are near (query m0 + 2 (lane % 4), key key0).
+        const auto score = row_scores.from(m0 + 2 * (lane % 4), key0);
 #pragma unroll
         for (int nt = 0; nt < kBlockM / 8; ++nt) {
             const int col = nt * 8 + 2 * (lane % 4);
@@ -57,9 +58,9 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
                 float grad;
                 const float x = score(st[nt][e], query, key, grad);
                 st[nt][e] = masked && (query >= seqlen_q || !mask.visible(query, key))
-                                ? 0.f : ptx::ex2(x - tc::lse_log2(lse_of(col + e % 2)));
+                                ? 0.f : ptx::ex2(score.exponent(x, tc::lse_log2(lse_of(col + e % 2))));
                 dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_of(col + e % 2));
-                if (dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
+                if (score.has_planes && dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
                 if (score.capped) dpt[nt][e] *= grad;
             }
         }

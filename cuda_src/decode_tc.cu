@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 
         // Score modifiers: the rows' queries are r0 + row when the block holds one head (ALiBi's
         // distance needs them); softcap alone never reads them.
-        const float c = tc::modify_scores(mod, s, r0 + wm * 16, key0, lane, scale_log2);
+        const float c = tc::modify_scores<ModBodies::kAll | ModBodies::kRawAlibi>(mod, s, r0 + wm * 16, key0, lane, scale_log2);
         if (j < range.full_first || j >= range.full_last) {
             tc::for_each(s, 0, key0, lane, [&](float& x, int r, int, int key) {
                 if (!mask.visible(query[r], key)) x = tc::neg_inf();

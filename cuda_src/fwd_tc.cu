@@ -188,14 +188,17 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
             }
         }
 
-        // Score modifiers (score_mod.cuh): the scores in log2 units, c = 1; the bias and mask
-        // from this stage's tiles where the Variant stages them.
+        // Score modifiers (score_mod.cuh): the modified scores and their softmax multiplier c;
+        // the bias and mask from this stage's tiles where the Variant stages them. (ALiBi alone
+        // in raw units for 16-bit inputs: in the TF32 form it spills.)
+        constexpr ModBodies kBodies = kTf32 ? ModBodies::kAll : ModBodies::kAll | ModBodies::kRawAlibi;
         float c = scale_log2;
         if constexpr (kStagePlanes) {
             const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;
-            c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c, PlaneStage::planes(stage, p, m0, j * kBlockN));
+            c = tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, j * kBlockN, lane, c,
+                                           PlaneStage::planes(stage, p, m0, j * kBlockN));
         } else if constexpr (kScoreMods) {
-            c = tc::modify_scores(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
+            c = tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, j * kBlockN, lane, c);
         }
 
         // -inf where the key is hidden.

@@ -139,8 +139,11 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // otherwise the scale stays folded into the softmax's FFMA.
     constexpr float kLog2e = 1.4426950408889634f;
     const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
-    auto modify = [&](int t, float (&s)[1][kBlockN / 8][4]) {
-        if constexpr (kScoreMods) return tc::modify_scores(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
+    // The loop's tiles take a body per modifier combination (ModBodies); the first tile,
+    // peeled off before the loop, the two general ones (half the code, one tile of many).
+    auto modify = [&](auto first, int t, float (&s)[1][kBlockN / 8][4]) {
+        constexpr ModBodies kBodies = decltype(first)::value ? ModBodies::kByCap : ModBodies::kAll | ModBodies::kRawAlibi;
+        if constexpr (kScoreMods) return tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
         return scale_log2;
     };
     // -inf where the key is hidden, on tiles that cross an edge of the visible region.
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(s[0]);
-        const float c = modify(range.first, s);
+        const float c = modify(Flag<true>(), range.first, s);
         mask_scores(range.first, s);
         float alpha[1][2];
         softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
@@ -211,7 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
 
         ptx::wgmma_wait<1>();  // S_{t+1}
         ptx::wgmma_pin(s[0]);
-        const float c = modify(t + 1, s);
+        const float c = modify(Flag<false>(), t + 1, s);
         mask_scores(t + 1, s);
         float alpha[1][2];
         const bool moved = softmax.update_stats(s, c, alpha);

@@ -287,8 +287,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
         // scale: |scale| here.
         const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
-        auto modify = [&](int t, float (&s)[1][kBlockN / 8][4]) {
-            if constexpr (kScoreMods) return tc::modify_scores(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
+        // The loop's tiles take a body per modifier combination (ModBodies); the first tile,
+        // peeled off before the loop, the two general ones (half the code, one tile of many).
+        auto modify = [&](auto first, int t, float (&s)[1][kBlockN / 8][4]) {
+            constexpr ModBodies kBodies = decltype(first)::value ? ModBodies::kByCap : ModBodies::kAll | ModBodies::kRawAlibi;
+            if constexpr (kScoreMods) return tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
             return scale_log2;
         };
         auto mask_scores = [&](int t, float (&s)[1][kBlockN / 8][4]) {
@@ -337,7 +340,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(s[0]);
             release(bars.k_empty(slot));
-            const float c = modify(range.first, s);
+            const float c = modify(Flag<true>(), range.first, s);
             mask_scores(range.first, s);
             float alpha[1][2];
             softmax.update_stats(s, c, alpha);
@@ -358,7 +361,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             ptx::wgmma_wait<1>();  // S_{t+1}
             ptx::wgmma_pin(s[0]);
             release(bars.k_empty(next));
-            const float c = modify(range.first + i + 1, s);
+            const float c = modify(Flag<false>(), range.first + i + 1, s);
             mask_scores(range.first + i + 1, s);
             float alpha[1][2];
             const bool moved = softmax.update_stats(s, c, alpha);

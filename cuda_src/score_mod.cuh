@@ -11,7 +11,11 @@
 //   x = -inf where mask[.., i, j] is false     a boolean mask (True = visible)
 // then the positional mask (Mask::visible). The result is returned in the units of the kernel's
 // exponential, times `unit` (log2(e) for the float kernels' exp2, 1 for float64's exp), so the
-// online softmax and the backward's P = exp(x - lse) take it with a multiplier of 1.
+// online softmax and the backward's P = exp(x - lse) take it with a multiplier of 1 — except
+// ALiBi alone where the kernel asks for raw units (ModBodies::kRawAlibi, fp16/bf16 kernels):
+// its score stays in the units of s, x = s - (slope / (scale unit)) |i + diag - j|, and is
+// taken with the multiplier scale * unit as a plain score is, one FMUL less per score
+// (RowScores::multiplier and exponent say which).
 // The backward's chain rule needs dx / d(scale * s): 1 - tanh^2 under softcap, else 1
 // (apply's `grad`); the bias's and ALiBi's terms do not depend on s. The bias's gradient is
 // dS = P o (dP - delta) itself (BiasGrad, below).
@@ -35,32 +39,38 @@
 
 namespace cuflash {
 
-// tanh and 1 - tanh^2. kFast (fp16/bf16 kernels): with r = 1 / (e^{2x} + 1), tanh = 1 - 2r and
-// 1 - tanh^2 = 4 r (1 - r) (no cancellation where tanh is near +-1): ex2.approx and a fast
-// divide, absolute error ~1e-7 (tanh.approx, one MUFU instead of two, has a relative error of
-// 2^-11: measured, dsinks of a one-row float16 call then drifts to 5x a plain float16
-// implementation's error). At e^{2x} = inf the divide gives r = 0 exactly, at 0 r = 1.
-// Otherwise the library's tanh (exact fp32 / fp64).
+// tanh, as the multiple `c tanh(x)` the score takes and 1 - tanh^2 (the backward's factor),
+// from the argument times kArgument (ScoreMod folds it into its multiplier: one FMUL per score).
+// kFast (fp16/bf16 kernels): with r = 1 / (e^{2x} + 1), tanh = 1 - 2r and 1 - tanh^2 = 4 r (1 - r)
+// (no cancellation where tanh is near +-1): ex2.approx and a fast divide, absolute error ~1e-7;
+// c tanh = c - 2c r and 4 r (1 - r) = 4r - 4r r are one FFMA each (-2c is hoisted). (tanh.approx,
+// one MUFU instead of two, has a relative error of 2^-11: measured, dsinks of a one-row float16
+// call then drifts to 5x a plain float16 implementation's error.) At e^{2x} = inf the divide
+// gives r = 0 exactly, at 0 r = 1. Otherwise the library's tanh (exact fp32 / fp64).
 template <typename T, bool kFast>
 struct Tanh;
 template <>
 struct Tanh<float, true> {
-    float t, one_minus_t2;
-    __device__ __forceinline__ explicit Tanh(float x) {
-        const float r = __fdividef(1.f, ptx::ex2(x * 2.8853900817779268f) + 1.f);  // 2 log2(e)
-        t = 1.f - 2.f * r;
-        one_minus_t2 = 4.f * r * (1.f - r);
+    static constexpr float kArgument = 2.8853900817779268f;  // 2 log2(e): ex2 of it is e^{2x}
+    float r;
+    __device__ __forceinline__ explicit Tanh(float scaled) : r(__fdividef(1.f, ptx::ex2(scaled) + 1.f)) {}
+    __device__ __forceinline__ float times(float c) const { return fmaf(-2.f * c, r, c); }
+    __device__ __forceinline__ float one_minus_t2() const {
+        const float four_r = 4.f * r;
+        return fmaf(-four_r, r, four_r);
     }
 };
-template <>
-struct Tanh<float, false> {
-    float t, one_minus_t2;
-    __device__ __forceinline__ explicit Tanh(float x) : t(tanhf(x)), one_minus_t2(fmaf(-t, t, 1.f)) {}
-};
-template <>
-struct Tanh<double, false> {
-    double t, one_minus_t2;
-    __device__ __forceinline__ explicit Tanh(double x) : t(::tanh(x)), one_minus_t2(fma(-t, t, 1.0)) {}
+template <typename T>
+struct Tanh<T, false> {
+    static constexpr T kArgument = T(1);
+    T t;
+    __device__ __forceinline__ explicit Tanh(T x) : t(tanh_of(x)) {}
+    __device__ __forceinline__ T times(T c) const { return c * t; }
+    __device__ __forceinline__ T one_minus_t2() const { return fma(-t, t, T(1)); }
+
+  private:
+    static __device__ __forceinline__ float tanh_of(float x) { return tanhf(x); }
+    static __device__ __forceinline__ double tanh_of(double x) { return ::tanh(x); }
 };
 
 // A compile-time flag as a value, for generic lambdas: decltype(flag)::value.
@@ -74,7 +84,39 @@ struct Flag {
 // call has; kAnyPlanes checks at run time which exist (the combinations with softcap or ALiBi).
 enum PlaneSet { kNoPlanes, kBiasPlane, kMaskPlane, kBothPlanes, kAnyPlanes };
 
-template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, typename Planes>
+// Which combinations of modifiers ScoreMod::dispatch compiles a body of their own for (every
+// body is the caller's per-element code, unrolled over a fragment: more bodies, more code):
+//   kByCap: two, softcap or not (ALiBi, bias and mask at run time);
+//   kPerModifier: also softcap alone and ALiBi alone, with no bias or mask (Gemma-2, BLOOM):
+//       neither then pays the other's term nor a test per score of planes it does not have;
+//   kPerPlaneSet: also a bias, a mask, or both, without softcap or ALiBi (AlphaFold's pair
+//       bias, Swin's bias and mask: at head dim 32 a score's own work matters as much as its
+//       MMAs);
+//   kAll: both;
+// and, or-ed in (kPerModifier's), kRawAlibi: ALiBi alone returns its scores in the raw units of s
+// (RowScores::raw_units; the fp16/bf16 kernels' choice: in fwd_tc's TF32 form it spills).
+enum class ModBodies : unsigned { kByCap = 0, kPerModifier = 1, kPerPlaneSet = 2, kAll = 3, kRawAlibi = 4 };
+
+__device__ __forceinline__ constexpr ModBodies operator|(ModBodies a, ModBodies b) {
+    return static_cast<ModBodies>(static_cast<unsigned>(a) | static_cast<unsigned>(b));
+}
+__device__ __forceinline__ constexpr bool has_bodies(ModBodies bodies, ModBodies wanted) {
+    return (static_cast<unsigned>(bodies) & static_cast<unsigned>(wanted)) != 0;
+}
+
+// Where ALiBi's distance |i + diag - j| is measured from. Pairs of an unrolled fragment are
+// (i0 + a, j0 + b) with a, b compile-time constants once the origin is the fragment's first pair:
+// d0 + (a - b) is then one FADD of an immediate, where i + diag and j would each be converted per
+// row and column. Exact (integers below 2^24), so any origin gives the same distance.
+template <typename T>
+struct PairOrigin {
+    int i0, j0;
+    T d0;  // i0 + diag - j0
+    __device__ __forceinline__ T distance(int i, int j) const { return d0 + static_cast<T>((i - i0) - (j - j0)); }
+};
+
+template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes,
+          bool kFromOrigin = false>
 struct RowScores;
 
 // Where a row's bias (in the score type T) and mask (bytes, nonzero = visible) are read, at
@@ -114,9 +156,10 @@ struct StagedPlanes {
 template <typename T, bool kFast = false>
 struct ScoreMod {
     const FwdParams& params;  // the bias's and mask's strides and extents, read where used
-    T mul;    // s's multiplier: scale * unit, or scale / softcap under softcap
+    T mul;    // s's multiplier: scale * unit, or scale / softcap * Tanh::kArgument under softcap
     T cap;    // softcap * unit; 0: no softcap
     T slope;  // the head's ALiBi slope * unit; 0: none
+    T raw_slope;  // slope / mul: ALiBi's slope in the raw units of s (RowScores::raw_units, kFast)
     T unit;   // the exponent's units per natural unit (log2(e) or 1): the bias's multiplier
     int diag;
     int row;  // the attention row bh: where its bias and mask planes start (FwdParams::score_rows)
@@ -128,15 +171,20 @@ struct ScoreMod {
         : params(p), unit(unit), diag(diag) {
         const bool capped = p.softcap > 0.0;
         cap = capped ? static_cast<T>(p.softcap) * unit : T(0);
-        mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) : scale * unit;
-        slope = T(0);
+        mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) * Tanh<T, kFast>::kArgument : scale * unit;
+        slope = raw_slope = T(0);
         head(p, bh, unit);
     }
 
     // Move to attention row bh (a dK/dV block's next head of a GQA group): the slope, the
     // bias and the mask depend on the head.
     __device__ __forceinline__ void head(const FwdParams& p, int bh, T unit) {
-        if (p.alibi_slopes != nullptr) slope = static_cast<const T*>(p.alibi_slopes)[bh] * unit;
+        if (p.alibi_slopes != nullptr) {
+            slope = static_cast<const T*>(p.alibi_slopes)[bh] * unit;
+            // (a fast divide, 2 ulp: an IEEE one brings its slow-path call, and its registers,
+            // into every kernel; the float64 kernels never take raw units)
+            if constexpr (kFast) raw_slope = __fdividef(slope, mul);
+        }
         row = bh;
     }
 
@@ -149,59 +197,70 @@ struct ScoreMod {
     // Runs body(score) with score a RowScores for the modifiers this row has, and returns whether
     // it ran (modifies()): the per-element code is compiled once per combination and chosen per
     // tile (a warp-uniform branch), so a score pays only for the modifiers that are on. The row's
-    // bias and mask planes are read here, once per tile, not per score. Combinations (softcap,
-    // ALiBi, planes): kSplitAlibi = true (the forward kernels) compiles six: softcap alone;
-    // softcap with anything else (ALiBi with a slope of 0, planes tested at run time); ALiBi with
-    // or without planes (tested at run time); and a bias, a mask, or both without softcap or
-    // ALiBi (AlphaFold's pair bias, Swin's bias and mask: at head dim 32 a score's own work
-    // matters as much as its MMAs, so they carry no ALiBi term and no test of a plane they
-    // lack). kSplitAlibi = false: two (softcap or not, the rest at run time), for the backward
-    // kernels, whose loop bodies are long already.
+    // bias and mask planes are read here, once per tile, not per score. kBodies (ModBodies) says
+    // which combinations get a body of their own; the others share a general one (softcap or
+    // not; ALiBi, bias and mask at run time: a slope of 0, planes tested per score).
     // `planes`: where the bias and mask are read (a staged tile's, ScorePlaneStage::planes), the
     // row's planes in global memory without (read in the branch taken: nothing is held where no
     // modifier runs).
-    template <bool kSplitAlibi = true, typename Body>
+    template <ModBodies kBodies = ModBodies::kAll, typename Body>
     __device__ __forceinline__ bool dispatch(Body&& body) const {
-        return dispatch_on<kSplitAlibi>(body, [&] { return planes(); });
+        return dispatch_on<kBodies>(body, [&] { return planes(); });
     }
-    template <bool kSplitAlibi = true, typename Body, typename Planes>
+    template <ModBodies kBodies = ModBodies::kAll, typename Body, typename Planes>
     __device__ __forceinline__ bool dispatch(Body&& body, const Planes& planes) const {
-        return dispatch_on<kSplitAlibi>(body, [&] { return planes; });
+        return dispatch_on<kBodies>(body, [&] { return planes; });
     }
-    template <bool kSplitAlibi, typename Body, typename MakePlanes>
+    template <ModBodies kBodies, typename Body, typename MakePlanes>
     __device__ __forceinline__ bool dispatch_on(Body&& body, MakePlanes&& planes) const {
         const bool bias = params.bias != nullptr, mask = params.mask != nullptr;
+        if constexpr (has_bodies(kBodies, ModBodies::kPerModifier)) {
+            if (!bias && !mask) {  // softcap alone, ALiBi alone: no ALiBi term, no plane test
+                if (cap != T(0) && slope == T(0)) {
+                    body(scores<true, false, kNoPlanes>(planes()));
+                    return true;
+                }
+                if (cap == T(0) && slope != T(0)) {
+                    body(scores<false, true, kNoPlanes, has_bodies(kBodies, ModBodies::kRawAlibi)>(planes()));
+                    return true;
+                }
+            }
+        }
         if (cap != T(0)) {
-            if (!kSplitAlibi || slope != T(0) || bias || mask) body(scores<true, true, kAnyPlanes>(planes()));
-            else body(scores<true, false, kNoPlanes>(planes()));
+            body(scores<true, true, kAnyPlanes>(planes()));
             return true;
         }
         if (!modifies()) return false;
-        if (!kSplitAlibi || slope != T(0)) body(scores<false, true, kAnyPlanes>(planes()));
+        if (!has_bodies(kBodies, ModBodies::kPerPlaneSet) || slope != T(0)) body(scores<false, true, kAnyPlanes>(planes()));
         else if (bias && mask) body(scores<false, false, kBothPlanes>(planes()));
         else if (bias) body(scores<false, false, kBiasPlane>(planes()));
         else body(scores<false, false, kMaskPlane>(planes()));
         return true;
     }
 
-    template <bool kCapped, bool kAlibi, int kPlanes, typename Planes>
-    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, Planes> scores(const Planes& planes) const {
-        return {*this, planes};
+    template <bool kCapped, bool kAlibi, int kPlanes, bool kRaw = false, typename Planes>
+    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, kRaw, Planes> scores(const Planes& planes) const {
+        return {*this, planes, origin(0, 0)};
     }
 
-    // The modified score of raw s at (query i, key j) in the exponent's units, and grad =
-    // dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's term; kPlanes: the bias and mask
-    // planes read (dispatch).
-    template <bool kCapped, bool kAlibi, int kPlanes, typename Planes>
-    __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const Planes& planes) const {
-        T x = s * mul;
+    // The modified score of raw s at (query i, key j) in the exponent's units (kRaw: in s's,
+    // RowScores::raw_units), and grad = dx / d(scale * s) (1 without softcap); kAlibi: ALiBi's
+    // term (distance's kFromOrigin); kPlanes: the bias and mask planes read (dispatch).
+    template <bool kCapped, bool kAlibi, int kPlanes, bool kRaw, bool kFromOrigin, typename Planes>
+    __device__ __forceinline__ T apply(T s, int i, int j, T& grad, const Planes& planes, const PairOrigin<T>& origin) const {
+        T x;
         grad = T(1);
-        if constexpr (kCapped) {
-            const Tanh<T, kFast> th(x);
-            x = cap * th.t;
-            grad = th.one_minus_t2;
+        if constexpr (kRaw) {
+            return fma(-raw_slope, fabs(distance<kFromOrigin>(i, j, origin)), s);
         }
-        if constexpr (kAlibi) x -= slope * distance(i, j);
+        if constexpr (kCapped) {
+            const Tanh<T, kFast> th(s * mul);
+            x = th.times(cap);
+            grad = th.one_minus_t2();
+        } else {
+            x = s * mul;
+        }
+        if constexpr (kAlibi) x = fma(-slope, fabs(distance<kFromOrigin>(i, j, origin)), x);
         if constexpr (kPlanes != kNoPlanes) x = bias_and_mask<kPlanes>(x, i, j, planes);
         return x;
     }
@@ -231,11 +290,20 @@ struct ScoreMod {
         return x;
     }
 
-    // ALiBi's |i + diag - j|, as a difference of T: exact (integers below 2^24), and the
-    // conversions of i + diag and j are shared by a fragment's rows and columns, so an element
-    // costs one FADD.
-    __device__ __forceinline__ T distance(int i, int j) const {
-        return fabs(static_cast<T>(i + diag) - static_cast<T>(j));
+    // ALiBi's i + diag - j: from the origin the caller gave (kFromOrigin, RowScores::from), else
+    // as the difference of the converted i + diag and j, shared by a fragment's rows and columns.
+    // The same value (exact integers); the choice is the kernel's register budget's (bwd_dq_tc at
+    // d64 spills with an origin on sm_86/89, without one on sm_80 unless the conversions are
+    // shared as here).
+    template <bool kFromOrigin>
+    __device__ __forceinline__ T distance(int i, int j, const PairOrigin<T>& origin) const {
+        if constexpr (kFromOrigin) return origin.distance(i, j);
+        return static_cast<T>(i + diag) - static_cast<T>(j);
+    }
+
+    // The origin of a fragment's pairs whose first pair is (i0, j0) (RowScores::from).
+    __device__ __forceinline__ PairOrigin<T> origin(int i0, int j0) const {
+        return {i0, j0, static_cast<T>(i0 + diag - j0)};
     }
 
     // Row bh's sink in the exponent's units (the softmax's starting logit), or -inf: none.
@@ -247,15 +315,34 @@ struct ScoreMod {
 // What ScoreMod::dispatch hands its body: one row's modifiers, the combination fixed, with the
 // row's bias and mask planes at hand. score(s, i, j, grad): the modified score of raw s at
 // (query i, key j) and grad = dx / d(scale * s).
-template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, typename Planes>
+template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes, bool kFromOrigin>
 struct RowScores {
     static constexpr bool capped = kCapped;
+    // Whether the row may have a bias (and so a bias gradient) or a mask: the bodies of softcap
+    // or ALiBi alone have none (ModBodies::kPerModifier).
+    static constexpr bool has_planes = kPlanes != kNoPlanes;
+    // Whether the score comes back in the raw units of s (ALiBi alone, ModBodies::kRawAlibi: the
+    // scale stays the softmax's multiplier, as for a plain score) or the exponent's.
+    static constexpr bool raw_units = kRaw;
+    static_assert(!kRaw || (kFast && kAlibi && !kCapped && kPlanes == kNoPlanes), "raw units are ALiBi's alone");
     const ScoreMod<T, kFast>& mod;
     Planes planes;  // where the row's bias and mask are read (GlobalPlanes or StagedPlanes)
+    PairOrigin<T> origin;  // (kFromOrigin: set by from())
+
+    // These scores, to be asked for pairs near (i0, j0): a fragment's first pair (PairOrigin).
+    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, kRaw, Planes, true> from(int i0, int j0) const {
+        return {mod, planes, mod.origin(i0, j0)};
+    }
 
     __device__ __forceinline__ T operator()(T s, int i, int j, T& grad) const {
-        return mod.template apply<kCapped, kAlibi, kPlanes>(s, i, j, grad, planes);
+        return mod.template apply<kCapped, kAlibi, kPlanes, raw_units, kFromOrigin>(s, i, j, grad, planes, origin);
     }
+
+    // The softmax's multiplier of the scores operator() returns (the exponent is x times it).
+    __device__ __forceinline__ T multiplier() const { return raw_units ? mod.mul : T(1); }
+
+    // The exponent x * multiplier() - lse of a score x that operator() returned (one FFMA or FADD).
+    __device__ __forceinline__ T exponent(T x, T lse) const { return raw_units ? fma(x, mod.mul, -lse) : x - lse; }
 };
 
 // Whether a kernel with score modifiers stages its bias and mask tiles in shared memory

@@ -132,10 +132,11 @@ struct QK {
 // Softcap and ALiBi (score_mod.cuh) on a lane's tile of raw scores a[r][c], element (r, c) being
 // the pair at(r, c) (a QK): the scores become the modified ones, in the exponent's units (the
 // softmax's c = 1), and true is returned. Without either (no modifier, or sinks alone) the tile
-// stays raw and false is returned: the kernel applies its scale as usual.
+// stays raw and false is returned: the kernel applies its scale as usual. (No bodies of their
+// own for softcap or ALiBi alone: fwd_dmma's d128 tile spills with them.)
 template <typename Mod, typename T, int R, int C, typename At>
 __device__ __forceinline__ bool modify_scores(const Mod& mod, T (&a)[R][C], At&& at) {
-    return mod.dispatch([&](const auto& score) {
+    return mod.template dispatch<ModBodies::kPerPlaneSet>([&](const auto& score) {
         for_each(a, [&](T& x, int r, int c) {
             const QK e = at(r, c);
             T grad;

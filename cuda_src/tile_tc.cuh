@@ -5,6 +5,7 @@
 // move 16-byte chunks (8 elements); nothing outside [0, rows) x [0, cols) is read or written.
 #pragma once
 #include "ptx.cuh"
+#include "score_mod.cuh"
 
 namespace cuflash {
 namespace tc {
@@ -339,26 +340,37 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
     });
 }
 
+// A RowScores (score_mod.cuh) to be asked for this lane's pairs of a fragment whose first element
+// is (row0, col0): its origin is the lane's first pair (PairOrigin: ALiBi's distance per element
+// is then an FADD of a constant).
+template <typename Scores>
+__device__ __forceinline__ auto lane_scores(const Scores& scores, int row0, int col0, int lane) {
+    return scores.from(row0 + lane / 4, col0 + 2 * (lane % 4));
+}
+
 // Score modifiers (score_mod.cuh's ScoreMod) on a fragment of raw scores S whose first element
-// is (row0, col0): with score modifiers, S becomes the modified scores in log2 units and the
-// softmax's multiplier 1 is returned; otherwise (no modifier, or sinks alone) S stays raw and
-// the folded scale c is returned.
+// is (row0, col0): with score modifiers, S becomes the modified scores and the softmax's
+// multiplier for them is returned (RowScores::multiplier: 1 for scores in log2 units);
+// otherwise (no modifier, or sinks alone) S stays raw and the folded scale c is returned.
 // `planes`: where the bias and mask are read (a staged tile's); the overload without reads the
 // row's planes in global memory.
-template <typename Mod, int M, int N, typename Planes>
+template <ModBodies kBodies = ModBodies::kAll, typename Mod, int M, int N, typename Planes>
 __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c,
                                                const Planes& planes) {
-    const bool modified = mod.dispatch([&](const auto& score) {
+    float multiplier = c;
+    mod.template dispatch<kBodies>([&](const auto& row_scores) {
+        const auto score = lane_scores(row_scores, row0, col0, lane);
         for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
             float grad;
             x = score(x, row, col, grad);
         });
+        multiplier = score.multiplier();
     }, planes);
-    return modified ? 1.f : c;
+    return multiplier;
 }
-template <typename Mod, int M, int N>
+template <ModBodies kBodies = ModBodies::kAll, typename Mod, int M, int N>
 __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
-    return modify_scores(mod, s, row0, col0, lane, c, mod.planes());
+    return modify_scores<kBodies>(mod, s, row0, col0, lane, c, mod.planes());
 }
 
 // The row (relative to row0) of row slot r.
