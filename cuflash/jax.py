@@ -8,14 +8,15 @@ with ``jax.grad`` / ``jax.vjp`` through a ``jax.custom_vjp`` whose backward is
 :func:`cuflash.attention_backward` on the saved q, k, v, out and lse.
 
 Under ``jax.jit`` (and ``vmap``, ``scan``, ``grad`` of a jitted function) :func:`attention`
-runs through ``jax.pure_callback``: the arguments are checked when the function is traced
-(from their shapes and dtypes, so misuse is still a TypeError/ValueError naming the argument),
-and each execution hands the arrays to cuflash's NumPy backend on the host, forward and
-backward alike (``vmap`` loops over the batch). That is the CPU backend's speed, and for
-arrays on a GPU a copy to the host and back: a jitted program on the GPU should call cuflash
-outside ``jit`` (eagerly, on the GPU's memory) where attention matters, until an XLA custom
-call lands. :func:`attention_varlen` runs eagerly only (its sequence lengths decide shapes on
-the host), and under a trace raises a TypeError saying so.
+is an XLA custom call (``cuflash._xla``: JAX's FFI, answered by Python through ctypes, so
+nothing is built): the arguments are checked when the function is traced (from their shapes
+and dtypes, so misuse is still a TypeError/ValueError naming the argument), and each execution
+runs cuflash on XLA's own buffers, forward and backward: on a GPU its kernels on XLA's stream
+(no copy to the host; the gradients are copied once into XLA's result buffers), on the CPU the
+NumPy backend. ``vmap`` loops over the batch. A JAX whose FFI cannot take the target falls back
+to ``jax.pure_callback`` into the NumPy backend (host copies). :func:`attention_varlen` runs
+eagerly only (its sequence lengths decide shapes on the host), and under a trace raises a
+TypeError saying so.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only where jax is m
 
 import numpy
 
-from . import _api, _varlen
+from . import _api, _varlen, _xla
 
 __all__ = ["attention", "attention_varlen"]
 
@@ -62,7 +63,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     return _differentiable(options, deterministic)(q, k, v, sinks, bias)
 
 
-# --- under a trace: jax.pure_callback into the NumPy backend -------------------------------------
+# --- under a trace: an XLA custom call into cuflash (_xla), else a pure_callback -----------------
 
 _OPERANDS = ("q", "k", "v", "sinks", "bias", "alibi_slopes", "mask")
 
@@ -87,27 +88,72 @@ def _traced_results(operands, scalars):
             jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
 
 
-def _host_arrays(values):
-    """The callback's arguments as NumPy arrays (None stays None)."""
-    return {name: None if x is None else numpy.asarray(x) for name, x in zip(_OPERANDS, values)}
+def _traced_call(key, function, shapes, operands):
+    """``function(*operands, results=...)`` under a trace, returning arrays of ``shapes``.
+
+    Where this JAX takes cuflash's custom call (``_xla``), XLA runs it on the operands' own
+    buffers: on a GPU ``function`` gets CuPy arrays on XLA's stream (cuflash's kernels, no host
+    copy), on the CPU NumPy arrays; ``results`` are the result buffers, which it may fill itself
+    (out= of the forward) or return arrays to be copied in. Elsewhere a pure_callback hands it
+    NumPy arrays on the host. ``key``: the call's configuration (one custom-call id per key)."""
+    present = tuple(i for i, x in enumerate(operands) if x is not None)
+
+    def place(values):
+        full = [None] * len(operands)
+        for i, value in zip(present, values):
+            full[i] = value
+        return full
+
+    if _xla.available(jax):
+        def make_callback():
+            def callback(arrays, results, xp):
+                for target, value in zip(results, function(*place(arrays), results=results)):
+                    _copy_into(xp, target, value)
+            return callback
+
+        return _xla.call(jax, (key, present, shapes), make_callback, shapes, *(operands[i] for i in present))
+    host = jax.pure_callback(lambda *values: tuple(numpy.asarray(r) for r in function(*place(values), results=None)),
+                             shapes, *(operands[i] for i in present), vmap_method="sequential")
+    return tuple(host)
+
+
+def _copy_into(xp, target, value):
+    """target[...] = value (same shape and dtype; a device copy on the current stream for CuPy),
+    nothing when value is target's memory (a result written in place)."""
+    if _address(xp, value) == _address(xp, target) and value.strides == target.strides:
+        return
+    if xp is numpy or not value.flags.c_contiguous:
+        target[...] = value
+        return
+    xp.cuda.runtime.memcpyAsync(target.data.ptr, value.data.ptr, value.nbytes, xp.cuda.runtime.memcpyDeviceToDevice,
+                                xp.cuda.get_current_stream().ptr)
+
+
+def _address(xp, array) -> int:
+    return array.ctypes.data if xp is numpy else array.data.ptr
+
+
+def _named(values):
+    """The traced call's operands by cuflash's keyword names (None stays None)."""
+    return dict(zip(_OPERANDS, values))
 
 
 def _host_forward(operands, scalars, shapes):
-    """(out, lse) of cuflash's NumPy backend, as a pure_callback of the traced operands
-    (``shapes``: _traced_results')."""
+    """(out, lse) of cuflash on the traced operands (``shapes``: _traced_results')."""
 
-    def forward(*values):
-        arrays = _host_arrays(values)
-        out, lse = _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, **arrays,
-                                  **scalars)
-        return numpy.asarray(out), numpy.asarray(lse)
+    def forward(*values, results):
+        arrays = _named(values)
+        out = None if results is None else results[0]  # written in place on XLA's buffer
+        return _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, out=out, **arrays,
+                              **scalars)
 
-    return jax.pure_callback(forward, shapes, *operands, vmap_method="sequential")
+    key = ("forward", repr(sorted(scalars.items())))
+    return _traced_call(key, forward, shapes, operands)
 
 
 def _traced_differentiable(scalars, deterministic, shapes):
     """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask),
-    both directions pure_callbacks; the slopes and the mask carry no cotangent."""
+    both directions traced calls (_traced_call); the slopes and the mask carry no cotangent."""
 
     @jax.custom_vjp
     def attend(*operands):
@@ -123,14 +169,13 @@ def _traced_differentiable(scalars, deterministic, shapes):
         wanted = [q, k, v] + [x for x in (bias, sinks) if x is not None]  # cuflash's order (_cotangents)
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
 
-        def backward(dout, out, lse, *values):
-            arrays = _host_arrays(values)
+        def backward(dout, out, lse, *values, results):
+            arrays = _named(values)
             q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
-            grads = _api.attention_backward(numpy.asarray(dout), q, k, v, numpy.asarray(out), numpy.asarray(lse),
-                                            deterministic=deterministic, **arrays, **scalars)
-            return tuple(numpy.asarray(g) for g in grads)
+            return _api.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **arrays, **scalars)
 
-        grads = jax.pure_callback(backward, shapes, dout, out, lse, *operands, vmap_method="sequential")
+        key = ("backward", repr(sorted(scalars.items())), deterministic)
+        grads = _traced_call(key, backward, shapes, (dout, out, lse) + tuple(operands))
         return _cotangents(grads, sinks, bias) + (None, None)
 
     attend.defvjp(attend_forward, attend_backward)

@@ -6,6 +6,7 @@ GPU arrays (marked gpu) run the kernels and come back as JAX arrays on the same 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy
 import pytest
@@ -80,9 +81,9 @@ def test_grad_through_custom_vjp_on_cpu(cpu, randn):
 
 
 def test_under_jit_the_results_and_gradients_are_the_eager_ones(cpu, randn):
-    """Under jax.jit attention runs through a host callback into the NumPy backend: out, lse and
-    jax.grad into q, k, v are bit for bit the eager call's, and a second execution reuses the
-    trace."""
+    """Under jax.jit attention runs as an XLA custom call into cuflash (the NumPy backend for CPU
+    arrays): out, lse and jax.grad into q, k, v are bit for bit the eager call's, and a second
+    execution reuses the trace."""
     q, k, v, dout = randn(2, 4, 9, 8), randn(2, 2, 11, 8), randn(2, 2, 11, 6), randn(2, 4, 9, 6)
     options = dict(causal=True, window=(4, -1), scale=0.3)
     forward = jax.jit(lambda q, k, v: cj.attention(q, k, v, return_lse=True, **options))
@@ -138,6 +139,84 @@ def test_under_jit_misuse_is_refused_when_traced(cpu, randn, kwargs, error, matc
     q, k = _on(cpu, randn(1, 2, 4, 8), randn(*k_shape))
     with pytest.raises(error, match=match):
         jax.jit(lambda q, k: cj.attention(q, k, k, **kwargs))(q, k)
+
+
+def test_under_jit_cuflash_is_a_custom_call_in_the_program(cpu, randn):
+    """The jitted program calls cuflash's FFI target (cuflash._xla) forward and backward: no host
+    callback, and so on a GPU no copy to the host."""
+    q, k, v = randn(1, 2, 5, 4), randn(1, 2, 7, 4), randn(1, 2, 7, 4)
+    loss = jax.grad(lambda q, k, v: jnp.sum(cj.attention(q, k, v, causal=True)), argnums=(0, 1, 2))
+    for function in (lambda q, k, v: cj.attention(q, k, v, causal=True), loss):
+        program = jax.jit(function).lower(*_on(cpu, q, k, v)).as_text()
+        assert set(re.findall(r"custom_call @(\w+)", program)) == {"cuflash_callback"}
+
+
+def test_without_the_custom_call_jit_falls_back_to_a_host_callback(cpu, randn, monkeypatch):
+    """A JAX whose FFI cannot take cuflash's target gets the pure_callback path, same results."""
+    from cuflash import _xla
+
+    monkeypatch.setattr(_xla, "available", lambda jax: False)
+    q, k, v, dout = randn(2, 3, 6, 5), randn(2, 3, 9, 5), randn(2, 3, 9, 5), randn(2, 3, 6, 5)
+    out, lse = jax.jit(lambda q, k, v: cj.attention(q, k, v, causal=True, return_lse=True))(*_on(cpu, q, k, v))
+    expected_out, expected_lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(cj.attention(q, k, v, causal=True) * dout), argnums=(0, 1, 2)))(
+        *_on(cpu, q, k, v))
+    for got, want in zip(grads, cuflash.attention_backward(dout, q, k, v, expected_out, expected_lse, causal=True)):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want)
+
+
+def test_a_failure_inside_the_custom_call_reaches_the_caller(cpu, randn, monkeypatch):
+    """An error raised while XLA runs the call (not at trace time) fails the jitted call with its
+    message; it neither crashes the process nor leaves garbage in the result."""
+    from cuflash import _api
+
+    q = randn(1, 1, 3, 4)
+
+    def broken(*args, **kwargs):
+        raise ValueError("planted failure")
+
+    monkeypatch.setattr(_api, "attention", broken)
+    with pytest.raises(Exception, match="planted failure"):
+        jax.block_until_ready(jax.jit(lambda q: cj.attention(q, q, q, scale=0.37))(*_on(cpu, q)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_under_jit_on_the_gpu_the_kernels_run_on_xlas_buffers(dtype_name, gpu, randn, monkeypatch):
+    """jax.jit on GPU arrays: the custom call hands cuflash CuPy views of XLA's buffers (no host
+    copy); out, lse and the gradients equal the eager GPU call's bit for bit, on the GPU."""
+    import cupy
+
+    from cuflash import _api
+
+    seen = []
+    real = _api.attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(type(q))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(_api, "attention", spy)
+    dtype = jnp.dtype(dtype_name)
+    q, k, v, dout = (randn(2, 4, n, 64).astype(dtype) for n in (97, 200, 200, 97))
+    options = dict(causal=True, window=(50, -1))
+    jq, jk, jv, jdout = _on(gpu, q, k, v, dout)
+    out, lse = jax.jit(lambda q, k, v: cj.attention(q, k, v, return_lse=True, **options))(jq, jk, jv)
+    assert cupy.ndarray in seen and out.devices() == {gpu}
+    eager_out, eager_lse = cj.attention(jq, jk, jv, return_lse=True, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), numpy.asarray(eager_out))
+    numpy.testing.assert_array_equal(numpy.asarray(lse), numpy.asarray(eager_lse))
+
+    def loss(q, k, v):
+        return jnp.sum((cj.attention(q, k, v, deterministic=True, **options) * jdout).astype(jnp.float32))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jq, jk, jv)
+    eager = jax.grad(loss, argnums=(0, 1, 2))(jq, jk, jv)
+    for got, want in zip(grads, eager):
+        assert got.devices() == {gpu}
+        numpy.testing.assert_array_equal(numpy.asarray(got), numpy.asarray(want))
 
 
 @pytest.mark.gpu
