@@ -54,7 +54,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         operands = (q, k, v, sinks, bias, alibi_slopes, mask)
         shapes = _traced_results(operands, scalars)  # the arguments checked now, as eagerly
         if return_lse:
-            return _host_forward(operands, scalars, shapes)
+            return _traced_forward(operands, scalars, shapes)
         return _traced_differentiable(scalars, deterministic, shapes)(*operands)
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
                    precision=precision)
@@ -138,7 +138,7 @@ def _named(values):
     return dict(zip(_OPERANDS, values))
 
 
-def _host_forward(operands, scalars, shapes):
+def _traced_forward(operands, scalars, shapes):
     """(out, lse) of cuflash on the traced operands (``shapes``: _traced_results')."""
 
     def forward(*values, results):
@@ -157,10 +157,10 @@ def _traced_differentiable(scalars, deterministic, shapes):
 
     @jax.custom_vjp
     def attend(*operands):
-        return _host_forward(operands, scalars, shapes)[0]
+        return _traced_forward(operands, scalars, shapes)[0]
 
     def attend_forward(*operands):
-        out, lse = _host_forward(operands, scalars, shapes)
+        out, lse = _traced_forward(operands, scalars, shapes)
         return out, (operands, out, lse)
 
     def attend_backward(saved, dout):
