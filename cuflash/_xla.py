@@ -254,9 +254,10 @@ def available(jax) -> bool:
         return _REGISTERED.get("cpu", False)
 
 
-def call(jax, key, make_callback, result_shapes, *operands):
+def call(jax, key, make_callback, result_shapes, *operands, vmap_method="sequential"):
     """The traced call of ``make_callback()``'s function on ``operands`` (arrays; no None),
-    returning arrays of ``result_shapes`` (a tuple of jax.ShapeDtypeStruct)."""
+    returning arrays of ``result_shapes`` (a tuple of jax.ShapeDtypeStruct); ``vmap_method`` as
+    jax.ffi.ffi_call's."""
     callback_id = register(key, make_callback)
-    run = jax.ffi.ffi_call(TARGET, result_shapes, vmap_method="sequential")
+    run = jax.ffi.ffi_call(TARGET, result_shapes, vmap_method=vmap_method)
     return run(*operands, call_id=numpy.int64(callback_id))

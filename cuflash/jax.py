@@ -13,7 +13,9 @@ nothing is built): the arguments are checked when the function is traced (from t
 and dtypes, so misuse is still a TypeError/ValueError naming the argument), and each execution
 runs cuflash on XLA's own buffers, forward and backward: on a GPU its kernels on XLA's stream
 (no copy to the host; the gradients are copied once into XLA's result buffers), on the CPU the
-NumPy backend. ``vmap`` loops over the batch. A JAX whose FFI cannot take the target falls back
+NumPy backend. Under ``vmap`` one call serves the whole batch (its axis lined up with cuflash's
+broadcast leading axes; the backward tiles shared operands to get each item's gradient, which
+JAX sums). A JAX whose FFI cannot take the target falls back
 to ``jax.pure_callback`` into the NumPy backend (host copies). :func:`attention_varlen` runs
 eagerly only (its sequence lengths decide shapes on the host), and under a trace raises a
 TypeError saying so.
@@ -66,6 +68,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
 # --- under a trace: an XLA custom call into cuflash (_xla), else a pure_callback -----------------
 
 _OPERANDS = ("q", "k", "v", "sinks", "bias", "alibi_slopes", "mask")
+# Each operand's trailing axes that are not leading axes: (L, D) of q, k, v; (Lq, Lk) of bias and
+# mask; none of sinks and slopes, which are (..., Hq). (lse's: (Lq,).)
+_CORES = (2, 2, 2, 0, 2, 0, 2)
 
 
 def _stand_in(x):
@@ -88,15 +93,23 @@ def _traced_results(operands, scalars):
             jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
 
 
-def _traced_call(key, function, shapes, operands):
+def _traced_call(key, function, shapes, operands, cores, result_cores, vmap_method):
     """``function(*operands, results=...)`` under a trace, returning arrays of ``shapes``.
 
     Where this JAX takes cuflash's custom call (``_xla``), XLA runs it on the operands' own
     buffers: on a GPU ``function`` gets CuPy arrays on XLA's stream (cuflash's kernels, no host
     copy), on the CPU NumPy arrays; ``results`` are the result buffers, which it may fill itself
     (out= of the forward) or return arrays to be copied in. Elsewhere a pure_callback hands it
-    NumPy arrays on the host. ``key``: the call's configuration (one custom-call id per key)."""
+    NumPy arrays on the host. ``key``: the call's configuration (one custom-call id per key).
+
+    Under ``vmap`` the call is made once for the whole batch (``vmap_method``: "expand_dims", the
+    unbatched operands with a leading axis of 1, or "broadcast_all", tiled to the batch: per-item
+    gradients); ``cores`` / ``result_cores``: each array's trailing axes that are not leading
+    (batch and head) axes, so that the batch axis is lined up across arrays of different ranks
+    (``_line_up``) as cuflash broadcasts leading axes."""
     present = tuple(i for i, x in enumerate(operands) if x is not None)
+    ranks = tuple(operands[i].ndim for i in present) + tuple(len(s.shape) for s in shapes)
+    cores = tuple(cores[i] for i in present) + tuple(result_cores)
 
     def place(values):
         full = [None] * len(operands)
@@ -107,14 +120,34 @@ def _traced_call(key, function, shapes, operands):
     if _xla.available(jax):
         def make_callback():
             def callback(arrays, results, xp):
+                lined = _line_up(list(arrays) + list(results), ranks, cores)
+                arrays, results = lined[:len(arrays)], lined[len(arrays):]
                 for target, value in zip(results, function(*place(arrays), results=results)):
                     _copy_into(xp, target, value)
             return callback
 
-        return _xla.call(jax, (key, present, shapes), make_callback, shapes, *(operands[i] for i in present))
-    host = jax.pure_callback(lambda *values: tuple(numpy.asarray(r) for r in function(*place(values), results=None)),
-                             shapes, *(operands[i] for i in present), vmap_method="sequential")
-    return tuple(host)
+        return _xla.call(jax, (key, present, shapes, ranks), make_callback, shapes, *(operands[i] for i in present),
+                         vmap_method=vmap_method)
+
+    def on_host(*values):
+        batch = () if values[0].ndim == ranks[0] else values[0].shape[:1]
+        lined = _line_up(list(values), ranks[:len(values)], cores[:len(values)])
+        results = function(*place(lined), results=None)
+        return tuple(numpy.asarray(r).reshape(batch + s.shape) for r, s in zip(results, shapes))
+
+    return tuple(jax.pure_callback(on_host, shapes, *(operands[i] for i in present), vmap_method=vmap_method))
+
+
+def _line_up(arrays, ranks, cores):
+    """``arrays`` as traced (``ranks``), or under vmap (each one leading batch axis longer) with
+    singleton axes after the batch axis so that every array's leading axes (its rank minus its
+    ``cores`` trailing axes) end at the same place: right-aligned leading axes then broadcast
+    the batch axis with the batch axis."""
+    if not arrays or arrays[0].ndim == ranks[0]:
+        return arrays
+    leads = [rank - core for rank, core in zip(ranks, cores)]
+    most = max(leads)
+    return [a.reshape(a.shape[:1] + (1,) * (most - lead) + a.shape[1:]) for a, lead in zip(arrays, leads)]
 
 
 def _copy_into(xp, target, value):
@@ -148,7 +181,7 @@ def _traced_forward(operands, scalars, shapes):
                               **scalars)
 
     key = ("forward", repr(sorted(scalars.items())))
-    return _traced_call(key, forward, shapes, operands)
+    return _traced_call(key, forward, shapes, operands, _CORES, (2, 1), "expand_dims")
 
 
 def _traced_differentiable(scalars, deterministic, shapes):
@@ -175,7 +208,11 @@ def _traced_differentiable(scalars, deterministic, shapes):
             return _api.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **arrays, **scalars)
 
         key = ("backward", repr(sorted(scalars.items())), deterministic)
-        grads = _traced_call(key, backward, shapes, (dout, out, lse) + tuple(operands))
+        result_cores = (2, 2, 2) + tuple(core for x, core in ((bias, 2), (sinks, 0)) if x is not None)
+        # broadcast_all under vmap: every operand tiled to the batch, so that cuflash returns each
+        # item's gradient (JAX sums those of unbatched operands itself)
+        grads = _traced_call(key, backward, shapes, (dout, out, lse) + tuple(operands), (2, 2, 1) + _CORES,
+                             result_cores, "broadcast_all")
         return _cotangents(grads, sinks, bias) + (None, None)
 
     attend.defvjp(attend_forward, attend_backward)

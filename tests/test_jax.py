@@ -120,11 +120,50 @@ def test_under_jit_bias_mask_and_sinks_take_their_gradients(cpu, randn, rng):
         numpy.testing.assert_array_equal(numpy.asarray(got), want)
 
 
-def test_under_vmap_each_item_is_its_own_call(cpu, randn):
-    q, k, v = randn(5, 2, 6, 8), randn(5, 2, 7, 8), randn(5, 2, 7, 8)
-    got = jax.vmap(lambda q, k, v: cj.attention(q, k, v, causal=True))(*_on(cpu, q, k, v))
-    for i in range(5):
-        numpy.testing.assert_array_equal(numpy.asarray(got[i]), cuflash.attention(q[i], k[i], v[i], causal=True))
+@pytest.mark.parametrize("fallback", [False, True], ids=["custom-call", "pure-callback"])
+def test_under_vmap_the_batch_is_one_call_and_equals_each_items(cpu, randn, monkeypatch, fallback):
+    """vmap over a leading axis: one call for the whole batch (the forward with the unbatched
+    operands broadcast, the backward with them tiled), arrays of different ranks lined up on the
+    batch axis (a bias and sinks of lower rank than q, K/V shared by every item, GQA); out and
+    the gradients (summed by JAX over the batch for the shared operands) equal the items' own."""
+    from cuflash import _api, _xla
+
+    if fallback:
+        monkeypatch.setattr(_xla, "available", lambda jax: False)
+    calls = []
+    real = _api.attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.shape)
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(_api, "attention", spy)
+    n = 3
+    q, bias, dout = randn(n, 2, 4, 5, 8), randn(n, 4, 5, 7), randn(n, 2, 4, 5, 8)
+    k, v, sinks = randn(2, 2, 7, 8), randn(2, 2, 7, 8), randn(4)
+    options = dict(causal=True, scale=0.4)
+
+    def attend(q, k, v, sinks, bias):
+        return cj.attention(q, k, v, sinks=sinks, bias=bias, **options)
+
+    in_axes = (0, None, None, None, 0)
+    arrays = _on(cpu, q, k, v, sinks, bias)
+    out = jax.jit(jax.vmap(attend, in_axes=in_axes))(*arrays)
+    assert calls == [(n, 2, 4, 5, 8)]
+    for i in range(n):
+        numpy.testing.assert_array_equal(numpy.asarray(out[i]), numpy.asarray(attend(*_on(cpu, q[i], k, v, sinks, bias[i]))))
+
+    def loss(q, k, v, sinks, bias):
+        return jnp.sum(jax.vmap(attend, in_axes=in_axes)(q, k, v, sinks, bias) * dout)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*arrays)
+    items = [jax.grad(lambda *x: jnp.sum(attend(*x) * dout[i]), argnums=(0, 1, 2, 3, 4))(*_on(cpu, q[i], k, v, sinks,
+                                                                                            bias[i]))
+             for i in range(n)]
+    for index, name in enumerate(("q", "k", "v", "sinks", "bias")):
+        per_item = [numpy.asarray(item[index]) for item in items]
+        expected = numpy.stack(per_item) if in_axes[index] == 0 else numpy.sum(per_item, axis=0)
+        numpy.testing.assert_allclose(numpy.asarray(grads[index]), expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -217,6 +256,35 @@ def test_under_jit_on_the_gpu_the_kernels_run_on_xlas_buffers(dtype_name, gpu, r
     for got, want in zip(grads, eager):
         assert got.devices() == {gpu}
         numpy.testing.assert_array_equal(numpy.asarray(got), numpy.asarray(want))
+
+
+@pytest.mark.gpu
+def test_under_jit_and_vmap_on_the_gpu_one_call_serves_the_batch(gpu, randn):
+    """vmap of a jitted attention over GPU arrays (K/V shared by the items): the items' results
+    and gradients, computed by one batched custom call on the GPU."""
+    n = 4
+    q, dout = randn(n, 2, 4, 97, 64).astype(jnp.bfloat16), randn(n, 2, 4, 97, 64).astype(jnp.bfloat16)
+    k, v = (randn(2, 2, 130, 64).astype(jnp.bfloat16) for _ in range(2))
+    jq, jk, jv, jdout = _on(gpu, q, k, v, dout)
+
+    def attend(q, k, v):
+        return cj.attention(q, k, v, causal=True, deterministic=True)
+
+    out = jax.jit(jax.vmap(attend, in_axes=(0, None, None)))(jq, jk, jv)
+    assert out.devices() == {gpu}
+    for i in range(n):
+        numpy.testing.assert_array_equal(numpy.asarray(out[i]), numpy.asarray(attend(jq[i], jk, jv)))
+
+    def loss(q, k, v):
+        return jnp.sum((jax.vmap(attend, in_axes=(0, None, None))(q, k, v) * jdout).astype(jnp.float32))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jq, jk, jv)
+    items = [jax.grad(lambda q, k, v: jnp.sum((attend(q, k, v) * jdout[i]).astype(jnp.float32)), argnums=(0, 1, 2))(
+        jq[i], jk, jv) for i in range(n)]
+    numpy.testing.assert_array_equal(numpy.asarray(grads[0]), numpy.stack([numpy.asarray(g[0]) for g in items]))
+    for index in (1, 2):  # shared K/V: the items' gradients summed (by JAX, in float32 here: bf16 sums differ)
+        expected = numpy.sum([numpy.asarray(g[index]).astype(numpy.float32) for g in items], axis=0)
+        numpy.testing.assert_allclose(numpy.asarray(grads[index]).astype(numpy.float32), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
