@@ -102,11 +102,12 @@ def _traced_call(key, function, shapes, operands, cores, result_cores, vmap_meth
     (out= of the forward) or return arrays to be copied in. Elsewhere a pure_callback hands it
     NumPy arrays on the host. ``key``: the call's configuration (one custom-call id per key).
 
-    Under ``vmap`` the call is made once for the whole batch (``vmap_method``: "expand_dims", the
-    unbatched operands with a leading axis of 1, or "broadcast_all", tiled to the batch: per-item
-    gradients); ``cores`` / ``result_cores``: each array's trailing axes that are not leading
-    (batch and head) axes, so that the batch axis is lined up across arrays of different ranks
-    (``_line_up``) as cuflash broadcasts leading axes."""
+    Under ``vmap`` the call is made once for the whole batch (``vmap_method`` "expand_dims": the
+    unbatched operands get a leading axis of 1, which cuflash broadcasts, never copied); ``cores``
+    / ``result_cores``: each array's trailing axes that are not leading (batch and head) axes, so
+    that the batch axis is lined up across arrays of different ranks (``_line_up``) as cuflash
+    broadcasts leading axes. JAX takes every result as batched: a gradient cuflash summed over the
+    batch (an unbatched operand's) goes to item 0, the other items' zero (JAX then sums them)."""
     present = tuple(i for i, x in enumerate(operands) if x is not None)
     ranks = tuple(operands[i].ndim for i in present) + tuple(len(s.shape) for s in shapes)
     cores = tuple(cores[i] for i in present) + tuple(result_cores)
@@ -130,10 +131,13 @@ def _traced_call(key, function, shapes, operands, cores, result_cores, vmap_meth
                          vmap_method=vmap_method)
 
     def on_host(*values):
-        batch = () if values[0].ndim == ranks[0] else values[0].shape[:1]
-        lined = _line_up(list(values), ranks[:len(values)], cores[:len(values)])
-        results = function(*place(lined), results=None)
-        return tuple(numpy.asarray(r).reshape(batch + s.shape) for r, s in zip(results, shapes))
+        if values[0].ndim == ranks[0]:
+            return tuple(numpy.asarray(r) for r in function(*place(values), results=None))
+        results = [numpy.empty((values[0].shape[0],) + s.shape, s.dtype) for s in shapes]
+        lined = _line_up(list(values) + results, ranks, cores)
+        for target, value in zip(lined[len(values):], function(*place(lined[:len(values)]), results=None)):
+            _copy_into(numpy, target, numpy.asarray(value))
+        return tuple(results)
 
     return tuple(jax.pure_callback(on_host, shapes, *(operands[i] for i in present), vmap_method=vmap_method))
 
@@ -151,9 +155,17 @@ def _line_up(arrays, ranks, cores):
 
 
 def _copy_into(xp, target, value):
-    """target[...] = value (same shape and dtype; a device copy on the current stream for CuPy),
-    nothing when value is target's memory (a result written in place)."""
+    """target[...] = value (same dtype; a device copy on the current stream for CuPy), nothing
+    when value is target's memory (a result written in place). A value of one item for a
+    target of a batch (a gradient summed over it, _traced_call) fills item 0, the rest 0."""
     if _address(xp, value) == _address(xp, target) and value.strides == target.strides:
+        return
+    if value.shape != target.shape:
+        _copy_into(xp, target[:1], value)
+        if xp is numpy:
+            target[1:] = 0
+        else:  # (a contiguous buffer's items 1..: one memset, whatever the dtype)
+            xp.cuda.runtime.memsetAsync(target[1:].data.ptr, 0, target[1:].nbytes, xp.cuda.get_current_stream().ptr)
         return
     if xp is numpy or not value.flags.c_contiguous:
         target[...] = value
@@ -209,10 +221,8 @@ def _traced_differentiable(scalars, deterministic, shapes):
 
         key = ("backward", repr(sorted(scalars.items())), deterministic)
         result_cores = (2, 2, 2) + tuple(core for x, core in ((bias, 2), (sinks, 0)) if x is not None)
-        # broadcast_all under vmap: every operand tiled to the batch, so that cuflash returns each
-        # item's gradient (JAX sums those of unbatched operands itself)
         grads = _traced_call(key, backward, shapes, (dout, out, lse) + tuple(operands), (2, 2, 1) + _CORES,
-                             result_cores, "broadcast_all")
+                             result_cores, "expand_dims")
         return _cotangents(grads, sinks, bias) + (None, None)
 
     attend.defvjp(attend_forward, attend_backward)

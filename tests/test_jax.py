@@ -122,10 +122,10 @@ def test_under_jit_bias_mask_and_sinks_take_their_gradients(cpu, randn, rng):
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["custom-call", "pure-callback"])
 def test_under_vmap_the_batch_is_one_call_and_equals_each_items(cpu, randn, monkeypatch, fallback):
-    """vmap over a leading axis: one call for the whole batch (the forward with the unbatched
-    operands broadcast, the backward with them tiled), arrays of different ranks lined up on the
-    batch axis (a bias and sinks of lower rank than q, K/V shared by every item, GQA); out and
-    the gradients (summed by JAX over the batch for the shared operands) equal the items' own."""
+    """vmap over a leading axis: one call for the whole batch, forward and backward (the unbatched
+    operands broadcast by cuflash, not copied), arrays of different ranks lined up on the batch
+    axis (a bias and sinks of lower rank than q, K/V shared by every item, GQA); out and the
+    gradients (the shared operands' summed over the items) equal the items' own."""
     from cuflash import _api, _xla
 
     if fallback:
@@ -149,7 +149,7 @@ def test_under_vmap_the_batch_is_one_call_and_equals_each_items(cpu, randn, monk
     in_axes = (0, None, None, None, 0)
     arrays = _on(cpu, q, k, v, sinks, bias)
     out = jax.jit(jax.vmap(attend, in_axes=in_axes))(*arrays)
-    assert calls == [(n, 2, 4, 5, 8)]
+    assert calls == [(n, 2, 4, 5, 8)]  # one forward for the batch
     for i in range(n):
         numpy.testing.assert_array_equal(numpy.asarray(out[i]), numpy.asarray(attend(*_on(cpu, q[i], k, v, sinks, bias[i]))))
 
