@@ -140,9 +140,9 @@ def _view(buffer, dtypes, xp, device_id):
     shape = tuple(buffer.dims[i] for i in range(buffer.rank))
     dtype = dtypes[buffer.dtype]
     nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
+    if nbytes == 0:  # (XLA may hand over no address for an empty buffer)
+        return xp.empty(shape, dtype)
     if xp is numpy:
-        if nbytes == 0:
-            return numpy.empty(shape, dtype)
         return numpy.frombuffer((ctypes.c_char * nbytes).from_address(buffer.data), dtype=dtype).reshape(shape)
     memory = xp.cuda.UnownedMemory(buffer.data or 0, nbytes, None, device_id)
     return xp.ndarray(shape, dtype, xp.cuda.MemoryPointer(memory, 0))
