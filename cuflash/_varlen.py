@@ -62,12 +62,7 @@ def _hint(name, hint, actual):
                          "least every sequence's length")
 
 
-def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
-    """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None). On the GPU
-    with both max_seqlen hints, the lengths stay on the device (no read, no synchronisation): the
-    slices are None and the grid covers the hints (the kernels fill rows past a too-small hint
-    with NaN: params.cuh's poison_uncovered_rows)."""
-    xp = _array_module(q)
+def _check_packed_inputs(q, k, v, xp):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, xp.ndarray):
             raise TypeError(f"{name} must be a {xp.__name__}.ndarray like q, got {type(x).__name__}")
@@ -76,21 +71,51 @@ def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
                              f"got shape {tuple(x.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
+
+
+def _check_hinted(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, xp) -> list[int]:
+    """The checks of a call whose lengths are trusted (both hints given; nothing read): the
+    lengths' kinds, dtypes and sizes, the hints as ints >= 0. Returns the hints."""
+    _check_ints("cu_seqlens_q", cu_seqlens_q, xp)
+    if cu_seqlens_q.shape[0] < 1:
+        raise ValueError("cu_seqlens_q must have at least one entry (B + 1 prefix sums)")
+    _check_ints("cu_seqlens_k", cu_seqlens_k, xp, length=cu_seqlens_q.shape[0])
+    if seqused_k is not None:
+        _check_ints("seqused_k", seqused_k, xp, length=cu_seqlens_q.shape[0] - 1)
+    hints = [_spec._integer(name, hint, "or None") for name, hint in
+             (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
+    for name, hint in zip(("max_seqlen_q", "max_seqlen_k"), hints):
+        if hint < 0:
+            raise ValueError(f"{name} must be >= 0, got {hint}")
+    if cu_seqlens_q.shape[0] == 1 and (q.shape[0] or k.shape[0]):
+        raise ValueError(f"cu_seqlens_q with one entry is a batch of no sequence, but q and k have "
+                         f"{q.shape[0]} and {k.shape[0]} tokens")
+    return hints
+
+
+def traced_results(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, seqused_k=None,
+                   alibi_slopes=None, **options):
+    """For a caller that knows only shapes and dtypes (JAX under a trace; the arguments NumPy
+    stand-ins of them): the checks of a call with both hints, nothing read, and ``((total_q, Hq,
+    Dv), dtype), ((Hq, total_q), lse dtype)`` of its out and lse. ``options``: the forward's."""
+    _check_packed_inputs(q, k, v, numpy)
+    _check_hinted(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, numpy)
+    batch = cu_seqlens_q.shape[0] - 1
+    _slopes(alibi_slopes, batch)
+    problem = _spec.resolve_forward(*_stand_ins(numpy, batch, alibi_slopes, q, k, v), alibi_slopes=alibi_slopes,
+                                    **options)
+    return ((q.shape[0], q.shape[1], v.shape[2]), problem.dtype), ((q.shape[1], q.shape[0]), problem.lse_dtype)
+
+
+def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, alibi_slopes):
+    """(xp, per-sequence (q rows, key rows) slices, per-sequence ALiBi slopes or None). On the GPU
+    with both max_seqlen hints, the lengths stay on the device (no read, no synchronisation): the
+    slices are None and the grid covers the hints (the kernels fill rows past a too-small hint
+    with NaN: params.cuh's poison_uncovered_rows)."""
+    xp = _array_module(q)
+    _check_packed_inputs(q, k, v, xp)
     if xp is not numpy and max_seqlen_q is not None and max_seqlen_k is not None:
-        _check_ints("cu_seqlens_q", cu_seqlens_q, xp)
-        if cu_seqlens_q.shape[0] < 1:
-            raise ValueError("cu_seqlens_q must have at least one entry (B + 1 prefix sums)")
-        _check_ints("cu_seqlens_k", cu_seqlens_k, xp, length=cu_seqlens_q.shape[0])
-        if seqused_k is not None:
-            _check_ints("seqused_k", seqused_k, xp, length=cu_seqlens_q.shape[0] - 1)
-        hints = [_spec._integer(name, hint, "or None") for name, hint in
-                 (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
-        for name, hint in zip(("max_seqlen_q", "max_seqlen_k"), hints):
-            if hint < 0:
-                raise ValueError(f"{name} must be >= 0, got {hint}")
-        if cu_seqlens_q.shape[0] == 1 and (q.shape[0] or k.shape[0]):
-            raise ValueError(f"cu_seqlens_q with one entry is a batch of no sequence, but q and k have "
-                             f"{q.shape[0]} and {k.shape[0]} tokens")
+        hints = _check_hinted(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, xp)
         return xp, None, _slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1), hints
     cu_q = _host_ints("cu_seqlens_q", cu_seqlens_q, xp)
     cu_k = _host_ints("cu_seqlens_k", cu_seqlens_k, xp, length=len(cu_q))

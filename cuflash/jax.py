@@ -14,11 +14,11 @@ and dtypes, so misuse is still a TypeError/ValueError naming the argument), and 
 runs cuflash on XLA's own buffers, forward and backward: on a GPU its kernels on XLA's stream
 (no copy to the host; the gradients are copied once into XLA's result buffers), on the CPU the
 NumPy backend. Under ``vmap`` one call serves the whole batch (its axis lined up with cuflash's
-broadcast leading axes; the backward tiles shared operands to get each item's gradient, which
-JAX sums). A JAX whose FFI cannot take the target falls back
-to ``jax.pure_callback`` into the NumPy backend (host copies). :func:`attention_varlen` runs
-eagerly only (its sequence lengths decide shapes on the host), and under a trace raises a
-TypeError saying so.
+broadcast leading axes; shared operands are broadcast, never copied, their gradients summed
+once). A JAX whose FFI cannot take the target falls back to ``jax.pure_callback`` into the
+NumPy backend (host copies). :func:`attention_varlen` runs under a trace too when given
+``max_seqlen_q`` and ``max_seqlen_k`` as ints (they size the grid; its traced lengths are read
+when run on the CPU, trusted on a GPU); ``vmap`` runs it item by item.
 """
 from __future__ import annotations
 
@@ -196,23 +196,33 @@ def _traced_forward(operands, scalars, shapes):
     return _traced_call(key, forward, shapes, operands, _CORES, (2, 1), "expand_dims")
 
 
+def _traced_vjp(forward, backward):
+    """A custom_vjp function of a traced call's operands: the primal ``forward(operands)[0]`` (of
+    (out, lse)), the cotangents ``backward(operands, out, lse, dout)``."""
+
+    @jax.custom_vjp
+    def attend(*operands):
+        return forward(operands)[0]
+
+    def attend_forward(*operands):
+        out, lse = forward(operands)
+        return out, (operands, out, lse)
+
+    def attend_backward(saved, dout):
+        return backward(*saved, dout)
+
+    attend.defvjp(attend_forward, attend_backward)
+    return attend
+
+
 def _traced_differentiable(scalars, deterministic, shapes):
     """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask),
     both directions traced calls (_traced_call); the slopes and the mask carry no cotangent."""
 
-    @jax.custom_vjp
-    def attend(*operands):
-        return _traced_forward(operands, scalars, shapes)[0]
-
-    def attend_forward(*operands):
-        out, lse = _traced_forward(operands, scalars, shapes)
-        return out, (operands, out, lse)
-
-    def attend_backward(saved, dout):
-        operands, out, lse = saved
+    def backward_call(operands, out, lse, dout):
         q, k, v, sinks, bias = operands[:5]
         wanted = [q, k, v] + [x for x in (bias, sinks) if x is not None]  # cuflash's order (_cotangents)
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
+        grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
 
         def backward(dout, out, lse, *values, results):
             arrays = _named(values)
@@ -221,12 +231,11 @@ def _traced_differentiable(scalars, deterministic, shapes):
 
         key = ("backward", repr(sorted(scalars.items())), deterministic)
         result_cores = (2, 2, 2) + tuple(core for x, core in ((bias, 2), (sinks, 0)) if x is not None)
-        grads = _traced_call(key, backward, shapes, (dout, out, lse) + tuple(operands), (2, 2, 1) + _CORES,
+        grads = _traced_call(key, backward, grad_shapes, (dout, out, lse) + tuple(operands), (2, 2, 1) + _CORES,
                              result_cores, "expand_dims")
         return _cotangents(grads, sinks, bias) + (None, None)
 
-    attend.defvjp(attend_forward, attend_backward)
-    return attend
+    return _traced_vjp(lambda operands: _traced_forward(operands, scalars, shapes), backward_call)
 
 
 def _differentiable(options, deterministic):
@@ -277,13 +286,27 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     ``(B + 1,)`` and ``seqused_k`` int32 ``(B,)`` JAX arrays on q's device; the options as
     :func:`cuflash.attention_varlen` (``alibi_slopes`` ``(Hq,)`` or ``(B, Hq)``, ``sinks`` JAX
     arrays). Differentiable in q, k, v and ``sinks`` (``jax.grad``, ``jax.vjp``) through a
-    ``jax.custom_vjp`` whose backward is :func:`cuflash.attention_varlen_backward`, outside
-    ``jax.jit`` only; the lengths carry no gradient. With ``return_lse=True`` it returns ``(out,
+    ``jax.custom_vjp`` whose backward is :func:`cuflash.attention_varlen_backward`; the lengths
+    carry no gradient. Under ``jax.jit`` (``vmap``, ``scan``: each item a call) the lengths may
+    be traced and ``max_seqlen_q`` / ``max_seqlen_k`` must be ints (they size the grid; on a GPU
+    the lengths are then trusted, not read, as flash-attn trusts them). With ``return_lse=True`` it returns ``(out,
     lse)`` (lse ``(Hq, total_q)``) and is not differentiable (use it for inference).
     """
     for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    # Traced lengths need the traced call; so do traced arrays under a jit (the hints then given).
+    # Without hints, arrays traced by an eager jax.grad / jax.vjp take the eager path below.
+    hinted = type(max_seqlen_q) is int and type(max_seqlen_k) is int
+    if (any(isinstance(x, jax.core.Tracer) for x in (cu_seqlens_q, cu_seqlens_k, seqused_k))
+            or (hinted and any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, alibi_slopes)))):
+        scalars = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=causal,
+                       window=window, softcap=softcap, precision=precision)
+        operands = (q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes)
+        shapes = _traced_varlen_results(operands, scalars)
+        if return_lse:
+            return _traced_varlen_forward(operands, scalars, shapes)
+        return _traced_differentiable_varlen(scalars, bool(deterministic), shapes)(*operands)
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("seqused_k", seqused_k)):
         if x is not None or name != "seqused_k":
             _check_concrete(x, name)
@@ -293,6 +316,60 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     if return_lse:
         return _varlen_forward(q, k, v, sinks, lengths, options)
     return _differentiable_varlen(lengths, options, bool(deterministic))(q, k, v, sinks)
+
+
+# Under a trace: the packed call as a traced call (_traced_call), on the operands (q, k, v, sinks,
+# cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes). Both hints must be ints: they size the
+# grid, and the lengths are not known when traced (nor read when run on a GPU).
+_VARLEN_OPERANDS = ("q", "k", "v", "sinks", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes")
+
+
+def _traced_varlen_results(operands, scalars):
+    """(out, lse) shapes and dtypes of a traced packed call, checked as an eager GPU call with both
+    hints checks its arguments (nothing is read)."""
+    for name in ("max_seqlen_q", "max_seqlen_k"):
+        if type(scalars[name]) is not int:
+            raise TypeError(f"{name} must be an int under jax.jit, vmap and scan (it sizes the grid and the "
+                            f"sequence lengths are traced), got {type(scalars[name]).__name__}")
+    arrays = dict(zip(_VARLEN_OPERANDS, (_stand_in(x) for x in operands)))
+    (out_shape, dtype), (lse_shape, lse_dtype) = _varlen.traced_results(
+        arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("cu_seqlens_q"), arrays.pop("cu_seqlens_k"),
+        **arrays, **scalars)
+    return jax.ShapeDtypeStruct(out_shape, dtype), jax.ShapeDtypeStruct(lse_shape, lse_dtype)
+
+
+def _traced_varlen_forward(operands, scalars, shapes):
+    def forward(*values, results):
+        arrays = dict(zip(_VARLEN_OPERANDS, values))
+        out = None if results is None else results[0]
+        return _varlen.attention_varlen(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("cu_seqlens_q"),
+                                        arrays.pop("cu_seqlens_k"), return_lse=True, out=out, **arrays, **scalars)
+
+    key = ("varlen forward", repr(sorted(scalars.items())))
+    return _traced_call(key, forward, shapes, operands, (0,) * len(operands), (0, 0), "sequential")
+
+
+def _traced_differentiable_varlen(scalars, deterministic, shapes):
+    """attention_varlen under a trace as a custom_vjp of its operands (_VARLEN_OPERANDS): q, k, v
+    and sinks get cotangents, the lengths and slopes none."""
+
+    def backward_call(operands, out, lse, dout):
+        sinks = operands[3]
+        wanted = [x for x in operands[:4] if x is not None]
+        grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in wanted)
+
+        def backward(dout, out, lse, *values, results):
+            arrays = dict(zip(_VARLEN_OPERANDS, values))
+            return _varlen.attention_varlen_backward(
+                dout, arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), out, lse, arrays.pop("cu_seqlens_q"),
+                arrays.pop("cu_seqlens_k"), deterministic=deterministic, **arrays, **scalars)
+
+        key = ("varlen backward", repr(sorted(scalars.items())), deterministic)
+        grads = _traced_call(key, backward, grad_shapes, (dout, out, lse) + tuple(operands),
+                             (0,) * (3 + len(operands)), (0,) * len(grad_shapes), "sequential")
+        return tuple(grads[:3]) + ((grads[3],) if sinks is not None else (None,)) + (None,) * 4
+
+    return _traced_vjp(lambda operands: _traced_varlen_forward(operands, scalars, shapes), backward_call)
 
 
 def _differentiable_varlen(lengths, options, deterministic):
@@ -372,8 +449,8 @@ def _device_of(x):
 def _check_concrete(x, name):
     if isinstance(x, jax.core.Tracer):
         raise TypeError(
-            f"{name} is a JAX tracer: cuflash.jax runs eagerly on concrete arrays, outside jax.jit, vmap and "
-            "scan (call it outside the jitted function)"
+            f"{name} is a JAX tracer: cuflash.jax.attention_varlen runs under jax.jit, vmap and scan only with "
+            "max_seqlen_q and max_seqlen_k given as ints (they size the grid); else call it outside them"
         )
     if not isinstance(x, jax.Array):
         raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")

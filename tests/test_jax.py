@@ -582,15 +582,62 @@ def test_varlen_errors_name_the_argument(cpu, randn, kwargs, error, match):
         cj.attention_varlen(q, k, v, arguments.pop("cu_seqlens_q"), arguments.pop("cu_seqlens_k"), **arguments)
 
 
-def test_varlen_refuses_tracers_with_a_clear_error(cpu, randn):
+def test_varlen_under_jit_needs_int_hints_and_names_the_argument(cpu, randn):
     q = _on(cpu, randn(6, 2, 8))[0]
     cu = _on(cpu, numpy.array([0, 2, 6], numpy.int32))[0]
-    with pytest.raises(TypeError, match="outside jax.jit"):
+    with pytest.raises(TypeError, match="q is a JAX tracer: .* with max_seqlen_q and max_seqlen_k given as ints"):
         jax.jit(lambda q: cj.attention_varlen(q, q, q, cu, cu))(q)
-    with pytest.raises(TypeError, match="cu_seqlens_q is a JAX tracer"):
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int under jax.jit"):
         jax.jit(lambda cu: cj.attention_varlen(q, q, q, cu, cu))(cu)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int under jax.jit"):
+        jax.jit(lambda cu: cj.attention_varlen(q, q, q, cu, cu, max_seqlen_q=4))(cu)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a 1-D int32 array"):
+        jax.jit(lambda cu: cj.attention_varlen(q, q, q, cu, cu.astype(jnp.float32), max_seqlen_q=4,
+                                               max_seqlen_k=4))(cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k must have 3 entries"):
+        jax.jit(lambda cu: cj.attention_varlen(q, q, q, cu, cu[:2], max_seqlen_q=4, max_seqlen_k=4))(cu)
     with pytest.raises(TypeError, match="cu_seqlens_k must be a jax.Array, got NoneType"):
         cj.attention_varlen(q, q, q, cu, None)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "alibi_sinks_seqused"])
+def test_varlen_under_jit_equals_the_numpy_packed_call(cpu, randn, case):
+    """Under jax.jit the lengths are traced (a custom call, its lengths read when run on the CPU):
+    out, lse and the gradients into q, k, v (and sinks) are cuflash's own packed call's on the
+    same NumPy arrays, bit for bit."""
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn)
+    options = dict(VARLEN_OPTIONS[case])
+    extra = {}
+    if options.pop("sinks", False):
+        extra["sinks"] = randn(4)
+    if options.pop("alibi_slopes", None) == "per-head":
+        extra["alibi_slopes"] = numpy.abs(randn(4))
+    if options.pop("seqused_k", False):
+        extra["seqused_k"] = numpy.minimum(numpy.diff(cu_k), 2).astype(numpy.int32)
+    options.update(max_seqlen_q=int(max(VARLEN_LENGTHS_Q)), max_seqlen_k=int(max(VARLEN_LENGTHS_K)))
+    dout = randn(q.shape[0], 4, 6)
+    arrays = dict(zip(("q", "k", "v", "cu_q", "cu_k"), _on(cpu, q, k, v, cu_q, cu_k)))
+    jextra = {name: _on(cpu, x)[0] for name, x in extra.items()}
+
+    def attend(a, e, **kwargs):  # (a pytree dict comes back from jit in sorted key order)
+        return cj.attention_varlen(a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], **e, **options, **kwargs)
+
+    out, lse = jax.jit(lambda a, e: attend(a, e, return_lse=True))(arrays, jextra)
+    expected_out, expected_lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **extra, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+    wrt = ("q", "k", "v") + (("sinks",) if "sinks" in extra else ())
+
+    def loss(diff, a, e):
+        a = dict(a, **{n: diff[n] for n in ("q", "k", "v")})
+        e = dict(e, **({"sinks": diff["sinks"]} if "sinks" in diff else {}))
+        return jnp.sum(attend(a, e) * dout)
+
+    grads = jax.jit(jax.grad(loss))({n: arrays[n] if n in arrays else jextra[n] for n in wrt}, arrays, jextra)
+    expected = cuflash.attention_varlen_backward(dout, q, k, v, expected_out, expected_lse, cu_q, cu_k, **extra,
+                                                 **options)
+    for name, want in zip(wrt, expected):
+        numpy.testing.assert_array_equal(numpy.asarray(grads[name]), want, err_msg=name)
 
 
 def test_varlen_deterministic_backward_and_bfloat16_on_cpu(cpu, randn):
@@ -627,6 +674,35 @@ def test_varlen_on_the_gpu(gpu, randn):
                      argnums=(0, 1, 2))(jq, jk, jv)
     expected = cuflash.attention_varlen_backward(*(cupy.asarray(x) for x in (dout, q, k, v)), expected_out,
                                                  expected_lse, cupy.asarray(cu_q), cupy.asarray(cu_k), causal=True)
+    for got, want in zip(grads, expected):
+        assert got.devices() == {gpu}
+        numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))
+
+
+@pytest.mark.gpu
+def test_varlen_under_jit_on_the_gpu(gpu, randn):
+    """Traced lengths on the GPU (both hints given: trusted, not read): the kernels on XLA's
+    buffers, out and the gradients as the eager CuPy call's."""
+    import cupy
+
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn)
+    dout = randn(q.shape[0], 4, 6)
+    hints = dict(max_seqlen_q=int(max(VARLEN_LENGTHS_Q)), max_seqlen_k=int(max(VARLEN_LENGTHS_K)))
+    jq, jk, jv, jcu_q, jcu_k, jdout = _on(gpu, q, k, v, cu_q, cu_k, dout)
+    attend = jax.jit(lambda q, k, v, cu_q, cu_k: cj.attention_varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True,
+                                                                     **hints))
+    out, lse = attend(jq, jk, jv, jcu_q, jcu_k)
+    assert out.devices() == {gpu} and lse.devices() == {gpu}
+    arrays = [cupy.asarray(x) for x in (q, k, v, cu_q, cu_k)]
+    expected_out, expected_lse = cuflash.attention_varlen(*arrays, causal=True, return_lse=True, **hints)
+    numpy.testing.assert_array_equal(numpy.asarray(out), cupy.asnumpy(expected_out))
+    numpy.testing.assert_array_equal(numpy.asarray(lse), cupy.asnumpy(expected_lse))
+    loss = jax.jit(jax.grad(lambda q, k, v, cu_q, cu_k: jnp.sum(cj.attention_varlen(q, k, v, cu_q, cu_k, causal=True,
+                                                                                    **hints) * jdout),
+                            argnums=(0, 1, 2)))
+    grads = loss(jq, jk, jv, jcu_q, jcu_k)
+    expected = cuflash.attention_varlen_backward(cupy.asarray(dout), *arrays[:3], expected_out, expected_lse,
+                                                 *arrays[3:], causal=True, **hints)
     for got, want in zip(grads, expected):
         assert got.devices() == {gpu}
         numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))
