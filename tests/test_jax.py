@@ -379,6 +379,7 @@ def test_bias_and_mask_with_the_gradient_into_bias_on_cpu(cpu, randn, rng):
 def test_errors_name_the_argument(cpu, randn, kwargs, error, match):
     q, k, v = _on(cpu, randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8))
     replacements = {"ints": jnp.ones(4, jnp.int32), "shape": jnp.ones(3, jnp.float32)}
+    replacements = {name: jax.device_put(value, cpu) for name, value in replacements.items()}  # beside q, k, v
     kwargs = {key: replacements.get(value, value) if isinstance(value, str) and key == "sinks" else value
               for key, value in kwargs.items()}
     with pytest.raises(error, match=match):
