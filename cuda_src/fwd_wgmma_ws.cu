@@ -287,12 +287,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
         // scale: |scale| here.
         const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
-        // The loop's tiles take a body per modifier combination (ModBodies); the first tile,
-        // peeled off before the loop, the two general ones (half the code, one tile of many).
-        auto modify = [&](auto first, int t, float (&s)[1][kBlockN / 8][4]) {
-            constexpr ModBodies kBodies = decltype(first)::value ? ModBodies::kByCap : ModBodies::kAll | ModBodies::kRawAlibi;
-            if constexpr (kScoreMods) return tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, t * kBlockN, lane, scale_log2);
-            return scale_log2;
+        auto modify = [&](auto peeled, int t, float (&s)[1][kBlockN / 8][4]) {  // (peeled: the first tile's)
+            return tc::modify_forward_tile<kScoreMods, decltype(peeled)::value>(mod, s, m0 + warp_row0, t * kBlockN, lane,
+                                                                                scale_log2);
         };
         auto mask_scores = [&](int t, float (&s)[1][kBlockN / 8][4]) {
             if (t < range.full_first || t >= range.full_last)

@@ -373,6 +373,18 @@ __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][
     return modify_scores<kBodies>(mod, s, row0, col0, lane, c, mod.planes());
 }
 
+// The Hopper forwards' modify_scores on one key tile (c returned untouched without kScoreMods):
+// the loop's tiles take a body per modifier combination (ModBodies::kAll, ALiBi alone in raw
+// units); the tile peeled off before the loop (kPeeled) the two general ones (half the code, one
+// tile of many).
+template <bool kScoreMods, bool kPeeled, typename Mod, int M, int N>
+__device__ __forceinline__ float modify_forward_tile(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane,
+                                                     float c) {
+    constexpr ModBodies kBodies = kPeeled ? ModBodies::kByCap : ModBodies::kAll | ModBodies::kRawAlibi;
+    if constexpr (kScoreMods) return modify_scores<kBodies>(mod, s, row0, col0, lane, c);
+    return c;
+}
+
 // The row (relative to row0) of row slot r.
 __device__ __forceinline__ int slot_row(int r, int lane) { return (r / 2) * 16 + lane / 4 + 8 * (r % 2); }
 
