@@ -124,7 +124,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap),
                                   per_row=(alibi_slopes, sinks))
         if cached is not None:
-            o, lse = cached.run(_plans().CUPY_MEMORY, q, k, v, bias=bias, mask=mask)
+            o, lse = cached.run(_plans().CUPY_MEMORY, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes,
+                                sinks=sinks)
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -146,23 +147,22 @@ def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad:
 
 
 def plan_key_parts(bias, mask, options: tuple, bias_grad: bool = False, per_row=()):
-    """What a call's plan key holds beside its inputs: ``(the bias and mask where given, the
-    options)``, the options being ``options`` (scale, causal, window, [deterministic,] precision,
-    softcap) and whether bias, mask and bias's gradient are there; None when the call is never
-    keyed: options of unusual types, or ALiBi slopes or sinks (``per_row``: a replay does not
-    redo their per-row arrays). ``bias_grad``: the backward's. The CuPy API's keys
-    (``cached_plan``) and the torch adapter's are made of these."""
-    # (plain loops, no generators: this runs on every planned call)
-    for x in per_row:
-        if x is not None:
-            return None
+    """What a call's plan key holds beside its inputs: ``(the bias, mask, ALiBi slopes and sinks
+    where given, the options)``, the options being ``options`` (scale, causal, window,
+    [deterministic,] precision, softcap) and which of those arrays and bias's gradient are there;
+    None when the call is never keyed (options of unusual types). ``per_row``: (alibi_slopes,
+    sinks), whose values a replay reads again (plan.PerRowInputs); ``bias_grad``: the backward's.
+    The CuPy API's keys (``cached_plan``) and the torch adapter's are made of these."""
     if type(bias_grad) is not bool or not _plain_options(options[0], options[1], options[2], options[-2], options[-1]):
         return None
-    if bias is None:
-        present = () if mask is None else (mask,)
-    else:
-        present = (bias,) if mask is None else (bias, mask)
-    return present, options + (bias is not None, mask is not None, bias_grad and bias is not None)
+    # (plain loops, no generators: this runs on every planned call)
+    present = []
+    flags = [bias_grad and bias is not None]
+    for x in (bias, mask) + tuple(per_row):
+        flags.append(x is not None)
+        if x is not None:
+            present.append(x)
+    return tuple(present), options + tuple(flags)
 
 
 def forward(problem, key=None, *, prefetch_backward: bool | None = None):
@@ -199,7 +199,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
                                   (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad,
                                   per_row=(alibi_slopes, sinks))
         if cached is not None:
-            return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask)
+            return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,

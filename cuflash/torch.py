@@ -825,7 +825,7 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
     key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, q, k, v, bias=bias, mask=mask)
+            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
     with _running_on(q):
         problem = _spec.resolve_forward(
             *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
@@ -847,7 +847,7 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
                                                per_row=(alibi, sinks))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, *tensors, bias=bias, mask=mask)
+            return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
     with _running_on(q):
         problem = _spec.resolve_backward(
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=options[1], window=window, softcap=softcap,
@@ -859,7 +859,7 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
 
 def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, per_row=()):
     """``_cached_plan`` for a dense call on CUDA tensors, keyed as the CuPy API keys it
-    (``_api.plan_key_parts``: bias and mask beside the inputs, softcap and what is given among the
+    (``_api.plan_key_parts``: bias, mask, ALiBi slopes and sinks beside the inputs, softcap and what is given among the
     options), else ``(None, None, None)``: a plan replays any of them on torch's allocator and
     stream, a bias's layout, a key-padding mask's cut and dbias included."""
     parts = _api.plan_key_parts(bias, mask, options, bias_grad, per_row) if tensors[0].is_cuda else None

@@ -104,6 +104,36 @@ def _score_inputs(rng, case, dtype):
     return bias, mask
 
 
+def _replayed_and_full(call, draw, draw_modifiers, resolutions):
+    """Plans ``call``'s signature on drawn inputs, then calls it on fresh ones (a replay), then
+    on those again through the full path (the plans forgotten), which it must equal bit for bit.
+    Returns (the validation counts before the replay, after it, the replay's results, its
+    inputs)."""
+    call(draw(), *draw_modifiers())
+    counts = dict(resolutions)
+    arrays, modifiers = draw(), draw_modifiers()
+    replayed = call(arrays, *modifiers)
+    replay_counts = dict(resolutions)
+    plan.forget()
+    full = call(arrays, *modifiers)
+    assert resolutions["forward"] == replay_counts["forward"] + 1
+    assert len(replayed) == len(full)
+    for ours, theirs in zip(replayed, full):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and _bits(ours) == _bits(theirs)
+    return counts, replay_counts, replayed, arrays
+
+
+def _forward_backward(options, names):
+    """``call(arrays, *modifiers)``: out, lse and the deterministic backward's gradients of
+    ``arrays`` (q, k, v, dout) with the modifier arrays ``modifiers`` given as ``names``."""
+    def call(arrays, *modifiers):
+        q, k, v, dout = arrays
+        given = dict(zip(names, modifiers), **options)
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **given)
+        return (out, lse) + tuple(cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **given))
+    return call
+
+
 SCORE_CASES = [  # bias (shape, its dtype: q's or the score type's) and/or mask; widened or laid-out copies, or none
     dict(q=(1, 6, 4, 40, 32), k=(1, 6, 4, 40, 32), bias=((1, 1, 4, 40, 40), "score")),     # triangle, read in place
     dict(q=(1, 6, 4, 40, 32), k=(1, 6, 4, 40, 32), bias=((1, 1, 4, 40, 40), "q")),         # widened copy (16-bit)
@@ -124,27 +154,111 @@ def test_bias_mask_and_softcap_calls_replay_bit_for_bit(rng, dtype, case, resolu
     if dtype in ("float32", "float64") and case.get("bias", (None, ""))[1] == "q":
         pytest.skip("a float32/float64 bias is the kernels' own type: nothing to widen")
     plan.forget()
-    options = dict(case.get("options", {}))
     shapes = (case["q"], case["k"], case["k"], case["q"])
+    call = _forward_backward(case.get("options", {}), ("bias", "mask"))
+    counts, replay_counts, replayed, _ = _replayed_and_full(
+        call, lambda: _draw(rng, dtype, *shapes), lambda: _score_inputs(rng, case, dtype), resolutions)
+    assert replay_counts == counts, "a repeated signature was validated and planned again"
+    assert len(replayed) == 5 + ("bias" in case)
 
-    def call(arrays, bias, mask):
-        q, k, v, dout = arrays
-        out, lse = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True, **options)
-        grads = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, mask=mask, deterministic=True,
-                                           **options)
-        return (out, lse) + tuple(grads)
 
-    call(_draw(rng, dtype, *shapes), *_score_inputs(rng, case, dtype))  # plans the signature
-    counts = dict(resolutions)
-    second, inputs = _draw(rng, dtype, *shapes), _score_inputs(rng, case, dtype)
-    replayed = call(second, *inputs)
-    assert resolutions == counts, "a repeated signature was validated and planned again"
+PER_ROW_CASES = {  # q, k shapes; the slopes' and sinks' shapes (None: not given); options
+    "alibi": dict(q=(2, 4, 97, 64), k=(2, 4, 130, 64), slopes=(4,), options=dict(causal=True)),
+    "sinks": dict(q=(2, 4, 97, 64), k=(2, 4, 97, 64), sinks=(4,)),
+    "alibi-per-batch-sinks-softcap-gqa": dict(q=(2, 8, 97, 128), k=(2, 2, 200, 128), slopes=(2, 8), sinks=(8,),
+                                              options=dict(softcap=20.0, window=(60, 0))),
+}
+
+
+def _per_row_inputs(rng, case):
+    """Fresh ALiBi slopes (float32, positive) and sinks (float32) of a PER_ROW_CASES case."""
+    slopes = sinks = None
+    if "slopes" in case:
+        slopes = cupy.asarray(rng.uniform(0.01, 0.5, case["slopes"]).astype(numpy.float32))
+    if "sinks" in case:
+        sinks = cupy.asarray(rng.standard_normal(case["sinks"]).astype(numpy.float32))
+    return slopes, sinks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(PER_ROW_CASES))
+def test_alibi_and_sinks_calls_replay_bit_for_bit(rng, dtype, name, resolutions):
+    """Calls with ALiBi slopes or sinks keep their plan: a replay makes the per-row arrays again
+    from the call's own slopes and sinks (plan.PerRowInputs.prepare: new values each call here)
+    and equals the full path bit for bit. The backward replays with ALiBi; with sinks it takes
+    the full path (dsinks is computed after the launches), each call validated again."""
+    case = PER_ROW_CASES[name]
     plan.forget()
-    full = call(second, *inputs)
-    assert resolutions["forward"] == counts["forward"] + 1
-    assert len(replayed) == len(full) == 5 + ("bias" in case)
-    for ours, theirs in zip(replayed, full):
-        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and _bits(ours) == _bits(theirs)
+    shapes = (case["q"], case["k"], case["k"], case["q"])
+    call = _forward_backward(case.get("options", {}), ("alibi_slopes", "sinks"))
+    counts, replay_counts, replayed, arrays = _replayed_and_full(
+        call, lambda: _draw(rng, dtype, *shapes), lambda: _per_row_inputs(rng, case), resolutions)
+    assert replay_counts["forward"] == counts["forward"], "a repeated forward signature was planned again"
+    assert replay_counts["backward"] == counts["backward"] + ("sinks" in case)
+    assert len(replayed) == 5 + ("sinks" in case)
+    # The replay read this call's values: other slopes and sinks give another output.
+    assert _bits(call(arrays, *_per_row_inputs(rng, case))[0]) != _bits(replayed[0])
+
+
+def test_torch_alibi_and_sinks_calls_replay_on_torch_alone(rng, resolutions, monkeypatch):
+    """cuflash.torch.attention with ALiBi slopes and sinks (requiring grad) on CUDA tensors: a
+    repeated forward replays on torch's own terms (the per-row arrays made by torch's copy_ from
+    torch's allocator, no CuPy crossing) and equals the full path and the CuPy API bit for bit;
+    so does a forward+backward with ALiBi alone."""
+    torch = _torch()
+    import cuflash.torch as ct
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def draw(*shape):
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    slopes = torch.rand(2, 8, device="cuda", generator=g) * 0.3
+    sinks = torch.randn(8, device="cuda", generator=g).requires_grad_()
+    plan.forget()
+    with torch.no_grad():
+        ct.attention(draw(2, 8, 97, 64), draw(2, 2, 97, 64), draw(2, 2, 97, 64), alibi_slopes=slopes, sinks=sinks,
+                     causal=True)  # plans the forward's signature
+    q, k, v = draw(2, 8, 97, 64), draw(2, 2, 97, 64), draw(2, 2, 97, 64)
+    slopes, sinks = slopes + 0.05, (sinks + 1).detach().requires_grad_()
+    counts, crossings = dict(resolutions), []
+    with monkeypatch.context() as patch:
+        for helper in ("_running_on", "_to_cuflash", "_to_torch"):
+            real = getattr(ct, helper)
+            patch.setattr(ct, helper, lambda *args, real=real, helper=helper: crossings.append(helper) or real(*args))
+        with torch.no_grad():
+            replayed = ct.attention(q, k, v, alibi_slopes=slopes, sinks=sinks, causal=True)
+    torch.cuda.synchronize()
+    assert resolutions == counts, "a repeated signature was validated and planned again"
+    assert crossings == [], "a replay crossed to CuPy"
+    plan.forget()
+    with torch.no_grad():
+        full = ct.attention(q, k, v, alibi_slopes=slopes, sinks=sinks, causal=True)
+    theirs = cuflash.attention(*(cupy.from_dlpack(x) for x in (q, k, v)), alibi_slopes=cupy.from_dlpack(slopes),
+                               sinks=cupy.from_dlpack(sinks.detach()), causal=True)
+    cupy.cuda.Device().synchronize()
+    assert torch.equal(replayed, full)
+    assert _bits(cupy.from_dlpack(replayed)) == _bits(theirs)
+
+    # forward + backward with ALiBi alone: both replay
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    dout = draw(2, 8, 97, 64)
+
+    def step():
+        out = ct.attention(*leaves, alibi_slopes=slopes, causal=True, deterministic=True)
+        return [out.detach().clone()] + [x.clone() for x in torch.autograd.grad(out, leaves, dout)]
+
+    step()  # plans both
+    counts, crossings = dict(resolutions), []
+    with monkeypatch.context() as patch:
+        for helper in ("_running_on", "_to_cuflash", "_to_torch"):
+            real = getattr(ct, helper)
+            patch.setattr(ct, helper, lambda *args, real=real, helper=helper: crossings.append(helper) or real(*args))
+        replayed = step()
+    assert resolutions == counts and crossings == []
+    plan.forget()
+    for got, again in zip(replayed, step()):
+        assert torch.equal(got, again)
 
 
 TORCH_SCORE_CASES = {  # q, k (v as k) shapes, dtype, bias (shape, dtype) and mask kind, options

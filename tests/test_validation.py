@@ -408,3 +408,26 @@ def test_ndarray_subclasses_compute_as_plain_arrays(rng):
 ])
 def test_memory_order_names_whole_transposed_buffers_only(shape, strides, order):
     assert cuflash._spec.memory_order(shape, strides) == order
+
+
+def test_plan_keys_tell_the_modifier_arrays_apart():
+    """A plan's key (``_api.plan_key_parts``, the CuPy API's and the torch adapter's) holds the
+    bias, mask, ALiBi slopes and sinks that are given, and says which each one is: calls that
+    differ only in which modifier an array of the same signature feeds never share a plan."""
+    from cuflash import _api
+
+    a, b = numpy.zeros(4, numpy.float32), numpy.ones((2, 4), numpy.float32)
+    options = (None, False, None, None, None)
+    keys = {
+        "plain": _api.plan_key_parts(None, None, options),
+        "bias": _api.plan_key_parts(a, None, options),
+        "slopes": _api.plan_key_parts(None, None, options, per_row=(a, None)),
+        "sinks": _api.plan_key_parts(None, None, options, per_row=(None, a)),
+        "both": _api.plan_key_parts(None, None, options, per_row=(b, a)),
+        "bias and sinks": _api.plan_key_parts(a, None, options, per_row=(None, a)),
+    }
+    assert keys["plain"][0] == () and keys["both"][0][0] is b and keys["both"][0][1] is a
+    for name in ("bias", "slopes", "sinks"):
+        assert len(keys[name][0]) == 1 and keys[name][0][0] is a
+    assert len({options for _, options in keys.values()}) == len(keys), "two modifier sets share a key"
+    assert _api.plan_key_parts(None, None, (None, 1, None, None, None), per_row=(a, None)) is None  # causal=1

@@ -267,18 +267,31 @@ class _Plan:
     struct's tensor maps (FwdTmaParams) as (byte offset, index of the pointer among a call's
     pointers), each re-pointed at its tensor per call."""
 
-    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None):
+    def __init__(self, struct, words: numpy.ndarray, launches: tuple[Launch, ...], score_inputs=None, per_row=None):
         self.template = numpy.frombuffer(struct.tobytes(), dtype=numpy.uint8).copy()
         self.maps = _maps(struct.dtype)
-        # With a bias or mask, a call's pointers end with ScoreInputs.prepare's.
-        self.score_inputs = score_inputs
+        # With a bias or mask, a call's pointers go on with ScoreInputs.prepare's; with ALiBi
+        # slopes or sinks, then with PerRowInputs.prepare's.
+        self.score_inputs, self.per_row = score_inputs, per_row
         fwd = _FWD_PATH[struct.dtype]
-        if score_inputs is not None:
-            words = numpy.concatenate([words, _pointer_words(struct.dtype, [fwd + n for n in ScoreInputs.POINTERS])])
+        for inputs in (score_inputs, per_row):
+            if inputs is not None:
+                words = numpy.concatenate([words, _pointer_words(struct.dtype, [fwd + n for n in inputs.POINTERS])])
         self.words = words
         self.launches = launches
         self.key_rows_at = _field_offset(struct.dtype, fwd + "key_rows") // 4
         self.query_tiles_at = _field_offset(struct.dtype, fwd + "query_tiles") // 4
+
+    def _modifier_pointers(self, memory, bias, mask, alibi_slopes, sinks) -> tuple[tuple, tuple]:
+        """(the pointers ScoreInputs and PerRowInputs give for this call, the arrays they point
+        into: to be kept until the launches are queued)."""
+        pointers, kept = (), ()
+        if self.score_inputs is not None:
+            pointers, kept = self.score_inputs.prepare(memory, bias, mask)
+        if self.per_row is not None:
+            rows = self.per_row.prepare(memory, alibi_slopes, sinks)
+            pointers, kept = pointers + tuple(0 if x is None else memory.pointer(x) for x in rows), kept + rows
+        return pointers, kept
 
     def _run(self, memory, pointers) -> None:
         scratch = _SCRATCH
@@ -302,19 +315,19 @@ class ForwardPlan(_Plan):
     packed batch's plan takes ``cu_seqlens_q, cu_seqlens_k, seqused_k`` (None: not given) after
     v and returns out in the packed layout (total_q, Hq, Dv), lse (Hq, total_q)."""
 
-    def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None):
+    def __init__(self, p, struct, launches: tuple[Launch, ...], score_inputs=None, per_row=None):
         packed = p.packed is not None
-        super().__init__(struct, _words(struct.dtype, False, packed), launches, score_inputs)
+        super().__init__(struct, _words(struct.dtype, False, packed), launches, score_inputs, per_row)
         self.out_shape = _packed_shape(p.out_shape) if packed else p.out_shape
         self.out_order = _out_order(p, p.out_shape)
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
 
-    def run(self, memory, q, k, v, *packed, bias=None, mask=None):
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
-        scores, kept = self.score_inputs.prepare(memory, bias, mask) if self.score_inputs is not None else ((), ())
+        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks)
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores)
         del kept  # (the launch is queued)
         return o, lse
@@ -329,8 +342,9 @@ class BackwardPlan(_Plan):
     (``zeroed``: those whose unstored rows must read 0, the keys past seqused_k)."""
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
-                 packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, dbias=None, orders=None):
-        super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs)
+                 packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, per_row=None, dbias=None,
+                 orders=None):
+        super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs, per_row)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.orders = orders or {}  # each gradient's memory order: its input's (_gradient_buffer)
         self.workspace_size, self.dq_accum_offset = workspace
@@ -342,7 +356,7 @@ class BackwardPlan(_Plan):
         if dbias is not None:
             self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
 
-    def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None):
+    def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
         ptr, shapes = memory.pointer, self.shapes
         dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
                                                                               self.orders.get(name))
@@ -352,7 +366,7 @@ class BackwardPlan(_Plan):
         workspace = memory.empty((self.workspace_size,), self.accum)
         delta = ptr(workspace)
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
-        scores, kept = self.score_inputs.prepare(memory, bias, mask) if self.score_inputs is not None else ((), ())
+        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks)
         dscores = None
         if self.dbias is not None:
             dscores = (memory.zeros if self.dbias[1] else memory.empty)(self.dbias[0], self.accum)
@@ -540,11 +554,12 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct, p)  # kept alive until the launch is queued
     if maps is not None:
         struct = _with_tensor_maps(struct, maps[0], (q, k, v))
-    # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
-    plain = plain and p.alibi_slopes is None and p.sinks is None
-    plan = ForwardPlan(p, struct, launches, score_inputs)
+    # A replay redoes the bias and mask (ScoreInputs.prepare) and the per-row slopes and sinks
+    # (PerRowInputs.prepare).
+    per_row = PerRowInputs.of(p)
+    plan = ForwardPlan(p, struct, launches, score_inputs, per_row)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
-              + scores)
+              + scores + PerRowInputs.pointers(per_row, slopes, sinks))
     del slopes, sinks, kept
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
@@ -670,6 +685,44 @@ def _fill_score_mods(struct, p) -> tuple:
 
 
 _INT32_MAX = 2**31 - 1
+
+
+class PerRowInputs:
+    """A call's ALiBi slopes and sinks as the kernels read them (``_per_row``: one contiguous value
+    per attention row, in the score type), made again by every call (``prepare``, from CuPy arrays
+    or torch tensors alike: ``memory``) so that a plan replays calls that have them. What a
+    signature fixes: which of the two there are, the rows' shape and the type."""
+
+    POINTERS = ("alibi_slopes", "sinks")  # the FwdParams fields ``prepare`` gives, in order
+
+    def __init__(self, p):
+        self.shape, self.dtype = _row_shape(p), _accum(p)
+        self.present = (p.alibi_slopes is not None, p.sinks is not None)
+
+    @classmethod
+    def of(cls, p):
+        """The call's PerRowInputs, or None when it has neither slopes nor sinks."""
+        return cls(p) if p.alibi_slopes is not None or p.sinks is not None else None
+
+    def prepare(self, memory, alibi_slopes, sinks) -> tuple:
+        """This call's per-row slopes and sinks (None for one the signature has not), made on
+        ``memory``'s stream: to be kept until the launches are queued."""
+        rows = []
+        for x, present in zip((alibi_slopes, sinks), self.present):
+            row = None
+            if present:
+                row = memory.empty(self.shape, self.dtype)
+                memory.copy(row, x)
+            rows.append(row)
+        return tuple(rows)
+
+    @staticmethod
+    def pointers(per_row, *rows) -> tuple:
+        """The POINTERS' values of per-row arrays ``rows`` (CuPy; None: 0), or () without
+        PerRowInputs (the planning call's launch, whose arrays _fill_score_mods made)."""
+        if per_row is None:
+            return ()
+        return tuple(0 if x is None else x.data.ptr for x in rows)
 
 
 class ScoreInputs:
@@ -1042,9 +1095,9 @@ def backward(problem):
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
-    # A replay redoes the bias and mask (ScoreInputs.prepare), not the per-row slopes and sinks.
-    plain = (all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0
-             and p.alibi_slopes is None and p.sinks is None)
+    # A replay redoes the bias and mask (ScoreInputs.prepare) and the per-row slopes
+    # (PerRowInputs.prepare), not dsinks (computed after the launches: _sink_gradient).
+    plain = all(a is b for a, b in zip(inputs, (q, k, v, o, dout))) and p.head_dim > 0 and p.sinks is None
     accum = _accum(p)
     lse = cupy.ascontiguousarray(p.lse)
     plain = plain and lse is p.lse
@@ -1131,12 +1184,13 @@ def backward(problem):
         launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     orders = {} if p.packed is not None else {name: _spec.array_order(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
+    per_row = PerRowInputs.of(p)
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
-                        score_inputs=score_inputs, orders=orders,
+                        score_inputs=score_inputs, per_row=per_row, orders=orders,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
                                                             "dbias" if on_chip is None else "dbias_sum", on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
-              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores
+              + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores + PerRowInputs.pointers(per_row, slopes, sinks)
               + (() if dscores is None else (dscores.data.ptr,)))
     del kept
 
