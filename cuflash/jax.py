@@ -99,7 +99,7 @@ def _traced_call(key, function, shapes, operands, cores, result_cores, vmap_meth
     Where this JAX takes cuflash's custom call (``_xla``), XLA runs it on the operands' own
     buffers: on a GPU ``function`` gets CuPy arrays on XLA's stream (cuflash's kernels, no host
     copy), on the CPU NumPy arrays; ``results`` are the result buffers, which it may fill itself
-    (out= of the forward) or return arrays to be copied in. Elsewhere a pure_callback hands it
+    or return arrays to be copied in (the forwards do: a call with out= would not replay its plan). Elsewhere a pure_callback hands it
     NumPy arrays on the host. ``key``: the call's configuration (one custom-call id per key).
 
     Under ``vmap`` the call is made once for the whole batch (``vmap_method`` "expand_dims": the
@@ -187,10 +187,11 @@ def _traced_forward(operands, scalars, shapes):
     """(out, lse) of cuflash on the traced operands (``shapes``: _traced_results')."""
 
     def forward(*values, results):
+        # No out=: a call without one replays its plan (no validation or planning per execution,
+        # the host cost that dominated a jitted forward); out is then copied into XLA's buffer
+        # (one device copy, microseconds).
         arrays = _named(values)
-        out = None if results is None else results[0]  # written in place on XLA's buffer
-        return _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, out=out, **arrays,
-                              **scalars)
+        return _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, **arrays, **scalars)
 
     key = ("forward", repr(sorted(scalars.items())))
     return _traced_call(key, forward, shapes, operands, _CORES, (2, 1), "expand_dims")
@@ -339,11 +340,10 @@ def _traced_varlen_results(operands, scalars):
 
 
 def _traced_varlen_forward(operands, scalars, shapes):
-    def forward(*values, results):
+    def forward(*values, results):  # (no out=: as _traced_forward's, so that the plan replays)
         arrays = dict(zip(_VARLEN_OPERANDS, values))
-        out = None if results is None else results[0]
         return _varlen.attention_varlen(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("cu_seqlens_q"),
-                                        arrays.pop("cu_seqlens_k"), return_lse=True, out=out, **arrays, **scalars)
+                                        arrays.pop("cu_seqlens_k"), return_lse=True, **arrays, **scalars)
 
     key = ("varlen forward", repr(sorted(scalars.items())))
     return _traced_call(key, forward, shapes, operands, (0,) * len(operands), (0, 0), "sequential")
