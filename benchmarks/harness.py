@@ -519,10 +519,12 @@ def prepare_sdpa(backend_name: str, case: Case) -> Runner:
 FLEX_EAGER_MASK_PAIRS = 2**28
 
 
-def prepare_flex(case: Case) -> Runner:
+def prepare_flex(case: Case, score_mod: Callable | None = None) -> Runner:
     """FlexAttention under torch.compile, compiled for this shape here (forward and, when the
     mode has one, backward), so that the timing sees only compiled kernels. The compile time is
-    returned as run.compile_s. Causal is a block mask, bottom-right aligned like cuflash's."""
+    returned as run.compile_s. Causal is a block mask, bottom-right aligned like cuflash's.
+    score_mod: FlexAttention's, on the scaled score (bench_mods.py's softcap and ALiBi); it is
+    compiled into the kernels with the shape."""
     torch, config = case.libs.torch, case.config
     if torch is None:
         raise NotRun("skipped", case.libs.torch_note or "torch not installed")
@@ -554,7 +556,7 @@ def prepare_flex(case: Case) -> Runner:
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def forward(q, k, v):
-        return compiled(q, k, v, block_mask=block_mask, scale=config.scale)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=config.scale)
 
     begin = time.perf_counter()
     try:  # bwd mode runs the forwards it saves here already
