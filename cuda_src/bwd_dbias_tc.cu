@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
     // The plane's bias tile, in the exponent's score type (float), zeros outside Lq x Lk: the
     // first row's planes (every row of the plane has the same bias). Published by the loop's
     // first barrier.
-    const GlobalPlanes<float> first_planes = ScoreMod<float, true>::row_planes(f, rows[first < last ? first : 0]);
+    const GlobalPlanes<float> first_planes = ScoreMod<float, kFastTanh<Element>>::row_planes(f, rows[first < last ? first : 0]);
     for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
         const int i = m0 + e / kBlockN, j = n0 + e % kBlockN;
         bias_tile[e] = first_planes.bias_at != nullptr && i < f.seqlen_q && j < f.seqlen_k ? first_planes.bias(i, j, f) : 0.f;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dbias_tc(const BwdParams p) {
             lse2[q] = tc::lse_log2(stats[warp_row0 + tc::slot_row(q, lane)]);
             delta[q] = stats[kBlockM + warp_row0 + tc::slot_row(q, lane)];
         }
-        const ScoreMod<float, true> mod(f, r, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+        const ScoreMod<float, kFastTanh<Element>> mod(f, r, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
         const TilePlanes<kBlockN> planes{bias_tile, mod.planes().mask_at, m0, n0};
         mod.template dispatch<ModBodies::kPerPlaneSet>([&](const auto& row_scores) {  // (a bias is always there)
             const auto score = tc::lane_scores(row_scores, m0 + warp_row0, n0, lane);

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     const tc::QueryTileLoader<kBlockM, kWidth, kThreads, QTile, kUnits> qdo_loader(p, at);  // head 0's
     if (!(k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && qdo_loader.aligned())) __trap();
     // plan.py lays the bias and mask planes out for staging (every row's, as the first one's).
-    if (kStagePlanes && !PlaneStage::aligned(ScoreMod<float, true>::row_planes(f, blockIdx.x * heads), f)) __trap();
+    if (kStagePlanes && !PlaneStage::aligned(ScoreMod<float, kFastTanh<Element>>::row_planes(f, blockIdx.x * heads), f)) __trap();
     // Step number t = (g, i) into slot t % kStages.
     auto load_qdo = [&](int t, const HeadTileStep& s) {
         const int slot_index = t % kStages;
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         qdo_loader.head(p, s.g).load(slot, slot + QTile::kBytes, stage_ptr + slot_index * kStageBytes + 2 * QTile::kBytes,
                                      s.i, tid);
         if constexpr (kStagePlanes)
-            PlaneStage::template load<kThreads>(slot + kPlanesAt, ScoreMod<float, true>::row_planes(f, blockIdx.x * heads + s.g),
+            PlaneStage::template load<kThreads>(slot + kPlanesAt, ScoreMod<float, kFastTanh<Element>>::row_planes(f, blockIdx.x * heads + s.g),
                                                 f, s.i * kBlockM, n0, tid);
     };
 
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         if constexpr (kScoreMods) {
             // Built at every step (kept through the loop, its registers spill at d32 and d224).
             const int bh = ptx::block_index_x() * heads + step.g;
-            const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+            const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
             const BiasGrad<float> dbias(p, bh);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll

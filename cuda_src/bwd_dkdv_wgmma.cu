@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     // Score modifiers (score_mod.cuh), of head 0 until the walk moves to the next head: the
     // scores are modified before P (below).
     constexpr float kLog2e = 1.4426950408889634f;
-    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
     BiasGrad<float> dbias(p, bh);
     const bool modified = kScoreMods && mod.modifies();
 

@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     const float scale_log2 = f.scale_log2;
 
     constexpr float kLog2e = 1.4426950408889634f;
-    ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
     BiasGrad<float> dbias(p, bh);
     const bool modified = kScoreMods && mod.modifies();
 

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
     tc::zero(acc);
     const float scale_log2 = f.scale_log2;
-    const ScoreMod<float, true> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);  // with kScoreMods
+    const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);  // with kScoreMods
 
     for (int j = range.first; j < range.last; ++j) {
         const bool masked = j < range.full_first || j >= range.full_last;

@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     tc::OnlineSoftmax<1> softmax;
     constexpr float kLog2e = 1.4426950408889634f;
     // ALiBi's slope is that of the block's one head (the host sets heads_per_block = 1 with ALiBi).
-    const ScoreMod<float, true> mod(p.fwd, b * heads_q + h0, fabsf(static_cast<float>(p.fwd.scale)),
+    const ScoreMod<float, kFastTanh<Element>> mod(p.fwd, b * heads_q + h0, fabsf(static_cast<float>(p.fwd.scale)),
                                     kLog2e, at.diag);
     // Sinks: each row's own (its head's), one logit of the whole row, so in split 0 only and in one
     // warp of the row's key quarters; the merges carry it into the result. OnlineSoftmax's

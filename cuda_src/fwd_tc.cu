@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
     constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    const ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
     const GlobalPlanes<float> row_planes = mod.planes();  // where the staged tiles come from
     if (kStagePlanes && !PlaneStage::aligned(row_planes, p)) __trap();  // plan.py lays the planes out for staging
 

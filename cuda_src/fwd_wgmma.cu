@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // Softcap and ALiBi turn the scores into log2 units and return the softmax's multiplier 1;
     // otherwise the scale stays folded into the softmax's FFMA.
     constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    const ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
     auto modify = [&](auto peeled, int t, float (&s)[1][kBlockN / 8][4]) {  // (peeled: the first tile's)
         return tc::modify_forward_tile<kScoreMods, decltype(peeled)::value>(mod, s, m0 + warp_row0, t * kBlockN, lane,
                                                                             scale_log2);

@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         };
         // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
         // scale: |scale| here.
-        const ScoreMod<float, true> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+        const ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
         auto modify = [&](auto peeled, int t, float (&s)[1][kBlockN / 8][4]) {  // (peeled: the first tile's)
             return tc::modify_forward_tile<kScoreMods, decltype(peeled)::value>(mod, s, m0 + warp_row0, t * kBlockN, lane,
                                                                                 scale_log2);

@@ -6,7 +6,7 @@
 //   2. Asynchronous copies (cp.async, sm_80+): global -> shared, zero-filling, groups
 //   3. Tensor-core fragments: ldmatrix (sm_75+), mma.sync m16n8k16 f16/bf16 and m16n8k8 tf32 -> f32 (sm_80+)
 //   4. Conversions: two floats -> one packed f16x2 / bf16x2 register; float -> tf32
-//   5. Fast math: ex2.approx
+//   5. Fast math: ex2.approx, tanh.approx
 // Other kernels add their own sections (e.g. DMMA for float64, wgmma, the bulk tensor copy
 // engine) at the end.
 #pragma once
@@ -205,6 +205,13 @@ __device__ __forceinline__ unsigned to_tf32(float x) {
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// tanh(x) on the special-function unit (sm_75+; max relative error 2^-10.987, tanh(+-inf) = +-1).
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 

@@ -41,16 +41,29 @@ namespace cuflash {
 
 // tanh, as the multiple `c tanh(x)` the score takes and 1 - tanh^2 (the backward's factor),
 // from the argument times kArgument (ScoreMod folds it into its multiplier: one FMUL per score).
-// kFast (fp16/bf16 kernels): with r = 1 / (e^{2x} + 1), tanh = 1 - 2r and 1 - tanh^2 = 4 r (1 - r)
-// (no cancellation where tanh is near +-1): ex2.approx and a fast divide, absolute error ~1e-7;
-// c tanh = c - 2c r and 4 r (1 - r) = 4r - 4r r are one FFMA each (-2c is hoisted). (tanh.approx,
-// one MUFU instead of two, has a relative error of 2^-11: measured, dsinks of a one-row float16
-// call then drifts to 5x a plain float16 implementation's error.) At e^{2x} = inf the divide
-// gives r = 0 exactly, at 0 r = 1. Otherwise the library's tanh (exact fp32 / fp64).
-template <typename T, bool kFast>
+// Three forms, by the kernel's element type (kFastTanh):
+//   kExpTanh (fp16 and TF32 kernels): with r = 1 / (e^{2x} + 1), tanh = 1 - 2r and
+//       1 - tanh^2 = 4 r (1 - r) (no cancellation where tanh is near +-1): ex2.approx and a fast
+//       divide, absolute error ~1e-7; c tanh = c - 2c r and 4 r (1 - r) = 4r - 4r r are one FFMA
+//       each (-2c is hoisted). At e^{2x} = inf the divide gives r = 0 exactly, at 0 r = 1. Two
+//       special-function (MUFU) ops per score beside the softmax's exponential: at d128 the
+//       MUFU's 16 ops per SM clock then set the pace (about 1.5x a plain forward).
+//   kApproxTanh (bf16 kernels): tanh.approx, one MUFU op, relative error 2^-11 — 4x below bf16's
+//       own rounding of the score (2^-9), which a plain bf16 implementation pays on every score.
+//       Not for fp16: its rounding is 2^-11 too, and tanh.approx's error is systematic where
+//       rounding's averages out (measured: dsinks of a one-row float16 call at 5x a plain
+//       float16 implementation's error).
+//   kLibraryTanh (float32 and float64 kernels): the library's tanh, exact to their rounding.
+enum TanhForm { kLibraryTanh, kExpTanh, kApproxTanh };
+
+// The fast form for a tensor-core kernel of element type Element (fp16, bf16, or TF32's float).
+template <typename Element>
+constexpr int kFastTanh = ptx::kIsBf16<Element> ? kApproxTanh : kExpTanh;
+
+template <typename T, int kForm>
 struct Tanh;
 template <>
-struct Tanh<float, true> {
+struct Tanh<float, kExpTanh> {
     static constexpr float kArgument = 2.8853900817779268f;  // 2 log2(e): ex2 of it is e^{2x}
     float r;
     __device__ __forceinline__ explicit Tanh(float scaled) : r(__fdividef(1.f, ptx::ex2(scaled) + 1.f)) {}
@@ -60,8 +73,16 @@ struct Tanh<float, true> {
         return fmaf(-four_r, r, four_r);
     }
 };
+template <>
+struct Tanh<float, kApproxTanh> {
+    static constexpr float kArgument = 1.f;
+    float t;
+    __device__ __forceinline__ explicit Tanh(float x) : t(ptx::tanh_approx(x)) {}
+    __device__ __forceinline__ float times(float c) const { return c * t; }
+    __device__ __forceinline__ float one_minus_t2() const { return fmaf(-t, t, 1.f); }
+};
 template <typename T>
-struct Tanh<T, false> {
+struct Tanh<T, kLibraryTanh> {
     static constexpr T kArgument = T(1);
     T t;
     __device__ __forceinline__ explicit Tanh(T x) : t(tanh_of(x)) {}
@@ -115,7 +136,7 @@ struct PairOrigin {
     __device__ __forceinline__ T distance(int i, int j) const { return d0 + static_cast<T>((i - i0) - (j - j0)); }
 };
 
-template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes,
+template <typename T, int kTanh, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes,
           bool kFromOrigin = false>
 struct RowScores;
 
@@ -151,10 +172,12 @@ struct StagedPlanes {
     }
 };
 
-// T: the type the kernel computes scores in (float, or double for float64). kFast: tanh on the
-// special-function unit (fp16/bf16 kernels only).
-template <typename T, bool kFast = false>
+// T: the type the kernel computes scores in (float, or double for float64). kTanh: the form of
+// softcap's tanh (TanhForm: kFastTanh<Element> in the tensor-core kernels); a fast one also
+// marks the fp16/bf16 kernels' other shortcuts (fast divides, raw units).
+template <typename T, int kTanh = kLibraryTanh>
 struct ScoreMod {
+    static constexpr bool kFast = kTanh != kLibraryTanh;
     const FwdParams& params;  // the bias's and mask's strides and extents, read where used
     T mul;    // s's multiplier: scale * unit, or scale / softcap * Tanh::kArgument under softcap
     T cap;    // softcap * unit; 0: no softcap
@@ -171,7 +194,7 @@ struct ScoreMod {
         : params(p), unit(unit), diag(diag) {
         const bool capped = p.softcap > 0.0;
         cap = capped ? static_cast<T>(p.softcap) * unit : T(0);
-        mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) * Tanh<T, kFast>::kArgument : scale * unit;
+        mul = capped ? static_cast<T>(scale / static_cast<T>(p.softcap)) * Tanh<T, kTanh>::kArgument : scale * unit;
         slope = raw_slope = T(0);
         head(p, bh, unit);
     }
@@ -239,7 +262,7 @@ struct ScoreMod {
     }
 
     template <bool kCapped, bool kAlibi, int kPlanes, bool kRaw = false, typename Planes>
-    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, kRaw, Planes> scores(const Planes& planes) const {
+    __device__ __forceinline__ RowScores<T, kTanh, kCapped, kAlibi, kPlanes, kRaw, Planes> scores(const Planes& planes) const {
         return {*this, planes, origin(0, 0)};
     }
 
@@ -254,7 +277,7 @@ struct ScoreMod {
             return fma(-raw_slope, fabs(distance<kFromOrigin>(i, j, origin)), s);
         }
         if constexpr (kCapped) {
-            const Tanh<T, kFast> th(s * mul);
+            const Tanh<T, kTanh> th(s * mul);
             x = th.times(cap);
             grad = th.one_minus_t2();
         } else {
@@ -315,7 +338,7 @@ struct ScoreMod {
 // What ScoreMod::dispatch hands its body: one row's modifiers, the combination fixed, with the
 // row's bias and mask planes at hand. score(s, i, j, grad): the modified score of raw s at
 // (query i, key j) and grad = dx / d(scale * s).
-template <typename T, bool kFast, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes, bool kFromOrigin>
+template <typename T, int kTanh, bool kCapped, bool kAlibi, int kPlanes, bool kRaw, typename Planes, bool kFromOrigin>
 struct RowScores {
     static constexpr bool capped = kCapped;
     // Whether the row may have a bias (and so a bias gradient) or a mask: the bodies of softcap
@@ -324,13 +347,13 @@ struct RowScores {
     // Whether the score comes back in the raw units of s (ALiBi alone, ModBodies::kRawAlibi: the
     // scale stays the softmax's multiplier, as for a plain score) or the exponent's.
     static constexpr bool raw_units = kRaw;
-    static_assert(!kRaw || (kFast && kAlibi && !kCapped && kPlanes == kNoPlanes), "raw units are ALiBi's alone");
-    const ScoreMod<T, kFast>& mod;
+    static_assert(!kRaw || (kTanh != kLibraryTanh && kAlibi && !kCapped && kPlanes == kNoPlanes), "raw units are ALiBi's alone");
+    const ScoreMod<T, kTanh>& mod;
     Planes planes;  // where the row's bias and mask are read (GlobalPlanes or StagedPlanes)
     PairOrigin<T> origin;  // (kFromOrigin: set by from())
 
     // These scores, to be asked for pairs near (i0, j0): a fragment's first pair (PairOrigin).
-    __device__ __forceinline__ RowScores<T, kFast, kCapped, kAlibi, kPlanes, kRaw, Planes, true> from(int i0, int j0) const {
+    __device__ __forceinline__ RowScores<T, kTanh, kCapped, kAlibi, kPlanes, kRaw, Planes, true> from(int i0, int j0) const {
         return {mod, planes, mod.origin(i0, j0)};
     }
 

@@ -156,6 +156,9 @@ GPU_CASES = CASES + [  # odd lengths and head dims, Lq != Lk both ways, large so
     ((1, 2, 97, 3), (1, 2, 97, 3), dict(alibi="heads", causal="top_left")),
     ((1, 2, 64, 1), (1, 2, 80, 1), dict(softcap=0.5)),
     ((1, 2, 200, 64), (1, 2, 1025, 64), dict(softcap=2.0, alibi="heads", scale=-0.3)),
+    # Gemma-2's cap with scores across tanh's whole bend (|scale s| / cap ~ 1): bf16's tanh.approx
+    # (a systematic 2^-11) summed over long rows
+    ((1, 2, 300, 128), (1, 2, 2048, 128), dict(softcap=50.0, scale=4.0, sinks="heads", causal=True)),
 ]
 
 
@@ -195,14 +198,16 @@ def test_gpu_matches_the_reference(rng, dtype, case):
                                                          magnitudes, (q, k, v, gpu_kwargs.get("sinks"))):
         assert isinstance(grad, cupy.ndarray) and grad.shape == x.shape and grad.dtype == x.dtype, name
         if name == "dsinks":
-            # dsinks = -sum_i e^{sink - lse_i} (dout_i . out_i) with the out the backward was given:
-            # its terms cancel to a small sum (measured: float16, 1025 rows, |terms| 198 summing to
-            # -0.056), so the rounding of out in q's dtype, which out's own check bounds, moves it
-            # by eps(q's dtype) * 198 / sqrt(rows), far beyond a plain implementation's luckier
-            # draw. The reference therefore takes the kernels' out and the exact lse, and what is
-            # left, the backward's own arithmetic, is held to the rounding of the coarser of its
-            # arithmetic (float32; float64 for float64 inputs) and sinks' dtype, which stores it.
-            reference, magnitude = sink_gradient_ref(host[3], cupy.asnumpy(out), ref_lse, kwargs["sinks"])
+            # dsinks = -sum_i e^{sink - lse_i} (dout_i . out_i) with the out and lse the backward
+            # was given: its terms cancel to a small sum (measured: float16, 1025 rows, |terms| 198
+            # summing to -0.056), so the rounding of out in q's dtype, which out's own check bounds,
+            # moves it by eps(q's dtype) * 198 / sqrt(rows), far beyond a plain implementation's
+            # luckier draw; likewise lse's error (bf16's tanh.approx under softcap), which lse's own
+            # check bounds, scales every term. The reference therefore takes the kernels' out and
+            # lse, and what is left, the backward's own arithmetic, is held to the rounding of the
+            # coarser of its arithmetic (float32; float64 for float64 inputs) and sinks' dtype,
+            # which stores it.
+            reference, magnitude = sink_gradient_ref(host[3], cupy.asnumpy(out), cupy.asnumpy(lse), kwargs["sinks"])
             stored = max(grad.dtype, numpy.dtype(lse_dtype), key=lambda t: EPS[numpy.dtype(t).name])
             assert_close(cupy.asnumpy(grad), reference, dtype=stored, magnitude=magnitude, kind="grad", name=name)
             continue
