@@ -147,25 +147,28 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     const int k_valid = min(max(static_cast<int>(p.head_dim) - kv_chunk * 8, 0), 8);
     const int v_valid = min(max(static_cast<int>(p.head_dim_v) - kv_chunk * 8, 0), 8);
     const int* table = p.block_table != nullptr ? p.block_table + b * p.table_stride : nullptr;
-    const int page_size = table != nullptr ? static_cast<int>(p.page_size) : 1 << 30;  // contiguous: one "page"
+    const int page_size = table != nullptr ? static_cast<int>(p.page_size) : 1;  // 32-bit: 64-bit division is a call
+    static_assert(kRowStep <= 16, "a row step within one page of 16 rows at least: one wrap per step");
     // (page, row within it) of this thread's first row of the next tile fetch_pages reads, and
     // the advance of both per tile: the only divisions, once per thread
     const int first_key = t_begin * kBlockN + kv_row0;
     int next_page = first_key / page_size, next_row = first_key % page_size;
     const int tile_pages = kBlockN / page_size, tile_rows = kBlockN % page_size;
-    int pages[kRowsPerThread];      // the fetched tile's rows: their page, or b (contiguous)
-    int positions[kRowsPerThread];  // ... and their row within it (contiguous: the key)
+    int pages[kRowsPerThread];      // the fetched tile's rows: their page (paged caches)
+    int positions[kRowsPerThread];  // ... and their row within it
     // Tile j's pages and rows; called for t_begin, t_begin + 1, ... in order (the page state
     // advances one tile per call), each load_kv(j) right after fetch_pages(j)'s results are in.
+    // Contiguous caches read nothing here: load_kv addresses their rows by key, as before.
     auto fetch_pages = [&](int j) {
+        if (table == nullptr) return;
         int page = next_page, row = next_row;
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
             const int key = j * kBlockN + kv_row0 + i * kRowStep;
-            pages[i] = table != nullptr && key < seqlen_k ? __ldg(table + page) : b;
+            pages[i] = key < seqlen_k ? __ldg(table + page) : 0;
             positions[i] = row;
             row += kRowStep;
-            while (row >= page_size) {  // kRowStep <= 32, pages of 16 rows at least: twice at most
+            if (row >= page_size) {
                 row -= page_size;
                 ++page;
             }
@@ -185,9 +188,10 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
             const bool valid = key < seqlen_k;
             const unsigned short* k_src = k_base;
             const unsigned short* v_src = v_base;
+            const int page = table != nullptr ? pages[i] : b, position = table != nullptr ? positions[i] : key;
             if (valid) {
-                k_src += pages[i] * p.k_page_stride + hk * p.k_head_stride + positions[i] * p.k_row_stride + kv_chunk * 8;
-                v_src += pages[i] * p.v_page_stride + hk * p.v_head_stride + positions[i] * p.v_row_stride + kv_chunk * 8;
+                k_src += page * p.k_page_stride + hk * p.k_head_stride + position * p.k_row_stride + kv_chunk * 8;
+                v_src += page * p.v_page_stride + hk * p.v_head_stride + position * p.v_row_stride + kv_chunk * 8;
             }
             ptx::cp_async_16(slot + KVTile::offset(row, kv_chunk), k_src, valid ? 2 * k_valid : 0);
             ptx::cp_async_16(slot + KVTile::kBytes + KVTile::offset(row, kv_chunk), v_src, valid ? 2 * v_valid : 0);
