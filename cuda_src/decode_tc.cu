@@ -148,7 +148,6 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     const int v_valid = min(max(static_cast<int>(p.head_dim_v) - kv_chunk * 8, 0), 8);
     const int* table = p.block_table != nullptr ? p.block_table + b * p.table_stride : nullptr;
     const int page_size = table != nullptr ? static_cast<int>(p.page_size) : 1;  // 32-bit: 64-bit division is a call
-    static_assert(kRowStep <= 16, "a row step within one page of 16 rows at least: one wrap per step");
     // (page, row within it) of this thread's first row of the next tile fetch_pages reads, and
     // the advance of both per tile: the only divisions, once per thread
     const int first_key = t_begin * kBlockN + kv_row0;
@@ -158,9 +157,21 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     int positions[kRowsPerThread];  // ... and their row within it
     // Tile j's pages and rows; called for t_begin, t_begin + 1, ... in order (the page state
     // advances one tile per call), each load_kv(j) right after fetch_pages(j)'s results are in.
-    // Contiguous caches read nothing here: load_kv addresses their rows by key, as before.
+    // Contiguous caches read nothing here: load_kv addresses their rows by key, as before. Pages
+    // shorter than a row step (any size >= 1 is allowed: SGLang's caches use pages of one token)
+    // take the division per row; from kRowStep rows on, a step wraps into the next page once at
+    // most.
     auto fetch_pages = [&](int j) {
         if (table == nullptr) return;
+        if (page_size < kRowStep) {
+#pragma unroll
+            for (int i = 0; i < kRowsPerThread; ++i) {
+                const int key = j * kBlockN + kv_row0 + i * kRowStep;
+                pages[i] = key < seqlen_k ? __ldg(table + key / page_size) : 0;
+                positions[i] = key % page_size;
+            }
+            return;
+        }
         int page = next_page, row = next_row;
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {

@@ -596,6 +596,27 @@ def test_gpu_decode_kernel(rng, decode_spy, dtype, page_size, lnew, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 8, 24, 48, 80])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES)
+def test_gpu_decode_kernel_any_page_size(rng, decode_spy, dtype, page_size):
+    """Page sizes other than 16/64/256: shorter than the kernel's row step (1 and, at D 64, 8: a
+    division per row), exactly one row step (8 at D 128), and sizes that neither divide nor are
+    multiples of a 64-key tile (24, 48, 80: the page and row carried from tile to tile wrap at
+    rows that move from tile to tile); split ranges that start inside a page (num_splits 3)."""
+    cupy = _cupy()
+    capacity = 300
+    for lq, d, splits, lnew in ((1, 128, 3, 0), (5, 64, 3, 3), (1, 64, 1, 1), (4, 128, 0, 0)):
+        setup = Setup(rng, dtype, seqlens=_seqlens(rng, 5, capacity, lnew), lnew=lnew, lq=lq, capacity=capacity,
+                      page_size=page_size, layout="bshd", heads_q=4, heads_k=2, d=d, dv=d, xp=cupy)
+        arguments = setup.arguments()
+        before = len(decode_spy)
+        out, lse = cuflash.attention_with_kvcache(**arguments, causal=True, num_splits=splits, return_lse=True)
+        assert len(decode_spy) == before + 1, "the decode kernel did not run"
+        setup.assert_cache()
+        check(setup, out, lse, dict(causal=True))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["plain", "causal-window", "window-ahead", "top-left", "mods", "mods-window"])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
