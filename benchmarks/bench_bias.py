@@ -52,6 +52,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import harness, tables  # noqa: E402  (import neither torch nor CuPy)
+from benchmarks.tables import cell  # noqa: E402
 from benchmarks import record as records  # noqa: E402
 
 SWEEPS = ("triangle", "swin", "padding", "headdim")
@@ -356,10 +357,6 @@ def headdim(h: Harness, size: dict, dtypes: list):
                 row[f"best_peer_{key[:-3]}"] = min(timed, key=timed.get) if timed else None
             row["ratios"] = [{"what": "fastest correct SDPA / cuflash", "goal_min": 1.0, **best}]
             yield row
-
-
-def cell(value, spec=".3f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_tables(rows: list) -> str:

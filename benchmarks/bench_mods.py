@@ -45,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
 
 from benchmarks import harness, tables  # noqa: E402  (import neither torch nor CuPy)
 from benchmarks import record as records  # noqa: E402
-from benchmarks.bench_bias import cell  # noqa: E402
+from benchmarks.tables import cell  # noqa: E402
 
 # What each timed direction of cuflash returns first, and so what flex's is checked against:
 # the forward's (out, lse), the backward's (dq, dk, dv).

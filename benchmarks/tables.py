@@ -14,6 +14,11 @@ from benchmarks.harness import CUFLASH, FLEX
 STATUS_CELL = {"unsupported": "unsup", "skipped": "skip", "oom": "oom", "error": "ERROR"}
 
 
+def cell(value, spec=".3f") -> str:
+    """A table cell: value formatted by spec, or "-" for a value not measured."""
+    return "-" if value is None else format(value, spec)
+
+
 def _result_cell(result: dict | None, metric: str = "tflops") -> str:
     if result is None:
         return ""
