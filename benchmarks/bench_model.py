@@ -69,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import record as records  # noqa: E402
+from benchmarks.tables import cell  # noqa: E402
 BACKENDS = ("cuflash", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                "sdpa_efficient": "EFFICIENT_ATTENTION"}
@@ -423,10 +424,6 @@ def failure(torch, error: BaseException) -> dict:
 # --- table -----------------------------------------------------------------------------------------
 
 
-def _cell(value, fmt):
-    return "-" if value is None else format(value, fmt)
-
-
 def format_tables(rows: list[dict], dtype_name: str, cuda: bool = True) -> str:
     out = []
     for row in rows:
@@ -451,11 +448,11 @@ def format_tables(rows: list[dict], dtype_name: str, cuda: bool = True) -> str:
 
             attn = result.get("attention_ms_per_step")
             attn_cell = "-" if attn is None else (
-                f"{attn:.1f} ({result['attention_fwd_ms']:.1f}+{_cell(result.get('attention_bwd_ms'), '.1f')})")
-            diff = _cell(result.get("max_abs_diff_logits"), ".1e") + ("" if result.get("correct", True) else " !")
+                f"{attn:.1f} ({result['attention_fwd_ms']:.1f}+{cell(result.get('attention_bwd_ms'), '.1f')})")
+            diff = cell(result.get("max_abs_diff_logits"), ".1e") + ("" if result.get("correct", True) else " !")
             out.append(
                 f"| {name} | {step:.1f} | {result['prefill_ms']:.1f} | {result['tokens_per_s']:,.0f} | {attn_cell} | "
-                f"{result['host_us_fwd']:.0f} | {result['host_us_fwd_bwd']:.0f} | {_cell(result.get('peak_gib'), '.2f')} | "
+                f"{result['host_us_fwd']:.0f} | {result['host_us_fwd_bwd']:.0f} | {cell(result.get('peak_gib'), '.2f')} | "
                 f"{result['first_step_s']:.2f} | {diff} | {ratio(flash)} | {ratio(default)} |")
             if not result.get("correct", True):
                 notes.append(f"- {name}: differs from sdpa beyond the {dtype_name} bounds {BOUNDS[dtype_name]}: "
