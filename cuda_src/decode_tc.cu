@@ -149,7 +149,8 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     const int* table = p.block_table != nullptr ? p.block_table + b * p.table_stride : nullptr;
     const int page_size = table != nullptr ? static_cast<int>(p.page_size) : 1;  // 32-bit: 64-bit division is a call
     // (page, row within it) of this thread's first row of the next tile fetch_pages reads, and
-    // the advance of both per tile: the only divisions, once per thread
+    // the advance of both per tile: once per thread, the only divisions for pages of kRowStep
+    // rows or more
     const int first_key = t_begin * kBlockN + kv_row0;
     int next_page = first_key / page_size, next_row = first_key % page_size;
     const int tile_pages = kBlockN / page_size, tile_rows = kBlockN % page_size;
