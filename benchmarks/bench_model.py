@@ -1,4 +1,5 @@
-"""A real model: a Llama-like transformers model, cuflash (via cuflash.hf) against torch SDPA's backends.
+"""A real model: a Llama-like (or Gemma-2-like) transformers model, cuflash (via cuflash.hf) against
+torch SDPA's backends, transformers' eager attention and FlexAttention.
 
 One model is built from a config with random weights (no download) and every attention backend
 runs on it in the same process, with the same weights and the same token ids; only the attention
@@ -7,7 +8,20 @@ implementation changes (``model.set_attn_implementation``; the SDPA backends are
 
 * ``cuflash``      ``attn_implementation=cuflash.hf.register()``;
 * ``sdpa``         ``attn_implementation="sdpa"``, torch's default backend choice;
-* ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``: ``"sdpa"`` under ``sdpa_kernel([SDPBackend.X])``.
+* ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``: ``"sdpa"`` under ``sdpa_kernel([SDPBackend.X])``;
+* ``eager``        ``attn_implementation="eager"``: the model's own matmul-softmax-matmul;
+* ``flex_attention`` ``attn_implementation="flex_attention"``: torch's FlexAttention, compiled by
+  ``torch.compile`` on its first calls (counted in ``first_step_s``); CUDA only here.
+
+``--family`` picks the model (``benchmarks/model_families.py``): ``llama`` (default; backends
+sdpa, cuflash and SDPA's three pinned ones, checked against ``sdpa``) or ``gemma2``: Gemma-2's
+attention (logit softcap 50, final-logit softcap 30, sliding window 4096 on every other layer,
+``query_pre_attn_scalar`` = head dim) at the same sizes, intermediate 8192; backends eager,
+cuflash, flex_attention and sdpa, checked against ``eager``. SDPA cannot softcap (transformers
+drops the softcap silently), so for gemma2 the SDPA backends compute other math: they run as a
+speed reference, marked ``(other math)``, their differences recorded but not judged. At 2 x 4096
+the window covers every causal key; transformers then gives SDPA and eager a materialised mask on
+the sliding layers (what a real Gemma-2 gets), so ``sdpa_flash`` cannot run them.
 
 Default model: 8 layers, hidden 2048, 16 query heads and 8 key/value heads of dim 128 (GQA;
 ``--mha``: 16/16), intermediate 5632, vocab 32000, bfloat16; shapes ``2x4096`` and ``1x32768``
@@ -28,27 +42,32 @@ Default model: 8 layers, hidden 2048, 16 query heads and 8 key/value heads of di
   the attention's backward. Median over a few separate instrumented steps (the timed steps run
   without the wrapper). Includes the ``(B,H,L,D) -> (B,L,H,D)`` copy both backends make;
 * ``host_us_fwd`` / ``host_us_fwd_bwd``: wall time of the Python call of the attention function
-  alone (layer 0's module, the shape's q/k/v), forward, and forward + ``backward()``; the device
-  is synchronized *between* calls, never inside the timed region, so this is the launch/host
-  overhead (a hidden synchronization would show up as GPU time here). Median of ``--host-calls``;
+  alone (layer 0's module, the shape's q/k/v, and the mask and keyword arguments the model passed
+  layer 0 in the instrumented steps: scale; Gemma-2's softcap and window), forward, and forward +
+  ``backward()``; the device is synchronized *between* calls, never inside the timed region, so
+  this is the launch/host overhead (a hidden synchronization would show up as GPU time here).
+  Median of ``--host-calls``;
 * ``peak_gib``: ``torch.cuda.max_memory_allocated`` over a training step (reset before), plus,
   for cuflash, the growth of CuPy's memory pool over that step (cuflash's outputs and workspaces
   live there, emptied before): ``peak_torch_gib`` + ``peak_cupy_gib``, an upper bound as the two
   peaks need not coincide;
 * correctness, on the first step: ``max_abs_diff_logits``, ``loss_diff`` and
   ``grad_rel_diff`` (layer 0's q_proj weight gradient, max abs difference over max abs) against
-  the ``sdpa`` backend; and ``attn_max_abs_diff`` / ``attn_grad_max_abs_diff``: the attention
-  function alone on standard-normal q, k, v of the shape (peaky scores, unlike the model's
-  near-uniform attention at init) against ``sdpa``'s. ``correct`` is False (``!`` in the table)
-  when a difference exceeds a loose bf16 bound.
+  the family's reference backend (``sdpa``; gemma2: ``eager``); and ``attn_max_abs_diff`` /
+  ``attn_grad_max_abs_diff``: the attention function alone (the host-time call) on
+  standard-normal q, k, v of the shape (peaky scores, unlike the model's near-uniform attention
+  at init) against the reference's. ``correct`` is False (``!`` in the table) when a difference
+  exceeds a loose bf16 bound; None for a backend that computes other math.
 
 Results go to ``benchmarks/results/<UTC>_<device>_model.json`` (rewritten after every backend,
 so an interrupted run keeps what it measured) and a Markdown table per shape is printed.
-``--device cpu --tiny`` runs the whole thing on the CPU (tiny model, float32) as a smoke test.
+``--device cpu --tiny`` runs the whole thing on the CPU (tiny model, float32, cuflash's NumPy
+backend; flex_attention skipped) as a smoke test.
 
     python benchmarks/bench_model.py                       # H100/H200: default model and shapes
     python benchmarks/bench_model.py --mha --shapes 2x4096
-    python benchmarks/bench_model.py --device cpu --tiny --steps 1
+    python benchmarks/bench_model.py --family gemma2 --shapes 2x4096
+    python benchmarks/bench_model.py --device cpu --tiny --steps 1 [--family gemma2]
 """
 from __future__ import annotations
 
@@ -70,13 +89,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
 
 from benchmarks import record as records  # noqa: E402
 from benchmarks.tables import cell  # noqa: E402
-BACKENDS = ("cuflash", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+from benchmarks.model_families import FAMILIES  # noqa: E402
+
 SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                "sdpa_efficient": "EFFICIENT_ATTENTION"}
-REFERENCE = "sdpa"
-TIMED_NAMES = {"cuflash": "bench_timed_cuattn", "sdpa": "bench_timed_sdpa"}
 GIB = 1024 ** 3
-# Loose bounds for "correct" (bf16 on GPU, float32 on the CPU): max abs differences against sdpa.
+# Loose bounds for "correct" (bf16 on GPU, float32 on the CPU): max abs differences against the reference.
 # Relative ones (max abs difference over max abs of the reference) except the loss's.
 BOUNDS = {"bf16": dict(logits=0.05, loss=0.05, grad=0.1, attn=0.03, attn_grad=0.05),
           "fp32": dict(logits=1e-4, loss=1e-4, grad=1e-3, attn=1e-4, attn_grad=1e-4)}
@@ -142,29 +160,46 @@ def collect_environment(torch, device: str) -> dict:
 
 
 def model_config(args) -> dict:
-    if args.tiny:
-        config = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                      num_key_value_heads=4 if args.mha else 2, head_dim=16, intermediate_size=128,
-                      vocab_size=128)
-    else:
-        config = dict(num_hidden_layers=8, hidden_size=2048, num_attention_heads=16,
-                      num_key_value_heads=16 if args.mha else 8, head_dim=128, intermediate_size=5632,
-                      vocab_size=32000)
+    config = FAMILIES[args.family].config(args)
     if args.layers:
         config["num_hidden_layers"] = args.layers
     config["max_position_embeddings"] = max(4096, max(length for _, length in args.shapes))
     return config
 
 
-def build_model(torch, transformers, config: dict, dtype, device: str):
+def build_model(torch, transformers, family, config: dict, dtype, device: str):
     torch.manual_seed(0)
-    llama = transformers.LlamaConfig(**config, attention_dropout=0.0)
-    model = transformers.AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa", dtype=dtype)
+    model_config = getattr(transformers, family.config_class)(**config, attention_dropout=0.0)
+    model = transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa", dtype=dtype)
     return model.to(device)
 
 
-def register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings: list, clock: Clock, torch):
-    """Register instrumented copies of the cuflash and SDPA attention functions (see the docstring)."""
+def attention_backends(hf, model, cuflash_name: str) -> dict:
+    """backend -> (attention implementation, its attention function, its mask function): what
+    ``set_attn_implementation`` selects and what the instrumented copies wrap. ``eager`` is the
+    model's own module-level function (transformers has no ``"eager"`` entry in its interface)."""
+    import inspect
+
+    from transformers import masking_utils
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    eager = inspect.getmodule(type(model.model.layers[0].self_attn)).eager_attention_forward
+    sdpa = ("sdpa", sdpa_attention_forward, masking_utils.sdpa_mask)
+    return {"cuflash": (cuflash_name, hf.attention_forward, hf.mask_function),
+            "eager": ("eager", eager, masking_utils.eager_mask),
+            "flex_attention": ("flex_attention", flex_attention_forward, masking_utils.flex_attention_mask),
+            **{name: sdpa for name in ("sdpa", *SDPA_PINNED)}}
+
+
+def timed_name(implementation: str) -> str:
+    return f"bench_timed_{implementation}"
+
+
+def register_timed(transformers, backends: dict, layer0, layer0_call: dict, timings: list, clock: Clock, torch):
+    """Register an instrumented copy of each backend's attention function under timed_name (see the
+    docstring), with the backend's mask function; the copies keep layer 0's last call's mask and
+    keyword arguments in ``layer0_call`` (for host_attention)."""
 
     class _Enter(torch.autograd.Function):  # backward: after the attention's backward
         @staticmethod
@@ -187,22 +222,23 @@ def register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings:
             return dout
 
     def timed(function):
-        def wrapper(module, query, key, value, *args, **kwargs):
+        def wrapper(module, query, key, value, attention_mask, **kwargs):
             record = timings[-1]
+            if module is layer0:
+                layer0_call.update(mask=attention_mask, kwargs=dict(kwargs))
             if torch.is_grad_enabled():
                 query, key, value = _Enter.apply(query, key, value)
             record["fwd_start"].append(clock.mark())
-            out, weights = function(module, query, key, value, *args, **kwargs)
+            out, weights = function(module, query, key, value, attention_mask, **kwargs)
             record["fwd_end"].append(clock.mark())
             if torch.is_grad_enabled():
                 out = _Exit.apply(out)
             return out, weights
         return wrapper
 
-    transformers.AttentionInterface.register(TIMED_NAMES["cuflash"], timed(hf.attention_forward))
-    transformers.masking_utils.AttentionMaskInterface.register(TIMED_NAMES["cuflash"], hf.mask_function)
-    transformers.AttentionInterface.register(TIMED_NAMES["sdpa"], timed(sdpa_attention_forward))
-    transformers.masking_utils.AttentionMaskInterface.register(TIMED_NAMES["sdpa"], sdpa_mask)
+    for implementation, function, mask in {entry[0]: entry for entry in backends.values()}.values():
+        transformers.AttentionInterface.register(timed_name(implementation), timed(function))
+        transformers.masking_utils.AttentionMaskInterface.register(timed_name(implementation), mask)
 
 
 # --- one backend at one shape ----------------------------------------------------------------------
@@ -210,9 +246,8 @@ def register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings:
 
 def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict) -> dict:
     torch, model, clock, args = ctx["torch"], ctx["model"], ctx["clock"], ctx["args"]
-    hf = ctx["hf"]
-    implementation = ctx["cuflash_name"] if backend == "cuflash" else "sdpa"
-    function = hf.attention_forward if backend == "cuflash" else ctx["sdpa_attention_forward"]
+    hf, family = ctx["hf"], ctx["family"]
+    implementation, function, _ = ctx["backends"][backend]
     context = ctx["kernel_context"](backend)
     result: dict = {"status": "ok"}
     hf.reset_counts()
@@ -250,7 +285,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         loss = output.loss.detach().float().item()
         grad = model.model.layers[0].self_attn.q_proj.weight.grad.detach().float()
         del output
-        if backend == REFERENCE:  # the logits wait on the host: they would count in the others' peaks
+        if backend == family.reference:  # the logits wait on the host: they would count in the others' peaks
             reference.update(logits=logits.cpu(), loss=loss, grad=grad,
                              logits_max=logits.abs().max().float().item())
         if reference:
@@ -286,7 +321,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         calls_per_step = ctx["hf"].COUNTS["cuflash"]
 
         # Attention time inside a training step: instrumented steps.
-        model.set_attn_implementation(TIMED_NAMES["cuflash" if backend == "cuflash" else "sdpa"])
+        model.set_attn_implementation(timed_name(implementation))
         fwd, bwd = [], []
         for _ in range(args.attn_steps):
             ctx["timings"].append({"fwd_start": [], "fwd_end": [], "bwd_start": [], "bwd_end": []})
@@ -323,14 +358,41 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         result["status"] = "error"
         result["note"] = (f"cuflash was not called ({calls_per_step} cuflash calls in the timed steps, "
                           f"{counts['fallback']} fallbacks: {counts['fallback_reasons']})")
-    result["correct"] = is_correct(result, ctx["bounds"])
+    if backend in family.other_math:
+        result["computes"] = family.other_math[backend]
+    result["correct"] = None if backend in family.other_math else is_correct(result, ctx["bounds"])
     return result
 
 
+def run_guarded(ctx, backend: str, batch: int, length: int, ids, reference: dict) -> dict:
+    """run_backend, its failure recorded (oom, unsupported, error), the state it left cleared."""
+    torch = ctx["torch"]
+    try:
+        return run_backend(ctx, backend, batch, length, ids, reference)
+    except Exception as error:  # noqa: BLE001 - record and go on with the next backend
+        result = failure(torch, error)
+        if result["status"] == "error":
+            traceback.print_exc()
+        return result
+    finally:
+        ctx["timings"].clear()
+        ctx["layer0_call"].clear()
+        ctx["model"].zero_grad(set_to_none=True)
+        gc.collect()
+        if ctx["cuda"]:
+            if ctx["cupy_pool"] is not None:
+                ctx["cupy_pool"].free_all_blocks()
+            torch.cuda.empty_cache()
+
+
 def host_attention(ctx, function, batch, length, result, reference, backend):
-    """Host wall time of the attention function alone, and its output/grads against sdpa's."""
+    """Host wall time of the attention function alone (layer 0's call as the model made it, on new
+    q, k, v), and its output/grads against the reference's."""
     torch, model, args, config = ctx["torch"], ctx["model"], ctx["args"], ctx["config"]
     module = model.model.layers[0].self_attn
+    if not ctx["layer0_call"]:
+        raise RuntimeError("host_attention: no call of layer 0's attention was recorded")
+    mask, kwargs = ctx["layer0_call"]["mask"], ctx["layer0_call"]["kwargs"]
     heads, heads_kv, dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     generator = torch.Generator(device=ctx["device"]).manual_seed(1234)
 
@@ -339,14 +401,17 @@ def host_attention(ctx, function, batch, length, result, reference, backend):
 
     q, k, v = draw(heads), draw(heads_kv), draw(heads_kv)
     dout = torch.randn(batch, length, heads, dim, generator=generator, device=ctx["device"], dtype=ctx["dtype"])
-    scaling = module.scaling
     module.train()
+
+    def call(query, key, value):
+        return function(module, query, key, value, mask, **kwargs)[0]
+
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    out, _ = function(module, qg, kg, vg, None, scaling=scaling, dropout=0.0)
+    out = call(qg, kg, vg)
     out.backward(dout)
     grads = [t.grad.detach() for t in (qg, kg, vg)]
     out = out.detach()
-    if backend == REFERENCE:
+    if backend == ctx["family"].reference:
         reference["attn_out"], reference["attn_grads"] = out, grads
     if "attn_out" in reference:
         result["attn_max_abs_diff"] = (out.float() - reference["attn_out"].float()).abs().max().item()
@@ -370,12 +435,10 @@ def host_attention(ctx, function, batch, length, result, reference, backend):
         return statistics.median(times)
 
     with torch.no_grad():
-        result["host_us_fwd"] = host_times(lambda: function(module, q, k, v, None, scaling=scaling, dropout=0.0))
+        result["host_us_fwd"] = host_times(lambda: call(q, k, v))
 
     def forward_backward():
-        a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
-        out, _ = function(module, a, b, c, None, scaling=scaling, dropout=0.0)
-        out.backward(dout)
+        call(*(t.detach().requires_grad_() for t in (q, k, v))).backward(dout)
 
     result["host_us_fwd_bwd"] = host_times(forward_backward)
 
@@ -424,20 +487,19 @@ def failure(torch, error: BaseException) -> dict:
 # --- table -----------------------------------------------------------------------------------------
 
 
-def format_tables(rows: list[dict], dtype_name: str, cuda: bool = True) -> str:
+def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True) -> str:
     out = []
     for row in rows:
         results = row["results"]
-        flash = results.get("sdpa_flash", {})
-        default = results.get("sdpa", {})
         out += [f"### {row['shape']} (batch {row['batch']} x {row['seqlen']} tokens)", "",
                 "| backend | step ms | prefill ms | tokens/s | attn ms/step (fwd+bwd) | host us/call fwd | "
-                "host us/call fwd+bwd | peak GiB | first step s | logits diff | x vs sdpa_flash | x vs sdpa |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "host us/call fwd+bwd | peak GiB | first step s | logits diff | "
+                + " | ".join(f"x vs {other}" for other in family.compare) + " |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(family.compare)]
         notes = []
         for name, result in results.items():
             if result.get("status") != "ok":
-                out.append(f"| {name} | {result.get('status')} | | | | | | | | | | |")
+                out.append(f"| {name} | {result.get('status')} |" + " |" * (9 + len(family.compare)))
                 notes.append(f"- {name}: {result.get('status')}: {result.get('note', '')}")
                 continue
             step = result["step_ms"]
@@ -449,24 +511,29 @@ def format_tables(rows: list[dict], dtype_name: str, cuda: bool = True) -> str:
             attn = result.get("attention_ms_per_step")
             attn_cell = "-" if attn is None else (
                 f"{attn:.1f} ({result['attention_fwd_ms']:.1f}+{cell(result.get('attention_bwd_ms'), '.1f')})")
-            diff = cell(result.get("max_abs_diff_logits"), ".1e") + ("" if result.get("correct", True) else " !")
+            diff = cell(result.get("max_abs_diff_logits"), ".1e") + (" !" if result.get("correct") is False else "")
+            label = f"{name} (other math)" if "computes" in result else name
             out.append(
-                f"| {name} | {step:.1f} | {result['prefill_ms']:.1f} | {result['tokens_per_s']:,.0f} | {attn_cell} | "
+                f"| {label} | {step:.1f} | {result['prefill_ms']:.1f} | {result['tokens_per_s']:,.0f} | {attn_cell} | "
                 f"{result['host_us_fwd']:.0f} | {result['host_us_fwd_bwd']:.0f} | {cell(result.get('peak_gib'), '.2f')} | "
-                f"{result['first_step_s']:.2f} | {diff} | {ratio(flash)} | {ratio(default)} |")
-            if not result.get("correct", True):
-                notes.append(f"- {name}: differs from sdpa beyond the {dtype_name} bounds {BOUNDS[dtype_name]}: "
-                             f"logits (rel) {result.get('rel_diff_logits')}, loss {result.get('loss_diff')}, "
-                             f"q_proj grad (rel) {result.get('grad_rel_diff')}, attention (rel) "
-                             f"{result.get('attn_rel_diff')} / its grads (rel) {result.get('attn_grad_rel_diff')}")
+                f"{result['first_step_s']:.2f} | {diff} | "
+                + " | ".join(ratio(results.get(other, {})) for other in family.compare) + " |")
+            if "computes" in result:
+                notes.append(f"- {name}: {result['computes']}")
+            if result.get("correct") is False:
+                notes.append(f"- {name}: differs from {family.reference} beyond the {dtype_name} bounds "
+                             f"{BOUNDS[dtype_name]}: logits (rel) {result.get('rel_diff_logits')}, "
+                             f"loss {result.get('loss_diff')}, q_proj grad (rel) {result.get('grad_rel_diff')}, "
+                             f"attention (rel) {result.get('attn_rel_diff')} / its grads (rel) "
+                             f"{result.get('attn_grad_rel_diff')}")
         out += ["", *notes, ""] if notes else [""]
     out += ["Training step = forward + LM loss + backward, no optimizer; median of "
             + ("CUDA-event timings. " if cuda else "perf_counter timings (CPU). ") +
             "Attn ms/step = GPU time in the attention calls of a step (forward+backward). "
             "Prefill = inference-mode forward, logits of the last token only. "
             "x vs ... = that backend's step time / this one's (> 1: this one is faster). "
-            "Logits diff = max |logits - sdpa's| on the first step ('!' = a difference beyond a loose bound, see "
-            "the notes and the JSON). "
+            f"Logits diff = max |logits - {family.reference}'s| on the first step ('!' = a difference beyond a "
+            "loose bound, see the notes and the JSON). "
             "Peak GiB includes CuPy's pool for cuflash."]
     return "\n".join(out)
 
@@ -487,11 +554,15 @@ def parse_args(argv):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model (2 layers, hidden 64), float32; "
                         "default shapes 2x64 and 1x128: a smoke test")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                        help="the model: llama (default) or gemma2 (softcaps, sliding layers; see model_families.py)")
     parser.add_argument("--mha", action="store_true", help="16 key/value heads (no GQA)")
     parser.add_argument("--shapes", type=lambda s: [parse_shape(p) for p in s.split(",")], default=None,
                         help="comma-separated BATCHxTOKENS (default 2x4096,1x32768)")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS),
-                        help=f"comma-separated subset of {','.join(BACKENDS)}")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
+                        help="comma-separated, the family's reference included. " + "; ".join(
+                            f"{f.name}: default {','.join(f.backends)}, any of {','.join(f.allowed)}"
+                            for f in FAMILIES.values()))
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -501,12 +572,14 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = [(2, 64), (1, 128)] if args.tiny else [(2, 4096), (1, 32768)]
-    unknown = set(args.backends) - set(BACKENDS)
-    if unknown or REFERENCE not in args.backends:
-        parser.error(f"--backends: unknown {sorted(unknown)}" if unknown else
-                     f"--backends must include {REFERENCE} (the correctness reference)")
-    # sdpa first: it is the reference of the correctness checks.
-    args.backends = [REFERENCE] + [b for b in args.backends if b != REFERENCE]
+    family = FAMILIES[args.family]
+    args.backends = args.backends or list(family.backends)
+    unknown = set(args.backends) - set(family.allowed)
+    if unknown or family.reference not in args.backends:
+        parser.error(f"--backends: {sorted(unknown)} not among {args.family}'s {','.join(family.allowed)}" if unknown
+                     else f"--backends must include {family.reference} ({args.family}'s correctness reference)")
+    # The reference first: the correctness checks compare against it.
+    args.backends = [family.reference] + [b for b in args.backends if b != family.reference]
     args.steps, args.attn_steps, args.host_calls = max(1, args.steps), max(1, args.attn_steps), max(1, args.host_calls)
     return args
 
@@ -518,8 +591,6 @@ def main(argv=None) -> Path:
     import torch
     import transformers
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
 
     import cuflash.hf as hf
 
@@ -537,11 +608,14 @@ def main(argv=None) -> Path:
         except Exception:  # noqa: BLE001 - then cuflash itself will fail and say why
             cupy_pool = None
 
+    family = FAMILIES[args.family]
     config = model_config(args)
-    model = build_model(torch, transformers, config, dtype, args.device)
+    model = build_model(torch, transformers, family, config, dtype, args.device)
     clock = Clock(torch, cuda)
     timings: list = []
-    register_timed(hf, transformers, sdpa_attention_forward, sdpa_mask, timings, clock, torch)
+    layer0_call: dict = {}
+    backends = attention_backends(hf, model, hf.register())
+    register_timed(transformers, backends, model.model.layers[0].self_attn, layer0_call, timings, clock, torch)
 
     def kernel_context(backend):
         if backend in SDPA_PINNED:
@@ -550,12 +624,14 @@ def main(argv=None) -> Path:
 
         return contextlib.nullcontext()
 
-    ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, cuflash_name=hf.register(),
-               sdpa_attention_forward=sdpa_attention_forward, kernel_context=kernel_context, timings=timings,
+    ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, family=family, backends=backends,
+               kernel_context=kernel_context, timings=timings, layer0_call=layer0_call,
                cuda=cuda, cupy_pool=cupy_pool, config=config, device=args.device, dtype=dtype,
                bounds=BOUNDS[dtype_name])
     env = collect_environment(torch, args.device)
-    record = {"sweep": "model", **env, "dtype": dtype_name, "model_config": config,
+    record = {"sweep": "model", **env, "dtype": dtype_name, "family": family.name,
+              "config_class": family.config_class, "model_config": config, "reference": family.reference,
+              "other_math": {name: note for name, note in family.other_math.items() if name in args.backends},
               "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
               "attn_steps": args.attn_steps, "host_calls": args.host_calls,
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
@@ -563,10 +639,10 @@ def main(argv=None) -> Path:
               "rows": []}
     path = records.record_path(args.out_dir, record["date_utc"], record["device"], "model")
     print(f"[model] {record['device']} torch {env['torch']} transformers {env['transformers']} "
-          f"cuflash {env['cuflash']} {dtype_name} {config}", file=sys.stderr, flush=True)
+          f"cuflash {env['cuflash']} {dtype_name} {family.name} {config}", file=sys.stderr, flush=True)
 
     def save():
-        record["table"] = format_tables(record["rows"], dtype_name, cuda)
+        record["table"] = format_tables(record["rows"], dtype_name, family, cuda)
         records.write(record, path)
 
     try:
@@ -587,20 +663,10 @@ def main(argv=None) -> Path:
             reference: dict = {}
             for backend in args.backends:
                 print(f"[model] {row['shape']} {backend}", file=sys.stderr, flush=True)
-                try:
-                    result = run_backend(ctx, backend, batch, length, ids, reference)
-                except Exception as error:  # noqa: BLE001 - record and go on with the next backend
-                    result = failure(torch, error)
-                    if result["status"] == "error":
-                        traceback.print_exc()
-                finally:
-                    timings.clear()
-                    model.zero_grad(set_to_none=True)
-                    gc.collect()
-                    if cuda:
-                        if cupy_pool is not None:
-                            cupy_pool.free_all_blocks()
-                        torch.cuda.empty_cache()
+                if backend in family.cuda_only and not cuda:
+                    result = {"status": "skipped", "note": family.cuda_only[backend]}
+                else:
+                    result = run_guarded(ctx, backend, batch, length, ids, reference)
                 row["results"][backend] = result
                 print(f"[model] {row['shape']} {backend}: "
                       + json.dumps(records.json_safe({k: v for k, v in result.items() if not k.endswith("_all")})),

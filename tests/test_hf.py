@@ -397,24 +397,63 @@ def test_bench_model_runs_on_cpu(tmp_path, capsys):
     assert "| backend" in capsys.readouterr().out
 
 
-def test_bench_model_flags_a_wrong_attention(tmp_path, monkeypatch):
-    """A fast wrong result must be visible: a non-causal 'cuflash' is marked incorrect."""
+def _cuflash_result_with(monkeypatch, tmp_path, tweak, argv):
+    """bench_model.main(argv) with cuflash.hf's attention function given keyword arguments changed by
+    ``tweak(kwargs)``: the first row's cuflash result."""
     bench_model = _bench_model()
     right = hf.attention_forward
 
     def wrong(module, query, key, value, attention_mask, **kwargs):
-        kwargs["is_causal"] = False
+        tweak(kwargs)
         return right(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setattr(hf, "attention_forward", wrong)
     try:
-        path = bench_model.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--shapes", "1x32",
-                                 "--backends", "sdpa,cuflash", "--out-dir", str(tmp_path)])
+        path = bench_model.main([*argv, "--out-dir", str(tmp_path)])
     finally:
         monkeypatch.undo()
         hf.register()  # the bench registered the wrong function under the name: put the right one back
-    result = json.loads(Path(path).read_text())["rows"][0]["results"]["cuflash"]
+    return json.loads(Path(path).read_text())["rows"][0]["results"]["cuflash"]
+
+
+def test_bench_model_flags_a_wrong_attention(tmp_path, monkeypatch):
+    """A fast wrong result must be visible: a non-causal 'cuflash' is marked incorrect."""
+    result = _cuflash_result_with(monkeypatch, tmp_path, lambda kwargs: kwargs.update(is_causal=False),
+                                  ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--shapes", "1x32",
+                                   "--backends", "sdpa,cuflash"])
     assert result["correct"] is False and result["rel_diff_logits"] > 1e-2
+
+
+GEMMA2_BENCH = ["--device", "cpu", "--tiny", "--family", "gemma2", "--steps", "1", "--warmup", "1", "--attn-steps",
+                "1", "--host-calls", "2", "--shapes", "1x128"]  # 128 tokens: the tiny window (64) slides
+
+
+def test_bench_model_gemma2_runs_on_cpu(tmp_path):
+    """--family gemma2: cuflash agrees with eager (softcap and window); sdpa runs but is marked as other
+    math, not judged, and the attention check does see the softcap it drops; flex_attention skipped."""
+    bench_model = _bench_model()
+    path = bench_model.main([*GEMMA2_BENCH, "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert record["family"] == "gemma2" and record["reference"] == "eager"
+    assert record["model_config"]["attn_logit_softcapping"] == 50.0
+    results = record["rows"][0]["results"]
+    assert list(results) == ["eager", "cuflash", "flex_attention", "sdpa"]
+    assert results["eager"]["status"] == "ok" and results["eager"]["correct"] is True
+    cuflash = results["cuflash"]
+    assert cuflash["status"] == "ok" and cuflash["correct"] is True, cuflash
+    assert cuflash["attention_calls_cuflash"] > 0 and cuflash["attention_calls_fallback"] == 0
+    assert results["flex_attention"]["status"] == "skipped"
+    sdpa = results["sdpa"]
+    assert sdpa["status"] == "ok" and sdpa["correct"] is None and "softcap" in sdpa["computes"]
+    assert sdpa["attn_rel_diff"] > 10 * bench_model.BOUNDS["fp32"]["attn"] > cuflash["attn_rel_diff"]
+    assert "sdpa (other math)" in record["table"]
+
+
+def test_bench_model_gemma2_flags_a_dropped_softcap(tmp_path, monkeypatch):
+    """A cuflash that ignored Gemma-2's softcap would be marked incorrect against eager."""
+    result = _cuflash_result_with(monkeypatch, tmp_path, lambda kwargs: kwargs.update(softcap=None),
+                                  [*GEMMA2_BENCH, "--backends", "eager,cuflash"])
+    assert result["status"] == "ok" and result["correct"] is False
 
 
 def gpt_oss_pair(device, dtype):
