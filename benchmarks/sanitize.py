@@ -172,6 +172,10 @@ def _feature_cases() -> list[dict]:
              options={"causal": True, "softcap": 5.0, "alibi_slopes": "heads"}),
         dict(name="dmma-backward-float64-d111-window", dtype="float64", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
              options={"window": (40, 3)}, deterministic=True),
+        # bwd_dkdv_dmma's column slices (d192-d256: two warps on each 8 keys share the block's
+        # tiles; the first slice's warps alone store dS for dQ and the bias's gradient)
+        dict(name="dmma-backward-float64-d250-slices", dtype="float64", q=(1, 4, 70, 250), k=(1, 2, 90, 250),
+             options={"causal": True, "bias": (4, 70, 90)}),
         # the warp-specialized Hopper forward (fwd_wgmma_ws.cu: TMA producer, mbarrier rings,
         # named-barrier ping-pong): three consumers at d64, GQA with a mask at d128, modifiers at
         # d256, a packed batch at d192 (elsewhere these run fwd_wgmma / fwd_tc)

@@ -26,6 +26,18 @@
 // and the dQ contribution is split in units of kDqRows queries x kDqCols columns over the warps
 // (dS as a row-major A, K_j as B), added with atomics.
 //
+// Column slices (heads above d160, where a warp's dK and dV of all columns pass the registers):
+// a block of more warps than 8-key row tiles (8 kWarps > kBlockN) splits dK's and dV's columns
+// into kSlices = 8 kWarps / kBlockN slices of kCols. Warp w owns keys of key group w % kKeyWarps
+// and the columns of slice w / kKeyWarps: it computes S^T and dP^T of its keys over the whole
+// head dim (both are sums over it), as the other slices' warps of the same keys do, then adds only
+// its slice's columns into dK and dV. The slices share the block's K_j, V_j, Q_i, dO_i in shared
+// memory (one block per SM either way at these widths: twice the warps of a grid axis over the
+// slices, the tiles loaded once). dS is the same in every slice: the first slice's warps store it
+// for dQ (which all warps then share over every column, as without slices) and for a bias's
+// gradient (BiasGradIf). Every sum keeps one fixed order: the deterministic path stays bitwise
+// reproducible.
+//
 // Shared memory, row-major, rows padded by 2 doubles (fwd_dmma's pitch):
 //   Ks, Vs [kBlockN][kHeadDim + 2]   Qs, dOs [kBlockM][kHeadDim + 2]
 //   dSs [kBlockM][kBlockN + 2]       lse_s, delta_s [kBlockM]
@@ -45,6 +57,10 @@ constexpr unsigned bwd_dkdv_dmma_smem_bytes() {
     return sizeof(Element) * (2 * (kBlockN + kBlockM) * (kHeadDim + 2) + kBlockM * (kBlockN + 2) + 2 * kBlockM);
 }
 
+// The column slices of a tile (above): 8 kWarps / kBlockN where the block has more warps than
+// 8-key row tiles, else 1. The host's mirror: tiles.dkdv_dmma_slices.
+constexpr int bwd_dkdv_dmma_slices(int block_n, int warps) { return 8 * warps > block_n ? 8 * warps / block_n : 1; }
+
 // Whether a kBlockM x kHeadDim product splits into units of rows x cols that `warps` warps
 // share evenly.
 constexpr bool even_split(int block_m, int head_dim, int warps, int rows, int cols) {
@@ -57,17 +73,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     using T = Element;
     static_assert(sizeof(T) == 8, "DMMA is the float64 kernel");
     constexpr int kThreads = kWarps * 32;
-    constexpr int WN = kBlockN / kWarps;  // keys per warp: rows of S^T, dP^T, dK, dV
-    constexpr int NK = WN / 8;            // ... in 8-row tiles
-    constexpr int QT = kBlockM / 8;       // 8-query tiles (columns of S^T, k tiles of dK, dV)
-    constexpr int DT = kHeadDim / 8;      // 8-column tiles of dK, dV
+    constexpr int kSlices = bwd_dkdv_dmma_slices(kBlockN, kWarps);  // column slices of dK, dV
+    constexpr int kKeyWarps = kWarps / kSlices;  // warps per slice: each owns WN keys
+    constexpr int kCols = kHeadDim / kSlices;    // columns of dK, dV per slice
+    constexpr int WN = kBlockN / kKeyWarps;      // keys per warp: rows of S^T, dP^T, dK, dV
+    constexpr int NK = WN / 8;                   // ... in 8-row tiles
+    constexpr int QT = kBlockM / 8;              // 8-query tiles (columns of S^T, k tiles of dK, dV)
+    constexpr int DT = kCols / 8;                // 8-column tiles of dK, dV
     // A unit of the dQ product: kDqRows queries x kDqCols columns, the largest of 16 x 32, 16 x 16,
-    // 8 x 32 whose count the warps share evenly (16 rows: m16n8k8 on sm_90), else 8 x 16.
-    constexpr int kDqRows = even_split(kBlockM, kHeadDim, kWarps, 16, 32) ||
+    // 8 x 32 whose count the warps share evenly (16 rows: m16n8k8 on sm_90), else 8 x 16. Sliced
+    // tiles take 16 columns at most: beside dK and dV of 128 columns (d256) a 16 x 32 unit's
+    // accumulators spill 56-72 bytes on sm_90a.
+    constexpr int kDqWidest = kSlices == 1 ? 32 : 16;
+    constexpr int kDqRows = even_split(kBlockM, kHeadDim, kWarps, 16, kDqWidest) ||
                                     even_split(kBlockM, kHeadDim, kWarps, 16, 16) ? 16 : 8;
-    constexpr int kDqCols = even_split(kBlockM, kHeadDim, kWarps, kDqRows, 32) ? 32 : 16;
+    constexpr int kDqCols = even_split(kBlockM, kHeadDim, kWarps, kDqRows, kDqWidest) ? kDqWidest : 16;
     constexpr int kDqUnits = (kBlockM / kDqRows) * (kHeadDim / kDqCols);
-    static_assert(NK * 8 * kWarps == kBlockN && NK >= 1, "kBlockN = 8 * NK * kWarps");
+    static_assert(NK * 8 * kKeyWarps == kBlockN && NK >= 1, "kBlockN = 8 * NK * kWarps, or 8 kWarps / kSlices");
+    static_assert(kSlices * kKeyWarps == kWarps && kCols * kSlices == kHeadDim && kCols % 16 == 0,
+                  "whole slices of 16-column pairs");
     static_assert(QT * 8 == kBlockM && kHeadDim % 16 == 0, "kBlockM % 8 == 0, kHeadDim % 16 == 0");
     static_assert(kStages == 1, "single-buffered: Q_{i+1} overlaps the dQ product of step i");
 
@@ -90,6 +114,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     const int warp = tid >> 5;
     const int g = lane >> 2;  // fragment row (accumulator, A) / column (B)
     const int tq = lane & 3;  // position in the quad
+    // The warp's key group and column slice (the first dK / dV column of its slice: c0).
+    const int key_warp = kSlices == 1 ? warp : warp % kKeyWarps;
+    const bool first_slice = kSlices == 1 || warp < kKeyWarps;
+    const int c0 = kSlices == 1 ? 0 : (warp / kKeyWarps) * kCols;
 
     const FwdParams& f = p.fwd;
     const int n0 = blockIdx.y * kBlockN;
@@ -110,17 +138,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     };
 
     // This lane's fragments (dmma_tile.cuh): the warp's keys as A rows of S^T, dP^T; the queries
-    // as B rows; Q, dO and K as the row-major B of acc_times_rows.
-    const int key_row = warp * WN + g;                        // + 8 ki: the lane's keys in the tile
+    // as B rows; Q, dO (the warp's slice of columns) and K as the row-major B of acc_times_rows.
+    const int key_row = key_warp * WN + g;                    // + 8 ki: the lane's keys in the tile
     const T* k_rows = Ks + key_row * kLd + 2 * tq;            // K[key][8c + 2t ..]
     const T* v_rows = Vs + key_row * kLd + 2 * tq;
     const T* q_rows = Qs + g * kLd + 2 * tq;                  // Q[8 qi + g][8c + 2t ..]
     const T* do_rows = dOs + g * kLd + 2 * tq;
-    const T* q_cols = Qs + 2 * tq * kLd + 2 * g;              // Q[8 qi + 2t + e][16c + 2g ..]
-    const T* do_cols = dOs + 2 * tq * kLd + 2 * g;
+    const T* q_cols = Qs + 2 * tq * kLd + 2 * g + c0;         // Q[8 qi + 2t + e][c0 + 16c + 2g ..]
+    const T* do_cols = dOs + 2 * tq * kLd + 2 * g + c0;
     const T* k_cols = Ks + 2 * tq * kLd + 2 * g;              // K[8 kt + 2t + e][16c + 2g ..]
 
-    // dK_j, dV_j: the warp's NK key tiles x DT column tiles (columns permuted: dmma::column).
+    // dK_j, dV_j: the warp's NK key tiles x DT column tiles of its slice (columns permuted:
+    // dmma::column, from c0).
     T dK[NK][DT][2], dV[NK][DT][2];
     dmma::zero(dK);
     dmma::zero(dV);
@@ -156,12 +185,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
         const ScoreMod<T> mod(f, bh, T(f.scale), T(1), mask.diag);
         if (kScoreMods && mod.modifies()) {  // softcap, bias, ALiBi or mask (not sinks alone)
             if constexpr (kScoreMods) {      // (plain Variants compile none of this)
-                simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * QT]>(s),
-                                        reinterpret_cast<T(&)[NK][2 * QT]>(dp), [&](int r, int c) {
+                const auto stats = [&](int r, int c) {
                     const int row = 8 * (c / 2) + 2 * tq + c % 2;
                     return simt_bwd::PairStats<T>{m0 + row, n0 + key_row + 8 * r,
                                                   simt_bwd::lse_for_row(lse_s[row], m0 + row < Lq), delta_s[row]};
-                }, BiasGrad<T>(p, bh));
+                };
+                if constexpr (kSlices == 1)
+                    simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * QT]>(s),
+                                            reinterpret_cast<T(&)[NK][2 * QT]>(dp), stats, BiasGrad<T>(p, bh));
+                else  // the slices compute the same dS: the first stores it
+                    simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * QT]>(s),
+                                            reinterpret_cast<T(&)[NK][2 * QT]>(dp), stats,
+                                            BiasGradIf<T>(p, bh, first_slice));
             }
         } else {
 #pragma unroll
@@ -184,8 +219,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
             }
         }
 
-        // dS by query row for the dQ product (every warp's keys).
-        if (with_dq) {
+        // dS by query row for the dQ product (every warp's keys; the first slice's).
+        if (with_dq && first_slice) {
 #pragma unroll
             for (int ki = 0; ki < NK; ++ki)
 #pragma unroll
@@ -239,10 +274,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     T* __restrict__ dv = static_cast<T*>(p.dv) + at.dv;
     dmma::for_each_column(dK, tq, [&](int ki, int col, T x) {
         const int key = n0 + key_row + 8 * ki;
+        col += c0;
         if (key < Lk && col < D) dk[(long long)key * p.dk_row_stride + col] = x * scale;
     });
     dmma::for_each_column(dV, tq, [&](int ki, int col, T x) {
         const int key = n0 + key_row + 8 * ki;
+        col += c0;
         if (key < Lk && col < Dv) dv[(long long)key * p.dv_row_stride + col] = x;
     });
 }

@@ -483,6 +483,17 @@ struct BiasGrad {
     }
 };
 
+// BiasGrad where several warps compute the same dS (bwd_dkdv_dmma's column slices): only the
+// `owner` stores it.
+template <typename T>
+struct BiasGradIf : BiasGrad<T> {
+    bool owner;
+
+    __device__ __forceinline__ BiasGradIf(const BwdParams& p, int bh, bool owns) : BiasGrad<T>(p, bh), owner(owns) {}
+
+    __device__ __forceinline__ bool wanted() const { return owner && BiasGrad<T>::wanted(); }
+};
+
 // No bias gradient (the dQ kernels' share of modified_p_ds).
 struct NoBiasGrad {
     __device__ __forceinline__ bool wanted() const { return false; }

@@ -2,13 +2,15 @@
 
 Without a GPU: which kernels the dispatcher gives float64 (DMMA where a tile fits, the SIMT ones
 elsewhere), and the SIMT fallbacks of 99 KB parts, which no Variant of sm_80 / sm_90a reaches any
-more, compile without spills.
+more, compile without spills; bwd_dkdv_dmma's column slices (d192-d256): the host's mirror is the
+kernel's count, and the warps' slices cover every key and column of dK and dV exactly once.
 On a GPU (marked ``gpu``): the DMMA kernels' edges against the float64 reference under the
 repository's tolerance rule (tests/tolerance.py): odd head dims zero-padded to the bucket, one
 query or one key, Lq != Lk both ways, GQA (dK/dV summed over the group on chip, and over slices of
 it when the group is split), both causal alignments and windows, score modifiers, both dQ paths,
-bitwise replay of the deterministic one; and the SIMT kernels, forced through tiles' tables,
-on the same problems (they still run the buckets and parts without a DMMA tile).
+bitwise replay of the deterministic one; the column-sliced buckets (177, 192, 213, 250, 256; D !=
+Dv both ways) on the same problems; and the SIMT kernels, forced through tiles' tables, on the
+same problems (they still run the buckets and parts without a DMMA tile).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tolerance import assert_close
 
 from cuflash._gpu import kernels, tiles
 
-DMMA_DKDV_BUCKETS = (32, 64, 96, 128, 160)  # bwd_dkdv_dmma's; wider heads run bwd_dkdv_simt
+SLICED_BUCKETS = (192, 224, 256)  # bwd_dkdv_dmma's tiles in two column slices; narrower heads in one
 
 
 def test_float64_backward_runs_on_the_fp64_tensor_cores_where_a_tile_fits():
@@ -31,9 +33,14 @@ def test_float64_backward_runs_on_the_fp64_tensor_cores_where_a_tile_fits():
         for d in tiles.HEAD_DIMS:
             for window, mods in ((False, False), (True, False), (True, True)):
                 chosen = tiles.select_backward("float64", d, d, window, arch, mods)
-                assert chosen.dkdv.kernel == ("bwd_dkdv_dmma" if d in DMMA_DKDV_BUCKETS else "bwd_dkdv_simt")
+                assert chosen.dkdv.kernel == "bwd_dkdv_dmma"
                 assert chosen.dq.kernel == "bwd_dq_dmma"
                 assert chosen.dkdv.head_dim == chosen.dq.head_dim == d
+                slices = tiles.dkdv_dmma_slices(chosen.dkdv.block_n, chosen.dkdv.warps)
+                assert slices == (2 if d in SLICED_BUCKETS else 1)
+                # The slices share the block: two warps on each 8 keys.
+                if d in SLICED_BUCKETS:
+                    assert chosen.dkdv.warps == chosen.dkdv.block_n // 4
     # A 99 KB part: DMMA where its tile fits, else SIMT (d256: nothing fits, as before).
     for d in tiles.HEAD_DIMS[:-1]:
         chosen = tiles.select_backward("float64", d, d, True, "86", True)
@@ -59,6 +66,61 @@ def test_float64_backward_fallbacks_of_small_shared_memory_parts_compile_without
     with concurrent.futures.ProcessPoolExecutor(max(1, min(len(variants), os.cpu_count() or 1))) as pool:
         for variant, registers, spilled in pool.map(_compile, sorted(variants, key=str)):
             assert 0 < registers <= 255 and spilled == 0, f"{variant}: {registers} registers, {spilled} bytes spilled"
+
+
+def _dkdv_dmma_variants():
+    return [v for arch in ("80", "90a") for v in tiles.all_variants(arch) if v.kernel == "bwd_dkdv_dmma"]
+
+
+def test_column_slices_are_the_kernels_own():
+    """tiles.dkdv_dmma_slices (the host's reading of a tile: _bwd_dmma_tile_ok, the notes) equals
+    bwd_dkdv_dmma.cu's bwd_dkdv_dmma_slices for every Variant, read from a probe's PTX."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    from test_pipeline import _nvrtc_available, _ptx_stored_constants
+
+    if not _nvrtc_available():
+        pytest.skip("NVRTC or the CUDA headers are not installed")
+    variants = _dkdv_dmma_variants()
+    lines = ['extern "C" __global__ void cuflash_slices_probe(long long* out) {']
+    lines += [f"    out[{i}] = cuflash::bwd_dkdv_dmma_slices({v.block_n}, {v.warps});" for i, v in enumerate(variants)]
+    source = kernels.kernel_source(variants[0]) + "\n" + "\n".join(lines) + "\n}\n"
+    options = kernels.compile_options(variants[0]) + ("-arch=compute_90a", "--device-as-default-execution-space")
+    assert _ptx_stored_constants(source, options) == {
+        i: tiles.dkdv_dmma_slices(v.block_n, v.warps) for i, v in enumerate(variants)}
+
+
+def _owned(variant) -> numpy.ndarray:
+    """How many times the warps of a bwd_dkdv_dmma block write each (key, column) of its dK (and
+    dV): the kernel's ownership, step by step (warp -> key group and slice; lane (g, t) -> key
+    key_row + 8 ki, column c0 + dmma::column(ct, e, t))."""
+    slices = tiles.dkdv_dmma_slices(variant.block_n, variant.warps)
+    key_warps, cols = variant.warps // slices, variant.head_dim // slices
+    keys_per_warp = variant.block_n // key_warps
+    count = numpy.zeros((variant.block_n, variant.head_dim), dtype=int)
+    for warp in range(variant.warps):
+        key_warp, c0 = warp % key_warps, (warp // key_warps) * cols
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for ki in range(keys_per_warp // 8):
+                for ct in range(cols // 8):
+                    for e in range(2):
+                        column = 16 * (ct // 2) + 4 * t + 2 * e + (ct & 1)  # dmma_tile.cuh's column()
+                        count[key_warp * keys_per_warp + g + 8 * ki, c0 + column] += 1
+    return count
+
+
+def test_column_slices_write_every_key_and_column_once():
+    """Every Variant's warps (sliced or not) cover its block's keys x columns of dK and dV exactly
+    once: no column is added twice, none is left out."""
+    variants = _dkdv_dmma_variants()
+    assert {v.head_dim for v in variants if tiles.dkdv_dmma_slices(v.block_n, v.warps) > 1} == set(SLICED_BUCKETS)
+    for v in variants:
+        assert tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", v.block_m, v.block_n, v.warps)
+        assert (v.head_dim // tiles.dkdv_dmma_slices(v.block_n, v.warps)) % 16 == 0, v
+        assert (_owned(v) == 1).all(), v
+    # Tiles whose warps do not share the keys and slices evenly are refused (no Variant is built).
+    assert not tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", 16, 24, 4)
+    assert not tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", 16, 48, 8)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -89,9 +151,10 @@ def _check(rng, q_shape, k_shape, dv, *, deterministic, **options):
     return grads
 
 
-EDGE_DIMS = [1, 3, 32, 59, 64, 96, 111, 128, 160, 256]
+EDGE_DIMS = [1, 3, 32, 59, 64, 96, 111, 128, 160, 177, 192, 213, 250, 256]
 EDGE_LENGTHS = [(1, 1), (1, 97), (97, 1), (97, 200), (200, 97), (1025, 1024)]
-EDGES = [(d, lengths) for d in EDGE_DIMS for lengths in EDGE_LENGTHS if lengths[0] < 1024 or d in (1, 64, 111, 256)]
+EDGES = [(d, lengths) for d in EDGE_DIMS for lengths in EDGE_LENGTHS
+         if lengths[0] < 1024 or d in (1, 64, 111, 250, 256)]
 
 
 @pytest.mark.gpu
@@ -114,7 +177,7 @@ MASKS = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [32, 59, 96, 128, 160], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("head_dim", [32, 59, 96, 128, 160, 192, 250], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "dense")
 @pytest.mark.parametrize("lengths", [(97, 200), (200, 97)], ids=lambda x: f"{x[0]}x{x[1]}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
@@ -125,18 +188,34 @@ def test_gpu_masks(rng, head_dim, mask, lengths, deterministic):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_gpu_split_gqa_group(rng, deterministic):
+def test_gpu_split_gqa_group(rng, head_dim, deterministic):
     """MQA over 16 heads of one sequence: few key/value blocks, so the dK/dV blocks take slices of
-    the group (plan._heads_per_block) whose partial sums the host adds."""
-    _check(rng, (1, 16, 2048, 64), (1, 1, 2048, 64), 64, deterministic=deterministic, causal=True)
+    the group (plan._heads_per_block) whose partial sums the host adds (d256: in column slices)."""
+    _check(rng, (1, 16, 2048, head_dim), (1, 1, 2048, head_dim), head_dim, deterministic=deterministic, causal=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dims", [(200, 64), (64, 200), (250, 129), (129, 256), (192, 177), (213, 224)],
+                         ids=lambda x: f"d{x[0]}-dv{x[1]}")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_column_slices_with_unequal_head_dims(rng, dims, deterministic):
+    """bwd_dkdv_dmma's column slices (buckets 192-256) where D != Dv: a slice whose columns lie past
+    D (dK, dQ) or past Dv (dV) stores none of them, its S^T and dP^T still computed over the whole
+    padded width; GQA 6 / 2 with a window."""
+    d, dv = dims
+    chosen = tiles.select_backward("float64", d, dv, True, "90a").dkdv
+    assert tiles.dkdv_dmma_slices(chosen.block_n, chosen.warps) == 2
+    _check(rng, (2, 6, 150, d), (2, 2, 211, d), dv, deterministic=deterministic, window=(70, 20))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160, 213, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_score_modifiers(rng, head_dim, deterministic):
-    """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window."""
+    """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window (d213, d256: the
+    column slices, whose first slice alone stores dS into the bias's gradient)."""
     cupy = _cupy()
     import cuflash
 
@@ -156,14 +235,15 @@ def test_gpu_score_modifiers(rng, head_dim, deterministic):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256], ids=lambda d: f"d{d}")
-def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, head_dim):
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 177, 224, 256], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("options", [{"causal": True, "softcap": 5.0}, {"window": (100, 40)}],
+                         ids=["causal-softcap", "window"])
+def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, head_dim, options):
     cupy = _cupy()
     import cuflash
 
     q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, (2, 4, 300, head_dim), (2, 2, 333, head_dim),
                                                     (2, 2, 333, head_dim), (2, 4, 300, head_dim)))
-    options = {"causal": True, "softcap": 5.0}
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     first = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **options)
     for _ in range(10):
@@ -173,7 +253,7 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, head_dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [59, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("head_dim", [59, 128, 250], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_simt_kernels_still_serve_float64(rng, monkeypatch, head_dim, deterministic):
     """The SIMT backward (parts and buckets without a DMMA tile), forced through tiles' tables."""

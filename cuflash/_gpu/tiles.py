@@ -543,9 +543,15 @@ def _bwd_simt_candidates(kernel: str):
 # for every query of the tile; per lane 4 * (keys / 8) * (head_dim / 8) doubles of dK and dV
 # beside 4 * (keys / 8) * (block_m / 8) of S^T and dP^T. 16 keys per warp (m16n8k8 on sm_90, and
 # each Q / dO fragment feeds two row tiles) fit up to d64; 8 at d96-d160 (d160: 242-255
-# registers); from d192 dK and dV alone pass the registers (spills at every tile tried, 56-480
-# bytes): those buckets run bwd_dkdv_simt (no candidates). 128 keys a block where they fit halve
-# the dQ atomics per FLOP.
+# registers). 128 keys a block where they fit halve the dQ atomics per FLOP.
+# From d192 a warp's dK and dV of every column pass the registers (spills at every tile tried,
+# 56-480 bytes), so those tiles split the columns (dkdv_dmma_slices): twice the warps of the 8-key
+# row tiles, each pair of warps on the same 8 keys, computing S^T and dP^T over the whole head dim
+# and adding half of dK's and dV's columns (96, 112, 128). S^T and dP^T are computed twice: the
+# five products of a step (S, dP, dV, dK, dQ) cost seven products' MMAs, so at the same MMA rate
+# the split runs 5/7 of an unsplit tile's useful rate (4/6 on the deterministic path, whose dQ
+# runs apart). The slices share one block's shared tiles: at one block per SM (sm_90a: 174-203
+# KB) that gives 8 warps per SM where a grid axis over the slices would give 4.
 # dq: fwd_dmma's split (warp w owns block_m / warps query rows, every key of the tile and every
 # column of dQ), 16 rows per warp where the shared memory allows.
 # Candidates (block_m, block_n, warps) best first; the first that fits the arch's shared memory
@@ -558,6 +564,10 @@ _BWD_DKDV_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
     96: ((32, 32, 4), (16, 32, 4)),
     128: ((16, 32, 4),),              # 32 x 32 spills 8 bytes
     160: ((16, 32, 4),),              # 4 warps, one block per SM
+    # two column slices (186-255 registers, no spills, sm_80 and sm_90a, with modifiers too):
+    192: ((32, 32, 8), (16, 32, 8)),  # 203 KB, Hopper only; 16 x 32: 150 KB
+    224: ((16, 32, 8), (8, 32, 8)),   # 174 KB, Hopper only; 8 x 32: 143.5 KB (32 x 32: 235 KB)
+    256: ((16, 32, 8), (16, 16, 4)),  # 198 KB, Hopper only; 16 x 16: 131.5 KB (8 x 32: 163.5 KB, over sm_80's 163)
 }
 _BWD_DQ_DMMA_TABLE: dict[int, tuple[tuple[int, int, int], ...]] = {
     32: ((64, 64, 4),),
@@ -579,10 +589,20 @@ def _smem_bwd_dmma_bytes(kernel: str, head_dim: int, block_m: int, block_n: int)
     return 8 * tiles
 
 
+def dkdv_dmma_slices(block_n: int, warps: int) -> int:
+    """The column slices of a bwd_dkdv_dmma tile: 8 warps / block_n where the block has more warps
+    than 8-key row tiles (each slice's warps own every key, and 1 / slices of dK's and dV's
+    columns), else 1. Mirror of bwd_dkdv_dmma.cu's bwd_dkdv_dmma_slices."""
+    return 8 * warps // block_n if 8 * warps > block_n else 1
+
+
 def _bwd_dmma_tile_ok(kernel: str, block_m: int, block_n: int, warps: int) -> bool:
-    """The kernels' static_asserts: whole 8-row tiles per warp (keys for dkdv, queries for dq)."""
+    """The kernels' static_asserts: whole 8-row tiles per warp (keys for dkdv, queries for dq);
+    dkdv's column slices (dkdv_dmma_slices) share the warps evenly. (A slice's columns, head_dim /
+    slices, a multiple of 16: the kernel's assert alone; two slices divide every bucket.)"""
     if kernel == "bwd_dkdv_dmma":
-        return block_n % (8 * warps) == 0 and block_m % 8 == 0
+        slices = dkdv_dmma_slices(block_n, warps)
+        return warps % slices == 0 and block_n % (8 * (warps // slices)) == 0 and block_m % 8 == 0
     return block_m % (8 * warps) == 0 and block_n % 8 == 0
 
 
@@ -664,7 +684,7 @@ BWD_DQ_SIMT = KernelSpec(
 # The kScoreMods forms' tiles where the first candidate's spill (dkdv d64: 24 bytes on sm_90a, 8
 # keys per warp instead; d128: 24 bytes on sm_90a; dq d32: 24 bytes on sm_80).
 BWD_DKDV_DMMA = _bwd_dmma_spec("bwd_dkdv_dmma", _BWD_DKDV_DMMA_TABLE,
-                               {64: (32, 64, 8, 1), 128: (8, 32, 4, 1)})  # d <= 160, else bwd_dkdv_simt
+                               {64: (32, 64, 8, 1), 128: (8, 32, 4, 1)})  # column slices from d192
 BWD_DQ_DMMA = _bwd_dmma_spec("bwd_dq_dmma", _BWD_DQ_DMMA_TABLE, {32: (64, 32, 4, 1)})
 BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
@@ -682,7 +702,8 @@ FORWARD = {
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
 # float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA;
-# float64: the fp64 tensor cores (DMMA) where a tile fits (dK/dV up to d160), else DFMA.
+# float64: the fp64 tensor cores (DMMA) where a tile fits (every bucket on sm_80 and sm_90a; dK/dV
+# from d192 in column slices), else DFMA (99 KB parts from d192).
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
