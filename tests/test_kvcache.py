@@ -753,8 +753,13 @@ def variant_types():
 def test_decode_split_heuristic():
     from cuflash._gpu import decode
 
-    assert decode.choose_splits(blocks=8, tiles=4096, sms=132, per_sm=2) == decode.MAX_SPLITS
+    # 264 slots: the fewest splits that fill the waves within 4% of the best fill
+    assert decode.choose_splits(blocks=8, tiles=4096, sms=132, per_sm=2) == 32  # 256 blocks, one wave
+    assert decode.choose_splits(blocks=1, tiles=4096, sms=132, per_sm=2) == 62  # 64 (the most) fills 24%
     assert decode.choose_splits(blocks=2048, tiles=4096, sms=132, per_sm=2) == 1
-    assert decode.choose_splits(blocks=64, tiles=64, sms=132, per_sm=2) == 9  # two waves: ceil(528 / 64)
+    assert decode.choose_splits(blocks=600, tiles=4096, sms=132, per_sm=2) == 1  # two waves and more
+    assert decode.choose_splits(blocks=300, tiles=4096, sms=132, per_sm=2) == 6  # 1800 of 1848 slots
+    assert decode.choose_splits(blocks=64, tiles=64, sms=132, per_sm=2) == 4  # not 9: 576 blocks, 2.2 waves
+    assert decode.choose_splits(blocks=256, tiles=256, sms=132, per_sm=2) == 1
     assert decode.choose_splits(blocks=8, tiles=6, sms=132, per_sm=2) == 3   # two tiles a split at least
     assert decode.choose_splits(blocks=8, tiles=1, sms=132, per_sm=2) == 1

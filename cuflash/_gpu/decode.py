@@ -109,13 +109,28 @@ def resident_blocks(kernel: DecodeKernel) -> int:
 
 
 def choose_splits(blocks: int, tiles: int, sms: int, per_sm: int) -> int:
-    """num_splits = 0: enough blocks for about two waves (``blocks`` per split, ``per_sm`` resident
-    on each of ``sms`` SMs), at most MAX_SPLITS, and at least two key tiles per split (fewer
-    would spend a split's pipeline start and its partial's write and read on 64 keys)."""
-    if blocks <= 0 or tiles <= 2:
+    """num_splits = 0: the fewest splits whose blocks (``blocks`` per split) fill the waves of
+    ``sms`` SMs holding ``per_sm`` each about as well as any count does (within 4% of the best
+    fill), at most MAX_SPLITS and at least two key tiles per split (fewer would spend a split's
+    pipeline start and its partial's write and read on 64 keys); none when the heads alone make
+    two waves or more.
+
+    Why the fill and not a number of waves: every block of a call reads the same number of keys,
+    so blocks run in lock-step waves and a last wave a fraction full runs at that fraction of the
+    bandwidth. Measured on an H200 (bf16 D128, Lq 1, 264 block slots; benchmarks/NOTES.md,
+    session 20): 64 heads x 64k keys at 9 splits (576 blocks, 2.2 waves) 3.7 TB/s, at 4 (256
+    blocks, one wave) 4.0; 8 x 256k at 64 splits (two waves) 3.4, at 32 (one wave) 3.7."""
+    slots = sms * per_sm
+    if blocks <= 0 or tiles <= 2 or blocks >= 2 * slots:  # two waves or more: the last one's loss is small
         return 1
-    wanted = -(-2 * sms * per_sm // blocks)
-    return max(1, min(wanted, MAX_SPLITS, tiles // 2))
+
+    def fill(splits):
+        launched = blocks * splits
+        return launched / (-(-launched // slots) * slots)
+
+    candidates = range(1, max(1, min(MAX_SPLITS, tiles // 2)) + 1)
+    best = max(fill(s) for s in candidates)
+    return min(s for s in candidates if fill(s) >= 0.96 * best)
 
 
 def _elements(array):
