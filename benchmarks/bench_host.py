@@ -1,8 +1,11 @@
 """Host time per call: what one attention call costs the CPU, cuflash beside torch's SDPA.
 
 A call's host time is the wall time of the Python call itself: argument handling, planning,
-allocation and the kernel launches, not the kernels (which run asynchronously). Each call is
-timed alone, the device synchronized before it; the median over --calls calls is reported.
+allocation and the kernel launches, not the kernels (which run asynchronously). Two figures:
+"alone", each call timed by itself, the device synchronized before it (the median over --calls
+calls: what a call costs from a cold start, caches cold after the wait), and "streamed", --calls
+calls issued back to back (the hot path, as in a training loop), beside the device's span over
+them (when that span is about the host's time, the device waited for the host).
 
 Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - cuflash (CuPy API): ``cuflash.attention`` and ``cuflash.attention_backward``;
@@ -33,6 +36,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import record as records  # noqa: E402
+from benchmarks.tables import cell  # noqa: E402
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
@@ -51,6 +55,28 @@ def host_us_per_call(call, calls: int) -> float:
         samples.append((time.perf_counter() - start) * 1e6)
     torch.cuda.synchronize()
     return statistics.median(samples)
+
+
+def streamed_us_per_call(call, calls: int) -> tuple[float, float]:
+    """(host us per call, device span us per call) of ``calls`` calls issued back to back, one
+    synchronization at the end: the host's time to issue them (the hot path: caches warm, no
+    wait in between) and the device's time from the first call's start to the last one's end
+    (CUDA events on torch's current stream). Where the device span is about the host time the
+    device was waiting for the host (host-bound: the host figure is the call's cost); where it
+    is larger the host figure may include waits for a full launch queue."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start = time.perf_counter()
+    first.record()
+    for _ in range(calls):
+        call()
+    last.record()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6, first.elapsed_time(last) * 1e3 / calls
 
 
 def cases(args):
@@ -173,10 +199,12 @@ def main(argv=None) -> int:
     for name, call in cases(args):
         try:
             value = host_us_per_call(call, args.calls)
-            rows.append({"call": name, "host_us": value})
+            streamed, span = streamed_us_per_call(call, args.calls)
+            rows.append({"call": name, "host_us": value, "streamed_host_us": streamed, "streamed_device_us": span})
         except Exception as error:  # a backend torch does not offer here: say so, keep going
             rows.append({"call": name, "host_us": None, "note": f"{type(error).__name__}: {error}"[:200]})
-        print(f"{name:28s} {rows[-1]['host_us'] if rows[-1]['host_us'] is None else round(rows[-1]['host_us'], 1)}",
+        print(f"{name:28s} " + " ".join(cell(rows[-1].get(k), ".1f") for k in ("host_us", "streamed_host_us",
+                                                                               "streamed_device_us")),
               file=sys.stderr, flush=True)
 
     env = environment()
@@ -184,10 +212,10 @@ def main(argv=None) -> int:
     path = records.write(record, records.record_path(args.out, env["date_utc"], env["device"],
                                                      "host_gqa" if args.gqa else "host"))
     print(f"| call ({args.dtype}, B={args.batch} H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
-          "| host us/call |\n| --- | --- |")
+          "| host us/call, alone | host us/call, streamed | device span us/call, streamed |\n| --- | --- | --- | --- |")
     for row in rows:
-        value = "n/a" if row["host_us"] is None else f"{row['host_us']:.1f}"
-        print(f"| {row['call']} | {value} |")
+        print(f"| {row['call']} | " + " | ".join(cell(row.get(k), ".1f") for k in ("host_us", "streamed_host_us",
+                                                                                 "streamed_device_us")) + " |")
     print(f"\nrecorded {path}")
     return 0
 

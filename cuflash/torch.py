@@ -35,6 +35,7 @@ so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``)
 """
 # No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
 import contextlib
+import functools
 import re
 import sys
 import types
@@ -94,7 +95,7 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     if torch.compiler.is_compiling() or q.device.type == "meta":
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
-        out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, *options)
+        out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, options)
     else:
         out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask)
     return (out, lse) if return_lse else out
@@ -750,7 +751,7 @@ class _TorchMemory:
     def empty(self, shape, dtype, order=None):
         """``order``: the axes' order in memory, outermost first (_spec.memory_order's): outputs
         and gradients laid out as their inputs, as torch's own kernels lay them out."""
-        return _empty_in_order(shape, order, self._dtype(dtype), self.device)
+        return _empty_strided_in_order(shape, order, self._dtype(dtype), self.device)
 
     def zeros(self, shape, dtype, order=None):
         if order is None:
@@ -820,32 +821,52 @@ def _cuflash_or_none(tensor):
 def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
              precision="highest", needs_grad=False, bias=None, mask=None):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
+    return _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
+                            deterministic if needs_grad else None, bias, mask)[:2]
+
+
+def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
+                     prefetch_backward, bias, mask):
+    """(out, lse, the cached plan that ran, or None where the full path did); ``prefetch_backward``
+    as _api.forward's."""
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap)
     key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
+            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks) + (plan,)
     with _running_on(q):
         problem = _spec.resolve_forward(
             *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
             alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias),
             mask=_cuflash_or_none(mask), return_lse=True, precision=precision,
         )
-        out, lse = _api.forward(problem, key, prefetch_backward=deterministic if needs_grad else None)
-        return _to_torch(out), _to_torch(lse)
+        out, lse = _api.forward(problem, key, prefetch_backward=prefetch_backward)
+        return _to_torch(out), _to_torch(lse), None
 
 
 def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
-              alibi=None, precision="highest", bias=None, mask=None, bias_grad=False):
+              alibi=None, precision="highest", bias=None, mask=None, bias_grad=False, forward_plan=None):
     """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
-    bias_grad) and dsinks (with sinks); cached plans as ``_forward``."""
+    bias_grad) and dsinks (with sinks); cached plans as ``_forward``. ``forward_plan``: the cached
+    plan that computed out and lse (or None), which remembers the backward plans that followed it."""
     tensors = (dout, q, k, v, out, lse)
+    if forward_plan is not None:
+        # Everything else the backward's plan key holds (q, k, v, bias, mask, slopes and sinks,
+        # the options but these, out's and lse's layouts) the forward plan fixed: what follows
+        # it is looked up by this short key, not by the whole signature's (tens of microseconds).
+        follower = (deterministic, bias_grad, dout.dtype, dout.stride(), dout.data_ptr() % 16 == 0)
+        plan = forward_plan.followers.get(follower)
+        if plan is not None:
+            with _on_device(q.device):
+                return plan.run(_MEMORY[q.device], *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap)
     key, plan, memory = _cached_attention_plan("attention_backward", tensors, bias, mask, options, bias_grad,
                                                per_row=(alibi, sinks))
     if plan is not None:
+        if forward_plan is not None and len(forward_plan.followers) < _MAX_FOLLOWERS:
+            forward_plan.followers[follower] = plan
         with _on_device(q.device):
             return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
     with _running_on(q):
@@ -855,6 +876,10 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
             mask=_cuflash_or_none(mask), bias_grad=bias_grad, deterministic=deterministic, precision=precision,
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
+
+
+# Backward plans a forward plan remembers (one per gradient layout and option set that followed it).
+_MAX_FOLLOWERS = 8
 
 
 def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, per_row=()):
@@ -886,13 +911,16 @@ def _lse_dtype(dtype):
 
 class _AttentionFunction(torch.autograd.Function):
     """The eager path: forward and backward as plain calls (see the module's docstring).
-    Inputs: q, k, v, sinks, bias, mask (each may be None), then the options (scale, causal,
-    window_left, window_right, deterministic, softcap, alibi_slopes, precision): differentiable in
-    q, k, v, sinks and bias."""
+    Inputs: q, k, v, sinks, bias, mask (each may be None), then the options as one tuple (scale,
+    causal, window_left, window_right, deterministic, softcap, alibi_slopes, precision: one
+    argument, not eight, for the engine to look at): differentiable in q, k, v, sinks and bias."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, bias, mask, *options):
-        out, lse = _forward(q, k, v, sinks, *options, needs_grad=any(ctx.needs_input_grad[:5]), bias=bias, mask=mask)
+    def forward(ctx, q, k, v, sinks, bias, mask, options):
+        scale, causal, window_left, window_right, deterministic, softcap, alibi, precision = options
+        out, lse, ctx.plan = _planned_forward(
+            q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
+            deterministic if any(ctx.needs_input_grad[:5]) else None, bias, mask)
         ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
@@ -903,21 +931,23 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         if dout is None:  # out took no part in what is differentiated
-            return (None,) * (6 + len(ctx.options))
+            return (None,) * 7
         q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
-        # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
-        # One in out's own layout (transformers' transpose of out) is read in place.
-        grads = list(_backward(_dense(dout), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
-                               bias_grad=bias_grad))
+        grads = list(_backward(_dense(dout, out), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
+                               bias_grad=bias_grad, forward_plan=ctx.plan))
         dbias = grads.pop(3) if bias_grad else None
         dsinks = grads[3] if sinks is not None else None
-        return tuple(grads[:3]) + (dsinks, dbias, None) + (None,) * len(ctx.options)
+        return tuple(grads[:3]) + (dsinks, dbias, None, None)
 
 
-def _dense(tensor):
+def _dense(tensor, like=None):
     """``tensor`` itself when it covers its memory once with a contiguous last axis (C order or a
-    transposed view of it), else a contiguous copy."""
+    transposed view of it), else a contiguous copy. A gradient such as that of out.sum() arrives
+    as a stride-0 expansion; one in out's own layout (``like``: transformers' transpose of out)
+    is read in place, with no layout test."""
+    if like is not None and tensor.stride() == like.stride():
+        return tensor
     if tensor.is_contiguous() or _memory_order(tensor) is not None:
         return tensor
     return tensor.contiguous()
@@ -929,10 +959,29 @@ def _memory_order(tensor):
 
 
 def _empty_in_order(shape, order, dtype, device):
-    """An empty tensor laid out in ``order`` (_spec.memory_order's; None: C order)."""
+    """An empty tensor laid out in ``order`` (_spec.memory_order's; None: C order); its shape
+    may hold symbolic sizes (torch.compile's fake results)."""
     if order is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.empty_permuted(shape, order, dtype=dtype, device=device)
+
+
+def _empty_strided_in_order(shape, order, dtype, device):
+    """_empty_in_order for a plan's outputs (integer sizes), through torch.empty_strided: on an
+    H200's host 2.1 us a call against empty_permuted's 3.1 and torch.empty's 5.6 (six of them
+    in a forward and backward)."""
+    return torch.empty_strided(shape, _strides_in_order(tuple(shape), order), dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides_in_order(shape, order):
+    """Element strides of a dense tensor of ``shape`` whose axes lie in memory in ``order``
+    (outermost first; None: C order)."""
+    strides, step = [0] * len(shape), 1
+    for axis in reversed(order if order is not None else range(len(shape))):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
 
 
 def _result_order(x, shape, dtype):
@@ -1015,7 +1064,7 @@ def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
     # A gradient such as that of out.sum() arrives as a stride-0 expansion; give cuflash rows.
     # One in out's own layout (transformers' transpose of out) is read in place.
-    dq, dk, dv, dsinks, dbias = torch.ops.cuflash.attention_bwd(_dense(dout), q, k, v, out, lse, *ctx.options,
+    dq, dk, dv, dsinks, dbias = torch.ops.cuflash.attention_bwd(_dense(dout, out), q, k, v, out, lse, *ctx.options,
                                                                 sinks, bias, mask)
     return ((dq, dk, dv) + (None,) * len(ctx.options) + (dsinks if sinks is not None else None,)
             + (dbias if bias is not None else None, None))

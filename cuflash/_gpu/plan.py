@@ -322,6 +322,9 @@ class ForwardPlan(_Plan):
         self.out_order = _out_order(p, p.out_shape)
         self.lse_shape = p.lse_shape
         self.dtype, self.lse_dtype = p.dtype, p.lse_dtype
+        # Backward plans that followed this one, by what their keys hold beyond its own (the
+        # torch adapter's: cuflash.torch._backward): no whole-signature key built per backward.
+        self.followers = {}
 
     def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
