@@ -357,3 +357,36 @@ def test_outputs_and_gradients_keep_the_projections_layout():
     assert torch.equal(out, want)
     for x, c in zip(projections, copies):
         assert torch.equal(x.grad, c.grad.transpose(1, 2))
+
+
+def test_backward_plans_follow_the_forward_plan(ct, randc):
+    """A repeated call's backward finds its plan through the forward plan that ran
+    (ForwardPlan.followers, one entry per gradient layout and option set): every kind of dout —
+    in out's layout, in another layout, a stride-0 expansion, with deterministic=True — gives the
+    reference's gradients on the first call (the whole-signature key) and on the repeats (the
+    follower), and the forward plan holds one follower per kind that needs its own plan."""
+    dtype = torch.bfloat16
+    q = randc(2, 8, 160, 64, dtype=dtype)
+    k, v = randc(2, 2, 200, 64, dtype=dtype), randc(2, 2, 200, 64, dtype=dtype)
+    douts = {
+        "out's layout": (randc(2, 8, 160, 64, dtype=dtype), False),
+        "transposed": (randc(2, 160, 8, 64, dtype=dtype).transpose(1, 2), False),
+        "expanded": (torch.full((), 0.5, device="cuda", dtype=dtype).expand(2, 8, 160, 64), False),
+        "deterministic": (randc(2, 8, 160, 64, dtype=dtype), True),
+    }
+    forward_plans = set()
+    for repeat in range(3):
+        for name, (dout, deterministic) in douts.items():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = ct.attention(*inputs, causal="top_left", deterministic=deterministic)
+            if repeat:
+                assert out.grad_fn.plan is not None, name  # the forward replayed a plan
+                forward_plans.add(id(out.grad_fn.plan))
+            grads = torch.autograd.grad(out, inputs, dout)
+            _check_against_sdpa(dtype, out, grads, q, k, v, dout, dict(is_causal=True, enable_gqa=True),
+                                dict(causal="top_left"))
+    assert len(forward_plans) == 1  # deterministic is no part of the forward's key
+    followers = out.grad_fn.plan.followers
+    # (the expansion is made dense in out's layout: it shares the first kind's plan)
+    assert len(followers) == 3, list(followers)
+    assert {key[0] for key in followers} == {False, True}
