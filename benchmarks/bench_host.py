@@ -57,28 +57,6 @@ def host_us_per_call(call, calls: int) -> float:
     return statistics.median(samples)
 
 
-def streamed_us_per_call(call, calls: int) -> tuple[float, float]:
-    """(host us per call, device span us per call) of ``calls`` calls issued back to back, one
-    synchronization at the end: the host's time to issue them (the hot path: caches warm, no
-    wait in between) and the device's time from the first call's start to the last one's end
-    (CUDA events on torch's current stream). Where the device span is about the host time the
-    device was waiting for the host (host-bound: the host figure is the call's cost); where it
-    is larger the host figure may include waits for a full launch queue."""
-    import torch
-
-    call()
-    torch.cuda.synchronize()
-    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start = time.perf_counter()
-    first.record()
-    for _ in range(calls):
-        call()
-    last.record()
-    host = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return host / calls * 1e6, first.elapsed_time(last) * 1e3 / calls
-
-
 def cases(args):
     import cupy
     import torch
@@ -194,13 +172,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.gqa and args.heads % 2:
         parser.error("--gqa needs an even --heads")
+    import cupy
 
     rows = []
     for name, call in cases(args):
         try:
             value = host_us_per_call(call, args.calls)
-            streamed, span = streamed_us_per_call(call, args.calls)
-            rows.append({"call": name, "host_us": value, "streamed_host_us": streamed, "streamed_device_us": span})
+            streamed, span = records.streamed(cupy, call, args.calls)  # (ms per call: host, device)
+            rows.append({"call": name, "host_us": value, "streamed_host_us": 1e3 * streamed,
+                         "streamed_device_us": 1e3 * span})
         except Exception as error:  # a backend torch does not offer here: say so, keep going
             rows.append({"call": name, "host_us": None, "note": f"{type(error).__name__}: {error}"[:200]})
         print(f"{name:28s} " + " ".join(cell(rows[-1].get(k), ".1f") for k in ("host_us", "streamed_host_us",

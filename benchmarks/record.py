@@ -103,15 +103,28 @@ def streamed_ms(cupy, call, calls: int) -> float:
     """Milliseconds per call of ``calls`` calls issued back to back between two CUDA events: the
     host's work overlaps the kernels' (the device's time per call when the host keeps ahead),
     where timed_ms counts a lone call from an idle device, host path included."""
+    return streamed(cupy, call, calls)[1]
+
+
+def streamed(cupy, call, calls: int) -> tuple[float, float]:
+    """(host ms, device ms) per call of ``calls`` calls issued back to back: the host's wall time
+    to issue them (no wait in between, one synchronization after) and the device's span from
+    the first call's start to the last one's end (CUDA events on CuPy's current stream). Equal
+    figures mean the device waited for the host (host-bound: the host figure is the call's
+    cost); a larger device span, that the host kept ahead."""
+    import time
+
     call()
     cupy.cuda.Device().synchronize()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    began = time.perf_counter()
     start.record()
     for _ in range(calls):
         call()
     stop.record()
+    host_s = time.perf_counter() - began
     stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) / calls
+    return host_s * 1e3 / calls, cupy.cuda.get_elapsed_time(start, stop) / calls
 
 
 # Short dtype names of the sweeps' command lines.

@@ -746,6 +746,17 @@ def memory_order(shape, strides) -> tuple[int, ...] | None:
     return None if list(full[len(ones):-1]) == sorted(full[len(ones):-1]) else full
 
 
+def strides_in_order(shape, order) -> tuple[int, ...]:
+    """Element strides of a whole buffer of ``shape`` whose axes lie in memory in ``order``
+    (memory_order's, outermost first; None: C order): what empty_in_order lays out, for
+    allocators that take strides (the torch adapter's torch.empty_strided)."""
+    strides, step = [0] * len(shape), 1
+    for axis in reversed(order if order is not None else range(len(shape))):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
+
+
 def array_order(x) -> tuple[int, ...] | None:
     """memory_order of a NumPy or CuPy array (strides in bytes)."""
     return memory_order(tuple(x.shape), tuple(s // x.itemsize for s in x.strides))

@@ -973,15 +973,8 @@ def _empty_strided_in_order(shape, order, dtype, device):
     return torch.empty_strided(shape, _strides_in_order(tuple(shape), order), dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=1024)
-def _strides_in_order(shape, order):
-    """Element strides of a dense tensor of ``shape`` whose axes lie in memory in ``order``
-    (outermost first; None: C order)."""
-    strides, step = [0] * len(shape), 1
-    for axis in reversed(order if order is not None else range(len(shape))):
-        strides[axis] = step
-        step *= max(shape[axis], 1)
-    return tuple(strides)
+# The strides of a plan's output layouts, remembered (a plan asks for the same few per call).
+_strides_in_order = functools.lru_cache(maxsize=1024)(_spec.strides_in_order)
 
 
 def _result_order(x, shape, dtype):

@@ -410,6 +410,17 @@ def test_memory_order_names_whole_transposed_buffers_only(shape, strides, order)
     assert cuflash._spec.memory_order(shape, strides) == order
 
 
+@pytest.mark.parametrize("shape,order", [
+    ((2, 4, 97, 64), (0, 2, 1, 3)), ((2, 4, 97, 64), None), ((4, 97, 1), (1, 0, 2)), ((3, 1, 5), (1, 0, 2)),
+    ((5,), None), ((), None),
+])
+def test_strides_in_order_lay_out_what_empty_in_order_does(shape, order):
+    """strides_in_order (the torch adapter's empty_strided) against NumPy's strides of
+    empty_in_order's buffer, in elements."""
+    array = cuflash._spec.empty_in_order(numpy.empty, shape, numpy.float32, order)
+    assert cuflash._spec.strides_in_order(shape, order) == tuple(s // 4 for s in array.strides)
+
+
 def test_plan_keys_tell_the_modifier_arrays_apart():
     """A plan's key (``_api.plan_key_parts``, the CuPy API's and the torch adapter's) holds the
     bias, mask, ALiBi slopes and sinks that are given, and says which each one is: calls that
