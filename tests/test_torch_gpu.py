@@ -336,7 +336,7 @@ def _bf16():
     return numpy.dtype(ml_dtypes.bfloat16)
 
 
-def test_outputs_and_gradients_keep_the_projections_layout():
+def test_outputs_and_gradients_keep_the_projections_layout(ct):
     """transformers' flow: q, k, v are (B, L, H, D) projections seen as (B, H, L, D); out and the
     gradients come back in the same memory order, so transposing out back and reshaping the
     gradients to the projections' shape copy nothing (as torch's SDPA kernels), and the values
@@ -345,14 +345,14 @@ def test_outputs_and_gradients_keep_the_projections_layout():
     projections = [torch.randn(2, 128, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for h in (8, 2, 2)]
     q, k, v = (x.transpose(1, 2) for x in projections)
-    out = cuflash.torch.attention(q, k, v, causal=True)
+    out = ct.attention(q, k, v, causal=True)
     back = out.transpose(1, 2)
     assert back.is_contiguous()
     back.reshape(2, 128, -1).float().square().sum().backward()
     for x in projections:
         assert x.grad.is_contiguous()
     copies = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in projections]
-    want = cuflash.torch.attention(*copies, causal=True)
+    want = ct.attention(*copies, causal=True)
     want.transpose(1, 2).reshape(2, 128, -1).float().square().sum().backward()
     assert torch.equal(out, want)
     for x, c in zip(projections, copies):
