@@ -291,12 +291,47 @@ def test_gpu_key_groups_sharing_scores_by_query_halves(rng, lq, head_dim, mask, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [(1, 70), (9, 70), (131, 170), (170, 131)], ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize("mask", [{}, {"causal": True}, {"window": (40, 10)}],
+                         ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "dense")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_key_groups_splitting_the_products(rng, monkeypatch, lengths, mask, deterministic):
+    """sm_80's d224 tile (8 x 32 w8: one query tile, so its key groups split S^T and dP^T by
+    product, not by queries) forced on this GPU through tiles' table; GQA 4 / 2."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setitem(tiles._BWD_DKDV_DMMA_TABLE, 224, ((8, 32, 8),))
+    monkeypatch.setattr(plan, "PLANS", {})
+    chosen = tiles.select_backward("float64", 224, 224, True, "90a").dkdv
+    assert (chosen.block_m, chosen.block_n, chosen.warps) == (8, 32, 8)
+    assert not tiles.dkdv_dmma_shares(chosen.block_m, chosen.block_n, chosen.warps)
+    lq, lk = lengths
+    _check(rng, (2, 4, lq, 224), (2, 2, lk, 224), 224, deterministic=deterministic, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_key_groups_splitting_the_products_with_modifiers(rng, monkeypatch, deterministic):
+    """The split by product under softcap, ALiBi, a bias with its gradient (stored by the first
+    slice) and a mask: the 8 x 32 w8 tile forced at d224, as above."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setitem(tiles._BWD_DKDV_DMMA_TABLE, 224, ((8, 32, 8),))
+    monkeypatch.setattr(plan, "PLANS", {})
+    _score_modifiers(rng, 224, deterministic)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160, 192, 213, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_score_modifiers(rng, head_dim, deterministic):
     """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window (d192-d256: the
     column slices, whose key groups' warps each store their own query tiles' dS into the bias's
     gradient where they share S^T and dP^T, the first slice all of it where they do not)."""
+    _score_modifiers(rng, head_dim, deterministic)
+
+
+def _score_modifiers(rng, head_dim, deterministic):
     cupy = _cupy()
     import cuflash
 
