@@ -29,21 +29,30 @@
 // Column slices (heads above d160, where a warp's dK and dV of all columns pass the registers):
 // a block of more warps than 8-key row tiles (8 kWarps > kBlockN) splits dK's and dV's columns
 // into kSlices = 8 kWarps / kBlockN slices of kCols. Warp w owns keys of key group w % kKeyWarps
-// and the columns of slice w / kKeyWarps: it computes S^T and dP^T of its keys over the whole
-// head dim (both are sums over it), as the other slices' warps of the same keys do, then adds only
-// its slice's columns into dK and dV. The slices share the block's K_j, V_j, Q_i, dO_i in shared
-// memory (one block per SM either way at these widths: twice the warps of a grid axis over the
-// slices, the tiles loaded once). dS is the same in every slice: the first slice's warps store it
-// for dQ (which all warps then share over every column, as without slices) and for a bias's
-// gradient (BiasGradIf). Every sum keeps one fixed order: the deterministic path stays bitwise
-// reproducible.
+// and the columns of slice w / kKeyWarps, and adds only its slice's columns into dK and dV. The
+// kSlices warps of a key group (w = key group + kKeyWarps slice) share S^T and dP^T (kShare,
+// bwd_dkdv_dmma_shares): warp `slice` computes them over the whole head dim (both are sums over
+// it) for its 1 / kSlices of the query tiles only (queries qs0 ..), P^T and dS^T on those, and the
+// group exchanges them through its keys' columns of dSs (each warp writes its own query rows) at
+// the group's own named barrier (id 1 + key group, kSlices warps): P first, then dS in its place,
+// so dSs ends as dS by query row for dQ, as without slices. Tiles whose query tiles do not
+// divide among the slices (one 8-query tile: sm_80 d224) have two slices, which split the
+// products instead (kSplitProducts): the first slice's warp computes S^T, the second's dP^T, and
+// they exchange them whole through the same columns (S, then dP); both then compute P^T and dS^T
+// of every query, the first slice's warps store dS for dQ and for a bias's gradient
+// (BiasGradIf). Either way every product of a step is issued once. The slices
+// share the block's K_j, V_j, Q_i, dO_i in shared memory (one block per SM either way at these
+// widths: twice the warps of a grid axis over the slices, the tiles loaded once). Each element of
+// P^T and dS^T is the one product and expression either way, every sum keeps one fixed order:
+// the deterministic path stays bitwise reproducible.
 //
 // Shared memory, row-major, rows padded by 2 doubles (fwd_dmma's pitch):
 //   Ks, Vs [kBlockN][kHeadDim + 2]   Qs, dOs [kBlockM][kHeadDim + 2]
 //   dSs [kBlockM][kBlockN + 2]       lse_s, delta_s [kBlockM]
 // Everything is zero-padded (past D, Dv, Lq, Lk), so no arithmetic touches uninitialised memory.
-// Per step: two barriers; the next step's Q, dO, lse, delta stream in (cp.async) during the dQ
-// product, as in bwd_dkdv_simt.
+// Per step: two block barriers (and three of each key group in sliced tiles);
+// the next step's Q, dO, lse, delta stream in (cp.async) during the dQ product, as in
+// bwd_dkdv_simt.
 #include "bwd_simt.cuh"
 #include "dmma_tile.cuh"
 
@@ -60,6 +69,13 @@ constexpr unsigned bwd_dkdv_dmma_smem_bytes() {
 // The column slices of a tile (above): 8 kWarps / kBlockN where the block has more warps than
 // 8-key row tiles, else 1. The host's mirror: tiles.dkdv_dmma_slices.
 constexpr int bwd_dkdv_dmma_slices(int block_n, int warps) { return 8 * warps > block_n ? 8 * warps / block_n : 1; }
+
+// Whether the column slices' warps of a key group share S^T and dP^T (each computes its 1 / slices
+// of the query tiles and they exchange P^T and dS^T: the work split, above): sliced tiles whose
+// 8-query tiles divide among the slices. The host's mirror: tiles.dkdv_dmma_shares.
+constexpr bool bwd_dkdv_dmma_shares(int block_m, int block_n, int warps) {
+    return bwd_dkdv_dmma_slices(block_n, warps) > 1 && (block_m / 8) % bwd_dkdv_dmma_slices(block_n, warps) == 0;
+}
 
 // Whether a kBlockM x kHeadDim product splits into units of rows x cols that `warps` warps
 // share evenly.
@@ -80,6 +96,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     constexpr int NK = WN / 8;                   // ... in 8-row tiles
     constexpr int QT = kBlockM / 8;              // 8-query tiles (columns of S^T, k tiles of dK, dV)
     constexpr int DT = kCols / 8;                // 8-column tiles of dK, dV
+    // Whether the kSlices warps of a key group share S^T and dP^T (below), each computing kQs of
+    // the QT query tiles; else (one query tile) each computes all of them.
+    constexpr bool kShare = bwd_dkdv_dmma_shares(kBlockM, kBlockN, kWarps);
+    constexpr int kQs = kShare ? QT / kSlices : QT;  // query tiles of S^T, dP^T a warp computes
+    // Else two slices split the products (the first S^T, the second dP^T) and exchange them.
+    constexpr bool kSplitProducts = kSlices == 2 && !kShare;
     // A unit of the dQ product: kDqRows queries x kDqCols columns, the largest of 16 x 32, 16 x 16,
     // 8 x 32 whose count the warps share evenly (16 rows: m16n8k8 on sm_90), else 8 x 16. Sliced
     // tiles take 16 columns at most: beside dK and dV of 128 columns (d256) a 16 x 32 unit's
@@ -93,6 +115,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     static_assert(kSlices * kKeyWarps == kWarps && kCols * kSlices == kHeadDim && kCols % 16 == 0,
                   "whole slices of 16-column pairs");
     static_assert(QT * 8 == kBlockM && kHeadDim % 16 == 0, "kBlockM % 8 == 0, kHeadDim % 16 == 0");
+    static_assert(kSlices == 1 || kShare || kSlices == 2,
+                  "sliced tiles share S^T, dP^T by query tiles (bwd_dkdv_dmma_shares) or by product (two slices)");
     static_assert(kStages == 1, "single-buffered: Q_{i+1} overlaps the dQ product of step i");
 
     constexpr int kLd = kHeadDim + 2;  // Ks, Vs, Qs, dOs row pitch
@@ -118,6 +142,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     const int key_warp = kSlices == 1 ? warp : warp % kKeyWarps;
     const bool first_slice = kSlices == 1 || warp < kKeyWarps;
     const int c0 = kSlices == 1 ? 0 : (warp / kKeyWarps) * kCols;
+    const int qs0 = kShare ? (warp / kKeyWarps) * 8 * kQs : 0;  // its first query of S^T, dP^T
 
     const FwdParams& f = p.fwd;
     const int n0 = blockIdx.y * kBlockN;
@@ -142,8 +167,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     const int key_row = key_warp * WN + g;                    // + 8 ki: the lane's keys in the tile
     const T* k_rows = Ks + key_row * kLd + 2 * tq;            // K[key][8c + 2t ..]
     const T* v_rows = Vs + key_row * kLd + 2 * tq;
-    const T* q_rows = Qs + g * kLd + 2 * tq;                  // Q[8 qi + g][8c + 2t ..]
-    const T* do_rows = dOs + g * kLd + 2 * tq;
+    const T* q_rows = Qs + (qs0 + g) * kLd + 2 * tq;          // Q[qs0 + 8 qi + g][8c + 2t ..]
+    const T* do_rows = dOs + (qs0 + g) * kLd + 2 * tq;
     const T* q_cols = Qs + 2 * tq * kLd + 2 * g + c0;         // Q[8 qi + 2t + e][c0 + 16c + 2g ..]
     const T* do_cols = dOs + 2 * tq * kLd + 2 * g + c0;
     const T* k_cols = Ks + 2 * tq * kLd + 2 * g;              // K[8 kt + 2t + e][16c + 2g ..]
@@ -170,29 +195,59 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
         ptx::cp_async_wait<0>();  // Q_i, dO_i, lse_i, delta_i (and K_j, V_j the first time)
         __syncthreads();          // ... from every thread; the last step's readers of dSs are done
 
-        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T on the warp's keys x every query of the tile.
-        T s[NK][QT][2], dp[NK][QT][2];
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T on the warp's keys x every query of the tile (x
+        // its kQs query tiles from qs0 where the key group shares them).
+        T s[NK][kQs][2], dp[NK][kQs][2];
         dmma::zero(s);
         dmma::zero(dp);
-        dmma::rows_times_rows<NK, QT, kHeadDim>(s, k_rows, q_rows, kLd);
-        dmma::rows_times_rows<NK, QT, kHeadDim>(dp, v_rows, do_rows, kLd);
+        if constexpr (kSplitProducts) {
+            // One query tile, nothing to share by queries: the group's two warps split the
+            // products instead, the first slice's S^T, the second's dP^T, and exchange them whole
+            // through the group's keys' columns of dSs (S, then dP in its place) at the group's
+            // barrier; each then holds both, as if it had computed them.
+            const int group_bar = 1 + key_warp;  // ids 1 .. kKeyWarps; 0 is __syncthreads'
+            T x[NK][QT][2];
+            dmma::zero(x);
+            dmma::rows_times_rows<NK, QT, kHeadDim>(x, first_slice ? k_rows : v_rows, first_slice ? q_rows : do_rows,
+                                                    kLd);
+            if (first_slice) dmma::to_rows<NK, QT>(dSs + key_row, kLdS, x, tq);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);
+            if (!first_slice) dmma::from_rows<NK, QT>(s, dSs + key_row, kLdS, tq);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);  // S read: the group's columns free
+            if (!first_slice) dmma::to_rows<NK, QT>(dSs + key_row, kLdS, x, tq);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);  // dP written
+            if (first_slice) dmma::from_rows<NK, QT>(dp, dSs + key_row, kLdS, tq);
+#pragma unroll
+            for (int ki = 0; ki < NK; ++ki)
+#pragma unroll
+                for (int qi = 0; qi < QT; ++qi)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (first_slice) s[ki][qi][e] = x[ki][qi][e];
+                        else dp[ki][qi][e] = x[ki][qi][e];
+                    }
+        } else {
+            dmma::rows_times_rows<NK, kQs, kHeadDim>(s, k_rows, q_rows, kLd);
+            dmma::rows_times_rows<NK, kQs, kHeadDim>(dp, v_rows, do_rows, kLd);
+        }
 
         // P = exp(S * scale - lse_i) and dS = P o (dP - delta_i), in place of S^T and dP^T. Rows
         // past Lq or that saw no key give 0 (lse_for_row); on steps that cross an edge of the
-        // visible region, masked pairs give 0. Lane (g, t) holds key 8 ki + g, queries 8 qi + 2t + e.
+        // visible region, masked pairs give 0. Lane (g, t) holds key 8 ki + g, queries qs0 + 8 qi +
+        // 2t + e.
         const bool masked = step.i < range.full_first || step.i >= range.full_last;
         const int bh = blockIdx.x * heads + step.g;
         const ScoreMod<T> mod(f, bh, T(f.scale), T(1), mask.diag);
         if (kScoreMods && mod.modifies()) {  // softcap, bias, ALiBi or mask (not sinks alone)
             if constexpr (kScoreMods) {      // (plain Variants compile none of this)
                 const auto stats = [&](int r, int c) {
-                    const int row = 8 * (c / 2) + 2 * tq + c % 2;
+                    const int row = qs0 + 8 * (c / 2) + 2 * tq + c % 2;
                     return simt_bwd::PairStats<T>{m0 + row, n0 + key_row + 8 * r,
                                                   simt_bwd::lse_for_row(lse_s[row], m0 + row < Lq), delta_s[row]};
                 };
-                if constexpr (kSlices == 1)
-                    simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * QT]>(s),
-                                            reinterpret_cast<T(&)[NK][2 * QT]>(dp), stats, BiasGrad<T>(p, bh));
+                if constexpr (kSlices == 1 || kShare)  // (shared: each pair in one warp)
+                    simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * kQs]>(s),
+                                            reinterpret_cast<T(&)[NK][2 * kQs]>(dp), stats, BiasGrad<T>(p, bh));
                 else  // the slices compute the same dS: the first stores it
                     simt_bwd::modified_p_ds(mod, mask, masked, reinterpret_cast<T(&)[NK][2 * QT]>(s),
                                             reinterpret_cast<T(&)[NK][2 * QT]>(dp), stats,
@@ -200,8 +255,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
             }
         } else {
 #pragma unroll
-            for (int qi = 0; qi < QT; ++qi) {
-                const int row = 8 * qi + 2 * tq;
+            for (int qi = 0; qi < kQs; ++qi) {
+                const int row = qs0 + 8 * qi + 2 * tq;
                 const double2 lse2 = *reinterpret_cast<const double2*>(lse_s + row);
                 const double2 delta2 = *reinterpret_cast<const double2*>(delta_s + row);
                 const T lse[2] = {simt_bwd::lse_for_row(lse2.x, m0 + row < Lq),
@@ -219,19 +274,42 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
             }
         }
 
-        // dS by query row for the dQ product (every warp's keys; the first slice's).
-        if (with_dq && first_slice) {
+        if constexpr (kShare) {
+            // The key group's warps exchange their query tiles' P^T and dS^T through the group's
+            // keys' columns of dSs (each warp its own query rows), at the group's own barrier
+            // (kSlices warps; the other groups run on), P first, then dS in its place:
+            //   P part -> dSs | sync | dSs -> P^T | sync | dS part -> dSs, dV += P^T dO
+            //   | sync | dSs -> dS^T, dK += dS^T Q.
+            // dSs ends as dS by query row for the dQ product, as in unsliced tiles. Every element
+            // is the one product and expression it was when each slice computed all of them: the
+            // same values, in the same fixed order of every sum.
+            const int group_bar = 1 + key_warp;  // ids 1 .. kKeyWarps; 0 is __syncthreads'
+            dmma::to_rows<NK, kQs>(dSs + qs0 * kLdS + key_row, kLdS, s, tq);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);
+            T x[NK][QT][2];  // P^T, then dS^T, of every query of the tile
+            dmma::from_rows<NK, QT>(x, dSs + key_row, kLdS, tq);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);  // the group's P read: its columns free
+            dmma::to_rows<NK, kQs>(dSs + qs0 * kLdS + key_row, kLdS, dp, tq);
+            dmma::acc_times_rows<NK, QT, DT>(dV, x, do_cols, kLd);
+            ptx::named_barrier_sync(group_bar, 32 * kSlices);  // the group's dS written
+            dmma::from_rows<NK, QT>(x, dSs + key_row, kLdS, tq);
+            dmma::acc_times_rows<NK, QT, DT>(dK, x, q_cols, kLd);
+        } else {
+            // dS by query row for the dQ product (every warp's keys; the first slice's).
+            if (with_dq && first_slice) {
 #pragma unroll
-            for (int ki = 0; ki < NK; ++ki)
+                for (int ki = 0; ki < NK; ++ki)
 #pragma unroll
-                for (int qi = 0; qi < QT; ++qi)
+                    for (int qi = 0; qi < QT; ++qi)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) dSs[(8 * qi + 2 * tq + e) * kLdS + key_row + 8 * ki] = dp[ki][qi][e];
-        }
+                        for (int e = 0; e < 2; ++e)
+                            dSs[(8 * qi + 2 * tq + e) * kLdS + key_row + 8 * ki] = dp[ki][qi][e];
+            }
 
-        // dV_j += P^T dO_i and dK_j += dS^T Q_i: P^T and dS^T straight from the accumulators.
-        dmma::acc_times_rows<NK, QT, DT>(dV, s, do_cols, kLd);
-        dmma::acc_times_rows<NK, QT, DT>(dK, dp, q_cols, kLd);
+            // dV_j += P^T dO_i and dK_j += dS^T Q_i: P^T and dS^T straight from the accumulators.
+            dmma::acc_times_rows<NK, QT, DT>(dV, s, do_cols, kLd);
+            dmma::acc_times_rows<NK, QT, DT>(dK, dp, q_cols, kLd);
+        }
         __syncthreads();  // dSs visible; Qs, dOs free
 
         // The next step's tiles (the next head's first when i is the last) land during the dQ product.

@@ -120,6 +120,31 @@ __device__ __forceinline__ void acc_times_rows(double (&c)[MT][CT][2], const dou
     }
 }
 
+// An accumulator-layout tile c[mi][ni] (lane (g, t): row 8 mi + g, columns 8 ni + 2t + e) to and
+// from its transpose in a row-major tile of pitch ld: `t` points at this lane's element of row 0,
+// column g (c[mi][ni][e] at t[(8 ni + 2t + e) ld + 8 mi]; bwd_dkdv_dmma's S^T, dS^T in dSs by query
+// row). Scalar accesses, lane (g, t) at double g + 2t ld: distinct banks in each half warp where
+// ld = 2 (mod 8) (dSs's pitch block_n + 2).
+template <int MT, int NT>
+__device__ __forceinline__ void to_rows(double* t, int ld, const double (&c)[MT][NT][2], int tq) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) t[(8 * ni + 2 * tq + e) * ld + 8 * mi] = c[mi][ni][e];
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void from_rows(double (&c)[MT][NT][2], const double* t, int ld, int tq) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) c[mi][ni][e] = t[(8 * ni + 2 * tq + e) * ld + 8 * mi];
+}
+
 // The actual column of acc_times_rows's output element c[.][ct][e] held by lane (g, t).
 __device__ __forceinline__ int column(int ct, int e, int tq) { return 16 * (ct / 2) + 4 * tq + 2 * e + (ct & 1); }
 

@@ -3,13 +3,16 @@
 Without a GPU: which kernels the dispatcher gives float64 (DMMA where a tile fits, the SIMT ones
 elsewhere), and the SIMT fallbacks of 99 KB parts, which no Variant of sm_80 / sm_90a reaches any
 more, compile without spills; bwd_dkdv_dmma's column slices (d192-d256): the host's mirror is the
-kernel's count, and the warps' slices cover every key and column of dK and dV exactly once.
+kernel's count, and the warps' slices cover every key and column of dK and dV exactly once; where
+a key group's slices share S^T and dP^T (tiles.dkdv_dmma_shares, the kernel's own), each (key,
+query) pair is computed by one warp and exchanged only within its group.
 On a GPU (marked ``gpu``): the DMMA kernels' edges against the float64 reference under the
 repository's tolerance rule (tests/tolerance.py): odd head dims zero-padded to the bucket, one
 query or one key, Lq != Lk both ways, GQA (dK/dV summed over the group on chip, and over slices of
 it when the group is split), both causal alignments and windows, score modifiers, both dQ paths,
 bitwise replay of the deterministic one; the column-sliced buckets (177, 192, 213, 250, 256; D !=
-Dv both ways) on the same problems; and the SIMT kernels, forced through tiles' tables, on the
+Dv both ways) on the same problems, and query counts that split unevenly over a key group's
+shared S^T / dP^T (Lq 1-40); and the SIMT kernels, forced through tiles' tables, on the
 same problems (they still run the buckets and parts without a DMMA tile).
 """
 from __future__ import annotations
@@ -73,8 +76,9 @@ def _dkdv_dmma_variants():
 
 
 def test_column_slices_are_the_kernels_own():
-    """tiles.dkdv_dmma_slices (the host's reading of a tile: _bwd_dmma_tile_ok, the notes) equals
-    bwd_dkdv_dmma.cu's bwd_dkdv_dmma_slices for every Variant, read from a probe's PTX."""
+    """tiles.dkdv_dmma_slices (the host's reading of a tile: _bwd_dmma_tile_ok, the notes) and
+    tiles.dkdv_dmma_shares equal bwd_dkdv_dmma.cu's bwd_dkdv_dmma_slices and bwd_dkdv_dmma_shares
+    for every Variant, read from a probe's PTX."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     from test_pipeline import _nvrtc_available, _ptx_stored_constants
 
@@ -83,10 +87,14 @@ def test_column_slices_are_the_kernels_own():
     variants = _dkdv_dmma_variants()
     lines = ['extern "C" __global__ void cuflash_slices_probe(long long* out) {']
     lines += [f"    out[{i}] = cuflash::bwd_dkdv_dmma_slices({v.block_n}, {v.warps});" for i, v in enumerate(variants)]
+    lines += [f"    out[{len(variants) + i}] = "
+              f"cuflash::bwd_dkdv_dmma_shares({v.block_m}, {v.block_n}, {v.warps}) ? 7 : 3;" for i, v in enumerate(variants)]
     source = kernels.kernel_source(variants[0]) + "\n" + "\n".join(lines) + "\n}\n"
     options = kernels.compile_options(variants[0]) + ("-arch=compute_90a", "--device-as-default-execution-space")
-    assert _ptx_stored_constants(source, options) == {
-        i: tiles.dkdv_dmma_slices(v.block_n, v.warps) for i, v in enumerate(variants)}
+    expected = {i: tiles.dkdv_dmma_slices(v.block_n, v.warps) for i, v in enumerate(variants)}
+    expected.update({len(variants) + i: 7 if tiles.dkdv_dmma_shares(v.block_m, v.block_n, v.warps) else 3
+                     for i, v in enumerate(variants)})
+    assert _ptx_stored_constants(source, options) == expected
 
 
 def _owned(variant) -> numpy.ndarray:
@@ -121,6 +129,65 @@ def test_column_slices_write_every_key_and_column_once():
     # Tiles whose warps do not share the keys and slices evenly are refused (no Variant is built).
     assert not tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", 16, 24, 4)
     assert not tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", 16, 48, 8)
+
+
+def test_sliced_key_groups_share_scores_and_exchange_them_in_their_own_columns():
+    """Where the slices share S^T and dP^T by query tiles (tiles.dkdv_dmma_shares; every sliced
+    Variant of sm_90a, all but d224's one-query-tile 8 x 32 of sm_80, whose two slices split the
+    products instead), the kernel's split, step by step: each (key,
+    query) pair of the block's tile is computed (an element of S^T, dP^T, P, dS, the bias's
+    gradient) by exactly one warp; each phase of the exchange (P, then dS) writes every element of
+    dSs exactly once, and a warp reads back only its key group's columns, every query row of them,
+    all written by its group (whose named barrier, ids 1..15, counts exactly its warps' threads)."""
+    variants = _dkdv_dmma_variants()
+    sharing = [v for v in variants if tiles.dkdv_dmma_shares(v.block_m, v.block_n, v.warps)]
+    assert {(v.arch, v.head_dim) for v in sharing} == {
+        (arch, d) for arch in ("80", "90a") for d in SLICED_BUCKETS} - {("80", 224)}
+    assert all(tiles.dkdv_dmma_slices(v.block_n, v.warps) == 1 for v in variants
+               if v.head_dim not in SLICED_BUCKETS)
+    # The sliced tile that shares nothing by queries (one query tile) has two slices, which split
+    # the products (S^T, dP^T) instead; the host refuses a tile that could do neither.
+    assert all(tiles.dkdv_dmma_slices(v.block_n, v.warps) == 2 and v.block_m == 8 for v in variants
+               if v.head_dim in SLICED_BUCKETS and v not in sharing)
+    assert not tiles._bwd_dmma_tile_ok("bwd_dkdv_dmma", 8, 16, 8)  # 4 slices, one query tile
+    for v in variants:
+        if v.head_dim in SLICED_BUCKETS and v not in sharing:  # S^T by slice 0, dP^T by slice 1
+            key_warps = v.warps // 2
+            keys = v.block_n // key_warps
+            products = numpy.zeros((2, v.block_n, v.block_m), dtype=int)
+            for warp in range(v.warps):
+                products[warp // key_warps, (warp % key_warps) * keys:(warp % key_warps + 1) * keys, :] += 1
+            assert (products == 1).all(), v
+    for v in sharing:
+        slices = tiles.dkdv_dmma_slices(v.block_n, v.warps)
+        key_warps, qt = v.warps // slices, v.block_m // 8
+        keys_per_warp, qs = v.block_n // key_warps, qt // slices
+        computed = numpy.zeros((v.block_n, v.block_m), dtype=int)  # (key, query)
+        written = numpy.zeros((v.block_m, v.block_n), dtype=int)   # dSs (query row, key column)
+        writer_group = numpy.full((v.block_m, v.block_n), -1)
+        barriers: dict[int, set] = {}
+        for warp in range(v.warps):
+            key_warp, qs0 = warp % key_warps, (warp // key_warps) * 8 * qs
+            barriers.setdefault(1 + key_warp, set()).add(warp)
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                key_row = key_warp * keys_per_warp + g
+                for ki in range(keys_per_warp // 8):
+                    for qi in range(qs):
+                        for e in range(2):
+                            computed[key_row + 8 * ki, qs0 + 8 * qi + 2 * t + e] += 1
+                            written[qs0 + 8 * qi + 2 * t + e, key_row + 8 * ki] += 1
+                            writer_group[qs0 + 8 * qi + 2 * t + e, key_row + 8 * ki] = key_warp
+        assert (computed == 1).all() and (written == 1).all(), v
+        for warp in range(v.warps):  # the reads (from_rows over every query tile)
+            key_warp = warp % key_warps
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                for ki in range(keys_per_warp // 8):
+                    for qi in range(qt):
+                        for e in range(2):
+                            assert writer_group[8 * qi + 2 * t + e, key_warp * keys_per_warp + g + 8 * ki] == key_warp
+        assert max(barriers) <= 15 and all(len(w) == slices for w in barriers.values()), v
 
 
 # --------------------------------------------------------------------------- GPU
@@ -211,11 +278,60 @@ def test_gpu_column_slices_with_unequal_head_dims(rng, dims, deterministic):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160, 213, 256], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("lq", [1, 7, 8, 9, 16, 17, 31, 40], ids=lambda n: f"lq{n}")
+@pytest.mark.parametrize("head_dim", SLICED_BUCKETS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("mask", [{}, {"causal": True}, {"causal": "top_left"}, {"window": (5, 3)}],
+                         ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "dense")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_key_groups_sharing_scores_by_query_halves(rng, lq, head_dim, mask, deterministic):
+    """The sliced tiles' key groups split S^T and dP^T by query tiles (tiles.dkdv_dmma_shares):
+    query counts that leave a warp's half empty (Lq <= 8 in 16-query tiles, <= 16 in 32) or end
+    inside it, masks that hide one half; GQA 4 / 2."""
+    _check(rng, (2, 4, lq, head_dim), (2, 2, 70, head_dim), head_dim, deterministic=deterministic, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [(1, 70), (9, 70), (131, 170), (170, 131)], ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize("mask", [{}, {"causal": True}, {"window": (40, 10)}],
+                         ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "dense")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_key_groups_splitting_the_products(rng, monkeypatch, lengths, mask, deterministic):
+    """sm_80's d224 tile (8 x 32 w8: one query tile, so its key groups split S^T and dP^T by
+    product, not by queries) forced on this GPU through tiles' table; GQA 4 / 2."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setitem(tiles._BWD_DKDV_DMMA_TABLE, 224, ((8, 32, 8),))
+    monkeypatch.setattr(plan, "PLANS", {})
+    chosen = tiles.select_backward("float64", 224, 224, True, "90a").dkdv
+    assert (chosen.block_m, chosen.block_n, chosen.warps) == (8, 32, 8)
+    assert not tiles.dkdv_dmma_shares(chosen.block_m, chosen.block_n, chosen.warps)
+    lq, lk = lengths
+    _check(rng, (2, 4, lq, 224), (2, 2, lk, 224), 224, deterministic=deterministic, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_key_groups_splitting_the_products_with_modifiers(rng, monkeypatch, deterministic):
+    """The split by product under softcap, ALiBi, a bias with its gradient (stored by the first
+    slice) and a mask: the 8 x 32 w8 tile forced at d224, as above."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setitem(tiles._BWD_DKDV_DMMA_TABLE, 224, ((8, 32, 8),))
+    monkeypatch.setattr(plan, "PLANS", {})
+    _score_modifiers(rng, 224, deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 111, 160, 192, 213, 256], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_score_modifiers(rng, head_dim, deterministic):
-    """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window (d213, d256: the
-    column slices, whose first slice alone stores dS into the bias's gradient)."""
+    """Softcap, ALiBi, a bias (with its gradient) and a mask with GQA and a window (d192-d256: the
+    column slices, whose key groups' warps each store their own query tiles' dS into the bias's
+    gradient where they share S^T and dP^T, the first slice all of it where they do not)."""
+    _score_modifiers(rng, head_dim, deterministic)
+
+
+def _score_modifiers(rng, head_dim, deterministic):
     cupy = _cupy()
     import cuflash
 

@@ -546,12 +546,14 @@ def _bwd_simt_candidates(kernel: str):
 # registers). 128 keys a block where they fit halve the dQ atomics per FLOP.
 # From d192 a warp's dK and dV of every column pass the registers (spills at every tile tried,
 # 56-480 bytes), so those tiles split the columns (dkdv_dmma_slices): twice the warps of the 8-key
-# row tiles, each pair of warps on the same 8 keys, computing S^T and dP^T over the whole head dim
-# and adding half of dK's and dV's columns (96, 112, 128). S^T and dP^T are computed twice: the
-# five products of a step (S, dP, dV, dK, dQ) cost seven products' MMAs, so at the same MMA rate
-# the split runs 5/7 of an unsplit tile's useful rate (4/6 on the deterministic path, whose dQ
-# runs apart). The slices share one block's shared tiles: at one block per SM (sm_90a: 174-203
-# KB) that gives 8 warps per SM where a grid axis over the slices would give 4.
+# row tiles, each pair of warps on the same 8 keys, each adding half of dK's and dV's columns (96,
+# 112, 128). The pair shares S^T and dP^T (dkdv_dmma_shares): each warp computes them (over the
+# whole head dim) for half of the query tiles and the pair exchanges P^T and dS^T through dS's
+# shared tile, so every product is issued once. Where the query tiles do not halve (sm_80 d224,
+# 8 x 32: one) the pair splits the products (one warp S^T, the other dP^T) and exchanges them
+# whole: issued once too (before, both warps computed both: seven products' MMAs for five). The
+# slices share one block's shared tiles: at one block per SM (sm_90a: 174-203 KB)
+# that gives 8 warps per SM where a grid axis over the slices would give 4.
 # dq: fwd_dmma's split (warp w owns block_m / warps query rows, every key of the tile and every
 # column of dQ), 16 rows per warp where the shared memory allows.
 # Candidates (block_m, block_n, warps) best first; the first that fits the arch's shared memory
@@ -596,13 +598,25 @@ def dkdv_dmma_slices(block_n: int, warps: int) -> int:
     return 8 * warps // block_n if 8 * warps > block_n else 1
 
 
+def dkdv_dmma_shares(block_m: int, block_n: int, warps: int) -> bool:
+    """Whether a bwd_dkdv_dmma tile's column slices share S^T and dP^T: each warp of a key group
+    computes 1 / slices of the 8-query tiles and the group exchanges P^T and dS^T through shared
+    memory (every product issued once); sliced tiles whose query tiles divide among the slices.
+    Mirror of bwd_dkdv_dmma.cu's bwd_dkdv_dmma_shares."""
+    slices = dkdv_dmma_slices(block_n, warps)
+    return slices > 1 and (block_m // 8) % slices == 0
+
+
 def _bwd_dmma_tile_ok(kernel: str, block_m: int, block_n: int, warps: int) -> bool:
     """The kernels' static_asserts: whole 8-row tiles per warp (keys for dkdv, queries for dq);
-    dkdv's column slices (dkdv_dmma_slices) share the warps evenly. (A slice's columns, head_dim /
-    slices, a multiple of 16: the kernel's assert alone; two slices divide every bucket.)"""
+    dkdv's column slices (dkdv_dmma_slices) share the warps evenly, and their key groups share S^T
+    and dP^T by query tiles (dkdv_dmma_shares) or are pairs (which split them by product). (A
+    slice's columns, head_dim / slices, a multiple of 16: the kernel's assert alone; two slices
+    divide every bucket.)"""
     if kernel == "bwd_dkdv_dmma":
         slices = dkdv_dmma_slices(block_n, warps)
-        return warps % slices == 0 and block_n % (8 * (warps // slices)) == 0 and block_m % 8 == 0
+        return (warps % slices == 0 and block_n % (8 * (warps // slices)) == 0 and block_m % 8 == 0
+                and (slices <= 2 or dkdv_dmma_shares(block_m, block_n, warps)))  # S^T, dP^T issued once
     return block_m % (8 * warps) == 0 and block_n % 8 == 0
 
 
