@@ -238,6 +238,40 @@ def test_keys_past_seqused_k_never_reach_the_output(rng, map_calls):
         assert numpy.abs(out[cu_q[i]: cu_q[i + 1]] - ref_out[0].transpose(1, 0, 2)).max() < 2e-2, i
 
 
+@pytest.mark.parametrize("causal", [False, True, "top_left"])
+@pytest.mark.parametrize("lengths_q,used_k", [((333, 1), (1200, 700)), ((1200, 97), (333, 1025))])
+def test_alibi_on_the_tma_kernel_with_keys_past_seqused_k(rng, causal, lengths_q, used_k, map_calls):
+    """ALiBi on the TMA kernel over a packed batch with seqused_k: the V rows past each
+    sequence's used keys (NaN here) never reach the output, dense, bottom-right and top-left
+    causal, Lq < Lk and Lq > Lk; slopes up to ALiBi's largest (2^-1, whose scores move by far more
+    than the lazy rescale's 2^8 per key tile) and a zero one; each sequence against its own
+    float64 attention under FlashAttention-2's rule (2x a plain bf16 implementation's error)."""
+    dtype, d, heads = "bfloat16", 128, 4
+    capacity = [n + 100 for n in used_k]
+    cu_q, cu_k = (numpy.concatenate([[0], numpy.cumsum(n)]).astype(numpy.int32) for n in (lengths_q, capacity))
+    dev, exact = _inputs(rng, dtype, (int(cu_q[-1]), heads, d), (int(cu_k[-1]), heads, d), (int(cu_k[-1]), heads, d))
+    for i, n in enumerate(used_k):
+        dev[2][cu_k[i] + n: cu_k[i + 1]] = numpy.nan
+    slopes = numpy.array([2.0 ** -1, 2.0 ** -3, 2.0 ** -6, 0.0], dtype=numpy.float32)
+    out, lse = cuflash.attention_varlen(*dev, cupy.asarray(cu_q), cupy.asarray(cu_k), causal=causal,
+                                        alibi_slopes=cupy.asarray(slopes), return_lse=True,
+                                        seqused_k=cupy.asarray(numpy.array(used_k, dtype=numpy.int32)))
+    assert map_calls
+    out, lse = cupy.asnumpy(out).astype(numpy.float64), cupy.asnumpy(lse).astype(numpy.float64)
+    for i, n in enumerate(used_k):
+        q, k, v = (x[c[i]: c[i] + m].transpose(1, 0, 2)[None]
+                   for x, c, m in zip(exact, (cu_q, cu_k, cu_k), (lengths_q[i], n, n)))
+        options = dict(causal=causal, alibi_slopes=slopes.astype(numpy.float64))
+        ref_out, ref_lse = score_mods_ref(q, k, v, **options)
+        base_out, _ = score_mods_ref(q, k, v, dtype=numpy.dtype(dtype), **options)
+        got = out[cu_q[i]: cu_q[i + 1]].transpose(1, 0, 2)[None]
+        err, base = numpy.abs(got - ref_out).max(), numpy.abs(base_out - ref_out).max()
+        assert err <= 2 * base + 1e-3, (i, err, base)
+        got_lse, seen = lse[None, :, cu_q[i]: cu_q[i + 1]], numpy.isfinite(ref_lse)  # lse: (Hq, total_q)
+        assert numpy.array_equal(numpy.isfinite(got_lse), seen)
+        assert numpy.abs(got_lse[seen] - ref_lse[seen]).max() < 1e-3 * max(1.0, numpy.abs(ref_lse[seen]).max())
+
+
 MOD_CASES = [
     (128, dict(softcap=30.0, alibi="heads", sinks=True, causal=True)),
     (64, dict(softcap=5.0, window=(200, 0))),
