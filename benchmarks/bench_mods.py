@@ -20,7 +20,7 @@ miss is printed as MISMATCH, recorded (flex_correct false, the record's flex_mis
 makes the exit status 1. Without torch's CUDA build, triton or FlexAttention (or with --no-flex)
 the flex columns are "-" and cuflash runs alone.
 
-    python benchmarks/bench_mods.py [--dtype bf16,fp16] [--headdim 128] [--seqlen 4096,16384] [--no-flex]
+    python benchmarks/bench_mods.py [--dtype bf16,fp16] [--headdim 128] [--seqlen 4096,16384] [--mods alibi] [--no-flex]
 
 Times per call: the device's (--repeats calls back to back between CUDA events, the host's path
 overlapped: what the modifier costs on the GPU) and a lone call's (median of --repeats, each
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--causal", default="false,true")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mods", default="softcap,alibi,sinks,all",
+                        help="the modifiers timed (modifiers()' labels), each beside the plain call")
     parser.add_argument("--no-flex", action="store_true",
                         help="time cuflash alone (FlexAttention compiles each point and modifier: minutes)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -158,6 +160,10 @@ def main(argv=None) -> int:
     cupy, cuflash, torch = libs.cupy, libs.cuflash, libs.torch
     import numpy  # knows bfloat16: load_libraries imported ml_dtypes
 
+    timed = set(args.mods.split(","))
+    unknown = timed - set(modifiers(cupy, 1))
+    if unknown:
+        raise SystemExit(f"bench_mods: no modifiers {sorted(unknown)}: --mods takes {list(modifiers(cupy, 1))[1:]}")
     rows = []
     points = itertools.product(args.dtype.split(","), map(int, args.headdim.split(",")),
                                map(int, args.seqlen.split(",")),
@@ -176,6 +182,8 @@ def main(argv=None) -> int:
                                     batch=b, heads=h)
             base = flex_base = None
             for label, mods in modifiers(cupy, h).items():
+                if label != "plain" and label not in timed:
+                    continue
                 out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True, **mods)
                 calls = {"fwd": lambda: cuflash.attention(q, k, v, causal=causal, return_lse=True, **mods),
                          "bwd": lambda: cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
