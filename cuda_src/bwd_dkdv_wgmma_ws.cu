@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
 
     // ---- Consumer warpgroups.
     ptx::setmaxnreg_inc<240>();
-    const int group = warp / 4 - 1;
+    const int group = __shfl_sync(0xffffffffu, warp / 4 - 1, 0);  // uniform registers: fwd_wgmma_ws.cu says why
     const int consumer_tid = tid - 128;
     auto lane_key_row = [&] { return group * kGroupKeys + (warp % 4) * 16 + lane / 4; };
 

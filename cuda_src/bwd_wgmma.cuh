@@ -113,13 +113,14 @@ __device__ __forceinline__ void accumulate_dv_dk(float (&dv)[kHeadDim / 8][4], f
         tc::pack_a<Element>(pt[2 * kk], pt[2 * kk + 1], pa[kk]);
         tc::pack_a<Element>(dst[2 * kk], dst[2 * kk + 1], dsa[kk]);
     }
+    const unsigned long long do_desc = QTile::mn_major(do_tile), q_desc = QTile::mn_major(q_tile);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
-        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], QTile::mn_major(do_tile + kk * 2048));
+        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dv, pa[kk], ptx::desc_advance(do_desc, kk * 2048));
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk)
-        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], QTile::mn_major(q_tile + kk * 2048));
+        ptx::Wgmma<kHeadDim>::template rs<Element, 1>(dk, dsa[kk], ptx::desc_advance(q_desc, kk * 2048));
     ptx::wgmma_commit();
 }
 
@@ -142,12 +143,13 @@ __device__ __forceinline__ void store_dst(unsigned ds_tile, const unsigned (&dsa
 // ``ds_panel``), B = K (MN-major, from column ``k_cols`` of its tile).
 template <typename Element, int kBlockN, int kDqN, typename DsTile, typename KVTile>
 __device__ __forceinline__ void dq_product(float (&dq)[kDqN / 8][4], unsigned ds_panel, unsigned k_cols) {
+    const unsigned long long ds_desc = DsTile::mn_major(ds_panel), k_desc = KVTile::mn_major(k_cols);
     ptx::wgmma_fence();
-    ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, DsTile::mn_major(ds_panel), KVTile::mn_major(k_cols));
+    ptx::Wgmma<kDqN>::template ss<Element, 1, 1, false>(dq, ds_desc, k_desc);
 #pragma unroll
     for (int kk = 1; kk < kBlockN / 16; ++kk)
-        ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, DsTile::mn_major(ds_panel + kk * 2048),
-                                                      KVTile::mn_major(k_cols + kk * 2048));
+        ptx::Wgmma<kDqN>::template ss<Element, 1, 1>(dq, ptx::desc_advance(ds_desc, kk * 2048),
+                                                      ptx::desc_advance(k_desc, kk * 2048));
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::wgmma_pin(dq);

@@ -232,7 +232,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
 
     // ---- Consumer warpgroups.
     ptx::setmaxnreg_inc<ws_consumer_registers<kConsumers>()>();
-    const int group = warp / 4 - 1;                       // consumer warpgroup
+    // The consumer warpgroup, broadcast from lane 0: the compiler then knows it is the same in
+    // every lane and keeps what derives from it (shared addresses, wgmma descriptors) in uniform
+    // registers instead of rebuilding each descriptor per lane and moving it over per wgmma.
+    const int group = __shfl_sync(0xffffffffu, warp / 4 - 1, 0);
     const int group_tid = tid - 128 * (group + 1);        // thread within it
     const int warp_row0 = group * 64 + (warp % 4) * 16;   // this warp's 16 query rows of the block
     // Named barriers: 1 + g, warpgroup g alone; 4 + g, g's turn to issue MMAs (ping-pong).
@@ -309,15 +312,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         // O's columns [0, 128) and, past d128, [128, kHeadDim) (panels 2 on): one wgmma each, N <= 128.
         constexpr int kFirstCols = kHeadDim < 128 ? kHeadDim : 128;
         auto issue_pv = [&](int slot) {
-            const unsigned v_tile = v_ring + slot * KVTile::kBytes;
+            const unsigned long long v_desc = KVTile::mn_major(v_ring + slot * KVTile::kBytes);
 #pragma unroll
             for (int kk = 0; kk < kKStepsPV; ++kk) {
                 ptx::Wgmma<kFirstCols>::template rs<Element, 1>(tc::n_tiles<0, kFirstCols / 8>(acc[0]), p_frag[kk],
-                                                                 KVTile::mn_major(v_tile + kk * 2048));
+                                                                 ptx::desc_advance(v_desc, kk * 2048));
                 if constexpr (kHeadDim > 128)
                     ptx::Wgmma<kHeadDim - 128>::template rs<Element, 1>(
                         tc::n_tiles<16, (kHeadDim - 128) / 8>(acc[0]), p_frag[kk],
-                        KVTile::mn_major(v_tile + 2 * KVTile::kPanelBytes + kk * 2048));
+                        ptx::desc_advance(v_desc, 2 * KVTile::kPanelBytes + kk * 2048));
             }
         };
 

@@ -355,6 +355,16 @@ __device__ __forceinline__ unsigned long long sw128_desc(unsigned addr, unsigned
            (static_cast<unsigned long long>((stride_bytes & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of an operand `bytes` further on in the same tile (a later k16 step): the
+// start-address field holds addr >> 4 in bits 0-13 and shared addresses stay below 2^18, so the
+// field neither wraps nor carries into the next one. One add to the low word, where rebuilding
+// the descriptor from the address costs a mask, a shift and an or (and a move to a uniform
+// register) per wgmma; the high word (stride, swizzle) is left as it is, so no 64-bit add.
+__device__ __forceinline__ unsigned long long desc_advance(unsigned long long desc, unsigned bytes) {
+    const unsigned low = static_cast<unsigned>(desc) + (bytes >> 4);
+    return (desc & 0xFFFFFFFF00000000ull) | low;
+}
+
 // Before the first wgmma that reads registers (A fragments, accumulators) written by other
 // instructions since the last wgmma.
 __device__ __forceinline__ void wgmma_fence() {

@@ -127,11 +127,12 @@ struct Sw128Tile {
 // Issued only: the caller commits and waits.
 template <typename Element, int kKSteps, typename ATile, typename BTile, int kNTiles>
 __device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, unsigned b) {
-    ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0, false>(c, ATile::k_major(a), BTile::k_major(b));
+    const unsigned long long desc_a = ATile::k_major(a), desc_b = BTile::k_major(b);
+    ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0, false>(c, desc_a, desc_b);
 #pragma unroll
     for (int kk = 1; kk < kKSteps; ++kk)
-        ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0>(c, ATile::k_major(a + ATile::k_step(kk)),
-                                                             BTile::k_major(b + BTile::k_step(kk)));
+        ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0>(c, ptx::desc_advance(desc_a, ATile::k_step(kk)),
+                                                             ptx::desc_advance(desc_b, BTile::k_step(kk)));
 }
 
 // Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles
