@@ -228,3 +228,22 @@ def test_the_plan_cache_is_bounded_and_safe_across_threads(monkeypatch):
     for thread in threads:
         thread.join()
     assert not errors and len(plan.PLANS) == 3
+
+
+@pytest.mark.parametrize("group, rows, key_tiles, expected", [
+    (8, 32, 32, 8),     # GQA 16/2, B2 L4096: 128 whole-group blocks fill 9 SMs in 10 of 132: kept whole
+    (16, 32, 32, 4),    # GQA 16/1: 64 blocks; splits of 8 give 128 < 132, of 4 give 256
+    (2, 32, 32, 2),     # GQA 16/8: 512 blocks
+    (1, 32, 32, 1),     # MHA
+    (16, 16, 8, 16),    # 128 block-steps in all: the host's time, no partial sums
+    (6, 6, 64, 2),      # MQA over 6 heads of one sequence: 64 blocks whole, 128 in threes, 192 in pairs
+    (3, 3, 100, 1),     # MQA over 3 heads: 100 blocks whole (under 119), no divisor between: one head each
+])
+def test_gqa_dkdv_blocks_keep_the_group_while_its_blocks_fill_the_gpu(monkeypatch, group, rows, key_tiles, expected):
+    """plan._heads_per_block on a 132-SM part (H200): the whole group while its blocks fill 90%
+    of the SMs (a short wave costs less than the partial sums a split needs), else the largest
+    divisor of the group that gives a block per SM (measured: benchmarks/NOTES.md, session 22)."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    assert plan._heads_per_block(group, rows, key_tiles) == expected
