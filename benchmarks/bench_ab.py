@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     summary = summarize(rows, labels)
     print(table(summary, labels))
     record = {"sweep": "ab", "device": device, "date_utc": records.now_utc(), **records.source_commit(),
-              "trees": {label: str(path) for label, path in trees}, "rounds": args.rounds, "options": options,
+              "trees": dict(zip(labels, args.trees)), "rounds": args.rounds, "options": options,
               "rows": rows, "summary": summary}
     path = records.write(record, records.record_path(args.out, record["date_utc"], device, "ab"))
     print(f"recorded {path}")

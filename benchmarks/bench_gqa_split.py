@@ -81,11 +81,10 @@ def main(argv=None) -> int:
         plan._heads_per_block = rule
         plan.forget()
     grad = draw(b, h, length, d)
-    for parts in sorted({2, 4, 8, h} & set(range(2, h + 1))):
-        if h % parts == 0:
-            shape = (b, h // parts, length, d)
-            sums.append({"parts": parts, "ms": records.timed_ms(
-                cupy, lambda: plan._sum_to(grad, shape, parts, numpy.dtype(numpy.float32), grad.dtype), args.repeats)})
+    for parts in sorted(n for n in {2, 4, 8, h} if 2 <= n <= h and h % n == 0):
+        shape = (b, h // parts, length, d)
+        sums.append({"parts": parts, "ms": records.timed_ms(
+            cupy, lambda: plan._sum_to(grad, shape, parts, numpy.dtype(numpy.float32), grad.dtype), args.repeats)})
 
     print("| causal | Hq/Hkv | heads per block | bwd ms | x MHA |\n| --- | --- | --- | --- | --- |")
     for r in rows:
