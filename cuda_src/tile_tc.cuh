@@ -111,8 +111,9 @@ struct Sw128Tile {
     // wgmma descriptors of an operand that starts at shared address `addr` inside this tile
     // (ptx::sw128_desc): K-major, the tile's rows are the operand's M/N index (a k16 step is
     // +32 bytes, a panel every 4 steps); MN-major, its rows are the k index (a k16 step is +16
-    // rows, 2048 bytes; N or M beyond 64 columns continue in the next panel). Built where used
-    // from a 32-bit address: only the address is live, the other fields are constants.
+    // rows, 2048 bytes; N or M beyond 64 columns continue in the next panel). Built once per
+    // operand from a 32-bit address (the other fields are constants); later k-steps advance it
+    // (ptx::desc_advance).
     __device__ __forceinline__ static unsigned long long k_major(unsigned addr) { return ptx::sw128_desc(addr, 16, 1024); }
     __device__ __forceinline__ static unsigned long long mn_major(unsigned addr) {
         return ptx::sw128_desc(addr, kPanelBytes, 1024);

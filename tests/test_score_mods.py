@@ -170,6 +170,40 @@ def test_gpu_matches_the_reference(rng, dtype, case):
     tolerance rule (tests/tolerance.py): fp16/bf16 within 2x (3x for gradients) of a plain
     implementation in that dtype; fp32/fp64 near their own rounding. The deterministic backward
     (odd head dims) and the atomic one (even) both run."""
+    _check_on_gpu(rng, dtype, case)
+
+
+# Softcap alone at the head dims of every 16-bit forward family: its own body, which in bf16
+# returns tanh in raw units with the cap as the softmax's multiplier (score_mod.cuh's
+# ModBodies::kRawUnits; fp16 keeps log2 units); Lq != Lk, dense, causal and a negative scale.
+FAMILY_CASES = [((1, 2, 300, d), (1, 2, 1500, d), options) for d in (64, 128)
+                for options in (dict(softcap=1.5), dict(softcap=1.5, causal=True), dict(softcap=3.0, scale=-0.2))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["fwd_tc", "fwd_wgmma", "fwd_wgmma_ws"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: "-".join(f"{k}" for k in c[2]) + f"-d{c[0][-1]}")
+def test_gpu_softcap_alone_matches_the_reference_on_each_forward_family(rng, monkeypatch, family, dtype, case):
+    """Each family forced by trimming tiles.FORWARD to it and those after it (the Hopper ones run on
+    compute capability 9.0 only), fresh plans, and checked to be the one that ran."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import plan, tiles
+
+    if family != "fwd_tc" and cupy.cuda.Device().compute_capability != "90":
+        pytest.skip(f"{family} runs on compute capability 9.0 only")
+    order = (tiles.FWD_WGMMA_WS, tiles.FWD_WGMMA, tiles.FWD_TC)
+    start = [spec.kernel for spec in order].index(family)
+    monkeypatch.setattr(tiles, "FORWARD", {**tiles.FORWARD, dtype: order[start:]})
+    monkeypatch.setattr(plan, "PLANS", {})
+    ran, select = [], tiles.select
+    monkeypatch.setattr(tiles, "select", lambda *args, **kwargs: ran.append(select(*args, **kwargs)) or ran[-1])
+    _check_on_gpu(rng, dtype, case)
+    assert ran and {variant.kernel for variant in ran} == {family}, ran
+
+
+def _check_on_gpu(rng, dtype, case):
+    """test_gpu_matches_the_reference's check of one case: forward (out, lse) and backward."""
     cupy = pytest.importorskip("cupy")
     import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
     from reference import attention_backward_magnitudes
