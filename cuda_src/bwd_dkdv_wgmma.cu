@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     unsigned char* const stat_ptr = smem + align + kTileBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int group = warp / 4;                                     // warpgroup
+    const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
     // The grid is (B*H / heads_per_block, key tiles), renumbered so that the key tiles that run
     // together read the same Q, dO and add into the same rows of dq_accum, which then stay in L2
     // instead of making a round trip to memory per key tile. Dense: one group's key tiles back to
