@@ -155,26 +155,28 @@ __device__ __forceinline__ void dq_product(float (&dq)[kDqN / 8][4], unsigned ds
     ptx::wgmma_pin(dq);
 }
 
-// dQ_i's part added, unscaled, into dq_accum (bwd_dq_convert multiplies by scale): rows
-// ``row0`` + lane / 4 + {0, 8} below Lq, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below D. An
-// even D makes every (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
-template <int kDqN>
-__device__ __forceinline__ void add_dq(float* dq_rows, const float (&dq)[kDqN / 8][4], int row0, int seqlen_q, int c0,
-                                       int head_dim, int lane) {
+// An accumulator fragment added into fp32 rows of ``width`` floats (REDs): rows ``row0`` +
+// lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
+// times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
+// else element by element. dQ_i's part into dq_accum (unscaled: bwd_dq_convert multiplies by
+// scale), and a split GQA group's dK and dV into their sums (add_dk_dv).
+template <int kN>
+__device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN / 8][4], int row0, int rows, int c0,
+                                         int width, int lane, float factor = 1.f) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + lane / 4 + 8 * h;
-        if (row < seqlen_q) {
-            float* dst = dq_rows + (long long)row * head_dim;
+        if (row < rows) {
+            float* dst = dst_rows + (long long)row * width;
 #pragma unroll
-            for (int nt = 0; nt < kDqN / 8; ++nt) {
+            for (int nt = 0; nt < kN / 8; ++nt) {
                 const int col = c0 + nt * 8 + 2 * (lane % 4);
-                if (head_dim % 2 == 0) {
-                    if (col < head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                if (width % 2 == 0) {
+                    if (col < width) ptx::red_add_v2_f32(dst + col, frag[nt][2 * h] * factor, frag[nt][2 * h + 1] * factor);
                 } else {
 #pragma unroll
                     for (int e = 0; e < 2; ++e)
-                        if (col + e < head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                        if (col + e < width) atomicAdd(dst + col + e, frag[nt][2 * h + e] * factor);
                 }
             }
         }
@@ -209,6 +211,20 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
                                                 p.dk_row_stride, at.seqlen_k - n0, p.fwd.head_dim, thread);
     tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + at.dv + n0 * p.dv_row_stride,
                                                 p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
+}
+
+// The epilogue when a GQA group's query heads are split over blocks (BwdParams::dkv_adds): this
+// warpgroup's dK_g * scale and dV_g added into the key/value head's fp32 sums (contiguous rows of
+// D and Dv floats), rows ``key_row0`` + lane / 4 + {0, 8} of key tile n_index, below Lk; no
+// staging, no barrier. The host zeroes the sums and rounds them to the input type after.
+template <int kBlockN, int kHeadDim>
+__device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_index, const float (&dk)[kHeadDim / 8][4],
+                                          const float (&dv)[kHeadDim / 8][4], int key_row0, int lane) {
+    const BwdBatchIndex at(p, group * p.heads_per_block);
+    const int row0 = n_index * kBlockN + key_row0;
+    add_rows<kHeadDim>(static_cast<float*>(p.dk) + at.dk, dk, row0, at.seqlen_k, 0, p.fwd.head_dim, lane,
+                       static_cast<float>(p.fwd.scale));
+    add_rows<kHeadDim>(static_cast<float*>(p.dv) + at.dv, dv, row0, at.seqlen_k, 0, p.fwd.head_dim_v, lane);
 }
 
 // dQ_i's part of this warpgroup into a row-major fp32 tile in shared memory (rows of kStride

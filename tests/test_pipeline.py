@@ -11,6 +11,7 @@ import concurrent.futures
 import os
 import shutil
 
+import numpy
 import pytest
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
@@ -228,6 +229,51 @@ def test_the_plan_cache_is_bounded_and_safe_across_threads(monkeypatch):
     for thread in threads:
         thread.join()
     assert not errors and len(plan.PLANS) == 3
+
+
+def _tile_counts_by_rows(seqlen_q, seqlen_k, causal, window, block_m, block_n):
+    from cuflash import _spec
+
+    problem = _spec.resolve_forward(numpy.zeros((1, seqlen_q, 8)), numpy.zeros((1, seqlen_k, 8)),
+                                    numpy.zeros((1, seqlen_k, 8)), causal=causal, window=window)
+    counts = []
+    for a in range(0, seqlen_k, block_n):
+        b = min(a + block_n, seqlen_k)
+        counts.append(sum(1 for m in range(0, seqlen_q, block_m)
+                          if (lambda lo, hi: lo < min(hi, b) and max(lo, a) < hi)(
+                              *problem.key_range(m, min(m + block_m, seqlen_q)))))
+    return problem, tuple(counts)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k, causal, window", [
+    (4096, 4096, True, None), (1025, 97, True, None), (97, 1025, True, None), (200, 333, "top_left", None),
+    (300, 300, False, (33, 47)), (1, 1025, False, None), (1025, 1, True, None), (97, 200, False, (-1, 5)),
+])
+def test_query_tiles_per_key_tile_agree_with_the_key_ranges(seqlen_q, seqlen_k, causal, window):
+    """plan._query_tiles_per_key_tile (a dK/dV block's steps per head, for the GQA split's cost
+    model) against a tile-by-tile walk of _spec's key_range."""
+    from cuflash._gpu import plan
+
+    problem, expected = _tile_counts_by_rows(seqlen_q, seqlen_k, causal, window, 64, 128)
+    assert plan._query_tiles_per_key_tile(problem, 64, 128) == expected
+
+
+@pytest.mark.parametrize("group, rows, causal, expected", [
+    (8, 32, True, 4),     # GQA 16/2, B2 L4096 causal: whole groups' blocks take 2x the mean SM load
+    (8, 32, False, 8),    # dense: 128 whole-group blocks end together, before any split's
+    (16, 32, False, 8),   # GQA 16/1 dense: 64 whole-group blocks leave half the SMs idle
+    (16, 32, True, 4),
+    (2, 32, True, 2),     # GQA 16/8: already balanced
+    (8, 512, True, 8),    # many blocks: the mean load decides, whole groups add nothing
+])
+def test_gqa_slices_added_in_the_kernel_balance_the_sms(monkeypatch, group, rows, causal, expected):
+    """plan._heads_per_block_adding on a 132-SM part, L 4096 both ways, 64 x 128 tiles."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    problem, _ = _tile_counts_by_rows(4096, 4096, causal, None, 64, 128)
+    steps = plan._query_tiles_per_key_tile(problem, 64, 128)
+    assert plan._heads_per_block_adding(group, rows, steps) == expected
 
 
 @pytest.mark.parametrize("group, rows, key_tiles, expected", [
