@@ -219,9 +219,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     // zeros. A slice of a split group adds them into the group's fp32 sums instead.
     ptx::cp_async_wait<0>();
     if (p.dkv_adds) {
+        static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
         const auto [out_group, out_n_index] = block_coord();
-        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim>(p, out_group, out_n_index, dk, dv, group * kGroupKeys + (warp % 4) * 16,
-                                                lane);
+        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kThreads>(p, out_group, out_n_index, dk, dv,
+                                                          group * kGroupKeys + (warp % 4) * 16, k_smem, tid, lane,
+                                                          [] { __syncthreads(); });
         return;
     }
     __syncthreads();

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 const int buffer = t % kDqRing;
                 if (t >= kDqRing)
                     ptx::mbarrier_wait(dq_empty(buffer), (static_cast<unsigned>(t / kDqRing) & 1u) ^ 1u);
-                wgmma_bwd::stage_dq<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
+                wgmma_bwd::stage_rows<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
                 ptx::mbarrier_arrive_warp(dq_full(buffer));
             } else {
                 wgmma_bwd::add_rows<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
@@ -306,9 +306,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     // warpgroups are past their last step), stored by the consumers; a slice of a split group adds
     // them into the group's fp32 sums instead.
     if (p.dkv_adds) {
+        static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
         const auto [out_group, out_n_index] = block_coord();
-        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim>(p, out_group, out_n_index, dk, dv, group * kGroupKeys + (warp % 4) * 16,
-                                                lane);
+        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kConsumerThreads>(
+            p, out_group, out_n_index, dk, dv, group * kGroupKeys + (warp % 4) * 16, k_smem, consumer_tid, lane,
+            [] { ptx::named_barrier_sync(1, kConsumerThreads); });
         return;
     }
     ptx::named_barrier_sync(1, kConsumerThreads);

@@ -469,12 +469,15 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
 
 # A split GQA group's slices added into fp32 sums by the Hopper dK/dV kernels (plan._adds_dkdv):
 # (q shape, k shape, Dv, options); "blhd": q, k, v, dout as (B, L, H, D) arrays seen as
-# (B, H, L, D); "padding": a key-padding mask whose last batch row sees no key.
+# (B, H, L, D); "padding": a key-padding mask whose last batch row sees no key; "stored": a
+# head-dim bucket the Hopper kernels do not serve (bwd_dkdv_tc stores the slices, the host sums).
 ADD_CASES = [
     ((2, 8, 200, 64), (2, 2, 333, 64), 64, dict(causal=True)),
     ((1, 6, 1025, 128), (1, 2, 97, 128), 128, dict(causal=True)),
-    ((2, 4, 97, 59), (2, 1, 257, 59), 59, dict(window=(33, 47))),  # MQA by a head axis of 1; odd width
-    ((2, 4, 70, 96), (2, 2, 70, 96), 32, dict(causal="top_left")),  # D != Dv
+    ((2, 4, 97, 59), (2, 1, 257, 59), 59, dict(window=(33, 47))),  # MQA by a head axis of 1; odd width: REDs
+    ((2, 4, 99, 124), (2, 2, 150, 124), 124, dict(causal=True)),  # width 124 floats: bulk adds, 16-byte rows
+    ((2, 4, 70, 64), (2, 2, 70, 64), 32, dict(causal="top_left")),  # D != Dv
+    ((2, 4, 70, 96), (2, 2, 70, 96), 32, dict(causal="top_left", stored=True)),
     ((2, 4, 130, 128), (2, 2, 201, 128), 128, dict(softcap=20.0, alibi=True)),
     ((3, 4, 97, 64), (3, 2, 200, 64), 64, dict(padding=True, causal=True)),
     ((2, 6, 300, 128), (2, 3, 300, 128), 128, dict(blhd=True)),
@@ -493,7 +496,7 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
 
     q_shape, k_shape, dv, options = case
     options = dict(options)
-    blhd, padding, alibi = (options.pop(name, False) for name in ("blhd", "padding", "alibi"))
+    blhd, padding, alibi, stored = (options.pop(name, False) for name in ("blhd", "padding", "alibi", "stored"))
     v_shape = k_shape[:-1] + (dv,)
     o_shape = q_shape[:-1] + (dv,)
     if blhd:  # drawn as (B, L, H, D), passed as its (B, H, L, D) view
@@ -509,7 +512,7 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
     group = q_shape[1] // k_shape[1]
     adds, real = [], plan._adds_dkdv
     monkeypatch.setattr(plan, "_adds_dkdv", lambda *args: adds.append(real(*args)) or adds[-1])
-    hopper = cupy.cuda.Device().compute_capability == "90"
+    hopper = cupy.cuda.Device().compute_capability == "90" and not stored
     for per_block in sorted({1, group // 2} - {0}):
         plan.forget()
         monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
