@@ -513,14 +513,18 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
     adds, real = [], plan._adds_dkdv
     monkeypatch.setattr(plan, "_adds_dkdv", lambda *args: adds.append(real(*args)) or adds[-1])
     hopper = cupy.cuda.Device().compute_capability == "90" and not stored
+    replayed, run = [], plan.BackwardPlan.run
+    monkeypatch.setattr(plan.BackwardPlan, "run", lambda self, *a, **kw: replayed.append(self.dkv_sums) or run(self, *a, **kw))
     for per_block in sorted({1, group // 2} - {0}):
         plan.forget()
         monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
-        for deterministic in (False, True):
+        for deterministic in (False, False, True):  # (the second call replays the first's plan)
             adds.clear()
             check_against_reference(dtype, q, k, v, dout, gpu=True, deterministic=deterministic, **options)
             assert adds and all(taken == (hopper and not deterministic) for taken in adds), adds
+    if hopper and q_shape[-1] % 8 == 0 and not (blhd or padding or alibi):  # (inputs read in place: replayed)
+        assert replayed and all(sums is not None for sums in replayed), replayed
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -132,6 +132,11 @@ class CupyMemory:
         target[...] = source if source.dtype == target.dtype else _widen(source, target.dtype)
 
     @staticmethod
+    def narrow(target, source) -> None:
+        """target[...] = source (float32) rounded to nearest even in target's dtype."""
+        _narrow(source, out=target)
+
+    @staticmethod
     def stream() -> int:
         return _cupy().cuda.get_current_stream().ptr
 
@@ -347,10 +352,11 @@ class BackwardPlan(_Plan):
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
                  packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, per_row=None, dbias=None,
-                 orders=None):
+                 orders=None, dkv_sums=None):
         super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs, per_row)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.orders = orders or {}  # each gradient's memory order: its input's (_gradient_buffer)
+        self.dkv_sums = dkv_sums  # a split GQA group's dK/dV sums (_DkvSums), or None
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
         # With a bias's gradient: (the shape of what the kernels write, dS or bwd_dbias_tc's
@@ -364,7 +370,9 @@ class BackwardPlan(_Plan):
         ptr, shapes = memory.pointer, self.shapes
         dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
                                                                               self.orders.get(name))
-                      for name in ("dq", "dk", "dv"))
+                      for name in (("dq",) if self.dkv_sums else ("dq", "dk", "dv")))
+        if self.dkv_sums:
+            dk, dv = self.dkv_sums.allocate(memory)  # (rounded into dK, dV after the launches)
         # Held until the launches are queued: freed at once, its memory would go to the next
         # allocation of this call (a bias or mask copy, dS), which the kernels then overwrite.
         workspace = memory.empty((self.workspace_size,), self.accum)
@@ -378,9 +386,37 @@ class BackwardPlan(_Plan):
                            dq_accum, delta) + _packed_pointers(memory, packed) + scores
                   + (() if dscores is None else (ptr(dscores),)))
         del kept, workspace  # (the launches are queued)
+        if self.dkv_sums:
+            dk, dv = self.dkv_sums.round(memory, dk, dv, self.dtype, self.orders)
         if dscores is None:
             return dq, dk, dv
         return dq, dk, dv, self.dbias[2].run(memory, dscores)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DkvSums:
+    """dK and dV of a GQA group whose query heads are split over blocks that add into them
+    (BwdParams::dkv_adds): fp32 sums in k's and v's shapes but for their dtype, one zeroed buffer
+    (v's part on a 256-byte boundary), rounded into the gradients after the launches."""
+
+    k_shape: tuple
+    v_shape: tuple
+
+    def allocate(self, memory):
+        k_size, v_size = math.prod(self.k_shape), math.prod(self.v_shape)
+        v_start = -(-k_size // 64) * 64
+        sums = memory.zeros((v_start + v_size,), numpy.dtype(numpy.float32))
+        return sums[:k_size].reshape(self.k_shape), sums[v_start:].reshape(self.v_shape)
+
+    @staticmethod
+    def round(memory, dk_sums, dv_sums, dtype, orders):
+        """dK and dV in ``dtype``, laid out in ``orders`` (each its input's)."""
+        grads = []
+        for name, sums in (("dk", dk_sums), ("dv", dv_sums)):
+            grad = memory.empty(tuple(sums.shape), dtype, orders.get(name))
+            memory.narrow(grad, sums)
+            grads.append(grad)
+        return tuple(grads)
 
 
 def _workspace(delta_size: int, dq_accum_size: int | None, accum) -> tuple[int, int | None]:
@@ -1121,11 +1157,11 @@ def backward(problem):
         adds = per_block < group
     else:
         per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
-    if adds:  # the sums, (lead..., key/value heads, Lk, D), zeroed
+    dkv_sums = None
+    if adds:  # the sums, (lead..., key/value heads, Lk, D) and (..., Dv), zeroed (_DkvSums)
         kv_lead = lead[:-1] + (lead[-1] // group,)
-        dk = cupy.zeros(kv_lead + k.shape[-2:], dtype=numpy.float32)
-        dv = cupy.zeros(kv_lead + v.shape[-2:], dtype=numpy.float32)
-        plain = False
+        dkv_sums = _DkvSums(kv_lead + k.shape[-2:], kv_lead + v.shape[-2:])
+        dk, dv = dkv_sums.allocate(CUPY_MEMORY)
     else:
         kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
         dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True, like=p.k)
@@ -1138,9 +1174,11 @@ def backward(problem):
     delta = buffer[: math.prod(delta_shape)].reshape(delta_shape)
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
     shapes = {"dq": _stored(p, dq).shape, "dk": _stored(p, dk).shape, "dv": _stored(p, dv).shape}
-    # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one)
+    # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one;
+    # with sums, rounds them into gradients of k's and v's shapes: nothing left to sum)
     plain = plain and all((_stored(p, g).flags.c_contiguous or _spec.array_order(g) is not None) and g.shape == s
-                          for g, s in zip((dq, dk, dv), grads_shape))
+                          for g, s in zip((dq,) if adds else (dq, dk, dv), grads_shape))
+    plain = plain and (not adds or (dk.shape, dv.shape) == tuple(grads_shape[1:]))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
@@ -1205,9 +1243,12 @@ def backward(problem):
         launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     orders = {} if p.packed is not None else {name: _spec.array_order(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
+    if adds:  # the gradients rounded from the sums are laid out as k and v (as _gradient_buffer's)
+        orders.update(dk=_spec.result_order(p.k, grads_shape[1], p.dtype.itemsize),
+                      dv=_spec.result_order(p.v, grads_shape[2], p.dtype.itemsize))
     per_row = PerRowInputs.of(p)
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
-                        score_inputs=score_inputs, per_row=per_row, orders=orders,
+                        score_inputs=score_inputs, per_row=per_row, orders=orders, dkv_sums=dkv_sums,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
                                                             "dbias" if on_chip is None else "dbias_sum", on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
@@ -1215,6 +1256,8 @@ def backward(problem):
               + (() if dscores is None else (dscores.data.ptr,)))
     del kept
 
+    if adds and plain:  # rounded from the sums as a replay rounds them
+        dk, dv = dkv_sums.round(CUPY_MEMORY, dk, dv, p.dtype, orders)
     parts = 1 if adds else group // per_block  # of each key/value head's gradient, summed here
     dv = _sum_to(dv, grads_shape[2], parts, accum, p.dtype)
     if p.head_dim == 0:
