@@ -1091,10 +1091,12 @@ def backward(problem):
     (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel over query tiles
     computes dQ without atomics instead.
 
-    GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip
-    (the whole group, unless that leaves too few blocks to fill the GPU: then slices of it, summed
-    here). Gradients of broadcast inputs (an axis of 1 or missing) are summed here too. ``plan``
-    replays the call (``BackwardPlan.run``) when nothing was copied or summed, else None.
+    GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip:
+    the whole group, or slices of it where that balances the SMs' load better. The Hopper kernels
+    add a slice's dK/dV into fp32 sums of the group, rounded here (_DkvSums; not ``deterministic``:
+    the adds' order varies); elsewhere slices are stored and summed here. Gradients of broadcast
+    inputs (an axis of 1 or missing) are summed here too. ``plan`` replays the call
+    (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
     cupy = _cupy()
     p = problem
