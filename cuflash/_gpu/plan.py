@@ -368,11 +368,14 @@ class BackwardPlan(_Plan):
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
         ptr, shapes = memory.pointer, self.shapes
-        dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
-                                                                              self.orders.get(name))
-                      for name in (("dq",) if self.dkv_sums else ("dq", "dk", "dv")))
-        if self.dkv_sums:
-            dk, dv = self.dkv_sums.allocate(memory)  # (rounded into dK, dV after the launches)
+
+        def allocate(name):
+            return (memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
+                                                                         self.orders.get(name))
+
+        dq = allocate("dq")
+        # (a split group's fp32 sums: rounded into dK, dV after the launches)
+        dk, dv = self.dkv_sums.allocate(memory) if self.dkv_sums else (allocate("dk"), allocate("dv"))
         # Held until the launches are queued: freed at once, its memory would go to the next
         # allocation of this call (a bias or mask copy, dS), which the kernels then overwrite.
         workspace = memory.empty((self.workspace_size,), self.accum)
@@ -1462,8 +1465,13 @@ def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...]) -> in
     """Query heads per dK/dV block when a split group's blocks add into shared sums (_adds_dkdv):
     the divisor of the group whose blocks finish first on this GPU (_finish_time), the larger one
     of two within 2% (fewer blocks load K and V and add into the sums). ``steps``: the query tiles
-    each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows."""
-    return _fastest_split(group, rows, steps, _device_attribute("MultiProcessorCount"))
+    each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows. Small
+    problems keep the whole group, as _heads_per_block's: their time is the host's, and the sums
+    cost a memset and two roundings."""
+    sms = _device_attribute("MultiProcessorCount")
+    if rows * len(steps) < 2 * sms:
+        return group
+    return _fastest_split(group, rows, steps, sms)
 
 
 # A dK/dV block's cost beyond its steps, in steps: loading K and V, filling the Q/dO pipeline
