@@ -519,10 +519,11 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
         plan.forget()
         monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
-        for deterministic in (False, False, True):  # (the second call replays the first's plan)
+        for call, deterministic in enumerate((False, False, True)):
             adds.clear()
             check_against_reference(dtype, q, k, v, dout, gpu=True, deterministic=deterministic, **options)
-            assert adds and all(taken == (hopper and not deterministic) for taken in adds), adds
+            # (the second call replays the first's plan where it can: the rules are not asked again)
+            assert (adds or call == 1) and all(taken == (hopper and not deterministic) for taken in adds), adds
     if hopper and q_shape[-1] % 8 == 0 and not (blhd or padding or alibi):  # (inputs read in place: replayed)
         assert replayed and all(sums is not None for sums in replayed), replayed
 
