@@ -1,8 +1,11 @@
 """How many query heads a GQA dK/dV block should take: the backward timed with each split forced.
 
-Under GQA a dK/dV block accumulates ``heads_per_block`` query heads of its key/value head on chip
-(plan._heads_per_block picks it: the whole group unless too few blocks fill the GPU); a split
-group's partial dK/dV are summed after the launch (plan._sum_to). This sweep times
+Under GQA a dK/dV block accumulates ``heads_per_block`` query heads of its key/value head on chip.
+Where the kernels add a split group's slices into fp32 sums (Hopper, not deterministic:
+plan._adds_dkdv) plan._heads_per_block_adding picks it from a model of the SMs' load; else
+plan._heads_per_block does (the whole group unless too few blocks fill the GPU) and the partial
+dK/dV are summed after the launch (plan._sum_to). ``--deterministic`` times the second path
+where the first would run. This sweep times
 ``attention_backward`` with the rule's pick ("auto") and with every divisor of the group forced,
 for Hkv = Hq (MHA, the reference), Hq / 2, Hq / 8 and 1, dense and causal, and the partial sum
 alone. It is the data behind the rule (benchmarks/NOTES.md, session 22).
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic path")
     parser.add_argument("--out", type=Path, default=records.RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     def draw(*shape):
         return cupy.asarray(rng.standard_normal(shape, dtype=numpy.float32).astype(dtype))
 
-    rule = plan._heads_per_block
+    rules = {name: getattr(plan, name) for name in ("_heads_per_block", "_heads_per_block_adding")}
     rows, sums = [], []
     q, dout = draw(b, h, length, d), draw(b, h, length, d)
     try:
@@ -64,21 +68,25 @@ def main(argv=None) -> int:
                 for forced in [None] + [n for n in range(1, group + 1) if group % n == 0]:
                     picks = []
 
-                    def spy(*rule_args, n=forced, picks=picks):  # the rule's pick, or the forced one
-                        picks.append(rule(*rule_args) if n is None else n)
-                        return picks[-1]
+                    def spy(rule, n=forced, picks=picks):  # the rule's pick, or the forced one
+                        def pick(*rule_args):
+                            picks.append(rule(*rule_args) if n is None else n)
+                            return picks[-1]
+                        return pick
 
-                    plan._heads_per_block = spy
+                    for name, rule in rules.items():
+                        setattr(plan, name, spy(rule))
                     plan.forget()
-                    ms = records.timed_ms(cupy, lambda: cuflash.attention_backward(dout, q, k, v, out, lse,
-                                                                                  causal=causal), args.repeats)
+                    ms = records.timed_ms(cupy, lambda: cuflash.attention_backward(
+                        dout, q, k, v, out, lse, causal=causal, deterministic=args.deterministic), args.repeats)
                     mha_ms = ms if hkv == h and forced is None else mha_ms
                     rows.append({"causal": causal, "Hq": h, "Hkv": hkv, "heads_per_block": forced or "auto",
                                  "auto": picks[0] if forced is None and picks else None,
                                  "bwd_ms": ms, "vs_mha": ms / mha_ms})
                     print(rows[-1], file=sys.stderr, flush=True)
     finally:
-        plan._heads_per_block = rule
+        for name, rule in rules.items():
+            setattr(plan, name, rule)
         plan.forget()
     grad = draw(b, h, length, d)
     for parts in sorted(n for n in {2, 4, 8, h} if 2 <= n <= h and h % n == 0):

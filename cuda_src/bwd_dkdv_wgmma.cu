@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     unsigned char* const stat_ptr = smem + align + kTileBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int group = warp / 4;                                     // warpgroup
+    const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
     // The grid is (B*H / heads_per_block, key tiles), renumbered so that the key tiles that run
     // together read the same Q, dO and add into the same rows of dq_accum, which then stay in L2
     // instead of making a round trip to memory per key tile. Dense: one group's key tiles back to
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             float dq[kDqN / 8][4];
             wgmma_bwd::dq_product<Element, kBlockN, kDqN, DsTile, KVTile>(
                 dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
-            wgmma_bwd::add_dq<kDqN>(dq_head_s + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+            wgmma_bwd::add_rows<kDqN>(dq_head_s + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
                                     at.seqlen_q, c0, f.head_dim, lane);
         } else {
             ptx::wgmma_wait<0>();
@@ -216,8 +216,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     // ---- Epilogue: the group's dK_g * scale and dV_g in the input type, staged through shared
     // memory as padded row tiles (after a barrier: other warps may still read K, V, dS^T), then
     // stored by the whole block as 16-byte chunks where aligned. Key tiles no query sees store
-    // zeros.
+    // zeros. A slice of a split group adds them into the group's fp32 sums instead.
     ptx::cp_async_wait<0>();
+    if (p.dkv_adds) {
+        static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
+        const auto [out_group, out_n_index] = block_coord();
+        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kThreads>(p, out_group, out_n_index, dk, dv,
+                                                          group * kGroupKeys + (warp % 4) * 16, k_smem, tid, lane,
+                                                          [] { __syncthreads(); });
+        return;
+    }
     __syncthreads();
     const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
     wgmma_bwd::stage_dk_dv<Element, kHeadDim, StageTile>(dk_stage, dv_stage, dk, dv, lane_key_row(),

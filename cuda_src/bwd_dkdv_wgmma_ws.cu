@@ -288,10 +288,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 const int buffer = t % kDqRing;
                 if (t >= kDqRing)
                     ptx::mbarrier_wait(dq_empty(buffer), (static_cast<unsigned>(t / kDqRing) & 1u) ^ 1u);
-                wgmma_bwd::stage_dq<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
+                wgmma_bwd::stage_rows<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
                 ptx::mbarrier_arrive_warp(dq_full(buffer));
             } else {
-                wgmma_bwd::add_dq<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+                wgmma_bwd::add_rows<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
                                         at.seqlen_q, c0, f.head_dim, lane);
             }
         } else {
@@ -303,7 +303,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     }
 
     // ---- Epilogue: dK_g * scale and dV_g through shared memory (K, V and dS^T are free once both
-    // warpgroups are past their last step), stored by the consumers.
+    // warpgroups are past their last step), stored by the consumers; a slice of a split group adds
+    // them into the group's fp32 sums instead.
+    if (p.dkv_adds) {
+        static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
+        const auto [out_group, out_n_index] = block_coord();
+        wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kConsumerThreads>(
+            p, out_group, out_n_index, dk, dv, group * kGroupKeys + (warp % 4) * 16, k_smem, consumer_tid, lane,
+            [] { ptx::named_barrier_sync(1, kConsumerThreads); });
+        return;
+    }
     ptx::named_barrier_sync(1, kConsumerThreads);
     const unsigned dk_stage = k_smem, dv_stage = k_smem + StageTile::kBytes;
     wgmma_bwd::stage_dk_dv<Element, kHeadDim, StageTile>(dk_stage, dv_stage, dk, dv, lane_key_row(),

@@ -155,26 +155,28 @@ __device__ __forceinline__ void dq_product(float (&dq)[kDqN / 8][4], unsigned ds
     ptx::wgmma_pin(dq);
 }
 
-// dQ_i's part added, unscaled, into dq_accum (bwd_dq_convert multiplies by scale): rows
-// ``row0`` + lane / 4 + {0, 8} below Lq, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below D. An
-// even D makes every (col, col + 1) pair 8-byte aligned: one vector RED; else element by element.
-template <int kDqN>
-__device__ __forceinline__ void add_dq(float* dq_rows, const float (&dq)[kDqN / 8][4], int row0, int seqlen_q, int c0,
-                                       int head_dim, int lane) {
+// An accumulator fragment added into fp32 rows of ``width`` floats (REDs): rows ``row0`` +
+// lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
+// times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
+// else element by element. dQ_i's part into dq_accum (unscaled: bwd_dq_convert multiplies by
+// scale), and a split GQA group's dK and dV into their sums (add_dk_dv).
+template <int kN>
+__device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN / 8][4], int row0, int rows, int c0,
+                                         int width, int lane, float factor = 1.f) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + lane / 4 + 8 * h;
-        if (row < seqlen_q) {
-            float* dst = dq_rows + (long long)row * head_dim;
+        if (row < rows) {
+            float* dst = dst_rows + (long long)row * width;
 #pragma unroll
-            for (int nt = 0; nt < kDqN / 8; ++nt) {
+            for (int nt = 0; nt < kN / 8; ++nt) {
                 const int col = c0 + nt * 8 + 2 * (lane % 4);
-                if (head_dim % 2 == 0) {
-                    if (col < head_dim) ptx::red_add_v2_f32(dst + col, dq[nt][2 * h], dq[nt][2 * h + 1]);
+                if (width % 2 == 0) {
+                    if (col < width) ptx::red_add_v2_f32(dst + col, frag[nt][2 * h] * factor, frag[nt][2 * h + 1] * factor);
                 } else {
 #pragma unroll
                     for (int e = 0; e < 2; ++e)
-                        if (col + e < head_dim) atomicAdd(dst + col + e, dq[nt][2 * h + e]);
+                        if (col + e < width) atomicAdd(dst + col + e, frag[nt][2 * h + e] * factor);
                 }
             }
         }
@@ -211,21 +213,60 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
                                                 p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
 }
 
-// dQ_i's part of this warpgroup into a row-major fp32 tile in shared memory (rows of kStride
-// floats; 8 floats of padding per row put a warp's 8 rows on distinct banks), for one bulk add
-// per row into dq_accum (bwd_dkdv_wgmma_ws.cu). Rows row0 + lane / 4 + {0, 8}, columns
+// An accumulator fragment (times ``factor``) into a row-major fp32 tile in shared memory (rows of
+// kStride floats; 8 floats of padding per row put a warp's 8 rows on distinct banks), for one
+// bulk add per row: dQ_i's part of this warpgroup into dq_accum (bwd_dkdv_wgmma_ws.cu), a split
+// group's dK, dV into their sums (add_dk_dv). Rows row0 + lane / 4 + {0, 8}, columns
 // c0 + 8 nt + 2 (lane % 4) + {0, 1}.
-template <int kDqN, int kStride>
-__device__ __forceinline__ void stage_dq(unsigned tile, const float (&dq)[kDqN / 8][4], int row0, int c0, int lane) {
+template <int kN, int kStride>
+__device__ __forceinline__ void stage_rows(unsigned tile, const float (&frag)[kN / 8][4], int row0, int c0, int lane,
+                                           float factor = 1.f) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const unsigned row = tile + 4u * static_cast<unsigned>((row0 + lane / 4 + 8 * h) * kStride);
 #pragma unroll
-        for (int nt = 0; nt < kDqN / 8; ++nt)
+        for (int nt = 0; nt < kN / 8; ++nt)
             ptx::st_shared_v2(row + 4u * static_cast<unsigned>(c0 + nt * 8 + 2 * (lane % 4)),
-                              __float_as_uint(dq[nt][2 * h]), __float_as_uint(dq[nt][2 * h + 1]));
+                              __float_as_uint(frag[nt][2 * h] * factor), __float_as_uint(frag[nt][2 * h + 1] * factor));
     }
     ptx::fence_proxy_async_shared();  // for the copy engine's reads
+}
+
+// The epilogue when a GQA group's query heads are split over blocks (BwdParams::dkv_adds): the
+// block's dK * scale and dV added into its key/value head's fp32 sums (contiguous rows of D and
+// Dv floats; the host zeroes them and rounds them to the input type after). Each in turn is
+// staged as padded fp32 rows at ``stage`` (kBlockN x (kHeadDim + 8) floats of shared memory the
+// block's loop no longer reads) and added by the copy engine, a bulk add per row below Lk issued
+// by thread ``thread`` = that row; a width that is not whole 16-byte chunks is added by REDs from
+// the registers instead (one RED per lane and column pair: 1.45x the backward's time at GQA 16/8
+// with one head per block, H200). ``sync``: a barrier of the kThreads threads that hold the tile.
+template <int kBlockN, int kHeadDim, int kThreads, typename Sync>
+__device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_index, const float (&dk)[kHeadDim / 8][4],
+                                          const float (&dv)[kHeadDim / 8][4], int key_row0, unsigned stage,
+                                          int thread, int lane, const Sync& sync) {
+    constexpr int kStride = kHeadDim + 8;
+    static_assert(kThreads >= kBlockN, "one thread per row's bulk add");
+    const BwdBatchIndex at(p, group * p.heads_per_block);
+    const int n0 = n_index * kBlockN, rows = min(kBlockN, at.seqlen_k - n0);
+    auto add = [&](float* sums, const float (&frag)[kHeadDim / 8][4], int width, float factor) {
+        float* const dst = sums + (long long)n0 * width;
+        if (width % 4 != 0) {
+            add_rows<kHeadDim>(dst, frag, key_row0, rows, 0, width, lane, factor);
+            return;
+        }
+        sync();  // the stage is free: the loop's reads, or the previous gradient's bulk adds, are done
+        stage_rows<kHeadDim, kStride>(stage, frag, key_row0, 0, lane, factor);
+        sync();
+        if (thread < rows) {
+            ptx::bulk_reduce_add_f32(dst + (long long)thread * width, stage + 4u * static_cast<unsigned>(thread * kStride),
+                                     4u * static_cast<unsigned>(width));
+            ptx::bulk_commit_group();
+            ptx::bulk_wait_group_read<0>();
+        }
+    };
+    add(static_cast<float*>(p.dk) + at.dk, dk, p.fwd.head_dim, static_cast<float>(p.fwd.scale));
+    add(static_cast<float*>(p.dv) + at.dv, dv, p.fwd.head_dim_v, 1.f);
+    ptx::bulk_wait_group<0>();  // the adds done before the block ends
 }
 
 }  // namespace wgmma_bwd

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     const unsigned kv_smem = q_smem + QTile::kBytes;  // the K ring, then the V ring
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int group = warp / 4;
+    const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
     const auto [bh, m_block] = scheduled_block<kHasWindow>(p);  // schedule.cuh
     const int m0 = m_block * kBlockM;
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows

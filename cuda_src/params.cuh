@@ -117,9 +117,12 @@ struct FwdTmaParams {
 //         divides kv_group, or is 1: the group shares one key/value head), summed over the
 //         group on chip by one dK/dV block; strided over the output's leading axes like o, but
 //         with a head axis of num_heads / heads_per_block. What is left of GQA and
-//         broadcasting is summed by the host afterwards.
+//         broadcasting is summed by the host afterwards. With dkv_adds (the Hopper dK/dV
+//         kernels only): fp32 sums of the whole group, a head axis of num_heads / kv_group,
+//         zeroed by the host, which each block adds its slice's dK * scale and dV into (REDs).
 //   heads_per_block: the query heads one dK/dV block accumulates; its grid is
 //         (num_rows / heads_per_block, key tiles). The other backward kernels run per row.
+//   dkv_adds: 1 when the blocks of a split group add into shared fp32 sums (above), else 0.
 struct BwdParams {
     FwdParams fwd;
     const void* dout;
@@ -136,6 +139,7 @@ struct BwdParams {
     long long dout_head_stride, dq_head_stride, dk_head_stride, dv_head_stride;
     long long dout_row_stride, dq_row_stride, dk_row_stride, dv_row_stride;
     int heads_per_block;  // >= 1, divides kv_group (or 1)
+    int dkv_adds;         // 0 or 1 (above)
     // bwd_dbias_tc (the bias's gradient summed on chip): the attention rows of every bias plane,
     // dbias_rows_per_plane of them a plane, plane after plane; each plane's rows cut into
     // dbias_chunks chunks of dbias_chunk_rows; the chunks' partial sums, (chunks, planes, Lq, Lk)
@@ -320,8 +324,8 @@ __device__ __forceinline__ bool starts_block(const FwdParams& p, int bh, int til
 }
 
 // BatchIndex plus the backward's tensors. delta shares lse's layout; dq_accum is contiguous.
-// dk, dv are those of the head group of `bh` (head / heads_per_block): only the dK/dV kernels
-// read them, with bh the group's first row.
+// dk, dv are those of the head group of `bh` (head / heads_per_block; with dkv_adds, of its key/
+// value head: head / kv_group): only the dK/dV kernels read them, with bh the group's first row.
 struct BwdBatchIndex : BatchIndex {
     long long dout, dq, dk, dv, dq_accum;
 
@@ -329,7 +333,7 @@ struct BwdBatchIndex : BatchIndex {
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c, bh) {
-        const int group = c.head / p.heads_per_block;
+        const int group = c.head / (p.dkv_adds ? p.fwd.kv_group : p.heads_per_block);  // dk, dv's head
         dout = c.offset(p.dout_batch_stride, p.dout_head_stride, c.head);
         dq = c.offset(p.dq_batch_stride, p.dq_head_stride, c.head);
         dk = c.offset(p.dk_batch_stride, p.dk_head_stride, group);

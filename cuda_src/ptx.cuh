@@ -361,7 +361,8 @@ __device__ __forceinline__ unsigned long long sw128_desc(unsigned addr, unsigned
 // the descriptor from the address costs a mask, a shift and an or (and a move to a uniform
 // register) per wgmma; the high word (stride, swizzle) is left as it is, so no 64-bit add.
 __device__ __forceinline__ unsigned long long desc_advance(unsigned long long desc, unsigned bytes) {
-    const unsigned low = static_cast<unsigned>(desc) + (bytes >> 4);
+    unsigned low;
+    asm("add.u32 %0, %1, %2;" : "=r"(low) : "r"(static_cast<unsigned>(desc)), "r"(bytes >> 4));
     return (desc & 0xFFFFFFFF00000000ull) | low;
 }
 

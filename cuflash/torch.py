@@ -767,6 +767,11 @@ class _TorchMemory:
         """target[...] = source, broadcast and widened (exactly) to target's dtype."""
         target.copy_(source)
 
+    @staticmethod
+    def narrow(target, source):
+        """target[...] = source (float32) rounded to nearest even in target's dtype."""
+        target.copy_(source)
+
     def stream(self):
         return _current_raw_stream(self.index)
 

@@ -8,9 +8,11 @@ kernel); Hopper gets the arch-specific target.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import os
 import shutil
 
+import numpy
 import pytest
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
@@ -228,6 +230,111 @@ def test_the_plan_cache_is_bounded_and_safe_across_threads(monkeypatch):
     for thread in threads:
         thread.join()
     assert not errors and len(plan.PLANS) == 3
+
+
+def _tile_counts_by_rows(seqlen_q, seqlen_k, causal, window, block_m, block_n):
+    from cuflash import _spec
+
+    problem = _spec.resolve_forward(numpy.zeros((1, seqlen_q, 8)), numpy.zeros((1, seqlen_k, 8)),
+                                    numpy.zeros((1, seqlen_k, 8)), causal=causal, window=window)
+    counts = []
+    for a in range(0, seqlen_k, block_n):
+        b = min(a + block_n, seqlen_k)
+        counts.append(sum(1 for m in range(0, seqlen_q, block_m)
+                          if (lambda lo, hi: lo < min(hi, b) and max(lo, a) < hi)(
+                              *problem.key_range(m, min(m + block_m, seqlen_q)))))
+    return problem, tuple(counts)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k, causal, window", [
+    (4096, 4096, True, None), (1025, 97, True, None), (97, 1025, True, None), (200, 333, "top_left", None),
+    (300, 300, False, (33, 47)), (1, 1025, False, None), (1025, 1, True, None), (97, 200, False, (-1, 5)),
+])
+def test_query_tiles_per_key_tile_agree_with_the_key_ranges(seqlen_q, seqlen_k, causal, window):
+    """plan._query_tiles_per_key_tile (a dK/dV block's steps per head, for the GQA split's cost
+    model) against a tile-by-tile walk of _spec's key_range."""
+    from cuflash._gpu import plan
+
+    problem, expected = _tile_counts_by_rows(seqlen_q, seqlen_k, causal, window, 64, 128)
+    assert plan._query_tiles_per_key_tile(problem, 64, 128) == expected
+
+
+@pytest.mark.parametrize("group, rows, causal, expected", [
+    (8, 32, True, 4),     # GQA 16/2, B2 L4096 causal: whole groups' blocks take 2x the mean SM load
+    (8, 32, False, 8),    # dense: 128 whole-group blocks end together, before any split's
+    (16, 32, False, 8),   # GQA 16/1 dense: 64 whole-group blocks leave half the SMs idle
+    (16, 32, True, 4),
+    (2, 32, True, 2),     # GQA 16/8: already balanced
+    (8, 512, True, 8),    # many blocks: the mean load decides, whole groups add nothing
+    (4, 4, True, 4),      # 128 block-steps in all: the host's time, no sums
+])
+def test_gqa_slices_added_in_the_kernel_balance_the_sms(monkeypatch, group, rows, causal, expected):
+    """plan._heads_per_block_adding on a 132-SM part, L 4096 both ways, 64 x 128 tiles."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    problem, _ = _tile_counts_by_rows(4096, 4096, causal, None, 64, 128)
+    steps = plan._query_tiles_per_key_tile(problem, 64, 128)
+    assert plan._heads_per_block_adding(group, rows, steps) == expected
+
+
+class _HostMemory:
+    """NumPy arrays in a plan's memory's place (BackwardPlan.run without a GPU)."""
+
+    @staticmethod
+    def empty(shape, dtype, order=None):
+        from cuflash import _spec
+
+        return _spec.empty_in_order(numpy.empty, shape, dtype, order)
+
+    @staticmethod
+    def zeros(shape, dtype, order=None):
+        return numpy.zeros(shape, dtype)
+
+    @staticmethod
+    def pointer(array):
+        return array.ctypes.data
+
+    @staticmethod
+    def narrow(target, source):
+        target[...] = source
+
+    @staticmethod
+    def stream():
+        return 0
+
+
+def test_a_replay_with_split_group_sums_rounds_them_into_the_gradients(monkeypatch):
+    """BackwardPlan.run of a split GQA group whose blocks add into fp32 sums (plan._DkvSums), the
+    launches stubbed: the kernels get the zeroed sums' pointers for dk and dv (v's part 256 bytes
+    on from k's), and what they add there comes back rounded to the dtype, in each
+    gradient's order."""
+    from cuflash._gpu import params, plan
+
+    sums = plan._DkvSums((2, 2, 5, 6), (2, 2, 5, 3))
+    shapes = {"dq": (2, 4, 7, 6), "dk": (2, 2, 5, 6), "dv": (2, 2, 5, 3)}
+    orders = {"dk": (0, 2, 1, 3)}  # (B, L, H, D) in memory, as k's
+    replay = plan.BackwardPlan(numpy.zeros((), dtype=params.BWD_PARAMS_DTYPE), (), shapes, numpy.dtype(numpy.float16),
+                               numpy.dtype(numpy.float32), (16, None), orders=orders, dkv_sums=sums)
+    rng = numpy.random.default_rng(0)
+    added = {name: rng.standard_normal(shapes[name]).astype(numpy.float32) for name in ("dk", "dv")}
+
+    def launches(self, memory, pointers):  # the kernels' adds into the sums dk, dv point at
+        assert (pointers[8] - pointers[7]) % 256 == 0
+        for name, pointer in zip(("dk", "dv"), pointers[7:9]):
+            size = added[name].size
+            view = numpy.ctypeslib.as_array((ctypes.c_float * size).from_address(pointer))
+            assert not view.any(), "the sums start zeroed"
+            view[...] = added[name].reshape(-1)
+
+    monkeypatch.setattr(plan.BackwardPlan, "_run", launches)
+    inputs = [numpy.zeros(1, numpy.float16)] * 6
+    dq, dk, dv = replay.run(_HostMemory, *inputs)
+    assert dq.shape == shapes["dq"]
+    for name, grad in (("dk", dk), ("dv", dv)):
+        assert grad.dtype == numpy.float16 and grad.shape == shapes[name]
+        numpy.testing.assert_array_equal(grad, added[name].astype(numpy.float16))
+    assert dk.transpose(0, 2, 1, 3).flags.c_contiguous and dv.flags.c_contiguous
 
 
 @pytest.mark.parametrize("group, rows, key_tiles, expected", [

@@ -108,6 +108,36 @@ def test_sdpa_drop_in_forward_and_backward(dtype, ct, randc):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_split_gqa_group_sums_replay_on_torch_memory(dtype, layout, ct, randc, monkeypatch):
+    """GQA 8/2 with one query head per dK/dV block (forced): on Hopper the blocks add into fp32
+    sums, which a replay allocates and rounds on torch's memory (plan._DkvSums); dK and dV of the
+    first call and of two replays match the reference and come back in k's and v's layout."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps: 1)
+    monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles: 1)
+    plan.forget()
+    replays, run = [], plan.BackwardPlan.run
+    monkeypatch.setattr(plan.BackwardPlan, "run", lambda self, *a, **kw: replays.append(self.dkv_sums) or run(self, *a, **kw))
+    shapes = [(2, 8, 300, 64), (2, 2, 250, 64), (2, 2, 250, 64)]
+    if layout == "blhd":  # (B, L, H, D) tensors seen as (B, H, L, D), as transformers hands them
+        q, k, v = (randc(b, n, h, d, dtype=dtype).transpose(1, 2).requires_grad_() for b, h, n, d in shapes)
+    else:
+        q, k, v = (randc(*shape, dtype=dtype, requires_grad=True) for shape in shapes)
+    kwargs = dict(is_causal=True, enable_gqa=True)
+    dout = randc(2, 8, 300, 64, dtype=dtype)
+    for _ in range(3):
+        out = ct.scaled_dot_product_attention(q, k, v, **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        _check_against_sdpa(dtype, out, grads, q, k, v, dout, kwargs, dict(causal="top_left"))
+        for grad, x in zip(grads[1:], (k, v)):
+            assert grad.stride() == x.stride()
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert len(replays) >= 2 and all(sums is not None for sums in replays), replays
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_flash_attn_func_forward_and_backward(dtype, ct, randc):
     q = randc(2, 128, 4, 64, dtype=dtype, requires_grad=True)  # (B, L, H, D)
     k = randc(2, 192, 2, 64, dtype=dtype, requires_grad=True)

@@ -94,6 +94,7 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dk_row_stride", numpy.int64),
         ("dv_row_stride", numpy.int64),
         ("heads_per_block", numpy.int32),
+        ("dkv_adds", numpy.int32),
         ("dbias_chunks", numpy.int32),
         ("dbias_sum", numpy.uint64),
         ("dbias_rows", numpy.uint64),

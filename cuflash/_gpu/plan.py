@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 import sys
 import threading
@@ -129,6 +130,11 @@ class CupyMemory:
     def copy(target, source) -> None:
         """target[...] = source, broadcast and widened (exactly) to target's dtype."""
         target[...] = source if source.dtype == target.dtype else _widen(source, target.dtype)
+
+    @staticmethod
+    def narrow(target, source) -> None:
+        """target[...] = source (float32) rounded to nearest even in target's dtype."""
+        _narrow(source, out=target)
 
     @staticmethod
     def stream() -> int:
@@ -346,10 +352,11 @@ class BackwardPlan(_Plan):
 
     def __init__(self, struct, launches, shapes: dict, dtype, accum, workspace: tuple[int, int | None], *,
                  packed: bool = False, zeroed: tuple[str, ...] = (), score_inputs=None, per_row=None, dbias=None,
-                 orders=None):
+                 orders=None, dkv_sums=None):
         super().__init__(struct, _words(struct.dtype, True, packed), launches, score_inputs, per_row)
         self.shapes, self.dtype, self.accum = shapes, dtype, accum
         self.orders = orders or {}  # each gradient's memory order: its input's (_gradient_buffer)
+        self.dkv_sums = dkv_sums  # a split GQA group's dK/dV sums (_DkvSums), or None
         self.workspace_size, self.dq_accum_offset = workspace
         self.zeroed = zeroed
         # With a bias's gradient: (the shape of what the kernels write, dS or bwd_dbias_tc's
@@ -361,9 +368,14 @@ class BackwardPlan(_Plan):
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
         ptr, shapes = memory.pointer, self.shapes
-        dq, dk, dv = ((memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
-                                                                              self.orders.get(name))
-                      for name in ("dq", "dk", "dv"))
+
+        def allocate(name):
+            return (memory.zeros if name in self.zeroed else memory.empty)(shapes[name], self.dtype,
+                                                                         self.orders.get(name))
+
+        dq = allocate("dq")
+        # (a split group's fp32 sums: rounded into dK, dV after the launches)
+        dk, dv = self.dkv_sums.allocate(memory) if self.dkv_sums else (allocate("dk"), allocate("dv"))
         # Held until the launches are queued: freed at once, its memory would go to the next
         # allocation of this call (a bias or mask copy, dS), which the kernels then overwrite.
         workspace = memory.empty((self.workspace_size,), self.accum)
@@ -377,9 +389,37 @@ class BackwardPlan(_Plan):
                            dq_accum, delta) + _packed_pointers(memory, packed) + scores
                   + (() if dscores is None else (ptr(dscores),)))
         del kept, workspace  # (the launches are queued)
+        if self.dkv_sums:
+            dk, dv = self.dkv_sums.round(memory, dk, dv, self.dtype, self.orders)
         if dscores is None:
             return dq, dk, dv
         return dq, dk, dv, self.dbias[2].run(memory, dscores)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DkvSums:
+    """dK and dV of a GQA group whose query heads are split over blocks that add into them
+    (BwdParams::dkv_adds): fp32 sums in k's and v's shapes but for their dtype, one zeroed buffer
+    (v's part on a 256-byte boundary), rounded into the gradients after the launches."""
+
+    k_shape: tuple
+    v_shape: tuple
+
+    def allocate(self, memory):
+        k_size, v_size = math.prod(self.k_shape), math.prod(self.v_shape)
+        v_start = -(-k_size // 64) * 64
+        sums = memory.zeros((v_start + v_size,), numpy.dtype(numpy.float32))
+        return sums[:k_size].reshape(self.k_shape), sums[v_start:].reshape(self.v_shape)
+
+    @staticmethod
+    def round(memory, dk_sums, dv_sums, dtype, orders):
+        """dK and dV in ``dtype``, laid out in ``orders`` (each its input's)."""
+        grads = []
+        for name, sums in (("dk", dk_sums), ("dv", dv_sums)):
+            grad = memory.empty(tuple(sums.shape), dtype, orders.get(name))
+            memory.narrow(grad, sums)
+            grads.append(grad)
+        return tuple(grads)
 
 
 def _workspace(delta_size: int, dq_accum_size: int | None, accum) -> tuple[int, int | None]:
@@ -1054,10 +1094,12 @@ def backward(problem):
     (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel over query tiles
     computes dQ without atomics instead.
 
-    GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip
-    (the whole group, unless that leaves too few blocks to fill the GPU: then slices of it, summed
-    here). Gradients of broadcast inputs (an axis of 1 or missing) are summed here too. ``plan``
-    replays the call (``BackwardPlan.run``) when nothing was copied or summed, else None.
+    GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip:
+    the whole group, or slices of it where that balances the SMs' load better. The Hopper kernels
+    add a slice's dK/dV into fp32 sums of the group, rounded here (_DkvSums; not ``deterministic``:
+    the adds' order varies); elsewhere slices are stored and summed here. Gradients of broadcast
+    inputs (an axis of 1 or missing) are summed here too. ``plan`` replays the call
+    (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
     cupy = _cupy()
     p = problem
@@ -1107,14 +1149,28 @@ def backward(problem):
 
     # The query heads that share a key/value head: GQA's group, or all heads when k and v are
     # broadcast along the head axis (MQA); a dK/dV block accumulates heads_per_block of them.
+    # Where the kernels can (_adds_dkdv), the blocks of a split group add their slices into fp32
+    # sums of the whole group; else each slice is stored and the host sums them (_sum_to).
     lead = tuple(p.lead_shape)
     group = _shared_kv_heads(p, k, v)
     longest_q, longest_k = _longest(p)
     key_tiles = -(-longest_k // variants.dkdv.block_n)
-    per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
-    kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
-    dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True, like=p.k)
-    dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True, like=p.v)
+    adds = _adds_dkdv(p, sets, group)
+    if adds:
+        per_block = _heads_per_block_adding(group, math.prod(_row_shape(p)),
+                                            _query_tiles_per_key_tile(p, variants.dkdv.block_m, variants.dkdv.block_n))
+        adds = per_block < group
+    else:
+        per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
+    dkv_sums = None
+    if adds:  # the sums, (lead..., key/value heads, Lk, D) and (..., Dv), zeroed (_DkvSums)
+        kv_lead = lead[:-1] + (lead[-1] // group,)
+        dkv_sums = _DkvSums(kv_lead + k.shape[-2:], kv_lead + v.shape[-2:])
+        dk, dv = dkv_sums.allocate(CUPY_MEMORY)
+    else:
+        kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
+        dk = _gradient_buffer(p, kv_lead + k.shape[-2:], vec, zeroed=True, like=p.k)
+        dv = _gradient_buffer(p, kv_lead + v.shape[-2:], vec, zeroed=True, like=p.v)
     dq = _gradient_buffer(p, lead + q.shape[-2:], vec, like=p.q)
     delta_shape = lead + (p.seqlen_q,)
     workspace = _workspace(math.prod(delta_shape),
@@ -1123,9 +1179,11 @@ def backward(problem):
     delta = buffer[: math.prod(delta_shape)].reshape(delta_shape)
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
     shapes = {"dq": _stored(p, dq).shape, "dk": _stored(p, dk).shape, "dv": _stored(p, dv).shape}
-    # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one)
+    # (a replay allocates each gradient C-contiguous or in its input's order: not a padded one;
+    # with sums, rounds them into gradients of k's and v's shapes: nothing left to sum)
     plain = plain and all((_stored(p, g).flags.c_contiguous or _spec.array_order(g) is not None) and g.shape == s
-                          for g, s in zip((dq, dk, dv), grads_shape))
+                          for g, s in zip((dq,) if adds else (dq, dk, dv), grads_shape))
+    plain = plain and (not adds or (dk.shape, dv.shape) == tuple(grads_shape[1:]))
 
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
@@ -1137,6 +1195,7 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
     struct["heads_per_block"] = per_block
+    struct["dkv_adds"] = int(adds)
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
     # key-padding cut).
@@ -1171,6 +1230,8 @@ def backward(problem):
             maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
         if maps is None:
             sets = choose(False)
+            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right)
+            assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
     if maps is not None:
         struct = _with_tensor_maps(struct, maps[0], (q, k, v, dout))
 
@@ -1187,9 +1248,12 @@ def backward(problem):
         launches += (on_chip.launch,)
     zeroed = ("dk", "dv") if _skips_keys(p) else ()  # as _gradient_buffer
     orders = {} if p.packed is not None else {name: _spec.array_order(g) for name, g in (("dq", dq), ("dk", dk), ("dv", dv))}
+    if adds:  # the gradients rounded from the sums are laid out as k and v (as _gradient_buffer's)
+        orders.update(dk=_spec.result_order(p.k, grads_shape[1], p.dtype.itemsize),
+                      dv=_spec.result_order(p.v, grads_shape[2], p.dtype.itemsize))
     per_row = PerRowInputs.of(p)
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
-                        score_inputs=score_inputs, per_row=per_row, orders=orders,
+                        score_inputs=score_inputs, per_row=per_row, orders=orders, dkv_sums=dkv_sums,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
                                                             "dbias" if on_chip is None else "dbias_sum", on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
@@ -1197,12 +1261,15 @@ def backward(problem):
               + (() if dscores is None else (dscores.data.ptr,)))
     del kept
 
-    dv = _sum_to(dv, grads_shape[2], group // per_block, accum, p.dtype)
+    if adds and plain:  # rounded from the sums as a replay rounds them
+        dk, dv = dkv_sums.round(CUPY_MEMORY, dk, dv, p.dtype, orders)
+    parts = 1 if adds else group // per_block  # of each key/value head's gradient, summed here
+    dv = _sum_to(dv, grads_shape[2], parts, accum, p.dtype)
     if p.head_dim == 0:
         grads = cupy.zeros(grads_shape[0], dtype=p.dtype), cupy.zeros(grads_shape[1], dtype=p.dtype), dv
     else:
         grads = (_sum_to(dq, grads_shape[0], 1, accum, p.dtype),
-                 _sum_to(dk, grads_shape[1], group // per_block, accum, p.dtype), dv)
+                 _sum_to(dk, grads_shape[1], parts, accum, p.dtype), dv)
     if dscores is not None:
         grads += (gradient.run(CUPY_MEMORY, dscores),)
     if p.sinks is not None:  # (a packed batch's per-row sinks repeat per sequence: lse's rows are per head)
@@ -1385,6 +1452,86 @@ def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
     return 1
 
 
+def _adds_dkdv(p, sets, group: int) -> bool:
+    """Whether a split GQA group's dK/dV blocks may add into shared fp32 sums (BwdParams::dkv_adds):
+    every launch's dK/dV family can (the Hopper ones), the call is not ``deterministic`` (the
+    adds' order varies run to run, as dQ's atomics do), and the batch is not packed (the sums are
+    laid out per dense batch row)."""
+    return (group > 1 and not p.deterministic and p.packed is None
+            and all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets))
+
+
+def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...]) -> int:
+    """Query heads per dK/dV block when a split group's blocks add into shared sums (_adds_dkdv):
+    the divisor of the group whose blocks finish first on this GPU (_finish_time), the larger one
+    of two within 2% (fewer blocks load K and V and add into the sums). ``steps``: the query tiles
+    each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows. Small
+    problems keep the whole group, as _heads_per_block's: their time is the host's, and the sums
+    cost a memset and two roundings."""
+    sms = _device_attribute("MultiProcessorCount")
+    if rows * len(steps) < 2 * sms:
+        return group
+    return _fastest_split(group, rows, steps, sms)
+
+
+# A dK/dV block's cost beyond its steps, in steps: loading K and V, filling the Q/dO pipeline
+# and the epilogue; one more for the adds of a split group's slice (REDs of Lk x (D + Dv) floats).
+_BLOCK_OVERHEAD_STEPS = 2
+_ADD_OVERHEAD_STEPS = 1
+
+
+@functools.lru_cache(maxsize=256)
+def _fastest_split(group: int, rows: int, steps: tuple[int, ...], sms: int) -> int:
+    times = {}
+    for per_block in (n for n in range(group, 0, -1) if group % n == 0):
+        overhead = _BLOCK_OVERHEAD_STEPS + (_ADD_OVERHEAD_STEPS if per_block < group else 0)
+        works = [per_block * s + overhead for s in steps if s > 0]
+        times[per_block] = _finish_time(works, rows // per_block, sms)
+    best = min(times.values())
+    return max(n for n, t in times.items() if t <= 1.02 * best)
+
+
+def _finish_time(works: list, copies: int, sms: int) -> float:
+    """When the last of ``copies`` blocks of each work in ``works`` ends, one block per SM at a time,
+    in the kernel's order, heaviest first (schedule.cuh: longest processing time first). Up to
+    eight blocks per SM it is simulated (wave quantisation: equal blocks end together); beyond,
+    the mean load or the heaviest block, whichever is longer."""
+    blocks = copies * len(works)
+    if not works:
+        return 0.0
+    if blocks > 8 * sms:
+        return max(max(works), copies * sum(works) / sms)
+    loads = [0.0] * sms
+    for work in sorted(works, reverse=True):
+        for _ in range(copies):
+            heapq.heapreplace(loads, loads[0] + work)
+    return max(loads)
+
+
+def _query_tiles_per_key_tile(p, block_m: int, block_n: int) -> tuple[int, ...]:
+    """How many query tiles of ``block_m`` rows see each key tile of ``block_n`` keys under the
+    call's causal mask or window (all of them without one): a dK/dV block's steps per head."""
+    return _visible_tile_counts(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right, p.diag_offset, block_m, block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _visible_tile_counts(seqlen_q, seqlen_k, window_left, window_right, diag_offset, block_m, block_n):
+    # Query tile i sees keys [lo_i, hi_i) (_spec's key_range), both ascending in i: the tiles seeing
+    # key tile [a, b) are those with lo_i < b (a prefix) and hi_i > a (a suffix).
+    starts = numpy.arange(0, seqlen_q, block_m, dtype=numpy.int64)
+    stops = numpy.minimum(starts + block_m, seqlen_q)
+    lo = numpy.zeros_like(starts)
+    hi = numpy.full_like(starts, seqlen_k)
+    if window_left >= 0:
+        lo = numpy.maximum(lo, starts + diag_offset - window_left)
+    if window_right >= 0:
+        hi = numpy.minimum(hi, stops + diag_offset + window_right)
+    a = numpy.arange(0, seqlen_k, block_n, dtype=numpy.int64)
+    b = numpy.minimum(a + block_n, seqlen_k)
+    counts = numpy.searchsorted(lo, b, side="left") - numpy.searchsorted(hi, a, side="right")
+    return tuple(int(n) for n in numpy.maximum(counts, 0))
+
+
 def _gradient_buffer(p, shape, vec: int, zeroed: bool = False, like=None):
     """A gradient's buffer, ``shape`` = (lead..., rows, width). A packed batch's is laid out as its
     input, (rows, heads, width), and returned as the heads-first view; a dense one in the memory
@@ -1432,7 +1579,7 @@ def _sum_to(grad, shape, kv_group: int, accum, dtype):
     head axis splits into (kv heads, group) and the group is summed. Sums run in ``accum``.
     """
     cupy = _cupy()
-    if grad.shape == tuple(shape):  # (a padded buffer becomes a plain array; one in its input's order stays)
+    if grad.shape == tuple(shape) and grad.dtype == dtype:  # (a padded buffer becomes a plain array; one in its input's order stays)
         return grad if grad.flags.c_contiguous or _spec.array_order(grad) is not None else cupy.ascontiguousarray(grad)
     if kv_group > 1:  # (..., Hq, L, D) -> (..., Hkv, group, L, D), summed over the group
         members = grad.reshape(grad.shape[:-3] + (grad.shape[-3] // kv_group, kv_group) + grad.shape[-2:])

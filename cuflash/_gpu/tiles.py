@@ -87,6 +87,9 @@ class KernelSpec:
     # The head dim a bucket's Variant is compiled for: the bucket itself, or a wider one whose
     # loads zero-fill the extra columns (a family built on whole 64-column panels).
     compiled_width: Callable[[int], int] = lambda bucket: bucket
+    # A dK/dV family whose blocks can add a split GQA group's dK, dV into shared fp32 sums
+    # (BwdParams::dkv_adds, cuda_src/bwd_wgmma.cuh's add_dk_dv) instead of storing partial ones.
+    adds_dkdv: bool = False
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
@@ -677,11 +680,11 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
+    _by_tile(_smem_bwd_dkdv_wgmma_bytes), adds_dkdv=True)  # Hopper only, d64 and d128: else bwd_dkdv_tc
 BWD_DKDV_WGMMA_WS = KernelSpec(
     "bwd_dkdv_wgmma_ws", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True)
+    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, adds_dkdv=True)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
