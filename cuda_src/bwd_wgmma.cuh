@@ -237,9 +237,9 @@ __device__ __forceinline__ void stage_rows(unsigned tile, const float (&frag)[kN
 // Dv floats; the host zeroes them and rounds them to the input type after). Each in turn is
 // staged as padded fp32 rows at ``stage`` (kBlockN x (kHeadDim + 8) floats of shared memory the
 // block's loop no longer reads) and added by the copy engine, a bulk add per row below Lk issued
-// by thread ``thread`` = that row; a width that is not whole 16-byte chunks is added by REDs from
-// the registers instead (one RED per lane and column pair: 1.45x the backward's time at GQA 16/8
-// with one head per block, H200). ``sync``: a barrier of the kThreads threads that hold the tile.
+// by thread ``thread`` = that row (one operation per row, where REDs from the registers take one
+// per lane and column pair); a width that is not whole 16-byte chunks is added by REDs instead.
+// ``sync``: a barrier of the kThreads threads that hold the tile.
 template <int kBlockN, int kHeadDim, int kThreads, typename Sync>
 __device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_index, const float (&dk)[kHeadDim / 8][4],
                                           const float (&dv)[kHeadDim / 8][4], int key_row0, unsigned stage,

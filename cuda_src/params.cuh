@@ -119,7 +119,8 @@ struct FwdTmaParams {
 //         with a head axis of num_heads / heads_per_block. What is left of GQA and
 //         broadcasting is summed by the host afterwards. With dkv_adds (the Hopper dK/dV
 //         kernels only): fp32 sums of the whole group, a head axis of num_heads / kv_group,
-//         zeroed by the host, which each block adds its slice's dK * scale and dV into (REDs).
+//         zeroed by the host, which each block adds its slice's dK * scale and dV into
+//         (bwd_wgmma.cuh's add_dk_dv).
 //   heads_per_block: the query heads one dK/dV block accumulates; its grid is
 //         (num_rows / heads_per_block, key tiles). The other backward kernels run per row.
 //   dkv_adds: 1 when the blocks of a split group add into shared fp32 sums (above), else 0.
