@@ -45,6 +45,9 @@ Keys (all but ``name`` optional):
   (``TOLERANCE``; e.g. precision="tf32");
 - ``dbias_on_chip``: a shared bias's gradient summed on chip (bwd_dbias_tc) at any size
   (plan.ON_CHIP_DBIAS_MIN_BYTES set to 0 in the child);
+- ``dkv_split``: a GQA group's query heads per dK/dV block, forced in the child
+  (plan._heads_per_block and _heads_per_block_adding return it): on Hopper, unless
+  ``deterministic``, the blocks of a split group add into fp32 sums (bwd_wgmma.cuh's add_dk_dv);
 - ``quick``: part of ``--quick``;
 - ``mbarrier_handoff``: the kernel hands plain shared-memory stores to other warps through
   mbarriers (not only the copy engine's bytes); racecheck judges it only if it reports no hazard
@@ -198,6 +201,12 @@ def _feature_cases() -> list[dict]:
              options={"causal": True}, mbarrier_handoff=True),
         dict(name="ws-bwd-float16-d64-varlen", dtype="float16", api="varlen", lengths_q=[130, 0, 1, 200],
              lengths_k=[200, 7, 150, 0], heads=(4, 2), d=64, mbarrier_handoff=True),
+        # a split GQA group's dK/dV added into fp32 sums (add_dk_dv): staged rows and the copy
+        # engine's bulk adds at d128 (the TMA kernel), REDs at an odd width with the maps' twin
+        dict(name="ws-bwd-bfloat16-d128-gqa-split-adds", dtype="bfloat16", q=(2, 8, 200, 128), k=(2, 2, 333, 128),
+             options={"causal": True}, dkv_split=1, mbarrier_handoff=True),
+        dict(name="bwd-float16-d59-mqa-split-adds", dtype="float16", q=(2, 4, 97, 59), k=(2, 1, 257, 59),
+             options={"window": (33, 47)}, dkv_split=2, mbarrier_handoff=True),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
@@ -213,7 +222,7 @@ CASES: list[dict] = _core_cases() + _feature_cases()
 
 CASE_KEYS = {"name", "dtype", "q", "k", "v", "layout", "options", "backward", "deterministic", "api", "quick",
              "heads", "d", "lengths_q", "lengths_k", "tolerance", "lq", "lmax", "seqlens", "lnew", "page_size",
-             "num_splits", "dbias_on_chip", "mbarrier_handoff"}
+             "num_splits", "dbias_on_chip", "mbarrier_handoff", "dkv_split"}
 
 
 def check_case(case: dict) -> None:
@@ -279,6 +288,10 @@ def run_case(case: dict) -> dict:
         from cuflash._gpu import plan
 
         plan.ON_CHIP_DBIAS_MIN_BYTES = 0
+    if case.get("dkv_split"):
+        from cuflash._gpu import plan
+
+        plan._heads_per_block = plan._heads_per_block_adding = lambda group, rows, tiles: case["dkv_split"]
     try:
         if api == "varlen":
             results, expected = _run_varlen(case, rng, dtype, cupy, cuflash)
@@ -704,8 +717,8 @@ def main(argv=None) -> int:
                       else f"heads {case['heads']} d {case['d']} Lq {case['lq']} cache {case['seqlens']} + "
                            f"{case['lnew']} of {case['lmax']}, pages {case['page_size']}" if api == "kvcache"
                       else f"q {case['q']} k {case['k']}" + (f" v {case['v']}" if "v" in case else ""))
-            extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api", "dbias_on_chip")
-                      if k in case}
+            extras = {k: case[k] for k in ("options", "layout", "deterministic", "backward", "api", "dbias_on_chip",
+                                           "dkv_split") if k in case}
             print(f"{case['name']:34s} {case['dtype']:9s} {shapes}  {extras}")
         print(f"{len(cases)} cases x {len(tools)} tools")
         return 0
