@@ -24,7 +24,8 @@ the window covers every causal key; transformers then gives SDPA and eager a mat
 the sliding layers (what a real Gemma-2 gets), so ``sdpa_flash`` cannot run them.
 
 Default model: 8 layers, hidden 2048, 16 query heads and 8 key/value heads of dim 128 (GQA;
-``--mha``: 16/16), intermediate 5632, vocab 32000, bfloat16; shapes ``2x4096`` and ``1x32768``
+``--mha``: 16/16; ``--kv-heads N``: 16/N), intermediate 5632, vocab 32000, bfloat16; shapes
+``2x4096`` and ``1x32768``
 (batch x tokens). For each shape and backend:
 
 * ``step_ms``: one training step = forward with the LM loss (labels = inputs) + backward, with
@@ -66,6 +67,7 @@ backend; flex_attention skipped) as a smoke test.
 
     python benchmarks/bench_model.py                       # H100/H200: default model and shapes
     python benchmarks/bench_model.py --mha --shapes 2x4096
+    python benchmarks/bench_model.py --kv-heads 2 --shapes 2x4096   # GQA 16/2 (MQA: --kv-heads 1)
     python benchmarks/bench_model.py --family gemma2 --shapes 2x4096
     python benchmarks/bench_model.py --device cpu --tiny --steps 1 [--family gemma2]
 """
@@ -557,6 +559,9 @@ def parse_args(argv):
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
                         help="the model: llama (default) or gemma2 (softcaps, sliding layers; see model_families.py)")
     parser.add_argument("--mha", action="store_true", help="16 key/value heads (no GQA)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads (a divisor of the query heads: 16, or 4 with --tiny); "
+                             "default 8 (tiny: 2), --mha: all")
     parser.add_argument("--shapes", type=lambda s: [parse_shape(p) for p in s.split(",")], default=None,
                         help="comma-separated BATCHxTOKENS (default 2x4096,1x32768)")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=None,

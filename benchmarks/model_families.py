@@ -43,11 +43,19 @@ class Family:
     cuda_only: dict = dataclasses.field(default_factory=dict)    # backend -> why it skips the CPU
 
     def config(self, args) -> dict:
-        """The config dict at ``--tiny``/``--mha`` (bench_model adds --layers and the position limit)."""
+        """The config dict at ``--tiny``/``--mha``/``--kv-heads`` (bench_model adds --layers and the
+        position limit)."""
         config = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                      num_key_value_heads=4 if args.mha else 2, head_dim=16, vocab_size=128) if args.tiny else dict(
+                      num_key_value_heads=2, head_dim=16, vocab_size=128) if args.tiny else dict(
             num_hidden_layers=8, hidden_size=2048, num_attention_heads=16,
-            num_key_value_heads=16 if args.mha else 8, head_dim=128, vocab_size=32000)
+            num_key_value_heads=8, head_dim=128, vocab_size=32000)
+        heads = config["num_attention_heads"]
+        kv_heads = getattr(args, "kv_heads", None)
+        if args.mha or kv_heads is not None:
+            kv_heads = heads if args.mha else kv_heads
+            if kv_heads < 1 or heads % kv_heads:
+                raise ValueError(f"--kv-heads must divide the {heads} query heads, got {kv_heads}")
+            config["num_key_value_heads"] = kv_heads
         config.update(self.own(config, args.tiny))
         return config
 
