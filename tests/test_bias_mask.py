@@ -765,14 +765,15 @@ def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_ma
 from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline's NVRTC check and PTX probe reader)
 
 
-def _bias_grad_launches(dscores, shape, dtype):
+def _bias_grad_launches(dscores, shape, dtype, **cut):
     """dbias as cuda_src/bias_grad.cu computes it, step for step in NumPy, from the launches
-    bias_grad.passes describes: per entry, the kept axes' offset, then the summed axes' terms in
-    C order (the innermost in the inner loop, the others as an odometer), in float64."""
+    bias_grad.passes describes (``cut``: its split_below and min_chunk): per entry, the kept axes'
+    offset, then the summed axes' terms in C order (the innermost in the inner loop, the others
+    as an odometer), in float64."""
     from cuflash._gpu import bias_grad
 
     summed, dims = dscores.reshape(-1), bias_grad.DIMS
-    for out_dtype, params, entries in bias_grad.passes(dscores.shape, shape, dtype, dscores.dtype):
+    for out_dtype, params, entries in bias_grad.passes(dscores.shape, shape, dtype, dscores.dtype, **cut):
         kept_shape, kept_stride, summed_shape, summed_stride = (
             params[name].tolist() for name in ("kept_shape", "kept_stride", "summed_shape", "summed_stride"))
         out = numpy.empty(entries, out_dtype)
@@ -809,11 +810,11 @@ def test_bias_grad_passes_sum_over_the_broadcast_axes(rng, grad_shape, shape, dt
     step for step on the host: the sum over the axes along which the bias was broadcast, in
     bias's shape, one launch unless more than DIMS - 1 summed groups alternate with kept ones;
     none where dS already is dbias."""
-    from cuflash._gpu import bias_grad
+    from cuflash._gpu import bias_grad, plan
 
     dscores = rng.standard_normal(grad_shape).astype(numpy.float32)
     launches = bias_grad.passes(grad_shape, shape, dtype, numpy.float32)
-    axes = cuflash._gpu.plan._broadcast_axes(grad_shape, shape)
+    axes = plan._broadcast_axes(grad_shape, shape)
     assert len(launches) == (0 if not axes and dtype == "float32" else 1 + (len(grad_shape) > 16))
     got = _bias_grad_launches(dscores, shape, dtype) if launches else dscores.reshape(shape)
     want = dscores.astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
@@ -823,6 +824,50 @@ def test_bias_grad_passes_sum_over_the_broadcast_axes(rng, grad_shape, shape, dt
     magnitude = numpy.abs(dscores).astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
     eps = float(numpy.finfo(numpy.float32).eps) if dtype == "float32" else 2.0**-8
     assert (numpy.abs(got.astype(numpy.float64) - want) <= 2 * eps * numpy.abs(want) + 4e-7 * magnitude).all()
+
+
+@pytest.mark.parametrize("grad_shape, shape, cut, launches", [
+    ((2, 3, 40, 6), (2, 1, 1, 6), dict(split_below=64, min_terms=100, min_chunk=8), 2),     # a key-padding-like bias
+    ((2, 3, 40, 6), (1, 1, 1, 6), dict(split_below=64, min_terms=100, min_chunk=8), 2),     # batch and heads and queries
+    ((4, 30, 5), (4, 1, 5), dict(split_below=1000, min_terms=30, min_chunk=4), 2),  # no divisor reaches 1000: the largest
+    ((3, 2, 7, 5), (3, 1, 1, 5), dict(split_below=1000, min_terms=1, min_chunk=8), 1),  # a 14-term group: no chunk of 8
+    ((2, 3, 40, 6), (), dict(split_below=64, min_terms=100, min_chunk=8), 2),               # a scalar bias
+    ((8, 3, 20, 2, 6), (1, 3, 1, 2, 1), dict(split_below=64, min_terms=100, min_chunk=4), 2),  # summed and kept alternate
+])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bias_grad_passes_cut_a_long_sum_over_few_entries(rng, grad_shape, shape, cut, launches, dtype):
+    """Few dbias entries and many terms each (one thread per entry): bias_grad.passes cuts the
+    longest summed group, a first pass summing chunks of it, a second the chunks' sums, in a
+    fixed order; followed step for step on the host as above."""
+    from cuflash._gpu import bias_grad, plan
+
+    dscores = rng.standard_normal(grad_shape).astype(numpy.float32)
+    assert len(bias_grad.passes(grad_shape, shape, dtype, numpy.float32, **cut)) == launches
+    axes = plan._broadcast_axes(grad_shape, shape)
+    got = _bias_grad_launches(dscores, shape, dtype, **cut)
+    want = dscores.astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
+    magnitude = numpy.abs(dscores).astype(numpy.float64).sum(axis=axes, keepdims=True).reshape(shape)
+    eps = float(numpy.finfo(numpy.float32).eps) if dtype == "float32" else 2.0**-8
+    assert got.shape == shape and got.dtype == numpy.dtype(dtype)
+    assert (numpy.abs(got.astype(numpy.float64) - want) <= 2 * eps * numpy.abs(want) + 4e-7 * magnitude).all()
+
+
+def test_bias_grad_cut_leaves_short_sums_in_one_launch():
+    """Below MIN_TERMS terms an entry's sum is short: no second launch for it."""
+    from cuflash._gpu import bias_grad
+
+    assert len(bias_grad.passes((2, 2, 97, 130), (2, 1, 1, 130), "bfloat16", numpy.float32)) == 1
+
+
+def test_bias_grad_cut_gives_the_gpu_threads():
+    """At the default threshold a (2, 1, 1, 4096) bias's gradient over 16 heads x 4096 queries
+    runs on 65536 threads in its first pass, each summing 8192 terms (before the cut: 8192
+    threads of 65536 terms)."""
+    from cuflash._gpu import bias_grad
+
+    first, second = bias_grad.passes((2, 16, 4096, 4096), (2, 1, 1, 4096), "bfloat16", numpy.float32)
+    assert first[2] == 1 << 16 and int(first[1]["terms"]) == 8192
+    assert second[2] == 2 * 4096 and int(second[1]["terms"]) == 8 and second[0] == numpy.dtype("bfloat16")
 
 
 def test_bias_grad_kernel_compiles_offline_without_spills_and_its_struct_is_mirrored(pipeline):

@@ -57,15 +57,70 @@ def groups(grad_shape, shape) -> list[tuple[int, bool]]:
     return merged
 
 
-def passes(grad_shape, shape, dtype, accum) -> list[tuple[numpy.dtype, numpy.ndarray, int]]:
+# One thread per dbias entry sums its terms one after another: a gradient of few entries and
+# many terms (a (B, 1, 1, Lk) bias over heads and queries: B x Lk threads, each summing H x Lq
+# terms) would leave most of the GPU idle. Below this many entries the longest summed group is
+# cut (``_cut``): a first pass keeps its outer part and sums its inner part, a second sums the
+# outer part. The cut depends on the shapes alone, so a call's order of additions, and its bits,
+# are the same run after run.
+SPLIT_BELOW_ENTRIES = 1 << 16
+MIN_TERMS = 4096  # an entry's terms, from which a cut is worth its second launch
+MIN_CHUNK = 64  # terms of the cut group a first-pass thread sums, at least
+
+
+def passes(grad_shape, shape, dtype, accum, split_below: int = SPLIT_BELOW_ENTRIES, min_terms: int = MIN_TERMS,
+           min_chunk: int = MIN_CHUNK) -> list[tuple[numpy.dtype, numpy.ndarray, int]]:
     """The launches that turn dS (``grad_shape``, ``accum``) into dbias (``shape``, ``dtype``):
     ``[(the dtype it writes, its params struct with null pointers, entries)]``, each reading the
     previous one's ``(entries,)`` output (the first reads dS). One launch, unless the summed
-    axes alternate with kept ones more than ``DIMS - 1`` times: then each pass but the last sums
-    the innermost ``DIMS - 1`` summed groups into an ``accum`` buffer. Empty where nothing is
-    summed and ``dtype`` is ``accum``."""
+    axes alternate with kept ones more than ``DIMS - 1`` times (then each pass but the last sums
+    the innermost ``DIMS - 1`` summed groups into an ``accum`` buffer), or there are fewer than
+    ``split_below`` entries of at least ``min_terms`` terms (then two: ``_cut``). Empty where nothing is summed and ``dtype`` is
+    ``accum``."""
     dtype, accum = numpy.dtype(dtype), numpy.dtype(accum)
     axes = groups(grad_shape, shape)
+    cut = _cut(axes, split_below, min_terms, min_chunk)
+    if cut is None:
+        return _passes_over(axes, dtype, accum)
+    at, outer = cut
+    size = axes[at][0]
+    first = axes[:at] + [(outer, False), (size // outer, True)] + axes[at + 1:]
+    # The first passes' output: their kept groups in order, the cut's outer part among them,
+    # which the last pass sums.
+    rest: list[tuple[int, bool]] = []
+    for i, (n, summed) in enumerate(first):
+        if summed:
+            continue
+        summed = i == at  # (the outer part sits where the cut group was)
+        if rest and rest[-1][1] == summed:
+            rest[-1] = (rest[-1][0] * n, summed)
+        else:
+            rest.append((n, summed))
+    return _passes_over(first, accum, accum) + _passes_over(rest, dtype, accum)
+
+
+def _cut(axes, split_below: int, min_terms: int, min_chunk: int) -> tuple[int, int] | None:
+    """(index of the summed group to cut, its outer part's size) when the kept groups give fewer
+    than ``split_below`` entries of ``min_terms`` or more terms: the longest summed group, cut at the smallest divisor that
+    brings the entries to ``split_below`` while its inner part keeps ``min_chunk`` terms (else
+    the largest that keeps them); None when nothing is worth cutting."""
+    entries = math.prod(n for n, summed in axes if not summed)
+    summed_at = [i for i, (_, summed) in enumerate(axes) if summed]
+    # (the cut adds a kept group: one pass must still walk every group of the first)
+    terms = math.prod(n for n, summed in axes if summed)
+    if entries >= split_below or terms < min_terms or len(axes) >= DIMS:
+        return None
+    at = max(summed_at, key=lambda i: axes[i][0])
+    size = axes[at][0]
+    divisors = [d for d in range(2, size // min_chunk + 1) if size % d == 0]
+    if not divisors:
+        return None
+    enough = [d for d in divisors if entries * d >= split_below]
+    return at, (enough[0] if enough else divisors[-1])
+
+
+def _passes_over(axes, dtype, accum) -> list[tuple[numpy.dtype, numpy.ndarray, int]]:
+    """``passes`` over the groups ``axes`` (``groups``' form), without a cut."""
     result = []
     while True:
         summed_at = [i for i, (_, summed) in enumerate(axes) if summed]
