@@ -45,11 +45,16 @@ def groups(grad_shape, shape) -> list[tuple[int, bool]]:
     merged (dS is C-contiguous, so they always merge): summed where ``shape`` (right-aligned,
     the bias's) is 1 or lacks the axis."""
     padded = (1,) * (len(grad_shape) - len(shape)) + tuple(shape)
+    return _merged((n, b == 1) for n, b in zip(grad_shape, padded))
+
+
+def _merged(axes) -> list[tuple[int, bool]]:
+    """``(size, summed)`` axes, outermost first, without those of size 1 and with neighbours of
+    one kind merged into one group."""
     merged: list[tuple[int, bool]] = []
-    for n, b in zip(grad_shape, padded):
+    for n, summed in axes:
         if n == 1:
             continue
-        summed = b == 1
         if merged and merged[-1][1] == summed:
             merged[-1] = (merged[-1][0] * n, summed)
         else:
@@ -85,17 +90,9 @@ def passes(grad_shape, shape, dtype, accum, split_below: int = SPLIT_BELOW_ENTRI
     at, outer = cut
     size = axes[at][0]
     first = axes[:at] + [(outer, False), (size // outer, True)] + axes[at + 1:]
-    # The first passes' output: their kept groups in order, the cut's outer part among them,
-    # which the last pass sums.
-    rest: list[tuple[int, bool]] = []
-    for i, (n, summed) in enumerate(first):
-        if summed:
-            continue
-        summed = i == at  # (the outer part sits where the cut group was)
-        if rest and rest[-1][1] == summed:
-            rest[-1] = (rest[-1][0] * n, summed)
-        else:
-            rest.append((n, summed))
+    # The first passes' output: their kept groups in order, the cut's outer part among them (where
+    # the cut group was), which the last pass sums.
+    rest = _merged((n, i == at) for i, (n, summed) in enumerate(first) if not summed)
     return _passes_over(first, accum, accum) + _passes_over(rest, dtype, accum)
 
 

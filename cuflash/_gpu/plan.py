@@ -1475,7 +1475,8 @@ def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...]) -> in
 
 
 # A dK/dV block's cost beyond its steps, in steps: loading K and V, filling the Q/dO pipeline
-# and the epilogue; one more for the adds of a split group's slice (REDs of Lk x (D + Dv) floats).
+# and the epilogue; one more for the adds of a split group's slice (its kBlockN x (D + Dv)
+# floats added into the sums: bwd_wgmma.cuh's add_dk_dv).
 _BLOCK_OVERHEAD_STEPS = 2
 _ADD_OVERHEAD_STEPS = 1
 
