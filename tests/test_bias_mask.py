@@ -870,6 +870,25 @@ def test_bias_grad_cut_gives_the_gpu_threads():
     assert second[2] == 2 * 4096 and int(second[1]["terms"]) == 8 and second[0] == numpy.dtype("bfloat16")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_a_long_sum_over_few_entries_is_cut_and_reproducible(rng, dtype):
+    """A (B, 1, 1, Lk) bias over 4 heads x 1100 queries (4400 terms per entry, 194 entries): at
+    the default threshold its gradient takes the cut's two launches; against the float64
+    reference, and the deterministic backward bit for bit three times."""
+    from cuflash._gpu import bias_grad
+
+    q, k, v, dout = _draw(rng, dtype, (2, 4, 1100, 32), (2, 4, 97, 32), (2, 4, 97, 32), (2, 4, 1100, 32))
+    bias = rng.standard_normal((2, 1, 1, 97)).astype(_bias_dtype(dtype, wide=True))
+    assert len(bias_grad.passes((2, 4, 1100, 97), bias.shape, bias.dtype, numpy.float32)) == 2
+    check_against_reference(dtype, q, k, v, dout, bias=bias, gpu=True, deterministic=True)
+    gq, gk, gv, gdout, gbias = _on_gpu(q, k, v, dout, bias)
+    out, vjp = cuflash.attention_vjp(gq, gk, gv, bias=gbias, deterministic=True)
+    first = [_bits(g) for g in vjp(gdout)]
+    for _ in range(3):
+        assert [_bits(g) for g in vjp(gdout)] == first
+
+
 def test_bias_grad_kernel_compiles_offline_without_spills_and_its_struct_is_mirrored(pipeline):
     """cuda_src/bias_grad.cu for every bias dtype, sm_80 and sm_90a, through NVRTC without a GPU:
     no spills, no stack (the odometer stays in registers); BiasGradParams as bias_grad.PARAMS_DTYPE."""
