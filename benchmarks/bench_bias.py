@@ -13,7 +13,10 @@ forward + backward (grads of q, k, v and of the bias) are timed, with the peak m
 3. ``padding``: B 8, H 16, L 4096, D 128, bf16, key-padding mask (B, 1, 1, L) hiding the last 25%
    of the keys, against the same queries on the 3072 real keys without a mask. Goal: padded /
    unpadded time <= 1.05.
-4. ``headdim``: D 16, 24, 32, 48, bf16, no bias, B x L = 16k, L 512-4096, H 16. Goal: >= 1x the
+4. ``keybias``: B 2, H 16, L 4096, D 128, bf16, a learnable per-key bias (B, 1, 1, L) in fp32
+   requiring grad: few dbias entries, each a sum over heads x queries. cuflash against itself
+   with the bias fixed (the gradient's cost), sdpa_efficient and flex, goals as 1.
+5. ``headdim``: D 16, 24, 32, 48, bf16, no bias, B x L = 16k, L 512-4096, H 16. Goal: >= 1x the
    fastest correct of sdpa_flash / sdpa_efficient (a backend that refuses a D is recorded so).
 
 ``cuflash`` = cuflash.torch.attention(q, k, v, bias=, mask=) with autograd (``cuflash_det``:
@@ -30,7 +33,7 @@ events, median of --repeats, each call alone, host path included) and record.str
 back to back: the device's time when the host keeps ahead). Peak: torch.cuda.max_memory_allocated (cuflash.torch
 allocates from torch's pool) plus CuPy's pool growth, as bench_memory.py.
 
-    python -m benchmarks.bench_bias [--quick] [--sweeps triangle,swin,padding,headdim] [--dtype bf16,fp32] [--out DIR]
+    python -m benchmarks.bench_bias [--quick] [--sweeps triangle,swin,padding,keybias,headdim] [--dtype bf16,fp32] [--out DIR]
 
 Writes <out>/<UTC>_<gpu>_bias.json, prints Markdown tables; exits 1 if a cuflash call failed or
 missed the check. ``--device cpu``: tiny sizes on the CPU backend, a smoke test of this script.
@@ -55,17 +58,17 @@ from benchmarks import harness, tables  # noqa: E402  (import neither torch nor 
 from benchmarks.tables import cell  # noqa: E402
 from benchmarks import record as records  # noqa: E402
 
-SWEEPS = ("triangle", "swin", "padding", "headdim")
+SWEEPS = ("triangle", "swin", "padding", "keybias", "headdim")
 NAMES = ("out", "dq", "dk", "dv", "dbias")
 SIZES = {  # full sweep, --quick, --device cpu
     "full": {"triangle_n": (256, 384), "swin_images": 64, "pad_shape": (8, 16, 4096, 128),
-             "hd_dims": (16, 24, 32, 48), "hd_lens": (512, 1024, 2048, 4096), "hd_tokens": 16384, "hd_heads": 16,
+             "keybias_shape": (2, 16, 4096, 128), "hd_dims": (16, 24, 32, 48), "hd_lens": (512, 1024, 2048, 4096), "hd_tokens": 16384, "hd_heads": 16,
              "dtypes": "bf16,fp32", "repeats": 10},
     "quick": {"triangle_n": (256,), "swin_images": 8, "pad_shape": (2, 16, 4096, 128),
-              "hd_dims": (16, 48), "hd_lens": (1024,), "hd_tokens": 16384, "hd_heads": 16,
+              "keybias_shape": (2, 16, 4096, 128), "hd_dims": (16, 48), "hd_lens": (1024,), "hd_tokens": 16384, "hd_heads": 16,
               "dtypes": "bf16", "repeats": 3},
     "cpu": {"triangle_n": (24,), "swin_images": 1, "pad_shape": (1, 2, 256, 32),
-            "hd_dims": (16, 24), "hd_lens": (64,), "hd_tokens": 128, "hd_heads": 2,
+            "keybias_shape": (2, 2, 256, 32), "hd_dims": (16, 24), "hd_lens": (64,), "hd_tokens": 128, "hd_heads": 2,
             "dtypes": "bf16,fp32", "repeats": 2},
 }
 WINDOWS, WINDOW_SIDE, SWIN_HEADS, SMALL_D, TRIANGLE_HEADS = 64, 7, 4, 32, 4
@@ -335,6 +338,29 @@ def padding(h: Harness, size: dict, dtypes: list):
     yield row
 
 
+def keybias(h: Harness, size: dict, dtypes: list):
+    """A learnable per-key bias (B, 1, 1, L), float32, over bf16 attention: few dbias entries, each
+    summing heads x queries terms (bias_grad.passes cuts that sum in two launches)."""
+    torch, ct = h.torch, h.ct
+    b, hh, n, d = size["keybias_shape"]
+    q, k, v, dout = (h.randn((b, hh, n, d), "bf16") for _ in range(4))
+    bias = h.randn((b, 1, 1, n), "fp32")
+    leaves = tuple(x.requires_grad_() for x in (q, k, v, bias))
+    ref = exact(torch, q, k, v, dout, bias)
+    impls = {
+        "cuflash": (lambda: lambda: ct.attention(q, k, v, bias=bias), leaves, ref),
+        "cuflash_det": (lambda: lambda: ct.attention(q, k, v, bias=bias, deterministic=True), leaves, ref),
+        "cuflash_fixed_bias": (lambda: lambda: ct.attention(q, k, v, bias=bias.detach()), leaves[:3], ref),
+        "sdpa_efficient": (lambda: sdpa(h, q, k, v, "EFFICIENT_ATTENTION", q.shape,
+                                        lambda: bias.to(q.dtype).expand(b, hh, n, n)), leaves, ref),
+        "flex": (lambda: flex(h, q, k, v, q.shape, lambda s, bb, hi, i, j: s + bias[bb, 0, 0, j]), leaves, ref)}
+    row = {"sweep": "keybias", "case": f"B={b} H={hh} L={n} D={d}", "dtype": "bf16", "q_shape": list(q.shape),
+           "bias_shape": list(bias.shape), "bias_dtype": "fp32"}
+    row = bias_ratios(run_row(h, row, impls, dout, "bf16"))
+    row["ratios"].append(ratio(row["results"], "cuflash", "cuflash_fixed_bias"))
+    yield row
+
+
 def headdim(h: Harness, size: dict, dtypes: list):
     torch, ct, hh, sample = h.torch, h.ct, size["hd_heads"], (slice(0, 1), slice(0, 2))
     for d in size["hd_dims"]:
@@ -416,7 +442,8 @@ def main(argv=None) -> int:
     rows, interrupted = [], False
     try:
         for sweep in sweeps:
-            for row in {"triangle": triangle, "swin": swin, "padding": padding, "headdim": headdim}[sweep](
+            for row in {"triangle": triangle, "swin": swin, "padding": padding, "keybias": keybias,
+                         "headdim": headdim}[sweep](
                     h, size, dtypes):
                 rows.append(row)
                 print(json.dumps(records.json_safe(row)), file=sys.stderr, flush=True)
