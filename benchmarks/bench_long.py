@@ -68,6 +68,11 @@ def main(argv=None) -> int:
     L, H = args.length, args.heads
     rows_checked = sorted({0, 1, L // 3, L // 2 + 7, L - 2, L - 1})
     results = []
+    device = torch.cuda.get_device_name()
+    record = {"sweep": "long", "device": device, "cuflash": cuflash.__version__, "torch": torch.__version__,
+              **records.source_commit(), "date_utc": records.now_utc(), "config": vars(args), "rows": results,
+              "rows_checked": rows_checked}
+    path = records.record_path(args.out, record["date_utc"], device, "long")
 
     def timed(step):
         samples = []
@@ -140,14 +145,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             results.append(row)
             print(row, flush=True)
+            records.write(record, path)  # after every row: a run cut short keeps what it measured
         q = k = v = dout = None  # the next head dim's tensors take their memory
         torch.cuda.empty_cache()
 
-    device = torch.cuda.get_device_name()
-    record = {"sweep": "long", "device": device, "cuflash": cuflash.__version__, "torch": torch.__version__,
-              **records.source_commit(), "date_utc": records.now_utc(), "config": vars(args), "rows": results,
-              "rows_checked": rows_checked}
-    path = records.write(record, records.record_path(args.out, record["date_utc"], device, "long"))
     print(f"\nbf16, causal, B=1, H={H}, L={L}; peak: memory above the inputs during fwd+bwd\n")
     print("| D | who | fwd ms | fwd TF/s | bwd ms | bwd TF/s | peak GiB | sampled rel. error out/dq |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
