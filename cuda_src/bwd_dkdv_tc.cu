@@ -76,10 +76,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     constexpr int kDqM = kDqRows / 16, kDqN = kDqCols / 8;    // ... of a dQ unit
     constexpr int kKStepsD = kHeadDim / Arith::kK;            // k16 (k8) steps of Q K^T and dO V^T
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr bool kRedV2 = true;                             // vector fp32 reductions exist from sm_90
-    constexpr bool kHasStMatrix = !kTf32;                     // ... and stmatrix (of 16-bit elements)
+    constexpr bool kHasStMatrix = !kTf32;                     // stmatrix (of 16-bit elements) exists from sm_90
 #else
-    constexpr bool kRedV2 = false;
     constexpr bool kHasStMatrix = false;
 #endif
     static_assert(kWarps % 2 == 0 && kSRows % 16 == 0 && kSCols % 16 == 0 && kKVRows % 16 == 0 &&
@@ -360,37 +358,31 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                 }
 #pragma unroll
                 for (int mt = 0; mt < kDqM; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int row = m0 + row0 + mt * 16 + lane / 4 + 8 * h;
-                        if (row < at.seqlen_q) {
-                            float* dst = dq_g + (long long)row * f.head_dim;
-#pragma unroll
-                            for (int nt = 0; nt < kDqN; ++nt) {
-                                const int col = chunk * kDqCols + nt * 8 + 2 * (lane % 4);
-                                // An even D makes every (col, col+1) pair 8-byte aligned: one vector
-                                // RED on sm_90 (half the atomic instructions); else element by element.
-                                if (kRedV2 && f.head_dim % 2 == 0) {
-                                    if (col < f.head_dim)
-                                        ptx::red_add_v2_f32(dst + col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
-                                } else {
-#pragma unroll
-                                    for (int e = 0; e < 2; ++e)
-                                        if (col + e < f.head_dim) atomicAdd(dst + col + e, acc[mt][nt][2 * h + e]);
-                                }
-                            }
-                        }
-                    }
+                    tc::add_rows<kDqCols>(dq_g, acc[mt], m0 + row0 + mt * 16, at.seqlen_q, chunk * kDqCols, f.head_dim,
+                                          lane);
             }
         }
     }
 
     // ---- Epilogue: the group's dK_j * scale and dV_j in the input type, staged through the K_j /
     // V_j tiles (after a barrier: other warps may still read them), then stored by the whole
-    // block as 16-byte chunks where aligned. Key tiles that no query sees store zeros.
+    // block as 16-byte chunks where aligned. Key tiles that no query sees store zeros. A slice of
+    // a split GQA group (BwdParams::dkv_adds) adds them into the group's fp32 sums (contiguous rows
+    // of D and Dv floats) from the registers instead.
     ptx::cp_async_wait<0>();
-    __syncthreads();
     const float scale = static_cast<float>(f.scale);
+    if (p.dkv_adds) {
+        const BwdBatchIndex out_at(p, ptx::block_index_x() * p.heads_per_block);
+        float* const dk_sums = static_cast<float*>(p.dk) + out_at.dk + (long long)n0 * f.head_dim;
+        float* const dv_sums = static_cast<float*>(p.dv) + out_at.dv + (long long)n0 * f.head_dim_v;
+#pragma unroll
+        for (int mt = 0; mt < kKVM; ++mt) {
+            tc::add_rows<kKVCols>(dk_sums, dk[mt], kv_row + mt * 16, out_at.seqlen_k - n0, kv_col, f.head_dim, lane, scale);
+            tc::add_rows<kKVCols>(dv_sums, dv[mt], kv_row + mt * 16, out_at.seqlen_k - n0, kv_col, f.head_dim_v, lane);
+        }
+        return;
+    }
+    __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < kKVM; ++mt)
 #pragma unroll

@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             float dq[kDqN / 8][4];
             wgmma_bwd::dq_product<Element, kBlockN, kDqN, DsTile, KVTile>(
                 dq, ds_smem + (q0 / 64) * DsTile::kPanelBytes, k_smem + (c0 / 64) * KVTile::kPanelBytes + (c0 % 64) * 2);
-            wgmma_bwd::add_rows<kDqN>(dq_head_s + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+            tc::add_rows<kDqN>(dq_head_s + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
                                     at.seqlen_q, c0, f.head_dim, lane);
         } else {
             ptx::wgmma_wait<0>();

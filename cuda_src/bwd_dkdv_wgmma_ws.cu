@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 wgmma_bwd::stage_rows<kDqN, kDqStride>(dq_smem + buffer * kDqTileBytes, dq, q0 + (warp % 4) * 16, c0, lane);
                 ptx::mbarrier_arrive_warp(dq_full(buffer));
             } else {
-                wgmma_bwd::add_rows<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
+                tc::add_rows<kDqN>(dq_head + HeadStep(p, step.g).dq_accum, dq, m0 + q0 + (warp % 4) * 16,
                                         at.seqlen_q, c0, f.head_dim, lane);
             }
         } else {

@@ -34,6 +34,35 @@ __device__ __forceinline__ float row_delta(const float* delta, int row, int seql
     return row < seqlen_q ? delta[row] : 0.f;
 }
 
+// An accumulator fragment added into fp32 rows of ``width`` floats (REDs): rows ``row0`` +
+// lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
+// times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
+// else element by element. dQ_i's part into dq_accum (unscaled: bwd_dq_convert multiplies by
+// scale), and a split GQA group's dK and dV into their sums (bwd_wgmma.cuh's add_dk_dv, bwd_dkdv_tc's
+// epilogue). On sm_80 a vector RED is two scalar ones (ptx::red_add_v2_f32).
+template <int kN>
+__device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN / 8][4], int row0, int rows, int c0,
+                                         int width, int lane, float factor = 1.f) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + lane / 4 + 8 * h;
+        if (row < rows) {
+            float* dst = dst_rows + (long long)row * width;
+#pragma unroll
+            for (int nt = 0; nt < kN / 8; ++nt) {
+                const int col = c0 + nt * 8 + 2 * (lane % 4);
+                if (width % 2 == 0) {
+                    if (col < width) ptx::red_add_v2_f32(dst + col, frag[nt][2 * h] * factor, frag[nt][2 * h + 1] * factor);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (col + e < width) atomicAdd(dst + col + e, frag[nt][2 * h + e] * factor);
+                }
+            }
+        }
+    }
+}
+
 // The query side of one step of the key-tile kernels (bwd_dkdv_tc, bwd_dkdv_wgmma): Q_i and dO_i
 // as kBlockM-row tiles (layout Tile), and the rows' lse and delta as 2 * kBlockM floats (thread
 // t < kBlockM copies lse of row t, the next kBlockM threads delta; 4-byte copies: a head's lse

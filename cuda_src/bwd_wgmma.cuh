@@ -155,34 +155,6 @@ __device__ __forceinline__ void dq_product(float (&dq)[kDqN / 8][4], unsigned ds
     ptx::wgmma_pin(dq);
 }
 
-// An accumulator fragment added into fp32 rows of ``width`` floats (REDs): rows ``row0`` +
-// lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
-// times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
-// else element by element. dQ_i's part into dq_accum (unscaled: bwd_dq_convert multiplies by
-// scale), and a split GQA group's dK and dV into their sums (add_dk_dv).
-template <int kN>
-__device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN / 8][4], int row0, int rows, int c0,
-                                         int width, int lane, float factor = 1.f) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = row0 + lane / 4 + 8 * h;
-        if (row < rows) {
-            float* dst = dst_rows + (long long)row * width;
-#pragma unroll
-            for (int nt = 0; nt < kN / 8; ++nt) {
-                const int col = c0 + nt * 8 + 2 * (lane % 4);
-                if (width % 2 == 0) {
-                    if (col < width) ptx::red_add_v2_f32(dst + col, frag[nt][2 * h] * factor, frag[nt][2 * h + 1] * factor);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (col + e < width) atomicAdd(dst + col + e, frag[nt][2 * h + e] * factor);
-                }
-            }
-        }
-    }
-}
-
 // The epilogue's first half: this warpgroup's dK_g * scale and dV_g in the input type, into
 // padded row tiles in shared memory (lane: keys key_row, key_row + 8; columns 8 nt + 2 (lane % 4)
 // + {0, 1}). The caller's barriers bracket it (K, V and dS^T are free before; the tiles complete
@@ -251,7 +223,7 @@ __device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_i
     auto add = [&](float* sums, const float (&frag)[kHeadDim / 8][4], int width, float factor) {
         float* const dst = sums + (long long)n0 * width;
         if (width % 4 != 0) {
-            add_rows<kHeadDim>(dst, frag, key_row0, rows, 0, width, lane, factor);
+            tc::add_rows<kHeadDim>(dst, frag, key_row0, rows, 0, width, lane, factor);
             return;
         }
         sync();  // the stage is free: the loop's reads, or the previous gradient's bulk adds, are done

@@ -460,24 +460,25 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
     q, k, v = _draw(rng, dtype, (2, hq, lq, d), (2, hkv, lk, d), (2, hkv, lk, dv))
     for per_block in sorted({1, max(1, group // 2), group}):
         plan.forget()
-        # (the stored slices' rule, and the added slices' where the kernels add: Hopper, atomic)
+        # (the stored slices' rule, and the added slices' where the kernels add: 16-bit, atomic)
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
         monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
         for deterministic in (False, True):
             check_backward(rng, dtype, q, k, v, deterministic=deterministic, **options)
 
 
-# A split GQA group's slices added into fp32 sums by the Hopper dK/dV kernels (plan._adds_dkdv):
-# (q shape, k shape, Dv, options); "blhd": q, k, v, dout as (B, L, H, D) arrays seen as
-# (B, H, L, D); "padding": a key-padding mask whose last batch row sees no key; "stored": a
-# head-dim bucket the Hopper kernels do not serve (bwd_dkdv_tc stores the slices, the host sums).
+# A split GQA group's slices added into fp32 sums by the tensor-core dK/dV kernels
+# (plan._adds_dkdv; bwd_dkdv_wgmma(_ws) on Hopper at d64/d128, bwd_dkdv_tc elsewhere): (q shape,
+# k shape, Dv, options); "blhd": q, k, v, dout as (B, L, H, D) arrays seen as (B, H, L, D);
+# "padding": a key-padding mask whose last batch row sees no key.
 ADD_CASES = [
     ((2, 8, 200, 64), (2, 2, 333, 64), 64, dict(causal=True)),
     ((1, 6, 1025, 128), (1, 2, 97, 128), 128, dict(causal=True)),
     ((2, 4, 97, 59), (2, 1, 257, 59), 59, dict(window=(33, 47))),  # MQA by a head axis of 1; odd width: REDs
     ((2, 4, 99, 124), (2, 2, 150, 124), 124, dict(causal=True)),  # width 124 floats: bulk adds, 16-byte rows
     ((2, 4, 70, 64), (2, 2, 70, 64), 32, dict(causal="top_left")),  # D != Dv
-    ((2, 4, 70, 96), (2, 2, 70, 96), 32, dict(causal="top_left", stored=True)),
+    ((2, 4, 70, 96), (2, 2, 70, 96), 32, dict(causal="top_left")),  # bucket 96: bwd_dkdv_tc
+    ((1, 4, 130, 256), (1, 2, 201, 256), 256, dict(causal=True, softcap=30.0)),  # bwd_dkdv_tc's modifier tile
     ((2, 4, 130, 128), (2, 2, 201, 128), 128, dict(softcap=20.0, alibi=True)),
     ((3, 4, 97, 64), (3, 2, 200, 64), 64, dict(padding=True, causal=True)),
     ((2, 6, 300, 128), (2, 3, 300, 128), 128, dict(blhd=True)),
@@ -489,14 +490,13 @@ ADD_CASES = [
                          + "-".join(c[3]))
 def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
     """Slices of one head and of half the group added into the group's fp32 sums by the dK/dV
-    blocks (checked to be the path taken on compute capability 9.0; elsewhere the slices are
-    summed by the host), against the float64 reference, with modifiers, a key-padding mask, odd
+    blocks (checked to be the path taken unless deterministic), against the float64 reference, with modifiers, a key-padding mask, odd
     widths, D != Dv, strided inputs; the deterministic backward of the same call as well."""
     from test_bias_mask import check_against_reference
 
     q_shape, k_shape, dv, options = case
     options = dict(options)
-    blhd, padding, alibi, stored = (options.pop(name, False) for name in ("blhd", "padding", "alibi", "stored"))
+    blhd, padding, alibi = (options.pop(name, False) for name in ("blhd", "padding", "alibi"))
     v_shape = k_shape[:-1] + (dv,)
     o_shape = q_shape[:-1] + (dv,)
     if blhd:  # drawn as (B, L, H, D), passed as its (B, H, L, D) view
@@ -512,7 +512,6 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
     group = q_shape[1] // k_shape[1]
     adds, real = [], plan._adds_dkdv
     monkeypatch.setattr(plan, "_adds_dkdv", lambda *args: adds.append(real(*args)) or adds[-1])
-    hopper = cupy.cuda.Device().compute_capability == "90" and not stored
     replayed, run = [], plan.BackwardPlan.run
     monkeypatch.setattr(plan.BackwardPlan, "run", lambda self, *a, **kw: replayed.append(self.dkv_sums) or run(self, *a, **kw))
     for per_block in sorted({1, group // 2} - {0}):
@@ -523,8 +522,8 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
             adds.clear()
             check_against_reference(dtype, q, k, v, dout, gpu=True, deterministic=deterministic, **options)
             # (the second call replays the first's plan where it can: the rules are not asked again)
-            assert (adds or call == 1) and all(taken == (hopper and not deterministic) for taken in adds), adds
-    if hopper and q_shape[-1] % 8 == 0 and not (blhd or padding or alibi):  # (inputs read in place: replayed)
+            assert (adds or call == 1) and all(taken == (not deterministic) for taken in adds), adds
+    if q_shape[-1] % 8 == 0 and not (blhd or padding or alibi):  # (inputs read in place: replayed)
         assert replayed and all(sums is not None for sums in replayed), replayed
 
 

@@ -676,7 +676,7 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
                          modifier_tile=lambda dtype, d: None if dtype == "float32" else {
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
-                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
+                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
