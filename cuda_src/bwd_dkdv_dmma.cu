@@ -296,15 +296,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
             dmma::acc_times_rows<NK, QT, DT>(dK, x, q_cols, kLd);
         } else {
             // dS by query row for the dQ product (every warp's keys; the first slice's).
-            if (with_dq && first_slice) {
-#pragma unroll
-                for (int ki = 0; ki < NK; ++ki)
-#pragma unroll
-                    for (int qi = 0; qi < QT; ++qi)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            dSs[(8 * qi + 2 * tq + e) * kLdS + key_row + 8 * ki] = dp[ki][qi][e];
-            }
+            if (with_dq && first_slice) dmma::to_rows<NK, QT>(dSs + key_row, kLdS, dp, tq);
 
             // dV_j += P^T dO_i and dK_j += dS^T Q_i: P^T and dS^T straight from the accumulators.
             dmma::acc_times_rows<NK, QT, DT>(dV, s, do_cols, kLd);
