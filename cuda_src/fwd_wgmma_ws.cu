@@ -284,12 +284,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             ptx::named_barrier_sync(own_barrier, 128);
         }
 
-        auto issue_scores = [&](int slot, float (&s)[kBlockN / 8][4]) {
-            tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile>(s, q_group, k_ring + slot * KVTile::kBytes);
-        };
         // Score modifiers (score_mod.cuh), as fwd_wgmma applies them; Q was negated for a negative
-        // scale: |scale| here.
-        const ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+        // scale: |scale| here. A bias without softcap goes into S itself: each tile's S starts as
+        // bias / |scale| (loaded a tile ahead, tc::bias_into_scores) and its MMA adds Q K^T.
+        ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+        mod.bias_in_scores = kScoreMods && tc::bias_goes_into_scores(p);
+        auto issue_scores = [&](int slot, float (&s)[kBlockN / 8][4]) {
+            if (kScoreMods && mod.bias_in_scores)
+                tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile, true>(s, q_group, k_ring + slot * KVTile::kBytes);
+            else
+                tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile>(s, q_group, k_ring + slot * KVTile::kBytes);
+        };
+        auto load_bias = [&](int t, float (&s)[kBlockN / 8][4]) {  // (t: a key tile of this row block)
+            if (kScoreMods && mod.bias_in_scores && t < range.last) tc::bias_into_scores(mod, s, m0 + warp_row0, t * kBlockN, lane);
+        };
         auto modify = [&](auto peeled, int t, float (&s)[1][kBlockN / 8][4]) {  // (peeled: the first tile's)
             return tc::modify_forward_tile<kScoreMods, decltype(peeled)::value>(mod, s, m0 + warp_row0, t * kBlockN, lane,
                                                                                 scale_log2);
@@ -331,6 +339,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         if (tiles > 0 && group == kConsumers - 1) pass_turn();
         if (tiles > 0) {
             const int slot = round % kStages;
+            load_bias(range.first, s[0]);
             ptx::mbarrier_wait(bars.k_full(slot), ring_parity<kStages>(round));
             my_turn();
             ptx::wgmma_fence();
@@ -345,6 +354,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             float alpha[1][2];
             softmax.update_stats(s, c, alpha);
             pack_p();
+            load_bias(range.first + 1, s[0]);
         }
         for (int i = 0; i + 1 < tiles; ++i) {
             const int r = round + i, next = (r + 1) % kStages, slot = r % kStages;
@@ -370,6 +380,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             release(bars.v_empty(slot));
             if (moved) softmax.rescale(acc, alpha);
             pack_p();
+            load_bias(range.first + i + 2, s[0]);
         }
         if (tiles > 0) {
             const int r = round + tiles - 1, slot = r % kStages;

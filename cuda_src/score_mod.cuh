@@ -186,6 +186,9 @@ struct ScoreMod {
     T unit;   // the exponent's units per natural unit (log2(e) or 1): the bias's multiplier
     int diag;
     int row;  // the attention row bh: where its bias and mask planes start (FwdParams::score_rows)
+    // The kernel added the bias to S itself (tc::bias_into_scores: S = Q K^T + bias / scale, the
+    // MMA's accumulator loaded with the bias): the bodies below neither read nor add it again.
+    bool bias_in_scores = false;
 
     // The modifiers of attention row bh. `scale`: the scale the kernel applies to its raw
     // scores (the forwards negate Q for a negative scale and pass |scale|); `diag`: the row's
@@ -214,8 +217,11 @@ struct ScoreMod {
     // Whether the scores change (softcap, a bias, ALiBi or a mask). With sinks alone they do
     // not: the kernels keep their plain path, the scale folded into the softmax's exponent.
     __device__ __forceinline__ bool modifies() const {
-        return cap != T(0) || slope != T(0) || params.bias != nullptr || params.mask != nullptr;
+        return cap != T(0) || slope != T(0) || adds_bias() || params.mask != nullptr;
     }
+
+    // Whether the bodies add a bias (the call has one the kernel has not put in S already).
+    __device__ __forceinline__ bool adds_bias() const { return params.bias != nullptr && !bias_in_scores; }
 
     // Runs body(score) with score a RowScores for the modifiers this row has, and returns whether
     // it ran (modifies()): the per-element code is compiled once per combination and chosen per
@@ -236,7 +242,7 @@ struct ScoreMod {
     }
     template <ModBodies kBodies, typename Body, typename MakePlanes>
     __device__ __forceinline__ bool dispatch_on(Body&& body, MakePlanes&& planes) const {
-        const bool bias = params.bias != nullptr, mask = params.mask != nullptr;
+        const bool bias = adds_bias(), mask = params.mask != nullptr;
         if constexpr (has_bodies(kBodies, ModBodies::kPerModifier)) {
             if (!bias && !mask) {  // softcap alone, ALiBi alone: no ALiBi term, no plane test
                 if (cap != T(0) && slope == T(0)) {
@@ -288,8 +294,12 @@ struct ScoreMod {
         return x;
     }
 
-    // This row's bias and mask planes in global memory.
-    __device__ __forceinline__ GlobalPlanes<T> planes() const { return row_planes(params, row); }
+    // This row's bias and mask planes in global memory (the bias's null where it is in S).
+    __device__ __forceinline__ GlobalPlanes<T> planes() const {
+        GlobalPlanes<T> planes = row_planes(params, row);
+        if (bias_in_scores) planes.bias_at = nullptr;
+        return planes;
+    }
 
     // Row bh's bias and mask planes in global memory (FwdParams::score_rows).
     static __device__ __forceinline__ GlobalPlanes<T> row_planes(const FwdParams& p, int bh) {

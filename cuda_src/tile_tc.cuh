@@ -124,12 +124,13 @@ struct Sw128Tile {
 
 // C = A B^T over kKSteps k16 steps (the scores of the wgmma kernels: S = Q K^T, S^T = K Q^T), A
 // and B K-major in 128-byte swizzled tiles (ATile, BTile) from shared addresses a and b: one
-// wgmma of N = 8 kNTiles per step, the first overwriting C (nothing of its old value stays live).
+// wgmma of N = 8 kNTiles per step, the first overwriting C (nothing of its old value stays live),
+// or with kOntoC adding to what C holds (C += A B^T: a bias loaded into C, bias_into_scores).
 // Issued only: the caller commits and waits.
-template <typename Element, int kKSteps, typename ATile, typename BTile, int kNTiles>
+template <typename Element, int kKSteps, typename ATile, typename BTile, bool kOntoC = false, int kNTiles>
 __device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, unsigned b) {
     const unsigned long long desc_a = ATile::k_major(a), desc_b = BTile::k_major(b);
-    ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0, false>(c, desc_a, desc_b);
+    ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0, kOntoC>(c, desc_a, desc_b);
 #pragma unroll
     for (int kk = 1; kk < kKSteps; ++kk)
         ptx::Wgmma<8 * kNTiles>::template ss<Element, 0, 0>(c, ptx::desc_advance(desc_a, ATile::k_step(kk)),
@@ -373,6 +374,48 @@ __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][
 template <ModBodies kBodies = ModBodies::kAll, typename Mod, int M, int N>
 __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][4], int row0, int col0, int lane, float c) {
     return modify_scores<kBodies>(mod, s, row0, col0, lane, c, mod.planes());
+}
+
+// Whether a forward may add the call's bias to S before the softmax by loading it into the score
+// MMA's accumulator (bias_into_scores): a bias and no softcap (the cap comes before the bias), and
+// a scale whose reciprocal keeps bias / scale finite.
+__device__ __forceinline__ bool bias_goes_into_scores(const FwdParams& p) {
+    return p.bias != nullptr && !(p.softcap > 0.0) && fabsf(static_cast<float>(p.scale)) >= 0x1p-20f;
+}
+
+// The bias of this lane's scores of fragment s (rows row0 + lane / 4 + {0, 8}, keys col0 + 8 nt +
+// 2 (lane % 4) + {0, 1}) divided by |scale|, into s: the score MMA then accumulates Q K^T onto it
+// (wgmma_a_bt's kOntoC), and the scale that the softmax (or ScoreMod, bias_in_scores) applies to
+// S returns the bias to its own units, so no body reads or adds it per score. The loads are
+// issued a tile ahead, into registers that are free between the P V of one tile and the S of
+// the next. Rows past Lq read row Lq - 1 (never stored); keys past Lk read as 0 (masked). A
+// fragment wholly inside Lk of a plane with contiguous keys reads 8-byte pairs.
+template <int N, typename Mod>
+__device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4], int row0, int col0, int lane) {
+    const FwdParams& p = mod.params;
+    const float* plane = Mod::row_planes(p, mod.row).bias_at;
+    const float inv_scale = 1.f / fabsf(static_cast<float>(p.scale));
+    const int j0 = col0 + 2 * (lane % 4);
+    const long long col_stride = p.bias_col_stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = min(row0 + lane / 4 + 8 * h, p.seqlen_q - 1);
+        const float* at = plane + static_cast<long long>(i) * p.bias_row_stride + j0 * col_stride;
+        if (col_stride == 1 && col0 + 8 * N <= p.seqlen_k && (reinterpret_cast<unsigned long long>(at) & 7ull) == 0) {
+#pragma unroll
+            for (int nt = 0; nt < N; ++nt) {
+                const float2 b = __ldg(reinterpret_cast<const float2*>(at + 8 * nt));
+                s[nt][2 * h] = b.x * inv_scale;
+                s[nt][2 * h + 1] = b.y * inv_scale;
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    s[nt][2 * h + e] = j0 + 8 * nt + e < p.seqlen_k ? __ldg(at + (8 * nt + e) * col_stride) * inv_scale : 0.f;
+        }
+    }
 }
 
 // The Hopper forwards' modify_scores on one key tile (c returned untouched without kScoreMods):
