@@ -1109,6 +1109,63 @@ def test_gpu_head_dims_with_bias_and_mask_at_odd_lengths(rng, dtype, head_dim, l
                             mask=_mask(rng, mask_shape, kind), **options)
 
 
+# The Hopper forward adds a bias without softcap into S's accumulator (tc::bias_into_scores):
+# every form of plane it reads (contiguous keys in 8-byte pairs, broadcast rows, strided keys,
+# an odd start), tiles crossing Lq and Lk, -inf entries, a negative scale, with ALiBi, a mask or
+# a window beside it, and softcap (which keeps the bias in the modifier bodies).
+ACCUMULATOR_BIASES = {  # form: (the bias's shape, its CuPy view of a host array of that shape)
+    "keys": (lambda b, h, lq, lk: (b, 1, 1, lk), lambda cupy, x: cupy.asarray(x)),
+    "pair": (lambda b, h, lq, lk: (1, h, lq, lk), lambda cupy, x: cupy.asarray(x)),
+    "transposed": (lambda b, h, lq, lk: (b, h, lq, lk),
+                   lambda cupy, x: cupy.asarray(numpy.ascontiguousarray(x.swapaxes(-1, -2))).swapaxes(-1, -2)),
+    "odd-start": (lambda b, h, lq, lk: (h, lq, lk),
+                  lambda cupy, x: cupy.asarray(numpy.concatenate([x[..., :1], x], axis=-1))[..., 1:]),
+    "minus-inf": (lambda b, h, lq, lk: (1, h, lq, lk), lambda cupy, x: cupy.asarray(x)),
+}
+ACCUMULATOR_CASES = [  # (dtype, head dim, bias form, options)
+    ("bfloat16", 128, "keys", {}),
+    ("bfloat16", 128, "pair", dict(causal=True, scale=-0.07)),
+    ("float16", 128, "transposed", dict(alibi="heads")),
+    ("bfloat16", 64, "odd-start", dict(window=(70, 30))),
+    ("float16", 64, "minus-inf", dict(mask="keypad")),
+    ("bfloat16", 256, "pair", dict(softcap=4.0)),
+    ("float16", 256, "keys", dict(causal="top_left", sinks="heads")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, head_dim, form, options", ACCUMULATOR_CASES,
+                         ids=[f"{c[0]}-d{c[1]}-{c[2]}-{'-'.join(c[3]) or 'plain'}" for c in ACCUMULATOR_CASES])
+def test_gpu_hopper_forward_takes_the_bias_into_its_accumulator(rng, dtype, head_dim, form, options):
+    """Lq = 200 and Lk = 333 (tiles crossing both ends), B 2, H 3, the bias in float32 and in q's
+    dtype in turn; on an H100/H200 the forward is fwd_wgmma_ws's."""
+    cupy = _cupy()
+    from cuflash._gpu import plan
+
+    b, h, lq, lk = 2, 3, 200, 333
+    q, k, v, dout = _draw(rng, dtype, (b, h, lq, head_dim), (b, h, lk, head_dim), (b, h, lk, head_dim),
+                          (b, h, lq, head_dim))
+    kwargs = _options(rng, q.shape, {key: value for key, value in options.items() if key != "mask"})
+    for name in ("alibi_slopes", "sinks"):
+        if name in kwargs:
+            kwargs[name] = kwargs[name].astype(numpy.float32)
+    if "mask" in options:
+        kwargs["mask"] = _mask(rng, (b, 1, 1, lk), options["mask"])
+    shape, view = ACCUMULATOR_BIASES[form]
+    for wide in (True, False):
+        bias = rng.standard_normal(shape(b, h, lq, lk))
+        if form == "minus-inf":
+            bias[rng.random(bias.shape) < 0.2] = -numpy.inf
+        bias = view(cupy, bias.astype(_bias_dtype(dtype, wide)))
+        assert (form in ("transposed", "odd-start")) != bias.flags.c_contiguous
+        plan.PLANS.clear()
+        check_against_reference(dtype, q, k, v, dout, gpu=True, bias=bias, **kwargs)
+        if cupy.cuda.Device().compute_capability == "90":
+            kernels = {getattr(launch.kernel, "name", "") for entry in list(plan.PLANS.values())
+                       for launch in getattr(entry, "launches", ())}
+            assert any("fwd_wgmma_ws" in name for name in kernels), kernels
+
+
 LONG = [  # (dtype, head dim, Lq, bias shape, mask (shape, kind) or None, options); Lk = 1025, causal
     ("bfloat16", 128, 1025, (1, 2, 1025, 1025), ((2, 1, 1, 1025), "keypad"), dict(causal=True)),
     ("float32", 64, 1025, (2, 1, 1, 1025), ((1, 2, 1025, 1025), "holes"), dict(causal=True)),
