@@ -227,6 +227,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
 
     constexpr float kLog2e = 1.4426950408889634f;
     ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    // A bias without softcap goes into S^T itself: each step's S^T starts as bias / scale
+    // (tc::bias_into_transposed_scores, loaded before the wait for the step's Q and dO: a step
+    // ahead, held through the dQ product, spills at d128) and its MMA adds K Q^T.
+    mod.bias_in_scores = kScoreMods && tc::bias_goes_into_scores(f);
+    const bool bias_in_st = kScoreMods && mod.bias_in_scores;
     BiasGrad<float> dbias(p, bh);
     const bool modified = kScoreMods && mod.modifies();
 
@@ -247,8 +252,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         ptx::named_barrier_sync(1, kConsumerThreads);
     }
     HeadTileStep step(range.first, range.last, heads);
+    float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
     for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
         const int i = step.i, slot_index = t % kStages;
+        // (zeros otherwise: st is then written here on every path, never carried from the last step)
+        if (bias_in_st) tc::bias_into_transposed_scores(f, bh + step.g, st, i * kBlockM, n0 + lane_key_row(), lane);
+        else tc::zero(st);
         ptx::mbarrier_wait(full(slot_index), static_cast<unsigned>(t / kStages) & 1u);
         const bool masked = i < range.full_first || i >= range.full_last;
         const unsigned q_slot = stage_smem + slot_index * kStageBytes;
@@ -257,9 +266,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         const unsigned delta_s = lse_s + 4 * kBlockM;
         const int m0 = i * kBlockM;
 
-        float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
-        wgmma_bwd::transposed_scores<Element, kBlockM, kKStepsD, KVTile, QTile>(st, dpt, k_smem, v_smem, q_slot, do_slot,
-                                                                              group * kGroupKeys);
+        if (bias_in_st)
+            wgmma_bwd::transposed_scores<Element, kBlockM, kKStepsD, KVTile, QTile, true>(st, dpt, k_smem, v_smem, q_slot,
+                                                                                        do_slot, group * kGroupKeys);
+        else
+            wgmma_bwd::transposed_scores<Element, kBlockM, kKStepsD, KVTile, QTile>(st, dpt, k_smem, v_smem, q_slot,
+                                                                                  do_slot, group * kGroupKeys);
 
         if (kScoreMods && heads > 1 && step.i == range.first) {
             mod.head(f, bh + step.g, kLog2e);

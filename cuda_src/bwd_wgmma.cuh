@@ -15,15 +15,16 @@ namespace cuflash {
 namespace wgmma_bwd {
 
 // S^T = K_g Q_i^T and dP^T = V_g dO_i^T (64 keys x kBlockM queries; the first k-step
-// overwrites: nothing of the previous tile stays live), issued, waited for and pinned: A = this
+// overwrites: nothing of the previous tile stays live; kBiasInSt: S^T is added to what st holds,
+// the bias / scale, tc::bias_into_transposed_scores), issued, waited for and pinned: A = this
 // warpgroup's 64 rows of K or V (from row ``first_key`` of their tiles), B = Q_i or dO_i, both
 // K-major.
-template <typename Element, int kBlockM, int kKSteps, typename KVTile, typename QTile>
+template <typename Element, int kBlockM, int kKSteps, typename KVTile, typename QTile, bool kBiasInSt = false>
 __device__ __forceinline__ void transposed_scores(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4],
                                                   unsigned k_tile, unsigned v_tile, unsigned q_tile, unsigned do_tile,
                                                   int first_key) {
     ptx::wgmma_fence();
-    tc::wgmma_a_bt<Element, kKSteps, KVTile, QTile>(st, k_tile + first_key * 128, q_tile);
+    tc::wgmma_a_bt<Element, kKSteps, KVTile, QTile, kBiasInSt>(st, k_tile + first_key * 128, q_tile);
     tc::wgmma_a_bt<Element, kKSteps, KVTile, QTile>(dpt, v_tile + first_key * 128, do_tile);
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
@@ -72,7 +73,7 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
                 st[nt][e] = masked && (query >= seqlen_q || !mask.visible(query, key))
                                 ? 0.f : ptx::ex2(score.exponent(x, lse2[e % 2]));
                 dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
-                if (score.has_planes && dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
+                if ((score.has_planes || mod.bias_in_scores) && dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
                 if (score.capped) dpt[nt][e] *= grad;
             }
         }
@@ -96,6 +97,12 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
+        // A bias the kernel put in S^T (ScoreMod::bias_in_scores) leaves the modifier bodies; its
+        // gradient is dS, stored here as they store it.
+        if (mod.bias_in_scores && dbias.wanted()) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+        }
     }
 }
 

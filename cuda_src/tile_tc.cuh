@@ -418,6 +418,31 @@ __device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4
     }
 }
 
+// The same for the backward's transposed fragment S^T of attention row `row` (bwd_wgmma.cuh: this
+// lane's keys key0 + {0, 8} as rows, queries m0 + 8 nt + 2 (lane % 4) + {0, 1} as columns), divided
+// by the signed scale (the backward keeps Q's sign and multiplies S by scale_log2); pairs outside
+// Lq x Lk read as 0 (their P is masked, or multiplies K's zeroed rows).
+template <int N>
+__device__ __forceinline__ void bias_into_transposed_scores(const FwdParams& p, int row, float (&st)[N][4], int m0,
+                                                            int key0, int lane) {
+    const float* plane = ScoreMod<float>::row_planes(p, row).bias_at;
+    const float inv_scale = 1.f / static_cast<float>(p.scale);
+    const long long row_stride = p.bias_row_stride;
+    const int i0 = m0 + 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = key0 + 8 * h;
+        const float* at = plane + i0 * row_stride + static_cast<long long>(j) * p.bias_col_stride;
+        const bool key_inside = j < p.seqlen_k;
+#pragma unroll
+        for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                st[nt][2 * h + e] = key_inside && i0 + 8 * nt + e < p.seqlen_q ? __ldg(at + (8 * nt + e) * row_stride) * inv_scale
+                                                                             : 0.f;
+    }
+}
+
 // The Hopper forwards' modify_scores on one key tile (c returned untouched without kScoreMods):
 // the loop's tiles take a body per modifier combination (ModBodies::kAll, ALiBi alone in raw
 // units); the tile peeled off before the loop (kPeeled) the two general ones (half the code, one

@@ -1109,7 +1109,8 @@ def test_gpu_head_dims_with_bias_and_mask_at_odd_lengths(rng, dtype, head_dim, l
                             mask=_mask(rng, mask_shape, kind), **options)
 
 
-# The Hopper forward adds a bias without softcap into S's accumulator (tc::bias_into_scores):
+# The Hopper forward and backward (fwd_wgmma_ws, bwd_dkdv_wgmma_ws) add a bias without softcap
+# into S's (S^T's) accumulator (tc::bias_into_scores, bias_into_transposed_scores):
 # every form of plane it reads (contiguous keys in 8-byte pairs, broadcast rows, strided keys,
 # an odd start), tiles crossing Lq and Lk, -inf entries, a negative scale, with ALiBi, a mask or
 # a window beside it, and softcap (which keeps the bias in the modifier bodies).
@@ -1136,9 +1137,10 @@ ACCUMULATOR_CASES = [  # (dtype, head dim, bias form, options)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, head_dim, form, options", ACCUMULATOR_CASES,
                          ids=[f"{c[0]}-d{c[1]}-{c[2]}-{'-'.join(c[3]) or 'plain'}" for c in ACCUMULATOR_CASES])
-def test_gpu_hopper_forward_takes_the_bias_into_its_accumulator(rng, dtype, head_dim, form, options):
+def test_gpu_hopper_kernels_take_the_bias_into_their_accumulators(rng, dtype, head_dim, form, options):
     """Lq = 200 and Lk = 333 (tiles crossing both ends), B 2, H 3, the bias in float32 and in q's
-    dtype in turn; on an H100/H200 the forward is fwd_wgmma_ws's."""
+    dtype in turn, forward and backward (dbias included); on an H100/H200 the forward is
+    fwd_wgmma_ws's and, up to d128, the backward bwd_dkdv_wgmma_ws's."""
     cupy = _cupy()
     from cuflash._gpu import plan
 
@@ -1164,6 +1166,7 @@ def test_gpu_hopper_forward_takes_the_bias_into_its_accumulator(rng, dtype, head
             kernels = {getattr(launch.kernel, "name", "") for entry in list(plan.PLANS.values())
                        for launch in getattr(entry, "launches", ())}
             assert any("fwd_wgmma_ws" in name for name in kernels), kernels
+            assert head_dim > 128 or any("bwd_dkdv_wgmma_ws" in name for name in kernels), kernels
 
 
 LONG = [  # (dtype, head dim, Lq, bias shape, mask (shape, kind) or None, options); Lk = 1025, causal
