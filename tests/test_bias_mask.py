@@ -670,21 +670,35 @@ def test_gpu_rows_that_see_no_key_give_zero_the_sink_and_no_gradient(rng, dtype,
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_gpu_minus_infinity_bias_hides_keys_as_the_mask_does(rng, dtype):
-    """A bias of 0 / -inf and the boolean mask it spells: the same out, lse, dq, dk and dv, bit
-    for bit (deterministic backward)."""
+    """A bias of 0 / -inf and the boolean mask it spells: the same out, lse, dq, dk and dv
+    (deterministic backward), bit for bit in float32/float64; in bfloat16 within a few units of
+    the last place of each result's largest entry, since Hopper's kernels add such a bias in the
+    score MMA's accumulator and scale it with S, where the mask's body scales S first (one
+    rounding apart; the hidden keys give exactly 0 either way: dbias there is 0)."""
     q, k, v, dout = _on_gpu(*_draw(rng, dtype, (2, 3, 130, 64), (2, 3, 150, 64), (2, 3, 150, 64), (2, 3, 130, 64)))
     host_mask = rng.random((2, 1, 130, 150)) < 0.5
     mask = _on_gpu(host_mask)[0]
     bias = _on_gpu(numpy.where(host_mask, 0.0, -numpy.inf).astype(_bias_dtype(dtype, True)))[0]
+
+    def same(a, b):
+        if dtype != "bfloat16":
+            assert _bits(a) == _bits(b)
+            return
+        a, b = to_numpy(a).astype(numpy.float64), to_numpy(b).astype(numpy.float64)
+        assert (numpy.isinf(a) == numpy.isinf(b)).all() and (a[numpy.isinf(a)] == b[numpy.isinf(b)]).all()
+        finite = numpy.isfinite(b)
+        units = 4 * (2.0**-8 if to_numpy(b).dtype.itemsize == 2 else 2.0**-23)  # four of bf16 (float32: lse)
+        assert numpy.abs(a - b)[finite].max() <= units * numpy.abs(b)[finite].max()
+
     by_mask = cuflash.attention(q, k, v, mask=mask, causal=True, return_lse=True)
     by_bias = cuflash.attention(q, k, v, bias=bias, causal=True, return_lse=True)
     for a, b in zip(by_mask, by_bias):
-        assert _bits(a) == _bits(b)
+        same(a, b)
     grads_mask = cuflash.attention_backward(dout, q, k, v, *by_mask, mask=mask, causal=True, deterministic=True)
     grads_bias = cuflash.attention_backward(dout, q, k, v, *by_bias, bias=bias, causal=True, deterministic=True)
     assert len(grads_mask) == 3 and len(grads_bias) == 4
     for a, b in zip(grads_mask, grads_bias):
-        assert _bits(a) == _bits(b)
+        same(a, b)
     dbias = to_numpy(grads_bias[3])
     assert (dbias[~numpy.broadcast_to(host_mask, dbias.shape)] == 0).all()
 
