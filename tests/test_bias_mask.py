@@ -684,10 +684,11 @@ def test_gpu_minus_infinity_bias_hides_keys_as_the_mask_does(rng, dtype):
         if dtype != "bfloat16":
             assert _bits(a) == _bits(b)
             return
+        sixteen_bit = to_numpy(b).dtype.itemsize == 2
         a, b = to_numpy(a).astype(numpy.float64), to_numpy(b).astype(numpy.float64)
         assert (numpy.isinf(a) == numpy.isinf(b)).all() and (a[numpy.isinf(a)] == b[numpy.isinf(b)]).all()
         finite = numpy.isfinite(b)
-        units = 4 * (2.0**-8 if to_numpy(b).dtype.itemsize == 2 else 2.0**-23)  # four of bf16 (float32: lse)
+        units = 4 * (2.0**-8 if sixteen_bit else 2.0**-23)  # four of bf16 (float32: lse)
         assert numpy.abs(a - b)[finite].max() <= units * numpy.abs(b)[finite].max()
 
     by_mask = cuflash.attention(q, k, v, mask=mask, causal=True, return_lse=True)
