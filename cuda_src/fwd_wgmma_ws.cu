@@ -22,7 +22,8 @@
 //   into the rings, whose rounds count on across tiles, while the consumers finish the previous
 //   tile's epilogue; a Q buffer is refilled once the consumers have stored the O they staged in
 //   it. One block per tile is the same code walking one tile (d256, whose walk state spills).
-// Score modifiers, bias and mask (kScoreMods) and sinks are fwd_wgmma's (score_mod.cuh).
+// Score modifiers, bias and mask (kScoreMods) and sinks are fwd_wgmma's (score_mod.cuh), except
+// that a bias without softcap goes into S's accumulator before its MMA (tc::bias_into_scores).
 // The maps (FwdTmaParams, params.cuh) address (head dim, row, head, batch): rows past a tensor's
 // end and columns past D arrive as zeros, as the cp.async loaders' zero-fill gives fwd_wgmma. A
 // packed batch's maps span all its tokens (batch 1), so a tile past a sequence's end reads the
