@@ -118,7 +118,8 @@ struct FwdTmaParams {
 //         group on chip by one dK/dV block; strided over the output's leading axes like o, but
 //         with a head axis of num_heads / heads_per_block. What is left of GQA and
 //         broadcasting is summed by the host afterwards. With dkv_adds (the tensor-core dK/dV
-//         kernels: bwd_dkdv_tc and the wgmma ones): fp32 sums of the whole group, a head axis of num_heads / kv_group,
+//         kernels: bwd_dkdv_tc and the wgmma ones): fp32 sums of the whole group, a head
+//         axis of num_heads / kv_group,
 //         zeroed by the host, which each block adds its slice's dK * scale and dV into
 //         (bwd_wgmma.cuh's add_dk_dv).
 //   heads_per_block: the query heads one dK/dV block accumulates; its grid is

@@ -376,9 +376,9 @@ __device__ __forceinline__ float modify_scores(const Mod& mod, float (&s)[M][N][
     return modify_scores<kBodies>(mod, s, row0, col0, lane, c, mod.planes());
 }
 
-// Whether a forward may add the call's bias to S before the softmax by loading it into the score
-// MMA's accumulator (bias_into_scores): a bias and no softcap (the cap comes before the bias), and
-// a scale whose reciprocal keeps bias / scale finite.
+// Whether a kernel may add the call's bias to S (S^T) before the softmax by loading it into the
+// score MMA's accumulator (bias_into_scores, bias_into_transposed_scores): a bias and no softcap
+// (the cap comes before the bias), and a scale whose reciprocal keeps bias / scale finite.
 __device__ __forceinline__ bool bias_goes_into_scores(const FwdParams& p) {
     return p.bias != nullptr && !(p.softcap > 0.0) && fabsf(static_cast<float>(p.scale)) >= 0x1p-20f;
 }
@@ -386,9 +386,9 @@ __device__ __forceinline__ bool bias_goes_into_scores(const FwdParams& p) {
 // The bias of this lane's scores of fragment s (rows row0 + lane / 4 + {0, 8}, keys col0 + 8 nt +
 // 2 (lane % 4) + {0, 1}) divided by |scale|, into s: the score MMA then accumulates Q K^T onto it
 // (wgmma_a_bt's kOntoC), and the scale that the softmax (or ScoreMod, bias_in_scores) applies to
-// S returns the bias to its own units, so no body reads or adds it per score. The loads are
-// issued a tile ahead, into registers that are free between the P V of one tile and the S of
-// the next. Rows past Lq read row Lq - 1 (never stored); keys past Lk read as 0 (masked). A
+// S returns the bias to its own units, so no body reads or adds it per score. (fwd_wgmma_ws
+// issues it a tile ahead, into S's registers once P is packed from them.) Rows past Lq read row
+// Lq - 1 (never stored); keys past Lk read as 0 (masked). A
 // fragment wholly inside Lk of a plane with contiguous keys reads 8-byte pairs.
 template <int N, typename Mod>
 __device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4], int row0, int col0, int lane) {

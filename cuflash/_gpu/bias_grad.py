@@ -80,8 +80,8 @@ def passes(grad_shape, shape, dtype, accum, split_below: int = SPLIT_BELOW_ENTRI
     previous one's ``(entries,)`` output (the first reads dS). One launch, unless the summed
     axes alternate with kept ones more than ``DIMS - 1`` times (then each pass but the last sums
     the innermost ``DIMS - 1`` summed groups into an ``accum`` buffer), or there are fewer than
-    ``split_below`` entries of at least ``min_terms`` terms (then two: ``_cut``). Empty where nothing is summed and ``dtype`` is
-    ``accum``."""
+    ``split_below`` entries of at least ``min_terms`` terms (then two: ``_cut``). Empty where
+    nothing is summed and ``dtype`` is ``accum``."""
     dtype, accum = numpy.dtype(dtype), numpy.dtype(accum)
     axes = groups(grad_shape, shape)
     cut = _cut(axes, split_below, min_terms, min_chunk)
@@ -98,16 +98,15 @@ def passes(grad_shape, shape, dtype, accum, split_below: int = SPLIT_BELOW_ENTRI
 
 def _cut(axes, split_below: int, min_terms: int, min_chunk: int) -> tuple[int, int] | None:
     """(index of the summed group to cut, its outer part's size) when the kept groups give fewer
-    than ``split_below`` entries of ``min_terms`` or more terms: the longest summed group, cut at the smallest divisor that
-    brings the entries to ``split_below`` while its inner part keeps ``min_chunk`` terms (else
-    the largest that keeps them); None when nothing is worth cutting."""
+    than ``split_below`` entries of ``min_terms`` or more terms: the longest summed group, cut at
+    the smallest divisor that brings the entries to ``split_below`` while its inner part keeps
+    ``min_chunk`` terms (else the largest that keeps them); None when nothing is worth cutting."""
     entries = math.prod(n for n, summed in axes if not summed)
-    summed_at = [i for i, (_, summed) in enumerate(axes) if summed]
-    # (the cut adds a kept group: one pass must still walk every group of the first)
     terms = math.prod(n for n, summed in axes if summed)
+    # (the cut adds a kept group: one pass must still walk every group of the first)
     if entries >= split_below or terms < min_terms or len(axes) >= DIMS:
         return None
-    at = max(summed_at, key=lambda i: axes[i][0])
+    at = max((i for i, (_, summed) in enumerate(axes) if summed), key=lambda i: axes[i][0])
     size = axes[at][0]
     divisors = [d for d in range(2, size // min_chunk + 1) if size % d == 0]
     if not divisors:

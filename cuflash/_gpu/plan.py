@@ -1095,9 +1095,10 @@ def backward(problem):
     computes dQ without atomics instead.
 
     GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip:
-    the whole group, or slices of it where that balances the SMs' load better. The tensor-core kernels
-    (16-bit, TF32) add a slice's dK/dV into fp32 sums of the group, rounded here (_DkvSums; not ``deterministic``:
-    the adds' order varies); elsewhere slices are stored and summed here. Gradients of broadcast
+    the whole group, or slices of it where that balances the SMs' load better. The tensor-core
+    kernels (16-bit, TF32) add a slice's dK/dV into fp32 sums of the group, rounded here
+    (_DkvSums; not ``deterministic``: the adds' order varies); elsewhere slices are stored and
+    summed here. Gradients of broadcast
     inputs (an axis of 1 or missing) are summed here too. ``plan`` replays the call
     (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
@@ -1454,9 +1455,9 @@ def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
 
 def _adds_dkdv(p, sets, group: int) -> bool:
     """Whether a split GQA group's dK/dV blocks may add into shared fp32 sums (BwdParams::dkv_adds):
-    every launch's dK/dV family can (the tensor-core ones: 16-bit and TF32), the call is not ``deterministic`` (the
-    adds' order varies run to run, as dQ's atomics do), and the batch is not packed (the sums are
-    laid out per dense batch row)."""
+    every launch's dK/dV family can (the tensor-core ones: 16-bit and TF32), the call is not
+    ``deterministic`` (the adds' order varies run to run, as dQ's atomics do), and the batch is
+    not packed (the sums are laid out per dense batch row)."""
     return (group > 1 and not p.deterministic and p.packed is None
             and all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets))
 
