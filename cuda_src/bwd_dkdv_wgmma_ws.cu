@@ -17,6 +17,9 @@
 // zeros or as the next packed sequence's rows, and either way the tiles crossing Lq are masked
 // (P = 0); key rows past Lk are zeroed in shared memory once (below), as the cp.async loaders of
 // bwd_dkdv_wgmma zero-fill them.
+// The gradient of a bias broadcast over the queries is summed per key here (BwdParams::dbias_keys):
+// a block owns its keys and sees every query of a head that sees them, so the sums need neither
+// a (rows, Lq, Lk) dS buffer nor atomics.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -234,6 +237,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     const bool bias_in_st = kScoreMods && mod.bias_in_scores;
     BiasGrad<float> dbias(p, bh);
     const bool modified = kScoreMods && mod.modifies();
+    // A bias broadcast over the queries: its gradient summed per key here (wgmma_bwd::add_key_sums)
+    // rather than dS of every score stored (dbias null then).
+    float* const dbias_keys = kScoreMods ? p.dbias_keys : nullptr;
+    float key_sums[2] = {0.f, 0.f};
 
     ptx::mbarrier_wait(kv_full(), 0);
     // Keys past the sequence's end read as zeros, as bwd_dkdv_wgmma's loaders give them (a map
@@ -282,6 +289,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         wgmma_bwd::probabilities_and_dscores<kBlockM>(st, dpt, mod, modified, dbias, mask, masked, m0,
                                                       n0 + lane_key_row(), at.seqlen_q, scale_log2, lane, lse_of,
                                                       delta_of);
+        if (dbias_keys != nullptr) {
+            if (i == range.first) key_sums[0] = key_sums[1] = 0.f;  // a head's first step
+            wgmma_bwd::add_key_sums<kBlockM>(key_sums, dpt);
+            if (i == range.last - 1)
+                wgmma_bwd::store_key_sums(dbias_keys + static_cast<long long>(bh + step.g) * f.seqlen_k, key_sums,
+                                          n0 + lane_key_row(), at.seqlen_k, lane);
+        }
         unsigned dsa[kBlockM / 16][4];
         wgmma_bwd::accumulate_dv_dk<Element, kBlockM, kHeadDim, QTile>(dv, dk, st, dpt, q_slot, do_slot, dsa);
 

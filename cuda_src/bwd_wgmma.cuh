@@ -106,6 +106,38 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
     }
 }
 
+// A bias broadcast over the queries (BwdParams::dbias_keys): its gradient is dS summed over the
+// queries, per key. This lane adds its keys' (key0, key0 + 8: rows of dS^T) scores of the step
+// into sums[0], sums[1], columns in a fixed order. Hidden pairs and queries past Lq add 0 (their
+// P^T is 0, so is dS^T).
+template <int kBlockM>
+__device__ __forceinline__ void add_key_sums(float (&sums)[2], const float (&dst)[kBlockM / 8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+        sums[0] += dst[nt][0] + dst[nt][1];
+        sums[1] += dst[nt][2] + dst[nt][3];
+    }
+}
+
+// After a head's last step: the four lanes holding the same keys (lane / 4) combine their sums
+// (butterfly shuffles: every lane ends with the same bits) and the first of them stores them at
+// keys key0, key0 + 8 of ``row_sums`` (the attention row's Lk floats) below ``seqlen_k``. A block
+// owns its keys and sees every query of the head that sees them: one store per key, no atomics.
+__device__ __forceinline__ void store_key_sums(float* row_sums, const float (&sums)[2], int key0, int seqlen_k,
+                                               int lane) {
+    float total[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        total[h] = sums[h] + __shfl_xor_sync(0xffffffffu, sums[h], 1);
+        total[h] += __shfl_xor_sync(0xffffffffu, total[h], 2);
+    }
+    if (lane % 4 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            if (key0 + 8 * h < seqlen_k) row_sums[key0 + 8 * h] = total[h];
+    }
+}
+
 // dV_g += P^T dO_i, dK_g += dS^T Q_i, issued and committed (not waited for): A = P^T, dS^T from
 // registers as 16-bit fragments (n8 tiles 2kk, 2kk + 1, queries 16kk..16kk+15, are k-step kk's),
 // B = dO_i, Q_i MN-major (k-step kk = query rows 16kk..16kk+15). dS^T's fragments are returned in

@@ -150,6 +150,10 @@ struct BwdParams {
     void* dbias_sum;
     const int* dbias_rows;
     int dbias_rows_per_plane, dbias_chunk_rows;
+    // bwd_dkdv_wgmma_ws, for a bias broadcast over the queries whose gradient is wanted (then dbias
+    // is null): dS summed over each attention row's queries per key, fp32 (rows, Lk), zeroed by the
+    // host (a block that sees no query stores nothing). Null for every other call and kernel.
+    float* dbias_keys;
 };
 
 // The warp-specialized dK/dV kernel's argument (bwd_dkdv_wgmma_ws.cu): BwdParams plus tensor

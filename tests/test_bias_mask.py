@@ -1184,6 +1184,85 @@ def test_gpu_hopper_kernels_take_the_bias_into_their_accumulators(rng, dtype, he
             assert head_dim > 128 or any("bwd_dkdv_wgmma_ws" in name for name in kernels), kernels
 
 
+# A bias broadcast over the queries has its gradient summed per key by bwd_dkdv_wgmma_ws itself
+# (plan._sums_dbias_by_key, BwdParams::dbias_keys): GQA (two query heads a block), a window whose
+# first key blocks see no query, one query row, a scalar bias with a negative scale, MQA with one
+# value per attention row, a mask beside it.
+KEY_SUM_CASES = [  # (dtype, head dim, (B, Hq, Hk, Lq, Lk), bias shape, options)
+    ("bfloat16", 128, (2, 4, 2, 200, 333), (2, 1, 1, 333), dict(causal=True)),
+    ("float16", 64, (1, 2, 2, 97, 1025), (2, 1, 1025), dict(window=(70, 30))),
+    ("bfloat16", 64, (2, 2, 1, 1, 200), (2, 2, 1, 200), {}),
+    ("float16", 128, (2, 2, 2, 97, 200), (), dict(scale=-0.09)),
+    ("bfloat16", 64, (2, 4, 1, 200, 97), (2, 4, 1, 1), dict(causal="top_left")),
+    ("float16", 128, (2, 2, 2, 200, 333), (333,), dict(mask="keypad", alibi="heads")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, head_dim, dims, bias_shape, options", KEY_SUM_CASES,
+                         ids=[f"{c[0]}-d{c[1]}-{'x'.join(map(str, c[2]))}-bias{'x'.join(map(str, c[3]))}"
+                              for c in KEY_SUM_CASES])
+def test_gpu_a_bias_over_the_queries_is_summed_per_key_in_the_kernel(rng, dtype, head_dim, dims, bias_shape, options):
+    """Against the float64 reference, in float32 and q's dtype, the deterministic backward twice
+    bitwise; on an H100/H200 the replayable plan writes per-key sums (dbias_keys), not dS."""
+    cupy = _cupy()
+    from cuflash._gpu import plan
+
+    b, hq, hk, lq, lk = dims
+    q, k, v, dout = _draw(rng, dtype, (b, hq, lq, head_dim), (b, hk, lk, head_dim), (b, hk, lk, head_dim),
+                          (b, hq, lq, head_dim))
+    kwargs = _options(rng, q.shape, {key: value for key, value in options.items() if key != "mask"})
+    if "alibi_slopes" in kwargs:
+        kwargs["alibi_slopes"] = kwargs["alibi_slopes"].astype(numpy.float32)
+    if "mask" in options:
+        kwargs["mask"] = _mask(rng, (b, 1, 1, lk), options["mask"])
+    for wide in (True, False):
+        bias = cupy.asarray(rng.standard_normal(bias_shape).astype(_bias_dtype(dtype, wide)))
+        plan.PLANS.clear()
+        check_against_reference(dtype, q, k, v, dout, gpu=True, bias=bias, **kwargs)
+        if cupy.cuda.Device().compute_capability == "90":
+            fields = [entry.dbias[3] for entry in list(plan.PLANS.values()) if getattr(entry, "dbias", None)]
+            assert fields == ["dbias_keys"], fields
+        args = [cupy.asarray(x) for x in (q, k, v, dout)]
+        device_kwargs = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in kwargs.items()}
+        out, lse = cuflash.attention(*args[:3], bias=bias, return_lse=True, **device_kwargs)
+        first, second = (cuflash.attention_backward(args[3], *args[:3], out, lse, bias=bias, deterministic=True,
+                                                    **device_kwargs) for _ in range(2))
+        assert all(_bits(x) == _bits(y) for x, y in zip(first, second)), "the deterministic backward changed"
+
+
+class _Dkdv:  # a launch's Variants as _sums_dbias_by_key reads them
+    def __init__(self, kernel, score_mods=True):
+        from cuflash._gpu import tiles
+        self.dkdv = tiles.SPECS[kernel].variant("float16", 64, False, "90a", score_mods=score_mods)
+
+
+SUMS_BY_KEY = [  # (bias shape, keywords, the launches' dK/dV kernel, its kScoreMods form, summed per key)
+    ((2, 1, 1, 9), {}, "bwd_dkdv_wgmma_ws", True, True),
+    ((9,), {}, "bwd_dkdv_wgmma_ws", True, True),
+    ((), {}, "bwd_dkdv_wgmma_ws", True, True),
+    ((2, 4, 1, 1), {}, "bwd_dkdv_wgmma_ws", True, True),
+    ((2, 1, 5, 9), {}, "bwd_dkdv_wgmma_ws", True, False),  # a query axis of its own
+    ((5, 1), {}, "bwd_dkdv_wgmma_ws", True, False),
+    ((2, 1, 1, 9), dict(softcap=3.0), "bwd_dkdv_wgmma_ws", True, False),  # dS^T carries softcap's factor
+    ((2, 1, 1, 9), dict(bias_grad=False), "bwd_dkdv_wgmma_ws", True, False),
+    ((2, 1, 1, 9), {}, "bwd_dkdv_wgmma", True, False),  # the maps refused: the twin stores dS
+    ((2, 1, 1, 9), {}, "bwd_dkdv_tc", True, False),
+]
+
+
+@pytest.mark.parametrize("bias_shape, keywords, kernel, mods, expected", SUMS_BY_KEY)
+def test_which_bias_gradients_the_dkdv_kernel_sums_per_key(bias_shape, keywords, kernel, mods, expected):
+    from cuflash import _spec
+    from cuflash._gpu import plan
+
+    q = numpy.zeros((2, 4, 5, 64), numpy.float16)
+    k = v = numpy.zeros((2, 4, 9, 64), numpy.float16)
+    p = _spec.resolve_backward(q, q, k, v, q, numpy.zeros((2, 4, 5), numpy.float32),
+                               bias=numpy.zeros(bias_shape, numpy.float32), **keywords)
+    assert plan._sums_dbias_by_key(p, ((_Dkdv(kernel, mods), None),)) == expected
+
+
 LONG = [  # (dtype, head dim, Lq, bias shape, mask (shape, kind) or None, options); Lk = 1025, causal
     ("bfloat16", 128, 1025, (1, 2, 1025, 1025), ((2, 1, 1, 1025), "keypad"), dict(causal=True)),
     ("float32", 64, 1025, (2, 1, 1, 1025), ((1, 2, 1025, 1025), "holes"), dict(causal=True)),

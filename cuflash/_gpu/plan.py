@@ -1129,15 +1129,6 @@ def backward(problem):
                                                                        p.precision, tma_ok))
     sets = choose(True)
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
-    # dbias: summed on chip by bwd_dbias_tc where it can (_OnChipBiasSum), else dS of every score
-    # (score_mod.cuh's BiasGrad) summed after the launches; either way by a _BiasGradient.
-    on_chip = _OnChipBiasSum.of(p, q.shape[-1], v.shape[-1], device) if p.returns_dbias else None
-    gradient = None
-    if p.returns_dbias:
-        gradient = _BiasGradient(p, device, source_shape=None if on_chip is None else on_chip.sum_shape)
-    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
-                     + (gradient.kernels if gradient is not None else [])
-                     + ([on_chip.variant] if on_chip is not None else []), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v, o, dout)
     q, k, v, o, dout = (_readable(x, vec) for x in inputs)
@@ -1189,6 +1180,35 @@ def backward(problem):
     tensors = {"q": q, "k": k, "v": v, "o": o, "lse": lse, "dout": dout, "delta": delta,
                "dq": dq, "dk": dk, "dv": dv}
     layout = _Layout(p, tensors, min(min(f.dkdv.block_n, f.dq.block_m, f.delta.block_m) for f, _ in sets))
+    # A TMA dK/dV kernel (bwd_dkdv_wgmma_ws) reads q, k, v and dout through maps, where they can
+    # describe the layout (else its twin of the same tile, bwd_dkdv_wgmma); one struct serves every
+    # launch, so the TMA launches must share a tile. Decided first: the dbias route depends on it.
+    tma_dkdv = [f.dkdv for f, _ in sets if tiles.SPECS[f.dkdv.kernel].tma]
+    maps = None
+    if tma_dkdv:
+        if len({(f.block_m, f.block_n) for f in tma_dkdv}) == 1:
+            maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
+        if maps is None:
+            sets = choose(False)
+            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right)
+            assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
+    # dbias: summed per key by the dK/dV kernel for a bias broadcast over the queries
+    # (_sums_dbias_by_key), on chip by bwd_dbias_tc where it can (_OnChipBiasSum), else dS of
+    # every score (score_mod.cuh's BiasGrad); what the kernels write is summed into the bias's
+    # shape after the launches by a _BiasGradient.
+    by_key = _sums_dbias_by_key(p, sets)
+    on_chip = (_OnChipBiasSum.of(p, q.shape[-1], v.shape[-1], device)
+               if p.returns_dbias and not by_key else None)
+    gradient = None
+    if by_key:
+        gradient = _BiasGradient(p, device, source_shape=lead + (1, p.seqlen_k), target=tuple(p.bias.shape))
+    elif on_chip is not None:
+        gradient = _BiasGradient(p, device, source_shape=on_chip.sum_shape, target=(1,) + on_chip.sum_shape[1:])
+    elif p.returns_dbias:
+        gradient = _BiasGradient(p, device)
+    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
+                     + (gradient.kernels if gradient is not None else [])
+                     + ([on_chip.variant] if on_chip is not None else []), device)
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
     struct["fwd"] = _fwd_struct(p, layout, q, v, kv_group=group)
     for name in ("dout", "dq", "dk", "dv"):
@@ -1199,12 +1219,14 @@ def backward(problem):
     struct["dkv_adds"] = int(adds)
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
-    # key-padding cut).
-    dscores_zeroed = (p.has_window or _skips_keys(p)) and on_chip is None
+    # key-padding cut); per-key sums always (a block that sees no query stores none).
+    dscores_zeroed = by_key or ((p.has_window or _skips_keys(p)) and on_chip is None)
     dscores = None
     if p.returns_dbias:
         dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(gradient.source_shape, dtype=accum)
-    struct["dbias"] = 0 if dscores is None or on_chip is not None else dscores.data.ptr
+    dbias_field = "dbias_keys" if by_key else "dbias_sum" if on_chip is not None else "dbias"
+    if dscores is not None:
+        struct[dbias_field] = dscores.data.ptr
     if on_chip is not None:
         on_chip.fill(struct, dscores, device)
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
@@ -1221,18 +1243,6 @@ def backward(problem):
         section = key_rows
     struct["fwd"]["heads_per_section"] = int(max(1, min(key_rows, 65536, section)))
 
-    # A TMA dK/dV kernel (bwd_dkdv_wgmma_ws) reads q, k, v and dout through maps, where they can
-    # describe the layout (else its twin of the same tile, bwd_dkdv_wgmma); one struct serves every
-    # launch, so the TMA launches must share a tile.
-    tma_dkdv = [f.dkdv for f, _ in sets if tiles.SPECS[f.dkdv.kernel].tma]
-    maps = None
-    if tma_dkdv:
-        if len({(f.block_m, f.block_n) for f in tma_dkdv}) == 1:
-            maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
-        if maps is None:
-            sets = choose(False)
-            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right)
-            assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
     if maps is not None:
         struct = _with_tensor_maps(struct, maps[0], (q, k, v, dout))
 
@@ -1255,8 +1265,8 @@ def backward(problem):
     per_row = PerRowInputs.of(p)
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs, per_row=per_row, orders=orders, dkv_sums=dkv_sums,
-                        dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient,
-                                                            "dbias" if on_chip is None else "dbias_sum", on_chip))
+                        dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient, dbias_field,
+                                                            on_chip))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores + PerRowInputs.pointers(per_row, slopes, sinks)
               + (() if dscores is None else (dscores.data.ptr,)))
@@ -1301,6 +1311,20 @@ def _sink_gradient(p, lse, delta, sink_rows=None):
     return _narrow(summed, out=cupy.empty(shape, dtype=p.sinks.dtype))
 
 
+def _sums_dbias_by_key(p, sets) -> bool:
+    """Whether the dK/dV kernel sums the bias's gradient over the queries itself, per attention
+    row and key (BwdParams::dbias_keys, a ``(lead..., 1, Lk)`` fp32 buffer instead of dS of every
+    score): a bias broadcast over the queries (its query axis 1 or missing) whose gradient is
+    wanted, no softcap (the kernel's dS^T then is the bias's gradient), not packed, and every
+    launch on a family that can (``KernelSpec.sums_dbias_by_key``: bwd_dkdv_wgmma_ws, whose maps
+    the call's layout passed) in its kScoreMods form."""
+    if not p.returns_dbias or p.packed is not None or p.softcap is not None:
+        return False
+    if p.bias.ndim >= 2 and p.bias.shape[-2] != 1:
+        return False
+    return all(tiles.SPECS[f.dkdv.kernel].sums_dbias_by_key and f.dkdv.score_mods for f, _ in sets)
+
+
 class _BiasGradient:
     """dbias from dS (``(lead..., Lq, Lk)``, C-contiguous, in the accumulation type): summed over
     the axes along which the bias was broadcast, in bias's shape and dtype, by the launches of
@@ -1308,17 +1332,19 @@ class _BiasGradient:
     after run) on the memory's stream, on the full path and on a replay alike; dS itself where
     nothing is summed or rounded. ``kernels``: what ``backward`` prefetches beside its own."""
 
-    def __init__(self, p, device: int, source_shape: tuple | None = None):
-        """``source_shape``: what the kernels wrote, dS ``(lead..., Lq, Lk)`` by default, or
-        bwd_dbias_tc's partial sums ``(chunks, planes, Lq, Lk)`` (_OnChipBiasSum): summed over
-        the chunks, the planes are the bias's own entries in C order."""
+    def __init__(self, p, device: int, source_shape: tuple | None = None, target: tuple | None = None):
+        """``source_shape``: what the kernels wrote, dS ``(lead..., Lq, Lk)`` by default;
+        ``target``: what it sums to (right-aligned: the axes where it has 1 or none are summed),
+        the bias's shape by default. bwd_dbias_tc's partial sums ``(chunks, planes, Lq, Lk)``
+        (_OnChipBiasSum) sum to ``(1, planes, Lq, Lk)``, the bias's own entries in C order; the
+        dK/dV kernel's per-key sums ``(lead..., 1, Lk)`` (_sums_dbias_by_key) to the bias's shape."""
         self.shape = tuple(p.bias.shape)
         arch = _arch(device)
         self.device = device
         if source_shape is None:
-            source_shape, target = tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k), self.shape
-        else:
-            target = (1,) + source_shape[1:]
+            source_shape = tuple(p.lead_shape) + (p.seqlen_q, p.seqlen_k)
+        if target is None:
+            target = self.shape
         self.source_shape = source_shape  # the buffer the kernels write, allocated per call
         self.passes = [(bias_grad.kernel(dtype.name, arch), numpy.frombuffer(params.tobytes(), dtype=numpy.uint8).copy(),
                         -(-entries // bias_grad.THREADS), entries, dtype)

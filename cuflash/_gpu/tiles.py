@@ -90,6 +90,9 @@ class KernelSpec:
     # A dK/dV family whose blocks can add a split GQA group's dK, dV into shared fp32 sums
     # (BwdParams::dkv_adds, cuda_src/bwd_wgmma.cuh's add_dk_dv) instead of storing partial ones.
     adds_dkdv: bool = False
+    # A dK/dV family that sums a bias's gradient over the queries per key in its kScoreMods form
+    # (BwdParams::dbias_keys) where the bias is broadcast over the queries (plan._sums_dbias_by_key).
+    sums_dbias_by_key: bool = False
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
@@ -684,7 +687,7 @@ BWD_DKDV_WGMMA = KernelSpec(
 BWD_DKDV_WGMMA_WS = KernelSpec(
     "bwd_dkdv_wgmma_ws", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, adds_dkdv=True)
+    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, adds_dkdv=True, sums_dbias_by_key=True)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
