@@ -220,6 +220,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     };
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
+    // A bias without softcap goes into S itself (as in fwd_tc): each step's S starts as
+    // bias / scale (signed: the backward scales S by scale_log2) from the step's staged tile or
+    // global memory, and the MMA adds Q_i K_j^T; the plain path then stores its dbias. Not at
+    // d256, where the loads cost spills (16-bit on sm_80: 104-120 bytes).
+    constexpr bool kBiasInS = kScoreMods && kHeadDim <= 224;
+    const bool bias_in_s = kBiasInS && tc::bias_goes_into_scores(f);
 
     // Query tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take
     // the per-element test (one block-uniform branch). Their bounds wait in shared memory rather
@@ -250,7 +256,17 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         // each k-step has 2 x kSM x kSN independent MMAs in flight. Unrolled by 2, not fully:
         // fully unrolled, ptxas hoists every step's fragment loads ahead of the MMAs and spills.
         float s[kSM][kSN][4], dp[kSM][kSN][4];
-        tc::zero(s);
+        if (bias_in_s) {
+            const float inv_scale = 1.f / static_cast<float>(f.scale);
+            if constexpr (kStagePlanes)
+                tc::bias_into_scores(f, PlaneStage::planes(stage_ptr + (t % kStages) * kStageBytes + kPlanesAt, f, m0, n0),
+                                     inv_scale, s, m0 + s_row, n0 + s_col, lane);
+            else
+                tc::bias_into_scores(f, ScoreMod<float>::row_planes(f, ptx::block_index_x() * heads + step.g), inv_scale, s,
+                                     m0 + s_row, n0 + s_col, lane);
+        } else {
+            tc::zero(s);
+        }
         tc::zero(dp);
 #pragma unroll 2
         for (int kk = 0; kk < kKStepsD; ++kk) {
@@ -272,7 +288,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         if constexpr (kScoreMods) {
             // Built at every step (kept through the loop, its registers spill at d32 and d224).
             const int bh = ptx::block_index_x() * heads + step.g;
-            const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+            ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
+            mod.bias_in_scores = bias_in_s;
             const BiasGrad<float> dbias(p, bh);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
@@ -322,6 +339,13 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - delta);
             }
+        // A bias the kernel put in S leaves the plain path with its gradient, dS (the bodies store
+        // it where they ran).
+        if (kBiasInS && bias_in_s && !modified) {
+            const BiasGrad<float> dbias(p, ptx::block_index_x() * heads + step.g);
+            if (dbias.wanted())
+                tc::for_each(dp, m0 + s_row, n0 + s_col, lane, [&](float& y, int, int row, int key) { dbias.store(row, key, y); });
+        }
         store_s_tile(s, p_smem);
         store_s_tile(dp, ds_smem);
         __syncthreads();  // P, dS visible to all

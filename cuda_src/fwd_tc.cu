@@ -89,7 +89,13 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
     constexpr float kLog2e = 1.4426950408889634f;
-    const ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
+    // A bias without softcap goes into S itself: each tile's S starts as bias / |scale|
+    // (tc::bias_into_scores, from the stage's tile where the Variant stages it) and the MMA adds
+    // Q K^T; the bodies then leave it out (ScoreMod::bias_in_scores). Not where the loads from
+    // global memory cost spills (16-bit d224 on sm_90a and TF32 d64 on sm_80: 16 bytes each).
+    constexpr bool kBiasInS = kScoreMods && (kStagePlanes || (!kTf32 && kHeadDim <= 192));
+    mod.bias_in_scores = kBiasInS && tc::bias_goes_into_scores(p);
     const GlobalPlanes<float> row_planes = mod.planes();  // where the staged tiles come from
     if (kStagePlanes && !PlaneStage::aligned(row_planes, p)) __trap();  // plan.py lays the planes out for staging
 
@@ -173,9 +179,19 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         ptx::cp_async_commit();
         const unsigned slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
 
-        // S = Q K_j^T
+        // S = Q K_j^T (+ bias / |scale|)
         float s[kMTiles][kNTilesS][4];
-        tc::zero(s);
+        const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;  // the tile's bias and mask
+        if (kBiasInS && mod.bias_in_scores) {
+            const float inv_scale = 1.f / fabsf(static_cast<float>(p.scale));
+            if constexpr (kStagePlanes)
+                tc::bias_into_scores(p, PlaneStage::planes(stage, p, m0, j * kBlockN), inv_scale, s, m0 + warp_row0,
+                                     j * kBlockN, lane);
+            else
+                tc::bias_into_scores(p, row_planes, inv_scale, s, m0 + warp_row0, j * kBlockN, lane);
+        } else {
+            tc::zero(s);
+        }
 #pragma unroll
         for (int kk = 0; kk < kKStepsQK; ++kk) {
             if constexpr (kQInRegisters) {
@@ -194,7 +210,6 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         constexpr ModBodies kBodies = kTf32 ? ModBodies::kAll : ModBodies::kAll | ModBodies::kRawAlibi;
         float c = scale_log2;
         if constexpr (kStagePlanes) {
-            const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;
             c = tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, j * kBlockN, lane, c,
                                            PlaneStage::planes(stage, p, m0, j * kBlockN));
         } else if constexpr (kScoreMods) {

@@ -169,7 +169,8 @@ struct StagedPlanes {
     const T* bias_at;
     const unsigned char* mask_at;
     int row0, col0;
-    __device__ __forceinline__ T bias(int i, int j, const FwdParams&) const { return bias_at[(i - row0) * kBiasPitch + (j - col0)]; }
+    __device__ __forceinline__ const T* bias_address(int i, int j) const { return bias_at + (i - row0) * kBiasPitch + (j - col0); }
+    __device__ __forceinline__ T bias(int i, int j, const FwdParams&) const { return *bias_address(i, j); }
     __device__ __forceinline__ bool visible(int i, int j, const FwdParams&) const {
         return mask_at[(i - row0) * kMaskPitch + (j - col0)] != 0;
     }

@@ -384,17 +384,15 @@ __device__ __forceinline__ bool bias_goes_into_scores(const FwdParams& p) {
 }
 
 // The bias of this lane's scores of fragment s (rows row0 + lane / 4 + {0, 8}, keys col0 + 8 nt +
-// 2 (lane % 4) + {0, 1}) divided by |scale|, into s: the score MMA then accumulates Q K^T onto it
-// (wgmma_a_bt's kOntoC), and the scale that the softmax (or ScoreMod, bias_in_scores) applies to
-// S returns the bias to its own units, so no body reads or adds it per score. (fwd_wgmma_ws
-// issues it a tile ahead, into S's registers once P is packed from them.) Rows past Lq read row
-// Lq - 1 (never stored); keys past Lk read as 0 (masked). A
+// 2 (lane % 4) + {0, 1}) times ``inv_scale`` (1 / the scale the kernel applies to S), into s: the
+// score MMA then accumulates Q K^T onto it (wgmma_a_bt's kOntoC, mma.sync's C), and the scale
+// that the softmax (or ScoreMod, bias_in_scores) applies to S returns the bias to its own units,
+// so no body reads or adds it per score. ``plane``: the attention row's bias plane in global
+// memory. Rows past Lq read row Lq - 1 (never stored); keys past Lk read as 0 (masked). A
 // fragment wholly inside Lk of a plane with contiguous keys reads 8-byte pairs.
-template <int N, typename Mod>
-__device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4], int row0, int col0, int lane) {
-    const FwdParams& p = mod.params;
-    const float* plane = Mod::row_planes(p, mod.row).bias_at;
-    const float inv_scale = 1.f / fabsf(static_cast<float>(p.scale));
+template <int N>
+__device__ __forceinline__ void bias_rows_into_scores(const FwdParams& p, const float* plane, float inv_scale,
+                                                      float (&s)[N][4], int row0, int col0, int lane) {
     const int j0 = col0 + 2 * (lane % 4);
     const long long col_stride = p.bias_col_stride;
 #pragma unroll
@@ -415,6 +413,34 @@ __device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4
                 for (int e = 0; e < 2; ++e)
                     s[nt][2 * h + e] = j0 + 8 * nt + e < p.seqlen_k ? __ldg(at + (8 * nt + e) * col_stride) * inv_scale : 0.f;
         }
+    }
+}
+
+// The forwards' form (they negate Q for a negative scale: S is scaled by |scale|): the row of
+// ``mod`` (fwd_wgmma_ws issues it a tile ahead, into S's registers once P is packed from them).
+template <int N, typename Mod>
+__device__ __forceinline__ void bias_into_scores(const Mod& mod, float (&s)[N][4], int row0, int col0, int lane) {
+    bias_rows_into_scores(mod.params, Mod::row_planes(mod.params, mod.row).bias_at,
+                          1.f / fabsf(static_cast<float>(mod.params.scale)), s, row0, col0, lane);
+}
+
+// An mma.sync fragment of M m16 tiles (rows row0 + 16 mt + lane / 4 + {0, 8}) from ``planes``: a
+// staged tile (StagedPlanes: zero-filled, no bounds test, 8-byte pairs of its padded rows), or
+// the row's planes in global memory (GlobalPlanes), one m16 tile at a time as above.
+template <int M, int N, typename Planes>
+__device__ __forceinline__ void bias_into_scores(const FwdParams& p, const Planes& planes, float inv_scale,
+                                                 float (&s)[M][N][4], int row0, int col0, int lane) {
+    if constexpr (Planes::kZeroFilled) {
+        for_each_element<M, N>(row0, col0, lane, [&](int mt, int nt, int e, int, int row, int col) {
+            if (e % 2 == 0) {
+                const float2 b = *reinterpret_cast<const float2*>(planes.bias_address(row, col));
+                s[mt][nt][e] = b.x * inv_scale;
+                s[mt][nt][e + 1] = b.y * inv_scale;
+            }
+        });
+    } else {
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) bias_rows_into_scores(p, planes.bias_at, inv_scale, s[mt], row0 + 16 * mt, col0, lane);
     }
 }
 
