@@ -136,7 +136,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     float acc[kMTiles][kNTilesD][4];  // dQ_i / scale
     tc::zero(acc);
     const float scale_log2 = f.scale_log2;
-    const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);  // with kScoreMods
+    ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);  // with kScoreMods
+    // A bias without softcap goes into S itself (as in bwd_dkdv_tc): each tile's S starts as
+    // bias / scale and the MMA adds Q_i K_j^T.
+    constexpr bool kBiasInS = kScoreMods;
+    mod.bias_in_scores = kBiasInS && tc::bias_goes_into_scores(f);
 
     for (int j = range.first; j < range.last; ++j) {
         const bool masked = j < range.full_first || j >= range.full_last;
@@ -147,14 +151,14 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         const unsigned k_slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
         const unsigned v_slot = k_slot + KVTile::kBytes;
 
-        // S = Q_i K_j^T and dP = dO_i V_j^T, side by side over the same k-steps (dims).
+        // S = Q_i K_j^T (+ bias / scale) and dP = dO_i V_j^T, side by side over the same k-steps (dims).
         float s[kMTiles][kNTilesS][4], dp[kMTiles][kNTilesS][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+        if (kBiasInS && mod.bias_in_scores)
+            tc::bias_into_scores(f, ScoreMod<float>::row_planes(f, bh), 1.f / static_cast<float>(f.scale), s,
+                                 m0 + warp_row0, j * kBlockN, lane);
+        else
+            tc::zero(s);
+        tc::zero(dp);
 #pragma unroll
         for (int kk = 0; kk < kKStepsD; ++kk) {
             typename Arith::AFragment a[kMTiles];
