@@ -92,11 +92,12 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
     // A bias without softcap goes into S itself: each tile's S starts as bias / |scale|
     // (tc::bias_into_scores, from the stage's tile where the Variant stages it) and the MMA adds
-    // Q K^T; the bodies then leave it out (ScoreMod::bias_in_scores). Not where the loads from
-    // global memory cost spills (16-bit d224 on sm_90a and TF32 d64 on sm_80: 16 bytes each).
-    constexpr bool kBiasInS = kScoreMods && (kStagePlanes || (!kTf32 && kHeadDim <= 192));
+    // Q K^T; the bodies then leave it out (ScoreMod::bias_in_scores). From global memory only up
+    // to d96 (16-bit): wider, the loads cost spills on sm_80 (d128: 32-80 bytes) or sm_90a (d224),
+    // as at TF32 d64.
+    constexpr bool kBiasInS = kScoreMods && (kStagePlanes || (!kTf32 && kHeadDim <= 96));
     mod.bias_in_scores = kBiasInS && tc::bias_goes_into_scores(p);
-    const GlobalPlanes<float> row_planes = mod.planes();  // where the staged tiles come from
+    const GlobalPlanes<float> row_planes = mod.row_planes(p, bh);  // the bias read into S, the staged tiles' source
     if (kStagePlanes && !PlaneStage::aligned(row_planes, p)) __trap();  // plan.py lays the planes out for staging
 
     // ---- Pipeline: cp.async groups are committed in order Q, tile first, ..., one per loop step

@@ -242,7 +242,7 @@ struct ScoreMod {
     }
     template <ModBodies kBodies = ModBodies::kAll, typename Body, typename Planes>
     __device__ __forceinline__ bool dispatch(Body&& body, const Planes& planes) const {
-        return dispatch_on<kBodies>(body, [&] { return planes; });
+        return dispatch_on<kBodies>(body, [&] { return for_bodies(planes); });
     }
     template <ModBodies kBodies, typename Body, typename MakePlanes>
     __device__ __forceinline__ bool dispatch_on(Body&& body, MakePlanes&& planes) const {
@@ -298,9 +298,13 @@ struct ScoreMod {
         return x;
     }
 
-    // This row's bias and mask planes in global memory (the bias's null where it is in S).
-    __device__ __forceinline__ GlobalPlanes<T> planes() const {
-        GlobalPlanes<T> planes = row_planes(params, row);
+    // This row's bias and mask planes in global memory, as the bodies read them (for_bodies).
+    __device__ __forceinline__ GlobalPlanes<T> planes() const { return for_bodies(row_planes(params, row)); }
+
+    // Planes (global or a staged tile's) as the bodies read them: without the bias where the
+    // kernel put it in S (bias_in_scores), so that no body adds it twice.
+    template <typename Planes>
+    __device__ __forceinline__ Planes for_bodies(Planes planes) const {
         if (bias_in_scores) planes.bias_at = nullptr;
         return planes;
     }

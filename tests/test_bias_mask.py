@@ -1146,23 +1146,34 @@ ACCUMULATOR_CASES = [  # (dtype, head dim, bias form, options)
     ("float16", 64, "minus-inf", dict(mask="keypad")),
     ("bfloat16", 256, "pair", dict(softcap=4.0)),
     ("float16", 256, "keys", dict(causal="top_left", sinks="heads")),
+    # The mma.sync kernels (fwd_tc, bwd_dkdv_tc, bwd_dq_tc): d32 from the staged tiles, d96 from
+    # global memory (the tensor maps refused: fwd_tc runs the forward too).
+    ("bfloat16", 32, "pair", dict(alibi="heads", mask="keypad")),
+    ("float16", 32, "keys", dict(causal=True, scale=-0.11, deterministic=True)),
+    ("bfloat16", 32, "transposed", dict(window=(70, 30), mask="keypad", deterministic=True)),
+    ("float16", 96, "pair", dict(alibi="heads", no_maps=True)),
+    ("bfloat16", 96, "odd-start", dict(causal=True, mask="keypad", no_maps=True, deterministic=True)),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, head_dim, form, options", ACCUMULATOR_CASES,
                          ids=[f"{c[0]}-d{c[1]}-{c[2]}-{'-'.join(c[3]) or 'plain'}" for c in ACCUMULATOR_CASES])
-def test_gpu_hopper_kernels_take_the_bias_into_their_accumulators(rng, dtype, head_dim, form, options):
+def test_gpu_hopper_kernels_take_the_bias_into_their_accumulators(rng, dtype, head_dim, form, options, monkeypatch):
     """Lq = 200 and Lk = 333 (tiles crossing both ends), B 2, H 3, the bias in float32 and in q's
     dtype in turn, forward and backward (dbias included); on an H100/H200 the forward is
-    fwd_wgmma_ws's and, up to d128, the backward bwd_dkdv_wgmma_ws's."""
+    fwd_wgmma_ws's from d64 and, at d64 and d128, the backward bwd_dkdv_wgmma_ws's; the others
+    run the mma.sync kernels, which take the bias into their accumulators too."""
     cupy = _cupy()
     from cuflash._gpu import plan
 
+    if options.get("no_maps"):
+        monkeypatch.setattr(plan, "_tensor_maps", lambda *args, **kwargs: None)
     b, h, lq, lk = 2, 3, 200, 333
     q, k, v, dout = _draw(rng, dtype, (b, h, lq, head_dim), (b, h, lk, head_dim), (b, h, lk, head_dim),
                           (b, h, lq, head_dim))
-    kwargs = _options(rng, q.shape, {key: value for key, value in options.items() if key != "mask"})
+    kwargs = _options(rng, q.shape, {key: value for key, value in options.items()
+                                     if key not in ("mask", "no_maps", "deterministic")})
     for name in ("alibi_slopes", "sinks"):
         if name in kwargs:
             kwargs[name] = kwargs[name].astype(numpy.float32)
@@ -1176,12 +1187,15 @@ def test_gpu_hopper_kernels_take_the_bias_into_their_accumulators(rng, dtype, he
         bias = view(cupy, bias.astype(_bias_dtype(dtype, wide)))
         assert (form in ("transposed", "odd-start")) != bias.flags.c_contiguous
         plan.PLANS.clear()
-        check_against_reference(dtype, q, k, v, dout, gpu=True, bias=bias, **kwargs)
+        check_against_reference(dtype, q, k, v, dout, gpu=True, bias=bias, deterministic=options.get("deterministic"),
+                                **kwargs)
         if cupy.cuda.Device().compute_capability == "90":
             kernels = {getattr(launch.kernel, "name", "") for entry in list(plan.PLANS.values())
                        for launch in getattr(entry, "launches", ())}
-            assert any("fwd_wgmma_ws" in name for name in kernels), kernels
-            assert head_dim > 128 or any("bwd_dkdv_wgmma_ws" in name for name in kernels), kernels
+            hopper = head_dim >= 64 and not options.get("no_maps")
+            assert any(("fwd_wgmma_ws" if hopper else "fwd_tc") in name for name in kernels), kernels
+            assert (head_dim > 128 and hopper) or any(
+                ("bwd_dkdv_wgmma_ws" if hopper else "bwd_dkdv_tc") in name for name in kernels), kernels
 
 
 # A bias broadcast over the queries has its gradient summed per key by bwd_dkdv_wgmma_ws itself
