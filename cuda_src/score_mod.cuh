@@ -26,10 +26,11 @@
 // that a ScorePlaneStage brought in with the K/V pipeline (kernels that stage: the copies are
 // in flight during the previous tile's MMAs instead of stalling the score step). Those pairs
 // include rows past Lq and keys past Lk of a tile that crosses an end; they are not read there
-// (the Mask hides them anyway). Hopper's warp-specialized kernels add a bias without softcap
-// before any of this: the score MMA accumulates onto bias / scale (tile_tc.cuh's
-// bias_into_scores, bias_into_transposed_scores), and bias_in_scores tells the bodies here to
-// leave it out.
+// (the Mask hides them anyway). The tensor-core kernels add a bias without softcap before any of
+// this (Hopper's warp-specialized ones, and fwd_tc, bwd_dkdv_tc, bwd_dq_tc where registers allow):
+// the score MMA accumulates onto bias / scale (tile_tc.cuh's bias_into_scores,
+// bias_into_transposed_scores), and bias_in_scores tells the bodies here to leave it out
+// (for_bodies drops it from the planes they read).
 //
 // A sink (gpt-oss) is not a modifier of a score but one more logit of the row, with no value:
 // every forward kernel, plain or not, starts its softmax from it as if it had been seen
