@@ -207,6 +207,17 @@ def _feature_cases() -> list[dict]:
              options={"causal": True}, dkv_split=1, mbarrier_handoff=True),
         dict(name="bwd-float16-d59-mqa-split-adds", dtype="float16", q=(2, 4, 97, 59), k=(2, 1, 257, 59),
              options={"window": (33, 47)}, dkv_split=2, mbarrier_handoff=True),
+        # a bias in the score MMA's accumulator (tc::bias_into_scores): fwd_tc / bwd_dkdv_tc from the
+        # staged tiles with ALiBi and a mask beside it, bwd_dq_tc (deterministic) and bwd_dkdv_tc at
+        # d96 from global memory; a query-broadcast bias's gradient summed per key in
+        # bwd_dkdv_wgmma_ws (BwdParams::dbias_keys: shuffles, one store per key)
+        dict(name="bias-in-s-bfloat16-d32-alibi-mask", dtype="bfloat16", q=(2, 4, 97, 32), k=(2, 2, 130, 32),
+             options={"bias": (1, 4, 97, 130), "mask": (2, 1, 1, 130), "alibi_slopes": "heads", "causal": True},
+             deterministic=True),
+        dict(name="bias-in-s-float16-d96", dtype="float16", q=(2, 3, 97, 96), k=(2, 3, 200, 96),
+             options={"bias": (3, 97, 200), "window": (60, 20)}, deterministic=True),
+        dict(name="ws-bwd-bfloat16-d128-key-bias-sums", dtype="bfloat16", q=(2, 4, 200, 128), k=(2, 2, 333, 128),
+             options={"bias": (2, 1, 1, 333), "causal": True}, mbarrier_handoff=True),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
