@@ -271,7 +271,9 @@ def warmup(argv) -> int:
                             variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision))
                     if not args.forward_only:
                         for precision in tiles.precisions_of(dtype, precisions):
-                            variants += tiles.select_backward(dtype, d, d, masked, arch, precision=precision)
+                            for short in (False, True):  # short rows may take their own tile (tiles.SHORT_ROWS)
+                                variants += tiles.select_backward(dtype, d, d, masked, arch, precision=precision,
+                                                                  short=short)
     variants = list(dict.fromkeys(variants))
     bar = _progress(len(variants))
     jobs = [(variant, device_archs.get(variant.arch)) for variant in variants]

@@ -354,3 +354,42 @@ def test_gqa_dkdv_blocks_keep_the_group_while_its_blocks_fill_the_gpu(monkeypatc
 
     monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     assert plan._heads_per_block(group, rows, key_tiles) == expected
+
+
+SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short tile)
+    ("float16", 32, "90a", False, (64, 64, 4)),
+    ("bfloat16", 24, "80", True, (64, 64, 4)),
+    ("float16", 8, "86", True, (64, 64, 4)),
+    ("bfloat16", 64, "90a", False, None),  # Hopper's d64 family keeps its tile
+    ("float32", 32, "90a", False, None),  # FFMA (precision "highest")
+]
+
+
+@pytest.mark.parametrize("dtype, head_dim, arch, mods, short_tile", SHORT_RULE)
+def test_short_rows_take_the_short_dkdv_tile(dtype, head_dim, arch, mods, short_tile):
+    """select_backward(short=True) gives bwd_dkdv_tc's 64 x 64 tile of four warps where the bucket
+    has one, and the same Variants as without ``short`` elsewhere; all_variants lists it."""
+    long_rows = tiles.select_backward(dtype, head_dim, head_dim, True, arch, mods)
+    short = tiles.select_backward(dtype, head_dim, head_dim, True, arch, mods, short=True)
+    if short_tile is None:
+        assert short == long_rows
+        return
+    assert (short.dkdv.kernel, (short.dkdv.block_m, short.dkdv.block_n, short.dkdv.warps)) == ("bwd_dkdv_tc", short_tile)
+    assert short.dkdv != long_rows.dkdv and short.dkdv.score_mods == mods
+    assert (short.delta, short.dq, short.dq_convert) == (long_rows.delta, long_rows.dq, long_rows.dq_convert)
+    assert short.dkdv in tiles.all_variants(arch)
+
+
+@pytest.mark.parametrize("lengths, packed, expected", [((49, 49), None, True), ((64, 1), None, True),
+                                                       ((65, 49), None, False), ((49, 200), None, False),
+                                                       ((4096, 4096), (64, 33), True), ((100, 100), (65, 64), False)])
+def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expected):
+    """plan._short_rows: every sequence (of a packed batch: the longest) at most SHORT_ROWS
+    queries and keys."""
+    from types import SimpleNamespace
+
+    from cuflash._gpu import plan
+
+    p = SimpleNamespace(seqlen_q=lengths[0], seqlen_k=lengths[1], packed=None if packed is None else SimpleNamespace(
+        max_seqlen_q=packed[0], max_seqlen_k=packed[1]))
+    assert plan._short_rows(p) is expected

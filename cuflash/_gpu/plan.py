@@ -561,7 +561,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
-                                                  p.precision)
+                                                  p.precision, short=_short_rows(p))
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
@@ -939,6 +939,12 @@ def _row_shape(p) -> tuple[int, ...]:
     return ((p.packed.batch,) if p.packed is not None else ()) + tuple(p.lead_shape)
 
 
+def _short_rows(p) -> bool:
+    """Whether no sequence of the call has more than tiles.SHORT_ROWS queries or keys (the
+    backward's short-row tiles)."""
+    return max(_longest(p)) <= tiles.SHORT_ROWS
+
+
 def _mean_rows(p) -> tuple[float, float]:
     """The query and key rows of one attention row on average: the call's, or a packed batch's
     mean per sequence (tile choice, launch order)."""
@@ -1126,7 +1132,7 @@ def backward(problem):
     def choose(tma_ok: bool):
         return _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
                                                                        p.has_window, _arch(device), modified,
-                                                                       p.precision, tma_ok))
+                                                                       p.precision, tma_ok, _short_rows(p)))
     sets = choose(True)
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
     vec = 16 // p.dtype.itemsize

@@ -93,11 +93,16 @@ class KernelSpec:
     # A dK/dV family that sums a bias's gradient over the queries per key in its kScoreMods form
     # (BwdParams::dbias_keys) where the bias is broadcast over the queries (plan._sums_dbias_by_key).
     sums_dbias_by_key: bool = False
+    # (dtype, head-dim bucket) -> the tile for short rows (plan.py: every sequence's queries and
+    # keys at most SHORT_ROWS), where the long rows' tile would leave most of each block idle
+    # (Swin's 49-token windows in 128 x 128 blocks: 15% of the scores real), else None.
+    short_tile: Callable[[str, int], Tile | None] = lambda dtype, head_dim: None
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
-                precision: str = "highest") -> Variant | None:
-        """The first candidate that fits ``arch``, as a Variant; None if none does."""
+                precision: str = "highest", short: bool = False) -> Variant | None:
+        """The first candidate that fits ``arch``, as a Variant; None if none does. ``short``:
+        the call's rows are short (``short_tile``)."""
         if dtype not in self.dtypes:
             return None
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
@@ -112,6 +117,8 @@ class KernelSpec:
         candidates = (self.masked_candidates if masked_form else self.candidates)(dtype, head_dim, arch, visible_keys)
         if score_mods and self.modifier_tile(dtype, head_dim) is not None:
             candidates = (self.modifier_tile(dtype, head_dim),) + tuple(candidates)
+        if short and self.short_tile(dtype, head_dim) is not None:
+            candidates = (self.short_tile(dtype, head_dim),) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
             shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
@@ -369,6 +376,12 @@ _BWD_DKDV_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     224: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
     256: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 2, 2)),
 }
+# Short rows (every sequence at most SHORT_ROWS queries and keys: windowed vision attention,
+# small molecules, pair rows of short proteins): one 64 x 64 tile of 4 warps holds a whole
+# sequence, where 128 x 128 of 8 warps (133-165 KB: one block per SM) computes 4x the scores
+# and waits on one block's latency per SM.
+SHORT_ROWS = 64
+_BWD_DKDV_TC_SHORT_TILES = {32: (64, 64, 4, 2)}
 _BWD_DQ_TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     32: ((64, 64, 4, 2),),
     64: ((64, 64, 4, 2),),
@@ -679,7 +692,8 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
                          modifier_tile=lambda dtype, d: None if dtype == "float32" else {
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
-                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True)
+                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True,
+                         short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
@@ -732,11 +746,11 @@ BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BW
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
-           score_mods: bool = False, precision: str = "highest", tma: bool = True) -> Variant:
+           score_mods: bool = False, precision: str = "highest", tma: bool = True, short: bool = False) -> Variant:
     for spec in families:
         if spec.tma and not tma:
             continue
-        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision)
+        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision, short)
         if variant is not None:
             return variant
     raise ValueError(f"no {families[-1].kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
@@ -771,14 +785,16 @@ class BackwardVariants(NamedTuple):
 
 
 def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
-                    score_mods: bool = False, precision: str = "highest", tma: bool = True) -> BackwardVariants:
+                    score_mods: bool = False, precision: str = "highest", tma: bool = True,
+                    short: bool = False) -> BackwardVariants:
     """The backward's kernels for one problem (one path for every dtype; ``precision`` and ``tma``
-    as select's)."""
+    as select's; ``short``: no sequence longer than SHORT_ROWS, queries or keys)."""
     dkdv_families = _families(BACKWARD_DKDV, dtype)
     d = bucket(max(head_dim, head_dim_v))
     return BackwardVariants(
         _first((BWD_DELTA,), dtype, d, False, arch),
-        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision, tma=tma),
+        _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision, tma=tma,
+               short=short),
         _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
@@ -809,10 +825,11 @@ def all_variants(arch: str) -> list[Variant]:
                             out.append(select(dtype, d, d, masked, arch, keys, mods, precision, tma))
                 for precision in precisions_of(dtype):
                     for tma in (True, False):
-                        try:
-                            out += select_backward(dtype, d, d, masked, arch, mods, precision, tma)
-                        except ValueError:
-                            pass
+                        for short in (False, True):
+                            try:
+                                out += select_backward(dtype, d, d, masked, arch, mods, precision, tma, short)
+                            except ValueError:
+                                pass
                 if mods and select_dbias(dtype, d, d, arch) is not None:
                     out.append(select_dbias(dtype, d, d, arch))
     return list(dict.fromkeys(out))
