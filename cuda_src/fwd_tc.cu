@@ -90,12 +90,12 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
     constexpr float kLog2e = 1.4426950408889634f;
     ScoreMod<float, kFastTanh<Element>> mod(p, bh, fabsf(static_cast<float>(p.scale)), kLog2e, mask.diag);
-    // A bias without softcap goes into S itself: each tile's S starts as bias / |scale|
-    // (tc::bias_into_scores, from the stage's tile where the Variant stages it) and the MMA adds
-    // Q K^T; the bodies then leave it out (ScoreMod::bias_in_scores). From global memory only up
-    // to d96 (16-bit): wider, the loads cost spills on sm_80 (d128: 32-80 bytes) or sm_90a (d224),
-    // as at TF32 d64.
-    constexpr bool kBiasInS = kScoreMods && (kStagePlanes || (!kTf32 && kHeadDim <= 96));
+    // A bias without softcap read from global memory goes into S itself: each tile's S starts as
+    // bias / |scale| (tc::bias_into_scores) and the MMA adds Q K^T; the bodies then leave it out
+    // (ScoreMod::bias_in_scores). 16-bit up to d96: wider, the loads cost spills on sm_80 (d128:
+    // 32-80 bytes) or sm_90a (d224), as at TF32 d64. Not from the staged tiles (d32): loaded
+    // ahead of the MMA there, the triangle forward took 1.06-1.11x the per-score add's time (H200).
+    constexpr bool kBiasInS = kScoreMods && !kStagePlanes && !kTf32 && kHeadDim <= 96;
     mod.bias_in_scores = kBiasInS && tc::bias_goes_into_scores(p);
     const GlobalPlanes<float> row_planes = mod.row_planes(p, bh);  // the bias read into S, the staged tiles' source
     if (kStagePlanes && !PlaneStage::aligned(row_planes, p)) __trap();  // plan.py lays the planes out for staging
@@ -182,14 +182,9 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
         // S = Q K_j^T (+ bias / |scale|)
         float s[kMTiles][kNTilesS][4];
-        const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;  // the tile's bias and mask
         if (kBiasInS && mod.bias_in_scores) {
-            const float inv_scale = 1.f / fabsf(static_cast<float>(p.scale));
-            if constexpr (kStagePlanes)
-                tc::bias_into_scores(p, PlaneStage::planes(stage, p, m0, j * kBlockN), inv_scale, s, m0 + warp_row0,
-                                     j * kBlockN, lane);
-            else
-                tc::bias_into_scores(p, row_planes, inv_scale, s, m0 + warp_row0, j * kBlockN, lane);
+            tc::bias_into_scores(p, row_planes, 1.f / fabsf(static_cast<float>(p.scale)), s, m0 + warp_row0, j * kBlockN,
+                                 lane);
         } else {
             tc::zero(s);
         }
@@ -211,6 +206,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         constexpr ModBodies kBodies = kTf32 ? ModBodies::kAll : ModBodies::kAll | ModBodies::kRawAlibi;
         float c = scale_log2;
         if constexpr (kStagePlanes) {
+            const unsigned char* stage = smem + (slot - q_smem) + 2 * KVTile::kBytes;
             c = tc::modify_scores<kBodies>(mod, s, m0 + warp_row0, j * kBlockN, lane, c,
                                            PlaneStage::planes(stage, p, m0, j * kBlockN));
         } else if constexpr (kScoreMods) {
