@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     };
     const float scale_log2 = f.scale_log2;
     const bool with_dq = p.dq_accum != nullptr;
-    // A bias without softcap goes into S itself (as in fwd_tc): each step's S starts as
+    // A bias without softcap goes into S itself (as Hopper's kernels do): each step's S starts as
     // bias / scale (signed: the backward scales S by scale_log2) from the step's staged tile or
     // global memory, and the MMA adds Q_i K_j^T; the plain path then stores its dbias. Not at
     // d256, where the loads cost spills (16-bit on sm_80: 104-120 bytes).
