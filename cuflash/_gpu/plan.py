@@ -1207,7 +1207,7 @@ def backward(problem):
                if p.returns_dbias and not by_key else None)
     gradient = None
     if by_key:
-        gradient = _BiasGradient(p, device, source_shape=lead + (1, p.seqlen_k), target=tuple(p.bias.shape))
+        gradient = _BiasGradient(p, device, source_shape=lead + (1, p.seqlen_k))
     elif on_chip is not None:
         gradient = _BiasGradient(p, device, source_shape=on_chip.sum_shape, target=(1,) + on_chip.sum_shape[1:])
     elif p.returns_dbias:
