@@ -225,6 +225,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     // global memory, and the MMA adds Q_i K_j^T; the plain path then stores its dbias. Not at
     // d256, where the loads cost spills (16-bit on sm_80: 104-120 bytes).
     constexpr bool kBiasInS = kScoreMods && kHeadDim <= 224;
+    // dS added per bias plane (BiasGrad's kAdds) up to d224: d256 spilled 120-140 bytes on sm_80.
+    constexpr bool kDbiasAdds = kHeadDim <= 224;
     const bool bias_in_s = kBiasInS && tc::bias_goes_into_scores(f);
 
     // Query tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             const int bh = ptx::block_index_x() * heads + step.g;
             ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
             mod.bias_in_scores = bias_in_s;
-            const BiasGrad<float> dbias(p, bh);
+            const BiasGrad<float, kDbiasAdds> dbias(p, bh);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
             for (int r = 0; r < 2 * kSM; ++r) {
@@ -342,7 +344,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         // A bias the kernel put in S leaves the plain path with its gradient, dS (the bodies store
         // it where they ran).
         if (kBiasInS && bias_in_s && !modified) {
-            const BiasGrad<float> dbias(p, ptx::block_index_x() * heads + step.g);
+            const BiasGrad<float, kDbiasAdds> dbias(p, ptx::block_index_x() * heads + step.g);
             if (dbias.wanted())
                 tc::for_each(dp, m0 + s_row, n0 + s_col, lane, [&](float& y, int, int row, int key) { dbias.store(row, key, y); });
         }

@@ -154,6 +154,11 @@ struct BwdParams {
     // is null): dS summed over each attention row's queries per key, fp32 (rows, Lk), zeroed by the
     // host (a block that sees no query stores nothing). Null for every other call and kernel.
     float* dbias_keys;
+    // With a bias shared by several attention rows whose gradient is wanted, outside deterministic
+    // mode: the bias plane (its entry over the leading axes, C order) each attention row reads,
+    // (rows,); dbias then holds the planes' sums (planes, Lq, Lk) in the accumulation type,
+    // zeroed by the host, and the blocks add dS into them (score_mod.cuh's BiasGrad). Else null.
+    const int* dbias_planes;
 };
 
 // The warp-specialized dK/dV kernel's argument (bwd_dkdv_wgmma_ws.cu): BwdParams plus tensor

@@ -483,7 +483,11 @@ constexpr unsigned staged_plane_bytes() {
 // the accumulation type, which the host sums over bias's broadcast axes afterwards, in a fixed
 // order: reproducible, no atomics. Without a window or a key-padding cut the blocks visit every
 // pair; otherwise the host zeroes the buffer first (the pairs outside the tile ranges stay 0).
-template <typename T>
+// Outside deterministic mode a bias plane shared by several rows (BwdParams::dbias_planes)
+// takes the rows' dS by atomic adds instead: a buffer of the bias's size, not of every score,
+// and no summing pass; the order of the adds, and so the last bits, vary from run to run.
+// kAdds: the kernel compiles that path (tiles.py's KernelSpec.adds_dbias says where it does).
+template <typename T, bool kAdds = true>
 struct BiasGrad {
     const BwdParams& params;  // (a reference, never a pointer: that would copy the params to local memory)
     int row;                  // the attention row bh
@@ -495,10 +499,20 @@ struct BiasGrad {
     __device__ __forceinline__ bool wanted() const { return params.dbias != nullptr; }
 
     // dS of pair (i, j); `hidden`: the positional mask hides it (the kernel's P may not be 0 yet): 0.
+    // (The plane is looked up here, not kept from the constructor: a register fewer through
+    // the dK/dV kernels' loops.)
     __device__ __forceinline__ void store(int i, int j, T ds, bool hidden = false) const {
         const FwdParams& f = params.fwd;
-        if (i < f.seqlen_q && j < f.seqlen_k)
-            static_cast<T*>(params.dbias)[(static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j] = hidden ? T(0) : ds;
+        if (i < f.seqlen_q && j < f.seqlen_k) {
+            const bool adds = kAdds && params.dbias_planes != nullptr;
+            const long long plane = adds ? __ldg(params.dbias_planes + row) : row;
+            T* at = static_cast<T*>(params.dbias) + (plane * f.seqlen_q + i) * f.seqlen_k + j;
+            const T value = hidden ? T(0) : ds;
+            if (adds)
+                atomicAdd(at, value);
+            else
+                *at = value;
+        }
     }
 };
 

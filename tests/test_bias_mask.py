@@ -213,24 +213,31 @@ def test_matches_the_reference(rng, dtype, case):
     check_against_reference(dtype, *arrays, **kwargs)
 
 
-# (dtype, dbias route) pairs: every dtype with the dS buffer; 16-bit calls with a bias also with
-# their gradient summed on chip (bwd_dbias_tc; plan.ON_CHIP_DBIAS_MIN_BYTES at 0 picks it at any size).
-GPU_ROUTES = [(dtype, "buffer") for dtype in DTYPES] + [(dtype, "on-chip") for dtype in ("float16", "bfloat16")]
+# (dtype, dbias route) pairs: every dtype with the dS buffer and with a shared bias's gradient added
+# per plane by the dK/dV kernels (plan._SharedBiasAdds, outside deterministic mode); 16-bit calls
+# with a bias also with their gradient summed on chip (bwd_dbias_tc; plan.ON_CHIP_DBIAS_MIN_BYTES
+# at 0 picks it at any size).
+GPU_ROUTES = ([(dtype, route) for route in ("buffer", "adds") for dtype in DTYPES]
+              + [(dtype, "on-chip") for dtype in ("float16", "bfloat16")])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, dbias_route", GPU_ROUTES, ids=[f"{d}-{r}" for d, r in GPU_ROUTES])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_gpu_matches_the_reference(rng, dtype, case, dbias_route, monkeypatch):
-    """Every CASE on the GPU, the deterministic backward and the default one in turn; a bias's
-    gradient from a dS buffer, or summed on chip where the route is asked for (a call the route
-    does not serve, e.g. a bias of one row, takes the buffer either way)."""
-    if dbias_route == "on-chip":
-        from cuflash._gpu import plan
+    """Every CASE on the GPU, the deterministic backward and the default one in turn (the adds'
+    route: the default one always); a bias's gradient from a dS buffer, added per plane, or
+    summed on chip where the route is asked for (a call the route does not serve, e.g. a bias
+    of one row, takes the buffer either way)."""
+    from cuflash._gpu import plan
 
+    if dbias_route != "adds":
+        monkeypatch.setattr(plan, "SHARED_BIAS_ADDS_MAX_ROWS", 0)
+    if dbias_route == "on-chip":
         monkeypatch.setattr(plan, "ON_CHIP_DBIAS_MIN_BYTES", 0)
     arrays, kwargs = _case_arguments(rng, dtype, case)
-    check_against_reference(dtype, *arrays, gpu=True, deterministic=bool(CASES.index(case) % 2), **kwargs)
+    deterministic = dbias_route != "adds" and bool(CASES.index(case) % 2)
+    check_against_reference(dtype, *arrays, gpu=True, deterministic=deterministic, **kwargs)
 
 
 def _alphafold_pair_bias(rng, dtype, gpu):
@@ -985,15 +992,18 @@ PLANE_CASES = [((6, 4), (1, 4)), ((3, 5, 2), (3, 1, 2)), ((4, 3), ()), ((2, 3), 
 
 @pytest.mark.parametrize("lead, planes_lead", PLANE_CASES, ids=[f"{a}-{b}" for a, b in PLANE_CASES])
 def test_the_on_chip_dbias_route_groups_each_planes_rows_in_a_fixed_order(lead, planes_lead):
-    """plan._rows_by_plane (bwd_dbias_tc's row list): the rows of each bias plane, planes in the
-    bias's C order (dbias's), rows ascending within a plane; _chunks cuts a plane's rows into
-    non-empty chunks that cover them."""
+    """plan._plane_of_rows (the adds' plane per row, BwdParams::dbias_planes) and _rows_by_plane
+    (bwd_dbias_tc's row list): the plane each row reads, planes in the bias's C order (dbias's);
+    the rows of each plane, ascending within a plane; _chunks cuts a plane's rows into non-empty
+    chunks that cover them."""
     from cuflash._gpu import plan
 
     rows, planes = plan._rows_by_plane(lead, planes_lead)
     plane_ids = numpy.arange(int(numpy.prod(planes_lead, dtype=numpy.int64))).reshape(planes_lead)
     plane_of_row = numpy.broadcast_to(plane_ids, lead).reshape(-1)  # row r reads plane plane_of_row[r]
     assert planes == plane_ids.size and rows.dtype == numpy.int32
+    plane_of, planes_again = plan._plane_of_rows(lead, planes_lead)
+    assert planes_again == planes and plane_of.dtype == numpy.int32 and plane_of.tolist() == plane_of_row.tolist()
     assert rows.tolist() == [r for j in range(planes) for r in numpy.flatnonzero(plane_of_row == j)]
     for per_plane in (1, 2, 7, 64, 255):
         for wanted in (0, 1, 3, 8, 1000):
@@ -1002,17 +1012,61 @@ def test_the_on_chip_dbias_route_groups_each_planes_rows_in_a_fixed_order(lead, 
             assert (chunks - 1) * chunk_rows < per_plane <= chunks * chunk_rows
 
 
+SHARED_LEADS = [  # (q's leading axes, bias shape, Lq, Lk, packed, the bias's planes' shape or None)
+    ((1, 8, 4), (1, 1, 4, 5, 7), 5, 7, False, (1, 1, 4)),  # triangle: shared by the rows
+    ((8, 4), (4, 5, 7), 5, 7, False, (4,)),  # fewer axes than q's: right-aligned
+    ((8, 4), (5, 7), 5, 7, False, ()),  # one plane for every row
+    ((8, 4), (8, 4, 5, 7), 5, 7, False, None),  # a plane per row: dS is dbias
+    ((8, 4), (1, 4, 1, 7), 5, 7, False, None),  # broadcast over the queries
+    ((8, 4), (1, 4, 5, 1), 5, 7, False, None),  # ... over the keys
+    ((8, 4), (1, 4, 5, 7), 5, 7, True, None),  # packed (varlen)
+    ((4,), (1, 1, 5, 7), 5, 7, False, None),  # more axes than q's
+]
+
+
+class _SharedProblem:  # the fields of a problem that plan._shared_bias_lead and _SharedBiasAdds.of read
+    def __init__(self, lead, bias_shape, lq, lk, packed, deterministic=False, returns_dbias=True):
+        self.lead_shape, self.bias, self.seqlen_q, self.seqlen_k = lead, numpy.zeros(bias_shape), lq, lk
+        self.packed, self.deterministic, self.returns_dbias = (object() if packed else None), deterministic, returns_dbias
+
+
+@pytest.mark.parametrize("lead, bias_shape, lq, lk, packed, planes", SHARED_LEADS,
+                         ids=[f"{c[0]}-bias{c[1]}-packed{c[4]}" for c in SHARED_LEADS])
+def test_which_biases_share_their_planes(lead, bias_shape, lq, lk, packed, planes):
+    """plan._shared_bias_lead: the bias's leading axes where it is full along the queries and keys
+    and its planes are shared by several rows (the adds' and bwd_dbias_tc's routes), else None;
+    _SharedBiasAdds.of declines the deterministic backward, a call without dbias, and planes shared
+    by more rows than SHARED_BIAS_ADDS_MAX_ROWS."""
+    from cuflash._gpu import plan
+
+    assert plan._shared_bias_lead(_SharedProblem(lead, bias_shape, lq, lk, packed)) == planes
+    sets = [(_Dkdv("bwd_dkdv_tc"), None)]
+    assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed, deterministic=True), sets) is None
+    assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed, returns_dbias=False), sets) is None
+    if planes is not None:
+        # bwd_dkdv_tc's d256 compiles no adds (kDbiasAdds): its calls keep the other routes
+        wide = [(_Dkdv("bwd_dkdv_tc", 256), None)]
+        assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed), wide) is None
+        rows_per_plane = int(numpy.prod(lead)) // int(numpy.prod(planes, dtype=numpy.int64))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(plan, "SHARED_BIAS_ADDS_MAX_ROWS", rows_per_plane - 1)
+            assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed), sets) is None
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("route", ["on-chip", "adds"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_gpu_a_shared_bias_gradient_needs_no_buffer_of_every_rows_scores(rng, dtype, monkeypatch):
+def test_gpu_a_shared_bias_gradient_needs_no_buffer_of_every_rows_scores(rng, dtype, route, monkeypatch):
     """Triangle attention's shape (32 rows x 4 heads of 384 residues sharing a (1, 4, 384, 384)
-    pair bias): dbias summed on chip (bwd_dbias_tc) keeps the backward's peak memory well below
-    one (rows, heads, N, N) fp32 dS buffer, which the buffer route needs; the gradients are
-    within the reference's rule (odd lengths, causal, a mask) and bitwise reproducible."""
+    pair bias): dbias summed on chip (bwd_dbias_tc, deterministic) or added per plane by the
+    dK/dV kernels (the default backward) keeps the backward's peak memory well below one (rows,
+    heads, N, N) fp32 dS buffer, which the buffer route needs; the gradients are within the
+    reference's rule (odd lengths, causal, a mask), the deterministic ones bitwise reproducible."""
     cupy = _cupy()
     from cuflash._gpu import plan
 
     monkeypatch.setattr(plan, "ON_CHIP_DBIAS_MIN_BYTES", 0)  # the route at any size (it starts at 1 GiB)
+    deterministic = route == "on-chip"
     rows, heads, n, d = 32, 4, 384, 32
     q, k, v, dout = _on_gpu(*_draw(rng, dtype, *[(rows, heads, n, d)] * 4))
     bias = _on_gpu(rng.standard_normal((1, heads, n, n)).astype(numpy.float32))[0]
@@ -1027,21 +1081,27 @@ def test_gpu_a_shared_bias_gradient_needs_no_buffer_of_every_rows_scores(rng, dt
 
     cupy.cuda.Device().synchronize()
     base = pool.used_bytes()
+    plan.PLANS.clear()
     cupy.cuda.set_allocator(tracking_malloc)
     try:
-        grads = [_bits(g) for g in cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, deterministic=True)]
+        grads = [_bits(g) for g in cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias,
+                                                              deterministic=deterministic)]
         first_peak = peak[0] - base
         again = [_bits(g) for g in cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias,
-                                                              deterministic=True)]  # a replay
+                                                              deterministic=deterministic)]  # a replay
     finally:
         cupy.cuda.set_allocator(pool.malloc)
     score_buffer = rows * heads * n * n * 4
     assert first_peak < score_buffer / 2, (first_peak, score_buffer)
-    assert grads == again
+    routes = [type(entry.dbias[4]).__name__ for entry in list(plan.PLANS.values()) if getattr(entry, "dbias", None)]
+    assert routes == ["_OnChipBiasSum" if deterministic else "_SharedBiasAdds"], routes
+    if deterministic:
+        assert grads == again
     # Odd lengths, causal, a mask and a second batch axis, against the reference.
     arrays = _draw(rng, dtype, (3, 5, 2, 97, 32), (3, 5, 2, 130, 32), (3, 5, 2, 130, 32), (3, 5, 2, 97, 32))
     check_against_reference(dtype, *arrays, bias=rng.standard_normal((3, 1, 2, 97, 130)).astype(numpy.float32),
-                            mask=_mask(rng, (1, 5, 1, 97, 130), "holes"), causal=True, gpu=True)
+                            mask=_mask(rng, (1, 5, 1, 97, 130), "holes"), causal=True, gpu=True,
+                            deterministic=deterministic)
 
 
 @pytest.mark.gpu
@@ -1245,10 +1305,10 @@ def test_gpu_a_bias_over_the_queries_is_summed_per_key_in_the_kernel(rng, dtype,
         assert all(_bits(x) == _bits(y) for x, y in zip(first, second)), "the deterministic backward changed"
 
 
-class _Dkdv:  # a launch's Variants as _sums_dbias_by_key reads them
-    def __init__(self, kernel, score_mods=True):
+class _Dkdv:  # a launch's Variants as _sums_dbias_by_key and _SharedBiasAdds.of read them
+    def __init__(self, kernel, head_dim=64, score_mods=True):
         from cuflash._gpu import tiles
-        self.dkdv = tiles.SPECS[kernel].variant("float16", 64, False, "90a", score_mods=score_mods)
+        self.dkdv = tiles.SPECS[kernel].variant("float16", head_dim, False, "90a", score_mods=score_mods)
 
 
 SUMS_BY_KEY = [  # (bias shape, keywords, the launches' dK/dV kernel, its kScoreMods form, summed per key)
@@ -1274,7 +1334,7 @@ def test_which_bias_gradients_the_dkdv_kernel_sums_per_key(bias_shape, keywords,
     k = v = numpy.zeros((2, 4, 9, 64), numpy.float16)
     p = _spec.resolve_backward(q, q, k, v, q, numpy.zeros((2, 4, 5), numpy.float32),
                                bias=numpy.zeros(bias_shape, numpy.float32), **keywords)
-    assert plan._sums_dbias_by_key(p, ((_Dkdv(kernel, mods), None),)) == expected
+    assert plan._sums_dbias_by_key(p, ((_Dkdv(kernel, score_mods=mods), None),)) == expected
 
 
 LONG = [  # (dtype, head dim, Lq, bias shape, mask (shape, kind) or None, options); Lk = 1025, causal

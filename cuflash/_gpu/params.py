@@ -101,6 +101,7 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dbias_rows_per_plane", numpy.int32),
         ("dbias_chunk_rows", numpy.int32),
         ("dbias_keys", numpy.uint64),
+        ("dbias_planes", numpy.uint64),
     ],
     align=True,
 )

@@ -1199,15 +1199,19 @@ def backward(problem):
             # (the twin of a TMA dK/dV family adds as it does: the sums above stay right)
             assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
     # dbias: summed per key by the dK/dV kernel for a bias broadcast over the queries
-    # (_sums_dbias_by_key), on chip by bwd_dbias_tc where it can (_OnChipBiasSum), else dS of
-    # every score (score_mod.cuh's BiasGrad); what the kernels write is summed into the bias's
-    # shape after the launches by a _BiasGradient.
+    # (_sums_dbias_by_key), added per plane by the dK/dV kernels for a shared bias outside
+    # deterministic mode (_SharedBiasAdds), on chip by bwd_dbias_tc where it can (_OnChipBiasSum),
+    # else dS of every score (score_mod.cuh's BiasGrad); what the kernels write is summed into
+    # the bias's shape after the launches by a _BiasGradient.
     by_key = _sums_dbias_by_key(p, sets)
+    bias_adds = None if by_key else _SharedBiasAdds.of(p, sets)
     on_chip = (_OnChipBiasSum.of(p, q.shape[-1], v.shape[-1], device)
-               if p.returns_dbias and not by_key else None)
+               if p.returns_dbias and not by_key and bias_adds is None else None)
     gradient = None
     if by_key:
         gradient = _BiasGradient(p, device, source_shape=lead + (1, p.seqlen_k))
+    elif bias_adds is not None:
+        gradient = _BiasGradient(p, device, source_shape=bias_adds.sum_shape, target=bias_adds.sum_shape)
     elif on_chip is not None:
         gradient = _BiasGradient(p, device, source_shape=on_chip.sum_shape, target=(1,) + on_chip.sum_shape[1:])
     elif p.returns_dbias:
@@ -1225,8 +1229,9 @@ def backward(problem):
     struct["dkv_adds"] = int(adds)
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
-    # key-padding cut); per-key sums always (a block that sees no query stores none).
-    dscores_zeroed = by_key or ((p.has_window or _skips_keys(p)) and on_chip is None)
+    # key-padding cut); per-key sums and the planes' sums always (a block that sees no query
+    # stores none; the adds need a start).
+    dscores_zeroed = by_key or bias_adds is not None or ((p.has_window or _skips_keys(p)) and on_chip is None)
     dscores = None
     if p.returns_dbias:
         dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(gradient.source_shape, dtype=accum)
@@ -1235,6 +1240,8 @@ def backward(problem):
         struct[dbias_field] = dscores.data.ptr
     if on_chip is not None:
         on_chip.fill(struct, dscores, device)
+    if bias_adds is not None:
+        bias_adds.fill(struct)
     # The dK/dV kernel's launch order under a mask (bwd_dkdv_wgmma.cu): sections of head groups
     # whose query side (Q, dO, dq_accum, lse, delta) fits in half of L2, heaviest key tiles first
     # inside each (schedule.cuh). A grid of at most four waves is one section: longest processing
@@ -1272,7 +1279,7 @@ def backward(problem):
     plan = BackwardPlan(struct, launches, shapes, p.dtype, accum, workspace, packed=p.packed is not None, zeroed=zeroed,
                         score_inputs=score_inputs, per_row=per_row, orders=orders, dkv_sums=dkv_sums,
                         dbias=None if dscores is None else (dscores.shape, dscores_zeroed, gradient, dbias_field,
-                                                            on_chip))
+                                                            on_chip or bias_adds))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores + PerRowInputs.pointers(per_row, slopes, sinks)
               + (() if dscores is None else (dscores.data.ptr,)))
@@ -1401,20 +1408,16 @@ class _OnChipBiasSum:
     @classmethod
     def of(cls, p, head_dim: int, head_dim_v: int, device: int):
         cupy = _cupy()
-        lead = tuple(p.lead_shape)
-        bias_shape = tuple(p.bias.shape)
-        if (p.packed is not None or len(bias_shape) < 2 or bias_shape[-2:] != (p.seqlen_q, p.seqlen_k)
-                or len(bias_shape) - 2 > len(lead)):
+        planes_lead = _shared_bias_lead(p)
+        if planes_lead is None:
             return None
         variant = tiles.select_dbias(p.dtype.name, head_dim, head_dim_v, _arch(device))
         if variant is None:
             return None
-        if math.prod(lead) * p.seqlen_q * p.seqlen_k * _accum(p).itemsize < ON_CHIP_DBIAS_MIN_BYTES:
+        if math.prod(p.lead_shape) * p.seqlen_q * p.seqlen_k * _accum(p).itemsize < ON_CHIP_DBIAS_MIN_BYTES:
             return None
-        rows, planes = _rows_by_plane(lead, bias_shape[:-2])
-        per_plane = rows.size // max(planes, 1)
-        if per_plane < 2:
-            return None  # no row shares a plane: dS is dbias itself
+        rows, planes = _rows_by_plane(tuple(p.lead_shape), planes_lead)
+        per_plane = rows.size // planes
         tiles_total = planes * -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
         chunk_rows, chunks = _chunks(per_plane, -(-4 * _device_attribute("MultiProcessorCount") // tiles_total))
         return cls(variant, cupy.asarray(rows), planes, chunks, chunk_rows, p)
@@ -1429,17 +1432,72 @@ class _OnChipBiasSum:
         struct["dbias_chunks"] = self.chunks
 
 
-def _rows_by_plane(lead: tuple, planes_lead: tuple) -> tuple[numpy.ndarray, int]:
-    """The attention rows (C order over ``lead``, the output's leading axes) grouped by the bias
-    plane each reads, and the number of planes: a bias whose leading axes are ``planes_lead``
-    (broadcastable to ``lead``: each axis 1 or lead's) has one plane per entry of them, in C
-    order, and row r reads the plane at r's coordinates (0 along a broadcast axis). Rows come
-    plane after plane, ascending within a plane: the fixed order of bwd_dbias_tc's sums."""
+class _SharedBiasAdds:
+    """dbias by atomic adds outside deterministic mode (BwdParams::dbias_planes, score_mod.cuh's
+    BiasGrad): a bias given in full along the queries and keys and shared by several attention
+    rows (a pair bias over the triangle or MSA rows, a window bias over the windows) takes every
+    row's dS into its plane's sums, ``(planes, Lq, Lk)`` in the accumulation type, zeroed per
+    call. No dS buffer of every score (at triangle N = 384, 906 MB) and no summing pass: a
+    rounding one for a 16-bit bias. The adds' order, and so dbias's last bits, vary from run to
+    run; deterministic=True keeps the fixed-order routes. ``of``: the route for a problem whose
+    launches' dK/dV families add there (``KernelSpec.adds_dbias``), or None."""
+
+    def __init__(self, plane_of_rows, planes: int, p):
+        self.plane_of_rows = plane_of_rows  # (rows,) int32 on the device: kept as long as the plan
+        self.sum_shape = (planes, p.seqlen_q, p.seqlen_k)
+
+    @classmethod
+    def of(cls, p, sets):
+        if p.deterministic or not p.returns_dbias:
+            return None
+        if not all(tiles.SPECS[f.dkdv.kernel].adds_dbias(f.dkdv.head_dim) for f, _ in sets):
+            return None
+        planes_lead = _shared_bias_lead(p)
+        if planes_lead is None:
+            return None
+        plane_of, planes = _plane_of_rows(tuple(p.lead_shape), planes_lead)
+        if plane_of.size // planes > SHARED_BIAS_ADDS_MAX_ROWS:
+            return None
+        return cls(_cupy().asarray(plane_of), planes, p)
+
+    def fill(self, struct) -> None:
+        struct["dbias_planes"] = self.plane_of_rows.data.ptr
+
+
+# The most attention rows per bias plane that _SharedBiasAdds takes: each entry of a plane
+# receives that many adds, serialised at L2 (Swin's window bias: 4096 rows a plane).
+SHARED_BIAS_ADDS_MAX_ROWS = 1 << 20
+
+
+def _shared_bias_lead(p) -> tuple | None:
+    """The bias's leading axes (its planes' shape) where it is given in full along the queries
+    and keys and each plane is shared by several attention rows (its leading axes broadcast to
+    the output's; not packed); None for any other bias."""
+    lead, bias_shape = tuple(p.lead_shape), tuple(p.bias.shape)
+    if (p.packed is not None or len(bias_shape) < 2 or bias_shape[-2:] != (p.seqlen_q, p.seqlen_k)
+            or len(bias_shape) - 2 > len(lead)):
+        return None
+    if math.prod(lead) // math.prod(bias_shape[:-2]) < 2:
+        return None  # no row shares a plane: dS is dbias itself
+    return bias_shape[:-2]
+
+
+def _plane_of_rows(lead: tuple, planes_lead: tuple) -> tuple[numpy.ndarray, int]:
+    """The bias plane each attention row reads, (rows,) int32 (rows in C order over ``lead``, the
+    output's leading axes), and the number of planes: a bias whose leading axes are
+    ``planes_lead`` (broadcastable to ``lead``) has one plane per entry of them, in C order, and
+    row r reads the plane at r's coordinates (0 along a broadcast axis)."""
     planes_shape = (1,) * (len(lead) - len(planes_lead)) + tuple(planes_lead)
-    total = math.prod(lead)
-    coords = numpy.unravel_index(numpy.arange(total), lead)
+    coords = numpy.unravel_index(numpy.arange(math.prod(lead)), lead)
     plane_of = numpy.ravel_multi_index(tuple(c % n for c, n in zip(coords, planes_shape)), planes_shape)
-    return numpy.argsort(plane_of, kind="stable").astype(numpy.int32), math.prod(planes_shape)
+    return plane_of.astype(numpy.int32), math.prod(planes_shape)
+
+
+def _rows_by_plane(lead: tuple, planes_lead: tuple) -> tuple[numpy.ndarray, int]:
+    """The attention rows grouped by the plane each reads (_plane_of_rows), and the number of
+    planes: plane after plane, ascending within a plane (the fixed order of bwd_dbias_tc's sums)."""
+    plane_of, planes = _plane_of_rows(lead, planes_lead)
+    return numpy.argsort(plane_of, kind="stable").astype(numpy.int32), planes
 
 
 def _chunks(per_plane: int, wanted: int) -> tuple[int, int]:

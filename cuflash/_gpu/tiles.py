@@ -93,6 +93,9 @@ class KernelSpec:
     # A dK/dV family that sums a bias's gradient over the queries per key in its kScoreMods form
     # (BwdParams::dbias_keys) where the bias is broadcast over the queries (plan._sums_dbias_by_key).
     sums_dbias_by_key: bool = False
+    # head-dim bucket -> whether the dK/dV family's kScoreMods form adds dS into a shared bias
+    # plane's sums (BwdParams::dbias_planes, plan._SharedBiasAdds; score_mod.cuh's BiasGrad kAdds).
+    adds_dbias: Callable[[int], bool] = lambda head_dim: True
     # (dtype, head-dim bucket) -> the tile for short rows (plan.py: every sequence's queries and
     # keys at most SHORT_ROWS), where the long rows' tile would leave most of each block idle
     # (Swin's 49-token windows in 128 x 128 blocks: 15% of the scores real), else None.
@@ -693,7 +696,8 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          modifier_tile=lambda dtype, d: None if dtype == "float32" else {
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
                          score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True,
-                         short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None)
+                         short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
+                         adds_dbias=lambda d: d <= 224)  # (bwd_dkdv_tc.cu's kDbiasAdds)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
