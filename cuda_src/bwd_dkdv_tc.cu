@@ -225,9 +225,12 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     // global memory, and the MMA adds Q_i K_j^T; the plain path then stores its dbias. Not at
     // d256, where the loads cost spills (16-bit on sm_80: 104-120 bytes).
     constexpr bool kBiasInS = kScoreMods && kHeadDim <= 224;
-    // dS added per bias plane (BiasGrad's kAdds) up to d224: d256 spilled 120-140 bytes on sm_80.
-    constexpr bool kDbiasAdds = kHeadDim <= 224;
+    // The bias's gradient leaves from the finished dS fragment, two keys at a time, and may be
+    // added per bias plane (BiasGrad's kAdds), up to d224; d256 stores it score by score from the
+    // bodies and never adds (either change spilled 84-140 bytes there on sm_80).
+    constexpr bool kDbiasFromDs = kHeadDim <= 224;
     const bool bias_in_s = kBiasInS && tc::bias_goes_into_scores(f);
+    const bool capped = f.softcap > 0.0;
 
     // Query tiles outside [full_first, full_last) cross the window, the keys' end or Lq and take
     // the per-element test (one block-uniform branch). Their bounds wait in shared memory rather
@@ -292,7 +295,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             const int bh = ptx::block_index_x() * heads + step.g;
             ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), 1.4426950408889634f, mask.diag);
             mod.bias_in_scores = bias_in_s;
-            const BiasGrad<float, kDbiasAdds> dbias(p, bh);
+            const BiasGrad<float, kDbiasFromDs> dbias(p, bh);
             float lse2[2 * kSM], delta[2 * kSM];
 #pragma unroll
             for (int r = 0; r < 2 * kSM; ++r) {
@@ -306,7 +309,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                     float grad;
                     x = ptx::ex2(score.exponent(score(x, row, key, grad), lse2[r]));
                     y -= delta[r];
-                    if (dbias.wanted()) dbias.store(row, key, x * y, masked && !mask.visible(row, key));
+                    if ((score.capped || !kDbiasFromDs) && dbias.wanted())  // (else stored from dS below)
+                        dbias.store(row, key, x * y, masked && !mask.visible(row, key));
                     if (score.capped) y *= grad;
                 });
             };
@@ -341,12 +345,14 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
 #pragma unroll
                     for (int e = 2 * h; e < 2 * h + 2; ++e) dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - delta);
             }
-        // A bias the kernel put in S leaves the plain path with its gradient, dS (the bodies store
-        // it where they ran).
-        if (kBiasInS && bias_in_s && !modified) {
-            const BiasGrad<float, kDbiasAdds> dbias(p, ptx::block_index_x() * heads + step.g);
+        // Without softcap the bias's gradient is dS itself (hidden pairs hold P = 0), whichever
+        // path ran: stored from here, two keys at a time. (With a cap the bodies stored it, before
+        // the cap's factor.)
+        if (kScoreMods && kDbiasFromDs && !capped) {
+            const BiasGrad<float, kDbiasFromDs> dbias(p, ptx::block_index_x() * heads + step.g);
             if (dbias.wanted())
-                tc::for_each(dp, m0 + s_row, n0 + s_col, lane, [&](float& y, int, int row, int key) { dbias.store(row, key, y); });
+                tc::for_each_pair(dp, m0 + s_row, n0 + s_col, lane,
+                                  [&](float a, float b, int row, int key) { dbias.store_pair(row, key, a, b); });
         }
         store_s_tile(s, p_smem);
         store_s_tile(dp, ds_smem);

@@ -239,7 +239,7 @@ __device__ __forceinline__ void cp_async_elem(void* dst, const void* src, bool v
 }  // namespace cuflash
 
 // ===================================================================== 7. bwd_tc (fp16 / bf16 backward)
-// Added by the backward tensor-core work; used by cuda_src/bwd_dkdv_tc.cu.
+// Added by the backward tensor-core work; used by cuda_src/bwd_dkdv_tc.cu and score_mod.cuh (BiasGrad).
 namespace cuflash {
 namespace ptx {
 

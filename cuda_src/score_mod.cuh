@@ -490,29 +490,48 @@ constexpr unsigned staged_plane_bytes() {
 template <typename T, bool kAdds = true>
 struct BiasGrad {
     const BwdParams& params;  // (a reference, never a pointer: that would copy the params to local memory)
-    int row;                  // the attention row bh
+    int row;                  // the attention row bh, or the bias plane it reads (dbias_planes)
 
-    __device__ __forceinline__ BiasGrad(const BwdParams& p, int bh) : params(p), row(bh) {}
+    __device__ __forceinline__ BiasGrad(const BwdParams& p, int bh) : params(p), row(target(p, bh)) {}
 
-    __device__ __forceinline__ void head(int bh) { row = bh; }  // a dK/dV block's next head
+    __device__ __forceinline__ void head(int bh) { row = target(params, bh); }  // a dK/dV block's next head
 
     __device__ __forceinline__ bool wanted() const { return params.dbias != nullptr; }
 
     // dS of pair (i, j); `hidden`: the positional mask hides it (the kernel's P may not be 0 yet): 0.
-    // (The plane is looked up here, not kept from the constructor: a register fewer through
-    // the dK/dV kernels' loops.)
     __device__ __forceinline__ void store(int i, int j, T ds, bool hidden = false) const {
         const FwdParams& f = params.fwd;
         if (i < f.seqlen_q && j < f.seqlen_k) {
-            const bool adds = kAdds && params.dbias_planes != nullptr;
-            const long long plane = adds ? __ldg(params.dbias_planes + row) : row;
-            T* at = static_cast<T*>(params.dbias) + (plane * f.seqlen_q + i) * f.seqlen_k + j;
+            T* at = static_cast<T*>(params.dbias) + (static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j;
             const T value = hidden ? T(0) : ds;
-            if (adds)
+            if (kAdds && params.dbias_planes != nullptr)
                 atomicAdd(at, value);
             else
                 *at = value;
         }
+    }
+
+    // dS of pairs (i, j) and (i, j + 1), j even (an mma accumulator's two columns; T = float):
+    // one 8-byte store or vector add where both keys exist and Lk is even (the pair is then
+    // 8-byte aligned: the buffer starts on 256 bytes), else element by element.
+    __device__ __forceinline__ void store_pair(int i, int j, float ds0, float ds1) const {
+        const FwdParams& f = params.fwd;
+        if (i >= f.seqlen_q || j >= f.seqlen_k) return;
+        if (j + 1 < f.seqlen_k && f.seqlen_k % 2 == 0) {
+            float* at = static_cast<float*>(params.dbias) + (static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j;
+            if (kAdds && params.dbias_planes != nullptr)
+                ptx::red_add_v2_f32(at, ds0, ds1);
+            else
+                *reinterpret_cast<float2*>(at) = make_float2(ds0, ds1);
+        } else {
+            store(i, j, ds0);
+            store(i, j + 1, ds1);
+        }
+    }
+
+  private:
+    static __device__ __forceinline__ int target(const BwdParams& p, int bh) {
+        return kAdds && p.dbias_planes != nullptr ? p.dbias_planes[bh] : bh;
     }
 };
 

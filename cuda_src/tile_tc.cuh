@@ -306,6 +306,13 @@ __device__ __forceinline__ void for_each_element(int row0, int col0, int lane, F
             for (int e = 0; e < 4; ++e)
                 f(mt, nt, e, 2 * mt + e / 2, row0 + mt * 16 + lane / 4 + 8 * (e / 2), col0 + nt * 8 + 2 * (lane % 4) + e % 2);
 }
+// f(a, b, row, col) for every pair of neighbours (a at col, b at col + 1, col even) of C.
+template <int M, int N, typename F>
+__device__ __forceinline__ void for_each_pair(const float (&c)[M][N][4], int row0, int col0, int lane, F&& f) {
+    for_each_element<M, N>(row0, col0, lane, [&](int mt, int nt, int e, int, int row, int col) {
+        if (e % 2 == 0) f(c[mt][nt][e], c[mt][nt][e + 1], row, col);
+    });
+}
 // f(x, r, row, col) for every element x of C; f(x, y, r, row, col) over two fragments of one
 // shape side by side (S and dP).
 template <int M, int N, typename F>

@@ -1044,7 +1044,7 @@ def test_which_biases_share_their_planes(lead, bias_shape, lq, lk, packed, plane
     assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed, deterministic=True), sets) is None
     assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed, returns_dbias=False), sets) is None
     if planes is not None:
-        # bwd_dkdv_tc's d256 compiles no adds (kDbiasAdds): its calls keep the other routes
+        # bwd_dkdv_tc's d256 compiles no adds (kDbiasFromDs): its calls keep the other routes
         wide = [(_Dkdv("bwd_dkdv_tc", 256), None)]
         assert plan._SharedBiasAdds.of(_SharedProblem(lead, bias_shape, lq, lk, packed), wide) is None
         rows_per_plane = int(numpy.prod(lead)) // int(numpy.prod(planes, dtype=numpy.int64))

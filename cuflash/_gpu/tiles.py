@@ -697,7 +697,7 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
                          score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True,
                          short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
-                         adds_dbias=lambda d: d <= 224)  # (bwd_dkdv_tc.cu's kDbiasAdds)
+                         adds_dbias=lambda d: d <= 224)  # (bwd_dkdv_tc.cu's kDbiasFromDs)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
