@@ -218,6 +218,13 @@ def _feature_cases() -> list[dict]:
              options={"bias": (3, 97, 200), "window": (60, 20)}, deterministic=True),
         dict(name="ws-bwd-bfloat16-d128-key-bias-sums", dtype="bfloat16", q=(2, 4, 200, 128), k=(2, 2, 333, 128),
              options={"bias": (2, 1, 1, 333), "causal": True}, mbarrier_handoff=True),
+        # a shared bias plane's gradient by atomic adds (BwdParams::dbias_planes, the default
+        # backward): bwd_dkdv_tc's pairs from dS (odd Lk: element by element at the end) and its
+        # softcapped bodies, bwd_dkdv_wgmma_ws's per-score adds
+        dict(name="bias-adds-float16-d32-softcap-mask", dtype="float16", q=(3, 2, 97, 32), k=(3, 2, 131, 32),
+             options={"bias": (1, 2, 97, 131), "mask": (3, 1, 97, 131), "softcap": 20.0}),
+        dict(name="ws-bwd-bfloat16-d128-pair-bias-adds", dtype="bfloat16", q=(2, 4, 200, 128), k=(2, 4, 334, 128),
+             options={"bias": (4, 200, 334), "causal": True}, mbarrier_handoff=True),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
