@@ -100,7 +100,10 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         outputs 0 with lse ``-inf`` (or its sink).
         Both backends take bias and mask. On the GPU a float16/bfloat16 bias is widened to
         float32 once per call (its broadcast axes not materialised; a bias or mask whose rows
-        are not 16-byte aligned is copied likewise), and dbias is summed from dS of every score in a
+        are not 16-byte aligned is copied likewise). dbias: by default a bias given in full along
+        Lq and Lk and shared by several attention rows takes each row's dS by float atomic adds
+        into its own entries (no buffer of every score; the last bits vary run to run); with
+        ``deterministic=True``, and for any other bias, it is summed from dS of every score in a
         fixed order (no atomics: reproducible), through a float32 (float64) buffer of the
         output's ``(..., Hq, Lq, Lk)``.
     return_lse : bool
@@ -187,10 +190,11 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
 
     The options must be those of the forward call. Gradients come back in each input's own
     shape and dtype, summed over every broadcast axis and GQA group. ``dbias`` is dS of the score
-    after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes in a
-    fixed order: in the score type (float32, float64 for float64) on the CPU, in float64 on the
-    GPU. ``deterministic=True`` makes the GPU result bitwise reproducible run after run (the CPU
-    backend always is). ``precision`` as :func:`attention`'s.
+    after softcap (``P * (dP - delta)``, 0 where hidden), summed over bias's broadcast axes: in
+    the score type (float32, float64 for float64) on the CPU, on the GPU in float64 in a fixed
+    order, or by default, for a bias shared by several rows, by float atomic adds in the score
+    type. ``deterministic=True`` makes the GPU result, dbias included, bitwise reproducible run
+    after run (the CPU backend always is). ``precision`` as :func:`attention`'s.
     """
     key = None
     if type(deterministic) is bool:

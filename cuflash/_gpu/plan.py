@@ -1387,10 +1387,11 @@ ON_CHIP_DBIAS_MIN_BYTES = 1 << 30
 
 
 class _OnChipBiasSum:
-    """dbias summed on chip (cuda_src/bwd_dbias_tc.cu) instead of from a (rows, Lq, Lk) dS buffer:
-    for a bias given in full along the queries and keys and shared by several attention rows (its
-    leading axes broadcast: AlphaFold's pair bias over the MSA or triangle rows, Swin's over the
-    windows), 16-bit inputs, head dims up to 128 (tiles.select_dbias). The rows of each of the
+    """dbias summed on chip (cuda_src/bwd_dbias_tc.cu) instead of from a (rows, Lq, Lk) dS buffer,
+    where the per-plane adds (_SharedBiasAdds) are not taken (deterministic=True, a dK/dV family
+    without them): for a bias given in full along the queries and keys and shared by several
+    attention rows (its leading axes broadcast: AlphaFold's pair bias over the MSA or triangle
+    rows, Swin's over the windows), 16-bit inputs, head dims up to 128 (tiles.select_dbias). The rows of each of the
     bias's planes (its entries over the leading axes, in C order) are listed plane after plane
     in row order and cut into ``chunks`` equal chunks, enough blocks to fill the GPU; each block
     sums one chunk of one plane over one tile into ``(chunks, planes, Lq, Lk)`` fp32 partial sums,
