@@ -831,15 +831,16 @@ def _forward(q, k, v, sinks, scale, causal, window_left, window_right, determini
 
 
 def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
-                     prefetch_backward, bias, mask):
+                     prefetch_backward, bias, mask, keep=None):
     """(out, lse, the cached plan that ran, or None where the full path did); ``prefetch_backward``
-    as _api.forward's."""
+    as _api.forward's; ``keep``: ForwardPlan.run's (the bias's and mask's preparation for the
+    backward, where a cached plan ran)."""
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap)
     key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks) + (plan,)
+            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, keep=keep) + (plan,)
     with _running_on(q):
         problem = _spec.resolve_forward(
             *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
@@ -851,10 +852,12 @@ def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, s
 
 
 def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
-              alibi=None, precision="highest", bias=None, mask=None, bias_grad=False, forward_plan=None):
+              alibi=None, precision="highest", bias=None, mask=None, bias_grad=False, forward_plan=None,
+              prepared=None):
     """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
     bias_grad) and dsinks (with sinks); cached plans as ``_forward``. ``forward_plan``: the cached
-    plan that computed out and lse (or None), which remembers the backward plans that followed it."""
+    plan that computed out and lse (or None), which remembers the backward plans that followed it;
+    ``prepared``: its preparation of bias and mask (BackwardPlan.run's), or None."""
     tensors = (dout, q, k, v, out, lse)
     if forward_plan is not None:
         # Everything else the backward's plan key holds (q, k, v, bias, mask, slopes and sinks,
@@ -864,7 +867,8 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         plan = forward_plan.followers.get(follower)
         if plan is not None:
             with _on_device(q.device):
-                return plan.run(_MEMORY[q.device], *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
+                return plan.run(_MEMORY[q.device], *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks,
+                                prepared=prepared)
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap)
     key, plan, memory = _cached_attention_plan("attention_backward", tensors, bias, mask, options, bias_grad,
@@ -873,7 +877,7 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         if forward_plan is not None and len(forward_plan.followers) < _MAX_FOLLOWERS:
             forward_plan.followers[follower] = plan
         with _on_device(q.device):
-            return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks)
+            return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, prepared=prepared)
     with _running_on(q):
         problem = _spec.resolve_backward(
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=options[1], window=window, softcap=softcap,
@@ -923,9 +927,13 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, bias, mask, options):
         scale, causal, window_left, window_right, deterministic, softcap, alibi, precision = options
+        needs_grad = any(ctx.needs_input_grad[:5])
+        # The bias's and mask's copies and cut, made once for the forward and its backward.
+        keep = [] if needs_grad and (bias is not None or mask is not None) else None
         out, lse, ctx.plan = _planned_forward(
             q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
-            deterministic if any(ctx.needs_input_grad[:5]) else None, bias, mask)
+            deterministic if needs_grad else None, bias, mask, keep)
+        ctx.prepared = keep[0] if keep else None
         ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
@@ -940,7 +948,8 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         grads = list(_backward(_dense(dout, out), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
-                               bias_grad=bias_grad, forward_plan=ctx.plan))
+                               bias_grad=bias_grad, forward_plan=ctx.plan, prepared=ctx.prepared))
+        ctx.prepared = None  # (a second backward, retain_graph, lays them out again)
         dbias = grads.pop(3) if bias_grad else None
         dsinks = grads[3] if sinks is not None else None
         return tuple(grads[:3]) + (dsinks, dbias, None, None)

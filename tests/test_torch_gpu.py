@@ -419,3 +419,52 @@ def test_backward_plans_follow_the_forward_plan(ct, randc):
     # (the expansion is made dense in out's layout: it shares the first kind's plan)
     assert len(followers) == 3, list(followers)
     assert {key[0] for key in followers} == {False, True}
+
+
+def test_backward_reuses_the_forwards_bias_and_mask_preparation(ct, randc, rng, monkeypatch):
+    """A replayed training step lays a bias and mask out (their 16-byte-row copies: a bfloat16
+    bias widened, a 49-key padding mask padded) and cuts the key padding once, in the forward,
+    and its backward reuses them (plan.Prepared): the gradients are bitwise those of a step that
+    lays them out again, and over a large preparation (above Prepared.MAX_BYTES) the backward
+    makes its own."""
+    from cuflash._gpu import plan
+
+    dtype = torch.bfloat16
+    q, k, v, dout = (randc(4, 2, 49, 32, dtype=dtype) for _ in range(4))
+    bias = randc(2, 49, 49, dtype=dtype).requires_grad_()
+    keys = torch.from_numpy(rng.integers(20, 50, (4, 1, 1, 1)))
+    mask = (torch.arange(49).reshape(1, 1, 1, 49) < keys).cuda()  # key padding: a cut per row
+    copies = []
+    lay_out = plan._PlaneLayout.lay_out
+
+    def counted(self, memory, x):
+        copies.append(self.staged is not None)
+        return lay_out(self, memory, x)
+
+    monkeypatch.setattr(plan._PlaneLayout, "lay_out", counted)
+    key_bounds = plan._key_bounds
+
+    def counted_cut(*args):
+        copies.append("cut")
+        return key_bounds(*args)
+
+    monkeypatch.setattr(plan, "_key_bounds", counted_cut)
+
+    def step():
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)] + [bias]
+        out = ct.attention(*inputs[:3], bias=bias, mask=mask, deterministic=True)
+        return [_bits(g) for g in (out, *torch.autograd.grad(out, inputs, dout))]
+
+    first = step()  # plans built (the full path)
+    copies.clear()
+    shared = step()  # replayed: laid out by the forward only
+    assert copies == [True, True, "cut"], copies
+    monkeypatch.setattr(plan.Prepared, "MAX_BYTES", -1)
+    copies.clear()
+    apart = step()
+    assert copies == [True, True, "cut"] * 2, copies
+    assert shared == apart == first
+
+
+def _bits(tensor):
+    return tensor.detach().cpu().view(torch.int16 if tensor.element_size() == 2 else torch.int32).numpy().tobytes()

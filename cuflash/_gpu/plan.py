@@ -288,12 +288,18 @@ class _Plan:
         self.key_rows_at = _field_offset(struct.dtype, fwd + "key_rows") // 4
         self.query_tiles_at = _field_offset(struct.dtype, fwd + "query_tiles") // 4
 
-    def _modifier_pointers(self, memory, bias, mask, alibi_slopes, sinks) -> tuple[tuple, tuple]:
+    def _modifier_pointers(self, memory, bias, mask, alibi_slopes, sinks, reuse=None,
+                           keep=None) -> tuple[tuple, tuple]:
         """(the pointers ScoreInputs and PerRowInputs give for this call, the arrays they point
-        into: to be kept until the launches are queued)."""
+        into: to be kept until the launches are queued). ``reuse``: ScoreInputs.prepare's;
+        ``keep``: a list that gets this call's ScoreInputs result as a ``Prepared`` (where small)."""
         pointers, kept = (), ()
         if self.score_inputs is not None:
-            pointers, kept = self.score_inputs.prepare(memory, bias, mask)
+            pointers, kept = self.score_inputs.prepare(memory, bias, mask, reuse)
+            if keep is not None:
+                prepared = Prepared(self.score_inputs.signature, pointers, kept)
+                if prepared.small():
+                    keep.append(prepared)
         if self.per_row is not None:
             rows = self.per_row.prepare(memory, alibi_slopes, sinks)
             pointers, kept = pointers + tuple(0 if x is None else memory.pointer(x) for x in rows), kept + rows
@@ -332,11 +338,13 @@ class ForwardPlan(_Plan):
         # torch adapter's: cuflash.torch._backward): no whole-signature key built per backward.
         self.followers = {}
 
-    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
+        """``keep``: a list that gets the bias's and mask's preparation for the backward
+        (``Prepared``), where the call has either and they are small."""
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
-        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks)
+        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks, keep=keep)
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores)
         del kept  # (the launch is queued)
         return o, lse
@@ -366,7 +374,10 @@ class BackwardPlan(_Plan):
         if dbias is not None:
             self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
 
-    def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None):
+    def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None,
+            prepared=None):
+        """``prepared``: the forward's ``Prepared`` for this bias and mask (ForwardPlan.run's
+        ``keep``), reused where it fits this plan."""
         ptr, shapes = memory.pointer, self.shapes
 
         def allocate(name):
@@ -381,7 +392,7 @@ class BackwardPlan(_Plan):
         workspace = memory.empty((self.workspace_size,), self.accum)
         delta = ptr(workspace)
         dq_accum = 0 if self.dq_accum_offset is None else delta + self.dq_accum_offset
-        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks)
+        scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks, reuse=prepared)
         dscores = None
         if self.dbias is not None:
             dscores = (memory.zeros if self.dbias[1] else memory.empty)(self.dbias[0], self.accum)
@@ -768,6 +779,25 @@ class PerRowInputs:
         return tuple(0 if x is None else x.data.ptr for x in rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One call's ScoreInputs.prepare result, kept by the torch adapter from a forward to its
+    backward (the same bias and mask, saved by autograd, which refuses them modified in place in
+    between): the copies and the key-padding cut are made once per training step, not twice."""
+
+    signature: tuple  # the ScoreInputs' that made it
+    pointers: tuple
+    arrays: tuple     # what the pointers point into: held as long as this
+
+    # Kept from the forward to the backward where what it holds (copies, or the caller's own
+    # planes) is at most this many bytes: small copies cost mostly host time (two launches
+    # each); a large copy's memory would be held through the rest of the model's forward.
+    MAX_BYTES = 16 << 20
+
+    def small(self) -> bool:
+        return sum(x.nbytes for x in self.arrays if x is not None) <= self.MAX_BYTES
+
+
 class ScoreInputs:
     """A call's bias and mask as the kernels read them (params.cuh), split into what a signature
     fixes and what each call brings. Fixed (``fill``): each plane's ``_PlaneLayout``, its query and
@@ -808,6 +838,9 @@ class ScoreInputs:
         # The planes just laid out serve the constructing call's own prepare (a copy is not made
         # twice); taken there, and never kept past it.
         self._first = (p.bias, p.mask, laid)
+        # What another ScoreInputs must share for its prepare's result to serve this one's calls
+        # (``prepare``'s ``reuse``): the same layouts and the same cut.
+        self.signature = (tuple(sorted(self.layouts.items())), self.bounds_kernel is not None)
 
     def fill(self, struct) -> None:
         """The fixed fields: strides and score_rows."""
@@ -815,9 +848,13 @@ class ScoreInputs:
             struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = row_stride, col_stride
         struct["score_rows"] = self.score_rows.data.ptr
 
-    def prepare(self, memory, bias, mask) -> tuple[tuple[int, int, int], tuple]:
+    def prepare(self, memory, bias, mask, reuse=None) -> tuple[tuple[int, int, int], tuple]:
         """(the POINTERS' values, the arrays they point into) for this call's bias and mask, any
-        copy and the cut allocated from ``memory`` and made on its stream."""
+        copy and the cut allocated from ``memory`` and made on its stream. ``reuse``: a
+        ``Prepared`` of another plan for the same bias and mask (a forward's, handed to its
+        backward), taken where its signature is this one's: no copy nor cut made again."""
+        if reuse is not None and reuse.signature == self.signature:
+            return reuse.pointers, reuse.arrays
         first, self._first = self._first, None
         if first is not None and first[0] is bias and first[1] is mask:
             planes = (first[2].get("bias"), first[2].get("mask"))
