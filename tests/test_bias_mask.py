@@ -1421,3 +1421,20 @@ def test_gpu_bad_bias_or_mask_is_refused_naming_it_before_any_launch(rng, make, 
         cuflash.attention_vjp(q, k, v, **options)
 
 
+
+
+def test_a_forwards_preparation_is_kept_for_its_backward_only_while_small():
+    """plan.Prepared (the torch adapter keeps a forward's bias and mask preparation for its
+    backward): small() counts every array it holds (copies, the caller's planes, the cut; None
+    for an absent one) against MAX_BYTES."""
+    from cuflash._gpu import plan
+
+    arrays = (numpy.zeros((4, 49, 64), numpy.float32), None, numpy.zeros(8, numpy.int32))
+    held = sum(x.nbytes for x in arrays if x is not None)
+    prepared = plan.Prepared(("signature",), (1, 0, 2), arrays)
+    assert prepared.small() == (held <= plan.Prepared.MAX_BYTES)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan.Prepared, "MAX_BYTES", held)
+        assert prepared.small()
+        patch.setattr(plan.Prepared, "MAX_BYTES", held - 1)
+        assert not prepared.small()
