@@ -12,11 +12,15 @@ before the call: a lent machine's copy may carry no ``.git``), or ``REV`` itself
 archive it here.
 
     python benchmarks/bench_ab.py main=DIR_A change=DIR_B [--rounds 3] [--mods plain,alibi,softcap] [--bwd]
+    python benchmarks/bench_ab.py main=REV change=DIR --cases triangle384,swin --headdim '' --bwd
 
 Per point (bf16 by default, H16, B*L = --tokens, D in --headdim, L in --seqlen, dense and causal):
 forward device milliseconds (median of --repeats calls, each between CUDA events), and with
 --bwd the backward's (attention_backward from the forward's out and lse) for the plain calls.
-Modifiers: softcap 30, ALiBi with the geometric slopes 2^(-8 (h + 1) / H). Writes
+Modifiers: softcap 30, ALiBi with the geometric slopes 2^(-8 (h + 1) / H). ``--cases`` adds the
+bias/mask shapes of issue 15 (``BIAS_CASES``: triangle attention, Swin's windows, a pair bias over
+a batch, a per-key bias; a float32 bias, the dtype's inputs), each a point whose ``mod`` is its
+name: the forward, and with --bwd the default backward with dbias (the route plan.py picks). Writes
 benchmarks/results/<UTC>_<gpu>_ab.json (every round's row, the medians and the ratios) and
 prints a Markdown table. ``--child TREE LABEL`` is the per-tree process (internal).
 """
@@ -39,6 +43,15 @@ from benchmarks import record as records  # noqa: E402
 
 MODS = ("plain", "alibi", "softcap")
 KEY = ("dtype", "D", "L", "causal", "mod")
+# Issue 15's shapes (bench_bias.py's, on CuPy arrays): q's shape, the bias's, and whether a mask
+# of Swin's shifted windows (7 x 7 tokens cut into up to four regions per window) comes with it.
+BIAS_CASES = {
+    "triangle256": ((256, 4, 256, 32), (1, 4, 256, 256), False),
+    "triangle384": ((384, 4, 384, 32), (1, 4, 384, 384), False),
+    "swin": ((64, 64, 4, 49, 32), (1, 4, 49, 49), True),
+    "pair-d128": ((2, 16, 4096, 128), (1, 16, 4096, 4096), False),
+    "keybias": ((2, 16, 4096, 128), (2, 1, 1, 4096), False),
+}
 
 
 def parse_tree(spec: str, scratch: Path) -> tuple[str, Path]:
@@ -102,6 +115,35 @@ def table(summary: list[dict], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def window_mask(numpy, windows: int, side: int, rng):
+    """(windows, 1, side^2, side^2) bool: per window a random row and column (side = none) cut
+    the tokens into up to four regions that see only themselves: bench_bias.window_mask's rule
+    with NumPy's draws (that one draws with torch, whose recorded Swin rows keep their masks)."""
+    token = numpy.arange(side * side)
+    cuts = rng.integers(1, side + 1, (2, windows, 1))
+    region = (token // side >= cuts[0]).astype(numpy.int64) * 2 + (token % side >= cuts[1])
+    return (region[:, :, None] == region[:, None, :])[:, None]
+
+
+def bias_points(cuflash, cupy, numpy, dtype, args, label):
+    """One row per ``--cases`` name: the forward's device ms, and the default backward's with dbias."""
+    for name in filter(None, args.cases.split(",")):
+        q_shape, bias_shape, windows = BIAS_CASES[name]
+        rng = numpy.random.default_rng(0)
+        q, k, v, dout = (cupy.asarray(rng.standard_normal(q_shape, dtype=numpy.float32).astype(dtype))
+                         for _ in range(4))
+        bias = cupy.asarray(rng.standard_normal(bias_shape, dtype=numpy.float32))
+        mask = cupy.asarray(window_mask(numpy, q_shape[1], 7, rng)) if windows else None
+        row = {"tree": label, "dtype": args.dtype, "D": q_shape[-1], "L": q_shape[-2], "causal": False, "mod": name,
+               "fwd_ms": records.timed_ms(cupy, lambda: cuflash.attention(q, k, v, bias=bias, mask=mask),
+                                          args.repeats)}
+        if args.bwd:
+            out, lse = cuflash.attention(q, k, v, bias=bias, mask=mask, return_lse=True)
+            row["bwd_ms"] = records.timed_ms(
+                cupy, lambda: cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, mask=mask), args.repeats)
+        print(json.dumps(row), flush=True)
+
+
 def child(tree: Path, label: str, args) -> None:
     """Time every point with the cuflash of ``tree``; one JSON row a point on stdout."""
     sys.path.insert(0, str(tree))
@@ -116,8 +158,9 @@ def child(tree: Path, label: str, args) -> None:
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
     print(json.dumps({"device": device.decode() if isinstance(device, bytes) else device}), flush=True)
     dtype = numpy.dtype(records.NUMPY_DTYPES[args.dtype])
+    bias_points(cuflash, cupy, numpy, dtype, args, label)
     heads = args.heads
-    for d in (int(x) for x in args.headdim.split(",")):
+    for d in (int(x) for x in filter(None, args.headdim.split(","))):
         for length in (int(x) for x in args.seqlen.split(",")):
             batch = max(1, args.tokens // length)
             rng = numpy.random.default_rng(0)
@@ -151,7 +194,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="batch x seqlen")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--mods", default="plain", help=f"comma-separated, of {', '.join(MODS)}")
-    parser.add_argument("--bwd", action="store_true", help="also time the plain calls' backward")
+    parser.add_argument("--cases", default="", help=f"issue 15's bias shapes, comma-separated, of "
+                                                     f"{', '.join(BIAS_CASES)} (none; --headdim '' for these alone)")
+    parser.add_argument("--bwd", action="store_true", help="also time the plain calls' backward (and the --cases' "
+                                                           "with dbias)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=records.RESULTS_DIR)
     parser.add_argument("--child", nargs=2, metavar=("TREE", "LABEL"), help=argparse.SUPPRESS)
@@ -159,13 +205,16 @@ def main(argv=None) -> int:
     unknown = set(args.mods.split(",")) - set(MODS)
     if unknown:
         parser.error(f"--mods takes {', '.join(MODS)}; got {', '.join(sorted(unknown))}")
+    unknown = set(filter(None, args.cases.split(","))) - set(BIAS_CASES)
+    if unknown:
+        parser.error(f"--cases takes {', '.join(BIAS_CASES)}; got {', '.join(sorted(unknown))}")
     if args.child:
         child(Path(args.child[0]), args.child[1], args)
         return 0
     if len(args.trees) < 2:
         parser.error("give at least two trees (LABEL=DIR or LABEL=REV), the first the baseline")
     options = [f"--{name}={getattr(args, name)}" for name in ("dtype", "headdim", "seqlen", "tokens", "heads", "mods",
-                                                               "repeats")] + (["--bwd"] if args.bwd else [])
+                                                               "cases", "repeats")] + (["--bwd"] if args.bwd else [])
     rows: list[dict] = []
     device = "gpu"
     with tempfile.TemporaryDirectory() as scratch:

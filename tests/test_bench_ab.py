@@ -64,3 +64,24 @@ def test_equal_labels_are_refused(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), f"a={tmp_path}", f"a={tmp_path}"], capture_output=True,
                           text=True, cwd=REPO)
     assert done.returncode == 2 and "tree labels must differ" in done.stderr
+
+
+def test_unknown_bias_cases_are_refused():
+    done = subprocess.run([sys.executable, str(SCRIPT), "a=.", "b=.", "--cases", "swin,bogus"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 2 and "--cases takes triangle256" in done.stderr and "got bogus" in done.stderr
+
+
+def test_the_bias_cases_shapes_broadcast_and_the_window_mask_cuts_each_window():
+    """Each BIAS_CASES bias broadcasts to its q's (..., Lq, Lk); Swin's mask gives every token its
+    own region's tokens (itself included), at most four regions a window."""
+    numpy = pytest.importorskip("numpy")
+    for name, (q_shape, bias_shape, _) in bench_ab.BIAS_CASES.items():
+        scores = q_shape[:-1] + (q_shape[-2],)
+        assert numpy.broadcast_shapes(scores, bias_shape) == scores, name
+    mask = bench_ab.window_mask(numpy, 64, 7, numpy.random.default_rng(0))
+    assert mask.shape == (64, 1, 49, 49) and mask.dtype == bool
+    assert mask[:, 0].diagonal(axis1=-2, axis2=-1).all()
+    assert (mask == mask.transpose(0, 1, 3, 2)).all()
+    regions = [len({row.tobytes() for row in window[0]}) for window in mask]
+    assert 1 <= min(regions) and max(regions) <= 4 and max(regions) > 1
