@@ -502,9 +502,9 @@ struct BiasGrad {
     __device__ __forceinline__ void store(int i, int j, T ds, bool hidden = false) const {
         const FwdParams& f = params.fwd;
         if (i < f.seqlen_q && j < f.seqlen_k) {
-            T* at = static_cast<T*>(params.dbias) + (static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j;
+            T* at = entry(i, j);
             const T value = hidden ? T(0) : ds;
-            if (kAdds && params.dbias_planes != nullptr)
+            if (adds(params))
                 atomicAdd(at, value);
             else
                 *at = value;
@@ -518,8 +518,8 @@ struct BiasGrad {
         const FwdParams& f = params.fwd;
         if (i >= f.seqlen_q || j >= f.seqlen_k) return;
         if (j + 1 < f.seqlen_k && f.seqlen_k % 2 == 0) {
-            float* at = static_cast<float*>(params.dbias) + (static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j;
-            if (kAdds && params.dbias_planes != nullptr)
+            float* at = entry(i, j);
+            if (adds(params))
                 ptx::red_add_v2_f32(at, ds0, ds1);
             else
                 *reinterpret_cast<float2*>(at) = make_float2(ds0, ds1);
@@ -530,8 +530,15 @@ struct BiasGrad {
     }
 
   private:
-    static __device__ __forceinline__ int target(const BwdParams& p, int bh) {
-        return kAdds && p.dbias_planes != nullptr ? p.dbias_planes[bh] : bh;
+    // Whether dS is added into a shared plane's sums (BwdParams::dbias_planes), not stored.
+    static __device__ __forceinline__ bool adds(const BwdParams& p) { return kAdds && p.dbias_planes != nullptr; }
+
+    static __device__ __forceinline__ int target(const BwdParams& p, int bh) { return adds(p) ? p.dbias_planes[bh] : bh; }
+
+    // Pair (i, j)'s entry of this row's (or plane's) Lq x Lk scores in the buffer.
+    __device__ __forceinline__ T* entry(int i, int j) const {
+        const FwdParams& f = params.fwd;
+        return static_cast<T*>(params.dbias) + (static_cast<long long>(row) * f.seqlen_q + i) * f.seqlen_k + j;
     }
 };
 
