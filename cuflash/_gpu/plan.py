@@ -1428,12 +1428,12 @@ class _OnChipBiasSum:
     where the per-plane adds (_SharedBiasAdds) are not taken (deterministic=True, a dK/dV family
     without them): for a bias given in full along the queries and keys and shared by several
     attention rows (its leading axes broadcast: AlphaFold's pair bias over the MSA or triangle
-    rows, Swin's over the windows), 16-bit inputs, head dims up to 128 (tiles.select_dbias). The rows of each of the
-    bias's planes (its entries over the leading axes, in C order) are listed plane after plane
-    in row order and cut into ``chunks`` equal chunks, enough blocks to fill the GPU; each block
-    sums one chunk of one plane over one tile into ``(chunks, planes, Lq, Lk)`` fp32 partial sums,
-    which _BiasGradient adds in chunk order. Memory: the partial sums (chunks x the bias's
-    entries) instead of every row's dS. ``of``: the route for a problem, or None."""
+    rows, Swin's over the windows), 16-bit inputs, head dims up to 128 (tiles.select_dbias). The
+    rows of each of the bias's planes (its entries over the leading axes, in C order) are listed
+    plane after plane in row order and cut into ``chunks`` equal chunks, enough blocks to fill the
+    GPU; each block sums one chunk of one plane over one tile into ``(chunks, planes, Lq, Lk)``
+    fp32 partial sums, which _BiasGradient adds in chunk order. Memory: the partial sums (chunks
+    x the bias's entries) instead of every row's dS. ``of``: the route for a problem, or None."""
 
     def __init__(self, variant, rows, planes: int, chunks: int, chunk_rows: int, p):
         self.variant = variant
