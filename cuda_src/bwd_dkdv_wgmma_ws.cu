@@ -154,9 +154,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
 #pragma unroll
             for (int c = 0; c < kPanels; ++c) {
                 ptx::tma_load_4d(k_smem + c * KVTile::kPanelBytes, tp.k_map, kv_full(), 64 * c, origin.k0 + n0,
-                                 origin.head / f.kv_group, origin.batch);
+                                 f.kv_group_div.div(origin.head), origin.batch);
                 ptx::tma_load_4d(v_smem + c * KVTile::kPanelBytes, tp.v_map, kv_full(), 64 * c, origin.k0 + n0,
-                                 origin.head / f.kv_group, origin.batch);
+                                 f.kv_group_div.div(origin.head), origin.batch);
             }
             // The group's heads are consecutive query heads of one batch row: head + g.
             HeadTileStep step(range.first, range.last, heads);

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
                 const WsTile tile = ws_tile<kHasWindow, kBlockM>(p, walk, linear);
                 if (!tile.has_work) continue;
                 const MapOrigin origin(p, tile.bh);  // params.cuh
-                const int kv_head = origin.head / p.kv_group;
+                const int kv_head = p.kv_group_div.div(origin.head);
                 const int qb = n % kQBuffers;
                 if (n >= kQBuffers) ptx::mbarrier_wait(bars.q_empty(qb), ring_parity<kQBuffers>(n) ^ 1u);
                 ptx::mbarrier_arrive_expect_tx(bars.q_full(qb), QTile::kBytes);

@@ -18,6 +18,20 @@
 
 namespace cuflash {
 
+// n / d for 0 <= n < 2^31 by a multiply and a shift: integer division is ~20 instructions on the
+// GPU, and a short row's block spends a sixth of its own on the handful that place it (Swin's
+// 49-key windows, H200). The host picks mul and shift (params.fast_divisor): with l = ceil(log2 d),
+// mul = ceil(2^(31 + l) / d) < 2^32 and n / d = umulhi(n, mul) >> (l - 1) (the error of mul,
+// n * (mul - 2^(31 + l) / d) / 2^(31 + l) < 2^-l <= 1 / d, never crosses an integer); d = 1 is
+// mul = 0.
+struct FastDivisor {
+    unsigned mul, shift;
+
+    __device__ __forceinline__ int div(int n) const {
+        return mul == 0 ? n : static_cast<int>(__umulhi(static_cast<unsigned>(n), mul) >> shift);
+    }
+};
+
 struct FwdParams {
     const void* q;
     const void* k;
@@ -93,6 +107,11 @@ struct FwdParams {
     // tile): fwd_wgmma_ws's blocks walk the rows' tiles (schedule.cuh's TileWalk) whatever grid
     // it is launched with; the other kernels read their grid.
     int query_tiles;
+
+    // batch_shape[d], num_heads and kv_group as divisors (FastDivisor; the host sets all three
+    // with the shapes: params.set_row_shape).
+    FastDivisor batch_div[CUFLASH_MAX_BATCH_DIMS];
+    FastDivisor heads_div, kv_group_div;
 };
 
 enum KeyRows : int { kAllKeyRows = 0, kPrefixKeyRows = 1, kOtherKeyRows = 2 };
@@ -159,6 +178,9 @@ struct BwdParams {
     // (rows,); dbias then holds the planes' sums (planes, Lq, Lk) in the accumulation type,
     // zeroed by the host, and the blocks add dS into them (score_mod.cuh's BiasGrad). Else null.
     const int* dbias_planes;
+    // The divisor of a query head's dk / dv head: kv_group with dkv_adds, else heads_per_block
+    // (set with them: params.set_dkv_group).
+    FastDivisor dkv_group_div;
 };
 
 // The warp-specialized dK/dV kernel's argument (bwd_dkdv_wgmma_ws.cu): BwdParams plus tensor
@@ -175,12 +197,13 @@ struct BatchCoords {
     int batch[CUFLASH_MAX_BATCH_DIMS];
 
     __device__ __forceinline__ BatchCoords(const FwdParams& p, int bh) {
-        head = bh % p.num_heads;
-        int rest = bh / p.num_heads;
+        int rest = p.heads_div.div(bh);
+        head = bh - rest * p.num_heads;
 #pragma unroll
         for (int d = CUFLASH_MAX_BATCH_DIMS - 1; d >= 0; --d) {
-            batch[d] = rest % p.batch_shape[d];
-            rest /= p.batch_shape[d];
+            const int outer = p.batch_div[d].div(rest);
+            batch[d] = rest - outer * p.batch_shape[d];
+            rest = outer;
         }
     }
 
@@ -243,7 +266,7 @@ struct BatchIndex {
     // the call's either way.
     __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c, int bh)
         : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), diag(p.diag_offset) {
-        const int kv_head = c.head / p.kv_group;
+        const int kv_head = p.kv_group_div.div(c.head);
         q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
         k = c.offset(p.k_batch_stride, p.k_head_stride, kv_head);
         v = c.offset(p.v_batch_stride, p.v_head_stride, kv_head);
@@ -344,7 +367,7 @@ struct BwdBatchIndex : BatchIndex {
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, int bh) : BwdBatchIndex(p, BatchCoords(p.fwd, bh), bh) {}
 
     __device__ __forceinline__ BwdBatchIndex(const BwdParams& p, const BatchCoords& c, int bh) : BatchIndex(p.fwd, c, bh) {
-        const int group = c.head / (p.dkv_adds ? p.fwd.kv_group : p.heads_per_block);  // dk, dv's head
+        const int group = p.dkv_group_div.div(c.head);  // dk, dv's head
         dout = c.offset(p.dout_batch_stride, p.dout_head_stride, c.head);
         dq = c.offset(p.dq_batch_stride, p.dq_head_stride, c.head);
         dk = c.offset(p.dk_batch_stride, p.dk_head_stride, group);

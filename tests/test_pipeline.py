@@ -125,6 +125,36 @@ def test_params_struct_matches_numpy_mirror(struct, dtype):
     assert stored == expected
 
 
+def _divisor_cases():
+    """Divisors: every one up to 4096, powers of two and their neighbours, and large primes."""
+    big = [2 ** e + o for e in range(12, 31) for o in (-1, 0, 1)] + [2 ** 31 - 1, 1_000_003, 2_147_483_629]
+    return list(range(1, 4097)) + big
+
+
+def test_fast_divisor_matches_integer_division():
+    """params.fast_divisor's (mul, shift) give n // d as params.cuh's FastDivisor computes it,
+    (n * mul >> 32) >> shift (mul = 0: n), for dividends up to 2^31 - 1: at 0, around every
+    multiple near the ends of the range, and at random."""
+    rng = numpy.random.default_rng()
+    for d in _divisor_cases():
+        mul, shift = params.fast_divisor(d)
+        assert 0 <= mul < 2 ** 32 and 0 <= shift < 32
+        last = (2 ** 31 - 1) // d  # the largest quotient
+        k = numpy.concatenate([numpy.arange(0, 4), numpy.arange(max(last - 3, 0), last + 2),
+                               rng.integers(0, last + 1, 16)]).astype(object)
+        n = numpy.concatenate([(k[:, None] * d + numpy.array([-1, 0, 1], dtype=object)).ravel(),
+                               rng.integers(0, 2 ** 31, 64).astype(object), [2 ** 31 - 1]])
+        n = n[(n >= 0) & (n < 2 ** 31)]
+        got = n if mul == 0 else (n * mul >> 32) >> shift
+        assert (got == n // d).all(), d
+
+
+@pytest.mark.parametrize("d", [0, -3, 2 ** 31])
+def test_fast_divisor_rejects_divisors_outside_its_range(d):
+    with pytest.raises(ValueError, match="divisor"):
+        params.fast_divisor(d)
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_variants_shared_memory_is_the_kernels_own(arch):

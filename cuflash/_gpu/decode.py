@@ -23,7 +23,7 @@ import math
 import numpy
 
 from . import kernels
-from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS
+from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, set_row_shape
 from .variant import CUDA_TYPES, HelperKernel
 
 THREADS = 128   # CUFLASH_DECODE_THREADS
@@ -293,8 +293,8 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
 
     p = numpy.zeros((), dtype=PARAMS_DTYPE)
     fwd = p["fwd"]
-    fwd["batch_shape"] = [1] * MAX_BATCH_DIMS
-    fwd["num_heads"] = fwd["kv_group"] = fwd["heads_per_section"] = 1
+    set_row_shape(fwd, [1] * MAX_BATCH_DIMS, 1, 1)
+    fwd["heads_per_section"] = 1
     fwd["window_left"], fwd["window_right"] = window_left, window_right
     fwd["scale"] = scale
     fwd["scale_log2"] = min(max(scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)

@@ -15,6 +15,43 @@ ALL_KEY_ROWS, PREFIX_KEY_ROWS, OTHER_KEY_ROWS = 0, 1, 2
 
 _B = (MAX_BATCH_DIMS,)
 
+# params.cuh's FastDivisor: n / d as a multiply-high and a shift (fast_divisor).
+FAST_DIVISOR_DTYPE = numpy.dtype([("mul", numpy.uint32), ("shift", numpy.uint32)], align=True)
+
+
+def fast_divisor(d: int) -> tuple[int, int]:
+    """(mul, shift) of FastDivisor for 1 <= d < 2^31: with l = ceil(log2 d), mul = ceil(2^(31 + l)
+    / d) and shift = l - 1, so that n // d == (n * mul >> 32) >> shift for 0 <= n < 2^31 (the
+    bound is params.cuh's); d = 1 is (0, 0), which the kernel reads as "n itself"."""
+    if not 1 <= d < 2 ** 31:
+        raise ValueError(f"cuflash: a divisor must lie in [1, 2^31), got {d}")
+    if d == 1:
+        return 0, 0
+    log2 = (d - 1).bit_length()
+    return -(-(1 << (31 + log2)) // d), log2 - 1
+
+
+def set_row_shape(fwd, batch_shape, num_heads: int, kv_group: int) -> None:
+    """FwdParams' decomposition of an attention row (params.cuh's BatchCoords): the batch shape
+    (MAX_BATCH_DIMS entries, outermost first), the query heads and the GQA group, each with its
+    FastDivisor."""
+    fwd["batch_shape"] = batch_shape
+    fwd["num_heads"] = num_heads
+    fwd["kv_group"] = kv_group
+    for d, size in enumerate(batch_shape):
+        fwd["batch_div"][d] = fast_divisor(int(size))
+    fwd["heads_div"] = fast_divisor(int(num_heads))
+    fwd["kv_group_div"] = fast_divisor(int(kv_group))
+
+
+def set_dkv_group(bwd, heads_per_block: int, dkv_adds: bool) -> None:
+    """BwdParams' dK/dV grouping: heads_per_block query heads per block, whether split groups
+    add into shared sums (dkv_adds), and the divisor of a query head's dk / dv head (kv_group
+    with adds, else heads_per_block; set_row_shape's kv_group first)."""
+    bwd["heads_per_block"] = heads_per_block
+    bwd["dkv_adds"] = int(dkv_adds)
+    bwd["dkv_group_div"] = fast_divisor(int(bwd["fwd"]["kv_group"]) if dkv_adds else int(heads_per_block))
+
 FWD_PARAMS_DTYPE = numpy.dtype(
     [
         ("q", numpy.uint64),
@@ -66,6 +103,9 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("key_bounds", numpy.uint64),
         ("key_rows", numpy.int32),
         ("query_tiles", numpy.int32),
+        ("batch_div", FAST_DIVISOR_DTYPE, _B),
+        ("heads_div", FAST_DIVISOR_DTYPE),
+        ("kv_group_div", FAST_DIVISOR_DTYPE),
     ],
     align=True,
 )
@@ -102,6 +142,7 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dbias_chunk_rows", numpy.int32),
         ("dbias_keys", numpy.uint64),
         ("dbias_planes", numpy.uint64),
+        ("dkv_group_div", FAST_DIVISOR_DTYPE),
     ],
     align=True,
 )

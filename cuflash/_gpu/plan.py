@@ -20,7 +20,8 @@ from .. import _spec
 from . import bias_grad, kernels, tiles, tma
 from .variant import HelperKernel
 from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, BWD_TMA_MAPS, BWD_TMA_PARAMS_DTYPE, FWD_PARAMS_DTYPE,
-                     FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS)
+                     FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS, set_dkv_group,
+                     set_row_shape)
 
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
@@ -1055,9 +1056,8 @@ def _fwd_struct(p, layout: _Layout, q, v, kv_group: int | None = None):
     for name in ("q", "k", "v", "o"):
         layout.fill(s, name)
     layout.fill(s, "lse", rows=False)
-    s["batch_shape"] = [1] * (MAX_BATCH_DIMS - len(layout.batch_shape)) + layout.batch_shape
-    s["num_heads"] = layout.num_heads
-    s["kv_group"] = p.kv_group if kv_group is None else kv_group
+    set_row_shape(s, [1] * (MAX_BATCH_DIMS - len(layout.batch_shape)) + layout.batch_shape, layout.num_heads,
+                  p.kv_group if kv_group is None else kv_group)
     s["seqlen_q"] = p.seqlen_q
     s["seqlen_k"] = p.seqlen_k
     s["head_dim"] = q.shape[-1]
@@ -1262,8 +1262,7 @@ def backward(problem):
         layout.fill(struct, name)
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
-    struct["heads_per_block"] = per_block
-    struct["dkv_adds"] = int(adds)
+    set_dkv_group(struct, per_block, adds)
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
     # key-padding cut); per-key sums and the planes' sums always (a block that sees no query
