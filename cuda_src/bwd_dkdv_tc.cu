@@ -161,10 +161,14 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     float dk[kKVM][kKVN][4], dv[kKVM][kKVN][4];
     tc::zero(dk);
     tc::zero(dv);
-    // dq_accum's rows of the group's first head, kept in shared memory rather than registers
-    // (the loop's first barrier publishes it).
-    __shared__ long long dq_accum_s;
-    if (tid == 0) dq_accum_s = at.dq_accum;
+    // dQ stored here (BwdParams::dq_direct) by 16-bit Variants up to d224: the branch spilled
+    // 48-300 bytes at d256 and in TF32 (tiles.py's KernelSpec.stores_dq says where it exists).
+    constexpr bool kStoresDq = !kTf32 && kHeadDim <= 224;
+    if (!kStoresDq && p.dq_direct) __trap();
+    // dq_accum's rows of the group's first head (dq's with dq_direct), kept in shared memory
+    // rather than registers (the loop's first barrier publishes it).
+    __shared__ long long dq_rows_s;
+    if (tid == 0) dq_rows_s = kStoresDq && p.dq_direct ? at.dq : at.dq_accum;
 
     // C += A^T B over the warp's dK / dV tile (kKVRows keys x kKVCols dims): A^T = P^T or dS^T
     // (the queries x keys tile at a_smem, read transposed), B = dO_i or Q_i (at b_slot).
@@ -219,7 +223,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
             }
     };
     const float scale_log2 = f.scale_log2;
-    const bool with_dq = p.dq_accum != nullptr;
+    const bool with_dq = p.dq_accum != nullptr || (kStoresDq && p.dq_direct);
     // A bias without softcap goes into S itself (as Hopper's kernels do): each step's S starts as
     // bias / scale (signed: the backward scales S by scale_log2) from the step's staged tile or
     // global memory, and the MMA adds Q_i K_j^T; the plain path then stores its dbias. Not at
@@ -365,9 +369,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
         if (with_dq) {
             // dQ_i += dS K_j: dS as A (plain ldmatrix), K_j as B through ldmatrix.trans (k = keys).
             // Units of (kDqRows queries x kDqCols columns) over the warps, added to dq_accum with
-            // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale), into head g's rows.
-            float* dq_g = static_cast<float*>(p.dq_accum) +
-                          dq_accum_s + HeadStep(p, step.g).dq_accum;
+            // fp32 atomics (unscaled: bwd_dq_convert multiplies by scale), into head g's rows; or,
+            // with dq_direct (this block holds every key of its rows), stored times scale into dq.
+            // One offset for either route: the bases stay in the parameter space.
+            using DqOut = typename tc::StoredAs<Element>::type;
+            const long long dq_rows = dq_rows_s + (kStoresDq && p.dq_direct ? HeadStep(p, step.g).dq : HeadStep(p, step.g).dq_accum);
 #pragma unroll 1
             for (int u = warp; u < kDqUnits; u += kWarps) {
                 const int row0 = (u % (kBlockM / kDqRows)) * kDqRows, chunk = u / (kBlockM / kDqRows);
@@ -389,9 +395,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
                     }
                 }
 #pragma unroll
-                for (int mt = 0; mt < kDqM; ++mt)
-                    tc::add_rows<kDqCols>(dq_g, acc[mt], m0 + row0 + mt * 16, at.seqlen_q, chunk * kDqCols, f.head_dim,
-                                          lane);
+                for (int mt = 0; mt < kDqM; ++mt) {
+                    if (kStoresDq && p.dq_direct)
+                        tc::store_rows<DqOut, kDqCols>(static_cast<DqOut*>(p.dq) + dq_rows, p.dq_row_stride, acc[mt],
+                                                       m0 + row0 + mt * 16, at.seqlen_q, chunk * kDqCols, f.head_dim, lane,
+                                                       static_cast<float>(f.scale));
+                    else
+                        tc::add_rows<kDqCols>(static_cast<float*>(p.dq_accum) + dq_rows, acc[mt], m0 + row0 + mt * 16,
+                                              at.seqlen_q, chunk * kDqCols, f.head_dim, lane);
+                }
             }
         }
     }

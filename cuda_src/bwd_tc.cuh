@@ -4,6 +4,7 @@
 //   P_ij = exp(S_ij * scale - lse_i) = exp2(S_ij * scale_log2 - lse_i * log2(e))
 // so a row's statistics are two floats: lse in log2 units and delta_i = rowsum(dO_i * O_i).
 #pragma once
+#include "bwd_prep.cuh"
 #include "mask.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -58,6 +59,32 @@ __device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN
                     for (int e = 0; e < 2; ++e)
                         if (col + e < width) atomicAdd(dst + col + e, frag[nt][2 * h + e] * factor);
                 }
+            }
+        }
+    }
+}
+
+// The type a kernel of Element stores its results in: the element itself, float for TF32.
+template <typename Element> struct StoredAs { using type = Element; };
+template <> struct StoredAs<tf32> { using type = float; };
+
+// The same fragment stored as a whole result (BwdParams::dq_direct): rows of `width` elements
+// of type T (StoredAs) at `row_stride` apart, each value times `factor` and rounded once, as
+// bwd_dq_convert rounds a sum.
+template <typename T, int kN>
+__device__ __forceinline__ void store_rows(T* dst_rows, long long row_stride, const float (&frag)[kN / 8][4], int row0, int rows,
+                                           int c0, int width, int lane, float factor) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + lane / 4 + 8 * h;
+        if (row < rows) {
+            T* dst = dst_rows + row * row_stride;
+#pragma unroll
+            for (int nt = 0; nt < kN / 8; ++nt) {
+                const int col = c0 + nt * 8 + 2 * (lane % 4);
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (col + e < width) dst[col + e] = prep::narrow<T>(frag[nt][2 * h + e] * factor);
             }
         }
     }

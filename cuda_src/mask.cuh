@@ -35,11 +35,9 @@ struct Mask {
     // fragment's elements of one row the test is two comparisons (the three tests with their
     // "left < 0" / "right < 0" cases spelled per element cost five instructions each).
     __device__ __forceinline__ bool visible(int i, int j) const {
-        int lo = 0, hi = seqlen_k - 1;
-        if (kHasWindow) {
-            if (left >= 0) lo = i + diag - left;
-            if (right >= 0) hi = min(hi, i + diag + right);
-        }
+        if (!kHasWindow) return j < seqlen_k;
+        const int lo = left >= 0 ? i + diag - left : 0;
+        const int hi = right >= 0 ? min(seqlen_k - 1, i + diag + right) : seqlen_k - 1;
         return j >= lo && j <= hi;
     }
 

@@ -181,6 +181,10 @@ struct BwdParams {
     // The divisor of a query head's dk / dv head: kv_group with dkv_adds, else heads_per_block
     // (set with them: params.set_dkv_group).
     FastDivisor dkv_group_div;
+    // 1: the dK/dV kernel stores dQ * scale into dq itself (dq_accum null, no conversion pass):
+    // the host sets it only where one block sees every key of its rows and visits every query
+    // tile (one key tile, no window, no key cut, no packed batch), so each dQ row is whole there.
+    int dq_direct;
 };
 
 // The warp-specialized dK/dV kernel's argument (bwd_dkdv_wgmma_ws.cu): BwdParams plus tensor

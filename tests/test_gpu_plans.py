@@ -9,6 +9,8 @@ Marked gpu; skipped without one.
 """
 from __future__ import annotations
 
+import contextlib
+
 import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
 import numpy
 import pytest
@@ -741,3 +743,79 @@ def test_a_broadcast_or_sliced_input_gets_c_contiguous_results(rng):
     out, lse = cuflash.attention(q, k, v, return_lse=True)
     grads = cuflash.attention_backward(cupy.ones_like(out), q, k, v, out, lse)
     assert out.flags.c_contiguous and all(g.flags.c_contiguous for g in grads)
+
+
+@contextlib.contextmanager
+def _poisoned_allocations():
+    """Every CuPy allocation in the block starts as 0xFF bytes (NaN in every float format), so an
+    output element a kernel never writes shows up as NaN."""
+    pool = cupy.get_default_memory_pool()
+
+    def allocate(size):
+        memory = pool.malloc(size)
+        if size:
+            cupy.cuda.runtime.memsetAsync(memory.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return memory
+
+    cupy.cuda.set_allocator(allocate)
+    try:
+        yield
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+
+
+# Rows whose every key fits one key tile of the dK/dV kernel (plan._stores_dq): (q shape, k shape,
+# Dv, options, whether bwd_dkdv_tc stores dQ itself in 16-bit: d32 and d96 run on it on every
+# arch; never in TF32, where the branch spilled).
+SHORT_CASES = [
+    ((3, 4, 49, 32), (3, 4, 49, 32), 32, {}, True),
+    ((2, 3, 49, 32), (2, 3, 49, 32), 32, dict(bias=(1, 3, 49, 49), mask=(2, 1, 49, 49)), True),  # Swin
+    ((2, 8, 1, 32), (2, 2, 128, 32), 32, dict(softcap=20.0), True),  # GQA; Lk = the d32 key tile
+    ((2, 4, 200, 32), (2, 4, 61, 32), 32, dict(sinks=True, alibi=True), True),  # several query tiles
+    ((2, 4, 70, 96), (2, 4, 100, 96), 96, {}, True),  # bucket 96: a 64 x 128 tile
+    ((2, 4, 97, 32), (2, 4, 97, 32), 32, dict(causal=True), False),  # a window: rows may see no key
+    ((2, 4, 97, 32), (2, 4, 200, 32), 32, {}, False),  # two key tiles
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: f"{c[0][2]}x{c[1][2]}d{c[0][3]}-" + "-".join(c[3]))
+def test_short_rows_take_dq_from_the_dkdv_kernel(rng, dtype, case, monkeypatch):
+    """Where one key tile holds every key, the dK/dV kernel stores dQ itself (no dq_accum, no
+    conversion launch): against the float64 reference with every allocation poisoned (a dQ
+    element left unwritten is NaN), bit for bit equal to the atomic path's dQ (one block's sum
+    added once to zeros, then scaled and rounded as here), and taken by deterministic calls
+    too. float32 (TF32) keeps the atomic route."""
+    from test_bias_mask import check_against_reference
+
+    q_shape, k_shape, dv, options, direct = case
+    options = dict(options)
+    if dtype == "float32":
+        options["precision"] = "tf32"
+        direct = False
+    heads = q_shape[1]
+    q, k, v, dout = _draw(rng, dtype, q_shape, k_shape, k_shape[:-1] + (dv,), q_shape[:-1] + (dv,))
+    if "bias" in options:
+        options["bias"] = rng.standard_normal(options["bias"]).astype(numpy.float32)
+        options["mask"] = rng.random(options["mask"]) < 0.7
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = (2.0 ** -numpy.arange(1, heads + 1)).astype(numpy.float32)
+    if options.pop("sinks", False):
+        options["sinks"] = rng.standard_normal(heads).astype(numpy.float32)
+    taken, real = [], plan._stores_dq
+    monkeypatch.setattr(plan, "_stores_dq", lambda *args: taken.append(real(*args)) or taken[-1])
+    plan.forget()
+    with _poisoned_allocations():
+        _, _, grads = check_against_reference(dtype, q, k, v, dout, gpu=True, **options)
+    assert taken and all(t == direct for t in taken), taken
+    dq = numpy.ascontiguousarray(grads[0]).tobytes()
+    on_gpu = {n: (cupy.asarray(x) if isinstance(x, numpy.ndarray) else x) for n, x in options.items()}
+    for route, rule, deterministic in (("deterministic", real, True), ("atomic", lambda *args: False, False)):
+        plan.forget()
+        taken.clear()
+        monkeypatch.setattr(plan, "_stores_dq", lambda *args, rule=rule: taken.append(rule(*args)) or taken[-1])
+        out, lse = cuflash.attention(q, k, v, return_lse=True, **on_gpu)
+        other = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **on_gpu)
+        assert taken == [direct and route == "deterministic"], (route, taken)
+        if direct or route == "atomic":  # (the deterministic dQ kernel sums in its own order)
+            assert _bits(other[0]) == dq, f"dQ differs from the {route} route's"

@@ -143,6 +143,7 @@ BWD_PARAMS_DTYPE = numpy.dtype(
         ("dbias_keys", numpy.uint64),
         ("dbias_planes", numpy.uint64),
         ("dkv_group_div", FAST_DIVISOR_DTYPE),
+        ("dq_direct", numpy.int32),
     ],
     align=True,
 )

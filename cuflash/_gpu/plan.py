@@ -1135,7 +1135,8 @@ def backward(problem):
     dq_accum workspace zeroed), then one kernel over key tiles that computes dK, dV and, unless
     ``deterministic``, accumulates dQ / scale with atomics into dq_accum, then bwd_dq_convert
     (dQ = scale * dq_accum in the input dtype); with ``deterministic`` a kernel over query tiles
-    computes dQ without atomics instead.
+    computes dQ without atomics instead. Where one key tile holds every key (short rows), the
+    dK/dV kernel stores dQ itself and neither runs (_stores_dq).
 
     GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip:
     the whole group, or slices of it where that balances the SMs' load better. The tensor-core
@@ -1190,6 +1191,7 @@ def backward(problem):
     group = _shared_kv_heads(p, k, v)
     longest_q, longest_k = _longest(p)
     key_tiles = -(-longest_k // variants.dkdv.block_n)
+    dq_direct = _stores_dq(p, sets, longest_k)
     adds = _adds_dkdv(p, sets, group)
     if adds:
         per_block = _heads_per_block_adding(group, math.prod(_row_shape(p)),
@@ -1209,7 +1211,7 @@ def backward(problem):
     dq = _gradient_buffer(p, lead + q.shape[-2:], vec, like=p.q)
     delta_shape = lead + (p.seqlen_q,)
     workspace = _workspace(math.prod(delta_shape),
-                           None if p.deterministic else math.prod(lead) * p.seqlen_q * q.shape[-1], accum)
+                           None if p.deterministic or dq_direct else math.prod(lead) * p.seqlen_q * q.shape[-1], accum)
     buffer = cupy.empty(workspace[0], dtype=accum)
     delta = buffer[: math.prod(delta_shape)].reshape(delta_shape)
     dq_accum_ptr = 0 if workspace[1] is None else buffer.data.ptr + workspace[1]
@@ -1233,8 +1235,10 @@ def backward(problem):
             maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
         if maps is None:
             sets = choose(False)
-            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right)
+            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right; no TMA
+            # family stores dQ itself, so dq_direct was not chosen)
             assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
+            assert not dq_direct
     # dbias: summed per key by the dK/dV kernel for a bias broadcast over the queries
     # (_sums_dbias_by_key), added per plane by the dK/dV kernels for a shared bias outside
     # deterministic mode (_SharedBiasAdds), on chip by bwd_dbias_tc where it can (_OnChipBiasSum),
@@ -1253,7 +1257,7 @@ def backward(problem):
         gradient = _BiasGradient(p, device, source_shape=on_chip.sum_shape, target=(1,) + on_chip.sum_shape[1:])
     elif p.returns_dbias:
         gradient = _BiasGradient(p, device)
-    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic)]
+    kernels.prefetch([kernel for f, _ in sets for kernel in _backward_kernels(f, p.deterministic, dq_direct)]
                      + (gradient.kernels if gradient is not None else [])
                      + ([on_chip.variant] if on_chip is not None else []), device)
     struct = numpy.zeros((), dtype=BWD_PARAMS_DTYPE)
@@ -1263,6 +1267,7 @@ def backward(problem):
     struct["delta"] = delta.data.ptr
     struct["dq_accum"] = dq_accum_ptr
     set_dkv_group(struct, per_block, adds)
+    struct["dq_direct"] = int(dq_direct)
     slopes, sinks, score_inputs, scores, kept = _fill_score_mods(struct["fwd"], p)  # kept alive until the launches are queued
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
     # key-padding cut); per-key sums and the planes' sums always (a block that sees no query
@@ -1300,7 +1305,9 @@ def backward(problem):
     launches = (_launch_of(variants.delta, device, layout.grid_x, longest_q, variants.delta.block_m),)
     launches += tuple(_launch_of(f.dkdv, device, layout.grid_x // per_block, longest_k, f.dkdv.block_n, rows)
                       for f, rows in sets)
-    if p.deterministic:
+    if dq_direct:
+        pass  # (the dK/dV kernel stored dQ)
+    elif p.deterministic:
         launches += tuple(_launch_of(f.dq, device, layout.grid_x, longest_q, f.dq.block_m, rows) for f, rows in sets)
     else:
         launches += (_launch_of(variants.dq_convert, device, layout.grid_x, longest_q, variants.dq_convert.block_m),)
@@ -1544,9 +1551,22 @@ def _chunks(per_plane: int, wanted: int) -> tuple[int, int]:
     return chunk_rows, -(-per_plane // chunk_rows)
 
 
-def _backward_kernels(variants, deterministic: bool) -> list:
-    """The Variants a backward launches: delta, dK/dV, and dQ or the dQ conversion."""
-    return [variants.delta, variants.dkdv, variants.dq if deterministic else variants.dq_convert]
+def _backward_kernels(variants, deterministic: bool, dq_direct: bool = False) -> list:
+    """The Variants a backward launches: delta, dK/dV, and dQ or the dQ conversion (neither where
+    the dK/dV kernel stores dQ itself: _stores_dq)."""
+    return [variants.delta, variants.dkdv] + ([] if dq_direct else [variants.dq if deterministic else variants.dq_convert])
+
+
+def _stores_dq(p, sets, longest_k: int) -> bool:
+    """Whether the dK/dV kernel stores dQ itself (BwdParams::dq_direct): where one key tile holds
+    every key of a row, its block sums the row's whole dS K, so dQ needs no fp32 accumulator, no
+    atomics and no conversion pass (windowed vision attention, short molecules: most of a short
+    row's backward traffic besides its inputs). Only where every query tile is visited (no window,
+    no key cut: a row that sees no key still gets its zeros), not for a packed batch, and for
+    families that can (tiles.KernelSpec.stores_dq). Deterministic too: each dQ is written once."""
+    return (not p.has_window and not _skips_keys(p) and p.packed is None
+            and all(tiles.SPECS[f.dkdv.kernel].stores_dq(f.dkdv.dtype, f.dkdv.head_dim) and longest_k <= f.dkdv.block_n
+                    for f, _ in sets))
 
 
 def _shared_kv_heads(p, k, v) -> int:

@@ -93,6 +93,9 @@ class KernelSpec:
     # A dK/dV family that sums a bias's gradient over the queries per key in its kScoreMods form
     # (BwdParams::dbias_keys) where the bias is broadcast over the queries (plan._sums_dbias_by_key).
     sums_dbias_by_key: bool = False
+    # (dtype, head-dim bucket) -> whether the dK/dV family stores dQ itself where one block holds
+    # every key of its rows (BwdParams::dq_direct, plan._stores_dq): no dq_accum, no conversion.
+    stores_dq: Callable[[str, int], bool] = lambda dtype, head_dim: False
     # head-dim bucket -> whether the dK/dV family's kScoreMods form adds dS into a shared bias
     # plane's sums (BwdParams::dbias_planes, plan._SharedBiasAdds; score_mod.cuh's BiasGrad kAdds).
     adds_dbias: Callable[[int], bool] = lambda head_dim: True
@@ -697,7 +700,8 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
                          score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True,
                          short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
-                         adds_dbias=lambda d: d <= 224)  # (bwd_dkdv_tc.cu's kDbiasFromDs)
+                         adds_dbias=lambda d: d <= 224,  # (bwd_dkdv_tc.cu's kDbiasFromDs)
+                         stores_dq=lambda dtype, d: dtype != "float32" and d <= 224)  # (kStoresDq)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
