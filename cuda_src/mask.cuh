@@ -31,14 +31,13 @@ struct Mask {
     __device__ __forceinline__ Mask(const FwdParams& p, const BatchIndex& seq)
         : seqlen_k(seq.seqlen_k), left(p.window_left), right(p.window_right), diag(seq.diag) {}
 
-    // As a range of keys per query, [lo, hi]: the bounds depend on the row only, so over a
-    // fragment's elements of one row the test is two comparisons (the three tests with their
-    // "left < 0" / "right < 0" cases spelled per element cost five instructions each).
     __device__ __forceinline__ bool visible(int i, int j) const {
-        if (!kHasWindow) return j < seqlen_k;
-        const int lo = left >= 0 ? i + diag - left : 0;
-        const int hi = right >= 0 ? min(seqlen_k - 1, i + diag + right) : seqlen_k - 1;
-        return j >= lo && j <= hi;
+        bool ok = j < seqlen_k;
+        if (kHasWindow) {
+            if (left >= 0) ok = ok && j >= i + diag - left;
+            if (right >= 0) ok = ok && j <= i + diag + right;
+        }
+        return ok;
     }
 
     // Rows [m0, m0 + block_m) against key tiles of width block_n.

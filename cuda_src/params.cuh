@@ -18,17 +18,18 @@
 
 namespace cuflash {
 
-// n / d for 0 <= n < 2^31 by a multiply and a shift: integer division is ~20 instructions on the
-// GPU, and a short row's block spends a sixth of its own on the handful that place it (Swin's
-// 49-key windows, H200). The host picks mul and shift (params.fast_divisor): with l = ceil(log2 d),
-// mul = ceil(2^(31 + l) / d) < 2^32 and n / d = umulhi(n, mul) >> (l - 1) (the error of mul,
-// n * (mul - 2^(31 + l) / d) / 2^(31 + l) < 2^-l <= 1 / d, never crosses an integer); d = 1 is
-// mul = 0.
+// n / d for 0 <= n < 2^31 by a multiply, an add and a shift: integer division is ~20
+// instructions on the GPU, and a short row's block spent a sixth of its own on the handful that
+// place it (Swin's 49-key windows, H200). The host picks mul and shift (params.fast_divisor):
+// with l = ceil(log2 d), mul = floor(2^32 (2^l - d) / d) + 1 and n / d = (umulhi(n, mul) + n) >> l
+// (Granlund and Montgomery's round-up multiplier 2^32 + mul, whose 33rd bit is the add; the sum
+// stays below 2^32 for n < 2^31). d = 1 is mul = 1, l = 0: no special case.
 struct FastDivisor {
     unsigned mul, shift;
 
     __device__ __forceinline__ int div(int n) const {
-        return mul == 0 ? n : static_cast<int>(__umulhi(static_cast<unsigned>(n), mul) >> shift);
+        const unsigned u = static_cast<unsigned>(n);
+        return static_cast<int>((__umulhi(u, mul) + u) >> shift);
     }
 };
 

@@ -133,20 +133,21 @@ def _divisor_cases():
 
 def test_fast_divisor_matches_integer_division():
     """params.fast_divisor's (mul, shift) give n // d as params.cuh's FastDivisor computes it,
-    (n * mul >> 32) >> shift (mul = 0: n), for dividends up to 2^31 - 1: at 0, around every
-    multiple near the ends of the range, and at random."""
+    ((n * mul >> 32) + n) >> shift in 32-bit unsigned arithmetic, for dividends up to 2^31 - 1:
+    at 0, around multiples near both ends of the range, and at random."""
     rng = numpy.random.default_rng()
     for d in _divisor_cases():
         mul, shift = params.fast_divisor(d)
-        assert 0 <= mul < 2 ** 32 and 0 <= shift < 32
+        assert 0 < mul < 2 ** 32 and 0 <= shift < 32
         last = (2 ** 31 - 1) // d  # the largest quotient
         k = numpy.concatenate([numpy.arange(0, 4), numpy.arange(max(last - 3, 0), last + 2),
                                rng.integers(0, last + 1, 16)]).astype(object)
         n = numpy.concatenate([(k[:, None] * d + numpy.array([-1, 0, 1], dtype=object)).ravel(),
                                rng.integers(0, 2 ** 31, 64).astype(object), [2 ** 31 - 1]])
         n = n[(n >= 0) & (n < 2 ** 31)]
-        got = n if mul == 0 else (n * mul >> 32) >> shift
-        assert (got == n // d).all(), d
+        high_plus_n = (n * mul >> 32) + n
+        assert (high_plus_n < 2 ** 32).all(), d  # (the device's 32-bit sum does not wrap)
+        assert (high_plus_n >> shift == n // d).all(), d
 
 
 @pytest.mark.parametrize("d", [0, -3, 2 ** 31])

@@ -20,15 +20,13 @@ FAST_DIVISOR_DTYPE = numpy.dtype([("mul", numpy.uint32), ("shift", numpy.uint32)
 
 
 def fast_divisor(d: int) -> tuple[int, int]:
-    """(mul, shift) of FastDivisor for 1 <= d < 2^31: with l = ceil(log2 d), mul = ceil(2^(31 + l)
-    / d) and shift = l - 1, so that n // d == (n * mul >> 32) >> shift for 0 <= n < 2^31 (the
-    bound is params.cuh's); d = 1 is (0, 0), which the kernel reads as "n itself"."""
+    """(mul, shift) of FastDivisor for 1 <= d < 2^31: with l = ceil(log2 d), mul = floor(2^32
+    (2^l - d) / d) + 1 and shift = l, so that n // d == ((n * mul >> 32) + n) >> shift for
+    0 <= n < 2^31 (params.cuh says why)."""
     if not 1 <= d < 2 ** 31:
         raise ValueError(f"cuflash: a divisor must lie in [1, 2^31), got {d}")
-    if d == 1:
-        return 0, 0
     log2 = (d - 1).bit_length()
-    return -(-(1 << (31 + log2)) // d), log2 - 1
+    return (2 ** 32 * (2 ** log2 - d)) // d + 1, log2
 
 
 def set_row_shape(fwd, batch_shape, num_heads: int, kv_group: int) -> None:
