@@ -155,8 +155,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_dmma(const BwdParams p)
         }
     }
 
-    // dQ_i = scale * sum_j dS K_j. Rows that see no key write zeros.
-    T* __restrict__ dq = static_cast<T*>(p.dq) + at.dq;
+    // dQ_i = scale * sum_j dS K_j. Rows that see no key write zeros. (dq's offset recomputed, not
+    // held through the loop: at d96 on sm_90a those two registers spilled.)
+    T* __restrict__ dq = static_cast<T*>(p.dq) + BwdBatchIndex(p, query_tile_block<kHasWindow>().bh).dq;
     dmma::for_each_column(dQ, tq, [&](int mi, int col, T x) {
         const int row = m0 + row_base + 8 * mi;
         if (row < Lq && col < D) dq[(long long)row * p.dq_row_stride + col] = x * scale;
