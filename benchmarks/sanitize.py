@@ -225,6 +225,11 @@ def _feature_cases() -> list[dict]:
              options={"bias": (1, 2, 97, 131), "mask": (3, 1, 97, 131), "softcap": 20.0}),
         dict(name="ws-bwd-bfloat16-d128-pair-bias-adds", dtype="bfloat16", q=(2, 4, 200, 128), k=(2, 4, 334, 128),
              options={"bias": (4, 200, 334), "causal": True}, mbarrier_handoff=True),
+        # short rows (every key in one key tile): bwd_dkdv_tc stores dQ itself (BwdParams::dq_direct),
+        # Swin's windows with a shared bias, a mask and GQA; odd Lq and D != Dv
+        dict(name="short-rows-dq-bfloat16-d32-bias-mask-gqa", dtype="bfloat16", q=(3, 4, 49, 32), k=(3, 2, 49, 32),
+             options={"bias": (1, 4, 49, 49), "mask": (3, 1, 49, 49)}),
+        dict(name="short-rows-dq-float16-d96", dtype="float16", q=(2, 3, 97, 96), k=(2, 3, 120, 96)),
         # the split-KV decode kernel (decode_tc.cu + decode_combine) over contiguous and paged caches
         dict(name="decode-bfloat16-paged", dtype="bfloat16", api="kvcache", heads=(8, 2), d=128, lq=1, lmax=320,
              seqlens=[0, 100, 257], lnew=1, page_size=64, num_splits=3, quick=True),
