@@ -816,5 +816,8 @@ def test_short_rows_take_dq_from_the_dkdv_kernel(rng, dtype, case, monkeypatch):
         assert taken == [direct and route == "deterministic"], (route, taken)
         if direct or route == "atomic":  # (the deterministic dQ kernel sums in its own order)
             assert _bits(other[0]) == dq, f"dQ differs from the {route} route's"
+        # A replay of the plan: every gradient the same bits when deterministic, dQ in both routes
+        # (one block adds each row's dQ; dK/dV sums of a split group and dbias may add in any order)
         again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **on_gpu)
-        assert all(_bits(a) == _bits(b) for a, b in zip(again, other)), f"the {route} route's replay differs"
+        compared = zip(again, other) if deterministic else [(again[0], other[0])]
+        assert all(_bits(a) == _bits(b) for a, b in compared), f"the {route} route's replay differs"
