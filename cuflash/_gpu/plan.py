@@ -574,7 +574,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
                                                   p.precision, short=_short_rows(p))
-        kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward), device)
+        dq_direct = _stores_dq(p, [(backward_variants, None)], _longest(p)[1])
+        kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward, dq_direct), device)
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
     q, k, v = (_readable(x, vec) for x in inputs)
