@@ -452,36 +452,23 @@ struct ScorePlaneStage {
                                                       int col0, int tid) {
         constexpr int kItem = static_cast<int>(sizeof(V));
         constexpr int kChunks = kCols * kItem / 16;  // per row
-        constexpr int kTotal = kRows * kChunks;
         const long long row_bytes = static_cast<long long>(row_stride) * kItem;
         const unsigned char* tile = reinterpret_cast<const unsigned char*>(at) + row0 * row_bytes + col0 * kItem;
         const int rows_left = p.seqlen_q - row0, valid_bytes = (p.seqlen_k - col0) * kItem;
-        if constexpr (kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0) {
-            // Each thread keeps one chunk column and walks rows kRowStep apart with one pointer
-            // (as tc::TileLoader): its column's bounds once, a row test and an add per chunk.
-            constexpr int kRowStep = kThreads / kChunks;
-            const int chunk = tid % kChunks, row_first = tid / kChunks;
-            const int valid_cols = min(max(valid_bytes - chunk * 16, 0), 16);
-            const unsigned char* src = tile + row_first * row_bytes + chunk * 16;
+        // Each thread keeps one chunk column and walks rows kRowStep apart with one pointer (as
+        // tc::TileLoader): its column's bounds once, a row test and an add per chunk.
+        static_assert(kThreads % kChunks == 0 && kRows % (kThreads / kChunks) == 0, "whole rows per pass");
+        constexpr int kRowStep = kThreads / kChunks;
+        const int chunk = tid % kChunks, row_first = tid / kChunks;
+        const int valid_cols = min(max(valid_bytes - chunk * 16, 0), 16);
+        const unsigned char* src = tile + row_first * row_bytes + chunk * 16;
 #pragma unroll
-            for (int i = 0; i < kRows / kRowStep; ++i) {
-                const int row = row_first + i * kRowStep;
-                const int valid = row < rows_left ? valid_cols : 0;
-                // A chunk with nothing to read points at the tile's first element: any valid address.
-                ptx::cp_async_16(smem + row * kPitch + chunk * 16, valid > 0 ? src : tile, valid);
-                src += kRowStep * row_bytes;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-                const int idx = tid + i * kThreads;
-                if (kTotal % kThreads == 0 || idx < kTotal) {
-                    const int row = idx / kChunks, chunk = idx % kChunks;
-                    const int valid = row < rows_left ? min(max(valid_bytes - chunk * 16, 0), 16) : 0;
-                    ptx::cp_async_16(smem + row * kPitch + chunk * 16,
-                                     valid > 0 ? tile + row * row_bytes + chunk * 16 : tile, valid);
-                }
-            }
+        for (int i = 0; i < kRows / kRowStep; ++i) {
+            const int row = row_first + i * kRowStep;
+            const int valid = row < rows_left ? valid_cols : 0;
+            // A chunk with nothing to read points at the tile's first element: any valid address.
+            ptx::cp_async_16(smem + row * kPitch + chunk * 16, valid > 0 ? src : tile, valid);
+            src += kRowStep * row_bytes;
         }
     }
 };
