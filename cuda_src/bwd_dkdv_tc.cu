@@ -43,6 +43,15 @@
 
 namespace cuflash {
 
+// Whether a Variant stages its bias and mask tiles (score_mod.cuh's rule) : not with 64-key
+// tiles (short rows' tile, tiles.py's short_tile, and the small-memory fallback), whose rows'
+// planes are small enough to stay in L1 and whose blocks then fit more per SM (the short tile:
+// 49 KB, four by shared memory, three by registers: kMinBlocks).
+template <bool kScoreMods, int kHeadDim, int kBlockN>
+constexpr bool bwd_dkdv_tc_stages_planes() {
+    return stages_score_planes<kScoreMods, kHeadDim>() && kBlockN >= 128;
+}
+
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages, bool kScoreMods = false>
@@ -53,12 +62,20 @@ constexpr unsigned bwd_dkdv_tc_smem_bytes() {
     constexpr int kUnits = tc::Arith<Element>::kUnits;
     return 2 * tc::SmemTile<kBlockN, kHeadDim * kUnits>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN * kUnits>::kBytes +
            kStages * (2 * tc::SmemTile<kBlockM, kHeadDim * kUnits>::kBytes + 2 * kBlockM * 4 +
-                      staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>());
+                      (bwd_dkdv_tc_stages_planes<kScoreMods, kHeadDim, kBlockN>()
+                           ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0u));
+}
+
+// Blocks per SM the registers must allow: three for the short rows' 4-warp tile at D = 32 (168
+// registers, spill-free offline), else whatever the tile needs.
+template <int kHeadDim, int kWarps>
+constexpr int bwd_dkdv_tc_min_blocks() {
+    return kWarps == 4 && kHeadDim <= 32 ? 3 : 1;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false>
-__global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
+__global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim, kWarps>())) bwd_dkdv_tc(const BwdParams p) {
     using Arith = tc::Arith<Element>;
     constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores
     constexpr int kUnits = Arith::kUnits;       // 16-bit units per element
@@ -90,10 +107,10 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dkdv_tc(const BwdParams p) {
     using QTile = tc::SmemTile<kBlockM, kWidth>;            // one Q_i or dO_i
     using PTile = tc::SmemTile<kBlockM, kBlockN * kUnits>;  // P or dS, queries x keys
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i (fp32)
-    constexpr bool kStagePlanes = stages_score_planes<kScoreMods, kHeadDim>();
+    constexpr bool kStagePlanes = bwd_dkdv_tc_stages_planes<kScoreMods, kHeadDim, kBlockN>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
     constexpr unsigned kPlanesAt = 2 * QTile::kBytes + kStatBytes;  // their offset in a stage
-    constexpr unsigned kStageBytes = kPlanesAt + staged_plane_bytes<kScoreMods, kHeadDim, kBlockM, kBlockN>();
+    constexpr unsigned kStageBytes = kPlanesAt + (kStagePlanes ? PlaneStage::kBytes : 0u);
     constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes, "layout");
 

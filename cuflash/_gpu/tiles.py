@@ -698,7 +698,10 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          # 32 bytes (at 255 registers, whatever the per-row bookkeeping)
                          modifier_tile=lambda dtype, d: None if dtype == "float32" else {
                              32: (64, 128, 8, 2), 96: (64, 64, 8, 2), 256: (32, 64, 8, 2)}.get(d),
-                         score_planes=_score_plane_bytes, tf32_precisions=("tf32",), adds_dkdv=True,
+                         # (64-key tiles read their planes in place: bwd_dkdv_tc_stages_planes)
+                         score_planes=lambda dtype, d, block_m, block_n: (
+                             _score_plane_bytes(dtype, d, block_m, block_n) if block_n >= 128 else 0),
+                         tf32_precisions=("tf32",), adds_dkdv=True,
                          short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
                          adds_dbias=lambda d: d <= 224,  # (bwd_dkdv_tc.cu's kDbiasFromDs)
                          stores_dq=lambda dtype, d: dtype != "float32" and d <= 224)  # (kStoresDq)
