@@ -67,10 +67,12 @@ constexpr unsigned bwd_dkdv_tc_smem_bytes() {
 }
 
 // Blocks per SM the registers must allow: three for the short rows' 4-warp tile at D = 32 (168
-// registers, spill-free offline), else whatever the tile needs.
+// registers, spill-free offline), else 0, which leaves the bound unset: a 1 is not the same (it
+// moves the register heuristic: fwd_tc's d32 128x64 tile took 166 -> 185 registers with it and
+// ran 16% slower, H200 2026-12-03).
 template <int kHeadDim, int kWarps>
 constexpr int bwd_dkdv_tc_min_blocks() {
-    return kWarps == 4 && kHeadDim <= 32 ? 3 : 1;
+    return kWarps == 4 && kHeadDim <= 32 ? 3 : 0;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
