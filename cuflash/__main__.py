@@ -268,7 +268,9 @@ def warmup(argv) -> int:
                 for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
                         for precision in tiles.precisions_of(dtype, precisions):
-                            variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision))
+                            for short in (False, True):  # (tiles.SHORT_ROWS)
+                                variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision,
+                                                             short=short))
                     if not args.forward_only:
                         for precision in tiles.precisions_of(dtype, precisions):
                             for short in (False, True):  # short rows may take their own tile (tiles.SHORT_ROWS)

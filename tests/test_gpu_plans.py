@@ -821,3 +821,52 @@ def test_short_rows_take_dq_from_the_dkdv_kernel(rng, dtype, case, monkeypatch):
         again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **on_gpu)
         compared = zip(again, other) if deterministic else [(again[0], other[0])]
         assert all(_bits(a) == _bits(b) for a, b in compared), f"the {route} route's replay differs"
+
+
+# Every sequence within 64 queries and keys (plan._short_rows): float32's FFMA kernels take their
+# 64 x 64 tile in buckets 32 and 64 (tiles.py's _SIMT_SHORT_TILES), else the long rows' tiles
+# (forward and dQ 128 rows, dK/dV 128 keys where no modifier asks 64).
+SHORT_FFMA_CASES = [
+    ((3, 4, 49, 32), (3, 4, 49, 32), {}, True),
+    ((2, 3, 49, 32), (2, 3, 49, 32), dict(bias=(1, 3, 49, 49), mask=(2, 1, 49, 49)), True),  # Swin
+    ((2, 8, 1, 32), (2, 2, 64, 32), dict(softcap=20.0, causal=True), True),  # GQA, a decode-like row
+    ((2, 4, 64, 59), (2, 4, 17, 59), dict(alibi=True, sinks=True, window=(5, 3)), True),  # bucket 64
+    ((2, 4, 33, 24), (2, 4, 40, 24), dict(bias=(2, 4, 33, 40), scale=-0.4), True),
+    ((2, 4, 65, 32), (2, 4, 49, 32), {}, False),  # one sequence past SHORT_ROWS: the long rows' tiles
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", SHORT_FFMA_CASES, ids=lambda c: f"{c[0][2]}x{c[1][2]}d{c[0][3]}-" + "-".join(c[2]))
+def test_short_rows_float32_take_the_64_row_ffma_tiles(rng, case, deterministic, monkeypatch):
+    """float32 (FFMA, precision "highest") on short rows: fwd_simt, bwd_dkdv_simt and (when
+    deterministic) bwd_dq_simt at 64 x 64 against the float64 reference, every allocation
+    poisoned; the tiles taken are checked."""
+    from test_bias_mask import check_against_reference
+
+    q_shape, k_shape, options, short = case
+    options = dict(options)
+    heads = q_shape[1]
+    q, k, v, dout = _draw(rng, "float32", q_shape, k_shape, k_shape, q_shape)
+    if "bias" in options:
+        options["bias"] = rng.standard_normal(options["bias"]).astype(numpy.float32)
+    if "mask" in options:
+        options["mask"] = rng.random(options["mask"]) < 0.7
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = (2.0 ** -numpy.arange(1, heads + 1)).astype(numpy.float32)
+    if options.pop("sinks", False):
+        options["sinks"] = rng.standard_normal(heads).astype(numpy.float32)
+    forward, backward, real_forward, real_backward = [], [], plan.tiles.select, plan.tiles.select_backward
+    monkeypatch.setattr(plan.tiles, "select", lambda *a, **kw: forward.append(real_forward(*a, **kw)) or forward[-1])
+    monkeypatch.setattr(plan.tiles, "select_backward",
+                        lambda *a, **kw: backward.append(real_backward(*a, **kw)) or backward[-1])
+    plan.forget()
+    with _poisoned_allocations():
+        check_against_reference("float32", q, k, v, dout, gpu=True, deterministic=deterministic, **options)
+    assert forward and backward, (forward, backward)
+    for variant in forward + [b.dkdv for b in backward] + [b.dq for b in backward]:
+        assert variant.kernel.endswith("_simt"), variant
+        if short:
+            assert (variant.block_m, variant.block_n) == (64, 64), variant
+    if not short:
+        assert all(variant.block_m == 128 for variant in forward), forward

@@ -568,7 +568,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     def choose(tma_ok: bool):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
-                                                              tma_ok))
+                                                              tma_ok, _short_rows(p)))
     sets = choose(True)
     variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
@@ -980,7 +980,7 @@ def _row_shape(p) -> tuple[int, ...]:
 
 def _short_rows(p) -> bool:
     """Whether no sequence of the call has more than tiles.SHORT_ROWS queries or keys (the
-    backward's short-row tiles)."""
+    families' short-row tiles, forward and backward)."""
     return max(_longest(p)) <= tiles.SHORT_ROWS
 
 

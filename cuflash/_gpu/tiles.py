@@ -328,6 +328,12 @@ def _simt_candidates(dtype: str, head_dim: int) -> tuple[tuple[int, int, int], .
     return tuple(dict.fromkeys(first + _SIMT_FALLBACK))
 
 
+# Short rows (SHORT_ROWS, plan._short_rows): float32's 128-row (forward, dQ) or 128-key (dK/dV)
+# tiles would hold 49 real rows of a Swin window (38% of their FFMA work); 64 hold 77%, at half
+# the registers of S per lane. The three FFMA families take this tile in buckets 32 and 64.
+_SIMT_SHORT_TILES = {32: (64, 64, 8, 1), 64: (64, 64, 8, 1)}
+
+
 def _smem_simt_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
     item = _SIMT_ITEMSIZE[dtype]
     pad = 16 // item
@@ -686,7 +692,8 @@ FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_F
 FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
-    lambda dtype, d, block_m, block_n, stages: _smem_simt_bytes(dtype, d, block_m, block_n))
+    lambda dtype, d, block_m, block_n, stages: _smem_simt_bytes(dtype, d, block_m, block_n),
+    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
 FWD_DMMA = KernelSpec(
     "fwd_dmma", DMMA_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
@@ -721,11 +728,13 @@ BWD_DBIAS_TC = KernelSpec("bwd_dbias_tc", TC_DTYPES, _table(_BWD_DBIAS_TC_TABLE)
 BWD_DKDV_SIMT = KernelSpec(
     "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
-    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dkdv_simt", block_m, block_n, warps))
+    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dkdv_simt", block_m, block_n, warps),
+    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
 BWD_DQ_SIMT = KernelSpec(
     "bwd_dq_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dq_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dq_simt", dtype, d, block_m, block_n),
-    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps))
+    lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps),
+    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
 # The kScoreMods forms' tiles where the first candidate's spill (dkdv d64: 24 bytes on sm_90a, 8
 # keys per warp instead; d128: 24 bytes on sm_90a; dq d32: 24 bytes on sm_80).
 BWD_DKDV_DMMA = _bwd_dmma_spec("bwd_dkdv_dmma", _BWD_DKDV_DMMA_TABLE,
@@ -775,15 +784,16 @@ def _families(table: dict, dtype: str):
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
            visible_keys: float = math.inf, score_mods: bool = False, precision: str = "highest",
-           tma: bool = True) -> Variant:
+           tma: bool = True, short: bool = False) -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
     short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
     softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants). ``precision``: float32's
     (_spec.resolve_precision), which decides between TF32 tensor cores and FFMA. ``tma``: whether
-    tensor maps can describe the call's layout (plan._tensor_maps); False skips the TMA family."""
+    tensor maps can describe the call's layout (plan._tensor_maps); False skips the TMA family.
+    ``short``: no sequence longer than SHORT_ROWS, queries or keys (the families' short_tile)."""
     families = _families(FORWARD, dtype)
     return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods,
-                  precision, tma)
+                  precision, tma, short)
 
 
 class BackwardVariants(NamedTuple):
@@ -806,7 +816,8 @@ def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool
         _first((BWD_DELTA,), dtype, d, False, arch),
         _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision, tma=tma,
                short=short),
-        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision),
+        _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision,
+               short=short),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
 
@@ -833,7 +844,8 @@ def all_variants(arch: str) -> list[Variant]:
                 for keys in (0, math.inf):
                     for precision in precisions_of(dtype):
                         for tma in (True, False):
-                            out.append(select(dtype, d, d, masked, arch, keys, mods, precision, tma))
+                            for short in (False, True):
+                                out.append(select(dtype, d, d, masked, arch, keys, mods, precision, tma, short))
                 for precision in precisions_of(dtype):
                     for tma in (True, False):
                         for short in (False, True):
