@@ -387,28 +387,64 @@ def test_gqa_dkdv_blocks_keep_the_group_while_its_blocks_fill_the_gpu(monkeypatc
     assert plan._heads_per_block(group, rows, key_tiles) == expected
 
 
-SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short tile)
-    ("float16", 32, "90a", False, (64, 64, 4)),
-    ("bfloat16", 24, "80", True, (64, 64, 4)),
-    ("float16", 8, "86", True, (64, 64, 4)),
-    ("bfloat16", 64, "90a", False, None),  # Hopper's d64 family keeps its tile
-    ("float32", 32, "90a", False, None),  # FFMA (precision "highest")
+SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short dK/dV kernel and tile, the short dQ tile)
+    ("float16", 32, "90a", False, ("bwd_dkdv_tc", (64, 64, 4)), None),
+    ("bfloat16", 24, "80", True, ("bwd_dkdv_tc", (64, 64, 4)), None),
+    ("float16", 8, "86", True, ("bwd_dkdv_tc", (64, 64, 4)), None),
+    ("bfloat16", 64, "90a", False, None, None),  # Hopper's d64 family keeps its tile
+    ("bfloat16", 128, "80", True, None, None),  # no short tile in the bucket
+    # FFMA (precision "highest"): dK/dV and the deterministic dQ both take 64 x 64
+    ("float32", 32, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), (64, 64, 8)),
+    ("float32", 59, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), (64, 64, 8)),
+    ("float32", 96, "90a", False, None, None),
+    ("float64", 32, "90a", True, None, None),  # fp64 tensor cores keep their tiles
 ]
 
 
-@pytest.mark.parametrize("dtype, head_dim, arch, mods, short_tile", SHORT_RULE)
-def test_short_rows_take_the_short_dkdv_tile(dtype, head_dim, arch, mods, short_tile):
-    """select_backward(short=True) gives bwd_dkdv_tc's 64 x 64 tile of four warps where the bucket
-    has one, and the same Variants as without ``short`` elsewhere; all_variants lists it."""
+@pytest.mark.parametrize("dtype, head_dim, arch, mods, short_dkdv, short_dq", SHORT_RULE)
+def test_short_rows_take_the_short_dkdv_tile(dtype, head_dim, arch, mods, short_dkdv, short_dq):
+    """select_backward(short=True) gives the short rows' dK/dV tile where the bucket has one
+    (bwd_dkdv_tc's 64 x 64 of four warps, float32's FFMA 64 x 64 with the deterministic dQ's),
+    and the same Variants as without ``short`` elsewhere; all_variants lists them."""
     long_rows = tiles.select_backward(dtype, head_dim, head_dim, True, arch, mods)
     short = tiles.select_backward(dtype, head_dim, head_dim, True, arch, mods, short=True)
-    if short_tile is None:
+    if short_dkdv is None:
         assert short == long_rows
         return
-    assert (short.dkdv.kernel, (short.dkdv.block_m, short.dkdv.block_n, short.dkdv.warps)) == ("bwd_dkdv_tc", short_tile)
+    kernel, tile = short_dkdv
+    assert (short.dkdv.kernel, (short.dkdv.block_m, short.dkdv.block_n, short.dkdv.warps)) == (kernel, tile)
     assert short.dkdv != long_rows.dkdv and short.dkdv.score_mods == mods
-    assert (short.delta, short.dq, short.dq_convert) == (long_rows.delta, long_rows.dq, long_rows.dq_convert)
+    assert (short.delta, short.dq_convert) == (long_rows.delta, long_rows.dq_convert)
+    if short_dq is None:
+        assert short.dq == long_rows.dq
+    else:
+        assert (short.dq.block_m, short.dq.block_n, short.dq.warps) == short_dq and short.dq.kernel == long_rows.dq.kernel
     assert short.dkdv in tiles.all_variants(arch)
+
+
+SHORT_FORWARD_RULE = [  # (dtype, head dim, arch, masked, score mods, the short forward tile)
+    ("float32", 32, "90a", False, False, (64, 64, 8)),  # FFMA: 64 rows, not 128
+    ("float32", 24, "80", True, True, (64, 64, 8)),
+    ("float32", 64, "80", True, False, (64, 64, 8)),
+    ("float32", 128, "90a", False, False, None),  # bucket 128 already takes 64 rows
+    ("bfloat16", 32, "90a", True, True, None),  # the tensor-core families have no short forward tile
+    ("float64", 32, "80", False, False, None),
+]
+
+
+@pytest.mark.parametrize("dtype, head_dim, arch, masked, mods, tile", SHORT_FORWARD_RULE)
+def test_short_rows_take_the_short_forward_tile(dtype, head_dim, arch, masked, mods, tile):
+    """select(short=True): float32's FFMA forward takes its 64-row tile in buckets 32 and 64 (the
+    long rows' 128 would hold a Swin window's 49 rows), every other family the Variant it takes
+    without ``short``; all_variants lists it."""
+    long_rows = tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods)
+    short = tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods, short=True)
+    if tile is None:
+        assert short == long_rows
+        return
+    assert (short.kernel, (short.block_m, short.block_n, short.warps)) == ("fwd_simt", tile)
+    assert long_rows.kernel == "fwd_simt" and long_rows.block_m == 128 and short.score_mods == mods
+    assert short in tiles.all_variants(arch)
 
 
 @pytest.mark.parametrize("lengths, packed, expected", [((49, 49), None, True), ((64, 1), None, True),
