@@ -43,10 +43,10 @@
 
 namespace cuflash {
 
-// Whether a Variant stages its bias and mask tiles (score_mod.cuh's rule) : not with 64-key
+// Whether a Variant stages its bias and mask tiles (score_mod.cuh's rule): not with 64-key
 // tiles (short rows' tile, tiles.py's short_tile, and the small-memory fallback), whose rows'
 // planes are small enough to stay in L1 and whose blocks then fit more per SM (the short tile:
-// 49 KB, four by shared memory, three by registers: kMinBlocks).
+// 49 KB, four by shared memory, three by registers: bwd_dkdv_tc_min_blocks).
 template <bool kScoreMods, int kHeadDim, int kBlockN>
 constexpr bool bwd_dkdv_tc_stages_planes() {
     return stages_score_planes<kScoreMods, kHeadDim>() && kBlockN >= 128;

@@ -334,6 +334,10 @@ def _simt_candidates(dtype: str, head_dim: int) -> tuple[tuple[int, int, int], .
 _SIMT_SHORT_TILES = {32: (64, 64, 8, 1), 64: (64, 64, 8, 1)}
 
 
+def _simt_short_tile(dtype: str, head_dim: int) -> Tile | None:
+    return _SIMT_SHORT_TILES.get(head_dim) if dtype == "float32" else None
+
+
 def _smem_simt_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
     item = _SIMT_ITEMSIZE[dtype]
     pad = 16 // item
@@ -693,7 +697,7 @@ FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
     lambda dtype, d, block_m, block_n, stages: _smem_simt_bytes(dtype, d, block_m, block_n),
-    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
+    short_tile=_simt_short_tile)
 FWD_DMMA = KernelSpec(
     "fwd_dmma", DMMA_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
@@ -729,12 +733,12 @@ BWD_DKDV_SIMT = KernelSpec(
     "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
     lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dkdv_simt", block_m, block_n, warps),
-    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
+    short_tile=_simt_short_tile)
 BWD_DQ_SIMT = KernelSpec(
     "bwd_dq_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dq_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dq_simt", dtype, d, block_m, block_n),
     lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps),
-    short_tile=lambda dtype, d: _SIMT_SHORT_TILES.get(d) if dtype == "float32" else None)
+    short_tile=_simt_short_tile)
 # The kScoreMods forms' tiles where the first candidate's spill (dkdv d64: 24 bytes on sm_90a, 8
 # keys per warp instead; d128: 24 bytes on sm_90a; dq d32: 24 bytes on sm_80).
 BWD_DKDV_DMMA = _bwd_dmma_spec("bwd_dkdv_dmma", _BWD_DKDV_DMMA_TABLE,
