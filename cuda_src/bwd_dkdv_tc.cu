@@ -62,8 +62,7 @@ constexpr unsigned bwd_dkdv_tc_smem_bytes() {
     constexpr int kUnits = tc::Arith<Element>::kUnits;
     return 2 * tc::SmemTile<kBlockN, kHeadDim * kUnits>::kBytes + 2 * tc::SmemTile<kBlockM, kBlockN * kUnits>::kBytes +
            kStages * (2 * tc::SmemTile<kBlockM, kHeadDim * kUnits>::kBytes + 2 * kBlockM * 4 +
-                      (bwd_dkdv_tc_stages_planes<kScoreMods, kHeadDim, kBlockN>()
-                           ? ScorePlaneStage<float, kBlockM, kBlockN>::kBytes : 0u));
+                      plane_stage_bytes<bwd_dkdv_tc_stages_planes<kScoreMods, kHeadDim, kBlockN>(), kBlockM, kBlockN>());
 }
 
 // Blocks per SM the registers must allow: three for the short rows' 4-warp tile at D = 32 (168
@@ -112,7 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
     constexpr bool kStagePlanes = bwd_dkdv_tc_stages_planes<kScoreMods, kHeadDim, kBlockN>();
     using PlaneStage = ScorePlaneStage<float, kBlockM, kBlockN>;  // the stage's bias and mask tiles
     constexpr unsigned kPlanesAt = 2 * QTile::kBytes + kStatBytes;  // their offset in a stage
-    constexpr unsigned kStageBytes = kPlanesAt + (kStagePlanes ? PlaneStage::kBytes : 0u);
+    constexpr unsigned kStageBytes = kPlanesAt + plane_stage_bytes<kStagePlanes, kBlockM, kBlockN>();
     constexpr unsigned kSmemBytes = bwd_dkdv_tc_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages, kScoreMods>();
     static_assert(kSmemBytes == 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes, "layout");
 

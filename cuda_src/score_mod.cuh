@@ -474,10 +474,15 @@ struct ScorePlaneStage {
 };
 
 // A pipeline stage's share of a Variant's shared memory for its bias and mask tiles of kRows x
-// kCols scores: ScorePlaneStage's where the Variant stages them (stages_score_planes), else none.
+// kCols scores: ScorePlaneStage's where the Variant stages them (kStaged: stages_score_planes,
+// or a kernel's narrower rule), else none.
+template <bool kStaged, int kRows, int kCols>
+constexpr unsigned plane_stage_bytes() {
+    return kStaged ? ScorePlaneStage<float, kRows, kCols>::kBytes : 0u;
+}
 template <bool kScoreMods, int kHeadDim, int kRows, int kCols>
 constexpr unsigned staged_plane_bytes() {
-    return stages_score_planes<kScoreMods, kHeadDim>() ? ScorePlaneStage<float, kRows, kCols>::kBytes : 0;
+    return plane_stage_bytes<stages_score_planes<kScoreMods, kHeadDim>(), kRows, kCols>();
 }
 
 // The bias's gradient (BwdParams::dbias): the dK/dV kernels store dS = P o (dP - delta) (of

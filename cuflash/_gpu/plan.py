@@ -565,15 +565,17 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     device = cupy.cuda.Device().id
     arch = _arch(device)
 
+    short = _short_rows(p)
+
     def choose(tma_ok: bool):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
-                                                              tma_ok, _short_rows(p)))
+                                                              tma_ok, short))
     sets = choose(True)
     variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
-                                                  p.precision, short=_short_rows(p))
+                                                  p.precision, short=short)
         dq_direct = _stores_dq(p, [(backward_variants, None)], _longest(p)[1])
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward, dq_direct), device)
     vec = 16 // p.dtype.itemsize
