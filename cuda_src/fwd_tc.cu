@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         }
 
         // -inf where the key is hidden.
-        if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, tc::neg_inf());
+        if (masked) tc::apply_mask</*kSplit=*/true>(mask, s, m0 + warp_row0, j * kBlockN, lane, tc::neg_inf());
 
         softmax.update(s, acc, c);
 

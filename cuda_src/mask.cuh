@@ -40,6 +40,11 @@ struct Mask {
         return ok;
     }
 
+    // Whether either window edge is bounded (causal included). A Variant with the window's tests
+    // (kHasWindow: also every score-modifier Variant) runs calls without one too; a block-uniform
+    // test of this lets their masked tiles test only the end of the keys (tc::apply_mask).
+    __device__ __forceinline__ bool windowed() const { return kHasWindow && (left >= 0 || right >= 0); }
+
     // Rows [m0, m0 + block_m) against key tiles of width block_n.
     __device__ __forceinline__ TileRange tiles(int m0, int block_m, int block_n) const {
         const int num_tiles = div_ceil(seqlen_k, block_n);

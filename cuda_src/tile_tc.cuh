@@ -334,20 +334,33 @@ __device__ __forceinline__ void for_each(float (&c)[M][N][4], float (&d)[M][N][4
 
 // Mask::visible (mask.cuh) on a fragment of scores at (row0, col0): elements whose key the
 // query may not see become `hidden` (-inf for scores, 0 for probabilities); with num_rows,
-// rows >= num_rows too (the backward's query tiles that cross Lq).
-template <typename MaskT, int M, int N>
+// rows >= num_rows too (the backward's query tiles that cross Lq). With kSplit, a call without a
+// window (Mask::windowed, uniform over the block) tests the end of the keys alone: a windowed
+// Variant's per-score edge tests cost ~5 instructions a score (Swin's one key tile, ncu), and
+// fwd_tc's Swin forward runs 0.93x with it. Without kSplit one loop does the full test: the
+// second loop cost fwd_wgmma registers (d128 218 -> 255) and bwd_dkdv_tc time (Swin 1.11x).
+template <bool kSplit, typename MaskT, int M, int N, typename HidesRow>
+__device__ __forceinline__ void apply_mask_rows(const MaskT& mask, float (&s)[M][N][4], int row0, int col0, int lane,
+                                                float hidden, const HidesRow& hides_row) {
+    if (!kSplit || mask.windowed()) {
+        for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
+            if (hides_row(row) || !mask.visible(row, col)) x = hidden;
+        });
+    } else {
+        for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
+            if (hides_row(row) || col >= mask.seqlen_k) x = hidden;
+        });
+    }
+}
+template <bool kSplit = false, typename MaskT, int M, int N>
 __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4], int row0, int col0, int lane,
                                            float hidden) {
-    for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
-        if (!mask.visible(row, col)) x = hidden;
-    });
+    apply_mask_rows<kSplit>(mask, s, row0, col0, lane, hidden, [](int) { return false; });
 }
-template <typename MaskT, int M, int N>
+template <bool kSplit = false, typename MaskT, int M, int N>
 __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4], int row0, int col0, int lane,
                                            float hidden, int num_rows) {
-    for_each(s, row0, col0, lane, [&](float& x, int, int row, int col) {
-        if (row >= num_rows || !mask.visible(row, col)) x = hidden;
-    });
+    apply_mask_rows<kSplit>(mask, s, row0, col0, lane, hidden, [num_rows](int row) { return row >= num_rows; });
 }
 
 // A RowScores (score_mod.cuh) to be asked for this lane's pairs of a fragment whose first element
