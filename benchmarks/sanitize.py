@@ -156,6 +156,9 @@ def _feature_cases() -> list[dict]:
              options={"window": (40, 8), "bias": (97, 150)}),
         dict(name="bias-mask-float64", dtype="float64", q=(2, 2, 61, 40), k=(2, 2, 77, 40),
              options={"bias": (2, 1, 1, 77), "mask": (1, 2, 61, 77)}),
+        # float32 "highest" forward in 3xTF32 (fwd_tc's tf32x3 Element: up to d64), GQA, a window
+        dict(name="3xtf32-float32-gqa-window", dtype="float32", q=(2, 4, 97, 33), k=(2, 2, 200, 33),
+             options={"window": (40, 8)}, quick=True),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
         dict(name="tf32-float32-odd", dtype="float32", **ODD, options={"causal": True, "precision": "tf32"},
              tolerance=2e-2, quick=True),

@@ -1,5 +1,6 @@
 // Forward attention on tensor cores: FlashAttention-2 with mma.sync, for float16 / bfloat16
-// (m16n8k16) and float32 under precision="tf32" (m16n8k8 TF32; tile_tc.cuh's Arith).
+// (m16n8k16) and float32 on m16n8k8 TF32 steps: one product under precision="tf32", three
+// (3xTF32, float32-accurate) under "highest" (tile_tc.cuh's Arith and fragments).
 //
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
@@ -44,7 +45,7 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, 
           bool kScoreMods = false>
 __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     using Arith = tc::Arith<Element>;
-    constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores (Element tc::tf32)
+    constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores (Element tc::tf32 or tc::tf32x3)
     constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
     constexpr int kThreads = kWarps * 32;
     constexpr int kRowsPerWarp = kBlockM / kWarps;
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         // acc += P V_j. TF32: one k8 step per n8 tile of P (tc::pv_k8).
         if constexpr (kTf32) {
 #pragma unroll
-            for (int kk = 0; kk < kKStepsPV; ++kk) tc::pv_k8<KVTile>(acc, s, kk, slot + v_lane);
+            for (int kk = 0; kk < kKStepsPV; ++kk) tc::pv_k8<Element, KVTile>(acc, s, kk, slot + v_lane);
         } else {
             // 16-bit: P packed to 16 bits; the S layout of n-tiles 2kk, 2kk+1 is P's A fragment.
 #pragma unroll

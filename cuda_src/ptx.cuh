@@ -170,6 +170,15 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const unsigned (&a)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The same with C = 0: D = A B (3xTF32 sums each step's products in a fresh fragment, tile_tc.cuh).
+__device__ __forceinline__ void mma_1688_tf32_zero(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
 // --------------------------------------------------------------------- 4. conversions
 
 // Round two floats to the 16-bit type and pack them: `lo` in bits 0..15, `hi` in 16..31

@@ -22,7 +22,16 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // In shared memory a float is two 16-bit units: tiles, loaders and stores take widths and
 // strides in those units. A k8 step of 4-byte elements has exactly the byte geometry of a k16
 // step of 2-byte ones (two 16-byte chunks), so fragments load with the same lane addresses.
+//
+// `tf32x3` (precision="highest" on tensor cores) is float32 stored the same way and multiplied
+// as three TF32 products ("3xTF32"): each operand splits into x = hi + lo, hi = x rounded to TF32
+// and lo = (x - hi) rounded to TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi. The terms
+// dropped (a_lo b_lo and lo's rounding) are ~2^-22 |a b|, within float32's rounding of a sum.
+// The tensor cores truncate as they accumulate (benchmarks/NOTES.md, session 12: in place, P V's
+// error grew with the row's length, 10x float32's), so each step's three products are summed in
+// a fresh fragment and added to the accumulator by FADD, which rounds to nearest.
 struct tf32 {};
+struct tf32x3 {};
 
 template <typename Element>
 struct Arith {  // float16, bfloat16
@@ -34,8 +43,11 @@ struct Arith {  // float16, bfloat16
 };
 
 // An operand fragment of R registers: float values rounded to TF32, as the MMA reads them.
+// `Like<S>`: the fragment type of the other operand (B beside A).
 template <int R>
 struct Tf32Fragment {
+    template <int S>
+    using Like = Tf32Fragment<S>;
     unsigned r[R];
 
     __device__ __forceinline__ void set(int i, float x) { r[i] = ptx::to_tf32(x); }
@@ -45,6 +57,51 @@ struct Tf32Fragment {
     }
 };
 
+// x's bits rounded to TF32 (to nearest, ties away from zero: + half of the dropped bits' unit,
+// then the 13 low bits cleared). Infinities stay; a float within 2^-11 of FLT_MAX rounds to
+// infinity, as cvt.rna does. Two integer ops where cvt.rna takes four (its NaN test: a NaN's
+// payload here is kept in the top mantissa bits, or the NaN becomes an infinity of its sign).
+__device__ __forceinline__ unsigned tf32_bits(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+
+// A 3xTF32 operand fragment: hi and lo registers (tf32x3 above). A non-finite x (and a float so
+// close to FLT_MAX that hi would round to infinity) is hi = 0, lo = x: its products are then
+// lo's alone, so x times a finite nonzero operand is an infinity of the right sign and times 0
+// is NaN, as in float32 (hi = x would meet the other operand's lo, often 0: NaN for P = 1).
+template <int R>
+struct Tf32x3Fragment {
+    template <int S>
+    using Like = Tf32x3Fragment<S>;
+    unsigned hi[R], lo[R];
+
+    __device__ __forceinline__ void set(int i, float x) {
+        const unsigned rounded = tf32_bits(x);
+        const float rest = x - __uint_as_float(rounded);  // exact for finite x; NaN or +-inf otherwise
+        const bool finite = fabsf(rest) < __int_as_float(0x7f800000);
+        hi[i] = finite ? rounded : 0u;
+        lo[i] = finite ? tf32_bits(rest) : __float_as_uint(x);
+    }
+    __device__ __forceinline__ void round(const unsigned (&raw)[R]) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) set(i, __uint_as_float(raw[i]));
+    }
+};
+
+// c += a b for one m16n8k8 step, b's registers i and i + 1: one TF32 MMA, or 3xTF32's three
+// into a fresh fragment (small terms first), then added by FADD (tf32x3 above).
+template <int R>
+__device__ __forceinline__ void mma_k8(float (&c)[4], const Tf32Fragment<4>& a, const Tf32Fragment<R>& b, int i) {
+    ptx::mma_1688_tf32(c, a.r, b.r[i], b.r[i + 1]);
+}
+template <int R>
+__device__ __forceinline__ void mma_k8(float (&c)[4], const Tf32x3Fragment<4>& a, const Tf32x3Fragment<R>& b, int i) {
+    float step[4];
+    ptx::mma_1688_tf32_zero(step, a.lo, b.hi[i], b.hi[i + 1]);
+    ptx::mma_1688_tf32(step, a.hi, b.lo[i], b.lo[i + 1]);
+    ptx::mma_1688_tf32(step, a.hi, b.hi[i], b.hi[i + 1]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[e] += step[e];
+}
+
 template <>
 struct Arith<tf32> {
     using Storage = float;
@@ -53,12 +110,17 @@ struct Arith<tf32> {
     static constexpr unsigned kSignBits = 0x80000000u;
     using AFragment = Tf32Fragment<4>;
 };
+template <>
+struct Arith<tf32x3> : Arith<tf32> {
+    using AFragment = Tf32x3Fragment<4>;
+};
 
 // An A fragment of one MMA step from shared memory by ldmatrix_x4 at the lane's address: as
 // stored for 16-bit elements, rounded to TF32 for float32 (a TF32 k8 step has the byte geometry
 // of a 16-bit k16 step, so the lane addresses are the same).
 __device__ __forceinline__ void load_a(unsigned addr, unsigned (&a)[4]) { ptx::ldmatrix_x4(addr, a); }
-__device__ __forceinline__ void load_a(unsigned addr, Tf32Fragment<4>& a) {
+template <template <int> class Fragment>
+__device__ __forceinline__ void load_a(unsigned addr, Fragment<4>& a) {
     unsigned raw[4];
     ptx::ldmatrix_x4(addr, raw);
     a.round(raw);
@@ -562,20 +624,20 @@ __device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4
 // serves both. Only B's rows as the n index (K for Q K^T): one ldmatrix_x4 at b_lane (bn_lane) +
 // Tile::offset(row0 + 16 np, chunk0) gives the B fragments of n8 tiles 2 np, 2 np + 1; P V reads
 // V by pv_k8 below.
-template <typename Element, typename Tile, bool kTrans, int M, int N>
-__device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const Tf32Fragment<4> (&a)[M], unsigned b_lane, int row0,
+template <typename Element, typename Tile, bool kTrans, int M, int N, template <int> class Fragment>
+__device__ __forceinline__ void mma_k16(float (&c)[M][N][4], const Fragment<4> (&a)[M], unsigned b_lane, int row0,
                                         int chunk0) {
     static_assert(!kTrans, "TF32 operands never go through .trans: ldmatrix transposes 16-bit elements");
 #pragma unroll
     for (int np = 0; np < N / 2; ++np) {
         unsigned raw[4];
         ptx::ldmatrix_x4(b_lane + Tile::offset(row0 + np * 16, chunk0), raw);
-        Tf32Fragment<4> b;
+        Fragment<4> b;
         b.round(raw);
 #pragma unroll
         for (int mt = 0; mt < M; ++mt) {
-            ptx::mma_1688_tf32(c[mt][2 * np], a[mt].r, b.r[0], b.r[1]);
-            ptx::mma_1688_tf32(c[mt][2 * np + 1], a[mt].r, b.r[2], b.r[3]);
+            mma_k8(c[mt][2 * np], a[mt], b, 0);
+            mma_k8(c[mt][2 * np + 1], a[mt], b, 2);
         }
     }
 }
@@ -597,25 +659,25 @@ __device__ __forceinline__ unsigned k8_rows_lane(int lane) {
 // C += A B over N n8 tiles of C, one k8 step: B's rows are the k index, B[k][n] = tile rows
 // row0 + (2t, 2t + 1), float columns from chunk chunk0 + 2 nt (b0 = B[2t][g], b1 = B[2t + 1][g]),
 // read at lane_addr (k8_rows_lane + the tile's base). A must take its k index in the same order.
-template <typename Tile, int M, int N>
-__device__ __forceinline__ void mma_k8_rows(float (&c)[M][N][4], const Tf32Fragment<4> (&a)[M], unsigned lane_addr,
-                                            int row0, int chunk0) {
+template <typename Tile, int M, int N, typename AFragment>
+__device__ __forceinline__ void mma_k8_rows(float (&c)[M][N][4], const AFragment (&a)[M], unsigned lane_addr, int row0,
+                                            int chunk0) {
 #pragma unroll
     for (int nt = 0; nt < N; ++nt) {
         const unsigned addr = lane_addr + Tile::offset(row0, chunk0 + nt * 2);
-        Tf32Fragment<2> b;
+        typename AFragment::template Like<2> b;
         b.set(0, __uint_as_float(ptx::ld_shared_b32(addr)));
         b.set(1, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(1, 0))));
 #pragma unroll
-        for (int mt = 0; mt < M; ++mt) ptx::mma_1688_tf32(c[mt][nt], a[mt].r, b.r[0], b.r[1]);
+        for (int mt = 0; mt < M; ++mt) mma_k8(c[mt][nt], a[mt], b, 0);
     }
 }
 
 // The A fragment (keys in that order) of an accumulator's n8 tile kk, such as P or dS in
 // registers: this lane's columns 2t and 2t + 1 of each row are exactly MMA k indices t and
 // t + 4, so a0..a3 = c0, c2, c1, c3 and no shuffle is needed.
-template <int M, int N>
-__device__ __forceinline__ void a_k8_of(Tf32Fragment<4> (&a)[M], const float (&c)[M][N][4], int kk) {
+template <int M, int N, typename AFragment>
+__device__ __forceinline__ void a_k8_of(AFragment (&a)[M], const float (&c)[M][N][4], int kk) {
 #pragma unroll
     for (int mt = 0; mt < M; ++mt) {
         a[mt].set(0, c[mt][kk][0]);
@@ -628,8 +690,8 @@ __device__ __forceinline__ void a_k8_of(Tf32Fragment<4> (&a)[M], const float (&c
 // The A fragment of an m16 tile stored transposed in a Tile of floats (A[m][k] = tile[k][m]: P^T
 // and dS^T from queries x keys tiles): tile rows row0 + (2t, 2t + 1), columns from chunk chunk0
 // (m = g) and chunk0 + 2 (m = g + 8), read at lane_addr (k8_rows_lane + the tile's base).
-template <typename Tile>
-__device__ __forceinline__ void at_k8_rows(Tf32Fragment<4>& a, unsigned lane_addr, int row0, int chunk0) {
+template <typename Tile, typename AFragment>
+__device__ __forceinline__ void at_k8_rows(AFragment& a, unsigned lane_addr, int row0, int chunk0) {
     const unsigned addr = lane_addr + Tile::offset(row0, chunk0);
     a.set(0, __uint_as_float(ptx::ld_shared_b32(addr)));
     a.set(1, __uint_as_float(ptx::ld_shared_b32(addr + Tile::offset(0, 2))));
@@ -644,8 +706,8 @@ template <typename Tile>
 __device__ __forceinline__ unsigned a_k8_cols_lane(int lane) {
     return Tile::offset(lane / 4, (lane % 4) / 2) + 8 * (lane % 2);
 }
-template <typename Tile>
-__device__ __forceinline__ void a_k8_cols(Tf32Fragment<4>& a, unsigned lane_addr, int row0, int chunk0) {
+template <typename Tile, typename AFragment>
+__device__ __forceinline__ void a_k8_cols(AFragment& a, unsigned lane_addr, int row0, int chunk0) {
     const unsigned addr = lane_addr + Tile::offset(row0, chunk0);
     const uint2 upper = ptx::ld_shared_v2(addr), lower = ptx::ld_shared_v2(addr + Tile::offset(8, 0));
     a.set(0, __uint_as_float(upper.x));
@@ -654,11 +716,11 @@ __device__ __forceinline__ void a_k8_cols(Tf32Fragment<4>& a, unsigned lane_addr
     a.set(3, __uint_as_float(lower.y));
 }
 
-// acc += P V over keys [8 kk, 8 kk + 8) on TF32: P's n8 tile kk from registers, V's rows from
-// v_lane (k8_rows_lane + V's base).
-template <typename Tile, int M, int NS, int N>
+// acc += P V over keys [8 kk, 8 kk + 8) on TF32 (Element tf32 or tf32x3): P's n8 tile kk from
+// registers, V's rows from v_lane (k8_rows_lane + V's base).
+template <typename Element, typename Tile, int M, int NS, int N>
 __device__ __forceinline__ void pv_k8(float (&acc)[M][N][4], const float (&p)[M][NS][4], int kk, unsigned v_lane) {
-    Tf32Fragment<4> a[M];
+    typename Arith<Element>::AFragment a[M];
     a_k8_of(a, p, kk);
     mma_k8_rows<Tile>(acc, a, v_lane, kk * 8, 0);
 }

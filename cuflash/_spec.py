@@ -396,8 +396,10 @@ PRECISIONS = ("highest", "ieee", "tf32")
 def resolve_precision(precision, dtype_name: str) -> str:
     """``precision=``: how float32 inputs' products may be computed.
 
-    - ``"highest"`` (None: the default): float32-accurate, whatever the kernel (the FFMA kernels
-      today: 3xTF32 on mma.sync was measured no faster, benchmarks/NOTES.md session 12);
+    - ``"highest"`` (None: the default): float32-accurate, whatever the kernel: the GPU forward
+      runs 3xTF32 on tensor cores (three TF32 products per product, each step summed apart) for
+      head dims up to 64, where it is faster than FFMA (benchmarks/NOTES.md session 29), and the
+      FFMA kernels for wider heads, short rows, score modifiers and the backward;
     - ``"ieee"``: FFMA only, IEEE float32 products and sums;
     - ``"tf32"``: one TF32 product (about 1e-3 relative) for speed; an opt-in, never chosen for
       the caller. The GPU forward and backward run on TF32 tensor cores (the backward for head

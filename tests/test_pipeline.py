@@ -435,13 +435,15 @@ SHORT_FORWARD_RULE = [  # (dtype, head dim, arch, masked, score mods, the short 
 @pytest.mark.parametrize("dtype, head_dim, arch, masked, mods, tile", SHORT_FORWARD_RULE)
 def test_short_rows_take_the_short_forward_tile(dtype, head_dim, arch, masked, mods, tile):
     """select(short=True): float32's FFMA forward takes its 64-row tile in buckets 32 and 64 (the
-    long rows' 128 would hold a Swin window's 49 rows), every other family the Variant it takes
-    without ``short``; all_variants lists it."""
-    long_rows = tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods)
+    long rows' 128 would hold a Swin window's 49 rows), "highest" included (its long rows run
+    3xTF32 there), every other family the Variant it takes without ``short``; all_variants lists it."""
+    ffma = "ieee" if dtype == "float32" else "highest"
+    long_rows = tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods, precision=ffma)
     short = tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods, short=True)
     if tile is None:
         assert short == long_rows
         return
+    assert short == tiles.select(dtype, head_dim, head_dim, masked, arch, score_mods=mods, short=True, precision=ffma)
     assert (short.kernel, (short.block_m, short.block_n, short.warps)) == ("fwd_simt", tile)
     assert long_rows.kernel == "fwd_simt" and long_rows.block_m == 128 and short.score_mods == mods
     assert short in tiles.all_variants(arch)
@@ -460,6 +462,28 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
     p = SimpleNamespace(seqlen_q=lengths[0], seqlen_k=lengths[1], packed=None if packed is None else SimpleNamespace(
         max_seqlen_q=packed[0], max_seqlen_k=packed[1]))
     assert plan._short_rows(p) is expected
+
+
+@pytest.mark.parametrize("arch, tile32, tile64", [("90a", (128, 64), (128, 32)), ("80", (64, 64), (64, 32)),
+                                                  ("86", (64, 64), (64, 32))])
+def test_float32_highest_takes_3xtf32_up_to_d64(arch, tile32, tile64):
+    """precision="highest": the forward on tensor cores in 3xTF32 (fwd_tc's Element tc::tf32x3) at
+    head dims up to 64, the tile without spills per arch; FFMA (fwd_simt) for wider heads, short
+    rows, score modifiers and every backward kernel; "ieee" always FFMA; "tf32" its own Variants."""
+    for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)):
+        for window in (False, True):
+            v = tiles.select("float32", d, d, window, arch, precision="highest")
+            assert (v.kernel, v.precision, (v.block_m, v.block_n)) == ("fwd_tc", "highest", tile), (d, window, v)
+            assert v.element_type == "cuflash::tc::tf32x3"
+            assert tiles.select("float32", d, d, window, arch, precision="ieee").kernel == "fwd_simt"
+            assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"
+    for d in (65, 96, 128, 256):
+        assert tiles.select("float32", d, d, False, arch, precision="highest").kernel == "fwd_simt"
+    assert tiles.select("float32", 32, 32, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
+    assert tiles.select("float32", 32, 32, False, arch, short=True, precision="highest").kernel == "fwd_simt"
+    backward = tiles.select_backward("float32", 32, 32, False, arch, precision="highest")
+    assert (backward.dkdv.kernel, backward.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt")
+    assert tiles.select("float64", 32, 32, False, arch).precision is None
 
 
 def test_the_dkdv_kernel_stores_dq_only_where_one_key_tile_holds_every_key():

@@ -79,6 +79,11 @@ class KernelSpec:
     # others: the next family, FFMA); a float32 Variant of such a family carries its precision.
     # Empty: float32 in FFMA, whatever the precision.
     tf32_precisions: tuple[str, ...] = ()
+    # float32 under precision="highest" on TF32 tensor cores (3xTF32, tile_tc.cuh's tf32x3; the
+    # family lists "highest" in tf32_precisions): (head-dim bucket, arch) -> candidate tiles, best
+    # first; none: the next family (FFMA). Calls with score modifiers or short rows take the next
+    # family.
+    split_tf32_candidates: Callable[[int, str], tuple[Tile, ...]] = lambda head_dim, arch: ()
     # The masked form's candidates where they differ from ``candidates`` (same signature), else None.
     masked_candidates: Callable[[str, int, str, float], tuple[Tile, ...]] | None = None
     # The family reads its inputs through tensor maps (TMA): the plan takes it only for calls
@@ -114,13 +119,19 @@ class KernelSpec:
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
         if tf32 and precision not in self.tf32_precisions:
             return None
+        split = tf32 and precision == "highest"  # 3xTF32
+        if split and (score_mods or short):
+            return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
         head_dim = self.compiled_width(head_dim)
         masked_form = has_window and self.masked and self.masked_candidates is not None
-        candidates = (self.masked_candidates if masked_form else self.candidates)(dtype, head_dim, arch, visible_keys)
+        if split:
+            candidates = self.split_tf32_candidates(head_dim, arch)
+        else:
+            candidates = (self.masked_candidates if masked_form else self.candidates)(dtype, head_dim, arch, visible_keys)
         if score_mods and self.modifier_tile(dtype, head_dim) is not None:
             candidates = (self.modifier_tile(dtype, head_dim),) + tuple(candidates)
         if short and self.short_tile(dtype, head_dim) is not None:
@@ -190,6 +201,24 @@ _TF32_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
 # d32: 16 rows per warp (239 registers at 32, two blocks per SM); d64: 128x64 with a bias's reads
 # spills 64 bytes on sm_80; d256: 128x64 spills 8 bytes on sm_90a since the bias/mask-only
 # combinations (score_mod.cuh). TF32 d32: 32 rows per warp spills 8 bytes on sm_80.
+# float32 under precision="highest": 3xTF32 (tile_tc.cuh's tf32x3): three MMAs per TF32 step,
+# each operand split into hi and lo fragments by every warp that reads it, so the kernel is bound
+# by those splits and the steps' FADDs rather than by the tensor cores (mma.sync TF32 peaks at
+# ~320 TFLOP/s on the H200). H200, B x L = 16k, L 1k/4k, TFLOP/s dense / causal (benchmarks/NOTES.md
+# session 29): d32 128x64 42-46 / 36-44 (64x64 37-39; FFMA 32 / 26-30), d64 128x32 44-45 / 32-40
+# (64x32 39-40; FFMA 36-37 / 30-35). d96 and d128 (64x32: 30-33 against FFMA's 31-34, once the
+# split keeps infinities) and d160-d256 (19-21 against 33-35) stay on FFMA, as do short rows
+# (the FFMA kernels' short-row tiles) and calls with score modifiers.
+# Tiles: the largest without spills; on sm_80 (and parts other than sm_90) d32 128x64 and d64
+# 128x32 spill in the windowed form (112 and 68 bytes), so 64 rows there.
+_TF32X3_TABLE = {32: ((128, 64, 4, 2),), 64: ((128, 32, 4, 2),)}
+_TF32X3_TABLE_SM80 = {32: ((64, 64, 4, 2),), 64: ((64, 32, 4, 2),)}
+
+
+def _tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
+    return (_TF32X3_TABLE if arch in ("90", "90a") else _TF32X3_TABLE_SM80).get(head_dim, ())
+
+
 _TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2), 256: (128, 32, 8, 2)}
 _TF32_MODIFIER_TILES = {32: (64, 64, 4, 2)}
 
@@ -687,7 +716,8 @@ def _by_tile(smem: Callable[..., int]):
 FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF32_TABLE),
                     lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages, _units(dtype)),
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
-                    score_planes=_score_plane_bytes, tf32_precisions=("tf32",))
+                    score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
+                    split_tf32_candidates=_tf32x3_candidates)
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,

@@ -18,6 +18,8 @@ CUDA_TYPES = {
     "float32": "float",
     "float64": "double",
 }
+# float32 on TF32 tensor cores: the Element of each precision= value served there.
+_TF32_ELEMENTS = {"tf32": "cuflash::tc::tf32", "highest": "cuflash::tc::tf32x3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +41,9 @@ class Variant:
     # softmax instead of the scale being folded into it; always with has_window (its run-time
     # window may be unbounded), so that one flag adds one Variant per tile, not two.
     score_mods: bool = False
-    # "tf32": float32 on TF32 tensor cores (the kernel's Element `cuflash::tc::tf32`, tile_tc.cuh's
-    # Arith); None for every other Variant (its dtype decides its arithmetic).
+    # float32 on TF32 tensor cores (tile_tc.cuh's Arith): "tf32", one TF32 product (the kernel's
+    # Element `cuflash::tc::tf32`); "highest", three (3xTF32, `cuflash::tc::tf32x3`). None for every
+    # other Variant (its dtype decides its arithmetic).
     precision: str | None = None
 
     @property
@@ -50,7 +53,7 @@ class Variant:
     @property
     def element_type(self) -> str:
         """The kernel template's Element, as the kernels spell it."""
-        return "cuflash::tc::tf32" if self.precision == "tf32" else CUDA_TYPES[self.dtype]
+        return _TF32_ELEMENTS[self.precision] if self.precision else CUDA_TYPES[self.dtype]
 
     @property
     def name_expression(self) -> str:
