@@ -26,7 +26,9 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // `tf32x3` (precision="highest" on tensor cores) is float32 stored the same way and multiplied
 // as three TF32 products ("3xTF32"): each operand splits into x = hi + lo, hi = x rounded to TF32
 // and lo = (x - hi) rounded to TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi. The terms
-// dropped (a_lo b_lo and lo's rounding) are ~2^-22 |a b|, within float32's rounding of a sum.
+// dropped (a_lo b_lo and lo's rounding) are ~2^-22 |a b| against float32's 2^-24 per product:
+// below the sums' rounding on ordinary inputs, several times a plain float32 implementation's
+// error on scores of ~1e3 whose near-ties decide P (benchmarks/NOTES.md, session 29).
 // The tensor cores truncate as they accumulate (benchmarks/NOTES.md, session 12: in place, P V's
 // error grew with the row's length, 10x float32's), so each step's three products are summed in
 // a fresh fragment and added to the accumulator by FADD, which rounds to nearest.
