@@ -179,10 +179,8 @@ _TC_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
 
 # float32 under precision="tf32" (tile_tc.cuh's Arith<tf32>): the same kernel with 4-byte elements
 # on m16n8k8 TF32 tensor cores, so rows take twice the shared memory. Candidates best first, as
-# _TC_TABLE; measured on the H200 (benchmarks/NOTES.md, session 12). 3xTF32 for "highest" was
-# built and measured there too: float32-accurate only with each step's products summed apart
-# (the tensor cores truncate as they accumulate), and then no faster than FFMA, so "highest" and
-# "ieee" stay on FFMA (fwd_simt).
+# _TC_TABLE; measured on the H200 (benchmarks/NOTES.md, session 12). "highest" takes the same
+# kernel in 3xTF32 where _TF32X3_TABLE has a tile (below), "ieee" always FFMA (fwd_simt).
 # H200, bf16-shaped sweep (B x L = 16k, L 4k, TFLOP/s dense / causal): d32 128x64 124 / 116
 # (128x32 121 / 113, 64x64 100 / 95); d64 128x64 146 / 135 (128x32 139 / 125, 64x32 111 / 107);
 # d128 128x32 121 / 107 (64x32 96 / 92, 64x64 75 / 71, 128x32 w8 100 / 91); d256 64x16 80 / 75
