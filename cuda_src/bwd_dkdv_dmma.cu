@@ -339,18 +339,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_dmma(const BwdParams 
     }
 
     // dK_j = scale * sum dS^T Q (the softmax's scale); dV_j as is. Key tiles that no query sees
-    // write zeros.
+    // write zeros. A slice of a split GQA group (BwdParams::dkv_adds) adds them into the group's
+    // fp64 sums instead.
     T* __restrict__ dk = static_cast<T*>(p.dk) + at.dk;
     T* __restrict__ dv = static_cast<T*>(p.dv) + at.dv;
+    const bool adds = p.dkv_adds;
     dmma::for_each_column(dK, tq, [&](int ki, int col, T x) {
         const int key = n0 + key_row + 8 * ki;
         col += c0;
-        if (key < Lk && col < D) dk[(long long)key * p.dk_row_stride + col] = x * scale;
+        simt_bwd::store_or_add(dk + (long long)key * p.dk_row_stride + col, x * scale, key < Lk && col < D, adds);
     });
     dmma::for_each_column(dV, tq, [&](int ki, int col, T x) {
         const int key = n0 + key_row + 8 * ki;
         col += c0;
-        if (key < Lk && col < Dv) dv[(long long)key * p.dv_row_stride + col] = x;
+        simt_bwd::store_or_add(dv + (long long)key * p.dv_row_stride + col, x, key < Lk && col < Dv, adds);
     });
 }
 

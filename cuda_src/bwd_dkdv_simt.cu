@@ -231,10 +231,12 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     }
 
     // dK_j = scale * sum_i dS^T Q_i (the softmax's scale, in the input's units); dV_j as is.
-    // Key tiles that no query sees write zeros.
+    // Key tiles that no query sees write zeros. A slice of a split GQA group (BwdParams::dkv_adds)
+    // adds them into the group's sums instead (in T: the host zeroed them).
     const T sm_scale = T(f.scale);
     T* __restrict__ dk = static_cast<T*>(p.dk) + at.dk;
     T* __restrict__ dv = static_cast<T*>(p.dv) + at.dv;
+    const bool adds = p.dkv_adds;
 #pragma unroll
     for (int r = 0; r < TK; ++r) {
         const int key = n0 + key0 + r;
@@ -244,8 +246,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 #pragma unroll
             for (int c = 0; c < TD; ++c) {
                 const int col = simt::Cols<T, TD>::col(cg, c);
-                if (col < D) dk_row[col] = dK[r][c] * sm_scale;
-                if (col < Dv) dv_row[col] = dV[r][c];
+                simt_bwd::store_or_add(dk_row + col, dK[r][c] * sm_scale, col < D, adds);
+                simt_bwd::store_or_add(dv_row + col, dV[r][c], col < Dv, adds);
             }
         }
     }

@@ -179,6 +179,18 @@ __device__ __forceinline__ void modified_p_ds(const Mod& mod, const MaskT& mask,
     });
 }
 
+// One element of a dK/dV block's result (the FFMA and DMMA dK/dV kernels' epilogues): stored,
+// or, for a slice of a split GQA group (BwdParams::dkv_adds), added into the group's sums, which
+// the host zeroed and keeps in T (fp32 / fp64): the slices' adds land in any order, as dQ's do.
+template <typename T>
+__device__ __forceinline__ void store_or_add(T* dst, T x, bool in_bounds, bool adds) {
+    if (!in_bounds) return;
+    if (adds)
+        atomicAdd(dst, x);
+    else
+        *dst = x;
+}
+
 // Register and unroll budget: one block per SM lets ptxas use up to 255 registers per thread
 // (the shared memory of the preferred tiles allows one or two blocks anyway); the inner
 // products unroll by kUnroll.

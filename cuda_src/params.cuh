@@ -137,14 +137,14 @@ struct FwdTmaParams {
 //         divides kv_group, or is 1: the group shares one key/value head), summed over the
 //         group on chip by one dK/dV block; strided over the output's leading axes like o, but
 //         with a head axis of num_heads / heads_per_block. What is left of GQA and
-//         broadcasting is summed by the host afterwards. With dkv_adds (the tensor-core dK/dV
-//         kernels: bwd_dkdv_tc and the wgmma ones): fp32 sums of the whole group, a head
-//         axis of num_heads / kv_group,
-//         zeroed by the host, which each block adds its slice's dK * scale and dV into
-//         (bwd_wgmma.cuh's add_dk_dv).
+//         broadcasting is summed by the host afterwards. With dkv_adds (every dK/dV kernel):
+//         sums of the whole group in the accumulation type (fp32; fp64 for float64), a head
+//         axis of num_heads / kv_group, zeroed by the host, which each block adds its slice's
+//         dK * scale and dV into (bwd_wgmma.cuh's add_dk_dv, bwd_dkdv_tc's add_rows,
+//         bwd_simt.cuh's store_or_add).
 //   heads_per_block: the query heads one dK/dV block accumulates; its grid is
 //         (num_rows / heads_per_block, key tiles). The other backward kernels run per row.
-//   dkv_adds: 1 when the blocks of a split group add into shared fp32 sums (above), else 0.
+//   dkv_adds: 1 when the blocks of a split group add into shared sums (above), else 0.
 struct BwdParams {
     FwdParams fwd;
     const void* dout;

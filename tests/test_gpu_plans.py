@@ -469,8 +469,9 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
             check_backward(rng, dtype, q, k, v, deterministic=deterministic, **options)
 
 
-# A split GQA group's slices added into fp32 sums by the tensor-core dK/dV kernels
-# (plan._adds_dkdv; bwd_dkdv_wgmma(_ws) on Hopper at d64/d128, bwd_dkdv_tc elsewhere): (q shape,
+# A split GQA group's slices added into sums by the dK/dV kernels (plan._adds_dkdv; 16-bit:
+# bwd_dkdv_wgmma(_ws) on Hopper at d64/d128, bwd_dkdv_tc elsewhere, into fp32; float32 "highest":
+# bwd_dkdv_simt, fp32; float64: bwd_dkdv_dmma or bwd_dkdv_simt, fp64): (q shape,
 # k shape, Dv, options); "blhd": q, k, v, dout as (B, L, H, D) arrays seen as (B, H, L, D);
 # "padding": a key-padding mask whose last batch row sees no key.
 ADD_CASES = [
@@ -487,11 +488,11 @@ ADD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("case", ADD_CASES, ids=lambda c: f"{c[0][1]}-{c[1][1]}-{c[0][2]}x{c[1][2]}d{c[0][3]}-"
                          + "-".join(c[3]))
 def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
-    """Slices of one head and of half the group added into the group's fp32 sums by the dK/dV
+    """Slices of one head and of half the group added into the group's sums by the dK/dV
     blocks (checked to be the path taken unless deterministic), against the float64 reference, with modifiers, a key-padding mask, odd
     widths, D != Dv, strided inputs; the deterministic backward of the same call as well."""
     from test_bias_mask import check_against_reference

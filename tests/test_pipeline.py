@@ -335,37 +335,47 @@ class _HostMemory:
         return 0
 
 
-def test_a_replay_with_split_group_sums_rounds_them_into_the_gradients(monkeypatch):
-    """BackwardPlan.run of a split GQA group whose blocks add into fp32 sums (plan._DkvSums), the
-    launches stubbed: the kernels get the zeroed sums' pointers for dk and dv (v's part 256 bytes
-    on from k's), and what they add there comes back rounded to the dtype, in each
-    gradient's order."""
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_replay_with_split_group_sums_rounds_them_into_the_gradients(monkeypatch, dtype):
+    """BackwardPlan.run of a split GQA group whose blocks add into sums in the accumulation type
+    (plan._DkvSums: fp32, fp64 for float64), the launches stubbed: the kernels get the zeroed
+    sums' pointers for dk and dv (v's part 256 bytes on from k's), and what they add there comes
+    back rounded to the dtype, in each gradient's order; sums already in the dtype and in C order
+    are returned as they are (no copy)."""
     from cuflash._gpu import params, plan
 
-    sums = plan._DkvSums((2, 2, 5, 6), (2, 2, 5, 3))
+    dtype = numpy.dtype(dtype)
+    accum = numpy.dtype(numpy.float64 if dtype == numpy.float64 else numpy.float32)
+    sums = plan._DkvSums((2, 2, 5, 6), (2, 2, 5, 3), accum)
     shapes = {"dq": (2, 4, 7, 6), "dk": (2, 2, 5, 6), "dv": (2, 2, 5, 3)}
     orders = {"dk": (0, 2, 1, 3)}  # (B, L, H, D) in memory, as k's
-    replay = plan.BackwardPlan(numpy.zeros((), dtype=params.BWD_PARAMS_DTYPE), (), shapes, numpy.dtype(numpy.float16),
-                               numpy.dtype(numpy.float32), (16, None), orders=orders, dkv_sums=sums)
+    replay = plan.BackwardPlan(numpy.zeros((), dtype=params.BWD_PARAMS_DTYPE), (), shapes, dtype,
+                               accum, (16, None), orders=orders, dkv_sums=sums)
     rng = numpy.random.default_rng(0)
-    added = {name: rng.standard_normal(shapes[name]).astype(numpy.float32) for name in ("dk", "dv")}
+    added = {name: rng.standard_normal(shapes[name]).astype(accum) for name in ("dk", "dv")}
+    at = {}
 
     def launches(self, memory, pointers):  # the kernels' adds into the sums dk, dv point at
-        assert (pointers[8] - pointers[7]) % 256 == 0
+        assert pointers[8] - pointers[7] >= added["dk"].nbytes and (pointers[8] - pointers[7]) % 256 == 0
         for name, pointer in zip(("dk", "dv"), pointers[7:9]):
             size = added[name].size
-            view = numpy.ctypeslib.as_array((ctypes.c_float * size).from_address(pointer))
+            c_type = ctypes.c_double if accum == numpy.float64 else ctypes.c_float
+            view = numpy.ctypeslib.as_array((c_type * size).from_address(pointer))
             assert not view.any(), "the sums start zeroed"
             view[...] = added[name].reshape(-1)
+            at[name] = pointer
 
     monkeypatch.setattr(plan.BackwardPlan, "_run", launches)
-    inputs = [numpy.zeros(1, numpy.float16)] * 6
+    inputs = [numpy.zeros(1, dtype)] * 6
     dq, dk, dv = replay.run(_HostMemory, *inputs)
     assert dq.shape == shapes["dq"]
     for name, grad in (("dk", dk), ("dv", dv)):
-        assert grad.dtype == numpy.float16 and grad.shape == shapes[name]
-        numpy.testing.assert_array_equal(grad, added[name].astype(numpy.float16))
+        assert grad.dtype == dtype and grad.shape == shapes[name]
+        numpy.testing.assert_array_equal(grad, added[name].astype(dtype))
     assert dk.transpose(0, 2, 1, 3).flags.c_contiguous and dv.flags.c_contiguous
+    # dV in C order and the dtype of the sums: the sums themselves; dK (k's order) a copy
+    assert (dv.__array_interface__["data"][0] == at["dv"]) == (accum == dtype)
+    assert dk.__array_interface__["data"][0] != at["dk"]
 
 
 @pytest.mark.parametrize("group, rows, key_tiles, expected", [

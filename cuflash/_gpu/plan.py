@@ -411,24 +411,30 @@ class BackwardPlan(_Plan):
 @dataclasses.dataclass(frozen=True)
 class _DkvSums:
     """dK and dV of a GQA group whose query heads are split over blocks that add into them
-    (BwdParams::dkv_adds): fp32 sums in k's and v's shapes but for their dtype, one zeroed buffer
-    (v's part on a 256-byte boundary), rounded into the gradients after the launches."""
+    (BwdParams::dkv_adds): sums in the accumulation type (_accum: fp32, fp64 for float64) in k's
+    and v's shapes, one zeroed buffer (v's part on a 256-byte boundary), rounded into the
+    gradients after the launches."""
 
     k_shape: tuple
     v_shape: tuple
+    accum: numpy.dtype
 
     def allocate(self, memory):
         k_size, v_size = math.prod(self.k_shape), math.prod(self.v_shape)
-        v_start = -(-k_size // 64) * 64
-        sums = memory.zeros((v_start + v_size,), numpy.dtype(numpy.float32))
+        v_start = -(-k_size * self.accum.itemsize // 256) * 256 // self.accum.itemsize
+        sums = memory.zeros((v_start + v_size,), self.accum)
         return sums[:k_size].reshape(self.k_shape), sums[v_start:].reshape(self.v_shape)
 
-    @staticmethod
-    def round(memory, dk_sums, dv_sums, dtype, orders):
-        """dK and dV in ``dtype``, laid out in ``orders`` (each its input's)."""
+    def round(self, memory, dk_sums, dv_sums, dtype, orders):
+        """dK and dV in ``dtype``, laid out in ``orders`` (each its input's). Sums already in
+        ``dtype`` and in C order (float32, float64 inputs) are the gradients themselves."""
         grads = []
         for name, sums in (("dk", dk_sums), ("dv", dv_sums)):
-            grad = memory.empty(tuple(sums.shape), dtype, orders.get(name))
+            order = orders.get(name)
+            if self.accum == dtype and order is None:
+                grads.append(sums)
+                continue
+            grad = memory.empty(tuple(sums.shape), dtype, order)
             memory.narrow(grad, sums)
             grads.append(grad)
         return tuple(grads)
@@ -1142,10 +1148,10 @@ def backward(problem):
     dK/dV kernel stores dQ itself and neither runs (_stores_dq).
 
     GQA: a dK/dV block accumulates ``heads_per_block`` query heads of one key/value head on chip:
-    the whole group, or slices of it where that balances the SMs' load better. The tensor-core
-    kernels (16-bit, TF32) add a slice's dK/dV into fp32 sums of the group, rounded here
-    (_DkvSums; not ``deterministic``: the adds' order varies); elsewhere slices are stored and
-    summed here. Gradients of broadcast
+    the whole group, or slices of it where that balances the SMs' load better. The kernels add a
+    slice's dK/dV into sums of the group in the accumulation type, rounded here (_DkvSums); with
+    ``deterministic`` (the adds' order varies) or a packed batch, slices are stored and summed
+    here. Gradients of broadcast
     inputs (an axis of 1 or missing) are summed here too. ``plan`` replays the call
     (``BackwardPlan.run``) when nothing was copied or summed, else None.
     """
@@ -1188,14 +1194,15 @@ def backward(problem):
 
     # The query heads that share a key/value head: GQA's group, or all heads when k and v are
     # broadcast along the head axis (MQA); a dK/dV block accumulates heads_per_block of them.
-    # Where the kernels can (_adds_dkdv), the blocks of a split group add their slices into fp32
-    # sums of the whole group; else each slice is stored and the host sums them (_sum_to).
+    # Unless deterministic or packed (_adds_dkdv), the blocks of a split group add their slices
+    # into sums of the whole group (_DkvSums); else each slice is stored and the host sums them
+    # (_sum_to).
     lead = tuple(p.lead_shape)
     group = _shared_kv_heads(p, k, v)
     longest_q, longest_k = _longest(p)
     key_tiles = -(-longest_k // variants.dkdv.block_n)
     dq_direct = _stores_dq(p, sets, longest_k)
-    adds = _adds_dkdv(p, sets, group)
+    adds = _adds_dkdv(p, group)
     if adds:
         per_block = _heads_per_block_adding(group, math.prod(_row_shape(p)),
                                             _query_tiles_per_key_tile(p, variants.dkdv.block_m, variants.dkdv.block_n))
@@ -1205,7 +1212,7 @@ def backward(problem):
     dkv_sums = None
     if adds:  # the sums, (lead..., key/value heads, Lk, D) and (..., Dv), zeroed (_DkvSums)
         kv_lead = lead[:-1] + (lead[-1] // group,)
-        dkv_sums = _DkvSums(kv_lead + k.shape[-2:], kv_lead + v.shape[-2:])
+        dkv_sums = _DkvSums(kv_lead + k.shape[-2:], kv_lead + v.shape[-2:], accum)
         dk, dv = dkv_sums.allocate(CUPY_MEMORY)
     else:
         kv_lead = lead[:-1] + (lead[-1] // per_block,) if lead else lead
@@ -1238,9 +1245,7 @@ def backward(problem):
             maps = _tensor_maps(p, layout, tma_dkdv[0], ("q", "k", "v", "dout"), kv_group=group)
         if maps is None:
             sets = choose(False)
-            # (the twin of a TMA dK/dV family adds as it does: the sums above stay right; no TMA
-            # family stores dQ itself, so dq_direct was not chosen)
-            assert not adds or all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets)
+            # (no TMA family stores dQ itself, so dq_direct was not chosen)
             assert not dq_direct
     # dbias: summed per key by the dK/dV kernel for a bias broadcast over the queries
     # (_sums_dbias_by_key), added per plane by the dK/dV kernels for a shared bias outside
@@ -1603,13 +1608,12 @@ def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
     return 1
 
 
-def _adds_dkdv(p, sets, group: int) -> bool:
-    """Whether a split GQA group's dK/dV blocks may add into shared fp32 sums (BwdParams::dkv_adds):
-    every launch's dK/dV family can (the tensor-core ones: 16-bit and TF32), the call is not
-    ``deterministic`` (the adds' order varies run to run, as dQ's atomics do), and the batch is
-    not packed (the sums are laid out per dense batch row)."""
-    return (group > 1 and not p.deterministic and p.packed is None
-            and all(tiles.SPECS[f.dkdv.kernel].adds_dkdv for f, _ in sets))
+def _adds_dkdv(p, group: int) -> bool:
+    """Whether a split GQA group's dK/dV blocks may add into shared sums (BwdParams::dkv_adds;
+    every dK/dV family can: bwd_wgmma.cuh's add_dk_dv, bwd_dkdv_tc's add_rows, bwd_simt.cuh's
+    store_or_add): the call is not ``deterministic`` (the adds' order varies run to run, as dQ's
+    atomics do) and the batch is not packed (the sums are laid out per dense batch row)."""
+    return group > 1 and not p.deterministic and p.packed is None
 
 
 def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...]) -> int:

@@ -92,9 +92,6 @@ class KernelSpec:
     # The head dim a bucket's Variant is compiled for: the bucket itself, or a wider one whose
     # loads zero-fill the extra columns (a family built on whole 64-column panels).
     compiled_width: Callable[[int], int] = lambda bucket: bucket
-    # A dK/dV family whose blocks can add a split GQA group's dK, dV into shared fp32 sums
-    # (BwdParams::dkv_adds, cuda_src/bwd_wgmma.cuh's add_dk_dv) instead of storing partial ones.
-    adds_dkdv: bool = False
     # A dK/dV family that sums a bias's gradient over the queries per key in its kScoreMods form
     # (BwdParams::dbias_keys) where the bias is broadcast over the queries (plan._sums_dbias_by_key).
     sums_dbias_by_key: bool = False
@@ -740,18 +737,18 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          # (64-key tiles read their planes in place: bwd_dkdv_tc_stages_planes)
                          score_planes=lambda dtype, d, block_m, block_n: (
                              _score_plane_bytes(dtype, d, block_m, block_n) if block_n >= 128 else 0),
-                         tf32_precisions=("tf32",), adds_dkdv=True,
+                         tf32_precisions=("tf32",),
                          short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
                          adds_dbias=lambda d: d <= 224,  # (bwd_dkdv_tc.cu's kDbiasFromDs)
                          stores_dq=lambda dtype, d: dtype != "float32" and d <= 224)  # (kStoresDq)
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_bytes), adds_dkdv=True)  # Hopper only, d64 and d128: else bwd_dkdv_tc
+    _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
 BWD_DKDV_WGMMA_WS = KernelSpec(
     "bwd_dkdv_wgmma_ws", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, adds_dkdv=True, sums_dbias_by_key=True)
+    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
