@@ -259,7 +259,8 @@ def test_gpu_masks(rng, head_dim, mask, lengths, deterministic):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_gpu_split_gqa_group(rng, head_dim, deterministic):
     """MQA over 16 heads of one sequence: few key/value blocks, so the dK/dV blocks take slices of
-    the group (plan._heads_per_block) whose partial sums the host adds (d256: in column slices)."""
+    the group, added into fp64 sums by the blocks (plan._heads_per_block_adding) or, when
+    deterministic, stored and summed by the host (plan._heads_per_block); d256 in column slices."""
     _check(rng, (1, 16, 2048, head_dim), (1, 1, 2048, head_dim), head_dim, deterministic=deterministic, causal=True)
 
 
