@@ -1,10 +1,10 @@
 """How many query heads a GQA dK/dV block should take: the backward timed with each split forced.
 
 Under GQA a dK/dV block accumulates ``heads_per_block`` query heads of its key/value head on chip.
-Where the kernels add a split group's slices into fp32 sums (Hopper, not deterministic:
-plan._adds_dkdv) plan._heads_per_block_adding picks it from a model of the SMs' load; else
-plan._heads_per_block does (the whole group unless too few blocks fill the GPU) and the partial
-dK/dV are summed after the launch (plan._sum_to). ``--deterministic`` times the second path
+Where the kernels add a split group's slices into sums (every dK/dV family, unless
+deterministic or packed: plan._adds_dkdv) plan._heads_per_block_adding picks it from a model of
+the SMs' load; else plan._heads_per_block does (the whole group unless too few blocks fill the
+GPU) and the partial dK/dV are summed after the launch (plan._sum_to). ``--deterministic`` times the second path
 where the first would run. This sweep times
 ``attention_backward`` with the rule's pick ("auto") and with every divisor of the group forced,
 for Hkv = Hq (MHA, the reference), Hq / 2, Hq / 8 and 1, dense and causal, and the partial sum
