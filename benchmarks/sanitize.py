@@ -46,8 +46,9 @@ Keys (all but ``name`` optional):
 - ``dbias_on_chip``: a shared bias's gradient summed on chip (bwd_dbias_tc) at any size
   (plan.ON_CHIP_DBIAS_MIN_BYTES set to 0 in the child);
 - ``dkv_split``: a GQA group's query heads per dK/dV block, forced in the child
-  (plan._heads_per_block and _heads_per_block_adding return it): on Hopper, unless
-  ``deterministic``, the blocks of a split group add into fp32 sums (bwd_wgmma.cuh's add_dk_dv);
+  (plan._heads_per_block and _heads_per_block_adding return it): unless ``deterministic``, the
+  blocks of a split group add into sums in the accumulation type (bwd_wgmma.cuh's add_dk_dv,
+  bwd_dkdv_tc's add_rows, bwd_simt.cuh's store_or_add);
 - ``quick``: part of ``--quick``;
 - ``mbarrier_handoff``: the kernel hands plain shared-memory stores to other warps through
   mbarriers (not only the copy engine's bytes); racecheck judges it only if it reports no hazard
@@ -122,6 +123,11 @@ def _core_cases() -> list[dict]:
              options={"causal": True}),
         dict(name="mqa-float32", dtype="float32", q=(2, 4, 97, 40), k=(2, 1, 110, 40), options={"window": (20, 0)}),
         dict(name="batch-broadcast-float64", dtype="float64", q=(3, 2, 50, 32), k=(1, 2, 60, 32)),
+        # a split GQA group's dK/dV added by the FFMA and DMMA kernels into fp32 / fp64 sums
+        dict(name="split-adds-float32-d40-gqa", dtype="float32", q=(2, 8, 97, 40), k=(2, 2, 150, 40),
+             options={"causal": True}, dkv_split=1),
+        dict(name="split-adds-float64-d64-gqa", dtype="float64", q=(2, 8, 97, 64), k=(2, 2, 150, 64),
+             options={"window": (30, 10)}, dkv_split=2),
         dict(name="blhd-views-float16", dtype="float16", q=(2, 3, 97, 64), k=(2, 3, 131, 64), layout="blhd",
              options={"causal": True}, quick=True),
         dict(name="top-left-float32", dtype="float32", q=(1, 2, 97, 32), k=(1, 2, 150, 32),
