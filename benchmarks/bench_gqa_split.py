@@ -69,8 +69,8 @@ def main(argv=None) -> int:
                     picks = []
 
                     def spy(rule, n=forced, picks=picks):  # the rule's pick, or the forced one
-                        def pick(*rule_args):
-                            picks.append(rule(*rule_args) if n is None else n)
+                        def pick(*rule_args, **rule_kwargs):
+                            picks.append(rule(*rule_args, **rule_kwargs) if n is None else n)
                             return picks[-1]
                         return pick
 

@@ -323,7 +323,7 @@ def run_case(case: dict) -> dict:
     if case.get("dkv_split"):
         from cuflash._gpu import plan
 
-        plan._heads_per_block = plan._heads_per_block_adding = lambda group, rows, tiles: case["dkv_split"]
+        plan._heads_per_block = plan._heads_per_block_adding = lambda group, rows, tiles, **_: case["dkv_split"]
     try:
         if api == "varlen":
             results, expected = _run_varlen(case, rng, dtype, cupy, cuflash)

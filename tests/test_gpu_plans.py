@@ -464,7 +464,7 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
         plan.forget()
         # (the stored slices' rule, and the added slices' where the kernels add: 16-bit, atomic)
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
-        monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
+        monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block, **_: n)
         for deterministic in (False, True):
             check_backward(rng, dtype, q, k, v, deterministic=deterministic, **options)
 
@@ -519,7 +519,7 @@ def test_split_group_slices_added_in_the_kernel(rng, dtype, case, monkeypatch):
     monkeypatch.setattr(plan.BackwardPlan, "run", lambda self, *a, **kw: replayed.append(self.dkv_sums) or run(self, *a, **kw))
     for per_block in sorted({1, group // 2} - {0}):
         plan.forget()
-        monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block: n)
+        monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, n=per_block, **_: n)
         monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles, n=per_block: n)
         for call, deterministic in enumerate((False, False, True)):
             adds.clear()

@@ -309,6 +309,24 @@ def test_gqa_slices_added_in_the_kernel_balance_the_sms(monkeypatch, group, rows
     assert plan._heads_per_block_adding(group, rows, steps) == expected
 
 
+@pytest.mark.parametrize("resident, causal, group, expected", [
+    (1, True, 8, 8),    # one slot per SM: 256 whole-group blocks look as fast as any slice
+    (2, True, 8, 4),    # two blocks per SM: the 256 blocks fill half the slots
+    (2, True, 16, 4),
+    (2, False, 16, 8),  # dense MQA: 128 whole-group blocks on 264 slots
+])
+def test_gqa_slices_fill_every_resident_block_slot(monkeypatch, resident, causal, group, expected):
+    """plan._heads_per_block_adding for a kernel of several blocks per SM (float64 d128 on DMMA,
+    16 x 32 tiles, B2 Hq16 L2048 on a 132-SM part): blocks count against sms x resident slots, each
+    at 1 / resident of the SM's speed (H200: whole groups 1.37-1.69x the MHA call there, slices
+    of 2-8 0.98-1.05x)."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    steps = plan._visible_tile_counts(2048, 2048, -1, 0 if causal else -1, 0, 16, 32)
+    assert plan._heads_per_block_adding(group, 32, steps, resident=resident) == expected
+
+
 class _HostMemory:
     """NumPy arrays in a plan's memory's place (BackwardPlan.run without a GPU)."""
 

@@ -119,7 +119,7 @@ def test_split_gqa_group_sums_replay_on_torch_memory(dtype, layout, ct, randc, m
     replays match the reference and come back in k's and v's layout."""
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps: 1)
+    monkeypatch.setattr(plan, "_heads_per_block_adding", lambda group, rows, steps, **_: 1)
     monkeypatch.setattr(plan, "_heads_per_block", lambda group, rows, tiles: 1)
     plan.forget()
     replays, run = [], plan.BackwardPlan.run

@@ -1205,7 +1205,8 @@ def backward(problem):
     adds = _adds_dkdv(p, group)
     if adds:
         per_block = _heads_per_block_adding(group, math.prod(_row_shape(p)),
-                                            _query_tiles_per_key_tile(p, variants.dkdv.block_m, variants.dkdv.block_n))
+                                            _query_tiles_per_key_tile(p, variants.dkdv.block_m, variants.dkdv.block_n),
+                                            resident=_resident_blocks(variants.dkdv, device))
         adds = per_block < group
     else:
         per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
@@ -1616,17 +1617,27 @@ def _adds_dkdv(p, group: int) -> bool:
     return group > 1 and not p.deterministic and p.packed is None
 
 
-def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...]) -> int:
+def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...], *, resident: int = 1) -> int:
     """Query heads per dK/dV block when a split group's blocks add into shared sums (_adds_dkdv):
     the divisor of the group whose blocks finish first on this GPU (_finish_time), the larger one
     of two within 2% (fewer blocks load K and V and add into the sums). ``steps``: the query tiles
-    each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows. Small
-    problems keep the whole group, as _heads_per_block's: their time is the host's, and the sums
-    cost a memset and two roundings."""
+    each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows;
+    ``resident``: the dK/dV kernel's blocks per SM (_resident_blocks). Small problems keep the
+    whole group, as _heads_per_block's: their time is the host's, and the sums cost a memset and
+    two roundings."""
     sms = _device_attribute("MultiProcessorCount")
     if rows * len(steps) < 2 * sms:
         return group
-    return _fastest_split(group, rows, steps, sms)
+    return _fastest_split(group, rows, steps, sms, resident)
+
+
+def _resident_blocks(variant, device: int) -> int:
+    """How many blocks of ``variant`` one SM holds at once (the driver's occupancy for its threads,
+    registers and shared memory), at least 1."""
+    from cupy_backends.cuda.api import driver
+
+    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+        kernels.function_pointer(variant, device), variant.threads, variant.shared_mem))
 
 
 # A dK/dV block's cost beyond its steps, in steps: loading K and V, filling the Q/dO pipeline
@@ -1637,12 +1648,18 @@ _ADD_OVERHEAD_STEPS = 1
 
 
 @functools.lru_cache(maxsize=256)
-def _fastest_split(group: int, rows: int, steps: tuple[int, ...], sms: int) -> int:
+def _fastest_split(group: int, rows: int, steps: tuple[int, ...], sms: int, resident: int = 1) -> int:
+    # A kernel that holds ``resident`` blocks per SM needs them all there to run at the SM's
+    # speed (a lone block of the float64 d128 tile, 4 warps, leaves it mostly idle): each of the
+    # sms x resident slots runs its blocks at 1 / resident of that speed. Measured (H200, float64
+    # d128, two blocks per SM, B2 Hq16 L2048, causal GQA 16/2): whole groups of 8 in 256 blocks
+    # 1.67x the MHA call's backward, slices of 2 1.00x; the model with one slot per SM saw them
+    # equal and took the whole group.
     times = {}
     for per_block in (n for n in range(group, 0, -1) if group % n == 0):
         overhead = _BLOCK_OVERHEAD_STEPS + (_ADD_OVERHEAD_STEPS if per_block < group else 0)
         works = [per_block * s + overhead for s in steps if s > 0]
-        times[per_block] = _finish_time(works, rows // per_block, sms)
+        times[per_block] = _finish_time(works, rows // per_block, sms * resident) * resident
     best = min(times.values())
     return max(n for n, t in times.items() if t <= 1.02 * best)
 
