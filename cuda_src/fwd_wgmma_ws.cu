@@ -246,7 +246,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
     // Ping-pong: wait for this warpgroup's turn before issuing MMAs; pass the turn to the next
     // warpgroup (cyclically) after. Each turn barrier completes with the 128 threads of its
-    // warpgroup waiting and the 128 of the one before arriving; every tile's turns balance.
+    // warpgroup waiting and the 128 of the one before arriving. The cycle runs on across a
+    // block's tiles: the last warpgroup passes the turn as soon as it has issued a tile's last
+    // P V, so warpgroup 0 issues the next tile's first S while the others finish the tile
+    // (their last P V, the epilogue) instead of waiting for them. The last warpgroup seeds the
+    // cycle once, and warpgroup 0 takes the turn left over at the end, so the barriers balance.
     constexpr bool kPingPong = CUFLASH_WS_PINGPONG && kConsumers > 1;
     auto my_turn = [&] {
         if (kPingPong) ptx::named_barrier_sync(4 + group, 256);
@@ -258,6 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
     auto release = [&](unsigned empty_bar) { ptx::mbarrier_arrive_warp(empty_bar); };
     constexpr float kLog2e = 1.4426950408889634f;
 
+    if (group == kConsumers - 1) pass_turn();  // the cycle's seed: warpgroup 0 goes first
     int n = 0, round = 0;  // as the producer's
     for (unsigned wave = 0;; ++wave) {
         const unsigned linear = walk.tile(wave);
@@ -334,10 +339,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         };
 
         // The loop of fwd_wgmma.cu (its comment): S_{t+1} and P_t V_t issued together, the softmax
-        // of S_{t+1} while P_t V_t runs. The last warpgroup hands warpgroup 0 the first turn.
-        // Round r of the rings is this tile's key tile r - round.
+        // of S_{t+1} while P_t V_t runs. Round r of the rings is this tile's key tile r - round.
         const int tiles = range.last - range.first;
-        if (tiles > 0 && group == kConsumers - 1) pass_turn();
         if (tiles > 0) {
             const int slot = round % kStages;
             load_bias(range.first, s[0]);
@@ -404,7 +407,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             ptx::wgmma_fence();
             issue_pv(slot);
             ptx::wgmma_commit();
-            if (group != kConsumers - 1) pass_turn();  // the last passes none: warpgroup 0 has no turn left
+            pass_turn();
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(acc[0]);
             release(bars.v_empty(slot));
@@ -434,6 +437,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         release(bars.q_empty(qb));
         ++n;
     }
+    if (group == 0) my_turn();  // the last warpgroup's final pass (or the seed, without a tile)
 }
 
 }  // namespace cuflash

@@ -89,6 +89,10 @@ PERSISTENT_CASES = [
     ((2, 48, 200, 192), (2, 48, 333, 192), dict(window=(50, 20))),     # 192 tiles
     ((3, 40, 257, 128), (3, 40, 257, 128), dict(scale=-0.2)),          # each tile's Q negated: 360
     ((2, 96, 130, 128), (2, 96, 1, 128), dict(causal=True)),           # one key: whole tiles see none
+    # Lq > Lk bottom-right: a row's first query tiles see no key, its last ones many, so each
+    # block's walk mixes tiles without MMAs and tiles with them (the turn cycle runs across both)
+    ((2, 64, 700, 128), (2, 64, 300, 128), dict(causal=True)),         # 768 tiles
+    ((2, 32, 1300, 64), (2, 32, 900, 64), dict(causal=True)),          # d64 192-row tiles: 448
 ]
 
 
