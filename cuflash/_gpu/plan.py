@@ -1631,13 +1631,20 @@ def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...], *, re
     return _fastest_split(group, rows, steps, sms, resident)
 
 
+_RESIDENT_BLOCKS: dict[tuple[object, int], int] = {}
+
+
 def _resident_blocks(variant, device: int) -> int:
     """How many blocks of ``variant`` one SM holds at once (the driver's occupancy for its threads,
-    registers and shared memory), at least 1."""
-    from cupy_backends.cuda.api import driver
+    registers and shared memory), at least 1; asked once per Variant and device (a backward that
+    adds a split GQA group plans with it on every call that builds a plan)."""
+    key = (variant, device)
+    if key not in _RESIDENT_BLOCKS:
+        from cupy_backends.cuda.api import driver
 
-    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
-        kernels.function_pointer(variant, device), variant.threads, variant.shared_mem))
+        _RESIDENT_BLOCKS[key] = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            kernels.function_pointer(variant, device), variant.threads, variant.shared_mem))
+    return _RESIDENT_BLOCKS[key]
 
 
 # A dK/dV block's cost beyond its steps, in steps: loading K and V, filling the Q/dO pipeline
