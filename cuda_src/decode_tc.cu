@@ -7,7 +7,7 @@
 //                   heads_per_block query heads of one kv head (normally its whole GQA group):
 //                   their rows (head, query i), heads_per_block * Lq of them, share every K/V tile
 //                   the block reads, so K/V are read once per kv head, not once per query head.
-//                   The keys of split s are a contiguous range of whole 64-key tiles of the keys
+//                   The keys of split s are a contiguous range of whole key tiles of the keys
 //                   the block's rows may see (Mask::tiles), out of sequence b's
 //                   cache_seqlens[b] + Lnew, a length read here, on the device. K/V tiles stream
 //                   through shared memory kStages deep (cp.async), read in place through the
@@ -20,7 +20,7 @@
 //                   own type, and fp32 partials keep the splits' rounding out of the result).
 //
 // Inside a block, 4 warps form a kWarpsM x kWarpsN grid over (16-row m tiles) x (key quarters
-// of each 64-key tile): few rows (Lq = 1) put all four warps on the same rows, each on its own
+// of each key tile): few rows (Lq = 1) put all four warps on the same rows, each on its own
 // keys of every tile, so the MMA work per tile is spread over four warps instead of idling
 // three; their softmax states are merged through shared memory at the end, in a fixed order.
 // The online softmax is softmax_tc.cuh's (fp32); the mask is mask.cuh's and the score
@@ -39,9 +39,15 @@
 #include "tile_tc.cuh"
 
 #define CUFLASH_DECODE_THREADS 128
-#define CUFLASH_DECODE_BLOCK_N 64
 
 namespace cuflash {
+
+// Keys per K/V tile: 64 at D 128, 128 at D 64, so that a tile is the same bytes (and the same
+// MMAs per warp) at both widths. Each tile costs the loop a fixed toll (the pipeline's wait and
+// barrier, the softmax's row bookkeeping) whatever its width: with 64-key tiles D 64 paid it
+// twice per byte and ran at 2.4-3.1 TB/s where D 128 ran at 3.7-4.1 (session 32).
+template <int kHeadDim>
+constexpr int decode_block_n() { return kHeadDim <= 64 ? 128 : 64; }
 
 // The dynamic shared memory of a decode_tc instantiation (cuflash/_gpu/decode.py computes the
 // same): the block's Q rows, then kStages (K, V) tile pairs. The warps' softmax states are
@@ -49,7 +55,7 @@ namespace cuflash {
 template <typename Element, int kHeadDim, int kWarpsM, int kStages>
 constexpr unsigned decode_tc_smem_bytes() {
     return tc::SmemTile<16 * kWarpsM, kHeadDim>::kBytes +
-           kStages * 2 * tc::SmemTile<CUFLASH_DECODE_BLOCK_N, kHeadDim>::kBytes;
+           kStages * 2 * tc::SmemTile<decode_block_n<kHeadDim>(), kHeadDim>::kBytes;
 }
 
 // __launch_bounds__(128, 1): without the minimum of one block, ptxas capped some instantiations
@@ -60,7 +66,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     constexpr int kThreads = CUFLASH_DECODE_THREADS;
     constexpr int kWarpsN = kThreads / 32 / kWarpsM;
     constexpr int kBlockM = 16 * kWarpsM;             // rows per block
-    constexpr int kBlockN = CUFLASH_DECODE_BLOCK_N;   // keys per tile
+    constexpr int kBlockN = decode_block_n<kHeadDim>();  // keys per tile
     constexpr int kWarpN = kBlockN / kWarpsN;         // keys of a tile per warp
     constexpr int kNTilesS = kWarpN / 8;
     constexpr int kNTilesO = kHeadDim / 8;
