@@ -7,7 +7,7 @@
 //                   heads_per_block query heads of one kv head (normally its whole GQA group):
 //                   their rows (head, query i), heads_per_block * Lq of them, share every K/V tile
 //                   the block reads, so K/V are read once per kv head, not once per query head.
-//                   The keys of split s are a contiguous range of whole 64-key tiles of the keys
+//                   The keys of split s are a contiguous range of whole key tiles of the keys
 //                   the block's rows may see (Mask::tiles), out of sequence b's
 //                   cache_seqlens[b] + Lnew, a length read here, on the device. K/V tiles stream
 //                   through shared memory kStages deep (cp.async), read in place through the
@@ -20,7 +20,7 @@
 //                   own type, and fp32 partials keep the splits' rounding out of the result).
 //
 // Inside a block, 4 warps form a kWarpsM x kWarpsN grid over (16-row m tiles) x (key quarters
-// of each 64-key tile): few rows (Lq = 1) put all four warps on the same rows, each on its own
+// of each key tile): few rows (Lq = 1) put all four warps on the same rows, each on its own
 // keys of every tile, so the MMA work per tile is spread over four warps instead of idling
 // three; their softmax states are merged through shared memory at the end, in a fixed order.
 // The online softmax is softmax_tc.cuh's (fp32); the mask is mask.cuh's and the score
@@ -39,9 +39,15 @@
 #include "tile_tc.cuh"
 
 #define CUFLASH_DECODE_THREADS 128
-#define CUFLASH_DECODE_BLOCK_N 64
 
 namespace cuflash {
+
+// Keys per K/V tile: 64 at D 128, 128 at D 64, so that a tile is the same bytes (and the same
+// MMAs per warp) at both widths. Each tile costs the loop a fixed toll (the pipeline's wait and
+// barrier, the softmax's row bookkeeping) whatever its width: with 64-key tiles D 64 paid it
+// twice per byte and ran at 2.4-3.1 TB/s where D 128 ran at 3.7-4.1 (session 32).
+template <int kHeadDim>
+constexpr int decode_block_n() { return kHeadDim <= 64 ? 128 : 64; }
 
 // The dynamic shared memory of a decode_tc instantiation (cuflash/_gpu/decode.py computes the
 // same): the block's Q rows, then kStages (K, V) tile pairs. The warps' softmax states are
@@ -49,7 +55,7 @@ namespace cuflash {
 template <typename Element, int kHeadDim, int kWarpsM, int kStages>
 constexpr unsigned decode_tc_smem_bytes() {
     return tc::SmemTile<16 * kWarpsM, kHeadDim>::kBytes +
-           kStages * 2 * tc::SmemTile<CUFLASH_DECODE_BLOCK_N, kHeadDim>::kBytes;
+           kStages * 2 * tc::SmemTile<decode_block_n<kHeadDim>(), kHeadDim>::kBytes;
 }
 
 // __launch_bounds__(128, 1): without the minimum of one block, ptxas capped some instantiations
@@ -60,7 +66,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     constexpr int kThreads = CUFLASH_DECODE_THREADS;
     constexpr int kWarpsN = kThreads / 32 / kWarpsM;
     constexpr int kBlockM = 16 * kWarpsM;             // rows per block
-    constexpr int kBlockN = CUFLASH_DECODE_BLOCK_N;   // keys per tile
+    constexpr int kBlockN = decode_block_n<kHeadDim>();  // keys per tile
     constexpr int kWarpN = kBlockN / kWarpsN;         // keys of a tile per warp
     constexpr int kNTilesS = kWarpN / 8;
     constexpr int kNTilesO = kHeadDim / 8;
@@ -158,7 +164,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     int positions[kRowsPerThread];  // ... and their row within it
     // Tile j's pages and rows; called for t_begin, t_begin + 1, ... in order (the page state
     // advances one tile per call), each load_kv(j) right after fetch_pages(j)'s results are in.
-    // Contiguous caches read nothing here: load_kv addresses their rows by key, as before. Pages
+    // Contiguous caches read nothing here: load_kv addresses their rows from k_first / v_first. Pages
     // shorter than a row step (any size >= 1 is allowed: SGLang's caches use pages of one token)
     // take the division per row; from kRowStep rows on, a step wraps into the next page once at
     // most.
@@ -192,21 +198,48 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
             ++next_page;
         }
     };
+    // Where this thread's rows lie. Contiguous caches: its first K and V row of tile t_begin, tile
+    // j's rows (j - t_begin) * kBlockN rows further and row i of a tile i * kRowStep rows further,
+    // so a tile is addressed by additions; paged caches: each row at (its page, its row there).
+    // Why it matters: decode_tc issued ~2.5x cuDNN's instructions for the same bytes (ncu,
+    // session 31) and addressing each row by key cost 64-bit multiply-adds of three strides per
+    // copy; with additions and whole copies below, 2.4x fewer (session 32).
+    const unsigned short* k_head = k_base + hk * p.k_head_stride + kv_chunk * 8;
+    const unsigned short* v_head = v_base + hk * p.v_head_stride + kv_chunk * 8;
+    const long long k_row_step = kRowStep * p.k_row_stride, v_row_step = kRowStep * p.v_row_stride;
+    const unsigned short* k_first = k_head + b * p.k_page_stride + (t_begin * kBlockN + kv_row0) * p.k_row_stride;
+    const unsigned short* v_first = v_head + b * p.v_page_stride + (t_begin * kBlockN + kv_row0) * p.v_row_stride;
+    const bool whole_chunks = k_valid == 8 && v_valid == 8;  // the thread's chunk inside D and Dv
     auto load_kv = [&](int j) {  // tile j, whose pages fetch_pages(j) read
         const unsigned slot = kv_smem + ((j - t_begin) % kStages) * kStageBytes;
+        const long long k_tile = (j - t_begin) * kRowsPerThread * k_row_step;
+        const long long v_tile = (j - t_begin) * kRowsPerThread * v_row_step;
+        auto k_src = [&](int i) {
+            return table != nullptr ? k_head + pages[i] * p.k_page_stride + positions[i] * p.k_row_stride
+                                    : k_first + k_tile + i * k_row_step;
+        };
+        auto v_src = [&](int i) {
+            return table != nullptr ? v_head + pages[i] * p.v_page_stride + positions[i] * p.v_row_stride
+                                    : v_first + v_tile + i * v_row_step;
+        };
+        if (whole_chunks && (j + 1) * kBlockN <= seqlen_k) {  // every row a key: no zero fill
+#pragma unroll
+            for (int i = 0; i < kRowsPerThread; ++i) {
+                const unsigned k_dst = slot + KVTile::offset(kv_row0 + i * kRowStep, kv_chunk);
+                ptx::cp_async_16_line(k_dst, k_src(i));
+                ptx::cp_async_16_line(k_dst + KVTile::kBytes, v_src(i));
+            }
+            return;
+        }
+        // The sequence's last tile, or a chunk past D or Dv: keys >= Lk and columns past D read as
+        // zeros (from the cache's base address: a row past the sequence may lie past its pages).
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
-            const int row = kv_row0 + i * kRowStep, key = j * kBlockN + row;
-            const bool valid = key < seqlen_k;
-            const unsigned short* k_src = k_base;
-            const unsigned short* v_src = v_base;
-            const int page = table != nullptr ? pages[i] : b, position = table != nullptr ? positions[i] : key;
-            if (valid) {
-                k_src += page * p.k_page_stride + hk * p.k_head_stride + position * p.k_row_stride + kv_chunk * 8;
-                v_src += page * p.v_page_stride + hk * p.v_head_stride + position * p.v_row_stride + kv_chunk * 8;
-            }
-            ptx::cp_async_16(slot + KVTile::offset(row, kv_chunk), k_src, valid ? 2 * k_valid : 0);
-            ptx::cp_async_16(slot + KVTile::kBytes + KVTile::offset(row, kv_chunk), v_src, valid ? 2 * v_valid : 0);
+            const int row = kv_row0 + i * kRowStep;
+            const bool valid = j * kBlockN + row < seqlen_k;
+            const unsigned k_dst = slot + KVTile::offset(row, kv_chunk);
+            ptx::cp_async_16(k_dst, valid ? k_src(i) : k_base, valid ? 2 * k_valid : 0);
+            ptx::cp_async_16(k_dst + KVTile::kBytes, valid ? v_src(i) : v_base, valid ? 2 * v_valid : 0);
         }
     };
 #pragma unroll

@@ -91,6 +91,15 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int s
                  : "memory");
 }
 
+// cp_async_16 of all 16 bytes, for streams that read every byte of long runs (decode_tc's K/V):
+// no zero-fill operand (with one, ptxas computes 16 - src_bytes into every copy's address: ~8
+// instructions each, and a decode tile is ~16 copies against ~30 other instructions per thread),
+// and .L2::128B: the L2 fetches the copy's whole 128-byte line from HBM at once, rather than
+// each 32-byte sector on the request that first touches it.
+__device__ __forceinline__ void cp_async_16_line(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
 // Close the group of cp.async issued by this thread since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 

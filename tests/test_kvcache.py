@@ -601,7 +601,7 @@ def test_gpu_decode_kernel(rng, decode_spy, dtype, page_size, lnew, heads):
 def test_gpu_decode_kernel_any_page_size(rng, decode_spy, dtype, page_size):
     """Page sizes other than 16/64/256: shorter than the kernel's row step (1 and, at D 64, 8: a
     division per row), exactly one row step (8 at D 128), and sizes that neither divide nor are
-    multiples of a 64-key tile (24, 48, 80: the page and row carried from tile to tile wrap at
+    multiples of a key tile (24, 48, 80: the page and row carried from tile to tile wrap at
     rows that move from tile to tile); split ranges that start inside a page (num_splits 3)."""
     cupy = _cupy()
     capacity = 300
@@ -717,7 +717,8 @@ def _decode_kernels(arch):
         yield decode.combine_kernel(dtype, arch)
         for head_dim in (64, 128):
             for rows in (1, 32, 64):
-                yield decode.DecodeKernel(dtype, head_dim, decode.warps_m_for(rows), decode.stages_for(head_dim), arch)
+                yield decode.DecodeKernel(dtype, head_dim, decode.warps_m_for(rows),
+                                          decode.stages_for(head_dim, decode.warps_m_for(rows)), arch)
 
 
 @pytest.mark.parametrize("arch", ["80", "90a"])

@@ -27,7 +27,6 @@ from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, set_row_shape
 from .variant import CUDA_TYPES, HelperKernel
 
 THREADS = 128   # CUFLASH_DECODE_THREADS
-BLOCK_N = 64    # CUFLASH_DECODE_BLOCK_N: keys per tile; splits are whole tiles
 MAX_SPLITS = 64  # the heuristic's ceiling (num_splits=0)
 MAX_GRID_X = 2**31 - 1
 LOG2E = 1.4426950408889634
@@ -72,7 +71,13 @@ class DecodeKernel:
     @property
     def shared_mem(self) -> int:
         """decode_tc_smem_bytes: Q's rows, then the K/V stages."""
-        return _tile_bytes(16 * self.warps_m, self.head_dim) + self.stages * 2 * _tile_bytes(BLOCK_N, self.head_dim)
+        return (_tile_bytes(16 * self.warps_m, self.head_dim)
+                + self.stages * 2 * _tile_bytes(self.block_n, self.head_dim))
+
+    @property
+    def block_n(self) -> int:
+        """decode_block_n: keys per tile (128 at D 64, 64 at D 128: the same bytes); splits are whole tiles."""
+        return block_n_for(self.head_dim)
 
     @property
     def block_m(self) -> int:
@@ -91,9 +96,16 @@ def combine_kernel(dtype: str, arch: str) -> HelperKernel:
     return HelperKernel("decode_tc", "decode_combine", dtype, arch, THREADS)
 
 
-def stages_for(head_dim: int) -> int:
-    """K/V stages: D 128 takes 3 (two blocks of 106 KiB fit an SM), D 64 takes 4 (three blocks)."""
-    return 3 if head_dim > 64 else 4
+def block_n_for(head_dim: int) -> int:
+    """decode_block_n: 64 keys a tile at D 128, 128 at D 64 (a tile of the same bytes)."""
+    return 128 if head_dim <= 64 else 64
+
+
+def stages_for(head_dim: int, warps_m: int) -> int:
+    """K/V stages: 3 (tiles of ~34 KiB K+V at both widths: two blocks fit an SM), but 2 for D 64's
+    64-row blocks: their rows make the block compute-bound, and a third stage would leave room
+    for one block per SM where it held two before its tiles grew to 128 keys."""
+    return 2 if head_dim <= 64 and warps_m == 4 else 3
 
 
 def warps_m_for(rows: int) -> int:
@@ -112,7 +124,7 @@ def choose_splits(blocks: int, tiles: int, sms: int, per_sm: int) -> int:
     """num_splits = 0: the fewest splits whose blocks (``blocks`` per split) fill the waves of
     ``sms`` SMs holding ``per_sm`` each about as well as any count does (within 4% of the best
     fill), at most MAX_SPLITS and at least two key tiles per split (fewer would spend a split's
-    pipeline start and its partial's write and read on 64 keys); none when the heads alone make
+    pipeline start and its partial's write and read on one tile); none when the heads alone make
     two waves or more.
 
     Why the fill and not a number of waves: every block of a call reads the same number of keys,
@@ -254,10 +266,11 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     bucket = 64 if max(head_dim, head_dim_v) <= 64 else 128
     device = q.device.id
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
-    spec = DecodeKernel(dtype, bucket, warps_m_for(rows), stages_for(bucket), arch)
+    warps_m = warps_m_for(rows)
+    spec = DecodeKernel(dtype, bucket, warps_m, stages_for(bucket, warps_m), arch)
     row_chunks = -(-rows // spec.block_m)
     blocks = batch * (heads_q // heads_per_block) * row_chunks
-    tiles = -(-capacity // BLOCK_N)
+    tiles = -(-capacity // spec.block_n)
     if num_splits == 0:
         splits = choose_splits(blocks, tiles, _device_attribute("MultiProcessorCount"), resident_blocks(spec))
     else:
