@@ -325,6 +325,21 @@ def test_gqa_slices_fill_every_resident_block_slot(monkeypatch, resident, causal
     monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     steps = plan._visible_tile_counts(2048, 2048, -1, 0 if causal else -1, 0, 16, 32)
     assert plan._heads_per_block_adding(group, 32, steps, resident=resident) == expected
+    asked = []
+    assert plan._heads_per_block_adding(group, 32, steps, resident=lambda: asked.append(1) or resident) == expected
+    assert asked == [1]
+
+
+def test_the_split_rule_asks_no_occupancy_of_a_problem_it_keeps_whole(monkeypatch):
+    """The occupancy (``resident``, a function: the driver's answer needs the dK/dV kernel
+    loaded) is asked only of problems large enough to split; a small one keeps its whole group."""
+    from cuflash._gpu import plan
+
+    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    asked = []
+    steps = plan._visible_tile_counts(256, 256, -1, 0, 0, 16, 32)
+    assert plan._heads_per_block_adding(8, 4, steps, resident=lambda: asked.append(1) or 2) == 8
+    assert asked == []
 
 
 class _HostMemory:

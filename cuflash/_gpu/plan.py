@@ -13,6 +13,7 @@ import heapq
 import math
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy
 
@@ -1206,7 +1207,7 @@ def backward(problem):
     if adds:
         per_block = _heads_per_block_adding(group, math.prod(_row_shape(p)),
                                             _query_tiles_per_key_tile(p, variants.dkdv.block_m, variants.dkdv.block_n),
-                                            resident=_resident_blocks(variants.dkdv, device))
+                                            resident=lambda: _resident_blocks(variants.dkdv, device))
         adds = per_block < group
     else:
         per_block = _heads_per_block(group, math.prod(_row_shape(p)), key_tiles)
@@ -1617,18 +1618,21 @@ def _adds_dkdv(p, group: int) -> bool:
     return group > 1 and not p.deterministic and p.packed is None
 
 
-def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...], *, resident: int = 1) -> int:
+def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...], *,
+                            resident: int | Callable[[], int] = 1) -> int:
     """Query heads per dK/dV block when a split group's blocks add into shared sums (_adds_dkdv):
     the divisor of the group whose blocks finish first on this GPU (_finish_time), the larger one
     of two within 2% (fewer blocks load K and V and add into the sums). ``steps``: the query tiles
     each key tile sees (_query_tiles_per_key_tile); ``rows``: the query heads x batch rows;
-    ``resident``: the dK/dV kernel's blocks per SM (_resident_blocks). Small problems keep the
+    ``resident``: the dK/dV kernel's blocks per SM (_resident_blocks), or a function that asks
+    for them, called only for a problem large enough to split (the driver's answer needs the
+    kernel loaded, which a small problem's plan may never launch). Small problems keep the
     whole group, as _heads_per_block's: their time is the host's, and the sums cost a memset and
     two roundings."""
     sms = _device_attribute("MultiProcessorCount")
     if rows * len(steps) < 2 * sms:
         return group
-    return _fastest_split(group, rows, steps, sms, resident)
+    return _fastest_split(group, rows, steps, sms, resident() if callable(resident) else resident)
 
 
 _RESIDENT_BLOCKS: dict[tuple[object, int], int] = {}
