@@ -336,9 +336,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         unsplit result within rounding, bitwise reproducible for a fixed ``num_splits``. The decode
         kernel splits the keys its rows may see into n runs of whole key tiles (64 keys at D 128,
         128 at D 64; at most one range per tile of Lmax); the composition splits ``[0, Lk)`` into
-        ``min(n, Lk)`` ranges ``[s * Lk // n, (s + 1) * Lk // n)``. 0 (the default): a heuristic; the decode kernel's
-        fills about two waves of blocks from B, the heads, Lq, Lmax and the SM count (at most 64
-        splits, at least two tiles each), the composition's is 1.
+        ``min(n, Lk)`` ranges ``[s * Lk // n, (s + 1) * Lk // n)``. 0 (the default): a
+        heuristic; the decode kernel's fills about two waves of blocks from B, the heads, Lq,
+        Lmax and the SM count (at most 64 splits, at least two tiles each), the composition's
+        is 1.
     out : array ``(B, Hq, Lq, Dv)``, optional
         Written in place and returned, as in :func:`cuflash.attention`; it must not share memory
         with any input, the caches included.
