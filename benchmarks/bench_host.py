@@ -18,7 +18,15 @@ Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - torch SDPA (default backend choice, FLASH, CUDNN, EFFICIENT): the same two.
 With ``--gqa`` the key/value heads are half the query heads (SDPA with ``enable_gqa``).
 
-    python benchmarks/bench_host.py [--dtype bf16] [--calls 200] [--gqa]
+``--layers`` adds where cuflash.torch's forward + ``backward()`` spends its host time: the call
+streamed as above, each layer of the path timed by a wrapper around it (the torch adapter's
+autograd.Function forward and backward, the cached plans' ``run`` and ``_run``, each
+cuLaunchKernel, each tensor-map address update), in rounds alternating with SDPA's default
+backend so that the two share the host's state (its timings move 2-3x between runs: compare
+within a round). Layers nest (``run`` contains ``_run``, which contains the launches), and the
+wrappers add about a microsecond each.
+
+    python benchmarks/bench_host.py [--dtype bf16] [--calls 200] [--gqa] [--layers]
 
 Writes benchmarks/results/<UTC>_<gpu>_host.json and prints a Markdown table.
 """
@@ -148,6 +156,106 @@ def cases(args):
         yield f"{name} fwd+bwd", within(torch_fwd_bwd(sdpa))
 
 
+# The layers --layers times: (name, module path, attribute path); each wrapped while it is timed.
+LAYERS = (
+    ("Function.forward", "cuflash.torch", "_AttentionFunction.forward"),
+    ("Function.backward", "cuflash.torch", "_AttentionFunction.backward"),
+    ("ForwardPlan.run", "cuflash._gpu.plan", "ForwardPlan.run"),
+    ("BackwardPlan.run", "cuflash._gpu.plan", "BackwardPlan.run"),
+    ("_Plan._run", "cuflash._gpu.plan", "_Plan._run"),
+    ("tensor-map updates", "cuflash._gpu.tma", "replace_address_in_place"),
+)
+
+
+class _LayerTimers:
+    """Wrappers that add each layer's wall time into ``totals`` (seconds), installed by
+    ``install`` and removed by ``remove``; the launches are timed through plan._driver."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self._restore = []
+
+    def _timed(self, name, function):
+        totals = self.totals
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+    def install(self):
+        import importlib
+
+        for name, module_name, path in LAYERS:
+            owner = importlib.import_module(module_name)
+            *parents, attribute = path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent)
+            original = owner.__dict__[attribute]
+            function = original.__func__ if isinstance(original, staticmethod) else original
+            wrapped = self._timed(name, function)
+            setattr(owner, attribute, staticmethod(wrapped) if isinstance(original, staticmethod) else wrapped)
+            self._restore.append((owner, attribute, original))
+        from cuflash._gpu import plan
+
+        driver, timed_launch = plan._driver(), self._timed("cuLaunchKernel", plan._driver().launchKernel)
+
+        class _TimedDriver:
+            launchKernel = staticmethod(timed_launch)
+
+            def __getattr__(self, name):
+                return getattr(driver, name)
+        original_driver = plan.__dict__["_driver"]
+        plan._driver = lambda: _TimedDriver()
+        self._restore.append((plan, "_driver", original_driver))
+
+    def remove(self):
+        for owner, attribute, original in reversed(self._restore):
+            setattr(owner, attribute, original)
+        self._restore.clear()
+
+
+def layers(args, rounds: int = 3) -> list[dict]:
+    """--layers: per round, cuflash.torch's fwd+bwd streamed with its layers timed, then SDPA's
+    (default backend) on the same tensors; us per call."""
+    import cupy
+    import torch
+
+    import cuflash.torch as ct
+
+    dtype = getattr(torch, TORCH_DTYPES[args.dtype])
+    hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
+    q, k, v = (torch.randn((args.batch, h, args.seqlen, args.headdim), device="cuda", dtype=dtype,
+                           requires_grad=True) for h in (hq, hkv, hkv))
+    dout = torch.randn((args.batch, hq, args.seqlen, args.headdim), device="cuda", dtype=dtype)
+
+    def ours():
+        ct.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa).backward(dout)
+
+    def sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa).backward(dout)
+
+    results = []
+    for round_ in range(rounds):
+        timers = _LayerTimers()
+        ours()  # planned and compiled outside the clock
+        timers.install()
+        try:
+            host, device = records.streamed(cupy, ours, args.calls)
+        finally:
+            timers.remove()
+        calls = args.calls + 1  # streamed's warm-up call ran under the timers too
+        results.append({"round": round_, "call": "cuflash.torch fwd+bwd", "host_us": 1e3 * host,
+                        "device_us": 1e3 * device,
+                        **{name: 1e6 * total / calls for name, total in timers.totals.items()}})
+        host, device = records.streamed(cupy, sdpa, args.calls)
+        results.append({"round": round_, "call": "sdpa fwd+bwd", "host_us": 1e3 * host, "device_us": 1e3 * device})
+    return results
+
+
 def environment() -> dict:
     import cupy
     import torch
@@ -168,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--headdim", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--gqa", action="store_true", help="key/value heads = query heads / 2")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time the layers of cuflash.torch's fwd+bwd (see the module docstring)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.gqa and args.heads % 2:
@@ -187,8 +297,9 @@ def main(argv=None) -> int:
                                                                                "streamed_device_us")),
               file=sys.stderr, flush=True)
 
+    layer_rows = layers(args) if args.layers else []
     env = environment()
-    record = {"sweep": "host", **env, "config": vars(args), "rows": rows}
+    record = {"sweep": "host", **env, "config": vars(args), "rows": rows, "layers": layer_rows}
     path = records.write(record, records.record_path(args.out, env["date_utc"], env["device"],
                                                      "host_gqa" if args.gqa else "host"))
     print(f"| call ({args.dtype}, B={args.batch} H={args.heads}{' GQA' if args.gqa else ''} L={args.seqlen} D={args.headdim}) "
@@ -196,6 +307,13 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"| {row['call']} | " + " | ".join(cell(row.get(k), ".1f") for k in ("host_us", "streamed_host_us",
                                                                                  "streamed_device_us")) + " |")
+    if layer_rows:
+        names = [name for name, _, _ in LAYERS] + ["cuLaunchKernel"]
+        print("\n| round | call | host us | device us | " + " | ".join(names) + " |\n|"
+              + " --- |" * (4 + len(names)))
+        for row in layer_rows:
+            print(f"| {row['round']} | {row['call']} | " + " | ".join(cell(row.get(k), ".1f") for k in
+                                                                    ["host_us", "device_us"] + names) + " |")
     print(f"\nrecorded {path}")
     return 0
 
