@@ -65,6 +65,17 @@ def host_us_per_call(call, calls: int) -> float:
     return statistics.median(samples)
 
 
+def _inputs(args):
+    """q, k, v (requiring grad) and dout: CUDA tensors of the arguments' shapes and dtype."""
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPES[args.dtype])
+    hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
+    shape_q, shape_kv = (args.batch, hq, args.seqlen, args.headdim), (args.batch, hkv, args.seqlen, args.headdim)
+    q, k, v = (torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in (shape_q, shape_kv, shape_kv))
+    return q, k, v, torch.randn(shape_q, device="cuda", dtype=dtype)
+
+
 def cases(args):
     import cupy
     import torch
@@ -73,11 +84,7 @@ def cases(args):
     import cuflash
     import cuflash.torch as ct
 
-    dtype = getattr(torch, TORCH_DTYPES[args.dtype])
-    hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
-    shape_q, shape_kv = (args.batch, hq, args.seqlen, args.headdim), (args.batch, hkv, args.seqlen, args.headdim)
-    q, k, v = (torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in (shape_q, shape_kv, shape_kv))
-    dout = torch.randn(shape_q, device="cuda", dtype=dtype)
+    q, k, v, dout = _inputs(args)
     cq, ck, cv, cdout = (cupy.from_dlpack(x.detach()) for x in (q, k, v, dout))
     cout, clse = cuflash.attention(cq, ck, cv, causal=True, return_lse=True)
 
@@ -117,7 +124,7 @@ def cases(args):
     # host read of the offsets), each sequence one batch entry.
     packed = [x.detach().transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]).contiguous().requires_grad_()
               for x in (q, k, v)]
-    pdout = dout.transpose(1, 2).reshape(-1, hq, args.headdim).contiguous()
+    pdout = dout.transpose(1, 2).reshape(-1, args.heads, args.headdim).contiguous()
     cu = torch.arange(0, (args.batch + 1) * args.seqlen, args.seqlen, dtype=torch.int32, device="cuda")
     pq, pk, pv, pd, pcu = (cupy.from_dlpack(x.detach()) for x in (*packed, pdout, cu))
     hints = dict(max_seqlen_q=args.seqlen, max_seqlen_k=args.seqlen, causal=True)
@@ -175,6 +182,17 @@ class _LayerTimers:
         self.totals: dict[str, float] = {}
         self._restore = []
 
+    @staticmethod
+    def resolve(module_name, path):
+        """(the object holding the layer at ``path`` in ``module_name``, its attribute name)."""
+        import importlib
+
+        owner = importlib.import_module(module_name)
+        *parents, attribute = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        return owner, attribute
+
     def _timed(self, name, function):
         totals = self.totals
 
@@ -187,13 +205,8 @@ class _LayerTimers:
         return timed
 
     def install(self):
-        import importlib
-
         for name, module_name, path in LAYERS:
-            owner = importlib.import_module(module_name)
-            *parents, attribute = path.split(".")
-            for parent in parents:
-                owner = getattr(owner, parent)
+            owner, attribute = self.resolve(module_name, path)
             original = owner.__dict__[attribute]
             function = original.__func__ if isinstance(original, staticmethod) else original
             wrapped = self._timed(name, function)
@@ -201,7 +214,8 @@ class _LayerTimers:
             self._restore.append((owner, attribute, original))
         from cuflash._gpu import plan
 
-        driver, timed_launch = plan._driver(), self._timed("cuLaunchKernel", plan._driver().launchKernel)
+        driver = plan._driver()
+        timed_launch = self._timed("cuLaunchKernel", driver.launchKernel)
 
         class _TimedDriver:
             launchKernel = staticmethod(timed_launch)
@@ -226,11 +240,7 @@ def layers(args, rounds: int = 3) -> list[dict]:
 
     import cuflash.torch as ct
 
-    dtype = getattr(torch, TORCH_DTYPES[args.dtype])
-    hq, hkv = (args.heads, args.heads // 2) if args.gqa else (args.heads, args.heads)
-    q, k, v = (torch.randn((args.batch, h, args.seqlen, args.headdim), device="cuda", dtype=dtype,
-                           requires_grad=True) for h in (hq, hkv, hkv))
-    dout = torch.randn((args.batch, hq, args.seqlen, args.headdim), device="cuda", dtype=dtype)
+    q, k, v, dout = _inputs(args)
 
     def ours():
         ct.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa).backward(dout)

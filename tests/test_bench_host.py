@@ -4,7 +4,6 @@ Function), and put every original back (the GPU layers run only under
 ``python benchmarks/bench_host.py --layers`` on a GPU)."""
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
@@ -20,10 +19,7 @@ from benchmarks import bench_host  # noqa: E402
 
 
 def _layer(module_name, path):
-    owner = importlib.import_module(module_name)
-    *parents, attribute = path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent)
+    owner, attribute = bench_host._LayerTimers.resolve(module_name, path)
     return owner.__dict__[attribute]
 
 
