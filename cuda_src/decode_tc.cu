@@ -425,11 +425,18 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 
 // The splits' partials of every row (b, h, i) merged, one warp per row, lane l owning columns
 // 4l .. 4l + 3 of every 128: M = max_s lse_s, w_s = exp(lse_s - M), lse = M + log(sum_s w_s),
-// out = sum_s (w_s / W) out_s (merge_attention.cu's rule: a split whose lse is -inf adds nothing
-// and its out is not read; a row no split saw gives 0 and -inf). Sums run in split order.
+// out = sum_s (w_s / W) out_s (merge_attention.cu's rule: a split whose lse is -inf adds nothing;
+// a row no split saw gives 0 and -inf). Lane t of a run of 32 splits computes split t's weight
+// once and the lanes take it by shuffle: no split's lse is read per column, and the loads of
+// the splits' outs are independent (a decode of few heads merges few rows, each over up to 64
+// splits: read one after another, its loads' latencies made the merge 24 us of a 300 us call,
+// ncu session 32). W sums by a fixed shuffle tree and out in split order: for a fixed
+// num_splits bitwise reproducible. (__launch_bounds__'s minimum of one block: without it ptxas held
+// the sm_80 build at 32 registers and spilled.)
 template <typename Element>
-__global__ void __launch_bounds__(CUFLASH_DECODE_THREADS) decode_combine(const DecodeParams p) {
+__global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_combine(const DecodeParams p) {
     constexpr int kWarps = CUFLASH_DECODE_THREADS / 32;
+    constexpr unsigned kAll = 0xffffffffu;
     const int lane = threadIdx.x % 32;
     const int lq = static_cast<int>(p.seqlen_q), dv = static_cast<int>(p.head_dim_v);
     const int splits = static_cast<int>(p.num_splits);
@@ -437,33 +444,52 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS) decode_combine(const D
     // call whose ABI spills here.
     const int rows_total = static_cast<int>(p.batch * p.heads_q) * lq, heads_q = static_cast<int>(p.heads_q);
     for (int row = blockIdx.x * kWarps + threadIdx.x / 32; row < rows_total; row += gridDim.x * kWarps) {
+        const float* lses = p.part_lse + row;  // split s at lses[s * rows_total]
         float m = tc::neg_inf();
-        for (int s = lane; s < splits; s += 32) m = fmaxf(m, p.part_lse[static_cast<long long>(s) * rows_total + row]);
+        for (int s = lane; s < splits; s += 32) m = fmaxf(m, lses[static_cast<long long>(s) * rows_total]);
 #pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(kAll, m, offset));
         const float m_ref = m == tc::neg_inf() ? 0.f : m;
         float w_sum = 0.f;
-        for (int s = 0; s < splits; ++s) {  // every lane the same sum, in split order
-            const float l = p.part_lse[static_cast<long long>(s) * rows_total + row];
+        for (int s = lane; s < splits; s += 32) {
+            const float l = lses[static_cast<long long>(s) * rows_total];
             if (l != tc::neg_inf()) w_sum += expf(l - m_ref);
         }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) w_sum += __shfl_xor_sync(kAll, w_sum, offset);
+        const float inv_sum = w_sum == 0.f ? 0.f : __frcp_rn(w_sum);
         const int i = row % lq, bh = row / lq, head = bh % heads_q, b = bh / heads_q;
         Element* out = static_cast<Element*>(p.o) + b * p.o_batch_stride + head * p.o_head_stride + i * p.o_row_stride;
         if (lane == 0) p.lse[row] = w_sum == 0.f ? tc::neg_inf() : m_ref + logf(w_sum);
-        for (int c0 = 4 * lane; c0 < dv; c0 += 128) {
+        for (int c0 = 0; c0 < dv; c0 += 128) {  // (Dv is a multiple of 8: a lane's 4 columns are whole)
+            const int col = c0 + 4 * lane;
             float acc[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int s = 0; s < splits; ++s) {
-                const float l = p.part_lse[static_cast<long long>(s) * rows_total + row];
-                if (l == tc::neg_inf()) continue;
-                const float w = expf(l - m_ref) / w_sum;
-                const float* src = p.part_o + (static_cast<long long>(s) * rows_total + row) * dv + c0;
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (c0 + e < dv) acc[e] += w * src[e];
+            for (int s0 = 0; s0 < splits; s0 += 32) {
+                const float l = s0 + lane < splits ? lses[static_cast<long long>(s0 + lane) * rows_total] : tc::neg_inf();
+                const float w_lane = l == tc::neg_inf() ? 0.f : expf(l - m_ref) * inv_sum;
+                const int n = min(32, splits - s0);
+                const float* src = p.part_o + (static_cast<long long>(s0) * rows_total + row) * dv + col;
+                const long long split_stride = static_cast<long long>(rows_total) * dv;
+#pragma unroll 4
+                for (int t = 0; t < n; ++t) {
+                    const float w = __shfl_sync(kAll, w_lane, t);
+                    if (col < dv) {
+                        // Every split's partial row is written (decode_tc's epilogue), so the load
+                        // is unconditional and only its use is not: a split of weight 0 adds 0.
+                        const float4 x = *reinterpret_cast<const float4*>(src + t * split_stride);
+                        if (w != 0.f) {
+                            acc[0] += w * x.x;
+                            acc[1] += w * x.y;
+                            acc[2] += w * x.z;
+                            acc[3] += w * x.w;
+                        }
+                    }
+                }
             }
+            if (col < dv) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                if (c0 + e < dv) out[c0 + e] = prep::narrow<Element>(acc[e]);
+                for (int e = 0; e < 4; ++e) out[col + e] = prep::narrow<Element>(acc[e]);
+            }
         }
     }
 }
