@@ -259,7 +259,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     # Everything the launch's shape and params hold but the data pointers (a decode loop repeats
     # one signature per layer: planned once, its calls only allocate, copy and launch).
     key = (q.dtype, q.shape, copy_q or q.strides, k_cache.shape, k_cache.strides, v_cache.shape, v_cache.strides,
-           own_out or out.strides, cache_seqlens is None, seqlen_fixed, new_keys,
+           own_out or out.strides, cache_seqlens is None, copy_lengths, seqlen_fixed, new_keys,
            None if block_table is None else (block_table.shape, copy_table or block_table.strides), capacity,
            scale, window_left, window_right, bottom_right, softcap, alibi_slopes is None, sinks is None, num_splits,
            q.device.id)
