@@ -614,6 +614,14 @@ def test_gpu_decode_layout_is_planned_once_per_signature(rng, decode_spy, page_s
         check(setup, out, lse, dict(causal=True))
         if call:
             assert len(decode._LAYOUTS) == layouts, "a repeated signature was planned again"
+    # The same shapes with the lengths in a strided array (which the kernel reads from a copy):
+    # another signature, not the layout above with no room for the copy.
+    arguments = setup.arguments(append=False)
+    lengths = cupy.zeros(2 * len(setup.seqlens), dtype=cupy.int32)
+    lengths[::2] = cupy.asarray(numpy.asarray(setup.seqlens) + 1)
+    arguments["cache_seqlens"] = lengths[::2]
+    out, lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
+    check(setup, out, lse, dict(causal=True))
 
 
 @pytest.mark.gpu
