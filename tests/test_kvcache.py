@@ -596,6 +596,35 @@ def test_gpu_decode_kernel(rng, decode_spy, dtype, page_size, lnew, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 64], ids=["contiguous", "page64"])
+def test_gpu_decode_layout_is_planned_once_per_signature(rng, decode_spy, page_size):
+    """A repeated signature (a decode loop's calls, layer after layer) is planned once: later calls
+    on other arrays (other pointers, lengths, pages and values) reuse its layout and read their
+    own data."""
+    from cuflash._gpu import decode
+
+    cupy = _cupy()
+    for call in range(3):
+        setup = Setup(rng, "float16", seqlens=_seqlens(rng, 3, 300, 1), lnew=1, lq=2, capacity=300,
+                      page_size=page_size, layout="bshd", heads_q=8, heads_k=2, d=64, dv=64, xp=cupy)
+        layouts = len(decode._LAYOUTS)
+        out, lse = cuflash.attention_with_kvcache(**setup.arguments(), causal=True, return_lse=True)
+        assert len(decode_spy) == call + 1, "the decode kernel did not run"
+        setup.assert_cache()
+        check(setup, out, lse, dict(causal=True))
+        if call:
+            assert len(decode._LAYOUTS) == layouts, "a repeated signature was planned again"
+    # The same shapes with the lengths in a strided array (which the kernel reads from a copy):
+    # another signature, not the layout above with no room for the copy.
+    arguments = setup.arguments(append=False)
+    lengths = cupy.zeros(2 * len(setup.seqlens), dtype=cupy.int32)
+    lengths[::2] = cupy.asarray(numpy.asarray(setup.seqlens) + 1)
+    arguments["cache_seqlens"] = lengths[::2]
+    out, lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
+    check(setup, out, lse, dict(causal=True))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 8, 24, 48, 80])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_gpu_decode_kernel_any_page_size(rng, decode_spy, dtype, page_size):

@@ -252,16 +252,103 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     (captured with the rest), so a replay reads the values the caller's arrays hold then."""
     import cupy
 
+    own_out = out is None or not writable_out(out)
+    copy_q = _unreadable_in_place(q)
+    copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
+    copy_table = block_table is not None and (block_table.strides[1] != 4 or block_table.strides[0] % 4)
+    # Everything the launch's shape and params hold but the data pointers (a decode loop repeats
+    # one signature per layer: planned once, its calls only allocate, copy and launch).
+    key = (q.dtype, q.shape, copy_q or q.strides, k_cache.shape, k_cache.strides, v_cache.shape, v_cache.strides,
+           own_out or out.strides, cache_seqlens is None, copy_lengths, seqlen_fixed, new_keys,
+           None if block_table is None else (block_table.shape, copy_table or block_table.strides), capacity,
+           scale, window_left, window_right, bottom_right, softcap, alibi_slopes is None, sinks is None, num_splits,
+           q.device.id)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _layout(
+            q, k_cache, v_cache, own_out=own_out, out=out, copy_q=copy_q, copy_lengths=copy_lengths,
+            copy_table=copy_table, seqlen_fixed=seqlen_fixed,
+            new_keys=new_keys, block_table=block_table, capacity=capacity, scale=scale, window_left=window_left,
+            window_right=window_right, bottom_right=bottom_right, softcap=softcap,
+            alibi=alibi_slopes is not None, sinks=sinks is not None, num_splits=num_splits)
+
+    (own, lse, part_o, part_lse, q_copy, slopes, sink_rows, lengths, table) = _carve(cupy, layout.carve)
+    out = own if own_out else out
+    if copy_q:  # small: the queries, not the cache
+        q_copy.view(f"u{q.itemsize}")[...] = q.view(f"u{q.itemsize}")
+        q = q_copy
+    if copy_lengths:
+        lengths[...] = cache_seqlens
+        cache_seqlens = lengths
+    if copy_table:
+        table[...] = block_table
+        block_table = table
+    p = layout.params.copy()
+    lead = (int(q.shape[0]), int(q.shape[1]))
+    for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
+        if x is not None:
+            _rows_into(cupy, rows_of, x, lead)
+            p["fwd"][name] = rows_of.data.ptr
+    p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
+    p["o"], p["lse"] = out.data.ptr, lse.data.ptr
+    keep = [q, lse]
+    if cache_seqlens is not None:
+        p["cache_seqlens"] = cache_seqlens.data.ptr
+        keep.append(cache_seqlens)
+    if block_table is not None:
+        p["block_table"] = block_table.data.ptr
+        keep.append(block_table)
+    workspace = ()
+    if layout.splits > 1:
+        workspace = (part_o, part_lse)
+        p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
+    return DecodePlan(p, layout.kernel, layout.combine, layout.grid, layout.combine_grid, layout.shared_mem,
+                      tuple(keep), workspace, out, lse, layout.splits)
+
+
+# Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What ``plan`` decides from a call's signature alone: the params but for the data pointers,
+    the kernels and grids, the splits, and the allocation's parts (``_carve``'s specs: out unless
+    the caller's, lse, the splits' partials, the copies)."""
+
+    params: numpy.ndarray
+    kernel: object
+    combine: object | None
+    grid: int
+    combine_grid: int
+    shared_mem: int
+    splits: int
+    carve: tuple
+
+
+def _unreadable_in_place(q) -> bool:
+    """Whether the kernel must read a copy of q: strides not whole 16-byte chunks, or an address
+    not 16-byte aligned (cp.async copies 16 bytes)."""
+    strides = _elements(q)
+    return strides is None or any(s % 8 for s in strides[:3]) or q.data.ptr % 16 != 0
+
+
+def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, seqlen_fixed,
+            new_keys, block_table, capacity, scale, window_left, window_right, bottom_right, softcap, alibi, sinks,
+            num_splits) -> _Layout:
+    """``plan``'s decisions for a new signature (its arguments as plan's, the arrays' values unread)."""
+    import cupy
+
     from .plan import _device_attribute
 
     batch, heads_q, seqlen_q, head_dim = (int(n) for n in q.shape)
     heads_k, head_dim_v = int(k_cache.shape[1]), int(v_cache.shape[3])
     dtype = q.dtype.name
-    q_strides = _elements(q)
-    copy_q = q_strides is None or any(s % 8 for s in q_strides[:3]) or q.data.ptr % 16
-
     group = heads_q // heads_k
-    heads_per_block = 1 if alibi_slopes is not None else group
+    heads_per_block = 1 if alibi else group
     rows = heads_per_block * seqlen_q
     bucket = 64 if max(head_dim, head_dim_v) <= 64 else 128
     device = q.device.id
@@ -278,31 +365,18 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
         splits = max(1, min(num_splits, max(tiles, 1)))
     splits = max(1, min(splits, MAX_GRID_X // max(blocks, 1)))
 
-    lead, total_rows = (batch, heads_q), batch * heads_q * seqlen_q
-    own_out = out is None or not writable_out(out)
-    copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
-    copy_table = block_table is not None and (block_table.strides[1] != 4 or block_table.strides[0] % 4)
-    (own, lse, part_o, part_lse, q_copy, slopes, sink_rows, lengths, table) = _carve(cupy, [
+    total_rows = batch * heads_q * seqlen_q
+    carve = (
         ((batch, heads_q, seqlen_q, head_dim_v), q.dtype) if own_out else None,
         ((batch, heads_q, seqlen_q), numpy.float32),
         ((splits, total_rows, head_dim_v), numpy.float32) if splits > 1 else None,
         ((splits, total_rows), numpy.float32) if splits > 1 else None,
         (tuple(q.shape), q.dtype) if copy_q else None,
-        ((batch * heads_q,), numpy.float32) if alibi_slopes is not None else None,
-        ((batch * heads_q,), numpy.float32) if sinks is not None else None,
+        ((batch * heads_q,), numpy.float32) if alibi else None,
+        ((batch * heads_q,), numpy.float32) if sinks else None,
         ((batch,), numpy.int32) if copy_lengths else None,
         (tuple(block_table.shape), numpy.int32) if copy_table else None,
-    ])
-    out = own if own_out else out
-    if copy_q:  # small: the queries, not the cache
-        q_copy.view(f"u{q.itemsize}")[...] = q.view(f"u{q.itemsize}")
-        q, q_strides = q_copy, _elements(q_copy)
-    if copy_lengths:
-        lengths[...] = cache_seqlens
-        cache_seqlens = lengths
-    if copy_table:
-        table[...] = block_table
-        block_table = table
+    )
 
     p = numpy.zeros((), dtype=PARAMS_DTYPE)
     fwd = p["fwd"]
@@ -312,41 +386,35 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     fwd["scale"] = scale
     fwd["scale_log2"] = min(max(scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
     fwd["softcap"] = 0.0 if softcap is None else softcap
-    keep = [q, lse]
-    for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
-        if x is not None:
-            _rows_into(cupy, rows_of, x, lead)
-            fwd[name] = rows_of.data.ptr
-
-    p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
-    p["o"], p["lse"] = out.data.ptr, lse.data.ptr
-    p["q_batch_stride"], p["q_head_stride"], p["q_row_stride"] = q_strides[:3]
+    # Strides in elements: of a copy (C order) where the kernel reads one, else the array's own.
+    p["q_batch_stride"], p["q_head_stride"], p["q_row_stride"] = (
+        _c_order_strides(q.shape) if copy_q else _elements(q))[:3]
     for name, cache in (("k", k_cache), ("v", v_cache)):
         strides = _elements(cache)
         p[f"{name}_page_stride"], p[f"{name}_head_stride"], p[f"{name}_row_stride"] = strides[:3]
-    p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = _elements(out)[:3]
-    if cache_seqlens is not None:
-        p["cache_seqlens"] = cache_seqlens.data.ptr
-        keep.append(cache_seqlens)
+    p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = (
+        _c_order_strides(carve[0][0]) if own_out else _elements(out))[:3]
     if block_table is not None:
-        p["block_table"] = block_table.data.ptr
-        p["table_stride"] = block_table.strides[0] // block_table.itemsize
+        p["table_stride"] = block_table.shape[1] if copy_table else block_table.strides[0] // block_table.itemsize
         p["page_size"] = int(k_cache.shape[2])
-        keep.append(block_table)
     p["batch"], p["heads_q"], p["heads_k"], p["seqlen_q"] = batch, heads_q, heads_k, seqlen_q
     p["head_dim"], p["head_dim_v"] = head_dim, head_dim_v
     p["seqlen_fixed"], p["new_keys"] = seqlen_fixed, new_keys
     p["heads_per_block"], p["row_chunks"], p["num_splits"] = heads_per_block, row_chunks, splits
     p["bottom_right"] = int(bottom_right)
 
-    combine = None
-    combine_grid = 0
-    workspace = ()
+    combine, combine_grid = None, 0
     if splits > 1:
-        workspace = (part_o, part_lse)
-        p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
-    kernel = kernels.get_kernel(spec, device)
-    return DecodePlan(p, kernel, combine, max(blocks * splits, 1), combine_grid, spec.shared_mem, tuple(keep),
-                      workspace, out, lse, splits)
+    return _Layout(p, kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
+                   spec.shared_mem, splits, carve)
+
+
+def _c_order_strides(shape) -> list:
+    """Strides in elements of a C-order array of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(tuple(shape)):
+        strides.append(step)
+        step *= int(n)
+    return strides[::-1]
