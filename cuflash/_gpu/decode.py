@@ -269,10 +269,10 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
             _LAYOUTS.clear()
         layout = _LAYOUTS[key] = _layout(
             q, k_cache, v_cache, own_out=own_out, out=out, copy_q=copy_q, copy_lengths=copy_lengths,
-            copy_table=copy_table, seqlen_fixed=seqlen_fixed,
-            new_keys=new_keys, block_table=block_table, capacity=capacity, scale=scale, window_left=window_left,
-            window_right=window_right, bottom_right=bottom_right, softcap=softcap,
-            alibi=alibi_slopes is not None, sinks=sinks is not None, num_splits=num_splits)
+            copy_table=copy_table, seqlen_fixed=seqlen_fixed, new_keys=new_keys, block_table=block_table,
+            capacity=capacity, scale=scale, window_left=window_left, window_right=window_right,
+            bottom_right=bottom_right, softcap=softcap, alibi=alibi_slopes is not None, sinks=sinks is not None,
+            num_splits=num_splits)
 
     (own, lse, part_o, part_lse, q_copy, slopes, sink_rows, lengths, table) = _carve(cupy, layout.carve)
     out = own if own_out else out
