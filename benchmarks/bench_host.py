@@ -12,6 +12,9 @@ Measured, on CUDA tensors / CuPy arrays of the same shapes:
 - cuflash.torch: ``attention`` forward without grad, and forward + ``backward()`` with grad;
 - the same batch packed (cuflash's ``attention_varlen(_backward)`` and ``cuflash.torch``'s
   ``flash_attn_varlen_func``, max_seqlen hints given);
+- one decoding step over the same keys as a KV cache: ``cuflash.attention_with_kvcache`` (CuPy)
+  and ``cuflash.torch.flash_attn_with_kvcache`` (flash-attn's layouts), each without and with a
+  one-key append, beside SDPA on the step's query row over the same keys;
 - the same calls with a float32 bias shared by the heads ``(1, 1, L, L)`` (its gradient summed
   over batch and heads) and a key-padding mask ``(B, 1, 1, L)`` (each sequence's last quarter
   hidden), on CuPy arrays and through ``cuflash.torch`` (bias requiring grad);
@@ -145,6 +148,29 @@ def cases(args):
 
     yield "flash_attn_varlen_func fwd", packed_call(False)
     yield "flash_attn_varlen_func fwd+bwd", packed_call(True)
+
+    # One decoding step over the same keys as a KV cache: each sequence's last query row against
+    # its L cached keys (lengths in an int32 device array, as a serving loop holds them), and the
+    # step that also appends one new key (written in place at slot L - 1, call after call).
+    step = q.detach()[:, :, -1:]
+    cache_k, cache_v = k.detach(), v.detach()
+    lengths = torch.full((args.batch,), args.seqlen, dtype=torch.int32, device="cuda")
+    before_last = lengths - 1
+    new_k, new_v = (x[:, :, -1:].clone() for x in (cache_k, cache_v))
+    cstep, cache_ck, cache_cv, clengths, cbefore, cnew_k, cnew_v = (
+        cupy.from_dlpack(x) for x in (step, cache_k, cache_v, lengths, before_last, new_k, new_v))
+    yield "cuflash (CuPy) kvcache decode", lambda: cuflash.attention_with_kvcache(
+        cstep, cache_ck, cache_cv, cache_seqlens=clengths)
+    yield "cuflash (CuPy) kvcache decode+append", lambda: cuflash.attention_with_kvcache(
+        cstep, cache_ck, cache_cv, k=cnew_k, v=cnew_v, cache_seqlens=cbefore)
+    # flash-attn's layouts, (B, L, H, D): views of the same memory
+    t_step, t_k, t_v, t_new_k, t_new_v = (x.transpose(1, 2) for x in (step, cache_k, cache_v, new_k, new_v))
+    yield "flash_attn_with_kvcache decode", lambda: ct.flash_attn_with_kvcache(
+        t_step, t_k, t_v, cache_seqlens=lengths)
+    yield "flash_attn_with_kvcache decode+append", lambda: ct.flash_attn_with_kvcache(
+        t_step, t_k, t_v, k=t_new_k, v=t_new_v, cache_seqlens=before_last)
+    yield "sdpa decode", lambda: torch.nn.functional.scaled_dot_product_attention(
+        step, cache_k, cache_v, enable_gqa=args.gqa)
 
     def sdpa(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=args.gqa)
