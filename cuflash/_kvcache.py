@@ -337,9 +337,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         kernel splits the keys its rows may see into n runs of whole key tiles (64 keys at D 128,
         128 at D 64; at most one range per tile of Lmax); the composition splits ``[0, Lk)`` into
         ``min(n, Lk)`` ranges ``[s * Lk // n, (s + 1) * Lk // n)``. 0 (the default): a
-        heuristic; the decode kernel's fills about two waves of blocks from B, the heads, Lq,
-        Lmax and the SM count (at most 64 splits, at least two tiles each), the composition's
-        is 1.
+        heuristic; the decode kernel's takes the fewest splits whose blocks fill the GPU's last
+        wave about as well as any count would, from B, the heads, Lq, Lmax and the SM count (at
+        most 64 splits, at least two tiles each; none when the heads alone fill two waves), the
+        composition's is 1.
     out : array ``(B, Hq, Lq, Dv)``, optional
         Written in place and returned, as in :func:`cuflash.attention`; it must not share memory
         with any input, the caches included.
@@ -351,7 +352,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     already written are restored before the error propagates).
 
     Cost. The argument checks read the lengths and the block table on the host (a device sync
-    on the GPU; none under graph capture, below); the append is one scatter per cache on the CPU,
+    on the GPU; none under graph capture, below: a decoding loop should capture its step); the append is one scatter per cache on the CPU,
     one launch on the GPU that reads the lengths and the table on the device. GPU
     float16/bfloat16 with D and Dv multiples of 8 up to 128 and caches in whole 16-byte chunks:
     the split-KV decode kernel, one launch (two when split) that reads each kv head's keys and
