@@ -696,8 +696,9 @@ class _OnSharedStream:
     """A CUDA tensor handed to ``cupy.from_dlpack`` where both libraries already run on one stream
     (inside ``_running_on``): its capsule straight from torch's C++ exporter, without
     ``Tensor.__dlpack__``'s stream handshake (current-stream lookups and device-index parsing in
-    Python: ~60 us a tensor on the H200's host, five tensors per flash_attn_with_kvcache call).
-    No event is needed: the consumer's stream is the producer's."""
+    Python: a quarter of a flash_attn_with_kvcache call's host time under cProfile, five tensors
+    a call; benchmarks/NOTES.md, session 33). No event is needed: the consumer's stream is the
+    producer's."""
 
     __slots__ = ("tensor",)
 
