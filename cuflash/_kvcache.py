@@ -352,8 +352,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     already written are restored before the error propagates).
 
     Cost. The argument checks read the lengths and the block table on the host (a device sync
-    on the GPU; none under graph capture, below: a decoding loop should capture its step); the append is one scatter per cache on the CPU,
-    one launch on the GPU that reads the lengths and the table on the device. GPU
+    on the GPU; none under graph capture, below: a decoding loop should capture its step); the
+    append is one scatter per cache on the CPU, one launch on the GPU that reads the lengths and
+    the table on the device. GPU
     float16/bfloat16 with D and Dv multiples of 8 up to 128 and caches in whole 16-byte chunks:
     the split-KV decode kernel, one launch (two when split) that reads each kv head's keys and
     values once, in place, paged or not, and writes ``out`` in place when its last axis is

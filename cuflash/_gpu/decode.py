@@ -151,6 +151,14 @@ def _elements(array):
     return None if any(s % item for s in array.strides) else [s // item for s in array.strides]
 
 
+def _in_whole_chunks(array) -> bool:
+    """Whether the kernel's 16-byte copies (cp.async) can read a 16-bit (B or pages, H, L, D)
+    array where it lies: strides of whole 16-byte chunks on the first three axes, a 16-byte
+    aligned address. A cache must be (unsupported_reason); q is copied otherwise (plan)."""
+    strides = _elements(array)
+    return strides is not None and not any(s % 8 for s in strides[:3]) and array.data.ptr % 16 == 0
+
+
 def unsupported_reason(q, k_cache, v_cache) -> str | None:
     """Why the decode kernel cannot run this call (None: it can). The layout facts only; the
     caller has validated the arguments."""
@@ -162,8 +170,7 @@ def unsupported_reason(q, k_cache, v_cache) -> str | None:
     if d % 8 or dv % 8 or max(d, dv) > 128 or min(d, dv) == 0:
         return f"head dims D={d}, Dv={dv} (the kernel takes multiples of 8 up to 128)"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        strides = _elements(cache)
-        if strides is None or any(s % 8 for s in strides[:3]) or cache.data.ptr % 16:
+        if not _in_whole_chunks(cache):
             return f"{name}'s strides {tuple(cache.strides)} or address are not whole 16-byte chunks"
     return None
 
@@ -253,7 +260,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     import cupy
 
     own_out = out is None or not writable_out(out)
-    copy_q = _unreadable_in_place(q)
+    copy_q = not _in_whole_chunks(q)
     copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
     copy_table = block_table is not None and (block_table.strides[1] != 4 or block_table.strides[0] % 4)
     # Everything the launch's shape and params hold but the data pointers (a decode loop repeats
@@ -327,13 +334,6 @@ class _Layout:
     shared_mem: int
     splits: int
     carve: tuple
-
-
-def _unreadable_in_place(q) -> bool:
-    """Whether the kernel must read a copy of q: strides not whole 16-byte chunks, or an address
-    not 16-byte aligned (cp.async copies 16 bytes)."""
-    strides = _elements(q)
-    return strides is None or any(s % 8 for s in strides[:3]) or q.data.ptr % 16 != 0
 
 
 def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, seqlen_fixed,
