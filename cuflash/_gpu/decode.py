@@ -177,30 +177,31 @@ def unsupported_reason(q, k_cache, v_cache) -> str | None:
 
 @dataclasses.dataclass
 class DecodePlan:
-    """One call's launches, ready to run (again: a benchmark times ``run`` alone)."""
+    """One call's launches, ready to run (again: a benchmark times ``run`` alone): its signature's
+    layout and this call's params (the layout's with the call's data pointers)."""
 
+    layout: "_Layout"
     params: numpy.ndarray
-    kernel: object
-    combine: object | None
-    grid: int
-    combine_grid: int
-    shared_mem: int
     keep: tuple  # device arrays the params point to (q or its copy, lse and its allocation, lengths, table)
     workspace: tuple  # (part_o, part_lse) when split, else (): the splits' partials
     out: object  # the caller's out= (written in place) or a view of the plan's allocation
     lse: object
-    splits: int
+
+    @property
+    def splits(self) -> int:
+        return self.layout.splits
 
     def run(self):
         import cupy
         from cupy_backends.cuda.api import driver
 
+        layout = self.layout
         stream = cupy.cuda.get_current_stream().ptr
         argv = numpy.array([self.params.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream,
+        driver.launchKernel(layout.kernel.kernel.ptr, layout.grid, 1, 1, THREADS, 1, 1, layout.shared_mem, stream,
                             argv.ctypes.data, 0)
-        if self.combine is not None:
-            driver.launchKernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
+        if layout.combine is not None:
+            driver.launchKernel(layout.combine.kernel.ptr, layout.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
                                 argv.ctypes.data, 0)
         return self.out, self.lse
 
@@ -311,8 +312,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     if layout.splits > 1:
         workspace = (part_o, part_lse)
         p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
-    return DecodePlan(p, layout.kernel, layout.combine, layout.grid, layout.combine_grid, layout.shared_mem,
-                      tuple(keep), workspace, out, lse, layout.splits)
+    return DecodePlan(layout, p, tuple(keep), workspace, out, lse)
 
 
 # Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).
