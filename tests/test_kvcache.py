@@ -728,6 +728,38 @@ def test_gpu_decode_out_and_strided_queries(rng, decode_spy):
 from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline's NVRTC check and PTX probe reader)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-split", "split"])
+def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkeypatch, split):
+    """DecodePlan.run without a GPU (the driver's launch recorded): decode_tc with the layout's
+    grid and shared memory, then, when split, decode_combine with its grid and none, both on
+    CuPy's current stream with one argument, the address of this plan's params."""
+    import ctypes
+
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.api import driver
+
+    from cuflash._gpu import decode
+
+    launches = []  # each launch's arguments, then the one kernel argument (read while it is alive)
+    monkeypatch.setattr(driver, "launchKernel",
+                        lambda *args: launches.append(args + (ctypes.c_uint64.from_address(args[9]).value,)))
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: type("Stream", (), {"ptr": 4242})())
+
+    def kernel(ptr):
+        return type("Kernel", (), {"kernel": type("Function", (), {"ptr": ptr})()})()
+
+    params = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
+    layout = decode._Layout(params, kernel(11), kernel(22) if split else None, 512, 9 if split else 0, 98304,
+                            4 if split else 1, ())
+    plan = decode.DecodePlan(layout, params.copy(), (), (), "out", "lse")
+    assert plan.run() == ("out", "lse") and plan.splits == layout.splits
+    expected = [(11, 512, 98304)] + ([(22, 9, 0)] if split else [])
+    assert [(a[0], a[1], a[7]) for a in launches] == expected
+    for args in launches:
+        assert args[2:7] == (1, 1, decode.THREADS, 1, 1) and args[8] == 4242 and args[10] == 0
+        assert args[11] == plan.params.ctypes.data  # this plan's params, not the layout's
+
+
 def test_decode_params_struct_matches_its_numpy_mirror(pipeline):
     from cuflash._gpu import decode, kernels, params
 
