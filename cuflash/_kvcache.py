@@ -388,8 +388,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
                                        causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
     with q.device:
+        key = _signature(xp, (q, k_cache, v_cache, k, v, block_table, alibi_slopes, sinks, out), cache_seqlens,
+                         (scale, causal, window, softcap, return_lse, num_splits, precision))
+        known = _KNOWN.get(key) if key is not None else None
+        if known is not None:
+            return _decode_again(xp, device, known, q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                 alibi_slopes, sinks, causal, window, out)
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out,
+                                       precision, key)
 
 
 def _capturing(xp) -> bool:
@@ -402,7 +409,9 @@ def _capturing(xp) -> bool:
 
 
 def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
-                            softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision):
+                            softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision, key=None):
+    """The full path: every check, then the decode kernel or the composition. ``key``: the
+    call's signature (``_signature``), under which a call that took the decode kernel is kept."""
     cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device,
                            read_values=not _capturing(xp))
     splits = _resolve_splits(num_splits)
@@ -434,6 +443,11 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         if cache.new:
             _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
         result, lse = launch.run()
+        if key is not None:
+            if len(_KNOWN) >= _MAX_KNOWN:
+                _KNOWN.clear()
+            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), int(k_cache.shape[0]),
+                                 problem.dtype, problem.scale, problem.softcap, problem.return_lse, splits)
     else:
         if cache.seqlens is None or (cache.paged and cache.table is None):
             raise RuntimeError(
@@ -447,6 +461,91 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         _bits(out)[...] = _bits(result)
         result = out
     return (result, lse) if problem.return_lse else result
+
+
+# Calls on CuPy arrays that took the decode kernel, by signature (``_signature``): what their full
+# path resolved from shapes, dtypes, layouts, alignment and options alone. A repeated signature
+# (a decoding loop's call, layer after layer) checks only what depends on this call's values and
+# addresses (the lengths and pages, unless capturing; overlaps with the caches and out), then
+# plans and launches. Cleared when full (a process meets few signatures).
+_KNOWN: dict = {}
+_MAX_KNOWN = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Known:
+    cache: _Cache  # the shape facts (the lengths' and table's values: None, read per call)
+    num_pages: int  # k_cache's leading axis (pages when paged)
+    dtype: object
+    scale: float
+    softcap: float | None
+    return_lse: bool
+    splits: int  # num_splits as resolved (0: the decode kernel's heuristic)
+
+
+def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
+    """A call's key: the options (only of types a key holds without ambiguity: True == 1 would
+    let causal=1, an error, replay causal=True), each array's dtype, shape, strides, 16-byte
+    alignment and device (None where not given), cache_seqlens' int value or its array's facts,
+    the current device. None (not kept) for anything else: NumPy arrays, foreign arrays, lists."""
+    scale, causal, window, softcap, return_lse, num_splits, precision = options
+    if not (_api._plain_options(scale, causal, window, precision, softcap) and type(return_lse) is bool
+            and type(num_splits) is int):
+        return None
+    ndarray = xp.ndarray
+    parts = [options, xp.cuda.runtime.getDevice()]
+    for x in arrays + (cache_seqlens,):
+        if x is None:
+            parts.append(None)
+        elif type(x) is ndarray:
+            parts.append((x.dtype, x.shape, x.strides, x.data.ptr % 16 == 0, x.data.device_id))
+        elif x is cache_seqlens and type(x) is int:
+            parts.append(("int", x))
+        else:
+            return None
+    return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replayed:
+    """What _decode and _check_out read of a problem, for a known signature's call."""
+    dtype: object
+    scale: float
+    softcap: float | None
+    alibi_slopes: object
+    sinks: object
+
+
+def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
+                  sinks, causal, window, out):
+    """A known signature's call: the checks of this call's values and addresses, the plan, the
+    device append, the launch (the full path's decode route, less what the signature fixed)."""
+    cache = known.cache
+    if not _capturing(xp):
+        seqlens, _ = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new,
+                                      cache.paged)
+        table = _host_values(block_table, xp).astype(numpy.int64) if cache.paged else None
+        cache = dataclasses.replace(cache, seqlens=seqlens, table=table)
+        if cache.paged:
+            _check_pages(cache, known.num_pages)
+    problem = _Replayed(known.dtype, known.scale, known.softcap, alibi_slopes, sinks)
+    read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("sinks", sinks),
+            ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, xp.ndarray) else None),
+            ("block_table", block_table)]
+    caches = [("k_cache", k_cache), ("v_cache", v_cache)]
+    if cache.new:
+        _check_writable(caches, read, xp)
+    if out is not None:
+        _check_out(out, xp, device, problem, (cache.batch, q.shape[1], q.shape[2], v_cache.shape[3]), read + caches)
+    launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table,
+                     known.splits, out)
+    if cache.new:
+        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
+    result, lse = launch.run()
+    if out is not None and result is not out:
+        _bits(out)[...] = _bits(result)
+        result = out
+    return (result, lse) if known.return_lse else result
 
 
 def _compose(xp, q, k, v, k_cache, v_cache, cache: _Cache, problem, options, splits, cache_seqlens, block_table):
