@@ -629,7 +629,7 @@ def test_gpu_decode_layout_is_planned_once_per_signature(rng, decode_spy, page_s
 def test_gpu_a_known_signature_checks_this_calls_values_and_gives_the_full_paths_bits(rng, monkeypatch, page_size):
     """A repeated signature takes the short path (_kvcache._decode_again): the same bits as the
     full path on the same arrays; its lengths and pages are still checked (a bad one raises before
-    anything is written); another int length or option is another signature."""
+    anything is written), an int length included."""
     from cuflash import _kvcache
 
     cupy = _cupy()
@@ -655,12 +655,19 @@ def test_gpu_a_known_signature_checks_this_calls_values_and_gives_the_full_paths
     with pytest.raises(ValueError, match="cache_seqlens"):
         cuflash.attention_with_kvcache(**bad, **options)
     assert len(again) == 2 and all(to_numpy(a).tobytes() == b.tobytes() for a, b in zip(setup.buffers(), before))
-    # An int length is part of the signature: 5 and then 7 are two full paths.
+    # An int length is read per call (a decoding loop's grows every step): 5, then 7 on the known
+    # signature, each over its own keys (the bits of the same call with the lengths in an array),
+    # and 65 refused there.
     fixed = dict(arguments, k=None, v=None)
-    for length in (5, 7):
-        fixed["cache_seqlens"] = length
-        cuflash.attention_with_kvcache(**fixed, **options)
-    assert len(again) == 2
+    for length, calls in ((5, 2), (7, 3)):
+        got = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=length), **options)
+        assert len(again) == calls
+        lengths = cupy.full(3, length, dtype=cupy.int32)
+        want = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=lengths), **options)
+        assert all(to_numpy(g).tobytes() == to_numpy(w).tobytes() for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=65), **options)
+    assert len(again) == 5  # (the array-length call of 7 was known too)
 
 
 @pytest.mark.gpu
