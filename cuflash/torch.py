@@ -333,7 +333,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     window = None if window == (-1, -1) else window
     batch = q.shape[0]
-    seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
+    per_sequence = cache_batch_idx is not None or cache_leftpad is not None
+    if isinstance(cache_seqlens, torch.Tensor) or cache_seqlens is None or rotary_cos is not None or per_sequence:
+        seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
+    else:  # one length for every sequence, passed on as an int (no tensor made and filled per call)
+        seqlens = _spec._integer("cache_seqlens", cache_seqlens, "or an int32 tensor (B,)")
     with torch.no_grad():
         if rotary_cos is not None:
             # flash-attn: queries at their own positions under causal or a window, else all at
@@ -345,25 +349,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
         options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                        return_lse=bool(return_softmax_lse))
-        rows = [(slice(None), None, 0)]  # (batch slice, cache row, left padding): the whole batch at once
-        if cache_batch_idx is not None or cache_leftpad is not None:
+        # (batch slice or None for the whole batch, cache row, left padding): the whole batch at
+        # once (the caller's tensors as they are: no view or length arithmetic per call), or with
+        # cache_batch_idx / cache_leftpad one sequence at a time
+        rows = [(None, None, 0)]
+        if per_sequence:
             rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
             pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
             rows = [(slice(b, b + 1), rows_of[b], pads[b]) for b in range(batch)]
         lses = []
         with _running_on(q):
             for part, row, pad in rows:
+                def of(x):
+                    return x if part is None or x is None else x[part]
+
                 caches = [c if row is None else c[row:row + 1, pad:] for c in (k_cache, v_cache)]
-                lengths = seqlens[part] - pad
+                lengths = seqlens if part is None else (seqlens[part] - pad).contiguous()
                 result = _kvcache.attention_with_kvcache(
-                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (q[part], *caches)),
-                    k=None if k is None else _to_cuflash(k[part]).transpose(0, 2, 1, 3),
-                    v=None if v is None else _to_cuflash(v[part]).transpose(0, 2, 1, 3),
-                    cache_seqlens=_to_cuflash(lengths.contiguous()),
+                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (of(q), *caches)),
+                    k=None if k is None else _to_cuflash(of(k)).transpose(0, 2, 1, 3),
+                    v=None if v is None else _to_cuflash(of(v)).transpose(0, 2, 1, 3),
+                    cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
                     block_table=_cuflash_or_none(block_table),
                     alibi_slopes=_cuflash_or_none(alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1
-                                                  else alibi_slopes[part]),
-                    out=_to_cuflash(out[part]).transpose(0, 2, 1, 3), **options)
+                                                  else of(alibi_slopes)),
+                    out=_to_cuflash(of(out)).transpose(0, 2, 1, 3), **options)
                 if return_softmax_lse:
                     lses.append(_to_torch(result[1]))
     if not return_softmax_lse:
