@@ -746,7 +746,7 @@ def _running_on(tensor):
 
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     outer = getattr(_ON_TORCH_STREAM, "device", None)
-    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(index), index), \
+    with cupy.cuda.Device(index), _current_cupy_stream(cupy, index), \
             cupy.cuda.using_allocator(_torch_allocator()):
         _ON_TORCH_STREAM.device = index
         try:
@@ -945,6 +945,23 @@ def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, 
     if parts is None:
         return None, None, None
     return _cached_plan(kind, tensors + parts[0], parts[1])
+
+
+# CuPy's view of each torch stream met, by (device, CUstream handle): made once, not per call
+# (a torch.cuda.Stream object and a CuPy stream each cost microseconds). A view owns nothing, so
+# a handle that torch reuses for a new stream is still named right; bounded, cleared when full.
+_CUPY_STREAMS: dict = {}
+
+
+def _current_cupy_stream(cupy, index):
+    """torch's current stream on device ``index``, as a CuPy stream."""
+    handle = _current_raw_stream(index)
+    stream = _CUPY_STREAMS.get((index, handle))
+    if stream is None:
+        if len(_CUPY_STREAMS) >= 64:
+            _CUPY_STREAMS.clear()
+        stream = _CUPY_STREAMS[index, handle] = _cupy_stream(cupy, torch.cuda.current_stream(index), index)
+    return stream
 
 
 def _cupy_stream(cupy, torch_stream, device_index):
