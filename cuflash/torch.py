@@ -948,8 +948,9 @@ def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, 
 
 
 # CuPy's view of each torch stream met, by (device, CUstream handle): made once, not per call
-# (a torch.cuda.Stream object and a CuPy stream each cost microseconds). A view owns nothing, so
-# a handle that torch reuses for a new stream is still named right; bounded, cleared when full.
+# (a torch.cuda.Stream object and a CuPy stream each cost microseconds). A view does not own its
+# CUDA stream, so a handle that torch reuses for a new stream is still named right; bounded,
+# cleared when full.
 _CUPY_STREAMS: dict = {}
 
 
