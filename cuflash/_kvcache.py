@@ -368,8 +368,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     read on the host: the checks of the values of ``cache_seqlens`` and ``block_table`` are
     skipped, and the caller guarantees them (flash-attn checks none of them, ever): every
     ``cache_seqlens[b] + Lnew`` fits the cache, every page a sequence uses is a page of the cache,
-    and a page written into belongs to one sequence, once (the append skips a slot outside the
-    cache rather than write past it, but the result is then undefined). Every check of shapes,
+    and a page written into belongs to one sequence, once (should one not hold, the append skips
+    a slot outside the cache and the decode kernel reads a length clamped into [0, capacity] and
+    a page id clamped into the cache's pages: the result is wrong, but no access leaves the
+    cache). Every check of shapes,
     dtypes, devices and layouts still runs. The decode kernel's calls run unchanged and their
     replays follow the values the device holds then; the composition refuses (RuntimeError)
     unless ``cache_seqlens`` is an int (or None) and the cache contiguous. Warm up each shape outside the

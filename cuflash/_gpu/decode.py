@@ -45,7 +45,7 @@ PARAMS_DTYPE = numpy.dtype(
                                 "o_batch_stride", "o_head_stride", "o_row_stride", "table_stride",
                                 "batch", "heads_q", "heads_k", "seqlen_q", "head_dim", "head_dim_v",
                                 "seqlen_fixed", "new_keys", "page_size", "heads_per_block", "row_chunks",
-                                "num_splits", "bottom_right")],
+                                "num_splits", "bottom_right", "capacity", "num_pages")],
     align=True,
 )
 
@@ -397,11 +397,13 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if block_table is not None:
         p["table_stride"] = block_table.shape[1] if copy_table else block_table.strides[0] // block_table.itemsize
         p["page_size"] = int(k_cache.shape[2])
+        p["num_pages"] = int(k_cache.shape[0])
     p["batch"], p["heads_q"], p["heads_k"], p["seqlen_q"] = batch, heads_q, heads_k, seqlen_q
     p["head_dim"], p["head_dim_v"] = head_dim, head_dim_v
     p["seqlen_fixed"], p["new_keys"] = seqlen_fixed, new_keys
     p["heads_per_block"], p["row_chunks"], p["num_splits"] = heads_per_block, row_chunks, splits
     p["bottom_right"] = int(bottom_right)
+    p["capacity"] = capacity
 
     combine, combine_grid = None, 0
     if splits > 1:
