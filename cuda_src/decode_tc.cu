@@ -105,9 +105,11 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 
     const int rows = hpb * lq;  // row r: query head h0 + r / Lq, query i = r % Lq
     const int r0 = chunk * kBlockM;
-    // The sequence's keys, cut into [0, capacity] (DecodeParams' bounds).
+    // The sequence's keys, cut into [0, capacity] (DecodeParams' bounds; the length first, so
+    // that adding Lnew to any int32 cannot overflow).
+    const int capacity = static_cast<int>(p.capacity);
     const int cached = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : static_cast<int>(p.seqlen_fixed);
-    const int seqlen_k = min(max(cached, 0) + static_cast<int>(p.new_keys), static_cast<int>(p.capacity));
+    const int seqlen_k = min(min(max(cached, 0), capacity) + static_cast<int>(p.new_keys), capacity);
     BatchIndex at(p.fwd, 0);  // fwd describes one row; the sequence's length and diagonal are its own
     at.seqlen_k = seqlen_k;
     at.diag = p.bottom_right ? seqlen_k - lq : 0;
