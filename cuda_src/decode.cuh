@@ -40,6 +40,11 @@ struct DecodeParams {
     long long row_chunks;       // blocks along the rows of one head block (heads_per_block * Lq rows)
     long long num_splits;       // key ranges per sequence
     long long bottom_right;     // 1: the diagonal of sequence b is its Lk - Lq; 0: top-left (0)
+    // Bounds on values the host may not have checked (under graph capture it reads none): a
+    // sequence's keys are cut at capacity and a page id is clamped into [0, num_pages), so that
+    // bad lengths or pages give a wrong result, never an access outside the cache.
+    long long capacity;         // Lmax (max_pages * page_size when paged)
+    long long num_pages;        // paged: pages of the cache; contiguous: unused
 };
 
 }  // namespace cuflash

@@ -105,8 +105,11 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 
     const int rows = hpb * lq;  // row r: query head h0 + r / Lq, query i = r % Lq
     const int r0 = chunk * kBlockM;
-    const int seqlen_k = (p.cache_seqlens != nullptr ? p.cache_seqlens[b] : static_cast<int>(p.seqlen_fixed)) +
-                         static_cast<int>(p.new_keys);
+    // The sequence's keys, cut into [0, capacity] (DecodeParams' bounds; the length first, so
+    // that adding Lnew to any int32 cannot overflow).
+    const int capacity = static_cast<int>(p.capacity);
+    const int cached = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : static_cast<int>(p.seqlen_fixed);
+    const int seqlen_k = min(min(max(cached, 0), capacity) + static_cast<int>(p.new_keys), capacity);
     BatchIndex at(p.fwd, 0);  // fwd describes one row; the sequence's length and diagonal are its own
     at.seqlen_k = seqlen_k;
     at.diag = p.bottom_right ? seqlen_k - lq : 0;
@@ -154,6 +157,9 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
     const int v_valid = min(max(static_cast<int>(p.head_dim_v) - kv_chunk * 8, 0), 8);
     const int* table = p.block_table != nullptr ? p.block_table + b * p.table_stride : nullptr;
     const int page_size = table != nullptr ? static_cast<int>(p.page_size) : 1;  // 32-bit: 64-bit division is a call
+    const int last_page = static_cast<int>(p.num_pages) - 1;
+    // Entry `index` of the sequence's table row, clamped into the cache's pages (DecodeParams' bounds).
+    auto page_at = [&](int index) { return min(max(__ldg(table + index), 0), last_page); };
     // (page, row within it) of this thread's first row of the next tile fetch_pages reads, and
     // the advance of both per tile: once per thread, the only divisions for pages of kRowStep
     // rows or more
@@ -174,7 +180,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 #pragma unroll
             for (int i = 0; i < kRowsPerThread; ++i) {
                 const int key = j * kBlockN + kv_row0 + i * kRowStep;
-                pages[i] = key < seqlen_k ? __ldg(table + key / page_size) : 0;
+                pages[i] = key < seqlen_k ? page_at(key / page_size) : 0;
                 positions[i] = key % page_size;
             }
             return;
@@ -183,7 +189,7 @@ __global__ void __launch_bounds__(CUFLASH_DECODE_THREADS, 1) decode_tc(const Dec
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
             const int key = j * kBlockN + kv_row0 + i * kRowStep;
-            pages[i] = key < seqlen_k ? __ldg(table + page) : 0;
+            pages[i] = key < seqlen_k ? page_at(page) : 0;
             positions[i] = row;
             row += kRowStep;
             if (row >= page_size) {

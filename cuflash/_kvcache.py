@@ -368,8 +368,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     read on the host: the checks of the values of ``cache_seqlens`` and ``block_table`` are
     skipped, and the caller guarantees them (flash-attn checks none of them, ever): every
     ``cache_seqlens[b] + Lnew`` fits the cache, every page a sequence uses is a page of the cache,
-    and a page written into belongs to one sequence, once (the append skips a slot outside the
-    cache rather than write past it, but the result is then undefined). Every check of shapes,
+    and a page written into belongs to one sequence, once (should one not hold, the append skips
+    a slot outside the cache and the decode kernel reads a length clamped into [0, capacity] and
+    a page id clamped into the cache's pages: the result is wrong, but no access leaves the
+    cache). Every check of shapes,
     dtypes, devices and layouts still runs. The decode kernel's calls run unchanged and their
     replays follow the values the device holds then; the composition refuses (RuntimeError)
     unless ``cache_seqlens`` is an int (or None) and the cache contiguous. Warm up each shape outside the
@@ -388,8 +390,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
                                        causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
     with q.device:
+        key = _signature(xp, (q, k_cache, v_cache, k, v, block_table, alibi_slopes, sinks, out), cache_seqlens,
+                         (scale, causal, window, softcap, return_lse, num_splits, precision))
+        known = _KNOWN.get(key) if key is not None else None
+        if known is not None:
+            return _decode_again(xp, device, known, q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                 alibi_slopes, sinks, causal, window, out)
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
+                                       causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out,
+                                       precision, key)
 
 
 def _capturing(xp) -> bool:
@@ -402,7 +411,9 @@ def _capturing(xp) -> bool:
 
 
 def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
-                            softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision):
+                            softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision, key=None):
+    """The full path: every check, then the decode kernel or the composition. ``key``: the
+    call's signature (``_signature``), under which a call that took the decode kernel is kept."""
     cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device,
                            read_values=not _capturing(xp))
     splits = _resolve_splits(num_splits)
@@ -414,26 +425,17 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
     problem = _spec.resolve_forward(q, k_probe, v_probe, alibi_slopes=alibi_slopes, sinks=sinks,
                                     return_lse=return_lse, **options)
-    read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", problem.alibi_slopes), ("sinks", problem.sinks),
-            ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, xp.ndarray) else None),
-            ("block_table", block_table)]
-    caches = [("k_cache", k_cache), ("v_cache", v_cache)]
-    if cache.new:
-        _check_writable(caches, read, xp)
-    shape = (batch, q.shape[1], q.shape[2], head_dim_v)
-    if out is not None:
-        _check_out(out, xp, device, problem, shape, read + caches)
+    _check_addresses(xp, device, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
 
     reason = "the CPU backend" if xp is numpy else _decode_unsupported(q, k_cache, v_cache, cache)
     if reason is None:
-        # The decode kernel: its plan (allocations, kernels) first, so that an error there leaves
-        # the caches as they were; then the device append and the launches, none reading a value
-        # on the host.
-        launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits,
-                         out)
-        if cache.new:
-            _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
-        result, lse = launch.run()
+        result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                     causal, window, splits, out)
+        if key is not None:
+            if len(_KNOWN) >= _MAX_KNOWN:
+                _KNOWN.clear()
+            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), int(k_cache.shape[0]),
+                                 problem.dtype, problem.scale, problem.softcap, problem.return_lse, splits)
     else:
         if cache.seqlens is None or (cache.paged and cache.table is None):
             raise RuntimeError(
@@ -443,10 +445,111 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
                 "up to 128, caches in whole 16-byte chunks), or pass cache_seqlens as an int with a contiguous cache")
         result, lse = _compose(xp, q, k, v, k_cache, v_cache, cache, problem, options, splits or 1,
                                cache_seqlens, block_table)
+    return _returned(result, lse, out, problem.return_lse)
+
+
+def _check_addresses(xp, device, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out):
+    """The checks that depend on the arrays' memory: caches written into share no memory with
+    anything the call reads, out none with any input."""
+    read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", problem.alibi_slopes), ("sinks", problem.sinks),
+            ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, xp.ndarray) else None),
+            ("block_table", block_table)]
+    caches = [("k_cache", k_cache), ("v_cache", v_cache)]
+    if cache.new:
+        _check_writable(caches, read, xp)
+    if out is not None:
+        _check_out(out, xp, device, problem, (cache.batch, q.shape[1], q.shape[2], v_cache.shape[3]), read + caches)
+
+
+def _launch_decode(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window,
+                   splits, out):
+    """(out, lse) by the decode kernel: its plan (allocations, kernels) first, so that an error
+    there leaves the caches as they were; then the device append and the launches, none reading a
+    value on the host."""
+    launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits, out)
+    if cache.new:
+        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
+    return launch.run()
+
+
+def _returned(result, lse, out, return_lse):
+    """The call's result: out (written in place when the kernels did not write it) and lse."""
     if out is not None and result is not out:
         _bits(out)[...] = _bits(result)
         result = out
-    return (result, lse) if problem.return_lse else result
+    return (result, lse) if return_lse else result
+
+
+# Calls on CuPy arrays that took the decode kernel, by signature (``_signature``): what their full
+# path resolved from shapes, dtypes, layouts, alignment and options alone. A repeated signature
+# (a decoding loop's call, layer after layer) checks only what depends on this call's values and
+# addresses (the lengths and pages, unless capturing; overlaps with the caches and out), then
+# plans and launches. Cleared when full (a process meets few signatures).
+_KNOWN: dict = {}
+_MAX_KNOWN = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Known:
+    cache: _Cache  # the shape facts (the lengths' and table's values: None, read per call)
+    num_pages: int  # k_cache's leading axis (pages when paged)
+    dtype: object
+    scale: float
+    softcap: float | None
+    return_lse: bool
+    splits: int  # num_splits as resolved (0: the decode kernel's heuristic)
+
+
+def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
+    """A call's key: the options (only of types a key holds without ambiguity: True == 1 would
+    let causal=1, an error, replay causal=True), each array's dtype, shape, strides, 16-byte
+    alignment and device (None where not given), whether cache_seqlens is an int or its array's
+    facts, the current device. None (not kept) for anything else: NumPy arrays, foreign arrays, lists."""
+    scale, causal, window, softcap, return_lse, num_splits, precision = options
+    if not (_api._plain_options(scale, causal, window, precision, softcap) and type(return_lse) is bool
+            and type(num_splits) is int):
+        return None
+    ndarray = xp.ndarray
+    parts = [options, xp.cuda.runtime.getDevice()]
+    for x in arrays + (cache_seqlens,):
+        if x is None:
+            parts.append(None)
+        elif type(x) is ndarray:
+            parts.append((x.dtype, x.shape, x.strides, x.data.ptr % 16 == 0, x.data.device_id))
+        elif x is cache_seqlens and type(x) is int:
+            parts.append(int)  # (its value is read per call: a decoding loop's length grows every step)
+        else:
+            return None
+    return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replayed:
+    """What _decode and _check_out read of a problem, for a known signature's call."""
+    dtype: object
+    scale: float
+    softcap: float | None
+    alibi_slopes: object
+    sinks: object
+
+
+def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
+                  sinks, causal, window, out):
+    """A known signature's call: the checks of this call's values and addresses, the plan, the
+    device append, the launch (the full path's decode route, less what the signature fixed)."""
+    cache = known.cache
+    read_values = not _capturing(xp)
+    seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged,
+                                      read_values)  # (an int's value is checked even under capture: it is no read)
+    table = _host_values(block_table, xp).astype(numpy.int64) if cache.paged and read_values else None
+    cache = dataclasses.replace(cache, seqlens=seqlens, table=table, fixed=fixed)
+    if cache.table is not None:
+        _check_pages(cache, known.num_pages)
+    problem = _Replayed(known.dtype, known.scale, known.softcap, alibi_slopes, sinks)
+    _check_addresses(xp, device, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
+    result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
+                                 window, known.splits, out)
+    return _returned(result, lse, out, known.return_lse)
 
 
 def _compose(xp, q, k, v, k_cache, v_cache, cache: _Cache, problem, options, splits, cache_seqlens, block_table):

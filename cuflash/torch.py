@@ -333,7 +333,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     window = None if window == (-1, -1) else window
     batch = q.shape[0]
-    seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
+    per_sequence = cache_batch_idx is not None or cache_leftpad is not None
+    if isinstance(cache_seqlens, torch.Tensor) or cache_seqlens is None or rotary_cos is not None or per_sequence:
+        seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
+    else:  # one length for every sequence, passed on as an int (no tensor made and filled per call)
+        seqlens = _spec._integer("cache_seqlens", cache_seqlens, "or an int32 tensor (B,)")
     with torch.no_grad():
         if rotary_cos is not None:
             # flash-attn: queries at their own positions under causal or a window, else all at
@@ -345,25 +349,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
         options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                        return_lse=bool(return_softmax_lse))
-        rows = [(slice(None), None, 0)]  # (batch slice, cache row, left padding): the whole batch at once
-        if cache_batch_idx is not None or cache_leftpad is not None:
+        # (batch slice or None for the whole batch, cache row, left padding): the whole batch at
+        # once (the caller's tensors as they are: no view or length arithmetic per call), or with
+        # cache_batch_idx / cache_leftpad one sequence at a time
+        rows = [(None, None, 0)]
+        if per_sequence:
             rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
             pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
             rows = [(slice(b, b + 1), rows_of[b], pads[b]) for b in range(batch)]
         lses = []
         with _running_on(q):
             for part, row, pad in rows:
+                def of(x):
+                    return x if part is None or x is None else x[part]
+
                 caches = [c if row is None else c[row:row + 1, pad:] for c in (k_cache, v_cache)]
-                lengths = seqlens[part] - pad
+                lengths = seqlens if part is None else (seqlens[part] - pad).contiguous()
                 result = _kvcache.attention_with_kvcache(
-                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (q[part], *caches)),
-                    k=None if k is None else _to_cuflash(k[part]).transpose(0, 2, 1, 3),
-                    v=None if v is None else _to_cuflash(v[part]).transpose(0, 2, 1, 3),
-                    cache_seqlens=_to_cuflash(lengths.contiguous()),
+                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (of(q), *caches)),
+                    k=None if k is None else _to_cuflash(of(k)).transpose(0, 2, 1, 3),
+                    v=None if v is None else _to_cuflash(of(v)).transpose(0, 2, 1, 3),
+                    cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
                     block_table=_cuflash_or_none(block_table),
                     alibi_slopes=_cuflash_or_none(alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1
-                                                  else alibi_slopes[part]),
-                    out=_to_cuflash(out[part]).transpose(0, 2, 1, 3), **options)
+                                                  else of(alibi_slopes)),
+                    out=_to_cuflash(of(out)).transpose(0, 2, 1, 3), **options)
                 if return_softmax_lse:
                     lses.append(_to_torch(result[1]))
     if not return_softmax_lse:
@@ -736,7 +746,7 @@ def _running_on(tensor):
 
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     outer = getattr(_ON_TORCH_STREAM, "device", None)
-    with cupy.cuda.Device(index), _cupy_stream(cupy, torch.cuda.current_stream(index), index), \
+    with cupy.cuda.Device(index), _current_cupy_stream(cupy, index), \
             cupy.cuda.using_allocator(_torch_allocator()):
         _ON_TORCH_STREAM.device = index
         try:
@@ -935,6 +945,24 @@ def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, 
     if parts is None:
         return None, None, None
     return _cached_plan(kind, tensors + parts[0], parts[1])
+
+
+# CuPy's view of each torch stream met, by (device, CUstream handle): made once, not per call
+# (a torch.cuda.Stream object and a CuPy stream each cost microseconds). A view does not own its
+# CUDA stream, so a handle that torch reuses for a new stream is still named right; bounded,
+# cleared when full.
+_CUPY_STREAMS: dict = {}
+
+
+def _current_cupy_stream(cupy, index):
+    """torch's current stream on device ``index``, as a CuPy stream."""
+    handle = _current_raw_stream(index)
+    stream = _CUPY_STREAMS.get((index, handle))
+    if stream is None:
+        if len(_CUPY_STREAMS) >= 64:
+            _CUPY_STREAMS.clear()
+        stream = _CUPY_STREAMS[index, handle] = _cupy_stream(cupy, torch.cuda.current_stream(index), index)
+    return stream
 
 
 def _cupy_stream(cupy, torch_stream, device_index):

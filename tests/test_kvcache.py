@@ -625,6 +625,52 @@ def test_gpu_decode_layout_is_planned_once_per_signature(rng, decode_spy, page_s
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
+def test_gpu_a_known_signature_checks_this_calls_values_and_gives_the_full_paths_bits(rng, monkeypatch, page_size):
+    """A repeated signature takes the short path (_kvcache._decode_again): the same bits as the
+    full path on the same arrays; its lengths and pages are still checked (a bad one raises before
+    anything is written), an int length included."""
+    from cuflash import _kvcache
+
+    cupy = _cupy()
+    again = []
+    real = _kvcache._decode_again
+    monkeypatch.setattr(_kvcache, "_decode_again", lambda *a, **kw: again.append(1) or real(*a, **kw))
+    setup = Setup(rng, "float16", seqlens=[30, 0, 41], lnew=1, lq=1, capacity=64, page_size=page_size,
+                  heads_q=8, heads_k=2, d=64, dv=64, layout="bshd", xp=cupy)
+    options = dict(causal=True, return_lse=True, num_splits=2)
+    arguments = setup.arguments()
+    first = cuflash.attention_with_kvcache(**arguments, **options)  # the full path, kept
+    setup.assert_cache()
+    check(setup, *first, dict(causal=True))
+    _kvcache._KNOWN.clear()
+    for _ in range(2):  # full path, then the known signature, on the same arrays (the append rewrites the same slots)
+        out, lse = cuflash.attention_with_kvcache(**arguments, **options)
+        assert to_numpy(out).tobytes() == to_numpy(first[0]).tobytes()
+        assert to_numpy(lse).tobytes() == to_numpy(first[1]).tobytes()
+    assert len(again) == 1
+    # A length past the cache on the known signature: refused before the cache is written.
+    before = [to_numpy(b).copy() for b in setup.buffers()]
+    bad = dict(arguments, cache_seqlens=cupy.asarray(numpy.array([30, 0, 64], numpy.int32)))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        cuflash.attention_with_kvcache(**bad, **options)
+    assert len(again) == 2 and all(to_numpy(a).tobytes() == b.tobytes() for a, b in zip(setup.buffers(), before))
+    # An int length is read per call (a decoding loop's grows every step): 5, then 7 on the known
+    # signature, each over its own keys (the bits of the same call with the lengths in an array),
+    # and 65 refused there.
+    fixed = dict(arguments, k=None, v=None)
+    for length, calls in ((5, 2), (7, 3)):
+        got = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=length), **options)
+        assert len(again) == calls
+        lengths = cupy.full(3, length, dtype=cupy.int32)
+        want = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=lengths), **options)
+        assert all(to_numpy(g).tobytes() == to_numpy(w).tobytes() for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=65), **options)
+    assert len(again) == 5  # (the array-length call of 7 was known too)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 8, 24, 48, 80])
 @pytest.mark.parametrize("dtype", DECODE_DTYPES)
 def test_gpu_decode_kernel_any_page_size(rng, decode_spy, dtype, page_size):

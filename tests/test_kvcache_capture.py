@@ -471,3 +471,34 @@ def test_torch_cuda_graph_replays_flash_attn_with_kvcache(rng, paged):
         assert not torch.equal(bits(k_cache), bits(k_before)), "the replay appended nothing"
         assert torch.equal(bits(g_out), bits(out)) and torch.equal(bits(g_lse), bits(lse))
         assert torch.equal(bits(k_cache), bits(k_twin)) and torch.equal(bits(v_cache), bits(v_twin))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
+def test_gpu_decode_with_unchecked_bad_values_stays_inside_the_cache(rng, monkeypatch, page_size):
+    """A violated guarantee on the decode kernel (what a capture does not check): lengths past the
+    capacity or below 0 and page ids outside the cache read as the nearest valid ones (DecodeParams'
+    bounds): the result is the checked call's on the clamped values, bit for bit, and no access
+    leaves the cache (a CUDA error would fail the synchronization)."""
+    cupy = _cupy()
+    setup = Setup(rng, "float16", seqlens=[10, 20, 30], lnew=0, lq=1, capacity=64, page_size=page_size, heads_q=4,
+                  heads_k=2, d=64, dv=64, spare_pages=0, xp=cupy)
+    capacity = _capacity(setup, 64)
+    arguments = setup.arguments()
+    bad_lengths, good_lengths = numpy.array([capacity + 1000, -5, 30]), numpy.array([capacity, 0, 30])
+    if page_size is not None:  # every entry a page, but two of sequence 2's
+        host = rng.permutation(setup.table.size).reshape(setup.table.shape).astype(numpy.int32)
+        good_table = host.copy()
+        host[2, 0], host[2, 1] = host.size + 7, -4
+        good_table[2, 0], good_table[2, 1] = host.size - 1, 0
+    arguments["cache_seqlens"] = cupy.asarray(good_lengths.astype(numpy.int32))
+    if page_size is not None:
+        arguments["block_table"] = cupy.asarray(good_table)
+    want, want_lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
+    _no_host_read(monkeypatch)
+    arguments["cache_seqlens"] = cupy.asarray(bad_lengths.astype(numpy.int32))
+    if page_size is not None:
+        arguments["block_table"] = cupy.asarray(host)
+    got, got_lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
+    cupy.cuda.Device().synchronize()
+    assert _same_bits(got, want) and _same_bits(got_lse, want_lse)

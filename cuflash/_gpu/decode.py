@@ -45,7 +45,7 @@ PARAMS_DTYPE = numpy.dtype(
                                 "o_batch_stride", "o_head_stride", "o_row_stride", "table_stride",
                                 "batch", "heads_q", "heads_k", "seqlen_q", "head_dim", "head_dim_v",
                                 "seqlen_fixed", "new_keys", "page_size", "heads_per_block", "row_chunks",
-                                "num_splits", "bottom_right")],
+                                "num_splits", "bottom_right", "capacity", "num_pages")],
     align=True,
 )
 
@@ -267,7 +267,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     # Everything the launch's shape and params hold but the data pointers (a decode loop repeats
     # one signature per layer: planned once, its calls only allocate, copy and launch).
     key = (q.dtype, q.shape, copy_q or q.strides, k_cache.shape, k_cache.strides, v_cache.shape, v_cache.strides,
-           own_out or out.strides, cache_seqlens is None, copy_lengths, seqlen_fixed, new_keys,
+           own_out or out.strides, cache_seqlens is None, copy_lengths, new_keys,
            None if block_table is None else (block_table.shape, copy_table or block_table.strides), capacity,
            scale, window_left, window_right, bottom_right, softcap, alibi_slopes is None, sinks is None, num_splits,
            q.device.id)
@@ -277,7 +277,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
             _LAYOUTS.clear()
         layout = _LAYOUTS[key] = _layout(
             q, k_cache, v_cache, own_out=own_out, out=out, copy_q=copy_q, copy_lengths=copy_lengths,
-            copy_table=copy_table, seqlen_fixed=seqlen_fixed, new_keys=new_keys, block_table=block_table,
+            copy_table=copy_table, new_keys=new_keys, block_table=block_table,
             capacity=capacity, scale=scale, window_left=window_left, window_right=window_right,
             bottom_right=bottom_right, softcap=softcap, alibi=alibi_slopes is not None, sinks=sinks is not None,
             num_splits=num_splits)
@@ -294,6 +294,7 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
         table[...] = block_table
         block_table = table
     p = layout.params.copy()
+    p["seqlen_fixed"] = seqlen_fixed  # (a value, not a signature: a decoding loop's int length grows)
     lead = (int(q.shape[0]), int(q.shape[1]))
     for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
         if x is not None:
@@ -336,9 +337,8 @@ class _Layout:
     carve: tuple
 
 
-def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, seqlen_fixed,
-            new_keys, block_table, capacity, scale, window_left, window_right, bottom_right, softcap, alibi, sinks,
-            num_splits) -> _Layout:
+def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, new_keys, block_table, capacity,
+            scale, window_left, window_right, bottom_right, softcap, alibi, sinks, num_splits) -> _Layout:
     """``plan``'s decisions for a new signature (its arguments as plan's, the arrays' values unread)."""
     import cupy
 
@@ -397,11 +397,13 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if block_table is not None:
         p["table_stride"] = block_table.shape[1] if copy_table else block_table.strides[0] // block_table.itemsize
         p["page_size"] = int(k_cache.shape[2])
+        p["num_pages"] = int(k_cache.shape[0])
     p["batch"], p["heads_q"], p["heads_k"], p["seqlen_q"] = batch, heads_q, heads_k, seqlen_q
     p["head_dim"], p["head_dim_v"] = head_dim, head_dim_v
-    p["seqlen_fixed"], p["new_keys"] = seqlen_fixed, new_keys
+    p["new_keys"] = new_keys
     p["heads_per_block"], p["row_chunks"], p["num_splits"] = heads_per_block, row_chunks, splits
     p["bottom_right"] = int(bottom_right)
+    p["capacity"] = capacity
 
     combine, combine_grid = None, 0
     if splits > 1:
