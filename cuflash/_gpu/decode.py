@@ -215,17 +215,25 @@ def writable_out(out) -> bool:
             and out.data.ptr % 4 == 0)
 
 
-def _carve(cupy, specs):
-    """Arrays of ``specs`` (``(shape, dtype)`` each, or None for no array) in one device allocation,
-    each 256-byte aligned: whoever holds one of them holds the whole allocation."""
-    offsets, size = [], 0
+def _carving(specs) -> tuple:
+    """(bytes, parts) of one device allocation holding arrays of ``specs`` (``(shape, dtype)``
+    each, or None for no array), each 256-byte aligned: a part is ``(shape, dtype, offset)`` or None."""
+    parts, size = [], 0
     for spec in specs:
-        offsets.append(size)
-        if spec is not None:
-            size += -(-math.prod(spec[0]) * numpy.dtype(spec[1]).itemsize // 256) * 256
-    memory = cupy.cuda.alloc(max(size, 1))
-    return [None if spec is None else cupy.ndarray(spec[0], spec[1], memptr=memory + offset)
-            for spec, offset in zip(specs, offsets)]
+        if spec is None:
+            parts.append(None)
+            continue
+        shape, dtype = tuple(spec[0]), numpy.dtype(spec[1])
+        parts.append((shape, dtype, size))
+        size += -(-math.prod(shape) * dtype.itemsize // 256) * 256
+    return max(size, 1), tuple(parts)
+
+
+def _carve(cupy, carving):
+    """The arrays of a ``_carving`` in one fresh allocation: whoever holds one of them holds it all."""
+    size, parts = carving
+    memory = cupy.cuda.alloc(size)
+    return [None if part is None else cupy.ndarray(part[0], part[1], memptr=memory + part[2]) for part in parts]
 
 
 def _rows_into(cupy, target, x, lead):
@@ -293,7 +301,9 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     if copy_table:
         table[...] = block_table
         block_table = table
-    p = layout.params.copy()
+    # (A copy of the template's bytes viewed as the struct: numpy's copy of a nested structured
+    # array walks its fields, ~35 us for DecodeParams; bytes copy in well under one.)
+    p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
     p["seqlen_fixed"] = seqlen_fixed  # (a value, not a signature: a decoding loop's int length grows)
     lead = (int(q.shape[0]), int(q.shape[1]))
     for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
@@ -323,18 +333,18 @@ _MAX_LAYOUTS = 256
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """What ``plan`` decides from a call's signature alone: the params but for the data pointers,
-    the kernels and grids, the splits, and the allocation's parts (``_carve``'s specs: out unless
-    the caller's, lse, the splits' partials, the copies)."""
+    """What ``plan`` decides from a call's signature alone: the params but for the data pointers
+    (``template``: DecodeParams' bytes), the kernels and grids, the splits, and the allocation's
+    parts (``_carving``: out unless the caller's, lse, the splits' partials, the copies)."""
 
-    params: numpy.ndarray
+    template: bytes
     kernel: object
     combine: object | None
     grid: int
     combine_grid: int
     shared_mem: int
     splits: int
-    carve: tuple
+    carve: tuple  # _carving((out, lse, part_o, part_lse, q copy, slopes, sinks, lengths copy, table copy))
 
 
 def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, new_keys, block_table, capacity,
@@ -366,7 +376,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     splits = max(1, min(splits, MAX_GRID_X // max(blocks, 1)))
 
     total_rows = batch * heads_q * seqlen_q
-    carve = (
+    carve = _carving((
         ((batch, heads_q, seqlen_q, head_dim_v), q.dtype) if own_out else None,
         ((batch, heads_q, seqlen_q), numpy.float32),
         ((splits, total_rows, head_dim_v), numpy.float32) if splits > 1 else None,
@@ -376,7 +386,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
         ((batch * heads_q,), numpy.float32) if sinks else None,
         ((batch,), numpy.int32) if copy_lengths else None,
         (tuple(block_table.shape), numpy.int32) if copy_table else None,
-    )
+    ))
 
     p = numpy.zeros((), dtype=PARAMS_DTYPE)
     fwd = p["fwd"]
@@ -393,7 +403,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
         strides = _elements(cache)
         p[f"{name}_page_stride"], p[f"{name}_head_stride"], p[f"{name}_row_stride"] = strides[:3]
     p["o_batch_stride"], p["o_head_stride"], p["o_row_stride"] = (
-        _c_order_strides(carve[0][0]) if own_out else _elements(out))[:3]
+        _c_order_strides((batch, heads_q, seqlen_q, head_dim_v)) if own_out else _elements(out))[:3]
     if block_table is not None:
         p["table_stride"] = block_table.shape[1] if copy_table else block_table.strides[0] // block_table.itemsize
         p["page_size"] = int(k_cache.shape[2])
@@ -409,7 +419,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if splits > 1:
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
-    return _Layout(p, kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
+    return _Layout(p.tobytes(), kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
                    spec.shared_mem, splits, carve)
 
 
