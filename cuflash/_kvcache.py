@@ -22,16 +22,22 @@ sequence's keys from a paged one; a split runs one dense call per key range and 
 of ``cuda_src/kvcache_append.cu`` (``_gpu/kvcache_append.py``), which reads the lengths and the
 block table on the device.
 
-Values on the host. Both paths first check every argument; the checks that need values (lengths
-past the cache, pages out of range or shared: the errors the contract promises) read
-``cache_seqlens`` and ``block_table`` on the host (a device sync on the GPU). Under a CUDA graph
-capture of CuPy's current stream (``cupy.cuda.Stream.begin_capture``, or ``torch.cuda.graph``
-through cuflash.torch, which runs on torch's stream) those reads are skipped and the caller
-guarantees the values, as flash-attn's callers always do: the GPU decode path (the device append,
-the plan, the launches) needs no host value at all, so it runs the same in and out of capture,
-and a replay follows the lengths, table, q, k and v the device holds then. The composition needs
-the lengths (and a paged cache's table) on the host, so under capture it refuses unless
-``cache_seqlens`` is an int (or None) and the cache contiguous.
+Values on the device. Every argument's kind, device, dtype, shape and layout is checked before
+anything is written, and an int ``cache_seqlens`` (the caller's host value) against the cache.
+The values of a device ``cache_seqlens`` and ``block_table`` are read on the host (a device
+sync) only where the host needs them: the composition (and the CPU backend, where reading costs
+nothing), which then checks them too (lengths past the cache, pages out of range or shared). The
+GPU decode path never reads them: the append and the decode kernel read them on the device, as
+flash-attn does, and a call queues its launches without waiting for the GPU (a decoding loop's
+host runs ahead of its device). There the caller guarantees the values, as flash-attn's callers
+do, and the kernels stay inside the cache whatever they are: the append skips a slot outside
+the cache, the decode kernel clamps a length into [0, capacity] and a page id into the cache's
+pages (the result is then wrong, but no access leaves the cache). The same holds under a CUDA
+graph capture of CuPy's current stream (``cupy.cuda.Stream.begin_capture``, or
+``torch.cuda.graph`` through cuflash.torch, which runs on torch's stream): the decode path runs
+as outside one, and a replay follows the lengths, table, q, k and v the device holds then. The
+composition needs the lengths (and a paged cache's table) on the host, so under capture it
+refuses unless ``cache_seqlens`` is an int (or None) and the cache contiguous.
 """
 from __future__ import annotations
 
@@ -104,8 +110,9 @@ class _Cache:
 
 def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device, read_values=True) -> _Cache:
     """Check every array's kind, device, dtype and shape and every length and page id. With
-    ``read_values`` False (a CUDA graph capture) the arrays of lengths and pages are not read:
-    their values go unchecked (the caller guarantees them) and the _Cache holds None for them."""
+    ``read_values`` False (the GPU decode kernel, a CUDA graph capture) the arrays of lengths and
+    pages are not read: their values go unchecked (the caller guarantees them) and the _Cache
+    holds None for them (an int length is the caller's host value: checked and kept)."""
     _check_4d("q", q, "(B, Hq, Lq, D)")
     batch, heads_q, _, head_dim = (int(n) for n in q.shape)
     paged = block_table is not None
@@ -157,7 +164,6 @@ def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, de
             raise ValueError(f"v must have shape (B, Hk, Lnew, Dv) = {expected_v}, as k and v_cache give, "
                              f"got {tuple(v.shape)}")
 
-    table = None
     if paged:
         _check_kind("block_table", block_table, xp, device)
         if block_table.dtype != numpy.int32 or block_table.ndim != 2:
@@ -170,10 +176,6 @@ def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, de
         if page_size < 1:
             raise ValueError(f"k_cache's page_size (axis 2) must be at least 1, got shape {tuple(k_cache.shape)}")
         capacity = int(block_table.shape[1]) * page_size
-        if not batch:  # nothing to read
-            table = numpy.zeros(tuple(block_table.shape), numpy.int64)
-        elif read_values:
-            table = _host_values(block_table, xp).astype(numpy.int64)
     else:
         page_size = 0
         if lead[0] != batch:
@@ -181,10 +183,23 @@ def _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, de
                              f"{tuple(k_cache.shape)}; a paged cache needs block_table")
         capacity = lead[2]
 
-    seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged, read_values)
+    seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged, read_values=False)
+    table = numpy.zeros(tuple(block_table.shape), numpy.int64) if paged and not batch else None  # nothing to read
     cache = _Cache(paged, batch, heads_k, capacity, page_size, seqlens, new, table, fixed)
-    if cache.table is not None and cache.seqlens is not None:
-        _check_pages(cache, int(k_cache.shape[0]))
+    return _read_values(cache, cache_seqlens, block_table, xp, device, int(k_cache.shape[0])) if read_values else cache
+
+
+def _read_values(cache: _Cache, cache_seqlens, block_table, xp, device, num_pages: int) -> _Cache:
+    """``cache`` with the lengths and the block table read on the host (a device sync on the GPU)
+    and checked: every length fits the cache, every page a sequence uses is a page of the cache
+    and a page written into belongs to one sequence, once."""
+    seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged)
+    table = cache.table
+    if cache.paged and table is None:
+        table = _host_values(block_table, xp).astype(numpy.int64)
+    cache = dataclasses.replace(cache, seqlens=seqlens, table=table, fixed=fixed)
+    if cache.paged:
+        _check_pages(cache, num_pages)
     return cache
 
 
@@ -207,7 +222,7 @@ def _resolve_seqlens(cache_seqlens, xp, device, batch, capacity, new, paged, rea
             raise ValueError(f"cache_seqlens must have B = {batch} entries (q's batch), got {cache_seqlens.shape[0]}")
         if not batch:  # nothing to read
             return numpy.zeros(0, numpy.int64), None
-        if not read_values:  # under capture: the caller guarantees the lengths
+        if not read_values:  # the caller guarantees the lengths (the decode kernel bounds them)
             return None, None
         seqlens, fixed = _host_values(cache_seqlens, xp).astype(numpy.int64), None
     else:
@@ -349,36 +364,37 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
 
     Every argument is checked before anything is written: an error leaves the caches and ``out``
     exactly as they were (should a dense call refuse a sequence for its values, the slots
-    already written are restored before the error propagates).
+    already written are restored before the error propagates). The values of a device
+    ``cache_seqlens`` and ``block_table`` are checked where they are read on the host: on the
+    CPU and on the GPU's composition. The GPU decode kernel's calls never read them (no device
+    sync, as flash-attn): the caller guarantees that every ``cache_seqlens[b] + Lnew`` fits the
+    cache, every page a sequence uses is a page of the cache and a page written into belongs to
+    one sequence, once; should one not hold, the append skips a slot outside the cache and the
+    kernel clamps a length into [0, capacity] and a page id into the cache's pages: the result is
+    wrong, but no access leaves the cache. An int ``cache_seqlens`` is always checked.
 
-    Cost. The argument checks read the lengths and the block table on the host (a device sync
-    on the GPU; none under graph capture, below: a decoding loop should capture its step); the
-    append is one scatter per cache on the CPU, one launch on the GPU that reads the lengths and
-    the table on the device. GPU
-    float16/bfloat16 with D and Dv multiples of 8 up to 128 and caches in whole 16-byte chunks:
-    the split-KV decode kernel, one launch (two when split) that reads each kv head's keys and
-    values once, in place, paged or not, and writes ``out`` in place when its last axis is
-    contiguous. Otherwise (float32/float64 and the CPU backend included) the composition: a
-    contiguous cache is read through views (no copy), a paged one is first gathered, sequence by
-    sequence, into a ``(Lk, Hk, D)`` copy of its keys and values; sequences of equal lengths share
-    one dense call, others run one each; each split range is one more dense call, plus one merge.
+    Cost. GPU float16/bfloat16 with D and Dv multiples of 8 up to 128 and caches in whole
+    16-byte chunks: the device append (one launch that reads the lengths and the table on the
+    device) and the split-KV decode kernel, one launch (two when split) that reads each kv head's
+    keys and values once, in place, paged or not, and writes ``out`` in place when its last axis
+    is contiguous; nothing waits for the device, and a repeated signature (a decoding loop's
+    layers) skips the checks and planning its first call made. Otherwise (float32/float64 and
+    the CPU backend included) the composition: the lengths and the table are read on the host (a
+    device sync on the GPU), the append is one scatter per cache on the CPU (the device append on
+    the GPU), a contiguous cache is read through views (no copy), a paged one is first gathered,
+    sequence by sequence, into a ``(Lk, Hk, D)`` copy of its keys and values; sequences of equal
+    lengths share one dense call, others run one each; each split range is one more dense call,
+    plus one merge.
 
     CUDA graphs. While CuPy's current stream is capturing (``stream.begin_capture()``; under
     ``torch.cuda.graph`` too, through :func:`cuflash.torch.flash_attn_with_kvcache`), nothing is
-    read on the host: the checks of the values of ``cache_seqlens`` and ``block_table`` are
-    skipped, and the caller guarantees them (flash-attn checks none of them, ever): every
-    ``cache_seqlens[b] + Lnew`` fits the cache, every page a sequence uses is a page of the cache,
-    and a page written into belongs to one sequence, once (should one not hold, the append skips
-    a slot outside the cache and the decode kernel reads a length clamped into [0, capacity] and
-    a page id clamped into the cache's pages: the result is wrong, but no access leaves the
-    cache). Every check of shapes,
-    dtypes, devices and layouts still runs. The decode kernel's calls run unchanged and their
-    replays follow the values the device holds then; the composition refuses (RuntimeError)
-    unless ``cache_seqlens`` is an int (or None) and the cache contiguous. Warm up each shape outside the
-    capture (kernels compile on first use). A CuPy capture takes the call's memory from CuPy's
-    pool: keep the arrays the call returns alive while the graph is replayed (out and lse hold the
-    call's workspace; with ``out=``, ask for and keep lse too); torch's capture keeps it all in the
-    graph's pool.
+    read on the host. The decode kernel's calls run as outside the capture and their replays
+    follow the values the device holds then; the composition refuses (RuntimeError) unless
+    ``cache_seqlens`` is an int (or None) and the cache contiguous. Warm up each shape outside
+    the capture (kernels compile on first use). A CuPy capture takes the call's memory from
+    CuPy's pool: keep the arrays the call returns alive while the graph is replayed (out and lse
+    hold the call's workspace; with ``out=``, ask for and keep lse too); torch's capture keeps it
+    all in the graph's pool.
 
     Returns
     -------
@@ -414,8 +430,9 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
                             softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision, key=None):
     """The full path: every check, then the decode kernel or the composition. ``key``: the
     call's signature (``_signature``), under which a call that took the decode kernel is kept."""
-    cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device,
-                           read_values=not _capturing(xp))
+    # The values of the lengths and the table are read only where they are needed (the
+    # composition), once the route is known: the decode kernel reads them on the device.
+    cache = _resolve_cache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, xp, device, read_values=False)
     splits = _resolve_splits(num_splits)
     batch, heads_k, head_dim, head_dim_v = cache.batch, cache.heads_k, q.shape[3], v_cache.shape[3]
     # The options, checked once for the whole batch as cuflash.attention checks them (lead axes
@@ -434,10 +451,12 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         if key is not None:
             if len(_KNOWN) >= _MAX_KNOWN:
                 _KNOWN.clear()
-            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), int(k_cache.shape[0]),
-                                 problem.dtype, problem.scale, problem.softcap, problem.return_lse, splits)
+            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.dtype, problem.scale, problem.softcap, problem.return_lse, splits)
     else:
-        if cache.seqlens is None or (cache.paged and cache.table is None):
+        unread = cache.seqlens is None or (cache.paged and cache.table is None)
+        if unread and not _capturing(xp):
+            cache = _read_values(cache, cache_seqlens, block_table, xp, device, int(k_cache.shape[0]))
+        elif unread:
             raise RuntimeError(
                 f"attention_with_kvcache under CUDA graph capture: this call runs as dense calls ({reason}), which "
                 "read cache_seqlens and block_table on the host, and nothing can be read from the device during a "
@@ -482,17 +501,15 @@ def _returned(result, lse, out, return_lse):
 
 # Calls on CuPy arrays that took the decode kernel, by signature (``_signature``): what their full
 # path resolved from shapes, dtypes, layouts, alignment and options alone. A repeated signature
-# (a decoding loop's call, layer after layer) checks only what depends on this call's values and
-# addresses (the lengths and pages, unless capturing; overlaps with the caches and out), then
-# plans and launches. Cleared when full (a process meets few signatures).
+# (a decoding loop's call, layer after layer) checks only what depends on this call's int length
+# (if one) and addresses (overlaps with the caches and out), then plans and launches. Cleared when full (a process meets few signatures).
 _KNOWN: dict = {}
 _MAX_KNOWN = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class _Known:
-    cache: _Cache  # the shape facts (the lengths' and table's values: None, read per call)
-    num_pages: int  # k_cache's leading axis (pages when paged)
+    cache: _Cache  # the shape facts (the lengths' and table's values: None, never read)
     dtype: object
     scale: float
     softcap: float | None
@@ -535,16 +552,12 @@ class _Replayed:
 
 def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
                   sinks, causal, window, out):
-    """A known signature's call: the checks of this call's values and addresses, the plan, the
-    device append, the launch (the full path's decode route, less what the signature fixed)."""
+    """A known signature's call: the checks of this call's int length (if one) and addresses, the
+    plan, the device append, the launch (the full path's decode route, less what the signature fixed)."""
     cache = known.cache
-    read_values = not _capturing(xp)
     seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged,
-                                      read_values)  # (an int's value is checked even under capture: it is no read)
-    table = _host_values(block_table, xp).astype(numpy.int64) if cache.paged and read_values else None
-    cache = dataclasses.replace(cache, seqlens=seqlens, table=table, fixed=fixed)
-    if cache.table is not None:
-        _check_pages(cache, known.num_pages)
+                                      read_values=False)  # (an int length is the caller's host value: checked)
+    cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
     problem = _Replayed(known.dtype, known.scale, known.softcap, alibi_slopes, sinks)
     _check_addresses(xp, device, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
     result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,

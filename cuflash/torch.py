@@ -308,13 +308,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``softmax_lse`` ``(B, H, Lq)`` with ``return_softmax_lse``. :func:`cuflash.attention_with_kvcache`
     underneath (one call per sequence when ``cache_batch_idx`` or ``cache_leftpad`` is given).
 
-    CUDA graphs: a decoding step can be captured with ``torch.cuda.graph`` (after a warm-up call
-    of its shapes outside the capture); its replays follow the ``cache_seqlens``, ``block_table``,
-    q, k and v the device holds then. Under capture nothing is read on the host, so the checks
-    that need device values are skipped and the caller guarantees them (as flash-attn, which never
-    makes them): lengths that fit the cache, pages of the cache, written pages not shared, rotary
-    positions within ``rotary_cos``. ``cache_batch_idx`` and ``cache_leftpad`` are read on the
-    host (they pick one call per sequence), so they cannot be captured."""
+    Values on the device: as :func:`cuflash.attention_with_kvcache`, a call on the decode kernel
+    reads no value of a CUDA tensor on the host (no device sync): the caller guarantees lengths
+    that fit the cache, pages of the cache, written pages not shared and rotary positions within
+    ``rotary_cos`` (as flash-attn, which never checks them), and the kernels stay inside the cache
+    and ``rotary_cos`` whatever they are. CUDA graphs: a decoding step can be captured with
+    ``torch.cuda.graph`` (after a warm-up call of its shapes outside the capture); its replays
+    follow the ``cache_seqlens``, ``block_table``, q, k and v the device holds then.
+    ``cache_batch_idx`` and ``cache_leftpad`` are read on the host (they pick one call per
+    sequence), so they cannot be captured."""
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, tensor)
     if (k is None) != (v is None):
@@ -342,10 +344,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if rotary_cos is not None:
             # flash-attn: queries at their own positions under causal or a window, else all at
             # cache_seqlens (one position for every query)
-            q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None,
-                        check=not capturing)
-            k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True,
-                                            check=not capturing)
+            q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None)
+            k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True)
         out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
         options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                        return_lse=bool(return_softmax_lse))
@@ -405,11 +405,12 @@ def _kvcache_rows(values, batch, bound, name, default):
     return host
 
 
-def _rotary(x, cos, sin, offsets, interleaved, per_row, check=True):
+def _rotary(x, cos, sin, offsets, interleaved, per_row):
     """flash-attn's rotary embedding of x ``(B, L, H, D)`` over its first ``2 * cos.shape[1]``
     dims, row i of sequence b at position ``offsets[b] + i`` (``offsets[b]`` for every row unless
-    ``per_row``), computed in float32 (float64 for float64) and rounded once to x's dtype.
-    ``check``: the positions are read on the host to check that cos has them (not under capture)."""
+    ``per_row``), computed in float32 (float64 for float64) and rounded once to x's dtype. On the
+    CPU the positions are checked against cos's; on a GPU they are not read (no device sync, as
+    the decode path reads no length): a position past cos's reads its last row, never beyond it."""
     half = cos.shape[-1]
     if cos.shape != sin.shape or cos.dim() != 2 or 2 * half > x.shape[-1]:
         raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
@@ -417,9 +418,10 @@ def _rotary(x, cos, sin, offsets, interleaved, per_row, check=True):
     steps = torch.arange(x.shape[1], device=x.device) if per_row else torch.zeros(x.shape[1], dtype=torch.long,
                                                                                   device=x.device)
     positions = offsets.to(x.device).long()[:, None] + steps[None, :]  # (B, L)
-    if check and x.shape[1] and int(positions.max()) >= cos.shape[0]:
+    if x.device.type == "cpu" and x.shape[1] and int(positions.max()) >= cos.shape[0]:
         raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions; position {int(positions.max())} "
                          "is needed")
+    positions = positions.clamp(0, max(cos.shape[0] - 1, 0))
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     c, s = (t.to(x.device)[positions].to(compute)[:, :, None, :] for t in (cos, sin))  # (B, L, 1, half)
     part = x[..., :2 * half].to(compute)

@@ -626,13 +626,14 @@ def test_gpu_decode_layout_is_planned_once_per_signature(rng, decode_spy, page_s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
-def test_gpu_a_known_signature_checks_this_calls_values_and_gives_the_full_paths_bits(rng, monkeypatch, page_size):
+def test_gpu_a_known_signature_checks_its_int_length_and_gives_the_full_paths_bits(rng, monkeypatch, page_size):
     """A repeated signature takes the short path (_kvcache._decode_again): the same bits as the
-    full path on the same arrays; its lengths and pages are still checked (a bad one raises before
-    anything is written), an int length included."""
+    full path on the same arrays; an int length is checked on it too (a bad one raises before
+    anything is written). Neither path reads a device length or page on the host."""
     from cuflash import _kvcache
 
     cupy = _cupy()
+    monkeypatch.setattr(_kvcache, "_host_values", lambda *a: pytest.fail("a host read on the decode path"))
     again = []
     real = _kvcache._decode_again
     monkeypatch.setattr(_kvcache, "_decode_again", lambda *a, **kw: again.append(1) or real(*a, **kw))
@@ -649,25 +650,22 @@ def test_gpu_a_known_signature_checks_this_calls_values_and_gives_the_full_paths
         assert to_numpy(out).tobytes() == to_numpy(first[0]).tobytes()
         assert to_numpy(lse).tobytes() == to_numpy(first[1]).tobytes()
     assert len(again) == 1
-    # A length past the cache on the known signature: refused before the cache is written.
-    before = [to_numpy(b).copy() for b in setup.buffers()]
-    bad = dict(arguments, cache_seqlens=cupy.asarray(numpy.array([30, 0, 64], numpy.int32)))
-    with pytest.raises(ValueError, match="cache_seqlens"):
-        cuflash.attention_with_kvcache(**bad, **options)
-    assert len(again) == 2 and all(to_numpy(a).tobytes() == b.tobytes() for a, b in zip(setup.buffers(), before))
     # An int length is read per call (a decoding loop's grows every step): 5, then 7 on the known
     # signature, each over its own keys (the bits of the same call with the lengths in an array),
-    # and 65 refused there.
+    # and 64 + Lnew = 65 refused there before the append writes anything.
     fixed = dict(arguments, k=None, v=None)
-    for length, calls in ((5, 2), (7, 3)):
+    for length, calls in ((5, 1), (7, 2)):
         got = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=length), **options)
         assert len(again) == calls
         lengths = cupy.full(3, length, dtype=cupy.int32)
         want = cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=lengths), **options)
         assert all(to_numpy(g).tobytes() == to_numpy(w).tobytes() for g, w in zip(got, want))
-    with pytest.raises(ValueError, match="cache_seqlens"):
-        cuflash.attention_with_kvcache(**dict(fixed, cache_seqlens=65), **options)
-    assert len(again) == 5  # (the array-length call of 7 was known too)
+    cuflash.attention_with_kvcache(**dict(arguments, cache_seqlens=9), **options)  # full path (an int, k and v)
+    before = [to_numpy(b).copy() for b in setup.buffers()]
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 64 plus Lnew = 1 new keys needs 65 slots"):
+        cuflash.attention_with_kvcache(**dict(arguments, cache_seqlens=64), **options)
+    assert len(again) == 4  # (the array-length call of 7 was known too)
+    assert all(to_numpy(a).tobytes() == b.tobytes() for a, b in zip(setup.buffers(), before))
 
 
 @pytest.mark.gpu

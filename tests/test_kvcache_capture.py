@@ -42,12 +42,13 @@ def _bits(x):
     return x.view(numpy.dtype(f"u{x.dtype.itemsize}"))
 
 
-def _no_host_read(monkeypatch):
-    """Under a capture: the capture query says yes, and any host read of a length or page fails."""
+def _no_host_read(monkeypatch, capturing=True):
+    """Any host read of a length or page fails; with ``capturing``, the capture query says yes."""
     def refuse(array, xp):
-        raise AssertionError("a host read of cache_seqlens or block_table under capture")
+        raise AssertionError("a host read of cache_seqlens or block_table")
 
-    monkeypatch.setattr(_kvcache, "_capturing", lambda xp: True)
+    if capturing:
+        monkeypatch.setattr(_kvcache, "_capturing", lambda xp: True)
     monkeypatch.setattr(_kvcache, "_host_values", refuse)
 
 
@@ -474,12 +475,14 @@ def test_torch_cuda_graph_replays_flash_attn_with_kvcache(rng, paged):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
-def test_gpu_decode_with_unchecked_bad_values_stays_inside_the_cache(rng, monkeypatch, page_size):
-    """A violated guarantee on the decode kernel (what a capture does not check): lengths past the
-    capacity or below 0 and page ids outside the cache read as the nearest valid ones (DecodeParams'
-    bounds): the result is the checked call's on the clamped values, bit for bit, and no access
-    leaves the cache (a CUDA error would fail the synchronization)."""
+def test_gpu_decode_with_unchecked_bad_values_stays_inside_the_cache(rng, monkeypatch, page_size, capturing):
+    """A violated guarantee on the decode kernel (whose calls never read a device length or page
+    on the host, in a capture or out of one): lengths past the capacity or below 0 and page ids
+    outside the cache read as the nearest valid ones (DecodeParams' bounds): the result is the
+    call's on the clamped values, bit for bit, and no access leaves the cache (a CUDA error would
+    fail the synchronization)."""
     cupy = _cupy()
     setup = Setup(rng, "float16", seqlens=[10, 20, 30], lnew=0, lq=1, capacity=64, page_size=page_size, heads_q=4,
                   heads_k=2, d=64, dv=64, spare_pages=0, xp=cupy)
@@ -495,7 +498,7 @@ def test_gpu_decode_with_unchecked_bad_values_stays_inside_the_cache(rng, monkey
     if page_size is not None:
         arguments["block_table"] = cupy.asarray(good_table)
     want, want_lse = cuflash.attention_with_kvcache(**arguments, causal=True, return_lse=True)
-    _no_host_read(monkeypatch)
+    _no_host_read(monkeypatch, capturing)
     arguments["cache_seqlens"] = cupy.asarray(bad_lengths.astype(numpy.int32))
     if page_size is not None:
         arguments["block_table"] = cupy.asarray(host)
