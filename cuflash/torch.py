@@ -693,11 +693,50 @@ def _to_cuflash(tensor):
     """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory (bfloat16 included)."""
     # DLPack refuses tensors that require grad; detached, the memory is the same.
     tensor = tensor.detach()
-    if tensor.is_cuda and getattr(_ON_TORCH_STREAM, "device", None) == tensor.get_device():
-        import cupy
+    if tensor.is_cuda:
+        device = getattr(_ON_TORCH_STREAM, "device", None)
+        if device == tensor.get_device():
+            dtype = _cupy_dtypes().get(tensor.dtype)
+            if dtype is not None and tensor.numel():
+                return _cupy_view(tensor, dtype, device)
+            import cupy
 
-        return cupy.from_dlpack(_OnSharedStream(tensor))
+            return cupy.from_dlpack(_OnSharedStream(tensor))
     return _spec._as_array("tensor", tensor)
+
+
+def _cupy_view(tensor, dtype, device):
+    """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides: what
+    ``cupy.from_dlpack`` makes, without the capsule (its export and parsing cost a few microseconds
+    a tensor, five or more tensors a call). The
+    array holds the tensor (the memory's owner) while it lives. Only inside ``_running_on``, where
+    both libraries run on one stream (no handshake is owed)."""
+    import cupy
+
+    item = tensor.element_size()
+    shape, strides = tensor.shape, tensor.stride()
+    span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item  # (a non-empty tensor)
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), span, tensor, device)
+    return cupy.ndarray(tuple(shape), dtype, cupy.cuda.MemoryPointer(memory, 0), tuple(step * item for step in strides))
+
+
+_CUPY_DTYPES: dict = {}
+
+
+def _cupy_dtypes() -> dict:
+    """torch dtype -> the NumPy dtype CuPy gives the same elements (bfloat16: ml_dtypes')."""
+    if not _CUPY_DTYPES:
+        pairs = [(torch.float16, numpy.float16), (torch.float32, numpy.float32), (torch.float64, numpy.float64),
+                 (torch.int32, numpy.int32), (torch.int64, numpy.int64), (torch.int16, numpy.int16),
+                 (torch.int8, numpy.int8), (torch.uint8, numpy.uint8), (torch.bool, numpy.bool_)]
+        try:
+            import ml_dtypes
+
+            pairs.append((torch.bfloat16, ml_dtypes.bfloat16))
+        except ImportError:  # (bfloat16 then goes through DLPack)
+            pass
+        _CUPY_DTYPES.update((t, numpy.dtype(n)) for t, n in pairs)
+    return _CUPY_DTYPES
 
 
 # The device whose torch stream CuPy runs on in this thread (inside _running_on), or None.

@@ -248,6 +248,28 @@ def test_bfloat16_crosses_both_ways_without_a_copy(ct, randc):
     assert isinstance(array, cupy.ndarray)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.bool])
+def test_inside_running_on_tensors_cross_as_views_of_their_pointer(ct, dtype):
+    """_to_cuflash inside _running_on builds the array from the tensor's pointer, shape and strides
+    (_cupy_view): the same array as cupy.from_dlpack gives for views with an offset, transposes
+    and broadcast strides, holding the tensor; an empty tensor still crosses (by DLPack)."""
+    import cupy
+
+    base = torch.arange(2 * 5 * 7 * 6, device="cuda").reshape(2, 5, 7, 6).to(dtype)
+    views = [base, base[1:, :, 2:].transpose(1, 2), base[..., ::2], base[:, :1].expand(2, 4, 7, 6), base[:, :, :0]]
+    with ct._running_on(base):
+        for view in views:
+            array = ct._to_cuflash(view)
+            expected = cupy.from_dlpack(view.contiguous() if view.numel() == 0 else view)
+            assert isinstance(array, cupy.ndarray) and array.dtype == expected.dtype
+            assert array.shape == tuple(view.shape)
+            if view.numel():
+                assert array.data.ptr == view.data_ptr() and array.strides == expected.strides
+                assert torch.is_tensor(array.data.mem._owner) and array.data.mem._owner.data_ptr() == view.data_ptr()
+                assert (array.view(cupy.uint8 if dtype == torch.bool else array.dtype) ==
+                        expected.view(cupy.uint8 if dtype == torch.bool else expected.dtype)).all()
+
+
 def test_the_core_api_takes_torch_cuda_tensors_and_returns_cupy(randc):
     import cupy
 
