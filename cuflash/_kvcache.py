@@ -267,27 +267,44 @@ def _check_pages(cache: _Cache, num_pages: int):
                          f"(by sequences {users}): a page written into must belong to one sequence, once")
 
 
-def _check_writable(cache_arrays, others, xp):
-    """The caches can be written in place: writeable, no element twice, sharing no memory with each
-    other or with any array read during the call."""
+def _check_writable(cache_arrays, xp):
+    """The caches can be written in place: writeable, no element twice (their memory's sharing:
+    ``_check_sharing``)."""
     for name, array in cache_arrays:
         if xp is numpy and not array.flags.writeable:
             raise ValueError(f"{name} must be writeable to append k and v")
         if _spec._has_internal_overlap(array):
             raise ValueError(f"{name} must not have overlapping elements (a broadcast or self-overlapping view) "
                              "to append k and v")
-    (_, k_cache), (_, v_cache) = cache_arrays
-    if _spec._overlaps(k_cache, v_cache, xp):
+
+
+def _check_sharing(xp, written, read, out):
+    """Caches ``written`` into share no memory with each other or with anything ``read``; out
+    (None: not given) none with any of them. ``written``, ``read``: (name, array or None) lists.
+    On the GPU each array's byte range is computed once (CuPy's exact test runs kernels)."""
+    written, read = ([(name, a) for name, a in arrays if a is not None and a.size] for arrays in (written, read))
+    targets = written + ([("out", out)] if out is not None and out.size else [])
+    if xp is numpy:
+        def overlap(a, b):
+            return _spec._overlaps(a, b, xp)
+    else:
+        ranges = {id(a): _spec._byte_bounds(a.data.ptr, a.shape, a.strides, a.itemsize) for _, a in targets + read}
+
+        def overlap(a, b):
+            (a_lo, a_hi), (b_lo, b_hi) = ranges[id(a)], ranges[id(b)]
+            return a_lo < b_hi and b_lo < a_hi
+    if len(written) == 2 and overlap(written[0][1], written[1][1]):
         raise ValueError("k_cache and v_cache must not share memory to append k and v")
-    for name, array in cache_arrays:
-        for other_name, other in others:
-            if other is not None and _spec._overlaps(array, other, xp):
-                raise ValueError(f"{name} must not share memory with {other_name} to append k and v")
+    for name, array in targets:
+        for other_name, other in (read if name != "out" else written + read):
+            if overlap(array, other):
+                raise ValueError(f"out must not share memory with {other_name}" if name == "out" else
+                                 f"{name} must not share memory with {other_name} to append k and v")
 
 
-def _check_out(out, xp, device, problem, shape, named):
-    """out= as cuflash.attention checks it: kind, dtype, shape, writeable, no self-overlap, no
-    overlap with any input."""
+def _check_out(out, xp, device, problem, shape):
+    """out= as cuflash.attention checks it: kind, dtype, shape, writeable, no self-overlap (its
+    memory's sharing with the inputs: ``_check_sharing``)."""
     if not isinstance(out, xp.ndarray):
         raise TypeError(f"out must be a {xp.__name__}.ndarray like q, got {type(out).__module__}.{type(out).__name__}")
     if out.dtype != problem.dtype:
@@ -300,9 +317,6 @@ def _check_out(out, xp, device, problem, shape, named):
         raise ValueError(f"out must be on q's device {device}, got device {out.device.id}")
     if _spec._has_internal_overlap(out):
         raise ValueError("out must not have overlapping elements (a broadcast or self-overlapping view)")
-    for name, array in named:
-        if array is not None and _spec._overlaps(out, array, xp):
-            raise ValueError(f"out must not share memory with {name}")
 
 
 def _resolve_splits(num_splits) -> int:
@@ -442,7 +456,11 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
     problem = _spec.resolve_forward(q, k_probe, v_probe, alibi_slopes=alibi_slopes, sinks=sinks,
                                     return_lse=return_lse, **options)
-    _check_addresses(xp, device, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
+    if cache.new:
+        _check_writable([("k_cache", k_cache), ("v_cache", v_cache)], xp)
+    if out is not None:
+        _check_out(out, xp, device, problem, (batch, q.shape[1], q.shape[2], head_dim_v))
+    _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
 
     reason = "the CPU backend" if xp is numpy else _decode_unsupported(q, k_cache, v_cache, cache)
     if reason is None:
@@ -467,17 +485,17 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
     return _returned(result, lse, out, problem.return_lse)
 
 
-def _check_addresses(xp, device, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out):
-    """The checks that depend on the arrays' memory: caches written into share no memory with
-    anything the call reads, out none with any input."""
+def _check_addresses(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out):
+    """The checks that depend on the arrays' memory, not their shapes: caches written into share
+    no memory with each other or anything the call reads, out none with any input."""
     read = [("q", q), ("k", k), ("v", v), ("alibi_slopes", problem.alibi_slopes), ("sinks", problem.sinks),
             ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, xp.ndarray) else None),
             ("block_table", block_table)]
     caches = [("k_cache", k_cache), ("v_cache", v_cache)]
     if cache.new:
-        _check_writable(caches, read, xp)
-    if out is not None:
-        _check_out(out, xp, device, problem, (cache.batch, q.shape[1], q.shape[2], v_cache.shape[3]), read + caches)
+        _check_sharing(xp, caches, read, out)
+    elif out is not None:
+        _check_sharing(xp, [], read + caches, out)
 
 
 def _launch_decode(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window,
@@ -559,7 +577,7 @@ def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_se
                                       read_values=False)  # (an int length is the caller's host value: checked)
     cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
     problem = _Replayed(known.dtype, known.scale, known.softcap, alibi_slopes, sinks)
-    _check_addresses(xp, device, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
+    _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
     result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
                                  window, known.splits, out)
     return _returned(result, lse, out, known.return_lse)
