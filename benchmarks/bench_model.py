@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import re
 import statistics
@@ -650,7 +649,7 @@ def main(argv=None) -> Path:
         record["table"] = format_tables(record["rows"], dtype_name, family, cuda)
         records.write(record, path)
 
-    try:
+    def rows():
         for batch, length in args.shapes:
             generator = torch.Generator().manual_seed(batch * 1_000_003 + length)
             ids = torch.randint(0, config["vocab_size"], (batch, length), generator=generator).to(args.device)
@@ -673,19 +672,11 @@ def main(argv=None) -> Path:
                 else:
                     result = run_guarded(ctx, backend, batch, length, ids, reference)
                 row["results"][backend] = result
-                print(f"[model] {row['shape']} {backend}: "
-                      + json.dumps(records.json_safe({k: v for k, v in result.items() if not k.endswith("_all")})),
-                      file=sys.stderr, flush=True)
+                records.log_result("model", row["shape"], backend, result)
                 save()
             reference.clear()
-    except KeyboardInterrupt:
-        print("\ninterrupted: keeping the rows measured so far", file=sys.stderr)
-        record["interrupted"] = True
-    save()
-    print(record["table"])
-    print(f"\nwrote {path}")
-    return path
 
+    return records.run_rows(record, path, save, rows)
 
 if __name__ == "__main__":
     main()

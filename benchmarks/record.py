@@ -81,6 +81,29 @@ def write(record: dict, path: Path) -> Path:
     return path
 
 
+def log_result(tag: str, shape: str, backend: str, result: dict) -> None:
+    """One backend's result at one shape on stderr as it lands (its per-run lists, ``*_all``, left out)."""
+    print(f"[{tag}] {shape} {backend}: " + json.dumps(json_safe({k: v for k, v in result.items()
+                                                              if not k.endswith("_all")})),
+          file=sys.stderr, flush=True)
+
+
+def run_rows(record: dict, path: Path, save, rows) -> Path:
+    """A sweep's driver: ``rows()`` measures, appending rows to ``record["rows"]`` and calling
+    ``save()`` after each result; an interrupt (Ctrl-C, or the SIGINT gpu_check.sh's timeout sends)
+    ends it early and keeps what was measured (``record["interrupted"]``). Then the record is
+    saved and its table printed. Returns the record's path."""
+    try:
+        rows()
+    except KeyboardInterrupt:
+        print("\ninterrupted: keeping the rows measured so far", file=sys.stderr)
+        record["interrupted"] = True
+    save()
+    print(record["table"])
+    print(f"\nwrote {path}")
+    return path
+
+
 def timed_ms(cupy, call, repeats: int) -> float:
     """Median milliseconds of ``call()`` over ``repeats`` runs after one warm-up, each timed alone
     between CUDA events on CuPy's current stream."""

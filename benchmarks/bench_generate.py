@@ -1,0 +1,258 @@
+"""A real model decoding: prefill a prompt, then greedy decoding token by token over transformers'
+KV cache, cuflash (via cuflash.hf) against torch SDPA's backends, in one process on one model.
+
+The model is bench_model.py's (a Llama-like transformers model from a config, random weights, no
+download; ``--family``, ``--mha``/``--kv-heads`` as there); only the attention implementation
+changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_cudnn``/
+``sdpa_efficient`` pinned by ``sdpa_kernel``). Each backend, for each ``BATCHxPROMPT`` shape:
+
+* ``prefill_ms``: the prompt's forward into a fresh ``DynamicCache`` (``use_cache=True``,
+  ``logits_to_keep=1``), median of ``--repeats``;
+* ``decode_ms_per_token``: ``--new-tokens`` steps of one token per sequence (the argmax of the
+  last logits fed back, the cache growing by one key each step), wall time from the first step's
+  launch to the device's end of the last, divided by the steps: a decoding loop is host-bound at
+  small batches, so this counts the host path of every layer's attention call (and the rest of
+  the model's) as a serving loop without CUDA graphs pays it; median of ``--repeats``;
+* ``decode_gpu_ms_per_token``: the same loop's span in CUDA events (on the CPU: equal to the wall
+  time); a wall time far above it means the host, not the GPU, sets the pace;
+* ``tokens_per_s``: batch x new tokens over the decode time; ``first_run_s``: wall time of the
+  backend's first prefill + decode (kernel compilation or cache loading, plans);
+* ``peak_gib``: ``torch.cuda.max_memory_allocated`` over one prefill + decode (reset before);
+* correctness against the reference backend (``sdpa``): ``logits_rel_diff``, the prefill's last
+  logits (max abs difference over max abs), and ``same_tokens``: how many of the greedy tokens
+  equal the reference's before the first difference (random weights give near-ties, so a late
+  divergence in bf16 is rounding, not an error; an early one with a large logits difference is).
+
+Every decode step of cuflash is one ``cuflash.torch.attention`` call with one query row per
+sequence over the whole cache (transformers' cache concatenates the keys; the attention is
+causal bottom-right, i.e. every cached key), GQA straight through. ``cuflash.hf.COUNTS`` must
+show the calls were cuflash's (``attention_calls_cuflash``), not fallbacks.
+
+    python benchmarks/bench_generate.py [--shapes 1x1024,8x1024] [--new-tokens 128] [--backends ...]
+    python benchmarks/bench_generate.py --device cpu --tiny      # a smoke test, no GPU
+
+Writes benchmarks/results/<UTC>_<device>_generate.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (and cuflash) from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import record as records  # noqa: E402
+from benchmarks.bench_model import (  # noqa: E402
+    SDPA_PINNED, Clock, attention_backends, build_model, collect_environment, failure, max_abs_diff, model_config,
+    parse_shape)
+from benchmarks.model_families import FAMILIES  # noqa: E402
+
+DEFAULT_BACKENDS = ("sdpa", "cuflash", "sdpa_flash", "sdpa_cudnn")
+ALLOWED = ("sdpa", "cuflash", *SDPA_PINNED)
+
+
+def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
+    """Prefill ``ids`` into a fresh cache, then ``new_tokens`` greedy steps. Returns (prefill ms,
+    decode wall ms, decode span ms on the device, the prefill's last logits, the tokens (B, n))."""
+    cache = cache_class()
+    clock.sync()
+    start = clock.mark()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    end = clock.mark()
+    clock.sync()
+    prefill_ms = clock.elapsed_ms(start, end)
+    logits = out.logits[:, -1].float()
+    token = logits.argmax(-1, keepdim=True)
+    tokens = [token]
+    wall = time.perf_counter()
+    start = clock.mark()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    end = clock.mark()
+    clock.sync()
+    wall_ms = (time.perf_counter() - wall) * 1e3
+    return prefill_ms, wall_ms, clock.elapsed_ms(start, end), logits, torch.cat(tokens[:new_tokens], dim=1)
+
+
+def run_backend(ctx, backend: str, ids) -> dict:
+    torch, model, args, hf, clock = ctx["torch"], ctx["model"], ctx["args"], ctx["hf"], ctx["clock"]
+    implementation = ctx["backends"][backend][0]
+    model.set_attn_implementation(implementation)
+    hf.reset_counts()
+    pinned = SDPA_PINNED.get(backend)
+    if pinned is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        within = sdpa_kernel([getattr(SDPBackend, pinned)])
+    else:
+        within = contextlib.nullcontext()
+    result: dict = {"status": "ok"}
+    with within, torch.inference_mode():
+        first = time.perf_counter()
+        decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"])
+        result["first_run_s"] = time.perf_counter() - first
+        runs = []
+        for _ in range(args.repeats):
+            if ctx["cuda"]:
+                torch.cuda.reset_peak_memory_stats()
+            runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"]))
+    prefill, wall, span = ([run[i] for run in runs] for i in range(3))
+    batch = ids.shape[0]
+    result.update(prefill_ms=statistics.median(prefill), decode_ms_per_token=statistics.median(wall) / args.new_tokens,
+                  decode_gpu_ms_per_token=statistics.median(span) / args.new_tokens,
+                  tokens_per_s=batch * args.new_tokens / (statistics.median(wall) / 1e3),
+                  prefill_ms_all=prefill, decode_ms_all=wall)
+    if ctx["cuda"]:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["attention_calls_cuflash"] = hf.COUNTS["cuflash"]
+    result["attention_calls_fallback"] = hf.COUNTS["fallback"]
+    result["fallback_reasons"] = dict(hf.COUNTS["fallback_reasons"])
+    logits, tokens = runs[-1][3], runs[-1][4]
+    reference = ctx["reference"]
+    if backend == args.backends[0]:
+        reference.update(logits=logits, tokens=tokens)
+    result["logits_rel_diff"] = max_abs_diff(logits, reference["logits"]) / max(
+        float(reference["logits"].abs().max()), 1e-30)
+    same = (tokens == reference["tokens"]).all(dim=0).long()
+    result["same_tokens"] = int(same.cumprod(0).sum())
+    result["correct"] = result["logits_rel_diff"] <= ctx["bound"] and (
+        backend != "cuflash" or result["attention_calls_fallback"] == 0)
+    return result
+
+
+def run_guarded(ctx, backend: str, ids) -> dict:
+    """run_backend, its failure recorded as bench_model records one (oom, unsupported, error)."""
+    try:
+        return run_backend(ctx, backend, ids)
+    except Exception as error:  # noqa: BLE001 - one backend failing must not stop the others
+        return failure(ctx["torch"], error)
+    finally:
+        if ctx["cuda"]:
+            ctx["torch"].cuda.empty_cache()
+
+
+def format_table(rows: list[dict], new_tokens: int, dtype_name: str) -> str:
+    lines = []
+    for row in rows:
+        results = row["results"]
+        lines += [f"### {row['shape']} (batch {row['batch']}, prompt {row['prompt']}, {new_tokens} new tokens, "
+                  f"{dtype_name})", "",
+                  "| backend | prefill ms | decode ms/token (wall) | GPU ms/token | tokens/s | first run s | "
+                  "peak GiB | logits diff | same tokens | x vs sdpa |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        base = results.get("sdpa", {}).get("decode_ms_per_token")
+        for backend, r in results.items():
+            if r.get("status") != "ok":
+                lines.append(f"| {backend} | {r.get('status')}: {r.get('note', '')[:80]} |" + " |" * 9)
+                continue
+            ratio = f"{base / r['decode_ms_per_token']:.2f}" if base else "-"
+            flag = "" if r["correct"] else " !"
+            lines.append(f"| {backend} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | "
+                         f"{r['decode_gpu_ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | {r['first_run_s']:.2f} | "
+                         f"{r.get('peak_gib', float('nan')):.2f} | {r['logits_rel_diff']:.1e}{flag} | "
+                         f"{r['same_tokens']}/{new_tokens} | {ratio} |")
+        lines.append("")
+    lines.append("Decode ms/token: wall time of the greedy loop (host and device; no CUDA graphs) per step; GPU "
+                 "ms/token: the same loop's CUDA-event span. x vs sdpa: sdpa's decode time / this one's (> 1: "
+                 "faster). Same tokens: greedy tokens equal to sdpa's before the first difference.")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (2 layers, hidden 64), float32; "
+                        "default shape 2x32 and 8 new tokens: a smoke test")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--mha", action="store_true", help="16 key/value heads (no GQA)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 8; tiny: 2)")
+    parser.add_argument("--shapes", type=lambda s: [parse_shape(p) for p in s.split(",")], default=None,
+                        help="comma-separated BATCHxPROMPT (default 1x1024,8x1024)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="greedy steps (default 128; tiny: 8)")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
+                        help=f"comma-separated, sdpa (the reference) included; default {','.join(DEFAULT_BACKENDS)}, "
+                             f"any of {','.join(ALLOWED)}")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median)")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = [(2, 32)] if args.tiny else [(1, 1024), (8, 1024)]
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.tiny else 128
+    args.backends = args.backends or list(DEFAULT_BACKENDS)
+    unknown = set(args.backends) - set(ALLOWED)
+    if unknown or "sdpa" not in args.backends:
+        parser.error(f"--backends: {sorted(unknown)} not among {','.join(ALLOWED)}" if unknown
+                     else "--backends must include sdpa (the correctness reference)")
+    args.backends = ["sdpa"] + [b for b in args.backends if b != "sdpa"]
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be at least 1")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    import cuflash.hf as hf
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_generate: --device cuda but torch sees no CUDA device (use --device cpu --tiny)")
+    dtype = torch.float32 if args.tiny or not cuda else torch.bfloat16
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
+    family = FAMILIES[args.family]
+    model_args = argparse.Namespace(**vars(args))
+    model_args.shapes = [(batch, prompt + args.new_tokens) for batch, prompt in args.shapes]  # (positions)
+    config = model_config(model_args)
+    model = build_model(torch, transformers, family, config, dtype, args.device).eval()
+    clock = Clock(torch, cuda)
+    backends = attention_backends(hf, model, hf.register())
+    ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, backends=backends, cuda=cuda,
+               cache_class=transformers.DynamicCache, reference={}, bound=0.05 if dtype_name == "bf16" else 1e-4)
+    env = collect_environment(torch, args.device)
+    record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
+              "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "loop": "prefill into a DynamicCache (logits_to_keep=1), then greedy steps of one token per sequence; "
+                      "wall time from the first step to the device's end of the last",
+              "rows": []}
+    path = records.record_path(args.out_dir, record["date_utc"], record["device"], "generate")
+    print(f"[generate] {record['device']} torch {env['torch']} transformers {env['transformers']} {dtype_name} "
+          f"{family.name} {config}", file=sys.stderr, flush=True)
+
+    def save():
+        record["table"] = format_table(record["rows"], args.new_tokens, dtype_name)
+        records.write(record, path)
+
+    def rows():
+        for batch, prompt in args.shapes:
+            generator = torch.Generator().manual_seed(batch * 1_000_003 + prompt)
+            ids = torch.randint(0, config["vocab_size"], (batch, prompt), generator=generator).to(args.device)
+            row = {"shape": f"{batch}x{prompt}", "batch": batch, "prompt": prompt, "results": {}}
+            record["rows"].append(row)
+            with torch.inference_mode():  # start-up (CUDA context, cuBLAS, allocator) on no backend's account
+                model.set_attn_implementation("sdpa")
+                decode_loop(torch, model, ids, 2, clock, transformers.DynamicCache)
+            ctx["reference"].clear()
+            for backend in args.backends:
+                print(f"[generate] {row['shape']} {backend}", file=sys.stderr, flush=True)
+                result = run_guarded(ctx, backend, ids)
+                row["results"][backend] = result
+                records.log_result("generate", row["shape"], backend, result)
+                save()
+
+    return records.run_rows(record, path, save, rows)
+
+if __name__ == "__main__":
+    main()
