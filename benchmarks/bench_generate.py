@@ -50,7 +50,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
 from benchmarks import record as records  # noqa: E402
 from benchmarks.bench_model import (  # noqa: E402
     SDPA_PINNED, Clock, attention_backends, build_model, collect_environment, failure, max_abs_diff, model_config,
-    parse_shape)
+    parse_shape, token_ids)
 from benchmarks.model_families import FAMILIES  # noqa: E402
 
 DEFAULT_BACKENDS = ("sdpa", "cuflash", "sdpa_flash", "sdpa_cudnn")
@@ -237,8 +237,7 @@ def main(argv=None) -> Path:
 
     def rows():
         for batch, prompt in args.shapes:
-            generator = torch.Generator().manual_seed(batch * 1_000_003 + prompt)
-            ids = torch.randint(0, config["vocab_size"], (batch, prompt), generator=generator).to(args.device)
+            ids = token_ids(torch, config, batch, prompt, args.device)
             row = {"shape": f"{batch}x{prompt}", "batch": batch, "prompt": prompt, "results": {}}
             record["rows"].append(row)
             with torch.inference_mode():  # start-up (CUDA context, cuBLAS, allocator) on no backend's account

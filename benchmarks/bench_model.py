@@ -175,6 +175,12 @@ def build_model(torch, transformers, family, config: dict, dtype, device: str):
     return model.to(device)
 
 
+def token_ids(torch, config: dict, batch: int, length: int, device: str):
+    """(batch, length) random token ids, the same for every backend (and run) at that shape."""
+    generator = torch.Generator().manual_seed(batch * 1_000_003 + length)
+    return torch.randint(0, config["vocab_size"], (batch, length), generator=generator).to(device)
+
+
 def attention_backends(hf, model, cuflash_name: str) -> dict:
     """backend -> (attention implementation, its attention function, its mask function): what
     ``set_attn_implementation`` selects and what the instrumented copies wrap. ``eager`` is the
@@ -651,8 +657,7 @@ def main(argv=None) -> Path:
 
     def rows():
         for batch, length in args.shapes:
-            generator = torch.Generator().manual_seed(batch * 1_000_003 + length)
-            ids = torch.randint(0, config["vocab_size"], (batch, length), generator=generator).to(args.device)
+            ids = token_ids(torch, config, batch, length, args.device)
             row = {"shape": f"{batch}x{length}", "batch": batch, "seqlen": length, "results": {}}
             record["rows"].append(row)
             # Start-up (CUDA context, cuBLAS, allocator) on no backend's account.
