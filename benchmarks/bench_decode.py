@@ -9,7 +9,9 @@ the kernel's bandwidth); SDPA (``torch.nn.attention.sdpa_kernel``) on a (B, Hq, 
 (B, Hk, Lk, D) keys and values, with ``enable_gqa`` when Hq > Hk. Every sequence holds Lk keys and
 no mask (SDPA's causal is top-left; bottom-right decoding with Lq > 1 reads the same bytes).
 Contiguous caches are (B, Hk, Lk, D); paged ones (num_pages, Hk, page_size, D) in a random page
-order (page size 256 unless --page-size). Caches under four L2s rotate among copies so that no
+order (page size 256 unless --page-size). ``--layout dense``: the same (B, Hk, Lk, D) keys and
+values through the dense API, ``cuflash.attention(q, k, v)`` (host path included: what a decoding
+step through transformers' own cache calls), whichever kernel it picks. Caches under four L2s rotate among copies so that no
 call finds its keys in L2. Each cuflash result is checked against the cuDNN one (max abs diff).
 
     python benchmarks/bench_decode.py [--full] [--dtype bf16,fp16] [--headdim 64,128] [--lq 1,16]
@@ -60,9 +62,9 @@ def _as_cupy(cupy, tensor, numpy_dtype):
 
 class Point:
     """One configuration's inputs: ``copies`` sets of (q, k, v) as torch tensors, and the cuflash
-    plans over them (contiguous or paged)."""
+    plans over them (contiguous or paged; dense: cuflash.attention calls)."""
 
-    def __init__(self, libs, *, dtype, lq, lk, bhk, group, d, paged, page_size, copies):
+    def __init__(self, libs, *, dtype, lq, lk, bhk, group, d, layout, page_size, copies):
         import numpy
 
         torch, cupy = libs.torch, libs.cupy
@@ -73,6 +75,7 @@ class Point:
         self.sdpa_inputs, self.plans = [], []
         from cuflash._gpu import decode
 
+        paged = layout == "paged"
         for _ in range(copies):
             q = _random(torch, (self.batch, self.heads_q, lq, d), tdtype)
             if paged:
@@ -92,6 +95,9 @@ class Point:
                 k_cache, v_cache = _as_cupy(cupy, k, ndtype), _as_cupy(cupy, v, ndtype)
                 table, capacity = None, lk
             self.sdpa_inputs.append((q, k.contiguous() if paged else k, v.contiguous() if paged else v))
+            if layout == "dense":
+                self.plans.append(_DenseCall(libs.cuflash, _as_cupy(cupy, q, ndtype), k_cache, v_cache))
+                continue
             lengths = cupy.full((self.batch,), lk, dtype=cupy.int32)
             self.plans.append(decode.plan(
                 _as_cupy(cupy, q, ndtype), k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=lk, new_keys=0,
@@ -99,6 +105,18 @@ class Point:
                 bottom_right=True, softcap=None, alibi_slopes=None, sinks=None, num_splits=0))
             del k, v
         self.kv_bytes = self.batch * self.heads_k * lk * 2 * d * torch.finfo(tdtype).bits // 8
+
+
+class _DenseCall:
+    """``cuflash.attention(q, k, v)`` in a plan's clothes (``run``, ``splits``)."""
+
+    splits = "-"
+
+    def __init__(self, cuflash, q, k, v):
+        self.cuflash, self.q, self.k, self.v = cuflash, q, k, v
+
+    def run(self):
+        return self.cuflash.attention(self.q, self.k, self.v), None
 
 
 def _rotating(calls):
@@ -159,12 +177,12 @@ def configurations(args):
     dims = [int(x) for x in args.headdim.split(",")]
     lqs = [int(x) for x in args.lq.split(",")]
     groups = [int(x) for x in args.group.split(",")]
-    layouts = [x == "paged" for x in args.layout.split(",")]
+    layouts = args.layout.split(",")
     shapes = list(itertools.product(FULL_BHK, FULL_LK)) if args.full else DEFAULT_SHAPES
-    for dtype, d, lq, group, paged, (bhk, lk) in itertools.product(dtypes, dims, lqs, groups, layouts, shapes):
+    for dtype, d, lq, group, layout, (bhk, lk) in itertools.product(dtypes, dims, lqs, groups, layouts, shapes):
         if bhk * lk * 2 * d * 2 > args.max_gib * 2**30:
             continue
-        yield dict(dtype=dtype, d=d, lq=lq, group=group, paged=paged, bhk=bhk, lk=lk)
+        yield dict(dtype=dtype, d=d, lq=lq, group=group, layout=layout, paged=layout == "paged", bhk=bhk, lk=lk)
 
 
 def _cell(entry):
@@ -178,12 +196,16 @@ def main(argv=None) -> int:
     parser.add_argument("--headdim", default="128")
     parser.add_argument("--lq", default=None, help="default 1,16 (--full: 1,4,16)")
     parser.add_argument("--group", default="1,8", help="query heads per kv head: 1 MHA, 8 GQA 8:1")
-    parser.add_argument("--layout", default="contiguous,paged")
+    parser.add_argument("--layout", default="contiguous,paged",
+                        help="comma-separated: contiguous, paged (the decode kernel's plan), dense (cuflash.attention)")
     parser.add_argument("--page-size", type=int, default=256)
     parser.add_argument("--max-gib", type=float, default=16.0, help="largest K+V cache in GiB")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
+    unknown = set(args.layout.split(",")) - {"contiguous", "paged", "dense"}
+    if unknown:
+        parser.error(f"--layout: {sorted(unknown)} not among contiguous, paged, dense")
     if args.lq is None:
         args.lq = "1,4,16" if args.full else "1,16"
     if args.full:
@@ -203,7 +225,7 @@ def main(argv=None) -> int:
             point = None
             try:
                 point = Point(libs, dtype=config["dtype"], lq=config["lq"], lk=config["lk"], bhk=config["bhk"],
-                              group=config["group"], d=config["d"], paged=config["paged"], page_size=args.page_size,
+                              group=config["group"], d=config["d"], layout=config["layout"], page_size=args.page_size,
                               copies=copies)
                 measured = bench_point(libs, point, args.repeats)
             except Exception as exc:  # out of memory, a refused launch: recorded, the sweep goes on
@@ -235,7 +257,7 @@ def _ratio(row, name):
 def _line(row) -> str:
     if "error" in row:
         return f"| {row['dtype']} | {row['d']} | {row['lq']} | {row['group']}:1 | ... | {row['bhk']} | {row['lk']} | error: {row['error']} |"
-    layout = "paged" if row["paged"] else "contiguous"
+    layout = row.get("layout") or ("paged" if row["paged"] else "contiguous")
     heads = "MHA" if row["group"] == 1 else f"GQA {row['group']}:1"
     return (f"| {row['dtype']} | {row['d']} | {row['lq']} | {heads} "
             f"| {layout} | {row['bhk']} | {row['lk']} | {row['kv_gib']:.2f} | {row['cuflash']['splits']} "
