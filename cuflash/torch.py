@@ -790,8 +790,10 @@ def _running_on(tensor):
     # The device's primary context current on this thread: autograd's backward thread may have
     # none yet (torch sets its device lazily), and the driver calls (cuTensorMapEncodeTiled for
     # Hopper's TMA descriptors) need one; cudaSetDevice makes it current. (Tensors cross by their
-    # pointers, _cupy_view, so no CuPy runtime call does it on the way.)
-    cupy.cuda.runtime.setDevice(index)
+    # pointers, _cupy_view, so no CuPy runtime call does it on the way.) Only when the device is
+    # already the current one: otherwise cupy.cuda.Device sets it, and restores the caller's after.
+    if cupy.cuda.runtime.getDevice() == index:
+        cupy.cuda.runtime.setDevice(index)
     with cupy.cuda.Device(index), _current_cupy_stream(cupy, index), \
             cupy.cuda.using_allocator(_torch_allocator()):
         _ON_TORCH_STREAM.device = index

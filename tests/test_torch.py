@@ -963,3 +963,46 @@ def test_flash_attn_func_returns_a_contiguous_b_l_h_d_output_and_gradients():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     for x, c in zip((q, k, v), copies):
         torch.testing.assert_close(x.grad, c.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("current", [1, 0], ids=["same-device", "other-device"])
+def test_running_on_makes_the_tensors_context_current_without_moving_the_callers_device(monkeypatch, current):
+    """_running_on on a CUDA tensor of device 1 (no GPU: CuPy's runtime and device context stood
+    in for): when device 1 is already current it calls cudaSetDevice(1) (its primary context
+    current on this thread: autograd's backward thread may have none), else it leaves the switch
+    and its undoing to cupy.cuda.Device; either way the caller's device is current after."""
+    cupy = pytest.importorskip("cupy")
+    import contextlib
+    import types
+
+    state = {"device": current, "set": []}
+
+    def set_device(index):
+        state["set"].append(index)
+        state["device"] = index
+
+    class Device:  # cupy.cuda.Device's switch and restore
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.previous = state["device"]
+            if self.previous != self.index:
+                set_device(self.index)
+
+        def __exit__(self, *exc):
+            if state["device"] != self.previous:
+                set_device(self.previous)
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: state["device"])
+    monkeypatch.setattr(cupy.cuda.runtime, "setDevice", set_device)
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    monkeypatch.setattr(cupy.cuda, "using_allocator", lambda allocator: contextlib.nullcontext())
+    monkeypatch.setattr(ct, "_current_cupy_stream", lambda cupy, index: contextlib.nullcontext())
+    monkeypatch.setattr(ct, "_torch_allocator", lambda: None)
+    tensor = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=1))
+    with ct._running_on(tensor):
+        assert state["device"] == 1 and ct._ON_TORCH_STREAM.device == 1
+    assert state["device"] == current
+    assert state["set"] == ([1] if current == 1 else [1, 0])
+    assert getattr(ct._ON_TORCH_STREAM, "device", None) is None
