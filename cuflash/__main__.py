@@ -242,7 +242,11 @@ def warmup(argv) -> int:
     parser.add_argument("--precision", default="highest",
                         help="float32's precision= values to prepare (highest, ieee, tf32), comma-separated")
     parser.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
-    parser.add_argument("--all", action="store_true", help="every Variant the dispatcher can select")
+    parser.add_argument("--inference", action="store_true",
+                        help="also the inference kernels: the split-KV decode kernel and its combine (float16, "
+                             "bfloat16), the KV-cache append and merge_attention's, for these dtypes and head dims")
+    parser.add_argument("--all", action="store_true",
+                        help="every Variant the dispatcher can select, and every inference kernel")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--arch", default=None,
                         help="e.g. 80, 90a: defaults to the visible GPUs'; without a matching GPU the "
@@ -262,8 +266,7 @@ def warmup(argv) -> int:
     for arch in archs:
         if args.all:
             variants += tiles.all_variants(arch)
-            continue
-        for dtype in dtypes:
+        for dtype in () if args.all else dtypes:
             for d in head_dims:
                 for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
@@ -276,6 +279,9 @@ def warmup(argv) -> int:
                             for short in (False, True):  # short rows may take their own tile (tiles.SHORT_ROWS)
                                 variants += tiles.select_backward(dtype, d, d, masked, arch, precision=precision,
                                                                   short=short)
+        if args.all or args.inference:
+            variants += _inference_kernels(tiles.DTYPES if args.all else dtypes,
+                                           (64, 128) if args.all else head_dims, arch)
     variants = list(dict.fromkeys(variants))
     bar = _progress(len(variants))
     jobs = [(variant, device_archs.get(variant.arch)) for variant in variants]
@@ -291,6 +297,21 @@ def warmup(argv) -> int:
         for job in jobs:
             bar(kernels.warm(job))
     return 0
+
+
+def _inference_kernels(dtypes, head_dims, arch) -> list:
+    """The kernels of attention_with_kvcache and merge_attention for ``dtypes`` on ``arch``: the
+    decode kernel and its combine (float16, bfloat16 at the head dims' buckets), the device
+    append (one per element width) and the merge."""
+    from ._gpu import decode, kvcache_append, merge
+
+    out = []
+    for dtype in dtypes:
+        if dtype in ("float16", "bfloat16"):
+            out += decode.kernels_for(dtype, head_dims, arch)
+        out.append(kvcache_append.kernel(numpy.dtype(dtype if dtype != "bfloat16" else "float16").itemsize, arch))
+        out.append(merge.merge_kernel(dtype, arch))
+    return out
 
 
 def bench(argv) -> int:

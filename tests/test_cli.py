@@ -58,6 +58,43 @@ def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
     assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")
 
 
+def _inference(jobs):
+    """(kernel or function, dtype, extra) of the inference kernels among the recorded jobs."""
+    out = set()
+    for spec, _ in jobs:
+        function = getattr(spec, "function", None)  # (a HelperKernel: decode_combine's stem is decode_tc too)
+        if function in ("decode_combine", "kvcache_append", "merge_attention"):
+            out.add((function, spec.dtype, None))
+        elif function is None and spec.kernel == "decode_tc":
+            out.add(("decode_tc", spec.dtype, (spec.head_dim, spec.warps_m)))
+    return out
+
+
+def test_warmup_prepares_the_inference_kernels_when_asked(warmed):
+    assert cli.main(["warmup", "--dtype", "bfloat16,float32", "--head-dim", "64,128", "--mask", "dense",
+                     "--arch", "90a", "--jobs", "1", "--forward-only", "--inference"]) == 0
+    assert _inference(warmed) == (
+        {("decode_tc", "bfloat16", (d, w)) for d in (64, 128) for w in (1, 2, 4)}
+        | {("decode_combine", "bfloat16", None), ("merge_attention", "bfloat16", None),
+           ("merge_attention", "float32", None),
+           ("kvcache_append", "float16", None),  # bfloat16's bits: the 2-byte instantiation
+           ("kvcache_append", "float32", None)})
+    assert {spec.arch for spec, _ in warmed} == {"90a"}
+    warmed.clear()
+    assert cli.main(["warmup", "--dtype", "float16", "--head-dim", "64", "--arch", "80", "--jobs", "1"]) == 0
+    assert not _inference(warmed)  # (not without --inference)
+
+
+def test_warmup_all_includes_every_inference_kernel(warmed):
+    assert cli.main(["warmup", "--all", "--arch", "80", "--jobs", "1"]) == 0
+    kernels = _inference(warmed)
+    assert {("decode_tc", dtype, (d, w)) for dtype in ("float16", "bfloat16") for d in (64, 128)
+            for w in (1, 2, 4)} <= kernels
+    assert {("merge_attention", dtype, None) for dtype in ("float16", "bfloat16", "float32", "float64")} <= kernels
+    assert {("kvcache_append", dtype, None) for dtype in ("float16", "float32", "float64")} <= kernels
+    assert len(warmed) == len({spec for spec, _ in warmed})  # each once
+
+
 @pytest.mark.parametrize("arguments, named", [
     (["--dtype", "foo"], "--dtype"),
     (["--head-dim", "300"], "--head-dim"),

@@ -114,6 +114,17 @@ def warps_m_for(rows: int) -> int:
     return 1 if rows <= 16 else 2 if rows <= 32 else 4
 
 
+def kernels_for(dtype: str, head_dims, arch: str) -> list:
+    """Every launch the decode path can make for ``dtype`` (float16, bfloat16) and head dims
+    ``head_dims`` on ``arch``: decode_tc at each width bucket (64, 128) the dims fall in and each
+    row block (1, 2, 4 warps), and decode_combine. What ``python -m cuflash warmup --inference``
+    compiles ahead."""
+    buckets = sorted({64 if d <= 64 else 128 for d in head_dims if 0 < d <= 128 and d % 8 == 0})
+    out = [DecodeKernel(dtype, bucket, warps_m, stages_for(bucket, warps_m), arch)
+           for bucket in buckets for warps_m in (1, 2, 4)]
+    return out + [combine_kernel(dtype, arch)] if buckets else out
+
+
 def resident_blocks(kernel: DecodeKernel) -> int:
     """Blocks of ``kernel`` one SM holds by shared memory (227 KiB a block at most, 228 KiB an SM
     with 1 KiB reserved per block on sm_80/sm_90): what a 'wave' counts."""
