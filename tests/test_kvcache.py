@@ -818,12 +818,9 @@ def test_decode_params_struct_matches_its_numpy_mirror(pipeline):
 def _decode_kernels(arch):
     from cuflash._gpu import decode
 
-    for dtype in DECODE_DTYPES:
-        yield decode.combine_kernel(dtype, arch)
-        for head_dim in (64, 128):
-            for rows in (1, 32, 64):
-                yield decode.DecodeKernel(dtype, head_dim, decode.warps_m_for(rows),
-                                          decode.stages_for(head_dim, decode.warps_m_for(rows)), arch)
+    kernels = [k for dtype in DECODE_DTYPES for k in decode.kernels_for(dtype, (64, 128), arch)]
+    assert len(kernels) == 2 * (2 * 3 + 1)  # per dtype: two widths x three row blocks, and the combine
+    return kernels
 
 
 @pytest.mark.parametrize("arch", ["80", "90a"])
