@@ -282,17 +282,20 @@ def _check_sharing(xp, written, read, out):
     """Caches ``written`` into share no memory with each other or with anything ``read``; out
     (None: not given) none with any of them. ``written``, ``read``: (name, array or None) lists.
     On the GPU each array's byte range is computed once (CuPy's exact test runs kernels)."""
-    written, read = ([(name, a) for name, a in arrays if a is not None and a.size] for arrays in (written, read))
-    targets = written + ([("out", out)] if out is not None and out.size else [])
-    if xp is numpy:
-        def overlap(a, b):
-            return _spec._overlaps(a, b, xp)
-    else:
-        ranges = {id(a): _spec._byte_bounds(a.data.ptr, a.shape, a.strides, a.itemsize) for _, a in targets + read}
+    if xp is numpy:  # exact (interleaved arrays share no memory)
+        def span(array):
+            return array
 
         def overlap(a, b):
-            (a_lo, a_hi), (b_lo, b_hi) = ranges[id(a)], ranges[id(b)]
-            return a_lo < b_hi and b_lo < a_hi
+            return _spec._overlaps(a, b, xp)
+    else:  # byte ranges
+        def span(array):
+            return _spec._byte_bounds(array.data.ptr, array.shape, array.strides, array.itemsize)
+
+        def overlap(a, b):
+            return a[0] < b[1] and b[0] < a[1]
+    written, read = ([(name, span(a)) for name, a in arrays if a is not None and a.size] for arrays in (written, read))
+    targets = written + ([("out", span(out))] if out is not None and out.size else [])
     if len(written) == 2 and overlap(written[0][1], written[1][1]):
         raise ValueError("k_cache and v_cache must not share memory to append k and v")
     for name, array in targets:
@@ -469,7 +472,8 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         if key is not None:
             if len(_KNOWN) >= _MAX_KNOWN:
                 _KNOWN.clear()
-            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.dtype, problem.scale, problem.softcap, problem.return_lse, splits)
+            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.scale, problem.softcap,
+                                 problem.return_lse, splits)
     else:
         unread = cache.seqlens is None or (cache.paged and cache.table is None)
         if unread and not _capturing(xp):
@@ -528,7 +532,6 @@ _MAX_KNOWN = 256
 @dataclasses.dataclass(frozen=True)
 class _Known:
     cache: _Cache  # the shape facts (the lengths' and table's values: None, never read)
-    dtype: object
     scale: float
     softcap: float | None
     return_lse: bool
@@ -560,8 +563,7 @@ def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Replayed:
-    """What _decode and _check_out read of a problem, for a known signature's call."""
-    dtype: object
+    """What _decode and _check_addresses read of a problem, for a known signature's call."""
     scale: float
     softcap: float | None
     alibi_slopes: object
@@ -576,7 +578,7 @@ def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_se
     seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged,
                                       read_values=False)  # (an int length is the caller's host value: checked)
     cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
-    problem = _Replayed(known.dtype, known.scale, known.softcap, alibi_slopes, sinks)
+    problem = _Replayed(known.scale, known.softcap, alibi_slopes, sinks)
     _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
     result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
                                  window, known.splits, out)

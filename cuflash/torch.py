@@ -708,9 +708,9 @@ def _to_cuflash(tensor):
 def _cupy_view(tensor, dtype, device):
     """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides: what
     ``cupy.from_dlpack`` makes, without the capsule (its export and parsing cost a few microseconds
-    a tensor, five or more tensors a call). The
-    array holds the tensor (the memory's owner) while it lives. Only inside ``_running_on``, where
-    both libraries run on one stream (no handshake is owed)."""
+    a tensor, five or more tensors a call). The array holds the tensor (the memory's owner) while
+    it lives. Only inside ``_running_on``, where both libraries run on one stream (no handshake is
+    owed)."""
     import cupy
 
     item = tensor.element_size()
