@@ -553,7 +553,8 @@ def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
         if x is None:
             parts.append(None)
         elif type(x) is ndarray:
-            parts.append((x.dtype, x.shape, x.strides, x.data.ptr % 16 == 0, x.data.device_id))
+            data = x.data  # (a new MemoryPointer per access)
+            parts.append((x.dtype, x.shape, x.strides, data.ptr % 16 == 0, data.device_id))
         elif x is cache_seqlens and type(x) is int:
             parts.append(int)  # (its value is read per call: a decoding loop's length grows every step)
         else:
@@ -577,7 +578,8 @@ def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_se
     cache = known.cache
     seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged,
                                       read_values=False)  # (an int length is the caller's host value: checked)
-    cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
+    if seqlens is not None or fixed != cache.fixed:  # (a device array's: None and None, as kept)
+        cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
     problem = _Replayed(known.scale, known.softcap, alibi_slopes, sinks)
     _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
     result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,

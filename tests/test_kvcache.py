@@ -795,7 +795,7 @@ def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkey
     params = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
     layout = decode._Layout(params.tobytes(), kernel(11), kernel(22) if split else None, 512, 9 if split else 0,
                             98304, 4 if split else 1, decode._carving(()))
-    plan = decode.DecodePlan(layout, params.copy(), (), (), "out", "lse")
+    plan = decode.DecodePlan(layout, params.copy(), (), None, "out", "lse")
     assert plan.run() == ("out", "lse") and plan.splits == layout.splits
     expected = [(11, 512, 98304)] + ([(22, 9, 0)] if split else [])
     assert [(a[0], a[1], a[7]) for a in launches] == expected
