@@ -285,8 +285,6 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     and ``lse`` are views: holding either holds all of it, as a CUDA graph that captured the
     launches needs for as long as it is replayed. The copies are launches on the current stream
     (captured with the rest), so a replay reads the values the caller's arrays hold then."""
-    import cupy
-
     own_out = out is None or not writable_out(out)
     copy_q = not _in_whole_chunks(q)
     copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
@@ -308,7 +306,18 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
             capacity=capacity, scale=scale, window_left=window_left, window_right=window_right,
             bottom_right=bottom_right, softcap=softcap, alibi=alibi_slopes is not None, sinks=sinks is not None,
             num_splits=num_splits)
+    return plan_call(layout, q, k_cache, v_cache, cache_seqlens=cache_seqlens, seqlen_fixed=seqlen_fixed,
+                     block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks, out=out)
 
+
+def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, block_table, alibi_slopes,
+              sinks, out) -> DecodePlan:
+    """``plan``'s per-call half, for the layout ``plan`` found for this call's signature (a caller
+    that knows it, as a repeated signature's does, comes here directly): the allocation, the
+    copies, this call's params."""
+    import cupy
+
+    own_out, copy_q, copy_lengths, copy_table = layout.own_out, layout.copy_q, layout.copy_lengths, layout.copy_table
     # One allocation for everything the launches write or read beyond the caller's arrays; arrays
     # made of the parts a call hands out or copies into (the partials' addresses are enough).
     memory = cupy.cuda.alloc(layout.carve[0])
@@ -363,6 +372,10 @@ class _Layout:
     parts (``_carving``: out unless the caller's, lse, the splits' partials, the copies)."""
 
     template: bytes
+    own_out: bool  # the plan allocates out (the caller gave none, or one the kernel cannot write)
+    copy_q: bool  # the plan copies q, lengths, table where the kernel cannot read them in place
+    copy_lengths: bool
+    copy_table: bool
     kernel: object
     combine: object | None
     grid: int
@@ -444,7 +457,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if splits > 1:
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
-    return _Layout(p.tobytes(), kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
+    return _Layout(p.tobytes(), own_out, copy_q, copy_lengths, copy_table, kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
                    spec.shared_mem, splits, carve)
 
 
