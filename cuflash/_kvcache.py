@@ -473,8 +473,10 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
         if key is not None:
             if len(_KNOWN) >= _MAX_KNOWN:
                 _KNOWN.clear()
+            append = (_append_launch(k, v, k_cache, v_cache, cache, _device_lengths(cache_seqlens, xp), block_table)
+                      if cache.new else None)
             _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.return_lse,
-                                 launch.layout)
+                                 launch.layout, append)
     else:
         unread = cache.seqlens is None or (cache.paged and cache.table is None)
         if unread and not _capturing(xp):
@@ -504,14 +506,16 @@ def _check_addresses(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cach
 
 
 def _launch_decode(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window,
-                   splits, out, layout=None):
+                   splits, out, known=None):
     """The decode kernel's plan, run (its out and lse are the call's): the plan (allocations,
     kernels) first, so that an error there leaves the caches as they were; then the device append
-    and the launches, none reading a value on the host. ``layout``: the signature's, when known."""
+    and the launches, none reading a value on the host. ``known``: the signature's _Known (its
+    layout and append), when known."""
     launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits, out,
-                     layout)
+                     None if known is None else known.layout)
     if cache.new:
-        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
+        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table,
+                          None if known is None else known.append)
     launch.run()
     return launch
 
@@ -537,6 +541,7 @@ class _Known:
     cache: _Cache  # the shape facts (the lengths' and table's values: None, never read)
     return_lse: bool
     layout: object  # the decode kernel's launch for this signature (_gpu/decode.py's _Layout)
+    append: object  # the device append's (_gpu/kvcache_append.py's AppendLaunch), None without new keys
 
 
 def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
@@ -583,7 +588,7 @@ def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_se
     problem = _Replayed(alibi_slopes, sinks)
     _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
     launch = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, None, None,
-                            None, out, known.layout)  # (the layout holds the mask, the splits, the options)
+                            None, out, known)  # (its layout holds the mask, the splits, the options)
     return _returned(launch.out, launch.lse, out, known.return_lse)
 
 
@@ -623,16 +628,24 @@ def _device_lengths(cache_seqlens, xp):
     return cache_seqlens if isinstance(cache_seqlens, xp.ndarray) and cache_seqlens.ndim == 1 else None
 
 
-def _append_on_device(k, v, k_cache, v_cache, cache: _Cache, cache_seqlens, block_table):
+def _append_on_device(k, v, k_cache, v_cache, cache: _Cache, cache_seqlens, block_table, launch=None):
     """k and v into the caches by ``cuda_src/kvcache_append.cu``: the kernel reads the lengths and
-    the block table where they lie (no host value, no synchronization)."""
+    the block table where they lie (no host value, no synchronization). ``launch``: the
+    signature's (``_append_launch``), when known."""
     import cupy
 
+    lengths = _device_lengths(cache_seqlens, cupy)
+    if launch is None:
+        launch = _append_launch(k, v, k_cache, v_cache, cache, lengths, block_table)
+    launch.run(k, v, k_cache, v_cache, lengths, block_table, cache.fixed or 0)
+
+
+def _append_launch(k, v, k_cache, v_cache, cache: _Cache, lengths, block_table):
+    """The device append's launch for this call's signature (_gpu/kvcache_append.py's)."""
     from ._gpu import kvcache_append
 
-    lengths = _device_lengths(cache_seqlens, cupy)
-    kvcache_append.append(k, v, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=cache.fixed or 0,
-                          block_table=block_table, capacity=cache.capacity)
+    return kvcache_append.launch_for(k, v, k_cache, v_cache, cache_seqlens=lengths, block_table=block_table,
+                                     capacity=cache.capacity)
 
 
 def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits, out,
