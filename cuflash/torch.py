@@ -813,7 +813,14 @@ def _torch_allocator():
     if _TORCH_ALLOCATOR is None:
         import cupy
 
+        raw_alloc = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", None)
+
         def malloc(size, device_id):
+            # CuPy allocates on its current device, which _running_on made torch's too: torch's
+            # raw allocator on the current stream's handle, without caching_allocator_alloc's
+            # device switch and Stream object (a few microseconds a call).
+            if raw_alloc is not None and torch.cuda.current_device() == device_id:
+                return raw_alloc(size, _current_raw_stream(device_id))
             return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
 
         def free(pointer, device_id):
