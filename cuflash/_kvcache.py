@@ -428,7 +428,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         known = _KNOWN.get(key) if key is not None else None
         if known is not None:
             return _decode_again(xp, device, known, q, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                 alibi_slopes, sinks, causal, window, out)
+                                 alibi_slopes, sinks, out)
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
                                        causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out,
                                        precision, key)
@@ -467,13 +467,16 @@ def _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens
 
     reason = "the CPU backend" if xp is numpy else _decode_unsupported(q, k_cache, v_cache, cache)
     if reason is None:
-        result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                     causal, window, splits, out)
+        launch = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
+                                window, splits, out)
+        result, lse = launch.out, launch.lse
         if key is not None:
             if len(_KNOWN) >= _MAX_KNOWN:
                 _KNOWN.clear()
-            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.scale, problem.softcap,
-                                 problem.return_lse, splits)
+            append = (_append_launch(k, v, k_cache, v_cache, cache, _device_lengths(cache_seqlens, xp), block_table)
+                      if cache.new else None)
+            _KNOWN[key] = _Known(dataclasses.replace(cache, seqlens=None, table=None), problem.return_lse,
+                                 launch.layout, append)
     else:
         unread = cache.seqlens is None or (cache.paged and cache.table is None)
         if unread and not _capturing(xp):
@@ -503,14 +506,18 @@ def _check_addresses(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cach
 
 
 def _launch_decode(xp, cache: _Cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window,
-                   splits, out):
-    """(out, lse) by the decode kernel: its plan (allocations, kernels) first, so that an error
-    there leaves the caches as they were; then the device append and the launches, none reading a
-    value on the host."""
-    launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits, out)
+                   splits, out, known=None):
+    """The decode kernel's plan, run (its out and lse are the call's): the plan (allocations,
+    kernels) first, so that an error there leaves the caches as they were; then the device append
+    and the launches, none reading a value on the host. ``known``: the signature's _Known (its
+    layout and append), when known."""
+    launch = _decode(xp, q, k_cache, v_cache, cache, problem, causal, window, cache_seqlens, block_table, splits, out,
+                     None if known is None else known.layout)
     if cache.new:
-        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table)
-    return launch.run()
+        _append_on_device(k, v, k_cache, v_cache, cache, cache_seqlens, block_table,
+                          None if known is None else known.append)
+    launch.run()
+    return launch
 
 
 def _returned(result, lse, out, return_lse):
@@ -532,10 +539,9 @@ _MAX_KNOWN = 256
 @dataclasses.dataclass(frozen=True)
 class _Known:
     cache: _Cache  # the shape facts (the lengths' and table's values: None, never read)
-    scale: float
-    softcap: float | None
     return_lse: bool
-    splits: int  # num_splits as resolved (0: the decode kernel's heuristic)
+    layout: object  # the decode kernel's launch for this signature (_gpu/decode.py's _Layout)
+    append: object  # the device append's (_gpu/kvcache_append.py's AppendLaunch), None without new keys
 
 
 def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
@@ -553,7 +559,8 @@ def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
         if x is None:
             parts.append(None)
         elif type(x) is ndarray:
-            parts.append((x.dtype, x.shape, x.strides, x.data.ptr % 16 == 0, x.data.device_id))
+            data = x.data  # (a new MemoryPointer per access)
+            parts.append((x.dtype, x.shape, x.strides, data.ptr % 16 == 0, data.device_id))
         elif x is cache_seqlens and type(x) is int:
             parts.append(int)  # (its value is read per call: a decoding loop's length grows every step)
         else:
@@ -563,26 +570,26 @@ def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Replayed:
-    """What _decode and _check_addresses read of a problem, for a known signature's call."""
-    scale: float
-    softcap: float | None
+    """What _check_addresses and _decode read of a problem, for a known signature's call (its
+    launch's layout fixes the rest)."""
     alibi_slopes: object
     sinks: object
 
 
 def _decode_again(xp, device, known: _Known, q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes,
-                  sinks, causal, window, out):
+                  sinks, out):
     """A known signature's call: the checks of this call's int length (if one) and addresses, the
     plan, the device append, the launch (the full path's decode route, less what the signature fixed)."""
     cache = known.cache
     seqlens, fixed = _resolve_seqlens(cache_seqlens, xp, device, cache.batch, cache.capacity, cache.new, cache.paged,
                                       read_values=False)  # (an int length is the caller's host value: checked)
-    cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
-    problem = _Replayed(known.scale, known.softcap, alibi_slopes, sinks)
+    if seqlens is not None or fixed != cache.fixed:  # (a device array's: None and None, as kept)
+        cache = dataclasses.replace(cache, seqlens=seqlens, fixed=fixed)
+    problem = _Replayed(alibi_slopes, sinks)
     _check_addresses(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, out)
-    result, lse = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
-                                 window, known.splits, out)
-    return _returned(result, lse, out, known.return_lse)
+    launch = _launch_decode(xp, cache, problem, q, k_cache, v_cache, k, v, cache_seqlens, block_table, None, None,
+                            None, out, known)  # (its layout holds the mask, the splits, the options)
+    return _returned(launch.out, launch.lse, out, known.return_lse)
 
 
 def _compose(xp, q, k, v, k_cache, v_cache, cache: _Cache, problem, options, splits, cache_seqlens, block_table):
@@ -621,33 +628,46 @@ def _device_lengths(cache_seqlens, xp):
     return cache_seqlens if isinstance(cache_seqlens, xp.ndarray) and cache_seqlens.ndim == 1 else None
 
 
-def _append_on_device(k, v, k_cache, v_cache, cache: _Cache, cache_seqlens, block_table):
+def _append_on_device(k, v, k_cache, v_cache, cache: _Cache, cache_seqlens, block_table, launch=None):
     """k and v into the caches by ``cuda_src/kvcache_append.cu``: the kernel reads the lengths and
-    the block table where they lie (no host value, no synchronization)."""
+    the block table where they lie (no host value, no synchronization). ``launch``: the
+    signature's (``_append_launch``), when known."""
     import cupy
 
+    lengths = _device_lengths(cache_seqlens, cupy)
+    if launch is None:
+        launch = _append_launch(k, v, k_cache, v_cache, cache, lengths, block_table)
+    launch.run(k, v, k_cache, v_cache, lengths, block_table, cache.fixed or 0)
+
+
+def _append_launch(k, v, k_cache, v_cache, cache: _Cache, lengths, block_table):
+    """The device append's launch for this call's signature (_gpu/kvcache_append.py's)."""
     from ._gpu import kvcache_append
 
-    lengths = _device_lengths(cache_seqlens, cupy)
-    kvcache_append.append(k, v, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=cache.fixed or 0,
-                          block_table=block_table, capacity=cache.capacity)
+    return kvcache_append.launch_for(k, v, k_cache, v_cache, cache_seqlens=lengths, block_table=block_table,
+                                     capacity=cache.capacity)
 
 
-def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits, out):
+def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cache_seqlens, block_table, splits, out,
+            layout=None):
     """The GPU decode kernel's plan for this call (``DecodePlan.run`` launches it): made from shapes
     and the caller's device arrays alone, with no host read: the kernel reads the lengths (the
-    caller's device array) and the block table where they lie."""
+    caller's device array) and the block table where they lie. ``layout``: the signature's, when
+    a known signature's call knows it (then the options went into it, and ``splits`` is unused)."""
     from ._gpu import decode
 
+    lengths = _device_lengths(cache_seqlens, xp)
+    fixed = cache.capacity if cache.fixed is None else cache.fixed
+    modifiers = [None if x is None else xp.asarray(x) for x in (problem.alibi_slopes, problem.sinks)]
+    if layout is not None:
+        return decode.plan_call(layout, q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed,
+                                block_table=block_table, alibi_slopes=modifiers[0], sinks=modifiers[1], out=out)
     # The window as the whole cache sees it: the problem's sides were clamped against the new
     # keys alone (Lq + Lnew), which would cut a window that the cached keys extend; clamped
     # against Lq + Lmax instead, a side still never excludes a key it would not. The alignment:
     # a diagonal of Lk - Lq (bottom-right) or 0, asked of the same rule with Lq = 0, Lk = 1.
     left, right, _ = _spec._normalise_mask(causal, window, int(q.shape[2]), cache.capacity)
     bottom_right = _spec._normalise_mask(causal, window, 0, 1)[2] == 1
-    lengths = _device_lengths(cache_seqlens, xp)
-    fixed = cache.capacity if cache.fixed is None else cache.fixed
-    modifiers = [None if x is None else xp.asarray(x) for x in (problem.alibi_slopes, problem.sinks)]
     return decode.plan(q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed, new_keys=cache.new,
                        block_table=block_table, capacity=cache.capacity, scale=problem.scale, window_left=left,
                        window_right=right, bottom_right=bottom_right, softcap=problem.softcap,

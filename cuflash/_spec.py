@@ -704,11 +704,20 @@ def _overlaps(a, b, xp) -> bool:
 
 def _byte_bounds(ptr: int, shape, strides, itemsize: int) -> tuple[int, int]:
     """[lo, hi) of the bytes a non-empty strided array touches."""
-    lo = hi = ptr
-    for extent, stride in zip(shape, strides):
-        reach = (extent - 1) * stride
-        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
-    return lo, hi + itemsize
+    key = (tuple(shape), tuple(strides), itemsize)
+    reach = _REACHES.get(key)
+    if reach is None:  # (a loop per array per call otherwise: a decoding loop's calls repeat their shapes)
+        lo = hi = 0
+        for extent, stride in zip(shape, strides):
+            step = (extent - 1) * stride
+            lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+        if len(_REACHES) >= 1024:
+            _REACHES.clear()
+        reach = _REACHES[key] = (lo, hi + itemsize)
+    return ptr + reach[0], ptr + reach[1]
+
+
+_REACHES: dict = {}  # (shape, strides, itemsize) -> the bytes below and past an array's pointer it touches
 
 
 def _has_internal_overlap(array) -> bool:

@@ -328,14 +328,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                          "flash-attn refuses it too)")
     if cache_leftpad is not None and block_table is not None:
         raise NotImplementedError("cache_leftpad with a paged cache (block_table) is not supported yet")
-    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing and (cache_batch_idx is not None or cache_leftpad is not None):
+    per_sequence = cache_batch_idx is not None or cache_leftpad is not None
+    # (the capture query only where it matters: a CUDA runtime call per call otherwise)
+    if per_sequence and q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise ValueError("cache_batch_idx and cache_leftpad are read on the host (one call per sequence), which a CUDA "
                          "graph capture forbids: capture calls without them")
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
     window = None if window == (-1, -1) else window
     batch = q.shape[0]
-    per_sequence = cache_batch_idx is not None or cache_leftpad is not None
     if isinstance(cache_seqlens, torch.Tensor) or cache_seqlens is None or rotary_cos is not None or per_sequence:
         seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
     else:  # one length for every sequence, passed on as an int (no tensor made and filled per call)
@@ -389,7 +389,7 @@ def _kvcache_lengths(cache_seqlens, batch, device):
         if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
             raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},), got "
                              f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
-        return cache_seqlens.to(device)
+        return cache_seqlens if cache_seqlens.device == device else cache_seqlens.to(device)
     return torch.full((batch,), _spec._integer("cache_seqlens", cache_seqlens), dtype=torch.int32, device=device)
 
 
@@ -813,7 +813,14 @@ def _torch_allocator():
     if _TORCH_ALLOCATOR is None:
         import cupy
 
+        raw_alloc = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", None)
+
         def malloc(size, device_id):
+            # CuPy allocates on its current device, which _running_on made torch's too: torch's
+            # raw allocator on the current stream's handle, without caching_allocator_alloc's
+            # device switch and Stream object (a few microseconds a call).
+            if raw_alloc is not None and torch.cuda.current_device() == device_id:
+                return raw_alloc(size, _current_raw_stream(device_id))
             return torch.cuda.caching_allocator_alloc(size, device_id, torch.cuda.current_stream(device_id))
 
         def free(pointer, device_id):

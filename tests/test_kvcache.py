@@ -525,7 +525,7 @@ def test_gpu_equal_lengths_out_and_errors(rng):
 # --- the GPU decode kernel (cuda_src/decode_tc.cu) ---------------------------------------------
 #
 # float16 / bfloat16 calls with head dims that are multiples of 8 up to 128 run the split-KV decode
-# kernel (cuflash/_gpu/decode.py). These tests make sure they do (a spy on decode.plan), poison
+# kernel (cuflash/_gpu/decode.py). These tests make sure they do (a spy on decode.plan_call), poison
 # everything the kernels write (out, lse, the splits' partials) with NaN before they run, and check
 # against the float64 reference; each call runs twice to check bitwise reproducibility.
 
@@ -540,10 +540,11 @@ def _poison(x):
 
 @pytest.fixture
 def decode_spy(monkeypatch):
-    """decode.plan wrapped: the plans made (in order), with their outputs and partials poisoned."""
+    """decode.plan_call wrapped (every call's plan goes through it, a known signature's too): the
+    plans made (in order), with their outputs and partials poisoned."""
     from cuflash._gpu import decode
 
-    plans, real = [], decode.plan
+    plans, real = [], decode.plan_call
 
     def spy(*args, **kwargs):
         launch = real(*args, **kwargs)
@@ -552,7 +553,7 @@ def decode_spy(monkeypatch):
         plans.append(launch)
         return launch
 
-    monkeypatch.setattr(decode, "plan", spy)
+    monkeypatch.setattr(decode, "plan_call", spy)
     return plans
 
 
@@ -793,9 +794,9 @@ def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkey
         return type("Kernel", (), {"kernel": type("Function", (), {"ptr": ptr})()})()
 
     params = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
-    layout = decode._Layout(params.tobytes(), kernel(11), kernel(22) if split else None, 512, 9 if split else 0,
-                            98304, 4 if split else 1, decode._carving(()))
-    plan = decode.DecodePlan(layout, params.copy(), (), (), "out", "lse")
+    layout = decode._Layout(params.tobytes(), True, False, False, False, kernel(11), kernel(22) if split else None,
+                            512, 9 if split else 0, 98304, 4 if split else 1, decode._carving(()))
+    plan = decode.DecodePlan(layout, params.copy(), (), None, "out", "lse")
     assert plan.run() == ("out", "lse") and plan.splits == layout.splits
     expected = [(11, 512, 98304)] + ([(22, 9, 0)] if split else [])
     assert [(a[0], a[1], a[7]) for a in launches] == expected

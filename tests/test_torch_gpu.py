@@ -385,6 +385,23 @@ def test_flash_attn_with_kvcache_on_cuda(ct, rng, paged, dtype):
     assert_close(gpu[2], ref[2], dtype=precision, baseline=baseline[2], name="k_cache")
 
 
+def test_flash_attn_with_kvcache_rotary_positions_past_cos_read_its_last_row_on_cuda(ct, rng):
+    """On CUDA the rotary positions are not read on the host (no sync): a position past
+    rotary_cos's rows reads its last row, never beyond it: the bits of the same call with cos and
+    sin padded by copies of their last row (the CPU refuses it: test_torch)."""
+    batch, lq, heads, d, lmax = 2, 3, 4, 32, 40
+    q, k_cache, v_cache = (torch.from_numpy(rng.standard_normal(shape)).to("cuda", torch.float16)
+                           for shape in ((batch, lq, heads, d), (batch, lmax, heads, d), (batch, lmax, heads, d)))
+    seqlens = torch.tensor([30, 37], dtype=torch.int32, device="cuda")  # positions up to 39
+    angles = torch.from_numpy(rng.uniform(0, 2 * numpy.pi, (20, 8))).to("cuda", torch.float16)
+    padded = torch.cat([angles, angles[-1:].expand(lmax + lq - 20, 8)])
+    outs = [ct.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
+                                       rotary_cos=table.cos(), rotary_sin=table.sin())
+            for table in (angles, padded)]
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+
+
 def _bf16():
     import ml_dtypes
 

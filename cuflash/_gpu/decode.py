@@ -194,13 +194,19 @@ class DecodePlan:
     layout: "_Layout"
     params: numpy.ndarray
     keep: tuple  # device arrays the params point to (q or its copy, lse and its allocation, lengths, table)
-    workspace: tuple  # (part_o, part_lse) when split, else (): the splits' partials
+    memory: object  # the plan's allocation (_carving's parts: out unless the caller's, lse, the partials, ...)
     out: object  # the caller's out= (written in place) or a view of the plan's allocation
     lse: object
 
     @property
     def splits(self) -> int:
         return self.layout.splits
+
+    @property
+    def workspace(self) -> tuple:
+        """(part_o, part_lse) when split, else (): the splits' partials, as arrays (the launches
+        take their addresses alone; tests poison them)."""
+        return tuple(_part(self.memory, self.layout.carve, i) for i in (2, 3)) if self.layout.splits > 1 else ()
 
     def run(self):
         import cupy
@@ -240,11 +246,13 @@ def _carving(specs) -> tuple:
     return max(size, 1), tuple(parts)
 
 
-def _carve(cupy, carving):
-    """The arrays of a ``_carving`` in one fresh allocation: whoever holds one of them holds it all."""
-    size, parts = carving
-    memory = cupy.cuda.alloc(size)
-    return [None if part is None else cupy.ndarray(part[0], part[1], memptr=memory + part[2]) for part in parts]
+def _part(memory, carving, index):
+    """Part ``index`` of a ``_carving`` in its allocation ``memory``, as an array (None where the
+    layout has no such part): whoever holds it holds the whole allocation."""
+    import cupy
+
+    part = carving[1][index]
+    return None if part is None else cupy.ndarray(part[0], part[1], memptr=memory + part[2])
 
 
 def _rows_into(cupy, target, x, lead):
@@ -277,8 +285,6 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     and ``lse`` are views: holding either holds all of it, as a CUDA graph that captured the
     launches needs for as long as it is replayed. The copies are launches on the current stream
     (captured with the rest), so a replay reads the values the caller's arrays hold then."""
-    import cupy
-
     own_out = out is None or not writable_out(out)
     copy_q = not _in_whole_chunks(q)
     copy_lengths = cache_seqlens is not None and cache_seqlens.strides[0] != 4
@@ -300,16 +306,34 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
             capacity=capacity, scale=scale, window_left=window_left, window_right=window_right,
             bottom_right=bottom_right, softcap=softcap, alibi=alibi_slopes is not None, sinks=sinks is not None,
             num_splits=num_splits)
+    return plan_call(layout, q, k_cache, v_cache, cache_seqlens=cache_seqlens, seqlen_fixed=seqlen_fixed,
+                     block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks, out=out)
 
-    (own, lse, part_o, part_lse, q_copy, slopes, sink_rows, lengths, table) = _carve(cupy, layout.carve)
-    out = own if own_out else out
+
+def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, block_table, alibi_slopes,
+              sinks, out) -> DecodePlan:
+    """``plan``'s per-call half, for the layout ``plan`` found for this call's signature (a caller
+    that knows it, as a repeated signature's does, comes here directly): the allocation, the
+    copies, this call's params."""
+    import cupy
+
+    own_out, copy_q, copy_lengths, copy_table = layout.own_out, layout.copy_q, layout.copy_lengths, layout.copy_table
+    # One allocation for everything the launches write or read beyond the caller's arrays; arrays
+    # made of the parts a call hands out or copies into (the partials' addresses are enough).
+    memory = cupy.cuda.alloc(layout.carve[0])
+    lse = _part(memory, layout.carve, 1)
+    if own_out:
+        out = _part(memory, layout.carve, 0)
     if copy_q:  # small: the queries, not the cache
+        q_copy = _part(memory, layout.carve, 4)
         q_copy.view(f"u{q.itemsize}")[...] = q.view(f"u{q.itemsize}")
         q = q_copy
     if copy_lengths:
+        lengths = _part(memory, layout.carve, 7)
         lengths[...] = cache_seqlens
         cache_seqlens = lengths
     if copy_table:
+        table = _part(memory, layout.carve, 8)
         table[...] = block_table
         block_table = table
     # (A copy of the template's bytes viewed as the struct: numpy's copy of a nested structured
@@ -317,8 +341,9 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
     p["seqlen_fixed"] = seqlen_fixed  # (a value, not a signature: a decoding loop's int length grows)
     lead = (int(q.shape[0]), int(q.shape[1]))
-    for name, x, rows_of in (("alibi_slopes", alibi_slopes, slopes), ("sinks", sinks, sink_rows)):
+    for name, x, index in (("alibi_slopes", alibi_slopes, 5), ("sinks", sinks, 6)):
         if x is not None:
+            rows_of = _part(memory, layout.carve, index)
             _rows_into(cupy, rows_of, x, lead)
             p["fwd"][name] = rows_of.data.ptr
     p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
@@ -330,11 +355,9 @@ def plan(q, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, new_keys: int
     if block_table is not None:
         p["block_table"] = block_table.data.ptr
         keep.append(block_table)
-    workspace = ()
     if layout.splits > 1:
-        workspace = (part_o, part_lse)
-        p["part_o"], p["part_lse"] = part_o.data.ptr, part_lse.data.ptr
-    return DecodePlan(layout, p, tuple(keep), workspace, out, lse)
+        p["part_o"], p["part_lse"] = (memory.ptr + layout.carve[1][i][2] for i in (2, 3))
+    return DecodePlan(layout, p, tuple(keep), memory, out, lse)
 
 
 # Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).
@@ -349,6 +372,10 @@ class _Layout:
     parts (``_carving``: out unless the caller's, lse, the splits' partials, the copies)."""
 
     template: bytes
+    own_out: bool  # the plan allocates out (the caller gave none, or one the kernel cannot write)
+    copy_q: bool  # the plan copies q, lengths, table where the kernel cannot read them in place
+    copy_lengths: bool
+    copy_table: bool
     kernel: object
     combine: object | None
     grid: int
@@ -430,7 +457,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if splits > 1:
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
-    return _Layout(p.tobytes(), kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
+    return _Layout(p.tobytes(), own_out, copy_q, copy_lengths, copy_table, kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
                    spec.shared_mem, splits, carve)
 
 

@@ -10,6 +10,8 @@ current stream, its arguments one by-value struct (``PARAMS_DTYPE``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy
 
 from . import kernels
@@ -84,11 +86,14 @@ def append(k, v, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, block_ta
     each argument is), on CuPy's current stream of the caches' device, with no host
     synchronization. The caller has checked the shapes, dtypes and devices (and, where it read
     them, the lengths and pages)."""
-    import cupy
-    from cupy_backends.cuda.api import driver
+    launch_for(k, v, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+               capacity=capacity).run(k, v, k_cache, v_cache, cache_seqlens, block_table, seqlen_fixed)
 
-    # New keys or values strided by parts of an element (never through DLPack): a copy, laid out plainly.
-    k, v = (x if _whole(x) else cupy.ascontiguousarray(_bits(x)).view(x.dtype) for x in (k, v))
+
+def launch_for(k, v, k_cache, v_cache, *, cache_seqlens, block_table, capacity: int) -> "AppendLaunch":
+    """The append's launch for this call's signature (the arrays' dtype, shapes and strides, the
+    lengths' and table's strides, the capacity, the device), made once per signature: a caller
+    that keeps it (a repeated signature of attention_with_kvcache) runs it with no lookup."""
     key = (k.dtype, k.shape, k.strides, v.shape, v.strides, k_cache.shape, k_cache.strides, v_cache.shape,
            v_cache.strides, None if cache_seqlens is None else cache_seqlens.strides,
            None if block_table is None else (block_table.shape, block_table.strides), capacity, k_cache.device.id)
@@ -98,46 +103,66 @@ def append(k, v, k_cache, v_cache, *, cache_seqlens, seqlen_fixed: int, block_ta
             _LAUNCHES.clear()
         launch = _LAUNCHES[key] = _launch(k, v, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                           block_table=block_table, capacity=capacity)
-    if launch is _NOTHING:
-        return
-    template, function, grid = launch
-    # (A copy of the template's bytes viewed as the struct: numpy's copy of a structured array
-    # walks its fields; the pointers and the int length are all that change from call to call.)
-    p = numpy.frombuffer(bytearray(template), dtype=PARAMS_DTYPE).reshape(())
-    p["k"], p["v"], p["k_cache"], p["v_cache"] = k.data.ptr, v.data.ptr, k_cache.data.ptr, v_cache.data.ptr
-    if cache_seqlens is not None:
-        p["cache_seqlens"] = cache_seqlens.data.ptr
-    if block_table is not None:
-        p["block_table"] = block_table.data.ptr
-    p["seqlen_fixed"] = seqlen_fixed
-    argv = numpy.array([p.ctypes.data], dtype=numpy.uint64)
-    driver.launchKernel(function.kernel.ptr, grid, 1, 1, THREADS, 1, 1, 0, cupy.cuda.get_current_stream().ptr,
-                        argv.ctypes.data, 0)
+    return launch
 
 
-# What a signature's launch needs (its params but the pointers and the int length, the kernel,
-# the grid), by ``append``'s key; cleared when full (a process meets few signatures).
+@dataclasses.dataclass(frozen=True)
+class AppendLaunch:
+    """What a signature's append needs: its params but for the pointers and the int length
+    (``template``: AppendParams' bytes), the kernel, the grid (0: no row to append), and whether
+    k and v, strided by parts of an element, are copied first."""
+
+    template: bytes
+    function: object
+    grid: int
+    copy_new: bool
+
+    def run(self, k, v, k_cache, v_cache, cache_seqlens, block_table, seqlen_fixed: int) -> None:
+        """The launch on CuPy's current stream, for arrays of this launch's signature."""
+        if not self.grid:
+            return
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        if self.copy_new:  # (never through DLPack): a copy, laid out plainly
+            k, v = (x if _whole(x) else cupy.ascontiguousarray(_bits(x)).view(x.dtype) for x in (k, v))
+        # (A copy of the template's bytes viewed as the struct: numpy's copy of a structured
+        # array walks its fields; the pointers and the int length are all that change.)
+        p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
+        p["k"], p["v"], p["k_cache"], p["v_cache"] = k.data.ptr, v.data.ptr, k_cache.data.ptr, v_cache.data.ptr
+        if cache_seqlens is not None:
+            p["cache_seqlens"] = cache_seqlens.data.ptr
+        if block_table is not None:
+            p["block_table"] = block_table.data.ptr
+        p["seqlen_fixed"] = seqlen_fixed
+        argv = numpy.array([p.ctypes.data], dtype=numpy.uint64)
+        driver.launchKernel(self.function.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, 0,
+                            cupy.cuda.get_current_stream().ptr, argv.ctypes.data, 0)
+
+
+# Each signature's AppendLaunch, by ``launch_for``'s key; cleared when full (a process meets few).
 _LAUNCHES: dict = {}
 _MAX_LAUNCHES = 256
-_NOTHING = ()  # a signature with no row to append
 
 
-def _launch(k, v, k_cache, v_cache, *, cache_seqlens, block_table, capacity: int):
-    """(params' bytes, kernel, grid) of a new signature, or _NOTHING; its errors (too many rows,
-    caches strided by parts of an element) are the signature's, raised before anything is kept."""
+def _launch(k, v, k_cache, v_cache, *, cache_seqlens, block_table, capacity: int) -> AppendLaunch:
+    """A new signature's AppendLaunch; its errors (too many rows, caches strided by parts of an
+    element) are the signature's, raised before anything is kept or written."""
     import cupy
 
     rows = int(k.shape[0]) * int(k.shape[1]) * int(k.shape[2])
-    if rows == 0:
-        return _NOTHING
     if rows > MAX_ROWS:
         raise ValueError(f"k has B * Hk * Lnew = {rows} rows to append; the append kernel takes at most {MAX_ROWS}")
+    if rows == 0:
+        return AppendLaunch(b"", None, 0, False)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not _whole(cache):
             raise ValueError(f"{name}'s strides {tuple(cache.strides)} must be whole elements to append on the GPU")
-    struct = params(k, v, k_cache, v_cache, cache_seqlens=cache_seqlens, seqlen_fixed=0, block_table=block_table,
+    copy_new = not (_whole(k) and _whole(v))
+    plain = [x if _whole(x) else cupy.ndarray(x.shape, x.dtype, memptr=x.data) for x in (k, v)]  # (strides only)
+    struct = params(*plain, k_cache, v_cache, cache_seqlens=cache_seqlens, seqlen_fixed=0, block_table=block_table,
                     capacity=capacity)
     device = k_cache.device.id
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
     function = kernels.get_kernel(kernel(k.itemsize, arch), device)
-    return struct.tobytes(), function, min(-(-rows // (THREADS // 32)), MAX_GRID_X)
+    return AppendLaunch(struct.tobytes(), function, min(-(-rows // (THREADS // 32)), MAX_GRID_X), copy_new)
