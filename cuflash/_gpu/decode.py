@@ -457,8 +457,8 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     if splits > 1:
         combine = kernels.get_kernel(combine_kernel(dtype, arch), device)
         combine_grid = max(1, min(-(-total_rows // (THREADS // 32)), MAX_GRID_X))
-    return _Layout(p.tobytes(), own_out, copy_q, copy_lengths, copy_table, kernels.get_kernel(spec, device), combine, max(blocks * splits, 1), combine_grid,
-                   spec.shared_mem, splits, carve)
+    return _Layout(p.tobytes(), own_out, copy_q, copy_lengths, copy_table, kernels.get_kernel(spec, device), combine,
+                   max(blocks * splits, 1), combine_grid, spec.shared_mem, splits, carve)
 
 
 def _c_order_strides(shape) -> list:
