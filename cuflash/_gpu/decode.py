@@ -210,16 +210,8 @@ class DecodePlan:
 
     def run(self):
         import cupy
-        from cupy_backends.cuda.api import driver
 
-        layout = self.layout
-        stream = cupy.cuda.get_current_stream().ptr
-        argv = numpy.array([self.params.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(layout.kernel.kernel.ptr, layout.grid, 1, 1, THREADS, 1, 1, layout.shared_mem, stream,
-                            argv.ctypes.data, 0)
-        if layout.combine is not None:
-            driver.launchKernel(layout.combine.kernel.ptr, layout.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
-                                argv.ctypes.data, 0)
+        self.layout.launch(self.params, cupy.cuda.get_current_stream().ptr)
         return self.out, self.lse
 
 
@@ -384,13 +376,23 @@ class _Layout:
     splits: int
     carve: tuple  # _carving((out, lse, part_o, part_lse, q copy, slopes, sinks, lengths copy, table copy))
 
+    def launch(self, params: numpy.ndarray, stream: int) -> None:
+        """decode_tc, then decode_combine when split, on ``stream``, their one argument ``params``
+        (a DecodeParams of this layout with a call's pointers; the driver copies it at the launch)."""
+        from cupy_backends.cuda.api import driver
+
+        argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
+        driver.launchKernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream,
+                            argv.ctypes.data, 0)
+        if self.combine is not None:
+            driver.launchKernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
+                                argv.ctypes.data, 0)
+
 
 def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, new_keys, block_table, capacity,
             scale, window_left, window_right, bottom_right, softcap, alibi, sinks, num_splits) -> _Layout:
     """``plan``'s decisions for a new signature (its arguments as plan's, the arrays' values unread)."""
     import cupy
-
-    from .plan import _device_attribute
 
     batch, heads_q, seqlen_q, head_dim = (int(n) for n in q.shape)
     heads_k, head_dim_v = int(k_cache.shape[1]), int(v_cache.shape[3])
@@ -407,7 +409,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     blocks = batch * (heads_q // heads_per_block) * row_chunks
     tiles = -(-capacity // spec.block_n)
     if num_splits == 0:
-        splits = choose_splits(blocks, tiles, _device_attribute("MultiProcessorCount"), resident_blocks(spec))
+        splits = choose_splits(blocks, tiles, kernels.device_attribute("MultiProcessorCount"), resident_blocks(spec))
     else:
         # More splits than tiles leave splits with no key at all: correct, but nothing to gain.
         splits = max(1, min(num_splits, max(tiles, 1)))
@@ -468,3 +470,98 @@ def _c_order_strides(shape) -> list:
         strides.append(step)
         step *= int(n)
     return strides[::-1]
+
+
+# --- dense calls with few query rows (cuflash.attention) ---------------------------------------------
+#
+# A dense call whose queries are a few rows per head (a decoding step through transformers' own
+# cache: one row over every key) runs on the forward kernels as one block per query head and
+# 64-128 rows, nearly all padding, each block reading its kv head's K/V alone: B x Hq blocks,
+# often far fewer than the SMs. The decode kernel takes the same call as a contiguous cache that
+# every sequence fills (Lmax = Lk): a kv head's whole GQA group (times Lq) in one block, its K/V
+# read once, the keys split over the SMs. Same rule, options and results (out and lse; the
+# backward recomputes from them whichever kernel ran).
+
+DENSE_MAX_ROWS = 64  # a head block's rows (query heads of a kv head x Lq): one row chunk of 64
+
+
+def dense_reason(p) -> str | None:
+    """Why a resolved dense call on the GPU (``_spec.Problem``) does not run on the decode kernel
+    (None: it does): a (B, H, L, D) call with no bias, mask or packing, k and v per batch and kv
+    head (no broadcast), one head block of at most DENSE_MAX_ROWS rows, a q the kernel reads in
+    place, no out= (a replayable plan allocates its output), and what ``unsupported_reason`` says."""
+    q, k, v = p.q, p.k, p.v
+    if p.packed is not None or p.bias is not None or p.mask is not None or p.out is not None:
+        return "a packed batch, a bias, a mask or out="
+    if p.seqlen_k == 0:
+        return "no key"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return "not (B, H, L, D)"
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] * p.kv_group != q.shape[1] or (
+            v.shape[1] != k.shape[1]) or any(n > 1 and step == 0 for x in (k, v)
+                                             for n, step in zip(x.shape[:2], x.strides[:2])):
+        return "k or v broadcast along the batch or heads"
+    rows = (1 if p.alibi_slopes is not None else p.kv_group) * p.seqlen_q
+    if rows > DENSE_MAX_ROWS:
+        return f"{rows} rows a head block (at most {DENSE_MAX_ROWS})"
+    reason = unsupported_reason(q, k, v)
+    if reason is None and not _in_whole_chunks(q):
+        reason = "a q the kernel cannot read in place (strides or address not whole 16-byte chunks)"
+    return reason
+
+
+def dense_forward(p, memory, o, out_order):
+    """``(o, lse, plan)`` of a dense call that ``dense_reason`` passed, on ``memory`` (plan's
+    CUPY_MEMORY: where the planning call allocates and which stream it runs on). ``o``: the
+    output the planning call allocated, in ``out_order`` (the memory order its replays allocate
+    theirs in: its strides go into the plan)."""
+    layout = _layout(p.q, p.k, p.v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False,
+                     new_keys=0, block_table=None, capacity=p.seqlen_k, scale=p.scale, window_left=p.window_left,
+                     window_right=p.window_right, bottom_right=p.diag_offset == p.seqlen_k - p.seqlen_q,
+                     softcap=p.softcap, alibi=p.alibi_slopes is not None, sinks=p.sinks is not None, num_splits=0)
+    plan = DenseDecodePlan(layout, tuple(o.shape), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k)
+    lse = memory.empty(p.lse_shape, numpy.float32)
+    plan.launch(memory, p.q, p.k, p.v, o, lse, p.alibi_slopes, p.sinks)
+    return o, lse, plan
+
+
+class DenseDecodePlan:
+    """A dense call's forward on the decode kernel, replayable as plan.ForwardPlan is:
+    ``run(memory, q, k, v, alibi_slopes=, sinks=)`` allocates out (in ``out_order``) and lse on
+    ``memory`` (CuPy's pool, or torch's through the torch adapter), the per-row slopes and sinks
+    and the splits' partials, and launches on ``memory``'s stream."""
+
+    def __init__(self, layout: _Layout, out_shape: tuple, out_order, lse_shape: tuple, dtype, seqlen_k: int):
+        self.layout, self.out_shape, self.out_order = layout, out_shape, out_order
+        self.lse_shape, self.dtype, self.seqlen_k = lse_shape, dtype, seqlen_k
+        self.followers = {}  # backward plans that followed this one (the torch adapter's, as ForwardPlan's)
+
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
+        """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
+        ForwardPlan.run's, never given here: dense_reason kept such calls off this kernel)."""
+        o = memory.empty(self.out_shape, self.dtype, self.out_order)
+        lse = memory.empty(self.lse_shape, numpy.float32)
+        self.launch(memory, q, k, v, o, lse, alibi_slopes, sinks)
+        return o, lse
+
+    def launch(self, memory, q, k, v, o, lse, alibi_slopes, sinks) -> None:
+        """The launches into ``o`` and ``lse``: this call's pointers in the layout's params."""
+        layout, ptr = self.layout, memory.pointer
+        p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
+        p["seqlen_fixed"] = self.seqlen_k  # (every sequence holds all Lk keys)
+        p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
+        kept = []  # (alive until the launches are queued)
+        for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+            if x is not None:  # one float32 per (batch, query head), as the decode kernel reads them
+                rows = memory.empty(self.lse_shape[:2], numpy.float32)
+                memory.copy(rows, x)
+                p["fwd"][name] = ptr(rows)
+                kept.append(rows)
+        if layout.splits > 1:  # (splits, rows, Dv) partial outs, then (splits, rows) partial lse
+            total, dv = math.prod(self.lse_shape), self.out_shape[-1]
+            partials = memory.empty((layout.splits * total * (dv + 1),), numpy.float32)
+            p["part_o"] = ptr(partials)
+            p["part_lse"] = ptr(partials) + 4 * layout.splits * total * dv
+            kept.append(partials)
+        layout.launch(p, memory.stream())
+        del kept

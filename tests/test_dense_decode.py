@@ -1,0 +1,188 @@
+"""Dense calls with a few query rows a head on the decode kernel (cuflash/_gpu/decode.py's
+``dense_reason`` / ``dense_forward`` / ``DenseDecodePlan``): which calls take it (without a GPU:
+CuPy arrays over made-up addresses, never dereferenced), then on the GPU the routed calls against
+the float64 reference (every option the kernel takes), their replays, q's memory order kept, and
+the torch adapter's forward (replayed on torch's memory) with its backward."""
+from __future__ import annotations
+
+import types
+
+import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
+import numpy
+import pytest
+
+from reference import score_mods_ref, to_numpy
+from tolerance import assert_close
+
+import cuflash  # noqa: E402
+
+_NEXT = [1 << 40]
+
+
+def _fake(cupy, shape, dtype="float16", offset=0, strides=None):
+    """A CuPy array at a made-up, 256-byte aligned address (+ ``offset`` bytes): its layout facts
+    are real, its memory is never touched."""
+    dtype = numpy.dtype(dtype)
+    if strides is None:
+        strides = tuple(int(numpy.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
+    size = sum((n - 1) * s for n, s in zip(shape, strides)) + dtype.itemsize
+    ptr = _NEXT[0]
+    _NEXT[0] += -(-size // 256) * 256 + 256
+    memory = cupy.cuda.UnownedMemory(ptr + offset, size, None, 0)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0), strides)
+
+
+def _problem(cupy, lq=1, lk=4096, heads=(16, 2), d=128, dtype="float16", **changes):
+    heads_q, heads_k = heads
+    fields = dict(q=_fake(cupy, (2, heads_q, lq, d), dtype), k=_fake(cupy, (2, heads_k, lk, d), dtype),
+                  v=_fake(cupy, (2, heads_k, lk, d), dtype), packed=None, bias=None, mask=None, out=None,
+                  alibi_slopes=None, sinks=None, kv_group=heads_q // heads_k, seqlen_q=lq, seqlen_k=lk)
+    fields.update(changes)
+    return types.SimpleNamespace(**fields)
+
+
+def test_which_dense_calls_the_decode_kernel_takes():
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import decode
+
+    assert decode.dense_reason(_problem(cupy)) is None  # one decoding step, GQA 8:1
+    assert decode.dense_reason(_problem(cupy, lq=8)) is None  # 8 x 8 = 64 rows: one row chunk
+    assert decode.dense_reason(_problem(cupy, lq=64, heads=(4, 4))) is None  # MHA, 64 rows
+    assert decode.dense_reason(_problem(cupy, lq=64, heads=(4, 4), alibi_slopes=object())) is None
+    assert decode.dense_reason(_problem(cupy, lq=1, heads=(16, 16), d=64, dtype="bfloat16")) is None
+    for changes, says in [
+        (dict(lq=9), "72 rows a head block"),  # 9 x 8
+        (dict(lq=65, heads=(4, 4)), "65 rows"),
+        (dict(dtype="float32"), "dtype float32"),
+        (dict(d=59), "head dims"),
+        (dict(d=256), "head dims"),
+        (dict(bias=object()), "a bias"),
+        (dict(mask=object()), "a mask"),
+        (dict(out=object()), "out="),
+        (dict(packed=object()), "a packed batch"),
+        (dict(lk=0), "no key"),
+    ]:
+        reason = decode.dense_reason(_problem(cupy, **changes))
+        assert reason is not None and says in reason, (changes, reason)
+    p = _problem(cupy)
+    assert "broadcast" in decode.dense_reason(_problem(cupy, k=p.k[:1], v=p.v[:1]))
+    wide = _fake(cupy, (1, 2, 4096, 128), strides=(0, 4096 * 128 * 2, 256, 2))  # a batch axis of stride 0
+    assert "broadcast" in decode.dense_reason(_problem(cupy, k=cupy.broadcast_to(wide, (2, 2, 4096, 128))))
+    assert "in place" in decode.dense_reason(_problem(cupy, q=_fake(cupy, (2, 16, 1, 128), offset=2)))
+    assert "k_cache's strides" in decode.dense_reason(_problem(cupy, k=_fake(cupy, (2, 2, 4096, 128), offset=2)))
+    assert "not (B, H, L, D)" in decode.dense_reason(_problem(cupy, q=_fake(cupy, (16, 1, 128))))
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """decode.dense_forward wrapped: the calls planned on the decode kernel, counted."""
+    from cuflash._gpu import decode
+
+    calls, real = [], decode.dense_forward
+    monkeypatch.setattr(decode, "dense_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _inputs(cupy, rng, dtype, batch, heads, lq, lk, d, layout="bhld"):
+    heads_q, heads_k = heads
+    arrays = []
+    for h, length in ((heads_q, lq), (heads_k, lk), (heads_k, lk)):
+        host = rng.standard_normal((batch, length, h, d) if layout == "blhd" else (batch, h, length, d))
+        x = cupy.asarray(host.astype(numpy.dtype(dtype)))
+        arrays.append(x.transpose(0, 2, 1, 3) if layout == "blhd" else x)
+    return arrays
+
+
+def _check(dtype, q, k, v, out, lse, options):
+    exact = [to_numpy(x).astype(numpy.float64) for x in (q, k, v)]
+    host = {name: None if x is None else to_numpy(x).astype(numpy.float64) for name, x in options.items()
+            if name in ("alibi_slopes", "sinks")}
+    plain = {name: x for name, x in options.items() if name not in host}
+    ref_out, ref_lse = score_mods_ref(*exact, **plain, **host)
+    baseline = score_mods_ref(*exact, **plain, **host, dtype=numpy.dtype(dtype))[0]
+    assert_close(to_numpy(out).astype(numpy.float64), ref_out, dtype=numpy.dtype(dtype), baseline=baseline,
+                 name="out")
+    assert_close(to_numpy(lse).astype(numpy.float64), ref_lse, dtype=numpy.float32, kind="lse", name="lse")
+
+
+OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "top-left": dict(causal="top_left"),
+    "window": dict(window=(100, 3)),
+    "softcap": dict(softcap=5.0, scale=0.3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("lq, lk", [(1, 1), (1, 97), (3, 1025), (8, 200), (1, 20000)])
+@pytest.mark.parametrize("heads", [(16, 2), (4, 4), (6, 1)], ids=["gqa8", "mha", "mqa6"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_routed_calls_match_the_reference_and_replay_their_bits(rng, routed, dtype, heads, lq, lk, option):
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import decode
+
+    options = OPTIONS[option]
+    d = 64 if heads == (4, 4) else 128
+    q, k, v = _inputs(cupy, rng, dtype, 2, heads, lq, lk, d)
+    expected_route = (heads[0] // heads[1]) * lq <= decode.DENSE_MAX_ROWS
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    assert len(routed) == int(expected_route)
+    _check(dtype, q, k, v, out, lse, options)
+    again = cuflash.attention(q, k, v, return_lse=True, **options)  # the kept plan (no dense_forward)
+    assert len(routed) == int(expected_route)
+    assert to_numpy(again[0]).tobytes() == to_numpy(out).tobytes()
+    assert to_numpy(again[1]).tobytes() == to_numpy(lse).tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_routed_alibi_and_sinks_are_read_again_by_each_replay(rng, routed, dtype):
+    cupy = pytest.importorskip("cupy")
+    q, k, v = _inputs(cupy, rng, dtype, 3, (8, 2), 2, 3000, 128)
+    for _ in range(2):  # planned, then replayed with other values of the same signature
+        slopes = cupy.asarray(rng.uniform(0.01, 0.2, 8).astype(numpy.float32))
+        sinks = cupy.asarray(rng.standard_normal((3, 8)).astype(numpy.float32))
+        out, lse = cuflash.attention(q, k, v, causal=True, alibi_slopes=slopes, sinks=sinks, return_lse=True)
+        _check(dtype, q, k, v, out, lse, dict(causal=True, alibi_slopes=slopes, sinks=sinks))
+    assert len(routed) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_routed_output_keeps_qs_memory_order(rng, routed):
+    cupy = pytest.importorskip("cupy")
+    q, k, v = _inputs(cupy, rng, "bfloat16", 2, (16, 4), 1, 777, 128, layout="blhd")
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert len(routed) == 1
+    assert out.transpose(0, 2, 1, 3).flags.c_contiguous  # (B, L, H, D) in memory, as q
+    _check("bfloat16", q, k, v, out, lse, {})
+
+
+@pytest.mark.gpu
+def test_gpu_torch_decode_step_forward_on_the_decode_kernel_and_its_gradients(rng, routed):
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    shapes = [(2, 16, 1, 128), (2, 2, 1500, 128), (2, 2, 1500, 128)]
+    host = [rng.standard_normal(s) for s in shapes]
+    tensors = [torch.tensor(x, dtype=torch.bfloat16, device="cuda", requires_grad=True) for x in host]
+    dout = torch.tensor(rng.standard_normal(shapes[0]), dtype=torch.bfloat16, device="cuda")
+    results = []
+    for _ in range(2):  # planned, then replayed on torch's memory
+        out = ct.attention(*tensors)
+        grads = torch.autograd.grad(out, tensors, dout)
+        results.append((out, grads))
+    assert len(routed) == 1
+    assert torch.equal(results[0][0], results[1][0])
+    exact = [x.detach().double() for x in tensors]
+    ref = torch.nn.functional.scaled_dot_product_attention(*exact, enable_gqa=True)
+    ref_grads = torch.autograd.grad(
+        torch.nn.functional.scaled_dot_product_attention(*(x.requires_grad_() for x in exact), enable_gqa=True),
+        exact, dout.double())
+    assert torch.allclose(results[1][0].double(), ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(results[1][1], ref_grads):
+        assert torch.allclose(got.double(), want, atol=5e-2, rtol=5e-2)
