@@ -114,6 +114,7 @@ OPTIONS = {
     "top-left": dict(causal="top_left"),
     "window": dict(window=(100, 3)),
     "softcap": dict(softcap=5.0, scale=0.3),
+    "negative-scale": dict(scale=-0.2, causal=True),
 }
 
 
