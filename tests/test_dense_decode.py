@@ -187,3 +187,70 @@ def test_gpu_torch_decode_step_forward_on_the_decode_kernel_and_its_gradients(rn
     assert torch.allclose(results[1][0].double(), ref, atol=2e-2, rtol=2e-2)
     for got, want in zip(results[1][1], ref_grads):
         assert torch.allclose(got.double(), want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch, splits):
+    """DenseDecodePlan.run without a GPU (a memory that hands out made-up addresses, the driver's
+    launches recorded with the params they were given): out and lse allocated in the plan's
+    shapes and order, this call's q/k/v/out/lse addresses, every sequence's length Lk, the
+    per-row slopes and sinks copied into (B, Hq) float32 rows, and with splits the partial outs
+    then the partial lse in one workspace; the layout's template (strides, options) kept."""
+    import ctypes
+
+    pytest.importorskip("cupy")
+    from cupy_backends.cuda.api import driver
+
+    from cuflash._gpu import decode
+
+    params = []
+    monkeypatch.setattr(driver, "launchKernel", lambda *args: params.append(
+        numpy.frombuffer(ctypes.string_at(ctypes.c_uint64.from_address(args[9]).value, decode.PARAMS_DTYPE.itemsize),
+                         dtype=decode.PARAMS_DTYPE)[0].copy()))
+
+    class Memory:
+        def __init__(self):
+            self.next, self.made, self.copies = 1 << 40, [], []
+
+        def empty(self, shape, dtype, order=None):
+            array = types.SimpleNamespace(shape=tuple(shape), dtype=numpy.dtype(dtype), order=order, ptr=self.next)
+            self.next += 1 << 20
+            self.made.append(array)
+            return array
+
+        @staticmethod
+        def pointer(array):
+            return array.ptr
+
+        def copy(self, target, source):
+            self.copies.append((target, source))
+
+        @staticmethod
+        def stream():
+            return 77
+
+    template = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
+    template["q_head_stride"], template["fwd"]["scale"] = 640, 0.125
+    kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=5))
+    layout = decode._Layout(template.tobytes(), False, False, False, False, kernel, kernel if splits > 1 else None,
+                            16 * splits, 4 if splits > 1 else 0, 4096, splits, decode._carving(()))
+    plan = decode.DenseDecodePlan(layout, (2, 8, 1, 128), (0, 2, 1, 3), (2, 8, 1), numpy.float16, 3000)
+    memory = Memory()
+    q, k, v = (types.SimpleNamespace(ptr=p) for p in (100, 200, 300))
+    slopes, sinks = object(), object()
+    o, lse = plan.run(memory, q, k, v, alibi_slopes=slopes, sinks=sinks)
+    assert (o.shape, o.dtype, o.order) == ((2, 8, 1, 128), numpy.float16, (0, 2, 1, 3))
+    assert (lse.shape, lse.dtype) == ((2, 8, 1), numpy.float32)
+    rows = [target for target, _ in memory.copies]
+    assert [source for _, source in memory.copies] == [slopes, sinks]
+    assert all(r.shape == (2, 8) and r.dtype == numpy.float32 for r in rows)
+    assert len(params) == (2 if splits > 1 else 1)  # decode_tc, then decode_combine
+    for p in params:
+        assert (p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"]) == (100, 200, 300, o.ptr, lse.ptr)
+        assert p["seqlen_fixed"] == 3000 and p["q_head_stride"] == 640 and p["fwd"]["scale"] == 0.125
+        assert (p["fwd"]["alibi_slopes"], p["fwd"]["sinks"]) == (rows[0].ptr, rows[1].ptr)
+        if splits > 1:
+            (workspace,) = [a for a in memory.made if a.shape == (splits * 16 * 129,)]
+            assert p["part_o"] == workspace.ptr and p["part_lse"] == workspace.ptr + 4 * splits * 16 * 128
+        else:
+            assert p["part_o"] == 0 and p["part_lse"] == 0
