@@ -65,6 +65,14 @@ def test_which_dense_calls_the_decode_kernel_takes():
         reason = decode.dense_reason(_problem(cupy, **changes))
         assert reason is not None and says in reason, (changes, reason)
     p = _problem(cupy)
+    # multi-query: one kv head, which _spec resolves as a broadcast over q's heads (kv_group 1)
+    one = _problem(cupy, heads=(6, 1))
+    mqa = _problem(cupy, heads=(6, 6), k=cupy.broadcast_to(one.k, (2, 6, 4096, 128)),
+                   v=cupy.broadcast_to(one.v, (2, 6, 4096, 128)))
+    assert decode.dense_reason(mqa) is None
+    k, v, group = decode._kv_heads(mqa)
+    assert (k.shape, v.shape, group, k.data.ptr) == ((2, 1, 4096, 128), (2, 1, 4096, 128), 6, one.k.data.ptr)
+    assert "72 rows" in decode.dense_reason(_problem(cupy, lq=12, heads=(6, 6), k=mqa.k, v=mqa.v))
     assert "broadcast" in decode.dense_reason(_problem(cupy, k=p.k[:1], v=p.v[:1]))
     wide = _fake(cupy, (1, 2, 4096, 128), strides=(0, 4096 * 128 * 2, 256, 2))  # a batch axis of stride 0
     assert "broadcast" in decode.dense_reason(_problem(cupy, k=cupy.broadcast_to(wide, (2, 2, 4096, 128))))
@@ -213,7 +221,8 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
             self.next, self.made, self.copies = 1 << 40, [], []
 
         def empty(self, shape, dtype, order=None):
-            array = types.SimpleNamespace(shape=tuple(shape), dtype=numpy.dtype(dtype), order=order, ptr=self.next)
+            assert isinstance(dtype, numpy.dtype), dtype  # (torch's memory maps a dtype object's name)
+            array = types.SimpleNamespace(shape=tuple(shape), dtype=dtype, order=order, ptr=self.next)
             self.next += 1 << 20
             self.made.append(array)
             return array
@@ -234,7 +243,7 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
     kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=5))
     layout = decode._Layout(template.tobytes(), False, False, False, False, kernel, kernel if splits > 1 else None,
                             16 * splits, 4 if splits > 1 else 0, 4096, splits, decode._carving(()))
-    plan = decode.DenseDecodePlan(layout, (2, 8, 1, 128), (0, 2, 1, 3), (2, 8, 1), numpy.float16, 3000)
+    plan = decode.DenseDecodePlan(layout, (2, 8, 1, 128), (0, 2, 1, 3), (2, 8, 1), numpy.dtype("float16"), 3000)
     memory = Memory()
     q, k, v = (types.SimpleNamespace(ptr=p) for p in (100, 200, 300))
     slopes, sinks = object(), object()

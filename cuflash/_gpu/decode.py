@@ -31,6 +31,7 @@ MAX_SPLITS = 64  # the heuristic's ceiling (num_splits=0)
 MAX_GRID_X = 2**31 - 1
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+_FLOAT32 = numpy.dtype(numpy.float32)  # (a dtype object, as every memory's empty takes: torch's maps its name)
 
 _I8 = numpy.int64
 _P = numpy.uint64
@@ -490,18 +491,19 @@ def dense_reason(p) -> str | None:
     (None: it does): a (B, H, L, D) call with no bias, mask or packing, k and v per batch and kv
     head (no broadcast), one head block of at most DENSE_MAX_ROWS rows, a q the kernel reads in
     place, no out= (a replayable plan allocates its output), and what ``unsupported_reason`` says."""
-    q, k, v = p.q, p.k, p.v
+    q = p.q
     if p.packed is not None or p.bias is not None or p.mask is not None or p.out is not None:
         return "a packed batch, a bias, a mask or out="
     if p.seqlen_k == 0:
         return "no key"
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    if q.ndim != 4 or p.k.ndim != 4 or p.v.ndim != 4:
         return "not (B, H, L, D)"
-    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] * p.kv_group != q.shape[1] or (
+    k, v, group = _kv_heads(p)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] * group != q.shape[1] or (
             v.shape[1] != k.shape[1]) or any(n > 1 and step == 0 for x in (k, v)
                                              for n, step in zip(x.shape[:2], x.strides[:2])):
         return "k or v broadcast along the batch or heads"
-    rows = (1 if p.alibi_slopes is not None else p.kv_group) * p.seqlen_q
+    rows = (1 if p.alibi_slopes is not None else group) * p.seqlen_q
     if rows > DENSE_MAX_ROWS:
         return f"{rows} rows a head block (at most {DENSE_MAX_ROWS})"
     reason = unsupported_reason(q, k, v)
@@ -510,18 +512,29 @@ def dense_reason(p) -> str | None:
     return reason
 
 
+def _kv_heads(p):
+    """(k, v, group) of a (B, H, L, D) call as the decode kernel reads them: one kv head that the
+    call broadcast over all of q's heads (multi-query attention: _spec resolves a k/v head axis
+    of 1 as a broadcast, not as a group) back to that one head, its group every query head."""
+    k, v, group = p.k, p.v, p.kv_group
+    if k.shape[1] > 1 and k.strides[1] == 0 and v.strides[1] == 0:
+        k, v, group = k[:, :1], v[:, :1], group * k.shape[1]
+    return k, v, group
+
+
 def dense_forward(p, memory, o, out_order):
     """``(o, lse, plan)`` of a dense call that ``dense_reason`` passed, on ``memory`` (plan's
     CUPY_MEMORY: where the planning call allocates and which stream it runs on). ``o``: the
     output the planning call allocated, in ``out_order`` (the memory order its replays allocate
     theirs in: its strides go into the plan)."""
-    layout = _layout(p.q, p.k, p.v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False,
+    k, v, _ = _kv_heads(p)
+    layout = _layout(p.q, k, v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False,
                      new_keys=0, block_table=None, capacity=p.seqlen_k, scale=p.scale, window_left=p.window_left,
                      window_right=p.window_right, bottom_right=p.diag_offset == p.seqlen_k - p.seqlen_q,
                      softcap=p.softcap, alibi=p.alibi_slopes is not None, sinks=p.sinks is not None, num_splits=0)
     plan = DenseDecodePlan(layout, tuple(o.shape), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k)
-    lse = memory.empty(p.lse_shape, numpy.float32)
-    plan.launch(memory, p.q, p.k, p.v, o, lse, p.alibi_slopes, p.sinks)
+    lse = memory.empty(p.lse_shape, _FLOAT32)
+    plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
     return o, lse, plan
 
 
@@ -540,7 +553,7 @@ class DenseDecodePlan:
         """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
         ForwardPlan.run's, never given here: dense_reason kept such calls off this kernel)."""
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
-        lse = memory.empty(self.lse_shape, numpy.float32)
+        lse = memory.empty(self.lse_shape, _FLOAT32)
         self.launch(memory, q, k, v, o, lse, alibi_slopes, sinks)
         return o, lse
 
@@ -553,13 +566,13 @@ class DenseDecodePlan:
         kept = []  # (alive until the launches are queued)
         for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
             if x is not None:  # one float32 per (batch, query head), as the decode kernel reads them
-                rows = memory.empty(self.lse_shape[:2], numpy.float32)
+                rows = memory.empty(self.lse_shape[:2], _FLOAT32)
                 memory.copy(rows, x)
                 p["fwd"][name] = ptr(rows)
                 kept.append(rows)
         if layout.splits > 1:  # (splits, rows, Dv) partial outs, then (splits, rows) partial lse
             total, dv = math.prod(self.lse_shape), self.out_shape[-1]
-            partials = memory.empty((layout.splits * total * (dv + 1),), numpy.float32)
+            partials = memory.empty((layout.splits * total * (dv + 1),), _FLOAT32)
             p["part_o"] = ptr(partials)
             p["part_lse"] = ptr(partials) + 4 * layout.splits * total * dv
             kept.append(partials)
