@@ -15,6 +15,7 @@ from reference import score_mods_ref, to_numpy
 from tolerance import assert_close
 
 import cuflash  # noqa: E402
+from cuflash import _spec  # noqa: E402
 
 _NEXT = [1 << 40]
 
@@ -65,14 +66,17 @@ def test_which_dense_calls_the_decode_kernel_takes():
         reason = decode.dense_reason(_problem(cupy, **changes))
         assert reason is not None and says in reason, (changes, reason)
     p = _problem(cupy)
-    # multi-query: one kv head, which _spec resolves as a broadcast over q's heads (kv_group 1)
-    one = _problem(cupy, heads=(6, 1))
-    mqa = _problem(cupy, heads=(6, 6), k=cupy.broadcast_to(one.k, (2, 6, 4096, 128)),
-                   v=cupy.broadcast_to(one.v, (2, 6, 4096, 128)))
-    assert decode.dense_reason(mqa) is None
-    k, v, group = decode._kv_heads(mqa)
-    assert (k.shape, v.shape, group, k.data.ptr) == ((2, 1, 4096, 128), (2, 1, 4096, 128), 6, one.k.data.ptr)
-    assert "72 rows" in decode.dense_reason(_problem(cupy, lq=12, heads=(6, 6), k=mqa.k, v=mqa.v))
+    # multi-query, one kv head: a head axis of 1 (which _spec resolves as a broadcast, kv_group 1)
+    # or a view broadcast over q's heads (stride 0)
+    assert _spec._broadcast_leading((2, 6), (2, 1), (2, 1))[2] == 1
+    one = _problem(cupy, heads=(6, 1), kv_group=1)
+    wide = _problem(cupy, heads=(6, 6), k=cupy.broadcast_to(one.k, (2, 6, 4096, 128)),
+                    v=cupy.broadcast_to(one.v, (2, 6, 4096, 128)))
+    for mqa in (one, wide):
+        assert decode.dense_reason(mqa) is None
+        k, v, group = decode._kv_heads(mqa)
+        assert (k.shape, v.shape, group, k.data.ptr) == ((2, 1, 4096, 128), (2, 1, 4096, 128), 6, one.k.data.ptr)
+        assert "72 rows" in decode.dense_reason(_problem(cupy, lq=12, heads=(6, 6), k=mqa.k, v=mqa.v, kv_group=1))
     assert "broadcast" in decode.dense_reason(_problem(cupy, k=p.k[:1], v=p.v[:1]))
     wide = _fake(cupy, (1, 2, 4096, 128), strides=(0, 4096 * 128 * 2, 256, 2))  # a batch axis of stride 0
     assert "broadcast" in decode.dense_reason(_problem(cupy, k=cupy.broadcast_to(wide, (2, 2, 4096, 128))))

@@ -513,12 +513,15 @@ def dense_reason(p) -> str | None:
 
 
 def _kv_heads(p):
-    """(k, v, group) of a (B, H, L, D) call as the decode kernel reads them: one kv head that the
-    call broadcast over all of q's heads (multi-query attention: _spec resolves a k/v head axis
-    of 1 as a broadcast, not as a group) back to that one head, its group every query head."""
+    """(k, v, group) of a (B, H, L, D) call as the decode kernel reads them. Multi-query
+    attention, one kv head for all of q's heads, comes as a head axis of 1 (which _spec resolves
+    as a broadcast, kv_group 1) or as a view broadcast over the heads (stride 0): either is that
+    one head with every query head in its group."""
     k, v, group = p.k, p.v, p.kv_group
     if k.shape[1] > 1 and k.strides[1] == 0 and v.strides[1] == 0:
         k, v, group = k[:, :1], v[:, :1], group * k.shape[1]
+    if group == 1 and k.shape[1] == v.shape[1] == 1:
+        group = p.q.shape[1]
     return k, v, group
 
 
