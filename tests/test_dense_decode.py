@@ -5,6 +5,7 @@ the float64 reference (every option the kernel takes), their replays, q's memory
 the torch adapter's forward (replayed on torch's memory) with its backward."""
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import ml_dtypes  # noqa: F401  (registers numpy.dtype("bfloat16"))
@@ -207,7 +208,8 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
     launches recorded with the params they were given): out and lse allocated in the plan's
     shapes and order, this call's q/k/v/out/lse addresses, every sequence's length Lk, the
     per-row slopes and sinks copied into (B, Hq) float32 rows, and with splits the partial outs
-    then the partial lse in one workspace; the layout's template (strides, options) kept."""
+    then the partial lse in one workspace; the layout's template (q's strides, options) kept, its
+    length and k/v strides the plan's (a layout serves every Lk of as many key tiles)."""
     import ctypes
 
     pytest.importorskip("cupy")
@@ -247,7 +249,11 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
     kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=5))
     layout = decode._Layout(template.tobytes(), False, False, False, False, kernel, kernel if splits > 1 else None,
                             16 * splits, 4 if splits > 1 else 0, 4096, splits, decode._carving(()))
-    plan = decode.DenseDecodePlan(layout, (2, 8, 1, 128), (0, 2, 1, 3), (2, 8, 1), numpy.dtype("float16"), 3000)
+    template["capacity"], template["k_row_stride"] = 2999, 7  # (a shorter call's layout: replaced below)
+    layout = dataclasses.replace(layout, template=template.tobytes())
+    kv_strides = (3000 * 256, 3000 * 128, 128, 3000 * 512, 3000 * 256, 256)
+    plan = decode.DenseDecodePlan(layout, (2, 8, 1, 128), (0, 2, 1, 3), (2, 8, 1), numpy.dtype("float16"), 3000,
+                                  kv_strides)
     memory = Memory()
     q, k, v = (types.SimpleNamespace(ptr=p) for p in (100, 200, 300))
     slopes, sinks = object(), object()
@@ -260,7 +266,8 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
     assert len(params) == (2 if splits > 1 else 1)  # decode_tc, then decode_combine
     for p in params:
         assert (p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"]) == (100, 200, 300, o.ptr, lse.ptr)
-        assert p["seqlen_fixed"] == 3000 and p["q_head_stride"] == 640 and p["fwd"]["scale"] == 0.125
+        assert p["seqlen_fixed"] == p["capacity"] == 3000 and p["q_head_stride"] == 640 and p["fwd"]["scale"] == 0.125
+        assert tuple(int(p[f"{x}_{axis}_stride"]) for x in "kv" for axis in ("page", "head", "row")) == kv_strides
         assert (p["fwd"]["alibi_slopes"], p["fwd"]["sinks"]) == (rows[0].ptr, rows[1].ptr)
         if splits > 1:
             (workspace,) = [a for a in memory.made if a.shape == (splits * 16 * 129,)]

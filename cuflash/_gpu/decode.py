@@ -18,6 +18,7 @@ block holds one query head (the slope is per head), otherwise the whole GQA grou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy
@@ -97,6 +98,11 @@ def combine_kernel(dtype: str, arch: str) -> HelperKernel:
     return HelperKernel("decode_tc", "decode_combine", dtype, arch, THREADS)
 
 
+def bucket_for(head_dim: int, head_dim_v: int) -> int:
+    """The head-dim bucket a decode kernel is compiled for: 64 or 128 columns."""
+    return 64 if max(head_dim, head_dim_v) <= 64 else 128
+
+
 def block_n_for(head_dim: int) -> int:
     """decode_block_n: 64 keys a tile at D 128, 128 at D 64 (a tile of the same bytes)."""
     return 128 if head_dim <= 64 else 64
@@ -132,6 +138,7 @@ def resident_blocks(kernel: DecodeKernel) -> int:
     return max(1, (228 * 1024) // (kernel.shared_mem + 1024))
 
 
+@functools.lru_cache(maxsize=4096)  # (a dense decoding loop asks again with each new key)
 def choose_splits(blocks: int, tiles: int, sms: int, per_sm: int) -> int:
     """num_splits = 0: the fewest splits whose blocks (``blocks`` per split) fill the waves of
     ``sms`` SMs holding ``per_sm`` each about as well as any count does (within 4% of the best
@@ -356,6 +363,7 @@ def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_f
 # Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).
 _LAYOUTS: dict = {}
 _MAX_LAYOUTS = 256
+_DENSE_LAYOUTS: dict = {}  # dense_forward's, by signature but Lk, k/v's strides: by key tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,7 +409,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     group = heads_q // heads_k
     heads_per_block = 1 if alibi else group
     rows = heads_per_block * seqlen_q
-    bucket = 64 if max(head_dim, head_dim_v) <= 64 else 128
+    bucket = bucket_for(head_dim, head_dim_v)
     device = q.device.id
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
     warps_m = warps_m_for(rows)
@@ -530,12 +538,26 @@ def dense_forward(p, memory, o, out_order):
     CUPY_MEMORY: where the planning call allocates and which stream it runs on). ``o``: the
     output the planning call allocated, in ``out_order`` (the memory order its replays allocate
     theirs in: its strides go into the plan)."""
-    k, v, _ = _kv_heads(p)
-    layout = _layout(p.q, k, v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False,
-                     new_keys=0, block_table=None, capacity=p.seqlen_k, scale=p.scale, window_left=p.window_left,
-                     window_right=p.window_right, bottom_right=p.diag_offset == p.seqlen_k - p.seqlen_q,
-                     softcap=p.softcap, alibi=p.alibi_slopes is not None, sinks=p.sinks is not None, num_splits=0)
-    plan = DenseDecodePlan(layout, tuple(o.shape), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k)
+    q, (k, v, _) = p.q, _kv_heads(p)
+    bottom_right = p.diag_offset == p.seqlen_k - p.seqlen_q
+    options = (p.scale, p.window_left, p.window_right, bottom_right, p.softcap, p.alibi_slopes is not None,
+               p.sinks is not None)
+    # A decoding loop's dense calls (transformers' caches) bring one key more, in new k and v
+    # arrays, every step: the layout is kept for all lengths of as many key tiles (the splits,
+    # grid and allocation are the tiles'), each plan its own length and k/v strides.
+    tiles = -(-p.seqlen_k // block_n_for(bucket_for(q.shape[3], v.shape[3])))
+    key = (q.shape, q.strides, q.dtype, q.device.id, k.shape[:2], v.shape[:2], v.shape[3], o.strides, options, tiles)
+    layout = _DENSE_LAYOUTS.get(key)
+    if layout is None:
+        if len(_DENSE_LAYOUTS) >= _MAX_LAYOUTS:
+            _DENSE_LAYOUTS.clear()
+        layout = _DENSE_LAYOUTS[key] = _layout(
+            q, k, v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False, new_keys=0,
+            block_table=None, capacity=p.seqlen_k, scale=p.scale, window_left=p.window_left,
+            window_right=p.window_right, bottom_right=bottom_right, softcap=p.softcap,
+            alibi=p.alibi_slopes is not None, sinks=p.sinks is not None, num_splits=0)
+    plan = DenseDecodePlan(layout, tuple(o.shape), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k,
+                           _elements(k)[:3] + _elements(v)[:3])
     lse = memory.empty(p.lse_shape, _FLOAT32)
     plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
     return o, lse, plan
@@ -547,10 +569,18 @@ class DenseDecodePlan:
     ``memory`` (CuPy's pool, or torch's through the torch adapter), the per-row slopes and sinks
     and the splits' partials, and launches on ``memory``'s stream."""
 
-    def __init__(self, layout: _Layout, out_shape: tuple, out_order, lse_shape: tuple, dtype, seqlen_k: int):
+    def __init__(self, layout: _Layout, out_shape: tuple, out_order, lse_shape: tuple, dtype, seqlen_k: int,
+                 kv_strides):
+        """``kv_strides``: k's then v's (batch, head, row) strides in elements, and ``seqlen_k``,
+        this signature's (``layout`` may be a shorter call's of as many key tiles)."""
         self.layout, self.out_shape, self.out_order = layout, out_shape, out_order
         self.lse_shape, self.dtype, self.seqlen_k = lse_shape, dtype, seqlen_k
         self.followers = {}  # backward plans that followed this one (the torch adapter's, as ForwardPlan's)
+        p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
+        p["seqlen_fixed"] = p["capacity"] = seqlen_k  # (every sequence holds all Lk keys)
+        (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],
+         p["v_page_stride"], p["v_head_stride"], p["v_row_stride"]) = kv_strides
+        self.template = p.tobytes()
 
     def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
         """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
@@ -563,8 +593,7 @@ class DenseDecodePlan:
     def launch(self, memory, q, k, v, o, lse, alibi_slopes, sinks) -> None:
         """The launches into ``o`` and ``lse``: this call's pointers in the layout's params."""
         layout, ptr = self.layout, memory.pointer
-        p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
-        p["seqlen_fixed"] = self.seqlen_k  # (every sequence holds all Lk keys)
+        p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
         p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
         kept = []  # (alive until the launches are queued)
         for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):

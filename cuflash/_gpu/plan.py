@@ -578,8 +578,6 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
                                                               tma_ok, short))
-    sets = choose(True)
-    variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
                                                   p.precision, short=short)
@@ -587,6 +585,8 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward, dq_direct), device)
     if decode.dense_reason(p) is None:  # a few query rows a head: the decode kernel (decode.py says why)
         return decode.dense_forward(p, CUPY_MEMORY, _fresh_out(p, out_shape), _out_order(p, out_shape))
+    sets = choose(True)
+    variant = sets[-1][0]  # the modifier Variant when there is one
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
     q, k, v = (_readable(x, vec) for x in inputs)
