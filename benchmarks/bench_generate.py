@@ -26,7 +26,10 @@ changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_
 Every decode step of cuflash is one ``cuflash.torch.attention`` call with one query row per
 sequence over the whole cache (transformers' cache concatenates the keys; the attention is
 causal bottom-right, i.e. every cached key), GQA straight through. ``cuflash.hf.COUNTS`` must
-show the calls were cuflash's (``attention_calls_cuflash``), not fallbacks.
+show the calls were cuflash's (``attention_calls_cuflash``), not fallbacks; ``decode_kernel_calls``
+counts those that ran on the decode kernel (few query rows a kv head: cuflash/_gpu/decode.py's
+``dense_reason``). Backend ``cuflash_flash_only`` is cuflash with that routing off: the A/B in one
+process.
 
     python benchmarks/bench_generate.py [--shapes 1x1024,8x1024] [--new-tokens 128] [--backends ...]
     python benchmarks/bench_generate.py --device cpu --tiny      # a smoke test, no GPU
@@ -54,7 +57,10 @@ from benchmarks.bench_model import (  # noqa: E402
 from benchmarks.model_families import FAMILIES  # noqa: E402
 
 DEFAULT_BACKENDS = ("sdpa", "cuflash", "sdpa_flash", "sdpa_cudnn")
-ALLOWED = ("sdpa", "cuflash", *SDPA_PINNED)
+# cuflash with its few-row dense calls kept off the decode kernel (decode.DENSE_MAX_ROWS at 0):
+# the A/B of that routing inside one process (host timings move between processes).
+CUFLASH_FLASH_ONLY = "cuflash_flash_only"
+ALLOWED = ("sdpa", "cuflash", CUFLASH_FLASH_ONLY, *SDPA_PINNED)
 
 
 def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
@@ -82,6 +88,34 @@ def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
     return prefill_ms, wall_ms, clock.elapsed_ms(start, end), logits, torch.cat(tokens[:new_tokens], dim=1)
 
 
+@contextlib.contextmanager
+def decode_kernel_routing(backend: str, cuda: bool):
+    """Yields a list that counts the launches of dense calls on the decode kernel; for
+    CUFLASH_FLASH_ONLY none is routed there. Kept plans are dropped on entry and exit (a plan kept
+    for a signature replays its kernel whatever the routing)."""
+    launched = []
+    if not cuda:
+        yield launched
+        return
+    from cuflash._gpu import decode, plan
+
+    limit, launch = decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch
+
+    def counted(self, *args, **kwargs):
+        launched.append(1)
+        return launch(self, *args, **kwargs)
+
+    plan.PLANS.clear()
+    decode.DenseDecodePlan.launch = counted
+    if backend == CUFLASH_FLASH_ONLY:
+        decode.DENSE_MAX_ROWS = 0
+    try:
+        yield launched
+    finally:
+        decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch = limit, launch
+        plan.PLANS.clear()
+
+
 def run_backend(ctx, backend: str, ids) -> dict:
     torch, model, args, hf, clock = ctx["torch"], ctx["model"], ctx["args"], ctx["hf"], ctx["clock"]
     implementation = ctx["backends"][backend][0]
@@ -95,7 +129,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     else:
         within = contextlib.nullcontext()
     result: dict = {"status": "ok"}
-    with within, torch.inference_mode():
+    with within, torch.inference_mode(), decode_kernel_routing(backend, ctx["cuda"]) as decode_launches:
         first = time.perf_counter()
         decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"])
         result["first_run_s"] = time.perf_counter() - first
@@ -113,6 +147,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     if ctx["cuda"]:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["attention_calls_cuflash"] = hf.COUNTS["cuflash"]
+    result["decode_kernel_calls"] = len(decode_launches)
     result["attention_calls_fallback"] = hf.COUNTS["fallback"]
     result["fallback_reasons"] = dict(hf.COUNTS["fallback_reasons"])
     logits, tokens = runs[-1][3], runs[-1][4]
@@ -124,7 +159,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     same = (tokens == reference["tokens"]).all(dim=0).long()
     result["same_tokens"] = int(same.cumprod(0).sum())
     result["correct"] = result["logits_rel_diff"] <= ctx["bound"] and (
-        backend != "cuflash" or result["attention_calls_fallback"] == 0)
+        not backend.startswith("cuflash") or result["attention_calls_fallback"] == 0)
     return result
 
 
@@ -146,23 +181,24 @@ def format_table(rows: list[dict], new_tokens: int, dtype_name: str) -> str:
         lines += [f"### {row['shape']} (batch {row['batch']}, prompt {row['prompt']}, {new_tokens} new tokens, "
                   f"{dtype_name})", "",
                   "| backend | prefill ms | decode ms/token (wall) | GPU ms/token | tokens/s | first run s | "
-                  "peak GiB | logits diff | same tokens | x vs sdpa |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak GiB | logits diff | same tokens | x vs sdpa | decode-kernel calls |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         base = results.get("sdpa", {}).get("decode_ms_per_token")
         for backend, r in results.items():
             if r.get("status") != "ok":
-                lines.append(f"| {backend} | {r.get('status')}: {r.get('note', '')[:80]} |" + " |" * 9)
+                lines.append(f"| {backend} | {r.get('status')}: {r.get('note', '')[:80]} |" + " |" * 10)
                 continue
             ratio = f"{base / r['decode_ms_per_token']:.2f}" if base else "-"
             flag = "" if r["correct"] else " !"
             lines.append(f"| {backend} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | "
                          f"{r['decode_gpu_ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | {r['first_run_s']:.2f} | "
                          f"{r.get('peak_gib', float('nan')):.2f} | {r['logits_rel_diff']:.1e}{flag} | "
-                         f"{r['same_tokens']}/{new_tokens} | {ratio} |")
+                         f"{r['same_tokens']}/{new_tokens} | {ratio} | {r.get('decode_kernel_calls', '-')} |")
         lines.append("")
     lines.append("Decode ms/token: wall time of the greedy loop (host and device; no CUDA graphs) per step; GPU "
                  "ms/token: the same loop's CUDA-event span. x vs sdpa: sdpa's decode time / this one's (> 1: "
-                 "faster). Same tokens: greedy tokens equal to sdpa's before the first difference.")
+                 "faster). Same tokens: greedy tokens equal to sdpa's before the first difference. Decode-kernel "
+                 "calls: cuflash's dense calls that ran on the decode kernel (all runs).")
     return "\n".join(lines)
 
 
@@ -219,6 +255,7 @@ def main(argv=None) -> Path:
     model = build_model(torch, transformers, family, config, dtype, args.device).eval()
     clock = Clock(torch, cuda)
     backends = attention_backends(hf, model, hf.register())
+    backends[CUFLASH_FLASH_ONLY] = backends["cuflash"]
     ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, backends=backends, cuda=cuda,
                cache_class=transformers.DynamicCache, reference={}, bound=0.05 if dtype_name == "bf16" else 1e-4)
     env = collect_environment(torch, args.device)
