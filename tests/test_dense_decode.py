@@ -274,3 +274,145 @@ def test_a_dense_decode_plan_fills_its_params_from_this_calls_memory(monkeypatch
             assert p["part_o"] == workspace.ptr and p["part_lse"] == workspace.ptr + 4 * splits * 16 * 128
         else:
             assert p["part_o"] == 0 and p["part_lse"] == 0
+
+
+def _routed_problem(cupy, lq=1, lk=4096, causal=True, window_left=-1, **changes):
+    """A resolved routed call as dense_forward sees it (_problem plus the mask and options)."""
+    p = _problem(cupy, lq=lq, lk=lk, **changes)
+    p.window_left, p.window_right = window_left, 0 if causal else -1
+    p.diag_offset, p.scale, p.softcap = lk - lq, 0.125, None
+    p.dtype, p.lse_shape = p.q.dtype, p.q.shape[:3]
+    return p
+
+
+def test_a_decoding_family_plans_the_next_key_counts_without_the_full_path(monkeypatch):
+    """DenseDecodeFamily: which routed calls have one (a mask that reads the same at every Lk),
+    what plan_for refuses (the full path decides), and its plans: the new Lk and k/v strides in
+    their params, one layout per count of key tiles (64 keys at D 128)."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import decode
+
+    built = []
+
+    def layout(q, k, v, **kw):  # the layout's template from the options _dense_plan passes
+        built.append((k.shape[2], kw["capacity"]))
+        template = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
+        template["fwd"]["window_right"], template["bottom_right"] = kw["window_right"], kw["bottom_right"]
+        kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=5))
+        return decode._Layout(template.tobytes(), False, False, False, False, kernel, None, 16, 0, 4096, 1,
+                              decode._carving(()))
+
+    monkeypatch.setattr(decode, "_layout", layout)
+    monkeypatch.setattr(decode, "_DENSE_LAYOUTS", {})
+    family_of = decode.DenseDecodeFamily.of
+
+    def family(p):
+        k, v, _ = decode._kv_heads(p)
+        o = _fake(cupy, p.q.shape[:3] + (128,))
+        return family_of(p, k, v, o, None)
+
+    assert family(_routed_problem(cupy, window_left=100)) is None  # (a side clamped to Lq + Lk)
+    assert family(_routed_problem(cupy, lq=1, lk=1)) is None  # causal with Lk == Lq: which diagonal?
+    assert family(_routed_problem(cupy, lq=1, lk=1, causal=False)) is not None
+    f = family(_routed_problem(cupy))
+    def rows(lk):  # (B, Hk=2, Lk, 128) contiguous, in elements
+        return (2 * lk * 128, lk * 128, 128, 1)
+
+    for lengths, strides in [((4097, 4098), (rows(4097), rows(4098))), ((0, 0), (rows(0), rows(0))),
+                             ((4097, 4097), ((2 * 4097 * 128, 4097 * 128, 128, 2), rows(4097))),
+                             ((4097, 4097), ((2 * 4097 * 128, 4097 * 128, 132, 1), rows(4097))),
+                             ((4097, 4097), ((0, 4097 * 128, 128, 1), rows(4097)))]:
+        assert f.plan_for(lengths, strides) is None, (lengths, strides)
+    plans = {lk: f.plan_for((lk, lk), (rows(lk), rows(lk))) for lk in (4097, 4100, 4160, 4161)}
+    assert built == [(4097, 4097), (4161, 4161)]  # 4097..4160: 65 tiles of 64 keys; 4161: 66
+    for lk, plan in plans.items():
+        p = numpy.frombuffer(plan.template, dtype=decode.PARAMS_DTYPE)[0]
+        assert plan.seqlen_k == p["seqlen_fixed"] == p["capacity"] == lk and plan.family is None
+        assert (p["k_head_stride"], p["v_page_stride"], p["k_row_stride"]) == (lk * 128, 2 * lk * 128, 128)
+        assert p["fwd"]["window_right"] == 0 and p["bottom_right"] == 1
+    # one kv head broadcast over q's heads (a stride-0 view): its family takes such views only
+    one = _routed_problem(cupy, heads=(6, 1), kv_group=1)
+    wide = _routed_problem(cupy, heads=(6, 6), kv_group=1, k=cupy.broadcast_to(one.k, (2, 6, 4096, 128)),
+                           v=cupy.broadcast_to(one.v, (2, 6, 4096, 128)))
+    f = family(wide)
+    view = (4097 * 128, 0, 128, 1)
+    assert f.broadcast_heads and f.plan_for((4097, 4097), ((4097 * 128, 128, 128, 1), view)) is None
+    assert f.plan_for((4097, 4097), (view, view)).layout is not None
+    assert not family(one).broadcast_heads
+
+
+def test_family_keys_leave_out_k_and_vs_key_count_and_strides(monkeypatch):
+    """plan.family_key on both key formats (CuPy's signature: dtype, shape, strides, alignment;
+    the torch adapter's: dtype, shape, stride, device, alignment), and family_plan: a remembered
+    plan's family plans a call of another Lk, kept under that call's own key."""
+    pytest.importorskip("cupy")
+    from cuflash._gpu import plan
+
+    f16 = numpy.dtype("float16")
+    q = (f16, (2, 16, 1, 128), (4096, 256, 4096, 2), True)
+
+    def cupy_key(lk):
+        kv = (f16, (2, 2, lk, 128), (lk * 512, lk * 256, 256, 2), True)
+        return ("attention", ("options",), q, kv, kv, 0)
+
+    def torch_key(lk):
+        kv = (f16, (2, 2, lk, 128), (lk * 256, lk * 128, 128, 1), "cuda:0", True)
+        return ("attention", ("options",), q, kv, kv)
+
+    for key in (cupy_key, torch_key):
+        assert plan.family_key(key(4096)) == plan.family_key(key(5000)) != plan.family_key(key(5000)[:4] + (q,))
+    assert plan.family_key(cupy_key(7))[3] == (f16, (2, 2, 128), True)
+    assert plan.family_key(torch_key(7))[3] == (f16, (2, 2, 128), "cuda:0", True)
+
+    asked = []
+
+    class Family:
+        def plan_for(self, lengths, strides):
+            asked.append((lengths, strides))
+            return types.SimpleNamespace(family=None) if lengths[0] > 0 else None
+
+    monkeypatch.setattr(plan, "PLANS", {})
+    monkeypatch.setattr(plan, "FAMILIES", {})
+    plan.remember(cupy_key(4096), types.SimpleNamespace(family=Family()))
+    assert plan.family_plan(torch_key(4097), (4097, 4097), ("s", "s")) is None  # another format: no family
+    made = plan.family_plan(cupy_key(4097), (4097, 4097), ("k strides", "v strides"))
+    assert asked == [((4097, 4097), ("k strides", "v strides"))] and plan.PLANS[cupy_key(4097)] is made
+    assert plan.family_plan(cupy_key(4098), (0, 0), ("k", "v")) is None and cupy_key(4098) not in plan.PLANS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_a_decoding_loop_plans_each_step_from_its_family(rng, routed, causal):
+    """transformers' decoding, in CuPy: each step one key more, in new k and v arrays (over 64
+    keys: a new tile count, a new layout), planned from the first step's family (dense_forward
+    once), every step against the reference; a step whose k comes strided otherwise (a view of
+    a wider cache) takes the full path and is right too."""
+    cupy = pytest.importorskip("cupy")
+    from cuflash._gpu import plan
+
+    q = _inputs(cupy, rng, "bfloat16", 2, (16, 2), 1, 1, 128)[0]
+    for step, lk in enumerate(range(1000, 1070, 3)):
+        _, k, v = _inputs(cupy, rng, "bfloat16", 2, (16, 2), 1, lk, 128)
+        if step == 5:
+            wide = _inputs(cupy, rng, "bfloat16", 2, (16, 2), 1, lk + 40, 128)[1]
+            k = wide[:, :, :lk]  # (the head stride of lk + 40 keys)
+        out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+        _check("bfloat16", q, k, v, out, lse, dict(causal=causal))
+    assert len(routed) == 1 and plan.FAMILIES
+
+
+@pytest.mark.gpu
+def test_gpu_torch_decoding_loop_on_the_family_matches_sdpa(rng, routed):
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    q = torch.tensor(rng.standard_normal((1, 32, 1, 128)), dtype=torch.float16, device="cuda")
+    cache = torch.tensor(rng.standard_normal((2, 1, 8, 700, 128)), dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        for lk in range(500, 700, 7):
+            k, v = cache[0, :, :, :lk].contiguous(), cache[1, :, :, :lk].contiguous()  # (as torch.cat makes them)
+            out = ct.attention(q, k, v)
+            want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                                    enable_gqa=True)
+            assert torch.allclose(out.double(), want, atol=2e-3, rtol=2e-3), lk
+    assert len(routed) == 1

@@ -537,30 +537,95 @@ def dense_forward(p, memory, o, out_order):
     """``(o, lse, plan)`` of a dense call that ``dense_reason`` passed, on ``memory`` (plan's
     CUPY_MEMORY: where the planning call allocates and which stream it runs on). ``o``: the
     output the planning call allocated, in ``out_order`` (the memory order its replays allocate
-    theirs in: its strides go into the plan)."""
-    q, (k, v, _) = p.q, _kv_heads(p)
+    theirs in: its strides go into the plan). The plan carries its ``family`` (or None)."""
+    k, v, _ = _kv_heads(p)
     bottom_right = p.diag_offset == p.seqlen_k - p.seqlen_q
     options = (p.scale, p.window_left, p.window_right, bottom_right, p.softcap, p.alibi_slopes is not None,
                p.sinks is not None)
+    plan = _dense_plan(p.q, k, v, o, out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k, options)
+    plan.family = DenseDecodeFamily.of(p, k, v, o, out_order)
+    lse = memory.empty(p.lse_shape, _FLOAT32)
+    plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
+    return o, lse, plan
+
+
+def _dense_plan(q, k, v, o, out_order, lse_shape, dtype, seqlen_k, options) -> "DenseDecodePlan":
+    """The plan of a routed dense call (arrays, or _Facts: their layouts alone are read).
+    ``options``: (scale, window_left, window_right, bottom_right, softcap, alibi?, sinks?)."""
     # A decoding loop's dense calls (transformers' caches) bring one key more, in new k and v
     # arrays, every step: the layout is kept for all lengths of as many key tiles (the splits,
     # grid and allocation are the tiles'), each plan its own length and k/v strides.
-    tiles = -(-p.seqlen_k // block_n_for(bucket_for(q.shape[3], v.shape[3])))
+    tiles = -(-seqlen_k // block_n_for(bucket_for(q.shape[3], v.shape[3])))
     key = (q.shape, q.strides, q.dtype, q.device.id, k.shape[:2], v.shape[:2], v.shape[3], o.strides, options, tiles)
     layout = _DENSE_LAYOUTS.get(key)
     if layout is None:
         if len(_DENSE_LAYOUTS) >= _MAX_LAYOUTS:
             _DENSE_LAYOUTS.clear()
+        scale, window_left, window_right, bottom_right, softcap, alibi, sinks = options
         layout = _DENSE_LAYOUTS[key] = _layout(
             q, k, v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False, new_keys=0,
-            block_table=None, capacity=p.seqlen_k, scale=p.scale, window_left=p.window_left,
-            window_right=p.window_right, bottom_right=bottom_right, softcap=p.softcap,
-            alibi=p.alibi_slopes is not None, sinks=p.sinks is not None, num_splits=0)
-    plan = DenseDecodePlan(layout, tuple(o.shape), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k,
+            block_table=None, capacity=seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
+            bottom_right=bottom_right, softcap=softcap, alibi=alibi, sinks=sinks, num_splits=0)
+    return DenseDecodePlan(layout, tuple(o.shape), out_order, lse_shape, dtype, seqlen_k,
                            _elements(k)[:3] + _elements(v)[:3])
-    lse = memory.empty(p.lse_shape, _FLOAT32)
-    plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
-    return o, lse, plan
+
+
+class _Facts:
+    """An array's layout without its memory (what ``_layout`` reads: shape, dtype, strides in
+    bytes, device): a family plans a new Lk from them and keeps no caller's array alive."""
+
+    def __init__(self, shape, dtype, strides, device):
+        self.shape, self.dtype, self.strides, self.device = tuple(shape), dtype, tuple(strides), device
+
+
+class DenseDecodeFamily:
+    """Every key count Lk of one routed dense call (plan.py keeps it under the call's signature
+    less k's and v's Lk and strides): a decoding loop over transformers' caches brings one key
+    more each step in new k and v arrays, all else the same. ``plan_for`` checks what the new
+    arrays alone can change and plans their Lk without resolving the call again.
+
+    Only calls whose mask reads the same at every Lk have one: no left window (a window's sides
+    are clamped to Lq + Lk), and under causal a diagonal that is told apart (Lk != Lq)."""
+
+    def __init__(self, q, k, v, o, out_order, lse_shape, dtype, seqlen_q, options):
+        self.q, self.o, self.out_order, self.lse_shape = q, o, out_order, lse_shape
+        self.dtype, self.seqlen_q, self.options = dtype, seqlen_q, options
+        self.kv_shapes = tuple((x.shape[0], x.shape[1], x.shape[3]) for x in (k, v))  # (B, Hk, D): heads collapsed
+        self.broadcast_heads = False  # (of's: k and v came as views broadcast over q's heads)
+
+    @classmethod
+    def of(cls, p, k, v, o, out_order):
+        """The family of a routed call (k, v: _kv_heads'), or None (a mask that moves with Lk)."""
+        if p.window_left >= 0 or p.window_right > 0 or (p.window_right == 0 and p.seqlen_k == p.seqlen_q):
+            return None
+        bottom_right = p.diag_offset == p.seqlen_k - p.seqlen_q
+        options = (p.scale, p.window_left, p.window_right, bottom_right, p.softcap, p.alibi_slopes is not None,
+                   p.sinks is not None)
+        device = p.q.device
+        family = cls(_Facts(p.q.shape, p.dtype, p.q.strides, device), k, v,
+                     _Facts(o.shape, o.dtype, o.strides, device), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_q,
+                     options)
+        family.broadcast_heads = p.k.shape[1] != k.shape[1]
+        return family
+
+    def plan_for(self, lengths, strides):
+        """The plan of this family's call with k and v of ``lengths`` (their Lk) and ``strides``
+        (theirs, in elements, as given: k then v), or None where the full path must decide
+        (lengths that differ or are 0, strides the kernel cannot read in place)."""
+        seqlen_k = lengths[0]
+        if seqlen_k < 1 or lengths[1] != seqlen_k:
+            return None
+        facts = []
+        for (batch, heads, width), given in zip(self.kv_shapes, strides):
+            batch_step, head_step, row_step, last = given
+            if last != 1 or any(step % 8 for step in given[:3]) or (batch > 1 and batch_step == 0) or (
+                    self.broadcast_heads and head_step != 0):
+                return None  # (16-byte chunks in place; broadcasts other than the family's: the full path's)
+            item = self.dtype.itemsize
+            facts.append(_Facts((batch, heads, seqlen_k, width), self.dtype,
+                                (batch_step * item, head_step * item, row_step * item, item), self.q.device))
+        return _dense_plan(self.q, facts[0], facts[1], self.o, self.out_order, self.lse_shape, self.dtype, seqlen_k,
+                           self.options)
 
 
 class DenseDecodePlan:
@@ -576,6 +641,7 @@ class DenseDecodePlan:
         self.layout, self.out_shape, self.out_order = layout, out_shape, out_order
         self.lse_shape, self.dtype, self.seqlen_k = lse_shape, dtype, seqlen_k
         self.followers = {}  # backward plans that followed this one (the torch adapter's, as ForwardPlan's)
+        self.family = None  # the DenseDecodeFamily planning this call's other Lk (dense_forward's)
         p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
         p["seqlen_fixed"] = p["capacity"] = seqlen_k  # (every sequence holds all Lk keys)
         (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],

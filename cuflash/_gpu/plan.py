@@ -457,18 +457,49 @@ _MAX_PLANS = 4096
 _PLANS_LOCK = threading.Lock()  # for the eviction: lookups need none (a dict read is atomic)
 
 
+# Families of plans (decode.DenseDecodeFamily), by their calls' signature less k's and v's key
+# count and strides (family_key): a decoding loop's next step, one key more in new arrays, is
+# planned from its family without the full path.
+FAMILIES: dict = {}
+
+
 def remember(key, plan) -> None:
     if key is None or plan is None:
         return
+    family = getattr(plan, "family", None)
     with _PLANS_LOCK:
         if len(PLANS) >= _MAX_PLANS:
             PLANS.pop(next(iter(PLANS)))  # the oldest entry
         PLANS[key] = plan
+        if family is not None:
+            if len(FAMILIES) >= _MAX_PLANS:
+                FAMILIES.pop(next(iter(FAMILIES)))
+            FAMILIES[family_key(key)] = family
+
+
+def family_key(key) -> tuple:
+    """A forward key (``signature``'s, or the torch adapter's of the same parts) less k's and v's
+    key count (axis -2) and strides: ``(kind, options, q, k, v, ...)`` with each of k and v as
+    (dtype, shape less Lk, the rest: alignment, device)."""
+    kind, options, q, k, v = key[:5]
+    return (kind, options, q) + tuple((x[0], tuple(x[1][:-2]) + tuple(x[1][-1:])) + tuple(x[3:]) for x in (k, v)) + (
+        key[5:])
+
+
+def family_plan(key, lengths, strides):
+    """The plan of a forward call of ``key`` from its family (None: none, or one that cannot plan
+    it): ``lengths`` and ``strides`` (in elements) of its k and v. Kept under ``key`` too."""
+    family = FAMILIES.get(family_key(key))
+    plan = None if family is None else family.plan_for(lengths, strides)
+    if plan is not None:
+        remember(key, plan)
+    return plan
 
 
 def forget() -> None:
     """Drop every plan and compiled kernel of this process (the next calls rebuild them)."""
     PLANS.clear()
+    FAMILIES.clear()
     kernels.forget()
 
 
