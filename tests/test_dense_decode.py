@@ -385,8 +385,9 @@ def test_family_keys_leave_out_k_and_vs_key_count_and_strides(monkeypatch):
 def test_gpu_a_decoding_loop_plans_each_step_from_its_family(rng, routed, causal):
     """transformers' decoding, in CuPy: each step one key more, in new k and v arrays (over 64
     keys: a new tile count, a new layout), planned from the first step's family (dense_forward
-    once), every step against the reference; a step whose k comes strided otherwise (a view of
-    a wider cache) takes the full path and is right too."""
+    once), every step against the reference: a step whose k is a view of a longer cache (its
+    head stride) too, and one whose rows the kernel cannot read in place (132 elements apart),
+    which the family leaves to the full path (the flash kernels)."""
     cupy = pytest.importorskip("cupy")
     from cuflash._gpu import plan
 
@@ -396,6 +397,8 @@ def test_gpu_a_decoding_loop_plans_each_step_from_its_family(rng, routed, causal
         if step == 5:
             wide = _inputs(cupy, rng, "bfloat16", 2, (16, 2), 1, lk + 40, 128)[1]
             k = wide[:, :, :lk]  # (the head stride of lk + 40 keys)
+        if step == 6:
+            k = _inputs(cupy, rng, "bfloat16", 2, (16, 2), 1, lk, 132)[1][..., :128]
         out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
         _check("bfloat16", q, k, v, out, lse, dict(causal=causal))
     assert len(routed) == 1 and plan.FAMILIES
