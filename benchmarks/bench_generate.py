@@ -7,12 +7,13 @@ changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_
 ``sdpa_efficient`` pinned by ``sdpa_kernel``). Each backend, for each ``BATCHxPROMPT`` shape:
 
 * ``prefill_ms``: the prompt's forward into a fresh ``DynamicCache`` (``use_cache=True``,
-  ``logits_to_keep=1``), median of ``--repeats``;
+  ``logits_to_keep=1``), median of ``--repeats`` (in each of ``--rounds``: the backends run in
+  turn, round after round, and the medians are over all rounds' runs: an in-process A/B);
 * ``decode_ms_per_token``: ``--new-tokens`` steps of one token per sequence (the argmax of the
   last logits fed back, the cache growing by one key each step), wall time from the first step's
   launch to the device's end of the last, divided by the steps: a decoding loop is host-bound at
   small batches, so this counts the host path of every layer's attention call (and the rest of
-  the model's) as a serving loop without CUDA graphs pays it; median of ``--repeats``;
+  the model's) as a serving loop without CUDA graphs pays it; median as the prefill's;
 * ``decode_gpu_ms_per_token``: the same loop's span in CUDA events (on the CPU: equal to the wall
   time); a wall time far above it means the host, not the GPU, sets the pace;
 * ``tokens_per_s``: batch x new tokens over the decode time; ``first_run_s``: wall time of the
@@ -91,8 +92,8 @@ def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
 @contextlib.contextmanager
 def decode_kernel_routing(backend: str, cuda: bool):
     """Yields a list that counts the launches of dense calls on the decode kernel; for
-    CUFLASH_FLASH_ONLY none is routed there. Kept plans are dropped on entry and exit (a plan kept
-    for a signature replays its kernel whatever the routing)."""
+    CUFLASH_FLASH_ONLY none is routed there. Kept plans and their families are dropped on entry
+    and exit (a plan kept for a signature replays its kernel whatever the routing)."""
     launched = []
     if not cuda:
         yield launched
@@ -106,6 +107,7 @@ def decode_kernel_routing(backend: str, cuda: bool):
         return launch(self, *args, **kwargs)
 
     plan.PLANS.clear()
+    plan.FAMILIES.clear()
     decode.DenseDecodePlan.launch = counted
     if backend == CUFLASH_FLASH_ONLY:
         decode.DENSE_MAX_ROWS = 0
@@ -114,6 +116,7 @@ def decode_kernel_routing(backend: str, cuda: bool):
     finally:
         decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch = limit, launch
         plan.PLANS.clear()
+        plan.FAMILIES.clear()
 
 
 def run_backend(ctx, backend: str, ids) -> dict:
@@ -143,7 +146,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     result.update(prefill_ms=statistics.median(prefill), decode_ms_per_token=statistics.median(wall) / args.new_tokens,
                   decode_gpu_ms_per_token=statistics.median(span) / args.new_tokens,
                   tokens_per_s=batch * args.new_tokens / (statistics.median(wall) / 1e3),
-                  prefill_ms_all=prefill, decode_ms_all=wall)
+                  prefill_ms_all=prefill, decode_ms_all=wall, decode_gpu_ms_all=span)
     if ctx["cuda"]:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["attention_calls_cuflash"] = hf.COUNTS["cuflash"]
@@ -161,6 +164,24 @@ def run_backend(ctx, backend: str, ids) -> dict:
     result["correct"] = result["logits_rel_diff"] <= ctx["bound"] and (
         not backend.startswith("cuflash") or result["attention_calls_fallback"] == 0)
     return result
+
+
+def merge_rounds(results: list[dict], batch: int, new_tokens: int) -> dict:
+    """One backend's result over ``--rounds`` (each a run_backend's): the medians over every
+    round's timed runs, correct only if every round was, ``first_run_s`` the first round's; a
+    failed round's result where one failed."""
+    failed = [r for r in results if r.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    merged = dict(results[0], rounds=len(results), correct=all(r["correct"] for r in results))
+    for name in ("prefill_ms_all", "decode_ms_all", "decode_gpu_ms_all"):
+        merged[name] = [x for r in results for x in r[name]]
+    wall = statistics.median(merged["decode_ms_all"])
+    merged.update(prefill_ms=statistics.median(merged["prefill_ms_all"]), decode_ms_per_token=wall / new_tokens,
+                  decode_gpu_ms_per_token=statistics.median(merged["decode_gpu_ms_all"]) / new_tokens,
+                  tokens_per_s=batch * new_tokens / (wall / 1e3),
+                  decode_kernel_calls=sum(r["decode_kernel_calls"] for r in results))
+    return merged
 
 
 def run_guarded(ctx, backend: str, ids) -> dict:
@@ -218,7 +239,10 @@ def parse_args(argv):
                         help=f"comma-separated, sdpa (the reference) included; default {','.join(DEFAULT_BACKENDS)}, "
                              f"any of {','.join(ALLOWED)}")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend and round (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds over the backends in turn (medians over all: an A/B that host-speed drifts "
+                             "within the process touch alike)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.shapes is None:
@@ -231,8 +255,8 @@ def parse_args(argv):
         parser.error(f"--backends: {sorted(unknown)} not among {','.join(ALLOWED)}" if unknown
                      else "--backends must include sdpa (the correctness reference)")
     args.backends = ["sdpa"] + [b for b in args.backends if b != "sdpa"]
-    if args.new_tokens < 1 or args.repeats < 1:
-        parser.error("--new-tokens and --repeats must be at least 1")
+    if args.new_tokens < 1 or args.repeats < 1 or args.rounds < 1:
+        parser.error("--new-tokens, --repeats and --rounds must be at least 1")
     return args
 
 
@@ -261,6 +285,7 @@ def main(argv=None) -> Path:
     env = collect_environment(torch, args.device)
     record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
               "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "rounds": args.rounds,
               "loop": "prefill into a DynamicCache (logits_to_keep=1), then greedy steps of one token per sequence; "
                       "wall time from the first step to the device's end of the last",
               "rows": []}
@@ -281,12 +306,16 @@ def main(argv=None) -> Path:
                 model.set_attn_implementation("sdpa")
                 decode_loop(torch, model, ids, 2, clock, transformers.DynamicCache)
             ctx["reference"].clear()
+            rounds = {backend: [] for backend in args.backends}
+            for round_index in range(args.rounds):
+                for backend in args.backends:
+                    print(f"[generate] {row['shape']} {backend} round {round_index + 1}/{args.rounds}",
+                          file=sys.stderr, flush=True)
+                    rounds[backend].append(run_guarded(ctx, backend, ids))
+                    row["results"][backend] = merge_rounds(rounds[backend], batch, args.new_tokens)
+                    save()
             for backend in args.backends:
-                print(f"[generate] {row['shape']} {backend}", file=sys.stderr, flush=True)
-                result = run_guarded(ctx, backend, ids)
-                row["results"][backend] = result
-                records.log_result("generate", row["shape"], backend, result)
-                save()
+                records.log_result("generate", row["shape"], backend, row["results"][backend])
 
     return records.run_rows(record, path, save, rows)
 
