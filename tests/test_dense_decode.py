@@ -309,7 +309,9 @@ def test_a_decoding_family_plans_the_next_key_counts_without_the_full_path(monke
     def family(p):
         k, v, _ = decode._kv_heads(p)
         o = _fake(cupy, p.q.shape[:3] + (128,))
-        return family_of(p, k, v, o, None)
+        options = (p.scale, p.window_left, p.window_right, p.diag_offset == p.seqlen_k - p.seqlen_q, None, False,
+                   False)
+        return family_of(p, k, v, o, None, options)
 
     assert family(_routed_problem(cupy, window_left=100)) is None  # (a side clamped to Lq + Lk)
     assert family(_routed_problem(cupy, lq=1, lk=1)) is None  # causal with Lk == Lq: which diagonal?

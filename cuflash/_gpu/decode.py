@@ -539,11 +539,10 @@ def dense_forward(p, memory, o, out_order):
     output the planning call allocated, in ``out_order`` (the memory order its replays allocate
     theirs in: its strides go into the plan). The plan carries its ``family`` (or None)."""
     k, v, _ = _kv_heads(p)
-    bottom_right = p.diag_offset == p.seqlen_k - p.seqlen_q
-    options = (p.scale, p.window_left, p.window_right, bottom_right, p.softcap, p.alibi_slopes is not None,
-               p.sinks is not None)
+    options = (p.scale, p.window_left, p.window_right, p.diag_offset == p.seqlen_k - p.seqlen_q, p.softcap,
+               p.alibi_slopes is not None, p.sinks is not None)
     plan = _dense_plan(p.q, k, v, o, out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k, options)
-    plan.family = DenseDecodeFamily.of(p, k, v, o, out_order)
+    plan.family = DenseDecodeFamily.of(p, k, v, o, out_order, options)
     lse = memory.empty(p.lse_shape, _FLOAT32)
     plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
     return o, lse, plan
@@ -594,13 +593,11 @@ class DenseDecodeFamily:
         self.broadcast_heads = False  # (of's: k and v came as views broadcast over q's heads)
 
     @classmethod
-    def of(cls, p, k, v, o, out_order):
-        """The family of a routed call (k, v: _kv_heads'), or None (a mask that moves with Lk)."""
+    def of(cls, p, k, v, o, out_order, options):
+        """The family of a routed call (k, v: _kv_heads'; options: _dense_plan's), or None (a mask
+        that moves with Lk)."""
         if p.window_left >= 0 or p.window_right > 0 or (p.window_right == 0 and p.seqlen_k == p.seqlen_q):
             return None
-        bottom_right = p.diag_offset == p.seqlen_k - p.seqlen_q
-        options = (p.scale, p.window_left, p.window_right, bottom_right, p.softcap, p.alibi_slopes is not None,
-                   p.sinks is not None)
         device = p.q.device
         family = cls(_Facts(p.q.shape, p.dtype, p.q.strides, device), k, v,
                      _Facts(o.shape, o.dtype, o.strides, device), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_q,
