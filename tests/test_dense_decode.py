@@ -91,9 +91,13 @@ def test_which_dense_calls_the_decode_kernel_takes():
 
 @pytest.fixture
 def routed(monkeypatch):
-    """decode.dense_forward wrapped: the calls planned on the decode kernel, counted."""
-    from cuflash._gpu import decode
+    """decode.dense_forward wrapped: the calls planned on the decode kernel, counted, from no kept
+    plan or family (another test's family of the same signature but Lk would plan this test's
+    first call without dense_forward)."""
+    from cuflash._gpu import decode, plan
 
+    monkeypatch.setattr(plan, "PLANS", {})
+    monkeypatch.setattr(plan, "FAMILIES", {})
     calls, real = [], decode.dense_forward
     monkeypatch.setattr(decode, "dense_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
