@@ -7,12 +7,13 @@ changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_
 ``sdpa_efficient`` pinned by ``sdpa_kernel``). Each backend, for each ``BATCHxPROMPT`` shape:
 
 * ``prefill_ms``: the prompt's forward into a fresh ``DynamicCache`` (``use_cache=True``,
-  ``logits_to_keep=1``), median of ``--repeats``;
+  ``logits_to_keep=1``), median of ``--repeats`` (in each of ``--rounds``: the backends run in
+  turn, round after round, and the medians are over all rounds' runs: an in-process A/B);
 * ``decode_ms_per_token``: ``--new-tokens`` steps of one token per sequence (the argmax of the
   last logits fed back, the cache growing by one key each step), wall time from the first step's
   launch to the device's end of the last, divided by the steps: a decoding loop is host-bound at
   small batches, so this counts the host path of every layer's attention call (and the rest of
-  the model's) as a serving loop without CUDA graphs pays it; median of ``--repeats``;
+  the model's) as a serving loop without CUDA graphs pays it; median as the prefill's;
 * ``decode_gpu_ms_per_token``: the same loop's span in CUDA events (on the CPU: equal to the wall
   time); a wall time far above it means the host, not the GPU, sets the pace;
 * ``tokens_per_s``: batch x new tokens over the decode time; ``first_run_s``: wall time of the
@@ -26,7 +27,10 @@ changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_
 Every decode step of cuflash is one ``cuflash.torch.attention`` call with one query row per
 sequence over the whole cache (transformers' cache concatenates the keys; the attention is
 causal bottom-right, i.e. every cached key), GQA straight through. ``cuflash.hf.COUNTS`` must
-show the calls were cuflash's (``attention_calls_cuflash``), not fallbacks.
+show the calls were cuflash's (``attention_calls_cuflash``), not fallbacks; ``decode_kernel_calls``
+counts those that ran on the decode kernel (few query rows a kv head: cuflash/_gpu/decode.py's
+``dense_reason``). Backend ``cuflash_flash_only`` is cuflash with that routing off: the A/B in one
+process.
 
     python benchmarks/bench_generate.py [--shapes 1x1024,8x1024] [--new-tokens 128] [--backends ...]
     python benchmarks/bench_generate.py --device cpu --tiny      # a smoke test, no GPU
@@ -54,7 +58,10 @@ from benchmarks.bench_model import (  # noqa: E402
 from benchmarks.model_families import FAMILIES  # noqa: E402
 
 DEFAULT_BACKENDS = ("sdpa", "cuflash", "sdpa_flash", "sdpa_cudnn")
-ALLOWED = ("sdpa", "cuflash", *SDPA_PINNED)
+# cuflash with its few-row dense calls kept off the decode kernel (decode.DENSE_MAX_ROWS at 0):
+# the A/B of that routing inside one process (host timings move between processes).
+CUFLASH_FLASH_ONLY = "cuflash_flash_only"
+ALLOWED = ("sdpa", "cuflash", CUFLASH_FLASH_ONLY, *SDPA_PINNED)
 
 
 def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
@@ -82,6 +89,36 @@ def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
     return prefill_ms, wall_ms, clock.elapsed_ms(start, end), logits, torch.cat(tokens[:new_tokens], dim=1)
 
 
+@contextlib.contextmanager
+def decode_kernel_routing(backend: str, cuda: bool):
+    """Yields a list that counts the launches of dense calls on the decode kernel; for
+    CUFLASH_FLASH_ONLY none is routed there. Kept plans and their families are dropped on entry
+    and exit (a plan kept for a signature replays its kernel whatever the routing)."""
+    launched = []
+    if not cuda:
+        yield launched
+        return
+    from cuflash._gpu import decode, plan
+
+    limit, launch = decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch
+
+    def counted(self, *args, **kwargs):
+        launched.append(1)
+        return launch(self, *args, **kwargs)
+
+    plan.PLANS.clear()
+    plan.FAMILIES.clear()
+    decode.DenseDecodePlan.launch = counted
+    if backend == CUFLASH_FLASH_ONLY:
+        decode.DENSE_MAX_ROWS = 0
+    try:
+        yield launched
+    finally:
+        decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch = limit, launch
+        plan.PLANS.clear()
+        plan.FAMILIES.clear()
+
+
 def run_backend(ctx, backend: str, ids) -> dict:
     torch, model, args, hf, clock = ctx["torch"], ctx["model"], ctx["args"], ctx["hf"], ctx["clock"]
     implementation = ctx["backends"][backend][0]
@@ -95,7 +132,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     else:
         within = contextlib.nullcontext()
     result: dict = {"status": "ok"}
-    with within, torch.inference_mode():
+    with within, torch.inference_mode(), decode_kernel_routing(backend, ctx["cuda"]) as decode_launches:
         first = time.perf_counter()
         decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"])
         result["first_run_s"] = time.perf_counter() - first
@@ -109,10 +146,11 @@ def run_backend(ctx, backend: str, ids) -> dict:
     result.update(prefill_ms=statistics.median(prefill), decode_ms_per_token=statistics.median(wall) / args.new_tokens,
                   decode_gpu_ms_per_token=statistics.median(span) / args.new_tokens,
                   tokens_per_s=batch * args.new_tokens / (statistics.median(wall) / 1e3),
-                  prefill_ms_all=prefill, decode_ms_all=wall)
+                  prefill_ms_all=prefill, decode_ms_all=wall, decode_gpu_ms_all=span)
     if ctx["cuda"]:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["attention_calls_cuflash"] = hf.COUNTS["cuflash"]
+    result["decode_kernel_calls"] = len(decode_launches)
     result["attention_calls_fallback"] = hf.COUNTS["fallback"]
     result["fallback_reasons"] = dict(hf.COUNTS["fallback_reasons"])
     logits, tokens = runs[-1][3], runs[-1][4]
@@ -124,8 +162,26 @@ def run_backend(ctx, backend: str, ids) -> dict:
     same = (tokens == reference["tokens"]).all(dim=0).long()
     result["same_tokens"] = int(same.cumprod(0).sum())
     result["correct"] = result["logits_rel_diff"] <= ctx["bound"] and (
-        backend != "cuflash" or result["attention_calls_fallback"] == 0)
+        not backend.startswith("cuflash") or result["attention_calls_fallback"] == 0)
     return result
+
+
+def merge_rounds(results: list[dict], batch: int, new_tokens: int) -> dict:
+    """One backend's result over ``--rounds`` (each a run_backend's): the medians over every
+    round's timed runs, correct only if every round was, ``first_run_s`` the first round's; a
+    failed round's result where one failed."""
+    failed = [r for r in results if r.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    merged = dict(results[0], rounds=len(results), correct=all(r["correct"] for r in results))
+    for name in ("prefill_ms_all", "decode_ms_all", "decode_gpu_ms_all"):
+        merged[name] = [x for r in results for x in r[name]]
+    wall = statistics.median(merged["decode_ms_all"])
+    merged.update(prefill_ms=statistics.median(merged["prefill_ms_all"]), decode_ms_per_token=wall / new_tokens,
+                  decode_gpu_ms_per_token=statistics.median(merged["decode_gpu_ms_all"]) / new_tokens,
+                  tokens_per_s=batch * new_tokens / (wall / 1e3),
+                  decode_kernel_calls=sum(r["decode_kernel_calls"] for r in results))
+    return merged
 
 
 def run_guarded(ctx, backend: str, ids) -> dict:
@@ -146,23 +202,24 @@ def format_table(rows: list[dict], new_tokens: int, dtype_name: str) -> str:
         lines += [f"### {row['shape']} (batch {row['batch']}, prompt {row['prompt']}, {new_tokens} new tokens, "
                   f"{dtype_name})", "",
                   "| backend | prefill ms | decode ms/token (wall) | GPU ms/token | tokens/s | first run s | "
-                  "peak GiB | logits diff | same tokens | x vs sdpa |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak GiB | logits diff | same tokens | x vs sdpa | decode-kernel calls |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         base = results.get("sdpa", {}).get("decode_ms_per_token")
         for backend, r in results.items():
             if r.get("status") != "ok":
-                lines.append(f"| {backend} | {r.get('status')}: {r.get('note', '')[:80]} |" + " |" * 9)
+                lines.append(f"| {backend} | {r.get('status')}: {r.get('note', '')[:80]} |" + " |" * 10)
                 continue
             ratio = f"{base / r['decode_ms_per_token']:.2f}" if base else "-"
             flag = "" if r["correct"] else " !"
             lines.append(f"| {backend} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | "
                          f"{r['decode_gpu_ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} | {r['first_run_s']:.2f} | "
                          f"{r.get('peak_gib', float('nan')):.2f} | {r['logits_rel_diff']:.1e}{flag} | "
-                         f"{r['same_tokens']}/{new_tokens} | {ratio} |")
+                         f"{r['same_tokens']}/{new_tokens} | {ratio} | {r.get('decode_kernel_calls', '-')} |")
         lines.append("")
     lines.append("Decode ms/token: wall time of the greedy loop (host and device; no CUDA graphs) per step; GPU "
                  "ms/token: the same loop's CUDA-event span. x vs sdpa: sdpa's decode time / this one's (> 1: "
-                 "faster). Same tokens: greedy tokens equal to sdpa's before the first difference.")
+                 "faster). Same tokens: greedy tokens equal to sdpa's before the first difference. Decode-kernel "
+                 "calls: cuflash's dense calls that ran on the decode kernel (all runs).")
     return "\n".join(lines)
 
 
@@ -182,7 +239,10 @@ def parse_args(argv):
                         help=f"comma-separated, sdpa (the reference) included; default {','.join(DEFAULT_BACKENDS)}, "
                              f"any of {','.join(ALLOWED)}")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend and round (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds over the backends in turn (medians over all: an A/B that host-speed drifts "
+                             "within the process touch alike)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.shapes is None:
@@ -195,8 +255,8 @@ def parse_args(argv):
         parser.error(f"--backends: {sorted(unknown)} not among {','.join(ALLOWED)}" if unknown
                      else "--backends must include sdpa (the correctness reference)")
     args.backends = ["sdpa"] + [b for b in args.backends if b != "sdpa"]
-    if args.new_tokens < 1 or args.repeats < 1:
-        parser.error("--new-tokens and --repeats must be at least 1")
+    if args.new_tokens < 1 or args.repeats < 1 or args.rounds < 1:
+        parser.error("--new-tokens, --repeats and --rounds must be at least 1")
     return args
 
 
@@ -219,11 +279,13 @@ def main(argv=None) -> Path:
     model = build_model(torch, transformers, family, config, dtype, args.device).eval()
     clock = Clock(torch, cuda)
     backends = attention_backends(hf, model, hf.register())
+    backends[CUFLASH_FLASH_ONLY] = backends["cuflash"]
     ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, backends=backends, cuda=cuda,
                cache_class=transformers.DynamicCache, reference={}, bound=0.05 if dtype_name == "bf16" else 1e-4)
     env = collect_environment(torch, args.device)
     record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
               "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "rounds": args.rounds,
               "loop": "prefill into a DynamicCache (logits_to_keep=1), then greedy steps of one token per sequence; "
                       "wall time from the first step to the device's end of the last",
               "rows": []}
@@ -244,12 +306,16 @@ def main(argv=None) -> Path:
                 model.set_attn_implementation("sdpa")
                 decode_loop(torch, model, ids, 2, clock, transformers.DynamicCache)
             ctx["reference"].clear()
+            rounds = {backend: [] for backend in args.backends}
+            for round_index in range(args.rounds):
+                for backend in args.backends:
+                    print(f"[generate] {row['shape']} {backend} round {round_index + 1}/{args.rounds}",
+                          file=sys.stderr, flush=True)
+                    rounds[backend].append(run_guarded(ctx, backend, ids))
+                    row["results"][backend] = merge_rounds(rounds[backend], batch, args.new_tokens)
+                    save()
             for backend in args.backends:
-                print(f"[generate] {row['shape']} {backend}", file=sys.stderr, flush=True)
-                result = run_guarded(ctx, backend, ids)
-                row["results"][backend] = result
-                records.log_result("generate", row["shape"], backend, result)
-                save()
+                records.log_result("generate", row["shape"], backend, row["results"][backend])
 
     return records.run_rows(record, path, save, rows)
 

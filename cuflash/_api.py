@@ -146,7 +146,15 @@ def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad:
         return None, None
     plans = _plans()
     key = plans.signature(kind, arrays + parts[0], parts[1])
-    return key, (plans.PLANS.get(key) if key is not None else None)
+    if key is None:
+        return None, None
+    plan = plans.PLANS.get(key)
+    if plan is None and plans.FAMILIES and kind == "attention":  # one key more than a call before (decoding)?
+        k, v = arrays[1], arrays[2]
+        strides = [tuple(step // x.itemsize for step in x.strides) for x in (k, v)]
+        if all(step * x.itemsize == given for x, s in zip((k, v), strides) for step, given in zip(s, x.strides)):
+            plan = plans.family_plan(key, (k.shape[-2], v.shape[-2]), strides)
+    return key, plan
 
 
 def plan_key_parts(bias, mask, options: tuple, bias_grad: bool = False, per_row=()):

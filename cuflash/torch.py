@@ -903,6 +903,9 @@ def _cached_plan(kind, tensors, options):
         parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
     key = tuple(parts)
     plan = _gpu_plan.PLANS.get(key)
+    if plan is None and _gpu_plan.FAMILIES and kind == "attention":  # one key more than a call before (decoding)?
+        k, v = tensors[1], tensors[2]
+        plan = _gpu_plan.family_plan(key, (k.shape[-2], v.shape[-2]), (k.stride(), v.stride()))
     if plan is None:
         return key, None, None
     device = tensors[0].device

@@ -18,19 +18,40 @@ def test_tiny_generation_on_the_cpu_routes_through_cuflash_and_matches_sdpa(tmp_
     pytest.importorskip("transformers")
     from benchmarks import bench_generate
 
-    path = bench_generate.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--repeats", "1",
-                                "--backends", "sdpa,cuflash", "--out-dir", str(tmp_path)])
+    path = bench_generate.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--repeats", "1", "--rounds", "2",
+                                "--backends", "sdpa,cuflash,cuflash_flash_only", "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
     assert record["sweep"] == "generate" and record["new_tokens"] == 3
     (row,) = record["rows"]
     sdpa, ours = row["results"]["sdpa"], row["results"]["cuflash"]
     assert sdpa["status"] == "ok" and ours["status"] == "ok", (sdpa, ours)
     layers = record["model_config"]["num_hidden_layers"]
-    # first run + 1 repeat, each a prefill and 3 steps, every layer
+    # in each of 2 rounds: first run + 1 repeat, each a prefill and 3 steps, every layer
     assert ours["attention_calls_cuflash"] == 2 * (1 + 3) * layers and ours["attention_calls_fallback"] == 0
+    assert ours["rounds"] == 2 and len(ours["decode_ms_all"]) == len(ours["prefill_ms_all"]) == 2
     assert ours["same_tokens"] == 3 and ours["correct"] and ours["logits_rel_diff"] <= 1e-4
     assert ours["decode_ms_per_token"] > 0 and ours["tokens_per_s"] > 0
-    assert "| cuflash |" in record["table"]
+    assert ours["decode_kernel_calls"] == 0  # (the CPU backend has no decode kernel)
+    assert row["results"]["cuflash_flash_only"]["correct"]
+    assert "| cuflash |" in record["table"] and "| cuflash_flash_only |" in record["table"]
+
+
+def test_the_flash_only_backend_turns_the_decode_kernel_routing_off_and_back(monkeypatch):
+    pytest.importorskip("cupy")
+    from benchmarks import bench_generate
+    from cuflash._gpu import decode, plan
+
+    ran = []
+    monkeypatch.setattr(decode.DenseDecodePlan, "launch", lambda self, *args: ran.append(args))
+    limit, launch = decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch
+    for backend, within in (("cuflash", limit), (bench_generate.CUFLASH_FLASH_ONLY, 0)):
+        monkeypatch.setitem(plan.PLANS, "stale", object())  # a plan kept under the other routing
+        monkeypatch.setitem(plan.FAMILIES, "stale", object())  # and a family that would plan its like
+        with bench_generate.decode_kernel_routing(backend, cuda=True) as launched:
+            assert decode.DENSE_MAX_ROWS == within and "stale" not in plan.PLANS and "stale" not in plan.FAMILIES
+            decode.DenseDecodePlan.launch(None, "memory", "q")
+            assert launched == [1] and ran[-1] == ("memory", "q")
+        assert decode.DENSE_MAX_ROWS == limit and decode.DenseDecodePlan.launch is launch
 
 
 def test_backends_must_include_the_reference():
@@ -42,3 +63,19 @@ def test_backends_must_include_the_reference():
         bench_generate.parse_args(["--backends", "sdpa,bogus"])
     args = bench_generate.parse_args(["--backends", "cuflash,sdpa", "--tiny"])
     assert args.backends == ["sdpa", "cuflash"] and args.shapes == [(2, 32)] and args.new_tokens == 8
+
+
+def test_rounds_merge_into_medians_over_every_run():
+    from benchmarks import bench_generate
+
+    def run(prefill, wall, span, correct=True, calls=5):
+        return dict(status="ok", correct=correct, first_run_s=len(wall), prefill_ms_all=prefill, decode_ms_all=wall,
+                    decode_gpu_ms_all=span, decode_kernel_calls=calls)
+
+    merged = bench_generate.merge_rounds([run([1.0], [40.0], [20.0]), run([3.0], [80.0], [60.0]),
+                                          run([2.0, 9.0], [60.0, 70.0], [30.0, 50.0], correct=False)], 2, 4)
+    assert merged["rounds"] == 3 and merged["first_run_s"] == 1 and not merged["correct"]
+    assert (merged["prefill_ms"], merged["decode_ms_per_token"], merged["decode_gpu_ms_per_token"]) == (2.5, 16.25, 10.0)
+    assert merged["tokens_per_s"] == 2 * 4 / (65.0 / 1e3) and merged["decode_kernel_calls"] == 15
+    failed = {"status": "oom", "note": "out of memory"}
+    assert bench_generate.merge_rounds([run([1.0], [4.0], [2.0]), failed], 1, 1) is failed

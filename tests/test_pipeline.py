@@ -303,7 +303,7 @@ def test_gqa_slices_added_in_the_kernel_balance_the_sms(monkeypatch, group, rows
     """plan._heads_per_block_adding on a 132-SM part, L 4096 both ways, 64 x 128 tiles."""
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    monkeypatch.setattr(kernels, "device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     problem, _ = _tile_counts_by_rows(4096, 4096, causal, None, 64, 128)
     steps = plan._query_tiles_per_key_tile(problem, 64, 128)
     assert plan._heads_per_block_adding(group, rows, steps) == expected
@@ -322,7 +322,7 @@ def test_gqa_slices_fill_every_resident_block_slot(monkeypatch, resident, causal
     of 2-8 0.98-1.05x)."""
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    monkeypatch.setattr(kernels, "device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     steps = plan._visible_tile_counts(2048, 2048, -1, 0 if causal else -1, 0, 16, 32)
     assert plan._heads_per_block_adding(group, 32, steps, resident=resident) == expected
     asked = []
@@ -335,7 +335,7 @@ def test_the_split_rule_asks_no_occupancy_of_a_problem_it_keeps_whole(monkeypatc
     loaded) is asked only of problems large enough to split; a small one keeps its whole group."""
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    monkeypatch.setattr(kernels, "device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     asked = []
     steps = plan._visible_tile_counts(256, 256, -1, 0, 0, 16, 32)
     assert plan._heads_per_block_adding(8, 4, steps, resident=lambda: asked.append(1) or 2) == 8
@@ -426,7 +426,7 @@ def test_gqa_dkdv_blocks_keep_the_group_while_its_blocks_fill_the_gpu(monkeypatc
     divisor of the group that gives a block per SM (measured: benchmarks/NOTES.md, session 22)."""
     from cuflash._gpu import plan
 
-    monkeypatch.setattr(plan, "_device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
+    monkeypatch.setattr(kernels, "device_attribute", lambda name: {"MultiProcessorCount": 132}[name])
     assert plan._heads_per_block(group, rows, key_tiles) == expected
 
 

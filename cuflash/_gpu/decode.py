@@ -18,6 +18,7 @@ block holds one query head (the slope is per head), otherwise the whole GQA grou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy
@@ -31,6 +32,7 @@ MAX_SPLITS = 64  # the heuristic's ceiling (num_splits=0)
 MAX_GRID_X = 2**31 - 1
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+_FLOAT32 = numpy.dtype(numpy.float32)  # (a dtype object, as every memory's empty takes: torch's maps its name)
 
 _I8 = numpy.int64
 _P = numpy.uint64
@@ -96,6 +98,11 @@ def combine_kernel(dtype: str, arch: str) -> HelperKernel:
     return HelperKernel("decode_tc", "decode_combine", dtype, arch, THREADS)
 
 
+def bucket_for(head_dim: int, head_dim_v: int) -> int:
+    """The head-dim bucket a decode kernel is compiled for: 64 or 128 columns."""
+    return 64 if max(head_dim, head_dim_v) <= 64 else 128
+
+
 def block_n_for(head_dim: int) -> int:
     """decode_block_n: 64 keys a tile at D 128, 128 at D 64 (a tile of the same bytes)."""
     return 128 if head_dim <= 64 else 64
@@ -131,6 +138,7 @@ def resident_blocks(kernel: DecodeKernel) -> int:
     return max(1, (228 * 1024) // (kernel.shared_mem + 1024))
 
 
+@functools.lru_cache(maxsize=4096)  # (a dense decoding loop asks again with each new key)
 def choose_splits(blocks: int, tiles: int, sms: int, per_sm: int) -> int:
     """num_splits = 0: the fewest splits whose blocks (``blocks`` per split) fill the waves of
     ``sms`` SMs holding ``per_sm`` each about as well as any count does (within 4% of the best
@@ -210,16 +218,8 @@ class DecodePlan:
 
     def run(self):
         import cupy
-        from cupy_backends.cuda.api import driver
 
-        layout = self.layout
-        stream = cupy.cuda.get_current_stream().ptr
-        argv = numpy.array([self.params.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(layout.kernel.kernel.ptr, layout.grid, 1, 1, THREADS, 1, 1, layout.shared_mem, stream,
-                            argv.ctypes.data, 0)
-        if layout.combine is not None:
-            driver.launchKernel(layout.combine.kernel.ptr, layout.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
-                                argv.ctypes.data, 0)
+        self.layout.launch(self.params, cupy.cuda.get_current_stream().ptr)
         return self.out, self.lse
 
 
@@ -363,6 +363,7 @@ def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_f
 # Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).
 _LAYOUTS: dict = {}
 _MAX_LAYOUTS = 256
+_DENSE_LAYOUTS: dict = {}  # dense_forward's, by signature but Lk, k/v's strides: by key tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,13 +385,23 @@ class _Layout:
     splits: int
     carve: tuple  # _carving((out, lse, part_o, part_lse, q copy, slopes, sinks, lengths copy, table copy))
 
+    def launch(self, params: numpy.ndarray, stream: int) -> None:
+        """decode_tc, then decode_combine when split, on ``stream``, their one argument ``params``
+        (a DecodeParams of this layout with a call's pointers; the driver copies it at the launch)."""
+        from cupy_backends.cuda.api import driver
+
+        argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
+        driver.launchKernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream,
+                            argv.ctypes.data, 0)
+        if self.combine is not None:
+            driver.launchKernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
+                                argv.ctypes.data, 0)
+
 
 def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, new_keys, block_table, capacity,
             scale, window_left, window_right, bottom_right, softcap, alibi, sinks, num_splits) -> _Layout:
     """``plan``'s decisions for a new signature (its arguments as plan's, the arrays' values unread)."""
     import cupy
-
-    from .plan import _device_attribute
 
     batch, heads_q, seqlen_q, head_dim = (int(n) for n in q.shape)
     heads_k, head_dim_v = int(k_cache.shape[1]), int(v_cache.shape[3])
@@ -398,7 +409,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     group = heads_q // heads_k
     heads_per_block = 1 if alibi else group
     rows = heads_per_block * seqlen_q
-    bucket = 64 if max(head_dim, head_dim_v) <= 64 else 128
+    bucket = bucket_for(head_dim, head_dim_v)
     device = q.device.id
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
     warps_m = warps_m_for(rows)
@@ -407,7 +418,7 @@ def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_tab
     blocks = batch * (heads_q // heads_per_block) * row_chunks
     tiles = -(-capacity // spec.block_n)
     if num_splits == 0:
-        splits = choose_splits(blocks, tiles, _device_attribute("MultiProcessorCount"), resident_blocks(spec))
+        splits = choose_splits(blocks, tiles, kernels.device_attribute("MultiProcessorCount"), resident_blocks(spec))
     else:
         # More splits than tiles leave splits with no key at all: correct, but nothing to gain.
         splits = max(1, min(num_splits, max(tiles, 1)))
@@ -468,3 +479,197 @@ def _c_order_strides(shape) -> list:
         strides.append(step)
         step *= int(n)
     return strides[::-1]
+
+
+# --- dense calls with few query rows (cuflash.attention) ---------------------------------------------
+#
+# A dense call whose queries are a few rows per head (a decoding step through transformers' own
+# cache: one row over every key) runs on the forward kernels as one block per query head and
+# 64-128 rows, nearly all padding, each block reading its kv head's K/V alone: B x Hq blocks,
+# often far fewer than the SMs. The decode kernel takes the same call as a contiguous cache that
+# every sequence fills (Lmax = Lk): a kv head's whole GQA group (times Lq) in one block, its K/V
+# read once, the keys split over the SMs. Same rule, options and results (out and lse; the
+# backward recomputes from them whichever kernel ran).
+
+DENSE_MAX_ROWS = 64  # a head block's rows (query heads of a kv head x Lq): one row chunk of 64
+
+
+def dense_reason(p) -> str | None:
+    """Why a resolved dense call on the GPU (``_spec.Problem``) does not run on the decode kernel
+    (None: it does): a (B, H, L, D) call with no bias, mask or packing, k and v per batch and kv
+    head (no broadcast), one head block of at most DENSE_MAX_ROWS rows, a q the kernel reads in
+    place, no out= (a replayable plan allocates its output), and what ``unsupported_reason`` says."""
+    q = p.q
+    if p.packed is not None or p.bias is not None or p.mask is not None or p.out is not None:
+        return "a packed batch, a bias, a mask or out="
+    if p.seqlen_k == 0:
+        return "no key"
+    if q.ndim != 4 or p.k.ndim != 4 or p.v.ndim != 4:
+        return "not (B, H, L, D)"
+    k, v, group = _kv_heads(p)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] * group != q.shape[1] or (
+            v.shape[1] != k.shape[1]) or any(n > 1 and step == 0 for x in (k, v)
+                                             for n, step in zip(x.shape[:2], x.strides[:2])):
+        return "k or v broadcast along the batch or heads"
+    rows = (1 if p.alibi_slopes is not None else group) * p.seqlen_q
+    if rows > DENSE_MAX_ROWS:
+        return f"{rows} rows a head block (at most {DENSE_MAX_ROWS})"
+    reason = unsupported_reason(q, k, v)
+    if reason is None and not _in_whole_chunks(q):
+        reason = "a q the kernel cannot read in place (strides or address not whole 16-byte chunks)"
+    return reason
+
+
+def _kv_heads(p):
+    """(k, v, group) of a (B, H, L, D) call as the decode kernel reads them. Multi-query
+    attention, one kv head for all of q's heads, comes as a head axis of 1 (which _spec resolves
+    as a broadcast, kv_group 1) or as a view broadcast over the heads (stride 0): either is that
+    one head with every query head in its group."""
+    k, v, group = p.k, p.v, p.kv_group
+    if k.shape[1] > 1 and k.strides[1] == 0 and v.strides[1] == 0:
+        k, v, group = k[:, :1], v[:, :1], group * k.shape[1]
+    if group == 1 and k.shape[1] == v.shape[1] == 1:
+        group = p.q.shape[1]
+    return k, v, group
+
+
+def dense_forward(p, memory, o, out_order):
+    """``(o, lse, plan)`` of a dense call that ``dense_reason`` passed, on ``memory`` (plan's
+    CUPY_MEMORY: where the planning call allocates and which stream it runs on). ``o``: the
+    output the planning call allocated, in ``out_order`` (the memory order its replays allocate
+    theirs in: its strides go into the plan). The plan carries its ``family`` (or None)."""
+    k, v, _ = _kv_heads(p)
+    options = (p.scale, p.window_left, p.window_right, p.diag_offset == p.seqlen_k - p.seqlen_q, p.softcap,
+               p.alibi_slopes is not None, p.sinks is not None)
+    plan = _dense_plan(p.q, k, v, o, out_order, tuple(p.lse_shape), p.dtype, p.seqlen_k, options)
+    plan.family = DenseDecodeFamily.of(p, k, v, o, out_order, options)
+    lse = memory.empty(p.lse_shape, _FLOAT32)
+    plan.launch(memory, p.q, k, v, o, lse, p.alibi_slopes, p.sinks)
+    return o, lse, plan
+
+
+def _dense_plan(q, k, v, o, out_order, lse_shape, dtype, seqlen_k, options) -> "DenseDecodePlan":
+    """The plan of a routed dense call (arrays, or _Facts: their layouts alone are read).
+    ``options``: (scale, window_left, window_right, bottom_right, softcap, alibi?, sinks?)."""
+    # A decoding loop's dense calls (transformers' caches) bring one key more, in new k and v
+    # arrays, every step: the layout is kept for all lengths of as many key tiles (the splits,
+    # grid and allocation are the tiles'), each plan its own length and k/v strides.
+    tiles = -(-seqlen_k // block_n_for(bucket_for(q.shape[3], v.shape[3])))
+    key = (q.shape, q.strides, q.dtype, q.device.id, k.shape[:2], v.shape[:2], v.shape[3], o.strides, options, tiles)
+    layout = _DENSE_LAYOUTS.get(key)
+    if layout is None:
+        if len(_DENSE_LAYOUTS) >= _MAX_LAYOUTS:
+            _DENSE_LAYOUTS.clear()
+        scale, window_left, window_right, bottom_right, softcap, alibi, sinks = options
+        layout = _DENSE_LAYOUTS[key] = _layout(
+            q, k, v, own_out=False, out=o, copy_q=False, copy_lengths=False, copy_table=False, new_keys=0,
+            block_table=None, capacity=seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
+            bottom_right=bottom_right, softcap=softcap, alibi=alibi, sinks=sinks, num_splits=0)
+    return DenseDecodePlan(layout, tuple(o.shape), out_order, lse_shape, dtype, seqlen_k,
+                           _elements(k)[:3] + _elements(v)[:3])
+
+
+class _Facts:
+    """An array's layout without its memory (what ``_layout`` reads: shape, dtype, strides in
+    bytes, device): a family plans a new Lk from them and keeps no caller's array alive."""
+
+    def __init__(self, shape, dtype, strides, device):
+        self.shape, self.dtype, self.strides, self.device = tuple(shape), dtype, tuple(strides), device
+
+
+class DenseDecodeFamily:
+    """Every key count Lk of one routed dense call (plan.py keeps it under the call's signature
+    less k's and v's Lk and strides): a decoding loop over transformers' caches brings one key
+    more each step in new k and v arrays, all else the same. ``plan_for`` checks what the new
+    arrays alone can change and plans their Lk without resolving the call again.
+
+    Only calls whose mask reads the same at every Lk have one: no left window (a window's sides
+    are clamped to Lq + Lk), and under causal a diagonal that is told apart (Lk != Lq)."""
+
+    def __init__(self, q, k, v, o, out_order, lse_shape, dtype, seqlen_q, options):
+        self.q, self.o, self.out_order, self.lse_shape = q, o, out_order, lse_shape
+        self.dtype, self.seqlen_q, self.options = dtype, seqlen_q, options
+        self.kv_shapes = tuple((x.shape[0], x.shape[1], x.shape[3]) for x in (k, v))  # (B, Hk, D): heads collapsed
+        self.broadcast_heads = False  # (of's: k and v came as views broadcast over q's heads)
+
+    @classmethod
+    def of(cls, p, k, v, o, out_order, options):
+        """The family of a routed call (k, v: _kv_heads'; options: _dense_plan's), or None (a mask
+        that moves with Lk)."""
+        if p.window_left >= 0 or p.window_right > 0 or (p.window_right == 0 and p.seqlen_k == p.seqlen_q):
+            return None
+        device = p.q.device
+        family = cls(_Facts(p.q.shape, p.dtype, p.q.strides, device), k, v,
+                     _Facts(o.shape, o.dtype, o.strides, device), out_order, tuple(p.lse_shape), p.dtype, p.seqlen_q,
+                     options)
+        family.broadcast_heads = p.k.shape[1] != k.shape[1]
+        return family
+
+    def plan_for(self, lengths, strides):
+        """The plan of this family's call with k and v of ``lengths`` (their Lk) and ``strides``
+        (theirs, in elements, as given: k then v), or None where the full path must decide
+        (lengths that differ or are 0, strides the kernel cannot read in place)."""
+        seqlen_k = lengths[0]
+        if seqlen_k < 1 or lengths[1] != seqlen_k:
+            return None
+        facts = []
+        for (batch, heads, width), given in zip(self.kv_shapes, strides):
+            batch_step, head_step, row_step, last = given
+            if last != 1 or any(step % 8 for step in given[:3]) or (batch > 1 and batch_step == 0) or (
+                    self.broadcast_heads and head_step != 0):
+                return None  # (16-byte chunks in place; broadcasts other than the family's: the full path's)
+            item = self.dtype.itemsize
+            facts.append(_Facts((batch, heads, seqlen_k, width), self.dtype,
+                                (batch_step * item, head_step * item, row_step * item, item), self.q.device))
+        return _dense_plan(self.q, facts[0], facts[1], self.o, self.out_order, self.lse_shape, self.dtype, seqlen_k,
+                           self.options)
+
+
+class DenseDecodePlan:
+    """A dense call's forward on the decode kernel, replayable as plan.ForwardPlan is:
+    ``run(memory, q, k, v, alibi_slopes=, sinks=)`` allocates out (in ``out_order``) and lse on
+    ``memory`` (CuPy's pool, or torch's through the torch adapter), the per-row slopes and sinks
+    and the splits' partials, and launches on ``memory``'s stream."""
+
+    def __init__(self, layout: _Layout, out_shape: tuple, out_order, lse_shape: tuple, dtype, seqlen_k: int,
+                 kv_strides):
+        """``kv_strides``: k's then v's (batch, head, row) strides in elements, and ``seqlen_k``,
+        this signature's (``layout`` may be a shorter call's of as many key tiles)."""
+        self.layout, self.out_shape, self.out_order = layout, out_shape, out_order
+        self.lse_shape, self.dtype, self.seqlen_k = lse_shape, dtype, seqlen_k
+        self.followers = {}  # backward plans that followed this one (the torch adapter's, as ForwardPlan's)
+        self.family = None  # the DenseDecodeFamily planning this call's other Lk (dense_forward's)
+        p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
+        p["seqlen_fixed"] = p["capacity"] = seqlen_k  # (every sequence holds all Lk keys)
+        (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],
+         p["v_page_stride"], p["v_head_stride"], p["v_row_stride"]) = kv_strides
+        self.template = p.tobytes()
+
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
+        """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
+        ForwardPlan.run's, never given here: dense_reason kept such calls off this kernel)."""
+        o = memory.empty(self.out_shape, self.dtype, self.out_order)
+        lse = memory.empty(self.lse_shape, _FLOAT32)
+        self.launch(memory, q, k, v, o, lse, alibi_slopes, sinks)
+        return o, lse
+
+    def launch(self, memory, q, k, v, o, lse, alibi_slopes, sinks) -> None:
+        """The launches into ``o`` and ``lse``: this call's pointers in the layout's params."""
+        layout, ptr = self.layout, memory.pointer
+        p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
+        p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
+        kept = []  # (alive until the launches are queued)
+        for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+            if x is not None:  # one float32 per (batch, query head), as the decode kernel reads them
+                rows = memory.empty(self.lse_shape[:2], _FLOAT32)
+                memory.copy(rows, x)
+                p["fwd"][name] = ptr(rows)
+                kept.append(rows)
+        if layout.splits > 1:  # (splits, rows, Dv) partial outs, then (splits, rows) partial lse
+            total, dv = math.prod(self.lse_shape), self.out_shape[-1]
+            partials = memory.empty((layout.splits * total * (dv + 1),), _FLOAT32)
+            p["part_o"] = ptr(partials)
+            p["part_lse"] = ptr(partials) + 4 * layout.splits * total * dv
+            kept.append(partials)
+        layout.launch(p, memory.stream())
+        del kept

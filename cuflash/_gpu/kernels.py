@@ -114,6 +114,21 @@ def _current_device() -> int:
     return cupy.cuda.Device().id
 
 
+_DEVICE_ATTRIBUTES: dict[tuple[int, str], int] = {}
+
+
+def device_attribute(name: str) -> int:
+    """A CUDA device attribute of CuPy's current device (queried once per device): the SM count,
+    the L2 size, ... that the planners size grids and splits by."""
+    import cupy
+
+    device = cupy.cuda.Device()
+    key = (device.id, name)
+    if key not in _DEVICE_ATTRIBUTES:
+        _DEVICE_ATTRIBUTES[key] = int(device.attributes[name])
+    return _DEVICE_ATTRIBUTES[key]
+
+
 def _submit(variant: Variant, device: int) -> concurrent.futures.Future:
     global _pool
     key = (variant, device)

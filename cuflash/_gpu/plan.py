@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy
 
 from .. import _spec
-from . import bias_grad, kernels, tiles, tma
+from . import bias_grad, decode, kernels, tiles, tma
 from .variant import HelperKernel
 from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, BWD_TMA_MAPS, BWD_TMA_PARAMS_DTYPE, FWD_PARAMS_DTYPE,
                      FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS, set_dkv_group,
@@ -170,7 +170,7 @@ def _launch_of(variant, device: int, grid_x: int, length: int, tile: int, key_ro
     grid = (grid_x, -(-length // tile))
     blocks = grid
     if tiles.persistent(variant):
-        blocks = (min(grid[0] * grid[1], _device_attribute("MultiProcessorCount")), 1)
+        blocks = (min(grid[0] * grid[1], kernels.device_attribute("MultiProcessorCount")), 1)
     return Launch(kernel, kernel.kernel.ptr, *blocks, variant.threads, variant.shared_mem, key_rows, grid[1])
 
 
@@ -457,18 +457,49 @@ _MAX_PLANS = 4096
 _PLANS_LOCK = threading.Lock()  # for the eviction: lookups need none (a dict read is atomic)
 
 
+# Families of plans (decode.DenseDecodeFamily), by their calls' signature less k's and v's key
+# count and strides (family_key): a decoding loop's next step, one key more in new arrays, is
+# planned from its family without the full path.
+FAMILIES: dict = {}
+
+
 def remember(key, plan) -> None:
     if key is None or plan is None:
         return
+    family = getattr(plan, "family", None)
     with _PLANS_LOCK:
         if len(PLANS) >= _MAX_PLANS:
             PLANS.pop(next(iter(PLANS)))  # the oldest entry
         PLANS[key] = plan
+        if family is not None:
+            if len(FAMILIES) >= _MAX_PLANS:
+                FAMILIES.pop(next(iter(FAMILIES)))
+            FAMILIES[family_key(key)] = family
+
+
+def family_key(key) -> tuple:
+    """A forward key (``signature``'s, or the torch adapter's of the same parts) less k's and v's
+    key count (axis -2) and strides: ``(kind, options, q, k, v, ...)`` with each of k and v as
+    (dtype, shape less Lk, the rest: alignment, device)."""
+    kind, options, q, k, v = key[:5]
+    return (kind, options, q) + tuple((x[0], tuple(x[1][:-2]) + tuple(x[1][-1:])) + tuple(x[3:]) for x in (k, v)) + (
+        key[5:])
+
+
+def family_plan(key, lengths, strides):
+    """The plan of a forward call of ``key`` from its family (None: none, or one that cannot plan
+    it): ``lengths`` and ``strides`` (in elements) of its k and v. Kept under ``key`` too."""
+    family = FAMILIES.get(family_key(key))
+    plan = None if family is None else family.plan_for(lengths, strides)
+    if plan is not None:
+        remember(key, plan)
+    return plan
 
 
 def forget() -> None:
     """Drop every plan and compiled kernel of this process (the next calls rebuild them)."""
     PLANS.clear()
+    FAMILIES.clear()
     kernels.forget()
 
 
@@ -578,13 +609,15 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
                                                               tma_ok, short))
-    sets = choose(True)
-    variant = sets[-1][0]  # the modifier Variant when there is one
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
                                                   p.precision, short=short)
         dq_direct = _stores_dq(p, [(backward_variants, None)], _longest(p)[1])
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward, dq_direct), device)
+    if decode.dense_reason(p) is None:  # a few query rows a head: the decode kernel (decode.py says why)
+        return decode.dense_forward(p, CUPY_MEMORY, _fresh_out(p, out_shape), _out_order(p, out_shape))
+    sets = choose(True)
+    variant = sets[-1][0]  # the modifier Variant when there is one
     vec = 16 // p.dtype.itemsize
     inputs = (q, k, v)
     q, k, v = (_readable(x, vec) for x in inputs)
@@ -1111,19 +1144,7 @@ def _heads_per_section(p, grid_x: int, kv_row_bytes: int) -> int:
         return 1
     kv_bytes = max(_mean_rows(p)[1], 1) * kv_row_bytes / p.kv_group
     # <= 65536 rows: a section's blocks (rows x at most MAX_GRID_Y tiles) stay below 2^32.
-    return int(max(1, min(grid_x, 65536, _device_attribute("L2CacheSize") // 2 // kv_bytes)))
-
-
-_DEVICE_ATTRIBUTES: dict[tuple[int, str], int] = {}
-
-
-def _device_attribute(name: str) -> int:
-    """A CUDA device attribute of CuPy's current device (queried once per device)."""
-    device = _cupy().cuda.Device()
-    key = (device.id, name)
-    if key not in _DEVICE_ATTRIBUTES:
-        _DEVICE_ATTRIBUTES[key] = int(device.attributes[name])
-    return _DEVICE_ATTRIBUTES[key]
+    return int(max(1, min(grid_x, 65536, kernels.device_attribute("L2CacheSize") // 2 // kv_bytes)))
 
 
 def _element_strides_contiguous(shape) -> list[int]:
@@ -1302,8 +1323,8 @@ def backward(problem):
     key_rows = layout.grid_x // per_block
     query_bytes = per_block * _mean_rows(p)[0] * ((q.shape[-1] + v.shape[-1]) * q.dtype.itemsize
                                             + q.shape[-1] * accum.itemsize + 2 * accum.itemsize)
-    section = _device_attribute("L2CacheSize") // 2 // max(query_bytes, 1)
-    if key_rows * key_tiles <= 4 * _device_attribute("MultiProcessorCount"):
+    section = kernels.device_attribute("L2CacheSize") // 2 // max(query_bytes, 1)
+    if key_rows * key_tiles <= 4 * kernels.device_attribute("MultiProcessorCount"):
         section = key_rows
     struct["fwd"]["heads_per_section"] = int(max(1, min(key_rows, 65536, section)))
 
@@ -1473,7 +1494,7 @@ class _OnChipBiasSum:
         rows, planes = _rows_by_plane(tuple(p.lead_shape), planes_lead)
         per_plane = rows.size // planes
         tiles_total = planes * -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
-        chunk_rows, chunks = _chunks(per_plane, -(-4 * _device_attribute("MultiProcessorCount") // tiles_total))
+        chunk_rows, chunks = _chunks(per_plane, -(-4 * kernels.device_attribute("MultiProcessorCount") // tiles_total))
         return cls(variant, cupy.asarray(rows), planes, chunks, chunk_rows, p)
 
     def fill(self, struct, partial_sums, device: int) -> None:
@@ -1598,7 +1619,7 @@ def _heads_per_block(group: int, rows: int, key_tiles: int) -> int:
     splitting them further cost more than it gained (H200 bf16 d128 causal GQA 16/2, B*L = 16k:
     whole groups 1.43x split ones in fours at 1k, 1.08x at 4k; session 16). Small problems keep the
     whole group: their time is the host's, and partial sums would cost host work and a launch."""
-    enough = _device_attribute("MultiProcessorCount")
+    enough = kernels.device_attribute("MultiProcessorCount")
     # The whole group as long as its blocks fill nine SMs in ten: a wave a few blocks short costs
     # less than splitting (H200 bf16 d128 GQA 16/2, B2 L4096, 128 blocks on 132 SMs: whole groups
     # 1.65 ms dense, 1.49 causal; slices of four, their sums added here, 2.56 and 1.65).
@@ -1629,7 +1650,7 @@ def _heads_per_block_adding(group: int, rows: int, steps: tuple[int, ...], *,
     kernel loaded, which a small problem's plan may never launch). Small problems keep the
     whole group, as _heads_per_block's: their time is the host's, and the sums cost a memset and
     two roundings."""
-    sms = _device_attribute("MultiProcessorCount")
+    sms = kernels.device_attribute("MultiProcessorCount")
     if rows * len(steps) < 2 * sms:
         return group
     return _fastest_split(group, rows, steps, sms, resident() if callable(resident) else resident)
