@@ -340,40 +340,45 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
     else:  # one length for every sequence, passed on as an int (no tensor made and filled per call)
         seqlens = _spec._integer("cache_seqlens", cache_seqlens, "or an int32 tensor (B,)")
-    with torch.no_grad():
-        if rotary_cos is not None:
+    if rotary_cos is not None:
+        with torch.no_grad():
             # flash-attn: queries at their own positions under causal or a window, else all at
             # cache_seqlens (one position for every query)
             q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None)
             k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True)
-        out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
-        options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
-                       return_lse=bool(return_softmax_lse))
-        # (batch slice or None for the whole batch, cache row, left padding): the whole batch at
-        # once (the caller's tensors as they are: no view or length arithmetic per call), or with
-        # cache_batch_idx / cache_leftpad one sequence at a time
-        rows = [(None, None, 0)]
-        if per_sequence:
-            rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
-            pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
-            rows = [(slice(b, b + 1), rows_of[b], pads[b]) for b in range(batch)]
-        lses = []
-        with _running_on(q):
-            for part, row, pad in rows:
-                def of(x):
-                    return x if part is None or x is None else x[part]
+    out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
+    options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
+                   return_lse=bool(return_softmax_lse))
 
-                caches = [c if row is None else c[row:row + 1, pad:] for c in (k_cache, v_cache)]
-                lengths = seqlens if part is None else (seqlens[part] - pad).contiguous()
-                result = _kvcache.attention_with_kvcache(
-                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (of(q), *caches)),
-                    k=None if k is None else _to_cuflash(of(k)).transpose(0, 2, 1, 3),
-                    v=None if v is None else _to_cuflash(of(v)).transpose(0, 2, 1, 3),
-                    cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
-                    block_table=_cuflash_or_none(block_table),
-                    alibi_slopes=_cuflash_or_none(alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1
-                                                  else of(alibi_slopes)),
-                    out=_to_cuflash(of(out)).transpose(0, 2, 1, 3), **options)
+    def attend(q, caches, k, v, lengths, slopes, out):
+        """One cuflash call on (B, L, H, D) tensors, seen heads-first (views, no copy)."""
+        return _kvcache.attention_with_kvcache(
+            *(_to_cuflash(t, _HEADS_FIRST) for t in (q, *caches)),
+            k=None if k is None else _to_cuflash(k, _HEADS_FIRST), v=None if v is None else _to_cuflash(v, _HEADS_FIRST),
+            cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
+            block_table=_cuflash_or_none(block_table), alibi_slopes=_cuflash_or_none(slopes),
+            out=_to_cuflash(out, _HEADS_FIRST), **options)
+
+    if per_sequence:  # (host values: read before anything runs)
+        rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
+        pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
+    lses = []
+    with _running_on(q):
+        if not per_sequence:  # the whole batch at once: the caller's tensors as they are
+            result = attend(q, (k_cache, v_cache), k, v, seqlens, alibi_slopes, out)
+            if return_softmax_lse:
+                lses.append(_to_torch(result[1]))
+        else:  # with cache_batch_idx / cache_leftpad: one sequence at a time (its cache row, its padding)
+            for b in range(batch):
+                row, pad, part = rows_of[b], pads[b], slice(b, b + 1)
+
+                def of(x):
+                    return None if x is None else x[part]
+
+                result = attend(of(q), [c[row:row + 1, pad:] for c in (k_cache, v_cache)], of(k), of(v),
+                                (seqlens[part] - pad).contiguous(),
+                                alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else of(alibi_slopes),
+                                of(out))
                 if return_softmax_lse:
                     lses.append(_to_torch(result[1]))
     if not return_softmax_lse:
@@ -507,11 +512,28 @@ class _MergeFunction(torch.autograd.Function):
         return (None, None, *flat)
 
 
+_FLASH_CONVENTIONS: dict = {}  # (_flash_conventions' results by their plain-typed arguments: ~5 us a call)
+
+
 def _flash_conventions(softmax_scale, causal, window_size, softcap):
     """flash-attn's scale, window and softcap in cuflash's terms, checked under flash-attn's names:
     ``window_size`` is a (left, right) pair of ints (0-d integer tensors too, as flash-attn's
     callers pass them), -1 unbounded; causal sets its right side to 0 (cuflash itself refuses a
     positive one); softcap 0 means none."""
+    key = None
+    if (type(softmax_scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
+            and type(window_size) is tuple and len(window_size) == 2 and all(type(x) is int for x in window_size)):
+        key = (softmax_scale, type(softmax_scale), causal, window_size, softcap, type(softcap))
+        resolved = _FLASH_CONVENTIONS.get(key)
+        if resolved is not None:
+            return resolved
+    resolved = _flash_conventions_checked(softmax_scale, causal, window_size, softcap)
+    if key is not None and len(_FLASH_CONVENTIONS) < _MEMO_LIMIT:
+        _FLASH_CONVENTIONS[key] = resolved
+    return resolved
+
+
+def _flash_conventions_checked(softmax_scale, causal, window_size, softcap):
     if softmax_scale is not None:
         try:
             softmax_scale = _spec._resolve_scale(softmax_scale, 1)
@@ -689,34 +711,37 @@ def _check_sdpa_heads(query, key, value, enable_gqa):
 # --- crossing between torch and cuflash ---------------------------------------------------------
 
 
-def _to_cuflash(tensor):
-    """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory (bfloat16 included)."""
-    # DLPack refuses tensors that require grad; detached, the memory is the same.
-    tensor = tensor.detach()
-    if tensor.is_cuda:
-        device = getattr(_ON_TORCH_STREAM, "device", None)
-        if device == tensor.get_device():
-            dtype = _cupy_dtypes().get(tensor.dtype)
-            if dtype is not None and tensor.numel():
-                return _cupy_view(tensor, dtype, device)
-            import cupy
+def _to_cuflash(tensor, axes=None):
+    """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory (bfloat16 included);
+    ``axes``: that array's axes in this order (``transpose(axes)``'s view, made as one)."""
+    # (DLPack refuses tensors that require grad: detached, the memory is the same)
+    index = tensor.get_device() if tensor.is_cuda else None
+    if index is not None and getattr(_ON_TORCH_STREAM, "device", None) == index:
+        dtype = _cupy_dtypes().get(tensor.dtype)
+        if dtype is not None and tensor.numel():
+            return _cupy_view(tensor, dtype, index, axes)
+        import cupy
 
-            return cupy.from_dlpack(_OnSharedStream(tensor))
-    return _spec._as_array("tensor", tensor)
+        array = cupy.from_dlpack(_OnSharedStream(tensor.detach()))
+    else:
+        array = _spec._as_array("tensor", tensor.detach())
+    return array if axes is None else array.transpose(axes)
 
 
-def _cupy_view(tensor, dtype, device):
-    """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides: what
-    ``cupy.from_dlpack`` makes, without the capsule (its export and parsing cost a few microseconds
-    a tensor, five or more tensors a call). The array holds the tensor (the memory's owner) while
-    it lives. Only inside ``_running_on``, where both libraries run on one stream (no handshake is
-    owed)."""
+def _cupy_view(tensor, dtype, device, axes=None):
+    """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides (permuted
+    by ``axes``): what ``cupy.from_dlpack`` makes, without the capsule (its export and parsing
+    cost a few microseconds a tensor, five or more tensors a call). The array holds the tensor
+    (the memory's owner) while it lives. Only inside ``_running_on``, where both libraries run on
+    one stream (no handshake is owed)."""
     import cupy
 
     item = tensor.element_size()
     shape, strides = tensor.shape, tensor.stride()
     span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item  # (a non-empty tensor)
     memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), span, tensor, device)
+    if axes is not None:
+        shape, strides = [shape[a] for a in axes], [strides[a] for a in axes]
     return cupy.ndarray(tuple(shape), dtype, cupy.cuda.MemoryPointer(memory, 0), tuple(step * item for step in strides))
 
 
@@ -741,6 +766,7 @@ def _cupy_dtypes() -> dict:
 
 # The device whose torch stream CuPy runs on in this thread (inside _running_on), or None.
 _ON_TORCH_STREAM = threading.local()
+_HEADS_FIRST = (0, 2, 1, 3)  # flash-attn's (B, L, H, D) seen as cuflash's (B, H, L, D)
 
 
 class _OnSharedStream:
