@@ -734,15 +734,34 @@ def _cupy_view(tensor, dtype, device, axes=None):
     cost a few microseconds a tensor, five or more tensors a call). The array holds the tensor
     (the memory's owner) while it lives. Only inside ``_running_on``, where both libraries run on
     one stream (no handshake is owed)."""
-    import cupy
-
-    item = tensor.element_size()
+    cuda = _cupy_cuda()
     shape, strides = tensor.shape, tensor.stride()
-    span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item  # (a non-empty tensor)
-    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), span, tensor, device)
-    if axes is not None:
-        shape, strides = [shape[a] for a in axes], [strides[a] for a in axes]
-    return cupy.ndarray(tuple(shape), dtype, cupy.cuda.MemoryPointer(memory, 0), tuple(step * item for step in strides))
+    key = (shape, strides, dtype, axes)
+    layout = _VIEW_LAYOUTS.get(key)
+    if layout is None:  # (CuPy's shape, its strides in bytes, the bytes spanned: a non-empty tensor)
+        item = dtype.itemsize
+        span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item
+        if axes is not None:
+            shape, strides = [shape[a] for a in axes], [strides[a] for a in axes]
+        if len(_VIEW_LAYOUTS) >= _MEMO_LIMIT:
+            _VIEW_LAYOUTS.clear()
+        layout = _VIEW_LAYOUTS[key] = (tuple(shape), tuple(step * item for step in strides), span)
+    memory = cuda.UnownedMemory(tensor.data_ptr(), layout[2], tensor, device)
+    return _CUPY.ndarray(layout[0], dtype, cuda.MemoryPointer(memory, 0), layout[1])
+
+
+_VIEW_LAYOUTS: dict = {}  # _cupy_view's layouts by (torch shape, strides, dtype, axes): a few a program
+_CUPY = None
+
+
+def _cupy_cuda():
+    """cupy.cuda (cupy imported once: the import statement costs a lookup on every call)."""
+    global _CUPY
+    if _CUPY is None:
+        import cupy
+
+        _CUPY = cupy
+    return _CUPY.cuda
 
 
 _CUPY_DTYPES: dict = {}

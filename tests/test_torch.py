@@ -1006,3 +1006,21 @@ def test_running_on_makes_the_tensors_context_current_without_moving_the_callers
     assert state["device"] == current
     assert state["set"] == ([1] if current == 1 else [1, 0])
     assert getattr(ct._ON_TORCH_STREAM, "device", None) is None
+
+
+@pytest.mark.parametrize("axes", [None, (0, 2, 1, 3)])
+def test_cupy_views_of_tensors_carry_their_layout_and_owner(axes):
+    """_cupy_view without a GPU (a CPU tensor's address stands for a device one: UnownedMemory
+    makes no CUDA call): the view's shape and byte strides, permuted by ``axes``, its address,
+    the bytes it spans and the tensor it holds; a second view of the same layout (its memo) alike."""
+    pytest.importorskip("cupy")
+    base = torch.zeros(3, 40, 5, 16, dtype=torch.float16)
+    tensors = [base[:, 2:39:2], base.transpose(1, 2), base[1:2, :7]]
+    for tensor in tensors + tensors:  # (the second pass through the memo)
+        view = ct._cupy_view(tensor, numpy.dtype(numpy.float16), 0, axes)
+        order = axes or range(4)
+        assert view.shape == tuple(tensor.shape[a] for a in order)
+        assert view.strides == tuple(2 * tensor.stride()[a] for a in order)
+        assert view.data.ptr == tensor.data_ptr() and view.data.mem._owner is tensor  # (holds it alive)
+        last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride()))
+        assert view.data.mem.size == 2 * (last + 1)
