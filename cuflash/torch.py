@@ -36,6 +36,7 @@ so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``)
 # No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
 import contextlib
 import functools
+import math
 import re
 import sys
 import threading
@@ -317,6 +318,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     follow the ``cache_seqlens``, ``block_table``, q, k and v the device holds then.
     ``cache_batch_idx`` and ``cache_leftpad`` are read on the host (they pick one call per
     sequence), so they cannot be captured."""
+    known_key = None
+    if rotary_cos is None and cache_batch_idx is None and cache_leftpad is None and alibi_slopes is None:
+        known_key = _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                  (softmax_scale, causal, window_size, softcap, num_splits, return_softmax_lse))
+        known = _KV_KNOWN.get(known_key) if known_key is not None else None
+        if known is not None:
+            result = known.run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+            if result is not None:
+                return result
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, tensor)
     if (k is None) != (v is None):
@@ -352,12 +362,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     def attend(q, caches, k, v, lengths, slopes, out):
         """One cuflash call on (B, L, H, D) tensors, seen heads-first (views, no copy)."""
-        return _kvcache.attention_with_kvcache(
-            *(_to_cuflash(t, _HEADS_FIRST) for t in (q, *caches)),
-            k=None if k is None else _to_cuflash(k, _HEADS_FIRST), v=None if v is None else _to_cuflash(v, _HEADS_FIRST),
-            cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
-            block_table=_cuflash_or_none(block_table), alibi_slopes=_cuflash_or_none(slopes),
-            out=_to_cuflash(out, _HEADS_FIRST), **options)
+        arrays = (*(_to_cuflash(t, _HEADS_FIRST) for t in (q, *caches)),
+                  None if k is None else _to_cuflash(k, _HEADS_FIRST), None if v is None else _to_cuflash(v, _HEADS_FIRST),
+                  lengths if isinstance(lengths, int) else _to_cuflash(lengths), _cuflash_or_none(block_table),
+                  _cuflash_or_none(slopes), _to_cuflash(out, _HEADS_FIRST))
+        q, k_cache, v_cache, k, v, lengths, table, slopes, out = arrays
+        result = _kvcache.attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths,
+                                                 block_table=table, alibi_slopes=slopes, out=out, **options)
+        if known_key is not None:  # (this signature's next calls: _KvKnown, where the decode kernel ran)
+            _remember_kv(known_key, _kvcache.known_for(q, k_cache, v_cache, k, v, lengths, table, slopes, None, out,
+                                                       precision=None, causal=False, **options), q.shape, out.shape)
+        return result
 
     if per_sequence:  # (host values: read before anything runs)
         rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
@@ -384,6 +399,126 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not return_softmax_lse:
         return out
     return out, (lses[0] if len(lses) == 1 else torch.cat(lses))
+
+
+# --- flash_attn_with_kvcache's repeated signatures ------------------------------------------------
+#
+# A decoding loop calls flash_attn_with_kvcache with one signature layer after layer, step after
+# step. Its first call takes the full path (checks, CuPy views, cuflash.attention_with_kvcache,
+# which keeps that signature's decode launch: _kvcache._Known); the next ones launch the same
+# layout from the tensors' addresses on torch's stream and allocator: no CuPy array, no device or
+# stream switch, no check the signature already passed. What depends on a call's values is still
+# checked: an int length's range, and with an append, that the caches share no memory with what
+# the call reads (a call that fails either goes the full path, which raises).
+
+_KV_KNOWN: dict = {}
+
+
+def _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options) -> tuple | None:
+    """The torch-level key of a flash_attn_with_kvcache call (None: not keyed): ``options`` of
+    plain types only, each tensor's dtype, shape, strides, device and 16-byte alignment (CUDA
+    tensors only), an int length as ``int``."""
+    scale, causal, window_size, softcap, num_splits, return_lse = options
+    if not (type(scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
+            and type(num_splits) is int and type(return_lse) is bool and type(window_size) is tuple
+            and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int):
+        return None
+    parts = [options, type(scale), type(softcap)]
+    for t in (q, k_cache, v_cache, k, v, block_table, cache_seqlens):
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor and t.is_cuda:
+            parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
+        elif t is cache_seqlens and type(t) is int:
+            parts.append(int)
+        else:
+            return None
+    return tuple(parts)
+
+
+def _remember_kv(key, known, q_shape, out_shape) -> None:
+    """Keep ``known`` (the CuPy API's _Known of this call, or None) for the torch key ``key``
+    when its launch can run from addresses alone: the kernels write out in place and read q,
+    the lengths and the table where they lie, no ALiBi or sinks, new keys read in place."""
+    layout = None if known is None else known.layout
+    if (layout is None or layout.own_out or layout.copy_q or layout.copy_lengths or layout.copy_table
+            or layout.carve[1][5] is not None or layout.carve[1][6] is not None
+            or (known.append is not None and known.append.copy_new)):
+        return
+    if len(_KV_KNOWN) >= _MEMO_LIMIT:
+        _KV_KNOWN.clear()
+    _KV_KNOWN[key] = _KvKnown(known, (q_shape[0], q_shape[2], q_shape[1], out_shape[3]))
+
+
+class _KvKnown:
+    """A kept flash_attn_with_kvcache signature (see above): ``run`` launches it, or returns
+    None where the full path must take the call."""
+
+    def __init__(self, known, out_shape):
+        self.known, self.out_shape = known, out_shape  # out (B, Lq, H, Dv), as flash-attn returns it
+        part = known.layout.carve[1][1]  # lse's (shape, dtype, offset) in the layout's allocation
+        self.lse_shape, self.lse_bytes = part[0], (part[2], part[2] + 4 * math.prod(part[0]))
+
+    def run(self, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+        known = self.known
+        cache, layout, append = known.cache, known.layout, known.append
+        index = q.device.index
+        # The launch needs this device's context current on this thread: one that _running_on
+        # made current here before (torch's current device the same).
+        if index not in getattr(_ON_TORCH_STREAM, "ready", ()) or torch.cuda.current_device() != index:
+            return None
+        if type(cache_seqlens) is int:
+            if not 0 <= cache_seqlens <= cache.capacity - cache.new:
+                return None
+            fixed, lengths = cache_seqlens, 0
+        else:
+            fixed = cache.capacity if cache.fixed is None else cache.fixed
+            lengths = 0 if cache_seqlens is None else cache_seqlens.data_ptr()
+        if append is not None and _kv_shares_memory((k_cache, v_cache), (q, k, v, cache_seqlens, block_table)):
+            return None
+        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        memory = torch.empty(layout.carve[0], dtype=torch.uint8, device=q.device)
+        table = 0 if block_table is None else block_table.data_ptr()
+        params = _decode_params()(layout, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                                  memory.data_ptr(), lengths, table, fixed)
+        stream = _current_raw_stream(index)
+        if append is not None:
+            append.launch(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lengths, table, fixed,
+                          stream)
+        layout.launch(params, stream)
+        if not known.return_lse:
+            return out
+        return out, memory[self.lse_bytes[0]:self.lse_bytes[1]].view(torch.float32).view(self.lse_shape)
+
+
+def _kv_shares_memory(written, read) -> bool:
+    """Whether the caches ``written`` share bytes with each other or with a tensor ``read``."""
+    spans = []
+    for t in written + read:
+        if isinstance(t, torch.Tensor) and t.numel():
+            item = t.element_size()
+            spans.append(_spec._byte_bounds(t.data_ptr(), tuple(t.shape), tuple(s * item for s in t.stride()), item))
+        else:
+            spans.append(None)
+    for i in range(len(written)):
+        for j in range(len(spans)):
+            if j != i and spans[i] is not None and spans[j] is not None and (
+                    spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]):
+                return True
+    return False
+
+
+_DECODE_PARAMS = None
+
+
+def _decode_params():
+    """cuflash._gpu.decode.params_for (imported on first use)."""
+    global _DECODE_PARAMS
+    if _DECODE_PARAMS is None:
+        from ._gpu import decode
+
+        _DECODE_PARAMS = decode.params_for
+    return _DECODE_PARAMS
 
 
 def _kvcache_lengths(cache_seqlens, batch, device):
@@ -842,6 +977,10 @@ def _running_on(tensor):
     with cupy.cuda.Device(index), _current_cupy_stream(cupy, index), \
             cupy.cuda.using_allocator(_torch_allocator()):
         _ON_TORCH_STREAM.device = index
+        ready = getattr(_ON_TORCH_STREAM, "ready", None)  # (devices whose context this thread made current)
+        if ready is None:
+            ready = _ON_TORCH_STREAM.ready = set()
+        ready.add(index)
         try:
             yield
         finally:
