@@ -417,7 +417,8 @@ _KV_KNOWN: dict = {}
 def _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options) -> tuple | None:
     """The torch-level key of a flash_attn_with_kvcache call (None: not keyed): ``options`` of
     plain types only, each tensor's dtype, shape, strides, device and 16-byte alignment (CUDA
-    tensors only), an int length as ``int``."""
+    tensors on q's device only: the full path moves lengths from another device, a launch from
+    addresses could not), an int length as ``int``."""
     scale, causal, window_size, softcap, num_splits, return_lse = options
     if not (type(scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
             and type(num_splits) is int and type(return_lse) is bool and type(window_size) is tuple
@@ -427,7 +428,7 @@ def _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options
     for t in (q, k_cache, v_cache, k, v, block_table, cache_seqlens):
         if t is None:
             parts.append(None)
-        elif type(t) is torch.Tensor and t.is_cuda:
+        elif type(t) is torch.Tensor and t.is_cuda and (t is q or t.device == q.device):
             parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
         elif t is cache_seqlens and type(t) is int:
             parts.append(int)
