@@ -568,6 +568,18 @@ def _signature(xp, arrays, cache_seqlens, options) -> tuple | None:
     return tuple(parts)
 
 
+def known_for(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, sinks, out, *, scale, causal,
+              window, softcap, return_lse, num_splits, precision) -> "_Known | None":
+    """The _Known that a call of these arguments (CuPy arrays, as attention_with_kvcache's) made
+    or met, or None (not a decode-kernel call, or not keyed): what an adapter that keeps its own
+    keys (cuflash.torch's) replays from."""
+    import cupy
+
+    key = _signature(cupy, (q, k_cache, v_cache, k, v, block_table, alibi_slopes, sinks, out), cache_seqlens,
+                     (scale, causal, window, softcap, return_lse, num_splits, precision))
+    return None if key is None else _KNOWN.get(key)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Replayed:
     """What _check_addresses and _decode read of a problem, for a known signature's call (its

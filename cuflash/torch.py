@@ -36,6 +36,7 @@ so bfloat16 crosses as its bits, int16, reinterpreted as ``ml_dtypes.bfloat16``)
 # No ``from __future__ import annotations``: custom_op reads the annotations to build the schema.
 import contextlib
 import functools
+import math
 import re
 import sys
 import threading
@@ -317,6 +318,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     follow the ``cache_seqlens``, ``block_table``, q, k and v the device holds then.
     ``cache_batch_idx`` and ``cache_leftpad`` are read on the host (they pick one call per
     sequence), so they cannot be captured."""
+    known_key = None
+    if rotary_cos is None and cache_batch_idx is None and cache_leftpad is None and alibi_slopes is None:
+        known_key = _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                  (softmax_scale, causal, window_size, softcap, num_splits, return_softmax_lse))
+        known = _KV_KNOWN.get(known_key) if known_key is not None else None
+        if known is not None:
+            result = known.run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+            if result is not None:
+                return result
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, tensor)
     if (k is None) != (v is None):
@@ -340,45 +350,176 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = _kvcache_lengths(cache_seqlens, batch, q.device)
     else:  # one length for every sequence, passed on as an int (no tensor made and filled per call)
         seqlens = _spec._integer("cache_seqlens", cache_seqlens, "or an int32 tensor (B,)")
-    with torch.no_grad():
-        if rotary_cos is not None:
+    if rotary_cos is not None:
+        with torch.no_grad():
             # flash-attn: queries at their own positions under causal or a window, else all at
             # cache_seqlens (one position for every query)
             q = _rotary(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window is not None)
             k = k if k is None else _rotary(k, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=True)
-        out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
-        options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
-                       return_lse=bool(return_softmax_lse))
-        # (batch slice or None for the whole batch, cache row, left padding): the whole batch at
-        # once (the caller's tensors as they are: no view or length arithmetic per call), or with
-        # cache_batch_idx / cache_leftpad one sequence at a time
-        rows = [(None, None, 0)]
-        if per_sequence:
-            rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
-            pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
-            rows = [(slice(b, b + 1), rows_of[b], pads[b]) for b in range(batch)]
-        lses = []
-        with _running_on(q):
-            for part, row, pad in rows:
-                def of(x):
-                    return x if part is None or x is None else x[part]
+    out = torch.empty(q.shape[:3] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
+    options = dict(scale=scale, window=window, softcap=softcap, num_splits=num_splits,
+                   return_lse=bool(return_softmax_lse))
 
-                caches = [c if row is None else c[row:row + 1, pad:] for c in (k_cache, v_cache)]
-                lengths = seqlens if part is None else (seqlens[part] - pad).contiguous()
-                result = _kvcache.attention_with_kvcache(
-                    *(_to_cuflash(t).transpose(0, 2, 1, 3) for t in (of(q), *caches)),
-                    k=None if k is None else _to_cuflash(of(k)).transpose(0, 2, 1, 3),
-                    v=None if v is None else _to_cuflash(of(v)).transpose(0, 2, 1, 3),
-                    cache_seqlens=lengths if isinstance(lengths, int) else _to_cuflash(lengths),
-                    block_table=_cuflash_or_none(block_table),
-                    alibi_slopes=_cuflash_or_none(alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1
-                                                  else of(alibi_slopes)),
-                    out=_to_cuflash(of(out)).transpose(0, 2, 1, 3), **options)
+    def attend(q, caches, k, v, lengths, slopes, out):
+        """One cuflash call on (B, L, H, D) tensors, seen heads-first (views, no copy)."""
+        arrays = (*(_to_cuflash(t, _HEADS_FIRST) for t in (q, *caches)),
+                  None if k is None else _to_cuflash(k, _HEADS_FIRST), None if v is None else _to_cuflash(v, _HEADS_FIRST),
+                  lengths if isinstance(lengths, int) else _to_cuflash(lengths), _cuflash_or_none(block_table),
+                  _cuflash_or_none(slopes), _to_cuflash(out, _HEADS_FIRST))
+        q, k_cache, v_cache, k, v, lengths, table, slopes, out = arrays
+        result = _kvcache.attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths,
+                                                 block_table=table, alibi_slopes=slopes, out=out, **options)
+        if known_key is not None:  # (this signature's next calls: _KvKnown, where the decode kernel ran)
+            _remember_kv(known_key, _kvcache.known_for(q, k_cache, v_cache, k, v, lengths, table, slopes, None, out,
+                                                       precision=None, causal=False, **options), q.shape, out.shape)
+        return result
+
+    if per_sequence:  # (host values: read before anything runs)
+        rows_of = _kvcache_rows(cache_batch_idx, batch, k_cache.shape[0], "cache_batch_idx", range(batch))
+        pads = _kvcache_rows(cache_leftpad, batch, k_cache.shape[1] + 1, "cache_leftpad", [0] * batch)
+    lses = []
+    with _running_on(q):
+        if not per_sequence:  # the whole batch at once: the caller's tensors as they are
+            result = attend(q, (k_cache, v_cache), k, v, seqlens, alibi_slopes, out)
+            if return_softmax_lse:
+                lses.append(_to_torch(result[1]))
+        else:  # with cache_batch_idx / cache_leftpad: one sequence at a time (its cache row, its padding)
+            for b in range(batch):
+                row, pad, part = rows_of[b], pads[b], slice(b, b + 1)
+
+                def of(x):
+                    return None if x is None else x[part]
+
+                result = attend(of(q), [c[row:row + 1, pad:] for c in (k_cache, v_cache)], of(k), of(v),
+                                (seqlens[part] - pad).contiguous(),
+                                alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else of(alibi_slopes),
+                                of(out))
                 if return_softmax_lse:
                     lses.append(_to_torch(result[1]))
     if not return_softmax_lse:
         return out
     return out, (lses[0] if len(lses) == 1 else torch.cat(lses))
+
+
+# --- flash_attn_with_kvcache's repeated signatures ------------------------------------------------
+#
+# A decoding loop calls flash_attn_with_kvcache with one signature layer after layer, step after
+# step. Its first call takes the full path (checks, CuPy views, cuflash.attention_with_kvcache,
+# which keeps that signature's decode launch: _kvcache._Known); the next ones launch the same
+# layout from the tensors' addresses on torch's stream and allocator: no CuPy array, no device or
+# stream switch, no check the signature already passed. What depends on a call's values is still
+# checked: an int length's range, and with an append, that the caches share no memory with what
+# the call reads (a call that fails either goes the full path, which raises).
+
+_KV_KNOWN: dict = {}
+
+
+def _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options) -> tuple | None:
+    """The torch-level key of a flash_attn_with_kvcache call (None: not keyed): ``options`` of
+    plain types only, each tensor's dtype, shape, strides, device and 16-byte alignment (CUDA
+    tensors on q's device only: the full path moves lengths from another device, a launch from
+    addresses could not), an int length as ``int``."""
+    scale, causal, window_size, softcap, num_splits, return_lse = options
+    if not (type(scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
+            and type(num_splits) is int and type(return_lse) is bool and type(window_size) is tuple
+            and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int):
+        return None
+    parts = [options, type(scale), type(softcap)]
+    for t in (q, k_cache, v_cache, k, v, block_table, cache_seqlens):
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor and t.is_cuda and (t is q or t.device == q.device):
+            parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
+        elif t is cache_seqlens and type(t) is int:
+            parts.append(int)
+        else:
+            return None
+    return tuple(parts)
+
+
+def _remember_kv(key, known, q_shape, out_shape) -> None:
+    """Keep ``known`` (the CuPy API's _Known of this call, or None) for the torch key ``key``
+    when its launch can run from addresses alone: the kernels write out in place and read q,
+    the lengths and the table where they lie, no ALiBi or sinks, new keys read in place."""
+    layout = None if known is None else known.layout
+    if (layout is None or layout.own_out or layout.copy_q or layout.copy_lengths or layout.copy_table
+            or layout.carve[1][5] is not None or layout.carve[1][6] is not None
+            or (known.append is not None and known.append.copy_new)):
+        return
+    if len(_KV_KNOWN) >= _MEMO_LIMIT:
+        _KV_KNOWN.clear()
+    _KV_KNOWN[key] = _KvKnown(known, (q_shape[0], q_shape[2], q_shape[1], out_shape[3]))
+
+
+class _KvKnown:
+    """A kept flash_attn_with_kvcache signature (see above): ``run`` launches it, or returns
+    None where the full path must take the call."""
+
+    def __init__(self, known, out_shape):
+        self.known, self.out_shape = known, out_shape  # out (B, Lq, H, Dv), as flash-attn returns it
+        part = known.layout.carve[1][1]  # lse's (shape, dtype, offset) in the layout's allocation
+        self.lse_shape, self.lse_bytes = part[0], (part[2], part[2] + 4 * math.prod(part[0]))
+
+    def run(self, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+        known = self.known
+        cache, layout, append = known.cache, known.layout, known.append
+        index = q.device.index
+        # The launch needs this device's context current on this thread: one that _running_on
+        # made current here before (torch's current device the same).
+        if index not in getattr(_ON_TORCH_STREAM, "ready", ()) or torch.cuda.current_device() != index:
+            return None
+        if type(cache_seqlens) is int:
+            if not 0 <= cache_seqlens <= cache.capacity - cache.new:
+                return None
+            fixed, lengths = cache_seqlens, 0
+        else:
+            fixed = cache.capacity if cache.fixed is None else cache.fixed
+            lengths = 0 if cache_seqlens is None else cache_seqlens.data_ptr()
+        if append is not None and _kv_shares_memory((k_cache, v_cache), (q, k, v, cache_seqlens, block_table)):
+            return None
+        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        memory = torch.empty(layout.carve[0], dtype=torch.uint8, device=q.device)
+        table = 0 if block_table is None else block_table.data_ptr()
+        params = _decode_params()(layout, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                                  memory.data_ptr(), lengths, table, fixed)
+        stream = _current_raw_stream(index)
+        if append is not None:
+            append.launch(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lengths, table, fixed,
+                          stream)
+        layout.launch(params, stream)
+        if not known.return_lse:
+            return out
+        return out, memory[self.lse_bytes[0]:self.lse_bytes[1]].view(torch.float32).view(self.lse_shape)
+
+
+def _kv_shares_memory(written, read) -> bool:
+    """Whether the caches ``written`` share bytes with each other or with a tensor ``read``."""
+    spans = []
+    for t in written + read:
+        if isinstance(t, torch.Tensor) and t.numel():
+            item = t.element_size()
+            spans.append(_spec._byte_bounds(t.data_ptr(), tuple(t.shape), tuple(s * item for s in t.stride()), item))
+        else:
+            spans.append(None)
+    for i in range(len(written)):
+        for j in range(len(spans)):
+            if j != i and spans[i] is not None and spans[j] is not None and (
+                    spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]):
+                return True
+    return False
+
+
+_DECODE_PARAMS = None
+
+
+def _decode_params():
+    """cuflash._gpu.decode.params_for (imported on first use)."""
+    global _DECODE_PARAMS
+    if _DECODE_PARAMS is None:
+        from ._gpu import decode
+
+        _DECODE_PARAMS = decode.params_for
+    return _DECODE_PARAMS
 
 
 def _kvcache_lengths(cache_seqlens, batch, device):
@@ -507,11 +648,28 @@ class _MergeFunction(torch.autograd.Function):
         return (None, None, *flat)
 
 
+_FLASH_CONVENTIONS: dict = {}  # (_flash_conventions' results by their plain-typed arguments: ~5 us a call)
+
+
 def _flash_conventions(softmax_scale, causal, window_size, softcap):
     """flash-attn's scale, window and softcap in cuflash's terms, checked under flash-attn's names:
     ``window_size`` is a (left, right) pair of ints (0-d integer tensors too, as flash-attn's
     callers pass them), -1 unbounded; causal sets its right side to 0 (cuflash itself refuses a
     positive one); softcap 0 means none."""
+    key = None
+    if (type(softmax_scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
+            and type(window_size) is tuple and len(window_size) == 2 and all(type(x) is int for x in window_size)):
+        key = (softmax_scale, type(softmax_scale), causal, window_size, softcap, type(softcap))
+        resolved = _FLASH_CONVENTIONS.get(key)
+        if resolved is not None:
+            return resolved
+    resolved = _flash_conventions_checked(softmax_scale, causal, window_size, softcap)
+    if key is not None and len(_FLASH_CONVENTIONS) < _MEMO_LIMIT:
+        _FLASH_CONVENTIONS[key] = resolved
+    return resolved
+
+
+def _flash_conventions_checked(softmax_scale, causal, window_size, softcap):
     if softmax_scale is not None:
         try:
             softmax_scale = _spec._resolve_scale(softmax_scale, 1)
@@ -689,35 +847,57 @@ def _check_sdpa_heads(query, key, value, enable_gqa):
 # --- crossing between torch and cuflash ---------------------------------------------------------
 
 
-def _to_cuflash(tensor):
-    """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory (bfloat16 included)."""
-    # DLPack refuses tensors that require grad; detached, the memory is the same.
-    tensor = tensor.detach()
-    if tensor.is_cuda:
-        device = getattr(_ON_TORCH_STREAM, "device", None)
-        if device == tensor.get_device():
-            dtype = _cupy_dtypes().get(tensor.dtype)
-            if dtype is not None and tensor.numel():
-                return _cupy_view(tensor, dtype, device)
-            import cupy
+def _to_cuflash(tensor, axes=None):
+    """A CuPy (CUDA) or NumPy (CPU) array sharing ``tensor``'s memory (bfloat16 included);
+    ``axes``: that array's axes in this order (``transpose(axes)``'s view, made as one)."""
+    # (DLPack refuses tensors that require grad: detached, the memory is the same)
+    index = tensor.get_device() if tensor.is_cuda else None
+    if index is not None and getattr(_ON_TORCH_STREAM, "device", None) == index:
+        dtype = _cupy_dtypes().get(tensor.dtype)
+        if dtype is not None and tensor.numel():
+            return _cupy_view(tensor, dtype, index, axes)
+        import cupy
 
-            return cupy.from_dlpack(_OnSharedStream(tensor))
-    return _spec._as_array("tensor", tensor)
+        array = cupy.from_dlpack(_OnSharedStream(tensor.detach()))
+    else:
+        array = _spec._as_array("tensor", tensor.detach())
+    return array if axes is None else array.transpose(axes)
 
 
-def _cupy_view(tensor, dtype, device):
-    """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides: what
-    ``cupy.from_dlpack`` makes, without the capsule (its export and parsing cost a few microseconds
-    a tensor, five or more tensors a call). The array holds the tensor (the memory's owner) while
-    it lives. Only inside ``_running_on``, where both libraries run on one stream (no handshake is
-    owed)."""
-    import cupy
-
-    item = tensor.element_size()
+def _cupy_view(tensor, dtype, device, axes=None):
+    """A CuPy array over ``tensor``'s memory, made from its pointer, shape and strides (permuted
+    by ``axes``): what ``cupy.from_dlpack`` makes, without the capsule (its export and parsing
+    cost a few microseconds a tensor, five or more tensors a call). The array holds the tensor
+    (the memory's owner) while it lives. Only inside ``_running_on``, where both libraries run on
+    one stream (no handshake is owed)."""
+    cuda = _cupy_cuda()
     shape, strides = tensor.shape, tensor.stride()
-    span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item  # (a non-empty tensor)
-    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), span, tensor, device)
-    return cupy.ndarray(tuple(shape), dtype, cupy.cuda.MemoryPointer(memory, 0), tuple(step * item for step in strides))
+    key = (shape, strides, dtype, axes)
+    layout = _VIEW_LAYOUTS.get(key)
+    if layout is None:  # (CuPy's shape, its strides in bytes, the bytes spanned: a non-empty tensor)
+        item = dtype.itemsize
+        span = (sum((n - 1) * step for n, step in zip(shape, strides)) + 1) * item
+        if axes is not None:
+            shape, strides = [shape[a] for a in axes], [strides[a] for a in axes]
+        if len(_VIEW_LAYOUTS) >= _MEMO_LIMIT:
+            _VIEW_LAYOUTS.clear()
+        layout = _VIEW_LAYOUTS[key] = (tuple(shape), tuple(step * item for step in strides), span)
+    memory = cuda.UnownedMemory(tensor.data_ptr(), layout[2], tensor, device)
+    return _CUPY.ndarray(layout[0], dtype, cuda.MemoryPointer(memory, 0), layout[1])
+
+
+_VIEW_LAYOUTS: dict = {}  # _cupy_view's layouts by (torch shape, strides, dtype, axes): a few a program
+_CUPY = None
+
+
+def _cupy_cuda():
+    """cupy.cuda (cupy imported once: the import statement costs a lookup on every call)."""
+    global _CUPY
+    if _CUPY is None:
+        import cupy
+
+        _CUPY = cupy
+    return _CUPY.cuda
 
 
 _CUPY_DTYPES: dict = {}
@@ -741,6 +921,7 @@ def _cupy_dtypes() -> dict:
 
 # The device whose torch stream CuPy runs on in this thread (inside _running_on), or None.
 _ON_TORCH_STREAM = threading.local()
+_HEADS_FIRST = (0, 2, 1, 3)  # flash-attn's (B, L, H, D) seen as cuflash's (B, H, L, D)
 
 
 class _OnSharedStream:
@@ -797,6 +978,10 @@ def _running_on(tensor):
     with cupy.cuda.Device(index), _current_cupy_stream(cupy, index), \
             cupy.cuda.using_allocator(_torch_allocator()):
         _ON_TORCH_STREAM.device = index
+        ready = getattr(_ON_TORCH_STREAM, "ready", None)  # (devices whose context this thread made current)
+        if ready is None:
+            ready = _ON_TORCH_STREAM.ready = set()
+        ready.add(index)
         try:
             yield
         finally:

@@ -1006,3 +1006,83 @@ def test_running_on_makes_the_tensors_context_current_without_moving_the_callers
     assert state["device"] == current
     assert state["set"] == ([1] if current == 1 else [1, 0])
     assert getattr(ct._ON_TORCH_STREAM, "device", None) is None
+
+
+@pytest.mark.parametrize("axes", [None, (0, 2, 1, 3)])
+def test_cupy_views_of_tensors_carry_their_layout_and_owner(axes):
+    """_cupy_view without a GPU (a CPU tensor's address stands for a device one: UnownedMemory
+    makes no CUDA call): the view's shape and byte strides, permuted by ``axes``, its address,
+    the bytes it spans and the tensor it holds; a second view of the same layout (its memo) alike."""
+    pytest.importorskip("cupy")
+    base = torch.zeros(3, 40, 5, 16, dtype=torch.float16)
+    tensors = [base[:, 2:39:2], base.transpose(1, 2), base[1:2, :7]]
+    for tensor in tensors + tensors:  # (the second pass through the memo)
+        view = ct._cupy_view(tensor, numpy.dtype(numpy.float16), 0, axes)
+        order = axes or range(4)
+        assert view.shape == tuple(tensor.shape[a] for a in order)
+        assert view.strides == tuple(2 * tensor.stride()[a] for a in order)
+        assert view.data.ptr == tensor.data_ptr() and view.data.mem._owner is tensor  # (holds it alive)
+        last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride()))
+        assert view.data.mem.size == 2 * (last + 1)
+
+
+def test_kv_signatures_key_only_plain_calls_on_cuda_tensors():
+    """ct._kv_signature (flash_attn_with_kvcache's kept signatures) keys nothing it could confuse:
+    options of other types (a list window, a 0-d tensor scale) and tensors off CUDA give None."""
+    q, cache = torch.zeros(1, 1, 2, 8), torch.zeros(1, 4, 2, 8)
+    plain = (None, True, (-1, -1), 0.0, 0, False)
+    assert ct._kv_signature(q, cache, cache, None, None, 3, None, plain) is None  # (CPU tensors)
+    for options in [(None, True, [-1, -1], 0.0, 0, False), (torch.tensor(0.5), True, (-1, -1), 0.0, 0, False),
+                    (None, 1, (-1, -1), 0.0, 0, False), (None, True, (-1, -1), 0.0, 0, 1)]:
+        assert ct._kv_signature(q, cache, cache, None, None, 3, None, options) is None
+
+
+def test_a_kept_kvcache_signature_launches_from_the_tensors_addresses(monkeypatch):
+    """ct._KvKnown.run without a GPU (CPU tensors' addresses stand for device ones; the launches
+    recorded): out and the layout's allocation from torch, the params holding this call's
+    addresses, the lse a view of its part of the allocation, the append launched before the
+    decode kernel on the same stream with the same length; an int length past the cache, new keys
+    in the cache's memory, or a thread that never made the device's context current: None (the
+    full path takes the call)."""
+    pytest.importorskip("cupy")
+    import types
+
+    from cuflash._gpu import decode
+
+    launched = []
+    monkeypatch.setattr(decode._Layout, "launch", lambda self, params, stream: launched.append(
+        ("decode", params.copy(), stream)))
+    monkeypatch.setattr(ct._ON_TORCH_STREAM, "ready", {None}, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(ct, "_current_raw_stream", lambda index: 77)
+    carve = decode._carving((None, ((2, 16, 1), numpy.float32), None, None, None, None, None, None, None))
+    layout = decode._Layout(numpy.zeros((), dtype=decode.PARAMS_DTYPE).tobytes(), False, False, False, False,
+                            None, None, 8, 0, 1024, 1, carve)
+    append = types.SimpleNamespace(copy_new=False, launch=lambda *args: launched.append(("append", args)))
+    known = types.SimpleNamespace(cache=types.SimpleNamespace(capacity=64, new=1, fixed=None), layout=layout,
+                                  append=append, return_lse=True)
+    kept = ct._KvKnown(known, (2, 1, 16, 128))
+    q = torch.zeros(2, 1, 16, 128, dtype=torch.float16)
+    k_cache, v_cache = (torch.zeros(2, 64, 4, 128, dtype=torch.float16) for _ in range(2))
+    k, v = (torch.zeros(2, 1, 4, 128, dtype=torch.float16) for _ in range(2))
+    lengths = torch.tensor([5, 9], dtype=torch.int32)
+
+    out, lse = kept.run(q, k_cache, v_cache, k, v, lengths, None)
+    assert out.shape == (2, 1, 16, 128) and out.dtype == torch.float16
+    assert lse.shape == (2, 16, 1) and lse.dtype == torch.float32
+    (kind, args), (_, p, stream) = launched
+    assert kind == "append" and args == (k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                         lengths.data_ptr(), 0, 64, 77) and stream == 77
+    assert (p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"]) == (
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.data_ptr())
+    assert p["cache_seqlens"] == lengths.data_ptr() and p["block_table"] == 0 and p["seqlen_fixed"] == 64
+
+    launched.clear()
+    kept.run(q, k_cache, v_cache, k, v, 10, None)  # an int length: the kernel's fixed length, no lengths array
+    assert launched[0][1][4:7] == (0, 0, 10) and launched[1][1]["seqlen_fixed"] == 10
+    launched.clear()
+    inside = k_cache.view(-1)[:k.numel()].view(k.shape)
+    assert kept.run(q, k_cache, v_cache, k, v, 64, None) is None  # 64 + 1 new key past Lmax 64
+    assert kept.run(q, k_cache, v_cache, inside, v, lengths, None) is None
+    monkeypatch.setattr(ct._ON_TORCH_STREAM, "ready", set())
+    assert kept.run(q, k_cache, v_cache, k, v, lengths, None) is None and launched == []

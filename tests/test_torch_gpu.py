@@ -385,6 +385,66 @@ def test_flash_attn_with_kvcache_on_cuda(ct, rng, paged, dtype):
     assert_close(gpu[2], ref[2], dtype=precision, baseline=baseline[2], name="k_cache")
 
 
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("lengths", ["tensor", "int"])
+def test_flash_attn_with_kvcache_repeated_signatures_launch_as_the_full_path_does(ct, rng, monkeypatch, paged,
+                                                                                lengths):
+    """A decoding loop's repeated signature (ct._KvKnown: launched from the tensors' addresses)
+    gives the bits of the full path's call, step by step (out, lse, the caches it appends to),
+    and runs for every call but each signature's first; calls whose values the kept signature
+    cannot vouch for (an int length past the cache, new keys inside the cache) go the full path,
+    which refuses them."""
+    batch, heads, heads_k, d, lmax, page = 2, 16, 4, 128, 256, 64
+    host = [rng.standard_normal((batch, lmax, heads_k, d)) for _ in range(2)]
+    table = torch.from_numpy(rng.permutation(batch * lmax // page).reshape(batch, lmax // page).astype(numpy.int32))
+    steps = [(torch.from_numpy(rng.standard_normal((batch, 1, heads, d))).to("cuda", torch.float16),
+              *(torch.from_numpy(rng.standard_normal((batch, 1, heads_k, d))).to("cuda", torch.float16)
+                for _ in range(2))) for _ in range(5)]
+    ran = []
+    real_run = ct._KvKnown.run
+    monkeypatch.setattr(ct._KvKnown, "run", lambda self, *a: ran.append(1) or real_run(self, *a))
+
+    def loop(keep):
+        caches = [torch.from_numpy(x).to("cuda", torch.float16) for x in host]
+        if paged:
+            caches = [c.reshape(batch * lmax // page, page, heads_k, d)[torch.argsort(table.reshape(-1)).cuda()]
+                      for c in caches]
+        results = []
+        ct._KV_KNOWN.clear()
+        for i, (q, k, v) in enumerate(steps):
+            if not keep:
+                ct._KV_KNOWN.clear()
+            length = 100 + i if lengths == "int" else torch.tensor([100 + i, 37 + i], dtype=torch.int32, device="cuda")
+            out, lse = ct.flash_attn_with_kvcache(q, *caches, k=k, v=v, cache_seqlens=length, causal=True,
+                                                  block_table=table.cuda() if paged else None,
+                                                  return_softmax_lse=True)
+            results.append((out.clone(), lse.clone()))
+        return results, caches
+
+    full, full_caches = loop(keep=False)
+    ran.clear()
+    kept, kept_caches = loop(keep=True)
+    assert len(ran) == len(steps) - 1  # (the first call of the signature took the full path)
+    for (a, b), (c, e) in zip(full, kept):
+        assert torch.equal(a, c) and torch.equal(b, e)
+    assert all(torch.equal(a, b) for a, b in zip(full_caches, kept_caches))
+    q, k, v = steps[0]
+    before = [c.clone() for c in kept_caches]
+    if lengths == "int":  # past the cache
+        with pytest.raises(ValueError, match="cache_seqlens"):
+            ct.flash_attn_with_kvcache(q, *kept_caches, k=k, v=v, cache_seqlens=lmax, causal=True,
+                                       block_table=table.cuda() if paged else None, return_softmax_lse=True)
+    else:  # new keys laid out as the loop's, in the cache's first bytes
+        inside = kept_caches[0].view(-1)[:k.numel()].view(k.shape)
+        with pytest.raises(ValueError, match="must not share memory"):
+            ct.flash_attn_with_kvcache(q, *kept_caches, k=inside, v=v,
+                                       cache_seqlens=torch.tensor([3, 4], dtype=torch.int32, device="cuda"),
+                                       causal=True, block_table=table.cuda() if paged else None,
+                                       return_softmax_lse=True)
+    assert len(ran) == len(steps)  # (the kept signature was asked, and left the call to the full path)
+    assert all(torch.equal(a, b) for a, b in zip(before, kept_caches))
+
+
 def test_flash_attn_with_kvcache_rotary_positions_past_cos_read_its_last_row_on_cuda(ct, rng):
     """On CUDA the rotary positions are not read on the host (no sync): a position past
     rotary_cos's rows reads its last row, never beyond it: the bits of the same call with cos and

@@ -336,28 +336,35 @@ def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_f
         table = _part(memory, layout.carve, 8)
         table[...] = block_table
         block_table = table
-    # (A copy of the template's bytes viewed as the struct: numpy's copy of a nested structured
-    # array walks its fields, ~35 us for DecodeParams; bytes copy in well under one.)
-    p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
-    p["seqlen_fixed"] = seqlen_fixed  # (a value, not a signature: a decoding loop's int length grows)
+    p = params_for(layout, q.data.ptr, k_cache.data.ptr, v_cache.data.ptr, out.data.ptr, memory.ptr,
+                   0 if cache_seqlens is None else cache_seqlens.data.ptr,
+                   0 if block_table is None else block_table.data.ptr, seqlen_fixed)
     lead = (int(q.shape[0]), int(q.shape[1]))
     for name, x, index in (("alibi_slopes", alibi_slopes, 5), ("sinks", sinks, 6)):
         if x is not None:
             rows_of = _part(memory, layout.carve, index)
             _rows_into(cupy, rows_of, x, lead)
             p["fwd"][name] = rows_of.data.ptr
-    p["q"], p["k_cache"], p["v_cache"] = q.data.ptr, k_cache.data.ptr, v_cache.data.ptr
-    p["o"], p["lse"] = out.data.ptr, lse.data.ptr
-    keep = [q, lse]
-    if cache_seqlens is not None:
-        p["cache_seqlens"] = cache_seqlens.data.ptr
-        keep.append(cache_seqlens)
-    if block_table is not None:
-        p["block_table"] = block_table.data.ptr
-        keep.append(block_table)
+    keep = tuple(x for x in (q, lse, cache_seqlens, block_table) if x is not None)
+    return DecodePlan(layout, p, keep, memory, out, lse)
+
+
+def params_for(layout: "_Layout", q: int, k_cache: int, v_cache: int, out: int, memory: int, cache_seqlens: int,
+               block_table: int, seqlen_fixed: int) -> numpy.ndarray:
+    """``layout``'s DecodeParams with a call's addresses (0: no such array): q (or its copy),
+    the caches, out, the layout's allocation ``memory`` (its lse and partials at their parts'
+    offsets), the lengths and the table; ``seqlen_fixed`` a value, not a signature (a decoding
+    loop's int length grows)."""
+    # (A copy of the template's bytes viewed as the struct: numpy's copy of a nested structured
+    # array walks its fields, ~35 us for DecodeParams; bytes copy in well under one.)
+    p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
+    p["seqlen_fixed"] = seqlen_fixed
+    p["q"], p["k_cache"], p["v_cache"], p["o"] = q, k_cache, v_cache, out
+    p["lse"] = memory + layout.carve[1][1][2]
+    p["cache_seqlens"], p["block_table"] = cache_seqlens, block_table
     if layout.splits > 1:
-        p["part_o"], p["part_lse"] = (memory.ptr + layout.carve[1][i][2] for i in (2, 3))
-    return DecodePlan(layout, p, tuple(keep), memory, out, lse)
+        p["part_o"], p["part_lse"] = (memory + layout.carve[1][i][2] for i in (2, 3))
+    return p
 
 
 # Layouts planned, by signature (plan's key); cleared when full (a process meets few signatures).

@@ -122,22 +122,26 @@ class AppendLaunch:
         if not self.grid:
             return
         import cupy
-        from cupy_backends.cuda.api import driver
 
         if self.copy_new:  # (never through DLPack): a copy, laid out plainly
             k, v = (x if _whole(x) else cupy.ascontiguousarray(_bits(x)).view(x.dtype) for x in (k, v))
+        self.launch(k.data.ptr, v.data.ptr, k_cache.data.ptr, v_cache.data.ptr,
+                    0 if cache_seqlens is None else cache_seqlens.data.ptr,
+                    0 if block_table is None else block_table.data.ptr, seqlen_fixed, cupy.cuda.get_current_stream().ptr)
+
+    def launch(self, k: int, v: int, k_cache: int, v_cache: int, cache_seqlens: int, block_table: int,
+               seqlen_fixed: int, stream: int) -> None:
+        """The launch from the arrays' addresses (0: no such array) on ``stream`` (copy_new's
+        copies already made: ``run``'s)."""
+        from cupy_backends.cuda.api import driver
+
         # (A copy of the template's bytes viewed as the struct: numpy's copy of a structured
         # array walks its fields; the pointers and the int length are all that change.)
         p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
-        p["k"], p["v"], p["k_cache"], p["v_cache"] = k.data.ptr, v.data.ptr, k_cache.data.ptr, v_cache.data.ptr
-        if cache_seqlens is not None:
-            p["cache_seqlens"] = cache_seqlens.data.ptr
-        if block_table is not None:
-            p["block_table"] = block_table.data.ptr
-        p["seqlen_fixed"] = seqlen_fixed
+        p["k"], p["v"], p["k_cache"], p["v_cache"] = k, v, k_cache, v_cache
+        p["cache_seqlens"], p["block_table"], p["seqlen_fixed"] = cache_seqlens, block_table, seqlen_fixed
         argv = numpy.array([p.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(self.function.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, 0,
-                            cupy.cuda.get_current_stream().ptr, argv.ctypes.data, 0)
+        driver.launchKernel(self.function.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, 0, stream, argv.ctypes.data, 0)
 
 
 # Each signature's AppendLaunch, by ``launch_for``'s key; cleared when full (a process meets few).
