@@ -288,21 +288,38 @@ def _check_sharing(xp, written, read, out):
 
         def overlap(a, b):
             return _spec._overlaps(a, b, xp)
-    else:  # byte ranges
+    else:
         def span(array):
             return _spec._byte_bounds(array.data.ptr, array.shape, array.strides, array.itemsize)
 
-        def overlap(a, b):
-            return a[0] < b[1] and b[0] < a[1]
+        overlap = byte_ranges_overlap
     written, read = ([(name, span(a)) for name, a in arrays if a is not None and a.size] for arrays in (written, read))
-    targets = written + ([("out", span(out))] if out is not None and out.size else [])
+    shared = first_shared(written, read, ("out", span(out)) if out is not None and out.size else None, overlap)
+    if shared is not None:
+        name, other_name = shared
+        if name == "out":
+            raise ValueError(f"out must not share memory with {other_name}")
+        if other_name in (cache for cache, _ in written):
+            raise ValueError("k_cache and v_cache must not share memory to append k and v")
+        raise ValueError(f"{name} must not share memory with {other_name} to append k and v")
+
+
+def byte_ranges_overlap(a, b) -> bool:
+    """Whether byte ranges ``[a0, a1)`` and ``[b0, b1)`` meet."""
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def first_shared(written, read, out, overlap):
+    """The first ``(name, other name)`` that share memory, else None: the two caches ``written``
+    with each other, each with anything ``read``, ``out`` (a (name, span) pair, or None) with any
+    of them. ``written``, ``read``: (name, span) lists; ``overlap(span, span)`` decides."""
     if len(written) == 2 and overlap(written[0][1], written[1][1]):
-        raise ValueError("k_cache and v_cache must not share memory to append k and v")
-    for name, array in targets:
-        for other_name, other in (read if name != "out" else written + read):
-            if overlap(array, other):
-                raise ValueError(f"out must not share memory with {other_name}" if name == "out" else
-                                 f"{name} must not share memory with {other_name} to append k and v")
+        return written[0][0], written[1][0]
+    for name, span in written + ([out] if out is not None else []):
+        for other_name, other in (read if out is None or name != out[0] else written + read):
+            if overlap(span, other):
+                return name, other_name
+    return None
 
 
 def _check_out(out, xp, device, problem, shape):

@@ -493,20 +493,14 @@ class _KvKnown:
 
 
 def _kv_shares_memory(written, read) -> bool:
-    """Whether the caches ``written`` share bytes with each other or with a tensor ``read``."""
-    spans = []
-    for t in written + read:
-        if isinstance(t, torch.Tensor) and t.numel():
-            item = t.element_size()
-            spans.append(_spec._byte_bounds(t.data_ptr(), tuple(t.shape), tuple(s * item for s in t.stride()), item))
-        else:
-            spans.append(None)
-    for i in range(len(written)):
-        for j in range(len(spans)):
-            if j != i and spans[i] is not None and spans[j] is not None and (
-                    spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]):
-                return True
-    return False
+    """Whether the caches ``written`` share bytes with each other or with a tensor ``read`` (the
+    byte ranges _kvcache checks the CuPy call's arrays by)."""
+    def spans(tensors):
+        return [(None, _spec._byte_bounds(t.data_ptr(), tuple(t.shape), tuple(s * t.element_size() for s in t.stride()),
+                                          t.element_size()))
+                for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
+
+    return _kvcache.first_shared(spans(written), spans(read), None, _kvcache.byte_ranges_overlap) is not None
 
 
 _DECODE_PARAMS = None

@@ -1042,7 +1042,7 @@ def test_a_kept_kvcache_signature_launches_from_the_tensors_addresses(monkeypatc
     recorded): out and the layout's allocation from torch, the params holding this call's
     addresses, the lse a view of its part of the allocation, the append launched before the
     decode kernel on the same stream with the same length; an int length past the cache, new keys
-    in the cache's memory, or a thread that never made the device's context current: None (the
+    in a cache's memory, caches sharing one memory, or a thread that never made the device's context current: None (the
     full path takes the call)."""
     pytest.importorskip("cupy")
     import types
@@ -1084,5 +1084,8 @@ def test_a_kept_kvcache_signature_launches_from_the_tensors_addresses(monkeypatc
     inside = k_cache.view(-1)[:k.numel()].view(k.shape)
     assert kept.run(q, k_cache, v_cache, k, v, 64, None) is None  # 64 + 1 new key past Lmax 64
     assert kept.run(q, k_cache, v_cache, inside, v, lengths, None) is None
+    assert kept.run(q, k_cache, k_cache, k, v, lengths, None) is None  # the two caches one memory
+    assert kept.run(q, k_cache, v_cache, k, v_cache.view(-1)[-k.numel():].view(k.shape), lengths, None) is None
+    assert launched == []
     monkeypatch.setattr(ct._ON_TORCH_STREAM, "ready", set())
     assert kept.run(q, k_cache, v_cache, k, v, lengths, None) is None and launched == []
