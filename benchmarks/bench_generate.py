@@ -32,6 +32,11 @@ counts those that ran on the decode kernel (few query rows a kv head: cuflash/_g
 ``dense_reason``). Backend ``cuflash_flash_only`` is cuflash with that routing off: the A/B in one
 process.
 
+Every timed run decodes the same prompt, so its cache lengths are the ones the run before met:
+cuflash replays the plans kept for them (one per signature, cuflash/_gpu/plan.py's ``PLANS``).
+``--fresh-plans`` drops the kept plans before every run, so each step's first call plans its new
+length as a generation of unseen lengths would (a serving loop's prompts and lengths vary).
+
     python benchmarks/bench_generate.py [--shapes 1x1024,8x1024] [--new-tokens 128] [--backends ...]
     python benchmarks/bench_generate.py --device cpu --tiny      # a smoke test, no GPU
 
@@ -98,7 +103,7 @@ def decode_kernel_routing(backend: str, cuda: bool):
     if not cuda:
         yield launched
         return
-    from cuflash._gpu import decode, plan
+    from cuflash._gpu import decode
 
     limit, launch = decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch
 
@@ -106,8 +111,7 @@ def decode_kernel_routing(backend: str, cuda: bool):
         launched.append(1)
         return launch(self, *args, **kwargs)
 
-    plan.PLANS.clear()
-    plan.FAMILIES.clear()
+    drop_kept_plans()
     decode.DenseDecodePlan.launch = counted
     if backend == CUFLASH_FLASH_ONLY:
         decode.DENSE_MAX_ROWS = 0
@@ -115,8 +119,16 @@ def decode_kernel_routing(backend: str, cuda: bool):
         yield launched
     finally:
         decode.DENSE_MAX_ROWS, decode.DenseDecodePlan.launch = limit, launch
-        plan.PLANS.clear()
-        plan.FAMILIES.clear()
+        drop_kept_plans()
+
+
+def drop_kept_plans():
+    """Forget cuflash's kept plans and their families (not its compiled kernels): the next call of
+    each signature plans it again."""
+    from cuflash._gpu import plan
+
+    plan.PLANS.clear()
+    plan.FAMILIES.clear()
 
 
 def run_backend(ctx, backend: str, ids) -> dict:
@@ -140,6 +152,8 @@ def run_backend(ctx, backend: str, ids) -> dict:
         for _ in range(args.repeats):
             if ctx["cuda"]:
                 torch.cuda.reset_peak_memory_stats()
+                if args.fresh_plans:
+                    drop_kept_plans()
             runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"]))
     prefill, wall, span = ([run[i] for run in runs] for i in range(3))
     batch = ids.shape[0]
@@ -243,6 +257,9 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds over the backends in turn (medians over all: an A/B that host-speed drifts "
                              "within the process touch alike)")
+    parser.add_argument("--fresh-plans", action="store_true",
+                        help="drop cuflash's kept plans before every timed run (each new cache length planned, as "
+                             "in a generation of lengths not seen before)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.shapes is None:
@@ -285,7 +302,7 @@ def main(argv=None) -> Path:
     env = collect_environment(torch, args.device)
     record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
               "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "rounds": args.rounds,
+              "rounds": args.rounds, "fresh_plans": args.fresh_plans,
               "loop": "prefill into a DynamicCache (logits_to_keep=1), then greedy steps of one token per sequence; "
                       "wall time from the first step to the device's end of the last",
               "rows": []}

@@ -79,3 +79,40 @@ def test_rounds_merge_into_medians_over_every_run():
     assert merged["tokens_per_s"] == 2 * 4 / (65.0 / 1e3) and merged["decode_kernel_calls"] == 15
     failed = {"status": "oom", "note": "out of memory"}
     assert bench_generate.merge_rounds([run([1.0], [4.0], [2.0]), failed], 1, 1) is failed
+
+
+def test_fresh_plans_drop_the_kept_plans_before_every_timed_run(monkeypatch):
+    """--fresh-plans: every timed run starts with no kept plan (each new cache length planned, as in
+    a generation of unseen lengths); without it the timed runs replay the plans the run before kept."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("cupy")
+    import types
+
+    from benchmarks import bench_generate
+    from cuflash._gpu import plan
+
+    seen = []
+
+    def decode_loop(torch_, model, ids, new_tokens, clock, cache_class):
+        seen.append("kept" in plan.PLANS)
+        plan.PLANS["kept"] = None  # what a run keeps for the next
+        return 1.0, 2.0, 2.0, torch.ones(1, 4), torch.zeros(1, new_tokens, dtype=torch.long)
+
+    monkeypatch.setattr(bench_generate, "decode_loop", decode_loop)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    hf = types.SimpleNamespace(reset_counts=lambda: None, COUNTS={"cuflash": 0, "fallback": 0, "fallback_reasons": {}})
+    model = types.SimpleNamespace(set_attn_implementation=lambda name: None)
+    try:
+        for fresh, expected in ((False, [False, True, True]), (True, [False, False, False])):
+            args = bench_generate.parse_args(["--backends", "sdpa,cuflash", "--repeats", "2", "--new-tokens", "3"]
+                                             + (["--fresh-plans"] if fresh else []))
+            assert args.fresh_plans is fresh
+            ctx = dict(torch=torch, model=model, args=args, hf=hf, clock=None, backends={"cuflash": ("cuflash",)},
+                       cuda=True, cache_class=None, bound=0.05,
+                       reference={"logits": torch.ones(1, 4), "tokens": torch.zeros(1, 3, dtype=torch.long)})
+            seen.clear()
+            result = bench_generate.run_backend(ctx, "cuflash", torch.zeros(1, 4, dtype=torch.long))
+            assert seen == expected and result["correct"] and "kept" not in plan.PLANS
+    finally:
+        plan.PLANS.pop("kept", None)
