@@ -53,11 +53,11 @@ def _random(torch, shape, dtype):
 
 
 def _as_cupy(cupy, tensor, numpy_dtype):
-    """The tensor's memory as a CuPy array of ``numpy_dtype`` (bits shared, no copy): CuPy reads
-    16-bit integers through the CUDA array interface, bfloat16 it knows only by name."""
+    """The tensor's memory as a CuPy array of ``numpy_dtype`` (bits shared, no copy): through
+    DLPack as 16-bit integers (CuPy knows bfloat16 only by name), then viewed."""
     import torch
 
-    return cupy.asarray(tensor.view(torch.int16)).view(numpy_dtype)
+    return cupy.from_dlpack(tensor.view(torch.int16)).view(numpy_dtype)
 
 
 class Point:
