@@ -41,6 +41,7 @@ test or a benchmark can check the routing really happened; :func:`reset_counts` 
 """
 import dataclasses
 import warnings
+import weakref
 
 try:
     import torch
@@ -174,7 +175,10 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
 
-_SEGMENTS_CACHE = {}  # the last mask's segments: every layer of a forward gets the same mask
+# The last mask's segments: every layer of a forward gets the same mask object. Kept for that
+# object (a weak reference: the mask is not kept alive) and its version (an in-place change), not
+# for its address, which a new mask of the same shape takes again once the old one is freed.
+_LAST_SEGMENTS: list = []  # [(weakref to the mask, its version or None, sliding_window, segments)]
 
 
 def _segments(mask, sliding_window):
@@ -192,13 +196,16 @@ def _segments(mask, sliding_window):
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
         return None
-    cache_key = (mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask._version, mask.device, sliding_window)
-    if cache_key in _SEGMENTS_CACHE:
-        return _SEGMENTS_CACHE[cache_key]
+    # (An inference tensor counts no versions: an in-place change to the same mask object between
+    # two calls goes unseen there; transformers makes a new mask for every forward.)
+    version = None if mask.is_inference() else mask._version
+    if _LAST_SEGMENTS:
+        ref, last_version, last_window, result = _LAST_SEGMENTS[0]
+        if ref() is mask and last_version == version and last_window == sliding_window:
+            return result
     result = _batch_segments(mask, sliding_window) if mask.shape[2] == mask.shape[3] else _cache_segments(
         mask, sliding_window)
-    _SEGMENTS_CACHE.clear()
-    _SEGMENTS_CACHE[cache_key] = result
+    _LAST_SEGMENTS[:] = [(weakref.ref(mask), version, sliding_window, result)]
     return result
 
 

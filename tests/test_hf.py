@@ -265,8 +265,8 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
     # The packed mask reached cuflash (transformers builds it only without a cache) and was read as
     # the documents above.
-    assert list(hf._SEGMENTS_CACHE.values())[-1][1] == [(0, 9, 0, 9, "top_left"), (9, 10, 9, 10, "top_left"),
-                                                        (10, 16, 10, 16, "top_left")]
+    assert hf._LAST_SEGMENTS[0][3][1] == [(0, 9, 0, 9, "top_left"), (9, 10, 9, 10, "top_left"),
+                                          (10, 16, 10, 16, "top_left")]
 
 
 def assert_generation_matches(reference, ours, ids, mask, new_tokens, monkeypatch):
@@ -519,3 +519,41 @@ def test_gpt_oss_sinks_in_a_padded_batch(device):
     grads = assert_padded_steps_match(reference, ours, random_ids(3, 16).to(device), dtype)
     assert any("sinks" in name for name in grads)
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+def _right_padded_causal_mask(lengths, length):
+    """SDPA's (B, 1, L, L) boolean mask of right-padded causal sequences of ``lengths``."""
+    index = torch.arange(length)
+    real = index[None, :] < torch.tensor(lengths)[:, None]
+    return (real[:, None, None, :] & (index[None, None, None, :] <= index[None, None, :, None])).numpy()
+
+
+def test_a_new_mask_at_a_reused_address_is_read_again():
+    """The segments are kept for the mask object that gave them (every layer of a forward gets the
+    same mask), not for its address: a new mask of the same shape in the same memory (a caching
+    allocator hands a freed block out again; here a NumPy buffer seen twice) is read again, and a
+    mask made under inference_mode (no version counter) is taken too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 1
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    buffer = _right_padded_causal_mask([6, 3], 6)
+    for lengths in ([6, 3], [2, 6], [4, 5]):
+        buffer[...] = _right_padded_causal_mask(lengths, 6)  # (behind torch's back: no version bump)
+        mask = torch.from_numpy(buffer)
+        want, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.3)
+        got, _ = hf.attention_forward(Module(), q, k, v, mask, scaling=0.3)
+        real = torch.tensor([[i < n for i in range(6)] for n in lengths])  # rows past a sequence's end: any value
+        torch.testing.assert_close(got[real], want[real], **TOLERANCE[torch.float64])
+        del mask
+    with torch.inference_mode():
+        mask = torch.from_numpy(_right_padded_causal_mask([3, 6], 6)).clone()
+        want, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.3)
+        got, _ = hf.attention_forward(Module(), q, k, v, mask, scaling=0.3)
+    real = torch.tensor([[i < n for i in range(6)] for n in (3, 6)])
+    torch.testing.assert_close(got[real], want[real], **TOLERANCE[torch.float64])
+    assert hf.COUNTS["cuflash"] == 4 and hf.COUNTS["fallback"] == 0
