@@ -315,10 +315,14 @@ def first_shared(written, read, out, overlap):
     of them. ``written``, ``read``: (name, span) lists; ``overlap(span, span)`` decides."""
     if len(written) == 2 and overlap(written[0][1], written[1][1]):
         return written[0][0], written[1][0]
-    for name, span in written + ([out] if out is not None else []):
-        for other_name, other in (read if out is None or name != out[0] else written + read):
+    for name, span in written:
+        for other_name, other in read:
             if overlap(span, other):
                 return name, other_name
+    if out is not None:
+        for other_name, other in written + read:
+            if overlap(out[1], other):
+                return out[0], other_name
     return None
 
 

@@ -420,9 +420,8 @@ def _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, options
     tensors on q's device only: the full path moves lengths from another device, a launch from
     addresses could not), an int length as ``int``."""
     scale, causal, window_size, softcap, num_splits, return_lse = options
-    if not (type(scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
-            and type(num_splits) is int and type(return_lse) is bool and type(window_size) is tuple
-            and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int):
+    if not (_plain_flash_options(scale, causal, window_size, softcap) and type(num_splits) is int
+            and type(return_lse) is bool):
         return None
     parts = [options, type(scale), type(softcap)]
     for t in (q, k_cache, v_cache, k, v, block_table, cache_seqlens):
@@ -651,8 +650,7 @@ def _flash_conventions(softmax_scale, causal, window_size, softcap):
     callers pass them), -1 unbounded; causal sets its right side to 0 (cuflash itself refuses a
     positive one); softcap 0 means none."""
     key = None
-    if (type(softmax_scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
-            and type(window_size) is tuple and len(window_size) == 2 and all(type(x) is int for x in window_size)):
+    if _plain_flash_options(softmax_scale, causal, window_size, softcap):
         key = (softmax_scale, type(softmax_scale), causal, window_size, softcap, type(softcap))
         resolved = _FLASH_CONVENTIONS.get(key)
         if resolved is not None:
@@ -661,6 +659,14 @@ def _flash_conventions(softmax_scale, causal, window_size, softcap):
     if key is not None and len(_FLASH_CONVENTIONS) < _MEMO_LIMIT:
         _FLASH_CONVENTIONS[key] = resolved
     return resolved
+
+
+def _plain_flash_options(softmax_scale, causal, window_size, softcap) -> bool:
+    """flash-attn's options of exactly the types a memo key holds without ambiguity (a 0-d tensor
+    or a list window is resolved, and checked, on every call)."""
+    return (type(softmax_scale) in (float, int, type(None)) and type(causal) is bool and type(softcap) in (float, int)
+            and type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int
+            and type(window_size[1]) is int)
 
 
 def _flash_conventions_checked(softmax_scale, causal, window_size, softcap):
