@@ -156,11 +156,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
                     drop_kept_plans()
             runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"]))
     prefill, wall, span = ([run[i] for run in runs] for i in range(3))
-    batch = ids.shape[0]
-    result.update(prefill_ms=statistics.median(prefill), decode_ms_per_token=statistics.median(wall) / args.new_tokens,
-                  decode_gpu_ms_per_token=statistics.median(span) / args.new_tokens,
-                  tokens_per_s=batch * args.new_tokens / (statistics.median(wall) / 1e3),
-                  prefill_ms_all=prefill, decode_ms_all=wall, decode_gpu_ms_all=span)
+    result.update(timings(prefill, wall, span, ids.shape[0], args.new_tokens))
     if ctx["cuda"]:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["attention_calls_cuflash"] = hf.COUNTS["cuflash"]
@@ -187,15 +183,21 @@ def merge_rounds(results: list[dict], batch: int, new_tokens: int) -> dict:
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
         return failed[0]
-    merged = dict(results[0], rounds=len(results), correct=all(r["correct"] for r in results))
-    for name in ("prefill_ms_all", "decode_ms_all", "decode_gpu_ms_all"):
-        merged[name] = [x for r in results for x in r[name]]
-    wall = statistics.median(merged["decode_ms_all"])
-    merged.update(prefill_ms=statistics.median(merged["prefill_ms_all"]), decode_ms_per_token=wall / new_tokens,
-                  decode_gpu_ms_per_token=statistics.median(merged["decode_gpu_ms_all"]) / new_tokens,
-                  tokens_per_s=batch * new_tokens / (wall / 1e3),
+    merged = dict(results[0], rounds=len(results), correct=all(r["correct"] for r in results),
                   decode_kernel_calls=sum(r["decode_kernel_calls"] for r in results))
+    merged.update(timings(*([x for r in results for x in r[name]]
+                            for name in ("prefill_ms_all", "decode_ms_all", "decode_gpu_ms_all")), batch, new_tokens))
     return merged
+
+
+def timings(prefill: list, wall: list, span: list, batch: int, new_tokens: int) -> dict:
+    """The timed runs' figures: every run's prefill, decode wall and decode device ms, and their
+    medians (the decode's per token, and as tokens/s)."""
+    median_wall = statistics.median(wall)
+    return dict(prefill_ms=statistics.median(prefill), decode_ms_per_token=median_wall / new_tokens,
+                decode_gpu_ms_per_token=statistics.median(span) / new_tokens,
+                tokens_per_s=batch * new_tokens / (median_wall / 1e3),
+                prefill_ms_all=prefill, decode_ms_all=wall, decode_gpu_ms_all=span)
 
 
 def run_guarded(ctx, backend: str, ids) -> dict:
