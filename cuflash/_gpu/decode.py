@@ -661,6 +661,10 @@ class DenseDecodePlan:
         (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],
          p["v_page_stride"], p["v_head_stride"], p["v_row_stride"]) = kv_strides
         self.template = numpy.frombuffer(p.tobytes(), dtype=numpy.uint8)  # (DecodeParams' bytes)
+        # Split: (splits, rows, Dv) partial outs, then (splits, rows) partial lse, in one allocation.
+        total = math.prod(lse_shape)
+        self.partials = (layout.splits * total * (out_shape[-1] + 1),) if layout.splits > 1 else None
+        self.part_lse_bytes = 4 * layout.splits * total * out_shape[-1]
 
     def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
         """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
@@ -673,22 +677,20 @@ class DenseDecodePlan:
     def launch(self, memory, q, k, v, o, lse, alibi_slopes, sinks) -> None:
         """The launches into ``o`` and ``lse``: this call's pointers in the layout's params (filled
         in this thread's launch arguments)."""
-        layout, ptr = self.layout, memory.pointer
+        ptr = memory.pointer
         rows = {}  # one float32 per (batch, query head) of the per-row inputs, as the kernel reads them
-        for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
-            if x is not None:
-                rows[name] = memory.empty(self.lse_shape[:2], _FLOAT32)
-                memory.copy(rows[name], x)
-        partials = None
-        if layout.splits > 1:  # (splits, rows, Dv) partial outs, then (splits, rows) partial lse
-            total, dv = math.prod(self.lse_shape), self.out_shape[-1]
-            partials = memory.empty((layout.splits * total * (dv + 1),), _FLOAT32)
+        if alibi_slopes is not None or sinks is not None:
+            for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+                if x is not None:
+                    rows[name] = memory.empty(self.lse_shape[:2], _FLOAT32)
+                    memory.copy(rows[name], x)
+        partials = None if self.partials is None else memory.empty(self.partials, _FLOAT32)
         ARGS.bytes[:self.template.size] = self.template
         ARGS.words[_DENSE_WORDS] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
         if partials is not None:
             at = ptr(partials)
-            ARGS.words[_PARTIALS_WORDS] = at, at + 4 * layout.splits * total * dv
+            ARGS.words[_PARTIALS_WORDS] = at, at + self.part_lse_bytes
         for name, x in rows.items():
             ARGS.words[_ROW_WORDS[name]] = ptr(x)
-        layout.launch_filled(memory.stream())
+        self.layout.launch_filled(memory.stream())
         del rows, partials  # (alive until the launches are queued)
