@@ -631,3 +631,39 @@ def test_a_cache_filled_to_each_rows_length_is_read_as_lengths(grad):
         want_grads = torch.autograd.grad(want, (q, k, v), dout)
         for a, b in zip(grads, want_grads):
             torch.testing.assert_close(a, b, **TOLERANCE[torch.float64])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_a_static_cache_step_runs_on_the_decode_kernel(dtype, monkeypatch):
+    """On the GPU a half-precision decoding step over a static cache (rows filled to 37 and 64 of
+    64 slots, GQA 8/2, D 128) is the decode kernel's: its launch ran (the first call's full path,
+    then the kept signature's), both calls give the same bits, within the tolerance rule of SDPA
+    in float64 over the same mask (baseline: SDPA in the same dtype)."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    from tolerance import assert_close
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from cuflash._gpu import decode
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 4
+
+    launched = []
+    launch = decode._Layout.launch
+    monkeypatch.setattr(decode._Layout, "launch", lambda self, *args: launched.append(1) or launch(self, *args))
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch_dtype, generator=generator)
+    k, v = (torch.randn(2, 2, 64, 128, device="cuda", dtype=torch_dtype, generator=generator) for _ in range(2))
+    mask = (torch.arange(64, device="cuda")[None, :] < torch.tensor([[37], [64]], device="cuda"))[:, None, None, :]
+    with torch.inference_mode():
+        first, _ = hf.attention_forward(Module(), q, k, v, mask, scaling=128 ** -0.5)
+        second, _ = hf.attention_forward(Module(), q, k, v, mask.clone(), scaling=128 ** -0.5)
+        want, _ = sdpa_attention_forward(Module(), q.double(), k.double(), v.double(), mask, scaling=128 ** -0.5)
+        plain, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=128 ** -0.5)
+    assert len(launched) == 2 and torch.equal(first, second)
+    pytest.importorskip("ml_dtypes")  # (numpy's name for bfloat16)
+    assert_close(*(x.double().cpu().numpy() for x in (first, want)), dtype=dtype, baseline=plain.double().cpu().numpy())
