@@ -245,10 +245,12 @@ def _cache_segments(mask, sliding_window):
     lengths = torch.where(real, index_k[0] + 1, 0).amax(dim=1).to(torch.int32)  # (B,): past each row's last real key
     by_lengths = _window_and_causal(index_k < lengths[:, None, None], index_q, index_k,
                                     lengths[:, None, None] - q_length, sliding_window)
-    if torch.equal(visible, by_lengths):
-        return _CacheKeys(real, lengths, visible)
     expected = _window_and_causal(real[:, None, :], index_q, index_k, kv_length - q_length, sliding_window)
-    return _CacheKeys(real) if torch.equal(visible, expected) else None
+    # (both forms checked in one host read)
+    filled, padded = torch.stack([(visible == x).all() for x in (by_lengths, expected)]).tolist()
+    if filled:
+        return _CacheKeys(real, lengths, visible)
+    return _CacheKeys(real) if padded else None
 
 
 def _batch_segments(mask, sliding_window):
