@@ -6,7 +6,8 @@ download; ``--family``, ``--mha``/``--kv-heads`` as there); only the attention i
 changes between backends (``sdpa`` is torch's own choice, ``sdpa_flash``/``sdpa_cudnn``/
 ``sdpa_efficient`` pinned by ``sdpa_kernel``). Each backend, for each ``BATCHxPROMPT`` shape:
 
-* ``prefill_ms``: the prompt's forward into a fresh ``DynamicCache`` (``use_cache=True``,
+* ``prefill_ms``: the prompt's forward into a fresh ``DynamicCache`` (``--cache static``: a
+  ``StaticCache`` of the prompt and the new tokens) (``use_cache=True``,
   ``logits_to_keep=1``), median of ``--repeats`` (in each of ``--rounds``: the backends run in
   turn, round after round, and the medians are over all rounds' runs: an in-process A/B);
 * ``decode_ms_per_token``: ``--new-tokens`` steps of one token per sequence (the argmax of the
@@ -69,10 +70,10 @@ CUFLASH_FLASH_ONLY = "cuflash_flash_only"
 ALLOWED = ("sdpa", "cuflash", CUFLASH_FLASH_ONLY, *SDPA_PINNED)
 
 
-def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, cache_class):
+def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, new_cache):
     """Prefill ``ids`` into a fresh cache, then ``new_tokens`` greedy steps. Returns (prefill ms,
     decode wall ms, decode span ms on the device, the prefill's last logits, the tokens (B, n))."""
-    cache = cache_class()
+    cache = new_cache(model, ids.shape[1] + new_tokens)
     clock.sync()
     start = clock.mark()
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -131,6 +132,14 @@ def drop_kept_plans():
     plan.FAMILIES.clear()
 
 
+def cache_factory(transformers, kind: str):
+    """``(model, capacity) -> a fresh cache``: transformers' DynamicCache, or a StaticCache of
+    ``capacity`` positions."""
+    if kind == "static":
+        return lambda model, capacity: transformers.StaticCache(config=model.config, max_cache_len=capacity)
+    return lambda model, capacity: transformers.DynamicCache()
+
+
 def run_backend(ctx, backend: str, ids) -> dict:
     torch, model, args, hf, clock = ctx["torch"], ctx["model"], ctx["args"], ctx["hf"], ctx["clock"]
     implementation = ctx["backends"][backend][0]
@@ -146,7 +155,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
     result: dict = {"status": "ok"}
     with within, torch.inference_mode(), decode_kernel_routing(backend, ctx["cuda"]) as decode_launches:
         first = time.perf_counter()
-        decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"])
+        decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"])
         result["first_run_s"] = time.perf_counter() - first
         runs = []
         for _ in range(args.repeats):
@@ -154,7 +163,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 if args.fresh_plans:
                     drop_kept_plans()
-            runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["cache_class"]))
+            runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"]))
     prefill, wall, span = ([run[i] for run in runs] for i in range(3))
     result.update(timings(prefill, wall, span, ids.shape[0], args.new_tokens))
     if ctx["cuda"]:
@@ -259,6 +268,9 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds over the backends in turn (medians over all: an A/B that host-speed drifts "
                              "within the process touch alike)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="transformers' DynamicCache (grown by a key each step) or StaticCache (allocated for the "
+                             "prompt and the new tokens; each step's mask hides the slots not yet filled)")
     parser.add_argument("--fresh-plans", action="store_true",
                         help="drop cuflash's kept plans before every timed run (each new cache length planned, as "
                              "in a generation of lengths not seen before)")
@@ -300,13 +312,14 @@ def main(argv=None) -> Path:
     backends = attention_backends(hf, model, hf.register())
     backends[CUFLASH_FLASH_ONLY] = backends["cuflash"]
     ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, backends=backends, cuda=cuda,
-               cache_class=transformers.DynamicCache, reference={}, bound=0.05 if dtype_name == "bf16" else 1e-4)
+               new_cache=cache_factory(transformers, args.cache), reference={},
+               bound=0.05 if dtype_name == "bf16" else 1e-4)
     env = collect_environment(torch, args.device)
     record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
               "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "rounds": args.rounds, "fresh_plans": args.fresh_plans,
-              "loop": "prefill into a DynamicCache (logits_to_keep=1), then greedy steps of one token per sequence; "
-                      "wall time from the first step to the device's end of the last",
+              "rounds": args.rounds, "fresh_plans": args.fresh_plans, "cache": args.cache,
+              "loop": f"prefill into a {args.cache} cache (logits_to_keep=1), then greedy steps of one token per "
+                      "sequence; wall time from the first step to the device's end of the last",
               "rows": []}
     path = records.record_path(args.out_dir, record["date_utc"], record["device"], "generate")
     print(f"[generate] {record['device']} torch {env['torch']} transformers {env['transformers']} {dtype_name} "
@@ -323,7 +336,7 @@ def main(argv=None) -> Path:
             record["rows"].append(row)
             with torch.inference_mode():  # start-up (CUDA context, cuBLAS, allocator) on no backend's account
                 model.set_attn_implementation("sdpa")
-                decode_loop(torch, model, ids, 2, clock, transformers.DynamicCache)
+                decode_loop(torch, model, ids, 2, clock, ctx["new_cache"])
             ctx["reference"].clear()
             rounds = {backend: [] for backend in args.backends}
             for round_index in range(args.rounds):

@@ -202,7 +202,7 @@ LAYERS = (
 
 class _LayerTimers:
     """Wrappers that add each layer's wall time into ``totals`` (seconds), installed by
-    ``install`` and removed by ``remove``; the launches are timed through plan._driver."""
+    ``install`` and removed by ``remove``; the launches are timed through _gpu.launch_args.driver."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
@@ -238,9 +238,9 @@ class _LayerTimers:
             wrapped = self._timed(name, function)
             setattr(owner, attribute, staticmethod(wrapped) if isinstance(original, staticmethod) else wrapped)
             self._restore.append((owner, attribute, original))
-        from cuflash._gpu import plan
+        from cuflash._gpu import launch_args
 
-        driver = plan._driver()
+        driver = launch_args.driver()
         timed_launch = self._timed("cuLaunchKernel", driver.launchKernel)
 
         class _TimedDriver:
@@ -248,9 +248,9 @@ class _LayerTimers:
 
             def __getattr__(self, name):
                 return getattr(driver, name)
-        original_driver = plan.__dict__["_driver"]
-        plan._driver = lambda: _TimedDriver()
-        self._restore.append((plan, "_driver", original_driver))
+        original_driver = launch_args.__dict__["driver"]
+        launch_args.driver = lambda: _TimedDriver()
+        self._restore.append((launch_args, "driver", original_driver))
 
     def remove(self):
         for owner, attribute, original in reversed(self._restore):

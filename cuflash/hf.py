@@ -220,22 +220,37 @@ def _window_and_causal(expected, index_q, index_k, offset, sliding_window):
 @dataclasses.dataclass(frozen=True)
 class _CacheKeys:
     """Decoding over a cache: each batch row's queries (the cache's last Lq positions) see its
-    real keys, causal bottom-right (and the window). ``real``: (B, Lk) bool."""
+    real keys, causal bottom-right (and the window). ``real``: (B, Lk) bool. ``lengths``: where
+    row b's keys are the cache's first n_b and its queries the last Lq of those (causal
+    bottom-right by n_b, the window by the queries' own positions: a static cache, filled to n_b
+    of its Lk slots), the (B,) int32 n_b, with ``visible`` the (B, Lq, Lk) mask itself; else
+    None."""
 
     real: torch.Tensor
+    lengths: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
 
 def _cache_segments(mask, sliding_window):
-    """Decoding over a cache: ``(B, 1, Lq, Lk)``, Lq < Lk, key j visible to query i iff j is real
-    (any set of keys per row: left padding, right padding with the new tokens after it) and
-    ``j <= i + Lk - Lq`` (causal bottom-right, and the window). A _CacheKeys, or None."""
+    """Decoding over a cache: ``(B, 1, Lq, Lk)``, Lq < Lk. Either each row's keys are its first
+    n_b, the queries its last Lq of them (key j visible to query i iff ``j <= i + n_b - Lq``, and
+    the window: a static cache filled to n_b), or key j is visible to query i iff j is real (any
+    set of keys per row: left padding, right padding with the new tokens after it) and ``j <= i +
+    Lk - Lq`` (causal bottom-right, and the window). A _CacheKeys, or None."""
     q_length, kv_length = mask.shape[2], mask.shape[3]
     visible = mask[:, 0]
     real = visible.any(dim=1)                       # (B, Lk): keys some query of the row sees
     index_q = torch.arange(q_length, device=mask.device)[None, :, None]
     index_k = torch.arange(kv_length, device=mask.device)[None, None, :]
+    lengths = torch.where(real, index_k[0] + 1, 0).amax(dim=1).to(torch.int32)  # (B,): past each row's last real key
+    by_lengths = _window_and_causal(index_k < lengths[:, None, None], index_q, index_k,
+                                    lengths[:, None, None] - q_length, sliding_window)
     expected = _window_and_causal(real[:, None, :], index_q, index_k, kv_length - q_length, sliding_window)
-    return _CacheKeys(real) if torch.equal(visible, expected) else None
+    # (both forms checked in one host read)
+    filled, padded = torch.stack([(visible == x).all() for x in (by_lengths, expected)]).tolist()
+    if filled:
+        return _CacheKeys(real, lengths, visible)
+    return _CacheKeys(real) if padded else None
 
 
 def _batch_segments(mask, sliding_window):
@@ -359,7 +374,20 @@ def _attention_of_segments(query, key, value, segments, scaling, window, softcap
 def _attention_over_cache(query, key, value, cache: _CacheKeys, scaling, window, softcap, sinks):
     """_attention_of_segments over a cache in one call: a (B, 1, 1, Lk) key mask hides each row's
     padding, causal bottom-right (a row's queries are the cache's last positions); a row with no
-    real key gives 0. (B, H, Lq, Dv)."""
+    real key gives 0. (B, H, Lq, Dv). A cache filled to n_b per row (``cache.lengths``): the
+    kv-cache decode path over its first n_b keys (flash_attn_with_kvcache: the decode kernel on
+    the GPU reads no more of the cache), where no gradient or sinks are asked for; else the mask
+    itself."""
+    if cache.lengths is not None:
+        if sinks is None and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                                or value.requires_grad)):
+            out = _cuflash_torch.flash_attn_with_kvcache(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cache_seqlens=cache.lengths,
+                softmax_scale=scaling, causal=True, window_size=(-1, -1) if window is None else window,
+                softcap=softcap or 0.0)
+            return out.transpose(1, 2)
+        return _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap, sinks=sinks,
+                                        mask=cache.visible[:, None])
     return _cuflash_torch.attention(query, key, value, scale=scaling, causal="bottom_right", window=window,
                                     softcap=softcap, sinks=sinks, mask=cache.real[:, None, None, :])
 

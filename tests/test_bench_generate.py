@@ -36,6 +36,24 @@ def test_tiny_generation_on_the_cpu_routes_through_cuflash_and_matches_sdpa(tmp_
     assert "| cuflash |" in record["table"] and "| cuflash_flash_only |" in record["table"]
 
 
+def test_a_static_cache_generation_on_the_cpu_routes_through_cuflash_and_matches_sdpa(tmp_path):
+    """--cache static: transformers' StaticCache, each step's mask hiding the slots not yet filled;
+    every attention call cuflash's (none falls back), the greedy tokens SDPA's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import bench_generate
+
+    path = bench_generate.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--repeats", "1", "--cache", "static",
+                                "--backends", "sdpa,cuflash", "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert record["cache"] == "static" and "static cache" in record["loop"]
+    ours = record["rows"][0]["results"]["cuflash"]
+    layers = record["model_config"]["num_hidden_layers"]
+    # the first run and one repeat, each a prefill and 3 steps, every layer
+    assert ours["attention_calls_cuflash"] == 2 * (1 + 3) * layers and ours["attention_calls_fallback"] == 0
+    assert ours["same_tokens"] == 3 and ours["correct"]
+
+
 def test_the_flash_only_backend_turns_the_decode_kernel_routing_off_and_back(monkeypatch):
     pytest.importorskip("cupy")
     from benchmarks import bench_generate
@@ -93,7 +111,7 @@ def test_fresh_plans_drop_the_kept_plans_before_every_timed_run(monkeypatch):
 
     seen = []
 
-    def decode_loop(torch_, model, ids, new_tokens, clock, cache_class):
+    def decode_loop(torch_, model, ids, new_tokens, clock, new_cache):
         seen.append("kept" in plan.PLANS)
         plan.PLANS["kept"] = None  # what a run keeps for the next
         return 1.0, 2.0, 2.0, torch.ones(1, 4), torch.zeros(1, new_tokens, dtype=torch.long)
@@ -109,7 +127,7 @@ def test_fresh_plans_drop_the_kept_plans_before_every_timed_run(monkeypatch):
                                              + (["--fresh-plans"] if fresh else []))
             assert args.fresh_plans is fresh
             ctx = dict(torch=torch, model=model, args=args, hf=hf, clock=None, backends={"cuflash": ("cuflash",)},
-                       cuda=True, cache_class=None, bound=0.05,
+                       cuda=True, new_cache=None, bound=0.05,
                        reference={"logits": torch.ones(1, 4), "tokens": torch.zeros(1, 3, dtype=torch.long)})
             seen.clear()
             result = bench_generate.run_backend(ctx, "cuflash", torch.zeros(1, 4, dtype=torch.long))

@@ -25,9 +25,9 @@ def _layer(module_name, path):
 
 def test_layer_timers_time_the_torch_path_and_restore_every_layer():
     import cuflash.torch as ct
-    from cuflash._gpu import plan
+    from cuflash._gpu import launch_args
 
-    originals = [_layer(module, path) for _, module, path in bench_host.LAYERS] + [plan.__dict__["_driver"]]
+    originals = [_layer(module, path) for _, module, path in bench_host.LAYERS] + [launch_args.__dict__["driver"]]
     timers = bench_host._LayerTimers()
     timers.install()
     try:
@@ -41,5 +41,5 @@ def test_layer_timers_time_the_torch_path_and_restore_every_layer():
         timers.remove()
     assert set(timers.totals) == {"Function.forward", "Function.backward"}
     assert all(total > 0 for total in timers.totals.values())
-    restored = [_layer(module, path) for _, module, path in bench_host.LAYERS] + [plan.__dict__["_driver"]]
+    restored = [_layer(module, path) for _, module, path in bench_host.LAYERS] + [launch_args.__dict__["driver"]]
     assert all(a is b for a, b in zip(originals, restored))

@@ -425,3 +425,70 @@ def test_gpu_torch_decoding_loop_on_the_family_matches_sdpa(rng, routed):
                                                                     enable_gqa=True)
             assert torch.allclose(out.double(), want, atol=2e-3, rtol=2e-3), lk
     assert len(routed) == 1
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-split", "split"])
+def test_a_dense_plan_launches_with_the_calls_addresses_in_its_params(monkeypatch, split):
+    """DenseDecodePlan.launch without a GPU (the driver's launch recorded, memory handing out
+    fake addresses): decode_tc (and decode_combine when split) on the memory's stream, their one
+    argument the plan's params with this call's q, k, v, o and lse, the partials' two parts in one
+    allocation, the per-row ALiBi slopes copied as float32 (no sinks: 0), the plan's Lk and
+    k/v strides."""
+    import ctypes
+
+    pytest.importorskip("cupy")
+    from cupy_backends.cuda.api import driver
+
+    from cuflash._gpu import decode
+
+    size = decode.PARAMS_DTYPE.itemsize
+    launches = []
+    monkeypatch.setattr(driver, "launchKernel", lambda *args: launches.append(
+        (args[0], args[1], args[8], ctypes.string_at(ctypes.c_uint64.from_address(args[9]).value, size))))
+
+    class Memory:  # the plan's memory interface: allocations at fake addresses, copies recorded
+        def __init__(self):
+            self.next, self.copies = 1 << 20, []
+
+        def empty(self, shape, dtype, order=None):
+            self.next += 1 << 16
+            return types.SimpleNamespace(ptr=self.next, shape=shape, dtype=dtype)
+
+        def pointer(self, x):
+            return x.ptr
+
+        def copy(self, target, source):
+            self.copies.append((target, source))
+
+        def stream(self):
+            return 4242
+
+    def kernel(ptr):
+        return types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=ptr))
+
+    splits = 4 if split else 1
+    layout = decode._Layout(numpy.zeros((), dtype=decode.PARAMS_DTYPE).tobytes(), False, False, False, False,
+                            kernel(11), kernel(22) if split else None, 512, 9 if split else 0, 98304, splits,
+                            decode._carving(()))
+    strides = (8 * 1000 * 128, 1000 * 128, 128, 8 * 1000 * 128, 1000 * 128, 128)
+    plan = decode.DenseDecodePlan(layout, (2, 16, 1, 128), None, (2, 16, 1), numpy.dtype(numpy.float16), 1000,
+                                  strides)
+    memory = Memory()
+    q, k, v, o, lse, slopes = (types.SimpleNamespace(ptr=0x1000 * (i + 1)) for i in range(6))
+    plan.launch(memory, q, k, v, o, lse, slopes, None)
+    assert [(f, grid, stream) for f, grid, stream, _ in launches] == [(11, 512, 4242)] + (
+        [(22, 9, 4242)] if split else [])
+    (rows, source), = memory.copies
+    assert source is slopes and rows.shape == (2, 16) and rows.dtype == numpy.float32
+    for *_, raw in launches:
+        p = numpy.frombuffer(raw, dtype=decode.PARAMS_DTYPE)[0]
+        assert (p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"]) == (q.ptr, k.ptr, v.ptr, o.ptr, lse.ptr)
+        assert p["fwd"]["alibi_slopes"] == rows.ptr and p["fwd"]["sinks"] == 0
+        assert p["seqlen_fixed"] == p["capacity"] == 1000
+        assert (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],
+                p["v_page_stride"], p["v_head_stride"], p["v_row_stride"]) == strides
+        if split:
+            partials = memory.next  # (the last allocation)
+            assert (p["part_o"], p["part_lse"]) == (partials, partials + 4 * splits * 32 * 128)
+        else:
+            assert p["part_o"] == p["part_lse"] == 0

@@ -557,3 +557,113 @@ def test_a_new_mask_at_a_reused_address_is_read_again():
     real = torch.tensor([[i < n for i in range(6)] for n in (3, 6)])
     torch.testing.assert_close(got[real], want[real], **TOLERANCE[torch.float64])
     assert hf.COUNTS["cuflash"] == 4 and hf.COUNTS["fallback"] == 0
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_over_a_static_cache_takes_the_kv_cache_path(config, device, monkeypatch):
+    """transformers' StaticCache (every layer's keys in (B, Hk, Lmax, D), filled to the position
+    decoded; the mask hides the rest; a sliding layer's cache holds its window): each decoding
+    step's attention is one flash_attn_with_kvcache call over the filled keys (on the GPU the
+    decode kernel, which reads no more of the cache), under inference_mode, and the logits of
+    every step equal the model's own SDPA's."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    decode_calls = []
+    original = hf._cuflash_torch.flash_attn_with_kvcache
+    monkeypatch.setattr(hf._cuflash_torch, "flash_attn_with_kvcache",
+                        lambda *args, **kwargs: decode_calls.append(kwargs["cache_seqlens"].tolist()) or original(
+                            *args, **kwargs))
+    ids = random_ids(2, 7).to(device)
+    steps = []
+    for model in (reference, ours):
+        with torch.inference_mode():
+            cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+            out = model(ids, past_key_values=cache, use_cache=True)
+            logits = [out.logits[:, -1]]
+            for _ in range(4):
+                token = logits[-1].argmax(-1, keepdim=True)
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1])
+        steps.append(torch.stack(logits))
+    torch.testing.assert_close(steps[1], steps[0], **TOLERANCE[dtype])
+    window = getattr(ours.config, "sliding_window", None)  # (a sliding layer's static cache holds the window)
+    assert decode_calls == [[min(n, window or n)] * 2 for n in range(8, 12) for _ in range(LAYERS)]
+    assert hf.COUNTS["fallback"] == 0 and hf.COUNTS["cuflash"] == 5 * LAYERS
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_cache_filled_to_each_rows_length_is_read_as_lengths(grad):
+    """The function alone on a static cache's mask: rows filled to 5 and 9 of 12 slots, three
+    queries (a chunk) at each row's last positions, a sliding window of 4 by their own positions
+    (a pattern transformers' SDPA mask makes and the key-padding form cannot hold): the kv-cache
+    path without gradients, the mask itself with them; both SDPA's output (and gradients)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 2
+
+    lengths, q_length, kv_length, window = torch.tensor([5, 9]), 3, 12, 4
+    i = torch.arange(q_length)[None, :, None]
+    j = torch.arange(kv_length)[None, None, :]
+    last = i + lengths[:, None, None] - q_length
+    mask = ((j < lengths[:, None, None]) & (j <= last) & (j > last - window))[:, None]
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, q_length, 8, dtype=torch.float64, generator=generator).requires_grad_(grad)
+    k = torch.randn(2, 2, kv_length, 8, dtype=torch.float64, generator=generator).requires_grad_(grad)
+    v = torch.randn(2, 2, kv_length, 8, dtype=torch.float64, generator=generator).requires_grad_(grad)
+    segments = hf._segments(mask, window)
+    assert segments.lengths.tolist() == [5, 9]
+    routed = []
+    original = hf._cuflash_torch.flash_attn_with_kvcache
+    hf._cuflash_torch.flash_attn_with_kvcache = lambda *a, **kw: routed.append(1) or original(*a, **kw)
+    try:
+        got, _ = hf.attention_forward(Module(), q, k, v, mask, scaling=0.3, sliding_window=window)
+    finally:
+        hf._cuflash_torch.flash_attn_with_kvcache = original
+    want, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert routed == ([] if grad else [1]) and hf.COUNTS == {"cuflash": 1, "fallback": 0, "fallback_reasons": {}}
+    if grad:
+        dout = torch.randn(want.shape, dtype=torch.float64, generator=generator)
+        grads = torch.autograd.grad(got, (q, k, v), dout)
+        want_grads = torch.autograd.grad(want, (q, k, v), dout)
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, **TOLERANCE[torch.float64])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_a_static_cache_step_runs_on_the_decode_kernel(dtype, monkeypatch):
+    """On the GPU a half-precision decoding step over a static cache (rows filled to 37 and 64 of
+    64 slots, GQA 8/2, D 128) is the decode kernel's: its launch ran (the first call's full path,
+    then the kept signature's), both calls give the same bits, within the tolerance rule of SDPA
+    in float64 over the same mask (baseline: SDPA in the same dtype)."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    from tolerance import assert_close
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from cuflash._gpu import decode
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 4
+
+    launched = []
+    launch = decode._Layout.launch
+    monkeypatch.setattr(decode._Layout, "launch", lambda self, *args: launched.append(1) or launch(self, *args))
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch_dtype, generator=generator)
+    k, v = (torch.randn(2, 2, 64, 128, device="cuda", dtype=torch_dtype, generator=generator) for _ in range(2))
+    mask = (torch.arange(64, device="cuda")[None, :] < torch.tensor([[37], [64]], device="cuda"))[:, None, None, :]
+    with torch.inference_mode():
+        first, _ = hf.attention_forward(Module(), q, k, v, mask, scaling=128 ** -0.5)
+        second, _ = hf.attention_forward(Module(), q, k, v, mask.clone(), scaling=128 ** -0.5)
+        want, _ = sdpa_attention_forward(Module(), q.double(), k.double(), v.double(), mask, scaling=128 ** -0.5)
+        plain, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=128 ** -0.5)
+    assert len(launched) == 2 and torch.equal(first, second)
+    pytest.importorskip("ml_dtypes")  # (numpy's name for bfloat16)
+    assert_close(*(x.double().cpu().numpy() for x in (first, want)), dtype=dtype, baseline=plain.double().cpu().numpy())

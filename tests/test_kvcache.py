@@ -777,7 +777,8 @@ from test_merge import pipeline  # noqa: E402,F401  (the fixture: test_pipeline'
 def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkeypatch, split):
     """DecodePlan.run without a GPU (the driver's launch recorded): decode_tc with the layout's
     grid and shared memory, then, when split, decode_combine with its grid and none, both on
-    CuPy's current stream with one argument, the address of this plan's params."""
+    CuPy's current stream with one argument, the address of this thread's launch arguments
+    holding this plan's params."""
     import ctypes
 
     cupy = pytest.importorskip("cupy")
@@ -785,9 +786,10 @@ def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkey
 
     from cuflash._gpu import decode
 
-    launches = []  # each launch's arguments, then the one kernel argument (read while it is alive)
-    monkeypatch.setattr(driver, "launchKernel",
-                        lambda *args: launches.append(args + (ctypes.c_uint64.from_address(args[9]).value,)))
+    launches = []  # each launch's arguments, then the one kernel argument's bytes (read at the launch)
+    size = decode.PARAMS_DTYPE.itemsize
+    monkeypatch.setattr(driver, "launchKernel", lambda *args: launches.append(
+        args + (ctypes.string_at(ctypes.c_uint64.from_address(args[9]).value, size),)))
     monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: type("Stream", (), {"ptr": 4242})())
 
     def kernel(ptr):
@@ -796,13 +798,15 @@ def test_a_decode_plan_launches_its_layouts_kernels_on_the_current_stream(monkey
     params = numpy.zeros((), dtype=decode.PARAMS_DTYPE)
     layout = decode._Layout(params.tobytes(), True, False, False, False, kernel(11), kernel(22) if split else None,
                             512, 9 if split else 0, 98304, 4 if split else 1, decode._carving(()))
-    plan = decode.DecodePlan(layout, params.copy(), (), None, "out", "lse")
+    call = params.copy()
+    call["q"], call["o"], call["seqlen_fixed"] = 0x7000, 0x9000, 77  # (a call's params, not the layout's)
+    plan = decode.DecodePlan(layout, call, (), None, "out", "lse")
     assert plan.run() == ("out", "lse") and plan.splits == layout.splits
     expected = [(11, 512, 98304)] + ([(22, 9, 0)] if split else [])
     assert [(a[0], a[1], a[7]) for a in launches] == expected
     for args in launches:
         assert args[2:7] == (1, 1, decode.THREADS, 1, 1) and args[8] == 4242 and args[10] == 0
-        assert args[11] == plan.params.ctypes.data  # this plan's params, not the layout's
+        assert args[11] == call.tobytes()
 
 
 def test_decode_params_struct_matches_its_numpy_mirror(pipeline):

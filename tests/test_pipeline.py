@@ -559,3 +559,14 @@ def test_the_dkdv_kernel_stores_dq_only_where_one_key_tile_holds_every_key():
     assert plan._backward_kernels(variants, False, True) == [variants.delta, variants.dkdv]
     assert plan._backward_kernels(variants, True, False)[-1] == variants.dq
     assert plan._backward_kernels(variants, False, False)[-1] == variants.dq_convert
+
+
+def test_every_params_struct_fits_the_launch_arguments():
+    """launch_args.ARGS holds the struct of every launch (plans, decode, append, merge, dbias)."""
+    from cuflash._gpu import bias_grad, decode, kvcache_append, launch_args, merge
+
+    structs = [params.FWD_PARAMS_DTYPE, params.BWD_PARAMS_DTYPE, params.FWD_TMA_PARAMS_DTYPE,
+               params.BWD_TMA_PARAMS_DTYPE, bias_grad.PARAMS_DTYPE, decode.PARAMS_DTYPE, kvcache_append.PARAMS_DTYPE,
+               merge.PARAMS_DTYPE]
+    assert max(struct.itemsize for struct in structs) <= launch_args.CAPACITY
+    assert launch_args.ARGS.bytes.size == launch_args.CAPACITY and launch_args.ARGS.bytes_ptr % 64 == 0

@@ -23,8 +23,9 @@ import math
 
 import numpy
 
-from . import kernels
-from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, set_row_shape
+from . import kernels, launch_args
+from .launch_args import ARGS
+from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, pointer_words, set_row_shape
 from .variant import CUDA_TYPES, HelperKernel
 
 THREADS = 128   # CUFLASH_DECODE_THREADS
@@ -50,6 +51,12 @@ PARAMS_DTYPE = numpy.dtype(
                                 "num_splits", "bottom_right", "capacity", "num_pages")],
     align=True,
 )
+# Word indices of a dense call's pointers (DenseDecodePlan.launch): its arrays, the partials, the
+# per-row ALiBi slopes and sinks.
+_DENSE_WORDS = pointer_words(PARAMS_DTYPE, ("q", "k_cache", "v_cache", "o", "lse"))
+_PARTIALS_WORDS = pointer_words(PARAMS_DTYPE, ("part_o", "part_lse"))
+_ROW_WORDS = {"alibi_slopes": pointer_words(PARAMS_DTYPE, ("fwd.alibi_slopes",))[0],
+              "sinks": pointer_words(PARAMS_DTYPE, ("fwd.sinks",))[0]}
 
 
 def _tile_bytes(rows: int, cols: int) -> int:
@@ -394,15 +401,18 @@ class _Layout:
 
     def launch(self, params: numpy.ndarray, stream: int) -> None:
         """decode_tc, then decode_combine when split, on ``stream``, their one argument ``params``
-        (a DecodeParams of this layout with a call's pointers; the driver copies it at the launch)."""
-        from cupy_backends.cuda.api import driver
+        (a DecodeParams of this layout with a call's pointers)."""
+        ARGS.bytes[:PARAMS_DTYPE.itemsize] = numpy.frombuffer(params, dtype=numpy.uint8)
+        self.launch_filled(stream)
 
-        argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream,
-                            argv.ctypes.data, 0)
+    def launch_filled(self, stream: int) -> None:
+        """``launch`` of the params already in this thread's launch arguments (launch_args.ARGS:
+        the driver copies them at each launch)."""
+        launch_kernel = launch_args.driver().launchKernel
+        launch_kernel(self.kernel.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, self.shared_mem, stream, ARGS.argv_ptr,
+                      0)
         if self.combine is not None:
-            driver.launchKernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream,
-                                argv.ctypes.data, 0)
+            launch_kernel(self.combine.kernel.ptr, self.combine_grid, 1, 1, THREADS, 1, 1, 0, stream, ARGS.argv_ptr, 0)
 
 
 def _layout(q, k_cache, v_cache, *, own_out, out, copy_q, copy_lengths, copy_table, new_keys, block_table, capacity,
@@ -650,7 +660,11 @@ class DenseDecodePlan:
         p["seqlen_fixed"] = p["capacity"] = seqlen_k  # (every sequence holds all Lk keys)
         (p["k_page_stride"], p["k_head_stride"], p["k_row_stride"],
          p["v_page_stride"], p["v_head_stride"], p["v_row_stride"]) = kv_strides
-        self.template = p.tobytes()
+        self.template = numpy.frombuffer(p.tobytes(), dtype=numpy.uint8)  # (DecodeParams' bytes)
+        # Split: (splits, rows, Dv) partial outs, then (splits, rows) partial lse, in one allocation.
+        total = math.prod(lse_shape)
+        self.partials = (layout.splits * total * (out_shape[-1] + 1),) if layout.splits > 1 else None
+        self.part_lse_bytes = 4 * layout.splits * total * out_shape[-1]
 
     def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
         """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
@@ -661,22 +675,22 @@ class DenseDecodePlan:
         return o, lse
 
     def launch(self, memory, q, k, v, o, lse, alibi_slopes, sinks) -> None:
-        """The launches into ``o`` and ``lse``: this call's pointers in the layout's params."""
-        layout, ptr = self.layout, memory.pointer
-        p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
-        p["q"], p["k_cache"], p["v_cache"], p["o"], p["lse"] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
-        kept = []  # (alive until the launches are queued)
-        for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
-            if x is not None:  # one float32 per (batch, query head), as the decode kernel reads them
-                rows = memory.empty(self.lse_shape[:2], _FLOAT32)
-                memory.copy(rows, x)
-                p["fwd"][name] = ptr(rows)
-                kept.append(rows)
-        if layout.splits > 1:  # (splits, rows, Dv) partial outs, then (splits, rows) partial lse
-            total, dv = math.prod(self.lse_shape), self.out_shape[-1]
-            partials = memory.empty((layout.splits * total * (dv + 1),), _FLOAT32)
-            p["part_o"] = ptr(partials)
-            p["part_lse"] = ptr(partials) + 4 * layout.splits * total * dv
-            kept.append(partials)
-        layout.launch(p, memory.stream())
-        del kept
+        """The launches into ``o`` and ``lse``: this call's pointers in the layout's params (filled
+        in this thread's launch arguments)."""
+        ptr = memory.pointer
+        rows = {}  # one float32 per (batch, query head) of the per-row inputs, as the kernel reads them
+        if alibi_slopes is not None or sinks is not None:
+            for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+                if x is not None:
+                    rows[name] = memory.empty(self.lse_shape[:2], _FLOAT32)
+                    memory.copy(rows[name], x)
+        partials = None if self.partials is None else memory.empty(self.partials, _FLOAT32)
+        ARGS.bytes[:self.template.size] = self.template
+        ARGS.words[_DENSE_WORDS] = ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)
+        if partials is not None:
+            at = ptr(partials)
+            ARGS.words[_PARTIALS_WORDS] = at, at + self.part_lse_bytes
+        for name, x in rows.items():
+            ARGS.words[_ROW_WORDS[name]] = ptr(x)
+        self.layout.launch_filled(memory.stream())
+        del rows, partials  # (alive until the launches are queued)

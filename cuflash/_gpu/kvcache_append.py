@@ -14,7 +14,9 @@ import dataclasses
 
 import numpy
 
-from . import kernels
+from . import kernels, launch_args
+from .launch_args import ARGS
+from .params import field_offset, pointer_words
 from .variant import HelperKernel
 
 THREADS = 128  # CUFLASH_APPEND_THREADS: a warp per new row
@@ -36,6 +38,8 @@ PARAMS_DTYPE = numpy.dtype(
                                 "seqlen_fixed", "page_size", "capacity", "num_pages")],
     align=True,
 )
+_POINTER_WORDS = pointer_words(PARAMS_DTYPE, ("k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table"))
+_SEQLEN_FIXED_WORD = field_offset(PARAMS_DTYPE, "seqlen_fixed") // 8
 
 
 def kernel(itemsize: int, arch: str) -> HelperKernel:
@@ -133,15 +137,13 @@ class AppendLaunch:
                seqlen_fixed: int, stream: int) -> None:
         """The launch from the arrays' addresses (0: no such array) on ``stream`` (copy_new's
         copies already made: ``run``'s)."""
-        from cupy_backends.cuda.api import driver
-
-        # (A copy of the template's bytes viewed as the struct: numpy's copy of a structured
-        # array walks its fields; the pointers and the int length are all that change.)
-        p = numpy.frombuffer(bytearray(self.template), dtype=PARAMS_DTYPE).reshape(())
-        p["k"], p["v"], p["k_cache"], p["v_cache"] = k, v, k_cache, v_cache
-        p["cache_seqlens"], p["block_table"], p["seqlen_fixed"] = cache_seqlens, block_table, seqlen_fixed
-        argv = numpy.array([p.ctypes.data], dtype=numpy.uint64)
-        driver.launchKernel(self.function.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, 0, stream, argv.ctypes.data, 0)
+        # (The template's bytes in this thread's launch arguments: the pointers and the int length
+        # are all that change.)
+        ARGS.bytes[:PARAMS_DTYPE.itemsize] = numpy.frombuffer(self.template, dtype=numpy.uint8)
+        ARGS.words[_POINTER_WORDS] = k, v, k_cache, v_cache, cache_seqlens, block_table
+        ARGS.words[_SEQLEN_FIXED_WORD] = seqlen_fixed
+        launch_args.driver().launchKernel(self.function.kernel.ptr, self.grid, 1, 1, THREADS, 1, 1, 0, stream,
+                                          ARGS.argv_ptr, 0)
 
 
 # Each signature's AppendLaunch, by ``launch_for``'s key; cleared when full (a process meets few).

@@ -15,7 +15,8 @@ import math
 
 import numpy
 
-from . import kernels
+from . import kernels, launch_args
+from .launch_args import ARGS
 from .plan import _merge_batch_axes
 from .variant import HelperKernel
 
@@ -96,11 +97,9 @@ def merge(outs, lses, *, num_parts: int, out_shape: tuple, dtype, lse_dtype):
         arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device(device).compute_capability))
         kernel = kernels.get_kernel(merge_kernel(numpy.dtype(dtype).name, arch), device)
         grid = min(-(-rows // (THREADS // lanes)), MAX_GRID_X)
-        argv = numpy.array([params.ctypes.data], dtype=numpy.uint64)
-        from cupy_backends.cuda.api import driver
-
-        driver.launchKernel(kernel.kernel.ptr, grid, 1, 1, THREADS, 1, 1, 0,
-                            cupy.cuda.get_current_stream().ptr, argv.ctypes.data, 0)
+        ARGS.bytes[:PARAMS_DTYPE.itemsize] = numpy.frombuffer(params, dtype=numpy.uint8)
+        launch_args.driver().launchKernel(kernel.kernel.ptr, grid, 1, 1, THREADS, 1, 1, 0,
+                                          cupy.cuda.get_current_stream().ptr, ARGS.argv_ptr, 0)
         return out, lse
 
 

@@ -50,6 +50,23 @@ def set_dkv_group(bwd, heads_per_block: int, dkv_adds: bool) -> None:
     bwd["dkv_adds"] = int(dkv_adds)
     bwd["dkv_group_div"] = fast_divisor(int(bwd["fwd"]["kv_group"]) if dkv_adds else int(heads_per_block))
 
+
+def field_offset(dtype, name: str) -> int:
+    """The byte offset of field ``name`` ("fwd.q" reaches into a nested struct)."""
+    offset, fields = 0, dtype
+    for part in name.split("."):
+        sub, at = fields.fields[part][:2]
+        offset, fields = offset + at, sub
+    return offset
+
+
+def pointer_words(dtype, names) -> numpy.ndarray:
+    """Word (8-byte) indices of the pointer fields ``names``."""
+    offsets = [field_offset(dtype, name) for name in names]
+    assert all(offset % 8 == 0 for offset in offsets)
+    return numpy.array([offset // 8 for offset in offsets], dtype=numpy.intp)
+
+
 FWD_PARAMS_DTYPE = numpy.dtype(
     [
         ("q", numpy.uint64),

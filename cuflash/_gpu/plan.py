@@ -18,11 +18,12 @@ from collections.abc import Callable
 import numpy
 
 from .. import _spec
-from . import bias_grad, decode, kernels, tiles, tma
+from . import bias_grad, decode, kernels, launch_args, tiles, tma
+from .launch_args import ARGS
 from .variant import HelperKernel
 from .params import (ALL_KEY_ROWS, BWD_PARAMS_DTYPE, BWD_TMA_MAPS, BWD_TMA_PARAMS_DTYPE, FWD_PARAMS_DTYPE,
-                     FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS, set_dkv_group,
-                     set_row_shape)
+                     FWD_TMA_PARAMS_DTYPE, MAX_BATCH_DIMS, OTHER_KEY_ROWS, PREFIX_KEY_ROWS, TMA_MAPS, field_offset,
+                     pointer_words, set_dkv_group, set_row_shape)
 
 LOG2E = 1.4426950408889634
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
@@ -174,53 +175,13 @@ def _launch_of(variant, device: int, grid_x: int, length: int, tile: int, key_ro
     return Launch(kernel, kernel.kernel.ptr, *blocks, variant.threads, variant.shared_mem, key_rows, grid[1])
 
 
-class _Scratch(threading.local):
-    """This thread's params bytes and the one-entry argument array that points at them (a kernel
-    taking one struct), and eight 8-byte argument slots with the array of their addresses (a
-    helper kernel taking scalars: ``_launch_helper``). The driver copies the arguments when a
-    launch is issued (or captured into a graph), so one buffer serves every launch of the thread.
-    The bytes start on a 64-byte boundary, as a tensor map inside them must (``_Plan.maps``)."""
-
-    def __init__(self):
-        size = max(BWD_TMA_PARAMS_DTYPE.itemsize, bias_grad.PARAMS_DTYPE.itemsize)
-        self._raw = numpy.zeros(size + 64, dtype=numpy.uint8)
-        start = -self._raw.ctypes.data % 64
-        self.bytes = self._raw[start: start + size]
-        self.words = self.bytes.view(numpy.uint64)
-        self.ints = self.bytes.view(numpy.int32)
-        self.argv = numpy.array([self.bytes.ctypes.data], dtype=numpy.uint64)
-        self.argv_ptr = int(self.argv.ctypes.data)
-        self.slots = numpy.zeros(8, dtype=numpy.int64)
-        self.slots_argv = self.slots.ctypes.data + 8 * numpy.arange(8, dtype=numpy.uint64)
-        self.slots_argv_ptr = int(self.slots_argv.ctypes.data)
-
-
-_SCRATCH = _Scratch()
-
-
 def _launch_helper(memory, kernel, blocks: int, threads: int, args) -> None:
     """One launch of a helper kernel (a ``kernels.get_kernel`` cupy.RawKernel taking scalars) on
     the memory's stream: ``args`` its pointers and 64-bit integers, a 32-bit integer in the low
     half of its slot (the driver reads 4 bytes there)."""
-    scratch = _SCRATCH
-    scratch.slots[: len(args)] = args
-    _driver().launchKernel(kernel.kernel.ptr, blocks, 1, 1, threads, 1, 1, 0, memory.stream(), scratch.slots_argv_ptr, 0)
-
-
-def _field_offset(dtype, name: str) -> int:
-    """The byte offset of field ``name`` ("fwd.q" reaches into a nested struct)."""
-    offset, fields = 0, dtype
-    for part in name.split("."):
-        sub, at = fields.fields[part][:2]
-        offset, fields = offset + at, sub
-    return offset
-
-
-def _pointer_words(dtype, names) -> numpy.ndarray:
-    """Word (8-byte) indices of the pointer fields ``names``."""
-    offsets = [_field_offset(dtype, name) for name in names]
-    assert all(offset % 8 == 0 for offset in offsets)
-    return numpy.array([offset // 8 for offset in offsets], dtype=numpy.intp)
+    ARGS.slots[: len(args)] = args
+    launch_args.driver().launchKernel(kernel.kernel.ptr, blocks, 1, 1, threads, 1, 1, 0, memory.stream(),
+                                      ARGS.slots_argv_ptr, 0)
 
 
 _FWD_POINTERS = ("q", "k", "v", "o", "lse")
@@ -228,10 +189,10 @@ _BWD_POINTERS = tuple(f"fwd.{n}" for n in _FWD_POINTERS) + ("dout", "dq", "dk", 
 _PACKED_POINTERS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")  # a packed batch's, after the others
 # Pointer words by (backward, packed).
 _WORDS = {
-    (False, False): _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS),
-    (False, True): _pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS + _PACKED_POINTERS),
-    (True, False): _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS),
-    (True, True): _pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS + tuple(f"fwd.{n}" for n in _PACKED_POINTERS)),
+    (False, False): pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS),
+    (False, True): pointer_words(FWD_PARAMS_DTYPE, _FWD_POINTERS + _PACKED_POINTERS),
+    (True, False): pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS),
+    (True, True): pointer_words(BWD_PARAMS_DTYPE, _BWD_POINTERS + tuple(f"fwd.{n}" for n in _PACKED_POINTERS)),
 }
 
 
@@ -251,12 +212,12 @@ def _words(dtype, backward: bool, packed: bool) -> numpy.ndarray:
         return _WORDS[backward, packed]
     names = (_BWD_POINTERS if backward else _FWD_POINTERS) + (
         tuple(("fwd." if backward else "") + n for n in _PACKED_POINTERS) if packed else ())
-    return _pointer_words(dtype, [path + n for n in names])
+    return pointer_words(dtype, [path + n for n in names])
 
 
 def _maps(dtype) -> tuple:
     """(byte offset, pointer index) of each tensor map of a struct of ``dtype`` (none: ())."""
-    return tuple((_field_offset(dtype, name), index) for name, index in _MAP_POINTERS.get(dtype, {}).items())
+    return tuple((field_offset(dtype, name), index) for name, index in _MAP_POINTERS.get(dtype, {}).items())
 
 
 def _packed_pointers(memory, packed) -> tuple:
@@ -284,11 +245,11 @@ class _Plan:
         fwd = _FWD_PATH[struct.dtype]
         for inputs in (score_inputs, per_row):
             if inputs is not None:
-                words = numpy.concatenate([words, _pointer_words(struct.dtype, [fwd + n for n in inputs.POINTERS])])
+                words = numpy.concatenate([words, pointer_words(struct.dtype, [fwd + n for n in inputs.POINTERS])])
         self.words = words
         self.launches = launches
-        self.key_rows_at = _field_offset(struct.dtype, fwd + "key_rows") // 4
-        self.query_tiles_at = _field_offset(struct.dtype, fwd + "query_tiles") // 4
+        self.key_rows_at = field_offset(struct.dtype, fwd + "key_rows") // 4
+        self.query_tiles_at = field_offset(struct.dtype, fwd + "query_tiles") // 4
 
     def _modifier_pointers(self, memory, bias, mask, alibi_slopes, sinks, reuse=None,
                            keep=None) -> tuple[tuple, tuple]:
@@ -308,19 +269,18 @@ class _Plan:
         return pointers, kept
 
     def _run(self, memory, pointers) -> None:
-        scratch = _SCRATCH
-        scratch.bytes[: self.template.size] = self.template
-        scratch.words[self.words] = pointers
+        ARGS.bytes[: self.template.size] = self.template
+        ARGS.words[self.words] = pointers
         if self.maps:
-            base = scratch.bytes.ctypes.data
+            base = ARGS.bytes_ptr
             for offset, index in self.maps:
                 tma.replace_address_in_place(base + offset, pointers[index])
-        stream = memory.stream()
+        stream, launch_kernel = memory.stream(), launch_args.driver().launchKernel
         for launch in self.launches:
-            scratch.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
-            scratch.ints[self.query_tiles_at] = launch.query_tiles
-            _driver().launchKernel(launch.function, launch.grid_x, launch.grid_y, 1, launch.threads, 1, 1,
-                                   launch.shared_mem, stream, scratch.argv_ptr, 0)
+            ARGS.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
+            ARGS.ints[self.query_tiles_at] = launch.query_tiles
+            launch_kernel(launch.function, launch.grid_x, launch.grid_y, 1, launch.threads, 1, 1, launch.shared_mem,
+                          stream, ARGS.argv_ptr, 0)
 
 
 class ForwardPlan(_Plan):
@@ -374,7 +334,7 @@ class BackwardPlan(_Plan):
         # at it; arrays the launches read, kept with the plan).
         self.dbias = dbias
         if dbias is not None:
-            self.words = numpy.concatenate([self.words, _pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
+            self.words = numpy.concatenate([self.words, pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None,
             prepared=None):
@@ -525,18 +485,6 @@ def signature(kind: str, arrays, options) -> tuple | None:
         parts.append((x.dtype, x.shape, x.strides, memory.ptr % 16 == 0))
     parts.append(device)
     return tuple(parts)
-
-
-_DRIVER = None
-
-
-def _driver():
-    global _DRIVER
-    if _DRIVER is None:
-        from cupy_backends.cuda.api import driver
-
-        _DRIVER = driver
-    return _DRIVER
 
 
 def on_arrays_device(function):
@@ -1439,14 +1387,13 @@ class _BiasGradient:
         self.kernels = [spec for spec, *_ in self.passes]
 
     def run(self, memory, dscores):
-        scratch = _SCRATCH
         summed = dscores
         for spec, params, blocks, entries, dtype in self.passes:
             out = memory.empty((entries,), dtype)
-            scratch.bytes[: params.size] = params
-            scratch.words[:2] = memory.pointer(summed), memory.pointer(out)  # PARAMS_DTYPE's dscores, dbias
-            _driver().launchKernel(kernels.function_pointer(spec, self.device), blocks, 1, 1, bias_grad.THREADS, 1, 1,
-                                   0, memory.stream(), scratch.argv_ptr, 0)
+            ARGS.bytes[: params.size] = params
+            ARGS.words[:2] = memory.pointer(summed), memory.pointer(out)  # PARAMS_DTYPE's dscores, dbias
+            launch_args.driver().launchKernel(kernels.function_pointer(spec, self.device), blocks, 1, 1,
+                                              bias_grad.THREADS, 1, 1, 0, memory.stream(), ARGS.argv_ptr, 0)
             summed = out
         return summed.reshape(self.shape)
 
