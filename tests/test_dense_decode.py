@@ -119,10 +119,14 @@ def _check(dtype, q, k, v, out, lse, options):
             if name in ("alibi_slopes", "sinks")}
     plain = {name: x for name, x in options.items() if name not in host}
     ref_out, ref_lse = score_mods_ref(*exact, **plain, **host)
-    baseline = score_mods_ref(*exact, **plain, **host, dtype=numpy.dtype(dtype))[0]
-    assert_close(to_numpy(out).astype(numpy.float64), ref_out, dtype=numpy.dtype(dtype), baseline=baseline,
+    baseline_out, baseline_lse = score_mods_ref(*exact, **plain, **host, dtype=numpy.dtype(dtype))
+    assert_close(to_numpy(out).astype(numpy.float64), ref_out, dtype=numpy.dtype(dtype), baseline=baseline_out,
                  name="out")
-    assert_close(to_numpy(lse).astype(numpy.float64), ref_lse, dtype=numpy.float32, kind="lse", name="lse")
+    # lse is float32, but its scores are q's precision: bf16 kernels take softcap's tanh on the special-function
+    # unit (score_mod.cuh, relative error 2^-11), which 64 float32 ulps alone did not always cover (two seeds in
+    # 384 cases, 2026-12-04). The same-dtype baseline's lse error bounds it, as in test_score_mods.
+    assert_close(to_numpy(lse).astype(numpy.float64), ref_lse, dtype=numpy.float32, baseline=baseline_lse,
+                 kind="lse", name="lse")
 
 
 OPTIONS = {
