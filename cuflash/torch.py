@@ -440,9 +440,13 @@ def _remember_kv(key, known, q_shape, out_shape) -> None:
     """Keep ``known`` (the CuPy API's _Known of this call, or None) for the torch key ``key``
     when its launch can run from addresses alone: the kernels write out in place and read q,
     the lengths and the table where they lie, no ALiBi or sinks, new keys read in place."""
-    layout = None if known is None else known.layout
-    if (layout is None or layout.own_out or layout.copy_q or layout.copy_lengths or layout.copy_table
-            or layout.carve[1][5] is not None or layout.carve[1][6] is not None
+    if known is None:
+        return
+    from ._gpu.decode import Part  # (loaded already: known's layout is decode's)
+
+    layout = known.layout
+    if (layout.own_out or layout.copy_q or layout.copy_lengths or layout.copy_table
+            or layout.carve[1][Part.SLOPES] is not None or layout.carve[1][Part.SINKS] is not None
             or (known.append is not None and known.append.copy_new)):
         return
     if len(_KV_KNOWN) >= _MEMO_LIMIT:
@@ -456,7 +460,9 @@ class _KvKnown:
 
     def __init__(self, known, out_shape):
         self.known, self.out_shape = known, out_shape  # out (B, Lq, H, Dv), as flash-attn returns it
-        part = known.layout.carve[1][1]  # lse's (shape, dtype, offset) in the layout's allocation
+        from ._gpu.decode import Part
+
+        part = known.layout.carve[1][Part.LSE]  # lse's (shape, dtype, offset) in the layout's allocation
         self.lse_shape, self.lse_bytes = part[0], (part[2], part[2] + 4 * math.prod(part[0]))
 
     def run(self, q, k_cache, v_cache, k, v, cache_seqlens, block_table):

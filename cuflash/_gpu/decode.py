@@ -221,7 +221,8 @@ class DecodePlan:
     def workspace(self) -> tuple:
         """(part_o, part_lse) when split, else (): the splits' partials, as arrays (the launches
         take their addresses alone; tests poison them)."""
-        return tuple(_part(self.memory, self.layout.carve, i) for i in (2, 3)) if self.layout.splits > 1 else ()
+        return tuple(_part(self.memory, self.layout.carve, i) for i in (Part.PARTIAL_O, Part.PARTIAL_LSE)
+                     ) if self.layout.splits > 1 else ()
 
     def run(self):
         import cupy
@@ -237,6 +238,14 @@ def writable_out(out) -> bool:
     strides = _elements(out)
     return (strides is not None and strides[3] == 1 and all(s % 2 == 0 for s in strides[:3])
             and out.data.ptr % 4 == 0)
+
+
+class Part:
+    """The parts of a layout's one device allocation (``_Layout.carve``), by index: out (where
+    the plan owns it), lse, the splits' partial outs and lses, q's copy, the per-row ALiBi slopes
+    and sinks, the lengths' and the block table's copies."""
+
+    OUT, LSE, PARTIAL_O, PARTIAL_LSE, Q_COPY, SLOPES, SINKS, LENGTHS, TABLE = range(9)
 
 
 def _carving(specs) -> tuple:
@@ -328,26 +337,26 @@ def plan_call(layout: "_Layout", q, k_cache, v_cache, *, cache_seqlens, seqlen_f
     # One allocation for everything the launches write or read beyond the caller's arrays; arrays
     # made of the parts a call hands out or copies into (the partials' addresses are enough).
     memory = cupy.cuda.alloc(layout.carve[0])
-    lse = _part(memory, layout.carve, 1)
+    lse = _part(memory, layout.carve, Part.LSE)
     if own_out:
-        out = _part(memory, layout.carve, 0)
+        out = _part(memory, layout.carve, Part.OUT)
     if copy_q:  # small: the queries, not the cache
-        q_copy = _part(memory, layout.carve, 4)
+        q_copy = _part(memory, layout.carve, Part.Q_COPY)
         q_copy.view(f"u{q.itemsize}")[...] = q.view(f"u{q.itemsize}")
         q = q_copy
     if copy_lengths:
-        lengths = _part(memory, layout.carve, 7)
+        lengths = _part(memory, layout.carve, Part.LENGTHS)
         lengths[...] = cache_seqlens
         cache_seqlens = lengths
     if copy_table:
-        table = _part(memory, layout.carve, 8)
+        table = _part(memory, layout.carve, Part.TABLE)
         table[...] = block_table
         block_table = table
     p = params_for(layout, q.data.ptr, k_cache.data.ptr, v_cache.data.ptr, out.data.ptr, memory.ptr,
                    0 if cache_seqlens is None else cache_seqlens.data.ptr,
                    0 if block_table is None else block_table.data.ptr, seqlen_fixed)
     lead = (int(q.shape[0]), int(q.shape[1]))
-    for name, x, index in (("alibi_slopes", alibi_slopes, 5), ("sinks", sinks, 6)):
+    for name, x, index in (("alibi_slopes", alibi_slopes, Part.SLOPES), ("sinks", sinks, Part.SINKS)):
         if x is not None:
             rows_of = _part(memory, layout.carve, index)
             _rows_into(cupy, rows_of, x, lead)
@@ -367,10 +376,10 @@ def params_for(layout: "_Layout", q: int, k_cache: int, v_cache: int, out: int, 
     p = numpy.frombuffer(bytearray(layout.template), dtype=PARAMS_DTYPE).reshape(())
     p["seqlen_fixed"] = seqlen_fixed
     p["q"], p["k_cache"], p["v_cache"], p["o"] = q, k_cache, v_cache, out
-    p["lse"] = memory + layout.carve[1][1][2]
+    p["lse"] = memory + layout.carve[1][Part.LSE][2]
     p["cache_seqlens"], p["block_table"] = cache_seqlens, block_table
     if layout.splits > 1:
-        p["part_o"], p["part_lse"] = (memory + layout.carve[1][i][2] for i in (2, 3))
+        p["part_o"], p["part_lse"] = (memory + layout.carve[1][i][2] for i in (Part.PARTIAL_O, Part.PARTIAL_LSE))
     return p
 
 
@@ -397,7 +406,7 @@ class _Layout:
     combine_grid: int
     shared_mem: int
     splits: int
-    carve: tuple  # _carving((out, lse, part_o, part_lse, q copy, slopes, sinks, lengths copy, table copy))
+    carve: tuple  # _carving's (bytes, parts) of the call's one allocation, its parts in Part's order
 
     def launch(self, params: numpy.ndarray, stream: int) -> None:
         """decode_tc, then decode_combine when split, on ``stream``, their one argument ``params``
