@@ -148,13 +148,18 @@ def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad:
     key = plans.signature(kind, arrays + parts[0], parts[1])
     if key is None:
         return None, None
-    plan = plans.PLANS.get(key)
-    if plan is None and plans.FAMILIES and kind == "attention":  # one key more than a call before (decoding)?
-        k, v = arrays[1], arrays[2]
-        strides = [tuple(step // x.itemsize for step in x.strides) for x in (k, v)]
-        if all(step * x.itemsize == given for x, s in zip((k, v), strides) for step, given in zip(s, x.strides)):
-            plan = plans.family_plan(key, (k.shape[-2], v.shape[-2]), strides)
-    return key, plan
+    return key, plans.kept_plan(key, arrays[1], arrays[2], _element_strides)
+
+
+def _element_strides(*arrays):
+    """CuPy arrays' byte strides in elements, or None where one is not a whole number of them."""
+    strides = []
+    for x in arrays:
+        size = x.itemsize
+        if any(step % size for step in x.strides):
+            return None
+        strides.append(tuple(step // size for step in x.strides))
+    return strides
 
 
 def plan_key_parts(bias, mask, options: tuple, bias_grad: bool = False, per_row=()):

@@ -1093,10 +1093,7 @@ def _cached_plan(kind, tensors, options):
     for t in tensors:
         parts.append((t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0))
     key = tuple(parts)
-    plan = _gpu_plan.PLANS.get(key)
-    if plan is None and _gpu_plan.FAMILIES and kind == "attention":  # one key more than a call before (decoding)?
-        k, v = tensors[1], tensors[2]
-        plan = _gpu_plan.family_plan(key, (k.shape[-2], v.shape[-2]), (k.stride(), v.stride()))
+    plan = _gpu_plan.kept_plan(key, tensors[1], tensors[2], _strides)
     if plan is None:
         return key, None, None
     device = tensors[0].device
@@ -1104,6 +1101,11 @@ def _cached_plan(kind, tensors, options):
     if memory is None:
         memory = _MEMORY[device] = _TorchMemory(device)
     return key, plan, memory
+
+
+def _strides(*tensors):
+    """The tensors' strides (torch's are in elements)."""
+    return [t.stride() for t in tensors]
 
 
 def _on_device(device):

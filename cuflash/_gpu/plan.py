@@ -456,6 +456,19 @@ def family_plan(key, lengths, strides):
     return plan
 
 
+def kept_plan(key, k, v, element_strides):
+    """The plan kept under ``key``, else, for a forward's key where plans were made by family (a
+    decoding loop: one key more than a call before), its family's for k's and v's key counts and
+    ``element_strides(k, v)`` (their strides in elements; None: not whole elements, no plan). The
+    lookup of every planned call, CuPy's and the torch adapter's (each with its arrays' strides)."""
+    plan = PLANS.get(key)
+    if plan is None and FAMILIES and key[0] == "attention":
+        strides = element_strides(k, v)
+        if strides is not None:
+            plan = family_plan(key, (k.shape[-2], v.shape[-2]), strides)
+    return plan
+
+
 def forget() -> None:
     """Drop every plan and compiled kernel of this process (the next calls rebuild them)."""
     PLANS.clear()
