@@ -85,16 +85,19 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     (float32, float64 for float64 inputs) carries no gradient. ``precision`` as
     :func:`cuflash.attention`'s (forward and backward).
     """
+    # Traced by torch.compile: no memo read or written (a traced read of one makes the graph guard
+    # on the memo's contents, and any later call that adds an entry would recompile it).
+    compiling = torch.compiler.is_compiling()
     causal_name, window_left, window_right, scale, softcap, deterministic, return_lse = _call_options(
-        causal, window, scale, softcap, deterministic, return_lse)
+        causal, window, scale, softcap, deterministic, return_lse, remember=not compiling)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
     for name, tensor in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("bias", bias), ("mask", mask)):
         if tensor is not None:
             _check_tensor(name, tensor)
-    precision = _precision(precision, q.dtype)
+    precision = _precision(precision, q.dtype, remember=not compiling)
     options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes, precision)
-    if torch.compiler.is_compiling() or q.device.type == "meta":
+    if compiling or q.device.type == "meta":
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
         out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, options)
@@ -654,9 +657,10 @@ def _flash_conventions(softmax_scale, causal, window_size, softcap):
     """flash-attn's scale, window and softcap in cuflash's terms, checked under flash-attn's names:
     ``window_size`` is a (left, right) pair of ints (0-d integer tensors too, as flash-attn's
     callers pass them), -1 unbounded; causal sets its right side to 0 (cuflash itself refuses a
-    positive one); softcap 0 means none."""
+    positive one); softcap 0 means none. Memoized, but not while torch.compile traces (as
+    ``attention``'s options)."""
     key = None
-    if _plain_flash_options(softmax_scale, causal, window_size, softcap):
+    if _plain_flash_options(softmax_scale, causal, window_size, softcap) and not torch.compiler.is_compiling():
         key = (softmax_scale, type(softmax_scale), causal, window_size, softcap, type(softcap))
         resolved = _FLASH_CONVENTIONS.get(key)
         if resolved is not None:
@@ -785,11 +789,12 @@ _PRECISIONS: dict = {}
 _MEMO_LIMIT = 512  # distinct spellings kept (a program uses a handful)
 
 
-def _call_options(causal, window, scale, softcap, deterministic, return_lse):
+def _call_options(causal, window, scale, softcap, deterministic, return_lse, remember=True):
     """(causal name, window_left, window_right, scale, softcap, deterministic, return_lse) with
-    cuflash.attention's checks and messages; ``scale`` None stays None (the head dim decides)."""
+    cuflash.attention's checks and messages; ``scale`` None stays None (the head dim decides).
+    ``remember``: use the memo of resolved options (not while torch.compile traces)."""
     key = None
-    if (type(deterministic) is bool and type(return_lse) is bool
+    if (remember and type(deterministic) is bool and type(return_lse) is bool
             and _api._plain_options(scale, causal, window, None, softcap)):
         key = (causal, window, scale, type(scale), softcap, type(softcap), deterministic, return_lse)
         resolved = _CALL_OPTIONS.get(key)
@@ -805,9 +810,9 @@ def _call_options(causal, window, scale, softcap, deterministic, return_lse):
     return resolved
 
 
-def _precision(precision, dtype):
-    """_spec.resolve_precision for inputs of torch ``dtype``."""
-    key = (precision, dtype) if type(precision) in (str, type(None)) else None
+def _precision(precision, dtype, remember=True):
+    """_spec.resolve_precision for inputs of torch ``dtype``; ``remember`` as _call_options'."""
+    key = (precision, dtype) if remember and type(precision) in (str, type(None)) else None
     resolved = _PRECISIONS.get(key) if key is not None else None
     if resolved is None:
         resolved = _spec.resolve_precision(precision, str(dtype).removeprefix("torch."))

@@ -514,6 +514,31 @@ def test_torch_compile_fullgraph_drop_ins(randt):
     torch.testing.assert_close(flash(q), ct.flash_attn_func(q, q, q, causal=True))
 
 
+def test_compiled_calls_compile_once_whatever_eager_calls_come_between(randt):
+    """Nothing the adapter remembers between calls (its memos of resolved options) is read while
+    torch.compile traces: a value read there becomes a guard of the graph, which eager calls with
+    other options (new memo entries) would then fail, recompiling it at every call."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def calls(q):
+        return (ct.attention(q, q, q, causal=True, window=(3, 0), scale=0.5)
+                + ct.flash_attn_func(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), softmax_scale=0.5,
+                                     window_size=(3, 3)).transpose(1, 2)
+                + ct.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+    q = randt(2, 4, 6, 8)
+    first = calls(q)
+    for n in range(3):  # eager calls with options the memos have not seen
+        ct.attention(q, q, q, window=(n, n), scale=0.25 + n)
+        ct.flash_attn_func(q, q, q, softmax_scale=0.1 * (n + 1), window_size=(n, n), causal=True)
+        torch.testing.assert_close(calls(q), first)
+    assert counter.frame_count == 1
+
+
 # --- crossing: DLPack on the CPU ----------------------------------------------------------------
 
 
