@@ -38,6 +38,14 @@ support falls back to SDPA's integration (same arguments), with a one-time warni
 any other mask tensor (custom patterns), dropout > 0, ``position_bias``,
 tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
+
+Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
+the forward compiled in ``mode="reduce-overhead"``) a mask reaches cuflash's attention op as it
+is, whatever its pattern: the faster eager forms above need the mask's pattern read on the host,
+which a traced graph cannot do (and a CUDA graph replay would skip). Nothing this module or
+``cuflash.torch`` remembers between calls is read while tracing, and :data:`COUNTS` counts eager
+calls only: a value read in a traced function becomes a guard of its graph, recompiled whenever
+the value changes.
 """
 import dataclasses
 import warnings
@@ -164,13 +172,25 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
 # --- the attention function ----------------------------------------------------------------------
 
 
-def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+def _count(reason=None):
+    """One call in COUNTS: cuflash's (``reason`` None) or a fallback to SDPA for ``reason``, warned
+    once. Eager calls only: inside torch.compile a read of the counters would make the graph guard
+    on their values, i.e. recompile at every call."""
+    if torch.compiler.is_compiling():
+        return
+    if reason is None:
+        COUNTS["cuflash"] += 1
+        return
     COUNTS["fallback"] += 1
     COUNTS["fallback_reasons"][reason] = COUNTS["fallback_reasons"].get(reason, 0) + 1
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"cuflash.hf: {reason}, which cuflash does not support yet; this call and those "
-                      "like it run transformers' SDPA attention instead (warned once)", stacklevel=3)
+                      "like it run transformers' SDPA attention instead (warned once)", stacklevel=4)
+
+
+def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    _count(reason)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 
@@ -429,6 +449,27 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     return None
 
 
+def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal, kwargs):
+    """attention_forward's call with a mask inside torch.compile: the mask itself, whatever its
+    pattern, through cuflash's attention op (boolean: True = visible; floating: added to the
+    scores), with no host read of its values (a traced graph cannot make one, and a CUDA graph
+    replays without one: transformers' StaticCache decoding under ``mode="reduce-overhead"``).
+    The eager path's faster forms (each sequence on its own tokens, the kv-cache kernel over a
+    static cache's filled keys) need the mask's pattern on the host first. The mask holds the
+    causal rule and any sliding window, as for SDPA."""
+    mask_kind = ("mask" if attention_mask.dtype == torch.bool else
+                 "bias" if attention_mask.is_floating_point() else None)
+    reason = _unsupported(query, key, value, None, dropout, softcap, kwargs)
+    if reason is None and mask_kind is None:
+        reason = f"an attention mask of dtype {attention_mask.dtype} (neither boolean nor floating) was passed"
+    if reason is not None:
+        return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    _count()
+    out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
+                                   **{mask_kind: attention_mask})
+    return out.transpose(1, 2).contiguous(), None
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers' attention-function signature, run by cuflash.
@@ -437,13 +478,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     ``(attn_output (B, Lq, Hq, Dv) contiguous, None)``. See the module docstring for the rules and
     the fallbacks.
     """
+    if attention_mask is not None and torch.compiler.is_compiling():
+        return _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal,
+                                 kwargs)
     segments = None if attention_mask is None else _segments(attention_mask, sliding_window)
     reason = _unsupported(query, key, value, attention_mask if segments is None else None, dropout, softcap, kwargs)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if segments is not None:  # padded and/or packed: every sequence on its own tokens
         window = (int(sliding_window) - 1, 0) if sliding_window is not None else None
-        COUNTS["cuflash"] += 1
+        _count()
         out = _attention_of_segments(query, key, value, segments, scaling, window, softcap or None,
                                      kwargs.get("s_aux"))
         return out.contiguous(), None
@@ -460,7 +504,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if causal and sliding_window is not None and 0 < sliding_window < key.shape[2]:
         window = (int(sliding_window) - 1, 0)  # transformers: kv_idx > q_idx - sliding_window
 
-    COUNTS["cuflash"] += 1
+    _count()
     out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left" if causal else False,
                                    window=window, softcap=softcap or None, sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None

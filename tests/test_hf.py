@@ -667,3 +667,112 @@ def test_gpu_a_static_cache_step_runs_on_the_decode_kernel(dtype, monkeypatch):
     assert len(launched) == 2 and torch.equal(first, second)
     pytest.importorskip("ml_dtypes")  # (numpy's name for bfloat16)
     assert_close(*(x.double().cpu().numpy() for x in (first, want)), dtype=dtype, baseline=plain.double().cpu().numpy())
+
+
+# --- inside torch.compile ------------------------------------------------------------------------
+
+
+def _compile_counting(function):
+    """torch.compile(fullgraph=True) of ``function`` through a backend that counts the graphs it
+    compiles and the operators they call (the graph runs as traced, no code generation)."""
+    import torch._dynamo.testing
+
+    targets = []
+
+    class Counter(torch._dynamo.testing.CompileCounter):
+        def __call__(self, graph_module, example_inputs):
+            targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+            return super().__call__(graph_module, example_inputs)
+
+    torch._dynamo.reset()  # (a model compiled before would leave its graphs and dynamic sizes to this one)
+    counter = Counter()
+    return torch.compile(function, backend=counter, fullgraph=True), counter, targets
+
+
+def _static_cache_decode(model, ids, steps, forward, device, tokens=None):
+    """Decoding over transformers' StaticCache: the prompt eagerly, then ``steps`` tokens through
+    ``forward`` (the model's forward, compiled or not), greedy or the given ``tokens`` (B, steps);
+    (the last logits of each call, the tokens fed)."""
+    with torch.no_grad():
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        out = model(ids, past_key_values=cache, use_cache=True)
+        logits, fed = [out.logits[:, -1].clone()], []
+        for step, position in enumerate(range(ids.shape[1], ids.shape[1] + steps)):
+            token = logits[-1].argmax(-1, keepdim=True) if tokens is None else tokens[:, step:step + 1]
+            fed.append(token)
+            out = forward(token, past_key_values=out.past_key_values, use_cache=True,
+                          cache_position=torch.tensor([position], device=device))
+            logits.append(out.logits[:, -1].clone())  # (a CUDA graph's next replay reuses its outputs)
+    return torch.stack(logits), torch.cat(fed, dim=1)
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+def test_static_cache_decoding_compiles_to_one_graph_of_cuflash_ops(config):
+    """transformers' recipe for fast generation, StaticCache with a compiled forward
+    (``fullgraph=True``): each step's mask reaches cuflash's attention op inside the graph (no
+    host read of the mask, which a graph cannot make and a CUDA graph replay would skip), as
+    many graphs as the same model compiled with SDPA (one; a sliding layer's cache makes
+    transformers recompile once: no recompilation of cuflash's making, as nothing cuflash.hf or
+    cuflash.torch remembers is read while tracing), and the logits of every step are SDPA's."""
+    dtype = torch.float64
+    reference, ours = model_pair(config(), dtype)
+    ids = random_ids(2, 7)
+    forward_ref, counter_ref, _ = _compile_counting(reference.forward)
+    want, _ = _static_cache_decode(reference, ids, 5, forward_ref, "cpu")
+    forward, counter, targets = _compile_counting(ours.forward)
+    got, _ = _static_cache_decode(ours, ids, 5, forward, "cpu")
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert counter.frame_count == counter_ref.frame_count <= 2
+    assert targets.count("cuflash.attention_fwd") == LAYERS * counter.frame_count
+    assert not any("scaled_dot" in t for t in targets)
+    # (the eager prompt's calls only: a compiled graph's calls are not counted)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_training_steps_compile_once(padded):
+    """A compiled training step (loss and backward, ``fullgraph=True``) of a causal batch, left-
+    and right-padded or not: one graph for three steps, cuflash's op in it (the padded batch's
+    mask itself: its sequences' pattern would need a host read), and the loss and gradients of
+    the same steps compiled with SDPA."""
+    dtype = torch.float64
+    reference, ours = model_pair(llama_config(), dtype)
+    ids = random_ids(2, 9)
+    mask = _padding_mask(ids) if padded else torch.ones_like(ids)
+    results = []
+    for model in (reference, ours):
+        step_function, counter, targets = _compile_counting(
+            lambda ids, mask, model=model: model(ids, attention_mask=mask, labels=ids).loss)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            loss = step_function(ids, mask)
+            loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, counter.frame_count, targets))
+    (loss_ref, grads_ref, _, _), (loss, grads, frames, targets) = results
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert frames == results[0][2] == 1 and targets.count("cuflash.attention_fwd") == LAYERS
+    assert hf.COUNTS["fallback"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_static_cache_decoding_replays_as_cuda_graphs(dtype):
+    """StaticCache decoding with the forward compiled in ``mode="reduce-overhead"`` (CUDA graphs,
+    fullgraph): cuflash's attention ops run inside the captured graphs, and every step's logits
+    are those of the same model decoding the same tokens eagerly (where cuflash takes the
+    kv-cache kernel), within half-precision rounding."""
+    torch_dtype = getattr(torch, dtype)
+    config = llama_config(heads_kv=2)
+    config.hidden_size, config.num_attention_heads, config.head_dim = 256, 4, 64
+    _, ours = on("cuda", *model_pair(config, torch_dtype))
+    ids = random_ids(2, 7).to("cuda")
+    eager, tokens = _static_cache_decode(ours, ids, 6, ours.forward, "cuda")
+    torch._dynamo.reset()
+    forward = torch.compile(ours.forward, mode="reduce-overhead", fullgraph=True)
+    graphed, _ = _static_cache_decode(ours, ids, 6, forward, "cuda", tokens=tokens)
+    torch.testing.assert_close(graphed.float(), eager.float(), rtol=2e-2, atol=2e-2)
