@@ -13,7 +13,10 @@ How it is wired. Eager calls run a ``torch.autograd.Function``; under ``torch.co
 work runs as two ``torch.library.custom_op``s, ``cuflash::attention_fwd`` (returns out and lse)
 and ``cuflash::attention_bwd``, each with a ``register_fake`` shape function, joined by
 ``register_autograd``, which compile traces with ``fullgraph=True`` and no graph break (the custom
-op machinery costs tens of microseconds per call, which eager calls need not pay). Either way the
+op machinery costs tens of microseconds per call, which eager calls need not pay);
+``flash_attn_with_kvcache`` likewise runs as ``cuflash::flash_attn_with_kvcache`` (``_append``
+with new keys, declared as writing the caches). Nothing the adapter remembers between eager calls
+is read while compile traces (a traced read would become a guard of the graph). Either way the
 forward saves q, k, v, out and lse, and the backward calls cuflash's backward on them (the forward
 never runs twice).
 
@@ -320,7 +323,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``torch.cuda.graph`` (after a warm-up call of its shapes outside the capture); its replays
     follow the ``cache_seqlens``, ``block_table``, q, k and v the device holds then.
     ``cache_batch_idx`` and ``cache_leftpad`` are read on the host (they pick one call per
-    sequence), so they cannot be captured."""
+    sequence), so they cannot be captured. Inside ``torch.compile`` (fullgraph too) the call is
+    one custom op, ``cuflash::flash_attn_with_kvcache`` (``..._append`` with new keys, which
+    mutates the caches); an int ``cache_seqlens`` is a constant of the graph there (a tensor
+    is not), and ``window_size`` must hold ints."""
+    if torch.compiler.is_compiling():
+        op = torch.ops.cuflash.flash_attn_with_kvcache if k is None else torch.ops.cuflash.flash_attn_with_kvcache_append
+        lengths = cache_seqlens if cache_seqlens is None or isinstance(cache_seqlens, torch.Tensor) else None
+        out, lse = op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths,
+                      None if lengths is not None or cache_seqlens is None else int(cache_seqlens), cache_batch_idx,
+                      cache_leftpad, block_table, softmax_scale, bool(causal), int(window_size[0]), int(window_size[1]),
+                      float(softcap), bool(rotary_interleaved), alibi_slopes, int(num_splits), bool(return_softmax_lse))
+        return (out, lse) if return_softmax_lse else out
     known_key = None
     if rotary_cos is None and cache_batch_idx is None and cache_leftpad is None and alibi_slopes is None:
         known_key = _kv_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
@@ -1399,6 +1413,50 @@ def _attention_backward(ctx, dout, _dlse):
 torch.library.register_autograd(
     "cuflash::attention_fwd", _attention_backward, setup_context=_save_for_backward
 )
+
+
+# flash_attn_with_kvcache inside torch.compile: the eager function as a custom op, in two forms
+# (with new keys the caches are written in place, which the op declares; without, it mutates
+# nothing, so compile's functionalization has no cache to copy). The schema fixes flash-attn's
+# loose argument types: cache_seqlens as a tensor or an int, window_size as two ints.
+
+
+def _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int, cache_batch_idx,
+                cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
+                rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse):
+    result = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens if cache_seqlens is not None else
+        cache_seqlens_int, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, (window_left, window_right),
+        softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+    if return_softmax_lse:
+        return result[0], result[1].contiguous()
+    return result, q.new_empty(0, dtype=_lse_dtype(q.dtype))  # (an op returns a fixed number of tensors)
+
+
+def _kvcache_op_shapes(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                       softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse):
+    out = q.new_empty(q.shape[:3] + (v_cache.shape[-1],))
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_softmax_lse else (0,)
+    return out, q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
+
+
+def _kvcache_op_schema(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                       v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
+                       cache_seqlens: Optional[torch.Tensor], cache_seqlens_int: Optional[int],
+                       cache_batch_idx: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor],
+                       block_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool,
+                       window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+                       alibi_slopes: Optional[torch.Tensor], num_splits: int, return_softmax_lse: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                       softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+
+
+for _name, _mutates in (("flash_attn_with_kvcache", ()), ("flash_attn_with_kvcache_append", ("k_cache", "v_cache"))):
+    torch.library.custom_op(f"cuflash::{_name}", mutates_args=_mutates)(_kvcache_op_schema).register_fake(
+        _kvcache_op_shapes)
 
 
 # --- ring attention over a torch.distributed process group: cuflash.torch.distributed -----------

@@ -953,6 +953,48 @@ def test_flash_attn_with_kvcache_matches_a_reference(rng, layout, rotary, causal
         numpy.testing.assert_allclose(cache[written], ref[written], rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("append", [False, True], ids=["read", "append"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_flash_attn_with_kvcache_inside_torch_compile(rng, append, paged):
+    """A decoding loop's step compiled with ``fullgraph=True`` (cuflash's kv-cache custom op, the
+    appending one declaring the caches it writes): one graph for every step (the lengths a tensor,
+    their values new each step), out and lse those of the eager call, and the caches written in
+    place exactly as the eager call writes them."""
+    import torch._dynamo.testing
+
+    batch, heads, heads_k, d, lmax, page = 2, 4, 2, 16, 24, 8
+    t = torch.from_numpy
+    extra = {}
+    if paged:  # pages of 8 rows; each sequence's pages in reverse order of the store
+        pages = batch * lmax // page
+        k_cache, v_cache = (rng.standard_normal((pages, page, heads_k, d)) for _ in range(2))
+        extra["block_table"] = t(numpy.arange(pages)[::-1].reshape(batch, lmax // page).astype(numpy.int32).copy())
+    else:
+        k_cache, v_cache = (rng.standard_normal((batch, lmax, heads_k, d)) for _ in range(2))
+    caches = {mode: [t(k_cache.copy()), t(v_cache.copy())] for mode in ("eager", "compiled")}
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def step(q, k_cache, v_cache, k, v, lengths):
+        return ct.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths, causal=True,
+                                          softmax_scale=0.3, return_softmax_lse=True, **extra)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for position in (5, 6, 9):
+        q = t(rng.standard_normal((batch, 1, heads, d)))
+        new = [t(rng.standard_normal((batch, 1, heads_k, d))) if append else None for _ in range(2)]
+        lengths = torch.tensor([position, position + 3], dtype=torch.int32)
+        want = step(q, *caches["eager"], *new, lengths)
+        got = compiled(q, *caches["compiled"], *new, lengths)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(caches["compiled"], caches["eager"]):
+            assert torch.equal(a, b)
+    if append:  # (the steps really wrote the caches)
+        assert not torch.equal(caches["eager"][0], t(k_cache))
+    assert counter.frame_count == 1
+
+
 def test_flash_attn_with_kvcache_argument_errors(randt):
     q, k_cache, v_cache = randt(2, 1, 4, 8), randt(2, 16, 2, 8), randt(2, 16, 2, 8)
     with pytest.raises(ValueError, match="k and v must be given together"):

@@ -385,6 +385,34 @@ def test_flash_attn_with_kvcache_on_cuda(ct, rng, paged, dtype):
     assert_close(gpu[2], ref[2], dtype=precision, baseline=baseline[2], name="k_cache")
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_flash_attn_with_kvcache_compiled_decoding_steps_equal_eager_ones(ct, randc, mode):
+    """A decoding step (append one token, attend over the cache; bf16, GQA 8/2, D 128) compiled
+    by inductor with fullgraph, and in mode="reduce-overhead" (CUDA graphs): every step's out and
+    lse and the caches afterwards equal the eager steps' bit for bit (the same kernels run)."""
+    torch._dynamo.reset()
+    batch, heads, heads_k, d, lmax = 2, 8, 2, 128, 256
+    caches = {name: [randc(batch, lmax, heads_k, d, dtype=torch.bfloat16) for _ in range(2)]
+              for name in ("eager", "compiled")}
+    caches["compiled"] = [c.clone() for c in caches["eager"]]
+
+    def step(q, k_cache, v_cache, k, v, lengths):
+        out, lse = ct.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths, causal=True,
+                                              return_softmax_lse=True)
+        return out.clone(), lse.clone()  # (a CUDA graph's next replay reuses its outputs)
+
+    compiled = torch.compile(step, mode=mode, fullgraph=True)
+    lengths = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
+    for _ in range(4):
+        q = randc(batch, 1, heads, d, dtype=torch.bfloat16)
+        k, v = (randc(batch, 1, heads_k, d, dtype=torch.bfloat16) for _ in range(2))
+        want = step(q, *caches["eager"], k, v, lengths)
+        got = compiled(q, *caches["compiled"], k, v, lengths)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a, b) for a, b in zip(caches["compiled"], caches["eager"]))
+        lengths += 1
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("lengths", ["tensor", "int"])
 def test_flash_attn_with_kvcache_repeated_signatures_launch_as_the_full_path_does(ct, rng, monkeypatch, paged,
