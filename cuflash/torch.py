@@ -14,8 +14,9 @@ work runs as two ``torch.library.custom_op``s, ``cuflash::attention_fwd`` (retur
 and ``cuflash::attention_bwd``, each with a ``register_fake`` shape function, joined by
 ``register_autograd``, which compile traces with ``fullgraph=True`` and no graph break (the custom
 op machinery costs tens of microseconds per call, which eager calls need not pay);
-``flash_attn_with_kvcache`` likewise runs as ``cuflash::flash_attn_with_kvcache`` (``_append``
-with new keys, declared as writing the caches). Nothing the adapter remembers between eager calls
+``flash_attn_varlen_func`` likewise runs as ``cuflash::attention_varlen_fwd`` / ``_bwd``, and
+``flash_attn_with_kvcache`` as ``cuflash::flash_attn_with_kvcache`` (``_append`` with new keys,
+declared as writing the caches). Nothing the adapter remembers between eager calls
 is read while compile traces (a traced read would become a guard of the graph). Either way the
 forward saves q, k, v, out and lse, and the backward calls cuflash's backward on them (the forward
 never runs twice).
@@ -195,7 +196,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
                    scale=scale, causal=bool(causal), window=window, softcap=softcap,
                    deterministic=bool(deterministic))
-    out, lse = _VarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, None, options)
+    out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, None, options)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -714,26 +715,46 @@ def _flash_conventions_checked(softmax_scale, causal, window_size, softcap):
     return softmax_scale, tuple(window), (None if softcap == 0.0 else softcap)
 
 
+def _varlen_forward(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
+    """(out, lse) of attention_varlen on torch tensors (CPU or CUDA, torch's stream): a kept plan
+    where one replays the call, else the full path."""
+    forward_options = {key: value for key, value in options.items() if key != "deterministic"}
+    packed = (cu_q, cu_k, seqused_k)
+    key, plan, memory = _cached_varlen_plan("attention_varlen", (q, k, v), packed, alibi, sinks, options,
+                                            ("deterministic",))
+    if plan is not None:
+        with _on_device(q.device):
+            return plan.run(memory, q, k, v, *packed)
+    with _running_on(q):
+        arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
+        out, lse = _varlen.forward(*arrays, key, seqused_k=_cuflash_or_none(seqused_k),
+                                   alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks),
+                                   return_lse=True, out=None, **forward_options)
+        return _to_torch(out), _to_torch(lse)
+
+
+def _varlen_backward(dout, q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks, options):
+    """[dq, dk, dv] (+ dsinks with sinks) of attention_varlen_backward on torch tensors."""
+    tensors = (dout.contiguous(), q, k, v, out, lse)
+    packed = (cu_q, cu_k, seqused_k)
+    key, plan, memory = _cached_varlen_plan("attention_varlen_backward", tensors, packed, alibi, sinks, options, ())
+    if plan is not None:
+        with _on_device(q.device):
+            return list(plan.run(memory, *tensors, *packed))
+    with _running_on(q):
+        grads = _varlen.backward(*(_to_cuflash(t) for t in tensors + (cu_q, cu_k)), key,
+                                 seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
+                                 sinks=_cuflash_or_none(sinks), **options)
+        return [_to_torch(g) for g in grads]
+
+
 class _VarlenFunction(torch.autograd.Function):
-    """attention_varlen forward and backward on torch tensors (CPU or CUDA, torch's stream),
-    differentiable in q, k, v and sinks."""
+    """attention_varlen forward and backward, eagerly (torch.compile: _varlen_fwd_op and
+    _varlen_bwd_op below), differentiable in q, k, v and sinks."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
-        forward_options = {key: value for key, value in options.items() if key != "deterministic"}
-        packed = (cu_q, cu_k, seqused_k)
-        key, plan, memory = _cached_varlen_plan("attention_varlen", (q, k, v), packed, alibi, sinks, options,
-                                                ("deterministic",))
-        if plan is not None:
-            with _on_device(q.device):
-                out, lse = plan.run(memory, q, k, v, *packed)
-        else:
-            with _running_on(q):
-                arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
-                out, lse = _varlen.forward(*arrays, key, seqused_k=_cuflash_or_none(seqused_k),
-                                           alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks),
-                                           return_lse=True, out=None, **forward_options)
-                out, lse = _to_torch(out), _to_torch(lse)
+        out, lse = _varlen_forward(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options)
         ctx.save_for_backward(q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
@@ -742,20 +763,19 @@ class _VarlenFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks = ctx.saved_tensors
-        tensors = (dout.contiguous(), q, k, v, out, lse)
-        packed = (cu_q, cu_k, seqused_k)
-        key, plan, memory = _cached_varlen_plan("attention_varlen_backward", tensors, packed, alibi, sinks,
-                                                ctx.options, ())
-        if plan is not None:
-            with _on_device(q.device):
-                return (*plan.run(memory, *tensors, *packed), None, None, None, None, None, None)
-        with _running_on(q):
-            grads = _varlen.backward(*(_to_cuflash(t) for t in tensors + (cu_q, cu_k)), key,
-                                     seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
-                                     sinks=_cuflash_or_none(sinks), **ctx.options)
-            grads = [_to_torch(g) for g in grads]
+        grads = _varlen_backward(dout, q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sinks, ctx.options)
         dsinks = grads[3] if sinks is not None else None
         return grads[0], grads[1], grads[2], None, None, None, None, dsinks, None
+
+
+def _varlen_attention(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
+    """(out, lse) of a packed call with autograd: _VarlenFunction eagerly, the custom ops inside
+    torch.compile. ``options``: attention_varlen's (max_seqlen_q, max_seqlen_k, scale, causal,
+    window, softcap, deterministic)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.cuflash.attention_varlen_fwd(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks,
+                                                      *_varlen_op_options(options))
+    return _VarlenFunction.apply(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options)
 
 
 def _cached_varlen_plan(kind, tensors, packed, alibi, sinks, options, ignored):
@@ -1413,6 +1433,84 @@ def _attention_backward(ctx, dout, _dlse):
 torch.library.register_autograd(
     "cuflash::attention_fwd", _attention_backward, setup_context=_save_for_backward
 )
+
+
+# Packed (varlen) calls inside torch.compile: _VarlenFunction's work as two custom ops joined by
+# register_autograd. The schema spells the options out: causal as a name ("none", "true" or an
+# alignment), the window as two optional ints.
+
+
+def _varlen_op_options(options) -> tuple:
+    """attention_varlen's options dict as the ops' arguments (max_seqlen_q, max_seqlen_k, scale,
+    causal, window_left, window_right, softcap, deterministic)."""
+    causal, window = options["causal"], options.get("window")
+    return (int(options["max_seqlen_q"]), int(options["max_seqlen_k"]), options.get("scale"),
+            "none" if causal is False else "true" if causal is True else causal,
+            None if window is None else int(window[0]), None if window is None else int(window[1]),
+            options.get("softcap"), bool(options.get("deterministic", False)))
+
+
+def _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic):
+    """_varlen_op_options' inverse."""
+    return dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
+                causal={"none": False, "true": True}.get(causal, causal),
+                window=None if window_left is None else (window_left, window_right), softcap=softcap,
+                deterministic=deterministic)
+
+
+@torch.library.custom_op("cuflash::attention_varlen_fwd", mutates_args=())
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
+                   causal: str, window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, _varlen_options(
+        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic))
+    return out.contiguous(), lse.contiguous()  # (as the shapes below promise)
+
+
+@_varlen_fwd_op.register_fake
+def _varlen_fwd_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, *options):
+    return (q.new_empty(q.shape[:2] + (v.shape[-1],)),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("cuflash::attention_varlen_bwd", mutates_args=())
+def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                   seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
+                   causal: str, window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, out, lse, alibi_slopes, sinks,
+                             _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
+                                             softcap, deterministic))
+    dsinks = grads[3] if sinks is not None else q.new_empty(0)  # (a fixed number of tensors)
+    return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(),)
+
+
+@_varlen_bwd_op.register_fake
+def _varlen_bwd_shapes(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, *options):
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v)) + (dsinks,)
+
+
+def _save_varlen_for_backward(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, *options = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, seqused_k, alibi, sinks)
+    ctx.options = options
+    ctx.mark_non_differentiable(output[1])
+
+
+def _varlen_op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = torch.ops.cuflash.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                                                 seqused_k, alibi, sinks, *ctx.options)
+    return (dq, dk, dv, None, None, None, None, dsinks if sinks is not None else None) + (None,) * len(ctx.options)
+
+
+torch.library.register_autograd("cuflash::attention_varlen_fwd", _varlen_op_backward,
+                                setup_context=_save_varlen_for_backward)
 
 
 # flash_attn_with_kvcache inside torch.compile: the eager function as a custom op, in two forms

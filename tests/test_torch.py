@@ -953,6 +953,38 @@ def test_flash_attn_with_kvcache_matches_a_reference(rng, layout, rotary, causal
         numpy.testing.assert_allclose(cache[written], ref[written], rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(2, 1), softcap=3.0),
+                                     dict(causal=True, alibi_slopes="slopes", deterministic=True)],
+                         ids=["causal", "window-softcap", "alibi"])
+def test_flash_attn_varlen_func_inside_torch_compile(rng, options):
+    """flash_attn_varlen_func compiled with fullgraph (cuflash's varlen custom ops and their
+    autograd): out and the gradients of q, k, v those of the eager call, one graph for batches
+    of other sequence boundaries (cu_seqlens tensors of the same length)."""
+    import torch._dynamo.testing
+
+    t = torch.from_numpy
+    q, k, v = (t(rng.standard_normal((12, h, 8))).requires_grad_() for h in (4, 2, 2))
+    if options.get("alibi_slopes") == "slopes":
+        options = dict(options, alibi_slopes=t(rng.uniform(0.1, 1.0, 4)))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def call(q, k, v, cu_q, cu_k):
+        return ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 9, **options)
+
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    for bounds in ([0, 3, 12], [0, 9, 12], [0, 5, 12]):
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        dout = t(rng.standard_normal((12, 4, 8)))
+        results = []
+        for function in (call, compiled):
+            out = function(q, k, v, cu, cu)
+            results.append((out,) + torch.autograd.grad(out, (q, k, v), dout))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("append", [False, True], ids=["read", "append"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_flash_attn_with_kvcache_inside_torch_compile(rng, append, paged):
