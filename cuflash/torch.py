@@ -14,7 +14,8 @@ work runs as two ``torch.library.custom_op``s, ``cuflash::attention_fwd`` (retur
 and ``cuflash::attention_bwd``, each with a ``register_fake`` shape function, joined by
 ``register_autograd``, which compile traces with ``fullgraph=True`` and no graph break (the custom
 op machinery costs tens of microseconds per call, which eager calls need not pay);
-``flash_attn_varlen_func`` likewise runs as ``cuflash::attention_varlen_fwd`` / ``_bwd``, and
+``flash_attn_varlen_func`` likewise runs as ``cuflash::attention_varlen_fwd`` / ``_bwd``,
+``merge_attention`` as ``cuflash::merge_attention``, and
 ``flash_attn_with_kvcache`` as ``cuflash::flash_attn_with_kvcache`` (``_append`` with new keys,
 declared as writing the caches). Nothing the adapter remembers between eager calls
 is read while compile traces (a traced read would become a guard of the graph). Either way the
@@ -614,6 +615,10 @@ def merge_attention(outs, lses):
             tensors.extend(value)
         else:
             raise TypeError(f"{name} must be a torch.Tensor or a list or tuple of them, got {type(value).__name__}")
+    if torch.compiler.is_compiling():  # one custom op on the stacked parts
+        outs, lses = _split_parts(layouts[0], layouts[1], tensors)
+        return torch.ops.cuflash.merge_attention(*(x if isinstance(x, torch.Tensor) else torch.stack(x)
+                                                   for x in (outs, lses)))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _MergeFunction.apply(layouts[0], layouts[1], *tensors)
     return _merge_forward(*_split_parts(layouts[0], layouts[1], tensors))
@@ -650,19 +655,48 @@ class _MergeFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         *tensors, out, lse = ctx.saved_tensors
         outs, lses = _split_parts(*ctx.layouts, tensors)
-        stacked_outs = outs if isinstance(outs, torch.Tensor) else torch.stack(outs)
-        stacked_lses = lses if isinstance(lses, torch.Tensor) else torch.stack(lses)
-        compute = lse.dtype
-        absent = stacked_lses == -float("inf")
-        lse_ref = torch.where(lse == -float("inf"), torch.zeros_like(lse), lse)
-        c = torch.where(absent, torch.zeros_like(stacked_lses), torch.exp(stacked_lses - lse_ref))
-        dout = dout.to(compute)
-        d_outs = (c[..., None] * dout).to(stacked_outs.dtype)
-        spread = (dout * (stacked_outs.to(compute) - out.to(compute))).sum(-1)
-        d_lses = torch.where(absent, torch.zeros_like(c), c * (dlse + spread))
-        grads = [g if layout is None else list(g.unbind(0)) for g, layout in zip((d_outs, d_lses), ctx.layouts)]
+        grads = _merge_backward(*(x if isinstance(x, torch.Tensor) else torch.stack(x) for x in (outs, lses)), out, lse,
+                                dout, dlse)
+        grads = [g if layout is None else list(g.unbind(0)) for g, layout in zip(grads, ctx.layouts)]
         flat = [g for grad in grads for g in ([grad] if isinstance(grad, torch.Tensor) else grad)]
         return (None, None, *flat)
+
+
+def _merge_backward(outs, lses, out, lse, dout, dlse):
+    """(d_outs, d_lses) of merge_attention's stacked outs (S, ..., Lq, Dv) and lses (S, ..., Lq):
+    d_outs_s = c_s dout, d_lses_s = c_s (dlse + rowsum(dout * (outs_s - out))), c_s = exp(lses_s -
+    lse) (0 where lses_s = -inf)."""
+    compute = lse.dtype
+    absent = lses == -float("inf")
+    lse_ref = torch.where(lse == -float("inf"), torch.zeros_like(lse), lse)
+    c = torch.where(absent, torch.zeros_like(lses), torch.exp(lses - lse_ref))
+    dout = dout.to(compute)
+    d_outs = (c[..., None] * dout).to(outs.dtype)
+    spread = (dout * (outs.to(compute) - out.to(compute))).sum(-1)
+    d_lses = torch.where(absent, torch.zeros_like(c), c * ((0.0 if dlse is None else dlse) + spread))
+    return d_outs, d_lses
+
+
+@torch.library.custom_op("cuflash::merge_attention", mutates_args=())
+def _merge_op(outs: torch.Tensor, lses: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _merge_forward(outs, lses)
+    return out.contiguous(), lse.contiguous()  # (as the shapes below promise)
+
+
+@_merge_op.register_fake
+def _merge_op_shapes(outs, lses):
+    return outs.new_empty(outs.shape[1:]), lses.new_empty(lses.shape[1:], dtype=_lse_dtype(outs.dtype))
+
+
+def _save_merge_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _merge_op_backward(ctx, dout, dlse):
+    return _merge_backward(*ctx.saved_tensors, dout, dlse)
+
+
+torch.library.register_autograd("cuflash::merge_attention", _merge_op_backward, setup_context=_save_merge_for_backward)
 
 
 _FLASH_CONVENTIONS: dict = {}  # (_flash_conventions' results by their plain-typed arguments: ~5 us a call)

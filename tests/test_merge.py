@@ -329,6 +329,32 @@ def test_torch_gradcheck_float64(rng, ct):
     assert torch.autograd.gradcheck(lambda *t: ct.merge_attention(list(t[:3]), tuple(t[3:])), parts)
 
 
+def test_torch_compile_fullgraph_and_its_gradients(rng, ct):
+    """merge_attention inside torch.compile (fullgraph: one custom op on the stacked parts, its
+    backward in torch operations): the eager results and gradients, stacked and list forms, with
+    a row that some parts do not see."""
+    import torch
+    import torch._dynamo.testing
+
+    outs = torch.from_numpy(rng.standard_normal((3, 2, 5, 4))).requires_grad_()
+    raw = rng.standard_normal((3, 2, 5)) * 2
+    raw[0, 0, 1] = raw[1, 1, 2] = -numpy.inf
+    lses = torch.from_numpy(raw).requires_grad_()
+    weights = [torch.from_numpy(rng.standard_normal(shape)) for shape in ((2, 5, 4), (2, 5))]
+    torch._dynamo.reset()
+    for form in (lambda o, l: ct.merge_attention(o, l),
+                 lambda o, l: ct.merge_attention(list(o.unbind(0)), tuple(l.unbind(0)))):
+        counter = torch._dynamo.testing.CompileCounter()
+        results = []
+        for function in (form, torch.compile(form, backend=counter, fullgraph=True)):
+            out, lse = function(outs, lses)
+            loss = (out * weights[0]).sum() + (lse * weights[1]).sum()
+            results.append((out, lse) + torch.autograd.grad(loss, (outs, lses)))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+        assert counter.frame_count == 1
+
+
 def test_torch_backward_of_rows_that_see_nothing_is_zero(rng, ct):
     import torch
 
