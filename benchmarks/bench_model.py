@@ -26,7 +26,11 @@ the sliding layers (what a real Gemma-2 gets), so ``sdpa_flash`` cannot run them
 Default model: 8 layers, hidden 2048, 16 query heads and 8 key/value heads of dim 128 (GQA;
 ``--mha``: 16/16; ``--kv-heads N``: 16/N), intermediate 5632, vocab 32000, bfloat16; shapes
 ``2x4096`` and ``1x32768``
-(batch x tokens). For each shape and backend:
+(batch x tokens). ``--compile`` times the model compiled as a whole (``torch.compile``, backend
+``--compile-backend``, default inductor), as most training runs do: steps, peak and prefill;
+the first step stays eager (the correctness check; the first compiled step's wall time is
+``first_compiled_step_s``) and the attention-time and host-time instruments, eager by nature,
+are not used. For each shape and backend:
 
 * ``step_ms``: one training step = forward with the LM loss (labels = inputs) + backward, with
   ``zero_grad(set_to_none=True)`` first and **no optimizer step**; median of ``--steps`` after
@@ -259,15 +263,22 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
     result: dict = {"status": "ok"}
     hf.reset_counts()
 
-    def train_step():
+    # --compile: the timed steps, the peak and prefill run the compiled model; the first step (the
+    # correctness check), the attention-time instrumentation and the host-time calls stay eager.
+    runner = model
+    if ctx["compile"] is not None:  # compiled afresh for each backend and shape (dynamo's recompile limit)
+        torch._dynamo.reset()
+        runner = torch.compile(model, backend=ctx["compile"])
+
+    def train_step(run=runner):
         model.zero_grad(set_to_none=True)
-        output = model(ids, labels=ids)
+        output = run(ids, labels=ids)
         output.loss.backward()
         return output
 
     def prefill():
         with torch.inference_mode():
-            return model(ids, use_cache=False, logits_to_keep=1)
+            return runner(ids, use_cache=False, logits_to_keep=1)
 
     def timed_median(step, count):
         times = []
@@ -285,9 +296,14 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         clock.sync()
         # First step: cold, and the correctness check.
         begin = time.perf_counter()
-        output = train_step()
+        output = train_step(model)
         clock.sync()
         result["first_step_s"] = time.perf_counter() - begin
+        if ctx["compile"] is not None:
+            begin = time.perf_counter()
+            train_step()
+            clock.sync()
+            result["first_compiled_step_s"] = time.perf_counter() - begin
         logits = output.logits.detach()
         loss = output.loss.detach().float().item()
         grad = model.model.layers[0].self_attn.q_proj.weight.grad.detach().float()
@@ -327,24 +343,11 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         result["tokens_per_s"] = batch * length / (result["step_ms"] / 1e3)
         calls_per_step = ctx["hf"].COUNTS["cuflash"]
 
-        # Attention time inside a training step: instrumented steps.
-        model.set_attn_implementation(timed_name(implementation))
-        fwd, bwd = [], []
-        for _ in range(args.attn_steps):
-            ctx["timings"].append({"fwd_start": [], "fwd_end": [], "bwd_start": [], "bwd_end": []})
-            train_step()
-            clock.sync()
-            record = ctx["timings"][-1]
-            fwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["fwd_start"], record["fwd_end"])))
-            # Backward runs the layers in reverse: pair the i-th start with the i-th end.
-            if len(record["bwd_start"]) == len(record["bwd_end"]) == len(record["fwd_start"]):
-                bwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["bwd_start"], record["bwd_end"])))
-        ctx["timings"].clear()
-        result["attention_fwd_ms"] = statistics.median(fwd)
-        result["attention_bwd_ms"] = statistics.median(bwd) if bwd else None
-        result["attention_ms_per_step"] = result["attention_fwd_ms"] + (result["attention_bwd_ms"] or 0.0)
-        result["attention_share"] = result["attention_ms_per_step"] / result["step_ms"]
-        model.set_attn_implementation(implementation)
+        if ctx["compile"] is not None:  # (the instruments are eager: they would break the graph)
+            result.update(attention_fwd_ms=None, attention_bwd_ms=None, attention_ms_per_step=None,
+                          attention_share=None)
+        else:
+            attention_time(ctx, train_step, implementation, result)
 
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -354,7 +357,38 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         result["prefill_tokens_per_s"] = batch * length / (result["prefill_ms"] / 1e3)
         model.train()
 
-        host_attention(ctx, function, batch, length, result, reference, backend)
+        if ctx["compile"] is None:
+            host_attention(ctx, function, batch, length, result, reference, backend)
+        else:
+            result.update(host_us_fwd=None, host_us_fwd_bwd=None)
+    return finish_result(ctx, backend, result, calls_per_step)
+
+
+def attention_time(ctx, train_step, implementation, result):
+    """GPU time inside the attention calls of a training step (instrumented steps, eager)."""
+    model, clock, args = ctx["model"], ctx["clock"], ctx["args"]
+    model.set_attn_implementation(timed_name(implementation))
+    fwd, bwd = [], []
+    for _ in range(args.attn_steps):
+        ctx["timings"].append({"fwd_start": [], "fwd_end": [], "bwd_start": [], "bwd_end": []})
+        train_step()
+        clock.sync()
+        record = ctx["timings"][-1]
+        fwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["fwd_start"], record["fwd_end"])))
+        # Backward runs the layers in reverse: pair the i-th start with the i-th end.
+        if len(record["bwd_start"]) == len(record["bwd_end"]) == len(record["fwd_start"]):
+            bwd.append(sum(clock.elapsed_ms(a, b) for a, b in zip(record["bwd_start"], record["bwd_end"])))
+    ctx["timings"].clear()
+    result["attention_fwd_ms"] = statistics.median(fwd)
+    result["attention_bwd_ms"] = statistics.median(bwd) if bwd else None
+    result["attention_ms_per_step"] = result["attention_fwd_ms"] + (result["attention_bwd_ms"] or 0.0)
+    result["attention_share"] = result["attention_ms_per_step"] / result["step_ms"]
+    model.set_attn_implementation(implementation)
+
+
+def finish_result(ctx, backend, result, calls_per_step):
+    """The routing check (cuflash.hf's counts of eager calls) and the correctness verdict."""
+    family = ctx["family"]
     counts = ctx["hf"].COUNTS
     if backend == "cuflash":
         result["cuflash_kernels"] = kernel_families()
@@ -363,7 +397,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
     result["fallback_reasons"] = dict(counts["fallback_reasons"])
     if backend == "cuflash" and (calls_per_step == 0 or counts["fallback"]):
         result["status"] = "error"
-        result["note"] = (f"cuflash was not called ({calls_per_step} cuflash calls in the timed steps, "
+        result["note"] = (f"cuflash was not called ({calls_per_step} cuflash calls in the eager steps, "
                           f"{counts['fallback']} fallbacks: {counts['fallback_reasons']})")
     if backend in family.other_math:
         result["computes"] = family.other_math[backend]
@@ -494,7 +528,7 @@ def failure(torch, error: BaseException) -> dict:
 # --- table -----------------------------------------------------------------------------------------
 
 
-def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True) -> str:
+def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, compiled: str | None = None) -> str:
     out = []
     for row in rows:
         results = row["results"]
@@ -522,8 +556,8 @@ def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True) 
             label = f"{name} (other math)" if "computes" in result else name
             out.append(
                 f"| {label} | {step:.1f} | {result['prefill_ms']:.1f} | {result['tokens_per_s']:,.0f} | {attn_cell} | "
-                f"{result['host_us_fwd']:.0f} | {result['host_us_fwd_bwd']:.0f} | {cell(result.get('peak_gib'), '.2f')} | "
-                f"{result['first_step_s']:.2f} | {diff} | "
+                f"{cell(result.get('host_us_fwd'), '.0f')} | {cell(result.get('host_us_fwd_bwd'), '.0f')} | "
+                f"{cell(result.get('peak_gib'), '.2f')} | {result['first_step_s']:.2f} | {diff} | "
                 + " | ".join(ratio(results.get(other, {})) for other in family.compare) + " |")
             if "computes" in result:
                 notes.append(f"- {name}: {result['computes']}")
@@ -541,7 +575,11 @@ def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True) 
             "x vs ... = that backend's step time / this one's (> 1: this one is faster). "
             f"Logits diff = max |logits - {family.reference}'s| on the first step ('!' = a difference beyond a "
             "loose bound, see the notes and the JSON). "
-            "Peak GiB includes CuPy's pool for cuflash."]
+            "Peak GiB includes CuPy's pool for cuflash."
+            + (f" Compiled (torch.compile, backend {compiled}): steps, peak and prefill of the compiled model; "
+               "the first step (eager) is the correctness check, the first compiled step's wall time is "
+               "first_compiled_step_s in the JSON; attention and host time are eager measurements, not taken."
+               if compiled else "")]
     return "\n".join(out)
 
 
@@ -578,6 +616,12 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attn-steps", type=int, default=3, help="instrumented steps for attention time")
     parser.add_argument("--host-calls", type=int, default=30, help="calls for the host-time medians")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the model compiled (torch.compile of the whole model): training steps, peak and "
+                             "prefill; the first step stays eager (the correctness check), attention time and host "
+                             "time are not measured (their instruments are eager)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend with --compile (default inductor; aot_eager for a quick check)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(argv)
     if args.shapes is None:
@@ -634,7 +678,8 @@ def main(argv=None) -> Path:
 
         return contextlib.nullcontext()
 
-    ctx = dict(torch=torch, model=model, clock=clock, args=args, hf=hf, family=family, backends=backends,
+    ctx = dict(torch=torch, model=model, compile=args.compile_backend if args.compile else None, clock=clock,
+               args=args, hf=hf, family=family, backends=backends,
                kernel_context=kernel_context, timings=timings, layer0_call=layer0_call,
                cuda=cuda, cupy_pool=cupy_pool, config=config, device=args.device, dtype=dtype,
                bounds=BOUNDS[dtype_name])
@@ -644,6 +689,7 @@ def main(argv=None) -> Path:
               "other_math": {name: note for name, note in family.other_math.items() if name in args.backends},
               "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
               "attn_steps": args.attn_steps, "host_calls": args.host_calls,
+              "compile": args.compile_backend if args.compile else None,
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
               "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
               "rows": []}
@@ -652,7 +698,7 @@ def main(argv=None) -> Path:
           f"cuflash {env['cuflash']} {dtype_name} {family.name} {config}", file=sys.stderr, flush=True)
 
     def save():
-        record["table"] = format_tables(record["rows"], dtype_name, family, cuda)
+        record["table"] = format_tables(record["rows"], dtype_name, family, cuda, record["compile"])
         records.write(record, path)
 
     def rows():
