@@ -331,9 +331,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     is not), and ``window_size`` must hold ints."""
     if torch.compiler.is_compiling():
         op = torch.ops.cuflash.flash_attn_with_kvcache if k is None else torch.ops.cuflash.flash_attn_with_kvcache_append
-        lengths = cache_seqlens if cache_seqlens is None or isinstance(cache_seqlens, torch.Tensor) else None
-        out, lse = op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths,
-                      None if lengths is not None or cache_seqlens is None else int(cache_seqlens), cache_batch_idx,
+        as_int = cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor)
+        out, lse = op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, None if as_int else cache_seqlens,
+                      int(cache_seqlens) if as_int else None, cache_batch_idx,
                       cache_leftpad, block_table, softmax_scale, bool(causal), int(window_size[0]), int(window_size[1]),
                       float(softcap), bool(rotary_interleaved), alibi_slopes, int(num_splits), bool(return_softmax_lse))
         return (out, lse) if return_softmax_lse else out
@@ -1470,33 +1470,28 @@ torch.library.register_autograd(
 
 
 # Packed (varlen) calls inside torch.compile: _VarlenFunction's work as two custom ops joined by
-# register_autograd. The schema spells the options out: causal as a name ("none", "true" or an
-# alignment), the window as two optional ints.
+# register_autograd, their causal and window spelled as the attention ops' (_mask_arguments).
 
 
 def _varlen_op_options(options) -> tuple:
     """attention_varlen's options dict as the ops' arguments (max_seqlen_q, max_seqlen_k, scale,
-    causal, window_left, window_right, softcap, deterministic)."""
-    causal, window = options["causal"], options.get("window")
-    return (int(options["max_seqlen_q"]), int(options["max_seqlen_k"]), options.get("scale"),
-            "none" if causal is False else "true" if causal is True else causal,
-            None if window is None else int(window[0]), None if window is None else int(window[1]),
-            options.get("softcap"), bool(options.get("deterministic", False)))
+    causal name, window_left, window_right, softcap, deterministic)."""
+    causal_name, window_left, window_right = _mask_arguments(options["causal"], options.get("window"))
+    return (int(options["max_seqlen_q"]), int(options["max_seqlen_k"]), options.get("scale"), causal_name,
+            window_left, window_right, options.get("softcap"), bool(options.get("deterministic", False)))
 
 
 def _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic):
     """_varlen_op_options' inverse."""
-    return dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
-                causal={"none": False, "true": True}.get(causal, causal),
-                window=None if window_left is None else (window_left, window_right), softcap=softcap,
-                deterministic=deterministic)
+    return dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=_CAUSAL_BY_NAME[causal],
+                window=(window_left, window_right), softcap=softcap, deterministic=deterministic)
 
 
 @torch.library.custom_op("cuflash::attention_varlen_fwd", mutates_args=())
 def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                    sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
-                   causal: str, window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+                   causal: str, window_left: int, window_right: int, softcap: Optional[float],
                    deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, _varlen_options(
         max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic))
@@ -1514,7 +1509,7 @@ def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                    seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                    sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
-                   causal: str, window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+                   causal: str, window_left: int, window_right: int, softcap: Optional[float],
                    deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, out, lse, alibi_slopes, sinks,
                              _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
@@ -1553,9 +1548,21 @@ torch.library.register_autograd("cuflash::attention_varlen_fwd", _varlen_op_back
 # loose argument types: cache_seqlens as a tensor or an int, window_size as two ints.
 
 
-def _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int, cache_batch_idx,
-                cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
-                rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse):
+def _kvcache_op_shapes(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                       softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse):
+    out = q.new_empty(q.shape[:3] + (v_cache.shape[-1],))
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_softmax_lse else (0,)
+    return out, q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
+
+
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
+                cache_seqlens: Optional[torch.Tensor], cache_seqlens_int: Optional[int],
+                cache_batch_idx: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor],
+                block_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
+                window_right: int, softcap: float, rotary_interleaved: bool, alibi_slopes: Optional[torch.Tensor],
+                num_splits: int, return_softmax_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     result = flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens if cache_seqlens is not None else
         cache_seqlens_int, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, (window_left, window_right),
@@ -1565,29 +1572,8 @@ def _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
     return result, q.new_empty(0, dtype=_lse_dtype(q.dtype))  # (an op returns a fixed number of tensors)
 
 
-def _kvcache_op_shapes(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
-                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
-                       softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse):
-    out = q.new_empty(q.shape[:3] + (v_cache.shape[-1],))
-    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_softmax_lse else (0,)
-    return out, q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
-
-
-def _kvcache_op_schema(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
-                       v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
-                       cache_seqlens: Optional[torch.Tensor], cache_seqlens_int: Optional[int],
-                       cache_batch_idx: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor],
-                       block_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool,
-                       window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
-                       alibi_slopes: Optional[torch.Tensor], num_splits: int, return_softmax_lse: bool
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
-                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
-                       softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-
-
 for _name, _mutates in (("flash_attn_with_kvcache", ()), ("flash_attn_with_kvcache_append", ("k_cache", "v_cache"))):
-    torch.library.custom_op(f"cuflash::{_name}", mutates_args=_mutates)(_kvcache_op_schema).register_fake(
+    torch.library.custom_op(f"cuflash::{_name}", mutates_args=_mutates)(_kvcache_op).register_fake(
         _kvcache_op_shapes)
 
 
