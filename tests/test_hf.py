@@ -809,19 +809,27 @@ def test_compiled_training_step_without_padding_runs_causal_without_a_mask():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_static_cache_decoding_replays_as_cuda_graphs(dtype):
     """StaticCache decoding with the forward compiled in ``mode="reduce-overhead"`` (CUDA graphs,
-    fullgraph): cuflash's attention ops run inside the captured graphs, and every step's logits
-    are those of the same model decoding the same tokens eagerly (where cuflash takes the
-    kv-cache kernel), within half-precision rounding."""
+    fullgraph): cuflash's attention ops run inside the captured graphs and the replays give what
+    the same forward compiled without graphs gives, bit for bit (no per-call host state that a
+    replay would miss, no block of the graph's pool kept); in float32 every step's logits are
+    those of eager decoding (where cuflash takes the kv-cache kernel) within float32 rounding. In
+    bf16 the compiled model's own rounding (inductor fuses the norms, rotary and residuals) moves
+    the logits by 0.1-0.5 from eager ones within six steps, SDPA's model's as much (measured with
+    CPU inductor): no eager comparison there."""
     torch_dtype = getattr(torch, dtype)
     config = llama_config(heads_kv=2)
     config.hidden_size, config.num_attention_heads, config.head_dim = 256, 4, 64
     _, ours = on("cuda", *model_pair(config, torch_dtype))
     ids = random_ids(2, 7).to("cuda")
     eager, tokens = _static_cache_decode(ours, ids, 6, ours.forward, "cuda")
-    torch._dynamo.reset()
-    forward = torch.compile(ours.forward, mode="reduce-overhead", fullgraph=True)
-    graphed, _ = _static_cache_decode(ours, ids, 6, forward, "cuda", tokens=tokens)
-    torch.testing.assert_close(graphed.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    compiled = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        forward = torch.compile(ours.forward, mode=mode, fullgraph=True)
+        compiled[mode], _ = _static_cache_decode(ours, ids, 6, forward, "cuda", tokens=tokens)
+    assert torch.equal(compiled["reduce-overhead"], compiled["default"])
+    if torch_dtype == torch.float32:
+        torch.testing.assert_close(compiled["default"], eager, rtol=1e-3, atol=1e-3)
