@@ -15,10 +15,12 @@
 * ``transformers.masking_utils.AttentionMaskInterface``: :func:`mask_function`, SDPA's mask
   (``sdpa_mask``), so that a causal batch without padding yields ``attention_mask=None`` (the
   ``is_causal`` skip) and a padded batch yields a real boolean mask. Without a registered mask
-  function transformers hands a custom attention no mask at all, padding included. One
-  addition: a causal *sliding-window* mask without padding and without a cache (training,
+  function transformers hands a custom attention no mask at all, padding included. Two
+  additions: a causal *sliding-window* mask without padding and without a cache (training,
   prefill) is skipped too (``None``), and the window comes from the ``sliding_window`` argument
-  the model passes to the attention function; SDPA would materialise that mask.
+  the model passes to the attention function; SDPA would materialise that mask. And the plain
+  causal mask of a batch given no ``attention_mask`` (no padding) and no cache is skipped
+  inside ``torch.compile`` as well, where ``sdpa_mask`` materialises it.
 
 Semantics mirror ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` exactly:
 ``is_causal`` is the ``is_causal`` keyword when given, else ``module.is_causal`` (default True),
@@ -55,7 +57,7 @@ try:
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 except ImportError as error:  # pragma: no cover - exercised only where transformers is missing
     raise ImportError(
         "cuflash.hf needs PyTorch and Hugging Face transformers 5.x: pip install torch 'transformers>=5'"
@@ -142,7 +144,8 @@ def _is_sliding_causal(mask_fn, window, n, device):
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
-    """transformers' ``sdpa_mask``, plus the skip of a padding-free causal sliding-window mask.
+    """transformers' ``sdpa_mask``, plus the skips of a padding-free causal mask while tracing and of
+    a padding-free causal sliding-window mask.
 
     ``None`` where SDPA's integration would run ``is_causal`` (or no mask at all); a boolean
     ``(B, 1, Lq, Lk)`` mask otherwise, which :func:`attention_forward` hands to SDPA. The extra skip
@@ -151,7 +154,16 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     flash-attention path needs it too.
     """
     if mask_function is None:
-        from transformers.masking_utils import causal_mask_function as mask_function
+        mask_function = causal_mask_function
+    if (attention_mask is None and mask_function is causal_mask_function and allow_is_causal_skip
+            and all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
+            and q_length == kv_length and q_offset == kv_offset == 0 and local_size is None):
+        # The plain causal mask of a batch without padding nor cache (a training step, a prefill):
+        # sdpa_mask skips it too, but not while tracing (torch.compile), where it materialises
+        # B x L x L booleans that every layer then reads, all tiles computed, because it cannot
+        # read a padding mask's values. Here there is none to read, and the lengths are the
+        # graph's static sizes (sizes traced as symbols keep the mask).
+        return None
     arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)

@@ -602,6 +602,32 @@ def test_torch_calls_allocate_from_torch_only(rng):
         del q, k, v, out
 
 
+def test_torch_plans_keep_none_of_torchs_memory(rng):
+    """What a plan keeps for all its calls (the bias's and mask's row offsets, a shared bias's
+    plane tables) is not torch's memory: after a signature's first forward and backward with a
+    bias (its gradient summed over shared planes) and a mask, once the results are dropped, torch's
+    allocator holds what it held before. A block kept past the call would sit in a CUDA graph's
+    private pool when that call is the graph's warm-up (torch.compile's reduce-overhead refuses
+    the graph)."""
+    torch = _torch()
+    import cuflash.torch as ct
+
+    plan.forget()
+    q, k, v = (torch.randn(2, 3, 4, 97, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(2, 1, 4, 97, 97, device="cuda", dtype=torch.float32, requires_grad=True)
+    mask = torch.rand(97, 97, device="cuda") > 0.2
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for deterministic in (False, True):  # (the shared bias's adds, then its on-chip or dS sum)
+        out = ct.attention(q, k, v, bias=bias, mask=mask, deterministic=deterministic)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+        assert all(bool(g.isfinite().all()) for g in grads)
+        del out, grads
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before, "a plan kept a block of torch's"
+
+
 def test_torch_cuda_graph_capture_and_replay(rng):
     torch = _torch()
     import cuflash.torch as ct

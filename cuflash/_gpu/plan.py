@@ -37,6 +37,25 @@ def _cupy():
     return cupy
 
 
+def plan_constant(host: numpy.ndarray):
+    """A table a plan keeps on the device for all its calls (row offsets, plane indices), from
+    CuPy's own pool and copied on a stream of its own, whatever the call that plans runs under.
+    The caller's allocator would be wrong for it: in a torch call that is torch's caching
+    allocator, and a block of torch's kept past the call stays in a CUDA graph's private pool when
+    that call is a graph's warm-up (torch.compile's ``reduce-overhead`` refuses a pool holding a
+    block no output owns). Inside a capture (a first call of its signature being captured) CuPy's
+    pool may not allocate nor a side stream copy, so the call's own allocator and stream serve:
+    the graph then records the upload before the kernels that read it."""
+    cupy = _cupy()
+    stream = cupy.cuda.get_current_stream()
+    if stream.is_capturing():
+        return cupy.asarray(host)
+    with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc), cupy.cuda.Stream(non_blocking=True) as own:
+        table = cupy.asarray(host)
+        own.synchronize()
+    return table
+
+
 # --------------------------------------------------------------------------- layouts
 
 def _vector_ok(x, vec: int) -> bool:
@@ -835,7 +854,7 @@ class ScoreInputs:
                             (size,) + (1,) * (len(lead) - pad - axis - 1))
                 self.strides[name] = strides[-2:]
             offsets.append(offset)
-        self.score_rows = cupy.asarray(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2)
+        self.score_rows = plan_constant(numpy.stack([o.reshape(-1) for o in offsets], axis=-1))  # (rows, 2)
         self.bounds_kernel = None
         if _pads_keys(p):
             spec = HelperKernel("key_bounds", "key_bounds", None, _arch(cupy.cuda.Device().id), _KEY_BOUNDS_THREADS)
@@ -1442,7 +1461,6 @@ class _OnChipBiasSum:
 
     @classmethod
     def of(cls, p, head_dim: int, head_dim_v: int, device: int):
-        cupy = _cupy()
         planes_lead = _shared_bias_lead(p)
         if planes_lead is None:
             return None
@@ -1455,7 +1473,7 @@ class _OnChipBiasSum:
         per_plane = rows.size // planes
         tiles_total = planes * -(-p.seqlen_q // variant.block_m) * -(-p.seqlen_k // variant.block_n)
         chunk_rows, chunks = _chunks(per_plane, -(-4 * kernels.device_attribute("MultiProcessorCount") // tiles_total))
-        return cls(variant, cupy.asarray(rows), planes, chunks, chunk_rows, p)
+        return cls(variant, plan_constant(rows), planes, chunks, chunk_rows, p)
 
     def fill(self, struct, partial_sums, device: int) -> None:
         """Its fields of the params, and its launch (grid: planes x chunks, tiles)."""
@@ -1493,7 +1511,7 @@ class _SharedBiasAdds:
         plane_of, planes = _plane_of_rows(tuple(p.lead_shape), planes_lead)
         if plane_of.size // planes > SHARED_BIAS_ADDS_MAX_ROWS:
             return None
-        return cls(_cupy().asarray(plane_of), planes, p)
+        return cls(plan_constant(plane_of), planes, p)
 
     def fill(self, struct) -> None:
         struct["dbias_planes"] = self.plane_of_rows.data.ptr
