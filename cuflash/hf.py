@@ -44,7 +44,9 @@ test or a benchmark can check the routing really happened; :func:`reset_counts` 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
 the forward compiled in ``mode="reduce-overhead"``) a mask reaches cuflash's attention op as it
 is, whatever its pattern: the faster eager forms above need the mask's pattern read on the host,
-which a traced graph cannot do (and a CUDA graph replay would skip). Nothing this module or
+which a traced graph cannot do (and a CUDA graph replay would skip). A causal batch without a
+cache is the exception: :func:`mask_function` knows its pattern without reading it, and hands
+over no mask (no padding) or the padding mask alone (causal kernels with the keys' mask). Nothing this module or
 ``cuflash.torch`` remembers between calls is read while tracing, and :data:`COUNTS` counts eager
 calls only: a value read in a traced function becomes a guard of its graph, recompiled whenever
 the value changes.
@@ -144,26 +146,34 @@ def _is_sliding_causal(mask_fn, window, n, device):
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
-    """transformers' ``sdpa_mask``, plus the skips of a padding-free causal mask while tracing and of
-    a padding-free causal sliding-window mask.
+    """transformers' ``sdpa_mask``, with three shortcuts for a causal batch without a cache.
 
     ``None`` where SDPA's integration would run ``is_causal`` (or no mask at all); a boolean
-    ``(B, 1, Lq, Lk)`` mask otherwise, which :func:`attention_forward` hands to SDPA. The extra skip
-    (no cache, ``Lq == Lk``, no padding, the pattern verified to be the causal sliding window)
-    is safe because such models pass ``sliding_window`` to the attention function, as their
-    flash-attention path needs it too.
+    ``(B, 1, Lq, Lk)`` mask otherwise, which :func:`attention_forward` hands to SDPA. The shortcuts,
+    all for ``Lq == Lk`` and no cache (a training step, a prefill):
+
+    * a causal sliding-window mask without padding, the pattern verified to be the causal sliding
+      window: ``None``, safe because such models pass ``sliding_window`` to the attention
+      function, as their flash-attention path needs it too;
+    * inside ``torch.compile``, the plain causal mask: ``None`` without padding (sdpa_mask skips it
+      only outside a trace, as it cannot read a padding mask's values there) and, with a padding
+      mask, that ``(B, Lk)`` mask itself as booleans (:func:`attention_forward` reads a 2-D mask as
+      "causal, and these keys visible"). Otherwise the graph would build B x Lq x Lk booleans that
+      every layer reads, all tiles computed, instead of running the causal kernels with a
+      key-padding mask. The lengths are the graph's static sizes (sizes traced as symbols keep
+      the full mask).
     """
     if mask_function is None:
         mask_function = causal_mask_function
-    if (attention_mask is None and mask_function is causal_mask_function and allow_is_causal_skip
-            and all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
-            and q_length == kv_length and q_offset == kv_offset == 0 and local_size is None):
-        # The plain causal mask of a batch without padding nor cache (a training step, a prefill):
-        # sdpa_mask skips it too, but not while tracing (torch.compile), where it materialises
-        # B x L x L booleans that every layer then reads, all tiles computed, because it cannot
-        # read a padding mask's values. Here there is none to read, and the lengths are the
-        # graph's static sizes (sizes traced as symbols keep the mask).
-        return None
+    plain_causal = (mask_function is causal_mask_function and allow_is_causal_skip and local_size is None
+                    and not kwargs.get("use_vmap", False)
+                    and all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
+                    and q_length == kv_length and q_offset == kv_offset == 0)
+    if plain_causal and attention_mask is None:
+        return None  # (as sdpa_mask outside a trace)
+    if (plain_causal and torch.compiler.is_compiling() and attention_mask.dim() == 2
+            and attention_mask.shape[-1] == kv_length):
+        return attention_mask.bool()
     arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
@@ -461,6 +471,13 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     return None
 
 
+def _causal_with_visible_keys(keys_visible, q_length):
+    """mask_function's 2-D form, ``(B, Lk)`` keys visible under the causal rule (``Lq == Lk``), as
+    the ``(B, 1, Lq, Lk)`` boolean mask sdpa_mask builds for it."""
+    causal = torch.ones(q_length, keys_visible.shape[-1], dtype=torch.bool, device=keys_visible.device).tril()
+    return causal & keys_visible[:, None, None, :]
+
+
 def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal, kwargs):
     """attention_forward's call with a mask inside torch.compile: the mask itself, whatever its
     pattern, through cuflash's attention op (boolean: True = visible; floating: added to the
@@ -468,17 +485,27 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
     replays without one: transformers' StaticCache decoding under ``mode="reduce-overhead"``).
     The eager path's faster forms (each sequence on its own tokens, the kv-cache kernel over a
     static cache's filled keys) need the mask's pattern on the host first. The mask holds the
-    causal rule and any sliding window, as for SDPA."""
+    causal rule and any sliding window, as for SDPA; but for mask_function's 2-D form (a padded
+    causal batch without a cache), causal kernels with the keys' mask (their fully hidden key
+    tiles skipped)."""
+    visible_keys = attention_mask.dim() == 2
     mask_kind = ("mask" if attention_mask.dtype == torch.bool else
                  "bias" if attention_mask.is_floating_point() else None)
     reason = _unsupported(query, key, value, None, dropout, softcap, kwargs)
     if reason is None and mask_kind is None:
         reason = f"an attention mask of dtype {attention_mask.dtype} (neither boolean nor floating) was passed"
     if reason is not None:
+        if visible_keys:
+            attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2])
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     _count()
-    out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
-                                   **{mask_kind: attention_mask})
+    if visible_keys:
+        out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left",
+                                       mask=attention_mask[:, None, None, :], softcap=softcap or None,
+                                       sinks=kwargs.get("s_aux"))
+    else:
+        out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None,
+                                       sinks=kwargs.get("s_aux"), **{mask_kind: attention_mask})
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -493,6 +520,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and torch.compiler.is_compiling():
         return _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal,
                                  kwargs)
+    if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
+        attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2])
     segments = None if attention_mask is None else _segments(attention_mask, sliding_window)
     reason = _unsupported(query, key, value, attention_mask if segments is None else None, dropout, softcap, kwargs)
     if reason is not None:

@@ -781,31 +781,89 @@ def test_training_steps_compile_once(padded):
     assert hf.COUNTS["fallback"] == 0
 
 
+def _compiled_step_calls(reference, ours, ids, mask=None):
+    """One compiled training step (loss and backward, one graph) of each model on ``ids`` (padded
+    by ``mask``: the padded positions left out of the loss, where the conventions for rows that
+    see no key differ); asserts the loss and gradients agree (float64) and returns the arguments
+    of each cuflash attention call in ours' graph, one per layer."""
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (reference, ours):
+        step_function, counter, _ = _compile_counting(
+            lambda ids, mask, model=model: model(ids, attention_mask=mask, labels=labels).loss)
+        loss = step_function(ids, mask)
+        loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, counter))
+    (loss_ref, grads_ref, _), (loss, grads, counter) = results
+    tolerance = TOLERANCE[torch.float64]
+    torch.testing.assert_close(loss, loss_ref, **tolerance)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **tolerance, msg=name)
+    calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
+    assert len(calls) == LAYERS and counter.frame_count == 1
+    return calls
+
+
 def test_compiled_training_step_without_padding_runs_causal_without_a_mask():
     """A compiled training step given no attention mask (no padding, no cache): the causal mask is
     skipped inside the graph as in eager, where sdpa_mask would materialise B x L x L booleans
     while tracing (and every layer would read them, all tiles computed): cuflash's op gets no
     mask and runs causal (top-left, as Lq = Lk), with SDPA's loss and gradients."""
-    dtype = torch.float64
-    reference, ours = model_pair(llama_config(), dtype)
     ids = random_ids(2, 9)
-    results = []
-    for model in (reference, ours):
-        step_function, counter, _ = _compile_counting(lambda ids, model=model: model(ids, labels=ids).loss)
-        loss = step_function(ids)
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads, counter))
-    (loss_ref, grads_ref, _), (loss, grads, counter) = results
-    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads_ref:
-        scale = grads_ref[name].abs().max().item() or 1.0
-        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
-    calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
-    assert len(calls) == LAYERS and counter.frame_count == 1
-    for args in calls:  # (q, k, v, scale, causal, ..., bias, mask)
-        assert args[4] == "top_left" and args[-2:] == (None, None)
+    for args in _compiled_step_calls(*model_pair(llama_config(), torch.float64), ids):
+        assert args[4] == "top_left" and args[-2:] == (None, None)  # (q, k, v, scale, causal, ..., bias, mask)
+
+
+@pytest.mark.parametrize("route", ["eager", "compiled", "compiled-fallback"])
+def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, monkeypatch):
+    """mask_function's traced form of a padded causal batch, a ``(B, Lk)`` boolean mask, means the
+    causal rule with those keys visible, whichever way attention_forward runs it: eagerly (a direct
+    call), compiled (causal kernels with the keys' mask) or compiled but falling back to SDPA (the
+    full mask rebuilt for it): SDPA's result with the ``(B, 1, L, L)`` mask sdpa_mask builds."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 2
+
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 7, 8, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(2, 2, 7, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    visible = torch.ones(2, 7, dtype=torch.bool)
+    visible[1, 4:] = False  # right padding: every query still sees a key
+    full = torch.ones(7, 7, dtype=torch.bool).tril() & visible[:, None, None, :]
+    want, _ = sdpa_attention_forward(Module(), q, k, v, full, scaling=0.3)
+    if route == "compiled-fallback":
+        monkeypatch.setattr(hf, "_unsupported", lambda *args: "a reason to fall back")
+    call = lambda q, k, v, visible: hf.attention_forward(Module(), q, k, v, visible, scaling=0.3)[0]  # noqa: E731
+    if route != "eager":
+        call, counter, targets = _compile_counting(call)
+    got = call(q, k, v, visible)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    if route != "eager":
+        assert ("cuflash.attention_fwd" in targets) == (route == "compiled")
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+def test_compiled_padded_training_step_runs_causal_with_the_keys_mask(config):
+    """A compiled training step of a left- and right-padded batch: transformers' causal mask is
+    not materialised (B x L x L booleans every layer would read, all tiles computed); cuflash's
+    op gets the causal rule and the padding as a key mask ``(B, 1, 1, L)`` (a sliding-window
+    model's mask, whose pattern mask_function cannot know without reading it, stays whole), with
+    SDPA's loss and gradients on the real tokens."""
+    reference, ours = model_pair(config(), torch.float64)
+    ids = random_ids(2, 9)
+    mask = _padding_mask(ids)
+    sliding = getattr(ours.config, "sliding_window", None) is not None
+    for args in _compiled_step_calls(reference, ours, ids, mask):  # (q, k, v, scale, causal, ..., bias, mask)
+        mask_shape = tuple(args[-1].meta["example_value"].shape)
+        if sliding:
+            assert args[4] == "none" and mask_shape == (2, 1, 9, 9)
+        else:
+            assert args[4] == "top_left" and mask_shape == (2, 1, 1, 9)
 
 
 @pytest.mark.gpu
