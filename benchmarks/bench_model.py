@@ -260,6 +260,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
     hf, family = ctx["hf"], ctx["family"]
     implementation, function, _ = ctx["backends"][backend]
     context = ctx["kernel_context"](backend)
+    mask = torch.ones_like(ids) if args.attention_mask == "ones" else None
     result: dict = {"status": "ok"}
     hf.reset_counts()
 
@@ -272,13 +273,13 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
 
     def train_step(run=runner):
         model.zero_grad(set_to_none=True)
-        output = run(ids, labels=ids)
+        output = run(ids, attention_mask=mask, labels=ids)
         output.loss.backward()
         return output
 
     def prefill():
         with torch.inference_mode():
-            return runner(ids, use_cache=False, logits_to_keep=1)
+            return runner(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
     def timed_median(step, count):
         times = []
@@ -528,7 +529,8 @@ def failure(torch, error: BaseException) -> dict:
 # --- table -----------------------------------------------------------------------------------------
 
 
-def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, compiled: str | None = None) -> str:
+def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, compiled: str | None = None,
+                  attention_mask: str = "none") -> str:
     out = []
     for row in rows:
         results = row["results"]
@@ -579,7 +581,9 @@ def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, 
             + (f" Compiled (torch.compile, backend {compiled}): steps, peak and prefill of the compiled model; "
                "the first step (eager) is the correctness check, the first compiled step's wall time is "
                "first_compiled_step_s in the JSON; attention and host time are eager measurements, not taken."
-               if compiled else "")]
+               if compiled else "")
+            + (" Every step and prefill passes attention_mask = ones (as a data collator does for an unpadded "
+               "batch)." if attention_mask == "ones" else "")]
     return "\n".join(out)
 
 
@@ -620,6 +624,10 @@ def parse_args(argv):
                         help="time the model compiled (torch.compile of the whole model): training steps, peak and "
                              "prefill; the first step stays eager (the correctness check), attention time and host "
                              "time are not measured (their instruments are eager)")
+    parser.add_argument("--attention-mask", choices=("none", "ones"), default="none",
+                        help="what the steps pass as attention_mask: none, or a mask of ones as a data collator "
+                             "gives an unpadded batch (transformers then builds a full causal mask inside "
+                             "torch.compile; eager calls skip it)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile's backend with --compile (default inductor; aot_eager for a quick check)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
@@ -690,6 +698,7 @@ def main(argv=None) -> Path:
               "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
               "attn_steps": args.attn_steps, "host_calls": args.host_calls,
               "compile": args.compile_backend if args.compile else None,
+              "attention_mask": args.attention_mask,
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
               "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
               "rows": []}
@@ -698,7 +707,8 @@ def main(argv=None) -> Path:
           f"cuflash {env['cuflash']} {dtype_name} {family.name} {config}", file=sys.stderr, flush=True)
 
     def save():
-        record["table"] = format_tables(record["rows"], dtype_name, family, cuda, record["compile"])
+        record["table"] = format_tables(record["rows"], dtype_name, family, cuda, record["compile"],
+                                        args.attention_mask)
         records.write(record, path)
 
     def rows():

@@ -397,16 +397,18 @@ def test_bench_model_runs_on_cpu(tmp_path, capsys):
     assert "| backend" in capsys.readouterr().out
 
 
-def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("attention_mask", ["none", "ones"])
+def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask):
     """--compile: the model compiled as a whole times its steps and prefill (here through
     aot_eager, no code generation); the eager first step still checks the logits; the eager
-    instruments report nothing rather than eager numbers."""
+    instruments report nothing rather than eager numbers. --attention-mask ones: the steps pass
+    a mask of ones, as a data collator does."""
     bench_model = _bench_model()
     path = bench_model.main(["--device", "cpu", "--tiny", "--shapes", "2x64", "--backends", "sdpa,cuflash",
                              "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager",
-                             "--out-dir", str(tmp_path)])
+                             "--attention-mask", attention_mask, "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
-    assert record["compile"] == "aot_eager"
+    assert record["compile"] == "aot_eager" and record["attention_mask"] == attention_mask
     result = record["rows"][0]["results"]["cuflash"]
     assert result["status"] == "ok" and result["correct"] is True and result["attention_calls_cuflash"] > 0
     assert result["first_compiled_step_s"] > 0 and result["step_ms"] > 0 and result["prefill_ms"] > 0
