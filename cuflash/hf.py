@@ -144,35 +144,46 @@ def _is_sliding_causal(mask_fn, window, n, device):
     return isinstance(got, torch.Tensor) and got.shape == want.shape and bool((got == want).all())
 
 
+def _configured_window(config, local_size) -> bool:
+    """Whether ``local_size`` is the model's sliding window (create_sliding_window_causal_mask's,
+    ``config.sliding_window``) rather than a chunk size (create_chunked_causal_mask's,
+    ``config.attention_chunk_size``): inside a trace the mask function cannot be evaluated to tell."""
+    return (type(local_size) is int and getattr(config, "sliding_window", None) == local_size
+            and getattr(config, "attention_chunk_size", None) != local_size)
+
+
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
-    """transformers' ``sdpa_mask``, with three shortcuts for a causal batch without a cache.
+    """transformers' ``sdpa_mask``, with shortcuts for a causal batch without a cache.
 
     ``None`` where SDPA's integration would run ``is_causal`` (or no mask at all); a boolean
     ``(B, 1, Lq, Lk)`` mask otherwise, which :func:`attention_forward` hands to SDPA. The shortcuts,
-    all for ``Lq == Lk`` and no cache (a training step, a prefill):
+    all for ``Lq == Lk`` and no cache (a training step, a prefill), rely on such models passing
+    ``sliding_window`` to the attention function (their flash-attention path needs it too):
 
     * a causal sliding-window mask without padding, the pattern verified to be the causal sliding
-      window: ``None``, safe because such models pass ``sliding_window`` to the attention
-      function, as their flash-attention path needs it too;
-    * inside ``torch.compile``, the plain causal mask: ``None`` without padding (sdpa_mask skips it
+      window: ``None``;
+    * inside ``torch.compile``, a causal mask, or a causal sliding-window one (``local_size`` the
+      config's ``sliding_window``, which tells it from a chunked mask; the function cannot be
+      evaluated in a trace): ``None`` without padding (sdpa_mask skips only the causal one, and
       only outside a trace, as it cannot read a padding mask's values there) and, with a padding
       mask, that ``(B, Lk)`` mask itself as booleans (:func:`attention_forward` reads a 2-D mask as
-      "causal, and these keys visible"). Otherwise the graph would build B x Lq x Lk booleans that
-      every layer reads, all tiles computed, instead of running the causal kernels with a
-      key-padding mask. The lengths are the graph's static sizes (sizes traced as symbols keep
-      the full mask).
+      "causal, the window if any, and these keys visible"). Otherwise the graph would build
+      B x Lq x Lk booleans that every layer reads, all tiles computed, instead of running the
+      causal kernels with a key-padding mask. The lengths are the graph's static sizes (sizes
+      traced as symbols keep the full mask).
     """
     if mask_function is None:
         mask_function = causal_mask_function
-    plain_causal = (mask_function is causal_mask_function and allow_is_causal_skip and local_size is None
-                    and not kwargs.get("use_vmap", False)
-                    and all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
-                    and q_length == kv_length and q_offset == kv_offset == 0)
-    if plain_causal and attention_mask is None:
-        return None  # (as sdpa_mask outside a trace)
-    if (plain_causal and torch.compiler.is_compiling() and attention_mask.dim() == 2
-            and attention_mask.shape[-1] == kv_length):
+    tracing = torch.compiler.is_compiling()
+    no_cache = (allow_is_causal_skip and not kwargs.get("use_vmap", False)
+                and all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
+                and q_length == kv_length and q_offset == kv_offset == 0)
+    known = no_cache and (mask_function is causal_mask_function if local_size is None else
+                          tracing and _configured_window(kwargs.get("config"), local_size))
+    if known and attention_mask is None:
+        return None
+    if known and tracing and attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length:
         return attention_mask.bool()
     arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -471,14 +482,25 @@ def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
     return None
 
 
-def _causal_with_visible_keys(keys_visible, q_length):
-    """mask_function's 2-D form, ``(B, Lk)`` keys visible under the causal rule (``Lq == Lk``), as
-    the ``(B, 1, Lq, Lk)`` boolean mask sdpa_mask builds for it."""
-    causal = torch.ones(q_length, keys_visible.shape[-1], dtype=torch.bool, device=keys_visible.device).tril()
-    return causal & keys_visible[:, None, None, :]
+def _window_of(sliding_window, kv_length):
+    """cuflash's window for transformers' ``sliding_window`` (``kv_idx > q_idx - sliding_window``),
+    None where it hides no key of ``kv_length``."""
+    if sliding_window is None or not 0 < sliding_window < kv_length:
+        return None
+    return (int(sliding_window) - 1, 0)
 
 
-def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal, kwargs):
+def _causal_with_visible_keys(keys_visible, q_length, window):
+    """mask_function's 2-D form, ``(B, Lk)`` keys visible under the causal rule (``Lq == Lk``) and
+    ``window`` (cuflash's, or None), as the ``(B, 1, Lq, Lk)`` boolean mask sdpa_mask builds."""
+    rule = torch.ones(q_length, keys_visible.shape[-1], dtype=torch.bool, device=keys_visible.device).tril()
+    if window is not None:
+        rule = rule.triu(-window[0])
+    return rule & keys_visible[:, None, None, :]
+
+
+def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal, sliding_window,
+                      kwargs):
     """attention_forward's call with a mask inside torch.compile: the mask itself, whatever its
     pattern, through cuflash's attention op (boolean: True = visible; floating: added to the
     scores), with no host read of its values (a traced graph cannot make one, and a CUDA graph
@@ -486,9 +508,10 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
     The eager path's faster forms (each sequence on its own tokens, the kv-cache kernel over a
     static cache's filled keys) need the mask's pattern on the host first. The mask holds the
     causal rule and any sliding window, as for SDPA; but for mask_function's 2-D form (a padded
-    causal batch without a cache), causal kernels with the keys' mask (their fully hidden key
-    tiles skipped)."""
+    causal batch without a cache), causal kernels (with the layer's ``sliding_window``) and the
+    keys' mask (their fully hidden key tiles skipped)."""
     visible_keys = attention_mask.dim() == 2
+    window = _window_of(sliding_window, key.shape[2]) if visible_keys else None
     mask_kind = ("mask" if attention_mask.dtype == torch.bool else
                  "bias" if attention_mask.is_floating_point() else None)
     reason = _unsupported(query, key, value, None, dropout, softcap, kwargs)
@@ -496,11 +519,11 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
         reason = f"an attention mask of dtype {attention_mask.dtype} (neither boolean nor floating) was passed"
     if reason is not None:
         if visible_keys:
-            attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2])
+            attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2], window)
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     _count()
     if visible_keys:
-        out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left",
+        out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left", window=window,
                                        mask=attention_mask[:, None, None, :], softcap=softcap or None,
                                        sinks=kwargs.get("s_aux"))
     else:
@@ -519,9 +542,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """
     if attention_mask is not None and torch.compiler.is_compiling():
         return _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal,
-                                 kwargs)
+                                 sliding_window, kwargs)
     if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
-        attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2])
+        attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2],
+                                                   _window_of(sliding_window, key.shape[2]))
     segments = None if attention_mask is None else _segments(attention_mask, sliding_window)
     reason = _unsupported(query, key, value, attention_mask if segments is None else None, dropout, softcap, kwargs)
     if reason is not None:
@@ -541,9 +565,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if causal and kv_length > q_length:  # prefill into an empty static cache: the rest is masked anyway
         key = key[:, :, :q_length, :]
         value = value[:, :, :q_length, :]
-    window = None
-    if causal and sliding_window is not None and 0 < sliding_window < key.shape[2]:
-        window = (int(sliding_window) - 1, 0)  # transformers: kv_idx > q_idx - sliding_window
+    window = _window_of(sliding_window, key.shape[2]) if causal else None
 
     _count()
     out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left" if causal else False,

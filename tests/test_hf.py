@@ -809,22 +809,27 @@ def _compiled_step_calls(reference, ours, ids, mask=None):
     return calls
 
 
-def test_compiled_training_step_without_padding_runs_causal_without_a_mask():
-    """A compiled training step given no attention mask (no padding, no cache): the causal mask is
-    skipped inside the graph as in eager, where sdpa_mask would materialise B x L x L booleans
-    while tracing (and every layer would read them, all tiles computed): cuflash's op gets no
-    mask and runs causal (top-left, as Lq = Lk), with SDPA's loss and gradients."""
-    ids = random_ids(2, 9)
-    for args in _compiled_step_calls(*model_pair(llama_config(), torch.float64), ids):
-        assert args[4] == "top_left" and args[-2:] == (None, None)  # (q, k, v, scale, causal, ..., bias, mask)
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+def test_compiled_training_step_without_padding_runs_causal_without_a_mask(config):
+    """A compiled training step given no attention mask (no padding, no cache): the causal (or
+    causal sliding-window) mask is skipped inside the graph as in eager, where sdpa_mask would
+    materialise B x L x L booleans while tracing (and every layer would read them, all tiles
+    computed): cuflash's op gets no mask and runs causal (top-left, as Lq = Lk; the window of a
+    sliding-window model), with SDPA's loss and gradients."""
+    reference, ours = model_pair(config(), torch.float64)
+    window = (4, 0) if getattr(ours.config, "sliding_window", None) is not None else (-1, -1)
+    for args in _compiled_step_calls(reference, ours, random_ids(2, 9)):  # (q, k, v, scale, causal, wl, wr, ..., mask)
+        assert args[4] == "top_left" and tuple(args[5:7]) == window and args[-2:] == (None, None)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 3])
 @pytest.mark.parametrize("route", ["eager", "compiled", "compiled-fallback"])
-def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, monkeypatch):
+def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, sliding_window, monkeypatch):
     """mask_function's traced form of a padded causal batch, a ``(B, Lk)`` boolean mask, means the
-    causal rule with those keys visible, whichever way attention_forward runs it: eagerly (a direct
-    call), compiled (causal kernels with the keys' mask) or compiled but falling back to SDPA (the
-    full mask rebuilt for it): SDPA's result with the ``(B, 1, L, L)`` mask sdpa_mask builds."""
+    causal rule (and the layer's sliding window) with those keys visible, whichever way
+    attention_forward runs it: eagerly (a direct call), compiled (causal kernels with the keys'
+    mask) or compiled but falling back to SDPA (the full mask rebuilt for it): SDPA's result with
+    the ``(B, 1, L, L)`` mask sdpa_mask builds."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     class Module(torch.nn.Module):
@@ -836,11 +841,14 @@ def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, monkeypat
     k, v = (torch.randn(2, 2, 7, 8, dtype=torch.float64, generator=generator) for _ in range(2))
     visible = torch.ones(2, 7, dtype=torch.bool)
     visible[1, 4:] = False  # right padding: every query still sees a key
-    full = torch.ones(7, 7, dtype=torch.bool).tril() & visible[:, None, None, :]
-    want, _ = sdpa_attention_forward(Module(), q, k, v, full, scaling=0.3)
+    rule = torch.ones(7, 7, dtype=torch.bool).tril()
+    if sliding_window is not None:
+        rule &= torch.ones(7, 7, dtype=torch.bool).triu(1 - sliding_window)  # kv_idx > q_idx - sliding_window
+    want, _ = sdpa_attention_forward(Module(), q, k, v, rule & visible[:, None, None, :], scaling=0.3)
     if route == "compiled-fallback":
         monkeypatch.setattr(hf, "_unsupported", lambda *args: "a reason to fall back")
-    call = lambda q, k, v, visible: hf.attention_forward(Module(), q, k, v, visible, scaling=0.3)[0]  # noqa: E731
+    call = lambda q, k, v, visible: hf.attention_forward(  # noqa: E731
+        Module(), q, k, v, visible, scaling=0.3, sliding_window=sliding_window)[0]
     if route != "eager":
         call, counter, targets = _compile_counting(call)
     got = call(q, k, v, visible)
@@ -853,19 +861,16 @@ def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, monkeypat
 def test_compiled_padded_training_step_runs_causal_with_the_keys_mask(config):
     """A compiled training step of a left- and right-padded batch: transformers' causal mask is
     not materialised (B x L x L booleans every layer would read, all tiles computed); cuflash's
-    op gets the causal rule and the padding as a key mask ``(B, 1, 1, L)`` (a sliding-window
-    model's mask, whose pattern mask_function cannot know without reading it, stays whole), with
-    SDPA's loss and gradients on the real tokens."""
+    op gets the causal rule (and a sliding-window model's window) and the padding as a key mask
+    ``(B, 1, 1, L)``, with SDPA's loss and gradients on the real tokens."""
     reference, ours = model_pair(config(), torch.float64)
     ids = random_ids(2, 9)
     mask = _padding_mask(ids)
     sliding = getattr(ours.config, "sliding_window", None) is not None
     for args in _compiled_step_calls(reference, ours, ids, mask):  # (q, k, v, scale, causal, ..., bias, mask)
         mask_shape = tuple(args[-1].meta["example_value"].shape)
-        if sliding:
-            assert args[4] == "none" and mask_shape == (2, 1, 9, 9)
-        else:
-            assert args[4] == "top_left" and mask_shape == (2, 1, 1, 9)
+        assert args[4] == "top_left" and mask_shape == (2, 1, 1, 9)
+        assert tuple(args[5:7]) == ((4, 0) if sliding else (-1, -1))  # (window_left, window_right)
 
 
 @pytest.mark.gpu
