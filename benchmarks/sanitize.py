@@ -246,6 +246,12 @@ def _feature_cases() -> list[dict]:
              seqlens=[1000, 33], lnew=5, page_size=None, num_splits=0),
         dict(name="kvcache-float32-paged", dtype="float32", api="kvcache", heads=(4, 1), d=59, lq=3, lmax=96,
              seqlens=[20, 70], lnew=2, page_size=16, num_splits=1),
+        # dense calls of a few query rows a head, routed to the decode kernel (decode.dense_reason);
+        # their backward runs on the dense kernels from the routed out and lse
+        dict(name="dense-decode-bfloat16-gqa-causal", dtype="bfloat16", q=(2, 8, 4, 128), k=(2, 2, 1100, 128),
+             options={"causal": True}, quick=True),
+        dict(name="dense-decode-float16-mqa-softcap-sinks", dtype="float16", q=(1, 8, 1, 64), k=(1, 1, 777, 64),
+             options={"softcap": 20.0, "sinks": "heads"}),
     ]
 
 
