@@ -39,21 +39,17 @@ def _cupy():
 
 def plan_constant(host: numpy.ndarray):
     """A table a plan keeps on the device for all its calls (row offsets, plane indices), from
-    CuPy's own pool and copied on a stream of its own, whatever the call that plans runs under.
-    The caller's allocator would be wrong for it: in a torch call that is torch's caching
-    allocator, and a block of torch's kept past the call stays in a CUDA graph's private pool when
-    that call is a graph's warm-up (torch.compile's ``reduce-overhead`` refuses a pool holding a
-    block no output owns). Inside a capture (a first call of its signature being captured) CuPy's
-    pool may not allocate nor a side stream copy, so the call's own allocator and stream serve:
-    the graph then records the upload before the kernels that read it."""
+    CuPy's own pool whatever allocator the call that plans runs under. The caller's would be wrong
+    for it: in a torch call that is torch's caching allocator, and a block of torch's kept past the
+    call stays in a CUDA graph's private pool when that call is a graph's warm-up (torch.compile's
+    ``reduce-overhead`` refuses a pool holding a block no output owns). Inside a capture (a first
+    call of its signature being captured) CuPy's pool may not allocate, so the call's own
+    allocator serves. Uploaded on the call's stream, ahead of the kernels that read it."""
     cupy = _cupy()
-    stream = cupy.cuda.get_current_stream()
-    if stream.is_capturing():
+    if cupy.cuda.get_current_stream().is_capturing():
         return cupy.asarray(host)
-    with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc), cupy.cuda.Stream(non_blocking=True) as own:
-        table = cupy.asarray(host)
-        own.synchronize()
-    return table
+    with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+        return cupy.asarray(host)
 
 
 # --------------------------------------------------------------------------- layouts
