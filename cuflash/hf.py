@@ -15,12 +15,12 @@
 * ``transformers.masking_utils.AttentionMaskInterface``: :func:`mask_function`, SDPA's mask
   (``sdpa_mask``), so that a causal batch without padding yields ``attention_mask=None`` (the
   ``is_causal`` skip) and a padded batch yields a real boolean mask. Without a registered mask
-  function transformers hands a custom attention no mask at all, padding included. Two
-  additions: a causal *sliding-window* mask without padding and without a cache (training,
-  prefill) is skipped too (``None``), and the window comes from the ``sliding_window`` argument
-  the model passes to the attention function; SDPA would materialise that mask. And the plain
-  causal mask of a batch given no ``attention_mask`` (no padding) and no cache is skipped
-  inside ``torch.compile`` as well, where ``sdpa_mask`` materialises it.
+  function transformers hands a custom attention no mask at all, padding included. Additions
+  for a batch without a cache (training, prefill): a causal *sliding-window* mask without
+  padding is skipped too (``None``), the window coming from the ``sliding_window`` argument the
+  model passes to the attention function (SDPA would materialise that mask); and inside
+  ``torch.compile``, where ``sdpa_mask`` materialises every mask, a causal or causal
+  sliding-window one is skipped, or reduced to its padding (see below).
 
 Semantics mirror ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` exactly:
 ``is_causal`` is the ``is_causal`` keyword when given, else ``module.is_causal`` (default True),
@@ -44,12 +44,13 @@ test or a benchmark can check the routing really happened; :func:`reset_counts` 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
 the forward compiled in ``mode="reduce-overhead"``) a mask reaches cuflash's attention op as it
 is, whatever its pattern: the faster eager forms above need the mask's pattern read on the host,
-which a traced graph cannot do (and a CUDA graph replay would skip). A causal batch without a
-cache is the exception: :func:`mask_function` knows its pattern without reading it, and hands
-over no mask (no padding) or the padding mask alone (causal kernels with the keys' mask). Nothing this module or
-``cuflash.torch`` remembers between calls is read while tracing, and :data:`COUNTS` counts eager
-calls only: a value read in a traced function becomes a guard of its graph, recompiled whenever
-the value changes.
+which a traced graph cannot do (and a CUDA graph replay would skip). A causal or causal
+sliding-window batch without a cache is the exception: :func:`mask_function` knows its pattern
+without reading it, and hands over no mask (no padding) or the ``(B, Lk)`` padding mask alone
+(causal or banded kernels with the keys' mask). Nothing this module or ``cuflash.torch``
+remembers between calls is read while tracing, and :data:`COUNTS` counts eager calls only: a
+value read in a traced function becomes a guard of its graph, recompiled whenever the value
+changes.
 """
 import dataclasses
 import warnings
@@ -493,6 +494,9 @@ def _window_of(sliding_window, kv_length):
 def _causal_with_visible_keys(keys_visible, q_length, window):
     """mask_function's 2-D form, ``(B, Lk)`` keys visible under the causal rule (``Lq == Lk``) and
     ``window`` (cuflash's, or None), as the ``(B, 1, Lq, Lk)`` boolean mask sdpa_mask builds."""
+    if q_length != keys_visible.shape[-1]:
+        raise ValueError(f"a 2-D attention_mask {tuple(keys_visible.shape)} is cuflash.hf.mask_function's form of a "
+                         f"batch without a cache: as many queries as keys, got {q_length} queries")
     rule = torch.ones(q_length, keys_visible.shape[-1], dtype=torch.bool, device=keys_visible.device).tril()
     if window is not None:
         rule = rule.triu(-window[0])

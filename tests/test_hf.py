@@ -857,6 +857,17 @@ def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, sliding_w
         assert ("cuflash.attention_fwd" in targets) == (route == "compiled")
 
 
+def test_two_dimensional_mask_with_fewer_queries_than_keys_is_refused():
+    """The 2-D form stands for a batch without a cache (as many queries as keys): given for a
+    decoding step it would not say where the queries sit, so it is refused, naming the mask."""
+    class Module(torch.nn.Module):
+        is_causal = True
+
+    q, k = torch.randn(1, 2, 1, 8, dtype=torch.float64), torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="2-D attention_mask .*1 queries"):
+        hf.attention_forward(Module(), q, k, k, torch.ones(1, 5, dtype=torch.bool), scaling=0.3)
+
+
 @pytest.mark.parametrize("config", PADDING_CONFIGS)
 def test_compiled_padded_training_step_runs_causal_with_the_keys_mask(config):
     """A compiled training step of a left- and right-padded batch: transformers' causal mask is
