@@ -70,9 +70,11 @@ CUFLASH_FLASH_ONLY = "cuflash_flash_only"
 ALLOWED = ("sdpa", "cuflash", CUFLASH_FLASH_ONLY, *SDPA_PINNED)
 
 
-def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, new_cache):
-    """Prefill ``ids`` into a fresh cache, then ``new_tokens`` greedy steps. Returns (prefill ms,
-    decode wall ms, decode span ms on the device, the prefill's last logits, the tokens (B, n))."""
+def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, new_cache, step=None):
+    """Prefill ``ids`` into a fresh cache, then ``new_tokens`` greedy steps, each through ``step``
+    (the model's forward compiled, given each step's cache_position as generate gives it; default:
+    the model). Returns (prefill ms, decode wall ms, decode span ms on the device, the prefill's last
+    logits, the tokens (B, n))."""
     cache = new_cache(model, ids.shape[1] + new_tokens)
     clock.sync()
     start = clock.mark()
@@ -85,8 +87,12 @@ def decode_loop(torch, model, ids, new_tokens: int, clock: Clock, new_cache):
     tokens = [token]
     wall = time.perf_counter()
     start = clock.mark()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    for index in range(new_tokens):
+        if step is None:
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        else:
+            position = torch.tensor([ids.shape[1] + index], device=ids.device)
+            out = step(token, past_key_values=out.past_key_values, use_cache=True, cache_position=position)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     end = clock.mark()
@@ -153,9 +159,14 @@ def run_backend(ctx, backend: str, ids) -> dict:
     else:
         within = contextlib.nullcontext()
     result: dict = {"status": "ok"}
+    step = None
+    if args.compile is not None:  # compiled afresh for each backend (and shape)
+        torch._dynamo.reset()
+        options = dict(mode=args.compile) if args.compile_backend == "inductor" else {}
+        step = torch.compile(model.forward, backend=args.compile_backend, fullgraph=True, **options)
     with within, torch.inference_mode(), decode_kernel_routing(backend, ctx["cuda"]) as decode_launches:
         first = time.perf_counter()
-        decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"])
+        decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"], step)
         result["first_run_s"] = time.perf_counter() - first
         runs = []
         for _ in range(args.repeats):
@@ -163,7 +174,7 @@ def run_backend(ctx, backend: str, ids) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 if args.fresh_plans:
                     drop_kept_plans()
-            runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"]))
+            runs.append(decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"], step))
     prefill, wall, span = ([run[i] for run in runs] for i in range(3))
     result.update(timings(prefill, wall, span, ids.shape[0], args.new_tokens))
     if ctx["cuda"]:
@@ -220,7 +231,7 @@ def run_guarded(ctx, backend: str, ids) -> dict:
             ctx["torch"].cuda.empty_cache()
 
 
-def format_table(rows: list[dict], new_tokens: int, dtype_name: str) -> str:
+def format_table(rows: list[dict], new_tokens: int, dtype_name: str, compiled: str | None = None) -> str:
     lines = []
     for row in rows:
         results = row["results"]
@@ -241,10 +252,13 @@ def format_table(rows: list[dict], new_tokens: int, dtype_name: str) -> str:
                          f"{r.get('peak_gib', float('nan')):.2f} | {r['logits_rel_diff']:.1e}{flag} | "
                          f"{r['same_tokens']}/{new_tokens} | {ratio} | {r.get('decode_kernel_calls', '-')} |")
         lines.append("")
-    lines.append("Decode ms/token: wall time of the greedy loop (host and device; no CUDA graphs) per step; GPU "
+    lines.append("Decode ms/token: wall time of the greedy loop (host and device) per step; GPU "
                  "ms/token: the same loop's CUDA-event span. x vs sdpa: sdpa's decode time / this one's (> 1: "
                  "faster). Same tokens: greedy tokens equal to sdpa's before the first difference. Decode-kernel "
-                 "calls: cuflash's dense calls that ran on the decode kernel (all runs).")
+                 "calls: cuflash's dense calls that ran on the decode kernel (all runs)."
+                 + (f" Decode steps compiled (torch.compile of the forward, {compiled}, fullgraph; the prefill "
+                    "eager); the first run s holds the compilation; the decode-kernel calls count eager calls only."
+                    if compiled else ""))
     return "\n".join(lines)
 
 
@@ -271,6 +285,13 @@ def parse_args(argv):
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                         help="transformers' DynamicCache (grown by a key each step) or StaticCache (allocated for the "
                              "prompt and the new tokens; each step's mask hides the slots not yet filled)")
+    parser.add_argument("--compile", choices=("default", "reduce-overhead"), default=None,
+                        help="decode steps through torch.compile(model.forward, mode=..., fullgraph=True), "
+                             "transformers' fast-generation recipe (reduce-overhead: CUDA graphs); the prefill stays "
+                             "eager; needs --cache static; the first run holds the compilation")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend with --compile (the mode applies to inductor; aot_eager for "
+                             "a quick check)")
     parser.add_argument("--fresh-plans", action="store_true",
                         help="drop cuflash's kept plans before every timed run (each new cache length planned, as "
                              "in a generation of lengths not seen before)")
@@ -288,6 +309,8 @@ def parse_args(argv):
     args.backends = ["sdpa"] + [b for b in args.backends if b != "sdpa"]
     if args.new_tokens < 1 or args.repeats < 1 or args.rounds < 1:
         parser.error("--new-tokens, --repeats and --rounds must be at least 1")
+    if args.compile is not None and args.cache != "static":
+        parser.error("--compile needs --cache static (a DynamicCache grows every step: a recompilation each)")
     return args
 
 
@@ -318,6 +341,7 @@ def main(argv=None) -> Path:
     record = {"sweep": "generate", **env, "dtype": dtype_name, "family": family.name, "model_config": config,
               "backends": args.backends, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "rounds": args.rounds, "fresh_plans": args.fresh_plans, "cache": args.cache,
+              "compile": None if args.compile is None else f"{args.compile_backend} {args.compile}",
               "loop": f"prefill into a {args.cache} cache (logits_to_keep=1), then greedy steps of one token per "
                       "sequence; wall time from the first step to the device's end of the last",
               "rows": []}
@@ -326,7 +350,7 @@ def main(argv=None) -> Path:
           f"{family.name} {config}", file=sys.stderr, flush=True)
 
     def save():
-        record["table"] = format_table(record["rows"], args.new_tokens, dtype_name)
+        record["table"] = format_table(record["rows"], args.new_tokens, dtype_name, record["compile"])
         records.write(record, path)
 
     def rows():

@@ -54,6 +54,28 @@ def test_a_static_cache_generation_on_the_cpu_routes_through_cuflash_and_matches
     assert ours["same_tokens"] == 3 and ours["correct"]
 
 
+def test_compiled_static_cache_decoding_on_the_cpu_matches_sdpa(tmp_path):
+    """--compile: the decode steps through the forward compiled whole (here through aot_eager),
+    transformers' fast-generation recipe over a StaticCache; cuflash's ops in the graph (only the
+    eager prefill's calls are counted), no fallback, SDPA's greedy tokens; --compile without a
+    static cache is refused."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import bench_generate
+
+    path = bench_generate.main(["--device", "cpu", "--tiny", "--new-tokens", "3", "--repeats", "1", "--cache", "static",
+                                "--compile", "default", "--compile-backend", "aot_eager", "--backends", "sdpa,cuflash",
+                                "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert record["compile"] == "aot_eager default" and "compiled" in record["table"]
+    ours = record["rows"][0]["results"]["cuflash"]
+    layers = record["model_config"]["num_hidden_layers"]
+    assert ours["attention_calls_cuflash"] == 2 * layers and ours["attention_calls_fallback"] == 0  # two prefills
+    assert ours["same_tokens"] == 3 and ours["correct"]
+    with pytest.raises(SystemExit):
+        bench_generate.parse_args(["--compile", "default"])
+
+
 def test_the_flash_only_backend_turns_the_decode_kernel_routing_off_and_back(monkeypatch):
     pytest.importorskip("cupy")
     from benchmarks import bench_generate
@@ -111,7 +133,7 @@ def test_fresh_plans_drop_the_kept_plans_before_every_timed_run(monkeypatch):
 
     seen = []
 
-    def decode_loop(torch_, model, ids, new_tokens, clock, new_cache):
+    def decode_loop(torch_, model, ids, new_tokens, clock, new_cache, step=None):
         seen.append("kept" in plan.PLANS)
         plan.PLANS["kept"] = None  # what a run keeps for the next
         return 1.0, 2.0, 2.0, torch.ones(1, 4), torch.zeros(1, new_tokens, dtype=torch.long)
