@@ -857,6 +857,44 @@ def test_two_dimensional_mask_is_causal_with_those_keys_visible(route, sliding_w
         assert ("cuflash.attention_fwd" in targets) == (route == "compiled")
 
 
+def _family_config(name, **extra):
+    """A tiny config of transformers' ``name`` (skipped where this transformers lacks it)."""
+    config_class = getattr(transformers, name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return config_class(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                        num_hidden_layers=LAYERS, vocab_size=VOCAB, initializer_range=INIT, **extra)
+
+
+COMPILED_FAMILIES = [
+    pytest.param(lambda: _family_config("Qwen3Config", head_dim=16), id="qwen3"),
+    pytest.param(lambda: _family_config("Qwen2Config", use_sliding_window=True, sliding_window=5, max_window_layers=1),
+                 id="qwen2-sliding-layer"),
+    pytest.param(lambda: _family_config("GemmaConfig", head_dim=16), id="gemma"),
+    pytest.param(lambda: _family_config("Gemma3TextConfig", head_dim=16, sliding_window=5), id="gemma3"),
+    pytest.param(lambda: _family_config("Olmo2Config"), id="olmo2"),
+    pytest.param(lambda: _family_config("Cohere2Config", sliding_window=5), id="cohere2"),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("config", COMPILED_FAMILIES)
+def test_compiled_training_steps_of_more_families_take_the_shortcuts(config, padded):
+    """More families' compiled training steps (full and sliding-window layers, padded or not):
+    SDPA's loss and gradients, and no B x L x L mask in the graph: each layer's cuflash call is
+    causal, with the window of a sliding layer, and at most the keys' mask."""
+    reference, ours = model_pair(config(), torch.float64)
+    ids = random_ids(2, 9)
+    calls = _compiled_step_calls(reference, ours, ids, _padding_mask(ids) if padded else None)
+    for args in calls:  # (q, k, v, scale, causal, window_left, window_right, ..., bias, mask)
+        assert args[4] == "top_left" and args[6] in (-1, 0) and args[-2] is None
+        assert (args[-1] is not None) == padded
+        if padded:
+            assert tuple(args[-1].meta["example_value"].shape) == (2, 1, 1, 9)
+    windows = {args[5] for args in calls}
+    assert windows <= {-1, 4} and (4 in windows) == (getattr(ours.config, "sliding_window", None) is not None)
+
+
 def test_two_dimensional_mask_with_fewer_queries_than_keys_is_refused():
     """The 2-D form stands for a batch without a cache (as many queries as keys): given for a
     decoding step it would not say where the queries sit, so it is refused, naming the mask."""
