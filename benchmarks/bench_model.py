@@ -261,6 +261,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
     implementation, function, _ = ctx["backends"][backend]
     context = ctx["kernel_context"](backend)
     mask = torch.ones_like(ids) if args.attention_mask == "ones" else None
+    cache_option = {"use_cache": False} if args.no_cache else {}
     result: dict = {"status": "ok"}
     hf.reset_counts()
 
@@ -273,7 +274,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
 
     def train_step(run=runner):
         model.zero_grad(set_to_none=True)
-        output = run(ids, attention_mask=mask, labels=ids)
+        output = run(ids, attention_mask=mask, labels=ids, **cache_option)
         output.loss.backward()
         return output
 
@@ -530,7 +531,7 @@ def failure(torch, error: BaseException) -> dict:
 
 
 def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, compiled: str | None = None,
-                  attention_mask: str = "none") -> str:
+                  attention_mask: str = "none", no_cache: bool = False) -> str:
     out = []
     for row in rows:
         results = row["results"]
@@ -583,7 +584,8 @@ def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, 
                "first_compiled_step_s in the JSON; attention and host time are eager measurements, not taken."
                if compiled else "")
             + (" Every step and prefill passes attention_mask = ones (as a data collator does for an unpadded "
-               "batch)." if attention_mask == "ones" else "")]
+               "batch)." if attention_mask == "ones" else "")
+            + (" Training steps pass use_cache=False." if no_cache else "")]
     return "\n".join(out)
 
 
@@ -628,6 +630,10 @@ def parse_args(argv):
                         help="what the steps pass as attention_mask: none, or a mask of ones as a data collator "
                              "gives an unpadded batch (transformers then builds a full causal mask inside "
                              "torch.compile; eager calls skip it)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="training steps call the model with use_cache=False, as training scripts do (inside "
+                             "torch.compile transformers then adds its packed-sequence test of position_ids to the "
+                             "mask, which it cannot skip there)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile's backend with --compile (default inductor; aot_eager for a quick check)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
@@ -698,7 +704,7 @@ def main(argv=None) -> Path:
               "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
               "attn_steps": args.attn_steps, "host_calls": args.host_calls,
               "compile": args.compile_backend if args.compile else None,
-              "attention_mask": args.attention_mask,
+              "attention_mask": args.attention_mask, "use_cache_in_steps": not args.no_cache,
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
               "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
               "rows": []}
@@ -708,7 +714,7 @@ def main(argv=None) -> Path:
 
     def save():
         record["table"] = format_tables(record["rows"], dtype_name, family, cuda, record["compile"],
-                                        args.attention_mask)
+                                        args.attention_mask, args.no_cache)
         records.write(record, path)
 
     def rows():

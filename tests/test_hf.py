@@ -397,18 +397,20 @@ def test_bench_model_runs_on_cpu(tmp_path, capsys):
     assert "| backend" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("attention_mask", ["none", "ones"])
-def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask):
+@pytest.mark.parametrize("attention_mask, no_cache", [("none", False), ("ones", False), ("none", True)])
+def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask, no_cache):
     """--compile: the model compiled as a whole times its steps and prefill (here through
     aot_eager, no code generation); the eager first step still checks the logits; the eager
     instruments report nothing rather than eager numbers. --attention-mask ones: the steps pass
-    a mask of ones, as a data collator does."""
+    a mask of ones, as a data collator does; --no-cache: use_cache=False, as training scripts do."""
     bench_model = _bench_model()
     path = bench_model.main(["--device", "cpu", "--tiny", "--shapes", "2x64", "--backends", "sdpa,cuflash",
                              "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager",
-                             "--attention-mask", attention_mask, "--out-dir", str(tmp_path)])
+                             "--attention-mask", attention_mask, "--out-dir", str(tmp_path)]
+                            + (["--no-cache"] if no_cache else []))
     record = json.loads(Path(path).read_text())
     assert record["compile"] == "aot_eager" and record["attention_mask"] == attention_mask
+    assert record["use_cache_in_steps"] is not no_cache
     result = record["rows"][0]["results"]["cuflash"]
     assert result["status"] == "ok" and result["correct"] is True and result["attention_calls_cuflash"] > 0
     assert result["first_compiled_step_s"] > 0 and result["step_ms"] > 0 and result["prefill_ms"] > 0
