@@ -526,13 +526,10 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
             attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2], window)
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     _count()
-    if visible_keys:
-        out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left", window=window,
-                                       mask=attention_mask[:, None, None, :], softcap=softcap or None,
-                                       sinks=kwargs.get("s_aux"))
-    else:
-        out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None,
-                                       sinks=kwargs.get("s_aux"), **{mask_kind: attention_mask})
+    scores = (dict(causal="top_left", window=window, mask=attention_mask[:, None, None, :]) if visible_keys
+              else {mask_kind: attention_mask})
+    out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
+                                   **scores)
     return out.transpose(1, 2).contiguous(), None
 
 
