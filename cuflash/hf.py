@@ -35,10 +35,13 @@ and packed ones (``position_ids`` restarting per document, ``DataCollatorWithFla
 sliding windows too, without a cache, run in cuflash, each sequence on its own tokens: the mask
 SDPA's mask function built is checked to be exactly that pattern first. Generation from
 left- or right-padded prompts too: each decoding step is one call over the whole batch, a key
-mask hiding each row's padding in the cache, causal bottom-right. What cuflash does not
-support falls back to SDPA's integration (same arguments), with a one-time warning per reason:
-any other mask tensor (custom patterns), dropout > 0, ``position_bias``,
-tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+mask hiding each row's padding in the cache, causal bottom-right. Bidirectional encoders'
+padded batches (BERT-like: every query sees its row's real keys; ModernBERT's local layers, a
+band ``|i - j| <= w`` too) run as a key mask and a window, the mask checked once per forward to
+be exactly that pattern; any other mask runs in cuflash as given (boolean: True = visible;
+floating: added to the scores), as SDPA reads it. What cuflash does not support falls back to
+SDPA's integration (same arguments), with a one-time warning per reason: a mask of another dtype,
+dropout > 0, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
@@ -60,7 +63,8 @@ try:
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+    from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                            causal_mask_function, sdpa_mask)
 except ImportError as error:  # pragma: no cover - exercised only where transformers is missing
     raise ImportError(
         "cuflash.hf needs PyTorch and Hugging Face transformers 5.x: pip install torch 'transformers>=5'"
@@ -173,6 +177,11 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
       B x Lq x Lk booleans that every layer reads, all tiles computed, instead of running the
       causal kernels with a key-padding mask. The lengths are the graph's static sizes (sizes
       traced as symbols keep the full mask).
+
+    And a bidirectional mask with padding (an encoder's batch, or a decoder's cross-attention to
+    one; any lengths, no offsets): the padding as a ``(B, 1, 1, Lk)`` key mask, which SDPA
+    broadcasts as the full mask and cuflash cuts each row's keys by (``None`` when nothing is
+    padded, outside a trace, as sdpa_mask).
     """
     if mask_function is None:
         mask_function = causal_mask_function
@@ -186,6 +195,17 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
         return None
     if known and tracing and attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length:
         return attention_mask.bool()
+    if (mask_function is bidirectional_mask_function and local_size is None and attention_mask is not None
+            and attention_mask.dim() == 2 and attention_mask.shape[-1] == kv_length
+            and not kwargs.get("use_vmap", False) and q_offset == 0 and kv_offset == 0):
+        # A bidirectional batch's padding (an encoder's; a decoder's cross-attention to it): the keys
+        # alone, (B, 1, 1, Lk), which SDPA broadcasts as it would the full mask, instead of B x Lq x
+        # Lk booleans every layer reads; none at all where nothing is padded, as sdpa_mask (which
+        # cannot tell inside a trace).
+        keys = attention_mask.bool()
+        if not tracing and kwargs.get("allow_is_bidirectional_skip", False) and bool(keys.all()):
+            return None
+        return keys[:, None, None, :]
     arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
@@ -233,6 +253,23 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
 # object (a weak reference: the mask is not kept alive) and its version (an in-place change), not
 # for its address, which a new mask of the same shape takes again once the old one is freed.
 _LAST_SEGMENTS: list = []  # [(weakref to the mask, its version or None, sliding_window, segments)]
+_LAST_FORM: list = []      # [(weakref to the mask, its version or None, None, _mask_form's result)]
+
+
+def _remembered(memo, mask, key, compute):
+    """``compute()``, or what it gave for this very mask (same object, same version) and ``key`` on
+    the last call: transformers builds one mask per forward and hands it to every layer, so a
+    mask's pattern is read on the host once per forward, not once per layer. (An inference tensor
+    counts no versions: an in-place change to the same mask object between two calls goes unseen
+    there; transformers makes a new mask for every forward.)"""
+    version = None if mask.is_inference() else mask._version
+    if memo:
+        ref, last_version, last_key, result = memo[0]
+        if ref() is mask and last_version == version and last_key == key:
+            return result
+    result = compute()
+    memo[:] = [(weakref.ref(mask), version, key, result)]
+    return result
 
 
 def _segments(mask, sliding_window):
@@ -245,22 +282,76 @@ def _segments(mask, sliding_window):
     ``[start, end)`` against keys ``[key_start, key_end)``, causal with that alignment (top-left
     inside a sequence; key_end < end for right-padded queries, which see the sequence's real keys,
     as in SDPA's mask); rows outside every sequence see no key. With a cache (Lq < Lk): a
-    _CacheKeys (_cache_segments: padding anywhere in the cache). None for any other mask (custom
-    patterns): those fall back to SDPA. One host read per distinct mask.
+    _CacheKeys (_cache_segments: padding anywhere in the cache). None for any other mask (those
+    run as _mask_form says). One host read per distinct mask.
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
         return None
-    # (An inference tensor counts no versions: an in-place change to the same mask object between
-    # two calls goes unseen there; transformers makes a new mask for every forward.)
-    version = None if mask.is_inference() else mask._version
-    if _LAST_SEGMENTS:
-        ref, last_version, last_window, result = _LAST_SEGMENTS[0]
-        if ref() is mask and last_version == version and last_window == sliding_window:
-            return result
-    result = _batch_segments(mask, sliding_window) if mask.shape[2] == mask.shape[3] else _cache_segments(
-        mask, sliding_window)
-    _LAST_SEGMENTS[:] = [(weakref.ref(mask), version, sliding_window, result)]
-    return result
+    return _remembered(_LAST_SEGMENTS, mask, sliding_window, lambda: (
+        _batch_segments(mask, sliding_window) if mask.shape[2] == mask.shape[3] else
+        _cache_segments(mask, sliding_window)))
+
+
+def _mask_form(mask, query):
+    """cuflash's score options for an attention mask that is not a causal batch's (_segments): a
+    dict of ``attention``'s keywords, or None for a mask of a dtype neither boolean nor floating.
+
+    A boolean ``(B, 1, Lq, Lk)`` mask whose visible pairs are exactly "key j is one of batch row
+    b's real keys, within a band ``i - left <= j <= i + right`` when Lq == Lk" (a bidirectional
+    encoder's padded batch, BERT-like: every query sees its row's real keys; ModernBERT's local
+    layers, ``|i - j| <= w``) runs as that window and a ``(B, 1, 1, Lk)`` key mask: the keys' cut
+    and the window's tiles skipped, no Lq x Lk plane read. One host read per distinct mask. Any
+    other mask runs as given (:func:`_mask_as_given`)."""
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] > 1:
+        form = _remembered(_LAST_FORM, mask, None, lambda: _keys_in_band(mask))
+        if form is not None:
+            window, keys = form
+            return dict(window=window, mask=keys)
+    return _mask_as_given(mask, query)
+
+
+def _keys_in_band(mask):
+    """(window or None, (B, 1, 1, Lk) keys or None) when the boolean (B, 1, Lq, Lk) ``mask`` is
+    exactly real keys x a band around the diagonal that holds it (Lq == Lk; any Lq: no band), else
+    None. The band's sides are the widest the mask shows; a side as wide as the keys is unbounded
+    (-1). Two host reads (the sides, then the verdict); temporaries the size of the mask at most
+    (a byte an entry)."""
+    visible = mask[:, 0]
+    q_length, kv_length = visible.shape[1:]
+    keys = visible.any(dim=1)                                   # (B, Lk): keys some query sees
+    window, expected = None, keys[:, None, :]
+    if q_length == kv_length:
+        sees = visible.any(dim=2)                               # (B, Lq): rows that see a key
+        index = torch.arange(q_length, device=mask.device)
+        first = visible.to(torch.uint8).argmax(dim=2)           # each row's first visible key
+        last = kv_length - 1 - visible.flip(-1).to(torch.uint8).argmax(dim=2)
+        left, right = torch.stack([torch.where(sees, index - first, -1).amax(),
+                                   torch.where(sees, last - index, -1).amax()]).tolist()
+        if min(left, right) < 0:  # no key seen, or a band without the diagonal
+            return None
+        band = torch.ones(q_length, kv_length, dtype=torch.bool, device=mask.device).tril(right).triu(-left)
+        expected = expected & band
+        window = tuple(-1 if side >= kv_length - 1 else side for side in (left, right))
+    same, every = torch.stack([(visible == expected).all(), keys.all()]).tolist()
+    if not same:
+        return None
+    return (None if window in (None, (-1, -1)) else window), (None if every else keys[:, None, None, :])
+
+
+def _mask_as_given(mask, query):
+    """``attention``'s keywords for a mask as SDPA reads it: boolean, True = visible (``mask``);
+    floating, added to the scores (``bias``: in q's dtype, float32 beside 16-bit queries; converted
+    where the mask's dtype is another). None for any other dtype."""
+    if mask.dtype == torch.bool:
+        return dict(mask=mask)
+    if not mask.is_floating_point():
+        return None
+    wanted = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    return dict(bias=mask if mask.dtype in (wanted, query.dtype) else mask.to(wanted))
+
+
+def _mask_reason(mask):
+    return f"an attention mask of dtype {mask.dtype} (neither boolean nor floating) was passed"
 
 
 def _window_and_causal(expected, index_q, index_k, offset, sliding_window):
@@ -465,11 +556,8 @@ def _attention_of_sequences(query, key, value, segments, scaling, window, softca
     return torch.cat(rows, dim=0)
 
 
-def _unsupported(query, key, value, attention_mask, dropout, softcap, kwargs):
+def _unsupported(query, key, value, dropout, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
-    if attention_mask is not None:
-        return ("an attention mask tensor other than a padded or packed causal batch's was passed (padding "
-                "on the right with a cache, or a custom pattern)")
     if dropout:
         return f"attention dropout ({dropout}) is active"
     if kwargs.get("position_bias") is not None:
@@ -516,18 +604,22 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
     keys' mask (their fully hidden key tiles skipped)."""
     visible_keys = attention_mask.dim() == 2
     window = _window_of(sliding_window, key.shape[2]) if visible_keys else None
-    mask_kind = ("mask" if attention_mask.dtype == torch.bool else
-                 "bias" if attention_mask.is_floating_point() else None)
-    reason = _unsupported(query, key, value, None, dropout, softcap, kwargs)
-    if reason is None and mask_kind is None:
-        reason = f"an attention mask of dtype {attention_mask.dtype} (neither boolean nor floating) was passed"
+    scores = (dict(causal="top_left", window=window, mask=attention_mask[:, None, None, :]) if visible_keys
+              else _mask_as_given(attention_mask, query))
+    reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+    if reason is None and scores is None:
+        reason = _mask_reason(attention_mask)
     if reason is not None:
         if visible_keys:
             attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2], window)
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    return _with_scores(query, key, value, scaling, softcap, kwargs, scores)
+
+
+def _with_scores(query, key, value, scaling, softcap, kwargs, scores):
+    """One cuflash call with a mask's score options (``scores``: attention's keywords), counted;
+    transformers' (B, Lq, Hq, Dv) contiguous output."""
     _count()
-    scores = (dict(causal="top_left", window=window, mask=attention_mask[:, None, None, :]) if visible_keys
-              else {mask_kind: attention_mask})
     out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
                                    **scores)
     return out.transpose(1, 2).contiguous(), None
@@ -547,10 +639,17 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
         attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2],
                                                    _window_of(sliding_window, key.shape[2]))
-    segments = None if attention_mask is None else _segments(attention_mask, sliding_window)
-    reason = _unsupported(query, key, value, attention_mask if segments is None else None, dropout, softcap, kwargs)
+    segments = None
+    if attention_mask is not None and attention_mask.shape[-2] == query.shape[2]:  # (not a (B, 1, 1, Lk) key mask)
+        segments = _segments(attention_mask, sliding_window)
+    scores = None if attention_mask is None or segments is not None else _mask_form(attention_mask, query)
+    reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+    if reason is None and attention_mask is not None and segments is None and scores is None:
+        reason = _mask_reason(attention_mask)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if scores is not None:  # any other mask: its pattern's form, or the mask itself
+        return _with_scores(query, key, value, scaling, softcap, kwargs, scores)
     if segments is not None:  # padded and/or packed: every sequence on its own tokens
         window = (int(sliding_window) - 1, 0) if sliding_window is not None else None
         _count()

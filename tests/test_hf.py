@@ -311,30 +311,168 @@ def test_generation_from_right_padded_prompts_runs_in_cuflash(device, monkeypatc
     assert_generation_matches(reference, ours, ids, mask, 4, monkeypatch)
 
 
-def test_a_mask_that_is_not_padding_falls_back_to_sdpa_with_a_warning():
-    """A boolean mask of another pattern (here a causal mask with holes) is never ignored: SDPA
-    runs it, with a one-time warning, and the call is counted."""
-    dtype = torch.float64
+def _layer_call(dtype=torch.float64, length=9):
+    """A Llama layer's attention module (GQA 4/2) and random (B, H, L, D) query/key/value."""
     reference, ours = model_pair(llama_config(), dtype)
-    q = torch.randn(2, 4, 9, 16, dtype=dtype)
-    k, v = (torch.randn(2, 2, 9, 16, dtype=dtype) for _ in range(2))  # the layer's GQA 4/2
+    q = torch.randn(2, 4, length, 16, dtype=dtype)
+    k, v = (torch.randn(2, 2, length, 16, dtype=dtype) for _ in range(2))
+    return ours.model.layers[0].self_attn, q, k, v
+
+
+def _spy_attention(monkeypatch):
+    """The keywords of every cuflash.torch.attention call cuflash.hf makes."""
+    calls, real = [], hf._cuflash_torch.attention
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(hf._cuflash_torch, "attention", spy)
+    return calls
+
+
+def test_a_mask_of_another_pattern_runs_in_cuflash_as_given(monkeypatch):
+    """A boolean mask of no pattern cuflash.hf knows (a causal mask with a hole), and an additive
+    float mask, run in cuflash as SDPA reads them (True = visible; added to the scores), with no
+    warning; a mask of another dtype falls back to SDPA (which refuses it), warned once, counted."""
+    module, q, k, v = _layer_call()
+    calls = _spy_attention(monkeypatch)
     mask = torch.ones(9, 9, dtype=torch.bool).tril()
     mask[5, 2] = False  # a hole: no padding pattern has it
     mask = mask[None, None].expand(2, 1, 9, 9)
-    module = ours.model.layers[0].self_attn
-    want = hf.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
-    with pytest.warns(UserWarning, match="attention mask"):
-        got = hf.attention_forward(module, q, k, v, mask, scaling=0.25)[0]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback"] == 1
-    # Warned once: the second call is quiet and still counted.
-    with warnings.catch_warnings():
+    additive = torch.randn(2, 1, 9, 9, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    for given in (mask, additive, additive.float()):  # float32 beside float64 queries: converted
+        want = hf.sdpa_attention_forward(module, q, k, v, given, scaling=0.25)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = hf.attention_forward(module, q, k, v, given, scaling=0.25)[0]
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert [sorted(c) for c in calls] == [["mask", "scale", "sinks", "softcap"]] + [["bias", "scale", "sinks",
+                                                                                     "softcap"]] * 2
+    assert calls[0]["mask"] is mask and calls[1]["bias"] is additive and calls[2]["bias"].dtype == torch.float64
+    assert hf.COUNTS == {"cuflash": 3, "fallback": 0, "fallback_reasons": {}}
+    # An integer mask goes to SDPA, which refuses it with its own error (warned once, counted).
+    integers = mask.to(torch.int8)
+    with pytest.warns(UserWarning, match="dtype torch.int8"), pytest.raises(RuntimeError, match="attn_mask dtype"):
+        hf.attention_forward(module, q, k, v, integers, scaling=0.25)
+    assert hf.COUNTS["cuflash"] == 3 and hf.COUNTS["fallback"] == 1
+    with warnings.catch_warnings(), pytest.raises(RuntimeError):
         warnings.simplefilter("error")
-        hf.attention_forward(module, q, k, v, mask, scaling=0.25)
+        hf.attention_forward(module, q, k, v, integers, scaling=0.25)
     assert hf.COUNTS["fallback"] == 2
     # An all-ones padding mask is no padding: the mask function skips it and cuflash runs.
-    ours(random_ids(2, 11), attention_mask=torch.ones(2, 11, dtype=torch.long))
+    hf.reset_counts()
+    model_pair(llama_config(), torch.float64)[1](random_ids(2, 11), attention_mask=torch.ones(2, 11, dtype=torch.long))
     assert hf.COUNTS["cuflash"] == LAYERS
+
+
+def _band_keys_mask(real, left, right, length):
+    """(B, 1, L, L): key j visible to query i iff real[b, j] and i - left <= j <= i + right."""
+    index = torch.arange(length)
+    offset = index[None, :] - index[:, None]
+    band = (offset >= -left) & (offset <= right)
+    return (real[:, None, None, :] & band).contiguous()
+
+
+@pytest.mark.parametrize("left,right,window", [(12, 12, None), (3, 3, (3, 3)), (0, 12, (0, -1)), (2, 0, (2, 0)),
+                                               (12, 5, (-1, 5))])
+def test_a_bidirectional_padded_mask_runs_as_keys_and_a_window(left, right, window, monkeypatch):
+    """Real keys x a band holding the diagonal (BERT's padded batch: no band; ModernBERT's local
+    layers: |i - j| <= w) reach cuflash as that window and a (B, 1, 1, Lk) key mask, read once per
+    mask; the result is SDPA's on the mask itself."""
+    module, q, k, v = _layer_call(length=13)
+    real = torch.ones(2, 13, dtype=torch.bool)
+    real[0, 9:] = False
+    real[1, :2] = False
+    mask = _band_keys_mask(real, left, right, 13)
+    calls = _spy_attention(monkeypatch)
+    reads = []
+    real_keys_in_band = hf._keys_in_band
+    monkeypatch.setattr(hf, "_keys_in_band", lambda m: reads.append(1) or real_keys_in_band(m))
+    want = hf.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+    for _ in range(2):  # (the second call of the same mask: no second read)
+        got = hf.attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert len(reads) == 1
+    assert calls[0]["window"] == window and calls[0]["mask"].shape == (2, 1, 1, 13)
+    assert torch.equal(calls[0]["mask"][:, 0, 0], real)
+    # Every key real: the window alone (no mask at all without a band).
+    calls.clear()
+    whole = _band_keys_mask(torch.ones(2, 13, dtype=torch.bool), left, right, 13)
+    torch.testing.assert_close(hf.attention_forward(module, q, k, v, whole, scaling=0.25)[0],
+                               hf.sdpa_attention_forward(module, q, k, v, whole, scaling=0.25)[0],
+                               **TOLERANCE[torch.float64])
+    assert calls[0]["window"] == window and calls[0]["mask"] is None
+
+
+def test_masks_that_are_not_keys_in_a_band_run_as_given():
+    """_keys_in_band refuses what is not exactly real keys x a band holding the diagonal."""
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[0, 7:] = False
+    strictly_past = _band_keys_mask(real, 3, -1, 10)        # j < i: the diagonal hidden
+    holed = _band_keys_mask(real, 2, 2, 10)
+    holed[1, 0, 4, 5] = False
+    row_hidden = _band_keys_mask(real, 2, 2, 10)
+    row_hidden[1, 0, 6] = False                              # a query seeing nothing among real keys
+    assert [hf._keys_in_band(m) for m in (strictly_past, holed, row_hidden)] == [None] * 3
+    # Fewer queries than keys: the keys alone (no band is read there).
+    keys_only = real[:, None, None, :].expand(2, 1, 4, 10)
+    window, keys = hf._keys_in_band(keys_only)
+    assert window is None and torch.equal(keys[:, 0, 0], real)
+    assert hf._keys_in_band(_band_keys_mask(real, 2, 2, 10)[:, :, :4]) is None
+
+
+ENCODERS = [
+    pytest.param(lambda: (transformers.BertModel, transformers.BertConfig(
+        hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+        initializer_range=INIT)), id="bert"),
+    pytest.param(lambda: (transformers.ModernBertModel, transformers.ModernBertConfig(
+        hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+        initializer_range=INIT, local_attention=6, global_attn_every_n_layers=2, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, cls_token_id=2, sep_token_id=1)), id="modernbert-local"),
+]
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_encoders_padded_batch_runs_in_cuflash(encoder, device, monkeypatch):
+    """A bidirectional encoder's padded batch (right padding in one row, left in another; BERT, and
+    ModernBERT whose second layer is local): every layer in cuflash with the keys' mask (and the
+    local layer's band as a window), the real positions' hidden states and every gradient as the
+    model's own SDPA implementation."""
+    dtype = torch.float64
+    cls, config = encoder()
+    torch.manual_seed(0)
+    reference = cls(copy.deepcopy(config)).to(dtype).eval()  # (no dropout: SDPA's would run)
+    ours = cls(copy.deepcopy(config)).to(dtype).eval()
+    ours.load_state_dict(reference.state_dict())
+    reference.set_attn_implementation("sdpa")
+    ours.set_attn_implementation(NAME)
+    reference, ours = on(device, reference, ours)
+    calls = _spy_attention(monkeypatch)
+    ids = random_ids(3, 13).to(device)
+    mask = _padding_mask(ids, left=2, right=5)
+    valid = mask.bool()
+    # (a random projection: a sum of squares of layer-normed states is constant, its gradient noise)
+    weights = torch.randn(int(valid.sum()), config.hidden_size, generator=torch.Generator().manual_seed(2),
+                          dtype=dtype).to(device)
+    results = []
+    for model in (reference, ours):
+        model.zero_grad(set_to_none=True)
+        hidden = model(ids, attention_mask=mask).last_hidden_state
+        (hidden[valid] * weights).sum().backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((hidden.detach()[valid], grads))
+    (hidden_ref, grads_ref), (hidden, grads) = results
+    torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE[dtype])
+    assert grads.keys() == grads_ref.keys() and grads
+    # Relative to each tensor, but at least a thousandth of the largest gradient: the keys' bias has
+    # none in exact arithmetic (a row's scores all shift by q.b), only rounding noise to compare.
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())
+    for name in grads_ref:
+        scale = max(grads_ref[name].abs().max().item(), floor)
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+    assert all(c["mask"].shape == (3, 1, 1, 13) for c in calls)
+    assert [c.get("window") for c in calls] == ([None, None] if cls is transformers.BertModel else [None, (3, 3)])
 
 
 def test_training_dropout_falls_back_with_a_warning():
@@ -922,6 +1060,42 @@ def test_compiled_padded_training_step_runs_causal_with_the_keys_mask(config):
         mask_shape = tuple(args[-1].meta["example_value"].shape)
         assert args[4] == "top_left" and mask_shape == (2, 1, 1, 9)
         assert tuple(args[5:7]) == ((4, 0) if sliding else (-1, -1))  # (window_left, window_right)
+
+
+def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
+    """A compiled BERT step on a padded batch (fullgraph): the bidirectional mask is the padding
+    alone, ``(B, 1, 1, L)`` (no B x L x L booleans built in the graph: sdpa_mask is never called),
+    and the loss and gradients are those of the model's SDPA implementation."""
+    cls, config = ENCODERS[0].values[0]()
+    torch.manual_seed(0)
+    reference = cls(copy.deepcopy(config)).double().eval()
+    ours = cls(copy.deepcopy(config)).double().eval()
+    ours.load_state_dict(reference.state_dict())
+    reference.set_attn_implementation("sdpa")
+    ours.set_attn_implementation(NAME)
+    ids = random_ids(3, 11)
+    mask = _padding_mask(ids, left=2, right=4)
+    weights = torch.randn(3, 11, config.hidden_size, dtype=torch.float64) * mask[..., None]
+    results = []
+    for model in (reference, ours):
+        if model is ours:
+            monkeypatch.setattr(hf, "sdpa_mask", lambda **kwargs: pytest.fail("a full mask was built"))
+        step, counter, _ = _compile_counting(
+            lambda ids, mask, model=model: (model(ids, attention_mask=mask).last_hidden_state * weights).sum())
+        loss = step(ids, mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        counter))
+    (loss_ref, grads_ref, _), (loss, grads, counter) = results
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())  # (as the eager encoder test)
+    for name in grads_ref:
+        scale = max(grads_ref[name].abs().max().item(), floor)
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[torch.float64], msg=name)
+    calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
+    assert len(calls) == LAYERS and counter.frame_count == 1
+    for args in calls:  # (q, k, v, scale, causal, window_left, window_right, ..., bias, mask)
+        assert args[4] == "none" and tuple(args[-1].meta["example_value"].shape) == (3, 1, 1, 11)
 
 
 @pytest.mark.gpu
