@@ -431,6 +431,45 @@ ENCODERS = [
 ]
 
 
+def _model_pair_of(cls, config, device, dtype=torch.float64):
+    """(sdpa model, cuflash model) of ``cls`` with the same weights, in eval mode (no dropout)."""
+    torch.manual_seed(0)
+    reference = cls(copy.deepcopy(config)).to(dtype).eval()
+    ours = cls(copy.deepcopy(config)).to(dtype).eval()
+    ours.load_state_dict(reference.state_dict())
+    reference.set_attn_implementation("sdpa")
+    ours.set_attn_implementation(NAME)
+    return on(device, reference, ours)
+
+
+def assert_states_and_gradients_match(reference, ours, run, valid):
+    """``run(model)`` gives hidden states (..., L, hidden); at the ``valid`` positions they, and the
+    gradients of a random projection of them, are the same in both models (float64)."""
+    results = []
+    for model in (reference, ours):
+        model.zero_grad(set_to_none=True)
+        hidden = run(model)
+        # (a random projection: a sum of squares of layer-normed states is constant, its gradient noise)
+        weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2), dtype=hidden.dtype)
+        (hidden * weights.to(hidden.device) * valid[..., None]).sum().backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((hidden.detach()[valid], grads))
+    (hidden_ref, grads_ref), (hidden, grads) = results
+    torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE[torch.float64])
+    assert_gradients_match(grads, grads_ref)
+
+
+def assert_gradients_match(grads, grads_ref):
+    """Each parameter's gradient as the reference's (float64), relative to the tensor but to at
+    least a thousandth of the largest gradient: the keys' bias has none in exact arithmetic (a
+    row's scores all shift by q.b), only rounding noise to compare."""
+    assert grads.keys() == grads_ref.keys() and grads
+    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())
+    for name in grads_ref:
+        scale = max(grads_ref[name].abs().max().item(), floor)
+        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[torch.float64], msg=name)
+
+
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_encoders_padded_batch_runs_in_cuflash(encoder, device, monkeypatch):
@@ -438,41 +477,40 @@ def test_an_encoders_padded_batch_runs_in_cuflash(encoder, device, monkeypatch):
     ModernBERT whose second layer is local): every layer in cuflash with the keys' mask (and the
     local layer's band as a window), the real positions' hidden states and every gradient as the
     model's own SDPA implementation."""
-    dtype = torch.float64
     cls, config = encoder()
-    torch.manual_seed(0)
-    reference = cls(copy.deepcopy(config)).to(dtype).eval()  # (no dropout: SDPA's would run)
-    ours = cls(copy.deepcopy(config)).to(dtype).eval()
-    ours.load_state_dict(reference.state_dict())
-    reference.set_attn_implementation("sdpa")
-    ours.set_attn_implementation(NAME)
-    reference, ours = on(device, reference, ours)
+    reference, ours = _model_pair_of(cls, config, device)
     calls = _spy_attention(monkeypatch)
     ids = random_ids(3, 13).to(device)
     mask = _padding_mask(ids, left=2, right=5)
-    valid = mask.bool()
-    # (a random projection: a sum of squares of layer-normed states is constant, its gradient noise)
-    weights = torch.randn(int(valid.sum()), config.hidden_size, generator=torch.Generator().manual_seed(2),
-                          dtype=dtype).to(device)
-    results = []
-    for model in (reference, ours):
-        model.zero_grad(set_to_none=True)
-        hidden = model(ids, attention_mask=mask).last_hidden_state
-        (hidden[valid] * weights).sum().backward()
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((hidden.detach()[valid], grads))
-    (hidden_ref, grads_ref), (hidden, grads) = results
-    torch.testing.assert_close(hidden, hidden_ref, **TOLERANCE[dtype])
-    assert grads.keys() == grads_ref.keys() and grads
-    # Relative to each tensor, but at least a thousandth of the largest gradient: the keys' bias has
-    # none in exact arithmetic (a row's scores all shift by q.b), only rounding noise to compare.
-    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())
-    for name in grads_ref:
-        scale = max(grads_ref[name].abs().max().item(), floor)
-        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[dtype], msg=name)
+    assert_states_and_gradients_match(reference, ours, lambda model: model(ids, attention_mask=mask).last_hidden_state,
+                                      mask.bool())
     assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
     assert all(c["mask"].shape == (3, 1, 1, 13) for c in calls)
     assert [c.get("window") for c in calls] == ([None, None] if cls is transformers.BertModel else [None, (3, 3)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_encoder_decoders_padded_batch_runs_in_cuflash(device, monkeypatch):
+    """BART with padded encoder and decoder inputs: the encoder's self-attention, the decoder's
+    causal self-attention and its cross-attention to the encoder (the encoder's padding as a key
+    mask) all in cuflash, with SDPA's decoder states and every gradient."""
+    config = transformers.BartConfig(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=LAYERS,
+                                     decoder_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=64,
+                                     init_std=INIT, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=2, forced_eos_token_id=2)
+    reference, ours = _model_pair_of(transformers.BartModel, config, device)
+    calls = _spy_attention(monkeypatch)
+    ids = random_ids(3, 13).to(device)
+    mask = _padding_mask(ids, left=3, right=4)
+    decoder_ids = random_ids(3, 7, seed=3).to(device)
+    decoder_mask = _padding_mask(decoder_ids, left=0, right=2)
+    assert_states_and_gradients_match(reference, ours, lambda model: model(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+        decoder_attention_mask=decoder_mask).last_hidden_state, decoder_mask.bool())
+    assert hf.COUNTS == {"cuflash": 3 * LAYERS, "fallback": 0, "fallback_reasons": {}}
+    key_masks = [c["mask"].shape for c in calls if "mask" in c]
+    assert key_masks.count((3, 1, 1, 13)) == 2 * LAYERS  # the encoder's layers and the cross-attentions
 
 
 def test_training_dropout_falls_back_with_a_warning():
@@ -1066,16 +1104,10 @@ def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
     """A compiled BERT step on a padded batch (fullgraph): the bidirectional mask is the padding
     alone, ``(B, 1, 1, L)`` (no B x L x L booleans built in the graph: sdpa_mask is never called),
     and the loss and gradients are those of the model's SDPA implementation."""
-    cls, config = ENCODERS[0].values[0]()
-    torch.manual_seed(0)
-    reference = cls(copy.deepcopy(config)).double().eval()
-    ours = cls(copy.deepcopy(config)).double().eval()
-    ours.load_state_dict(reference.state_dict())
-    reference.set_attn_implementation("sdpa")
-    ours.set_attn_implementation(NAME)
+    reference, ours = _model_pair_of(*ENCODERS[0].values[0](), "cpu")
     ids = random_ids(3, 11)
     mask = _padding_mask(ids, left=2, right=4)
-    weights = torch.randn(3, 11, config.hidden_size, dtype=torch.float64) * mask[..., None]
+    weights = torch.randn(3, 11, ours.config.hidden_size, dtype=torch.float64) * mask[..., None]
     results = []
     for model in (reference, ours):
         if model is ours:
@@ -1088,10 +1120,7 @@ def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
                         counter))
     (loss_ref, grads_ref, _), (loss, grads, counter) = results
     torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
-    floor = 1e-3 * max(g.abs().max().item() for g in grads_ref.values())  # (as the eager encoder test)
-    for name in grads_ref:
-        scale = max(grads_ref[name].abs().max().item(), floor)
-        torch.testing.assert_close(grads[name] / scale, grads_ref[name] / scale, **TOLERANCE[torch.float64], msg=name)
+    assert_gradients_match(grads, grads_ref)
     calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
     assert len(calls) == LAYERS and counter.frame_count == 1
     for args in calls:  # (q, k, v, scale, causal, window_left, window_right, ..., bias, mask)
