@@ -4,7 +4,7 @@ Tiny random models built from configs (no download) run once with ``attn_impleme
 and once with cuflash's registered name, same weights and inputs; logits, loss and parameter
 gradients must agree to fp32/fp64 rounding. ``cuflash.hf.COUNTS`` proves each call really went
 through cuflash (or through the SDPA fallback where the test expects one). Also smoke-tests
-benchmarks/bench_model.py on the CPU. Skipped without torch or transformers.
+benchmarks/bench_model.py and bench_encoder.py on the CPU. Skipped without torch or transformers.
 """
 from __future__ import annotations
 
@@ -549,17 +549,36 @@ def test_attention_function_mirrors_sdpa_integration(is_causal, lengths):
 # --- the model benchmark, on the CPU ----------------------------------------------------------------
 
 
-def _bench_model():
+def _benchmark(name="bench_model"):
+    import importlib
+
     sys.path.insert(0, str(REPO_ROOT))
     try:
-        from benchmarks import bench_model
+        return importlib.import_module(f"benchmarks.{name}")
     finally:
         sys.path.remove(str(REPO_ROOT))
-    return bench_model
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bench_encoder_runs_on_cpu(tmp_path, capsys, family, compiled):
+    """benchmarks/bench_encoder.py, tiny, on the CPU (compiled through aot_eager): both backends
+    timed, every cuflash layer routed to cuflash, the states as SDPA's."""
+    bench_encoder = _benchmark("bench_encoder")
+    path = bench_encoder.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--family", family,
+                               "--out-dir", str(tmp_path)]
+                              + (["--compile", "--compile-backend", "aot_eager"] if compiled else []))
+    record = json.loads(Path(path).read_text())
+    assert record["sweep"] == "encoder" and record["compile"] == ("aot_eager" if compiled else None)
+    sdpa, cuflash = record["results"]
+    assert sdpa["backend"] == "sdpa" and sdpa["calls_cuflash"] == 0 and sdpa["max_abs_diff"] is None
+    assert cuflash["calls_cuflash"] == 2 and cuflash["calls_fallback"] == 0 and cuflash["max_abs_diff"] < 1e-4
+    assert all(r["step_ms"] > 0 and r["forward_ms"] > 0 and r["real_tokens"] < 3 * 13 for r in (sdpa, cuflash))
+    assert "| 3x13 | cuflash |" in capsys.readouterr().out
 
 
 def test_bench_model_runs_on_cpu(tmp_path, capsys):
-    bench_model = _bench_model()
+    bench_model = _benchmark()
     path = bench_model.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
                              "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
@@ -579,7 +598,7 @@ def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask, no_c
     aot_eager, no code generation); the eager first step still checks the logits; the eager
     instruments report nothing rather than eager numbers. --attention-mask ones: the steps pass
     a mask of ones, as a data collator does; --no-cache: use_cache=False, as training scripts do."""
-    bench_model = _bench_model()
+    bench_model = _benchmark()
     path = bench_model.main(["--device", "cpu", "--tiny", "--shapes", "2x64", "--backends", "sdpa,cuflash",
                              "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager",
                              "--attention-mask", attention_mask, "--out-dir", str(tmp_path)]
@@ -597,7 +616,7 @@ def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask, no_c
 def _cuflash_result_with(monkeypatch, tmp_path, tweak, argv):
     """bench_model.main(argv) with cuflash.hf's attention function given keyword arguments changed by
     ``tweak(kwargs)``: the first row's cuflash result."""
-    bench_model = _bench_model()
+    bench_model = _benchmark()
     right = hf.attention_forward
 
     def wrong(module, query, key, value, attention_mask, **kwargs):
@@ -628,7 +647,7 @@ GEMMA2_BENCH = ["--device", "cpu", "--tiny", "--family", "gemma2", "--steps", "1
 def test_bench_model_gemma2_runs_on_cpu(tmp_path):
     """--family gemma2: cuflash agrees with eager (softcap and window); sdpa runs but is marked as other
     math, not judged, and the attention check does see the softcap it drops; flex_attention skipped."""
-    bench_model = _bench_model()
+    bench_model = _benchmark()
     path = bench_model.main([*GEMMA2_BENCH, "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
     assert record["family"] == "gemma2" and record["reference"] == "eager"
