@@ -41,7 +41,8 @@ band ``|i - j| <= w`` too) run as a key mask and a window, the mask checked once
 be exactly that pattern; any other mask runs in cuflash as given (boolean: True = visible;
 floating: added to the scores), as SDPA reads it. What cuflash does not support falls back to
 SDPA's integration (same arguments), with a one-time warning per reason: a mask of another dtype,
-dropout > 0, ``position_bias``, tensors on a device other than CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+dropout > 0, tensors on a device other than CPU/CUDA. T5's learned relative-position bias
+(``position_bias``) runs in cuflash as its bias, with its gradient. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
@@ -340,14 +341,17 @@ def _keys_in_band(mask):
 
 def _mask_as_given(mask, query):
     """``attention``'s keywords for a mask as SDPA reads it: boolean, True = visible (``mask``);
-    floating, added to the scores (``bias``: in q's dtype, float32 beside 16-bit queries; converted
-    where the mask's dtype is another). None for any other dtype."""
+    floating, added to the scores (``bias``). None for any other dtype."""
     if mask.dtype == torch.bool:
         return dict(mask=mask)
-    if not mask.is_floating_point():
-        return None
+    return dict(bias=_as_bias(mask, query)) if mask.is_floating_point() else None
+
+
+def _as_bias(bias, query):
+    """A floating tensor added to the scores as cuflash takes a bias: in q's dtype, or float32
+    beside 16-bit queries (converted where it is in another)."""
     wanted = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    return dict(bias=mask if mask.dtype in (wanted, query.dtype) else mask.to(wanted))
+    return bias if bias.dtype in (wanted, query.dtype) else bias.to(wanted)
 
 
 def _mask_reason(mask):
@@ -560,8 +564,6 @@ def _unsupported(query, key, value, dropout, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
     if dropout:
         return f"attention dropout ({dropout}) is active"
-    if kwargs.get("position_bias") is not None:
-        return "an additive position bias (position_bias) was passed"
     if any(t.device.type not in ("cpu", "cuda") for t in (query, key, value)):
         return f"the tensors are on {query.device.type}, not CPU or CUDA"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -617,8 +619,17 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
 
 
 def _with_scores(query, key, value, scaling, softcap, kwargs, scores):
-    """One cuflash call with a mask's score options (``scores``: attention's keywords), counted;
-    transformers' (B, Lq, Hq, Dv) contiguous output."""
+    """One cuflash call with the score options of a mask or of the causal rule (``scores``:
+    attention's keywords), counted; transformers' (B, Lq, Hq, Dv) contiguous output. A
+    ``position_bias`` (T5's learned relative-position bias, ``(1, H, Lq, Lk)``: its gradient too,
+    summed over the batch deterministically) is the call's bias, plus a floating mask's values
+    where there is one, as SDPA's integration adds them; cut to the keys the call sees (a prefill
+    into an empty static cache keeps the first Lq)."""
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        position_bias = position_bias[..., : key.shape[2]]
+        given = scores.get("bias")
+        scores = dict(scores, bias=_as_bias(position_bias if given is None else position_bias + given, query))
     _count()
     out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
                                    **scores)
@@ -639,8 +650,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
         attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2],
                                                    _window_of(sliding_window, key.shape[2]))
-    segments = None
-    if attention_mask is not None and attention_mask.shape[-2] == query.shape[2]:  # (not a (B, 1, 1, Lk) key mask)
+    segments = None  # (the sequences' packed call takes no position_bias; a (B, 1, 1, Lk) key mask has none)
+    if attention_mask is not None and kwargs.get("position_bias") is None and attention_mask.shape[-2] == query.shape[2]:
         segments = _segments(attention_mask, sliding_window)
     scores = None if attention_mask is None or segments is not None else _mask_form(attention_mask, query)
     reason = _unsupported(query, key, value, dropout, softcap, kwargs)
@@ -666,8 +677,5 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         key = key[:, :, :q_length, :]
         value = value[:, :, :q_length, :]
     window = _window_of(sliding_window, key.shape[2]) if causal else None
-
-    _count()
-    out = _cuflash_torch.attention(query, key, value, scale=scaling, causal="top_left" if causal else False,
-                                   window=window, softcap=softcap or None, sinks=kwargs.get("s_aux"))
-    return out.transpose(1, 2).contiguous(), None
+    return _with_scores(query, key, value, scaling, softcap, kwargs,
+                        dict(causal="top_left" if causal else False, window=window))

@@ -434,11 +434,10 @@ ENCODERS = [
 def _model_pair_of(cls, config, device, dtype=torch.float64):
     """(sdpa model, cuflash model) of ``cls`` with the same weights, in eval mode (no dropout)."""
     torch.manual_seed(0)
-    reference = cls(copy.deepcopy(config)).to(dtype).eval()
-    ours = cls(copy.deepcopy(config)).to(dtype).eval()
+    # (_from_config: set_attn_implementation does not reach T5's encoder and decoder stacks)
+    reference = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").to(dtype).eval()
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation=NAME).to(dtype).eval()
     ours.load_state_dict(reference.state_dict())
-    reference.set_attn_implementation("sdpa")
-    ours.set_attn_implementation(NAME)
     return on(device, reference, ours)
 
 
@@ -489,17 +488,25 @@ def test_an_encoders_padded_batch_runs_in_cuflash(encoder, device, monkeypatch):
     assert [c.get("window") for c in calls] == ([None, None] if cls is transformers.BertModel else [None, (3, 3)])
 
 
+ENCODER_DECODERS = [
+    pytest.param(lambda: (transformers.BartModel, transformers.BartConfig(
+        d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_layers=LAYERS, decoder_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=64, init_std=INIT,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)), id="bart"),
+    pytest.param(lambda: (transformers.T5Model, transformers.T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=LAYERS, num_decoder_layers=LAYERS, num_heads=4, vocab_size=VOCAB,
+        dropout_rate=0.0, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0)), id="t5"),
+]
+
+
+@pytest.mark.parametrize("model", ENCODER_DECODERS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_an_encoder_decoders_padded_batch_runs_in_cuflash(device, monkeypatch):
-    """BART with padded encoder and decoder inputs: the encoder's self-attention, the decoder's
-    causal self-attention and its cross-attention to the encoder (the encoder's padding as a key
-    mask) all in cuflash, with SDPA's decoder states and every gradient."""
-    config = transformers.BartConfig(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
-                                     encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=LAYERS,
-                                     decoder_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=64,
-                                     init_std=INIT, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                     decoder_start_token_id=2, forced_eos_token_id=2)
-    reference, ours = _model_pair_of(transformers.BartModel, config, device)
+def test_an_encoder_decoders_padded_batch_runs_in_cuflash(model, device, monkeypatch):
+    """BART and T5 with padded encoder and decoder inputs: the encoder's self-attention, the
+    decoder's causal self-attention and its cross-attention to the encoder (the encoder's padding
+    as a key mask) all in cuflash, with SDPA's decoder states and every gradient; T5's learned
+    relative-position bias is cuflash's bias, its gradient (the embedding's) cuflash's dbias."""
+    reference, ours = _model_pair_of(*model(), device)
     calls = _spy_attention(monkeypatch)
     ids = random_ids(3, 13).to(device)
     mask = _padding_mask(ids, left=3, right=4)
