@@ -315,25 +315,31 @@ def _keys_in_band(mask):
     """(window or None, (B, 1, 1, Lk) keys or None) when the boolean (B, 1, Lq, Lk) ``mask`` is
     exactly real keys x a band around the diagonal that holds it (Lq == Lk; any Lq: no band), else
     None. The band's sides are the widest the mask shows; a side as wide as the keys is unbounded
-    (-1). Two host reads (the sides, then the verdict); temporaries the size of the mask at most
-    (a byte an entry)."""
+    (-1). Two host reads (the sides, then the verdict); one batch row at a time, so that no
+    temporary outgrows a row's plane (a byte an entry)."""
     visible = mask[:, 0]
     q_length, kv_length = visible.shape[1:]
     keys = visible.any(dim=1)                                   # (B, Lk): keys some query sees
-    window, expected = None, keys[:, None, :]
+    window, band = None, None
     if q_length == kv_length:
-        sees = visible.any(dim=2)                               # (B, Lq): rows that see a key
         index = torch.arange(q_length, device=mask.device)
-        first = visible.to(torch.uint8).argmax(dim=2)           # each row's first visible key
-        last = kv_length - 1 - visible.flip(-1).to(torch.uint8).argmax(dim=2)
-        left, right = torch.stack([torch.where(sees, index - first, -1).amax(),
-                                   torch.where(sees, last - index, -1).amax()]).tolist()
+        sides = []
+        for plane in visible:
+            sees = plane.any(dim=1)                             # rows that see a key
+            first = plane.to(torch.uint8).argmax(dim=1)         # each row's first visible key
+            last = kv_length - 1 - plane.flip(-1).to(torch.uint8).argmax(dim=1)
+            sides.append(torch.stack([torch.where(sees, index - first, -1).amax(),
+                                      torch.where(sees, last - index, -1).amax()]))
+        left, right = torch.stack(sides).amax(dim=0).tolist()
         if min(left, right) < 0:  # no key seen, or a band without the diagonal
             return None
         band = torch.ones(q_length, kv_length, dtype=torch.bool, device=mask.device).tril(right).triu(-left)
-        expected = expected & band
         window = tuple(-1 if side >= kv_length - 1 else side for side in (left, right))
-    same, every = torch.stack([(visible == expected).all(), keys.all()]).tolist()
+    same = torch.ones((), dtype=torch.bool, device=mask.device)
+    for plane, row_keys in zip(visible, keys):
+        expected = row_keys[None, :] if band is None else row_keys[None, :] & band
+        same = same & (plane == expected).all()
+    same, every = torch.stack([same, keys.all()]).tolist()
     if not same:
         return None
     return (None if window in (None, (-1, -1)) else window), (None if every else keys[:, None, None, :])
