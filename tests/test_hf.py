@@ -520,6 +520,68 @@ def test_an_encoder_decoders_padded_batch_runs_in_cuflash(model, device, monkeyp
     assert key_masks.count((3, 1, 1, 13)) == 2 * LAYERS  # the encoder's layers and the cross-attentions
 
 
+def _tiny(config_class, **sizes):
+    return lambda: getattr(transformers, config_class)(**sizes)
+
+
+_SMALL = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB)
+_SEQ2SEQ = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                encoder_layers=LAYERS, decoder_layers=LAYERS, vocab_size=VOCAB)
+_VISION = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=LAYERS, image_size=32, patch_size=8)
+# (model class, config, inputs): "text" a padded batch, "seq2seq" padded encoder and decoder inputs,
+# "image" pixels, "audio" Whisper's features and a padded decoder batch.
+ARCHITECTURES = [
+    pytest.param("RobertaModel", _tiny("RobertaConfig", **_SMALL, max_position_embeddings=64, pad_token_id=1), "text",
+                 id="roberta"),
+    pytest.param("DistilBertModel", _tiny("DistilBertConfig", dim=64, n_heads=4, hidden_dim=128, n_layers=LAYERS,
+                                          vocab_size=VOCAB), "text", id="distilbert"),
+    pytest.param("ElectraModel", _tiny("ElectraConfig", **_SMALL, embedding_size=64), "text", id="electra"),
+    pytest.param("AlbertModel", _tiny("AlbertConfig", **_SMALL, embedding_size=32), "text", id="albert"),
+    pytest.param("GPT2Model", _tiny("GPT2Config", n_embd=64, n_head=4, n_layer=LAYERS, vocab_size=VOCAB,
+                                    n_positions=64), "text", id="gpt2"),
+    pytest.param("GPTNeoXModel", _tiny("GPTNeoXConfig", **_SMALL), "text", id="gpt-neox"),
+    pytest.param("Phi3Model", _tiny("Phi3Config", **_SMALL, num_key_value_heads=2, pad_token_id=0), "text", id="phi3"),
+    pytest.param("CLIPTextModel", _tiny("CLIPTextConfig", **_SMALL, max_position_embeddings=64), "text",
+                 id="clip-text"),
+    pytest.param("SiglipTextModel", _tiny("SiglipTextConfig", **_SMALL, max_position_embeddings=64), "text",
+                 id="siglip-text"),
+    pytest.param("MBartModel", _tiny("MBartConfig", **_SEQ2SEQ, max_position_embeddings=64), "seq2seq", id="mbart"),
+    pytest.param("MT5Model", _tiny("MT5Config", d_model=64, d_kv=16, d_ff=128, num_layers=LAYERS, num_heads=4,
+                                   vocab_size=VOCAB, decoder_start_token_id=0), "seq2seq", id="mt5"),
+    pytest.param("WhisperModel", _tiny("WhisperConfig", **_SEQ2SEQ, num_mel_bins=16, max_source_positions=32,
+                                       max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                       decoder_start_token_id=1), "audio", id="whisper"),
+    pytest.param("ViTModel", _tiny("ViTConfig", **_VISION, intermediate_size=128), "image", id="vit"),
+    pytest.param("Dinov2Model", _tiny("Dinov2Config", **_VISION), "image", id="dinov2"),
+]
+
+
+@pytest.mark.parametrize("model_class, config, inputs", ARCHITECTURES)
+def test_architectures_run_every_attention_call_in_cuflash(model_class, config, inputs):
+    """Encoders, decoders, encoder-decoders, vision and audio models built with cuflash's name: every
+    attention call (self, causal, cross; padded batches) in cuflash, none in SDPA, and the model's
+    last hidden states at the real positions as with its SDPA implementation (float64)."""
+    reference, ours = _model_pair_of(getattr(transformers, model_class), config(), "cpu")
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (3, 13), generator=generator)
+    decoder_ids = torch.randint(3, 100, (3, 7), generator=generator)
+    mask, decoder_mask = _padding_mask(ids, left=0, right=4), _padding_mask(decoder_ids, left=0, right=2)
+    arguments, valid, calls = {
+        "text": (dict(input_ids=ids, attention_mask=mask), mask.bool(), LAYERS),
+        "seq2seq": (dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                         decoder_attention_mask=decoder_mask), decoder_mask.bool(), 3 * LAYERS),
+        "audio": (dict(input_features=torch.randn(3, 16, 64, generator=generator, dtype=torch.float64),
+                       decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask), decoder_mask.bool(),
+                  3 * LAYERS),
+        "image": (dict(pixel_values=torch.randn(3, 3, 32, 32, generator=generator, dtype=torch.float64)), None, LAYERS),
+    }[inputs]
+    want, got = (model(**arguments).last_hidden_state.detach() for model in (reference, ours))
+    if valid is not None:
+        want, got = want[valid], got[valid]
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert hf.COUNTS == {"cuflash": calls, "fallback": 0, "fallback_reasons": {}}
+
+
 def test_training_dropout_falls_back_with_a_warning():
     reference, ours = model_pair(llama_config(attention_dropout=0.5), torch.float64)
     ours.train()
