@@ -42,7 +42,11 @@ be exactly that pattern; any other mask runs in cuflash as given (boolean: True 
 floating: added to the scores), as SDPA reads it. What cuflash does not support falls back to
 SDPA's integration (same arguments), with a one-time warning per reason: a mask of another dtype,
 dropout > 0, tensors on a device other than CPU/CUDA. T5's learned relative-position bias
-(``position_bias``) runs in cuflash as its bias, with its gradient. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+(``position_bias``) runs in cuflash as its bias, with its gradient. A padding-free batch that
+names its documents (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``:
+``cu_seq_lens_q/_k``, ``max_length_q/_k``) runs as one packed call per layer, each document
+attending to itself as in transformers' flash-attention integration (eagerly and inside
+``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments). :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
@@ -642,6 +646,42 @@ def _with_scores(query, key, value, scaling, softcap, kwargs, scores):
     return out.transpose(1, 2).contiguous(), None
 
 
+def _collated_documents(query, kwargs):
+    """The documents a padding-free batch names (``DataCollatorWithFlattening(return_flash_attn_
+    kwargs=True)``: ``cu_seq_lens_q``/``_k`` and ``max_length_q``/``_k`` beside the flattened
+    tokens), as (cu_q, cu_k int32 on q's device, max_q, max_k); None unless all four are given."""
+    given = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if any(value is None for value in given):
+        return None
+    cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
+    return cu_q, cu_k, int(given[2]), int(given[3])
+
+
+def _attention_of_documents(module, query, key, value, documents, scaling, softcap, sliding_window, is_causal,
+                            kwargs):
+    """Attention within each document of a padding-free batch (_collated_documents), as
+    transformers' flash-attention integration computes it: the (B, L) tokens flattened, one packed
+    call (causal per document by the module's rule; ``sliding_window`` as flash-attention's
+    ``window_size``, ``(w - 1, w - 1)`` cut to ``(w - 1, 0)`` under causal); whatever mask the
+    model built from the same documents is not read. Eager and traced alike (no host read).
+    Returns (B, Lq, Hq, Dv)."""
+    cu_q, cu_k, max_q, max_k = documents
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = None
+    if sliding_window is not None and 0 < sliding_window < key.shape[0] * key.shape[2]:
+        window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+    batch, heads, length = query.shape[:3]
+
+    def rows(x):  # (B, H, L, D) -> (B * L, H, D): a view of the projections' (B, L, H, D)
+        return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+    options = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scaling, causal="top_left" if causal else False,
+                   window=window, softcap=softcap or None)
+    out, _ = _cuflash_torch._varlen_attention(rows(query), rows(key), rows(value), cu_q, cu_k, None, None,
+                                              kwargs.get("s_aux"), options)
+    return out.view(batch, length, heads, value.shape[-1])
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers' attention-function signature, run by cuflash.
@@ -650,6 +690,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     ``(attn_output (B, Lq, Hq, Dv) contiguous, None)``. See the module docstring for the rules and
     the fallbacks.
     """
+    documents = _collated_documents(query, kwargs)
+    if documents is not None:
+        reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+        if reason is not None:
+            return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        _count()
+        return _attention_of_documents(module, query, key, value, documents, scaling, softcap, sliding_window,
+                                       is_causal, kwargs).contiguous(), None
     if attention_mask is not None and torch.compiler.is_compiling():
         return _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal,
                                  sliding_window, kwargs)

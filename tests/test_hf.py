@@ -269,6 +269,64 @@ def test_a_packed_batch_runs_in_cuflash(config, device):
                                           (10, 16, 10, 16, "top_left")]
 
 
+def _flattened_batch(lengths=(5, 7, 4, 9)):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s batch of documents of ``lengths``:
+    the (1, total) tokens, labels, position_ids restarting per document, cu_seq_lens_q/_k,
+    max_length_q/_k."""
+    ids = random_ids(1, sum(lengths))[0].tolist()
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    features = [{"input_ids": ids[a:a + n]} for a, n in zip(starts, lengths)]
+    return transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+
+
+@pytest.mark.parametrize("config", PADDING_CONFIGS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_flattened_batch_attends_within_its_documents(config, device, monkeypatch):
+    """A padding-free batch (DataCollatorWithFlattening with flash-attention kwargs, the cache left
+    on as by default): every document attends to itself only, as transformers' flash-attention
+    integration computes it, from cu_seq_lens in one packed call per layer, no mask read; loss and
+    gradients as SDPA's model with use_cache=False (where transformers masks the documents from
+    position_ids). SDPA with the cache on attends across documents."""
+    dtype = torch.float64
+    reference, ours = on(device, *model_pair(config(), dtype))
+    batch = {name: (value.to(device) if torch.is_tensor(value) else value) for name, value in _flattened_batch().items()}
+    monkeypatch.setattr(hf, "_segments", lambda *args: pytest.fail("the mask was read"))
+    results = []
+    for model, extra in ((reference, dict(use_cache=False)), (ours, {})):
+        model.zero_grad(set_to_none=True)
+        output = model(**batch, **extra)
+        output.loss.backward()
+        results.append((output.logits.detach(), output.loss.detach(),
+                        {name: p.grad.detach().clone() for name, p in model.named_parameters()}))
+    (logits_ref, loss_ref, grads_ref), (logits, loss, grads) = results
+    torch.testing.assert_close(logits, logits_ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[dtype])
+    assert_gradients_match(grads, grads_ref)
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}}
+    with torch.no_grad():  # (why: SDPA given the same batch with the cache on)
+        assert (reference(**batch).logits - logits_ref).abs().max() > 1e-3
+
+
+def test_compiled_flattened_batch_runs_one_packed_call_per_layer():
+    """The same padding-free batch in a compiled training step (fullgraph): one graph whose
+    attention is cuflash's packed op, one per layer (no B x L x L mask reaches an attention call),
+    with the loss and gradients of SDPA's use_cache=False model."""
+    reference, ours = model_pair(llama_config(), torch.float64)
+    batch = _flattened_batch()
+    results = []
+    for model, extra in ((reference, dict(use_cache=False)), (ours, {})):
+        step, counter, _ = _compile_counting(lambda batch, model=model, extra=extra: model(**batch, **extra).loss)
+        loss = step(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, counter))
+    (loss_ref, grads_ref, _), (loss, grads, counter) = results
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
+    assert_gradients_match(grads, grads_ref)
+    targets = [target for target, _, _ in counter.calls]
+    assert targets.count("cuflash.attention_varlen_fwd") == LAYERS and "cuflash.attention_fwd" not in targets
+    assert counter.frame_count == 1
+
+
 def assert_generation_matches(reference, ours, ids, mask, new_tokens, monkeypatch):
     """Greedy generation over a KV cache with ``mask`` (padding): the same tokens and the same
     scores at every step as the model's own SDPA, every attention call in cuflash and none of
