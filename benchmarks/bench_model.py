@@ -73,6 +73,7 @@ backend; flex_attention skipped) as a smoke test.
     python benchmarks/bench_model.py --mha --shapes 2x4096
     python benchmarks/bench_model.py --kv-heads 2 --shapes 2x4096   # GQA 16/2 (MQA: --kv-heads 1)
     python benchmarks/bench_model.py --family gemma2 --shapes 2x4096
+    python benchmarks/bench_model.py --flattened --compile --shapes 8x1024   # padding-free training, compiled
     python benchmarks/bench_model.py --device cpu --tiny --steps 1 [--family gemma2]
 """
 from __future__ import annotations
@@ -262,6 +263,10 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
     context = ctx["kernel_context"](backend)
     mask = torch.ones_like(ids) if args.attention_mask == "ones" else None
     cache_option = {"use_cache": False} if args.no_cache else {}
+    documents = {}
+    if args.flattened:  # the B sequences as documents of one row, as DataCollatorWithFlattening gives them
+        ids, mask, documents = flattened(torch, ids)
+        cache_option = {"use_cache": False}  # (SDPA's model masks the documents from position_ids only then)
     result: dict = {"status": "ok"}
     hf.reset_counts()
 
@@ -274,13 +279,13 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
 
     def train_step(run=runner):
         model.zero_grad(set_to_none=True)
-        output = run(ids, attention_mask=mask, labels=ids, **cache_option)
+        output = run(ids, attention_mask=mask, labels=ids, **cache_option, **documents)
         output.loss.backward()
         return output
 
     def prefill():
         with torch.inference_mode():
-            return runner(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            return runner(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, **documents)
 
     def timed_median(step, count):
         times = []
@@ -359,11 +364,22 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
         result["prefill_tokens_per_s"] = batch * length / (result["prefill_ms"] / 1e3)
         model.train()
 
-        if ctx["compile"] is None:
+        if ctx["compile"] is None and not args.flattened:  # (its calls' mask and documents are the model's shape)
             host_attention(ctx, function, batch, length, result, reference, backend)
         else:
             result.update(host_us_fwd=None, host_us_fwd_bwd=None)
     return finish_result(ctx, backend, result, calls_per_step)
+
+
+def flattened(torch, ids):
+    """(ids, mask, keyword arguments) of ``ids``' B rows as documents flattened into one row, as
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` makes them: (1, B L) tokens,
+    position_ids restarting per document, cu_seq_lens_q/_k and max_length_q/_k; no mask."""
+    batch, length = ids.shape
+    cu = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=ids.device)
+    positions = torch.arange(length, device=ids.device).repeat(batch)[None]
+    return ids.reshape(1, -1), None, dict(position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                          max_length_q=length, max_length_k=length)
 
 
 def attention_time(ctx, train_step, implementation, result):
@@ -531,7 +547,7 @@ def failure(torch, error: BaseException) -> dict:
 
 
 def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, compiled: str | None = None,
-                  attention_mask: str = "none", no_cache: bool = False) -> str:
+                  attention_mask: str = "none", no_cache: bool = False, flattened: bool = False) -> str:
     out = []
     for row in rows:
         results = row["results"]
@@ -585,7 +601,10 @@ def format_tables(rows: list[dict], dtype_name: str, family, cuda: bool = True, 
                if compiled else "")
             + (" Every step and prefill passes attention_mask = ones (as a data collator does for an unpadded "
                "batch)." if attention_mask == "ones" else "")
-            + (" Training steps pass use_cache=False." if no_cache else "")]
+            + (" Training steps pass use_cache=False." if no_cache else "")
+            + (" Padding-free (--flattened): each shape's B sequences are B documents of one row (position_ids "
+               "restarting, cu_seq_lens and max_length keywords as DataCollatorWithFlattening gives them), "
+               "use_cache=False." if flattened else "")]
     return "\n".join(out)
 
 
@@ -634,6 +653,11 @@ def parse_args(argv):
                         help="training steps call the model with use_cache=False, as training scripts do (inside "
                              "torch.compile transformers then adds its packed-sequence test of position_ids to the "
                              "mask, which it cannot skip there)")
+    parser.add_argument("--flattened", action="store_true",
+                        help="padding-free training: each shape's B sequences are documents of one row, as "
+                             "DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them (position_ids "
+                             "restarting, cu_seq_lens and max_length keywords), use_cache=False (SDPA's model then "
+                             "masks the documents from position_ids; cuflash reads cu_seq_lens)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile's backend with --compile (default inductor; aot_eager for a quick check)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
@@ -704,7 +728,8 @@ def main(argv=None) -> Path:
               "backends": args.backends, "steps": args.steps, "warmup": args.warmup,
               "attn_steps": args.attn_steps, "host_calls": args.host_calls,
               "compile": args.compile_backend if args.compile else None,
-              "attention_mask": args.attention_mask, "use_cache_in_steps": not args.no_cache,
+              "attention_mask": args.attention_mask, "use_cache_in_steps": not (args.no_cache or args.flattened),
+              "flattened": args.flattened,
               "train_step": "forward + LM loss (labels = inputs) + backward; zero_grad, no optimizer",
               "prefill": "inference_mode forward, eval, use_cache=False, logits_to_keep=1",
               "rows": []}
@@ -714,7 +739,7 @@ def main(argv=None) -> Path:
 
     def save():
         record["table"] = format_tables(record["rows"], dtype_name, family, cuda, record["compile"],
-                                        args.attention_mask, args.no_cache)
+                                        args.attention_mask, args.no_cache, args.flattened)
         records.write(record, path)
 
     def rows():

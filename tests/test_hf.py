@@ -740,6 +740,23 @@ def test_bench_model_compiled_runs_on_cpu(tmp_path, capsys, attention_mask, no_c
     assert "Compiled (torch.compile, backend aot_eager)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bench_model_flattened_runs_on_cpu(tmp_path, capsys, compiled):
+    """--flattened: each shape's sequences as documents of one row with the collator's keywords
+    (cuflash reads cu_seq_lens, SDPA's model masks the documents from position_ids): the same
+    logits as SDPA's, eagerly and compiled (aot_eager)."""
+    bench_model = _benchmark()
+    path = bench_model.main(["--device", "cpu", "--tiny", "--shapes", "3x32", "--backends", "sdpa,cuflash",
+                             "--steps", "1", "--warmup", "1", "--flattened", "--out-dir", str(tmp_path)]
+                            + (["--compile", "--compile-backend", "aot_eager"] if compiled else []))
+    record = json.loads(Path(path).read_text())
+    assert record["flattened"] is True and record["use_cache_in_steps"] is False
+    result = record["rows"][0]["results"]["cuflash"]
+    assert result["status"] == "ok" and result["correct"] is True and result["attention_calls_cuflash"] > 0
+    assert result["max_abs_diff_logits"] < 1e-4 and result["host_us_fwd"] is None
+    assert "Padding-free (--flattened)" in capsys.readouterr().out
+
+
 def _cuflash_result_with(monkeypatch, tmp_path, tweak, argv):
     """bench_model.main(argv) with cuflash.hf's attention function given keyword arguments changed by
     ``tweak(kwargs)``: the first row's cuflash result."""
