@@ -77,7 +77,8 @@ except ImportError as error:  # pragma: no cover - exercised only where transfor
 
 from . import torch as _cuflash_torch
 
-__all__ = ["register", "attention_forward", "mask_function", "COUNTS", "reset_counts", "DEFAULT_NAME"]
+__all__ = ["register", "attention_forward", "paged_attention_forward", "mask_function", "COUNTS", "reset_counts",
+           "DEFAULT_NAME"]
 
 DEFAULT_NAME = "cuattn"
 
@@ -108,8 +109,9 @@ def _check_name(name):
             "kernel for it; pick another name (the default is 'cuattn')"
         )
     if name.startswith("paged|"):
-        raise ValueError(f"name {name!r}: the 'paged|' prefix selects transformers' paged attention "
-                         "(continuous batching), which cuflash does not implement")
+        raise ValueError(f"name {name!r}: the 'paged|' prefix is transformers' paged attention (continuous "
+                         f"batching); register the plain name ({name[len('paged|'):]!r}), and register() adds "
+                         "its 'paged|' form too")
     if "/" in name or ":" in name or "@" in name:
         raise ValueError(f"name {name!r} looks like a hub kernel reference ('org/repo[@rev][:fn]'); "
                          "transformers would try to download it; use a plain name such as 'cuattn'")
@@ -123,13 +125,19 @@ def register(name=DEFAULT_NAME):
 
     Afterwards ``attn_implementation=name`` (``from_config``, ``from_pretrained``,
     ``set_attn_implementation``) routes every attention call of a model that uses
-    ``AttentionInterface`` through :func:`attention_forward`. Registering twice is harmless.
+    ``AttentionInterface`` through :func:`attention_forward`, and ``"paged|" + name`` (what
+    transformers' continuous batching switches a model to) through :func:`paged_attention_forward`.
+    Registering twice is harmless.
     Raises ValueError for a name transformers would not route to a custom function (any name
     containing "flash", a hub-kernel reference, a "paged|" name, a built-in name).
     """
     _check_name(name)
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, mask_function)
+    # transformers' continuous batching (generate_batch, transformers serve) switches a model to
+    # "paged|" + its implementation
+    AttentionInterface.register(f"paged|{name}", paged_attention_forward)
+    AttentionMaskInterface.register(f"paged|{name}", mask_function)
     return name
 
 
@@ -680,6 +688,44 @@ def _attention_of_documents(module, query, key, value, documents, scaling, softc
     out, _ = _cuflash_torch._varlen_attention(rows(query), rows(key), rows(value), cu_q, cu_k, None, None,
                                               kwargs.get("s_aux"), options)
     return out.view(batch, length, heads, value.shape[-1])
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, cache=None, cu_seq_lens_q=None,
+                            cu_seq_lens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None, scaling=None,
+                            dropout=0.0, sliding_window=None, softcap=None, **kwargs):
+    """transformers' paged attention-function signature (continuous batching: ``generate_batch``,
+    ``transformers serve``), run by cuflash: the step's new keys and values written into the paged
+    cache (``cache.update``, transformers' own), then one packed call over every request's
+    queries against its keys, causal bottom-right (a request's new tokens are its last), a sliding
+    layer's window ``(w - 1, 0)`` (``sliding_window`` as the model passes it, else the module's),
+    softcap and sinks as in :func:`attention_forward`. ``query``
+    ``(1, Hq, total_q, D)``; returns ``(attn_output (total_q, Hq, Dv), None)``. The mask is not
+    read (the packed call's lengths are the requests' own). Transformers keeps its single-query
+    decode path (``block_table``) to flash-attention names: should one be passed, the keys are
+    read through the block table by :func:`cuflash.torch.flash_attn_with_kvcache`, as there."""
+    if cache is None:
+        raise ValueError("cuflash.hf.paged_attention_forward was called without a paged attention cache: it serves "
+                         "transformers' continuous batching (generate_batch), which passes one")
+    sliding_window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    window = (int(sliding_window) - 1, 0) if sliding_window else (-1, -1)
+    if isinstance(cu_seq_lens_k, dict):  # one per layer type in a model with sliding layers
+        layer_type = "full_attention" if window == (-1, -1) else "sliding_attention"
+        cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
+    _count()
+    if block_table is not None:
+        from transformers.integrations.flash_paged import _paged_decode_forward
+
+        return _paged_decode_forward(module, query, key, value, cache, cu_seq_lens_k, window,
+                                     _cuflash_torch.flash_attn_with_kvcache, block_table), None
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+    options = dict(max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+                   scale=module.scaling if scaling is None else scaling, causal=True,
+                   window=None if window == (-1, -1) else window, softcap=softcap or None)
+    out, _ = _cuflash_torch._varlen_attention(query.transpose(1, 2).squeeze(0), key, value,
+                                              cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), None,
+                                              None, kwargs.get("s_aux"), options)
+    return out, None
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

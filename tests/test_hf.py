@@ -327,6 +327,55 @@ def test_compiled_flattened_batch_runs_one_packed_call_per_layer():
     assert counter.frame_count == 1
 
 
+CONTINUOUS_BATCHING = [
+    pytest.param(lambda: llama_config(), "sdpa", id="llama"),
+    pytest.param(lambda: transformers.MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                    intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                                    initializer_range=INIT, sliding_window=5), "sdpa",
+                 id="mistral-sliding"),
+    # (SDPA drops Gemma-2's softcap, and so do transformers' paged|sdpa and paged|eager: the plain
+    # eager model is the reference)
+    pytest.param(lambda: transformers.Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                   intermediate_size=128, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                                                   initializer_range=INIT, sliding_window=5, head_dim=16,
+                                                   attn_logit_softcapping=2.0), "eager", id="gemma2-softcap"),
+]
+
+
+@pytest.mark.parametrize("config, reference_name", CONTINUOUS_BATCHING)
+def test_continuous_batching_runs_in_cuflash(config, reference_name, monkeypatch):
+    """transformers' continuous batching (generate_batch) with a model built with cuflash's name:
+    it switches the model to "paged|" + the name, which register() also made (a ValueError
+    before). Three requests of different lengths, prompts longer than the sliding window: every
+    attention call in cuflash, each generated token the reference model's greedy choice and its
+    log-probability the reference's (the plain model over prompt and tokens, no cache)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import cache as paged_cache
+
+    # (without psutil transformers counts no free memory on the CPU and refuses to size the cache)
+    monkeypatch.setattr(paged_cache.PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config(), attn_implementation=NAME, dtype=torch.float32)
+    reference = copy.deepcopy(model).eval()
+    reference.set_attn_implementation(reference_name)
+    outputs = model.eval().generate_batch(
+        inputs=prompts, warmup=False,
+        generation_config=transformers.GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1,
+                                                        pad_token_id=0),
+        continuous_batching_config=ContinuousBatchingConfig(block_size=8, num_blocks=16, max_batch_tokens=32,
+                                                            use_cuda_graph=False, return_logprobs=True))
+    assert hf.COUNTS["cuflash"] > 0 and hf.COUNTS["fallback"] == 0
+    for request, prompt in zip(sorted(outputs), prompts):
+        tokens, logprobs = outputs[request].generated_tokens, torch.tensor(outputs[request].logprobs)
+        assert len(tokens) == 6
+        with torch.no_grad():
+            scores = reference(torch.tensor([prompt + tokens]), use_cache=False).logits[0, len(prompt) - 1:-1]
+        scores = scores.log_softmax(-1)
+        assert scores.argmax(-1).tolist() == tokens
+        torch.testing.assert_close(logprobs, scores[torch.arange(6), tokens], **TOLERANCE[torch.float32])
+
+
 def assert_generation_matches(reference, ours, ids, mask, new_tokens, monkeypatch):
     """Greedy generation over a KV cache with ``mask`` (padding): the same tokens and the same
     scores at every step as the model's own SDPA, every attention call in cuflash and none of
