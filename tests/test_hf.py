@@ -343,7 +343,8 @@ CONTINUOUS_BATCHING = [
 
 
 @pytest.mark.parametrize("config, reference_name", CONTINUOUS_BATCHING)
-def test_continuous_batching_runs_in_cuflash(config, reference_name, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_continuous_batching_runs_in_cuflash(config, reference_name, device, monkeypatch):
     """transformers' continuous batching (generate_batch) with a model built with cuflash's name:
     it switches the model to "paged|" + the name, which register() also made (a ValueError
     before). Three requests of different lengths, prompts longer than the sliding window: every
@@ -356,7 +357,8 @@ def test_continuous_batching_runs_in_cuflash(config, reference_name, monkeypatch
     monkeypatch.setattr(paged_cache.PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config(), attn_implementation=NAME, dtype=torch.float32)
+    model, = on(device, transformers.AutoModelForCausalLM.from_config(config(), attn_implementation=NAME,
+                                                                      dtype=torch.float32))
     reference = copy.deepcopy(model).eval()
     reference.set_attn_implementation(reference_name)
     outputs = model.eval().generate_batch(
@@ -370,7 +372,8 @@ def test_continuous_batching_runs_in_cuflash(config, reference_name, monkeypatch
         tokens, logprobs = outputs[request].generated_tokens, torch.tensor(outputs[request].logprobs)
         assert len(tokens) == 6
         with torch.no_grad():
-            scores = reference(torch.tensor([prompt + tokens]), use_cache=False).logits[0, len(prompt) - 1:-1]
+            scores = reference(torch.tensor([prompt + tokens], device=device), use_cache=False).logits[
+                0, len(prompt) - 1:-1].cpu()
         scores = scores.log_softmax(-1)
         assert scores.argmax(-1).tolist() == tokens
         torch.testing.assert_close(logprobs, scores[torch.arange(6), tokens], **TOLERANCE[torch.float32])
