@@ -1342,6 +1342,32 @@ def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
         assert args[4] == "none" and tuple(args[-1].meta["example_value"].shape) == (3, 1, 1, 11)
 
 
+def test_compiled_t5_training_step_takes_the_position_bias_as_cuflashs_bias():
+    """A compiled T5 training step (fullgraph) on a padded batch: every attention call is cuflash's
+    op with T5's relative-position bias as its bias, and the loss and every gradient (the
+    relative-attention embedding's, through dbias) are those of SDPA's model."""
+    config = ENCODER_DECODERS[1].values[0]()[1]  # (T5)
+    reference, ours = _model_pair_of(transformers.T5ForConditionalGeneration, config, "cpu")
+    ids = random_ids(3, 13)
+    mask = _padding_mask(ids, left=0, right=4)
+    labels = random_ids(3, 7, seed=3)
+    results = []
+    for model in (reference, ours):
+        step, counter, _ = _compile_counting(
+            lambda ids, mask, labels, model=model: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        loss = step(ids, mask, labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        counter))
+    (loss_ref, grads_ref, _), (loss, grads, counter) = results
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
+    assert_gradients_match(grads, grads_ref)
+    assert any("relative_attention_bias" in name for name in grads)
+    calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
+    assert len(calls) == 3 * LAYERS and counter.frame_count == 1
+    assert all(args[-2] is not None for args in calls)  # (q, k, v, ..., sinks, bias, mask): the bias given
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_static_cache_decoding_replays_as_cuda_graphs(dtype):
