@@ -3,7 +3,8 @@
 - ``attention(q, k, v, ...)``: cuflash's own semantics ((..., L, D) layout, broadcasting, GQA,
   bottom-right ``causal``, ``window``) on torch tensors, with autograd.
 - ``scaled_dot_product_attention``: ``torch.nn.functional.scaled_dot_product_attention``'s
-  signature and semantics ((B, H, L, D), top-left ``is_causal``, ``enable_gqa``).
+  signature and semantics ((B, H, L, D), top-left ``is_causal``, ``enable_gqa``);
+  ``sdpa_override()`` puts it in torch's place for a block (code that calls F.sdpa).
 - ``flash_attn_func``: flash-attn 2's signature and semantics ((B, L, H, D), bottom-right
   ``causal``, ``window_size``); ``flash_attn_varlen_func`` its packed-sequence form, and
   ``flash_attn_qkvpacked_func``, ``flash_attn_kvpacked_func``, ``flash_attn_varlen_qkvpacked_func``
@@ -62,7 +63,8 @@ import numpy
 from . import _api, _kvcache, _merge, _spec, _varlen
 from . import distributed as _ring
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+__all__ = ["attention", "scaled_dot_product_attention", "sdpa_override", "SDPA_COUNTS", "flash_attn_func",
+           "flash_attn_varlen_func",
            "flash_attn_with_kvcache",
            "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
            "flash_attn_varlen_kvpacked_func", "merge_attention"]
@@ -150,6 +152,78 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:
         masks = {"mask": attn_mask} if attn_mask.dtype == torch.bool else {"bias": attn_mask}
     return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False, **masks)
+
+
+#: Calls of ``torch.nn.functional.scaled_dot_product_attention`` inside :func:`sdpa_override`:
+#: ``{"cuflash": n, "torch": n, "torch_reasons": {reason: n}}`` (eager calls; reset by hand).
+SDPA_COUNTS = {"cuflash": 0, "torch": 0, "torch_reasons": {}}
+_SDPA_OVERRIDE = {"depth": 0, "previous": None}
+_SDPA_OVERRIDE_LOCK = threading.Lock()
+_SDPA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _sdpa_unsupported(query, key, value, attn_mask, dropout_p):
+    """Why :func:`sdpa_override` hands this call to torch's own SDPA, or None."""
+    if dropout_p != 0.0:
+        return f"dropout_p={dropout_p}"
+    tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
+    if len(tensors) < 3 or not isinstance(query, torch.Tensor):
+        return None  # (torch's own argument errors, raised by the drop-in as torch raises them)
+    if any(t.is_nested for t in tensors):
+        return "a nested tensor"
+    if any(t.device.type not in ("cpu", "cuda", "meta") for t in tensors):
+        return f"tensors on {query.device.type}"
+    if query.dtype not in _SDPA_DTYPES:
+        return f"dtype {query.dtype}"
+    return None
+
+
+def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention while :func:`sdpa_override` is active."""
+    reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p)
+    compiling = torch.compiler.is_compiling()
+    if reason is not None:
+        if not compiling:  # (a traced read of the counters would make the graph guard on them)
+            SDPA_COUNTS["torch"] += 1
+            SDPA_COUNTS["torch_reasons"][reason] = SDPA_COUNTS["torch_reasons"].get(reason, 0) + 1
+        return _SDPA_OVERRIDE["previous"](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if not compiling:
+        SDPA_COUNTS["cuflash"] += 1
+    return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@contextlib.contextmanager
+def sdpa_override():
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is cuflash's
+    :func:`scaled_dot_product_attention` (torch's semantics), for code that calls it, e.g. timm,
+    open_clip, diffusers and transformers' ``"sdpa"`` models::
+
+        with cuflash.torch.sdpa_override():
+            loss = model(x).loss      # every F.scaled_dot_product_attention call runs cuflash
+            loss.backward()
+
+    A call cuflash cannot run (``dropout_p > 0``, nested tensors, another device or dtype) goes to
+    the function it replaced, counted by reason in :data:`SDPA_COUNTS` with cuflash's calls.
+    Eager and inside ``torch.compile`` (a function traced while the block is active keeps
+    cuflash's ops). Process-wide: every thread sees the replacement while any block is open
+    (blocks nest; the last to close restores the original). Code that bound the function before
+    (``from torch.nn.functional import scaled_dot_product_attention``) keeps torch's."""
+    functional = torch.nn.functional
+    with _SDPA_OVERRIDE_LOCK:
+        if _SDPA_OVERRIDE["depth"] == 0:
+            _SDPA_OVERRIDE["previous"] = functional.scaled_dot_product_attention
+            functional.scaled_dot_product_attention = _routed_sdpa
+        _SDPA_OVERRIDE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SDPA_OVERRIDE_LOCK:
+            _SDPA_OVERRIDE["depth"] -= 1
+            if _SDPA_OVERRIDE["depth"] == 0:
+                functional.scaled_dot_product_attention = _SDPA_OVERRIDE["previous"]
+                _SDPA_OVERRIDE["previous"] = None
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

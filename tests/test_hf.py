@@ -692,6 +692,25 @@ def test_architectures_run_every_attention_call_in_cuflash(model_class, config, 
     assert hf.COUNTS == {"cuflash": calls, "fallback": 0, "fallback_reasons": {}}
 
 
+def test_an_sdpa_model_under_sdpa_override_runs_cuflash():
+    """A model built with transformers' own "sdpa" implementation, run inside
+    cuflash.torch.sdpa_override(): every F.scaled_dot_product_attention call it makes is cuflash's,
+    with the same loss and gradients as outside the block."""
+    import cuflash.torch as ct
+
+    reference, _ = model_pair(llama_config(), torch.float64)
+    ids = random_ids(2, 9)
+    outside = step(reference, ids)
+    ct.SDPA_COUNTS.update(cuflash=0, torch=0, torch_reasons={})
+    with ct.sdpa_override():
+        inside = step(reference, ids)
+    assert ct.SDPA_COUNTS == {"cuflash": LAYERS, "torch": 0, "torch_reasons": {}}
+    ct.SDPA_COUNTS.update(cuflash=0, torch=0, torch_reasons={})
+    torch.testing.assert_close(inside[0], outside[0], **TOLERANCE[torch.float64])
+    torch.testing.assert_close(inside[1], outside[1], **TOLERANCE[torch.float64])
+    assert_gradients_match(inside[2], outside[2])
+
+
 def test_training_dropout_falls_back_with_a_warning():
     reference, ours = model_pair(llama_config(attention_dropout=0.5), torch.float64)
     ours.train()

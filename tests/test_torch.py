@@ -109,6 +109,76 @@ def test_sdpa_matches_torch_forward_and_backward(case, randt):
         assert_close(mine.numpy(), reference.numpy(), dtype=numpy.float64, kind="grad", name=f"d{name}")
 
 
+@pytest.fixture
+def sdpa_counts():
+    ct.SDPA_COUNTS.update(cuflash=0, torch=0, torch_reasons={})
+    yield ct.SDPA_COUNTS
+    ct.SDPA_COUNTS.update(cuflash=0, torch=0, torch_reasons={})
+
+
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_sdpa_override_routes_torchs_sdpa_through_cuflash(case, randt, sdpa_counts):
+    """Inside sdpa_override(), torch.nn.functional.scaled_dot_product_attention (as code calls it)
+    is cuflash's drop-in: torch's results and gradients, counted; outside, torch's own again."""
+    original = F.scaled_dot_product_attention
+    q_shape, k_shape, v_shape, kwargs = SDPA_CASES[case]
+    inputs = [randt(*shape, requires_grad=True) for shape in (q_shape, k_shape, v_shape)]
+    theirs = original(*inputs, **kwargs)
+    with ct.sdpa_override():
+        assert torch.nn.functional.scaled_dot_product_attention is not original
+        ours = torch.nn.functional.scaled_dot_product_attention(*inputs, **kwargs)
+    assert F.scaled_dot_product_attention is original
+    assert sdpa_counts == {"cuflash": 1, "torch": 0, "torch_reasons": {}}
+    assert_close(ours.detach().numpy(), theirs.detach().numpy(), dtype=numpy.float64)
+    dout = randt(*ours.shape)
+    for name, mine, reference in zip("qkv", torch.autograd.grad(ours, inputs, dout),
+                                     torch.autograd.grad(theirs, inputs, dout)):
+        assert_close(mine.numpy(), reference.numpy(), dtype=numpy.float64, kind="grad", name=f"d{name}")
+
+
+def test_sdpa_override_hands_what_cuflash_cannot_run_to_torch(randt, sdpa_counts):
+    """A call cuflash cannot run (dropout) goes to the function the override replaced, counted by
+    reason; blocks nest, the last to close restores it; an error in the block restores it too."""
+    original = F.scaled_dot_product_attention
+    q = randt(1, 2, 5, 4)
+    with ct.sdpa_override():
+        with ct.sdpa_override():
+            torch.manual_seed(0)
+            dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+        assert F.scaled_dot_product_attention is not original  # (the outer block is still open)
+        F.scaled_dot_product_attention(q, q, q)
+    assert F.scaled_dot_product_attention is original
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropped, original(q, q, q, dropout_p=0.5), rtol=0, atol=0)
+    assert sdpa_counts == {"cuflash": 1, "torch": 1, "torch_reasons": {"dropout_p=0.5": 1}}
+    with pytest.raises(ZeroDivisionError), ct.sdpa_override():
+        1 / 0
+    assert F.scaled_dot_product_attention is original
+
+
+def test_sdpa_override_is_traced_into_a_compiled_graph(randt, sdpa_counts):
+    """A function compiled (fullgraph) while the override is active calls cuflash's op, with
+    torch's results and gradients; the counters stay out of the graph."""
+    q, k, v = (randt(2, 4, 9, 8, requires_grad=True) for _ in range(3))
+    mask = torch.rand(9, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    targets = []
+
+    def backend(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    def loss(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).square().sum()
+
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    torch._dynamo.reset()
+    with ct.sdpa_override():
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend=backend)(q, k, v), (q, k, v))
+    assert "cuflash.attention_fwd" in targets and sdpa_counts["cuflash"] == 0
+    for mine, reference in zip(got, want):
+        assert_close(mine.numpy(), reference.numpy(), dtype=numpy.float64, kind="grad")
+
+
 @pytest.mark.parametrize("heads_kv, enable_gqa", [(2, False), (3, True), (3, False)])
 def test_sdpa_refuses_head_counts_as_torch_does(heads_kv, enable_gqa, randt):
     q, kv = randt(2, 8, 5, 4), randt(2, heads_kv, 5, 4)
