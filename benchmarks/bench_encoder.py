@@ -4,7 +4,8 @@ The encoder workload (BERT-like models, embedding and reranking models, ModernBE
 batches of unequal sequences under a bidirectional mask: every query sees its row's real keys
 (ModernBERT's local layers: within a band, ``|i - j| <= 64``, too). cuflash.hf gets such a batch's
 padding as a ``(B, 1, 1, L)`` key mask (its kernels cut each row's keys at its length) and a
-band as a window; SDPA gets the padding broadcast over the queries. Same process, same weights
+band as a window; SDPA gets the padding broadcast over the queries: its default choice, and
+pinned to its EFFICIENT, CUDNN and FLASH backends (FLASH takes no mask: "unsupported"). Same process, same weights
 (random, from a config: no download), same inputs.
 
 Per shape ``BxL`` (B sequences padded to L; row 0 is L tokens long, the others' lengths drawn
@@ -32,6 +33,8 @@ backend).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import statistics
 import sys
 from pathlib import Path
@@ -42,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import record as records  # noqa: E402
-from benchmarks.bench_model import GIB, Clock, collect_environment  # noqa: E402
+from benchmarks.bench_model import GIB, SDPA_PINNED, Clock, collect_environment, failure  # noqa: E402
 from benchmarks.tables import cell  # noqa: E402
 
 # (config class, model class, sizes): BERT-base and ModernBERT-base as published (hidden 768,
@@ -94,7 +97,24 @@ def median_ms(clock: Clock, call, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def run_backend(torch, transformers, hf, args, backend: str, batch: int, length: int, reference) -> dict:
+def run_guarded(torch, transformers, hf, args, backend: str, batch: int, length: int, reference):
+    """(result, states or None): run_backend, or its failure recorded (oom, unsupported: SDPA's
+    pinned FLASH backend takes no mask; error) and the next backend run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pinned = SDPA_PINNED.get(backend)
+    try:
+        with sdpa_kernel([getattr(SDPBackend, pinned)]) if pinned else contextlib.nullcontext():
+            return run_backend(torch, transformers, hf, args, backend, batch, length, reference)
+    except Exception as error:  # noqa: BLE001 - record and go on with the next backend
+        return dict(failure(torch, error), backend=backend, shape=f"{batch}x{length}"), None
+    finally:
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_backend(torch, transformers, hf, args, backend: str, batch: int, length: int, reference):
     model = build(torch, transformers, args, length)
     if backend == "cuflash":
         model.set_attn_implementation(hf.register())
@@ -103,7 +123,7 @@ def run_backend(torch, transformers, hf, args, backend: str, batch: int, length:
     weights = torch.randn(batch, length, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     weights = (weights * mask.cpu()[..., None]).to(device=args.device, dtype=args.torch_dtype)
     clock = Clock(torch, args.device == "cuda")
-    result = {"backend": backend, "shape": f"{batch}x{length}", "real_tokens": int(mask.sum())}
+    result = {"status": "ok", "backend": backend, "shape": f"{batch}x{length}", "real_tokens": int(mask.sum())}
 
     hf.reset_counts()
     with torch.no_grad():
@@ -137,6 +157,9 @@ def format_table(rows: list[dict]) -> str:
              "cuflash calls / fallbacks |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     first = {}
     for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['shape']} | {row['backend']} | {row['status']}: {row['note'][:80]} |" + " |" * 7)
+            continue
         base = first.setdefault(row["shape"], row["step_ms"])
         lines.append(f"| {row['shape']} | {row['backend']} | {cell(row['forward_ms'])} | {cell(row['step_ms'])} | "
                      f"{base / row['step_ms']:.2f}x | {row['tokens_per_s']:.0f} | {cell(row['peak_gib'])} | "
@@ -151,8 +174,9 @@ def parse_args(argv):
     parser.add_argument("--tiny", action="store_true", help="tiny model (2 layers, hidden 64), float32")
     parser.add_argument("--shapes", type=lambda s: [tuple(int(n) for n in p.split("x")) for p in s.split(",")],
                         default=None, help="BxL,... (default 64x512,8x4096; --tiny: 3x13)")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", "cuflash"],
-                        help="from sdpa, cuflash; the first is the reference")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=["sdpa", *SDPA_PINNED, "cuflash"],
+                        help=f"from sdpa, {', '.join(SDPA_PINNED)}, cuflash (default: all); the first is the "
+                             "reference")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model per backend")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (with --compile)")
     parser.add_argument("--steps", type=int, default=10)
@@ -161,9 +185,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = [(3, 13)] if args.tiny else [(64, 512), (8, 4096)]
-    unknown = set(args.backends) - {"sdpa", "cuflash"}
+    known = {"sdpa", "cuflash", *SDPA_PINNED}
+    unknown = set(args.backends) - known
     if unknown:
-        parser.error(f"--backends: unknown {sorted(unknown)}; choose from sdpa, cuflash")
+        parser.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(sorted(known))}")
     return args
 
 
@@ -183,14 +208,13 @@ def main(argv=None) -> Path:
     for batch, length in args.shapes:
         reference = None
         for backend in args.backends:
-            result, states = run_backend(torch, transformers, hf, args, backend, batch, length, reference)
+            result, states = run_guarded(torch, transformers, hf, args, backend, batch, length, reference)
             reference = states if reference is None else reference
             record["results"].append(result)
             records.write(record, path)
-            print(f"{result['shape']} {backend}: step {result['step_ms']:.2f} ms, forward {result['forward_ms']:.2f} "
-                  f"ms, diff {result['max_abs_diff']}", flush=True)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            print(f"{result['shape']} {backend}: " + (
+                f"step {result['step_ms']:.2f} ms, forward {result['forward_ms']:.2f} ms, diff {result['max_abs_diff']}"
+                if result["status"] == "ok" else f"{result['status']}: {result['note'][:200]}"), flush=True)
     print(format_table(record["results"]))
     print(f"wrote {path}")
     return path
