@@ -45,7 +45,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import record as records  # noqa: E402
-from benchmarks.bench_model import GIB, SDPA_PINNED, Clock, collect_environment, failure  # noqa: E402
+from benchmarks.bench_model import (  # noqa: E402
+    GIB, SDPA_PINNED, Clock, collect_environment, compiled_afresh, failure)
 from benchmarks.tables import cell  # noqa: E402
 
 # (config class, model class, sizes): BERT-base and ModernBERT-base as published (hidden 768,
@@ -133,7 +134,7 @@ def run_backend(torch, transformers, hf, args, backend: str, batch: int, length:
     states = hidden[real].float()
     result["max_abs_diff"] = None if reference is None else float((states - reference).abs().max())
 
-    run = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    run = compiled_afresh(torch, model, args.compile_backend) if args.compile else model
 
     def forward():
         with torch.no_grad():

@@ -59,8 +59,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the benchmarks package (a
 
 from benchmarks import record as records  # noqa: E402
 from benchmarks.bench_model import (  # noqa: E402
-    SDPA_PINNED, Clock, attention_backends, build_model, collect_environment, failure, max_abs_diff, model_config,
-    parse_shape, token_ids)
+    SDPA_PINNED, Clock, attention_backends, build_model, collect_environment, compiled_afresh, failure, max_abs_diff,
+    model_config, parse_shape, token_ids)
 from benchmarks.model_families import FAMILIES  # noqa: E402
 
 DEFAULT_BACKENDS = ("sdpa", "cuflash", "sdpa_flash", "sdpa_cudnn")
@@ -161,10 +161,8 @@ def run_backend(ctx, backend: str, ids) -> dict:
         within = contextlib.nullcontext()
     result: dict = {"status": "ok"}
     step = None
-    if args.compile is not None:  # compiled afresh for each backend (and shape)
-        torch._dynamo.reset()
-        options = dict(mode=args.compile) if args.compile_backend == "inductor" else {}
-        step = torch.compile(model.forward, backend=args.compile_backend, fullgraph=True, **options)
+    if args.compile is not None:
+        step = compiled_afresh(torch, model.forward, args.compile_backend, mode=args.compile, fullgraph=True)
     with within, torch.inference_mode(), decode_kernel_routing(backend, ctx["cuda"]) as decode_launches:
         first = time.perf_counter()
         decode_loop(torch, model, ids, args.new_tokens, clock, ctx["new_cache"], step)

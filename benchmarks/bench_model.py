@@ -130,6 +130,15 @@ class Clock:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
 
+def compiled_afresh(torch, function, backend: str, mode: str | None = None, fullgraph: bool = False):
+    """``torch.compile(function)`` after ``torch._dynamo.reset()``: each backend and shape of a sweep
+    compiled afresh (a model compiled for another backend would leave its graphs and guards, and
+    dynamo's recompile limit, to this one). ``mode`` applies to inductor only."""
+    torch._dynamo.reset()
+    options = dict(mode=mode) if mode is not None and backend == "inductor" else {}
+    return torch.compile(function, backend=backend, fullgraph=fullgraph, **options)
+
+
 # --- environment -----------------------------------------------------------------------------------
 
 
@@ -272,10 +281,7 @@ def run_backend(ctx, backend: str, batch: int, length: int, ids, reference: dict
 
     # --compile: the timed steps, the peak and prefill run the compiled model; the first step (the
     # correctness check), the attention-time instrumentation and the host-time calls stay eager.
-    runner = model
-    if ctx["compile"] is not None:  # compiled afresh for each backend and shape (dynamo's recompile limit)
-        torch._dynamo.reset()
-        runner = torch.compile(model, backend=ctx["compile"])
+    runner = model if ctx["compile"] is None else compiled_afresh(torch, model, ctx["compile"])
 
     def train_step(run=runner):
         model.zero_grad(set_to_none=True)
