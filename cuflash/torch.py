@@ -206,8 +206,9 @@ def sdpa_override():
 
     A call cuflash cannot run (``dropout_p > 0``, nested tensors, another device or dtype) goes to
     the function it replaced, counted by reason in :data:`SDPA_COUNTS` with cuflash's calls.
-    Eager and inside ``torch.compile`` (a function traced while the block is active keeps
-    cuflash's ops). Process-wide: every thread sees the replacement while any block is open
+    Eager and inside ``torch.compile``: what is traced while the block is open calls cuflash's op
+    (dynamo guards on the function, so a compiled function called outside the block retraces with
+    torch's). Process-wide: every thread sees the replacement while any block is open
     (blocks nest; the last to close restores the original). Code that bound the function before
     (``from torch.nn.functional import scaled_dot_product_attention``) keeps torch's."""
     functional = torch.nn.functional
