@@ -165,6 +165,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {row['shape']} | {row['backend']} | {cell(row['forward_ms'])} | {cell(row['step_ms'])} | "
                      f"{base / row['step_ms']:.2f}x | {row['tokens_per_s']:.0f} | {cell(row['peak_gib'])} | "
                      f"{cell(row['max_abs_diff'], '.2e')} | {row['calls_cuflash']} / {row['calls_fallback']} |")
+    lines += ["", "Step = forward + a loss over the real positions + backward (no optimizer); step vs first = the "
+              "first backend's step time / this one's (> 1: faster); max abs diff = last hidden states at the real "
+              "positions against the first backend's; medians of CUDA-event timings (perf_counter on the CPU)."]
     return "\n".join(lines)
 
 
