@@ -156,6 +156,23 @@ def test_sdpa_override_hands_what_cuflash_cannot_run_to_torch(randt, sdpa_counts
     assert F.scaled_dot_product_attention is original
 
 
+def test_sdpa_override_reaches_torchs_multihead_attention(randt, sdpa_counts):
+    """torch.nn.MultiheadAttention (need_weights=False) calls F.sdpa inside: under the override it
+    runs cuflash, with torch's output and input gradient (a boolean mask in MHA's convention)."""
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
+    x = randt(2, 7, 32, requires_grad=True)
+    hidden = torch.ones(7, 7, dtype=torch.bool).triu(1)  # (True = not allowed, MHA's convention)
+    want = module(x, x, x, need_weights=False, attn_mask=hidden)[0]
+    with ct.sdpa_override():
+        got = module(x, x, x, need_weights=False, attn_mask=hidden)[0]
+    assert sdpa_counts["cuflash"] == 1
+    assert_close(got.detach().numpy(), want.detach().numpy(), dtype=numpy.float64)
+    dout = randt(*got.shape)
+    assert_close(torch.autograd.grad(got, x, dout)[0].numpy(), torch.autograd.grad(want, x, dout)[0].numpy(),
+                 dtype=numpy.float64, kind="grad")
+
+
 def test_sdpa_override_is_traced_into_a_compiled_graph(randt, sdpa_counts):
     """A function compiled (fullgraph) while the override is active calls cuflash's op, with
     torch's results and gradients; the counters stay out of the graph."""
