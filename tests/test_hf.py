@@ -379,6 +379,15 @@ def test_continuous_batching_runs_in_cuflash(config, reference_name, device, mon
         torch.testing.assert_close(logprobs, scores[torch.arange(6), tokens], **TOLERANCE[torch.float32])
 
 
+def test_paged_attention_forward_says_it_needs_transformers_paged_cache():
+    """Called outside continuous batching (no paged cache): a ValueError naming what it needs,
+    before anything runs."""
+    module, q, k, v = _layer_call()
+    with pytest.raises(ValueError, match="without a paged attention cache.*continuous batching"):
+        hf.paged_attention_forward(module, q, k, v, None)
+    assert hf.COUNTS["cuflash"] == 0
+
+
 def assert_generation_matches(reference, ours, ids, mask, new_tokens, monkeypatch):
     """Greedy generation over a KV cache with ``mask`` (padding): the same tokens and the same
     scores at every step as the model's own SDPA, every attention call in cuflash and none of
