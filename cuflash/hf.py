@@ -298,7 +298,8 @@ def _segments(mask, sliding_window):
     _CacheKeys (_cache_segments: padding anywhere in the cache). None for any other mask (those
     run as _mask_form says). One host read per distinct mask.
     """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
+    if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]
+            or mask.numel() == 0):
         return None
     return _remembered(_LAST_SEGMENTS, mask, sliding_window, lambda: (
         _batch_segments(mask, sliding_window) if mask.shape[2] == mask.shape[3] else
@@ -329,6 +330,8 @@ def _keys_in_band(mask):
     None. The band's sides are the widest the mask shows; a side as wide as the keys is unbounded
     (-1). Two host reads (the sides, then the verdict); one batch row at a time, so that no
     temporary outgrows a row's plane (a byte an entry)."""
+    if mask.numel() == 0:  # (an empty batch or sequence: the call itself has nothing to compute)
+        return None
     visible = mask[:, 0]
     q_length, kv_length = visible.shape[1:]
     keys = visible.any(dim=1)                                   # (B, Lk): keys some query sees

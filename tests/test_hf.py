@@ -537,6 +537,21 @@ def test_masks_that_are_not_keys_in_a_band_run_as_given():
     window, keys = hf._keys_in_band(keys_only)
     assert window is None and torch.equal(keys[:, 0, 0], real)
     assert hf._keys_in_band(_band_keys_mask(real, 2, 2, 10)[:, :, :4]) is None
+    for empty in ((0, 1, 5, 5), (2, 1, 0, 0), (2, 1, 3, 0)):  # nothing to read: the mask as given
+        assert hf._keys_in_band(torch.ones(empty, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("batch, length", [(0, 5), (2, 0)], ids=["empty-batch", "empty-sequence"])
+def test_an_empty_masked_call_runs_as_sdpa_does(batch, length):
+    """A masked call with nothing in it (an empty batch; no tokens) returns SDPA's empty output
+    (the mask analyses read nothing; they raised on an empty batch before)."""
+    module, *_ = _layer_call()
+    q = torch.randn(batch, 4, length, 16, dtype=torch.float64)
+    k = torch.randn(batch, 2, length, 16, dtype=torch.float64)
+    mask = torch.ones(batch, 1, length, length, dtype=torch.bool)
+    got = hf.attention_forward(module, q, k, k, mask, scaling=0.25)[0]
+    want = hf.sdpa_attention_forward(module, q, k, k, mask, scaling=0.25)[0]
+    assert got.shape == want.shape == (batch, length, 4, 16)
 
 
 ENCODERS = [
