@@ -39,14 +39,16 @@ mask hiding each row's padding in the cache, causal bottom-right. Bidirectional 
 padded batches (BERT-like: every query sees its row's real keys; ModernBERT's local layers, a
 band ``|i - j| <= w`` too) run as a key mask and a window, the mask checked once per forward to
 be exactly that pattern; any other mask runs in cuflash as given (boolean: True = visible;
-floating: added to the scores), as SDPA reads it. What cuflash does not support falls back to
-SDPA's integration (same arguments), with a one-time warning per reason: a mask of another dtype,
-dropout > 0, tensors on a device other than CPU/CUDA. T5's learned relative-position bias
+floating: added to the scores), as SDPA reads it. T5's learned relative-position bias
 (``position_bias``) runs in cuflash as its bias, with its gradient. A padding-free batch that
 names its documents (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``:
 ``cu_seq_lens_q/_k``, ``max_length_q/_k``) runs as one packed call per layer, each document
 attending to itself as in transformers' flash-attention integration (eagerly and inside
-``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments). :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments).
+Continuous batching (``generate_batch``) runs through :func:`paged_attention_forward`. What
+cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
+warning per reason: a mask of another dtype, dropout > 0, tensors on a device other than
+CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
