@@ -37,12 +37,19 @@ BLAS runs single-threaded inside a call (threadpoolctl, where installed). The ti
 small, and a multi-threaded BLAS synchronises its threads on every one of them: when other work
 keeps the cores busy, each product waits for a descheduled thread, and a call that takes 0.1 s
 idle took 26 s with two busy processes on a 2-core machine (benchmarks/bench_cpu.py). One thread
-is also faster idle (0.10 vs 0.14 s there).
+is also faster idle (0.10 vs 0.14 s there). The cores are used another way: the forward's query
+blocks, independent of each other, run on a pool of threads (``_each``; ``CUFLASH_CPU_THREADS``,
+default the cores available), each block whole on one thread, so the result is bitwise the
+same for any thread count. (The backward stays on one thread: its dK and dV add over the query
+blocks in a fixed order.)
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import os
+import threading
 
 import numpy
 
@@ -82,10 +89,61 @@ def _forward(p: Problem):
     mods = _ScoreMods(p, slopes)
     out = numpy.empty(lead + (p.seqlen_q, p.head_dim_v), compute)
     lse = numpy.empty(lead + (p.seqlen_q,), compute)
-    for row_start in range(0, p.seqlen_q, BLOCK_M):
-        rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
+
+    def block(rows):
         out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, mods, sinks)
+
+    _each(block, [slice(start, min(start + BLOCK_M, p.seqlen_q)) for start in range(0, p.seqlen_q, BLOCK_M)])
     return _like(p.q, out.reshape(p.out_shape), p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
+
+
+def _threads() -> int:
+    """The forward's worker threads: ``CUFLASH_CPU_THREADS``, else the cores this process may run
+    on."""
+    given = os.environ.get("CUFLASH_CPU_THREADS", "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise ValueError(f"CUFLASH_CPU_THREADS must be a positive integer (the CPU backend's threads), got "
+                             f"{given!r}")
+        return int(given)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_POOL: dict = {}  # {threads: ThreadPoolExecutor}, made on first use
+_POOL_LOCK = threading.Lock()
+
+
+def _forget_pools_in_child() -> None:
+    """After fork(): the child has none of the parent's threads (a DataLoader worker calling the
+    CPU backend would wait forever on a pool without workers), and the lock may have been held
+    by one of them. New ones, made on first use."""
+    global _POOL_LOCK
+    _POOL.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def _each(work, blocks) -> None:
+    """``work(block)`` for every block, on up to ``_threads()`` threads: the forward's query blocks
+    are independent (each writes its own rows) and NumPy's products and ufuncs release the GIL,
+    so they run side by side; each block computes exactly what it would alone (BLAS on one thread
+    inside it, the same operations in the same order), so the result is bitwise the same for any
+    thread count. No barrier between blocks: a thread descheduled by other work delays only its
+    own blocks."""
+    threads = min(_threads(), len(blocks))
+    if threads <= 1:
+        for block in blocks:
+            work(block)
+        return
+    with _POOL_LOCK:
+        pool = _POOL.get(threads)
+        if pool is None:
+            pool = _POOL[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cuflash-cpu")
+    for future in [pool.submit(work, block) for block in blocks]:
+        future.result()
 
 
 def _like(x, result, dtype):

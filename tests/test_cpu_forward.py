@@ -357,3 +357,63 @@ def test_results_keep_a_transposed_inputs_memory_order(rng):
         numpy.testing.assert_array_equal(g, w)
     odd = cuflash.attention(q[..., :3], k[..., :3], v[..., :3])  # rows of 3 floats: not whole 16 bytes
     assert odd.flags.c_contiguous
+
+
+# --- the forward's query blocks on threads ------------------------------------------------------
+
+THREADED_CASES = {
+    # name: (q shape, k shape, keyword arguments)
+    "dense": ((2, 3, 1025, 59), (2, 3, 200, 59), {}),
+    "causal_gqa": ((1, 4, 700, 32), (1, 2, 700, 32), {"causal": True}),
+    "window_softcap_sinks": ((2, 2, 513, 16), (2, 2, 513, 16),
+                             {"window": (97, 3), "softcap": 5.0, "sinks": "sinks"}),
+    "bias_mask_alibi": ((2, 2, 300, 8), (2, 2, 97, 8), {"bias": "bias", "mask": "mask", "alibi_slopes": "slopes"}),
+}
+
+
+@pytest.mark.parametrize("case", THREADED_CASES)
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_threads_give_the_one_thread_result_bit_for_bit(case, dtype, randn, monkeypatch):
+    """The forward's query blocks run on CUFLASH_CPU_THREADS threads (default: the cores available);
+    out and lse are those of one thread bit for bit, for every option, whatever the count."""
+    q_shape, k_shape, options = THREADED_CASES[case]
+    q = randn(*q_shape).astype(dtype)
+    k, v = randn(*k_shape).astype(dtype), randn(*k_shape).astype(dtype)
+    extra = {"sinks": randn(q_shape[1]).astype(dtype), "bias": randn(1, q_shape[1], q_shape[2], k_shape[2]).astype(dtype),
+             "mask": randn(q_shape[0], 1, 1, k_shape[2]) > -1.0, "slopes": numpy.abs(randn(q_shape[1])).astype(dtype)}
+    options = {name: extra[value] if isinstance(value, str) else value for name, value in options.items()}
+    results = []
+    for threads in ("1", "3", "8"):
+        monkeypatch.setenv("CUFLASH_CPU_THREADS", threads)
+        results.append(cuflash.attention(q, k, v, return_lse=True, **options))
+    for out, lse in results[1:]:
+        assert numpy.array_equal(out, results[0][0]) and numpy.array_equal(lse, results[0][1])
+    if set(options) <= {"causal", "window"}:  # (the modifiers have their reference in test_score_mods, test_bias_mask)
+        assert_close(results[0][0], attention_ref(q, k, v, **options)[0], dtype=dtype)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_cpu_threads_must_be_a_positive_integer(value, randn, monkeypatch):
+    monkeypatch.setenv("CUFLASH_CPU_THREADS", value)
+    q = randn(1, 1, 300, 8).astype(numpy.float32)
+    with pytest.raises(ValueError, match="CUFLASH_CPU_THREADS must be a positive integer"):
+        cuflash.attention(q, q, q)
+
+
+def test_a_forked_child_runs_the_threaded_forward(randn):
+    """After a threaded call, a fork()ed child (a DataLoader worker) gets pools of its own: the
+    parent's threads are not there (a pool without workers would wait forever)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork() here")
+    q = randn(1, 2, 600, 16).astype(numpy.float32)
+    want = cuflash.attention(q, q, q, causal=True)  # (the parent's pool is made here)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(_threaded_forward_in_child, (q,)).get(timeout=60)
+    assert numpy.array_equal(got, want)
+
+
+def _threaded_forward_in_child(q):
+    return cuflash.attention(q, q, q, causal=True)
