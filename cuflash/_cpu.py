@@ -39,7 +39,8 @@ keeps the cores busy, each product waits for a descheduled thread, and a call th
 idle took 26 s with two busy processes on a 2-core machine (benchmarks/bench_cpu.py). One thread
 is also faster idle (0.10 vs 0.14 s there). The cores are used another way: the forward's query
 blocks, independent of each other, run on a pool of threads (``_each``; ``CUFLASH_CPU_THREADS``,
-default the cores available), each block whole on one thread, so the result is bitwise the
+default the cores available, fewer where their temporaries would pass THREAD_MEMORY), each block
+whole on one thread, so the result is bitwise the
 same for any thread count. (The backward stays on one thread: its dK and dV add over the query
 blocks in a fixed order.)
 """
@@ -48,6 +49,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import math
 import os
 import threading
 
@@ -93,7 +95,10 @@ def _forward(p: Problem):
     def block(rows):
         out[..., rows, :], lse[..., rows] = _forward_block(p, q[..., rows, :], k, v, rows, lead, mods, sinks)
 
-    _each(block, [slice(start, min(start + BLOCK_M, p.seqlen_q)) for start in range(0, p.seqlen_q, BLOCK_M)])
+    # A block's temporaries: S, P and two more of its (lead, BLOCK_M, BLOCK_N) tiles at most.
+    tile_bytes = 4 * math.prod(lead) * BLOCK_M * BLOCK_N * compute.itemsize
+    _each(block, [slice(start, min(start + BLOCK_M, p.seqlen_q)) for start in range(0, p.seqlen_q, BLOCK_M)],
+          tile_bytes)
     return _like(p.q, out.reshape(p.out_shape), p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
 
 
@@ -126,14 +131,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
-def _each(work, blocks) -> None:
-    """``work(block)`` for every block, on up to ``_threads()`` threads: the forward's query blocks
-    are independent (each writes its own rows) and NumPy's products and ufuncs release the GIL,
-    so they run side by side; each block computes exactly what it would alone (BLAS on one thread
+# What the threads' block temporaries may hold together beyond one thread's (the backend's
+# memory stays O(L): a batch with many heads gets fewer threads, not more memory).
+THREAD_MEMORY = 512 << 20
+
+
+def _each(work, blocks, block_bytes: int) -> None:
+    """``work(block)`` for every block, on up to ``_threads()`` threads (and no more than
+    THREAD_MEMORY holds ``block_bytes`` of temporaries for): the forward's query blocks are
+    independent (each writes its own rows) and NumPy's products and ufuncs release the GIL, so
+    they run side by side; each block computes exactly what it would alone (BLAS on one thread
     inside it, the same operations in the same order), so the result is bitwise the same for any
     thread count. No barrier between blocks: a thread descheduled by other work delays only its
     own blocks."""
-    threads = min(_threads(), len(blocks))
+    threads = min(_threads(), len(blocks), 1 + THREAD_MEMORY // max(block_bytes, 1))
     if threads <= 1:
         for block in blocks:
             work(block)

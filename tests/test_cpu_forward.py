@@ -392,6 +392,32 @@ def test_threads_give_the_one_thread_result_bit_for_bit(case, dtype, randn, monk
         assert_close(results[0][0], attention_ref(q, k, v, **options)[0], dtype=dtype)
 
 
+def test_threads_are_bounded_by_their_temporaries(monkeypatch):
+    """Many heads make large block temporaries: the threads are then fewer (THREAD_MEMORY beyond one
+    thread's), so the backend's memory does not grow with the core count."""
+    seen = []
+    monkeypatch.setenv("CUFLASH_CPU_THREADS", "64")
+    monkeypatch.setattr(_cpu, "THREAD_MEMORY", 3 << 20)
+    monkeypatch.setattr(_cpu.concurrent.futures, "ThreadPoolExecutor",
+                        lambda threads, **kw: seen.append(threads) or _Serial())
+    _cpu._POOL.clear()
+    _cpu._each(lambda block: None, list(range(10)), 1 << 20)  # 1 MiB a block: 1 + 3 threads
+    _cpu._each(lambda block: None, list(range(10)), 8 << 20)  # larger than the budget: one thread
+    _cpu._POOL.clear()
+    assert seen == [4]
+
+
+class _Serial:
+    """A pool that runs what it is given at once (for counting the threads asked for)."""
+
+    def submit(self, function, *args):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        future.set_result(function(*args))
+        return future
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_cpu_threads_must_be_a_positive_integer(value, randn, monkeypatch):
     monkeypatch.setenv("CUFLASH_CPU_THREADS", value)
