@@ -40,9 +40,11 @@ idle took 26 s with two busy processes on a 2-core machine (benchmarks/bench_cpu
 is also faster idle (0.10 vs 0.14 s there). The cores are used another way: the forward's query
 blocks, independent of each other, run on a pool of threads (``_each``; ``CUFLASH_CPU_THREADS``,
 default the cores available, fewer where their temporaries would pass THREAD_MEMORY), each block
-whole on one thread, so the result is bitwise the
-same for any thread count. (The backward stays on one thread: its dK and dV add over the query
-blocks in a fixed order.)
+whole on one thread, so the result is bitwise the same for any thread count. The backward, with
+TWO_PASS_THREADS threads or more and no dbias, runs two passes on them: each key tile's dK and dV
+summed over its query blocks, then each query block's dQ over its key tiles — every gradient entry
+the same terms in the same order as in the one pass, so bitwise its result, for P and dS computed
+twice.
 """
 from __future__ import annotations
 
@@ -130,6 +132,10 @@ def _forget_pools_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_in_child)
 
+
+# The backward's two passes (each pair's P and dS computed twice: ~1.4x the one pass's work) pay
+# from this many threads on; below it the one pass runs (bitwise the same result either way).
+TWO_PASS_THREADS = 4
 
 # What the threads' block temporaries may hold together beyond one thread's (the backend's
 # memory stays O(L): a batch with many heads gets fewer threads, not more memory).
@@ -253,28 +259,61 @@ def _backward(p: BackwardProblem):
     dq = numpy.zeros(lead + (p.seqlen_q, p.head_dim), compute)
     dk = numpy.zeros(lead + (p.seqlen_k, p.head_dim), compute)
     dv = numpy.zeros(lead + (p.seqlen_k, p.head_dim_v), compute)
-    # The kernels loop key tiles outermost (each owns its dK_j, dV_j); summation order does not
-    # matter here, so this loops query blocks outermost to reuse the forward's tile skipping.
-    for row_start in range(0, p.seqlen_q, BLOCK_M):
-        rows = slice(row_start, min(row_start + BLOCK_M, p.seqlen_q))
-        q_i, dout_i = q_g[..., rows, :], dout[..., rows, :]
-        for keys in _key_tiles(p, rows, mods):
-            k_j, v_j = k_g[..., keys, :], v_g[..., keys, :]
-            # P = exp(S - lse), S recomputed and modified as in the forward; hidden keys give 0
-            s, d_capped, visible = _scores(p, q_i, k_j, rows, keys, mods)
-            p_tile = numpy.exp(s - lse_ref[..., rows, None])
-            # dV_j += P^T dO_i
-            dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout_i
-            # dP = dO_i V_j^T;  dS = P * (dP - delta_i)
-            dp = dout_i @ numpy.swapaxes(v_j, -1, -2)
-            ds = p_tile * (dp - delta[..., rows, None])
-            if dbias is not None:  # the bias is added after softcap: its dS has no softcap factor
-                dbias.add(ds, visible, rows, keys)
-            if d_capped is not None:  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
-                ds = ds * d_capped
-            # dQ_i += dS K_j * scale;  dK_j += dS^T Q_i * scale
-            dq[..., rows, :] += (ds @ k_j) * scale
-            dk[..., keys, :] += (numpy.swapaxes(ds, -1, -2) @ q_i) * scale
+    blocks = [slice(start, min(start + BLOCK_M, p.seqlen_q)) for start in range(0, p.seqlen_q, BLOCK_M)]
+    tiles = {rows.start: list(_key_tiles(p, rows, mods)) for rows in blocks}  # the forward's tile skipping
+
+    def pair(rows, keys):
+        """(P, dS) of one (query block, key tile), dS before softcap's factor: P = exp(S - lse)
+        with S recomputed and modified as in the forward (hidden keys give 0); dP = dO_i V_j^T;
+        dS = P * (dP - delta_i). dbias takes this dS (the bias is added after softcap)."""
+        s, d_capped, visible = _scores(p, q_g[..., rows, :], k_g[..., keys, :], rows, keys, mods)
+        p_tile = numpy.exp(s - lse_ref[..., rows, None])
+        dp = dout[..., rows, :] @ numpy.swapaxes(v_g[..., keys, :], -1, -2)
+        return p_tile, p_tile * (dp - delta[..., rows, None]), d_capped, visible
+
+    def capped(ds, d_capped):  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
+        return ds if d_capped is None else ds * d_capped
+
+    def add_dkdv(p_tile, ds, rows, keys):  # dV_j += P^T dO_i;  dK_j += dS^T Q_i * scale
+        dv[..., keys, :] += numpy.swapaxes(p_tile, -1, -2) @ dout[..., rows, :]
+        dk[..., keys, :] += (numpy.swapaxes(ds, -1, -2) @ q_g[..., rows, :]) * scale
+
+    def add_dq(ds, rows, keys):  # dQ_i += dS K_j * scale
+        dq[..., rows, :] += (ds @ k_g[..., keys, :]) * scale
+
+    tile_bytes = 6 * math.prod(lead) * BLOCK_M * BLOCK_N * compute.itemsize
+    key_tiles = sorted({keys.start: keys for row_tiles in tiles.values() for keys in row_tiles}.items())
+    if dbias is not None or _threads() < TWO_PASS_THREADS or len(blocks) * len(key_tiles) == 1:
+        # One pass, query blocks outermost (the kernels loop key tiles outermost: each owns its dK_j,
+        # dV_j): every pair computed once. dbias's sum is made here, in this order, with each pair's
+        # dS added into bias's own shape (blocks that share a region of a broadcast bias add in turn).
+        for rows in blocks:
+            for keys in tiles[rows.start]:
+                p_tile, ds, d_capped, visible = pair(rows, keys)
+                if dbias is not None:
+                    dbias.add(ds, visible, rows, keys)
+                ds = capped(ds, d_capped)
+                add_dq(ds, rows, keys)
+                add_dkdv(p_tile, ds, rows, keys)
+    else:
+        # On threads: each key tile's dK_j, dV_j summed over its query blocks (ascending), then each
+        # query block's dQ_i over its key tiles (ascending): every gradient entry gets the same terms
+        # in the same order as in the one pass, so bitwise the same result, for P and dS computed
+        # twice (each output owned by one thread, nothing added from two at once).
+        def key_tile(item):
+            keys = item[1]
+            for rows in blocks:
+                if any(tile.start == keys.start for tile in tiles[rows.start]):
+                    p_tile, ds, d_capped, _ = pair(rows, keys)
+                    add_dkdv(p_tile, capped(ds, d_capped), rows, keys)
+
+        def query_block(rows):
+            for keys in tiles[rows.start]:
+                _, ds, d_capped, _ = pair(rows, keys)
+                add_dq(capped(ds, d_capped), rows, keys)
+
+        _each(key_tile, key_tiles, tile_bytes)
+        _each(query_block, blocks, tile_bytes)
 
     grads = []
     for grad, grouped_input, original in ((dq, q_g, p.q), (dk, k_g, p.k), (dv, v_g, p.v)):

@@ -205,3 +205,40 @@ def test_attention_vjp_matches_the_explicit_backward(rng, randn, dtype):
         magnitudes = attention_backward_magnitudes(dout, q, k, v, **options)
         for got, ref, mag in zip(grads, references, magnitudes):
             assert_close(got, ref, dtype=dtype, magnitude=mag, kind="grad")
+
+
+# --- the backward's two passes on threads --------------------------------------------------------
+
+TWO_PASS_CASES = {
+    # name: (q shape, k shape, keyword arguments); "bias" takes the one pass (its dbias's order)
+    "dense": ((2, 3, 1025, 59), (2, 3, 200, 59), {}),
+    "causal_gqa_broadcast_k": ((2, 4, 700, 32), (1, 2, 700, 32), {"causal": True}),
+    "window_softcap_sinks": ((2, 2, 513, 16), (2, 2, 513, 16), {"window": (97, 3), "softcap": 5.0, "sinks": "sinks"}),
+    "mask_alibi": ((2, 2, 300, 8), (2, 2, 397, 8), {"mask": "mask", "alibi_slopes": "slopes"}),
+    "bias": ((2, 2, 300, 8), (2, 2, 397, 8), {"bias": "bias"}),
+}
+
+
+@pytest.mark.parametrize("case", TWO_PASS_CASES)
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_two_passes_on_threads_give_the_one_pass_result_bit_for_bit(case, dtype, randn, monkeypatch):
+    """With enough threads the backward runs dK/dV per key tile, then dQ per query block, on
+    threads; every gradient (dsinks too) is the one pass's bit for bit, whatever the count."""
+    from cuflash import _cpu
+
+    q_shape, k_shape, options = TWO_PASS_CASES[case]
+    q = randn(*q_shape).astype(dtype)
+    k, v = randn(*k_shape).astype(dtype), randn(*k_shape).astype(dtype)
+    extra = {"sinks": randn(q_shape[1]).astype(dtype), "bias": randn(1, q_shape[1], q_shape[2], k_shape[2]).astype(dtype),
+             "mask": randn(q_shape[0], 1, q_shape[2], k_shape[2]) > -1.0, "slopes": numpy.abs(randn(q_shape[1])).astype(dtype)}
+    options = {name: extra[value] if isinstance(value, str) else value for name, value in options.items()}
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+    dout = randn(*out.shape).astype(dtype)
+    monkeypatch.setattr(_cpu, "TWO_PASS_THREADS", 2)
+    results = []
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("CUFLASH_CPU_THREADS", threads)
+        results.append(cuflash.attention_backward(dout, q, k, v, out, lse, **options))
+    for grads in results[1:]:
+        assert len(grads) == len(results[0])
+        assert all(numpy.array_equal(mine, one) for mine, one in zip(grads, results[0]))
