@@ -134,12 +134,18 @@ if hasattr(os, "register_at_fork"):
 
 
 # The backward's two passes (each pair's P and dS computed twice: ~1.4x the one pass's work) pay
-# from this many threads on; below it the one pass runs (bitwise the same result either way).
+# from this many threads on (the fewer of query blocks and key tiles, memory allowing); below it
+# the one pass runs (bitwise the same result either way).
 TWO_PASS_THREADS = 4
 
 # What the threads' block temporaries may hold together beyond one thread's (the backend's
 # memory stays O(L): a batch with many heads gets fewer threads, not more memory).
 THREAD_MEMORY = 512 << 20
+
+
+def _workers(blocks: int, block_bytes: int) -> int:
+    """The threads ``_each`` runs ``blocks`` blocks of ``block_bytes`` temporaries on."""
+    return min(_threads(), blocks, 1 + THREAD_MEMORY // max(block_bytes, 1))
 
 
 def _each(work, blocks, block_bytes: int) -> None:
@@ -150,7 +156,7 @@ def _each(work, blocks, block_bytes: int) -> None:
     inside it, the same operations in the same order), so the result is bitwise the same for any
     thread count. No barrier between blocks: a thread descheduled by other work delays only its
     own blocks."""
-    threads = min(_threads(), len(blocks), 1 + THREAD_MEMORY // max(block_bytes, 1))
+    threads = _workers(len(blocks), block_bytes)
     if threads <= 1:
         for block in blocks:
             work(block)
@@ -283,7 +289,8 @@ def _backward(p: BackwardProblem):
 
     tile_bytes = 6 * math.prod(lead) * BLOCK_M * BLOCK_N * compute.itemsize
     key_tiles = sorted({keys.start: keys for row_tiles in tiles.values() for keys in row_tiles}.items())
-    if dbias is not None or _threads() < TWO_PASS_THREADS or len(blocks) * len(key_tiles) == 1:
+    workers = _workers(min(len(blocks), len(key_tiles)), tile_bytes)  # (both passes' parallelism)
+    if dbias is not None or workers < TWO_PASS_THREADS:
         # One pass, query blocks outermost (the kernels loop key tiles outermost: each owns its dK_j,
         # dV_j): every pair computed once. dbias's sum is made here, in this order, with each pair's
         # dS added into bias's own shape (blocks that share a region of a broadcast bias add in turn).
