@@ -1362,6 +1362,25 @@ def test_compiled_padded_training_step_runs_causal_with_the_keys_mask(config):
         assert tuple(args[5:7]) == ((4, 0) if sliding else (-1, -1))  # (window_left, window_right)
 
 
+def _compiled_losses_match(reference, ours, loss_of, *inputs, patch_ours=None):
+    """``loss_of(model, *inputs)`` compiled (fullgraph, counting backend) for each model and
+    backpropagated; asserts ours' loss and every gradient are the reference's (float64) and
+    returns ours' counter. ``patch_ours``: called before ours is compiled."""
+    results = []
+    for model in (reference, ours):
+        if model is ours and patch_ours is not None:
+            patch_ours()
+        step, counter, _ = _compile_counting(lambda *args, model=model: loss_of(model, *args))
+        loss = step(*inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        counter))
+    (loss_ref, grads_ref, _), (loss, grads, counter) = results
+    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
+    assert_gradients_match(grads, grads_ref)
+    return counter, grads
+
+
 def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
     """A compiled BERT step on a padded batch (fullgraph): the bidirectional mask is the padding
     alone, ``(B, 1, 1, L)`` (no B x L x L booleans built in the graph: sdpa_mask is never called),
@@ -1370,19 +1389,10 @@ def test_compiled_encoder_padded_batch_runs_with_the_keys_mask(monkeypatch):
     ids = random_ids(3, 11)
     mask = _padding_mask(ids, left=2, right=4)
     weights = torch.randn(3, 11, ours.config.hidden_size, dtype=torch.float64) * mask[..., None]
-    results = []
-    for model in (reference, ours):
-        if model is ours:
-            monkeypatch.setattr(hf, "sdpa_mask", lambda **kwargs: pytest.fail("a full mask was built"))
-        step, counter, _ = _compile_counting(
-            lambda ids, mask, model=model: (model(ids, attention_mask=mask).last_hidden_state * weights).sum())
-        loss = step(ids, mask)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        counter))
-    (loss_ref, grads_ref, _), (loss, grads, counter) = results
-    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
-    assert_gradients_match(grads, grads_ref)
+    counter, _ = _compiled_losses_match(
+        reference, ours, lambda model, ids, mask: (model(ids, attention_mask=mask).last_hidden_state * weights).sum(),
+        ids, mask, patch_ours=lambda: monkeypatch.setattr(hf, "sdpa_mask",
+                                                          lambda **kwargs: pytest.fail("a full mask was built")))
     calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
     assert len(calls) == LAYERS and counter.frame_count == 1
     for args in calls:  # (q, k, v, scale, causal, window_left, window_right, ..., bias, mask)
@@ -1398,17 +1408,9 @@ def test_compiled_t5_training_step_takes_the_position_bias_as_cuflashs_bias():
     ids = random_ids(3, 13)
     mask = _padding_mask(ids, left=0, right=4)
     labels = random_ids(3, 7, seed=3)
-    results = []
-    for model in (reference, ours):
-        step, counter, _ = _compile_counting(
-            lambda ids, mask, labels, model=model: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
-        loss = step(ids, mask, labels)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        counter))
-    (loss_ref, grads_ref, _), (loss, grads, counter) = results
-    torch.testing.assert_close(loss, loss_ref, **TOLERANCE[torch.float64])
-    assert_gradients_match(grads, grads_ref)
+    counter, grads = _compiled_losses_match(
+        reference, ours, lambda model, ids, mask, labels: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+        ids, mask, labels)
     assert any("relative_attention_bias" in name for name in grads)
     calls = [args for target, args, _ in counter.calls if target == "cuflash.attention_fwd"]
     assert len(calls) == 3 * LAYERS and counter.frame_count == 1
