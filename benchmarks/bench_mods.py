@@ -1,4 +1,4 @@
-"""What the score modifiers cost (softcap, ALiBi, sinks), against the plain call and FlexAttention.
+"""What the score modifiers cost (softcap, ALiBi, sinks; and attention dropout), against the plain call and FlexAttention.
 
 Each modifier (and all three together) is timed beside the plain call on the same inputs, forward
 and backward separately: the ratio modified / plain is the modifier's cost (issue 14's goal: at
@@ -54,11 +54,13 @@ CHECKED_OUTPUTS = {"fwd": ("out",), "bwd": ("dq", "dk", "dv")}
 
 def modifiers(cupy, heads: int) -> dict:
     """The timed configurations: none, each modifier alone, all three (Gemma-2's cap of 50, ALiBi's
-    geometric slopes, gpt-oss-like sinks)."""
+    geometric slopes, gpt-oss-like sinks); and attention dropout at BERT's rate, 0.1 (the
+    kScoreMods Variants with the keep mask drawn in the kernels: cuda_src/dropout.cuh)."""
     slopes = cupy.asarray([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)], dtype=cupy.float32)
     sinks = cupy.linspace(-1, 1, heads, dtype=cupy.float32)
     return {"plain": {}, "softcap": {"softcap": 50.0}, "alibi": {"alibi_slopes": slopes},
-            "sinks": {"sinks": sinks}, "all": {"softcap": 50.0, "alibi_slopes": slopes, "sinks": sinks}}
+            "sinks": {"sinks": sinks}, "all": {"softcap": 50.0, "alibi_slopes": slopes, "sinks": sinks},
+            "dropout": {"dropout_p": 0.1, "dropout_seed": 20261205}}
 
 
 def flex_score_mod(torch, mods: dict, diagonal: int):
@@ -72,6 +74,8 @@ def flex_score_mod(torch, mods: dict, diagonal: int):
         # elementwise kernels (and a backward through lse) beside flex, not flex.
         raise harness.NotRun("unsupported", "FlexAttention has no sinks (a score_mod cannot add a "
                                             "logit without a key and a value)")
+    if "dropout_p" in mods:
+        raise harness.NotRun("unsupported", "FlexAttention has no dropout (a score_mod sees scores, not probabilities)")
     cap, slopes = mods.get("softcap"), mods.get("alibi_slopes")
     if torch is None or (cap is None and slopes is None):
         return None
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--causal", default="false,true")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--mods", default="softcap,alibi,sinks,all",
+    parser.add_argument("--mods", default="softcap,alibi,sinks,all,dropout",
                         help="the modifiers timed (modifiers()' labels), each beside the plain call")
     parser.add_argument("--no-flex", action="store_true",
                         help="time cuflash alone (FlexAttention compiles each point and modifier: minutes)")

@@ -48,7 +48,7 @@ constexpr unsigned bwd_dkdv_simt_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dkdv_simt(const BwdParams p) {
     using T = Element;
     using M = simt::Math<T>;
@@ -169,6 +169,15 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         T ds[TK][TQ];
         simt::zero(ds);
         simt_bwd::gemm_nt<T, TK, TQ, kHeadDim, kUnroll>(ds, Vs + key0 * kLdD, kLdD, dOs + cg * kLdD, kLdD);
+        // Dropout (dropout.cuh): dP o Z * scale, so that dS = P o (Z o dP / q - delta); P o Z * scale
+        // for dV below, once dS is made.
+        simt::DropBits<TK, TQ> keep;
+        const bool drops = kDropout && f.dropout_threshold;
+        if (drops) {
+            keep.draw(Dropout(f, blockIdx.x * heads + step.g),
+                      [&](int r, int c) { return simt::QK{m0 + cg + 16 * c, n0 + key0 + r}; });
+            keep.apply(ds, static_cast<T>(f.dropout_scale));
+        }
         if (modified) {
             if constexpr (kScoreMods) {  // (plain Variants compile none of this)
                 simt_bwd::modified_p_ds(mod, mask, masked, s, ds, [&](int r, int c) {
@@ -181,6 +190,8 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
 #pragma unroll
                 for (int c = 0; c < TQ; ++c) ds[r][c] = s[r][c] * (ds[r][c] - delta_c[c]);
         }
+
+        if (drops) keep.apply(s, static_cast<T>(f.dropout_scale));
 
         // P and dS by query row (a lane's TK keys are contiguous: one vector store per query),
         // and dS by key for the dQ product.

@@ -13,6 +13,7 @@
 //   P    = exp2(S * scale_log2 - lse_i log2 e)  (0 where masked, for rows past Lq or lse = -inf)
 //   dP   = dO_i V_j^T
 //   dS   = P o (dP - delta_i)                 delta_i = rowsum(dO_i o O_i), from bwd_delta
+//                                             (dropout: dP o Z / q here, P o Z / q in dV: dropout.cuh)
 //   dV_j += P^T dO_i
 //   dK_j += dS^T Q_i
 //   dQ_i += dS K_j                            fp32 atomics into dq_accum (when non-null)
@@ -75,7 +76,7 @@ constexpr int bwd_dkdv_tc_min_blocks() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim, kWarps>())) bwd_dkdv_tc(const BwdParams p) {
     using Arith = tc::Arith<Element>;
     constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores
@@ -279,6 +280,11 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
         const float* delta_s = lse_s + kBlockM;
         const int m0 = i * kBlockM;
 
+        // Dropout's keep bits of this step (dropout.cuh), drawn before S and dP are live.
+        tc::DropBits<kSM, kSN> keep;
+        const bool drops = kDropout && f.dropout_threshold;
+        if (drops) keep.draw(Dropout(f, ptx::block_index_x() * heads + step.g), m0 + s_row, n0 + s_col, lane);
+
         // S = Q_i K_j^T, dP = dO_i V_j^T  (kSRows queries x kSCols keys per warp), in one loop:
         // each k-step has 2 x kSM x kSN independent MMAs in flight. Unrolled by 2, not fully:
         // fully unrolled, ptxas hoists every step's fragment loads ahead of the MMAs and spills.
@@ -306,6 +312,9 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
             tc::mma_k16<Element, KVTile, false>(s, aq, k_smem + kv_bn_lane, s_col, kk * 2);
             tc::mma_k16<Element, KVTile, false>(dp, ado, v_smem + kv_bn_lane, s_col, kk * 2);
         }
+        // Dropout: dP o Z * scale here, so that dS = P o (Z o dP / q - delta) below whichever path
+        // computes it; P o Z * scale for dV before P is stored.
+        if (drops) keep.apply(dp, static_cast<float>(f.dropout_scale));
 
         // P = exp2(S * scale_log2 - lse_i * log2 e): one FFMA and one ex2 per element (tc::lse_log2:
         // a row that sees no key gets P = 0 exactly). With score modifiers (the slope is head
@@ -376,6 +385,7 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
                 tc::for_each_pair(dp, m0 + s_row, n0 + s_col, lane,
                                   [&](float a, float b, int row, int key) { dbias.store_pair(row, key, a, b); });
         }
+        if (drops) keep.apply(s, static_cast<float>(f.dropout_scale));
         store_s_tile(s, p_smem);
         store_s_tile(dp, ds_smem);
         __syncthreads();  // P, dS visible to all

@@ -36,7 +36,7 @@ constexpr unsigned bwd_dq_simt_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBlocks) bwd_dq_simt(const BwdParams p) {
     using T = Element;
     using M = simt::Math<T>;
@@ -134,6 +134,12 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
         T ds[TM][TN];
         simt::zero(ds);
         simt_bwd::gemm_nt<T, TM, TN, kHeadDim, kUnroll>(ds, dOs + row0 * kLdD, kLdD, Vs + cg * kLdD, kLdD);
+        // Dropout (dropout.cuh): dP o Z * scale, so that dS = P o (Z o dP / q - delta_i).
+        if (kDropout && f.dropout_threshold) {
+            simt::DropBits<TM, TN> keep;
+            keep.draw(Dropout(f, bh), [&](int r, int c) { return simt::QK{m0 + row0 + r, n0 + cg + 16 * c}; });
+            keep.apply(ds, static_cast<T>(f.dropout_scale));
+        }
         if (modified) {
             if constexpr (kScoreMods) {  // (plain Variants compile none of this)
                 T lse_r[TM], delta_r[TM];

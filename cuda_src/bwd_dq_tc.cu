@@ -10,6 +10,7 @@
 //   P   = exp2(S * scale_log2 - lse_i log2 e)    (0 where masked, past Lq, or lse = -inf)
 //   dP  = dO_i V_j^T
 //   dS  = P o (dP - delta_i)                     delta_i = rowsum(dO_i o O_i), from bwd_delta
+//                                                (dropout: dP o Z / q, dropout.cuh)
 //   dQ_i += dS K_j                               (dS from registers; K_j through ldmatrix.trans,
 //                                                 by 32-bit loads on TF32: tc::mma_k8_rows)
 //   dQ_i *= scale                                (once, at the end)
@@ -40,7 +41,7 @@ constexpr unsigned bwd_dq_tc_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     using Arith = tc::Arith<Element>;
     constexpr bool kTf32 = Arith::kUnits == 2;        // float32 on TF32 tensor cores
@@ -151,6 +152,11 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         const unsigned k_slot = kv_smem + ((j - range.first) % kStages) * kStageBytes;
         const unsigned v_slot = k_slot + KVTile::kBytes;
 
+        // Dropout's keep bits of this tile (dropout.cuh), drawn before S and dP are live.
+        tc::DropBits<kMTiles, kNTilesS> keep;
+        const bool drops = kDropout && f.dropout_threshold;
+        if (drops) keep.draw(Dropout(f, bh), m0 + warp_row0, j * kBlockN, lane);
+
         // S = Q_i K_j^T (+ bias / scale) and dP = dO_i V_j^T, side by side over the same k-steps (dims).
         float s[kMTiles][kNTilesS][4], dp[kMTiles][kNTilesS][4];
         if (kBiasInS && mod.bias_in_scores)
@@ -169,6 +175,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
             for (int mt = 0; mt < kMTiles; ++mt) tc::load_a(do_lane + QTile::offset(mt * 16, kk * 2), a[mt]);
             tc::mma_k16<Element, KVTile, false>(dp, a, v_slot + bn_lane, 0, kk * 2);
         }
+        // Dropout: dP o Z * scale, so that dS = P o (Z o dP / q - delta_i) below.
+        if (drops) keep.apply(dp, static_cast<float>(f.dropout_scale));
 
         // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i). With
         // score modifiers (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2

@@ -75,7 +75,7 @@ constexpr unsigned fwd_simt_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32,
                                   (simt::Occupancy<Element, kBlockM / (2 * kWarps), kBlockN / 16, kHeadDim / 16, kHasWindow,
                                                    kScoreMods>::kMinBlocks))
@@ -288,6 +288,13 @@ __global__ void __launch_bounds__(kWarps * 32,
             l_i[r] = fma(l_i[r], alpha, sum);
 #pragma unroll
             for (int c = 0; c < TD; ++c) acc[r][c] *= alpha;
+        }
+
+        // Dropout (dropout.cuh): P o Z * scale for P V; l_i has summed the undropped P.
+        if (kDropout && p.dropout_threshold) {
+            simt::DropBits<TM, TN> keep;
+            keep.draw(Dropout(p, block.bh), [&](int r, int c) { return simt::QK{m0 + row0 + r, n0 + cg + 16 * c}; });
+            keep.apply(s, static_cast<T>(p.dropout_scale));
         }
 
         // P to shared memory, transposed (Pt[key][row]) so the P V loop reads a lane's TM rows

@@ -10,6 +10,7 @@
 //
 //   for each key tile j:   S = Q K_j^T                    (mma.sync, fp32)
 //                          online softmax: m_i, l_i, P     (fp32, P = exp2(S*c - m_i), one FFMA)
+//                          P = P o Z / (1 - p)             (dropout, when asked: dropout.cuh)
 //                          acc = alpha * acc + P V_j       (P reused from registers)
 //   O = acc / l_i,  lse = m_i + log l_i                    (once, at the end)
 //
@@ -42,7 +43,7 @@ constexpr unsigned fwd_tc_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
     using Arith = tc::Arith<Element>;
     constexpr bool kTf32 = Arith::kUnits == 2;  // float32 on TF32 tensor cores (Element tc::tf32 or tc::tf32x3)
@@ -218,6 +219,15 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         if (masked) tc::apply_mask</*kSplit=*/true>(mask, s, m0 + warp_row0, j * kBlockN, lane, tc::neg_inf());
 
         softmax.update(s, acc, c);
+        // Dropout (dropout.cuh): P o Z * scale for P V; l_i has summed the undropped P. The row
+        // index is recomputed rather than held through the loop.
+        if constexpr (kDropout) {
+            if (p.dropout_threshold) {
+                tc::DropBits<kMTiles, kNTilesS> keep;
+                keep.draw(Dropout(p, scheduled_block<kHasWindow>(p).bh), m0 + warp_row0, j * kBlockN, lane);
+                keep.apply(s, static_cast<float>(p.dropout_scale));
+            }
+        }
 
         // acc += P V_j. TF32: one k8 step per n8 tile of P (tc::pv_k8).
         if constexpr (kTf32) {

@@ -108,6 +108,11 @@ struct FwdParams {
     // tile): fwd_wgmma_ws's blocks walk the rows' tiles (schedule.cuh's TileWalk) whatever grid
     // it is launched with; the other kernels read their grid.
     int query_tiles;
+    // Attention dropout (dropout.cuh): a probability is kept iff its 16-bit Philox draw keyed by
+    // dropout_seed is >= dropout_threshold (0: no dropout), a kept one times dropout_scale.
+    unsigned dropout_threshold;
+    double dropout_scale;
+    unsigned long long dropout_seed;
 
     // batch_shape[d], num_heads and kv_group as divisors (FastDivisor; the host sets all three
     // with the shapes: params.set_row_shape).

@@ -3,6 +3,7 @@
 // micro-tile, the exponential's units (Math), score modifiers on a tile, and the element-wise
 // global -> shared copies (the last two also fwd_dmma.cu's).
 #pragma once
+#include "dropout.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 
@@ -144,6 +145,34 @@ __device__ __forceinline__ bool modify_scores(const Mod& mod, T (&a)[R][C], At&&
         });
     });
 }
+
+// Dropout's keep bits (dropout.cuh) of a lane's micro-tile, element (r, c) being the pair
+// at(r, c) (a QK): one Philox call per element (a lane's keys are 16 apart in the forward, and the
+// FFMA kernels' products dwarf the draws), in a loop that is not unrolled (one copy of Philox's
+// code; unrolled, the tiles' register counts rose by up to 80 and spilled), the bits in one
+// 64-bit register; apply() then scales the kept elements by `scale` (1 / the keep probability,
+// in T) and zeroes the others.
+template <int R, int C>
+struct DropBits {
+    static_assert(R * C <= 64, "a lane's keep bits fit one 64-bit register");
+    unsigned long long bits;
+
+    template <typename At>
+    __device__ __forceinline__ void draw(const Dropout& dropout, At&& at) {
+        bits = 0ull;
+#pragma unroll 1
+        for (int e = 0; e < R * C; ++e) {
+            const QK pair = at(e / C, e % C);
+            const unsigned long long kept = Dropout::draw_of(dropout.draws(pair.query, pair.key), pair.key) >= dropout.threshold;
+            bits |= kept << e;
+        }
+    }
+
+    template <typename T>
+    __device__ __forceinline__ void apply(T (&a)[R][C], T scale) const {
+        for_each(a, [&](T& x, int r, int c) { x = (bits >> (r * C + c)) & 1ull ? x * scale : T(0); });
+    }
+};
 
 // Columns of a lane's micro-tile: TW columns as TW / kVec chunks of kVec adjacent ones; chunk c
 // of lane-column cg starts at c * 16 * kVec + cg * kVec, so for a fixed chunk the 16 lanes of a

@@ -4,6 +4,7 @@
 // Global tensors are row-major with a unit column stride and a row stride in elements. Copies
 // move 16-byte chunks (8 elements); nothing outside [0, rows) x [0, cols) is read or written.
 #pragma once
+#include "dropout.cuh"
 #include "ptx.cuh"
 #include "score_mod.cuh"
 
@@ -426,6 +427,65 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
                                            float hidden, int num_rows) {
     apply_mask_rows<kSplit>(mask, s, row0, col0, lane, hidden, [num_rows](int row) { return row >= num_rows; });
 }
+
+// Dropout's keep bits (dropout.cuh) of this lane's elements of an M x N fragment whose first
+// element is (row0, col0), col0 a multiple of 8: drawn once, applied to one fragment or several
+// (the backward's dP, then P). Bit ((2 mt + h) N + nt) 2 + e % 2 is element (mt, nt, e), h = e / 2.
+// An n8 tile's row is one Philox call (keys 8g .. 8g + 7), of which lane t of the quad needs
+// word t: with N a multiple of 4 the quad's lanes each make the call of one of four n8 tiles and
+// hand the words round (a 4 x 4 transpose in three shuffles), so every call is made once. The
+// draws run in a loop that is not unrolled (one copy of Philox's code, its registers short-lived:
+// unrolled, the kernels' register counts rose by up to 80 and some spilled); the bits then sit in
+// one 64-bit register.
+template <int M, int N>
+struct DropBits {
+    static_assert(4 * M * N <= 64, "a lane's keep bits fit one 64-bit register");
+    unsigned long long bits;
+
+    __device__ __forceinline__ void draw(const Dropout& dropout, int row0, int col0, int lane) {
+        bits = 0ull;
+        const int t = lane % 4;
+        constexpr int kStep = N % 4 == 0 ? 4 : 1;  // n8 tiles per row step
+#pragma unroll 1
+        for (int step = 0; step < 2 * M * (N / kStep); ++step) {
+            const int rows = step / (N / kStep), nb = (step % (N / kStep)) * kStep;  // rows = 2 mt + h
+            const int row = row0 + (rows / 2) * 16 + lane / 4 + 8 * (rows % 2);
+            unsigned long long group = 0ull;  // two bits per n8 tile nb .. nb + kStep - 1
+            if constexpr (kStep == 4) {
+                // This lane's call: n8 tile nb + t. Round s: lane u sends its word (u + s) % 4 to
+                // lane (u + s) % 4, so lane t receives word t of tile nb + (t - s) % 4.
+                const uint4 mine = dropout.draws(row, col0 + 8 * (nb + t));
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const int w = (t + s) & 3;
+                    const unsigned send = w == 0 ? mine.x : w == 1 ? mine.y : w == 2 ? mine.z : mine.w;
+                    const unsigned word = s == 0 ? send : __shfl_sync(0xffffffffu, send, (lane & ~3) | ((t - s) & 3));
+                    const unsigned keep = ((word & 0xFFFFu) >= dropout.threshold) | (((word >> 16) >= dropout.threshold) << 1);
+                    group |= static_cast<unsigned long long>(keep) << (2 * ((t - s) & 3));
+                }
+            } else {
+                const int key = col0 + 8 * nb + 2 * t;
+                const uint4 words = dropout.draws(row, key);
+                group = (Dropout::draw_of(words, key) >= dropout.threshold) |
+                        ((Dropout::draw_of(words, key + 1) >= dropout.threshold) << 1);
+            }
+            bits |= group << ((rows * N + nb) * 2);
+        }
+    }
+
+    // c o Z * scale: kept elements scaled, the others 0.
+    __device__ __forceinline__ void apply(float (&c)[M][N][4], float scale) const {
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int bit = ((2 * mt + e / 2) * N + nt) * 2 + e % 2;
+                    c[mt][nt][e] = (bits >> bit) & 1ull ? c[mt][nt][e] * scale : 0.f;
+                }
+    }
+};
 
 // A RowScores (score_mod.cuh) to be asked for this lane's pairs of a fragment whose first element
 // is (row0, col0): its origin is the lane's first pair (PairOrigin: ALiBi's distance per element

@@ -37,8 +37,13 @@ def _plain_options(scale, causal, window, precision=None, softcap=None) -> bool:
                                     and type(window[0]) is int and type(window[1]) is int)))
 
 
+def _no_dropout(dropout_p, dropout_seed) -> bool:
+    """Whether a call plainly drops nothing (its plan may be kept; any other value is resolved)."""
+    return type(dropout_p) in (float, int) and not dropout_p and dropout_seed is None
+
+
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, return_lse=False, out=None, precision=None):
+              bias=None, mask=None, return_lse=False, out=None, precision=None, dropout_p=0.0, dropout_seed=None):
     """Exact attention ``softmax(q @ swapaxes(k, -1, -2) * scale, masked) @ v``.
 
     Parameters
@@ -117,13 +122,23 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         ``"ieee"`` FFMA only; ``"tf32"`` one TF32 product (~1e-3 relative) for speed: the GPU
         forward and backward on TF32 tensor cores. float16, bfloat16 and float64 take None or
         "highest" only.
+    dropout_p : float in [0, 1)
+        Attention dropout: each probability of ``softmax(S)`` is dropped with this rate and the
+        kept ones scaled by ``1 / (1 - rate)``, ``out = (P o Z / (1 - rate)) V``; lse is the
+        undropped one. The keep mask is a pure function of ``dropout_seed`` and each score's
+        (attention row, query, key) index (Philox4x32-10, ``cuflash._dropout``): the same on
+        both backends, for any tiling, so the CPU backend reproduces a GPU call's mask exactly.
+        The rate is realised to 2^-16 (the threshold of 16-bit draws), and the scale is that of
+        the rate realised, so the result is an unbiased estimate of the undropped one.
+    dropout_seed : int in [0, 2^64)
+        Required when ``dropout_p > 0``; pass the same seed (and rate) to the backward.
 
     Returns
     -------
     out, or ``(out, lse)`` when ``return_lse``.
     """
     key = None
-    if out is None and type(return_lse) is bool:
+    if out is None and type(return_lse) is bool and _no_dropout(dropout_p, dropout_seed):
         key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap),
                                   per_row=(alibi_slopes, sinks))
         if cached is not None:
@@ -132,7 +147,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse, precision=precision
+        sinks=sinks, bias=bias, mask=mask, out=out, return_lse=return_lse, precision=precision,
+        dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     return problem.result(*forward(problem, key))
 
@@ -196,7 +212,7 @@ def forward(problem, key=None, *, prefetch_backward: bool | None = None):
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
                        alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True, deterministic=False,
-                       precision=None):
+                       precision=None, dropout_p=0.0, dropout_seed=None):
     """Gradients ``(dq, dk, dv)`` of :func:`attention` given ``dout``, its ``out`` and ``lse``,
     followed by ``dbias`` when ``bias`` is given and ``bias_grad`` is true, then ``dsinks`` when
     ``sinks`` is given (each in its argument's shape and dtype).
@@ -207,10 +223,11 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     the score type (float32, float64 for float64) on the CPU, on the GPU in float64 in a fixed
     order, or by default, for a bias shared by several rows, by float atomic adds in the score
     type. ``deterministic=True`` makes the GPU result, dbias included, bitwise reproducible run
-    after run (the CPU backend always is). ``precision`` as :func:`attention`'s.
+    after run (the CPU backend always is). ``precision``, ``dropout_p`` and ``dropout_seed`` as
+    :func:`attention`'s (the forward's seed: the backward recomputes its keep mask).
     """
     key = None
-    if type(deterministic) is bool:
+    if type(deterministic) is bool and _no_dropout(dropout_p, dropout_seed):
         arrays = (dout, q, k, v, out, lse)
         key, cached = cached_plan("attention_backward", arrays, bias, mask,
                                   (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad,
@@ -220,7 +237,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,
-        deterministic=deterministic, precision=precision,
+        deterministic=deterministic, precision=precision, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     return backward(problem, key)
 
@@ -237,14 +254,16 @@ def backward(problem, key=None):
 
 
 def attention_vjp(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                  bias=None, mask=None, bias_grad=True, deterministic=False, precision=None):
+                  bias=None, mask=None, bias_grad=True, deterministic=False, precision=None, dropout_p=0.0,
+                  dropout_seed=None):
     """Forward now, backward later: ``(out, vjp)`` where ``vjp(dout)`` returns ``(dq, dk, dv)``
     (then ``dbias`` with ``bias`` and ``bias_grad``, and ``dsinks`` with ``sinks``).
 
     The forward's ``out`` and ``lse`` are kept for the backward, which never re-runs the
     forward. ``vjp`` may be called several times (with different ``dout``).
     """
-    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, dropout_p=dropout_p,
+                dropout_seed=dropout_seed)
     _spec.check_deterministic(deterministic)  # every option is checked before the forward runs
     _spec.check_bool("bias_grad", bias_grad)
     problem = _spec.resolve_forward(q, k, v, scale=scale, causal=causal, window=window, return_lse=True,

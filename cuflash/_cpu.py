@@ -57,6 +57,7 @@ import threading
 
 import numpy
 
+from . import _dropout
 from ._spec import BackwardProblem, Problem, empty_in_order, result_order, sink_gradient_per_row
 
 BLOCK_M = 128  # query rows per block
@@ -90,7 +91,7 @@ def _forward(p: Problem):
     q, k, v = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v))
     q, k, v, lead = _grouped(p, q, k, v)
     slopes, sinks = (_per_row(p, x, lead, compute) for x in (p.alibi_slopes, p.sinks))
-    mods = _ScoreMods(p, slopes)
+    mods = _ScoreMods(p, slopes, lead)
     out = numpy.empty(lead + (p.seqlen_q, p.head_dim_v), compute)
     lse = numpy.empty(lead + (p.seqlen_q,), compute)
 
@@ -202,8 +203,10 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, mods, sinks):
         # P~ = exp(S - m_new);  alpha = exp(m_i - m_new) rescales what was summed so far
         p_tile = numpy.exp(s - m_ref[..., None])
         alpha = numpy.exp(m_i - m_ref)
-        # l_i = alpha l_i + rowsum(P~);  acc = alpha acc + P~ V_j
+        # l_i = alpha l_i + rowsum(P~);  acc = alpha acc + P~ V_j (P~ dropped: the row sums are the
+        # undropped ones)
         l_i = alpha * l_i + p_tile.sum(axis=-1)
+        p_tile = mods.dropped(p_tile, rows, keys)
         v_tile = v[..., keys, :]
         pv = p_tile @ v_tile
         if visible is not None and not numpy.isfinite(pv).all():  # maybe 0 * NaN of a hidden key
@@ -250,7 +253,7 @@ def _backward(p: BackwardProblem):
     compute = _compute_dtype(p)
     q, k, v, o, dout, lse = (x.astype(compute, copy=False) for x in (p.q, p.k, p.v, p.o, p.dout, p.lse))
     q_g, k_g, v_g, lead = _grouped(p, q, k, v)
-    mods = _ScoreMods(p, _per_row(p, p.alibi_slopes, lead, compute))
+    mods = _ScoreMods(p, _per_row(p, p.alibi_slopes, lead, compute), lead)
     dbias = _BiasGrad(p, lead, compute) if p.returns_dbias else None
     o = o.reshape(lead + o.shape[-2:])
     dout = dout.reshape(lead + dout.shape[-2:])
@@ -269,13 +272,14 @@ def _backward(p: BackwardProblem):
     tiles = {rows.start: list(_key_tiles(p, rows, mods)) for rows in blocks}  # the forward's tile skipping
 
     def pair(rows, keys):
-        """(P, dS) of one (query block, key tile), dS before softcap's factor: P = exp(S - lse)
-        with S recomputed and modified as in the forward (hidden keys give 0); dP = dO_i V_j^T;
-        dS = P * (dP - delta_i). dbias takes this dS (the bias is added after softcap)."""
+        """(P as dV takes it, dS) of one (query block, key tile), dS before softcap's factor: P =
+        exp(S - lse) with S recomputed and modified as in the forward (hidden keys give 0); dP =
+        dO_i V_j^T; dS = P * (dP - delta_i). dbias takes this dS (the bias is added after softcap).
+        Under dropout dV takes the dropped P (P o Z / q) and dS = P * (Z o dP / q - delta_i)."""
         s, d_capped, visible = _scores(p, q_g[..., rows, :], k_g[..., keys, :], rows, keys, mods)
         p_tile = numpy.exp(s - lse_ref[..., rows, None])
-        dp = dout[..., rows, :] @ numpy.swapaxes(v_g[..., keys, :], -1, -2)
-        return p_tile, p_tile * (dp - delta[..., rows, None]), d_capped, visible
+        dp = mods.dropped(dout[..., rows, :] @ numpy.swapaxes(v_g[..., keys, :], -1, -2), rows, keys)
+        return mods.dropped(p_tile, rows, keys), p_tile * (dp - delta[..., rows, None]), d_capped, visible
 
     def capped(ds, d_capped):  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
         return ds if d_capped is None else ds * d_capped
@@ -367,12 +371,24 @@ def _per_row(p: Problem, values, lead, compute):
 
 class _ScoreMods:
     """What modifies a block's scores beyond q.k: ALiBi slopes (``_per_row``), and the caller's
-    bias and mask as views broadcastable to the GQA-grouped ``lead + (Lq, Lk)`` (``_score_operand``)."""
+    bias and mask as views broadcastable to the GQA-grouped ``lead + (Lq, Lk)`` (``_score_operand``);
+    and what drops its probabilities (``dropped``)."""
 
-    def __init__(self, p: Problem, slopes):
+    def __init__(self, p: Problem, slopes, lead):
         self.slopes = slopes
         self.bias = _score_operand(p.bias, p)
         self.mask = _score_operand(p.mask, p)
+        self.dropout_p, self.dropout_seed = p.dropout_p, p.dropout_seed
+        # The attention rows' flat indices (_dropout.py's r) in the GQA-grouped lead: query head h =
+        # hkv * group + g, so the grouped axes reshape from the flat order.
+        self.rows = numpy.arange(math.prod(p.lead_shape), dtype=numpy.uint64).reshape(lead)
+
+    def dropped(self, x, rows: slice, keys: slice):
+        """x o Z / q over a (lead, rows, keys) block under dropout (_dropout.py), else x itself."""
+        if self.dropout_seed is None:
+            return x
+        keep = _dropout.keep_block(self.dropout_seed, self.dropout_p, self.rows, rows, keys)
+        return numpy.where(keep, x * x.dtype.type(_dropout.keep_scale(self.dropout_p)), 0)
 
     def mask_block(self, rows: slice, keys: slice):
         """The caller's mask over (rows, keys), broadcastable to the block's scores; None: no mask."""

@@ -103,6 +103,9 @@ class Problem:
     packed: PackedBatch | None = None  # a packed batch (GPU backend): per-sequence lengths and mask
     # How float32 products may be computed (resolve_precision): "highest", "ieee" or "tf32".
     precision: str = "highest"
+    # Attention dropout (_dropout.py): the rate, and the seed of the keep mask (None: no dropout).
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
 
     @property
     def has_score_mods(self) -> bool:
@@ -164,12 +167,14 @@ class BackwardProblem(Problem):
 
 
 def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                    bias=None, mask=None, out=None, return_lse=False, precision=None) -> Problem:
+                    bias=None, mask=None, out=None, return_lse=False, precision=None, dropout_p=0.0,
+                    dropout_seed=None) -> Problem:
     """Validate ``attention``'s arguments; raise TypeError/ValueError naming the bad one."""
     (q, k, v), xp = _as_arrays(("q", q), ("k", k), ("v", v))
     check_bool("return_lse", return_lse)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision,
+                             dropout_p=dropout_p, dropout_seed=dropout_seed)
     if out is not None:
         _check_out(out, q, k, v, xp, fields)
     return Problem(**fields, out=out, return_lse=bool(return_lse))
@@ -177,13 +182,14 @@ def resolve_forward(q, k, v, *, scale=None, causal=False, window=None, softcap=N
 
 def resolve_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=None, softcap=None,
                      alibi_slopes=None, sinks=None, bias=None, mask=None, bias_grad=True,
-                     deterministic=False, precision=None) -> BackwardProblem:
+                     deterministic=False, precision=None, dropout_p=0.0, dropout_seed=None) -> BackwardProblem:
     """Validate ``attention_backward``'s arguments; ``out`` and ``lse`` are the forward's results."""
     (dout, q, k, v, out, lse), xp = _as_arrays(("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
     check_deterministic(deterministic)
     check_bool("bias_grad", bias_grad)
     fields = _resolve_shared(q, k, v, xp, scale=scale, causal=causal, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision)
+                             alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, precision=precision,
+                             dropout_p=dropout_p, dropout_seed=dropout_seed)
     for name, array in (("out", out), ("dout", dout)):
         if array.dtype != fields["dtype"]:
             raise TypeError(f"{name} must have q's dtype {fields['dtype']}, got {array.dtype}")
@@ -330,8 +336,9 @@ def _check_dtypes(q, k, v) -> numpy.dtype:
 
 
 def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_slopes=None, sinks=None, bias=None,
-                    mask=None, precision=None) -> dict:
+                    mask=None, precision=None, dropout_p=0.0, dropout_seed=None) -> dict:
     """The Problem fields that forward and backward share (everything but out/return_lse)."""
+    dropout_p, dropout_seed = resolve_dropout(dropout_p, dropout_seed)
     dtype = _check_dtypes(q, k, v)
     precision = resolve_precision(precision, dtype.name)
     for name, array in (("q", q), ("k", k), ("v", v)):
@@ -387,7 +394,38 @@ def _resolve_shared(q, k, v, xp, *, scale, causal, window, softcap=None, alibi_s
         bias=bias,
         mask=mask,
         precision=precision,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
+
+
+def resolve_dropout_seed(dropout_seed) -> int:
+    """A dropout seed as a Python int in [0, 2^64) (int, NumPy integer, 0-d integer array or tensor)."""
+    seed = _integer("dropout_seed", dropout_seed, "in [0, 2^64)")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"dropout_seed must be in [0, 2^64), got {seed}")
+    return seed
+
+
+def resolve_dropout(dropout_p, dropout_seed) -> tuple[float, int | None]:
+    """``(dropout_p, dropout_seed)`` checked: a rate in [0, 1) (a Python or NumPy real, or a 0-d
+    floating array or tensor) and, with a positive rate, an integer seed in [0, 2^64) (int, NumPy
+    integer, 0-d integer array or tensor); ``(0.0, None)`` when nothing is dropped (a seed given
+    with a zero rate is checked, then unused)."""
+    if isinstance(dropout_p, (bool, numpy.bool_)) or not (isinstance(dropout_p, numbers.Real) or (
+            getattr(dropout_p, "shape", None) == () and "float" in str(getattr(dropout_p, "dtype", "")))):
+        described = type(dropout_p).__name__ + (f" of dtype {dropout_p.dtype}" if hasattr(dropout_p, "dtype") else "")
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {described}")
+    rate = float(dropout_p)
+    if not 0.0 <= rate < 1.0:  # (NaN fails too)
+        raise ValueError(f"dropout_p must be in [0, 1), got {rate}")
+    seed = None if dropout_seed is None else resolve_dropout_seed(dropout_seed)
+    if rate == 0.0:
+        return 0.0, None
+    if seed is None:
+        raise TypeError("dropout_seed is required when dropout_p > 0: an int in [0, 2^64), the same for the "
+                        "forward and its backward")
+    return rate, seed
 
 
 PRECISIONS = ("highest", "ieee", "tf32")

@@ -47,8 +47,10 @@ attending to itself as in transformers' flash-attention integration (eagerly and
 ``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments).
 Continuous batching (``generate_batch``) runs through :func:`paged_attention_forward`. What
 cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
-warning per reason: a mask of another dtype, dropout > 0, tensors on a device other than
-CPU/CUDA. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
+warning per reason: a mask of another dtype, attention dropout over padding-free documents,
+tensors on a device other than CPU/CUDA. Attention dropout (a model in training mode) runs in
+cuflash with its keep mask seeded from torch's generator (``cuflash.torch.attention``); a padded
+batch that drops then runs as its mask rather than sequence by sequence. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
@@ -583,10 +585,8 @@ def _attention_of_sequences(query, key, value, segments, scaling, window, softca
     return torch.cat(rows, dim=0)
 
 
-def _unsupported(query, key, value, dropout, softcap, kwargs):
+def _unsupported(query, key, value, softcap, kwargs):
     """Why cuflash cannot run this call (a reason for the warning), or None."""
-    if dropout:
-        return f"attention dropout ({dropout}) is active"
     if any(t.device.type not in ("cpu", "cuda") for t in (query, key, value)):
         return f"the tensors are on {query.device.type}, not CPU or CUDA"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -631,19 +631,20 @@ def _traced_with_mask(module, query, key, value, attention_mask, scaling, dropou
     window = _window_of(sliding_window, key.shape[2]) if visible_keys else None
     scores = (dict(causal="top_left", window=window, mask=attention_mask[:, None, None, :]) if visible_keys
               else _mask_as_given(attention_mask, query))
-    reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+    reason = _unsupported(query, key, value, softcap, kwargs)
     if reason is None and scores is None:
         reason = _mask_reason(attention_mask)
     if reason is not None:
         if visible_keys:
             attention_mask = _causal_with_visible_keys(attention_mask, query.shape[2], window)
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    return _with_scores(query, key, value, scaling, softcap, kwargs, scores)
+    return _with_scores(query, key, value, scaling, softcap, kwargs, scores, dropout)
 
 
-def _with_scores(query, key, value, scaling, softcap, kwargs, scores):
+def _with_scores(query, key, value, scaling, softcap, kwargs, scores, dropout=0.0):
     """One cuflash call with the score options of a mask or of the causal rule (``scores``:
-    attention's keywords), counted; transformers' (B, Lq, Hq, Dv) contiguous output. A
+    attention's keywords) and the module's attention ``dropout`` (transformers passes 0 in
+    evaluation), counted; transformers' (B, Lq, Hq, Dv) contiguous output. A
     ``position_bias`` (T5's learned relative-position bias, ``(1, H, Lq, Lk)``: its gradient too,
     summed over the batch deterministically) is the call's bias, plus a floating mask's values
     where there is one, as SDPA's integration adds them; cut to the keys the call sees (a prefill
@@ -655,7 +656,7 @@ def _with_scores(query, key, value, scaling, softcap, kwargs, scores):
         scores = dict(scores, bias=_as_bias(position_bias if given is None else position_bias + given, query))
     _count()
     out = _cuflash_torch.attention(query, key, value, scale=scaling, softcap=softcap or None, sinks=kwargs.get("s_aux"),
-                                   **scores)
+                                   **({"dropout_p": float(dropout)} if dropout else {}), **scores)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -743,7 +744,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """
     documents = _collated_documents(query, kwargs)
     if documents is not None:
-        reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+        reason = _unsupported(query, key, value, softcap, kwargs)
+        if reason is None and dropout:
+            reason = f"attention dropout ({dropout}) over padding-free documents (the packed call has no dropout)"
         if reason is not None:
             return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         _count()
@@ -755,17 +758,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
         attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2],
                                                    _window_of(sliding_window, key.shape[2]))
-    segments = None  # (the sequences' packed call takes no position_bias; a (B, 1, 1, Lk) key mask has none)
-    if attention_mask is not None and kwargs.get("position_bias") is None and attention_mask.shape[-2] == query.shape[2]:
+    segments = None  # (the sequences' packed call takes no position_bias or dropout; a (B, 1, 1, Lk) key mask has none)
+    if (attention_mask is not None and kwargs.get("position_bias") is None and not dropout
+            and attention_mask.shape[-2] == query.shape[2]):
         segments = _segments(attention_mask, sliding_window)
     scores = None if attention_mask is None or segments is not None else _mask_form(attention_mask, query)
-    reason = _unsupported(query, key, value, dropout, softcap, kwargs)
+    reason = _unsupported(query, key, value, softcap, kwargs)
     if reason is None and attention_mask is not None and segments is None and scores is None:
         reason = _mask_reason(attention_mask)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if scores is not None:  # any other mask: its pattern's form, or the mask itself
-        return _with_scores(query, key, value, scaling, softcap, kwargs, scores)
+        return _with_scores(query, key, value, scaling, softcap, kwargs, scores, dropout)
     if segments is not None:  # padded and/or packed: every sequence on its own tokens
         window = (int(sliding_window) - 1, 0) if sliding_window is not None else None
         _count()
@@ -783,4 +787,4 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         value = value[:, :, :q_length, :]
     window = _window_of(sliding_window, key.shape[2]) if causal else None
     return _with_scores(query, key, value, scaling, softcap, kwargs,
-                        dict(causal="top_left" if causal else False, window=window))
+                        dict(causal="top_left" if causal else False, window=window), dropout)

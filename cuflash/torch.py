@@ -77,7 +77,8 @@ _CAUSAL_BY_NAME = {"none": False, "bottom_right": "bottom_right", "top_left": "t
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, deterministic=False, return_lse=False, precision=None):
+              bias=None, mask=None, deterministic=False, return_lse=False, precision=None, dropout_p=0.0,
+              dropout_seed=None):
     """:func:`cuflash.attention` on torch tensors, differentiable in q, k, v, ``sinks`` and ``bias``.
 
     Same shapes and semantics as :func:`cuflash.attention` (``(..., L, D)``, broadcasting,
@@ -91,6 +92,11 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     Returns ``out`` (q's dtype and device), or ``(out, lse)`` with ``return_lse=True``; lse
     (float32, float64 for float64 inputs) carries no gradient. ``precision`` as
     :func:`cuflash.attention`'s (forward and backward).
+
+    ``dropout_p``: attention dropout as :func:`cuflash.attention`'s (applied whenever it is
+    positive, as torch's SDPA does: pass 0 in evaluation). The keep mask's seed is drawn from
+    torch's default generator on every call (``torch.manual_seed`` makes runs repeat) unless
+    ``dropout_seed`` (an int, or a 0-d integer tensor) is given; the backward reuses it.
     """
     # Traced by torch.compile: no memo read or written (a traced read of one makes the graph guard
     # on the memo's contents, and any later call that adds an entry would recompile it).
@@ -105,12 +111,52 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     precision = _precision(precision, q.dtype, remember=not compiling)
     options = (scale, causal_name, window_left, window_right, deterministic, softcap, alibi_slopes, precision)
     if compiling or q.device.type == "meta":
-        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, sinks, bias, mask)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
-        out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, options)
+        # the seed as a traced tensor: a Python int would be a constant of the graph (one mask forever)
+        rate, seed = _dropout_arguments(dropout_p, dropout_seed, as_tensor=True)
+        out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, rate, seed, sinks, bias, mask)
+        return (out, lse) if return_lse else out
+    dropout = None
+    if not (type(dropout_p) in (float, int) and not dropout_p and dropout_seed is None):
+        dropout = _dropout_arguments(dropout_p, dropout_seed)
+        dropout = dropout if dropout[0] else None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
+        out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, options, dropout)
     else:
-        out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask)
+        out, lse = _forward(q, k, v, sinks, *options, bias=bias, mask=mask, dropout=dropout)
     return (out, lse) if return_lse else out
+
+
+def _dropout_arguments(dropout_p, dropout_seed, as_tensor=False):
+    """``(rate, seed)``: the rate checked as cuflash.attention checks it, and the seed given or, for
+    a positive rate without one, drawn from torch's default generator (``torch.manual_seed`` makes
+    it repeat); (0.0, None) for no dropout. The seed: a Python int in [0, 2^64), or with
+    ``as_tensor`` a 0-d int64 CPU tensor holding its bits (the ops' argument, traced, never read
+    while tracing)."""
+    if isinstance(dropout_seed, torch.Tensor):
+        if dropout_seed.dim() != 0 or dropout_seed.dtype.is_floating_point or dropout_seed.dtype.is_complex or (
+                dropout_seed.dtype == torch.bool):
+            raise TypeError(f"dropout_seed must be an int or a 0-d integer tensor, got a tensor of shape "
+                            f"{tuple(dropout_seed.shape)} and dtype {dropout_seed.dtype}")
+        seed = dropout_seed
+    else:
+        seed = None if dropout_seed is None else _spec.resolve_dropout_seed(dropout_seed)
+    rate, _ = _spec.resolve_dropout(dropout_p, 0)  # the rate's checks and messages
+    if rate == 0.0:
+        return 0.0, None
+    if seed is None:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if as_tensor:
+        return rate, seed if isinstance(seed, torch.Tensor) else torch.tensor(
+            seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.int64)
+    return rate, int(seed.item()) & ((1 << 64) - 1) if isinstance(seed, torch.Tensor) else seed
+
+
+def _op_dropout(dropout_p, dropout_seed):
+    """The ops' ``dropout_p`` and ``dropout_seed`` (a 0-d integer tensor: its int64 bits are the
+    seed) as ``(rate, seed)`` for cuflash, or None without dropout."""
+    if not dropout_p:
+        return None
+    return dropout_p, int(dropout_seed.item()) & ((1 << 64) - 1)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -122,8 +168,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (query head h reads key/value head ``h // (Hq // Hkv)``), exactly as torch. ``attn_mask``
     as torch: boolean (True = takes part) or float (added to the scaled scores, differentiable),
     broadcastable to ``(..., L, S)``, not together with ``is_causal`` (torch's error); CPU and
-    CUDA tensors. A query row that sees no key gives 0 (torch gives NaN). Dropout is not supported
-    (NotImplementedError).
+    CUDA tensors. A query row that sees no key gives 0 (torch gives NaN). ``dropout_p`` drops
+    attention probabilities as torch does (whenever it is positive), with cuflash's keep mask
+    (:func:`attention`'s: seeded from torch's generator), not torch's.
     """
     # torch's own argument checks, word for word: tensors, and bools that are Python bools.
     for name, tensor in (("query", query), ("key", key), ("value", value)):
@@ -140,8 +187,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if is_causal:  # torch's documented rule (its error, word for word)
             raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
                                "is_causal=True")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     if not (query.dtype == key.dtype == value.dtype):  # torch's own check, word for word
         raise RuntimeError(
             "Expected query, key, and value to have the same dtype, but got query.dtype: "
@@ -151,7 +196,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     masks = {}
     if attn_mask is not None:
         masks = {"mask": attn_mask} if attn_mask.dtype == torch.bool else {"bias": attn_mask}
-    return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False, **masks)
+    return attention(query, key, value, scale=scale, causal="top_left" if is_causal else False, dropout_p=dropout_p,
+                     **masks)
 
 
 #: Calls of ``torch.nn.functional.scaled_dot_product_attention`` inside :func:`sdpa_override`:
@@ -164,8 +210,6 @@ _SDPA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _sdpa_unsupported(query, key, value, attn_mask, dropout_p):
     """Why :func:`sdpa_override` hands this call to torch's own SDPA, or None."""
-    if dropout_p != 0.0:
-        return f"dropout_p={dropout_p}"
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     if len(tensors) < 3 or not isinstance(query, torch.Tensor):
         return None  # (torch's own argument errors, raised by the drop-in as torch raises them)
@@ -204,7 +248,7 @@ def sdpa_override():
             loss = model(x).loss      # every F.scaled_dot_product_attention call runs cuflash
             loss.backward()
 
-    A call cuflash cannot run (``dropout_p > 0``, nested tensors, another device or dtype) goes to
+    A call cuflash cannot run (nested tensors, another device or dtype) goes to
     the function it replaced, counted by reason in :data:`SDPA_COUNTS` with cuflash's calls.
     Eager and inside ``torch.compile``: what is traced while the block is open calls cuflash's op
     (dynamo guards on the function, so a compiled function called outside the block retraces with
@@ -235,11 +279,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (MQA/GQA); ``causal`` is bottom-right aligned; ``window_size=(left, right)``, -1 unbounded.
     Returns ``out (B, Lq, H, Dv)``, or ``(out, softmax_lse, None)`` with ``return_attn_probs``
     (lse ``(B, H, Lq)`` float32, as flash-attn; it carries no gradient). ``softcap`` (0: none) and
-    ``alibi_slopes`` (``(H,)`` or ``(B, H)``) as flash-attn; dropout is not supported
-    (NotImplementedError).
+    ``alibi_slopes`` (``(H,)`` or ``(B, H)``) as flash-attn; ``dropout_p`` as flash-attn (its
+    callers pass 0 in evaluation), with cuflash's keep mask seeded from torch's generator
+    (:func:`attention`), so the third value of ``return_attn_probs`` is None as ever.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, tensor)
         if tensor.dim() != 4:
@@ -249,7 +292,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out, lse = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
         causal=bool(causal), window=window, deterministic=bool(deterministic),
-        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, dropout_p=dropout_p,
     )
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
@@ -262,9 +305,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     k and v: packed q ``(total_q, H, D)``, k and v ``(total_k, Hk, D)``, int32 ``cu_seqlens_*``
     ``(B + 1,)``; causal (bottom-right, per sequence) sets the window's right side to 0 as in
     flash-attn. Returns out ``(total_q, H, Dv)``, or ``(out, softmax_lse (H, total_q), None)``.
-    cuflash.attention_varlen underneath (on CUDA tensors one launch per kernel for the whole batch)."""
+    cuflash.attention_varlen underneath (on CUDA tensors one launch per kernel for the whole batch).
+    Dropout is not supported on packed batches yet (NotImplementedError; flash_attn_func drops)."""
     if dropout_p != 0.0:
-        raise NotImplementedError(f"cuflash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
+        raise NotImplementedError(f"cuflash does not support dropout on packed (varlen) batches yet "
+                                  f"(dropout_p={dropout_p}): pass dropout_p=0.0, or a padded batch to flash_attn_func")
     for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, tensor)
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
@@ -1268,20 +1313,22 @@ def _cuflash_or_none(tensor):
 
 
 def _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap=None, alibi=None,
-             precision="highest", needs_grad=False, bias=None, mask=None):
+             precision="highest", needs_grad=False, bias=None, mask=None, dropout=None):
     """(out, lse) as torch tensors: a cached plan on CUDA tensors, else cuflash's full path."""
     return _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
-                            deterministic if needs_grad else None, bias, mask)[:2]
+                            deterministic if needs_grad else None, bias, mask, dropout=dropout)[:2]
 
 
 def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
-                     prefetch_backward, bias, mask, keep=None):
+                     prefetch_backward, bias, mask, keep=None, dropout=None):
     """(out, lse, the cached plan that ran, or None where the full path did); ``prefetch_backward``
     as _api.forward's; ``keep``: ForwardPlan.run's (the bias's and mask's preparation for the
-    backward, where a cached plan ran)."""
+    backward, where a cached plan ran); ``dropout``: ``(rate, seed)`` or None (a call with dropout
+    takes the full path: the seed is the call's own)."""
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap)
-    key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
+    key, plan, memory = (None, None, None) if dropout else _cached_attention_plan(
+        "attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
     if plan is not None:
         with _on_device(q.device):
             return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, keep=keep) + (plan,)
@@ -1290,6 +1337,7 @@ def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, s
             *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
             alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias),
             mask=_cuflash_or_none(mask), return_lse=True, precision=precision,
+            **({} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1])),
         )
         out, lse = _api.forward(problem, key, prefetch_backward=prefetch_backward)
         return _to_torch(out), _to_torch(lse), None
@@ -1297,12 +1345,23 @@ def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, s
 
 def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic, softcap=None,
               alibi=None, precision="highest", bias=None, mask=None, bias_grad=False, forward_plan=None,
-              prepared=None):
+              prepared=None, dropout=None):
     """(dq, dk, dv) as torch tensors in q's, k's and v's shapes, then dbias (with bias and
     bias_grad) and dsinks (with sinks); cached plans as ``_forward``. ``forward_plan``: the cached
     plan that computed out and lse (or None), which remembers the backward plans that followed it;
-    ``prepared``: its preparation of bias and mask (BackwardPlan.run's), or None."""
+    ``prepared``: its preparation of bias and mask (BackwardPlan.run's), or None; ``dropout`` the
+    forward's ``(rate, seed)`` (the full path, as the forward's)."""
     tensors = (dout, q, k, v, out, lse)
+    if dropout:
+        with _running_on(q):
+            problem = _spec.resolve_backward(
+                *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
+                window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
+                sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask),
+                bias_grad=bias_grad, deterministic=deterministic, precision=precision, dropout_p=dropout[0],
+                dropout_seed=dropout[1],
+            )
+            return tuple(_to_torch(g) for g in _api.backward(problem))
     if forward_plan is not None:
         # Everything else the backward's plan key holds (q, k, v, bias, mask, slopes and sinks,
         # the options but these, out's and lse's layouts) the forward plan fixed: what follows
@@ -1384,17 +1443,19 @@ class _AttentionFunction(torch.autograd.Function):
     """The eager path: forward and backward as plain calls (see the module's docstring).
     Inputs: q, k, v, sinks, bias, mask (each may be None), then the options as one tuple (scale,
     causal, window_left, window_right, deterministic, softcap, alibi_slopes, precision: one
-    argument, not eight, for the engine to look at): differentiable in q, k, v, sinks and bias."""
+    argument, not eight, for the engine to look at), then dropout's (rate, seed) or None:
+    differentiable in q, k, v, sinks and bias."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, bias, mask, options):
+    def forward(ctx, q, k, v, sinks, bias, mask, options, dropout=None):
         scale, causal, window_left, window_right, deterministic, softcap, alibi, precision = options
         needs_grad = any(ctx.needs_input_grad[:5])
         # The bias's and mask's copies and cut, made once for the forward and its backward.
         keep = [] if needs_grad and (bias is not None or mask is not None) else None
         out, lse, ctx.plan = _planned_forward(
             q, k, v, sinks, scale, causal, window_left, window_right, softcap, alibi, precision,
-            deterministic if needs_grad else None, bias, mask, keep)
+            deterministic if needs_grad else None, bias, mask, keep, dropout)
+        ctx.dropout = dropout
         ctx.prepared = keep[0] if keep else None
         ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
         ctx.options = options
@@ -1406,15 +1467,16 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         if dout is None:  # out took no part in what is differentiated
-            return (None,) * 7
+            return (None,) * 8
         q, k, v, out, lse, sinks, bias, mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         grads = list(_backward(_dense(dout, out), q, k, v, out, lse, sinks, *ctx.options, bias=bias, mask=mask,
-                               bias_grad=bias_grad, forward_plan=ctx.plan, prepared=ctx.prepared))
+                               bias_grad=bias_grad, forward_plan=ctx.plan, prepared=ctx.prepared,
+                               dropout=ctx.dropout))
         ctx.prepared = None  # (a second backward, retain_graph, lays them out again)
         dbias = grads.pop(3) if bias_grad else None
         dsinks = grads[3] if sinks is not None else None
-        return tuple(grads[:3]) + (dsinks, dbias, None, None)
+        return tuple(grads[:3]) + (dsinks, dbias, None, None, None)
 
 
 def _dense(tensor, like=None):
@@ -1479,11 +1541,12 @@ def _as_promised(result, x):
 @torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], causal: str,
                    window_left: int, window_right: int, deterministic: bool, softcap: Optional[float],
-                   alibi_slopes: Optional[torch.Tensor], precision: str, sinks: Optional[torch.Tensor],
+                   alibi_slopes: Optional[torch.Tensor], precision: str, dropout_p: float,
+                   dropout_seed: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     # ``deterministic`` is for the backward; the forward carries it so autograd can read it.
     out, lse = _forward(q, k, v, sinks, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
-                        precision, bias=bias, mask=mask)
+                        precision, bias=bias, mask=mask, dropout=_op_dropout(dropout_p, dropout_seed))
     # The fake below promises out in q's memory order (a transposed q's, as transformers passes
     # it: no copy then) and a contiguous lse; make sure the real ones are laid out so.
     return _as_promised(out, q), lse.contiguous()
@@ -1491,7 +1554,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
 
 @_attention_fwd.register_fake
 def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes,
-                          precision, sinks, bias, mask):
+                          precision, dropout_p, dropout_seed, sinks, bias, mask):
     lead_shape, _, _ = _spec._broadcast_leading(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = _empty_result(q, tuple(lead_shape) + (q.shape[-2], v.shape[-1]), q.dtype)
     lse = q.new_empty(lead_shape + (q.shape[-2],), dtype=_lse_dtype(q.dtype))
@@ -1502,11 +1565,12 @@ def _attention_fwd_shapes(q, k, v, scale, causal, window_left, window_right, det
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, scale: Optional[float], causal: str, window_left: int, window_right: int,
                    deterministic: bool, softcap: Optional[float], alibi_slopes: Optional[torch.Tensor],
-                   precision: str, sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor]
+                   precision: str, dropout_p: float, dropout_seed: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor], bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = list(_backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window_right, deterministic,
-                           softcap, alibi_slopes, precision, bias=bias, mask=mask, bias_grad=bias is not None))
+                           softcap, alibi_slopes, precision, bias=bias, mask=mask, bias_grad=bias is not None,
+                           dropout=_op_dropout(dropout_p, dropout_seed)))
     # A custom op returns a fixed number of tensors: dsinks and dbias are empty without sinks / bias.
     dbias = grads.pop(3) if bias is not None else q.new_empty(0)
     dsinks = grads[3] if sinks is not None else q.new_empty(0)
@@ -1515,7 +1579,7 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @_attention_bwd.register_fake
 def _attention_bwd_shapes(dout, q, k, v, out, lse, scale, causal, window_left, window_right, deterministic, softcap,
-                          alibi_slopes, precision, sinks, bias, mask):
+                          alibi_slopes, precision, dropout_p, dropout_seed, sinks, bias, mask):
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
     dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty(0)
     return tuple(_empty_result(x, x.shape, x.dtype) for x in (q, k, v)) + (dsinks, dbias)
@@ -1525,7 +1589,8 @@ def _save_for_backward(ctx, inputs, output):
     q, k, v, *options, sinks, bias, mask = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, sinks, bias, mask)
-    ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes, precision
+    ctx.options = options  # scale, causal, window_left, window_right, deterministic, softcap, alibi_slopes, precision,
+    # dropout_p, dropout_seed
     ctx.mark_non_differentiable(lse)
 
 

@@ -227,7 +227,7 @@ def attention_backward_ref_dtype(dout, q, k, v, dtype, *, scale=None, causal=Fal
 
 
 def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None,
-                   sinks=None, bias=None, mask=None, dtype=numpy.float64, magnitudes=False):
+                   sinks=None, bias=None, mask=None, dropout=None, dtype=numpy.float64, magnitudes=False):
     """Dense attention with score modifiers, bias and mask, and its gradients when ``dout`` is given.
 
     s = q k^T * scale; s = softcap * tanh(s / softcap); s += bias (broadcast to (..., Hq, Lq, Lk));
@@ -242,6 +242,9 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     times 1 + the largest visible |score| term, as attention_magnitudes; gradients: the backward's
     formulas on absolute values, as attention_backward_magnitudes), for the tolerance's
     ``magnitude``: dbias of a bias broadcast over keys sums a row's dS, which is 0 exactly.
+    ``dropout``: ``(dropout_p, seed)``: P's entries dropped by cuflash._dropout's keep mask Z (the
+    definition, checked against Philox's published answers in test_dropout.py) and the kept ones
+    scaled by 1 / q: out = (P o Z / q) v, dv = (P o Z / q)^T dO, dS = P o (Z o dP / q - delta).
     """
     shapes = [x.shape for x in (q, k, v)]
     (q, k, v), rounded = _inputs((q, k, v), dtype)
@@ -278,7 +281,15 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     p_all = numpy.where(sees, e / numpy.where(sees, total, 1), 0)
     lse = numpy.where(sees, top + numpy.log(numpy.where(sees, total, 1)), -numpy.inf)[..., 0]
     p = rounded(p_all[..., :lk])
-    out = result = rounded(numpy.matmul(p, v_full))
+    keep = None
+    if dropout is not None:
+        from cuflash import _dropout
+
+        rows = numpy.arange(int(numpy.prod(lead)), dtype=numpy.uint64).reshape(lead)[..., None, None]
+        keep = _dropout.keep_mask(dropout[1], dropout[0], rows, numpy.arange(lq)[:, None], numpy.arange(lk)[None, :])
+        keep_scale = work(_dropout.keep_scale(dropout[0]))
+    p_used = p if keep is None else rounded(numpy.where(keep, p * keep_scale, 0))  # what multiplies v
+    out = result = rounded(numpy.matmul(p_used, v_full))
     if magnitudes:  # from here on, the same formulas on absolute values (see the docstring)
         score_size = numpy.where(seen, numpy.matmul(numpy.abs(q), numpy.swapaxes(numpy.abs(k_full), -1, -2))
                                  * abs(scale), 0)
@@ -286,7 +297,7 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
             size = numpy.abs(to_numpy(bias).astype(numpy.float64))
             score_size = score_size + numpy.where(seen & numpy.isfinite(size), size, 0)
         q, k_full, v_full, scale = numpy.abs(q), numpy.abs(k_full), numpy.abs(v_full), abs(scale)
-        out = numpy.matmul(p, v_full)
+        out = numpy.matmul(p_used, v_full)
         result = out * (1 + score_size.max(axis=-1, keepdims=True, initial=0))
     if dout is None:
         return result.astype(numpy.float64), lse.astype(numpy.float64)
@@ -294,8 +305,10 @@ def score_mods_ref(q, k, v, dout=None, *, scale=None, causal=False, window=None,
     if magnitudes:
         dout = numpy.abs(dout)
     delta = (dout * out).sum(axis=-1, keepdims=True)
-    dv = rounded(numpy.matmul(numpy.swapaxes(p, -1, -2), dout))
+    dv = rounded(numpy.matmul(numpy.swapaxes(p_used, -1, -2), dout))
     dp = rounded(numpy.matmul(dout, numpy.swapaxes(v_full, -1, -2)))
+    if keep is not None:
+        dp = numpy.where(keep, dp * keep_scale, 0)
     ds = p * (dp + (p * dp).sum(axis=-1, keepdims=True) if magnitudes else dp - delta)
     ds_bias = rounded(ds)
     if softcap is not None:

@@ -747,11 +747,12 @@ def test_key_padding_split_applies_to_the_mask_alone():
     from cuflash._gpu import plan
 
     call = dict(mask=numpy.ones((3, 1, 1, 10), bool), packed=None, lead_shape=(3, 2), bias=None, softcap=None,
-                alibi_slopes=None)
+                alibi_slopes=None, dropout_seed=None)
     assert plan._splits_key_padding(SimpleNamespace(**call))
     assert plan._splits_key_padding(SimpleNamespace(**{**call, "mask": numpy.ones(10, bool)}))
     assert not plan._splits_key_padding(SimpleNamespace(**{**call, "bias": numpy.zeros(10)}))
     assert not plan._splits_key_padding(SimpleNamespace(**{**call, "softcap": 5.0}))
+    assert not plan._splits_key_padding(SimpleNamespace(**{**call, "dropout_seed": 7}))  # (only kScoreMods drops)
     for per_row in (numpy.ones((3, 1, 4, 10), bool), numpy.ones((3, 2, 1, 10), bool)):
         assert not plan._pads_keys(SimpleNamespace(**{**call, "mask": per_row}))
 

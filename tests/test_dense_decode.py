@@ -38,7 +38,8 @@ def _problem(cupy, lq=1, lk=4096, heads=(16, 2), d=128, dtype="float16", **chang
     heads_q, heads_k = heads
     fields = dict(q=_fake(cupy, (2, heads_q, lq, d), dtype), k=_fake(cupy, (2, heads_k, lk, d), dtype),
                   v=_fake(cupy, (2, heads_k, lk, d), dtype), packed=None, bias=None, mask=None, out=None,
-                  alibi_slopes=None, sinks=None, kv_group=heads_q // heads_k, seqlen_q=lq, seqlen_k=lk)
+                  alibi_slopes=None, sinks=None, kv_group=heads_q // heads_k, seqlen_q=lq, seqlen_k=lk,
+                  dropout_seed=None)
     fields.update(changes)
     return types.SimpleNamespace(**fields)
 
@@ -63,6 +64,7 @@ def test_which_dense_calls_the_decode_kernel_takes():
         (dict(out=object()), "out="),
         (dict(packed=object()), "a packed batch"),
         (dict(lk=0), "no key"),
+        (dict(dropout_seed=7), "dropout"),
     ]:
         reason = decode.dense_reason(_problem(cupy, **changes))
         assert reason is not None and says in reason, (changes, reason)

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -735,15 +736,57 @@ def test_an_sdpa_model_under_sdpa_override_runs_cuflash():
     assert_gradients_match(inside[2], outside[2])
 
 
-def test_training_dropout_falls_back_with_a_warning():
-    reference, ours = model_pair(llama_config(attention_dropout=0.5), torch.float64)
+def _dropping_sdpa(seeds):
+    """torch's SDPA as transformers' SDPA integration calls it, but dropping exactly the keep mask
+    cuflash drew for the same call (``seeds``: cuflash's seeds in call order; cuflash._dropout's
+    mask over (batch x head, query, key)), so that a reference model drops what cuflash dropped."""
+    from cuflash import _dropout
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = iter(seeds)
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not dropout_p:
+            return real(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scores = query @ key.transpose(-1, -2) * (scale if scale is not None else query.shape[-1] ** -0.5)
+        if is_causal:
+            attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        rows = numpy.arange(query.shape[0] * query.shape[1], dtype=numpy.uint64).reshape(query.shape[:2])
+        keep = _dropout.keep_mask(next(calls), dropout_p, rows[..., None, None], numpy.arange(query.shape[2])[:, None],
+                                  numpy.arange(key.shape[2])[None, :])
+        return (scores.softmax(-1) * torch.from_numpy(keep) * _dropout.keep_scale(dropout_p)) @ value
+
+    return sdpa
+
+
+def test_training_with_attention_dropout_runs_in_cuflash(monkeypatch):
+    """A model in training mode with attention dropout runs in cuflash (no fallback), a fresh seed
+    from torch's generator per call: its loss and gradients are those of the SDPA model dropping
+    exactly cuflash's masks; in eval mode nothing is dropped."""
+    reference, ours = model_pair(llama_config(attention_dropout=0.3), torch.float64)
+    ids = random_ids(2, 9)
+    seeds, draw = [], torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: (lambda value: seeds.append(int(value)) or value)(
+        draw(*args, **kwargs)))  # (cuflash's seed draws: the only randint calls of a forward)
     ours.train()
-    with pytest.warns(UserWarning, match="dropout"):
-        ours(random_ids(1, 8))
-    assert hf.COUNTS["cuflash"] == 0 and hf.COUNTS["fallback_reasons"]
-    ours.eval()  # dropout is 0 outside training: cuflash again
-    ours(random_ids(1, 8))
-    assert hf.COUNTS["cuflash"] == LAYERS
+    mine = ours(ids, labels=ids).loss
+    mine.backward()
+    assert hf.COUNTS["cuflash"] == LAYERS and not hf.COUNTS["fallback_reasons"]
+    assert len(set(seeds)) == LAYERS
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _dropping_sdpa(list(seeds)))
+    reference.train()
+    theirs = reference(ids, labels=ids).loss
+    theirs.backward()
+    torch.testing.assert_close(mine, theirs, **TOLERANCE[torch.float64])
+    assert_gradients_match({name: x.grad for name, x in ours.named_parameters()},
+                           {name: x.grad for name, x in reference.named_parameters()})
+    ours.eval()
+    reference.eval()
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("is_causal", [None, True, False])

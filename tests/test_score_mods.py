@@ -12,20 +12,7 @@ import pytest
 
 import cuflash
 from reference import score_mods_ref, sink_gradient_ref
-
-TOLERANCE = {"float32": 2e-5, "float64": 1e-12}  # relative to the largest reference entry
-
-
-def _close(actual, expected, dtype, name):
-    actual, expected = numpy.asarray(actual, numpy.float64), numpy.asarray(expected, numpy.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
-    infinite = numpy.isinf(expected)
-    assert (numpy.isinf(actual) == infinite).all() and (actual[infinite] == expected[infinite]).all(), name
-    finite = ~infinite
-    size = max(numpy.abs(expected[finite]).max(initial=0), 1.0)
-    error = numpy.abs(actual[finite] - expected[finite]).max(initial=0)
-    assert error <= TOLERANCE[numpy.dtype(dtype).name] * size, f"{name}: error {error:.3g} at size {size:.3g}"
-
+from tolerance import assert_close_relative
 
 def _draw(rng, dtype, *shapes, magnitude=1.0):
     return [(rng.standard_normal(s) * magnitude).astype(dtype) for s in shapes]
@@ -71,13 +58,13 @@ def test_forward_and_backward_match_the_reference(rng, dtype, case):
 
     ref_out, ref_lse, ref_grads = score_mods_ref(q, k, v, dout, **kwargs)
     assert out.dtype == dtype and out.shape == ref_out.shape
-    _close(out, ref_out, dtype, "out")
-    _close(lse, ref_lse, dtype, "lse")
+    assert_close_relative(out, ref_out, dtype, "out")
+    assert_close_relative(lse, ref_lse, dtype, "lse")
     assert len(grads) == (4 if "sinks" in kwargs else 3)
     for name, grad, reference, x in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads,
                                         (q, k, v, kwargs.get("sinks"))):
         assert grad.shape == x.shape and grad.dtype == x.dtype, name
-        _close(grad, reference, dtype, name)
+        assert_close_relative(grad, reference, dtype, name)
 
 
 def test_a_row_that_sees_no_key_gives_zero_and_the_sink(rng):
@@ -282,7 +269,7 @@ def test_gpu_modifiers_agree_with_the_cpu_backend(rng):
     gpu = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), return_lse=True, **gpu_kwargs)
     gpu_grads = cuflash.attention_backward(*(cupy.asarray(x) for x in (dout, q, k, v)), *gpu, **gpu_kwargs)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), (*cpu, *cpu_grads), (*gpu, *gpu_grads)):
-        _close(cupy.asnumpy(b), a, "float64", name)
+        assert_close_relative(cupy.asnumpy(b), a, "float64", name)
 
 
 def test_gradients_match_finite_differences(rng):

@@ -137,20 +137,20 @@ def test_sdpa_override_routes_torchs_sdpa_through_cuflash(case, randt, sdpa_coun
 
 
 def test_sdpa_override_hands_what_cuflash_cannot_run_to_torch(randt, sdpa_counts):
-    """A call cuflash cannot run (dropout) goes to the function the override replaced, counted by
-    reason; blocks nest, the last to close restores it; an error in the block restores it too."""
+    """A call cuflash cannot run (nested tensors) goes to the function the override replaced, counted
+    by reason; blocks nest, the last to close restores it; an error in the block restores it too."""
     original = F.scaled_dot_product_attention
     q = randt(1, 2, 5, 4)
+    nested = torch.nested.nested_tensor([randt(5, 2, 8), randt(3, 2, 8)], layout=torch.jagged).transpose(1, 2)
     with ct.sdpa_override():
         with ct.sdpa_override():
-            torch.manual_seed(0)
-            dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+            theirs = F.scaled_dot_product_attention(nested, nested, nested)
         assert F.scaled_dot_product_attention is not original  # (the outer block is still open)
-        F.scaled_dot_product_attention(q, q, q)
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # (dropout runs in cuflash)
     assert F.scaled_dot_product_attention is original
-    torch.manual_seed(0)
-    torch.testing.assert_close(dropped, original(q, q, q, dropout_p=0.5), rtol=0, atol=0)
-    assert sdpa_counts == {"cuflash": 1, "torch": 1, "torch_reasons": {"dropout_p=0.5": 1}}
+    for mine, reference in zip(theirs.unbind(), original(nested, nested, nested).unbind()):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+    assert sdpa_counts == {"cuflash": 1, "torch": 1, "torch_reasons": {"a nested tensor": 1}}
     with pytest.raises(ZeroDivisionError), ct.sdpa_override():
         1 / 0
     assert F.scaled_dot_product_attention is original
@@ -236,10 +236,47 @@ def test_sdpa_refuses_argument_types_as_torch_does(randt, kwargs):
     assert str(ours.value) == re.sub(r" \(position \d\)", "", str(torchs.value))
 
 
-def test_sdpa_says_what_it_does_not_support(randt):
-    q = randt(1, 2, 4, 4)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ct.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+def test_sdpa_and_flash_attn_drop_as_cuflash_does(randt):
+    """dropout_p reaches cuflash's dropout: its mask seeded from torch's generator (the same seed,
+    the same result; the next draw, another mask), equal to cuflash.torch.attention's under the
+    same generator state, and differentiable."""
+    q, k, v = (randt(2, 4, 9, 8).requires_grad_() for _ in range(3))
+    torch.manual_seed(3)
+    sdpa = ct.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.manual_seed(3)
+    again = ct.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+    other = ct.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.manual_seed(3)
+    direct = ct.attention(q, k, v, causal="top_left", dropout_p=0.3)
+    assert torch.equal(sdpa, again) and torch.equal(sdpa, direct) and not torch.equal(sdpa, other)
+    assert not torch.equal(sdpa, ct.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.manual_seed(3)
+    flash = ct.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.3)
+    torch.manual_seed(3)
+    assert torch.equal(flash.transpose(1, 2), ct.attention(q, k, v, dropout_p=0.3))
+    (sdpa * randt(*sdpa.shape)).sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_dropout_matches_the_numpy_backend_with_gradients(rng):
+    """cuflash.torch.attention with an explicit seed (an int, a 0-d tensor) is cuflash.attention's
+    result on the same arrays, and its autograd gradients cuflash.attention_backward's."""
+    q, k, v, dout = (rng.standard_normal(s) for s in ((2, 4, 17, 8), (2, 2, 23, 8), (2, 2, 23, 8), (2, 4, 17, 8)))
+    kwargs = dict(causal=True, softcap=3.0, dropout_p=0.35)
+    seed = int(rng.integers(0, 2**63)) * 2 + 1
+    out, lse = cuflash.attention(q, k, v, return_lse=True, dropout_seed=seed, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, dropout_seed=seed, **kwargs)
+    for given in (seed, torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)):
+        tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+        mine = ct.attention(tq, tk, tv, dropout_seed=given, **kwargs)  # (a tensor holds the seed's int64 bits)
+        numpy.testing.assert_array_equal(mine.detach().numpy(), out)
+        mine.backward(torch.tensor(dout))
+        for got, want in zip((tq.grad, tk.grad, tv.grad), grads):
+            numpy.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        ct.attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), dropout_p=0.1, dropout_seed=torch.zeros(2))
+    with pytest.raises(ValueError, match="dropout_p"):
+        ct.attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), dropout_p=1.5)
 
 
 def test_sdpa_attn_mask_has_torchs_semantics(rng):
@@ -372,8 +409,6 @@ def test_flash_attn_func_reads_strided_views_of_packed_qkv(randt):
 
 def test_flash_attn_func_says_what_it_does_not_support(randt):
     q = randt(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ct.flash_attn_func(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="4-dimensional"):
         ct.flash_attn_func(q[0], q[0], q[0])
 
@@ -467,27 +502,34 @@ def test_numpy_bools_are_bools_in_the_adapter(randt):
 
 def test_custom_ops_pass_torch_opcheck(randt):
     q, k, v = randt(2, 4, 5, 8, requires_grad=True), randt(2, 2, 7, 8), randt(2, 2, 7, 6)
-    no_mods = (None, None, "highest", None, None, None)  # softcap, alibi_slopes, precision, sinks, bias, mask
+    # softcap, alibi_slopes, precision, dropout_p, dropout_seed, sinks, bias, mask
+    no_mods = (None, None, "highest", 0.0, None, None, None, None)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *no_mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *no_mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
                            *no_mods))
     sinks, slopes = randt(4, requires_grad=True), randt(4).abs()
-    mods = (3.0, slopes, "highest", sinks, None, None)
+    mods = (3.0, slopes, "highest", 0.0, None, sinks, None, None)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *mods))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *mods)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
-                           3.0, slopes, "highest", sinks.detach(), None, None))
+                           3.0, slopes, "highest", 0.0, None, sinks.detach(), None, None))
     bias, mask = randt(1, 4, 5, 7, requires_grad=True), torch.from_numpy(numpy.arange(7) % 3 != 1)
-    with_bias = (None, None, "highest", None, bias, mask)
+    with_bias = (None, None, "highest", 0.0, None, None, bias, mask)
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default,
                           (q, k, v, None, "bottom_right", 2, -1, False, *with_bias))
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *with_bias)
     torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
                           (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
-                           None, None, "highest", None, bias.detach(), mask))
+                           None, None, "highest", 0.0, None, None, bias.detach(), mask))
+    dropped = (None, None, "highest", 0.3, torch.tensor(20261205), None, bias, mask)  # (a fixed seed: repeatable)
+    torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, (q, k, v, None, "bottom_right", 2, -1, False, *dropped))
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, None, "bottom_right", 2, -1, False, *dropped)
+    torch.library.opcheck(torch.ops.cuflash.attention_bwd.default,
+                          (randt(*out.shape), q.detach(), k, v, out.detach(), lse, None, "bottom_right", 2, -1, False,
+                           *dropped[:-2], bias.detach(), mask))
 
 
 def test_custom_ops_promise_their_inputs_memory_order(randt):
@@ -499,7 +541,7 @@ def test_custom_ops_promise_their_inputs_memory_order(randt):
 
     projections = [randt(2, 6, h, 8, requires_grad=True) for h in (4, 2, 2)]
     q, k, v = (x.detach().transpose(1, 2) for x in projections)
-    options = (None, "bottom_right", 2, -1, False, None, None, "highest", None, None, None)
+    options = (None, "bottom_right", 2, -1, False, None, None, "highest", 0.0, None, None, None, None)
     out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options)
     assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
     dout = randt(2, 6, 4, 8).transpose(1, 2)
@@ -887,8 +929,6 @@ def test_packed_drop_ins_name_the_callers_arguments(randt):
 
 
 def test_packed_drop_ins_say_what_they_do_not_support(randt):
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ct.flash_attn_qkvpacked_func(randt(1, 4, 3, 2, 8), dropout_p=0.1)
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="dropout"):
         ct.flash_attn_varlen_kvpacked_func(randt(4, 2, 8), randt(4, 2, 2, 8), cu, cu, 4, 4, 0.1)

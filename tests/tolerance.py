@@ -80,3 +80,20 @@ def assert_close(actual, reference, *, dtype, baseline=None, magnitude=None, kin
         f"{name} ({dtype_name}, {kind}): max abs error {error:.3e} > bound {bound:.3e} "
         f"(baseline error {baseline_error:.3e}, max |reference| {size:.3e})"
     )
+
+
+# The CPU backend's float32/float64 results against the float64 reference where both compute the
+# same formulas (score modifiers, dropout): relative to the largest reference entry (at least 1).
+CPU_RELATIVE = {"float32": 2e-5, "float64": 1e-12}
+
+
+def assert_close_relative(actual, expected, dtype, name):
+    """``actual`` within CPU_RELATIVE[dtype] x max(|expected|, 1) of ``expected``, infinities equal."""
+    actual, expected = numpy.asarray(actual, numpy.float64), numpy.asarray(expected, numpy.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
+    infinite = numpy.isinf(expected)
+    assert (numpy.isinf(actual) == infinite).all() and (actual[infinite] == expected[infinite]).all(), name
+    finite = ~infinite
+    size = max(numpy.abs(expected[finite]).max(initial=0), 1.0)
+    error = numpy.abs(actual[finite] - expected[finite]).max(initial=0)
+    assert error <= CPU_RELATIVE[numpy.dtype(dtype).name] * size, f"{name}: error {error:.3g} at size {size:.3g}"

@@ -528,6 +528,8 @@ def dense_reason(p) -> str | None:
     q = p.q
     if p.packed is not None or p.bias is not None or p.mask is not None or p.out is not None:
         return "a packed batch, a bias, a mask or out="
+    if p.dropout_seed is not None:
+        return "dropout"
     if p.seqlen_k == 0:
         return "no key"
     if q.ndim != 4 or p.k.ndim != 4 or p.v.ndim != 4:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy
 
-from .. import _spec
+from .. import _dropout, _spec
 from . import bias_grad, decode, kernels, launch_args, tiles, tma
 from .launch_args import ARGS
 from .variant import HelperKernel
@@ -584,10 +584,11 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     def choose(tma_ok: bool):
         return _key_row_sets(p, lambda modified: tiles.select(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window,
                                                               arch, _mean_visible_keys(p), modified, p.precision,
-                                                              tma_ok, short))
+                                                              tma_ok, short, dropout))
+    dropout = p.dropout_seed is not None
     if prefetch_backward is not None:
         backward_variants = tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1], p.has_window, arch, mods,
-                                                  p.precision, short=short)
+                                                  p.precision, short=short, dropout=dropout)
         dq_direct = _stores_dq(p, [(backward_variants, None)], _longest(p)[1])
         kernels.prefetch(_backward_kernels(backward_variants, prefetch_backward, dq_direct), device)
     if decode.dense_reason(p) is None:  # a few query rows a head: the decode kernel (decode.py says why)
@@ -722,9 +723,11 @@ def _stored(p, x):
 
 
 def _modifies_scores(p) -> bool:
-    """Softcap, a bias, ALiBi or a mask: the kScoreMods Variants run. Sinks alone run on the plain
-    ones (every forward kernel starts its softmax from a sink; the backward needs nothing of them)."""
-    return p.softcap is not None or p.alibi_slopes is not None or p.bias is not None or p.mask is not None
+    """Softcap, a bias, ALiBi, a mask or dropout: the kScoreMods Variants run (the plain ones
+    compile no dropout: dropout.cuh). Sinks alone run on the plain ones (every forward kernel
+    starts its softmax from a sink; the backward needs nothing of them)."""
+    return (p.softcap is not None or p.alibi_slopes is not None or p.bias is not None or p.mask is not None
+            or p.dropout_seed is not None)
 
 
 def _per_row(x, lead_shape, dtype):
@@ -959,7 +962,8 @@ def _splits_key_padding(p) -> bool:
     keys are a prefix (right padding: the cut alone is their mask) run the plain Variant, and only
     the others the modifier one; the kernels learn which rows are theirs from key_bounds, on the
     device (FwdParams::key_rows), so the host never waits to look at the mask."""
-    return _pads_keys(p) and p.bias is None and p.softcap is None and p.alibi_slopes is None
+    return (_pads_keys(p) and p.bias is None and p.softcap is None and p.alibi_slopes is None
+            and p.dropout_seed is None)
 
 
 def _key_row_sets(p, select) -> tuple:
@@ -1089,6 +1093,10 @@ def _fwd_struct(p, layout: _Layout, q, v, kv_group: int | None = None):
     # float32 for the 16/32-bit kernels (the scale's range is checked by _spec); the float64 kernels
     # read `scale`, and a float64 scale beyond float32 is clipped here rather than overflowing.
     s["scale_log2"] = min(max(p.scale * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
+    if p.dropout_seed is not None:  # (dropout.cuh; _dropout.py holds the definition)
+        s["dropout_threshold"] = _dropout.threshold(p.dropout_p)
+        s["dropout_scale"] = _dropout.keep_scale(p.dropout_p)
+        s["dropout_seed"] = p.dropout_seed
     if p.packed is not None:
         s["cu_seqlens_q"] = p.packed.cu_seqlens_q.data.ptr
         s["cu_seqlens_k"] = p.packed.cu_seqlens_k.data.ptr
@@ -1177,7 +1185,8 @@ def backward(problem):
     def choose(tma_ok: bool):
         return _key_row_sets(p, lambda modified: tiles.select_backward(p.dtype.name, q.shape[-1], v.shape[-1],
                                                                        p.has_window, _arch(device), modified,
-                                                                       p.precision, tma_ok, _short_rows(p)))
+                                                                       p.precision, tma_ok, _short_rows(p),
+                                                                       p.dropout_seed is not None))
     sets = choose(True)
     variants = sets[-1][0]  # delta and the dQ conversion: any set's
     vec = 16 // p.dtype.itemsize
@@ -1460,7 +1469,7 @@ class _OnChipBiasSum:
         planes_lead = _shared_bias_lead(p)
         if planes_lead is None:
             return None
-        variant = tiles.select_dbias(p.dtype.name, head_dim, head_dim_v, _arch(device))
+        variant = tiles.select_dbias(p.dtype.name, head_dim, head_dim_v, _arch(device), p.dropout_seed is not None)
         if variant is None:
             return None
         if math.prod(p.lead_shape) * p.seqlen_q * p.seqlen_k * _accum(p).itemsize < ON_CHIP_DBIAS_MIN_BYTES:

@@ -105,14 +105,24 @@ class KernelSpec:
     # keys at most SHORT_ROWS), where the long rows' tile would leave most of each block idle
     # (Swin's 49-token windows in 128 x 128 blocks: 15% of the scores real), else None.
     short_tile: Callable[[str, int], Tile | None] = lambda dtype, head_dim: None
+    # Whether the family's kernels drop probabilities (their kDropout form, dropout.cuh); a call
+    # with dropout takes the next family that does (the memory-bound prep kernels, which never
+    # see P, serve every call).
+    drops: bool = False
+    # (dtype, head-dim bucket) -> the tile of the dropout form where the kScoreMods form's spills
+    # with the keep mask's registers added, else None.
+    dropout_tile: Callable[[str, int], Tile | None] = lambda dtype, head_dim: None
 
     def variant(self, dtype: str, head_dim: int, has_window: bool, arch: str,
                 visible_keys: float = math.inf, score_mods: bool = False,
-                precision: str = "highest", short: bool = False) -> Variant | None:
+                precision: str = "highest", short: bool = False, dropout: bool = False) -> Variant | None:
         """The first candidate that fits ``arch``, as a Variant; None if none does. ``short``:
-        the call's rows are short (``short_tile``)."""
-        if dtype not in self.dtypes:
+        the call's rows are short (``short_tile``); ``dropout``: the call drops probabilities (the
+        kScoreMods form with dropout compiled in)."""
+        if dtype not in self.dtypes or (dropout and self.masked and not self.drops):
             return None
+        dropout = dropout and self.masked
+        score_mods = score_mods or dropout
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
         if tf32 and precision not in self.tf32_precisions:
             return None
@@ -133,11 +143,14 @@ class KernelSpec:
             candidates = (self.modifier_tile(dtype, head_dim),) + tuple(candidates)
         if short and self.short_tile(dtype, head_dim) is not None:
             candidates = (self.short_tile(dtype, head_dim),) + tuple(candidates)
+        if dropout and self.dropout_tile(dtype, head_dim) is not None:  # (before the short tile too)
+            candidates = (self.dropout_tile(dtype, head_dim),) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
             shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
                 return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
-                               has_window and self.masked, arch, shared_mem, score_mods, precision if tf32 else None)
+                               has_window and self.masked, arch, shared_mem, score_mods, precision if tf32 else None,
+                               dropout)
         return None
 
     def shared_memory_bytes(self, variant: Variant) -> int:
@@ -216,6 +229,21 @@ def _tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
 
 _TC_MODIFIER_TILES = {32: (64, 64, 4, 2), 64: (128, 32, 4, 2), 256: (128, 32, 8, 2)}
 _TF32_MODIFIER_TILES = {32: (64, 64, 4, 2)}
+
+# The dropout forms' tiles where the kScoreMods tile spills with the keep mask's registers
+# (offline ptxas, session 41, spilled: float16 on sm_80 d32 64x64 4 bytes and 128x64 12, d64 and
+# d128 128x32 12 and 8; dK/dV 16-bit on sm_90a d64 128x128 52, d128 64x128 156-208, the d32 short
+# tile 4 on sm_80; dQ on sm_90a float16 d32 8, TF32 d128 20), 16-bit ("tc") or TF32 ("tf32"):
+# fewer rows or keys a warp, none spilling (KernelSpec.dropout_tile).
+_DROPOUT_TILES = {
+    "fwd_tc": {("tc", 32): (128, 32, 4, 2), ("tc", 64): (64, 64, 4, 2), ("tc", 128): (64, 64, 4, 2)},
+    "bwd_dkdv_tc": {("tc", 32): (64, 128, 8, 2), ("tc", 64): (64, 64, 8, 2), ("tc", 128): (64, 64, 8, 2)},
+    "bwd_dq_tc": {("tc", 32): (64, 32, 4, 2), ("tf32", 128): (64, 32, 4, 2)},
+}
+
+
+def _dropout_tile(kernel: str):
+    return lambda dtype, d: _DROPOUT_TILES[kernel].get(("tf32" if dtype == "float32" else "tc", d))
 
 
 def _score_plane_bytes(dtype: str, head_dim: int, block_m: int, block_n: int) -> int:
@@ -712,7 +740,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     lambda dtype, d, block_m, block_n, stages: _smem_tc_bytes(d, block_m, block_n, stages, _units(dtype)),
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
-                    split_tf32_candidates=_tf32x3_candidates)
+                    split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,
@@ -722,7 +750,7 @@ FWD_SIMT = KernelSpec(
     "fwd_simt", SIMT_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _simt_candidates(dtype, d)),
     lambda dtype, d, block_m, block_n, stages: _smem_simt_bytes(dtype, d, block_m, block_n),
-    short_tile=_simt_short_tile)
+    short_tile=_simt_short_tile, drops=True)
 FWD_DMMA = KernelSpec(
     "fwd_dmma", DMMA_DTYPES,
     lambda dtype, d, arch, keys: tuple((m, n, w, 1) for m, n, w in _DMMA_TABLE[d]),
@@ -740,7 +768,8 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
                          tf32_precisions=("tf32",),
                          short_tile=lambda dtype, d: _BWD_DKDV_TC_SHORT_TILES.get(d) if dtype != "float32" else None,
                          adds_dbias=lambda d: d <= 224,  # (bwd_dkdv_tc.cu's kDbiasFromDs)
-                         stores_dq=lambda dtype, d: dtype != "float32" and d <= 224)  # (kStoresDq)
+                         stores_dq=lambda dtype, d: dtype != "float32" and d <= 224,  # (kStoresDq)
+                         drops=True, dropout_tile=_dropout_tile("bwd_dkdv_tc"))
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
@@ -752,18 +781,18 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
-                       tf32_precisions=("tf32",))
+                       tf32_precisions=("tf32",), drops=True, dropout_tile=_dropout_tile("bwd_dq_tc"))
 BWD_DBIAS_TC = KernelSpec("bwd_dbias_tc", TC_DTYPES, _table(_BWD_DBIAS_TC_TABLE), _by_tile(_smem_bwd_dbias_tc_bytes))
 BWD_DKDV_SIMT = KernelSpec(
     "bwd_dkdv_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dkdv_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dkdv_simt", dtype, d, block_m, block_n),
     lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dkdv_simt", block_m, block_n, warps),
-    short_tile=_simt_short_tile)
+    short_tile=_simt_short_tile, drops=True)
 BWD_DQ_SIMT = KernelSpec(
     "bwd_dq_simt", SIMT_DTYPES, _bwd_simt_candidates("bwd_dq_simt"),
     lambda dtype, d, block_m, block_n, stages: _smem_bwd_simt_bytes("bwd_dq_simt", dtype, d, block_m, block_n),
     lambda block_m, block_n, warps: _bwd_simt_tile_ok("bwd_dq_simt", block_m, block_n, warps),
-    short_tile=_simt_short_tile)
+    short_tile=_simt_short_tile, drops=True)
 # The kScoreMods forms' tiles where the first candidate's spill (dkdv d64: 24 bytes on sm_90a, 8
 # keys per warp instead; d128: 24 bytes on sm_90a; dq d32: 24 bytes on sm_80).
 BWD_DKDV_DMMA = _bwd_dmma_spec("bwd_dkdv_dmma", _BWD_DKDV_DMMA_TABLE,
@@ -795,11 +824,12 @@ BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BW
 
 
 def _first(families, dtype: str, head_dim: int, has_window: bool, arch: str, visible_keys: float = math.inf,
-           score_mods: bool = False, precision: str = "highest", tma: bool = True, short: bool = False) -> Variant:
+           score_mods: bool = False, precision: str = "highest", tma: bool = True, short: bool = False,
+           dropout: bool = False) -> Variant:
     for spec in families:
         if spec.tma and not tma:
             continue
-        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision, short)
+        variant = spec.variant(dtype, head_dim, has_window, arch, visible_keys, score_mods, precision, short, dropout)
         if variant is not None:
             return variant
     raise ValueError(f"no {families[-1].kernel} tile for {dtype} d{head_dim} fits the shared memory of sm_{arch}")
@@ -813,16 +843,17 @@ def _families(table: dict, dtype: str):
 
 def select(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
            visible_keys: float = math.inf, score_mods: bool = False, precision: str = "highest",
-           tma: bool = True, short: bool = False) -> Variant:
+           tma: bool = True, short: bool = False, dropout: bool = False) -> Variant:
     """The forward's Variant. ``visible_keys``: mean keys per query row under the mask (plan.py);
     short rows (short causal sequences, narrow windows) may take smaller tiles. ``score_mods``:
     softcap, a bias, ALiBi or a mask (sinks alone run the plain Variants). ``precision``: float32's
     (_spec.resolve_precision), which decides between TF32 tensor cores and FFMA. ``tma``: whether
     tensor maps can describe the call's layout (plan._tensor_maps); False skips the TMA family.
-    ``short``: no sequence longer than SHORT_ROWS, queries or keys (the families' short_tile)."""
+    ``short``: no sequence longer than SHORT_ROWS, queries or keys (the families' short_tile).
+    ``dropout``: the call drops probabilities (families whose kernels do: KernelSpec.drops)."""
     families = _families(FORWARD, dtype)
     return _first(families, dtype, bucket(max(head_dim, head_dim_v)), has_window, arch, visible_keys, score_mods,
-                  precision, tma, short)
+                  precision, tma, short, dropout)
 
 
 class BackwardVariants(NamedTuple):
@@ -836,25 +867,26 @@ class BackwardVariants(NamedTuple):
 
 def select_backward(dtype: str, head_dim: int, head_dim_v: int, has_window: bool, arch: str,
                     score_mods: bool = False, precision: str = "highest", tma: bool = True,
-                    short: bool = False) -> BackwardVariants:
-    """The backward's kernels for one problem (one path for every dtype; ``precision`` and ``tma``
-    as select's; ``short``: no sequence longer than SHORT_ROWS, queries or keys)."""
+                    short: bool = False, dropout: bool = False) -> BackwardVariants:
+    """The backward's kernels for one problem (one path for every dtype; ``precision``, ``tma`` and
+    ``dropout`` as select's; ``short``: no sequence longer than SHORT_ROWS, queries or keys)."""
     dkdv_families = _families(BACKWARD_DKDV, dtype)
     d = bucket(max(head_dim, head_dim_v))
     return BackwardVariants(
         _first((BWD_DELTA,), dtype, d, False, arch),
         _first(dkdv_families, dtype, d, has_window, arch, score_mods=score_mods, precision=precision, tma=tma,
-               short=short),
+               short=short, dropout=dropout),
         _first(BACKWARD_DQ[dtype], dtype, d, has_window, arch, score_mods=score_mods, precision=precision,
-               short=short),
+               short=short, dropout=dropout),
         _first((BWD_DQ_CONVERT,), dtype, d, False, arch),
     )
 
 
-def select_dbias(dtype: str, head_dim: int, head_dim_v: int, arch: str) -> Variant | None:
+def select_dbias(dtype: str, head_dim: int, head_dim_v: int, arch: str, dropout: bool = False) -> Variant | None:
     """The kernel that sums a bias's gradient on chip (bwd_dbias_tc), or None where the dS buffer
-    stays (the dtype or head dim has no tile, or none fits the arch)."""
-    return BWD_DBIAS_TC.variant(dtype, bucket(max(head_dim, head_dim_v)), True, arch, score_mods=True)
+    stays (the dtype or head dim has no tile, none fits the arch, or the call drops probabilities:
+    the kernel recomputes dS without dropout)."""
+    return BWD_DBIAS_TC.variant(dtype, bucket(max(head_dim, head_dim_v)), True, arch, score_mods=True, dropout=dropout)
 
 
 def precisions_of(dtype: str, wanted=PRECISIONS) -> tuple[str, ...]:
@@ -884,6 +916,14 @@ def all_variants(arch: str) -> list[Variant]:
                                 pass
                 if mods and select_dbias(dtype, d, d, arch) is not None:
                     out.append(select_dbias(dtype, d, d, arch))
+            for precision in precisions_of(dtype):  # the dropout forms (always masked and modified)
+                for short in (False, True):
+                    out.append(select(dtype, d, d, True, arch, score_mods=True, precision=precision, short=short,
+                                      dropout=True))
+                    try:
+                        out += select_backward(dtype, d, d, True, arch, True, precision, short=short, dropout=True)
+                    except ValueError:
+                        pass
     return list(dict.fromkeys(out))
 
 

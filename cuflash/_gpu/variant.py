@@ -45,6 +45,9 @@ class Variant:
     # Element `cuflash::tc::tf32`); "highest", three (3xTF32, `cuflash::tc::tf32x3`). None for every
     # other Variant (its dtype decides its arithmetic).
     precision: str | None = None
+    # attention dropout compiled in (cuda_src/dropout.cuh, the kernels' kDropout): the kScoreMods
+    # form with the keep mask drawn, one more Variant per bucket of the families that drop.
+    dropout: bool = False
 
     @property
     def threads(self) -> int:
@@ -65,11 +68,12 @@ class Variant:
             self.warps,
             self.stages,
             "true" if self.has_window else "false",
-        ) + (("true",) if self.score_mods else ())
+        ) + (("true",) if self.score_mods else ()) + (("true",) if self.dropout else ())
         return f"cuflash::{self.kernel}<{', '.join(map(str, args))}>"
 
     def __str__(self) -> str:
-        mask = ("window" if self.has_window else "dense") + (" mods" if self.score_mods else "")
+        mask = ("window" if self.has_window else "dense") + (" mods" if self.score_mods else "") + (
+            " dropout" if self.dropout else "")
         return (
             f"{self.kernel}[{self.dtype}{'/' + self.precision if self.precision else ''} d{self.head_dim} {self.block_m}x{self.block_n} "
             f"w{self.warps} s{self.stages} {mask} sm_{self.arch}]"

@@ -1,0 +1,345 @@
+"""Attention dropout: the keep mask's definition (Philox4x32-10 against its published answers), the
+CPU backend against the dense float64 reference with the same mask (reference.score_mods_ref's
+``dropout``), gradients against finite differences, reproducibility, argument checks.
+
+On the GPU (marked ``gpu``): every dtype against the same reference under tests/tolerance.py's
+rule, odd shapes, GQA, masks, modifiers, bias with its gradient; the GPU's mask is the CPU's
+(float64 to rounding), the deterministic backward bitwise reproducible, and calls with dropout
+run on the dropout forms of the families whose kernels drop (KernelSpec.drops, Variant.dropout).
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import cuflash
+from cuflash import _dropout
+from reference import score_mods_ref
+from tolerance import assert_close_relative
+
+def _draw(rng, dtype, *shapes):
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _seed(rng) -> int:
+    return int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))  # any of the 2^64
+
+
+# Philox4x32-10's known-answer tests (Random123's kat_vectors): (counter, key) -> words.
+PHILOX_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, words", PHILOX_ANSWERS)
+def test_philox_gives_its_published_answers(counter, key, words):
+    assert tuple(int(w) for w in _dropout.philox4x32_10(*counter, *key)) == words
+
+
+def test_the_keep_mask_is_one_function_of_the_indices_whatever_the_block(rng):
+    seed, rate = _seed(rng), float(rng.uniform(0.05, 0.9))
+    rows = numpy.arange(12, dtype=numpy.uint64).reshape(3, 4) + numpy.uint64(2**33)  # rows past 2^32 too
+    whole = _dropout.keep_mask(seed, rate, rows[..., None, None], numpy.arange(70)[:, None], numpy.arange(300)[None, :])
+    for queries, keys in ((slice(0, 70), slice(0, 300)), (slice(3, 41), slice(5, 277)), (slice(69, 70), slice(7, 8))):
+        block = _dropout.keep_block(seed, rate, rows, queries, keys)
+        numpy.testing.assert_array_equal(block, whole[..., queries, keys])
+    # the definition, spelled out for one score: key j's draw is half j % 2 of word (j % 8) / 2
+    r, i, j = 7, 33, 141
+    words = _dropout.philox4x32_10(j // 8, i, r, 0, seed & 0xFFFFFFFF, seed >> 32)
+    draw = (int(words[(j % 8) // 2]) >> (16 * (j % 2))) & 0xFFFF
+    assert bool(whole.reshape(12, 70, 300)[r, i, j]) == (draw >= _dropout.threshold(rate))
+
+
+@pytest.mark.parametrize("rate", [0.0, 1e-6, 0.1, 0.5, 0.97])
+def test_the_rate_realised_and_the_scale(rng, rate):
+    threshold = _dropout.threshold(rate)
+    assert threshold == min(round(rate * 65536), 65535)
+    assert _dropout.keep_scale(rate) == 65536 / (65536 - threshold)
+    keep = _dropout.keep_block(_seed(rng), rate, numpy.arange(8), slice(0, 256), slice(0, 512))
+    kept = 1 - threshold / 65536  # the keep probability the threshold realises
+    sigma = (kept * (1 - kept) / keep.size) ** 0.5
+    assert abs(keep.mean() - kept) <= 6 * sigma + 1e-12, (keep.mean(), kept)
+
+
+CASES = [  # (q shape, k shape, options)
+    ((2, 4, 37, 16), (2, 4, 53, 16), dict()),
+    ((2, 4, 53, 8), (2, 2, 37, 8), dict(causal=True)),                          # GQA, Lq > Lk
+    ((3, 2, 97, 12), (3, 2, 200, 12), dict(window=(20, 5))),
+    ((2, 4, 30, 8), (2, 2, 12, 8), dict(sinks="heads", causal=True)),           # rows that see no key
+    ((2, 4, 33, 12), (2, 2, 47, 12), dict(softcap=3.0, alibi="heads", causal="top_left")),
+    ((2, 3, 40, 8), (2, 3, 130, 8), dict(bias=True, mask=True)),
+    ((21, 8), (25, 8), dict()),                                                 # 2-D: one row
+]
+
+
+def _options(rng, dtype, q_shape, k_shape, options):
+    lead = q_shape[:-2]
+    out = {key: value for key, value in options.items() if key not in ("alibi", "sinks", "bias", "mask")}
+    if "alibi" in options:
+        out["alibi_slopes"] = rng.uniform(0.05, 0.6, (lead[-1],)).astype(dtype)
+    if "sinks" in options:
+        out["sinks"] = rng.standard_normal((lead[-1],)).astype(dtype)
+    if "bias" in options:  # per head, broadcast over the batch
+        out["bias"] = rng.standard_normal((1,) + lead[1:] + (q_shape[-2], k_shape[-2])).astype(dtype)
+    if "mask" in options:  # key padding
+        out["mask"] = rng.uniform(size=(lead[0], 1, 1, k_shape[-2])) > 0.3
+    return out
+
+
+def _case_id(case):
+    return "-".join(case[2]) + f"-{case[0]}x{case[1]}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_and_backward_match_the_reference(rng, dtype, case):
+    q_shape, k_shape, options = case
+    q, k, v, dout = _draw(rng, dtype, q_shape, k_shape, k_shape, q_shape)
+    kwargs = _options(rng, dtype, q_shape, k_shape, options)
+    rate, seed = float(rng.uniform(0.1, 0.6)), _seed(rng)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, dropout_p=rate, dropout_seed=seed, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, dropout_p=rate, dropout_seed=seed, **kwargs)
+    ref_out, ref_lse, ref_grads = score_mods_ref(q, k, v, dout, dropout=(rate, seed), **kwargs)
+    assert_close_relative(out, ref_out, dtype, "out")
+    assert_close_relative(lse, ref_lse, dtype, "lse")
+    plain_lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)[1]
+    numpy.testing.assert_array_equal(lse, plain_lse)  # lse is the undropped one
+    names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kwargs else ()) + (("dsinks",) if "sinks" in kwargs else ())
+    assert len(grads) == len(names) == len(ref_grads)
+    for name, grad, reference in zip(names, grads, ref_grads):
+        assert_close_relative(grad, reference, dtype, name)
+
+
+def test_gradients_match_finite_differences(rng):
+    """The backward with dropout against central differences of the forward (a fixed seed makes the
+    dropped forward a smooth function of q, k, v), float64."""
+    q, k, v, dout = _draw(rng, "float64", (1, 2, 6, 4), (1, 1, 9, 4), (1, 1, 9, 4), (1, 2, 6, 4))
+    kwargs = dict(causal=True, softcap=2.0, dropout_p=0.4, dropout_seed=_seed(rng))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    inputs = [q, k, v]
+    step = 1e-6
+    for index, (x, grad) in enumerate(zip(inputs, grads)):
+        numeric = numpy.zeros_like(x)
+        for position in numpy.ndindex(x.shape):
+            shifted = []
+            for sign in (1, -1):
+                moved = [y.copy() for y in inputs]
+                moved[index][position] += sign * step
+                shifted.append(float((cuflash.attention(*moved, **kwargs) * dout).sum()))
+            numeric[position] = (shifted[0] - shifted[1]) / (2 * step)
+        numpy.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_a_seed_gives_one_mask_and_another_seed_another(rng):
+    q, k, v = _draw(rng, "float32", (2, 3, 50, 16), (2, 3, 60, 16), (2, 3, 60, 16))
+    seed = _seed(rng)
+    first = cuflash.attention(q, k, v, dropout_p=0.3, dropout_seed=seed)
+    again = cuflash.attention(q, k, v, dropout_p=0.3, dropout_seed=numpy.uint64(seed))
+    assert first.tobytes() == again.tobytes()
+    other = cuflash.attention(q, k, v, dropout_p=0.3, dropout_seed=seed ^ 1)
+    assert not numpy.array_equal(first, other)
+    plain = cuflash.attention(q, k, v)
+    assert cuflash.attention(q, k, v, dropout_p=0.0, dropout_seed=seed).tobytes() == plain.tobytes()
+    assert cuflash.attention(q, k, v, dropout_p=0).tobytes() == plain.tobytes()
+
+
+def test_attention_vjp_keeps_the_forwards_mask(rng):
+    q, k, v, dout = _draw(rng, "float64", (2, 2, 20, 8), (2, 2, 24, 8), (2, 2, 24, 8), (2, 2, 20, 8))
+    kwargs = dict(dropout_p=0.25, dropout_seed=_seed(rng), causal=True)
+    out, vjp = cuflash.attention_vjp(q, k, v, **kwargs)
+    expected_out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    numpy.testing.assert_array_equal(out, expected_out)
+    for got, want in zip(vjp(dout), cuflash.attention_backward(dout, q, k, v, out, lse, **kwargs)):
+        numpy.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(dropout_p=1.0, dropout_seed=1), ValueError, "dropout_p must be in [0, 1)"),
+    (dict(dropout_p=-0.1, dropout_seed=1), ValueError, "dropout_p must be in [0, 1)"),
+    (dict(dropout_p=float("nan"), dropout_seed=1), ValueError, "dropout_p"),
+    (dict(dropout_p=True, dropout_seed=1), TypeError, "dropout_p must be a float"),
+    (dict(dropout_p="0.1", dropout_seed=1), TypeError, "dropout_p must be a float"),
+    (dict(dropout_p=0.1), TypeError, "dropout_seed is required"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be in [0, 2^64)"),
+    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError, "dropout_seed must be in [0, 2^64)"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
+    (dict(dropout_p=0.1, dropout_seed=True), TypeError, "dropout_seed must be an int"),
+    (dict(dropout_p=0.0, dropout_seed="7"), TypeError, "dropout_seed must be an int"),
+])
+def test_bad_dropout_arguments_are_refused_before_anything_is_written(rng, kwargs, error, words):
+    q, k, v, dout = _draw(rng, "float32", (1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4), (1, 2, 5, 4))
+    out = numpy.full((1, 2, 5, 4), 7.0, numpy.float32)
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)").replace("^", r"\^")):
+        cuflash.attention(q, k, v, out=out, **kwargs)
+    assert (out == 7.0).all()
+    o, lse = cuflash.attention(q, k, v, return_lse=True)
+    with pytest.raises(error):
+        cuflash.attention_backward(dout, q, k, v, o, lse, **kwargs)
+    with pytest.raises(error):
+        cuflash.attention_vjp(q, k, v, **kwargs)
+
+
+def test_int_like_seeds_and_rates_are_accepted(rng):
+    q, k, v = _draw(rng, "float32", (1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4))
+    want = cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=12)
+    for seed in (numpy.int64(12), numpy.uint64(12), numpy.array(12)):
+        assert cuflash.attention(q, k, v, dropout_p=0.5, dropout_seed=seed).tobytes() == want.tobytes()
+    for rate in (numpy.float32(0.5), numpy.float64(0.5), numpy.array(0.5)):
+        assert cuflash.attention(q, k, v, dropout_p=rate, dropout_seed=12).tobytes() == want.tobytes()
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+GPU_CASES = CASES + [  # odd lengths and head dims, Lq != Lk both ways, wide heads
+    ((1, 2, 97, 59), (1, 2, 200, 59), dict(causal=True)),
+    ((1, 4, 200, 111), (1, 2, 97, 111), dict(sinks="heads", causal=True)),
+    ((1, 2, 1025, 128), (1, 2, 1025, 128), dict()),
+    ((2, 2, 1, 256), (2, 2, 1025, 256), dict(window=(100, -1))),
+    ((1, 8, 333, 64), (1, 1, 333, 64), dict(causal=True)),                      # MQA
+    ((1, 2, 97, 3), (1, 2, 97, 3), dict(alibi="heads", causal="top_left")),
+    ((1, 2, 64, 1), (1, 2, 80, 1), dict(softcap=0.5)),
+    ((2, 2, 150, 32), (2, 2, 150, 32), dict(bias=True, mask=True, causal=True)),
+]
+
+
+def _on_gpu(rng, dtype, case, rate=None, deterministic=None, precision=None):
+    """One case on the GPU against the float64 reference with the same mask, under the repository's
+    tolerance rule (fp16/bf16 within 2x, gradients 3x, of a plain same-dtype implementation)."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from tolerance import assert_close
+
+    q_shape, k_shape, options = case
+    host = _draw(rng, numpy.dtype(dtype), q_shape, k_shape, k_shape, q_shape)
+    bias_dtype = numpy.float64 if dtype == "float64" else numpy.float32
+    kwargs = _options(rng, bias_dtype, q_shape, k_shape, options)
+    rate = float(rng.uniform(0.1, 0.5)) if rate is None else rate
+    drop = dict(dropout_p=rate, dropout_seed=_seed(rng))
+    extra = {} if precision is None else dict(precision=precision)
+    gpu_kwargs = {key: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for key, x in kwargs.items()}
+    q, k, v, dout = (cupy.asarray(x) for x in host)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **gpu_kwargs, **drop, **extra)
+    deterministic = bool(q_shape[-1] % 2) if deterministic is None else deterministic
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **gpu_kwargs, **drop,
+                                       **extra)
+    reference = score_mods_ref(*host, dropout=(rate, drop["dropout_seed"]), **kwargs)
+    magnitudes = score_mods_ref(*host, dropout=(rate, drop["dropout_seed"]), magnitudes=True, **kwargs)
+    baseline = (None, None, (None,) * 5)
+    if dtype in ("float16", "bfloat16"):
+        baseline = score_mods_ref(*host, dropout=(rate, drop["dropout_seed"]), dtype=numpy.dtype(dtype), **kwargs)
+    lse_dtype = numpy.float64 if dtype == "float64" else numpy.float32
+    assert_close(cupy.asnumpy(out), reference[0], dtype=numpy.dtype(dtype), baseline=baseline[0],
+                 magnitude=magnitudes[0], name="out")
+    assert_close(cupy.asnumpy(lse), reference[1], dtype=lse_dtype, baseline=baseline[1], kind="lse", name="lse")
+    names = ("dq", "dk", "dv") + (("dbias",) if "bias" in kwargs else ()) + (("dsinks",) if "sinks" in kwargs else ())
+    assert len(grads) == len(names)
+    for name, grad, ref, base, magnitude in zip(names, grads, reference[2], baseline[2], magnitudes[2]):
+        if name == "dsinks":  # (its own rule: test_score_mods' _check_on_gpu; here the kernels' dS is what counts)
+            continue
+        precision_of = numpy.dtype(dtype) if name != "dbias" else numpy.dtype(max(
+            numpy.dtype(dtype), numpy.dtype(bias_dtype), key=lambda t: 2.0 ** -{"float16": 10, "bfloat16": 7,
+                                                                                  "float32": 23, "float64": 52}[t.name]))
+        assert_close(cupy.asnumpy(grad), ref, dtype=precision_of, baseline=base, magnitude=magnitude, kind="grad",
+                     name=name)
+    return out, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_matches_the_reference(rng, dtype, case):
+    _on_gpu(rng, dtype, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "highest"])
+def test_gpu_float32_precisions_drop_the_same_probabilities(rng, precision):
+    case = ((2, 4, 130, 64), (2, 2, 260, 64), dict(causal=True))
+    if precision == "tf32":  # one TF32 product: held to TF32's rounding (as test_precision does), by the CPU result
+        cupy = pytest.importorskip("cupy")
+        q, k, v = (cupy.asarray(x) for x in _draw(rng, numpy.float32, case[0], case[1], case[1]))
+        drop = dict(dropout_p=0.3, dropout_seed=_seed(rng), causal=True)
+        gpu = cupy.asnumpy(cuflash.attention(q, k, v, precision="tf32", **drop))
+        cpu = cuflash.attention(*(cupy.asnumpy(x) for x in (q, k, v)), **drop)
+        assert numpy.abs(gpu - cpu).max() <= 2e-2 * numpy.abs(cpu).max()
+        assert ((gpu == 0) == (cpu == 0)).mean() > 0.999  # the same zeros: the same rows' dropped keys
+        return
+    _on_gpu(rng, "float32", case, precision=precision)
+
+
+@pytest.mark.gpu
+def test_gpu_masks_are_the_cpu_backends(rng):
+    """float64 on both backends with one seed: the same dropped probabilities, so the same results
+    to float64 rounding (a different mask would differ at the scale of the values)."""
+    cupy = pytest.importorskip("cupy")
+    q, k, v, dout = _draw(rng, "float64", (2, 4, 70, 40), (2, 2, 90, 40), (2, 2, 90, 40), (2, 4, 70, 40))
+    kwargs = dict(causal=True, window=(30, -1), dropout_p=0.35, dropout_seed=_seed(rng))
+    cpu = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    cpu_grads = cuflash.attention_backward(dout, q, k, v, *cpu, **kwargs)
+    gpu = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), return_lse=True, **kwargs)
+    gpu_grads = cuflash.attention_backward(*(cupy.asarray(x) for x in (dout, q, k, v)), *gpu, **kwargs)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (*cpu, *cpu_grads), (*gpu, *gpu_grads)):
+        assert_close_relative(cupy.asnumpy(b), a, "float64", name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, dtype):
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401
+
+    q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, numpy.dtype(dtype), *[(2, 4, 300, 64)] * 4))
+    kwargs = dict(causal=True, dropout_p=0.2, dropout_seed=_seed(rng))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kwargs)
+    again = cuflash.attention(q, k, v, **kwargs)
+    assert cupy.asnumpy(out).tobytes() == cupy.asnumpy(again).tobytes()
+    runs = [cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **kwargs) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_gpu_dropout_runs_on_families_that_drop(rng, monkeypatch, dtype):
+    """The kernels a call with dropout ran are all dropout forms (Variant.dropout) of families whose
+    kernels drop (not the Hopper families, the DMMA ones or the dbias kernel), or the prep kernels."""
+    pytest.importorskip("cupy")
+    from cuflash._gpu import kernels, plan, tiles
+
+    monkeypatch.setattr(plan, "PLANS", {})
+    ran = []
+    original = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel", lambda variant, device: ran.append(variant) or original(variant, device))
+    _on_gpu(rng, dtype, ((2, 4, 256, 128), (2, 2, 512, 128), dict(causal=True, bias=True)), deterministic=False)
+    assert ran
+    for variant in ran:
+        spec = tiles.SPECS.get(variant.kernel)
+        assert spec is None or (spec.drops and variant.dropout) or not spec.masked, variant
+
+
+def test_dropout_forms_are_their_own_variants_on_dropping_families():
+    """Every dtype, head dim and arch has a dropout form of the forward and the backward (the
+    kScoreMods form with kDropout), on the families that drop; no other Variant compiles dropout."""
+    from cuflash._gpu import tiles
+
+    for arch in ("80", "86", "90a"):
+        for dtype in tiles.DTYPES:
+            for d in tiles.HEAD_DIMS:
+                for precision in tiles.precisions_of(dtype):
+                    forward = tiles.select(dtype, d, d, False, arch, precision=precision, dropout=True)
+                    assert forward.dropout and forward.score_mods and tiles.SPECS[forward.kernel].drops
+                    plain = tiles.select(dtype, d, d, False, arch, precision=precision)
+                    assert not plain.dropout
+                    try:
+                        backward = tiles.select_backward(dtype, d, d, False, arch, precision=precision, dropout=True)
+                    except ValueError:  # (a bucket with no backward tile on this arch has none either way)
+                        continue
+                    assert backward.dkdv.dropout and backward.dq.dropout
+                    assert not backward.delta.dropout and not backward.dq_convert.dropout
+                    assert "true, true>" in backward.dkdv.name_expression
+        assert tiles.select_dbias("bfloat16", 64, 64, arch, dropout=True) is None
