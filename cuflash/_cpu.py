@@ -206,7 +206,7 @@ def _forward_block(p: Problem, q_block, k, v, rows: slice, lead, mods, sinks):
         # l_i = alpha l_i + rowsum(P~);  acc = alpha acc + P~ V_j (P~ dropped: the row sums are the
         # undropped ones)
         l_i = alpha * l_i + p_tile.sum(axis=-1)
-        p_tile = mods.dropped(p_tile, rows, keys)
+        p_tile = mods.dropped(p_tile, mods.keep(rows, keys))
         v_tile = v[..., keys, :]
         pv = p_tile @ v_tile
         if visible is not None and not numpy.isfinite(pv).all():  # maybe 0 * NaN of a hidden key
@@ -278,8 +278,9 @@ def _backward(p: BackwardProblem):
         Under dropout dV takes the dropped P (P o Z / q) and dS = P * (Z o dP / q - delta_i)."""
         s, d_capped, visible = _scores(p, q_g[..., rows, :], k_g[..., keys, :], rows, keys, mods)
         p_tile = numpy.exp(s - lse_ref[..., rows, None])
-        dp = mods.dropped(dout[..., rows, :] @ numpy.swapaxes(v_g[..., keys, :], -1, -2), rows, keys)
-        return mods.dropped(p_tile, rows, keys), p_tile * (dp - delta[..., rows, None]), d_capped, visible
+        keep = mods.keep(rows, keys)
+        dp = mods.dropped(dout[..., rows, :] @ numpy.swapaxes(v_g[..., keys, :], -1, -2), keep)
+        return mods.dropped(p_tile, keep), p_tile * (dp - delta[..., rows, None]), d_capped, visible
 
     def capped(ds, d_capped):  # through softcap: d(c tanh(s / c)) / ds = 1 - tanh^2(s / c)
         return ds if d_capped is None else ds * d_capped
@@ -383,11 +384,16 @@ class _ScoreMods:
         # hkv * group + g, so the grouped axes reshape from the flat order.
         self.rows = numpy.arange(math.prod(p.lead_shape), dtype=numpy.uint64).reshape(lead)
 
-    def dropped(self, x, rows: slice, keys: slice):
-        """x o Z / q over a (lead, rows, keys) block under dropout (_dropout.py), else x itself."""
+    def keep(self, rows: slice, keys: slice):
+        """Dropout's keep mask Z over a (lead, rows, keys) block (_dropout.py), or None without dropout."""
         if self.dropout_seed is None:
+            return None
+        return _dropout.keep_block(self.dropout_seed, self.dropout_p, self.rows, rows, keys)
+
+    def dropped(self, x, keep):
+        """x o Z / q for a block's keep mask Z (``keep``), or x itself where it is None."""
+        if keep is None:
             return x
-        keep = _dropout.keep_block(self.dropout_seed, self.dropout_p, self.rows, rows, keys)
         return numpy.where(keep, x * x.dtype.type(_dropout.keep_scale(self.dropout_p)), 0)
 
     def mask_block(self, rows: slice, keys: slice):

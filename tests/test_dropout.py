@@ -48,7 +48,8 @@ def test_the_keep_mask_is_one_function_of_the_indices_whatever_the_block(rng):
         numpy.testing.assert_array_equal(block, whole[..., queries, keys])
     # the definition, spelled out for one score: key j's draw is half j % 2 of word (j % 8) / 2
     r, i, j = 7, 33, 141
-    words = _dropout.philox4x32_10(j // 8, i, r, 0, seed & 0xFFFFFFFF, seed >> 32)
+    row = int(rows.reshape(-1)[r])  # 2^33 + 7: counter words (7, 2)
+    words = _dropout.philox4x32_10(j // 8, i, row % 2**32, row >> 32, seed & 0xFFFFFFFF, seed >> 32)
     draw = (int(words[(j % 8) // 2]) >> (16 * (j % 2))) & 0xFFFF
     assert bool(whole.reshape(12, 70, 300)[r, i, j]) == (draw >= _dropout.threshold(rate))
 
