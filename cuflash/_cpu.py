@@ -382,7 +382,8 @@ class _ScoreMods:
         self.dropout_p, self.dropout_seed = p.dropout_p, p.dropout_seed
         # The attention rows' flat indices (_dropout.py's r) in the GQA-grouped lead: query head h =
         # hkv * group + g, so the grouped axes reshape from the flat order.
-        self.rows = numpy.arange(math.prod(p.lead_shape), dtype=numpy.uint64).reshape(lead)
+        self.rows = numpy.arange(p.dropout_first_row, p.dropout_first_row + math.prod(p.lead_shape),
+                                 dtype=numpy.uint64).reshape(lead)
 
     def keep(self, rows: slice, keys: slice):
         """Dropout's keep mask Z over a (lead, rows, keys) block (_dropout.py), or None without dropout."""

@@ -106,6 +106,10 @@ class Problem:
     # Attention dropout (_dropout.py): the rate, and the seed of the keep mask (None: no dropout).
     dropout_p: float = 0.0
     dropout_seed: int | None = None
+    # The keep mask's index of the first attention row (the rest follow in C order): 0, but for a
+    # packed batch's sequence b run alone by the CPU backend, b * H (the kernels' row index of a
+    # packed batch is b * H + h, as the padded batch's: _varlen.py).
+    dropout_first_row: int = 0
 
     @property
     def has_score_mods(self) -> bool:

@@ -211,7 +211,7 @@ def _plan_key(kind, arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     return_lse=False, out=None, precision=None):
+                     return_lse=False, out=None, precision=None, dropout_p=0.0, dropout_seed=None):
     """Attention over packed sequences; ``(out, lse)`` with ``return_lse`` (lse ``(Hq, total_q)``).
 
     On the GPU with both ``max_seqlen_q`` and ``max_seqlen_k``, nothing is read back: the prefix
@@ -227,11 +227,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     A repeated GPU call with both hints (ints) and no modifier or ``out=`` replays the plan of its
     signature (arrays' dtypes, shapes, strides, alignment, the options and hints), as
-    :func:`cuflash.attention` does. ``precision`` as :func:`cuflash.attention`'s.
+    :func:`cuflash.attention` does. ``precision``, ``dropout_p`` and ``dropout_seed`` as
+    :func:`cuflash.attention`'s; sequence b's head h is attention row ``b * H + h`` of the keep mask,
+    its queries and keys counted from the sequence's first, so a packed batch drops exactly what
+    the same sequences padded into a ``(B, H, L, D)`` batch drop.
     """
     key = None
     if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _api._plain_options(scale, causal, window, precision)):
+            and _api._no_dropout(dropout_p, dropout_seed) and _api._plain_options(scale, causal, window, precision)):
         key = _plan_key("attention_varlen", (q, k, v), cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                         max_seqlen_k, (scale, causal, window, precision))
         cached = _api._plans().PLANS.get(key) if key is not None else None
@@ -240,12 +243,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
             return (result, lse) if return_lse else result
     return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                    seqused_k=seqused_k, scale=scale, causal=causal, window=window, softcap=softcap,
-                   alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out, precision=precision)
+                   alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out, precision=precision,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
             scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
-            out=None, precision=None):
+            out=None, precision=None, dropout_p=0.0, dropout_seed=None):
     """:func:`attention_varlen`'s full path (validation, planning, the launch); a GPU plan that
     can replay the call is kept under ``key`` (None: not kept). The torch adapter calls it with
     its own keys."""
@@ -254,7 +258,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
     batch = cu_seqlens_q.shape[0] - 1
     problem = _spec.resolve_forward(*_stand_ins(xp, batch, alibi_slopes, q, k, v), scale=scale, causal=causal,
                                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                                    return_lse=return_lse, precision=precision)
+                                    return_lse=return_lse, precision=precision, dropout_p=dropout_p,
+                                    dropout_seed=dropout_seed)
     shape = (q.shape[0], q.shape[1], v.shape[2])
     if out is not None:
         _check_packed("out", out, xp, problem.dtype, shape, "shape {} (total_q, Hq, Dv)")
@@ -264,7 +269,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
     if xp is not numpy:
         packed = _packed_problem(_spec.resolve_forward, (q, k, v), problem, longest, cu_seqlens_q, cu_seqlens_k,
                                  seqused_k, causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
-                                 return_lse=True, out=None if out is None else _heads_first(out), precision=precision)
+                                 return_lse=True, out=None if out is None else _heads_first(out), precision=precision,
+                                 dropout_p=problem.dropout_p, dropout_seed=problem.dropout_seed)
         result, lse = _api.forward(packed, key)
         # The packed layout: out itself, or the forward's own allocation (made in that layout).
         result = out if out is not None else _heads_first(result)
@@ -273,9 +279,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
     for b, (rows, keys) in enumerate(spans):
         heads_first = (_heads_first(x) for x in (q[rows], k[keys], v[keys]))
-        o, l = _api.attention(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
-                              alibi_slopes=None if slopes is None else slopes[b], sinks=sinks, return_lse=True,
-                              precision=precision)
+        sequence = _spec.resolve_forward(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
+                                         alibi_slopes=None if slopes is None else slopes[b], sinks=sinks,
+                                         return_lse=True, precision=precision, dropout_p=problem.dropout_p,
+                                         dropout_seed=problem.dropout_seed)
+        o, l = _api.forward(dataclasses.replace(sequence, dropout_first_row=b * q.shape[1]))
         result[rows] = _heads_first(o)
         lse[:, rows] = l
     if out is not None:
@@ -286,14 +294,16 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, seqused_k=None, scale=None, causal=False, window=None, softcap=None,
-                              alibi_slopes=None, sinks=None, deterministic=False, precision=None):
+                              alibi_slopes=None, sinks=None, deterministic=False, precision=None, dropout_p=0.0,
+                              dropout_seed=None):
     """``(dq, dk, dv)`` of :func:`attention_varlen` (``dsinks`` after them with sinks); keys past
     ``seqused_k`` get zero gradients. ``dout`` and ``out`` are ``(total_q, Hq, Dv)`` and ``lse``
     ``(Hq, total_q)``, as the forward returns them; all is checked before any sequence runs.
-    Repeated GPU calls replay plans as :func:`attention_varlen`'s do."""
+    Repeated GPU calls replay plans as :func:`attention_varlen`'s do; ``dropout_p`` and
+    ``dropout_seed``: the forward's."""
     key = None
     if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _api._plain_options(scale, causal, window, precision)):
+            and _api._no_dropout(dropout_p, dropout_seed) and _api._plain_options(scale, causal, window, precision)):
         arrays = (dout, q, k, v, out, lse)
         key = _plan_key("attention_varlen_backward", arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                         max_seqlen_k, (scale, causal, window, deterministic, precision))
@@ -303,12 +313,12 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q,
                     max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, scale=scale, causal=causal, window=window,
                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic,
-                    precision=precision)
+                    precision=precision, dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None, max_seqlen_k=None,
              seqused_k=None, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-             deterministic=False, precision=None):
+             deterministic=False, precision=None, dropout_p=0.0, dropout_seed=None):
     """:func:`attention_varlen_backward`'s full path; the GPU plan is kept under ``key``."""
     xp, spans, slopes, longest = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                           alibi_slopes)
@@ -323,20 +333,23 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key=None, *, m
     problem = _spec.resolve_backward(*stand_ins,
                                      scale=scale, causal=causal, window=window, softcap=softcap,
                                      alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic,
-                                     precision=precision)
+                                     precision=precision, dropout_p=dropout_p, dropout_seed=dropout_seed)
     if xp is not numpy:
         packed = _packed_problem(_spec.resolve_backward, (dout, q, k, v, out), problem, longest, cu_seqlens_q,
                                  cu_seqlens_k, seqused_k, causal, lse, scale=scale, window=window, softcap=softcap,
-                                 sinks=sinks, deterministic=deterministic, precision=precision)
+                                 sinks=sinks, deterministic=deterministic, precision=precision,
+                                 dropout_p=problem.dropout_p, dropout_seed=problem.dropout_seed)
         grads = _api.backward(packed, key)
         return tuple(_packed_layout(xp, g) for g in grads[:3]) + tuple(grads[3:])
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None
     for b, (rows, keys) in enumerate(spans):
         heads_first = [_heads_first(x) for x in (dout[rows], q[rows], k[keys], v[keys], out[rows])]
-        grads = _api.attention_backward(*heads_first, lse[:, rows], scale=scale, causal=causal, window=window,
-                                        softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
-                                        sinks=sinks, deterministic=deterministic, precision=precision)
+        sequence = _spec.resolve_backward(*heads_first, lse[:, rows], scale=scale, causal=causal, window=window,
+                                          softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
+                                          sinks=sinks, deterministic=deterministic, precision=precision,
+                                          dropout_p=problem.dropout_p, dropout_seed=problem.dropout_seed)
+        grads = _api.backward(dataclasses.replace(sequence, dropout_first_row=b * q.shape[1]))
         dq[rows] = _heads_first(grads[0])
         dk[keys] = _heads_first(grads[1])
         dv[keys] = _heads_first(grads[2])

@@ -47,8 +47,7 @@ attending to itself as in transformers' flash-attention integration (eagerly and
 ``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments).
 Continuous batching (``generate_batch``) runs through :func:`paged_attention_forward`. What
 cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
-warning per reason: a mask of another dtype, attention dropout over padding-free documents,
-tensors on a device other than CPU/CUDA. Attention dropout (a model in training mode) runs in
+warning per reason: a mask of another dtype, tensors on a device other than CPU/CUDA. Attention dropout (a model in training mode) runs in
 cuflash with its keep mask seeded from torch's generator (``cuflash.torch.attention``); a padded
 batch that drops then runs as its mask rather than sequence by sequence. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
 test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
@@ -672,7 +671,7 @@ def _collated_documents(query, kwargs):
 
 
 def _attention_of_documents(module, query, key, value, documents, scaling, softcap, sliding_window, is_causal,
-                            kwargs):
+                            kwargs, dropout=0.0):
     """Attention within each document of a padding-free batch (_collated_documents), as
     transformers' flash-attention integration computes it: the (B, L) tokens flattened, one packed
     call (causal per document by the module's rule; ``sliding_window`` as flash-attention's
@@ -691,6 +690,9 @@ def _attention_of_documents(module, query, key, value, documents, scaling, softc
 
     options = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scaling, causal="top_left" if causal else False,
                    window=window, softcap=softcap or None)
+    if dropout:  # (the module's attention dropout: its seed drawn from torch's generator, traced when compiling)
+        rate, seed = _cuflash_torch._dropout_arguments(float(dropout), None, as_tensor=torch.compiler.is_compiling())
+        options.update(dropout_p=rate, dropout_seed=seed)
     out, _ = _cuflash_torch._varlen_attention(rows(query), rows(key), rows(value), cu_q, cu_k, None, None,
                                               kwargs.get("s_aux"), options)
     return out.view(batch, length, heads, value.shape[-1])
@@ -745,13 +747,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     documents = _collated_documents(query, kwargs)
     if documents is not None:
         reason = _unsupported(query, key, value, softcap, kwargs)
-        if reason is None and dropout:
-            reason = f"attention dropout ({dropout}) over padding-free documents (the packed call has no dropout)"
         if reason is not None:
             return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         _count()
         return _attention_of_documents(module, query, key, value, documents, scaling, softcap, sliding_window,
-                                       is_causal, kwargs).contiguous(), None
+                                       is_causal, kwargs, dropout).contiguous(), None
     if attention_mask is not None and torch.compiler.is_compiling():
         return _traced_with_mask(module, query, key, value, attention_mask, scaling, dropout, softcap, is_causal,
                                  sliding_window, kwargs)

@@ -306,10 +306,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``(B + 1,)``; causal (bottom-right, per sequence) sets the window's right side to 0 as in
     flash-attn. Returns out ``(total_q, H, Dv)``, or ``(out, softmax_lse (H, total_q), None)``.
     cuflash.attention_varlen underneath (on CUDA tensors one launch per kernel for the whole batch).
-    Dropout is not supported on packed batches yet (NotImplementedError; flash_attn_func drops)."""
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"cuflash does not support dropout on packed (varlen) batches yet "
-                                  f"(dropout_p={dropout_p}): pass dropout_p=0.0, or a padded batch to flash_attn_func")
+    ``dropout_p`` as :func:`flash_attn_func`'s: a packed batch drops what the same sequences padded
+    would (cuflash.attention_varlen's keep mask)."""
     for name, tensor in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, tensor)
     scale, window, softcap = _flash_conventions(softmax_scale, causal, window_size, softcap)
@@ -317,6 +315,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    max_seqlen_k=_spec._integer("max_seqlen_k", max_seqlen_k),
                    scale=scale, causal=bool(causal), window=window, softcap=softcap,
                    deterministic=bool(deterministic))
+    rate, seed = _dropout_arguments(dropout_p, None, as_tensor=torch.compiler.is_compiling())
+    if rate:
+        options.update(dropout_p=rate, dropout_seed=seed)
     out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, alibi_slopes, None, options)
     return (out, lse, None) if return_attn_probs else out
 
@@ -933,11 +934,11 @@ def _varlen_attention(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
 
 
 def _cached_varlen_plan(kind, tensors, packed, alibi, sinks, options, ignored):
-    """``_cached_plan`` for a packed call on CUDA tensors that a plan can replay (no ALiBi, sinks or
-    softcap; the hints, ints, are in the key), else ``(None, None, None)``. ``ignored``: options
-    that do not decide the launches (the forward's ``deterministic``)."""
+    """``_cached_plan`` for a packed call on CUDA tensors that a plan can replay (no ALiBi, sinks,
+    softcap or dropout; the hints, ints, are in the key), else ``(None, None, None)``. ``ignored``:
+    options that do not decide the launches (the forward's ``deterministic``)."""
     cu_q, cu_k, seqused_k = packed
-    if (alibi is not None or sinks is not None or options.get("softcap") is not None
+    if (alibi is not None or sinks is not None or options.get("softcap") is not None or options.get("dropout_p")
             or not all(t.is_cuda for t in tensors + (cu_q, cu_k))):
         return None, None, None
     listed = tuple((name, value) for name, value in options.items() if name not in ignored)
@@ -1615,16 +1616,23 @@ torch.library.register_autograd(
 
 def _varlen_op_options(options) -> tuple:
     """attention_varlen's options dict as the ops' arguments (max_seqlen_q, max_seqlen_k, scale,
-    causal name, window_left, window_right, softcap, deterministic)."""
+    causal name, window_left, window_right, softcap, deterministic, dropout_p, dropout_seed: a 0-d
+    int64 tensor, traced, or None)."""
     causal_name, window_left, window_right = _mask_arguments(options["causal"], options.get("window"))
     return (int(options["max_seqlen_q"]), int(options["max_seqlen_k"]), options.get("scale"), causal_name,
-            window_left, window_right, options.get("softcap"), bool(options.get("deterministic", False)))
+            window_left, window_right, options.get("softcap"), bool(options.get("deterministic", False)),
+            float(options.get("dropout_p", 0.0)), options.get("dropout_seed"))
 
 
-def _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic):
-    """_varlen_op_options' inverse."""
-    return dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=_CAUSAL_BY_NAME[causal],
-                window=(window_left, window_right), softcap=softcap, deterministic=deterministic)
+def _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic,
+                    dropout_p=0.0, dropout_seed=None):
+    """_varlen_op_options' inverse (the seed as cuflash's int)."""
+    options = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=_CAUSAL_BY_NAME[causal],
+                   window=(window_left, window_right), softcap=softcap, deterministic=deterministic)
+    dropout = _op_dropout(dropout_p, dropout_seed)
+    if dropout is not None:
+        options.update(dropout_p=dropout[0], dropout_seed=dropout[1])
+    return options
 
 
 @torch.library.custom_op("cuflash::attention_varlen_fwd", mutates_args=())
@@ -1632,9 +1640,11 @@ def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                    sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
                    causal: str, window_left: int, window_right: int, softcap: Optional[float],
-                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   deterministic: bool, dropout_p: float, dropout_seed: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, _varlen_options(
-        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic))
+        max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, deterministic, dropout_p,
+        dropout_seed))
     return out.contiguous(), lse.contiguous()  # (as the shapes below promise)
 
 
@@ -1650,10 +1660,11 @@ def _varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                    sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: Optional[float],
                    causal: str, window_left: int, window_right: int, softcap: Optional[float],
-                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   deterministic: bool, dropout_p: float, dropout_seed: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, out, lse, alibi_slopes, sinks,
                              _varlen_options(max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
-                                             softcap, deterministic))
+                                             softcap, deterministic, dropout_p, dropout_seed))
     dsinks = grads[3] if sinks is not None else q.new_empty(0)  # (a fixed number of tensors)
     return tuple(g.contiguous() for g in grads[:3]) + (dsinks.contiguous(),)
 

@@ -344,3 +344,74 @@ def test_dropout_forms_are_their_own_variants_on_dropping_families():
                     assert not backward.delta.dropout and not backward.dq_convert.dropout
                     assert "true, true>" in backward.dkdv.name_expression
         assert tiles.select_dbias("bfloat16", 64, 64, arch, dropout=True) is None
+
+
+# ---------------------------------------------------------------------------------------- packed batches
+
+
+def _packed_and_padded(rng, dtype, lengths, heads=4, heads_kv=2, d=16):
+    """Packed q, k, v, dout ((total, H, D)), cu_seqlens, and the same sequences padded into
+    (B, H, Lmax, D) arrays (zeros past each sequence) with its key-padding mask."""
+    total, longest = sum(lengths), max(lengths)
+    q, dout = (rng.standard_normal((total, heads, d)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((total, heads_kv, d)).astype(dtype) for _ in range(2))
+    cu = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int32)
+
+    def padded(x):
+        out = numpy.zeros((len(lengths), x.shape[1], longest, d), dtype)
+        for b, n in enumerate(lengths):
+            out[b, :, :n] = x[cu[b]:cu[b + 1]].transpose(1, 0, 2)
+        return out
+
+    mask = numpy.arange(longest)[None, None, None, :] < numpy.asarray(lengths)[:, None, None, None]
+    return (q, k, v, dout, cu), tuple(padded(x) for x in (q, k, v, dout)), mask
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_packed_batch_drops_what_the_same_sequences_padded_drop(rng, dtype):
+    """attention_varlen's keep mask: sequence b's head h is row b * H + h, queries and keys counted
+    from the sequence's start, so the packed result is the padded batch's (with its key mask) on
+    the real rows, forward and backward."""
+    lengths = [37, 5, 64, 1]
+    (q, k, v, dout, cu), (pq, pk, pv, pdout), mask = _packed_and_padded(rng, dtype, lengths)
+    kwargs = dict(causal=True, dropout_p=0.3, dropout_seed=_seed(rng))
+    out, lse = cuflash.attention_varlen(q, k, v, cu, cu, return_lse=True, **kwargs)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, **kwargs)
+    pout, plse = cuflash.attention(pq, pk, pv, mask=mask, return_lse=True, **kwargs)
+    pgrads = cuflash.attention_backward(pdout, pq, pk, pv, pout, plse, mask=mask, **kwargs)
+    for b, n in enumerate(lengths):
+        rows = slice(cu[b], cu[b + 1])
+        assert_close_relative(out[rows], pout[b, :, :n].transpose(1, 0, 2), dtype, f"out of sequence {b}")
+        for name, grad, pgrad in zip(("dq", "dk", "dv"), grads, pgrads):
+            assert_close_relative(grad[rows], pgrad[b, :, :n].transpose(1, 0, 2), dtype, f"{name} of sequence {b}")
+    plain = cuflash.attention_varlen(q, k, v, cu, cu, causal=True)
+    assert not numpy.allclose(out, plain)  # (something was dropped)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_gpu_packed_batches_drop_as_the_cpu_backend_and_the_padded_batch(rng, dtype):
+    """The packed kernels' keep mask (rows b * H + h of the grid) is the CPU backend's per-sequence
+    one (float32/float64: the same results to rounding) and the padded batch's (bfloat16: the
+    packed rows equal the padded call's to bfloat16's rounding of the same arithmetic)."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401
+
+    lengths = [130, 7, 300, 1, 64]
+    (q, k, v, dout, cu), padded, mask = _packed_and_padded(rng, numpy.dtype(dtype), lengths, heads=8, heads_kv=2, d=64)
+    kwargs = dict(causal=True, dropout_p=0.2, dropout_seed=_seed(rng))
+    gq, gk, gv, gdout, gcu = (cupy.asarray(x) for x in (q, k, v, dout, cu))
+    out, lse = cuflash.attention_varlen(gq, gk, gv, gcu, gcu, return_lse=True, **kwargs)
+    grads = cuflash.attention_varlen_backward(gdout, gq, gk, gv, out, lse, gcu, gcu, **kwargs)
+    if dtype != "bfloat16":
+        cpu_out, cpu_lse = cuflash.attention_varlen(q, k, v, cu, cu, return_lse=True, **kwargs)
+        cpu_grads = cuflash.attention_varlen_backward(dout, q, k, v, cpu_out, cpu_lse, cu, cu, **kwargs)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (cpu_out, *cpu_grads), (out, *grads)):
+            assert_close_relative(cupy.asnumpy(b), a, dtype, name)
+        return
+    pq, pk, pv, pdout = (cupy.asarray(x) for x in padded)
+    pout = cupy.asnumpy(cuflash.attention(pq, pk, pv, mask=cupy.asarray(mask), **kwargs)).astype(numpy.float32)
+    got = cupy.asnumpy(out).astype(numpy.float32)
+    for b, n in enumerate(lengths):
+        want = pout[b, :, :n].transpose(1, 0, 2)
+        assert numpy.abs(got[cu[b]:cu[b + 1]] - want).max() <= 2 * 2.0**-7 * max(numpy.abs(want).max(), 1.0), b

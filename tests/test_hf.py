@@ -736,10 +736,12 @@ def test_an_sdpa_model_under_sdpa_override_runs_cuflash():
     assert_gradients_match(inside[2], outside[2])
 
 
-def _dropping_sdpa(seeds):
+def _dropping_sdpa(seeds, documents=None):
     """torch's SDPA as transformers' SDPA integration calls it, but dropping exactly the keep mask
     cuflash drew for the same call (``seeds``: cuflash's seeds in call order; cuflash._dropout's
-    mask over (batch x head, query, key)), so that a reference model drops what cuflash dropped."""
+    mask over (batch x head, query, key)), so that a reference model drops what cuflash dropped.
+    ``documents``: the cu_seq_lens of a flattened batch (one row): document b's block is then
+    dropped as cuflash's packed call drops it (rows b * H + h, indices from the document's start)."""
     from cuflash import _dropout
 
     real = torch.nn.functional.scaled_dot_product_attention
@@ -755,9 +757,17 @@ def _dropping_sdpa(seeds):
             attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        rows = numpy.arange(query.shape[0] * query.shape[1], dtype=numpy.uint64).reshape(query.shape[:2])
-        keep = _dropout.keep_mask(next(calls), dropout_p, rows[..., None, None], numpy.arange(query.shape[2])[:, None],
-                                  numpy.arange(key.shape[2])[None, :])
+        seed, heads = next(calls), query.shape[1]
+        if documents is None:
+            rows = numpy.arange(query.shape[0] * heads, dtype=numpy.uint64).reshape(query.shape[:2])
+            keep = _dropout.keep_mask(seed, dropout_p, rows[..., None, None], numpy.arange(query.shape[2])[:, None],
+                                      numpy.arange(key.shape[2])[None, :])
+        else:  # (one row of documents: hidden pairs across documents need no keep bit)
+            keep = numpy.zeros((1, heads, query.shape[2], key.shape[2]), bool)
+            for b, (start, stop) in enumerate(zip(documents[:-1], documents[1:])):
+                rows = numpy.arange(b * heads, (b + 1) * heads, dtype=numpy.uint64)[None, :, None, None]
+                keep[..., start:stop, start:stop] = _dropout.keep_mask(
+                    seed, dropout_p, rows, numpy.arange(stop - start)[:, None], numpy.arange(stop - start)[None, :])
         return (scores.softmax(-1) * torch.from_numpy(keep) * _dropout.keep_scale(dropout_p)) @ value
 
     return sdpa
@@ -787,6 +797,29 @@ def test_training_with_attention_dropout_runs_in_cuflash(monkeypatch):
     ours.eval()
     reference.eval()
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOLERANCE[torch.float64])
+
+
+def test_a_flattened_batch_with_attention_dropout_runs_in_cuflash(monkeypatch):
+    """Padding-free training with attention dropout: one packed call per layer in cuflash (no
+    fallback), each document dropped as the same documents padded would be; loss and gradients
+    as SDPA's use_cache=False model dropping exactly those masks."""
+    reference, ours = model_pair(llama_config(attention_dropout=0.3), torch.float64)
+    batch = _flattened_batch()
+    seeds, draw = [], torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: (lambda value: seeds.append(int(value)) or value)(
+        draw(*args, **kwargs)))
+    ours.train()
+    mine = ours(**batch).loss
+    mine.backward()
+    assert hf.COUNTS == {"cuflash": LAYERS, "fallback": 0, "fallback_reasons": {}} and len(set(seeds)) == LAYERS
+    documents = batch["cu_seq_lens_q"].tolist()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _dropping_sdpa(list(seeds), documents))
+    reference.train()
+    theirs = reference(**batch, use_cache=False).loss
+    theirs.backward()
+    torch.testing.assert_close(mine, theirs, **TOLERANCE[torch.float64])
+    assert_gradients_match({name: x.grad for name, x in ours.named_parameters()},
+                           {name: x.grad for name, x in reference.named_parameters()})
 
 
 @pytest.mark.parametrize("is_causal", [None, True, False])

@@ -928,10 +928,19 @@ def test_packed_drop_ins_name_the_callers_arguments(randt):
             getattr(ct, name)(*arguments)
 
 
-def test_packed_drop_ins_say_what_they_do_not_support(randt):
+def test_packed_drop_ins_drop(randt):
+    """The stacked and packed drop-ins pass dropout_p on (a seeded call repeats; 0 drops nothing)."""
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ct.flash_attn_varlen_kvpacked_func(randt(4, 2, 8), randt(4, 2, 2, 8), cu, cu, 4, 4, 0.1)
+    q, kv, qkv = randt(4, 2, 8), randt(4, 2, 2, 8), randt(1, 4, 3, 2, 8)
+    plain = ct.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 4, 4, 0.0)
+    torch.manual_seed(1)
+    dropped = ct.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 4, 4, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(dropped, ct.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 4, 4, 0.5))
+    assert not torch.equal(dropped, plain)
+    torch.manual_seed(2)
+    stacked = ct.flash_attn_qkvpacked_func(qkv, dropout_p=0.5)
+    assert not torch.equal(stacked, ct.flash_attn_qkvpacked_func(qkv))
 
 
 def test_torch_compile_fullgraph_packed_drop_ins(randt):
@@ -1320,3 +1329,25 @@ def test_a_kept_kvcache_signature_launches_from_the_tensors_addresses(monkeypatc
     assert launched == []
     monkeypatch.setattr(ct._ON_TORCH_STREAM, "ready", set())
     assert kept.run(q, k_cache, v_cache, k, v, lengths, None) is None and launched == []
+
+
+def test_flash_attn_varlen_func_drops_as_attention_varlen(rng):
+    """flash_attn_varlen_func(dropout_p) draws its seed from torch's generator and drops what
+    cuflash.attention_varlen drops with that seed; its gradients are attention_varlen_backward's."""
+    lengths = [9, 1, 14]
+    cu = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int32)
+    q, k, v, dout = (rng.standard_normal((sum(lengths), 4, 8)) for _ in range(4))
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    tcu = torch.from_numpy(cu)
+    torch.manual_seed(9)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    torch.manual_seed(9)
+    out = ct.flash_attn_varlen_func(tq, tk, tv, tcu, tcu, 14, 14, dropout_p=0.4, causal=True)
+    expected, lse = cuflash.attention_varlen(q, k, v, cu, cu, causal=True, dropout_p=0.4, dropout_seed=seed,
+                                             return_lse=True)
+    numpy.testing.assert_array_equal(out.detach().numpy(), expected)
+    out.backward(torch.tensor(dout))
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, expected, lse, cu, cu, causal=True, dropout_p=0.4,
+                                              dropout_seed=seed)
+    for got, want in zip((tq.grad, tk.grad, tv.grad), grads):
+        numpy.testing.assert_array_equal(got.numpy(), want)

@@ -106,7 +106,7 @@ def test_out_is_written_only_after_every_sequence_ran(rng, monkeypatch):
     the caller's out= as it was, though the sequences before it ran."""
     q, k, v, cu_q, cu_k = _packed(rng, [5, 4, 1], [4, 4, 4])
     out = numpy.full((10, 4, 6), 7.0)
-    dense, calls = cuflash._api.attention, []
+    dense, calls = cuflash._api.forward, []
 
     def refuse_the_second(*args, **kwargs):
         calls.append(1)
@@ -114,11 +114,11 @@ def test_out_is_written_only_after_every_sequence_ran(rng, monkeypatch):
             raise ValueError("refused")
         return dense(*args, **kwargs)
 
-    monkeypatch.setattr(cuflash._api, "attention", refuse_the_second)
+    monkeypatch.setattr(cuflash._api, "forward", refuse_the_second)  # (each sequence's dense run)
     with pytest.raises(ValueError, match="refused"):
         cuflash.attention_varlen(q, k, v, cu_q, cu_k, out=out)
-    assert (out == 7.0).all()
-    monkeypatch.setattr(cuflash._api, "attention", dense)
+    assert (out == 7.0).all() and len(calls) == 2
+    monkeypatch.setattr(cuflash._api, "forward", dense)
     result, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, out=out, return_lse=True)
     assert result is out
     numpy.testing.assert_array_equal(out, cuflash.attention_varlen(q, k, v, cu_q, cu_k))
