@@ -415,3 +415,32 @@ def test_gpu_packed_batches_drop_as_the_cpu_backend_and_the_padded_batch(rng, dt
     for b, n in enumerate(lengths):
         want = pout[b, :, :n].transpose(1, 0, 2)
         assert numpy.abs(got[cu[b]:cu[b + 1]] - want).max() <= 2 * 2.0**-7 * max(numpy.abs(want).max(), 1.0), b
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_is_refused_inside_a_cuda_graph_capture(rng):
+    """A captured call would replay its keep mask at every replay (the seed is a kernel argument):
+    refused with a RuntimeError that says so, forward and backward; the capture of the same call
+    without dropout works."""
+    cupy = pytest.importorskip("cupy")
+    q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, numpy.float32, *[(1, 2, 64, 32)] * 4))
+    out, lse = cuflash.attention(q, k, v, return_lse=True, dropout_p=0.1, dropout_seed=3)  # (planned outside)
+    plain = cuflash.attention(q, k, v)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for call in (lambda: cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=3),
+                 lambda: cuflash.attention_backward(dout, q, k, v, out, lse, dropout_p=0.1, dropout_seed=3)):
+        with stream:
+            stream.begin_capture()
+            try:
+                with pytest.raises(RuntimeError, match="CUDA graph capture"):
+                    call()
+            finally:
+                stream.end_capture()
+    with stream:
+        stream.begin_capture()
+        captured = cuflash.attention(q, k, v)
+        graph = stream.end_capture()
+    with stream:
+        graph.launch()
+    stream.synchronize()
+    cupy.testing.assert_array_equal(captured, plain)

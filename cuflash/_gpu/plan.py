@@ -549,6 +549,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     """
     cupy = _cupy()
     p = problem
+    _refuse_captured_dropout(cupy, p)
     out_shape, lse_shape = p.out_shape, p.lse_shape
     out = p.out
     mods = _modifies_scores(p)
@@ -645,6 +646,17 @@ def forward(problem, *, prefetch_backward: bool | None = None):
         # a padded buffer for an odd Dv: return a plain array (one in q's memory order is one)
         o = cupy.ascontiguousarray(o) if p.packed is None else _stored(p, cupy.ascontiguousarray(_stored(p, o)))
     return o, lse, (plan if plain and out is None else None)
+
+
+def _refuse_captured_dropout(cupy, p) -> None:
+    """A call with dropout is refused while the stream captures a CUDA graph: its seed is a kernel
+    argument fixed at capture, so every replay would drop the same probabilities (a training step
+    whose masks never change), silently."""
+    if p.dropout_seed is not None and cupy.cuda.get_current_stream().is_capturing():
+        raise RuntimeError("cuflash: attention dropout inside a CUDA graph capture would replay the captured keep "
+                           "mask at every replay (the seed is fixed when the graph is captured); run calls with "
+                           "dropout_p > 0 outside the graph (torch.compile: not mode='reduce-overhead'), or pass "
+                           "dropout_p=0")
 
 
 def _tensor_maps(p, layout: _Layout, variant, names=("q", "k", "v"), kv_group: int | None = None) -> tuple | None:
@@ -1163,6 +1175,7 @@ def backward(problem):
     """
     cupy = _cupy()
     p = problem
+    _refuse_captured_dropout(cupy, p)
     q, k, v, o, dout = p.q, p.k, p.v, p.o, p.dout
     grads_shape = (q.shape, k.shape, v.shape)
     rows = math.prod(p.lead_shape) * p.seqlen_q
