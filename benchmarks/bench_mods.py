@@ -22,6 +22,10 @@ the flex columns are "-" and cuflash runs alone.
 
     python benchmarks/bench_mods.py [--dtype bf16,fp16] [--headdim 128] [--seqlen 4096,16384] [--mods alibi] [--no-flex]
 
+The dropout row's peers are torch SDPA's backends that drop (FLASH and EFFICIENT, under
+sdpa_kernel, on the same memory and rate; each its own mask, so only the times compare): a third
+table gives their times and their ratio to cuflash's.
+
 Times per call: the device's (--repeats calls back to back between CUDA events, the host's path
 overlapped: what the modifier costs on the GPU) and a lone call's (median of --repeats, each
 from an idle device between CUDA events: the host path included), flex's as cuflash's. Writes
@@ -134,6 +138,43 @@ def bench_flex(libs: harness.Libraries, config: harness.Config, inputs: harness.
     return times, info
 
 
+# torch SDPA's backends that drop (FlashAttention-2 and the memory-efficient kernels), dropout's peers.
+SDPA_DROPOUT_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def bench_sdpa_dropout(libs: harness.Libraries, inputs: harness.InputCopy, causal: bool, rate: float,
+                       repeats: int) -> dict:
+    """torch SDPA with ``dropout_p=rate`` on cuflash's inputs (the same memory), per backend of
+    SDPA_DROPOUT_BACKENDS: ``{backend}_fwd_ms`` (no_grad) and ``{backend}_bwd_ms`` (autograd.grad on
+    a graph saved once, as cuflash's backward runs from a saved out and lse), device time per call
+    as time_calls' ``_ms``; a backend that refuses the call records ``{backend}_note``. Its own
+    mask, not cuflash's: the same statistics, so only the times compare."""
+    torch, cupy = libs.torch, libs.cupy
+    if torch is None:
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    functional = torch.nn.functional
+    result = {}
+    for name, backend in SDPA_DROPOUT_BACKENDS.items():
+        leaves = [x.detach().requires_grad_() for x in (inputs.tq, inputs.tk, inputs.tv)]
+        try:
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                def forward():
+                    with torch.no_grad():
+                        return functional.scaled_dot_product_attention(*leaves, dropout_p=rate, is_causal=causal)
+
+                result[f"{name}_fwd_ms"] = records.streamed_ms(cupy, forward, repeats)
+                out = functional.scaled_dot_product_attention(*leaves, dropout_p=rate, is_causal=causal)
+                result[f"{name}_bwd_ms"] = records.streamed_ms(
+                    cupy, lambda: torch.autograd.grad(out, leaves, inputs.tdout, retain_graph=True), repeats)
+        except RuntimeError as exc:  # no kernel of this backend for the call
+            result[f"{name}_note"] = str(exc).splitlines()[0][:120]
+        out = leaves = None
+        harness.release_memory(libs)
+    return result
+
+
 def flex_errors(row: dict) -> str:
     """Flex's error relative to cuflash's outputs, forward / backward ("-": not checked)."""
     def error(check: dict | None) -> str:
@@ -200,12 +241,17 @@ def main(argv=None) -> int:
                     print(f"[mods] {name} D={d} L={L} causal={causal} {label}: flex", file=sys.stderr, flush=True)
                     flex_times, flex = bench_flex(libs, config, inputs, mods, calls, args.repeats)
                 flex_base = flex_times if flex_base is None else flex_base  # the plain call's, run or not
+                peers = (bench_sdpa_dropout(libs, inputs, causal, mods["dropout_p"], args.repeats)
+                         if "dropout_p" in mods else {})
                 row = {"dtype": name, "D": d, "L": L, "B": b, "H": h, "causal": causal, "mods": label,
                        **times, "fwd_tflops": flops / times["fwd_ms"] / 1e9,
                        "bwd_tflops": 2.5 * flops / times["bwd_ms"] / 1e9, **ratios(times, base, "_vs_plain"),
                        **{f"flex_{key}": value for part in (flex, flex_times, ratios(flex_times, times, "_vs_cuflash"),
                                                             ratios(flex_times, flex_base, "_vs_plain"))
-                          for key, value in part.items()}}
+                          for key, value in part.items()}, **peers,
+                       **{f"{key}_vs_cuflash": value / times[key.replace(f"{name}_", "", 1).replace("_ms", "") + "_ms"]
+                          for name in SDPA_DROPOUT_BACKENDS for key, value in peers.items()
+                          if key.startswith(name) and key.endswith("_ms")}}
                 rows.append(row)
                 print(json.dumps(records.json_safe(row)), file=sys.stderr, flush=True)
             out = lse = inputs = views = None
@@ -242,6 +288,20 @@ def main(argv=None) -> int:
               + "".join(f"| {r[f'{kind}_ms_vs_plain']:.3f} / {cell(r.get(f'flex_{kind}_ms_vs_plain'))} "
                         for kind in CHECKED_OUTPUTS)
               + f"| {flex_errors(r)}{' MISMATCH' if r['flex_correct'] is False else ''} | {note} |")
+    dropped = [r for r in rows if r["mods"] == "dropout"]
+    if dropped:
+        print("\nDropout against torch SDPA's backends that drop (the same inputs and rate; each its own mask), device "
+              "time per call; peer / cuflash > 1: cuflash is faster\n")
+        print("| dtype | D | L | causal | cuflash fwd / bwd ms | " + " | ".join(
+            f"{name} fwd / bwd ms | {name} / cuflash fwd / bwd" for name in SDPA_DROPOUT_BACKENDS) + " |")
+        print("| --- " * (5 + 2 * len(SDPA_DROPOUT_BACKENDS)) + "|")
+        for r in dropped:
+            cells = "".join(
+                f"| {cell(r.get(f'{name}_fwd_ms'))} / {cell(r.get(f'{name}_bwd_ms'))} "
+                f"| {cell(r.get(f'{name}_fwd_ms_vs_cuflash'), '.2f')} / {cell(r.get(f'{name}_bwd_ms_vs_cuflash'), '.2f')} "
+                for name in SDPA_DROPOUT_BACKENDS)
+            print(f"| {r['dtype']} | {r['D']} | {r['L']} | {'yes' if r['causal'] else 'no'} "
+                  f"| {r['fwd_ms']:.3f} / {r['bwd_ms']:.3f} {cells}|")
     print(f"\nrecorded {path}")
     for mismatch in mismatches:
         print(f"MISMATCH {mismatch}", file=sys.stderr)
