@@ -38,8 +38,19 @@ def _plain_options(scale, causal, window, precision=None, softcap=None) -> bool:
 
 
 def _no_dropout(dropout_p, dropout_seed) -> bool:
-    """Whether a call plainly drops nothing (its plan may be kept; any other value is resolved)."""
+    """Whether a call plainly drops nothing (any other value is resolved)."""
     return type(dropout_p) in (float, int) and not dropout_p and dropout_seed is None
+
+
+def dropout_key(dropout_p, dropout_seed) -> tuple | None:
+    """What a plan key holds of a call's dropout: () for none, (rate,) for a float rate in (0, 1)
+    with an int seed in [0, 2^64) (the plan drops at that rate, the seed is each call's: its
+    ``run``'s ``dropout_seed``); None for any other spelling (never keyed: the full path checks it)."""
+    if _no_dropout(dropout_p, dropout_seed):
+        return ()
+    if type(dropout_p) is float and 0.0 < dropout_p < 1.0 and type(dropout_seed) is int and 0 <= dropout_seed < 1 << 64:
+        return (dropout_p,)
+    return None
 
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
@@ -138,12 +149,13 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     out, or ``(out, lse)`` when ``return_lse``.
     """
     key = None
-    if out is None and type(return_lse) is bool and _no_dropout(dropout_p, dropout_seed):
+    dropped = dropout_key(dropout_p, dropout_seed)
+    if out is None and type(return_lse) is bool and dropped is not None:
         key, cached = cached_plan("attention", (q, k, v), bias, mask, (scale, causal, window, precision, softcap),
-                                  per_row=(alibi_slopes, sinks))
+                                  per_row=(alibi_slopes, sinks), extra=dropped)
         if cached is not None:
             o, lse = cached.run(_plans().CUPY_MEMORY, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes,
-                                sinks=sinks)
+                                sinks=sinks, dropout_seed=dropout_seed)
             return (o, lse) if return_lse else o
     problem = _spec.resolve_forward(
         q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -153,15 +165,17 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     return problem.result(*forward(problem, key))
 
 
-def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False, per_row=()):
+def cached_plan(kind: str, arrays: tuple, bias, mask, options: tuple, bias_grad: bool = False, per_row=(),
+                extra=()):
     """``(key, plan)`` of a call on CuPy arrays: its plan-cache key (``_gpu.plan.signature`` over
-    the arrays and ``plan_key_parts``) and the plan kept under it, or None; key None when the call
-    cannot be keyed (``plan_key_parts``, or arrays that are not plain CuPy arrays of this device)."""
+    the arrays and ``plan_key_parts``, then ``extra``: ``dropout_key``'s) and the plan kept under
+    it, or None; key None when the call cannot be keyed (``plan_key_parts``, or arrays that are not
+    plain CuPy arrays of this device)."""
     parts = plan_key_parts(bias, mask, options, bias_grad, per_row)
     if parts is None:
         return None, None
     plans = _plans()
-    key = plans.signature(kind, arrays + parts[0], parts[1])
+    key = plans.signature(kind, arrays + parts[0], parts[1] + extra)
     if key is None:
         return None, None
     return key, plans.kept_plan(key, arrays[1], arrays[2], _element_strides)
@@ -227,13 +241,15 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     :func:`attention`'s (the forward's seed: the backward recomputes its keep mask).
     """
     key = None
-    if type(deterministic) is bool and _no_dropout(dropout_p, dropout_seed):
+    dropped = dropout_key(dropout_p, dropout_seed)
+    if type(deterministic) is bool and dropped is not None:
         arrays = (dout, q, k, v, out, lse)
         key, cached = cached_plan("attention_backward", arrays, bias, mask,
                                   (scale, causal, window, deterministic, precision, softcap), bias_grad=bias_grad,
-                                  per_row=(alibi_slopes, sinks))
+                                  per_row=(alibi_slopes, sinks), extra=dropped)
         if cached is not None:
-            return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks)
+            return cached.run(_plans().CUPY_MEMORY, *arrays, bias=bias, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks,
+                              dropout_seed=dropout_seed)
     problem = _spec.resolve_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, bias=bias, mask=mask, bias_grad=bias_grad,

@@ -1324,15 +1324,16 @@ def _planned_forward(q, k, v, sinks, scale, causal, window_left, window_right, s
                      prefetch_backward, bias, mask, keep=None, dropout=None):
     """(out, lse, the cached plan that ran, or None where the full path did); ``prefetch_backward``
     as _api.forward's; ``keep``: ForwardPlan.run's (the bias's and mask's preparation for the
-    backward, where a cached plan ran); ``dropout``: ``(rate, seed)`` or None (a call with dropout
-    takes the full path: the seed is the call's own)."""
+    backward, where a cached plan ran); ``dropout``: ``(rate, seed)`` or None (a kept plan of the
+    rate replays with the call's seed)."""
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, precision, softcap)
-    key, plan, memory = (None, None, None) if dropout else _cached_attention_plan(
-        "attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks))
+    key, plan, memory = _cached_attention_plan("attention", (q, k, v), bias, mask, options, per_row=(alibi, sinks),
+                                               extra=_api.dropout_key(*(dropout or (0.0, None))))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, keep=keep) + (plan,)
+            return plan.run(memory, q, k, v, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, keep=keep,
+                            dropout_seed=dropout[1] if dropout else None) + (plan,)
     with _running_on(q):
         problem = _spec.resolve_forward(
             *(_to_cuflash(t) for t in (q, k, v)), scale=scale, causal=options[1], window=window, softcap=softcap,
@@ -1351,18 +1352,9 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
     bias_grad) and dsinks (with sinks); cached plans as ``_forward``. ``forward_plan``: the cached
     plan that computed out and lse (or None), which remembers the backward plans that followed it;
     ``prepared``: its preparation of bias and mask (BackwardPlan.run's), or None; ``dropout`` the
-    forward's ``(rate, seed)`` (the full path, as the forward's)."""
+    forward's ``(rate, seed)``, or None."""
     tensors = (dout, q, k, v, out, lse)
-    if dropout:
-        with _running_on(q):
-            problem = _spec.resolve_backward(
-                *(_to_cuflash(t) for t in tensors), scale=scale, causal=_CAUSAL_BY_NAME[causal],
-                window=(window_left, window_right), softcap=softcap, alibi_slopes=_cuflash_or_none(alibi),
-                sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias), mask=_cuflash_or_none(mask),
-                bias_grad=bias_grad, deterministic=deterministic, precision=precision, dropout_p=dropout[0],
-                dropout_seed=dropout[1],
-            )
-            return tuple(_to_torch(g) for g in _api.backward(problem))
+    seed = dropout[1] if dropout else None
     if forward_plan is not None:
         # Everything else the backward's plan key holds (q, k, v, bias, mask, slopes and sinks,
         # the options but these, out's and lse's layouts) the forward plan fixed: what follows
@@ -1372,21 +1364,23 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
         if plan is not None:
             with _on_device(q.device):
                 return plan.run(_MEMORY[q.device], *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks,
-                                prepared=prepared)
+                                prepared=prepared, dropout_seed=seed)
     window = (window_left, window_right)
     options = (scale, _CAUSAL_BY_NAME[causal], window, deterministic, precision, softcap)
     key, plan, memory = _cached_attention_plan("attention_backward", tensors, bias, mask, options, bias_grad,
-                                               per_row=(alibi, sinks))
+                                               per_row=(alibi, sinks), extra=_api.dropout_key(*(dropout or (0.0, None))))
     if plan is not None:
         if forward_plan is not None and len(forward_plan.followers) < _MAX_FOLLOWERS:
             forward_plan.followers[follower] = plan
         with _on_device(q.device):
-            return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, prepared=prepared)
+            return plan.run(memory, *tensors, bias=bias, mask=mask, alibi_slopes=alibi, sinks=sinks, prepared=prepared,
+                            dropout_seed=seed)
     with _running_on(q):
         problem = _spec.resolve_backward(
             *(_to_cuflash(t) for t in tensors), scale=scale, causal=options[1], window=window, softcap=softcap,
             alibi_slopes=_cuflash_or_none(alibi), sinks=_cuflash_or_none(sinks), bias=_cuflash_or_none(bias),
             mask=_cuflash_or_none(mask), bias_grad=bias_grad, deterministic=deterministic, precision=precision,
+            **({} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1])),
         )
         return tuple(_to_torch(g) for g in _api.backward(problem, key))
 
@@ -1395,15 +1389,15 @@ def _backward(dout, q, k, v, out, lse, sinks, scale, causal, window_left, window
 _MAX_FOLLOWERS = 8
 
 
-def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, per_row=()):
+def _cached_attention_plan(kind, tensors, bias, mask, options, bias_grad=False, per_row=(), extra=()):
     """``_cached_plan`` for a dense call on CUDA tensors, keyed as the CuPy API keys it
     (``_api.plan_key_parts``: bias, mask, ALiBi slopes and sinks beside the inputs, softcap and what is given among the
     options), else ``(None, None, None)``: a plan replays any of them on torch's allocator and
     stream, a bias's layout, a key-padding mask's cut and dbias included."""
     parts = _api.plan_key_parts(bias, mask, options, bias_grad, per_row) if tensors[0].is_cuda else None
-    if parts is None:
+    if parts is None or extra is None:  # (extra: _api.dropout_key's; None: not keyed)
         return None, None, None
-    return _cached_plan(kind, tensors + parts[0], parts[1])
+    return _cached_plan(kind, tensors + parts[0], parts[1] + extra)
 
 
 # CuPy's view of each torch stream met, by (device, CUstream handle): made once, not per call

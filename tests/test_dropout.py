@@ -444,3 +444,106 @@ def test_gpu_dropout_is_refused_inside_a_cuda_graph_capture(rng):
         graph.launch()
     stream.synchronize()
     cupy.testing.assert_array_equal(captured, plain)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_kept_plan_replays_a_dropout_call_with_each_calls_seed(monkeypatch, backward):
+    """A plan of a call with dropout (its struct's threshold set) writes each replay's seed into the
+    params it launches with, keeps the rate and scale, and refuses a replay without a seed; a plan
+    without dropout refuses one with a seed. (The keys keep the two apart: _api.dropout_key.)"""
+    import ctypes
+    import types
+
+    pytest.importorskip("cupy")
+    from cuflash._gpu import launch_args, plan, params
+
+    dtype = params.BWD_PARAMS_DTYPE if backward else params.FWD_PARAMS_DTYPE
+    fwd = "fwd" if backward else None
+    launched = []
+    monkeypatch.setattr(launch_args.driver(), "launchKernel", lambda *args: launched.append(
+        numpy.frombuffer(ctypes.string_at(ctypes.c_uint64.from_address(args[9]).value, dtype.itemsize), dtype)[0]))
+
+    def made(drops):
+        struct = numpy.zeros((), dtype=dtype)
+        target = struct[fwd] if fwd else struct
+        if drops:
+            target["dropout_threshold"], target["dropout_scale"], target["dropout_seed"] = 6554, 65536 / 58982, 11
+        launch = plan.Launch(None, 77, 3, 1, 128, 0)
+        if backward:
+            return plan.BackwardPlan(struct, (launch,), {"dq": (1,), "dk": (1,), "dv": (1,)}, numpy.dtype("float16"),
+                                     numpy.dtype("float32"), (8, None))
+        problem = types.SimpleNamespace(packed=None, out_shape=(1, 2, 3, 4), lse_shape=(1, 2, 3),
+                                        dtype=numpy.dtype("float16"), lse_dtype=numpy.dtype("float32"),
+                                        q=numpy.zeros((1, 2, 3, 4)), out=None)
+        monkeypatch.setattr(plan, "_out_order", lambda p, shape: None)
+        return plan.ForwardPlan(problem, struct, (launch,))
+
+    class Memory:  # allocations at made-up addresses
+        next = 1 << 20
+
+        def empty(self, shape, dtype, order=None):
+            Memory.next += 1 << 16
+            return types.SimpleNamespace(ptr=Memory.next, shape=shape, dtype=dtype)
+
+        zeros = empty
+
+        def pointer(self, x):
+            return x.ptr
+
+        def stream(self):
+            return 0
+
+    arrays = [types.SimpleNamespace(ptr=0x1000 * (i + 1)) for i in range(6)]
+    run_args = arrays if backward else arrays[:3]
+    dropping = made(True)
+    for seed in (5, 2**64 - 1, 2**40 + 3):
+        dropping.run(Memory(), *run_args, dropout_seed=seed)
+        p = launched[-1][fwd] if fwd else launched[-1]
+        assert int(p["dropout_seed"]) == seed and int(p["dropout_threshold"]) == 6554
+        assert float(p["dropout_scale"]) == 65536 / 58982
+    with pytest.raises(RuntimeError, match="without a dropout seed"):
+        dropping.run(Memory(), *run_args)
+    with pytest.raises(RuntimeError, match="with a dropout seed it was not made for"):
+        made(False).run(Memory(), *run_args, dropout_seed=5)
+
+
+def test_dropout_plan_keys():
+    """Calls with dropout are keyed by their rate (the seed is each call's); other spellings are never keyed."""
+    from cuflash import _api
+
+    assert _api.dropout_key(0.0, None) == () and _api.dropout_key(0, None) == ()
+    assert _api.dropout_key(0.1, 7) == (0.1,) and _api.dropout_key(0.1, 2**64 - 1) == (0.1,)
+    for rate, seed in ((0.1, None), (0.1, 2**64), (0.1, -1), (numpy.float32(0.1), 7), (0.1, numpy.int64(7)),
+                       (1.0, 7), (0.0, 7), (0.1, True)):
+        assert _api.dropout_key(rate, seed) is None, (rate, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_gpu_kept_plans_replay_dropout_calls_with_their_own_seed(rng, monkeypatch, dtype):
+    """The second call of a signature replays the first's plan with its own seed: its results are
+    those of the full path (no plan kept) with that seed, bit for bit, forward and backward; and a
+    replay with the first seed repeats the first call."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401
+    from cuflash._gpu import plan
+
+    q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, numpy.dtype(dtype), (2, 4, 200, 64), (2, 4, 300, 64),
+                                                     (2, 4, 300, 64), (2, 4, 200, 64)))
+    monkeypatch.setattr(plan, "PLANS", {})
+    seeds = [_seed(rng) for _ in range(3)]
+
+    def call(seed):
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, dropout_p=0.2, dropout_seed=seed)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True, dropout_p=0.2,
+                                           dropout_seed=seed)
+        return [cupy.asnumpy(x).tobytes() for x in (out, lse, *grads)]
+
+    first = call(seeds[0])
+    assert {key[0] for key in plan.PLANS} == {"attention", "attention_backward"}  # both kept
+    replayed = [call(seeds[1]), call(seeds[2]), call(seeds[0])]
+    monkeypatch.setattr(plan, "remember", lambda key, kept: None)  # the full path, every call
+    monkeypatch.setattr(plan, "PLANS", {})
+    for seed, got in zip(seeds[1:] + seeds[:1], replayed):
+        assert got == call(seed)
+    assert replayed[2] == first and replayed[0] != first

@@ -388,7 +388,7 @@ def test_a_replay_with_split_group_sums_rounds_them_into_the_gradients(monkeypat
     added = {name: rng.standard_normal(shapes[name]).astype(accum) for name in ("dk", "dv")}
     at = {}
 
-    def launches(self, memory, pointers):  # the kernels' adds into the sums dk, dv point at
+    def launches(self, memory, pointers, dropout_seed=None):  # the kernels' adds into the sums dk, dv point at
         assert pointers[8] - pointers[7] >= added["dk"].nbytes and (pointers[8] - pointers[7]) % 256 == 0
         for name, pointer in zip(("dk", "dv"), pointers[7:9]):
             size = added[name].size

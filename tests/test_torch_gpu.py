@@ -161,9 +161,9 @@ def test_runs_on_torch_current_stream_without_synchronizing(ct, randc, monkeypat
     seen = []
     real_run = plan._Plan._run
 
-    def recording_run(self, memory, pointers):
+    def recording_run(self, memory, pointers, dropout_seed=None):
         seen.append((memory.stream(), torch.cuda.current_device()))
-        return real_run(self, memory, pointers)
+        return real_run(self, memory, pointers, dropout_seed)
 
     monkeypatch.setattr(plan._Plan, "_run", recording_run)
     q_old, q_new = randc(1, 4, 256, 64), randc(1, 4, 256, 64)

@@ -265,6 +265,10 @@ class _Plan:
         self.launches = launches
         self.key_rows_at = field_offset(struct.dtype, fwd + "key_rows") // 4
         self.query_tiles_at = field_offset(struct.dtype, fwd + "query_tiles") // 4
+        # A plan of a call with dropout takes each call's seed (its rate is the plan's: in its key).
+        threshold_at = field_offset(struct.dtype, fwd + "dropout_threshold")
+        drops = int(self.template[threshold_at:threshold_at + 4].view(numpy.uint32)[0]) != 0
+        self.seed_word = field_offset(struct.dtype, fwd + "dropout_seed") // 8 if drops else None
 
     def _modifier_pointers(self, memory, bias, mask, alibi_slopes, sinks, reuse=None,
                            keep=None) -> tuple[tuple, tuple]:
@@ -283,9 +287,14 @@ class _Plan:
             pointers, kept = pointers + tuple(0 if x is None else memory.pointer(x) for x in rows), kept + rows
         return pointers, kept
 
-    def _run(self, memory, pointers) -> None:
+    def _run(self, memory, pointers, dropout_seed=None) -> None:
+        if (self.seed_word is None) != (dropout_seed is None):  # (keys keep the two apart: a guard, never hit)
+            raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
+                               " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
         ARGS.bytes[: self.template.size] = self.template
         ARGS.words[self.words] = pointers
+        if dropout_seed is not None:
+            ARGS.words[self.seed_word] = dropout_seed
         if self.maps:
             base = ARGS.bytes_ptr
             for offset, index in self.maps:
@@ -315,14 +324,17 @@ class ForwardPlan(_Plan):
         # torch adapter's: cuflash.torch._backward): no whole-signature key built per backward.
         self.followers = {}
 
-    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None,
+            dropout_seed=None):
         """``keep``: a list that gets the bias's and mask's preparation for the backward
-        (``Prepared``), where the call has either and they are small."""
+        (``Prepared``), where the call has either and they are small; ``dropout_seed``: this call's
+        (a plan of a call with dropout: its key holds the rate)."""
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
         scores, kept = self._modifier_pointers(memory, bias, mask, alibi_slopes, sinks, keep=keep)
-        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores)
+        self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + _packed_pointers(memory, packed) + scores,
+                  dropout_seed)
         del kept  # (the launch is queued)
         return o, lse
 
@@ -352,9 +364,9 @@ class BackwardPlan(_Plan):
             self.words = numpy.concatenate([self.words, pointer_words(struct.dtype, [_BWD_PATH[struct.dtype] + dbias[3]])])
 
     def run(self, memory, dout, q, k, v, o, lse, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None,
-            prepared=None):
+            prepared=None, dropout_seed=None):
         """``prepared``: the forward's ``Prepared`` for this bias and mask (ForwardPlan.run's
-        ``keep``), reused where it fits this plan."""
+        ``keep``), reused where it fits this plan; ``dropout_seed`` as ForwardPlan.run's."""
         ptr, shapes = memory.pointer, self.shapes
 
         def allocate(name):
@@ -375,7 +387,7 @@ class BackwardPlan(_Plan):
             dscores = (memory.zeros if self.dbias[1] else memory.empty)(self.dbias[0], self.accum)
         self._run(memory, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(dout), ptr(dq), ptr(dk), ptr(dv),
                            dq_accum, delta) + _packed_pointers(memory, packed) + scores
-                  + (() if dscores is None else (ptr(dscores),)))
+                  + (() if dscores is None else (ptr(dscores),)), dropout_seed)
         del kept, workspace  # (the launches are queued)
         if self.dkv_sums:
             dk, dv = self.dkv_sums.round(memory, dk, dv, self.dtype, self.orders)
