@@ -380,10 +380,11 @@ class _ScoreMods:
         self.bias = _score_operand(p.bias, p)
         self.mask = _score_operand(p.mask, p)
         self.dropout_p, self.dropout_seed = p.dropout_p, p.dropout_seed
-        # The attention rows' flat indices (_dropout.py's r) in the GQA-grouped lead: query head h =
-        # hkv * group + g, so the grouped axes reshape from the flat order.
-        self.rows = numpy.arange(p.dropout_first_row, p.dropout_first_row + math.prod(p.lead_shape),
-                                 dtype=numpy.uint64).reshape(lead)
+        # With dropout, the attention rows' flat indices (_dropout.py's r) in the GQA-grouped lead:
+        # query head h = hkv * group + g, so the grouped axes reshape from the flat order. (Not made
+        # without dropout: a batch of many short rows would allocate them on every call.)
+        self.rows = None if p.dropout_seed is None else numpy.arange(
+            p.dropout_first_row, p.dropout_first_row + math.prod(p.lead_shape), dtype=numpy.uint64).reshape(lead)
 
     def keep(self, rows: slice, keys: slice):
         """Dropout's keep mask Z over a (lead, rows, keys) block (_dropout.py), or None without dropout."""
