@@ -116,9 +116,9 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
         out, lse = torch.ops.cuflash.attention_fwd(q, k, v, *options, rate, seed, sinks, bias, mask)
         return (out, lse) if return_lse else out
     dropout = None
-    if not (type(dropout_p) in (float, int) and not dropout_p and dropout_seed is None):
-        dropout = _dropout_arguments(dropout_p, dropout_seed)
-        dropout = dropout if dropout[0] else None
+    if not _api._no_dropout(dropout_p, dropout_seed):
+        rate, seed = _dropout_arguments(dropout_p, dropout_seed)
+        dropout = (rate, seed) if rate else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
         out, lse = _AttentionFunction.apply(q, k, v, sinks, bias, mask, options, dropout)
     else:
@@ -148,15 +148,20 @@ def _dropout_arguments(dropout_p, dropout_seed, as_tensor=False):
     if as_tensor:
         return rate, seed if isinstance(seed, torch.Tensor) else torch.tensor(
             seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.int64)
-    return rate, int(seed.item()) & ((1 << 64) - 1) if isinstance(seed, torch.Tensor) else seed
+    return rate, _seed_of(seed) if isinstance(seed, torch.Tensor) else seed
+
+
+def _seed_of(tensor):
+    """A 0-d integer tensor's value as a seed in [0, 2^64) (an int64 holds the seed's bits)."""
+    return int(tensor.item()) & ((1 << 64) - 1)
 
 
 def _op_dropout(dropout_p, dropout_seed):
-    """The ops' ``dropout_p`` and ``dropout_seed`` (a 0-d integer tensor: its int64 bits are the
-    seed) as ``(rate, seed)`` for cuflash, or None without dropout."""
+    """The ops' ``dropout_p`` and ``dropout_seed`` (a 0-d integer tensor: _seed_of) as
+    ``(rate, seed)`` for cuflash, or None without dropout."""
     if not dropout_p:
         return None
-    return dropout_p, int(dropout_seed.item()) & ((1 << 64) - 1)
+    return dropout_p, _seed_of(dropout_seed)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
