@@ -473,17 +473,11 @@ struct DropBits {
         }
     }
 
-    // c o Z * scale: kept elements scaled, the others 0.
+    // c o Z * scale: kept elements scaled, the others 0 (r = 2 mt + h: for_each_element's row slot).
     __device__ __forceinline__ void apply(float (&c)[M][N][4], float scale) const {
-#pragma unroll
-        for (int mt = 0; mt < M; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < N; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int bit = ((2 * mt + e / 2) * N + nt) * 2 + e % 2;
-                    c[mt][nt][e] = (bits >> bit) & 1ull ? c[mt][nt][e] * scale : 0.f;
-                }
+        for_each_element<M, N>(0, 0, 0, [&](int mt, int nt, int e, int r, int, int) {
+            c[mt][nt][e] = (bits >> ((r * N + nt) * 2 + e % 2)) & 1ull ? c[mt][nt][e] * scale : 0.f;
+        });
     }
 };
 
