@@ -47,10 +47,12 @@ attending to itself as in transformers' flash-attention integration (eagerly and
 ``torch.compile``, with the cache on or off; SDPA's integration ignores those arguments).
 Continuous batching (``generate_batch``) runs through :func:`paged_attention_forward`. What
 cuflash does not support falls back to SDPA's integration (same arguments), with a one-time
-warning per reason: a mask of another dtype, tensors on a device other than CPU/CUDA. Attention dropout (a model in training mode) runs in
-cuflash with its keep mask seeded from torch's generator (``cuflash.torch.attention``); a padded
-batch that drops then runs as its mask rather than sequence by sequence. :data:`COUNTS` counts cuflash calls and fallbacks (by reason) so that a
-test or a benchmark can check the routing really happened; :func:`reset_counts` clears it.
+warning per reason: a mask of another dtype, tensors on a device other than CPU/CUDA. Attention
+dropout (a model in training mode) runs in cuflash, its keep mask seeded from torch's generator
+(``cuflash.torch.attention``): a padded batch that drops runs as its mask rather than sequence by
+sequence, padding-free documents as their packed call. :data:`COUNTS` counts cuflash calls and
+fallbacks (by reason) so that a test or a benchmark can check the routing really happened;
+:func:`reset_counts` clears it.
 
 Inside ``torch.compile`` (fullgraph included: compiled training steps, StaticCache decoding with
 the forward compiled in ``mode="reduce-overhead"``) a mask reaches cuflash's attention op as it
@@ -758,7 +760,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and attention_mask.dim() == 2:  # (mask_function's traced form, called eagerly)
         attention_mask = _causal_with_visible_keys(attention_mask.bool(), query.shape[2],
                                                    _window_of(sliding_window, key.shape[2]))
-    segments = None  # (the sequences' packed call takes no position_bias or dropout; a (B, 1, 1, Lk) key mask has none)
+    # (The sequences' packed call takes no position_bias; a (B, 1, 1, Lk) key mask has no segments;
+    # with dropout the mask form runs, its keep mask indexed as the padded batch's.)
+    segments = None
     if (attention_mask is not None and kwargs.get("position_bias") is None and not dropout
             and attention_mask.shape[-2] == query.shape[2]):
         segments = _segments(attention_mask, sliding_window)
