@@ -212,7 +212,7 @@ def _on_gpu(rng, dtype, case, rate=None, deterministic=None, precision=None):
     tolerance rule (fp16/bf16 within 2x, gradients 3x, of a plain same-dtype implementation)."""
     cupy = pytest.importorskip("cupy")
     import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
-    from tolerance import assert_close
+    from tolerance import EPS, assert_close
 
     q_shape, k_shape, options = case
     host = _draw(rng, numpy.dtype(dtype), q_shape, k_shape, k_shape, q_shape)
@@ -241,9 +241,9 @@ def _on_gpu(rng, dtype, case, rate=None, deterministic=None, precision=None):
     for name, grad, ref, base, magnitude in zip(names, grads, reference[2], baseline[2], magnitudes[2]):
         if name == "dsinks":  # (its own rule: test_score_mods' _check_on_gpu; here the kernels' dS is what counts)
             continue
-        precision_of = numpy.dtype(dtype) if name != "dbias" else numpy.dtype(max(
-            numpy.dtype(dtype), numpy.dtype(bias_dtype), key=lambda t: 2.0 ** -{"float16": 10, "bfloat16": 7,
-                                                                                  "float32": 23, "float64": 52}[t.name]))
+        # dbias is stored in bias's dtype but sums dS of q's: as precise as the coarser of the two
+        precision_of = numpy.dtype(dtype) if name != "dbias" else max(
+            numpy.dtype(dtype), numpy.dtype(bias_dtype), key=lambda t: EPS[t.name])
         assert_close(cupy.asnumpy(grad), ref, dtype=precision_of, baseline=base, magnitude=magnitude, kind="grad",
                      name=name)
     return out, grads
