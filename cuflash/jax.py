@@ -16,7 +16,9 @@ runs cuflash on XLA's own buffers, forward and backward: on a GPU its kernels on
 NumPy backend. Under ``vmap`` one call serves the whole batch (its axis lined up with cuflash's
 broadcast leading axes; shared operands are broadcast, never copied, their gradients summed
 once). A JAX whose FFI cannot take the target falls back to ``jax.pure_callback`` into the
-NumPy backend (host copies). :func:`attention_varlen` runs under a trace too when given
+NumPy backend (host copies). Attention dropout takes a JAX PRNG key as its seed (``_dropout_seed``):
+the keep mask is then the same eagerly and under ``jit``, and a traced key draws a new one per
+execution. :func:`attention_varlen` runs under a trace too when given
 ``max_seqlen_q`` and ``max_seqlen_k`` as ints (they size the grid; its traced lengths are read
 when run on the CPU, trusted on a GPU); ``vmap`` runs it item by item.
 """
@@ -37,7 +39,8 @@ from . import _api, _varlen, _xla
 __all__ = ["attention", "attention_varlen"]
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-              bias=None, mask=None, deterministic=False, return_lse=False, precision=None):
+              bias=None, mask=None, deterministic=False, return_lse=False, precision=None, dropout_p=0.0,
+              dropout_seed=None):
     """:func:`cuflash.attention` on JAX arrays; returns JAX arrays on the inputs' device.
 
     Differentiable in q, k, v, ``sinks`` and ``bias`` (``jax.grad``, ``jax.vjp``; dbias is the
@@ -46,20 +49,31 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
     (JAX arrays for the arrays; the boolean mask carries no gradient). ``deterministic`` applies
     to the backward, ``precision`` to both (as :func:`cuflash.attention`'s). With ``return_lse=True``
     it returns ``(out, lse)`` and is not differentiable (use it for inference).
+
+    ``dropout_p`` (a Python float in [0, 1)) drops attention probabilities as
+    :func:`cuflash.attention` does; ``dropout_seed`` is a JAX PRNG key (``jax.random.key`` or
+    ``jax.random.PRNGKey``: the 64-bit seed is ``jax.random.bits(key, (2,), uint32)``, high word
+    first) or an int in [0, 2^64). The backward drops what the forward dropped. Under ``jit`` a
+    traced key gives each execution its own mask (split the key per step, as for any JAX
+    randomness; its two words are read on the host, one small device-to-host copy per call on a
+    GPU); an int seed is a constant of the trace (the same mask every execution). Under ``vmap``
+    a dropping call runs item by item, so each item drops what it would alone.
     """
     for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     deterministic = bool(deterministic)
-    if any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, bias, mask, alibi_slopes)):
-        scalars = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision)
-        operands = (q, k, v, sinks, bias, alibi_slopes, mask)
+    seed, seed_words = _dropout_seed(dropout_p, dropout_seed)
+    if any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, bias, mask, alibi_slopes, seed_words)):
+        scalars = dict(scale=scale, causal=causal, window=window, softcap=softcap, precision=precision,
+                       dropout_p=dropout_p, dropout_seed=seed)
+        operands = (q, k, v, sinks, bias, alibi_slopes, mask, seed_words)
         shapes = _traced_results(operands, scalars)  # the arguments checked now, as eagerly
         if return_lse:
             return _traced_forward(operands, scalars, shapes)
         return _traced_differentiable(scalars, deterministic, shapes)(*operands)
     options = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes, mask=mask,
-                   precision=precision)
+                   precision=precision, dropout_p=dropout_p, dropout_seed=_seed_of(seed, seed_words))
     if return_lse:
         return _forward(q, k, v, sinks, options, bias)
     return _differentiable(options, deterministic)(q, k, v, sinks, bias)
@@ -67,10 +81,57 @@ def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, a
 
 # --- under a trace: an XLA custom call into cuflash (_xla), else a pure_callback -----------------
 
-_OPERANDS = ("q", "k", "v", "sinks", "bias", "alibi_slopes", "mask")
+_OPERANDS = ("q", "k", "v", "sinks", "bias", "alibi_slopes", "mask", "dropout_seed")
 # Each operand's trailing axes that are not leading axes: (L, D) of q, k, v; (Lq, Lk) of bias and
-# mask; none of sinks and slopes, which are (..., Hq). (lse's: (Lq,).)
-_CORES = (2, 2, 2, 0, 2, 0, 2)
+# mask; none of sinks and slopes, which are (..., Hq); the seed's two words. (lse's: (Lq,).)
+_CORES = (2, 2, 2, 0, 2, 0, 2, 1)
+
+
+# --- attention dropout's seed: an int, or a JAX PRNG key ------------------------------------------
+
+def _dropout_seed(dropout_p, dropout_seed):
+    """``(seed, words)``: an int-like seed as given (cuflash checks it) and None, or for a JAX PRNG
+    key None and its uint32[2] seed words (a JAX array, traced under a trace). ``dropout_p`` must
+    be concrete: the rate decides which kernels run."""
+    if isinstance(dropout_p, jax.core.Tracer):
+        raise TypeError("dropout_p must be a Python float in [0, 1), got a JAX tracer (the rate chooses the kernels: "
+                        "pass it as a static value, not a traced one)")
+    if not isinstance(dropout_seed, jax.Array):
+        return dropout_seed, None
+    dtype = dropout_seed.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == numpy.uint32 and dropout_seed.ndim == 1):
+        try:
+            return None, jax.random.bits(dropout_seed, (2,), numpy.uint32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"dropout_seed must be one JAX PRNG key or an int in [0, 2^64), got an array of dtype "
+                            f"{dtype} and shape {dropout_seed.shape} ({error})") from None
+    if isinstance(dropout_seed, jax.core.Tracer):
+        raise TypeError(f"dropout_seed under jax.jit, vmap or grad must be a JAX PRNG key (jax.random.key) or a "
+                        f"Python int, got a traced array of dtype {dtype} and shape {dropout_seed.shape}")
+    return numpy.asarray(dropout_seed), None  # a concrete 0-d integer array: cuflash checks it
+
+
+def _seed_of(seed, words):
+    """The dropout seed as cuflash takes it: ``seed``, or the int of a key's two words (an array
+    of JAX, NumPy or CuPy: read on the host)."""
+    if words is None:
+        return seed
+    high, low = words.tolist()
+    return high << 32 | low
+
+
+def _with_seed(arrays, scalars):
+    """A traced call's keywords: its named operands with the seed's words (if any) as its int."""
+    words = arrays.pop("dropout_seed", None)
+    if words is None:
+        return dict(arrays, **scalars)
+    return {**arrays, **scalars, "dropout_seed": _seed_of(None, words)}
+
+
+def _vmap_method(scalars):
+    """A dropping call runs item by item under vmap: its keep mask is indexed by each item's own
+    (batch, head) rows, so one call over the batch would drop other elements than the items alone."""
+    return "sequential" if scalars.get("dropout_p") else "expand_dims"
 
 
 def _stand_in(x):
@@ -87,7 +148,8 @@ def _traced_results(operands, scalars):
     shapes and dtypes: the argument checks of an eager call, made once, when traced."""
     from . import _spec
 
-    q, k, v, sinks, bias, slopes, mask = (_stand_in(x) for x in operands)
+    q, k, v, sinks, bias, slopes, mask, words = (_stand_in(x) for x in operands)
+    scalars = dict(scalars, dropout_seed=0) if words is not None else scalars  # (a key's seed: any value will do)
     problem = _spec.resolve_forward(q, k, v, sinks=sinks, bias=bias, alibi_slopes=slopes, mask=mask, **scalars)
     return (jax.ShapeDtypeStruct(problem.out_shape, problem.dtype),
             jax.ShapeDtypeStruct(problem.lse_shape, problem.lse_dtype))
@@ -191,10 +253,11 @@ def _traced_forward(operands, scalars, shapes):
         # the host cost that dominated a jitted forward); out is then copied into XLA's buffer
         # (one device copy, microseconds).
         arrays = _named(values)
-        return _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True, **arrays, **scalars)
+        return _api.attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), return_lse=True,
+                              **_with_seed(arrays, scalars))
 
     key = ("forward", repr(sorted(scalars.items())))
-    return _traced_call(key, forward, shapes, operands, _CORES, (2, 1), "expand_dims")
+    return _traced_call(key, forward, shapes, operands, _CORES, (2, 1), _vmap_method(scalars))
 
 
 def _traced_vjp(forward, backward):
@@ -217,8 +280,9 @@ def _traced_vjp(forward, backward):
 
 
 def _traced_differentiable(scalars, deterministic, shapes):
-    """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask),
-    both directions traced calls (_traced_call); the slopes and the mask carry no cotangent."""
+    """attention under a trace as a custom_vjp of (q, k, v, sinks, bias, alibi_slopes, mask,
+    dropout seed words), both directions traced calls (_traced_call); the slopes, the mask and the
+    seed carry no cotangent."""
 
     def backward_call(operands, out, lse, dout):
         q, k, v, sinks, bias = operands[:5]
@@ -228,13 +292,14 @@ def _traced_differentiable(scalars, deterministic, shapes):
         def backward(dout, out, lse, *values, results):
             arrays = _named(values)
             q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
-            return _api.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **arrays, **scalars)
+            return _api.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic,
+                                           **_with_seed(arrays, scalars))
 
         key = ("backward", repr(sorted(scalars.items())), deterministic)
         result_cores = (2, 2, 2) + tuple(core for x, core in ((bias, 2), (sinks, 0)) if x is not None)
         grads = _traced_call(key, backward, grad_shapes, (dout, out, lse) + tuple(operands), (2, 2, 1) + _CORES,
-                             result_cores, "expand_dims")
-        return _cotangents(grads, sinks, bias) + (None, None)
+                             result_cores, _vmap_method(scalars))
+        return _cotangents(grads, sinks, bias) + (None, None, None)
 
     return _traced_vjp(lambda operands: _traced_forward(operands, scalars, shapes), backward_call)
 
@@ -279,7 +344,7 @@ def _cotangents(grads, sinks, bias):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
                      scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     deterministic=False, return_lse=False, precision=None):
+                     deterministic=False, return_lse=False, precision=None, dropout_p=0.0, dropout_seed=None):
     """:func:`cuflash.attention_varlen` on JAX arrays (flash-attn's packed layout); returns JAX
     arrays on the inputs' device.
 
@@ -291,7 +356,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     carry no gradient. Under ``jax.jit`` (``vmap``, ``scan``: each item a call) the lengths may
     be traced and ``max_seqlen_q`` / ``max_seqlen_k`` must be ints (they size the grid; on a GPU
     the lengths are then trusted, not read, as flash-attn trusts them). With ``return_lse=True`` it returns ``(out,
-    lse)`` (lse ``(Hq, total_q)``) and is not differentiable (use it for inference).
+    lse)`` (lse ``(Hq, total_q)``) and is not differentiable (use it for inference). ``dropout_p`` and
+    ``dropout_seed`` (a JAX PRNG key or an int) as :func:`attention`'s; a sequence drops what it
+    drops padded alone in a batch (cuflash.attention_varlen's rule); a traced key needs the hints.
     """
     for name, flag in (("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, (bool, numpy.bool_)):  # checked now, not when jax.grad runs the backward
@@ -299,20 +366,23 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     # Traced lengths need the traced call; so do traced arrays under a jit (the hints then given).
     # Without hints, arrays traced by an eager jax.grad / jax.vjp take the eager path below.
     hinted = type(max_seqlen_q) is int and type(max_seqlen_k) is int
+    seed, seed_words = _dropout_seed(dropout_p, dropout_seed)
     if (any(isinstance(x, jax.core.Tracer) for x in (cu_seqlens_q, cu_seqlens_k, seqused_k))
-            or (hinted and any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, alibi_slopes)))):
+            or (hinted and any(isinstance(x, jax.core.Tracer) for x in (q, k, v, sinks, alibi_slopes, seed_words)))):
         scalars = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=causal,
-                       window=window, softcap=softcap, precision=precision)
-        operands = (q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes)
+                       window=window, softcap=softcap, precision=precision, dropout_p=dropout_p, dropout_seed=seed)
+        operands = (q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, seed_words)
         shapes = _traced_varlen_results(operands, scalars)
         if return_lse:
             return _traced_varlen_forward(operands, scalars, shapes)
         return _traced_differentiable_varlen(scalars, bool(deterministic), shapes)(*operands)
-    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("seqused_k", seqused_k)):
-        if x is not None or name != "seqused_k":
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("seqused_k", seqused_k),
+                    ("dropout_seed", seed_words)):
+        if x is not None or name in ("cu_seqlens_q", "cu_seqlens_k"):
             _check_concrete(x, name)
     options = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale, causal=causal, window=window,
-                   softcap=softcap, alibi_slopes=alibi_slopes, precision=precision)
+                   softcap=softcap, alibi_slopes=alibi_slopes, precision=precision, dropout_p=dropout_p,
+                   dropout_seed=_seed_of(seed, seed_words))
     lengths = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
     if return_lse:
         return _varlen_forward(q, k, v, sinks, lengths, options)
@@ -322,7 +392,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 # Under a trace: the packed call as a traced call (_traced_call), on the operands (q, k, v, sinks,
 # cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes). Both hints must be ints: they size the
 # grid, and the lengths are not known when traced (nor read when run on a GPU).
-_VARLEN_OPERANDS = ("q", "k", "v", "sinks", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes")
+_VARLEN_OPERANDS = ("q", "k", "v", "sinks", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes",
+                    "dropout_seed")
 
 
 def _traced_varlen_results(operands, scalars):
@@ -333,6 +404,8 @@ def _traced_varlen_results(operands, scalars):
             raise TypeError(f"{name} must be an int under jax.jit, vmap and scan (it sizes the grid and the "
                             f"sequence lengths are traced), got {type(scalars[name]).__name__}")
     arrays = dict(zip(_VARLEN_OPERANDS, (_stand_in(x) for x in operands)))
+    if arrays.pop("dropout_seed") is not None:
+        scalars = dict(scalars, dropout_seed=0)  # (a key's seed: any value will do)
     (out_shape, dtype), (lse_shape, lse_dtype) = _varlen.traced_results(
         arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("cu_seqlens_q"), arrays.pop("cu_seqlens_k"),
         **arrays, **scalars)
@@ -343,7 +416,7 @@ def _traced_varlen_forward(operands, scalars, shapes):
     def forward(*values, results):  # (no out=: as _traced_forward's, so that the plan replays)
         arrays = dict(zip(_VARLEN_OPERANDS, values))
         return _varlen.attention_varlen(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("cu_seqlens_q"),
-                                        arrays.pop("cu_seqlens_k"), return_lse=True, **arrays, **scalars)
+                                        arrays.pop("cu_seqlens_k"), return_lse=True, **_with_seed(arrays, scalars))
 
     key = ("varlen forward", repr(sorted(scalars.items())))
     return _traced_call(key, forward, shapes, operands, (0,) * len(operands), (0, 0), "sequential")
@@ -351,7 +424,7 @@ def _traced_varlen_forward(operands, scalars, shapes):
 
 def _traced_differentiable_varlen(scalars, deterministic, shapes):
     """attention_varlen under a trace as a custom_vjp of its operands (_VARLEN_OPERANDS): q, k, v
-    and sinks get cotangents, the lengths and slopes none."""
+    and sinks get cotangents, the lengths, slopes and seed none."""
 
     def backward_call(operands, out, lse, dout):
         sinks = operands[3]
@@ -362,12 +435,12 @@ def _traced_differentiable_varlen(scalars, deterministic, shapes):
             arrays = dict(zip(_VARLEN_OPERANDS, values))
             return _varlen.attention_varlen_backward(
                 dout, arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), out, lse, arrays.pop("cu_seqlens_q"),
-                arrays.pop("cu_seqlens_k"), deterministic=deterministic, **arrays, **scalars)
+                arrays.pop("cu_seqlens_k"), deterministic=deterministic, **_with_seed(arrays, scalars))
 
         key = ("varlen backward", repr(sorted(scalars.items())), deterministic)
         grads = _traced_call(key, backward, grad_shapes, (dout, out, lse) + tuple(operands),
                              (0,) * (3 + len(operands)), (0,) * len(grad_shapes), "sequential")
-        return tuple(grads[:3]) + ((grads[3],) if sinks is not None else (None,)) + (None,) * 4
+        return tuple(grads[:3]) + ((grads[3],) if sinks is not None else (None,)) + (None,) * 5
 
     return _traced_vjp(lambda operands: _traced_varlen_forward(operands, scalars, shapes), backward_call)
 

@@ -707,3 +707,165 @@ def test_varlen_under_jit_on_the_gpu(gpu, randn):
     for got, want in zip(grads, expected):
         assert got.devices() == {gpu}
         numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))
+
+
+# --- attention dropout: a JAX PRNG key as the seed ----------------------------------------------
+
+def _key_seed(key):
+    """The 64-bit seed cuflash.jax documents for a PRNG key: jax.random.bits(key, (2,), uint32),
+    high word first."""
+    high, low = (int(w) for w in numpy.asarray(jax.random.bits(key, (2,), jnp.uint32)))
+    return high << 32 | low
+
+
+SEEDS = {"typed-key": lambda: jax.random.key(11), "raw-key": lambda: jax.random.PRNGKey(11),
+         "int": lambda: 2**63 + 12345}
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("seed_kind", SEEDS)
+def test_dropout_takes_a_key_and_drops_as_cuflash_with_its_seed(cpu, randn, seed_kind, traced):
+    """out, lse and the gradients into q, k, v, sinks and bias equal cuflash's NumPy call with the
+    key's seed, bit for bit, eagerly and under jit (a traced key: a custom-call operand); another
+    key drops other elements, and the call differs from the undropped one."""
+    q, k, v, dout = randn(2, 4, 9, 8), randn(2, 2, 11, 8), randn(2, 2, 11, 6), randn(2, 4, 9, 6)
+    sinks, bias = randn(4), randn(1, 4, 9, 11)
+    seed = SEEDS[seed_kind]()
+    number = seed if isinstance(seed, int) else _key_seed(seed)
+    options = dict(causal=True, softcap=4.0, dropout_p=0.3)
+
+    def attend(q, k, v, sinks, bias, seed, **kwargs):
+        return cj.attention(q, k, v, sinks=sinks, bias=bias, dropout_seed=seed, **options, **kwargs)
+
+    def forward(*arrays_and_seed):
+        if traced and isinstance(arrays_and_seed[-1], int):  # an int seed: a constant of the trace
+            return jax.jit(lambda *a: attend(*a, arrays_and_seed[-1], return_lse=True))(*arrays_and_seed[:-1])
+        return (jax.jit if traced else (lambda f: f))(lambda *a: attend(*a, return_lse=True))(*arrays_and_seed)
+
+    arrays = _on(cpu, q, k, v, sinks, bias)
+    out, lse = forward(*arrays, seed)
+    expected_out, expected_lse = cuflash.attention(q, k, v, sinks=sinks, bias=bias, dropout_seed=number,
+                                                   return_lse=True, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+    assert not numpy.array_equal(expected_out, cuflash.attention(q, k, v, sinks=sinks, bias=bias, causal=True,
+                                                                 softcap=4.0))
+    other = jax.random.key(12) if not isinstance(seed, int) else 7
+    assert not numpy.array_equal(numpy.asarray(forward(*arrays, other)[0]), expected_out)
+
+    def loss(q, k, v, sinks, bias):
+        return jnp.sum(attend(q, k, v, sinks, bias, seed) * dout)
+
+    gradient = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    grads = (jax.jit(gradient) if traced else gradient)(*arrays)
+    dq, dk, dv, dbias, dsinks = cuflash.attention_backward(dout, q, k, v, expected_out, expected_lse, sinks=sinks,
+                                                           bias=bias, dropout_seed=number, **options)
+    for name, got, want in zip(("dq", "dk", "dv", "dsinks", "dbias"), grads, (dq, dk, dv, dsinks, dbias)):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want, err_msg=name)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["custom-call", "pure-callback"])
+def test_dropout_under_vmap_each_item_drops_as_it_would_alone(cpu, randn, monkeypatch, fallback):
+    """vmap over keys (and over q with one shared key): item i is the call on item i alone, forward
+    and jax.grad (a dropping call runs item by item: its mask is indexed by the item's own rows)."""
+    if fallback:
+        monkeypatch.setattr(cj._xla, "available", lambda jax: False)
+    q, k, v, dout = randn(3, 2, 5, 8), randn(2, 7, 8), randn(2, 7, 8), randn(3, 2, 5, 8)
+    keys = jax.random.split(jax.random.key(3), 3)
+    jq, jk, jv, jdout = _on(cpu, q, k, v, dout)
+
+    def attend(q, key):
+        return cj.attention(q, jk, jv, dropout_p=0.25, dropout_seed=key)
+
+    batched = jax.jit(jax.vmap(attend))(jq, keys)
+    shared = jax.vmap(attend, in_axes=(0, None))(jq, keys[0])
+    grads = jax.vmap(jax.grad(lambda q, key, d: jnp.sum(attend(q, key) * d)))(jq, keys, jdout)
+    for i in range(3):
+        numpy.testing.assert_array_equal(numpy.asarray(batched[i]), numpy.asarray(attend(jq[i], keys[i])))
+        numpy.testing.assert_array_equal(numpy.asarray(shared[i]), numpy.asarray(attend(jq[i], keys[0])))
+        alone = jax.grad(lambda q: jnp.sum(attend(q, keys[i]) * jdout[i]))(jq[i])
+        numpy.testing.assert_array_equal(numpy.asarray(grads[i]), numpy.asarray(alone))
+    assert not numpy.array_equal(numpy.asarray(batched[0]), numpy.asarray(attend(jq[0], keys[1])))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "jit"])
+def test_dropout_in_packed_sequences_drops_as_cuflash_with_the_keys_seed(cpu, randn, traced):
+    """attention_varlen with a key: out, lse and the gradients into q, k, v equal cuflash's packed
+    NumPy call with the key's seed, bit for bit (under jit the key and the lengths are traced)."""
+    q, k, v, cu_q, cu_k = _varlen_inputs(randn)
+    dout = randn(q.shape[0], 4, 6)
+    key = jax.random.key(21)
+    options = dict(causal=True, dropout_p=0.2)
+    if traced:
+        options.update(max_seqlen_q=int(max(VARLEN_LENGTHS_Q)), max_seqlen_k=int(max(VARLEN_LENGTHS_K)))
+    jq, jk, jv, jcu_q, jcu_k, jdout = _on(cpu, q, k, v, cu_q, cu_k, dout)
+
+    def attend(q, k, v, cu_q, cu_k, key, **kwargs):
+        return cj.attention_varlen(q, k, v, cu_q, cu_k, dropout_seed=key, **options, **kwargs)
+
+    forward = lambda *a: attend(*a, return_lse=True)  # noqa: E731
+    out, lse = (jax.jit(forward) if traced else forward)(jq, jk, jv, jcu_q, jcu_k, key)
+    expected_out, expected_lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, dropout_seed=_key_seed(key),
+                                                          return_lse=True, **options)
+    numpy.testing.assert_array_equal(numpy.asarray(out), expected_out)
+    numpy.testing.assert_array_equal(numpy.asarray(lse), expected_lse)
+    assert not numpy.array_equal(expected_out, cuflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True))
+    gradient = jax.grad(lambda q, k, v, *rest: jnp.sum(attend(q, k, v, *rest) * jdout), argnums=(0, 1, 2))
+    grads = (jax.jit(gradient) if traced else gradient)(jq, jk, jv, jcu_q, jcu_k, key)
+    expected = cuflash.attention_varlen_backward(dout, q, k, v, expected_out, expected_lse, cu_q, cu_k,
+                                                 dropout_seed=_key_seed(key), **options)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        numpy.testing.assert_array_equal(numpy.asarray(got), want, err_msg=name)
+
+
+def test_dropout_misuse_names_the_argument(cpu, randn):
+    """A traced rate, a traced integer seed, a missing seed, an array that is not one key, and a
+    traced key for a packed call without its hints: TypeErrors naming the argument."""
+    q = _on(cpu, randn(2, 5, 4))[0]
+    cu = _on(cpu, numpy.array([0, 2, 5], numpy.int32))[0]
+    key = jax.random.key(0)
+    cases = [
+        (lambda: jax.jit(lambda q, p: cj.attention(q, q, q, dropout_p=p, dropout_seed=key))(q, 0.1),
+         "dropout_p must be a Python float"),
+        (lambda: jax.jit(lambda q, s: cj.attention(q, q, q, dropout_p=0.1, dropout_seed=s))(q, 3),
+         "dropout_seed under jax.jit, vmap or grad must be a JAX PRNG key"),
+        (lambda: cj.attention(q, q, q, dropout_p=0.1), "dropout_seed is required when dropout_p > 0"),
+        (lambda: cj.attention(q, q, q, dropout_p=0.1, dropout_seed=jnp.ones(3, jnp.uint32)),
+         "dropout_seed must be one JAX PRNG key or an int"),
+        (lambda: cj.attention(q, q, q, dropout_p=0.1, dropout_seed=jax.random.split(key, 2)),
+         "dropout_seed must be one JAX PRNG key or an int"),
+        (lambda: cj.attention(q, q, q, dropout_p=0.1, dropout_seed=-1), "dropout_seed must be in"),
+        (lambda: jax.jit(lambda q, s: cj.attention_varlen(q[0], q[0], q[0], cu, cu, dropout_p=0.1,
+                                                          dropout_seed=s))(q, key),
+         "dropout_seed is a JAX tracer"),
+    ]
+    for call, match in cases:
+        with pytest.raises((TypeError, ValueError), match=match):
+            call()
+    cj.attention(q, q, q, dropout_p=0.1, dropout_seed=jnp.asarray(5))  # a concrete 0-d integer array is an int
+
+
+@pytest.mark.gpu
+def test_dropout_on_the_gpu_drops_as_cupy_with_the_keys_seed(gpu, randn):
+    """On a GPU, eagerly and under jit (the key's words read from XLA's buffer on its stream):
+    out and the gradients equal cuflash's CuPy call with the key's seed."""
+    import cupy
+
+    q, k, v, dout = randn(2, 4, 97, 64), randn(2, 2, 130, 64), randn(2, 2, 130, 64), randn(2, 4, 97, 64)
+    key = jax.random.key(5)
+    options = dict(causal=True, dropout_p=0.15)
+    arrays = [cupy.asarray(x) for x in (q, k, v, dout)]
+    expected_out, expected_lse = cuflash.attention(*arrays[:3], dropout_seed=_key_seed(key), return_lse=True,
+                                                   **options)
+    expected = cuflash.attention_backward(arrays[3], *arrays[:3], expected_out, expected_lse,
+                                          dropout_seed=_key_seed(key), **options)
+    jq, jk, jv, jdout = _on(gpu, q, k, v, dout)
+    key = jax.device_put(key, gpu)
+    for run in (lambda f: f, jax.jit):
+        out = run(lambda q, k, v, key: cj.attention(q, k, v, dropout_seed=key, **options))(jq, jk, jv, key)
+        assert out.devices() == {gpu}
+        numpy.testing.assert_array_equal(numpy.asarray(out), cupy.asnumpy(expected_out))
+        grads = run(jax.grad(lambda q, k, v, key: jnp.sum(cj.attention(q, k, v, dropout_seed=key, **options) * jdout),
+                             argnums=(0, 1, 2)))(jq, jk, jv, key)
+        for got, want in zip(grads, expected):
+            numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))
