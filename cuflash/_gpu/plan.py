@@ -647,7 +647,7 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     per_row = PerRowInputs.of(p)
     plan = ForwardPlan(p, struct, launches, score_inputs, per_row)
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse)) + _packed_pointers(CUPY_MEMORY, _packed_arrays(p))
-              + scores + PerRowInputs.pointers(per_row, slopes, sinks))
+              + scores + PerRowInputs.pointers(per_row, slopes, sinks), p.dropout_seed)
     del slopes, sinks, kept
     if p.head_dim_v == 0:
         o = p.out if p.out is not None else o[..., :0]
@@ -1366,7 +1366,7 @@ def backward(problem):
                                                             on_chip or bias_adds))
     plan._run(CUPY_MEMORY, tuple(x.data.ptr for x in (q, k, v, o, lse, dout, dq, dk, dv)) + (dq_accum_ptr, delta.data.ptr)
               + _packed_pointers(CUPY_MEMORY, _packed_arrays(p)) + scores + PerRowInputs.pointers(per_row, slopes, sinks)
-              + (() if dscores is None else (dscores.data.ptr,)))
+              + (() if dscores is None else (dscores.data.ptr,)), p.dropout_seed)
     del kept
 
     if adds and plain:  # rounded from the sums as a replay rounds them
