@@ -197,16 +197,22 @@ def _packed_problem(resolve, arrays, checked, longest, cu_seqlens_q, cu_seqlens_
     return dataclasses.replace(problem, alibi_slopes=checked.alibi_slopes, packed=packed)
 
 
-def _plan_key(kind, arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, options):
+def _plan_key(kind, arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, options, per_row,
+              dropped):
     """The plan-cache key of a packed call on CuPy arrays that can replay a plan (both hints as
-    ints, so nothing is read back; the options of _api's plain types), or None. The hints are
-    part of the key: they size the grid."""
-    if type(max_seqlen_q) is not int or type(max_seqlen_k) is not int:
+    ints, so nothing is read back; the options of _api's plain types, ending with precision and
+    softcap: _api.plan_key_parts), or None. The hints are part of the key: they size the grid.
+    ``per_row``: (alibi_slopes, sinks), read again by each replay (the key holds their layouts);
+    ``dropped``: _api.dropout_key's (the rate; each replay takes its call's seed), None: not keyed."""
+    if type(max_seqlen_q) is not int or type(max_seqlen_k) is not int or dropped is None:
+        return None
+    parts = _api.plan_key_parts(None, None, options, per_row=per_row)
+    if parts is None:
         return None
     packed = (cu_seqlens_q, cu_seqlens_k) + (() if seqused_k is None else (seqused_k,))
     plans = _api._plans()
-    return plans.signature(kind, tuple(arrays) + packed,
-                           options + (max_seqlen_q, max_seqlen_k, seqused_k is None))
+    return plans.signature(kind, tuple(arrays) + packed + parts[0],
+                           parts[1] + (max_seqlen_q, max_seqlen_k, seqused_k is None) + dropped)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None,
@@ -225,21 +231,22 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     sequence has run: a sequence refused for its values (an overflowing scale, on the CPU) leaves
     it as it was.
 
-    A repeated GPU call with both hints (ints) and no modifier or ``out=`` replays the plan of its
-    signature (arrays' dtypes, shapes, strides, alignment, the options and hints), as
-    :func:`cuflash.attention` does. ``precision``, ``dropout_p`` and ``dropout_seed`` as
+    A repeated GPU call with both hints (ints) and no ``out=`` replays the plan of its signature
+    (arrays' dtypes, shapes, strides, alignment, the options and hints; the ALiBi slopes and sinks
+    read again, a dropping call's own seed), as :func:`cuflash.attention` does. ``precision``, ``dropout_p`` and ``dropout_seed`` as
     :func:`cuflash.attention`'s; sequence b's head h is attention row ``b * H + h`` of the keep mask,
     its queries and keys counted from the sequence's first, so a packed batch drops exactly what
     the same sequences padded into a ``(B, H, L, D)`` batch drop.
     """
     key = None
-    if (out is None and type(return_lse) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _api._no_dropout(dropout_p, dropout_seed) and _api._plain_options(scale, causal, window, precision)):
+    if out is None and type(return_lse) is bool:
         key = _plan_key("attention_varlen", (q, k, v), cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                        max_seqlen_k, (scale, causal, window, precision))
+                        max_seqlen_k, (scale, causal, window, precision, softcap), (alibi_slopes, sinks),
+                        _api.dropout_key(dropout_p, dropout_seed))
         cached = _api._plans().PLANS.get(key) if key is not None else None
         if cached is not None:
-            result, lse = cached.run(_api._plans().CUPY_MEMORY, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+            result, lse = cached.run(_api._plans().CUPY_MEMORY, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                     alibi_slopes=alibi_slopes, sinks=sinks, dropout_seed=dropout_seed)
             return (result, lse) if return_lse else result
     return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                    seqused_k=seqused_k, scale=scale, causal=causal, window=window, softcap=softcap,
@@ -302,14 +309,15 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     Repeated GPU calls replay plans as :func:`attention_varlen`'s do; ``dropout_p`` and
     ``dropout_seed``: the forward's."""
     key = None
-    if (type(deterministic) is bool and softcap is None and alibi_slopes is None and sinks is None
-            and _api._no_dropout(dropout_p, dropout_seed) and _api._plain_options(scale, causal, window, precision)):
+    if type(deterministic) is bool:
         arrays = (dout, q, k, v, out, lse)
         key = _plan_key("attention_varlen_backward", arrays, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                        max_seqlen_k, (scale, causal, window, deterministic, precision))
+                        max_seqlen_k, (scale, causal, window, deterministic, precision, softcap),
+                        (alibi_slopes, sinks), _api.dropout_key(dropout_p, dropout_seed))
         cached = _api._plans().PLANS.get(key) if key is not None else None
         if cached is not None:
-            return cached.run(_api._plans().CUPY_MEMORY, *arrays, cu_seqlens_q, cu_seqlens_k, seqused_k)
+            return cached.run(_api._plans().CUPY_MEMORY, *arrays, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                              alibi_slopes=alibi_slopes, sinks=sinks, dropout_seed=dropout_seed)
     return backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key, max_seqlen_q=max_seqlen_q,
                     max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, scale=scale, causal=causal, window=window,
                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, deterministic=deterministic,

@@ -884,7 +884,8 @@ def _varlen_forward(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
                                             ("deterministic",))
     if plan is not None:
         with _on_device(q.device):
-            return plan.run(memory, q, k, v, *packed)
+            return plan.run(memory, q, k, v, *packed, alibi_slopes=alibi, sinks=sinks,
+                            dropout_seed=options.get("dropout_seed"))
     with _running_on(q):
         arrays = [_to_cuflash(t) for t in (q, k, v, cu_q, cu_k)]
         out, lse = _varlen.forward(*arrays, key, seqused_k=_cuflash_or_none(seqused_k),
@@ -900,7 +901,8 @@ def _varlen_backward(dout, q, k, v, cu_q, cu_k, seqused_k, out, lse, alibi, sink
     key, plan, memory = _cached_varlen_plan("attention_varlen_backward", tensors, packed, alibi, sinks, options, ())
     if plan is not None:
         with _on_device(q.device):
-            return list(plan.run(memory, *tensors, *packed))
+            return list(plan.run(memory, *tensors, *packed, alibi_slopes=alibi, sinks=sinks,
+                                 dropout_seed=options.get("dropout_seed")))
     with _running_on(q):
         grads = _varlen.backward(*(_to_cuflash(t) for t in tensors + (cu_q, cu_k)), key,
                                  seqused_k=_cuflash_or_none(seqused_k), alibi_slopes=_cuflash_or_none(alibi),
@@ -939,16 +941,20 @@ def _varlen_attention(q, k, v, cu_q, cu_k, seqused_k, alibi, sinks, options):
 
 
 def _cached_varlen_plan(kind, tensors, packed, alibi, sinks, options, ignored):
-    """``_cached_plan`` for a packed call on CUDA tensors that a plan can replay (no ALiBi, sinks,
-    softcap or dropout; the hints, ints, are in the key), else ``(None, None, None)``. ``ignored``:
-    options that do not decide the launches (the forward's ``deterministic``)."""
+    """``_cached_plan`` for a packed call on CUDA tensors (the hints, ints, and softcap among the
+    options in the key; ALiBi slopes and sinks beside the tensors, read again by each replay; a
+    dropping call keyed by its rate, replayed with its own seed), else ``(None, None, None)``.
+    ``ignored``: options that do not decide the launches (the forward's ``deterministic``)."""
     cu_q, cu_k, seqused_k = packed
-    if (alibi is not None or sinks is not None or options.get("softcap") is not None or options.get("dropout_p")
-            or not all(t.is_cuda for t in tensors + (cu_q, cu_k))):
+    if not all(t.is_cuda for t in tensors + (cu_q, cu_k)):
         return None, None, None
-    listed = tuple((name, value) for name, value in options.items() if name not in ignored)
-    return _cached_plan(kind, tensors + (cu_q, cu_k) + (() if seqused_k is None else (seqused_k,)),
-                        listed + (seqused_k is None,))
+    if _api.dropout_key(options.get("dropout_p", 0.0), options.get("dropout_seed")) is None:
+        return None, None, None  # (a seed that is not an int in range: the full path refuses it)
+    # (the rate is among the options; the seed is each call's)
+    listed = tuple((name, value) for name, value in options.items() if name not in ignored + ("dropout_seed",))
+    per_row = tuple(t for t in (alibi, sinks) if t is not None)
+    return _cached_plan(kind, tensors + (cu_q, cu_k) + (() if seqused_k is None else (seqused_k,)) + per_row,
+                        listed + (seqused_k is None, alibi is not None, sinks is not None))
 
 
 # --- argument checks ----------------------------------------------------------------------------

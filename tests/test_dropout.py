@@ -547,3 +547,70 @@ def test_gpu_kept_plans_replay_dropout_calls_with_their_own_seed(rng, monkeypatc
     for seed, got in zip(seeds[1:] + seeds[:1], replayed):
         assert got == call(seed)
     assert replayed[2] == first and replayed[0] != first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("via", ["cupy", "torch"])
+def test_gpu_kept_plans_replay_packed_dropout_calls_with_their_own_seed(rng, monkeypatch, via):
+    """Packed calls with dropout, softcap and per-sequence ALiBi slopes (both hints given): the
+    second call of a signature replays the first's plan with its own seed and slopes, results bit
+    for bit those of the full path (no plan kept) for that seed, forward and backward; through the
+    CuPy API and flash_attn_varlen_func (torch's allocator; its seeds drawn from torch's generator)."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes
+    from cuflash._gpu import plan
+
+    lengths = [0, 97, 300, 1, 200]
+    cu = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int32)
+    total = int(cu[-1])
+    dtype = numpy.dtype(ml_dtypes.bfloat16)
+    hints = dict(max_seqlen_q=300, max_seqlen_k=300)
+    monkeypatch.setattr(plan, "PLANS", {})
+
+    if via == "cupy":
+        def inputs():
+            q, k, v, dout = (cupy.asarray(x) for x in _draw(rng, dtype, (total, 4, 64), (total, 2, 64),
+                                                               (total, 2, 64), (total, 4, 64)))
+            slopes = cupy.asarray(rng.uniform(0.05, 0.5, (len(lengths), 4)).astype(numpy.float32))
+            return q, k, v, dout, slopes, _seed(rng)
+
+        def call(q, k, v, dout, slopes, seed):
+            options = dict(causal=True, softcap=15.0, alibi_slopes=slopes, dropout_p=0.2, dropout_seed=seed, **hints)
+            out, lse = cuflash.attention_varlen(q, k, v, cupy.asarray(cu), cupy.asarray(cu), return_lse=True,
+                                                **options)
+            grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cupy.asarray(cu), cupy.asarray(cu),
+                                                      deterministic=True, **options)
+            return [cupy.asnumpy(x).tobytes() for x in (out, lse, *grads)]
+    else:
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("torch has no CUDA device")
+        import cuflash.torch as cft
+
+        def inputs():
+            q, k, v, dout = (torch.randn(total, h, 64, dtype=torch.bfloat16, device="cuda") for h in (4, 2, 2, 4))
+            slopes = torch.rand(len(lengths), 4, device="cuda") * 0.5
+            return q, k, v, dout, slopes, int(torch.randint(0, 2**62, ()))
+
+        def call(q, k, v, dout, slopes, seed):
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            torch.manual_seed(seed)  # the seed the call draws
+            cu_t = torch.as_tensor(cu, device="cuda")
+            out, lse, _ = cft.flash_attn_varlen_func(q, k, v, cu_t, cu_t, 300, 300, dropout_p=0.2, causal=True,
+                                                     softcap=15.0, alibi_slopes=slopes, deterministic=True,
+                                                     return_attn_probs=True)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+            return [t.detach().cpu().view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                    else t.detach().cpu().numpy().tobytes() for t in (out, lse, *grads)]
+
+    calls = [inputs() for _ in range(3)]
+    replayed = [call(*c) for c in calls]
+    kept = len(plan.PLANS)
+    assert kept >= 2, "neither direction kept a plan"
+    replayed += [call(*calls[0])]
+    assert len(plan.PLANS) == kept, "a call of a kept signature planned again"
+    monkeypatch.setattr(plan, "remember", lambda key, made: None)  # the full path, every call
+    monkeypatch.setattr(plan, "PLANS", {})
+    for c, got in zip(calls + calls[:1], replayed):
+        assert got == call(*c)
+    assert replayed[3] == replayed[0] and replayed[1] != replayed[0]

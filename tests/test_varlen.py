@@ -590,6 +590,11 @@ REPLAY_CASES = {
     "seqused-window": dict(lengths=([4, 6, 0, 3, 8, 1], [9, 5, 4, 20, 0, 7]), seqused="random", heads=(4, 2),
                            dims=(128, 128), window=(5, 2)),
     "top-left-d59": dict(lengths=([130, 2, 0, 77], [60, 9, 4, 200]), heads=(4, 1), dims=(59, 59), causal="top_left"),
+    # (the slopes and sinks are read again by each replay; the backward with sinks takes the full path)
+    "softcap-alibi-sinks": dict(lengths=([5, 0, 77, 1, 33], [9, 3, 60, 1, 40]), heads=(4, 2), dims=(64, 64),
+                                causal=True, softcap=15.0, alibi="sequences", sinks=True),
+    "softcap-alibi-heads": dict(lengths=([40, 7, 0, 2], [33, 7, 5, 90]), heads=(4, 4), dims=(96, 96), softcap=4.0,
+                                alibi="heads", window=(20, 3)),
 }
 
 

@@ -1,0 +1,178 @@
+"""cuflash's GPU host path on a machine without a GPU: CuPy arrays over made-up device addresses,
+every CUDA runtime/driver call the path makes replaced by a stand-in (an allocation is a fresh
+address, a kernel a dummy handle, a launch recorded with the bytes of the params it was given).
+Planning, the params structs, kept plans and their replays run as on a GPU; nothing is computed.
+
+Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
+own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
+with score modifiers and dropout, dense and packed, plan once and then replay, each launch
+carrying its own call's dropout seed. benchmarks' host-time harnesses may ``install()`` it too.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+
+import numpy
+
+LAUNCHES: list = []  # (the function handle, the params bytes or None for a helper kernel's scalars)
+FULL_PATHS = {"forward": 0, "backward": 0}  # plan.forward / plan.backward calls (the full path's planning)
+
+
+def install(compute_capability: str = "90", sms: int = 132):
+    """Replace CuPy's and cuflash's device calls with stand-ins; returns ``array(shape, dtype)``,
+    a maker of CuPy arrays over made-up addresses (C order)."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    from cuflash._gpu import kernels, launch_args, plan
+
+    args = launch_args.ARGS
+
+    def launch(function, *rest):
+        argv = rest[8]  # (grid x, y, z, block x, y, z, shared bytes, stream, argv, extra)
+        params = bytes(args.bytes) if argv == args.argv_ptr else None
+        LAUNCHES.append((function, params))
+
+    driver.launchKernel = launch
+    driver.occupancyMaxActiveBlocksPerMultiprocessor = lambda *a: 2
+    driver.funcSetAttribute = lambda *a: None
+    stream = types.SimpleNamespace(ptr=0, is_capturing=lambda: False)
+    cupy.cuda.get_current_stream = lambda *a: stream
+    cupy.cuda.runtime.getDevice = lambda: 0
+    cupy.cuda.runtime.setDevice = lambda i: None
+    next_address = [1 << 40]
+
+    def alloc(size):
+        address = next_address[0]
+        next_address[0] += (size + 255) // 256 * 256
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, size, None, 0), 0)
+
+    cupy.cuda.alloc = alloc
+    cupy.cuda.set_allocator(alloc)
+
+    class Device:
+        def __init__(self, index=0):
+            self.id, self.compute_capability = 0, compute_capability
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cupy.cuda.Device = Device
+    kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1))
+    kernels.get_kernel = lambda spec, device: kernel
+    kernels.device_attribute = lambda name: sms
+    plan._device_attribute = lambda name: sms
+    plan._tensor_maps = lambda *a, **k: None  # (libcuda's TMA descriptors: the non-TMA Variants are planned)
+    plan.CupyMemory.copy = staticmethod(lambda target, source: None)  # device copies
+    plan._per_row = lambda x, lead_shape, dtype: array((int(numpy.prod(lead_shape)),), dtype)
+    for name in FULL_PATHS:
+        real = getattr(plan, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            FULL_PATHS[_name] += 1
+            return _real(*a, **k)
+
+        setattr(plan, name, counted)
+
+    def array(shape, dtype):
+        dtype = numpy.dtype(dtype)
+        size = max(1, int(numpy.prod(shape)) * dtype.itemsize)
+        return cupy.ndarray(shape, dtype, alloc(size))
+
+    return array
+
+
+def _params(kind):
+    """The dropout fields of each params launch recorded since the last call of this: (seed,
+    threshold) per launch, of the forward struct (a backward struct's ``fwd``)."""
+    from cuflash._gpu import params
+
+    dtype = params.BWD_PARAMS_DTYPE if kind == "backward" else params.FWD_PARAMS_DTYPE
+    fields = []
+    for _, raw in LAUNCHES:
+        if raw is not None:
+            struct = numpy.frombuffer(raw[:dtype.itemsize], dtype)[0]
+            fwd = struct["fwd"] if kind == "backward" else struct
+            fields.append((int(fwd["dropout_seed"]), int(fwd["dropout_threshold"])))
+    LAUNCHES.clear()
+    return fields
+
+
+def _check_calls(name, forward, backward, seeds):
+    """Three calls with seeds ``seeds``: the first plans (the full path), the others replay; every
+    params launch carries its call's seed (and one threshold throughout)."""
+    thresholds = set()
+    for i, seed in enumerate(seeds):
+        before = dict(FULL_PATHS)
+        out, lse = forward(seed)
+        launched = _params("forward")
+        if backward is not None:
+            backward(seed, out, lse)
+        grads_launched = _params("backward") if backward is not None else []
+        planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+        expected = {"forward": int(i == 0), "backward": int(i == 0 and backward is not None)}
+        assert planned == expected, f"{name} call {i}: full paths {planned}, expected {expected}"
+        assert launched and (backward is None or grads_launched), f"{name} call {i}: no launch"
+        for seed_launched, threshold in launched + grads_launched:
+            assert seed_launched == (seed or 0), f"{name} call {i}: launched with seed {seed_launched}, not {seed}"
+            thresholds.add(threshold)
+    assert len(thresholds) == 1 and (0 in thresholds) == (seeds[0] is None), f"{name}: thresholds {thresholds}"
+    print(f"ok {name}")
+
+
+def main():
+    array = install()
+    import cuflash
+
+    rng = numpy.random.default_rng()
+    seeds = [int(s) for s in rng.integers(0, 2**63, 3, dtype=numpy.int64)]
+    seeds[1] |= 1 << 63  # (a seed's high bit reaches the kernels too)
+    half = numpy.float16
+
+    q, k, v, dout = array((2, 4, 300, 64), half), array((2, 2, 500, 64), half), array((2, 2, 500, 64), half), \
+        array((2, 4, 300, 64), half)
+    slopes, sinks = array((4,), numpy.float32), array((4,), numpy.float32)
+    for label, options in (("dense dropout", dict(causal=True)),
+                           ("dense softcap + ALiBi + dropout", dict(causal=True, softcap=20.0, alibi_slopes=slopes))):
+        _check_calls(label,
+                     lambda seed, o=options: cuflash.attention(q, k, v, return_lse=True, dropout_p=0.1,
+                                                               dropout_seed=seed, **o),
+                     lambda seed, out, lse, o=options: cuflash.attention_backward(
+                         dout, q, k, v, out, lse, dropout_p=0.1, dropout_seed=seed, **o),
+                     seeds)
+    _check_calls("dense sinks (forward)",
+                 lambda seed: cuflash.attention(q, k, v, return_lse=True, sinks=sinks, causal=True), None, [None] * 3)
+
+    lengths = [0, 97, 300, 1, 200]
+    cu = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int32)
+    total, batch = int(cu[-1]), len(lengths)
+    cu_d = array((batch + 1,), numpy.int32)
+    pq, pk, pv, pdout = array((total, 4, 64), half), array((total, 2, 64), half), array((total, 2, 64), half), \
+        array((total, 4, 64), half)
+    hints = dict(max_seqlen_q=300, max_seqlen_k=300)
+    per_sequence = array((batch, 4), numpy.float32)
+    for label, options in (("packed plain", {}), ("packed softcap", dict(softcap=20.0)),
+                           ("packed ALiBi (B, Hq) + softcap", dict(alibi_slopes=per_sequence, softcap=20.0)),
+                           ("packed dropout", dict(dropout_p=0.1)),
+                           ("packed ALiBi (Hq,) + softcap + dropout", dict(alibi_slopes=slopes, softcap=5.0,
+                                                                          dropout_p=0.2))):
+        call_seeds = seeds if "dropout_p" in options else [None] * 3
+        _check_calls(label,
+                     lambda seed, o=options: cuflash.attention_varlen(
+                         pq, pk, pv, cu_d, cu_d, causal=True, return_lse=True, dropout_seed=seed, **hints, **o),
+                     lambda seed, out, lse, o=options: cuflash.attention_varlen_backward(
+                         pdout, pq, pk, pv, out, lse, cu_d, cu_d, causal=True, dropout_seed=seed, **hints, **o),
+                     call_seeds)
+    _check_calls("packed sinks (forward)",
+                 lambda seed: cuflash.attention_varlen(pq, pk, pv, cu_d, cu_d, sinks=sinks, return_lse=True, **hints),
+                 None, [None] * 3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
