@@ -6,7 +6,8 @@ Planning, the params structs, kept plans and their replays run as on a GPU; noth
 Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
 own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
 with score modifiers and dropout, dense and packed, plan once and then replay, each launch
-carrying its own call's dropout seed. benchmarks' host-time harnesses may ``install()`` it too.
+carrying its own call's dropout seed; and that every dtype's calls with each option plan once and
+replay. Host-time harnesses may ``install()`` it too.
 """
 from __future__ import annotations
 
@@ -125,6 +126,39 @@ def _check_calls(name, forward, backward, seeds):
     print(f"ok {name}")
 
 
+def _sweep(array):
+    """Every dtype x {plain, causal, window, softcap, ALiBi, dropout (, fp32's precisions)} x both
+    backward modes, GQA, odd lengths, d 40 (rows the kernels read in place: a copy would be GPU
+    work): a call plans (or replays an earlier call's plan), its second run replays both
+    directions without planning."""
+    import ml_dtypes
+
+    import cuflash
+
+    count = 0
+    for dtype in (numpy.float16, ml_dtypes.bfloat16, numpy.float32, numpy.float64):
+        q, k, v, dout = (array(shape, dtype) for shape in ((2, 4, 97, 40), (2, 2, 1025, 40), (2, 2, 1025, 40),
+                                                           (2, 4, 97, 40)))
+        param = numpy.float64 if dtype == numpy.float64 else numpy.float32
+        cases = [{}, dict(causal=True), dict(window=(50, 10)), dict(softcap=10.0),
+                 dict(alibi_slopes=array((4,), param), causal="top_left"), dict(dropout_p=0.1, dropout_seed=3)]
+        if dtype == numpy.float32:
+            cases += [dict(precision="ieee"), dict(precision="tf32", causal=True)]
+        for options in cases:
+            for deterministic in (False, True):
+                for run in range(2):
+                    before = dict(FULL_PATHS)
+                    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
+                    cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+                    assert LAUNCHES, f"{numpy.dtype(dtype).name} {options}: nothing launched"
+                    LAUNCHES.clear()
+                    planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+                    assert run == 0 or planned == {"forward": 0, "backward": 0}, \
+                        f"{numpy.dtype(dtype).name} {options} deterministic={deterministic}: planned again {planned}"
+                count += 1
+    print(f"ok sweep of {count} signatures")
+
+
 def main():
     array = install()
     import cuflash
@@ -171,6 +205,7 @@ def main():
     _check_calls("packed sinks (forward)",
                  lambda seed: cuflash.attention_varlen(pq, pk, pv, cu_d, cu_d, sinks=sinks, return_lse=True, **hints),
                  None, [None] * 3)
+    _sweep(array)
     return 0
 
 

@@ -26,4 +26,4 @@ def test_calls_plan_once_then_replay_with_their_own_dropout_seed():
     assert done.stdout.split("\n")[:-1] == [f"ok {name}" for name in (
         "dense dropout", "dense softcap + ALiBi + dropout", "dense sinks (forward)", "packed plain", "packed softcap",
         "packed ALiBi (B, Hq) + softcap", "packed dropout", "packed ALiBi (Hq,) + softcap + dropout",
-        "packed sinks (forward)")]
+        "packed sinks (forward)", "sweep of 52 signatures")]
