@@ -233,10 +233,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     A repeated GPU call with both hints (ints) and no ``out=`` replays the plan of its signature
     (arrays' dtypes, shapes, strides, alignment, the options and hints; the ALiBi slopes and sinks
-    read again, a dropping call's own seed), as :func:`cuflash.attention` does. ``precision``, ``dropout_p`` and ``dropout_seed`` as
-    :func:`cuflash.attention`'s; sequence b's head h is attention row ``b * H + h`` of the keep mask,
-    its queries and keys counted from the sequence's first, so a packed batch drops exactly what
-    the same sequences padded into a ``(B, H, L, D)`` batch drop.
+    read again, a dropping call's own seed), as :func:`cuflash.attention` does. ``precision``,
+    ``dropout_p`` and ``dropout_seed`` as :func:`cuflash.attention`'s; sequence b's head h is
+    attention row ``b * H + h`` of the keep mask, its queries and keys counted from the
+    sequence's first, so a packed batch drops exactly what the same sequences padded into a
+    ``(B, H, L, D)`` batch drop.
     """
     key = None
     if out is None and type(return_lse) is bool:

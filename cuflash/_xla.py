@@ -112,8 +112,8 @@ def _dtypes() -> dict:
     seed's two words)."""
     import ml_dtypes  # JAX's own dependency: bfloat16 for NumPy
 
-    return {1: numpy.dtype(bool), 4: numpy.dtype(numpy.int32), 5: numpy.dtype(numpy.int64), 8: numpy.dtype(numpy.uint32),
-            10: numpy.dtype(numpy.float16), 11: numpy.dtype(numpy.float32), 12: numpy.dtype(numpy.float64),
+    return {1: numpy.dtype(bool), 4: numpy.dtype(numpy.int32), 5: numpy.dtype(numpy.int64),
+            8: numpy.dtype(numpy.uint32), 10: numpy.dtype(numpy.float16), 11: numpy.dtype(numpy.float32), 12: numpy.dtype(numpy.float64),
             16: numpy.dtype(ml_dtypes.bfloat16)}
 
 

@@ -16,9 +16,9 @@ runs cuflash on XLA's own buffers, forward and backward: on a GPU its kernels on
 NumPy backend. Under ``vmap`` one call serves the whole batch (its axis lined up with cuflash's
 broadcast leading axes; shared operands are broadcast, never copied, their gradients summed
 once). A JAX whose FFI cannot take the target falls back to ``jax.pure_callback`` into the
-NumPy backend (host copies). Attention dropout takes a JAX PRNG key as its seed (``_dropout_seed``):
-the keep mask is then the same eagerly and under ``jit``, and a traced key draws a new one per
-execution. :func:`attention_varlen` runs under a trace too when given
+NumPy backend (host copies). Attention dropout takes a JAX PRNG key as its seed
+(``_dropout_seed``): the keep mask is then the same eagerly and under ``jit``, and a traced key
+draws a new one per execution. :func:`attention_varlen` runs under a trace too when given
 ``max_seqlen_q`` and ``max_seqlen_k`` as ints (they size the grid; its traced lengths are read
 when run on the CPU, trusted on a GPU); ``vmap`` runs it item by item.
 """
@@ -390,7 +390,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
 
 # Under a trace: the packed call as a traced call (_traced_call), on the operands (q, k, v, sinks,
-# cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes). Both hints must be ints: they size the
+# cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout seed words). Both hints must be ints: they size the
 # grid, and the lengths are not known when traced (nor read when run on a GPU).
 _VARLEN_OPERANDS = ("q", "k", "v", "sinks", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes",
                     "dropout_seed")
