@@ -6,8 +6,9 @@ Planning, the params structs, kept plans and their replays run as on a GPU; noth
 Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
 own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
 with score modifiers and dropout, dense and packed, plan once and then replay, each launch
-carrying its own call's dropout seed; and that every dtype's calls with each option plan once and
-replay. Host-time harnesses may ``install()`` it too.
+carrying its own call's dropout seed; that every dtype's calls with each option plan once and
+replay; or, with ``--torch``, that cuflash.torch's training path does (``install_torch``: CPU
+tensors standing for CUDA ones). Host-time harnesses may ``install()`` it too.
 """
 from __future__ import annotations
 
@@ -88,6 +89,31 @@ def install(compute_capability: str = "90", sms: int = 132):
     return array
 
 
+def install_torch():
+    """After ``install()``: CPU tensors stand for CUDA ones in cuflash.torch (``is_cuda`` true for
+    every tensor, device 0 current, torch's stream 0), their memory seen by CuPy at its addresses;
+    a result handed back to torch is a fresh zero tensor (nothing was computed). Plans run on
+    torch's memory (the adapter's allocations are CPU tensors). Returns the torch module."""
+    import contextlib
+
+    import ml_dtypes
+    import torch
+
+    import cuflash.torch as ct
+
+    torch.Tensor.is_cuda = property(lambda self: True)
+    torch.cuda.current_device = lambda: 0
+    ct._current_raw_stream = lambda index: 0
+    ct._running_on = lambda tensor: contextlib.nullcontext()
+    numpy_dtypes = {torch.float16: numpy.dtype(numpy.float16), torch.bfloat16: numpy.dtype(ml_dtypes.bfloat16),
+                    torch.float32: numpy.dtype(numpy.float32), torch.float64: numpy.dtype(numpy.float64),
+                    torch.int32: numpy.dtype(numpy.int32)}
+    torch_dtypes = {value: key for key, value in numpy_dtypes.items()}
+    ct._to_cuflash = lambda tensor, axes=None: ct._cupy_view(tensor, numpy_dtypes[tensor.dtype], 0, axes)
+    ct._to_torch = lambda array: torch.zeros(array.shape, dtype=torch_dtypes[numpy.dtype(array.dtype)])
+    return torch
+
+
 def _params(kind):
     """The dropout fields of each params launch recorded since the last call of this: (seed,
     threshold) per launch, of the forward struct (a backward struct's ``fwd``)."""
@@ -159,8 +185,70 @@ def _sweep(array):
     print(f"ok sweep of {count} signatures")
 
 
+def _check_torch_calls(name, torch, call, seeds):
+    """Three training steps' attention (``call()`` runs forward and backward, the seed drawn from
+    torch's generator after ``torch.manual_seed(seed)``): the first plans, the next replay (the
+    backward through the forward plan's followers on the third); the forward's and the backward's
+    launches carry the seed that step drew."""
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        drawn = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what the adapter draws (_dropout_arguments)
+        torch.manual_seed(seed)
+        before = dict(FULL_PATHS)
+        LAUNCHES.clear()
+        forward_launched = call(lambda: _params("forward"))
+        backward_launched = _params("backward")
+        planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+        expected = {"forward": int(i == 0), "backward": int(i == 0)}
+        assert planned == expected, f"{name} step {i}: full paths {planned}, expected {expected}"
+        assert forward_launched and backward_launched, f"{name} step {i}: nothing launched"
+        for launched, _ in forward_launched + backward_launched:
+            assert launched == drawn, f"{name} step {i}: launched with seed {launched}, the step drew {drawn}"
+    print(f"ok {name}")
+
+
+def _torch_scenarios(torch):
+    """cuflash.torch's training path: dense attention with softcap, ALiBi and dropout (autograd
+    Function, kept plans on torch's memory, backward followers) and flash_attn_varlen_func with the
+    same (the packed kept plans)."""
+    import cuflash.torch as ct
+
+    def leaf(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v, dout = leaf(2, 4, 300, 64), leaf(2, 2, 500, 64), leaf(2, 2, 500, 64), torch.zeros(2, 4, 300, 64,
+                                                                                             dtype=torch.bfloat16)
+    slopes = torch.rand(4)
+
+    def dense(forward_params):
+        out = ct.attention(q, k, v, causal=True, softcap=20.0, alibi_slopes=slopes, dropout_p=0.1)
+        launched = forward_params()
+        torch.autograd.grad(out, (q, k, v), dout)
+        return launched
+
+    _check_torch_calls("torch attention softcap + ALiBi + dropout", torch, dense, [11, 12, 13])
+    lengths = [0, 97, 300, 1, 200]
+    cu = torch.tensor(numpy.concatenate([[0], numpy.cumsum(lengths)]), dtype=torch.int32)
+    total = int(cu[-1])
+    pq, pk, pv, pdout = leaf(total, 4, 64), leaf(total, 2, 64), leaf(total, 2, 64), torch.zeros(total, 4, 64,
+                                                                                               dtype=torch.bfloat16)
+    per_sequence = torch.rand(len(lengths), 4)
+
+    def packed(forward_params):
+        out = ct.flash_attn_varlen_func(pq, pk, pv, cu, cu, 300, 300, dropout_p=0.1, causal=True, softcap=20.0,
+                                        alibi_slopes=per_sequence)
+        launched = forward_params()
+        torch.autograd.grad(out, (pq, pk, pv), pdout)
+        return launched
+
+    _check_torch_calls("torch flash_attn_varlen_func softcap + ALiBi + dropout", torch, packed, [21, 22, 23])
+
+
 def main():
     array = install()
+    if "--torch" in sys.argv[1:]:  # (the torch adapter's scenarios alone)
+        _torch_scenarios(install_torch())
+        return 0
     import cuflash
 
     rng = numpy.random.default_rng()
