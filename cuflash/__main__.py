@@ -242,6 +242,11 @@ def warmup(argv) -> int:
     parser.add_argument("--precision", default="highest",
                         help="float32's precision= values to prepare (highest, ieee, tf32), comma-separated")
     parser.add_argument("--forward-only", action="store_true", help="skip the backward's kernels")
+    parser.add_argument("--mods", action="store_true",
+                        help="also the score modifiers' kernels (softcap, ALiBi, a bias or a mask: one form per "
+                             "dtype and head dim)")
+    parser.add_argument("--dropout", action="store_true",
+                        help="also attention dropout's kernels (training with dropout_p > 0)")
     parser.add_argument("--inference", action="store_true",
                         help="also the inference kernels: the split-KV decode kernel and its combine (float16, "
                              "bfloat16), the KV-cache append and merge_attention's, for these dtypes and head dims")
@@ -266,19 +271,23 @@ def warmup(argv) -> int:
     for arch in archs:
         if args.all:
             variants += tiles.all_variants(arch)
+        # (masked, score modifiers, dropout): the plain forms of the masks asked for, then the
+        # modifiers' form and the dropout form (each one per dtype and head dim, any mask).
+        forms = [(_MASKS[mask], False, False) for mask in masks]
+        forms += [(True, True, False)] * args.mods + [(True, True, True)] * args.dropout
         for dtype in () if args.all else dtypes:
             for d in head_dims:
-                for masked in dict.fromkeys(_MASKS[mask] for mask in masks):
+                for masked, mods, dropout in dict.fromkeys(forms):
                     for keys in (0, math.inf):  # short rows may take their own tile (tiles.select)
                         for precision in tiles.precisions_of(dtype, precisions):
                             for short in (False, True):  # (tiles.SHORT_ROWS)
-                                variants.append(tiles.select(dtype, d, d, masked, arch, keys, precision=precision,
-                                                             short=short))
+                                variants.append(tiles.select(dtype, d, d, masked, arch, keys, mods, precision,
+                                                             short=short, dropout=dropout))
                     if not args.forward_only:
                         for precision in tiles.precisions_of(dtype, precisions):
                             for short in (False, True):  # short rows may take their own tile (tiles.SHORT_ROWS)
-                                variants += tiles.select_backward(dtype, d, d, masked, arch, precision=precision,
-                                                                  short=short)
+                                variants += tiles.select_backward(dtype, d, d, masked, arch, mods, precision,
+                                                                  short=short, dropout=dropout)
         if args.all or args.inference:
             variants += _inference_kernels(tiles.DTYPES if args.all else dtypes,
                                            (64, 128) if args.all else head_dims, arch)

@@ -58,6 +58,32 @@ def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
     assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")
 
 
+def test_warmup_prepares_the_modifier_and_dropout_forms_when_asked(warmed):
+    """--mods adds the score modifiers' form (softcap, ALiBi, bias, mask), --dropout the dropout
+    form, forward and backward, each what the dispatcher selects for such a call; neither by
+    default."""
+    from cuflash._gpu import tiles
+
+    arguments = ["warmup", "--dtype", "bfloat16,float64", "--head-dim", "64", "--mask", "causal", "--arch", "90a",
+                 "--jobs", "1"]
+    assert cli.main(arguments) == 0
+    assert not any(variant.score_mods or variant.dropout for variant, _ in warmed)
+    warmed.clear()
+    assert cli.main(arguments + ["--mods", "--dropout"]) == 0
+    prepared = {variant for variant, _ in warmed}
+    for dtype in ("bfloat16", "float64"):
+        for dropout in (False, True):
+            assert tiles.select(dtype, 64, 64, True, "90a", score_mods=True, dropout=dropout) in prepared
+            backward = tiles.select_backward(dtype, 64, 64, True, "90a", True, dropout=dropout)
+            assert {backward.dkdv, backward.dq} <= prepared
+    assert any(variant.dropout for variant in prepared) and any(variant.score_mods and not variant.dropout
+                                                                for variant in prepared)
+    warmed.clear()
+    assert cli.main(arguments + ["--dropout", "--forward-only"]) == 0
+    assert {variant.kernel.split("_")[0] for variant, _ in warmed} == {"fwd"}
+    assert any(variant.dropout for variant, _ in warmed)
+
+
 def _inference(jobs):
     """(kernel or function, dtype, extra) of the inference kernels among the recorded jobs."""
     out = set()
