@@ -154,33 +154,50 @@ def _check_calls(name, forward, backward, seeds):
 
 def _sweep(array):
     """Every dtype x {plain, causal, window, softcap, ALiBi, dropout (, fp32's precisions)} x both
-    backward modes, GQA, odd lengths, d 40 (rows the kernels read in place: a copy would be GPU
-    work): a call plans (or replays an earlier call's plan), its second run replays both
-    directions without planning."""
+    backward modes, dense (GQA, Lq 97, Lk 1025) and packed (five sequences, one empty, the (B, Hq)
+    slopes), d 40 (rows the kernels read in place: a copy would be GPU work): a call plans (or
+    replays an earlier call's plan), its second run replays both directions without planning."""
     import ml_dtypes
 
     import cuflash
 
+    lengths = [0, 97, 300, 1, 200]
+    cu = array((len(lengths) + 1,), numpy.int32)
+    total = sum(lengths)
     count = 0
     for dtype in (numpy.float16, ml_dtypes.bfloat16, numpy.float32, numpy.float64):
         q, k, v, dout = (array(shape, dtype) for shape in ((2, 4, 97, 40), (2, 2, 1025, 40), (2, 2, 1025, 40),
                                                            (2, 4, 97, 40)))
+        pq, pk, pv, pdout = (array(shape, dtype) for shape in ((total, 4, 40), (total, 2, 40), (total, 2, 40),
+                                                               (total, 4, 40)))
         param = numpy.float64 if dtype == numpy.float64 else numpy.float32
         cases = [{}, dict(causal=True), dict(window=(50, 10)), dict(softcap=10.0),
                  dict(alibi_slopes=array((4,), param), causal="top_left"), dict(dropout_p=0.1, dropout_seed=3)]
         if dtype == numpy.float32:
             cases += [dict(precision="ieee"), dict(precision="tf32", causal=True)]
-        for options in cases:
+        packed_cases = cases + [dict(alibi_slopes=array((len(lengths), 4), param), causal=True)]
+        calls = [("dense", options, lambda d, o: cuflash.attention(q, k, v, return_lse=True, **o),
+                  lambda d, o, out, lse: cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=d, **o))
+                 for options in cases]
+        hints = dict(max_seqlen_q=300, max_seqlen_k=300)
+        calls += [("packed", options,
+                   lambda d, o: cuflash.attention_varlen(pq, pk, pv, cu, cu, return_lse=True, **hints, **o),
+                   lambda d, o, out, lse: cuflash.attention_varlen_backward(pdout, pq, pk, pv, out, lse, cu, cu,
+                                                                            deterministic=d, **hints, **o))
+                  for options in packed_cases]
+        for layout, options, forward, backward in calls:
             for deterministic in (False, True):
                 for run in range(2):
                     before = dict(FULL_PATHS)
-                    out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
-                    cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
-                    assert LAUNCHES, f"{numpy.dtype(dtype).name} {options}: nothing launched"
+                    out, lse = forward(deterministic, options)
+                    backward(deterministic, options, out, lse)
+                    spelled = {key: f"array{value.shape}" if hasattr(value, "shape") else value
+                               for key, value in options.items()}  # (an array's repr would read the device)
+                    name = f"{layout} {numpy.dtype(dtype).name} {spelled} deterministic={deterministic}"
+                    assert LAUNCHES, f"{name}: nothing launched"
                     LAUNCHES.clear()
                     planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
-                    assert run == 0 or planned == {"forward": 0, "backward": 0}, \
-                        f"{numpy.dtype(dtype).name} {options} deterministic={deterministic}: planned again {planned}"
+                    assert run == 0 or planned == {"forward": 0, "backward": 0}, f"{name}: planned again {planned}"
                 count += 1
     print(f"ok sweep of {count} signatures")
 
