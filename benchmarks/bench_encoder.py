@@ -20,6 +20,12 @@ uniformly from [L/4, L], seeded, right padding as tokenizers pad) and backend:
   a fallback to SDPA would be counted and named);
 * ``max_abs_diff``: the last hidden states at the real positions against the first backend's.
 
+``--train-dropout P`` fine-tunes as BERT-style training does: the attention dropout rate P in the
+config (BERT's ``attention_probs_dropout_prob``, ModernBERT's ``attention_dropout``) and the
+training step in train mode, so attention drops probabilities (cuflash's kernels, SDPA's
+dropping backends; those that cannot drop under a mask fail as "unsupported"); the forward and
+the states compared stay eval mode's.
+
 Medians of ``--steps`` timed calls after ``--warmup``; CUDA events on the GPU. ``--compile``
 compiles the model (``--compile-backend``, inductor by default) for every backend: the routing
 and the differences are still the eager forward's. Results: ``benchmarks/results/<UTC>_<device>_
@@ -28,6 +34,7 @@ backend).
 
     python benchmarks/bench_encoder.py                                  # BERT-base, bf16
     python benchmarks/bench_encoder.py --family modernbert --shapes 8x2048
+    python benchmarks/bench_encoder.py --train-dropout 0.1                 # fine-tuning with dropout
     python benchmarks/bench_encoder.py --device cpu --tiny --steps 1
 """
 from __future__ import annotations
@@ -58,15 +65,19 @@ FAMILIES = {
         hidden_size=768, num_attention_heads=12, num_hidden_layers=22, intermediate_size=1152, vocab_size=50368,
         local_attention=128, global_attn_every_n_layers=3)),
 }
+# Each family's config name of its attention dropout rate.
+ATTENTION_DROPOUT = {"bert": "attention_probs_dropout_prob", "modernbert": "attention_dropout"}
 TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=128)
 TINY_EXTRA = {"modernbert": dict(local_attention=6, global_attn_every_n_layers=2, pad_token_id=0, eos_token_id=1,
                                  bos_token_id=2, cls_token_id=2, sep_token_id=1)}
 
 
 def build(torch, transformers, args, length: int):
-    """The family's model (random weights, seed 0, eval mode: no dropout) on the device, SDPA's."""
+    """The family's model (random weights, seed 0, eval mode: no dropout) on the device, SDPA's;
+    its attention dropout rate ``--train-dropout`` (what the training step, in train mode, drops)."""
     config_class, model_class, sizes = FAMILIES[args.family]
     sizes = dict(TINY, **TINY_EXTRA.get(args.family, {})) if args.tiny else dict(sizes)
+    sizes[ATTENTION_DROPOUT[args.family]] = args.train_dropout
     config = getattr(transformers, config_class)(**sizes, max_position_embeddings=max(512, length))
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).to(dtype=args.torch_dtype, device=args.device).eval()
@@ -142,7 +153,9 @@ def run_backend(torch, transformers, hf, args, backend: str, batch: int, length:
 
     def step():
         model.zero_grad(set_to_none=True)
+        model.train(args.train_dropout > 0)  # (dropout drops in train mode only)
         (run(ids, attention_mask=mask).last_hidden_state * weights).float().sum().backward()
+        model.eval()
 
     result["forward_ms"] = median_ms(clock, forward, args.warmup, args.steps)
     if args.device == "cuda":
@@ -183,6 +196,8 @@ def parse_args(argv):
                              "reference")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model per backend")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (with --compile)")
+    parser.add_argument("--train-dropout", type=float, default=0.0,
+                        help="the attention dropout rate of the training step (train mode); 0: eval mode")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
@@ -207,6 +222,7 @@ def main(argv=None) -> Path:
     environment = collect_environment(torch, args.device)
     record = {"sweep": "encoder", "environment": environment, "family": args.family, "tiny": args.tiny,
               "dtype": str(args.torch_dtype), "compile": args.compile_backend if args.compile else None,
+              "train_dropout": args.train_dropout,
               "results": []}
     path = records.record_path(args.out_dir, environment["date_utc"], environment["device"], "encoder")
     for batch, length in args.shapes:

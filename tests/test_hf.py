@@ -879,6 +879,31 @@ def test_bench_encoder_runs_on_cpu(tmp_path, capsys, family, compiled):
     assert "| 3x13 | cuflash |" in capsys.readouterr().out
 
 
+def test_bench_encoder_trains_with_attention_dropout_on_cpu(tmp_path, monkeypatch):
+    """--train-dropout: the training step runs in train mode with the config's attention dropout,
+    cuflash's layers dropping (their calls carry the rate), SDPA's too; the forward and the states
+    compared stay eval mode's (no dropout: cuflash's equal SDPA's)."""
+    import cuflash.torch as ct
+
+    bench_encoder = _benchmark("bench_encoder")
+    rates = []
+    original = ct.attention
+
+    def spy(*args, **kwargs):
+        rates.append(kwargs.get("dropout_p", 0.0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "attention", spy)
+    path = bench_encoder.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--backends",
+                               "sdpa,cuflash", "--train-dropout", "0.25", "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert record["train_dropout"] == 0.25
+    results = {result["backend"]: result for result in record["results"]}
+    assert results["sdpa"]["status"] == results["cuflash"]["status"] == "ok"
+    assert results["cuflash"]["max_abs_diff"] < 1e-4  # (the eval-mode states)
+    assert 0.25 in rates and 0.0 in rates  # the steps dropped, the eval forwards did not
+
+
 def test_bench_model_runs_on_cpu(tmp_path, capsys):
     bench_model = _benchmark()
     path = bench_model.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
