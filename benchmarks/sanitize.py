@@ -252,6 +252,21 @@ def _feature_cases() -> list[dict]:
              options={"causal": True}, quick=True),
         dict(name="dense-decode-float16-mqa-softcap-sinks", dtype="float16", q=(1, 8, 1, 64), k=(1, 1, 777, 64),
              options={"softcap": 20.0, "sinks": "heads"}),
+        # attention dropout (the kDropout forms, dropout.cuh; the CPU backend draws the same keep
+        # mask, so the check is exact): mma.sync with GQA and the atomic dQ, the Hopper forms where
+        # they take the call (d128, contiguous), the FFMA forms (float32 "ieee", float64), a packed
+        # batch (each sequence's rows of the mask)
+        dict(name="dropout-bfloat16-d64-gqa-causal", dtype="bfloat16", q=(2, 4, 200, 64), k=(2, 2, 333, 64),
+             options={"causal": True, "dropout_p": 0.2, "dropout_seed": 2**63 + 12345}, quick=True),
+        dict(name="dropout-float16-d128-softcap", dtype="float16", q=(2, 4, 256, 128), k=(2, 4, 300, 128),
+             options={"softcap": 30.0, "dropout_p": 0.1, "dropout_seed": 7}, deterministic=True),
+        dict(name="dropout-float32-ieee-d59-window", dtype="float32", q=(1, 2, 97, 59), k=(1, 2, 150, 59),
+             options={"precision": "ieee", "window": (40, 8), "dropout_p": 0.3, "dropout_seed": 99}),
+        dict(name="dropout-float64-d40-bias", dtype="float64", q=(2, 2, 61, 40), k=(2, 2, 77, 40),
+             options={"bias": (2, 1, 1, 77), "dropout_p": 0.25, "dropout_seed": 5}, deterministic=True),
+        dict(name="dropout-varlen-bfloat16", dtype="bfloat16", api="varlen", heads=(4, 2), d=64,
+             lengths_q=[97, 1, 0, 300], lengths_k=[97, 5, 3, 1025],
+             options={"causal": True, "dropout_p": 0.15, "dropout_seed": 11}),
     ]
 
 

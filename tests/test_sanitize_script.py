@@ -80,6 +80,9 @@ def test_the_cases_cover_every_kernel_family():
     assert any("bias" in o and c.get("q", (0,) * 4)[-1] <= 32 for o, c in zip(options, cases))
     assert any(o.get("precision") == "tf32" for o in options)
     assert {c["page_size"] is None for c in cases if c.get("api") == "kvcache"} == {True, False}
+    # attention dropout: every dtype, dense and packed (the kDropout forms of each family)
+    dropping = [c for c, o in zip(cases, options) if o.get("dropout_p")]
+    assert {c["dtype"] for c in dropping} == set(sanitize.DTYPES) and any(c.get("api") == "varlen" for c in dropping)
     with pytest.raises(ValueError, match="unknown keys"):
         sanitize.check_case(dict(name="typo", dtype="float16", q=(1, 1, 2, 2), k=(1, 1, 2, 2), option={}))
 
