@@ -274,7 +274,10 @@ def warmup(argv) -> int:
         # (masked, score modifiers, dropout): the plain forms of the masks asked for, then the
         # modifiers' form and the dropout form (each one per dtype and head dim, any mask).
         forms = [(_MASKS[mask], False, False) for mask in masks]
-        forms += [(True, True, False)] * args.mods + [(True, True, True)] * args.dropout
+        if args.mods:
+            forms.append((True, True, False))
+        if args.dropout:
+            forms.append((True, True, True))
         for dtype in () if args.all else dtypes:
             for d in head_dims:
                 for masked, mods, dropout in dict.fromkeys(forms):
