@@ -114,6 +114,11 @@ def install_torch():
     return torch
 
 
+def _planned_since(before):
+    """plan.forward / plan.backward calls since ``before`` (a copy of FULL_PATHS)."""
+    return {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+
+
 def _params(kind):
     """The dropout fields of each params launch recorded since the last call of this: (seed,
     threshold) per launch, of the forward struct (a backward struct's ``fwd``)."""
@@ -141,7 +146,7 @@ def _check_calls(name, forward, backward, seeds):
         if backward is not None:
             backward(seed, out, lse)
         grads_launched = _params("backward") if backward is not None else []
-        planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+        planned = _planned_since(before)
         expected = {"forward": int(i == 0), "backward": int(i == 0 and backward is not None)}
         assert planned == expected, f"{name} call {i}: full paths {planned}, expected {expected}"
         assert launched and (backward is None or grads_launched), f"{name} call {i}: no launch"
@@ -196,7 +201,7 @@ def _sweep(array):
                     name = f"{layout} {numpy.dtype(dtype).name} {spelled} deterministic={deterministic}"
                     assert LAUNCHES, f"{name}: nothing launched"
                     LAUNCHES.clear()
-                    planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+                    planned = _planned_since(before)
                     assert run == 0 or planned == {"forward": 0, "backward": 0}, f"{name}: planned again {planned}"
                 count += 1
     print(f"ok sweep of {count} signatures")
@@ -215,7 +220,7 @@ def _check_torch_calls(name, torch, call, seeds):
         LAUNCHES.clear()
         forward_launched = call(lambda: _params("forward"))
         backward_launched = _params("backward")
-        planned = {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+        planned = _planned_since(before)
         expected = {"forward": int(i == 0), "backward": int(i == 0)}
         assert planned == expected, f"{name} step {i}: full paths {planned}, expected {expected}"
         assert forward_launched and backward_launched, f"{name} step {i}: nothing launched"
