@@ -288,7 +288,9 @@ class _Plan:
         return pointers, kept
 
     def _run(self, memory, pointers, dropout_seed=None) -> None:
-        if (self.seed_word is None) != (dropout_seed is None):  # (keys keep the two apart: a guard, never hit)
+        # A guard: keys keep dropping and plain replays apart, and the planning call (forward,
+        # backward) passes its problem's seed; a caller that forgets it fails here, not silently.
+        if (self.seed_word is None) != (dropout_seed is None):
             raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
                                " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
         ARGS.bytes[: self.template.size] = self.template
