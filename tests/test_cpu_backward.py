@@ -210,7 +210,11 @@ def test_attention_vjp_matches_the_explicit_backward(rng, randn, dtype):
 # --- the backward's two passes on threads --------------------------------------------------------
 
 TWO_PASS_CASES = {
-    # name: (q shape, k shape, keyword arguments); "bias" takes the one pass (its dbias's order)
+    # name: (q shape, k shape, keyword arguments); "bias" takes the one pass (its dbias's order).
+    # With more threads than leading rows the passes split the pairs ("one_row_*"); otherwise each
+    # box of the leading axes (_cpu._lead_boxes, fewer as the threads are fewer) takes one pass.
+    "one_row_dense": ((1, 1, 1025, 59), (1, 1, 600, 59), {}),
+    "one_row_window_softcap_sinks": ((1, 1, 700, 16), (1, 1, 700, 16), {"window": (97, 3), "softcap": 5.0, "sinks": "sinks"}),
     "dense": ((2, 3, 1025, 59), (2, 3, 200, 59), {}),
     "causal_gqa_broadcast_k": ((2, 4, 700, 32), (1, 2, 700, 32), {"causal": True}),
     "window_softcap_sinks": ((2, 2, 513, 16), (2, 2, 513, 16), {"window": (97, 3), "softcap": 5.0, "sinks": "sinks"}),
@@ -235,10 +239,14 @@ def test_two_passes_on_threads_give_the_one_pass_result_bit_for_bit(case, dtype,
     out, lse = cuflash.attention(q, k, v, return_lse=True, **options)
     dout = randn(*out.shape).astype(dtype)
     monkeypatch.setattr(_cpu, "TWO_PASS_THREADS", 2)
+    key_tiles = []
+    real_key_tile = _cpu._BoxBackward.key_tile
+    monkeypatch.setattr(_cpu._BoxBackward, "key_tile", lambda box, keys: key_tiles.append(keys) or real_key_tile(box, keys))
     results = []
     for threads in ("1", "2", "5"):
         monkeypatch.setenv("CUFLASH_CPU_THREADS", threads)
         results.append(cuflash.attention_backward(dout, q, k, v, out, lse, **options))
+    assert bool(key_tiles) == case.startswith("one_row"), "the two passes run where the leading rows are too few"
     for grads in results[1:]:
         assert len(grads) == len(results[0])
         assert all(numpy.array_equal(mine, one) for mine, one in zip(grads, results[0]))
