@@ -58,6 +58,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import os
 import threading
@@ -141,34 +142,39 @@ class _LeadBox:
         return array[tuple(s if size != 1 else slice(None) for s, size in zip(own, array.shape))]
 
 
-def _lead_boxes(p: Problem, lead: tuple, compute, units_per_box: int, spread: bool = True) -> list[_LeadBox]:
+def _lead_boxes(p: Problem, lead: tuple, compute, units_per_box: int, spread: bool = True,
+                whole_axes: frozenset = frozenset()) -> list[_LeadBox]:
     """Boxes covering ``lead`` in C order, each of at most TILE_BYTES of scores (at least one
     leading row) and, with ``spread``, small enough that the units (each box's ``units_per_box``)
-    give every thread one. The last axes are whole while they fit, the next one cut, those before
-    it taken one index at a time. GQA's group axis (the last) is never cut, so that a box's query
-    heads are whole groups (dbias maps a box back onto Hq).
+    give every thread one. From the last axis back, axes are taken whole while they fit, the next
+    one is cut, the ones before it are taken one index at a time. ``whole_axes`` and GQA's group
+    axis (the last: a box's query heads are whole groups, which dbias maps back onto Hq) are never
+    cut.
 
     Boxes change no bit of a leading row's results (each row's products, reductions and updates are
-    its own), so they may follow the thread count; dbias, whose sum crosses boxes, must not spread."""
+    its own), so they may follow the thread count; dbias, whose sums cross boxes, must not spread."""
     per_box = max(1, TILE_BYTES // _tile_bytes(p, _LeadBox((), ()), compute))
     if spread:
         boxes = -(-_threads() // max(1, units_per_box))
         per_box = min(per_box, max(1, -(-math.prod(lead) // boxes)))
-    whole = len(lead) - (1 if p.kv_group > 1 else 0)  # axes [whole:] are taken whole
-    inner = math.prod(lead[whole:])
-    while whole > 0 and inner * lead[whole - 1] <= per_box:
-        whole -= 1
-        inner *= lead[whole]
-    if whole == 0 or math.prod(lead) == 0:
+    whole_axes = whole_axes | ({len(lead) - 1} if p.kv_group > 1 else set())
+    steps = list(lead)
+    inner = math.prod(lead[axis] for axis in whole_axes)
+    cuttable = [axis for axis in reversed(range(len(lead))) if axis not in whole_axes]
+    for n, axis in enumerate(cuttable):
+        if inner * lead[axis] > per_box:
+            steps[axis] = max(1, per_box // inner)
+            for earlier in cuttable[n + 1:]:
+                steps[earlier] = 1
+            break
+        inner *= lead[axis]
+    if math.prod(lead) == 0:
         return [_LeadBox((slice(None),) * len(lead), lead)]
-    cut = whole - 1
-    step = max(1, per_box // inner)
     boxes = []
-    for outer in numpy.ndindex(*lead[:cut]):
-        for start in range(0, lead[cut], step):
-            stop = min(start + step, lead[cut])
-            index = tuple(slice(i, i + 1) for i in outer) + (slice(start, stop),) + (slice(None),) * (len(lead) - whole)
-            boxes.append(_LeadBox(index, (1,) * cut + (stop - start,) + lead[whole:]))
+    for starts in itertools.product(*(range(0, size, step) for size, step in zip(lead, steps))):
+        index = tuple(slice(None) if step == size else slice(start, min(start + step, size))
+                      for start, size, step in zip(starts, lead, steps))
+        boxes.append(_LeadBox(index, tuple(len(range(size)[s]) for s, size in zip(index, lead))))
     return boxes
 
 
@@ -350,18 +356,18 @@ def _backward(p: BackwardProblem):
     dk = numpy.zeros(lead + (p.seqlen_k, p.head_dim), compute)
     dv = numpy.zeros(lead + (p.seqlen_k, p.head_dim_v), compute)
     blocks = _query_blocks(p)
+    # With dbias, boxes hold every index of the axes bias broadcasts along (dbias sums over them),
+    # so that no two boxes add into one region of dbias, and do not follow the thread count: each
+    # dbias entry is summed in one box, in its order, the same for any threads.
+    broadcast = frozenset() if dbias is None else frozenset(
+        axis for axis, (size, full) in enumerate(zip(mods.bias.shape[:-2], lead)) if size == 1 and full > 1)
     boxes = [_BoxBackward(p, box, blocks, mods, (q_g, k_g, v_g, dout, delta, lse_ref), (dq, dk, dv))
-             for box in _lead_boxes(p, lead, compute, 1, spread=dbias is None)]
+             for box in _lead_boxes(p, lead, compute, 1, spread=dbias is None, whole_axes=broadcast)]
     tile_bytes = 6 * _tile_bytes(p, boxes[0].box, compute)
     pairs = min(len(blocks), max(len(box.key_tiles) for box in boxes))
     one_pass = _workers(len(boxes), tile_bytes)
-    if dbias is not None:
-        # One pass, in order: dbias's sum is made here, each pair's dS added into bias's own shape
-        # (boxes and blocks that share a region of a broadcast bias add in turn).
-        for box in boxes:
-            box.one_pass(dbias)
-    elif one_pass >= TWO_PASS_THREADS or _workers(len(boxes) * pairs, tile_bytes) < TWO_PASS_THREADS:
-        _each(lambda box: box.one_pass(None), boxes, tile_bytes)
+    if dbias is not None or one_pass >= TWO_PASS_THREADS or _workers(len(boxes) * pairs, tile_bytes) < TWO_PASS_THREADS:
+        _each(lambda box: box.one_pass(dbias), boxes, tile_bytes)
     else:
         # Too few boxes for the threads: each key tile's dK_j, dV_j summed over its query blocks
         # (ascending), then each query block's dQ_i over its key tiles (ascending): every gradient

@@ -250,3 +250,40 @@ def test_two_passes_on_threads_give_the_one_pass_result_bit_for_bit(case, dtype,
     for grads in results[1:]:
         assert len(grads) == len(results[0])
         assert all(numpy.array_equal(mine, one) for mine, one in zip(grads, results[0]))
+
+
+# bias shapes against q (2, 4, 97, 16), k (2, 2, 130, 16): broadcast along the batch, the heads, the
+# queries, nothing; a GQA-split head axis
+# (its GQA-grouped leading axes (2, 2, 2): the group axis is never cut), and the boxes each call takes
+DBIAS_BOX_BIASES = {"over_batch": ((1, 4, 97, 130), 2), "over_heads": ((2, 1, 97, 130), 2),
+                    "over_queries": ((2, 4, 1, 130), 4), "full": ((2, 4, 97, 130), 4), "shared": ((97, 130), 1)}
+
+
+@pytest.mark.parametrize("bias_shape, boxes_per_call", DBIAS_BOX_BIASES.values(), ids=DBIAS_BOX_BIASES)
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_dbias_over_boxes_of_the_leading_axes_on_threads(bias_shape, boxes_per_call, dtype, randn, monkeypatch):
+    """With boxes of one leading row where bias allows (_cpu._lead_boxes keeps the axes bias
+    broadcasts along whole, so no two boxes add into one region of dbias), the boxes' one passes
+    run on threads: every gradient, dbias included, is the same bit for bit for any thread count,
+    and equals the call with one box up to the order of dbias's sums."""
+    from cuflash import _cpu
+
+    q, dout = randn(2, 4, 97, 16).astype(dtype), randn(2, 4, 97, 16).astype(dtype)
+    k, v = randn(2, 2, 130, 16).astype(dtype), randn(2, 2, 130, 16).astype(dtype)
+    bias = randn(*bias_shape).astype(dtype)
+    out, lse = cuflash.attention(q, k, v, bias=bias, causal=True, return_lse=True)
+    whole = cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, causal=True)
+    monkeypatch.setattr(_cpu, "TILE_BYTES", 1)  # boxes of one leading row where bias allows
+    boxes = []
+    real_one_pass = _cpu._BoxBackward.one_pass
+    monkeypatch.setattr(_cpu._BoxBackward, "one_pass", lambda box, dbias: boxes.append(box.box.shape) or real_one_pass(box, dbias))
+    results = []
+    for threads in ("1", "4"):
+        monkeypatch.setenv("CUFLASH_CPU_THREADS", threads)
+        results.append(cuflash.attention_backward(dout, q, k, v, out, lse, bias=bias, causal=True))
+    assert len(boxes) == 2 * boxes_per_call, "a box per leading row, but along the axes bias broadcasts along"
+    for mine, one in zip(results[1], results[0]):
+        assert numpy.array_equal(mine, one)
+    rtol = 1e-5 if dtype == numpy.float32 else 1e-12
+    for mine, want in zip(results[0], whole):
+        numpy.testing.assert_allclose(mine, want, rtol=rtol, atol=rtol * numpy.abs(want).max())
