@@ -5,8 +5,9 @@
 its keys ``k[cu_k[b]:cu_k[b+1]]`` (the first ``seqused_k[b]`` of them when given), with causal and
 windows per sequence on its own lengths. On the GPU the whole batch runs in one launch per
 kernel (the kernels read each sequence's offsets and lengths from cu_seqlens: cuda_src/params.cuh's
-BatchIndex); the CPU backend runs one dense call per sequence (views, no copies: the head axis of
-the packed layout is a stride).
+BatchIndex); the CPU backend runs one dense call per group of sequences of the same lengths
+(``_length_groups``: stacked copies, a batch axis in front; a sequence alone in its group runs on
+views of the packed arrays, no copy: the head axis of the packed layout is a stride).
 """
 from __future__ import annotations
 
@@ -148,6 +149,70 @@ def _slopes(alibi_slopes, batch):
                      f"got {shape}")
 
 
+@dataclasses.dataclass
+class _LengthGroup:
+    """Sequences of one packed batch with the same query and key counts, run by the CPU backend as
+    one dense call: each packed array's rows of those sequences stacked into a batch axis in front
+    (``stack``), the call's results written back to their rows (``scatter``). A group of one takes
+    views, no copy, and no batch axis."""
+
+    spans: list  # the members' (query rows, key rows) slices
+    members: list  # their sequence indices
+
+    def _rows(self, side: int):
+        return [span[side] for span in self.spans]
+
+    def stack(self, array, side: int, heads_first: bool = False):
+        """(n, H, rows, ...) of a packed array's rows (side 0: query rows, 1: key rows), heads first;
+        ``heads_first``: the array is (H, tokens) already (lse)."""
+        take = (lambda rows: array[:, rows]) if heads_first else (lambda rows: _heads_first(array[rows]))
+        if len(self.spans) == 1:
+            return take(self._rows(side)[0])
+        return numpy.stack([take(rows) for rows in self._rows(side)])
+
+    def scatter(self, target, result, side: int, heads_first: bool = False):
+        """Write the call's ``result`` (n, H, rows, ...) back into the packed ``target``."""
+        for i, rows in enumerate(self._rows(side)):
+            part = result if len(self.spans) == 1 else result[i]
+            if heads_first:
+                target[:, rows] = part
+            else:
+                target[rows] = _heads_first(part)
+
+    def slopes(self, slopes):
+        """The members' ALiBi slopes ((n, Hq), or one sequence's), or None."""
+        if slopes is None:
+            return None
+        if len(self.members) == 1:
+            return slopes[self.members[0]]
+        return numpy.stack([numpy.broadcast_to(slopes[b], numpy.shape(slopes[self.members[0]])) for b in self.members])
+
+
+def _length_groups(spans, consecutive: bool) -> list[_LengthGroup]:
+    """The packed batch's sequences grouped by (query count, key count), in order of first sight;
+    with ``consecutive`` only runs of neighbouring sequences group (dropout numbers a call's
+    attention rows from its first sequence on: ``Problem.dropout_first_row``)."""
+    groups: dict = {}
+    runs: list[_LengthGroup] = []
+    for b, (rows, keys) in enumerate(spans):
+        lengths = (rows.stop - rows.start, keys.stop - keys.start)
+        if consecutive:
+            last = runs[-1] if runs else None
+            if last is not None and last.members[-1] == b - 1 and groups.get(lengths) is last:
+                last.spans.append((rows, keys))
+                last.members.append(b)
+            else:
+                runs.append(_LengthGroup([(rows, keys)], [b]))
+                groups[lengths] = runs[-1]
+            continue
+        if lengths not in groups:
+            groups[lengths] = _LengthGroup([], [])
+            runs.append(groups[lengths])
+        groups[lengths].spans.append((rows, keys))
+        groups[lengths].members.append(b)
+    return runs
+
+
 def _heads_first(x):
     """(tokens, H, D) -> the (H, tokens, D) view."""
     return x.transpose(1, 0, 2)
@@ -285,15 +350,15 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, key=None, *, max_seqlen_q=None,
         return (result, lse) if problem.return_lse else result
     result = xp.empty(shape, dtype=q.dtype)
     lse = xp.empty((q.shape[1], q.shape[0]), dtype=problem.lse_dtype)
-    for b, (rows, keys) in enumerate(spans):
-        heads_first = (_heads_first(x) for x in (q[rows], k[keys], v[keys]))
-        sequence = _spec.resolve_forward(*heads_first, scale=scale, causal=causal, window=window, softcap=softcap,
-                                         alibi_slopes=None if slopes is None else slopes[b], sinks=sinks,
-                                         return_lse=True, precision=precision, dropout_p=problem.dropout_p,
-                                         dropout_seed=problem.dropout_seed)
-        o, l = _api.forward(dataclasses.replace(sequence, dropout_first_row=b * q.shape[1]))
-        result[rows] = _heads_first(o)
-        lse[:, rows] = l
+    for group in _length_groups(spans, consecutive=problem.dropout_seed is not None):
+        stacked = [group.stack(x, side) for x, side in ((q, 0), (k, 1), (v, 1))]
+        sequences = _spec.resolve_forward(*stacked, scale=scale, causal=causal, window=window, softcap=softcap,
+                                          alibi_slopes=group.slopes(slopes), sinks=sinks, return_lse=True,
+                                          precision=precision, dropout_p=problem.dropout_p,
+                                          dropout_seed=problem.dropout_seed)
+        o, l = _api.forward(dataclasses.replace(sequences, dropout_first_row=group.members[0] * q.shape[1]))
+        group.scatter(result, o, 0)
+        group.scatter(lse, l, 0, heads_first=True)
     if out is not None:
         out[...] = result
         result = out
@@ -352,16 +417,16 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, key=None, *, m
         return tuple(_packed_layout(xp, g) for g in grads[:3]) + tuple(grads[3:])
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     dsinks = None
-    for b, (rows, keys) in enumerate(spans):
-        heads_first = [_heads_first(x) for x in (dout[rows], q[rows], k[keys], v[keys], out[rows])]
-        sequence = _spec.resolve_backward(*heads_first, lse[:, rows], scale=scale, causal=causal, window=window,
-                                          softcap=softcap, alibi_slopes=None if slopes is None else slopes[b],
-                                          sinks=sinks, deterministic=deterministic, precision=precision,
-                                          dropout_p=problem.dropout_p, dropout_seed=problem.dropout_seed)
-        grads = _api.backward(dataclasses.replace(sequence, dropout_first_row=b * q.shape[1]))
-        dq[rows] = _heads_first(grads[0])
-        dk[keys] = _heads_first(grads[1])
-        dv[keys] = _heads_first(grads[2])
+    for group in _length_groups(spans, consecutive=problem.dropout_seed is not None):
+        stacked = [group.stack(x, side) for x, side in ((dout, 0), (q, 0), (k, 1), (v, 1), (out, 0))]
+        stacked.append(group.stack(lse, 0, heads_first=True))
+        sequences = _spec.resolve_backward(*stacked, scale=scale, causal=causal, window=window, softcap=softcap,
+                                           alibi_slopes=group.slopes(slopes), sinks=sinks, deterministic=deterministic,
+                                           precision=precision, dropout_p=problem.dropout_p,
+                                           dropout_seed=problem.dropout_seed)
+        grads = _api.backward(dataclasses.replace(sequences, dropout_first_row=group.members[0] * q.shape[1]))
+        for grad, target, side in zip(grads[:3], (dq, dk, dv), (0, 1, 1)):
+            group.scatter(target, grad, side)
         if sinks is not None:
             dsinks = grads[3] if dsinks is None else dsinks + grads[3]
     if sinks is None:

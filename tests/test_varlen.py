@@ -2,6 +2,8 @@
 reference applied to each sequence alone, on the CPU backend (and on the GPU where present)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy
 import pytest
 
@@ -79,6 +81,61 @@ def test_modifiers_per_sequence(rng):
         numpy.testing.assert_allclose(_heads_first(grads[0][rows]), ref_grads[0], rtol=1e-10, atol=1e-12)
         dsinks = dsinks + ref_grads[3]
     numpy.testing.assert_allclose(grads[3], dsinks, rtol=1e-10, atol=1e-12)
+
+
+# Lengths that repeat (in runs and apart), with 0 and 1: the CPU backend runs each group of equal
+# (query, key) counts as one dense call (_varlen._length_groups).
+GROUPED_LENGTHS = ([5, 5, 0, 9, 5, 1, 9, 5, 0, 1, 5], [7, 7, 3, 9, 7, 1, 9, 7, 0, 1, 7])
+GROUPED_OPTIONS = {
+    "dense": dict(),
+    "causal": dict(causal=True),
+    "window-top-left": dict(causal="top_left", window=(2, 0)),
+    "softcap-alibi-per-sequence-sinks": dict(causal=True, softcap=3.0, alibi_slopes="batch-heads", sinks=True),
+    "alibi-per-head": dict(alibi_slopes="heads", window=(3, 1)),
+    "dropout": dict(causal=True, dropout_p=0.3, dropout_seed=1234),
+    "seqused": dict(seqused_k=[5, 7, 0, 9, 2, 1, 9, 7, 0, 0, 6], causal=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("name", GROUPED_OPTIONS)
+def test_cpu_groups_of_equal_lengths_give_each_sequences_own_call_bit_for_bit(rng, name, dtype):
+    """out, lse, dq, dk, dv of a packed batch on the CPU equal each sequence's own dense call bit for
+    bit (its dropout rows b * H + h), whatever sequences share its lengths; dsinks their sum."""
+    q, k, v, cu_q, cu_k = _packed(rng, *GROUPED_LENGTHS, dtype=dtype)
+    batch, heads = len(GROUPED_LENGTHS[0]), q.shape[1]
+    options = dict(GROUPED_OPTIONS[name])
+    slopes = {"batch-heads": numpy.abs(rng.standard_normal((batch, heads))).astype(dtype),
+              "heads": numpy.abs(rng.standard_normal(heads)).astype(dtype)}.get(options.pop("alibi_slopes", None))
+    sinks = rng.standard_normal(heads).astype(dtype) if options.pop("sinks", False) else None
+    used = options.pop("seqused_k", None)
+    used = None if used is None else numpy.array(used, numpy.int32)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used, alibi_slopes=slopes, sinks=sinks,
+                                        return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k=used, alibi_slopes=slopes,
+                                              sinks=sinks, **options)
+    dsinks = 0
+    for b in range(batch):
+        rows = slice(cu_q[b], cu_q[b + 1])
+        keys = slice(cu_k[b], cu_k[b + 1] if used is None else cu_k[b] + used[b])
+        qb, kb, vb, ob, db = (_heads_first(x) for x in (q[rows], k[keys], v[keys], out[rows], dout[rows]))
+        mine = dict(options, alibi_slopes=None if slopes is None else slopes[b] if slopes.ndim == 2 else slopes,
+                    sinks=sinks)
+        if "dropout_seed" in mine:  # sequence b's head h is the keep mask's row b * H + h
+            problem = cuflash._spec.resolve_forward(qb, kb, vb, return_lse=True, **mine)
+            want_out, want_lse = cuflash._api.forward(dataclasses.replace(problem, dropout_first_row=b * heads))
+            backward = cuflash._spec.resolve_backward(db, qb, kb, vb, ob, lse[:, rows], **mine)
+            want = cuflash._api.backward(dataclasses.replace(backward, dropout_first_row=b * heads))
+        else:
+            want_out, want_lse = cuflash.attention(qb, kb, vb, return_lse=True, **mine)
+            want = cuflash.attention_backward(db, qb, kb, vb, ob, lse[:, rows], **mine)
+        assert numpy.array_equal(_heads_first(out[rows]), want_out) and numpy.array_equal(lse[:, rows], want_lse), b
+        for got, w in zip((grads[0][rows], grads[1][keys], grads[2][keys]), want[:3]):
+            assert numpy.array_equal(_heads_first(got), w), b
+        dsinks = dsinks + (want[3] if sinks is not None else 0)
+    if sinks is not None:
+        numpy.testing.assert_allclose(grads[3], dsinks, rtol=1e-5 if dtype == numpy.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("change, error, match", [
