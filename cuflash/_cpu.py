@@ -111,7 +111,8 @@ def _forward(p: Problem):
 
     boxes = _lead_boxes(p, lead, compute, len(_query_blocks(p)))
     # A unit's temporaries: S, P and two more of its (box, BLOCK_M, BLOCK_N) tiles at most.
-    _each(unit, [(box, rows) for box in boxes for rows in _query_blocks(p)], 4 * _tile_bytes(p, boxes[0], compute))
+    _each(unit, [(box, rows) for box in boxes for rows in _query_blocks(p)],
+          4 * _tile_bytes(p, math.prod(boxes[0].shape), compute))
     return _like(p.q, out.reshape(p.out_shape), p.dtype), lse.reshape(p.lse_shape).astype(p.lse_dtype)
 
 
@@ -120,10 +121,10 @@ def _query_blocks(p: Problem) -> list[slice]:
 
 
 # A unit of work is one box of the leading axes (``_LeadBox``) times one query block. Boxes are cut
-# so that one (box, BLOCK_M, BLOCK_N) tile of scores holds about TILE_BYTES: many short rows (a
-# scientist's batch of thousands of tiny windows) then make many units for the threads, and each
-# unit's temporaries stay in the core's cache (a (1024, 64, 64) tile of a batch of short rows took
-# 2.5x the time of 32 tiles of (32, 64, 64)).
+# so that one (box, BLOCK_M, BLOCK_N) tile of scores holds about TILE_BYTES: large enough that the
+# per-call cost of NumPy's ~20 operations a tile is paid on many rows at once, small enough that a
+# batch of thousands of short rows makes many units for the threads and a unit's temporaries stay
+# bounded (the sweep of sizes and tile shapes: benchmarks/NOTES.md, session 43).
 TILE_BYTES = 4 << 20
 
 
@@ -153,7 +154,9 @@ def _lead_boxes(p: Problem, lead: tuple, compute, units_per_box: int, spread: bo
 
     Boxes change no bit of a leading row's results (each row's products, reductions and updates are
     its own), so they may follow the thread count; dbias, whose sums cross boxes, must not spread."""
-    per_box = max(1, TILE_BYTES // _tile_bytes(p, _LeadBox((), ()), compute))
+    if math.prod(lead) == 0:
+        return [_LeadBox((slice(None),) * len(lead), lead)]
+    per_box = max(1, TILE_BYTES // _tile_bytes(p, 1, compute))
     if spread:
         boxes = -(-_threads() // max(1, units_per_box))
         per_box = min(per_box, max(1, -(-math.prod(lead) // boxes)))
@@ -168,8 +171,6 @@ def _lead_boxes(p: Problem, lead: tuple, compute, units_per_box: int, spread: bo
                 steps[earlier] = 1
             break
         inner *= lead[axis]
-    if math.prod(lead) == 0:
-        return [_LeadBox((slice(None),) * len(lead), lead)]
     boxes = []
     for starts in itertools.product(*(range(0, size, step) for size, step in zip(lead, steps))):
         index = tuple(slice(None) if step == size else slice(start, min(start + step, size))
@@ -178,9 +179,10 @@ def _lead_boxes(p: Problem, lead: tuple, compute, units_per_box: int, spread: bo
     return boxes
 
 
-def _tile_bytes(p: Problem, box: _LeadBox, compute) -> int:
-    """One (box, rows, keys) tile of scores in the compute dtype (the first box is the largest)."""
-    return math.prod(box.shape) * max(1, min(BLOCK_M, p.seqlen_q)) * max(1, min(BLOCK_N, p.seqlen_k)) * compute.itemsize
+def _tile_bytes(p: Problem, leading_rows: int, compute) -> int:
+    """One (rows, keys) tile of scores in the compute dtype for ``leading_rows`` rows of the
+    leading axes (a box's: the first box is the largest)."""
+    return leading_rows * max(1, min(BLOCK_M, p.seqlen_q)) * max(1, min(BLOCK_N, p.seqlen_k)) * compute.itemsize
 
 
 def _threads() -> int:
@@ -363,7 +365,7 @@ def _backward(p: BackwardProblem):
         axis for axis, (size, full) in enumerate(zip(mods.bias.shape[:-2], lead)) if size == 1 and full > 1)
     boxes = [_BoxBackward(p, box, blocks, mods, (q_g, k_g, v_g, dout, delta, lse_ref), (dq, dk, dv))
              for box in _lead_boxes(p, lead, compute, 1, spread=dbias is None, whole_axes=broadcast)]
-    tile_bytes = 6 * _tile_bytes(p, boxes[0].box, compute)
+    tile_bytes = 6 * _tile_bytes(p, math.prod(boxes[0].box.shape), compute)
     pairs = min(len(blocks), max(len(box.key_tiles) for box in boxes))
     one_pass = _workers(len(boxes), tile_bytes)
     if dbias is not None or one_pass >= TWO_PASS_THREADS or _workers(len(boxes) * pairs, tile_bytes) < TWO_PASS_THREADS:
