@@ -185,32 +185,24 @@ class _LengthGroup:
             return None
         if len(self.members) == 1:
             return slopes[self.members[0]]
-        return numpy.stack([numpy.broadcast_to(slopes[b], numpy.shape(slopes[self.members[0]])) for b in self.members])
+        return numpy.stack([slopes[b] for b in self.members])
 
 
 def _length_groups(spans, consecutive: bool) -> list[_LengthGroup]:
     """The packed batch's sequences grouped by (query count, key count), in order of first sight;
-    with ``consecutive`` only runs of neighbouring sequences group (dropout numbers a call's
-    attention rows from its first sequence on: ``Problem.dropout_first_row``)."""
-    groups: dict = {}
-    runs: list[_LengthGroup] = []
+    with ``consecutive`` a group takes only a run of neighbouring sequences (dropout numbers a
+    call's attention rows on from its first sequence's: ``Problem.dropout_first_row``)."""
+    groups: list[_LengthGroup] = []
+    joinable: dict = {}  # (query count, key count) -> the group a sequence of those counts joins
     for b, (rows, keys) in enumerate(spans):
         lengths = (rows.stop - rows.start, keys.stop - keys.start)
-        if consecutive:
-            last = runs[-1] if runs else None
-            if last is not None and last.members[-1] == b - 1 and groups.get(lengths) is last:
-                last.spans.append((rows, keys))
-                last.members.append(b)
-            else:
-                runs.append(_LengthGroup([(rows, keys)], [b]))
-                groups[lengths] = runs[-1]
-            continue
-        if lengths not in groups:
-            groups[lengths] = _LengthGroup([], [])
-            runs.append(groups[lengths])
-        groups[lengths].spans.append((rows, keys))
-        groups[lengths].members.append(b)
-    return runs
+        group = joinable.get(lengths)
+        if group is None or (consecutive and group.members[-1] != b - 1):
+            group = joinable[lengths] = _LengthGroup([], [])
+            groups.append(group)
+        group.spans.append((rows, keys))
+        group.members.append(b)
+    return groups
 
 
 def _heads_first(x):
