@@ -44,6 +44,7 @@ def install(compute_capability: str = "90", sms: int = 132):
     cupy.cuda.get_current_stream = lambda *a: stream
     cupy.cuda.runtime.getDevice = lambda: 0
     cupy.cuda.runtime.setDevice = lambda i: None
+    cupy.cuda.runtime.streamIsCapturing = lambda stream: False
     next_address = [1 << 40]
 
     def alloc(size):

@@ -308,9 +308,11 @@ def test_bias_of_any_strides_and_broadcast_views(rng):
     numpy.testing.assert_allclose(d_view.sum(axis=(0, 2), keepdims=True), d_compact, rtol=1e-5, atol=1e-6)
 
 
-def test_no_score_sized_buffer_for_broadcast_bias_and_mask(rng):
+def test_no_score_sized_buffer_for_broadcast_bias_and_mask(rng, monkeypatch):
     """A (1, H, Lq, Lk) bias given as a stride-0 view of (1, 1, 1, Lk) and a key-padding mask:
-    forward and backward (bias_grad=False) allocate nothing near Lq x Lk."""
+    forward and backward (bias_grad=False) allocate nothing near Lq x Lk. On one thread: each more
+    thread holds one unit's temporaries more (bounded by _cpu.THREAD_MEMORY), nothing score-sized."""
+    monkeypatch.setenv("CUFLASH_CPU_THREADS", "1")
     lq = lk = 1024
     q, k, v, dout = _draw(rng, "float32", *[(1, 2, lq, 8)] * 4)
     bias = numpy.broadcast_to(rng.standard_normal((1, 1, 1, lk)).astype(numpy.float32), (1, 2, lq, lk))
@@ -341,7 +343,9 @@ def test_key_padding_mask_skips_the_tiles_it_hides(rng, monkeypatch):
         return real(p, q_block, k_tile, rows, keys, mods)
 
     monkeypatch.setattr(_cpu, "_scores", counting)
-    # boxes of the leading axes (_cpu._lead_boxes) within a batch row: each row skips its own tiles
+    # boxes of the leading axes (_cpu._lead_boxes) of one batch row each (one thread: boxes spread
+    # over more threads would cut the heads too, each scoring the same tiles): each row skips its own
+    monkeypatch.setenv("CUFLASH_CPU_THREADS", "1")
     monkeypatch.setattr(_cpu, "TILE_BYTES", 2 * _cpu.BLOCK_M * _cpu.BLOCK_N * 8)
     out, lse = cuflash.attention(q, k, v, mask=mask, return_lse=True)
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, mask=mask)

@@ -2,7 +2,7 @@
 
 Every cuflash kernel but the helpers takes one params struct by value: a launch hands the driver
 an array holding the address of the struct's bytes (``argv_ptr``). Helper kernels take up to
-eight scalars (``slots``, their addresses in ``slots_argv_ptr``). The driver copies the arguments
+HELPER_SLOTS scalars (``slots``, their addresses in ``slots_argv_ptr``). The driver copies the arguments
 when a launch is issued (or captured into a graph), so a thread fills the same bytes launch after
 launch: no array and no address lookup per call (numpy's ``.ctypes`` costs microseconds).
 """
@@ -15,11 +15,14 @@ import numpy
 # Bytes of the params buffer: at least every params struct (tests/test_pipeline.py checks each).
 CAPACITY = 2048
 
+# Scalar arguments a helper kernel may take (key_bounds.cu takes six; mask tile spans nine).
+HELPER_SLOTS = 16
+
 
 class LaunchArgs(threading.local):
     """The params bytes (on a 64-byte boundary, as a tensor map inside them must), their address,
     their 8-byte words and 4-byte ints, and the one-entry argument array pointing at them; the helper kernels'
-    eight slots and the array of their addresses."""
+    slots and the array of their addresses."""
 
     def __init__(self):
         self._raw = numpy.zeros(CAPACITY + 64, dtype=numpy.uint8)
@@ -30,8 +33,8 @@ class LaunchArgs(threading.local):
         self.ints = self.bytes.view(numpy.int32)
         self.argv = numpy.array([self.bytes_ptr], dtype=numpy.uint64)
         self.argv_ptr = int(self.argv.ctypes.data)
-        self.slots = numpy.zeros(8, dtype=numpy.int64)
-        self.slots_argv = self.slots.ctypes.data + 8 * numpy.arange(8, dtype=numpy.uint64)
+        self.slots = numpy.zeros(HELPER_SLOTS, dtype=numpy.int64)
+        self.slots_argv = self.slots.ctypes.data + 8 * numpy.arange(HELPER_SLOTS, dtype=numpy.uint64)
         self.slots_argv_ptr = int(self.slots_argv.ctypes.data)
 
 
@@ -39,6 +42,7 @@ ARGS = LaunchArgs()
 
 
 _DRIVER = None
+_RUNTIME = None
 
 
 def driver():
@@ -50,3 +54,13 @@ def driver():
 
         _DRIVER = module
     return _DRIVER
+
+
+def runtime():
+    """CuPy's runtime module (``streamIsCapturing``), imported on first use, as ``driver``."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        from cupy_backends.cuda.api import runtime as module
+
+        _RUNTIME = module
+    return _RUNTIME

@@ -194,6 +194,8 @@ def _launch_helper(memory, kernel, blocks: int, threads: int, args) -> None:
     """One launch of a helper kernel (a ``kernels.get_kernel`` cupy.RawKernel taking scalars) on
     the memory's stream: ``args`` its pointers and 64-bit integers, a 32-bit integer in the low
     half of its slot (the driver reads 4 bytes there)."""
+    if len(args) > len(ARGS.slots):
+        raise ValueError(f"cuflash: a helper kernel takes at most {len(ARGS.slots)} arguments, got {len(args)}")
     ARGS.slots[: len(args)] = args
     launch_args.driver().launchKernel(kernel.kernel.ptr, blocks, 1, 1, threads, 1, 1, 0, memory.stream(),
                                       ARGS.slots_argv_ptr, 0)
@@ -293,6 +295,9 @@ class _Plan:
         if (self.seed_word is None) != (dropout_seed is None):
             raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
                                " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
+        stream = memory.stream()
+        if dropout_seed is not None and launch_args.runtime().streamIsCapturing(stream):
+            raise RuntimeError(CAPTURED_DROPOUT)  # (a kept plan's replay: _refuse_captured_dropout's case)
         ARGS.bytes[: self.template.size] = self.template
         ARGS.words[self.words] = pointers
         if dropout_seed is not None:
@@ -301,7 +306,7 @@ class _Plan:
             base = ARGS.bytes_ptr
             for offset, index in self.maps:
                 tma.replace_address_in_place(base + offset, pointers[index])
-        stream, launch_kernel = memory.stream(), launch_args.driver().launchKernel
+        launch_kernel = launch_args.driver().launchKernel
         for launch in self.launches:
             ARGS.ints[self.key_rows_at] = launch.key_rows  # the driver copies the params at each launch
             ARGS.ints[self.query_tiles_at] = launch.query_tiles
@@ -662,15 +667,17 @@ def forward(problem, *, prefetch_backward: bool | None = None):
     return o, lse, (plan if plain and out is None else None)
 
 
+CAPTURED_DROPOUT = ("cuflash: attention dropout inside a CUDA graph capture would replay the captured keep mask at "
+                    "every replay (the seed is fixed when the graph is captured); run calls with dropout_p > 0 outside "
+                    "the graph (torch.compile: not mode='reduce-overhead'), or pass dropout_p=0")
+
+
 def _refuse_captured_dropout(cupy, p) -> None:
     """A call with dropout is refused while the stream captures a CUDA graph: its seed is a kernel
     argument fixed at capture, so every replay would drop the same probabilities (a training step
-    whose masks never change), silently."""
+    whose masks never change), silently. (A kept plan's replay refuses it in ``_Plan._run``.)"""
     if p.dropout_seed is not None and cupy.cuda.get_current_stream().is_capturing():
-        raise RuntimeError("cuflash: attention dropout inside a CUDA graph capture would replay the captured keep "
-                           "mask at every replay (the seed is fixed when the graph is captured); run calls with "
-                           "dropout_p > 0 outside the graph (torch.compile: not mode='reduce-overhead'), or pass "
-                           "dropout_p=0")
+        raise RuntimeError(CAPTURED_DROPOUT)
 
 
 def _tensor_maps(p, layout: _Layout, variant, names=("q", "k", "v"), kv_group: int | None = None) -> tuple | None:
