@@ -462,7 +462,7 @@ def test_a_kept_plan_replays_a_dropout_call_with_each_calls_seed(monkeypatch, ba
     launched = []
     monkeypatch.setattr(launch_args.driver(), "launchKernel", lambda *args: launched.append(
         numpy.frombuffer(ctypes.string_at(ctypes.c_uint64.from_address(args[9]).value, dtype.itemsize), dtype)[0]))
-    monkeypatch.setattr(launch_args.runtime(), "streamIsCapturing", lambda stream: False)  # (no capture)
+    monkeypatch.setattr(pytest.importorskip("cupy").cuda.runtime, "streamIsCapturing", lambda stream: False)  # (no capture)
 
     def made(drops):
         struct = numpy.zeros((), dtype=dtype)

@@ -42,7 +42,6 @@ ARGS = LaunchArgs()
 
 
 _DRIVER = None
-_RUNTIME = None
 
 
 def driver():
@@ -55,12 +54,3 @@ def driver():
         _DRIVER = module
     return _DRIVER
 
-
-def runtime():
-    """CuPy's runtime module (``streamIsCapturing``), imported on first use, as ``driver``."""
-    global _RUNTIME
-    if _RUNTIME is None:
-        from cupy_backends.cuda.api import runtime as module
-
-        _RUNTIME = module
-    return _RUNTIME

@@ -296,7 +296,7 @@ class _Plan:
             raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
                                " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
         stream = memory.stream()
-        if dropout_seed is not None and launch_args.runtime().streamIsCapturing(stream):
+        if dropout_seed is not None and _cupy().cuda.runtime.streamIsCapturing(stream):
             raise RuntimeError(CAPTURED_DROPOUT)  # (a kept plan's replay: _refuse_captured_dropout's case)
         ARGS.bytes[: self.template.size] = self.template
         ARGS.words[self.words] = pointers
