@@ -160,7 +160,7 @@ def _check_calls(name, forward, backward, seeds):
 
 def _sweep(array):
     """Every dtype x {plain, causal, window, softcap, ALiBi, dropout (, fp32's precisions)} x both
-    backward modes, dense (GQA, Lq 97, Lk 1025) and packed (five sequences, one empty, the (B, Hq)
+    backward modes, dense (GQA, Lq 97 and Lq 3 (the decode kernel's route), Lk 1025) and packed (five sequences, one empty, the (B, Hq)
     slopes), d 40 (rows the kernels read in place: a copy would be GPU work): a call plans (or
     replays an earlier call's plan), its second run replays both directions without planning."""
     import ml_dtypes
@@ -174,6 +174,7 @@ def _sweep(array):
     for dtype in (numpy.float16, ml_dtypes.bfloat16, numpy.float32, numpy.float64):
         q, k, v, dout = (array(shape, dtype) for shape in ((2, 4, 97, 40), (2, 2, 1025, 40), (2, 2, 1025, 40),
                                                            (2, 4, 97, 40)))
+        q_few, dout_few = array((2, 4, 3, 40), dtype), array((2, 4, 3, 40), dtype)
         pq, pk, pv, pdout = (array(shape, dtype) for shape in ((total, 4, 40), (total, 2, 40), (total, 2, 40),
                                                                (total, 4, 40)))
         param = numpy.float64 if dtype == numpy.float64 else numpy.float32
@@ -185,6 +186,11 @@ def _sweep(array):
         calls = [("dense", options, lambda d, o: cuflash.attention(q, k, v, return_lse=True, **o),
                   lambda d, o, out, lse: cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=d, **o))
                  for options in cases]
+        # A few query rows per kv head: 16-bit forwards take the decode kernel (decode.dense_reason)
+        calls += [("dense few rows", options, lambda d, o: cuflash.attention(q_few, k, v, return_lse=True, **o),
+                   lambda d, o, out, lse: cuflash.attention_backward(dout_few, q_few, k, v, out, lse, deterministic=d,
+                                                                     **o))
+                  for options in cases]
         hints = dict(max_seqlen_q=300, max_seqlen_k=300)
         calls += [("packed", options,
                    lambda d, o: cuflash.attention_varlen(pq, pk, pv, cu, cu, return_lse=True, **hints, **o),
@@ -265,6 +271,24 @@ def _torch_scenarios(torch):
         return launched
 
     _check_torch_calls("torch flash_attn_varlen_func softcap + ALiBi + dropout", torch, packed, [21, 22, 23])
+
+    # A few query rows per kv head (a decoding step without a cache object): the forward runs on the
+    # decode kernel (a DenseDecodePlan on torch's memory, kept from the calls without grad for those
+    # with), the backward on the backward kernels.
+    q_few, dout_few = leaf(2, 4, 3, 64), torch.zeros(2, 4, 3, 64, dtype=torch.bfloat16)
+    for grad in (False, True):
+        for step in range(3):
+            before = dict(FULL_PATHS)
+            LAUNCHES.clear()
+            with torch.set_grad_enabled(grad):
+                out = ct.attention(q_few, k, v, causal=True, alibi_slopes=slopes)
+            if grad:
+                torch.autograd.grad(out, (q_few, k, v), dout_few)
+            planned = _planned_since(before)
+            expected = {"forward": int(step == 0 and not grad), "backward": int(step == 0 and grad)}
+            assert planned == expected, f"torch few rows grad={grad} step {step}: full paths {planned}"
+            assert LAUNCHES, f"torch few rows grad={grad} step {step}: nothing launched"
+    print("ok torch attention, a few query rows (decode kernel)")
 
 
 def main():

@@ -32,7 +32,7 @@ def test_calls_plan_once_then_replay_with_their_own_dropout_seed():
     assert _run() == [f"ok {name}" for name in (
         "dense dropout", "dense softcap + ALiBi + dropout", "dense sinks (forward)", "packed plain", "packed softcap",
         "packed ALiBi (B, Hq) + softcap", "packed dropout", "packed ALiBi (Hq,) + softcap + dropout",
-        "packed sinks (forward)", "sweep of 112 signatures")]
+        "packed sinks (forward)", "sweep of 164 signatures")]
 
 
 def test_the_torch_adapters_training_steps_plan_once_then_replay_with_the_seed_each_drew():
@@ -41,4 +41,5 @@ def test_the_torch_adapters_training_steps_plan_once_then_replay_with_the_seed_e
     step's launches carry the seed it drew from torch's generator."""
     pytest.importorskip("torch")
     assert _run("--torch") == ["ok torch attention softcap + ALiBi + dropout",
-                               "ok torch flash_attn_varlen_func softcap + ALiBi + dropout"]
+                               "ok torch flash_attn_varlen_func softcap + ALiBi + dropout",
+                               "ok torch attention, a few query rows (decode kernel)"]

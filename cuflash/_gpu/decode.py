@@ -677,9 +677,13 @@ class DenseDecodePlan:
         self.partials = (layout.splits * total * (out_shape[-1] + 1),) if layout.splits > 1 else None
         self.part_lse_bytes = 4 * layout.splits * total * out_shape[-1]
 
-    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None):
-        """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``:
-        ForwardPlan.run's, never given here: dense_reason kept such calls off this kernel)."""
+    def run(self, memory, q, k, v, *packed, bias=None, mask=None, alibi_slopes=None, sinks=None, keep=None,
+            dropout_seed=None):
+        """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``,
+        ``dropout_seed``: ForwardPlan.run's, never given here: dense_reason kept such calls off this
+        kernel, and a dropping call's key holds its rate, so it never finds this plan)."""
+        if dropout_seed is not None:
+            raise RuntimeError("cuflash: a plan replayed with a dropout seed it was not made for")
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, _FLOAT32)
         self.launch(memory, q, k, v, o, lse, alibi_slopes, sinks)
