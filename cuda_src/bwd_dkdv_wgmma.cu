@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
     BwdBatchIndex at;
     if (!starts_key_block<unsigned short, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
     BatchIndex at;
     if (!starts_block<typename Arith::Storage, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(p, at);
+    const Mask<kHasWindow, kScoreMods> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
     constexpr float kLog2e = 1.4426950408889634f;

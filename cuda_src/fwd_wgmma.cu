@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
 
     BatchIndex at;
     if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(p, at);
+    const Mask<kHasWindow, kScoreMods> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // ---- K/V pipeline. K and V have separate rings of kStages slots, tile t in slot

@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
                                          64 * c, origin.k0 + t * kBlockN, kv_head, origin.batch);
                 };
                 // K_t and V_t in turn: the consumers need K_{t+1} before V_t.
-                const TileRange range = Mask<kHasWindow>(p, tile.at).tiles(tile.m0, kBlockM, kBlockN);
+                const TileRange range = Mask<kHasWindow, kScoreMods>(p, tile.at).tiles(tile.m0, kBlockM, kBlockN);
                 for (int t = range.first; t < range.last; ++t, ++round) {
                     const int slot = round % kStages;
                     load_tile(t, round, k_ring, bars.k_full(slot), bars.k_empty(slot), tp.k_map);
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         const WsTile tile = ws_tile<kHasWindow, kBlockM>(p, walk, linear);
         if (!tile.has_work) continue;
         const int bh = tile.bh, m0 = tile.m0;
-        const Mask<kHasWindow> mask(p, tile.at);
+        const Mask<kHasWindow, kScoreMods> mask(p, tile.at);
         const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
         const int qb = n % kQBuffers;
         const unsigned q_tile = q_smem + qb * QTile::kBytes;
