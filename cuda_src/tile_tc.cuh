@@ -481,6 +481,18 @@ struct DropBits {
     }
 };
 
+// The forward's dropout step on P (this lane's elements of an M x N fragment whose first element
+// is (row0, col0)): P o Z * scale for P V, in place, for attention row bh of the call; the
+// softmax has summed the undropped P into l_i before. Nothing when the call drops nothing.
+template <int M, int N>
+__device__ __forceinline__ void drop_forward(const FwdParams& p, long long bh, float (&s)[M][N][4], int row0, int col0,
+                                             int lane) {
+    if (!p.dropout_threshold) return;
+    DropBits<M, N> keep;
+    keep.draw(Dropout(p, bh), row0, col0, lane);
+    keep.apply(s, static_cast<float>(p.dropout_scale));
+}
+
 // A RowScores (score_mod.cuh) to be asked for this lane's pairs of a fragment whose first element
 // is (row0, col0): its origin is the lane's first pair (PairOrigin: ALiBi's distance per element
 // is then an FADD of a constant).

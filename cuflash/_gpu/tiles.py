@@ -741,9 +741,9 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
                     split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
-FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
+FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
-                          _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,
+                          _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True, drops=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
                           compiled_width=_ws_width)
 FWD_SIMT = KernelSpec(
@@ -917,13 +917,14 @@ def all_variants(arch: str) -> list[Variant]:
                 if mods and select_dbias(dtype, d, d, arch) is not None:
                     out.append(select_dbias(dtype, d, d, arch))
             for precision in precisions_of(dtype):  # the dropout forms (always masked and modified)
-                for short in (False, True):
-                    out.append(select(dtype, d, d, True, arch, score_mods=True, precision=precision, short=short,
-                                      dropout=True))
-                    try:
-                        out += select_backward(dtype, d, d, True, arch, True, precision, short=short, dropout=True)
-                    except ValueError:
-                        pass
+                for tma in (True, False):
+                    for short in (False, True):
+                        out.append(select(dtype, d, d, True, arch, score_mods=True, precision=precision, tma=tma,
+                                          short=short, dropout=True))
+                        try:
+                            out += select_backward(dtype, d, d, True, arch, True, precision, tma, short, dropout=True)
+                        except ValueError:
+                            pass
     return list(dict.fromkeys(out))
 
 
