@@ -341,7 +341,7 @@ def test_gpu_each_family_drops_what_the_reference_drops(rng, monkeypatch, dtype,
     monkeypatch.setitem(families, dtype, (tiles.SPECS[family],))
     ran = []
     original = kernels.get_kernel
-    monkeypatch.setattr(kernels, "get_kernel", lambda variant, device: ran.append(variant) or original(variant, device))
+    monkeypatch.setattr(kernels, "get_kernel", lambda variant, *device: ran.append(variant) or original(variant, *device))
     _on_gpu(rng, dtype, case, deterministic=deterministic)
     prefix = "fwd" if family.startswith("fwd") else "bwd_dkdv"
     forced = [v for v in ran if v.kernel.startswith(prefix)]
@@ -359,7 +359,7 @@ def test_gpu_dropout_runs_on_families_that_drop(rng, monkeypatch, dtype):
     monkeypatch.setattr(plan, "PLANS", {})
     ran = []
     original = kernels.get_kernel
-    monkeypatch.setattr(kernels, "get_kernel", lambda variant, device: ran.append(variant) or original(variant, device))
+    monkeypatch.setattr(kernels, "get_kernel", lambda variant, *device: ran.append(variant) or original(variant, *device))
     _on_gpu(rng, dtype, ((2, 4, 256, 128), (2, 2, 512, 128), dict(causal=True, bias=True)), deterministic=False)
     assert ran
     for variant in ran:
