@@ -712,38 +712,42 @@ def _index(host, xp):
 
 
 def _attend_all(xp, q, k_rows, v_rows, cache: _Cache, problem, options, splits):
-    """(out, lse) of every sequence: one dense call (or one per split) for the whole batch when the
-    lengths are equal, else one per sequence."""
-    lengths = cache.seqlens + cache.new
-    batch = cache.batch
-    if batch == 0 or (lengths == lengths[0]).all():
-        length = int(lengths[0]) if batch else 0
-        if cache.paged:
-            first, pos = cache.slots(numpy.zeros(batch, numpy.int64), lengths)
-            shape = (batch, length) + tuple(k_rows.shape[2:])
-            first, pos = _index(first, xp), _index(pos, xp)
-            k_b = _gather(k_rows, first, pos).reshape(shape)
-            v_b = _gather(v_rows, first, pos).reshape(shape[:3] + tuple(v_rows.shape[3:]))
-        else:
-            k_b, v_b = k_rows[:, :length], v_rows[:, :length]
-        return _attend(q, k_b.transpose(0, 2, 1, 3), v_b.transpose(0, 2, 1, 3), problem.alibi_slopes,
-                       problem.sinks, options, splits)
-    lead = (batch, q.shape[1])
-    slopes, sinks = (None if x is None else xp.broadcast_to(x, lead) for x in (problem.alibi_slopes, problem.sinks))
+    """(out, lse) of every sequence: one dense call (or one per split) per group of sequences with
+    the same length. A contiguous cache's groups are runs of neighbours, read where they lie (a
+    gather would copy every key the call reads); a paged cache's keys are gathered anyway, so its
+    groups take every sequence of a length."""
+    lengths = (cache.seqlens + cache.new).tolist()
+    groups = _varlen.equal_groups(lengths, consecutive=not cache.paged)
+    if len(groups) <= 1:
+        return _attend_group(xp, q, k_rows, v_rows, cache, problem, options, splits, groups[0] if groups else [],
+                             lengths[0] if groups else 0)
     result = xp.empty(problem.out_shape, dtype=problem.dtype)
     lse = xp.empty(problem.lse_shape, dtype=problem.lse_dtype)
-    for b in range(batch):
-        if cache.paged:  # a gather of the sequence's keys, (Lk, Hk, D)
-            pos = numpy.arange(lengths[b])
-            first, pos = _index(cache.table[b, pos // cache.page_size], xp), _index(pos % cache.page_size, xp)
-            k_b, v_b = _gather(k_rows, first, pos), _gather(v_rows, first, pos)
-        else:
-            k_b, v_b = k_rows[b, :int(lengths[b])], v_rows[b, :int(lengths[b])]
-        o, l = _attend(q[b], k_b.transpose(1, 0, 2), v_b.transpose(1, 0, 2), None if slopes is None else slopes[b],
-                       None if sinks is None else sinks[b], options, splits)
-        _bits(result[b])[...] = _bits(o)
-        lse[b] = l
+    for members in groups:
+        o, l = _attend_group(xp, q, k_rows, v_rows, cache, problem, options, splits, members, lengths[members[0]])
+        rows = slice(members[0], members[-1] + 1) if not cache.paged else _index(numpy.array(members), xp)
+        _bits(result)[rows] = _bits(o)
+        lse[rows] = l
     return result, lse
+
+
+def _attend_group(xp, q, k_rows, v_rows, cache: _Cache, problem, options, splits, members: list, length: int):
+    """(out, lse) of the sequences ``members`` (a run of neighbours when the cache is contiguous:
+    views), all ``length`` keys long."""
+    if cache.paged:  # a gather of the sequences' keys, (len(members) * length, Hk, D)
+        index = _index(numpy.array(members, dtype=numpy.int64), xp)
+        pos = numpy.arange(length)
+        first = _index(cache.table[members][:, pos // cache.page_size].reshape(-1), xp)
+        pos = _index(numpy.tile(pos % cache.page_size, len(members)), xp)
+        k_b, v_b = (_gather(rows, first, pos).reshape((len(members), length) + tuple(rows.shape[2:]))
+                    for rows in (k_rows, v_rows))
+    else:
+        index = slice(members[0], members[-1] + 1) if members else slice(0, 0)
+        k_b, v_b = k_rows[index, :length], v_rows[index, :length]
+    lead = (cache.batch, q.shape[1])
+    slopes, sinks = (None if x is None else xp.broadcast_to(x, lead)[index] for x in (problem.alibi_slopes,
+                                                                                       problem.sinks))
+    return _attend(q[index], k_b.transpose(0, 2, 1, 3), v_b.transpose(0, 2, 1, 3), slopes, sinks, options, splits)
 
 
 def _gather(rows, first, pos):

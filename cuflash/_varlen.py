@@ -188,21 +188,26 @@ class _LengthGroup:
         return numpy.stack([slopes[b] for b in self.members])
 
 
+def equal_groups(keys, consecutive: bool) -> list[list[int]]:
+    """Indices of ``keys`` grouped by equal key, groups in order of first sight; with ``consecutive``
+    a group takes only a run of neighbouring indices."""
+    groups: list[list[int]] = []
+    joinable: dict = {}  # key -> the group an index of that key joins
+    for i, key in enumerate(keys):
+        group = joinable.get(key)
+        if group is None or (consecutive and group[-1] != i - 1):
+            group = joinable[key] = []
+            groups.append(group)
+        group.append(i)
+    return groups
+
+
 def _length_groups(spans, consecutive: bool) -> list[_LengthGroup]:
     """The packed batch's sequences grouped by (query count, key count), in order of first sight;
     with ``consecutive`` a group takes only a run of neighbouring sequences (dropout numbers a
     call's attention rows on from its first sequence's: ``Problem.dropout_first_row``)."""
-    groups: list[_LengthGroup] = []
-    joinable: dict = {}  # (query count, key count) -> the group a sequence of those counts joins
-    for b, (rows, keys) in enumerate(spans):
-        lengths = (rows.stop - rows.start, keys.stop - keys.start)
-        group = joinable.get(lengths)
-        if group is None or (consecutive and group.members[-1] != b - 1):
-            group = joinable[lengths] = _LengthGroup([], [])
-            groups.append(group)
-        group.spans.append((rows, keys))
-        group.members.append(b)
-    return groups
+    counts = [(rows.stop - rows.start, keys.stop - keys.start) for rows, keys in spans]
+    return [_LengthGroup([spans[b] for b in members], members) for members in equal_groups(counts, consecutive)]
 
 
 def _heads_first(x):

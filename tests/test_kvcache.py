@@ -227,8 +227,8 @@ def test_paged_equal_lengths_and_gqa(rng, page_size):
 
 
 def test_views_of_a_contiguous_cache_no_copy(rng, monkeypatch):
-    """The dense calls read a contiguous cache where it lies; equal lengths take one call,
-    different ones one each."""
+    """The dense calls read a contiguous cache where it lies; neighbours of equal length take one
+    call."""
     setup = Setup(rng, "float32", seqlens=[3, 8, 8], lnew=1, lq=2, capacity=16, layout="bshd")
     seen, dense = [], cuflash._api.forward
 
@@ -238,11 +238,42 @@ def test_views_of_a_contiguous_cache_no_copy(rng, monkeypatch):
 
     monkeypatch.setattr(cuflash._api, "forward", spy)
     cuflash.attention_with_kvcache(**setup.arguments())
-    assert len(seen) == 3
+    assert [p.q.shape[0] for p in seen] == [1, 2]
     assert all(numpy.shares_memory(p.k, setup.k_base) and numpy.shares_memory(p.v, setup.v_base) for p in seen)
     seen.clear()
     cuflash.attention_with_kvcache(**setup.arguments(append=False, seqlens=9))
     assert len(seen) == 1 and numpy.shares_memory(seen[0].k, setup.k_base)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", ["causal-window", "mods", "mods-window"])
+def test_sequences_of_one_length_share_a_call(rng, monkeypatch, name, paged):
+    """Sequences of equal length run as one dense call (a contiguous cache's only as a run of
+    neighbours, its views), each sequence's result bit for bit that of its own call."""
+    setup = Setup(rng, "float32", seqlens=[7, 2, 7, 7, 2, 0], lnew=0, lq=3, capacity=12, heads_q=4, heads_k=2,
+                  page_size=4 if paged else None)
+    options = _options(rng, name, setup.batch, setup.q.shape[1])
+    seen, dense = [], cuflash._api.forward
+
+    def spy(problem, *args, **kwargs):
+        seen.append(problem.q.shape[0])
+        return dense(problem, *args, **kwargs)
+
+    monkeypatch.setattr(cuflash._api, "forward", spy)
+    out, lse = cuflash.attention_with_kvcache(**setup.arguments(append=False), **options, return_lse=True)
+    assert seen == ([3, 2, 1] if paged else [1, 1, 2, 1, 1])
+    check(setup, out, lse, options)
+    for b in range(setup.batch):
+        alone = dict(options, **{key: options[key][b:b + 1] for key in ("alibi_slopes", "sinks")
+                                 if key in options and options[key].ndim == 2})
+        arguments = setup.arguments(append=False)
+        arguments.update(q=arguments["q"][b:b + 1], cache_seqlens=arguments["cache_seqlens"][b:b + 1])
+        if paged:
+            arguments["block_table"] = arguments["block_table"][b:b + 1]
+        else:
+            arguments.update(k_cache=arguments["k_cache"][b:b + 1], v_cache=arguments["v_cache"][b:b + 1])
+        out_b, lse_b = cuflash.attention_with_kvcache(**arguments, **alone, return_lse=True)
+        assert out_b.tobytes() == out[b:b + 1].tobytes() and lse_b.tobytes() == lse[b:b + 1].tobytes(), b
 
 
 @pytest.mark.parametrize("form", ["int", "numpy-int", "0-d", "array", "none"])
