@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const bool with_dq = p.dq_accum != nullptr;
     const int Lq = at.seqlen_q, Lk = at.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, Lq);
 
     // Q_i, dO_i, lse_i, delta_i of step (g, i): head g's rows (BwdBatchIndex::head).

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
 
     BwdBatchIndex at;  // the group's first row's
     if (!starts_key_block<Storage, float, kBlockN>(p, blockIdx.x * heads, blockIdx.y, n0, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
     const tc::TileLoader<kBlockN, kWidth, kThreads> k_loader(reinterpret_cast<Units>(static_cast<const Storage*>(f.k) + at.k),

@@ -31,6 +31,8 @@
 // one tile serves as K-major operand in one product and MN-major in another (Q_i, dO_i, K).
 // Two barriers per step: one before the tile is read (it landed; every warpgroup is done
 // with the previous dS^T), one between writing dS^T and the dQ product.
+// The dropout form (kDropout: the kScoreMods form with dropout.cuh's keep mask) drops dP^T
+// before dS^T and P^T before dV (bwd_wgmma.cuh's StepDropout; its bits in S^T's layout).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -56,7 +58,7 @@ constexpr unsigned bwd_dkdv_wgmma_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams p) {
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroupKeys = 64;                            // keys per warpgroup: one wgmma M
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
 
     BwdBatchIndex at;
     if (!starts_key_block<unsigned short, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
 
     const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(
@@ -180,6 +182,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         const float* delta_s = lse_s + kBlockM;
         const int m0 = i * kBlockM;
 
+        const wgmma_bwd::StepDropout<kBlockM> dropout(f, kDropout, bh + step.g, n0_s + lane_key_row(), m0, lane);
         float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
         wgmma_bwd::transposed_scores<Element, kBlockM, kKStepsD, KVTile, QTile>(st, dpt, k_smem, v_smem, q_slot, do_slot,
                                                                               group * kGroupKeys);
@@ -188,10 +191,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
             mod.head(f, bh + step.g, kLog2e);
             dbias.head(bh + step.g);
         }
-        // P^T and dS^T (bwd_wgmma.cuh), then dV_g += P^T dO_i, dK_g += dS^T Q_i.
+        // P^T and dS^T (bwd_wgmma.cuh; dropout's on either side), then dV_g += P^T dO_i, dK_g += dS^T Q_i.
+        dropout.apply(f, dpt);
         wgmma_bwd::probabilities_and_dscores<kBlockM>(
             st, dpt, mod, modified, dbias, mask, masked, m0, n0_s + lane_key_row(), at.seqlen_q, scale_log2, lane,
             [&](int col) { return lse_s[col]; }, [&](int col) { return delta_s[col]; });
+        dropout.apply(f, st);
         unsigned dsa[kBlockM / 16][4];
         wgmma_bwd::accumulate_dv_dk<Element, kBlockM, kHeadDim, QTile>(dv, dk, st, dpt, q_slot, do_slot, dsa);
 

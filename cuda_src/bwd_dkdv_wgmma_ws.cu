@@ -55,7 +55,7 @@ constexpr unsigned bwd_dkdv_wgmma_ws_smem_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid_constant__ BwdTmaParams tp) {
     const BwdParams& p = tp.bwd;
     constexpr int kGroupKeys = 64;                            // keys per consumer warpgroup
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
 
     BwdBatchIndex at;
     if (!starts_key_block<unsigned short, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
     const int steps = heads * (range.last - range.first);
 
@@ -262,6 +262,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
     for (int t = 0; t < steps; ++t, step.advance(range.first, range.last)) {
         const int i = step.i, slot_index = t % kStages;
+        // (drawn first: no accumulator of the step is live yet)
+        const wgmma_bwd::StepDropout<kBlockM> dropout(f, kDropout, bh + step.g, n0 + lane_key_row(), i * kBlockM, lane);
         // (zeros otherwise: st is then written here on every path, never carried from the last step)
         if (bias_in_st) tc::bias_into_transposed_scores(f, bh + step.g, st, i * kBlockM, n0 + lane_key_row(), lane);
         else tc::zero(st);
@@ -286,9 +288,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
         }
         auto lse_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(lse_s + 4 * col)); };
         auto delta_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(delta_s + 4 * col)); };
+        dropout.apply(f, dpt);
         wgmma_bwd::probabilities_and_dscores<kBlockM>(st, dpt, mod, modified, dbias, mask, masked, m0,
                                                       n0 + lane_key_row(), at.seqlen_q, scale_log2, lane, lse_of,
                                                       delta_of);
+        dropout.apply(f, st);
         if (dbias_keys != nullptr) {
             if (i == range.first) key_sums[0] = key_sums[1] = 0.f;  // a head's first step
             wgmma_bwd::add_key_sums<kBlockM>(key_sums, dpt);

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_dmma(const BwdParams p)
     const T* __restrict__ v = static_cast<const T*>(f.v) + at.v;
     const int Lq = at.seqlen_q, Lk = at.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // This lane's fragments (dmma_tile.cuh): its rows of Q and dO as A, keys as B rows; K as the

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kWarps * 32, simt_bwd::Tuning<Element>::kMinBl
     const T* __restrict__ delta = static_cast<const T*>(p.delta) + at.lse;
     const int Lq = at.seqlen_q, Lk = at.seqlen_k, D = f.head_dim, Dv = f.head_dim_v;
 
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     T dQ[TM][TD];

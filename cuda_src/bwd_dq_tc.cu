@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
 
     BwdBatchIndex at;
     if (!starts_query_block<Storage, kBlockM>(p, bh, m_block, m0, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(f, at);
+    const Mask<kHasWindow, kScoreMods> mask(f, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // Loaders and stores count in 16-bit units: kUnits per element (a float is two).

@@ -32,6 +32,26 @@ __device__ __forceinline__ void transposed_scores(float (&st)[kBlockM / 8][4], f
     ptx::wgmma_pin(dpt);
 }
 
+// Dropout of one step (dropout.cuh; the kernels' kDropout form): the keep bits of this lane's
+// scores, drawn before the step's products land; dP^T o Z * scale before dS^T (so that dS = P o
+// (Z o dP / q - delta)), then P^T o Z * scale for dV = (P o Z / q)^T dO. Nothing when the call
+// drops nothing.
+template <int kBlockM>
+struct StepDropout {
+    tc::DropBitsTransposed<kBlockM / 8> keep;
+    bool drops;
+
+    // bh: the step's attention row; key_row: this lane's first key; m0: the step's first query.
+    __device__ __forceinline__ StepDropout(const FwdParams& f, bool compiled, long long bh, int key_row, int m0,
+                                           int lane)
+        : drops(compiled && f.dropout_threshold) {
+        if (drops) keep.draw(Dropout(f, bh), key_row, m0, lane);
+    }
+    __device__ __forceinline__ void apply(const FwdParams& f, float (&scores)[kBlockM / 8][4]) const {
+        if (drops) keep.apply(scores, static_cast<float>(f.dropout_scale));
+    }
+};
+
 // P^T = exp2(S^T * scale_log2 - lse_i log2 e), dS^T = P^T o (dP^T - delta_i), in place of S^T
 // and dP^T (64 keys x kBlockM queries per warpgroup). This lane holds queries
 // m0 + 8 nt + 2 (lane % 4) + {0, 1} of keys key0, key0 + 8; lse_of(c), delta_of(c) read column c

@@ -12,7 +12,8 @@
 // of 0 keeps everything: the kernels skip the step then (one uniform branch per tile). Only the
 // dropout Variants compile it (template flag kDropout: the kScoreMods form with dropout, one
 // Variant per bucket, at a tile whose registers allow it: tiles.py's dropout_tile), so no other
-// Variant's registers move. The fragments' keep bits: tile_tc.cuh's and simt_tile.cuh's DropBits.
+// Variant's registers move. The fragments' keep bits: tile_tc.cuh's DropBits (and
+// DropBitsTransposed for Hopper's dK/dV kernels, whose scores are S^T) and simt_tile.cuh's.
 #pragma once
 #include "params.cuh"
 

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_dmma(const FwdParams p) {
     const T* __restrict__ v = static_cast<const T*>(p.v) + bi.v;
     const int Lq = bi.seqlen_q, Lk = bi.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
 
-    const Mask<kHasWindow> mask(p, bi);
+    const Mask<kHasWindow, kScoreMods> mask(p, bi);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // This lane's fragment bases (see the index permutations above).

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
 
     BatchIndex at;
     if (!starts_block<typename Arith::Storage, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(p, at);
+    const Mask<kHasWindow, kScoreMods> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
     // Score modifiers (score_mod.cuh); Q is negated below for a negative scale: |scale| here.
     constexpr float kLog2e = 1.4426950408889634f;
@@ -221,13 +221,8 @@ __global__ void __launch_bounds__(kWarps * 32) fwd_tc(const FwdParams p) {
         softmax.update(s, acc, c);
         // Dropout (dropout.cuh): P o Z * scale for P V; l_i has summed the undropped P. The row
         // index is recomputed rather than held through the loop.
-        if constexpr (kDropout) {
-            if (p.dropout_threshold) {
-                tc::DropBits<kMTiles, kNTilesS> keep;
-                keep.draw(Dropout(p, scheduled_block<kHasWindow>(p).bh), m0 + warp_row0, j * kBlockN, lane);
-                keep.apply(s, static_cast<float>(p.dropout_scale));
-            }
-        }
+        if constexpr (kDropout)
+            tc::drop_forward(p, scheduled_block<kHasWindow>(p).bh, s, m0 + warp_row0, j * kBlockN, lane);
 
         // acc += P V_j. TF32: one k8 step per n8 tile of P (tc::pv_k8).
         if constexpr (kTf32) {

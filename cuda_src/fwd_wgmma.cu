@@ -14,7 +14,8 @@
 //   O = acc / l_i,  lse = m_i + log l_i    (once, at the end)
 //
 // The steps are software-pipelined one tile deep (the loop's comment): the softmax of tile j+1
-// runs while the tensor cores compute P_j V_j.
+// runs while the tensor cores compute P_j V_j. The dropout form (kDropout: the kScoreMods form
+// with dropout.cuh's keep mask) drops P_{j+1} there too, after its row sums.
 // The accumulator layout of wgmma is, warp by warp, that of mma.sync m16n8: the softmax, the
 // masking and the P packing are fwd_tc's, with one m16 tile per warp.
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
@@ -49,7 +50,7 @@ constexpr int fwd_wgmma_min_blocks() {
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
     fwd_wgmma(const FwdParams p) {
     constexpr int kThreads = kWarps * 32;
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
 
     BatchIndex at;
     if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
-    const Mask<kHasWindow> mask(p, at);
+    const Mask<kHasWindow, kScoreMods> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
     // ---- K/V pipeline. K and V have separate rings of kStages slots, tile t in slot
@@ -149,6 +150,12 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         if (!masked) return;
         tc::apply_mask(mask, s, m0 + warp_row0, t * kBlockN, lane, tc::neg_inf());
     };
+    // Dropout on P_t (after update_stats: l_i sums the undropped P), while P_{t-1} V_{t-1} runs.
+    // The row index is recomputed rather than held through the loop.
+    auto drop = [&](int t, float (&s)[1][kBlockN / 8][4]) {
+        if constexpr (kDropout)
+            tc::drop_forward(p, scheduled_block<kHasWindow>(p).bh, s, m0 + warp_row0, t * kBlockN, lane);
+    };
 
     float acc[1][kHeadDim / 8][4];
     tc::zero(acc);
@@ -191,6 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         mask_scores(range.first, s);
         float alpha[1][2];
         softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
+        drop(range.first, s);
         pack_p();
     }
     // Every step but the last has a next tile (one straight-line body: ptxas serializes the
@@ -215,6 +223,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         mask_scores(t + 1, s);
         float alpha[1][2];
         const bool moved = softmax.update_stats(s, c, alpha);
+        drop(t + 1, s);
         ptx::wgmma_wait<0>();  // P_t V_t
         ptx::wgmma_pin(acc[0]);
         if (moved) softmax.rescale(acc, alpha);

@@ -22,8 +22,9 @@
 //   into the rings, whose rounds count on across tiles, while the consumers finish the previous
 //   tile's epilogue; a Q buffer is refilled once the consumers have stored the O they staged in
 //   it. One block per tile is the same code walking one tile (d256, whose walk state spills).
-// Score modifiers, bias and mask (kScoreMods) and sinks are fwd_wgmma's (score_mod.cuh), except
-// that a bias without softcap goes into S's accumulator before its MMA (tc::bias_into_scores).
+// Score modifiers, bias and mask (kScoreMods), sinks and dropout (kDropout) are fwd_wgmma's
+// (score_mod.cuh, dropout.cuh), except that a bias without softcap goes into S's accumulator
+// before its MMA (tc::bias_into_scores).
 // The maps (FwdTmaParams, params.cuh) address (head dim, row, head, batch): rows past a tensor's
 // end and columns past D arrive as zeros, as the cp.async loaders' zero-fill gives fwd_wgmma. A
 // packed batch's maps span all its tokens (batch 1), so a tile past a sequence's end reads the
@@ -122,7 +123,7 @@ __device__ __forceinline__ WsTile ws_tile(const FwdParams& p, const TileWalk& wa
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
-          bool kScoreMods = false>
+          bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_constant__ FwdTmaParams tp) {
     const FwdParams& p = tp.fwd;
     constexpr int kConsumers = kBlockM / 64;
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
                                          64 * c, origin.k0 + t * kBlockN, kv_head, origin.batch);
                 };
                 // K_t and V_t in turn: the consumers need K_{t+1} before V_t.
-                const TileRange range = Mask<kHasWindow>(p, tile.at).tiles(tile.m0, kBlockM, kBlockN);
+                const TileRange range = Mask<kHasWindow, kScoreMods>(p, tile.at).tiles(tile.m0, kBlockM, kBlockN);
                 for (int t = range.first; t < range.last; ++t, ++round) {
                     const int slot = round % kStages;
                     load_tile(t, round, k_ring, bars.k_full(slot), bars.k_empty(slot), tp.k_map);
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         const WsTile tile = ws_tile<kHasWindow, kBlockM>(p, walk, linear);
         if (!tile.has_work) continue;
         const int bh = tile.bh, m0 = tile.m0;
-        const Mask<kHasWindow> mask(p, tile.at);
+        const Mask<kHasWindow, kScoreMods> mask(p, tile.at);
         const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
         const int qb = n % kQBuffers;
         const unsigned q_tile = q_smem + qb * QTile::kBytes;
@@ -311,6 +312,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
         auto mask_scores = [&](int t, float (&s)[1][kBlockN / 8][4]) {
             if (t < range.full_first || t >= range.full_last)
                 tc::apply_mask(mask, s, m0 + warp_row0, t * kBlockN, lane, tc::neg_inf());
+        };
+        // Dropout on P_t (after update_stats: l_i sums the undropped P), while P_{t-1} V_{t-1} runs.
+        auto drop = [&](int t, float (&s)[1][kBlockN / 8][4]) {
+            if constexpr (kDropout) tc::drop_forward(p, bh, s, m0 + warp_row0, t * kBlockN, lane);
         };
 
         float acc[1][kHeadDim / 8][4];
@@ -357,6 +362,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             mask_scores(range.first, s);
             float alpha[1][2];
             softmax.update_stats(s, c, alpha);
+            drop(range.first, s);
             pack_p();
             load_bias(range.first + 1, s[0]);
         }
@@ -379,6 +385,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) fwd_wgmma_ws(const __grid_cons
             mask_scores(range.first + i + 1, s);
             float alpha[1][2];
             const bool moved = softmax.update_stats(s, c, alpha);
+            drop(range.first + i + 1, s);
             ptx::wgmma_wait<0>();  // P_t V_t
             ptx::wgmma_pin(acc[0]);
             release(bars.v_empty(slot));

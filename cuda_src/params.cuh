@@ -118,6 +118,15 @@ struct FwdParams {
     // with the shapes: params.set_row_shape).
     FastDivisor batch_div[CUFLASH_MAX_BATCH_DIMS];
     FastDivisor heads_div, kv_group_div;
+
+    // A 2-D mask's tile spans (mask.cuh's MaskTiles; cuda_src/mask_tiles.cu computes them per
+    // call), or null: per mask plane, over 64 x 64 tiles of (queries, keys), mask_tile_rows spans
+    // of key tiles (one per row group) then mask_tile_cols spans of query tiles (one per key
+    // group), two ints each; mask_tile_planes[bh] is the plane of attention row bh. Read only
+    // by the score-modifier Variants.
+    const int* mask_spans;
+    const int* mask_tile_planes;
+    int mask_tile_rows, mask_tile_cols;
 };
 
 enum KeyRows : int { kAllKeyRows = 0, kPrefixKeyRows = 1, kOtherKeyRows = 2 };
@@ -268,6 +277,7 @@ struct MapOrigin {
 struct BatchIndex {
     long long q, k, v, o, lse;
     int seqlen_q, seqlen_k, diag;
+    int row;  // the attention row bh (a 2-D mask's tile spans are per row: mask.cuh)
 
     BatchIndex() = default;  // (starts_block fills one in place)
     __device__ __forceinline__ BatchIndex(const FwdParams& p, int bh) : BatchIndex(p, BatchCoords(p, bh), bh) {}
@@ -275,7 +285,7 @@ struct BatchIndex {
     // Lk: the call's, or a key-padding mask's cut (FwdParams::key_bounds); the diagonal stays
     // the call's either way.
     __device__ __forceinline__ BatchIndex(const FwdParams& p, const BatchCoords& c, int bh)
-        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), diag(p.diag_offset) {
+        : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), diag(p.diag_offset), row(bh) {
         const int kv_head = p.kv_group_div.div(c.head);
         q = c.offset(p.q_batch_stride, p.q_head_stride, c.head);
         k = c.offset(p.k_batch_stride, p.k_head_stride, kv_head);

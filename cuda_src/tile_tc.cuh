@@ -481,6 +481,64 @@ struct DropBits {
     }
 };
 
+// DropBits for a fragment of transposed scores (S^T, P^T, dP^T: keys are the rows, queries the
+// columns; Hopper's dK/dV kernels), one m16 tile of keys x N n8 tiles of queries, in the 2-D form
+// those kernels hold it: element (nt, e) is key key_row + 8 (e / 2), query query0 + 8 nt +
+// 2 (lane % 4) + e % 2, its bit ((e / 2) N + nt) 2 + e % 2. A Philox call gives the draws of eight
+// keys of one query: the eight lanes that hold those keys (lane / 4 = key % 8, one lane % 4) each
+// make one of the eight calls of four n8 tiles (the call of query column (r / 2, r % 2) of
+// them, r = lane / 4) and hand the words round in eight shuffles, every call made once. The loop
+// is not unrolled, as DropBits' (its registers short-lived).
+template <int N>
+struct DropBitsTransposed {
+    static_assert(N % 4 == 0 && 4 * N <= 64, "four n8 tiles a round; a lane's keep bits fit one 64-bit register");
+    unsigned long long bits;
+
+    // key_row: this lane's first key (row lane / 4 of a tile whose first key is a multiple of 16).
+    __device__ __forceinline__ void draw(const Dropout& dropout, int key_row, int query0, int lane) {
+        bits = 0ull;
+        const int t = lane % 4, r = lane / 4;
+#pragma unroll 1
+        for (int step = 0; step < 2 * (N / 4); ++step) {
+            const int h = step / (N / 4), nb = (step % (N / 4)) * 4;  // keys 8h.., n8 tiles nb .. nb + 3
+            const int query = query0 + 8 * (nb + r / 2) + 2 * t + r % 2;  // this lane's call
+            const uint4 mine = dropout.draws(query, (key_row & ~7) + 8 * h);
+            unsigned group = 0u;  // bit c: the call of column (nb + c / 2, c % 2), this lane's key
+#pragma unroll
+            for (int s = 0; s < 8; ++s) {
+                // Round s: lane r sends receiver (r + s) % 8 the word of its key, and takes the word
+                // of its own key (key % 8 = r: word r / 2, half r % 2) from sender (r - s) % 8.
+                const int to = (r + s) & 7, from = (r - s) & 7;
+                const unsigned send = (to >> 1) == 0 ? mine.x : (to >> 1) == 1 ? mine.y : (to >> 1) == 2 ? mine.z : mine.w;
+                const unsigned word = s == 0 ? send : __shfl_sync(0xffffffffu, send, (from << 2) | t);
+                group |= static_cast<unsigned>(((r & 1) ? word >> 16 : word & 0xFFFFu) >= dropout.threshold) << from;
+            }
+            bits |= static_cast<unsigned long long>(group) << ((h * N + nb) * 2);
+        }
+    }
+
+    // c o Z * scale: kept elements scaled, the others 0.
+    __device__ __forceinline__ void apply(float (&c)[N][4], float scale) const {
+#pragma unroll
+        for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                c[nt][e] = (bits >> (((e / 2) * N + nt) * 2 + e % 2)) & 1ull ? c[nt][e] * scale : 0.f;
+    }
+};
+
+// The forward's dropout step on P (this lane's elements of an M x N fragment whose first element
+// is (row0, col0)): P o Z * scale for P V, in place, for attention row bh of the call; the
+// softmax has summed the undropped P into l_i before. Nothing when the call drops nothing.
+template <int M, int N>
+__device__ __forceinline__ void drop_forward(const FwdParams& p, long long bh, float (&s)[M][N][4], int row0, int col0,
+                                             int lane) {
+    if (!p.dropout_threshold) return;
+    DropBits<M, N> keep;
+    keep.draw(Dropout(p, bh), row0, col0, lane);
+    keep.apply(s, static_cast<float>(p.dropout_scale));
+}
+
 // A RowScores (score_mod.cuh) to be asked for this lane's pairs of a fragment whose first element
 // is (row0, col0): its origin is the lane's first pair (PairOrigin: ALiBi's distance per element
 // is then an FADD of a constant).

@@ -786,8 +786,8 @@ def test_gpu_key_bounds_encode_each_rows_cut_and_whether_the_cut_alone_is_its_ma
     for m, expected in ((_on_gpu(mask)[0], [7, 7, 0, 0, ~9, ~9]), (_on_gpu(wide)[0][..., ::2], [7, 7, 0, 0, ~9, ~9]),
                         (_on_gpu(mask[0, 0, 0])[0], [7] * 6)):
         pointers, kept = plan.ScoreInputs(_spec.resolve_forward(q, k, v, mask=m)).prepare(plan.CUPY_MEMORY, None, m)
-        bounds = kept[-1]
-        assert pointers[2] == bounds.data.ptr
+        bounds = kept[2]
+        assert pointers[2] == bounds.data.ptr and pointers[3] == 0  # (a key-padding mask has no tile spans)
         assert bounds.dtype == cupy.int32 and bounds.shape == (6,)
         numpy.testing.assert_array_equal(cupy.asnumpy(bounds), expected)
 
@@ -932,6 +932,129 @@ def test_bias_grad_kernel_compiles_offline_without_spills_and_its_struct_is_mirr
     source = kernels.kernel_source(spec) + "\n" + params.layout_probe_source("cuflash::BiasGradParams", mirror)
     offsets = pipeline._ptx_stored_constants(source, kernels.compile_options(spec) + ("-arch=compute_80",))
     assert offsets == {0: mirror.itemsize, **{i: mirror.fields[name][1] for i, name in enumerate(mirror.names, 1)}}
+
+
+def _spelled_mask(kind, lq, lk, batch=2):
+    """A (batch, 1, lq, lk) mask spelling a rule whose hidden tiles the tile spans skip: "causal"
+    (bottom-right, as a mask), "band" (keys within 100 of the diagonal), "documents" (a packed
+    batch's sequences, causal within each; a different cut per batch row), "sparse" (random
+    visible pairs in a few 64 x 64 tiles only, the rest hidden whole; a query row with none)."""
+    i, j = numpy.arange(lq)[:, None], numpy.arange(lk)[None, :]
+    diag = lk - lq
+    if kind == "causal":
+        mask = numpy.broadcast_to(j <= i + diag, (batch, lq, lk))
+    elif kind == "band":
+        mask = numpy.broadcast_to(abs(j - i - diag) <= 100, (batch, lq, lk))
+    elif kind == "documents":
+        planes = []
+        for b in range(batch):
+            starts = numpy.sort(numpy.random.default_rng(b).choice(numpy.arange(1, min(lq, lk)), 3, replace=False))
+            doc_q, doc_k = (numpy.searchsorted(starts, numpy.arange(n), "right") for n in (lq, lk))
+            planes.append((doc_q[:, None] == doc_k[None, :]) & (j <= i))
+        mask = numpy.stack(planes)
+    else:
+        rng = numpy.random.default_rng(7)
+        tiles = rng.random((batch, -(-lq // 64), -(-lk // 64))) < 0.2
+        mask = tiles.repeat(64, 1).repeat(64, 2)[:, :lq, :lk] & (rng.random((batch, lq, lk)) < 0.5)
+        mask[:, min(5, lq - 1)] = False
+    return numpy.ascontiguousarray(mask[:, None])
+
+
+def test_which_masks_get_tile_spans():
+    """plan._maps_mask_tiles: a mask over queries and keys, shared by the heads, of at least
+    MASK_TILES_MIN queries and keys; not a key-padding mask (its cut serves), not one per head (a
+    dK/dV block walks its group's heads with one span), not a short one, not without a mask."""
+    from cuflash._gpu import plan
+
+    q, k = numpy.zeros((2, 4, 200, 8), numpy.float16), numpy.zeros((2, 2, 333, 8), numpy.float16)
+    def maps(mask, q=q, k=k):
+        return plan._maps_mask_tiles(_spec.resolve_forward(q, k, k, mask=mask))
+    assert maps(numpy.ones((2, 1, 200, 333), bool)) and maps(numpy.ones((200, 333), bool))
+    assert maps(numpy.ones((1, 1, 200, 1), bool))  # (constant along the keys: still 2-D in the rule)
+    assert not maps(numpy.ones((2, 4, 200, 333), bool))  # one per head
+    assert not maps(numpy.ones((2, 1, 1, 333), bool))  # key padding
+    assert not maps(numpy.ones((2, 1, 100, 333), bool), q=q[:, :, :100])  # fewer than 128 queries
+    assert not plan._maps_mask_tiles(_spec.resolve_forward(q, k, k))
+
+
+def _tile_spans(mask, tile=64):
+    """plan._mask_spans' result for a (planes, Lq, Lk) mask, in NumPy: per plane, each row group's
+    [first, last) key tiles with a visible pair ((cols, 0) for none), then each key group's query
+    tiles as (rows - first, last) ((0, 0) for none)."""
+    planes, lq, lk = mask.shape
+    rows, cols = -(-lq // tile), -(-lk // tile)
+    padded = numpy.zeros((planes, rows * tile, cols * tile), bool)
+    padded[:, :lq, :lk] = mask
+    seen = padded.reshape(planes, rows, tile, cols, tile).any(axis=(2, 4))
+    spans = []
+    for plane in seen:
+        for g in range(rows):
+            hits = numpy.flatnonzero(plane[g])
+            spans += [hits[0], hits[-1] + 1] if hits.size else [cols, 0]
+        for t in range(cols):
+            hits = numpy.flatnonzero(plane[:, t])
+            spans += [rows - hits[0], hits[-1] + 1] if hits.size else [0, 0]
+    return numpy.array(spans, numpy.int32)
+
+
+@pytest.mark.gpu
+def test_gpu_mask_tile_spans_bound_the_tiles_holding_a_visible_pair(rng):
+    """cuda_src/mask_tiles.cu through plan.ScoreInputs, as every call prepares a 2-D mask: per
+    distinct mask plane (the batch's two here; heads share theirs), over 64 x 64 tiles, each row
+    group's span of key tiles with a visible pair and each key group's span of query tiles (the
+    same every run: built by atomicMax); also through a strided view of the mask (a copy laid out
+    for the kernels), and for a mask whose rows or groups see nothing."""
+    from cuflash._gpu import plan
+
+    mask = _spelled_mask("sparse", 200, 333)
+    q, k = _on_gpu(*_draw(rng, "float16", (2, 4, 200, 16), (2, 2, 333, 16)))
+    wide = numpy.zeros((2, 1, 200, 666), bool)
+    wide[..., ::2] = mask
+    none = numpy.zeros_like(mask)
+    for m, want in ((_on_gpu(mask)[0], _tile_spans(mask[:, 0])), (_on_gpu(wide)[0][..., ::2], _tile_spans(mask[:, 0])),
+                    (_on_gpu(none)[0], _tile_spans(none[:, 0]))):
+        for _ in range(2):
+            pointers, kept = plan.ScoreInputs(_spec.resolve_forward(q, k, k, mask=m)).prepare(plan.CUPY_MEMORY, None, m)
+            spans = kept[3]
+            assert pointers[3] == spans.data.ptr and pointers[2] == 0
+            numpy.testing.assert_array_equal(to_numpy(spans), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1025, 1025), (200, 1025), (1025, 333)], ids=["square", "fewer-queries", "fewer-keys"])
+@pytest.mark.parametrize("kind", ["causal", "band", "documents", "sparse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_masks_spelling_a_rule_skip_its_hidden_tiles(rng, dtype, kind, shape, monkeypatch):
+    """A 2-D mask that spells a rule (a causal pattern, a band, a packed batch's documents, a few
+    visible tiles) gets tile spans, and the kernels skip the tiles it hides whole outside them,
+    forward, dQ and dK/dV: the results stay the reference's (GQA 4/2, a bias with its gradient beside the mask,
+    rows and keys that see nothing), and the deterministic backward is bitwise reproducible."""
+    from cuflash._gpu import plan
+
+    made = []
+    real = plan._mask_spans
+    monkeypatch.setattr(plan, "_mask_spans", lambda *args: made.append(1) or real(*args))
+    lq, lk = shape
+    q, k, v, dout = _draw(rng, dtype, (2, 4, lq, 64), (2, 2, lk, 64), (2, 2, lk, 64), (2, 4, lq, 64))
+    mask = _spelled_mask(kind, lq, lk)
+    bias = rng.standard_normal((1, 4, lq, lk)).astype(_bias_dtype(dtype, True))
+    check_against_reference(dtype, q, k, v, dout, gpu=True, mask=mask, bias=bias, deterministic=True)
+    assert made, "no tile spans were made"
+    gq, gk, gv, gdout, gmask, gbias = _on_gpu(q, k, v, dout, mask, bias)
+    out, lse = cuflash.attention(gq, gk, gv, mask=gmask, return_lse=True)
+    runs = [[_bits(g) for g in cuflash.attention_backward(gdout, gq, gk, gv, out, lse, mask=gmask, deterministic=True)]
+            for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_mask_tiles_kernel_compiles_offline_without_spills():
+    """cuda_src/mask_tiles.cu for sm_80 and sm_90a through NVRTC without a GPU: no spills, no stack."""
+    from cuflash._gpu import kernels, plan
+    from cuflash._gpu.variant import HelperKernel
+
+    for arch in ("80", "90a"):
+        build = kernels.compile_offline(HelperKernel("mask_tiles", "mask_tiles", None, arch, plan._MASK_TILES_THREADS))
+        assert 0 < build.registers <= 255 and build.spill_bytes == 0 and build.stack_bytes == 0, build.log
 
 
 @pytest.mark.gpu

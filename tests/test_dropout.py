@@ -304,18 +304,62 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible(rng, dtype):
             assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
 
 
+# The 16-bit families that drop, each forced in turn in its direction (the others' fallbacks
+# removed), with cases each takes: Hopper's warp-specialized TMA kernels (forward d64-d256, dK/dV
+# d64; layouts the maps describe), their cp.async ones (d <= 128), mma.sync (any); windows, GQA,
+# odd lengths, modifiers.
+FAMILIES = [
+    ("fwd_wgmma_ws", ((2, 4, 300, 64), (2, 2, 1025, 64), dict(causal=True))),
+    ("fwd_wgmma_ws", ((1, 4, 200, 128), (1, 2, 333, 128), dict(softcap=30.0, alibi="heads", window=(90, 7)))),
+    ("fwd_wgmma_ws", ((1, 2, 130, 256), (1, 2, 97, 256), dict(bias=True, causal="top_left"))),
+    ("fwd_wgmma", ((2, 4, 97, 64), (2, 2, 200, 64), dict(sinks="heads", causal=True))),
+    ("fwd_wgmma", ((1, 2, 257, 128), (1, 1, 1025, 128), dict(window=(300, -1), mask=True))),
+    ("fwd_tc", ((1, 4, 200, 128), (1, 2, 333, 128), dict(softcap=30.0, alibi="heads", window=(90, 7)))),
+    ("bwd_dkdv_wgmma_ws", ((2, 4, 300, 64), (2, 2, 1025, 64), dict(causal=True))),
+    ("bwd_dkdv_wgmma_ws", ((1, 4, 97, 64), (1, 1, 200, 64), dict(softcap=30.0, alibi="heads", bias=True))),
+    ("bwd_dkdv_wgmma", ((2, 4, 97, 64), (2, 2, 200, 64), dict(window=(50, 3)))),
+    ("bwd_dkdv_wgmma", ((1, 4, 200, 128), (1, 2, 333, 128), dict(softcap=30.0, alibi="heads", causal=True))),
+    ("bwd_dkdv_wgmma", ((1, 2, 257, 128), (1, 2, 130, 128), dict(mask=True, causal="top_left"))),
+    ("bwd_dkdv_tc", ((1, 4, 200, 128), (1, 2, 333, 128), dict(softcap=30.0, alibi="heads", causal=True))),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family, case", FAMILIES, ids=[f"{family}-d{case[0][-1]}" for family, case in FAMILIES])
+def test_gpu_each_family_drops_what_the_reference_drops(rng, monkeypatch, dtype, family, case, deterministic):
+    """A 16-bit call with dropout on one family at a time (the dropout forms of the Hopper kernels,
+    forward and dK/dV, beside mma.sync's): out, lse and the gradients against the float64
+    reference with the same keep mask (dQ from the dK/dV kernel's dS, or bwd_dq_tc's), and the
+    kernels of that direction that ran are that family's dropout form."""
+    pytest.importorskip("cupy")
+    from cuflash._gpu import kernels, plan, tiles
+
+    monkeypatch.setattr(plan, "PLANS", {})
+    families = tiles.FORWARD if family.startswith("fwd") else tiles.BACKWARD_DKDV
+    monkeypatch.setitem(families, dtype, (tiles.SPECS[family],))
+    ran = []
+    original = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel", lambda variant, *device: ran.append(variant) or original(variant, *device))
+    _on_gpu(rng, dtype, case, deterministic=deterministic)
+    prefix = "fwd" if family.startswith("fwd") else "bwd_dkdv"
+    forced = [v for v in ran if v.kernel.startswith(prefix)]
+    assert forced and all(v.kernel == family and v.dropout for v in forced), forced
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_gpu_dropout_runs_on_families_that_drop(rng, monkeypatch, dtype):
     """The kernels a call with dropout ran are all dropout forms (Variant.dropout) of families whose
-    kernels drop (not the Hopper families, the DMMA ones or the dbias kernel), or the prep kernels."""
+    kernels drop (not the DMMA ones or the dbias kernel), or the prep kernels."""
     pytest.importorskip("cupy")
     from cuflash._gpu import kernels, plan, tiles
 
     monkeypatch.setattr(plan, "PLANS", {})
     ran = []
     original = kernels.get_kernel
-    monkeypatch.setattr(kernels, "get_kernel", lambda variant, device: ran.append(variant) or original(variant, device))
+    monkeypatch.setattr(kernels, "get_kernel", lambda variant, *device: ran.append(variant) or original(variant, *device))
     _on_gpu(rng, dtype, ((2, 4, 256, 128), (2, 2, 512, 128), dict(causal=True, bias=True)), deterministic=False)
     assert ran
     for variant in ran:

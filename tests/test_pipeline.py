@@ -531,19 +531,20 @@ def test_float32_highest_takes_3xtf32_up_to_d64(arch, tile32, tile64):
 
 def test_the_dkdv_kernel_stores_dq_only_where_one_key_tile_holds_every_key():
     """plan._stores_dq (BwdParams::dq_direct): 16-bit bwd_dkdv_tc up to d224, every key within one
-    of its key tiles, no window, no key-padding cut, no packed batch; and the backward's kernels
+    of its key tiles, no window, no key-padding cut, no mask tile spans, no packed batch; and the backward's kernels
     then leave out dQ's conversion (and the deterministic dQ kernel)."""
     from types import SimpleNamespace
 
     from cuflash._gpu import plan
 
-    def problem(window=False, mask=None, packed=None):
-        return SimpleNamespace(has_window=window, mask=mask, packed=packed)
+    def problem(lk, window=False, mask=None, packed=None):
+        lq = 49 if mask is None else mask.shape[-2]
+        return SimpleNamespace(has_window=window, mask=mask, packed=packed, seqlen_q=lq, seqlen_k=lk)
 
     def stores(dtype, d, lk, arch="90a", short=False, **options):
         variants = tiles.select_backward(dtype, d, d, options.get("window", False), arch, short=short,
                                          precision="tf32" if dtype == "float32" else "highest")
-        return plan._stores_dq(problem(**options), [(variants, None)], lk)
+        return plan._stores_dq(problem(lk, **options), [(variants, None)], lk)
 
     assert stores("bfloat16", 32, 128) and not stores("bfloat16", 32, 129)  # the d32 128-key tile
     assert stores("float16", 32, 64, short=True) and not stores("float16", 32, 65, short=True)  # 64x64
@@ -553,7 +554,8 @@ def test_the_dkdv_kernel_stores_dq_only_where_one_key_tile_holds_every_key():
     assert not stores("bfloat16", 64, 64) and stores("bfloat16", 64, 64, arch="80")  # Hopper: wgmma
     assert not stores("bfloat16", 32, 64, window=True)
     assert not stores("bfloat16", 32, 64, mask=numpy.ones((2, 1, 1, 64), dtype=bool))  # a key cut
-    assert stores("bfloat16", 32, 64, mask=numpy.ones((2, 1, 49, 64), dtype=bool))  # any other mask
+    assert stores("bfloat16", 32, 64, mask=numpy.ones((2, 1, 49, 64), dtype=bool))  # any other short mask
+    assert not stores("bfloat16", 32, 128, mask=numpy.ones((2, 1, 128, 128), dtype=bool))  # tile spans: skipped tiles
     assert not stores("bfloat16", 32, 64, packed=SimpleNamespace(seqused_k=None))
     variants = tiles.select_backward("bfloat16", 32, 32, False, "90a")
     assert plan._backward_kernels(variants, False, True) == [variants.delta, variants.dkdv]

@@ -124,6 +124,10 @@ FWD_PARAMS_DTYPE = numpy.dtype(
         ("batch_div", FAST_DIVISOR_DTYPE, _B),
         ("heads_div", FAST_DIVISOR_DTYPE),
         ("kv_group_div", FAST_DIVISOR_DTYPE),
+        ("mask_spans", numpy.uint64),
+        ("mask_tile_planes", numpy.uint64),
+        ("mask_tile_rows", numpy.int32),
+        ("mask_tile_cols", numpy.int32),
     ],
     align=True,
 )

@@ -861,10 +861,11 @@ class ScoreInputs:
     (``score_rows``, on the device, kept here) and the key-padding cut's kernel. Per call
     (``prepare``, on CuPy arrays or torch tensors alike: ``memory``): the planes' pointers (the
     caller's arrays, or their copies where the layout needs one: the same decision for every call
-    of a signature, which covers dtypes, shapes, strides and alignment) and a key-padding mask's
-    cut (``_key_bounds``, computed on the device). Broadcast axes cost no copy."""
+    of a signature, which covers dtypes, shapes, strides and alignment), a key-padding mask's
+    cut (``_key_bounds``) and a 2-D mask's tile spans (``_mask_spans``), both computed on the device.
+    Broadcast axes cost no copy."""
 
-    POINTERS = ("bias", "mask", "key_bounds")  # the FwdParams fields ``prepare`` gives, in order
+    POINTERS = ("bias", "mask", "key_bounds", "mask_spans")  # the FwdParams fields ``prepare`` gives, in order
 
     def __init__(self, p):
         cupy = _cupy()
@@ -891,24 +892,38 @@ class ScoreInputs:
         if _pads_keys(p):
             spec = HelperKernel("key_bounds", "key_bounds", None, _arch(cupy.cuda.Device().id), _KEY_BOUNDS_THREADS)
             self.bounds_kernel = kernels.get_kernel(spec)
+        self.tiles_kernel = None
+        if _maps_mask_tiles(p):
+            # The distinct mask planes among the attention rows (heads share theirs: _maps_mask_tiles)
+            # and each row's: the spans are made once per plane.
+            plane_offsets, plane_of_row = numpy.unique(offsets[1].reshape(-1), return_inverse=True)
+            self.mask_plane_offsets = plan_constant(plane_offsets.astype(numpy.int64))
+            self.mask_tile_planes = plan_constant(plane_of_row.reshape(-1).astype(numpy.int32))
+            self.mask_tile_shape = (plane_offsets.size, -(-self.seqlen_q // MASK_TILE), -(-self.seqlen_k // MASK_TILE))
+            spec = HelperKernel("mask_tiles", "mask_tiles", None, _arch(cupy.cuda.Device().id), _MASK_TILES_THREADS)
+            self.tiles_kernel = kernels.get_kernel(spec)
         # The planes just laid out serve the constructing call's own prepare (a copy is not made
         # twice); taken there, and never kept past it.
         self._first = (p.bias, p.mask, laid)
         # What another ScoreInputs must share for its prepare's result to serve this one's calls
-        # (``prepare``'s ``reuse``): the same layouts and the same cut.
-        self.signature = (tuple(sorted(self.layouts.items())), self.bounds_kernel is not None)
+        # (``prepare``'s ``reuse``): the same layouts, the same cut, the same tile spans.
+        self.signature = (tuple(sorted(self.layouts.items())), self.bounds_kernel is not None,
+                          self.tiles_kernel is not None)
 
     def fill(self, struct) -> None:
-        """The fixed fields: strides and score_rows."""
+        """The fixed fields: strides, score_rows and the tile spans' plane table and shape."""
         for name, (row_stride, col_stride) in self.strides.items():
             struct[f"{name}_row_stride"], struct[f"{name}_col_stride"] = row_stride, col_stride
         struct["score_rows"] = self.score_rows.data.ptr
+        if self.tiles_kernel is not None:
+            struct["mask_tile_planes"] = self.mask_tile_planes.data.ptr
+            struct["mask_tile_rows"], struct["mask_tile_cols"] = self.mask_tile_shape[1:]
 
-    def prepare(self, memory, bias, mask, reuse=None) -> tuple[tuple[int, int, int], tuple]:
+    def prepare(self, memory, bias, mask, reuse=None) -> tuple[tuple[int, int, int, int], tuple]:
         """(the POINTERS' values, the arrays they point into) for this call's bias and mask, any
-        copy and the cut allocated from ``memory`` and made on its stream. ``reuse``: a
-        ``Prepared`` of another plan for the same bias and mask (a forward's, handed to its
-        backward), taken where its signature is this one's: no copy nor cut made again."""
+        copy, the cut and the tile spans allocated from ``memory`` and made on its stream.
+        ``reuse``: a ``Prepared`` of another plan for the same bias and mask (a forward's, handed
+        to its backward), taken where its signature is this one's: nothing made again."""
         if reuse is not None and reuse.signature == self.signature:
             return reuse.pointers, reuse.arrays
         first, self._first = self._first, None
@@ -918,10 +933,10 @@ class ScoreInputs:
             planes = tuple(None if x is None else self.layouts[name].lay_out(memory, x)
                            for name, x in (("bias", bias), ("mask", mask)))
         pointers = tuple(0 if x is None else memory.pointer(x) for x in planes)
-        bounds = None
-        if self.bounds_kernel is not None:
-            bounds = _key_bounds(memory, self, pointers[1])
-        return pointers + (0 if bounds is None else memory.pointer(bounds),), planes + (bounds,)
+        bounds = None if self.bounds_kernel is None else _key_bounds(memory, self, pointers[1])
+        spans = None if self.tiles_kernel is None else _mask_spans(memory, self, pointers[1])
+        made = (bounds, spans)
+        return pointers + tuple(0 if x is None else memory.pointer(x) for x in made), planes + made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1010,6 +1025,24 @@ def _key_row_sets(p, select) -> tuple:
 
 
 _KEY_BOUNDS_THREADS = 256  # CUFLASH_KEY_BOUNDS_THREADS: 8 attention rows per block
+_MASK_TILES_THREADS = 256  # CUFLASH_MASK_TILES_THREADS
+MASK_TILE = 64  # mask.cuh's kMaskTile: the tile spans' tiles are MASK_TILE queries x MASK_TILE keys
+# Queries and keys below which a 2-D mask gets no tile spans: a block's rows would span all the
+# query tiles, or its keys all the key tiles.
+MASK_TILES_MIN = 2 * MASK_TILE
+
+
+def _maps_mask_tiles(p) -> bool:
+    """Whether the call's mask gets tile spans (cuda_src/mask_tiles.cu; mask.cuh's MaskTiles): a
+    mask over queries and keys (a key-padding one has its cut instead), the same for every head
+    (a dK/dV block walks its group's heads with one span of query tiles), no packed batch, and
+    at least MASK_TILES_MIN queries and keys. (The kernels read the spans from sm_90 on: mask.cuh's
+    kArchReadsMaskTiles; below, they are made and left unread, and every tile is computed.)"""
+    m = p.mask
+    if m is None or p.packed is not None or _pads_keys(p):
+        return False
+    heads_shared = m.ndim < 3 or m.shape[-3] == 1
+    return heads_shared and min(p.seqlen_q, p.seqlen_k) >= MASK_TILES_MIN
 
 
 def _key_bounds(memory, inputs: ScoreInputs, mask: int):
@@ -1025,6 +1058,22 @@ def _key_bounds(memory, inputs: ScoreInputs, mask: int):
                    (mask, inputs.score_rows.data.ptr, inputs.strides["mask"][1], inputs.seqlen_k, inputs.count,
                     memory.pointer(bounds)))
     return bounds
+
+
+def _mask_spans(memory, inputs: ScoreInputs, mask: int):
+    """A 2-D mask's tile spans (params.cuh's FwdParams::mask_spans): per distinct plane, over
+    MASK_TILE x MASK_TILE tiles of (queries, keys), each row group's [first, last) key tiles with a
+    visible pair, then each key group's query tiles as (rows - first, last); int32 pairs, zeroed
+    first (the query spans are built by atomicMax). One launch of cuda_src/mask_tiles.cu on the
+    memory's stream, reading the planes at ``mask`` (laid out by ``_PlaneLayout``) where the
+    kernels read them. The host never looks at the mask."""
+    planes, rows, cols = inputs.mask_tile_shape
+    spans = memory.zeros((planes * 2 * (rows + cols),), numpy.dtype(numpy.int32))
+    row_stride, col_stride = inputs.strides["mask"]
+    _launch_helper(memory, inputs.tiles_kernel, planes * rows, _MASK_TILES_THREADS,
+                   (mask, inputs.mask_plane_offsets.data.ptr, row_stride, col_stride, inputs.seqlen_q,
+                    inputs.seqlen_k, rows, cols, memory.pointer(spans)))
+    return spans
 
 
 def _row_shape(p) -> tuple[int, ...]:
@@ -1322,7 +1371,8 @@ def backward(problem):
     # dS, zeroed where some pairs are never visited (outside causal's or a window's tiles, past a
     # key-padding cut); per-key sums and the planes' sums always (a block that sees no query
     # stores none; the adds need a start).
-    dscores_zeroed = by_key or bias_adds is not None or ((p.has_window or _skips_keys(p)) and on_chip is None)
+    dscores_zeroed = by_key or bias_adds is not None or (
+        (p.has_window or _skips_keys(p) or _maps_mask_tiles(p)) and on_chip is None)
     dscores = None
     if p.returns_dbias:
         dscores = (cupy.zeros if dscores_zeroed else cupy.empty)(gradient.source_shape, dtype=accum)
@@ -1610,9 +1660,9 @@ def _stores_dq(p, sets, longest_k: int) -> bool:
     every key of a row, its block sums the row's whole dS K, so dQ needs no fp32 accumulator, no
     atomics and no conversion pass (windowed vision attention, short molecules: most of a short
     row's backward traffic besides its inputs). Only where every query tile is visited (no window,
-    no key cut: a row that sees no key still gets its zeros), not for a packed batch, and for
+    no key cut, no tile spans: a row that sees no key still gets its zeros), not for a packed batch, and for
     families that can (tiles.KernelSpec.stores_dq). Deterministic too: each dQ is written once."""
-    return (not p.has_window and not _skips_keys(p) and p.packed is None
+    return (not p.has_window and not _skips_keys(p) and not _maps_mask_tiles(p) and p.packed is None
             and all(tiles.SPECS[f.dkdv.kernel].stores_dq(f.dkdv.dtype, f.dkdv.head_dim) and longest_k <= f.dkdv.block_n
                     for f, _ in sets))
 

@@ -109,6 +109,9 @@ class KernelSpec:
     # with dropout takes the next family that does (the memory-bound prep kernels, which never
     # see P, serve every call).
     drops: bool = False
+    # The head-dim buckets of a family that drops whose dropout form it has (None: every bucket);
+    # a call with dropout at another bucket takes the next family (a form that would spill).
+    dropout_head_dims: tuple[int, ...] | None = None
     # (dtype, head-dim bucket) -> the tile of the dropout form where the kScoreMods form's spills
     # with the keep mask's registers added, else None.
     dropout_tile: Callable[[str, int], Tile | None] = lambda dtype, head_dim: None
@@ -119,7 +122,8 @@ class KernelSpec:
         """The first candidate that fits ``arch``, as a Variant; None if none does. ``short``:
         the call's rows are short (``short_tile``); ``dropout``: the call drops probabilities (the
         kScoreMods form with dropout compiled in)."""
-        if dtype not in self.dtypes or (dropout and self.masked and not self.drops):
+        if dtype not in self.dtypes or (dropout and self.masked and not (
+                self.drops and (self.dropout_head_dims is None or head_dim in self.dropout_head_dims))):
             return None
         dropout = dropout and self.masked
         score_mods = score_mods or dropout
@@ -741,9 +745,9 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
                     split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
-FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes))
+FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
-                          _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True,
+                          _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True, drops=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
                           compiled_width=_ws_width)
 FWD_SIMT = KernelSpec(
@@ -773,11 +777,12 @@ BWD_DKDV_TC = KernelSpec("bwd_dkdv_tc", TC_DTYPES + ("float32",), _tc_table(_BWD
 BWD_DKDV_WGMMA = KernelSpec(
     "bwd_dkdv_wgmma", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_bytes))  # Hopper only, d64 and d128: else bwd_dkdv_tc
+    _by_tile(_smem_bwd_dkdv_wgmma_bytes), drops=True)  # Hopper only, d64 and d128: else bwd_dkdv_tc
 BWD_DKDV_WGMMA_WS = KernelSpec(
     "bwd_dkdv_wgmma_ws", TC_DTYPES,
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
-    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True)
+    _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True, drops=True,
+    dropout_head_dims=(64,))  # (d128's dropout form spills 126 bytes at the consumers' 240 registers)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
@@ -917,13 +922,14 @@ def all_variants(arch: str) -> list[Variant]:
                 if mods and select_dbias(dtype, d, d, arch) is not None:
                     out.append(select_dbias(dtype, d, d, arch))
             for precision in precisions_of(dtype):  # the dropout forms (always masked and modified)
-                for short in (False, True):
-                    out.append(select(dtype, d, d, True, arch, score_mods=True, precision=precision, short=short,
-                                      dropout=True))
-                    try:
-                        out += select_backward(dtype, d, d, True, arch, True, precision, short=short, dropout=True)
-                    except ValueError:
-                        pass
+                for tma in (True, False):
+                    for short in (False, True):
+                        out.append(select(dtype, d, d, True, arch, score_mods=True, precision=precision, tma=tma,
+                                          short=short, dropout=True))
+                        try:
+                            out += select_backward(dtype, d, d, True, arch, True, precision, tma, short, dropout=True)
+                        except ValueError:
+                            pass
     return list(dict.fromkeys(out))
 
 
