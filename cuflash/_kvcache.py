@@ -725,24 +725,31 @@ def _attend_all(xp, q, k_rows, v_rows, cache: _Cache, problem, options, splits):
     lse = xp.empty(problem.lse_shape, dtype=problem.lse_dtype)
     for members in groups:
         o, l = _attend_group(xp, q, k_rows, v_rows, cache, problem, options, splits, members, lengths[members[0]])
-        rows = slice(members[0], members[-1] + 1) if not cache.paged else _index(numpy.array(members), xp)
+        rows = _batch_index(members, cache.paged, xp)
         _bits(result)[rows] = _bits(o)
         lse[rows] = l
     return result, lse
 
 
+def _batch_index(members: list, paged: bool, xp):
+    """An index of the batch axis taking ``members``: a slice where they are a run of neighbours
+    (always in a contiguous cache's groups: views), else an index array."""
+    if not paged:
+        return slice(members[0], members[-1] + 1) if members else slice(0, 0)
+    return _index(numpy.array(members, dtype=numpy.int64), xp)
+
+
 def _attend_group(xp, q, k_rows, v_rows, cache: _Cache, problem, options, splits, members: list, length: int):
     """(out, lse) of the sequences ``members`` (a run of neighbours when the cache is contiguous:
     views), all ``length`` keys long."""
+    index = _batch_index(members, cache.paged, xp)
     if cache.paged:  # a gather of the sequences' keys, (len(members) * length, Hk, D)
-        index = _index(numpy.array(members, dtype=numpy.int64), xp)
         pos = numpy.arange(length)
         first = _index(cache.table[members][:, pos // cache.page_size].reshape(-1), xp)
         pos = _index(numpy.tile(pos % cache.page_size, len(members)), xp)
         k_b, v_b = (_gather(rows, first, pos).reshape((len(members), length) + tuple(rows.shape[2:]))
                     for rows in (k_rows, v_rows))
     else:
-        index = slice(members[0], members[-1] + 1) if members else slice(0, 0)
         k_b, v_b = k_rows[index, :length], v_rows[index, :length]
     lead = (cache.batch, q.shape[1])
     slopes, sinks = (None if x is None else xp.broadcast_to(x, lead)[index] for x in (problem.alibi_slopes,
