@@ -5,7 +5,7 @@ Planning, the params structs, kept plans and their replays run as on a GPU; noth
 
 Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
 own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
-with score modifiers and dropout, dense and packed, plan once and then replay, each launch
+with score modifiers, a bias, a 2-D mask and dropout, dense and packed, plan once and then replay, each launch
 carrying its own call's dropout seed; that every dtype's calls with each option plan once and
 replay; or, with ``--torch``, that cuflash.torch's training path does (``install_torch``: CPU
 tensors standing for CUDA ones). Host-time harnesses may ``install()`` it too.
@@ -67,12 +67,14 @@ def install(compute_capability: str = "90", sms: int = 132):
 
     cupy.cuda.Device = Device
     kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1))
-    kernels.get_kernel = lambda spec, device: kernel
+    kernels.get_kernel = lambda spec, device=None: kernel  # (helper kernels pass no device)
     kernels.device_attribute = lambda name: sms
     plan._device_attribute = lambda name: sms
     plan._tensor_maps = lambda *a, **k: None  # (libcuda's TMA descriptors: the non-TMA Variants are planned)
     plan.CupyMemory.copy = staticmethod(lambda target, source: None)  # device copies
     plan._per_row = lambda x, lead_shape, dtype: array((int(numpy.prod(lead_shape)),), dtype)
+    plan.plan_constant = lambda host: array(host.shape, host.dtype)  # (a plan's device tables: an upload)
+    cupy.zeros = lambda shape, dtype=float, order="C": array(shape if isinstance(shape, tuple) else (shape,), dtype)
     for name in FULL_PATHS:
         real = getattr(plan, name)
 
@@ -316,6 +318,17 @@ def main():
                      seeds)
     _check_calls("dense sinks (forward)",
                  lambda seed: cuflash.attention(q, k, v, return_lse=True, sinks=sinks, causal=True), None, [None] * 3)
+    # A bias shared over the batch (its gradient summed over it) and a 2-D mask shared by the heads
+    # (its tile spans made on the device each call: plan.ScoreInputs)
+    bias, mask = array((1, 4, 300, 500), numpy.float32), array((2, 1, 300, 500), numpy.bool_)
+    for label, options in (("dense bias", dict(bias=bias)), ("dense 2-D mask", dict(mask=mask)),
+                           ("dense bias + 2-D mask + dropout", dict(bias=bias, mask=mask, dropout_p=0.1))):
+        call_seeds = seeds if "dropout_p" in options else [None] * 3
+        _check_calls(label,
+                     lambda seed, o=options: cuflash.attention(q, k, v, return_lse=True, dropout_seed=seed, **o),
+                     lambda seed, out, lse, o=options: cuflash.attention_backward(dout, q, k, v, out, lse,
+                                                                                  dropout_seed=seed, **o),
+                     call_seeds)
 
     lengths = [0, 97, 300, 1, 200]
     cu = numpy.concatenate([[0], numpy.cumsum(lengths)]).astype(numpy.int32)

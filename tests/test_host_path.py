@@ -1,8 +1,10 @@
 """The GPU host path without a GPU (tests/fake_gpu.py, in a process of its own): planning, params
-structs, kept plans and their replays for dense and packed calls with softcap, ALiBi, sinks and
-dropout (the CuPy API and the torch adapter), every CUDA call a stand-in. Catches what only the
-GPU suite would otherwise: a planning call that cannot launch (session 41's kept dropout plans
-refused their own first launch), a call that plans again where it should replay, a replay
+structs, kept plans and their replays for dense and packed calls with softcap, ALiBi, sinks, a
+bias, a 2-D mask and dropout, and for dense calls on the decode kernel (the CuPy API and the torch
+adapter), every CUDA call a stand-in. Catches what only the GPU suite would otherwise: a planning
+call that cannot launch (session 41's kept dropout plans refused their own first launch; session
+43's mask tile spans needed a ninth helper argument), a replay that cannot run (session 41's seed
+passed to the decode kernel's plans), a call that plans again where it should replay, a replay
 launched with another call's seed."""
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def _run(*arguments):
 
 def test_calls_plan_once_then_replay_with_their_own_dropout_seed():
     assert _run() == [f"ok {name}" for name in (
-        "dense dropout", "dense softcap + ALiBi + dropout", "dense sinks (forward)", "packed plain", "packed softcap",
+        "dense dropout", "dense softcap + ALiBi + dropout", "dense sinks (forward)", "dense bias", "dense 2-D mask",
+        "dense bias + 2-D mask + dropout", "packed plain", "packed softcap",
         "packed ALiBi (B, Hq) + softcap", "packed dropout", "packed ALiBi (Hq,) + softcap + dropout",
         "packed sinks (forward)", "sweep of 164 signatures")]
 
