@@ -53,4 +53,3 @@ def driver():
 
         _DRIVER = module
     return _DRIVER
-
