@@ -443,7 +443,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     if xp is numpy:
         return _attention_with_kvcache(xp, device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
                                        causal, window, softcap, alibi_slopes, sinks, return_lse, num_splits, out, precision)
-    with q.device:
+    from ._gpu import kernels
+
+    with kernels.made_current(device):
         key = _signature(xp, (q, k_cache, v_cache, k, v, block_table, alibi_slopes, sinks, out), cache_seqlens,
                          (scale, causal, window, softcap, return_lse, num_splits, precision))
         known = _KNOWN.get(key) if key is not None else None
@@ -691,7 +693,8 @@ def _decode(xp, q, k_cache, v_cache, cache: _Cache, problem, causal, window, cac
 
     lengths = _device_lengths(cache_seqlens, xp)
     fixed = cache.capacity if cache.fixed is None else cache.fixed
-    modifiers = [None if x is None else xp.asarray(x) for x in (problem.alibi_slopes, problem.sinks)]
+    modifiers = [x if x is None or type(x) is xp.ndarray else xp.asarray(x)
+                 for x in (problem.alibi_slopes, problem.sinks)]
     if layout is not None:
         return decode.plan_call(layout, q, k_cache, v_cache, cache_seqlens=lengths, seqlen_fixed=fixed,
                                 block_table=block_table, alibi_slopes=modifiers[0], sinks=modifiers[1], out=out)

@@ -6,20 +6,36 @@ Planning, the params structs, kept plans and their replays run as on a GPU; noth
 Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
 own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
 with score modifiers, a bias, a 2-D mask and dropout, dense and packed, plan once and then replay, each launch
-carrying its own call's dropout seed; that every dtype's calls with each option plan once and
-replay; or, with ``--torch``, that cuflash.torch's training path does (``install_torch``: CPU
-tensors standing for CUDA ones). Host-time harnesses may ``install()`` it too.
+carrying its own call's dropout seed; that a replay launches exactly what its planning call did
+(dense, packed and kv-cache calls: ``_launched``); that every dtype's calls with each option plan
+once and replay; or, with ``--torch``, that cuflash.torch's training path and kv-cache decoding
+loop do (``install_torch``: CPU tensors standing for CUDA ones). Host-time harnesses may
+``install()`` it too.
 """
 from __future__ import annotations
 
-import ctypes
+import collections
 import sys
 import types
 
 import numpy
 
-LAUNCHES: list = []  # (the function handle, the params bytes or None for a helper kernel's scalars)
-FULL_PATHS = {"forward": 0, "backward": 0}  # plan.forward / plan.backward calls (the full path's planning)
+LAUNCHES: list = []  # Launch records, in launch order
+FULL_PATHS = {"forward": 0, "backward": 0, "kvcache": 0}  # the full paths' calls: plan.forward, plan.backward,
+# _kvcache._attention_with_kvcache
+
+
+# One launch: the function handle (one per kernel spec), the launch's shape (grid, block, shared
+# bytes, stream), the params bytes (the whole argument buffer; None for a helper kernel) and a
+# helper kernel's scalars (None for the others).
+Launch = collections.namedtuple("Launch", "function shape params scalars")
+
+
+# Device addresses: arrays count up from 2^40; a plan's own device tables (plan_constant) from
+# 2^44, apart from the call that planned them (``_launched``: what a call allocates).
+_NEXT_ADDRESS = [1 << 40]
+_NEXT_CONSTANT = [1 << 44]
+_CALL_ALLOCATIONS: list = []  # (address, size) of the allocations since ``_launched`` began a call
 
 
 def install(compute_capability: str = "90", sms: int = 132):
@@ -28,14 +44,15 @@ def install(compute_capability: str = "90", sms: int = 132):
     import cupy
     from cupy_backends.cuda.api import driver
 
-    from cuflash._gpu import kernels, launch_args, plan
+    from cuflash._gpu import decode, kernels, launch_args, plan
 
     args = launch_args.ARGS
 
     def launch(function, *rest):
         argv = rest[8]  # (grid x, y, z, block x, y, z, shared bytes, stream, argv, extra)
-        params = bytes(args.bytes) if argv == args.argv_ptr else None
-        LAUNCHES.append((function, params))
+        helper = argv == args.slots_argv_ptr
+        LAUNCHES.append(Launch(function, rest[:8], None if helper else bytes(args.bytes),
+                               bytes(args.slots) if helper else None))
 
     driver.launchKernel = launch
     driver.occupancyMaxActiveBlocksPerMultiprocessor = lambda *a: 2
@@ -45,11 +62,12 @@ def install(compute_capability: str = "90", sms: int = 132):
     cupy.cuda.runtime.getDevice = lambda: 0
     cupy.cuda.runtime.setDevice = lambda i: None
     cupy.cuda.runtime.streamIsCapturing = lambda stream: False
-    next_address = [1 << 40]
 
-    def alloc(size):
-        address = next_address[0]
-        next_address[0] += (size + 255) // 256 * 256
+    def alloc(size, counter=_NEXT_ADDRESS):
+        address = counter[0]
+        counter[0] += (size + 255) // 256 * 256
+        if counter is _NEXT_ADDRESS:
+            _CALL_ALLOCATIONS.append((address, size))
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, size, None, 0), 0)
 
     cupy.cuda.alloc = alloc
@@ -66,28 +84,38 @@ def install(compute_capability: str = "90", sms: int = 132):
             return False
 
     cupy.cuda.Device = Device
-    kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1))
-    kernels.get_kernel = lambda spec, device=None: kernel  # (helper kernels pass no device)
+    handles = {}
+
+    def get_kernel(spec, device=None):  # (helper kernels pass no device)
+        if spec not in handles:
+            handles[spec] = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=len(handles) + 1))
+        return handles[spec]
+
+    kernels.get_kernel = get_kernel
     kernels.device_attribute = lambda name: sms
     plan._device_attribute = lambda name: sms
     plan._tensor_maps = lambda *a, **k: None  # (libcuda's TMA descriptors: the non-TMA Variants are planned)
     plan.CupyMemory.copy = staticmethod(lambda target, source: None)  # device copies
+    decode._rows_into = lambda cupy, target, x, lead: None  # (the decode kernel's per-row slopes and sinks: a copy)
     plan._per_row = lambda x, lead_shape, dtype: array((int(numpy.prod(lead_shape)),), dtype)
-    plan.plan_constant = lambda host: array(host.shape, host.dtype)  # (a plan's device tables: an upload)
+    plan.plan_constant = lambda host: array(host.shape, host.dtype, _NEXT_CONSTANT)  # (a plan's device tables)
     cupy.zeros = lambda shape, dtype=float, order="C": array(shape if isinstance(shape, tuple) else (shape,), dtype)
-    for name in FULL_PATHS:
-        real = getattr(plan, name)
+    from cuflash import _kvcache
+
+    for module, function, name in ((plan, "forward", "forward"), (plan, "backward", "backward"),
+                                   (_kvcache, "_attention_with_kvcache", "kvcache")):
+        real = getattr(module, function)
 
         def counted(*a, _real=real, _name=name, **k):
             FULL_PATHS[_name] += 1
             return _real(*a, **k)
 
-        setattr(plan, name, counted)
+        setattr(module, function, counted)
 
-    def array(shape, dtype):
+    def array(shape, dtype, counter=_NEXT_ADDRESS):
         dtype = numpy.dtype(dtype)
         size = max(1, int(numpy.prod(shape)) * dtype.itemsize)
-        return cupy.ndarray(shape, dtype, alloc(size))
+        return cupy.ndarray(shape, dtype, alloc(size, counter))
 
     return array
 
@@ -117,9 +145,55 @@ def install_torch():
     return torch
 
 
-def _planned_since(before):
-    """plan.forward / plan.backward calls since ``before`` (a copy of FULL_PATHS)."""
-    return {kind: FULL_PATHS[kind] - before[kind] for kind in FULL_PATHS}
+def _planned_since(before, kinds=("forward", "backward")):
+    """The full paths' calls of ``kinds`` since ``before`` (a copy of FULL_PATHS)."""
+    return {kind: FULL_PATHS[kind] - before[kind] for kind in kinds}
+
+
+def _launched(call):
+    """``call()``'s launches, the argument buffers poisoned first, each address inside an
+    allocation of the call written as (that allocation's size, the offset into it): two calls that
+    launch alike record equal launches (kernels, shapes, argument bytes, where in their own
+    buffers they point), whatever ran before them and in whichever order each allocated."""
+    from cuflash._gpu import launch_args
+
+    launch_args.ARGS.bytes[:] = 0xA5
+    launch_args.ARGS.slots[:] = -0x5A5A5A5A5A5A5A5B
+    LAUNCHES.clear()
+    _CALL_ALLOCATIONS.clear()
+    call()
+    launched = [launch._replace(params=_relative(launch.params), scalars=_relative(launch.scalars))
+                for launch in LAUNCHES]
+    LAUNCHES.clear()
+    return launched
+
+
+def _relative(raw):
+    """``raw`` bytes with each 8-byte word that points into one of the call's allocations written
+    as (its size, the offset): a tag bit, the size from bit 28 up, the offset below."""
+    if raw is None:
+        return None
+    words = numpy.frombuffer(raw, numpy.uint64).copy()
+    for address, size in _CALL_ALLOCATIONS:
+        inside = (words >= address) & (words < address + size)
+        words[inside] = numpy.uint64(1 << 63) | numpy.uint64(size << 28) | (words[inside] - numpy.uint64(address))
+    return words.tobytes()
+
+
+def _check_replays_launch_as_planned(name, call, kinds):
+    """A call that plans (each of ``kinds``' full paths runs once), then the same call again, a
+    replay (no full path): the replay launches exactly what the planning call did."""
+    before = dict(FULL_PATHS)
+    planned = _launched(call)
+    assert _planned_since(before, kinds) == dict.fromkeys(kinds, 1), f"{name}: the first call did not plan"
+    before = dict(FULL_PATHS)
+    replayed = _launched(call)
+    assert _planned_since(before, kinds) == dict.fromkeys(kinds, 0), f"{name}: the second call planned again"
+    assert planned, f"{name}: nothing launched"
+    assert len(replayed) == len(planned), f"{name}: {len(planned)} launches planned, {len(replayed)} replayed"
+    for i, (a, b) in enumerate(zip(planned, replayed)):
+        assert a == b, f"{name}: launch {i} of {len(planned)} differs between the planning call and its replay"
+    print(f"ok {name}")
 
 
 def _params(kind):
@@ -129,7 +203,8 @@ def _params(kind):
 
     dtype = params.BWD_PARAMS_DTYPE if kind == "backward" else params.FWD_PARAMS_DTYPE
     fields = []
-    for _, raw in LAUNCHES:
+    for launch in LAUNCHES:
+        raw = launch.params
         if raw is not None:
             struct = numpy.frombuffer(raw[:dtype.itemsize], dtype)[0]
             fwd = struct["fwd"] if kind == "backward" else struct
@@ -292,6 +367,117 @@ def _torch_scenarios(torch):
             assert LAUNCHES, f"torch few rows grad={grad} step {step}: nothing launched"
     print("ok torch attention, a few query rows (decode kernel)")
 
+    # flash_attn_with_kvcache's decoding loop (flash-attn's (B, L, H, D) layouts): contiguous with
+    # the new key appended, paged with a block table; the first step takes the full path, the
+    # next replay the known signature, launching as many kernels.
+    def half(*shape):
+        return torch.zeros(*shape, dtype=torch.float16)
+
+    lengths = torch.full((2,), 300, dtype=torch.int32)
+    table = torch.zeros(2, 10, dtype=torch.int32)
+    steps = {"contiguous, appended": dict(k_cache=half(2, 600, 2, 64), v_cache=half(2, 600, 2, 64),
+                                          k=half(2, 1, 2, 64), v=half(2, 1, 2, 64)),
+             "paged": dict(k_cache=half(20, 64, 2, 64), v_cache=half(20, 64, 2, 64), block_table=table)}
+    for label, arguments in steps.items():
+        counts = []
+        for step in range(3):
+            before = dict(FULL_PATHS)
+            LAUNCHES.clear()
+            ct.flash_attn_with_kvcache(half(2, 1, 8, 64), cache_seqlens=lengths, causal=True, **arguments)
+            planned = _planned_since(before, ("kvcache",))
+            assert planned == {"kvcache": int(step == 0)}, f"torch kv cache {label} step {step}: full paths {planned}"
+            counts.append(len(LAUNCHES))
+        assert counts[0] and len(set(counts)) == 1, f"torch kv cache {label}: launches per step {counts}"
+    print("ok torch flash_attn_with_kvcache, contiguous and paged")
+
+
+def _dense_replays(array):
+    """Dense and packed calls, forward and backward, each in a signature of its own: the repeat
+    of a planning call launches its bytes exactly (kept plans, the backward's included)."""
+    import cuflash
+
+    half = numpy.float16
+    # (sizes of their own: D 48, Dv 40, Lq != Lk; where two allocations share a size their
+    # order is not checked)
+    q, dout = array((2, 6, 130, 48), half), array((2, 6, 130, 40), half)
+    k, v = array((2, 3, 260, 48), half), array((2, 3, 260, 40), half)
+    bias, mask = array((1, 6, 130, 260), numpy.float32), array((2, 1, 130, 260), numpy.bool_)
+    slopes = array((6,), numpy.float32)
+    dense = {"causal": dict(causal=True), "softcap + ALiBi, window": dict(softcap=15.0, alibi_slopes=slopes,
+                                                                          window=(70, 5)),
+             "bias + 2-D mask + dropout": dict(bias=bias, mask=mask, dropout_p=0.2, dropout_seed=77),
+             "top-left causal, deterministic": dict(causal="top_left", deterministic=True)}
+    for label, options in dense.items():
+        forward_options = {key: value for key, value in options.items() if key != "deterministic"}
+
+        def call(options=options, forward_options=forward_options):
+            out, lse = cuflash.attention(q, k, v, return_lse=True, **forward_options)
+            return cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+
+        _check_replays_launch_as_planned(f"replay dense {label}", call, ("forward", "backward"))
+    lengths = [5, 0, 130, 64]
+    cu = array((len(lengths) + 1,), numpy.int32)
+    total = sum(lengths)
+    pq, pk, pv, pdout = (array((total, heads, width), half) for heads, width in ((6, 48), (3, 48), (3, 40), (6, 40)))
+    hints = dict(max_seqlen_q=130, max_seqlen_k=130, causal=True, softcap=9.0)
+
+    def packed():
+        out, lse = cuflash.attention_varlen(pq, pk, pv, cu, cu, return_lse=True, **hints)
+        return cuflash.attention_varlen_backward(pdout, pq, pk, pv, out, lse, cu, cu, **hints)
+
+    _check_replays_launch_as_planned("replay packed causal softcap", packed, ("forward", "backward"))
+
+
+def _kvcache_calls(array):
+    """attention_with_kvcache's decode-kernel route (contiguous and paged caches, lengths on the
+    device or an int, new keys appended, GQA, the score modifiers, a window, few query rows, lse,
+    forced splits): a signature's first call takes the full path, its repeat the known
+    signature's replay, launching the same bytes; a float32 call (the composition of dense calls)
+    launches; a known signature's call with a new int length replays."""
+    import cuflash
+
+    half = numpy.float16
+    batch, heads_q, heads_k, capacity, dim = 3, 8, 2, 700, 64
+    q1, q4 = array((batch, heads_q, 1, dim), half), array((batch, heads_q, 4, dim), half)
+    k_cache, v_cache = (array((batch, heads_k, capacity, dim), half) for _ in range(2))
+    pages, page = 24, 64
+    k_pages, v_pages = (array((pages, heads_k, page, dim), half) for _ in range(2))
+    table = array((batch, -(-capacity // page)), numpy.int32)
+    lengths = array((batch,), numpy.int32)
+    k_new, v_new = (array((batch, heads_k, 1, dim), half) for _ in range(2))
+    slopes, sinks = array((heads_q,), numpy.float32), array((heads_q,), numpy.float32)
+    cases = {
+        "contiguous, device lengths": dict(q=q1, cache_seqlens=lengths),
+        "contiguous, int length, causal": dict(q=q1, cache_seqlens=500, causal=True),
+        "contiguous, appended keys, lse": dict(q=q1, k=k_new, v=v_new, cache_seqlens=lengths, return_lse=True),
+        "paged, device lengths, 4 rows, causal": dict(q=q4, cache_seqlens=lengths, block_table=table, causal=True),
+        "paged, appended keys, 5 splits": dict(q=q1, k=k_new, v=v_new, cache_seqlens=lengths, block_table=table,
+                                               num_splits=5),
+        "contiguous, softcap + ALiBi + sinks + window": dict(q=q4, cache_seqlens=lengths, softcap=30.0,
+                                                             alibi_slopes=slopes, sinks=sinks, window=(100, 0)),
+    }
+    for label, options in cases.items():
+        options = dict(options)
+        q = options.pop("q")
+        caches = (k_pages, v_pages) if "block_table" in options else (k_cache, v_cache)
+        _check_replays_launch_as_planned(f"kv cache {label}",
+                                         lambda: cuflash.attention_with_kvcache(q, *caches, **options), ("kvcache",))
+    before = dict(FULL_PATHS)
+    for length in (300, 301, 699):  # a decoding loop's growing int length: the signature's replay
+        cuflash.attention_with_kvcache(q1, k_cache, v_cache, cache_seqlens=length, causal=True)
+        assert LAUNCHES, f"kv cache int length {length}: nothing launched"
+        LAUNCHES.clear()
+    assert _planned_since(before, ("kvcache",)) == {"kvcache": 0}, "kv cache: a new int length planned again"
+    print("ok kv cache, a known signature's new int lengths")
+    single = numpy.float32  # not the decode kernel's: dense calls over the cache (int length, contiguous)
+    q_single, k_single, v_single = array((batch, heads_q, 1, dim), single), *(
+        array((batch, heads_k, capacity, dim), single) for _ in range(2))
+    for _ in range(2):
+        cuflash.attention_with_kvcache(q_single, k_single, v_single, cache_seqlens=400, causal=True)
+        assert LAUNCHES, "kv cache float32: nothing launched"
+        LAUNCHES.clear()
+    print("ok kv cache float32 (dense calls)")
+
 
 def main():
     array = install()
@@ -353,6 +539,8 @@ def main():
     _check_calls("packed sinks (forward)",
                  lambda seed: cuflash.attention_varlen(pq, pk, pv, cu_d, cu_d, sinks=sinks, return_lse=True, **hints),
                  None, [None] * 3)
+    _dense_replays(array)
+    _kvcache_calls(array)
     _sweep(array)
     return 0
 

@@ -1,11 +1,13 @@
 """The GPU host path without a GPU (tests/fake_gpu.py, in a process of its own): planning, params
 structs, kept plans and their replays for dense and packed calls with softcap, ALiBi, sinks, a
-bias, a 2-D mask and dropout, and for dense calls on the decode kernel (the CuPy API and the torch
-adapter), every CUDA call a stand-in. Catches what only the GPU suite would otherwise: a planning
-call that cannot launch (session 41's kept dropout plans refused their own first launch; session
-43's mask tile spans needed a ninth helper argument), a replay that cannot run (session 41's seed
-passed to the decode kernel's plans), a call that plans again where it should replay, a replay
-launched with another call's seed."""
+bias, a 2-D mask and dropout, for dense calls on the decode kernel (the CuPy API and the torch
+adapter) and for kv-cache calls (attention_with_kvcache, flash_attn_with_kvcache), every CUDA call
+a stand-in. Catches what only the GPU suite would otherwise: a planning call that cannot launch
+(session 41's kept dropout plans refused their own first launch; session 43's mask tile spans
+needed a ninth helper argument), a replay that cannot run (session 41's seed passed to the
+decode kernel's plans), a call that plans again where it should replay, a replay launched with
+another call's seed, a replay whose launches differ from its planning call's (kernels, shapes,
+argument bytes)."""
 from __future__ import annotations
 
 import os
@@ -35,7 +37,14 @@ def test_calls_plan_once_then_replay_with_their_own_dropout_seed():
         "dense dropout", "dense softcap + ALiBi + dropout", "dense sinks (forward)", "dense bias", "dense 2-D mask",
         "dense bias + 2-D mask + dropout", "packed plain", "packed softcap",
         "packed ALiBi (B, Hq) + softcap", "packed dropout", "packed ALiBi (Hq,) + softcap + dropout",
-        "packed sinks (forward)", "sweep of 164 signatures")]
+        "packed sinks (forward)", "replay dense causal", "replay dense softcap + ALiBi, window",
+        "replay dense bias + 2-D mask + dropout", "replay dense top-left causal, deterministic",
+        "replay packed causal softcap", "kv cache contiguous, device lengths",
+        "kv cache contiguous, int length, causal",
+        "kv cache contiguous, appended keys, lse", "kv cache paged, device lengths, 4 rows, causal",
+        "kv cache paged, appended keys, 5 splits", "kv cache contiguous, softcap + ALiBi + sinks + window",
+        "kv cache, a known signature's new int lengths", "kv cache float32 (dense calls)",
+        "sweep of 164 signatures")]
 
 
 def test_the_torch_adapters_training_steps_plan_once_then_replay_with_the_seed_each_drew():
@@ -45,4 +54,5 @@ def test_the_torch_adapters_training_steps_plan_once_then_replay_with_the_seed_e
     pytest.importorskip("torch")
     assert _run("--torch") == ["ok torch attention softcap + ALiBi + dropout",
                                "ok torch flash_attn_varlen_func softcap + ALiBi + dropout",
-                               "ok torch attention, a few query rows (decode kernel)"]
+                               "ok torch attention, a few query rows (decode kernel)",
+                               "ok torch flash_attn_with_kvcache, contiguous and paged"]

@@ -10,6 +10,7 @@ Variant the dispatcher can select compiles for sm_80 and sm_90a without spilling
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -112,6 +113,20 @@ def _current_device() -> int:
     import cupy
 
     return cupy.cuda.Device().id
+
+
+_ALREADY_CURRENT = contextlib.nullcontext()
+
+
+def made_current(device: int):
+    """A context under which CUDA device ``device`` is current (the caller's restored after):
+    kernels load for it and launch on its current stream, arrays are allocated there. Where it is
+    current already (the common case) a no-op that costs one comparison."""
+    import cupy
+
+    if device == cupy.cuda.runtime.getDevice():
+        return _ALREADY_CURRENT
+    return cupy.cuda.Device(device)
 
 
 _DEVICE_ATTRIBUTES: dict[tuple[int, str], int] = {}

@@ -543,11 +543,7 @@ def on_arrays_device(function):
     def run(problem, *args, **kwargs):
         if problem.xp is numpy:  # not the GPU's: the function refuses it on its own terms
             return function(problem, *args, **kwargs)
-        cupy = _cupy()
-        device = problem.q.data.device_id
-        if device == cupy.cuda.runtime.getDevice():
-            return function(problem, *args, **kwargs)
-        with cupy.cuda.Device(device):
+        with kernels.made_current(problem.q.data.device_id):
             return function(problem, *args, **kwargs)
     return run
 
