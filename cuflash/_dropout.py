@@ -35,6 +35,15 @@ KEYS_PER_DRAW = 8  # one Philox call: four 32-bit words, two 16-bit draws each
 _LOW32 = numpy.uint64(0xFFFFFFFF)
 
 
+def check_replay_seed(made_with_seed: bool, dropout_seed) -> None:
+    """A kept plan replays with a seed exactly when it was made for a dropping call: the plan keys
+    keep dropping and plain calls apart, and the planning call passes its problem's seed, so a
+    caller that forgets the seed (or passes one to a plain plan) fails here, not silently."""
+    if made_with_seed != (dropout_seed is not None):
+        raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
+                           " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
+
+
 def threshold(dropout_p: float) -> int:
     """The 16-bit draw below which a probability is dropped."""
     return min(int(round(dropout_p * 65536.0)), 65535)

@@ -428,6 +428,32 @@ def _dense_replays(array):
     _check_replays_launch_as_planned("replay packed causal softcap", packed, ("forward", "backward"))
 
 
+def _check_kept_plans_refuse_foreign_seeds(array):
+    """Every plan the sweep kept for a dense call refuses a replay with a seed it was not made for,
+    or without the seed it was made for (the decode kernel's dense plans included: cbf05e1),
+    before any launch."""
+    from cuflash._gpu import plan
+
+    kinds = set()
+    stand_in = array((1,), numpy.float16)  # (the inputs' addresses are all a refused replay reads)
+    for key, kept in list(plan.PLANS.items()):
+        if key[0] not in ("attention", "attention_backward"):
+            continue
+        dropping = getattr(kept, "seed_word", None) is not None
+        inputs = (stand_in,) * (6 if key[0] == "attention_backward" else 3)
+        LAUNCHES.clear()
+        try:
+            kept.run(plan.CUPY_MEMORY, *inputs, dropout_seed=None if dropping else 5)
+        except RuntimeError as error:
+            assert "dropout seed it was" in str(error), f"{type(kept).__name__}: {error}"
+        else:
+            raise AssertionError(f"{type(kept).__name__} replayed with a foreign seed")
+        assert not LAUNCHES, f"{type(kept).__name__} {key[1]}: a refused replay launched {LAUNCHES[0][:2]}"
+        kinds.add(type(kept).__name__)
+    assert {"ForwardPlan", "BackwardPlan", "DenseDecodePlan"} <= kinds, kinds
+    print(f"ok kept plans refuse foreign seeds ({', '.join(sorted(kinds))})")
+
+
 def _kvcache_calls(array):
     """attention_with_kvcache's decode-kernel route (contiguous and paged caches, lengths on the
     device or an int, new keys appended, GQA, the score modifiers, a window, few query rows, lse,
@@ -542,6 +568,7 @@ def main():
     _dense_replays(array)
     _kvcache_calls(array)
     _sweep(array)
+    _check_kept_plans_refuse_foreign_seeds(array)
     return 0
 
 

@@ -44,7 +44,8 @@ def test_calls_plan_once_then_replay_with_their_own_dropout_seed():
         "kv cache contiguous, appended keys, lse", "kv cache paged, device lengths, 4 rows, causal",
         "kv cache paged, appended keys, 5 splits", "kv cache contiguous, softcap + ALiBi + sinks + window",
         "kv cache, a known signature's new int lengths", "kv cache float32 (dense calls)",
-        "sweep of 164 signatures")]
+        "sweep of 164 signatures",
+        "kept plans refuse foreign seeds (BackwardPlan, DenseDecodePlan, ForwardPlan)")]
 
 
 def test_the_torch_adapters_training_steps_plan_once_then_replay_with_the_seed_each_drew():

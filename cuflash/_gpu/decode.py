@@ -23,6 +23,7 @@ import math
 
 import numpy
 
+from .. import _dropout
 from . import kernels, launch_args
 from .launch_args import ARGS
 from .params import FWD_PARAMS_DTYPE, MAX_BATCH_DIMS, pointer_words, set_row_shape
@@ -682,8 +683,7 @@ class DenseDecodePlan:
         """(out, lse) of a call of this plan's signature (``packed``, ``bias``, ``mask``, ``keep``,
         ``dropout_seed``: ForwardPlan.run's, never given here: dense_reason kept such calls off this
         kernel, and a dropping call's key holds its rate, so it never finds this plan)."""
-        if dropout_seed is not None:
-            raise RuntimeError("cuflash: a plan replayed with a dropout seed it was not made for")
+        _dropout.check_replay_seed(False, dropout_seed)
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, _FLOAT32)
         self.launch(memory, q, k, v, o, lse, alibi_slopes, sinks)

@@ -289,15 +289,16 @@ class _Plan:
             pointers, kept = pointers + tuple(0 if x is None else memory.pointer(x) for x in rows), kept + rows
         return pointers, kept
 
+    def _refuse(self, memory, dropout_seed) -> None:
+        """A replay's refusals, made before it allocates, prepares or launches anything: a seed it
+        was not made for (or none where it needs one), a dropping replay on a capturing stream
+        (_refuse_captured_dropout's case: the graph would freeze one keep mask)."""
+        _dropout.check_replay_seed(self.seed_word is not None, dropout_seed)
+        if dropout_seed is not None and _cupy().cuda.runtime.streamIsCapturing(memory.stream()):
+            raise RuntimeError(CAPTURED_DROPOUT)
+
     def _run(self, memory, pointers, dropout_seed=None) -> None:
-        # A guard: keys keep dropping and plain replays apart, and the planning call (forward,
-        # backward) passes its problem's seed; a caller that forgets it fails here, not silently.
-        if (self.seed_word is None) != (dropout_seed is None):
-            raise RuntimeError("cuflash: a plan replayed with" + ("out" if dropout_seed is None else "") +
-                               " a dropout seed it was " + ("" if dropout_seed is None else "not ") + "made for")
         stream = memory.stream()
-        if dropout_seed is not None and _cupy().cuda.runtime.streamIsCapturing(stream):
-            raise RuntimeError(CAPTURED_DROPOUT)  # (a kept plan's replay: _refuse_captured_dropout's case)
         ARGS.bytes[: self.template.size] = self.template
         ARGS.words[self.words] = pointers
         if dropout_seed is not None:
@@ -336,6 +337,7 @@ class ForwardPlan(_Plan):
         """``keep``: a list that gets the bias's and mask's preparation for the backward
         (``Prepared``), where the call has either and they are small; ``dropout_seed``: this call's
         (a plan of a call with dropout: its key holds the rate)."""
+        self._refuse(memory, dropout_seed)
         o = memory.empty(self.out_shape, self.dtype, self.out_order)
         lse = memory.empty(self.lse_shape, self.lse_dtype)
         ptr = memory.pointer
@@ -374,6 +376,7 @@ class BackwardPlan(_Plan):
             prepared=None, dropout_seed=None):
         """``prepared``: the forward's ``Prepared`` for this bias and mask (ForwardPlan.run's
         ``keep``), reused where it fits this plan; ``dropout_seed`` as ForwardPlan.run's."""
+        self._refuse(memory, dropout_seed)
         ptr, shapes = memory.pointer, self.shapes
 
         def allocate(name):
