@@ -1,20 +1,23 @@
 """cuflash's GPU host path on a machine without a GPU: CuPy arrays over made-up device addresses,
 every CUDA runtime/driver call the path makes replaced by a stand-in (an allocation is a fresh
-address, a kernel a dummy handle, a launch recorded with the bytes of the params it was given).
+address, a kernel a dummy handle, a tensor map its address and layout in 128 bytes, a launch
+recorded with the bytes of the params it was given).
 Planning, the params structs, kept plans and their replays run as on a GPU; nothing is computed.
 
 Run as a script (``python tests/fake_gpu.py``, what test_host_path.py does, in a process of its
 own: the stand-ins replace module attributes of CuPy and cuflash for good) it checks that calls
 with score modifiers, a bias, a 2-D mask and dropout, dense and packed, plan once and then replay, each launch
-carrying its own call's dropout seed; that a replay launches exactly what its planning call did
-(dense, packed and kv-cache calls: ``_launched``); that every dtype's calls with each option plan
-once and replay; or, with ``--torch``, that cuflash.torch's training path and kv-cache decoding
-loop do (``install_torch``: CPU tensors standing for CUDA ones). Host-time harnesses may
-``install()`` it too.
+carrying its own call's dropout seed; that a replay on new arrays launches exactly what the full
+path launches for them (dense, packed and kv-cache calls, the Hopper kernels' tensor maps
+included: ``_check_replays_launch_as_planned``); that every dtype's calls with each option plan
+once and replay; that kept plans refuse a foreign dropout seed before launching; or, with
+``--torch``, that cuflash.torch's training path and kv-cache decoding loop do (``install_torch``:
+CPU tensors standing for CUDA ones). Host-time harnesses may ``install()`` it too.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
 import sys
 import types
 
@@ -36,6 +39,8 @@ Launch = collections.namedtuple("Launch", "function shape params scalars")
 _NEXT_ADDRESS = [1 << 40]
 _NEXT_CONSTANT = [1 << 44]
 _CALL_ALLOCATIONS: list = []  # (address, size) of the allocations since ``_launched`` began a call
+_CONSTANTS: list = []  # (address, size, the content's index in _CONTENTS) of each plan_constant upload
+_CONTENTS: dict = {}  # an uploaded table's bytes (with its dtype and shape) -> its index
 
 
 def install(compute_capability: str = "90", sms: int = 132):
@@ -44,7 +49,7 @@ def install(compute_capability: str = "90", sms: int = 132):
     import cupy
     from cupy_backends.cuda.api import driver
 
-    from cuflash._gpu import decode, kernels, launch_args, plan
+    from cuflash._gpu import decode, kernels, launch_args, plan, tma
 
     args = launch_args.ARGS
 
@@ -94,11 +99,17 @@ def install(compute_capability: str = "90", sms: int = 132):
     kernels.get_kernel = get_kernel
     kernels.device_attribute = lambda name: sms
     plan._device_attribute = lambda name: sms
-    plan._tensor_maps = lambda *a, **k: None  # (libcuda's TMA descriptors: the non-TMA Variants are planned)
+    tma._library = lambda: _FakeTensorMaps  # (libcuda's two tensor-map calls: the TMA Variants are planned)
     plan.CupyMemory.copy = staticmethod(lambda target, source: None)  # device copies
     decode._rows_into = lambda cupy, target, x, lead: None  # (the decode kernel's per-row slopes and sinks: a copy)
     plan._per_row = lambda x, lead_shape, dtype: array((int(numpy.prod(lead_shape)),), dtype)
-    plan.plan_constant = lambda host: array(host.shape, host.dtype, _NEXT_CONSTANT)  # (a plan's device tables)
+    def plan_constant(host):  # (a plan's device table: an upload, remembered by its content)
+        uploaded = array(host.shape, host.dtype, _NEXT_CONSTANT)
+        content = (host.dtype.str, host.shape, host.tobytes())
+        _CONSTANTS.append((uploaded.data.ptr, max(1, host.nbytes), _CONTENTS.setdefault(content, len(_CONTENTS))))
+        return uploaded
+
+    plan.plan_constant = plan_constant
     cupy.zeros = lambda shape, dtype=float, order="C": array(shape if isinstance(shape, tuple) else (shape,), dtype)
     from cuflash import _kvcache
 
@@ -118,6 +129,29 @@ def install(compute_capability: str = "90", sms: int = 132):
         return cupy.ndarray(shape, dtype, alloc(size, counter))
 
     return array
+
+
+class _FakeTensorMaps:
+    """libcuda's cuTensorMapEncodeTiled and cuTensorMapReplaceAddress: a map's first 8 bytes hold
+    its device address (so a launch's record shows which tensor each map points at), the rest its
+    layout (data type, rank, dimensions, strides, box, swizzle)."""
+
+    @staticmethod
+    def cuTensorMapEncodeTiled(out, dtype, rank, address, dims, strides, box, steps, interleave, swizzle, l2, fill):
+        words = (ctypes.c_uint64 * 16).from_address(out)
+        words[0] = address.value
+        words[1] = dtype | rank << 8 | swizzle << 16 | l2 << 24 | fill << 32
+        for i in range(rank):
+            words[2 + i], words[7 + i] = dims[i], box[i]
+            if i < rank - 1:
+                words[12 + i] = strides[i] if i < 4 else 0
+        return 0
+
+    @staticmethod
+    def cuTensorMapReplaceAddress(map_address, address):
+        ctypes.c_uint64.from_address(map_address.value if hasattr(map_address, "value") else map_address).value = \
+            address.value
+        return 0
 
 
 def install_torch():
@@ -170,29 +204,43 @@ def _launched(call):
 
 def _relative(raw):
     """``raw`` bytes with each 8-byte word that points into one of the call's allocations written
-    as (its size, the offset): a tag bit, the size from bit 28 up, the offset below."""
+    as (its size, the offset), and one into a plan's uploaded table as (its content, the offset):
+    a tag bit, the size or the content's index from bit 28 up, the offset below."""
     if raw is None:
         return None
     words = numpy.frombuffer(raw, numpy.uint64).copy()
-    for address, size in _CALL_ALLOCATIONS:
-        inside = (words >= address) & (words < address + size)
-        words[inside] = numpy.uint64(1 << 63) | numpy.uint64(size << 28) | (words[inside] - numpy.uint64(address))
+    for tag, regions in ((1 << 63, [(address, size, size) for address, size in _CALL_ALLOCATIONS]),
+                         (1 << 62, _CONSTANTS)):
+        for address, size, name in regions:
+            inside = (words >= address) & (words < address + size)
+            words[inside] = numpy.uint64(tag) | numpy.uint64(name << 28) | (words[inside] - numpy.uint64(address))
     return words.tobytes()
 
 
-def _check_replays_launch_as_planned(name, call, kinds):
-    """A call that plans (each of ``kinds``' full paths runs once), then the same call again, a
-    replay (no full path): the replay launches exactly what the planning call did."""
+def _check_replays_launch_as_planned(name, call, kinds, make_inputs):
+    """``call(inputs)`` plans on a first set of arrays (each of ``kinds``' full paths runs once);
+    on a second set of the same signature it replays (no full path); with the kept plans then
+    forgotten, the full path on that second set launches exactly what the replay did: kernels,
+    shapes, argument bytes, tensor maps and pointers re-pointed at the new arrays, outputs."""
+    from cuflash import _kvcache
+    from cuflash._gpu import plan
+
     before = dict(FULL_PATHS)
-    planned = _launched(call)
+    planned = _launched(lambda: call(make_inputs()))
     assert _planned_since(before, kinds) == dict.fromkeys(kinds, 1), f"{name}: the first call did not plan"
-    before = dict(FULL_PATHS)
-    replayed = _launched(call)
-    assert _planned_since(before, kinds) == dict.fromkeys(kinds, 0), f"{name}: the second call planned again"
     assert planned, f"{name}: nothing launched"
-    assert len(replayed) == len(planned), f"{name}: {len(planned)} launches planned, {len(replayed)} replayed"
-    for i, (a, b) in enumerate(zip(planned, replayed)):
-        assert a == b, f"{name}: launch {i} of {len(planned)} differs between the planning call and its replay"
+    inputs = make_inputs()
+    before = dict(FULL_PATHS)
+    replayed = _launched(lambda: call(inputs))
+    assert _planned_since(before, kinds) == dict.fromkeys(kinds, 0), f"{name}: the second call planned again"
+    for kept in (plan.PLANS, plan.FAMILIES, _kvcache._KNOWN):
+        kept.clear()
+    before = dict(FULL_PATHS)
+    fresh = _launched(lambda: call(inputs))
+    assert _planned_since(before, kinds) == dict.fromkeys(kinds, 1), f"{name}: the forgotten plans were kept"
+    assert len(replayed) == len(fresh), f"{name}: {len(fresh)} launches planned, {len(replayed)} replayed"
+    for i, (a, b) in enumerate(zip(fresh, replayed)):
+        assert a == b, f"{name}: launch {i} of {len(fresh)} differs between the replay and the full path"
     print(f"ok {name}")
 
 
@@ -392,40 +440,50 @@ def _torch_scenarios(torch):
 
 
 def _dense_replays(array):
-    """Dense and packed calls, forward and backward, each in a signature of its own: the repeat
-    of a planning call launches its bytes exactly (kept plans, the backward's included)."""
+    """Dense and packed calls, forward and backward, each in a signature of its own: a replay on
+    new arrays launches what the full path launches for them (kept plans, the backward's
+    included; the TMA Variants' maps re-pointed)."""
     import cuflash
 
     half = numpy.float16
     # (sizes of their own: D 48, Dv 40, Lq != Lk; where two allocations share a size their
     # order is not checked)
-    q, dout = array((2, 6, 130, 48), half), array((2, 6, 130, 40), half)
-    k, v = array((2, 3, 260, 48), half), array((2, 3, 260, 40), half)
-    bias, mask = array((1, 6, 130, 260), numpy.float32), array((2, 1, 130, 260), numpy.bool_)
-    slopes = array((6,), numpy.float32)
-    dense = {"causal": dict(causal=True), "softcap + ALiBi, window": dict(softcap=15.0, alibi_slopes=slopes,
-                                                                          window=(70, 5)),
-             "bias + 2-D mask + dropout": dict(bias=bias, mask=mask, dropout_p=0.2, dropout_seed=77),
-             "top-left causal, deterministic": dict(causal="top_left", deterministic=True)}
-    for label, options in dense.items():
-        forward_options = {key: value for key, value in options.items() if key != "deterministic"}
+    shapes = dict(q=(2, 6, 130, 48), k=(2, 3, 260, 48), v=(2, 3, 260, 40), dout=(2, 6, 130, 40))
 
-        def call(options=options, forward_options=forward_options):
-            out, lse = cuflash.attention(q, k, v, return_lse=True, **forward_options)
-            return cuflash.attention_backward(dout, q, k, v, out, lse, **options)
+    def dense_inputs():
+        inputs = {name: array(shape, half) for name, shape in shapes.items()}
+        inputs.update(bias=array((1, 6, 130, 260), numpy.float32), mask=array((2, 1, 130, 260), numpy.bool_),
+                      slopes=array((6,), numpy.float32))
+        return inputs
 
-        _check_replays_launch_as_planned(f"replay dense {label}", call, ("forward", "backward"))
+    dense = {"causal": lambda x: dict(causal=True),
+             "softcap + ALiBi, window": lambda x: dict(softcap=15.0, alibi_slopes=x["slopes"], window=(70, 5)),
+             "bias + 2-D mask + dropout": lambda x: dict(bias=x["bias"], mask=x["mask"], dropout_p=0.2,
+                                                         dropout_seed=77),
+             "top-left causal, deterministic": lambda x: dict(causal="top_left", deterministic=True)}
+    for label, options_of in dense.items():
+        def call(x, options_of=options_of):
+            options = options_of(x)
+            deterministic = options.pop("deterministic", False)
+            out, lse = cuflash.attention(x["q"], x["k"], x["v"], return_lse=True, **options)
+            return cuflash.attention_backward(x["dout"], x["q"], x["k"], x["v"], out, lse,
+                                              deterministic=deterministic, **options)
+
+        _check_replays_launch_as_planned(f"replay dense {label}", call, ("forward", "backward"), dense_inputs)
     lengths = [5, 0, 130, 64]
-    cu = array((len(lengths) + 1,), numpy.int32)
     total = sum(lengths)
-    pq, pk, pv, pdout = (array((total, heads, width), half) for heads, width in ((6, 48), (3, 48), (3, 40), (6, 40)))
     hints = dict(max_seqlen_q=130, max_seqlen_k=130, causal=True, softcap=9.0)
 
-    def packed():
+    def packed_inputs():
+        return [array((total, heads, width), half) for heads, width in ((6, 48), (3, 48), (3, 40), (6, 40))] + [
+            array((len(lengths) + 1,), numpy.int32)]
+
+    def packed(x):
+        pq, pk, pv, pdout, cu = x
         out, lse = cuflash.attention_varlen(pq, pk, pv, cu, cu, return_lse=True, **hints)
         return cuflash.attention_varlen_backward(pdout, pq, pk, pv, out, lse, cu, cu, **hints)
 
-    _check_replays_launch_as_planned("replay packed causal softcap", packed, ("forward", "backward"))
+    _check_replays_launch_as_planned("replay packed causal softcap", packed, ("forward", "backward"), packed_inputs)
 
 
 def _check_kept_plans_refuse_foreign_seeds(array):
@@ -457,9 +515,9 @@ def _check_kept_plans_refuse_foreign_seeds(array):
 def _kvcache_calls(array):
     """attention_with_kvcache's decode-kernel route (contiguous and paged caches, lengths on the
     device or an int, new keys appended, GQA, the score modifiers, a window, few query rows, lse,
-    forced splits): a signature's first call takes the full path, its repeat the known
-    signature's replay, launching the same bytes; a float32 call (the composition of dense calls)
-    launches; a known signature's call with a new int length replays."""
+    forced splits): a signature's first call takes the full path, a call on new arrays the known
+    signature's replay, launching what the full path would; a float32 call (the composition of
+    dense calls) launches; a known signature's call with a new int length replays."""
     import cuflash
 
     half = numpy.float16
@@ -482,18 +540,21 @@ def _kvcache_calls(array):
         "contiguous, softcap + ALiBi + sinks + window": dict(q=q4, cache_seqlens=lengths, softcap=30.0,
                                                              alibi_slopes=slopes, sinks=sinks, window=(100, 0)),
     }
+    def fresh(x):  # a new array of x's shape and dtype (None stays None)
+        return x if x is None or not hasattr(x, "shape") else array(x.shape, x.dtype)
+
     for label, options in cases.items():
-        options = dict(options)
-        q = options.pop("q")
-        caches = (k_pages, v_pages) if "block_table" in options else (k_cache, v_cache)
-        _check_replays_launch_as_planned(f"kv cache {label}",
-                                         lambda: cuflash.attention_with_kvcache(q, *caches, **options), ("kvcache",))
-    before = dict(FULL_PATHS)
-    for length in (300, 301, 699):  # a decoding loop's growing int length: the signature's replay
+        paged = "block_table" in options
+        given = dict(options, k_cache=k_pages if paged else k_cache, v_cache=v_pages if paged else v_cache)
+        _check_replays_launch_as_planned(f"kv cache {label}", lambda x: cuflash.attention_with_kvcache(**x),
+                                         ("kvcache",), lambda given=given: {name: fresh(x) for name, x in given.items()})
+    for length in (299, 300, 301, 699):  # a decoding loop's growing int length: the signature's replays
+        before = dict(FULL_PATHS)
         cuflash.attention_with_kvcache(q1, k_cache, v_cache, cache_seqlens=length, causal=True)
         assert LAUNCHES, f"kv cache int length {length}: nothing launched"
         LAUNCHES.clear()
-    assert _planned_since(before, ("kvcache",)) == {"kvcache": 0}, "kv cache: a new int length planned again"
+        planned = _planned_since(before, ("kvcache",))
+        assert planned == {"kvcache": int(length == 299)}, f"kv cache int length {length}: full paths {planned}"
     print("ok kv cache, a known signature's new int lengths")
     single = numpy.float32  # not the decode kernel's: dense calls over the cache (int length, contiguous)
     q_single, k_single, v_single = array((batch, heads_q, 1, dim), single), *(

@@ -6,8 +6,9 @@ a stand-in. Catches what only the GPU suite would otherwise: a planning call tha
 (session 41's kept dropout plans refused their own first launch; session 43's mask tile spans
 needed a ninth helper argument), a replay that cannot run (session 41's seed passed to the
 decode kernel's plans), a call that plans again where it should replay, a replay launched with
-another call's seed, a replay whose launches differ from its planning call's (kernels, shapes,
-argument bytes)."""
+another call's seed, a replay whose launches differ from what the full path launches for the
+same arrays (kernels, shapes, argument bytes; TMA Variants planned, their maps re-pointed), a
+kept plan that launches before refusing a foreign seed."""
 from __future__ import annotations
 
 import os
