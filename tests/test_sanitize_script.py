@@ -160,15 +160,18 @@ def test_the_driver_end_to_end_with_a_stand_in_sanitizer(tmp_path):
 
 
 def test_racecheck_leaves_mbarrier_handoffs_unjudged_only_when_its_probe_reports_hazards():
-    """Cases marked mbarrier_handoff are unjudged by racecheck when it reported hazards on the
-    correct mbarrier ring; a wrong answer from such a case still fails; other tools still judge."""
-    cases = {"ws": {"name": "ws", "mbarrier_handoff": True}, "plain": {"name": "plain"}}
-    hazards = {"rc": 1, "errors": 12, "child": {"status": "ok"}}
-    blind = {"cases": cases, "racecheck_models_mbarriers": False}
-    assert sanitize.unjudged(blind, "racecheck", "ws")
-    assert not sanitize.unjudged(blind, "racecheck", "plain")
-    assert not sanitize.unjudged(blind, "memcheck", "ws")
-    assert not sanitize.unjudged({"cases": cases, "racecheck_models_mbarriers": True}, "racecheck", "ws")
+    """A run whose child loaded a kernel that hands shared memory over through mbarriers
+    (bwd_dkdv_wgmma_ws) is unjudged by racecheck when racecheck reported hazards on the correct
+    mbarrier ring; a wrong answer from such a case still fails; other tools still judge."""
+    ws = {"rc": 1, "errors": 12, "child": {"status": "ok", "kernels": ["bwd_delta", "bwd_dkdv_wgmma_ws"]}}
+    plain = {"rc": 1, "errors": 12, "child": {"status": "ok", "kernels": ["bwd_delta", "bwd_dkdv_wgmma"]}}
+    blind = {"racecheck_models_mbarriers": False}
+    assert sanitize.unjudged(blind, "racecheck", ws)
+    assert not sanitize.unjudged(blind, "racecheck", plain)
+    assert not sanitize.unjudged(blind, "racecheck", {"rc": 1, "errors": 3, "child": None})
+    assert not sanitize.unjudged(blind, "memcheck", ws)
+    assert not sanitize.unjudged({"racecheck_models_mbarriers": True}, "racecheck", ws)
+    hazards = ws
     assert not sanitize.failed(hazards, "racecheck", unjudged_by_tool=True)
     assert sanitize.failed(hazards, "racecheck")
     assert sanitize.failed({**hazards, "child": {"status": "mismatch"}}, "racecheck", unjudged_by_tool=True)

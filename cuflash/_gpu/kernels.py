@@ -182,6 +182,12 @@ def get_kernel(variant: Variant, device: int | None = None):
     return kernel
 
 
+def loaded() -> list[str]:
+    """The kernel families this process has loaded (``Variant.kernel``, a helper's source stem):
+    what a diagnostic run (benchmarks/sanitize.py) reports it exercised."""
+    return sorted({variant.kernel for variant, _ in list(_kernels)})
+
+
 def function_pointer(variant: Variant, device: int) -> int:
     """The kernel's ``CUfunction`` handle on ``device`` (the module stays loaded for the process)."""
     return get_kernel(variant, device).kernel.ptr
