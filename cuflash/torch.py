@@ -1825,3 +1825,10 @@ distributed = types.ModuleType(f"{__name__}.distributed", "Ring attention over a
 distributed.ring_attention = _ring_attention
 distributed.ProcessGroupComm = ProcessGroupComm
 sys.modules[distributed.__name__] = distributed
+
+# CuPy's import (and cuflash's GPU modules) on a thread while the program goes on (builds its
+# model): a CUDA build of torch only, where CuPy is installed (kernels.import_ahead).
+if torch.version.cuda is not None:
+    from ._gpu import kernels as _kernels
+
+    _kernels.import_ahead()

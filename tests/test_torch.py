@@ -750,6 +750,39 @@ def test_importing_without_torch_says_what_is_missing():
     assert "cuflash.torch needs PyTorch" in result.stdout
 
 
+@pytest.mark.parametrize("cuda_build", [True, False])
+def test_the_adapter_imports_cupy_ahead_on_a_thread_where_torch_has_cuda(cuda_build):
+    """With a CUDA build of torch, importing cuflash.torch starts CuPy's import (and cuflash's GPU
+    modules) on one daemon thread, so a program's first call does not pay it; a fork waits for
+    it (the child gets whole modules); CUFLASH_IMPORT_AHEAD=0 and a CPU build of torch start
+    nothing."""
+    pytest.importorskip("cupy")
+    code = f"""
+import os, sys, threading, torch
+torch.version.cuda = {"'13.0'" if cuda_build else None}
+import cuflash.torch
+from cuflash._gpu import kernels
+ahead = [t for t in threading.enumerate() if t.name == "cuflash-import-ahead"]
+assert ahead == ([kernels._IMPORT_AHEAD] if kernels._IMPORT_AHEAD else []), ahead
+started = kernels._IMPORT_AHEAD is not None
+if started:
+    first = kernels._IMPORT_AHEAD
+    kernels.import_ahead()  # (once: a second call starts nothing)
+    assert kernels._IMPORT_AHEAD is first and first.daemon
+    pid = os.fork()  # waits for the import first
+    if pid == 0:
+        import cupy, cuflash._gpu.plan as plan
+        os._exit(0 if hasattr(cupy, "ndarray") and hasattr(plan, "forward") else 3)
+    assert not kernels._IMPORT_AHEAD.is_alive() and os.waitpid(pid, 0)[1] == 0
+print(started, "cupy" in sys.modules, sum(t.name == "cuflash-import-ahead" for t in threading.enumerate()))
+"""
+    for switch, expected in (("1", f"{cuda_build} {cuda_build} 0"), ("0", "False False 0")):
+        env = dict(__import__("os").environ, CUFLASH_IMPORT_AHEAD=switch)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == expected.split(), (switch, result.stdout)
+
+
 def test_flash_attn_varlen_func_matches_flash_attn_func_per_sequence(randt):
     lengths = [5, 1, 0, 9]
     cu = torch.tensor([0, 5, 6, 6, 15], dtype=torch.int32)

@@ -115,6 +115,46 @@ def _current_device() -> int:
     return cupy.cuda.Device().id
 
 
+# --- importing ahead -------------------------------------------------------------------------
+# A program that imports an adapter (cuflash.torch, cuflash.hf) and then builds its model pays
+# CuPy's import (0.4-1 s) inside its first attention call, i.e. its first training step, unless
+# the import ran meanwhile. ``import_ahead`` runs it on a daemon thread.
+
+_IMPORT_AHEAD: threading.Thread | None = None
+
+
+def import_ahead() -> None:
+    """Start importing CuPy and cuflash's GPU modules on a daemon thread (once), where CuPy is
+    installed and CUFLASH_IMPORT_AHEAD is not "0". The first call that needs them waits for that
+    import instead of doing its own (Python's import locks); a fork waits for it first, so that a
+    child never inherits a half-imported module. Errors are left to that first call to raise."""
+    global _IMPORT_AHEAD
+    if _IMPORT_AHEAD is not None or os.environ.get("CUFLASH_IMPORT_AHEAD", "1") == "0":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return
+    _IMPORT_AHEAD = threading.Thread(target=_import_gpu_modules, name="cuflash-import-ahead", daemon=True)
+    os.register_at_fork(before=_finish_import_ahead)
+    _IMPORT_AHEAD.start()
+
+
+def _finish_import_ahead() -> None:
+    if threading.current_thread() is not _IMPORT_AHEAD:  # (a fork inside the import itself goes on)
+        _IMPORT_AHEAD.join()
+
+
+def _import_gpu_modules() -> None:
+    import importlib
+
+    try:
+        for name in ("cupy", f"{__package__}.plan"):  # (plan imports the other GPU modules)
+            importlib.import_module(name)
+    except Exception:  # (the first call that needs them raises, with its own traceback)
+        pass
+
+
 _ALREADY_CURRENT = contextlib.nullcontext()
 
 
