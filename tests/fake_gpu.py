@@ -144,13 +144,12 @@ class _FakeTensorMaps:
         for i in range(rank):
             words[2 + i], words[7 + i] = dims[i], box[i]
             if i < rank - 1:
-                words[12 + i] = strides[i] if i < 4 else 0
+                words[12 + i] = strides[i]
         return 0
 
     @staticmethod
-    def cuTensorMapReplaceAddress(map_address, address):
-        ctypes.c_uint64.from_address(map_address.value if hasattr(map_address, "value") else map_address).value = \
-            address.value
+    def cuTensorMapReplaceAddress(map_address, address):  # (the map's host address: a c_void_p or an int)
+        ctypes.c_uint64.from_address(getattr(map_address, "value", map_address)).value = address.value
         return 0
 
 
