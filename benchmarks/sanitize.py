@@ -8,7 +8,8 @@ NVRTC runs under a tool), then, for each tool, every case in its own child proce
     compute-sanitizer --tool TOOL --error-exitcode 1 python benchmarks/sanitize.py --child CASE
 
 and writes ``DIR/sanitize.json`` (errors and hazards per tool and case, exit codes, the child's
-own verdict, times, the logs' paths, the first reports of any failure) and
+own verdict and the kernels it loaded, times, the logs' paths, the first reports of any failure,
+and ``coverage``: the cuda_src/ kernels some case loaded and those none did) and
 ``DIR/logs/<tool>/<case>.log``, also packed as ``DIR/logs.tar.gz``. Before the cases, each
 tool runs once on a planted bug of its kind (an out-of-bounds write, a shared-memory race, a
 divergent barrier, a read of unwritten memory) and must report it: proof that the tool works on
@@ -714,6 +715,16 @@ def hands_over_by_mbarrier(result: dict) -> bool:
     return bool(MBARRIER_HANDOFF_KERNELS.intersection((result.get("child") or {}).get("kernels", ())))
 
 
+def coverage(runs: dict) -> dict:
+    """Which of cuda_src/'s kernels (one per .cu file: the families and the helper kernels) the
+    runs' children loaded, and which none did: "every kernel family" checked, not assumed."""
+    loaded = set()
+    for result in runs.values():
+        loaded.update((result.get("child") or {}).get("kernels", ()))
+    families = {path.stem for path in (REPO_ROOT / "cuda_src").glob("*.cu")}
+    return {"loaded": sorted(loaded & families), "never_loaded": sorted(families - loaded)}
+
+
 def unjudged(report: dict, tool: str | None, result: dict) -> bool:
     """A run racecheck cannot judge: its case hands shared memory over through mbarriers, and the
     probe showed that this racecheck reports hazards on a correct mbarrier ring."""
@@ -881,8 +892,11 @@ def main(argv=None) -> int:
         }
     report["summary"] = summary
     report["warmup_failed"] = sorted(n for n, r in report["warmup"].items() if failed(r, None))
+    report["coverage"] = coverage(report["warmup"] or next(iter(report["results"].values()), {}))
     save()
     print(json.dumps(summary, indent=1))
+    print(f"kernels loaded by the cases: {len(report['coverage']['loaded'])}; never loaded: "
+          f"{', '.join(report['coverage']['never_loaded']) or 'none'}")
     if report.get("selftest_missed"):
         print(f"WARNING: these tools did not find their planted bug: {report['selftest_missed']}")
     archive = shutil.make_archive(str(out / "logs"), "gztar", root_dir=out, base_dir="logs")

@@ -159,6 +159,17 @@ def test_the_driver_end_to_end_with_a_stand_in_sanitizer(tmp_path):
     assert (out / "logs.tar.gz").is_file()
 
 
+def test_coverage_names_the_kernels_no_case_loaded():
+    """The report's coverage: every cuda_src/*.cu kernel is either loaded by some case's child or
+    listed as never loaded (a family the cases do not reach is named, not assumed covered)."""
+    runs = {"a": {"child": {"status": "ok", "kernels": ["fwd_tc", "bwd_delta", "not_a_kernel"]}},
+            "b": {"child": {"status": "ok", "kernels": ["fwd_tc", "bwd_dkdv_wgmma_ws"]}}, "c": {"child": None}}
+    report = sanitize.coverage(runs)
+    stems = sorted(path.stem for path in (REPO / "cuda_src").glob("*.cu"))
+    assert report["loaded"] == ["bwd_delta", "bwd_dkdv_wgmma_ws", "fwd_tc"]
+    assert sorted(report["loaded"] + report["never_loaded"]) == stems and "fwd_wgmma_ws" in report["never_loaded"]
+
+
 def test_racecheck_leaves_mbarrier_handoffs_unjudged_only_when_its_probe_reports_hazards():
     """A run whose child loaded a kernel that hands shared memory over through mbarriers
     (bwd_dkdv_wgmma_ws) is unjudged by racecheck when racecheck reported hazards on the correct
