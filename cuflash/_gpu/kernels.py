@@ -141,8 +141,10 @@ def import_ahead() -> None:
 
 
 def _finish_import_ahead() -> None:
-    if threading.current_thread() is not _IMPORT_AHEAD:  # (a fork inside the import itself goes on)
-        _IMPORT_AHEAD.join()
+    # (A fork inside the import itself goes on; the bound keeps a fork made while holding a lock
+    # the import waits for from hanging for good.)
+    if threading.current_thread() is not _IMPORT_AHEAD:
+        _IMPORT_AHEAD.join(timeout=60.0)
 
 
 def _import_gpu_modules() -> None:
