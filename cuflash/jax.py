@@ -25,6 +25,7 @@ when run on the CPU, trusted on a GPU); ``vmap`` runs it item by item.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 try:
     import jax
@@ -37,6 +38,15 @@ import numpy
 from . import _api, _varlen, _xla
 
 __all__ = ["attention", "attention_varlen"]
+
+# CuPy's import (and cuflash's GPU modules) on a thread while the program goes on, where JAX has a
+# CUDA plugin and CuPy is installed (kernels.import_ahead): a GPU program's first call would
+# otherwise pay it inside its first step.
+if any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+    from ._gpu import kernels as _kernels
+
+    _kernels.import_ahead()
+
 
 def attention(q, k, v, *, scale=None, causal=False, window=None, softcap=None, alibi_slopes=None, sinks=None,
               bias=None, mask=None, deterministic=False, return_lse=False, precision=None, dropout_p=0.0,

@@ -869,3 +869,25 @@ def test_dropout_on_the_gpu_drops_as_cupy_with_the_keys_seed(gpu, randn):
                              argnums=(0, 1, 2)))(jq, jk, jv, key)
         for got, want in zip(grads, expected):
             numpy.testing.assert_array_equal(numpy.asarray(got), cupy.asnumpy(want))
+
+
+@pytest.mark.parametrize("plugin", [True, False])
+def test_the_helper_imports_cupy_ahead_where_jax_has_a_cuda_plugin(tmp_path, plugin):
+    """With a CUDA plugin of JAX installed (a stand-in module here), importing cuflash.jax starts
+    CuPy's import on the daemon thread cuflash.torch starts (kernels.import_ahead); without one,
+    nothing starts."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("cupy")
+    if plugin:
+        (tmp_path / "jax_cuda13_plugin.py").write_text("")
+    code = ("import sys, threading, cuflash.jax\nfrom cuflash._gpu import kernels\n"
+            "thread = kernels._IMPORT_AHEAD\n"
+            "assert [t for t in threading.enumerate() if t.name == 'cuflash-import-ahead'] in ([], [thread])\n"
+            "thread is None or thread.join(120)\n"
+            "print(thread is not None, 'cupy' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(plugin), str(plugin)]
