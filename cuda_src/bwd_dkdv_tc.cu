@@ -280,8 +280,9 @@ __global__ void __launch_bounds__(kWarps * 32, (bwd_dkdv_tc_min_blocks<kHeadDim,
         const float* delta_s = lse_s + kBlockM;
         const int m0 = i * kBlockM;
 
-        // Dropout's keep bits of this step (dropout.cuh), drawn before S and dP are live.
-        tc::DropBits<kSM, kSN> keep;
+        // Dropout's keep bits of this step (dropout.cuh), drawn before S and dP are live; one
+        // Philox chain at a time past d128 (two spilled 164-336 bytes beside dK and dV at d256).
+        tc::DropBits<kSM, kSN, kHeadDim <= 128 ? 2 : 1> keep;
         const bool drops = kDropout && f.dropout_threshold;
         if (drops) keep.draw(Dropout(f, ptx::block_index_x() * heads + step.g), m0 + s_row, n0 + s_col, lane);
 

@@ -48,6 +48,17 @@ struct Dropout {
         return philox4x32_10(make_uint4(static_cast<unsigned>(key) >> 3, static_cast<unsigned>(query), row_lo, row_hi),
                              seed_lo, seed_hi);
     }
+    // The keep bits of a call's eight keys: bit j is key 8g + j's (word j / 2, half j % 2).
+    // (ptxas makes it eight compares and one P2R: cheaper to exchange than the words.)
+    __device__ __forceinline__ unsigned keep_byte(const uint4& words) const {
+        const unsigned w[4] = {words.x, words.y, words.z, words.w};
+        unsigned byte = 0u;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            byte |= (static_cast<unsigned>((w[i] & 0xFFFFu) >= threshold) << (2 * i)) |
+                    (static_cast<unsigned>((w[i] >> 16) >= threshold) << (2 * i + 1));
+        return byte;
+    }
     // The draw of key j from its group's words (words[(j % 8) / 2], half j % 2).
     static __device__ __forceinline__ unsigned draw_of(const uint4& words, int key) {
         const int w = (key >> 1) & 3;

@@ -431,13 +431,14 @@ __device__ __forceinline__ void apply_mask(const MaskT& mask, float (&s)[M][N][4
 // Dropout's keep bits (dropout.cuh) of this lane's elements of an M x N fragment whose first
 // element is (row0, col0), col0 a multiple of 8: drawn once, applied to one fragment or several
 // (the backward's dP, then P). Bit ((2 mt + h) N + nt) 2 + e % 2 is element (mt, nt, e), h = e / 2.
-// An n8 tile's row is one Philox call (keys 8g .. 8g + 7), of which lane t of the quad needs
-// word t: with N a multiple of 4 the quad's lanes each make the call of one of four n8 tiles and
-// hand the words round (a 4 x 4 transpose in three shuffles), so every call is made once. The
-// draws run in a loop that is not unrolled (one copy of Philox's code, its registers short-lived:
-// unrolled, the kernels' register counts rose by up to 80 and some spilled); the bits then sit in
-// one 64-bit register.
-template <int M, int N>
+// An n8 tile's row is one Philox call (keys 8g .. 8g + 7), of which lane t of the quad needs keys
+// 2t and 2t + 1: with N a multiple of 4 the quad's lanes each make the call of one of four n8
+// tiles, compare its eight draws (Dropout::keep_byte) and share the bytes (two shuffles), so every
+// call is made once and each draw compared once. The draws run in a loop unrolled kChains times:
+// two independent Philox chains in flight hide each other's latency (d64 forward 10% faster than
+// one at a time, H200); a kernel with no registers to spare asks for one, and fully unrolled the
+// kernels' register counts rose by up to 80 and some spilled. The bits sit in one 64-bit register.
+template <int M, int N, int kChains = 2>
 struct DropBits {
     static_assert(4 * M * N <= 64, "a lane's keep bits fit one 64-bit register");
     unsigned long long bits;
@@ -446,30 +447,27 @@ struct DropBits {
         bits = 0ull;
         const int t = lane % 4;
         constexpr int kStep = N % 4 == 0 ? 4 : 1;  // n8 tiles per row step
-#pragma unroll 1
+#pragma unroll (kChains)
         for (int step = 0; step < 2 * M * (N / kStep); ++step) {
             const int rows = step / (N / kStep), nb = (step % (N / kStep)) * kStep;  // rows = 2 mt + h
             const int row = row0 + (rows / 2) * 16 + lane / 4 + 8 * (rows % 2);
-            unsigned long long group = 0ull;  // two bits per n8 tile nb .. nb + kStep - 1
+            unsigned group;  // two bits per n8 tile nb .. nb + kStep - 1
             if constexpr (kStep == 4) {
-                // This lane's call: n8 tile nb + t. Round s: lane u sends its word (u + s) % 4 to
-                // lane (u + s) % 4, so lane t receives word t of tile nb + (t - s) % 4.
-                const uint4 mine = dropout.draws(row, col0 + 8 * (nb + t));
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const int w = (t + s) & 3;
-                    const unsigned send = w == 0 ? mine.x : w == 1 ? mine.y : w == 2 ? mine.z : mine.w;
-                    const unsigned word = s == 0 ? send : __shfl_sync(0xffffffffu, send, (lane & ~3) | ((t - s) & 3));
-                    const unsigned keep = ((word & 0xFFFFu) >= dropout.threshold) | (((word >> 16) >= dropout.threshold) << 1);
-                    group |= static_cast<unsigned long long>(keep) << (2 * ((t - s) & 3));
-                }
+                // Byte c of `tiles`: the keep bits of n8 tile nb + c (lane c's call); this lane's
+                // keys 2t, 2t + 1 of each (bits 8c + 2t, + 1) then go to bits 2c, 2c + 1: one
+                // product adds the four pairs' shifts (24 - 6c, c = 0..3) without carries into
+                // the top byte (the other shifted pairs land below bit 24, apart).
+                unsigned tiles = dropout.keep_byte(dropout.draws(row, col0 + 8 * (nb + t))) << (8 * t);
+                tiles |= __shfl_xor_sync(0xffffffffu, tiles, 1);
+                tiles |= __shfl_xor_sync(0xffffffffu, tiles, 2);
+                group = (((tiles >> (2 * t)) & 0x03030303u) * 0x01041040u) >> 24;
             } else {
                 const int key = col0 + 8 * nb + 2 * t;
                 const uint4 words = dropout.draws(row, key);
                 group = (Dropout::draw_of(words, key) >= dropout.threshold) |
                         ((Dropout::draw_of(words, key + 1) >= dropout.threshold) << 1);
             }
-            bits |= group << ((rows * N + nb) * 2);
+            bits |= static_cast<unsigned long long>(group) << ((rows * N + nb) * 2);
         }
     }
 
@@ -487,8 +485,9 @@ struct DropBits {
 // 2 (lane % 4) + e % 2, its bit ((e / 2) N + nt) 2 + e % 2. A Philox call gives the draws of eight
 // keys of one query: the eight lanes that hold those keys (lane / 4 = key % 8, one lane % 4) each
 // make one of the eight calls of four n8 tiles (the call of query column (r / 2, r % 2) of
-// them, r = lane / 4) and hand the words round in eight shuffles, every call made once. The loop
-// is not unrolled, as DropBits' (its registers short-lived).
+// them, r = lane / 4), compare its draws (Dropout::keep_byte) and share the bytes in three
+// shuffles, every call made and every draw compared once. The loop is unrolled by two, as
+// DropBits'.
 template <int N>
 struct DropBitsTransposed {
     static_assert(N % 4 == 0 && 4 * N <= 64, "four n8 tiles a round; a lane's keep bits fit one 64-bit register");
@@ -498,21 +497,21 @@ struct DropBitsTransposed {
     __device__ __forceinline__ void draw(const Dropout& dropout, int key_row, int query0, int lane) {
         bits = 0ull;
         const int t = lane % 4, r = lane / 4;
-#pragma unroll 1
+#pragma unroll 2
         for (int step = 0; step < 2 * (N / 4); ++step) {
             const int h = step / (N / 4), nb = (step % (N / 4)) * 4;  // keys 8h.., n8 tiles nb .. nb + 3
             const int query = query0 + 8 * (nb + r / 2) + 2 * t + r % 2;  // this lane's call
-            const uint4 mine = dropout.draws(query, (key_row & ~7) + 8 * h);
-            unsigned group = 0u;  // bit c: the call of column (nb + c / 2, c % 2), this lane's key
-#pragma unroll
-            for (int s = 0; s < 8; ++s) {
-                // Round s: lane r sends receiver (r + s) % 8 the word of its key, and takes the word
-                // of its own key (key % 8 = r: word r / 2, half r % 2) from sender (r - s) % 8.
-                const int to = (r + s) & 7, from = (r - s) & 7;
-                const unsigned send = (to >> 1) == 0 ? mine.x : (to >> 1) == 1 ? mine.y : (to >> 1) == 2 ? mine.z : mine.w;
-                const unsigned word = s == 0 ? send : __shfl_sync(0xffffffffu, send, (from << 2) | t);
-                group |= static_cast<unsigned>(((r & 1) ? word >> 16 : word & 0xFFFFu) >= dropout.threshold) << from;
-            }
+            // Byte c (c = 0..3) of `half`: the keep bits of the call of the lane (lane / 4, t) =
+            // ((r & 4) + c, t): calls 0-3 in the lanes with r < 4, calls 4-7 in the others, swapped.
+            unsigned half = dropout.keep_byte(dropout.draws(query, (key_row & ~7) + 8 * h)) << (8 * (r & 3));
+            half |= __shfl_xor_sync(0xffffffffu, half, 4);
+            half |= __shfl_xor_sync(0xffffffffu, half, 8);
+            const unsigned across = __shfl_xor_sync(0xffffffffu, half, 16);
+            const unsigned calls03 = r < 4 ? half : across, calls47 = r < 4 ? across : half;
+            // This lane's key is bit r of each byte: bit 8c moves to bit 24 + c under one product
+            // (shifts 24 - 7c; the other shifted bits land below bit 24, apart).
+            const unsigned group = ((((calls03 >> r) & 0x01010101u) * 0x01020408u) >> 24) |
+                                   (((((calls47 >> r) & 0x01010101u) * 0x01020408u) >> 24) << 4);
             bits |= static_cast<unsigned long long>(group) << ((h * N + nb) * 2);
         }
     }
