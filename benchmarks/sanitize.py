@@ -17,7 +17,8 @@ this machine, so that "0 errors" means something (a runtime where compute-saniti
 "Device not supported", such as gVisor, stops the run with that message). Each child reports the
 kernels it loaded: where one hands shared memory to other warps through mbarriers
 (``MBARRIER_HANDOFF_KERNELS``) and racecheck reports hazards on a correct mbarrier ring
-(``MBARRIER_PROBE``, asked then), that case is "unjudged" by racecheck. The exit status is 0
+(``MBARRIER_PROBE``, asked then), that case is "unjudged" by racecheck if racecheck reported
+anything on it (a clean report judges: the blind spot only adds reports). The exit status is 0
 when every tool found its planted bug and reports 0 errors on every case it judges, and every
 child computed the right answer.
 
@@ -726,9 +727,12 @@ def coverage(runs: dict) -> dict:
 
 
 def unjudged(report: dict, tool: str | None, result: dict) -> bool:
-    """A run racecheck cannot judge: its case hands shared memory over through mbarriers, and the
-    probe showed that this racecheck reports hazards on a correct mbarrier ring."""
-    return (tool == "racecheck" and hands_over_by_mbarrier(result)
+    """A run racecheck cannot judge: its case hands shared memory over through mbarriers, the
+    probe showed that this racecheck reports hazards on a correct mbarrier ring, and it reported
+    some here. A clean report still judges: not modelling mbarriers only adds reports (fewer
+    orderings known), so none means none under the true ordering too."""
+    reported = result.get("rc", 0) != 0 or any(result.get(key) for key in ("errors", "hazards", "race_errors"))
+    return (tool == "racecheck" and hands_over_by_mbarrier(result) and reported
             and not report.get("racecheck_models_mbarriers", True))
 
 

@@ -173,7 +173,8 @@ def test_coverage_names_the_kernels_no_case_loaded():
 def test_racecheck_leaves_mbarrier_handoffs_unjudged_only_when_its_probe_reports_hazards():
     """A run whose child loaded a kernel that hands shared memory over through mbarriers
     (bwd_dkdv_wgmma_ws) is unjudged by racecheck when racecheck reported hazards on the correct
-    mbarrier ring; a wrong answer from such a case still fails; other tools still judge."""
+    mbarrier ring and reported something on the run; a clean run is judged (and passes); a wrong
+    answer from such a case still fails; other tools still judge."""
     ws = {"rc": 1, "errors": 12, "child": {"status": "ok", "kernels": ["bwd_delta", "bwd_dkdv_wgmma_ws"]}}
     plain = {"rc": 1, "errors": 12, "child": {"status": "ok", "kernels": ["bwd_delta", "bwd_dkdv_wgmma"]}}
     blind = {"racecheck_models_mbarriers": False}
@@ -182,6 +183,9 @@ def test_racecheck_leaves_mbarrier_handoffs_unjudged_only_when_its_probe_reports
     assert not sanitize.unjudged(blind, "racecheck", {"rc": 1, "errors": 3, "child": None})
     assert not sanitize.unjudged(blind, "memcheck", ws)
     assert not sanitize.unjudged({"racecheck_models_mbarriers": True}, "racecheck", ws)
+    clean = {**ws, "rc": 0, "errors": 0, "hazards": 0, "race_errors": 0}
+    assert not sanitize.unjudged(blind, "racecheck", clean) and not sanitize.failed(clean, "racecheck")
+    assert sanitize.unjudged(blind, "racecheck", {**clean, "hazards": 200})  # warnings only, rc 0
     hazards = ws
     assert not sanitize.failed(hazards, "racecheck", unjudged_by_tool=True)
     assert sanitize.failed(hazards, "racecheck")
