@@ -73,28 +73,39 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
             delta[c] = delta_of(col + c);
         }
     };
+    // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only; one branch a tile,
+    // not a test per score: the exponent of a hidden pair is computed, then replaced).
+    const auto hide = [&](int nt, int col) {
+        if (!masked) return;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int query = m0 + col + e % 2;
+            if (query >= seqlen_q || !mask.visible(query, key0 + 8 * (e / 2))) st[nt][e] = 0.f;
+        }
+    };
     const bool plain = !(modified && mod.template dispatch<ModBodies::kPerModifier | ModBodies::kRawAlibi>([&](const auto& row_scores) {
         // Score modifiers (score_mod.cuh; the slope, bias and mask are the step's head's): P^T =
         // exp2(x - lse_i log2 e) of the modified score x in log2 units, 0 where hidden; dS^T =
         // P^T o (dP^T - delta_i) o dx / d(scale S). One branch for the whole tile, so the loop
         // stays one block. The pairs are near (query m0 + 2 (lane % 4), key key0).
         const auto score = row_scores.from(m0 + 2 * (lane % 4), key0);
+        // dS is the bias gradient of a bias plane, or of a bias the kernel put in S^T (never under
+        // softcap: tc::bias_goes_into_scores), so the softcap-alone body tests nothing per score.
+        const bool stores_dbias = (score.has_planes || (!score.capped && mod.bias_in_scores)) && dbias.wanted();
 #pragma unroll
         for (int nt = 0; nt < kBlockM / 8; ++nt) {
             const int col = nt * 8 + 2 * (lane % 4);
-            float lse2[2], delta[2];
+            float lse2[2], delta[2], grad[4];
             column_stats(col, lse2, delta);
 #pragma unroll
+            for (int e = 0; e < 4; ++e)
+                st[nt][e] = ptx::ex2(score.exponent(score(st[nt][e], m0 + col + e % 2, key0 + 8 * (e / 2), grad[e]), lse2[e % 2]));
+            hide(nt, col);
+#pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int query = m0 + col + e % 2;
-                const int key = key0 + 8 * (e / 2);
-                float grad;
-                const float x = score(st[nt][e], query, key, grad);
-                st[nt][e] = masked && (query >= seqlen_q || !mask.visible(query, key))
-                                ? 0.f : ptx::ex2(score.exponent(x, lse2[e % 2]));
                 dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
-                if ((score.has_planes || mod.bias_in_scores) && dbias.wanted()) dbias.store(query, key, dpt[nt][e]);
-                if (score.capped) dpt[nt][e] *= grad;
+                if (stores_dbias) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+                if (score.capped) dpt[nt][e] *= grad[e];
             }
         }
     }));
@@ -106,15 +117,7 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
         column_stats(col, lse2, delta);
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[nt][e] = ptx::ex2(fmaf(st[nt][e], scale_log2, -lse2[e % 2]));
-        // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only).
-        if (masked) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int query = m0 + col + e % 2;
-                const int key = key0 + 8 * (e / 2);
-                if (query >= seqlen_q || !mask.visible(query, key)) st[nt][e] = 0.f;
-            }
-        }
+        hide(nt, col);
 #pragma unroll
         for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
         // A bias the kernel put in S^T (ScoreMod::bias_in_scores) leaves the modifier bodies; its
