@@ -501,8 +501,9 @@ struct DropBitsTransposed {
         for (int step = 0; step < 2 * (N / 4); ++step) {
             const int h = step / (N / 4), nb = (step % (N / 4)) * 4;  // keys 8h.., n8 tiles nb .. nb + 3
             const int query = query0 + 8 * (nb + r / 2) + 2 * t + r % 2;  // this lane's call
-            // Byte c (c = 0..3) of `half`: the keep bits of the call of the lane (lane / 4, t) =
-            // ((r & 4) + c, t): calls 0-3 in the lanes with r < 4, calls 4-7 in the others, swapped.
+            // Byte c (c = 0..3) of `half`: the keep bits of the call made by the lane with
+            // lane / 4 = (r & 4) + c and this t: calls 0-3 where r < 4, calls 4-7 where not; the
+            // third shuffle swaps the halves across.
             unsigned half = dropout.keep_byte(dropout.draws(query, (key_row & ~7) + 8 * h)) << (8 * (r & 3));
             half |= __shfl_xor_sync(0xffffffffu, half, 4);
             half |= __shfl_xor_sync(0xffffffffu, half, 8);
