@@ -726,13 +726,18 @@ def coverage(runs: dict) -> dict:
     return {"loaded": sorted(loaded & families), "never_loaded": sorted(families - loaded)}
 
 
+def reports(result: dict) -> int:
+    """How much the tool reported on a run: its errors, and racecheck's errors and hazards."""
+    return (result.get("errors") or 0) + result.get("race_errors", 0) + result.get("hazards", 0)
+
+
 def unjudged(report: dict, tool: str | None, result: dict) -> bool:
     """A run racecheck cannot judge: its case hands shared memory over through mbarriers, the
     probe showed that this racecheck reports hazards on a correct mbarrier ring, and it reported
     some here. A clean report still judges: not modelling mbarriers only adds reports (fewer
     orderings known), so none means none under the true ordering too."""
-    reported = result.get("rc", 0) != 0 or any(result.get(key) for key in ("errors", "hazards", "race_errors"))
-    return (tool == "racecheck" and hands_over_by_mbarrier(result) and reported
+    return (tool == "racecheck" and hands_over_by_mbarrier(result)
+            and (result.get("rc", 0) != 0 or reports(result) > 0)
             and not report.get("racecheck_models_mbarriers", True))
 
 
@@ -832,7 +837,7 @@ def main(argv=None) -> int:
         result = run_one(sanitizer_command(sanitizer, tool, f"planted-{tool}"), out / "logs" / "selftest" /
                          f"{tool}.log", args.timeout)
         report["selftest"][tool] = result
-        found = (result["errors"] or 0) + result.get("race_errors", 0) + result.get("hazards", 0)
+        found = reports(result)
         print(f"selftest {tool:10s} planted bug found: {bool(found)} (errors={result['errors']}, rc={result['rc']})",
               flush=True)
         if result["device_refused"] or result["errors"] is None:
@@ -861,7 +866,7 @@ def main(argv=None) -> int:
         result = run_one(sanitizer_command(sanitizer, "racecheck", MBARRIER_PROBE),
                          out / "logs" / "selftest" / "racecheck-mbarrier-ring.log", args.timeout)
         report["selftest"]["racecheck-mbarrier-ring"] = result
-        hazards = (result["errors"] or 0) + result.get("race_errors", 0) + result.get("hazards", 0)
+        hazards = reports(result)
         if (result.get("child") or {}).get("status") == "ok":
             report["racecheck_models_mbarriers"] = hazards == 0
         print(f"selftest racecheck on a correct mbarrier ring: {hazards} hazards "
