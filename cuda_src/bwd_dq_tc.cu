@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
 
         // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i). With
         // score modifiers (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
-        // units, and dP becomes (dP - delta_i) o dx / d(scale S) here.
+        // units, and dP becomes (dP - delta_i) o dx / d(scale S) in the bodies, which test no
+        // score (dS = P o dP after them).
         bool modified = false;
         if constexpr (kScoreMods) {
             // (no origin for ALiBi's distance: at d64 its hoisted distances spill on sm_86/89)
@@ -193,25 +194,32 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
                 });
             });
         }
-        if (!modified) {
+        if (modified) {
+            // Hidden (query, key) pairs: P = 0, masked tiles only, in their own loop (the bodies'
+            // exponent of a hidden pair is computed, then replaced); dS = P o that scaled dP.
+            if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, 0.f);
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[mt][nt][e] = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][e / 2]));
+                    for (int e = 0; e < 4; ++e) dp[mt][nt][e] *= s[mt][nt][e];
+        } else {
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float prob = ptx::ex2(fmaf(s[mt][nt][e], scale_log2, -lse2[mt][e / 2]));
+                        if (masked) {
+                            const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
+                            const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
+                            if (!mask.visible(row, key)) prob = 0.f;
+                        }
+                        dp[mt][nt][e] = prob * (dp[mt][nt][e] - delta[mt][e / 2]);
+                    }
         }
-        // Hidden (query, key) pairs: P = 0. Masked tiles only, in their own loop, so that neither
-        // path above tests a score (the exponent of a hidden pair is computed, then replaced).
-        if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, 0.f);
-        // dS = P o (dP - delta_i), in place of dP (already dP - delta_i, scaled, when modified).
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - (modified ? 0.f : delta[mt][e / 2]));
 
         // dQ_i += dS K_j
 #pragma unroll
