@@ -753,8 +753,8 @@ def test_importing_without_torch_says_what_is_missing():
 @pytest.mark.parametrize("cuda_build", [True, False])
 def test_the_adapter_imports_cupy_ahead_on_a_thread_where_torch_has_cuda(cuda_build):
     """With a CUDA build of torch, importing cuflash.torch starts CuPy's import (and cuflash's GPU
-    modules) on one daemon thread, so a program's first call does not pay it; a fork waits for
-    it (the child gets whole modules); CUFLASH_IMPORT_AHEAD=0 and a CPU build of torch start
+    modules) on one daemon thread, then NVRTC's one-time start, so a program's first call pays
+    neither; a fork waits for it (the child gets whole modules); CUFLASH_IMPORT_AHEAD=0 and a CPU build of torch start
     nothing."""
     pytest.importorskip("cupy")
     code = f"""
@@ -774,6 +774,7 @@ if started:
         import cupy, cuflash._gpu.plan as plan
         os._exit(0 if hasattr(cupy, "ndarray") and hasattr(plan, "forward") else 3)
     assert not kernels._IMPORT_AHEAD.is_alive() and os.waitpid(pid, 0)[1] == 0
+    assert kernels._NVRTC_STARTED  # (the thread's last step: NVRTC's one-time start)
 print(started, "cupy" in sys.modules, sum(t.name == "cuflash-import-ahead" for t in threading.enumerate()))
 """
     for switch, expected in (("1", f"{cuda_build} {cuda_build} 0"), ("0", "False False 0")):

@@ -118,7 +118,10 @@ def _current_device() -> int:
 # --- importing ahead -------------------------------------------------------------------------
 # A program that imports an adapter (cuflash.torch, cuflash.hf) and then builds its model pays
 # CuPy's import (0.4-1 s) inside its first attention call, i.e. its first training step, unless
-# the import ran meanwhile. ``import_ahead`` runs it on a daemon thread.
+# the import ran meanwhile. ``import_ahead`` runs it on a daemon thread. The same thread then
+# starts NVRTC: a process's first compile pays ~0.65 s more than the next ones (NVRTC loading
+# its builtins and code generator, once per process, whichever thread), which would otherwise
+# land on the first call's slowest kernel.
 
 _IMPORT_AHEAD: threading.Thread | None = None
 
@@ -153,8 +156,31 @@ def _import_gpu_modules() -> None:
     try:
         for name in ("cupy", f"{__package__}.plan"):  # (plan imports the other GPU modules)
             importlib.import_module(name)
+        _start_nvrtc()
     except Exception:  # (the first call that needs them raises, with its own traceback)
         pass
+
+
+_NVRTC_STARTED = False
+
+
+def _start_nvrtc() -> None:
+    """Compile an empty kernel with NVRTC, once per process: NVRTC's one-time start (~0.65 s on a
+    2-core VM) is paid here instead of inside the first kernel's build. No GPU is touched
+    (a cubin for the oldest arch this NVRTC targets, discarded)."""
+    global _NVRTC_STARTED
+    if _NVRTC_STARTED:
+        return
+    from cupy_backends.cuda.libs import nvrtc
+
+    arch = min(nvrtc.getSupportedArchs())
+    program = nvrtc.createProgram("__global__ void cuflash_start_nvrtc() {}", "start_nvrtc.cu", (), ())
+    try:
+        nvrtc.compileProgram(program, (f"-arch=sm_{arch}",))
+        nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    _NVRTC_STARTED = True
 
 
 _ALREADY_CURRENT = contextlib.nullcontext()
