@@ -83,6 +83,14 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
             if (query >= seqlen_q || !mask.visible(query, key0 + 8 * (e / 2))) st[nt][e] = 0.f;
         }
     };
+    // dS^T of n8 tile nt into the bias gradient (a bias plane's, or a bias's the kernel put in
+    // S^T) where ``stores``: one branch an n8 tile, not a test per score (ALiBi's body, which a
+    // bias in S^T shares, paid ~4 instructions a score for that: ISETP, BSSY, BRA, BSYNC).
+    const auto store_dbias = [&](bool stores, int nt, int col) {
+        if (!stores) return;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+    };
     const bool plain = !(modified && mod.template dispatch<ModBodies::kPerModifier | ModBodies::kRawAlibi>([&](const auto& row_scores) {
         // Score modifiers (score_mod.cuh; the slope, bias and mask are the step's head's): P^T =
         // exp2(x - lse_i log2 e) of the modified score x in log2 units, 0 where hidden; dS^T =
@@ -104,9 +112,13 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
-                if (stores_dbias) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+                // (The bodies that read planes test per score, beside their per-score loads: an
+                // n8 tile's branch there made ptxas spill the d128 Variant.)
+                if (score.has_planes && stores_dbias) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
                 if (score.capped) dpt[nt][e] *= grad[e];
             }
+            // (Without planes a body stores only uncapped: dS^T has no cap's factor to precede.)
+            if (!score.has_planes) store_dbias(stores_dbias, nt, col);
         }
     }));
     if (!plain) return;
@@ -122,10 +134,7 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
         for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
         // A bias the kernel put in S^T (ScoreMod::bias_in_scores) leaves the modifier bodies; its
         // gradient is dS, stored here as they store it.
-        if (mod.bias_in_scores && dbias.wanted()) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
-        }
+        store_dbias(mod.bias_in_scores && dbias.wanted(), nt, col);
     }
 }
 
