@@ -754,8 +754,8 @@ def test_importing_without_torch_says_what_is_missing():
 def test_the_adapter_imports_cupy_ahead_on_a_thread_where_torch_has_cuda(cuda_build):
     """With a CUDA build of torch, importing cuflash.torch starts CuPy's import (and cuflash's GPU
     modules) on one daemon thread, then NVRTC's one-time start, so a program's first call pays
-    neither; a fork waits for it (the child gets whole modules); CUFLASH_IMPORT_AHEAD=0 and a CPU build of torch start
-    nothing."""
+    neither; a fork waits for it (the child gets whole modules); CUFLASH_IMPORT_AHEAD=0 and a
+    CPU build of torch start nothing."""
     pytest.importorskip("cupy")
     code = f"""
 import os, sys, threading, torch

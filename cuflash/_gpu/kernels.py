@@ -119,9 +119,9 @@ def _current_device() -> int:
 # A program that imports an adapter (cuflash.torch, cuflash.hf) and then builds its model pays
 # CuPy's import (0.4-1 s) inside its first attention call, i.e. its first training step, unless
 # the import ran meanwhile. ``import_ahead`` runs it on a daemon thread. The same thread then
-# starts NVRTC: a process's first compile pays ~0.65 s more than the next ones (NVRTC loading
-# its builtins and code generator, once per process, whichever thread), which would otherwise
-# land on the first call's slowest kernel.
+# starts NVRTC: a process's first compile pays more than the next ones (NVRTC loading its
+# builtins and code generator, once per process, whichever thread: 0.65 s on a 2-core VM, about
+# 0.05 s on the lent H100's host), which would otherwise land on the first call's slowest kernel.
 
 _IMPORT_AHEAD: threading.Thread | None = None
 
@@ -165,9 +165,9 @@ _NVRTC_STARTED = False
 
 
 def _start_nvrtc() -> None:
-    """Compile an empty kernel with NVRTC, once per process: NVRTC's one-time start (~0.65 s on a
-    2-core VM) is paid here instead of inside the first kernel's build. No GPU is touched
-    (a cubin for the oldest arch this NVRTC targets, discarded)."""
+    """Compile an empty kernel with NVRTC, once per process: NVRTC's one-time start is paid here
+    instead of inside the first kernel's build. No GPU is touched (a cubin for the oldest arch
+    this NVRTC targets, discarded)."""
     global _NVRTC_STARTED
     if _NVRTC_STARTED:
         return
