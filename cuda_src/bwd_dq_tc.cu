@@ -181,15 +181,24 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0); dS = P o (dP - delta_i). With
         // score modifiers (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
         // units, and dP becomes (dP - delta_i) o dx / d(scale S) in the bodies, which test no
-        // score (dS = P o dP after them).
+        // score (dS = P o dP after them). The dropout Variants keep the fused form, dS made in
+        // the body and the mask tested per score: the split one spilled three of them (fp16 and
+        // bf16 d32 on sm_80-89, TF32 d64 on sm_90a).
+        constexpr bool kFusedBody = kDropout;
         bool modified = false;
         if constexpr (kScoreMods) {
             // (no origin for ALiBi's distance: at d64 its hoisted distances spill on sm_86/89)
             modified = mod.template dispatch<ModBodies::kByCap>([&](const auto& score) {
                 tc::for_each(s, dp, m0 + warp_row0, j * kBlockN, lane, [&](float& x, float& y, int r, int row, int key) {
                     float grad;
-                    x = ptx::ex2(score.exponent(score(x, row, key, grad), lse2[r / 2][r % 2]));
-                    y -= delta[r / 2][r % 2];
+                    const float x2 = score(x, row, key, grad);
+                    if constexpr (kFusedBody) {
+                        const float prob = masked && !mask.visible(row, key) ? 0.f : ptx::ex2(score.exponent(x2, lse2[r / 2][r % 2]));
+                        y = prob * (y - delta[r / 2][r % 2]);
+                    } else {
+                        x = ptx::ex2(score.exponent(x2, lse2[r / 2][r % 2]));
+                        y -= delta[r / 2][r % 2];
+                    }
                     if (score.capped) y *= grad;
                 });
             });
@@ -197,13 +206,15 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         if (modified) {
             // Hidden (query, key) pairs: P = 0, masked tiles only, in their own loop (the bodies'
             // exponent of a hidden pair is computed, then replaced); dS = P o that scaled dP.
-            if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, 0.f);
+            if constexpr (!kFusedBody) {
+                if (masked) tc::apply_mask(mask, s, m0 + warp_row0, j * kBlockN, lane, 0.f);
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt)
+                for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < kNTilesS; ++nt)
+                    for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) dp[mt][nt][e] *= s[mt][nt][e];
+                        for (int e = 0; e < 4; ++e) dp[mt][nt][e] *= s[mt][nt][e];
+            }
         } else {
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt)
