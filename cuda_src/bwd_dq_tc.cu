@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
         // score modifiers (score_mod.cuh): P = exp2(x - lse2_i) of the modified score x in log2
         // units, and dP becomes (dP - delta_i) o dx / d(scale S) in the bodies, which test no
         // score (dS = P o dP after them). The dropout Variants keep the fused form, dS made in
-        // the body and the mask tested per score: the split one spilled three of them (fp16 and
-        // bf16 d32 on sm_80-89, TF32 d64 on sm_90a).
+        // the body and the mask tested per score: the split one spilled two of them (fp16 d32 on
+        // sm_80-89, TF32 d64 on sm_90a), and with only the mask test back in the body a third.
         constexpr bool kFusedBody = kDropout;
         bool modified = false;
         if constexpr (kScoreMods) {
