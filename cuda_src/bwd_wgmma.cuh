@@ -73,14 +73,17 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
             delta[c] = delta_of(col + c);
         }
     };
+    // Element e of the n8 tile whose first column is col: query query_of(col, e), key key_of(e).
+    const auto query_of = [&](int col, int e) { return m0 + col + e % 2; };
+    const auto key_of = [&](int e) { return key0 + 8 * (e / 2); };
     // Hidden (query, key) pairs and queries past Lq: P = 0 (masked tiles only; one branch a tile,
     // not a test per score: the exponent of a hidden pair is computed, then replaced).
     const auto hide = [&](int nt, int col) {
         if (!masked) return;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int query = m0 + col + e % 2;
-            if (query >= seqlen_q || !mask.visible(query, key0 + 8 * (e / 2))) st[nt][e] = 0.f;
+            const int query = query_of(col, e);
+            if (query >= seqlen_q || !mask.visible(query, key_of(e))) st[nt][e] = 0.f;
         }
     };
     // dS^T of n8 tile nt into the bias gradient (a bias plane's, or a bias's the kernel put in
@@ -89,7 +92,7 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
     const auto store_dbias = [&](bool stores, int nt, int col) {
         if (!stores) return;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+        for (int e = 0; e < 4; ++e) dbias.store(query_of(col, e), key_of(e), dpt[nt][e]);
     };
     const bool plain = !(modified && mod.template dispatch<ModBodies::kPerModifier | ModBodies::kRawAlibi>([&](const auto& row_scores) {
         // Score modifiers (score_mod.cuh; the slope, bias and mask are the step's head's): P^T =
@@ -107,14 +110,14 @@ __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 
             column_stats(col, lse2, delta);
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                st[nt][e] = ptx::ex2(score.exponent(score(st[nt][e], m0 + col + e % 2, key0 + 8 * (e / 2), grad[e]), lse2[e % 2]));
+                st[nt][e] = ptx::ex2(score.exponent(score(st[nt][e], query_of(col, e), key_of(e), grad[e]), lse2[e % 2]));
             hide(nt, col);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[e % 2]);
                 // (The bodies that read planes test per score, beside their per-score loads: an
                 // n8 tile's branch there made ptxas spill the d128 Variant.)
-                if (score.has_planes && stores_dbias) dbias.store(m0 + col + e % 2, key0 + 8 * (e / 2), dpt[nt][e]);
+                if (score.has_planes && stores_dbias) dbias.store(query_of(col, e), key_of(e), dpt[nt][e]);
                 if (score.capped) dpt[nt][e] *= grad[e];
             }
             // (Without planes a body stores only uncapped: dS^T has no cap's factor to precede.)
