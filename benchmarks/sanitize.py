@@ -172,6 +172,13 @@ def _feature_cases() -> list[dict]:
              tolerance=2e-2, quick=True),
         dict(name="tf32-float32-bias-d32", dtype="float32", q=(1, 4, 70, 32), k=(1, 2, 90, 32),
              options={"precision": "tf32", "bias": (4, 70, 90), "softcap": 20.0, "sinks": "heads"}, tolerance=2e-2),
+        # on Hopper these and the two above run fwd_wgmma's TF32 Variants (V^T through registers):
+        # d128 GQA windowed, and its 32-key modifier tile with Lq > Lk
+        dict(name="tf32-float32-d128-gqa-window", dtype="float32", q=(2, 4, 97, 111), k=(2, 2, 200, 111),
+             options={"precision": "tf32", "window": (40, 3)}, tolerance=2e-2, backward=False),
+        dict(name="tf32-float32-d128-mods", dtype="float32", q=(1, 2, 200, 128), k=(1, 2, 97, 128),
+             options={"precision": "tf32", "causal": True, "softcap": 20.0, "alibi_slopes": "heads"}, tolerance=2e-2,
+             backward=False),
         # a shared bias's gradient summed on chip (bwd_dbias_tc.cu), and the float32 backward on TF32
         dict(name="dbias-on-chip-bfloat16-d32", dtype="bfloat16", q=(6, 2, 97, 32), k=(6, 2, 130, 32),
              options={"bias": (1, 2, 97, 130), "mask": (6, 1, 97, 130), "causal": True}, dbias_on_chip=True,

@@ -1,5 +1,6 @@
-// Forward attention for float16 / bfloat16 on Hopper (sm_90a): FlashAttention-2's algorithm
-// (fwd_tc.cu) on warpgroup MMAs.
+// Forward attention for float16 / bfloat16 on Hopper (sm_90a), and float32 under
+// precision="tf32" (Element tc::tf32: one TF32 product, tile_tc.cuh's Arith): FlashAttention-2's
+// algorithm (fwd_tc.cu) on warpgroup MMAs.
 //
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
@@ -10,7 +11,8 @@
 //
 //   S    = Q_g K_j^T                       wgmma, A = Q_g, B = K_j (shared, K-major), fp32
 //   online softmax: m_i, l_i, P            (softmax_tc.cuh: a warp's 16 rows are its m16 tile)
-//   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major)
+//   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major;
+//                                          TF32: K-major V_j^T, below)
 //   O = acc / l_i,  lse = m_i + log l_i    (once, at the end)
 //
 // The steps are software-pipelined one tile deep (the loop's comment): the softmax of tile j+1
@@ -19,6 +21,10 @@
 // The accumulator layout of wgmma is, warp by warp, that of mma.sync m16n8: the softmax, the
 // masking and the P packing are fwd_tc's, with one m16 tile per warp.
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
+// TF32 reads K-major operands only, so a float32 V_j cannot be read as it is stored: each step
+// loads the next tile's V into registers (tc::KeysMajorLoader) and, once its own MMAs are
+// issued and its softmax done, stores it transposed (V_j^T: keys along the rows) into one of
+// two slots that take the place of the V ring; the next step's barrier publishes it.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -34,39 +40,52 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-// Q, kStages K tiles and kStages V tiles, 16-bit, swizzled rows without padding, plus 1024
-// bytes to align the swizzle atoms.
+// Q, kStages K tiles and kStages V tiles (TF32: two V^T slots, kStages = 2), swizzled rows
+// without padding, of kUnits 16-bit units an element, plus 1024 bytes to align the swizzle atoms.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
-constexpr unsigned fwd_wgmma_smem_bytes() { return 1024 + 2 * kHeadDim * (kBlockM + 2 * kStages * kBlockN); }
+constexpr unsigned fwd_wgmma_smem_bytes() {
+    return 1024 + 2 * tc::Arith<Element>::kUnits * kHeadDim * (kBlockM + 2 * kStages * kBlockN);
+}
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
 // epilogue hide behind the other's MMAs); with 8 warps ptxas then keeps the kernel within 128
 // registers. sm_90: 228 KB of shared memory per SM, 1 KB of it reserved per block. The score
 // modifiers' Variants (a bias's and a mask's reads on top of softcap's and ALiBi's arithmetic)
 // do not fit 128 registers: one block per SM (d64: 176 registers instead of 68 bytes spilled).
-template <int kHeadDim, int kBlockM, int kBlockN, int kStages>
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr int fwd_wgmma_min_blocks() {
-    return 2 * (fwd_wgmma_smem_bytes<void, kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
+    return 2 * (fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>() + 1024) <= 233472 ? 2 : 1;
 }
 
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false, bool kDropout = false>
-__global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_blocks<kHeadDim, kBlockM, kBlockN, kStages>()))
+__global__ void __launch_bounds__(kWarps * 32,
+                                  (kScoreMods || tc::Arith<Element>::kUnits == 2 ? 1 : fwd_wgmma_min_blocks<Element, kHeadDim, kBlockM, kBlockN, kStages>()))
     fwd_wgmma(const FwdParams p) {
+    using Arith = tc::Arith<Element>;
+    using Storage = typename Arith::Storage;
+    constexpr bool kTf32 = Arith::kUnits == 2;
     constexpr int kThreads = kWarps * 32;
-    constexpr int kKStepsQK = kHeadDim / 16;  // k16 steps of Q K^T
-    constexpr int kKStepsPV = kBlockN / 16;   // k16 steps of P V
+    constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
+    constexpr int kKStepsQK = kWidth / 16;            // k16 (TF32: k8) steps of Q K^T
+    constexpr int kKStepsPV = kBlockN / Arith::kK;    // k steps of P V
     static_assert(kBlockM == 64 * (kWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
-    static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128 && (kBlockN == 64 || kBlockN == 128),
-                  "whole 64-column panels; wgmma N of 64 or 128");
+    static_assert(kWidth % 64 == 0 && (kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128) &&
+                      (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
+                  "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
+    static_assert(!kTf32 || kStages == 2, "TF32: two V^T slots in the V ring's place");
+    static_assert(Arith::kK == 16 || kTf32, "16-bit or TF32 (one product; 3xTF32 runs fwd_tc)");
 
-    using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;
-    using KVTile = tc::Sw128Tile<kBlockN, kHeadDim>;     // one K or V tile
-    using OTile = tc::SmemTile<kBlockM, kHeadDim>;       // O on its way out (padded rows)
+    using QTile = tc::Sw128Tile<kBlockM, kWidth>;
+    using KVTile = tc::Sw128Tile<kBlockN, kWidth>;       // one K or V tile
+    using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // TF32: V_t^T
+    using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
     static_assert(kSmemBytes == 1024 + QTile::kBytes + 2 * kStages * KVTile::kBytes, "1024: alignment");
-    static_assert(OTile::kBytes <= 2 * kStages * KVTile::kBytes, "O leaves through the K/V rings");
+    // O leaves through the K/V rings (TF32: from Q's tile on, which the rings follow)
+    static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + 2 * kStages * KVTile::kBytes, "O's staging fits");
+    static_assert(!kTf32 || VtLoader::Tile::kBytes == KVTile::kBytes, "a V^T slot takes a V tile's place");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
@@ -81,7 +100,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
 
     BatchIndex at;
-    if (!starts_block<unsigned short, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
+    if (!starts_block<Storage, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
     const Mask<kHasWindow, kScoreMods> mask(p, at);
     const TileRange range = mask.tiles(m0, kBlockM, kBlockN);
 
@@ -94,25 +113,51 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // cp.async groups, committed in order: {Q, K_first}, then {V_{first+s-1}, K_{first+s}} for
     // s = 1 .. kStages-1, then one per loop step, {V_{t+kStages-1}, K_{t+kStages}} (empty groups
     // too). K_{t+1} and V_t are both in group t+1-first: at step t, "at most kStages-2 groups
-    // pending" means both have landed.
-    const tc::TileLoader<kBlockM, kHeadDim, kThreads, QTile> q_loader(static_cast<const unsigned short*>(p.q) + at.q,
-                                                                       p.q_row_stride, p.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> k_loader(static_cast<const unsigned short*>(p.k) + at.k,
-                                                                        p.k_row_stride, p.head_dim);
-    const tc::TileLoader<kBlockN, kHeadDim, kThreads, KVTile> v_loader(static_cast<const unsigned short*>(p.v) + at.v,
-                                                                        p.v_row_stride, p.head_dim_v);
+    // pending" means both have landed. (TF32: the groups hold K alone, V goes by registers.)
+    // Loaders count in 16-bit units: kUnits per element.
+    using Units = const unsigned short*;
+    constexpr int kUnits = Arith::kUnits;
+    const tc::TileLoader<kBlockM, kWidth, kThreads, QTile> q_loader(
+        reinterpret_cast<Units>(static_cast<const Storage*>(p.q) + at.q), p.q_row_stride * kUnits, p.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> k_loader(
+        reinterpret_cast<Units>(static_cast<const Storage*>(p.k) + at.k), p.k_row_stride * kUnits, p.head_dim * kUnits);
+    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> v_loader(
+        reinterpret_cast<Units>(static_cast<const Storage*>(p.v) + at.v), p.v_row_stride * kUnits, p.head_dim_v * kUnits);
+    const VtLoader vt_loader(static_cast<const float*>(p.v) + at.v, p.v_row_stride, p.head_dim_v);
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * KVTile::kBytes; };
-    auto v_slot = [&](int t) { return k_slot(t) + kStages * KVTile::kBytes; };
+    auto v_slot = [&](int t) { return k_slot(t) + kStages * KVTile::kBytes; };  // TF32: V_t^T's slot
     auto load_k = [&](int t) {
         if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
     auto load_v = [&](int t) {
-        if (t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
+        if (!kTf32 && t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
+    };
+    // TF32 operands are rounded to TF32 (to nearest, as fwd_tc's fragments: wgmma would drop the
+    // low 13 bits, twice the error) where they land: Q and K by the thread that copied them,
+    // after its copies landed and before the barrier that publishes them.
+    auto round_k = [&](int t) {
+        if constexpr (kTf32) k_loader.transform(k_slot(t), tid, [](unsigned w) { return ptx::to_tf32(__uint_as_float(w)); });
+    };
+    // TF32: V_t into registers, then (after the barrier that frees its slot) transposed into it,
+    // rounded, fenced for the tensor cores; published by the next barrier.
+    typename VtLoader::Staged v_staged;
+    auto stage_v = [&](int t) {
+        if constexpr (kTf32) vt_loader.load(v_staged, t * kBlockN, at.seqlen_k, tid);
+    };
+    auto store_vt = [&](int t) {
+        if constexpr (kTf32) {
+            vt_loader.store(v_staged, v_slot(t), tid, [](float x) { return ptx::to_tf32(x); });
+            ptx::fence_proxy_async_shared();
+        }
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
     load_k(range.first);
     ptx::cp_async_commit();
+    if (range.first < range.last) {
+        stage_v(range.first);
+        store_vt(range.first);  // published by the prologue's barrier
+    }
 #pragma unroll
     for (int s = 1; s < kStages; ++s) {
         load_v(range.first + s - 1);
@@ -123,12 +168,18 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
     // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 (fwd_tc.cu).
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
-    if (p.scale_log2 < 0.f) {
+    if constexpr (kTf32) {  // Q rounded (and negated) in one pass, K_first rounded
+        ptx::cp_async_wait<kStages - 1>();  // this thread's Q and K_first copies (group 0) have landed
+        const unsigned sign = p.scale_log2 < 0.f ? Arith::kSignBits : 0u;
+        q_loader.transform(q_smem, tid, [&](unsigned w) { return ptx::to_tf32(__uint_as_float(w)) ^ sign; });
+        if (range.first < range.last) round_k(range.first);
+    } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
-        q_loader.template negate<tc::Arith<Element>::kSignBits>(q_smem, tid);  // published by the first barrier below
+        q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
     }
 
-    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major.
+    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major (TF32: V_t^T
+    // K-major).
     const unsigned q_group = q_smem + group * 64 * 128;  // this warpgroup's 64 rows of Q
 
     // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
@@ -162,17 +213,32 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     tc::OnlineSoftmax<1> softmax;
     if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
     float s[1][kBlockN / 8][4];    // scores, then P, of the tile ahead
-    unsigned p_frag[kKStepsPV][4];  // P of the current tile packed to 16 bits: the A operand of P V
-    // n8 tiles 2kk, 2kk+1 of S are P's k-step kk.
+    // P of the current tile as the A operand of P V: n8 tiles 2kk, 2kk+1 of S packed to 16 bits
+    // are P's k16 step kk; TF32: n8 tile kk, rounded, is its k8 step kk (a_k8_of: V^T's key order).
+    unsigned p_frag[kKStepsPV][4];
     auto pack_p = [&] {
 #pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk) tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
+        for (int kk = 0; kk < kKStepsPV; ++kk) {
+            if constexpr (kTf32) {
+                tc::Tf32Fragment<4> a[1];
+                tc::a_k8_of(a, s, kk);
+#pragma unroll
+                for (int r = 0; r < 4; ++r) p_frag[kk][r] = a[0].r[r];
+            } else {
+                tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
+            }
+        }
     };
     // acc += P_t V_t, issued (the caller commits and waits).
     auto issue_pv = [&](int t) {
 #pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk)
-            ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(v_slot(t) + kk * 2048));
+        for (int kk = 0; kk < kKStepsPV; ++kk) {
+            if constexpr (kTf32)
+                ptx::Wgmma<kHeadDim>::template rs<Element, 0>(
+                    acc[0], p_frag[kk], VtLoader::Tile::k_major(v_slot(t) + VtLoader::Tile::k_step(kk)));
+            else
+                ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(v_slot(t) + kk * 2048));
+        }
     };
 
     // Software pipeline over key tiles t in [range.first, range.last) (FlashAttention-3's
@@ -205,11 +271,14 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // wgmma when the steps branch around them).
     for (int t = range.first; t + 1 < range.last; ++t) {
         ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
+        round_k(t + 1);
         ptx::fence_proxy_async_shared();
         __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
         load_v(t + kStages - 1);
         load_k(t + kStages);
         ptx::cp_async_commit();
+
+        stage_v(t + 1);      // TF32: V_{t+1}'s loads in flight through this step's MMAs and softmax
 
         ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
         issue_scores(t + 1, s[0]);
@@ -224,6 +293,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         float alpha[1][2];
         const bool moved = softmax.update_stats(s, c, alpha);
         drop(t + 1, s);
+        store_vt(t + 1);       // its slot's last reader, P_{t-1} V_{t-1}, finished before the barrier
         ptx::wgmma_wait<0>();  // P_t V_t
         ptx::wgmma_pin(acc[0]);
         if (moved) softmax.rescale(acc, alpha);
@@ -243,6 +313,7 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
     // ---- Epilogue: O = acc / l_i in the output type, staged through shared memory as padded
     // rows (after a barrier: other warps may still read K/V), stored by the whole block as
     // 16-byte chunks where aligned.
+    const unsigned o_smem = kTf32 ? q_smem : kv_smem;
     float inv_l[1][2], lse[1][2];
     softmax.finish(inv_l, lse);
     const BatchIndex out_at(p, scheduled_block<kHasWindow>(p).bh);  // recomputed: not held through the loop
@@ -253,12 +324,14 @@ __global__ void __launch_bounds__(kWarps * 32, (kScoreMods ? 1 : fwd_wgmma_min_b
         const int row = warp_row0 + lane / 4 + 8 * h;
 #pragma unroll
         for (int nt = 0; nt < kHeadDim / 8; ++nt)
-            tc::store_pair<Element, OTile>(kv_smem, row, nt, lane, acc[0][nt][2 * h] * inv_l[0][h], acc[0][nt][2 * h + 1] * inv_l[0][h]);
+            tc::store_pair<Element, OTile>(o_smem, row, nt, lane, acc[0][nt][2 * h] * inv_l[0][h],
+                                           acc[0][nt][2 * h + 1] * inv_l[0][h]);
         if (lane % 4 == 0 && m0 + row < out_at.seqlen_q) static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
     }
     __syncthreads();
-    tc::store_tile<kBlockM, kHeadDim, kThreads>(kv_smem, static_cast<unsigned short*>(p.o) + out_at.o + m0 * p.o_row_stride,
-                                                p.o_row_stride, out_at.seqlen_q - m0, p.head_dim_v, tid);
+    tc::store_tile<kBlockM, kWidth, kThreads>(
+        o_smem, reinterpret_cast<unsigned short*>(static_cast<Storage*>(p.o) + out_at.o + m0 * p.o_row_stride),
+        p.o_row_stride * kUnits, out_at.seqlen_q - m0, p.head_dim_v * kUnits, tid);
 }
 
 }  // namespace cuflash

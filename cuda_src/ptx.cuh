@@ -336,7 +336,8 @@ __device__ __forceinline__ void dmma_1688(double (&top)[2], double (&bottom)[2],
 // of 4). Outside sm_90a (the arch-specific target the dispatcher asks for on compute
 // capability 9.0) they compile to a trap: no Variant reaches them there.
 //
-// D (64 x N, fp32) += A (64 x 16) B (16 x N), A and B 16-bit. Warp w of the warpgroup holds rows
+// D (64 x N, fp32) += A (64 x 16) B (16 x N), A and B 16-bit (or A (64 x 8) B (8 x N) in TF32:
+// kIsTf32, below). Warp w of the warpgroup holds rows
 // 16w..16w+15 of D exactly as an mma.sync m16n8 accumulator holds its tile, once per n8 tile:
 // d[nt][0..1] = (row g, columns 8nt + 2t, +1), d[nt][2..3] = (row g + 8, same), g = lane/4,
 // t = lane%4. A from registers has the m16n8k16 A-fragment layout per warp (tc::pack_a turns two
@@ -356,6 +357,19 @@ template <typename Element>
 constexpr bool kIsBf16 = false;
 template <>
 constexpr bool kIsBf16<__nv_bfloat16> = true;
+}  // namespace ptx
+namespace tc {
+struct tf32;  // float32 on TF32 tensor cores (tile_tc.cuh's Arith)
+}  // namespace tc
+namespace ptx {
+// float32 operands that wgmma reads as TF32 (its top 19 bits: the caller rounds them first). A
+// k8 step of 4-byte elements has the byte geometry of a 16-bit k16 step, so the descriptors,
+// k-step offsets and A fragments (4 registers a lane) are the same; TF32 takes K-major operands
+// only (no transpose field).
+template <typename Element>
+constexpr bool kIsTf32 = false;
+template <>
+constexpr bool kIsTf32<tc::tf32> = true;
 
 // A shared-memory operand stored in 128-byte swizzled panels (tc::Sw128Tile): rows of 64
 // 16-bit elements (128 bytes), 8-row atoms of 1024 bytes in which the 16-byte chunk c of row r
@@ -433,7 +447,7 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[M][N]) {
         for (int j = 0; j < N; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
 }
 
-// One k16 step, D (+)= A B, N = 32, 64 or 128 (accumulators float[N/8][4]).
+// One k16 step (TF32: k8), D (+)= A B, N = 32, 64 or 128 (accumulators float[N/8][4]).
 //   ss: A and B from shared memory (descriptors); kTransA / kTransB = 1 for MN-major;
 //       kAccumulate = false: D = A B, and D is an output only (its old value is not live).
 //   rs: D += A B, A from registers (one m16k16 fragment per warp), B from shared memory.
@@ -447,47 +461,68 @@ struct Wgmma;
     template <typename Element, int kTransA, int kTransB, bool kAccumulate = true>                                \
     __device__ __forceinline__ static void ss(float (&d)[N / 8][4], unsigned long long desc_a,                     \
                                               unsigned long long desc_b) {                                          \
-        if constexpr (kAccumulate && kIsBf16<Element>)                                                              \
-            asm volatile(CUFLASH_WGMMA_SS##N(".bf16.bf16")                                                          \
+        static_assert(!kIsTf32<Element> || (kTransA == 0 && kTransB == 0), "TF32 operands are K-major");          \
+        if constexpr (kAccumulate && kIsTf32<Element>)                                                              \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_TF32, "")                                                \
+                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
+                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
+        else if constexpr (kIsTf32<Element>)                                                                        \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_TF32, "")                                                \
+                         : CUFLASH_WGMMA_ACC##N("=f")                                                               \
+                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
+        else if constexpr (kAccumulate && kIsBf16<Element>)                                                         \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N)                         \
                          : CUFLASH_WGMMA_ACC##N("+f")                                                               \
                          : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
         else if constexpr (kAccumulate)                                                                             \
-            asm volatile(CUFLASH_WGMMA_SS##N(".f16.f16")                                                            \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N)                          \
                          : CUFLASH_WGMMA_ACC##N("+f")                                                               \
                          : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
         else if constexpr (kIsBf16<Element>)                                                                        \
-            asm volatile(CUFLASH_WGMMA_SS##N(".bf16.bf16")                                                          \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N)                         \
                          : CUFLASH_WGMMA_ACC##N("=f")                                                               \
                          : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
         else                                                                                                        \
-            asm volatile(CUFLASH_WGMMA_SS##N(".f16.f16")                                                            \
+            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N)                          \
                          : CUFLASH_WGMMA_ACC##N("=f")                                                               \
                          : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
     }                                                                                                               \
     template <typename Element, int kTransB>                                                                        \
     __device__ __forceinline__ static void rs(float (&d)[N / 8][4], const unsigned (&a)[4],                        \
                                               unsigned long long desc_b) {                                          \
-        if constexpr (kIsBf16<Element>)                                                                             \
-            asm volatile(CUFLASH_WGMMA_RS##N(".bf16.bf16")                                                          \
+        static_assert(!kIsTf32<Element> || kTransB == 0, "TF32 operands are K-major");                             \
+        if constexpr (kIsTf32<Element>)                                                                             \
+            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_TF32, "")                                                \
+                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
+        else if constexpr (kIsBf16<Element>)                                                                        \
+            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_RS_TRANS##N)                         \
                          : CUFLASH_WGMMA_ACC##N("+f")                                                               \
                          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
         else                                                                                                        \
-            asm volatile(CUFLASH_WGMMA_RS##N(".f16.f16")                                                            \
+            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_RS_TRANS##N)                          \
                          : CUFLASH_WGMMA_ACC##N("+f")                                                               \
                          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
     }
 
+// The shape's k and the operand types, and (16-bit only) the transpose operands' places.
+#define CUFLASH_WGMMA_F16 "k16.f32.f16.f16"
+#define CUFLASH_WGMMA_BF16 "k16.f32.bf16.bf16"
+#define CUFLASH_WGMMA_TF32 "k8.f32.tf32.tf32"
+
 #define CUFLASH_WGMMA_ACC32(C) \
     C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
     C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3])
-#define CUFLASH_WGMMA_SS32(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32" TYPES " " \
+#define CUFLASH_WGMMA_SS_TRANS32 ", %19, %20"
+#define CUFLASH_WGMMA_SS32(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\nwgmma.mma_async.sync.aligned.m64n32" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
-    "%16, %17, p, 1, 1, %19, %20;\n}\n"
-#define CUFLASH_WGMMA_RS32(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k16.f32" TYPES " " \
+    "%16, %17, p, 1, 1" TRANS ";\n}\n"
+#define CUFLASH_WGMMA_RS_TRANS32 ", %22"
+#define CUFLASH_WGMMA_RS32(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
-    "{%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+    "{%16, %17, %18, %19}, %20, p, 1, 1" TRANS ";\n}\n"
 
 template <>
 struct Wgmma<32> {
@@ -499,16 +534,18 @@ struct Wgmma<32> {
     C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
     C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
     C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3])
-#define CUFLASH_WGMMA_SS64(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TYPES " " \
+#define CUFLASH_WGMMA_SS_TRANS64 ", %35, %36"
+#define CUFLASH_WGMMA_SS64(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-    "%32, %33, p, 1, 1, %35, %36;\n}\n"
-#define CUFLASH_WGMMA_RS64(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TYPES " " \
+    "%32, %33, p, 1, 1" TRANS ";\n}\n"
+#define CUFLASH_WGMMA_RS_TRANS64 ", %38"
+#define CUFLASH_WGMMA_RS64(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-    "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+    "{%32, %33, %34, %35}, %36, p, 1, 1" TRANS ";\n}\n"
 
 template <>
 struct Wgmma<64> {
@@ -524,20 +561,22 @@ struct Wgmma<64> {
     C(d[10][0]), C(d[10][1]), C(d[10][2]), C(d[10][3]), C(d[11][0]), C(d[11][1]), C(d[11][2]), C(d[11][3]), \
     C(d[12][0]), C(d[12][1]), C(d[12][2]), C(d[12][3]), C(d[13][0]), C(d[13][1]), C(d[13][2]), C(d[13][3]), \
     C(d[14][0]), C(d[14][1]), C(d[14][2]), C(d[14][3]), C(d[15][0]), C(d[15][1]), C(d[15][2]), C(d[15][3])
-#define CUFLASH_WGMMA_SS128(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TYPES " " \
+#define CUFLASH_WGMMA_SS_TRANS128 ", %67, %68"
+#define CUFLASH_WGMMA_SS128(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\nwgmma.mma_async.sync.aligned.m64n128" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-    "%64, %65, p, 1, 1, %67, %68;\n}\n"
-#define CUFLASH_WGMMA_RS128(TYPES) \
-    "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TYPES " " \
+    "%64, %65, p, 1, 1" TRANS ";\n}\n"
+#define CUFLASH_WGMMA_RS_TRANS128 ", %70"
+#define CUFLASH_WGMMA_RS128(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128" TYPES " " \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-    "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+    "{%64, %65, %66, %67}, %68, p, 1, 1" TRANS ";\n}\n"
 
 template <>
 struct Wgmma<128> {

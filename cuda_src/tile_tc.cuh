@@ -262,11 +262,10 @@ struct TileLoader {
         }
     }
 
-    // Flip the sign of every element this thread copied with `load` (same chunk mapping), after
+    // Every 32-bit word this thread copied with `load` (same chunk mapping) through `word`, after
     // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
-    // kSign: the sign bits of one 32-bit word's elements (Arith::kSignBits).
-    template <unsigned kSign>
-    __device__ __forceinline__ void negate(unsigned smem, int tid) const {
+    template <typename Word>
+    __device__ __forceinline__ void transform(unsigned smem, int tid, const Word& word) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
             const int idx = kThreads % Tile::kChunks == 0
@@ -275,8 +274,88 @@ struct TileLoader {
             if (kTotal % kThreads == 0 || idx < kTotal) {
                 const unsigned addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
                 const uint4 v = ptx::ld_shared_v4(addr);
-                ptx::st_shared_v4(addr, v.x ^ kSign, v.y ^ kSign, v.z ^ kSign, v.w ^ kSign);
+                ptx::st_shared_v4(addr, word(v.x), word(v.y), word(v.z), word(v.w));
             }
+        }
+    }
+
+    // Flip the sign of every element this thread copied. kSign: the sign bits of one 32-bit word's
+    // elements (Arith::kSignBits).
+    template <unsigned kSign>
+    __device__ __forceinline__ void negate(unsigned smem, int tid) const {
+        transform(smem, tid, [](unsigned w) { return w ^ kSign; });
+    }
+};
+
+// Row tiles of a float32 tensor whose rows are keys (V) into a shared tile with the keys along
+// its rows (tile row = the tensor's column): the K-major B operand TF32 wgmma needs for P V,
+// whose k index is the keys (TF32 has no transposed operand form, and neither cp.async nor
+// ldmatrix transposes 4-byte elements). In two halves, so that the global loads' latency hides
+// behind other work: `load` into registers (16-byte chunks of 4 columns; two adjacent threads
+// take a row's two adjacent chunks, whole 32-byte sectors), then `store` into the tile by 32-bit
+// stores (a warp's 32 stores of one column land on 32 distinct banks). Within every 8 keys the
+// tile holds them in a_k8_of's k order (MMA k index t: key 2t; t + 4: key 2t + 1), so that P's
+// accumulator n8 tile is the A fragment as it stands. Rows >= num_rows and columns >= num_cols
+// are zeros. The tile: Sw128Tile<kCols, 2 kRows> (widths in 16-bit units).
+template <int kRows, int kCols, int kThreads>
+struct KeysMajorLoader {
+    using Tile = Sw128Tile<kCols, 2 * kRows>;
+    static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
+    static constexpr int kIters = kRows * kChunks / kThreads;
+    static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
+                  "pairs of chunks, every thread the same number");
+    struct Staged {
+        float4 chunk[kIters];
+    };
+
+    const float* base;
+    long long row_stride;
+    int num_cols;
+
+    __device__ __forceinline__ KeysMajorLoader(const float* base_, long long row_stride_, int num_cols_)
+        : base(base_), row_stride(row_stride_), num_cols(num_cols_) {}
+
+    // As TileLoader's: 16-byte aligned rows.
+    __device__ __forceinline__ bool aligned(int num_rows) const {
+        return aligned16(base) && (num_rows <= 1 || row_stride % 4 == 0);
+    }
+
+    // The tensor row (from row0) and chunk of this thread's i-th chunk.
+    __device__ __forceinline__ static int row_of(int i, int tid) { return ((tid + i * kThreads) / 2) % kRows; }
+    __device__ __forceinline__ static int chunk_of(int i, int tid) {
+        const int idx = tid + i * kThreads;
+        return idx % 2 + 2 * (idx / (2 * kRows));
+    }
+
+    // Rows [row0, row0 + kRows) into registers; num_rows = rows that exist.
+    __device__ __forceinline__ void load(Staged& staged, int row0, int num_rows, int tid) const {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+            const int row = row0 + row_of(i, tid), col = 4 * chunk_of(i, tid);
+            const float* src = base + row * row_stride + col;
+            const int valid = row < num_rows ? min(max(num_cols - col, 0), 4) : 0;
+            if (valid == 4) {
+                staged.chunk[i] = *reinterpret_cast<const float4*>(src);
+            } else {
+                float e[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) e[c] = c < valid ? src[c] : 0.f;
+                staged.chunk[i] = make_float4(e[0], e[1], e[2], e[3]);
+            }
+        }
+    }
+
+    // The staged rows into the tile at `smem`, each value through `round` (its TF32 bits).
+    template <typename Round>
+    __device__ __forceinline__ void store(const Staged& staged, unsigned smem, int tid, const Round& round) const {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+            const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
+            const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order
+            const unsigned at = smem + 4 * (pos % 4);
+            const float v[4] = {staged.chunk[i].x, staged.chunk[i].y, staged.chunk[i].z, staged.chunk[i].w};
+#pragma unroll
+            for (int c = 0; c < 4; ++c) ptx::st_shared_b32(at + Tile::offset(col + c, pos / 4), round(v[c]));
         }
     }
 };

@@ -345,6 +345,66 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
                 precision, name)
 
 
+# fwd_wgmma's TF32 Variants (Hopper: d32, d64, d128; V transposed on its way to shared memory):
+# (q shape, k shape, Dv, options), odd lengths both ways, GQA/MQA, Dv < D, a lone key.
+WGMMA_TF32_CASES = [
+    ((2, 4, 97, 59), (2, 2, 1025, 59), 59, dict()),
+    ((1, 2, 1025, 30), (1, 2, 97, 30), 17, dict(causal=True)),
+    ((2, 2, 200, 111), (2, 1, 333, 111), 111, dict(window=(40, 3))),
+    ((1, 4, 130, 128), (1, 2, 260, 128), 100, dict(softcap=20.0, alibi=True, causal=True, sinks=True)),
+    ((1, 2, 64, 64), (1, 2, 1, 64), 64, dict()),
+    ((2, 2, 70, 40), (2, 2, 90, 40), 40, dict(bias=True, mask=True, scale=-0.3)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WGMMA_TF32_CASES, ids=lambda c: f"{c[0]}x{c[1]}-dv{c[2]}-{'-'.join(c[3]) or 'plain'}")
+def test_gpu_tf32_on_warpgroup_mmas(rng, case):
+    """precision="tf32" where Hopper's fwd_wgmma serves it (tiles._FWD_WGMMA_TF32_TABLE): out and
+    lse within TF32's rounding of the float64 reference (reference.score_mods_ref), every entry
+    of a NaN-poisoned out= written, nothing beside it; with dropout, the CPU backend's dropped
+    probabilities (the same zeros). On other GPUs the same checks run fwd_tc's TF32 Variants."""
+    cupy = pytest.importorskip("cupy")
+    q_shape, k_shape, dv, flags = case
+    q = rng.standard_normal(q_shape).astype(numpy.float32)
+    k = rng.standard_normal(k_shape).astype(numpy.float32)
+    v = rng.standard_normal(k_shape[:-1] + (dv,)).astype(numpy.float32)
+    hq, lq, lk = q_shape[1], q_shape[2], k_shape[2]
+    options = {name: value for name, value in flags.items() if name in ("causal", "window", "softcap", "scale")}
+    if flags.get("alibi"):
+        options["alibi_slopes"] = rng.uniform(0.01, 0.2, hq).astype(numpy.float32)
+    if flags.get("sinks"):
+        options["sinks"] = rng.standard_normal(hq).astype(numpy.float32)
+    if flags.get("bias"):
+        options["bias"] = rng.standard_normal((1, hq, lq, lk)).astype(numpy.float32)
+    if flags.get("mask"):
+        options["mask"] = rng.random((q_shape[0], 1, lq, lk)) > 0.2
+    ref_out, ref_lse = reference.score_mods_ref(q, k, v, **options)
+    magnitude = max(float(numpy.abs(reference.score_mods_ref(q, k, v, magnitudes=True, **options)[0]).max()), 1.0)
+    lse_size = max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max(initial=0.0)), 1.0)
+    gpu_options = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in options.items()}
+    padded = cupy.full((q_shape[0], hq, lq + 1, dv), numpy.nan, dtype=cupy.float32)  # a row beyond out
+    out = padded[:, :, :lq]
+    got, lse = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), out=out, return_lse=True, precision="tf32",
+                                 **gpu_options)
+    assert got is out and bool(cupy.isnan(padded[:, :, lq]).all()), "written beside out"
+    assert numpy.isfinite(got.get()).all(), "unwritten entries of out"
+    assert _float32_error(got.get(), ref_out) <= 2.0**-8 * magnitude
+    assert _float32_error(lse.get(), ref_lse) <= 2.0**-8 * max(magnitude, lse_size)
+    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
+    d = max(q_shape[-1], dv)
+    mods = any(name in options for name in ("softcap", "alibi_slopes", "bias", "mask"))
+    if arch == "90a":
+        ran = tiles.select("float32", d, d, "causal" in options or "window" in options or mods, arch,
+                           score_mods=mods, precision="tf32")
+        assert ran.kernel == "fwd_wgmma", ran
+    drop = dict(dropout_p=0.25, dropout_seed=int(rng.integers(1 << 62)))
+    dropped = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), precision="tf32", **gpu_options, **drop).get()
+    cpu = cuflash.attention(q, k, v, **options, **drop)
+    assert numpy.abs(dropped - cpu).max() <= 2.0**-7 * magnitude / (1 - drop["dropout_p"])
+    assert ((dropped == 0) == (cpu == 0)).mean() > 0.999
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["views", "negative scale", "dv != d", "window", "out="])
 def test_gpu_tf32_layouts_and_options(rng, case):

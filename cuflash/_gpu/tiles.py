@@ -286,13 +286,26 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 }
 
 
-def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
-    """Mirror of fwd_wgmma.cu's kSmemBytes."""
-    return 1024 + 2 * head_dim * (block_m + stages * 2 * block_n)
+# float32 under precision="tf32" (Element tc::tf32, one TF32 product): the same kernel with 4-byte
+# elements, Q and K rounded to TF32 where they land, V transposed on its way to shared memory
+# (TF32 wgmma reads K-major operands only); one block of two warpgroups per SM (149-254
+# registers). d128: 32 keys a tile (64 spill 192-208 bytes at 255 registers). Not yet measured
+# against fwd_tc's TF32 tiles (benchmarks/NOTES.md, session 48: written without a GPU).
+_FWD_WGMMA_TF32_TABLE: dict[int, tuple[int, int, int, int]] = {
+    32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 32, 8, 2)}
+
+
+def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
+    """Mirror of fwd_wgmma.cu's kSmemBytes (elements of `units` 16-bit units: 2 for float32)."""
+    return 1024 + 2 * units * head_dim * (block_m + stages * 2 * block_n)
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
-    rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
+    if arch != "90a":
+        return ()
+    if dtype == "float32":
+        return (_FWD_WGMMA_TF32_TABLE[head_dim],) if head_dim in _FWD_WGMMA_TF32_TABLE else ()
+    rows = _FWD_WGMMA_TABLE.get(head_dim, ())
     return tuple(tile for most_keys, tile in rows if visible_keys <= most_keys)[:1]
 
 
@@ -745,7 +758,10 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     modifier_tile=lambda dtype, d: (_TF32_MODIFIER_TILES if dtype == "float32" else _TC_MODIFIER_TILES).get(d),
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
                     split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
-FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES, _fwd_wgmma_candidates, _by_tile(_smem_fwd_wgmma_bytes), drops=True)
+FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candidates,
+                       lambda dtype, d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(d, block_m, block_n, stages,
+                                                                                        _units(dtype)),
+                       tf32_precisions=("tf32",), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True, drops=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
@@ -815,7 +831,9 @@ SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIM
 FORWARD = {
     "float16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
     "bfloat16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
-    "float32": (FWD_TC, FWD_SIMT),  # TF32 tensor cores under precision="tf32" (FWD_TC.tf32_precisions)
+    # TF32 tensor cores under precision="tf32" (tf32_precisions: on Hopper's warpgroup MMAs where
+    # fwd_wgmma has the bucket) and "highest" (FWD_TC's 3xTF32 up to d64), else FFMA
+    "float32": (FWD_WGMMA, FWD_TC, FWD_SIMT),
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
 # float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA;
