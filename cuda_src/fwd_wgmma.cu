@@ -1,6 +1,6 @@
 // Forward attention for float16 / bfloat16 on Hopper (sm_90a), and float32 under
-// precision="tf32" (Element tc::tf32: one TF32 product, tile_tc.cuh's Arith): FlashAttention-2's
-// algorithm (fwd_tc.cu) on warpgroup MMAs.
+// precision="tf32" (Element tc::tf32: one TF32 product, tile_tc.cuh's Arith) and "highest"
+// (tc::tf32x3: 3xTF32): FlashAttention-2's algorithm (fwd_tc.cu) on warpgroup MMAs.
 //
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
@@ -25,6 +25,11 @@
 // loads the next tile's V into registers (tc::KeysMajorLoader) and, once its own MMAs are
 // issued and its softmax done, stores it transposed (V_j^T: keys along the rows) into one of
 // two slots that take the place of the V ring; the next step's barrier publishes it.
+// 3xTF32 (kSplit): every operand in two TF32 halves (tile_tc.cuh's tf32x3), Q, K and V^T as hi
+// and lo tiles side by side (twice the shared memory), P as two fragments; S's three products
+// accumulate in the MMA, while each tile's P V lands in a fresh accumulator that is added to acc
+// by FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
+// grew with its length, 10x float32's; tile_tc.cuh).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -41,10 +46,12 @@ namespace cuflash {
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 // Q, kStages K tiles and kStages V tiles (TF32: two V^T slots, kStages = 2), swizzled rows
-// without padding, of kUnits 16-bit units an element, plus 1024 bytes to align the swizzle atoms.
+// without padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus
+// 1024 bytes to align the swizzle atoms.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned fwd_wgmma_smem_bytes() {
-    return 1024 + 2 * tc::Arith<Element>::kUnits * kHeadDim * (kBlockM + 2 * kStages * kBlockN);
+    using Arith = tc::Arith<Element>;
+    return 1024 + (Arith::kProducts == 3 ? 2 : 1) * 2 * Arith::kUnits * kHeadDim * (kBlockM + 2 * kStages * kBlockN);
 }
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
@@ -64,7 +71,10 @@ __global__ void __launch_bounds__(kWarps * 32,
     fwd_wgmma(const FwdParams p) {
     using Arith = tc::Arith<Element>;
     using Storage = typename Arith::Storage;
+    using Mma = typename Arith::Mma;                  // one MMA's operand type
     constexpr bool kTf32 = Arith::kUnits == 2;
+    constexpr bool kSplit = Arith::kProducts == 3;    // 3xTF32
+    constexpr int kHalves = kSplit ? 2 : 1;           // tiles per operand: hi (and lo)
     constexpr int kThreads = kWarps * 32;
     constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
     constexpr int kKStepsQK = kWidth / 16;            // k16 (TF32: k8) steps of Q K^T
@@ -75,14 +85,15 @@ __global__ void __launch_bounds__(kWarps * 32,
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
     static_assert(!kTf32 || kStages == 2, "TF32: two V^T slots in the V ring's place");
-    static_assert(Arith::kK == 16 || kTf32, "16-bit or TF32 (one product; 3xTF32 runs fwd_tc)");
+    static_assert(Arith::kK == 16 || kTf32, "16-bit or TF32");
+    static_assert(!kSplit || !kScoreMods, "3xTF32 without modifiers (tiles.py: FFMA serves them)");
 
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;
     using KVTile = tc::Sw128Tile<kBlockN, kWidth>;       // one K or V tile
     using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // TF32: V_t^T
     using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + QTile::kBytes + 2 * kStages * KVTile::kBytes, "1024: alignment");
+    static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + 2 * kStages * KVTile::kBytes), "1024: alignment");
     // O leaves through the K/V rings (TF32: from Q's tile on, which the rings follow)
     static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + 2 * kStages * KVTile::kBytes, "O's staging fits");
     static_assert(!kTf32 || VtLoader::Tile::kBytes == KVTile::kBytes, "a V^T slot takes a V tile's place");
@@ -91,7 +102,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
     // Swizzle atoms start on 1024-byte boundaries (the descriptors' base offset is 0).
     const unsigned q_smem = ptx::smem_addr(smem) + ((1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u);
-    const unsigned kv_smem = q_smem + QTile::kBytes;  // the K ring, then the V ring
+    const unsigned kv_smem = q_smem + kHalves * QTile::kBytes;  // (Q's lo tile,) the K ring, then the V ring
+    constexpr unsigned kLo = KVTile::kBytes;  // 3xTF32: a K or V^T slot's lo tile, after its hi tile
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
@@ -125,8 +137,8 @@ __global__ void __launch_bounds__(kWarps * 32,
         reinterpret_cast<Units>(static_cast<const Storage*>(p.v) + at.v), p.v_row_stride * kUnits, p.head_dim_v * kUnits);
     const VtLoader vt_loader(static_cast<const float*>(p.v) + at.v, p.v_row_stride, p.head_dim_v);
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
-    auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * KVTile::kBytes; };
-    auto v_slot = [&](int t) { return k_slot(t) + kStages * KVTile::kBytes; };  // TF32: V_t^T's slot
+    auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kHalves * KVTile::kBytes; };
+    auto v_slot = [&](int t) { return k_slot(t) + kStages * kHalves * KVTile::kBytes; };  // TF32: V_t^T's slot
     auto load_k = [&](int t) {
         if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
@@ -136,8 +148,12 @@ __global__ void __launch_bounds__(kWarps * 32,
     // TF32 operands are rounded to TF32 (to nearest, as fwd_tc's fragments: wgmma would drop the
     // low 13 bits, twice the error) where they land: Q and K by the thread that copied them,
     // after its copies landed and before the barrier that publishes them.
+    // 3xTF32: split instead, the lo halves into the lo tiles.
     auto round_k = [&](int t) {
-        if constexpr (kTf32) k_loader.transform(k_slot(t), tid, [](unsigned w) { return ptx::to_tf32(__uint_as_float(w)); });
+        if constexpr (kSplit)
+            k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
+        else if constexpr (kTf32)
+            k_loader.transform(k_slot(t), tid, [](unsigned w) { return ptx::to_tf32(__uint_as_float(w)); });
     };
     // TF32: V_t into registers, then (after the barrier that frees its slot) transposed into it,
     // rounded, fenced for the tensor cores; published by the next barrier.
@@ -146,10 +162,18 @@ __global__ void __launch_bounds__(kWarps * 32,
         if constexpr (kTf32) vt_loader.load(v_staged, t * kBlockN, at.seqlen_k, tid);
     };
     auto store_vt = [&](int t) {
-        if constexpr (kTf32) {
-            vt_loader.store(v_staged, v_slot(t), tid, [](float x) { return ptx::to_tf32(x); });
-            ptx::fence_proxy_async_shared();
+        const unsigned slot = v_slot(t);
+        if constexpr (kSplit) {
+            vt_loader.store(v_staged, tid, [&](unsigned offset, float x) {
+                unsigned hi, lo;
+                tc::split_tf32(x, hi, lo);
+                ptx::st_shared_b32(slot + offset, hi);
+                ptx::st_shared_b32(slot + kLo + offset, lo);
+            });
+        } else if constexpr (kTf32) {
+            vt_loader.store(v_staged, tid, [&](unsigned offset, float x) { ptx::st_shared_b32(slot + offset, ptx::to_tf32(x)); });
         }
+        if constexpr (kTf32) ptx::fence_proxy_async_shared();
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
     load_k(range.first);
@@ -168,10 +192,13 @@ __global__ void __launch_bounds__(kWarps * 32,
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
     // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 (fwd_tc.cu).
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
-    if constexpr (kTf32) {  // Q rounded (and negated) in one pass, K_first rounded
+    if constexpr (kTf32) {  // Q rounded or split (and negated) in one pass, K_first rounded or split
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q and K_first copies (group 0) have landed
         const unsigned sign = p.scale_log2 < 0.f ? Arith::kSignBits : 0u;
-        q_loader.transform(q_smem, tid, [&](unsigned w) { return ptx::to_tf32(__uint_as_float(w)) ^ sign; });
+        if constexpr (kSplit)
+            q_loader.split(q_smem, q_smem + QTile::kBytes, tid, sign);
+        else
+            q_loader.transform(q_smem, tid, [&](unsigned w) { return ptx::to_tf32(__uint_as_float(w)) ^ sign; });
         if (range.first < range.last) round_k(range.first);
     } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
@@ -184,7 +211,10 @@ __global__ void __launch_bounds__(kWarps * 32,
 
     // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        tc::wgmma_a_bt<Element, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
+        if constexpr (kSplit)
+            tc::wgmma_a_bt_x3<kKStepsQK, QTile, KVTile>(s, q_group, q_group + QTile::kBytes, k_slot(t), k_slot(t) + kLo);
+        else
+            tc::wgmma_a_bt<Mma, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
     };
     // Score modifiers (score_mod.cuh); Q was negated for a negative scale: |scale| here.
     // Softcap and ALiBi turn the scores into log2 units and return the softmax's multiplier 1;
@@ -214,30 +244,63 @@ __global__ void __launch_bounds__(kWarps * 32,
     if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
     float s[1][kBlockN / 8][4];    // scores, then P, of the tile ahead
     // P of the current tile as the A operand of P V: n8 tiles 2kk, 2kk+1 of S packed to 16 bits
-    // are P's k16 step kk; TF32: n8 tile kk, rounded, is its k8 step kk (a_k8_of: V^T's key order).
-    unsigned p_frag[kKStepsPV][4];
+    // are P's k16 step kk; TF32: n8 tile kk, rounded, is its k8 step kk (a_k8_of: V^T's key order);
+    // 3xTF32: split, its lo halves in p_lo.
+    unsigned p_frag[kKStepsPV][4], p_lo[kSplit ? kKStepsPV : 1][4];
     auto pack_p = [&] {
 #pragma unroll
         for (int kk = 0; kk < kKStepsPV; ++kk) {
             if constexpr (kTf32) {
-                tc::Tf32Fragment<4> a[1];
+                typename Arith::AFragment a[1];
                 tc::a_k8_of(a, s, kk);
 #pragma unroll
-                for (int r = 0; r < 4; ++r) p_frag[kk][r] = a[0].r[r];
+                for (int r = 0; r < 4; ++r) {
+                    if constexpr (kSplit) {
+                        p_frag[kk][r] = a[0].hi[r];
+                        p_lo[kk][r] = a[0].lo[r];
+                    } else {
+                        p_frag[kk][r] = a[0].r[r];
+                    }
+                }
             } else {
                 tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
             }
         }
     };
-    // acc += P_t V_t, issued (the caller commits and waits).
+    // acc += P_t V_t, issued (the caller commits and waits); 3xTF32: into pv_tile, zeroed before
+    // the step's wgmma_fence, added to acc once landed (land_pv).
+    float pv_tile[1][kSplit ? kHeadDim / 8 : 1][4];
     auto issue_pv = [&](int t) {
+        using Wgmma = ptx::Wgmma<kHeadDim>;
+        const unsigned vt = v_slot(t);
 #pragma unroll
         for (int kk = 0; kk < kKStepsPV; ++kk) {
-            if constexpr (kTf32)
-                ptx::Wgmma<kHeadDim>::template rs<Element, 0>(
-                    acc[0], p_frag[kk], VtLoader::Tile::k_major(v_slot(t) + VtLoader::Tile::k_step(kk)));
-            else
-                ptx::Wgmma<kHeadDim>::template rs<Element, 1>(acc[0], p_frag[kk], KVTile::mn_major(v_slot(t) + kk * 2048));
+            if constexpr (kSplit) {
+                const unsigned long long hi = VtLoader::Tile::k_major(vt + VtLoader::Tile::k_step(kk));
+                const unsigned long long lo = VtLoader::Tile::k_major(vt + kLo + VtLoader::Tile::k_step(kk));
+                Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], hi);
+                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], lo);
+                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], hi);
+            } else if constexpr (kTf32) {
+                Wgmma::template rs<Mma, 0>(acc[0], p_frag[kk], VtLoader::Tile::k_major(vt + VtLoader::Tile::k_step(kk)));
+            } else {
+                Wgmma::template rs<Mma, 1>(acc[0], p_frag[kk], KVTile::mn_major(vt + kk * 2048));
+            }
+        }
+    };
+    auto start_pv = [&] {
+        if constexpr (kSplit) tc::zero(pv_tile);
+    };
+    // After the wait for P_t V_t: its registers pinned (and 3xTF32's added into acc by FADD).
+    auto land_pv = [&] {
+        if constexpr (kSplit) {
+            ptx::wgmma_pin(pv_tile[0]);
+#pragma unroll
+            for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[0][nt][e] += pv_tile[0][nt][e];
+        } else {
+            ptx::wgmma_pin(acc[0]);
         }
     };
 
@@ -279,6 +342,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_commit();
 
         stage_v(t + 1);      // TF32: V_{t+1}'s loads in flight through this step's MMAs and softmax
+        start_pv();
 
         ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
         issue_scores(t + 1, s[0]);
@@ -295,7 +359,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         drop(t + 1, s);
         store_vt(t + 1);       // its slot's last reader, P_{t-1} V_{t-1}, finished before the barrier
         ptx::wgmma_wait<0>();  // P_t V_t
-        ptx::wgmma_pin(acc[0]);
+        land_pv();
         if (moved) softmax.rescale(acc, alpha);
         pack_p();
     }
@@ -303,11 +367,12 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_wait<kStages - 2>();  // V_last, one group behind K_last
         ptx::fence_proxy_async_shared();
         __syncthreads();
+        start_pv();
         ptx::wgmma_fence();
         issue_pv(range.last - 1);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
-        ptx::wgmma_pin(acc[0]);
+        land_pv();
     }
 
     // ---- Epilogue: O = acc / l_i in the output type, staged through shared memory as padded

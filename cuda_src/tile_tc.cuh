@@ -39,6 +39,8 @@ struct tf32x3 {};
 template <typename Element>
 struct Arith {  // float16, bfloat16
     using Storage = unsigned short;
+    using Mma = Element;                                // the operand type of one MMA instruction
+    static constexpr int kProducts = 1;                 // MMAs per product of two operands
     static constexpr int kUnits = 1;                    // 16-bit units per element
     static constexpr int kK = 16;                       // the k of one MMA step
     static constexpr unsigned kSignBits = 0x80008000u;  // the sign bits of a 32-bit word's elements
@@ -66,23 +68,26 @@ struct Tf32Fragment {
 // payload here is kept in the top mantissa bits, or the NaN becomes an infinity of its sign).
 __device__ __forceinline__ unsigned tf32_bits(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
 
-// A 3xTF32 operand fragment: hi and lo registers (tf32x3 above). A non-finite x (and a float so
-// close to FLT_MAX that hi would round to infinity) is hi = 0, lo = x: its products are then
-// lo's alone, so x times a finite nonzero operand is an infinity of the right sign and times 0
-// is NaN, as in float32 (hi = x would meet the other operand's lo, often 0: NaN for P = 1).
+// x split into 3xTF32's hi and lo halves (tf32x3 above). A non-finite x (and a float so close
+// to FLT_MAX that hi would round to infinity) is hi = 0, lo = x: its products are then lo's
+// alone, so x times a finite nonzero operand is an infinity of the right sign and times 0 is
+// NaN, as in float32 (hi = x would meet the other operand's lo, often 0: NaN for P = 1).
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    const unsigned rounded = tf32_bits(x);
+    const float rest = x - __uint_as_float(rounded);  // exact for finite x; NaN or +-inf otherwise
+    const bool finite = fabsf(rest) < __int_as_float(0x7f800000);
+    hi = finite ? rounded : 0u;
+    lo = finite ? tf32_bits(rest) : __float_as_uint(x);
+}
+
+// A 3xTF32 operand fragment: hi and lo registers (split_tf32).
 template <int R>
 struct Tf32x3Fragment {
     template <int S>
     using Like = Tf32x3Fragment<S>;
     unsigned hi[R], lo[R];
 
-    __device__ __forceinline__ void set(int i, float x) {
-        const unsigned rounded = tf32_bits(x);
-        const float rest = x - __uint_as_float(rounded);  // exact for finite x; NaN or +-inf otherwise
-        const bool finite = fabsf(rest) < __int_as_float(0x7f800000);
-        hi[i] = finite ? rounded : 0u;
-        lo[i] = finite ? tf32_bits(rest) : __float_as_uint(x);
-    }
+    __device__ __forceinline__ void set(int i, float x) { split_tf32(x, hi[i], lo[i]); }
     __device__ __forceinline__ void round(const unsigned (&raw)[R]) {
 #pragma unroll
         for (int i = 0; i < R; ++i) set(i, __uint_as_float(raw[i]));
@@ -108,6 +113,8 @@ __device__ __forceinline__ void mma_k8(float (&c)[4], const Tf32x3Fragment<4>& a
 template <>
 struct Arith<tf32> {
     using Storage = float;
+    using Mma = tf32;
+    static constexpr int kProducts = 1;
     static constexpr int kUnits = 2;
     static constexpr int kK = 8;
     static constexpr unsigned kSignBits = 0x80000000u;
@@ -116,6 +123,7 @@ struct Arith<tf32> {
 template <>
 struct Arith<tf32x3> : Arith<tf32> {
     using AFragment = Tf32x3Fragment<4>;
+    static constexpr int kProducts = 3;  // lo hi + hi lo + hi hi
 };
 
 // An A fragment of one MMA step from shared memory by ldmatrix_x4 at the lane's address: as
@@ -202,6 +210,27 @@ __device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, u
                                                              ptx::desc_advance(desc_b, BTile::k_step(kk)));
 }
 
+// 3xTF32's C = A B^T (tf32x3 above) on TF32 wgmma: per k8 step the small products first, A_lo
+// B_hi and A_hi B_lo, then A_hi B_hi, all into C (the first overwriting it); a_lo, b_lo: the lo
+// halves (TileLoader::split) in tiles of the same layouts as a and b.
+template <int kKSteps, typename ATile, typename BTile, int kNTiles>
+__device__ __forceinline__ void wgmma_a_bt_x3(float (&c)[kNTiles][4], unsigned a, unsigned a_lo, unsigned b,
+                                              unsigned b_lo) {
+    using Mma = ptx::Wgmma<8 * kNTiles>;
+    const unsigned long long da = ATile::k_major(a), da_lo = ATile::k_major(a_lo);
+    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
+    Mma::template ss<tf32, 0, 0, false>(c, da_lo, db);
+    Mma::template ss<tf32, 0, 0>(c, da, db_lo);
+    Mma::template ss<tf32, 0, 0>(c, da, db);
+#pragma unroll
+    for (int kk = 1; kk < kKSteps; ++kk) {
+        const unsigned ka = ATile::k_step(kk), kb = BTile::k_step(kk);
+        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da_lo, ka), ptx::desc_advance(db, kb));
+        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da, ka), ptx::desc_advance(db_lo, kb));
+        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da, ka), ptx::desc_advance(db, kb));
+    }
+}
+
 // Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles
 // (SmemTile, or any layout with the same kChunks / offset interface such as Sw128Tile),
 // by all kThreads threads of the block: one 16-byte cp.async per chunk of 8 elements. Rows
@@ -262,21 +291,41 @@ struct TileLoader {
         }
     }
 
-    // Every 32-bit word this thread copied with `load` (same chunk mapping) through `word`, after
-    // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
-    template <typename Word>
-    __device__ __forceinline__ void transform(unsigned smem, int tid, const Word& word) const {
+    // `chunk(addr)` for the shared address of every chunk this thread copied with `load` (same
+    // chunk mapping), after its own copies have landed (cp.async.wait_group): no barrier needed
+    // before, one after.
+    template <typename Chunk>
+    __device__ __forceinline__ void for_each_chunk(unsigned smem, int tid, const Chunk& chunk) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
             const int idx = kThreads % Tile::kChunks == 0
                                 ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
                                 : tid + i * kThreads;
-            if (kTotal % kThreads == 0 || idx < kTotal) {
-                const unsigned addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
-                const uint4 v = ptx::ld_shared_v4(addr);
-                ptx::st_shared_v4(addr, word(v.x), word(v.y), word(v.z), word(v.w));
-            }
+            if (kTotal % kThreads == 0 || idx < kTotal) chunk(smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks));
         }
+    }
+
+    // Every 32-bit word this thread copied through `word`, in place.
+    template <typename Word>
+    __device__ __forceinline__ void transform(unsigned smem, int tid, const Word& word) const {
+        for_each_chunk(smem, tid, [&](unsigned addr) {
+            const uint4 v = ptx::ld_shared_v4(addr);
+            ptx::st_shared_v4(addr, word(v.x), word(v.y), word(v.z), word(v.w));
+        });
+    }
+
+    // 3xTF32: every float this thread copied split (split_tf32), hi in place and lo the same
+    // offset into the tile at lo_smem, each XOR `sign` (a negated Q).
+    __device__ __forceinline__ void split(unsigned smem, unsigned lo_smem, int tid, unsigned sign = 0u) const {
+        for_each_chunk(smem, tid, [&](unsigned addr) {
+            const uint4 v = ptx::ld_shared_v4(addr);
+            const unsigned w[4] = {v.x, v.y, v.z, v.w};
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) split_tf32(__uint_as_float(w[e]), hi[e], lo[e]);
+            ptx::st_shared_v4(addr, hi[0] ^ sign, hi[1] ^ sign, hi[2] ^ sign, hi[3] ^ sign);
+            ptx::st_shared_v4(addr - smem + lo_smem, lo[0] ^ sign, lo[1] ^ sign, lo[2] ^ sign, lo[3] ^ sign);
+        });
     }
 
     // Flip the sign of every element this thread copied. kSign: the sign bits of one 32-bit word's
@@ -345,17 +394,17 @@ struct KeysMajorLoader {
         }
     }
 
-    // The staged rows into the tile at `smem`, each value through `round` (its TF32 bits).
-    template <typename Round>
-    __device__ __forceinline__ void store(const Staged& staged, unsigned smem, int tid, const Round& round) const {
+    // The staged rows into a tile: put(offset, value) stores each value at its offset in the
+    // tile (rounded to TF32, or split into hi and lo tiles).
+    template <typename Put>
+    __device__ __forceinline__ void store(const Staged& staged, int tid, const Put& put) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
             const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
             const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order
-            const unsigned at = smem + 4 * (pos % 4);
             const float v[4] = {staged.chunk[i].x, staged.chunk[i].y, staged.chunk[i].z, staged.chunk[i].w};
 #pragma unroll
-            for (int c = 0; c < 4; ++c) ptx::st_shared_b32(at + Tile::offset(col + c, pos / 4), round(v[c]));
+            for (int c = 0; c < 4; ++c) put(Tile::offset(col + c, pos / 4) + 4 * (pos % 4), v[c]);
         }
     }
 };

@@ -52,7 +52,7 @@ def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
     assert cli.main(["warmup", "--dtype", "float32,bfloat16", "--head-dim", "64", "--mask", "dense",
                      "--arch", "90a", "--jobs", "1", "--forward-only", "--precision", "highest,tf32"]) == 0
     forward = {(variant.kernel, variant.dtype, variant.precision) for variant, _ in warmed}
-    assert ("fwd_tc", "float32", "highest") in forward  # "highest": 3xTF32 on tensor cores (long rows)
+    assert ("fwd_wgmma", "float32", "highest") in forward  # "highest": 3xTF32 on tensor cores (long rows)
     assert ("fwd_simt", "float32", None) in forward  # and FFMA (short rows, score modifiers)
     assert ("fwd_wgmma", "float32", "tf32") in forward  # "tf32": TF32 tensor cores (Hopper's warpgroup MMAs)
     assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")

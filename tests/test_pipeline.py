@@ -507,16 +507,17 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
     assert plan._short_rows(p) is expected
 
 
-@pytest.mark.parametrize("arch, tile32, tile64", [("90a", (128, 64), (128, 32)), ("80", (64, 64), (64, 32)),
-                                                  ("86", (64, 64), (64, 32))])
-def test_float32_highest_takes_3xtf32_up_to_d64(arch, tile32, tile64):
-    """precision="highest": the forward on tensor cores in 3xTF32 (fwd_tc's Element tc::tf32x3) at
-    head dims up to 64, the tile without spills per arch; FFMA (fwd_simt) for wider heads, short
-    rows, score modifiers and every backward kernel; "ieee" always FFMA; "tf32" its own Variants."""
+@pytest.mark.parametrize("arch, kernel, tile32, tile64", [
+    ("90a", "fwd_wgmma", (128, 64), (128, 64)), ("80", "fwd_tc", (64, 64), (64, 32)), ("86", "fwd_tc", (64, 64), (64, 32))])
+def test_float32_highest_takes_3xtf32_up_to_d64(arch, kernel, tile32, tile64):
+    """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
+    fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, the tile without spills per arch; FFMA
+    (fwd_simt) for wider heads, short rows, score modifiers and every backward kernel; "ieee"
+    always FFMA; "tf32" its own Variants."""
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)):
         for window in (False, True):
             v = tiles.select("float32", d, d, window, arch, precision="highest")
-            assert (v.kernel, v.precision, (v.block_m, v.block_n)) == ("fwd_tc", "highest", tile), (d, window, v)
+            assert (v.kernel, v.precision, (v.block_m, v.block_n)) == (kernel, "highest", tile), (d, window, v)
             assert v.element_type == "cuflash::tc::tf32x3"
             assert tiles.select("float32", d, d, window, arch, precision="ieee").kernel == "fwd_simt"
             assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"

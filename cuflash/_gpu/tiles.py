@@ -84,6 +84,9 @@ class KernelSpec:
     # first; none: the next family (FFMA). Calls with score modifiers or short rows take the next
     # family.
     split_tf32_candidates: Callable[[int, str], tuple[Tile, ...]] = lambda head_dim, arch: ()
+    # The 3xTF32 form's shared memory (head_dim, block_m, block_n, stages) -> bytes where it is not
+    # ``shared_memory``'s for float32 (fwd_wgmma: every operand's lo tiles beside its hi ones).
+    split_shared_memory: Callable[[int, int, int, int], int] | None = None
     # The masked form's candidates where they differ from ``candidates`` (same signature), else None.
     masked_candidates: Callable[[str, int, str, float], tuple[Tile, ...]] | None = None
     # The family reads its inputs through tensor maps (TMA): the plan takes it only for calls
@@ -150,7 +153,7 @@ class KernelSpec:
         if dropout and self.dropout_tile(dtype, head_dim) is not None:  # (before the short tile too)
             candidates = (self.dropout_tile(dtype, head_dim),) + tuple(candidates)
         for block_m, block_n, warps, stages in candidates:
-            shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods)
+            shared_mem = self._shared_memory(dtype, head_dim, block_m, block_n, stages, score_mods, split)
             if self.tile_ok(block_m, block_n, warps) and shared_mem <= limit:
                 return Variant(self.kernel, dtype, head_dim, block_m, block_n, warps, stages,
                                has_window and self.masked, arch, shared_mem, score_mods, precision if tf32 else None,
@@ -159,10 +162,12 @@ class KernelSpec:
 
     def shared_memory_bytes(self, variant: Variant) -> int:
         return self._shared_memory(variant.dtype, variant.head_dim, variant.block_m, variant.block_n, variant.stages,
-                                   variant.score_mods)
+                                   variant.score_mods, variant.precision == "highest")
 
     def _shared_memory(self, dtype: str, head_dim: int, block_m: int, block_n: int, stages: int,
-                       score_mods: bool) -> int:
+                       score_mods: bool, split: bool = False) -> int:
+        if split and self.split_shared_memory is not None:  # (3xTF32 never takes modifiers)
+            return self.split_shared_memory(head_dim, block_m, block_n, stages)
         planes = self.score_planes(dtype, head_dim, block_m, block_n) if score_mods and self.score_planes else 0
         return self.shared_memory(dtype, head_dim, block_m, block_n, stages) + stages * planes
 
@@ -293,11 +298,21 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # against fwd_tc's TF32 tiles (benchmarks/NOTES.md, session 48: written without a GPU).
 _FWD_WGMMA_TF32_TABLE: dict[int, tuple[int, int, int, int]] = {
     32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 32, 8, 2)}
+# float32 under precision="highest" (tc::tf32x3, 3xTF32: three TF32 wgmma per product, every
+# operand's hi and lo tiles in shared memory): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo
+# tiles would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA).
+_FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 2), 64: (128, 64, 8, 2)}
 
 
-def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1) -> int:
-    """Mirror of fwd_wgmma.cu's kSmemBytes (elements of `units` 16-bit units: 2 for float32)."""
-    return 1024 + 2 * units * head_dim * (block_m + stages * 2 * block_n)
+def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
+                          halves: int = 1) -> int:
+    """Mirror of fwd_wgmma.cu's kSmemBytes (elements of `units` 16-bit units: 2 for float32; each
+    tile in `halves`: 2 under 3xTF32, hi and lo)."""
+    return 1024 + halves * 2 * units * head_dim * (block_m + stages * 2 * block_n)
+
+
+def _fwd_wgmma_tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
+    return (_FWD_WGMMA_TF32X3_TABLE[head_dim],) if arch == "90a" and head_dim in _FWD_WGMMA_TF32X3_TABLE else ()
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
@@ -761,7 +776,9 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candidates,
                        lambda dtype, d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
-                       tf32_precisions=("tf32",), drops=True)
+                       tf32_precisions=("tf32", "highest"), split_tf32_candidates=_fwd_wgmma_tf32x3_candidates,
+                       split_shared_memory=lambda d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(
+                           d, block_m, block_n, stages, units=2, halves=2), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True, drops=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
@@ -831,8 +848,8 @@ SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIM
 FORWARD = {
     "float16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
     "bfloat16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
-    # TF32 tensor cores under precision="tf32" (tf32_precisions: on Hopper's warpgroup MMAs where
-    # fwd_wgmma has the bucket) and "highest" (FWD_TC's 3xTF32 up to d64), else FFMA
+    # TF32 tensor cores under precision="tf32" and "highest" (3xTF32 up to d64): on Hopper's
+    # warpgroup MMAs where fwd_wgmma has the bucket, else mma.sync (tf32_precisions); else FFMA
     "float32": (FWD_WGMMA, FWD_TC, FWD_SIMT),
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
