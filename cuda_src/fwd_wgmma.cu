@@ -27,9 +27,9 @@
 // two slots that take the place of the V ring; the next step's barrier publishes it.
 // 3xTF32 (kSplit): every operand in two TF32 halves (tile_tc.cuh's tf32x3), Q, K and V^T as hi
 // and lo tiles side by side (twice the shared memory), P as two fragments; S's three products
-// accumulate in the MMA, while each tile's P V lands in a fresh accumulator that is added to acc
-// by FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
-// grew with its length, 10x float32's; tile_tc.cuh).
+// accumulate in the MMA, small ones first (tc::wgmma_a_bt_x3), and so do each tile's P V, in a
+// fresh accumulator that is added to acc by FADD (the tensor cores truncate as they accumulate:
+// over a whole row in place, P V's error grew with its length, 10x float32's; tile_tc.cuh).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -273,18 +273,22 @@ __global__ void __launch_bounds__(kWarps * 32,
     auto issue_pv = [&](int t) {
         using Wgmma = ptx::Wgmma<kHeadDim>;
         const unsigned vt = v_slot(t);
+        auto vt_desc = [&](unsigned tile, int kk) { return VtLoader::Tile::k_major(tile + VtLoader::Tile::k_step(kk)); };
+        if constexpr (kSplit) {  // the small products of every k-step first (tc::wgmma_a_bt_x3 says why)
 #pragma unroll
-        for (int kk = 0; kk < kKStepsPV; ++kk) {
-            if constexpr (kSplit) {
-                const unsigned long long hi = VtLoader::Tile::k_major(vt + VtLoader::Tile::k_step(kk));
-                const unsigned long long lo = VtLoader::Tile::k_major(vt + kLo + VtLoader::Tile::k_step(kk));
-                Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], hi);
-                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], lo);
-                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], hi);
-            } else if constexpr (kTf32) {
-                Wgmma::template rs<Mma, 0>(acc[0], p_frag[kk], VtLoader::Tile::k_major(vt + VtLoader::Tile::k_step(kk)));
-            } else {
-                Wgmma::template rs<Mma, 1>(acc[0], p_frag[kk], KVTile::mn_major(vt + kk * 2048));
+            for (int kk = 0; kk < kKStepsPV; ++kk) {
+                Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], vt_desc(vt, kk));
+                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], vt_desc(vt + kLo, kk));
+            }
+#pragma unroll
+            for (int kk = 0; kk < kKStepsPV; ++kk) Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], vt_desc(vt, kk));
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < kKStepsPV; ++kk) {
+                if constexpr (kTf32)
+                    Wgmma::template rs<Mma, 0>(acc[0], p_frag[kk], vt_desc(vt, kk));
+                else
+                    Wgmma::template rs<Mma, 1>(acc[0], p_frag[kk], KVTile::mn_major(vt + kk * 2048));
             }
         }
     };

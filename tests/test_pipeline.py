@@ -508,7 +508,7 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
 
 
 @pytest.mark.parametrize("arch, kernel, tile32, tile64", [
-    ("90a", "fwd_wgmma", (128, 64), (128, 64)), ("80", "fwd_tc", (64, 64), (64, 32)), ("86", "fwd_tc", (64, 64), (64, 32))])
+    ("90a", "fwd_wgmma", (128, 64), (128, 32)), ("80", "fwd_tc", (64, 64), (64, 32)), ("86", "fwd_tc", (64, 64), (64, 32))])
 def test_float32_highest_takes_3xtf32_up_to_d64(arch, kernel, tile32, tile64):
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
     fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, the tile without spills per arch; FFMA

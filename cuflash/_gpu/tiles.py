@@ -300,8 +300,9 @@ _FWD_WGMMA_TF32_TABLE: dict[int, tuple[int, int, int, int]] = {
     32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 32, 8, 2)}
 # float32 under precision="highest" (tc::tf32x3, 3xTF32: three TF32 wgmma per product, every
 # operand's hi and lo tiles in shared memory): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo
-# tiles would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA).
-_FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 2), 64: (128, 64, 8, 2)}
+# tiles would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA). d64:
+# 32 keys a tile (64 spill 64-116 bytes at 255 registers with the small products ordered first).
+_FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 2), 64: (128, 32, 8, 2)}
 
 
 def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
