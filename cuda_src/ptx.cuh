@@ -463,47 +463,41 @@ struct Wgmma;
                                               unsigned long long desc_b) {                                          \
         static_assert(!kIsTf32<Element> || (kTransA == 0 && kTransB == 0), "TF32 operands are K-major");          \
         if constexpr (kAccumulate && kIsTf32<Element>)                                                              \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_TF32, "")                                                \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_TF32, "", "+f", 1);                                               \
         else if constexpr (kIsTf32<Element>)                                                                        \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_TF32, "")                                                \
-                         : CUFLASH_WGMMA_ACC##N("=f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_TF32, "", "=f", 0);                                               \
         else if constexpr (kAccumulate && kIsBf16<Element>)                                                         \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N)                         \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N, "+f", 1);                        \
         else if constexpr (kAccumulate)                                                                             \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N)                          \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N, "+f", 1);                         \
         else if constexpr (kIsBf16<Element>)                                                                        \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N)                         \
-                         : CUFLASH_WGMMA_ACC##N("=f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_SS_TRANS##N, "=f", 0);                        \
         else                                                                                                        \
-            asm volatile(CUFLASH_WGMMA_SS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N)                          \
-                         : CUFLASH_WGMMA_ACC##N("=f")                                                               \
-                         : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));                           \
+            CUFLASH_WGMMA_SS_ASM(N, CUFLASH_WGMMA_F16, CUFLASH_WGMMA_SS_TRANS##N, "=f", 0);                         \
     }                                                                                                               \
     template <typename Element, int kTransB>                                                                        \
     __device__ __forceinline__ static void rs(float (&d)[N / 8][4], const unsigned (&a)[4],                        \
                                               unsigned long long desc_b) {                                          \
         static_assert(!kIsTf32<Element> || kTransB == 0, "TF32 operands are K-major");                             \
         if constexpr (kIsTf32<Element>)                                                                             \
-            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_TF32, "")                                                \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
+            CUFLASH_WGMMA_RS_ASM(N, CUFLASH_WGMMA_TF32, "");                                                        \
         else if constexpr (kIsBf16<Element>)                                                                        \
-            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_RS_TRANS##N)                         \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
+            CUFLASH_WGMMA_RS_ASM(N, CUFLASH_WGMMA_BF16, CUFLASH_WGMMA_RS_TRANS##N);                                 \
         else                                                                                                        \
-            asm volatile(CUFLASH_WGMMA_RS##N(CUFLASH_WGMMA_F16, CUFLASH_WGMMA_RS_TRANS##N)                          \
-                         : CUFLASH_WGMMA_ACC##N("+f")                                                               \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB));          \
+            CUFLASH_WGMMA_RS_ASM(N, CUFLASH_WGMMA_F16, CUFLASH_WGMMA_RS_TRANS##N);                                  \
     }
+
+// One instruction of each form: shape N, TYPES (below), TRANS (the 16-bit forms' transpose
+// operands, "" for TF32), the accumulator's constraint ("+f" accumulating, "=f" overwriting) and
+// scale-d (1 accumulating, 0 overwriting).
+#define CUFLASH_WGMMA_SS_ASM(N, TYPES, TRANS, ACC, SCALE_D)                                     \
+    asm volatile(CUFLASH_WGMMA_SS##N(TYPES, TRANS)                                              \
+                 : CUFLASH_WGMMA_ACC##N(ACC)                                                    \
+                 : "l"(desc_a), "l"(desc_b), "r"(SCALE_D), "n"(kTransA), "n"(kTransB))
+#define CUFLASH_WGMMA_RS_ASM(N, TYPES, TRANS)                                                   \
+    asm volatile(CUFLASH_WGMMA_RS##N(TYPES, TRANS)                                              \
+                 : CUFLASH_WGMMA_ACC##N("+f")                                                   \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(kTransB))
 
 // The shape's k and the operand types, and (16-bit only) the transpose operands' places.
 #define CUFLASH_WGMMA_F16 "k16.f32.f16.f16"
