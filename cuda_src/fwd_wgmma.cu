@@ -1,6 +1,6 @@
 // Forward attention for float16 / bfloat16 on Hopper (sm_90a), and float32 under
-// precision="tf32" (Element tc::tf32: one TF32 product, tile_tc.cuh's Arith) and "highest"
-// (tc::tf32x3: 3xTF32): FlashAttention-2's algorithm (fwd_tc.cu) on warpgroup MMAs.
+// precision="highest" in 3xTF32 (Element tc::tf32x3, tile_tc.cuh's Arith): FlashAttention-2's
+// algorithm (fwd_tc.cu) on warpgroup MMAs.
 //
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
@@ -12,7 +12,7 @@
 //   S    = Q_g K_j^T                       wgmma, A = Q_g, B = K_j (shared, K-major), fp32
 //   online softmax: m_i, l_i, P            (softmax_tc.cuh: a warp's 16 rows are its m16 tile)
 //   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major;
-//                                          TF32: K-major V_j^T, below)
+//                                          float32: K-major V_j^T, below)
 //   O = acc / l_i,  lse = m_i + log l_i    (once, at the end)
 //
 // The steps are software-pipelined one tile deep (the loop's comment): the softmax of tile j+1
@@ -21,12 +21,12 @@
 // The accumulator layout of wgmma is, warp by warp, that of mma.sync m16n8: the softmax, the
 // masking and the P packing are fwd_tc's, with one m16 tile per warp.
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
-// TF32 reads K-major operands only, so a float32 V_j cannot be read as it is stored: each step
-// loads the next tile's V into registers (tc::KeysMajorLoader) and, once its own MMAs are
-// issued and its softmax done, stores it transposed (V_j^T: keys along the rows) into one of
-// two slots that take the place of the V ring; the next step's barrier publishes it.
-// 3xTF32 (kSplit): every operand in two TF32 halves (tile_tc.cuh's tf32x3), Q, K and V^T as hi
-// and lo tiles side by side (twice the shared memory), P as two fragments; S's three products
+// float32 (kTf32) multiplies in 3xTF32: every operand in two TF32 halves (tile_tc.cuh's tf32x3),
+// Q, K and V^T as hi and lo tiles side by side (twice the shared memory), P as two fragments.
+// TF32 reads K-major operands only, so V_j cannot be read as it is stored: each step loads the
+// next tile's V into registers (tc::KeysMajorLoader) and, once its own MMAs are issued and its
+// softmax done, stores it transposed (V_j^T: keys along the rows) into one of two slots that
+// take the place of the V ring; the next step's barrier publishes it. S's three products
 // accumulate in the MMA, small ones first (tc::wgmma_a_bt_x3), and so do each tile's P V, in a
 // fresh accumulator that is added to acc by FADD (the tensor cores truncate as they accumulate:
 // over a whole row in place, P V's error grew with its length, 10x float32's; tile_tc.cuh).
@@ -45,7 +45,7 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-// Q, kStages K tiles and kStages V tiles (TF32: two V^T slots, kStages = 2), swizzled rows
+// Q, kStages K tiles and kStages V tiles (float32: two V^T slots, kStages = 2), swizzled rows
 // without padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus
 // 1024 bytes to align the swizzle atoms.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
@@ -72,9 +72,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     using Arith = tc::Arith<Element>;
     using Storage = typename Arith::Storage;
     using Mma = typename Arith::Mma;                  // one MMA's operand type
-    constexpr bool kTf32 = Arith::kUnits == 2;
-    constexpr bool kSplit = Arith::kProducts == 3;    // 3xTF32
-    constexpr int kHalves = kSplit ? 2 : 1;           // tiles per operand: hi (and lo)
+    constexpr bool kTf32 = Arith::kUnits == 2;        // float32, in 3xTF32
+    constexpr int kHalves = kTf32 ? 2 : 1;            // tiles per operand: hi (and lo)
     constexpr int kThreads = kWarps * 32;
     constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
     constexpr int kKStepsQK = kWidth / 16;            // k16 (TF32: k8) steps of Q K^T
@@ -84,17 +83,19 @@ __global__ void __launch_bounds__(kWarps * 32,
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
-    static_assert(!kTf32 || kStages == 2, "TF32: two V^T slots in the V ring's place");
-    static_assert(Arith::kK == 16 || kTf32, "16-bit or TF32");
-    static_assert(!kSplit || !kScoreMods, "3xTF32 without modifiers (tiles.py: FFMA serves them)");
+    static_assert(!kTf32 || kStages == 2, "float32: two V^T slots in the V ring's place");
+    // (One TF32 product ran at 0.6-0.8x fwd_tc's mma.sync, which serves precision="tf32": the
+    // transposes and rounding passes outweigh its MMAs; benchmarks/NOTES.md, session 48.)
+    static_assert(Arith::kK == 16 || Arith::kProducts == 3, "16-bit, or float32 in 3xTF32");
+    static_assert(!kTf32 || !kScoreMods, "3xTF32 without modifiers (tiles.py: FFMA serves them)");
 
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;
     using KVTile = tc::Sw128Tile<kBlockN, kWidth>;       // one K or V tile
-    using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // TF32: V_t^T
+    using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // float32: V_t^T
     using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
     static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + 2 * kStages * KVTile::kBytes), "1024: alignment");
-    // O leaves through the K/V rings (TF32: from Q's tile on, which the rings follow)
+    // O leaves through the K/V rings (float32: from Q's tiles on, which the rings follow)
     static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + 2 * kStages * KVTile::kBytes, "O's staging fits");
     static_assert(!kTf32 || VtLoader::Tile::kBytes == KVTile::kBytes, "a V^T slot takes a V tile's place");
 
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     // Swizzle atoms start on 1024-byte boundaries (the descriptors' base offset is 0).
     const unsigned q_smem = ptx::smem_addr(smem) + ((1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u);
     const unsigned kv_smem = q_smem + kHalves * QTile::kBytes;  // (Q's lo tile,) the K ring, then the V ring
-    constexpr unsigned kLo = KVTile::kBytes;  // 3xTF32: a K or V^T slot's lo tile, after its hi tile
+    constexpr unsigned kLo = KVTile::kBytes;  // float32: a K or V^T slot's lo tile, after its hi tile
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     // cp.async groups, committed in order: {Q, K_first}, then {V_{first+s-1}, K_{first+s}} for
     // s = 1 .. kStages-1, then one per loop step, {V_{t+kStages-1}, K_{t+kStages}} (empty groups
     // too). K_{t+1} and V_t are both in group t+1-first: at step t, "at most kStages-2 groups
-    // pending" means both have landed. (TF32: the groups hold K alone, V goes by registers.)
+    // pending" means both have landed. (float32: the groups hold K alone, V goes by registers.)
     // Loaders count in 16-bit units: kUnits per element.
     using Units = const unsigned short*;
     constexpr int kUnits = Arith::kUnits;
@@ -138,42 +139,37 @@ __global__ void __launch_bounds__(kWarps * 32,
     const VtLoader vt_loader(static_cast<const float*>(p.v) + at.v, p.v_row_stride, p.head_dim_v);
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kHalves * KVTile::kBytes; };
-    auto v_slot = [&](int t) { return k_slot(t) + kStages * kHalves * KVTile::kBytes; };  // TF32: V_t^T's slot
+    auto v_slot = [&](int t) { return k_slot(t) + kStages * kHalves * KVTile::kBytes; };  // float32: V_t^T's slot
     auto load_k = [&](int t) {
         if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
     auto load_v = [&](int t) {
         if (!kTf32 && t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
-    // TF32 operands are rounded to TF32 (to nearest, as fwd_tc's fragments: wgmma would drop the
-    // low 13 bits, twice the error) where they land: Q and K by the thread that copied them,
-    // after its copies landed and before the barrier that publishes them.
-    // 3xTF32: split instead, the lo halves into the lo tiles.
-    auto round_k = [&](int t) {
-        if constexpr (kSplit)
-            k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
-        else if constexpr (kTf32)
-            k_loader.transform(k_slot(t), tid, [](unsigned w) { return ptx::to_tf32(__uint_as_float(w)); });
+    // float32 operands are split into TF32 hi and lo halves (tc::split_tf32: rounded to nearest,
+    // as fwd_tc's fragments; wgmma itself would drop the low 13 bits) where they land: Q and K
+    // by the thread that copied them, after its copies landed and before the barrier that
+    // publishes them, hi in place, lo into the lo tile.
+    auto split_k = [&](int t) {
+        if constexpr (kTf32) k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
     };
-    // TF32: V_t into registers, then (after the barrier that frees its slot) transposed into it,
-    // rounded, fenced for the tensor cores; published by the next barrier.
+    // float32: V_t into registers, then (after the barrier that frees its slot) transposed into
+    // it, split, fenced for the tensor cores; published by the next barrier.
     typename VtLoader::Staged v_staged;
     auto stage_v = [&](int t) {
         if constexpr (kTf32) vt_loader.load(v_staged, t * kBlockN, at.seqlen_k, tid);
     };
     auto store_vt = [&](int t) {
-        const unsigned slot = v_slot(t);
-        if constexpr (kSplit) {
+        if constexpr (kTf32) {
+            const unsigned slot = v_slot(t);
             vt_loader.store(v_staged, tid, [&](unsigned offset, float x) {
                 unsigned hi, lo;
                 tc::split_tf32(x, hi, lo);
                 ptx::st_shared_b32(slot + offset, hi);
                 ptx::st_shared_b32(slot + kLo + offset, lo);
             });
-        } else if constexpr (kTf32) {
-            vt_loader.store(v_staged, tid, [&](unsigned offset, float x) { ptx::st_shared_b32(slot + offset, ptx::to_tf32(x)); });
+            ptx::fence_proxy_async_shared();
         }
-        if constexpr (kTf32) ptx::fence_proxy_async_shared();
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
     load_k(range.first);
@@ -192,26 +188,22 @@ __global__ void __launch_bounds__(kWarps * 32,
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
     // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 (fwd_tc.cu).
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
-    if constexpr (kTf32) {  // Q rounded or split (and negated) in one pass, K_first rounded or split
+    if constexpr (kTf32) {  // Q split (and negated) in one pass, K_first split
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q and K_first copies (group 0) have landed
-        const unsigned sign = p.scale_log2 < 0.f ? Arith::kSignBits : 0u;
-        if constexpr (kSplit)
-            q_loader.split(q_smem, q_smem + QTile::kBytes, tid, sign);
-        else
-            q_loader.transform(q_smem, tid, [&](unsigned w) { return ptx::to_tf32(__uint_as_float(w)) ^ sign; });
-        if (range.first < range.last) round_k(range.first);
+        q_loader.split(q_smem, q_smem + QTile::kBytes, tid, p.scale_log2 < 0.f ? Arith::kSignBits : 0u);
+        if (range.first < range.last) split_k(range.first);
     } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
         q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
     }
 
-    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major (TF32: V_t^T
+    // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major (float32: V_t^T
     // K-major).
     const unsigned q_group = q_smem + group * 64 * 128;  // this warpgroup's 64 rows of Q
 
     // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        if constexpr (kSplit)
+        if constexpr (kTf32)
             tc::wgmma_a_bt_x3<kKStepsQK, QTile, KVTile>(s, q_group, q_group + QTile::kBytes, k_slot(t), k_slot(t) + kLo);
         else
             tc::wgmma_a_bt<Mma, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
@@ -244,9 +236,9 @@ __global__ void __launch_bounds__(kWarps * 32,
     if (p.sinks != nullptr) softmax.start_from(mod.sink(p, bh, kLog2e));  // any Variant
     float s[1][kBlockN / 8][4];    // scores, then P, of the tile ahead
     // P of the current tile as the A operand of P V: n8 tiles 2kk, 2kk+1 of S packed to 16 bits
-    // are P's k16 step kk; TF32: n8 tile kk, rounded, is its k8 step kk (a_k8_of: V^T's key order);
-    // 3xTF32: split, its lo halves in p_lo.
-    unsigned p_frag[kKStepsPV][4], p_lo[kSplit ? kKStepsPV : 1][4];
+    // are P's k16 step kk; float32: n8 tile kk, split, is its k8 step kk (a_k8_of: V^T's key
+    // order), the hi halves in p_frag, the lo ones in p_lo.
+    unsigned p_frag[kKStepsPV][4], p_lo[kTf32 ? kKStepsPV : 1][4];
     auto pack_p = [&] {
 #pragma unroll
         for (int kk = 0; kk < kKStepsPV; ++kk) {
@@ -255,26 +247,22 @@ __global__ void __launch_bounds__(kWarps * 32,
                 tc::a_k8_of(a, s, kk);
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
-                    if constexpr (kSplit) {
-                        p_frag[kk][r] = a[0].hi[r];
-                        p_lo[kk][r] = a[0].lo[r];
-                    } else {
-                        p_frag[kk][r] = a[0].r[r];
-                    }
+                    p_frag[kk][r] = a[0].hi[r];
+                    p_lo[kk][r] = a[0].lo[r];
                 }
             } else {
                 tc::pack_a<Element>(s[0][2 * kk], s[0][2 * kk + 1], p_frag[kk]);
             }
         }
     };
-    // acc += P_t V_t, issued (the caller commits and waits); 3xTF32: into pv_tile, zeroed before
+    // acc += P_t V_t, issued (the caller commits and waits); float32: into pv_tile, zeroed before
     // the step's wgmma_fence, added to acc once landed (land_pv).
-    float pv_tile[1][kSplit ? kHeadDim / 8 : 1][4];
+    float pv_tile[1][kTf32 ? kHeadDim / 8 : 1][4];
     auto issue_pv = [&](int t) {
         using Wgmma = ptx::Wgmma<kHeadDim>;
         const unsigned vt = v_slot(t);
         auto vt_desc = [&](unsigned tile, int kk) { return VtLoader::Tile::k_major(tile + VtLoader::Tile::k_step(kk)); };
-        if constexpr (kSplit) {  // the small products of every k-step first (tc::wgmma_a_bt_x3 says why)
+        if constexpr (kTf32) {  // the small products of every k-step first (tc::wgmma_a_bt_x3 says why)
 #pragma unroll
             for (int kk = 0; kk < kKStepsPV; ++kk) {
                 Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], vt_desc(vt, kk));
@@ -284,20 +272,16 @@ __global__ void __launch_bounds__(kWarps * 32,
             for (int kk = 0; kk < kKStepsPV; ++kk) Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], vt_desc(vt, kk));
         } else {
 #pragma unroll
-            for (int kk = 0; kk < kKStepsPV; ++kk) {
-                if constexpr (kTf32)
-                    Wgmma::template rs<Mma, 0>(acc[0], p_frag[kk], vt_desc(vt, kk));
-                else
-                    Wgmma::template rs<Mma, 1>(acc[0], p_frag[kk], KVTile::mn_major(vt + kk * 2048));
-            }
+            for (int kk = 0; kk < kKStepsPV; ++kk)
+                Wgmma::template rs<Mma, 1>(acc[0], p_frag[kk], KVTile::mn_major(vt + kk * 2048));
         }
     };
     auto start_pv = [&] {
-        if constexpr (kSplit) tc::zero(pv_tile);
+        if constexpr (kTf32) tc::zero(pv_tile);
     };
-    // After the wait for P_t V_t: its registers pinned (and 3xTF32's added into acc by FADD).
+    // After the wait for P_t V_t: its registers pinned (and float32's added into acc by FADD).
     auto land_pv = [&] {
-        if constexpr (kSplit) {
+        if constexpr (kTf32) {
             ptx::wgmma_pin(pv_tile[0]);
 #pragma unroll
             for (int nt = 0; nt < kHeadDim / 8; ++nt)
@@ -338,14 +322,14 @@ __global__ void __launch_bounds__(kWarps * 32,
     // wgmma when the steps branch around them).
     for (int t = range.first; t + 1 < range.last; ++t) {
         ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
-        round_k(t + 1);
+        split_k(t + 1);
         ptx::fence_proxy_async_shared();
         __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
         load_v(t + kStages - 1);
         load_k(t + kStages);
         ptx::cp_async_commit();
 
-        stage_v(t + 1);      // TF32: V_{t+1}'s loads in flight through this step's MMAs and softmax
+        stage_v(t + 1);      // float32: V_{t+1}'s loads in flight through this step's MMAs and softmax
         start_pv();
 
         ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions

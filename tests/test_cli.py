@@ -54,7 +54,7 @@ def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
     forward = {(variant.kernel, variant.dtype, variant.precision) for variant, _ in warmed}
     assert ("fwd_wgmma", "float32", "highest") in forward  # "highest": 3xTF32 on tensor cores (long rows)
     assert ("fwd_simt", "float32", None) in forward  # and FFMA (short rows, score modifiers)
-    assert ("fwd_wgmma", "float32", "tf32") in forward  # "tf32": TF32 tensor cores (Hopper's warpgroup MMAs)
+    assert ("fwd_tc", "float32", "tf32") in forward  # "tf32": TF32 tensor cores
     assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")
 
 

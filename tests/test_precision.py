@@ -345,8 +345,9 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
                 precision, name)
 
 
-# fwd_wgmma's TF32 Variants (Hopper: d32, d64, d128; V transposed on its way to shared memory):
-# (q shape, k shape, Dv, options), odd lengths both ways, GQA/MQA, Dv < D, a lone key.
+# float32 on tensor cores, "tf32" and "highest" (on Hopper fwd_wgmma's 3xTF32 Variants at d32 and
+# d64: V transposed on its way to shared memory, hi and lo tiles): (q shape, k shape, Dv,
+# options), odd lengths both ways, GQA/MQA, Dv < D, a lone key.
 WGMMA_TF32_CASES = [
     ((2, 4, 97, 59), (2, 2, 1025, 59), 59, dict()),
     ((1, 2, 1025, 30), (1, 2, 97, 30), 17, dict(causal=True)),
@@ -360,13 +361,12 @@ WGMMA_TF32_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32", "highest"])
 @pytest.mark.parametrize("case", WGMMA_TF32_CASES, ids=lambda c: f"{c[0]}x{c[1]}-dv{c[2]}-{'-'.join(c[3]) or 'plain'}")
-def test_gpu_tf32_on_warpgroup_mmas(rng, case, precision):
-    """precision="tf32" and "highest" where Hopper's fwd_wgmma serves them (tiles.py's
-    _FWD_WGMMA_TF32_TABLE, and 3xTF32 up to d64 without modifiers): out and lse within TF32's
-    rounding of the float64 reference (reference.score_mods_ref), or float32's (64 ulps of out's
-    size); every entry of a NaN-poisoned out= written, nothing beside it; with dropout, the CPU
-    backend's dropped probabilities (the same zeros). Elsewhere the same checks run the Variants
-    the dispatcher picks there (fwd_tc's TF32 ones, FFMA)."""
+def test_gpu_float32_on_tensor_cores(rng, case, precision):
+    """precision="tf32" (fwd_tc's TF32 Variants) and "highest" (on Hopper fwd_wgmma's 3xTF32 up to
+    d64 without modifiers, tiles._FWD_WGMMA_TF32X3_TABLE; elsewhere fwd_tc's, or FFMA): out and
+    lse within TF32's rounding of the float64 reference (reference.score_mods_ref), or float32's
+    (64 ulps of out's size); every entry of a NaN-poisoned out= written, nothing beside it; with
+    dropout, the CPU backend's dropped probabilities (the same zeros)."""
     cupy = pytest.importorskip("cupy")
     q_shape, k_shape, dv, flags = case
     q = rng.standard_normal(q_shape).astype(numpy.float32)
@@ -402,10 +402,9 @@ def test_gpu_tf32_on_warpgroup_mmas(rng, case, precision):
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
     d = max(q_shape[-1], dv)
     mods = any(name in options for name in ("softcap", "alibi_slopes", "bias", "mask"))
-    if arch == "90a" and (precision == "tf32" or (not mods and d <= 64)):
-        ran = tiles.select("float32", d, d, "causal" in options or "window" in options or mods, arch,
-                           score_mods=mods, precision=precision)
-        assert ran.kernel == "fwd_wgmma", ran
+    if precision == "highest" and not mods and d <= 64:
+        ran = tiles.select("float32", d, d, "causal" in options or "window" in options, arch, precision=precision)
+        assert ran.kernel == ("fwd_wgmma" if arch == "90a" else "fwd_tc"), ran
     drop = dict(dropout_p=0.25, dropout_seed=int(rng.integers(1 << 62)))
     dropped = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), precision=precision, **gpu_options,
                                 **drop).get()

@@ -291,17 +291,15 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 }
 
 
-# float32 under precision="tf32" (Element tc::tf32, one TF32 product): the same kernel with 4-byte
-# elements, Q and K rounded to TF32 where they land, V transposed on its way to shared memory
-# (TF32 wgmma reads K-major operands only); one block of two warpgroups per SM (149-254
-# registers). d128: 32 keys a tile (64 spill 192-208 bytes at 255 registers). Not yet measured
-# against fwd_tc's TF32 tiles (benchmarks/NOTES.md, session 48: written without a GPU).
-_FWD_WGMMA_TF32_TABLE: dict[int, tuple[int, int, int, int]] = {
-    32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 32, 8, 2)}
-# float32 under precision="highest" (tc::tf32x3, 3xTF32: three TF32 wgmma per product, every
-# operand's hi and lo tiles in shared memory): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo
-# tiles would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA). d64:
-# 32 keys a tile (64 spill 64-116 bytes at 255 registers with the small products ordered first).
+# float32 under precision="highest" (tc::tf32x3, 3xTF32: three TF32 wgmma per product, Q and K
+# split into hi and lo tiles where they land, V transposed on its way to shared memory: TF32
+# wgmma reads K-major operands only): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo tiles
+# would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA); one block
+# of two warpgroups per SM (199-202 registers). d64: 32 keys a tile (64 spill 64-116 bytes at 255
+# registers). H100, B x L = 16k, H16 (benchmarks/NOTES.md, session 48): 1.3-1.75x fwd_tc's
+# 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 -> 2.38; d32 4k 3.25 -> 2.42). One TF32
+# product on the same kernel ran at 0.6-0.8x fwd_tc's mma.sync (its transposes and splits
+# outweigh its MMAs): precision="tf32" stays on fwd_tc.
 _FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 2), 64: (128, 32, 8, 2)}
 
 
@@ -317,11 +315,8 @@ def _fwd_wgmma_tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
-    if arch != "90a":
-        return ()
-    if dtype == "float32":
-        return (_FWD_WGMMA_TF32_TABLE[head_dim],) if head_dim in _FWD_WGMMA_TF32_TABLE else ()
-    rows = _FWD_WGMMA_TABLE.get(head_dim, ())
+    """16-bit tiles (float32 runs only 3xTF32 here: _fwd_wgmma_tf32x3_candidates)."""
+    rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
     return tuple(tile for most_keys, tile in rows if visible_keys <= most_keys)[:1]
 
 
@@ -777,7 +772,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candidates,
                        lambda dtype, d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
-                       tf32_precisions=("tf32", "highest"), split_tf32_candidates=_fwd_wgmma_tf32x3_candidates,
+                       tf32_precisions=("highest",), split_tf32_candidates=_fwd_wgmma_tf32x3_candidates,
                        split_shared_memory=lambda d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(
                            d, block_m, block_n, stages, units=2, halves=2), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
@@ -849,8 +844,8 @@ SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIM
 FORWARD = {
     "float16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
     "bfloat16": (FWD_WGMMA_WS, FWD_WGMMA, FWD_TC),
-    # TF32 tensor cores under precision="tf32" and "highest" (3xTF32 up to d64): on Hopper's
-    # warpgroup MMAs where fwd_wgmma has the bucket, else mma.sync (tf32_precisions); else FFMA
+    # TF32 tensor cores under precision="tf32" (mma.sync) and "highest" (3xTF32 up to d64: on
+    # Hopper's warpgroup MMAs, else mma.sync; tf32_precisions), else FFMA
     "float32": (FWD_WGMMA, FWD_TC, FWD_SIMT),
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
