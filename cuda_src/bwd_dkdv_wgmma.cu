@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
         dropout.apply(f, dpt);
         wgmma_bwd::probabilities_and_dscores<kBlockM>(
             st, dpt, mod, modified, dbias, mask, masked, m0, n0_s + lane_key_row(), at.seqlen_q, scale_log2, lane,
-            [&](int col) { return lse_s[col]; }, [&](int col) { return delta_s[col]; });
+            [&](int col) { return tc::lse_log2(lse_s[col]); }, [&](int col) { return delta_s[col]; });
         dropout.apply(f, st);
         unsigned dsa[kBlockM / 16][4];
         wgmma_bwd::accumulate_dv_dk<Element, kBlockM, kHeadDim, QTile>(dv, dk, st, dpt, q_slot, do_slot, dsa);

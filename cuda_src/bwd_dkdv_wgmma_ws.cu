@@ -173,8 +173,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 }
             }
         } else if (warp == 1) {
-            // lse_i and delta_i of each step: lane l copies rows l, l + 32, ...; rows past Lq read 0
-            // (their P is zeroed by the mask: tiles crossing Lq are masked).
+            // lse_i and delta_i of each step: lane l copies rows l, l + 32, ...; lse_i in log2 units
+            // (tc::lse_log2, here rather than once a key tile in each consumer); rows past Lq get
+            // lse2 = +inf (P = 0; the mask zeroes them too: tiles crossing Lq are masked) and 0.
             const float* lse0 = static_cast<const float*>(f.lse) + at.lse;
             const float* delta0 = static_cast<const float*>(p.delta) + at.lse;  // delta is laid out like lse
             HeadTileStep step(range.first, range.last, heads);
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
                 for (int r = lane; r < kBlockM; r += 32) {
                     const int row = step.i * kBlockM + r;
                     const bool real = row < at.seqlen_q;
-                    ptx::st_shared_b32(stats + 4 * r, __float_as_uint(real ? lse0[head_offset + row] : 0.f));
+                    ptx::st_shared_b32(stats + 4 * r, __float_as_uint(real ? tc::lse_log2(lse0[head_offset + row]) : tc::pos_inf()));
                     ptx::st_shared_b32(stats + 4 * (kBlockM + r), __float_as_uint(real ? delta0[head_offset + row] : 0.f));
                 }
                 ptx::mbarrier_arrive(full(t % kStages));  // release: the stores above come first
@@ -286,11 +287,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
             mod.head(f, bh + step.g, kLog2e);
             dbias.head(bh + step.g);
         }
-        auto lse_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(lse_s + 4 * col)); };
+        auto lse2_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(lse_s + 4 * col)); };  // (staged in log2 units)
         auto delta_of = [&](int col) { return __uint_as_float(ptx::ld_shared_b32(delta_s + 4 * col)); };
         dropout.apply(f, dpt);
         wgmma_bwd::probabilities_and_dscores<kBlockM>(st, dpt, mod, modified, dbias, mask, masked, m0,
-                                                      n0 + lane_key_row(), at.seqlen_q, scale_log2, lane, lse_of,
+                                                      n0 + lane_key_row(), at.seqlen_q, scale_log2, lane, lse2_of,
                                                       delta_of);
         dropout.apply(f, st);
         if (dbias_keys != nullptr) {

@@ -54,22 +54,23 @@ struct StepDropout {
 
 // P^T = exp2(S^T * scale_log2 - lse_i log2 e), dS^T = P^T o (dP^T - delta_i), in place of S^T
 // and dP^T (64 keys x kBlockM queries per warpgroup). This lane holds queries
-// m0 + 8 nt + 2 (lane % 4) + {0, 1} of keys key0, key0 + 8; lse_of(c), delta_of(c) read column c
-// of the tile's lse_i and delta_i (tc::lse_log2: a row that sees no key gets P = 0 exactly).
+// m0 + 8 nt + 2 (lane % 4) + {0, 1} of keys key0, key0 + 8; lse2_of(c), delta_of(c) read column c
+// of the tile's lse_i in log2 units (tc::lse_log2: a row that sees no key gets +inf, so P = 0
+// exactly; the caller converts, or stages it converted) and delta_i.
 // ``masked``: the tile crosses the mask's edge, the keys' end or Lq (per-element test).
-template <int kBlockM, typename Mod, typename MaskT, typename LseOf, typename DeltaOf>
+template <int kBlockM, typename Mod, typename MaskT, typename Lse2Of, typename DeltaOf>
 __device__ __forceinline__ void probabilities_and_dscores(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4],
                                                           const Mod& mod, bool modified, BiasGrad<float>& dbias,
                                                           const MaskT& mask, bool masked, int m0, int key0,
                                                           int seqlen_q, float scale_log2, int lane,
-                                                          const LseOf& lse_of, const DeltaOf& delta_of) {
+                                                          const Lse2Of& lse2_of, const DeltaOf& delta_of) {
     // Columns col and col + 1's lse_i (log2 units) and delta_i, read once per column pair of an n8
     // tile: both paths use them four times (read per score, the modifier bodies paid two shared
     // loads and the lse's -inf test per score: ALiBi's backward at 1.27x the plain one, d128)
     const auto column_stats = [&](int col, float (&lse2)[2], float (&delta)[2]) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            lse2[c] = tc::lse_log2(lse_of(col + c));
+            lse2[c] = lse2_of(col + c);
             delta[c] = delta_of(col + c);
         }
     };
