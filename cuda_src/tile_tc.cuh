@@ -400,7 +400,7 @@ struct KeysMajorLoader {
     }
 
     // The staged rows into a tile: put(offset, value) stores each value at its offset in the
-    // tile (rounded to TF32, or split into hi and lo tiles).
+    // tile (fwd_wgmma: split into its hi and lo tiles).
     template <typename Put>
     __device__ __forceinline__ void store(const Staged& staged, int tid, const Put& put) const {
 #pragma unroll
