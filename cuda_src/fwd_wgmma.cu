@@ -137,6 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> v_loader(
         reinterpret_cast<Units>(static_cast<const Storage*>(p.v) + at.v), p.v_row_stride * kUnits, p.head_dim_v * kUnits);
     const VtLoader vt_loader(static_cast<const float*>(p.v) + at.v, p.v_row_stride, p.head_dim_v);
+    // 16-byte aligned rows (the plan's promise); v_loader's check covers V for float32 too.
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kHalves * KVTile::kBytes; };
     auto v_slot = [&](int t) { return k_slot(t) + kStages * kHalves * KVTile::kBytes; };  // float32: V_t^T's slot

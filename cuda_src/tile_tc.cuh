@@ -310,15 +310,6 @@ struct TileLoader {
         }
     }
 
-    // Every 32-bit word this thread copied through `word`, in place.
-    template <typename Word>
-    __device__ __forceinline__ void transform(unsigned smem, int tid, const Word& word) const {
-        for_each_chunk(smem, tid, [&](unsigned addr) {
-            const uint4 v = ptx::ld_shared_v4(addr);
-            ptx::st_shared_v4(addr, word(v.x), word(v.y), word(v.z), word(v.w));
-        });
-    }
-
     // 3xTF32: every float this thread copied split (split_tf32), hi in place and lo the same
     // offset into the tile at lo_smem, each XOR `sign` (a negated Q).
     __device__ __forceinline__ void split(unsigned smem, unsigned lo_smem, int tid, unsigned sign = 0u) const {
@@ -337,7 +328,10 @@ struct TileLoader {
     // elements (Arith::kSignBits).
     template <unsigned kSign>
     __device__ __forceinline__ void negate(unsigned smem, int tid) const {
-        transform(smem, tid, [](unsigned w) { return w ^ kSign; });
+        for_each_chunk(smem, tid, [](unsigned addr) {
+            const uint4 v = ptx::ld_shared_v4(addr);
+            ptx::st_shared_v4(addr, v.x ^ kSign, v.y ^ kSign, v.z ^ kSign, v.w ^ kSign);
+        });
     }
 };
 
@@ -368,11 +362,6 @@ struct KeysMajorLoader {
 
     __device__ __forceinline__ KeysMajorLoader(const float* base_, long long row_stride_, int num_cols_)
         : base(base_), row_stride(row_stride_), num_cols(num_cols_) {}
-
-    // As TileLoader's: 16-byte aligned rows.
-    __device__ __forceinline__ bool aligned(int num_rows) const {
-        return aligned16(base) && (num_rows <= 1 || row_stride % 4 == 0);
-    }
 
     // The tensor row (from row0) and chunk of this thread's i-th chunk.
     __device__ __forceinline__ static int row_of(int i, int tid) { return ((tid + i * kThreads) / 2) % kRows; }
