@@ -189,6 +189,42 @@ def test_gpu_softcap_alone_matches_the_reference_on_each_forward_family(rng, mon
     assert ran and {variant.kernel for variant in ran} == {family}, ran
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_softcap_keeps_the_non_finite_rules(rng, dtype, head_dim):
+    """Under softcap (tanh.approx on the special-function unit): a NaN in one query row makes that
+    row's out and lse NaN and reaches no other row;
+    rows that see no key (causal, Lq > Lk) give out 0 and lse -inf exactly; the other rows match
+    the float64 reference under the tolerance rule."""
+    cupy = pytest.importorskip("cupy")
+    import ml_dtypes  # noqa: F401  (numpy.dtype("bfloat16"))
+    from tolerance import assert_close
+
+    lq, lk, nan_row = 300, 260, 250
+    host = _draw(rng, numpy.dtype(dtype), (1, 2, lq, head_dim), (1, 2, lk, head_dim), (1, 2, lk, head_dim))
+    host[0][0, 1, nan_row, 3] = numpy.nan
+    options = dict(softcap=5.0, causal=True)
+    out, lse = cuflash.attention(*(cupy.asarray(x) for x in host), return_lse=True, **options)
+    out, lse = cupy.asnumpy(out).astype(numpy.float64), cupy.asnumpy(lse)
+    unseen = lq - lk  # rows 0 .. lq - lk - 1 see no key (causal's diagonal at Lk - Lq)
+    assert numpy.isnan(out[0, 1, nan_row]).all() and numpy.isnan(lse[0, 1, nan_row])
+    assert (out[:, :, :unseen] == 0).all() and (lse[:, :, :unseen] == -numpy.inf).all()
+    rows = numpy.ones(lq, bool)
+    rows[:unseen] = False
+    rows[nan_row] = False
+    finite = [x.copy() for x in host]
+    finite[0][0, 1, nan_row, 3] = 0
+    ref_out, ref_lse = score_mods_ref(*finite, **options)
+    base_out, base_lse = score_mods_ref(*finite, dtype=numpy.dtype(dtype), **options)
+    for head in range(2):
+        keep = rows if head == 1 else numpy.arange(lq) >= unseen
+        assert_close(out[0, head, keep], ref_out[0, head, keep], dtype=numpy.dtype(dtype),
+                     baseline=base_out[0, head, keep], name=f"out of head {head}")
+        assert_close(lse[0, head, keep], ref_lse[0, head, keep], dtype=numpy.float32,
+                     baseline=base_lse[0, head, keep], kind="lse", name=f"lse of head {head}")
+
+
 def _check_on_gpu(rng, dtype, case):
     """test_gpu_matches_the_reference's check of one case: forward (out, lse) and backward."""
     cupy = pytest.importorskip("cupy")
