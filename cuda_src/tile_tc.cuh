@@ -353,8 +353,12 @@ struct KeysMajorLoader {
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
     struct Staged {
-        float4 chunk[kIters];
+        float4 chunk[kIters];   // whole chunks
+        float tail[kIters][3];  // partial ones (columns past num_cols: zeros)
     };
+    __device__ __forceinline__ static float tail_or(float chunk, float tail) {
+        return __uint_as_float(__float_as_uint(chunk) | __float_as_uint(tail));
+    }
 
     const float* base;
     long long row_stride;
@@ -377,13 +381,15 @@ struct KeysMajorLoader {
             const int row = row0 + row_of(i, tid), col = 4 * chunk_of(i, tid);
             const float* src = base + row * row_stride + col;
             const int valid = row < num_rows ? min(max(num_cols - col, 0), 4) : 0;
-            if (valid == 4) {
-                staged.chunk[i] = *reinterpret_cast<const float4*>(src);
-            } else {
-                float e[4];
+            // Straight-line predicated loads (ptx.cuh says why) into zeros: the whole chunk, or
+            // the columns < num_cols of a partial one into registers of their own (loading them
+            // into the chunk's would wait for its load: a write after a pending write).
+            staged.chunk[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            ptx::ld_global_v4_if(staged.chunk[i], src, valid == 4);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) e[c] = c < valid ? src[c] : 0.f;
-                staged.chunk[i] = make_float4(e[0], e[1], e[2], e[3]);
+            for (int c = 0; c < 3; ++c) {
+                staged.tail[i][c] = 0.f;
+                ptx::ld_global_f32_if(staged.tail[i][c], src + c, c < valid && valid < 4);
             }
         }
     }
@@ -396,7 +402,10 @@ struct KeysMajorLoader {
         for (int i = 0; i < kIters; ++i) {
             const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
             const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order
-            const float v[4] = {staged.chunk[i].x, staged.chunk[i].y, staged.chunk[i].z, staged.chunk[i].w};
+            // One of chunk and tail holds the columns, the other zeros (+0.f: no bits set).
+            const float4& chunk = staged.chunk[i];
+            const float v[4] = {tail_or(chunk.x, staged.tail[i][0]), tail_or(chunk.y, staged.tail[i][1]),
+                                tail_or(chunk.z, staged.tail[i][2]), chunk.w};
 #pragma unroll
             for (int c = 0; c < 4; ++c) put(Tile::offset(col + c, pos / 4) + 4 * (pos % 4), v[c]);
         }
