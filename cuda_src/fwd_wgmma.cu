@@ -45,13 +45,18 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-// Q, kStages K tiles and kStages V tiles (float32: two V^T slots, kStages = 2), swizzled rows
-// without padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus
-// 1024 bytes to align the swizzle atoms.
+// Q, kStages K tiles and kStages V tiles (float32: two V^T slots), swizzled rows without
+// padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus 1024
+// bytes to align the swizzle atoms.
+template <typename Element>
+constexpr int fwd_wgmma_v_slots(int stages) {
+    return tc::Arith<Element>::kProducts == 3 ? 2 : stages;
+}
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned fwd_wgmma_smem_bytes() {
     using Arith = tc::Arith<Element>;
-    return 1024 + (Arith::kProducts == 3 ? 2 : 1) * 2 * Arith::kUnits * kHeadDim * (kBlockM + 2 * kStages * kBlockN);
+    return 1024 + (Arith::kProducts == 3 ? 2 : 1) * 2 * Arith::kUnits * kHeadDim *
+                      (kBlockM + (kStages + fwd_wgmma_v_slots<Element>(kStages)) * kBlockN);
 }
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
@@ -83,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32,
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
-    static_assert(!kTf32 || kStages == 2, "float32: two V^T slots in the V ring's place");
+    constexpr int kVSlots = fwd_wgmma_v_slots<Element>(kStages);  // float32: two V^T slots (below)
     // (One TF32 product ran at 0.6-0.8x fwd_tc's mma.sync, which serves precision="tf32": the
     // transposes and rounding passes outweigh its MMAs; benchmarks/NOTES.md, session 48.)
     static_assert(Arith::kK == 16 || Arith::kProducts == 3, "16-bit, or float32 in 3xTF32");
@@ -94,9 +99,9 @@ __global__ void __launch_bounds__(kWarps * 32,
     using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // float32: V_t^T
     using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + 2 * kStages * KVTile::kBytes), "1024: alignment");
+    static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + (kStages + kVSlots) * KVTile::kBytes), "1024: alignment");
     // O leaves through the K/V rings (float32: from Q's tiles on, which the rings follow)
-    static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + 2 * kStages * KVTile::kBytes, "O's staging fits");
+    static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + (kStages + kVSlots) * KVTile::kBytes, "O's staging fits");
     static_assert(!kTf32 || VtLoader::Tile::kBytes == KVTile::kBytes, "a V^T slot takes a V tile's place");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -126,7 +131,10 @@ __global__ void __launch_bounds__(kWarps * 32,
     // cp.async groups, committed in order: {Q, K_first}, then {V_{first+s-1}, K_{first+s}} for
     // s = 1 .. kStages-1, then one per loop step, {V_{t+kStages-1}, K_{t+kStages}} (empty groups
     // too). K_{t+1} and V_t are both in group t+1-first: at step t, "at most kStages-2 groups
-    // pending" means both have landed. (float32: the groups hold K alone, V goes by registers.)
+    // pending" means both have landed. (float32: the groups hold K alone, V goes by registers into
+    // two V^T slots; each K tile is split at the end of the step before the one that reads it,
+    // while the tensor cores work: K_{t+2} at step t, once "at most kStages-2 pending" says it
+    // landed; its slot held K_{t+2-kStages}, whose last reader finished before step t's barrier.)
     // Loaders count in 16-bit units: kUnits per element.
     using Units = const unsigned short*;
     constexpr int kUnits = Arith::kUnits;
@@ -140,7 +148,9 @@ __global__ void __launch_bounds__(kWarps * 32,
     // 16-byte aligned rows (the plan's promise); v_loader's check covers V for float32 too.
     if (!(q_loader.aligned(at.seqlen_q) && k_loader.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k))) __trap();
     auto k_slot = [&](int t) { return kv_smem + ((t - range.first) % kStages) * kHalves * KVTile::kBytes; };
-    auto v_slot = [&](int t) { return k_slot(t) + kStages * kHalves * KVTile::kBytes; };  // float32: V_t^T's slot
+    auto v_slot = [&](int t) {  // float32: V_t^T's slot
+        return kv_smem + (kStages + (t - range.first) % kVSlots) * kHalves * KVTile::kBytes;
+    };
     auto load_k = [&](int t) {
         if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
@@ -150,9 +160,12 @@ __global__ void __launch_bounds__(kWarps * 32,
     // float32 operands are split into TF32 hi and lo halves (tc::split_tf32: rounded to nearest,
     // as fwd_tc's fragments; wgmma itself would drop the low 13 bits) where they land: Q and K
     // by the thread that copied them, after its copies landed and before the barrier that
-    // publishes them, hi in place, lo into the lo tile.
+    // publishes them, hi in place, lo into the lo tile. K_t: once the groups up to its own have
+    // landed (the caller's wait).
     auto split_k = [&](int t) {
-        if constexpr (kTf32) k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
+        if constexpr (kTf32) {
+            if (t < range.last) k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
+        }
     };
     // float32: V_t into registers, then (after the barrier that frees its slot) transposed into
     // it, split, fenced for the tensor cores; published by the next barrier.
@@ -192,7 +205,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     if constexpr (kTf32) {  // Q split (and negated) in one pass, K_first split
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q and K_first copies (group 0) have landed
         q_loader.split(q_smem, q_smem + QTile::kBytes, tid, p.scale_log2 < 0.f ? Arith::kSignBits : 0u);
-        if (range.first < range.last) split_k(range.first);
+        split_k(range.first);
     } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
         q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
@@ -318,13 +331,16 @@ __global__ void __launch_bounds__(kWarps * 32,
         softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
         drop(range.first, s);
         pack_p();
+        if constexpr (kTf32) {
+            ptx::cp_async_wait<kStages - 2>();  // K_{first+1} (group 1) has landed
+            split_k(range.first + 1);           // published by step first's barrier
+        }
     }
     // Every step but the last has a next tile (one straight-line body: ptxas serializes the
     // wgmma when the steps branch around them).
     for (int t = range.first; t + 1 < range.last; ++t) {
         ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
-        split_k(t + 1);
-        ptx::fence_proxy_async_shared();
+        ptx::fence_proxy_async_shared();    // (and float32's K_{t+1}, split at step t-1)
         __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
         load_v(t + kStages - 1);
         load_k(t + kStages);
@@ -347,6 +363,10 @@ __global__ void __launch_bounds__(kWarps * 32,
         const bool moved = softmax.update_stats(s, c, alpha);
         drop(t + 1, s);
         store_vt(t + 1);       // its slot's last reader, P_{t-1} V_{t-1}, finished before the barrier
+        if constexpr (kTf32) {
+            ptx::cp_async_wait<kStages - 2>();  // K_{t+2}: committed at step t + 2 - kStages
+            split_k(t + 2);                     // published by step t+1's barrier
+        }
         ptx::wgmma_wait<0>();  // P_t V_t
         land_pv();
         if (moved) softmax.rescale(acc, alpha);

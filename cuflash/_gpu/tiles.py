@@ -300,14 +300,15 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 -> 2.38; d32 4k 3.25 -> 2.42). One TF32
 # product on the same kernel ran at 0.6-0.8x fwd_tc's mma.sync (its transposes and splits
 # outweigh its MMAs): precision="tf32" stays on fwd_tc.
-_FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 2), 64: (128, 32, 8, 2)}
+_FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 3), 64: (128, 32, 8, 3)}
 
 
 def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
                           halves: int = 1) -> int:
     """Mirror of fwd_wgmma.cu's kSmemBytes (elements of `units` 16-bit units: 2 for float32; each
-    tile in `halves`: 2 under 3xTF32, hi and lo)."""
-    return 1024 + halves * 2 * units * head_dim * (block_m + stages * 2 * block_n)
+    tile in `halves`: 2 under 3xTF32, hi and lo, whose V ring is two V^T slots)."""
+    kv_tiles = stages + 2 if halves == 2 else 2 * stages
+    return 1024 + halves * 2 * units * head_dim * (block_m + kv_tiles * block_n)
 
 
 def _fwd_wgmma_tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
