@@ -355,6 +355,12 @@ WGMMA_TF32_CASES = [
     ((1, 4, 130, 128), (1, 2, 260, 128), 100, dict(softcap=20.0, alibi=True, causal=True, sinks=True)),
     ((1, 2, 64, 64), (1, 2, 1, 64), 64, dict()),
     ((2, 2, 70, 40), (2, 2, 90, 40), 40, dict(bias=True, mask=True, scale=-0.3)),
+    # 3xTF32's key pipeline (rings indexed from the block's first visible tile, scores issued
+    # ahead): a window whose blocks start past key 0 with 3-4 tiles each, an odd tile count
+    # under GQA, causal rows of 1-4 tiles.
+    ((1, 2, 300, 64), (1, 2, 161, 64), 64, dict(window=(70, 20))),
+    ((2, 2, 33, 48), (2, 1, 129, 48), 48, dict()),
+    ((1, 2, 200, 32), (1, 2, 200, 32), 32, dict(causal=True)),
 ]
 
 
