@@ -164,7 +164,8 @@ def _feature_cases() -> list[dict]:
              options={"window": (40, 8), "bias": (97, 150)}),
         dict(name="bias-mask-float64", dtype="float64", q=(2, 2, 61, 40), k=(2, 2, 77, 40),
              options={"bias": (2, 1, 1, 77), "mask": (1, 2, 61, 77)}),
-        # float32 "highest" forward in 3xTF32 (fwd_tc's tf32x3 Element: up to d64), GQA, a window
+        # float32 "highest" forward in 3xTF32 (Element tc::tf32x3, up to d64: fwd_wgmma on Hopper,
+        # fwd_tc elsewhere, where the rows are long enough), GQA, a window
         dict(name="3xtf32-float32-gqa-window", dtype="float32", q=(2, 4, 97, 33), k=(2, 2, 200, 33),
              options={"window": (40, 8)}, quick=True),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
@@ -172,8 +173,8 @@ def _feature_cases() -> list[dict]:
              tolerance=2e-2, quick=True),
         dict(name="tf32-float32-bias-d32", dtype="float32", q=(1, 4, 70, 32), k=(1, 2, 90, 32),
              options={"precision": "tf32", "bias": (4, 70, 90), "softcap": 20.0, "sinks": "heads"}, tolerance=2e-2),
-        # on Hopper these and the two above run fwd_wgmma's TF32 Variants (V^T through registers):
-        # d128 GQA windowed, and its 32-key modifier tile with Lq > Lk
+        # d128 GQA windowed, and its 32-key modifier tile with Lq > Lk (fwd_tc's TF32 Variants on
+        # every arch: session 48 added them for a one-product fwd_wgmma form, since removed)
         dict(name="tf32-float32-d128-gqa-window", dtype="float32", q=(2, 4, 97, 111), k=(2, 2, 200, 111),
              options={"precision": "tf32", "window": (40, 3)}, tolerance=2e-2, backward=False),
         dict(name="tf32-float32-d128-mods", dtype="float32", q=(1, 2, 200, 128), k=(1, 2, 97, 128),
