@@ -774,8 +774,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     score_planes=_score_plane_bytes, tf32_precisions=("tf32", "highest"),
                     split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candidates,
-                       lambda dtype, d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(d, block_m, block_n, stages,
-                                                                                        _units(dtype)),
+                       _by_tile(_smem_fwd_wgmma_bytes),  # 16-bit; float32 is "highest" only: split_shared_memory
                        tf32_precisions=("highest",), split_tf32_candidates=_fwd_wgmma_tf32x3_candidates,
                        split_shared_memory=lambda d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(
                            d, block_m, block_n, stages, units=2, halves=2), drops=True)
