@@ -23,13 +23,14 @@
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
 // float32 (kTf32) multiplies in 3xTF32: every operand in two TF32 halves (tile_tc.cuh's tf32x3),
 // Q, K and V^T as hi and lo tiles side by side (twice the shared memory), P as two fragments.
-// TF32 reads K-major operands only, so V_j cannot be read as it is stored: each step loads the
-// next tile's V into registers (tc::KeysMajorLoader) and, once its own MMAs are issued and its
-// softmax done, stores it transposed (V_j^T: keys along the rows) into one of two slots that
-// take the place of the V ring; the next step's barrier publishes it. S's three products
-// accumulate in the MMA, small ones first (tc::wgmma_a_bt_x3), and so do each tile's P V, in a
-// fresh accumulator that is added to acc by FADD (the tensor cores truncate as they accumulate:
-// over a whole row in place, P V's error grew with its length, 10x float32's; tile_tc.cuh).
+// TF32 reads K-major operands only, so V_j cannot be read as it is stored: it is copied into a
+// staging tile two steps ahead (tc::KeysMajorLoader, with K's copies), and the step before the
+// one that reads it, once its own MMAs are issued and its softmax done, stores it transposed
+// (V_j^T: keys along the rows) into one of two slots that take the place of the V ring; the next
+// step's barrier publishes it. S's three products accumulate in the MMA, small ones first
+// (tc::wgmma_a_bt_x3), and so do each tile's P V, in a fresh accumulator that is added to acc by
+// FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
+// grew with its length, 10x float32's; tile_tc.cuh).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -46,17 +47,22 @@ namespace cuflash {
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
 // Q, kStages K tiles and kStages V tiles (float32: two V^T slots), swizzled rows without
-// padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus 1024
-// bytes to align the swizzle atoms.
+// padding, of kUnits 16-bit units an element, each twice under 3xTF32 (hi and lo), plus float32's
+// two V staging tiles (one tile's floats each), plus 1024 bytes to align the swizzle atoms.
 template <typename Element>
 constexpr int fwd_wgmma_v_slots(int stages) {
     return tc::Arith<Element>::kProducts == 3 ? 2 : stages;
 }
+template <typename Element>
+constexpr int fwd_wgmma_v_staging_tiles() {
+    return tc::Arith<Element>::kProducts == 3 ? 2 : 0;
+}
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned fwd_wgmma_smem_bytes() {
     using Arith = tc::Arith<Element>;
-    return 1024 + (Arith::kProducts == 3 ? 2 : 1) * 2 * Arith::kUnits * kHeadDim *
-                      (kBlockM + (kStages + fwd_wgmma_v_slots<Element>(kStages)) * kBlockN);
+    return 1024 + 2 * Arith::kUnits * kHeadDim *
+                      ((Arith::kProducts == 3 ? 2 : 1) * (kBlockM + (kStages + fwd_wgmma_v_slots<Element>(kStages)) * kBlockN) +
+                       fwd_wgmma_v_staging_tiles<Element>() * kBlockN);
 }
 
 // Two blocks per SM where their shared memory fits (one block's softmax, barriers, prologue and
@@ -88,6 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32,
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");
+    static_assert(!kTf32 || kStages <= 3, "V_{t+1}'s staging copies land by step t's end (the ring's comment)");
     constexpr int kVSlots = fwd_wgmma_v_slots<Element>(kStages);  // float32: two V^T slots (below)
     // (One TF32 product ran at 0.6-0.8x fwd_tc's mma.sync, which serves precision="tf32": the
     // transposes and rounding passes outweigh its MMAs; benchmarks/NOTES.md, session 48.)
@@ -99,7 +106,9 @@ __global__ void __launch_bounds__(kWarps * 32,
     using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // float32: V_t^T
     using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + (kStages + kVSlots) * KVTile::kBytes), "1024: alignment");
+    constexpr int kVStaging = fwd_wgmma_v_staging_tiles<Element>();  // float32: V's staging tiles
+    static_assert(kSmemBytes == 1024 + kHalves * (QTile::kBytes + (kStages + kVSlots) * KVTile::kBytes) +
+                                    kVStaging * VtLoader::kStagingBytes, "1024: alignment");
     // O leaves through the K/V rings (float32: from Q's tiles on, which the rings follow)
     static_assert(OTile::kBytes <= (kTf32 ? QTile::kBytes : 0) + (kStages + kVSlots) * KVTile::kBytes, "O's staging fits");
     static_assert(!kTf32 || VtLoader::Tile::kBytes == KVTile::kBytes, "a V^T slot takes a V tile's place");
@@ -108,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
     // Swizzle atoms start on 1024-byte boundaries (the descriptors' base offset is 0).
     const unsigned q_smem = ptx::smem_addr(smem) + ((1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u);
-    const unsigned kv_smem = q_smem + kHalves * QTile::kBytes;  // (Q's lo tile,) the K ring, then the V ring
+    const unsigned kv_smem = q_smem + kHalves * QTile::kBytes;  // (Q's lo tile,) the K ring, the V ring (float32: V's staging tiles)
     constexpr unsigned kLo = KVTile::kBytes;  // float32: a K or V^T slot's lo tile, after its hi tile
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -131,10 +140,17 @@ __global__ void __launch_bounds__(kWarps * 32,
     // cp.async groups, committed in order: {Q, K_first}, then {V_{first+s-1}, K_{first+s}} for
     // s = 1 .. kStages-1, then one per loop step, {V_{t+kStages-1}, K_{t+kStages}} (empty groups
     // too). K_{t+1} and V_t are both in group t+1-first: at step t, "at most kStages-2 groups
-    // pending" means both have landed. (float32: the groups hold K alone, V goes by registers into
-    // two V^T slots; each K tile is split at the end of the step before the one that reads it,
-    // while the tensor cores work: K_{t+2} at step t, once "at most kStages-2 pending" says it
-    // landed; its slot held K_{t+2-kStages}, whose last reader finished before step t's barrier.)
+    // pending" means both have landed.
+    // float32 differs in two ways. V goes through two staging tiles into two V^T slots: V_first
+    // with group 0, V_{first+1} with group 1, and V_{t+2} with step t's group; step t stores
+    // V_{t+1}^T (into the slot of V_{t-1}^T, whose reader P_{t-1} V_{t-1} finished before step t's
+    // barrier) from the staging tile its own thread copied into (refilled by step t+1's copies
+    // only after that step's barrier). And each K tile is split at the end of the step before the
+    // one that reads it, while the tensor cores work: K_{t+2} at step t, into its slot, which held
+    // K_{t+2-kStages}, whose reader S finished before step t's barrier. Step t's end waits until
+    // at most kStages-2 groups are pending: K_{t+2} (with step t+2-kStages's group) and V_{t+1}
+    // (with step t-1's) have landed when kStages <= 3. (benchmarks/NOTES.md's pipeline_sim.py,
+    // sessions 49-50, replays this schedule.)
     // Loaders count in 16-bit units: kUnits per element.
     using Units = const unsigned short*;
     constexpr int kUnits = Arith::kUnits;
@@ -151,11 +167,17 @@ __global__ void __launch_bounds__(kWarps * 32,
     auto v_slot = [&](int t) {  // float32: V_t^T's slot
         return kv_smem + (kStages + (t - range.first) % kVSlots) * kHalves * KVTile::kBytes;
     };
+    auto v_staging = [&](int t) {  // float32: V_t's staging tile
+        return kv_smem + (kStages + kVSlots) * kHalves * KVTile::kBytes + ((t - range.first) % 2) * VtLoader::kStagingBytes;
+    };
     auto load_k = [&](int t) {
         if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
     };
     auto load_v = [&](int t) {
         if (!kTf32 && t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
+    };
+    auto copy_v = [&](int t) {  // float32: into its staging tile
+        if (kTf32 && t < range.last) vt_loader.copy(v_staging(t), t * kBlockN, at.seqlen_k, tid);
     };
     // float32 operands are split into TF32 hi and lo halves (tc::split_tf32: rounded to nearest,
     // as fwd_tc's fragments; wgmma itself would drop the low 13 bits) where they land: Q and K
@@ -167,16 +189,14 @@ __global__ void __launch_bounds__(kWarps * 32,
             if (t < range.last) k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
         }
     };
-    // float32: V_t into registers, then (after the barrier that frees its slot) transposed into
-    // it, split, fenced for the tensor cores; published by the next barrier.
-    typename VtLoader::Staged v_staged;
-    auto stage_v = [&](int t) {
-        if constexpr (kTf32) vt_loader.load(v_staged, t * kBlockN, at.seqlen_k, tid);
-    };
+    // float32: V_t from its staging tile (once the caller's wait says this thread's copies of it
+    // landed; the slot's last reader finished before the barrier behind), transposed into its
+    // slot, split, fenced for the tensor cores; published by the next barrier.
     auto store_vt = [&](int t) {
         if constexpr (kTf32) {
+            if (t >= range.last) return;
             const unsigned slot = v_slot(t);
-            vt_loader.store(v_staged, tid, [&](unsigned offset, float x) {
+            vt_loader.store(v_staging(t), tid, [&](unsigned offset, float x) {
                 unsigned hi, lo;
                 tc::split_tf32(x, hi, lo);
                 ptx::st_shared_b32(slot + offset, hi);
@@ -187,25 +207,24 @@ __global__ void __launch_bounds__(kWarps * 32,
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
     load_k(range.first);
+    copy_v(range.first);
     ptx::cp_async_commit();
-    if (range.first < range.last) {
-        stage_v(range.first);
-        store_vt(range.first);  // published by the prologue's barrier
-    }
 #pragma unroll
     for (int s = 1; s < kStages; ++s) {
         load_v(range.first + s - 1);
         load_k(range.first + s);
+        if (s == 1) copy_v(range.first + 1);
         ptx::cp_async_commit();
     }
 
     // softmax(S * scale) with scale < 0 is softmax((-S) * |scale|): Q is negated in shared memory
     // (exact in f16/bf16) so that the softmax sees c = |scale| * log2(e) > 0 (fwd_tc.cu).
     const float scale_log2 = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
-    if constexpr (kTf32) {  // Q split (and negated) in one pass, K_first split
-        ptx::cp_async_wait<kStages - 1>();  // this thread's Q and K_first copies (group 0) have landed
+    if constexpr (kTf32) {  // Q split (and negated), K_first split, V_first^T stored
+        ptx::cp_async_wait<kStages - 1>();  // this thread's copies of group 0 have landed
         q_loader.split(q_smem, q_smem + QTile::kBytes, tid, p.scale_log2 < 0.f ? Arith::kSignBits : 0u);
         split_k(range.first);
+        store_vt(range.first);  // all three published by the prologue's barrier
     } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
         q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
@@ -315,7 +334,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     //   wait for S_{t+1}; m_i, l_i, P_{t+1} (softmax.update_stats)
     //   wait for P_t V_t; acc *= alpha_{t+1} when the max moved
     // K_{t+1} and V_t must be resident during step t (the rings above); with kStages = 2 the
-    // copies issued at step t have one step to land.
+    // copies issued at step t have one step to land. (float32: S two tiles ahead, issued after
+    // P_t V_t with the softmax of S_{t+1} beside both, ran 0.96-0.98x of this; NOTES, session 50.)
     if (range.first < range.last) {
         ptx::cp_async_wait<kStages - 1>();  // group 0: Q and K_first
         ptx::fence_proxy_async_shared();      // this thread's copies (and negated Q), visible to the tensor cores
@@ -340,15 +360,14 @@ __global__ void __launch_bounds__(kWarps * 32,
     // wgmma when the steps branch around them).
     for (int t = range.first; t + 1 < range.last; ++t) {
         ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
-        ptx::fence_proxy_async_shared();    // (and float32's K_{t+1}, split at step t-1)
+        ptx::fence_proxy_async_shared();    // (float32: waited for at the step before)
         __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
         load_v(t + kStages - 1);
         load_k(t + kStages);
+        copy_v(t + 2);
         ptx::cp_async_commit();
 
-        stage_v(t + 1);      // float32: V_{t+1}'s loads in flight through this step's MMAs and softmax
         start_pv();
-
         ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
         issue_scores(t + 1, s[0]);
         ptx::wgmma_commit();
@@ -362,10 +381,10 @@ __global__ void __launch_bounds__(kWarps * 32,
         float alpha[1][2];
         const bool moved = softmax.update_stats(s, c, alpha);
         drop(t + 1, s);
-        store_vt(t + 1);       // its slot's last reader, P_{t-1} V_{t-1}, finished before the barrier
         if constexpr (kTf32) {
-            ptx::cp_async_wait<kStages - 2>();  // K_{t+2}: committed at step t + 2 - kStages
-            split_k(t + 2);                     // published by step t+1's barrier
+            ptx::cp_async_wait<kStages - 2>();  // V_{t+1} (step t-1's group), K_{t+2} (step t+2-kStages's)
+            store_vt(t + 1);  // both published by step t+1's barrier
+            split_k(t + 2);
         }
         ptx::wgmma_wait<0>();  // P_t V_t
         land_pv();

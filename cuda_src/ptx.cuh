@@ -3,8 +3,7 @@
 // Kernels call these small wrappers instead of writing asm themselves, so the whole project's
 // PTX can be reviewed in one place. Sections:
 //   1. Shared memory: addresses, the launch's dynamic size, plain 16-byte stores
-//   2. Asynchronous copies (cp.async, sm_80+): global -> shared, zero-filling, groups; predicated
-//      global loads into registers
+//   2. Asynchronous copies (cp.async, sm_80+): global -> shared, zero-filling, groups
 //   3. Tensor-core fragments: ldmatrix (sm_75+), mma.sync m16n8k16 f16/bf16 and m16n8k8 tf32 -> f32 (sm_80+)
 //   4. Conversions: two floats -> one packed f16x2 / bf16x2 register; float -> tf32
 //   5. Fast math: ex2.approx, tanh.approx
@@ -109,22 +108,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Global loads into registers where a predicate holds, else the registers keep their values:
-// the load's result lands in the caller's own registers. (An if/else around plain loads, a whole
-// 16-byte load or a partial one, lets ptxas merge both arms' results in shared registers and
-// copy them out right away, which waits for the load: fwd_wgmma's V^T staging stalled on that
-// copy, benchmarks/NOTES.md session 49.) .nc: the kernels' inputs are read-only while they run.
-__device__ __forceinline__ void ld_global_v4_if(float4& v, const float* src, bool pred) {
-    asm("{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n@p ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];\n}"
-        : "+f"(v.x), "+f"(v.y), "+f"(v.z), "+f"(v.w)
-        : "l"(src), "r"(static_cast<int>(pred)));
-}
-__device__ __forceinline__ void ld_global_f32_if(float& x, const float* src, bool pred) {
-    asm("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p ld.global.nc.f32 %0, [%1];\n}"
-        : "+f"(x)
-        : "l"(src), "r"(static_cast<int>(pred)));
 }
 
 // --------------------------------------------------------------------- 3. tensor cores

@@ -339,26 +339,24 @@ struct TileLoader {
 // its rows (tile row = the tensor's column): the K-major B operand TF32 wgmma needs for P V,
 // whose k index is the keys (TF32 has no transposed operand form, and neither cp.async nor
 // ldmatrix transposes 4-byte elements). In two halves, so that the global loads' latency hides
-// behind other work: `load` into registers (16-byte chunks of 4 columns; two adjacent threads
-// take a row's two adjacent chunks, whole 32-byte sectors), then `store` into the tile by 32-bit
-// stores (a warp's 32 stores of one column land on 32 distinct banks). Within every 8 keys the
-// tile holds them in a_k8_of's k order (MMA k index t: key 2t; t + 4: key 2t + 1), so that P's
-// accumulator n8 tile is the A fragment as it stands. Rows >= num_rows and columns >= num_cols
-// are zeros. The tile: Sw128Tile<kCols, 2 kRows> (widths in 16-bit units).
+// behind other work: `copy` by cp.async into a staging tile (16-byte chunks of 4 columns; two
+// adjacent threads take a row's two adjacent chunks, whole 32-byte sectors; each thread's
+// chunks side by side there, so a warp's copies and reads are 512 contiguous bytes), then, once
+// the copies landed, `store` by the same thread into the tile by 32-bit stores (a warp's 32
+// stores of one column land on 32 distinct banks). Within every 8 keys the tile holds them in
+// a_k8_of's k order (MMA k index t: key 2t; t + 4: key 2t + 1), so that P's accumulator n8 tile
+// is the A fragment as it stands. Rows >= num_rows and columns >= num_cols are zeros (cp.async's
+// zero fill). The tile: Sw128Tile<kCols, 2 kRows> (widths in 16-bit units); the staging tile:
+// kStagingBytes, as many as the tile's.
 template <int kRows, int kCols, int kThreads>
 struct KeysMajorLoader {
     using Tile = Sw128Tile<kCols, 2 * kRows>;
     static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
     static constexpr int kIters = kRows * kChunks / kThreads;
+    static constexpr unsigned kStagingBytes = 16u * kRows * kChunks;
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
-    struct Staged {
-        float4 chunk[kIters];   // whole chunks
-        float tail[kIters][3];  // partial ones (columns past num_cols: zeros)
-    };
-    __device__ __forceinline__ static float tail_or(float chunk, float tail) {
-        return __uint_as_float(__float_as_uint(chunk) | __float_as_uint(tail));
-    }
+    static_assert(kStagingBytes == Tile::kBytes, "the staging tile holds the tile's floats");
 
     const float* base;
     long long row_stride;
@@ -367,47 +365,39 @@ struct KeysMajorLoader {
     __device__ __forceinline__ KeysMajorLoader(const float* base_, long long row_stride_, int num_cols_)
         : base(base_), row_stride(row_stride_), num_cols(num_cols_) {}
 
-    // The tensor row (from row0) and chunk of this thread's i-th chunk.
+    // The tensor row (from row0) and chunk of this thread's i-th chunk, and its staging offset.
     __device__ __forceinline__ static int row_of(int i, int tid) { return ((tid + i * kThreads) / 2) % kRows; }
     __device__ __forceinline__ static int chunk_of(int i, int tid) {
         const int idx = tid + i * kThreads;
         return idx % 2 + 2 * (idx / (2 * kRows));
     }
+    __device__ __forceinline__ static unsigned staged_at(int i, int tid) { return 16u * (tid + i * kThreads); }
 
-    // Rows [row0, row0 + kRows) into registers; num_rows = rows that exist.
-    __device__ __forceinline__ void load(Staged& staged, int row0, int num_rows, int tid) const {
+    // Rows [row0, row0 + kRows) into the staging tile, asynchronously (the caller commits the
+    // group); num_rows = rows that exist. The rows must be 16-byte aligned (as TileLoader's).
+    __device__ __forceinline__ void copy(unsigned staging, int row0, int num_rows, int tid) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
             const int row = row0 + row_of(i, tid), col = 4 * chunk_of(i, tid);
-            const float* src = base + row * row_stride + col;
             const int valid = row < num_rows ? min(max(num_cols - col, 0), 4) : 0;
-            // Straight-line predicated loads (ptx.cuh says why) into zeros: the whole chunk, or
-            // the columns < num_cols of a partial one into registers of their own (loading them
-            // into the chunk's would wait for its load: a write after a pending write).
-            staged.chunk[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-            ptx::ld_global_v4_if(staged.chunk[i], src, valid == 4);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) {
-                staged.tail[i][c] = 0.f;
-                ptx::ld_global_f32_if(staged.tail[i][c], src + c, c < valid && valid < 4);
-            }
+            // A chunk with nothing to read points at the tensor's first row: any valid address.
+            ptx::cp_async_16(staging + staged_at(i, tid), valid > 0 ? base + row * row_stride + col : base, 4 * valid);
         }
     }
 
-    // The staged rows into a tile: put(offset, value) stores each value at its offset in the
-    // tile (fwd_wgmma: split into its hi and lo tiles).
+    // This thread's staged chunks into the tile, once its copies landed (cp.async.wait_group; no
+    // barrier: no other thread's copies are read): put(offset, value) stores each value at its
+    // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
     template <typename Put>
-    __device__ __forceinline__ void store(const Staged& staged, int tid, const Put& put) const {
+    __device__ __forceinline__ void store(unsigned staging, int tid, const Put& put) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
             const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
             const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order
-            // One of chunk and tail holds the columns, the other zeros (+0.f: no bits set).
-            const float4& chunk = staged.chunk[i];
-            const float v[4] = {tail_or(chunk.x, staged.tail[i][0]), tail_or(chunk.y, staged.tail[i][1]),
-                                tail_or(chunk.z, staged.tail[i][2]), chunk.w};
+            const uint4 chunk = ptx::ld_shared_v4(staging + staged_at(i, tid));
+            const unsigned v[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
-            for (int c = 0; c < 4; ++c) put(Tile::offset(col + c, pos / 4) + 4 * (pos % 4), v[c]);
+            for (int c = 0; c < 4; ++c) put(Tile::offset(col + c, pos / 4) + 4 * (pos % 4), __uint_as_float(v[c]));
         }
     }
 };

@@ -295,8 +295,9 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # split into hi and lo tiles where they land, V transposed on its way to shared memory: TF32
 # wgmma reads K-major operands only): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo tiles
 # would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA); one block
-# of two warpgroups per SM (191-203 registers); a K ring of 3 (each K tile split a step ahead,
-# fwd_wgmma.cu). d64: 32 keys a tile (64 spill 64-116 bytes at 255 registers). H100, B x L = 16k,
+# of two warpgroups per SM; a K ring of 4 (S two tiles ahead of P V, each K tile split a step
+# before S reads it; fwd_wgmma.cu). d64: 32 keys a tile (64 spilled 64-116 bytes at 255
+# registers, session 48). H100, B x L = 16k,
 # H16 (benchmarks/NOTES.md, session 48): 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms,
 # causal 4.16 -> 2.38; d32 4k 3.25 -> 2.42); session 49 (H200): the split ahead and V^T's
 # staging loads in place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62);
@@ -309,9 +310,10 @@ _FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8
 def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
                           halves: int = 1) -> int:
     """Mirror of fwd_wgmma.cu's kSmemBytes (elements of `units` 16-bit units: 2 for float32; each
-    tile in `halves`: 2 under 3xTF32, hi and lo, whose V ring is two V^T slots)."""
-    kv_tiles = stages + 2 if halves == 2 else 2 * stages
-    return 1024 + halves * 2 * units * head_dim * (block_m + kv_tiles * block_n)
+    tile in `halves`: 2 under 3xTF32, hi and lo, whose V ring is two V^T slots beside two staging
+    tiles of V's floats)."""
+    kv_tiles, staging_tiles = (stages + 2, 2) if halves == 2 else (2 * stages, 0)
+    return 1024 + 2 * units * head_dim * (halves * (block_m + kv_tiles * block_n) + staging_tiles * block_n)
 
 
 def _fwd_wgmma_tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
