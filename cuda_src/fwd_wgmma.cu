@@ -9,7 +9,8 @@
 // memory in tiles of kBlockN keys, each through its own ring of kStages slots (cp.async), in the
 // 128-byte swizzled layout wgmma reads directly (tc::Sw128Tile). Per key tile j and warpgroup:
 //
-//   S    = Q_g K_j^T                       wgmma, A = Q_g, B = K_j (shared, K-major), fp32
+//   S    = Q_g K_j^T                       wgmma, A = Q_g (shared; float32: registers),
+//                                          B = K_j (shared, K-major), fp32
 //   online softmax: m_i, l_i, P            (softmax_tc.cuh: a warp's 16 rows are its m16 tile)
 //   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major;
 //                                          float32: K-major V_j^T, below)
@@ -22,7 +23,8 @@
 // masking and the P packing are fwd_tc's, with one m16 tile per warp.
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
 // float32 (kTf32) multiplies in 3xTF32: every operand in two TF32 halves (tile_tc.cuh's tf32x3),
-// Q, K and V^T as hi and lo tiles side by side (twice the shared memory), P as two fragments.
+// Q, K and V^T as hi and lo tiles side by side (twice the shared memory), P and (from the
+// prologue's end on) Q_g as two fragments each.
 // TF32 reads K-major operands only, so V_j cannot be read as it is stored: it is copied into a
 // staging tile two steps ahead (tc::KeysMajorLoader, with K's copies), and the step before the
 // one that reads it, once its own MMAs are issued and its softmax done, stores it transposed
@@ -233,11 +235,25 @@ __global__ void __launch_bounds__(kWarps * 32,
     // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major (float32: V_t^T
     // K-major).
     const unsigned q_group = q_smem + group * 64 * 128;  // this warpgroup's 64 rows of Q
+    // float32: Q_g's TF32 fragments, hi and lo, in registers for the whole loop (after the
+    // prologue's barrier), so that S's MMAs read only K from shared memory (its SS form stalled
+    // on shared memory's throughput; NOTES, sessions 49-50).
+    unsigned q_hi[kTf32 ? kKStepsQK : 1][4], q_lo[kTf32 ? kKStepsQK : 1][4];
+    auto load_q_fragments = [&] {
+        if constexpr (kTf32) {
+            tc::a_k8_from<kKStepsQK, QTile>(q_hi, q_smem, warp_row0, lane);
+            tc::a_k8_from<kKStepsQK, QTile>(q_lo, q_smem + QTile::kBytes, warp_row0, lane);
+        }
+    };
 
-    // S = Q_g K_t^T, issued (the first k-step overwrites S); the caller commits and waits.
+    // S = Q_g K_t^T, issued (the first k-step overwrites S; float32: onto start_scores's zeros);
+    // the caller commits and waits.
+    auto start_scores = [&](float (&s)[kBlockN / 8][4]) {
+        if constexpr (kTf32) tc::zero(s);
+    };
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
         if constexpr (kTf32)
-            tc::wgmma_a_bt_x3<kKStepsQK, QTile, KVTile>(s, q_group, q_group + QTile::kBytes, k_slot(t), k_slot(t) + kLo);
+            tc::wgmma_rs_bt_x3<kKStepsQK, KVTile>(s, q_hi, q_lo, k_slot(t), k_slot(t) + kLo);
         else
             tc::wgmma_a_bt<Mma, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
     };
@@ -340,6 +356,8 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_wait<kStages - 1>();  // group 0: Q and K_first
         ptx::fence_proxy_async_shared();      // this thread's copies (and negated Q), visible to the tensor cores
         __syncthreads();
+        load_q_fragments();
+        start_scores(s[0]);
         ptx::wgmma_fence();
         issue_scores(range.first, s[0]);
         ptx::wgmma_commit();
@@ -368,7 +386,8 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_commit();
 
         start_pv();
-        ptx::wgmma_fence();  // p_frag and acc were written by ordinary instructions
+        start_scores(s[0]);
+        ptx::wgmma_fence();  // p_frag, acc (float32: and s) were written by ordinary instructions
         issue_scores(t + 1, s[0]);
         ptx::wgmma_commit();
         issue_pv(t);

@@ -236,6 +236,34 @@ __device__ __forceinline__ void wgmma_a_bt_x3(float (&c)[kNTiles][4], unsigned a
         Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da, ATile::k_step(kk)), ptx::desc_advance(db, BTile::k_step(kk)));
 }
 
+// The same product with A in registers (a, a_lo: every k8 step's TF32 fragment, hi and lo, as
+// a_k8_from loads them) and B K-major in shared memory. Register A always accumulates into C:
+// the caller zeroes C first (before its wgmma_fence).
+template <int kKSteps, typename BTile, int kNTiles>
+__device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][4],
+                                               const unsigned (&a_lo)[kKSteps][4], unsigned b, unsigned b_lo) {
+    using Mma = ptx::Wgmma<8 * kNTiles>;
+    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+        Mma::template rs<tf32, 0>(c, a_lo[kk], ptx::desc_advance(db, BTile::k_step(kk)));
+        Mma::template rs<tf32, 0>(c, a[kk], ptx::desc_advance(db_lo, BTile::k_step(kk)));
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) Mma::template rs<tf32, 0>(c, a[kk], ptx::desc_advance(db, BTile::k_step(kk)));
+}
+
+// A warp's A fragments of every k8 step of a float32 K-major Sw128Tile (TF32 bits, e.g. a split
+// tile's hi or lo half), rows [row0, row0 + 16): wgmma's (and mma.sync m16n8k8's) TF32 A layout
+// (rows g and g + 8, k t and t + 4) is ldmatrix_x4's of 16-bit k16 steps (load_a below), lane l
+// addressing row row0 + l % 16, chunk 2 kk + l / 16. Conflict-free: the swizzle puts the 8 rows'
+// same chunk on 8 distinct 16-byte bank groups.
+template <int kKSteps, typename Tile>
+__device__ __forceinline__ void a_k8_from(unsigned (&a)[kKSteps][4], unsigned tile, int row0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) ptx::ldmatrix_x4(tile + Tile::offset(row0 + lane % 16, 2 * kk + lane / 16), a[kk]);
+}
+
 // Copies row tiles of one global tensor (row-major, unit column stride) into shared tiles
 // (SmemTile, or any layout with the same kChunks / offset interface such as Sw128Tile),
 // by all kThreads threads of the block: one 16-byte cp.async per chunk of 8 elements. Rows

@@ -295,15 +295,17 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # split into hi and lo tiles where they land, V transposed on its way to shared memory: TF32
 # wgmma reads K-major operands only): d32 and d64, as fwd_tc's 3xTF32 (d128's hi and lo tiles
 # would not fit 227 KB with two warpgroups); no modifiers (KernelSpec.variant: FFMA); one block
-# of two warpgroups per SM; a K ring of 4 (S two tiles ahead of P V, each K tile split a step
-# before S reads it; fwd_wgmma.cu). d64: 32 keys a tile (64 spilled 64-116 bytes at 255
-# registers, session 48). H100, B x L = 16k,
-# H16 (benchmarks/NOTES.md, session 48): 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms,
-# causal 4.16 -> 2.38; d32 4k 3.25 -> 2.42); session 49 (H200): the split ahead and V^T's
-# staging loads in place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62);
-# 64-row blocks, two a SM, were 0.90-0.95x of that. One TF32 product on the same kernel ran at
-# 0.6-0.8x fwd_tc's mma.sync (its transposes and splits outweigh its MMAs): precision="tf32"
-# stays on fwd_tc.
+# of two warpgroups per SM (227-244 registers: Q's fragments live in them); a K ring of 3 (each K
+# tile split a step before S reads it; fwd_wgmma.cu). d64: 32 keys a tile (64 spilled 64-116
+# bytes at 255 registers, session 48). B x L = 16k, H16, forward (benchmarks/NOTES.md):
+# session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
+# 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
+# place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62); session 50 (H100) V
+# by cp.async 1.01-1.04x, then Q's fragments in registers (S's MMAs read only K from shared
+# memory) 1.15-1.21x at d64 (4k dense 4.04 -> 3.37 ms, 81 TFLOP/s), 1.00-1.04x at d32. 64-row
+# blocks, two a SM, were 0.90-0.95x (session 49); S two tiles ahead of P V 0.96-0.98x (session
+# 50). One TF32 product on the same kernel ran at 0.6-0.8x fwd_tc's mma.sync (its transposes
+# and splits outweigh its MMAs): precision="tf32" stays on fwd_tc.
 _FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 3), 64: (128, 32, 8, 3)}
 
 
