@@ -255,7 +255,7 @@ __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const uns
 
 // A warp's A fragments of every k8 step of a float32 K-major Sw128Tile (TF32 bits, e.g. a split
 // tile's hi or lo half), rows [row0, row0 + 16): wgmma's (and mma.sync m16n8k8's) TF32 A layout
-// (rows g and g + 8, k t and t + 4) is ldmatrix_x4's of 16-bit k16 steps (load_a below), lane l
+// (rows g and g + 8, k t and t + 4) is ldmatrix_x4's of 16-bit k16 steps (load_a above), lane l
 // addressing row row0 + l % 16, chunk 2 kk + l / 16. Conflict-free: the swizzle puts the 8 rows'
 // same chunk on 8 distinct 16-byte bank groups.
 template <int kKSteps, typename Tile>
