@@ -30,7 +30,7 @@
 // one that reads it, once its own MMAs are issued and its softmax done, stores it transposed
 // (V_j^T: keys along the rows) into one of two slots that take the place of the V ring; the next
 // step's barrier publishes it. S's three products accumulate in the MMA, small ones first
-// (tc::wgmma_a_bt_x3), and so do each tile's P V, in a fresh accumulator that is added to acc by
+// (tc::wgmma_rs_bt_x3), and so do each tile's P V, in a fresh accumulator that is added to acc by
 // FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
 // grew with its length, 10x float32's; tile_tc.cuh).
 #include <cuda_fp16.h>
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         using Wgmma = ptx::Wgmma<kHeadDim>;
         const unsigned vt = v_slot(t);
         auto vt_desc = [&](unsigned tile, int kk) { return VtLoader::Tile::k_major(tile + VtLoader::Tile::k_step(kk)); };
-        if constexpr (kTf32) {  // the small products of every k-step first (tc::wgmma_a_bt_x3 says why)
+        if constexpr (kTf32) {  // the small products of every k-step first (tc::wgmma_rs_bt_x3 says why)
 #pragma unroll
             for (int kk = 0; kk < kKStepsPV; ++kk) {
                 Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], vt_desc(vt, kk));

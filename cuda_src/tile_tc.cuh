@@ -210,35 +210,15 @@ __device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, u
                                                              ptx::desc_advance(desc_b, BTile::k_step(kk)));
 }
 
-// 3xTF32's C = A B^T (tf32x3 above) on TF32 wgmma, all three products into C (the first
-// overwriting it): first every k8 step's small products, A_lo B_hi and A_hi B_lo, then the
-// A_hi B_hi ones. The tensor cores truncate C at each step's accumulation (tf32x3 above): while C
-// holds only the small terms (~2^-11 of the result) that loses nothing of weight, and the large
-// steps then truncate once each, as a plain TF32 product would; interleaved, every small term
-// would be added to the large running sum and lose up to an ulp of it. a_lo, b_lo: the lo halves
-// (TileLoader::split) in tiles of the same layouts as a and b.
-template <int kKSteps, typename ATile, typename BTile, int kNTiles>
-__device__ __forceinline__ void wgmma_a_bt_x3(float (&c)[kNTiles][4], unsigned a, unsigned a_lo, unsigned b,
-                                              unsigned b_lo) {
-    using Mma = ptx::Wgmma<8 * kNTiles>;
-    const unsigned long long da = ATile::k_major(a), da_lo = ATile::k_major(a_lo);
-    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
-    Mma::template ss<tf32, 0, 0, false>(c, da_lo, db);
-    Mma::template ss<tf32, 0, 0>(c, da, db_lo);
-#pragma unroll
-    for (int kk = 1; kk < kKSteps; ++kk) {
-        const unsigned ka = ATile::k_step(kk), kb = BTile::k_step(kk);
-        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da_lo, ka), ptx::desc_advance(db, kb));
-        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da, ka), ptx::desc_advance(db_lo, kb));
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-        Mma::template ss<tf32, 0, 0>(c, ptx::desc_advance(da, ATile::k_step(kk)), ptx::desc_advance(db, BTile::k_step(kk)));
-}
-
-// The same product with A in registers (a, a_lo: every k8 step's TF32 fragment, hi and lo, as
-// a_k8_from loads them) and B K-major in shared memory. Register A always accumulates into C:
-// the caller zeroes C first (before its wgmma_fence).
+// 3xTF32's C = A B^T (tf32x3 above) on TF32 wgmma, A in registers (a, a_lo: every k8 step's
+// TF32 fragment, hi and lo, as a_k8_from loads them) and B K-major in shared memory (b_lo: its lo
+// half, TileLoader::split, in a tile of b's layout), all three products into C: first every k8
+// step's small products, A_lo B_hi and A_hi B_lo, then the A_hi B_hi ones. The tensor cores
+// truncate C at each step's accumulation (tf32x3 above): while C holds only the small terms
+// (~2^-11 of the result) that loses nothing of weight, and the large steps then truncate once
+// each, as a plain TF32 product would; interleaved, every small term would be added to the
+// large running sum and lose up to an ulp of it. Register A always accumulates into C: the
+// caller zeroes C first (before its wgmma_fence).
 template <int kKSteps, typename BTile, int kNTiles>
 __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][4],
                                                const unsigned (&a_lo)[kKSteps][4], unsigned b, unsigned b_lo) {
