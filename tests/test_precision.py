@@ -233,13 +233,14 @@ def test_gpu_highest_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, 
     size, on odd head dims up to 64 (3xTF32's). Rows of 1k-8k keys: 4x, the online softmax's
     sequential sum over the keys (a plain implementation's matmul sums blockwise; measured
     1.9-3.2x at 4k-8k, where the FFMA kernel is 4.9-8.2x and sums kept in the tensor cores'
-    truncating accumulator lost 10x; one query over 1025 keys: median 0.5x, one seed in ~60 past
-    2x plain + 4 ulps, where FFMA failed that bound on 7 of 20 seeds at d1). Head dim 1: 8x, a
-    plain score is one rounding while 3xTF32 drops lo * lo (2^-22) and truncates as it sums
-    (median 1.9-2.6x plain, up to 8.6x in 60 runs; FFMA median 1.8-2.1x; from d2 on both stay
-    at a median of 0.5-1.3x; NOTES, session 50). Scores of magnitude 1e3 are left to test_gpu_tf32_is_within_tf32_rounding's
-    float32 rule: there the dropped lo * lo terms make 3xTF32 up to ~10x a plain implementation's
-    (tiny) error on short causal rows (NOTES, session 29)."""
+    truncating accumulator lost 10x; one query over 1025 keys: 3xTF32 at a median of 0.5x, past
+    2x plain + 4 ulps on one seed in ~60, and FFMA past it on 7 of 20 seeds at d1). Head dim 1:
+    8x, a plain score is one rounding while 3xTF32 drops lo * lo (2^-22) and truncates as it sums
+    (median 1.9-2.6x plain, up to 8.6x in 60 runs; FFMA median 1.8-2.1x; from d2 on both stay at
+    a median of 0.5-1.3x; NOTES, session 50). Scores of magnitude 1e3 are left to
+    test_gpu_tf32_is_within_tf32_rounding's float32 rule: there the dropped lo * lo terms make
+    3xTF32 up to ~10x a plain implementation's (tiny) error on short causal rows (NOTES, session
+    29)."""
     cupy = pytest.importorskip("cupy")
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
     assert tiles.select("float32", d, d, causal, arch, precision="highest").precision == "highest"  # 3xTF32
