@@ -285,8 +285,11 @@ __device__ __forceinline__ void stage_rows(unsigned tile, const float (&frag)[kN
 // staged as padded fp32 rows at ``stage`` (kBlockN x (kHeadDim + 8) floats of shared memory the
 // block's loop no longer reads) and added by the copy engine, a bulk add per row below Lk issued
 // by thread ``thread`` = that row (one operation per row, where REDs from the registers take one
-// per lane and column pair); a width that is not whole 16-byte chunks is added by REDs instead.
-// ``sync``: a barrier of the kThreads threads that hold the tile.
+// per lane and column pair); a width that is not whole 16-byte chunks is added element by
+// element from the stage, in a loop the compiler keeps rolled: REDs from the registers, unrolled
+// over the fragment, were a third of bwd_dkdv_wgmma_ws's compile time (benchmarks/NOTES.md,
+// session 51) for a path only odd head dims take. ``sync``: a barrier of the kThreads threads
+// that hold the tile.
 template <int kBlockN, int kHeadDim, int kThreads, typename Sync>
 __device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_index, const float (&dk)[kHeadDim / 8][4],
                                           const float (&dv)[kHeadDim / 8][4], int key_row0, unsigned stage,
@@ -297,18 +300,22 @@ __device__ __forceinline__ void add_dk_dv(const BwdParams& p, int group, int n_i
     const int n0 = n_index * kBlockN, rows = min(kBlockN, at.seqlen_k - n0);
     auto add = [&](float* sums, const float (&frag)[kHeadDim / 8][4], int width, float factor) {
         float* const dst = sums + (long long)n0 * width;
-        if (width % 4 != 0) {
-            tc::add_rows<kHeadDim>(dst, frag, key_row0, rows, 0, width, lane, factor);
-            return;
-        }
-        sync();  // the stage is free: the loop's reads, or the previous gradient's bulk adds, are done
+        sync();  // the stage is free: the loop's reads, or the previous gradient's adds, are done
         stage_rows<kHeadDim, kStride>(stage, frag, key_row0, 0, lane, factor);
         sync();
-        if (thread < rows) {
-            ptx::bulk_reduce_add_f32(dst + (long long)thread * width, stage + 4u * static_cast<unsigned>(thread * kStride),
-                                     4u * static_cast<unsigned>(width));
-            ptx::bulk_commit_group();
-            ptx::bulk_wait_group_read<0>();
+        if (width % 4 == 0) {
+            if (thread < rows) {
+                ptx::bulk_reduce_add_f32(dst + (long long)thread * width,
+                                         stage + 4u * static_cast<unsigned>(thread * kStride), 4u * static_cast<unsigned>(width));
+                ptx::bulk_commit_group();
+                ptx::bulk_wait_group_read<0>();
+            }
+        } else {
+#pragma unroll 1
+            for (int e = thread; e < rows * width; e += kThreads) {  // element e of the rows: dst[e]
+                const int row = e / width, col = e - row * width;
+                atomicAdd(dst + e, __uint_as_float(ptx::ld_shared_b32(stage + 4u * static_cast<unsigned>(row * kStride + col))));
+            }
         }
     };
     add(static_cast<float*>(p.dk) + at.dk, dk, p.fwd.head_dim, static_cast<float>(p.fwd.scale));

@@ -478,6 +478,7 @@ ADD_CASES = [
     ((2, 8, 200, 64), (2, 2, 333, 64), 64, dict(causal=True)),
     ((1, 6, 1025, 128), (1, 2, 97, 128), 128, dict(causal=True)),
     ((2, 4, 97, 59), (2, 1, 257, 59), 59, dict(window=(33, 47))),  # MQA by a head axis of 1; odd width: REDs
+    ((2, 4, 130, 111), (2, 2, 201, 111), 111, dict(causal=True)),  # bucket 128, odd width: REDs
     ((2, 4, 99, 124), (2, 2, 150, 124), 124, dict(causal=True)),  # width 124 floats: bulk adds, 16-byte rows
     ((2, 4, 70, 64), (2, 2, 70, 64), 32, dict(causal="top_left")),  # D != Dv
     ((2, 4, 70, 96), (2, 2, 70, 96), 32, dict(causal="top_left")),  # bucket 96: bwd_dkdv_tc
