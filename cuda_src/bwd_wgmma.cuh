@@ -287,7 +287,7 @@ __device__ __forceinline__ void stage_rows(unsigned tile, const float (&frag)[kN
 // by thread ``thread`` = that row (one operation per row, where REDs from the registers take one
 // per lane and column pair); a width that is not whole 16-byte chunks is added element by
 // element from the stage, in a loop the compiler keeps rolled: REDs from the registers, unrolled
-// over the fragment, were a third of bwd_dkdv_wgmma_ws's compile time (benchmarks/NOTES.md,
+// over the fragment, were a fifth of bwd_dkdv_wgmma_ws's compile time (benchmarks/NOTES.md,
 // session 51) for a path only odd head dims take. ``sync``: a barrier of the kThreads threads
 // that hold the tile.
 template <int kBlockN, int kHeadDim, int kThreads, typename Sync>
