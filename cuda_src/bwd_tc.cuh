@@ -39,8 +39,9 @@ __device__ __forceinline__ float row_delta(const float* delta, int row, int seql
 // lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
 // times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
 // else element by element. dQ_i's part into dq_accum (unscaled: bwd_dq_convert multiplies by
-// scale), and a split GQA group's dK and dV into their sums (bwd_wgmma.cuh's add_dk_dv, bwd_dkdv_tc's
-// epilogue). On sm_80 a vector RED is two scalar ones (ptx::red_add_v2_f32).
+// scale), and a split GQA group's dK and dV into their sums (bwd_dkdv_tc's epilogue; Hopper's
+// add them from a stage, bwd_wgmma.cuh's add_dk_dv). On sm_80 a vector RED is two scalar ones
+// (ptx::red_add_v2_f32).
 template <int kN>
 __device__ __forceinline__ void add_rows(float* dst_rows, const float (&frag)[kN / 8][4], int row0, int rows, int c0,
                                          int width, int lane, float factor = 1.f) {
