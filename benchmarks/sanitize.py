@@ -168,6 +168,10 @@ def _feature_cases() -> list[dict]:
         # fwd_tc elsewhere, where the rows are long enough), GQA, a window
         dict(name="3xtf32-float32-gqa-window", dtype="float32", q=(2, 4, 97, 33), k=(2, 2, 200, 33),
              options={"window": (40, 8)}, quick=True),
+        # ... and Hopper's d128 bucket (one warpgroup a block, Q's tiles read by S's MMAs), Lq != Lk,
+        # a negative scale (Q negated as it is split)
+        dict(name="3xtf32-float32-d111-causal", dtype="float32", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
+             options={"causal": True, "scale": -0.25}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
         dict(name="tf32-float32-odd", dtype="float32", **ODD, options={"causal": True, "precision": "tf32"},
              tolerance=2e-2, quick=True),

@@ -9,7 +9,7 @@
 // memory in tiles of kBlockN keys, each through its own ring of kStages slots (cp.async), in the
 // 128-byte swizzled layout wgmma reads directly (tc::Sw128Tile). Per key tile j and warpgroup:
 //
-//   S    = Q_g K_j^T                       wgmma, A = Q_g (shared; float32: registers),
+//   S    = Q_g K_j^T                       wgmma, A = Q_g (shared; float32 to d64: registers),
 //                                          B = K_j (shared, K-major), fp32
 //   online softmax: m_i, l_i, P            (softmax_tc.cuh: a warp's 16 rows are its m16 tile)
 //   acc  = alpha * acc + P V_j             wgmma, A = P (registers), B = V_j (shared, MN-major;
@@ -24,13 +24,13 @@
 // D and Dv are zero-padded to kHeadDim by the loads; keys >= Lk and queries >= Lq are zero rows.
 // float32 (kTf32) multiplies in 3xTF32: every operand in two TF32 halves (tile_tc.cuh's tf32x3),
 // Q, K and V^T as hi and lo tiles side by side (twice the shared memory), P and (from the
-// prologue's end on) Q_g as two fragments each.
+// prologue's end on, up to d64) Q_g as two fragments each.
 // TF32 reads K-major operands only, so V_j cannot be read as it is stored: it is copied into a
 // staging tile two steps ahead (tc::KeysMajorLoader, with K's copies), and the step before the
 // one that reads it, once its own MMAs are issued and its softmax done, stores it transposed
 // (V_j^T: keys along the rows) into one of two slots that take the place of the V ring; the next
 // step's barrier publishes it. S's three products accumulate in the MMA, small ones first
-// (tc::wgmma_rs_bt_x3), and so do each tile's P V, in a fresh accumulator that is added to acc by
+// (tc::wgmma_x3_products), and so do each tile's P V, in a fresh accumulator that is added to acc by
 // FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
 // grew with its length, 10x float32's; tile_tc.cuh).
 #include <cuda_fp16.h>
@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kWarps * 32,
     constexpr int kWidth = kHeadDim * Arith::kUnits;  // a row's 16-bit units in shared memory
     constexpr int kKStepsQK = kWidth / 16;            // k16 (TF32: k8) steps of Q K^T
     constexpr int kKStepsPV = kBlockN / Arith::kK;    // k steps of P V
+    // float32: Q_g's TF32 fragments held in registers (S's MMAs then read only K from shared
+    // memory: its SS form stalled on shared memory's throughput; NOTES, sessions 49-50), up to
+    // d64: d128's 128 registers do not fit beside acc and P V's fresh tile, so S reads Q_g's
+    // tiles there (one warpgroup a block: Q, K and V^T in hi and lo fill 225 KB).
+    constexpr bool kQFragments = kTf32 && kHeadDim <= 64;
     static_assert(kBlockM == 64 * (kWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
     static_assert(kWidth % 64 == 0 && (kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128) &&
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
@@ -235,12 +240,11 @@ __global__ void __launch_bounds__(kWarps * 32,
     // Operand forms (descriptors: tc::Sw128Tile): Q_g and K_t K-major, V_t MN-major (float32: V_t^T
     // K-major).
     const unsigned q_group = q_smem + group * 64 * 128;  // this warpgroup's 64 rows of Q
-    // float32: Q_g's TF32 fragments, hi and lo, in registers for the whole loop (after the
-    // prologue's barrier), so that S's MMAs read only K from shared memory (its SS form stalled
-    // on shared memory's throughput; NOTES, sessions 49-50).
-    unsigned q_hi[kTf32 ? kKStepsQK : 1][4], q_lo[kTf32 ? kKStepsQK : 1][4];
+    // kQFragments: Q_g's TF32 fragments, hi and lo, in registers for the whole loop (after the
+    // prologue's barrier).
+    unsigned q_hi[kQFragments ? kKStepsQK : 1][4], q_lo[kQFragments ? kKStepsQK : 1][4];
     auto load_q_fragments = [&] {
-        if constexpr (kTf32) {
+        if constexpr (kQFragments) {
             tc::a_k8_from<kKStepsQK, QTile>(q_hi, q_smem, warp_row0, lane);
             tc::a_k8_from<kKStepsQK, QTile>(q_lo, q_smem + QTile::kBytes, warp_row0, lane);
         }
@@ -252,8 +256,10 @@ __global__ void __launch_bounds__(kWarps * 32,
         if constexpr (kTf32) tc::zero(s);
     };
     auto issue_scores = [&](int t, float (&s)[kBlockN / 8][4]) {
-        if constexpr (kTf32)
+        if constexpr (kQFragments)
             tc::wgmma_rs_bt_x3<kKStepsQK, KVTile>(s, q_hi, q_lo, k_slot(t), k_slot(t) + kLo);
+        else if constexpr (kTf32)
+            tc::wgmma_ss_bt_x3<kKStepsQK, QTile, KVTile>(s, q_group, q_group + QTile::kBytes, k_slot(t), k_slot(t) + kLo);
         else
             tc::wgmma_a_bt<Mma, kKStepsQK, QTile, KVTile>(s, q_group, k_slot(t));
     };
@@ -311,14 +317,10 @@ __global__ void __launch_bounds__(kWarps * 32,
         using Wgmma = ptx::Wgmma<kHeadDim>;
         const unsigned vt = v_slot(t);
         auto vt_desc = [&](unsigned tile, int kk) { return VtLoader::Tile::k_major(tile + VtLoader::Tile::k_step(kk)); };
-        if constexpr (kTf32) {  // the small products of every k-step first (tc::wgmma_rs_bt_x3 says why)
-#pragma unroll
-            for (int kk = 0; kk < kKStepsPV; ++kk) {
-                Wgmma::template rs<Mma, 0>(pv_tile[0], p_lo[kk], vt_desc(vt, kk));
-                Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], vt_desc(vt + kLo, kk));
-            }
-#pragma unroll
-            for (int kk = 0; kk < kKStepsPV; ++kk) Wgmma::template rs<Mma, 0>(pv_tile[0], p_frag[kk], vt_desc(vt, kk));
+        if constexpr (kTf32) {
+            tc::wgmma_x3_products<kKStepsPV>([&](int kk, bool lo_p, bool lo_v) {
+                Wgmma::template rs<Mma, 0>(pv_tile[0], lo_p ? p_lo[kk] : p_frag[kk], vt_desc(lo_v ? vt + kLo : vt, kk));
+            });
         } else {
 #pragma unroll
             for (int kk = 0; kk < kKStepsPV; ++kk)

@@ -210,27 +210,49 @@ __device__ __forceinline__ void wgmma_a_bt(float (&c)[kNTiles][4], unsigned a, u
                                                              ptx::desc_advance(desc_b, BTile::k_step(kk)));
 }
 
-// 3xTF32's C = A B^T (tf32x3 above) on TF32 wgmma, A in registers (a, a_lo: every k8 step's
-// TF32 fragment, hi and lo, as a_k8_from loads them) and B K-major in shared memory (b_lo: its lo
-// half, TileLoader::split, in a tile of b's layout), all three products into C: first every k8
-// step's small products, A_lo B_hi and A_hi B_lo, then the A_hi B_hi ones. The tensor cores
-// truncate C at each step's accumulation (tf32x3 above): while C holds only the small terms
-// (~2^-11 of the result) that loses nothing of weight, and the large steps then truncate once
-// each, as a plain TF32 product would; interleaved, every small term would be added to the
-// large running sum and lose up to an ulp of it. Register A always accumulates into C: the
-// caller zeroes C first (before its wgmma_fence).
+// 3xTF32's C = A B^T (tf32x3 above) on TF32 wgmma: the order of its products, written once.
+// product(kk, a_lo, b_lo) issues k8 step kk's product of A's (a_lo: lo, else hi) half and B's,
+// all into C: first every step's small products, A_lo B_hi and A_hi B_lo, then the A_hi B_hi
+// ones. The tensor cores truncate C at each step's accumulation (tf32x3 above): while C holds
+// only the small terms (~2^-11 of the result) that loses nothing of weight, and the large steps
+// then truncate once each, as a plain TF32 product would; interleaved, every small term would be
+// added to the large running sum and lose up to an ulp of it. Every product accumulates into C:
+// the caller zeroes C first (before its wgmma_fence).
+template <int kKSteps, typename Product>
+__device__ __forceinline__ void wgmma_x3_products(Product product) {
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+        product(kk, true, false);
+        product(kk, false, true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) product(kk, false, false);
+}
+
+// 3xTF32's C = A B^T with A in registers (a, a_lo: every k8 step's TF32 fragment, hi and lo, as
+// a_k8_from loads them) and B K-major in shared memory (b_lo: its lo half, TileLoader::split, in
+// a tile of b's layout).
 template <int kKSteps, typename BTile, int kNTiles>
 __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][4],
                                                const unsigned (&a_lo)[kKSteps][4], unsigned b, unsigned b_lo) {
-    using Mma = ptx::Wgmma<8 * kNTiles>;
     const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-        Mma::template rs<tf32, 0>(c, a_lo[kk], ptx::desc_advance(db, BTile::k_step(kk)));
-        Mma::template rs<tf32, 0>(c, a[kk], ptx::desc_advance(db_lo, BTile::k_step(kk)));
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) Mma::template rs<tf32, 0>(c, a[kk], ptx::desc_advance(db, BTile::k_step(kk)));
+    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
+        ptx::Wgmma<8 * kNTiles>::template rs<tf32, 0>(c, lo_a ? a_lo[kk] : a[kk],
+                                                        ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
+    });
+}
+
+// The same with A K-major in shared memory too (a_lo: its lo half in a tile of a's layout), where
+// A's fragments would not fit in registers (fwd_wgmma's d128 Q).
+template <int kKSteps, typename ATile, typename BTile, int kNTiles>
+__device__ __forceinline__ void wgmma_ss_bt_x3(float (&c)[kNTiles][4], unsigned a, unsigned a_lo, unsigned b,
+                                               unsigned b_lo) {
+    const unsigned long long da = ATile::k_major(a), da_lo = ATile::k_major(a_lo);
+    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
+    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
+        ptx::Wgmma<8 * kNTiles>::template ss<tf32, 0, 0>(c, ptx::desc_advance(lo_a ? da_lo : da, ATile::k_step(kk)),
+                                                           ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
+    });
 }
 
 // A warp's A fragments of every k8 step of a float32 K-major Sw128Tile (TF32 bits, e.g. a split
@@ -362,6 +384,9 @@ struct KeysMajorLoader {
     static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
     static constexpr int kIters = kRows * kChunks / kThreads;
     static constexpr unsigned kStagingBytes = 16u * kRows * kChunks;
+    // copy and store unroll two chunks at a time: fwd_wgmma's d128 tile gives each thread eight,
+    // and wholly unrolled, ptxas hoisted their addresses and loads and the kernel spilled (140
+    // bytes at 255 registers; 249 without spills this way). Every other tile has two.
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
     static_assert(kStagingBytes == Tile::kBytes, "the staging tile holds the tile's floats");
@@ -384,7 +409,7 @@ struct KeysMajorLoader {
     // Rows [row0, row0 + kRows) into the staging tile, asynchronously (the caller commits the
     // group); num_rows = rows that exist. The rows must be 16-byte aligned (as TileLoader's).
     __device__ __forceinline__ void copy(unsigned staging, int row0, int num_rows, int tid) const {
-#pragma unroll
+#pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
             const int row = row0 + row_of(i, tid), col = 4 * chunk_of(i, tid);
             const int valid = row < num_rows ? min(max(num_cols - col, 0), 4) : 0;
@@ -398,7 +423,7 @@ struct KeysMajorLoader {
     // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
     template <typename Put>
     __device__ __forceinline__ void store(unsigned staging, int tid, const Put& put) const {
-#pragma unroll
+#pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
             const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
             const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order

@@ -507,24 +507,28 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
     assert plan._short_rows(p) is expected
 
 
-@pytest.mark.parametrize("arch, kernel, tile32, tile64", [
-    ("90a", "fwd_wgmma", (128, 64), (128, 32)), ("80", "fwd_tc", (64, 64), (64, 32)), ("86", "fwd_tc", (64, 64), (64, 32))])
-def test_float32_highest_takes_3xtf32_up_to_d64(arch, kernel, tile32, tile64):
+@pytest.mark.parametrize("arch, kernel, tile32, tile64, tile128", [
+    ("90a", "fwd_wgmma", (128, 64), (128, 32), (64, 32)), ("80", "fwd_tc", (64, 64), (64, 32), None),
+    ("86", "fwd_tc", (64, 64), (64, 32), None)])
+def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel, tile32, tile64, tile128):
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
-    fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, the tile without spills per arch; FFMA
-    (fwd_simt) for wider heads, short rows, score modifiers and every backward kernel; "ieee"
-    always FFMA; "tf32" its own Variants."""
-    for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)):
+    fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d128 bucket (97-128:
+    one warpgroup a block, Q's hi and lo tiles read from shared memory), the tile without spills
+    per arch; FFMA (fwd_simt) for the other heads, short rows, score modifiers and every backward
+    kernel; "ieee" always FFMA; "tf32" its own Variants."""
+    wide = ((97, tile128), (128, tile128)) if tile128 else ()
+    for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
         for window in (False, True):
             v = tiles.select("float32", d, d, window, arch, precision="highest")
             assert (v.kernel, v.precision, (v.block_m, v.block_n)) == (kernel, "highest", tile), (d, window, v)
             assert v.element_type == "cuflash::tc::tf32x3"
             assert tiles.select("float32", d, d, window, arch, precision="ieee").kernel == "fwd_simt"
             assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"
-    for d in (65, 96, 128, 256):
+    for d in (65, 96, 256) + (() if tile128 else (97, 128)):
         assert tiles.select("float32", d, d, False, arch, precision="highest").kernel == "fwd_simt"
-    assert tiles.select("float32", 32, 32, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
-    assert tiles.select("float32", 32, 32, False, arch, short=True, precision="highest").kernel == "fwd_simt"
+    for d in (32, 128):
+        assert tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
+        assert tiles.select("float32", d, d, False, arch, short=True, precision="highest").kernel == "fwd_simt"
     backward = tiles.select_backward("float32", 32, 32, False, arch, precision="highest")
     assert (backward.dkdv.kernel, backward.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt")
     assert tiles.select("float64", 32, 32, False, arch).precision is None

@@ -5,7 +5,8 @@ its backward, attention_with_kvcache, cuflash.torch.attention, cuflash.jax); flo
 three, the other dtypes None or "highest" only; anything else is a TypeError/ValueError naming
 ``precision`` before anything runs. The CPU backend computes every value in float32 (bitwise
 equal across values). On the GPU "ieee" runs the FFMA kernels; "highest" the forward on tensor
-cores in 3xTF32 where a tile serves the head dim (tiles._TF32X3_TABLE), else FFMA; "tf32" runs
+cores in 3xTF32 where a tile serves the head dim (tiles._TF32X3_TABLE; on Hopper
+tiles._FWD_WGMMA_TF32X3_TABLE), else FFMA; "tf32" runs
 the float32 forward and backward on TF32 tensor cores (one TF32 product, ~1e-3).
 """
 from __future__ import annotations
@@ -225,12 +226,13 @@ def test_gpu_tf32_is_within_tf32_rounding(rng, name, lq, lk, d, make, causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lq, lk, d, times_plain", [
     (97, 200, 59, 2), (200, 97, 40, 2), (1, 1025, 3, 4), (80, 80, 1, 8), (130, 70, 32, 2),
-    (16, 8192, 64, 4), (300, 4096, 33, 4)])
+    (16, 8192, 64, 4), (300, 4096, 33, 4), (97, 200, 111, 2), (200, 97, 128, 2), (1, 1025, 97, 4),
+    (64, 4096, 128, 4)])
 def test_gpu_highest_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, times_plain, causal):
     """"highest"'s 3xTF32 forward (each operand split into two TF32 halves, each step's three
     products summed in a fresh fragment) against the float64 reference: at most twice the error
     of a plain unfused float32 implementation (reference.attention_ref_dtype) plus 4 ulps of out's
-    size, on odd head dims up to 64 (3xTF32's). Rows of 1k-8k keys: 4x, the online softmax's
+    size, on odd head dims up to 64 and (on Hopper) 97-128 (3xTF32's). Rows of 1k-8k keys: 4x, the online softmax's
     sequential sum over the keys (a plain implementation's matmul sums blockwise; measured
     1.9-3.2x at 4k-8k, where the FFMA kernel is 4.9-8.2x and sums kept in the tensor cores'
     truncating accumulator lost 10x; one query over 1025 keys: 3xTF32 at a median of 0.5x, past
@@ -243,6 +245,8 @@ def test_gpu_highest_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, 
     29)."""
     cupy = pytest.importorskip("cupy")
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
+    if d > 64 and arch != "90a":
+        pytest.skip("3xTF32 at head dims 97-128 is Hopper's (fwd_wgmma); FFMA here")
     assert tiles.select("float32", d, d, causal, arch, precision="highest").precision == "highest"  # 3xTF32
     arrays, _ = _normal(rng, lq, lk, d)
     ref = reference.attention_ref(*arrays, causal=causal)[0]
@@ -350,8 +354,8 @@ def test_gpu_tf32_takes_every_score_modifier(rng, d):
                 precision, name)
 
 
-# float32 on tensor cores, "tf32" and "highest" (on Hopper fwd_wgmma's 3xTF32 Variants at d32 and
-# d64: V transposed on its way to shared memory, hi and lo tiles): (q shape, k shape, Dv,
+# float32 on tensor cores, "tf32" and "highest" (on Hopper fwd_wgmma's 3xTF32 Variants at d32,
+# d64 and d128: V transposed on its way to shared memory, hi and lo tiles): (q shape, k shape, Dv,
 # options), odd lengths both ways, GQA/MQA, Dv < D, a lone key.
 WGMMA_TF32_CASES = [
     ((2, 4, 97, 59), (2, 2, 1025, 59), 59, dict()),
@@ -366,6 +370,12 @@ WGMMA_TF32_CASES = [
     ((1, 2, 300, 64), (1, 2, 161, 64), 64, dict(window=(70, 20))),
     ((2, 2, 33, 48), (2, 1, 129, 48), 48, dict()),
     ((1, 2, 200, 32), (1, 2, 200, 32), 32, dict(causal=True)),
+    # the d128 bucket's Variant (one warpgroup a block, a K ring of two, 32-key tiles): Lq != Lk
+    # both ways, GQA, Dv < D, a window of 3-4 tiles, a negative scale (Q negated as it is split).
+    ((1, 2, 1025, 128), (1, 2, 97, 128), 128, dict(causal=True)),
+    ((2, 4, 97, 100), (2, 2, 700, 100), 77, dict()),
+    ((1, 2, 300, 128), (1, 2, 161, 128), 128, dict(window=(70, 20))),
+    ((1, 2, 150, 120), (1, 1, 300, 120), 120, dict(scale=-0.2, causal=True)),
 ]
 
 
@@ -413,7 +423,7 @@ def test_gpu_float32_on_tensor_cores(rng, case, precision):
     arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
     d = max(q_shape[-1], dv)
     mods = any(name in options for name in ("softcap", "alibi_slopes", "bias", "mask"))
-    if precision == "highest" and not mods and d <= 64:
+    if precision == "highest" and not mods and (d <= 64 or (arch == "90a" and 96 < d <= 128)):
         ran = tiles.select("float32", d, d, "causal" in options or "window" in options, arch, precision=precision)
         assert ran.kernel == ("fwd_wgmma" if arch == "90a" else "fwd_tc"), ran
     drop = dict(dropout_p=0.25, dropout_seed=int(rng.integers(1 << 62)))
