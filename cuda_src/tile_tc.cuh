@@ -418,20 +418,37 @@ struct KeysMajorLoader {
         }
     }
 
-    // This thread's staged chunks into the tile, once its copies landed (cp.async.wait_group; no
-    // barrier: no other thread's copies are read): put(offset, value) stores each value at its
-    // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
-    template <typename Put>
-    __device__ __forceinline__ void store(unsigned staging, int tid, const Put& put) const {
+    // The k position of the tensor's row `row` in the tile: a_k8_of's k order within its 8 (MMA
+    // k index t: row 2t; t + 4: row 2t + 1).
+    __device__ __forceinline__ static int k_position(int row) { return (row & ~7) + (row % 2) * 4 + (row % 8) / 2; }
+    // The tile's byte offset of the tensor's element (row, col): tile row col, k_position(row).
+    __device__ __forceinline__ static unsigned offset(int row, int col) {
+        const int pos = k_position(row);
+        return Tile::offset(col, pos / 4) + 4 * (pos % 4);
+    }
+
+    // This thread's staged chunks, once its copies landed (cp.async.wait_group; no barrier: no
+    // other thread's copies are read): chunk(row, col, v) for the tensor's elements (row, col +
+    // c) = v[c], c < 4 (rows and columns from the tile's first).
+    template <typename Chunk>
+    __device__ __forceinline__ void for_each_staged(unsigned staging, int tid, const Chunk& chunk) const {
 #pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
             const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
-            const int pos = (row & ~7) + (row % 2) * 4 + (row % 8) / 2;  // a_k8_of's k order
-            const uint4 chunk = ptx::ld_shared_v4(staging + staged_at(i, tid));
-            const unsigned v[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-#pragma unroll
-            for (int c = 0; c < 4; ++c) put(Tile::offset(col + c, pos / 4) + 4 * (pos % 4), __uint_as_float(v[c]));
+            const uint4 w = ptx::ld_shared_v4(staging + staged_at(i, tid));
+            const float v[4] = {__uint_as_float(w.x), __uint_as_float(w.y), __uint_as_float(w.z), __uint_as_float(w.w)};
+            chunk(row, col, v);
         }
+    }
+
+    // This thread's staged chunks into the tile: put(offset, value) stores each value at its
+    // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
+    template <typename Put>
+    __device__ __forceinline__ void store(unsigned staging, int tid, const Put& put) const {
+        for_each_staged(staging, tid, [&](int row, int col, const float (&v)[4]) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) put(offset(row, col + c), v[c]);
+        });
     }
 };
 

@@ -471,7 +471,8 @@ def test_every_split_of_a_group_gives_the_same_gradients(rng, dtype, heads, shap
 
 # A split GQA group's slices added into sums by the dK/dV kernels (plan._adds_dkdv; 16-bit:
 # bwd_dkdv_wgmma(_ws) on Hopper at d64/d128, bwd_dkdv_tc elsewhere, into fp32; float32 "highest":
-# bwd_dkdv_simt, fp32; float64: bwd_dkdv_dmma or bwd_dkdv_simt, fp64): (q shape,
+# bwd_dkdv_wgmma_x3 on Hopper at d33-64, bwd_dkdv_simt elsewhere, fp32; float64: bwd_dkdv_dmma or
+# bwd_dkdv_simt, fp64): (q shape,
 # k shape, Dv, options); "blhd": q, k, v, dout as (B, L, H, D) arrays seen as (B, H, L, D);
 # "padding": a key-padding mask whose last batch row sees no key.
 ADD_CASES = [

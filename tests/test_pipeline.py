@@ -514,8 +514,10 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
     fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d128 bucket (97-128:
     one warpgroup a block, Q's hi and lo tiles read from shared memory), the tile without spills
-    per arch; FFMA (fwd_simt) for the other heads, short rows, score modifiers and every backward
-    kernel; "ieee" always FFMA; "tf32" its own Variants."""
+    per arch; FFMA (fwd_simt) for the other heads, short rows and score modifiers. The backward's
+    dK/dV kernel in 3xTF32 on Hopper at head dims 33-64 (bwd_dkdv_wgmma_x3, 32 x 64, two
+    warpgroups), else FFMA, as every deterministic dQ kernel; "ieee" always FFMA; "tf32" its own
+    Variants."""
     wide = ((97, tile128), (128, tile128)) if tile128 else ()
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
         for window in (False, True):
@@ -531,6 +533,16 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
         assert tiles.select("float32", d, d, False, arch, short=True, precision="highest").kernel == "fwd_simt"
     backward = tiles.select_backward("float32", 32, 32, False, arch, precision="highest")
     assert (backward.dkdv.kernel, backward.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt")
+    for d in (33, 64):
+        for window in (False, True):
+            backward = tiles.select_backward("float32", d, d, window, arch, precision="highest")
+            dkdv = (backward.dkdv.kernel, (backward.dkdv.block_m, backward.dkdv.block_n, backward.dkdv.warps))
+            assert dkdv == ("bwd_dkdv_wgmma_x3", (32, 64, 8)) if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
+            assert backward.dq.kernel == "bwd_dq_simt"
+            assert tiles.select_backward("float32", d, d, window, arch, precision="ieee").dkdv.kernel == "bwd_dkdv_simt"
+            assert tiles.select_backward("float32", d, d, window, arch, precision="highest", short=True
+                                         ).dkdv.kernel == "bwd_dkdv_simt"
+            assert tiles.select_backward("float32", d, d, True, arch, True, precision="highest").dkdv.kernel == "bwd_dkdv_simt"
     assert tiles.select("float64", 32, 32, False, arch).precision is None
 
 

@@ -591,6 +591,23 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
     return 1024 + tiles + stages * 2 * block_m * 4
 
 
+# bwd_dkdv_wgmma_x3 (Hopper, sm_90a only): float32 under precision="highest" in 3xTF32 (every
+# operand in TF32 hi and lo halves; those whose k index is a tensor's rows transposed: Q_i^T,
+# dO_i^T, K^T), the d64 bucket: 64 keys a block, 32-query steps, two warpgroups (one multiplies
+# by the keys, the other splits and transposes the next step's Q and dO out of a staging tile and
+# computes dQ_i^T = K^T dS^T, added by REDs). Shared memory 226 KB (K, V, K^T, Q_i, dO_i, dS and
+# two slots of Q_i^T, dO_i^T in hi and lo tiles): one block a SM; 231-235 registers. H100 session
+# 52, B x L = 16k, H16: backward 41-46 TFLOP/s, 1.30-1.42x bwd_dkdv_simt's (FFMA); one warpgroup
+# doing both sides ran at 0.8x FFMA. d32 (dQ^T's M would be 32) and d128 (no room) stay FFMA.
+_BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (32, 64, 8, 1)}
+
+
+def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_wgmma_x3.cu's kSmemBytes."""
+    floats = 2 * (3 * block_n * head_dim + 6 * block_m * head_dim + block_m * block_n) + 2 * block_m * head_dim
+    return 1024 + 4 * (floats + 2 * 2 * block_m)
+
+
 # bwd_dkdv_wgmma_ws (Hopper, sm_90a only): bwd_dkdv_wgmma's work on two consumer warpgroups beside
 # a producer warpgroup (TMA for K, V, Q_i, dO_i; plain copies of lse_i, delta_i): 12 warps, the
 # same tiles. Shared memory: bwd_dkdv_wgmma's, the fp32 dQ buffers of the bulk adds (d128) and the
@@ -823,6 +840,12 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
     _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True, drops=True,
     dropout_head_dims=(64,))  # (d128's dropout form spills 126 bytes at the consumers' 240 registers)
+BWD_DKDV_WGMMA_X3 = KernelSpec(
+    "bwd_dkdv_wgmma_x3", ("float32",), lambda dtype, d, arch, keys: (),  # (float32 is "highest" only)
+    _by_tile(_smem_bwd_dkdv_wgmma_x3_bytes), tf32_precisions=("highest",),
+    split_tf32_candidates=lambda d, arch: (
+        (_BWD_DKDV_WGMMA_X3_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_X3_TABLE else ()),
+    split_shared_memory=_smem_bwd_dkdv_wgmma_x3_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
@@ -847,7 +870,7 @@ BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
                                         BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
@@ -865,7 +888,8 @@ FORWARD = {
 # from d192 in column slices), else DFMA (99 KB parts from d192).
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
-                 "float32": (BWD_DKDV_TC, BWD_DKDV_SIMT), "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
+                 "float32": (BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
+                 "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
 BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_TC, BWD_DQ_SIMT),
                "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
 

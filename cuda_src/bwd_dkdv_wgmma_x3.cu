@@ -1,0 +1,354 @@
+// Backward attention for float32 under precision="highest" on Hopper (sm_90a): dK, dV (and dQ by
+// fp32 atomics) over key tiles in 3xTF32 (tile_tc.cuh's tf32x3: every operand split into TF32 hi
+// and lo halves, three products summed small ones first). The algorithm and the contract are
+// bwd_dkdv_wgmma.cu's (FlashAttention-2's backward with recomputation, the scores transposed so
+// that P^T and dS^T are accumulators laid out as the next products' A operands); what changes
+// is the operands' form. TF32 wgmma reads K-major operands only, so every operand whose k index
+// is a tensor's row is stored transposed (tc::KeysMajorLoader's tiles, in a_k8_of's k order
+// within each 8): Q_i^T and dO_i^T for dK and dV, K^T for dQ.
+//
+// A block owns kBlockN = 64 keys of one key/value head and a group of heads_per_block query heads
+// that read it (GQA; params.cuh's HeadTileStep walks them), in two warpgroups: warpgroup 0
+// multiplies by the keys, warpgroup 1 feeds it and computes dQ. Per step (h, i), query tile i of
+// kBlockM = 32 rows of head h:
+//
+//   warpgroup 0                                   warpgroup 1
+//   S^T  = K Q_i^T   SS, A = K, B = Q_i           Q_{i+1}^T, dO_{i+1}^T out of the staging tile
+//   dP^T = V dO_i^T  SS, A = V, B = dO_i          (split, transposed) into the other slot
+//   P^T, dS^T (probabilities_and_dscores);
+//   dS^T stored transposed (split);
+//   dV += P^T dO_i   RS, B = dO_i^T
+//   dK += dS^T Q_i   RS, B = Q_i^T
+//   ---------------------------------------------- barrier: dS complete, S^T and dP^T done
+//   dV, dK land; FADD into the accumulators       Q_{i+1}, dO_{i+1} out of the staging tile into
+//                                                 Q_i's and dO_i's tiles; step i+2's rows copied
+//                                                 into it (cp.async); dQ_i^T = K^T dS^T (SS, M =
+//                                                 D), added into dq_accum by REDs
+//   ---------------------------------------------- barrier: the next step's tiles published
+//
+// (the 64 x 32 products: S^T and dP^T 64 keys x 32 queries, dV and dK 64 keys x D, dQ^T D x 32;
+// dK *= scale once at the end, dQ's scale is bwd_dq_convert's). One warpgroup doing both sides
+// ran at 0.8x the FFMA kernels: ~2,900 instructions a warp a step, one warp a scheduler, 43% of
+// its cycles at barriers (ncu, benchmarks/NOTES.md, session 52).
+// dV's and dK's products land in fresh fragments added to the accumulators by FADD each step
+// (the tensor cores truncate as they accumulate: tile_tc.cuh's tf32x3).
+// Shared memory (d64: 226 KB, one block a SM): K, V, K^T, Q_i, dO_i and dS in hi and lo tiles,
+// Q_i^T and dO_i^T in two slots of hi and lo tiles (steps t and t + 1), the staging tile of the
+// next step's raw Q and dO rows (the prologue: K's), two slots of lse_i and delta_i.
+#include "bwd_tc.cuh"
+#include "bwd_wgmma.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "schedule.cuh"
+#include "score_mod.cuh"
+#include "tile_tc.cuh"
+
+namespace cuflash {
+
+// The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
+// (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
+// 1024 bytes of alignment; in floats, hi and lo each: K, V, K^T (kBlockN x D), Q_i, dO_i and two
+// slots of Q_i^T, dO_i^T (kBlockM x D), dS (kBlockM x kBlockN); the staging tile (2 kBlockM x D
+// floats); two slots of lse_i and delta_i (2 kBlockM floats each).
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
+constexpr unsigned bwd_dkdv_wgmma_x3_smem_bytes() {
+    return 1024 + 4 * (2 * (3 * kBlockN * kHeadDim + 6 * kBlockM * kHeadDim + kBlockM * kBlockN) +
+                       2 * kBlockM * kHeadDim + 2 * 2 * kBlockM);
+}
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
+          bool kScoreMods = false, bool kDropout = false>
+__global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdParams p) {
+    using Arith = tc::Arith<Element>;
+    using Mma = typename Arith::Mma;
+    constexpr int kThreads = kWarps * 32;
+    constexpr int kGroupThreads = 128;     // a warpgroup
+    constexpr int kWidth = 2 * kHeadDim;  // a row's 16-bit units
+    static_assert(Arith::kProducts == 3 && Arith::kUnits == 2, "float32 in 3xTF32");
+    static_assert(!kScoreMods && !kDropout, "no modifiers, no dropout (tiles.py: FFMA serves them)");
+    static_assert(kWarps == 8 && kBlockN == 64 && kBlockM == 32 && kHeadDim == 64 && kStages == 1,
+                  "two warpgroups on 64 keys (wgmma M), 32-query steps, dQ^T's M = D = 64, the staging tile one step ahead");
+
+    using KVTile = tc::Sw128Tile<kBlockN, kWidth>;                 // K, V (keys x D)
+    using QTile = tc::Sw128Tile<kBlockM, kWidth>;                  // Q_i, dO_i (queries x D)
+    using KtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;       // K^T (D x keys), the whole block
+    using QtLoader = tc::KeysMajorLoader<kBlockM, kHeadDim, kGroupThreads>;  // Q_i^T, dO_i^T (D x queries), warpgroup 1
+    using KtTile = typename KtLoader::Tile;
+    using QtTile = typename QtLoader::Tile;
+    using DsTile = tc::Sw128Tile<kBlockM, 2 * kBlockN>;            // dS (queries x keys, keys in KtLoader's order)
+    constexpr int kKStepsD = kWidth / 16;   // k8 steps over D (S^T, dP^T)
+    constexpr int kKStepsM = kBlockM / 8;   // over a step's queries (dV, dK)
+    constexpr int kKStepsN = kBlockN / 8;   // over the keys (dQ^T)
+    static_assert(2 * QtLoader::kStagingBytes == KtLoader::kStagingBytes, "K's staging is Q's and dO's");
+    static_assert(KtTile::kBytes == KVTile::kBytes && QtTile::kBytes == QTile::kBytes, "tile sizes");
+    constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i
+    constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_x3_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
+    static_assert(kSmemBytes == 1024 + 2 * (3 * KVTile::kBytes + 6 * QTile::kBytes + DsTile::kBytes) +
+                                    KtLoader::kStagingBytes + 2 * kStatBytes, "1024: alignment");
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
+    // Swizzle atoms start on 1024-byte boundaries. Each tile's lo half follows its hi half.
+    const unsigned align = (1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u;
+    const unsigned k_smem = ptx::smem_addr(smem) + align;
+    const unsigned v_smem = k_smem + 2 * KVTile::kBytes;
+    const unsigned kt_smem = v_smem + 2 * KVTile::kBytes;
+    const unsigned q_smem = kt_smem + 2 * KVTile::kBytes;
+    const unsigned do_smem = q_smem + 2 * QTile::kBytes;
+    const unsigned qt_smem = do_smem + 2 * QTile::kBytes;  // slot s: Q^T hi, lo, dO^T hi, lo from + 4s tiles
+    const unsigned ds_smem = qt_smem + 8 * QTile::kBytes;
+    const unsigned staging = ds_smem + 2 * DsTile::kBytes;
+    unsigned char* const stat_ptr = smem + align + (staging - k_smem) + KtLoader::kStagingBytes;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
+    const int gtid = tid % kGroupThreads;                     // the thread within its warpgroup
+    const int row0 = (warp % 4) * 16;  // this warp's rows of its warpgroup's products: row0 + lane / 4 + {0, 8}
+    // The grid and its order: bwd_dkdv_wgmma.cu's (heaviest key tiles first under a mask).
+    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
+    const auto [group_index, n_index] = block_coord();
+    const int heads = p.heads_per_block;
+    const int bh = group_index * heads;  // the group's first row
+    const int n0 = n_index * kBlockN;
+    const FwdParams& f = p.fwd;
+
+    BwdBatchIndex at;
+    if (!starts_key_block<float, float, kBlockN>(p, bh, n_index, n0, at)) return;  // params.cuh
+    const Mask<kHasWindow, false> mask(f, at);
+    const TileRange range = mask.query_tiles(n0, kBlockN, kBlockM, at.seqlen_q);
+
+    using Units = const unsigned short*;
+    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> v_loader(
+        reinterpret_cast<Units>(static_cast<const float*>(f.v) + at.v), f.v_row_stride * 2, f.head_dim_v * 2);
+    const KtLoader k_loader(static_cast<const float*>(f.k) + at.k, f.k_row_stride, f.head_dim);
+    const tc::QueryTileLoader<kBlockM, kWidth, kThreads, QTile, 2> aligned_rows(p, at);  // (the checks only)
+    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> k_rows(
+        reinterpret_cast<Units>(static_cast<const float*>(f.k) + at.k), f.k_row_stride * 2, f.head_dim * 2);
+    if (!(k_rows.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && aligned_rows.aligned())) __trap();
+
+    // Warpgroup 1: step (h, i)'s Q and dO rows into the staging tile, its lse and delta into stat
+    // slot `slot` (cp.async; the caller commits).
+    auto copy_step = [&](const HeadTileStep& s, int slot) {
+        const HeadStep d(p, s.g);
+        const int m0 = s.i * kBlockM;
+        const QtLoader q(static_cast<const float*>(f.q) + at.q + d.q, f.q_row_stride, f.head_dim);
+        const QtLoader dout(static_cast<const float*>(p.dout) + at.dout + d.dout, p.dout_row_stride, f.head_dim_v);
+        q.copy(staging, m0, at.seqlen_q, gtid);
+        dout.copy(staging + QtLoader::kStagingBytes, m0, at.seqlen_q, gtid);
+        if (gtid < 2 * kBlockM) {
+            const int row = m0 + gtid % kBlockM;
+            const float* src = (gtid < kBlockM ? static_cast<const float*>(f.lse) : static_cast<const float*>(p.delta)) +
+                               at.lse + d.lse + (row < at.seqlen_q ? row : 0);
+            ptx::cp_async_elem<4>(stat_ptr + slot * kStatBytes + 4 * gtid, src, row < at.seqlen_q);
+        }
+    };
+    // This thread's staged chunks (its copies, landed) split into TF32 halves, into a tile of rows
+    // (RowTile, hi at `rows`, lo after it) and/or transposed (the loader's tile, hi at `cols`, lo
+    // after it), then fenced for the tensor cores; the caller's barrier publishes them.
+    auto unstage = [&](auto loader, int thread, unsigned from, auto row_tile, unsigned rows, unsigned cols,
+                       bool to_rows, bool to_cols) {
+        constexpr unsigned kRowLo = decltype(row_tile)::kBytes;
+        constexpr unsigned kColLo = decltype(loader)::Tile::kBytes;
+        loader.for_each_staged(from, thread, [&](int row, int col, const float (&v)[4]) {
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tc::split_tf32(v[c], hi[c], lo[c]);
+            if (to_cols) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    ptx::st_shared_b32(cols + loader.offset(row, col + c), hi[c]);
+                    ptx::st_shared_b32(cols + kColLo + loader.offset(row, col + c), lo[c]);
+                }
+            }
+            if (to_rows) {
+                const unsigned at_row = row_tile.offset(row, col / 4);
+                ptx::st_shared_v4(rows + at_row, hi[0], hi[1], hi[2], hi[3]);
+                ptx::st_shared_v4(rows + kRowLo + at_row, lo[0], lo[1], lo[2], lo[3]);
+            }
+        });
+        ptx::fence_proxy_async_shared();
+    };
+    // Q^T's tiles of slot `slot` (hi, then lo), then dO^T's.
+    auto qt_slot = [&](int slot) { return qt_smem + slot * 4 * QTile::kBytes; };
+    // Warpgroup 1: the staged step into Q_i's and dO_i's tiles (to_rows) and/or slot `slot` (to_cols).
+    auto unstage_step = [&](int slot, bool to_rows, bool to_cols) {
+        const QtLoader map(nullptr, 0, 0);  // (the staging map only: Q's and dO's are the same)
+        const unsigned qt = qt_slot(slot);
+        unstage(map, gtid, staging, QTile(), q_smem, qt, to_rows, to_cols);
+        unstage(map, gtid, staging + QtLoader::kStagingBytes, QTile(), do_smem, qt + 2 * QTile::kBytes, to_rows, to_cols);
+    };
+
+    // ---- Prologue: K (through the staging tile: K and K^T) and V (split in place) by the block,
+    // then step 0 (and step 1's copies) by warpgroup 1.
+    k_loader.copy(staging, n0, at.seqlen_k, tid);
+    v_loader.load(v_smem, n0, at.seqlen_k, tid);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    unstage(k_loader, tid, staging, KVTile(), k_smem, kt_smem, true, true);
+    v_loader.split(v_smem, v_smem + KVTile::kBytes, tid);
+    ptx::fence_proxy_async_shared();
+    __syncthreads();  // K's staged copies read by every thread before step 0's land there
+    const HeadTileStep first_step(range.first, range.last, heads);
+    if (group == 1) {
+        if (first_step.g < heads) copy_step(first_step, 0);
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<0>();
+        if (first_step.g < heads) unstage_step(0, true, true);
+        const HeadTileStep second = first_step.after(1, range.first, range.last);
+        if (second.g < heads) copy_step(second, 1);
+        ptx::cp_async_commit();
+    }
+    __syncthreads();
+
+    const bool with_dq = p.dq_accum != nullptr;
+    // The loop's two barriers a step, of both warpgroups (each in its own copy of the loop: one
+    // loop with role branches kept warpgroup 0's fresh dV, dK fragments live through warpgroup
+    // 1's part, 144 bytes spilled).
+    auto step_barrier = [] { ptx::named_barrier_sync(1, kThreads); };
+    if (group == 1) {
+        int t = 0;  // the step's number: its stat slot and Q^T / dO^T slot are t % 2
+        for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
+            // The next step's Q^T and dO^T into the other slot (read last by step t - 1's products).
+            const HeadTileStep next = step.after(1, range.first, range.last);
+            ptx::cp_async_wait<0>();
+            if (next.g < heads) unstage_step((t + 1) % 2, false, true);
+            step_barrier();  // dS complete; S^T and dP^T done: Q_i's and dO_i's tiles free
+            float dqt[kBlockM / 8][4];  // dQ_i^T: rows D, columns the step's queries
+            if (with_dq) {
+                tc::zero(dqt);
+                ptx::wgmma_fence();
+                tc::wgmma_ss_bt_x3<kKStepsN, KtTile, DsTile>(dqt, kt_smem, kt_smem + KtTile::kBytes, ds_smem,
+                                                             ds_smem + DsTile::kBytes);
+                ptx::wgmma_commit();
+            }
+            // The next step's Q and dO into their tiles while dQ^T's products run, then step t + 2's
+            // rows into the staging tile (this thread's chunks: its own reads are done).
+            if (next.g < heads) unstage_step(0, true, false);
+            const HeadTileStep after_next = step.after(2, range.first, range.last);
+            if (after_next.g < heads) copy_step(after_next, t % 2);
+            ptx::cp_async_commit();
+            if (with_dq) {
+                ptx::wgmma_wait<0>();
+                ptx::wgmma_pin(dqt);
+                float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
+                const int m0 = step.i * kBlockM;
+#pragma unroll
+                for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int query = m0 + nt * 8 + 2 * (lane % 4) + e % 2, col = row0 + lane / 4 + 8 * (e / 2);
+                        if (query < at.seqlen_q && col < f.head_dim)
+                            atomicAdd(dq_rows + (long long)query * f.head_dim + col, dqt[nt][e]);
+                    }
+            }
+            step_barrier();  // the next step's tiles published; this step's products done (dS free)
+        }
+        ptx::cp_async_wait<0>();
+        return;
+    }
+
+    float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];  // 64 keys x D
+    tc::zero(dk);
+    tc::zero(dv);
+    const float scale_log2 = f.scale_log2;
+    constexpr float kLog2e = 1.4426950408889634f;
+    const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
+    BiasGrad<float> dbias(p, bh);
+    auto desc = [](unsigned tile, int kk) { return QtTile::k_major(tile + QtTile::k_step(kk)); };
+    int t = 0;
+    for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
+        const int m0 = step.i * kBlockM;
+        const bool masked = step.i < range.full_first || step.i >= range.full_last;
+        const float* lse_s = reinterpret_cast<const float*>(stat_ptr + (t % 2) * kStatBytes);
+        const float* delta_s = lse_s + kBlockM;
+        float st[1][kBlockM / 8][4], dpt[1][kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
+        tc::zero(st);
+        tc::zero(dpt);
+        ptx::wgmma_fence();
+        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(st[0], k_smem, k_smem + KVTile::kBytes, q_smem,
+                                                    q_smem + QTile::kBytes);
+        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(dpt[0], v_smem, v_smem + KVTile::kBytes, do_smem,
+                                                    do_smem + QTile::kBytes);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_pin(st[0]);
+        ptx::wgmma_pin(dpt[0]);
+        wgmma_bwd::probabilities_and_dscores<kBlockM>(
+            st[0], dpt[0], mod, false, dbias, mask, masked, m0, n0 + row0 + lane / 4, at.seqlen_q, scale_log2, lane,
+            [&](int col) { return tc::lse_log2(lse_s[col]); }, [&](int col) { return delta_s[col]; });
+        // P^T and dS^T as A fragments (n8 tile kk is k8 step kk: a_k8_of); dS^T stored
+        // transposed, split, for dQ^T's B operand (dS: queries x keys in K^T's k order).
+        typename Arith::AFragment pa[kKStepsM], dsa[kKStepsM];
+#pragma unroll
+        for (int kk = 0; kk < kKStepsM; ++kk) {
+            typename Arith::AFragment a[1];
+            tc::a_k8_of(a, st, kk);
+            pa[kk] = a[0];
+            tc::a_k8_of(a, dpt, kk);
+            dsa[kk] = a[0];
+        }
+        if (with_dq) {
+#pragma unroll
+            for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int query = nt * 8 + 2 * (lane % 4) + e % 2;
+                    const int pos = KtLoader::k_position(row0 + lane / 4 + 8 * (e / 2));
+                    unsigned hi, lo;
+                    tc::split_tf32(dpt[0][nt][e], hi, lo);
+                    const unsigned off = DsTile::offset(query, pos / 4) + 4 * (pos % 4);
+                    ptx::st_shared_b32(ds_smem + off, hi);
+                    ptx::st_shared_b32(ds_smem + DsTile::kBytes + off, lo);
+                }
+            ptx::fence_proxy_async_shared();
+        }
+        // dV += P^T dO_i, dK += dS^T Q_i into fresh fragments (B: slot t % 2's dO_i^T, Q_i^T).
+        float dv_step[kHeadDim / 8][4], dk_step[kHeadDim / 8][4];
+        tc::zero(dv_step);
+        tc::zero(dk_step);
+        const unsigned qt = qt_slot(t % 2), dot = qt + 2 * QTile::kBytes;
+        ptx::wgmma_fence();
+        tc::wgmma_x3_products<kKStepsM>([&](int kk, bool lo_a, bool lo_b) {
+            ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dv_step, lo_a ? pa[kk].lo : pa[kk].hi,
+                                                       desc(lo_b ? dot + QTile::kBytes : dot, kk));
+        });
+        tc::wgmma_x3_products<kKStepsM>([&](int kk, bool lo_a, bool lo_b) {
+            ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dk_step, lo_a ? dsa[kk].lo : dsa[kk].hi,
+                                                       desc(lo_b ? qt + QTile::kBytes : qt, kk));
+        });
+        ptx::wgmma_commit();
+        step_barrier();  // (warpgroup 1's first barrier of the step)
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_pin(dv_step);
+        ptx::wgmma_pin(dk_step);
+#pragma unroll
+        for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                dv[nt][e] += dv_step[nt][e];
+                dk[nt][e] += dk_step[nt][e];
+            }
+        step_barrier();  // (its second)
+    }
+
+    // ---- Epilogue (warpgroup 0): dK * scale and dV in float32, from the registers (rows below
+    // Lk, columns below D / Dv); a slice of a split group adds them into the group's sums instead.
+    const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const BwdBatchIndex out(p, out_group * p.heads_per_block);
+    const int out_n0 = out_n_index * kBlockN, rows = out.seqlen_k - out_n0;
+    const float scale = static_cast<float>(f.scale);
+    float* const dk_rows = static_cast<float*>(p.dk) + out.dk;
+    float* const dv_rows = static_cast<float*>(p.dv) + out.dv;
+    if (p.dkv_adds) {
+        tc::add_rows<kHeadDim>(dk_rows + (long long)out_n0 * f.head_dim, dk, row0, rows, 0, f.head_dim, lane, scale);
+        tc::add_rows<kHeadDim>(dv_rows + (long long)out_n0 * f.head_dim_v, dv, row0, rows, 0, f.head_dim_v, lane);
+    } else {
+        tc::store_rows<float, kHeadDim>(dk_rows + out_n0 * p.dk_row_stride, p.dk_row_stride, dk, row0, rows, 0,
+                                        f.head_dim, lane, scale);
+        tc::store_rows<float, kHeadDim>(dv_rows + out_n0 * p.dv_row_stride, p.dv_row_stride, dv, row0, rows, 0,
+                                        f.head_dim_v, lane, 1.f);
+    }
+}
+
+}  // namespace cuflash
