@@ -13,18 +13,17 @@
 // kBlockM = 32 rows of head h:
 //
 //   warpgroup 0                                   warpgroup 1
-//   S^T  = K Q_i^T   SS, A = K, B = Q_i           Q_{i+1}^T, dO_{i+1}^T out of the staging tile
-//   dP^T = V dO_i^T  SS, A = V, B = dO_i          (split, transposed) into the other slot
-//   P^T, dS^T (probabilities_and_dscores);
+//   S^T  = K Q_i^T   SS, A = K, B = Q_i           Q_{i+1}, dO_{i+1} out of the staging tile
+//   dP^T = V dO_i^T  SS, A = V, B = dO_i          (split; as they are and transposed) into the
+//   P^T, dS^T (probabilities_and_dscores);        other slot
 //   dS^T stored transposed (split);
 //   dV += P^T dO_i   RS, B = dO_i^T
 //   dK += dS^T Q_i   RS, B = Q_i^T
-//   ---------------------------------------------- barrier: dS complete, S^T and dP^T done
-//   dV, dK land; FADD into the accumulators       Q_{i+1}, dO_{i+1} out of the staging tile into
-//                                                 Q_i's and dO_i's tiles; step i+2's rows copied
-//                                                 into it (cp.async); dQ_i^T = K^T dS^T (SS, M =
-//                                                 D), added into dq_accum by REDs
-//   ---------------------------------------------- barrier: the next step's tiles published
+//   ---------------------------------------------- barrier: dS complete; the next step's tiles
+//   dV, dK land; FADD into the accumulators       dQ_i^T = K^T dS^T (RS, M = D: K^T's fragments
+//                                                 held in registers), added into dq_accum by
+//                                                 REDs; step i+2's rows into the staging tile
+//   ---------------------------------------------- barrier: this step's products done
 //
 // (the 64 x 32 products: S^T and dP^T 64 keys x 32 queries, dV and dK 64 keys x D, dQ^T D x 32;
 // dK *= scale once at the end, dQ's scale is bwd_dq_convert's). One warpgroup doing both sides
@@ -32,9 +31,10 @@
 // its cycles at barriers (ncu, benchmarks/NOTES.md, session 52).
 // dV's and dK's products land in fresh fragments added to the accumulators by FADD each step
 // (the tensor cores truncate as they accumulate: tile_tc.cuh's tf32x3).
-// Shared memory (d64: 226 KB, one block a SM): K, V, K^T, Q_i, dO_i and dS in hi and lo tiles,
-// Q_i^T and dO_i^T in two slots of hi and lo tiles (steps t and t + 1), the staging tile of the
-// next step's raw Q and dO rows (the prologue: K's), two slots of lse_i and delta_i.
+// Shared memory (d64: 226 KB, one block a SM): K, V and dS in hi and lo tiles, two slots (steps t
+// and t + 1) of Q_i, dO_i, Q_i^T, dO_i^T in hi and lo tiles, the staging tile of the next step's
+// raw Q and dO rows (the prologue: K's; K^T passes through slot 1 on its way to warpgroup 1's
+// registers), two slots of lse_i and delta_i.
 #include "bwd_tc.cuh"
 #include "bwd_wgmma.cuh"
 #include "mask.cuh"
@@ -48,12 +48,12 @@ namespace cuflash {
 
 // The dynamic shared memory of a Variant: the kernel's own formula, which the host's tile table
 // (tiles.py) must equal; tests/test_pipeline.py compiles a probe of it for every Variant.
-// 1024 bytes of alignment; in floats, hi and lo each: K, V, K^T (kBlockN x D), Q_i, dO_i and two
-// slots of Q_i^T, dO_i^T (kBlockM x D), dS (kBlockM x kBlockN); the staging tile (2 kBlockM x D
-// floats); two slots of lse_i and delta_i (2 kBlockM floats each).
+// 1024 bytes of alignment; in floats, hi and lo each: K, V (kBlockN x D), two slots of Q_i, dO_i,
+// Q_i^T, dO_i^T (kBlockM x D), dS (kBlockM x kBlockN); the staging tile (2 kBlockM x D floats);
+// two slots of lse_i and delta_i (2 kBlockM floats each).
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dkdv_wgmma_x3_smem_bytes() {
-    return 1024 + 4 * (2 * (3 * kBlockN * kHeadDim + 6 * kBlockM * kHeadDim + kBlockM * kBlockN) +
+    return 1024 + 4 * (2 * (2 * kBlockN * kHeadDim + 8 * kBlockM * kHeadDim + kBlockM * kBlockN) +
                        2 * kBlockM * kHeadDim + 2 * 2 * kBlockM);
 }
 
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     static_assert(KtTile::kBytes == KVTile::kBytes && QtTile::kBytes == QTile::kBytes, "tile sizes");
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i
     constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_x3_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + 2 * (3 * KVTile::kBytes + 6 * QTile::kBytes + DsTile::kBytes) +
+    static_assert(kSmemBytes == 1024 + 2 * (2 * KVTile::kBytes + 8 * QTile::kBytes + DsTile::kBytes) +
                                     KtLoader::kStagingBytes + 2 * kStatBytes, "1024: alignment");
 
     extern __shared__ __align__(16) unsigned char smem[];
@@ -93,11 +93,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     const unsigned align = (1024u - (ptx::smem_addr(smem) & 1023u)) & 1023u;
     const unsigned k_smem = ptx::smem_addr(smem) + align;
     const unsigned v_smem = k_smem + 2 * KVTile::kBytes;
-    const unsigned kt_smem = v_smem + 2 * KVTile::kBytes;
-    const unsigned q_smem = kt_smem + 2 * KVTile::kBytes;
-    const unsigned do_smem = q_smem + 2 * QTile::kBytes;
-    const unsigned qt_smem = do_smem + 2 * QTile::kBytes;  // slot s: Q^T hi, lo, dO^T hi, lo from + 4s tiles
-    const unsigned ds_smem = qt_smem + 8 * QTile::kBytes;
+    // Slot s from step_smem + 8s tiles: Q_i, dO_i, Q_i^T, dO_i^T, each hi then lo.
+    const unsigned step_smem = v_smem + 2 * KVTile::kBytes;
+    const unsigned ds_smem = step_smem + 16 * QTile::kBytes;
+    static_assert(2 * KtTile::kBytes <= 4 * QTile::kBytes, "K^T passes through slot 1's Q_i, dO_i tiles");
     const unsigned staging = ds_smem + 2 * DsTile::kBytes;
     unsigned char* const stat_ptr = smem + align + (staging - k_smem) + KtLoader::kStagingBytes;
 
@@ -169,32 +168,38 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         });
         ptx::fence_proxy_async_shared();
     };
-    // Q^T's tiles of slot `slot` (hi, then lo), then dO^T's.
-    auto qt_slot = [&](int slot) { return qt_smem + slot * 4 * QTile::kBytes; };
-    // Warpgroup 1: the staged step into Q_i's and dO_i's tiles (to_rows) and/or slot `slot` (to_cols).
-    auto unstage_step = [&](int slot, bool to_rows, bool to_cols) {
+    // Slot `slot`'s Q_i tiles (hi, then lo); dO_i's, Q_i^T's, dO_i^T's follow, two tiles apart.
+    auto slot_smem = [&](int slot) { return step_smem + slot * 8 * QTile::kBytes; };
+    // Warpgroup 1: the staged step into slot `slot`, as it is and transposed.
+    auto unstage_step = [&](int slot) {
         const QtLoader map(nullptr, 0, 0);  // (the staging map only: Q's and dO's are the same)
-        const unsigned qt = qt_slot(slot);
-        unstage(map, gtid, staging, QTile(), q_smem, qt, to_rows, to_cols);
-        unstage(map, gtid, staging + QtLoader::kStagingBytes, QTile(), do_smem, qt + 2 * QTile::kBytes, to_rows, to_cols);
+        const unsigned q = slot_smem(slot);
+        unstage(map, gtid, staging, QTile(), q, q + 4 * QTile::kBytes, true, true);
+        unstage(map, gtid, staging + QtLoader::kStagingBytes, QTile(), q + 2 * QTile::kBytes, q + 6 * QTile::kBytes,
+                true, true);
     };
 
-    // ---- Prologue: K (through the staging tile: K and K^T) and V (split in place) by the block,
-    // then step 0 (and step 1's copies) by warpgroup 1.
+    // ---- Prologue: K (through the staging tile: K, and K^T into slot 1) and V (split in place) by
+    // the block, then K^T's fragments, step 0 (and step 1's copies) by warpgroup 1.
     k_loader.copy(staging, n0, at.seqlen_k, tid);
     v_loader.load(v_smem, n0, at.seqlen_k, tid);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
+    const unsigned kt_smem = slot_smem(1);
     unstage(k_loader, tid, staging, KVTile(), k_smem, kt_smem, true, true);
     v_loader.split(v_smem, v_smem + KVTile::kBytes, tid);
     ptx::fence_proxy_async_shared();
-    __syncthreads();  // K's staged copies read by every thread before step 0's land there
+    __syncthreads();  // K's staged copies read by every thread before step 0's land there; K^T complete
     const HeadTileStep first_step(range.first, range.last, heads);
+    // Warpgroup 1: K^T's TF32 fragments, hi and lo, for dQ^T (rows: this warp's 16 of D).
+    unsigned kt_hi[kKStepsN][4], kt_lo[kKStepsN][4];
     if (group == 1) {
+        tc::a_k8_from<kKStepsN, KtTile>(kt_hi, kt_smem, row0, lane);
+        tc::a_k8_from<kKStepsN, KtTile>(kt_lo, kt_smem + KtTile::kBytes, row0, lane);
         if (first_step.g < heads) copy_step(first_step, 0);
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
-        if (first_step.g < heads) unstage_step(0, true, true);
+        if (first_step.g < heads) unstage_step(0);
         const HeadTileStep second = first_step.after(1, range.first, range.last);
         if (second.g < heads) copy_step(second, 1);
         ptx::cp_async_commit();
@@ -207,24 +212,23 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     // 1's part, 144 bytes spilled).
     auto step_barrier = [] { ptx::named_barrier_sync(1, kThreads); };
     if (group == 1) {
-        int t = 0;  // the step's number: its stat slot and Q^T / dO^T slot are t % 2
+        int t = 0;  // the step's number: its stat slot and step slot are t % 2
         for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
-            // The next step's Q^T and dO^T into the other slot (read last by step t - 1's products).
+            // The next step into the other slot (read last by step t - 1's products, before its
+            // second barrier; in step 0, K^T's fragments were loaded before the prologue's).
             const HeadTileStep next = step.after(1, range.first, range.last);
             ptx::cp_async_wait<0>();
-            if (next.g < heads) unstage_step((t + 1) % 2, false, true);
-            step_barrier();  // dS complete; S^T and dP^T done: Q_i's and dO_i's tiles free
+            if (next.g < heads) unstage_step((t + 1) % 2);
+            step_barrier();  // dS complete; the next step's tiles published
             float dqt[kBlockM / 8][4];  // dQ_i^T: rows D, columns the step's queries
             if (with_dq) {
                 tc::zero(dqt);
                 ptx::wgmma_fence();
-                tc::wgmma_ss_bt_x3<kKStepsN, KtTile, DsTile>(dqt, kt_smem, kt_smem + KtTile::kBytes, ds_smem,
-                                                             ds_smem + DsTile::kBytes);
+                tc::wgmma_rs_bt_x3<kKStepsN, DsTile>(dqt, kt_hi, kt_lo, ds_smem, ds_smem + DsTile::kBytes);
                 ptx::wgmma_commit();
             }
-            // The next step's Q and dO into their tiles while dQ^T's products run, then step t + 2's
-            // rows into the staging tile (this thread's chunks: its own reads are done).
-            if (next.g < heads) unstage_step(0, true, false);
+            // Step t + 2's rows into the staging tile while dQ^T's products run (this thread's
+            // chunks: its own reads are done).
             const HeadTileStep after_next = step.after(2, range.first, range.last);
             if (after_next.g < heads) copy_step(after_next, t % 2);
             ptx::cp_async_commit();
@@ -242,7 +246,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
                             atomicAdd(dq_rows + (long long)query * f.head_dim + col, dqt[nt][e]);
                     }
             }
-            step_barrier();  // the next step's tiles published; this step's products done (dS free)
+            step_barrier();  // this step's products done: dS and slot t % 2 free
         }
         ptx::cp_async_wait<0>();
         return;
@@ -266,10 +270,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         tc::zero(st);
         tc::zero(dpt);
         ptx::wgmma_fence();
-        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(st[0], k_smem, k_smem + KVTile::kBytes, q_smem,
-                                                    q_smem + QTile::kBytes);
-        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(dpt[0], v_smem, v_smem + KVTile::kBytes, do_smem,
-                                                    do_smem + QTile::kBytes);
+        const unsigned q = slot_smem(t % 2), dout = q + 2 * QTile::kBytes;
+        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(st[0], k_smem, k_smem + KVTile::kBytes, q, q + QTile::kBytes);
+        tc::wgmma_ss_bt_x3<kKStepsD, KVTile, QTile>(dpt[0], v_smem, v_smem + KVTile::kBytes, dout,
+                                                    dout + QTile::kBytes);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(st[0]);
@@ -307,7 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         float dv_step[kHeadDim / 8][4], dk_step[kHeadDim / 8][4];
         tc::zero(dv_step);
         tc::zero(dk_step);
-        const unsigned qt = qt_slot(t % 2), dot = qt + 2 * QTile::kBytes;
+        const unsigned qt = q + 4 * QTile::kBytes, dot = q + 6 * QTile::kBytes;
         ptx::wgmma_fence();
         tc::wgmma_x3_products<kKStepsM>([&](int kk, bool lo_a, bool lo_b) {
             ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dv_step, lo_a ? pa[kk].lo : pa[kk].hi,

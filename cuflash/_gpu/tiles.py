@@ -595,10 +595,11 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 # operand in TF32 hi and lo halves; those whose k index is a tensor's rows transposed: Q_i^T,
 # dO_i^T, K^T), the d64 bucket: 64 keys a block, 32-query steps, two warpgroups (one multiplies
 # by the keys, the other splits and transposes the next step's Q and dO out of a staging tile and
-# computes dQ_i^T = K^T dS^T, added by REDs). Shared memory 226 KB (K, V, K^T, Q_i, dO_i, dS and
-# two slots of Q_i^T, dO_i^T in hi and lo tiles): one block a SM; 231-235 registers. H100 session
-# 52, B x L = 16k, H16: backward 41-46 TFLOP/s, 1.30-1.42x bwd_dkdv_simt's (FFMA); one warpgroup
-# doing both sides ran at 0.8x FFMA. d32 (dQ^T's M would be 32) and d128 (no room) stay FFMA.
+# computes dQ_i^T = K^T dS^T with K^T's fragments in its registers, added by REDs). Shared memory
+# 226 KB (K, V, dS and two slots of Q_i, dO_i, Q_i^T, dO_i^T in hi and lo tiles): one block a SM;
+# 231-232 registers. H100 session 52, B x L = 16k, H16, backward: 46.7-53.4 TFLOP/s, 1.48-1.63x
+# bwd_dkdv_simt's (FFMA); K^T in shared memory and one slot of Q_i, dO_i 1.30-1.42x; one
+# warpgroup doing both sides 0.8x. d32 (dQ^T's M would be 32) and d128 (no room) stay FFMA.
 _BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (32, 64, 8, 1)}
 
 
