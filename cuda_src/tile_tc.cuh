@@ -368,7 +368,8 @@ struct TileLoader {
 // Row tiles of a float32 tensor whose rows are keys (V) into a shared tile with the keys along
 // its rows (tile row = the tensor's column): the K-major B operand TF32 wgmma needs for P V,
 // whose k index is the keys (TF32 has no transposed operand form, and neither cp.async nor
-// ldmatrix transposes 4-byte elements). In two halves, so that the global loads' latency hides
+// ldmatrix transposes 4-byte elements); the 3xTF32 backward's Q^T, dO^T (rows: queries) and
+// K^T the same way (bwd_dkdv_wgmma_x3.cu: `for_each_staged` hands it each staged chunk). In two halves, so that the global loads' latency hides
 // behind other work: `copy` by cp.async into a staging tile (16-byte chunks of 4 columns; two
 // adjacent threads take a row's two adjacent chunks, whole 32-byte sectors; each thread's
 // chunks side by side there, so a warp's copies and reads are 512 contiguous bytes), then, once
@@ -384,9 +385,10 @@ struct KeysMajorLoader {
     static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
     static constexpr int kIters = kRows * kChunks / kThreads;
     static constexpr unsigned kStagingBytes = 16u * kRows * kChunks;
-    // copy and store unroll two chunks at a time: fwd_wgmma's d128 tile gives each thread eight,
-    // and wholly unrolled, ptxas hoisted their addresses and loads and the kernel spilled (140
-    // bytes at 255 registers; 249 without spills this way). Every other tile has two.
+    // copy and for_each_staged unroll two chunks at a time: fwd_wgmma's d128 tile gives each
+    // thread eight, and wholly unrolled, ptxas hoisted their addresses and loads and the kernel
+    // spilled (140 bytes at 255 registers; 249 without spills this way). fwd_wgmma's other tiles
+    // have two, bwd_dkdv_wgmma_x3's four.
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
     static_assert(kStagingBytes == Tile::kBytes, "the staging tile holds the tile's floats");

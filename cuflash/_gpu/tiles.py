@@ -299,8 +299,9 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # d128 (the 97-128 bucket; d65-96 stays FFMA): one warpgroup a block, 32-key tiles, a K ring of
 # 2: Q, K and V^T in hi and lo fill 225 KB, and S reads Q's tiles from shared memory (its
 # fragments, 128 registers, do not fit beside acc and P V's fresh tile: 249 registers without
-# them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.31x FFMA, 0.86-0.92x SDPA EFFICIENT (L
-# 1k-16k, dense and causal). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16, forward (benchmarks/NOTES.md):
+# them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
+# 1k-16k, dense and causal). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k,
+# H16, forward (benchmarks/NOTES.md):
 # session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
 # 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
 # place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62); session 50 (H100) V
@@ -605,7 +606,7 @@ _BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (32, 64, 8
 
 def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of bwd_dkdv_wgmma_x3.cu's kSmemBytes."""
-    floats = 2 * (3 * block_n * head_dim + 6 * block_m * head_dim + block_m * block_n) + 2 * block_m * head_dim
+    floats = 2 * (2 * block_n * head_dim + 8 * block_m * head_dim + block_m * block_n) + 2 * block_m * head_dim
     return 1024 + 4 * (floats + 2 * 2 * block_m)
 
 
