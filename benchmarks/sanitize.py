@@ -173,7 +173,8 @@ def _feature_cases() -> list[dict]:
         dict(name="3xtf32-float32-d111-causal", dtype="float32", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
              options={"causal": True, "scale": -0.25}),
         # float32 "highest" backward in 3xTF32 on Hopper (bwd_dkdv_wgmma_x3: two warpgroups, the
-        # staging tile and the Q^T / dO^T slots), GQA, a window, dQ by REDs (and deterministic)
+        # staging tile and the step slots), GQA, a window, dQ by REDs (deterministic-float32-window
+        # runs it without dQ)
         dict(name="3xtf32-float32-backward-d64-gqa", dtype="float32", q=(2, 4, 97, 64), k=(2, 2, 200, 64),
              options={"window": (50, 10)}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
