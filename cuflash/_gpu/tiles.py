@@ -323,12 +323,13 @@ def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int
     return 1024 + 2 * units * head_dim * (halves * (block_m + kv_tiles * block_n) + staging_tiles * block_n)
 
 
-def _fwd_wgmma_tf32x3_candidates(head_dim: int, arch: str) -> tuple[Tile, ...]:
-    return (_FWD_WGMMA_TF32X3_TABLE[head_dim],) if arch == "90a" and head_dim in _FWD_WGMMA_TF32X3_TABLE else ()
+def _hopper_tf32x3_candidates(table: dict[int, Tile]) -> Callable[[int, str], tuple[Tile, ...]]:
+    """A 3xTF32 family's split_tf32_candidates: its table's tile for the bucket, on sm_90a only."""
+    return lambda head_dim, arch: (table[head_dim],) if arch == "90a" and head_dim in table else ()
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
-    """16-bit tiles (float32 runs only 3xTF32 here: _fwd_wgmma_tf32x3_candidates)."""
+    """16-bit tiles (float32 runs only 3xTF32 here: _FWD_WGMMA_TF32X3_TABLE)."""
     rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
     return tuple(tile for most_keys, tile in rows if visible_keys <= most_keys)[:1]
 
@@ -802,7 +803,7 @@ FWD_TC = KernelSpec("fwd_tc", TC_DTYPES + ("float32",), _tc_table(_TC_TABLE, _TF
                     split_tf32_candidates=_tf32x3_candidates, drops=True, dropout_tile=_dropout_tile("fwd_tc"))
 FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candidates,
                        _by_tile(_smem_fwd_wgmma_bytes),  # 16-bit; float32 is "highest" only: split_shared_memory
-                       tf32_precisions=("highest",), split_tf32_candidates=_fwd_wgmma_tf32x3_candidates,
+                       tf32_precisions=("highest",), split_tf32_candidates=_hopper_tf32x3_candidates(_FWD_WGMMA_TF32X3_TABLE),
                        split_shared_memory=lambda d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(
                            d, block_m, block_n, stages, units=2, halves=2), drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
@@ -845,8 +846,7 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
 BWD_DKDV_WGMMA_X3 = KernelSpec(
     "bwd_dkdv_wgmma_x3", ("float32",), lambda dtype, d, arch, keys: (),  # (float32 is "highest" only)
     _by_tile(_smem_bwd_dkdv_wgmma_x3_bytes), tf32_precisions=("highest",),
-    split_tf32_candidates=lambda d, arch: (
-        (_BWD_DKDV_WGMMA_X3_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_X3_TABLE else ()),
+    split_tf32_candidates=_hopper_tf32x3_candidates(_BWD_DKDV_WGMMA_X3_TABLE),
     split_shared_memory=_smem_bwd_dkdv_wgmma_x3_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
