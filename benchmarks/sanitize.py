@@ -177,6 +177,8 @@ def _feature_cases() -> list[dict]:
         # runs it without dQ)
         dict(name="3xtf32-float32-backward-d64-gqa", dtype="float32", q=(2, 4, 97, 64), k=(2, 2, 200, 64),
              options={"window": (50, 10)}),
+        dict(name="3xtf32-float32-backward-d27-causal", dtype="float32", q=(1, 3, 150, 27), k=(1, 3, 97, 27),
+             options={"causal": True}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers
         dict(name="tf32-float32-odd", dtype="float32", **ODD, options={"causal": True, "precision": "tf32"},
              tolerance=2e-2, quick=True),

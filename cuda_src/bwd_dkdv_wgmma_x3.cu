@@ -10,7 +10,7 @@
 // A block owns kBlockN = 64 keys of one key/value head and a group of heads_per_block query heads
 // that read it (GQA; params.cuh's HeadTileStep walks them), in two warpgroups: warpgroup 0
 // multiplies by the keys, warpgroup 1 feeds it and computes dQ. Per step (h, i), query tile i of
-// kBlockM = 32 rows of head h:
+// kBlockM = 32 rows (d32: 64) of head h:
 //
 //   warpgroup 0                                   warpgroup 1
 //   S^T  = K Q_i^T   SS, A = K, B = Q_i           Q_{i+1}, dO_{i+1} out of the staging tile
@@ -21,11 +21,13 @@
 //   dK += dS^T Q_i   RS, B = Q_i^T
 //   ---------------------------------------------- barrier: dS complete; the next step's tiles
 //   dV, dK land; FADD into the accumulators       dQ_i^T = K^T dS^T (RS, M = D: K^T's fragments
-//                                                 held in registers), added into dq_accum by
-//                                                 REDs; step i+2's rows into the staging tile
+//                                                 held in registers; d32: dQ_i = dS K, SS, M =
+//                                                 64 queries, K^T's tiles kept), added into
+//                                                 dq_accum by REDs; step i+2's rows into the
+//                                                 staging tile
 //   ---------------------------------------------- barrier: this step's products done
 //
-// (the 64 x 32 products: S^T and dP^T 64 keys x 32 queries, dV and dK 64 keys x D, dQ^T D x 32;
+// (the d64 products: S^T and dP^T 64 keys x 32 queries, dV and dK 64 keys x D, dQ^T D x 32;
 // dK *= scale once at the end, dQ's scale is bwd_dq_convert's). One warpgroup doing both sides
 // ran at 0.8x the FFMA kernels: ~2,900 instructions a warp a step, one warp a scheduler, 43% of
 // its cycles at barriers (ncu, benchmarks/NOTES.md, session 52).
@@ -34,7 +36,7 @@
 // Shared memory (d64: 226 KB, one block a SM): K, V and dS in hi and lo tiles, two slots (steps t
 // and t + 1) of Q_i, dO_i, Q_i^T, dO_i^T in hi and lo tiles, the staging tile of the next step's
 // raw Q and dO rows (the prologue: K's; K^T passes through slot 1 on its way to warpgroup 1's
-// registers), two slots of lse_i and delta_i.
+// registers; d32 keeps them, after the rest), two slots of lse_i and delta_i.
 #include "bwd_tc.cuh"
 #include "bwd_wgmma.cuh"
 #include "mask.cuh"
@@ -51,9 +53,10 @@ namespace cuflash {
 // 1024 bytes of alignment; in floats, hi and lo each: K, V (kBlockN x D), two slots of Q_i, dO_i,
 // Q_i^T, dO_i^T (kBlockM x D), dS (kBlockM x kBlockN); the staging tile (2 kBlockM x D floats);
 // two slots of lse_i and delta_i (2 kBlockM floats each).
+// d32 keeps K^T's hi and lo tiles too (kBlockN x D each).
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kStages>
 constexpr unsigned bwd_dkdv_wgmma_x3_smem_bytes() {
-    return 1024 + 4 * (2 * (2 * kBlockN * kHeadDim + 8 * kBlockM * kHeadDim + kBlockM * kBlockN) +
+    return 1024 + 4 * (2 * ((kHeadDim < 64 ? 3 : 2) * kBlockN * kHeadDim + 8 * kBlockM * kHeadDim + kBlockM * kBlockN) +
                        2 * kBlockM * kHeadDim + 2 * 2 * kBlockM);
 }
 
@@ -67,8 +70,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     constexpr int kWidth = 2 * kHeadDim;  // a row's 16-bit units
     static_assert(Arith::kProducts == 3 && Arith::kUnits == 2, "float32 in 3xTF32");
     static_assert(!kScoreMods && !kDropout, "no modifiers, no dropout (tiles.py: FFMA serves them)");
-    static_assert(kWarps == 8 && kBlockN == 64 && kBlockM == 32 && kHeadDim == 64 && kStages == 1,
-                  "two warpgroups on 64 keys (wgmma M), 32-query steps, dQ^T's M = D = 64, the staging tile one step ahead");
+    // d64: dQ_i^T = K^T dS^T (M = D = 64) from K^T's fragments in warpgroup 1's registers, 32-query
+    // steps; d32: dQ_i = dS K (M = 64 queries a step; D = 32 cannot be an M) from the dS and K^T
+    // tiles, 64-query steps (d32's tiles are half as wide: the same shared memory).
+    constexpr bool kDqTransposed = kHeadDim == 64;
+    static_assert(kWarps == 8 && kBlockN == 64 && kBlockM == (kDqTransposed ? 32 : 64) &&
+                      (kHeadDim == 32 || kHeadDim == 64) && kStages == 1,
+                  "two warpgroups on 64 keys (wgmma M), dQ's M 64, the staging tile one step ahead");
 
     using KVTile = tc::Sw128Tile<kBlockN, kWidth>;                 // K, V (keys x D)
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;                  // Q_i, dO_i (queries x D)
@@ -80,12 +88,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     constexpr int kKStepsD = kWidth / 16;   // k8 steps over D (S^T, dP^T)
     constexpr int kKStepsM = kBlockM / 8;   // over a step's queries (dV, dK)
     constexpr int kKStepsN = kBlockN / 8;   // over the keys (dQ^T)
-    static_assert(2 * QtLoader::kStagingBytes == KtLoader::kStagingBytes, "K's staging is Q's and dO's");
+    constexpr unsigned kStagingBytes = 2 * QtLoader::kStagingBytes;  // Q's and dO's rows
+    static_assert(KtLoader::kStagingBytes <= kStagingBytes, "K's rows pass through the staging tile too");
     static_assert(KtTile::kBytes == KVTile::kBytes && QtTile::kBytes == QTile::kBytes, "tile sizes");
     constexpr unsigned kStatBytes = 2 * kBlockM * 4;  // lse_i, then delta_i
     constexpr unsigned kSmemBytes = bwd_dkdv_wgmma_x3_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
-    static_assert(kSmemBytes == 1024 + 2 * (2 * KVTile::kBytes + 8 * QTile::kBytes + DsTile::kBytes) +
-                                    KtLoader::kStagingBytes + 2 * kStatBytes, "1024: alignment");
+    static_assert(kSmemBytes == 1024 + 2 * ((kDqTransposed ? 2 : 3) * KVTile::kBytes + 8 * QTile::kBytes + DsTile::kBytes) +
+                                    kStagingBytes + 2 * kStatBytes, "1024: alignment");
 
     extern __shared__ __align__(16) unsigned char smem[];
     if (ptx::dynamic_smem_size() < kSmemBytes) __trap();
@@ -98,7 +107,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     const unsigned ds_smem = step_smem + 16 * QTile::kBytes;
     static_assert(2 * KtTile::kBytes <= 4 * QTile::kBytes, "K^T passes through slot 1's Q_i, dO_i tiles");
     const unsigned staging = ds_smem + 2 * DsTile::kBytes;
-    unsigned char* const stat_ptr = smem + align + (staging - k_smem) + KtLoader::kStagingBytes;
+    const unsigned kt_tiles = staging + kStagingBytes + 2 * kStatBytes;  // d32: K^T, hi and lo
+    unsigned char* const stat_ptr = smem + align + (staging - k_smem) + kStagingBytes;
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
@@ -185,17 +195,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     v_loader.load(v_smem, n0, at.seqlen_k, tid);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
-    const unsigned kt_smem = slot_smem(1);
+    const unsigned kt_smem = kDqTransposed ? slot_smem(1) : kt_tiles;
     unstage(k_loader, tid, staging, KVTile(), k_smem, kt_smem, true, true);
     v_loader.split(v_smem, v_smem + KVTile::kBytes, tid);
     ptx::fence_proxy_async_shared();
     __syncthreads();  // K's staged copies read by every thread before step 0's land there; K^T complete
     const HeadTileStep first_step(range.first, range.last, heads);
-    // Warpgroup 1: K^T's TF32 fragments, hi and lo, for dQ^T (rows: this warp's 16 of D).
-    unsigned kt_hi[kKStepsN][4], kt_lo[kKStepsN][4];
+    // Warpgroup 1, d64: K^T's TF32 fragments, hi and lo, for dQ^T (rows: this warp's 16 of D).
+    unsigned kt_hi[kDqTransposed ? kKStepsN : 1][4], kt_lo[kDqTransposed ? kKStepsN : 1][4];
     if (group == 1) {
-        tc::a_k8_from<kKStepsN, KtTile>(kt_hi, kt_smem, row0, lane);
-        tc::a_k8_from<kKStepsN, KtTile>(kt_lo, kt_smem + KtTile::kBytes, row0, lane);
+        if constexpr (kDqTransposed) {
+            tc::a_k8_from<kKStepsN, KtTile>(kt_hi, kt_smem, row0, lane);
+            tc::a_k8_from<kKStepsN, KtTile>(kt_lo, kt_smem + KtTile::kBytes, row0, lane);
+        }
         if (first_step.g < heads) copy_step(first_step, 0);
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
@@ -220,31 +232,41 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
             ptx::cp_async_wait<0>();
             if (next.g < heads) unstage_step((t + 1) % 2);
             step_barrier();  // dS complete; the next step's tiles published
-            float dqt[kBlockM / 8][4];  // dQ_i^T: rows D, columns the step's queries
+            // d64: dQ_i^T (rows D, columns the step's queries); d32: dQ_i (rows queries, columns D).
+            float dq[kDqTransposed ? kBlockM / 8 : kHeadDim / 8][4];
             if (with_dq) {
-                tc::zero(dqt);
+                tc::zero(dq);
                 ptx::wgmma_fence();
-                tc::wgmma_rs_bt_x3<kKStepsN, DsTile>(dqt, kt_hi, kt_lo, ds_smem, ds_smem + DsTile::kBytes);
+                if constexpr (kDqTransposed)
+                    tc::wgmma_rs_bt_x3<kKStepsN, DsTile>(dq, kt_hi, kt_lo, ds_smem, ds_smem + DsTile::kBytes);
+                else
+                    tc::wgmma_ss_bt_x3<kKStepsN, DsTile, KtTile>(dq, ds_smem, ds_smem + DsTile::kBytes, kt_smem,
+                                                                 kt_smem + KtTile::kBytes);
                 ptx::wgmma_commit();
             }
-            // Step t + 2's rows into the staging tile while dQ^T's products run (this thread's
+            // Step t + 2's rows into the staging tile while dQ's products run (this thread's
             // chunks: its own reads are done).
             const HeadTileStep after_next = step.after(2, range.first, range.last);
             if (after_next.g < heads) copy_step(after_next, t % 2);
             ptx::cp_async_commit();
             if (with_dq) {
                 ptx::wgmma_wait<0>();
-                ptx::wgmma_pin(dqt);
+                ptx::wgmma_pin(dq);
                 float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
                 const int m0 = step.i * kBlockM;
+                if constexpr (kDqTransposed) {
 #pragma unroll
-                for (int nt = 0; nt < kBlockM / 8; ++nt)
+                    for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int query = m0 + nt * 8 + 2 * (lane % 4) + e % 2, col = row0 + lane / 4 + 8 * (e / 2);
-                        if (query < at.seqlen_q && col < f.head_dim)
-                            atomicAdd(dq_rows + (long long)query * f.head_dim + col, dqt[nt][e]);
-                    }
+                        for (int e = 0; e < 4; ++e) {
+                            const int query = m0 + nt * 8 + 2 * (lane % 4) + e % 2, col = row0 + lane / 4 + 8 * (e / 2);
+                            if (query < at.seqlen_q && col < f.head_dim)
+                                atomicAdd(dq_rows + (long long)query * f.head_dim + col, dq[nt][e]);
+                        }
+                } else {
+                    tc::add_rows<kHeadDim>(dq_rows + (long long)m0 * f.head_dim, dq, row0, at.seqlen_q - m0, 0,
+                                           f.head_dim, lane);
+                }
             }
             step_barrier();  // this step's products done: dS and slot t % 2 free
         }

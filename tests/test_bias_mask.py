@@ -1091,8 +1091,11 @@ def test_gpu_key_padding_mask_cuts_each_rows_keys(rng, dtype, causal):
     assert (out[0] == 0).all() and (lse[0] == -numpy.inf).all() and (dq[0] == 0).all()
     for b, n in enumerate(cuts):
         assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
     for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want):
+        # float32: two kernels' roundings (on Hopper the prefix rows' gradients are 3xTF32's, the
+        # full mask's FFMA's): a few eps x the gradient's size x sqrt(D), as tests/test_precision.py
+        finite = numpy.abs(ref[numpy.isfinite(ref)].astype(numpy.float64))
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == "bfloat16" else dict(rtol=0, atol=64 * 2.0**-23 * finite.max())
         numpy.testing.assert_allclose(got.astype(numpy.float64), ref.astype(numpy.float64), err_msg=name, **tol)
 
 

@@ -430,15 +430,15 @@ def test_gqa_dkdv_blocks_keep_the_group_while_its_blocks_fill_the_gpu(monkeypatc
     assert plan._heads_per_block(group, rows, key_tiles) == expected
 
 
-SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short dK/dV kernel and tile, the short dQ tile)
+SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short dK/dV kernel and tile, the short dQ kernel and tile)
     ("float16", 32, "90a", False, ("bwd_dkdv_tc", (64, 64, 4)), None),
     ("bfloat16", 24, "80", True, ("bwd_dkdv_tc", (64, 64, 4)), None),
     ("float16", 8, "86", True, ("bwd_dkdv_tc", (64, 64, 4)), None),
     ("bfloat16", 64, "90a", False, None, None),  # Hopper's d64 family keeps its tile
     ("bfloat16", 128, "80", True, None, None),  # no short tile in the bucket
     # FFMA (precision "highest"): dK/dV and the deterministic dQ both take 64 x 64
-    ("float32", 32, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), (64, 64, 8)),
-    ("float32", 59, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), (64, 64, 8)),
+    ("float32", 32, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), ("bwd_dq_simt", (64, 64, 8))),
+    ("float32", 59, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), ("bwd_dq_simt", (64, 64, 8))),
     ("float32", 96, "90a", False, None, None),
     ("float64", 32, "90a", True, None, None),  # fp64 tensor cores keep their tiles
 ]
@@ -461,7 +461,8 @@ def test_short_rows_take_the_short_dkdv_tile(dtype, head_dim, arch, mods, short_
     if short_dq is None:
         assert short.dq == long_rows.dq
     else:
-        assert (short.dq.block_m, short.dq.block_n, short.dq.warps) == short_dq and short.dq.kernel == long_rows.dq.kernel
+        kernel, tile = short_dq
+        assert (short.dq.kernel, (short.dq.block_m, short.dq.block_n, short.dq.warps)) == (kernel, tile)
     assert short.dkdv in tiles.all_variants(arch)
 
 
@@ -515,8 +516,9 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d128 bucket (97-128:
     one warpgroup a block, Q's hi and lo tiles read from shared memory), the tile without spills
     per arch; FFMA (fwd_simt) for the other heads, short rows and score modifiers. The backward's
-    dK/dV kernel in 3xTF32 on Hopper at head dims 33-64 (bwd_dkdv_wgmma_x3, 32 x 64, two
-    warpgroups), else FFMA, as every deterministic dQ kernel; "ieee" always FFMA; "tf32" its own
+    dK/dV kernel in 3xTF32 on Hopper at head dims up to 64 (bwd_dkdv_wgmma_x3, two warpgroups:
+    64 x 64 to d32, 32 x 64 at d33-64), at d33-64 the deterministic dQ kernel too (bwd_dq_wgmma_x3,
+    64 x 32), else FFMA; "ieee" always FFMA; "tf32" its own
     Variants."""
     wide = ((97, tile128), (128, tile128)) if tile128 else ()
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
@@ -531,14 +533,14 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     for d in (32, 128):
         assert tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
         assert tiles.select("float32", d, d, False, arch, short=True, precision="highest").kernel == "fwd_simt"
-    backward = tiles.select_backward("float32", 32, 32, False, arch, precision="highest")
-    assert (backward.dkdv.kernel, backward.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt")
-    for d in (33, 64):
+    for d in (1, 32, 33, 64):
         for window in (False, True):
             backward = tiles.select_backward("float32", d, d, window, arch, precision="highest")
             dkdv = (backward.dkdv.kernel, (backward.dkdv.block_m, backward.dkdv.block_n, backward.dkdv.warps))
-            assert dkdv == ("bwd_dkdv_wgmma_x3", (32, 64, 8)) if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
-            assert backward.dq.kernel == "bwd_dq_simt"
+            x3_tile = (64, 64, 8) if d <= 32 else (32, 64, 8)  # (d32: 64-query steps, dQ = dS K)
+            assert dkdv == ("bwd_dkdv_wgmma_x3", x3_tile) if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
+            dq_x3 = tile128 and d > 32  # (the deterministic dQ in 3xTF32: d64's bucket)
+            assert backward.dq.kernel == ("bwd_dq_wgmma_x3" if dq_x3 else "bwd_dq_simt"), backward.dq
             assert tiles.select_backward("float32", d, d, window, arch, precision="ieee").dkdv.kernel == "bwd_dkdv_simt"
             assert tiles.select_backward("float32", d, d, window, arch, precision="highest", short=True
                                          ).dkdv.kernel == "bwd_dkdv_simt"

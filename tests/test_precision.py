@@ -30,18 +30,20 @@ def _arrays(rng, dtype="float32", xp=numpy):
 
 
 def _calls(q, k, v, dout, precision):
-    """Every entry point's result for one precision (values as NumPy arrays, in a fixed order)."""
+    """Every entry point's result for one precision (values as NumPy arrays, in a fixed order).
+    The backwards are deterministic: a replay's bits are comparable (dQ added by atomics, as
+    Hopper's 3xTF32 dK/dV kernel does by default, is not)."""
     xp = cuflash._varlen._array_module(q)
     out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, precision=precision)
-    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, precision=precision)
-    vjp_out, vjp = cuflash.attention_vjp(q, k, v, causal=True, precision=precision)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, precision=precision, deterministic=True)
+    vjp_out, vjp = cuflash.attention_vjp(q, k, v, causal=True, precision=precision, deterministic=True)
     packed = [x[0].transpose(1, 0, 2) for x in (q, k, v, dout)]  # batch 0 as one packed sequence
     packed = [xp.ascontiguousarray(x) for x in packed]
     cu_q = xp.asarray(numpy.array([0, 20, q.shape[2]], numpy.int32))
     cu_k = xp.asarray(numpy.array([0, 30, k.shape[2]], numpy.int32))
     pout, plse = cuflash.attention_varlen(*packed[:3], cu_q, cu_k, causal=True, return_lse=True, precision=precision)
     pgrads = cuflash.attention_varlen_backward(packed[3], *packed[:3], pout, plse, cu_q, cu_k, causal=True,
-                                               precision=precision)
+                                               precision=precision, deterministic=True)
     cache = [xp.ascontiguousarray(x) for x in (k, v)]
     kv_out = cuflash.attention_with_kvcache(q, *cache, causal=True, precision=precision)
     results = [out, lse, *grads, vjp_out, *vjp(dout), pout, plse, *pgrads, kv_out]

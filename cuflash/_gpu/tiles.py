@@ -595,20 +595,34 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 
 # bwd_dkdv_wgmma_x3 (Hopper, sm_90a only): float32 under precision="highest" in 3xTF32 (every
 # operand in TF32 hi and lo halves; those whose k index is a tensor's rows transposed: Q_i^T,
-# dO_i^T, K^T), the d64 bucket: 64 keys a block, 32-query steps, two warpgroups (one multiplies
+# dO_i^T, K^T), the d32 and d64 buckets: 64 keys a block, 32-query steps (d32: 64, dQ = dS K
+# from the dS and K^T tiles, M = 64 queries, where d64 computes dQ^T), two warpgroups (one multiplies
 # by the keys, the other splits and transposes the next step's Q and dO out of a staging tile and
 # computes dQ_i^T = K^T dS^T with K^T's fragments in its registers, added by REDs). Shared memory
 # 226 KB (K, V, dS and two slots of Q_i, dO_i, Q_i^T, dO_i^T in hi and lo tiles): one block a SM;
 # 231-232 registers. H100 session 52, B x L = 16k, H16, backward: 46.7-53.4 TFLOP/s, 1.48-1.63x
 # bwd_dkdv_simt's (FFMA); K^T in shared memory and one slot of Q_i, dO_i 1.30-1.42x; one
-# warpgroup doing both sides 0.8x. d32 (dQ^T's M would be 32) and d128 (no room) stay FFMA.
-_BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (32, 64, 8, 1)}
+# warpgroup doing both sides 0.8x. d128 (no room) stays FFMA. (d32: session 53 measures it.)
+_BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 64, 8, 1), 64: (32, 64, 8, 1)}
 
 
 def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
     """Mirror of bwd_dkdv_wgmma_x3.cu's kSmemBytes."""
-    floats = 2 * (2 * block_n * head_dim + 8 * block_m * head_dim + block_m * block_n) + 2 * block_m * head_dim
+    kv_tiles = 3 if head_dim < 64 else 2  # d32: K^T's tiles too
+    floats = 2 * (kv_tiles * block_n * head_dim + 8 * block_m * head_dim + block_m * block_n) + 2 * block_m * head_dim
     return 1024 + 4 * (floats + 2 * 2 * block_m)
+
+
+# bwd_dq_wgmma_x3 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in 3xTF32, d64:
+# 64 query rows a block, 32-key steps, two warpgroups (one multiplies: S, dP as SS, dQ += dS K_j
+# as RS onto K_j^T; the other splits each key tile out of a staging tile into one of two slots).
+# Shared memory: Q_i, dO_i, two slots of K_j, V_j, K_j^T in hi and lo tiles, the staging tile.
+_BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1)}
+
+
+def _smem_bwd_dq_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dq_wgmma_x3.cu's kSmemBytes."""
+    return 1024 + 4 * (2 * (2 * block_m * head_dim + 2 * 3 * block_n * head_dim) + 2 * block_n * head_dim)
 
 
 # bwd_dkdv_wgmma_ws (Hopper, sm_90a only): bwd_dkdv_wgmma's work on two consumer warpgroups beside
@@ -848,6 +862,11 @@ BWD_DKDV_WGMMA_X3 = KernelSpec(
     _by_tile(_smem_bwd_dkdv_wgmma_x3_bytes), tf32_precisions=("highest",),
     split_tf32_candidates=_hopper_tf32x3_candidates(_BWD_DKDV_WGMMA_X3_TABLE),
     split_shared_memory=_smem_bwd_dkdv_wgmma_x3_bytes)
+BWD_DQ_WGMMA_X3 = KernelSpec(
+    "bwd_dq_wgmma_x3", ("float32",), lambda dtype, d, arch, keys: (),  # (float32 is "highest" only)
+    _by_tile(_smem_bwd_dq_wgmma_x3_bytes), tf32_precisions=("highest",),
+    split_tf32_candidates=_hopper_tf32x3_candidates(_BWD_DQ_WGMMA_X3_TABLE),
+    split_shared_memory=_smem_bwd_dq_wgmma_x3_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
@@ -872,7 +891,7 @@ BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X3, BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
                                         BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
@@ -892,7 +911,7 @@ BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "float32": (BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
                  "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
-BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_TC, BWD_DQ_SIMT),
+BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DQ_SIMT),
                "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
 
 
