@@ -261,6 +261,14 @@ __device__ __forceinline__ void cp_async_elem(void* dst, const void* src, bool v
 namespace cuflash {
 namespace ptx {
 
+// *addr += value where `pred` holds: a predicated red.global.add.f32 (an atomicAdd under an `if`
+// compiles to a branch around it: three more instructions a RED in bwd_dkdv_wgmma_x3's dQ^T).
+__device__ __forceinline__ void red_add_f32_if(bool pred, float* addr, float value) {
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t@p red.global.add.f32 [%1], %2;\n\t}" ::"r"(int(pred)),
+                 "l"(addr), "f"(value)
+                 : "memory");
+}
+
 // *addr += (a, b) as one vector reduction in L2 (sm_90+: red.global.add.v2.f32); addr must be
 // 8-byte aligned. No return value: a fire-and-forget RED, like atomicAdd whose result is unused.
 __device__ __forceinline__ void red_add_v2_f32(float* addr, float a, float b) {

@@ -400,23 +400,30 @@ struct KeysMajorLoader {
     __device__ __forceinline__ KeysMajorLoader(const float* base_, long long row_stride_, int num_cols_)
         : base(base_), row_stride(row_stride_), num_cols(num_cols_) {}
 
-    // The tensor row (from row0) and chunk of this thread's i-th chunk, and its staging offset.
-    __device__ __forceinline__ static int row_of(int i, int tid) { return ((tid + i * kThreads) / 2) % kRows; }
-    __device__ __forceinline__ static int chunk_of(int i, int tid) {
-        const int idx = tid + i * kThreads;
-        return idx % 2 + 2 * (idx / (2 * kRows));
+    // Chunk idx = tid + i * kThreads of the staging tile is the tensor's row (idx / 2) % kRows,
+    // chunk idx % 2 + 2 (idx / (2 kRows)). With kThreads a multiple of 2 kRows (asserted where
+    // the chunks are walked) a thread's chunks lie in one row, kChunkStep chunks apart: its row
+    // and first column are worked out once, not per chunk (in bwd_dkdv_wgmma_x3 the per-chunk
+    // form was ~300 of warpgroup 1's ~660 instructions between a step's barriers: ncu, session 53).
+    static constexpr int kChunkStep = kThreads / kRows;
+    __device__ __forceinline__ static int row_of(int tid) { return static_cast<int>(unsigned(tid) / 2u % kRows); }
+    __device__ __forceinline__ static int first_col(int tid) {
+        return static_cast<int>(4u * (unsigned(tid) % 2u + 2u * (unsigned(tid) / (2u * kRows))));
     }
     __device__ __forceinline__ static unsigned staged_at(int i, int tid) { return 16u * (tid + i * kThreads); }
 
     // Rows [row0, row0 + kRows) into the staging tile, asynchronously (the caller commits the
     // group); num_rows = rows that exist. The rows must be 16-byte aligned (as TileLoader's).
     __device__ __forceinline__ void copy(unsigned staging, int row0, int num_rows, int tid) const {
+        static_assert(kThreads % (2 * kRows) == 0, "a thread's chunks lie in one row");
+        const int row = row0 + row_of(tid), col0 = first_col(tid);
+        const int cols = row < num_rows ? num_cols : 0;  // columns to read in this thread's row
+        const float* const src = base + row * row_stride;
 #pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
-            const int row = row0 + row_of(i, tid), col = 4 * chunk_of(i, tid);
-            const int valid = row < num_rows ? min(max(num_cols - col, 0), 4) : 0;
+            const int col = col0 + 4 * kChunkStep * i, valid = min(max(cols - col, 0), 4);
             // A chunk with nothing to read points at the tensor's first row: any valid address.
-            ptx::cp_async_16(staging + staged_at(i, tid), valid > 0 ? base + row * row_stride + col : base, 4 * valid);
+            ptx::cp_async_16(staging + staged_at(i, tid), valid > 0 ? src + col : base, 4 * valid);
         }
     }
 
@@ -434,12 +441,13 @@ struct KeysMajorLoader {
     // c) = v[c], c < 4 (rows and columns from the tile's first).
     template <typename Chunk>
     __device__ __forceinline__ void for_each_staged(unsigned staging, int tid, const Chunk& chunk) const {
+        static_assert(kThreads % (2 * kRows) == 0, "a thread's chunks lie in one row");
+        const int row = row_of(tid), col0 = first_col(tid);
 #pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
-            const int row = row_of(i, tid), col = 4 * chunk_of(i, tid);
             const uint4 w = ptx::ld_shared_v4(staging + staged_at(i, tid));
             const float v[4] = {__uint_as_float(w.x), __uint_as_float(w.y), __uint_as_float(w.z), __uint_as_float(w.w)};
-            chunk(row, col, v);
+            chunk(row, col0 + 4 * kChunkStep * i, v);
         }
     }
 
