@@ -152,41 +152,17 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
             ptx::cp_async_elem<4>(stat_ptr + slot * kStatBytes + 4 * gtid, src, row < at.seqlen_q);
         }
     };
-    // This thread's staged chunks (its copies, landed) split into TF32 halves, into a tile of rows
-    // (RowTile, hi at `rows`, lo after it) and/or transposed (the loader's tile, hi at `cols`, lo
-    // after it), then fenced for the tensor cores; the caller's barrier publishes them.
-    auto unstage = [&](auto loader, int thread, unsigned from, auto row_tile, unsigned rows, unsigned cols,
-                       bool to_rows, bool to_cols) {
-        constexpr unsigned kRowLo = decltype(row_tile)::kBytes;
-        constexpr unsigned kColLo = decltype(loader)::Tile::kBytes;
-        loader.for_each_staged(from, thread, [&](int row, int col, const float (&v)[4]) {
-            unsigned hi[4], lo[4];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) tc::split_tf32(v[c], hi[c], lo[c]);
-            if (to_cols) {
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    ptx::st_shared_b32(cols + loader.offset(row, col + c), hi[c]);
-                    ptx::st_shared_b32(cols + kColLo + loader.offset(row, col + c), lo[c]);
-                }
-            }
-            if (to_rows) {
-                const unsigned at_row = row_tile.offset(row, col / 4);
-                ptx::st_shared_v4(rows + at_row, hi[0], hi[1], hi[2], hi[3]);
-                ptx::st_shared_v4(rows + kRowLo + at_row, lo[0], lo[1], lo[2], lo[3]);
-            }
-        });
-        ptx::fence_proxy_async_shared();
-    };
     // Slot `slot`'s Q_i tiles (hi, then lo); dO_i's, Q_i^T's, dO_i^T's follow, two tiles apart.
     auto slot_smem = [&](int slot) { return step_smem + slot * 8 * QTile::kBytes; };
     // Warpgroup 1: the staged step into slot `slot`, as it is and transposed.
     auto unstage_step = [&](int slot) {
         const QtLoader map(nullptr, 0, 0);  // (the staging map only: Q's and dO's are the same)
         const unsigned q = slot_smem(slot);
-        unstage(map, gtid, staging, QTile(), q, q + 4 * QTile::kBytes, true, true);
-        unstage(map, gtid, staging + QtLoader::kStagingBytes, QTile(), q + 2 * QTile::kBytes, q + 6 * QTile::kBytes,
-                true, true);
+        map.template split_staged<QTile, true>(staging, gtid, q, q + 4 * QTile::kBytes);
+        ptx::fence_proxy_async_shared();
+        map.template split_staged<QTile, true>(staging + QtLoader::kStagingBytes, gtid, q + 2 * QTile::kBytes,
+                                               q + 6 * QTile::kBytes);
+        ptx::fence_proxy_async_shared();
     };
 
     // ---- Prologue: K (through the staging tile: K, and K^T into slot 1) and V (split in place) by
@@ -196,7 +172,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     const unsigned kt_smem = kDqTransposed ? slot_smem(1) : kt_tiles;
-    unstage(k_loader, tid, staging, KVTile(), k_smem, kt_smem, true, true);
+    k_loader.template split_staged<KVTile, true>(staging, tid, k_smem, kt_smem);
+    ptx::fence_proxy_async_shared();
     v_loader.split(v_smem, v_smem + KVTile::kBytes, tid);
     ptx::fence_proxy_async_shared();
     __syncthreads();  // K's staged copies read by every thread before step 0's land there; K^T complete

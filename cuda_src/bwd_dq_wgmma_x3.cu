@@ -109,29 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
         if (j >= range.last) return;
         const unsigned slot = slot_smem(j, range.first);
         const unsigned k_tile = slot, v_tile = slot + 2 * KVTile::kBytes, kt_tile = slot + 4 * KVTile::kBytes;
-        auto split = [&](const float (&v)[4], unsigned (&hi)[4], unsigned (&lo)[4]) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) tc::split_tf32(v[c], hi[c], lo[c]);
-        };
-        k_loader.for_each_staged(staging, gtid, [&](int row, int col, const float (&v)[4]) {
-            unsigned hi[4], lo[4];
-            split(v, hi, lo);
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                ptx::st_shared_b32(kt_tile + KtLoader::offset(row, col + c), hi[c]);
-                ptx::st_shared_b32(kt_tile + KtTile::kBytes + KtLoader::offset(row, col + c), lo[c]);
-            }
-            const unsigned at_row = KVTile::offset(row, col / 4);
-            ptx::st_shared_v4(k_tile + at_row, hi[0], hi[1], hi[2], hi[3]);
-            ptx::st_shared_v4(k_tile + KVTile::kBytes + at_row, lo[0], lo[1], lo[2], lo[3]);
-        });
-        v_loader.for_each_staged(staging + KtLoader::kStagingBytes, gtid, [&](int row, int col, const float (&v)[4]) {
-            unsigned hi[4], lo[4];
-            split(v, hi, lo);
-            const unsigned at_row = KVTile::offset(row, col / 4);
-            ptx::st_shared_v4(v_tile + at_row, hi[0], hi[1], hi[2], hi[3]);
-            ptx::st_shared_v4(v_tile + KVTile::kBytes + at_row, lo[0], lo[1], lo[2], lo[3]);
-        });
+        k_loader.template split_staged<KVTile, true>(staging, gtid, k_tile, kt_tile);
+        v_loader.template split_staged<KVTile, false>(staging + KtLoader::kStagingBytes, gtid, v_tile, 0);
         ptx::fence_proxy_async_shared();
     };
 

@@ -451,6 +451,29 @@ struct KeysMajorLoader {
         }
     }
 
+    // 3xTF32: this thread's staged chunks (once landed) split into TF32 hi and lo halves, stored
+    // transposed into the loader's tile (kTransposed: hi at `cols`, lo a Tile further) and as
+    // rows of a RowTile (hi at `rows`, lo a RowTile further); the caller fences them for the
+    // tensor cores and its barrier publishes them (the 3xTF32 backward's Q^T, dO^T, K^T).
+    template <typename RowTile, bool kTransposed>
+    __device__ __forceinline__ void split_staged(unsigned staging, int tid, unsigned rows, unsigned cols) const {
+        for_each_staged(staging, tid, [&](int row, int col, const float (&v)[4]) {
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) split_tf32(v[c], hi[c], lo[c]);
+            if constexpr (kTransposed) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    ptx::st_shared_b32(cols + offset(row, col + c), hi[c]);
+                    ptx::st_shared_b32(cols + Tile::kBytes + offset(row, col + c), lo[c]);
+                }
+            }
+            const unsigned at_row = RowTile::offset(row, col / 4);
+            ptx::st_shared_v4(rows + at_row, hi[0], hi[1], hi[2], hi[3]);
+            ptx::st_shared_v4(rows + RowTile::kBytes + at_row, lo[0], lo[1], lo[2], lo[3]);
+        });
+    }
+
     // This thread's staged chunks into the tile: put(offset, value) stores each value at its
     // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
     template <typename Put>
