@@ -441,7 +441,7 @@ def resolve_precision(precision, dtype_name: str) -> str:
     - ``"highest"`` (None: the default): float32-accurate, whatever the kernel: the GPU forward
       runs 3xTF32 on tensor cores (three TF32 products per product, each step summed apart) for
       head dims up to 64 (on Hopper up to 128), where it is faster than FFMA (benchmarks/NOTES.md
-      sessions 29, 52), and so does the backward on Hopper at head dims up to 64 (session 52); the
+      sessions 29, 52), and so does the backward on Hopper at head dims up to 64 (sessions 52-53); the
       FFMA kernels for other heads, short rows, score modifiers and the rest of the backward;
     - ``"ieee"``: FFMA only, IEEE float32 products and sums;
     - ``"tf32"``: one TF32 product (about 1e-3 relative) for speed; an opt-in, never chosen for

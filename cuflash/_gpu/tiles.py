@@ -600,9 +600,10 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 # by the keys, the other splits and transposes the next step's Q and dO out of a staging tile and
 # computes dQ_i^T = K^T dS^T with K^T's fragments in its registers, added by REDs). Shared memory
 # 226 KB (K, V, dS and two slots of Q_i, dO_i, Q_i^T, dO_i^T in hi and lo tiles): one block a SM;
-# 231-232 registers. H100 session 52, B x L = 16k, H16, backward: 46.7-53.4 TFLOP/s, 1.48-1.63x
+# 231-243 registers. H100 session 52, B x L = 16k, H16, backward: 46.7-53.4 TFLOP/s, 1.48-1.63x
 # bwd_dkdv_simt's (FFMA); K^T in shared memory and one slot of Q_i, dO_i 1.30-1.42x; one
-# warpgroup doing both sides 0.8x. d128 (no room) stays FFMA. (d32: session 53 measures it.)
+# warpgroup doing both sides 0.8x. Session 53: d64 53 -> 61 TFLOP/s (1.7-1.9x FFMA; the feeding
+# warpgroup's address arithmetic cut), d32 1.6-2.0x FFMA. d128 (no room) stays FFMA.
 _BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 64, 8, 1), 64: (32, 64, 8, 1)}
 
 
@@ -617,6 +618,8 @@ def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, sta
 # 64 query rows a block, 32-key steps, two warpgroups (one multiplies: S, dP as SS, dQ += dS K_j
 # as RS onto K_j^T; the other splits each key tile out of a staging tile into one of two slots).
 # Shared memory: Q_i, dO_i, two slots of K_j, V_j, K_j^T in hi and lo tiles, the staging tile.
+# H100 session 53, L 4k B4 H16: the deterministic backward 21.5 -> 16.4 ms (bwd_dq_simt's dQ
+# before; FFMA throughout 28.3). d32 keeps bwd_dq_simt: this kernel has no d32 bucket yet.
 _BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1)}
 
 
