@@ -328,6 +328,15 @@ def _hopper_tf32x3_candidates(table: dict[int, Tile]) -> Callable[[int, str], tu
     return lambda head_dim, arch: (table[head_dim],) if arch == "90a" and head_dim in table else ()
 
 
+def _hopper_tf32x3_spec(kernel: str, table: dict[int, Tile], shared_memory: Callable[[int, int, int, int], int]
+                        ) -> KernelSpec:
+    """A family that serves float32 "highest" only, in 3xTF32 on Hopper (the 3xTF32 backward's
+    kernels): its table's tile per bucket, its shared memory by the tile."""
+    return KernelSpec(kernel, ("float32",), lambda dtype, d, arch, keys: (), _by_tile(shared_memory),
+                      tf32_precisions=("highest",), split_tf32_candidates=_hopper_tf32x3_candidates(table),
+                      split_shared_memory=shared_memory)
+
+
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
     """16-bit tiles (float32 runs only 3xTF32 here: _FWD_WGMMA_TF32X3_TABLE)."""
     rows = _FWD_WGMMA_TABLE.get(head_dim, ()) if arch == "90a" else ()
@@ -860,16 +869,8 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
     lambda dtype, d, arch, keys: (_BWD_DKDV_WGMMA_WS_TABLE[d],) if arch == "90a" and d in _BWD_DKDV_WGMMA_WS_TABLE else (),
     _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True, drops=True,
     dropout_head_dims=(64,))  # (d128's dropout form spills 126 bytes at the consumers' 240 registers)
-BWD_DKDV_WGMMA_X3 = KernelSpec(
-    "bwd_dkdv_wgmma_x3", ("float32",), lambda dtype, d, arch, keys: (),  # (float32 is "highest" only)
-    _by_tile(_smem_bwd_dkdv_wgmma_x3_bytes), tf32_precisions=("highest",),
-    split_tf32_candidates=_hopper_tf32x3_candidates(_BWD_DKDV_WGMMA_X3_TABLE),
-    split_shared_memory=_smem_bwd_dkdv_wgmma_x3_bytes)
-BWD_DQ_WGMMA_X3 = KernelSpec(
-    "bwd_dq_wgmma_x3", ("float32",), lambda dtype, d, arch, keys: (),  # (float32 is "highest" only)
-    _by_tile(_smem_bwd_dq_wgmma_x3_bytes), tf32_precisions=("highest",),
-    split_tf32_candidates=_hopper_tf32x3_candidates(_BWD_DQ_WGMMA_X3_TABLE),
-    split_shared_memory=_smem_bwd_dq_wgmma_x3_bytes)
+BWD_DKDV_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x3", _BWD_DKDV_WGMMA_X3_TABLE, _smem_bwd_dkdv_wgmma_x3_bytes)
+BWD_DQ_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dq_wgmma_x3", _BWD_DQ_WGMMA_X3_TABLE, _smem_bwd_dq_wgmma_x3_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
