@@ -15,16 +15,15 @@
 //   warpgroup 0                                   warpgroup 1
 //   S^T  = K Q_i^T   SS, A = K, B = Q_i           Q_{i+1}, dO_{i+1} out of the staging tile
 //   dP^T = V dO_i^T  SS, A = V, B = dO_i          (split; as they are and transposed) into the
-//   P^T, dS^T (probabilities_and_dscores);        other slot
-//   dS^T stored transposed (split);
+//   P^T, dS^T (probabilities_and_dscores);        other slot; step i+2's rows into the staging
+//   dS^T stored transposed (split);               tile
 //   dV += P^T dO_i   RS, B = dO_i^T
 //   dK += dS^T Q_i   RS, B = Q_i^T
 //   ---------------------------------------------- barrier: dS complete; the next step's tiles
 //   dV, dK land; FADD into the accumulators       dQ_i^T = K^T dS^T (RS, M = D: K^T's fragments
 //                                                 held in registers; d32: dQ_i = dS K, SS, M =
 //                                                 64 queries, K^T's tiles kept), added into
-//                                                 dq_accum by REDs; step i+2's rows into the
-//                                                 staging tile
+//                                                 dq_accum by REDs; step i+2's lse, delta
 //   ---------------------------------------------- barrier: this step's products done
 //
 // (the d64 products: S^T and dP^T 64 keys x 32 queries, dV and dK 64 keys x D, dQ^T D x 32;
@@ -131,26 +130,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> v_loader(
         reinterpret_cast<Units>(static_cast<const float*>(f.v) + at.v), f.v_row_stride * 2, f.head_dim_v * 2);
     const KtLoader k_loader(static_cast<const float*>(f.k) + at.k, f.k_row_stride, f.head_dim);
-    const tc::QueryTileLoader<kBlockM, kWidth, kThreads, QTile, 2> aligned_rows(p, at);  // (the checks only)
+    // (Q's and dO's alignment checks, and lse's and delta's copies: the rows go by KeysMajorLoader)
+    const tc::QueryTileLoader<kBlockM, kWidth, kThreads, QTile, 2> query_rows(p, at);
     const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> k_rows(
         reinterpret_cast<Units>(static_cast<const float*>(f.k) + at.k), f.k_row_stride * 2, f.head_dim * 2);
-    if (!(k_rows.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && aligned_rows.aligned())) __trap();
+    if (!(k_rows.aligned(at.seqlen_k) && v_loader.aligned(at.seqlen_k) && query_rows.aligned())) __trap();
 
-    // Warpgroup 1: step (h, i)'s Q and dO rows into the staging tile, its lse and delta into stat
-    // slot `slot` (cp.async; the caller commits).
-    auto copy_step = [&](const HeadTileStep& s, int slot) {
+    // Warpgroup 1: step (h, i)'s Q and dO rows into the staging tile (cp.async; the caller
+    // commits).
+    auto copy_rows = [&](const HeadTileStep& s) {
         const HeadStep d(p, s.g);
         const int m0 = s.i * kBlockM;
         const QtLoader q(static_cast<const float*>(f.q) + at.q + d.q, f.q_row_stride, f.head_dim);
         const QtLoader dout(static_cast<const float*>(p.dout) + at.dout + d.dout, p.dout_row_stride, f.head_dim_v);
         q.copy(staging, m0, at.seqlen_q, gtid);
         dout.copy(staging + QtLoader::kStagingBytes, m0, at.seqlen_q, gtid);
-        if (gtid < 2 * kBlockM) {
-            const int row = m0 + gtid % kBlockM;
-            const float* src = (gtid < kBlockM ? static_cast<const float*>(f.lse) : static_cast<const float*>(p.delta)) +
-                               at.lse + d.lse + (row < at.seqlen_q ? row : 0);
-            ptx::cp_async_elem<4>(stat_ptr + slot * kStatBytes + 4 * gtid, src, row < at.seqlen_q);
-        }
+    };
+    // Warpgroup 1: step (h, i)'s lse and delta into stat slot `slot` (cp.async; the caller commits).
+    auto copy_stats = [&](const HeadTileStep& s, int slot) {
+        query_rows.head(p, s.g).load_stats(stat_ptr + slot * kStatBytes, s.i, gtid);
     };
     // Slot `slot`'s Q_i tiles (hi, then lo); dO_i's, Q_i^T's, dO_i^T's follow, two tiles apart.
     auto slot_smem = [&](int slot) { return step_smem + slot * 8 * QTile::kBytes; };
@@ -185,12 +183,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
             tc::a_k8_from<kKStepsN, KtTile>(kt_hi, kt_smem, row0, lane);
             tc::a_k8_from<kKStepsN, KtTile>(kt_lo, kt_smem + KtTile::kBytes, row0, lane);
         }
-        if (first_step.g < heads) copy_step(first_step, 0);
+        if (first_step.g < heads) {
+            copy_rows(first_step);
+            copy_stats(first_step, 0);
+        }
         ptx::cp_async_commit();
         ptx::cp_async_wait<0>();
         if (first_step.g < heads) unstage_step(0);
         const HeadTileStep second = first_step.after(1, range.first, range.last);
-        if (second.g < heads) copy_step(second, 1);
+        if (second.g < heads) {
+            copy_rows(second);
+            copy_stats(second, 1);
+        }
         ptx::cp_async_commit();
     }
     __syncthreads();
@@ -206,8 +210,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
             // The next step into the other slot (read last by step t - 1's products, before its
             // second barrier; in step 0, K^T's fragments were loaded before the prologue's).
             const HeadTileStep next = step.after(1, range.first, range.last);
+            const HeadTileStep after_next = step.after(2, range.first, range.last);
             ptx::cp_async_wait<0>();
             if (next.g < heads) unstage_step((t + 1) % 2);
+            // Step t + 2's rows into the staging tile (this thread's chunks, its own reads just
+            // done): here, not after the barrier, where warpgroup 0 waited for them (ncu,
+            // benchmarks/NOTES.md, session 53; its stats must wait: slot t % 2 is step t's).
+            if (after_next.g < heads) copy_rows(after_next);
+            ptx::cp_async_commit();
             step_barrier();  // dS complete; the next step's tiles published
             // d64: dQ_i^T (rows D, columns the step's queries); d32: dQ_i (rows queries, columns D).
             float dq[kDqTransposed ? kBlockM / 8 : kHeadDim / 8][4];
@@ -221,10 +231,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
                                                                  kt_smem + KtTile::kBytes);
                 ptx::wgmma_commit();
             }
-            // Step t + 2's rows into the staging tile while dQ's products run (this thread's
-            // chunks: its own reads are done).
-            const HeadTileStep after_next = step.after(2, range.first, range.last);
-            if (after_next.g < heads) copy_step(after_next, t % 2);
+            // Step t + 2's lse and delta into stat slot t % 2 (step t's scores are done with it)
+            // while dQ's products run.
+            if (after_next.g < heads) copy_stats(after_next, t % 2);
             ptx::cp_async_commit();
             if (with_dq) {
                 ptx::wgmma_wait<0>();

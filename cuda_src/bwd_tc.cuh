@@ -133,6 +133,12 @@ struct QueryTileLoader {
     __device__ __forceinline__ void load(unsigned q_smem, unsigned do_smem, void* stats, int i, int tid) const {
         q.load(q_smem, i * kBlockM, seqlen_q, tid);
         dout.load(do_smem, i * kBlockM, seqlen_q, tid);
+        load_stats(stats, i, tid);
+    }
+
+    // Query tile i's lse, then its delta, into stats (2 kBlockM floats; threads tid < 2 kBlockM
+    // copy one each; rows past Lq zero-filled).
+    __device__ __forceinline__ void load_stats(void* stats, int i, int tid) const {
         if (tid < 2 * kBlockM) {
             const int row = i * kBlockM + tid % kBlockM;
             const float* src = (tid < kBlockM ? lse : delta) + (row < seqlen_q ? row : 0);

@@ -385,10 +385,10 @@ struct KeysMajorLoader {
     static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
     static constexpr int kIters = kRows * kChunks / kThreads;
     static constexpr unsigned kStagingBytes = 16u * kRows * kChunks;
-    // copy and for_each_staged unroll two chunks at a time: fwd_wgmma's d128 tile gives each
-    // thread eight, and wholly unrolled, ptxas hoisted their addresses and loads and the kernel
-    // spilled (140 bytes at 255 registers; 249 without spills this way). fwd_wgmma's other tiles
-    // have two, bwd_dkdv_wgmma_x3's four.
+    // copy unrolls two chunks at a time, for_each_staged takes them in pairs beyond four:
+    // fwd_wgmma's d128 tile gives each thread eight, and wholly unrolled, ptxas hoisted their
+    // addresses and loads and the kernel spilled (140 bytes at 255 registers; 249 without spills
+    // this way). fwd_wgmma's other tiles have two, the 3xTF32 backward's four.
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
     static_assert(kStagingBytes == Tile::kBytes, "the staging tile holds the tile's floats");
@@ -417,13 +417,18 @@ struct KeysMajorLoader {
     __device__ __forceinline__ void copy(unsigned staging, int row0, int num_rows, int tid) const {
         static_assert(kThreads % (2 * kRows) == 0, "a thread's chunks lie in one row");
         const int row = row0 + row_of(tid), col0 = first_col(tid);
-        const int cols = row < num_rows ? num_cols : 0;  // columns to read in this thread's row
-        const float* const src = base + row * row_stride;
+        // The columns left in this thread's row from its next chunk on, and that chunk's address,
+        // both stepped per chunk (recomputed from the chunk's column, each copy cost ~25
+        // instructions of 64-bit arithmetic: ncu, session 54).
+        int cols_left = (row < num_rows ? num_cols : 0) - col0;
+        const float* src = base + row * row_stride + col0;
 #pragma unroll 2
         for (int i = 0; i < kIters; ++i) {
-            const int col = col0 + 4 * kChunkStep * i, valid = min(max(cols - col, 0), 4);
+            const int valid = min(max(cols_left, 0), 4);
             // A chunk with nothing to read points at the tensor's first row: any valid address.
-            ptx::cp_async_16(staging + staged_at(i, tid), valid > 0 ? src + col : base, 4 * valid);
+            ptx::cp_async_16(staging + staged_at(i, tid), valid > 0 ? src : base, 4 * valid);
+            src += 4 * kChunkStep;
+            cols_left -= 4 * kChunkStep;
         }
     }
 
@@ -443,11 +448,23 @@ struct KeysMajorLoader {
     __device__ __forceinline__ void for_each_staged(unsigned staging, int tid, const Chunk& chunk) const {
         static_assert(kThreads % (2 * kRows) == 0, "a thread's chunks lie in one row");
         const int row = row_of(tid), col0 = first_col(tid);
-#pragma unroll 2
-        for (int i = 0; i < kIters; ++i) {
-            const uint4 w = ptx::ld_shared_v4(staging + staged_at(i, tid));
-            const float v[4] = {__uint_as_float(w.x), __uint_as_float(w.y), __uint_as_float(w.z), __uint_as_float(w.w)};
-            chunk(row, col0 + 4 * kChunkStep * i, v);
+        // A batch's loads are issued before any of its chunk() calls: shared-memory accesses are
+        // volatile asm, kept in program order, so a load written after a chunk's stores waited
+        // in full where it stood (in bwd_dkdv_wgmma_x3 ~28% of warpgroup 1's samples: ncu,
+        // session 54). Every chunk at once up to 4 (16 registers), pairs beyond.
+        constexpr int kBatch = kIters <= 4 ? kIters : 2;
+        static_assert(kIters % kBatch == 0, "whole batches");
+#pragma unroll 1
+        for (int i0 = 0; i0 < kIters; i0 += kBatch) {
+            uint4 w[kBatch];
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) w[j] = ptx::ld_shared_v4(staging + staged_at(i0 + j, tid));
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                const float v[4] = {__uint_as_float(w[j].x), __uint_as_float(w[j].y), __uint_as_float(w[j].z),
+                                    __uint_as_float(w[j].w)};
+                chunk(row, col0 + 4 * kChunkStep * (i0 + j), v);
+            }
         }
     }
 
