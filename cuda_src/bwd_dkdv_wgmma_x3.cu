@@ -63,7 +63,6 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, 
           bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdParams p) {
     using Arith = tc::Arith<Element>;
-    using Mma = typename Arith::Mma;
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroupThreads = 128;     // a warpgroup
     constexpr int kWidth = 2 * kHeadDim;  // a row's 16-bit units
@@ -272,7 +271,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     constexpr float kLog2e = 1.4426950408889634f;
     const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
     BiasGrad<float> dbias(p, bh);
-    auto desc = [](unsigned tile, int kk) { return QtTile::k_major(tile + QtTile::k_step(kk)); };
     int t = 0;
     for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
         const int m0 = step.i * kBlockM;
@@ -326,14 +324,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         tc::zero(dk_step);
         const unsigned qt = q + 4 * QTile::kBytes, dot = q + 6 * QTile::kBytes;
         ptx::wgmma_fence();
-        tc::wgmma_x3_products<kKStepsM>([&](int kk, bool lo_a, bool lo_b) {
-            ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dv_step, lo_a ? pa[kk].lo : pa[kk].hi,
-                                                       desc(lo_b ? dot + QTile::kBytes : dot, kk));
-        });
-        tc::wgmma_x3_products<kKStepsM>([&](int kk, bool lo_a, bool lo_b) {
-            ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dk_step, lo_a ? dsa[kk].lo : dsa[kk].hi,
-                                                       desc(lo_b ? qt + QTile::kBytes : qt, kk));
-        });
+        tc::wgmma_rs_bt_x3<kKStepsM, QtTile>(dv_step, pa, dot, dot + QTile::kBytes);
+        tc::wgmma_rs_bt_x3<kKStepsM, QtTile>(dk_step, dsa, qt, qt + QTile::kBytes);
         ptx::wgmma_commit();
         step_barrier();  // (warpgroup 1's first barrier of the step)
         ptx::wgmma_wait<0>();

@@ -40,7 +40,6 @@ template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, 
           bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParams p) {
     using Arith = tc::Arith<Element>;
-    using Mma = typename Arith::Mma;
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroupThreads = 128;    // a warpgroup
     constexpr int kWidth = 2 * kHeadDim;  // a row's 16-bit units
@@ -158,7 +157,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
     float dq[kHeadDim / 8][4];  // dQ_i / scale
     tc::zero(dq);
     const float scale_log2 = f.scale_log2;
-    auto kt_desc = [](unsigned tile, int kk) { return KtTile::k_major(tile + KtTile::k_step(kk)); };
     for (int j = range.first; j < range.last; ++j) {
         const bool masked = j < range.full_first || j >= range.full_last;
         const unsigned slot = slot_smem(j, range.first);
@@ -199,10 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
         float dq_step[kHeadDim / 8][4];
         tc::zero(dq_step);
         ptx::wgmma_fence();
-        tc::wgmma_x3_products<kKStepsN>([&](int kk, bool lo_a, bool lo_b) {
-            ptx::Wgmma<kHeadDim>::template rs<Mma, 0>(dq_step, lo_a ? dsa[kk].lo : dsa[kk].hi,
-                                                       kt_desc(lo_b ? kt_tile + KtTile::kBytes : kt_tile, kk));
-        });
+        tc::wgmma_rs_bt_x3<kKStepsN, KtTile>(dq_step, dsa, kt_tile, kt_tile + KtTile::kBytes);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(dq_step);

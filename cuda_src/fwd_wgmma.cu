@@ -316,11 +316,8 @@ __global__ void __launch_bounds__(kWarps * 32,
     auto issue_pv = [&](int t) {
         using Wgmma = ptx::Wgmma<kHeadDim>;
         const unsigned vt = v_slot(t);
-        auto vt_desc = [&](unsigned tile, int kk) { return VtLoader::Tile::k_major(tile + VtLoader::Tile::k_step(kk)); };
         if constexpr (kTf32) {
-            tc::wgmma_x3_products<kKStepsPV>([&](int kk, bool lo_p, bool lo_v) {
-                Wgmma::template rs<Mma, 0>(pv_tile[0], lo_p ? p_lo[kk] : p_frag[kk], vt_desc(lo_v ? vt + kLo : vt, kk));
-            });
+            tc::wgmma_rs_bt_x3<kKStepsPV, typename VtLoader::Tile>(pv_tile[0], p_frag, p_lo, vt, vt + kLo);
         } else {
 #pragma unroll
             for (int kk = 0; kk < kKStepsPV; ++kk)

@@ -242,6 +242,18 @@ __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const uns
     });
 }
 
+// The same with A's fragments as Tf32x3Fragments (hi and lo together, as a_k8_of gives them from
+// an accumulator: P^T, dS^T, dS).
+template <int kKSteps, typename BTile, int kNTiles>
+__device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const Tf32x3Fragment<4> (&a)[kKSteps], unsigned b,
+                                               unsigned b_lo) {
+    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
+    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
+        ptx::Wgmma<8 * kNTiles>::template rs<tf32, 0>(c, lo_a ? a[kk].lo : a[kk].hi,
+                                                        ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
+    });
+}
+
 // The same with A K-major in shared memory too (a_lo: its lo half in a tile of a's layout), where
 // A's fragments would not fit in registers (fwd_wgmma's d128 Q).
 template <int kKSteps, typename ATile, typename BTile, int kNTiles>
