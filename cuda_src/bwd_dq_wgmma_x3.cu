@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
     constexpr int kWidth = 2 * kHeadDim;  // a row's 16-bit units
     static_assert(Arith::kProducts == 3 && Arith::kUnits == 2, "float32 in 3xTF32");
     static_assert(!kScoreMods && !kDropout, "no modifiers, no dropout (tiles.py: FFMA serves them)");
-    static_assert(kWarps == 8 && kBlockM == 64 && kBlockN == 32 && kHeadDim == 64 && kStages == 1,
+    static_assert(kWarps == 8 && kBlockM == 64 && kBlockN == 32 && (kHeadDim == 32 || kHeadDim == 64) && kStages == 1,
                   "two warpgroups on 64 query rows (wgmma M), 32-key steps, the staging tile two steps ahead");
 
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;                       // Q_i, dO_i

@@ -517,7 +517,7 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     one warpgroup a block, Q's hi and lo tiles read from shared memory), the tile without spills
     per arch; FFMA (fwd_simt) for the other heads, short rows and score modifiers. The backward's
     dK/dV kernel in 3xTF32 on Hopper at head dims up to 64 (bwd_dkdv_wgmma_x3, two warpgroups:
-    64 x 64 to d32, 32 x 64 at d33-64), at d33-64 the deterministic dQ kernel too (bwd_dq_wgmma_x3,
+    64 x 64 to d32, 32 x 64 at d33-64), the deterministic dQ kernel too (bwd_dq_wgmma_x3,
     64 x 32), else FFMA; "ieee" always FFMA; "tf32" its own
     Variants."""
     wide = ((97, tile128), (128, tile128)) if tile128 else ()
@@ -539,7 +539,7 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
             dkdv = (backward.dkdv.kernel, (backward.dkdv.block_m, backward.dkdv.block_n, backward.dkdv.warps))
             x3_tile = (64, 64, 8) if d <= 32 else (32, 64, 8)  # (d32: 64-query steps, dQ = dS K)
             assert dkdv == ("bwd_dkdv_wgmma_x3", x3_tile) if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
-            dq_x3 = tile128 and d > 32  # (the deterministic dQ in 3xTF32: d64's bucket)
+            dq_x3 = bool(tile128)  # (the deterministic dQ in 3xTF32 on Hopper: buckets 32 and 64)
             assert backward.dq.kernel == ("bwd_dq_wgmma_x3" if dq_x3 else "bwd_dq_simt"), backward.dq
             assert tiles.select_backward("float32", d, d, window, arch, precision="ieee").dkdv.kernel == "bwd_dkdv_simt"
             assert tiles.select_backward("float32", d, d, window, arch, precision="highest", short=True

@@ -623,13 +623,13 @@ def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, sta
     return 1024 + 4 * (floats + 2 * 2 * block_m)
 
 
-# bwd_dq_wgmma_x3 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in 3xTF32, d64:
+# bwd_dq_wgmma_x3 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in 3xTF32, d32 and d64:
 # 64 query rows a block, 32-key steps, two warpgroups (one multiplies: S, dP as SS, dQ += dS K_j
 # as RS onto K_j^T; the other splits each key tile out of a staging tile into one of two slots).
 # Shared memory: Q_i, dO_i, two slots of K_j, V_j, K_j^T in hi and lo tiles, the staging tile.
 # H100 session 53, L 4k B4 H16: the deterministic backward 21.5 -> 16.4 ms (bwd_dq_simt's dQ
-# before; FFMA throughout 28.3). d32 keeps bwd_dq_simt: this kernel has no d32 bucket yet.
-_BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1)}
+# before; FFMA throughout 28.3); d32, session 54: 11.1 -> 7.1 ms.
+_BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 32, 8, 1), 64: (64, 32, 8, 1)}
 
 
 def _smem_bwd_dq_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
