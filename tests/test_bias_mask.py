@@ -1065,8 +1065,9 @@ def test_gpu_key_padding_mask_cuts_each_rows_keys(rng, dtype, causal):
     past it are never read (NaN there reaches nothing), their dK/dV are 0, a batch that sees no
     key gives out 0, lse -inf and no gradient. Rows whose visible keys are a prefix run the plain
     kernels, a row with holes before its cut the modifier ones, in the same call; both equal the
-    same mask given in full (B, H, Lq, Lk), which takes the general path (GQA: 4 query heads on
-    2 key heads; the causal call's backward is the deterministic one)."""
+    same mask given in full (B, H, Lq, Lk), which takes the general path (bfloat16: the two calls
+    against each other; float32: each against the float64 reference; GQA: 4 query heads on 2 key
+    heads; the causal call's backward is the deterministic one)."""
     cuts = [0, 77, 1, 200, 257]
     mask = numpy.arange(257)[None, None, None, :] < numpy.array(cuts)[:, None, None, None]
     mask[3, ..., [5, 130]] = False  # holes before the cut: batch 3 is not a prefix
