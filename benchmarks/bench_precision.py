@@ -6,8 +6,8 @@ implementation runs on the same inputs in one process, on one CUDA stream, timed
 
 * ``cuflash_highest``  ``cuflash.attention(..., precision="highest")``: float32-accurate (the
                        forward in 3xTF32 on tensor cores up to d64, on Hopper d128 too, and
-                       on Hopper the backward up to d64 (dK/dV, and the deterministic dQ at
-                       d33-64); FFMA elsewhere; float64: the float64 kernels, its only precision)
+                       on Hopper the backward up to d64 (dK/dV, and the deterministic dQ);
+                       FFMA elsewhere; float64: the float64 kernels, its only precision)
 * ``cuflash_tf32``     ... ``precision="tf32"``: one TF32 product (float32 only)
 * ``cuflash_ieee``     ... ``precision="ieee"``: the FFMA kernels (float32 only)
 * ``sdpa_efficient``   torch SDPA under ``sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])``
