@@ -155,10 +155,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     auto unstage_step = [&](int slot) {
         const QtLoader map(nullptr, 0, 0);  // (the staging map only: Q's and dO's are the same)
         const unsigned q = slot_smem(slot);
-        map.template split_staged<QTile, true>(staging, gtid, q, q + 4 * QTile::kBytes);
-        ptx::fence_proxy_async_shared();
-        map.template split_staged<QTile, true>(staging + QtLoader::kStagingBytes, gtid, q + 2 * QTile::kBytes,
-                                               q + 6 * QTile::kBytes);
+        // Q's and dO's staged tiles (side by side: copy_rows) together: both tiles' loads first.
+        const unsigned rows[2] = {q, q + 2 * QTile::kBytes}, cols[2] = {q + 4 * QTile::kBytes, q + 6 * QTile::kBytes};
+        map.template split_staged<QTile, true, 2>(staging, gtid, rows, cols);
         ptx::fence_proxy_async_shared();
     };
 

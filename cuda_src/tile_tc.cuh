@@ -454,60 +454,75 @@ struct KeysMajorLoader {
     }
 
     // This thread's staged chunks, once its copies landed (cp.async.wait_group; no barrier: no
-    // other thread's copies are read): chunk(row, col, v) for the tensor's elements (row, col +
-    // c) = v[c], c < 4 (rows and columns from the tile's first).
-    template <typename Chunk>
+    // other thread's copies are read), of kTiles staging tiles side by side (tile n at staging +
+    // n kStagingBytes: the same rows of several tensors, as Q's and dO's): chunk(n, row, col, v)
+    // for tile n's elements (row, col + c) = v[c], c < 4 (rows and columns from the tile's first).
+    template <int kTiles, typename Chunk>
     __device__ __forceinline__ void for_each_staged(unsigned staging, int tid, const Chunk& chunk) const {
         static_assert(kThreads % (2 * kRows) == 0, "a thread's chunks lie in one row");
         const int row = row_of(tid), col0 = first_col(tid);
-        // A batch's loads are issued before any of its chunk() calls: shared-memory accesses are
-        // volatile asm, kept in program order, so a load written after a chunk's stores waited
-        // in full where it stood (in bwd_dkdv_wgmma_x3 ~28% of warpgroup 1's samples: ncu,
-        // session 54). Every chunk at once up to 4 (16 registers), pairs beyond.
+        // A batch's loads (of every tile) are issued before any of its chunk() calls: shared-
+        // memory accesses are volatile asm, kept in program order, so a load written after a
+        // chunk's stores waited in full where it stood (in bwd_dkdv_wgmma_x3 ~28% of warpgroup
+        // 1's samples, and with one batch a tile still ~20% at each tile's first use: ncu,
+        // session 54). Every chunk at once up to 4 a tile (16 registers), pairs beyond.
         constexpr int kBatch = kIters <= 4 ? kIters : 2;
         static_assert(kIters % kBatch == 0, "whole batches");
 #pragma unroll 1
         for (int i0 = 0; i0 < kIters; i0 += kBatch) {
-            uint4 w[kBatch];
+            uint4 w[kTiles][kBatch];
 #pragma unroll
-            for (int j = 0; j < kBatch; ++j) w[j] = ptx::ld_shared_v4(staging + staged_at(i0 + j, tid));
+            for (int n = 0; n < kTiles; ++n)
 #pragma unroll
-            for (int j = 0; j < kBatch; ++j) {
-                const float v[4] = {__uint_as_float(w[j].x), __uint_as_float(w[j].y), __uint_as_float(w[j].z),
-                                    __uint_as_float(w[j].w)};
-                chunk(row, col0 + 4 * kChunkStep * (i0 + j), v);
-            }
+                for (int j = 0; j < kBatch; ++j)
+                    w[n][j] = ptx::ld_shared_v4(staging + n * kStagingBytes + staged_at(i0 + j, tid));
+#pragma unroll
+            for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+                for (int j = 0; j < kBatch; ++j) {
+                    const float v[4] = {__uint_as_float(w[n][j].x), __uint_as_float(w[n][j].y),
+                                        __uint_as_float(w[n][j].z), __uint_as_float(w[n][j].w)};
+                    chunk(n, row, col0 + 4 * kChunkStep * (i0 + j), v);
+                }
         }
     }
 
-    // 3xTF32: this thread's staged chunks (once landed) split into TF32 hi and lo halves, stored
-    // transposed into the loader's tile (kTransposed: hi at `cols`, lo a Tile further) and as
-    // rows of a RowTile (hi at `rows`, lo a RowTile further); the caller fences them for the
-    // tensor cores and its barrier publishes them (the 3xTF32 backward's Q^T, dO^T, K^T).
-    template <typename RowTile, bool kTransposed>
-    __device__ __forceinline__ void split_staged(unsigned staging, int tid, unsigned rows, unsigned cols) const {
-        for_each_staged(staging, tid, [&](int row, int col, const float (&v)[4]) {
+    // 3xTF32: this thread's staged chunks of kTiles staging tiles (once landed) split into TF32
+    // hi and lo halves, tile n's stored transposed into a tile of the loader's (kTransposed: hi
+    // at cols[n], lo a Tile further) and as rows of a RowTile (hi at rows[n], lo a RowTile
+    // further); the caller fences them for the tensor cores and its barrier publishes them (the
+    // 3xTF32 backward's Q^T and dO^T, K^T).
+    template <typename RowTile, bool kTransposed, int kTiles>
+    __device__ __forceinline__ void split_staged(unsigned staging, int tid, const unsigned (&rows)[kTiles],
+                                                 const unsigned (&cols)[kTiles]) const {
+        for_each_staged<kTiles>(staging, tid, [&](int n, int row, int col, const float (&v)[4]) {
             unsigned hi[4], lo[4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) split_tf32(v[c], hi[c], lo[c]);
             if constexpr (kTransposed) {
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
-                    ptx::st_shared_b32(cols + offset(row, col + c), hi[c]);
-                    ptx::st_shared_b32(cols + Tile::kBytes + offset(row, col + c), lo[c]);
+                    ptx::st_shared_b32(cols[n] + offset(row, col + c), hi[c]);
+                    ptx::st_shared_b32(cols[n] + Tile::kBytes + offset(row, col + c), lo[c]);
                 }
             }
             const unsigned at_row = RowTile::offset(row, col / 4);
-            ptx::st_shared_v4(rows + at_row, hi[0], hi[1], hi[2], hi[3]);
-            ptx::st_shared_v4(rows + RowTile::kBytes + at_row, lo[0], lo[1], lo[2], lo[3]);
+            ptx::st_shared_v4(rows[n] + at_row, hi[0], hi[1], hi[2], hi[3]);
+            ptx::st_shared_v4(rows[n] + RowTile::kBytes + at_row, lo[0], lo[1], lo[2], lo[3]);
         });
+    }
+    // One staging tile's.
+    template <typename RowTile, bool kTransposed>
+    __device__ __forceinline__ void split_staged(unsigned staging, int tid, unsigned rows, unsigned cols) const {
+        const unsigned rows_of[1] = {rows}, cols_of[1] = {cols};
+        split_staged<RowTile, kTransposed, 1>(staging, tid, rows_of, cols_of);
     }
 
     // This thread's staged chunks into the tile: put(offset, value) stores each value at its
     // offset in the tile (fwd_wgmma: split into its hi and lo tiles).
     template <typename Put>
     __device__ __forceinline__ void store(unsigned staging, int tid, const Put& put) const {
-        for_each_staged(staging, tid, [&](int row, int col, const float (&v)[4]) {
+        for_each_staged<1>(staging, tid, [&](int, int row, int col, const float (&v)[4]) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) put(offset(row, col + c), v[c]);
         });
