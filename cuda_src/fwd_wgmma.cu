@@ -5,7 +5,8 @@
 //   O = softmax(Q K^T * scale) V,   lse = log(sum_j exp(Q K_j^T * scale))   (per query row)
 //
 // A block of kBlockM / 64 warpgroups owns kBlockM query rows of one (batch..., head); warpgroup g
-// owns rows [64g, 64g + 64), one wgmma M. Q's tile is read once; K and V stream through shared
+// owns rows [64g, 64g + 64), one wgmma M (float32 at d128: and one more that only copies and
+// splits K and V, kSplitter below). Q's tile is read once; K and V stream through shared
 // memory in tiles of kBlockN keys, each through its own ring of kStages slots (cp.async), in the
 // 128-byte swizzled layout wgmma reads directly (tc::Sw128Tile). Per key tile j and warpgroup:
 //
@@ -94,9 +95,17 @@ __global__ void __launch_bounds__(kWarps * 32,
     // float32: Q_g's TF32 fragments held in registers (S's MMAs then read only K from shared
     // memory: its SS form stalled on shared memory's throughput; NOTES, sessions 49-50), up to
     // d64: d128's 128 registers do not fit beside acc and P V's fresh tile, so S reads Q_g's
-    // tiles there (one warpgroup a block: Q, K and V^T in hi and lo fill 225 KB).
+    // tiles there (one warpgroup of query rows a block: Q, K and V^T in hi and lo fill 225 KB).
     constexpr bool kQFragments = kTf32 && kHeadDim <= 64;
-    static_assert(kBlockM == 64 * (kWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
+    // float32 at d128 (kSplitter: one warpgroup of query rows, a second one beside it): the second
+    // warpgroup does the loop's copies, K's splits and V's transposes, which the first did between
+    // its MMAs and softmax (two thirds of its instructions at d128), in the same steps and slots
+    // (the ring's comment), so the first only multiplies and runs the softmax.
+    constexpr bool kSplitter = kTf32 && kWarps == 4 * (kBlockM / 64) + 4;
+    constexpr int kMmaWarps = kSplitter ? kWarps - 4 : kWarps;  // the warps that own query rows
+    constexpr int kCopyThreads = kSplitter ? 128 : kWarps * 32;  // the threads that copy K and V
+    static_assert(kBlockM == 64 * (kMmaWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
+    static_assert(!kSplitter || kBlockM == 64, "the splitting warpgroup beside one of query rows");
     static_assert(kWidth % 64 == 0 && (kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128) &&
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
@@ -110,7 +119,7 @@ __global__ void __launch_bounds__(kWarps * 32,
 
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;
     using KVTile = tc::Sw128Tile<kBlockN, kWidth>;       // one K or V tile
-    using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kThreads>;  // float32: V_t^T
+    using VtLoader = tc::KeysMajorLoader<kBlockN, kHeadDim, kCopyThreads>;  // float32: V_t^T
     using OTile = tc::SmemTile<kBlockM, kWidth>;         // O on its way out (padded rows)
     constexpr unsigned kSmemBytes = fwd_wgmma_smem_bytes<Element, kHeadDim, kBlockM, kBlockN, kStages>();
     constexpr int kVStaging = fwd_wgmma_v_staging_tiles<Element>();  // float32: V's staging tiles
@@ -132,6 +141,10 @@ __global__ void __launch_bounds__(kWarps * 32,
     const auto [bh, m_block] = scheduled_block<kHasWindow>(p);  // schedule.cuh
     const int m0 = m_block * kBlockM;
     const int warp_row0 = group * 64 + (warp % 4) * 16;  // this warp's 16 query rows
+    // The roles (kSplitter: warpgroup 0 multiplies, warpgroup 1 copies and splits; else every warp
+    // both), and a copying thread's index among the copying threads.
+    const bool multiplies = !kSplitter || group == 0, copies = !kSplitter || group == 1;
+    const int ctid = kSplitter ? tid - 128 : tid;
 
     BatchIndex at;
     if (!starts_block<Storage, float>(p, bh, m_block, m0, kBlockM, at)) return;  // params.cuh
@@ -163,9 +176,9 @@ __global__ void __launch_bounds__(kWarps * 32,
     constexpr int kUnits = Arith::kUnits;
     const tc::TileLoader<kBlockM, kWidth, kThreads, QTile> q_loader(
         reinterpret_cast<Units>(static_cast<const Storage*>(p.q) + at.q), p.q_row_stride * kUnits, p.head_dim * kUnits);
-    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> k_loader(
+    const tc::TileLoader<kBlockN, kWidth, kCopyThreads, KVTile> k_loader(
         reinterpret_cast<Units>(static_cast<const Storage*>(p.k) + at.k), p.k_row_stride * kUnits, p.head_dim * kUnits);
-    const tc::TileLoader<kBlockN, kWidth, kThreads, KVTile> v_loader(
+    const tc::TileLoader<kBlockN, kWidth, kCopyThreads, KVTile> v_loader(
         reinterpret_cast<Units>(static_cast<const Storage*>(p.v) + at.v), p.v_row_stride * kUnits, p.head_dim_v * kUnits);
     const VtLoader vt_loader(static_cast<const float*>(p.v) + at.v, p.v_row_stride, p.head_dim_v);
     // 16-byte aligned rows (the plan's promise); v_loader's check covers V for float32 too.
@@ -178,13 +191,13 @@ __global__ void __launch_bounds__(kWarps * 32,
         return kv_smem + (kStages + kVSlots) * kHalves * KVTile::kBytes + ((t - range.first) % 2) * VtLoader::kStagingBytes;
     };
     auto load_k = [&](int t) {
-        if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, tid);
+        if (t < range.last) k_loader.load(k_slot(t), t * kBlockN, at.seqlen_k, ctid);
     };
     auto load_v = [&](int t) {
-        if (!kTf32 && t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, tid);
+        if (!kTf32 && t < range.last) v_loader.load(v_slot(t), t * kBlockN, at.seqlen_k, ctid);
     };
     auto copy_v = [&](int t) {  // float32: into its staging tile
-        if (kTf32 && t < range.last) vt_loader.copy(v_staging(t), t * kBlockN, at.seqlen_k, tid);
+        if (kTf32 && t < range.last) vt_loader.copy(v_staging(t), t * kBlockN, at.seqlen_k, ctid);
     };
     // float32 operands are split into TF32 hi and lo halves (tc::split_tf32: rounded to nearest,
     // as fwd_tc's fragments; wgmma itself would drop the low 13 bits) where they land: Q and K
@@ -193,7 +206,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     // landed (the caller's wait).
     auto split_k = [&](int t) {
         if constexpr (kTf32) {
-            if (t < range.last) k_loader.split(k_slot(t), k_slot(t) + kLo, tid);
+            if (t < range.last) k_loader.split(k_slot(t), k_slot(t) + kLo, ctid);
         }
     };
     // float32: V_t from its staging tile (once the caller's wait says this thread's copies of it
@@ -203,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * 32,
         if constexpr (kTf32) {
             if (t >= range.last) return;
             const unsigned slot = v_slot(t);
-            vt_loader.store(v_staging(t), tid, [&](unsigned offset, float x) {
+            vt_loader.store(v_staging(t), ctid, [&](unsigned offset, float x) {
                 unsigned hi, lo;
                 tc::split_tf32(x, hi, lo);
                 ptx::st_shared_b32(slot + offset, hi);
@@ -213,14 +226,18 @@ __global__ void __launch_bounds__(kWarps * 32,
         }
     };
     q_loader.load(q_smem, m0, at.seqlen_q, tid);
-    load_k(range.first);
-    copy_v(range.first);
+    if (copies) {
+        load_k(range.first);
+        copy_v(range.first);
+    }
     ptx::cp_async_commit();
 #pragma unroll
     for (int s = 1; s < kStages; ++s) {
-        load_v(range.first + s - 1);
-        load_k(range.first + s);
-        if (s == 1) copy_v(range.first + 1);
+        if (copies) {
+            load_v(range.first + s - 1);
+            load_k(range.first + s);
+            if (s == 1) copy_v(range.first + 1);
+        }
         ptx::cp_async_commit();
     }
 
@@ -230,8 +247,10 @@ __global__ void __launch_bounds__(kWarps * 32,
     if constexpr (kTf32) {  // Q split (and negated), K_first split, V_first^T stored
         ptx::cp_async_wait<kStages - 1>();  // this thread's copies of group 0 have landed
         q_loader.split(q_smem, q_smem + QTile::kBytes, tid, p.scale_log2 < 0.f ? Arith::kSignBits : 0u);
-        split_k(range.first);
-        store_vt(range.first);  // all three published by the prologue's barrier
+        if (copies) {
+            split_k(range.first);
+            store_vt(range.first);  // all three published by the prologue's barrier
+        }
     } else if (p.scale_log2 < 0.f) {
         ptx::cp_async_wait<kStages - 1>();  // this thread's Q copies (group 0) have landed
         q_loader.template negate<Arith::kSignBits>(q_smem, tid);  // published by the first barrier below
@@ -355,20 +374,22 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_wait<kStages - 1>();  // group 0: Q and K_first
         ptx::fence_proxy_async_shared();      // this thread's copies (and negated Q), visible to the tensor cores
         __syncthreads();
-        load_q_fragments();
-        start_scores(s[0]);
-        ptx::wgmma_fence();
-        issue_scores(range.first, s[0]);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_pin(s[0]);
-        const float c = modify(Flag<true>(), range.first, s);
-        mask_scores(range.first, s);
-        float alpha[1][2];
-        softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
-        drop(range.first, s);
-        pack_p();
-        if constexpr (kTf32) {
+        if (multiplies) {
+            load_q_fragments();
+            start_scores(s[0]);
+            ptx::wgmma_fence();
+            issue_scores(range.first, s[0]);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_pin(s[0]);
+            const float c = modify(Flag<true>(), range.first, s);
+            mask_scores(range.first, s);
+            float alpha[1][2];
+            softmax.update_stats(s, c, alpha);  // acc is still 0: nothing to rescale
+            drop(range.first, s);
+            pack_p();
+        }
+        if (kTf32 && copies) {
             ptx::cp_async_wait<kStages - 2>();  // K_{first+1} (group 1) has landed
             split_k(range.first + 1);           // published by step first's barrier
         }
@@ -379,46 +400,58 @@ __global__ void __launch_bounds__(kWarps * 32,
         ptx::cp_async_wait<kStages - 2>();  // K_{t+1}, V_t have landed (this thread's copies)
         ptx::fence_proxy_async_shared();    // (float32: waited for at the step before)
         __syncthreads();  // visible to all; everyone is done with K_t and V_{t-1}
-        load_v(t + kStages - 1);
-        load_k(t + kStages);
-        copy_v(t + 2);
+        if (copies) {
+            load_v(t + kStages - 1);
+            load_k(t + kStages);
+            copy_v(t + 2);
+        }
         ptx::cp_async_commit();
 
-        start_pv();
-        start_scores(s[0]);
-        ptx::wgmma_fence();  // p_frag, acc (float32: and s) were written by ordinary instructions
-        issue_scores(t + 1, s[0]);
-        ptx::wgmma_commit();
-        issue_pv(t);
-        ptx::wgmma_commit();
-
-        ptx::wgmma_wait<1>();  // S_{t+1}
-        ptx::wgmma_pin(s[0]);
-        const float c = modify(Flag<false>(), t + 1, s);
-        mask_scores(t + 1, s);
         float alpha[1][2];
-        const bool moved = softmax.update_stats(s, c, alpha);
-        drop(t + 1, s);
-        if constexpr (kTf32) {
-            ptx::cp_async_wait<kStages - 2>();  // V_{t+1} (step t-1's group), K_{t+2} (step t+2-kStages's)
-            store_vt(t + 1);  // both published by step t+1's barrier
+        bool moved = false;
+        if (multiplies) {
+            start_pv();
+            start_scores(s[0]);
+            ptx::wgmma_fence();  // p_frag, acc (float32: and s) were written by ordinary instructions
+            issue_scores(t + 1, s[0]);
+            ptx::wgmma_commit();
+            issue_pv(t);
+            ptx::wgmma_commit();
+
+            ptx::wgmma_wait<1>();  // S_{t+1}
+            ptx::wgmma_pin(s[0]);
+            const float c = modify(Flag<false>(), t + 1, s);
+            mask_scores(t + 1, s);
+            moved = softmax.update_stats(s, c, alpha);
+            drop(t + 1, s);
+        }
+        if (kTf32 && copies) {
+            ptx::cp_async_wait<1>();  // V_{t+1} (step t-1's group)
+            store_vt(t + 1);          // both published by step t+1's barrier
+            // K_{t+2} (step t+2-kStages's group: kStages = 2, this step's, whose copies landed
+            // while V_{t+1}^T was stored)
+            if constexpr (kStages != 3) ptx::cp_async_wait<kStages - 2>();
             split_k(t + 2);
         }
-        ptx::wgmma_wait<0>();  // P_t V_t
-        land_pv();
-        if (moved) softmax.rescale(acc, alpha);
-        pack_p();
+        if (multiplies) {
+            ptx::wgmma_wait<0>();  // P_t V_t
+            land_pv();
+            if (moved) softmax.rescale(acc, alpha);
+            pack_p();
+        }
     }
     if (range.first < range.last) {
         ptx::cp_async_wait<kStages - 2>();  // V_last, one group behind K_last
         ptx::fence_proxy_async_shared();
         __syncthreads();
-        start_pv();
-        ptx::wgmma_fence();
-        issue_pv(range.last - 1);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        land_pv();
+        if (multiplies) {
+            start_pv();
+            ptx::wgmma_fence();
+            issue_pv(range.last - 1);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            land_pv();
+        }
     }
 
     // ---- Epilogue: O = acc / l_i in the output type, staged through shared memory as padded
@@ -430,14 +463,17 @@ __global__ void __launch_bounds__(kWarps * 32,
     const BatchIndex out_at(p, scheduled_block<kHasWindow>(p).bh);  // recomputed: not held through the loop
     ptx::cp_async_wait<0>();
     __syncthreads();
+    if (multiplies) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = warp_row0 + lane / 4 + 8 * h;
+        for (int h = 0; h < 2; ++h) {
+            const int row = warp_row0 + lane / 4 + 8 * h;
 #pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt)
-            tc::store_pair<Element, OTile>(o_smem, row, nt, lane, acc[0][nt][2 * h] * inv_l[0][h],
-                                           acc[0][nt][2 * h + 1] * inv_l[0][h]);
-        if (lane % 4 == 0 && m0 + row < out_at.seqlen_q) static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
+            for (int nt = 0; nt < kHeadDim / 8; ++nt)
+                tc::store_pair<Element, OTile>(o_smem, row, nt, lane, acc[0][nt][2 * h] * inv_l[0][h],
+                                               acc[0][nt][2 * h + 1] * inv_l[0][h]);
+            if (lane % 4 == 0 && m0 + row < out_at.seqlen_q)
+                static_cast<float*>(p.lse)[out_at.lse + m0 + row] = lse[0][h];
+        }
     }
     __syncthreads();
     tc::store_tile<kBlockM, kWidth, kThreads>(

@@ -514,8 +514,9 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
 def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel, tile32, tile64, tile128):
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
     fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d128 bucket (97-128:
-    one warpgroup a block, Q's hi and lo tiles read from shared memory), the tile without spills
-    per arch; FFMA (fwd_simt) for the other heads, short rows and score modifiers. The backward's
+    one warpgroup of query rows a block, Q's hi and lo tiles read from shared memory, and one
+    beside it that copies and splits K and V: 8 warps), the tile without spills per arch; FFMA
+    (fwd_simt) for the other heads, short rows and score modifiers. The backward's
     dK/dV kernel in 3xTF32 on Hopper at head dims up to 64 (bwd_dkdv_wgmma_x3, two warpgroups:
     64 x 64 to d32, 32 x 64 at d33-64), the deterministic dQ kernel too (bwd_dq_wgmma_x3,
     64 x 32), else FFMA; "ieee" always FFMA; "tf32" its own
@@ -525,6 +526,8 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
         for window in (False, True):
             v = tiles.select("float32", d, d, window, arch, precision="highest")
             assert (v.kernel, v.precision, (v.block_m, v.block_n)) == (kernel, "highest", tile), (d, window, v)
+            if d > 64:  # (Hopper's d128: the splitting warpgroup beside the multiplying one)
+                assert v.warps == 8, v
             assert v.element_type == "cuflash::tc::tf32x3"
             assert tiles.select("float32", d, d, window, arch, precision="ieee").kernel == "fwd_simt"
             assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"

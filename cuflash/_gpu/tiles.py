@@ -296,12 +296,14 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # wgmma reads K-major operands only): d32 and d64, one block of two warpgroups per SM (227-244
 # registers: Q's fragments live in them), a K ring of 3 (each K tile split a step before S reads
 # it; fwd_wgmma.cu); d64: 32 keys a tile (64 spilled 64-116 bytes at 255 registers, session 48).
-# d128 (the 97-128 bucket; d65-96 stays FFMA): one warpgroup a block, 32-key tiles, a K ring of
-# 2: Q, K and V^T in hi and lo fill 225 KB, and S reads Q's tiles from shared memory (its
-# fragments, 128 registers, do not fit beside acc and P V's fresh tile: 249 registers without
-# them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
-# 1k-16k, dense and causal). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k,
-# H16, forward (benchmarks/NOTES.md):
+# d128 (the 97-128 bucket; d65-96 stays FFMA): one warpgroup of 64 query rows a block, 32-key
+# tiles, a K ring of 2: Q, K and V^T in hi and lo fill 225 KB, and S reads Q's tiles from shared
+# memory (its fragments, 128 registers, do not fit beside acc and P V's fresh tile: 249 registers
+# without them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
+# 1k-16k, dense and causal). Since session 55 a second warpgroup beside it (8 warps: fwd_wgmma's
+# kSplitter) does the copies, K's splits and V's transposes (H100: 49-53 -> 58-66 TFLOP/s, 1.2-1.3x;
+# 1.31-1.42x SDPA EFFICIENT). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16,
+# forward (benchmarks/NOTES.md):
 # session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
 # 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
 # place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62); session 50 (H100) V
@@ -311,7 +313,7 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # 50). One TF32 product on the same kernel ran at 0.6-0.8x fwd_tc's mma.sync (its transposes
 # and splits outweigh its MMAs): precision="tf32" stays on fwd_tc.
 _FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 3), 64: (128, 32, 8, 3),
-                                                                 128: (64, 32, 4, 2)}
+                                                                 128: (64, 32, 8, 2)}
 
 
 def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
