@@ -480,6 +480,13 @@ class OfflineBuild:
         m = re.search(r"(\d+) bytes stack frame", self.log)
         return int(m.group(1)) if m else 0
 
+    @property
+    def wgmma_serialized(self) -> bool:
+        """ptxas's C7511: it made every wgmma wait for the one before (e.g. "insufficient register
+        resources for the wgmma pipeline"), with no spill to show for it (session 55's "ahead"
+        patch ran at 0.68x so, 231 registers and no spills)."""
+        return "C7511" in self.log or "wgmma.mma_async instructions are serialized" in self.log
+
 
 def compile_offline(variant: Variant, extra_source: str = "") -> OfflineBuild:
     """Compile ``variant`` for ``variant.arch`` with NVRTC and no GPU; ptxas's report in ``log``."""
