@@ -28,9 +28,9 @@
 // prologue's end on, up to d64) Q_g as two fragments each.
 // TF32 reads K-major operands only, so V_j cannot be read as it is stored: it is copied into a
 // staging tile two steps ahead (tc::KeysMajorLoader, with K's copies), and the step before the
-// one that reads it, once its own MMAs are issued and its softmax done, stores it transposed
-// (V_j^T: keys along the rows) into one of two slots that take the place of the V ring; the next
-// step's barrier publishes it. S's three products accumulate in the MMA, small ones first
+// one that reads it, once its own MMAs are issued and its softmax done (kSplitter: meanwhile, by
+// the copying warpgroup), stores it transposed (V_j^T: keys along the rows) into one of two slots
+// that take the place of the V ring; the next step's barrier publishes it. S's three products accumulate in the MMA, small ones first
 // (tc::wgmma_x3_products), and so do each tile's P V, in a fresh accumulator that is added to acc by
 // FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
 // grew with its length, 10x float32's; tile_tc.cuh).

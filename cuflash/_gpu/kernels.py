@@ -483,8 +483,8 @@ class OfflineBuild:
     @property
     def wgmma_serialized(self) -> bool:
         """ptxas's C7511: it made every wgmma wait for the one before (e.g. "insufficient register
-        resources for the wgmma pipeline"), with no spill to show for it (session 55's "ahead"
-        patch ran at 0.68x so, 231 registers and no spills)."""
+        resources for the wgmma pipeline"), with no spill to show for it (session 54's "ahead"
+        patch ran at 0.68x so on the GPU in session 55, at 231 registers and no spills)."""
         return "C7511" in self.log or "wgmma.mma_async instructions are serialized" in self.log
 
 
