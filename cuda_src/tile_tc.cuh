@@ -229,17 +229,25 @@ __device__ __forceinline__ void wgmma_x3_products(Product product) {
     for (int kk = 0; kk < kKSteps; ++kk) product(kk, false, false);
 }
 
-// 3xTF32's C = A B^T with A in registers (a, a_lo: every k8 step's TF32 fragment, hi and lo, as
-// a_k8_from loads them) and B K-major in shared memory (b_lo: its lo half, TileLoader::split, in
-// a tile of b's layout).
+// 3xTF32's C = A B^T with A in registers, a_step(kk, lo) giving k8 step kk's TF32 fragment of
+// A's lo (else hi) half, and B K-major in shared memory (b_lo: its lo half, in a tile of b's
+// layout): the two overloads below.
+template <int kKSteps, typename BTile, int kNTiles, typename AStep>
+__device__ __forceinline__ void wgmma_rs_bt_x3_steps(float (&c)[kNTiles][4], const AStep& a_step, unsigned b,
+                                                     unsigned b_lo) {
+    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
+    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
+        ptx::Wgmma<8 * kNTiles>::template rs<tf32, 0>(c, a_step(kk, lo_a),
+                                                        ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
+    });
+}
+// A's fragments as arrays (a, a_lo: every k8 step's, hi and lo, as a_k8_from loads them; B's lo
+// half from TileLoader::split).
 template <int kKSteps, typename BTile, int kNTiles>
 __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][4],
                                                const unsigned (&a_lo)[kKSteps][4], unsigned b, unsigned b_lo) {
-    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
-    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
-        ptx::Wgmma<8 * kNTiles>::template rs<tf32, 0>(c, lo_a ? a_lo[kk] : a[kk],
-                                                        ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
-    });
+    wgmma_rs_bt_x3_steps<kKSteps, BTile>(
+        c, [&](int kk, bool lo) -> const unsigned(&)[4] { return lo ? a_lo[kk] : a[kk]; }, b, b_lo);
 }
 
 // The same with A's fragments as Tf32x3Fragments (hi and lo together, as a_k8_of gives them from
@@ -247,11 +255,8 @@ __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const uns
 template <int kKSteps, typename BTile, int kNTiles>
 __device__ __forceinline__ void wgmma_rs_bt_x3(float (&c)[kNTiles][4], const Tf32x3Fragment<4> (&a)[kKSteps], unsigned b,
                                                unsigned b_lo) {
-    const unsigned long long db = BTile::k_major(b), db_lo = BTile::k_major(b_lo);
-    wgmma_x3_products<kKSteps>([&](int kk, bool lo_a, bool lo_b) {
-        ptx::Wgmma<8 * kNTiles>::template rs<tf32, 0>(c, lo_a ? a[kk].lo : a[kk].hi,
-                                                        ptx::desc_advance(lo_b ? db_lo : db, BTile::k_step(kk)));
-    });
+    wgmma_rs_bt_x3_steps<kKSteps, BTile>(
+        c, [&](int kk, bool lo) -> const unsigned(&)[4] { return lo ? a[kk].lo : a[kk].hi; }, b, b_lo);
 }
 
 // The same with A K-major in shared memory too (a_lo: its lo half in a tile of a's layout), where
