@@ -343,32 +343,52 @@ struct TileLoader {
         }
     }
 
-    // `chunk(addr)` for the shared address of every chunk this thread copied with `load` (same
-    // chunk mapping), after its own copies have landed (cp.async.wait_group): no barrier needed
-    // before, one after.
+    // The shared address of this thread's chunk i (< kIters) as `load` copied it (same chunk
+    // mapping), and whether the thread has an i-th chunk.
+    __device__ __forceinline__ bool chunk_at(unsigned smem, int tid, int i, unsigned& addr) const {
+        const int idx = kThreads % Tile::kChunks == 0
+                            ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
+                            : tid + i * kThreads;
+        addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
+        return kTotal % kThreads == 0 || idx < kTotal;
+    }
+
+    // `chunk(addr)` for the shared address of every chunk this thread copied with `load`, after
+    // its own copies have landed (cp.async.wait_group): no barrier needed before, one after.
     template <typename Chunk>
     __device__ __forceinline__ void for_each_chunk(unsigned smem, int tid, const Chunk& chunk) const {
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
-            const int idx = kThreads % Tile::kChunks == 0
-                                ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
-                                : tid + i * kThreads;
-            if (kTotal % kThreads == 0 || idx < kTotal) chunk(smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks));
+            unsigned addr;
+            if (chunk_at(smem, tid, i, addr)) chunk(addr);
         }
     }
 
     // 3xTF32: every float this thread copied split (split_tf32), hi in place and lo the same
-    // offset into the tile at lo_smem, each XOR `sign` (a negated Q).
+    // offset into the tile at lo_smem, each XOR `sign` (a negated Q). A batch's loads go before
+    // its stores (KeysMajorLoader::for_each_staged says why: chunk by chunk, fwd_wgmma's d128
+    // copying warpgroup waited ~12% of its samples at these loads, ncu, session 55); batches of
+    // 4 chunks (16 registers: fwd_wgmma's d128, 8 chunks a thread, spilled with all 8 at once).
     __device__ __forceinline__ void split(unsigned smem, unsigned lo_smem, int tid, unsigned sign = 0u) const {
-        for_each_chunk(smem, tid, [&](unsigned addr) {
-            const uint4 v = ptx::ld_shared_v4(addr);
-            const unsigned w[4] = {v.x, v.y, v.z, v.w};
-            unsigned hi[4], lo[4];
+        constexpr int kBatch = kIters < 4 ? kIters : 4;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) split_tf32(__uint_as_float(w[e]), hi[e], lo[e]);
-            ptx::st_shared_v4(addr, hi[0] ^ sign, hi[1] ^ sign, hi[2] ^ sign, hi[3] ^ sign);
-            ptx::st_shared_v4(addr - smem + lo_smem, lo[0] ^ sign, lo[1] ^ sign, lo[2] ^ sign, lo[3] ^ sign);
-        });
+        for (int i0 = 0; i0 < kIters; i0 += kBatch) {
+            uint4 v[kBatch];
+            unsigned addr;
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j)
+                if (i0 + j < kIters && chunk_at(smem, tid, i0 + j, addr)) v[j] = ptx::ld_shared_v4(addr);
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                if (!(i0 + j < kIters && chunk_at(smem, tid, i0 + j, addr))) continue;
+                const unsigned w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                unsigned hi[4], lo[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) split_tf32(__uint_as_float(w[e]), hi[e], lo[e]);
+                ptx::st_shared_v4(addr, hi[0] ^ sign, hi[1] ^ sign, hi[2] ^ sign, hi[3] ^ sign);
+                ptx::st_shared_v4(addr - smem + lo_smem, lo[0] ^ sign, lo[1] ^ sign, lo[2] ^ sign, lo[3] ^ sign);
+            }
+        }
     }
 
     // Flip the sign of every element this thread copied. kSign: the sign bits of one 32-bit word's
@@ -402,10 +422,11 @@ struct KeysMajorLoader {
     static constexpr int kChunks = kCols / 4;  // 16-byte chunks of a tensor row
     static constexpr int kIters = kRows * kChunks / kThreads;
     static constexpr unsigned kStagingBytes = 16u * kRows * kChunks;
-    // copy unrolls two chunks at a time, for_each_staged takes them in pairs beyond four:
-    // fwd_wgmma's d128 tile gives each thread eight, and wholly unrolled, ptxas hoisted their
-    // addresses and loads and the kernel spilled (140 bytes at 255 registers; 249 without spills
-    // this way). fwd_wgmma's other tiles have two, the 3xTF32 backward's four.
+    // copy unrolls two chunks at a time, for_each_staged takes them four at a time: fwd_wgmma's
+    // d128 tile gives each thread eight, and wholly unrolled, ptxas hoisted their addresses and
+    // loads and the kernel spilled (140 bytes at 255 registers, one warpgroup doing everything;
+    // with the copying warpgroup, fours: 254 registers, no spills). fwd_wgmma's other tiles have
+    // two, the 3xTF32 backward's four.
     static_assert(kChunks % 2 == 0 && kThreads % 2 == 0 && kIters * kThreads == kRows * kChunks,
                   "pairs of chunks, every thread the same number");
     static_assert(kStagingBytes == Tile::kBytes, "the staging tile holds the tile's floats");
@@ -470,8 +491,8 @@ struct KeysMajorLoader {
         // memory accesses are volatile asm, kept in program order, so a load written after a
         // chunk's stores waited in full where it stood (in bwd_dkdv_wgmma_x3 ~28% of warpgroup
         // 1's samples, and with one batch a tile still ~20% at each tile's first use: ncu,
-        // session 54). Every chunk at once up to 4 a tile (16 registers), pairs beyond.
-        constexpr int kBatch = kIters <= 4 ? kIters : 2;
+        // session 54). Four chunks at once a tile (16 registers), or all of them if fewer.
+        constexpr int kBatch = kIters <= 4 ? kIters : 4;
         static_assert(kIters % kBatch == 0, "whole batches");
 #pragma unroll 1
         for (int i0 = 0; i0 < kIters; i0 += kBatch) {

@@ -302,7 +302,8 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # without them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
 # 1k-16k, dense and causal). Since session 55 a second warpgroup beside it (8 warps: fwd_wgmma's
 # kSplitter) does the copies, K's splits and V's transposes (H100: 49-53 -> 58-66 TFLOP/s, 1.2-1.3x;
-# 1.31-1.42x SDPA EFFICIENT). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16,
+# 1.31-1.42x SDPA EFFICIENT); session 56 its split loads a batch of chunks before their stores
+# (TileLoader::split): 58-64 -> 66-71 TFLOP/s (H100, L 1k-4k, dense and causal). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16,
 # forward (benchmarks/NOTES.md):
 # session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
 # 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
