@@ -177,6 +177,10 @@ def _feature_cases() -> list[dict]:
         # runs it without dQ)
         dict(name="3xtf32-float32-backward-d64-gqa", dtype="float32", q=(2, 4, 97, 64), k=(2, 2, 200, 64),
              options={"window": (50, 10)}),
+        # ... and the dense d33-64 one in bf16x6 (bwd_dkdv_wgmma_x6: three piece tiles an operand,
+        # the staging tiles, dS^T's tiles read by both warpgroups), GQA, Lq != Lk both ways
+        dict(name="bf16x6-float32-backward-d64-gqa", dtype="float32", q=(2, 4, 97, 64), k=(2, 2, 200, 64)),
+        dict(name="bf16x6-float32-backward-d40", dtype="float32", q=(1, 2, 200, 40), k=(1, 2, 97, 40)),
         dict(name="3xtf32-float32-backward-d27-causal", dtype="float32", q=(1, 3, 150, 27), k=(1, 3, 97, 27),
              options={"causal": True}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers

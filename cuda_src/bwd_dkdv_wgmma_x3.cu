@@ -340,23 +340,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         step_barrier();  // (its second)
     }
 
-    // ---- Epilogue (warpgroup 0): dK * scale and dV in float32, from the registers (rows below
-    // Lk, columns below D / Dv); a slice of a split group adds them into the group's sums instead.
+    // ---- Epilogue (warpgroup 0).
     const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
-    const BwdBatchIndex out(p, out_group * p.heads_per_block);
-    const int out_n0 = out_n_index * kBlockN, rows = out.seqlen_k - out_n0;
-    const float scale = static_cast<float>(f.scale);
-    float* const dk_rows = static_cast<float*>(p.dk) + out.dk;
-    float* const dv_rows = static_cast<float*>(p.dv) + out.dv;
-    if (p.dkv_adds) {
-        tc::add_rows<kHeadDim>(dk_rows + (long long)out_n0 * f.head_dim, dk, row0, rows, 0, f.head_dim, lane, scale);
-        tc::add_rows<kHeadDim>(dv_rows + (long long)out_n0 * f.head_dim_v, dv, row0, rows, 0, f.head_dim_v, lane);
-    } else {
-        tc::store_rows<float, kHeadDim>(dk_rows + out_n0 * p.dk_row_stride, p.dk_row_stride, dk, row0, rows, 0,
-                                        f.head_dim, lane, scale);
-        tc::store_rows<float, kHeadDim>(dv_rows + out_n0 * p.dv_row_stride, p.dv_row_stride, dv, row0, rows, 0,
-                                        f.head_dim_v, lane, 1.f);
-    }
+    wgmma_bwd::write_float_dk_dv<kBlockN, kHeadDim>(p, out_group, out_n_index, dk, dv, row0, lane);
 }
 
 }  // namespace cuflash

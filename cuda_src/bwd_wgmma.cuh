@@ -199,17 +199,22 @@ __device__ __forceinline__ void accumulate_dv_dk(float (&dv)[kHeadDim / 8][4], f
     ptx::wgmma_commit();
 }
 
+// One k-step's fragment of store_dst (below), not fenced.
+template <typename DsTile>
+__device__ __forceinline__ void store_dst_step(unsigned ds_tile, const unsigned (&frag)[4], int kk, int first_key,
+                                               int warp, int lane) {
+    const int st_row = first_key + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+    ptx::stmatrix_x4(ds_tile + DsTile::offset(st_row, 2 * kk + lane / 16), frag[0], frag[1], frag[2], frag[3]);
+}
+
 // dS^T of this warpgroup to shared memory, one stmatrix per k-step fragment (matrices: keys
 // 0-7 | 8-15 of query chunk 2kk, then of 2kk + 1; lane l addresses row l % 8 of matrix l / 8),
 // fenced for the tensor cores' reads. The caller's barrier makes both halves visible.
 template <int kBlockM, typename DsTile>
 __device__ __forceinline__ void store_dst(unsigned ds_tile, const unsigned (&dsa)[kBlockM / 16][4], int first_key,
                                           int warp, int lane) {
-    const int st_row = first_key + (warp % 4) * 16 + ((lane / 8) % 2) * 8 + lane % 8;
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk)
-        ptx::stmatrix_x4(ds_tile + DsTile::offset(st_row, 2 * kk + lane / 16), dsa[kk][0], dsa[kk][1], dsa[kk][2],
-                         dsa[kk][3]);
+    for (int kk = 0; kk < kBlockM / 16; ++kk) store_dst_step<DsTile>(ds_tile, dsa[kk], kk, first_key, warp, lane);
     ptx::fence_proxy_async_shared();
 }
 
@@ -258,6 +263,31 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
                                                 p.dk_row_stride, at.seqlen_k - n0, p.fwd.head_dim, thread);
     tc::store_tile<kBlockN, kHeadDim, kThreads>(dv_stage, static_cast<unsigned short*>(p.dv) + at.dv + n0 * p.dv_row_stride,
                                                 p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
+}
+
+// The float32 dK/dV kernels' epilogue (bwd_dkdv_wgmma_x3.cu, bwd_dkdv_wgmma_x6.cu: one warpgroup
+// holds the block's kBlockN = 64 keys, this warp rows row0 + lane / 4 + {0, 8}): dK * scale and dV
+// of key tile n_index of the group ``group``, from the registers (rows below Lk, columns below D
+// / Dv); a slice of a split group adds them into the group's sums instead.
+template <int kBlockN, int kHeadDim>
+__device__ __forceinline__ void write_float_dk_dv(const BwdParams& p, int group, int n_index,
+                                                  const float (&dk)[kHeadDim / 8][4], const float (&dv)[kHeadDim / 8][4],
+                                                  int row0, int lane) {
+    const FwdParams& f = p.fwd;
+    const BwdBatchIndex out(p, group * p.heads_per_block);
+    const int n0 = n_index * kBlockN, rows = out.seqlen_k - n0;
+    const float scale = static_cast<float>(f.scale);
+    float* const dk_rows = static_cast<float*>(p.dk) + out.dk;
+    float* const dv_rows = static_cast<float*>(p.dv) + out.dv;
+    if (p.dkv_adds) {
+        tc::add_rows<kHeadDim>(dk_rows + (long long)n0 * f.head_dim, dk, row0, rows, 0, f.head_dim, lane, scale);
+        tc::add_rows<kHeadDim>(dv_rows + (long long)n0 * f.head_dim_v, dv, row0, rows, 0, f.head_dim_v, lane);
+    } else {
+        tc::store_rows<float, kHeadDim>(dk_rows + n0 * p.dk_row_stride, p.dk_row_stride, dk, row0, rows, 0, f.head_dim,
+                                        lane, scale);
+        tc::store_rows<float, kHeadDim>(dv_rows + n0 * p.dv_row_stride, p.dv_row_stride, dv, row0, rows, 0,
+                                        f.head_dim_v, lane, 1.f);
+    }
 }
 
 // An accumulator fragment (times ``factor``) into a row-major fp32 tile in shared memory (rows of

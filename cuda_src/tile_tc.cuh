@@ -94,6 +94,40 @@ struct Tf32x3Fragment {
     }
 };
 
+// bf16x6: float32 "highest" on bfloat16 tensor cores (bwd_dkdv_wgmma_x6.cu). Each operand is
+// three bfloat16 pieces, x = x0 + x1 + x2, each rounded to nearest from what the ones before left
+// (to within 2^-27 |x|: finer than float32's own rounding; bfloat16 has float32's exponent
+// range), and a product is six MMAs (wgmma_x6_products: the three dropped terms x1 y2, x2 y1,
+// x2 y2 are below 2^-26 |x y|, where 3xTF32 drops ~2^-22). Six bfloat16 MMAs take the time of
+// three TF32 ones, but bfloat16 operands may be MN-major: no transposed copies (V^T, Q^T, dO^T,
+// K^T), and the pieces take 6 bytes a float where hi and lo take 8.
+struct bf16x6 {};
+
+// Two floats split into bf16x6's pieces, two at a time as the MMAs read them (p[i]: piece i of
+// x in the low half, of y in the high half; cvt.rn.bf16x2). A non-finite value (and one so close
+// to FLT_MAX that its first piece would round to infinity) is pieces 0, 0 and its top 16 bits:
+// a piece 2 meets only the other operand's piece 0 (wgmma_x6_products), so its products are
+// those of float32 (an infinity times a finite nonzero value, NaN times 0), as split_tf32's lo.
+__device__ __forceinline__ void split_bf16x3(float x, float y, unsigned (&p)[3]) {
+    float rest_x = x, rest_y = y;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        p[i] = ptx::pack2<__nv_bfloat16>(rest_x, rest_y);
+        rest_x -= __uint_as_float(p[i] << 16);
+        rest_y -= __uint_as_float(p[i] & 0xffff0000u);
+    }
+    // A finite value's rest stays finite; a non-finite one's is NaN from the first subtraction.
+    const bool finite_x = fabsf(rest_x) < __int_as_float(0x7f800000);
+    const bool finite_y = fabsf(rest_y) < __int_as_float(0x7f800000);
+    if (!(finite_x && finite_y)) {
+        const unsigned keep = (finite_x ? 0x0000ffffu : 0u) | (finite_y ? 0xffff0000u : 0u);
+        const unsigned top = (__float_as_uint(x) >> 16) | (__float_as_uint(y) & 0xffff0000u);
+        p[0] &= keep;
+        p[1] &= keep;
+        p[2] = (p[2] & keep) | (top & ~keep);
+    }
+}
+
 // c += a b for one m16n8k8 step, b's registers i and i + 1: one TF32 MMA, or 3xTF32's three
 // into a fresh fragment (small terms first), then added by FADD (tf32x3 above).
 template <int R>
@@ -229,6 +263,20 @@ __device__ __forceinline__ void wgmma_x3_products(Product product) {
     for (int kk = 0; kk < kKSteps; ++kk) product(kk, false, false);
 }
 
+// bf16x6's product C += A B (bf16x6 above) over kKSteps k16 steps: product(kk, i, j) issues step
+// kk of A's piece i times B's piece j, for (i, j) = (2, 0), (1, 1), (0, 2), then (1, 0), (0, 1),
+// then (0, 0), each over every step: small terms first, for wgmma_x3_products's reason. Every
+// product accumulates into C: the caller zeroes C first (before its wgmma_fence).
+template <int kKSteps, typename Product>
+__device__ __forceinline__ void wgmma_x6_products(Product product) {
+#pragma unroll
+    for (int o = 0; o < 6; ++o) {
+        const int i = o < 3 ? 2 - o : (o < 5 ? 4 - o : 0), j = o < 3 ? o : (o < 5 ? o - 3 : 0);
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) product(kk, i, j);
+    }
+}
+
 // 3xTF32's C = A B^T with A in registers, a_step(kk, lo) giving k8 step kk's TF32 fragment of
 // A's lo (else hi) half, and B K-major in shared memory (b_lo: its lo half, in a tile of b's
 // layout): the two overloads below.
@@ -346,10 +394,18 @@ struct TileLoader {
     // The shared address of this thread's chunk i (< kIters) as `load` copied it (same chunk
     // mapping), and whether the thread has an i-th chunk.
     __device__ __forceinline__ bool chunk_at(unsigned smem, int tid, int i, unsigned& addr) const {
+        int row, col;
+        const bool has = chunk_index(tid, i, row, col);
+        addr = smem + Tile::offset(row, col);
+        return has;
+    }
+    // The same as the tile's (row, chunk).
+    __device__ __forceinline__ bool chunk_index(int tid, int i, int& row, int& col) const {
         const int idx = kThreads % Tile::kChunks == 0
                             ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
                             : tid + i * kThreads;
-        addr = smem + Tile::offset(idx / Tile::kChunks, idx % Tile::kChunks);
+        row = idx / Tile::kChunks;
+        col = idx % Tile::kChunks;
         return kTotal % kThreads == 0 || idx < kTotal;
     }
 
@@ -388,6 +444,26 @@ struct TileLoader {
                 ptx::st_shared_v4(addr, hi[0] ^ sign, hi[1] ^ sign, hi[2] ^ sign, hi[3] ^ sign);
                 ptx::st_shared_v4(addr - smem + lo_smem, lo[0] ^ sign, lo[1] ^ sign, lo[2] ^ sign, lo[3] ^ sign);
             }
+        }
+    }
+
+    // bf16x6: every float this thread copied (a float32 tile: 16-byte chunks of four floats) split
+    // into three bfloat16 piece tiles (PieceTile: the same rows, half as wide, kBytes apart from
+    // `pieces`), where a chunk of floats is half of a piece's 16-byte chunk.
+    template <typename PieceTile>
+    __device__ __forceinline__ void split_pieces(unsigned smem, unsigned pieces, int tid) const {
+        static_assert(2 * PieceTile::kChunks == Tile::kChunks, "pieces: the float tile's rows in bfloat16");
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            int row, col;
+            if (!chunk_index(tid, it, row, col)) continue;
+            const uint4 v = ptx::ld_shared_v4(smem + Tile::offset(row, col));
+            unsigned lo[3], hi[3];
+            split_bf16x3(__uint_as_float(v.x), __uint_as_float(v.y), lo);
+            split_bf16x3(__uint_as_float(v.z), __uint_as_float(v.w), hi);
+            const unsigned off = PieceTile::offset(row, col / 2) + 8 * (col % 2);
+#pragma unroll
+            for (int i = 0; i < 3; ++i) ptx::st_shared_v2(pieces + i * PieceTile::kBytes + off, lo[i], hi[i]);
         }
     }
 
@@ -1004,6 +1080,17 @@ __device__ __forceinline__ void pack_a(const float (&lo)[4], const float (&hi)[4
     a[1] = ptx::pack2<Element>(lo[2], lo[3]);
     a[2] = ptx::pack2<Element>(hi[0], hi[1]);
     a[3] = ptx::pack2<Element>(hi[2], hi[3]);
+}
+// The same in bf16x6's three pieces: a[i] is piece i's fragment.
+__device__ __forceinline__ void pack_a_x3(const float (&lo)[4], const float (&hi)[4], unsigned (&a)[3][4]) {
+    const float* const halves[2] = {lo, hi};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        unsigned p[3];
+        split_bf16x3(halves[r / 2][2 * (r % 2)], halves[r / 2][2 * (r % 2) + 1], p);
+#pragma unroll
+        for (int i = 0; i < 3; ++i) a[i][r] = p[i];
+    }
 }
 
 // ---- m16n8k8 TF32 steps (float32 Variants of precision "tf32"; Arith above).

@@ -522,10 +522,10 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     one warpgroup of query rows a block, Q's hi and lo tiles read from shared memory, and one
     beside it that copies and splits K and V: 8 warps), the tile without spills per arch; FFMA
     (fwd_simt) for the other heads, short rows and score modifiers. The backward's
-    dK/dV kernel in 3xTF32 on Hopper at head dims up to 64 (bwd_dkdv_wgmma_x3, two warpgroups:
-    64 x 64 to d32, 32 x 64 at d33-64), the deterministic dQ kernel too (bwd_dq_wgmma_x3,
-    64 x 32), else FFMA; "ieee" always FFMA; "tf32" its own
-    Variants."""
+    dK/dV kernel on Hopper's tensor cores at head dims up to 64 (two warpgroups: dense d33-64
+    bwd_dkdv_wgmma_x6 in bf16x6, 64 x 64; else bwd_dkdv_wgmma_x3 in 3xTF32, 64 x 64 to d32, 32 x
+    64 at d33-64), the deterministic dQ kernel in 3xTF32 (bwd_dq_wgmma_x3, 64 x 32), else FFMA;
+    "ieee" always FFMA; "tf32" its own Variants."""
     wide = ((97, tile128), (128, tile128)) if tile128 else ()
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
         for window in (False, True):
@@ -545,8 +545,9 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
         for window in (False, True):
             backward = tiles.select_backward("float32", d, d, window, arch, precision="highest")
             dkdv = (backward.dkdv.kernel, (backward.dkdv.block_m, backward.dkdv.block_n, backward.dkdv.warps))
-            x3_tile = (64, 64, 8) if d <= 32 else (32, 64, 8)  # (d32: 64-query steps, dQ = dS K)
-            assert dkdv == ("bwd_dkdv_wgmma_x3", x3_tile) if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
+            hopper = (("bwd_dkdv_wgmma_x3", (64, 64, 8)) if d <= 32 else ("bwd_dkdv_wgmma_x3", (32, 64, 8)) if window
+                      else ("bwd_dkdv_wgmma_x6", (64, 64, 8)))
+            assert dkdv == hopper if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
             dq_x3 = bool(tile128)  # (the deterministic dQ in 3xTF32 on Hopper: buckets 32 and 64)
             assert backward.dq.kernel == ("bwd_dq_wgmma_x3" if dq_x3 else "bwd_dq_simt"), backward.dq
             assert tiles.select_backward("float32", d, d, window, arch, precision="ieee").dkdv.kernel == "bwd_dkdv_simt"

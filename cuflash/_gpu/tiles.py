@@ -84,6 +84,8 @@ class KernelSpec:
     # first; none: the next family (FFMA). Calls with score modifiers or short rows take the next
     # family.
     split_tf32_candidates: Callable[[int, str], tuple[Tile, ...]] = lambda head_dim, arch: ()
+    # Whether the float32 "highest" form serves causal and windowed calls too (else: the next family).
+    split_window: bool = True
     # The 3xTF32 form's shared memory (head_dim, block_m, block_n, stages) -> bytes where it is not
     # ``shared_memory``'s for float32 (fwd_wgmma: every operand's lo tiles beside its hi ones).
     split_shared_memory: Callable[[int, int, int, int], int] | None = None
@@ -134,7 +136,7 @@ class KernelSpec:
         if tf32 and precision not in self.tf32_precisions:
             return None
         split = tf32 and precision == "highest"  # 3xTF32
-        if split and (score_mods or short):
+        if split and (score_mods or short or (has_window and not self.split_window)):
             return None
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
@@ -303,8 +305,8 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # 1k-16k, dense and causal). Since session 55 a second warpgroup beside it (8 warps: fwd_wgmma's
 # kSplitter) does the copies, K's splits and V's transposes (H100: 49-53 -> 58-66 TFLOP/s, 1.2-1.3x;
 # 1.31-1.42x SDPA EFFICIENT); session 56 its split loads a batch of chunks before their stores
-# (TileLoader::split): 58-64 -> 66-71 TFLOP/s (H100, L 1k-4k, dense and causal). No modifiers anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16,
-# forward (benchmarks/NOTES.md):
+# (TileLoader::split): 58-64 -> 66-71 TFLOP/s (H100, L 1k-4k, dense and causal). No modifiers
+# anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16, forward (benchmarks/NOTES.md):
 # session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
 # 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
 # place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62); session 50 (H100) V
@@ -331,13 +333,14 @@ def _hopper_tf32x3_candidates(table: dict[int, Tile]) -> Callable[[int, str], tu
     return lambda head_dim, arch: (table[head_dim],) if arch == "90a" and head_dim in table else ()
 
 
-def _hopper_tf32x3_spec(kernel: str, table: dict[int, Tile], shared_memory: Callable[[int, int, int, int], int]
-                        ) -> KernelSpec:
-    """A family that serves float32 "highest" only, in 3xTF32 on Hopper (the 3xTF32 backward's
-    kernels): its table's tile per bucket, its shared memory by the tile."""
+def _hopper_tf32x3_spec(kernel: str, table: dict[int, Tile], shared_memory: Callable[[int, int, int, int], int],
+                        window: bool = True) -> KernelSpec:
+    """A family that serves float32 "highest" only, on Hopper's tensor cores (the 3xTF32 and
+    bf16x6 backward kernels): its table's tile per bucket, its shared memory by the tile;
+    ``window``: causal and windowed calls too."""
     return KernelSpec(kernel, ("float32",), lambda dtype, d, arch, keys: (), _by_tile(shared_memory),
                       tf32_precisions=("highest",), split_tf32_candidates=_hopper_tf32x3_candidates(table),
-                      split_shared_memory=shared_memory)
+                      split_shared_memory=shared_memory, split_window=window)
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
@@ -626,6 +629,23 @@ def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, sta
     return 1024 + 4 * (floats + 2 * 2 * block_m)
 
 
+# bwd_dkdv_wgmma_x6 (Hopper, sm_90a only): float32 under precision="highest" in bf16x6 (every
+# operand in three bfloat16 pieces, six products; tile_tc.cuh's bf16x6), d64: bwd_dkdv_wgmma.cu's
+# operand forms (Q_i, dO_i and K read MN-major, no transposed copies), 64 keys a block, 64-query
+# steps, two warpgroups (one multiplies, the other splits the next step's Q and dO into pieces and
+# computes dQ_i = dS K). Shared memory 202 KB: one block a SM; 247 registers. H100 session 56, B x L
+# = 16k, H16, backward: dense 1.05-1.06x bwd_dkdv_wgmma_x3 (d64 L16k 67.2 -> 70.8 TFLOP/s), causal
+# 0.92-0.93x (67.2 -> 62.2: not understood yet), so it serves dense calls only; errors against
+# float64 at or below the FFMA kernels' (0.17-1.43x), dV's 2-6x below them.
+_BWD_DKDV_WGMMA_X6_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 64, 8, 1)}
+
+
+def _smem_bwd_dkdv_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_wgmma_x6.cu's kSmemBytes."""
+    pieces = 2 * 3 * (2 * block_n * head_dim + block_n * block_m + 2 * 2 * block_m * head_dim)
+    return 1024 + pieces + 4 * (2 * block_m * head_dim + 2 * 2 * block_m)
+
+
 # bwd_dq_wgmma_x3 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in 3xTF32, d32 and d64:
 # 64 query rows a block, 32-key steps, two warpgroups (one multiplies: S, dP as SS, dQ += dS K_j
 # as RS onto K_j^T; the other splits each key tile out of a staging tile into one of two slots).
@@ -873,6 +893,8 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
     _by_tile(_smem_bwd_dkdv_wgmma_ws_bytes), tma=True, sums_dbias_by_key=True, drops=True,
     dropout_head_dims=(64,))  # (d128's dropout form spills 126 bytes at the consumers' 240 registers)
 BWD_DKDV_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x3", _BWD_DKDV_WGMMA_X3_TABLE, _smem_bwd_dkdv_wgmma_x3_bytes)
+BWD_DKDV_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6", _BWD_DKDV_WGMMA_X6_TABLE, _smem_bwd_dkdv_wgmma_x6_bytes,
+                                        window=False)  # (causal: 0.92-0.93x bwd_dkdv_wgmma_x3, session 56)
 BWD_DQ_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dq_wgmma_x3", _BWD_DQ_WGMMA_X3_TABLE, _smem_bwd_dq_wgmma_x3_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
@@ -898,7 +920,7 @@ BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
 SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X3, BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X6, BWD_DKDV_WGMMA_X3, BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
                                         BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
@@ -916,7 +938,7 @@ FORWARD = {
 # from d192 in column slices), else DFMA (99 KB parts from d192).
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
-                 "float32": (BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
+                 "float32": (BWD_DKDV_WGMMA_X6, BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
                  "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
 BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DQ_SIMT),
                "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
