@@ -636,7 +636,7 @@ def _smem_bwd_dkdv_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, sta
 # computes dQ_i = dS K). Shared memory 202 KB: one block a SM; 247 registers. H100 session 56, B x L
 # = 16k, H16, backward: dense 1.05-1.06x bwd_dkdv_wgmma_x3 (d64 L16k 67.2 -> 70.8 TFLOP/s), causal
 # 0.92-0.93x (67.2 -> 62.2: not understood yet), so it serves dense calls only; errors against
-# float64 at or below the FFMA kernels' (0.17-1.43x), dV's 2-6x below them.
+# float64 0.17-1.43x the FFMA kernels' (dV's 0.27-1.00x).
 _BWD_DKDV_WGMMA_X6_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 64, 8, 1)}
 
 
