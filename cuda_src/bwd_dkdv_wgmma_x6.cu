@@ -190,13 +190,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
             float dq[kHeadDim / 8][4];
             if (with_dq) {
                 tc::zero(dq);
-                const unsigned long long ds_desc = DsTile::mn_major(ds_smem), k_desc = KVTile::mn_major(k_smem);
                 ptx::wgmma_fence();
-                tc::wgmma_x6_products<kKStepsN>([&](int kk, int i, int j) {
-                    ptx::Wgmma<kHeadDim>::template ss<Bf16, 1, 1>(
-                        dq, ptx::desc_advance(ds_desc, i * DsTile::kBytes + kk * 2048),
-                        ptx::desc_advance(k_desc, j * KVTile::kBytes + kk * 2048));
-                });
+                tc::wgmma_ss_x6<kKStepsN, DsTile, KVTile, 1, 1>(dq, ds_smem, k_smem);
                 ptx::wgmma_commit();
             }
             // Step t + 2's lse and delta into stat slot t % 2 (step t's scores are done with it)
@@ -224,7 +219,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
     constexpr float kLog2e = 1.4426950408889634f;
     const ScoreMod<float, kFastTanh<Element>> mod(f, bh, static_cast<float>(f.scale), kLog2e, mask.diag);
     BiasGrad<float> dbias(p, bh);
-    const unsigned long long k_desc = KVTile::k_major(k_smem), v_desc = KVTile::k_major(v_smem);
     int t = 0;
     for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
         const int m0 = step.i * kBlockM;
@@ -235,24 +229,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
         float st[kBlockM / 8][4], dpt[kBlockM / 8][4];  // S^T then P^T; dP^T then dS^T
         tc::zero(st);
         tc::zero(dpt);
-        {
-            const unsigned long long q_desc = QTile::k_major(q), do_desc = QTile::k_major(dout);
-            ptx::wgmma_fence();
-            tc::wgmma_x6_products<kKStepsD>([&](int kk, int i, int j) {
-                ptx::Wgmma<kBlockM>::template ss<Bf16, 0, 0>(
-                    st, ptx::desc_advance(k_desc, i * KVTile::kBytes + KVTile::k_step(kk)),
-                    ptx::desc_advance(q_desc, j * QTile::kBytes + QTile::k_step(kk)));
-            });
-            tc::wgmma_x6_products<kKStepsD>([&](int kk, int i, int j) {
-                ptx::Wgmma<kBlockM>::template ss<Bf16, 0, 0>(
-                    dpt, ptx::desc_advance(v_desc, i * KVTile::kBytes + KVTile::k_step(kk)),
-                    ptx::desc_advance(do_desc, j * QTile::kBytes + QTile::k_step(kk)));
-            });
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_pin(st);
-            ptx::wgmma_pin(dpt);
-        }
+        ptx::wgmma_fence();
+        tc::wgmma_ss_x6<kKStepsD, KVTile, QTile, 0, 0>(st, k_smem, q);
+        tc::wgmma_ss_x6<kKStepsD, KVTile, QTile, 0, 0>(dpt, v_smem, dout);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_pin(st);
+        ptx::wgmma_pin(dpt);
         wgmma_bwd::probabilities_and_dscores<kBlockM>(
             st, dpt, mod, false, dbias, mask, masked, m0, n0 + row0 + lane / 4, at.seqlen_q, scale_log2, lane,
             [&](int col) { return tc::lse_log2(lse_s[col]); }, [&](int col) { return delta_s[col]; });
@@ -277,18 +260,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
         tc::zero(dv_step);
         tc::zero(dk_step);
         {
-            const unsigned long long do_mn = QTile::mn_major(dout), q_mn = QTile::mn_major(q);
-            const unsigned long long ds_desc = DsTile::k_major(ds_smem);
+            const unsigned long long do_mn = QTile::mn_major(dout);
             ptx::wgmma_fence();
             tc::wgmma_x6_products<kKStepsM>([&](int kk, int i, int j) {
                 ptx::Wgmma<kHeadDim>::template rs<Bf16, 1>(dv_step, pa[kk][i],
                                                            ptx::desc_advance(do_mn, j * QTile::kBytes + kk * 2048));
             });
-            tc::wgmma_x6_products<kKStepsM>([&](int kk, int i, int j) {
-                ptx::Wgmma<kHeadDim>::template ss<Bf16, 0, 1>(
-                    dk_step, ptx::desc_advance(ds_desc, i * DsTile::kBytes + DsTile::k_step(kk)),
-                    ptx::desc_advance(q_mn, j * QTile::kBytes + kk * 2048));
-            });
+            tc::wgmma_ss_x6<kKStepsM, DsTile, QTile, 0, 1>(dk_step, ds_smem, q);
             ptx::wgmma_commit();
         }
         step_barrier();  // (warpgroup 1's first barrier of the step)

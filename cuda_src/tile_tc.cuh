@@ -277,6 +277,20 @@ __device__ __forceinline__ void wgmma_x6_products(Product product) {
     }
 }
 
+// bf16x6's C += A B with A and B in shared memory, each three piece tiles kBytes apart (ATile,
+// BTile), K-major or (kTransA, kTransB) MN-major: a k16 step is Tile::k_step along a K-major row,
+// 16 rows (2048 bytes) down an MN-major tile. The caller zeroes C, fences and commits.
+template <int kKSteps, typename ATile, typename BTile, int kTransA, int kTransB, int kNTiles>
+__device__ __forceinline__ void wgmma_ss_x6(float (&c)[kNTiles][4], unsigned a, unsigned b) {
+    const unsigned long long da = kTransA ? ATile::mn_major(a) : ATile::k_major(a);
+    const unsigned long long db = kTransB ? BTile::mn_major(b) : BTile::k_major(b);
+    wgmma_x6_products<kKSteps>([&](int kk, int i, int j) {
+        ptx::Wgmma<8 * kNTiles>::template ss<__nv_bfloat16, kTransA, kTransB>(
+            c, ptx::desc_advance(da, i * ATile::kBytes + (kTransA ? kk * 2048 : ATile::k_step(kk))),
+            ptx::desc_advance(db, j * BTile::kBytes + (kTransB ? kk * 2048 : BTile::k_step(kk))));
+    });
+}
+
 // 3xTF32's C = A B^T with A in registers, a_step(kk, lo) giving k8 step kk's TF32 fragment of
 // A's lo (else hi) half, and B K-major in shared memory (b_lo: its lo half, in a tile of b's
 // layout): the two overloads below.
