@@ -181,6 +181,18 @@ def _feature_cases() -> list[dict]:
         # the staging tiles, dS^T's tiles read by both warpgroups), GQA, Lq != Lk both ways
         dict(name="bf16x6-float32-backward-d64-gqa", dtype="float32", q=(2, 4, 97, 64), k=(2, 2, 200, 64)),
         dict(name="bf16x6-float32-backward-d40", dtype="float32", q=(1, 2, 200, 40), k=(1, 2, 97, 40)),
+        # ... and d97-128's (bwd_dkdv_wgmma_x6h: two warpgroups, each one half of D, Q and dO through
+        # registers, dS stored transposed), GQA with a window, d111 causal with Lq != Lk
+        dict(name="bf16x6-float32-backward-d128-gqa", dtype="float32", q=(2, 4, 97, 128), k=(2, 2, 200, 128),
+             options={"window": (50, 10)}),
+        dict(name="bf16x6-float32-backward-d111-causal", dtype="float32", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
+             options={"causal": True}),
+        # the deterministic dQ in bf16x6 at d33-64 (bwd_dq_wgmma_x6: a key tile split once into three
+        # pieces, two slots), GQA with Lq > Lk, and causal with Lq < Lk
+        dict(name="bf16x6-float32-deterministic-d40-gqa", dtype="float32", q=(2, 4, 200, 40), k=(2, 2, 97, 40),
+             deterministic=True),
+        dict(name="bf16x6-float32-deterministic-d64-causal", dtype="float32", q=(1, 2, 97, 64), k=(1, 2, 150, 64),
+             options={"causal": True}, deterministic=True),
         dict(name="3xtf32-float32-backward-d27-causal", dtype="float32", q=(1, 3, 150, 27), k=(1, 3, 97, 27),
              options={"causal": True}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers

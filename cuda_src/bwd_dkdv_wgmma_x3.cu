@@ -176,24 +176,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     const HeadTileStep first_step(range.first, range.last, heads);
     // Warpgroup 1, d64: K^T's TF32 fragments, hi and lo, for dQ^T (rows: this warp's 16 of D).
     unsigned kt_hi[kDqTransposed ? kKStepsN : 1][4], kt_lo[kDqTransposed ? kKStepsN : 1][4];
+    // Warpgroup 1's schedule (bwd_wgmma.cuh's Feeder: step t in slot t % 2).
+    const auto feeder = wgmma_bwd::make_feeder(range, heads, copy_rows, copy_stats, unstage_step);
     if (group == 1) {
         if constexpr (kDqTransposed) {
             tc::a_k8_from<kKStepsN, KtTile>(kt_hi, kt_smem, row0, lane);
             tc::a_k8_from<kKStepsN, KtTile>(kt_lo, kt_smem + KtTile::kBytes, row0, lane);
         }
-        if (first_step.g < heads) {
-            copy_rows(first_step);
-            copy_stats(first_step, 0);
-        }
-        ptx::cp_async_commit();
-        ptx::cp_async_wait<0>();
-        if (first_step.g < heads) unstage_step(0);
-        const HeadTileStep second = first_step.after(1, range.first, range.last);
-        if (second.g < heads) {
-            copy_rows(second);
-            copy_stats(second, 1);
-        }
-        ptx::cp_async_commit();
+        feeder.first_steps(first_step);
     }
     __syncthreads();
 
@@ -203,21 +193,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
     // 1's part, 144 bytes spilled).
     auto step_barrier = [] { ptx::named_barrier_sync(1, kThreads); };
     if (group == 1) {
-        int t = 0;  // the step's number: its stat slot and step slot are t % 2
-        for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
-            // The next step into the other slot (read last by step t - 1's products, before its
-            // second barrier; in step 0, K^T's fragments were loaded before the prologue's).
-            const HeadTileStep next = step.after(1, range.first, range.last);
-            const HeadTileStep after_next = step.after(2, range.first, range.last);
-            ptx::cp_async_wait<0>();
-            if (next.g < heads) unstage_step((t + 1) % 2);
-            // Step t + 2's rows into the staging tile (this thread's chunks, its own reads just
-            // done): here, not after the barrier, where warpgroup 0 waited for them (ncu,
-            // benchmarks/NOTES.md, session 53; its stats must wait: slot t % 2 is step t's).
-            if (after_next.g < heads) copy_rows(after_next);
-            ptx::cp_async_commit();
-            step_barrier();  // dS complete; the next step's tiles published
-            // d64: dQ_i^T (rows D, columns the step's queries); d32: dQ_i (rows queries, columns D).
+        // Between the step's barriers: d64 dQ_i^T (rows D, columns the step's queries); d32 dQ_i
+        // (rows queries, columns D).
+        feeder.steps(first_step, step_barrier, [&](const HeadTileStep& step, const auto& copy_stats_ahead) {
             float dq[kDqTransposed ? kBlockM / 8 : kHeadDim / 8][4];
             if (with_dq) {
                 tc::zero(dq);
@@ -229,37 +207,31 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
                                                                  kt_smem + KtTile::kBytes);
                 ptx::wgmma_commit();
             }
-            // Step t + 2's lse and delta into stat slot t % 2 (step t's scores are done with it)
-            // while dQ's products run.
-            if (after_next.g < heads) copy_stats(after_next, t % 2);
-            ptx::cp_async_commit();
-            if (with_dq) {
-                ptx::wgmma_wait<0>();
-                ptx::wgmma_pin(dq);
-                float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
-                const int m0 = step.i * kBlockM;
-                if constexpr (kDqTransposed) {
-                    // This lane's elements: queries query0 + nt * 8 + e % 2, columns col0 + 8 (e / 2),
-                    // addressed from one pointer by 32-bit offsets, each RED predicated (no
-                    // branch around it).
-                    const int query0 = m0 + 2 * (lane % 4), col0 = row0 + lane / 4;
-                    float* const dq_lane = dq_rows + (long long)query0 * f.head_dim + col0;
+            copy_stats_ahead();
+            if (!with_dq) return;
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_pin(dq);
+            float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
+            const int m0 = step.i * kBlockM;
+            if constexpr (kDqTransposed) {
+                // This lane's elements: queries query0 + nt * 8 + e % 2, columns col0 + 8 (e / 2),
+                // addressed from one pointer by 32-bit offsets, each RED predicated (no branch
+                // around it).
+                const int query0 = m0 + 2 * (lane % 4), col0 = row0 + lane / 4;
+                float* const dq_lane = dq_rows + (long long)query0 * f.head_dim + col0;
 #pragma unroll
-                    for (int nt = 0; nt < kBlockM / 8; ++nt)
+                for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int rows = nt * 8 + e % 2, cols = 8 * (e / 2);
-                            ptx::red_add_f32_if(query0 + rows < at.seqlen_q && col0 + cols < f.head_dim,
-                                                dq_lane + rows * f.head_dim + cols, dq[nt][e]);
-                        }
-                } else {
-                    tc::add_rows<kHeadDim>(dq_rows + (long long)m0 * f.head_dim, dq, row0, at.seqlen_q - m0, 0,
-                                           f.head_dim, lane);
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        const int rows = nt * 8 + e % 2, cols = 8 * (e / 2);
+                        ptx::red_add_f32_if(query0 + rows < at.seqlen_q && col0 + cols < f.head_dim,
+                                            dq_lane + rows * f.head_dim + cols, dq[nt][e]);
+                    }
+            } else {
+                tc::add_rows<kHeadDim>(dq_rows + (long long)m0 * f.head_dim, dq, row0, at.seqlen_q - m0, 0,
+                                       f.head_dim, lane);
             }
-            step_barrier();  // this step's products done: dS and slot t % 2 free
-        }
-        ptx::cp_async_wait<0>();
+        });
         return;
     }
 
@@ -330,13 +302,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(dv_step);
         ptx::wgmma_pin(dk_step);
-#pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                dv[nt][e] += dv_step[nt][e];
-                dk[nt][e] += dk_step[nt][e];
-            }
+        tc::add(dv, dv_step, dk, dk_step);
         step_barrier();  // (its second)
     }
 

@@ -59,7 +59,6 @@ constexpr unsigned bwd_dkdv_wgmma_x6_smem_bytes() {
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps, int kStages, bool kHasWindow,
           bool kScoreMods = false, bool kDropout = false>
 __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdParams p) {
-    using Bf16 = __nv_bfloat16;
     constexpr int kThreads = kWarps * 32;
     constexpr int kGroupThreads = 128;  // a warpgroup
     constexpr int kPieces = 3;
@@ -259,27 +258,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
         float dv_step[kHeadDim / 8][4], dk_step[kHeadDim / 8][4];
         tc::zero(dv_step);
         tc::zero(dk_step);
-        {
-            const unsigned long long do_mn = QTile::mn_major(dout);
-            ptx::wgmma_fence();
-            tc::wgmma_x6_products<kKStepsM>([&](int kk, int i, int j) {
-                ptx::Wgmma<kHeadDim>::template rs<Bf16, 1>(dv_step, pa[kk][i],
-                                                           ptx::desc_advance(do_mn, j * QTile::kBytes + kk * 2048));
-            });
-            tc::wgmma_ss_x6<kKStepsM, DsTile, QTile, 0, 1>(dk_step, ds_smem, q);
-            ptx::wgmma_commit();
-        }
+        ptx::wgmma_fence();
+        tc::wgmma_rs_x6<kKStepsM, QTile, 1>(dv_step, pa, dout);
+        tc::wgmma_ss_x6<kKStepsM, DsTile, QTile, 0, 1>(dk_step, ds_smem, q);
+        ptx::wgmma_commit();
         step_barrier();  // (warpgroup 1's first barrier of the step)
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(dv_step);
         ptx::wgmma_pin(dk_step);
-#pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                dv[nt][e] += dv_step[nt][e];
-                dk[nt][e] += dk_step[nt][e];
-            }
+        tc::add(dv, dv_step, dk, dk_step);
         step_barrier();  // (its second)
     }
 

@@ -116,12 +116,8 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dq_tc(const BwdParams p) {
     float lse2[kMTiles][2], delta[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * h;
-            lse2[mt][h] = tc::lse_log2(static_cast<const float*>(f.lse) + at.lse, row, at.seqlen_q);
-            delta[mt][h] = tc::row_delta(static_cast<const float*>(p.delta) + at.lse, row, at.seqlen_q);
-        }
+        tc::row_stats(static_cast<const float*>(f.lse) + at.lse, static_cast<const float*>(p.delta) + at.lse,
+                      m0 + warp_row0 + mt * 16 + lane / 4, at.seqlen_q, lse2[mt], delta[mt]);
 
     // Per-lane ldmatrix addresses (as fwd_tc.cu). Q_i, dO_i (A): rows lane%16, chunk lane/16.
     // K_j, V_j as B with n = keys: rows (lane/16)*8 + lane%8, chunk (lane/8)%2. K_j as B with

@@ -135,25 +135,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
 
     auto step_barrier = [] { ptx::named_barrier_sync(1, kThreads); };
     if (group == 1) {  // (each warpgroup its own copy of the loop: bwd_dkdv_wgmma_x3.cu says why)
-        for (int j = range.first; j < range.last; ++j) {
-            ptx::cp_async_wait<0>();  // tile j + 1's copies
-            unstage_tile(j + 1);      // into the slot step j - 1 read (freed by its barrier)
-            copy_tile(j + 2);         // this thread's staged chunks are read
-            ptx::cp_async_commit();
-            step_barrier();
-        }
-        ptx::cp_async_wait<0>();
+        tc::feed_key_tiles(range, unstage_tile, copy_tile, step_barrier);
         return;
     }
 
     // Warpgroup 0: the rows' statistics (this lane's rows row0 + lane / 4 + {0, 8}).
     float lse2[2], delta[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = m0 + row0 + lane / 4 + 8 * h;
-        lse2[h] = tc::lse_log2(static_cast<const float*>(f.lse) + at.lse, row, at.seqlen_q);
-        delta[h] = tc::row_delta(static_cast<const float*>(p.delta) + at.lse, row, at.seqlen_q);
-    }
+    tc::row_stats(static_cast<const float*>(f.lse) + at.lse, static_cast<const float*>(p.delta) + at.lse,
+                  m0 + row0 + lane / 4, at.seqlen_q, lse2, delta);
     float dq[kHeadDim / 8][4];  // dQ_i / scale
     tc::zero(dq);
     const float scale_log2 = f.scale_log2;
@@ -172,20 +161,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(s[0]);
         ptx::wgmma_pin(dp[0]);
-        // P = exp2(S * scale_log2 - lse2_i) (lse2 = +inf gives 0; hidden pairs 0), dS = P o (dP -
-        // delta_i), in place of dP.
-#pragma unroll
-        for (int nt = 0; nt < kBlockN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float prob = ptx::ex2(fmaf(s[0][nt][e], scale_log2, -lse2[e / 2]));
-                if (masked) {
-                    const int row = m0 + row0 + lane / 4 + 8 * (e / 2);
-                    const int key = j * kBlockN + nt * 8 + 2 * (lane % 4) + e % 2;
-                    if (!mask.visible(row, key)) prob = 0.f;
-                }
-                dp[0][nt][e] = prob * (dp[0][nt][e] - delta[e / 2]);
-            }
+        tc::dscores_in_place(s[0], dp[0], scale_log2, lse2, delta, masked, mask, m0 + row0, j * kBlockN, lane);
         // dQ_i += dS K_j into a fresh fragment (A: dS's n8 tile kk is k8 step kk, a_k8_of; B: K_j^T).
         typename Arith::AFragment dsa[kKStepsN];
 #pragma unroll
@@ -201,10 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x3(const BwdParam
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_pin(dq_step);
-#pragma unroll
-        for (int nt = 0; nt < kHeadDim / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dq[nt][e] += dq_step[nt][e];
+        tc::add(dq, dq_step);
         step_barrier();  // this slot free; the next one published
     }
 

@@ -35,6 +35,37 @@ __device__ __forceinline__ float row_delta(const float* delta, int row, int seql
     return row < seqlen_q ? delta[row] : 0.f;
 }
 
+// lse_log2 and delta of this lane's rows `row` + {0, 8} of an m16 row tile.
+__device__ __forceinline__ void row_stats(const float* lse, const float* delta_rows, int row, int seqlen_q,
+                                          float (&lse2)[2], float (&delta)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        lse2[h] = lse_log2(lse, row + 8 * h, seqlen_q);
+        delta[h] = row_delta(delta_rows, row + 8 * h, seqlen_q);
+    }
+}
+
+// dS = P o (dP - delta_i) in place of dP, P = exp2(S * scale_log2 - lse2_i) recomputed (lse2 =
+// +inf gives 0; on a masked tile a hidden pair 0): an m16 row tile's kNTiles n8 fragments, this
+// lane's rows row0 + lane / 4 + {0, 8}, keys key0 + 8 nt + 2 (lane % 4) + {0, 1}.
+template <int kNTiles, typename MaskT>
+__device__ __forceinline__ void dscores_in_place(const float (&s)[kNTiles][4], float (&dp)[kNTiles][4],
+                                                 float scale_log2, const float (&lse2)[2], const float (&delta)[2],
+                                                 bool masked, const MaskT& mask, int row0, int key0, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float prob = ptx::ex2(fmaf(s[nt][e], scale_log2, -lse2[e / 2]));
+            if (masked) {
+                const int row = row0 + lane / 4 + 8 * (e / 2);
+                const int key = key0 + nt * 8 + 2 * (lane % 4) + e % 2;
+                if (!mask.visible(row, key)) prob = 0.f;
+            }
+            dp[nt][e] = prob * (dp[nt][e] - delta[e / 2]);
+        }
+}
+
 // An accumulator fragment added into fp32 rows of ``width`` floats (REDs): rows ``row0`` +
 // lane / 4 + {0, 8} below ``rows``, columns ``c0`` + 8 nt + 2 (lane % 4) + {0, 1} below the width,
 // times ``factor``. An even width makes every (col, col + 1) pair 8-byte aligned: one vector RED;
@@ -166,6 +197,23 @@ __device__ __forceinline__ HeadTileStep start_kv_pipeline(const KLoader& k_loade
         ptx::cp_async_commit();
     }
     return first_step;
+}
+
+// The deterministic dQ kernels' feeding warpgroup (bwd_dq_wgmma_x3.cu, _x6.cu), once per key tile
+// j: tile j + 1's copies landed are split into the slot step j - 1 read (freed by its barrier),
+// tile j + 2's copies issued (this thread's staged chunks are read), then the step's barrier
+// with the multiplying warpgroup.
+template <typename Unstage, typename Copy, typename Barrier>
+__device__ __forceinline__ void feed_key_tiles(const TileRange& range, const Unstage& unstage_tile,
+                                               const Copy& copy_tile, const Barrier& step_barrier) {
+    for (int j = range.first; j < range.last; ++j) {
+        ptx::cp_async_wait<0>();
+        unstage_tile(j + 1);
+        copy_tile(j + 2);
+        ptx::cp_async_commit();
+        step_barrier();
+    }
+    ptx::cp_async_wait<0>();
 }
 
 }  // namespace tc

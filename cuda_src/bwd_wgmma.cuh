@@ -265,14 +265,78 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
                                                 p.dv_row_stride, at.seqlen_k - n0, p.fwd.head_dim_v, thread);
 }
 
+// The feeding warpgroup of the two-warpgroup float32 dK/dV kernels (bwd_dkdv_wgmma_x3.cu,
+// bwd_dkdv_wgmma_x6.cu), whose other warpgroup multiplies: step t's tiles in step slot t % 2,
+// its lse and delta in stat slot t % 2, the raw rows of a step ahead in the staging tiles.
+// copy_rows(step) and copy_stats(step, slot) issue cp.async copies (committed here); unstage(slot)
+// turns the staged rows into the slot's tiles (this thread's chunks: no barrier before).
+template <typename CopyRows, typename CopyStats, typename Unstage>
+struct Feeder {
+    TileRange range;
+    int heads;
+    CopyRows copy_rows;
+    CopyStats copy_stats;
+    Unstage unstage;
+
+    // Before the loop: step 0 into slot 0 (and its stats), step 1's rows and stats on their way.
+    __device__ __forceinline__ void first_steps(const HeadTileStep& first) const {
+        if (first.g < heads) {
+            copy_rows(first);
+            copy_stats(first, 0);
+        }
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<0>();
+        if (first.g < heads) unstage(0);
+        const HeadTileStep second = first.after(1, range.first, range.last);
+        if (second.g < heads) {
+            copy_rows(second);
+            copy_stats(second, 1);
+        }
+        ptx::cp_async_commit();
+    }
+
+    // The loop, from step `first` on, between the multiplying side's two barriers a step
+    // (barrier()): before the first, the next step into the other slot (read last by step t - 1's
+    // products, before its second barrier) and step t + 2's rows into the staging tiles (here,
+    // not after the barrier, where the other warpgroup waited for them: ncu, benchmarks/NOTES.md,
+    // session 53); between them work(step, copy_stats_ahead), which calls copy_stats_ahead() once
+    // its products are issued: step t + 2's lse and delta into stat slot t % 2 (step t's scores
+    // are done with it) while they run.
+    template <typename Barrier, typename Work>
+    __device__ __forceinline__ void steps(const HeadTileStep& first, const Barrier& barrier, const Work& work) const {
+        int t = 0;  // the step's number
+        for (HeadTileStep step = first; step.g < heads; step.advance(range.first, range.last), ++t) {
+            const HeadTileStep next = step.after(1, range.first, range.last);
+            const HeadTileStep after_next = step.after(2, range.first, range.last);
+            ptx::cp_async_wait<0>();
+            if (next.g < heads) unstage((t + 1) % 2);
+            if (after_next.g < heads) copy_rows(after_next);
+            ptx::cp_async_commit();
+            barrier();  // the multiplying side's scores done; the next step's tiles published
+            work(step, [&] {
+                if (after_next.g < heads) copy_stats(after_next, t % 2);
+                ptx::cp_async_commit();
+            });
+            barrier();  // this step's products done: its slots free
+        }
+        ptx::cp_async_wait<0>();
+    }
+};
+template <typename CopyRows, typename CopyStats, typename Unstage>
+__device__ __forceinline__ Feeder<CopyRows, CopyStats, Unstage> make_feeder(const TileRange& range, int heads,
+                                                                           CopyRows copy_rows, CopyStats copy_stats,
+                                                                           Unstage unstage) {
+    return {range, heads, copy_rows, copy_stats, unstage};
+}
+
 // The float32 dK/dV kernels' epilogue (bwd_dkdv_wgmma_x3.cu, bwd_dkdv_wgmma_x6.cu: one warpgroup
-// holds the block's kBlockN = 64 keys, this warp rows row0 + lane / 4 + {0, 8}): dK * scale and dV
-// of key tile n_index of the group ``group``, from the registers (rows below Lk, columns below D
-// / Dv); a slice of a split group adds them into the group's sums instead.
+// holds the block's kBlockN = 64 keys, this warp rows row0 + lane / 4 + {0, 8}; columns c0 + ...
+// of kN): dK * scale and dV of key tile n_index of the group ``group``, from the registers (rows
+// below Lk, columns below D / Dv); a slice of a split group adds them into the group's sums instead.
 template <int kBlockN, int kHeadDim>
 __device__ __forceinline__ void write_float_dk_dv(const BwdParams& p, int group, int n_index,
                                                   const float (&dk)[kHeadDim / 8][4], const float (&dv)[kHeadDim / 8][4],
-                                                  int row0, int lane) {
+                                                  int row0, int lane, int c0 = 0) {
     const FwdParams& f = p.fwd;
     const BwdBatchIndex out(p, group * p.heads_per_block);
     const int n0 = n_index * kBlockN, rows = out.seqlen_k - n0;
@@ -280,12 +344,12 @@ __device__ __forceinline__ void write_float_dk_dv(const BwdParams& p, int group,
     float* const dk_rows = static_cast<float*>(p.dk) + out.dk;
     float* const dv_rows = static_cast<float*>(p.dv) + out.dv;
     if (p.dkv_adds) {
-        tc::add_rows<kHeadDim>(dk_rows + (long long)n0 * f.head_dim, dk, row0, rows, 0, f.head_dim, lane, scale);
-        tc::add_rows<kHeadDim>(dv_rows + (long long)n0 * f.head_dim_v, dv, row0, rows, 0, f.head_dim_v, lane);
+        tc::add_rows<kHeadDim>(dk_rows + (long long)n0 * f.head_dim, dk, row0, rows, c0, f.head_dim, lane, scale);
+        tc::add_rows<kHeadDim>(dv_rows + (long long)n0 * f.head_dim_v, dv, row0, rows, c0, f.head_dim_v, lane);
     } else {
-        tc::store_rows<float, kHeadDim>(dk_rows + n0 * p.dk_row_stride, p.dk_row_stride, dk, row0, rows, 0, f.head_dim,
+        tc::store_rows<float, kHeadDim>(dk_rows + n0 * p.dk_row_stride, p.dk_row_stride, dk, row0, rows, c0, f.head_dim,
                                         lane, scale);
-        tc::store_rows<float, kHeadDim>(dv_rows + n0 * p.dv_row_stride, p.dv_row_stride, dv, row0, rows, 0,
+        tc::store_rows<float, kHeadDim>(dv_rows + n0 * p.dv_row_stride, p.dv_row_stride, dv, row0, rows, c0,
                                         f.head_dim_v, lane, 1.f);
     }
 }

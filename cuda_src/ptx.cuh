@@ -293,6 +293,17 @@ __device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned
     __trap();  // callers test kHasStMatrix first
 #endif
 }
+// The same with each 8x8 matrix stored transposed (lane l's row address: row l % 8 of the stored,
+// transposed matrix l / 8).
+__device__ __forceinline__ void stmatrix_x4_trans(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3)
+                 : "memory");
+#else
+    __trap();  // callers test kHasStMatrix first
+#endif
+}
 
 }  // namespace ptx
 }  // namespace cuflash

@@ -279,16 +279,36 @@ __device__ __forceinline__ void wgmma_x6_products(Product product) {
 
 // bf16x6's C += A B with A and B in shared memory, each three piece tiles kBytes apart (ATile,
 // BTile), K-major or (kTransA, kTransB) MN-major: a k16 step is Tile::k_step along a K-major row,
-// 16 rows (2048 bytes) down an MN-major tile. The caller zeroes C, fences and commits.
+// 16 rows (2048 bytes) down an MN-major tile. The caller zeroes C, fences and commits. The tiles
+// by their descriptors (da, db: piece 0's, of that major-ness), for a caller that keeps one
+// across its loop (ptxas does not hoist them: bwd_dkdv_wgmma_x6h's K and V), or by address.
 template <int kKSteps, typename ATile, typename BTile, int kTransA, int kTransB, int kNTiles>
-__device__ __forceinline__ void wgmma_ss_x6(float (&c)[kNTiles][4], unsigned a, unsigned b) {
-    const unsigned long long da = kTransA ? ATile::mn_major(a) : ATile::k_major(a);
-    const unsigned long long db = kTransB ? BTile::mn_major(b) : BTile::k_major(b);
+__device__ __forceinline__ void wgmma_ss_x6_desc(float (&c)[kNTiles][4], unsigned long long da, unsigned long long db) {
     wgmma_x6_products<kKSteps>([&](int kk, int i, int j) {
         ptx::Wgmma<8 * kNTiles>::template ss<__nv_bfloat16, kTransA, kTransB>(
             c, ptx::desc_advance(da, i * ATile::kBytes + (kTransA ? kk * 2048 : ATile::k_step(kk))),
             ptx::desc_advance(db, j * BTile::kBytes + (kTransB ? kk * 2048 : BTile::k_step(kk))));
     });
+}
+template <int kKSteps, typename ATile, typename BTile, int kTransA, int kTransB, int kNTiles>
+__device__ __forceinline__ void wgmma_ss_x6(float (&c)[kNTiles][4], unsigned a, unsigned b) {
+    wgmma_ss_x6_desc<kKSteps, ATile, BTile, kTransA, kTransB>(c, kTransA ? ATile::mn_major(a) : ATile::k_major(a),
+                                                              kTransB ? BTile::mn_major(b) : BTile::k_major(b));
+}
+
+// ... and with A in registers (a[kk][i]: k16 step kk of piece i, pack_a_x3), B in shared memory
+// as wgmma_ss_x6's.
+template <int kKSteps, typename BTile, int kTransB, int kNTiles>
+__device__ __forceinline__ void wgmma_rs_x6_desc(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][3][4],
+                                                 unsigned long long db) {
+    wgmma_x6_products<kKSteps>([&](int kk, int i, int j) {
+        ptx::Wgmma<8 * kNTiles>::template rs<__nv_bfloat16, kTransB>(
+            c, a[kk][i], ptx::desc_advance(db, j * BTile::kBytes + (kTransB ? kk * 2048 : BTile::k_step(kk))));
+    });
+}
+template <int kKSteps, typename BTile, int kTransB, int kNTiles>
+__device__ __forceinline__ void wgmma_rs_x6(float (&c)[kNTiles][4], const unsigned (&a)[kKSteps][3][4], unsigned b) {
+    wgmma_rs_x6_desc<kKSteps, BTile, kTransB>(c, a, kTransB ? BTile::mn_major(b) : BTile::k_major(b));
 }
 
 // 3xTF32's C = A B^T with A in registers, a_step(kk, lo) giving k8 step kk's TF32 fragment of
@@ -718,6 +738,28 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
     for (int nt = 0; nt < N; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[nt][e] = 0.f;
+}
+
+// C += step: a product's fresh fragment added to its accumulator by FADD (the products summed
+// small first into a zeroed fragment keep the running sum's rounding out of them).
+template <int N>
+__device__ __forceinline__ void add(float (&c)[N][4], const float (&step)[N][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[nt][e] += step[nt][e];
+}
+// ... two of them in one loop (dV's and dK's: the dK/dV kernels' measured schedule).
+template <int N>
+__device__ __forceinline__ void add(float (&c)[N][4], const float (&step)[N][4], float (&c2)[N][4],
+                                    const float (&step2)[N][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            c[nt][e] += step[nt][e];
+            c2[nt][e] += step2[nt][e];
+        }
 }
 
 // f(mt, nt, e, r, row, col) for every element (mt, nt, e) of an M x N fragment: its coordinates

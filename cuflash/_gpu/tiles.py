@@ -618,7 +618,7 @@ def _smem_bwd_dkdv_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages
 # 231-243 registers. H100 session 52, B x L = 16k, H16, backward: 46.7-53.4 TFLOP/s, 1.48-1.63x
 # bwd_dkdv_simt's (FFMA); K^T in shared memory and one slot of Q_i, dO_i 1.30-1.42x; one
 # warpgroup doing both sides 0.8x. Session 53: d64 53 -> 61 TFLOP/s (1.7-1.9x FFMA; the feeding
-# warpgroup's address arithmetic cut), d32 1.6-2.0x FFMA. d128 (no room) stays FFMA.
+# warpgroup's address arithmetic cut), d32 1.6-2.0x FFMA. d128 (no room): bwd_dkdv_wgmma_x6h in bf16x6.
 _BWD_DKDV_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 64, 8, 1), 64: (32, 64, 8, 1)}
 
 
@@ -646,6 +646,21 @@ def _smem_bwd_dkdv_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, sta
     return 1024 + pieces + 4 * (2 * block_m * head_dim + 2 * 2 * block_m)
 
 
+# bwd_dkdv_wgmma_x6h (Hopper, sm_90a only): float32 "highest" in bf16x6 at d97-128 (the 3xTF32 form
+# does not fit): two warpgroups, each one half of the head dim (dK, dV columns, dQ^T rows), S^T and
+# dP^T computed by both; 64 keys a block, 32-query steps, Q and dO loaded into registers a step
+# ahead (no staging tile), dS stored transposed by stmatrix. Shared memory 216 KB: one block a SM;
+# 251-255 registers. H100 session 57, B x L = 16k, H16, backward alone: dense 48.6-54.6 TFLOP/s,
+# causal 41.0-53.3, 1.71-1.91x bwd_dkdv_simt's (FFMA) 24.6-28.7; errors against float64 0.32-2.6x
+# the FFMA kernels' (the larger ratios where FFMA's own error is small: d120 with a negative scale).
+_BWD_DKDV_WGMMA_X6H_TABLE: dict[int, tuple[int, int, int, int]] = {128: (32, 64, 8, 1)}
+
+
+def _smem_bwd_dkdv_wgmma_x6h_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dkdv_wgmma_x6h.cu's kSmemBytes."""
+    return 1024 + 2 * 3 * (2 * block_n * head_dim + 2 * 2 * block_m * head_dim + 2 * block_m * block_n) + 4 * 2 * 2 * block_m
+
+
 # bwd_dq_wgmma_x3 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in 3xTF32, d32 and d64:
 # 64 query rows a block, 32-key steps, two warpgroups (one multiplies: S, dP as SS, dQ += dS K_j
 # as RS onto K_j^T; the other splits each key tile out of a staging tile into one of two slots).
@@ -653,6 +668,20 @@ def _smem_bwd_dkdv_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, sta
 # H100 session 53, L 4k B4 H16: the deterministic backward 21.5 -> 16.4 ms (bwd_dq_simt's dQ
 # before; FFMA throughout 28.3); d32, session 54: 11.1 -> 7.1 ms.
 _BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 32, 8, 1), 64: (64, 32, 8, 1)}
+
+
+# bwd_dq_wgmma_x6 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in bf16x6 at d33-64:
+# bwd_dq_wgmma_x3's two warpgroups and steps, K_j read MN-major by dQ's product (no K_j^T), a key tile
+# split once into three pieces. Shared memory 113 KB, 103-107 registers. H100 session 57, L 4k B4 H16
+# d64: the deterministic backward 14.57 -> 13.73 ms (bwd_dq_wgmma_x3's dQ before); dQ's error at most
+# 2.17x a plain float32 implementation's (bwd_dq_wgmma_x3's 2.78x). Two blocks a SM
+# (__launch_bounds__(256, 2)): 13.83 ms, no better.
+_BWD_DQ_WGMMA_X6_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1)}
+
+
+def _smem_bwd_dq_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
+    """Mirror of bwd_dq_wgmma_x6.cu's kSmemBytes."""
+    return 1024 + 2 * 3 * (2 * block_m * head_dim + 2 * 2 * block_n * head_dim) + 4 * 2 * block_n * head_dim
 
 
 def _smem_bwd_dq_wgmma_x3_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
@@ -895,7 +924,9 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
 BWD_DKDV_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x3", _BWD_DKDV_WGMMA_X3_TABLE, _smem_bwd_dkdv_wgmma_x3_bytes)
 BWD_DKDV_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6", _BWD_DKDV_WGMMA_X6_TABLE, _smem_bwd_dkdv_wgmma_x6_bytes,
                                         window=False)  # (causal: 0.92-0.93x bwd_dkdv_wgmma_x3, session 56)
+BWD_DKDV_WGMMA_X6H = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6h", _BWD_DKDV_WGMMA_X6H_TABLE, _smem_bwd_dkdv_wgmma_x6h_bytes)
 BWD_DQ_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dq_wgmma_x3", _BWD_DQ_WGMMA_X3_TABLE, _smem_bwd_dq_wgmma_x3_bytes)
+BWD_DQ_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dq_wgmma_x6", _BWD_DQ_WGMMA_X6_TABLE, _smem_bwd_dq_wgmma_x6_bytes)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
@@ -919,8 +950,10 @@ BWD_DQ_DMMA = _bwd_dmma_spec("bwd_dq_dmma", _BWD_DQ_DMMA_TABLE, {32: (64, 32, 4,
 BWD_DELTA = KernelSpec("bwd_delta", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 BWD_DQ_CONVERT = KernelSpec("bwd_dq_convert", DTYPES, lambda *_: (_BWD_PREP_TILE,), lambda *_: 0, masked=False)
 
-SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA, BWD_DKDV_TC,
-                                        BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X6, BWD_DKDV_WGMMA_X3, BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
+SPECS = {spec.kernel: spec for spec in (FWD_TC, FWD_WGMMA, FWD_WGMMA_WS, FWD_SIMT, FWD_DMMA,
+                                        BWD_DKDV_TC, BWD_DKDV_WGMMA, BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA_X6,
+                                        BWD_DKDV_WGMMA_X6H, BWD_DKDV_WGMMA_X3, BWD_DQ_WGMMA_X6, BWD_DQ_WGMMA_X3,
+                                        BWD_DQ_TC, BWD_DBIAS_TC, BWD_DKDV_SIMT, BWD_DQ_SIMT,
                                         BWD_DKDV_DMMA, BWD_DQ_DMMA, BWD_DELTA, BWD_DQ_CONVERT)}
 
 # The families that serve each dtype, in order of preference: the first with a tile for the
@@ -933,14 +966,16 @@ FORWARD = {
     "float32": (FWD_WGMMA, FWD_TC, FWD_SIMT),
     "float64": (FWD_DMMA, FWD_SIMT),  # fp64 tensor cores where a tile fits (not d >= 224 on 99 KB parts)
 }
-# float32: TF32 tensor cores under precision="tf32" where a tile fits (tf32_precisions), else FFMA;
+# float32: under "highest" on Hopper bf16x6 or 3xTF32 where a kernel has the bucket (dK/dV: up to
+# d64 and d97-128; the deterministic dQ up to d64), TF32 tensor cores under precision="tf32" where
+# a tile fits (tf32_precisions), else FFMA;
 # float64: the fp64 tensor cores (DMMA) where a tile fits (every bucket on sm_80 and sm_90a; dK/dV
 # from d192 in column slices), else DFMA (99 KB parts from d192).
 BACKWARD_DKDV = {"float16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
                  "bfloat16": (BWD_DKDV_WGMMA_WS, BWD_DKDV_WGMMA, BWD_DKDV_TC),
-                 "float32": (BWD_DKDV_WGMMA_X6, BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
+                 "float32": (BWD_DKDV_WGMMA_X6, BWD_DKDV_WGMMA_X6H, BWD_DKDV_WGMMA_X3, BWD_DKDV_TC, BWD_DKDV_SIMT),
                  "float64": (BWD_DKDV_DMMA, BWD_DKDV_SIMT)}
-BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DQ_SIMT),
+BACKWARD_DQ = {"float16": (BWD_DQ_TC,), "bfloat16": (BWD_DQ_TC,), "float32": (BWD_DQ_WGMMA_X6, BWD_DQ_WGMMA_X3, BWD_DQ_TC, BWD_DQ_SIMT),
                "float64": (BWD_DQ_DMMA, BWD_DQ_SIMT)}
 
 
