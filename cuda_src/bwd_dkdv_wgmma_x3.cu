@@ -214,19 +214,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x3(const BwdPar
             float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
             const int m0 = step.i * kBlockM;
             if constexpr (kDqTransposed) {
-                // This lane's elements: queries query0 + nt * 8 + e % 2, columns col0 + 8 (e / 2),
-                // addressed from one pointer by 32-bit offsets, each RED predicated (no branch
-                // around it).
-                const int query0 = m0 + 2 * (lane % 4), col0 = row0 + lane / 4;
-                float* const dq_lane = dq_rows + (long long)query0 * f.head_dim + col0;
-#pragma unroll
-                for (int nt = 0; nt < kBlockM / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int rows = nt * 8 + e % 2, cols = 8 * (e / 2);
-                        ptx::red_add_f32_if(query0 + rows < at.seqlen_q && col0 + cols < f.head_dim,
-                                            dq_lane + rows * f.head_dim + cols, dq[nt][e]);
-                    }
+                wgmma_bwd::red_add_dq_transposed<kBlockM>(dq_rows, dq, m0, row0 + lane / 4, at.seqlen_q, f.head_dim,
+                                                          lane);
             } else {
                 tc::add_rows<kHeadDim>(dq_rows + (long long)m0 * f.head_dim, dq, row0, at.seqlen_q - m0, 0,
                                        f.head_dim, lane);

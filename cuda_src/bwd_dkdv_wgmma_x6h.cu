@@ -282,19 +282,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6h(const BwdPa
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_pin(dqt);
-            // dQ_i^T's rows: this half's columns col0 + 8 (e / 2) of dQ; columns: the step's queries
-            // query0 + nt * 8 + e % 2 (bwd_dkdv_wgmma_x3.cu's d64 REDs).
+            // dQ_i^T's rows: this half's columns of dQ.
             float* const dq_rows = static_cast<float*>(p.dq_accum) + at.dq_accum + HeadStep(p, step.g).dq_accum;
-            const int query0 = m0 + 2 * (lane % 4), col0 = group * kHalf + row0 + lane / 4;
-            float* const dq_lane = dq_rows + (long long)query0 * f.head_dim + col0;
-#pragma unroll
-            for (int nt = 0; nt < kBlockM / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int rows = nt * 8 + e % 2, cols = 8 * (e / 2);
-                    ptx::red_add_f32_if(query0 + rows < at.seqlen_q && col0 + cols < f.head_dim,
-                                        dq_lane + rows * f.head_dim + cols, dqt[nt][e]);
-                }
+            wgmma_bwd::red_add_dq_transposed<kBlockM>(dq_rows, dqt, m0, group * kHalf + row0 + lane / 4, at.seqlen_q,
+                                                      f.head_dim, lane);
         }
         ptx::cp_async_wait<0>();
         __syncthreads();  // the next step's slot and stats complete; this step's tiles free

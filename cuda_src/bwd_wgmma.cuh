@@ -270,6 +270,24 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int group, int n
 // its lse and delta in stat slot t % 2, the raw rows of a step ahead in the staging tiles.
 // copy_rows(step) and copy_stats(step, slot) issue cp.async copies (committed here); unstage(slot)
 // turns the staged rows into the slot's tiles (this thread's chunks: no barrier before).
+// dQ_i^T's fragment added into dQ's float rows (dq_accum) by REDs: its rows are dQ's columns col0 +
+// 8 (e / 2), its columns the step's queries m0 + 2 (lane % 4) + nt * 8 + e % 2; addressed from one
+// pointer by 32-bit offsets, each RED predicated (no branch around it).
+template <int kBlockM>
+__device__ __forceinline__ void red_add_dq_transposed(float* dq_rows, const float (&dqt)[kBlockM / 8][4], int m0,
+                                                      int col0, int seqlen_q, int head_dim, int lane) {
+    const int query0 = m0 + 2 * (lane % 4);
+    float* const dq_lane = dq_rows + (long long)query0 * head_dim + col0;
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int rows = nt * 8 + e % 2, cols = 8 * (e / 2);
+            ptx::red_add_f32_if(query0 + rows < seqlen_q && col0 + cols < head_dim, dq_lane + rows * head_dim + cols,
+                                dqt[nt][e]);
+        }
+}
+
 template <typename CopyRows, typename CopyStats, typename Unstage>
 struct Feeder {
     TileRange range;
