@@ -104,8 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     // Q, dO and dq_accum fit in half of L2), key tile after key tile inside a section: the
     // heaviest first, the light ones fill the tail (bf16 d128 causal GQA 16/2: 0.76x of MHA with
     // the dense order).
-    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
-    const auto [group_index, n_index] = block_coord();
+    const auto [group_index, n_index] = key_tile_block<kHasWindow>(p);
     const int heads = p.heads_per_block;
     const int bh = group_index * heads;  // the group's first row
     const int n0 = n_index * kBlockN;
@@ -225,7 +224,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     ptx::cp_async_wait<0>();
     if (p.dkv_adds) {
         static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
-        const auto [out_group, out_n_index] = block_coord();
+        const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);
         wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kThreads>(p, out_group, out_n_index, dk, dv,
                                                           group * kGroupKeys + (warp % 4) * 16, k_smem, tid, lane,
                                                           [] { __syncthreads(); });
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma(const BwdParams
     wgmma_bwd::stage_dk_dv<Element, kHeadDim, StageTile>(dk_stage, dv_stage, dk, dv, lane_key_row(),
                                                          static_cast<float>(f.scale), lane);
     __syncthreads();
-    const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);  // recomputed: not held through the loop
     wgmma_bwd::store_dk_dv<kBlockN, kHeadDim, kThreads>(p, out_group, out_n_index, dk_stage, dv_stage, tid);
 }
 

@@ -106,8 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     auto dq_empty = [&](int buffer) { return bar_smem + 8 * (1 + 2 * kStages + kDqBuffers + buffer); };
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
-    const auto [group_index, n_index] = block_coord();
+    const auto [group_index, n_index] = key_tile_block<kHasWindow>(p);
     const int heads = p.heads_per_block;
     const int bh = group_index * heads;
     const int n0 = n_index * kBlockN;
@@ -338,7 +337,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     // them into the group's fp32 sums instead.
     if (p.dkv_adds) {
         static_assert(kBlockN * (kHeadDim + 8) * 4 <= kTileBytes, "the sums' rows are staged in the tiles' space");
-        const auto [out_group, out_n_index] = block_coord();
+        const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);
         wgmma_bwd::add_dk_dv<kBlockN, kHeadDim, kConsumerThreads>(
             p, out_group, out_n_index, dk, dv, group * kGroupKeys + (warp % 4) * 16, k_smem, consumer_tid, lane,
             [] { ptx::named_barrier_sync(1, kConsumerThreads); });
@@ -349,7 +348,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_ws(const __grid
     wgmma_bwd::stage_dk_dv<Element, kHeadDim, StageTile>(dk_stage, dv_stage, dk, dv, lane_key_row(),
                                                          static_cast<float>(f.scale), lane);
     ptx::named_barrier_sync(1, kConsumerThreads);
-    const auto [out_group, out_n_index] = block_coord();
+    const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);
     wgmma_bwd::store_dk_dv<kBlockN, kHeadDim, kConsumerThreads>(p, out_group, out_n_index, dk_stage, dv_stage,
                                                                 consumer_tid);
 }

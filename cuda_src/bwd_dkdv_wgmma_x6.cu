@@ -98,9 +98,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup; uniform registers: fwd_wgmma_ws.cu says why
     const int gtid = tid % kGroupThreads;                     // the thread within its warpgroup
     const int row0 = (warp % 4) * 16;  // this warp's rows of its warpgroup's products: row0 + lane / 4 + {0, 8}
-    // The grid and its order: bwd_dkdv_wgmma.cu's (heaviest key tiles first under a mask).
-    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
-    const auto [group_index, n_index] = block_coord();
+    const auto [group_index, n_index] = key_tile_block<kHasWindow>(p);
     const int heads = p.heads_per_block;
     const int bh = group_index * heads;  // the group's first row
     const int n0 = n_index * kBlockN;
@@ -271,7 +269,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
     }
 
     // ---- Epilogue (warpgroup 0).
-    const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);  // recomputed: not held through the loop
     wgmma_bwd::write_float_dk_dv<kBlockN, kHeadDim>(p, out_group, out_n_index, dk, dv, row0, lane);
 }
 

@@ -87,8 +87,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6h(const BwdPa
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // warpgroup = this half of D; uniform registers
     const int row0 = (warp % 4) * 16;  // this warp's rows of its warpgroup's products: row0 + lane / 4 + {0, 8}
     const unsigned ds_smem = ds_base + group * kPieces * DsTile::kBytes;
-    auto block_coord = [&p] { return scheduled_block<false>(kHasWindow ? p.fwd.heads_per_section : 1); };
-    const auto [group_index, n_index] = block_coord();
+    const auto [group_index, n_index] = key_tile_block<kHasWindow>(p);
     const int heads = p.heads_per_block;
     const int bh = group_index * heads;
     const int n0 = n_index * kBlockN;
@@ -292,7 +291,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6h(const BwdPa
     }
 
     // ---- Epilogue: this half's columns of dK * scale and dV.
-    const auto [out_group, out_n_index] = block_coord();  // recomputed: not held through the loop
+    const auto [out_group, out_n_index] = key_tile_block<kHasWindow>(p);  // recomputed: not held through the loop
     wgmma_bwd::write_float_dk_dv<kBlockN, kHalf>(p, out_group, out_n_index, dk, dv, row0, lane, group * kHalf);
 }
 

@@ -58,6 +58,14 @@ __device__ __forceinline__ BlockCoord scheduled_block(const FwdParams& p) {
     return scheduled_block<kMasked>(kMasked ? p.heads_per_section : 1);
 }
 
+// A Hopper dK/dV block (bwd_dkdv_wgmma*.cu): {a group of p.heads_per_block attention rows, a key
+// tile}, masked calls in sections of rows. Cheap to recompute where holding it through the main
+// loop would cost registers (the epilogues).
+template <bool kMasked>
+__device__ __forceinline__ BlockCoord key_tile_block(const BwdParams& p) {
+    return scheduled_block<false>(kMasked ? p.fwd.heads_per_section : 1);
+}
+
 // The tiles a persistent forward block walks (fwd_wgmma_ws.cu), in scheduled_block's order over
 // the attention rows (the output's leading axes) by p.query_tiles query tiles, fewer than 2^31
 // (the host checks). Wave after wave: in wave w the launch's blocks take tiles [w blocks,
