@@ -651,7 +651,7 @@ def _smem_bwd_dkdv_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, sta
 # dP^T computed by both; 64 keys a block, 32-query steps, Q and dO loaded into registers a step
 # ahead (no staging tile), dS stored transposed by stmatrix. Shared memory 216 KB: one block a SM;
 # 251-255 registers. H100 session 57, B x L = 16k, H16, backward alone: dense 48.6-54.6 TFLOP/s,
-# causal 41.0-53.3, 1.71-1.91x bwd_dkdv_simt's (FFMA) 24.6-28.7; errors against float64 0.32-2.6x
+# causal 41.0-53.3, 1.62-1.91x bwd_dkdv_simt's (FFMA) 24.6-28.7; errors against float64 0.32-2.6x
 # the FFMA kernels' (the larger ratios where FFMA's own error is small: d120 with a negative scale).
 _BWD_DKDV_WGMMA_X6H_TABLE: dict[int, tuple[int, int, int, int]] = {128: (32, 64, 8, 1)}
 
