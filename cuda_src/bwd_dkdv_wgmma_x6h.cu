@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6h(const BwdPa
             const int m = lane / 8, query = 16 * kk + 8 * (m / 2) + lane % 8, chunk = (row0 + 8 * (m % 2)) / 8;
 #pragma unroll
             for (int i = 0; i < kPieces; ++i)
-                ptx::stmatrix_x4_trans(ds_smem + i * DsTile::kBytes + DsTile::offset(query, chunk), dsa[i][0], dsa[i][1],
+                ptx::stmatrix_x4<true>(ds_smem + i * DsTile::kBytes + DsTile::offset(query, chunk), dsa[i][0], dsa[i][1],
                                        dsa[i][2], dsa[i][3]);
         }
         ptx::fence_proxy_async_shared();

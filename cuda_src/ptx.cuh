@@ -284,22 +284,19 @@ __device__ __forceinline__ void red_add_v2_f32(float* addr, float a, float b) {
 // (16 bytes each) of matrix i; every lane's register i holds the two elements of matrix i at
 // row lane/4, columns 2*(lane%4), 2*(lane%4)+1: an mma accumulator pair, once packed, so four
 // 8x8 accumulator tiles leave in one instruction instead of four 4-byte stores per lane.
+// kTrans: each 8x8 matrix stored transposed (lane l's row address: row l % 8 of the stored,
+// transposed matrix l / 8).
+template <bool kTrans = false>
 __device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
-                 "r"(r2), "r"(r3)
-                 : "memory");
-#else
-    __trap();  // callers test kHasStMatrix first
-#endif
-}
-// The same with each 8x8 matrix stored transposed (lane l's row address: row l % 8 of the stored,
-// transposed matrix l / 8).
-__device__ __forceinline__ void stmatrix_x4_trans(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
-                 "r"(r2), "r"(r3)
-                 : "memory");
+    if constexpr (kTrans)
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0),
+                     "r"(r1), "r"(r2), "r"(r3)
+                     : "memory");
+    else
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+                     "r"(r2), "r"(r3)
+                     : "memory");
 #else
     __trap();  // callers test kHasStMatrix first
 #endif
