@@ -193,6 +193,8 @@ def _feature_cases() -> list[dict]:
              deterministic=True),
         dict(name="bf16x6-float32-deterministic-d64-causal", dtype="float32", q=(1, 2, 97, 64), k=(1, 2, 150, 64),
              options={"causal": True}, deterministic=True),
+        dict(name="bf16x6-float32-deterministic-d111-window", dtype="float32", q=(1, 4, 150, 111), k=(1, 2, 97, 111),
+             options={"window": (40, 3)}, deterministic=True),
         dict(name="3xtf32-float32-backward-d27-causal", dtype="float32", q=(1, 3, 150, 27), k=(1, 3, 97, 27),
              options={"causal": True}),
         # float32 on TF32 tensor cores (fwd_tc's tf32 Element), plain and with modifiers

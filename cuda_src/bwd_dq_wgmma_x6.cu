@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dq_wgmma_x6(const BwdParam
     constexpr int kPieces = 3;
     static_assert(tc::Arith<Element>::kUnits == 2, "float32 (the Variant's Element names its precision)");
     static_assert(!kScoreMods && !kDropout, "no modifiers, no dropout (tiles.py: FFMA serves them)");
-    static_assert(kWarps == 8 && kBlockM == 64 && kBlockN == 32 && kHeadDim == 64 && kStages == 1,
+    static_assert(kWarps == 8 && kBlockM == 64 && kBlockN == 32 && (kHeadDim == 64 || kHeadDim == 128) && kStages == 1,
                   "two warpgroups on 64 query rows (wgmma M), 32-key steps, whole 128-byte rows of pieces");
 
     using QTile = tc::Sw128Tile<kBlockM, kHeadDim>;          // a piece of Q_i or dO_i

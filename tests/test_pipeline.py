@@ -522,12 +522,12 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     one warpgroup of query rows a block, Q's hi and lo tiles read from shared memory, and one
     beside it that copies and splits K and V: 8 warps), the tile without spills per arch; FFMA
     (fwd_simt) for the other heads, short rows and score modifiers. The backward's
-    dK/dV kernel on Hopper's tensor cores at head dims up to 64 and 97-128 (two warpgroups: dense
-    d33-64 bwd_dkdv_wgmma_x6 in bf16x6, 64 x 64; else bwd_dkdv_wgmma_x3 in 3xTF32, 64 x 64 to d32,
-    32 x 64 at d33-64; d97-128 bwd_dkdv_wgmma_x6h in bf16x6, 32 x 64, each warpgroup one half of
-    the head dim), the deterministic dQ kernel on Hopper up to d64 (64 x 32: bwd_dq_wgmma_x3 in
-    3xTF32 to d32, bwd_dq_wgmma_x6 in bf16x6 at d33-64), else FFMA; "ieee" always FFMA; "tf32"
-    its own Variants."""
+    dK/dV kernel on Hopper's tensor cores at every head dim up to 128 (two warpgroups: dense d33-64
+    bwd_dkdv_wgmma_x6 in bf16x6, 64 x 64; else bwd_dkdv_wgmma_x3 in 3xTF32, 64 x 64 to d32, 32 x 64
+    at d33-64; d65-128 bwd_dkdv_wgmma_x6h in bf16x6, 32 x 64, each warpgroup one half of the head
+    dim), the deterministic dQ kernel there too (64 x 32: bwd_dq_wgmma_x3 in 3xTF32 to d32, else
+    bwd_dq_wgmma_x6 in bf16x6), the d96 bucket on the bf16x6 kernels' d128 Variants (whole
+    64-column panels), else FFMA; "ieee" always FFMA; "tf32" its own Variants."""
     wide = ((97, tile128), (128, tile128)) if tile128 else ()
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
         for window in (False, True):
@@ -543,21 +543,23 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     for d in (32, 128):
         assert tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
         assert tiles.select("float32", d, d, False, arch, short=True, precision="highest").kernel == "fwd_simt"
-    for d in (1, 32, 33, 64, 97, 128):
+    for d in (1, 32, 33, 64, 65, 96, 97, 128):
         for window in (False, True):
             backward = tiles.select_backward("float32", d, d, window, arch, precision="highest")
             dkdv = (backward.dkdv.kernel, (backward.dkdv.block_m, backward.dkdv.block_n, backward.dkdv.warps))
+            if tile128 and d > 64:  # (the d96 bucket runs the d128 Variant: whole 64-column panels)
+                assert backward.dkdv.head_dim == 128, backward.dkdv
             hopper = (("bwd_dkdv_wgmma_x3", (64, 64, 8)) if d <= 32 else ("bwd_dkdv_wgmma_x6h", (32, 64, 8)) if d > 64
                       else ("bwd_dkdv_wgmma_x3", (32, 64, 8)) if window else ("bwd_dkdv_wgmma_x6", (64, 64, 8)))
             assert dkdv == hopper if tile128 else dkdv[0] == "bwd_dkdv_simt", dkdv
-            dq = ("bwd_dq_simt" if not tile128 or d > 64 else "bwd_dq_wgmma_x3" if d <= 32 else "bwd_dq_wgmma_x6")
+            dq = ("bwd_dq_simt" if not tile128 else "bwd_dq_wgmma_x3" if d <= 32 else "bwd_dq_wgmma_x6")
             assert (backward.dq.kernel, backward.dq.block_m, backward.dq.block_n) == (
                 (dq, 64, 32) if dq != "bwd_dq_simt" else (dq, backward.dq.block_m, backward.dq.block_n)), backward.dq
             assert tiles.select_backward("float32", d, d, window, arch, precision="ieee").dkdv.kernel == "bwd_dkdv_simt"
             assert tiles.select_backward("float32", d, d, window, arch, precision="highest", short=True
                                          ).dkdv.kernel == "bwd_dkdv_simt"
             assert tiles.select_backward("float32", d, d, True, arch, True, precision="highest").dkdv.kernel == "bwd_dkdv_simt"
-    for d in (65, 96, 129, 256):  # (no tensor-core Variant of the backward in these buckets)
+    for d in (129, 256) + (() if tile128 else (65, 96)):  # (no tensor-core Variant of the backward here)
         backward = tiles.select_backward("float32", d, d, False, arch, precision="highest")
         assert (backward.dkdv.kernel, backward.dq.kernel) == ("bwd_dkdv_simt", "bwd_dq_simt"), (d, backward)
     assert tiles.select("float64", 32, 32, False, arch).precision is None

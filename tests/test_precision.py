@@ -259,6 +259,38 @@ def test_gpu_highest_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, 
     assert _float32_error(got, ref) <= bound, (_float32_error(got, ref), _float32_error(plain, ref), size)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq, lk, d, times_plain", [
+    (97, 200, 59, 2), (200, 97, 40, 2), (130, 70, 32, 2), (256, 256, 64, 2), (300, 1100, 33, 4),
+    (97, 200, 111, 2), (200, 97, 128, 2), (256, 256, 100, 2), (64, 2048, 128, 4), (97, 200, 80, 2),
+    (200, 97, 96, 2)])
+def test_gpu_highest_backward_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, times_plain, causal,
+                                                                         deterministic):
+    """"highest"'s backward on Hopper's tensor cores (dK/dV with dQ by REDs or the deterministic dQ
+    kernel: 3xTF32 or bf16x6, tiles.py's BACKWARD_DKDV / BACKWARD_DQ) against the float64 reference:
+    each gradient at most twice the error of a plain unfused float32 backward
+    (reference.attention_backward_ref_dtype) plus 4 ulps of the size of the terms it sums, the
+    forward test's rule above (4x on rows of 1k keys and more, its reason)."""
+    cupy = pytest.importorskip("cupy")
+    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
+    if tiles.select_backward("float32", d, d, causal, arch, precision="highest").dkdv.kernel.endswith("simt"):
+        pytest.skip("the float32 backward on tensor cores is Hopper's (d <= 64, 97-128); FFMA here")
+    q, k, v = (rng.standard_normal((1, 2, n, d)).astype(numpy.float32) for n in (lq, lk, lk))
+    dout = rng.standard_normal((1, 2, lq, d)).astype(numpy.float32)
+    ref = reference.attention_backward_ref(dout, q, k, v, causal=causal)
+    plain = reference.attention_backward_ref_dtype(dout, q, k, v, numpy.float32, causal=causal)
+    magnitudes = reference.attention_backward_magnitudes(dout, q, k, v, causal=causal)
+    gpu = [cupy.asarray(x) for x in (q, k, v, dout)]
+    out, lse = cuflash.attention(*gpu[:3], causal=causal, return_lse=True)
+    got = cuflash.attention_backward(gpu[3], *gpu[:3], out, lse, causal=causal, deterministic=deterministic)
+    for name, x, want, base, magnitude in zip("q k v".split(), got, ref, plain, magnitudes):
+        bound = times_plain * _float32_error(base, want) + 4 * 2.0**-23 * float(numpy.abs(magnitude).max())
+        assert _float32_error(x.get(), want) <= bound, (f"d{name}", _float32_error(x.get(), want),
+                                                        _float32_error(base, want))
+
+
 # (Lq, Lk, D, Hq, Hk, causal, window): odd lengths both ways, odd and wide head dims, GQA.
 BACKWARD_CASES = [
     (97, 200, 59, 4, 2, True, None), (200, 97, 111, 2, 2, False, None), (1, 1025, 3, 2, 1, False, None),

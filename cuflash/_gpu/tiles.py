@@ -334,13 +334,13 @@ def _hopper_tf32x3_candidates(table: dict[int, Tile]) -> Callable[[int, str], tu
 
 
 def _hopper_tf32x3_spec(kernel: str, table: dict[int, Tile], shared_memory: Callable[[int, int, int, int], int],
-                        window: bool = True) -> KernelSpec:
+                        window: bool = True, compiled_width: Callable[[int], int] = lambda bucket: bucket) -> KernelSpec:
     """A family that serves float32 "highest" only, on Hopper's tensor cores (the 3xTF32 and
     bf16x6 backward kernels): its table's tile per bucket, its shared memory by the tile;
-    ``window``: causal and windowed calls too."""
+    ``window``: causal and windowed calls too; ``compiled_width``: KernelSpec's."""
     return KernelSpec(kernel, ("float32",), lambda dtype, d, arch, keys: (), _by_tile(shared_memory),
                       tf32_precisions=("highest",), split_tf32_candidates=_hopper_tf32x3_candidates(table),
-                      split_shared_memory=shared_memory, split_window=window)
+                      split_shared_memory=shared_memory, split_window=window, compiled_width=compiled_width)
 
 
 def _fwd_wgmma_candidates(dtype: str, head_dim: int, arch: str, visible_keys: float) -> tuple[Tile, ...]:
@@ -670,13 +670,14 @@ def _smem_bwd_dkdv_wgmma_x6h_bytes(head_dim: int, block_m: int, block_n: int, st
 _BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 32, 8, 1), 64: (64, 32, 8, 1)}
 
 
-# bwd_dq_wgmma_x6 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in bf16x6 at d33-64:
+# bwd_dq_wgmma_x6 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in bf16x6 at d33-64
+# and d97-128 (d128: 225 KB, 170-173 registers; session 57, offline):
 # bwd_dq_wgmma_x3's two warpgroups and steps, K_j read MN-major by dQ's product (no K_j^T), a key tile
 # split once into three pieces. Shared memory 113 KB, 103-107 registers. H100 session 57, L 4k B4 H16
 # d64: the deterministic backward 14.57 -> 13.73 ms (bwd_dq_wgmma_x3's dQ before); dQ's error at most
 # 2.17x a plain float32 implementation's (bwd_dq_wgmma_x3's 2.78x). Two blocks a SM
 # (__launch_bounds__(256, 2)): 13.83 ms, no better.
-_BWD_DQ_WGMMA_X6_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1)}
+_BWD_DQ_WGMMA_X6_TABLE: dict[int, tuple[int, int, int, int]] = {64: (64, 32, 8, 1), 128: (64, 32, 8, 1)}
 
 
 def _smem_bwd_dq_wgmma_x6_bytes(head_dim: int, block_m: int, block_n: int, stages: int) -> int:
@@ -924,9 +925,14 @@ BWD_DKDV_WGMMA_WS = KernelSpec(
 BWD_DKDV_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x3", _BWD_DKDV_WGMMA_X3_TABLE, _smem_bwd_dkdv_wgmma_x3_bytes)
 BWD_DKDV_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6", _BWD_DKDV_WGMMA_X6_TABLE, _smem_bwd_dkdv_wgmma_x6_bytes,
                                         window=False)  # (causal: 0.92-0.93x bwd_dkdv_wgmma_x3, session 56)
-BWD_DKDV_WGMMA_X6H = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6h", _BWD_DKDV_WGMMA_X6H_TABLE, _smem_bwd_dkdv_wgmma_x6h_bytes)
+# (bf16x6's piece tiles are whole 64-column panels: the d96 bucket runs the d128 Variant, its
+# loads zero-filling the columns past D, as fwd_wgmma_ws's _ws_width; estimated 1.25-1.4x the
+# FFMA kernels' d96 time from session 57's d128 figures.)
+BWD_DKDV_WGMMA_X6H = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6h", _BWD_DKDV_WGMMA_X6H_TABLE, _smem_bwd_dkdv_wgmma_x6h_bytes,
+                                         compiled_width=_ws_width)
 BWD_DQ_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dq_wgmma_x3", _BWD_DQ_WGMMA_X3_TABLE, _smem_bwd_dq_wgmma_x3_bytes)
-BWD_DQ_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dq_wgmma_x6", _BWD_DQ_WGMMA_X6_TABLE, _smem_bwd_dq_wgmma_x6_bytes)
+BWD_DQ_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dq_wgmma_x6", _BWD_DQ_WGMMA_X6_TABLE, _smem_bwd_dq_wgmma_x6_bytes,
+                                      compiled_width=_ws_width)
 BWD_DQ_TC = KernelSpec("bwd_dq_tc", TC_DTYPES + ("float32",), _tc_table(_BWD_DQ_TC_TABLE, _TF32_BWD_DQ_TABLE),
                        lambda dtype, d, block_m, block_n, stages: _smem_bwd_dq_tc_bytes(d, block_m, block_n, stages,
                                                                                         _units(dtype)),
