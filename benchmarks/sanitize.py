@@ -170,6 +170,8 @@ def _feature_cases() -> list[dict]:
              options={"window": (40, 8)}, quick=True),
         # ... and Hopper's d128 bucket (one warpgroup a block, Q's tiles read by S's MMAs), Lq != Lk,
         # a negative scale (Q negated as it is split)
+        dict(name="3xtf32-float32-d80-gqa-window", dtype="float32", q=(2, 4, 97, 80), k=(2, 2, 200, 80),
+             options={"window": (50, 10)}, backward=False),
         dict(name="3xtf32-float32-d111-causal", dtype="float32", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
              options={"causal": True, "scale": -0.25}),
         # float32 "highest" backward in 3xTF32 on Hopper (bwd_dkdv_wgmma_x3: two warpgroups, the

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     constexpr int kCopyThreads = kSplitter ? 128 : kWarps * 32;  // the threads that copy K and V
     static_assert(kBlockM == 64 * (kMmaWarps / 4) && kWarps % 4 == 0, "one warpgroup per 64 query rows");
     static_assert(!kSplitter || kBlockM == 64, "the splitting warpgroup beside one of query rows");
-    static_assert(kWidth % 64 == 0 && (kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128) &&
+    static_assert(kWidth % 64 == 0 && (kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128 || (kTf32 && kHeadDim == 96)) &&
                       (kBlockN == 64 || kBlockN == 128 || (kTf32 && kBlockN == 32)),
                   "whole 128-byte panels; wgmma N of 32, 64 or 128 (32 keys: TF32's V^T is one panel)");
     static_assert(kStages >= 2, "K_{t+1} (S) and V_t (P V) are read while K_{t+2}, V_{t+1} land");

@@ -463,7 +463,8 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[M][N]) {
         for (int j = 0; j < N; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
 }
 
-// One k16 step (TF32: k8), D (+)= A B, N = 32, 64 or 128 (accumulators float[N/8][4]).
+// One k16 step (TF32: k8), D (+)= A B, N = 32, 64, 96 or 128 (accumulators float[N/8][4]; 96:
+// float32's d65-96 forward, whose 128-byte panels hold 32 floats).
 //   ss: A and B from shared memory (descriptors); kTransA / kTransB = 1 for MN-major;
 //       kAccumulate = false: D = A B, and D is an output only (its old value is not live).
 //   rs: D += A B, A from registers (one m16k16 fragment per warp), B from shared memory.
@@ -591,6 +592,33 @@ struct Wgmma<64> {
 template <>
 struct Wgmma<128> {
     CUFLASH_WGMMA_MEMBERS(128)
+};
+
+#define CUFLASH_WGMMA_ACC96(C) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+    C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+    C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3]), \
+    C(d[8][0]), C(d[8][1]), C(d[8][2]), C(d[8][3]), C(d[9][0]), C(d[9][1]), C(d[9][2]), C(d[9][3]), \
+    C(d[10][0]), C(d[10][1]), C(d[10][2]), C(d[10][3]), C(d[11][0]), C(d[11][1]), C(d[11][2]), C(d[11][3])
+#define CUFLASH_WGMMA_SS_TRANS96 ", %51, %52"
+#define CUFLASH_WGMMA_SS96(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\nwgmma.mma_async.sync.aligned.m64n96" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, " \
+    "%48, %49, p, 1, 1" TRANS ";\n}\n"
+#define CUFLASH_WGMMA_RS_TRANS96 ", %54"
+#define CUFLASH_WGMMA_RS96(TYPES, TRANS) \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\nwgmma.mma_async.sync.aligned.m64n96" TYPES " " \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, " \
+    "{%48, %49, %50, %51}, %52, p, 1, 1" TRANS ";\n}\n"
+
+template <>
+struct Wgmma<96> {
+    CUFLASH_WGMMA_MEMBERS(96)
 };
 
 #else

@@ -601,8 +601,9 @@ struct KeysMajorLoader {
         // memory accesses are volatile asm, kept in program order, so a load written after a
         // chunk's stores waited in full where it stood (in bwd_dkdv_wgmma_x3 ~28% of warpgroup
         // 1's samples, and with one batch a tile still ~20% at each tile's first use: ncu,
-        // session 54). Four chunks at once a tile (16 registers), or all of them if fewer.
-        constexpr int kBatch = kIters <= 4 ? kIters : 4;
+        // session 54). Four chunks at once a tile (16 registers), or the largest batch that
+        // divides them (d96's six: threes).
+        constexpr int kBatch = kIters % 4 == 0 ? 4 : kIters % 3 == 0 ? 3 : kIters % 2 == 0 ? 2 : 1;
         static_assert(kIters % kBatch == 0, "whole batches");
 #pragma unroll 1
         for (int i0 = 0; i0 < kIters; i0 += kBatch) {

@@ -518,7 +518,7 @@ def test_short_rows_are_decided_by_the_longest_sequence(lengths, packed, expecte
     ("86", "fwd_tc", (64, 64), (64, 32), None)])
 def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel, tile32, tile64, tile128):
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
-    fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d128 bucket (97-128:
+    fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d96 and d128 buckets (65-128:
     one warpgroup of query rows a block, Q's hi and lo tiles read from shared memory, and one
     beside it that copies and splits K and V: 8 warps), the tile without spills per arch; FFMA
     (fwd_simt) for the other heads, short rows and score modifiers. The backward's
@@ -528,7 +528,7 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     dim), the deterministic dQ kernel there too (64 x 32: bwd_dq_wgmma_x3 in 3xTF32 to d32, else
     bwd_dq_wgmma_x6 in bf16x6), the d96 bucket on the bf16x6 kernels' d128 Variants (whole
     64-column panels), else FFMA; "ieee" always FFMA; "tf32" its own Variants."""
-    wide = ((97, tile128), (128, tile128)) if tile128 else ()
+    wide = ((65, tile128), (96, tile128), (97, tile128), (128, tile128)) if tile128 else ()
     for d, tile in ((1, tile32), (32, tile32), (33, tile64), (64, tile64)) + wide:
         for window in (False, True):
             v = tiles.select("float32", d, d, window, arch, precision="highest")
@@ -538,7 +538,7 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
             assert v.element_type == "cuflash::tc::tf32x3"
             assert tiles.select("float32", d, d, window, arch, precision="ieee").kernel == "fwd_simt"
             assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"
-    for d in (65, 96, 256) + (() if tile128 else (97, 128)):
+    for d in (129, 256) + (() if tile128 else (65, 96, 97, 128)):
         assert tiles.select("float32", d, d, False, arch, precision="highest").kernel == "fwd_simt"
     for d in (32, 128):
         assert tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"

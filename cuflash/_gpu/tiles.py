@@ -298,7 +298,8 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # wgmma reads K-major operands only): d32 and d64, one block of two warpgroups per SM (227-244
 # registers: Q's fragments live in them), a K ring of 3 (each K tile split a step before S reads
 # it; fwd_wgmma.cu); d64: 32 keys a tile (64 spilled 64-116 bytes at 255 registers, session 48).
-# d128 (the 97-128 bucket; d65-96 stays FFMA): one warpgroup of 64 query rows a block, 32-key
+# d96 (65-96; session 57, offline: d128's tiles, 169 KB, 237-245 registers) and d128 (97-128):
+# one warpgroup of 64 query rows a block, 32-key
 # tiles, a K ring of 2: Q, K and V^T in hi and lo fill 225 KB, and S reads Q's tiles from shared
 # memory (its fragments, 128 registers, do not fit beside acc and P V's fresh tile: 249 registers
 # without them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
@@ -316,7 +317,7 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # 50). One TF32 product on the same kernel ran at 0.6-0.8x fwd_tc's mma.sync (its transposes
 # and splits outweigh its MMAs): precision="tf32" stays on fwd_tc.
 _FWD_WGMMA_TF32X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (128, 64, 8, 3), 64: (128, 32, 8, 3),
-                                                                 128: (64, 32, 8, 2)}
+                                                                 96: (64, 32, 8, 2), 128: (64, 32, 8, 2)}
 
 
 def _smem_fwd_wgmma_bytes(head_dim: int, block_m: int, block_n: int, stages: int, units: int = 1,
