@@ -149,21 +149,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
     ptx::fence_proxy_async_shared();
     __syncthreads();  // K's and V's floats read by every thread before step 0's land there
     const HeadTileStep first_step(range.first, range.last, heads);
-    if (group == 1) {
-        if (first_step.g < heads) {
-            copy_rows(first_step);
-            copy_stats(first_step, 0);
-        }
-        ptx::cp_async_commit();
-        ptx::cp_async_wait<0>();
-        if (first_step.g < heads) unstage_step(0);
-        const HeadTileStep second = first_step.after(1, range.first, range.last);
-        if (second.g < heads) {
-            copy_rows(second);
-            copy_stats(second, 1);
-        }
-        ptx::cp_async_commit();
-    }
+    // Warpgroup 1's schedule (bwd_wgmma.cuh's Feeder: step t in slot t % 2).
+    const auto feeder = wgmma_bwd::make_feeder(range, heads, copy_rows, copy_stats, unstage_step);
+    if (group == 1) feeder.first_steps(first_step);
     __syncthreads();
 
     const bool with_dq = p.dq_accum != nullptr;
@@ -171,19 +159,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
     // bwd_dkdv_wgmma_x3.cu's).
     auto step_barrier = [] { ptx::named_barrier_sync(1, kThreads); };
     if (group == 1) {
-        int t = 0;  // the step's number: its stat slot and step slot are t % 2
-        for (HeadTileStep step = first_step; step.g < heads; step.advance(range.first, range.last), ++t) {
-            // The next step into the other slot (read last by step t - 1's products, before its
-            // second barrier), then step t + 2's rows into the staging tiles (this thread's
-            // chunks, its own reads just done).
-            const HeadTileStep next = step.after(1, range.first, range.last);
-            const HeadTileStep after_next = step.after(2, range.first, range.last);
-            ptx::cp_async_wait<0>();
-            if (next.g < heads) unstage_step((t + 1) % 2);
-            if (after_next.g < heads) copy_rows(after_next);
-            ptx::cp_async_commit();
-            step_barrier();  // dS^T complete; the next step's tiles published
-            // dQ_i = dS K: rows the step's queries (this warp's 16: row0 + ...), columns D.
+        // Between the step's barriers: dQ_i = dS K (rows the step's queries, this warp's 16: row0
+        // + ..., columns D).
+        feeder.steps(first_step, step_barrier, [&](const HeadTileStep& step, const auto& copy_stats_ahead) {
             float dq[kHeadDim / 8][4];
             if (with_dq) {
                 tc::zero(dq);
@@ -191,10 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
                 tc::wgmma_ss_x6<kKStepsN, DsTile, KVTile, 1, 1>(dq, ds_smem, k_smem);
                 ptx::wgmma_commit();
             }
-            // Step t + 2's lse and delta into stat slot t % 2 (step t's scores are done with it)
-            // while dQ's products run.
-            if (after_next.g < heads) copy_stats(after_next, t % 2);
-            ptx::cp_async_commit();
+            copy_stats_ahead();
             if (with_dq) {
                 ptx::wgmma_wait<0>();
                 ptx::wgmma_pin(dq);
@@ -203,9 +178,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) bwd_dkdv_wgmma_x6(const BwdPar
                 tc::add_rows<kHeadDim>(dq_rows + (long long)m0 * f.head_dim, dq, row0, at.seqlen_q - m0, 0,
                                        f.head_dim, lane);
             }
-            step_barrier();  // this step's products done: dS^T and slot t % 2 free
-        }
-        ptx::cp_async_wait<0>();
+        });
         return;
     }
 
