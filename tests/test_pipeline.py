@@ -444,7 +444,8 @@ SHORT_RULE = [  # (dtype, head dim, arch, score mods, the short dK/dV kernel and
     # FFMA (precision "highest"): dK/dV and the deterministic dQ both take 64 x 64
     ("float32", 32, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), ("bwd_dq_simt", (64, 64, 8))),
     ("float32", 59, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), ("bwd_dq_simt", (64, 64, 8))),
-    ("float32", 96, "90a", False, None, None),
+    ("float32", 96, "90a", False, ("bwd_dkdv_simt", (64, 64, 8)), ("bwd_dq_simt", (64, 64, 8))),  # (long: bf16x6)
+    ("float32", 160, "90a", False, None, None),  # FFMA's wide buckets keep their tile
     ("float64", 32, "90a", True, None, None),  # fp64 tensor cores keep their tiles
 ]
 
