@@ -379,6 +379,11 @@ struct TileLoader {
     using Tile = TileLayout;
     static constexpr int kTotal = kRows * Tile::kChunks;
     static constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+    // Each thread keeps one chunk column and walks rows kThreads / kChunks apart: only where that
+    // step divides the rows (384 threads over a 32-chunk row step 12 rows, and 128 / 12 would drop
+    // rows 120-127); else chunk i of a thread is chunk tid + i * kThreads of the tile.
+    static constexpr bool kColumnWalk =
+        kThreads % Tile::kChunks == 0 && kRows % (kThreads / Tile::kChunks) == 0;
 
     const unsigned short* base;
     long long row_stride;
@@ -396,8 +401,7 @@ struct TileLoader {
     __device__ __forceinline__ void load(unsigned smem, int row0, int num_rows, int tid) const {
         const unsigned short* tile = base + row0 * row_stride;
         const int rows_left = num_rows - row0;
-        if (kThreads % Tile::kChunks == 0) {
-            // Each thread keeps one chunk column and walks rows kRowStep apart with one pointer.
+        if constexpr (kColumnWalk) {  // (one pointer a thread)
             constexpr int kRowStep = kThreads / Tile::kChunks;
             const int chunk = tid % Tile::kChunks, row_first = tid / Tile::kChunks;
             const int valid_cols = min(max(num_cols - chunk * 8, 0), 8);
@@ -435,7 +439,7 @@ struct TileLoader {
     }
     // The same as the tile's (row, chunk).
     __device__ __forceinline__ bool chunk_index(int tid, int i, int& row, int& col) const {
-        const int idx = kThreads % Tile::kChunks == 0
+        const int idx = kColumnWalk
                             ? (tid / Tile::kChunks + i * (kThreads / Tile::kChunks)) * Tile::kChunks + tid % Tile::kChunks
                             : tid + i * kThreads;
         row = idx / Tile::kChunks;
