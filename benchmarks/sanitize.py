@@ -174,6 +174,12 @@ def _feature_cases() -> list[dict]:
              options={"window": (50, 10)}, backward=False),
         dict(name="3xtf32-float32-d111-causal", dtype="float32", q=(1, 2, 150, 111), k=(1, 2, 97, 111),
              options={"causal": True, "scale": -0.25}),
+        # ... with score modifiers (the masked form's kScoreMods on Hopper): a pair bias and a mask
+        # read from global memory at d32, softcap (the library's tanh) and ALiBi at d128
+        dict(name="3xtf32-float32-d32-pair-bias", dtype="float32", q=(2, 4, 97, 32), k=(2, 4, 130, 32),
+             options={"bias": (1, 4, 97, 130), "mask": (2, 1, 97, 130)}, backward=False),
+        dict(name="3xtf32-float32-d128-softcap-alibi", dtype="float32", q=(1, 2, 150, 128), k=(1, 2, 97, 128),
+             options={"causal": True, "softcap": 20.0, "alibi_slopes": "heads"}, backward=False),
         # float32 "highest" backward in 3xTF32 on Hopper (bwd_dkdv_wgmma_x3: two warpgroups, the
         # staging tile and the step slots), GQA, a window, dQ by REDs (deterministic-float32-window
         # runs it without dQ)

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kWarps * 32,
     // (One TF32 product ran at 0.6-0.8x fwd_tc's mma.sync, which serves precision="tf32": the
     // transposes and rounding passes outweigh its MMAs; benchmarks/NOTES.md, session 48.)
     static_assert(Arith::kK == 16 || Arith::kProducts == 3, "16-bit, or float32 in 3xTF32");
-    static_assert(!kTf32 || !kScoreMods, "3xTF32 without modifiers (tiles.py: FFMA serves them)");
+    static_assert(!kTf32 || !kDropout, "3xTF32 without dropout (tiles.py: FFMA serves it)");
 
     using QTile = tc::Sw128Tile<kBlockM, kWidth>;
     using KVTile = tc::Sw128Tile<kBlockN, kWidth>;       // one K or V tile

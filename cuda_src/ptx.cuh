@@ -375,7 +375,8 @@ template <>
 constexpr bool kIsBf16<__nv_bfloat16> = true;
 }  // namespace ptx
 namespace tc {
-struct tf32;  // float32 on TF32 tensor cores (tile_tc.cuh's Arith)
+struct tf32;    // float32 on TF32 tensor cores (tile_tc.cuh's Arith)
+struct tf32x3;  // float32 in split operands (precision "highest")
 }  // namespace tc
 namespace ptx {
 // float32 operands that wgmma reads as TF32 (its top 19 bits: the caller rounds them first). A
@@ -386,6 +387,11 @@ template <typename Element>
 constexpr bool kIsTf32 = false;
 template <>
 constexpr bool kIsTf32<tc::tf32> = true;
+// float32 under precision "highest" (tile_tc.cuh's tf32x3: split operands, 3xTF32 or bf16x6).
+template <typename Element>
+constexpr bool kIsTf32x3 = false;
+template <>
+constexpr bool kIsTf32x3<tc::tf32x3> = true;
 
 // A shared-memory operand stored in 128-byte swizzled panels (tc::Sw128Tile): rows of 64
 // 16-bit elements (128 bytes), 8-row atoms of 1024 bytes in which the 16-byte chunk c of row r

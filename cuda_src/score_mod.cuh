@@ -60,9 +60,11 @@ namespace cuflash {
 //   kLibraryTanh (float32 and float64 kernels): the library's tanh, exact to their rounding.
 enum TanhForm { kLibraryTanh, kExpTanh, kApproxTanh };
 
-// The fast form for a tensor-core kernel of element type Element (fp16, bf16, or TF32's float).
+// The form for a tensor-core kernel of element type Element: fast for fp16, bf16 and one TF32
+// product; the library's for float32 under precision "highest" (tc::tf32x3, its 3xTF32 and bf16x6
+// kernels), whose scores keep float32's accuracy.
 template <typename Element>
-constexpr int kFastTanh = ptx::kIsBf16<Element> ? kApproxTanh : kExpTanh;
+constexpr int kFastTanh = ptx::kIsBf16<Element> ? kApproxTanh : ptx::kIsTf32x3<Element> ? kLibraryTanh : kExpTanh;
 
 template <typename T, int kForm>
 struct Tanh;
@@ -119,7 +121,9 @@ enum PlaneSet { kNoPlanes, kBiasPlane, kMaskPlane, kBothPlanes, kAnyPlanes };
 //       MMAs);
 //   kAll: both;
 // and, or-ed in (kPerModifier's), kRawAlibi: ALiBi alone returns its scores in the raw units of s
-// (RowScores::raw_units; the fp16/bf16 kernels' choice: in fwd_tc's TF32 form it spills).
+// (RowScores::raw_units; the fp16/bf16 kernels' choice: in fwd_tc's TF32 form it spills), in
+// kernels of a fast tanh only (ScoreMod::kFast: its slope in raw units is a fast divide); the
+// others' ALiBi-alone body stays in the exponent's units.
 enum class ModBodies : unsigned { kByCap = 0, kPerModifier = 1, kPerPlaneSet = 2, kAll = 3, kRawAlibi = 4 };
 
 __device__ __forceinline__ constexpr ModBodies operator|(ModBodies a, ModBodies b) {
@@ -254,8 +258,8 @@ struct ScoreMod {
                     body(scores<true, false, kNoPlanes>(planes()));
                     return true;
                 }
-                if (cap == T(0) && slope != T(0)) {
-                    body(scores<false, true, kNoPlanes, has_bodies(kBodies, ModBodies::kRawAlibi)>(planes()));
+                if (cap == T(0) && slope != T(0)) {  // (raw units: the fast kernels' shortcut)
+                    body(scores<false, true, kNoPlanes, kFast && has_bodies(kBodies, ModBodies::kRawAlibi)>(planes()));
                     return true;
                 }
             }

@@ -44,7 +44,7 @@ def test_warmup_prepares_forward_and_backward_kernels(warmed):
 def test_warmup_forward_only_and_dense(warmed):
     assert cli.main(["warmup", "--dtype", "float32", "--head-dim", "128", "--mask", "dense",
                      "--arch", "90a", "--jobs", "1", "--forward-only"]) == 0
-    # "highest": 3xTF32 on Hopper's warpgroup MMAs (long rows), FFMA (short rows, score modifiers)
+    # "highest": 3xTF32 on Hopper's warpgroup MMAs (long rows), FFMA (short rows)
     assert {variant.kernel for variant, _ in warmed} == {"fwd_wgmma", "fwd_simt"}
     assert not any(variant.has_window for variant, _ in warmed)
 
@@ -54,7 +54,7 @@ def test_warmup_prepares_the_float32_precisions_asked_for(warmed):
                      "--arch", "90a", "--jobs", "1", "--forward-only", "--precision", "highest,tf32"]) == 0
     forward = {(variant.kernel, variant.dtype, variant.precision) for variant, _ in warmed}
     assert ("fwd_wgmma", "float32", "highest") in forward  # "highest": 3xTF32 on tensor cores (long rows)
-    assert ("fwd_simt", "float32", None) in forward  # and FFMA (short rows, score modifiers)
+    assert ("fwd_simt", "float32", None) in forward  # and FFMA (short rows)
     assert ("fwd_tc", "float32", "tf32") in forward  # "tf32": TF32 tensor cores
     assert not any(variant.precision for variant, _ in warmed if variant.dtype == "bfloat16")
 

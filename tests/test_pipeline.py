@@ -521,8 +521,9 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
     """precision="highest": the forward on tensor cores in 3xTF32 (Element tc::tf32x3: Hopper's
     fwd_wgmma, fwd_tc elsewhere) at head dims up to 64, and on Hopper the d96 and d128 buckets (65-128:
     one warpgroup of query rows a block, Q's hi and lo tiles read from shared memory, and one
-    beside it that copies and splits K and V: 8 warps), the tile without spills per arch; FFMA
-    (fwd_simt) for the other heads, short rows and score modifiers. The backward's
+    beside it that copies and splits K and V: 8 warps), the tile without spills per arch, score
+    modifiers included on Hopper (its masked form's tile); FFMA (fwd_simt) for the other heads,
+    short rows, dropout, and score modifiers elsewhere. The backward's
     dK/dV kernel on Hopper's tensor cores at every head dim up to 128 (two warpgroups: dense d33-64
     bwd_dkdv_wgmma_x6 in bf16x6, 64 x 64; else bwd_dkdv_wgmma_x3 in 3xTF32, 64 x 64 to d32, 32 x 64
     at d33-64; d65-128 bwd_dkdv_wgmma_x6h in bf16x6, 32 x 64, each warpgroup one half of the head
@@ -541,8 +542,15 @@ def test_float32_highest_takes_3xtf32_up_to_d64_and_on_hopper_d128(arch, kernel,
             assert tiles.select("float32", d, d, window, arch, precision="tf32").element_type == "cuflash::tc::tf32"
     for d in (129, 256) + (() if tile128 else (65, 96, 97, 128)):
         assert tiles.select("float32", d, d, False, arch, precision="highest").kernel == "fwd_simt"
+    for d, tile in ((32, tile32), (64, tile64)) + wide:  # score modifiers: the masked form's kScoreMods
+        v = tiles.select("float32", d, d, False, arch, score_mods=True, precision="highest")
+        if tile128:  # (Hopper's 3xTF32 forward applies them to its float32 scores)
+            assert (v.kernel, v.score_mods, v.has_window, (v.block_m, v.block_n)) == (kernel, True, True, tile), v
+            assert tiles.select("float32", d, d, False, arch, score_mods=True, precision="highest",
+                                dropout=True).kernel == "fwd_simt"  # (dropout: FFMA)
+        else:
+            assert v.kernel == "fwd_simt", v
     for d in (32, 128):
-        assert tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest").kernel == "fwd_simt"
         assert tiles.select("float32", d, d, False, arch, short=True, precision="highest").kernel == "fwd_simt"
     for d in (1, 32, 33, 64, 65, 96, 97, 128):
         for window in (False, True):

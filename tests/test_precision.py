@@ -260,6 +260,42 @@ def test_gpu_highest_on_tensor_cores_keeps_plain_float32s_error(rng, lq, lk, d, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lq, lk, d, modifiers", [
+    (97, 200, 32, ("bias",)), (200, 97, 24, ("bias", "mask")), (130, 130, 64, ("softcap",)),
+    (97, 300, 59, ("alibi",)), (200, 97, 96, ("softcap", "bias", "alibi", "mask")), (150, 150, 128, ("bias",)),
+    (64, 1100, 111, ("alibi", "mask"))], ids=lambda c: "-".join(c) if isinstance(c, tuple) else str(c))
+def test_gpu_highest_keeps_plain_float32s_error_with_score_modifiers(rng, lq, lk, d, modifiers):
+    """On Hopper the 3xTF32 forward applies softcap, bias, ALiBi and mask (the masked form's
+    kScoreMods, the library's tanh) to its float32 scores: out at most twice the error of a plain
+    unfused float32 implementation of the same modifiers (reference.score_mods_ref in float32)
+    plus 4 ulps of its size, and lse within float32's rule; AlphaFold's pair bias, shared over a
+    leading axis, among the cases. Elsewhere FFMA runs these calls."""
+    cupy = pytest.importorskip("cupy")
+    arch = kernels.arch_for_capability(*map(int, cupy.cuda.Device().compute_capability))
+    variant = tiles.select("float32", d, d, True, arch, score_mods=True, precision="highest")
+    assert (variant.kernel == "fwd_wgmma") == (arch == "90a") and variant.score_mods, variant
+    (q, k, v), _ = _normal(rng, lq, lk, d)
+    options = {}
+    if "softcap" in modifiers:
+        options["softcap"] = 5.0
+    if "bias" in modifiers:  # a pair bias over the heads, shared by both batch rows
+        options["bias"] = (2 * rng.standard_normal((1, 3, lq, lk))).astype(numpy.float32)
+    if "alibi" in modifiers:
+        options["alibi_slopes"] = rng.uniform(0.01, 0.3, 3).astype(numpy.float32)
+    if "mask" in modifiers:
+        options["mask"] = rng.random((2, 1, lq, lk)) > 0.3
+    ref_out, ref_lse = reference.score_mods_ref(q, k, v, **options)
+    plain = reference.score_mods_ref(q, k, v, dtype=numpy.float32, **options)[0]
+    gpu_options = {name: cupy.asarray(x) if isinstance(x, numpy.ndarray) else x for name, x in options.items()}
+    got, lse = cuflash.attention(*(cupy.asarray(x) for x in (q, k, v)), return_lse=True, **gpu_options)
+    size = float(numpy.abs(ref_out).max())
+    bound = 2 * _float32_error(plain, ref_out) + 4 * 2.0**-23 * size
+    assert _float32_error(got.get(), ref_out) <= bound, (_float32_error(got.get(), ref_out), _float32_error(plain, ref_out))
+    lse_size = max(float(numpy.abs(ref_lse[numpy.isfinite(ref_lse)]).max(initial=0.0)), 1.0)
+    assert _float32_error(lse.get(), ref_lse) <= 64 * 2.0**-23 * lse_size
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lq, lk, d, times_plain", [

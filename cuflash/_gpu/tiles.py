@@ -81,9 +81,12 @@ class KernelSpec:
     tf32_precisions: tuple[str, ...] = ()
     # float32 under precision="highest" on TF32 tensor cores (3xTF32, tile_tc.cuh's tf32x3; the
     # family lists "highest" in tf32_precisions): (head-dim bucket, arch) -> candidate tiles, best
-    # first; none: the next family (FFMA). Calls with score modifiers or short rows take the next
-    # family.
+    # first; none: the next family (FFMA). Calls with short rows or dropout take the next family,
+    # and so do calls with score modifiers unless ``split_mods``.
     split_tf32_candidates: Callable[[int, str], tuple[Tile, ...]] = lambda head_dim, arch: ()
+    # Whether the float32 "highest" form has a kScoreMods form (softcap, bias, ALiBi, mask on the
+    # float32 scores after the 3xTF32 product, as the FFMA kernels apply them).
+    split_mods: bool = False
     # Whether the float32 "highest" form serves causal and windowed calls too (else: the next family).
     split_window: bool = True
     # The 3xTF32 form's shared memory (head_dim, block_m, block_n, stages) -> bytes where it is not
@@ -131,13 +134,14 @@ class KernelSpec:
                 self.drops and (self.dropout_head_dims is None or head_dim in self.dropout_head_dims))):
             return None
         dropout = dropout and self.masked
-        score_mods = score_mods or dropout
         tf32 = dtype == "float32" and bool(self.tf32_precisions)
         if tf32 and precision not in self.tf32_precisions:
             return None
         split = tf32 and precision == "highest"  # 3xTF32
-        if split and (score_mods or short or (has_window and not self.split_window)):
+        if split and (dropout or short or (score_mods and not self.split_mods) or
+                      (has_window and not self.split_window)):
             return None
+        score_mods = score_mods or dropout
         score_mods = score_mods and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
@@ -168,7 +172,7 @@ class KernelSpec:
 
     def _shared_memory(self, dtype: str, head_dim: int, block_m: int, block_n: int, stages: int,
                        score_mods: bool, split: bool = False) -> int:
-        if split and self.split_shared_memory is not None:  # (3xTF32 never takes modifiers)
+        if split and self.split_shared_memory is not None:  # (its modifiers stage no planes)
             return self.split_shared_memory(head_dim, block_m, block_n, stages)
         planes = self.score_planes(dtype, head_dim, block_m, block_n) if score_mods and self.score_planes else 0
         return self.shared_memory(dtype, head_dim, block_m, block_n, stages) + stages * planes
@@ -885,7 +889,7 @@ FWD_WGMMA = KernelSpec("fwd_wgmma", TC_DTYPES + ("float32",), _fwd_wgmma_candida
                        _by_tile(_smem_fwd_wgmma_bytes),  # 16-bit; float32 is "highest" only: split_shared_memory
                        tf32_precisions=("highest",), split_tf32_candidates=_hopper_tf32x3_candidates(_FWD_WGMMA_TF32X3_TABLE),
                        split_shared_memory=lambda d, block_m, block_n, stages: _smem_fwd_wgmma_bytes(
-                           d, block_m, block_n, stages, units=2, halves=2), drops=True)
+                           d, block_m, block_n, stages, units=2, halves=2), split_mods=True, drops=True)
 FWD_WGMMA_WS = KernelSpec("fwd_wgmma_ws", TC_DTYPES, _fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_TABLE),
                           _by_tile(_smem_fwd_wgmma_ws_bytes), tma=True, drops=True,
                           masked_candidates=_fwd_wgmma_ws_candidates(_FWD_WGMMA_WS_MASKED_TABLE),
