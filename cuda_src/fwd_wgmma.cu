@@ -33,7 +33,9 @@
 // that take the place of the V ring; the next step's barrier publishes it. S's three products accumulate in the MMA, small ones first
 // (tc::wgmma_x3_products), and so do each tile's P V, in a fresh accumulator that is added to acc by
 // FADD (the tensor cores truncate as they accumulate: over a whole row in place, P V's error
-// grew with its length, 10x float32's; tile_tc.cuh).
+// grew with its length, 10x float32's; tile_tc.cuh). Score modifiers (the kScoreMods form) act on
+// S once its products are summed, in float32 as the FFMA kernels do (softcap with the library's
+// tanh: score_mod.cuh's kFastTanh); dropout is left to those kernels.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 

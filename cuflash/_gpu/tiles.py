@@ -141,8 +141,7 @@ class KernelSpec:
         if split and (dropout or short or (score_mods and not self.split_mods) or
                       (has_window and not self.split_window)):
             return None
-        score_mods = score_mods or dropout
-        score_mods = score_mods and self.masked
+        score_mods = (score_mods or dropout) and self.masked
         if score_mods:  # one Variant per bucket: the tile of long rows, the masked form
             has_window, visible_keys = True, math.inf
         limit = _SMEM_LIMIT.get(arch, _SMEM_LIMIT_DEFAULT)
@@ -302,16 +301,17 @@ _FWD_WGMMA_TABLE: dict[int, tuple[tuple[float, tuple[int, int, int, int]], ...]]
 # wgmma reads K-major operands only): d32 and d64, one block of two warpgroups per SM (227-244
 # registers: Q's fragments live in them), a K ring of 3 (each K tile split a step before S reads
 # it; fwd_wgmma.cu); d64: 32 keys a tile (64 spilled 64-116 bytes at 255 registers, session 48).
-# d96 (65-96; session 57, offline: d128's tiles, 169 KB, 237-245 registers) and d128 (97-128):
-# one warpgroup of 64 query rows a block, 32-key
-# tiles, a K ring of 2: Q, K and V^T in hi and lo fill 225 KB, and S reads Q's tiles from shared
-# memory (its fragments, 128 registers, do not fit beside acc and P V's fresh tile: 249 registers
-# without them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA, 0.86-0.92x SDPA EFFICIENT (L
-# 1k-16k, dense and causal). Since session 55 a second warpgroup beside it (8 warps: fwd_wgmma's
+# d96 (65-96, since session 58: d128's tiles, 169 KB, 237-245 registers; H100 61-67 TFLOP/s,
+# 1.64-1.80x SDPA EFFICIENT, 3 stages no faster) and d128 (97-128): one warpgroup of 64 query
+# rows a block, 32-key tiles, a K ring of 2: Q, K and V^T in hi and lo fill 225 KB, and S reads
+# Q's tiles from shared memory (its fragments, 128 registers, do not fit beside acc and P V's
+# fresh tile: 249 registers without them); H100 session 52: 34.0-41.1 TFLOP/s, 1.27-1.35x FFMA,
+# 0.86-0.92x SDPA EFFICIENT (L 1k-16k, dense and causal). Since session 55 a second warpgroup beside it (8 warps: fwd_wgmma's
 # kSplitter) does the copies, K's splits and V's transposes (H100: 49-53 -> 58-66 TFLOP/s, 1.2-1.3x;
 # 1.31-1.42x SDPA EFFICIENT); session 56 its split loads a batch of chunks before their stores
-# (TileLoader::split): 58-64 -> 66-71 TFLOP/s (H100, L 1k-4k, dense and causal). No modifiers
-# anywhere (KernelSpec.variant: FFMA). B x L = 16k, H16, forward (benchmarks/NOTES.md):
+# (TileLoader::split): 58-64 -> 66-71 TFLOP/s (H100, L 1k-4k, dense and causal). Score
+# modifiers: the masked form's kScoreMods at every bucket (split_mods; session 58, H200: 1.37-2.18x
+# the FFMA forward); dropout: FFMA. B x L = 16k, H16, forward (benchmarks/NOTES.md):
 # session 48 (H100) 1.3-1.75x fwd_tc's 3xTF32 (d64 4k dense 6.10 -> 4.47 ms, causal 4.16 ->
 # 2.38; d32 4k 3.25 -> 2.42); session 49 (H200) the K split ahead and V^T's staging loads in
 # place 1.10-1.15x more (d64 4k dense 4.55 -> 4.13 ms, d32 1k 0.71 -> 0.62); session 50 (H100) V
@@ -676,7 +676,8 @@ _BWD_DQ_WGMMA_X3_TABLE: dict[int, tuple[int, int, int, int]] = {32: (64, 32, 8, 
 
 
 # bwd_dq_wgmma_x6 (Hopper, sm_90a only): the deterministic dQ of float32 "highest" in bf16x6 at d33-64
-# and d97-128 (d128: 225 KB, 170-173 registers; session 57, offline):
+# and d97-128 (d128: 225 KB, 170-173 registers; H100 session 58: the deterministic d128 backward
+# at L 4k 48.97 -> 34.48 ms):
 # bwd_dq_wgmma_x3's two warpgroups and steps, K_j read MN-major by dQ's product (no K_j^T), a key tile
 # split once into three pieces. Shared memory 113 KB, 103-107 registers. H100 session 57, L 4k B4 H16
 # d64: the deterministic backward 14.57 -> 13.73 ms (bwd_dq_wgmma_x3's dQ before); dQ's error at most
@@ -931,8 +932,8 @@ BWD_DKDV_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x3", _BWD_DKDV_WGMMA_X3_
 BWD_DKDV_WGMMA_X6 = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6", _BWD_DKDV_WGMMA_X6_TABLE, _smem_bwd_dkdv_wgmma_x6_bytes,
                                         window=False)  # (causal: 0.92-0.93x bwd_dkdv_wgmma_x3, session 56)
 # (bf16x6's piece tiles are whole 64-column panels: the d96 bucket runs the d128 Variant, its
-# loads zero-filling the columns past D, as fwd_wgmma_ws's _ws_width; estimated 1.25-1.4x the
-# FFMA kernels' d96 time from session 57's d128 figures.)
+# loads zero-filling the columns past D, as fwd_wgmma_ws's _ws_width: H100 session 58, 1.26-1.45x
+# the FFMA kernels at d96.)
 BWD_DKDV_WGMMA_X6H = _hopper_tf32x3_spec("bwd_dkdv_wgmma_x6h", _BWD_DKDV_WGMMA_X6H_TABLE, _smem_bwd_dkdv_wgmma_x6h_bytes,
                                          compiled_width=_ws_width)
 BWD_DQ_WGMMA_X3 = _hopper_tf32x3_spec("bwd_dq_wgmma_x3", _BWD_DQ_WGMMA_X3_TABLE, _smem_bwd_dq_wgmma_x3_bytes)
